@@ -1,0 +1,149 @@
+"""Canonical JSON (appendices, "Canonical JSON") and strict JSON parsing.
+
+``encode_canonical_json`` produces the exact bytes that hashes and signatures
+are computed over: keys sorted by code point, no insignificant whitespace,
+UTF-8, only the escapes JSON requires. Matrix additionally restricts numbers to
+integers in ``[-(2**53)+1, 2**53-1]``; ``canonicaljson`` does not enforce that,
+so we do, always for our own output and for received data in room versions
+whose rules make it strict (v6+, "v6-canonical-json").
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import canonicaljson
+
+from .errors import Codes, MatrixError
+
+__all__ = [
+    "MAX_SAFE_INTEGER",
+    "MIN_SAFE_INTEGER",
+    "CanonicalJSONError",
+    "check_canonical_json",
+    "encode_canonical_json",
+    "parse_json",
+]
+
+MAX_SAFE_INTEGER = 2**53 - 1
+MIN_SAFE_INTEGER = -(2**53) + 1
+
+
+class CanonicalJSONError(ValueError):
+    """A value that has no canonical JSON form under the strict Matrix rules."""
+
+
+def check_canonical_json(value: Any, *, strict: bool = True) -> None:
+    """Raise ``CanonicalJSONError`` unless ``value`` can be encoded as canonical JSON.
+
+    Always refused: non-string object keys, strings that are not valid Unicode
+    (lone surrogates), NaN/Infinity, and types JSON does not have. With
+    ``strict`` (room versions 6+ and all of our own output) floats and integers
+    outside the interoperable range are refused too. The walk is iterative, so
+    deep nesting cannot exhaust the stack.
+    """
+    stack: list[Any] = [value]
+    pop = stack.pop
+    push = stack.append
+    while stack:
+        item = pop()
+        kind = type(item)
+        if kind is str:
+            _check_string(item)
+        elif kind is dict:
+            for key, child in item.items():
+                if type(key) is not str:
+                    raise CanonicalJSONError(f"object key {key!r} is not a string")
+                _check_string(key)
+                push(child)
+        elif kind is list or kind is tuple:
+            stack.extend(item)
+        elif kind is bool or item is None:
+            continue
+        elif kind is int:
+            if strict and not MIN_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
+                raise CanonicalJSONError(f"integer {item} is outside [-(2**53)+1, 2**53-1]")
+        elif kind is float:
+            if strict:
+                raise CanonicalJSONError("floats are not allowed in canonical JSON")
+            if item != item or item in (float("inf"), float("-inf")):
+                raise CanonicalJSONError("NaN and Infinity are not JSON")
+        else:
+            raise CanonicalJSONError(f"{kind.__name__} is not a JSON type")
+
+
+def _check_string(text: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CanonicalJSONError("string is not valid Unicode (lone surrogate)") from None
+
+
+def encode_canonical_json(value: Any, *, strict: bool = True) -> bytes:
+    """Encode ``value`` as canonical JSON bytes, checking it first.
+
+    ``strict=False`` admits floats and large integers, as old room versions
+    (1 to 5) tolerate them in received events; never use it for our own output.
+    """
+    check_canonical_json(value, strict=strict)
+    return canonicaljson.encode_canonical_json(value)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return result
+
+
+_decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+
+
+def parse_json(body: bytes) -> Any:
+    """Parse a request body strictly.
+
+    Raises ``MatrixError`` 400 ``M_NOT_JSON`` for anything that is not UTF-8
+    JSON (including NaN/Infinity and nesting too deep to parse), and 400
+    ``M_BAD_JSON`` for an object with a duplicate key, whose meaning differs
+    between parsers and so must never be signed.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MatrixError(400, Codes.NOT_JSON, "Body is not UTF-8") from None
+    try:
+        value, end = _decoder.raw_decode(text, _skip_ws(text, 0))
+    except _DuplicateKey as exc:
+        raise MatrixError(400, Codes.BAD_JSON, f"Duplicate key {str(exc)[:64]!r} in JSON") from None
+    except RecursionError:
+        raise MatrixError(400, Codes.NOT_JSON, "JSON is nested too deeply") from None
+    except ValueError:
+        raise MatrixError(400, Codes.NOT_JSON, "Body is not valid JSON") from None
+    if _skip_ws(text, end) != len(text):
+        raise MatrixError(400, Codes.NOT_JSON, "Body is not valid JSON")
+    return value
+
+
+_JSON_WS = " \t\n\r"
+
+
+def _skip_ws(text: str, index: int) -> int:
+    length = len(text)
+    while index < length and text[index] in _JSON_WS:
+        index += 1
+    return index
