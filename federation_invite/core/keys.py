@@ -1,0 +1,87 @@
+"""Ed25519 key helpers shared by event signing and X-Matrix request signing.
+
+Key IDs are ``ed25519:<version>`` (server-server-api, "Retrieving server
+keys"); signatures travel as standard unpadded base64 (appendices, "Signing
+JSON").
+"""
+
+from __future__ import annotations
+
+import re
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+from signedjson.key import decode_verify_key_bytes, get_verify_key
+from unpaddedbase64 import decode_base64, encode_base64
+
+__all__ = [
+    "KEY_ID_RE",
+    "decode_verify_key",
+    "encode_verify_key",
+    "is_valid_key_id",
+    "key_id_of",
+    "sign_bytes",
+    "verify_bytes",
+    "verify_key_of",
+]
+
+#: The key ID grammar for the keys we accept: algorithm ``ed25519`` and a
+#: version of ``[a-zA-Z0-9_]`` (server-server-api, "Publishing Keys").
+KEY_ID_RE = re.compile(r"ed25519:[a-zA-Z0-9_]+\Z")
+
+
+def is_valid_key_id(key_id: object) -> bool:
+    """True for an ``ed25519:<version>`` key ID we can verify with."""
+    return isinstance(key_id, str) and len(key_id) <= 255 and KEY_ID_RE.match(key_id) is not None
+
+
+def key_id_of(signing_key: SigningKey) -> str:
+    """The key ID of a signedjson-style signing key (``alg`` and ``version`` attributes)."""
+    return f"{signing_key.alg}:{signing_key.version}"  # type: ignore[attr-defined]
+
+
+def verify_key_of(signing_key: SigningKey) -> VerifyKey:
+    """The public half of a signing key, carrying the same ``alg`` and ``version``."""
+    verify_key: VerifyKey = get_verify_key(signing_key)
+    return verify_key
+
+
+def encode_verify_key(verify_key: VerifyKey) -> str:
+    """The unpadded base64 form published in ``verify_keys``."""
+    return encode_base64(verify_key.encode())
+
+
+def decode_verify_key(key_id: str, key_base64: str) -> VerifyKey:
+    """Decode a published verify key; raises ``ValueError`` for anything malformed."""
+    if not is_valid_key_id(key_id):
+        raise ValueError(f"unsupported key ID {key_id[:64]!r}")
+    try:
+        raw = decode_base64(key_base64)
+    except Exception:
+        raise ValueError("verify key is not base64") from None
+    if len(raw) != 32:
+        raise ValueError("an ed25519 verify key is 32 bytes")
+    verify_key: VerifyKey = decode_verify_key_bytes(key_id, raw)
+    return verify_key
+
+
+def sign_bytes(signing_key: SigningKey, data: bytes) -> str:
+    """Sign ``data`` and return the signature as unpadded base64."""
+    return encode_base64(signing_key.sign(data).signature)
+
+
+def verify_bytes(verify_key: VerifyKey, data: bytes, signature_base64: object) -> bool:
+    """True when ``signature_base64`` is a valid ed25519 signature of ``data``."""
+    if not isinstance(signature_base64, str) or len(signature_base64) > 128:
+        return False
+    try:
+        signature = decode_base64(signature_base64)
+    except Exception:
+        return False
+    if len(signature) != 64:
+        return False
+    try:
+        verify_key.verify(data, signature)
+    except BadSignatureError:
+        return False
+    return True
