@@ -1,0 +1,212 @@
+"""Is this PDU well-formed for its room version?
+
+The first of the "Checks performed on receipt of a PDU" (server-server-api.md):
+an event must comply with the event format of its room version, as the schemas
+``pdu_v1``, ``pdu_v3``, ``pdu_v4``, ``pdu_v6``, ``pdu_v11`` and ``pdu_v12``
+(data/api/server-server/definitions) lay it out, plus the identifier grammars
+(appendices.md) and the size limits of the client-server spec's "Size limits"
+(65536 bytes per PDU; 255 bytes for ``sender``, ``room_id``, ``state_key``,
+``type`` and ``event_id``). Every failure is a ``MatrixError`` 400
+``M_BAD_JSON`` naming the field, or 413 ``M_TOO_LARGE`` for the size.
+
+Like the schemas, the check allows keys it does not know. In particular a v3+
+PDU that still carries an ``event_id`` is accepted: the key is covered by the
+hashes and signatures, so it cannot be stripped, and nothing here trusts it
+(the ID of a v3+ event is always computed from its reference hash). The
+top-level ``origin`` is no longer part of any PDU schema and is not checked.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+from .canonical import MAX_SAFE_INTEGER, CanonicalJSONError, check_canonical_json
+from .canonical import encode_canonical_json as _encode
+from .errors import Codes, MatrixError
+from .ids import MAX_ID_BYTES, is_valid_event_id, is_valid_room_id, is_valid_user_id
+from .roomversions import EventFormat, RedactionRules, RoomVersion, get_room_version
+
+__all__ = [
+    "MAX_AUTH_EVENTS",
+    "MAX_PDU_SIZE",
+    "MAX_PREV_EVENTS",
+    "check_event_format",
+    "check_pdu_size",
+]
+
+#: A PDU's canonical JSON, signatures included, is at most this many bytes
+#: (client-server spec, "Size limits").
+MAX_PDU_SIZE = 65536
+#: "Must contain less than or equal to 20 events." (pdu_v1..pdu_v12 ``prev_events``)
+MAX_PREV_EVENTS = 20
+#: "Must contain less than or equal to 10 events." (pdu_v1..pdu_v12 ``auth_events``)
+MAX_AUTH_EVENTS = 10
+
+#: pdu_v1/v3/v4 ``depth``: "Must be less than the maximum value for an integer (2^63 - 1)".
+_MAX_DEPTH_V1 = 2**63 - 1
+#: pdu_base ``origin_server_ts`` is ``format: int64``.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+_CREATE = "m.room.create"
+
+
+def _bad(message: str) -> NoReturn:
+    raise MatrixError(400, Codes.BAD_JSON, f"Invalid PDU: {message}")
+
+
+def _check_id_string(event: dict[str, Any], key: str) -> str:
+    """Type-check one of the size-limited string fields and return it."""
+    value = event[key]
+    if not isinstance(value, str):
+        _bad(f"{key!r} must be a string")
+    # Safe: check_canonical_json has already refused lone surrogates.
+    if len(value.encode("utf-8")) > MAX_ID_BYTES:
+        _bad(f"{key!r} is longer than {MAX_ID_BYTES} bytes")
+    return value
+
+
+def _room_version(room_version: RoomVersion | str) -> RoomVersion:
+    if isinstance(room_version, RoomVersion):
+        return room_version
+    return get_room_version(room_version)
+
+
+def check_event_format(room_version: RoomVersion | str, event: object) -> None:
+    """Raise ``MatrixError`` 400 ``M_BAD_JSON`` unless ``event`` is a well-formed PDU.
+
+    Checks, per the room version's PDU schema: the required keys and their
+    JSON types, the grammar of ``sender``, ``room_id``, ``event_id`` (v1/v2)
+    and of the IDs in ``prev_events``/``auth_events``, their counts, the
+    255-byte field limits, ``depth`` bounds and, from v6, strict canonical
+    JSON for the whole event. It does not check hashes, signatures or auth
+    rules, nor the 64 KiB size limit (``check_pdu_size``). Raises only
+    ``MatrixError``, whatever JSON-shaped value it is given.
+    """
+    version = _room_version(room_version)
+    if not isinstance(event, dict):
+        _bad("the event is not a JSON object")
+    try:
+        # v6+ (rooms/fragments/v6-canonical-json.md): strictly enforced. Before
+        # v6, floats and large integers are tolerated, but values with no JSON
+        # form at all (NaN, lone surrogates) never are: they cannot be hashed.
+        check_canonical_json(event, strict=version.strict_canonical_json)
+    except CanonicalJSONError as exc:
+        _bad(f"not canonical JSON: {exc}")
+
+    required = ["type", "sender", "origin_server_ts", "content", "depth", "hashes", "signatures"]
+    required += ["prev_events", "auth_events"]
+    if version.event_format is EventFormat.V1:
+        required.append("event_id")
+    for key in required:
+        if key not in event:
+            _bad(f"missing the {key!r} key")
+
+    event_type = _check_id_string(event, "type")
+    if not is_valid_user_id(_check_id_string(event, "sender")):
+        _bad("'sender' is not a valid user ID")
+    _check_room_id(version, event, event_type)
+    if "state_key" in event:
+        _check_id_string(event, "state_key")
+    if version.event_format is EventFormat.V1:
+        if not is_valid_event_id(_check_id_string(event, "event_id"), version):
+            _bad("'event_id' is not a valid event ID for this room version")
+
+    timestamp = event["origin_server_ts"]
+    if type(timestamp) is not int or not _INT64_MIN <= timestamp <= _INT64_MAX:
+        _bad("'origin_server_ts' must be an integer")
+    _check_depth(version, event["depth"])
+
+    if not isinstance(event["content"], dict):
+        _bad("'content' must be an object")
+    if "unsigned" in event and not isinstance(event["unsigned"], dict):
+        _bad("'unsigned' must be an object")
+    _check_hashes(event["hashes"], "'hashes'")
+    _check_signatures(event["signatures"])
+    # pdu_v1 .. pdu_v6 define a top-level ``redacts``; from v11 it lives in content.
+    if version.redaction_rules is not RedactionRules.V11 and "redacts" in event:
+        if not isinstance(event["redacts"], str):
+            _bad("'redacts' must be a string")
+
+    _check_references(version, event["prev_events"], "prev_events", MAX_PREV_EVENTS)
+    _check_references(version, event["auth_events"], "auth_events", MAX_AUTH_EVENTS)
+
+
+def _check_room_id(version: RoomVersion, event: dict[str, Any], event_type: str) -> None:
+    if version.room_id_is_create_event_hash and event_type == _CREATE:
+        # pdu_v12 / room_id_v12: "Omitted from m.room.create events"; the
+        # create event's own hash is the room ID (v12 auth rule 1.2 rejects it).
+        if "room_id" in event:
+            _bad("an m.room.create event has no 'room_id' in this room version")
+        return
+    if "room_id" not in event:
+        _bad("missing the 'room_id' key")
+    if not is_valid_room_id(_check_id_string(event, "room_id"), version):
+        _bad("'room_id' is not a valid room ID for this room version")
+
+
+def _check_depth(version: RoomVersion, depth: object) -> None:
+    # v6+ (depth_v6.yaml) caps depth at 2^53 - 1 to stay canonical JSON.
+    limit = MAX_SAFE_INTEGER if version.strict_canonical_json else _MAX_DEPTH_V1
+    if type(depth) is not int:  # not bool, which JSON true/false become
+        _bad("'depth' must be an integer")
+    if not 0 <= depth <= limit:
+        _bad(f"'depth' must be between 0 and {limit}")
+
+
+def _check_hashes(hashes: object, where: str) -> None:
+    # components/event_hash.yaml: an object with a required string ``sha256``.
+    if not isinstance(hashes, dict):
+        _bad(f"{where} must be an object")
+    if not isinstance(hashes.get("sha256"), str):
+        _bad(f"{where} must have a string 'sha256'")
+
+
+def _check_signatures(signatures: object) -> None:
+    # pdu_base ``signatures``: server name -> key ID -> signature string.
+    if not isinstance(signatures, dict):
+        _bad("'signatures' must be an object")
+    for server_signatures in signatures.values():
+        if not isinstance(server_signatures, dict):
+            _bad("'signatures' must map server names to objects")
+        for signature in server_signatures.values():
+            if not isinstance(signature, str):
+                _bad("'signatures' must hold string signatures")
+
+
+def _check_references(version: RoomVersion, refs: object, key: str, limit: int) -> None:
+    if not isinstance(refs, list):
+        _bad(f"{key!r} must be an array")
+    if len(refs) > limit:
+        _bad(f"{key!r} has more than {limit} entries")
+    for ref in refs:
+        if version.event_format is EventFormat.V1:
+            # pdu_v1: each entry is an [event_id, {"sha256": hash}] pair.
+            if not isinstance(ref, list) or len(ref) != 2:
+                _bad(f"{key!r} entries must be [event_id, hashes] pairs")
+            event_id, hashes = ref
+            _check_hashes(hashes, f"{key!r} hashes")
+        else:
+            event_id = ref
+        if not is_valid_event_id(event_id, version):
+            _bad(f"{key!r} holds an invalid event ID for this room version")
+
+
+def check_pdu_size(event_or_canonical_bytes: dict[str, Any] | bytes) -> None:
+    """Raise 413 ``M_TOO_LARGE`` if a PDU's canonical JSON exceeds 65536 bytes.
+
+    The limit counts the complete event with its signatures, encoded as
+    canonical JSON (client-server spec, "Size limits"). Pass the bytes when
+    they are already computed, to avoid encoding twice. A value with no JSON
+    form at all gives 400 ``M_BAD_JSON``.
+    """
+    if isinstance(event_or_canonical_bytes, bytes):
+        size = len(event_or_canonical_bytes)
+    else:
+        try:
+            size = len(_encode(event_or_canonical_bytes, strict=False))
+        except CanonicalJSONError as exc:
+            _bad(f"not canonical JSON: {exc}")
+    if size > MAX_PDU_SIZE:
+        raise MatrixError(
+            413, Codes.TOO_LARGE, f"PDU is {size} bytes, more than the {MAX_PDU_SIZE} allowed"
+        )

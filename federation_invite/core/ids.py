@@ -1,0 +1,227 @@
+"""Identifier grammars: server names, user IDs, room IDs and event IDs.
+
+Everything here follows appendices.md "Identifier Grammar" and the room version
+fragments for the version-dependent forms (rooms/fragments/v1-event-ids.md,
+v4-event-ids.md, rooms/v3.md "Event IDs", v12-event-format.md). The predicates
+never raise: any object that is not a valid identifier simply answers False,
+so they are safe on untrusted JSON.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from .roomversions import EventIdFormat, RoomVersion, get_room_version
+
+__all__ = [
+    "MAX_ID_BYTES",
+    "is_valid_event_id",
+    "is_valid_room_id",
+    "is_valid_server_name",
+    "is_valid_user_id",
+    "parse_server_name",
+    "server_name_of",
+]
+
+#: User IDs, room IDs and event IDs MUST NOT exceed 255 bytes (appendices,
+#: "User Identifiers", "Room IDs", "Event IDs"), measured as UTF-8.
+MAX_ID_BYTES = 255
+
+_SIGILS = "@!$#"
+
+# appendices, "Server Name": dns-name = 1*255dns-char, dns-char = DIGIT / ALPHA / "-" / "."
+_DNS_NAME_RE = re.compile(r"[0-9A-Za-z.\-]{1,255}\Z")
+# IPv4address = 1*3DIGIT "." 1*3DIGIT "." 1*3DIGIT "." 1*3DIGIT
+_IPV4_RE = re.compile(r"([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\Z")
+# IPv6address = 2*45IPv6char; IPv6char = DIGIT / A-F / a-f / ":" / "."
+_IPV6_RE = re.compile(r"[0-9A-Fa-f:.]{2,45}\Z")
+# port = 1*5DIGIT (ASCII digits only: no sign, no Unicode digits)
+_PORT_RE = re.compile(r"[0-9]{1,5}\Z")
+
+# appendices, "User Identifiers": user_id_char = DIGIT / a-z / "-" / "." / "=" / "_" / "/" / "+"
+_STRICT_LOCALPART_RE = re.compile(r"[a-z0-9._=\-/+]+\Z")
+
+# rooms/v3.md "Event IDs": "$" + unpadded standard base64 of a sha256 hash (43 characters).
+_V3_HASH_RE = re.compile(r"[A-Za-z0-9+/]{43}\Z")
+# rooms/fragments/v4-event-ids.md: the same with the URL-safe alphabet.
+_V4_HASH_RE = re.compile(r"[A-Za-z0-9\-_]{43}\Z")
+
+
+def parse_server_name(server_name: object) -> tuple[str, int | None]:
+    """Split a server name into ``(host, port)``, raising ``ValueError`` if invalid.
+
+    The grammar is appendices, "Server Name": a DNS name, a dotted-quad IPv4
+    literal or a bracketed IPv6 literal, then an optional ``:port`` in
+    1..65535. IPv6 hosts are returned with their brackets, as they appear in
+    the name. Case is preserved: server names are case-sensitive.
+    """
+    if not isinstance(server_name, str):
+        raise ValueError("server name is not a string")
+    if not server_name:
+        raise ValueError("server name is empty")
+    if server_name.startswith("["):
+        close = server_name.find("]")
+        if close == -1:
+            raise ValueError("unterminated IPv6 literal in server name")
+        host, rest = server_name[: close + 1], server_name[close + 1 :]
+        _check_ipv6_literal(host[1:-1])
+    else:
+        host, colon, port_text = server_name.partition(":")
+        rest = colon + port_text
+        _check_host(host)
+    port: int | None = None
+    if rest:
+        if not rest.startswith(":"):
+            raise ValueError("unexpected characters after the host in server name")
+        port = _parse_port(rest[1:])
+    return host, port
+
+
+def _check_ipv6_literal(literal: str) -> None:
+    # The spec's character class keeps out zone IDs ("%eth0") that ipaddress accepts.
+    if not _IPV6_RE.match(literal):
+        raise ValueError("invalid IPv6 literal in server name")
+    try:
+        ipaddress.IPv6Address(literal)
+    except ValueError:
+        raise ValueError("invalid IPv6 literal in server name") from None
+
+
+def _check_host(host: str) -> None:
+    quad = _IPV4_RE.match(host)
+    if quad is not None:
+        # A dotted quad of digits is an IPv4 literal and must be in range; the
+        # dns-name rule would also match "256.1.1.1", but no such name can be
+        # meant as a DNS name, so we refuse the ambiguity.
+        if any(int(part) > 255 for part in quad.groups()):
+            raise ValueError("IPv4 literal in server name is out of range")
+        return
+    if not _DNS_NAME_RE.match(host):
+        raise ValueError("invalid host in server name")
+
+
+def _parse_port(text: str) -> int:
+    if not _PORT_RE.match(text):
+        raise ValueError("invalid port in server name")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError("port in server name is out of range")
+    return port
+
+
+def is_valid_server_name(server_name: object) -> bool:
+    """True when ``server_name`` matches the appendices' "Server Name" grammar."""
+    try:
+        parse_server_name(server_name)
+    except ValueError:
+        return False
+    return True
+
+
+def server_name_of(identifier: object) -> str:
+    """The server part of a ``@user:server``, ``!room:server``, ``$event:server`` or alias ID.
+
+    The localpart cannot contain ``:`` (appendices, "Common Identifier
+    Format"), so the split is on the first colon after the sigil and the rest,
+    which may carry a port or an IPv6 literal, is the server name. Raises
+    ``ValueError`` for anything without a sigil, a colon or a valid server name
+    (so it also rejects v3+ event IDs and v12 room IDs, which have no server).
+    """
+    if not isinstance(identifier, str) or not identifier or identifier[0] not in _SIGILS:
+        raise ValueError("identifier does not start with a sigil")
+    _, colon, server = identifier[1:].partition(":")
+    if not colon:
+        raise ValueError("identifier has no server name")
+    if not is_valid_server_name(server):
+        raise ValueError("identifier has an invalid server name")
+    return server
+
+
+def _fits(identifier: str) -> bool:
+    """True when ``identifier`` is valid Unicode and at most 255 bytes of UTF-8."""
+    try:
+        return len(identifier.encode("utf-8")) <= MAX_ID_BYTES
+    except UnicodeEncodeError:  # lone surrogates: never valid in an identifier
+        return False
+
+
+def _is_historical_localpart(localpart: str) -> bool:
+    # appendices, "Historical User IDs" and "Room IDs": any non-surrogate code
+    # point except ":" and NUL. Surrogates are refused by _fits.
+    return ":" not in localpart and "\x00" not in localpart
+
+
+def _split_namespaced(identifier: object, sigil: str) -> tuple[str, str] | None:
+    """``(localpart, server)`` of a ``<sigil>localpart:server`` ID within limits, else None."""
+    if not isinstance(identifier, str) or not identifier.startswith(sigil):
+        return None
+    if not _fits(identifier):
+        return None
+    localpart, colon, server = identifier[1:].partition(":")
+    if not colon or not is_valid_server_name(server):
+        return None
+    return localpart, server
+
+
+def is_valid_user_id(user_id: object, *, strict: bool = False) -> bool:
+    """True for ``@localpart:server_name`` within 255 bytes (appendices, "User Identifiers").
+
+    By default the localpart follows "Historical User IDs", which servers MUST
+    accept over federation: any code point except ``:`` and NUL, even empty.
+    With ``strict`` it must match the current grammar ``[a-z0-9._=\\-/+]+``,
+    which is what we require of users we create ourselves.
+    """
+    parts = _split_namespaced(user_id, "@")
+    if parts is None:
+        return False
+    localpart = parts[0]
+    if strict:
+        return _STRICT_LOCALPART_RE.match(localpart) is not None
+    return _is_historical_localpart(localpart)
+
+
+def _room_version(room_version: RoomVersion | str) -> RoomVersion:
+    if isinstance(room_version, RoomVersion):
+        return room_version
+    return get_room_version(room_version)
+
+
+def is_valid_room_id(room_id: object, room_version: RoomVersion | str) -> bool:
+    """True for a room ID valid in ``room_version`` (appendices, "Room IDs").
+
+    v1 to v11: ``!opaque:server_name``, the opaque part any code point but
+    ``:`` and NUL. v12: the create event's ID with ``!`` for ``$``, i.e. ``!``
+    plus 43 URL-safe unpadded base64 characters and no server part
+    (rooms/fragments/v12-event-format.md). Raises ``MatrixError`` only for an
+    unknown room version given by name.
+    """
+    version = _room_version(room_version)
+    if version.room_id_is_create_event_hash:
+        return (
+            isinstance(room_id, str)
+            and room_id.startswith("!")
+            and _V4_HASH_RE.match(room_id, 1) is not None
+        )
+    parts = _split_namespaced(room_id, "!")
+    return parts is not None and _is_historical_localpart(parts[0])
+
+
+def is_valid_event_id(event_id: object, room_version: RoomVersion | str) -> bool:
+    """True for an event ID valid in ``room_version`` (appendices, "Event IDs").
+
+    v1/v2: ``$opaque:server_name`` (rooms/fragments/v1-event-ids.md); v3: ``$``
+    plus 43 standard unpadded base64 characters (rooms/v3.md "Event IDs");
+    v4+: ``$`` plus 43 URL-safe characters (rooms/fragments/v4-event-ids.md).
+    Always at most 255 bytes. Raises ``MatrixError`` only for an unknown room
+    version given by name.
+    """
+    version = _room_version(room_version)
+    id_format = version.event_id_format
+    if id_format is EventIdFormat.V1_OPAQUE:
+        parts = _split_namespaced(event_id, "$")
+        return parts is not None and _is_historical_localpart(parts[0])
+    if not isinstance(event_id, str) or not event_id.startswith("$"):
+        return False
+    pattern = _V3_HASH_RE if id_format is EventIdFormat.V3_BASE64 else _V4_HASH_RE
+    return pattern.match(event_id, 1) is not None
