@@ -1,0 +1,414 @@
+"""The daemon's configuration: a TOML file, command-line overrides, validated at start.
+
+Every key is declared once in ``OPTIONS`` with its default, its check and its
+documentation; the same table validates files, produces the commented file that
+``federation-invite generate-config`` writes, and the README's reference. Unknown
+keys and bad values are refused with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from .core.ids import is_valid_server_name
+from .core.keys import decode_verify_key, is_valid_key_id
+
+__all__ = [
+    "DEFAULT_IP_BLOCKLIST",
+    "OPTIONS",
+    "Config",
+    "ConfigError",
+    "Option",
+    "load_config",
+    "render_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, naming the offending key."""
+
+
+#: Outbound ranges refused by default: loopback, RFC 1918, CGNAT, link-local,
+#: benchmarking, documentation, multicast, reserved, and the IPv6 equivalents
+#: (the same ground as Synapse's default ``ip_range_blacklist``).
+DEFAULT_IP_BLOCKLIST: tuple[str, ...] = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.0.2.0/24",
+    "192.88.99.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "255.255.255.255/32",
+    "::/128",
+    "::1/128",
+    "::ffff:0:0/96",
+    "64:ff9b::/96",
+    "64:ff9b:1::/48",
+    "100::/64",
+    "2001::/23",
+    "2001:db8::/32",
+    "2002::/16",
+    "fc00::/7",
+    "fe80::/10",
+    "fec0::/10",
+    "ff00::/8",
+)
+
+
+# -- value checkers: each takes the raw TOML value and returns the parsed one or
+# raises ValueError with a short reason (the key is added by the caller).
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _optional_string(value: object) -> str | None:
+    if value == "":
+        return None
+    return _string(value)
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _int_at_least(minimum: int) -> Callable[[object], int]:
+    def check(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"must be an integer >= {minimum}")
+        return value
+
+    return check
+
+
+def _number_above_zero(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError("must be a number > 0")
+    return float(value)
+
+
+def _server_name(value: object) -> str:
+    if not isinstance(value, str) or not is_valid_server_name(value):
+        raise ValueError("must be a Matrix server name (host, IPv4, [IPv6], optional :port)")
+    return value
+
+
+def _string_list(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError("must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _listen_list(value: object) -> tuple[str, ...]:
+    items = _string_list(value)
+    if not items:
+        raise ValueError("must name at least one endpoint, e.g. 'tcp:8448'")
+    return items
+
+
+def _glob_list(value: object) -> tuple[str, ...]:
+    items = _string_list(value)
+    for item in items:
+        # fnmatch never fails to compile a pattern, but an unbalanced bracket
+        # silently matches nothing useful; refuse it so operators notice.
+        if item.count("[") != item.count("]"):
+            raise ValueError(f"pattern {item!r} has unbalanced brackets")
+        fnmatch.translate(item)
+    return items
+
+
+def _network_list(value: object) -> tuple[str, ...]:
+    items = _string_list(value)
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP network (e.g. '10.0.0.0/8')") from None
+    return items
+
+
+def _database(value: object) -> str | None:
+    text = _optional_string(value)
+    if text is not None and not text.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise ValueError("must be 'sqlite:///path.db' or 'postgresql://user@host/db'")
+    return text
+
+
+def _local_users(value: object) -> str:
+    if value not in ("database", "any"):
+        raise ValueError("must be 'database' or 'any'")
+    assert isinstance(value, str)
+    return value
+
+
+def _log_format(value: object) -> str:
+    if value not in ("text", "json"):
+        raise ValueError("must be 'text' or 'json'")
+    assert isinstance(value, str)
+    return value
+
+
+def _old_keys(value: object) -> tuple[OldKey, ...]:
+    if not isinstance(value, list):
+        raise ValueError("must be a list of tables {key_id, key, expired_ts}")
+    keys = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) != {"key_id", "key", "expired_ts"}:
+            raise ValueError(f"entry {index} must have exactly key_id, key and expired_ts")
+        key_id, key, expired_ts = item["key_id"], item["key"], item["expired_ts"]
+        if not is_valid_key_id(key_id):
+            raise ValueError(f"entry {index}: key_id must look like 'ed25519:abc'")
+        try:
+            decode_verify_key(key_id, key)
+        except (ValueError, TypeError):
+            raise ValueError(f"entry {index}: key is not an unpadded base64 ed25519 key") from None
+        if isinstance(expired_ts, bool) or not isinstance(expired_ts, int) or expired_ts < 0:
+            raise ValueError(f"entry {index}: expired_ts must be milliseconds since the epoch")
+        keys.append(OldKey(key_id=key_id, key=key, expired_ts=expired_ts))
+    return tuple(keys)
+
+
+def _notaries(value: object) -> tuple[Notary, ...]:
+    if not isinstance(value, list):
+        raise ValueError("must be a list of tables {server_name, verify_keys}")
+    notaries = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) != {"server_name", "verify_keys"}:
+            raise ValueError(f"entry {index} must have exactly server_name and verify_keys")
+        name, verify_keys = item["server_name"], item["verify_keys"]
+        if not isinstance(name, str) or not is_valid_server_name(name):
+            raise ValueError(f"entry {index}: server_name is not a server name")
+        if not isinstance(verify_keys, dict) or not verify_keys:
+            raise ValueError(f"entry {index}: verify_keys must map key IDs to keys")
+        for key_id, key in verify_keys.items():
+            try:
+                decode_verify_key(key_id, key)
+            except (ValueError, TypeError):
+                raise ValueError(f"entry {index}: key {key_id!r} is not a valid ed25519 key") from None
+        notaries.append(Notary(server_name=name, verify_keys=tuple(sorted(verify_keys.items()))))
+    return tuple(notaries)
+
+
+@attrs.frozen
+class OldKey:
+    """A key we used to sign with, published in ``old_verify_keys``."""
+
+    key_id: str
+    key: str
+    expired_ts: int
+
+
+@attrs.frozen
+class Notary:
+    """A trusted key server and the keys we check its answers with."""
+
+    server_name: str
+    verify_keys: tuple[tuple[str, str], ...]
+
+
+@attrs.frozen
+class Option:
+    """One configuration key: where it lives, its default, its check and its meaning."""
+
+    key: str
+    default: Any
+    check: Callable[[Any], Any]
+    doc: str
+    #: The TOML text of the default in the generated file (when repr is not TOML).
+    example: str | None = None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("server_name", "localhost:8448", _server_name,
+           "Our Matrix server name: the part after the colon in our users' IDs."),
+    Option("data_dir", "federation-invite-data", _string,
+           "Directory for the generated signing key and the SQLite database."),
+    Option("listen", ["tcp:8448:interface=127.0.0.1"], _listen_list,
+           "Twisted endpoint strings to serve federation on, e.g. 'tcp:8448', "
+           "'ssl:8448:privateKey=key.pem:certKey=cert.pem', 'systemd:domain=INET:index=0'."),
+    Option("signing_key", "", _optional_string,
+           "Signing key file in Synapse's format ('ed25519 <version> <seed>'); "
+           "empty: <data_dir>/signing.key, created with mode 0600 if missing.", '""'),
+    Option("database", "", _database,
+           "Database URI: 'sqlite:///path.db' or 'postgresql://user@host/db'; "
+           "empty: sqlite:///<data_dir>/federation-invite.db.", '""'),
+    Option("keys.validity_period", 86400, _int_at_least(60),
+           "Seconds our published keys are valid for (valid_until_ts = now + this)."),
+    Option("keys.old_verify_keys", [], _old_keys,
+           "Keys we no longer sign with, published as old_verify_keys: "
+           "[{key_id = 'ed25519:old', key = '<base64>', expired_ts = <ms>}]."),
+    Option("keys.notaries", [], _notaries,
+           "Trusted key servers for POST /_matrix/key/v2/query: "
+           "[{server_name = 'matrix.org', verify_keys = {'ed25519:auto' = '<base64>'}}]."),
+    Option("outbound.verify_tls", True, _bool,
+           "Verify peers' TLS certificates. Turn off only for test deployments (logged loudly)."),
+    Option("outbound.ip_blocklist", list(DEFAULT_IP_BLOCKLIST), _network_list,
+           "IP ranges never connected to, checked on every resolved address.",
+           "[...]  # loopback, private, link-local, CGNAT, multicast, documentation, ..."),
+    Option("outbound.ip_allowlist", [], _network_list,
+           "IP ranges allowed even inside the blocklist (e.g. '127.0.0.1/32' for tests)."),
+    Option("outbound.timeout", 60.0, _number_above_zero,
+           "Seconds before an outbound request is abandoned."),
+    Option("inbound.max_body_bytes", 1048576, _int_at_least(1024),
+           "Largest request body accepted; larger gets 413 M_TOO_LARGE."),
+    Option("inbound.server_allow", ["*"], _glob_list,
+           "Origin servers allowed to send invites (globs); others get 403 M_FORBIDDEN."),
+    Option("inbound.server_deny", [], _glob_list,
+           "Origin or sender servers refused (globs), checked after the allow list."),
+    Option("inbound.user_deny", [], _glob_list,
+           "Sender user IDs refused (globs)."),
+    Option("inbound.strict_invite_room_state", False, _bool,
+           "Validate every invite_room_state entry as a full PDU (the spec's SHOULD for v12); "
+           "off accepts Synapse's stripped state with a logged warning."),
+    Option("inbound.local_users", "database", _local_users,
+           "Who our users are: 'database' (managed with 'federation-invite users') or "
+           "'any' (every user ID on our server name, for bridges and bots)."),
+    Option("ratelimit.origin_per_second", 10.0, _number_above_zero,
+           "Sustained invite requests per second allowed from one origin server."),
+    Option("ratelimit.origin_burst", 50, _int_at_least(1),
+           "Requests one origin may send in a burst before 429 M_LIMIT_EXCEEDED."),
+    Option("ratelimit.origin_concurrent", 8, _int_at_least(1),
+           "Requests from one origin processed at once; more get 429."),
+    Option("ratelimit.invitee_per_second", 0.05, _number_above_zero,
+           "Sustained invites per second one local user may receive."),
+    Option("ratelimit.invitee_burst", 10, _int_at_least(1),
+           "Invites one local user may receive in a burst."),
+    Option("log.format", "text", _log_format,
+           "'text' for humans, 'json' (one object per line) for log shippers."),
+    Option("metrics.listen", "", _optional_string,
+           "Endpoint string for a Prometheus /metrics listener (needs the 'metrics' extra); "
+           "empty: off.", '""'),
+)
+
+_BY_KEY = {option.key: option for option in OPTIONS}
+
+
+@attrs.frozen
+class Config:
+    """A validated configuration: ``get("inbound.max_body_bytes")`` and typed shortcuts."""
+
+    values: Mapping[str, Any]
+    #: Where the file came from (None: built-in defaults only).
+    path: str | None = None
+
+    def get(self, key: str) -> Any:
+        return self.values[key]
+
+    @property
+    def server_name(self) -> str:
+        return str(self.values["server_name"])
+
+    @property
+    def data_dir(self) -> str:
+        return str(self.values["data_dir"])
+
+    @property
+    def signing_key_path(self) -> str:
+        path = self.values["signing_key"]
+        return str(path) if path else os.path.join(self.data_dir, "signing.key")
+
+    @property
+    def database(self) -> str:
+        uri = self.values["database"]
+        if uri:
+            return str(uri)
+        return "sqlite:///" + os.path.join(self.data_dir, "federation-invite.db")
+
+    @property
+    def listen(self) -> tuple[str, ...]:
+        return tuple(self.values["listen"])
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in table.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict) and key not in _BY_KEY:
+            flat.update(_flatten(value, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read, merge and validate: defaults, then the TOML file, then ``overrides``.
+
+    Raises ``ConfigError`` naming the first unknown key or bad value.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as handle:
+                raw = _flatten(tomllib.load(handle))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    raw.update(overrides or {})
+    values: dict[str, Any] = {}
+    for key in raw:
+        if key not in _BY_KEY:
+            raise ConfigError(f"unknown configuration key {key!r}")
+    for option in OPTIONS:
+        value = raw.get(option.key, option.default)
+        try:
+            values[option.key] = option.check(value)
+        except ValueError as exc:
+            raise ConfigError(f"configuration key {option.key!r}: {exc}") from None
+    return Config(values=values, path=path)
+
+
+def _toml_value(option: Option, override: Any = None) -> str:
+    value = option.default if override is None else override
+    if override is None and option.example is not None:
+        return option.example
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(Option("", v, str, ""), v) for v in value) + "]"
+    return repr(value)
+
+
+def render_config(settings: Mapping[str, Any] | None = None) -> str:
+    """The commented TOML file that documents every key, with ``settings`` filled in.
+
+    Keys not in ``settings`` are written commented out with their default, so
+    the file both works as is and documents everything.
+    """
+    settings = settings or {}
+    lines = ["# federation-invite configuration. Every key is shown with its default.", ""]
+    section = ""
+    for option in OPTIONS:
+        table, _, name = option.key.rpartition(".")
+        if table != section:
+            lines += ["", f"[{table}]"]
+            section = table
+        lines.append(f"# {option.doc}")
+        if option.key in settings:
+            lines.append(f"{name} = {_toml_value(option, settings[option.key])}")
+        else:
+            lines.append(f"# {name} = {_toml_value(option)}")
+    return "\n".join(lines) + "\n"

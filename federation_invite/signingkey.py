@@ -1,0 +1,99 @@
+"""Our signing key on disk, in Synapse's format, so operators can reuse an existing key.
+
+The file holds one key per line: ``ed25519 <version> <unpadded base64 seed>``.
+The first key is the one we sign with. A missing file is created with a new
+key whose version is ``a_`` and four random characters (Synapse's convention),
+with mode 0600 from the moment it exists. Key material never appears in errors
+or logs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import string
+
+from nacl.signing import SigningKey
+from signedjson.key import decode_signing_key_base64, generate_signing_key
+from unpaddedbase64 import decode_base64, encode_base64
+
+__all__ = [
+    "SigningKeyError",
+    "generate_key_version",
+    "load_or_create_signing_key",
+    "read_signing_keys",
+    "write_signing_key_file",
+]
+
+_VERSION_RE = re.compile(r"[a-zA-Z0-9_]+\Z")
+_ALPHABET = string.ascii_letters + string.digits
+
+
+class SigningKeyError(ValueError):
+    """The key file is unreadable or malformed (the message never contains key material)."""
+
+
+def generate_key_version() -> str:
+    """A fresh key version: ``a_`` followed by four random letters or digits."""
+    return "a_" + "".join(secrets.choice(_ALPHABET) for _ in range(4))
+
+
+def _parse_line(path: str, number: int, line: str) -> SigningKey:
+    parts = line.split()
+    if len(parts) != 3:
+        raise SigningKeyError(f"{path}:{number}: expected 'ed25519 <version> <seed>'")
+    algorithm, version, seed = parts
+    if algorithm != "ed25519":
+        raise SigningKeyError(f"{path}:{number}: unsupported algorithm {algorithm[:16]!r}")
+    if not _VERSION_RE.match(version):
+        raise SigningKeyError(f"{path}:{number}: key version must be [a-zA-Z0-9_]+")
+    try:
+        raw = decode_base64(seed)
+    except Exception:
+        raise SigningKeyError(f"{path}:{number}: the seed is not unpadded base64") from None
+    if len(raw) != 32:
+        raise SigningKeyError(f"{path}:{number}: an ed25519 seed is 32 bytes")
+    key: SigningKey = decode_signing_key_base64(algorithm, version, seed)
+    return key
+
+
+def read_signing_keys(path: str) -> list[SigningKey]:
+    """Read every key in a Synapse-format key file; blank lines and ``#`` comments are skipped."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            text = handle.read()
+    except UnicodeDecodeError:
+        raise SigningKeyError(f"{path}: not a signing key file (not ASCII)") from None
+    except OSError as exc:
+        raise SigningKeyError(f"cannot read signing key file {path}: {exc.strerror}") from None
+    keys = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            keys.append(_parse_line(path, number, stripped))
+    if not keys:
+        raise SigningKeyError(f"{path}: no signing key in the file")
+    return keys
+
+
+def write_signing_key_file(path: str, key: SigningKey) -> None:
+    """Write ``key`` to a new file created with mode 0600 (refuses to overwrite)."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    line = f"{key.alg} {key.version} {encode_base64(key.encode())}\n"  # type: ignore[attr-defined]
+    # O_EXCL: never clobber an existing key; the mode applies at creation, so
+    # the seed is never readable by others, not even for an instant.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(line)
+
+
+def load_or_create_signing_key(path: str) -> tuple[SigningKey, bool]:
+    """The key we sign with, and whether it was just created because the file was missing."""
+    if not os.path.exists(path):
+        key: SigningKey = generate_signing_key(generate_key_version())
+        write_signing_key_file(path, key)
+        return key, True
+    return read_signing_keys(path)[0], False

@@ -1,0 +1,66 @@
+"""``twistd federation-invite``: options and ``makeService`` (the plugin file only points here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from .config import Config, ConfigError, load_config
+
+__all__ = ["Options", "makeService"]
+
+
+class Options(usage.Options):
+    """Command-line options; each overrides the same key of the config file."""
+
+    synopsis = "[--config FILE] [options]"
+    longdesc = (
+        "Serve the Matrix federation invite endpoints. With no --config it runs on an embedded "
+        "default: server name localhost:8448, a generated key and an SQLite database in "
+        "./federation-invite-data, listening on 127.0.0.1:8448."
+    )
+
+    optParameters = [
+        ["config", "c", None, "TOML configuration file."],
+        ["server-name", None, None, "Our server name (overrides server_name)."],
+        ["signing-key", None, None, "Signing key file (overrides signing_key)."],
+        ["database", None, None, "Database URI (overrides database)."],
+        ["data-dir", None, None, "Data directory (overrides data_dir)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Endpoint to listen on, repeatable (e.g. tcp:8448, ssl:8448:privateKey=key.pem)."""
+        self["listen"].append(endpoint)
+
+    def postOptions(self) -> None:  # noqa: N802 (Twisted API)
+        overrides: dict[str, Any] = {}
+        for option, key in (
+            ("server-name", "server_name"),
+            ("signing-key", "signing_key"),
+            ("database", "database"),
+            ("data-dir", "data_dir"),
+        ):
+            if self[option] is not None:
+                overrides[key] = self[option]
+        if self["listen"]:
+            overrides["listen"] = list(self["listen"])
+        try:
+            self["loaded"] = load_config(self["config"], overrides)
+        except ConfigError as exc:
+            raise usage.UsageError(str(exc)) from None
+
+
+def makeService(options: Options) -> IService:  # noqa: N802 (Twisted API)
+    """Build the daemon's service tree from parsed options."""
+    from twisted.internet import reactor
+
+    from .service import make_service
+
+    config: Config = options["loaded"]
+    return make_service(config, reactor)

@@ -1,0 +1,165 @@
+"""The web edge's plumbing: JSON responses, Matrix errors, and async rendering.
+
+Every response body this package serves is JSON. Errors are rendered in one
+place (``write_error``): a ``MatrixError`` becomes its status and
+``{"errcode", "error"}``; anything else is logged and becomes 500 ``M_UNKNOWN``
+without leaking the exception text. Unknown paths give 404 and known paths with
+the wrong method 405, both ``M_UNRECOGNIZED``, instead of Twisted's HTML pages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import canonicaljson
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from ..core.errors import Codes, MatrixError
+
+__all__ = ["MatrixResource", "NotFoundResource", "render_async", "write_error", "write_json"]
+
+log = Logger(namespace="federation_invite.web")
+
+JSON_CONTENT_TYPE = b"application/json"
+
+
+def _encode(body: Any) -> bytes:
+    # Responses echo received events, which in room versions 1 to 5 may hold
+    # floats; canonicaljson encodes them the way peers hashed them.
+    encoded: bytes = canonicaljson.encode_canonical_json(body)
+    return encoded
+
+
+def write_json(request: Request, status: int, body: Any) -> bytes:
+    """Set status and headers for a JSON body and return the encoded bytes."""
+    encoded = _encode(body)
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
+    request.setHeader(b"Cache-Control", b"no-cache, no-store, must-revalidate")
+    return encoded
+
+
+def write_error(request: Request, error: MatrixError) -> bytes:
+    """The one place a refusal becomes an HTTP answer."""
+    if error.errcode == Codes.LIMIT_EXCEEDED and "retry_after_ms" in error.extra:
+        seconds = max(1, (int(error.extra["retry_after_ms"]) + 999) // 1000)
+        request.setHeader(b"Retry-After", str(seconds).encode("ascii"))
+    return write_json(request, error.http_status, error.to_json())
+
+
+def _unexpected(request: Request, failure: Failure) -> bytes:
+    log.failure(
+        "Unexpected error serving {method} {path}",
+        failure,
+        method=request.method.decode("ascii", "replace"),
+        path=request.path.decode("ascii", "replace")[:200],
+    )
+    return write_error(request, MatrixError(500, Codes.UNKNOWN, "Internal server error"))
+
+
+class MatrixResource(Resource):
+    """A resource that answers unknown children and unsupported methods in JSON.
+
+    Subclasses implement ``render_GET``/``render_PUT``/...; a resource with no
+    ``render_*`` methods is a pure path node and answers 404 itself.
+    """
+
+    def getChild(self, path: bytes, request: Request) -> Resource:  # noqa: N802 (Twisted API)
+        return NotFoundResource()
+
+    def allowed_methods(self) -> list[str]:
+        """The methods this resource serves (HEAD wherever GET is)."""
+        methods = {
+            name[7:]
+            for name in dir(self)
+            if name.startswith("render_") and getattr(type(self), name) is not getattr(Resource, name, None)
+        }
+        if "GET" in methods:
+            methods.add("HEAD")
+        return sorted(methods)
+
+    def render(self, request: Request) -> bytes | int:
+        method = request.method.decode("ascii", "replace")
+        allowed = self.allowed_methods()
+        if not allowed:
+            return write_error(request, _not_found())
+        if method not in allowed:
+            request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
+            return write_error(
+                request,
+                MatrixError(405, Codes.UNRECOGNIZED, f"Method {method[:16]} not allowed here"),
+            )
+        handler = getattr(self, f"render_{'GET' if method == 'HEAD' else method}")
+        try:
+            result: bytes | int = handler(request)
+        except MatrixError as error:
+            return write_error(request, error)
+        except Exception:
+            return _unexpected(request, Failure())
+        return result
+
+
+def _not_found() -> MatrixError:
+    return MatrixError(404, Codes.UNRECOGNIZED, "Unrecognized request")
+
+
+class NotFoundResource(MatrixResource):
+    """Any path we do not serve: 404 ``M_UNRECOGNIZED`` for every method."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return write_error(request, _not_found())
+
+
+def render_async(
+    request: Request,
+    work: Callable[[], Coroutine[Any, Any, tuple[int, Any]]],
+) -> int:
+    """Run ``work`` (a coroutine giving ``(status, body)``) and answer when it finishes.
+
+    If the client goes away first, the work is cancelled and nothing is written
+    to the finished request (the pattern of Klein's ``KleinResource.render``).
+    """
+    done = [False]
+
+    def finished(_: object) -> None:
+        done[0] = True
+
+    def gone(failure: Failure) -> None:
+        done[0] = True
+        deferred.cancel()
+
+    def respond(result: tuple[int, Any]) -> None:
+        status, body = result
+        _finish(write_json(request, status, body))
+
+    def fail(failure: Failure) -> None:
+        if failure.check(CancelledError) and done[0]:
+            return
+        if failure.check(MatrixError):
+            error = failure.value
+            assert isinstance(error, MatrixError)
+            _finish(write_error(request, error))
+        else:
+            _finish(_unexpected(request, failure))
+
+    def _finish(body: bytes) -> None:
+        if done[0]:
+            return
+        request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
+        request.write(body)
+        request.finish()
+
+    deferred: Deferred[tuple[int, Any]] = Deferred.fromCoroutine(work())
+    deferred.addCallbacks(respond, fail).addErrback(
+        lambda failure: log.failure("Error while writing a response", failure)
+    )
+    if not done[0] and not deferred.called:
+        request.notifyFinish().addCallbacks(finished, gone)
+    return NOT_DONE_YET

@@ -1,0 +1,60 @@
+"""Tests for the operator command line."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from federation_invite.cli import main
+from federation_invite.config import load_config
+
+
+class CliTests(SynchronousTestCase):
+    def run_cli(self, *argv: str) -> tuple[int, str]:
+        out, self.err = io.StringIO(), io.StringIO()
+        code = main(list(argv), out, self.err)
+        return code, out.getvalue()
+
+    def test_generate_config_then_check_and_show(self) -> None:
+        """generate-config writes a valid config and a 0600 key that keys show describes."""
+        data_dir = self.mktemp()
+        path = self.mktemp()
+        code, out = self.run_cli(
+            "generate-config", "--server-name", "example.org", "--data-dir", data_dir, "-o", path
+        )
+        self.assertEqual(code, 0)
+        self.assertIn("Generated signing key ed25519:a_", out)
+        config = load_config(path)
+        self.assertEqual(config.server_name, "example.org")
+        self.assertEqual(stat.S_IMODE(os.stat(config.signing_key_path).st_mode), 0o600)
+        code, out = self.run_cli("check-config", "-c", path)
+        self.assertEqual((code, out), (0, f"OK: {path} (server name example.org)\n"))
+        code, out = self.run_cli("keys", "show", "-c", path)
+        self.assertEqual(code, 0)
+        self.assertRegex(out, r"^ed25519:a_\w{4} [A-Za-z0-9+/]{43} \(sha256 fingerprint [A-Za-z0-9+/]{43}\)\n$")
+        with open(config.signing_key_path) as handle:
+            seed = handle.read().split()[2]
+        self.assertNotIn(seed, out)
+
+    def test_generate_config_refuses_overwrite(self) -> None:
+        """An existing config file is not overwritten without --force."""
+        path = self.mktemp()
+        with open(path, "w") as handle:
+            handle.write("x")
+        code, _ = self.run_cli("generate-config", "--server-name", "e.org", "--data-dir", self.mktemp(), "-o", path)
+        self.assertEqual(code, 1)
+        self.assertIn("use --force", self.err.getvalue())
+        with open(path) as handle:
+            self.assertEqual(handle.read(), "x")
+
+    def test_check_config_reports_bad_key(self) -> None:
+        """check-config fails with exit status 1 on an invalid file."""
+        path = self.mktemp()
+        with open(path, "w") as handle:
+            handle.write("bogus = 1\n")
+        code, _ = self.run_cli("check-config", "-c", path)
+        self.assertEqual(code, 1)
+        self.assertEqual(self.err.getvalue(), "federation-invite: unknown configuration key 'bogus'\n")

@@ -1,0 +1,148 @@
+"""Tests for federation_invite.config: defaults, file loading, overrides, refusals."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from federation_invite.config import OPTIONS, ConfigError, load_config, render_config
+
+VERIFY_KEY = "l8Hft5qXKn1vfHrg3p4+W8gELQVo8N13JkluMfmn2sQ"
+
+
+class LoadConfigTests(SynchronousTestCase):
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return path
+
+    def assertRefused(self, text: str, key: str) -> ConfigError:
+        """Helper: loading ``text`` fails with a message that names ``key``."""
+        error = self.assertRaises(ConfigError, load_config, self.write(text))
+        self.assertIn(repr(key), str(error))
+        return error
+
+    def test_defaults(self) -> None:
+        """With no file the embedded default runs on localhost with SQLite in the data dir."""
+        config = load_config()
+        self.assertEqual(config.server_name, "localhost:8448")
+        self.assertEqual(config.listen, ("tcp:8448:interface=127.0.0.1",))
+        self.assertEqual(
+            config.database, "sqlite:///" + os.path.join("federation-invite-data", "federation-invite.db")
+        )
+        self.assertEqual(config.signing_key_path, os.path.join("federation-invite-data", "signing.key"))
+        self.assertEqual(config.get("inbound.max_body_bytes"), 1048576)
+        self.assertIsNone(config.path)
+
+    def test_file_values_and_sections(self) -> None:
+        """Top-level keys and [section] keys are read from the TOML file."""
+        path = self.write(
+            'server_name = "example.org"\n'
+            'database = "postgresql://postgres@127.0.0.1/test"\n'
+            "[inbound]\nmax_body_bytes = 2048\nserver_deny = ['*.evil.example']\n"
+        )
+        config = load_config(path)
+        self.assertEqual(config.server_name, "example.org")
+        self.assertEqual(config.database, "postgresql://postgres@127.0.0.1/test")
+        self.assertEqual(config.get("inbound.max_body_bytes"), 2048)
+        self.assertEqual(config.get("inbound.server_deny"), ("*.evil.example",))
+        self.assertEqual(config.path, path)
+
+    def test_overrides_win(self) -> None:
+        """Command-line overrides replace the file's values."""
+        path = self.write('server_name = "example.org"\n')
+        config = load_config(path, {"server_name": "other.example", "listen": ["tcp:0"]})
+        self.assertEqual(config.server_name, "other.example")
+        self.assertEqual(config.listen, ("tcp:0",))
+
+    def test_unknown_key(self) -> None:
+        """An unknown key, top-level or in a section, is refused by name."""
+        self.assertRefused('sever_name = "x"\n', "sever_name")
+        self.assertRefused("[inbound]\nmax_body = 1\n", "inbound.max_body")
+
+    def test_bad_values_named(self) -> None:
+        """Each kind of bad value is refused with a message naming its key."""
+        cases = {
+            'server_name = "not a server"\n': "server_name",
+            "server_name = 5\n": "server_name",
+            "listen = []\n": "listen",
+            "listen = [1]\n": "listen",
+            'database = "mysql://x"\n': "database",
+            "[keys]\nvalidity_period = 5\n": "keys.validity_period",
+            "[keys]\nvalidity_period = true\n": "keys.validity_period",
+            "[outbound]\nverify_tls = 'no'\n": "outbound.verify_tls",
+            "[outbound]\nip_allowlist = ['localhost']\n": "outbound.ip_allowlist",
+            "[outbound]\ntimeout = 0\n": "outbound.timeout",
+            "[inbound]\nserver_deny = ['[abc']\n": "inbound.server_deny",
+            "[inbound]\nlocal_users = 'ldap'\n": "inbound.local_users",
+            "[log]\nformat = 'xml'\n": "log.format",
+            "[ratelimit]\norigin_burst = 0\n": "ratelimit.origin_burst",
+            "[keys]\nold_verify_keys = 'x'\n": "keys.old_verify_keys",
+            "[keys]\nold_verify_keys = [{key_id = 'ed25519:a'}]\n": "keys.old_verify_keys",
+            "[keys]\nnotaries = [{server_name = 'matrix.org', verify_keys = {}}]\n": "keys.notaries",
+            "[keys]\nnotaries = 3\n": "keys.notaries",
+        }
+        for text, key in cases.items():
+            self.assertRefused(text, key)
+
+    def test_old_keys_and_notaries(self) -> None:
+        """Old verify keys and notaries are parsed and their keys checked."""
+        path = self.write(
+            "[keys]\n"
+            f"old_verify_keys = [{{key_id = 'ed25519:old', key = '{VERIFY_KEY}', expired_ts = 5}}]\n"
+            f"notaries = [{{server_name = 'matrix.org', verify_keys = {{'ed25519:auto' = '{VERIFY_KEY}'}}}}]\n"
+        )
+        config = load_config(path)
+        (old,) = config.get("keys.old_verify_keys")
+        self.assertEqual((old.key_id, old.key, old.expired_ts), ("ed25519:old", VERIFY_KEY, 5))
+        (notary,) = config.get("keys.notaries")
+        self.assertEqual(notary.server_name, "matrix.org")
+        self.assertEqual(notary.verify_keys, (("ed25519:auto", VERIFY_KEY),))
+
+    def test_bad_old_key_material(self) -> None:
+        """An old key that is not a 32-byte base64 ed25519 key is refused."""
+        error = self.assertRefused(
+            "[keys]\nold_verify_keys = [{key_id = 'ed25519:old', key = 'abc', expired_ts = 5}]\n",
+            "keys.old_verify_keys",
+        )
+        self.assertIn("entry 0", str(error))
+
+    def test_unreadable_and_invalid_toml(self) -> None:
+        """A missing file and a file that is not TOML are refused with the path."""
+        missing = self.mktemp()
+        self.assertIn(missing, str(self.assertRaises(ConfigError, load_config, missing)))
+        path = self.write("server_name = \n")
+        self.assertIn("not valid TOML", str(self.assertRaises(ConfigError, load_config, path)))
+
+
+class RenderConfigTests(SynchronousTestCase):
+    def test_rendered_file_loads_and_documents_everything(self) -> None:
+        """The generated file is valid TOML, loads cleanly and mentions every key."""
+        text = render_config({"server_name": "example.org", "listen": ["tcp:8448"]})
+        tomllib.loads(text)
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        config = load_config(path)
+        self.assertEqual(config.server_name, "example.org")
+        self.assertEqual(config.listen, ("tcp:8448",))
+        for option in OPTIONS:
+            self.assertIn(option.key.rpartition(".")[2] + " = ", text)
+
+    def test_uncommented_defaults_round_trip(self) -> None:
+        """Uncommenting every default (but the placeholder list) gives the default config."""
+        text = render_config()
+        lines = []
+        for line in text.splitlines():
+            if re.match(r"# [a-z_]+ = ", line) and "[...]" not in line:
+                lines.append(line[2:])
+            else:
+                lines.append(line)
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines))
+        self.assertEqual(load_config(path).values, load_config().values)

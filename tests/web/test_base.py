@@ -1,0 +1,150 @@
+"""Tests for the web edge's plumbing: JSON errors, 404/405, async rendering."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Request
+
+from federation_invite.core.errors import Codes, MatrixError
+from federation_invite.service import build_site_root
+from federation_invite.web._base import MatrixResource, render_async, write_json
+from federation_invite.web.tree import PathNode
+
+
+class Sync(MatrixResource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        return write_json(request, 200, {"ok": True})
+
+    def render_POST(self, request: Request) -> bytes:  # noqa: N802
+        raise MatrixError(403, Codes.FORBIDDEN, "no")
+
+    def render_DELETE(self, request: Request) -> bytes:  # noqa: N802
+        raise RuntimeError("secret internal detail")
+
+
+class Async(MatrixResource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: Deferred[Any] = Deferred()
+        self.cancelled = False
+
+    def render_PUT(self, request: Request) -> int:  # noqa: N802
+        async def work() -> tuple[int, Any]:
+            try:
+                value = await self.pending
+            except BaseException:
+                self.cancelled = True
+                raise
+            if isinstance(value, Exception):
+                raise value
+            return 200, value
+
+        return render_async(request, work)
+
+
+def make_client(resource: MatrixResource) -> StubTreq:
+    matrix = PathNode()
+    matrix.putChild(b"thing", resource)
+    return StubTreq(build_site_root(matrix))
+
+
+class WebBaseTests(SynchronousTestCase):
+    def request(self, client: StubTreq, method: str, path: str) -> tuple[int, Any, Any]:
+        response = self.successResultOf(client.request(method, "https://test" + path))
+        body = self.successResultOf(response.content())
+        return response.code, json.loads(body), response.headers
+
+    def test_json_success(self) -> None:
+        """A handler's JSON is served with status 200 and a JSON content type."""
+        code, body, headers = self.request(make_client(Sync()), "GET", "/_matrix/thing")
+        self.assertEqual((code, body), (200, {"ok": True}))
+        self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"])
+
+    def test_matrix_error_rendered(self) -> None:
+        """A MatrixError becomes its status and {errcode, error}."""
+        code, body, _ = self.request(make_client(Sync()), "POST", "/_matrix/thing")
+        self.assertEqual((code, body), (403, {"errcode": "M_FORBIDDEN", "error": "no"}))
+
+    def test_unexpected_error_is_opaque_500(self) -> None:
+        """An unexpected exception is logged and answered 500 M_UNKNOWN without its text."""
+        code, body, _ = self.request(make_client(Sync()), "DELETE", "/_matrix/thing")
+        self.assertEqual((code, body["errcode"]), (500, "M_UNKNOWN"))
+        self.assertNotIn("secret", json.dumps(body))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_unknown_paths_404_json(self) -> None:
+        """Unknown paths, at any depth, and bare path nodes answer 404 M_UNRECOGNIZED."""
+        client = make_client(Sync())
+        for path in ("/", "/nope", "/_matrix", "/_matrix/other", "/_matrix/other/deeper/x"):
+            code, body, _ = self.request(client, "GET", path)
+            self.assertEqual((code, body["errcode"]), (404, "M_UNRECOGNIZED"), path)
+
+    def test_wrong_method_405_json(self) -> None:
+        """A known path with an unsupported method answers 405 M_UNRECOGNIZED and Allow."""
+        code, body, headers = self.request(make_client(Sync()), "PATCH", "/_matrix/thing")
+        self.assertEqual((code, body["errcode"]), (405, "M_UNRECOGNIZED"))
+        self.assertEqual(headers.getRawHeaders("allow"), ["DELETE, GET, HEAD, POST"])
+
+    def test_head_uses_get(self) -> None:
+        """HEAD is served by render_GET (with no body)."""
+        client = make_client(Sync())
+        response = self.successResultOf(client.head("https://test/_matrix/thing"))
+        self.assertEqual(response.code, 200)
+
+    def test_async_result(self) -> None:
+        """An async handler's result is written when it arrives."""
+        resource = Async()
+        client = make_client(resource)
+        pending = client.put("https://test/_matrix/thing", data=b"{}")
+        self.assertNoResult(pending)
+        resource.pending.callback({"done": 1})
+        client.flush()
+        response = self.successResultOf(pending)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(self.successResultOf(response.content())), {"done": 1})
+
+    def test_async_matrix_error(self) -> None:
+        """An async MatrixError is rendered like a synchronous one, with Retry-After for 429."""
+        resource = Async()
+        client = make_client(resource)
+        pending = client.put("https://test/_matrix/thing", data=b"{}")
+        resource.pending.callback(MatrixError(429, Codes.LIMIT_EXCEEDED, "slow", retry_after_ms=1500))
+        client.flush()
+        response = self.successResultOf(pending)
+        self.assertEqual(response.code, 429)
+        self.assertEqual(response.headers.getRawHeaders("retry-after"), ["2"])
+        body = json.loads(self.successResultOf(response.content()))
+        self.assertEqual(body, {"errcode": "M_LIMIT_EXCEEDED", "error": "slow", "retry_after_ms": 1500})
+
+    def test_async_unexpected_error(self) -> None:
+        """An async unexpected error becomes an opaque logged 500."""
+        resource = Async()
+        client = make_client(resource)
+        pending = client.put("https://test/_matrix/thing", data=b"{}")
+        resource.pending.callback(ValueError("hidden"))
+        client.flush()
+        response = self.successResultOf(pending)
+        self.assertEqual(response.code, 500)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_client_gone_cancels_work(self) -> None:
+        """When the client disconnects, the work is cancelled and nothing is written."""
+        from twisted.internet.error import ConnectionLost
+        from twisted.web.test.requesthelper import DummyRequest
+
+        resource = Async()
+        request = DummyRequest([b""])
+        request.method = b"PUT"
+        resource.render(request)
+        request.processingFailed(ConnectionLost())
+        self.assertTrue(resource.cancelled)
+        self.assertEqual(request.written, [])
