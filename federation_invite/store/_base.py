@@ -1,0 +1,459 @@
+"""``DatabaseStore``: ``IStore`` over ``twisted.enterprise.adbapi``, for every dialect.
+
+Each public method is one transaction run in the pool's threads. The SQL is
+shared; the dialect supplies placeholders, ``BEGIN`` and locking.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import attrs
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..core.canonical import encode_canonical_json
+from ._dialect import Dialect, parse_database_uri
+from ._interface import IStore
+from ._migrations import (
+    LATEST_SCHEMA_VERSION,
+    MigrationResult,
+    check_schema_txn,
+    current_version_txn,
+    load_migrations,
+    migrate_txn,
+)
+from ._records import (
+    INVITE_STATUSES,
+    InviteRecord,
+    InviteRule,
+    ServerKeyRecord,
+    StoreError,
+    check_choice,
+    check_text,
+    check_timestamp,
+)
+
+__all__ = ["DatabaseStore", "migrate", "open_store", "run_migrations"]
+
+_T = TypeVar("_T")
+_log = Logger()
+
+#: The most rows one list call returns.
+MAX_LIST_LIMIT = 1000
+
+_INVITE_COLUMNS = (
+    "event_id, room_id, room_version, invitee, sender, origin,"
+    " event_json, invite_room_state_json, received_ts, status"
+)
+_KEY_COLUMNS = "server_name, key_id, verify_key, valid_until_ts, expired_ts, fetched_ts, source"
+
+
+def _canonical_text(value: Any) -> str:
+    # strict=False: old room versions (1-5) admit floats and big integers in
+    # received events, and we must keep exactly what we answered.
+    return encode_canonical_json(value, strict=False).decode("utf-8")
+
+
+def _invite_from_row(row: tuple[Any, ...]) -> InviteRecord:
+    return InviteRecord(
+        event_id=row[0],
+        room_id=row[1],
+        room_version=row[2],
+        invitee=row[3],
+        sender=row[4],
+        origin=row[5],
+        event=json.loads(row[6]),
+        invite_room_state=json.loads(row[7]),
+        received_ts=int(row[8]),
+        status=row[9],
+    )
+
+
+def _key_from_row(row: tuple[Any, ...]) -> ServerKeyRecord:
+    return ServerKeyRecord(
+        server_name=row[0],
+        key_id=row[1],
+        verify_key=row[2],
+        valid_until_ts=None if row[3] is None else int(row[3]),
+        expired_ts=None if row[4] is None else int(row[4]),
+        fetched_ts=int(row[5]),
+        source=row[6],
+    )
+
+
+def _check_record(value: object, kind: type) -> None:
+    if not isinstance(value, kind):
+        raise ValueError(f"expected a {kind.__name__}, not {type(value).__name__}")
+
+
+@implementer(IStore)
+class DatabaseStore:
+    """The one ``IStore`` implementation; build it with ``open_store``."""
+
+    def __init__(self, pool: adbapi.ConnectionPool, dialect: Dialect) -> None:
+        self._pool = pool
+        self._dialect = dialect
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<DatabaseStore {self._dialect.display}>"
+
+    # -- plumbing -------------------------------------------------------
+
+    def _run(
+        self,
+        operation: str,
+        work: Callable[..., _T],
+        *args: Any,
+        write: bool,
+    ) -> Deferred[_T]:
+        """Run ``work(txn, *args)`` as one transaction; driver errors become StoreError."""
+        if self._closed:
+            raise RuntimeError(f"{operation} on a closed store")
+        dialect = self._dialect
+
+        def interaction(txn: adbapi.Transaction) -> _T:
+            dialect.begin(txn, write=write)
+            return work(txn, *args)
+
+        d: Deferred[_T] = self._pool.runInteraction(interaction)
+        d.addErrback(self._translate, operation)
+        return d
+
+    def _translate(self, failure: Failure, operation: str) -> Failure:
+        error = failure.value
+        if isinstance(error, StoreError) or not isinstance(error, self._dialect.driver_errors()):
+            return failure
+        wrapped = StoreError(operation, self._dialect.describe(error))
+        wrapped.__cause__ = error
+        return Failure(wrapped)
+
+    def _execute(self, txn: adbapi.Transaction, statement: str, args: tuple[Any, ...] = ()) -> None:
+        txn.execute(self._dialect.sql(statement), args)
+
+    # -- invites --------------------------------------------------------
+
+    def store_invite(self, record: InviteRecord) -> Deferred[tuple[InviteRecord, bool]]:
+        _check_record(record, InviteRecord)
+        values = (
+            record.event_id,
+            record.room_id,
+            record.room_version,
+            record.invitee,
+            record.sender,
+            record.origin,
+            _canonical_text(record.event),
+            _canonical_text(record.invite_room_state),
+            record.received_ts,
+            record.status,
+        )
+        return self._run("store_invite", self._store_invite_txn, values, write=True)
+
+    def _store_invite_txn(
+        self, txn: adbapi.Transaction, values: tuple[Any, ...]
+    ) -> tuple[InviteRecord, bool]:
+        # ON CONFLICT DO NOTHING waits for a concurrent insert of the same key to
+        # commit or roll back (PostgreSQL), or for the write lock (SQLite), so the
+        # SELECT below always sees the one row that won.
+        self._execute(
+            txn,
+            f"INSERT INTO invites ({_INVITE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (event_id) DO NOTHING",
+            values,
+        )
+        created = txn.rowcount == 1
+        self._execute(txn, f"SELECT {_INVITE_COLUMNS} FROM invites WHERE event_id = ?", values[:1])
+        return _invite_from_row(txn.fetchone()), created
+
+    def get_invite(self, event_id: str) -> Deferred[InviteRecord | None]:
+        check_text("event_id", event_id)
+        return self._run("get_invite", self._get_invite_txn, event_id, write=False)
+
+    def _get_invite_txn(self, txn: adbapi.Transaction, event_id: str) -> InviteRecord | None:
+        self._execute(txn, f"SELECT {_INVITE_COLUMNS} FROM invites WHERE event_id = ?", (event_id,))
+        row = txn.fetchone()
+        return None if row is None else _invite_from_row(row)
+
+    def list_invites(
+        self,
+        *,
+        invitee: str | None = None,
+        room_id: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        before_ts: int | None = None,
+    ) -> Deferred[list[InviteRecord]]:
+        conditions: list[str] = []
+        args: list[Any] = []
+        if invitee is not None:
+            conditions.append("invitee = ?")
+            args.append(check_text("invitee", invitee))
+        if room_id is not None:
+            conditions.append("room_id = ?")
+            args.append(check_text("room_id", room_id))
+        if status is not None:
+            conditions.append("status = ?")
+            args.append(check_choice("status", status, INVITE_STATUSES))
+        if before_ts is not None:
+            conditions.append("received_ts < ?")
+            args.append(check_timestamp("before_ts", before_ts))
+        if type(limit) is not int or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise ValueError(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}, not {limit!r}")
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        statement = (
+            f"SELECT {_INVITE_COLUMNS} FROM invites{where}"
+            " ORDER BY received_ts DESC, event_id DESC LIMIT ?"
+        )
+        return self._run(
+            "list_invites", self._list_invites_txn, statement, (*args, limit), write=False
+        )
+
+    def _list_invites_txn(
+        self, txn: adbapi.Transaction, statement: str, args: tuple[Any, ...]
+    ) -> list[InviteRecord]:
+        self._execute(txn, statement, args)
+        return [_invite_from_row(row) for row in txn.fetchall()]
+
+    def set_invite_status(self, event_id: str, status: str) -> Deferred[bool]:
+        check_text("event_id", event_id)
+        check_choice("status", status, INVITE_STATUSES)
+        return self._run(
+            "set_invite_status",
+            self._change_txn,
+            "UPDATE invites SET status = ? WHERE event_id = ?",
+            (status, event_id),
+            write=True,
+        )
+
+    def _change_txn(self, txn: adbapi.Transaction, statement: str, args: tuple[Any, ...]) -> bool:
+        """Run one INSERT/UPDATE/DELETE; True when it changed a row."""
+        self._execute(txn, statement, args)
+        return bool(txn.rowcount > 0)
+
+    # -- remote server keys ---------------------------------------------
+
+    def store_server_keys(self, records: Iterable[ServerKeyRecord]) -> Deferred[None]:
+        rows = []
+        for record in records:
+            _check_record(record, ServerKeyRecord)
+            rows.append(_fields(record))
+        if not rows:
+            return succeed(None)
+        return self._run("store_server_keys", self._store_keys_txn, rows, write=True)
+
+    def _store_keys_txn(self, txn: adbapi.Transaction, rows: list[tuple[Any, ...]]) -> None:
+        # A fetch replaces the stored key unless the stored one was fetched
+        # later: a slow worker must not overwrite a newer answer.
+        statement = self._dialect.sql(
+            f"INSERT INTO server_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (server_name, key_id) DO UPDATE SET"
+            " verify_key = excluded.verify_key,"
+            " valid_until_ts = excluded.valid_until_ts,"
+            " expired_ts = excluded.expired_ts,"
+            " fetched_ts = excluded.fetched_ts,"
+            " source = excluded.source"
+            " WHERE server_keys.fetched_ts <= excluded.fetched_ts"
+        )
+        txn.executemany(statement, rows)
+
+    def get_server_keys(
+        self, server_name: str, key_ids: Iterable[str] | None = None
+    ) -> Deferred[dict[str, ServerKeyRecord]]:
+        check_text("server_name", server_name)
+        statement = f"SELECT {_KEY_COLUMNS} FROM server_keys WHERE server_name = ?"
+        args: list[str] = [server_name]
+        if key_ids is not None:
+            if isinstance(key_ids, str):
+                raise ValueError("key_ids must be an iterable of key IDs, not one string")
+            wanted = sorted({check_text("key_id", key_id) for key_id in key_ids})
+            if not wanted:
+                return succeed({})
+            statement += f" AND key_id IN ({', '.join('?' * len(wanted))})"
+            args.extend(wanted)
+        return self._run("get_server_keys", self._get_keys_txn, statement, tuple(args), write=False)
+
+    def _get_keys_txn(
+        self, txn: adbapi.Transaction, statement: str, args: tuple[Any, ...]
+    ) -> dict[str, ServerKeyRecord]:
+        self._execute(txn, statement, args)
+        records = (_key_from_row(row) for row in txn.fetchall())
+        return {record.key_id: record for record in records}
+
+    # -- local users ----------------------------------------------------
+
+    def add_local_user(self, user_id: str) -> Deferred[bool]:
+        check_text("user_id", user_id)
+        return self._run(
+            "add_local_user",
+            self._change_txn,
+            "INSERT INTO local_users (user_id) VALUES (?) ON CONFLICT (user_id) DO NOTHING",
+            (user_id,),
+            write=True,
+        )
+
+    def remove_local_user(self, user_id: str) -> Deferred[bool]:
+        check_text("user_id", user_id)
+        return self._run(
+            "remove_local_user",
+            self._change_txn,
+            "DELETE FROM local_users WHERE user_id = ?",
+            (user_id,),
+            write=True,
+        )
+
+    def is_local_user(self, user_id: str) -> Deferred[bool]:
+        check_text("user_id", user_id)
+        return self._run("is_local_user", self._is_local_user_txn, user_id, write=False)
+
+    def _is_local_user_txn(self, txn: adbapi.Transaction, user_id: str) -> bool:
+        self._execute(txn, "SELECT 1 FROM local_users WHERE user_id = ?", (user_id,))
+        return txn.fetchone() is not None
+
+    def list_local_users(self) -> Deferred[list[str]]:
+        return self._run("list_local_users", self._list_local_users_txn, write=False)
+
+    def _list_local_users_txn(self, txn: adbapi.Transaction) -> list[str]:
+        self._execute(txn, "SELECT user_id FROM local_users ORDER BY user_id")
+        return [row[0] for row in txn.fetchall()]
+
+    # -- invite rules ---------------------------------------------------
+
+    def add_invite_rule(self, rule: InviteRule) -> Deferred[bool]:
+        _check_record(rule, InviteRule)
+        return self._run(
+            "add_invite_rule",
+            self._change_txn,
+            "INSERT INTO invite_rules (user_id, kind, pattern, action) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (user_id, kind, pattern, action) DO NOTHING",
+            _fields(rule),
+            write=True,
+        )
+
+    def remove_invite_rule(self, rule: InviteRule) -> Deferred[bool]:
+        _check_record(rule, InviteRule)
+        return self._run(
+            "remove_invite_rule",
+            self._change_txn,
+            "DELETE FROM invite_rules"
+            " WHERE user_id = ? AND kind = ? AND pattern = ? AND action = ?",
+            _fields(rule),
+            write=True,
+        )
+
+    def list_invite_rules(self, user_id: str) -> Deferred[list[InviteRule]]:
+        check_text("user_id", user_id)
+        return self._run("list_invite_rules", self._list_rules_txn, user_id, write=False)
+
+    def _list_rules_txn(self, txn: adbapi.Transaction, user_id: str) -> list[InviteRule]:
+        self._execute(
+            txn,
+            "SELECT user_id, kind, pattern, action FROM invite_rules WHERE user_id = ?"
+            " ORDER BY kind, pattern, action",
+            (user_id,),
+        )
+        return [InviteRule(*row) for row in txn.fetchall()]
+
+    # -- schema and lifetime -------------------------------------------
+
+    def schema_version(self) -> Deferred[int]:
+        return self._run("schema_version", current_version_txn, self._dialect, write=False)
+
+    def _migrate(self, now_ms: int) -> Deferred[MigrationResult]:
+        migrations = load_migrations(self._dialect.name)
+        return self._run("migrate", migrate_txn, self._dialect, migrations, now_ms, write=True)
+
+    def _check_schema(self) -> Deferred[int]:
+        return self._run(
+            "schema check", check_schema_txn, self._dialect, LATEST_SCHEMA_VERSION, write=False
+        )
+
+    def close(self) -> Deferred[None]:
+        if not self._closed:
+            self._closed = True
+            self._pool.close()
+        return succeed(None)
+
+
+def _fields(record: ServerKeyRecord | InviteRule) -> tuple[Any, ...]:
+    """A record's fields in declaration order, matching the column lists above."""
+    return attrs.astuple(record, recurse=False)
+
+
+def _resolve_reactor(reactor: Any | None) -> Any:
+    if reactor is None:
+        # Only when the embedding program did not hand us one; never at import.
+        from twisted.internet import reactor as global_reactor
+
+        return global_reactor
+    return reactor
+
+
+def _now_ms(reactor: IReactorTime) -> int:
+    return int(reactor.seconds() * 1000)
+
+
+async def _open(uri: str, reactor: Any | None, migrate: bool) -> DatabaseStore:
+    dialect = parse_database_uri(uri)
+    reactor = _resolve_reactor(reactor)
+    store = DatabaseStore(dialect.connection_pool(reactor), dialect)
+    try:
+        if migrate:
+            result = await store._migrate(_now_ms(reactor))
+            if result.applied:
+                _log.info(
+                    "Migrated {database} from schema {before} to {after}",
+                    database=dialect.display,
+                    before=result.before,
+                    after=result.after,
+                )
+        else:
+            await store._check_schema()
+    except BaseException:
+        await store.close()
+        raise
+    return store
+
+
+def open_store(
+    uri: str, *, reactor: IReactorCore | None = None, migrate: bool = True
+) -> Deferred[IStore]:
+    """Open the database named by ``uri`` and fire with its ``IStore``.
+
+    With ``migrate`` (the default) pending schema migrations run first; without
+    it a database not exactly at the code's schema version is refused with
+    ``SchemaVersionError``. A database newer than the code is always refused.
+    A bad URI raises ``ValueError`` at once.
+    """
+    parse_database_uri(uri)
+    return Deferred.fromCoroutine(_open(uri, reactor, migrate))
+
+
+async def _run_migrations(uri: str, reactor: Any | None) -> MigrationResult:
+    dialect = parse_database_uri(uri)
+    reactor = _resolve_reactor(reactor)
+    store = DatabaseStore(dialect.connection_pool(reactor), dialect)
+    try:
+        return await store._migrate(_now_ms(reactor))
+    finally:
+        await store.close()
+
+
+def run_migrations(uri: str, *, reactor: IReactorCore | None = None) -> Deferred[MigrationResult]:
+    """Apply pending migrations to ``uri`` and close: the operator's explicit command.
+
+    Fires with what was found and applied (nothing when already at the latest
+    version); fails with ``SchemaVersionError`` for a database newer than the code.
+    """
+    parse_database_uri(uri)
+    return Deferred.fromCoroutine(_run_migrations(uri, reactor))
+
+
+#: The operator command's name for ``run_migrations``.
+migrate = run_migrations

@@ -1,0 +1,235 @@
+"""The thin seam between SQLite and PostgreSQL: URIs, connections, transactions.
+
+Everything else (the SQL of every operation, the migrations) is shared. Our SQL
+uses ``?`` placeholders; the PostgreSQL dialect rewrites them to ``%s``, which
+is why no statement of ours may contain a literal ``?`` or ``%``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any, ClassVar
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from twisted.enterprise import adbapi
+from twisted.internet.interfaces import IReactorCore
+
+__all__ = ["Dialect", "PostgresDialect", "SQLiteDialect", "parse_database_uri"]
+
+#: How long a SQLite connection waits for another's write lock before failing.
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+#: Key of the PostgreSQL advisory lock that serialises migrations across workers.
+MIGRATION_LOCK_KEY = 0x66692D6D69677261  # "fi-migra"
+
+
+class Dialect:
+    """What differs between databases, and nothing else."""
+
+    name: ClassVar[str]
+
+    def __init__(self, display: str, secrets: tuple[str, ...]) -> None:
+        #: The URI with any password replaced, fit for logs and messages.
+        self.display = display
+        self._secrets = secrets
+
+    def connection_pool(self, reactor: IReactorCore | None) -> adbapi.ConnectionPool:
+        """A new adbapi pool for this database (connections open lazily)."""
+        raise NotImplementedError
+
+    def sql(self, statement: str) -> str:
+        """``statement`` with our ``?`` placeholders in the driver's parameter style."""
+        return statement
+
+    def begin(self, txn: adbapi.Transaction, *, write: bool) -> None:
+        """Start the transaction of one logical operation."""
+
+    def lock_for_migrations(self, txn: adbapi.Transaction) -> None:
+        """Make concurrent migrations by several workers take turns (inside ``txn``)."""
+
+    def table_exists(self, txn: adbapi.Transaction, table: str) -> bool:
+        """Whether ``table`` exists in the database the store uses."""
+        raise NotImplementedError
+
+    def driver_errors(self) -> tuple[type[BaseException], ...]:
+        """The exceptions that mean "the database said no", to be wrapped in StoreError."""
+        return (adbapi.ConnectionLost,)
+
+    def describe(self, error: BaseException) -> str:
+        """A one-line description of a driver error with every secret removed."""
+        text = " ".join(str(error).split()) or "(no message)"
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return f"{type(error).__name__}: {text} [{self.display}]"
+
+
+class SQLiteDialect(Dialect):
+    """The embedded default: one file, WAL mode, one connection per pool.
+
+    Every write starts with ``BEGIN IMMEDIATE``, taking the write lock at the
+    start: a deferred transaction that reads and then writes could fail with
+    ``SQLITE_BUSY`` when another pool wrote in between, without waiting.
+    """
+
+    name = "sqlite"
+
+    def __init__(self, path: str, display: str) -> None:
+        super().__init__(display, ())
+        self.path = path
+
+    def connection_pool(self, reactor: IReactorCore | None) -> adbapi.ConnectionPool:
+        extra: dict[str, Any] = {} if reactor is None else {"cp_reactor": reactor}
+        return adbapi.ConnectionPool(
+            "sqlite3",
+            database=self.path,
+            timeout=SQLITE_BUSY_TIMEOUT_MS / 1000,
+            # We issue BEGIN ourselves; adbapi's commit()/rollback() end it.
+            isolation_level=None,
+            # adbapi runs each connection in its pool thread, never two at once.
+            check_same_thread=False,
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=_configure_sqlite,
+            **extra,
+        )
+
+    def begin(self, txn: adbapi.Transaction, *, write: bool) -> None:
+        txn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    def table_exists(self, txn: adbapi.Transaction, table: str) -> bool:
+        txn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,))
+        return txn.fetchone() is not None
+
+    def driver_errors(self) -> tuple[type[BaseException], ...]:
+        return (sqlite3.Error, *super().driver_errors())
+
+
+def _configure_sqlite(connection: sqlite3.Connection) -> None:
+    """Per-connection settings: WAL, fsync on every commit, foreign keys, lock waits."""
+    connection.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    # WAL lets readers in other pools go on while one writes; it is a property
+    # of the file and persists.
+    connection.execute("PRAGMA journal_mode = WAL")
+    # FULL: an acknowledged invite survives a power cut, not only a crash.
+    connection.execute("PRAGMA synchronous = FULL")
+    connection.execute("PRAGMA foreign_keys = ON")
+
+
+class PostgresDialect(Dialect):
+    """PostgreSQL through psycopg2, for several workers sharing one database."""
+
+    name = "postgres"
+
+    def __init__(self, dsn: str, display: str, secrets: tuple[str, ...]) -> None:
+        super().__init__(display, secrets)
+        self.dsn = dsn
+
+    def connection_pool(self, reactor: IReactorCore | None) -> adbapi.ConnectionPool:
+        _import_psycopg2()
+        extra: dict[str, Any] = {} if reactor is None else {"cp_reactor": reactor}
+        return adbapi.ConnectionPool(
+            "psycopg2",
+            self.dsn,
+            application_name="federation-invite",
+            cp_min=1,
+            cp_max=5,
+            cp_reconnect=True,
+            **extra,
+        )
+
+    def sql(self, statement: str) -> str:
+        return statement.replace("?", "%s")
+
+    def lock_for_migrations(self, txn: adbapi.Transaction) -> None:
+        # Released at commit or rollback; DDL is transactional in PostgreSQL.
+        txn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+
+    def table_exists(self, txn: adbapi.Transaction, table: str) -> bool:
+        txn.execute(
+            "SELECT 1 FROM information_schema.tables"
+            " WHERE table_schema = current_schema() AND table_name = %s",
+            (table,),
+        )
+        return txn.fetchone() is not None
+
+    def driver_errors(self) -> tuple[type[BaseException], ...]:
+        return (_import_psycopg2().Error, *super().driver_errors())
+
+
+def _import_psycopg2() -> Any:
+    try:
+        import psycopg2
+    except ImportError as e:  # pragma: no cover - the test environment has it
+        raise ImportError(
+            "PostgreSQL support needs psycopg2: pip install 'federation-invite[postgres]'"
+        ) from e
+    return psycopg2
+
+
+_SUPPORTED = "sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:///:memory:, postgresql://user@host:port/dbname"
+
+
+def parse_database_uri(uri: str) -> Dialect:
+    """The dialect and connection settings for a database URI.
+
+    ``sqlite:///relative.db`` (relative to the working directory),
+    ``sqlite:////absolute.db``, ``sqlite:///:memory:`` (private to one
+    connection, for tests), ``postgresql://user[:password]@host[:port]/dbname``
+    (``postgres://`` too; query parameters go to libpq, e.g. ``?sslmode=require``).
+    Anything else raises ``ValueError`` saying what is accepted.
+    """
+    if not isinstance(uri, str):
+        raise ValueError(f"database URI must be a string, not {type(uri).__name__}")
+    scheme, _, rest = uri.partition("://")
+    scheme = scheme.lower()
+    if not rest:
+        raise ValueError(f"database URI {uri!r} is not a URI; expected one of: {_SUPPORTED}")
+    if scheme == "sqlite":
+        return _parse_sqlite(uri, rest)
+    if scheme in ("postgresql", "postgres"):
+        return _parse_postgres(uri)
+    raise ValueError(
+        f"database URI scheme {scheme!r} is not supported; expected one of: {_SUPPORTED}"
+    )
+
+
+def _parse_sqlite(uri: str, rest: str) -> SQLiteDialect:
+    host, slash, path = rest.partition("/")
+    if host or not slash:
+        raise ValueError(
+            f"SQLite URI {uri!r} must have three slashes after 'sqlite:' and no host:"
+            " sqlite:///relative/path.db or sqlite:////absolute/path.db"
+        )
+    if "?" in path or "#" in path:
+        raise ValueError(f"SQLite URI {uri!r} must not have query parameters or a fragment")
+    path = unquote(path)
+    if not path or path.endswith("/"):
+        raise ValueError(f"SQLite URI {uri!r} does not name a database file")
+    if "\x00" in path:
+        raise ValueError(f"SQLite URI {uri!r} contains a NUL character")
+    return SQLiteDialect(path, uri)
+
+
+def _parse_postgres(uri: str) -> PostgresDialect:
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        raise ValueError(f"PostgreSQL URI is malformed: {e}") from None
+    secrets: tuple[str, ...] = ()
+    display = uri
+    if parts.password is not None:
+        secrets = tuple({parts.password, unquote(parts.password)} - {""})
+        userinfo = parts.netloc.rpartition("@")[0]
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:***@{parts.netloc.rpartition('@')[2]}"
+        display = urlunsplit(parts._replace(netloc=netloc))
+    if not parts.hostname:
+        raise ValueError(f"PostgreSQL URI {display!r} must name a host")
+    if parts.fragment:
+        raise ValueError(f"PostgreSQL URI {display!r} must not have a fragment")
+    dbname = unquote(parts.path.lstrip("/"))
+    if not dbname or "/" in dbname:
+        raise ValueError(f"PostgreSQL URI {display!r} must name a database: .../dbname")
+    # libpq reads URIs itself; only the scheme needs normalising for old versions.
+    dsn = "postgresql" + uri[uri.index("://") :]
+    return PostgresDialect(dsn, display, secrets)
