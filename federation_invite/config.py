@@ -205,7 +205,9 @@ def _notaries(value: object) -> tuple[Notary, ...]:
             try:
                 decode_verify_key(key_id, key)
             except (ValueError, TypeError):
-                raise ValueError(f"entry {index}: key {key_id!r} is not a valid ed25519 key") from None
+                raise ValueError(
+                    f"entry {index}: key {key_id!r} is not a valid ed25519 key"
+                ) from None
         notaries.append(Notary(server_name=name, verify_keys=tuple(sorted(verify_keys.items()))))
     return tuple(notaries)
 
@@ -240,65 +242,163 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("server_name", "localhost:8448", _server_name,
-           "Our Matrix server name: the part after the colon in our users' IDs."),
-    Option("data_dir", "federation-invite-data", _string,
-           "Directory for the generated signing key and the SQLite database."),
-    Option("listen", ["tcp:8448:interface=127.0.0.1"], _listen_list,
-           "Twisted endpoint strings to serve federation on, e.g. 'tcp:8448', "
-           "'ssl:8448:privateKey=key.pem:certKey=cert.pem', 'systemd:domain=INET:index=0'."),
-    Option("signing_key", "", _optional_string,
-           "Signing key file in Synapse's format ('ed25519 <version> <seed>'); "
-           "empty: <data_dir>/signing.key, created with mode 0600 if missing.", '""'),
-    Option("database", "", _database,
-           "Database URI: 'sqlite:///path.db' or 'postgresql://user@host/db'; "
-           "empty: sqlite:///<data_dir>/federation-invite.db.", '""'),
-    Option("keys.validity_period", 86400, _int_at_least(60),
-           "Seconds our published keys are valid for (valid_until_ts = now + this)."),
-    Option("keys.old_verify_keys", [], _old_keys,
-           "Keys we no longer sign with, published as old_verify_keys: "
-           "[{key_id = 'ed25519:old', key = '<base64>', expired_ts = <ms>}]."),
-    Option("keys.notaries", [], _notaries,
-           "Trusted key servers for POST /_matrix/key/v2/query: "
-           "[{server_name = 'matrix.org', verify_keys = {'ed25519:auto' = '<base64>'}}]."),
-    Option("outbound.verify_tls", True, _bool,
-           "Verify peers' TLS certificates. Turn off only for test deployments (logged loudly)."),
-    Option("outbound.ip_blocklist", list(DEFAULT_IP_BLOCKLIST), _network_list,
-           "IP ranges never connected to, checked on every resolved address.",
-           "[...]  # loopback, private, link-local, CGNAT, multicast, documentation, ..."),
-    Option("outbound.ip_allowlist", [], _network_list,
-           "IP ranges allowed even inside the blocklist (e.g. '127.0.0.1/32' for tests)."),
-    Option("outbound.timeout", 60.0, _number_above_zero,
-           "Seconds before an outbound request is abandoned."),
-    Option("inbound.max_body_bytes", 1048576, _int_at_least(1024),
-           "Largest request body accepted; larger gets 413 M_TOO_LARGE."),
-    Option("inbound.server_allow", ["*"], _glob_list,
-           "Origin servers allowed to send invites (globs); others get 403 M_FORBIDDEN."),
-    Option("inbound.server_deny", [], _glob_list,
-           "Origin or sender servers refused (globs), checked after the allow list."),
-    Option("inbound.user_deny", [], _glob_list,
-           "Sender user IDs refused (globs)."),
-    Option("inbound.strict_invite_room_state", False, _bool,
-           "Validate every invite_room_state entry as a full PDU (the spec's SHOULD for v12); "
-           "off accepts Synapse's stripped state with a logged warning."),
-    Option("inbound.local_users", "database", _local_users,
-           "Who our users are: 'database' (managed with 'federation-invite users') or "
-           "'any' (every user ID on our server name, for bridges and bots)."),
-    Option("ratelimit.origin_per_second", 10.0, _number_above_zero,
-           "Sustained invite requests per second allowed from one origin server."),
-    Option("ratelimit.origin_burst", 50, _int_at_least(1),
-           "Requests one origin may send in a burst before 429 M_LIMIT_EXCEEDED."),
-    Option("ratelimit.origin_concurrent", 8, _int_at_least(1),
-           "Requests from one origin processed at once; more get 429."),
-    Option("ratelimit.invitee_per_second", 0.05, _number_above_zero,
-           "Sustained invites per second one local user may receive."),
-    Option("ratelimit.invitee_burst", 10, _int_at_least(1),
-           "Invites one local user may receive in a burst."),
-    Option("log.format", "text", _log_format,
-           "'text' for humans, 'json' (one object per line) for log shippers."),
-    Option("metrics.listen", "", _optional_string,
-           "Endpoint string for a Prometheus /metrics listener (needs the 'metrics' extra); "
-           "empty: off.", '""'),
+    Option(
+        "server_name",
+        "localhost:8448",
+        _server_name,
+        "Our Matrix server name: the part after the colon in our users' IDs.",
+    ),
+    Option(
+        "data_dir",
+        "federation-invite-data",
+        _string,
+        "Directory for the generated signing key and the SQLite database.",
+    ),
+    Option(
+        "listen",
+        ["tcp:8448:interface=127.0.0.1"],
+        _listen_list,
+        "Twisted endpoint strings to serve federation on, e.g. 'tcp:8448', "
+        "'ssl:8448:privateKey=key.pem:certKey=cert.pem', 'systemd:domain=INET:index=0'.",
+    ),
+    Option(
+        "signing_key",
+        "",
+        _optional_string,
+        "Signing key file in Synapse's format ('ed25519 <version> <seed>'); "
+        "empty: <data_dir>/signing.key, created with mode 0600 if missing.",
+        '""',
+    ),
+    Option(
+        "database",
+        "",
+        _database,
+        "Database URI: 'sqlite:///path.db' or 'postgresql://user@host/db'; "
+        "empty: sqlite:///<data_dir>/federation-invite.db.",
+        '""',
+    ),
+    Option(
+        "keys.validity_period",
+        86400,
+        _int_at_least(60),
+        "Seconds our published keys are valid for (valid_until_ts = now + this).",
+    ),
+    Option(
+        "keys.old_verify_keys",
+        [],
+        _old_keys,
+        "Keys we no longer sign with, published as old_verify_keys: "
+        "[{key_id = 'ed25519:old', key = '<base64>', expired_ts = <ms>}].",
+    ),
+    Option(
+        "keys.notaries",
+        [],
+        _notaries,
+        "Trusted key servers for POST /_matrix/key/v2/query: "
+        "[{server_name = 'matrix.org', verify_keys = {'ed25519:auto' = '<base64>'}}].",
+    ),
+    Option(
+        "outbound.verify_tls",
+        True,
+        _bool,
+        "Verify peers' TLS certificates. Turn off only for test deployments (logged loudly).",
+    ),
+    Option(
+        "outbound.ip_blocklist",
+        list(DEFAULT_IP_BLOCKLIST),
+        _network_list,
+        "IP ranges never connected to, checked on every resolved address.",
+        "[...]  # loopback, private, link-local, CGNAT, multicast, documentation, ...",
+    ),
+    Option(
+        "outbound.ip_allowlist",
+        [],
+        _network_list,
+        "IP ranges allowed even inside the blocklist (e.g. '127.0.0.1/32' for tests).",
+    ),
+    Option(
+        "outbound.timeout",
+        60.0,
+        _number_above_zero,
+        "Seconds before an outbound request is abandoned.",
+    ),
+    Option(
+        "inbound.max_body_bytes",
+        1048576,
+        _int_at_least(1024),
+        "Largest request body accepted; larger gets 413 M_TOO_LARGE.",
+    ),
+    Option(
+        "inbound.server_allow",
+        ["*"],
+        _glob_list,
+        "Origin servers allowed to send invites (globs); others get 403 M_FORBIDDEN.",
+    ),
+    Option(
+        "inbound.server_deny",
+        [],
+        _glob_list,
+        "Origin or sender servers refused (globs), checked after the allow list.",
+    ),
+    Option("inbound.user_deny", [], _glob_list, "Sender user IDs refused (globs)."),
+    Option(
+        "inbound.strict_invite_room_state",
+        False,
+        _bool,
+        "Validate every invite_room_state entry as a full PDU (the spec's SHOULD for v12); "
+        "off accepts Synapse's stripped state with a logged warning.",
+    ),
+    Option(
+        "inbound.local_users",
+        "database",
+        _local_users,
+        "Who our users are: 'database' (managed with 'federation-invite users') or "
+        "'any' (every user ID on our server name, for bridges and bots).",
+    ),
+    Option(
+        "ratelimit.origin_per_second",
+        10.0,
+        _number_above_zero,
+        "Sustained invite requests per second allowed from one origin server.",
+    ),
+    Option(
+        "ratelimit.origin_burst",
+        50,
+        _int_at_least(1),
+        "Requests one origin may send in a burst before 429 M_LIMIT_EXCEEDED.",
+    ),
+    Option(
+        "ratelimit.origin_concurrent",
+        8,
+        _int_at_least(1),
+        "Requests from one origin processed at once; more get 429.",
+    ),
+    Option(
+        "ratelimit.invitee_per_second",
+        0.05,
+        _number_above_zero,
+        "Sustained invites per second one local user may receive.",
+    ),
+    Option(
+        "ratelimit.invitee_burst",
+        10,
+        _int_at_least(1),
+        "Invites one local user may receive in a burst.",
+    ),
+    Option(
+        "log.format",
+        "text",
+        _log_format,
+        "'text' for humans, 'json' (one object per line) for log shippers.",
+    ),
+    Option(
+        "metrics.listen",
+        "",
+        _optional_string,
+        "Endpoint string for a Prometheus /metrics listener (needs the 'metrics' extra); "
+        "empty: off.",
+        '""',
+    ),
 )
 
 _BY_KEY = {option.key: option for option in OPTIONS}

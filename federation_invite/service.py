@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nacl.signing import SigningKey
+from signedjson.types import SigningKey
 from twisted.application import service, strports
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -37,7 +37,7 @@ def _load_key(config: Config) -> SigningKey:
     log.info(
         "{action} signing key {key_id} at {path}",
         action="Generated a new" if created else "Loaded",
-        key_id=f"{key.alg}:{key.version}",  # type: ignore[attr-defined]
+        key_id=f"{key.alg}:{key.version}",
         path=config.signing_key_path,
     )
     return key

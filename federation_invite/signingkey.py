@@ -14,8 +14,8 @@ import re
 import secrets
 import string
 
-from nacl.signing import SigningKey
 from signedjson.key import decode_signing_key_base64, generate_signing_key
+from signedjson.types import SigningKey
 from unpaddedbase64 import decode_base64, encode_base64
 
 __all__ = [
@@ -82,7 +82,7 @@ def write_signing_key_file(path: str, key: SigningKey) -> None:
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-    line = f"{key.alg} {key.version} {encode_base64(key.encode())}\n"  # type: ignore[attr-defined]
+    line = f"{key.alg} {key.version} {encode_base64(key.encode())}\n"
     # O_EXCL: never clobber an existing key; the mode applies at creation, so
     # the seed is never readable by others, not even for an instant.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

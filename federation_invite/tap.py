@@ -38,7 +38,7 @@ class Options(usage.Options):
         """Endpoint to listen on, repeatable (e.g. tcp:8448, ssl:8448:privateKey=key.pem)."""
         self["listen"].append(endpoint)
 
-    def postOptions(self) -> None:  # noqa: N802 (Twisted API)
+    def postOptions(self) -> None:
         overrides: dict[str, Any] = {}
         for option, key in (
             ("server-name", "server_name"),
@@ -56,7 +56,7 @@ class Options(usage.Options):
             raise usage.UsageError(str(exc)) from None
 
 
-def makeService(options: Options) -> IService:  # noqa: N802 (Twisted API)
+def makeService(options: Options) -> IService:
     """Build the daemon's service tree from parsed options."""
     from twisted.internet import reactor
 

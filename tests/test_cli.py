@@ -34,7 +34,9 @@ class CliTests(SynchronousTestCase):
         self.assertEqual((code, out), (0, f"OK: {path} (server name example.org)\n"))
         code, out = self.run_cli("keys", "show", "-c", path)
         self.assertEqual(code, 0)
-        self.assertRegex(out, r"^ed25519:a_\w{4} [A-Za-z0-9+/]{43} \(sha256 fingerprint [A-Za-z0-9+/]{43}\)\n$")
+        self.assertRegex(
+            out, r"^ed25519:a_\w{4} [A-Za-z0-9+/]{43} \(sha256 fingerprint [A-Za-z0-9+/]{43}\)\n$"
+        )
         with open(config.signing_key_path) as handle:
             seed = handle.read().split()[2]
         self.assertNotIn(seed, out)
@@ -44,7 +46,9 @@ class CliTests(SynchronousTestCase):
         path = self.mktemp()
         with open(path, "w") as handle:
             handle.write("x")
-        code, _ = self.run_cli("generate-config", "--server-name", "e.org", "--data-dir", self.mktemp(), "-o", path)
+        code, _ = self.run_cli(
+            "generate-config", "--server-name", "e.org", "--data-dir", self.mktemp(), "-o", path
+        )
         self.assertEqual(code, 1)
         self.assertIn("use --force", self.err.getvalue())
         with open(path) as handle:
@@ -57,4 +61,6 @@ class CliTests(SynchronousTestCase):
             handle.write("bogus = 1\n")
         code, _ = self.run_cli("check-config", "-c", path)
         self.assertEqual(code, 1)
-        self.assertEqual(self.err.getvalue(), "federation-invite: unknown configuration key 'bogus'\n")
+        self.assertEqual(
+            self.err.getvalue(), "federation-invite: unknown configuration key 'bogus'\n"
+        )

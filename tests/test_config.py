@@ -32,9 +32,12 @@ class LoadConfigTests(SynchronousTestCase):
         self.assertEqual(config.server_name, "localhost:8448")
         self.assertEqual(config.listen, ("tcp:8448:interface=127.0.0.1",))
         self.assertEqual(
-            config.database, "sqlite:///" + os.path.join("federation-invite-data", "federation-invite.db")
+            config.database,
+            "sqlite:///" + os.path.join("federation-invite-data", "federation-invite.db"),
         )
-        self.assertEqual(config.signing_key_path, os.path.join("federation-invite-data", "signing.key"))
+        self.assertEqual(
+            config.signing_key_path, os.path.join("federation-invite-data", "signing.key")
+        )
         self.assertEqual(config.get("inbound.max_body_bytes"), 1048576)
         self.assertIsNone(config.path)
 

@@ -30,13 +30,20 @@ class OptionsTests(SynchronousTestCase):
         options = Options()
         options.parseOptions(
             [
-                "--config", path,
-                "--server-name", "cli.example",
-                "--listen", "tcp:1",
-                "--listen", "tcp:2",
-                "--signing-key", "/k",
-                "--database", "sqlite:///x.db",
-                "--data-dir", "/d",
+                "--config",
+                path,
+                "--server-name",
+                "cli.example",
+                "--listen",
+                "tcp:1",
+                "--listen",
+                "tcp:2",
+                "--signing-key",
+                "/k",
+                "--database",
+                "sqlite:///x.db",
+                "--data-dir",
+                "/d",
             ]
         )
         config = options["loaded"]

@@ -8,10 +8,11 @@ JSON").
 from __future__ import annotations
 
 import re
+from typing import cast
 
 from nacl.exceptions import BadSignatureError
-from nacl.signing import SigningKey, VerifyKey
-from signedjson.key import decode_verify_key_bytes, get_verify_key
+from nacl.signing import VerifyKey
+from signedjson.types import SigningKey
 from unpaddedbase64 import decode_base64, encode_base64
 
 __all__ = [
@@ -37,13 +38,12 @@ def is_valid_key_id(key_id: object) -> bool:
 
 def key_id_of(signing_key: SigningKey) -> str:
     """The key ID of a signedjson-style signing key (``alg`` and ``version`` attributes)."""
-    return f"{signing_key.alg}:{signing_key.version}"  # type: ignore[attr-defined]
+    return f"{signing_key.alg}:{signing_key.version}"
 
 
 def verify_key_of(signing_key: SigningKey) -> VerifyKey:
-    """The public half of a signing key, carrying the same ``alg`` and ``version``."""
-    verify_key: VerifyKey = get_verify_key(signing_key)
-    return verify_key
+    """The public half of a signing key."""
+    return cast(VerifyKey, signing_key.verify_key)
 
 
 def encode_verify_key(verify_key: VerifyKey) -> str:
@@ -61,8 +61,7 @@ def decode_verify_key(key_id: str, key_base64: str) -> VerifyKey:
         raise ValueError("verify key is not base64") from None
     if len(raw) != 32:
         raise ValueError("an ed25519 verify key is 32 bytes")
-    verify_key: VerifyKey = decode_verify_key_bytes(key_id, raw)
-    return verify_key
+    return VerifyKey(raw)
 
 
 def sign_bytes(signing_key: SigningKey, data: bytes) -> str:

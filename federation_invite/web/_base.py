@@ -69,7 +69,7 @@ class MatrixResource(Resource):
     ``render_*`` methods is a pure path node and answers 404 itself.
     """
 
-    def getChild(self, path: bytes, request: Request) -> Resource:  # noqa: N802 (Twisted API)
+    def getChild(self, path: bytes, request: Request) -> Resource:
         return NotFoundResource()
 
     def allowed_methods(self) -> list[str]:
@@ -77,7 +77,8 @@ class MatrixResource(Resource):
         methods = {
             name[7:]
             for name in dir(self)
-            if name.startswith("render_") and getattr(type(self), name) is not getattr(Resource, name, None)
+            if name.startswith("render_")
+            and getattr(type(self), name) is not getattr(Resource, name, None)
         }
         if "GET" in methods:
             methods.add("HEAD")

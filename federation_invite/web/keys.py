@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from nacl.signing import SigningKey
+from signedjson.types import SigningKey
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -66,10 +66,7 @@ class KeyServerResource(MatrixResource):
         self._old_keys = tuple(old_keys)
         self._validity_ms = validity_ms
 
-
-
-
-    def getChild(self, path: bytes, request: Request) -> Resource:  # noqa: N802
+    def getChild(self, path: bytes, request: Request) -> Resource:
         if not request.postpath:
             return self  # the deprecated /server/{keyId}
         return super().getChild(path, request)
@@ -80,5 +77,5 @@ class KeyServerResource(MatrixResource):
             self._server_name, self._signing_keys, self._old_keys, now_ms, self._validity_ms
         )
 
-    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+    def render_GET(self, request: Request) -> bytes:
         return write_json(request, 200, self.document())

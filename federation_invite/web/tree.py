@@ -22,7 +22,7 @@ class VersionResource(MatrixResource):
 
     isLeaf = True
 
-    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+    def render_GET(self, request: Request) -> bytes:
         return write_json(
             request, 200, {"server": {"name": "federation-invite", "version": __version__}}
         )

@@ -19,13 +19,13 @@ from federation_invite.web.tree import PathNode
 class Sync(MatrixResource):
     isLeaf = True
 
-    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+    def render_GET(self, request: Request) -> bytes:
         return write_json(request, 200, {"ok": True})
 
-    def render_POST(self, request: Request) -> bytes:  # noqa: N802
+    def render_POST(self, request: Request) -> bytes:
         raise MatrixError(403, Codes.FORBIDDEN, "no")
 
-    def render_DELETE(self, request: Request) -> bytes:  # noqa: N802
+    def render_DELETE(self, request: Request) -> bytes:
         raise RuntimeError("secret internal detail")
 
 
@@ -37,7 +37,7 @@ class Async(MatrixResource):
         self.pending: Deferred[Any] = Deferred()
         self.cancelled = False
 
-    def render_PUT(self, request: Request) -> int:  # noqa: N802
+    def render_PUT(self, request: Request) -> int:
         async def work() -> tuple[int, Any]:
             try:
                 value = await self.pending
@@ -117,13 +117,17 @@ class WebBaseTests(SynchronousTestCase):
         resource = Async()
         client = make_client(resource)
         pending = client.put("https://test/_matrix/thing", data=b"{}")
-        resource.pending.callback(MatrixError(429, Codes.LIMIT_EXCEEDED, "slow", retry_after_ms=1500))
+        resource.pending.callback(
+            MatrixError(429, Codes.LIMIT_EXCEEDED, "slow", retry_after_ms=1500)
+        )
         client.flush()
         response = self.successResultOf(pending)
         self.assertEqual(response.code, 429)
         self.assertEqual(response.headers.getRawHeaders("retry-after"), ["2"])
         body = json.loads(self.successResultOf(response.content()))
-        self.assertEqual(body, {"errcode": "M_LIMIT_EXCEEDED", "error": "slow", "retry_after_ms": 1500})
+        self.assertEqual(
+            body, {"errcode": "M_LIMIT_EXCEEDED", "error": "slow", "retry_after_ms": 1500}
+        )
 
     def test_async_unexpected_error(self) -> None:
         """An async unexpected error becomes an opaque logged 500."""

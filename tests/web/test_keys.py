@@ -40,7 +40,9 @@ class KeyServerTests(SynchronousTestCase):
         """Verify the document with the key it publishes, as a fetching server would."""
         key_id = "ed25519:1"
         verify_key = decode_verify_key(key_id, document["verify_keys"][key_id]["key"])
-        verify_json(document, "example.org", ServerVerifyKey("example.org", key_id, verify_key, None))
+        verify_json(
+            document, "example.org", ServerVerifyKey("example.org", key_id, verify_key, None)
+        )
 
     def test_document(self) -> None:
         """The document names our key, old keys, valid_until_ts = now + lifetime, and verifies."""
@@ -48,7 +50,8 @@ class KeyServerTests(SynchronousTestCase):
         self.assertEqual(code, 200)
         self.assertEqual(document["server_name"], "example.org")
         self.assertEqual(
-            document["verify_keys"], {"ed25519:1": {"key": encode_verify_key(verify_key_of(self.key))}}
+            document["verify_keys"],
+            {"ed25519:1": {"key": encode_verify_key(verify_key_of(self.key))}},
         )
         self.assertEqual(
             document["old_verify_keys"],
@@ -82,7 +85,9 @@ class KeyServerTests(SynchronousTestCase):
         """Paths below a key ID are 404; PUT is 405; both M_UNRECOGNIZED."""
         code, body = self.get("/_matrix/key/v2/server/ed25519%3A1/x")
         self.assertEqual((code, body["errcode"]), (404, "M_UNRECOGNIZED"))
-        response = self.successResultOf(self.client.put("https://example.org/_matrix/key/v2/server"))
+        response = self.successResultOf(
+            self.client.put("https://example.org/_matrix/key/v2/server")
+        )
         self.assertEqual(response.code, 405)
 
     def test_version_endpoint(self) -> None:
@@ -90,4 +95,6 @@ class KeyServerTests(SynchronousTestCase):
         from federation_invite import __version__
 
         code, body = self.get("/_matrix/federation/v1/version")
-        self.assertEqual((code, body), (200, {"server": {"name": "federation-invite", "version": __version__}}))
+        self.assertEqual(
+            (code, body), (200, {"server": {"name": "federation-invite", "version": __version__}})
+        )
