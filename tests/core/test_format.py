@@ -1,0 +1,573 @@
+"""Tests for federation_invite.core.format: is a PDU well-formed for its room version?"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from federation_invite.core.canonical import encode_canonical_json
+from federation_invite.core.errors import MatrixError
+from federation_invite.core.format import (
+    MAX_PDU_SIZE,
+    check_event_format,
+    check_pdu_size,
+)
+from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
+
+ALL_VERSIONS = [str(n) for n in range(1, 13)]
+HASH = "abase64encodedsha256hashshouldbe43byteslong"
+STANDARD_IDS = [
+    "$CD66HAED5npg6074c6pDtLKalHjVfYb2q4Q3LZgrW6o",
+    "$acR1l0raoZnm60CBwAVgqbZqoO/mYU81xysh1u7XcJk",
+]
+URLSAFE_IDS = [
+    "$Rqnc-F-dvnEYJTyHq_iKxU2bZ1CI92-kuZq3a5lr5Zg",
+    "$CD66HAED5npg6074c6pDtLKalHjVfYb2q4Q3LZgrW6o",
+]
+V12_ROOM_ID = "!Nhcu5BS-UMnFX7hBVfVSoXiD7OgH6iRT-xyIuqDnpYQ"
+
+
+def invite_event(version: str) -> dict[str, Any]:
+    """A Synapse-style m.room.member invite PDU in the shape of room version ``version``."""
+    event: dict[str, Any] = {
+        "content": {"displayname": "Bob", "membership": "invite"},
+        "depth": 12,
+        "hashes": {"sha256": HASH},
+        "origin_server_ts": 1549041175876,
+        "room_id": "!abc123:example.org",
+        "sender": "@alice:example.org",
+        "signatures": {"example.org": {"ed25519:a_WujH": "86BytesOfSignatureOfTheRedactedEvent"}},
+        "state_key": "@bob:remote.example",
+        "type": "m.room.member",
+        "unsigned": {"age": 4612},
+    }
+    if version in ("1", "2"):
+        # pdu_v1: event_id in the PDU, (event_id, hashes) pairs; Synapse adds origin.
+        event["event_id"] = "$a4ecee13e2accdadf56c1025:example.org"
+        event["origin"] = "example.org"
+        event["prev_events"] = [["$af232176:example.org", {"sha256": HASH}]]
+        event["auth_events"] = [
+            ["$create:example.org", {"sha256": HASH}],
+            ["$power:example.org", {"sha256": HASH}],
+        ]
+        event["prev_state"] = []
+    else:
+        ids = STANDARD_IDS if version == "3" else URLSAFE_IDS
+        event["prev_events"] = [ids[0]]
+        event["auth_events"] = list(ids)
+        if version == "12":
+            event["room_id"] = V12_ROOM_ID
+        elif version != "11":
+            event["origin"] = "example.org"
+    return event
+
+
+def create_event_v12() -> dict[str, Any]:
+    """A v12 m.room.create PDU: no room_id, no prev_events or auth_events entries."""
+    event = invite_event("12")
+    del event["room_id"]
+    event.update(
+        type="m.room.create",
+        state_key="",
+        content={"room_version": "12"},
+        prev_events=[],
+        auth_events=[],
+        depth=1,
+    )
+    return event
+
+
+class FormatTestCase(SynchronousTestCase):
+    def assertBad(self, version: str, event: object, message: str) -> None:
+        """check_event_format raises exactly 400 M_BAD_JSON "Invalid PDU: <message>"."""
+        with self.assertRaises(MatrixError) as caught:
+            check_event_format(version, event)
+        self.assertEqual(
+            (caught.exception.http_status, caught.exception.errcode, caught.exception.message),
+            (400, "M_BAD_JSON", f"Invalid PDU: {message}"),
+        )
+
+    def assertBadEverywhere(self, mutate: Any, message: str, versions: Any = ALL_VERSIONS) -> None:
+        """Apply ``mutate`` to each version's valid invite and expect ``message``."""
+        for version in versions:
+            event = invite_event(version)
+            mutate(event)
+            self.assertBad(version, event, message)
+
+
+class ValidEventTests(FormatTestCase):
+    """Synapse-style invites pass for every room version (pdu_v1 .. pdu_v12)."""
+
+    def test_invite_each_version(self) -> None:
+        """A well-formed invite passes in room versions 1 to 12, by name or RoomVersion."""
+        for version in ALL_VERSIONS:
+            check_event_format(version, invite_event(version))
+            check_event_format(KNOWN_ROOM_VERSIONS[version], invite_event(version))
+
+    def test_does_not_mutate(self) -> None:
+        """The caller's event is left untouched."""
+        for version in ALL_VERSIONS:
+            event = invite_event(version)
+            before = copy.deepcopy(event)
+            check_event_format(version, event)
+            self.assertEqual(event, before)
+
+    def test_optional_keys_absent(self) -> None:
+        """state_key, unsigned, origin and redacts are optional."""
+        for version in ALL_VERSIONS:
+            event = invite_event(version)
+            for key in ("state_key", "unsigned", "origin", "prev_state"):
+                event.pop(key, None)
+            check_event_format(version, event)
+
+    def test_v12_create_event_without_room_id(self) -> None:
+        """pdu_v12: the m.room.create event omits room_id."""
+        check_event_format("12", create_event_v12())
+
+    def test_v3_plus_event_id_tolerated(self) -> None:
+        """A v3+ PDU carrying event_id is accepted (schemas allow extra keys; it is ignored)."""
+        for version in ALL_VERSIONS[2:]:
+            event = invite_event(version)
+            event["event_id"] = {"not": "even a string"}
+            check_event_format(version, event)
+
+    def test_reference_limits_exactly(self) -> None:
+        """20 prev_events and 10 auth_events are allowed ("less than or equal to")."""
+        for version in ALL_VERSIONS:
+            event = invite_event(version)
+            event["prev_events"] = event["prev_events"] * 20
+            event["auth_events"] = event["auth_events"][:1] * 10
+            check_event_format(version, event)
+
+    def test_empty_references(self) -> None:
+        """Empty prev_events and auth_events are well-formed (the auth rules judge them)."""
+        for version in ALL_VERSIONS:
+            event = invite_event(version)
+            event["prev_events"] = event["auth_events"] = []
+            check_event_format(version, event)
+
+    def test_field_length_limit_exact(self) -> None:
+        """type and state_key of exactly 255 bytes pass."""
+        for version in ALL_VERSIONS:
+            event = invite_event(version)
+            event["type"] = "t" * 255
+            event["state_key"] = "é" * 127 + "x"
+            check_event_format(version, event)
+
+    def test_depth_bounds(self) -> None:
+        """depth 0 and the per-version maximum (2^63-1 before v6, 2^53-1 from v6) pass."""
+        for version in ALL_VERSIONS:
+            event = invite_event(version)
+            event["depth"] = 0
+            check_event_format(version, event)
+            event["depth"] = 2**63 - 1 if int(version) < 6 else 2**53 - 1
+            check_event_format(version, event)
+
+    def test_floats_before_v6(self) -> None:
+        """Room versions 1 to 5 tolerate floats and large integers in content."""
+        for version in ALL_VERSIONS[:5]:
+            event = invite_event(version)
+            event["content"]["weight"] = 1.5
+            event["content"]["big"] = 2**60
+            check_event_format(version, event)
+
+    def test_redacts_from_v11_not_top_level(self) -> None:
+        """From v11 a top-level redacts is no PDU key (it lives in content) and is not checked."""
+        for version in ("11", "12"):
+            event = invite_event(version)
+            event["redacts"] = 42
+            check_event_format(version, event)
+
+    def test_redacts_string_before_v11(self) -> None:
+        """pdu_v1 .. pdu_v6 define redacts as a string."""
+        for version in ALL_VERSIONS[:10]:
+            event = invite_event(version)
+            event["redacts"] = "$some/old+event"
+            check_event_format(version, event)
+
+
+class RejectTests(FormatTestCase):
+    """Each rule of the PDU schemas rejects with 400 M_BAD_JSON naming the field."""
+
+    def test_not_an_object(self) -> None:
+        """A PDU must be a JSON object."""
+        for value in [None, [], "event", 1, 1.5, True]:
+            self.assertBad("10", value, "the event is not a JSON object")
+
+    def test_unknown_room_version(self) -> None:
+        """An unknown room version is 400 M_INCOMPATIBLE_ROOM_VERSION, from get_room_version."""
+        with self.assertRaises(MatrixError) as caught:
+            check_event_format("13", invite_event("11"))
+        self.assertEqual(caught.exception.errcode, "M_INCOMPATIBLE_ROOM_VERSION")
+
+    def test_missing_required_keys(self) -> None:
+        """pdu_base and the versioned schemas: every required key must be present."""
+        common = ["type", "sender", "origin_server_ts", "content", "depth", "hashes", "signatures"]
+        common += ["prev_events", "auth_events", "room_id"]
+        for version in ALL_VERSIONS:
+            keys = [*common, "event_id"] if version in ("1", "2") else common
+            for key in keys:
+                event = invite_event(version)
+                del event[key]
+                self.assertBad(version, event, f"missing the {key!r} key")
+
+    def test_strict_canonical_json_from_v6(self) -> None:
+        """rooms/fragments/v6-canonical-json.md: floats and big integers are M_BAD_JSON from v6."""
+        for version in ALL_VERSIONS[5:]:
+            event = invite_event(version)
+            event["content"]["weight"] = 1.5
+            self.assertBad(
+                version, event, "not canonical JSON: floats are not allowed in canonical JSON"
+            )
+            event = invite_event(version)
+            event["unsigned"]["age"] = 2**53
+            self.assertBad(
+                version,
+                event,
+                f"not canonical JSON: integer {2**53} is outside [-(2**53)+1, 2**53-1]",
+            )
+
+    def test_never_json_in_any_version(self) -> None:
+        """NaN and lone surrogates have no JSON form and are refused in every room version."""
+        for version in ALL_VERSIONS:
+            event = invite_event(version)
+            event["content"]["x"] = float("nan")
+            with self.assertRaises(MatrixError) as caught:
+                check_event_format(version, event)
+            self.assertEqual(caught.exception.errcode, "M_BAD_JSON")
+            event = invite_event(version)
+            event["content"]["\ud800"] = 1
+            self.assertBad(
+                version, event, "not canonical JSON: string is not valid Unicode (lone surrogate)"
+            )
+
+    def test_string_fields(self) -> None:
+        """type, sender, room_id, state_key (and v1/v2 event_id) must be strings."""
+        for key in ("type", "sender", "room_id", "state_key"):
+            self.assertBadEverywhere(
+                lambda e, key=key: e.__setitem__(key, ["x"]), f"{key!r} must be a string"
+            )
+        self.assertBadEverywhere(
+            lambda e: e.__setitem__("event_id", 5), "'event_id' must be a string", ["1", "2"]
+        )
+
+    def test_field_length_limits(self) -> None:
+        """Size limits: sender, room_id, state_key, type and event_id are at most 255 bytes."""
+        for key in ("type", "state_key"):
+            self.assertBadEverywhere(
+                lambda e, key=key: e.__setitem__(key, "é" * 128),
+                f"{key!r} is longer than 255 bytes",
+            )
+        self.assertBadEverywhere(
+            lambda e: e.__setitem__("sender", "@" + "a" * 250 + ":example.org"),
+            "'sender' is longer than 255 bytes",
+        )
+        self.assertBadEverywhere(
+            lambda e: e.__setitem__("room_id", "!" + "a" * 250 + ":example.org"),
+            "'room_id' is longer than 255 bytes",
+        )
+        self.assertBadEverywhere(
+            lambda e: e.__setitem__("event_id", "$" + "a" * 250 + ":example.org"),
+            "'event_id' is longer than 255 bytes",
+            ["1", "2"],
+        )
+
+    def test_sender_grammar(self) -> None:
+        """appendices "User Identifiers": sender must be a user ID (historical grammar allowed)."""
+        for sender in ["alice:example.org", "@alice", "@alice:bad_host", "@a\x00:h", "!r:h"]:
+            self.assertBadEverywhere(
+                lambda e, s=sender: e.__setitem__("sender", s), "'sender' is not a valid user ID"
+            )
+        for version in ALL_VERSIONS:
+            event = invite_event(version)
+            event["sender"] = "@Alice With Spaces:example.org"
+            check_event_format(version, event)
+
+    def test_room_id_grammar(self) -> None:
+        """appendices "Room IDs": !opaque:server before v12, the create event hash in v12."""
+        message = "'room_id' is not a valid room ID for this room version"
+        self.assertBadEverywhere(
+            lambda e: e.__setitem__("room_id", V12_ROOM_ID), message, ALL_VERSIONS[:11]
+        )
+        self.assertBadEverywhere(
+            lambda e: e.__setitem__("room_id", "!abc123:example.org"), message, ["12"]
+        )
+        self.assertBadEverywhere(lambda e: e.__setitem__("room_id", "$abc:example.org"), message)
+
+    def test_v12_create_event_with_room_id(self) -> None:
+        """pdu_v12 (v12 auth rule 1.2): an m.room.create event carries no room_id."""
+        event = create_event_v12()
+        event["room_id"] = V12_ROOM_ID
+        self.assertBad("12", event, "an m.room.create event has no 'room_id' in this room version")
+
+    def test_create_event_needs_room_id_before_v12(self) -> None:
+        """Before v12 every event, m.room.create included, has a room_id."""
+        event = create_event_v12()
+        event["prev_events"] = event["auth_events"] = []
+        self.assertBad("11", event, "missing the 'room_id' key")
+
+    def test_v1_event_id_grammar(self) -> None:
+        """rooms/fragments/v1-event-ids.md: v1/v2 event_id is $opaque:server_name."""
+        for bad in [URLSAFE_IDS[0], "$no-server", "abc:example.org"]:
+            self.assertBadEverywhere(
+                lambda e, b=bad: e.__setitem__("event_id", b),
+                "'event_id' is not a valid event ID for this room version",
+                ["1", "2"],
+            )
+
+    def test_origin_server_ts(self) -> None:
+        """pdu_base: origin_server_ts is an int64 integer (not a bool, string or float)."""
+        for bad in ["1549041175876", True, None, 2**63]:
+            self.assertBadEverywhere(
+                lambda e, b=bad: e.__setitem__("origin_server_ts", b),
+                "'origin_server_ts' must be an integer",
+                ALL_VERSIONS[:5] if bad == 2**63 else ALL_VERSIONS,
+            )
+        self.assertBadEverywhere(
+            lambda e: e.__setitem__("origin_server_ts", 1.0),
+            "'origin_server_ts' must be an integer",
+            ALL_VERSIONS[:5],
+        )
+
+    def test_depth_type(self) -> None:
+        """depth is an integer, not a bool or string."""
+        for bad in ["12", False, None, [1]]:
+            self.assertBadEverywhere(
+                lambda e, b=bad: e.__setitem__("depth", b), "'depth' must be an integer"
+            )
+
+    def test_depth_range(self) -> None:
+        """depth is in 0..2^63-1 before v6 (pdu_v1/v3/v4) and 0..2^53-1 from v6 (depth_v6)."""
+        for version in ALL_VERSIONS:
+            limit = 2**63 - 1 if int(version) < 6 else 2**53 - 1
+            event = invite_event(version)
+            event["depth"] = -1
+            self.assertBad(version, event, f"'depth' must be between 0 and {limit}")
+        self.assertBadEverywhere(
+            lambda e: e.__setitem__("depth", 2**63),
+            f"'depth' must be between 0 and {2**63 - 1}",
+            ALL_VERSIONS[:5],
+        )
+
+    def test_content_and_unsigned_objects(self) -> None:
+        """pdu_base: content and (if present) unsigned are objects."""
+        for bad in [[], "x", None, 1]:
+            self.assertBadEverywhere(
+                lambda e, b=bad: e.__setitem__("content", b), "'content' must be an object"
+            )
+            self.assertBadEverywhere(
+                lambda e, b=bad: e.__setitem__("unsigned", b), "'unsigned' must be an object"
+            )
+
+    def test_hashes(self) -> None:
+        """components/event_hash.yaml: hashes is an object with a string sha256."""
+        self.assertBadEverywhere(
+            lambda e: e.__setitem__("hashes", [HASH]), "'hashes' must be an object"
+        )
+        for bad in [{}, {"sha256": 1}, {"sha512": HASH}, {"sha256": None}]:
+            self.assertBadEverywhere(
+                lambda e, b=bad: e.__setitem__("hashes", b), "'hashes' must have a string 'sha256'"
+            )
+
+    def test_signatures(self) -> None:
+        """pdu_base: signatures maps server names to objects of string signatures."""
+        self.assertBadEverywhere(
+            lambda e: e.__setitem__("signatures", []), "'signatures' must be an object"
+        )
+        self.assertBadEverywhere(
+            lambda e: e.__setitem__("signatures", {"example.org": "sig"}),
+            "'signatures' must map server names to objects",
+        )
+        self.assertBadEverywhere(
+            lambda e: e.__setitem__("signatures", {"example.org": {"ed25519:a": 1}}),
+            "'signatures' must hold string signatures",
+        )
+
+    def test_redacts_type(self) -> None:
+        """pdu_v1 .. pdu_v6: a top-level redacts must be a string."""
+        self.assertBadEverywhere(
+            lambda e: e.__setitem__("redacts", ["$x"]),
+            "'redacts' must be a string",
+            ALL_VERSIONS[:10],
+        )
+
+    def test_reference_arrays(self) -> None:
+        """prev_events and auth_events are arrays of at most 20 and 10 entries."""
+        for key, limit in (("prev_events", 20), ("auth_events", 10)):
+            self.assertBadEverywhere(
+                lambda e, key=key: e.__setitem__(key, {}), f"{key!r} must be an array"
+            )
+            self.assertBadEverywhere(
+                lambda e, key=key, limit=limit: e.__setitem__(key, e[key][:1] * (limit + 1)),
+                f"{key!r} has more than {limit} entries",
+            )
+
+    def test_v1_reference_pairs(self) -> None:
+        """pdu_v1: entries are [event_id, {"sha256": hash}] pairs with a v1 event ID."""
+        good_id = "$af232176:example.org"
+        for key in ("prev_events", "auth_events"):
+            for bad in [good_id, [good_id], [good_id, {"sha256": HASH}, 1], {"id": good_id}]:
+                self.assertBadEverywhere(
+                    lambda e, key=key, b=bad: e.__setitem__(key, [b]),
+                    f"{key!r} entries must be [event_id, hashes] pairs",
+                    ["1", "2"],
+                )
+            for bad_hash in [HASH, {}, {"sha256": 5}]:
+                message = (
+                    f"{key!r} hashes must be an object"
+                    if not isinstance(bad_hash, dict)
+                    else f"{key!r} hashes must have a string 'sha256'"
+                )
+                self.assertBadEverywhere(
+                    lambda e, key=key, b=bad_hash: e.__setitem__(key, [[good_id, b]]),
+                    message,
+                    ["1", "2"],
+                )
+            for bad_id in [URLSAFE_IDS[0], 7, "$nocolon", None]:
+                self.assertBadEverywhere(
+                    lambda e, key=key, b=bad_id: e.__setitem__(key, [[b, {"sha256": HASH}]]),
+                    f"{key!r} holds an invalid event ID for this room version",
+                    ["1", "2"],
+                )
+
+    def test_v3_plus_reference_ids(self) -> None:
+        """v3: standard base64 IDs; v4+: URL-safe IDs; never pairs or v1 IDs."""
+        for key in ("prev_events", "auth_events"):
+            message = f"{key!r} holds an invalid event ID for this room version"
+            bad_everywhere = ["$af232176:example.org", ["$x:h", {"sha256": HASH}], 5, None]
+            for bad in bad_everywhere:
+                self.assertBadEverywhere(
+                    lambda e, key=key, b=bad: e.__setitem__(key, [b]), message, ALL_VERSIONS[2:]
+                )
+            self.assertBadEverywhere(
+                lambda e, key=key: e.__setitem__(
+                    key, ["$Rqnc-F-dvnEYJTyHq_iKxU2bZ1CI92-kuZq3a5lr5Zg"]
+                ),
+                message,
+                ["3"],
+            )
+            self.assertBadEverywhere(
+                lambda e, key=key: e.__setitem__(key, [STANDARD_IDS[1]]),
+                message,
+                ALL_VERSIONS[3:],
+            )
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+KEYS = sorted(set(invite_event("1")) | set(invite_event("12")) | {"redacts", "event_id"})
+
+
+class NeverCrashTests(FormatTestCase):
+    """check_event_format raises only MatrixError for any JSON-shaped input."""
+
+    def assertOnlyMatrixError(self, version: str, event: object) -> None:
+        try:
+            check_event_format(version, event)
+        except MatrixError as exc:
+            self.assertEqual((exc.http_status, exc.errcode), (400, "M_BAD_JSON"))
+
+    @settings(max_examples=200)
+    @given(st.sampled_from(ALL_VERSIONS), JSON)
+    def test_arbitrary_json(self, version: str, value: Any) -> None:
+        """Arbitrary JSON values are refused with 400 M_BAD_JSON, never another exception."""
+        self.assertOnlyMatrixError(version, value)
+
+    @settings(max_examples=200)
+    @given(
+        st.sampled_from(ALL_VERSIONS),
+        st.lists(
+            st.tuples(st.sampled_from(KEYS), st.sampled_from(["set", "delete", "wrap"]), JSON),
+            min_size=1,
+            max_size=4,
+        ),
+    )
+    def test_mutated_valid_events(self, version: str, mutations: list[Any]) -> None:
+        """Valid invites with keys replaced, deleted or nested still raise only MatrixError."""
+        event = invite_event(version)
+        for key, action, value in mutations:
+            if action == "set":
+                event[key] = value
+            elif action == "delete":
+                event.pop(key, None)
+            else:
+                event[key] = [event.get(key), value]
+        self.assertOnlyMatrixError(version, event)
+
+    @settings(max_examples=200)
+    @given(
+        st.sampled_from(ALL_VERSIONS),
+        st.sampled_from(["prev_events", "auth_events", "hashes", "signatures"]),
+        st.lists(JSON, max_size=3),
+    )
+    def test_mutated_nested_fields(self, version: str, key: str, values: list[Any]) -> None:
+        """Nested values inside the structured fields raise only MatrixError."""
+        event = invite_event(version)
+        if isinstance(event[key], list):
+            event[key] = event[key] + values + [[v, v] for v in values]
+        else:
+            for index, value in enumerate(values):
+                event[key][str(index)] = value
+                event[key]["sha256"] = value
+        self.assertOnlyMatrixError(version, event)
+
+
+class PduSizeTests(SynchronousTestCase):
+    """Size limits: a PDU's canonical JSON with signatures is at most 65536 bytes."""
+
+    def padded(self, size: int) -> dict[str, Any]:
+        event = invite_event("10")
+        event["content"]["pad"] = ""
+        base = len(encode_canonical_json(event))
+        event["content"]["pad"] = "x" * (size - base)
+        self.assertEqual(len(encode_canonical_json(event)), size)
+        return event
+
+    def test_at_limit(self) -> None:
+        """Exactly 65536 bytes is allowed, as an event or as precomputed bytes."""
+        check_pdu_size(self.padded(MAX_PDU_SIZE))
+        check_pdu_size(b"x" * MAX_PDU_SIZE)
+
+    def test_over_limit(self) -> None:
+        """65537 bytes is 413 M_TOO_LARGE, as an event or as precomputed bytes."""
+        for value in (self.padded(MAX_PDU_SIZE + 1), b"x" * (MAX_PDU_SIZE + 1)):
+            with self.assertRaises(MatrixError) as caught:
+                check_pdu_size(value)
+            self.assertEqual(
+                (caught.exception.http_status, caught.exception.errcode, caught.exception.message),
+                (413, "M_TOO_LARGE", "PDU is 65537 bytes, more than the 65536 allowed"),
+            )
+
+    def test_counts_bytes_not_characters(self) -> None:
+        """Non-ASCII text counts by its UTF-8 bytes."""
+        event = invite_event("10")
+        event["content"]["pad"] = "é" * 33000
+        with self.assertRaises(MatrixError) as caught:
+            check_pdu_size(event)
+        self.assertEqual(caught.exception.errcode, "M_TOO_LARGE")
+
+    def test_floats_counted_not_refused(self) -> None:
+        """Old room versions' floats do not stop the size check."""
+        event = invite_event("3")
+        event["content"]["weight"] = 1.5
+        check_pdu_size(event)
+
+    def test_no_json_form(self) -> None:
+        """A value with no JSON form is 400 M_BAD_JSON."""
+        event = invite_event("3")
+        event["content"]["weight"] = float("inf")
+        with self.assertRaises(MatrixError) as caught:
+            check_pdu_size(event)
+        self.assertEqual(
+            (caught.exception.http_status, caught.exception.errcode),
+            (400, "M_BAD_JSON"),
+        )
