@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import VerifyKey
+from signedjson.types import SigningKey
 
 from .canonical import CanonicalJSONError, encode_canonical_json
 from .keys import key_id_of, sign_bytes, verify_bytes
