@@ -148,8 +148,9 @@ def _fits(identifier: str) -> bool:
 
 def _is_historical_localpart(localpart: str) -> bool:
     # appendices, "Historical User IDs" and "Room IDs": any non-surrogate code
-    # point except ":" and NUL. Surrogates are refused by _fits.
-    return ":" not in localpart and "\x00" not in localpart
+    # point except ":" and NUL. Surrogates are refused by _fits, and ":" cannot
+    # occur because the localpart ends at the first colon.
+    return "\x00" not in localpart
 
 
 def _split_namespaced(identifier: object, sigil: str) -> tuple[str, str] | None:
