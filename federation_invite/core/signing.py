@@ -20,7 +20,8 @@ from typing import Any
 
 import attrs
 from nacl.exceptions import BadSignatureError
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import VerifyKey
+from signedjson.types import SigningKey
 from unpaddedbase64 import decode_base64
 
 from .canonical import encode_canonical_json

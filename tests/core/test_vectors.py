@@ -46,7 +46,7 @@ KEYS = {(SERVER_NAME, KEY_ID): VERIFY_KEY}
 SIGNED_EMPTY = {
     "signatures": {
         "domain": {
-            "ed25519:1": "K8280/U9SSy9IVtjBuVeLr+HpOB4BQFWbg+UZaADMtTdGYI7Geitb76LTrr5QV/7Xg4ahLwYGYZzuHGZKM5ZAQ"  # noqa: E501 (verbatim from the spec)
+            "ed25519:1": "K8280/U9SSy9IVtjBuVeLr+HpOB4BQFWbg+UZaADMtTdGYI7Geitb76LTrr5QV/7Xg4ahLwYGYZzuHGZKM5ZAQ"
         }
     }
 }
@@ -56,7 +56,7 @@ SIGNED_DATA = {
     "one": 1,
     "signatures": {
         "domain": {
-            "ed25519:1": "KqmLSbO39/Bzb0QIYE82zqLwsA+PDzYIpIRA2sRQ4sL53+sN6/fpNSoqE7BP7vBZhG6kYdD13EIMJpvhJI+6Bw"  # noqa: E501 (verbatim from the spec)
+            "ed25519:1": "KqmLSbO39/Bzb0QIYE82zqLwsA+PDzYIpIRA2sRQ4sL53+sN6/fpNSoqE7BP7vBZhG6kYdD13EIMJpvhJI+6Bw"
         }
     },
     "two": "Two",
@@ -88,7 +88,7 @@ SIGNED_MINIMAL_EVENT = {
     "sender": "@a:domain",
     "signatures": {
         "domain": {
-            "ed25519:1": "KxwGjPSDEtvnFgU00fwFz+l6d2pJM6XBIaMEn81SXPTRl16AqLAYqfIReFGZlHi5KLjAWbOoMszkwsQma+lYAg"  # noqa: E501 (verbatim from the spec)
+            "ed25519:1": "KxwGjPSDEtvnFgU00fwFz+l6d2pJM6XBIaMEn81SXPTRl16AqLAYqfIReFGZlHi5KLjAWbOoMszkwsQma+lYAg"
         }
     },
     "type": "X",
@@ -117,7 +117,7 @@ SIGNED_REDACTABLE_EVENT = {
     "sender": "@u:domain",
     "signatures": {
         "domain": {
-            "ed25519:1": "Wm+VzmOUOz08Ds+0NTWb1d4CZrVsJSikkeRxh6aCcUwu6pNC78FunoD7KNWzqFn241eYHYMGCA5McEiVPdhzBA"  # noqa: E501 (verbatim from the spec)
+            "ed25519:1": "Wm+VzmOUOz08Ds+0NTWb1d4CZrVsJSikkeRxh6aCcUwu6pNC78FunoD7KNWzqFn241eYHYMGCA5McEiVPdhzBA"
         }
     },
     "unsigned": {"age_ts": 1000000},

@@ -1,0 +1,686 @@
+"""Tests for federation_invite.core.signing: JSON and event signatures, key validity."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import canonicaljson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from signedjson.key import generate_signing_key
+from twisted.trial.unittest import SynchronousTestCase
+from unpaddedbase64 import encode_base64
+
+from federation_invite.core.canonical import MAX_SAFE_INTEGER, CanonicalJSONError
+from federation_invite.core.events import (
+    check_content_hash,
+    prepare_event,
+    redact,
+)
+from federation_invite.core.keys import sign_bytes, verify_key_of
+from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS, RoomVersion
+from federation_invite.core.signing import (
+    SEVEN_DAYS_MS,
+    ServerVerifyKey,
+    SignatureError,
+    cap_valid_until_ts,
+    hash_and_sign_event,
+    key_valid_for_event,
+    required_event_signers,
+    sign_event,
+    sign_json,
+    verify_event_signature,
+    verify_event_signatures,
+    verify_json,
+)
+
+from .test_events import ALL_VERSIONS, events, json_values
+
+ORIGIN = "origin.example"
+OTHER = "other.example"
+ORIGIN_KEY = generate_signing_key("a1")
+ORIGIN_KEY_2 = generate_signing_key("a2")
+OTHER_KEY = generate_signing_key("b1")
+TS = 1_700_000_000_000
+
+V1 = KNOWN_ROOM_VERSIONS["1"]
+V2 = KNOWN_ROOM_VERSIONS["2"]
+V3 = KNOWN_ROOM_VERSIONS["3"]
+V4 = KNOWN_ROOM_VERSIONS["4"]
+V5 = KNOWN_ROOM_VERSIONS["5"]
+V11 = KNOWN_ROOM_VERSIONS["11"]
+V12 = KNOWN_ROOM_VERSIONS["12"]
+BEFORE_V5 = [V1, V2, V3, V4]
+V5_UP = [v for v in ALL_VERSIONS if int(v.identifier) >= 5]
+
+
+def server_key(
+    server_name: str,
+    signing_key: Any,
+    valid_until_ts: int | None = TS + 1,
+    expired_ts: int | None = None,
+) -> ServerVerifyKey:
+    """A ``ServerVerifyKey`` for ``signing_key``."""
+    return ServerVerifyKey(
+        server_name=server_name,
+        key_id=f"ed25519:{signing_key.version}",
+        verify_key=verify_key_of(signing_key),
+        valid_until_ts=valid_until_ts,
+        expired_ts=expired_ts,
+    )
+
+
+def keyring(*keys: ServerVerifyKey) -> dict[tuple[str, str], ServerVerifyKey]:
+    """The ``(server_name, key_id)`` mapping the verify functions take."""
+    return {(key.server_name, key.key_id): key for key in keys}
+
+
+KEYS = keyring(server_key(ORIGIN, ORIGIN_KEY), server_key(OTHER, OTHER_KEY))
+
+
+def invite_event(version: RoomVersion, **overrides: Any) -> dict[str, Any]:
+    """An unsigned invite from ``@alice:origin.example`` to ``@bob:other.example``."""
+    event: dict[str, Any] = {
+        "type": "m.room.member",
+        "state_key": "@bob:other.example",
+        "sender": "@alice:origin.example",
+        "room_id": "!room:origin.example",
+        "content": {"membership": "invite", "displayname": "Bob"},
+        "depth": 7,
+        "prev_events": [],
+        "auth_events": [],
+        "origin_server_ts": TS,
+        "unsigned": {"age": 5},
+    }
+    if version.event_id_in_event:
+        event["event_id"] = "$abc:origin.example"
+    event.update(overrides)
+    return event
+
+
+def signed_invite(version: RoomVersion, **overrides: Any) -> dict[str, Any]:
+    """``invite_event`` hashed and signed by origin.example."""
+    return hash_and_sign_event(version, invite_event(version, **overrides), ORIGIN, ORIGIN_KEY)
+
+
+class CapValidUntilTests(SynchronousTestCase):
+    """rooms/fragments/v5-signing-requirements.md: validity capped at seven days."""
+
+    def test_seven_days(self) -> None:
+        """``SEVEN_DAYS_MS`` is seven days in milliseconds."""
+        self.assertEqual(SEVEN_DAYS_MS, 604_800_000)
+
+    def test_cap(self) -> None:
+        """The lesser of ``valid_until_ts`` and now + 7 days is used."""
+        self.assertEqual(cap_valid_until_ts(TS + 1000, TS), TS + 1000)
+        self.assertEqual(cap_valid_until_ts(TS + 10 * SEVEN_DAYS_MS, TS), TS + SEVEN_DAYS_MS)
+        self.assertEqual(cap_valid_until_ts(TS + SEVEN_DAYS_MS, TS), TS + SEVEN_DAYS_MS)
+        self.assertEqual(cap_valid_until_ts(TS - 5, TS), TS - 5)
+
+
+class SignJSONTests(SynchronousTestCase):
+    """appendices, "Signing JSON"."""
+
+    def test_new_dict_input_untouched(self) -> None:
+        """``sign_json`` returns a new dict and leaves the input (and its signatures) alone."""
+        obj = {"a": 1, "signatures": {OTHER: {"ed25519:x": "s"}}, "unsigned": {"u": 1}}
+        original = copy.deepcopy(obj)
+        signed = sign_json(obj, ORIGIN, ORIGIN_KEY)
+        self.assertEqual(obj, original)
+        self.assertIsNot(signed, obj)
+
+    def test_others_signatures_kept(self) -> None:
+        """Existing signatures, by others and by our other keys, are kept."""
+        obj = {"a": 1, "signatures": {OTHER: {"ed25519:x": "s"}, ORIGIN: {"ed25519:old": "o"}}}
+        signed = sign_json(obj, ORIGIN, ORIGIN_KEY)
+        self.assertEqual(signed["signatures"][OTHER], {"ed25519:x": "s"})
+        self.assertEqual(
+            set(signed["signatures"][ORIGIN]), {"ed25519:old", f"ed25519:{ORIGIN_KEY.version}"}
+        )
+
+    def test_malformed_signatures_replaced(self) -> None:
+        """A ``signatures`` (or server entry) that is not an object is replaced by ours."""
+        for obj in ({"a": 1, "signatures": "x"}, {"a": 1, "signatures": {ORIGIN: ["x"]}}):
+            signed = sign_json(obj, ORIGIN, ORIGIN_KEY)
+            self.assertEqual(list(signed["signatures"]), [ORIGIN])
+            verify_json(signed, ORIGIN, server_key(ORIGIN, ORIGIN_KEY))
+
+    def test_signature_covers_canonical_form(self) -> None:
+        """The signature is over canonical JSON without ``signatures`` and ``unsigned``."""
+        obj = {"b": [1, 2], "a": "é", "unsigned": {"x": 1}, "signatures": {}}
+        signed = sign_json(obj, ORIGIN, ORIGIN_KEY)
+        expected = sign_bytes(ORIGIN_KEY, b'{"a":"\xc3\xa9","b":[1,2]}')
+        self.assertEqual(signed["signatures"][ORIGIN][f"ed25519:{ORIGIN_KEY.version}"], expected)
+        self.assertEqual(signed["unsigned"], {"x": 1})
+
+    def test_unsigned_not_covered(self) -> None:
+        """Changing ``unsigned`` or adding signatures keeps the signature valid."""
+        signed = sign_json({"a": 1, "unsigned": {"age": 1}}, ORIGIN, ORIGIN_KEY)
+        changed = {**signed, "unsigned": {"age": 2}}
+        changed = sign_json(changed, OTHER, OTHER_KEY)
+        verify_json(changed, ORIGIN, server_key(ORIGIN, ORIGIN_KEY))
+        verify_json(changed, OTHER, server_key(OTHER, OTHER_KEY))
+
+    def test_strict_output(self) -> None:
+        """Our signed output is strict canonical JSON: floats and unsafe integers refused."""
+        for bad in (1.5, MAX_SAFE_INTEGER + 1):
+            with self.assertRaises(CanonicalJSONError):
+                sign_json({"a": bad}, ORIGIN, ORIGIN_KEY)
+
+
+class VerifyJSONTests(SynchronousTestCase):
+    """appendices, "Checking for a Signature"."""
+
+    KEY = server_key(ORIGIN, ORIGIN_KEY)
+
+    def signed(self) -> dict[str, Any]:
+        """A small object signed by origin.example."""
+        return sign_json({"a": 1}, ORIGIN, ORIGIN_KEY)
+
+    def assertRejected(self, obj: Any, message: str, **kwargs: Any) -> None:
+        """``verify_json`` raises ``SignatureError`` with exactly ``message``."""
+        with self.assertRaises(SignatureError) as caught:
+            verify_json(obj, ORIGIN, self.KEY, **kwargs)
+        self.assertEqual(str(caught.exception), message)
+
+    def test_valid(self) -> None:
+        """A correct signature verifies; returns None."""
+        self.assertIsNone(verify_json(self.signed(), ORIGIN, self.KEY))
+
+    def test_no_signatures(self) -> None:
+        """No ``signatures`` object: missing signature."""
+        self.assertRejected({"a": 1}, "Missing signature for origin.example (no signatures)")
+        self.assertRejected(
+            {"a": 1, "signatures": []}, "Missing signature for origin.example (no signatures)"
+        )
+
+    def test_no_entry_for_server(self) -> None:
+        """No (or an empty) entry for the server: missing signature."""
+        self.assertRejected(
+            {"a": 1, "signatures": {OTHER: {"ed25519:a1": "x"}}},
+            "Missing signature for origin.example",
+        )
+        self.assertRejected(
+            {"a": 1, "signatures": {ORIGIN: {}}}, "Missing signature for origin.example"
+        )
+
+    def test_no_signature_with_key(self) -> None:
+        """Signed with another key ID only: missing signature for this key."""
+        obj = sign_json({"a": 1}, ORIGIN, ORIGIN_KEY_2)
+        self.assertRejected(obj, "Missing signature for origin.example (ed25519:a1)")
+
+    def test_not_a_string(self) -> None:
+        """A signature that is not a string is refused."""
+        obj = {"a": 1, "signatures": {ORIGIN: {"ed25519:a1": 5}}}
+        self.assertRejected(obj, "Signature by origin.example (ed25519:a1) is not a string")
+
+    def test_bad_base64(self) -> None:
+        """A signature that is not base64 is refused as such (step 4)."""
+        for bad in ("a", "\u00e9" * 86):
+            obj = {"a": 1, "signatures": {ORIGIN: {"ed25519:a1": bad}}}
+            self.assertRejected(obj, "Signature by origin.example (ed25519:a1) is not valid base64")
+
+    def test_wrong_length(self) -> None:
+        """Base64 that does not decode to 64 bytes is refused."""
+        obj = {"a": 1, "signatures": {ORIGIN: {"ed25519:a1": encode_base64(b"x" * 32)}}}
+        self.assertRejected(
+            obj,
+            "Signature by origin.example (ed25519:a1) is not valid base64 of an ed25519 signature",
+        )
+
+    def test_invalid(self) -> None:
+        """A well-formed signature of other data is invalid."""
+        obj = {**self.signed(), "a": 2}
+        self.assertRejected(obj, "Signature by origin.example (ed25519:a1) is invalid")
+
+    def test_wrong_key(self) -> None:
+        """A signature checked against another key (same ID) is invalid."""
+        key = ServerVerifyKey(ORIGIN, "ed25519:a1", verify_key_of(OTHER_KEY), None)
+        with self.assertRaises(SignatureError) as caught:
+            verify_json(self.signed(), ORIGIN, key)
+        self.assertEqual(
+            str(caught.exception), "Signature by origin.example (ed25519:a1) is invalid"
+        )
+
+    def test_non_canonical(self) -> None:
+        """Strictly, a float cannot be canonical, so there is nothing to verify."""
+        data = {"a": 1.5}
+        signature = sign_bytes(ORIGIN_KEY, canonicaljson.encode_canonical_json(data))
+        obj = {**data, "signatures": {ORIGIN: {"ed25519:a1": signature}}}
+        self.assertRejected(
+            obj,
+            "Signed object has no canonical JSON form: floats are not allowed in canonical JSON",
+        )
+        verify_json(obj, ORIGIN, self.KEY, strict=False)
+
+    def test_key_of_another_server(self) -> None:
+        """Passing another server's key is a programming error: ``ValueError``."""
+        with self.assertRaises(ValueError) as caught:
+            verify_json(self.signed(), OTHER, self.KEY)
+        self.assertNotIsInstance(caught.exception, SignatureError)
+        self.assertEqual(
+            str(caught.exception), "key ed25519:a1 belongs to origin.example, not other.example"
+        )
+
+
+class EventSigningTests(SynchronousTestCase):
+    """server-server-api, "Signing Events"."""
+
+    def test_hash_and_sign(self) -> None:
+        """The sender side adds the content hash, then signs the redacted event."""
+        for version in ALL_VERSIONS:
+            event = invite_event(version)
+            original = copy.deepcopy(event)
+            signed = hash_and_sign_event(version, event, ORIGIN, ORIGIN_KEY)
+            self.assertEqual(event, original)
+            self.assertTrue(check_content_hash(version, signed))
+            verify_event_signatures(version, signed, KEYS)
+            self.assertEqual(
+                {k: v for k, v in signed.items() if k not in ("hashes", "signatures")}, event
+            )
+
+    def test_signature_is_over_redacted_form(self) -> None:
+        """The signature covers the redacted event without signatures and unsigned."""
+        for version in ALL_VERSIONS:
+            signed = signed_invite(version)
+            redacted = redact(version, signed)
+            redacted.pop("signatures")
+            expected = sign_bytes(ORIGIN_KEY, canonicaljson.encode_canonical_json(redacted))
+            self.assertEqual(signed["signatures"][ORIGIN]["ed25519:a1"], expected)
+
+    def test_sign_event_adds_signature_only(self) -> None:
+        """Co-signing adds our signature and changes nothing else (the invitee's step)."""
+        for version in ALL_VERSIONS:
+            signed = signed_invite(version)
+            original = copy.deepcopy(signed)
+            cosigned = sign_event(version, signed, OTHER, OTHER_KEY)
+            self.assertEqual(signed, original)
+            self.assertEqual(
+                {k: v for k, v in cosigned.items() if k != "signatures"},
+                {k: v for k, v in signed.items() if k != "signatures"},
+            )
+            self.assertEqual(cosigned["signatures"][ORIGIN], signed["signatures"][ORIGIN])
+            verify_event_signature(version, cosigned, OTHER, KEYS)
+            verify_event_signatures(version, cosigned, KEYS)
+
+    def test_sign_event_with_prepared(self) -> None:
+        """A prepared event's signing bytes are reused; an equal copy is accepted too."""
+        for version in ALL_VERSIONS:
+            signed = signed_invite(version)
+            prepared = prepare_event(version, signed)
+            expected = sign_event(version, signed, OTHER, OTHER_KEY)
+            self.assertEqual(
+                sign_event(version, signed, OTHER, OTHER_KEY, prepared=prepared), expected
+            )
+            self.assertEqual(
+                sign_event(version, copy.deepcopy(signed), OTHER, OTHER_KEY, prepared=prepared),
+                expected,
+            )
+
+    def test_prepared_mismatch(self) -> None:
+        """A prepared form of another event or room version is refused with ``ValueError``."""
+        signed = signed_invite(V11)
+        prepared = prepare_event(V11, signed)
+        other = {**signed, "depth": 8}
+        for call in (
+            lambda: sign_event(V11, other, OTHER, OTHER_KEY, prepared=prepared),
+            lambda: verify_event_signatures(V11, other, KEYS, prepared=prepared),
+        ):
+            with self.assertRaises(ValueError) as caught:
+                call()
+            self.assertEqual(
+                str(caught.exception), "prepared event was prepared from another event"
+            )
+        with self.assertRaises(ValueError) as caught:
+            sign_event(V12, signed, OTHER, OTHER_KEY, prepared=prepared)
+        self.assertEqual(str(caught.exception), "prepared event is for another room version")
+
+
+class RequiredSignersTests(SynchronousTestCase):
+    """server-server-api, "Validating hashes and signatures on received events"."""
+
+    def test_v1_v2_sender_and_event_id_server(self) -> None:
+        """v1/v2 also require the server named in the event ID."""
+        for version in (V1, V2):
+            event = invite_event(version, event_id="$x:other.example")
+            self.assertEqual(required_event_signers(version, event), {ORIGIN, OTHER})
+            same = invite_event(version)
+            self.assertEqual(required_event_signers(version, same), {ORIGIN})
+
+    def test_v3_up_sender_only(self) -> None:
+        """From v3 only the sender's server is required (even for invites, v11 and v12)."""
+        for version in ALL_VERSIONS[2:]:
+            event = invite_event(version, event_id="$x:other.example")
+            self.assertEqual(required_event_signers(version, event), {ORIGIN})
+
+    def test_server_with_port(self) -> None:
+        """The server name is everything after the localpart's colon, port included."""
+        event = invite_event(V11, sender="@alice:origin.example:8448")
+        self.assertEqual(required_event_signers(V11, event), {"origin.example:8448"})
+
+    def test_malformed(self) -> None:
+        """A sender or v1 event ID naming no server raises ``ValueError``."""
+        cases = [
+            (V11, {"sender": 5}, "event sender is not a string"),
+            (V11, {"sender": "@alice"}, "event sender has no server name"),
+            (V11, {"sender": "@alice:"}, "event sender has no server name"),
+            (V1, {"event_id": None}, "event event_id is not a string"),
+            (V1, {"event_id": "$abc"}, "event event_id has no server name"),
+        ]
+        for version, overrides, message in cases:
+            with self.assertRaises(ValueError) as caught:
+                required_event_signers(version, invite_event(version, **overrides))
+            self.assertEqual(str(caught.exception), message)
+
+
+class KeyValidityTests(SynchronousTestCase):
+    """rooms/fragments/v5-signing-requirements.md and old_verify_keys."""
+
+    def test_before_v5_any_key(self) -> None:
+        """Before v5 any known key is acceptable, whatever its validity."""
+        for version in BEFORE_V5:
+            for key in (
+                server_key(ORIGIN, ORIGIN_KEY, valid_until_ts=None),
+                server_key(ORIGIN, ORIGIN_KEY, valid_until_ts=TS - 1),
+                server_key(ORIGIN, ORIGIN_KEY, valid_until_ts=None, expired_ts=TS - 1),
+            ):
+                self.assertTrue(key_valid_for_event(version, key, TS))
+
+    def test_v5_current_key(self) -> None:
+        """From v5 a current key must be valid until at least ``origin_server_ts``."""
+        for version in V5_UP:
+            for valid_until, expected in ((TS - 1, False), (TS, True), (TS + 1, True)):
+                key = server_key(ORIGIN, ORIGIN_KEY, valid_until_ts=valid_until)
+                self.assertEqual(key_valid_for_event(version, key, TS), expected)
+
+    def test_v5_unknown_validity(self) -> None:
+        """From v5 a key of unknown validity is not valid for events."""
+        key = server_key(ORIGIN, ORIGIN_KEY, valid_until_ts=None)
+        for version in V5_UP:
+            self.assertFalse(key_valid_for_event(version, key, TS))
+
+    def test_v5_old_key(self) -> None:
+        """From v5 an old key verifies only events sent before its ``expired_ts``."""
+        for version in V5_UP:
+            for expired, expected in ((TS + 1, True), (TS, False), (TS - 1, False)):
+                key = server_key(ORIGIN, ORIGIN_KEY, valid_until_ts=None, expired_ts=expired)
+                self.assertEqual(key_valid_for_event(version, key, TS), expected)
+
+
+class VerifyEventTests(SynchronousTestCase):
+    """server-server-api, "Validating hashes and signatures on received events"."""
+
+    def assertRejected(
+        self,
+        version: RoomVersion,
+        event: Any,
+        keys: Any,
+        message: str,
+        server_name: str | None = None,
+    ) -> None:
+        """Verification raises ``SignatureError`` with exactly ``message``."""
+        with self.assertRaises(SignatureError) as caught:
+            if server_name is None:
+                verify_event_signatures(version, event, keys)
+            else:
+                verify_event_signature(version, event, server_name, keys)
+        self.assertEqual(str(caught.exception), message)
+
+    def test_v1_event_id_server_must_sign(self) -> None:
+        """v1/v2: the event ID's server must sign too; its signature completes the check."""
+        for version in (V1, V2):
+            signed = signed_invite(version, event_id="$x:other.example")
+            self.assertRejected(version, signed, KEYS, "Missing signature for other.example")
+            verify_event_signatures(version, sign_event(version, signed, OTHER, OTHER_KEY), KEYS)
+
+    def test_v3_up_event_id_server_not_required(self) -> None:
+        """v3+: only the sender's server must sign."""
+        for version in ALL_VERSIONS[2:]:
+            verify_event_signatures(version, signed_invite(version), KEYS)
+
+    def test_sender_server_must_sign(self) -> None:
+        """An event signed only by another server fails for the sender's server."""
+        for version in ALL_VERSIONS:
+            event = hash_and_sign_event(version, invite_event(version), OTHER, OTHER_KEY)
+            self.assertRejected(version, event, KEYS, "Missing signature for origin.example")
+
+    def test_unknown_keys_skipped(self) -> None:
+        """Signatures by unknown keys are skipped; with none known the check fails."""
+        for version in ALL_VERSIONS:
+            signed = signed_invite(version)
+            extra = sign_event(version, signed, ORIGIN, ORIGIN_KEY_2)
+            verify_event_signatures(version, extra, KEYS)
+            only_unknown = keyring(server_key(ORIGIN, ORIGIN_KEY_2), server_key(OTHER, OTHER_KEY))
+            verify_event_signatures(version, extra, only_unknown)
+            self.assertRejected(
+                version,
+                signed,
+                keyring(server_key(OTHER, OTHER_KEY)),
+                "No signature by origin.example with a known key valid for this event",
+            )
+
+    def test_unknown_algorithm_skipped(self) -> None:
+        """Key IDs of algorithms we do not understand are skipped (appendices, step 2)."""
+        signed = signed_invite(V11)
+        signed["signatures"][ORIGIN]["curve25519:x"] = "garbage"
+        verify_event_signatures(V11, signed, KEYS)
+
+    def test_any_bad_known_signature_fails(self) -> None:
+        """Every signature by a known valid key must verify, not just one."""
+        for version in ALL_VERSIONS:
+            signed = signed_invite(version)
+            signed["signatures"][ORIGIN]["ed25519:a2"] = signed["signatures"][ORIGIN]["ed25519:a1"]
+            keys = {**KEYS, **keyring(server_key(ORIGIN, ORIGIN_KEY_2))}
+            self.assertRejected(
+                version, signed, keys, "Signature by origin.example (ed25519:a2) is invalid"
+            )
+
+    def test_malformed_signature(self) -> None:
+        """A known key's signature that is not a string or not base64 fails with that reason."""
+        for bad, reason in ((None, "is not a string"), ("a", "is not valid base64")):
+            signed = signed_invite(V11)
+            signed["signatures"][ORIGIN]["ed25519:a1"] = bad
+            self.assertRejected(
+                V11, signed, KEYS, f"Signature by origin.example (ed25519:a1) {reason}"
+            )
+
+    def test_signatures_not_object(self) -> None:
+        """An event without a ``signatures`` object is missing its signatures."""
+        for signatures in (None, [], {ORIGIN: "x"}):
+            event = {**signed_invite(V11), "signatures": signatures}
+            self.assertRejected(
+                V11,
+                event,
+                KEYS,
+                "Missing signature for origin.example"
+                + (" (no signatures)" if not isinstance(signatures, dict) else ""),
+            )
+
+    def test_redacted_copy_verifies(self) -> None:
+        """A redacted copy still verifies; only the content hash tells it apart."""
+        for version in ALL_VERSIONS:
+            signed = signed_invite(version)
+            redacted = redact(version, signed)
+            verify_event_signatures(version, redacted, KEYS)
+            self.assertFalse(check_content_hash(version, redacted))
+
+    def test_unsigned_not_covered(self) -> None:
+        """``unsigned`` may change in transit without breaking the signature."""
+        for version in ALL_VERSIONS:
+            signed = {**signed_invite(version), "unsigned": {"invite_room_state": []}}
+            verify_event_signatures(version, signed, KEYS)
+
+    def test_key_validity_enforced_v5(self) -> None:
+        """From v5 a key expired before ``origin_server_ts`` is skipped, so the check fails."""
+        expired = keyring(server_key(ORIGIN, ORIGIN_KEY, valid_until_ts=TS - 1))
+        old_key = keyring(server_key(ORIGIN, ORIGIN_KEY, valid_until_ts=None, expired_ts=TS))
+        for version in V5_UP:
+            signed = signed_invite(version)
+            for keys in (expired, old_key):
+                self.assertRejected(
+                    version,
+                    signed,
+                    keys,
+                    "No signature by origin.example with a known key valid for this event",
+                )
+            old_valid = keyring(
+                server_key(ORIGIN, ORIGIN_KEY, valid_until_ts=None, expired_ts=TS + 1)
+            )
+            verify_event_signatures(version, signed, old_valid)
+        for version in BEFORE_V5:
+            signed = signed_invite(version)
+            verify_event_signatures(version, signed, expired)
+            verify_event_signatures(version, signed, old_key)
+
+    def test_origin_server_ts_required_v5(self) -> None:
+        """From v5 an event without an integer ``origin_server_ts`` cannot be checked."""
+        for ts in (None, "1", True):
+            for version in V5_UP:
+                event = {**signed_invite(version), "origin_server_ts": ts}
+                if ts is None:
+                    del event["origin_server_ts"]
+                self.assertRejected(
+                    version,
+                    event,
+                    KEYS,
+                    "Event has no integer origin_server_ts to check key validity",
+                )
+
+    def test_origin_server_ts_not_needed_before_v5(self) -> None:
+        """Before v5 key validity does not depend on ``origin_server_ts``."""
+        for version in BEFORE_V5:
+            event = signed_invite(version)
+            del event["origin_server_ts"]
+            event = hash_and_sign_event(version, event, ORIGIN, ORIGIN_KEY)
+            verify_event_signatures(version, event, KEYS)
+
+    def test_no_signer(self) -> None:
+        """An event whose sender names no server cannot be checked."""
+        event = signed_invite(V11, sender="alice")
+        self.assertRejected(
+            V11, event, KEYS, "Cannot tell who must sign the event: event sender has no server name"
+        )
+
+    def test_cannot_prepare(self) -> None:
+        """An event that cannot be redacted or encoded fails verification cleanly."""
+        self.assertRejected(
+            V11,
+            {**signed_invite(V11), "content": "invite"},
+            KEYS,
+            "Event cannot be checked: event content is not an object",
+        )
+        self.assertRejected(
+            V11,
+            {**signed_invite(V11), "depth": 2**60},
+            KEYS,
+            "Event cannot be checked: integer 1152921504606846976 is outside [-(2**53)+1, 2**53-1]",
+            server_name=ORIGIN,
+        )
+
+    def test_with_prepared(self) -> None:
+        """A prepared event is used as is for verification."""
+        for version in ALL_VERSIONS:
+            signed = signed_invite(version)
+            prepared = prepare_event(version, signed)
+            verify_event_signatures(version, signed, KEYS, prepared=prepared)
+            verify_event_signature(version, signed, ORIGIN, KEYS, prepared=prepared)
+
+
+# -- property tests ----------------------------------------------------------------------
+
+PROPERTY_KEYS = keyring(server_key("origin.example", ORIGIN_KEY, valid_until_ts=2**53 - 1))
+
+
+def tamper(value: Any) -> Any:
+    """A JSON value certainly different from ``value``."""
+    return {"tampered": value}
+
+
+class SigningPropertyTests(SynchronousTestCase):
+    """Round trips and tamper detection for arbitrary events in every room version."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(events())
+    def test_sign_then_verify(self, version_and_event: tuple[RoomVersion, dict]) -> None:
+        """An event we hash and sign verifies, and its content hash checks out."""
+        version, event = version_and_event
+        signed = hash_and_sign_event(version, event, ORIGIN, ORIGIN_KEY)
+        verify_event_signatures(version, signed, PROPERTY_KEYS)
+        self.assertTrue(check_content_hash(version, signed))
+
+    @settings(max_examples=200, deadline=None)
+    @given(events(), st.data())
+    def test_tampering_signed_field_breaks_signature(
+        self, version_and_event: tuple[RoomVersion, dict], data: st.DataObject
+    ) -> None:
+        """Changing any top-level key or content key that redaction keeps breaks the signature."""
+        version, event = version_and_event
+        signed = hash_and_sign_event(version, event, ORIGIN, ORIGIN_KEY)
+        redacted = redact(version, signed)
+        targets = [("top", key) for key in redacted if key not in ("signatures", "content")]
+        targets += [("content", key) for key in redacted.get("content", {})]
+        where, key = data.draw(st.sampled_from(targets))
+        if where == "top" and key == "origin_server_ts":
+            # Still an integer, so that v5+ key validity can be checked.
+            tampered = {**signed, key: signed[key] ^ 1}
+        elif where == "top":
+            tampered = {**signed, key: tamper(signed[key])}
+        else:
+            content = dict(signed["content"])
+            if key == "third_party_invite" and version.identifier in ("11", "12"):
+                # Only its `signed` key survives redaction (v11-redactions.md).
+                content[key] = {"signed": tamper(content[key].get("signed"))}
+            else:
+                content[key] = tamper(content[key])
+            tampered = {**signed, "content": content}
+        with self.assertRaises(SignatureError) as caught:
+            verify_event_signature(version, tampered, ORIGIN, PROPERTY_KEYS)
+        self.assertEqual(
+            str(caught.exception),
+            f"Signature by origin.example (ed25519:{ORIGIN_KEY.version}) is invalid",
+        )
+
+    @settings(max_examples=200, deadline=None)
+    @given(events(), json_values)
+    def test_unsigned_and_redacted_content_not_signed(
+        self, version_and_event: tuple[RoomVersion, dict], value: Any
+    ) -> None:
+        """Changes redaction drops keep the signature valid but break the content hash."""
+        version, event = version_and_event
+        signed = hash_and_sign_event(version, event, ORIGIN, ORIGIN_KEY)
+        content = {**signed["content"], "x_not_kept": tamper(value)}
+        changed = {**signed, "content": content, "unsigned": {"age": value}}
+        if not (version.identifier in ("11", "12") and signed["type"] == "m.room.create"):
+            verify_event_signatures(version, changed, PROPERTY_KEYS)
+        self.assertFalse(check_content_hash(version, changed))
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.sampled_from(ALL_VERSIONS),
+        st.integers(0, 2**50),
+        st.one_of(st.none(), st.integers(0, 2**50)),
+        st.one_of(st.none(), st.integers(0, 2**50)),
+    )
+    def test_key_validity_rule(
+        self,
+        version: RoomVersion,
+        ts: int,
+        valid_until_ts: int | None,
+        expired_ts: int | None,
+    ) -> None:
+        """Verification succeeds exactly when the key is valid for the event's timestamp."""
+        key = server_key(ORIGIN, ORIGIN_KEY, valid_until_ts=valid_until_ts, expired_ts=expired_ts)
+        if not version.enforce_key_validity:
+            expected = True
+        elif expired_ts is not None:
+            expected = ts < expired_ts
+        else:
+            expected = valid_until_ts is not None and valid_until_ts >= ts
+        self.assertEqual(key_valid_for_event(version, key, ts), expected)
+        signed = signed_invite(version, origin_server_ts=ts)
+        if expected:
+            verify_event_signatures(version, signed, keyring(key))
+        else:
+            with self.assertRaises(SignatureError):
+                verify_event_signatures(version, signed, keyring(key))
