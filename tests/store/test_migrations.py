@@ -1,0 +1,100 @@
+"""Schema files: splitting, discovery, ordering and dialect variants."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from federation_invite.store import LATEST_SCHEMA_VERSION
+from federation_invite.store._migrations import load_migrations, split_statements
+
+
+class SplitStatementsTests(SynchronousTestCase):
+    def test_comments_quotes_and_whitespace(self) -> None:
+        """Semicolons end statements except inside quotes or comments; whitespace collapses."""
+        script = (
+            "-- a comment; not a statement\n"
+            "CREATE TABLE t (a TEXT DEFAULT 'x;y', \"odd;name\" TEXT); -- trailing; comment\n"
+            "\n  INSERT INTO t VALUES ('it''s');\n;\n"
+            "SELECT 1"
+        )
+        self.assertEqual(
+            split_statements(script),
+            [
+                "CREATE TABLE t (a TEXT DEFAULT 'x;y', \"odd;name\" TEXT)",
+                "INSERT INTO t VALUES ('it''s')",
+                "SELECT 1",
+            ],
+        )
+
+    def test_unterminated_quote(self) -> None:
+        """A script with an unterminated string is refused rather than split wrongly."""
+        with self.assertRaises(ValueError) as caught:
+            split_statements("SELECT 'oops;")
+        self.assertEqual(str(caught.exception), "unterminated quoted string in SQL script")
+
+
+class LoadMigrationsTests(SynchronousTestCase):
+    def schema_dir(self, files: dict[str, str]) -> Path:
+        root = Path(tempfile.mkdtemp(prefix="fi-schema-"))
+        self.addCleanup(_remove_tree, root)
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        return root
+
+    def test_order_and_dialect_override(self) -> None:
+        """Versions load in order; a dialect's file replaces the common one for that dialect."""
+        root = self.schema_dir(
+            {
+                "0002_b.sql": "B;",
+                "0001_a.sql": "A1; A2",
+                "postgres/0002_b.sql": "B_PG;",
+                "README.txt": "ignored",
+            }
+        )
+        sqlite = load_migrations("sqlite", root)
+        self.assertEqual(
+            [(m.version, m.name, m.statements) for m in sqlite],
+            [(1, "0001_a.sql", ("A1", "A2")), (2, "0002_b.sql", ("B",))],
+        )
+        postgres = load_migrations("postgres", root)
+        self.assertEqual(postgres[1].statements, ("B_PG",))
+
+    def test_bad_sets_of_files(self) -> None:
+        """Gaps, dialect-only versions, duplicates and misnamed files are refused."""
+        cases = [
+            ({"0001_a.sql": "", "0003_c.sql": ""}, "must be 1..N without gaps, found [1, 3]"),
+            ({"0001_a.sql": "", "sqlite/0002_b.sql": ""}, "version 2 exists only for sqlite"),
+            ({"0001_a.sql": "", "0001_b.sql": ""}, "two schema files for version 1"),
+            ({"1_a.sql": ""}, "schema file '1_a.sql' is not named NNNN_description.sql"),
+        ]
+        for files, message in cases:
+            with self.assertRaises(ValueError) as caught:
+                load_migrations("sqlite", self.schema_dir(files))
+            self.assertIn(message, str(caught.exception))
+
+    def test_packaged_schema(self) -> None:
+        """The shipped schema loads for both dialects with the same versions and names."""
+        sqlite = load_migrations("sqlite")
+        postgres = load_migrations("postgres")
+        self.assertEqual(len(sqlite), LATEST_SCHEMA_VERSION)
+        self.assertEqual([m.name for m in sqlite], [m.name for m in postgres])
+        self.assertEqual(sqlite[0].name, "0001_initial.sql")
+
+    def test_postgres_variant_differs_only_by_collation(self) -> None:
+        """The PostgreSQL variant of each version is the common SQL plus COLLATE "C"."""
+        for common, variant in zip(
+            load_migrations("sqlite"), load_migrations("postgres"), strict=True
+        ):
+            stripped = tuple(re.sub(r' COLLATE "C"', "", s) for s in variant.statements)
+            self.assertEqual(stripped, common.statements, common.name)
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

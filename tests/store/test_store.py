@@ -1,0 +1,510 @@
+"""One behaviour suite for ``IStore``, run against SQLite (always) and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
+
+from federation_invite.core.canonical import encode_canonical_json
+from federation_invite.store import (
+    LATEST_SCHEMA_VERSION,
+    InviteRule,
+    IStore,
+    SchemaVersionError,
+    ServerKeyRecord,
+    StoreError,
+    open_store,
+    run_migrations,
+)
+
+from ._support import (
+    create_postgres_database,
+    drop_postgres_database,
+    make_invite,
+    raw_postgres,
+    raw_sqlite,
+    require_postgres,
+)
+
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _key(key_id: str = "ed25519:a", fetched_ts: int = 1000, **changes: Any) -> ServerKeyRecord:
+    fields: dict[str, Any] = {
+        "server_name": "remote.example",
+        "key_id": key_id,
+        "verify_key": "l8Hft5qXKn1vfHrg3p4+W8gELQVo8N13JkluMfmn2sQ",
+        "valid_until_ts": 2000,
+        "expired_ts": None,
+        "fetched_ts": fetched_ts,
+        "source": "remote.example",
+    }
+    fields.update(changes)
+    return ServerKeyRecord(**fields)
+
+
+class StoreTestsMixin:
+    """Every behaviour of the store; subclasses supply a fresh, empty database per test."""
+
+    uri: str
+
+    # -- supplied by the backend subclasses --
+
+    def raw(self, statement: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run ``statement`` directly on the test database (``?`` placeholders)."""
+        raise NotImplementedError
+
+    def failing_uri(self) -> tuple[str, str]:
+        """A URI the driver cannot open, and a secret it contains that must not leak."""
+        raise NotImplementedError
+
+    def explain(self, statement: str, args: tuple[Any, ...]) -> str:
+        """The query plan of ``statement``, as text, with sequential scans discouraged."""
+        raise NotImplementedError
+
+    # -- helpers --
+
+    async def open(self, **kwargs: Any) -> Any:
+        store = await open_store(self.uri, reactor=reactor, **kwargs)
+        self.addCleanup(store.close)  # type: ignore[attr-defined]
+        return store
+
+    # -- invites --
+
+    async def test_provides_istore(self) -> None:
+        """The opened store provides every IStore method and is at the latest schema."""
+        store = await self.open()
+        self.assertTrue(verifyObject(IStore, store))
+        self.assertEqual(await store.schema_version(), LATEST_SCHEMA_VERSION)
+
+    async def test_store_invite_once_then_existing_row(self) -> None:
+        """A second store_invite with the same event_id returns the first row unchanged."""
+        store = await self.open()
+        first = make_invite()
+        self.assertEqual(await store.store_invite(first), (first, True))
+        other = make_invite(received_ts=5, status="ignored", event={"different": True})
+        self.assertEqual(await store.store_invite(other), (first, False))
+        self.assertEqual(self.raw("SELECT COUNT(*) FROM invites"), [(1,)])
+
+    async def test_invite_json_round_trips_as_canonical_text(self) -> None:
+        """Event and room state come back equal and are stored as canonical JSON text."""
+        store = await self.open()
+        event = {"z": [1, {"b": 2, "a": "\u2603\U0001f600"}], "float": 1.5, "big": 2**60}
+        record = make_invite(event=event, invite_room_state=[{"k": "v"}, []])
+        await store.store_invite(record)
+        self.assertEqual(await store.get_invite(record.event_id), record)
+        stored = self.raw(
+            "SELECT event_json, invite_room_state_json FROM invites WHERE event_id = ?",
+            (record.event_id,),
+        )
+        self.assertEqual(
+            stored,
+            [
+                (
+                    encode_canonical_json(event, strict=False).decode(),
+                    '[{"k":"v"},[]]',
+                )
+            ],
+        )
+
+    async def test_get_invite_unknown_is_none(self) -> None:
+        """get_invite of an event never stored fires with None."""
+        store = await self.open()
+        self.assertIsNone(await store.get_invite("$nothing"))
+
+    async def test_list_invites_filters_and_orders_newest_first(self) -> None:
+        """list_invites filters by invitee, room and status, newest first, with limit and paging."""
+        store = await self.open()
+        a, b = "@a:local.example", "@b:local.example"
+        records = [
+            make_invite("$1", invitee=a, room_id="!x:r", received_ts=10),
+            make_invite("$2", invitee=a, room_id="!y:r", received_ts=30, status="ignored"),
+            make_invite("$3", invitee=b, room_id="!x:r", received_ts=20),
+            make_invite("$4", invitee=b, room_id="!y:r", received_ts=30, status="accepted"),
+            make_invite("$5", invitee=a, room_id="!x:r", received_ts=40, status="rejected"),
+        ]
+        for record in records:
+            await store.store_invite(record)
+
+        async def ids(**kwargs: Any) -> list[str]:
+            return [r.event_id for r in await store.list_invites(**kwargs)]
+
+        # Equal received_ts: event_id descending, the same on both backends.
+        self.assertEqual(await ids(), ["$5", "$4", "$2", "$3", "$1"])
+        self.assertEqual(await ids(invitee=a), ["$5", "$2", "$1"])
+        self.assertEqual(await ids(room_id="!x:r"), ["$5", "$3", "$1"])
+        self.assertEqual(await ids(status="pending"), ["$3", "$1"])
+        self.assertEqual(await ids(invitee=b, room_id="!y:r", status="accepted"), ["$4"])
+        self.assertEqual(await ids(invitee=b, status="ignored"), [])
+        self.assertEqual(await ids(limit=2), ["$5", "$4"])
+        self.assertEqual(await ids(before_ts=30), ["$3", "$1"])
+        self.assertEqual(await ids(invitee=a, before_ts=40, limit=1), ["$2"])
+        self.assertEqual(await store.list_invites(invitee="@nobody:x"), [])
+
+    async def test_set_invite_status(self) -> None:
+        """set_invite_status changes only the status and reports unknown invites."""
+        store = await self.open()
+        record = make_invite()
+        await store.store_invite(record)
+        self.assertIs(await store.set_invite_status(record.event_id, "accepted"), True)
+        stored = await store.get_invite(record.event_id)
+        self.assertEqual(stored.status, "accepted")
+        self.assertEqual(stored.event, record.event)
+        self.assertIs(await store.set_invite_status("$missing", "rejected"), False)
+
+    async def test_invalid_arguments_raise_value_error_at_call(self) -> None:
+        """Bad arguments raise ValueError when called, before any SQL runs."""
+        store = await self.open()
+        cases = [
+            (lambda: store.set_invite_status("$e", "done"), "status must be one of"),
+            (lambda: store.set_invite_status("$\x00", "pending"), "event_id must not contain NUL"),
+            (lambda: store.list_invites(status="new"), "status must be one of"),
+            (lambda: store.list_invites(limit=0), "limit must be an integer from 1 to 1000"),
+            (lambda: store.list_invites(limit=1001), "limit must be an integer from 1 to 1000"),
+            (lambda: store.list_invites(limit=True), "limit must be an integer from 1 to 1000"),
+            (lambda: store.list_invites(before_ts="1"), "before_ts must be an integer"),
+            (lambda: store.list_invites(invitee=""), "invitee must not be empty"),
+            (lambda: store.get_invite(1), "event_id must be a string, not int"),
+            (lambda: store.store_invite({"event_id": "$e"}), "expected a InviteRecord"),
+            (lambda: store.store_server_keys([{}]), "expected a ServerKeyRecord"),
+            (lambda: store.get_server_keys("s", "ed25519:a"), "key_ids must be an iterable"),
+            (lambda: store.add_local_user(None), "user_id must be a string"),
+            (lambda: store.add_invite_rule(("@a:x", "user", "*", "block")), "expected a Invite"),
+            (
+                lambda: store.store_invite(make_invite(event={"nan": float("nan")})),
+                "NaN",
+            ),
+        ]
+        for call, message in cases:
+            with self.assertRaises(ValueError) as caught:  # type: ignore[attr-defined]
+                call()
+            self.assertIn(message, str(caught.exception))
+        self.assertEqual(self.raw("SELECT COUNT(*) FROM invites"), [(0,)])
+
+    async def test_lookups_and_lists_are_indexed(self) -> None:
+        """Lookups by event_id and lists by invitee, room and status use an index."""
+        await self.open()
+        cases = [
+            ("invitee = ?", "@a:x", "invites_by_invitee"),
+            ("room_id = ?", "!r:x", "invites_by_room"),
+            ("status = ?", "pending", "invites_by_status"),
+        ]
+        for condition, value, index in cases:
+            plan = self.explain(
+                f"SELECT * FROM invites WHERE {condition}"
+                " ORDER BY received_ts DESC, event_id DESC LIMIT 100",
+                (value,),
+            )
+            self.assertIn(index, plan)
+        plan = self.explain("SELECT * FROM invites WHERE event_id = ?", ("$e",))
+        self.assertRegex(plan, "(?i)index")
+
+    # -- remote keys --
+
+    async def test_server_keys_newer_fetch_replaces_older(self) -> None:
+        """Keys upsert on (server_name, key_id); an older fetch never overwrites a newer one."""
+        store = await self.open()
+        await store.store_server_keys([_key(fetched_ts=100, valid_until_ts=500)])
+        newer = _key(fetched_ts=200, valid_until_ts=None, expired_ts=150, source="notary.example")
+        await store.store_server_keys([newer])
+        self.assertEqual(await store.get_server_keys("remote.example"), {"ed25519:a": newer})
+        await store.store_server_keys([_key(fetched_ts=150, valid_until_ts=999)])
+        self.assertEqual(await store.get_server_keys("remote.example"), {"ed25519:a": newer})
+        same_time = _key(fetched_ts=200, valid_until_ts=700)
+        await store.store_server_keys([same_time])
+        self.assertEqual(await store.get_server_keys("remote.example"), {"ed25519:a": same_time})
+
+    async def test_get_server_keys_by_key_ids(self) -> None:
+        """get_server_keys returns one server's keys, all of them or only those asked for."""
+        store = await self.open()
+        keys = [_key("ed25519:a"), _key("ed25519:b"), _key("ed25519:a", server_name="other")]
+        await store.store_server_keys(keys)
+        self.assertEqual(await store.store_server_keys([]), None)
+        self.assertEqual(
+            await store.get_server_keys("remote.example"),
+            {"ed25519:a": keys[0], "ed25519:b": keys[1]},
+        )
+        self.assertEqual(
+            await store.get_server_keys("remote.example", ["ed25519:b", "ed25519:zz"]),
+            {"ed25519:b": keys[1]},
+        )
+        self.assertEqual(await store.get_server_keys("remote.example", []), {})
+        self.assertEqual(await store.get_server_keys("unknown.example"), {})
+
+    async def test_keys_reused_by_another_worker_and_after_restart(self) -> None:
+        """Keys stored by one store are read by a second pool and by a reopened one."""
+        first = await self.open()
+        second = await self.open()
+        key = _key(valid_until_ts=123_456)
+        await first.store_server_keys([key])
+        self.assertEqual(await second.get_server_keys("remote.example"), {"ed25519:a": key})
+        await first.close()
+        reopened = await self.open()
+        self.assertEqual(await reopened.get_server_keys("remote.example"), {"ed25519:a": key})
+
+    # -- local users and rules --
+
+    async def test_local_users(self) -> None:
+        """Local users: add is idempotent, lookups are exact (case-sensitive), remove reports."""
+        store = await self.open()
+        self.assertIs(await store.add_local_user("@b:local.example"), True)
+        self.assertIs(await store.add_local_user("@b:local.example"), False)
+        self.assertIs(await store.add_local_user("@A:local.example"), True)
+        self.assertIs(await store.is_local_user("@b:local.example"), True)
+        self.assertIs(await store.is_local_user("@a:local.example"), False)
+        self.assertEqual(await store.list_local_users(), ["@A:local.example", "@b:local.example"])
+        self.assertIs(await store.remove_local_user("@b:local.example"), True)
+        self.assertIs(await store.remove_local_user("@b:local.example"), False)
+        self.assertEqual(await store.list_local_users(), ["@A:local.example"])
+
+    async def test_invite_rules(self) -> None:
+        """Rules: add is idempotent, lists are per user and sorted, remove reports."""
+        store = await self.open()
+        user = "@a:local.example"
+        block = InviteRule(user, "server", "*.evil.example", "block")
+        allow = InviteRule(user, "server", "*.evil.example", "allow")
+        ignore = InviteRule(user, "user", "@spam*:*", "ignore")
+        other = InviteRule("@b:local.example", "user", "*", "block")
+        for rule in (ignore, block, allow, other):
+            self.assertIs(await store.add_invite_rule(rule), True)
+        self.assertIs(await store.add_invite_rule(block), False)
+        self.assertEqual(await store.list_invite_rules(user), [allow, block, ignore])
+        self.assertIs(await store.remove_invite_rule(block), True)
+        self.assertIs(await store.remove_invite_rule(block), False)
+        self.assertEqual(await store.list_invite_rules(user), [allow, ignore])
+        self.assertEqual(await store.list_invite_rules("@b:local.example"), [other])
+        self.assertEqual(await store.list_invite_rules("@c:local.example"), [])
+
+    # -- concurrency and durability --
+
+    async def test_two_workers_store_the_same_invite_once(self) -> None:
+        """Two pools storing the same invites concurrently: one row each, identical answers."""
+        worker_a = await self.open()
+        worker_b = await self.open()
+        rounds = 40
+        calls = []
+        for n in range(rounds):
+            event_id = f"$race{n}"
+            # Each worker's copy differs, so equal answers prove both got the stored row.
+            for worker, ts in ((worker_a, 1), (worker_b, 2), (worker_a, 3), (worker_b, 4)):
+                calls.append(worker.store_invite(make_invite(event_id, received_ts=ts)))
+        results = await gatherResults(calls, consumeErrors=True)
+        for n in range(rounds):
+            answers = results[4 * n : 4 * n + 4]
+            self.assertEqual(sum(created for _, created in answers), 1, answers)
+            self.assertEqual(len({repr(record) for record, _ in answers}), 1, answers)
+        self.assertEqual(
+            self.raw("SELECT COUNT(*), COUNT(DISTINCT event_id) FROM invites"), [(rounds, rounds)]
+        )
+
+    async def test_concurrent_start_migrates_once(self) -> None:
+        """Two workers opening an empty database at once both start; each version runs once."""
+        stores = await gatherResults(
+            [open_store(self.uri, reactor=reactor) for _ in range(3)], consumeErrors=True
+        )
+        for store in stores:
+            self.addCleanup(store.close)  # type: ignore[attr-defined]
+        rows = self.raw("SELECT version FROM schema_migrations ORDER BY version")
+        self.assertEqual(rows, [(v,) for v in range(1, LATEST_SCHEMA_VERSION + 1)])
+
+    def test_acknowledged_invite_survives_killed_process(self) -> None:
+        """An invite acknowledged by a process that is then SIGKILLed is found by a new pool."""
+        child = subprocess.run(
+            [sys.executable, "-m", "tests.store._crash_child", self.uri, "$durable"],
+            cwd=_ROOT,
+            env={**os.environ, "PYTHONPATH": str(_ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(child.returncode, -signal.SIGKILL, child.stderr)
+        self.assertEqual(child.stdout, "acknowledged $durable created=True\n")
+
+        async def check() -> None:
+            store = await self.open()
+            self.assertEqual(await store.get_invite("$durable"), make_invite("$durable"))
+
+        return check()  # type: ignore[return-value]
+
+    # -- failures --
+
+    async def test_driver_failure_is_store_error_without_secret(self) -> None:
+        """A database that cannot be opened fails with StoreError, never showing the password."""
+        uri, secret = self.failing_uri()
+        with self.assertRaises(StoreError) as caught:  # type: ignore[attr-defined]
+            await open_store(uri, reactor=reactor)
+        message = str(caught.exception)
+        self.assertTrue(message.startswith("migrate failed: "), message)
+        self.assertNotIn(secret, message)
+        self.assertIsNotNone(caught.exception.__cause__)
+
+    async def test_failure_during_operation_is_store_error(self) -> None:
+        """A statement the database refuses surfaces as StoreError naming the operation."""
+        store = await self.open()
+        self.raw("DROP TABLE local_users")
+        with self.assertRaises(StoreError) as caught:  # type: ignore[attr-defined]
+            await store.is_local_user("@a:local.example")
+        self.assertRegex(str(caught.exception), r"^is_local_user failed: \w+: .*local_users")
+        # The pool is still usable afterwards.
+        self.assertIsNone(await store.get_invite("$e"))
+
+    async def test_closed_store_refuses_use(self) -> None:
+        """Using a store after close() is a programming error, raised at once."""
+        store = await self.open()
+        await store.close()
+        await store.close()
+        with self.assertRaises(RuntimeError):  # type: ignore[attr-defined]
+            store.get_invite("$e")
+
+    # -- migrations --
+
+    async def test_empty_database_migrates_to_latest(self) -> None:
+        """run_migrations takes an empty database to the latest version, recording each file."""
+        result = await run_migrations(self.uri, reactor=reactor)
+        self.assertEqual(result.before, 0)
+        self.assertEqual(result.after, LATEST_SCHEMA_VERSION)
+        self.assertEqual(result.applied[0], "0001_initial.sql")
+        self.assertEqual(len(result.applied), LATEST_SCHEMA_VERSION)
+        rows = self.raw("SELECT version, name FROM schema_migrations ORDER BY version")
+        self.assertEqual([r[1] for r in rows], list(result.applied))
+        for table in ("invites", "server_keys", "local_users", "invite_rules"):
+            self.assertEqual(self.raw(f"SELECT COUNT(*) FROM {table}"), [(0,)])
+
+    async def test_latest_is_a_no_op(self) -> None:
+        """Migrating a database already at the latest version changes nothing."""
+        store = await self.open()
+        await store.add_local_user("@a:local.example")
+        before = self.raw("SELECT version, name, applied_ts FROM schema_migrations")
+        result = await run_migrations(self.uri, reactor=reactor)
+        self.assertEqual(result.applied, ())
+        self.assertEqual((result.before, result.after), (LATEST_SCHEMA_VERSION,) * 2)
+        self.assertEqual(
+            self.raw("SELECT version, name, applied_ts FROM schema_migrations"), before
+        )
+        reopened = await self.open(migrate=False)
+        self.assertEqual(await reopened.list_local_users(), ["@a:local.example"])
+
+    async def test_newer_database_is_refused(self) -> None:
+        """A database from a newer release is refused with a clear message and left untouched."""
+        await run_migrations(self.uri, reactor=reactor)
+        newer = LATEST_SCHEMA_VERSION + 1
+        self.raw(
+            "INSERT INTO schema_migrations (version, name, applied_ts) VALUES (?, ?, ?)",
+            (newer, f"{newer:04d}_future.sql", 0),
+        )
+        expected = (
+            f"schema check failed: the database has schema version {newer}, newer than the"
+            f" latest this federation-invite knows ({LATEST_SCHEMA_VERSION}); refusing to"
+            " use it: upgrade federation-invite, or point it at another database"
+        )
+        for attempt in (
+            lambda: open_store(self.uri, reactor=reactor),
+            lambda: open_store(self.uri, reactor=reactor, migrate=False),
+            lambda: run_migrations(self.uri, reactor=reactor),
+        ):
+            with self.assertRaises(SchemaVersionError) as caught:  # type: ignore[attr-defined]
+                await attempt()
+            self.assertEqual(str(caught.exception), expected)
+            self.assertEqual(caught.exception.database_version, newer)
+        self.assertEqual(self.raw("SELECT MAX(version) FROM schema_migrations"), [(newer,)])
+
+    async def test_unmigrated_database_refused_without_migrate(self) -> None:
+        """open_store(migrate=False) refuses a database older than the code, creating nothing."""
+        with self.assertRaises(SchemaVersionError) as caught:  # type: ignore[attr-defined]
+            await open_store(self.uri, reactor=reactor, migrate=False)
+        self.assertEqual(
+            str(caught.exception),
+            "schema check failed: the database has schema version 0, older than this"
+            f" federation-invite needs ({LATEST_SCHEMA_VERSION}); run the migrations first",
+        )
+        result = await run_migrations(self.uri, reactor=reactor)
+        self.assertEqual(result.before, 0)
+
+
+class SQLiteStoreTests(StoreTestsMixin, TestCase):
+    """The suite on a SQLite file in a temporary directory."""
+
+    def setUp(self) -> None:
+        directory = tempfile.mkdtemp(prefix="fi-store-")
+        self.addCleanup(_remove_tree, directory)
+        self.path = os.path.join(directory, "store.db")
+        self.uri = f"sqlite:///{self.path}"
+
+    def raw(self, statement: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return raw_sqlite(self.path, statement, args)
+
+    def failing_uri(self) -> tuple[str, str]:
+        return f"sqlite:///{self.path}.missing/secret-dir/x.db", "nothing-secret-here"
+
+    def explain(self, statement: str, args: tuple[Any, ...]) -> str:
+        return repr(self.raw(f"EXPLAIN QUERY PLAN {statement}", args))
+
+    async def test_wal_mode(self) -> None:
+        """The SQLite file is in WAL mode after opening, so readers do not block the writer."""
+        await self.open()
+        self.assertEqual(self.raw("PRAGMA journal_mode"), [("wal",)])
+
+    async def test_memory_database(self) -> None:
+        """sqlite:///:memory: gives a working private store on its single connection."""
+        store = await open_store("sqlite:///:memory:", reactor=reactor)
+        self.addCleanup(store.close)
+        await store.add_local_user("@a:local.example")
+        self.assertEqual(await store.list_local_users(), ["@a:local.example"])
+        self.assertEqual(await store.schema_version(), LATEST_SCHEMA_VERSION)
+
+
+class PostgresStoreTests(StoreTestsMixin, TestCase):
+    """The suite on a fresh PostgreSQL database per test."""
+
+    def setUp(self) -> None:
+        require_postgres(self)
+        self.database = create_postgres_database()
+        self.addCleanup(drop_postgres_database, self.database)
+        from ._support import POSTGRES_BASE
+
+        self.uri = f"{POSTGRES_BASE}/{self.database}"
+
+    def raw(self, statement: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return raw_postgres(self.database, statement, args)
+
+    def failing_uri(self) -> tuple[str, str]:
+        return (
+            "postgresql://postgres:Sup3rSecretPw@127.0.0.1:5432/fi_missing_database_xyz",
+            "Sup3rSecretPw",
+        )
+
+    def explain(self, statement: str, args: tuple[Any, ...]) -> str:
+        import psycopg2
+
+        from ._support import POSTGRES_BASE
+
+        connection = psycopg2.connect(f"{POSTGRES_BASE}/{self.database}")
+        try:
+            cursor = connection.cursor()
+            cursor.execute("SET enable_seqscan = off")
+            cursor.execute(f"EXPLAIN {statement.replace('?', '%s')}", args)
+            return "\n".join(row[0] for row in cursor.fetchall())
+        finally:
+            connection.close()
+
+    async def test_postgres_scheme_alias(self) -> None:
+        """postgres:// is accepted as well as postgresql://."""
+        store = await open_store(self.uri.replace("postgresql://", "postgres://"), reactor=reactor)
+        self.addCleanup(store.close)
+        self.assertEqual(await store.schema_version(), LATEST_SCHEMA_VERSION)
+
+
+def _remove_tree(directory: str) -> None:
+    import shutil
+
+    shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,95 @@
+"""Database URIs: which are accepted, what they mean, and the messages for the rest."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from federation_invite.store import open_store, parse_database_uri, run_migrations
+from federation_invite.store._dialect import PostgresDialect, SQLiteDialect
+
+
+class SQLiteURITests(SynchronousTestCase):
+    def test_relative_absolute_and_memory(self) -> None:
+        """Three slashes: a relative path; four: an absolute one; :memory: stays itself."""
+        cases = {
+            "sqlite:///relative/path.db": "relative/path.db",
+            "sqlite:////absolute/path.db": "/absolute/path.db",
+            "sqlite:///:memory:": ":memory:",
+            "SQLite:///with%20space.db": "with space.db",
+        }
+        for uri, path in cases.items():
+            dialect = parse_database_uri(uri)
+            assert isinstance(dialect, SQLiteDialect)
+            self.assertEqual(dialect.path, path)
+            self.assertEqual(dialect.display, uri)
+
+    def test_malformed_sqlite_uris(self) -> None:
+        """A host, a missing path, a directory or query parameters are refused by name."""
+        cases = {
+            "sqlite://host/x.db": "must have three slashes after 'sqlite:' and no host",
+            "sqlite://x.db": "must have three slashes after 'sqlite:' and no host",
+            "sqlite:///": "does not name a database file",
+            "sqlite:///dir/": "does not name a database file",
+            "sqlite:///x.db?mode=ro": "must not have query parameters or a fragment",
+            "sqlite:///x%00.db": "contains a NUL character",
+        }
+        for uri, message in cases.items():
+            with self.assertRaises(ValueError) as caught:
+                parse_database_uri(uri)
+            self.assertIn(message, str(caught.exception))
+
+
+class PostgresURITests(SynchronousTestCase):
+    def test_postgres_uris(self) -> None:
+        """postgresql:// and postgres:// both reach libpq as postgresql:// URIs."""
+        for scheme in ("postgresql", "postgres"):
+            uri = f"{scheme}://fi@db.example:5433/invites?sslmode=require"
+            dialect = parse_database_uri(uri)
+            assert isinstance(dialect, PostgresDialect)
+            self.assertEqual(dialect.dsn, "postgresql://fi@db.example:5433/invites?sslmode=require")
+            self.assertEqual(dialect.display, uri)
+
+    def test_password_hidden_from_display_and_errors(self) -> None:
+        """A password in the URI is replaced in the display form and in driver messages."""
+        dialect = parse_database_uri("postgresql://fi:p%40ss@db.example/invites")
+        self.assertEqual(dialect.display, "postgresql://fi:***@db.example/invites")
+        message = dialect.describe(RuntimeError("auth failed for p@ss and p%40ss\n  here"))
+        self.assertEqual(
+            message,
+            "RuntimeError: auth failed for *** and *** here [postgresql://fi:***@db.example/invites]",
+        )
+
+    def test_malformed_postgres_uris(self) -> None:
+        """No host, no database, a bad port or a fragment are refused, password hidden."""
+        cases = {
+            "postgresql:///invites": "must name a host",
+            "postgresql://fi:pw@db.example": "'postgresql://fi:***@db.example' must name a database",
+            "postgresql://db.example/": "must name a database",
+            "postgresql://db.example/a/b": "must name a database",
+            "postgresql://db.example:port/x": "PostgreSQL URI is malformed: Port could not",
+            "postgresql://db.example/x#frag": "must not have a fragment",
+        }
+        for uri, message in cases.items():
+            with self.assertRaises(ValueError) as caught:
+                parse_database_uri(uri)
+            self.assertIn(message, str(caught.exception))
+            self.assertNotIn(":pw@", str(caught.exception))
+
+
+class OtherURITests(SynchronousTestCase):
+    def test_unknown_schemes_and_non_uris(self) -> None:
+        """Other schemes and non-URIs are refused with the list of accepted forms."""
+        for uri in ("mysql://db/x", "invites.db", "", "sqlite:"):
+            with self.assertRaises(ValueError) as caught:
+                parse_database_uri(uri)
+            self.assertIn("expected one of: sqlite:///relative/path.db", str(caught.exception))
+        with self.assertRaises(ValueError) as caught:
+            parse_database_uri(b"sqlite:///x.db")  # type: ignore[arg-type]
+        self.assertEqual(str(caught.exception), "database URI must be a string, not bytes")
+
+    def test_open_and_migrate_refuse_bad_uri_at_call(self) -> None:
+        """open_store and run_migrations raise ValueError at once, before any connection."""
+        with self.assertRaises(ValueError):
+            open_store("mysql://db/x")
+        with self.assertRaises(ValueError):
+            run_migrations("sqlite://host/x.db")
