@@ -31,6 +31,7 @@ __all__ = [
     "check_content_hash",
     "compute_content_hash",
     "compute_event_id",
+    "ensure_prepared",
     "prepare_event",
     "redact",
     "reference_hash",
@@ -211,6 +212,24 @@ def prepare_event(
     )
 
 
+def ensure_prepared(
+    room_version: RoomVersion, event: Mapping[str, Any], prepared: PreparedEvent | None = None
+) -> PreparedEvent:
+    """Return ``prepared`` when it was prepared from ``event``, else prepare ``event`` now.
+
+    Lets callers pass a :class:`PreparedEvent` along with its event without
+    risking a mix-up: a prepared form of another event (compared by identity,
+    then equality) or room version raises ``ValueError``.
+    """
+    if prepared is None:
+        return prepare_event(room_version, event)
+    if prepared.room_version != room_version:
+        raise ValueError("prepared event is for another room version")
+    if prepared.event is not event and prepared.event != event:
+        raise ValueError("prepared event was prepared from another event")
+    return prepared
+
+
 def reference_hash(room_version: RoomVersion, event: Mapping[str, Any]) -> bytes:
     """The sha256 reference hash of ``event``.
 
@@ -252,8 +271,7 @@ def room_id_for_create_event(
         raise ValueError(f"room version {room_version.identifier} room IDs are not hashes")
     if create_event.get("type") != "m.room.create":
         raise ValueError("not an m.room.create event")
-    if prepared is None:
-        prepared = prepare_event(room_version, create_event)
+    prepared = ensure_prepared(room_version, create_event, prepared)
     return "!" + encode_base64(prepared.reference_hash, urlsafe=True)
 
 

@@ -25,7 +25,7 @@ from signedjson.types import SigningKey
 from unpaddedbase64 import decode_base64
 
 from .canonical import encode_canonical_json
-from .events import PreparedEvent, add_content_hash, prepare_event
+from .events import PreparedEvent, add_content_hash, ensure_prepared, prepare_event
 from .keys import key_id_of, sign_bytes
 from .roomversions import RoomVersion
 
@@ -196,21 +196,9 @@ def sign_event(
     of this very event to reuse its signing bytes; it must have been prepared
     from ``event`` (an equal dict will do) under the same room version.
     """
-    prepared = _prepared_for(room_version, event, prepared)
+    prepared = ensure_prepared(room_version, event, prepared)
     signature = sign_bytes(signing_key, prepared.signing_bytes)
     return _merge_signature(event, server_name, key_id_of(signing_key), signature)
-
-
-def _prepared_for(
-    room_version: RoomVersion, event: Mapping[str, Any], prepared: PreparedEvent | None
-) -> PreparedEvent:
-    if prepared is None:
-        return prepare_event(room_version, event)
-    if prepared.room_version != room_version:
-        raise ValueError("prepared event is for another room version")
-    if prepared.event is not event and prepared.event != event:
-        raise ValueError("prepared event was prepared from another event")
-    return prepared
 
 
 def _server_of(identifier: object, what: str) -> str:
@@ -302,7 +290,7 @@ def _verification_form(
     room_version: RoomVersion, event: Mapping[str, Any], prepared: PreparedEvent | None
 ) -> PreparedEvent:
     try:
-        return _prepared_for(room_version, event, prepared)
+        return ensure_prepared(room_version, event, prepared)
     except ValueError as exc:
         if prepared is not None:
             raise

@@ -24,6 +24,7 @@ from federation_invite.core.events import (
     check_content_hash,
     compute_content_hash,
     compute_event_id,
+    ensure_prepared,
     prepare_event,
     redact,
     reference_hash,
@@ -655,6 +656,25 @@ class RoomIdTests(SynchronousTestCase):
             room_id_for_create_event(v12, self.CREATE, prepared=prepared),
             room_id_for_create_event(v12, self.CREATE),
         )
+
+    def test_room_id_with_mismatched_prepared(self) -> None:
+        """A prepared form of another event is refused rather than silently used."""
+        v12 = KNOWN_ROOM_VERSIONS["12"]
+        prepared = prepare_event(v12, {**self.CREATE, "depth": 2})
+        with self.assertRaises(ValueError) as caught:
+            room_id_for_create_event(v12, self.CREATE, prepared=prepared)
+        self.assertEqual(str(caught.exception), "prepared event was prepared from another event")
+
+    def test_ensure_prepared(self) -> None:
+        """``ensure_prepared`` reuses a matching prepared form and prepares when given none."""
+        v12 = KNOWN_ROOM_VERSIONS["12"]
+        prepared = prepare_event(v12, self.CREATE)
+        self.assertIs(ensure_prepared(v12, self.CREATE, prepared), prepared)
+        self.assertIs(ensure_prepared(v12, dict(self.CREATE), prepared), prepared)
+        self.assertEqual(ensure_prepared(v12, self.CREATE), prepared)
+        with self.assertRaises(ValueError) as caught:
+            ensure_prepared(KNOWN_ROOM_VERSIONS["11"], self.CREATE, prepared)
+        self.assertEqual(str(caught.exception), "prepared event is for another room version")
 
     def test_room_id_covers_all_create_content(self) -> None:
         """v12 create content is kept by redaction, so it changes the room ID."""
