@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 import tempfile
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from federation_invite.store import LATEST_SCHEMA_VERSION
-from federation_invite.store._migrations import load_migrations, split_statements
+from federation_invite.store import LATEST_SCHEMA_VERSION, SchemaVersionError
+from federation_invite.store._dialect import SQLiteDialect
+from federation_invite.store._migrations import (
+    Migration,
+    MigrationResult,
+    load_migrations,
+    migrate_txn,
+    split_statements,
+)
 
 
 class SplitStatementsTests(SynchronousTestCase):
@@ -92,6 +100,29 @@ class LoadMigrationsTests(SynchronousTestCase):
         ):
             stripped = tuple(re.sub(r' COLLATE "C"', "", s) for s in variant.statements)
             self.assertEqual(stripped, common.statements, common.name)
+
+
+class MigrateTxnTests(SynchronousTestCase):
+    def test_applies_only_pending_versions(self) -> None:
+        """From an intermediate version only the later files run; newer is refused."""
+        connection = sqlite3.connect(":memory:", isolation_level=None)
+        self.addCleanup(connection.close)
+        cursor = connection.cursor()
+        dialect = SQLiteDialect(":memory:", "sqlite:///:memory:")
+        first = Migration(1, "0001_a.sql", ("CREATE TABLE a (x INTEGER)",))
+        second = Migration(2, "0002_b.sql", ("CREATE TABLE b (x INTEGER)",))
+        self.assertEqual(
+            migrate_txn(cursor, dialect, (first,), 5), MigrationResult(0, 1, ("0001_a.sql",))
+        )
+        self.assertEqual(
+            migrate_txn(cursor, dialect, (first, second), 6),
+            MigrationResult(1, 2, ("0002_b.sql",)),
+        )
+        rows = cursor.execute("SELECT version, name, applied_ts FROM schema_migrations")
+        self.assertEqual(rows.fetchall(), [(1, "0001_a.sql", 5), (2, "0002_b.sql", 6)])
+        with self.assertRaises(SchemaVersionError) as caught:
+            migrate_txn(cursor, dialect, (first,), 7)
+        self.assertEqual((caught.exception.database_version, caught.exception.code_version), (2, 1))
 
 
 def _remove_tree(path: Path) -> None:

@@ -85,6 +85,7 @@ class StoreTestsMixin:
         """The opened store provides every IStore method and is at the latest schema."""
         store = await self.open()
         self.assertTrue(verifyObject(IStore, store))
+        self.assertTrue(repr(store).startswith("<DatabaseStore "), repr(store))
         self.assertEqual(await store.schema_version(), LATEST_SCHEMA_VERSION)
 
     async def test_store_invite_once_then_existing_row(self) -> None:
