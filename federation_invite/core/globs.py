@@ -1,0 +1,46 @@
+"""Glob lists for operator and per-user rules (``*.example.org``, ``@spam*:*``).
+
+Patterns use ``*`` (any run of characters, including none) and ``?`` (one
+character); ``[...]`` classes as in ``fnmatch``. Server names are matched
+case-insensitively, since DNS names are; user IDs case-sensitively.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+
+import attrs
+
+__all__ = ["GlobList"]
+
+
+def _compile(patterns: tuple[str, ...], ignore_case: bool) -> re.Pattern[str] | None:
+    if not patterns:
+        return None
+    flags = re.IGNORECASE if ignore_case else 0
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns), flags)
+
+
+@attrs.frozen
+class GlobList:
+    """A compiled list of globs; ``matches`` is one regular-expression match."""
+
+    patterns: tuple[str, ...]
+    ignore_case: bool = False
+    _regex: re.Pattern[str] | None = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_regex", _compile(self.patterns, self.ignore_case))
+
+    @classmethod
+    def of(cls, patterns: Iterable[str], *, ignore_case: bool = False) -> GlobList:
+        return cls(tuple(patterns), ignore_case)
+
+    def matches(self, value: str) -> bool:
+        """True when any pattern matches the whole of ``value``."""
+        return self._regex is not None and self._regex.match(value) is not None
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns)

@@ -1,0 +1,369 @@
+"""The keyring: other servers' verify keys, from memory, the store, the server, or notaries.
+
+``Keyring.get_server_keys(server_name, key_ids, valid_at_ms)`` answers from
+memory, then from the store, then by fetching ``GET /_matrix/key/v2/server``
+from that server (checking ``server_name`` and that every listed verify key
+signed the answer), then from the configured notaries through
+``POST /_matrix/key/v2/query`` (checking the origin's self-signatures and the
+notary's signature with a key configured for it). Concurrent asks for the same
+server share one fetch; a server whose fetch failed is not asked again until its
+back-off has passed. Fetched keys are stored with their validity, capped at
+seven days after the fetch (rooms/fragments/v5-signing-requirements.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import attrs
+from nacl.signing import VerifyKey
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .config import Notary
+from .core.ids import is_valid_server_name
+from .core.keys import decode_verify_key, is_valid_key_id
+from .core.signing import ServerVerifyKey, SignatureError, cap_valid_until_ts, verify_json
+from .store import ServerKeyRecord
+
+__all__ = ["IKeyFetchClient", "IKeyStore", "KeyFetchError", "Keyring"]
+
+log = Logger(namespace="federation_invite.keyring")
+
+_MIN_BACKOFF_MS = 60_000
+_MAX_BACKOFF_MS = 3_600_000
+
+
+class IKeyFetchClient(Protocol):
+    """The part of the federation client the keyring uses."""
+
+    def get_json(
+        self, destination: str, path: str, *, args: Any = None, signed: bool = True
+    ) -> Deferred[Any]: ...
+
+    def post_json(
+        self, destination: str, path: str, body: Any, *, signed: bool = True
+    ) -> Deferred[Any]: ...
+
+
+class IKeyStore(Protocol):
+    """The part of the store the keyring uses."""
+
+    def store_server_keys(self, records: Iterable[ServerKeyRecord]) -> Deferred[None]: ...
+
+    def get_server_keys(
+        self, server_name: str, key_ids: Iterable[str] | None = None
+    ) -> Deferred[dict[str, ServerKeyRecord]]: ...
+
+
+class KeyFetchError(ValueError):
+    """A key answer we refuse (wrong server, bad signature, malformed)."""
+
+
+def parse_key_response(
+    response: object, server_name: str, fetched_ts: int, source: str
+) -> list[ServerKeyRecord]:
+    """Check a ``/_matrix/key/v2/server`` document for ``server_name`` and turn it into records.
+
+    Every key in ``verify_keys`` must have signed the document (it is "signed
+    using the verify_keys", server-server-api "Publishing Keys"). Current keys'
+    ``valid_until_ts`` is capped at seven days after ``fetched_ts``.
+    """
+    if not isinstance(response, dict):
+        raise KeyFetchError("key response is not a JSON object")
+    if response.get("server_name") != server_name:
+        raise KeyFetchError(f"key response is for {str(response.get('server_name'))[:64]!r}")
+    valid_until_ts = response.get("valid_until_ts")
+    if isinstance(valid_until_ts, bool) or not isinstance(valid_until_ts, int):
+        raise KeyFetchError("key response has no integer valid_until_ts")
+    verify_keys = response.get("verify_keys")
+    old_verify_keys = response.get("old_verify_keys", {})
+    if not isinstance(verify_keys, dict) or not verify_keys:
+        raise KeyFetchError("key response has no verify_keys")
+    if not isinstance(old_verify_keys, dict):
+        raise KeyFetchError("old_verify_keys is not an object")
+    capped = cap_valid_until_ts(valid_until_ts, fetched_ts)
+    records = []
+    for key_id, entry in verify_keys.items():
+        verify_key = _decode_entry(key_id, entry)
+        try:
+            verify_json(
+                response, server_name, ServerVerifyKey(server_name, key_id, verify_key, None)
+            )
+        except SignatureError as exc:
+            raise KeyFetchError(f"key response not self-signed: {exc}") from None
+        records.append(
+            ServerKeyRecord(server_name, key_id, entry["key"], capped, None, fetched_ts, source)
+        )
+    for key_id, entry in old_verify_keys.items():
+        _decode_entry(key_id, entry)
+        expired_ts = entry.get("expired_ts")
+        if isinstance(expired_ts, bool) or not isinstance(expired_ts, int) or expired_ts < 0:
+            raise KeyFetchError(f"old key {key_id[:64]!r} has no valid expired_ts")
+        if key_id in verify_keys:
+            continue  # a key cannot be both current and old; the current entry wins
+        records.append(
+            ServerKeyRecord(server_name, key_id, entry["key"], None, expired_ts, fetched_ts, source)
+        )
+    return records
+
+
+def _decode_entry(key_id: object, entry: object) -> VerifyKey:
+    if not isinstance(key_id, str) or not is_valid_key_id(key_id):
+        raise KeyFetchError(f"unsupported key ID {str(key_id)[:64]!r}")
+    if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+        raise KeyFetchError(f"key {key_id} has no 'key'")
+    try:
+        return decode_verify_key(key_id, entry["key"])
+    except ValueError as exc:
+        raise KeyFetchError(f"key {key_id}: {exc}") from None
+
+
+def _to_verify_key(record: ServerKeyRecord) -> ServerVerifyKey:
+    return ServerVerifyKey(
+        record.server_name,
+        record.key_id,
+        decode_verify_key(record.key_id, record.verify_key),
+        record.valid_until_ts,
+        record.expired_ts,
+    )
+
+
+@attrs.define
+class _Backoff:
+    until_ms: int
+    delay_ms: int
+
+
+class Keyring:
+    """Finds, checks, caches and stores other servers' verify keys (see the module doc)."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        store: IKeyStore,
+        client: IKeyFetchClient,
+        *,
+        local_keys: Sequence[ServerVerifyKey] = (),
+        notaries: Sequence[Notary] = (),
+    ) -> None:
+        self._clock = clock
+        self._store = store
+        self._client = client
+        self._notaries = tuple(notaries)
+        self._memory: dict[str, dict[str, ServerVerifyKey]] = {}
+        for key in local_keys:
+            self._memory.setdefault(key.server_name, {})[key.key_id] = key
+        self._local_servers = frozenset(key.server_name for key in local_keys)
+        self._inflight: dict[str, list[Deferred[None]]] = {}
+        self._backoff: dict[str, _Backoff] = {}
+        #: Counters for tests, metrics and benchmarks.
+        self.fetches = 0
+        self.fetch_failures = 0
+
+    def _now_ms(self) -> int:
+        return int(self._clock.seconds() * 1000)
+
+    def cached_keys(self, server_name: str) -> Mapping[str, ServerVerifyKey]:
+        """The keys in memory for ``server_name`` (no I/O)."""
+        return self._memory.get(server_name, {})
+
+    def get_server_keys(
+        self, server_name: str, key_ids: Iterable[str], valid_at_ms: int
+    ) -> Deferred[dict[str, ServerVerifyKey]]:
+        """The requested keys that could be found (a key may be missing: callers decide).
+
+        A current key is refreshed when it is missing or its (capped)
+        ``valid_until_ts`` is before ``valid_at_ms``; old keys are final.
+        """
+        return Deferred.fromCoroutine(self._get(server_name, frozenset(key_ids), valid_at_ms))
+
+    def _satisfied(self, server_name: str, key_ids: frozenset[str], valid_at_ms: int) -> bool:
+        known = self._memory.get(server_name, {})
+        for key_id in key_ids:
+            key = known.get(key_id)
+            if key is None:
+                return False
+            if key.expired_ts is None and (key.valid_until_ts or 0) < valid_at_ms:
+                return False
+        return True
+
+    def _answer(self, server_name: str, key_ids: frozenset[str]) -> dict[str, ServerVerifyKey]:
+        known = self._memory.get(server_name, {})
+        return {key_id: known[key_id] for key_id in key_ids if key_id in known}
+
+    async def _get(
+        self, server_name: str, key_ids: frozenset[str], valid_at_ms: int
+    ) -> dict[str, ServerVerifyKey]:
+        if self._satisfied(server_name, key_ids, valid_at_ms) or server_name in self._local_servers:
+            return self._answer(server_name, key_ids)
+        if not is_valid_server_name(server_name):
+            return {}
+        await self._load_from_store(server_name)
+        if self._satisfied(server_name, key_ids, valid_at_ms):
+            return self._answer(server_name, key_ids)
+        backoff = self._backoff.get(server_name)
+        if backoff is None or self._now_ms() >= backoff.until_ms:
+            await self._shared_fetch(server_name, key_ids, valid_at_ms)
+        return self._answer(server_name, key_ids)
+
+    async def _load_from_store(self, server_name: str) -> None:
+        records = await self._store.get_server_keys(server_name)
+        self._remember(records.values())
+
+    def _remember(self, records: Iterable[ServerKeyRecord]) -> None:
+        for record in records:
+            try:
+                key = _to_verify_key(record)
+            except ValueError:
+                log.warn(
+                    "Ignoring an undecodable stored key {key_id} of {server}",
+                    key_id=record.key_id,
+                    server=record.server_name,
+                )
+                continue
+            known = self._memory.setdefault(record.server_name, {})
+            current = known.get(record.key_id)
+            # Keep the most useful of two answers for the same key: a current
+            # key with the later validity, and never downgrade current to old.
+            if current is None or _later(key, current):
+                known[record.key_id] = key
+
+    def _shared_fetch(
+        self, server_name: str, key_ids: frozenset[str], valid_at_ms: int
+    ) -> Deferred[None]:
+        waiter: Deferred[None] = Deferred()
+        waiters = self._inflight.get(server_name)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._inflight[server_name] = [waiter]
+
+        def done(_: object) -> None:
+            for each in self._inflight.pop(server_name, []):
+                each.callback(None)
+
+        fetch = Deferred.fromCoroutine(self._fetch(server_name, key_ids, valid_at_ms))
+        fetch.addErrback(lambda failure: log.failure("Key fetch crashed", failure))
+        fetch.addBoth(done)
+        return waiter
+
+    async def _fetch(self, server_name: str, key_ids: frozenset[str], valid_at_ms: int) -> None:
+        """Fetch directly, then from notaries; record success or back off."""
+        self.fetches += 1
+        found = await self._fetch_direct(server_name)
+        if not found or not self._satisfied(server_name, key_ids, valid_at_ms):
+            for notary in self._notaries:
+                if await self._fetch_from_notary(notary, server_name, key_ids, valid_at_ms):
+                    found = True
+                if self._satisfied(server_name, key_ids, valid_at_ms):
+                    break
+        if found and self._satisfied(server_name, key_ids, valid_at_ms):
+            self._backoff.pop(server_name, None)
+            return
+        self.fetch_failures += 1
+        previous = self._backoff.get(server_name)
+        delay = _MIN_BACKOFF_MS if previous is None else min(previous.delay_ms * 2, _MAX_BACKOFF_MS)
+        self._backoff[server_name] = _Backoff(self._now_ms() + delay, delay)
+        log.info(
+            "Keys of {server} unavailable; not asking again for {seconds} s",
+            server=server_name,
+            seconds=delay // 1000,
+        )
+
+    async def _fetch_direct(self, server_name: str) -> bool:
+        try:
+            response = await self._client.get_json(
+                server_name, "/_matrix/key/v2/server", signed=False
+            )
+            records = parse_key_response(response, server_name, self._now_ms(), server_name)
+        except Exception as exc:
+            log.info(
+                "Fetching keys from {server} failed: {reason}",
+                server=server_name,
+                reason=_describe(exc),
+            )
+            return False
+        await self._keep(records)
+        return True
+
+    async def _fetch_from_notary(
+        self, notary: Notary, server_name: str, key_ids: frozenset[str], valid_at_ms: int
+    ) -> bool:
+        body = {
+            "server_keys": {
+                server_name: {key_id: {"minimum_valid_until_ts": valid_at_ms} for key_id in key_ids}
+            }
+        }
+        try:
+            response = await self._client.post_json(
+                notary.server_name, "/_matrix/key/v2/query", body
+            )
+            records = self._parse_notary_response(notary, server_name, response)
+        except Exception as exc:
+            log.info(
+                "Notary {notary} gave no keys for {server}: {reason}",
+                notary=notary.server_name,
+                server=server_name,
+                reason=_describe(exc),
+            )
+            return False
+        await self._keep(records)
+        return bool(records)
+
+    def _parse_notary_response(
+        self, notary: Notary, server_name: str, response: object
+    ) -> list[ServerKeyRecord]:
+        if not isinstance(response, dict) or not isinstance(response.get("server_keys"), list):
+            raise KeyFetchError("notary response has no server_keys list")
+        records: list[ServerKeyRecord] = []
+        now_ms = self._now_ms()
+        for document in response["server_keys"]:
+            if not isinstance(document, dict) or document.get("server_name") != server_name:
+                continue  # answers about other servers are not what we asked
+            self._check_notary_signature(notary, document)
+            records.extend(parse_key_response(document, server_name, now_ms, notary.server_name))
+        if not records:
+            raise KeyFetchError(f"notary returned no keys for {server_name}")
+        return records
+
+    @staticmethod
+    def _check_notary_signature(notary: Notary, document: dict[str, Any]) -> None:
+        problems = []
+        for key_id, key in notary.verify_keys:
+            verify_key = decode_verify_key(key_id, key)
+            try:
+                verify_json(
+                    document,
+                    notary.server_name,
+                    ServerVerifyKey(notary.server_name, key_id, verify_key, None),
+                )
+                return
+            except SignatureError as exc:
+                problems.append(str(exc))
+        raise KeyFetchError("notary signature invalid: " + "; ".join(problems))
+
+    async def _keep(self, records: list[ServerKeyRecord]) -> None:
+        self._remember(records)
+        try:
+            await self._store.store_server_keys(records)
+        except Exception as exc:
+            # The keys were checked and are usable now; failing to persist
+            # them only costs a refetch later.
+            log.warn("Could not store fetched keys: {reason}", reason=_describe(exc))
+
+
+def _later(new: ServerVerifyKey, old: ServerVerifyKey) -> bool:
+    if new.expired_ts is None and old.expired_ts is not None:
+        return True
+    if new.expired_ts is not None and old.expired_ts is None:
+        return False
+    if new.expired_ts is None:
+        return (new.valid_until_ts or 0) >= (old.valid_until_ts or 0)
+    return new.expired_ts >= (old.expired_ts or 0)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -1,0 +1,37 @@
+"""Tests for federation_invite.core.globs."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from federation_invite.core.globs import GlobList
+
+
+class GlobListTests(SynchronousTestCase):
+    def test_empty_matches_nothing(self) -> None:
+        """An empty list matches nothing and is falsy."""
+        globs = GlobList.of([])
+        self.assertFalse(globs)
+        self.assertFalse(globs.matches("anything"))
+
+    def test_star_and_question(self) -> None:
+        """'*' matches any run (including none) and '?' one character, on the whole value."""
+        globs = GlobList.of(["*.evil.example", "spam?.org"])
+        self.assertTrue(globs.matches("a.evil.example"))
+        self.assertTrue(globs.matches(".evil.example"))
+        self.assertFalse(globs.matches("evil.example"))
+        self.assertTrue(globs.matches("spam1.org"))
+        self.assertFalse(globs.matches("spam12.org"))
+        self.assertFalse(globs.matches("xspam1.org.uk"))
+
+    def test_case(self) -> None:
+        """Server-name lists ignore case; user-ID lists do not."""
+        self.assertTrue(GlobList.of(["EVIL.example"], ignore_case=True).matches("evil.EXAMPLE"))
+        self.assertFalse(GlobList.of(["@Spam:*"]).matches("@spam:x"))
+
+    def test_regex_characters_are_literal(self) -> None:
+        """Characters special to regular expressions match literally."""
+        globs = GlobList.of(["a+b.(c)"])
+        self.assertTrue(globs.matches("a+b.(c)"))
+        self.assertFalse(globs.matches("aab.(c)"))
+        self.assertFalse(globs.matches("a+bx(c)"))

@@ -1,0 +1,133 @@
+"""Shared test helpers: keys, an in-memory key store, a fake federation of servers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from signedjson.key import generate_signing_key
+from signedjson.types import SigningKey
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.web.resource import Resource
+
+from federation_invite.core.keys import key_id_of, verify_key_of
+from federation_invite.core.signing import ServerVerifyKey
+from federation_invite.store import ServerKeyRecord
+from federation_invite.web.keys import KeyServerResource
+
+#: 2023-11-14T22:13:20Z: a fixed "now" for Clock-driven tests.
+NOW_S = 1_700_000_000
+
+
+def make_clock() -> Clock:
+    clock = Clock()
+    clock.advance(NOW_S)
+    return clock
+
+
+def make_key(version: str = "k1") -> SigningKey:
+    key: SigningKey = generate_signing_key(version)
+    return key
+
+
+def local_verify_key(
+    server_name: str, key: SigningKey, valid_until_ts: int = 2**53 - 1
+) -> ServerVerifyKey:
+    return ServerVerifyKey(server_name, key_id_of(key), verify_key_of(key), valid_until_ts)
+
+
+class MemoryKeyStore:
+    """The key half of the store, in memory, with call counting."""
+
+    def __init__(self) -> None:
+        self.keys: dict[tuple[str, str], ServerKeyRecord] = {}
+        self.reads = 0
+        self.fail_writes = False
+
+    def store_server_keys(self, records: Iterable[ServerKeyRecord]) -> Deferred[None]:
+        if self.fail_writes:
+            return fail(RuntimeError("disk full"))
+        for record in records:
+            self.keys[(record.server_name, record.key_id)] = record
+        return succeed(None)
+
+    def get_server_keys(
+        self, server_name: str, key_ids: Iterable[str] | None = None
+    ) -> Deferred[dict[str, ServerKeyRecord]]:
+        self.reads += 1
+        wanted = None if key_ids is None else set(key_ids)
+        return succeed(
+            {
+                key_id: record
+                for (name, key_id), record in self.keys.items()
+                if name == server_name and (wanted is None or key_id in wanted)
+            }
+        )
+
+
+class Unreachable(Exception):
+    """Stands in for the federation client's transport failure."""
+
+
+class FakeFederation:
+    """A federation client whose servers are in-memory resources (through StubTreq).
+
+    ``servers[name]`` is a resource tree serving ``/_matrix/...``; a name that
+    is missing is unreachable; ``hold`` makes calls to a name wait on a
+    Deferred the test fires. Every call is recorded in ``calls``.
+    """
+
+    def __init__(self) -> None:
+        self.servers: dict[str, Resource] = {}
+        self.calls: list[tuple[str, str, str, Any]] = []
+        self.hold: dict[str, Deferred[None]] = {}
+
+    def add_key_server(
+        self, clock: Clock, server_name: str, keys: list[SigningKey], validity_ms: int = 86_400_000
+    ) -> KeyServerResource:
+        from federation_invite.service import build_site_root
+        from federation_invite.web.tree import build_matrix_tree
+
+        resource = KeyServerResource(clock, server_name, keys, validity_ms=validity_ms)
+        self.servers[server_name] = build_site_root(build_matrix_tree(resource))
+        return resource
+
+    def _request(self, method: str, destination: str, path: str, body: Any = None) -> Deferred[Any]:
+        self.calls.append((method, destination, path, body))
+        if destination in self.hold:
+            held = self.hold[destination]
+            return held.addCallback(lambda _: self._now(method, destination, path, body))
+        return self._now(method, destination, path, body)
+
+    def _now(self, method: str, destination: str, path: str, body: Any) -> Deferred[Any]:
+        resource = self.servers.get(destination)
+        if resource is None:
+            return fail(Unreachable(destination))
+        client = StubTreq(resource)
+        data = None if body is None else json.dumps(body).encode()
+        response = client.request(method, f"https://{destination}{path}", data=data)
+
+        async def read() -> Any:
+            answer = await response
+            content = await answer.content()
+            if answer.code != 200:
+                raise Unreachable(f"{destination} answered {answer.code}")
+            return json.loads(content)
+
+        return Deferred.fromCoroutine(read())
+
+    def get_json(
+        self, destination: str, path: str, *, args: Any = None, signed: bool = True
+    ) -> Deferred[Any]:
+        return self._request("GET", destination, path)
+
+    def post_json(
+        self, destination: str, path: str, body: Any, *, signed: bool = True
+    ) -> Deferred[Any]:
+        return self._request("POST", destination, path, body)
+
+    def count(self, destination: str) -> int:
+        return sum(1 for call in self.calls if call[1] == destination)

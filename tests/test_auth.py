@@ -1,0 +1,212 @@
+"""Tests for request authentication: every rule of the keys issue's table, exact status and errcode."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Request
+
+from federation_invite.auth import RequestAuthenticator, ServerAcl
+from federation_invite.core.keys import key_id_of
+from federation_invite.core.xmatrix import XMatrixAuth, format_xmatrix, sign_request
+from federation_invite.keyring import Keyring
+from federation_invite.service import build_site_root
+from federation_invite.web._base import MatrixResource, render_async
+from federation_invite.web.tree import build_matrix_tree
+
+from .support import FakeFederation, MemoryKeyStore, make_clock, make_key
+
+US = "us.example"
+THEM = "them.example"
+PATH = "/_matrix/federation/v1/thing/%21room%3Aus.example?x=1"
+
+
+class Echo(MatrixResource):
+    """Authenticates the request and answers with the origin."""
+
+    isLeaf = True
+
+    def __init__(self, authenticator: RequestAuthenticator) -> None:
+        super().__init__()
+        self.authenticator = authenticator
+
+    def _serve(self, request: Request) -> int:
+        body = request.content.read()
+        content = json.loads(body) if body else None
+
+        async def work() -> tuple[int, Any]:
+            origin = await self.authenticator.authenticate(request, content)
+            return 200, {"origin": origin}
+
+        return render_async(request, work)
+
+    render_GET = render_PUT = _serve
+
+
+class RequestAuthenticationTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = make_clock()
+        self.federation = FakeFederation()
+        self.their_key = make_key("t1")
+        self.federation.add_key_server(self.clock, THEM, [self.their_key])
+        self.make_server()
+
+    def make_server(self, acl: ServerAcl | None = None) -> None:
+        self.store = MemoryKeyStore()
+        keyring = Keyring(self.clock, self.store, self.federation)
+        authenticator = RequestAuthenticator(self.clock, US, keyring, acl)
+        matrix = build_matrix_tree(
+            MatrixResource(), {(b"federation", b"v1", b"thing"): Echo(authenticator)}
+        )
+        self.client = StubTreq(build_site_root(matrix))
+
+    def send(
+        self,
+        method: str = "PUT",
+        content: Any = None,
+        headers: list[str] | None = None,
+        path: str = PATH,
+    ) -> tuple[int, Any]:
+        if content is None and method == "PUT":
+            content = {"a": 1}
+        if headers is None:
+            headers = [sign_request(self.their_key, THEM, US, method, path, content)]
+        data = None if content is None else json.dumps(content).encode()
+        response = self.successResultOf(
+            self.client.request(
+                method, "https://us.example" + path, data=data, headers={"Authorization": headers}
+            )
+        )
+        return response.code, json.loads(self.successResultOf(response.content()))
+
+    def assertRefused(self, status: int, errcode: str, **kwargs: Any) -> str:
+        code, body = self.send(**kwargs)
+        self.assertEqual((code, body["errcode"]), (status, errcode), body)
+        return str(body["error"])
+
+    def header(self, **params: Any) -> str:
+        auth = {
+            "origin": THEM,
+            "destination": US,
+            "key_id": key_id_of(self.their_key),
+            "signature": "x",
+        }
+        auth.update(params)
+        return format_xmatrix(XMatrixAuth(**auth))
+
+    def test_valid_put_and_get(self) -> None:
+        """A correctly signed request (with and without a body) authenticates as its origin."""
+        self.assertEqual(self.send("PUT"), (200, {"origin": THEM}))
+        self.assertEqual(self.send("GET"), (200, {"origin": THEM}))
+
+    def test_second_instance_fetches_our_published_key(self) -> None:
+        """A fresh server fetches the key through /_matrix/key/v2/server and verifies our request."""
+        self.assertEqual(self.send(), (200, {"origin": THEM}))
+        self.assertEqual(self.federation.count(THEM), 1)
+        self.assertIn((THEM, key_id_of(self.their_key)), self.store.keys)
+
+    def test_missing_header(self) -> None:
+        """No X-Matrix header: 401 M_UNAUTHORIZED."""
+        self.assertRefused(401, "M_UNAUTHORIZED", headers=[])
+        self.assertRefused(401, "M_UNAUTHORIZED", headers=["Bearer abc"])
+
+    def test_unparseable_header(self) -> None:
+        """An X-Matrix header we cannot parse: 401 M_UNAUTHORIZED."""
+        error = self.assertRefused(401, "M_UNAUTHORIZED", headers=['X-Matrix origin="unterminated'])
+        self.assertIn("Malformed", error)
+
+    def test_wrong_destination(self) -> None:
+        """A destination that is not our server name: 401 M_UNAUTHORIZED."""
+        header = sign_request(self.their_key, THEM, "other.example", "PUT", PATH, {"a": 1})
+        error = self.assertRefused(401, "M_UNAUTHORIZED", headers=[header])
+        self.assertIn("not this server", error)
+
+    def test_no_destination_accepted(self) -> None:
+        """A header without destination (older senders) is verified against our own name."""
+        signed = sign_request(self.their_key, THEM, US, "PUT", PATH, {"a": 1})
+        sig = signed.rsplit('sig="', 1)[1].rstrip('"')
+        header = format_xmatrix(XMatrixAuth(THEM, None, key_id_of(self.their_key), sig))
+        self.assertEqual(self.send(headers=[header]), (200, {"origin": THEM}))
+
+    def test_invalid_origin(self) -> None:
+        """An origin that is not a server name: 401 M_UNAUTHORIZED, no fetch."""
+        self.assertRefused(401, "M_UNAUTHORIZED", headers=[self.header(origin="bad origin!")])
+        self.assertEqual(self.federation.calls, [])
+
+    def test_invalid_key_id(self) -> None:
+        """A key that is not an ed25519 key ID: 401 M_UNAUTHORIZED."""
+        self.assertRefused(401, "M_UNAUTHORIZED", headers=[self.header(key_id="rsa:1")])
+
+    def test_denied_origin_before_key_fetch(self) -> None:
+        """An origin denied by the server ACL: 403 M_FORBIDDEN, decided before any key fetch."""
+        self.make_server(ServerAcl.of(deny=("*.EXAMPLE",)))
+        self.assertRefused(403, "M_FORBIDDEN")
+        self.assertEqual(self.federation.calls, [])
+
+    def test_not_on_allow_list(self) -> None:
+        """An origin outside a restrictive allow list: 403 M_FORBIDDEN."""
+        self.make_server(ServerAcl.of(allow=("friend.example",)))
+        self.assertRefused(403, "M_FORBIDDEN")
+
+    def test_bad_signature(self) -> None:
+        """A signature that does not verify: 401 M_UNAUTHORIZED saying so."""
+        header = sign_request(self.their_key, THEM, US, "PUT", PATH, {"a": 2})
+        error = self.assertRefused(401, "M_UNAUTHORIZED", headers=[header])
+        self.assertIn("Invalid X-Matrix signature", error)
+
+    def test_signature_covers_uri_and_method(self) -> None:
+        """A signature for another path or method does not authenticate this request."""
+        other_path = sign_request(self.their_key, THEM, US, "PUT", PATH + "&y=2", {"a": 1})
+        self.assertRefused(401, "M_UNAUTHORIZED", headers=[other_path])
+        other_method = sign_request(self.their_key, THEM, US, "POST", PATH, {"a": 1})
+        self.assertRefused(401, "M_UNAUTHORIZED", headers=[other_method])
+
+    def test_key_unobtainable(self) -> None:
+        """The origin's key cannot be obtained: 401 M_UNAUTHORIZED saying so."""
+        self.federation.servers.pop(THEM)
+        error = self.assertRefused(401, "M_UNAUTHORIZED")
+        self.assertIn("Could not obtain key", error)
+
+    def test_unknown_key_id(self) -> None:
+        """A key ID the origin does not publish: 401 M_UNAUTHORIZED (could not obtain)."""
+        stranger = make_key("zz")
+        header = sign_request(stranger, THEM, US, "PUT", PATH, {"a": 1})
+        error = self.assertRefused(401, "M_UNAUTHORIZED", headers=[header])
+        self.assertIn("Could not obtain key", error)
+
+    def test_old_key_refused_for_requests(self) -> None:
+        """A key the origin lists only in old_verify_keys never authenticates a request."""
+        from federation_invite.core.keys import verify_key_of
+        from federation_invite.core.signing import ServerVerifyKey
+
+        old = make_key("old")
+        keyring = Keyring(self.clock, MemoryKeyStore(), self.federation)
+        keyring._memory[THEM] = {
+            key_id_of(old): ServerVerifyKey(
+                THEM, key_id_of(old), verify_key_of(old), None, expired_ts=2**40
+            )
+        }
+        authenticator = RequestAuthenticator(self.clock, US, keyring)
+        matrix = build_matrix_tree(
+            MatrixResource(), {(b"federation", b"v1", b"thing"): Echo(authenticator)}
+        )
+        self.client = StubTreq(build_site_root(matrix))
+        header = sign_request(old, THEM, US, "PUT", PATH, {"a": 1})
+        error = self.assertRefused(401, "M_UNAUTHORIZED", headers=[header])
+        self.assertIn("old key", error)
+
+    def test_expired_key_refused(self) -> None:
+        """A key whose validity has passed and that cannot be refreshed: 401 M_UNAUTHORIZED."""
+        self.send()
+        self.federation.servers.pop(THEM)
+        self.clock.advance(2 * 86400)
+        error = self.assertRefused(401, "M_UNAUTHORIZED")
+        self.assertIn("expired", error)
+
+    def test_conflicting_headers(self) -> None:
+        """Several X-Matrix headers naming different origins: 401 M_UNAUTHORIZED."""
+        good = sign_request(self.their_key, THEM, US, "PUT", PATH, {"a": 1})
+        self.assertRefused(401, "M_UNAUTHORIZED", headers=[good, self.header(origin="x.example")])

@@ -1,0 +1,287 @@
+"""Tests for the keyring: memory, store, direct fetch, notaries, sharing, back-off, validity."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Request
+
+from federation_invite.config import Notary
+from federation_invite.core.keys import encode_verify_key, key_id_of, verify_key_of
+from federation_invite.core.signing import SEVEN_DAYS_MS, sign_json
+from federation_invite.keyring import KeyFetchError, Keyring, parse_key_response
+from federation_invite.web._base import MatrixResource, write_json
+from federation_invite.web.keys import server_keys_document
+
+from .support import NOW_S, FakeFederation, MemoryKeyStore, make_clock, make_key
+
+NOW_MS = NOW_S * 1000
+DAY_MS = 86_400_000
+
+
+class NotaryQuery(MatrixResource):
+    """POST /_matrix/key/v2/query of a notary that answers from the documents it holds."""
+
+    isLeaf = True
+
+    def __init__(
+        self, notary_name: str, notary_key: Any, documents: dict[str, dict[str, Any]]
+    ) -> None:
+        super().__init__()
+        self.notary_name = notary_name
+        self.notary_key = notary_key
+        self.documents = documents
+        self.queries: list[Any] = []
+
+    def render_POST(self, request: Request) -> bytes:
+        query = json.loads(request.content.read())
+        self.queries.append(query)
+        answers = [
+            sign_json(self.documents[name], self.notary_name, self.notary_key)
+            for name in query["server_keys"]
+            if name in self.documents
+        ]
+        return write_json(request, 200, {"server_keys": answers})
+
+
+class KeyringTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = make_clock()
+        self.store = MemoryKeyStore()
+        self.federation = FakeFederation()
+        self.remote_key = make_key("r1")
+        self.key_id = key_id_of(self.remote_key)
+        self.federation.add_key_server(self.clock, "remote.example", [self.remote_key])
+        self.keyring = Keyring(self.clock, self.store, self.federation)
+
+    def get(
+        self, keyring: Keyring | None = None, server: str = "remote.example", valid_at: int = NOW_MS
+    ) -> dict[str, Any]:
+        keyring = keyring or self.keyring
+        return self.successResultOf(keyring.get_server_keys(server, [self.key_id], valid_at))
+
+    def test_direct_fetch_then_memory(self) -> None:
+        """An unknown server's key is fetched once, stored, then served from memory."""
+        keys = self.get()
+        key = keys[self.key_id]
+        self.assertEqual(key.verify_key, verify_key_of(self.remote_key))
+        self.assertEqual(key.valid_until_ts, NOW_MS + DAY_MS)
+        self.assertEqual(self.federation.count("remote.example"), 1)
+        stored = self.store.keys[("remote.example", self.key_id)]
+        self.assertEqual(
+            (stored.valid_until_ts, stored.fetched_ts, stored.source),
+            (NOW_MS + DAY_MS, NOW_MS, "remote.example"),
+        )
+        reads = self.store.reads
+        self.get()
+        self.assertEqual(self.federation.count("remote.example"), 1)
+        self.assertEqual(self.store.reads, reads)
+
+    def test_seven_day_cap(self) -> None:
+        """A key published as valid for 30 days is kept as valid for 7 (v5 signing requirements)."""
+        self.federation.add_key_server(
+            self.clock, "long.example", [self.remote_key], validity_ms=30 * DAY_MS
+        )
+        key = self.get(server="long.example")[self.key_id]
+        self.assertEqual(key.valid_until_ts, NOW_MS + SEVEN_DAYS_MS)
+
+    def test_store_reused_across_restart(self) -> None:
+        """A second keyring on the same store (a restart, another worker) does not refetch."""
+        self.get()
+        fresh = Keyring(self.clock, self.store, self.federation)
+        self.assertIn(self.key_id, self.get(fresh))
+        self.assertEqual(self.federation.count("remote.example"), 1)
+
+    def test_expiry_triggers_refetch(self) -> None:
+        """A cached key that is no longer valid at the asked time is fetched again."""
+        self.get()
+        self.clock.advance(DAY_MS // 1000 + 1)
+        key = self.get(valid_at=int(self.clock.seconds() * 1000))[self.key_id]
+        self.assertEqual(self.federation.count("remote.example"), 2)
+        self.assertEqual(key.valid_until_ts, int(self.clock.seconds() * 1000) + DAY_MS)
+
+    def test_concurrent_asks_share_one_fetch(self) -> None:
+        """Two verifications of the same unknown server at once cause exactly one fetch."""
+        from twisted.internet.defer import Deferred
+
+        gate: Deferred[None] = Deferred()
+        self.federation.hold["remote.example"] = gate
+        first = self.keyring.get_server_keys("remote.example", [self.key_id], NOW_MS)
+        second = self.keyring.get_server_keys("remote.example", [self.key_id], NOW_MS)
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        gate.callback(None)
+        self.assertIn(self.key_id, self.successResultOf(first))
+        self.assertIn(self.key_id, self.successResultOf(second))
+        self.assertEqual(self.federation.count("remote.example"), 1)
+
+    def test_cancelled_waiter_does_not_cancel_fetch(self) -> None:
+        """A caller that gives up does not cancel the shared fetch for the others."""
+        from twisted.internet.defer import CancelledError, Deferred
+
+        gate: Deferred[None] = Deferred()
+        self.federation.hold["remote.example"] = gate
+        first = self.keyring.get_server_keys("remote.example", [self.key_id], NOW_MS)
+        second = self.keyring.get_server_keys("remote.example", [self.key_id], NOW_MS)
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        gate.callback(None)
+        self.assertIn(self.key_id, self.successResultOf(second))
+
+    def test_backoff_after_failure(self) -> None:
+        """A dead server is asked once, then not again until its back-off (1 min, doubling) passes."""
+        self.assertEqual(self.get(server="dead.example"), {})
+        self.assertEqual(self.federation.count("dead.example"), 1)
+        self.assertEqual(self.get(server="dead.example"), {})
+        self.assertEqual(self.federation.count("dead.example"), 1)
+        self.clock.advance(60)
+        self.get(server="dead.example")
+        self.assertEqual(self.federation.count("dead.example"), 2)
+        self.clock.advance(60)
+        self.get(server="dead.example")
+        self.assertEqual(self.federation.count("dead.example"), 2)
+        self.clock.advance(60)
+        self.get(server="dead.example")
+        self.assertEqual(self.federation.count("dead.example"), 3)
+        self.assertEqual(self.keyring.fetch_failures, 3)
+
+    def test_backoff_reset_on_success(self) -> None:
+        """Once the server answers again, its back-off is forgotten."""
+        self.get(server="flaky.example")
+        self.clock.advance(61)
+        self.federation.add_key_server(self.clock, "flaky.example", [self.remote_key])
+        self.assertIn(self.key_id, self.get(server="flaky.example"))
+        self.assertEqual(self.keyring._backoff, {})
+
+    def test_invalid_server_name_not_fetched(self) -> None:
+        """An invalid server name is never fetched."""
+        self.assertEqual(self.get(server="bad name"), {})
+        self.assertEqual(self.federation.calls, [])
+
+    def test_store_write_failure_is_not_fatal(self) -> None:
+        """Keys that were fetched and checked are used even if storing them fails."""
+        self.store.fail_writes = True
+        self.assertIn(self.key_id, self.get())
+
+    def test_local_keys_never_fetched(self) -> None:
+        """Our own keys are answered from memory without any request."""
+        from .support import local_verify_key
+
+        ours = make_key("me")
+        keyring = Keyring(
+            self.clock,
+            self.store,
+            self.federation,
+            local_keys=[local_verify_key("me.example", ours)],
+        )
+        keys = self.successResultOf(
+            keyring.get_server_keys("me.example", [key_id_of(ours)], NOW_MS)
+        )
+        self.assertEqual(keys[key_id_of(ours)].verify_key, verify_key_of(ours))
+        self.assertEqual(self.federation.calls, [])
+
+
+class NotaryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = make_clock()
+        self.store = MemoryKeyStore()
+        self.federation = FakeFederation()
+        self.remote_key = make_key("r1")
+        self.key_id = key_id_of(self.remote_key)
+        self.notary_key = make_key("n1")
+        document = server_keys_document("down.example", [self.remote_key], [], NOW_MS, DAY_MS)
+        self.notary = NotaryQuery("notary.example", self.notary_key, {"down.example": document})
+        from federation_invite.service import build_site_root
+        from federation_invite.web.tree import build_matrix_tree
+
+        matrix = build_matrix_tree(MatrixResource(), {(b"key", b"v2", b"query"): self.notary})
+        self.federation.servers["notary.example"] = build_site_root(matrix)
+
+    def keyring(self, notary_key: Any = None) -> Keyring:
+        key = notary_key or self.notary_key
+        notary = Notary(
+            "notary.example", ((key_id_of(key), encode_verify_key(verify_key_of(key))),)
+        )
+        return Keyring(self.clock, self.store, self.federation, notaries=[notary])
+
+    def test_notary_fallback(self) -> None:
+        """When the server itself is down, its keys come from a notary whose signature holds."""
+        keys = self.successResultOf(
+            self.keyring().get_server_keys("down.example", [self.key_id], NOW_MS)
+        )
+        self.assertEqual(keys[self.key_id].verify_key, verify_key_of(self.remote_key))
+        self.assertEqual(
+            self.notary.queries,
+            [{"server_keys": {"down.example": {self.key_id: {"minimum_valid_until_ts": NOW_MS}}}}],
+        )
+        self.assertEqual(self.store.keys[("down.example", self.key_id)].source, "notary.example")
+
+    def test_notary_bad_signature_refused(self) -> None:
+        """A notary answer not signed by the notary key we configured is refused."""
+        keyring = self.keyring(notary_key=make_key("other"))
+        keys = self.successResultOf(keyring.get_server_keys("down.example", [self.key_id], NOW_MS))
+        self.assertEqual(keys, {})
+        self.assertEqual(self.store.keys, {})
+
+    def test_notary_forged_origin_signature_refused(self) -> None:
+        """A notary answer whose origin self-signature is forged is refused."""
+        impostor = make_key("r1")  # same key ID, different key
+        self.notary.documents["down.example"] = server_keys_document(
+            "down.example", [impostor], [], NOW_MS, DAY_MS
+        )
+        self.notary.documents["down.example"]["verify_keys"] = {
+            self.key_id: {"key": encode_verify_key(verify_key_of(self.remote_key))}
+        }
+        keys = self.successResultOf(
+            self.keyring().get_server_keys("down.example", [self.key_id], NOW_MS)
+        )
+        self.assertEqual(keys, {})
+
+
+class ParseKeyResponseTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.key = make_key("a")
+        self.document = server_keys_document("s.example", [self.key], [], NOW_MS, DAY_MS)
+
+    def refused(self, document: Any, server: str = "s.example") -> str:
+        return str(
+            self.assertRaises(KeyFetchError, parse_key_response, document, server, NOW_MS, "x")
+        )
+
+    def test_old_keys(self) -> None:
+        """old_verify_keys become records with expired_ts and no validity."""
+        from federation_invite.config import OldKey
+
+        old = make_key("old")
+        old_entry = OldKey("ed25519:old", encode_verify_key(verify_key_of(old)), 5)
+        document = server_keys_document("s.example", [self.key], [old_entry], NOW_MS, DAY_MS)
+        records = {r.key_id: r for r in parse_key_response(document, "s.example", NOW_MS, "x")}
+        self.assertEqual(
+            (records["ed25519:old"].expired_ts, records["ed25519:old"].valid_until_ts), (5, None)
+        )
+        self.assertEqual(records["ed25519:a"].valid_until_ts, NOW_MS + DAY_MS)
+
+    def test_refusals(self) -> None:
+        """Each malformed or unsigned key document is refused with a reason."""
+        self.assertIn("not a JSON object", self.refused([]))
+        self.assertIn("is for", self.refused(self.document, server="other.example"))
+        self.assertIn("valid_until_ts", self.refused({**self.document, "valid_until_ts": "x"}))
+        self.assertIn("no verify_keys", self.refused({**self.document, "verify_keys": {}}))
+        self.assertIn("old_verify_keys", self.refused({**self.document, "old_verify_keys": []}))
+        self.assertIn(
+            "unsupported key ID",
+            self.refused({**self.document, "verify_keys": {"rsa:1": {"key": "x"}}}),
+        )
+        self.assertIn("no 'key'", self.refused({**self.document, "verify_keys": {"ed25519:a": {}}}))
+        self.assertIn(
+            "bytes", self.refused({**self.document, "verify_keys": {"ed25519:a": {"key": "AAAA"}}})
+        )
+        self.assertIn("self-signed", self.refused({**self.document, "valid_until_ts": NOW_MS + 1}))
+        unsigned = {k: v for k, v in self.document.items() if k != "signatures"}
+        self.assertIn("self-signed", self.refused(unsigned))
+        unsigned["old_verify_keys"] = {
+            "ed25519:o": {"key": self.document["verify_keys"]["ed25519:a"]["key"]}
+        }
+        self.assertIn("expired_ts", self.refused(sign_json(unsigned, "s.example", self.key)))
