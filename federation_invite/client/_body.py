@@ -1,0 +1,89 @@
+"""Read an HTTP response body into memory, refusing to read more than a cap."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+
+__all__ = ["BodyTooLarge", "read_body"]
+
+
+class BodyTooLarge(Exception):
+    """The response body is longer than the caller is willing to read."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        super().__init__(f"response body exceeds {max_bytes} bytes")
+
+
+class _CappedReader(Protocol):
+    def __init__(self, finished: Deferred[bytes], max_bytes: int) -> None:
+        self._finished = finished
+        self._max_bytes = max_bytes
+        self._chunks: list[bytes] = []
+        self._length = 0
+        self.done = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done:
+            return
+        self._length += len(data)
+        if self._length > self._max_bytes:
+            self.done = True
+            self._chunks.clear()
+            self.abort()
+            self._finished.errback(BodyTooLarge(self._max_bytes))
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if self.done:
+            return
+        self.done = True
+        # PotentialDataLoss: an HTTP/1.0-style body delimited by the connection
+        # closing; what arrived is all there is.
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._finished.callback(b"".join(self._chunks))
+        else:
+            self._finished.errback(reason)
+
+    def abort(self) -> None:
+        """Stop reading: the connection is dropped rather than drained."""
+        # The transport handed to a body protocol is an IPushProducer proxy.
+        transport: Any = self.transport
+        if transport is not None:
+            transport.stopProducing()
+
+
+def _discard_body(response: IResponse) -> None:
+    reader = _CappedReader(Deferred(), 0)
+    reader.done = True
+    response.deliverBody(reader)
+    reader.abort()
+
+
+def read_body(response: IResponse, max_bytes: int) -> Deferred[bytes]:
+    """The whole body of ``response``; fails with ``BodyTooLarge`` past ``max_bytes``.
+
+    A declared ``Content-Length`` over the cap fails at once without reading.
+    Cancelling the returned Deferred drops the connection.
+    """
+    if response.length is not UNKNOWN_LENGTH and response.length > max_bytes:
+        _discard_body(response)
+        return fail(BodyTooLarge(max_bytes))
+    reader: _CappedReader
+
+    def cancel(_: Deferred[Any]) -> None:
+        reader.done = True
+        reader.abort()
+
+    finished: Deferred[bytes] = Deferred(cancel)
+    reader = _CappedReader(finished, max_bytes)
+    response.deliverBody(reader)
+    return finished

@@ -1,0 +1,357 @@
+"""``FederationClient``: signed JSON requests to other Matrix servers.
+
+Every request is signed with ``X-Matrix`` over the exact path and query sent,
+carries a canonical JSON body when it has one, is bounded in time and in
+response size, and ends in one of three ways: the parsed JSON answer, a
+``RemoteError`` (the peer said no, or said something unusable) or a
+``TransportError`` (no answer). A destination that keeps failing is left alone
+for a while (``BackoffError``) instead of being retried on every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import attrs
+from OpenSSL import SSL
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
+from twisted.internet.interfaces import IConsumer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer
+from zope.interface import implementer
+
+from .._version import __version__
+from ..config import DEFAULT_IP_BLOCKLIST
+from ..core.canonical import encode_canonical_json, parse_json
+from ..core.ids import parse_server_name
+from ..core.xmatrix import sign_request
+from ._body import BodyTooLarge, read_body
+from .agent import CONNECT_TIMEOUT, FederationAgent, make_connection_pool
+from .discovery import ServerResolver
+from .errors import BackoffError, BlockedAddressError, RemoteError, TransportError
+from .iprange import BlocklistingReactor, IPRangeFilter
+from .tls import FederationTLSPolicy
+
+__all__ = ["FederationClient"]
+
+_log = Logger()
+
+_USER_AGENT = f"federation-invite/{__version__}".encode("ascii")
+#: Longest error message from a peer that we keep.
+_MAX_MESSAGE = 500
+
+
+@attrs.define
+class _Backoff:
+    failures: int
+    retry_at: float
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """Writes a request body held in memory, at once."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class FederationClient:
+    """Sends signed JSON requests to other servers and returns their JSON answers.
+
+    ``reactor`` is used for connections and time (tests pass a ``Clock`` and
+    an ``agent``); ``server_name`` and ``signing_key`` sign every request.
+    Without ``agent``, requests go through a ``FederationAgent``: server
+    discovery, TLS verified unless ``verify_tls`` is False (test deployments
+    only; logged as a warning), addresses in ``ip_blocklist`` and not in
+    ``ip_allowlist`` refused, SRV lookups through ``srv_resolver`` (a
+    ``twisted.names`` resolver; the system's by default).
+
+    ``agent`` replaces all of that with any ``IAgent``, which receives
+    ``https://<destination><path>`` URIs; that is how tests talk to in-memory
+    peers (see ``federation_invite.client.testing.FakePeersAgent``, or pass a
+    ``treq.testing.RequestTraversalAgent(resource)`` for a single peer).
+    ``verify_tls``, the IP lists and ``srv_resolver`` are then unused.
+
+    ``timeout`` bounds each request from start to last body byte;
+    ``max_response_bytes`` bounds the response body.
+    """
+
+    #: Seconds a destination is left alone after its first consecutive failure;
+    #: the wait doubles with each further failure up to ``BACKOFF_MAX``.
+    BACKOFF_INITIAL = 60.0
+    BACKOFF_MAX = 3600.0
+    #: Failing destinations remembered at once.
+    BACKOFF_TABLE_SIZE = 10_000
+
+    def __init__(
+        self,
+        reactor: Any,
+        server_name: str,
+        signing_key: Any,
+        *,
+        verify_tls: bool = True,
+        ip_blocklist: Sequence[str] = DEFAULT_IP_BLOCKLIST,
+        ip_allowlist: Sequence[str] = (),
+        timeout: float = 60.0,
+        max_response_bytes: int = 1_048_576,
+        srv_resolver: Any = None,
+        agent: IAgent | None = None,
+    ) -> None:
+        parse_server_name(server_name)
+        self._reactor = reactor
+        self._server_name = server_name
+        self._signing_key = signing_key
+        self._timeout = timeout
+        self._max_response_bytes = max_response_bytes
+        self._backoff: dict[str, _Backoff] = {}
+        self._pool: HTTPConnectionPool | None = None
+        if agent is None:
+            if not verify_tls:
+                _log.warn(
+                    "TLS certificate verification is OFF for outbound federation requests: "
+                    "any server can impersonate any other. Use this only in test deployments."
+                )
+            ip_filter = IPRangeFilter(ip_blocklist, ip_allowlist)
+            tls_policy = FederationTLSPolicy(verify=verify_tls)
+            self._pool = make_connection_pool(reactor)
+            well_known_agent = Agent(
+                BlocklistingReactor(reactor, ip_filter),
+                contextFactory=tls_policy,
+                connectTimeout=CONNECT_TIMEOUT,
+                pool=self._pool,
+            )
+            resolver = ServerResolver(reactor, well_known_agent, srv_resolver)
+            agent = FederationAgent(
+                reactor, resolver, tls_policy, ip_filter=ip_filter, pool=self._pool
+            )
+        self._agent = agent
+
+    # -- public API
+
+    def get_json(
+        self,
+        destination: str,
+        path: str,
+        *,
+        args: Mapping[str, Any] | None = None,
+        signed: bool = True,
+    ) -> Deferred[Any]:
+        """GET ``path`` (already percent-encoded) with query ``args``; the JSON answer."""
+        return Deferred.fromCoroutine(self._request("GET", destination, path, args, None, signed))
+
+    def put_json(self, destination: str, path: str, body: Any) -> Deferred[Any]:
+        """PUT the JSON ``body`` (None: no body) to ``path``, signed; the JSON answer."""
+        return Deferred.fromCoroutine(self._request("PUT", destination, path, None, body, True))
+
+    def post_json(
+        self, destination: str, path: str, body: Any, *, signed: bool = True
+    ) -> Deferred[Any]:
+        """POST the JSON ``body`` (None: no body) to ``path``; the JSON answer."""
+        return Deferred.fromCoroutine(self._request("POST", destination, path, None, body, signed))
+
+    def close(self) -> Deferred[None]:
+        """Close idle pooled connections (for shutdown and tests on real sockets)."""
+        if self._pool is None:
+            return succeed(None)
+        closed: Deferred[None] = self._pool.closeCachedConnections()
+        return closed
+
+    # -- one request
+
+    async def _request(
+        self,
+        method: str,
+        destination: str,
+        path: str,
+        args: Mapping[str, Any] | None,
+        body: Any,
+        signed: bool,
+    ) -> Any:
+        try:
+            parse_server_name(destination)
+        except ValueError as exc:
+            raise TransportError(destination, f"not a valid server name: {exc}") from None
+        _check_path(path)
+        uri = path
+        if args:
+            # Percent-encode everything but unreserved characters, spaces as %20.
+            uri += "?" + urlencode(args, doseq=True, quote_via=quote)
+        headers = Headers({b"User-Agent": [_USER_AGENT], b"Accept": [b"application/json"]})
+        producer = None
+        if body is not None:
+            producer = _BytesProducer(encode_canonical_json(body))
+            headers.setRawHeaders(b"Content-Type", [b"application/json"])
+        if signed:
+            # server-server-api, "Request Authentication": uri is the path and
+            # query exactly as sent; content only when there is a body.
+            authorization = sign_request(
+                self._signing_key, self._server_name, destination, method, uri, body
+            )
+            headers.setRawHeaders(b"Authorization", [authorization.encode("ascii")])
+        self._check_backoff(destination)
+
+        url = ("https://" + destination + uri).encode("ascii")
+        attempt = Deferred.fromCoroutine(
+            self._attempt(method.encode("ascii"), destination, url, headers, producer)
+        )
+        attempt.addTimeout(self._timeout, self._reactor)
+        try:
+            result = await attempt
+        except RemoteError as exc:
+            # A 5xx says the server (or its proxy) is in trouble; anything
+            # else proves it alive and answering.
+            if exc.status >= 500:
+                self._record_failure(destination)
+            else:
+                self._record_success(destination)
+            _log.info(
+                "{method} {path} to {destination} failed: {error}",
+                method=method,
+                path=path,
+                destination=destination,
+                error=exc,
+            )
+            raise
+        except CancelledError:
+            raise
+        except TimeoutError:
+            error = TransportError(destination, f"timed out after {self._timeout:g} s")
+            self._record_failure(destination)
+            _log.info("{error}", error=error)
+            raise error from None
+        except Exception as exc:
+            error = TransportError(destination, describe_failure(exc))
+            self._record_failure(destination)
+            _log.info("{error}", error=error)
+            raise error from exc
+        self._record_success(destination)
+        return result
+
+    async def _attempt(
+        self,
+        method: bytes,
+        destination: str,
+        url: bytes,
+        headers: Headers,
+        producer: IBodyProducer | None,
+    ) -> Any:
+        response = await self._agent.request(method, url, headers, producer)
+        try:
+            raw = await read_body(response, self._max_response_bytes)
+        except BodyTooLarge as exc:
+            raise RemoteError(destination, response.code, None, str(exc)) from None
+        return _interpret(destination, response.code, response.phrase, raw)
+
+    # -- back-off
+
+    def _check_backoff(self, destination: str) -> None:
+        state = self._backoff.get(destination)
+        now = self._reactor.seconds()
+        if state is not None and now < state.retry_at:
+            raise BackoffError(destination, state.retry_at, state.failures, now)
+
+    def _record_failure(self, destination: str) -> None:
+        now = self._reactor.seconds()
+        state = self._backoff.get(destination)
+        if state is None:
+            if len(self._backoff) >= self.BACKOFF_TABLE_SIZE:
+                self._forget_stale_backoffs(now)
+            state = self._backoff[destination] = _Backoff(0, now)
+        state.failures += 1
+        wait = min(self.BACKOFF_MAX, self.BACKOFF_INITIAL * 2 ** (state.failures - 1))
+        state.retry_at = now + wait
+
+    def _record_success(self, destination: str) -> None:
+        self._backoff.pop(destination, None)
+
+    def _forget_stale_backoffs(self, now: float) -> None:
+        stale = [name for name, state in self._backoff.items() if state.retry_at <= now]
+        for name in stale:
+            del self._backoff[name]
+        if len(self._backoff) >= self.BACKOFF_TABLE_SIZE:
+            self._backoff.clear()
+
+
+def _check_path(path: str) -> None:
+    """Refuse paths that cannot go on the wire as they are (a bug in the caller)."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValueError(f"request path must start with '/': {path!r}")
+    for char in path:
+        if not "!" <= char <= "~" or char in "?#":
+            raise ValueError(
+                f"request path must be percent-encoded ASCII without '?' or '#' "
+                f"(pass the query as args): {path!r}"
+            )
+
+
+def _interpret(destination: str, status: int, phrase: bytes, raw: bytes) -> Any:
+    """The parsed JSON of a 2xx answer; a ``RemoteError`` for anything else."""
+    try:
+        body = parse_json(raw)
+    except Exception:
+        reason = phrase.decode("latin-1")[:_MAX_MESSAGE]
+        described = f"HTTP {status} {reason}".rstrip()
+        raise RemoteError(
+            destination, status, None, f"{described}: body is not JSON", raw
+        ) from None
+    if 200 <= status < 300:
+        return body
+    errcode: str | None = None
+    message = f"HTTP {status} {phrase.decode('latin-1')[:_MAX_MESSAGE]}".rstrip()
+    if isinstance(body, dict):
+        if isinstance(body.get("errcode"), str):
+            errcode = body["errcode"][:_MAX_MESSAGE]
+        if isinstance(body.get("error"), str):
+            message = body["error"][:_MAX_MESSAGE]
+    raise RemoteError(destination, status, errcode, message, body)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A short human reason for a transport failure (DNS, TLS, refused, blocked, ...)."""
+    reasons = getattr(exc, "reasons", None)
+    if isinstance(reasons, list) and reasons:
+        # twisted.web's ResponseFailed & co. wrap the real causes.
+        inner: list[Any] = [r.value if isinstance(r, Failure) else r for r in reasons]
+        for cause in inner:
+            if _is_tls_error(cause):
+                return f"TLS handshake failed: {_tls_detail(cause)}"
+        return f"connection failed: {inner[0]}"
+    if isinstance(exc, BlockedAddressError):
+        return f"refused by the outbound IP blocklist: {exc}"
+    if isinstance(exc, DNSLookupError):
+        return f"DNS lookup failed: {exc}"
+    if isinstance(exc, ConnectingCancelledError):
+        return "connection attempt timed out"
+    if _is_tls_error(exc):
+        return f"TLS handshake failed: {_tls_detail(exc)}"
+    if isinstance(exc, ConnectError | ConnectionError):
+        return f"cannot connect: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _is_tls_error(exc: object) -> bool:
+    return isinstance(exc, SSL.Error) or type(exc).__name__ == "VerificationError"
+
+
+def _tls_detail(exc: object) -> str:
+    return str(exc)[:_MAX_MESSAGE] or type(exc).__name__

@@ -1,0 +1,410 @@
+"""Server discovery: from a Matrix server name to where and how to connect.
+
+server-server-api.md, "Resolving server names", in the spec's order: IP
+literal; hostname with explicit port; ``https://<host>/.well-known/matrix/server``
+(delegation, cached); SRV ``_matrix-fed._tcp`` then the deprecated
+``_matrix._tcp``; finally the host on port 8448. Each step also fixes the
+``Host`` header and the name the TLS certificate must match, which after
+delegation is the delegated name and never an SRV target.
+
+Resolution happens in two halves, because the second is only needed when a new
+connection is opened: ``resolve_server`` (which may fetch ``.well-known``)
+answers a ``ResolvedServer``; ``resolve_targets`` turns it into the
+``(host, port)`` pairs to try, looking up SRV records where the spec says so.
+A and AAAA lookups are left to the connection endpoint, whose resolver applies
+the outbound IP blocklist.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random as _random
+from typing import Any
+
+import attrs
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IResolver
+from twisted.logger import Logger
+from twisted.names import dns
+from twisted.web.client import RedirectAgent
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from .._version import __version__
+from ..core.canonical import parse_json
+from ..core.ids import parse_server_name
+from ._body import read_body
+
+__all__ = [
+    "DEFAULT_PORT",
+    "ResolvedServer",
+    "ServerResolver",
+]
+
+_log = Logger()
+
+#: The port used when neither the server name nor an SRV record gives one.
+DEFAULT_PORT = 8448
+
+#: Largest ``.well-known/matrix/server`` body we read.
+WELL_KNOWN_MAX_BYTES = 50 * 1024
+#: How long a whole ``.well-known`` fetch (redirects included) may take.
+WELL_KNOWN_TIMEOUT = 30.0
+#: Redirects followed before giving up (the spec asks us to avoid loops).
+WELL_KNOWN_REDIRECT_LIMIT = 5
+#: The spec's "sensible default" cache period when the response says nothing.
+WELL_KNOWN_DEFAULT_TTL = 24 * 3600.0
+#: Bounds on the cache period a response may ask for (the spec recommends 48 h at most).
+WELL_KNOWN_MIN_TTL = 5 * 60.0
+WELL_KNOWN_MAX_TTL = 48 * 3600.0
+#: Failed or invalid answers are cached for this long, doubling per consecutive
+#: failure up to ``WELL_KNOWN_ERROR_MAX_TTL`` ("errors are recommended to be
+#: cached for up to an hour, and servers are encouraged to exponentially back off").
+WELL_KNOWN_ERROR_TTL = 5 * 60.0
+WELL_KNOWN_ERROR_MAX_TTL = 3600.0
+#: Hostnames whose ``.well-known`` answer is remembered at once.
+WELL_KNOWN_CACHE_SIZE = 10_000
+
+#: Retry delays for one SRV query: up to 15 s in all.
+_DNS_TIMEOUT = (1, 3, 11)
+
+_USER_AGENT = f"federation-invite/{__version__}".encode("ascii")
+
+
+@attrs.frozen
+class ResolvedServer:
+    """Where and how to reach one server name (server-server-api, "Resolving server names")."""
+
+    #: The server name asked about.
+    server_name: str
+    #: The name routing depends on: the delegated server name after ``.well-known``,
+    #: else ``server_name``. Connections are pooled per this name.
+    effective_name: str
+    #: The hostname or IP address (IPv6 without brackets) to connect to, or to
+    #: look SRV records up for when ``port`` is None.
+    host: str
+    #: The port to connect to; None means "look up SRV records, else 8448".
+    port: int | None
+    #: The ``Host`` header every request to this server carries.
+    host_header: str
+    #: The name (DNS name or IP address) the server's certificate must be valid for.
+    tls_name: str
+
+
+def _system_srv_resolver(reactor: Any) -> IResolver:
+    """A caching DNS resolver using the system's name servers and our reactor.
+
+    (``twisted.names.client.createResolver`` would use the global reactor.)
+    """
+    from twisted.names.cache import CacheResolver
+    from twisted.names.client import Resolver
+    from twisted.names.resolve import ResolverChain
+
+    upstream = Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+    chain: IResolver = ResolverChain([CacheResolver(reactor=reactor), upstream])
+    return chain
+
+
+class _WellKnownInvalid(Exception):
+    """The ``.well-known`` answer is unusable; discovery falls through to SRV."""
+
+
+@attrs.define
+class _WellKnownEntry:
+    delegated: str | None
+    expires_at: float
+
+
+@implementer(IAgent)
+class _HttpsOnlyAgent:
+    """Refuses any request, including a redirect target, that is not ``https``."""
+
+    def __init__(self, agent: IAgent) -> None:
+        self._agent = agent
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        if not uri.lower().startswith(b"https://"):
+            return Deferred.fromCoroutine(_raise(_WellKnownInvalid("redirect away from https")))
+        return self._agent.request(method, uri, headers, bodyProducer)
+
+
+async def _raise(exc: Exception) -> Any:
+    raise exc
+
+
+def _unbracket(host: str) -> str:
+    return host[1:-1] if host.startswith("[") else host
+
+
+def _is_ip_literal(host: str) -> bool:
+    return isIPAddress(host) or isIPv6Address(_unbracket(host))
+
+
+class ServerResolver:
+    """Resolves Matrix server names, caching ``.well-known`` answers.
+
+    ``reactor`` gives the time and timeouts; ``well_known_agent`` fetches
+    ``.well-known`` documents (it should itself apply the IP blocklist and TLS
+    verification; redirects and the ``https``-only rule are added here);
+    ``srv_resolver`` is a ``twisted.names`` ``IResolver`` (default: the
+    system's, created on first use); ``random`` orders SRV records of equal
+    priority by weight.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        well_known_agent: IAgent,
+        srv_resolver: IResolver | None = None,
+        *,
+        random: _random.Random | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._well_known_agent = RedirectAgent(
+            _HttpsOnlyAgent(well_known_agent), redirectLimit=WELL_KNOWN_REDIRECT_LIMIT
+        )
+        self._srv_resolver = srv_resolver
+        self._random = random or _random.Random()
+        self._cache: dict[str, _WellKnownEntry] = {}
+        self._failures: dict[str, int] = {}
+        self._inflight: dict[str, Deferred[str | None]] = {}
+
+    # -- public boundary
+
+    def resolve_server(self, server_name: str) -> Deferred[ResolvedServer]:
+        """Steps 1-3 of the spec's process: literal, explicit port, ``.well-known``.
+
+        Fails with ``ValueError`` if ``server_name`` is not a valid server name.
+        """
+        return Deferred.fromCoroutine(self._resolve_server(server_name))
+
+    def resolve_targets(self, server: ResolvedServer) -> Deferred[list[tuple[str, int]]]:
+        """The ``(host, port)`` pairs to try, in order (SRV steps and the 8448 fallback)."""
+        return Deferred.fromCoroutine(self._resolve_targets(server))
+
+    def get_well_known(self, hostname: str) -> Deferred[str | None]:
+        """The server name ``hostname`` delegates to, or None; cached, never fails."""
+        return Deferred.fromCoroutine(self._get_well_known(hostname))
+
+    # -- steps 1 to 3
+
+    async def _resolve_server(self, server_name: str) -> ResolvedServer:
+        host, port = parse_server_name(server_name)
+        if _is_ip_literal(host):
+            # Step 1: the IP literal itself; Host is the server name as given.
+            ip = _unbracket(host)
+            return ResolvedServer(
+                server_name, server_name, ip, port or DEFAULT_PORT, server_name, ip
+            )
+        if port is not None:
+            # Step 2: Host is the whole server name, the certificate is for the hostname.
+            return ResolvedServer(server_name, server_name, host, port, server_name, host)
+        delegated = await self._get_well_known(host)
+        if delegated is None:
+            # Steps 4 to 6: SRV or 8448 for the hostname, Host and certificate the hostname.
+            return ResolvedServer(server_name, server_name, host, None, host, host)
+        d_host, d_port = parse_server_name(delegated)
+        if _is_ip_literal(d_host):
+            # Step 3.1: Host is the IP literal, with the port if one was given.
+            ip = _unbracket(d_host)
+            return ResolvedServer(server_name, delegated, ip, d_port or DEFAULT_PORT, delegated, ip)
+        if d_port is not None:
+            # Step 3.2: Host is "<delegated_hostname>:<delegated_port>".
+            return ResolvedServer(server_name, delegated, d_host, d_port, delegated, d_host)
+        # Steps 3.3 to 3.5: SRV or 8448 for the delegated hostname.
+        return ResolvedServer(server_name, delegated, d_host, None, d_host, d_host)
+
+    # -- SRV, steps 3.3-3.5 and 4-6
+
+    async def _resolve_targets(self, server: ResolvedServer) -> list[tuple[str, int]]:
+        if server.port is not None:
+            return [(server.host, server.port)]
+        for service in ("_matrix-fed._tcp.", "_matrix._tcp."):
+            targets = await self._lookup_srv(service + server.host)
+            if targets:
+                return targets
+        return [(server.host, DEFAULT_PORT)]
+
+    async def _lookup_srv(self, name: str) -> list[tuple[str, int]]:
+        resolver = self._srv_resolver
+        if resolver is None:
+            resolver = self._srv_resolver = _system_srv_resolver(self._reactor)
+        try:
+            # (answers, authority, additional), each a list of RRHeader
+            # (IResolver's annotation says otherwise).
+            result: Any = await resolver.lookupService(name, _DNS_TIMEOUT)
+        except CancelledError:
+            raise
+        except Exception as exc:
+            # NXDOMAIN and "no such record" are the usual answers; anything
+            # else (a DNS timeout) is logged and treated the same way, as the
+            # A/AAAA step that follows will meet the same trouble and say so.
+            if not isinstance(exc, dns.DomainError | dns.AuthoritativeDomainError):
+                _log.info("SRV lookup for {name} failed: {error}", name=name, error=exc)
+            return []
+        records = [
+            answer.payload
+            for answer in result[0]
+            if answer.type == dns.SRV and answer.name.name.decode("ascii").lower() == name.lower()
+        ]
+        return self._order_srv(records)
+
+    def _order_srv(self, records: list[dns.Record_SRV]) -> list[tuple[str, int]]:
+        """RFC 2782 order: ascending priority, weighted random order within a priority."""
+        usable = []
+        for record in records:
+            target = record.target.name.decode("ascii").rstrip(".")
+            # A target of "." means the service is decidedly not available there.
+            if target:
+                usable.append((record.priority, record.weight, target, record.port))
+        ordered: list[tuple[str, int]] = []
+        for priority in sorted({entry[0] for entry in usable}):
+            group = [entry for entry in usable if entry[0] == priority]
+            while group:
+                total = sum(entry[1] for entry in group)
+                if total == 0:
+                    chosen = group[0]
+                else:
+                    point = self._random.uniform(0, total)
+                    running = 0
+                    chosen = group[-1]
+                    for entry in group:
+                        running += entry[1]
+                        if running >= point:
+                            chosen = entry
+                            break
+                group.remove(chosen)
+                ordered.append((chosen[2], chosen[3]))
+        return ordered
+
+    # -- .well-known, step 3
+
+    async def _get_well_known(self, hostname: str) -> str | None:
+        entry = self._cache.get(hostname)
+        if entry is not None and entry.expires_at > self._reactor.seconds():
+            return entry.delegated
+        fetch = self._inflight.get(hostname)
+        if fetch is None:
+            # One fetch per hostname at a time; it cannot fail (errors become
+            # "no delegation") and runs to its own timeout even if the callers
+            # that asked for it give up, so that the answer is cached.
+            fetch = Deferred.fromCoroutine(self._refresh_well_known(hostname))
+            if not fetch.called:
+                self._inflight[hostname] = fetch
+                fetch.addBoth(self._forget_inflight, hostname)
+        waiter: Deferred[str | None] = Deferred()
+
+        def deliver(result: str | None) -> str | None:
+            if not waiter.called:
+                waiter.callback(result)
+            return result
+
+        fetch.addCallback(deliver)
+        return await waiter
+
+    def _forget_inflight(self, result: str | None, hostname: str) -> str | None:
+        self._inflight.pop(hostname, None)
+        return result
+
+    async def _refresh_well_known(self, hostname: str) -> str | None:
+        now = self._reactor.seconds()
+        fetch = Deferred.fromCoroutine(self._fetch_well_known(hostname))
+        fetch.addTimeout(WELL_KNOWN_TIMEOUT, self._reactor)
+        try:
+            delegated, ttl = await fetch
+        except Exception as exc:
+            failures = self._failures.get(hostname, 0) + 1
+            self._failures[hostname] = failures
+            ttl = min(WELL_KNOWN_ERROR_MAX_TTL, WELL_KNOWN_ERROR_TTL * 2 ** (failures - 1))
+            _log.info(
+                "No usable .well-known for {hostname} ({error}); retrying in {ttl:.0f} s",
+                hostname=hostname,
+                error=exc,
+                ttl=ttl,
+            )
+            self._store(hostname, _WellKnownEntry(None, now + ttl))
+            return None
+        self._failures.pop(hostname, None)
+        self._store(hostname, _WellKnownEntry(delegated, now + ttl))
+        return delegated
+
+    def _store(self, hostname: str, entry: _WellKnownEntry) -> None:
+        if hostname not in self._cache and len(self._cache) >= WELL_KNOWN_CACHE_SIZE:
+            now = self._reactor.seconds()
+            for name in [name for name, old in self._cache.items() if old.expires_at <= now]:
+                del self._cache[name]
+            if len(self._cache) >= WELL_KNOWN_CACHE_SIZE:
+                self._cache.clear()
+                self._failures.clear()
+        self._cache[hostname] = entry
+
+    async def _fetch_well_known(self, hostname: str) -> tuple[str, float]:
+        """Fetch and validate ``.well-known/matrix/server``; answer the delegated name and TTL."""
+        uri = b"https://" + hostname.encode("ascii") + b"/.well-known/matrix/server"
+        headers = Headers({b"User-Agent": [_USER_AGENT]})
+        response = await self._well_known_agent.request(b"GET", uri, headers, None)
+        if response.code != 200:
+            raise _WellKnownInvalid(f"status {response.code}")
+        body = await read_body(response, WELL_KNOWN_MAX_BYTES)
+        # The spec: parse as JSON whatever the Content-Type says.
+        try:
+            document = parse_json(body)
+        except Exception:
+            raise _WellKnownInvalid("body is not JSON") from None
+        if not isinstance(document, dict):
+            raise _WellKnownInvalid("body is not a JSON object")
+        delegated = document.get("m.server")
+        if not isinstance(delegated, str):
+            raise _WellKnownInvalid("no m.server string")
+        try:
+            parse_server_name(delegated)
+        except ValueError as exc:
+            raise _WellKnownInvalid(f"m.server is not a server name: {exc}") from None
+        return delegated, cache_period(response.headers, self._reactor.seconds())
+
+
+def cache_period(headers: Headers, now: float) -> float:
+    """Seconds to cache a valid ``.well-known`` answer, from its caching headers.
+
+    ``Cache-Control: max-age`` first, then ``Expires`` (relative to the
+    response's ``Date``, else ``now``), else 24 hours; ``no-store`` and
+    ``no-cache`` count as zero. The result is clamped to [5 min, 48 h]: even
+    an uncacheable answer is kept a little, so a peer cannot make us fetch it
+    for every request.
+    """
+    directives: dict[str, str] = {}
+    for raw in headers.getRawHeaders(b"cache-control", []):
+        for part in raw.decode("latin-1").split(","):
+            name, _, value = part.strip().partition("=")
+            directives[name.strip().lower()] = value.strip().strip('"')
+    period: float | None = None
+    if "no-store" in directives or "no-cache" in directives:
+        period = 0.0
+    elif directives.get("max-age", "").isdigit():
+        period = float(directives["max-age"])
+    else:
+        expires = headers.getRawHeaders(b"expires")
+        if expires:
+            # RFC 9111 section 5.3: an invalid Expires means "already expired".
+            expires_at = _http_date(expires[-1])
+            date_values = headers.getRawHeaders(b"date")
+            date = _http_date(date_values[-1]) if date_values else None
+            period = 0.0 if expires_at is None else expires_at - (date or now)
+    if period is None:
+        period = WELL_KNOWN_DEFAULT_TTL
+    return max(WELL_KNOWN_MIN_TTL, min(WELL_KNOWN_MAX_TTL, period))
+
+
+def _http_date(value: bytes) -> float | None:
+    try:
+        return email.utils.parsedate_to_datetime(value.decode("latin-1")).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None

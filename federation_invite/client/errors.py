@@ -1,0 +1,92 @@
+"""What can go wrong talking to another server, in two kinds.
+
+``RemoteError``: the peer answered, and the answer was an error (or not JSON,
+or too big). ``TransportError``: we could not get an answer at all (DNS, TLS,
+refused, blocked address, timeout, back-off). Neither is a ``MatrixError``: a
+peer's ``403 M_FORBIDDEN`` is a fact about the peer, and must never be passed
+on to our own callers as if we had said it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["BackoffError", "BlockedAddressError", "RemoteError", "TransportError"]
+
+
+class RemoteError(Exception):
+    """The destination answered with an error status, or with a body we cannot use.
+
+    ``status`` is the HTTP status; ``errcode`` and ``message`` come from a
+    Matrix error body (``{"errcode": ..., "error": ...}``) when there is one,
+    otherwise ``errcode`` is None and ``message`` describes the problem.
+    ``body`` is the parsed JSON when the body was JSON, else the raw bytes.
+    """
+
+    def __init__(
+        self,
+        destination: str,
+        status: int,
+        errcode: str | None,
+        message: str,
+        body: Any = None,
+    ) -> None:
+        self.destination = destination
+        self.status = status
+        self.errcode = errcode
+        self.message = message
+        self.body = body
+        super().__init__(destination, status, errcode, message)
+
+    def __str__(self) -> str:
+        code = f" {self.errcode}" if self.errcode else ""
+        return f"{self.destination} answered {self.status}{code}: {self.message}"
+
+    def __repr__(self) -> str:
+        return (
+            f"RemoteError(destination={self.destination!r}, status={self.status!r}, "
+            f"errcode={self.errcode!r}, message={self.message!r})"
+        )
+
+
+class TransportError(Exception):
+    """No usable answer came back from the destination: ``reason`` says why."""
+
+    def __init__(self, destination: str, reason: str) -> None:
+        self.destination = destination
+        self.reason = reason
+        super().__init__(destination, reason)
+
+    def __str__(self) -> str:
+        return f"cannot reach {self.destination}: {self.reason}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(destination={self.destination!r}, reason={self.reason!r})"
+
+
+class BackoffError(TransportError):
+    """The destination failed recently and is not retried before ``retry_at``.
+
+    ``retry_at`` is in the reactor's clock (``reactor.seconds()``);
+    ``failures`` counts the consecutive failures behind the back-off.
+    """
+
+    def __init__(self, destination: str, retry_at: float, failures: int, now: float) -> None:
+        self.retry_at = retry_at
+        self.failures = failures
+        wait = max(0.0, retry_at - now)
+        super().__init__(
+            destination,
+            f"backing off after {failures} consecutive failure(s); "
+            f"next attempt allowed in {wait:.0f} s",
+        )
+
+
+class BlockedAddressError(ConnectionError):
+    """Every address we could connect to for a host is in the outbound blocklist."""
+
+    def __init__(self, host: str, addresses: list[str]) -> None:
+        self.host = host
+        self.addresses = addresses
+        shown = ", ".join(addresses[:4])
+        super().__init__(f"{host} resolves only to blocked addresses ({shown})")

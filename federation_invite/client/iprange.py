@@ -1,0 +1,204 @@
+"""Outbound IP range filtering: never connect to internal addresses by accident.
+
+Server names come from untrusted input (user IDs, events, ``.well-known``
+answers, SRV records), so every address we are about to connect to is checked
+against a blocklist of non-public ranges, with an allowlist to punch holes (for
+tests on loopback or a private federation). The check happens on *resolved*
+addresses, by wrapping the reactor's ``IHostnameResolver``: a public-looking
+name that resolves to ``10.0.0.1`` is refused just like the literal.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from twisted.internet.interfaces import (
+    IAddress,
+    IHostnameResolver,
+    IHostResolution,
+    IReactorPluggableNameResolver,
+    IResolutionReceiver,
+)
+from twisted.logger import Logger
+from zope.interface import implementer, providedBy
+from zope.interface.declarations import directlyProvides
+
+from ..config import DEFAULT_IP_BLOCKLIST
+
+__all__ = ["BlocklistingReactor", "BlocklistingResolver", "IPRangeFilter"]
+
+_log = Logger()
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _networks(ranges: Iterable[str]) -> tuple[_Network, ...]:
+    return tuple(ipaddress.ip_network(text, strict=False) for text in ranges)
+
+
+class IPRangeFilter:
+    """Decides whether an IP address may be connected to.
+
+    An address is blocked when it lies in a blocklisted range and in no
+    allowlisted one. Anything that does not parse as an IP address is blocked:
+    the filter fails closed.
+    """
+
+    def __init__(
+        self, blocklist: Iterable[str] = DEFAULT_IP_BLOCKLIST, allowlist: Iterable[str] = ()
+    ) -> None:
+        self._blocklist = _networks(blocklist)
+        self._allowlist = _networks(allowlist)
+
+    def is_blocked(self, address: str) -> bool:
+        """True when ``address`` (an IPv4 or IPv6 literal, brackets allowed) must not be used."""
+        try:
+            ip = _parse_ip(address)
+        except ValueError:
+            return True
+        candidates: list[_Address] = [ip]
+        # An IPv4-mapped IPv6 address (::ffff:10.0.0.1) reaches the IPv4 host,
+        # so it is judged by the IPv4 rules as well as the IPv6 ones.
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            candidates.append(ip.ipv4_mapped)
+        if any(_within(candidate, self._allowlist) for candidate in candidates):
+            return False
+        return any(_within(candidate, self._blocklist) for candidate in candidates)
+
+
+def _parse_ip(address: str) -> _Address:
+    text = address
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    # getaddrinfo reports link-local IPv6 addresses with a zone ("fe80::1%eth0");
+    # the zone says which interface, not which address, so it is dropped.
+    text = text.partition("%")[0]
+    return ipaddress.ip_address(text)
+
+
+def _within(ip: _Address, networks: Sequence[_Network]) -> bool:
+    return any(ip.version == network.version and ip in network for network in networks)
+
+
+@implementer(IResolutionReceiver)
+class _FilteringReceiver:
+    """Passes on resolved addresses that the filter allows and drops the rest."""
+
+    def __init__(
+        self,
+        receiver: IResolutionReceiver,
+        ip_filter: IPRangeFilter,
+        host_name: str,
+        on_blocked: Callable[[str], None] | None,
+    ) -> None:
+        self._receiver = receiver
+        self._filter = ip_filter
+        self._host_name = host_name
+        self._on_blocked = on_blocked
+
+    def resolutionBegan(self, resolutionInProgress: IHostResolution) -> None:
+        self._receiver.resolutionBegan(resolutionInProgress)
+
+    def addressResolved(self, address: IAddress) -> None:
+        host = getattr(address, "host", None)
+        if not isinstance(host, str) or self._filter.is_blocked(host):
+            _log.info(
+                "Dropping blocked address {address} for {host_name}",
+                address=host,
+                host_name=self._host_name,
+            )
+            if self._on_blocked is not None:
+                self._on_blocked(str(host))
+            return
+        self._receiver.addressResolved(address)
+
+    def resolutionComplete(self) -> None:
+        self._receiver.resolutionComplete()
+
+
+@implementer(IHostnameResolver)
+class BlocklistingResolver:
+    """An ``IHostnameResolver`` that hides the addresses ``ip_filter`` blocks.
+
+    IP literals go through the wrapped resolver too (``HostnameEndpoint``
+    resolves them like names), so they are filtered the same way. When every
+    address is blocked the caller sees an empty answer, which
+    ``HostnameEndpoint`` reports as a ``DNSLookupError``; ``on_blocked`` is told
+    about each dropped address so that callers can say why.
+    """
+
+    def __init__(
+        self,
+        resolver: IHostnameResolver,
+        ip_filter: IPRangeFilter,
+        on_blocked: Callable[[str], None] | None = None,
+    ) -> None:
+        self._resolver = resolver
+        self._filter = ip_filter
+        self._on_blocked = on_blocked
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Sequence[type[IAddress]] | None = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        receiver = _FilteringReceiver(resolutionReceiver, self._filter, hostName, self._on_blocked)
+        return self._resolver.resolveHostName(
+            receiver, hostName, portNumber, addressTypes, transportSemantics
+        )
+
+
+@implementer(IHostnameResolver)
+class _ReactorResolver:
+    """The reactor's own resolver, looked up when needed (it can be replaced later)."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Sequence[type[IAddress]] | None = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        resolver: IHostnameResolver = self._reactor.nameResolver
+        return resolver.resolveHostName(
+            resolutionReceiver, hostName, portNumber, addressTypes, transportSemantics
+        )
+
+
+class BlocklistingReactor:
+    """A reactor proxy whose ``nameResolver`` is a ``BlocklistingResolver``.
+
+    Hand it to ``HostnameEndpoint`` or ``Agent`` in place of the reactor:
+    everything else is delegated to the wrapped reactor, and it provides the
+    same interfaces plus ``IReactorPluggableNameResolver``. ``name_resolver``
+    replaces the wrapped reactor's own resolver (tests use a fake one).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        ip_filter: IPRangeFilter,
+        name_resolver: IHostnameResolver | None = None,
+        on_blocked: Callable[[str], None] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        if name_resolver is None:
+            name_resolver = _ReactorResolver(reactor)
+        self.nameResolver = BlocklistingResolver(name_resolver, ip_filter, on_blocked)
+        directlyProvides(self, *providedBy(reactor), IReactorPluggableNameResolver)
+
+    def installNameResolver(self, resolver: IHostnameResolver) -> IHostnameResolver:
+        raise NotImplementedError("BlocklistingReactor's resolver cannot be replaced")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
