@@ -131,3 +131,38 @@ class FakeFederation:
 
     def count(self, destination: str) -> int:
         return sum(1 for call in self.calls if call[1] == destination)
+
+
+class MemoryStore(MemoryKeyStore):
+    """An in-memory store with the invite, user and rule parts the handler uses.
+
+    Behaves like the real store (idempotent ``store_invite`` returning the
+    existing row); the real SQLite/PostgreSQL stores are exercised by
+    tests/store and by the inbound integration tests.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from federation_invite.store import InviteRecord, InviteRule
+
+        self.invites: dict[str, InviteRecord] = {}
+        self.users: set[str] = set()
+        self.rules: list[InviteRule] = []
+        self.fail_invites = False
+
+    def store_invite(self, record: Any) -> Deferred[Any]:
+        from federation_invite.store import StoreError
+
+        if self.fail_invites:
+            return fail(StoreError("store_invite", "database is locked"))
+        existing = self.invites.get(record.event_id)
+        if existing is not None:
+            return succeed((existing, False))
+        self.invites[record.event_id] = record
+        return succeed((record, True))
+
+    def is_local_user(self, user_id: str) -> Deferred[bool]:
+        return succeed(user_id in self.users)
+
+    def list_invite_rules(self, user_id: str) -> Deferred[list[Any]]:
+        return succeed([rule for rule in self.rules if rule.user_id == user_id])

@@ -88,7 +88,7 @@ class MatrixResource(Resource):
         method = request.method.decode("ascii", "replace")
         allowed = self.allowed_methods()
         if not allowed:
-            return write_error(request, _not_found())
+            return write_error(request, not_found())
         if method not in allowed:
             request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
             return write_error(
@@ -105,7 +105,7 @@ class MatrixResource(Resource):
         return result
 
 
-def _not_found() -> MatrixError:
+def not_found() -> MatrixError:
     return MatrixError(404, Codes.UNRECOGNIZED, "Unrecognized request")
 
 
@@ -115,7 +115,7 @@ class NotFoundResource(MatrixResource):
     isLeaf = True
 
     def render(self, request: Request) -> bytes:
-        return write_error(request, _not_found())
+        return write_error(request, not_found())
 
 
 def render_async(

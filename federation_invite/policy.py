@@ -1,0 +1,136 @@
+"""Whom we accept invites for, and from whom: local users, operator rules, per-user rules, hooks.
+
+Decided in this order (the inbound issue's table, rows 14 to 16):
+
+1. the invitee must be one of our users (``inbound.local_users``: the store's
+   list, or any user ID on our server name): else 404 ``M_NOT_FOUND``;
+2. the operator's rules: sender's server in ``inbound.server_deny``, sender in
+   ``inbound.user_deny``, or an embedder's ``IInvitePolicy`` hook refusing:
+   403 ``M_FORBIDDEN``;
+3. the invitee's own rules (the spec's invite permission, client-server API
+   "Invite permission", and per-user allow/block/ignore lists of users and
+   servers): an ``allow`` match wins; else a ``block`` match gives 403
+   ``M_INVITE_BLOCKED``; else an ``ignore`` match stores the invite as
+   ``ignored`` without handing it over. The spec's ``default_action: block``
+   is the rule ``server *  block``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import attrs
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+from .core.errors import Codes, MatrixError
+from .core.globs import GlobList
+from .core.ids import server_name_of
+from .core.roomversions import RoomVersion
+from .store import InviteRule
+
+__all__ = ["IInvitePolicy", "InboundInvite", "InvitePolicy"]
+
+
+@attrs.frozen
+class InboundInvite:
+    """What policy decisions and listeners see of an invite that passed every protocol check."""
+
+    origin: str
+    room_version: RoomVersion
+    room_id: str
+    event_id: str
+    sender: str
+    invitee: str
+    event: dict[str, Any] = attrs.field(repr=False)
+    invite_room_state: list[Any] = attrs.field(repr=False)
+
+
+class IInvitePolicy(Interface):
+    """An embedder's hook: may refuse an invite with its own reason."""
+
+    def check_invite(invite: InboundInvite) -> Deferred[str | None]:
+        """Fire with None to let the invite through, or a reason to refuse it (403 M_FORBIDDEN).
+
+        Raising (or failing with) a ``MatrixError`` answers with that error instead.
+        """
+
+
+class _PolicyStore(Protocol):
+    def is_local_user(self, user_id: str) -> Deferred[bool]: ...
+
+    def list_invite_rules(self, user_id: str) -> Deferred[list[InviteRule]]: ...
+
+
+class InvitePolicy:
+    """The operator's and the invitees' rules (see the module doc)."""
+
+    def __init__(
+        self,
+        server_name: str,
+        store: _PolicyStore,
+        *,
+        local_users: str = "database",
+        server_deny: Sequence[str] = (),
+        user_deny: Sequence[str] = (),
+        hooks: Sequence[Any] = (),
+    ) -> None:
+        if local_users not in ("database", "any"):
+            raise ValueError("local_users must be 'database' or 'any'")
+        self._server_name = server_name
+        self._store = store
+        self._local_users = local_users
+        self._server_deny = GlobList.of(server_deny, ignore_case=True)
+        self._user_deny = GlobList.of(user_deny)
+        self._hooks = list(hooks)
+
+    def add_hook(self, hook: Any) -> None:
+        """Register an ``IInvitePolicy`` provider; hooks run in registration order."""
+        self._hooks.append(hook)
+
+    async def check(self, invite: InboundInvite) -> str:
+        """Return the status to store the invite with (``pending`` or ``ignored``), or raise."""
+        await self._check_local(invite.invitee)
+        sender_server = server_name_of(invite.sender)
+        if self._server_deny.matches(sender_server) or self._server_deny.matches(invite.origin):
+            raise MatrixError(
+                403, Codes.FORBIDDEN, "This server does not accept invites from yours"
+            )
+        if self._user_deny.matches(invite.sender):
+            raise MatrixError(403, Codes.FORBIDDEN, "This server does not accept invites from you")
+        for hook in self._hooks:
+            reason = await hook.check_invite(invite)
+            if reason is not None:
+                raise MatrixError(403, Codes.FORBIDDEN, str(reason)[:500])
+        return await self._invitee_rules(invite.invitee, invite.sender, sender_server)
+
+    async def _check_local(self, invitee: str) -> None:
+        if server_name_of(invitee) != self._server_name:
+            raise MatrixError(404, Codes.NOT_FOUND, "The invitee is not a user of this server")
+        if self._local_users == "any":
+            return
+        if not await self._store.is_local_user(invitee):
+            raise MatrixError(404, Codes.NOT_FOUND, "Unknown user")
+
+    async def _invitee_rules(self, invitee: str, sender: str, sender_server: str) -> str:
+        rules = await self._store.list_invite_rules(invitee)
+        if not rules:
+            return "pending"
+        matched = set()
+        for rule in rules:
+            if rule.kind == "user":
+                hit = GlobList.of([rule.pattern]).matches(sender)
+            else:
+                hit = GlobList.of([rule.pattern], ignore_case=True).matches(sender_server)
+            if hit:
+                matched.add(rule.action)
+        if "allow" in matched:
+            return "pending"
+        if "block" in matched:
+            raise MatrixError(
+                403, Codes.INVITE_BLOCKED, "The invitee does not accept invites from you"
+            )
+        if "ignore" in matched:
+            return "ignored"
+        return "pending"

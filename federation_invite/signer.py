@@ -1,0 +1,67 @@
+"""The deferred-based signer: how our server's signature is added to an event.
+
+``ISigner`` is the seam where a remote signing service or an HSM plugs in
+without touching the invite handler; ``LocalSigner`` signs with the key we hold.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from signedjson.types import SigningKey
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import Interface, implementer
+
+from .core.events import PreparedEvent
+from .core.keys import key_id_of
+from .core.roomversions import RoomVersion
+from .core.signing import hash_and_sign_event, sign_event
+
+__all__ = ["ISigner", "LocalSigner"]
+
+
+class ISigner(Interface):
+    """Adds our server's signature to events."""
+
+    server_name: str
+
+    def sign_event(
+        room_version: RoomVersion, event: dict[str, Any], prepared: PreparedEvent | None = None
+    ) -> Deferred[dict[str, Any]]:
+        """A new event: ``event`` with our signature added and nothing else changed.
+
+        ``prepared`` (the event's prepared form) may be used to avoid encoding
+        the event again; signers that do not need it ignore it.
+        """
+
+    def hash_and_sign_event(
+        room_version: RoomVersion, event: dict[str, Any]
+    ) -> Deferred[dict[str, Any]]:
+        """A new event: our content hash set, then our signature (for events we author)."""
+
+
+@implementer(ISigner)
+class LocalSigner:
+    """Signs with a signing key held in this process."""
+
+    def __init__(self, server_name: str, signing_key: SigningKey) -> None:
+        self.server_name = server_name
+        self.key_id = key_id_of(signing_key)
+        self._signing_key = signing_key
+
+    def sign_event(
+        self,
+        room_version: RoomVersion,
+        event: dict[str, Any],
+        prepared: PreparedEvent | None = None,
+    ) -> Deferred[dict[str, Any]]:
+        return succeed(
+            sign_event(room_version, event, self.server_name, self._signing_key, prepared=prepared)
+        )
+
+    def hash_and_sign_event(
+        self, room_version: RoomVersion, event: dict[str, Any]
+    ) -> Deferred[dict[str, Any]]:
+        return succeed(
+            hash_and_sign_event(room_version, event, self.server_name, self._signing_key)
+        )

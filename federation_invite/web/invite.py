@@ -1,0 +1,82 @@
+"""``PUT /_matrix/federation/v{1,2}/invite/{roomId}/{eventId}``: the invite endpoints.
+
+This resource applies the inbound table's rows 1 to 3 (body size, UTF-8 JSON
+object, duplicate keys), percent-decodes the path parameters (each raw path
+segment decoded once, so a v3 event ID's ``/`` arrives as ``%2F`` and stays
+in its segment), hands the rest to ``InviteHandler`` and shapes the answer:
+v1 ``[200, {"event": ...}]`` (Synapse's historical quirk, kept by the spec's
+invites-v1.yaml), v2 ``{"event": ...}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.web.server import Request
+
+from ..core.canonical import parse_json
+from ..core.errors import Codes, MatrixError
+from ..inbound import InviteHandler
+from ._base import MatrixResource, not_found, render_async, write_error
+
+__all__ = ["InviteResource"]
+
+
+def _read_body(request: Request, max_bytes: int) -> bytes:
+    declared = request.getHeader(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise MatrixError(413, Codes.TOO_LARGE, f"Request body exceeds {max_bytes} bytes")
+    if request.content is None:
+        return b""
+    body: bytes = request.content.read(max_bytes + 1)
+    if len(body) > max_bytes:
+        raise MatrixError(413, Codes.TOO_LARGE, f"Request body exceeds {max_bytes} bytes")
+    return body
+
+
+def _path_parameter(segment: bytes, what: str) -> str:
+    try:
+        value = segment.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MatrixError(
+            400, Codes.INVALID_PARAM, f"The {what} in the path is not UTF-8"
+        ) from None
+    return value
+
+
+class InviteResource(MatrixResource):
+    """One API version's ``invite`` path segment; consumes ``{roomId}/{eventId}`` below it."""
+
+    isLeaf = True
+
+    def __init__(self, handler: InviteHandler, api_version: int, max_body_bytes: int) -> None:
+        super().__init__()
+        if api_version not in (1, 2):
+            raise ValueError("api_version must be 1 or 2")
+        self._handler = handler
+        self._api_version = api_version
+        self._max_body_bytes = max_body_bytes
+
+    def render(self, request: Request) -> bytes | int:
+        segments = request.postpath or []
+        if len(segments) != 2 or not all(segments):
+            return write_error(request, not_found())
+        return super().render(request)
+
+    def render_PUT(self, request: Request) -> int:
+        room_segment, event_segment = request.postpath or [b"", b""]
+        room_id = _path_parameter(room_segment, "room ID")
+        event_id = _path_parameter(event_segment, "event ID")
+        raw = _read_body(request, self._max_body_bytes)
+        body = parse_json(raw)
+        if not isinstance(body, dict):
+            raise MatrixError(400, Codes.NOT_JSON, "The body must be a JSON object")
+        api_version = self._api_version
+
+        async def work() -> tuple[int, Any]:
+            answer = await self._handler.on_invite(
+                request, api_version, room_id, event_id, body, len(raw)
+            )
+            return 200, ([200, answer] if api_version == 1 else answer)
+
+        return render_async(request, work)

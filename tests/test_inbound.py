@@ -1,0 +1,638 @@
+"""Inbound invites through the real resource tree (StubTreq): one test per row of the issue's table,
+plus acceptance for every room version on v1 and v2."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.trial.unittest import SynchronousTestCase
+
+from federation_invite.auth import ServerAcl
+from federation_invite.core.canonical import encode_canonical_json
+from federation_invite.core.events import prepare_event
+from federation_invite.core.keys import key_id_of, verify_key_of
+from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS, RoomVersion
+from federation_invite.core.signing import (
+    ServerVerifyKey,
+    hash_and_sign_event,
+    verify_event_signature,
+)
+from federation_invite.inbound import InviteLimits
+from federation_invite.store import InviteRule
+
+from .invites import (
+    ALICE,
+    BOB,
+    THEM,
+    US,
+    InviteScenario,
+    build_create_event,
+    build_invite,
+    event_id_of,
+    stripped,
+    v12_room,
+)
+from .support import make_key
+
+
+class InboundTestCase(SynchronousTestCase):
+    scenario_kwargs: dict[str, Any] = {}
+
+    def setUp(self) -> None:
+        self.s = InviteScenario(**self.scenario_kwargs)
+
+    def result(self, deferred: Deferred[Any]) -> tuple[int, Any]:
+        self.stored_before = getattr(self, "stored_now", 0)
+        self.s.client.flush()
+        response = self.successResultOf(deferred)
+        self.stored_now = len(self.s.store.invites)
+        return response.code, json.loads(self.successResultOf(response.content()))
+
+    def send_v2(
+        self,
+        room_version: RoomVersion,
+        event: dict[str, Any],
+        room_state: list[Any] | None = None,
+        *,
+        room_id: str | None = None,
+        event_id: str | None = None,
+        body: Any = None,
+        **kwargs: Any,
+    ) -> tuple[int, Any]:
+        if body is None:
+            body = self.s.v2_body(room_version, event, room_state)
+        return self.result(
+            self.s.send(
+                2,
+                body,
+                room_id=room_id or event.get("room_id", "!x:y"),
+                event_id=event_id or event_id_of(room_version, event),
+                **kwargs,
+            )
+        )
+
+    def send_v1(self, event: dict[str, Any], **kwargs: Any) -> tuple[int, Any]:
+        return self.result(
+            self.s.send(1, event, room_id=event["room_id"], event_id=event["event_id"], **kwargs)
+        )
+
+    def assertRefused(self, answer: tuple[int, Any], status: int, errcode: str) -> dict[str, Any]:
+        code, body = answer
+        self.assertEqual(
+            (code, body.get("errcode") if isinstance(body, dict) else body), (status, errcode), body
+        )
+        self.assertIsInstance(body.get("error"), str)
+        self.assertEqual(
+            len(self.s.store.invites), self.stored_before, "a refused invite must not be stored"
+        )
+        return body
+
+    def assertCoSigned(
+        self, room_version: RoomVersion, sent: dict[str, Any], returned: dict[str, Any]
+    ) -> None:
+        """Only signatures changed, ours was added and verifies, theirs is intact."""
+        self.assertEqual(
+            {k: v for k, v in returned.items() if k != "signatures"},
+            {k: v for k, v in sent.items() if k != "signatures"},
+        )
+        self.assertEqual(returned["signatures"][THEM], sent["signatures"][THEM])
+        self.assertEqual(set(returned["signatures"]), {THEM, US})
+        key = ServerVerifyKey(
+            US, key_id_of(self.s.our_key), verify_key_of(self.s.our_key), 2**53 - 1
+        )
+        verify_event_signature(room_version, returned, US, {(US, key.key_id): key})
+
+
+class AcceptanceTests(InboundTestCase):
+    scenario_kwargs = {"limits": InviteLimits(invitee_burst=100)}
+
+    def test_v2_every_room_version(self) -> None:
+        """v2 accepts a Synapse-style invite in every room version 1-12 and co-signs it."""
+        for identifier, room_version in KNOWN_ROOM_VERSIONS.items():
+            if room_version.room_id_is_create_event_hash:
+                _, create, room_id = v12_room(self.s.their_key)
+                event = build_invite(room_version, self.s.their_key, room_id=room_id)
+                state = [create, stripped("m.room.join_rules", "", {"join_rule": "invite"})]
+            else:
+                event = build_invite(
+                    room_version, self.s.their_key, extra={"depth": 12 + int(identifier)}
+                )
+                state = [
+                    stripped(
+                        "m.room.create", "", {"room_version": identifier}, "@creator:remote.example"
+                    )
+                ]
+            code, body = self.send_v2(room_version, event, state)
+            self.assertEqual(code, 200, (identifier, body))
+            self.assertEqual(list(body), ["event"])
+            self.assertCoSigned(room_version, event, body["event"])
+            self.assertNotIn("event_id", body["event"]) if room_version.identifier not in (
+                "1",
+                "2",
+            ) else None
+            stored = self.s.store.invites[event_id_of(room_version, event)]
+            self.assertEqual(
+                (stored.room_version, stored.invitee, stored.sender, stored.origin),
+                (identifier, BOB, ALICE, THEM),
+            )
+            self.assertEqual(stored.event, body["event"])
+            self.assertEqual(stored.invite_room_state, state)
+            self.assertEqual(stored.status, "pending")
+        self.assertEqual(len(self.s.listened), 12)
+
+    def test_v1_room_versions_1_and_2(self) -> None:
+        """v1 accepts the bare event (room state in unsigned) and answers [200, {"event": ...}]."""
+        for identifier in ("1", "2"):
+            room_version = KNOWN_ROOM_VERSIONS[identifier]
+            state = [stripped("m.room.create", "", {"creator": ALICE})]
+            event = build_invite(
+                room_version,
+                self.s.their_key,
+                extra={"unsigned": {"invite_room_state": state}, "depth": int(identifier)},
+            )
+            code, body = self.send_v1(event)
+            self.assertEqual(code, 200, body)
+            self.assertEqual(body[0], 200)
+            self.assertEqual(list(body[1]), ["event"])
+            self.assertCoSigned(room_version, event, body[1]["event"])
+            self.assertEqual(body[1]["event"]["unsigned"], {"invite_room_state": state})
+            self.assertEqual(self.s.store.invites[event["event_id"]].invite_room_state, state)
+
+    def test_v1_assumes_room_version_1(self) -> None:
+        """v1 checks the event under room version 1 rules: a v3-shaped event is malformed there."""
+        room_version = KNOWN_ROOM_VERSIONS["4"]
+        event = build_invite(room_version, self.s.their_key)
+        answer = self.result(
+            self.s.send(
+                1, event, room_id=event["room_id"], event_id=event_id_of(room_version, event)
+            )
+        )
+        self.assertRefused(answer, 400, "M_BAD_JSON")
+
+    def test_unsigned_untouched_and_no_event_id_added(self) -> None:
+        """The answer keeps the sender's unsigned as is and adds no event_id (v3+)."""
+        room_version, event = self.s.invite("11", extra={"unsigned": {"age": 1, "x": [1, 2]}})
+        code, body = self.send_v2(room_version, event)
+        self.assertEqual(code, 200)
+        self.assertEqual(body["event"]["unsigned"], {"age": 1, "x": [1, 2]})
+        self.assertNotIn("event_id", body["event"])
+
+    def test_percent_encoded_v3_event_id_with_slash(self) -> None:
+        """A v3 event ID containing '/' and '+' routes correctly when percent-encoded."""
+        room_version = KNOWN_ROOM_VERSIONS["3"]
+        for depth in range(1, 400):
+            event = build_invite(room_version, self.s.their_key, extra={"depth": depth})
+            event_id = event_id_of(room_version, event)
+            if "/" in event_id and "+" in event_id:
+                break
+        else:  # pragma: no cover
+            self.fail("no v3 event ID with / and + found")
+        code, body = self.send_v2(room_version, event, event_id=event_id)
+        self.assertEqual(code, 200, body)
+        self.assertIn(event_id, self.s.store.invites)
+
+    def test_listener_failure_is_not_fatal(self) -> None:
+        """A failing listener is logged and the invite is still answered."""
+
+        def broken(record: Any) -> None:
+            raise RuntimeError("listener bug")
+
+        self.s.handler.add_listener(broken)
+        room_version, event = self.s.invite()
+        code, _ = self.send_v2(room_version, event)
+        self.assertEqual(code, 200)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class RequestShapeTests(InboundTestCase):
+    scenario_kwargs = {"max_body_bytes": 4096}
+
+    def test_row01_body_too_large(self) -> None:
+        """Row 1: a body over the configured cap is 413 M_TOO_LARGE."""
+        room_version, event = self.s.invite(
+            extra={"content": {"membership": "invite", "pad": "x" * 5000}}
+        )
+        self.assertRefused(self.send_v2(room_version, event), 413, "M_TOO_LARGE")
+
+    def test_row02_not_json(self) -> None:
+        """Row 2: not UTF-8, not JSON, or not an object, on v1 and v2: 400 M_NOT_JSON."""
+        path = self.s.path(2, "!r:remote.example", "$e:remote.example")
+        for data in (b"\xff\xfe{}", b"{not json", b"[1, 2]", b'"x"', b"", b"NaN", b"{} x"):
+            for version in (1, 2):
+                path = self.s.path(version, "!r:remote.example", "$e:remote.example")
+                header = ['X-Matrix origin=remote.example,key="ed25519:x",sig="y"']
+                answer = self.result(self.s.put_raw(path, data, headers=header))
+                self.assertRefused(answer, 400, "M_NOT_JSON")
+
+    def test_row03_duplicate_keys(self) -> None:
+        """Row 3: duplicate keys anywhere in the JSON: 400 M_BAD_JSON."""
+        path = self.s.path(2, "!r:remote.example", "$e:remote.example")
+        data = b'{"room_version": "10", "event": {"a": 1, "a": 2}}'
+        answer = self.result(
+            self.s.put_raw(path, data, headers=['X-Matrix origin=a,key="ed25519:x",sig="y"'])
+        )
+        self.assertRefused(answer, 400, "M_BAD_JSON")
+
+    def test_unknown_paths_and_methods(self) -> None:
+        """Wrong segment counts are 404 and GET is 405, both M_UNRECOGNIZED."""
+        for path in (
+            "/_matrix/federation/v2/invite/!r:x",
+            "/_matrix/federation/v2/invite/!r:x/$e:x/more",
+            "/_matrix/federation/v2/invite",
+            "/_matrix/federation/v3/invite/!r:x/$e:x",
+        ):
+            answer = self.result(self.s.put_raw(path, b"{}", headers=[]))
+            self.assertRefused(answer, 404, "M_UNRECOGNIZED")
+        answer = self.result(
+            self.s.client.get("https://us.example/_matrix/federation/v2/invite/%21r%3Ax/%24e%3Ax")
+        )
+        self.assertRefused(answer, 405, "M_UNRECOGNIZED")
+
+    def test_path_not_utf8(self) -> None:
+        """A path parameter that is not UTF-8 is 400 M_INVALID_PARAM."""
+        answer = self.result(
+            self.s.put_raw("/_matrix/federation/v2/invite/%FF/%24e", b"{}", headers=[])
+        )
+        self.assertRefused(answer, 400, "M_INVALID_PARAM")
+
+
+class AuthenticationRowTests(InboundTestCase):
+    def test_row04_unauthenticated(self) -> None:
+        """Row 4: no or bad X-Matrix authentication: 401 M_UNAUTHORIZED."""
+        room_version, event = self.s.invite()
+        self.assertRefused(self.send_v2(room_version, event, headers=[]), 401, "M_UNAUTHORIZED")
+        self.assertRefused(
+            self.send_v2(room_version, event, key=make_key("them1")), 401, "M_UNAUTHORIZED"
+        )
+
+    def test_row04_denied_origin(self) -> None:
+        """Row 4: an origin denied by the server ACL: 403 M_FORBIDDEN."""
+        self.s = InviteScenario(acl=ServerAcl.of(deny=("remote.*",)))
+        room_version, event = self.s.invite()
+        self.assertRefused(self.send_v2(room_version, event), 403, "M_FORBIDDEN")
+
+
+class BodyRowTests(InboundTestCase):
+    def test_row05_missing_and_mistyped(self) -> None:
+        """Row 5: v2 room_version or event missing (M_MISSING_PARAM) or of the wrong type (M_BAD_JSON)."""
+        room_version, event = self.s.invite()
+        cases = [
+            ({"event": event}, "M_MISSING_PARAM"),
+            ({"room_version": "10"}, "M_MISSING_PARAM"),
+            ({"room_version": 10, "event": event}, "M_BAD_JSON"),
+            ({"room_version": "10", "event": [event]}, "M_BAD_JSON"),
+        ]
+        for body, errcode in cases:
+            self.assertRefused(self.send_v2(room_version, event, body=body), 400, errcode)
+
+    def test_row06_unknown_room_version(self) -> None:
+        """Row 6: an unknown room version: 400 M_INCOMPATIBLE_ROOM_VERSION naming it."""
+        room_version, event = self.s.invite()
+        body = self.assertRefused(
+            self.send_v2(
+                room_version, event, body={"room_version": "org.example.custom", "event": event}
+            ),
+            400,
+            "M_INCOMPATIBLE_ROOM_VERSION",
+        )
+        self.assertEqual(body["room_version"], "org.example.custom")
+
+    def test_row07_malformed_event(self) -> None:
+        """Row 7: events not well-formed for their room version: 400 M_BAD_JSON."""
+        room_version, event = self.s.invite()
+        mutations = [
+            {k: v for k, v in event.items() if k != "depth"},
+            {**event, "depth": -1},
+            {**event, "prev_events": "x"},
+            {**event, "auth_events": [f"$a{i}" for i in range(11)]},
+            {**event, "content": {"membership": "invite", "n": 1.5}},
+            {**event, "content": {"membership": "invite", "n": 2**53}},
+            {**event, "sender": "alice"},
+            {**event, "room_id": "room"},
+        ]
+        for mutated in mutations:
+            answer = self.send_v2(
+                room_version,
+                mutated,
+                room_id=event["room_id"],
+                event_id=event_id_of(room_version, event),
+            )
+            self.assertRefused(answer, 400, "M_BAD_JSON")
+
+    def test_row08_pdu_too_large(self) -> None:
+        """Row 8: an event whose canonical form is over 65536 bytes: 413 M_TOO_LARGE."""
+        for identifier in ("5", "10"):  # a lax and a strict room version
+            room_version, event = self.s.invite(
+                identifier, extra={"content": {"membership": "invite", "pad": "x" * 66000}}
+            )
+            self.assertRefused(self.send_v2(room_version, event), 413, "M_TOO_LARGE")
+
+    def test_row09_path_mismatch(self) -> None:
+        """Row 9: room_id or event_id differing from the path: 400 M_INVALID_PARAM."""
+        room_version, event = self.s.invite()
+        self.assertRefused(
+            self.send_v2(room_version, event, room_id="!other:remote.example"),
+            400,
+            "M_INVALID_PARAM",
+        )
+        self.assertRefused(
+            self.send_v2(room_version, event, event_id="$" + "A" * 43), 400, "M_INVALID_PARAM"
+        )
+        v1 = KNOWN_ROOM_VERSIONS["1"]
+        event1 = build_invite(v1, self.s.their_key)
+        self.assertRefused(
+            self.send_v2(v1, event1, event_id="$other:remote.example"), 400, "M_INVALID_PARAM"
+        )
+
+    def test_row10_not_an_invite(self) -> None:
+        """Row 10: wrong type, membership, or non-user state_key/sender: 400 M_INVALID_PARAM."""
+        cases = [
+            {"type": "m.room.message"},
+            {"content": {"membership": "join"}},
+            {"content": {"body": "no membership"}},
+            {"state_key": "bob"},
+        ]
+        for extra in cases:
+            room_version, event = self.s.invite(extra=extra)
+            self.assertRefused(self.send_v2(room_version, event), 400, "M_INVALID_PARAM")
+        # A sender that is no user ID is already malformed (row 7).
+        room_version, event = self.s.invite(extra={"sender": "@:remote.example:x"})
+        self.assertEqual(self.send_v2(room_version, event)[0], 400)
+
+    def test_row11_wrong_servers(self) -> None:
+        """Row 11: sender not on the origin, or invitee not on our server: 400 M_INVALID_PARAM."""
+        room_version, event = self.s.invite(sender="@mallory:elsewhere.example")
+        self.assertRefused(self.send_v2(room_version, event), 400, "M_INVALID_PARAM")
+        room_version, event = self.s.invite(invitee="@bob:elsewhere.example")
+        self.assertRefused(self.send_v2(room_version, event), 400, "M_INVALID_PARAM")
+
+    def test_row12_signatures_and_hashes(self) -> None:
+        """Row 12: a missing or wrong sender signature, or a wrong content hash: 400 M_INVALID_PARAM."""
+        room_version, event = self.s.invite()
+        unsigned = {**event, "signatures": {}}
+        self.assertRefused(self.send_v2(room_version, unsigned), 400, "M_INVALID_PARAM")
+        forged = hash_and_sign_event(
+            room_version,
+            {k: v for k, v in event.items() if k not in ("signatures", "hashes")},
+            THEM,
+            make_key("them1"),
+        )
+        self.assertRefused(self.send_v2(room_version, forged), 400, "M_INVALID_PARAM")
+        rehashed = {**event, "content": {"membership": "invite", "displayname": "Eve"}}
+        self.assertRefused(self.send_v2(room_version, rehashed), 400, "M_INVALID_PARAM")
+        bad_hash = {**event, "hashes": {"sha256": "A" * 43}}
+        self.assertRefused(self.send_v2(room_version, bad_hash), 400, "M_INVALID_PARAM")
+
+    def test_row12_v1_event_id_server_must_sign(self) -> None:
+        """Row 12, v1/v2: the event ID's server must sign too (rooms/v1 signing rules)."""
+        v1 = KNOWN_ROOM_VERSIONS["1"]
+        event = build_invite(v1, self.s.their_key, extra={"event_id": "$e:third.example"})
+        self.assertRefused(self.send_v2(v1, event), 400, "M_INVALID_PARAM")
+
+    def test_row13_room_state_shape(self) -> None:
+        """Row 13: invite_room_state not a list of objects: 400 M_INVALID_PARAM."""
+        room_version, event = self.s.invite()
+        for state in ("x", {"a": 1}, [1], [[]]):
+            body = {"room_version": "10", "event": event, "invite_room_state": state}
+            self.assertRefused(self.send_v2(room_version, event, body=body), 400, "M_INVALID_PARAM")
+
+    def test_row13_v12_create_event(self) -> None:
+        """Row 13, v12: no full create PDU, a create with a bad signature, or a room ID that is
+        not the create event's hash: 400 M_INVALID_PARAM."""
+        room_version, create, room_id = v12_room(self.s.their_key)
+        event = build_invite(room_version, self.s.their_key, room_id=room_id)
+        join_rules = stripped("m.room.join_rules", "", {"join_rule": "invite"})
+        stripped_create = stripped("m.room.create", "", create["content"], create["sender"])
+        for state in ([], [join_rules], [stripped_create, join_rules]):
+            self.assertRefused(self.send_v2(room_version, event, state), 400, "M_INVALID_PARAM")
+        forged = {**create, "signatures": {THEM: {key_id_of(self.s.their_key): "A" * 86}}}
+        self.assertRefused(self.send_v2(room_version, event, [forged]), 400, "M_INVALID_PARAM")
+        other_create = build_create_event(room_version, self.s.their_key)
+        other_create = hash_and_sign_event(
+            room_version,
+            {
+                **{k: v for k, v in other_create.items() if k not in ("signatures", "hashes")},
+                "origin_server_ts": 5,
+            },
+            THEM,
+            self.s.their_key,
+        )
+        self.assertRefused(
+            self.send_v2(room_version, event, [other_create]), 400, "M_INVALID_PARAM"
+        )
+        code, _ = self.send_v2(room_version, event, [create, join_rules])
+        self.assertEqual(code, 200)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_row13_stripped_state_accepted_v1_to_11(self) -> None:
+        """Row 13: stripped state and empty state are accepted for v1-11 (Synapse's behaviour)."""
+        room_version, event = self.s.invite("9")
+        self.assertEqual(
+            self.send_v2(room_version, event, [stripped("m.room.name", "", {"name": "x"})])[0], 200
+        )
+        room_version, event = self.s.invite("9", extra={"depth": 99})
+        self.assertEqual(self.send_v2(room_version, event, [])[0], 200)
+
+
+class StrictRoomStateTests(InboundTestCase):
+    scenario_kwargs = {"strict_invite_room_state": True}
+
+    def test_row13_strict_mode(self) -> None:
+        """Row 13, strict mode: every entry must be a valid full PDU of the room, create included."""
+        room_version = KNOWN_ROOM_VERSIONS["10"]
+        create = build_create_event(room_version, self.s.their_key)
+        event = build_invite(room_version, self.s.their_key, room_id=create["room_id"])
+        self.assertRefused(self.send_v2(room_version, event, []), 400, "M_INVALID_PARAM")
+        self.assertRefused(
+            self.send_v2(room_version, event, [create, stripped("m.room.name", "", {"name": "x"})]),
+            400,
+            "M_INVALID_PARAM",
+        )
+        elsewhere = build_create_event(room_version, self.s.their_key, server="remote.example")
+        elsewhere = hash_and_sign_event(
+            room_version,
+            {
+                **{k: v for k, v in elsewhere.items() if k not in ("signatures", "hashes")},
+                "room_id": "!other:remote.example",
+            },
+            THEM,
+            self.s.their_key,
+        )
+        self.assertRefused(self.send_v2(room_version, event, [elsewhere]), 400, "M_INVALID_PARAM")
+        self.assertEqual(self.send_v2(room_version, event, [create])[0], 200)
+
+
+class PolicyRowTests(InboundTestCase):
+    def test_row14_unknown_invitee(self) -> None:
+        """Row 14: an invitee this server does not know: 404 M_NOT_FOUND."""
+        room_version, event = self.s.invite(invitee=f"@nobody:{US}")
+        self.assertRefused(self.send_v2(room_version, event), 404, "M_NOT_FOUND")
+
+    def test_row14_any_local_user_mode(self) -> None:
+        """With local_users = 'any', every user ID on our server is an invitee."""
+        self.s = InviteScenario(policy_kwargs={"local_users": "any"})
+        room_version, event = self.s.invite(invitee=f"@anyone:{US}")
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)
+
+    def test_row15_operator_policy(self) -> None:
+        """Row 15: sender server denied, sender denied, or a hook refusing: 403 M_FORBIDDEN."""
+        for kwargs in ({"server_deny": ["REMOTE.example"]}, {"user_deny": ["@alice:*"]}):
+            self.s = InviteScenario(policy_kwargs=kwargs)
+            room_version, event = self.s.invite()
+            self.assertRefused(self.send_v2(room_version, event), 403, "M_FORBIDDEN")
+
+        class Hook:
+            def __init__(self) -> None:
+                self.seen: list[Any] = []
+
+            def check_invite(self, invite: Any) -> Deferred[str | None]:
+                self.seen.append(invite)
+                return succeed("Bob is not taking invites from Alice")
+
+        self.s = InviteScenario()
+        hook = Hook()
+        self.s.policy.add_hook(hook)
+        room_version, event = self.s.invite()
+        body = self.assertRefused(self.send_v2(room_version, event), 403, "M_FORBIDDEN")
+        self.assertEqual(body["error"], "Bob is not taking invites from Alice")
+        self.assertEqual(
+            (hook.seen[0].sender, hook.seen[0].invitee, hook.seen[0].origin), (ALICE, BOB, THEM)
+        )
+
+    def test_row16_invitee_rules(self) -> None:
+        """Row 16: a block rule gives 403 M_INVITE_BLOCKED; allow overrides block."""
+        self.s.store.rules.append(InviteRule(BOB, "server", "*", "block"))
+        room_version, event = self.s.invite()
+        self.assertRefused(self.send_v2(room_version, event), 403, "M_INVITE_BLOCKED")
+        self.s.store.rules.append(InviteRule(BOB, "user", ALICE, "allow"))
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)
+
+    def test_row16_ignore_rule(self) -> None:
+        """Row 16: an ignore rule accepts and stores the invite as ignored, not handed over."""
+        self.s.store.rules.append(InviteRule(BOB, "user", "@alice:*", "ignore"))
+        room_version, event = self.s.invite()
+        code, body = self.send_v2(room_version, event)
+        self.assertEqual(code, 200)
+        self.assertCoSigned(room_version, event, body["event"])
+        self.assertEqual(self.s.store.invites[event_id_of(room_version, event)].status, "ignored")
+        self.assertEqual(self.s.listened, [])
+
+
+class RateLimitRowTests(InboundTestCase):
+    scenario_kwargs = {
+        "limits": InviteLimits(
+            origin_per_second=1, origin_burst=3, invitee_per_second=0.1, invitee_burst=2
+        )
+    }
+
+    def test_row17_per_origin(self) -> None:
+        """Row 17: an origin over its burst: 429 M_LIMIT_EXCEEDED with retry_after_ms; it refills."""
+        self.s.store.users.update({f"@u{i}:{US}" for i in range(10)})
+        for i in range(3):
+            room_version, event = self.s.invite(invitee=f"@u{i}:{US}")
+            self.assertEqual(self.send_v2(room_version, event)[0], 200)
+        room_version, event = self.s.invite(invitee=f"@u9:{US}")
+        body = self.assertRefused(self.send_v2(room_version, event), 429, "M_LIMIT_EXCEEDED")
+        self.assertEqual(body["retry_after_ms"], 1001)
+        self.s.clock.advance(1)
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)
+
+    def test_row17_per_invitee(self) -> None:
+        """Row 17: one invitee over its own limit: 429, while other invitees are served."""
+        for depth in (1, 2):
+            room_version, event = self.s.invite(extra={"depth": depth})
+            self.assertEqual(self.send_v2(room_version, event)[0], 200)
+        self.s.clock.advance(2)
+        room_version, event = self.s.invite(extra={"depth": 3})
+        code, body = self.send_v2(room_version, event)
+        self.assertEqual((code, body["errcode"]), (429, "M_LIMIT_EXCEEDED"))
+        self.assertEqual(body["retry_after_ms"], 8001)
+        self.s.store.users.add(f"@carol:{US}")
+        room_version, event = self.s.invite(invitee=f"@carol:{US}")
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)
+
+    def test_row17_concurrency(self) -> None:
+        """Row 17: more concurrent requests from one origin than allowed: 429."""
+        self.s = InviteScenario(limits=InviteLimits(origin_concurrent=1))
+        gate: Deferred[None] = Deferred()
+        original = self.s.store.is_local_user
+
+        def slow(user_id: str) -> Deferred[bool]:
+            return gate.addCallback(lambda _: self.successResultOf(original(user_id)))
+
+        self.s.store.is_local_user = slow  # type: ignore[method-assign]
+        room_version, first = self.s.invite(extra={"depth": 1})
+        pending = self.s.send(
+            2,
+            self.s.v2_body(room_version, first),
+            room_id=first["room_id"],
+            event_id=event_id_of(room_version, first),
+        )
+        room_version, second = self.s.invite(extra={"depth": 2})
+        code, body = self.send_v2(room_version, second)
+        self.assertEqual((code, body["errcode"]), (429, "M_LIMIT_EXCEEDED"))
+        gate.callback(None)
+        self.assertEqual(self.result(pending)[0], 200)
+        self.assertEqual(self.s.handler._origin_concurrency.active(THEM), 0)
+
+
+class IdempotencyRowTests(InboundTestCase):
+    def test_row18_same_event_again(self) -> None:
+        """Row 18: the same event again: 200 with the same co-signed event, stored once."""
+        room_version, event = self.s.invite()
+        first = self.send_v2(room_version, event)
+        second = self.send_v2(room_version, event)
+        self.assertEqual(first, second)
+        self.assertEqual(len(self.s.store.invites), 1)
+        self.assertEqual(len(self.s.listened), 1)
+
+    def test_row19_same_id_different_event(self) -> None:
+        """Row 19: the same (opaque, v1) event ID with a different event: 400 M_INVALID_PARAM."""
+        v1 = KNOWN_ROOM_VERSIONS["1"]
+        event = build_invite(v1, self.s.their_key, extra={"event_id": "$same:remote.example"})
+        self.assertEqual(self.send_v2(v1, event)[0], 200)
+        other = build_invite(
+            v1, self.s.their_key, extra={"event_id": "$same:remote.example", "depth": 99}
+        )
+        code, body = self.send_v2(v1, other)
+        self.assertEqual((code, body["errcode"]), (400, "M_INVALID_PARAM"))
+        self.assertEqual(self.s.store.invites["$same:remote.example"].event["depth"], 12)
+
+    def test_row20_store_fails(self) -> None:
+        """Row 20: the store fails: 500 M_UNKNOWN and nothing signed is returned."""
+        self.s.store.fail_invites = True
+        room_version, event = self.s.invite()
+        code, body = self.send_v2(room_version, event)
+        self.assertEqual((code, body["errcode"]), (500, "M_UNKNOWN"))
+        self.assertNotIn("event", body)
+
+
+class HotPathTests(InboundTestCase):
+    def test_keys_from_memory_after_first_fetch(self) -> None:
+        """The origin's key is fetched once; later invites verify from memory."""
+        for depth in (1, 2, 3):
+            room_version, event = self.s.invite(extra={"depth": depth})
+            self.assertEqual(self.send_v2(room_version, event)[0], 200)
+        self.assertEqual(self.s.federation.count(THEM), 1)
+        self.assertEqual(self.s.store.reads, 1)
+
+    def test_one_redaction_encoding_per_invite(self) -> None:
+        """The redacted form is encoded once (shared by event ID, verification and co-signing)."""
+        import federation_invite.core.events as events
+
+        calls = []
+        original = events.prepare_event
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        import federation_invite.inbound as inbound
+
+        self.patch(inbound, "prepare_event", counting)
+        room_version, event = self.s.invite()
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)
+        self.assertEqual(len(calls), 1)
+        _ = prepare_event, encode_canonical_json
