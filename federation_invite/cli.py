@@ -7,17 +7,31 @@ same configuration the daemon reads.
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
+import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
+import attrs
+from twisted.python.failure import Failure
 from unpaddedbase64 import encode_base64
 
-from .config import ConfigError, load_config, render_config
+from .config import Config, ConfigError, load_config, render_config
+from .core.ids import is_valid_user_id, server_name_of
 from .core.keys import encode_verify_key, key_id_of, verify_key_of
 from .signingkey import SigningKeyError, load_or_create_signing_key, read_signing_keys
+from .store import (
+    INVITE_STATUSES,
+    InviteRecord,
+    InviteRule,
+    IStore,
+    StoreError,
+    open_store,
+    run_migrations,
+)
 
 __all__ = ["main"]
 
@@ -60,6 +74,111 @@ def _cmd_keys_show(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+# -- commands that need the database: each is ``async (args, out, store) -> exit code``.
+
+
+async def _cmd_migrate(args: argparse.Namespace, out: TextIO, reactor: Any) -> int:
+    config = load_config(args.config)
+    result = await run_migrations(config.database, reactor=reactor)
+    if result.applied:
+        out.write(
+            f"Migrated from schema {result.before} to {result.after}: {', '.join(result.applied)}\n"
+        )
+    else:
+        out.write(f"Schema is at version {result.after}; nothing to do\n")
+    return 0
+
+
+def _local_user(config: Config, user_id: str) -> str:
+    if not is_valid_user_id(user_id) or server_name_of(user_id) != config.server_name:
+        raise ConfigError(f"{user_id!r} is not a user ID on this server ({config.server_name})")
+    return user_id
+
+
+async def _cmd_users(args: argparse.Namespace, out: TextIO, store: IStore, config: Config) -> int:
+    if args.users_command == "list":
+        for user_id in await store.list_local_users():
+            out.write(user_id + "\n")
+        return 0
+    user_id = _local_user(config, args.user_id)
+    if args.users_command == "add":
+        changed = await store.add_local_user(user_id)
+        out.write(f"{'Added' if changed else 'Already present:'} {user_id}\n")
+        return 0
+    changed = await store.remove_local_user(user_id)
+    out.write(f"{'Removed' if changed else 'Not present:'} {user_id}\n")
+    return 0 if changed else 1
+
+
+async def _cmd_rules(args: argparse.Namespace, out: TextIO, store: IStore, config: Config) -> int:
+    user_id = _local_user(config, args.user_id)
+    if args.rules_command == "list":
+        for rule in await store.list_invite_rules(user_id):
+            out.write(f"{rule.kind} {rule.pattern} {rule.action}\n")
+        return 0
+    kind, pattern = ("user", args.user) if args.user else ("server", args.server)
+    rule = InviteRule(user_id, kind, pattern, args.action)
+    if args.rules_command == "add":
+        changed = await store.add_invite_rule(rule)
+        out.write(f"{'Added' if changed else 'Already present:'} {kind} {pattern} {args.action}\n")
+        return 0
+    changed = await store.remove_invite_rule(rule)
+    out.write(f"{'Removed' if changed else 'Not present:'} {kind} {pattern} {args.action}\n")
+    return 0 if changed else 1
+
+
+def _invite_json(record: InviteRecord) -> dict[str, Any]:
+    return attrs.asdict(record)
+
+
+async def _cmd_invites(args: argparse.Namespace, out: TextIO, store: IStore, config: Config) -> int:
+    if args.invites_command == "show":
+        record = await store.get_invite(args.event_id)
+        if record is None:
+            raise ConfigError(f"no invite with event ID {args.event_id!r}")
+        if args.json:
+            out.write(json.dumps(_invite_json(record), indent=2, sort_keys=True) + "\n")
+        else:
+            for field in attrs.fields(InviteRecord):
+                value = getattr(record, field.name)
+                if field.name == "event" or field.name == "invite_room_state":
+                    value = json.dumps(value, sort_keys=True)
+                out.write(f"{field.name}: {value}\n")
+        return 0
+    records = await store.list_invites(
+        invitee=args.user, room_id=args.room, status=args.status, limit=args.limit
+    )
+    if args.json:
+        out.write(json.dumps([_invite_json(r) for r in records], indent=2, sort_keys=True) + "\n")
+        return 0
+    out.write(
+        f"{'received (UTC)':<20} {'status':<8} {'invitee':<30} {'sender':<30} {'room':<30} event\n"
+    )
+    for r in records:
+        when = datetime.datetime.fromtimestamp(r.received_ts / 1000, datetime.UTC)
+        out.write(
+            f"{when:%Y-%m-%d %H:%M:%S} {r.status:<8} {r.invitee:<30} {r.sender:<30} "
+            f"{r.room_id:<30} {r.event_id}\n"
+        )
+    return 0
+
+
+_STORE_COMMANDS = {"users": _cmd_users, "rules": _cmd_rules, "invites": _cmd_invites}
+
+
+async def run_async(args: argparse.Namespace, out: TextIO, reactor: Any) -> int:
+    """Run a command that needs the reactor (the database); used by ``main`` and tests."""
+    if args.command == "migrate":
+        return await _cmd_migrate(args, out, reactor)
+    config = load_config(args.config)
+    store = await open_store(config.database, reactor=reactor)
+    try:
+        code: int = await _STORE_COMMANDS[args.command](args, out, store, config)
+    finally:
+        await store.close()
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="federation-invite", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +200,49 @@ def build_parser() -> argparse.ArgumentParser:
     show = key_commands.add_parser("show", help="our key IDs, public keys and fingerprints")
     _config_arg(show)
     show.set_defaults(run=_cmd_keys_show)
+
+    migrate = commands.add_parser("migrate", help="apply pending database schema migrations")
+    _config_arg(migrate)
+    migrate.set_defaults(run_async=True)
+
+    users = commands.add_parser("users", help="our local users (who can be invited)")
+    user_commands = users.add_subparsers(dest="users_command", required=True)
+    for name, text in (("add", "add a local user"), ("remove", "remove a local user")):
+        sub = user_commands.add_parser(name, help=text)
+        sub.add_argument("user_id", help="e.g. @bob:example.org")
+        _config_arg(sub)
+    _config_arg(user_commands.add_parser("list", help="list local users"))
+    users.set_defaults(run_async=True)
+
+    rules = commands.add_parser("rules", help="a local user's invite rules")
+    rule_commands = rules.add_subparsers(dest="rules_command", required=True)
+    for name, text in (("add", "add an invite rule"), ("remove", "remove an invite rule")):
+        sub = rule_commands.add_parser(name, help=text)
+        sub.add_argument("user_id")
+        target = sub.add_mutually_exclusive_group(required=True)
+        target.add_argument("--user", help="glob over sender user IDs, e.g. '@spam*:*'")
+        target.add_argument("--server", help="glob over sender server names, e.g. '*.evil.example'")
+        sub.add_argument("--action", required=True, choices=["allow", "block", "ignore"])
+        _config_arg(sub)
+    listing = rule_commands.add_parser("list", help="list a user's invite rules")
+    listing.add_argument("user_id")
+    _config_arg(listing)
+    rules.set_defaults(run_async=True)
+
+    invites = commands.add_parser("invites", help="received invites")
+    invite_commands = invites.add_subparsers(dest="invites_command", required=True)
+    listing = invite_commands.add_parser("list", help="list invites, newest first")
+    listing.add_argument("--user", help="only invites for this invitee")
+    listing.add_argument("--room", help="only invites to this room")
+    listing.add_argument("--status", choices=sorted(INVITE_STATUSES))
+    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--json", action="store_true")
+    _config_arg(listing)
+    show_invite = invite_commands.add_parser("show", help="one invite in full")
+    show_invite.add_argument("event_id")
+    show_invite.add_argument("--json", action="store_true")
+    _config_arg(show_invite)
+    invites.set_defaults(run_async=True)
     return parser
 
 
@@ -92,8 +254,29 @@ def main(
     err = err or sys.stderr
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "run_async", False):
+            return _react(args, out)
         code: int = args.run(args, out)
-    except (ConfigError, SigningKeyError) as exc:
+    except (ConfigError, SigningKeyError, StoreError, ValueError) as exc:
         err.write(f"federation-invite: {exc}\n")
         return 1
     return code
+
+
+def _react(args: argparse.Namespace, out: TextIO) -> int:
+    """Run an async command on the global reactor (the CLI's process owns it)."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    outcome: list[Any] = []
+
+    def run() -> None:
+        d = Deferred.fromCoroutine(run_async(args, out, reactor))
+        d.addBoth(outcome.append).addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(run)
+    reactor.run()
+    result = outcome[0] if outcome else 1
+    if isinstance(result, Failure):
+        result.raiseException()
+    return int(result)

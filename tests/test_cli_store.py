@@ -1,0 +1,129 @@
+"""Tests for the operator commands that use the database (real SQLite, real reactor)."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from federation_invite.cli import build_parser, run_async
+from federation_invite.config import ConfigError
+from federation_invite.store import InviteRecord, open_store
+
+
+class StoreCommandTests(TestCase):
+    def setUp(self) -> None:
+        self.db = self.mktemp() + ".db"
+        self.config = self.mktemp()
+        with open(self.config, "w") as handle:
+            handle.write(f'server_name = "example.org"\ndatabase = "sqlite:///{self.db}"\n')
+
+    async def run_cli(self, *argv: str) -> tuple[int, str]:
+        out = io.StringIO()
+        args = build_parser().parse_args([*argv, "-c", self.config])
+        code = await run_async(args, out, reactor)
+        return code, out.getvalue()
+
+    def test_migrate(self) -> Deferred[None]:
+        """migrate applies the schema once and then reports nothing to do."""
+
+        async def go() -> None:
+            code, out = await self.run_cli("migrate")
+            self.assertEqual((code, out), (0, "Migrated from schema 0 to 1: 0001_initial.sql\n"))
+            code, out = await self.run_cli("migrate")
+            self.assertEqual((code, out), (0, "Schema is at version 1; nothing to do\n"))
+
+        return ensureDeferred(go())
+
+    def test_users(self) -> Deferred[None]:
+        """users add/list/remove manage local users; foreign user IDs are refused."""
+
+        async def go() -> None:
+            self.assertEqual(
+                await self.run_cli("users", "add", "@bob:example.org"),
+                (0, "Added @bob:example.org\n"),
+            )
+            self.assertEqual(
+                await self.run_cli("users", "add", "@bob:example.org"),
+                (0, "Already present: @bob:example.org\n"),
+            )
+            self.assertEqual(await self.run_cli("users", "list"), (0, "@bob:example.org\n"))
+            with self.assertRaises(ConfigError):
+                await self.run_cli("users", "add", "@bob:other.org")
+            with self.assertRaises(ConfigError):
+                await self.run_cli("users", "add", "bob")
+            self.assertEqual(
+                await self.run_cli("users", "remove", "@bob:example.org"),
+                (0, "Removed @bob:example.org\n"),
+            )
+            self.assertEqual((await self.run_cli("users", "remove", "@bob:example.org"))[0], 1)
+            self.assertEqual(await self.run_cli("users", "list"), (0, ""))
+
+        return ensureDeferred(go())
+
+    def test_rules(self) -> Deferred[None]:
+        """rules add/list/remove manage a user's invite rules."""
+
+        async def go() -> None:
+            user = "@bob:example.org"
+            self.assertEqual(
+                await self.run_cli("rules", "add", user, "--server", "*.evil", "--action", "block"),
+                (0, "Added server *.evil block\n"),
+            )
+            await self.run_cli("rules", "add", user, "--user", "@friend:evil", "--action", "allow")
+            code, out = await self.run_cli("rules", "list", user)
+            self.assertEqual(
+                sorted(out.splitlines()), ["server *.evil block", "user @friend:evil allow"]
+            )
+            await self.run_cli("rules", "remove", user, "--server", "*.evil", "--action", "block")
+            self.assertEqual(
+                await self.run_cli("rules", "list", user), (0, "user @friend:evil allow\n")
+            )
+
+        return ensureDeferred(go())
+
+    def test_invites_list_and_show(self) -> Deferred[None]:
+        """invites list filters and prints a table or JSON; show prints one invite."""
+
+        async def go() -> None:
+            store = await open_store(f"sqlite:///{self.db}", reactor=reactor)
+            event: dict[str, Any] = {"type": "m.room.member", "content": {"membership": "invite"}}
+            for i, (invitee, status) in enumerate(
+                [("@a:example.org", "pending"), ("@b:example.org", "ignored")]
+            ):
+                await store.store_invite(
+                    InviteRecord(
+                        f"$e{i}",
+                        "!r:x",
+                        "10",
+                        invitee,
+                        "@s:x",
+                        "x",
+                        event,
+                        [],
+                        1_700_000_000_000 + i,
+                        status,
+                    )
+                )
+            await store.close()
+            code, out = await self.run_cli("invites", "list")
+            lines = out.splitlines()
+            self.assertEqual(len(lines), 3)
+            self.assertIn("2023-11-14 22:13:20 ignored  @b:example.org", lines[1])
+            self.assertTrue(lines[2].endswith("$e0"))
+            code, out = await self.run_cli("invites", "list", "--status", "pending", "--json")
+            self.assertEqual([r["event_id"] for r in json.loads(out)], ["$e0"])
+            code, out = await self.run_cli("invites", "list", "--user", "@b:example.org")
+            self.assertEqual(len(out.splitlines()), 2)
+            code, out = await self.run_cli("invites", "show", "$e1", "--json")
+            self.assertEqual(json.loads(out)["event"], event)
+            code, out = await self.run_cli("invites", "show", "$e1")
+            self.assertIn("status: ignored\n", out)
+            with self.assertRaises(ConfigError):
+                await self.run_cli("invites", "show", "$nope")
+
+        return ensureDeferred(go())
