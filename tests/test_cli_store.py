@@ -76,6 +76,7 @@ class StoreCommandTests(TestCase):
             )
             await self.run_cli("rules", "add", user, "--user", "@friend:evil", "--action", "allow")
             code, out = await self.run_cli("rules", "list", user)
+            self.assertEqual(code, 0)
             self.assertEqual(
                 sorted(out.splitlines()), ["server *.evil block", "user @friend:evil allow"]
             )
