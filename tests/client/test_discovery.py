@@ -1,0 +1,507 @@
+"""Tests for federation_invite.client.discovery: server-server-api.md "Resolving server names"."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.names import dns
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+
+from federation_invite.client.discovery import (
+    WELL_KNOWN_DEFAULT_TTL,
+    WELL_KNOWN_MAX_BYTES,
+    WELL_KNOWN_MAX_TTL,
+    WELL_KNOWN_MIN_TTL,
+    WELL_KNOWN_TIMEOUT,
+    ResolvedServer,
+    ServerResolver,
+    cache_period,
+)
+from federation_invite.client.testing import FakePeersAgent
+
+from ._fakes import CannedResource, FakeSRVResolver
+
+WELL_KNOWN_PATH = b"/.well-known/matrix/server"
+
+
+class _RedirectResource(Resource):
+    isLeaf = True
+
+    def __init__(self, location: bytes, code: int = 302) -> None:
+        super().__init__()
+        self.location = location
+        self.code = code
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(self.code)
+        request.setHeader(b"Location", self.location)
+        return b""
+
+
+class _Base(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.peers = FakePeersAgent()
+        self.srv = FakeSRVResolver()
+        self.resolver = ServerResolver(self.clock, self.peers, self.srv, random=random.Random(4))
+
+    def well_known(
+        self, hostname: str, body: Any, code: int = 200, **headers: bytes
+    ) -> CannedResource:
+        """Serve ``body`` as https://hostname/.well-known/matrix/server."""
+        raw_headers = {name.replace("_", "-").encode(): value for name, value in headers.items()}
+        resource = CannedResource(code, body, raw_headers)
+        self.peers.add_peer(hostname, resource)
+        return resource
+
+    def resolve(self, server_name: str) -> tuple[ResolvedServer, list[tuple[str, int]]]:
+        server = self.successResultOf(self.resolver.resolve_server(server_name))
+        targets = self.successResultOf(self.resolver.resolve_targets(server))
+        return server, targets
+
+    def assertRoute(
+        self,
+        server_name: str,
+        targets: list[tuple[str, int]],
+        host_header: str,
+        tls_name: str,
+    ) -> ResolvedServer:
+        server, got_targets = self.resolve(server_name)
+        self.assertEqual(got_targets, targets)
+        self.assertEqual(server.host_header, host_header)
+        self.assertEqual(server.tls_name, tls_name)
+        self.assertEqual(server.server_name, server_name)
+        return server
+
+
+class LiteralAndPortTests(_Base):
+    def test_ipv4_literal_without_port(self) -> None:
+        """Step 1: an IPv4 literal is used on 8448; Host is the server name; no lookups."""
+        self.assertRoute("1.2.3.4", [("1.2.3.4", 8448)], "1.2.3.4", "1.2.3.4")
+        self.assertEqual(self.peers.requests, [])
+        self.assertEqual(self.srv.lookups, [])
+
+    def test_ipv4_literal_with_port(self) -> None:
+        """Step 1: the literal's port is used, and kept in the Host header."""
+        self.assertRoute("1.2.3.4:8080", [("1.2.3.4", 8080)], "1.2.3.4:8080", "1.2.3.4")
+        self.assertEqual(self.peers.requests, [])
+
+    def test_ipv6_literal(self) -> None:
+        """Step 1: an IPv6 literal connects unbracketed; Host keeps the brackets."""
+        self.assertRoute("[2001:db8::1]", [("2001:db8::1", 8448)], "[2001:db8::1]", "2001:db8::1")
+        self.assertRoute(
+            "[2001:db8::1]:8443", [("2001:db8::1", 8443)], "[2001:db8::1]:8443", "2001:db8::1"
+        )
+        self.assertEqual(self.srv.lookups, [])
+
+    def test_hostname_with_port(self) -> None:
+        """Step 2: explicit port, no .well-known or SRV; Host is name:port, TLS the hostname."""
+        self.srv.records["_matrix-fed._tcp.example.org"] = [(0, 0, 443, "other.example")]
+        self.assertRoute(
+            "example.org:1234", [("example.org", 1234)], "example.org:1234", "example.org"
+        )
+        self.assertEqual(self.peers.requests, [])
+        self.assertEqual(self.srv.lookups, [])
+
+    def test_invalid_server_name(self) -> None:
+        """A name outside the grammar fails with ValueError before any lookup."""
+        self.failureResultOf(self.resolver.resolve_server("bad name"), ValueError)
+        self.failureResultOf(self.resolver.resolve_server("example.org:0"), ValueError)
+        self.assertEqual(self.peers.requests, [])
+
+
+class WellKnownDelegationTests(_Base):
+    def test_fetches_well_known_url(self) -> None:
+        """Step 3: GET https://<hostname>/.well-known/matrix/server."""
+        resource = self.well_known("example.org", {"m.server": "delegated.example:443"})
+        self.resolve("example.org")
+        self.assertEqual(self.peers.requests[0][1], b"https://example.org" + WELL_KNOWN_PATH)
+        self.assertEqual(resource.requests[0]["method"], b"GET")
+
+    def test_delegated_host_and_port(self) -> None:
+        """Step 3.2: delegated host:port; Host is "<delegated>:<port>", TLS the delegated host."""
+        self.well_known("example.org", {"m.server": "matrix.example.net:8443"})
+        server = self.assertRoute(
+            "example.org",
+            [("matrix.example.net", 8443)],
+            "matrix.example.net:8443",
+            "matrix.example.net",
+        )
+        self.assertEqual(server.effective_name, "matrix.example.net:8443")
+        self.assertEqual(self.srv.lookups, [])
+
+    def test_delegated_host_srv(self) -> None:
+        """Step 3.3: delegated host without port uses _matrix-fed._tcp SRV; Host and TLS stay the delegated host."""
+        self.well_known("example.org", {"m.server": "matrix.example.net"})
+        self.srv.records["_matrix-fed._tcp.matrix.example.net"] = [
+            (10, 0, 4443, "srv-target.example")
+        ]
+        self.assertRoute(
+            "example.org",
+            [("srv-target.example", 4443)],
+            "matrix.example.net",
+            "matrix.example.net",
+        )
+        self.assertEqual(self.srv.lookups, ["_matrix-fed._tcp.matrix.example.net"])
+
+    def test_delegated_host_deprecated_srv(self) -> None:
+        """Step 3.4: without _matrix-fed, the deprecated _matrix._tcp SRV of the delegated host."""
+        self.well_known("example.org", {"m.server": "matrix.example.net"})
+        self.srv.records["_matrix._tcp.matrix.example.net"] = [(10, 0, 5555, "old-srv.example")]
+        self.assertRoute(
+            "example.org", [("old-srv.example", 5555)], "matrix.example.net", "matrix.example.net"
+        )
+        self.assertEqual(
+            self.srv.lookups,
+            ["_matrix-fed._tcp.matrix.example.net", "_matrix._tcp.matrix.example.net"],
+        )
+
+    def test_delegated_host_no_srv(self) -> None:
+        """Step 3.5: no SRV at all: the delegated host on 8448."""
+        self.well_known("example.org", {"m.server": "matrix.example.net"})
+        self.assertRoute(
+            "example.org",
+            [("matrix.example.net", 8448)],
+            "matrix.example.net",
+            "matrix.example.net",
+        )
+
+    def test_delegated_ip_literal(self) -> None:
+        """Step 3.1: a delegated IP literal is used directly; Host is the IP (with port if given)."""
+        self.well_known("a.example", {"m.server": "5.6.7.8"})
+        self.well_known("b.example", {"m.server": "5.6.7.8:1234"})
+        self.well_known("c.example", {"m.server": "[2001:db8::2]:1234"})
+        self.assertRoute("a.example", [("5.6.7.8", 8448)], "5.6.7.8", "5.6.7.8")
+        self.assertRoute("b.example", [("5.6.7.8", 1234)], "5.6.7.8:1234", "5.6.7.8")
+        self.assertRoute("c.example", [("2001:db8::2", 1234)], "[2001:db8::2]:1234", "2001:db8::2")
+        self.assertEqual(self.srv.lookups, [])
+
+    def test_redirect_followed(self) -> None:
+        """30x redirects are followed to the document."""
+        self.peers.add_peer(
+            "example.org", _RedirectResource(b"https://www.example.org" + WELL_KNOWN_PATH)
+        )
+        self.well_known("www.example.org", {"m.server": "matrix.example.net:443"})
+        self.assertRoute(
+            "example.org",
+            [("matrix.example.net", 443)],
+            "matrix.example.net:443",
+            "matrix.example.net",
+        )
+
+    def test_redirect_loop_falls_through(self) -> None:
+        """A redirect loop is abandoned (bounded) and discovery continues with SRV/8448."""
+        self.peers.add_peer(
+            "example.org", _RedirectResource(b"https://example.org" + WELL_KNOWN_PATH, 301)
+        )
+        self.assertRoute("example.org", [("example.org", 8448)], "example.org", "example.org")
+        self.assertLessEqual(len(self.peers.requests), 6)
+
+    def test_redirect_to_http_refused(self) -> None:
+        """A redirect to plain http is not followed; discovery falls through."""
+        self.peers.add_peer(
+            "example.org", _RedirectResource(b"http://insecure.example" + WELL_KNOWN_PATH)
+        )
+        self.well_known("insecure.example", {"m.server": "evil.example:1"})
+        self.assertRoute("example.org", [("example.org", 8448)], "example.org", "example.org")
+        self.assertEqual(len(self.peers.requests), 1)
+
+
+class WellKnownInvalidTests(_Base):
+    def assertFallsThrough(self, fetched: bool = True) -> None:
+        self.srv.records["_matrix-fed._tcp.example.org"] = [(0, 0, 8443, "fed.example.org")]
+        server = self.assertRoute(
+            "example.org", [("fed.example.org", 8443)], "example.org", "example.org"
+        )
+        self.assertEqual(server.effective_name, "example.org")
+        self.assertEqual(len(self.peers.requests), 1)
+        self.assertEqual(self.peers.requests[0][1], b"https://example.org" + WELL_KNOWN_PATH)
+
+    def test_not_json(self) -> None:
+        """Step 3: a body that is not JSON falls through to step 4 (SRV for the hostname)."""
+        self.well_known("example.org", b"<html>hello</html>")
+        self.assertFallsThrough()
+
+    def test_not_an_object(self) -> None:
+        """A JSON array is invalid and falls through."""
+        self.well_known("example.org", ["m.server"])
+        self.assertFallsThrough()
+
+    def test_missing_m_server(self) -> None:
+        """An object without m.server falls through."""
+        self.well_known("example.org", {"m.homeserver": "x"})
+        self.assertFallsThrough()
+
+    def test_m_server_not_a_string(self) -> None:
+        """m.server that is not a string falls through."""
+        self.well_known("example.org", {"m.server": 8448})
+        self.assertFallsThrough()
+
+    def test_m_server_not_a_server_name(self) -> None:
+        """m.server outside the server-name grammar falls through."""
+        self.well_known("example.org", {"m.server": "https://matrix.example.net/"})
+        self.assertFallsThrough()
+
+    def test_non_200(self) -> None:
+        """A non-200 answer, even with a valid-looking body, falls through."""
+        self.well_known("example.org", {"m.server": "x.example:1"}, code=404)
+        self.assertFallsThrough()
+
+    def test_too_large(self) -> None:
+        """A body over 50 KiB is not read and falls through."""
+        padding = "x" * WELL_KNOWN_MAX_BYTES
+        self.well_known("example.org", {"m.server": "x.example:1", "pad": padding})
+        self.assertFallsThrough()
+
+    def test_just_under_size_limit(self) -> None:
+        """A body of exactly 50 KiB is still read and used."""
+        document = b'{"m.server": "x.example:1", "pad": "'
+        document += b"x" * (WELL_KNOWN_MAX_BYTES - len(document) - 2) + b'"}'
+        self.assertEqual(len(document), WELL_KNOWN_MAX_BYTES)
+        self.well_known("example.org", document)
+        server, _ = self.resolve("example.org")
+        self.assertEqual(server.effective_name, "x.example:1")
+
+    def test_too_large_without_length(self) -> None:
+        """A chunked body (no Content-Length) that grows past 50 KiB is cut off and falls through."""
+        chunks = [b'{"m.server": "x.example:1", "p": "'] + [b"y" * 4096] * 13 + [b'"}']
+        self.peers.add_peer("example.org", CannedResource(chunks=chunks))
+        self.assertFallsThrough()
+
+    def test_chunked_under_limit(self) -> None:
+        """The same chunked body under 50 KiB is read and used."""
+        chunks = [b'{"m.server": "x.example:1", "p": "'] + [b"y" * 4096] * 12 + [b'"}']
+        self.peers.add_peer("example.org", CannedResource(chunks=chunks))
+        server, _ = self.resolve("example.org")
+        self.assertEqual(server.effective_name, "x.example:1")
+
+    def test_unreachable(self) -> None:
+        """A host with no reachable .well-known falls through to SRV."""
+        self.assertFallsThrough()
+
+    def test_timeout(self) -> None:
+        """A .well-known fetch that hangs is abandoned after its timeout and falls through."""
+        self.peers.add_peer("example.org", CannedResource(hang=True))
+        self.srv.records["_matrix-fed._tcp.example.org"] = [(0, 0, 8443, "fed.example.org")]
+        resolving = self.resolver.resolve_server("example.org")
+        self.assertNoResult(resolving)
+        self.clock.advance(WELL_KNOWN_TIMEOUT)
+        server = self.successResultOf(resolving)
+        self.assertEqual(server.host_header, "example.org")
+        self.assertIsNone(server.port)
+
+
+class SrvTests(_Base):
+    def test_matrix_fed_preferred(self) -> None:
+        """Step 4 before 5: _matrix-fed._tcp wins over the deprecated _matrix._tcp."""
+        self.srv.records["_matrix-fed._tcp.example.org"] = [(0, 0, 1111, "new.example")]
+        self.srv.records["_matrix._tcp.example.org"] = [(0, 0, 2222, "old.example")]
+        self.assertRoute("example.org", [("new.example", 1111)], "example.org", "example.org")
+        self.assertEqual(self.srv.lookups, ["_matrix-fed._tcp.example.org"])
+
+    def test_deprecated_matrix_srv(self) -> None:
+        """Step 5: _matrix._tcp is used when _matrix-fed._tcp has no record."""
+        self.srv.records["_matrix._tcp.example.org"] = [(0, 0, 2222, "old.example")]
+        self.assertRoute("example.org", [("old.example", 2222)], "example.org", "example.org")
+
+    def test_fallback_8448(self) -> None:
+        """Step 6: no .well-known and no SRV: the hostname on 8448."""
+        self.assertRoute("example.org", [("example.org", 8448)], "example.org", "example.org")
+        self.assertEqual(
+            self.srv.lookups, ["_matrix-fed._tcp.example.org", "_matrix._tcp.example.org"]
+        )
+
+    def test_priority_order(self) -> None:
+        """RFC 2782: records are tried in ascending priority."""
+        self.srv.records["_matrix-fed._tcp.example.org"] = [
+            (20, 0, 3, "c.example"),
+            (10, 0, 1, "a.example"),
+            (15, 0, 2, "b.example."),
+        ]
+        _, targets = self.resolve("example.org")
+        self.assertEqual(targets, [("a.example", 1), ("b.example", 2), ("c.example", 3)])
+
+    def test_weights_within_priority(self) -> None:
+        """Within a priority every record appears once, heavier weights first more often."""
+        self.srv.records["_matrix-fed._tcp.example.org"] = [
+            (10, 1, 1, "light.example"),
+            (10, 99, 2, "heavy.example"),
+        ]
+        firsts = []
+        for _ in range(50):
+            _, targets = self.resolve("example.org")
+            self.assertEqual(sorted(targets), [("heavy.example", 2), ("light.example", 1)])
+            firsts.append(targets[0][0])
+        self.assertGreater(firsts.count("heavy.example"), 40)
+
+    def test_dot_target_ignored(self) -> None:
+        """A "." target (service not offered) is skipped; with nothing else, 8448."""
+        self.srv.records["_matrix-fed._tcp.example.org"] = [(0, 0, 0, ".")]
+        _, targets = self.resolve("example.org")
+        self.assertEqual(targets, [("example.org", 8448)])
+
+    def test_other_record_types_ignored(self) -> None:
+        """Answers of other types (e.g. a CNAME) or for other names are not SRV targets."""
+        self.srv.raw["_matrix-fed._tcp.example.org"] = [
+            dns.RRHeader(
+                name="_matrix-fed._tcp.example.org",
+                type=dns.CNAME,
+                payload=dns.Record_CNAME(b"x.example"),
+            ),
+            dns.RRHeader(
+                name="_matrix-fed._tcp.elsewhere.example",
+                type=dns.SRV,
+                payload=dns.Record_SRV(0, 0, 1, "elsewhere.example"),
+            ),
+        ]
+        _, targets = self.resolve("example.org")
+        self.assertEqual(targets, [("example.org", 8448)])
+
+    def test_dns_failure_falls_back(self) -> None:
+        """A failing SRV query (e.g. a DNS timeout) is treated as no record."""
+        self.srv.errors["_matrix-fed._tcp.example.org"] = dns.DNSQueryTimeoutError("x")
+        self.srv.records["_matrix._tcp.example.org"] = [(0, 0, 2222, "old.example")]
+        _, targets = self.resolve("example.org")
+        self.assertEqual(targets, [("old.example", 2222)])
+
+
+class WellKnownCacheTests(_Base):
+    def fetches(self) -> int:
+        return len(self.peers.requests)
+
+    def test_cached_per_max_age(self) -> None:
+        """A valid answer is reused until Cache-Control max-age runs out, then fetched again."""
+        self.well_known("example.org", {"m.server": "m.example:1"}, Cache_Control=b"max-age=3600")
+        self.resolve("example.org")
+        self.clock.advance(3599)
+        self.resolve("example.org")
+        self.assertEqual(self.fetches(), 1)
+        self.clock.advance(1)
+        self.resolve("example.org")
+        self.assertEqual(self.fetches(), 2)
+
+    def test_default_24_hours(self) -> None:
+        """Without caching headers an answer is kept 24 hours."""
+        self.well_known("example.org", {"m.server": "m.example:1"})
+        self.resolve("example.org")
+        self.clock.advance(WELL_KNOWN_DEFAULT_TTL - 1)
+        self.resolve("example.org")
+        self.assertEqual(self.fetches(), 1)
+        self.clock.advance(1)
+        self.resolve("example.org")
+        self.assertEqual(self.fetches(), 2)
+
+    def test_expiry_follows_new_answer(self) -> None:
+        """After expiry the new answer replaces the old delegation."""
+        resource = self.well_known("example.org", {"m.server": "old.example:1"})
+        self.resolve("example.org")
+        resource.body = {"m.server": "new.example:2"}
+        self.clock.advance(WELL_KNOWN_DEFAULT_TTL)
+        server, _ = self.resolve("example.org")
+        self.assertEqual(server.effective_name, "new.example:2")
+
+    def test_errors_cached_with_backoff(self) -> None:
+        """Failures are cached 5 min, doubling per failure up to 1 h; a success resets."""
+        resource = self.well_known("example.org", b"nope", code=500)
+        self.resolve("example.org")
+        waits = []
+        for _ in range(6):
+            before = self.fetches()
+            elapsed = 0
+            while self.fetches() == before:
+                self.clock.advance(60)
+                elapsed += 60
+                self.resolve("example.org")
+            waits.append(elapsed)
+        self.assertEqual(waits, [300, 600, 1200, 2400, 3600, 3600])
+        resource.code, resource.body = 200, {"m.server": "m.example:1"}
+        self.clock.advance(3600)
+        server, _ = self.resolve("example.org")
+        self.assertEqual(server.effective_name, "m.example:1")
+        resource.code, resource.body = 404, b""
+        self.clock.advance(WELL_KNOWN_DEFAULT_TTL)
+        self.resolve("example.org")
+        before = self.fetches()
+        self.clock.advance(300)
+        self.resolve("example.org")
+        self.assertEqual(self.fetches(), before + 1)
+
+    def test_concurrent_lookups_share_one_fetch(self) -> None:
+        """Callers asking while a fetch is in flight share it; cancelling one spares the rest."""
+        resource = self.well_known("example.org", {"m.server": "m.example:1"})
+        resource.hang = True
+        first = self.resolver.resolve_server("example.org")
+        second = self.resolver.resolve_server("example.org")
+        third = self.resolver.resolve_server("example.org")
+        self.assertEqual(len(resource.requests), 1)
+        first.cancel()
+        self.failureResultOf(first)
+        [request] = resource.pending
+        request.write(b'{"m.server": "m.example:1"}')
+        request.finish()
+        self.peers.flush()
+        self.assertEqual(self.successResultOf(second).effective_name, "m.example:1")
+        self.assertEqual(self.successResultOf(third).effective_name, "m.example:1")
+        self.resolve("example.org")
+        self.assertEqual(len(resource.requests), 1)
+
+    def test_get_well_known(self) -> None:
+        """get_well_known answers the delegated name, or None, and never fails."""
+        self.well_known("example.org", {"m.server": "m.example:1"})
+        self.assertEqual(
+            self.successResultOf(self.resolver.get_well_known("example.org")), "m.example:1"
+        )
+        self.assertIsNone(self.successResultOf(self.resolver.get_well_known("nowhere.example")))
+
+
+class CachePeriodTests(SynchronousTestCase):
+    def period(self, now: float = 1_700_000_000.0, **headers: bytes) -> float:
+        raw = Headers({name.replace("_", "-").encode(): [value] for name, value in headers.items()})
+        return cache_period(raw, now)
+
+    def test_max_age(self) -> None:
+        """Cache-Control max-age sets the period, among other directives and quoted."""
+        self.assertEqual(self.period(Cache_Control=b"public, max-age=7200"), 7200)
+        self.assertEqual(self.period(Cache_Control=b'max-age="7200"'), 7200)
+
+    def test_clamped(self) -> None:
+        """Periods are clamped to [5 min, 48 h]."""
+        self.assertEqual(self.period(Cache_Control=b"max-age=10"), WELL_KNOWN_MIN_TTL)
+        self.assertEqual(self.period(Cache_Control=b"max-age=999999999"), WELL_KNOWN_MAX_TTL)
+
+    def test_no_store(self) -> None:
+        """no-store and no-cache count as zero, so the minimum applies."""
+        self.assertEqual(self.period(Cache_Control=b"no-store"), WELL_KNOWN_MIN_TTL)
+        self.assertEqual(self.period(Cache_Control=b"no-cache, max-age=9000"), WELL_KNOWN_MIN_TTL)
+
+    def test_expires(self) -> None:
+        """Expires is used relative to the Date header, else to now."""
+        self.assertEqual(
+            self.period(
+                Expires=b"Tue, 14 Nov 2023 12:00:00 GMT", Date=b"Tue, 14 Nov 2023 10:00:00 GMT"
+            ),
+            7200,
+        )
+        now = 1_699_956_000.0  # 2023-11-14 10:00:00 UTC
+        self.assertEqual(self.period(now, Expires=b"Tue, 14 Nov 2023 13:00:00 GMT"), 10800)
+
+    def test_max_age_beats_expires(self) -> None:
+        """max-age takes precedence over Expires (RFC 9111 section 5.3)."""
+        self.assertEqual(
+            self.period(Cache_Control=b"max-age=3600", Expires=b"Tue, 14 Nov 2023 12:00:00 GMT"),
+            3600,
+        )
+
+    def test_invalid_expires(self) -> None:
+        """An unparseable Expires means already expired: the minimum applies."""
+        self.assertEqual(self.period(Expires=b"0"), WELL_KNOWN_MIN_TTL)
+
+    def test_default(self) -> None:
+        """No caching headers (or an unusable max-age): 24 hours."""
+        self.assertEqual(self.period(), WELL_KNOWN_DEFAULT_TTL)
+        self.assertEqual(self.period(Cache_Control=b"max-age=soon"), WELL_KNOWN_DEFAULT_TTL)
