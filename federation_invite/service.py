@@ -1,26 +1,55 @@
 """The composition root: the only place concrete classes are wired together.
 
-The twistd plugin, the CLI and the embedding API all come through here.
+The twistd plugin, the CLI and the embedding API all come through here:
+
+- ``build_components(...)`` assembles a ``FederationInvite`` from ready parts
+  (store, signing key, optionally your own signer, client, hooks, listeners);
+- ``build_from_config(config, reactor)`` loads the key, opens (and migrates)
+  the store and assembles everything a configuration describes;
+- ``FederationInvite.matrix_resource()`` is the ``/_matrix`` subtree to
+  ``putChild(b"_matrix", ...)`` into any ``twisted.web`` ``Site``;
+- ``make_service(config, reactor)`` is the daemon: the same, plus listeners.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import attrs
 from signedjson.types import SigningKey
 from twisted.application import service, strports
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from .config import Config
+from .auth import RequestAuthenticator, ServerAcl
+from .client import FederationClient
+from .config import Config, load_config
+from .core.keys import key_id_of
+from .core.signing import ServerVerifyKey
+from .inbound import InviteHandler, InviteLimits, InviteListener
+from .keyring import Keyring
+from .policy import IInvitePolicy, InvitePolicy
+from .signer import ISigner, LocalSigner
 from .signingkey import load_or_create_signing_key
+from .store import IStore, open_store
 from .web._base import MatrixResource
+from .web.invite import InviteResource
 from .web.keys import KeyServerResource
 from .web.tree import build_matrix_tree
 
-__all__ = ["build_site_root", "make_service"]
+__all__ = [
+    "FederationInvite",
+    "FederationInviteService",
+    "build_components",
+    "build_from_config",
+    "build_site_root",
+    "make_service",
+]
 
 log = Logger(namespace="federation_invite.service")
 
@@ -32,39 +61,215 @@ def build_site_root(matrix: Resource) -> Resource:
     return root
 
 
+@attrs.define
+class FederationInvite:
+    """Everything assembled: mount ``matrix_resource()``, register hooks and listeners."""
+
+    config: Config
+    clock: IReactorTime
+    signing_key: SigningKey
+    store: IStore
+    client: Any
+    keyring: Keyring
+    signer: ISigner
+    policy: InvitePolicy
+    handler: InviteHandler
+    key_server: KeyServerResource
+
+    @property
+    def server_name(self) -> str:
+        return self.config.server_name
+
+    def matrix_resource(self) -> Resource:
+        """The ``_matrix`` subtree: key server, version and the v1/v2 invite endpoints."""
+        max_body = self.config.get("inbound.max_body_bytes")
+        return build_matrix_tree(
+            self.key_server,
+            {
+                (b"federation", b"v1", b"invite"): InviteResource(self.handler, 1, max_body),
+                (b"federation", b"v2", b"invite"): InviteResource(self.handler, 2, max_body),
+            },
+        )
+
+    def add_listener(self, listener: InviteListener) -> None:
+        """Be told (after the commit) of every invite accepted and not ignored."""
+        self.handler.add_listener(listener)
+
+    def add_policy_hook(self, hook: IInvitePolicy) -> None:
+        """Let ``hook.check_invite(invite)`` refuse invites with its own reason."""
+        self.policy.add_hook(hook)
+
+    async def close(self) -> None:
+        """Release the database and outbound connections."""
+        close_client = getattr(self.client, "close", None)
+        if close_client is not None:
+            await close_client()
+        await self.store.close()
+
+
+def _limits(config: Config) -> InviteLimits:
+    return InviteLimits(
+        origin_per_second=config.get("ratelimit.origin_per_second"),
+        origin_burst=config.get("ratelimit.origin_burst"),
+        origin_concurrent=config.get("ratelimit.origin_concurrent"),
+        invitee_per_second=config.get("ratelimit.invitee_per_second"),
+        invitee_burst=config.get("ratelimit.invitee_burst"),
+    )
+
+
+def build_components(
+    config: Config,
+    reactor: Any,
+    store: IStore,
+    signing_key: SigningKey,
+    *,
+    client: Any = None,
+    signer: ISigner | None = None,
+    hooks: Sequence[IInvitePolicy] = (),
+    listeners: Iterable[InviteListener] = (),
+) -> FederationInvite:
+    """Assemble the services from ready parts (``client`` defaults to a ``FederationClient``)."""
+    server_name = config.server_name
+    if client is None:
+        client = FederationClient(
+            reactor,
+            server_name,
+            signing_key,
+            verify_tls=config.get("outbound.verify_tls"),
+            ip_blocklist=config.get("outbound.ip_blocklist"),
+            ip_allowlist=config.get("outbound.ip_allowlist"),
+            timeout=config.get("outbound.timeout"),
+        )
+    signer = signer or LocalSigner(server_name, signing_key)
+    our_key = ServerVerifyKey(
+        server_name, key_id_of(signing_key), signing_key.verify_key, 2**53 - 1
+    )
+    keyring = Keyring(
+        reactor, store, client, local_keys=[our_key], notaries=config.get("keys.notaries")
+    )
+    acl = ServerAcl.of(config.get("inbound.server_allow"), config.get("inbound.server_deny"))
+    policy = InvitePolicy(
+        server_name,
+        store,
+        local_users=config.get("inbound.local_users"),
+        server_deny=config.get("inbound.server_deny"),
+        user_deny=config.get("inbound.user_deny"),
+        hooks=hooks,
+    )
+    handler = InviteHandler(
+        reactor,
+        server_name,
+        RequestAuthenticator(reactor, server_name, keyring, acl),
+        keyring,
+        signer,
+        store,
+        policy,
+        limits=_limits(config),
+        strict_invite_room_state=config.get("inbound.strict_invite_room_state"),
+        listeners=listeners,
+    )
+    key_server = KeyServerResource(
+        reactor,
+        server_name,
+        [signing_key],
+        config.get("keys.old_verify_keys"),
+        validity_ms=config.get("keys.validity_period") * 1000,
+    )
+    return FederationInvite(
+        config, reactor, signing_key, store, client, keyring, signer, policy, handler, key_server
+    )
+
+
 def _load_key(config: Config) -> SigningKey:
     key, created = load_or_create_signing_key(config.signing_key_path)
     log.info(
         "{action} signing key {key_id} at {path}",
         action="Generated a new" if created else "Loaded",
-        key_id=f"{key.alg}:{key.version}",
+        key_id=key_id_of(key),
         path=config.signing_key_path,
     )
     return key
 
 
-def make_service(config: Config, reactor: Any) -> service.MultiService:
-    """The daemon: our key loaded (or generated), the resource tree, one listener per endpoint."""
-    top = service.MultiService()
+async def build_from_config(
+    config: Config | str | None, reactor: Any, **kwargs: Any
+) -> FederationInvite:
+    """Load the key, open and migrate the store, and assemble: the embedding entry point.
+
+    ``config`` is a ``Config``, a path to a TOML file, or None for the built-in
+    defaults; ``kwargs`` go to ``build_components`` (signer, hooks, listeners...).
+    """
+    if not isinstance(config, Config):
+        config = load_config(config)
     key = _load_key(config)
-    clock: IReactorTime = reactor
-    key_server = KeyServerResource(
-        clock,
-        config.server_name,
-        [key],
-        config.get("keys.old_verify_keys"),
-        validity_ms=config.get("keys.validity_period") * 1000,
-    )
-    site = Site(build_site_root(build_matrix_tree(key_server)))
-    site.displayTracebacks = False
-    for description in config.listen:
-        strports.service(description, site, reactor=reactor).setServiceParent(top)
-    log.info(
-        "federation-invite for {server_name} listening on {listen}; database {database}; "
-        "configuration {source}",
-        server_name=config.server_name,
-        listen=", ".join(config.listen),
-        database=config.database,
-        source=config.path or "built-in defaults (no --config given)",
-    )
-    return top
+    store = await open_store(config.database, reactor=reactor)
+    return build_components(config, reactor, store, key, **kwargs)
+
+
+class FederationInviteService(service.MultiService):
+    """The daemon: on start, opens the store, then listens on every configured endpoint.
+
+    ``ready`` fires with the assembled ``FederationInvite`` once listening has
+    begun (or fails, after logging, and the reactor is stopped).
+    """
+
+    def __init__(self, config: Config, reactor: Any, signing_key: SigningKey) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.signing_key = signing_key
+        self.components: FederationInvite | None = None
+        self.ready: Deferred[FederationInvite] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        starting = Deferred.fromCoroutine(self._start())
+        starting.addCallbacks(self.ready.callback, self._failed)
+
+    async def _start(self) -> FederationInvite:
+        store = await open_store(self.config.database, reactor=self.reactor)
+        components = build_components(self.config, self.reactor, store, self.signing_key)
+        self.components = components
+        site = Site(build_site_root(components.matrix_resource()))
+        site.displayTracebacks = False
+        for description in self.config.listen:
+            strports.service(description, site, reactor=self.reactor).setServiceParent(self)
+        log.info(
+            "federation-invite for {server_name} listening on {listen}; database {database}; "
+            "configuration {source}",
+            server_name=self.config.server_name,
+            listen=", ".join(self.config.listen),
+            database=_redact_uri(self.config.database),
+            source=self.config.path or "built-in defaults (no --config given)",
+        )
+        return components
+
+    def _failed(self, failure: Failure) -> None:
+        log.failure("federation-invite could not start", failure)
+        self.ready.errback(failure)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        stopped: Deferred[None] = Deferred.fromCoroutine(self._stop())
+        return stopped
+
+    async def _stop(self) -> None:
+        await super().stopService()
+        if self.components is not None:
+            await self.components.close()
+
+
+def _redact_uri(uri: str) -> str:
+    """A database URI fit for logs: any password replaced."""
+    scheme, sep, rest = uri.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if at and ":" in credentials:
+        user = credentials.split(":", 1)[0]
+        return f"{scheme}{sep}{user}:***@{host}"
+    return uri
+
+
+def make_service(config: Config, reactor: Any) -> FederationInviteService:
+    """The daemon's service: the key is loaded (or generated) now, the store on start."""
+    return FederationInviteService(config, reactor, _load_key(config))

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import socket
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.task import Clock
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.python.filepath import FilePath
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from federation_invite.service import make_service
+from federation_invite.service import FederationInviteService, make_service
+from federation_invite.store import StoreError
 from federation_invite.tap import Options, makeService
 
 
@@ -67,21 +69,83 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("federation-invite", names)
 
 
-class MakeServiceTests(SynchronousTestCase):
-    def test_service_tree(self) -> None:
-        """makeService creates the key and one listening service per endpoint."""
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class MakeServiceTests(TestCase):
+    def test_service_starts_store_and_listeners(self) -> Deferred[None]:
+        """The service opens the store, then listens on every endpoint and serves the key."""
+        import treq
+        from twisted.internet import reactor
+
         data_dir = self.mktemp()
+        ports = [free_port(), free_port()]
         options = Options()
-        options.parseOptions(["--data-dir", data_dir, "--listen", "tcp:0", "--listen", "tcp:0"])
-        service = make_service(options["loaded"], Clock())
-        children = list(service)
-        self.assertEqual(len(children), 2)
-        for child in children:
-            self.assertIsInstance(child, StreamServerEndpointService)
+        options.parseOptions(
+            ["--data-dir", data_dir]
+            + [arg for port in ports for arg in ("--listen", f"tcp:{port}:interface=127.0.0.1")]
+        )
+        service = make_service(options["loaded"], reactor)
         self.assertTrue(os.path.exists(os.path.join(data_dir, "signing.key")))
+        self.assertEqual(list(service), [])
+
+        async def go() -> None:
+            service.startService()
+            components = await service.ready
+            try:
+                children = list(service)
+                self.assertEqual(len(children), 2)
+                for child in children:
+                    self.assertIsInstance(child, StreamServerEndpointService)
+                for port in ports:
+                    response = await treq.get(
+                        f"http://127.0.0.1:{port}/_matrix/key/v2/server", persistent=False
+                    )
+                    body = await response.json()
+                    self.assertEqual(body["server_name"], "localhost:8448")
+                self.assertEqual(await components.store.schema_version(), 1)
+            finally:
+                await service.stopService()
+            self.assertTrue(os.path.exists(os.path.join(data_dir, "federation-invite.db")))
+
+        return ensureDeferred(go())
+
+    def test_start_failure_reported(self) -> Deferred[None]:
+        """A store that cannot be opened fails ``ready`` (and is logged) instead of hanging."""
+        from twisted.internet import reactor
+
+        options = Options()
+        options.parseOptions(
+            ["--data-dir", self.mktemp(), "--database", "sqlite:////nonexistent/dir/x.db"]
+        )
+        service = make_service(options["loaded"], reactor)
+        service.reactor = _NotRunning(reactor)
+        service.startService()
+
+        async def go() -> None:
+            with self.assertRaises(StoreError):
+                await service.ready
+            self.flushLoggedErrors()
+
+        return ensureDeferred(go())
 
     def test_make_service_entry_point(self) -> None:
-        """The plugin's makeService builds the same tree with the global reactor."""
+        """The plugin's makeService builds the daemon's service with the global reactor."""
         options = Options()
         options.parseOptions(["--data-dir", self.mktemp(), "--listen", "tcp:0"])
-        self.assertEqual(len(list(makeService(options))), 1)
+        self.assertIsInstance(makeService(options), FederationInviteService)
+
+
+class _NotRunning:
+    """A reactor proxy reporting it is not running, so a failed start does not stop trial's."""
+
+    def __init__(self, reactor: object) -> None:
+        self._reactor = reactor
+        self.running = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._reactor, name)
