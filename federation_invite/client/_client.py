@@ -16,7 +16,7 @@ from urllib.parse import quote, urlencode
 
 import attrs
 from OpenSSL import SSL
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger
@@ -214,7 +214,14 @@ class FederationClient:
         attempt = Deferred.fromCoroutine(
             self._attempt(method.encode("ascii"), destination, url, headers, producer)
         )
-        attempt.addTimeout(self._timeout, self._reactor)
+        timed_out = False
+
+        def time_out() -> None:
+            nonlocal timed_out
+            timed_out = True
+            attempt.cancel()
+
+        timer = self._reactor.callLater(self._timeout, time_out)
         try:
             result = await attempt
         except RemoteError as exc:
@@ -232,18 +239,23 @@ class FederationClient:
                 error=exc,
             )
             raise
-        except CancelledError:
-            raise
-        except TimeoutError:
-            error = TransportError(destination, f"timed out after {self._timeout:g} s")
-            self._record_failure(destination)
-            _log.info("{error}", error=error)
-            raise error from None
         except Exception as exc:
-            error = TransportError(destination, describe_failure(exc))
+            # Cancelling a request in flight surfaces as CancelledError or as
+            # twisted.web's ResponseNeverReceived([CancelledError]), depending
+            # on the stage; what matters is who cancelled.
+            if timed_out:
+                reason = f"timed out after {self._timeout:g} s"
+            elif _is_cancellation(exc):
+                raise CancelledError() from exc
+            else:
+                reason = describe_failure(exc)
+            error = TransportError(destination, reason)
             self._record_failure(destination)
             _log.info("{error}", error=error)
             raise error from exc
+        finally:
+            if timer.active():
+                timer.cancel()
         self._record_success(destination)
         return result
 
@@ -347,6 +359,15 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, ConnectError | ConnectionError):
         return f"cannot connect: {exc}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    if isinstance(exc, CancelledError):
+        return True
+    reasons = getattr(exc, "reasons", None)
+    return isinstance(reasons, list) and any(
+        isinstance(r, Failure) and r.check(CancelledError) for r in reasons
+    )
 
 
 def _is_tls_error(exc: object) -> bool:

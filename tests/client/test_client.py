@@ -1,0 +1,411 @@
+"""Tests for federation_invite.client.FederationClient against in-memory peers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from signedjson.key import generate_signing_key
+from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from federation_invite.client import (
+    BackoffError,
+    FederationClient,
+    RemoteError,
+    TransportError,
+)
+from federation_invite.client._client import describe_failure
+from federation_invite.client.testing import FakePeersAgent
+from federation_invite.core.errors import MatrixError
+from federation_invite.core.keys import verify_key_of
+from federation_invite.core.xmatrix import parse_xmatrix, verify_request
+
+from ._fakes import CannedResource
+
+ORIGIN = "local.example"
+REMOTE = "remote.example"
+INVITE_PATH = "/_matrix/federation/v2/invite/%21room%3Aremote.example/%24ev%2Fx%2By+z"
+
+
+class _Base(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.key = generate_signing_key("k1")
+        self.peer = CannedResource(200, {"ok": True})
+        self.peers = FakePeersAgent({REMOTE: self.peer})
+        self.client = FederationClient(
+            self.clock, ORIGIN, self.key, agent=self.peers, timeout=30.0, max_response_bytes=4096
+        )
+
+    def remote_error(self, deferred: Any) -> RemoteError:
+        error = self.failureResultOf(deferred, RemoteError).value
+        self.assertNotIsInstance(error, MatrixError)
+        self.assertEqual(error.destination, REMOTE)
+        return error
+
+    def transport_error(self, deferred: Any, kind: type = TransportError) -> TransportError:
+        error = self.failureResultOf(deferred, kind).value
+        self.assertIsInstance(error, TransportError)
+        return error
+
+    def verify(self, record: dict[str, Any], content: Any) -> None:
+        """Check the recorded request's X-Matrix header as a receiving server would."""
+        [header] = record["headers"].getRawHeaders(b"authorization")
+        auth = parse_xmatrix(header)
+        self.assertEqual(auth.origin, ORIGIN)
+        self.assertEqual(auth.destination, REMOTE)
+        self.assertEqual(auth.key_id, "ed25519:k1")
+        verify_request(
+            auth,
+            verify_key_of(self.key),
+            record["method"].decode(),
+            record["uri"].decode(),
+            content,
+            REMOTE,
+        )
+
+
+class SignedRequestTests(_Base):
+    def test_get_signed_without_content(self) -> None:
+        """GET carries an X-Matrix header over {method, uri, origin, destination} that verifies."""
+        result = self.successResultOf(
+            self.client.get_json(REMOTE, "/_matrix/federation/v1/version")
+        )
+        self.assertEqual(result, {"ok": True})
+        [record] = self.peer.requests
+        self.assertEqual(record["method"], b"GET")
+        self.assertEqual(record["uri"], b"/_matrix/federation/v1/version")
+        self.assertEqual(record["body"], b"")
+        self.verify(record, None)
+
+    def test_put_signed_with_content(self) -> None:
+        """PUT sends canonical JSON and signs it as content; the signature verifies."""
+        body = {"room_version": "10", "event": {"b": 1, "a": "\u00e9"}, "invite_room_state": []}
+        self.successResultOf(self.client.put_json(REMOTE, INVITE_PATH, body))
+        [record] = self.peer.requests
+        self.assertEqual(record["method"], b"PUT")
+        self.assertEqual(
+            record["body"],
+            '{"event":{"a":"\u00e9","b":1},"invite_room_state":[],"room_version":"10"}'.encode(),
+        )
+        self.assertEqual(record["headers"].getRawHeaders(b"content-type"), [b"application/json"])
+        self.assertEqual(json.loads(record["body"]), body)
+        self.verify(record, body)
+
+    def test_signature_rejects_other_content(self) -> None:
+        """The signature covers the content: verifying against other content fails."""
+        self.successResultOf(self.client.put_json(REMOTE, "/p", {"a": 1}))
+        from federation_invite.core.xmatrix import XMatrixError
+
+        self.assertRaises(XMatrixError, self.verify, self.peer.requests[0], {"a": 2})
+
+    def test_path_sent_exactly(self) -> None:
+        """The percent-encoded path reaches the peer byte for byte, and that is what is signed."""
+        self.successResultOf(self.client.put_json(REMOTE, INVITE_PATH, {}))
+        [record] = self.peer.requests
+        self.assertEqual(record["uri"], INVITE_PATH.encode())
+        self.verify(record, {})
+
+    def test_query_args_signed(self) -> None:
+        """Query args are percent-encoded (space as %20, repeated keys) and included in the signed uri."""
+        self.successResultOf(
+            self.client.get_json(REMOTE, "/_matrix/x", args={"a": "b c/d", "v": ["1", "2"]})
+        )
+        [record] = self.peer.requests
+        self.assertEqual(record["uri"], b"/_matrix/x?a=b%20c%2Fd&v=1&v=2")
+        self.verify(record, None)
+
+    def test_post_signed_and_unsigned(self) -> None:
+        """POST is signed by default; signed=False sends no Authorization header."""
+        self.successResultOf(self.client.post_json(REMOTE, "/_matrix/key/v2/query", {"q": 1}))
+        self.verify(self.peer.requests[0], {"q": 1})
+        self.successResultOf(
+            self.client.post_json(REMOTE, "/_matrix/key/v2/query", {"q": 1}, signed=False)
+        )
+        self.assertIsNone(self.peer.requests[1]["headers"].getRawHeaders(b"authorization"))
+
+    def test_unsigned_get(self) -> None:
+        """signed=False GETs carry no Authorization header."""
+        self.successResultOf(self.client.get_json(REMOTE, "/_matrix/key/v2/server", signed=False))
+        self.assertIsNone(self.peer.requests[0]["headers"].getRawHeaders(b"authorization"))
+
+    def test_body_none_means_no_body(self) -> None:
+        """A None body sends no body and signs without content."""
+        self.successResultOf(self.client.put_json(REMOTE, "/p", None))
+        [record] = self.peer.requests
+        self.assertEqual(record["body"], b"")
+        self.verify(record, None)
+
+    def test_url_given_to_agent(self) -> None:
+        """The agent is asked for https://<destination><path>, so IPv6 and ports pass through."""
+        self.peers.add_peer("[2001:db8::1]:8448", self.peer)
+        self.successResultOf(self.client.get_json("[2001:db8::1]:8448", "/x", args={"k": "v"}))
+        self.assertEqual(self.peers.requests[-1][1], b"https://[2001:db8::1]:8448/x?k=v")
+
+
+class CallerErrorTests(_Base):
+    def test_bad_path(self) -> None:
+        """Paths that are not percent-encoded ASCII, or that carry a query, are refused."""
+        for path in ["relative", "/a b", "/é", "/a?b=c", "/a#b", "/a\n"]:
+            self.failureResultOf(self.client.get_json(REMOTE, path), ValueError)
+        self.assertEqual(self.peer.requests, [])
+
+    def test_invalid_destination(self) -> None:
+        """A destination that is not a server name is a TransportError, and no request is made."""
+        error = self.transport_error(self.client.get_json("not a name", "/x"))
+        self.assertEqual(error.destination, "not a name")
+        self.assertIn("not a valid server name", error.reason)
+        self.assertEqual(self.peers.requests, [])
+
+    def test_non_canonical_body(self) -> None:
+        """A body with no canonical JSON form (a float) is refused before sending."""
+        self.failureResultOf(self.client.put_json(REMOTE, "/p", {"x": 1.5}), ValueError)
+        self.assertEqual(self.peer.requests, [])
+
+    def test_invalid_own_server_name(self) -> None:
+        """The client refuses to be built with an invalid server name of its own."""
+        self.assertRaises(ValueError, FederationClient, self.clock, "bad name", self.key)
+
+
+class RemoteErrorTests(_Base):
+    def test_matrix_error(self) -> None:
+        """A 4xx with a Matrix error body gives its status, errcode and message, not a MatrixError."""
+        self.peer.code = 403
+        self.peer.body = {"errcode": "M_FORBIDDEN", "error": "You are not invited"}
+        error = self.remote_error(self.client.put_json(REMOTE, INVITE_PATH, {}))
+        self.assertEqual(error.status, 403)
+        self.assertEqual(error.errcode, "M_FORBIDDEN")
+        self.assertEqual(error.message, "You are not invited")
+        self.assertEqual(error.body, self.peer.body)
+        self.assertEqual(str(error), "remote.example answered 403 M_FORBIDDEN: You are not invited")
+        self.assertIn("M_FORBIDDEN", repr(error))
+
+    def test_json_error_without_errcode(self) -> None:
+        """A JSON error body without errcode/error keeps the status and the HTTP reason."""
+        self.peer.code = 400
+        self.peer.body = {"errcode": 7}
+        error = self.remote_error(self.client.get_json(REMOTE, "/x"))
+        self.assertEqual(
+            (error.status, error.errcode, error.message), (400, None, "HTTP 400 Bad Request")
+        )
+
+    def test_5xx_without_json(self) -> None:
+        """A 5xx with an HTML body: errcode None, raw body kept, message says it was not JSON."""
+        self.peer.code = 502
+        self.peer.body = b"<html>Bad gateway</html>"
+        error = self.remote_error(self.client.get_json(REMOTE, "/x"))
+        self.assertEqual(error.status, 502)
+        self.assertIsNone(error.errcode)
+        self.assertEqual(error.message, "HTTP 502 Bad Gateway: body is not JSON")
+        self.assertEqual(error.body, b"<html>Bad gateway</html>")
+
+    def test_2xx_not_json(self) -> None:
+        """A 200 whose body is not JSON is a RemoteError too."""
+        self.peer.body = b"plain text"
+        error = self.remote_error(self.client.get_json(REMOTE, "/x"))
+        self.assertEqual((error.status, error.errcode), (200, None))
+        self.assertEqual(error.message, "HTTP 200 OK: body is not JSON")
+
+    def test_2xx_empty(self) -> None:
+        """A 200 with an empty body is not JSON."""
+        self.peer.body = b""
+        self.assertEqual(self.remote_error(self.client.get_json(REMOTE, "/x")).status, 200)
+
+    def test_duplicate_keys_not_our_error(self) -> None:
+        """JSON our strict parser refuses (duplicate keys) becomes a RemoteError, never our 400."""
+        self.peer.body = b'{"a": 1, "a": 2}'
+        self.remote_error(self.client.get_json(REMOTE, "/x"))
+
+    def test_oversized_with_length(self) -> None:
+        """A response declaring more than max_response_bytes is refused."""
+        self.peer.body = {"pad": "x" * 5000}
+        error = self.remote_error(self.client.get_json(REMOTE, "/x"))
+        self.assertEqual((error.status, error.errcode), (200, None))
+        self.assertEqual(error.message, "response body exceeds 4096 bytes")
+
+    def test_oversized_chunked(self) -> None:
+        """A chunked response growing past max_response_bytes is cut off."""
+        self.peer.chunks = [b'{"pad": "'] + [b"x" * 1000] * 5 + [b'"}']
+        error = self.remote_error(self.client.get_json(REMOTE, "/x"))
+        self.assertEqual(error.message, "response body exceeds 4096 bytes")
+
+    def test_chunked_within_limit(self) -> None:
+        """A chunked response within the cap is read whole."""
+        self.peer.chunks = [b'{"pad": "'] + [b"x" * 1000] * 3 + [b'"}']
+        result = self.successResultOf(self.client.get_json(REMOTE, "/x"))
+        self.assertEqual(len(result["pad"]), 3000)
+
+    def test_long_message_truncated(self) -> None:
+        """A peer's error text is kept to 500 characters."""
+        self.peer.code = 400
+        self.peer.body = {"errcode": "M_X", "error": "e" * 2000}
+        self.assertEqual(len(self.remote_error(self.client.get_json(REMOTE, "/x")).message), 500)
+
+
+class TransportErrorTests(_Base):
+    def test_unreachable(self) -> None:
+        """A connection failure is a TransportError naming the destination and the reason."""
+        error = self.transport_error(self.client.get_json("nowhere.example", "/x"))
+        self.assertEqual(error.destination, "nowhere.example")
+        self.assertIn("cannot connect", error.reason)
+        self.assertIn("nowhere.example", str(error))
+        self.assertIn("TransportError(destination='nowhere.example'", repr(error))
+
+    def test_timeout(self) -> None:
+        """A peer that never answers gives a TransportError after the timeout (Clock)."""
+        self.peer.hang = True
+        requesting = self.client.get_json(REMOTE, "/x")
+        self.clock.advance(29.9)
+        self.assertNoResult(requesting)
+        self.clock.advance(0.1)
+        error = self.transport_error(requesting)
+        self.assertEqual(error.reason, "timed out after 30 s")
+
+    def test_timeout_during_body(self) -> None:
+        """The timeout also covers reading the body."""
+        self.peer.hang = True
+        requesting = self.client.get_json(REMOTE, "/x")
+        [request] = self.peer.pending
+        request.setHeader(b"content-length", b"100")
+        request.write(b'{"partial":')
+        self.peers.flush()
+        self.assertNoResult(requesting)
+        self.clock.advance(30)
+        self.assertEqual(self.transport_error(requesting).reason, "timed out after 30 s")
+
+    def test_caller_cancel(self) -> None:
+        """Cancelling a request gives CancelledError and does not count as a failure."""
+        self.peer.hang = True
+        requesting = self.client.get_json(REMOTE, "/x")
+        requesting.cancel()
+        self.failureResultOf(requesting, CancelledError)
+        self.peer.hang = False
+        self.successResultOf(self.client.get_json(REMOTE, "/x"))
+
+    def test_describe_failure(self) -> None:
+        """Transport failures are named by kind: DNS, blocked, TLS, refused."""
+        from OpenSSL import SSL
+        from twisted.internet.error import ConnectingCancelledError, DNSLookupError
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseNeverReceived
+
+        from federation_invite.client import BlockedAddressError
+
+        self.assertTrue(describe_failure(DNSLookupError("x")).startswith("DNS lookup failed"))
+        self.assertEqual(
+            describe_failure(BlockedAddressError("h.example", ["10.0.0.1"])),
+            "refused by the outbound IP blocklist: h.example resolves only to blocked addresses (10.0.0.1)",
+        )
+        tls = ResponseNeverReceived([Failure(SSL.Error([("x", "y", "certificate verify failed")]))])
+        self.assertTrue(describe_failure(tls).startswith("TLS handshake failed"))
+        self.assertTrue(describe_failure(SSL.Error()).startswith("TLS handshake failed"))
+        self.assertTrue(
+            describe_failure(ResponseNeverReceived([Failure(ValueError("v"))])).startswith(
+                "connection failed"
+            )
+        )
+        self.assertEqual(
+            describe_failure(ConnectingCancelledError(None)), "connection attempt timed out"
+        )
+        self.assertEqual(describe_failure(KeyError("k")), "KeyError: 'k'")
+
+
+class BackoffTests(_Base):
+    def fail_once(self) -> None:
+        self.transport_error(self.client.get_json(REMOTE, "/x"))
+
+    def test_fail_fast_then_retry(self) -> None:
+        """After a failure, calls fail fast for 1 min without a request; then one is tried again."""
+        self.peer.code, self.peer.body = 503, b"down"
+        self.remote_error(self.client.get_json(REMOTE, "/x"))
+        self.assertEqual(len(self.peer.requests), 1)
+        error = self.transport_error(self.client.get_json(REMOTE, "/x"), BackoffError)
+        self.assertIsInstance(error, BackoffError)
+        assert isinstance(error, BackoffError)
+        self.assertEqual(error.destination, REMOTE)
+        self.assertEqual(error.failures, 1)
+        self.assertEqual(error.retry_at, self.clock.seconds() + 60)
+        self.assertIn("next attempt allowed in 60 s", error.reason)
+        self.assertEqual(len(self.peer.requests), 1)
+        self.clock.advance(60)
+        self.peer.code, self.peer.body = 200, {"ok": True}
+        self.assertEqual(self.successResultOf(self.client.get_json(REMOTE, "/x")), {"ok": True})
+        self.assertEqual(len(self.peer.requests), 2)
+
+    def test_doubling_up_to_an_hour(self) -> None:
+        """Consecutive failures double the wait: 1, 2, 4, ... minutes, capped at 1 h."""
+        self.peer.hang = True
+        waits = []
+        for _ in range(8):
+            requesting = self.client.get_json(REMOTE, "/x")
+            self.clock.advance(30)
+            self.transport_error(requesting)
+            start = self.clock.seconds()
+            error = self.failureResultOf(self.client.get_json(REMOTE, "/x"), BackoffError).value
+            waits.append(error.retry_at - start)
+            self.clock.advance(error.retry_at - start)
+        self.assertEqual(waits, [60, 120, 240, 480, 960, 1920, 3600, 3600])
+
+    def test_success_resets(self) -> None:
+        """A success clears the back-off: the next failure waits 1 min again."""
+        self.peer.code, self.peer.body = 500, {}
+        for _ in range(3):
+            self.remote_error(self.client.get_json(REMOTE, "/x"))
+            self.clock.advance(3600)
+        self.peer.code = 200
+        self.successResultOf(self.client.get_json(REMOTE, "/x"))
+        self.peer.code = 500
+        self.remote_error(self.client.get_json(REMOTE, "/x"))
+        error = self.failureResultOf(self.client.get_json(REMOTE, "/x"), BackoffError).value
+        self.assertEqual((error.failures, error.retry_at - self.clock.seconds()), (1, 60))
+
+    def test_4xx_is_not_a_failure(self) -> None:
+        """A 4xx proves the server alive: no back-off, and it resets an earlier one."""
+        self.peer.code, self.peer.body = 500, {}
+        self.remote_error(self.client.get_json(REMOTE, "/x"))
+        self.clock.advance(60)
+        self.peer.code = 404
+        self.remote_error(self.client.get_json(REMOTE, "/x"))
+        self.assertEqual(self.remote_error(self.client.get_json(REMOTE, "/x")).status, 404)
+
+    def test_transport_failure_counts(self) -> None:
+        """Connection failures back off too; other destinations are unaffected."""
+        self.transport_error(self.client.get_json("nowhere.example", "/x"))
+        self.transport_error(self.client.get_json("nowhere.example", "/x"), BackoffError)
+        self.successResultOf(self.client.get_json(REMOTE, "/x"))
+
+    def test_backoff_table_bounded(self) -> None:
+        """Failing destinations are forgotten once their wait has passed and the table is full."""
+        self.client.BACKOFF_TABLE_SIZE = 3
+        for index in range(3):
+            self.transport_error(self.client.get_json(f"dead{index}.example", "/x"))
+        self.clock.advance(61)
+        self.transport_error(self.client.get_json("dead9.example", "/x"))
+        self.assertEqual(sorted(self.client._backoff), ["dead9.example"])
+        for index in range(3):
+            self.transport_error(self.client.get_json(f"more{index}.example", "/x"))
+        self.assertEqual(len(self.client._backoff), 1)
+
+
+class ConstructionTests(SynchronousTestCase):
+    def test_verify_tls_off_is_logged(self) -> None:
+        """verify_tls=False logs a warning saying verification is off."""
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        client = FederationClient(Clock(), ORIGIN, generate_signing_key("k"), verify_tls=False)
+        self.successResultOf(client.close())
+        warnings = [e for e in events if "verification is OFF" in e.get("log_format", "")]
+        self.assertEqual(len(warnings), 1)
+        self.assertEqual(warnings[0]["log_level"].name, "warn")
+
+    def test_close_without_pool(self) -> None:
+        """close() is a no-op for a client built around an injected agent."""
+        client = FederationClient(
+            Clock(), ORIGIN, generate_signing_key("k"), agent=FakePeersAgent()
+        )
+        self.successResultOf(client.close())
