@@ -1,0 +1,140 @@
+"""Tests for canonical JSON encoding and strict parsing (appendices, "Canonical JSON")."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from federation_invite.core.canonical import (
+    MAX_SAFE_INTEGER,
+    MIN_SAFE_INTEGER,
+    CanonicalJSONError,
+    check_canonical_json,
+    encode_canonical_json,
+    parse_json,
+)
+from federation_invite.core.errors import MatrixError
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(MIN_SAFE_INTEGER, MAX_SAFE_INTEGER)
+    | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+class EncodeTests(SynchronousTestCase):
+    def test_spec_examples(self) -> None:
+        """The appendix's canonical JSON examples encode exactly as published."""
+        cases: list[tuple[Any, bytes]] = [
+            ({}, b"{}"),
+            ({"one": 1, "two": "Two"}, b'{"one":1,"two":"Two"}'),
+            ({"b": "2", "a": "1"}, b'{"a":"1","b":"2"}'),
+            (
+                {
+                    "auth": {
+                        "success": True,
+                        "mxid": "@john.doe:example.com",
+                        "profile": {
+                            "display_name": "John Doe",
+                            "three_pids": [
+                                {"medium": "email", "address": "john.doe@example.org"},
+                                {"medium": "msisdn", "address": "123456789"},
+                            ],
+                        },
+                    }
+                },
+                b'{"auth":{"mxid":"@john.doe:example.com","profile":{"display_name":"John Doe","three_pids":[{"address":"john.doe@example.org","medium":"email"},{"address":"123456789","medium":"msisdn"}]},"success":true}}',
+            ),
+            ({"a": "日本語"}, '{"a":"日本語"}'.encode()),
+            ({"本": 2, "日": 1}, '{"日":1,"本":2}'.encode()),
+            ({"a": "\u65e5"}, '{"a":"日"}'.encode()),
+            ({"a": None}, b'{"a":null}'),
+            ({"a": -0}, b'{"a":0}'),
+            ({"a": '\u0000\u007f\b\t\n\f\r"\\'}, b'{"a":"\\u0000\x7f\\b\\t\\n\\f\\r\\"\\\\"}'),
+        ]
+        for value, expected in cases:
+            self.assertEqual(encode_canonical_json(value), expected)
+
+    def test_integer_range(self) -> None:
+        """Integers in [-(2**53)+1, 2**53-1] are fine; outside is refused when strict."""
+        self.assertEqual(
+            encode_canonical_json([MAX_SAFE_INTEGER, MIN_SAFE_INTEGER]),
+            b"[9007199254740991,-9007199254740991]",
+        )
+        for value in (MAX_SAFE_INTEGER + 1, MIN_SAFE_INTEGER - 1):
+            self.assertRaises(CanonicalJSONError, encode_canonical_json, {"a": [value]})
+            self.assertEqual(encode_canonical_json(value, strict=False), str(value).encode())
+
+    def test_floats(self) -> None:
+        """Floats are refused when strict (v6+ and our output) and kept otherwise; NaN never."""
+        self.assertRaises(CanonicalJSONError, encode_canonical_json, {"a": 1.5})
+        self.assertEqual(encode_canonical_json({"a": 1.5}, strict=False), b'{"a":1.5}')
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            self.assertRaises(CanonicalJSONError, check_canonical_json, [bad], strict=False)
+
+    def test_non_json(self) -> None:
+        """Non-string keys, lone surrogates and non-JSON types are always refused."""
+        self.assertRaises(CanonicalJSONError, check_canonical_json, {1: "a"})
+        self.assertRaises(CanonicalJSONError, check_canonical_json, {"\ud800": 1}, strict=False)
+        self.assertRaises(CanonicalJSONError, check_canonical_json, ["\udfff"])
+        self.assertRaises(CanonicalJSONError, check_canonical_json, {"a": object()})
+        self.assertRaises(CanonicalJSONError, check_canonical_json, {"a": {1, 2}})
+        check_canonical_json(("tuple", True, None))
+
+    def test_deep_nesting_does_not_exhaust_stack(self) -> None:
+        """The check walks iteratively: very deep values are checked without recursion."""
+        value: Any = "x"
+        for _ in range(100_000):
+            value = [value]
+        check_canonical_json(value)
+        value = [1.5]
+        for _ in range(100_000):
+            value = [value]
+        self.assertRaises(CanonicalJSONError, check_canonical_json, value)
+
+    @settings(max_examples=200)
+    @given(st.dictionaries(st.text(max_size=6), json_values, max_size=6))
+    def test_key_order_irrelevant(self, value: dict[str, Any]) -> None:
+        """Canonical output does not depend on key insertion order and parses back equal."""
+        reversed_value = dict(reversed(list(value.items())))
+        encoded = encode_canonical_json(value)
+        self.assertEqual(encoded, encode_canonical_json(reversed_value))
+        self.assertEqual(json.loads(encoded), value)
+        self.assertEqual(parse_json(encoded), value)
+
+
+class ParseTests(SynchronousTestCase):
+    def refused(self, body: bytes) -> MatrixError:
+        return self.assertRaises(MatrixError, parse_json, body)
+
+    def test_valid(self) -> None:
+        """JSON with surrounding whitespace parses; so do scalars."""
+        self.assertEqual(parse_json(b' \n{"a": [1, 2.5]}\t'), {"a": [1, 2.5]})
+        self.assertEqual(parse_json(b"3"), 3)
+
+    def test_not_json(self) -> None:
+        """Non-UTF-8, invalid JSON, trailing data, NaN/Infinity and empty bodies: 400 M_NOT_JSON."""
+        for body in (b"\xff", b"{", b"{} {}", b"[NaN]", b"Infinity", b"-Infinity", b"", b"  "):
+            error = self.refused(body)
+            self.assertEqual((error.http_status, error.errcode), (400, "M_NOT_JSON"), body)
+
+    def test_duplicate_keys(self) -> None:
+        """A duplicate key at any depth: 400 M_BAD_JSON naming the key."""
+        for body in (b'{"a":1,"a":2}', b'{"x":[{"b":1,"c":2,"b":3}]}'):
+            error = self.refused(body)
+            self.assertEqual((error.http_status, error.errcode), (400, "M_BAD_JSON"))
+        self.assertIn("'b'", self.refused(b'{"x":{"b":1,"b":1}}').message)
+
+    def test_deep_nesting(self) -> None:
+        """JSON nested beyond the parser's recursion limit is refused, not a crash."""
+        error = self.refused(b"[" * 200_000 + b"]" * 200_000)
+        self.assertEqual((error.http_status, error.errcode), (400, "M_NOT_JSON"))
