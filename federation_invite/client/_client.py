@@ -375,4 +375,10 @@ def _is_tls_error(exc: object) -> bool:
 
 
 def _tls_detail(exc: object) -> str:
+    # pyOpenSSL errors carry [(library, function, reason), ...].
+    args = getattr(exc, "args", ())
+    if isinstance(exc, SSL.Error) and args and isinstance(args[0], list):
+        reasons = [str(item[2]) for item in args[0] if isinstance(item, tuple) and len(item) == 3]
+        if reasons:
+            return "; ".join(reasons)[:_MAX_MESSAGE]
     return str(exc)[:_MAX_MESSAGE] or type(exc).__name__

@@ -301,7 +301,7 @@ class TransportErrorTests(_Base):
             "refused by the outbound IP blocklist: h.example resolves only to blocked addresses (10.0.0.1)",
         )
         tls = ResponseNeverReceived([Failure(SSL.Error([("x", "y", "certificate verify failed")]))])
-        self.assertTrue(describe_failure(tls).startswith("TLS handshake failed"))
+        self.assertEqual(describe_failure(tls), "TLS handshake failed: certificate verify failed")
         self.assertTrue(describe_failure(SSL.Error()).startswith("TLS handshake failed"))
         self.assertTrue(
             describe_failure(ResponseNeverReceived([Failure(ValueError("v"))])).startswith(
