@@ -1,6 +1,50 @@
-"""federation-invite: the Matrix server-to-server invite exchange for Twisted."""
+"""federation-invite: the Matrix server-to-server invite exchange for Twisted.
+
+The public surface is this module's ``__all__``; everything else is internal
+and may change. See the README's "Python API" section.
+"""
 
 from ._version import __version__
+from .auth import RequestAuthenticator, ServerAcl
+from .config import Config, ConfigError, load_config
 from .core.errors import Codes, MatrixError
+from .inbound import InviteHandler, InviteLimits
+from .keyring import Keyring
+from .policy import IInvitePolicy, InboundInvite, InvitePolicy
+from .service import (
+    FederationInvite,
+    FederationInviteService,
+    build_components,
+    build_from_config,
+    make_service,
+)
+from .signer import ISigner, LocalSigner
+from .store import InviteRecord, InviteRule, IStore, open_store
 
-__all__ = ["Codes", "MatrixError", "__version__"]
+__all__ = [
+    "Codes",
+    "Config",
+    "ConfigError",
+    "FederationInvite",
+    "FederationInviteService",
+    "IInvitePolicy",
+    "ISigner",
+    "IStore",
+    "InboundInvite",
+    "InviteHandler",
+    "InviteLimits",
+    "InvitePolicy",
+    "InviteRecord",
+    "InviteRule",
+    "Keyring",
+    "LocalSigner",
+    "MatrixError",
+    "RequestAuthenticator",
+    "ServerAcl",
+    "__version__",
+    "build_components",
+    "build_from_config",
+    "load_config",
+    "make_service",
+    "open_store",
+]

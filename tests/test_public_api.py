@@ -1,0 +1,55 @@
+"""The public surface: every name in __all__ exists, and the embedding example works."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+import federation_invite
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "embed_in_site.py")
+
+
+class PublicNamesTests(SynchronousTestCase):
+    def test_all_names_exist(self) -> None:
+        """Every name in federation_invite.__all__ is importable and documented."""
+        self.assertEqual(len(set(federation_invite.__all__)), len(federation_invite.__all__))
+        for name in federation_invite.__all__:
+            value = getattr(federation_invite, name)
+            if name != "__version__":
+                self.assertTrue(getattr(value, "__doc__", None), name)
+
+
+class EmbeddingExampleTests(TestCase):
+    def test_example_serves_app_and_federation(self) -> Deferred[None]:
+        """The example mounts /_matrix beside the app's own resources in one Site."""
+        spec = importlib.util.spec_from_file_location("embed_in_site", EXAMPLE)
+        assert spec is not None and spec.loader is not None
+        example: Any = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(example)
+        config_path = self.mktemp()
+        with open(config_path, "w") as handle:
+            handle.write(f'server_name = "app.example"\ndata_dir = "{self.mktemp()}"\n')
+
+        async def go() -> None:
+            federation = await federation_invite.build_from_config(config_path, reactor)
+            try:
+                client = StubTreq(example.make_app(federation))
+                response = await client.get("https://app.example/")
+                self.assertEqual(await response.content(), b"my application\n")
+                response = await client.get("https://app.example/_matrix/key/v2/server")
+                self.assertEqual(json.loads(await response.content())["server_name"], "app.example")
+                response = await client.get("https://app.example/_matrix/federation/v1/version")
+                self.assertEqual(response.code, 200)
+                self.assertEqual(len(federation.handler._listeners), 1)
+            finally:
+                await federation.close()
+
+        return ensureDeferred(go())
