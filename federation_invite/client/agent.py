@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import DNSLookupError
+from twisted.internet.error import ConnectingCancelledError, DNSLookupError
 from twisted.internet.interfaces import (
     IHostnameResolver,
     IProtocol,
@@ -138,7 +138,8 @@ class FederationAgent:
             )
             try:
                 protocol: IProtocol = await endpoint.connect(factory)
-            except CancelledError:
+            except (CancelledError, ConnectingCancelledError):
+                # The request was cancelled (or timed out): stop, do not try the next target.
                 raise
             except Exception as exc:
                 if blocked and isinstance(exc, DNSLookupError):

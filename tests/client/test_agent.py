@@ -128,6 +128,20 @@ class AgentRoutingTests(SynchronousTestCase):
         self.reactor.advance(1)  # HostnameEndpoint notices the failure on its next tick
         self.failureResultOf(requesting, ConnectionRefusedError)
 
+    def test_cancel_while_connecting(self) -> None:
+        """Cancelling a request while connecting stops the attempt and tries no other target."""
+        self.srv.records["_matrix-fed._tcp.example.org"] = [
+            (0, 0, 1111, "srv-target.example"),
+            (5, 0, 2222, "backup.example"),
+        ]
+        requesting = self.request("example.org")
+        connector = self.reactor.connectors[0]
+        requesting.cancel()
+        self.failureResultOf(requesting)
+        self.assertTrue(connector.stoppedConnecting)
+        self.reactor.advance(1)
+        self.assertEqual(self.connections(), [(PUBLIC_2, 1111)])
+
     def test_blocked_ip_literal(self) -> None:
         """A blocked IP literal is never connected to."""
         for name in ["127.0.0.1:8448", "10.0.0.1", "169.254.1.1:80", "[::1]:8448", "[fc00::1]"]:

@@ -286,6 +286,18 @@ class TransportErrorTests(_Base):
         self.peer.hang = False
         self.successResultOf(self.client.get_json(REMOTE, "/x"))
 
+    def test_caller_cancel_during_body(self) -> None:
+        """Cancelling while the body is being read is a cancellation too, not a failure."""
+        self.peer.hang = True
+        requesting = self.client.get_json(REMOTE, "/x")
+        [request] = self.peer.pending
+        request.setHeader(b"content-length", b"100")
+        request.write(b'{"partial":')
+        self.peers.flush()
+        requesting.cancel()
+        self.failureResultOf(requesting, CancelledError)
+        self.assertEqual(self.client._backoff, {})
+
     def test_describe_failure(self) -> None:
         """Transport failures are named by kind: DNS, blocked, TLS, refused."""
         from OpenSSL import SSL
@@ -389,6 +401,23 @@ class BackoffTests(_Base):
         for index in range(3):
             self.transport_error(self.client.get_json(f"more{index}.example", "/x"))
         self.assertEqual(len(self.client._backoff), 1)
+
+
+class BytesProducerTests(SynchronousTestCase):
+    def test_produces_at_once(self) -> None:
+        """The request body producer writes everything on start; flow control is a no-op."""
+        from twisted.test.proto_helpers import StringTransport
+
+        from federation_invite.client._client import _BytesProducer
+
+        producer = _BytesProducer(b"abc")
+        self.assertEqual(producer.length, 3)
+        consumer = StringTransport()
+        self.successResultOf(producer.startProducing(consumer))
+        producer.pauseProducing()
+        producer.resumeProducing()
+        producer.stopProducing()
+        self.assertEqual(consumer.value(), b"abc")
 
 
 class ConstructionTests(SynchronousTestCase):

@@ -369,6 +369,48 @@ class SrvTests(_Base):
         _, targets = self.resolve("example.org")
         self.assertEqual(targets, [("old.example", 2222)])
 
+    def test_cancel_during_srv_lookup(self) -> None:
+        """Cancelling target resolution while SRV is pending cancels the lookup."""
+        from twisted.internet.defer import CancelledError, Deferred
+
+        pending: Deferred[Any] = Deferred()
+        self.srv.lookupService = lambda name, timeout=None: pending  # type: ignore[method-assign]
+        server = ResolvedServer(
+            "example.org", "example.org", "example.org", None, "example.org", "example.org"
+        )
+        resolving = self.resolver.resolve_targets(server)
+        resolving.cancel()
+        self.failureResultOf(resolving, CancelledError)
+        self.assertTrue(pending.called)
+
+    def test_system_resolver_created_lazily(self) -> None:
+        """Without an injected SRV resolver, the system one is built on first SRV need, once."""
+        from federation_invite.client import discovery
+
+        made: list[Any] = []
+
+        def fake_system(reactor: Any) -> FakeSRVResolver:
+            made.append(reactor)
+            return self.srv
+
+        self.patch(discovery, "_system_srv_resolver", fake_system)
+        resolver = ServerResolver(self.clock, self.peers)
+        self.successResultOf(resolver.resolve_server("1.2.3.4"))
+        self.assertEqual(made, [])
+        for _ in range(2):
+            server = self.successResultOf(resolver.resolve_server("example.org"))
+            self.successResultOf(resolver.resolve_targets(server))
+        self.assertEqual(made, [self.clock])
+
+    def test_system_resolver(self) -> None:
+        """The system SRV resolver is a twisted.names IResolver built on our reactor."""
+        from twisted.internet.interfaces import IResolver
+        from twisted.internet.testing import MemoryReactorClock
+
+        from federation_invite.client.discovery import _system_srv_resolver
+
+        self.assertTrue(IResolver.providedBy(_system_srv_resolver(MemoryReactorClock())))
+
 
 class WellKnownCacheTests(_Base):
     def fetches(self) -> int:
@@ -449,6 +491,21 @@ class WellKnownCacheTests(_Base):
         self.assertEqual(self.successResultOf(third).effective_name, "m.example:1")
         self.resolve("example.org")
         self.assertEqual(len(resource.requests), 1)
+
+    def test_cache_bounded(self) -> None:
+        """The cache drops expired entries when full, and starts afresh if still full."""
+        from federation_invite.client import discovery
+
+        self.patch(discovery, "WELL_KNOWN_CACHE_SIZE", 2)
+        self.well_known("a.example", {"m.server": "m.example:1"}, Cache_Control=b"max-age=300")
+        self.well_known("b.example", {"m.server": "m.example:1"})
+        self.resolve("a.example")
+        self.resolve("b.example")
+        self.clock.advance(300)
+        self.resolve("c.example")
+        self.assertEqual(sorted(self.resolver._cache), ["b.example", "c.example"])
+        self.resolve("d.example")
+        self.assertEqual(sorted(self.resolver._cache), ["d.example"])
 
     def test_get_well_known(self) -> None:
         """get_well_known answers the delegated name, or None, and never fails."""

@@ -137,3 +137,19 @@ class LoopbackTLSTests(TestCase):
         result = await client.get_json(f"127.0.0.1:{self.number}", "/x")
         self.assertEqual(result, {"hello": "world"})
         self.assertNotIn(b"127.0.0.1", self.server_names)
+
+    async def test_unverified_sends_sni(self) -> None:
+        """With verification off, a hostname is still sent as SNI."""
+        agent = FederationAgent(
+            reactor,
+            ServerResolver(reactor, FakePeersAgent(), FakeSRVResolver()),
+            FederationTLSPolicy(verify=False),
+            ip_filter=IPRangeFilter(DEFAULT_IP_BLOCKLIST, LOOPBACK),
+            name_resolver=FakeHostnameResolver({"anything.test": ["127.0.0.1"]}),
+        )
+        self.addCleanup(self._close, agent)
+        client = self.client(agent=agent)
+        self.assertEqual(
+            await client.get_json(f"anything.test:{self.number}", "/x"), {"hello": "world"}
+        )
+        self.assertEqual(self.server_names, [b"anything.test"])
