@@ -79,6 +79,7 @@ def _cmd_keys_show(args: argparse.Namespace, out: TextIO) -> int:
 
 async def _cmd_migrate(args: argparse.Namespace, out: TextIO, reactor: Any) -> int:
     config = load_config(args.config)
+    config.ensure_data_dir()
     result = await run_migrations(config.database, reactor=reactor)
     if result.applied:
         out.write(
@@ -171,6 +172,7 @@ async def run_async(args: argparse.Namespace, out: TextIO, reactor: Any) -> int:
     if args.command == "migrate":
         return await _cmd_migrate(args, out, reactor)
     config = load_config(args.config)
+    config.ensure_data_dir()
     store = await open_store(config.database, reactor=reactor)
     try:
         code: int = await _STORE_COMMANDS[args.command](args, out, store, config)

@@ -439,6 +439,10 @@ class Config:
     def listen(self) -> tuple[str, ...]:
         return tuple(self.values["listen"])
 
+    def ensure_data_dir(self) -> None:
+        """Create the data directory (mode 0700) if it is missing."""
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}

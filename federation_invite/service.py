@@ -99,11 +99,17 @@ class FederationInvite:
         """Let ``hook.check_invite(invite)`` refuse invites with its own reason."""
         self.policy.add_hook(hook)
 
-    async def close(self) -> None:
-        """Release the database and outbound connections."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Release outbound connections (waiting at most ``timeout`` seconds) and the database."""
         close_client = getattr(self.client, "close", None)
         if close_client is not None:
-            await close_client()
+            closing: Deferred[None] = close_client()
+            # A peer that never completes the TLS close must not hold up shutdown.
+            closing.addTimeout(timeout, self.clock)
+            try:
+                await closing
+            except Exception as exc:
+                log.warn("Outbound connections not closed cleanly: {reason}", reason=str(exc))
         await self.store.close()
 
 
@@ -201,6 +207,7 @@ async def build_from_config(
     """
     if not isinstance(config, Config):
         config = load_config(config)
+    config.ensure_data_dir()
     key = _load_key(config)
     store = await open_store(config.database, reactor=reactor)
     return build_components(config, reactor, store, key, **kwargs)
@@ -272,4 +279,5 @@ def _redact_uri(uri: str) -> str:
 
 def make_service(config: Config, reactor: Any) -> FederationInviteService:
     """The daemon's service: the key is loaded (or generated) now, the store on start."""
+    config.ensure_data_dir()
     return FederationInviteService(config, reactor, _load_key(config))
