@@ -162,13 +162,6 @@ def _local_users(value: object) -> str:
     return value
 
 
-def _log_format(value: object) -> str:
-    if value not in ("text", "json"):
-        raise ValueError("must be 'text' or 'json'")
-    assert isinstance(value, str)
-    return value
-
-
 def _old_keys(value: object) -> tuple[OldKey, ...]:
     if not isinstance(value, list):
         raise ValueError("must be a list of tables {key_id, key, expired_ts}")
@@ -384,20 +377,6 @@ OPTIONS: tuple[Option, ...] = (
         10,
         _int_at_least(1),
         "Invites one local user may receive in a burst.",
-    ),
-    Option(
-        "log.format",
-        "text",
-        _log_format,
-        "'text' for humans, 'json' (one object per line) for log shippers.",
-    ),
-    Option(
-        "metrics.listen",
-        "",
-        _optional_string,
-        "Endpoint string for a Prometheus /metrics listener (needs the 'metrics' extra); "
-        "empty: off.",
-        '""',
     ),
 )
 

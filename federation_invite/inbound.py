@@ -27,7 +27,7 @@ from .auth import RequestAuthenticator
 from .core.canonical import encode_canonical_json
 from .core.errors import Codes, MatrixError
 from .core.events import PreparedEvent, check_content_hash, prepare_event, room_id_for_create_event
-from .core.format import check_event_format, check_pdu_size
+from .core.format import MAX_PDU_SIZE, check_event_format, check_pdu_size
 from .core.ids import is_valid_user_id, server_name_of
 from .core.roomversions import RoomVersion, get_room_version
 from .core.signing import (
@@ -49,8 +49,6 @@ log = Logger(namespace="federation_invite.inbound")
 #: Called with the stored record after the commit, for invites handed over
 #: (status ``pending``). May return a Deferred; failures are logged only.
 InviteListener = Callable[[InviteRecord], Any]
-
-_MAX_PDU_BYTES = 65536
 
 
 @attrs.frozen
@@ -168,7 +166,7 @@ class InviteHandler:
     ) -> dict[str, Any]:
         room_version, event, invite_room_state = _unwrap(api_version, body)
         check_event_format(room_version, event)
-        if not (room_version.strict_canonical_json and body_length <= _MAX_PDU_BYTES):
+        if not (room_version.strict_canonical_json and body_length <= MAX_PDU_SIZE):
             # Strict canonical JSON is never longer than the JSON it was parsed
             # from, so only lax room versions or large bodies need the encoding.
             check_pdu_size(encode_canonical_json(event, strict=room_version.strict_canonical_json))

@@ -82,7 +82,6 @@ class LoadConfigTests(SynchronousTestCase):
             "[outbound]\ntimeout = 0\n": "outbound.timeout",
             "[inbound]\nserver_deny = ['[abc']\n": "inbound.server_deny",
             "[inbound]\nlocal_users = 'ldap'\n": "inbound.local_users",
-            "[log]\nformat = 'xml'\n": "log.format",
             "[ratelimit]\norigin_burst = 0\n": "ratelimit.origin_burst",
             "[keys]\nold_verify_keys = 'x'\n": "keys.old_verify_keys",
             "[keys]\nold_verify_keys = [{key_id = 'ed25519:a'}]\n": "keys.old_verify_keys",
@@ -149,3 +148,14 @@ class RenderConfigTests(SynchronousTestCase):
         with open(path, "w", encoding="utf-8") as handle:
             handle.write("\n".join(lines))
         self.assertEqual(load_config(path).values, load_config().values)
+
+
+class ReadmeTests(SynchronousTestCase):
+    def test_every_key_documented_in_readme(self) -> None:
+        """The README's configuration reference names every key (and no removed one)."""
+        readme_path = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+        with open(readme_path, encoding="utf-8") as handle:
+            readme = handle.read()
+        table = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+        documented = set(re.findall(r"^\| `([a-z_.]+)` \|", table, re.MULTILINE))
+        self.assertEqual(documented, {option.key for option in OPTIONS})
