@@ -16,6 +16,7 @@ from urllib.parse import quote, urlencode
 
 import attrs
 from OpenSSL import SSL
+from signedjson.types import SigningKey
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.interfaces import IConsumer
@@ -107,7 +108,7 @@ class FederationClient:
         self,
         reactor: Any,
         server_name: str,
-        signing_key: Any,
+        signing_key: SigningKey,
         *,
         verify_tls: bool = True,
         ip_blocklist: Sequence[str] = DEFAULT_IP_BLOCKLIST,
