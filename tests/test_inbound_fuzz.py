@@ -101,7 +101,7 @@ def fixtures() -> Fixtures:
 @st.composite
 def mutated_requests(draw: st.DrawFn) -> tuple[dict[str, Any], str, str, bool]:
     """A mutated request and whether the mutation touched hash- or signature-covered data."""
-    identifier, original, room_id, event_id = draw(st.sampled_from(fixtures().requests))
+    _, original, room_id, event_id = draw(st.sampled_from(fixtures().requests))
     body = copy.deepcopy(original)
     paths = [p for p in _paths(body) if p]
     path = draw(st.sampled_from(paths))
