@@ -114,6 +114,13 @@ def _server_name(value: object) -> str:
     return value
 
 
+def _optional_delegation(value: object) -> str | None:
+    text = _optional_string(value)
+    if text is not None and not is_valid_server_name(text):
+        raise ValueError("must be a server name to delegate to, e.g. 'matrix.example.org:443'")
+    return text
+
+
 def _string_list(value: object) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ValueError("must be a list of non-empty strings")
@@ -268,6 +275,14 @@ OPTIONS: tuple[Option, ...] = (
         _database,
         "Database URI: 'sqlite:///path.db' or 'postgresql://user@host/db'; "
         "empty: sqlite:///<data_dir>/federation-invite.db.",
+        '""',
+    ),
+    Option(
+        "well_known_server",
+        "",
+        _optional_delegation,
+        "Serve /.well-known/matrix/server delegating federation to this 'host[:port]' "
+        "(server-server-api, 'Resolving server names'); empty: not served.",
         '""',
     ),
     Option(

@@ -40,7 +40,7 @@ from .store import IStore, open_store
 from .web._base import MatrixResource
 from .web.invite import InviteResource
 from .web.keys import KeyServerResource
-from .web.tree import build_matrix_tree
+from .web.tree import WellKnownServerResource, build_matrix_tree
 
 __all__ = [
     "FederationInvite",
@@ -90,6 +90,18 @@ class FederationInvite:
                 (b"federation", b"v2", b"invite"): InviteResource(self.handler, 2, max_body),
             },
         )
+
+    def site_root(self) -> Resource:
+        """A whole site: ``/_matrix``, ``/.well-known/matrix/server`` if configured, JSON 404s."""
+        root = build_site_root(self.matrix_resource())
+        delegated = self.config.get("well_known_server")
+        if delegated:
+            well_known = MatrixResource()
+            matrix = MatrixResource()
+            well_known.putChild(b"matrix", matrix)
+            matrix.putChild(b"server", WellKnownServerResource(delegated))
+            root.putChild(b".well-known", well_known)
+        return root
 
     def add_listener(self, listener: InviteListener) -> None:
         """Be told (after the commit) of every invite accepted and not ignored."""
@@ -237,7 +249,7 @@ class FederationInviteService(service.MultiService):
         store = await open_store(self.config.database, reactor=self.reactor)
         components = build_components(self.config, self.reactor, store, self.signing_key)
         self.components = components
-        site = Site(build_site_root(components.matrix_resource()))
+        site = Site(components.site_root())
         site.displayTracebacks = False
         for description in self.config.listen:
             strports.service(description, site, reactor=self.reactor).setServiceParent(self)

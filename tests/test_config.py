@@ -75,6 +75,7 @@ class LoadConfigTests(SynchronousTestCase):
             "listen = []\n": "listen",
             "listen = [1]\n": "listen",
             'database = "mysql://x"\n': "database",
+            'well_known_server = "not a name"\n': "well_known_server",
             "[keys]\nvalidity_period = 5\n": "keys.validity_period",
             "[keys]\nvalidity_period = true\n": "keys.validity_period",
             "[outbound]\nverify_tls = 'no'\n": "outbound.verify_tls",

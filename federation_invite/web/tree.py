@@ -10,7 +10,7 @@ from twisted.web.server import Request
 from .._version import __version__
 from ._base import MatrixResource, write_json
 
-__all__ = ["PathNode", "VersionResource", "build_matrix_tree"]
+__all__ = ["PathNode", "VersionResource", "WellKnownServerResource", "build_matrix_tree"]
 
 
 class PathNode(MatrixResource):
@@ -26,6 +26,23 @@ class VersionResource(MatrixResource):
         return write_json(
             request, 200, {"server": {"name": "federation-invite", "version": __version__}}
         )
+
+
+class WellKnownServerResource(MatrixResource):
+    """``GET /.well-known/matrix/server``: ``{"m.server": "host[:port]"}`` for delegation."""
+
+    isLeaf = True
+
+    def __init__(self, delegated: str) -> None:
+        super().__init__()
+        self._delegated = delegated
+
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        body = write_json(request, 200, {"m.server": self._delegated})
+        # Peers cache this (24 h when no header says otherwise); an hour keeps a
+        # changed delegation from lingering for a day.
+        request.setHeader(b"Cache-Control", b"max-age=3600")
+        return body
 
 
 def _node(parent: Resource, *names: bytes) -> Resource:
