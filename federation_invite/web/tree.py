@@ -37,7 +37,7 @@ class WellKnownServerResource(MatrixResource):
         super().__init__()
         self._delegated = delegated
 
-    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+    def render_GET(self, request: Request) -> bytes:
         body = write_json(request, 200, {"m.server": self._delegated})
         # Peers cache this (24 h when no header says otherwise); an hour keeps a
         # changed delegation from lingering for a day.
