@@ -311,11 +311,17 @@ class InviteSender:
             destination=destination,
         )
         try:
-            answer, api_version = await self._exchange(
+            received, answer, api_version = await self._exchange(
                 room_version, destination, room_id, event_id, signed, room_state
             )
             result = await self._check_answer(
-                room_version, destination, server_name_of(invitee), signed, event_id, answer
+                room_version,
+                destination,
+                server_name_of(invitee),
+                signed,
+                event_id,
+                received,
+                answer,
             )
         except InviteError as exc:
             log.info(
@@ -359,17 +365,15 @@ class InviteSender:
         """The event with our hashes and signature, signing only what is missing."""
         signatures = event.get("signatures")
         ours = signatures.get(self.server_name) if isinstance(signatures, Mapping) else None
+        if "hashes" not in event and ours:
+            # The signature covers the hashes: one made without them is stale.
+            raise InviteNotSendable("the event carries our signature but no hashes")
         try:
             if "hashes" not in event:
-                if ours:
-                    # The signature covers the hashes: one made without them is stale.
-                    raise InviteNotSendable("the event carries our signature but no hashes")
                 return await self._signer.hash_and_sign_event(room_version, dict(event))
             if not ours:
                 return await self._signer.sign_event(room_version, dict(event))
         except ValueError as exc:
-            if isinstance(exc, InviteNotSendable):
-                raise
             raise InviteNotSendable(f"the event cannot be signed: {exc}") from None
         return dict(event)
 
@@ -383,8 +387,8 @@ class InviteSender:
         event_id: str,
         event: dict[str, Any],
         room_state: list[dict[str, Any]],
-    ) -> tuple[dict[str, Any], int]:
-        """PUT the invite on v2, then v1 where allowed; the answer's event and the API used."""
+    ) -> tuple[dict[str, Any], Any, int]:
+        """PUT the invite on v2, then v1 where allowed: the answer's event, the answer, the API."""
         body = {
             "room_version": room_version.identifier,
             "event": event,
@@ -401,7 +405,7 @@ class InviteSender:
                 status=exc.status,
             )
         else:
-            return _unwrap_v2(destination, answer), 2
+            return _unwrap_v2(destination, answer), answer, 2
         # invites-v1.yaml: the body is the event itself, the room state in its unsigned.
         unsigned = event.get("unsigned")
         v1_body = {
@@ -412,7 +416,7 @@ class InviteSender:
             },
         }
         answer = await self._put(destination, _invite_path(1, room_id, event_id), v1_body, 1)
-        return _unwrap_v1(destination, answer), 1
+        return _unwrap_v1(destination, answer), answer, 1
 
     async def _put(self, destination: str, path: str, body: Any, api_version: int) -> Any:
         """One PUT; the client's errors translated into ``InviteError``s."""
@@ -436,11 +440,12 @@ class InviteSender:
         sent: dict[str, Any],
         event_id: str,
         received: dict[str, Any],
+        answer: Any,
     ) -> dict[str, Any]:
         """The sent event plus the invitee server's verified signatures, or InvalidInviteAnswer."""
 
         def invalid(reason: str) -> InvalidInviteAnswer:
-            return InvalidInviteAnswer(destination, reason, received)
+            return InvalidInviteAnswer(destination, reason, answer)
 
         differences = _differences(sent, received)
         if differences:

@@ -1,0 +1,1116 @@
+"""Outbound invites (issue #6): our sender against our own receiver in memory, and against fake
+peers that answer wrongly, refuse, or never answer."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from unpaddedbase64 import encode_base64
+
+from federation_invite import outbound
+from federation_invite.client import FederationClient, RemoteError, TransportError
+from federation_invite.client.testing import FakePeersAgent
+from federation_invite.config import load_config
+from federation_invite.core.errors import MatrixError
+from federation_invite.core.events import (
+    add_content_hash,
+    check_content_hash,
+    compute_content_hash,
+    compute_event_id,
+    prepare_event,
+    room_id_for_create_event,
+)
+from federation_invite.core.format import check_event_format
+from federation_invite.core.keys import sign_bytes
+from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS, RoomVersion
+from federation_invite.core.signing import hash_and_sign_event, sign_event, verify_event_signature
+from federation_invite.keyring import Keyring
+from federation_invite.outbound import (
+    InvalidInviteAnswer,
+    InviteError,
+    InviteNotSendable,
+    InviteRefused,
+    InviteSender,
+    InviteTransportError,
+    build_test_invite,
+)
+from federation_invite.service import FederationInvite, build_components, build_site_root
+from federation_invite.signer import LocalSigner
+from federation_invite.web.invite import InviteResource
+from federation_invite.web.keys import KeyServerResource
+from federation_invite.web.tree import build_matrix_tree
+
+from .support import MemoryStore, local_verify_key, make_clock, make_key
+
+OURS = "origin.example"
+PEER = "peer.example"
+ALICE = f"@alice:{OURS}"
+BOB = f"@bob:{PEER}"
+TIMEOUT = 30.0
+ALL_VERSIONS = list(KNOWN_ROOM_VERSIONS)
+
+_DAY_MS = 86_400_000
+
+
+def key_site(clock: Clock, server_name: str, keys: list[Any], validity_ms: int = _DAY_MS) -> Any:
+    """A site root serving only ``server_name``'s key document."""
+    return build_site_root(
+        build_matrix_tree(KeyServerResource(clock, server_name, keys, validity_ms=validity_ms))
+    )
+
+
+class RecordingSigner:
+    """A LocalSigner that records which of its methods were called."""
+
+    def __init__(self, signer: LocalSigner) -> None:
+        self._signer = signer
+        self.server_name = signer.server_name
+        self.calls: list[str] = []
+
+    def sign_event(
+        self, room_version: RoomVersion, event: dict[str, Any], prepared: Any = None
+    ) -> Any:
+        self.calls.append("sign_event")
+        return self._signer.sign_event(room_version, event, prepared)
+
+    def hash_and_sign_event(self, room_version: RoomVersion, event: dict[str, Any]) -> Any:
+        self.calls.append("hash_and_sign_event")
+        return self._signer.hash_and_sign_event(room_version, event)
+
+
+class _InviteEndpoint(Resource):
+    """One API version's invite endpoint of a FakePeer."""
+
+    isLeaf = True
+
+    def __init__(self, peer: FakePeer, api_version: int) -> None:
+        super().__init__()
+        self.peer = peer
+        self.api_version = api_version
+
+    def render_PUT(self, request: Request) -> Any:
+        body = json.loads(request.content.read())
+        self.peer.received.append((self.api_version, request.uri, body))
+        if self.peer.hang:
+            self.peer.pending.append(request)
+            return NOT_DONE_YET
+        status, answer = self.peer.respond(self.api_version, body)
+        request.setResponseCode(status)
+        if isinstance(answer, bytes):
+            request.setHeader(b"Content-Type", b"text/html")
+            return answer
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(answer).encode("utf-8")
+
+
+class FakePeer:
+    """An invited server in memory that co-signs invites as Synapse does, unless told otherwise.
+
+    Like Synapse it adds ``"unsigned": {}`` to an event without one and, on
+    v1, answers with the room state the request carried in ``unsigned``.
+    ``canned[api_version] = (status, body)`` answers with that instead (bytes
+    as HTML); ``mutate(event)`` changes the co-signed event; ``wrap(answer)``
+    changes the whole answer; ``sign_key``/``sign`` choose its signature;
+    ``hang`` never answers.
+    """
+
+    def __init__(self, clock: Clock, name: str = PEER, validity_ms: int = _DAY_MS) -> None:
+        self.name = name
+        self.key = make_key("peer1")
+        self.sign_key = self.key
+        self.sign = True
+        self.canned: dict[int, tuple[int, Any]] = {}
+        self.mutate: Callable[[dict[str, Any]], None] | None = None
+        self.wrap: Callable[[Any], Any] | None = None
+        self.hang = False
+        self.received: list[tuple[int, bytes, Any]] = []
+        self.pending: list[Request] = []
+        self.root = build_site_root(
+            build_matrix_tree(
+                KeyServerResource(clock, name, [self.key], validity_ms=validity_ms),
+                {
+                    (b"federation", b"v1", b"invite"): _InviteEndpoint(self, 1),
+                    (b"federation", b"v2", b"invite"): _InviteEndpoint(self, 2),
+                },
+            )
+        )
+
+    def respond(self, api_version: int, body: Any) -> tuple[int, Any]:
+        if api_version in self.canned:
+            return self.canned[api_version]
+        if api_version == 2:
+            room_version = KNOWN_ROOM_VERSIONS[body["room_version"]]
+            event = copy.deepcopy(body["event"])
+        else:
+            room_version = KNOWN_ROOM_VERSIONS["1"]
+            event = copy.deepcopy(body)
+        event.setdefault("unsigned", {})
+        if self.sign:
+            event = sign_event(room_version, event, self.name, self.sign_key)
+        if self.mutate is not None:
+            self.mutate(event)
+        answer: Any = {"event": event}
+        if api_version == 1:
+            answer = [200, answer]
+        if self.wrap is not None:
+            answer = self.wrap(answer)
+        return 200, answer
+
+
+class Origin:
+    """Our server: a FederationClient on in-memory peers, a keyring, a signer, the sender."""
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock = clock or make_clock()
+        self.key = make_key("origin1")
+        self.agent = FakePeersAgent()
+        self.client = FederationClient(
+            self.clock, OURS, self.key, agent=self.agent, timeout=TIMEOUT
+        )
+        self.key_store = MemoryStore()
+        self.keyring = Keyring(
+            self.clock, self.key_store, self.client, local_keys=[local_verify_key(OURS, self.key)]
+        )
+        self.local_signer = LocalSigner(OURS, self.key)
+        self.signer = RecordingSigner(self.local_signer)
+        self.sender = InviteSender(self.signer, self.client, self.keyring)  # type: ignore[arg-type]
+        #: Our key document, for receivers that check our signatures.
+        self.key_site = key_site(self.clock, OURS, [self.key])
+
+    def now_ms(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+    def invite(
+        self, room_version: str = "10", *, invitee: str = BOB, now_ms: int | None = None
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """An unsigned test invite of ALICE's and its room state (create event signed)."""
+        deferred = build_test_invite(
+            self.local_signer, room_version, ALICE, invitee, now_ms or self.now_ms()
+        )
+        invite, state = [], []
+        deferred.addCallback(lambda result: (invite.append(result[0]), state.append(result[1])))
+        return invite[0], state[0]
+
+    def signed_invite(
+        self, room_version: str = "10", **kwargs: Any
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        event, state = self.invite(room_version, **kwargs)
+        return hash_and_sign_event(KNOWN_ROOM_VERSIONS[room_version], event, OURS, self.key), state
+
+    def send(
+        self,
+        room_version: str,
+        event: Any,
+        state: Any = (),
+        **kwargs: Any,
+    ) -> Deferred[dict[str, Any]]:
+        return self.sender.send_invite(room_version, event, state, **kwargs)
+
+    def invite_apis(self) -> list[str]:
+        """The API versions of the invite requests sent so far ("v1", "v2"), in order."""
+        paths = [uri.partition(b"://")[2].split(b"/") for _, uri, _ in self.agent.requests]
+        return [p[3].decode() for p in paths if p[2:5:2] == [b"federation", b"invite"]]
+
+
+class Receiver:
+    """Our own receiving side (``build_components``) as the invitee's server."""
+
+    def __init__(self, origin: Origin, *, name: str = PEER, **overrides: Any) -> None:
+        self.key = make_key("peer1")
+        self.agent = FakePeersAgent({OURS: origin.key_site})
+        client = FederationClient(origin.clock, name, self.key, agent=self.agent)
+        config = load_config(
+            None,
+            {
+                "server_name": name,
+                "inbound.local_users": "any",
+                "ratelimit.invitee_burst": 1000,
+                **overrides,
+            },
+        )
+        self.store = MemoryStore()
+        self.components: FederationInvite = build_components(
+            config, origin.clock, self.store, self.key, client=client
+        )
+
+    def site(self) -> Any:
+        """Both invite endpoints, JSON errors elsewhere."""
+        return build_site_root(self.components.matrix_resource())
+
+    def v1_only_site(self) -> Any:
+        """An older server: v1 only; the v2 path gets JSON 404 M_UNRECOGNIZED."""
+        components = self.components
+        return build_site_root(
+            build_matrix_tree(
+                components.key_server,
+                {(b"federation", b"v1", b"invite"): InviteResource(components.handler, 1, 65536)},
+            )
+        )
+
+    def v1_only_html_site(self) -> Any:
+        """An older server behind plain twisted.web: unknown paths get an HTML 404 page."""
+        root = Resource()
+        matrix = Resource()
+        key = Resource()
+        key_v2 = Resource()
+        federation = Resource()
+        v1 = Resource()
+        root.putChild(b"_matrix", matrix)
+        matrix.putChild(b"key", key)
+        key.putChild(b"v2", key_v2)
+        key_v2.putChild(b"server", self.components.key_server)
+        matrix.putChild(b"federation", federation)
+        federation.putChild(b"v1", v1)
+        v1.putChild(b"invite", InviteResource(self.components.handler, 1, 65536))
+        return root
+
+
+class _Base(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.origin = Origin()
+
+    def assert_nothing_sent(self) -> None:
+        self.assertEqual(self.origin.agent.requests, [])
+
+    def assert_cosigned(
+        self,
+        room_version: str,
+        sent: dict[str, Any],
+        result: dict[str, Any],
+        peer_key: Any,
+        peer: str = PEER,
+    ) -> None:
+        """``result`` is ``sent`` plus the peer's valid signature, and verifies on its own."""
+        version = KNOWN_ROOM_VERSIONS[room_version]
+        self.assertEqual(
+            {k: v for k, v in result.items() if k != "signatures"},
+            {k: v for k, v in sent.items() if k != "signatures"},
+        )
+        self.assertEqual(set(result["signatures"]), {OURS, peer})
+        keys = {
+            (OURS, "ed25519:origin1"): local_verify_key(OURS, self.origin.key),
+            (peer, "ed25519:peer1"): local_verify_key(peer, peer_key),
+        }
+        verify_event_signature(version, result, OURS, keys)
+        verify_event_signature(version, result, peer, keys)
+
+
+class RoundTripTests(_Base):
+    """Our sender against our own receiver (InviteHandler behind the real resource tree)."""
+
+    def test_v2_every_room_version(self) -> None:
+        """Rooms 1 to 12: one v2 PUT, the receiver stores the invite, we get it doubly signed."""
+        receiver = Receiver(self.origin)
+        self.origin.agent.add_peer(PEER, receiver.site())
+        for room_version in ALL_VERSIONS:
+            event, state = self.origin.invite(room_version)
+            result = self.successResultOf(self.origin.send(room_version, event, state))
+            signed = hash_and_sign_event(
+                KNOWN_ROOM_VERSIONS[room_version], event, OURS, self.origin.key
+            )
+            self.assert_cosigned(room_version, signed, result, receiver.key)
+            event_id = compute_event_id(KNOWN_ROOM_VERSIONS[room_version], result)
+            self.assertIn(event_id, receiver.store.invites, room_version)
+            self.assertEqual(receiver.store.invites[event_id].event, result, room_version)
+            self.assertEqual(self.origin.invite_apis()[-1], "v2")
+        self.assertEqual(self.origin.invite_apis(), ["v2"] * len(ALL_VERSIONS))
+        self.assertEqual(len(self.origin.agent.requests), len(ALL_VERSIONS) + 1)  # + one key fetch
+
+    def test_v1_fallback_on_json_404(self) -> None:
+        """Rooms 1 and 2: a v1-only receiver's 404 M_UNRECOGNIZED on v2 leads to v1, which works."""
+        receiver = Receiver(self.origin)
+        self.origin.agent.add_peer(PEER, receiver.v1_only_site())
+        for room_version in ("1", "2"):
+            event, state = self.origin.invite(room_version)
+            result = self.successResultOf(self.origin.send(room_version, event, state))
+            signed = hash_and_sign_event(
+                KNOWN_ROOM_VERSIONS[room_version], event, OURS, self.origin.key
+            )
+            self.assert_cosigned(room_version, signed, result, receiver.key)
+            self.assertIn(result["event_id"], receiver.store.invites)
+            # The receiver got the room state in unsigned (invites-v1.yaml) ...
+            stored = receiver.store.invites[result["event_id"]]
+            self.assertEqual(stored.invite_room_state, state)
+            # ... but what we hand back is our event, not the receiver's echo.
+            self.assertNotIn("unsigned", result)
+            self.assertEqual(self.origin.invite_apis()[-2:], ["v2", "v1"], room_version)
+
+    def test_v1_fallback_on_html_404(self) -> None:
+        """Rooms 1 and 2: an HTML 404 on v2 (no Matrix error body) also leads to v1."""
+        receiver = Receiver(self.origin)
+        self.origin.agent.add_peer(PEER, receiver.v1_only_html_site())
+        for room_version in ("1", "2"):
+            event, state = self.origin.invite(room_version)
+            result = self.successResultOf(self.origin.send(room_version, event, state))
+            self.assertEqual(result["signatures"][PEER].keys(), {"ed25519:peer1"})
+            self.assertEqual(self.origin.invite_apis()[-2:], ["v2", "v1"])
+
+    def test_no_fallback_for_later_room_versions(self) -> None:
+        """Rooms 3 to 12 never use v1: a v1-only receiver's 404 is the answer."""
+        receiver = Receiver(self.origin)
+        self.origin.agent.add_peer(PEER, receiver.v1_only_site())
+        for room_version in ALL_VERSIONS[2:]:
+            event, state = self.origin.invite(room_version)
+            before = len(self.origin.agent.requests)
+            error = self.failureResultOf(
+                self.origin.send(room_version, event, state), InviteRefused
+            ).value
+            self.assertEqual(
+                (error.status, error.errcode, error.api_version), (404, "M_UNRECOGNIZED", 2)
+            )
+            self.assertEqual(len(self.origin.agent.requests), before + 1, room_version)
+
+    def test_receiver_refusal(self) -> None:
+        """A refusal by our receiver (server_deny) arrives as InviteRefused 403 M_FORBIDDEN."""
+        receiver = Receiver(self.origin, **{"inbound.server_deny": [OURS]})
+        self.origin.agent.add_peer(PEER, receiver.site())
+        event, state = self.origin.invite("10")
+        error = self.failureResultOf(self.origin.send("10", event, state), InviteRefused).value
+        self.assertEqual(
+            (error.status, error.errcode, error.destination), (403, "M_FORBIDDEN", PEER)
+        )
+        self.assertEqual(receiver.store.invites, {})
+
+    def test_strict_receiver_refusal(self) -> None:
+        """invite_room_state goes as given; a strict receiver's 400 M_INVALID_PARAM comes back."""
+        receiver = Receiver(self.origin, **{"inbound.strict_invite_room_state": True})
+        self.origin.agent.add_peer(PEER, receiver.site())
+        event, _ = self.origin.invite("10")
+        stripped = [
+            {"type": "m.room.name", "state_key": "", "content": {"name": "x"}, "sender": ALICE}
+        ]
+        error = self.failureResultOf(self.origin.send("10", event, stripped), InviteRefused).value
+        self.assertEqual((error.status, error.errcode), (400, "M_INVALID_PARAM"))
+        self.assertEqual(error.message, "invite_room_state has no full m.room.create event")
+
+
+class AnswerCheckTests(_Base):
+    """Answers that come back 200 but must not be used: each with its own error."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.peer = FakePeer(self.origin.clock)
+        self.origin.agent.add_peer(PEER, self.peer.root)
+
+    def invalid(self, room_version: str = "10", **kwargs: Any) -> InvalidInviteAnswer:
+        event, state = self.origin.invite(room_version, **kwargs)
+        error = self.failureResultOf(
+            self.origin.send(room_version, event, state), InvalidInviteAnswer
+        ).value
+        self.assertEqual(error.destination, PEER)
+        return error
+
+    def test_synapse_like_peer(self) -> None:
+        """A peer that adds "unsigned": {} is fine: we hand back our event with its signature."""
+        event, state = self.origin.signed_invite("10")
+        result = self.successResultOf(self.origin.send("10", event, state))
+        self.assertEqual(self.peer.received[0][2]["event"], event)
+        self.assert_cosigned("10", event, result, self.peer.key)
+        self.assertNotIn("unsigned", result)
+
+    def test_v1_echo_of_room_state_accepted(self) -> None:
+        """On v1 Synapse echoes the room state in unsigned; accepted, and not handed back."""
+        self.peer.canned[2] = (404, b"<html>Not Found</html>")
+        event, state = self.origin.signed_invite("1")
+        event["unsigned"] = {"age": 1}
+        result = self.successResultOf(self.origin.send("1", event, state))
+        sent = self.peer.received[1][2]
+        self.assertEqual(sent["unsigned"], {"age": 1, "invite_room_state": state})
+        self.assertEqual(result["unsigned"], {"age": 1})
+        self.assert_cosigned("1", event, result, self.peer.key)
+
+    def test_unsigned_changes_ignored(self) -> None:
+        """What the peer puts in unsigned is neither checked nor taken."""
+        self.peer.mutate = lambda event: event.__setitem__("unsigned", {"age": 99, "x": [1]})
+        event, state = self.origin.signed_invite("10")
+        result = self.successResultOf(self.origin.send("10", event, state))
+        self.assertNotIn("unsigned", result)
+
+    def test_changed_content(self) -> None:
+        """A peer that changes the content is refused."""
+        self.peer.mutate = lambda event: event["content"].__setitem__("membership", "join")
+        self.assertEqual(
+            self.invalid().reason, "the event in the answer is not the one sent: changed 'content'"
+        )
+
+    def test_dropped_field(self) -> None:
+        """A peer that drops a covered field is refused."""
+        self.peer.mutate = lambda event: event.pop("depth")
+        self.assertEqual(
+            self.invalid().reason, "the event in the answer is not the one sent: dropped 'depth'"
+        )
+
+    def test_added_field(self) -> None:
+        """A peer that adds a field is refused, and the message names it."""
+        self.peer.mutate = lambda event: event.update(extra=1, more="x")
+        self.assertEqual(
+            self.invalid().reason,
+            "the event in the answer is not the one sent: added 'extra', 'more'",
+        )
+
+    def test_several_changes_listed(self) -> None:
+        """Changed, dropped and added fields are all reported, many truncated."""
+
+        def mutate(event: dict[str, Any]) -> None:
+            event["depth"] = 3
+            del event["origin_server_ts"]
+            event.update({f"k{i}": i for i in range(10)})
+
+        self.peer.mutate = mutate
+        self.assertEqual(
+            self.invalid().reason,
+            "the event in the answer is not the one sent: changed 'depth'; "
+            "dropped 'origin_server_ts'; added 'k0', 'k1', 'k2', 'k3', 'k4', 'k5', 'k6', 'k7' "
+            "and 2 more",
+        )
+
+    def test_type_confusable_change(self) -> None:
+        """2.0 for 2 (equal in Python, not in JSON) is a change."""
+        self.peer.mutate = lambda event: event.__setitem__("depth", 2.0)
+        self.assertEqual(
+            self.invalid().reason, "the event in the answer is not the one sent: changed 'depth'"
+        )
+
+    def test_changed_event_id_v1(self) -> None:
+        """Room v1/v2: the event ID is a field of the event; changing it is refused."""
+        self.peer.mutate = lambda event: event.__setitem__("event_id", f"$other:{OURS}")
+        self.assertEqual(
+            self.invalid("1").reason,
+            "the event in the answer is not the one sent: changed 'event_id'",
+        )
+
+    def test_added_event_id(self) -> None:
+        """Room v3+: an event_id field in the answer is an added field."""
+        self.peer.mutate = lambda event: event.__setitem__("event_id", "$x")
+        self.assertEqual(
+            self.invalid("4").reason,
+            "the event in the answer is not the one sent: added 'event_id'",
+        )
+
+    def test_missing_invitee_signature(self) -> None:
+        """An answer the invitee's server did not sign is refused."""
+        self.peer.sign = False
+        self.assertEqual(self.invalid().reason, f"the answer carries no signature by {PEER}")
+
+    def test_signature_by_wrong_key(self) -> None:
+        """A signature under the peer's key ID made with another key does not verify."""
+        self.peer.sign_key = make_key("peer1")
+        self.assertEqual(
+            self.invalid().reason,
+            f"the signature of {PEER} does not verify: Signature by {PEER} (ed25519:peer1) is invalid",
+        )
+
+    def test_signature_by_unknown_key(self) -> None:
+        """A signature by a key the peer does not publish cannot be checked: refused."""
+        self.peer.sign_key = make_key("rogue")
+        self.assertEqual(
+            self.invalid().reason,
+            f"no verify key of {PEER} could be found for its signature ('ed25519:rogue')",
+        )
+
+    def test_signature_with_unknown_algorithm(self) -> None:
+        """A peer signature under a non-ed25519 key ID cannot be checked: refused."""
+
+        def mutate(event: dict[str, Any]) -> None:
+            signatures = event["signatures"][PEER]
+            signatures["other:peer1"] = signatures.pop("ed25519:peer1")
+
+        self.peer.mutate = mutate
+        self.assertEqual(
+            self.invalid().reason,
+            f"no verify key of {PEER} could be found for its signature ('other:peer1')",
+        )
+
+    def test_unknown_extra_signature_dropped(self) -> None:
+        """A second signature by an unknown key is not verified, and not handed back."""
+
+        def mutate(event: dict[str, Any]) -> None:
+            event["signatures"][PEER]["ed25519:other"] = "AAAA"
+            event["signatures"]["third.example"] = {"ed25519:x": "AAAA"}
+
+        self.peer.mutate = mutate
+        event, state = self.origin.signed_invite("10")
+        result = self.successResultOf(self.origin.send("10", event, state))
+        self.assertEqual(result["signatures"][PEER].keys(), {"ed25519:peer1"})
+        self.assertEqual(result["signatures"].keys(), {OURS, PEER})
+
+    def test_our_signature_removed(self) -> None:
+        """An answer without our signature is refused."""
+        self.peer.mutate = lambda event: event["signatures"].pop(OURS)
+        self.assertEqual(self.invalid().reason, "our signature (ed25519:origin1) was removed")
+
+    def test_our_signature_altered(self) -> None:
+        """An answer whose copy of our signature does not verify is refused."""
+        self.peer.mutate = lambda event: event["signatures"][OURS].__setitem__(
+            "ed25519:origin1", "A" * 86
+        )
+        self.assertEqual(
+            self.invalid().reason,
+            "our signature in the answer does not verify: "
+            f"Signature by {OURS} (ed25519:origin1) is invalid",
+        )
+
+    def test_signatures_not_an_object(self) -> None:
+        """An answer whose signatures are not an object is refused."""
+        self.peer.mutate = lambda event: event.__setitem__("signatures", [])
+        self.assertEqual(self.invalid().reason, "the answer's event has no signatures object")
+
+    def test_key_not_valid_at_event_time(self) -> None:
+        """v5+: the peer's key must be valid at origin_server_ts; v4 does not ask (v5 rules)."""
+        peer = FakePeer(self.origin.clock, validity_ms=60_000)
+        self.origin.agent.add_peer(PEER, peer.root)
+        later = self.origin.now_ms() + 3_600_000
+        self.assertEqual(
+            self.invalid("5", now_ms=later).reason,
+            f"no signature by {PEER} with a key valid at the event's origin_server_ts "
+            "(room version 5)",
+        )
+        event, state = self.origin.invite("4", now_ms=later)
+        self.successResultOf(self.origin.send("4", event, state))
+
+    def test_v1_shaped_answer_on_v2(self) -> None:
+        """[200, {"event": ...}] from the v2 endpoint is refused."""
+        self.peer.wrap = lambda answer: [200, answer]
+        self.assertEqual(
+            self.invalid().reason, "the v2 endpoint answered in the v1 shape [200, {...}]"
+        )
+
+    def test_v2_answer_not_an_object(self) -> None:
+        """A v2 answer that is not a JSON object is refused."""
+        self.peer.wrap = lambda answer: "ok"
+        self.assertEqual(self.invalid().reason, "the answer is not a JSON object")
+
+    def test_v2_answer_without_event(self) -> None:
+        """A v2 answer without event is refused."""
+        self.peer.wrap = lambda answer: {"signed": answer["event"]}
+        self.assertEqual(self.invalid().reason, "the answer has no event")
+
+    def test_v2_answer_event_not_object(self) -> None:
+        """A v2 answer whose event is not an object is refused."""
+        self.peer.wrap = lambda answer: {"event": [answer["event"]]}
+        self.assertEqual(self.invalid().reason, "the answer's event is not an object")
+
+    def test_v1_answers_parsed_strictly(self) -> None:
+        """v1: only [200, {"event": ...}] is an answer (invites-v1.yaml)."""
+        self.peer.canned[2] = (404, b"<html>Not Found</html>")
+        wrong: list[Callable[[Any], Any]] = [
+            lambda answer: answer[1],
+            lambda answer: [200],
+            lambda answer: ["200", answer[1]],
+            lambda answer: [True, answer[1]],
+            lambda answer: [201, answer[1]],
+            lambda answer: [200, answer[1], {}],
+            lambda answer: [200, [answer[1]]],
+        ]
+        for wrap in wrong:
+            self.peer.wrap = wrap
+            self.assertEqual(self.invalid("2").reason, 'the v1 answer is not [200, {"event": ...}]')
+        self.peer.wrap = lambda answer: [200, {"events": answer[1]["event"]}]
+        self.assertEqual(self.invalid("2").reason, "the answer has no event")
+
+    def test_not_json_200(self) -> None:
+        """A 200 whose body is not JSON is an invalid answer, not a refusal."""
+        self.peer.canned[2] = (200, b"<html>OK</html>")
+        self.assertEqual(self.invalid().reason, "HTTP 200 OK: body is not JSON")
+
+    def test_answer_kept_for_debugging(self) -> None:
+        """InvalidInviteAnswer carries what came back and says where from."""
+        self.peer.sign = False
+        error = self.invalid()
+        self.assertEqual(error.answer["event"]["sender"], ALICE)
+        self.peer.wrap = lambda answer: "ok"
+        self.assertEqual(self.invalid().answer, "ok")
+        self.assertEqual(str(error), f"invalid answer from {PEER}: {error.reason}")
+        self.assertIn("InvalidInviteAnswer(destination='peer.example'", repr(error))
+        self.assertIsInstance(error, InviteError)
+
+
+class RefusalTests(_Base):
+    """The peer says no: one exception type with status, errcode, message and destination."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.peer = FakePeer(self.origin.clock)
+        self.origin.agent.add_peer(PEER, self.peer.root)
+
+    def refused(self, room_version: str = "10") -> InviteRefused:
+        event, state = self.origin.invite(room_version)
+        error = self.failureResultOf(
+            self.origin.send(room_version, event, state), InviteRefused
+        ).value
+        self.assertEqual(error.destination, PEER)
+        self.assertIsInstance(error, RemoteError)
+        self.assertNotIsInstance(error, MatrixError)
+        return error
+
+    def test_forbidden(self) -> None:
+        """403 M_FORBIDDEN surfaces with its message."""
+        self.peer.canned[2] = (403, {"errcode": "M_FORBIDDEN", "error": "User cannot invite"})
+        error = self.refused()
+        self.assertEqual(
+            (error.status, error.errcode, error.message, error.retry_after_ms, error.api_version),
+            (403, "M_FORBIDDEN", "User cannot invite", None, 2),
+        )
+        self.assertEqual(str(error), f"{PEER} answered 403 M_FORBIDDEN: User cannot invite")
+
+    def test_invite_blocked(self) -> None:
+        """403 M_INVITE_BLOCKED (spec v1.18) surfaces as such."""
+        self.peer.canned[2] = (403, {"errcode": "M_INVITE_BLOCKED", "error": "Blocked"})
+        error = self.refused()
+        self.assertEqual(
+            (error.status, error.errcode, error.message), (403, "M_INVITE_BLOCKED", "Blocked")
+        )
+
+    def test_incompatible_room_version(self) -> None:
+        """400 M_INCOMPATIBLE_ROOM_VERSION keeps the body's room_version, and never falls back."""
+        body = {"errcode": "M_INCOMPATIBLE_ROOM_VERSION", "error": "No", "room_version": "1"}
+        self.peer.canned[2] = (400, body)
+        error = self.refused("1")
+        self.assertEqual(
+            (error.status, error.errcode, error.body), (400, "M_INCOMPATIBLE_ROOM_VERSION", body)
+        )
+        self.assertEqual(len(self.peer.received), 1)
+
+    def test_limit_exceeded(self) -> None:
+        """429 carries retry_after_ms."""
+        self.peer.canned[2] = (
+            429,
+            {"errcode": "M_LIMIT_EXCEEDED", "error": "Slow", "retry_after_ms": 2000},
+        )
+        error = self.refused()
+        self.assertEqual(
+            (error.status, error.errcode, error.retry_after_ms), (429, "M_LIMIT_EXCEEDED", 2000)
+        )
+        self.assertIn("retry_after_ms=2000", repr(error))
+
+    def test_bad_retry_after_ignored(self) -> None:
+        """A retry_after_ms that is not a non-negative integer is not passed on."""
+        for value in ("2000", -1, True, 1.5):
+            self.peer.canned[2] = (429, {"errcode": "M_LIMIT_EXCEEDED", "retry_after_ms": value})
+            self.assertIsNone(self.refused().retry_after_ms)
+
+    def test_server_error(self) -> None:
+        """A 500 is a refusal (no fallback, even for room v1)."""
+        self.peer.canned[2] = (500, {"errcode": "M_UNKNOWN", "error": "Internal server error"})
+        error = self.refused("1")
+        self.assertEqual((error.status, error.errcode), (500, "M_UNKNOWN"))
+        self.assertEqual(len(self.peer.received), 1)
+
+    def test_html_404_for_v3_plus(self) -> None:
+        """An HTML 404 for a v3+ room is refused at once: no v1 for those rooms."""
+        self.peer.canned[2] = (404, b"<html>Not Found</html>")
+        error = self.refused("3")
+        self.assertEqual((error.status, error.errcode), (404, None))
+        self.assertEqual(error.message, "HTTP 404 Not Found: body is not JSON")
+        self.assertEqual([api for api, _, _ in self.peer.received], [2])
+
+    def test_fallback_conditions(self) -> None:
+        """Only 404/405 without errcode or M_UNRECOGNIZED, and 400 M_UNRECOGNIZED, mean "no v2"."""
+        falls_back = [
+            (404, b"not found"),
+            (404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}),
+            (405, b""),
+            (405, {"error": "no"}),
+            (405, {"errcode": "M_UNRECOGNIZED"}),
+            (400, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}),
+        ]
+        for canned in falls_back:
+            self.peer.canned[2] = canned
+            self.peer.received.clear()
+            event, state = self.origin.invite("2")
+            self.successResultOf(self.origin.send("2", event, state))
+            self.assertEqual([api for api, _, _ in self.peer.received], [2, 1], canned)
+        refused = [
+            (404, {"errcode": "M_NOT_FOUND", "error": "No such room"}),
+            (400, {"errcode": "M_UNKNOWN", "error": "Bad"}),
+            (400, {"errcode": "M_INVALID_PARAM", "error": "Bad"}),
+            (403, {"errcode": "M_UNRECOGNIZED"}),
+            (401, b"who are you"),
+        ]
+        for canned in refused:
+            self.peer.canned[2] = canned
+            self.peer.received.clear()
+            error = self.refused("2")
+            self.assertEqual(error.status, canned[0])
+            self.assertEqual([api for api, _, _ in self.peer.received], [2], canned)
+
+    def test_v1_refusal_after_fallback(self) -> None:
+        """A refusal from v1 after the fallback says it came from v1."""
+        self.peer.canned[2] = (404, b"")
+        self.peer.canned[1] = (403, {"errcode": "M_FORBIDDEN", "error": "No"})
+        error = self.refused("1")
+        self.assertEqual((error.status, error.errcode, error.api_version), (403, "M_FORBIDDEN", 1))
+
+
+class TransportTests(_Base):
+    """No answer at all: InviteTransportError, never a refusal."""
+
+    def transport_error(self, deferred: Deferred[Any]) -> InviteTransportError:
+        error = self.failureResultOf(deferred, InviteTransportError).value
+        self.assertIsInstance(error, TransportError)
+        self.assertNotIsInstance(error, RemoteError)
+        self.assertEqual(error.destination, PEER)
+        return error
+
+    def test_hang_times_out(self) -> None:
+        """A peer that never answers: the client's timeout fires (Clock)."""
+        peer = FakePeer(self.origin.clock)
+        peer.hang = True
+        self.origin.agent.add_peer(PEER, peer.root)
+        event, state = self.origin.invite("10")
+        deferred = self.origin.send("10", event, state)
+        self.assertNoResult(deferred)
+        self.origin.clock.advance(TIMEOUT)
+        error = self.transport_error(deferred)
+        self.assertEqual(error.reason, "timed out after 30 s")
+        self.assertEqual(str(error), f"cannot reach {PEER}: timed out after 30 s")
+
+    def test_connection_refused(self) -> None:
+        """A peer that cannot be reached."""
+        event, state = self.origin.invite("10")
+        error = self.transport_error(self.origin.send("10", event, state))
+        self.assertIn("no fake peer named peer.example", error.reason)
+
+    def test_back_off(self) -> None:
+        """After a 500 the client leaves the peer alone for a while: a transport error."""
+        peer = FakePeer(self.origin.clock)
+        peer.canned[2] = (500, b"down")
+        self.origin.agent.add_peer(PEER, peer.root)
+        event, state = self.origin.invite("10")
+        self.failureResultOf(self.origin.send("10", event, state), InviteRefused)
+        error = self.transport_error(self.origin.send("10", event, state))
+        self.assertIn("backing off", error.reason)
+
+    def test_cancel(self) -> None:
+        """Cancelling the Deferred abandons the request (CancelledError, not a transport error)."""
+        peer = FakePeer(self.origin.clock)
+        peer.hang = True
+        self.origin.agent.add_peer(PEER, peer.root)
+        event, state = self.origin.invite("10")
+        deferred = self.origin.send("10", event, state)
+        deferred.cancel()
+        self.failureResultOf(deferred, CancelledError)
+
+
+class BeforeSendingTests(_Base):
+    """The caller's mistakes are caught before anything is sent; the signer signs what is missing."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.peer = FakePeer(self.origin.clock)
+        self.origin.agent.add_peer(PEER, self.peer.root)
+
+    def not_sendable(self, room_version: str, event: Any, state: Any = (), **kwargs: Any) -> str:
+        error = self.failureResultOf(
+            self.origin.send(room_version, event, state, **kwargs), InviteNotSendable
+        ).value
+        self.assertIsInstance(error, ValueError)
+        self.assertEqual(str(error), f"invite not sent: {error.reason}")
+        self.assert_nothing_sent()
+        return error.reason
+
+    def test_unsigned_event_hashed_and_signed(self) -> None:
+        """An event without hashes is hashed and signed through the signer, then sent."""
+        event, state = self.origin.invite("10")
+        result = self.successResultOf(self.origin.send("10", event, state))
+        self.assertEqual(self.origin.signer.calls, ["hash_and_sign_event"])
+        self.assertTrue(check_content_hash(KNOWN_ROOM_VERSIONS["10"], result))
+        self.assertNotIn("hashes", event)  # the caller's event is untouched
+
+    def test_hashed_event_signed(self) -> None:
+        """An event with hashes but no signature of ours is only signed."""
+        event, state = self.origin.invite("10")
+        hashed = add_content_hash(KNOWN_ROOM_VERSIONS["10"], event)
+        result = self.successResultOf(self.origin.send("10", hashed, state))
+        self.assertEqual(self.origin.signer.calls, ["sign_event"])
+        self.assertEqual(result["hashes"], hashed["hashes"])
+
+    def test_signed_event_sent_as_is(self) -> None:
+        """An event already hashed and signed by us goes out unchanged."""
+        event, state = self.origin.signed_invite("10")
+        self.successResultOf(self.origin.send("10", event, state))
+        self.assertEqual(self.origin.signer.calls, [])
+        self.assertEqual(self.peer.received[0][2]["event"], event)
+
+    def test_v2_body_and_path(self) -> None:
+        """The v2 body carries room_version, the event and invite_room_state as given."""
+        event, state = self.origin.signed_invite("3")
+        state.append(
+            {"type": "m.room.name", "state_key": "", "content": {"name": "x"}, "sender": ALICE}
+        )
+        self.successResultOf(self.origin.send("3", event, state))
+        _, uri, body = self.peer.received[0]
+        self.assertEqual(body, {"room_version": "3", "event": event, "invite_room_state": state})
+        event_id = compute_event_id(KNOWN_ROOM_VERSIONS["3"], event)
+        quoted = event_id.replace("+", "%2B").replace("/", "%2F").replace("$", "%24")
+        room = event["room_id"].replace("!", "%21").replace(":", "%3A")
+        self.assertEqual(uri.decode(), f"/_matrix/federation/v2/invite/{room}/{quoted}")
+
+    def test_explicit_destination(self) -> None:
+        """The destination may differ from the invitee's server; the invitee's server must sign."""
+        self.origin.agent.add_peer("alias.example:8448", self.peer.root)
+        event, state = self.origin.invite("10")
+        result = self.successResultOf(
+            self.origin.send("10", event, state, destination="alias.example:8448")
+        )
+        self.assertEqual(result["signatures"].keys(), {OURS, PEER})
+        self.assertTrue(self.origin.agent.requests[0][1].startswith(b"https://alias.example:8448/"))
+
+    def test_v12_requires_full_create_event(self) -> None:
+        """Room v12 without the full m.room.create PDU in invite_room_state is refused unsent."""
+        event, state = self.origin.invite("12")
+        self.assertEqual(
+            self.not_sendable("12", event, []),
+            "room version 12 requires the room's full m.room.create event (with hashes and "
+            "signatures) in invite_room_state",
+        )
+        create = state[0]
+        stripped = {k: create[k] for k in ("type", "state_key", "content", "sender")}
+        self.assertEqual(
+            self.not_sendable("12", event, [stripped]),
+            "room version 12 requires the room's full m.room.create event (with hashes and "
+            "signatures) in invite_room_state (only a stripped one was given)",
+        )
+
+    def test_v12_create_of_another_room(self) -> None:
+        """Room v12: the create event must be the one whose hash is the room ID."""
+        event, _ = self.origin.invite("12")
+        _, other_state = self.origin.invite("12", now_ms=self.origin.now_ms() + 1)
+        other_room = room_id_for_create_event(KNOWN_ROOM_VERSIONS["12"], other_state[0])
+        self.assertEqual(
+            self.not_sendable("12", event, other_state),
+            f"the m.room.create event in invite_room_state is the one of room {other_room}, "
+            f"not of {event['room_id']!r}",
+        )
+
+    def test_v12_create_that_cannot_be_hashed(self) -> None:
+        """Room v12: a create event with non-object content cannot be hashed."""
+        event, state = self.origin.invite("12")
+        broken = {**state[0], "content": "x"}
+        self.assertEqual(
+            self.not_sendable("12", event, [broken]),
+            "the m.room.create event cannot be hashed: event content is not an object",
+        )
+
+    def test_v1_to_v11_room_state_not_required(self) -> None:
+        """Before v12 an empty invite_room_state is sent as given (Synapse's tests do so)."""
+        event, _ = self.origin.invite("11")
+        self.successResultOf(self.origin.send("11", event, []))
+        self.assertEqual(self.peer.received[0][2]["invite_room_state"], [])
+
+    def test_not_an_invite(self) -> None:
+        """Only m.room.member invites by our users for user IDs are sent."""
+        event, _ = self.origin.invite("10")
+        cases = [
+            ("not an object", [event], "the event is not a JSON object"),
+            (
+                "type",
+                {**event, "type": "m.room.message"},
+                "the event is not an m.room.member event",
+            ),
+            (
+                "join",
+                {**event, "content": {"membership": "join"}},
+                "the event's membership is not 'invite'",
+            ),
+            ("content", {**event, "content": "invite"}, "the event's membership is not 'invite'"),
+            ("state_key", {**event, "state_key": "bob"}, "the state_key 'bob' is not a user ID"),
+            (
+                "sender",
+                {**event, "sender": "@eve:evil.example"},
+                f"the sender '@eve:evil.example' is not a user of our server {OURS}",
+            ),
+            (
+                "no sender",
+                {k: v for k, v in event.items() if k != "sender"},
+                f"the sender 'None' is not a user of our server {OURS}",
+            ),
+        ]
+        for what, bad, reason in cases:
+            self.assertEqual(self.not_sendable("10", bad), reason, what)
+
+    def test_bad_arguments(self) -> None:
+        """Unknown room versions, bad destinations and room state that is not a list of objects."""
+        event, state = self.origin.invite("10")
+        self.assertEqual(self.not_sendable("99", event), "unknown room version '99'")
+        self.assertEqual(
+            self.not_sendable("10", event, destination="not a server"),
+            "destination 'not a server' is not a server name",
+        )
+        self.assertEqual(
+            self.not_sendable("10", event, {"type": "m.room.create"}),
+            "invite_room_state must be a list of events",
+        )
+        self.assertEqual(
+            self.not_sendable("10", event, "abc"), "invite_room_state must be a list of events"
+        )
+        self.assertEqual(
+            self.not_sendable("10", event, [state[0], "x"]),
+            "invite_room_state must hold only JSON objects",
+        )
+
+    def test_room_version_object_accepted(self) -> None:
+        """The room version may be given as a RoomVersion."""
+        event, state = self.origin.invite("9")
+        self.successResultOf(self.origin.sender.send_invite(KNOWN_ROOM_VERSIONS["9"], event, state))
+
+    def test_our_signature_without_hashes(self) -> None:
+        """A signature of ours without hashes is stale: refused rather than re-signed."""
+        event, _ = self.origin.signed_invite("10")
+        del event["hashes"]
+        self.assertEqual(
+            self.not_sendable("10", event), "the event carries our signature but no hashes"
+        )
+        self.assertEqual(self.origin.signer.calls, [])
+
+    def test_wrong_content_hash(self) -> None:
+        """A pre-hashed event whose content changed since is refused."""
+        version = KNOWN_ROOM_VERSIONS["10"]
+        event, _ = self.origin.invite("10")
+        hashed = add_content_hash(version, event)
+        hashed["content"] = {"membership": "invite", "reason": "changed"}
+        self.assertEqual(
+            self.not_sendable("10", hashed), "the event's content hash (hashes.sha256) is wrong"
+        )
+
+    def test_bad_own_signature(self) -> None:
+        """A pre-signed event whose signature of ours does not verify is refused."""
+        version = KNOWN_ROOM_VERSIONS["10"]
+        event, _ = self.origin.invite("10")
+        forged = hash_and_sign_event(version, event, OURS, make_key("origin1"))
+        self.assertEqual(
+            self.not_sendable("10", forged),
+            f"our signature on the event does not verify: Signature by {OURS} "
+            "(ed25519:origin1) is invalid",
+        )
+
+    def test_invalid_pdu(self) -> None:
+        """An event that is not a valid PDU of its room version is refused."""
+        event, _ = self.origin.invite("10")
+        del event["depth"]
+        self.assertEqual(
+            self.not_sendable("10", event),
+            "the event is not a valid room version 10 PDU: Invalid PDU: missing the 'depth' key",
+        )
+
+    def test_too_large(self) -> None:
+        """An event over 64 KiB is refused."""
+        event, _ = self.origin.invite("10")
+        event["content"] = {"membership": "invite", "reason": "x" * 70_000}
+        reason = self.not_sendable("10", event)
+        self.assertTrue(
+            reason.startswith("the event is not a valid room version 10 PDU: PDU is "), reason
+        )
+
+    def test_floats_cannot_be_signed(self) -> None:
+        """Room v3 tolerates floats from others, but we sign and send strict canonical JSON only."""
+        event, _ = self.origin.invite("3")
+        event["content"] = {"membership": "invite", "x": 1.5}
+        reason = self.not_sendable("3", event)
+        self.assertTrue(reason.startswith("the event cannot be signed: "), reason)
+
+    def test_lax_pre_signed_event_not_sent(self) -> None:
+        """A v3 event signed elsewhere with a float is refused: our client sends strict JSON."""
+        version = KNOWN_ROOM_VERSIONS["3"]
+        event, _ = self.origin.invite("3")
+        event["content"] = {"membership": "invite", "x": 1.5}
+        event["hashes"] = {"sha256": encode_base64(compute_content_hash(version, event))}
+        signing_bytes = prepare_event(version, event, strict=False).signing_bytes
+        event["signatures"] = {
+            OURS: {"ed25519:origin1": sign_bytes(self.origin.key, signing_bytes)}
+        }
+        reason = self.not_sendable("3", event)
+        self.assertTrue(reason.startswith("the event is not strict canonical JSON: "), reason)
+
+    def test_v1_event_id_of_another_server(self) -> None:
+        """Room v1/v2: the event ID must name our server, whose signature it requires."""
+        event, _ = self.origin.invite("1")
+        event["event_id"] = "$abc:elsewhere.example"
+        self.assertEqual(self.not_sendable("1", event), f"the event_id must name our server {OURS}")
+
+
+class BuildTestInviteTests(SynchronousTestCase):
+    """build_test_invite: a minimal invite to a new room, for every room version."""
+
+    def setUp(self) -> None:
+        self.key = make_key("origin1")
+        self.signer = LocalSigner(OURS, self.key)
+
+    def build(
+        self, room_version: str, **kwargs: Any
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return self.successResultOf(
+            build_test_invite(self.signer, room_version, ALICE, BOB, 1_700_000_000_000, **kwargs)
+        )
+
+    def test_every_room_version(self) -> None:
+        """The create event and the (signed) invite are valid PDUs that reference each other."""
+        for room_version in ALL_VERSIONS:
+            version = KNOWN_ROOM_VERSIONS[room_version]
+            invite, state = self.build(room_version)
+            [create] = state
+            check_event_format(version, create)
+            invite_signed = hash_and_sign_event(version, invite, OURS, self.key)
+            check_event_format(version, invite_signed)
+            create_id = compute_event_id(version, create)
+            prev = invite["prev_events"][0]
+            self.assertEqual(prev[0] if isinstance(prev, list) else prev, create_id, room_version)
+            self.assertEqual(invite["state_key"], BOB)
+            self.assertEqual(invite["content"], {"membership": "invite"})
+            self.assertEqual("creator" in create["content"], int(room_version) < 11, room_version)
+            if room_version == "12":
+                self.assertEqual(invite["room_id"], room_id_for_create_event(version, create))
+                self.assertEqual(invite["auth_events"], [])
+            else:
+                self.assertEqual(create["room_id"], invite["room_id"])
+                self.assertEqual(invite["auth_events"], invite["prev_events"])
+
+    def test_chosen_room(self) -> None:
+        """Before v12 the room may be chosen."""
+        invite, state = self.build("10", room_id="!chosen:origin.example")
+        self.assertEqual((invite["room_id"], state[0]["room_id"]), ("!chosen:origin.example",) * 2)
+
+    def test_refusals(self) -> None:
+        """v12 rooms cannot be chosen; senders must be ours; IDs must be valid."""
+        cases = [
+            (
+                "12",
+                ALICE,
+                BOB,
+                {"room_id": "!x:y"},
+                "in room version 12 the room ID is the create event's hash: it cannot be chosen",
+            ),
+            (
+                "10",
+                "@eve:evil.example",
+                BOB,
+                {},
+                f"the sender '@eve:evil.example' is not a user of our server {OURS}",
+            ),
+            ("10", ALICE, "bob", {}, "the invitee 'bob' is not a user ID"),
+            ("10", ALICE, BOB, {"room_id": "room"}, "'room' is not a room ID"),
+            ("13", ALICE, BOB, {}, "unknown room version '13'"),
+        ]
+        for room_version, sender, invitee, kwargs, reason in cases:
+            error = self.failureResultOf(
+                build_test_invite(self.signer, room_version, sender, invitee, 0, **kwargs),
+                InviteNotSendable,
+            ).value
+            self.assertEqual(error.reason, reason)
+
+
+class PublicNamesTests(SynchronousTestCase):
+    def test_all(self) -> None:
+        """Every name in outbound.__all__ exists, and every error is an InviteError."""
+        for name in outbound.__all__:
+            self.assertTrue(hasattr(outbound, name), name)
+        for error in (InviteNotSendable, InviteRefused, InviteTransportError, InvalidInviteAnswer):
+            self.assertTrue(issubclass(error, InviteError))
