@@ -164,6 +164,53 @@ async def _cmd_invites(args: argparse.Namespace, out: TextIO, store: IStore, con
     return 0
 
 
+async def _cmd_send_invite(args: argparse.Namespace, out: TextIO, reactor: Any) -> int:
+    """Send a test invite and print the event both servers signed: federation's ``curl -v``.
+
+    ``args.federation_client`` (None from the command line) replaces the
+    federation client, so that tests can talk to in-memory peers.
+    """
+    from .core.events import compute_event_id
+    from .core.roomversions import KNOWN_ROOM_VERSIONS
+    from .outbound import InviteError, InviteRefused, InviteSender, build_test_invite
+    from .service import build_from_config
+
+    config = load_config(args.config)
+    sender = _local_user(config, args.sender)
+    room_version = KNOWN_ROOM_VERSIONS.get(args.room_version)
+    if room_version is None:
+        known = ", ".join(KNOWN_ROOM_VERSIONS)
+        raise ConfigError(f"unknown room version {args.room_version!r} (known: {known})")
+    config.ensure_data_dir()
+    components = await build_from_config(config, reactor, client=args.federation_client)
+    try:
+        now_ms = int(reactor.seconds() * 1000)
+        invite_sender = InviteSender(components.signer, components.client, components.keyring)
+        try:
+            event, room_state = await build_test_invite(
+                components.signer, room_version, sender, args.invitee, now_ms, room_id=args.room
+            )
+            signed = await invite_sender.send_invite(
+                room_version, event, room_state, destination=args.destination
+            )
+        except InviteRefused as exc:
+            out.write(f"refused: {exc.status} {exc.errcode or '(no errcode)'}: {exc.message}\n")
+            return 1
+        except InviteError as exc:
+            out.write(f"{exc}\n")
+            return 1
+    finally:
+        await components.close()
+    result = {
+        "room_version": room_version.identifier,
+        "room_id": signed["room_id"],
+        "event_id": compute_event_id(room_version, signed),
+        "event": signed,
+    }
+    out.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
 _STORE_COMMANDS = {"users": _cmd_users, "rules": _cmd_rules, "invites": _cmd_invites}
 
 
@@ -171,6 +218,8 @@ async def run_async(args: argparse.Namespace, out: TextIO, reactor: Any) -> int:
     """Run a command that needs the reactor (the database); used by ``main`` and tests."""
     if args.command == "migrate":
         return await _cmd_migrate(args, out, reactor)
+    if args.command == "send-invite":
+        return await _cmd_send_invite(args, out, reactor)
     config = load_config(args.config)
     config.ensure_data_dir()
     store = await open_store(config.database, reactor=reactor)
@@ -245,6 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     show_invite.add_argument("--json", action="store_true")
     _config_arg(show_invite)
     invites.set_defaults(run_async=True)
+
+    send = commands.add_parser(
+        "send-invite", help="send a test invite to a server and check its co-signed answer"
+    )
+    send.add_argument("--room-version", default="10", help="room version (default: 10)")
+    send.add_argument("--room", help="room ID (v1-11; default: a new random room; v12: derived)")
+    send.add_argument("--sender", required=True, help="one of our user IDs, e.g. @alice:our.name")
+    send.add_argument("--invitee", required=True, help="the remote user ID to invite")
+    send.add_argument("--destination", help="server to send to (default: the invitee's)")
+    _config_arg(send)
+    send.set_defaults(run_async=True, federation_client=None)
     return parser
 
 
