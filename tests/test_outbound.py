@@ -8,6 +8,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -19,6 +21,7 @@ from federation_invite import outbound
 from federation_invite.client import FederationClient, RemoteError, TransportError
 from federation_invite.client.testing import FakePeersAgent
 from federation_invite.config import load_config
+from federation_invite.core.canonical import encode_canonical_json
 from federation_invite.core.errors import MatrixError
 from federation_invite.core.events import (
     add_content_hash,
@@ -631,6 +634,67 @@ class AnswerCheckTests(_Base):
         self.assertEqual(str(error), f"invalid answer from {PEER}: {error.reason}")
         self.assertIn("InvalidInviteAnswer(destination='peer.example'", repr(error))
         self.assertIsInstance(error, InviteError)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+class AnswerPropertyTests(_Base):
+    """Whatever a peer changes in what hashes and signatures cover, the answer is refused."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.peer = FakePeer(self.origin.clock)
+        self.origin.agent.add_peer(PEER, self.peer.root)
+        self.event, self.state = self.origin.signed_invite("10")
+        self.covered = sorted(set(self.event) - {"signatures", "unsigned"})
+
+    @settings(max_examples=100, deadline=None)
+    @given(
+        key_index=st.integers(0, 20),
+        new_key=st.text(min_size=1, max_size=8),
+        value=_json_values,
+        kind=st.sampled_from(["set", "add", "drop"]),
+    )
+    def test_covered_changes_refused(
+        self, key_index: int, new_key: str, value: Any, kind: str
+    ) -> None:
+        """A changed, added or dropped covered field is never handed back as a success."""
+        key = self.covered[key_index % len(self.covered)]
+        if kind == "add":
+            assume(new_key not in self.event)
+            key = new_key
+        if kind == "set":
+            assume(encode_canonical_json(self.event[key]) != encode_canonical_json(value))
+
+        def mutate(event: dict[str, Any]) -> None:
+            if kind == "drop":
+                del event[key]
+            else:
+                event[key] = value
+
+        self.peer.mutate = mutate
+        error = self.failureResultOf(
+            self.origin.send("10", self.event, self.state), InvalidInviteAnswer
+        ).value
+        self.assertTrue(error.reason.startswith("the event in the answer is not the one sent: "))
+
+    @settings(max_examples=50, deadline=None)
+    @given(value=_json_values)
+    def test_unsigned_changes_accepted(self, value: Any) -> None:
+        """Anything in unsigned is accepted, and our own event is handed back."""
+        self.peer.mutate = lambda event: event.__setitem__("unsigned", value)
+        result = self.successResultOf(self.origin.send("10", self.event, self.state))
+        self.assertEqual(
+            {k: v for k, v in result.items() if k != "signatures"},
+            {k: v for k, v in self.event.items() if k != "signatures"},
+        )
 
 
 class RefusalTests(_Base):
