@@ -10,6 +10,14 @@ from .config import Config, ConfigError, load_config
 from .core.errors import Codes, MatrixError
 from .inbound import InviteHandler, InviteLimits
 from .keyring import Keyring
+from .outbound import (
+    InvalidInviteAnswer,
+    InviteError,
+    InviteNotSendable,
+    InviteRefused,
+    InviteSender,
+    InviteTransportError,
+)
 from .policy import IInvitePolicy, InboundInvite, InvitePolicy
 from .service import (
     FederationInvite,
@@ -31,11 +39,17 @@ __all__ = [
     "ISigner",
     "IStore",
     "InboundInvite",
+    "InvalidInviteAnswer",
+    "InviteError",
     "InviteHandler",
     "InviteLimits",
+    "InviteNotSendable",
     "InvitePolicy",
     "InviteRecord",
+    "InviteRefused",
     "InviteRule",
+    "InviteSender",
+    "InviteTransportError",
     "Keyring",
     "LocalSigner",
     "MatrixError",

@@ -172,7 +172,7 @@ async def _cmd_send_invite(args: argparse.Namespace, out: TextIO, reactor: Any) 
     """
     from .core.events import compute_event_id
     from .core.roomversions import KNOWN_ROOM_VERSIONS
-    from .outbound import InviteError, InviteRefused, InviteSender, build_test_invite
+    from .outbound import InviteError, InviteRefused, build_test_invite
     from .service import build_from_config
 
     config = load_config(args.config)
@@ -185,12 +185,11 @@ async def _cmd_send_invite(args: argparse.Namespace, out: TextIO, reactor: Any) 
     components = await build_from_config(config, reactor, client=args.federation_client)
     try:
         now_ms = int(reactor.seconds() * 1000)
-        invite_sender = InviteSender(components.signer, components.client, components.keyring)
         try:
             event, room_state = await build_test_invite(
                 components.signer, room_version, sender, args.invitee, now_ms, room_id=args.room
             )
-            signed = await invite_sender.send_invite(
+            signed = await components.send_invite(
                 room_version, event, room_state, destination=args.destination
             )
         except InviteRefused as exc:

@@ -121,6 +121,16 @@ def _optional_delegation(value: object) -> str | None:
     return text
 
 
+def _metrics_listen(value: object) -> str | None:
+    text = _optional_string(value)
+    if text is not None:
+        from .metrics import metrics_available
+
+        if not metrics_available():
+            raise ValueError("needs the 'metrics' extra: pip install 'federation-invite[metrics]'")
+    return text
+
+
 def _string_list(value: object) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ValueError("must be a list of non-empty strings")
@@ -283,6 +293,14 @@ OPTIONS: tuple[Option, ...] = (
         _optional_delegation,
         "Serve /.well-known/matrix/server delegating federation to this 'host[:port]' "
         "(server-server-api, 'Resolving server names'); empty: not served.",
+        '""',
+    ),
+    Option(
+        "metrics.listen",
+        "",
+        _metrics_listen,
+        "Endpoint string for a Prometheus /metrics listener, e.g. 'tcp:9100:interface=127.0.0.1' "
+        "(needs the 'metrics' extra); empty: off.",
         '""',
     ),
     Option(

@@ -37,6 +37,7 @@ from .core.signing import (
     verify_event_signatures,
 )
 from .keyring import Keyring
+from .metrics import InviteMetrics
 from .policy import InboundInvite, InvitePolicy
 from .ratelimit import ConcurrencyLimiter, RateLimiter
 from .signer import ISigner
@@ -95,8 +96,10 @@ class InviteHandler:
         limits: InviteLimits | None = None,
         strict_invite_room_state: bool = False,
         listeners: Iterable[InviteListener] = (),
+        metrics: InviteMetrics | None = None,
     ) -> None:
         limits = limits or InviteLimits()
+        self._metrics = metrics or InviteMetrics(enabled=False)
         self._clock = clock
         self._server_name = server_name
         self._authenticator = authenticator
@@ -133,13 +136,22 @@ class InviteHandler:
         body_length: int,
     ) -> dict[str, Any]:
         """Handle one invite; return ``{"event": ...}`` (the v1 wrapping is the resource's)."""
-        auth = self._authenticator.parse(request)
-        origin = await self._authenticator.verify(auth, request, body)
-        self._origin_concurrency.acquire(origin)
+        origin: str | None = None
+        started = self._clock.seconds()
         try:
-            self._origin_rate.acquire(origin)
-            answer = await self._handle(origin, api_version, room_id, event_id, body, body_length)
+            auth = self._authenticator.parse(request)
+            origin = auth.origin
+            origin = await self._authenticator.verify(auth, request, body)
+            self._origin_concurrency.acquire(origin)
+            try:
+                self._origin_rate.acquire(origin)
+                answer, outcome = await self._handle(
+                    origin, api_version, room_id, event_id, body, body_length
+                )
+            finally:
+                self._origin_concurrency.release(origin)
         except MatrixError as error:
+            self._metrics.inbound("refused", error.errcode, self._clock.seconds() - started)
             log.info(
                 "Invite {event_id} in {room_id} from {origin} refused: {status} {errcode} {reason}",
                 event_id=event_id,
@@ -151,8 +163,7 @@ class InviteHandler:
                 outcome="refused",
             )
             raise
-        finally:
-            self._origin_concurrency.release(origin)
+        self._metrics.inbound(outcome, None, self._clock.seconds() - started)
         return answer
 
     async def _handle(
@@ -163,7 +174,8 @@ class InviteHandler:
         event_id: str,
         body: dict[str, Any],
         body_length: int,
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], str]:
+        """Rows 5 to 20; returns the answer and the outcome (accepted, ignored, repeated)."""
         room_version, event, invite_room_state = _unwrap(api_version, body)
         check_event_format(room_version, event)
         if not (room_version.strict_canonical_json and body_length <= MAX_PDU_SIZE):
@@ -213,7 +225,7 @@ class InviteHandler:
             if not _same_event(stored.event, event):
                 raise _invalid("A different event with this event ID was already received")
             log.info("Invite {event_id} received again; answering as before", event_id=event_id)
-            return {"event": stored.event}
+            return {"event": stored.event}, "repeated"
         log.info(
             "Invite {event_id} in {room_id} from {origin} for {invitee} accepted ({status})",
             event_id=event_id,
@@ -225,7 +237,7 @@ class InviteHandler:
         )
         if status == "pending":
             self._notify(stored)
-        return {"event": signed}
+        return {"event": signed}, "accepted" if status == "pending" else status
 
     @staticmethod
     def _check_identity(

@@ -13,7 +13,7 @@ The twistd plugin, the CLI and the embedding API all come through here:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -30,9 +30,18 @@ from .auth import RequestAuthenticator, ServerAcl
 from .client import FederationClient
 from .config import Config, load_config
 from .core.keys import key_id_of
+from .core.roomversions import RoomVersion
 from .core.signing import ServerVerifyKey
 from .inbound import InviteHandler, InviteLimits, InviteListener
 from .keyring import Keyring
+from .metrics import InviteMetrics
+from .outbound import (
+    InvalidInviteAnswer,
+    InviteNotSendable,
+    InviteRefused,
+    InviteSender,
+    InviteTransportError,
+)
 from .policy import IInvitePolicy, InvitePolicy
 from .signer import ISigner, LocalSigner
 from .signingkey import load_or_create_signing_key
@@ -75,6 +84,8 @@ class FederationInvite:
     policy: InvitePolicy
     handler: InviteHandler
     key_server: KeyServerResource
+    metrics: InviteMetrics
+    sender: InviteSender
 
     @property
     def server_name(self) -> str:
@@ -102,6 +113,39 @@ class FederationInvite:
             matrix.putChild(b"server", WellKnownServerResource(delegated))
             root.putChild(b".well-known", well_known)
         return root
+
+    async def send_invite(
+        self,
+        room_version: RoomVersion | str,
+        event: Mapping[str, Any],
+        invite_room_state: Sequence[Mapping[str, Any]] = (),
+        *,
+        destination: str | None = None,
+    ) -> dict[str, Any]:
+        """Invite a remote user: ``InviteSender.send_invite``, counted in the metrics.
+
+        Returns the event signed by both servers, verified; raises an
+        ``outbound.InviteError`` (``InviteRefused``, ``InviteTransportError``,
+        ``InvalidInviteAnswer``, ``InviteNotSendable``) otherwise.
+        """
+        try:
+            signed = await self.sender.send_invite(
+                room_version, event, invite_room_state, destination=destination
+            )
+        except InviteRefused as exc:
+            self.metrics.outbound("refused", exc.errcode)
+            raise
+        except InviteTransportError:
+            self.metrics.outbound("transport")
+            raise
+        except InvalidInviteAnswer:
+            self.metrics.outbound("invalid_answer")
+            raise
+        except InviteNotSendable:
+            self.metrics.outbound("not_sent")
+            raise
+        self.metrics.outbound("accepted")
+        return signed
 
     def add_listener(self, listener: InviteListener) -> None:
         """Be told (after the commit) of every invite accepted and not ignored."""
@@ -174,6 +218,8 @@ def build_components(
         user_deny=config.get("inbound.user_deny"),
         hooks=hooks,
     )
+    metrics = InviteMetrics(enabled=bool(config.get("metrics.listen")))
+    metrics.watch_key_fetches(lambda: (keyring.fetches, keyring.fetch_failures))
     handler = InviteHandler(
         reactor,
         server_name,
@@ -185,6 +231,7 @@ def build_components(
         limits=_limits(config),
         strict_invite_room_state=config.get("inbound.strict_invite_room_state"),
         listeners=listeners,
+        metrics=metrics,
     )
     key_server = KeyServerResource(
         reactor,
@@ -194,7 +241,18 @@ def build_components(
         validity_ms=config.get("keys.validity_period") * 1000,
     )
     return FederationInvite(
-        config, reactor, signing_key, store, client, keyring, signer, policy, handler, key_server
+        config,
+        reactor,
+        signing_key,
+        store,
+        client,
+        keyring,
+        signer,
+        policy,
+        handler,
+        key_server,
+        metrics,
+        InviteSender(signer, client, keyring),
     )
 
 
@@ -253,6 +311,12 @@ class FederationInviteService(service.MultiService):
         site.displayTracebacks = False
         for description in self.config.listen:
             strports.service(description, site, reactor=self.reactor).setServiceParent(self)
+        metrics_listen = self.config.get("metrics.listen")
+        if metrics_listen:
+            metrics_site = Site(components.metrics.resource())
+            strports.service(metrics_listen, metrics_site, reactor=self.reactor).setServiceParent(
+                self
+            )
         log.info(
             "federation-invite for {server_name} listening on {listen}; database {database}; "
             "configuration {source}",

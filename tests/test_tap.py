@@ -114,6 +114,37 @@ class MakeServiceTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_metrics_listener(self) -> Deferred[None]:
+        """With metrics.listen set, the daemon also serves Prometheus metrics there."""
+        import treq
+        from twisted.internet import reactor
+
+        port, metrics_port = free_port(), free_port()
+        path = self.mktemp()
+        with open(path, "w") as handle:
+            handle.write(
+                f'data_dir = "{self.mktemp()}"\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n'
+                f'[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n'
+            )
+        options = Options()
+        options.parseOptions(["--config", path])
+        service = make_service(options["loaded"], reactor)
+
+        async def go() -> None:
+            service.startService()
+            await service.ready
+            try:
+                self.assertEqual(len(list(service)), 2)
+                response = await treq.get(
+                    f"http://127.0.0.1:{metrics_port}/metrics", persistent=False
+                )
+                text = (await response.content()).decode()
+                self.assertIn("federation_invite_key_fetches_total 0.0", text)
+            finally:
+                await service.stopService()
+
+        return ensureDeferred(go())
+
     def test_start_failure_reported(self) -> Deferred[None]:
         """A store that cannot be opened fails ``ready`` (and is logged) instead of hanging."""
         from twisted.internet import reactor

@@ -1,0 +1,128 @@
+"""Prometheus metrics (the ``metrics`` extra): invites in and out, latency, key fetches.
+
+``InviteMetrics`` is what the services call; without ``prometheus-client``
+installed (or without a registry) every call is a no-op, so metrics cost
+nothing when off. Each ``InviteMetrics`` has its own ``CollectorRegistry``,
+served by ``metrics_resource()`` on the ``metrics.listen`` endpoint.
+
+Metrics (labels in brackets):
+
+- ``federation_invite_inbound_invites_total`` (outcome: accepted, ignored, repeated,
+  refused; errcode): invites received and what became of them;
+- ``federation_invite_inbound_invite_seconds``: time to answer an invite (histogram);
+- ``federation_invite_key_fetches_total``, ``federation_invite_key_fetch_failures_total``:
+  key fetches started, and those that yielded no usable key;
+- ``federation_invite_outbound_invites_total`` (outcome, errcode): invites we sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+__all__ = ["InviteMetrics", "metrics_available"]
+
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def metrics_available() -> bool:
+    """Whether ``prometheus-client`` (the ``metrics`` extra) is installed."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class InviteMetrics:
+    """Counters for the services; pass ``enabled=False`` (or lack the extra) for no-ops."""
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled and metrics_available()
+        self._key_sources: list[Callable[[], tuple[int, int]]] = []
+        if not self.enabled:
+            return
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self._inbound = Counter(
+            "federation_invite_inbound_invites",
+            "Invites received, by outcome and errcode",
+            ["outcome", "errcode"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "federation_invite_inbound_invite_seconds",
+            "Time to answer an invite",
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self._outbound = Counter(
+            "federation_invite_outbound_invites",
+            "Invites sent, by outcome and errcode",
+            ["outcome", "errcode"],
+            registry=self.registry,
+        )
+        self.registry.register(_KeyFetchCollector(self._key_sources))
+
+    def inbound(self, outcome: str, errcode: str | None, seconds: float) -> None:
+        """Count one received invite (``accepted``, ``ignored`` or ``refused``) and its latency."""
+        if self.enabled:
+            self._inbound.labels(outcome, errcode or "").inc()
+            self._latency.observe(seconds)
+
+    def outbound(self, outcome: str, errcode: str | None = None) -> None:
+        """Count one invite we sent (accepted, refused, invalid_answer, not_sent, transport)."""
+        if self.enabled:
+            self._outbound.labels(outcome, errcode or "").inc()
+
+    def watch_key_fetches(self, source: Callable[[], tuple[int, int]]) -> None:
+        """Report a keyring's ``(fetches, failures)`` counters, read at scrape time."""
+        self._key_sources.append(source)
+
+    def resource(self) -> Resource:
+        """A ``twisted.web`` resource serving this registry in Prometheus' text format."""
+        if not self.enabled:
+            raise RuntimeError("metrics need the 'metrics' extra (prometheus-client)")
+        return _MetricsResource(self.registry)
+
+
+class _MetricsResource(Resource):
+    """``GET /metrics`` (any path): the registry in Prometheus' text exposition format."""
+
+    isLeaf = True
+
+    def __init__(self, registry: Any) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        body: bytes = generate_latest(self._registry)
+        return body
+
+
+class _KeyFetchCollector:
+    """Reads the keyrings' own counters when scraped (no coupling from the keyring to us)."""
+
+    def __init__(self, sources: list[Callable[[], tuple[int, int]]]) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        fetches = sum(source()[0] for source in self._sources)
+        failures = sum(source()[1] for source in self._sources)
+        yield CounterMetricFamily(
+            "federation_invite_key_fetches", "Key fetches started", value=fetches
+        )
+        yield CounterMetricFamily(
+            "federation_invite_key_fetch_failures",
+            "Key fetches that yielded no usable key",
+            value=failures,
+        )

@@ -1,0 +1,71 @@
+"""Invite logs: structured fields for every outcome, JSON lines, and no secrets."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from twisted.logger import capturedLogs, eventAsJSON
+from twisted.trial.unittest import SynchronousTestCase
+from unpaddedbase64 import encode_base64
+
+from federation_invite.logs import json_file_observer, json_observer
+
+from .invites import THEM, InviteScenario, event_id_of
+
+
+class InviteLogTests(SynchronousTestCase):
+    def run_invite(
+        self, scenario: InviteScenario, **kwargs: Any
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        room_version, event = scenario.invite(**kwargs)
+        with capturedLogs() as events:
+            deferred = scenario.send(
+                2,
+                scenario.v2_body(room_version, event),
+                room_id=event["room_id"],
+                event_id=event_id_of(room_version, event),
+            )
+            scenario.client.flush()
+            response = self.successResultOf(deferred)
+            answer = json.loads(self.successResultOf(response.content()))
+        return list(events), answer
+
+    def test_accepted_and_refused_fields(self) -> None:
+        """Accepted and refused invites are logged with origin, room, event, outcome (and errcode)."""
+        scenario = InviteScenario()
+        events, _ = self.run_invite(scenario)
+        accepted = [e for e in events if e.get("outcome") == "accepted"]
+        self.assertEqual(len(accepted), 1)
+        self.assertEqual(accepted[0]["origin"], THEM)
+        self.assertTrue(accepted[0]["event_id"].startswith("$"))
+        events, _ = self.run_invite(scenario, invitee="@nobody:us.example")
+        (refused,) = [e for e in events if e.get("outcome") == "refused"]
+        self.assertEqual((refused["status"], refused["errcode"]), (404, "M_NOT_FOUND"))
+
+    def test_no_keys_or_signatures_logged(self) -> None:
+        """Nothing logged during an invite contains a signature, a signing key or its seed."""
+        scenario = InviteScenario()
+        events, answer = self.run_invite(scenario)
+        text = "\n".join(eventAsJSON(event) for event in events)
+        for server_signatures in answer["event"]["signatures"].values():
+            for signature in server_signatures.values():
+                self.assertNotIn(signature, text)
+                self.assertNotIn(signature[:20], text)
+        for key in (scenario.our_key, scenario.their_key):
+            self.assertNotIn(encode_base64(key.encode()), text)
+
+    def test_json_lines(self) -> None:
+        """The JSON observer writes one parseable object per line, fields included."""
+        out = io.StringIO()
+        observer = json_file_observer(out)
+        scenario = InviteScenario()
+        events, _ = self.run_invite(scenario)
+        for event in events:
+            observer(event)
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), len(events))
+        parsed = [json.loads(line) for line in lines]
+        self.assertIn("accepted", [p.get("outcome") for p in parsed])
+        self.assertIsNotNone(json_observer())

@@ -1,0 +1,98 @@
+"""Prometheus metrics: invites by outcome, latency, key fetches, the /metrics resource."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.trial.unittest import SynchronousTestCase
+
+from federation_invite.config import ConfigError, load_config
+from federation_invite.metrics import InviteMetrics
+
+from .invites import InviteScenario, event_id_of
+
+
+class MetricsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.scenario = InviteScenario()
+        self.metrics = InviteMetrics()
+        self.scenario.handler._metrics = self.metrics
+        self.metrics.watch_key_fetches(
+            lambda: (self.scenario.keyring.fetches, self.scenario.keyring.fetch_failures)
+        )
+
+    def send(self, **kwargs: Any) -> int:
+        room_version, event = self.scenario.invite(**kwargs)
+        deferred = self.scenario.send(
+            2,
+            self.scenario.v2_body(room_version, event),
+            room_id=event["room_id"],
+            event_id=event_id_of(room_version, event),
+        )
+        self.scenario.client.flush()
+        return int(self.successResultOf(deferred).code)
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        value: float | None = self.metrics.registry.get_sample_value(name, labels or {})
+        return value
+
+    def test_inbound_counters_and_latency(self) -> None:
+        """Accepted and refused invites are counted by outcome and errcode, with latency."""
+        self.assertEqual(self.send(), 200)
+        self.assertEqual(self.send(invitee="@nobody:us.example"), 404)
+        self.assertEqual(
+            self.sample(
+                "federation_invite_inbound_invites_total", {"outcome": "accepted", "errcode": ""}
+            ),
+            1.0,
+        )
+        self.assertEqual(
+            self.sample(
+                "federation_invite_inbound_invites_total",
+                {"outcome": "refused", "errcode": "M_NOT_FOUND"},
+            ),
+            1.0,
+        )
+        self.assertEqual(self.sample("federation_invite_inbound_invite_seconds_count"), 2.0)
+        self.assertEqual(self.sample("federation_invite_key_fetches_total"), 1.0)
+        self.assertEqual(self.sample("federation_invite_key_fetch_failures_total"), 0.0)
+
+    def test_outbound_counter(self) -> None:
+        """Outbound outcomes are counted by outcome and errcode."""
+        self.metrics.outbound("refused", "M_FORBIDDEN")
+        self.assertEqual(
+            self.sample(
+                "federation_invite_outbound_invites_total",
+                {"outcome": "refused", "errcode": "M_FORBIDDEN"},
+            ),
+            1.0,
+        )
+
+    def test_resource(self) -> None:
+        """The metrics resource serves the text exposition format."""
+        self.send()
+        client = StubTreq(self.metrics.resource())
+        response = self.successResultOf(client.get("http://localhost/metrics"))
+        self.assertEqual(response.code, 200)
+        self.assertTrue(response.headers.getRawHeaders("content-type")[0].startswith("text/plain"))
+        text = self.successResultOf(response.content()).decode()
+        self.assertIn(
+            'federation_invite_inbound_invites_total{errcode="",outcome="accepted"} 1.0', text
+        )
+
+    def test_disabled_is_noop(self) -> None:
+        """With metrics off every call is a no-op and there is no resource."""
+        metrics = InviteMetrics(enabled=False)
+        metrics.inbound("accepted", None, 0.1)
+        metrics.outbound("accepted")
+        self.assertRaises(RuntimeError, metrics.resource)
+        _ = json
+
+    def test_config_key(self) -> None:
+        """metrics.listen is accepted when the extra is installed, and validated as a string."""
+        self.assertEqual(
+            load_config(None, {"metrics.listen": "tcp:9100"}).get("metrics.listen"), "tcp:9100"
+        )
+        self.assertRaises(ConfigError, load_config, None, {"metrics.listen": 5})
