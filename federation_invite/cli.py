@@ -20,9 +20,10 @@ from twisted.python.failure import Failure
 from unpaddedbase64 import encode_base64
 
 from .config import Config, ConfigError, load_config, render_config
-from .core.ids import is_valid_user_id, server_name_of
+from .core.ids import is_valid_user_id, parse_server_name, server_name_of
 from .core.keys import encode_verify_key, key_id_of, verify_key_of
 from .signingkey import SigningKeyError, load_or_create_signing_key, read_signing_keys
+from .tlscert import write_self_signed_certificate
 from .store import (
     INVITE_STATUSES,
     InviteRecord,
@@ -41,9 +42,19 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_generate_config(args: argparse.Namespace, out: TextIO) -> int:
-    settings = {"server_name": args.server_name, "data_dir": args.data_dir}
+    settings: dict[str, Any] = {"server_name": args.server_name, "data_dir": args.data_dir}
     if args.listen:
         settings["listen"] = args.listen
+    if args.tls_cert:
+        host_port = parse_server_name(args.server_name)[1] or 8448
+        data_dir = os.path.abspath(args.data_dir)
+        tls_key = os.path.join(data_dir, "tls.key")
+        tls_cert = os.path.join(data_dir, "tls.crt")
+        if not args.listen:
+            settings["listen"] = [
+                f"ssl:{host_port}:interface=127.0.0.1:privateKey={_escape_endpoint(tls_key)}"
+                f":certKey={_escape_endpoint(tls_cert)}"
+            ]
     # Validate what we are about to write with the same checks the daemon applies.
     config = load_config(None, settings)
     if os.path.exists(args.output) and not args.force:
@@ -52,9 +63,21 @@ def _cmd_generate_config(args: argparse.Namespace, out: TextIO) -> int:
         handle.write(render_config(settings))
     key, created = load_or_create_signing_key(config.signing_key_path)
     out.write(f"Wrote {args.output}\n")
+    if args.tls_cert:
+        config.ensure_data_dir()
+        write_self_signed_certificate(args.server_name, tls_key, tls_cert)
+        out.write(
+            f"Wrote a self-signed TLS certificate {tls_cert} (key {tls_key}, mode 0600): "
+            "for local testing only; peers must turn certificate verification off\n"
+        )
     state = "Generated" if created else "Kept existing"
     out.write(f"{state} signing key {key_id_of(key)} at {config.signing_key_path}\n")
     return 0
+
+
+def _escape_endpoint(path: str) -> str:
+    """Escape a path for a Twisted endpoint string (``:`` and ``\\`` are special there)."""
+    return path.replace("\\", "\\\\").replace(":", "\\:")
 
 
 def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
@@ -239,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--listen", action="append", help="endpoint string, repeatable")
     generate.add_argument("-o", "--output", default="federation-invite.toml")
     generate.add_argument("--force", action="store_true", help="overwrite an existing file")
+    generate.add_argument(
+        "--tls-cert",
+        action="store_true",
+        help="also write a self-signed TLS certificate (local testing) and listen with TLS",
+    )
     generate.set_defaults(run=_cmd_generate_config)
 
     check = commands.add_parser("check-config", help="validate a configuration file")

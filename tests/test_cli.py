@@ -64,3 +64,35 @@ class CliTests(SynchronousTestCase):
         self.assertEqual(
             self.err.getvalue(), "federation-invite: unknown configuration key 'bogus'\n"
         )
+
+
+class GenerateTLSTests(SynchronousTestCase):
+    def test_tls_cert_listener(self) -> None:
+        """--tls-cert writes a certificate and key (0600) and a TLS listener that Twisted can parse."""
+        from twisted.internet import endpoints, reactor
+
+        data_dir = os.path.abspath(self.mktemp())
+        path = self.mktemp()
+        out = io.StringIO()
+        code = main(
+            [
+                "generate-config",
+                "--server-name",
+                "localhost:18448",
+                "--data-dir",
+                data_dir,
+                "-o",
+                path,
+                "--tls-cert",
+            ],
+            out,
+            io.StringIO(),
+        )
+        self.assertEqual(code, 0)
+        self.assertIn("self-signed TLS certificate", out.getvalue())
+        config = load_config(path)
+        (listen,) = config.listen
+        self.assertTrue(listen.startswith("ssl:18448:interface=127.0.0.1:privateKey="))
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(data_dir, "tls.key")).st_mode), 0o600)
+        endpoint = endpoints.serverFromString(reactor, listen)
+        self.assertIsInstance(endpoint, endpoints.SSL4ServerEndpoint)
