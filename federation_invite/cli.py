@@ -23,7 +23,6 @@ from .config import Config, ConfigError, load_config, render_config
 from .core.ids import is_valid_user_id, parse_server_name, server_name_of
 from .core.keys import encode_verify_key, key_id_of, verify_key_of
 from .signingkey import SigningKeyError, load_or_create_signing_key, read_signing_keys
-from .tlscert import write_self_signed_certificate
 from .store import (
     INVITE_STATUSES,
     InviteRecord,
@@ -33,6 +32,7 @@ from .store import (
     open_store,
     run_migrations,
 )
+from .tlscert import write_self_signed_certificate
 
 __all__ = ["main"]
 
