@@ -1,0 +1,204 @@
+"""Shared pieces of the benchmarks: invites, certificates, processes, CPU accounting, wrk.
+
+Not part of the test run. Everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import quote
+
+from signedjson.key import generate_signing_key
+from signedjson.types import SigningKey
+from unpaddedbase64 import encode_base64
+
+from federation_invite.core.canonical import encode_canonical_json
+from federation_invite.core.events import compute_event_id
+from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
+from federation_invite.core.signing import hash_and_sign_event
+from federation_invite.core.xmatrix import sign_request
+from federation_invite.tlscert import write_self_signed_certificate
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BIN = os.path.dirname(sys.executable)
+ROOM_VERSION = KNOWN_ROOM_VERSIONS["10"]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def origin_key_seed(key: SigningKey) -> str:
+    return encode_base64(key.encode())
+
+
+def make_origin_key() -> SigningKey:
+    key: SigningKey = generate_signing_key("bench")
+    return key
+
+
+def build_invite(
+    key: SigningKey,
+    origin: str,
+    destination: str,
+    index: int,
+    invitees: int,
+    *,
+    room_state_entries: int = 0,
+    pad_bytes: int = 0,
+) -> tuple[str, str, bytes]:
+    """One distinct, correctly signed v2 invite request: (path, Authorization, body)."""
+    now_ms = int(time.time() * 1000)
+    content: dict[str, Any] = {"membership": "invite", "displayname": f"User {index}"}
+    if pad_bytes:
+        content["pad"] = "x" * pad_bytes
+    event = hash_and_sign_event(
+        ROOM_VERSION,
+        {
+            "type": "m.room.member",
+            "state_key": f"@u{index % invitees}:{destination}",
+            "sender": f"@alice{index}:{origin}",
+            "content": content,
+            "room_id": f"!room{index}:{origin}",
+            "origin_server_ts": now_ms,
+            "depth": 10,
+            "prev_events": ["$" + encode_base64(index.to_bytes(32, "big"), urlsafe=True)],
+            "auth_events": ["$" + encode_base64((index + 1).to_bytes(32, "big"), urlsafe=True)],
+            "origin": origin,
+            "unsigned": {"age": 1},
+        },
+        origin,
+        key,
+    )
+    state = [
+        {
+            "type": "m.room.member",
+            "state_key": f"@m{i}:{origin}",
+            "sender": f"@m{i}:{origin}",
+            "content": {"membership": "join", "displayname": f"Member {i}"},
+        }
+        for i in range(room_state_entries)
+    ]
+    body = {"room_version": ROOM_VERSION.identifier, "event": event, "invite_room_state": state}
+    event_id = compute_event_id(ROOM_VERSION, event)
+    path = f"/_matrix/federation/v2/invite/{quote(event['room_id'], safe='')}/{quote(event_id, safe='')}"
+    header = sign_request(key, origin, destination, "PUT", path, body)
+    return path, header, encode_canonical_json(body)
+
+
+def write_requests(path: str, requests: Sequence[tuple[str, str, bytes]]) -> None:
+    """The request file the wrk script replays: path TAB header TAB body, one per line."""
+    with open(path, "wb") as handle:
+        for uri, header, body in requests:
+            handle.write(uri.encode() + b"\t" + header.encode() + b"\t" + body + b"\n")
+
+
+def make_certificate(directory: str) -> tuple[str, str]:
+    key_path = os.path.join(directory, "tls.key")
+    cert_path = os.path.join(directory, "tls.crt")
+    if not os.path.exists(cert_path):
+        write_self_signed_certificate("localhost", key_path, cert_path)
+    return key_path, cert_path
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port}")
+
+
+@contextmanager
+def process(
+    args: Sequence[str], *, cwd: str, log_name: str, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A subprocess, killed (by its PID) on exit."""
+    log = open(os.path.join(cwd, log_name), "wb")  # noqa: SIM115
+    proc = subprocess.Popen(list(args), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+def run_wrk(
+    port: int, requests_file: str, *, duration: float, connections: int, threads: int = 1
+) -> dict[str, Any]:
+    """Replay the request file with wrk over HTTPS keep-alive; parse what it reports."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is needed: apt-get install wrk")
+    script = os.path.join(HERE, "replay.lua")
+    before = os.times()
+    result = subprocess.run(
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{max(1, round(duration))}s",
+            "--latency",
+            "-s",
+            script,
+            f"https://127.0.0.1:{port}/",
+            "--",
+            requests_file,
+            str(threads),
+        ],
+        capture_output=True,
+        check=True,
+        text=True,
+    )
+    after = os.times()
+    output = result.stdout
+    report: dict[str, Any] = {"raw": output}
+    report["wrk_cpu"] = (after.children_user - before.children_user) + (
+        after.children_system - before.children_system
+    )
+    match = re.search(r"^RESULT (.*)$", output, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"wrk gave no RESULT line:\n{output}\n{result.stderr}")
+    report.update(json.loads(match.group(1)))
+    return report
+
+
+def temp_dir(prefix: str) -> str:
+    return tempfile.mkdtemp(prefix=prefix)

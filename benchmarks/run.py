@@ -1,0 +1,297 @@
+"""Run the floor, the trivial responder, the calibration server and the daemon in one go.
+
+    python benchmarks/run.py [--duration 10] [--connections 32] [--invites 40000]
+                             [--room-state 0] [--pad 0] [--only daemon]
+
+Prints requests/s, latency percentiles, answers by status/errcode, CPU per request of each
+server (from /proc), the load generator's own CPU, and the ratios the targets are stated in:
+daemon CPU per invite / calibration CPU per request, and daemon / floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from signedjson.key import generate_signing_key  # noqa: E402
+
+from benchlib import (  # noqa: E402
+    BIN,
+    HERE,
+    build_invite,
+    cpu_seconds,
+    free_port,
+    make_certificate,
+    make_origin_key,
+    origin_key_seed,
+    process,
+    rss_bytes,
+    run_wrk,
+    temp_dir,
+    wait_for_port,
+    write_requests,
+)
+from floor import floor_microseconds  # noqa: E402
+
+SERVERS = os.path.join(HERE, "servers.py")
+
+
+def _build_chunk(
+    args: tuple[str, str, str, int, int, int, int, int],
+) -> list[tuple[str, str, bytes]]:
+    from signedjson.key import decode_signing_key_base64
+
+    seed, origin, destination, start, stop, invitees, room_state, pad = args
+    key = decode_signing_key_base64("ed25519", "bench", seed)
+    return [
+        build_invite(
+            key, origin, destination, i, invitees, room_state_entries=room_state, pad_bytes=pad
+        )
+        for i in range(start, stop)
+    ]
+
+
+def build_requests(
+    seed: str, origin: str, destination: str, count: int, invitees: int, room_state: int, pad: int
+) -> list[tuple[str, str, bytes]]:
+    """Sign ``count`` distinct invites on every core."""
+    chunk = max(1, count // (os.cpu_count() or 1) // 4)
+    jobs = [
+        (seed, origin, destination, start, min(count, start + chunk), invitees, room_state, pad)
+        for start in range(0, count, chunk)
+    ]
+    with ProcessPoolExecutor() as pool:
+        return [request for part in pool.map(_build_chunk, jobs) for request in part]
+
+
+def measure(
+    pid: int, port: int, requests_file: str, duration: float, connections: int
+) -> dict[str, Any]:
+    cpu_before = cpu_seconds(pid)
+    report = run_wrk(port, requests_file, duration=duration, connections=connections)
+    report["server_cpu"] = cpu_seconds(pid) - cpu_before
+    report["rss"] = rss_bytes(pid)
+    ok = report["counts"].get("200", 0)
+    report["ok"] = ok
+    report["rate"] = report["requests"] / (report["duration_us"] / 1e6)
+    report["cpu_per_request_us"] = report["server_cpu"] / max(1, report["requests"]) * 1e6
+    report["wrk_cpu_per_request_us"] = report["wrk_cpu"] / max(1, report["requests"]) * 1e6
+    return report
+
+
+def show(name: str, report: dict[str, Any]) -> None:
+    print(
+        f"{name:<12} {report['rate']:8.0f} req/s  p50 {report['p50_us'] / 1000:6.1f} ms  "
+        f"p90 {report['p90_us'] / 1000:6.1f} ms  p99 {report['p99_us'] / 1000:6.1f} ms  "
+        f"server CPU {report['cpu_per_request_us']:6.0f} us/req  "
+        f"wrk CPU {report['wrk_cpu_per_request_us']:4.0f} us/req  "
+        f"RSS {report['rss'] / 2**20:5.0f} MiB  answers {json.dumps(report['counts'], sort_keys=True)}"
+        + (f"  (request file wrapped {report['wrapped']}x)" if report["wrapped"] else "")
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--invites", type=int, default=40000, help="distinct signed invites to pre-build"
+    )
+    parser.add_argument("--invitees", type=int, default=1000)
+    parser.add_argument(
+        "--room-state", type=int, default=0, help="stripped invite_room_state entries"
+    )
+    parser.add_argument("--pad", type=int, default=0, help="bytes of padding in the event content")
+    parser.add_argument(
+        "--only", choices=["floor", "trivial", "calibration", "daemon"], action="append"
+    )
+    parser.add_argument(
+        "--database", help="database URI for the daemon (default: SQLite in a temp dir)"
+    )
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    only = set(args.only or ["floor", "trivial", "calibration", "daemon"])
+
+    work = temp_dir("fi-bench-")
+    key_path, cert_path = make_certificate(work)
+    origin_key = make_origin_key()
+    origin_seed = origin_key_seed(origin_key)
+    ours = generate_signing_key("us")
+    our_seed = origin_key_seed(ours)
+    origin_port, daemon_port, calibration_port, trivial_port = (free_port() for _ in range(4))
+    origin = f"127.0.0.1:{origin_port}"
+    server_name = f"localhost:{daemon_port}"
+    print(
+        f"# {platform.node()} {platform.processor() or platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
+    print(
+        f"# {args.invites} invites, {args.connections} connections, {args.duration:.0f} s each, room state {args.room_state}, pad {args.pad} B"
+    )
+
+    started = time.time()
+    requests = build_requests(
+        origin_seed, origin, server_name, args.invites, args.invitees, args.room_state, args.pad
+    )
+    warmup = build_requests(
+        origin_seed, origin, server_name, 200, args.invitees, args.room_state, args.pad
+    )
+    # Distinct from the measured ones: warm-up invites use other indexes.
+    warmup = [
+        build_invite(
+            origin_key,
+            origin,
+            server_name,
+            args.invites + i,
+            args.invitees,
+            room_state_entries=args.room_state,
+            pad_bytes=args.pad,
+        )
+        for i in range(200)
+    ]
+    requests_file = os.path.join(work, "requests.tsv")
+    warmup_file = os.path.join(work, "warmup.tsv")
+    write_requests(requests_file, requests)
+    write_requests(warmup_file, warmup)
+    print(
+        f"# built {len(requests)} signed invites in {time.time() - started:.1f} s ({os.path.getsize(requests_file) / 2**20:.0f} MiB)"
+    )
+    figures: dict[str, Any] = {}
+
+    if "floor" in only:
+        figures["floor_us"] = floor_microseconds(
+            requests[:3000], server_name, ours, origin, origin_key
+        )
+        print(
+            f"floor        {figures['floor_us']:.0f} us of CPU per invite (in-process, best of 3)"
+        )
+
+    with process(
+        [
+            sys.executable,
+            SERVERS,
+            "origin",
+            str(origin_port),
+            origin,
+            origin_seed,
+            cert_path,
+            key_path,
+        ],
+        cwd=work,
+        log_name="origin.log",
+    ):
+        wait_for_port(origin_port)
+        if "trivial" in only:
+            with process(
+                [sys.executable, SERVERS, "trivial", str(trivial_port), cert_path, key_path],
+                cwd=work,
+                log_name="trivial.log",
+            ) as proc:
+                wait_for_port(trivial_port)
+                run_wrk(trivial_port, warmup_file, duration=1, connections=args.connections)
+                figures["trivial"] = measure(
+                    proc.pid, trivial_port, requests_file, args.duration, args.connections
+                )
+                show("trivial", figures["trivial"])
+        if "calibration" in only:
+            with process(
+                [
+                    sys.executable,
+                    SERVERS,
+                    "calibration",
+                    str(calibration_port),
+                    server_name,
+                    our_seed,
+                    origin_seed,
+                    cert_path,
+                    key_path,
+                    str(origin_port),
+                ],
+                cwd=work,
+                log_name="calibration.log",
+            ) as proc:
+                wait_for_port(calibration_port)
+                run_wrk(calibration_port, warmup_file, duration=1, connections=args.connections)
+                figures["calibration"] = measure(
+                    proc.pid, calibration_port, requests_file, args.duration, args.connections
+                )
+                show("calibration", figures["calibration"])
+        if "daemon" in only:
+            config = os.path.join(work, "daemon.toml")
+            database = args.database or f"sqlite:///{work}/daemon.db"
+            with open(config, "w") as handle:
+                handle.write(
+                    f'server_name = "{server_name}"\ndata_dir = "{work}/data"\ndatabase = "{database}"\n'
+                    f'listen = ["ssl:{daemon_port}:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}"]\n'
+                    f'signing_key = "{work}/us.key"\n'
+                    "[outbound]\nverify_tls = false\nip_allowlist = ['127.0.0.1/32']\n"
+                    "[ratelimit]\norigin_per_second = 1e9\norigin_burst = 1000000000\norigin_concurrent = 100000\n"
+                    "invitee_per_second = 1e9\ninvitee_burst = 1000000000\n"
+                )
+            with open(f"{work}/us.key", "w") as handle:
+                handle.write(f"ed25519 us {our_seed}\n")
+            os.chmod(f"{work}/us.key", 0o600)
+            subprocess.run(
+                [sys.executable, os.path.join(HERE, "seed_users.py"), config, str(args.invitees)],
+                check=True,
+            )
+            with process(
+                [
+                    os.path.join(BIN, "twistd"),
+                    "-n",
+                    "--pidfile=",
+                    "federation-invite",
+                    "-c",
+                    config,
+                ],
+                cwd=work,
+                log_name="daemon.log",
+            ) as proc:
+                wait_for_port(daemon_port)
+                warm = run_wrk(daemon_port, warmup_file, duration=2, connections=args.connections)
+                figures["daemon_rss_after_warmup"] = rss_bytes(proc.pid)
+                if set(warm["counts"]) - {"200"}:
+                    print(f"warm-up answers: {warm['counts']}; see {work}/daemon.log")
+                figures["daemon"] = measure(
+                    proc.pid, daemon_port, requests_file, args.duration, args.connections
+                )
+                show("daemon", figures["daemon"])
+
+    daemon, calibration = figures.get("daemon"), figures.get("calibration")
+    if daemon and daemon["ok"]:
+        per_invite = daemon["server_cpu"] / daemon["ok"] * 1e6
+        print(f"daemon CPU per accepted invite: {per_invite:.0f} us")
+        if calibration:
+            print(
+                f"ratio daemon / calibration (CPU per request): {per_invite / calibration['cpu_per_request_us']:.2f}  (target <= 1.25)"
+            )
+        if "floor_us" in figures:
+            print(f"ratio daemon / floor: {per_invite / figures['floor_us']:.2f}")
+        print(
+            f"daemon RSS: {figures['daemon_rss_after_warmup'] / 2**20:.0f} MiB after warm-up, {daemon['rss'] / 2**20:.0f} MiB after the run"
+        )
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(
+                {
+                    k: {kk: vv for kk, vv in v.items() if kk != "raw"} if isinstance(v, dict) else v
+                    for k, v in figures.items()
+                },
+                handle,
+                indent=2,
+            )
+    print(f"# work directory (logs): {work}")
+
+
+if __name__ == "__main__":
+    main()
