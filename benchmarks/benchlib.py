@@ -146,7 +146,7 @@ def process(
     args: Sequence[str], *, cwd: str, log_name: str, env: dict[str, str] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A subprocess, killed (by its PID) on exit."""
-    log = open(os.path.join(cwd, log_name), "wb")  # noqa: SIM115
+    log = open(os.path.join(cwd, log_name), "wb")
     proc = subprocess.Popen(list(args), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         yield proc

@@ -11,12 +11,12 @@ import sys
 import time
 from collections.abc import Sequence
 
+from benchlib import build_invite, make_origin_key
+from servers import unavoidable_work
 from signedjson.types import SigningKey
 
-from benchlib import build_invite, make_origin_key
 from federation_invite.core.keys import key_id_of, verify_key_of
 from federation_invite.core.signing import ServerVerifyKey
-from servers import unavoidable_work
 
 
 def floor_microseconds(

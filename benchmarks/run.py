@@ -22,9 +22,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from signedjson.key import generate_signing_key  # noqa: E402
-
-from benchlib import (  # noqa: E402
+from benchlib import (
     BIN,
     HERE,
     build_invite,
@@ -40,7 +38,8 @@ from benchlib import (  # noqa: E402
     wait_for_port,
     write_requests,
 )
-from floor import floor_microseconds  # noqa: E402
+from floor import floor_microseconds
+from signedjson.key import generate_signing_key
 
 SERVERS = os.path.join(HERE, "servers.py")
 
@@ -143,10 +142,6 @@ def main() -> None:
     requests = build_requests(
         origin_seed, origin, server_name, args.invites, args.invitees, args.room_state, args.pad
     )
-    warmup = build_requests(
-        origin_seed, origin, server_name, 200, args.invitees, args.room_state, args.pad
-    )
-    # Distinct from the measured ones: warm-up invites use other indexes.
     warmup = [
         build_invite(
             origin_key,

@@ -13,12 +13,12 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from benchlib import ROOM_VERSION  # noqa: F401  (same room version as the load)
 from signedjson.key import decode_signing_key_base64
 from twisted.internet import reactor, ssl
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from benchlib import ROOM_VERSION  # noqa: F401  (same room version as the load)
 from federation_invite.core.canonical import encode_canonical_json, parse_json
 from federation_invite.core.events import check_content_hash, prepare_event
 from federation_invite.core.keys import key_id_of, verify_key_of
@@ -72,7 +72,7 @@ class Calibration(Resource):
         super().__init__()
         self.args = (server_name, our_key, origin_keys)
 
-    def render_PUT(self, request: Request) -> bytes:  # noqa: N802
+    def render_PUT(self, request: Request) -> bytes:
         assert request.content is not None
         body = unavoidable_work(
             *self.args,
@@ -88,7 +88,7 @@ class Calibration(Resource):
 class Trivial(Resource):
     isLeaf = True
 
-    def render_PUT(self, request: Request) -> bytes:  # noqa: N802
+    def render_PUT(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")
         return b'{"event":{}}'
 
