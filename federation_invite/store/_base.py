@@ -101,6 +101,10 @@ class DatabaseStore:
         self._pool = pool
         self._dialect = dialect
         self._closed = False
+        self._invite_queue: list[
+            tuple[InviteRecord, tuple[Any, ...], Deferred[tuple[InviteRecord, bool]]]
+        ] = []
+        self._invite_writing = False
 
     def __repr__(self) -> str:
         return f"<DatabaseStore {self._dialect.display}>"
@@ -141,6 +145,14 @@ class DatabaseStore:
     # -- invites --------------------------------------------------------
 
     def store_invite(self, record: InviteRecord) -> Deferred[tuple[InviteRecord, bool]]:
+        """Store ``record`` unless its ``event_id`` is stored already (see ``IStore``).
+
+        Group commit: while one write of invites is in flight, the invites that
+        arrive meanwhile are queued and written together in the next single
+        transaction, each caller answered once that transaction has committed.
+        Under load this turns many thread hops and commits into one; when idle,
+        a lone invite is written at once.
+        """
         _check_record(record, InviteRecord)
         values = (
             record.event_id,
@@ -154,23 +166,62 @@ class DatabaseStore:
             record.received_ts,
             record.status,
         )
-        return self._run("store_invite", self._store_invite_txn, values, write=True)
+        if self._closed:
+            raise RuntimeError("store_invite on a closed store")
+        waiter: Deferred[tuple[InviteRecord, bool]] = Deferred()
+        self._invite_queue.append((record, values, waiter))
+        if not self._invite_writing:
+            self._write_invites()
+        return waiter
 
-    def _store_invite_txn(
-        self, txn: adbapi.Transaction, values: tuple[Any, ...]
-    ) -> tuple[InviteRecord, bool]:
-        # ON CONFLICT DO NOTHING waits for a concurrent insert of the same key to
-        # commit or roll back (PostgreSQL), or for the write lock (SQLite), so the
-        # SELECT below always sees the one row that won.
-        self._execute(
-            txn,
-            f"INSERT INTO invites ({_INVITE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (event_id) DO NOTHING",
-            values,
+    def _write_invites(self) -> None:
+        batch, self._invite_queue = self._invite_queue, []
+        self._invite_writing = True
+        # A consistent order of inserts keeps two workers' batches from
+        # deadlocking on each other's unique-index locks (PostgreSQL).
+        batch.sort(key=lambda item: item[0].event_id)
+        writing = self._run(
+            "store_invite", self._store_invites_txn, [values for _, values, _ in batch], write=True
         )
-        created = txn.rowcount == 1
-        self._execute(txn, f"SELECT {_INVITE_COLUMNS} FROM invites WHERE event_id = ?", values[:1])
-        return _invite_from_row(txn.fetchone()), created
+
+        def written(existing: list[InviteRecord | None]) -> None:
+            for (record, _, waiter), found in zip(batch, existing, strict=True):
+                waiter.callback((record, True) if found is None else (found, False))
+
+        def failed(failure: Failure) -> None:
+            for _, _, waiter in batch:
+                waiter.errback(failure)
+
+        def next_batch(_: object) -> None:
+            self._invite_writing = False
+            if self._invite_queue and not self._closed:
+                self._write_invites()
+
+        writing.addCallbacks(written, failed).addBoth(next_batch)
+
+    def _store_invites_txn(
+        self, txn: adbapi.Transaction, rows: list[tuple[Any, ...]]
+    ) -> list[InviteRecord | None]:
+        """Insert each row unless present; None for a row inserted, else the row that was there."""
+        existing: list[InviteRecord | None] = []
+        for values in rows:
+            # ON CONFLICT DO NOTHING waits for a concurrent insert of the same key
+            # to commit or roll back (PostgreSQL), or for the write lock (SQLite),
+            # so the SELECT below always sees the one row that won.
+            self._execute(
+                txn,
+                f"INSERT INTO invites ({_INVITE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (event_id) DO NOTHING",
+                values,
+            )
+            if txn.rowcount == 1:
+                existing.append(None)
+                continue
+            self._execute(
+                txn, f"SELECT {_INVITE_COLUMNS} FROM invites WHERE event_id = ?", values[:1]
+            )
+            existing.append(_invite_from_row(txn.fetchone()))
+        return existing
 
     def get_invite(self, event_id: str) -> Deferred[InviteRecord | None]:
         check_text("event_id", event_id)
