@@ -119,6 +119,10 @@ def main() -> None:
         "--database", help="database URI for the daemon (default: SQLite in a temp dir)"
     )
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--profile",
+        help="record the daemon with py-spy during the run into this folded-stacks file",
+    )
     args = parser.parse_args()
     only = set(args.only or ["floor", "trivial", "calibration", "daemon"])
 
@@ -257,9 +261,31 @@ def main() -> None:
                 figures["daemon_rss_after_warmup"] = rss_bytes(proc.pid)
                 if set(warm["counts"]) - {"200"}:
                     print(f"warm-up answers: {warm['counts']}; see {work}/daemon.log")
+                profiler = None
+                if args.profile:
+                    profiler = subprocess.Popen(
+                        [
+                            "py-spy",
+                            "record",
+                            "-p",
+                            str(proc.pid),
+                            "-d",
+                            str(int(args.duration)),
+                            "-r",
+                            "250",
+                            "-f",
+                            "raw",
+                            "-o",
+                            os.path.abspath(args.profile),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
                 figures["daemon"] = measure(
                     proc.pid, daemon_port, requests_file, args.duration, args.connections
                 )
+                if profiler is not None:
+                    profiler.wait()
                 show("daemon", figures["daemon"])
 
     daemon, calibration = figures.get("daemon"), figures.get("calibration")

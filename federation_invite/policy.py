@@ -13,6 +13,11 @@ Decided in this order (the inbound issue's table, rows 14 to 16):
    ``M_INVITE_BLOCKED``; else an ``ignore`` match stores the invite as
    ``ignored`` without handing it over. The spec's ``default_action: block``
    is the rule ``server *  block``.
+
+What the store says about an invitee (whether it is local, and its rules) is
+cached for ``cache_seconds`` (``inbound.policy_cache_seconds``), so a flood of
+invites costs no database round trip each; a change made through the CLI or
+by another worker takes effect within that time.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import Interface
 
 from .core.errors import Codes, MatrixError
@@ -31,6 +37,9 @@ from .core.roomversions import RoomVersion
 from .store import InviteRule
 
 __all__ = ["IInvitePolicy", "InboundInvite", "InvitePolicy"]
+
+#: Invitees whose store answers are remembered at once (the cache is emptied beyond).
+_CACHE_SIZE = 100_000
 
 
 @attrs.frozen
@@ -75,9 +84,17 @@ class InvitePolicy:
         server_deny: Sequence[str] = (),
         user_deny: Sequence[str] = (),
         hooks: Sequence[Any] = (),
+        clock: IReactorTime | None = None,
+        cache_seconds: float = 0.0,
     ) -> None:
         if local_users not in ("database", "any"):
             raise ValueError("local_users must be 'database' or 'any'")
+        if cache_seconds > 0 and clock is None:
+            raise ValueError("caching needs a clock")
+        self._clock = clock
+        self._cache_seconds = cache_seconds
+        #: invitee -> (is local, rules, expiry time in seconds)
+        self._cache: dict[str, tuple[bool, list[InviteRule], float]] = {}
         self._server_name = server_name
         self._store = store
         self._local_users = local_users
@@ -91,7 +108,7 @@ class InvitePolicy:
 
     async def check(self, invite: InboundInvite) -> str:
         """Return the status to store the invite with (``pending`` or ``ignored``), or raise."""
-        await self._check_local(invite.invitee)
+        rules = await self._check_local(invite.invitee)
         sender_server = server_name_of(invite.sender)
         if self._server_deny.matches(sender_server) or self._server_deny.matches(invite.origin):
             raise MatrixError(
@@ -103,18 +120,42 @@ class InvitePolicy:
             reason = await hook.check_invite(invite)
             if reason is not None:
                 raise MatrixError(403, Codes.FORBIDDEN, str(reason)[:500])
-        return await self._invitee_rules(invite.invitee, invite.sender, sender_server)
+        return self._invitee_rules(rules, invite.sender, sender_server)
 
-    async def _check_local(self, invitee: str) -> None:
+    async def _invitee(self, invitee: str) -> tuple[bool, list[InviteRule]]:
+        """Whether ``invitee`` is one of ours, and its rules: from the cache or the store."""
+        now = self._clock.seconds() if self._clock is not None else 0.0
+        cached = self._cache.get(invitee)
+        if cached is not None and cached[2] > now:
+            return cached[0], cached[1]
+        if self._local_users == "any":
+            is_local = True
+        else:
+            is_local = await self._store.is_local_user(invitee)
+        rules = await self._store.list_invite_rules(invitee) if is_local else []
+        if self._cache_seconds > 0:
+            if len(self._cache) > _CACHE_SIZE:
+                self._cache.clear()
+            self._cache[invitee] = (is_local, rules, now + self._cache_seconds)
+        return is_local, rules
+
+    def forget(self, invitee: str | None = None) -> None:
+        """Drop cached answers (for one invitee, or all) after changing users or rules."""
+        if invitee is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(invitee, None)
+
+    async def _check_local(self, invitee: str) -> list[InviteRule]:
         if server_name_of(invitee) != self._server_name:
             raise MatrixError(404, Codes.NOT_FOUND, "The invitee is not a user of this server")
-        if self._local_users == "any":
-            return
-        if not await self._store.is_local_user(invitee):
+        is_local, rules = await self._invitee(invitee)
+        if not is_local:
             raise MatrixError(404, Codes.NOT_FOUND, "Unknown user")
+        return rules
 
-    async def _invitee_rules(self, invitee: str, sender: str, sender_server: str) -> str:
-        rules = await self._store.list_invite_rules(invitee)
+    @staticmethod
+    def _invitee_rules(rules: list[InviteRule], sender: str, sender_server: str) -> str:
         if not rules:
             return "pending"
         matched = set()

@@ -132,6 +132,7 @@ class InviteScenario:
         strict_invite_room_state: bool = False,
         policy_kwargs: dict[str, Any] | None = None,
         clock: Clock | None = None,
+        policy_cache_seconds: float = 0.0,
     ) -> None:
         self.clock = clock or make_clock()
         self.federation = FakeFederation()
@@ -144,7 +145,13 @@ class InviteScenario:
             self.clock, self.store, self.federation, local_keys=[local_verify_key(US, self.our_key)]
         )
         authenticator = RequestAuthenticator(self.clock, US, self.keyring, acl)
-        self.policy = InvitePolicy(US, self.store, **(policy_kwargs or {}))
+        self.policy = InvitePolicy(
+            US,
+            self.store,
+            clock=self.clock,
+            cache_seconds=policy_cache_seconds,
+            **(policy_kwargs or {}),
+        )
         self.listened: list[Any] = []
         self.handler = InviteHandler(
             self.clock,

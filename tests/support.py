@@ -149,6 +149,7 @@ class MemoryStore(MemoryKeyStore):
         self.users: set[str] = set()
         self.rules: list[InviteRule] = []
         self.fail_invites = False
+        self.policy_reads = 0
 
     def store_invite(self, record: Any) -> Deferred[Any]:
         from federation_invite.store import StoreError
@@ -162,6 +163,7 @@ class MemoryStore(MemoryKeyStore):
         return succeed((record, True))
 
     def is_local_user(self, user_id: str) -> Deferred[bool]:
+        self.policy_reads += 1
         return succeed(user_id in self.users)
 
     def list_invite_rules(self, user_id: str) -> Deferred[list[Any]]:

@@ -520,6 +520,36 @@ class PolicyRowTests(InboundTestCase):
         self.assertEqual(self.s.listened, [])
 
 
+class PolicyCacheTests(InboundTestCase):
+    scenario_kwargs = {"policy_cache_seconds": 5.0, "limits": InviteLimits(invitee_burst=100)}
+
+    def test_cached_within_ttl_then_refreshed(self) -> None:
+        """An invitee's status and rules are read once per TTL; changes apply after it."""
+        for depth in (1, 2, 3):
+            room_version, event = self.s.invite(extra={"depth": depth})
+            self.assertEqual(self.send_v2(room_version, event)[0], 200)
+        self.assertEqual(self.s.store.policy_reads, 1)
+        self.s.store.rules.append(InviteRule(BOB, "server", "*", "block"))
+        room_version, event = self.s.invite(extra={"depth": 4})
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)
+        self.s.clock.advance(5)
+        room_version, event = self.s.invite(extra={"depth": 5})
+        self.assertRefused(self.send_v2(room_version, event), 403, "M_INVITE_BLOCKED")
+        self.assertEqual(self.s.store.policy_reads, 2)
+
+    def test_forget(self) -> None:
+        """forget() drops cached answers at once (one invitee, or all)."""
+        room_version, event = self.s.invite(extra={"depth": 1})
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)
+        self.s.store.users.discard(BOB)
+        self.s.policy.forget(BOB)
+        room_version, event = self.s.invite(extra={"depth": 2})
+        self.assertRefused(self.send_v2(room_version, event), 404, "M_NOT_FOUND")
+        self.s.store.users.add(BOB)
+        self.s.policy.forget()
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)
+
+
 class RateLimitRowTests(InboundTestCase):
     scenario_kwargs = {
         "limits": InviteLimits(
