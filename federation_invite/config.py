@@ -382,6 +382,19 @@ OPTIONS: tuple[Option, ...] = (
         "'any' (every user ID on our server name, for bridges and bots).",
     ),
     Option(
+        "inbound.request_timeout",
+        30.0,
+        _number_above_zero,
+        "Seconds a peer has to send a whole request (request line, headers and body) from its "
+        "first byte; slower requests (slowloris) get 408 M_UNKNOWN and the connection is closed.",
+    ),
+    Option(
+        "inbound.idle_timeout",
+        60.0,
+        _number_above_zero,
+        "Seconds a connection may stay open with no request in progress and nothing received.",
+    ),
+    Option(
         "ratelimit.origin_per_second",
         10.0,
         _number_above_zero,
@@ -398,6 +411,19 @@ OPTIONS: tuple[Option, ...] = (
         8,
         _int_at_least(1),
         "Requests from one origin processed at once; more get 429.",
+    ),
+    Option(
+        "ratelimit.origin_sleep_after",
+        25,
+        _int_at_least(0),
+        "Requests of one origin's burst served at once; the rest of the burst is slowed "
+        "(each delayed by origin_sleep_ms) before 429 M_LIMIT_EXCEEDED.",
+    ),
+    Option(
+        "ratelimit.origin_sleep_ms",
+        500,
+        _int_at_least(0),
+        "Milliseconds each slowed request waits before it is processed; 0: never slowed.",
     ),
     Option(
         "ratelimit.invitee_per_second",

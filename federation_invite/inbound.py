@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
@@ -54,13 +55,22 @@ InviteListener = Callable[[InviteRecord], Any]
 
 @attrs.frozen
 class InviteLimits:
-    """Rate limits (the ``ratelimit.*`` configuration keys)."""
+    """Rate limits (the ``ratelimit.*`` configuration keys).
+
+    Slowing (``origin_sleep_ms``) is off here by default, so that programs and
+    tests building an ``InviteHandler`` by hand see no delays they did not ask
+    for; the daemon's configuration turns it on (500 ms after 25 requests).
+    """
 
     origin_per_second: float = 10.0
     origin_burst: int = 50
     origin_concurrent: int = 8
     invitee_per_second: float = 0.05
     invitee_burst: int = 10
+    #: Requests of one origin's burst served at once; the rest of the burst is
+    #: delayed by ``origin_sleep_ms`` each (0 ms: never slowed).
+    origin_sleep_after: int = 25
+    origin_sleep_ms: int = 0
 
 
 class _InviteStore(Protocol):
@@ -110,7 +120,12 @@ class InviteHandler:
         self._strict_room_state = strict_invite_room_state
         self._listeners: list[InviteListener] = list(listeners)
         self._origin_rate = RateLimiter(
-            clock, limits.origin_per_second, limits.origin_burst, what="requests from your server"
+            clock,
+            limits.origin_per_second,
+            limits.origin_burst,
+            what="requests from your server",
+            sleep_after=limits.origin_sleep_after,
+            sleep_seconds=limits.origin_sleep_ms / 1000,
         )
         self._origin_concurrency = ConcurrencyLimiter(
             limits.origin_concurrent, what="requests from your server"
@@ -139,17 +154,34 @@ class InviteHandler:
         origin: str | None = None
         started = self._clock.seconds()
         try:
-            auth = self._authenticator.parse(request)
-            origin = auth.origin
-            origin = await self._authenticator.verify(auth, request, body)
-            self._origin_concurrency.acquire(origin)
             try:
-                self._origin_rate.acquire(origin)
-                answer, outcome = await self._handle(
-                    origin, api_version, room_id, event_id, body, body_length
+                auth = self._authenticator.parse(request)
+                origin = auth.origin
+                origin = await self._authenticator.verify(auth, request, body)
+                delay = self._origin_rate.acquire(origin)
+                if delay:
+                    # Slowed, not refused (yet): the wait holds a rate token but
+                    # no processing slot; cancelling the request cancels the wait.
+                    await deferLater(self._clock, delay)
+                self._origin_concurrency.acquire(origin)
+                try:
+                    answer, outcome = await self._handle(
+                        origin, api_version, room_id, event_id, body, body_length
+                    )
+                finally:
+                    self._origin_concurrency.release(origin)
+            except StoreError as exc:
+                # Any read on the way (keys, local users, rules) failing: the
+                # database is unavailable; nothing was signed or stored.
+                log.error(
+                    "Database unavailable while handling invite {event_id} from {origin}: {reason}",
+                    event_id=event_id,
+                    origin=origin,
+                    reason=str(exc),
                 )
-            finally:
-                self._origin_concurrency.release(origin)
+                raise MatrixError(
+                    500, Codes.UNKNOWN, "The database is unavailable; try again later"
+                ) from None
         except MatrixError as error:
             self._metrics.inbound("refused", error.errcode, self._clock.seconds() - started)
             log.info(

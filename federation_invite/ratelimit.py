@@ -3,6 +3,12 @@
 A refusal is a ``MatrixError`` 429 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``
 (client-server API "Rate limiting"), which the web edge also turns into a
 ``Retry-After`` header.
+
+A bucket may also *slow* a key before refusing it, the way Synapse's federation
+rate limiter sleeps before it rejects: once more than ``sleep_after`` of the
+burst is in use, ``acquire`` still grants the token but answers with a delay
+the caller waits before doing the work. So a flood is first slowed, then
+refused, and never queued without bound (each slowed request holds a token).
 """
 
 from __future__ import annotations
@@ -19,15 +25,33 @@ _PRUNE_ABOVE = 10_000
 
 
 class RateLimiter:
-    """A token bucket per key: ``burst`` requests at once, refilled at ``rate`` per second."""
+    """A token bucket per key: ``burst`` requests at once, refilled at ``rate`` per second.
 
-    def __init__(self, clock: IReactorTime, rate: float, burst: int, *, what: str) -> None:
+    With ``sleep_after`` set and ``sleep_seconds`` > 0, a request that finds
+    more than ``sleep_after`` tokens of the burst in use is granted but told to
+    wait ``sleep_seconds`` first.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        rate: float,
+        burst: int,
+        *,
+        what: str,
+        sleep_after: int | None = None,
+        sleep_seconds: float = 0.0,
+    ) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be > 0 and burst >= 1")
+        if sleep_seconds < 0 or (sleep_after is not None and sleep_after < 0):
+            raise ValueError("sleep_after and sleep_seconds must be >= 0")
         self._clock = clock
         self._rate = rate
         self._burst = float(burst)
         self._what = what
+        self._sleep_after = sleep_after
+        self._sleep_seconds = sleep_seconds
         #: key -> (tokens, time of last update in seconds)
         self._buckets: dict[str, tuple[float, float]] = {}
 
@@ -35,8 +59,12 @@ class RateLimiter:
         tokens, then = self._buckets.get(key, (self._burst, now))
         return min(self._burst, tokens + (now - then) * self._rate)
 
-    def acquire(self, key: str) -> None:
-        """Take one token for ``key`` or raise 429 ``M_LIMIT_EXCEEDED``."""
+    def acquire(self, key: str) -> float:
+        """Take one token for ``key`` or raise 429 ``M_LIMIT_EXCEEDED``.
+
+        Returns the seconds the caller should wait before serving the request:
+        0.0, or ``sleep_seconds`` when the key is past its ``sleep_after``.
+        """
         now = self._clock.seconds()
         tokens = self._tokens(key, now)
         if tokens < 1.0:
@@ -51,6 +79,10 @@ class RateLimiter:
         self._buckets[key] = (tokens - 1.0, now)
         if len(self._buckets) > _PRUNE_ABOVE:
             self._prune(now)
+        in_use = self._burst - (tokens - 1.0)
+        if self._sleep_after is not None and self._sleep_seconds and in_use > self._sleep_after:
+            return self._sleep_seconds
+        return 0.0
 
     def _prune(self, now: float) -> None:
         for key in [k for k in self._buckets if self._tokens(k, now) >= self._burst]:

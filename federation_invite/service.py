@@ -24,7 +24,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from .auth import RequestAuthenticator, ServerAcl
 from .client import FederationClient
@@ -49,6 +48,7 @@ from .store import IStore, open_store
 from .web._base import MatrixResource
 from .web.invite import InviteResource
 from .web.keys import KeyServerResource
+from .web.site import FederationSite
 from .web.tree import WellKnownServerResource, build_matrix_tree
 
 __all__ = [
@@ -176,6 +176,8 @@ def _limits(config: Config) -> InviteLimits:
         origin_concurrent=config.get("ratelimit.origin_concurrent"),
         invitee_per_second=config.get("ratelimit.invitee_per_second"),
         invitee_burst=config.get("ratelimit.invitee_burst"),
+        origin_sleep_after=config.get("ratelimit.origin_sleep_after"),
+        origin_sleep_ms=config.get("ratelimit.origin_sleep_ms"),
     )
 
 
@@ -307,13 +309,12 @@ class FederationInviteService(service.MultiService):
         store = await open_store(self.config.database, reactor=self.reactor)
         components = build_components(self.config, self.reactor, store, self.signing_key)
         self.components = components
-        site = Site(components.site_root())
-        site.displayTracebacks = False
+        site = self._site(components.site_root())
         for description in self.config.listen:
             strports.service(description, site, reactor=self.reactor).setServiceParent(self)
         metrics_listen = self.config.get("metrics.listen")
         if metrics_listen:
-            metrics_site = Site(components.metrics.resource())
+            metrics_site = self._site(components.metrics.resource())
             strports.service(metrics_listen, metrics_site, reactor=self.reactor).setServiceParent(
                 self
             )
@@ -326,6 +327,16 @@ class FederationInviteService(service.MultiService):
             source=self.config.path or "built-in defaults (no --config given)",
         )
         return components
+
+    def _site(self, root: Resource) -> FederationSite:
+        """A site with the ``inbound.*`` connection limits (slowloris deadline, body cap)."""
+        return FederationSite(
+            root,
+            reactor=self.reactor,
+            max_body_bytes=self.config.get("inbound.max_body_bytes"),
+            request_timeout=self.config.get("inbound.request_timeout"),
+            idle_timeout=self.config.get("inbound.idle_timeout"),
+        )
 
     def _failed(self, failure: Failure) -> None:
         log.failure("federation-invite could not start", failure)

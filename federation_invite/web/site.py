@@ -1,0 +1,223 @@
+"""The HTTP server the daemon listens with: a ``Site`` that bounds what one peer can hold.
+
+Twisted's ``HTTPChannel`` has only an idle timeout, and every byte received
+resets it, so a peer sending a request one byte at a time (slowloris) keeps a
+connection and its buffers for as long as it likes; a body is buffered (to a
+temporary file past 100 kB) before any resource sees it. ``FederationSite``
+adds, per connection:
+
+- a deadline from the first byte of each request until all of it (request
+  line, headers, body) has arrived: ``request_timeout`` seconds, then 408
+  ``M_UNKNOWN`` and the connection is closed;
+- a body cap enforced while the body arrives: a ``Content-Length`` over
+  ``max_body_bytes`` is refused before a byte of the body is read, and a
+  chunked body is refused as soon as it grows past the cap: 413
+  ``M_TOO_LARGE``, and the connection is closed;
+- Twisted's idle timeout set to ``idle_timeout`` (Twisted's default is 12 hours);
+- malformed HTTP answered with a JSON 400 ``M_UNKNOWN`` instead of Twisted's bare
+  ``400 Bad Request``, so that every answer we give is JSON.
+
+Only HTTP/1.x is spoken (no HTTP/2 negotiation), which is what federation peers use.
+The resources below still apply their own checks (``web/invite.py`` also refuses
+oversized bodies), so an embedder mounting our tree in a plain ``Site`` keeps
+the protocol checks, though not these connection limits.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from ..core.errors import Codes, MatrixError
+
+__all__ = ["FederationSite"]
+
+log = Logger(namespace="federation_invite.web.site")
+
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large"}
+
+
+def _raw_error_response(error: MatrixError) -> bytes:
+    """A complete HTTP/1.1 response carrying ``error``, for a connection about to close."""
+    body = json.dumps(error.to_json(), ensure_ascii=True).encode("ascii")
+    reason = _REASONS.get(error.http_status, b"Error")
+    head = (
+        b"HTTP/1.1 %d %s\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: %d\r\n"
+        b"Cache-Control: no-cache, no-store, must-revalidate\r\n"
+        b"Connection: close\r\n\r\n"
+    ) % (error.http_status, reason, len(body))
+    return head + body
+
+
+class _LimitedChannel(HTTPChannel):
+    """``HTTPChannel`` with a per-request receive deadline and a body cap (see the module doc)."""
+
+    #: Set by ``FederationSite.buildProtocol``.
+    request_timeout: float | None = None
+    max_body_bytes: int | None = None
+
+    _deadline: IDelayedCall | None = None
+    #: Once a request is refused here, nothing more is read from the connection.
+    refused = False
+
+    # -- the deadline --------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if (
+            data
+            and self._deadline is None
+            and not self._handlingRequest
+            and self.request_timeout is not None
+        ):
+            # The first byte of a request: from now it has request_timeout
+            # seconds to arrive whole, however it trickles in.
+            self._deadline = self.callLater(self.request_timeout, self._too_slow)
+        super().dataReceived(data)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        log.info(
+            "Closing connection from {peer}: request not received within {timeout} s",
+            peer=str(self.transport.getPeer()) if self.transport else "?",
+            timeout=self.request_timeout,
+        )
+        self.refuse(
+            MatrixError(
+                408,
+                Codes.UNKNOWN,
+                f"The request was not received within {self.request_timeout:g} seconds",
+            )
+        )
+
+    # -- the body cap ----------------------------------------------------
+
+    def allHeadersReceived(self) -> None:
+        declared = self.length
+        if self.max_body_bytes is not None and declared and declared > self.max_body_bytes:
+            # Refused before gotLength buffers anything and before a
+            # "100 Continue" invites the body.
+            self.refuse_too_large()
+            return
+        super().allHeadersReceived()
+
+    def refuse_too_large(self) -> None:
+        """The body is (or would be) larger than ``max_body_bytes``: 413, and close."""
+        log.info(
+            "Refusing a request body over {limit} bytes from {peer}",
+            limit=self.max_body_bytes,
+            peer=str(self.transport.getPeer()) if self.transport else "?",
+        )
+        self.refuse(
+            MatrixError(413, Codes.TOO_LARGE, f"Request body exceeds {self.max_body_bytes} bytes")
+        )
+
+    # -- refusing ----------------------------------------------------------
+
+    def refuse(self, error: MatrixError) -> None:
+        """Answer ``error`` at once, stop reading, and close the connection."""
+        if self.refused:
+            return
+        self.refused = True
+        self._cancel_deadline()
+        self.setTimeout(None)
+        if self.transport is None:
+            return
+        self.transport.write(_raw_error_response(error))
+        self.loseConnection()
+        if self.abortTimeout is not None:
+            # A peer that does not read our answer must not hold the socket.
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's malformed-request answer (bad request line, header too
+        # long, bad chunking...), in JSON like every other answer of ours.
+        self.refuse(MatrixError(400, Codes.UNKNOWN, "Malformed HTTP request"))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # A request or header line over 16 KiB: Twisted would just hang up.
+        self.refuse(MatrixError(400, Codes.UNKNOWN, "Request line or header too long"))
+
+    def lineReceived(self, line: bytes) -> None:
+        if not self.refused:
+            super().lineReceived(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self.refused:
+            super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        if self.refused:
+            return
+        self._cancel_deadline()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+
+class _LimitedRequest(Request):
+    """A ``Request`` that counts its body as it arrives and stops at the channel's cap."""
+
+    _body_received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        channel = self.channel
+        if not isinstance(channel, _LimitedChannel):
+            super().handleContentChunk(data)
+            return
+        if channel.refused:
+            return
+        self._body_received += len(data)
+        if channel.max_body_bytes is not None and self._body_received > channel.max_body_bytes:
+            channel.refuse_too_large()
+            return
+        super().handleContentChunk(data)
+
+
+class FederationSite(Site):
+    """A ``Site`` with the connection limits of the module doc; the daemon listens with it."""
+
+    protocol = _LimitedChannel  # type: ignore[assignment]
+    requestFactory = _LimitedRequest
+
+    def __init__(
+        self,
+        resource: Resource,
+        *,
+        reactor: IReactorTime,
+        max_body_bytes: int = 1_048_576,
+        request_timeout: float = 30.0,
+        idle_timeout: float = 60.0,
+    ) -> None:
+        if max_body_bytes < 0 or request_timeout <= 0 or idle_timeout <= 0:
+            raise ValueError("limits must be positive")
+        super().__init__(resource, timeout=idle_timeout, reactor=reactor)
+        self.displayTracebacks = False
+        self.max_body_bytes = max_body_bytes
+        self.request_timeout = request_timeout
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        if isinstance(channel, _LimitedChannel):
+            channel.request_timeout = self.request_timeout
+            channel.max_body_bytes = self.max_body_bytes
+        return channel

@@ -1,0 +1,264 @@
+"""Storage faults (issue #10, point 4), on the real stores: while the database is unavailable an
+invite is answered 500 M_UNKNOWN with a clear log line, nothing signed is returned unless it was
+stored, and service resumes by itself once the database is back.
+
+SQLite: another connection holds the write lock (the busy timeout is shortened to 300 ms here).
+PostgreSQL: the store's server processes are terminated (pg_terminate_backend) in the middle of a
+write, and the database refuses connections for a while (ALLOW_CONNECTIONS false).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from federation_invite.auth import RequestAuthenticator
+from federation_invite.inbound import InviteHandler, InviteLimits
+from federation_invite.keyring import Keyring
+from federation_invite.policy import InvitePolicy
+from federation_invite.service import build_site_root
+from federation_invite.signer import LocalSigner
+from federation_invite.store import IStore, StoreError, open_store
+from federation_invite.store import _dialect as dialect_module
+from federation_invite.web.invite import InviteResource
+from federation_invite.web.keys import KeyServerResource
+from federation_invite.web.tree import build_matrix_tree
+
+from .invites import BOB, US, InviteScenario, event_id_of
+from .store._support import (
+    POSTGRES_BASE,
+    create_postgres_database,
+    drop_postgres_database,
+    require_postgres,
+)
+from .support import local_verify_key
+
+
+class RealStoreScenario(InviteScenario):
+    """``InviteScenario`` with a real (SQLite or PostgreSQL) store in place of ``MemoryStore``."""
+
+    def __init__(self, store: IStore) -> None:
+        super().__init__(limits=InviteLimits(invitee_burst=1000))
+        self.store = store  # type: ignore[assignment]
+        self.keyring = Keyring(
+            self.clock, store, self.federation, local_keys=[local_verify_key(US, self.our_key)]
+        )
+        self.handler = InviteHandler(
+            self.clock,
+            US,
+            RequestAuthenticator(self.clock, US, self.keyring),
+            self.keyring,
+            LocalSigner(US, self.our_key),
+            store,
+            InvitePolicy(US, store),
+            limits=InviteLimits(invitee_burst=1000),
+            listeners=[self.listened.append],
+        )
+        tree = build_matrix_tree(
+            KeyServerResource(self.clock, US, [self.our_key]),
+            {(b"federation", b"v2", b"invite"): InviteResource(self.handler, 2, 1_048_576)},
+        )
+        self.root = build_site_root(tree)
+        self.client = StubTreq(self.root)
+
+
+class StorageFaultMixin:
+    """The shared steps; subclasses open the store and break the database."""
+
+    timeout = 30
+    s: RealStoreScenario
+
+    async def start(self, store: IStore) -> None:
+        self.addCleanup(store.close)  # type: ignore[attr-defined]
+        await store.add_local_user(BOB)
+        self.s = RealStoreScenario(store)
+        self.logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)  # type: ignore[attr-defined]
+        self.depth = 0
+        self.assertEqual((await self.invite())[0], 200)  # type: ignore[attr-defined]
+
+    def new_invite(self) -> tuple[Any, dict[str, Any]]:
+        self.depth += 1
+        return self.s.invite(extra={"depth": self.depth})
+
+    async def invite(self, invite: tuple[Any, dict[str, Any]] | None = None) -> tuple[int, Any]:
+        room_version, event = invite or self.new_invite()
+        deferred = self.s.send(
+            2,
+            self.s.v2_body(room_version, event),
+            room_id=event["room_id"],
+            event_id=event_id_of(room_version, event),
+        )
+        return await self.answer(deferred)
+
+    async def answer(self, deferred: Deferred[Any], seconds: float = 20) -> tuple[int, Any]:
+        results: list[Any] = []
+        deferred.addBoth(results.append)
+        for _ in range(int(seconds / 0.01)):
+            self.s.client.flush()
+            if results:
+                response = results[0]
+                content = await response.content()
+                return response.code, json.loads(content)
+            await deferLater(reactor, 0.01)
+        raise AssertionError("no answer")
+
+    async def stored(self, invite: tuple[Any, dict[str, Any]]) -> Any:
+        room_version, event = invite
+        return await self.s.store.get_invite(event_id_of(room_version, event))
+
+    def assertStoreFailure(self, answer: tuple[int, Any]) -> None:
+        """500 M_UNKNOWN, no event in the answer, and the log says which operation failed."""
+        status, body = answer
+        self.assertEqual((status, body.get("errcode")), (500, "M_UNKNOWN"), body)  # type: ignore[attr-defined]
+        self.assertNotIn("event", body)  # type: ignore[attr-defined]
+        reasons = [
+            str(e.get("reason", ""))
+            for e in self.logged
+            if e.get("log_namespace") == "federation_invite.inbound"
+            and e.get("log_level") is LogLevel.error
+        ]
+        # StoreError's text: "<operation> failed: <driver error> [<database, no password>]".
+        self.assertRegex(reasons[-1], r"^[a-z_]+ failed: \w+")  # type: ignore[attr-defined]
+        self.last_reason = reasons[-1]
+
+    async def assertAcceptedOnce(
+        self, invite: tuple[Any, dict[str, Any]], answer: tuple[int, Any]
+    ) -> None:
+        status, body = answer
+        self.assertEqual(status, 200, body)  # type: ignore[attr-defined]
+        record = await self.stored(invite)
+        self.assertEqual(record.event, body["event"])  # type: ignore[attr-defined, union-attr]
+        self.assertIn(US, body["event"]["signatures"])  # type: ignore[attr-defined]
+
+
+class SQLiteStorageFaultTests(StorageFaultMixin, TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.patch(dialect_module, "SQLITE_BUSY_TIMEOUT_MS", 300)
+        self.path = os.path.abspath(self.mktemp()) + ".db"
+        await self.start(await open_store(f"sqlite:///{self.path}", reactor=reactor))
+
+    def lock(self) -> sqlite3.Connection:
+        """Another connection takes the write lock and keeps it."""
+        other = sqlite3.connect(self.path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        self.addCleanup(other.close)
+        return other
+
+    async def test_locked_database(self) -> None:
+        """Write lock held elsewhere: 500 M_UNKNOWN, logged, nothing stored or returned signed;
+        the same invite once the lock is released: 200, stored once."""
+        other = self.lock()
+        invite = self.new_invite()
+        self.assertStoreFailure(await self.invite(invite))
+        self.assertIn(
+            "database is locked",
+            self.logged[-2].get("reason", "") + self.logged[-1].get("reason", ""),
+        )
+        other.execute("ROLLBACK")
+        self.assertIsNone(await self.stored(invite))
+        await self.assertAcceptedOnce(invite, await self.invite(invite))
+        self.assertEqual(len(await self.s.store.list_invites()), 2)
+
+    async def test_lock_released_while_waiting(self) -> None:
+        """A lock released within the busy timeout: the waiting invite succeeds by itself."""
+        other = self.lock()
+        invite = self.new_invite()
+        reactor.callLater(0.1, other.execute, "ROLLBACK")  # type: ignore[attr-defined]
+        await self.assertAcceptedOnce(invite, await self.invite(invite))
+
+
+class PostgresStorageFaultTests(StorageFaultMixin, TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        require_postgres(self)
+        self.database = create_postgres_database()
+        self.addCleanup(drop_postgres_database, self.database)
+        await self.start(await open_store(f"{POSTGRES_BASE}/{self.database}", reactor=reactor))
+
+    def admin(self, database: str = "postgres") -> Any:
+        import psycopg2
+
+        connection = psycopg2.connect(f"{POSTGRES_BASE}/{database}")
+        self.addCleanup(connection.close)
+        return connection
+
+    def terminate_store_connections(self) -> int:
+        connection = self.admin()
+        connection.autocommit = True
+        cursor = connection.cursor()
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND application_name = 'federation-invite'",
+            (self.database,),
+        )
+        return len(cursor.fetchall())
+
+    async def stored(self, invite: tuple[Any, dict[str, Any]]) -> Any:
+        # The pool's other connections were terminated too: each fails once
+        # (StoreError) and is replaced, so reading back may take a few tries.
+        for _ in range(10):
+            try:
+                return await super().stored(invite)
+            except StoreError:
+                continue
+        self.fail("the store did not recover")  # type: ignore[attr-defined]
+
+    async def until_served(self, invite: tuple[Any, dict[str, Any]]) -> int:
+        """Retry ``invite`` until it is accepted; every failure is a clean 500. Returns the tries."""
+        for attempt in range(1, 10):
+            answer = await self.invite(invite)
+            if answer[0] == 200:
+                await self.assertAcceptedOnce(invite, answer)
+                return attempt
+            self.assertStoreFailure(answer)
+            self.assertIsNone(await self.stored(invite))
+        self.fail("service did not resume")  # type: ignore[attr-defined]
+
+    async def test_backend_terminated_mid_write(self) -> None:
+        """The store's server process is killed while its INSERT waits on a lock: 500 M_UNKNOWN,
+        nothing stored; afterwards the pool reconnects and the same invite is stored once."""
+        holder = self.admin(self.database)
+        holder.cursor().execute("LOCK TABLE invites IN ACCESS EXCLUSIVE MODE")
+        invite = self.new_invite()
+        room_version, event = invite
+        pending = self.s.send(
+            2,
+            self.s.v2_body(room_version, event),
+            room_id=event["room_id"],
+            event_id=event_id_of(room_version, event),
+        )
+        await deferLater(reactor, 0.3)
+        self.s.client.flush()
+        self.assertNoResult(pending)  # type: ignore[attr-defined]
+        self.assertGreaterEqual(self.terminate_store_connections(), 1)  # type: ignore[attr-defined]
+        self.assertStoreFailure(await self.answer(pending))
+        holder.rollback()
+        self.assertIsNone(await self.stored(invite))
+        await self.until_served(invite)
+        self.assertEqual(len(await self.s.store.list_invites()), 2)
+        self.flushLoggedErrors()  # adbapi logs the failed rollback on the dead connection
+
+    async def test_database_refusing_connections_for_a_while(self) -> None:
+        """The database goes away (connections refused, existing ones terminated): invites get
+        500 M_UNKNOWN; once it accepts connections again, service resumes by itself."""
+        admin = self.admin()
+        admin.autocommit = True
+        admin.cursor().execute(f'ALTER DATABASE "{self.database}" ALLOW_CONNECTIONS false')
+        self.terminate_store_connections()
+        invite = self.new_invite()
+        for _ in range(3):
+            self.assertStoreFailure(await self.invite(invite))
+        admin.cursor().execute(f'ALTER DATABASE "{self.database}" ALLOW_CONNECTIONS true')
+        await self.until_served(invite)
+        self.assertEqual(len(await self.s.store.list_invites()), 2)
+        self.flushLoggedErrors()
