@@ -374,7 +374,9 @@ class HeaderTests(AnswerChecks):
         status, body = self.check(f.exchange(f.raw(request, headers=headers)))
         if valid:
             self.assertEqual(status, 200, (headers, body))
-        elif b"\x00" in headers[0] or b"\x7f" in headers[0]:
+            return
+        self.assertNotEqual(status, 200, ("accepted with a different header", headers))
+        if b"\x00" in headers[0] or b"\x7f" in headers[0]:
             self.assertIn((status, body["errcode"]), [(400, "M_UNKNOWN"), (401, "M_UNAUTHORIZED")])
         else:
             self.assertEqual((status, body["errcode"]), (401, "M_UNAUTHORIZED"), headers)
@@ -500,6 +502,7 @@ class PathTests(AnswerChecks):
         if valid:
             self.assertEqual(status, 200, (path, body))
             return
+        self.assertNotEqual(status, 200, ("accepted at a path naming other IDs", path))
         self.assertIn((status, body["errcode"]), allowed, (path, method, body))
 
 
