@@ -108,6 +108,12 @@ def _number_above_zero(value: object) -> float:
     return float(value)
 
 
+def _number_at_least_zero(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError("must be a number >= 0")
+    return float(value)
+
+
 def _server_name(value: object) -> str:
     if not isinstance(value, str) or not is_valid_server_name(value):
         raise ValueError("must be a Matrix server name (host, IPv4, [IPv6], optional :port)")
@@ -393,6 +399,13 @@ OPTIONS: tuple[Option, ...] = (
         60.0,
         _number_above_zero,
         "Seconds a connection may stay open with no request in progress and nothing received.",
+    ),
+    Option(
+        "inbound.policy_cache_seconds",
+        5.0,
+        _number_at_least_zero,
+        "Seconds an invitee's local-user status and invite rules are cached in memory; "
+        "CLI changes take effect within this time. 0: ask the database every time.",
     ),
     Option(
         "ratelimit.origin_per_second",

@@ -219,6 +219,8 @@ def build_components(
         server_deny=config.get("inbound.server_deny"),
         user_deny=config.get("inbound.user_deny"),
         hooks=hooks,
+        clock=reactor,
+        cache_seconds=config.get("inbound.policy_cache_seconds"),
     )
     metrics = InviteMetrics(enabled=bool(config.get("metrics.listen")))
     metrics.watch_key_fetches(lambda: (keyring.fetches, keyring.fetch_failures))
