@@ -398,7 +398,11 @@ class SynapseServer:
                 f"no Python at {self.python} (run .ci/interop, or set {SYNAPSE_PYTHON_VARIABLE})"
             )
         result = subprocess.run(
-            [self.python, "-c", "import synapse; print(synapse.__version__)"],
+            [
+                self.python,
+                "-c",
+                "import synapse, importlib.metadata as m; print(m.version('matrix-synapse'))",
+            ],
             capture_output=True,
             cwd=self.directory,
         )

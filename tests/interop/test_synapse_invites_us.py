@@ -40,6 +40,8 @@ class SynapseInvitesUsTests(InteropCase):
             (bob, alice.user_id, self.synapse.server_name, room_version),
         )
         self.assertEqual(record["status"], "pending")
+        # Synapse 1.163 sends the room's state as full PDUs (MSC4311), the create event first.
+        self.assertIn("m.room.create", [e.get("type") for e in record["invite_room_state"]])
         event = record["event"]
         self.assertEqual(
             compute_event_id(KNOWN_ROOM_VERSIONS[room_version], event), record["event_id"]
