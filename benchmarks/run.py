@@ -27,6 +27,7 @@ from benchlib import (
     HERE,
     build_invite,
     cpu_seconds,
+    cpu_split,
     free_port,
     make_certificate,
     make_origin_key,
@@ -76,8 +77,11 @@ def measure(
     pid: int, port: int, requests_file: str, duration: float, connections: int
 ) -> dict[str, Any]:
     cpu_before = cpu_seconds(pid)
+    _, system_before = cpu_split(pid)
     report = run_wrk(port, requests_file, duration=duration, connections=connections)
     report["server_cpu"] = cpu_seconds(pid) - cpu_before
+    _, system_after = cpu_split(pid)
+    report["server_system_share"] = (system_after - system_before) / max(1e-9, report["server_cpu"])
     report["rss"] = rss_bytes(pid)
     ok = report["counts"].get("200", 0)
     report["ok"] = ok
@@ -91,7 +95,7 @@ def show(name: str, report: dict[str, Any]) -> None:
     print(
         f"{name:<12} {report['rate']:8.0f} req/s  p50 {report['p50_us'] / 1000:6.1f} ms  "
         f"p90 {report['p90_us'] / 1000:6.1f} ms  p99 {report['p99_us'] / 1000:6.1f} ms  "
-        f"server CPU {report['cpu_per_request_us']:6.0f} us/req  "
+        f"server CPU {report['cpu_per_request_us']:6.0f} us/req ({report['server_system_share']:.0%} sys)  "
         f"wrk CPU {report['wrk_cpu_per_request_us']:4.0f} us/req  "
         f"RSS {report['rss'] / 2**20:5.0f} MiB  answers {json.dumps(report['counts'], sort_keys=True)}"
         + (f"  (request file wrapped {report['wrapped']}x)" if report["wrapped"] else "")
@@ -119,6 +123,12 @@ def main() -> None:
         "--database", help="database URI for the daemon (default: SQLite in a temp dir)"
     )
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--cprofile", help="run the daemon's reactor thread under cProfile, stats saved to this file"
+    )
+    parser.add_argument(
+        "--no-log", action="store_true", help="run the daemon with logging dropped (to measure its cost)"
+    )
     parser.add_argument(
         "--profile",
         help="record the daemon with py-spy during the run into this folded-stacks file",
@@ -245,16 +255,17 @@ def main() -> None:
                 check=True,
             )
             with process(
-                [
-                    os.path.join(BIN, "twistd"),
-                    "-n",
-                    "--pidfile=",
-                    "federation-invite",
-                    "-c",
-                    config,
-                ],
+                [os.path.join(BIN, "twistd"), "-n", "--pidfile="]
+                + (["--logger", "nulllog.observer"] if args.no_log else [])
+                + (
+                    ["--profile", os.path.abspath(args.cprofile), "--profiler", "cprofile", "--savestats"]
+                    if args.cprofile
+                    else []
+                )
+                + ["federation-invite", "-c", config],
                 cwd=work,
                 log_name="daemon.log",
+                env={**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")},
             ) as proc:
                 wait_for_port(daemon_port)
                 warm = run_wrk(daemon_port, warmup_file, duration=2, connections=args.connections)

@@ -184,7 +184,13 @@ def _check_references(version: RoomVersion, refs: object, key: str, limit: int) 
             if not isinstance(ref, list) or len(ref) != 2:
                 _bad(f"{key!r} entries must be [event_id, hashes] pairs")
             event_id, hashes = ref
-            _check_hashes(hashes, f"{key!r} hashes")
+            # Synapse sends {} for a reference it cannot hash (an event its store
+            # does not return) and ignores these hashes on receipt, as every
+            # receiver may: refusing {} would refuse Synapse's v1/v2 invites.
+            if not isinstance(hashes, dict):
+                _bad(f"{key!r} hashes must be an object")
+            if "sha256" in hashes and not isinstance(hashes["sha256"], str):
+                _bad(f"{key!r} hashes must have a string 'sha256'")
         else:
             event_id = ref
         if not is_valid_event_id(event_id, version):

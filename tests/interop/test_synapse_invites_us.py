@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.trial.unittest import FailTest
 
 from federation_invite.core.events import compute_event_id
 from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
@@ -57,14 +56,6 @@ class SynapseInvitesUsTests(InteropCase):
     def test_room_version_1(self) -> Deferred[None]:
         """Room version 1 (own event IDs): accepted, co-signed, stored, shown by Synapse."""
         return ensureDeferred(self.invite_from_synapse("1"))
-
-    # Synapse sends [event_id, {}] references for auth events it could not hash;
-    # our format check answers 400 M_BAD_JSON ("'auth_events' hashes must have a
-    # string 'sha256'"). Remove this once federation_invite/core/format.py accepts them.
-    test_room_version_1.todo = (  # type: ignore[attr-defined]
-        (FailTest,),
-        "core/format.py refuses Synapse's empty v1 reference hashes (issue #9 report)",
-    )
 
     def test_room_version_5(self) -> Deferred[None]:
         """Room version 5 (key validity enforced): accepted, co-signed, stored, shown."""
