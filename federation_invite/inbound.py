@@ -149,8 +149,14 @@ class InviteHandler:
         event_id: str,
         body: dict[str, Any],
         body_length: int,
+        numbers_strict: bool = False,
     ) -> dict[str, Any]:
-        """Handle one invite; return ``{"event": ...}`` (the v1 wrapping is the resource's)."""
+        """Handle one invite; return ``{"event": ...}`` (the v1 wrapping is the resource's).
+
+        ``numbers_strict``: the body was parsed with ``parse_json_with_numbers``
+        and holds no float or out-of-range integer, so strict and lax canonical
+        encodings of it are the same bytes and need no separate checking walk.
+        """
         origin: str | None = None
         started = self._clock.seconds()
         try:
@@ -166,7 +172,7 @@ class InviteHandler:
                 self._origin_concurrency.acquire(origin)
                 try:
                     answer, outcome = await self._handle(
-                        origin, api_version, room_id, event_id, body, body_length
+                        origin, api_version, room_id, event_id, body, body_length, numbers_strict
                     )
                 finally:
                     self._origin_concurrency.release(origin)
@@ -206,19 +212,27 @@ class InviteHandler:
         event_id: str,
         body: dict[str, Any],
         body_length: int,
+        numbers_strict: bool,
     ) -> tuple[dict[str, Any], str]:
         """Rows 5 to 20; returns the answer and the outcome (accepted, ignored, repeated)."""
         room_version, event, invite_room_state = _unwrap(api_version, body)
-        check_event_format(room_version, event)
-        if not (room_version.strict_canonical_json and body_length <= MAX_PDU_SIZE):
-            # Strict canonical JSON is never longer than the JSON it was parsed
-            # from, so only lax room versions or large bodies need the encoding.
-            check_pdu_size(encode_canonical_json(event, strict=room_version.strict_canonical_json))
-        prepared = prepare_event(room_version, event)
+        check_event_format(room_version, event, numbers_checked=numbers_strict)
+        # With no float or large integer in the body, the lax encoding is the
+        # strict one: encode without walking the event again for each hash.
+        strict = False if numbers_strict else room_version.strict_canonical_json
+        try:
+            if not (room_version.strict_canonical_json and body_length <= MAX_PDU_SIZE):
+                # Strict canonical JSON is never longer than the JSON it was parsed
+                # from, so only lax room versions or large bodies need the encoding.
+                check_pdu_size(encode_canonical_json(event, strict=strict))
+            prepared = prepare_event(room_version, event, strict=strict)
+            content_hash_ok = check_content_hash(room_version, event, strict=strict)
+        except ValueError as exc:  # CanonicalJSONError: e.g. a lone surrogate
+            raise MatrixError(400, Codes.BAD_JSON, f"Invalid PDU: {exc}") from None
         self._check_identity(room_version, event, prepared, room_id, event_id)
         invitee = self._check_membership(event, origin)
         await self._check_signatures(room_version, event, prepared)
-        if not check_content_hash(room_version, event):
+        if not content_hash_ok:
             raise _invalid("The event's content hash is missing or wrong")
         await self._check_room_state(room_version, room_id, invite_room_state)
         invite = InboundInvite(

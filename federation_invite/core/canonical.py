@@ -24,6 +24,7 @@ __all__ = [
     "check_canonical_json",
     "encode_canonical_json",
     "parse_json",
+    "parse_json_with_numbers",
 ]
 
 MAX_SAFE_INTEGER = 2**53 - 1
@@ -83,13 +84,26 @@ def _check_string(text: str) -> None:
 
 
 def encode_canonical_json(value: Any, *, strict: bool = True) -> bytes:
-    """Encode ``value`` as canonical JSON bytes, checking it first.
+    """Encode ``value`` as canonical JSON bytes.
 
-    ``strict=False`` admits floats and large integers, as old room versions
-    (1 to 5) tolerate them in received events; never use it for our own output.
+    ``strict`` (the default, for our own output and v6+ data) first checks the
+    value with ``check_canonical_json``. ``strict=False`` admits floats and
+    large integers, as old room versions (1 to 5) tolerate them in received
+    events, and is meant for data parsed from JSON: it skips the walk and
+    relies on the encoder, which still refuses NaN/Infinity, lone surrogates
+    and non-JSON types (``CanonicalJSONError``).
     """
-    check_canonical_json(value, strict=strict)
-    return canonicaljson.encode_canonical_json(value)
+    if strict:
+        check_canonical_json(value, strict=True)
+        encoded: bytes = canonicaljson.encode_canonical_json(value)
+        return encoded
+    try:
+        encoded = canonicaljson.encode_canonical_json(value)
+    except (ValueError, TypeError):  # UnicodeEncodeError is a ValueError
+        # Only on failure: walk the value to say exactly what is wrong.
+        check_canonical_json(value, strict=False)
+        raise CanonicalJSONError("value has no canonical JSON form") from None  # pragma: no cover
+    return encoded
 
 
 def _refuse_constant(name: str) -> Any:
@@ -122,12 +136,45 @@ def parse_json(body: bytes) -> Any:
     ``M_BAD_JSON`` for an object with a duplicate key, whose meaning differs
     between parsers and so must never be signed.
     """
+    return _parse(body, _decoder)
+
+
+def parse_json_with_numbers(body: bytes) -> tuple[Any, bool]:
+    """``parse_json``, also telling whether every number is strictly canonical.
+
+    The second value is True when the body holds no float and no integer
+    outside the interoperable range, i.e. nothing that strict canonical JSON
+    (room versions 6+) refuses: callers can then skip walking the value again
+    before hashing it. Found while parsing, at the cost of one call per number.
+    """
+    clean = [True]
+
+    def parse_int(text: str) -> int:
+        value = int(text)
+        if not MIN_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+            clean[0] = False
+        return value
+
+    def parse_float(text: str) -> float:
+        clean[0] = False
+        return float(text)
+
+    decoder = json.JSONDecoder(
+        object_pairs_hook=_no_duplicates,
+        parse_constant=_refuse_constant,
+        parse_int=parse_int,
+        parse_float=parse_float,
+    )
+    return _parse(body, decoder), clean[0]
+
+
+def _parse(body: bytes, decoder: json.JSONDecoder) -> Any:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise MatrixError(400, Codes.NOT_JSON, "Body is not UTF-8") from None
     try:
-        value, end = _decoder.raw_decode(text, _skip_ws(text, 0))
+        value, end = decoder.raw_decode(text, _skip_ws(text, 0))
     except _DuplicateKey as exc:
         raise MatrixError(400, Codes.BAD_JSON, f"Duplicate key {str(exc)[:64]!r} in JSON") from None
     except RecursionError:

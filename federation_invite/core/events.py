@@ -303,13 +303,15 @@ def add_content_hash(room_version: RoomVersion, event: Mapping[str, Any]) -> dic
     return {**event, "hashes": hashes}
 
 
-def check_content_hash(room_version: RoomVersion, event: Mapping[str, Any]) -> bool:
+def check_content_hash(
+    room_version: RoomVersion, event: Mapping[str, Any], *, strict: bool | None = None
+) -> bool:
     """True when ``hashes.sha256`` matches the event's content hash.
 
     False when the hash is missing, not a string, not base64, or wrong (the
     spec then has receivers use the redacted copy). An event that cannot be
     encoded at all raises ``CanonicalJSONError``, as it is malformed rather
-    than redacted.
+    than redacted. ``strict`` as for ``compute_content_hash``.
     """
     hashes = event.get("hashes")
     if not isinstance(hashes, dict):
@@ -322,4 +324,6 @@ def check_content_hash(room_version: RoomVersion, event: Mapping[str, Any]) -> b
         claimed_bytes = decode_base64(claimed)
     except ValueError:
         return False
-    return hmac.compare_digest(claimed_bytes, compute_content_hash(room_version, event))
+    return hmac.compare_digest(
+        claimed_bytes, compute_content_hash(room_version, event, strict=strict)
+    )

@@ -71,7 +71,9 @@ def _room_version(room_version: RoomVersion | str) -> RoomVersion:
     return get_room_version(room_version)
 
 
-def check_event_format(room_version: RoomVersion | str, event: object) -> None:
+def check_event_format(
+    room_version: RoomVersion | str, event: object, *, numbers_checked: bool = False
+) -> None:
     """Raise ``MatrixError`` 400 ``M_BAD_JSON`` unless ``event`` is a well-formed PDU.
 
     Checks, per the room version's PDU schema: the required keys and their
@@ -81,17 +83,23 @@ def check_event_format(room_version: RoomVersion | str, event: object) -> None:
     JSON for the whole event. It does not check hashes, signatures or auth
     rules, nor the 64 KiB size limit (``check_pdu_size``). Raises only
     ``MatrixError``, whatever JSON-shaped value it is given.
+
+    ``numbers_checked``: the caller parsed the event from JSON and knows it
+    holds no float and no out-of-range integer (``parse_json_with_numbers``),
+    so the canonical-JSON walk is skipped; strings without a UTF-8 form then
+    surface when the event is encoded, as ``CanonicalJSONError``.
     """
     version = _room_version(room_version)
     if not isinstance(event, dict):
         _bad("the event is not a JSON object")
-    try:
-        # v6+ (rooms/fragments/v6-canonical-json.md): strictly enforced. Before
-        # v6, floats and large integers are tolerated, but values with no JSON
-        # form at all (NaN, lone surrogates) never are: they cannot be hashed.
-        check_canonical_json(event, strict=version.strict_canonical_json)
-    except CanonicalJSONError as exc:
-        _bad(f"not canonical JSON: {exc}")
+    if not numbers_checked:
+        try:
+            # v6+ (rooms/fragments/v6-canonical-json.md): strictly enforced. Before
+            # v6, floats and large integers are tolerated, but values with no JSON
+            # form at all (NaN, lone surrogates) never are: they cannot be hashed.
+            check_canonical_json(event, strict=version.strict_canonical_json)
+        except CanonicalJSONError as exc:
+            _bad(f"not canonical JSON: {exc}")
 
     required = ["type", "sender", "origin_server_ts", "content", "depth", "hashes", "signatures"]
     required += ["prev_events", "auth_events"]

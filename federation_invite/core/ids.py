@@ -9,6 +9,7 @@ so they are safe on untrusted JSON.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -51,6 +52,9 @@ _V4_HASH_RE = re.compile(r"[A-Za-z0-9\-_]{43}\Z")
 def parse_server_name(server_name: object) -> tuple[str, int | None]:
     """Split a server name into ``(host, port)``, raising ``ValueError`` if invalid.
 
+    Answers for valid names are memoised (the same few names recur in every
+    request, ID and key lookup); invalid ones are checked every time.
+
     The grammar is appendices, "Server Name": a DNS name, a dotted-quad IPv4
     literal or a bracketed IPv6 literal, then an optional ``:port`` in
     1..65535. IPv6 hosts are returned with their brackets, as they appear in
@@ -58,6 +62,11 @@ def parse_server_name(server_name: object) -> tuple[str, int | None]:
     """
     if not isinstance(server_name, str):
         raise ValueError("server name is not a string")
+    return _parse_server_name(server_name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_server_name(server_name: str) -> tuple[str, int | None]:
     if not server_name:
         raise ValueError("server name is empty")
     if server_name.startswith("["):

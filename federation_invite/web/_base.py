@@ -62,6 +62,10 @@ def _unexpected(request: Request, failure: Failure) -> bytes:
     return write_error(request, MatrixError(500, Codes.UNKNOWN, "Internal server error"))
 
 
+#: Resource class -> the methods it serves (classes do not change at run time).
+_ALLOWED_METHODS: dict[type, list[str]] = {}
+
+
 class MatrixResource(Resource):
     """A resource that answers unknown children and unsupported methods in JSON.
 
@@ -73,16 +77,20 @@ class MatrixResource(Resource):
         return NotFoundResource()
 
     def allowed_methods(self) -> list[str]:
-        """The methods this resource serves (HEAD wherever GET is)."""
-        methods = {
-            name[7:]
-            for name in dir(self)
-            if name.startswith("render_")
-            and getattr(type(self), name) is not getattr(Resource, name, None)
-        }
-        if "GET" in methods:
-            methods.add("HEAD")
-        return sorted(methods)
+        """The methods this resource serves (HEAD wherever GET is); computed once per class."""
+        cls = type(self)
+        methods = _ALLOWED_METHODS.get(cls)
+        if methods is None:
+            found = {
+                name[7:]
+                for name in dir(cls)
+                if name.startswith("render_")
+                and getattr(cls, name) is not getattr(Resource, name, None)
+            }
+            if "GET" in found:
+                found.add("HEAD")
+            methods = _ALLOWED_METHODS[cls] = sorted(found)
+        return methods
 
     def render(self, request: Request) -> bytes | int:
         method = request.method.decode("ascii", "replace")

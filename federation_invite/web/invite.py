@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.web.server import Request
 
-from ..core.canonical import parse_json
+from ..core.canonical import parse_json_with_numbers
 from ..core.errors import Codes, MatrixError
 from ..inbound import InviteHandler
 from ._base import MatrixResource, not_found, render_async, write_error
@@ -68,14 +68,14 @@ class InviteResource(MatrixResource):
         room_id = _path_parameter(room_segment, "room ID")
         event_id = _path_parameter(event_segment, "event ID")
         raw = _read_body(request, self._max_body_bytes)
-        body = parse_json(raw)
+        body, numbers_strict = parse_json_with_numbers(raw)
         if not isinstance(body, dict):
             raise MatrixError(400, Codes.NOT_JSON, "The body must be a JSON object")
         api_version = self._api_version
 
         async def work() -> tuple[int, Any]:
             answer = await self._handler.on_invite(
-                request, api_version, room_id, event_id, body, len(raw)
+                request, api_version, room_id, event_id, body, len(raw), numbers_strict
             )
             return 200, ([200, answer] if api_version == 1 else answer)
 

@@ -16,6 +16,7 @@ from federation_invite.core.canonical import (
     check_canonical_json,
     encode_canonical_json,
     parse_json,
+    parse_json_with_numbers,
 )
 from federation_invite.core.errors import MatrixError
 
@@ -138,3 +139,57 @@ class ParseTests(SynchronousTestCase):
         """JSON nested beyond the parser's recursion limit is refused, not a crash."""
         error = self.refused(b"[" * 200_000 + b"]" * 200_000)
         self.assertEqual((error.http_status, error.errcode), (400, "M_NOT_JSON"))
+
+
+class ParseWithNumbersTests(SynchronousTestCase):
+    def test_numbers_flag(self) -> None:
+        """The flag is True only when no float and no out-of-range integer occurs anywhere."""
+        cases = [
+            (b'{"a": [1, -2, {"b": 9007199254740991}]}', True),
+            (b'{"a": "1.5 in a string"}', True),
+            (b'{"a": 1.0}', False),
+            (b'{"a": [1e2]}', False),
+            (b'{"a": {"b": 9007199254740992}}', False),
+            (b"[-9007199254740992]", False),
+            (b"{}", True),
+        ]
+        for body, clean in cases:
+            value, numbers_strict = parse_json_with_numbers(body)
+            self.assertEqual(value, json.loads(body))
+            self.assertEqual(numbers_strict, clean, body)
+
+    def test_same_errors_as_parse_json(self) -> None:
+        """Refusals are those of parse_json (duplicate keys, NaN, trailing data)."""
+        for body, errcode in (
+            (b'{"a":1,"a":2}', "M_BAD_JSON"),
+            (b"[NaN]", "M_NOT_JSON"),
+            (b"{} 1", "M_NOT_JSON"),
+        ):
+            error = self.assertRaises(MatrixError, parse_json_with_numbers, body)
+            self.assertEqual(error.errcode, errcode)
+
+    @settings(max_examples=100)
+    @given(json_values)
+    def test_lax_encoding_equals_strict_when_numbers_clean(self, value: Any) -> None:
+        """For values without floats or large integers, lax and strict encodings are equal."""
+        self.assertEqual(encode_canonical_json(value, strict=False), encode_canonical_json(value))
+
+    def test_lax_encoding_refusals(self) -> None:
+        """The lax encoding still refuses NaN, lone surrogates and non-JSON types, precisely."""
+        self.assertIn(
+            "NaN",
+            str(
+                self.assertRaises(
+                    CanonicalJSONError, encode_canonical_json, [float("nan")], strict=False
+                )
+            ),
+        )
+        self.assertIn(
+            "surrogate",
+            str(
+                self.assertRaises(
+                    CanonicalJSONError, encode_canonical_json, ["\ud800"], strict=False
+                )
+            ),
+        )
+        self.assertRaises(CanonicalJSONError, encode_canonical_json, [object()], strict=False)

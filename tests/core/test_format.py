@@ -406,6 +406,13 @@ class RejectTests(FormatTestCase):
                 f"{key!r} has more than {limit} entries",
             )
 
+    def test_numbers_checked_skips_the_walk(self) -> None:
+        """numbers_checked: the caller vouches for the numbers, so no canonical walk is made."""
+        event = invite_event("10")
+        event["content"]["n"] = 1.5
+        check_event_format("10", event, numbers_checked=True)
+        self.assertBad("10", event, "not canonical JSON: floats are not allowed in canonical JSON")
+
     def test_v1_reference_pairs(self) -> None:
         """pdu_v1: entries are [event_id, {"sha256": hash}] pairs with a v1 event ID."""
         good_id = "$af232176:example.org"
