@@ -29,6 +29,7 @@ from federation_invite.service import build_site_root
 from federation_invite.web.keys import KeyServerResource
 from federation_invite.web.tree import build_matrix_tree
 
+from .figures import report
 from .support import make_key
 from .test_daemon import BIN, _WallClock, free_port
 
@@ -231,5 +232,14 @@ class CrashTests(TestCase):
             rows = self.stored()
             self.assertEqual(sorted(row["event_id"] for row in rows), sorted(sent))
             self.kill_daemon()
+            report(
+                "crash",
+                invites_sent=len(invites),
+                answered_200_before_sigkill=len(accepted),
+                sigkills=1,
+                stored_after_restart=len(ids),
+                answered_invites_lost=len(set(accepted) - set(ids)),
+                stored_twice=len(ids) - len(set(ids)),
+            )
 
         return ensureDeferred(go())  # type: ignore[return-value]

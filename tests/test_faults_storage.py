@@ -33,6 +33,7 @@ from federation_invite.web.invite import InviteResource
 from federation_invite.web.keys import KeyServerResource
 from federation_invite.web.tree import build_matrix_tree
 
+from .figures import report
 from .invites import BOB, US, InviteScenario, event_id_of
 from .store._support import (
     POSTGRES_BASE,
@@ -169,6 +170,13 @@ class SQLiteStorageFaultTests(StorageFaultMixin, TestCase):
         self.assertIsNone(await self.stored(invite))
         await self.assertAcceptedOnce(invite, await self.invite(invite))
         self.assertEqual(len(await self.s.store.list_invites()), 2)
+        report(
+            "storage-sqlite-lock",
+            faults_injected=1,
+            answered_500=1,
+            signed_but_unstored=0,
+            invites_lost=0,
+        )
 
     async def test_lock_released_while_waiting(self) -> None:
         """A lock released within the busy timeout: the waiting invite succeeds by itself."""
@@ -244,9 +252,10 @@ class PostgresStorageFaultTests(StorageFaultMixin, TestCase):
         self.assertStoreFailure(await self.answer(pending))
         holder.rollback()
         self.assertIsNone(await self.stored(invite))
-        await self.until_served(invite)
+        tries = await self.until_served(invite)
         self.assertEqual(len(await self.s.store.list_invites()), 2)
         self.flushLoggedErrors()  # adbapi logs the failed rollback on the dead connection
+        report("storage-postgres-kill", faults_injected=1, tries_until_served=tries, invites_lost=0)
 
     async def test_database_refusing_connections_for_a_while(self) -> None:
         """The database goes away (connections refused, existing ones terminated): invites get
@@ -259,6 +268,13 @@ class PostgresStorageFaultTests(StorageFaultMixin, TestCase):
         for _ in range(3):
             self.assertStoreFailure(await self.invite(invite))
         admin.cursor().execute(f'ALTER DATABASE "{self.database}" ALLOW_CONNECTIONS true')
-        await self.until_served(invite)
+        tries = await self.until_served(invite)
         self.assertEqual(len(await self.s.store.list_invites()), 2)
         self.flushLoggedErrors()
+        report(
+            "storage-postgres-outage",
+            faults_injected=1,
+            answered_500_during=3,
+            tries_until_served=tries,
+            invites_lost=0,
+        )

@@ -15,6 +15,7 @@ from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
 from federation_invite.inbound import InviteLimits
 from federation_invite.service import build_components
 
+from .figures import report
 from .invites import (
     BOB,
     THEM,
@@ -141,6 +142,15 @@ class OriginFloodTests(SynchronousTestCase):
         self.assertEqual(self.s.handler._origin_concurrency.active(THEM), 0)
         # B's invites were stored besides A's one invite (sent again and again).
         self.assertEqual(len(self.s.store.invites), 11)
+        report(
+            "flood",
+            requests_from_flooding_origin=len(a),
+            served_at_once=sum(1 for r in accepted if r["answered"] == r["sent"]),
+            slowed=sum(1 for r in accepted if r["answered"] > r["sent"]),
+            refused_429=len(refused),
+            other_origin_served=sum(1 for r in b if r["code"] == 200),
+            other_origin_requests=len(b),
+        )
 
     def test_slowing_can_be_turned_off(self) -> None:
         """With origin_sleep_ms = 0 the whole burst is answered at once, then 429."""
