@@ -9,7 +9,6 @@ Longer, coverage-guided campaigns: docs/fuzzing.md (atheris).
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from typing import Any
@@ -35,7 +34,7 @@ from .invites import (
     v12_room,
 )
 from .test_hostile_slow import Connection
-from .test_inbound_fuzz import UNCOVERED, _delete, _paths, _set, json_values
+from .test_inbound_fuzz import UNCOVERED, mutate
 
 MAX_BODY = 1_048_576
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -510,23 +509,7 @@ class PathTests(AnswerChecks):
 def v1_mutations(draw: st.DrawFn) -> tuple[Request, Any, bool]:
     """A v1 body (the event itself) with one structural change; whether covered data changed."""
     request = draw(st.sampled_from([r for r in fixtures().requests if r.api == 1]))
-    body = copy.deepcopy(request.body)
-    path = draw(st.sampled_from([p for p in _paths(body) if p]))
-    action = draw(st.sampled_from(["replace", "delete", "add"]))
-    if action == "replace":
-        body = _set(body, path, draw(json_values))
-    elif action == "delete":
-        body = _delete(body, path)
-    else:
-        target = body
-        for step in path:
-            target = target[step]
-        if isinstance(target, dict):
-            target[draw(st.text(max_size=8))] = draw(json_values)
-        elif isinstance(target, list):
-            target.append(draw(json_values))
-        else:
-            body = _set(body, path, [target, draw(json_values)])
+    body = mutate(draw, request.body)
     return request, body, covered(request, body) != covered(request, request.body)
 
 

@@ -98,28 +98,32 @@ def fixtures() -> Fixtures:
     return FIXTURES
 
 
+def mutate(draw: st.DrawFn, original: Any) -> Any:
+    """A deep copy of ``original`` with one value replaced, deleted or added somewhere inside."""
+    body = copy.deepcopy(original)
+    path = draw(st.sampled_from([p for p in _paths(body) if p]))
+    action = draw(st.sampled_from(["replace", "delete", "add"]))
+    if action == "replace":
+        return _set(body, path, draw(json_values))
+    if action == "delete":
+        return _delete(body, path)
+    target = body
+    for step in path:
+        target = target[step]
+    if isinstance(target, dict):
+        target[draw(st.text(max_size=8))] = draw(json_values)
+    elif isinstance(target, list):
+        target.append(draw(json_values))
+    else:
+        body = _set(body, path, [target, draw(json_values)])
+    return body
+
+
 @st.composite
 def mutated_requests(draw: st.DrawFn) -> tuple[dict[str, Any], str, str, bool]:
     """A mutated request and whether the mutation touched hash- or signature-covered data."""
     _, original, room_id, event_id = draw(st.sampled_from(fixtures().requests))
-    body = copy.deepcopy(original)
-    paths = [p for p in _paths(body) if p]
-    path = draw(st.sampled_from(paths))
-    action = draw(st.sampled_from(["replace", "delete", "add"]))
-    if action == "replace":
-        body = _set(body, path, draw(json_values))
-    elif action == "delete":
-        body = _delete(body, path)
-    else:
-        target = body
-        for step in path:
-            target = target[step]
-        if isinstance(target, dict):
-            target[draw(st.text(max_size=8))] = draw(json_values)
-        elif isinstance(target, list):
-            target.append(draw(json_values))
-        else:
-            body = _set(body, path, [target, draw(json_values)])
+    body = mutate(draw, original)
     covered = body["event"] != original["event"] if isinstance(body.get("event"), dict) else True
     if covered and isinstance(body.get("event"), dict):
         strip = lambda e: {k: v for k, v in e.items() if k not in UNCOVERED}  # noqa: E731
