@@ -180,3 +180,24 @@ class _NotRunning:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._reactor, name)
+
+
+class CommandLineTests(SynchronousTestCase):
+    def test_twistd_and_twist_list_the_plugin(self) -> None:
+        """Both `twistd --help` and `twist --help` list federation-invite (the install works)."""
+        import subprocess
+        import sys
+
+        bin_dir = os.path.dirname(sys.executable)
+        for command in ("twistd", "twist"):
+            result = subprocess.run(
+                [os.path.join(bin_dir, command), "--help"], capture_output=True, text=True
+            )
+            self.assertIn("federation-invite", result.stdout, command)
+        result = subprocess.run(
+            [os.path.join(bin_dir, "twist"), "federation-invite", "--help"],
+            capture_output=True,
+            text=True,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("--server-name", result.stdout)
