@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -168,15 +169,14 @@ def process(
         log.close()
 
 
-def run_wrk(
+def start_wrk(
     port: int, requests_file: str, *, duration: float, connections: int, threads: int = 1
-) -> dict[str, Any]:
-    """Replay the request file with wrk over HTTPS keep-alive; parse what it reports."""
+) -> subprocess.Popen[str]:
+    """Start wrk replaying the request file over HTTPS keep-alive (see ``finish_wrk``)."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     script = os.path.join(HERE, "replay.lua")
-    before = os.times()
-    result = subprocess.run(
+    return subprocess.Popen(
         [
             "wrk",
             f"-t{threads}",
@@ -190,21 +190,78 @@ def run_wrk(
             requests_file,
             str(threads),
         ],
-        capture_output=True,
-        check=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
-    after = os.times()
-    output = result.stdout
+
+
+def finish_wrk(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """Wait for a wrk started by ``start_wrk``; parse what it reports."""
+    output, errors = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"wrk failed ({proc.returncode}):\n{output}\n{errors}")
     report: dict[str, Any] = {"raw": output}
+    match = re.search(r"^RESULT (.*)$", output, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"wrk gave no RESULT line:\n{output}\n{errors}")
+    report.update(json.loads(match.group(1)))
+    return report
+
+
+def run_wrk(
+    port: int, requests_file: str, *, duration: float, connections: int, threads: int = 1
+) -> dict[str, Any]:
+    """Replay the request file with wrk; parse what it reports, with wrk's own CPU."""
+    before = os.times()
+    report = finish_wrk(
+        start_wrk(port, requests_file, duration=duration, connections=connections, threads=threads)
+    )
+    after = os.times()
     report["wrk_cpu"] = (after.children_user - before.children_user) + (
         after.children_system - before.children_system
     )
-    match = re.search(r"^RESULT (.*)$", output, re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"wrk gave no RESULT line:\n{output}\n{result.stderr}")
-    report.update(json.loads(match.group(1)))
     return report
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    with open("/proc/stat") as handle:
+        fields = [int(x) for x in handle.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    total = sum(fields[:8])
+    return (total - idle) / CLOCK_TICKS, total / CLOCK_TICKS
+
+
+class RssSampler:
+    """Samples a process's RSS every ``every`` seconds in a thread, while in a ``with``."""
+
+    def __init__(self, pid: int, every: float) -> None:
+        self.pid = pid
+        self.every = every
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._started = 0.0
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.samples.append((time.time() - self._started, rss_bytes(self.pid)))
+            except OSError:
+                return
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self) -> RssSampler:
+        self._started = time.time()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.time() - self._started, rss_bytes(self.pid)))
 
 
 def temp_dir(prefix: str) -> str:

@@ -17,7 +17,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -25,22 +27,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (
     BIN,
     HERE,
+    RssSampler,
     build_invite,
     cpu_seconds,
     cpu_split,
+    finish_wrk,
     free_port,
+    machine_busy,
     make_certificate,
     make_origin_key,
     origin_key_seed,
     process,
     rss_bytes,
     run_wrk,
+    start_wrk,
     temp_dir,
     wait_for_port,
     write_requests,
 )
 from floor import floor_microseconds
 from signedjson.key import generate_signing_key
+
+from federation_invite.core.canonical import encode_canonical_json
 
 SERVERS = os.path.join(HERE, "servers.py")
 
@@ -91,6 +99,119 @@ def measure(
     return report
 
 
+@contextmanager
+def fresh_postgres(server: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database on ``server`` (``postgresql://user@host:port``),
+    dropped afterwards; yields its URI."""
+    import psycopg2
+
+    name = f"fi_bench_{os.getpid()}"
+    admin = psycopg2.connect(f"{server.rstrip('/')}/postgres")
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {name}")
+            cursor.execute(f"CREATE DATABASE {name}")
+        try:
+            yield f"{server.rstrip('/')}/{name}"
+        finally:
+            with admin.cursor() as cursor:
+                cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        admin.close()
+
+
+def postgres_pids(database: str) -> list[int]:
+    """The PostgreSQL server processes working for ``database``: its backends and the
+    shared background processes (WAL writer, checkpointer...)."""
+    import psycopg2
+
+    server, name = database.rsplit("/", 1)
+    with psycopg2.connect(f"{server}/postgres") as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity WHERE (datname = %s AND pid <> pg_backend_pid())"
+            " OR backend_type <> 'client backend'",
+            (name,),
+        )
+        pids = [row[0] for row in cursor.fetchall()]
+    connection.close()
+    return pids
+
+
+def _cpu_of(pids: Sequence[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            pass  # exited: its CPU is lost to the sum (backends live as long as the pool)
+    return total
+
+
+def measure_daemons(
+    pids: Sequence[int],
+    ports: Sequence[int],
+    request_files: Sequence[str],
+    duration: float,
+    connections: int,
+    *,
+    rss_every: float = 0.0,
+    postgres: Sequence[int] = (),
+) -> dict[str, Any]:
+    """One wrk per daemon (port), all at once; the aggregate and each process's CPU."""
+    cpu_before = [cpu_seconds(pid) for pid in pids]
+    system_before = sum(cpu_split(pid)[1] for pid in pids)
+    postgres_before = _cpu_of(postgres)
+    busy_before, total_before = machine_busy()
+    children_before = os.times()
+    with ExitStack() as stack:
+        samplers = [
+            stack.enter_context(RssSampler(pid, rss_every)) for pid in pids if rss_every > 0
+        ]
+        wrks = [
+            start_wrk(port, path, duration=duration, connections=connections)
+            for port, path in zip(ports, request_files, strict=True)
+        ]
+        parts = [finish_wrk(wrk) for wrk in wrks]
+    children_after = os.times()
+    busy_after, total_after = machine_busy()
+    cpu_each = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
+    report: dict[str, Any] = {"parts": parts, "daemon_cpu_each": cpu_each}
+    report["server_cpu"] = sum(cpu_each)
+    report["server_system_share"] = (sum(cpu_split(pid)[1] for pid in pids) - system_before) / max(
+        1e-9, report["server_cpu"]
+    )
+    report["postgres_cpu"] = _cpu_of(postgres) - postgres_before
+    report["wrk_cpu"] = (children_after.children_user - children_before.children_user) + (
+        children_after.children_system - children_before.children_system
+    )
+    report["machine_busy"] = (busy_after - busy_before) / max(1e-9, total_after - total_before)
+    report["rss"] = rss_bytes(pids[0])
+    report["rss_samples"] = [sampler.samples for sampler in samplers]
+    report["requests"] = sum(part["requests"] for part in parts)
+    report["duration_us"] = max(part["duration_us"] for part in parts)
+    report["wall"] = report["duration_us"] / 1e6
+    counts: dict[str, int] = {}
+    for part in parts:
+        for key, value in part["counts"].items():
+            counts[key] = counts.get(key, 0) + value
+    report["counts"] = counts
+    report["wrapped"] = sum(part["wrapped"] for part in parts)
+    # Percentiles of the slowest wrk (each wrk only knows its own histogram).
+    for key in ("p50_us", "p90_us", "p99_us", "max_us"):
+        report[key] = max(part[key] for part in parts)
+    report["ok"] = counts.get("200", 0)
+    report["rate"] = sum(part["requests"] / (part["duration_us"] / 1e6) for part in parts)
+    report["cpu_per_request_us"] = report["server_cpu"] / max(1, report["requests"]) * 1e6
+    report["wrk_cpu_per_request_us"] = report["wrk_cpu"] / max(1, report["requests"]) * 1e6
+    return report
+
+
+def show_rss(samples: list[tuple[float, int]], name: str) -> None:
+    series = ", ".join(f"{t:.0f}s {rss / 2**20:.1f}" for t, rss in samples)
+    print(f"{name} RSS (MiB) during the run: {series}")
+
+
 def show(name: str, report: dict[str, Any]) -> None:
     print(
         f"{name:<12} {report['rate']:8.0f} req/s  p50 {report['p50_us'] / 1000:6.1f} ms  "
@@ -100,6 +221,122 @@ def show(name: str, report: dict[str, Any]) -> None:
         f"RSS {report['rss'] / 2**20:5.0f} MiB  answers {json.dumps(report['counts'], sort_keys=True)}"
         + (f"  (request file wrapped {report['wrapped']}x)" if report["wrapped"] else "")
     )
+
+
+def run_daemons(
+    args: argparse.Namespace,
+    stack: ExitStack,
+    figures: dict[str, Any],
+    work: str,
+    database: str | None,
+    server_name: str,
+    daemon_port: int,
+    key_path: str,
+    cert_path: str,
+    our_seed: str,
+    requests: Sequence[tuple[str, str, bytes]],
+    requests_file: str,
+    warmup_file: str,
+) -> None:
+    """Start ``args.workers`` daemons (one config but the port), warm them, measure them."""
+    database = database or f"sqlite:///{work}/daemon.db"
+    ports = [daemon_port] + [free_port() for _ in range(args.workers - 1)]
+    with open(f"{work}/us.key", "w") as handle:
+        handle.write(f"ed25519 us {our_seed}\n")
+    os.chmod(f"{work}/us.key", 0o600)
+    configs = []
+    for index, port in enumerate(ports):
+        config = os.path.join(work, f"daemon{index or ''}.toml")
+        with open(config, "w") as handle:
+            handle.write(
+                f'server_name = "{server_name}"\ndata_dir = "{work}/data"\ndatabase = "{database}"\n'
+                f'listen = ["ssl:{port}:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}"]\n'
+                f'signing_key = "{work}/us.key"\n'
+                "[outbound]\nverify_tls = false\nip_allowlist = ['127.0.0.1/32']\n"
+                "[ratelimit]\norigin_per_second = 1e9\norigin_burst = 1000000000\norigin_concurrent = 100000\n"
+                "invitee_per_second = 1e9\ninvitee_burst = 1000000000\n"
+            )
+        configs.append(config)
+    subprocess.run(
+        [sys.executable, os.path.join(HERE, "seed_users.py"), configs[0], str(args.invitees)],
+        check=True,
+    )
+    if args.workers == 1:
+        request_files = [requests_file]
+    else:
+        request_files = []
+        for index in range(args.workers):
+            path = os.path.join(work, f"requests{index}.tsv")
+            write_requests(path, requests[index :: args.workers])
+            request_files.append(path)
+    procs = []
+    for index, config in enumerate(configs):
+        procs.append(
+            stack.enter_context(
+                process(
+                    [os.path.join(BIN, "twistd"), "-n", "--pidfile="]
+                    + (["--logger", "nulllog.observer"] if args.no_log else [])
+                    + (
+                        [
+                            "--profile",
+                            os.path.abspath(args.cprofile),
+                            "--profiler",
+                            "cprofile",
+                            "--savestats",
+                        ]
+                        if args.cprofile and index == 0
+                        else []
+                    )
+                    + ["federation-invite", "-c", config],
+                    cwd=work,
+                    log_name=f"daemon{index or ''}.log",
+                    env={
+                        **os.environ,
+                        "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                    },
+                )
+            )
+        )
+    for port in ports:
+        wait_for_port(port)
+    for port in ports:
+        warm = run_wrk(port, warmup_file, duration=2, connections=args.connections)
+        if set(warm["counts"]) - {"200"}:
+            print(f"warm-up answers: {warm['counts']}; see {work}/daemon*.log")
+    figures["daemon_rss_after_warmup"] = rss_bytes(procs[0].pid)
+    postgres = postgres_pids(database) if database.startswith("postgres") else []
+    profiler = None
+    if args.profile:
+        profiler = subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "-p",
+                str(procs[0].pid),
+                "-d",
+                str(int(args.duration)),
+                "-r",
+                "250",
+                "-f",
+                "raw",
+                "-o",
+                os.path.abspath(args.profile),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    figures["daemon"] = measure_daemons(
+        [proc.pid for proc in procs],
+        ports,
+        request_files,
+        args.duration,
+        args.connections // args.workers,
+        rss_every=args.rss_every,
+        postgres=postgres,
+    )
+    if profiler is not None:
+        profiler.wait()
+    show("daemon" if args.workers == 1 else f"{args.workers} daemons", figures["daemon"])
 
 
 def main() -> None:
@@ -122,12 +359,33 @@ def main() -> None:
     parser.add_argument(
         "--database", help="database URI for the daemon (default: SQLite in a temp dir)"
     )
-    parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument(
-        "--cprofile", help="run the daemon's reactor thread under cProfile, stats saved to this file"
+        "--postgres",
+        metavar="SERVER",
+        help="run the daemon on a fresh PostgreSQL database created on SERVER"
+        " (postgresql://user@host:port) and dropped afterwards",
     )
     parser.add_argument(
-        "--no-log", action="store_true", help="run the daemon with logging dropped (to measure its cost)"
+        "--workers",
+        type=int,
+        default=1,
+        help="daemon processes on as many ports, same config and database, one wrk each",
+    )
+    parser.add_argument(
+        "--rss-every",
+        type=float,
+        default=0.0,
+        help="sample the daemon's RSS every so many seconds during the run and print the series",
+    )
+    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--cprofile",
+        help="run the daemon's reactor thread under cProfile, stats saved to this file",
+    )
+    parser.add_argument(
+        "--no-log",
+        action="store_true",
+        help="run the daemon with logging dropped (to measure its cost)",
     )
     parser.add_argument(
         "--profile",
@@ -135,6 +393,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     only = set(args.only or ["floor", "trivial", "calibration", "daemon"])
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.workers > 1 and not (args.database or args.postgres):
+        parser.error("--workers > 1 needs a shared database: --postgres or --database")
 
     work = temp_dir("fi-bench-")
     key_path, cert_path = make_certificate(work)
@@ -172,8 +434,10 @@ def main() -> None:
     warmup_file = os.path.join(work, "warmup.tsv")
     write_requests(requests_file, requests)
     write_requests(warmup_file, warmup)
+    event_size = len(encode_canonical_json(json.loads(requests[0][2])["event"]))
     print(
-        f"# built {len(requests)} signed invites in {time.time() - started:.1f} s ({os.path.getsize(requests_file) / 2**20:.0f} MiB)"
+        f"# built {len(requests)} signed invites in {time.time() - started:.1f} s ({os.path.getsize(requests_file) / 2**20:.0f} MiB);"
+        f" each event {event_size} bytes of canonical JSON, body {len(requests[0][2])} bytes"
     )
     figures: dict[str, Any] = {}
 
@@ -236,68 +500,25 @@ def main() -> None:
                 )
                 show("calibration", figures["calibration"])
         if "daemon" in only:
-            config = os.path.join(work, "daemon.toml")
-            database = args.database or f"sqlite:///{work}/daemon.db"
-            with open(config, "w") as handle:
-                handle.write(
-                    f'server_name = "{server_name}"\ndata_dir = "{work}/data"\ndatabase = "{database}"\n'
-                    f'listen = ["ssl:{daemon_port}:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}"]\n'
-                    f'signing_key = "{work}/us.key"\n'
-                    "[outbound]\nverify_tls = false\nip_allowlist = ['127.0.0.1/32']\n"
-                    "[ratelimit]\norigin_per_second = 1e9\norigin_burst = 1000000000\norigin_concurrent = 100000\n"
-                    "invitee_per_second = 1e9\ninvitee_burst = 1000000000\n"
+            with ExitStack() as stack:
+                database = args.database
+                if args.postgres:
+                    database = stack.enter_context(fresh_postgres(args.postgres))
+                run_daemons(
+                    args,
+                    stack,
+                    figures,
+                    work,
+                    database,
+                    server_name,
+                    daemon_port,
+                    key_path,
+                    cert_path,
+                    our_seed,
+                    requests,
+                    requests_file,
+                    warmup_file,
                 )
-            with open(f"{work}/us.key", "w") as handle:
-                handle.write(f"ed25519 us {our_seed}\n")
-            os.chmod(f"{work}/us.key", 0o600)
-            subprocess.run(
-                [sys.executable, os.path.join(HERE, "seed_users.py"), config, str(args.invitees)],
-                check=True,
-            )
-            with process(
-                [os.path.join(BIN, "twistd"), "-n", "--pidfile="]
-                + (["--logger", "nulllog.observer"] if args.no_log else [])
-                + (
-                    ["--profile", os.path.abspath(args.cprofile), "--profiler", "cprofile", "--savestats"]
-                    if args.cprofile
-                    else []
-                )
-                + ["federation-invite", "-c", config],
-                cwd=work,
-                log_name="daemon.log",
-                env={**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")},
-            ) as proc:
-                wait_for_port(daemon_port)
-                warm = run_wrk(daemon_port, warmup_file, duration=2, connections=args.connections)
-                figures["daemon_rss_after_warmup"] = rss_bytes(proc.pid)
-                if set(warm["counts"]) - {"200"}:
-                    print(f"warm-up answers: {warm['counts']}; see {work}/daemon.log")
-                profiler = None
-                if args.profile:
-                    profiler = subprocess.Popen(
-                        [
-                            "py-spy",
-                            "record",
-                            "-p",
-                            str(proc.pid),
-                            "-d",
-                            str(int(args.duration)),
-                            "-r",
-                            "250",
-                            "-f",
-                            "raw",
-                            "-o",
-                            os.path.abspath(args.profile),
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                figures["daemon"] = measure(
-                    proc.pid, daemon_port, requests_file, args.duration, args.connections
-                )
-                if profiler is not None:
-                    profiler.wait()
-                show("daemon", figures["daemon"])
 
     daemon, calibration = figures.get("daemon"), figures.get("calibration")
     if daemon and daemon["ok"]:
@@ -312,6 +533,20 @@ def main() -> None:
         print(
             f"daemon RSS: {figures['daemon_rss_after_warmup'] / 2**20:.0f} MiB after warm-up, {daemon['rss'] / 2**20:.0f} MiB after the run"
         )
+        for index, samples in enumerate(daemon["rss_samples"]):
+            show_rss(samples, f"daemon {index}")
+        wall = daemon["wall"]
+        each = ", ".join(f"{cpu / wall:.2f}" for cpu in daemon["daemon_cpu_each"])
+        print(
+            f"cores used during the run: daemons {each}; wrk {daemon['wrk_cpu'] / wall:.2f};"
+            + (f" PostgreSQL server {daemon['postgres_cpu'] / wall:.2f};" if args.postgres else "")
+            + f" whole machine {daemon['machine_busy'] * (os.cpu_count() or 1):.2f}"
+            f" of {os.cpu_count()}"
+        )
+        if args.postgres:
+            print(
+                f"PostgreSQL server CPU per accepted invite: {daemon['postgres_cpu'] / daemon['ok'] * 1e6:.0f} us"
+            )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(
