@@ -9,6 +9,7 @@ that the spec asks recipients to accept colons in unquoted values.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import attrs
@@ -81,18 +82,9 @@ def parse_xmatrix(header: str | bytes) -> XMatrixAuth:
         raise XMatrixError("Authorization header is not text")
     if len(header) > MAX_HEADER_LENGTH:
         raise XMatrixError("Authorization header is too long")
-    for char in header:
-        if not (" " <= char <= "~" or char == "\t"):
-            raise XMatrixError("Authorization header contains a character outside printable ASCII")
-    text = header.strip(_WS)
-    scheme_end = 0
-    while scheme_end < len(text) and text[scheme_end] in _TCHARS:
-        scheme_end += 1
-    if text[:scheme_end].lower() != _SCHEME:
-        raise XMatrixError("Authorization header does not use the X-Matrix scheme")
-    if scheme_end < len(text) and text[scheme_end] != " ":
-        raise XMatrixError("X-Matrix scheme must be followed by a space")
-    params = _parse_params(text, scheme_end)
+    params = _parse_common_form(header)
+    if params is None:
+        params = _parse_any_form(header)
     for required in ("origin", "key", "sig"):
         if required not in params:
             raise XMatrixError(f"X-Matrix header has no {required!r} parameter")
@@ -105,6 +97,43 @@ def parse_xmatrix(header: str | bytes) -> XMatrixAuth:
         key_id=params["key"],
         signature=params["sig"],
     )
+
+
+# The form every known sender uses (the spec's own example): one space after
+# the scheme, no other whitespace, every value quoted without escapes. A strict
+# subset of what ``_parse_any_form`` accepts, parsed with two regexes.
+_QUOTED_PARAM = r'[A-Za-z_]+="[ !#-\[\]-~]*"'
+# The scheme's letters spelled out: re.IGNORECASE would also let non-ASCII
+# look-alikes (U+0130, U+0131) through.
+_COMMON_FORM = re.compile(rf"[Xx]-[Mm][Aa][Tt][Rr][Ii][Xx] ({_QUOTED_PARAM}(?:,{_QUOTED_PARAM})*)")
+_COMMON_PARAM = re.compile(r'([A-Za-z_]+)="([^"]*)"')
+
+
+def _parse_common_form(header: str) -> dict[str, str] | None:
+    """The parameters of a header in the common form, or None for anything else
+    (including a repeated parameter, whose error ``_parse_any_form`` words)."""
+    match = _COMMON_FORM.fullmatch(header)
+    if match is None:
+        return None
+    pairs = _COMMON_PARAM.findall(match.group(1))
+    params = {name.lower(): value for name, value in pairs}
+    return params if len(params) == len(pairs) else None
+
+
+def _parse_any_form(header: str) -> dict[str, str]:
+    """The parameters of any header the grammar allows (see ``parse_xmatrix``)."""
+    for char in header:
+        if not (" " <= char <= "~" or char == "\t"):
+            raise XMatrixError("Authorization header contains a character outside printable ASCII")
+    text = header.strip(_WS)
+    scheme_end = 0
+    while scheme_end < len(text) and text[scheme_end] in _TCHARS:
+        scheme_end += 1
+    if text[:scheme_end].lower() != _SCHEME:
+        raise XMatrixError("Authorization header does not use the X-Matrix scheme")
+    if scheme_end < len(text) and text[scheme_end] != " ":
+        raise XMatrixError("X-Matrix scheme must be followed by a space")
+    return _parse_params(text, scheme_end)
 
 
 def _skip(text: str, index: int, chars: str = _WS) -> int:

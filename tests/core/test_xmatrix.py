@@ -371,3 +371,59 @@ class CheckDestinationTests(SynchronousTestCase):
             self.assertEqual(
                 str(caught.exception), "X-Matrix destination does not name this server"
             )
+
+
+def _general_parse(header: str) -> XMatrixAuth | str:
+    """parse_xmatrix with the common-form shortcut turned off: the auth, or the error text."""
+    from federation_invite.core import xmatrix
+
+    original = xmatrix._parse_common_form
+    xmatrix._parse_common_form = lambda header: None  # type: ignore[assignment]
+    try:
+        return parse_xmatrix(header)
+    except XMatrixError as exc:
+        return str(exc)
+    finally:
+        xmatrix._parse_common_form = original
+
+
+def _parse_or_error(header: str) -> XMatrixAuth | str:
+    try:
+        return parse_xmatrix(header)
+    except XMatrixError as exc:
+        return str(exc)
+
+
+quoted_value = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=12)
+param_name = st.sampled_from(
+    ["origin", "destination", "key", "sig", "Origin", "KEY", "Sig", "other", "x_y", "or1gin"]
+)
+
+
+class CommonFormShortcutTests(SynchronousTestCase):
+    """The regex shortcut for the common header form parses exactly as the general parser."""
+
+    @settings(max_examples=200)
+    @given(
+        scheme=st.sampled_from(["X-Matrix", "x-matrix", "X-MATRIX", "X-Matr\u0131x", "X-Matrix "]),
+        params=st.lists(st.tuples(param_name, quoted_value), max_size=6),
+        separator=st.sampled_from([",", ", ", ",,"]),
+    )
+    def test_same_answer_as_general_parser(
+        self, scheme: str, params: list[tuple[str, str]], separator: str
+    ) -> None:
+        """Any quoted header (escapes, repeats, odd casing, spacing): same auth or same error."""
+        quoted = [
+            f'{name}="{value.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+            for name, value in params
+        ]
+        header = f"{scheme} {separator.join(quoted)}"
+        self.assertEqual(_parse_or_error(header), _general_parse(header))
+
+    def test_spec_example_and_repeats(self) -> None:
+        """The spec's example takes the shortcut; a repeated parameter still names itself."""
+        self.assertEqual(parse_xmatrix(SPEC_HEADER), SPEC_AUTH)
+        self.assertEqual(
+            _parse_or_error(SPEC_HEADER + ',Key="x"'),
+            "X-Matrix header repeats the parameter 'key'",
+        )
