@@ -18,6 +18,7 @@ from ..core.canonical import parse_json_with_numbers
 from ..core.errors import Codes, MatrixError
 from ..inbound import InviteHandler
 from ._base import MatrixResource, not_found, render_async, write_error
+from .site import mark_outcome_logged
 
 __all__ = ["InviteResource"]
 
@@ -74,6 +75,10 @@ class InviteResource(MatrixResource):
         api_version = self._api_version
 
         async def work() -> tuple[int, Any]:
+            # From here on the handler logs the outcome (accepted, repeated or
+            # refused, with its fields); unexpected failures are logged by
+            # render_async. Either way no access-log line is needed as well.
+            mark_outcome_logged(request)
             answer = await self._handler.on_invite(
                 request, api_version, room_id, event_id, body, len(raw), numbers_strict
             )

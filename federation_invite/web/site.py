@@ -15,7 +15,9 @@ adds, per connection:
   ``M_TOO_LARGE``, and the connection is closed;
 - Twisted's idle timeout set to ``idle_timeout`` (Twisted's default is 12 hours);
 - malformed HTTP answered with a JSON 400 ``M_UNKNOWN`` instead of Twisted's bare
-  ``400 Bad Request``, so that every answer we give is JSON.
+  ``400 Bad Request``, so that every answer we give is JSON;
+- no access-log line for requests whose handler logs their outcome itself
+  (``mark_outcome_logged``: the invite endpoints, one structured line per invite).
 
 Only HTTP/1.x is spoken (no HTTP/2 negotiation), which is what federation peers use.
 The resources below still apply their own checks (``web/invite.py`` also refuses
@@ -38,7 +40,7 @@ from twisted.web.server import Request, Site
 
 from ..core.errors import Codes, MatrixError
 
-__all__ = ["FederationSite"]
+__all__ = ["FederationSite", "mark_outcome_logged"]
 
 log = Logger(namespace="federation_invite.web.site")
 
@@ -178,6 +180,9 @@ class _LimitedRequest(Request):
     """A ``Request`` that counts its body as it arrives and stops at the channel's cap."""
 
     _body_received = 0
+    #: Set (``mark_outcome_logged``) when a handler logs this request's outcome
+    #: in a structured line of its own: the access log then skips it.
+    outcome_logged = False
 
     def handleContentChunk(self, data: bytes) -> None:
         channel = self.channel
@@ -191,6 +196,17 @@ class _LimitedRequest(Request):
             channel.refuse_too_large()
             return
         super().handleContentChunk(data)
+
+
+def mark_outcome_logged(request: object) -> None:
+    """Tell ``FederationSite`` that ``request``'s outcome has its own log line.
+
+    The invite endpoints call this: their handler logs every invite accepted or
+    refused with its fields (event, room, origin, invitee, outcome), so a second,
+    access-log line per invite only costs CPU. Other requests keep their line.
+    """
+    if isinstance(request, _LimitedRequest):
+        request.outcome_logged = True
 
 
 class FederationSite(Site):
@@ -214,6 +230,11 @@ class FederationSite(Site):
         self.displayTracebacks = False
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
+
+    def log(self, request: Request) -> None:
+        """The access log line, except for requests whose handler logged them."""
+        if not getattr(request, "outcome_logged", False):
+            super().log(request)
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
