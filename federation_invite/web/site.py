@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -231,7 +232,7 @@ class FederationSite(Site):
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         """The access log line, except for requests whose handler logged them."""
         if not getattr(request, "outcome_logged", False):
             super().log(request)
