@@ -159,6 +159,7 @@ class InviteHandler:
         """
         origin: str | None = None
         started = self._clock.seconds()
+        peer = _peer_address(request)
         try:
             try:
                 auth = self._authenticator.parse(request)
@@ -172,7 +173,14 @@ class InviteHandler:
                 self._origin_concurrency.acquire(origin)
                 try:
                     answer, outcome = await self._handle(
-                        origin, api_version, room_id, event_id, body, body_length, numbers_strict
+                        origin,
+                        api_version,
+                        room_id,
+                        event_id,
+                        body,
+                        body_length,
+                        numbers_strict,
+                        peer,
                     )
                 finally:
                     self._origin_concurrency.release(origin)
@@ -199,6 +207,7 @@ class InviteHandler:
                 errcode=error.errcode,
                 reason=error.message,
                 outcome="refused",
+                peer=peer,
             )
             raise
         self._metrics.inbound(outcome, None, self._clock.seconds() - started)
@@ -213,6 +222,7 @@ class InviteHandler:
         body: dict[str, Any],
         body_length: int,
         numbers_strict: bool,
+        peer: str | None = None,
     ) -> tuple[dict[str, Any], str]:
         """Rows 5 to 20; returns the answer and the outcome (accepted, ignored, repeated)."""
         room_version, event, invite_room_state = _unwrap(api_version, body)
@@ -270,7 +280,15 @@ class InviteHandler:
         if not created:
             if not _same_event(stored.event, event):
                 raise _invalid("A different event with this event ID was already received")
-            log.info("Invite {event_id} received again; answering as before", event_id=event_id)
+            log.info(
+                "Invite {event_id} in {room_id} from {origin} received again; answered as before",
+                event_id=event_id,
+                room_id=room_id,
+                origin=origin,
+                invitee=invitee,
+                outcome="repeated",
+                peer=peer,
+            )
             return {"event": stored.event}, "repeated"
         log.info(
             "Invite {event_id} in {room_id} from {origin} for {invitee} accepted ({status})",
@@ -280,6 +298,7 @@ class InviteHandler:
             invitee=invitee,
             status=status,
             outcome="accepted",
+            peer=peer,
         )
         if status == "pending":
             self._notify(stored)
@@ -409,6 +428,16 @@ class InviteHandler:
 
         for listener in self._listeners:
             maybeDeferred(listener, record).addErrback(failed)
+
+
+def _peer_address(request: IRequest) -> str | None:
+    """The client's IP address, for the invite log lines (which replace the access log)."""
+    try:
+        address = request.getClientAddress()
+    except Exception:  # pragma: no cover - a request object without a transport
+        return None
+    host = getattr(address, "host", None)
+    return host if isinstance(host, str) else None
 
 
 def _looks_like_pdu(entry: dict[str, Any]) -> bool:

@@ -39,10 +39,29 @@ class InviteLogTests(SynchronousTestCase):
         accepted = [e for e in events if e.get("outcome") == "accepted"]
         self.assertEqual(len(accepted), 1)
         self.assertEqual(accepted[0]["origin"], THEM)
+        self.assertIsInstance(accepted[0]["peer"], str)
         self.assertTrue(accepted[0]["event_id"].startswith("$"))
         events, _ = self.run_invite(scenario, invitee="@nobody:us.example")
         (refused,) = [e for e in events if e.get("outcome") == "refused"]
         self.assertEqual((refused["status"], refused["errcode"]), (404, "M_NOT_FOUND"))
+        self.assertEqual(refused["peer"], accepted[0]["peer"])
+
+    def test_repeated_invite_logged_with_fields(self) -> None:
+        """The same invite again is logged as 'repeated' with its fields."""
+        scenario = InviteScenario()
+        room_version, event = scenario.invite()
+        for _ in range(2):
+            with capturedLogs() as events:
+                deferred = scenario.send(
+                    2,
+                    scenario.v2_body(room_version, event),
+                    room_id=event["room_id"],
+                    event_id=event_id_of(room_version, event),
+                )
+                scenario.client.flush()
+                self.successResultOf(deferred)
+        (repeated,) = [e for e in events if e.get("outcome") == "repeated"]
+        self.assertEqual((repeated["origin"], repeated["invitee"]), (THEM, "@bob:us.example"))
 
     def test_no_keys_or_signatures_logged(self) -> None:
         """Nothing logged during an invite contains a signature, a signing key or its seed."""
