@@ -357,15 +357,25 @@ class InviteHandler:
         self, room_version: RoomVersion, event: dict[str, Any], prepared: PreparedEvent
     ) -> None:
         """Row 12: every required signer's signature (v1/v2: also the event ID's server)."""
+        await self._verify_signers(room_version, event, prepared, "The event")
+
+    async def _verify_signers(
+        self,
+        room_version: RoomVersion,
+        event: dict[str, Any],
+        prepared: PreparedEvent,
+        what: str,
+    ) -> None:
+        """Fetch the required signers' keys and check their signatures, or 400 M_INVALID_PARAM."""
         try:
             signers = required_event_signers(room_version, event)
         except ValueError as exc:
-            raise _invalid(f"Cannot tell who must sign the event: {exc}") from None
+            raise _invalid(f"{what}: cannot tell who must sign it: {exc}") from None
         keys = await self._keys_for(room_version, event, signers)
         try:
             verify_event_signatures(room_version, event, keys, prepared=prepared)
         except SignatureError as exc:
-            raise _invalid(f"Signature check failed: {exc}") from None
+            raise _invalid(f"{what}: signature check failed: {exc}") from None
 
     async def _check_room_state(
         self, room_version: RoomVersion, room_id: str, room_state: list[Any]
@@ -412,15 +422,7 @@ class InviteHandler:
                 raise _invalid("The room ID is not the hash of invite_room_state's create event")
         elif entry.get("room_id") != room_id:
             raise _invalid("An invite_room_state event belongs to another room")
-        try:
-            signers = required_event_signers(room_version, entry)
-        except ValueError as exc:
-            raise _invalid(f"invite_room_state event: {exc}") from None
-        keys = await self._keys_for(room_version, entry, signers)
-        try:
-            verify_event_signatures(room_version, entry, keys, prepared=prepared)
-        except SignatureError as exc:
-            raise _invalid(f"invite_room_state event signature check failed: {exc}") from None
+        await self._verify_signers(room_version, entry, prepared, "An invite_room_state event")
 
     def _notify(self, record: InviteRecord) -> None:
         def failed(failure: Any) -> None:
