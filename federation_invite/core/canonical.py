@@ -27,6 +27,12 @@ __all__ = [
     "parse_json_with_numbers",
 ]
 
+#: Deepest nesting of arrays and objects accepted in a parsed body. Matrix
+#: events nest a handful of levels; this bound keeps every later encoding
+#: (which recurses once per level) far from Python's recursion limit, whatever
+#: the stack depth it runs at.
+MAX_NESTING = 512
+
 MAX_SAFE_INTEGER = 2**53 - 1
 MIN_SAFE_INTEGER = -(2**53) + 1
 
@@ -95,11 +101,13 @@ def encode_canonical_json(value: Any, *, strict: bool = True) -> bytes:
     """
     if strict:
         check_canonical_json(value, strict=True)
-        encoded: bytes = canonicaljson.encode_canonical_json(value)
-        return encoded
     try:
-        encoded = canonicaljson.encode_canonical_json(value)
+        encoded: bytes = canonicaljson.encode_canonical_json(value)
+    except RecursionError:
+        raise CanonicalJSONError("value is nested too deeply to encode") from None
     except (ValueError, TypeError):  # UnicodeEncodeError is a ValueError
+        if strict:  # pragma: no cover - the strict check above refuses these first
+            raise
         # Only on failure: walk the value to say exactly what is wrong.
         check_canonical_json(value, strict=False)
         raise CanonicalJSONError("value has no canonical JSON form") from None  # pragma: no cover
@@ -183,7 +191,29 @@ def _parse(body: bytes, decoder: json.JSONDecoder) -> Any:
         raise MatrixError(400, Codes.NOT_JSON, "Body is not valid JSON") from None
     if _skip_ws(text, end) != len(text):
         raise MatrixError(400, Codes.NOT_JSON, "Body is not valid JSON")
+    # Nesting can only be as deep as there are brackets: count them at C speed
+    # and walk the value only when there are many.
+    if text.count("[") + text.count("{") > MAX_NESTING and _depth(value) > MAX_NESTING:
+        raise MatrixError(400, Codes.NOT_JSON, f"JSON is nested deeper than {MAX_NESTING} levels")
     return value
+
+
+def _depth(value: Any) -> int:
+    """The nesting depth of arrays and objects in ``value`` (iteratively)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in children)
+    return deepest
 
 
 _JSON_WS = " \t\n\r"

@@ -193,3 +193,31 @@ class ParseWithNumbersTests(SynchronousTestCase):
             ),
         )
         self.assertRaises(CanonicalJSONError, encode_canonical_json, [object()], strict=False)
+
+
+class NestingTests(SynchronousTestCase):
+    def test_nesting_limit(self) -> None:
+        """Bodies nested deeper than MAX_NESTING are 400 M_NOT_JSON; at the limit they parse."""
+        from federation_invite.core.canonical import MAX_NESTING
+
+        at_limit = b"[" * MAX_NESTING + b"]" * MAX_NESTING
+        self.assertEqual(len(str(parse_json(at_limit))), 2 * MAX_NESTING)
+        for body in (
+            b"[" * (MAX_NESTING + 1) + b"]" * (MAX_NESTING + 1),
+            b'{"a":' * 600 + b"1" + b"}" * 600,
+        ):
+            for parse in (parse_json, parse_json_with_numbers):
+                error = self.assertRaises(MatrixError, parse, body)
+                self.assertEqual((error.http_status, error.errcode), (400, "M_NOT_JSON"))
+
+    def test_many_brackets_but_shallow(self) -> None:
+        """Many brackets side by side are not deep: a wide body parses."""
+        body = b"[" + b",".join([b"[]"] * 2000) + b"]"
+        self.assertEqual(len(parse_json(body)), 2000)
+
+    def test_recursion_in_encoding_is_an_error(self) -> None:
+        """A value too deep for the encoder gives CanonicalJSONError, never RecursionError."""
+        value: Any = 1
+        for _ in range(5000):
+            value = [value]
+        self.assertRaises(CanonicalJSONError, encode_canonical_json, value, strict=False)
