@@ -76,6 +76,8 @@ class InviteLimits:
 class _InviteStore(Protocol):
     def store_invite(self, record: InviteRecord) -> Deferred[tuple[InviteRecord, bool]]: ...
 
+    def get_invite(self, event_id: str) -> Deferred[InviteRecord | None]: ...
+
 
 def _invalid(message: str) -> MatrixError:
     return MatrixError(400, Codes.INVALID_PARAM, message)
@@ -255,8 +257,26 @@ class InviteHandler:
             event=event,
             invite_room_state=invite_room_state,
         )
-        status = await self._policy.check(invite)
-        self._invitee_rate.acquire(invitee)
+        try:
+            status = await self._policy.check(invite)
+            self._invitee_rate.acquire(invitee)
+        except MatrixError:
+            # A retry of an invite we already accepted is answered as before
+            # (row 18), even if a rule or the invitee's limit would refuse it
+            # now; only refusals pay for this lookup.
+            stored_before = await self._store.get_invite(event_id)
+            if stored_before is None or not _same_event(stored_before.event, event):
+                raise
+            log.info(
+                "Invite {event_id} in {room_id} from {origin} received again; answered as before",
+                event_id=event_id,
+                room_id=room_id,
+                origin=origin,
+                invitee=invitee,
+                outcome="repeated",
+                peer=peer,
+            )
+            return {"event": stored_before.event}, "repeated"
         signed = await self._signer.sign_event(room_version, event, prepared)
         record = InviteRecord(
             event_id=event_id,

@@ -162,6 +162,9 @@ class MemoryStore(MemoryKeyStore):
         self.invites[record.event_id] = record
         return succeed((record, True))
 
+    def get_invite(self, event_id: str) -> Deferred[Any]:
+        return succeed(self.invites.get(event_id))
+
     def is_local_user(self, user_id: str) -> Deferred[bool]:
         self.policy_reads += 1
         return succeed(user_id in self.users)

@@ -618,6 +618,21 @@ class IdempotencyRowTests(InboundTestCase):
         self.assertEqual(len(self.s.store.invites), 1)
         self.assertEqual(len(self.s.listened), 1)
 
+    def test_row18_repeat_answered_even_if_now_refused(self) -> None:
+        """Row 18: a retry of an accepted invite is answered as before even when a new rule or
+        the invitee's exhausted limit would refuse a new invite."""
+        self.s = InviteScenario(limits=InviteLimits(invitee_burst=1, invitee_per_second=0.001))
+        room_version, event = self.s.invite()
+        first = self.send_v2(room_version, event)
+        self.assertEqual(first[0], 200)
+        self.assertEqual(self.send_v2(room_version, event), first)  # invitee limit exhausted
+        self.s.store.rules.append(InviteRule(BOB, "server", "*", "block"))
+        self.assertEqual(self.send_v2(room_version, event), first)  # now blocked
+        room_version, other = self.s.invite(extra={"depth": 77})
+        self.assertRefused(self.send_v2(room_version, other), 403, "M_INVITE_BLOCKED")
+        self.assertEqual(len(self.s.store.invites), 1)
+        self.assertEqual(len(self.s.listened), 1)
+
     def test_row19_same_id_different_event(self) -> None:
         """Row 19: the same (opaque, v1) event ID with a different event: 400 M_INVALID_PARAM."""
         v1 = KNOWN_ROOM_VERSIONS["1"]
