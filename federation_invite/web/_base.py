@@ -146,7 +146,14 @@ def render_async(
 
     def respond(result: tuple[int, Any]) -> None:
         status, body = result
-        _finish(write_json(request, status, body))
+        try:
+            encoded = write_json(request, status, body)
+        except Exception:
+            # The answer cannot be encoded: still answer (an opaque, logged 500)
+            # rather than leave the client waiting for a response never written.
+            _finish(_unexpected(request, Failure()))
+            return
+        _finish(encoded)
 
     def fail(failure: Failure) -> None:
         if failure.check(CancelledError) and done[0]:

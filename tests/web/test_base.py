@@ -140,6 +140,20 @@ class WebBaseTests(SynchronousTestCase):
         self.assertEqual(response.code, 500)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
+    def test_unencodable_answer_is_a_500(self) -> None:
+        """An answer that cannot be encoded still gets a response: a logged, opaque 500."""
+        resource = Async()
+        client = make_client(resource)
+        pending = client.put("https://test/_matrix/thing", data=b"{}")
+        resource.pending.callback({"x": float("nan")})
+        client.flush()
+        response = self.successResultOf(pending)
+        self.assertEqual(response.code, 500)
+        self.assertEqual(
+            json.loads(self.successResultOf(response.content()))["errcode"], "M_UNKNOWN"
+        )
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
     def test_client_gone_cancels_work(self) -> None:
         """When the client disconnects, the work is cancelled and nothing is written."""
         from twisted.internet.error import ConnectionLost
