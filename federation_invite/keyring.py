@@ -34,6 +34,10 @@ log = Logger(namespace="federation_invite.keyring")
 
 _MIN_BACKOFF_MS = 60_000
 _MAX_BACKOFF_MS = 3_600_000
+#: After a server answered without the key asked for, the wait before asking it again.
+_ANSWERED_REFETCH_MS = 5_000
+#: Servers in back-off remembered at once (beyond, expired entries are dropped).
+_BACKOFF_TABLE_SIZE = 10_000
 
 
 class IKeyFetchClient(Protocol):
@@ -269,14 +273,34 @@ class Keyring:
             self._backoff.pop(server_name, None)
             return
         self.fetch_failures += 1
-        previous = self._backoff.get(server_name)
-        delay = _MIN_BACKOFF_MS if previous is None else min(previous.delay_ms * 2, _MAX_BACKOFF_MS)
+        self._prune(self._backoff)
+        if found:
+            # The server (or a notary) answered, just without the key asked
+            # for: not a dead server. Anyone can name any server and a made-up
+            # key ID, so do not back off on its behalf; only refrain from asking
+            # again for a few seconds (bounding the fetches anyone can cause).
+            delay = _ANSWERED_REFETCH_MS
+        else:
+            previous = self._backoff.get(server_name)
+            delay = (
+                _MIN_BACKOFF_MS if previous is None else min(previous.delay_ms * 2, _MAX_BACKOFF_MS)
+            )
         self._backoff[server_name] = _Backoff(self._now_ms() + delay, delay)
         log.info(
             "Keys of {server} unavailable; not asking again for {seconds} s",
             server=server_name,
             seconds=delay // 1000,
         )
+
+    def _prune(self, backoffs: dict[str, _Backoff]) -> None:
+        """Forget back-offs that have run out once there are many (names are attacker-chosen)."""
+        if len(backoffs) < _BACKOFF_TABLE_SIZE:
+            return
+        now_ms = self._now_ms()
+        for name in [n for n, b in backoffs.items() if b.until_ms <= now_ms]:
+            del backoffs[name]
+        if len(backoffs) >= _BACKOFF_TABLE_SIZE:
+            backoffs.clear()
 
     async def _fetch_direct(self, server_name: str) -> bool:
         try:

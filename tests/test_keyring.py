@@ -147,6 +147,38 @@ class KeyringTests(SynchronousTestCase):
         self.assertEqual(self.federation.count("dead.example"), 3)
         self.assertEqual(self.keyring.fetch_failures, 3)
 
+    def test_unknown_key_id_does_not_back_off_the_server(self) -> None:
+        """Naming a server with a made-up key ID (anyone can) does not back that server off:
+        it is asked again after 5 s, so a key it really rotates to is found."""
+        self.assertEqual(
+            self.successResultOf(
+                self.keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS)
+            ),
+            {},
+        )
+        rotated = make_key("r2")
+        self.federation.add_key_server(self.clock, "remote.example", [rotated])
+        self.successResultOf(
+            self.keyring.get_server_keys("remote.example", [key_id_of(rotated)], NOW_MS)
+        )
+        self.assertEqual(self.federation.count("remote.example"), 1)  # within 5 s: not asked again
+        self.clock.advance(5)
+        keys = self.successResultOf(
+            self.keyring.get_server_keys("remote.example", [key_id_of(rotated)], NOW_MS)
+        )
+        self.assertIn(key_id_of(rotated), keys)
+        self.assertEqual(self.federation.count("remote.example"), 2)
+
+    def test_backoff_table_bounded(self) -> None:
+        """Back-offs for many (attacker-chosen) names are pruned once they run out."""
+        import federation_invite.keyring as keyring_module
+
+        self.patch(keyring_module, "_BACKOFF_TABLE_SIZE", 10)
+        for n in range(25):
+            self.get(server=f"dead{n}.example")
+            self.clock.advance(61)
+        self.assertLessEqual(len(self.keyring._backoff), 10)
+
     def test_backoff_reset_on_success(self) -> None:
         """Once the server answers again, its back-off is forgotten."""
         self.get(server="flaky.example")
