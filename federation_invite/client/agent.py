@@ -114,9 +114,12 @@ class FederationAgent:
         agent = Agent.usingEndpointFactory(
             self._reactor, _ServerEndpointFactory(self, server), pool=self._pool
         )
-        # The inner URI only keys the pool (per effective server name) and
-        # carries the path; the endpoint factory knows where to connect.
-        inner = b"matrix-federation://" + server.effective_name.encode("ascii") + slash + path
+        # The inner URI only keys the pool and carries the path; the endpoint
+        # factory knows where to connect. Twisted keys pooled connections on
+        # (scheme, host, port) with port 80 when none is given, so the host is
+        # the effective server name in hex with a fixed port: "example.org" and
+        # "example.org:80" (different servers) can never share a connection.
+        inner = b"matrix-federation://" + pool_authority(server.effective_name) + slash + path
         response: IResponse = await agent.request(method, inner, headers, body_producer)
         return response
 
@@ -155,6 +158,11 @@ class FederationAgent:
                 continue
             return protocol
         raise last_error
+
+
+def pool_authority(effective_name: str) -> bytes:
+    """The authority of the inner URI that keys the connection pool: one per server name."""
+    return effective_name.encode("ascii").hex().encode("ascii") + b":1"
 
 
 @implementer(IAgentEndpointFactory)

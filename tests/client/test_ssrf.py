@@ -120,3 +120,18 @@ class KeyAbuseTests(SynchronousTestCase):
             keyring.get_server_keys("far.example", [key_id_of(key)], now_ms)
         )
         self.assertEqual(found[key_id_of(key)].valid_until_ts, now_ms + SEVEN_DAYS_MS)
+
+
+class PoolKeyTests(SynchronousTestCase):
+    def test_servers_differing_by_port_80_never_share_connections(self) -> None:
+        """Twisted keys pooled connections on (scheme, host, port) with 80 as the default port:
+        our inner URIs give every effective server name its own key."""
+        from twisted.web.client import URI
+
+        from federation_invite.client.agent import pool_authority
+
+        keys = set()
+        for name in ("example.org", "example.org:80", "1.2.3.4", "1.2.3.4:80", "[::1]:80", "[::1]"):
+            uri = URI.fromBytes(b"matrix-federation://" + pool_authority(name) + b"/x")
+            keys.add((uri.scheme, uri.host, uri.port))
+        self.assertEqual(len(keys), 6)
