@@ -88,12 +88,21 @@ def _signing_bytes(obj: Mapping[str, Any], *, strict: bool) -> bytes:
 
 
 def _merge_signature(
-    obj: Mapping[str, Any], server_name: str, key_id: str, signature: str
+    obj: Mapping[str, Any],
+    server_name: str,
+    key_id: str,
+    signature: str,
+    *,
+    replace_ours: bool = False,
 ) -> dict[str, Any]:
-    """A new ``obj`` whose ``signatures`` carries ours too; others' signatures kept."""
+    """A new ``obj`` whose ``signatures`` carries ours too; others' signatures kept.
+
+    ``replace_ours`` drops whatever was already under our server name, so that
+    nobody can make us co-sign an event carrying "our" signatures we never made.
+    """
     existing = obj.get("signatures")
     signatures: dict[str, Any] = dict(existing) if isinstance(existing, dict) else {}
-    ours = signatures.get(server_name)
+    ours = None if replace_ours else signatures.get(server_name)
     ours = dict(ours) if isinstance(ours, dict) else {}
     ours[key_id] = signature
     signatures[server_name] = ours
@@ -198,7 +207,11 @@ def sign_event(
     """
     prepared = ensure_prepared(room_version, event, prepared)
     signature = sign_bytes(signing_key, prepared.signing_bytes)
-    return _merge_signature(event, server_name, key_id_of(signing_key), signature)
+    # Any signature already under our name came from someone else (the sender
+    # of an event we co-sign): only the one we just made is ours.
+    return _merge_signature(
+        event, server_name, key_id_of(signing_key), signature, replace_ours=True
+    )
 
 
 def _server_of(identifier: object, what: str) -> str:

@@ -18,7 +18,7 @@ from federation_invite.core.events import (
     prepare_event,
     redact,
 )
-from federation_invite.core.keys import sign_bytes, verify_key_of
+from federation_invite.core.keys import key_id_of, sign_bytes, verify_key_of
 from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS, RoomVersion
 from federation_invite.core.signing import (
     SEVEN_DAYS_MS,
@@ -449,7 +449,9 @@ class VerifyEventTests(SynchronousTestCase):
         """Signatures by unknown keys are skipped; with none known the check fails."""
         for version in ALL_VERSIONS:
             signed = signed_invite(version)
-            extra = sign_event(version, signed, ORIGIN, ORIGIN_KEY_2)
+            second = sign_event(version, signed, ORIGIN, ORIGIN_KEY_2)["signatures"][ORIGIN]
+            ours = {**signed["signatures"][ORIGIN], **second}
+            extra = {**signed, "signatures": {**signed["signatures"], ORIGIN: ours}}
             verify_event_signatures(version, extra, KEYS)
             only_unknown = keyring(server_key(ORIGIN, ORIGIN_KEY_2), server_key(OTHER, OTHER_KEY))
             verify_event_signatures(version, extra, only_unknown)
@@ -459,6 +461,18 @@ class VerifyEventTests(SynchronousTestCase):
                 keyring(server_key(OTHER, OTHER_KEY)),
                 "No signature by origin.example with a known key valid for this event",
             )
+
+    def test_cosigning_drops_planted_signatures(self) -> None:
+        """sign_event keeps others' signatures but replaces whatever sat under our own name."""
+        for version in ALL_VERSIONS:
+            signed = signed_invite(version)
+            planted = {
+                **signed,
+                "signatures": {**signed["signatures"], OTHER: {"ed25519:planted": "AAAA"}},
+            }
+            cosigned = sign_event(version, planted, OTHER, OTHER_KEY)
+            self.assertEqual(list(cosigned["signatures"][OTHER]), [key_id_of(OTHER_KEY)])
+            self.assertEqual(cosigned["signatures"][ORIGIN], signed["signatures"][ORIGIN])
 
     def test_unknown_algorithm_skipped(self) -> None:
         """Key IDs of algorithms we do not understand are skipped (appendices, step 2)."""
