@@ -428,6 +428,11 @@ class DatabaseStore:
     def close(self) -> Deferred[None]:
         if not self._closed:
             self._closed = True
+            # Invites queued behind a write in flight will not be written now:
+            # tell their callers (nothing was stored, so nothing is answered).
+            queued, self._invite_queue = self._invite_queue, []
+            for _, _, waiter in queued:
+                waiter.errback(StoreError("store_invite", "the store was closed"))
             self._pool.close()
         return succeed(None)
 

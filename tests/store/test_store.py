@@ -130,6 +130,16 @@ class StoreTestsMixin:
         with self.assertRaises(StoreError):  # type: ignore[attr-defined]
             await store.store_invite(make_invite("$after"))
 
+    async def test_close_fails_queued_invites(self) -> None:
+        """Invites queued behind a write in flight fail with StoreError when the store closes."""
+        store = await open_store(self.uri, reactor=reactor)
+        first = store.store_invite(make_invite("$first"))
+        queued = store.store_invite(make_invite("$queued"))
+        await store.close()
+        self.assertEqual((await first)[1], True)
+        with self.assertRaises(StoreError):  # type: ignore[attr-defined]
+            await queued
+
     async def test_invite_json_round_trips_as_canonical_text(self) -> None:
         """Event and room state come back equal and are stored as canonical JSON text."""
         store = await self.open()
