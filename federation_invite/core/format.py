@@ -59,8 +59,13 @@ def _check_id_string(event: dict[str, Any], key: str) -> str:
     value = event[key]
     if not isinstance(value, str):
         _bad(f"{key!r} must be a string")
-    # Safe: check_canonical_json has already refused lone surrogates.
-    if len(value.encode("utf-8")) > MAX_ID_BYTES:
+    try:
+        # Lone surrogates were refused by the canonical walk, unless the caller
+        # skipped it (numbers_checked): then they are refused here.
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        _bad(f"{key!r} is not valid Unicode")
+    if size > MAX_ID_BYTES:
         _bad(f"{key!r} is longer than {MAX_ID_BYTES} bytes")
     return value
 

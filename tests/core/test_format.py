@@ -406,6 +406,14 @@ class RejectTests(FormatTestCase):
                 f"{key!r} has more than {limit} entries",
             )
 
+    def test_numbers_checked_lone_surrogate(self) -> None:
+        """With the walk skipped, a lone surrogate in an ID field is still 400 M_BAD_JSON."""
+        event = invite_event("10")
+        event["type"] = "\ud800"
+        with self.assertRaises(MatrixError) as caught:
+            check_event_format("10", event, numbers_checked=True)
+        self.assertEqual(caught.exception.message, "Invalid PDU: 'type' is not valid Unicode")
+
     def test_numbers_checked_skips_the_walk(self) -> None:
         """numbers_checked: the caller vouches for the numbers, so no canonical walk is made."""
         event = invite_event("10")
