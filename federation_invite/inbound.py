@@ -267,16 +267,7 @@ class InviteHandler:
             stored_before = await self._store.get_invite(event_id)
             if stored_before is None or not _same_event(stored_before.event, event):
                 raise
-            log.info(
-                "Invite {event_id} in {room_id} from {origin} received again; answered as before",
-                event_id=event_id,
-                room_id=room_id,
-                origin=origin,
-                invitee=invitee,
-                outcome="repeated",
-                peer=peer,
-            )
-            return {"event": stored_before.event}, "repeated"
+            return _repeated(stored_before, origin, peer)
         signed = await self._signer.sign_event(room_version, event, prepared)
         record = InviteRecord(
             event_id=event_id,
@@ -300,16 +291,7 @@ class InviteHandler:
         if not created:
             if not _same_event(stored.event, event):
                 raise _invalid("A different event with this event ID was already received")
-            log.info(
-                "Invite {event_id} in {room_id} from {origin} received again; answered as before",
-                event_id=event_id,
-                room_id=room_id,
-                origin=origin,
-                invitee=invitee,
-                outcome="repeated",
-                peer=peer,
-            )
-            return {"event": stored.event}, "repeated"
+            return _repeated(stored, origin, peer)
         log.info(
             "Invite {event_id} in {room_id} from {origin} for {invitee} accepted ({status})",
             event_id=event_id,
@@ -450,6 +432,20 @@ class InviteHandler:
 
         for listener in self._listeners:
             maybeDeferred(listener, record).addErrback(failed)
+
+
+def _repeated(stored: InviteRecord, origin: str, peer: str | None) -> tuple[dict[str, Any], str]:
+    """Answer a retry of an invite we accepted before: the event as we answered it then."""
+    log.info(
+        "Invite {event_id} in {room_id} from {origin} received again; answered as before",
+        event_id=stored.event_id,
+        room_id=stored.room_id,
+        origin=origin,
+        invitee=stored.invitee,
+        outcome="repeated",
+        peer=peer,
+    )
+    return {"event": stored.event}, "repeated"
 
 
 def _peer_address(request: IRequest) -> str | None:
