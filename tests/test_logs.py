@@ -17,9 +17,10 @@ from .invites import THEM, InviteScenario, event_id_of
 
 class InviteLogTests(SynchronousTestCase):
     def run_invite(
-        self, scenario: InviteScenario, **kwargs: Any
+        self, scenario: InviteScenario, invite: Any = None, **kwargs: Any
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        room_version, event = scenario.invite(**kwargs)
+        """Send one invite (a new one unless ``invite`` is given); the log events and the answer."""
+        room_version, event = invite or scenario.invite(**kwargs)
         with capturedLogs() as events:
             deferred = scenario.send(
                 2,
@@ -49,17 +50,9 @@ class InviteLogTests(SynchronousTestCase):
     def test_repeated_invite_logged_with_fields(self) -> None:
         """The same invite again is logged as 'repeated' with its fields."""
         scenario = InviteScenario()
-        room_version, event = scenario.invite()
-        for _ in range(2):
-            with capturedLogs() as events:
-                deferred = scenario.send(
-                    2,
-                    scenario.v2_body(room_version, event),
-                    room_id=event["room_id"],
-                    event_id=event_id_of(room_version, event),
-                )
-                scenario.client.flush()
-                self.successResultOf(deferred)
+        invite = scenario.invite()
+        self.run_invite(scenario, invite)
+        events, _ = self.run_invite(scenario, invite)
         (repeated,) = [e for e in events if e.get("outcome") == "repeated"]
         self.assertEqual((repeated["origin"], repeated["invitee"]), (THEM, "@bob:us.example"))
 
