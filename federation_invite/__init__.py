@@ -28,6 +28,7 @@ from .service import (
 )
 from .signer import ISigner, LocalSigner
 from .store import InviteRecord, InviteRule, IStore, open_store
+from .web.site import FederationSite
 
 __all__ = [
     "Codes",
@@ -35,6 +36,7 @@ __all__ = [
     "ConfigError",
     "FederationInvite",
     "FederationInviteService",
+    "FederationSite",
     "IInvitePolicy",
     "ISigner",
     "IStore",
