@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -29,6 +30,12 @@ __all__ = [
     "load_config",
     "render_config",
 ]
+
+
+#: Bounds for numeric settings: finite, and small or large enough that the
+#: arithmetic done with them (timers, token buckets) stays meaningful.
+_MIN_POSITIVE = 0.001
+_MAX_NUMBER = 1e12
 
 
 class ConfigError(ValueError):
@@ -93,24 +100,34 @@ def _bool(value: object) -> bool:
     return value
 
 
-def _int_at_least(minimum: int) -> Callable[[object], int]:
+def _int_at_least(minimum: int, maximum: int = 2**53 - 1) -> Callable[[object], int]:
     def check(value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"must be an integer >= {minimum}")
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            raise ValueError(f"must be an integer from {minimum} to {maximum}")
         return value
 
     return check
 
 
 def _number_above_zero(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ValueError("must be a number > 0")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not _MIN_POSITIVE <= value <= _MAX_NUMBER
+    ):
+        raise ValueError(f"must be a number from {_MIN_POSITIVE} to {_MAX_NUMBER:.0e}")
     return float(value)
 
 
 def _number_at_least_zero(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError("must be a number >= 0")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 <= value <= _MAX_NUMBER
+    ):
+        raise ValueError(f"must be a number from 0 to {_MAX_NUMBER:.0e}")
     return float(value)
 
 
@@ -173,8 +190,20 @@ def _network_list(value: object) -> tuple[str, ...]:
 
 def _database(value: object) -> str | None:
     text = _optional_string(value)
-    if text is not None and not text.startswith(("sqlite:///", "postgresql://", "postgres://")):
+    if text is None:
+        return None
+    if not text.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ValueError("must be 'sqlite:///path.db' or 'postgresql://user@host/db'")
+    from .store import parse_database_uri
+
+    try:
+        parse_database_uri(text)
+    except ValueError:
+        # The driver-level message may quote parts of a password: say less.
+        raise ValueError(
+            "is not a usable database URI (e.g. 'sqlite:///path/to.db', "
+            "'postgresql://user@host:5432/dbname')"
+        ) from None
     return text
 
 
@@ -199,7 +228,11 @@ def _old_keys(value: object) -> tuple[OldKey, ...]:
             decode_verify_key(key_id, key)
         except (ValueError, TypeError):
             raise ValueError(f"entry {index}: key is not an unpadded base64 ed25519 key") from None
-        if isinstance(expired_ts, bool) or not isinstance(expired_ts, int) or expired_ts < 0:
+        if (
+            isinstance(expired_ts, bool)
+            or not isinstance(expired_ts, int)
+            or not 0 <= expired_ts <= 2**53 - 1
+        ):
             raise ValueError(f"entry {index}: expired_ts must be milliseconds since the epoch")
         keys.append(OldKey(key_id=key_id, key=key, expired_ts=expired_ts))
     return tuple(keys)
@@ -312,7 +345,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "keys.validity_period",
         86400,
-        _int_at_least(60),
+        _int_at_least(60, 10 * 365 * 86400),
         "Seconds our published keys are valid for (valid_until_ts = now + this).",
     ),
     Option(

@@ -13,6 +13,7 @@ The twistd plugin, the CLI and the embedding API all come through here:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -294,8 +295,16 @@ class FederationInviteService(service.MultiService):
     begun (or fails, after logging, and the reactor is stopped).
     """
 
-    def __init__(self, config: Config, reactor: Any, signing_key: SigningKey) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        signing_key: SigningKey,
+        *,
+        exit_on_failure: bool = False,
+    ) -> None:
         super().__init__()
+        self._exit_on_failure = exit_on_failure
         self.config = config
         self.reactor = reactor
         self.signing_key = signing_key
@@ -343,8 +352,21 @@ class FederationInviteService(service.MultiService):
     def _failed(self, failure: Failure) -> None:
         log.failure("federation-invite could not start", failure)
         self.ready.errback(failure)
-        if self.reactor.running:
+        if not self._exit_on_failure:
+            return
+
+        def stop() -> None:
+            # A daemon that cannot serve must not look alive to its supervisor:
+            # stop, then exit with status 1 once shutdown has run.
+            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
             self.reactor.stop()
+
+        # twistd starts services before the reactor runs: a failure that early
+        # must wait for it to run before it can stop it.
+        if self.reactor.running:
+            stop()
+        else:
+            self.reactor.callWhenRunning(stop)
 
     def stopService(self) -> Deferred[None]:
         stopped: Deferred[None] = Deferred.fromCoroutine(self._stop())
@@ -357,16 +379,24 @@ class FederationInviteService(service.MultiService):
 
 
 def _redact_uri(uri: str) -> str:
-    """A database URI fit for logs: any password replaced."""
-    scheme, sep, rest = uri.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if at and ":" in credentials:
-        user = credentials.split(":", 1)[0]
-        return f"{scheme}{sep}{user}:***@{host}"
-    return uri
+    """A database URI fit for logs: any password (user info or ``?password=``) replaced."""
+    from .store import parse_database_uri
+
+    try:
+        return parse_database_uri(uri).display
+    except ValueError:
+        return uri.partition("://")[0] + "://(unparsable)"
 
 
-def make_service(config: Config, reactor: Any) -> FederationInviteService:
-    """The daemon's service: the key is loaded (or generated) now, the store on start."""
+def make_service(
+    config: Config, reactor: Any, *, exit_on_failure: bool = True
+) -> FederationInviteService:
+    """The daemon's service: the key is loaded (or generated) now, the store on start.
+
+    With ``exit_on_failure`` (the daemon's default) a failed start stops the
+    reactor and exits with status 1, so that a supervisor sees it.
+    """
     config.ensure_data_dir()
-    return FederationInviteService(config, reactor, _load_key(config))
+    return FederationInviteService(
+        config, reactor, _load_key(config), exit_on_failure=exit_on_failure
+    )

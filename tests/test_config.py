@@ -81,6 +81,14 @@ class LoadConfigTests(SynchronousTestCase):
             "[outbound]\nverify_tls = 'no'\n": "outbound.verify_tls",
             "[outbound]\nip_allowlist = ['localhost']\n": "outbound.ip_allowlist",
             "[outbound]\ntimeout = 0\n": "outbound.timeout",
+            "[outbound]\ntimeout = nan\n": "outbound.timeout",
+            "[inbound]\nrequest_timeout = inf\n": "inbound.request_timeout",
+            "[ratelimit]\norigin_per_second = nan\n": "ratelimit.origin_per_second",
+            "[ratelimit]\ninvitee_per_second = 5e-324\n": "ratelimit.invitee_per_second",
+            "[inbound]\npolicy_cache_seconds = inf\n": "inbound.policy_cache_seconds",
+            "[keys]\nvalidity_period = 9000000000000\n": "keys.validity_period",
+            'database = "sqlite:///"\n': "database",
+            'database = "postgresql://u:secret@h:notaport/db"\n': "database",
             "[inbound]\nserver_deny = ['[abc']\n": "inbound.server_deny",
             "[inbound]\nlocal_users = 'ldap'\n": "inbound.local_users",
             "[ratelimit]\norigin_burst = 0\n": "ratelimit.origin_burst",
@@ -105,6 +113,12 @@ class LoadConfigTests(SynchronousTestCase):
         (notary,) = config.get("keys.notaries")
         self.assertEqual(notary.server_name, "matrix.org")
         self.assertEqual(notary.verify_keys, (("ed25519:auto", VERIFY_KEY),))
+
+    def test_database_errors_do_not_quote_passwords(self) -> None:
+        """A refused database URI is named without echoing its password."""
+        error = self.assertRefused('database = "postgresql://u:s3cr#etpw@h:5432/db"\n', "database")
+        self.assertNotIn("s3cr", str(error))
+        self.assertNotIn("etpw", str(error))
 
     def test_bad_old_key_material(self) -> None:
         """An old key that is not a 32-byte base64 ed25519 key is refused."""

@@ -60,3 +60,33 @@ class DaemonTests(DaemonHarness):
             self.assertIn("Loaded signing key", self.read_log())
 
         return ensureDeferred(go())
+
+
+class FailedStartTests(DaemonHarness):
+    timeout = 60
+    extra_config = 'database = "sqlite:////nonexistent/directory/x.db"\n'
+
+    def test_failed_start_exits_non_zero(self) -> None:
+        """A daemon that cannot open its database exits with status 1 (not a silent hang)."""
+        import os
+        import subprocess
+
+        from .daemon_harness import BIN
+
+        # The config's extra line comes after listen; TOML allows top-level keys only
+        # before any table, which holds here (no tables in this config).
+        result = subprocess.run(
+            [
+                os.path.join(BIN, "twistd"),
+                "-n",
+                "--pidfile=",
+                "federation-invite",
+                "-c",
+                self.config,
+            ],
+            capture_output=True,
+            timeout=30,
+            cwd=self.dir,
+        )
+        self.assertEqual(result.returncode, 1, result.stdout[-2000:])
+        self.assertIn(b"could not start", result.stdout)

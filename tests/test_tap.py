@@ -89,7 +89,7 @@ class MakeServiceTests(TestCase):
             ["--data-dir", data_dir]
             + [arg for port in ports for arg in ("--listen", f"tcp:{port}:interface=127.0.0.1")]
         )
-        service = make_service(options["loaded"], reactor)
+        service = make_service(options["loaded"], reactor, exit_on_failure=False)
         self.assertTrue(os.path.exists(os.path.join(data_dir, "signing.key")))
         self.assertEqual(list(service), [])
 
@@ -128,7 +128,7 @@ class MakeServiceTests(TestCase):
             )
         options = Options()
         options.parseOptions(["--config", path])
-        service = make_service(options["loaded"], reactor)
+        service = make_service(options["loaded"], reactor, exit_on_failure=False)
 
         async def go() -> None:
             service.startService()
@@ -153,7 +153,7 @@ class MakeServiceTests(TestCase):
         options.parseOptions(
             ["--data-dir", self.mktemp(), "--database", "sqlite:////nonexistent/dir/x.db"]
         )
-        service = make_service(options["loaded"], reactor)
+        service = make_service(options["loaded"], reactor, exit_on_failure=False)
         service.reactor = _NotRunning(reactor)
         service.startService()
 

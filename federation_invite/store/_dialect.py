@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from typing import Any, ClassVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from twisted.enterprise import adbapi
 from twisted.internet.interfaces import IReactorCore
@@ -213,8 +213,12 @@ def _parse_postgres(uri: str) -> PostgresDialect:
     try:
         parts = urlsplit(uri)
         parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as e:
-        raise ValueError(f"PostgreSQL URI is malformed: {e}") from None
+    except ValueError:
+        # The parser's message can quote parts of the URI (a password with an
+        # unencoded '#' or '/' looks like a bad port): say nothing more.
+        raise ValueError(
+            "PostgreSQL URI is malformed (percent-encode special characters)"
+        ) from None
     secrets: tuple[str, ...] = ()
     display = uri
     if parts.password is not None:
@@ -223,6 +227,14 @@ def _parse_postgres(uri: str) -> PostgresDialect:
         user = userinfo.partition(":")[0]
         netloc = f"{user}:***@{parts.netloc.rpartition('@')[2]}"
         display = urlunsplit(parts._replace(netloc=netloc))
+    if "password=" in parts.query:
+        # libpq also takes ?password=...: keep it out of every display too.
+        query = [
+            (name, "***" if name == "password" else value)
+            for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        secrets += tuple(v for n, v in parse_qsl(parts.query) if n == "password" and v)
+        display = urlunsplit(urlsplit(display)._replace(query=urlencode(query, safe="*")))
     if not parts.hostname:
         raise ValueError(f"PostgreSQL URI {display!r} must name a host")
     if parts.fragment:

@@ -66,7 +66,7 @@ class PostgresURITests(SynchronousTestCase):
             "postgresql://fi:pw@db.example": "'postgresql://fi:***@db.example' must name a database",
             "postgresql://db.example/": "must name a database",
             "postgresql://db.example/a/b": "must name a database",
-            "postgresql://db.example:port/x": "PostgreSQL URI is malformed: Port could not",
+            "postgresql://db.example:port/x": "PostgreSQL URI is malformed (percent-encode special characters)",
             "postgresql://db.example/x#frag": "must not have a fragment",
         }
         for uri, message in cases.items():
@@ -93,3 +93,18 @@ class OtherURITests(SynchronousTestCase):
             open_store("mysql://db/x")
         with self.assertRaises(ValueError):
             run_migrations("sqlite://host/x.db")
+
+
+class PasswordDisplayTests(SynchronousTestCase):
+    def test_query_password_hidden(self) -> None:
+        """A ?password= in the URI is hidden in the display string too."""
+        dialect = parse_database_uri("postgresql://u@h/db?password=s3cret&sslmode=require")
+        self.assertEqual(dialect.display, "postgresql://u@h/db?password=***&sslmode=require")
+
+    def test_malformed_uri_does_not_quote_the_password(self) -> None:
+        """An unencoded '#' in a password makes the URI malformed; the error quotes none of it."""
+        error = self.assertRaises(
+            ValueError, parse_database_uri, "postgresql://u:s3c#ret@h:5432/db"
+        )
+        self.assertNotIn("s3c", str(error))
+        self.assertNotIn("ret", str(error))
