@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
 from .core.errors import Codes, MatrixError
-from .core.globs import GlobList
+from .core.globs import GlobList, server_for_matching
 from .core.ids import is_valid_server_name
 from .core.keys import is_valid_key_id
 from .core.xmatrix import (
@@ -51,8 +51,13 @@ class ServerAcl:
         return cls(GlobList.of(allow, ignore_case=True), GlobList.of(deny, ignore_case=True))
 
     def allows(self, server_name: str) -> bool:
-        """True when ``server_name`` is on the allow list and not on the deny list."""
-        return self.allow.matches(server_name) and not self.deny.matches(server_name)
+        """True when ``server_name`` is on the allow list and not on the deny list.
+
+        Matched on the host alone (``server_for_matching``: no port, no trailing
+        dot, any case), so a denied server cannot return under another port.
+        """
+        host = server_for_matching(server_name)
+        return self.allow.matches(host) and not self.deny.matches(host)
 
 
 def _unauthorized(message: str) -> MatrixError:

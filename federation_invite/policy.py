@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import Interface
 
 from .core.errors import Codes, MatrixError
-from .core.globs import GlobList
+from .core.globs import GlobList, server_for_matching, user_for_matching
 from .core.ids import server_name_of
 from .core.roomversions import RoomVersion
 from .store import InviteRule
@@ -109,18 +109,21 @@ class InvitePolicy:
     async def check(self, invite: InboundInvite) -> str:
         """Return the status to store the invite with (``pending`` or ``ignored``), or raise."""
         rules = await self._check_local(invite.invitee)
-        sender_server = server_name_of(invite.sender)
-        if self._server_deny.matches(sender_server) or self._server_deny.matches(invite.origin):
+        # Rules see hosts without port or trailing dot, in lower case.
+        sender_server = server_for_matching(server_name_of(invite.sender))
+        sender = user_for_matching(invite.sender)
+        origin = server_for_matching(invite.origin)
+        if self._server_deny.matches(sender_server) or self._server_deny.matches(origin):
             raise MatrixError(
                 403, Codes.FORBIDDEN, "This server does not accept invites from yours"
             )
-        if self._user_deny.matches(invite.sender):
+        if self._user_deny.matches(sender):
             raise MatrixError(403, Codes.FORBIDDEN, "This server does not accept invites from you")
         for hook in self._hooks:
             reason = await hook.check_invite(invite)
             if reason is not None:
                 raise MatrixError(403, Codes.FORBIDDEN, str(reason)[:500])
-        return self._invitee_rules(rules, invite.sender, sender_server)
+        return self._invitee_rules(rules, sender, sender_server)
 
     async def _invitee(self, invitee: str) -> tuple[bool, list[InviteRule]]:
         """Whether ``invitee`` is one of ours, and its rules: from the cache or the store."""

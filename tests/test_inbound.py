@@ -501,6 +501,41 @@ class PolicyRowTests(InboundTestCase):
             (hook.seen[0].sender, hook.seen[0].invitee, hook.seen[0].origin), (ALICE, BOB, THEM)
         )
 
+    def test_row15_16_rules_not_bypassed_by_port_dot_or_case(self) -> None:
+        """Deny lists and invitee rules match the sender's host whatever port, trailing dot or
+        case it is written with."""
+        from federation_invite.auth import ServerAcl
+
+        for name in ("remote.example:8448", "REMOTE.example."):
+            self.assertFalse(ServerAcl.of(deny=("remote.example",)).allows(name))
+        self.s = InviteScenario(policy_kwargs={"server_deny": ["remote.example"], "user_deny": []})
+        from federation_invite.policy import InboundInvite
+
+        invite = InboundInvite(
+            "remote.example:8448",
+            KNOWN_ROOM_VERSIONS["10"],
+            "!r:x",
+            "$e",
+            "@a:remote.example:8448",
+            BOB,
+            {},
+            [],
+        )
+        failure = self.failureResultOf(Deferred.fromCoroutine(self.s.policy.check(invite)))
+        self.assertEqual(failure.value.errcode, "M_FORBIDDEN")
+        self.s = InviteScenario()
+        self.s.store.rules.append(InviteRule(BOB, "server", "remote.example", "block"))
+        self.s.store.rules.append(InviteRule(BOB, "user", "@mallory:remote.example", "block"))
+        for sender, origin in (
+            ("@a:REMOTE.example.", "REMOTE.example."),
+            ("@mallory:remote.example:8448", "remote.example:8448"),
+        ):
+            invite = InboundInvite(
+                origin, KNOWN_ROOM_VERSIONS["10"], "!r:x", "$e", sender, BOB, {}, []
+            )
+            failure = self.failureResultOf(Deferred.fromCoroutine(self.s.policy.check(invite)))
+            self.assertEqual(failure.value.errcode, "M_INVITE_BLOCKED")
+
     def test_row16_invitee_rules(self) -> None:
         """Row 16: a block rule gives 403 M_INVITE_BLOCKED; allow overrides block."""
         self.s.store.rules.append(InviteRule(BOB, "server", "*", "block"))

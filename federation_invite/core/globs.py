@@ -13,7 +13,26 @@ from collections.abc import Iterable
 
 import attrs
 
-__all__ = ["GlobList"]
+__all__ = ["GlobList", "server_for_matching", "user_for_matching"]
+
+
+def server_for_matching(server_name: str) -> str:
+    """A server name as rules see it: the host only, lower case, no trailing dot.
+
+    Ports are dropped (as ``m.room.server_acl`` does) so that ``evil.example``
+    cannot slip past a rule as ``evil.example:8448`` or ``EVIL.example.``.
+    """
+    if server_name.startswith("["):
+        host = server_name[: server_name.find("]") + 1] or server_name
+    else:
+        host = server_name.partition(":")[0]
+    return host.rstrip(".").lower()
+
+
+def user_for_matching(user_id: str) -> str:
+    """A user ID as rules see it: the localpart as is, the server part as ``server_for_matching``."""
+    localpart, colon, server = user_id.partition(":")
+    return localpart + colon + server_for_matching(server) if colon else user_id
 
 
 def _compile(patterns: tuple[str, ...], ignore_case: bool) -> re.Pattern[str] | None:

@@ -35,3 +35,21 @@ class GlobListTests(SynchronousTestCase):
         self.assertTrue(globs.matches("a+b.(c)"))
         self.assertFalse(globs.matches("aab.(c)"))
         self.assertFalse(globs.matches("a+bx(c)"))
+
+
+class MatchingFormTests(SynchronousTestCase):
+    def test_server_for_matching(self) -> None:
+        """Ports, trailing dots and case never let a server past a rule (as m.room.server_acl)."""
+        from federation_invite.core.globs import server_for_matching
+
+        for name in ("evil.example", "evil.example:8448", "EVIL.example.", "Evil.Example.:443"):
+            self.assertEqual(server_for_matching(name), "evil.example")
+        self.assertEqual(server_for_matching("[::1]:8448"), "[::1]")
+        self.assertEqual(server_for_matching("1.2.3.4:80"), "1.2.3.4")
+
+    def test_user_for_matching(self) -> None:
+        """User IDs keep their localpart; their server part is matched as a host."""
+        from federation_invite.core.globs import user_for_matching
+
+        self.assertEqual(user_for_matching("@Alice:EVIL.example:8448"), "@Alice:evil.example")
+        self.assertEqual(user_for_matching("nocolon"), "nocolon")
