@@ -30,7 +30,7 @@ def server_for_matching(server_name: str) -> str:
 
 
 def user_for_matching(user_id: str) -> str:
-    """A user ID as rules see it: the localpart as is, the server part as ``server_for_matching``."""
+    """A user ID as rules see it: the localpart as is, the server part as a host."""
     localpart, colon, server = user_id.partition(":")
     return localpart + colon + server_for_matching(server) if colon else user_id
 
