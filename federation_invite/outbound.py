@@ -354,6 +354,10 @@ class InviteSender:
         if not is_valid_user_id(invitee):
             raise InviteNotSendable(f"the state_key {_shown(invitee)} is not a user ID")
         assert isinstance(invitee, str)
+        if server_name_of(invitee) == self.server_name:
+            # The "invitee server's signature" would be our own, which we sent:
+            # nothing could be verified. Local invites need no federation.
+            raise InviteNotSendable(f"the invitee {_shown(invitee)} is one of our own users")
         sender = event.get("sender")
         if not is_valid_user_id(sender) or server_name_of(sender) != self.server_name:
             raise InviteNotSendable(

@@ -881,6 +881,14 @@ class BeforeSendingTests(_Base):
         self.assert_nothing_sent()
         return error.reason
 
+    def test_invitee_of_our_own_refused(self) -> None:
+        """Inviting one of our own users over federation is refused: the only co-signature
+        there could be is ours."""
+        event, state = self.origin.invite("10")
+        event = {**event, "state_key": event["sender"]}
+        reason = self.not_sendable("10", event, state, destination=PEER)
+        self.assertIn("is one of our own users", reason)
+
     def test_unsigned_event_hashed_and_signed(self) -> None:
         """An event without hashes is hashed and signed through the signer, then sent."""
         event, state = self.origin.invite("10")
