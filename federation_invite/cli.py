@@ -42,32 +42,40 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_generate_config(args: argparse.Namespace, out: TextIO) -> int:
-    settings: dict[str, Any] = {"server_name": args.server_name, "data_dir": args.data_dir}
+    # An absolute data directory: the daemon resolves relative paths against its
+    # own working directory, and must find this very key wherever it is started.
+    data_dir = os.path.abspath(args.data_dir)
+    settings: dict[str, Any] = {"server_name": args.server_name, "data_dir": data_dir}
     if args.listen:
         settings["listen"] = args.listen
-    if args.tls_cert:
+    tls_key = os.path.join(data_dir, "tls.key")
+    tls_cert = os.path.join(data_dir, "tls.crt")
+    if args.tls_cert and not args.listen:
         host_port = parse_server_name(args.server_name)[1] or 8448
-        data_dir = os.path.abspath(args.data_dir)
-        tls_key = os.path.join(data_dir, "tls.key")
-        tls_cert = os.path.join(data_dir, "tls.crt")
-        if not args.listen:
-            settings["listen"] = [
-                f"ssl:{host_port}:interface=127.0.0.1:privateKey={_escape_endpoint(tls_key)}"
-                f":certKey={_escape_endpoint(tls_cert)}"
-            ]
+        settings["listen"] = [
+            f"ssl:{host_port}:interface=127.0.0.1:privateKey={_escape_endpoint(tls_key)}"
+            f":certKey={_escape_endpoint(tls_cert)}"
+        ]
     # Validate what we are about to write with the same checks the daemon applies.
     config = load_config(None, settings)
     if os.path.exists(args.output) and not args.force:
         raise ConfigError(f"{args.output} exists; use --force to overwrite it")
+    # Key and certificate first: the config is written only once they exist.
+    config.ensure_data_dir()
+    key, created = load_or_create_signing_key(config.signing_key_path)
+    tls_state = None
+    if args.tls_cert:
+        if os.path.exists(tls_key) and os.path.exists(tls_cert):
+            tls_state = "Kept the existing"
+        else:
+            write_self_signed_certificate(args.server_name, tls_key, tls_cert)
+            tls_state = "Wrote a"
     with open(args.output, "w", encoding="utf-8") as handle:
         handle.write(render_config(settings))
-    key, created = load_or_create_signing_key(config.signing_key_path)
     out.write(f"Wrote {args.output}\n")
-    if args.tls_cert:
-        config.ensure_data_dir()
-        write_self_signed_certificate(args.server_name, tls_key, tls_cert)
+    if tls_state is not None:
         out.write(
-            f"Wrote a self-signed TLS certificate {tls_cert} (key {tls_key}, mode 0600): "
+            f"{tls_state} self-signed TLS certificate {tls_cert} (key {tls_key}, mode 0600): "
             "for local testing only; peers must turn certificate verification off\n"
         )
     state = "Generated" if created else "Kept existing"
@@ -151,6 +159,18 @@ async def _cmd_rules(args: argparse.Namespace, out: TextIO, store: IStore, confi
     return 0 if changed else 1
 
 
+def _printable(value: object) -> str:
+    """Text safe for a terminal: control and format characters (peer-chosen IDs may hold
+    escape sequences, newlines or bidi overrides) shown as escapes."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
+
+
 def _invite_json(record: InviteRecord) -> dict[str, Any]:
     return attrs.asdict(record)
 
@@ -167,7 +187,7 @@ async def _cmd_invites(args: argparse.Namespace, out: TextIO, store: IStore, con
                 value = getattr(record, field.name)
                 if field.name == "event" or field.name == "invite_room_state":
                     value = json.dumps(value, sort_keys=True)
-                out.write(f"{field.name}: {value}\n")
+                out.write(f"{field.name}: {_printable(value)}\n")
         return 0
     records = await store.list_invites(
         invitee=args.user, room_id=args.room, status=args.status, limit=args.limit
@@ -180,14 +200,17 @@ async def _cmd_invites(args: argparse.Namespace, out: TextIO, store: IStore, con
     )
     for r in records:
         when = datetime.datetime.fromtimestamp(r.received_ts / 1000, datetime.UTC)
+        invitee, sender, room_id, event_id = (
+            _printable(v) for v in (r.invitee, r.sender, r.room_id, r.event_id)
+        )
         out.write(
-            f"{when:%Y-%m-%d %H:%M:%S} {r.status:<8} {r.invitee:<30} {r.sender:<30} "
-            f"{r.room_id:<30} {r.event_id}\n"
+            f"{when:%Y-%m-%d %H:%M:%S} {r.status:<8} {invitee:<30} {sender:<30} "
+            f"{room_id:<30} {event_id}\n"
         )
     return 0
 
 
-async def _cmd_send_invite(args: argparse.Namespace, out: TextIO, reactor: Any) -> int:
+async def _cmd_send_invite(args: argparse.Namespace, out: TextIO, reactor: Any, err: TextIO) -> int:
     """Send a test invite and print the event both servers signed: federation's ``curl -v``.
 
     ``args.federation_client`` (None from the command line) replaces the
@@ -216,10 +239,11 @@ async def _cmd_send_invite(args: argparse.Namespace, out: TextIO, reactor: Any) 
                 room_version, event, room_state, destination=args.destination
             )
         except InviteRefused as exc:
-            out.write(f"refused: {exc.status} {exc.errcode or '(no errcode)'}: {exc.message}\n")
+            errcode = exc.errcode or "(no errcode)"
+            err.write(_printable(f"refused: {exc.status} {errcode}: {exc.message}") + "\n")
             return 1
         except InviteError as exc:
-            out.write(f"{exc}\n")
+            err.write(_printable(exc) + "\n")
             return 1
     finally:
         await components.close()
@@ -236,12 +260,15 @@ async def _cmd_send_invite(args: argparse.Namespace, out: TextIO, reactor: Any) 
 _STORE_COMMANDS = {"users": _cmd_users, "rules": _cmd_rules, "invites": _cmd_invites}
 
 
-async def run_async(args: argparse.Namespace, out: TextIO, reactor: Any) -> int:
+async def run_async(
+    args: argparse.Namespace, out: TextIO, reactor: Any, err: TextIO | None = None
+) -> int:
     """Run a command that needs the reactor (the database); used by ``main`` and tests."""
+    err = err or sys.stderr
     if args.command == "migrate":
         return await _cmd_migrate(args, out, reactor)
     if args.command == "send-invite":
-        return await _cmd_send_invite(args, out, reactor)
+        return await _cmd_send_invite(args, out, reactor, err)
     config = load_config(args.config)
     config.ensure_data_dir()
     store = await open_store(config.database, reactor=reactor)
@@ -344,15 +371,15 @@ def main(
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "run_async", False):
-            return _react(args, out)
+            return _react(args, out, err)
         code: int = args.run(args, out)
-    except (ConfigError, SigningKeyError, StoreError, ValueError) as exc:
+    except (ConfigError, SigningKeyError, StoreError, ValueError, OSError) as exc:
         err.write(f"federation-invite: {exc}\n")
         return 1
     return code
 
 
-def _react(args: argparse.Namespace, out: TextIO) -> int:
+def _react(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run an async command on the global reactor (the CLI's process owns it)."""
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
@@ -360,7 +387,7 @@ def _react(args: argparse.Namespace, out: TextIO) -> int:
     outcome: list[Any] = []
 
     def run() -> None:
-        d = Deferred.fromCoroutine(run_async(args, out, reactor))
+        d = Deferred.fromCoroutine(run_async(args, out, reactor, err))
         d.addBoth(outcome.append).addBoth(lambda _: reactor.stop())
 
     reactor.callWhenRunning(run)

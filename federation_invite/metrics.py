@@ -23,7 +23,14 @@ from typing import Any
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from .core.errors import Codes
+
 __all__ = ["InviteMetrics", "metrics_available"]
+
+#: The errcodes kept as metric labels (ours, and the ones peers answer invites with).
+_KNOWN_ERRCODES = frozenset(
+    value for name, value in vars(Codes).items() if name.isupper() and isinstance(value, str)
+)
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -75,7 +82,13 @@ class InviteMetrics:
             self._latency.observe(seconds)
 
     def outbound(self, outcome: str, errcode: str | None = None) -> None:
-        """Count one invite we sent (accepted, refused, invalid_answer, not_sent, transport)."""
+        """Count one invite we sent (accepted, refused, invalid_answer, not_sent, transport).
+
+        The errcode comes from the peer: unknown ones are counted as ``other``,
+        so that no peer can create a time series per invite.
+        """
+        if errcode is not None and errcode not in _KNOWN_ERRCODES:
+            errcode = "other"
         if self.enabled:
             self._outbound.labels(outcome, errcode or "").inc()
 

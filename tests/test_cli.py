@@ -96,3 +96,53 @@ class GenerateTLSTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(data_dir, "tls.key")).st_mode), 0o600)
         endpoint = endpoints.serverFromString(reactor, listen)
         self.assertIsInstance(endpoint, endpoints.SSL4ServerEndpoint)
+
+
+class GenerateConfigRobustnessTests(SynchronousTestCase):
+    def test_rerun_with_tls_cert_and_force(self) -> None:
+        """Running generate-config --tls-cert --force again keeps the key and certificate."""
+        data_dir = os.path.abspath(self.mktemp())
+        path = self.mktemp()
+        argv = [
+            "generate-config",
+            "--server-name",
+            "localhost:18448",
+            "--data-dir",
+            data_dir,
+            "-o",
+            path,
+            "--tls-cert",
+            "--force",
+        ]
+        self.assertEqual(main(argv, io.StringIO(), io.StringIO()), 0)
+        out = io.StringIO()
+        self.assertEqual(main(argv, out, io.StringIO()), 0)
+        self.assertIn("Kept the existing self-signed TLS certificate", out.getvalue())
+        self.assertIn("Kept existing signing key", out.getvalue())
+
+    def test_data_dir_written_absolute(self) -> None:
+        """The written config names the data directory absolutely (the daemon may start elsewhere)."""
+        path = self.mktemp()
+        self.assertEqual(
+            main(
+                ["generate-config", "--server-name", "e.org", "--data-dir", "rel-dir", "-o", path],
+                io.StringIO(),
+                io.StringIO(),
+            ),
+            0,
+        )
+        self.addCleanup(__import__("shutil").rmtree, "rel-dir", True)
+        self.assertEqual(load_config(path).data_dir, os.path.abspath("rel-dir"))
+
+    def test_unwritable_data_dir_is_one_line_and_no_config(self) -> None:
+        """An OS error is one line on stderr, exit status 1, and no config file is left behind."""
+        path = self.mktemp()
+        err = io.StringIO()
+        code = main(
+            ["generate-config", "--server-name", "e.org", "--data-dir", "/proc/nope", "-o", path],
+            io.StringIO(),
+            err,
+        )
+        self.assertEqual(code, 1)
+        self.assertTrue(err.getvalue().startswith("federation-invite: "))
+        self.assertFalse(os.path.exists(path))

@@ -37,12 +37,17 @@ class SendInviteCommandTests(TestCase):
         self.agent = FakePeersAgent({PEER: self.peer.root})
 
     async def run_cli(self, *argv: str) -> tuple[int, str]:
-        out = io.StringIO()
+        """Exit status and output: the JSON on stdout, or the one error line on stderr."""
+        out, err = io.StringIO(), io.StringIO()
         args = build_parser().parse_args(["send-invite", *argv, "-c", self.config])
         self.assertIsNone(args.federation_client)
         args.federation_client = FederationClient(reactor, OURS, self.key, agent=self.agent)
-        code = await run_async(args, out, reactor)
-        return code, out.getvalue()
+        code = await run_async(args, out, reactor, err)
+        if code == 0:
+            self.assertEqual(err.getvalue(), "")
+            return code, out.getvalue()
+        self.assertEqual(out.getvalue(), "", "errors go to stderr, not to the JSON on stdout")
+        return code, err.getvalue()
 
     def check_printed(self, out: str, room_version: str) -> dict[str, Any]:
         """The printed JSON is the event both servers signed, with its IDs."""

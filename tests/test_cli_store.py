@@ -127,4 +127,35 @@ class StoreCommandTests(TestCase):
             with self.assertRaises(ConfigError):
                 await self.run_cli("invites", "show", "$nope")
 
+    def test_peer_chosen_text_is_escaped(self) -> None:
+        """IDs with escape sequences or newlines are shown escaped, never sent to the terminal raw."""
+
+        async def go() -> None:
+            store = await open_store(f"sqlite:///{self.db}", reactor=reactor)
+            sender = "@\x1b[2Jfake\nline:evil.example"
+            await store.store_invite(
+                InviteRecord(
+                    "$x",
+                    "!r\x1b]0;t\x07:e",
+                    "10",
+                    "@a:example.org",
+                    sender,
+                    "evil.example",
+                    {},
+                    [],
+                    1,
+                    "pending",
+                )
+            )
+            await store.close()
+            _, table = await self.run_cli("invites", "list")
+            _, shown = await self.run_cli("invites", "show", "$x")
+            for text in (table, shown):
+                self.assertNotIn("\x1b", text)
+                self.assertNotIn("\x07", text)
+                self.assertIn("\\x1b[2Jfake\\nline", text)
+            self.assertEqual(len(table.splitlines()), 2)
+
+        return ensureDeferred(go())
+
         return ensureDeferred(go())

@@ -70,6 +70,18 @@ class MetricsTests(SynchronousTestCase):
             1.0,
         )
 
+    def test_peer_errcodes_bounded(self) -> None:
+        """Errcodes we do not know (peer-chosen) are counted as 'other'."""
+        for n in range(5):
+            self.metrics.outbound("refused", f"M_MADE_UP_{n}")
+        self.assertEqual(
+            self.sample(
+                "federation_invite_outbound_invites_total",
+                {"outcome": "refused", "errcode": "other"},
+            ),
+            5.0,
+        )
+
     def test_resource(self) -> None:
         """The metrics resource serves the text exposition format."""
         self.send()
