@@ -143,6 +143,18 @@ class SlowlorisTests(SiteTestCase):
         connection.close()
         self.assertEqual(self.clock.getDelayedCalls(), [], "no timer left behind")
 
+    def test_pipelined_partial_request_gets_its_deadline(self) -> None:
+        """A request answered at once followed, in the same packet, by the start of another:
+        the second still has to arrive within the deadline (408 at 30 s)."""
+        connection = self.connect()
+        connection.send(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nX-a: 1\r\n")
+        self.clock.advance(29)
+        self.assertFalse(connection.closing)
+        self.clock.advance(1)
+        self.assertTrue(connection.closing)
+        codes = [code for code, _, _ in connection.responses()]
+        self.assertEqual(codes, [404, 408])
+
     def test_plain_site_would_hold_the_connection(self) -> None:
         """Why: behind Twisted's own Site the same trickle is still open after 10 minutes."""
         connection = self.connect(Site(self.s.root, reactor=self.clock, timeout=60))

@@ -159,8 +159,17 @@ class _LimitedChannel(HTTPChannel):
         self.refuse(MatrixError(400, Codes.UNKNOWN, "Request line or header too long"))
 
     def lineReceived(self, line: bytes) -> None:
-        if not self.refused:
-            super().lineReceived(line)
+        if self.refused:
+            return
+        # A pipelined request whose first bytes came in the same packet as the
+        # end of one answered at once gets its deadline here.
+        if (
+            self._deadline is None
+            and not self._handlingRequest
+            and self.request_timeout is not None
+        ):
+            self._deadline = self.callLater(self.request_timeout, self._too_slow)
+        super().lineReceived(line)
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self.refused:
