@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
 from .core.errors import Codes, MatrixError
-from .core.globs import GlobList, server_for_matching
+from .core.globs import GlobList
 from .core.ids import is_valid_server_name
 from .core.keys import is_valid_key_id
 from .core.xmatrix import (
@@ -53,11 +53,10 @@ class ServerAcl:
     def allows(self, server_name: str) -> bool:
         """True when ``server_name`` is on the allow list and not on the deny list.
 
-        Matched on the host alone (``server_for_matching``: no port, no trailing
-        dot, any case), so a denied server cannot return under another port.
+        Matched as written and on the host alone (no port, no trailing dot, any
+        case), so a denied server cannot return under another port.
         """
-        host = server_for_matching(server_name)
-        return self.allow.matches(host) and not self.deny.matches(host)
+        return self.allow.matches_server(server_name) and not self.deny.matches_server(server_name)
 
 
 def _unauthorized(message: str) -> MatrixError:

@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import Interface
 
 from .core.errors import Codes, MatrixError
-from .core.globs import GlobList, server_for_matching, user_for_matching
+from .core.globs import GlobList
 from .core.ids import server_name_of
 from .core.roomversions import RoomVersion
 from .store import InviteRule
@@ -109,21 +109,22 @@ class InvitePolicy:
     async def check(self, invite: InboundInvite) -> str:
         """Return the status to store the invite with (``pending`` or ``ignored``), or raise."""
         rules = await self._check_local(invite.invitee)
-        # Rules see hosts without port or trailing dot, in lower case.
-        sender_server = server_for_matching(server_name_of(invite.sender))
-        sender = user_for_matching(invite.sender)
-        origin = server_for_matching(invite.origin)
-        if self._server_deny.matches(sender_server) or self._server_deny.matches(origin):
+        # Rules match names as written and as hosts (no port or trailing dot, any
+        # case), so a denied server cannot return under another port.
+        sender_server = server_name_of(invite.sender)
+        if self._server_deny.matches_server(sender_server) or self._server_deny.matches_server(
+            invite.origin
+        ):
             raise MatrixError(
                 403, Codes.FORBIDDEN, "This server does not accept invites from yours"
             )
-        if self._user_deny.matches(sender):
+        if self._user_deny.matches_user(invite.sender):
             raise MatrixError(403, Codes.FORBIDDEN, "This server does not accept invites from you")
         for hook in self._hooks:
             reason = await hook.check_invite(invite)
             if reason is not None:
                 raise MatrixError(403, Codes.FORBIDDEN, str(reason)[:500])
-        return self._invitee_rules(rules, sender, sender_server)
+        return self._invitee_rules(rules, invite.sender, sender_server)
 
     async def _invitee(self, invitee: str) -> tuple[bool, list[InviteRule]]:
         """Whether ``invitee`` is one of ours, and its rules: from the cache or the store."""
@@ -164,9 +165,9 @@ class InvitePolicy:
         matched = set()
         for rule in rules:
             if rule.kind == "user":
-                hit = GlobList.of([rule.pattern]).matches(sender)
+                hit = GlobList.of([rule.pattern]).matches_user(sender)
             else:
-                hit = GlobList.of([rule.pattern], ignore_case=True).matches(sender_server)
+                hit = GlobList.of([rule.pattern], ignore_case=True).matches_server(sender_server)
             if hit:
                 matched.add(rule.action)
         if "allow" in matched:

@@ -61,5 +61,17 @@ class GlobList:
         """True when any pattern matches the whole of ``value``."""
         return self._regex is not None and self._regex.match(value) is not None
 
+    def matches_server(self, server_name: str) -> bool:
+        """True when a pattern matches the name as written or its host (``server_for_matching``).
+
+        ``evil.example`` thus also catches ``evil.example:8448`` and ``EVIL.example.``,
+        while a pattern written with a port still matches that exact name.
+        """
+        return self.matches(server_name) or self.matches(server_for_matching(server_name))
+
+    def matches_user(self, user_id: str) -> bool:
+        """As ``matches_server``, for user IDs (the localpart compared as written)."""
+        return self.matches(user_id) or self.matches(user_for_matching(user_id))
+
     def __bool__(self) -> bool:
         return bool(self.patterns)

@@ -53,3 +53,16 @@ class MatchingFormTests(SynchronousTestCase):
 
         self.assertEqual(user_for_matching("@Alice:EVIL.example:8448"), "@Alice:evil.example")
         self.assertEqual(user_for_matching("nocolon"), "nocolon")
+
+    def test_matches_server_and_user(self) -> None:
+        """Patterns match names as written (ports included) and as hosts (port-less, any case)."""
+        with_port = GlobList.of(["localhost:1234"], ignore_case=True)
+        self.assertTrue(with_port.matches_server("localhost:1234"))
+        self.assertFalse(with_port.matches_server("localhost:9"))
+        host = GlobList.of(["evil.example"], ignore_case=True)
+        for name in ("evil.example", "evil.example:8448", "EVIL.example."):
+            self.assertTrue(host.matches_server(name), name)
+        users = GlobList.of(["@mallory:evil.example", "@bob:localhost:1234"])
+        self.assertTrue(users.matches_user("@mallory:EVIL.example:8448"))
+        self.assertTrue(users.matches_user("@bob:localhost:1234"))
+        self.assertFalse(users.matches_user("@bob:localhost:9"))

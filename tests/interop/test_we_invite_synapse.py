@@ -102,7 +102,8 @@ class WeInviteSynapseTests(InteropCase):
             )
             self.assertEqual(result.returncode, 1, f"{result.stdout}\n{result.stderr}")
             self.assertTrue(
-                result.stdout.startswith("refused: 403 M_INVITE_BLOCKED: "), result.stdout
+                result.stderr.startswith("refused: 403 M_INVITE_BLOCKED: "), result.stderr
             )
+            self.assertEqual(result.stdout, "")
 
         return ensureDeferred(go())
