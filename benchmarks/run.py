@@ -464,41 +464,31 @@ def main() -> None:
         log_name="origin.log",
     ):
         wait_for_port(origin_port)
+
+        def helper_server(name: str, port: int, *extra: str) -> None:
+            """Start one of servers.py's servers, warm it up, measure it, show the figures."""
+            argv = [sys.executable, SERVERS, name, str(port), *extra]
+            with process(argv, cwd=work, log_name=f"{name}.log") as proc:
+                wait_for_port(port)
+                run_wrk(port, warmup_file, duration=1, connections=args.connections)
+                figures[name] = measure(
+                    proc.pid, port, requests_file, args.duration, args.connections
+                )
+                show(name, figures[name])
+
         if "trivial" in only:
-            with process(
-                [sys.executable, SERVERS, "trivial", str(trivial_port), cert_path, key_path],
-                cwd=work,
-                log_name="trivial.log",
-            ) as proc:
-                wait_for_port(trivial_port)
-                run_wrk(trivial_port, warmup_file, duration=1, connections=args.connections)
-                figures["trivial"] = measure(
-                    proc.pid, trivial_port, requests_file, args.duration, args.connections
-                )
-                show("trivial", figures["trivial"])
+            helper_server("trivial", trivial_port, cert_path, key_path)
         if "calibration" in only:
-            with process(
-                [
-                    sys.executable,
-                    SERVERS,
-                    "calibration",
-                    str(calibration_port),
-                    server_name,
-                    our_seed,
-                    origin_seed,
-                    cert_path,
-                    key_path,
-                    str(origin_port),
-                ],
-                cwd=work,
-                log_name="calibration.log",
-            ) as proc:
-                wait_for_port(calibration_port)
-                run_wrk(calibration_port, warmup_file, duration=1, connections=args.connections)
-                figures["calibration"] = measure(
-                    proc.pid, calibration_port, requests_file, args.duration, args.connections
-                )
-                show("calibration", figures["calibration"])
+            helper_server(
+                "calibration",
+                calibration_port,
+                server_name,
+                our_seed,
+                origin_seed,
+                cert_path,
+                key_path,
+                str(origin_port),
+            )
         if "daemon" in only:
             with ExitStack() as stack:
                 database = args.database
