@@ -6,10 +6,11 @@ import io
 import json
 from typing import Any
 
-from twisted.logger import capturedLogs, eventAsJSON
+from twisted.logger import capturedLogs, eventAsJSON, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from unpaddedbase64 import encode_base64
 
+from federation_invite.inbound import _log_outcome
 from federation_invite.logs import json_file_observer, json_observer
 
 from .invites import THEM, InviteScenario, event_id_of
@@ -46,6 +47,24 @@ class InviteLogTests(SynchronousTestCase):
         (refused,) = [e for e in events if e.get("outcome") == "refused"]
         self.assertEqual((refused["status"], refused["errcode"]), (404, "M_NOT_FOUND"))
         self.assertEqual(refused["peer"], accepted[0]["peer"])
+
+    def test_outcome_lines_read_as_text(self) -> None:
+        """The text observer's line names the event, room, origin and invitee, braces and all."""
+        scenario = InviteScenario()
+        events, _ = self.run_invite(scenario)
+        (accepted,) = [e for e in events if e.get("outcome") == "accepted"]
+        self.assertEqual(
+            formatEvent(accepted),
+            f"Invite {accepted['event_id']} in {accepted['room_id']} from {THEM}"
+            " for @bob:us.example accepted (pending)",
+        )
+        events, _ = self.run_invite(scenario, invitee="@nobody:us.example")
+        (refused,) = [e for e in events if e.get("outcome") == "refused"]
+        self.assertTrue(formatEvent(refused).endswith(" refused: 404 M_NOT_FOUND Unknown user"))
+        # Peer-chosen text with braces is printed as it is, never read as a format.
+        with capturedLogs() as captured:
+            _log_outcome("Invite $a{0}{event_id} refused: {x", event_id="$a", outcome="refused")
+        self.assertEqual(formatEvent(captured[0]), "Invite $a{0}{event_id} refused: {x")
 
     def test_repeated_invite_logged_with_fields(self) -> None:
         """The same invite again is logged as 'repeated' with its fields."""
