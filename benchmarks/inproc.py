@@ -87,7 +87,7 @@ async def drive(site: Site, requests: Sequence[bytes]) -> tuple[float, float, di
         outstanding[0] = len(batch)
         waiting[0] = Deferred()
         finished = waiting[0]
-        for (channel, transport), data in zip(channels, batch):
+        for (channel, transport), data in zip(channels, batch, strict=False):
             transport.clear()
             channel.dataReceived(data)
         if outstanding[0]:
@@ -160,7 +160,7 @@ async def main(args: argparse.Namespace) -> None:
     warm = [raw_request(*invite) for invite in invites[:warm_count]]
     measured = [raw_request(*invite) for invite in invites[warm_count:]]
     with tempfile.TemporaryDirectory() as work:
-        log_file = open(os.path.join(work, "daemon.log"), "w")  # noqa: SIM115
+        log_file = open(os.path.join(work, "daemon.log"), "w")
         globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)], redirectStandardIO=False)
         calibration = calibration_site(our_key, origin_key)
         daemon, store = await daemon_site(work, our_key, origin_key, args.invitees)
