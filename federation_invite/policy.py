@@ -26,8 +26,9 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from zope.interface import Interface
 
 from .core.errors import Codes, MatrixError
@@ -67,7 +68,7 @@ class IInvitePolicy(Interface):
 
 
 class _PolicyStore(Protocol):
-    def is_local_user(self, user_id: str) -> Deferred[bool]: ...
+    def invitee_state(self, user_id: str) -> Deferred[tuple[bool, list[InviteRule]]]: ...
 
     def list_invite_rules(self, user_id: str) -> Deferred[list[InviteRule]]: ...
 
@@ -95,6 +96,8 @@ class InvitePolicy:
         self._cache_seconds = cache_seconds
         #: invitee -> (is local, rules, expiry time in seconds)
         self._cache: dict[str, tuple[bool, list[InviteRule], float]] = {}
+        #: invitee -> the callers waiting for the store read in flight
+        self._reading: dict[str, list[Deferred[tuple[bool, list[InviteRule]]]]] = {}
         self._server_name = server_name
         self._store = store
         self._local_users = local_users
@@ -126,22 +129,45 @@ class InvitePolicy:
                 raise MatrixError(403, Codes.FORBIDDEN, str(reason)[:500])
         return self._invitee_rules(rules, invite.sender, sender_server)
 
-    async def _invitee(self, invitee: str) -> tuple[bool, list[InviteRule]]:
-        """Whether ``invitee`` is one of ours, and its rules: from the cache or the store."""
+    def _invitee(self, invitee: str) -> Deferred[tuple[bool, list[InviteRule]]]:
+        """Whether ``invitee`` is one of ours, and its rules: from the cache or the store.
+
+        Concurrent misses for one invitee share one read (an invite storm for a
+        user whose entry just expired costs one transaction, not one each); each
+        caller waits on its own Deferred, so a cancelled request cancels no other.
+        """
         now = self._clock.seconds() if self._clock is not None else 0.0
         cached = self._cache.get(invitee)
         if cached is not None and cached[2] > now:
-            return cached[0], cached[1]
+            return succeed((cached[0], cached[1]))
+        waiter: Deferred[tuple[bool, list[InviteRule]]] = Deferred()
+        waiters = self._reading.get(invitee)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        waiters = self._reading[invitee] = [waiter]
+
+        def done(result: tuple[bool, list[InviteRule]] | Failure) -> None:
+            del self._reading[invitee]
+            if not isinstance(result, Failure) and self._cache_seconds > 0:
+                if len(self._cache) > _CACHE_SIZE:
+                    self._cache.clear()
+                is_local, rules = result
+                self._cache[invitee] = (is_local, rules, now + self._cache_seconds)
+            for each in waiters:
+                if not each.called:
+                    if isinstance(result, Failure):
+                        each.errback(result)
+                    else:
+                        each.callback(result)
+
+        self._read(invitee).addBoth(done)
+        return waiter
+
+    def _read(self, invitee: str) -> Deferred[tuple[bool, list[InviteRule]]]:
         if self._local_users == "any":
-            is_local = True
-        else:
-            is_local = await self._store.is_local_user(invitee)
-        rules = await self._store.list_invite_rules(invitee) if is_local else []
-        if self._cache_seconds > 0:
-            if len(self._cache) > _CACHE_SIZE:
-                self._cache.clear()
-            self._cache[invitee] = (is_local, rules, now + self._cache_seconds)
-        return is_local, rules
+            return self._store.list_invite_rules(invitee).addCallback(lambda rules: (True, rules))
+        return self._store.invitee_state(invitee)
 
     def forget(self, invitee: str | None = None) -> None:
         """Drop cached answers (for one invitee, or all) after changing users or rules."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from federation_invite.auth import ServerAcl
@@ -20,7 +20,8 @@ from federation_invite.core.signing import (
     verify_event_signature,
 )
 from federation_invite.inbound import InviteLimits
-from federation_invite.store import InviteRule
+from federation_invite.policy import InvitePolicy
+from federation_invite.store import InviteRule, StoreError
 
 from .invites import (
     ALICE,
@@ -34,7 +35,7 @@ from .invites import (
     stripped,
     v12_room,
 )
-from .support import make_key
+from .support import make_clock, make_key
 
 
 class InboundTestCase(SynchronousTestCase):
@@ -585,6 +586,53 @@ class PolicyCacheTests(InboundTestCase):
         self.assertEqual(self.send_v2(room_version, event)[0], 200)
 
 
+class PolicyReadSharingTests(SynchronousTestCase):
+    """Concurrent cache misses for one invitee share one store read."""
+
+    def setUp(self) -> None:
+        self.reads: list[Deferred[tuple[bool, list[Any]]]] = []
+        store = self
+
+        class SlowStore:
+            def invitee_state(self, user_id: str) -> Deferred[tuple[bool, list[Any]]]:
+                reading: Deferred[tuple[bool, list[Any]]] = Deferred()
+                store.reads.append(reading)
+                return reading
+
+        self.clock = make_clock()
+        self.policy = InvitePolicy(US, SlowStore(), clock=self.clock, cache_seconds=5.0)
+
+    def test_one_read_for_concurrent_misses(self) -> None:
+        """Three misses at once: one read; all three get its answer; then it is cached."""
+        waiting = [self.policy._invitee(BOB) for _ in range(3)]
+        self.assertEqual(len(self.reads), 1)
+        self.assertEqual([w.called for w in waiting], [False] * 3)
+        self.reads[0].callback((True, []))
+        self.assertEqual([self.successResultOf(w) for w in waiting], [(True, [])] * 3)
+        self.assertEqual(self.successResultOf(self.policy._invitee(BOB)), (True, []))
+        self.assertEqual(len(self.reads), 1)
+        self.policy._invitee(f"@carol:{US}")
+        self.assertEqual(len(self.reads), 2)
+
+    def test_cancelled_caller_cancels_no_other(self) -> None:
+        """A request gone away cancels its own wait only; the read and the others go on."""
+        first, second = self.policy._invitee(BOB), self.policy._invitee(BOB)
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        self.assertFalse(self.reads[0].called)
+        self.reads[0].callback((False, []))
+        self.assertEqual(self.successResultOf(second), (False, []))
+
+    def test_failed_read_fails_every_caller_and_is_not_cached(self) -> None:
+        """A store error reaches every caller waiting on the read; the next call reads again."""
+        first, second = self.policy._invitee(BOB), self.policy._invitee(BOB)
+        self.reads[0].errback(StoreError("invitee_state", "database is locked"))
+        self.failureResultOf(first, StoreError)
+        self.failureResultOf(second, StoreError)
+        self.policy._invitee(BOB)
+        self.assertEqual(len(self.reads), 2)
+
+
 class RateLimitRowTests(InboundTestCase):
     scenario_kwargs = {
         "limits": InviteLimits(
@@ -622,12 +670,12 @@ class RateLimitRowTests(InboundTestCase):
         """Row 17: more concurrent requests from one origin than allowed: 429."""
         self.s = InviteScenario(limits=InviteLimits(origin_concurrent=1))
         gate: Deferred[None] = Deferred()
-        original = self.s.store.is_local_user
+        original = self.s.store.invitee_state
 
-        def slow(user_id: str) -> Deferred[bool]:
+        def slow(user_id: str) -> Deferred[tuple[bool, list[Any]]]:
             return gate.addCallback(lambda _: self.successResultOf(original(user_id)))
 
-        self.s.store.is_local_user = slow  # type: ignore[method-assign]
+        self.s.store.invitee_state = slow  # type: ignore[method-assign]
         room_version, first = self.s.invite(extra={"depth": 1})
         pending = self.s.send(
             2,

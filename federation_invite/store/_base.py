@@ -367,6 +367,17 @@ class DatabaseStore:
         self._execute(txn, "SELECT 1 FROM local_users WHERE user_id = ?", (user_id,))
         return txn.fetchone() is not None
 
+    def invitee_state(self, user_id: str) -> Deferred[tuple[bool, list[InviteRule]]]:
+        check_text("user_id", user_id)
+        return self._run("invitee_state", self._invitee_state_txn, user_id, write=False)
+
+    def _invitee_state_txn(
+        self, txn: adbapi.Transaction, user_id: str
+    ) -> tuple[bool, list[InviteRule]]:
+        if not self._is_local_user_txn(txn, user_id):
+            return False, []
+        return True, self._list_rules_txn(txn, user_id)
+
     def list_local_users(self) -> Deferred[list[str]]:
         return self._run("list_local_users", self._list_local_users_txn, write=False)
 

@@ -70,6 +70,10 @@ class IStore(Interface):
     def is_local_user(user_id: str) -> Deferred[bool]:
         """Whether ``user_id`` is one of ours, so invites for it are accepted."""
 
+    def invitee_state(user_id: str) -> Deferred[tuple[bool, list[InviteRule]]]:
+        """``(is_local_user(user_id), list_invite_rules(user_id))`` read in one transaction
+        (no rules are read for a user who is not ours: the list is then empty)."""
+
     def list_local_users() -> Deferred[list[str]]:
         """Every local user, sorted by code point."""
 

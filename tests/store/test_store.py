@@ -329,6 +329,21 @@ class StoreTestsMixin:
         self.assertEqual(await store.list_invite_rules("@b:local.example"), [other])
         self.assertEqual(await store.list_invite_rules("@c:local.example"), [])
 
+    async def test_invitee_state(self) -> None:
+        """Whether a user is ours and its rules, in one read; a stranger's rules are not read."""
+        store = await self.open()
+        user = "@a:local.example"
+        block = InviteRule(user, "server", "*.evil.example", "block")
+        allow = InviteRule(user, "user", "@friend:*", "allow")
+        stranger_rule = InviteRule("@z:local.example", "user", "*", "block")
+        for rule in (block, allow, stranger_rule):
+            await store.add_invite_rule(rule)
+        self.assertEqual(await store.invitee_state(user), (False, []))
+        await store.add_local_user(user)
+        self.assertEqual(await store.invitee_state(user), (True, [block, allow]))
+        self.assertEqual(await store.invitee_state("@z:local.example"), (False, []))
+        self.assertEqual(await store.invitee_state("@A:local.example"), (False, []))
+
     # -- concurrency and durability --
 
     async def test_two_workers_store_the_same_invite_once(self) -> None:
