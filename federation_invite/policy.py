@@ -68,7 +68,9 @@ class IInvitePolicy(Interface):
 
 
 class _PolicyStore(Protocol):
-    def invitee_state(self, user_id: str) -> Deferred[tuple[bool, list[InviteRule]]]: ...
+    def invitee_states(
+        self, user_ids: Sequence[str]
+    ) -> Deferred[dict[str, tuple[bool, list[InviteRule]]]]: ...
 
     def list_invite_rules(self, user_id: str) -> Deferred[list[InviteRule]]: ...
 
@@ -96,8 +98,11 @@ class InvitePolicy:
         self._cache_seconds = cache_seconds
         #: invitee -> (is local, rules, expiry time in seconds)
         self._cache: dict[str, tuple[bool, list[InviteRule], float]] = {}
-        #: invitee -> the callers waiting for the store read in flight
+        #: invitee -> the callers waiting for its store read (queued or in flight)
         self._reading: dict[str, list[Deferred[tuple[bool, list[InviteRule]]]]] = {}
+        #: invitees missed while a read was in flight: the next read's
+        self._queued: list[str] = []
+        self._read_in_flight = False
         self._server_name = server_name
         self._store = store
         self._local_users = local_users
@@ -132,9 +137,12 @@ class InvitePolicy:
     def _invitee(self, invitee: str) -> Deferred[tuple[bool, list[InviteRule]]]:
         """Whether ``invitee`` is one of ours, and its rules: from the cache or the store.
 
-        Concurrent misses for one invitee share one read (an invite storm for a
-        user whose entry just expired costs one transaction, not one each); each
-        caller waits on its own Deferred, so a cancelled request cancels no other.
+        Misses are read in groups, as invites are written: while one read is in
+        flight, the invitees missed meanwhile queue, and the next read takes
+        them all in one transaction (a storm of invites for many users whose
+        entries expired together costs a few reads, not one each). Concurrent
+        misses for one invitee share its read; each caller waits on its own
+        Deferred, so a cancelled request cancels no other.
         """
         now = self._clock.seconds() if self._clock is not None else 0.0
         cached = self._cache.get(invitee)
@@ -145,29 +153,46 @@ class InvitePolicy:
         if waiters is not None:
             waiters.append(waiter)
             return waiter
-        waiters = self._reading[invitee] = [waiter]
+        self._reading[invitee] = [waiter]
+        self._queued.append(invitee)
+        if not self._read_in_flight:
+            self._read_queued()
+        return waiter
 
-        def done(result: tuple[bool, list[InviteRule]] | Failure) -> None:
-            del self._reading[invitee]
+    def _read_queued(self) -> None:
+        batch, self._queued = self._queued, []
+        self._read_in_flight = True
+        started = self._clock.seconds() if self._clock is not None else 0.0
+
+        def done(result: dict[str, tuple[bool, list[InviteRule]]] | Failure) -> None:
+            # Take every waiter out before answering any: an answered caller may
+            # ask again at once (and must then queue a new read).
+            answering = [(invitee, self._reading.pop(invitee)) for invitee in batch]
             if not isinstance(result, Failure) and self._cache_seconds > 0:
-                if len(self._cache) > _CACHE_SIZE:
+                if len(self._cache) + len(batch) > _CACHE_SIZE:
                     self._cache.clear()
-                is_local, rules = result
-                self._cache[invitee] = (is_local, rules, now + self._cache_seconds)
-            for each in waiters:
-                if not each.called:
+                expires = started + self._cache_seconds
+                for invitee in batch:
+                    is_local, rules = result.get(invitee, (False, []))
+                    self._cache[invitee] = (is_local, rules, expires)
+            for invitee, waiters in answering:
+                for each in waiters:
+                    if each.called:
+                        continue
                     if isinstance(result, Failure):
                         each.errback(result)
                     else:
-                        each.callback(result)
+                        each.callback(result.get(invitee, (False, [])))
+            self._read_in_flight = False
+            if self._queued:
+                self._read_queued()
 
-        self._read(invitee).addBoth(done)
-        return waiter
-
-    def _read(self, invitee: str) -> Deferred[tuple[bool, list[InviteRule]]]:
+        reading = self._store.invitee_states(batch)
         if self._local_users == "any":
-            return self._store.list_invite_rules(invitee).addCallback(lambda rules: (True, rules))
-        return self._store.invitee_state(invitee)
+            reading.addCallback(
+                lambda states: {user: (True, rules) for user, (_, rules) in states.items()}
+            )
+        reading.addBoth(done)
 
     def forget(self, invitee: str | None = None) -> None:
         """Drop cached answers (for one invitee, or all) after changing users or rules."""

@@ -172,8 +172,14 @@ class MemoryStore(MemoryKeyStore):
     def list_invite_rules(self, user_id: str) -> Deferred[list[Any]]:
         return succeed([rule for rule in self.rules if rule.user_id == user_id])
 
-    def invitee_state(self, user_id: str) -> Deferred[tuple[bool, list[Any]]]:
+    def invitee_states(self, user_ids: Any) -> Deferred[dict[str, tuple[bool, list[Any]]]]:
         self.policy_reads += 1
-        if user_id not in self.users:
-            return succeed((False, []))
-        return succeed((True, [rule for rule in self.rules if rule.user_id == user_id]))
+        return succeed(
+            {
+                user_id: (
+                    user_id in self.users,
+                    [rule for rule in self.rules if rule.user_id == user_id],
+                )
+                for user_id in user_ids
+            }
+        )

@@ -35,7 +35,7 @@ from .invites import (
     stripped,
     v12_room,
 )
-from .support import make_clock, make_key
+from .support import MemoryStore, make_clock, make_key
 
 
 class InboundTestCase(SynchronousTestCase):
@@ -587,50 +587,80 @@ class PolicyCacheTests(InboundTestCase):
 
 
 class PolicyReadSharingTests(SynchronousTestCase):
-    """Concurrent cache misses for one invitee share one store read."""
+    """Cache misses are read in groups: one read in flight, the next takes all queued."""
 
     def setUp(self) -> None:
-        self.reads: list[Deferred[tuple[bool, list[Any]]]] = []
-        store = self
+        self.reads: list[tuple[list[str], Deferred[dict[str, tuple[bool, list[Any]]]]]] = []
+        test = self
 
         class SlowStore:
-            def invitee_state(self, user_id: str) -> Deferred[tuple[bool, list[Any]]]:
-                reading: Deferred[tuple[bool, list[Any]]] = Deferred()
-                store.reads.append(reading)
+            def invitee_states(
+                self, user_ids: list[str]
+            ) -> Deferred[dict[str, tuple[bool, list[Any]]]]:
+                reading: Deferred[dict[str, tuple[bool, list[Any]]]] = Deferred()
+                test.reads.append((list(user_ids), reading))
                 return reading
 
         self.clock = make_clock()
         self.policy = InvitePolicy(US, SlowStore(), clock=self.clock, cache_seconds=5.0)
 
-    def test_one_read_for_concurrent_misses(self) -> None:
-        """Three misses at once: one read; all three get its answer; then it is cached."""
-        waiting = [self.policy._invitee(BOB) for _ in range(3)]
-        self.assertEqual(len(self.reads), 1)
-        self.assertEqual([w.called for w in waiting], [False] * 3)
-        self.reads[0].callback((True, []))
-        self.assertEqual([self.successResultOf(w) for w in waiting], [(True, [])] * 3)
-        self.assertEqual(self.successResultOf(self.policy._invitee(BOB)), (True, []))
-        self.assertEqual(len(self.reads), 1)
-        self.policy._invitee(f"@carol:{US}")
+    def answer(self, index: int, local: set[str]) -> None:
+        users, reading = self.reads[index]
+        reading.callback({user: (user in local, []) for user in users})
+
+    def test_misses_read_in_groups(self) -> None:
+        """A miss reads at once; misses during that read share the next one; then all cached."""
+        carol, dave = f"@carol:{US}", f"@dave:{US}"
+        first = self.policy._invitee(BOB)
+        during = [self.policy._invitee(name) for name in (carol, BOB, dave, carol)]
+        self.assertEqual([users for users, _ in self.reads], [[BOB]])
+        self.answer(0, {BOB, carol})
+        self.assertEqual(self.successResultOf(first), (True, []))
+        self.assertTrue(during[1].called)
+        # BOB's second caller shared the first read; carol and dave queued for one more.
+        self.assertEqual([users for users, _ in self.reads], [[BOB], [carol, dave]])
+        self.assertFalse(during[0].called)
+        self.answer(1, {BOB, carol})
+        self.assertEqual(
+            [self.successResultOf(d) for d in during],
+            [(True, []), (True, []), (False, []), (True, [])],
+        )
+        for name in (BOB, carol, dave):
+            self.policy._invitee(name)
         self.assertEqual(len(self.reads), 2)
+        self.clock.advance(5)
+        self.policy._invitee(BOB)
+        self.assertEqual(len(self.reads), 3)
 
     def test_cancelled_caller_cancels_no_other(self) -> None:
         """A request gone away cancels its own wait only; the read and the others go on."""
         first, second = self.policy._invitee(BOB), self.policy._invitee(BOB)
         first.cancel()
         self.failureResultOf(first, CancelledError)
-        self.assertFalse(self.reads[0].called)
-        self.reads[0].callback((False, []))
+        self.assertFalse(self.reads[0][1].called)
+        self.answer(0, set())
         self.assertEqual(self.successResultOf(second), (False, []))
 
     def test_failed_read_fails_every_caller_and_is_not_cached(self) -> None:
-        """A store error reaches every caller waiting on the read; the next call reads again."""
+        """A store error reaches every caller of the read; queued misses still get read."""
         first, second = self.policy._invitee(BOB), self.policy._invitee(BOB)
-        self.reads[0].errback(StoreError("invitee_state", "database is locked"))
+        queued = self.policy._invitee(f"@carol:{US}")
+        self.reads[0][1].errback(StoreError("invitee_states", "database is locked"))
         self.failureResultOf(first, StoreError)
         self.failureResultOf(second, StoreError)
+        self.assertEqual(self.reads[1][0], [f"@carol:{US}"])
+        self.answer(1, {f"@carol:{US}"})
+        self.assertEqual(self.successResultOf(queued), (True, []))
         self.policy._invitee(BOB)
-        self.assertEqual(len(self.reads), 2)
+        self.assertEqual(self.reads[2][0], [BOB])
+
+    def test_any_local_users_reads_rules_only(self) -> None:
+        """local_users = any: every user on our server is ours; its rules still apply."""
+        rule = InviteRule(BOB, "server", "*", "block")
+        store = MemoryStore()
+        store.rules.append(rule)
+        policy = InvitePolicy(US, store, local_users="any")
+        self.assertEqual(self.successResultOf(policy._invitee(BOB)), (True, [rule]))
 
 
 class RateLimitRowTests(InboundTestCase):
@@ -670,12 +700,12 @@ class RateLimitRowTests(InboundTestCase):
         """Row 17: more concurrent requests from one origin than allowed: 429."""
         self.s = InviteScenario(limits=InviteLimits(origin_concurrent=1))
         gate: Deferred[None] = Deferred()
-        original = self.s.store.invitee_state
+        original = self.s.store.invitee_states
 
-        def slow(user_id: str) -> Deferred[tuple[bool, list[Any]]]:
-            return gate.addCallback(lambda _: self.successResultOf(original(user_id)))
+        def slow(user_ids: list[str]) -> Deferred[dict[str, tuple[bool, list[Any]]]]:
+            return gate.addCallback(lambda _: self.successResultOf(original(user_ids)))
 
-        self.s.store.invitee_state = slow  # type: ignore[method-assign]
+        self.s.store.invitee_states = slow  # type: ignore[method-assign]
         room_version, first = self.s.invite(extra={"depth": 1})
         pending = self.s.send(
             2,

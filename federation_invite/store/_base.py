@@ -7,7 +7,7 @@ shared; the dialect supplies placeholders, ``BEGIN`` and locking.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -47,6 +47,8 @@ _log = Logger()
 
 #: The most rows one list call returns.
 MAX_LIST_LIMIT = 1000
+#: The most values in one ``IN (...)`` list (SQLite's default cap on parameters is 32,766).
+_IN_LIST_CHUNK = 500
 
 _INVITE_COLUMNS = (
     "event_id, room_id, room_version, invitee, sender, origin,"
@@ -367,16 +369,34 @@ class DatabaseStore:
         self._execute(txn, "SELECT 1 FROM local_users WHERE user_id = ?", (user_id,))
         return txn.fetchone() is not None
 
-    def invitee_state(self, user_id: str) -> Deferred[tuple[bool, list[InviteRule]]]:
-        check_text("user_id", user_id)
-        return self._run("invitee_state", self._invitee_state_txn, user_id, write=False)
+    def invitee_states(
+        self, user_ids: Sequence[str]
+    ) -> Deferred[dict[str, tuple[bool, list[InviteRule]]]]:
+        for user_id in user_ids:
+            check_text("user_id", user_id)
+        return self._run("invitee_states", self._invitee_states_txn, list(user_ids), write=False)
 
-    def _invitee_state_txn(
-        self, txn: adbapi.Transaction, user_id: str
-    ) -> tuple[bool, list[InviteRule]]:
-        if not self._is_local_user_txn(txn, user_id):
-            return False, []
-        return True, self._list_rules_txn(txn, user_id)
+    def _invitee_states_txn(
+        self, txn: adbapi.Transaction, user_ids: list[str]
+    ) -> dict[str, tuple[bool, list[InviteRule]]]:
+        local: set[str] = set()
+        rules: dict[str, list[InviteRule]] = {}
+        for start in range(0, len(user_ids), _IN_LIST_CHUNK):
+            chunk = user_ids[start : start + _IN_LIST_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            self._execute(
+                txn, f"SELECT user_id FROM local_users WHERE user_id IN ({marks})", tuple(chunk)
+            )
+            local.update(row[0] for row in txn.fetchall())
+            self._execute(
+                txn,
+                "SELECT user_id, kind, pattern, action FROM invite_rules"
+                f" WHERE user_id IN ({marks}) ORDER BY user_id, kind, pattern, action",
+                tuple(chunk),
+            )
+            for row in txn.fetchall():
+                rules.setdefault(row[0], []).append(InviteRule(*row))
+        return {user_id: (user_id in local, rules.get(user_id, [])) for user_id in user_ids}
 
     def list_local_users(self) -> Deferred[list[str]]:
         return self._run("list_local_users", self._list_local_users_txn, write=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
@@ -70,9 +70,11 @@ class IStore(Interface):
     def is_local_user(user_id: str) -> Deferred[bool]:
         """Whether ``user_id`` is one of ours, so invites for it are accepted."""
 
-    def invitee_state(user_id: str) -> Deferred[tuple[bool, list[InviteRule]]]:
-        """``(is_local_user(user_id), list_invite_rules(user_id))`` read in one transaction
-        (no rules are read for a user who is not ours: the list is then empty)."""
+    def invitee_states(
+        user_ids: Sequence[str],
+    ) -> Deferred[dict[str, tuple[bool, list[InviteRule]]]]:
+        """For each user ID: ``(is_local_user(u), list_invite_rules(u))``, all read in one
+        transaction (the policy's cache refreshes many invitees at once)."""
 
     def list_local_users() -> Deferred[list[str]]:
         """Every local user, sorted by code point."""

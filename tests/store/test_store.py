@@ -329,8 +329,8 @@ class StoreTestsMixin:
         self.assertEqual(await store.list_invite_rules("@b:local.example"), [other])
         self.assertEqual(await store.list_invite_rules("@c:local.example"), [])
 
-    async def test_invitee_state(self) -> None:
-        """Whether a user is ours and its rules, in one read; a stranger's rules are not read."""
+    async def test_invitee_states(self) -> None:
+        """Whether users are ours and their rules, all in one read, in any number."""
         store = await self.open()
         user = "@a:local.example"
         block = InviteRule(user, "server", "*.evil.example", "block")
@@ -338,11 +338,18 @@ class StoreTestsMixin:
         stranger_rule = InviteRule("@z:local.example", "user", "*", "block")
         for rule in (block, allow, stranger_rule):
             await store.add_invite_rule(rule)
-        self.assertEqual(await store.invitee_state(user), (False, []))
+        self.assertEqual(await store.invitee_states([user]), {user: (False, [block, allow])})
         await store.add_local_user(user)
-        self.assertEqual(await store.invitee_state(user), (True, [block, allow]))
-        self.assertEqual(await store.invitee_state("@z:local.example"), (False, []))
-        self.assertEqual(await store.invitee_state("@A:local.example"), (False, []))
+        many = [f"@u{i}:local.example" for i in range(1200)]  # over one IN list's chunk
+        for name in many[::100]:
+            await store.add_local_user(name)
+        states = await store.invitee_states([user, "@z:local.example", "@A:local.example", *many])
+        self.assertEqual(states[user], (True, [block, allow]))
+        self.assertEqual(states["@z:local.example"], (False, [stranger_rule]))
+        self.assertEqual(states["@A:local.example"], (False, []))
+        self.assertEqual([name for name in many if states[name][0]], many[::100])
+        self.assertEqual(len(states), 1203)
+        self.assertEqual(await store.invitee_states([]), {})
 
     # -- concurrency and durability --
 
