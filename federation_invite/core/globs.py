@@ -67,10 +67,14 @@ class GlobList:
         ``evil.example`` thus also catches ``evil.example:8448`` and ``EVIL.example.``,
         while a pattern written with a port still matches that exact name.
         """
+        if self._regex is None:  # the usual empty deny list: no need to normalise the name
+            return False
         return self.matches(server_name) or self.matches(server_for_matching(server_name))
 
     def matches_user(self, user_id: str) -> bool:
         """As ``matches_server``, for user IDs (the localpart compared as written)."""
+        if self._regex is None:
+            return False
         return self.matches(user_id) or self.matches(user_for_matching(user_id))
 
     def __bool__(self) -> bool:

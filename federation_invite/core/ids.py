@@ -163,9 +163,18 @@ def _is_historical_localpart(localpart: str) -> bool:
 
 
 def _split_namespaced(identifier: object, sigil: str) -> tuple[str, str] | None:
-    """``(localpart, server)`` of a ``<sigil>localpart:server`` ID within limits, else None."""
+    """``(localpart, server)`` of a ``<sigil>localpart:server`` ID within limits, else None.
+
+    Memoised for strings: one invite checks its sender and invitee several
+    times (format, membership, policy), and the answer never changes.
+    """
     if not isinstance(identifier, str) or not identifier.startswith(sigil):
         return None
+    return _split_namespaced_text(identifier)
+
+
+@functools.lru_cache(maxsize=8192)
+def _split_namespaced_text(identifier: str) -> tuple[str, str] | None:
     if not _fits(identifier):
         return None
     localpart, colon, server = identifier[1:].partition(":")

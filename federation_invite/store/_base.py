@@ -164,7 +164,7 @@ class DatabaseStore:
             record.sender,
             record.origin,
             _canonical_text(record.event),
-            _canonical_text(record.invite_room_state),
+            _canonical_text(record.invite_room_state) if record.invite_room_state else "[]",
             record.received_ts,
             record.status,
         )
