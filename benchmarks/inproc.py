@@ -109,7 +109,11 @@ async def daemon_site(work: str, our_key: SigningKey, origin_key: SigningKey, in
             "data_dir": work,
             "database": f"sqlite:///{work}/daemon.db",
             "ratelimit.origin_per_second": 1e9,
-            **({"inbound.policy_cache_seconds": float(os.environ["PCACHE"])} if "PCACHE" in os.environ else {}),
+            **(
+                {"inbound.policy_cache_seconds": float(os.environ["PCACHE"])}
+                if "PCACHE" in os.environ
+                else {}
+            ),
             "ratelimit.origin_burst": 1_000_000_000,
             "ratelimit.origin_concurrent": 100_000,
             "ratelimit.invitee_per_second": 1e9,

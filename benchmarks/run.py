@@ -1,11 +1,13 @@
-"""Run the floor, the trivial responder, the calibration server and the daemon in one go.
+"""Run the floor, the trivial responder, the calibration servers and the daemon in one go.
 
     python benchmarks/run.py [--duration 10] [--connections 32] [--invites 40000]
                              [--room-state 0] [--pad 0] [--only daemon]
 
 Prints requests/s, latency percentiles, answers by status/errcode, CPU per request of each
 server (from /proc), the load generator's own CPU, and the ratios the targets are stated in:
-daemon CPU per invite / calibration CPU per request, and daemon / floor.
+daemon CPU per invite / calibration CPU per request, and daemon / floor; also daemon /
+durable calibration (the calibration's work plus the invite stored in SQLite and one log
+line), which leaves only what validation, policy and routing cost.
 """
 
 from __future__ import annotations
@@ -354,7 +356,9 @@ def main() -> None:
     )
     parser.add_argument("--pad", type=int, default=0, help="bytes of padding in the event content")
     parser.add_argument(
-        "--only", choices=["floor", "trivial", "calibration", "daemon"], action="append"
+        "--only",
+        choices=["floor", "trivial", "calibration", "durable", "daemon"],
+        action="append",
     )
     parser.add_argument(
         "--database", help="database URI for the daemon (default: SQLite in a temp dir)"
@@ -392,7 +396,7 @@ def main() -> None:
         help="record the daemon with py-spy during the run into this folded-stacks file",
     )
     args = parser.parse_args()
-    only = set(args.only or ["floor", "trivial", "calibration", "daemon"])
+    only = set(args.only or ["floor", "trivial", "calibration", "durable", "daemon"])
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if args.workers > 1 and not (args.database or args.postgres):
@@ -404,7 +408,9 @@ def main() -> None:
     origin_seed = origin_key_seed(origin_key)
     ours = generate_signing_key("us")
     our_seed = origin_key_seed(ours)
-    origin_port, daemon_port, calibration_port, trivial_port = (free_port() for _ in range(4))
+    origin_port, daemon_port, calibration_port, trivial_port, durable_port = (
+        free_port() for _ in range(5)
+    )
     origin = f"127.0.0.1:{origin_port}"
     server_name = f"localhost:{daemon_port}"
     print(
@@ -489,6 +495,18 @@ def main() -> None:
                 key_path,
                 str(origin_port),
             )
+        if "durable" in only:
+            helper_server(
+                "durable",
+                durable_port,
+                server_name,
+                our_seed,
+                origin_seed,
+                cert_path,
+                key_path,
+                str(origin_port),
+                os.path.join(work, "durable.db"),
+            )
         if "daemon" in only:
             with ExitStack() as stack:
                 database = args.database
@@ -517,6 +535,11 @@ def main() -> None:
         if calibration:
             print(
                 f"ratio daemon / calibration (CPU per request): {per_invite / calibration['cpu_per_request_us']:.2f}  (target <= 1.25)"
+            )
+        durable = figures.get("durable")
+        if durable:
+            print(
+                f"ratio daemon / durable calibration (which also stores and logs): {per_invite / durable['cpu_per_request_us']:.2f}"
             )
         if "floor_us" in figures:
             print(f"ratio daemon / floor: {per_invite / figures['floor_us']:.2f}")

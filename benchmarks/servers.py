@@ -4,20 +4,26 @@ python benchmarks/servers.py origin PORT SERVER_NAME ORIGIN_SEED CERT KEY
     the fake origin: serves its key at /_matrix/key/v2/server
 python benchmarks/servers.py calibration PORT SERVER_NAME OUR_SEED ORIGIN_SEED CERT KEY
     the same twisted.web + TLS stack answering invites with only the unavoidable work
+python benchmarks/servers.py durable PORT SERVER_NAME OUR_SEED ORIGIN_SEED CERT KEY ORIGIN_PORT DB
+    the calibration's work plus the invite stored durably (SQLite) and one log line
 python benchmarks/servers.py trivial PORT CERT KEY
     a static answer: the TLS + HTTP cost alone
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from typing import Any
 
 from benchlib import ROOM_VERSION  # noqa: F401  (same room version as the load)
 from signedjson.key import decode_signing_key_base64
 from twisted.internet import reactor, ssl
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from federation_invite.core.canonical import encode_canonical_json, parse_json
 from federation_invite.core.events import check_content_hash, prepare_event
@@ -26,8 +32,11 @@ from federation_invite.core.roomversions import get_room_version
 from federation_invite.core.signing import ServerVerifyKey, sign_event, verify_event_signatures
 from federation_invite.core.xmatrix import parse_xmatrix, verify_request
 from federation_invite.service import build_site_root
+from federation_invite.store import InviteRecord, open_store
 from federation_invite.web.keys import KeyServerResource
 from federation_invite.web.tree import build_matrix_tree
+
+_log = Logger(namespace="bench.durable")
 
 
 def tls_options(cert: str, key: str) -> Any:
@@ -48,6 +57,21 @@ def unavoidable_work(
     body_bytes: bytes,
 ) -> bytes:
     """Parse, verify the request, verify the event, event ID and hashes, sign, encode."""
+    return _unavoidable(server_name, our_key, origin_keys, method, uri, authorization, body_bytes)[
+        0
+    ]
+
+
+def _unavoidable(
+    server_name: str,
+    our_key: Any,
+    origin_keys: dict[tuple[str, str], ServerVerifyKey],
+    method: str,
+    uri: str,
+    authorization: bytes,
+    body_bytes: bytes,
+) -> tuple[bytes, dict[str, Any], str, dict[str, Any]]:
+    """``unavoidable_work``, also giving the body, the event ID and the co-signed event."""
     body = parse_json(body_bytes)
     auth = parse_xmatrix(authorization)
     request_key = origin_keys[(auth.origin, auth.key_id)]
@@ -60,7 +84,7 @@ def unavoidable_work(
     if not check_content_hash(room_version, event):
         raise ValueError("bad hash")
     signed = sign_event(room_version, event, server_name, our_key, prepared=prepared)
-    return encode_canonical_json({"event": signed}, strict=False)
+    return encode_canonical_json({"event": signed}, strict=False), body, prepared.event_id, signed
 
 
 class Calibration(Resource):
@@ -85,6 +109,61 @@ class Calibration(Resource):
         return body
 
 
+class Durable(Resource):
+    """The calibration's work, then what every invite needs beyond it whatever the code:
+    the invite stored durably (our store: SQLite, group commit, synchronous=FULL) and
+    one log line. No validation, policy or routing: the daemon's cost above this
+    server is what those cost."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        server_name: str,
+        our_key: Any,
+        origin_keys: dict[tuple[str, str], ServerVerifyKey],
+        store: Any,
+    ) -> None:
+        super().__init__()
+        self.args = (server_name, our_key, origin_keys)
+        self.store = store
+
+    def render_PUT(self, request: Request) -> int:
+        assert request.content is not None
+        encoded, body, event_id, signed = _unavoidable(
+            *self.args,
+            "PUT",
+            request.uri.decode(),
+            request.getHeader(b"authorization") or b"",
+            request.content.read(),
+        )
+        event = body["event"]
+        record = InviteRecord(
+            event_id=event_id,
+            room_id=event["room_id"],
+            room_version=body["room_version"],
+            invitee=event["state_key"],
+            sender=event["sender"],
+            origin=event["origin"],
+            event=signed,
+            invite_room_state=body.get("invite_room_state", []),
+            received_ts=int(time.time() * 1000),
+        )
+
+        def stored(_: object) -> None:
+            _log.info(
+                "{text}",
+                text=f"Invite {event_id} in {record.room_id} from {record.origin} stored",
+                event_id=event_id,
+            )
+            request.setHeader(b"Content-Type", b"application/json")
+            request.write(encoded)
+            request.finish()
+
+        self.store.store_invite(record).addCallback(stored)
+        return NOT_DONE_YET
+
+
 class Trivial(Resource):
     isLeaf = True
 
@@ -93,9 +172,24 @@ class Trivial(Resource):
         return b'{"event":{}}'
 
 
+def _keys(argv: list[str]) -> tuple[str, Any, dict[tuple[str, str], ServerVerifyKey]]:
+    """SERVER_NAME OUR_SEED ORIGIN_SEED CERT KEY ORIGIN_PORT: our name, key, the origin's key."""
+    server_name, our_seed, origin_seed = argv[2:5]
+    our_key = decode_signing_key_base64("ed25519", "us", our_seed)
+    origin_key = decode_signing_key_base64("ed25519", "bench", origin_seed)
+    origin = f"127.0.0.1:{argv[7]}"
+    origin_keys = {
+        (origin, key_id_of(origin_key)): ServerVerifyKey(
+            origin, key_id_of(origin_key), verify_key_of(origin_key), 2**53 - 1
+        )
+    }
+    return server_name, our_key, origin_keys
+
+
 def main(argv: list[str]) -> None:
     mode = argv[0]
     port = int(argv[1])
+    ready: Deferred[Any] = succeed(None)
     if mode == "trivial":
         cert, key = argv[2:4]
         site = Site(Trivial())
@@ -104,20 +198,26 @@ def main(argv: list[str]) -> None:
         origin_key = decode_signing_key_base64("ed25519", "bench", seed)
         resource = KeyServerResource(reactor, server_name, [origin_key])  # type: ignore[arg-type]
         site = Site(build_site_root(build_matrix_tree(resource)))
+    elif mode == "durable":
+        cert, key = argv[5:7]
+        durable = Durable(*_keys(argv), store=None)
+        site = Site(durable)
+        globalLogBeginner.beginLoggingTo(
+            [textFileLogObserver(open("durable-invites.log", "a"))],
+            redirectStandardIO=False,
+        )
+        ready = open_store(f"sqlite:///{os.path.abspath(argv[8])}", reactor=reactor)
+        ready.addCallback(lambda store: setattr(durable, "store", store))
     else:
-        server_name, our_seed, origin_seed, cert, key = argv[2:7]
-        our_key = decode_signing_key_base64("ed25519", "us", our_seed)
-        origin_key = decode_signing_key_base64("ed25519", "bench", origin_seed)
-        origin = f"127.0.0.1:{argv[7]}"
-        origin_keys = {
-            (origin, key_id_of(origin_key)): ServerVerifyKey(
-                origin, key_id_of(origin_key), verify_key_of(origin_key), 2**53 - 1
-            )
-        }
-        site = Site(Calibration(server_name, our_key, origin_keys))
+        cert, key = argv[5:7]
+        site = Site(Calibration(*_keys(argv)))
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # no access log: pure cost
-    reactor.listenSSL(port, site, tls_options(cert, key), interface="127.0.0.1")  # type: ignore[attr-defined]
+    ready.addCallback(
+        lambda _: reactor.listenSSL(  # type: ignore[attr-defined]
+            port, site, tls_options(cert, key), interface="127.0.0.1"
+        )
+    )
     reactor.run()  # type: ignore[attr-defined]
 
 

@@ -7,19 +7,20 @@ shared; the dialect supplies placeholders, ``BEGIN`` and locking.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import attrs
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..core.canonical import encode_canonical_json
-from ._dialect import Dialect, parse_database_uri
+from ._dialect import Dialect, SQLiteDialect, parse_database_uri
 from ._interface import IStore
 from ._migrations import (
     LATEST_SCHEMA_VERSION,
@@ -39,6 +40,7 @@ from ._records import (
     check_text,
     check_timestamp,
 )
+from ._sqlite_writer import SQLiteInviteWriter
 
 __all__ = ["DatabaseStore", "migrate", "open_store", "run_migrations"]
 
@@ -47,6 +49,8 @@ _log = Logger()
 
 #: The most rows one list call returns.
 MAX_LIST_LIMIT = 1000
+#: The most invites written in one transaction (the rest wait for the next).
+MAX_INVITE_BATCH = 256
 #: The most values in one ``IN (...)`` list (SQLite's default cap on parameters is 32,766).
 _IN_LIST_CHUNK = 500
 
@@ -107,6 +111,16 @@ class DatabaseStore:
             tuple[InviteRecord, tuple[Any, ...], Deferred[tuple[InviteRecord, bool]]]
         ] = []
         self._invite_writing = False
+        #: SQLite only (``enable_direct_writes``): invites written without the pool's thread.
+        self._direct_writer: SQLiteInviteWriter | None = None
+
+    def enable_direct_writes(self, reactor: Any) -> None:
+        """SQLite: write invites from the reactor thread and commit in a thread of their own.
+
+        ``open_store`` calls this for SQLite files; see ``_sqlite_writer`` for why.
+        """
+        if isinstance(self._dialect, SQLiteDialect) and self._direct_writer is None:
+            self._direct_writer = SQLiteInviteWriter(self._dialect.path, reactor)
 
     def __repr__(self) -> str:
         return f"<DatabaseStore {self._dialect.display}>"
@@ -141,7 +155,12 @@ class DatabaseStore:
         wrapped.__cause__ = error
         return Failure(wrapped)
 
-    def _execute(self, txn: adbapi.Transaction, statement: str, args: tuple[Any, ...] = ()) -> None:
+    def _execute(
+        self,
+        txn: adbapi.Transaction | sqlite3.Cursor,
+        statement: str,
+        args: tuple[Any, ...] = (),
+    ) -> None:
         txn.execute(self._dialect.sql(statement), args)
 
     # -- invites --------------------------------------------------------
@@ -177,14 +196,16 @@ class DatabaseStore:
         return waiter
 
     def _write_invites(self) -> None:
-        batch, self._invite_queue = self._invite_queue, []
+        batch = self._invite_queue[:MAX_INVITE_BATCH]
+        self._invite_queue = self._invite_queue[MAX_INVITE_BATCH:]
         self._invite_writing = True
         # A consistent order of inserts keeps two workers' batches from
         # deadlocking on each other's unique-index locks (PostgreSQL).
         batch.sort(key=lambda item: item[0].event_id)
-        writing = self._run(
-            "store_invite", self._store_invites_txn, [values for _, values, _ in batch], write=True
-        )
+        rows = [values for _, values, _ in batch]
+        writing = self._write_directly(rows)
+        if writing is None:
+            writing = self._run("store_invite", self._store_invites_txn, rows, write=True)
 
         def written(existing: list[InviteRecord | None]) -> None:
             for (record, _, waiter), found in zip(batch, existing, strict=True):
@@ -201,8 +222,33 @@ class DatabaseStore:
 
         writing.addCallbacks(written, failed).addBoth(next_batch)
 
+    def _write_directly(
+        self, rows: list[tuple[Any, ...]]
+    ) -> Deferred[list[InviteRecord | None]] | None:
+        """SQLite: INSERT here, COMMIT in the writer's thread (``_sqlite_writer``).
+
+        None when there is no such writer or another connection holds the write
+        lock: the batch then goes through the pool, whose thread waits for it.
+        """
+        writer = self._direct_writer
+        if writer is None or not writer.usable or self._closed:
+            return None
+        try:
+            cursor = writer.begin()
+            if cursor is None:
+                return None
+            try:
+                existing = self._store_invites_txn(cursor, rows)
+            except BaseException:
+                writer.rollback()
+                raise
+        except Exception:
+            return fail().addErrback(self._translate, "store_invite")
+        committed = writer.commit().addCallback(lambda _: existing)
+        return committed.addErrback(self._translate, "store_invite")
+
     def _store_invites_txn(
-        self, txn: adbapi.Transaction, rows: list[tuple[Any, ...]]
+        self, txn: adbapi.Transaction | sqlite3.Cursor, rows: list[tuple[Any, ...]]
     ) -> list[InviteRecord | None]:
         """Insert each row unless present; None for a row inserted, else the row that was there."""
         existing: list[InviteRecord | None] = []
@@ -464,6 +510,8 @@ class DatabaseStore:
             queued, self._invite_queue = self._invite_queue, []
             for _, _, waiter in queued:
                 waiter.errback(StoreError("store_invite", "the store was closed"))
+            if self._direct_writer is not None:
+                self._direct_writer.close()
             self._pool.close()
         return succeed(None)
 
@@ -505,6 +553,7 @@ async def _open(uri: str, reactor: Any | None, migrate: bool) -> DatabaseStore:
     except BaseException:
         await store.close()
         raise
+    store.enable_direct_writes(reactor)
     return store
 
 

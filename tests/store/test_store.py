@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -529,6 +532,127 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
         await store.add_local_user("@a:local.example")
         self.assertEqual(await store.list_local_users(), ["@a:local.example"])
         self.assertEqual(await store.schema_version(), LATEST_SCHEMA_VERSION)
+
+
+class SQLiteDirectWriteTests(TestCase):
+    """SQLite invites: INSERTs on the reactor thread, COMMIT in the writer's own thread."""
+
+    def setUp(self) -> None:
+        directory = tempfile.mkdtemp(prefix="fi-store-")
+        self.addCleanup(_remove_tree, directory)
+        self.path = os.path.join(directory, "store.db")
+        self.uri = f"sqlite:///{self.path}"
+
+    async def open(self) -> Any:
+        store = await open_store(self.uri, reactor=reactor)
+        self.addCleanup(store.close)
+        return store
+
+    async def test_commit_runs_in_the_writer_thread_and_is_durable(self) -> None:
+        """Written through the writer: the COMMIT happened off the reactor thread, and
+        another connection sees every row as soon as the callers are answered."""
+        store = await self.open()
+        writer = store._direct_writer
+        commits: list[str] = []
+        original = writer._commit
+
+        def commit() -> None:
+            commits.append(threading.current_thread().name)
+            original()
+
+        writer._commit = commit
+        records = [make_invite(f"$e{i}") for i in range(40)]
+        answers = await gatherResults([store.store_invite(r) for r in records])
+        self.assertEqual([created for _, created in answers], [True] * 40)
+        self.assertTrue(commits)
+        self.assertLess(len(commits), 40)  # group commit: fewer transactions than invites
+        self.assertNotIn(threading.current_thread().name, commits)
+        self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(40,)])
+
+    async def test_failed_commit_fails_the_batch_and_the_next_one_works(self) -> None:
+        """A COMMIT that fails (disk full...): StoreError for the batch, nothing stored;
+        the next batch starts clean and is stored."""
+        store = await self.open()
+        writer = store._direct_writer
+        await store.store_invite(make_invite("$first"))  # the writer's connection is open
+
+        class FailingCommit:
+            def __init__(self, real: sqlite3.Connection) -> None:
+                self.real = real
+
+            def execute(self, statement: str, *args: Any) -> Any:
+                if statement == "COMMIT":
+                    writer._connection = self.real
+                    raise sqlite3.OperationalError("database or disk is full")
+                return self.real.execute(statement, *args)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.real, name)
+
+        writer._connection = FailingCommit(writer._connection)
+        with self.assertRaises(StoreError) as caught:
+            await store.store_invite(make_invite("$lost"))
+        self.assertIn("database or disk is full", str(caught.exception))
+        # The transaction was rolled back: the writer's connection is idle again.
+        self.assertEqual(
+            await store.store_invite(make_invite("$kept")), (make_invite("$kept"), True)
+        )
+        self.assertEqual(
+            raw_sqlite(self.path, "SELECT event_id FROM invites ORDER BY event_id"),
+            [("$first",), ("$kept",)],
+        )
+
+    async def test_failed_insert_rolls_back(self) -> None:
+        """An INSERT failing on the reactor thread: StoreError, rolled back, the next works."""
+        store = await self.open()
+        original = store._store_invites_txn
+
+        def failing(txn: Any, rows: Any) -> Any:
+            store._store_invites_txn = original
+            original(txn, rows)
+            raise sqlite3.IntegrityError("simulated")
+
+        store._store_invites_txn = failing
+        with self.assertRaises(StoreError):
+            await store.store_invite(make_invite("$rolled-back"))
+        self.assertFalse(store._direct_writer._connection.in_transaction)
+        await store.store_invite(make_invite("$next"))
+        self.assertEqual(
+            raw_sqlite(self.path, "SELECT event_id FROM invites ORDER BY event_id"), [("$next",)]
+        )
+
+    async def test_lock_held_elsewhere_falls_back_to_the_pool(self) -> None:
+        """Another connection holds the write lock: the reactor thread does not wait for it;
+        the pool's thread does, and the invite is stored once the lock is released."""
+        store = await self.open()
+        other = sqlite3.connect(self.path, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        storing = store.store_invite(make_invite("$waited"))
+        self.assertLess(time.monotonic() - started, 0.05)  # returned at once
+        self.assertFalse(storing.called)
+        reactor.callLater(0.2, other.execute, "ROLLBACK")
+        self.assertEqual((await storing)[1], True)
+        self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(1,)])
+
+    async def test_memory_database_uses_the_pool(self) -> None:
+        """sqlite:///:memory: is private to the pool's connection: no writer is used."""
+        store = await open_store("sqlite:///:memory:", reactor=reactor)
+        self.addCleanup(store.close)
+        self.assertEqual((await store.store_invite(make_invite()))[1], True)
+        self.assertFalse(store._direct_writer.usable)
+        self.assertEqual(len(await store.list_invites()), 1)
+
+    async def test_close_stops_the_commit_thread(self) -> None:
+        """close() stops the writer's thread and connection."""
+        store = await open_store(self.uri, reactor=reactor)
+        await store.store_invite(make_invite())
+        writer = store._direct_writer
+        self.assertIsNotNone(writer._threads)
+        await store.close()
+        self.assertIsNone(writer._threads)
+        self.assertIsNone(writer._connection)
 
 
 class PostgresStoreTests(StoreTestsMixin, TestCase):
