@@ -383,6 +383,13 @@ def main() -> None:
     )
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the whole run so many times (fresh servers each time) and print the"
+        " median of each round's ratios, for a noisy machine",
+    )
+    parser.add_argument(
         "--cprofile",
         help="run the daemon's reactor thread under cProfile, stats saved to this file",
     )
@@ -402,6 +409,48 @@ def main() -> None:
     if args.workers > 1 and not (args.database or args.postgres):
         parser.error("--workers > 1 needs a shared database: --postgres or --database")
 
+    figures_by_round = []
+    for round_number in range(args.rounds):
+        if args.rounds > 1:
+            print(f"# round {round_number + 1} of {args.rounds}")
+        figures_by_round.append(run_once(args, only))
+    if args.rounds > 1:
+        summarise(figures_by_round)
+
+
+def summarise(rounds: list[dict[str, Any]]) -> None:
+    """Medians over the rounds: each ratio is taken within its round, then the median."""
+
+    def median(values: list[float]) -> float:
+        ordered = sorted(values)
+        middle = len(ordered) // 2
+        if len(ordered) % 2:
+            return ordered[middle]
+        return (ordered[middle - 1] + ordered[middle]) / 2
+
+    print(f"# medians over {len(rounds)} rounds (each ratio within its own round)")
+    for key, label in (
+        ("daemon_us", "daemon CPU per accepted invite (us)"),
+        ("calibration_us", "calibration CPU per request (us)"),
+        ("durable_us", "durable calibration CPU per request (us)"),
+        ("floor_us", "floor (us)"),
+        ("daemon_rate", "daemon accepted invites/s"),
+        ("daemon_p99_ms", "daemon p99 (ms)"),
+        ("daemon_over_calibration", "ratio daemon / calibration (target <= 1.25)"),
+        ("daemon_over_durable", "ratio daemon / durable calibration"),
+        ("daemon_over_floor", "ratio daemon / floor"),
+    ):
+        values = [figures[key] for figures in rounds if key in figures]
+        if values:
+            each = ", ".join(f"{value:.2f}" if value < 10 else f"{value:.0f}" for value in values)
+            result = median(values)
+            shown = f"{result:.2f}" if result < 10 else f"{result:.0f}"
+            print(f"median {label}: {shown}  (rounds: {each})")
+
+
+def run_once(args: argparse.Namespace, only: set[str]) -> dict[str, Any]:
+    """One pass: floor, trivial, calibration, durable, daemon; the ratios of this pass."""
+    summary: dict[str, Any] = {}
     work = temp_dir("fi-bench-")
     key_path, cert_path = make_certificate(work)
     origin_key = make_origin_key()
@@ -532,16 +581,25 @@ def main() -> None:
     if daemon and daemon["ok"]:
         per_invite = daemon["server_cpu"] / daemon["ok"] * 1e6
         print(f"daemon CPU per accepted invite: {per_invite:.0f} us")
+        summary["daemon_us"] = per_invite
+        summary["daemon_rate"] = daemon["ok"] / daemon["wall"]
+        summary["daemon_p99_ms"] = daemon["p99_us"] / 1000
         if calibration:
+            summary["calibration_us"] = calibration["cpu_per_request_us"]
+            summary["daemon_over_calibration"] = per_invite / calibration["cpu_per_request_us"]
             print(
                 f"ratio daemon / calibration (CPU per request): {per_invite / calibration['cpu_per_request_us']:.2f}  (target <= 1.25)"
             )
         durable = figures.get("durable")
         if durable:
+            summary["durable_us"] = durable["cpu_per_request_us"]
+            summary["daemon_over_durable"] = per_invite / durable["cpu_per_request_us"]
             print(
                 f"ratio daemon / durable calibration (which also stores and logs): {per_invite / durable['cpu_per_request_us']:.2f}"
             )
         if "floor_us" in figures:
+            summary["floor_us"] = figures["floor_us"]
+            summary["daemon_over_floor"] = per_invite / figures["floor_us"]
             print(f"ratio daemon / floor: {per_invite / figures['floor_us']:.2f}")
         print(
             f"daemon RSS: {figures['daemon_rss_after_warmup'] / 2**20:.0f} MiB after warm-up, {daemon['rss'] / 2**20:.0f} MiB after the run"
@@ -571,6 +629,7 @@ def main() -> None:
                 indent=2,
             )
     print(f"# work directory (logs): {work}")
+    return summary
 
 
 if __name__ == "__main__":
