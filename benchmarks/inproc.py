@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from benchlib import build_invite, make_origin_key
-from servers import Calibration
+from servers import Calibration, Durable
 from signedjson.key import generate_signing_key
 from signedjson.types import SigningKey
 from twisted.internet import reactor as _reactor
@@ -142,13 +142,19 @@ async def daemon_site(work: str, our_key: SigningKey, origin_key: SigningKey, in
     return site, store
 
 
-def calibration_site(our_key: SigningKey, origin_key: SigningKey) -> Site:
+def calibration_site(our_key: SigningKey, origin_key: SigningKey, store: Any = None) -> Site:
+    """The calibration server's site, or with ``store`` the durable calibration's."""
     keys = {
         (ORIGIN, key_id_of(origin_key)): ServerVerifyKey(
             ORIGIN, key_id_of(origin_key), verify_key_of(origin_key), 2**53 - 1
         )
     }
-    site = Site(Calibration(SERVER_NAME, our_key, keys))
+    resource = (
+        Calibration(SERVER_NAME, our_key, keys)
+        if store is None
+        else Durable(SERVER_NAME, our_key, keys, store)
+    )
+    site = Site(resource)
     site.log = lambda request: None  # type: ignore[method-assign]
     return site
 
@@ -168,27 +174,37 @@ async def main(args: argparse.Namespace) -> None:
         log_file = open(os.path.join(work, "daemon.log"), "w")
         globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)], redirectStandardIO=False)
         calibration = calibration_site(our_key, origin_key)
+        durable_store = await open_store(f"sqlite:///{work}/durable.db", reactor=reactor)
+        durable = calibration_site(our_key, origin_key, durable_store)
         daemon, store = await daemon_site(work, our_key, origin_key, args.invitees)
         await drive(calibration, warm[: CONNECTIONS * 10])
+        await drive(durable, warm[: CONNECTIONS * 10])
         await drive(daemon, warm[CONNECTIONS * 10 :])
-        results: dict[str, list[float]] = {"calibration": [], "daemon": []}
-        main: dict[str, list[float]] = {"calibration": [], "daemon": []}
+        sites = (("calibration", calibration), ("durable", durable), ("daemon", daemon))
+        results: dict[str, list[float]] = {name: [] for name, _ in sites}
+        main: dict[str, list[float]] = {name: [] for name, _ in sites}
         profiler = cProfile.Profile() if args.profile else None
         size = len(measured) // (2 * args.rounds)
+        # The durable calibration replays the calibration's invites (into its own database).
         chunks = iter(measured[i : i + size] for i in range(0, 2 * args.rounds * size, size))
         for _ in range(args.rounds):
-            for name, site in (("calibration", calibration), ("daemon", daemon)):
-                chunk = next(chunks)
-                if profiler and name == "daemon":
+            calibration_chunk: list[bytes] = []
+            for name, site in sites:
+                if name == "durable":
+                    chunk = calibration_chunk
+                else:
+                    chunk = calibration_chunk = next(chunks)
+                if profiler and name == args.profile_site:
                     profiler.enable()
                 cpu, main_cpu, statuses = await drive(site, chunk)
-                if profiler and name == "daemon":
+                if profiler and name == args.profile_site:
                     profiler.disable()
                 if set(statuses) != {b"200"}:
                     print(f"{name}: answers {statuses}; see the log", file=sys.stderr)
                 results[name].append(cpu / len(chunk) * 1e6)
                 main[name].append(main_cpu / len(chunk) * 1e6)
         await store.close()
+        await durable_store.close()
         if profiler:
             profiler.dump_stats(args.profile)
     best = {name: min(values) for name, values in results.items()}
@@ -202,6 +218,9 @@ async def main(args: argparse.Namespace) -> None:
     print(
         f"ratio daemon / calibration (no TLS, no sockets): {best['daemon'] / best['calibration']:.2f}"
     )
+    print(
+        f"ratio daemon / durable calibration (no TLS, no sockets): {best['daemon'] / best['durable']:.2f}"
+    )
 
 
 if __name__ == "__main__":
@@ -210,6 +229,9 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--invitees", type=int, default=1000)
     parser.add_argument("--profile", help="cProfile the daemon passes into this file")
+    parser.add_argument(
+        "--profile-site", default="daemon", choices=["calibration", "durable", "daemon"]
+    )
     parsed = parser.parse_args()
 
     def run(_: Any) -> Deferred[None]:
