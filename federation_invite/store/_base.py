@@ -1,7 +1,10 @@
 """``DatabaseStore``: ``IStore`` over ``twisted.enterprise.adbapi``, for every dialect.
 
 Each public method is one transaction run in the pool's threads. The SQL is
-shared; the dialect supplies placeholders, ``BEGIN`` and locking.
+shared; the dialect supplies placeholders, ``BEGIN`` and locking. One
+exception, for speed: on a SQLite file, batches of invites are INSERTed on the
+reactor thread and COMMITted in a thread of their own (``_sqlite_writer``),
+falling back to the pool when another connection holds the write lock.
 """
 
 from __future__ import annotations

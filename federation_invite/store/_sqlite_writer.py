@@ -98,7 +98,7 @@ class SQLiteInviteWriter:
             self._threads = ThreadPool(1, 1, name="federation-invite-sqlite-commit")
             self._threads.start()
             self._shutdown_trigger = self._reactor.addSystemEventTrigger(
-                "during", "shutdown", self._stop_threads
+                "during", "shutdown", self._shut_down
             )
         return deferToThreadPool(self._reactor, self._threads, self._commit)
 
@@ -116,6 +116,13 @@ class SQLiteInviteWriter:
                 except sqlite3.Error:
                     pass
             raise
+
+    def _shut_down(self) -> None:
+        # The reactor is stopping and the store was not closed: stop the thread
+        # (its worker would keep the process from exiting) and start no other.
+        self._shutdown_trigger = None
+        self.usable = False
+        self._stop_threads()
 
     def _stop_threads(self) -> None:
         if self._threads is not None:

@@ -644,6 +644,22 @@ class SQLiteDirectWriteTests(TestCase):
         self.assertFalse(store._direct_writer.usable)
         self.assertEqual(len(await store.list_invites()), 1)
 
+    async def test_reactor_shutdown_stops_the_commit_thread(self) -> None:
+        """A store never closed: the reactor's shutdown stops the thread (which would keep
+        the process alive) and later batches go through the pool."""
+        store = await self.open()
+        await store.store_invite(make_invite("$a"))
+        writer = store._direct_writer
+        threads = writer._threads
+        trigger = writer._shutdown_trigger
+        self.assertIsNotNone(trigger)
+        writer._shut_down()  # what the reactor's "during shutdown" trigger calls
+        reactor.removeSystemEventTrigger(trigger)
+        self.assertFalse(threads.started)
+        self.assertFalse(writer.usable)
+        self.assertEqual((await store.store_invite(make_invite("$b")))[1], True)
+        self.assertIsNone(writer._threads)
+
     async def test_close_stops_the_commit_thread(self) -> None:
         """close() stops the writer's thread and connection."""
         store = await open_store(self.uri, reactor=reactor)
