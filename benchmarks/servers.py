@@ -157,6 +157,7 @@ class Durable(Resource):
                 event_id=event_id,
             )
             request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Content-Length", b"%d" % len(encoded))
             request.write(encoded)
             request.finish()
 

@@ -13,6 +13,7 @@ The twistd plugin, the CLI and the embedding API all come through here:
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -302,9 +303,11 @@ class FederationInviteService(service.MultiService):
         signing_key: SigningKey,
         *,
         exit_on_failure: bool = False,
+        freeze_gc: bool = False,
     ) -> None:
         super().__init__()
         self._exit_on_failure = exit_on_failure
+        self._freeze_gc = freeze_gc
         self.config = config
         self.reactor = reactor
         self.signing_key = signing_key
@@ -337,6 +340,13 @@ class FederationInviteService(service.MultiService):
             database=_redact_uri(self.config.database),
             source=self.config.path or "built-in defaults (no --config given)",
         )
+        if self._freeze_gc:
+            # What exists now (modules, the composed services, configuration)
+            # lives as long as the process: move it out of the cyclic
+            # collector's way, so full collections under load walk only what
+            # requests create (as Synapse does after start-up). Measured: about
+            # 25 us less per invite under load (benchmarks/README.md).
+            gc.freeze()
         return components
 
     def _site(self, root: Resource) -> FederationSite:
@@ -389,14 +399,17 @@ def _redact_uri(uri: str) -> str:
 
 
 def make_service(
-    config: Config, reactor: Any, *, exit_on_failure: bool = True
+    config: Config, reactor: Any, *, exit_on_failure: bool = True, freeze_gc: bool = True
 ) -> FederationInviteService:
     """The daemon's service: the key is loaded (or generated) now, the store on start.
 
     With ``exit_on_failure`` (the daemon's default) a failed start stops the
-    reactor and exits with status 1, so that a supervisor sees it.
+    reactor and exits with status 1, so that a supervisor sees it. With
+    ``freeze_gc`` (also the daemon's default; a process-wide setting, so off for
+    services built by hand) the objects that exist once it listens are frozen
+    out of the garbage collector's full passes (``gc.freeze``).
     """
     config.ensure_data_dir()
     return FederationInviteService(
-        config, reactor, _load_key(config), exit_on_failure=exit_on_failure
+        config, reactor, _load_key(config), exit_on_failure=exit_on_failure, freeze_gc=freeze_gc
     )

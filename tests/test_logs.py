@@ -6,7 +6,7 @@ import io
 import json
 from typing import Any
 
-from twisted.logger import capturedLogs, eventAsJSON, formatEvent
+from twisted.logger import LogLevel, capturedLogs, eventAsJSON, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from unpaddedbase64 import encode_base64
 
@@ -53,6 +53,9 @@ class InviteLogTests(SynchronousTestCase):
         scenario = InviteScenario()
         events, _ = self.run_invite(scenario)
         (accepted,) = [e for e in events if e.get("outcome") == "accepted"]
+        self.assertIs(accepted["log_level"], LogLevel.info)
+        self.assertEqual(accepted["log_namespace"], "federation_invite.inbound")
+        self.assertIsInstance(accepted["log_time"], float)
         self.assertEqual(
             formatEvent(accepted),
             f"Invite {accepted['event_id']} in {accepted['room_id']} from {THEM}"

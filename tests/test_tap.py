@@ -89,7 +89,7 @@ class MakeServiceTests(TestCase):
             ["--data-dir", data_dir]
             + [arg for port in ports for arg in ("--listen", f"tcp:{port}:interface=127.0.0.1")]
         )
-        service = make_service(options["loaded"], reactor, exit_on_failure=False)
+        service = make_service(options["loaded"], reactor, exit_on_failure=False, freeze_gc=False)
         self.assertTrue(os.path.exists(os.path.join(data_dir, "signing.key")))
         self.assertEqual(list(service), [])
 
@@ -114,6 +114,40 @@ class MakeServiceTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_daemon_freezes_the_gc_once_listening(self) -> Deferred[None]:
+        """make_service's daemon calls gc.freeze() after start-up; a hand-built one does not."""
+        import gc
+
+        from twisted.internet import reactor
+
+        frozen: list[int] = []
+        self.patch(gc, "freeze", lambda: frozen.append(len(frozen)))
+        services = []
+        for freeze in (True, False):
+            options = Options()
+            options.parseOptions(
+                ["--data-dir", self.mktemp(), "--listen", f"tcp:{free_port()}:interface=127.0.0.1"]
+            )
+            services.append(
+                make_service(options["loaded"], reactor, exit_on_failure=False, freeze_gc=freeze)
+            )
+        self.assertIs(
+            make_service.__kwdefaults__["freeze_gc"],
+            True,  # type: ignore[index]
+        )
+
+        async def go() -> None:
+            for index, service in enumerate(services):
+                service.startService()
+                try:
+                    await service.ready
+                    self.assertEqual(frozen, [0])  # the first froze, the second did not
+                finally:
+                    await service.stopService()
+                self.assertEqual(len(frozen), 1, index)
+
+        return ensureDeferred(go())
+
     def test_metrics_listener(self) -> Deferred[None]:
         """With metrics.listen set, the daemon also serves Prometheus metrics there."""
         import treq
@@ -128,7 +162,7 @@ class MakeServiceTests(TestCase):
             )
         options = Options()
         options.parseOptions(["--config", path])
-        service = make_service(options["loaded"], reactor, exit_on_failure=False)
+        service = make_service(options["loaded"], reactor, exit_on_failure=False, freeze_gc=False)
 
         async def go() -> None:
             service.startService()
@@ -153,7 +187,7 @@ class MakeServiceTests(TestCase):
         options.parseOptions(
             ["--data-dir", self.mktemp(), "--database", "sqlite:////nonexistent/dir/x.db"]
         )
-        service = make_service(options["loaded"], reactor, exit_on_failure=False)
+        service = make_service(options["loaded"], reactor, exit_on_failure=False, freeze_gc=False)
         service.reactor = _NotRunning(reactor)
         service.startService()
 
