@@ -11,6 +11,7 @@ whose rules make it strict (v6+, "v6-canonical-json").
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import canonicaljson
@@ -155,25 +156,39 @@ def parse_json_with_numbers(body: bytes) -> tuple[Any, bool]:
     (room versions 6+) refuses: callers can then skip walking the value again
     before hashing it. Found while parsing, at the cost of one call per number.
     """
-    clean = [True]
+    numbers = _numbers
+    numbers.clean = True
+    return _parse(body, numbers.decoder), numbers.clean
 
-    def parse_int(text: str) -> int:
+
+class _NumbersDecoder(threading.local):
+    """A decoder whose number hooks note any non-canonical number, one per thread.
+
+    Building a ``JSONDecoder`` (and its C scanner) costs more than parsing a
+    small invite, so each thread keeps one and resets its flag per parse.
+    """
+
+    def __init__(self) -> None:
+        self.clean = True
+        self.decoder = json.JSONDecoder(
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_refuse_constant,
+            parse_int=self._parse_int,
+            parse_float=self._parse_float,
+        )
+
+    def _parse_int(self, text: str) -> int:
         value = int(text)
         if not MIN_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
-            clean[0] = False
+            self.clean = False
         return value
 
-    def parse_float(text: str) -> float:
-        clean[0] = False
+    def _parse_float(self, text: str) -> float:
+        self.clean = False
         return float(text)
 
-    decoder = json.JSONDecoder(
-        object_pairs_hook=_no_duplicates,
-        parse_constant=_refuse_constant,
-        parse_int=parse_int,
-        parse_float=parse_float,
-    )
-    return _parse(body, decoder), clean[0]
+
+_numbers = _NumbersDecoder()
 
 
 def _parse(body: bytes, decoder: json.JSONDecoder) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 from hypothesis import given, settings
@@ -157,6 +158,27 @@ class ParseWithNumbersTests(SynchronousTestCase):
             value, numbers_strict = parse_json_with_numbers(body)
             self.assertEqual(value, json.loads(body))
             self.assertEqual(numbers_strict, clean, body)
+
+    def test_numbers_flag_is_per_thread(self) -> None:
+        """Each thread has its own decoder and flag: a float parsed in one thread does not
+        mark another thread's parse."""
+        from federation_invite.core import canonical
+
+        seen: dict[str, Any] = {}
+        parse_json_with_numbers(b"[1]")
+
+        def other() -> None:
+            seen["result"] = parse_json_with_numbers(b'{"a": 1.5}')
+            seen["decoder"] = canonical._numbers.decoder
+            canonical._numbers.clean = False  # left dirty: must not leak to the main thread
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        self.assertEqual(seen["result"], ({"a": 1.5}, False))
+        self.assertIsNot(seen["decoder"], canonical._numbers.decoder)
+        self.assertTrue(canonical._numbers.clean)
+        self.assertEqual(parse_json_with_numbers(b'{"a": 1}'), ({"a": 1}, True))
 
     def test_same_errors_as_parse_json(self) -> None:
         """Refusals are those of parse_json (duplicate keys, NaN, trailing data)."""
