@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import os
 import sys
 import tempfile
@@ -109,11 +110,6 @@ async def daemon_site(work: str, our_key: SigningKey, origin_key: SigningKey, in
             "data_dir": work,
             "database": f"sqlite:///{work}/daemon.db",
             "ratelimit.origin_per_second": 1e9,
-            **(
-                {"inbound.policy_cache_seconds": float(os.environ["PCACHE"])}
-                if "PCACHE" in os.environ
-                else {}
-            ),
             "ratelimit.origin_burst": 1_000_000_000,
             "ratelimit.origin_concurrent": 100_000,
             "ratelimit.invitee_per_second": 1e9,
@@ -180,14 +176,8 @@ async def main(args: argparse.Namespace) -> None:
         await drive(calibration, warm[: CONNECTIONS * 10])
         await drive(durable, warm[: CONNECTIONS * 10])
         await drive(daemon, warm[CONNECTIONS * 10 :])
-        if os.environ.get("EXP_FREEZE"):
-            import gc
-
-            gc.freeze()
-        if os.environ.get("EXP_GCSTATS"):
-            import gc
-
-            gc_before = [dict(g) for g in gc.get_stats()]
+        # As the daemon does once it listens (service.make_service's freeze_gc).
+        gc.freeze()
         sites = tuple(
             (name, site)
             for name, site in (
@@ -219,9 +209,6 @@ async def main(args: argparse.Namespace) -> None:
                     print(f"{name}: answers {statuses}; see the log", file=sys.stderr)
                 results[name].append(cpu / len(chunk) * 1e6)
                 main[name].append(main_cpu / len(chunk) * 1e6)
-        if os.environ.get("EXP_GCSTATS"):
-            print("gc before", gc_before)
-            print("gc after ", gc.get_stats())
         await store.close()
         await durable_store.close()
         if profiler:
