@@ -8,6 +8,7 @@ is why no statement of ours may contain a literal ``?`` or ``%``.
 from __future__ import annotations
 
 import sqlite3
+import time
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -108,10 +109,29 @@ def _configure_sqlite(connection: sqlite3.Connection) -> None:
     connection.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
     # WAL lets readers in other pools go on while one writes; it is a property
     # of the file and persists.
-    connection.execute("PRAGMA journal_mode = WAL")
+    _set_wal(connection)
     # FULL: an acknowledged invite survives a power cut, not only a crash.
     connection.execute("PRAGMA synchronous = FULL")
     connection.execute("PRAGMA foreign_keys = ON")
+
+
+def _set_wal(connection: sqlite3.Connection) -> None:
+    """``PRAGMA journal_mode = WAL``, waiting for other connections as a write would.
+
+    On a new file several workers starting at once all switch it; SQLite
+    answers "database is locked" at once, without waiting for the busy timeout,
+    to a connection whose switch would deadlock with another's transaction. We
+    retry (this runs in a pool thread) until the busy timeout has passed.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
 
 
 class PostgresDialect(Dialect):

@@ -22,18 +22,39 @@ So for SQLite the group-committed batch is written in two parts:
 
 One writer connection, one transaction at a time: the store starts the next
 batch only when the previous commit has finished.
+
+Checkpoints (copying the WAL back into the database file, and its fsync) would
+run inside whichever COMMIT crosses SQLite's threshold, holding up every
+invite waiting for the next batch: the tail of our latency under load. The
+writer turns automatic checkpoints off on its connection and, once the WAL has
+grown past ``CHECKPOINT_BYTES``, runs a PASSIVE checkpoint from another
+connection in a third thread, while commits go on (WAL mode allows both at
+once). Should checkpoints keep failing, a WAL past ``FORCED_CHECKPOINT_BYTES``
+is checkpointed in the commit thread, as SQLite itself would.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["SQLiteInviteWriter"]
+__all__ = ["CHECKPOINT_BYTES", "FORCED_CHECKPOINT_BYTES", "SQLiteInviteWriter"]
+
+_log = Logger(namespace="federation_invite.store")
+
+#: WAL size from which a background checkpoint is started (SQLite's own
+#: automatic threshold is 1,000 pages: 4 MiB with 4 KiB pages).
+CHECKPOINT_BYTES = 4 * 1024 * 1024
+#: WAL size from which the commit thread checkpoints itself (background
+#: checkpoints failing or falling behind).
+FORCED_CHECKPOINT_BYTES = 64 * 1024 * 1024
 
 
 class SQLiteInviteWriter:
@@ -44,6 +65,12 @@ class SQLiteInviteWriter:
         self._reactor = reactor
         self._connection: sqlite3.Connection | None = None
         self._threads: ThreadPool | None = None
+        self._checkpoint_threads: ThreadPool | None = None
+        self._checkpoint_connection: sqlite3.Connection | None = None
+        self._checkpointing = False
+        #: Background checkpoints done, and failed (for tests and curiosity).
+        self.checkpoints = 0
+        self.checkpoint_failures = 0
         self._shutdown_trigger: Any = None
         #: False once we find the file is not in WAL mode (then every batch goes
         #: through the pool: outside WAL, our open transaction would block readers).
@@ -64,6 +91,8 @@ class SQLiteInviteWriter:
                 return None
             connection.execute("PRAGMA synchronous = FULL")
             connection.execute("PRAGMA foreign_keys = ON")
+            # Checkpoints are ours to run, off the commit path (see the module doc).
+            connection.execute("PRAGMA wal_autocheckpoint = 0")
             self._connection = connection
         return self._connection
 
@@ -100,9 +129,11 @@ class SQLiteInviteWriter:
             self._shutdown_trigger = self._reactor.addSystemEventTrigger(
                 "during", "shutdown", self._shut_down
             )
-        return deferToThreadPool(self._reactor, self._threads, self._commit)
+        committing = deferToThreadPool(self._reactor, self._threads, self._commit)
+        return committing.addCallback(self._after_commit)
 
-    def _commit(self) -> None:
+    def _commit(self) -> int:
+        """COMMIT; the WAL's size after it (checkpointing here only past the forced size)."""
         connection = self._connection
         assert connection is not None
         try:
@@ -116,6 +147,53 @@ class SQLiteInviteWriter:
                 except sqlite3.Error:
                     pass
             raise
+        size = self._wal_size()
+        if size > FORCED_CHECKPOINT_BYTES:
+            connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            size = self._wal_size()
+        return size
+
+    def _wal_size(self) -> int:
+        try:
+            return os.stat(self._path + "-wal").st_size
+        except OSError:
+            return 0
+
+    def _after_commit(self, wal_size: int) -> None:
+        if wal_size > CHECKPOINT_BYTES and not self._checkpointing and self.usable:
+            self._checkpointing = True
+            if self._checkpoint_threads is None:
+                self._checkpoint_threads = ThreadPool(
+                    1, 1, name="federation-invite-sqlite-checkpoint"
+                )
+                self._checkpoint_threads.start()
+            checkpointing = deferToThreadPool(
+                self._reactor, self._checkpoint_threads, self._checkpoint
+            )
+            checkpointing.addCallbacks(self._checkpointed, self._checkpoint_failed)
+
+    def _checkpoint(self) -> None:
+        if self._checkpoint_connection is None:
+            connection = sqlite3.connect(
+                self._path, isolation_level=None, check_same_thread=False, timeout=0
+            )
+            connection.execute("PRAGMA synchronous = FULL")
+            self._checkpoint_connection = connection
+        # PASSIVE: copies what it can without waiting for readers or the writer.
+        self._checkpoint_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def _checkpointed(self, _: object) -> None:
+        self._checkpointing = False
+        self.checkpoints += 1
+
+    def _checkpoint_failed(self, failure: Failure) -> None:
+        self._checkpointing = False
+        self.checkpoint_failures += 1
+        _log.warn(
+            "Background checkpoint of the SQLite WAL failed (retried after the next commit):"
+            " {reason}",
+            reason=failure.getErrorMessage(),
+        )
 
     def _shut_down(self) -> None:
         # The reactor is stopping and the store was not closed: stop the thread
@@ -125,9 +203,10 @@ class SQLiteInviteWriter:
         self._stop_threads()
 
     def _stop_threads(self) -> None:
-        if self._threads is not None:
-            self._threads.stop()
-            self._threads = None
+        for threads in (self._threads, self._checkpoint_threads):
+            if threads is not None:
+                threads.stop()
+        self._threads = self._checkpoint_threads = None
 
     def close(self) -> None:
         """Stop the commit thread (after a commit in flight) and close the connection."""
@@ -135,9 +214,10 @@ class SQLiteInviteWriter:
             self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
         self._stop_threads()
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        for connection in (self._connection, self._checkpoint_connection):
+            if connection is not None:
+                connection.close()
+        self._connection = self._checkpoint_connection = None
 
 
 def _busy(error: sqlite3.OperationalError) -> bool:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 from twisted.trial.unittest import SynchronousTestCase
 
-from federation_invite.store import open_store, parse_database_uri, run_migrations
+from federation_invite.store import _dialect, open_store, parse_database_uri, run_migrations
 from federation_invite.store._dialect import PostgresDialect, SQLiteDialect
 
 
@@ -108,3 +110,43 @@ class PasswordDisplayTests(SynchronousTestCase):
         )
         self.assertNotIn("s3c", str(error))
         self.assertNotIn("ret", str(error))
+
+
+class SQLiteWALSwitchTests(SynchronousTestCase):
+    """Switching a new file to WAL waits out other workers' start-up instead of failing."""
+
+    class Connection:
+        def __init__(self, failures: int) -> None:
+            self.failures = failures
+            self.calls = 0
+
+        def execute(self, statement: str) -> None:
+            assert statement == "PRAGMA journal_mode = WAL"
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise sqlite3.OperationalError("database is locked")
+
+    def test_retried_while_locked(self) -> None:
+        """'database is locked' at once (SQLite's deadlock answer) is retried until it works."""
+        connection = self.Connection(failures=3)
+        _dialect._set_wal(connection)  # type: ignore[arg-type]
+        self.assertEqual(connection.calls, 4)
+
+    def test_gives_up_after_the_busy_timeout(self) -> None:
+        """Still locked after the busy timeout: the error is raised."""
+        self.patch(_dialect, "SQLITE_BUSY_TIMEOUT_MS", 30)
+        connection = self.Connection(failures=10**9)
+        self.assertRaises(sqlite3.OperationalError, _dialect._set_wal, connection)
+        self.assertGreater(connection.calls, 1)
+
+    def test_other_errors_are_not_retried(self) -> None:
+        """Any other error is raised at once."""
+
+        class Broken(self.Connection):
+            def execute(self, statement: str) -> None:
+                self.calls += 1
+                raise sqlite3.OperationalError("disk I/O error")
+
+        connection = Broken(failures=0)
+        self.assertRaises(sqlite3.OperationalError, _dialect._set_wal, connection)
+        self.assertEqual(connection.calls, 1)
