@@ -160,6 +160,13 @@ class SQLiteInviteWriter:
             return 0
 
     def _after_commit(self, wal_size: int) -> None:
+        # The batch is durable whatever happens here: never fail it.
+        try:
+            self._maybe_checkpoint(wal_size)
+        except Exception:
+            _log.failure("Could not start a checkpoint of the SQLite WAL")
+
+    def _maybe_checkpoint(self, wal_size: int) -> None:
         if wal_size > CHECKPOINT_BYTES and not self._checkpointing and self.usable:
             self._checkpointing = True
             if self._checkpoint_threads is None:

@@ -696,6 +696,22 @@ class SQLiteDirectWriteTests(TestCase):
         self.assertEqual(warnings[0]["reason"], "disk I/O error")
         self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(2,)])
 
+    async def test_checkpoint_trouble_never_fails_a_committed_batch(self) -> None:
+        """Starting a checkpoint raising after a commit: logged; the invites are stored and
+        their callers told so."""
+        store = await self.open()
+        writer = store._direct_writer
+
+        def broken(wal_size: int) -> None:
+            raise RuntimeError("no threads left")
+
+        writer._maybe_checkpoint = broken
+        with capturedLogs() as events:
+            self.assertEqual((await store.store_invite(make_invite("$kept")))[1], True)
+        self.assertTrue(any("checkpoint" in e.get("log_format", "") for e in events))
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(1,)])
+
     async def test_forced_checkpoint_in_the_commit_thread(self) -> None:
         """Past FORCED_CHECKPOINT_BYTES the commit thread checkpoints itself (background
         checkpoints failing or behind); nothing is lost."""
