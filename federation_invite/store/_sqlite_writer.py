@@ -26,10 +26,11 @@ batch only when the previous commit has finished.
 Checkpoints (copying the WAL back into the database file, and its fsync) would
 run inside whichever COMMIT crosses SQLite's threshold, holding up every
 invite waiting for the next batch: the tail of our latency under load. The
-writer turns automatic checkpoints off on its connection and, once the WAL has
-grown past ``CHECKPOINT_BYTES``, runs a PASSIVE checkpoint from another
+writer turns automatic checkpoints off on its connection and, every
+``CHECKPOINT_ROWS`` invites committed, runs a PASSIVE checkpoint from another
 connection in a third thread, while commits go on (WAL mode allows both at
-once). Should checkpoints keep failing, a WAL past ``FORCED_CHECKPOINT_BYTES``
+once). The WAL file is cut back to ``WAL_SIZE_LIMIT`` whenever it restarts.
+Should checkpoints keep failing, a WAL file past ``FORCED_CHECKPOINT_BYTES``
 is checkpointed in the commit thread, as SQLite itself would.
 """
 
@@ -45,14 +46,21 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["CHECKPOINT_BYTES", "FORCED_CHECKPOINT_BYTES", "SQLiteInviteWriter"]
+__all__ = [
+    "CHECKPOINT_ROWS",
+    "FORCED_CHECKPOINT_BYTES",
+    "WAL_SIZE_LIMIT",
+    "SQLiteInviteWriter",
+]
 
 _log = Logger(namespace="federation_invite.store")
 
-#: WAL size from which a background checkpoint is started (SQLite's own
-#: automatic threshold is 1,000 pages: 4 MiB with 4 KiB pages).
-CHECKPOINT_BYTES = 4 * 1024 * 1024
-#: WAL size from which the commit thread checkpoints itself (background
+#: Invites committed between background checkpoints (each dirties a few pages
+#: of the table and its indexes: about SQLite's own 1,000-page threshold).
+CHECKPOINT_ROWS = 256
+#: The WAL file is truncated to this size when it restarts after a checkpoint.
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+#: WAL file size from which the commit thread checkpoints itself (background
 #: checkpoints failing or falling behind).
 FORCED_CHECKPOINT_BYTES = 64 * 1024 * 1024
 
@@ -68,6 +76,7 @@ class SQLiteInviteWriter:
         self._checkpoint_threads: ThreadPool | None = None
         self._checkpoint_connection: sqlite3.Connection | None = None
         self._checkpointing = False
+        self._rows_since_checkpoint = 0
         #: Background checkpoints done, and failed (for tests and curiosity).
         self.checkpoints = 0
         self.checkpoint_failures = 0
@@ -93,6 +102,7 @@ class SQLiteInviteWriter:
             connection.execute("PRAGMA foreign_keys = ON")
             # Checkpoints are ours to run, off the commit path (see the module doc).
             connection.execute("PRAGMA wal_autocheckpoint = 0")
+            connection.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             self._connection = connection
         return self._connection
 
@@ -121,8 +131,10 @@ class SQLiteInviteWriter:
         if self._connection is not None and self._connection.in_transaction:
             self._connection.execute("ROLLBACK")
 
-    def commit(self) -> Deferred[None]:
-        """COMMIT (write and fsync the WAL) in the commit thread; fires once it is durable."""
+    def commit(self, rows: int) -> Deferred[None]:
+        """COMMIT ``rows`` invites (write and fsync the WAL) in the commit thread; fires once
+        they are durable."""
+        self._rows_since_checkpoint += rows
         if self._threads is None:
             self._threads = ThreadPool(1, 1, name="federation-invite-sqlite-commit")
             self._threads.start()
@@ -167,8 +179,10 @@ class SQLiteInviteWriter:
             _log.failure("Could not start a checkpoint of the SQLite WAL")
 
     def _maybe_checkpoint(self, wal_size: int) -> None:
-        if wal_size > CHECKPOINT_BYTES and not self._checkpointing and self.usable:
+        due = self._rows_since_checkpoint >= CHECKPOINT_ROWS
+        if due and not self._checkpointing and self.usable:
             self._checkpointing = True
+            self._rows_since_checkpoint = 0
             if self._checkpoint_threads is None:
                 self._checkpoint_threads = ThreadPool(
                     1, 1, name="federation-invite-sqlite-checkpoint"

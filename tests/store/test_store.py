@@ -655,14 +655,17 @@ class SQLiteDirectWriteTests(TestCase):
         self.fail("timed out")
 
     async def test_checkpoints_run_off_the_commit_path(self) -> None:
-        """The writer's connection never checkpoints by itself; past CHECKPOINT_BYTES of WAL a
-        PASSIVE checkpoint runs in its own thread and connection while writes go on."""
-        self.patch(_sqlite_writer, "CHECKPOINT_BYTES", 1)
+        """The writer's connection never checkpoints by itself; every CHECKPOINT_ROWS invites
+        a PASSIVE checkpoint runs in its own thread and connection while writes go on; the
+        WAL file is cut back to WAL_SIZE_LIMIT when it restarts."""
+        self.patch(_sqlite_writer, "CHECKPOINT_ROWS", 1)
         store = await self.open()
         await store.store_invite(make_invite("$a"))
         writer = store._direct_writer
         (autocheckpoint,) = writer._connection.execute("PRAGMA wal_autocheckpoint").fetchone()
         self.assertEqual(autocheckpoint, 0)
+        (limit,) = writer._connection.execute("PRAGMA journal_size_limit").fetchone()
+        self.assertEqual(limit, _sqlite_writer.WAL_SIZE_LIMIT)
         await self.until(lambda: writer.checkpoints >= 1)
         self.assertEqual(writer._checkpoint_threads.name, "federation-invite-sqlite-checkpoint")
         answers = await gatherResults(
@@ -673,10 +676,23 @@ class SQLiteDirectWriteTests(TestCase):
         self.assertEqual(writer.checkpoint_failures, 0)
         self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(31,)])
 
+    async def test_checkpoints_every_so_many_rows(self) -> None:
+        """No checkpoint until CHECKPOINT_ROWS invites are committed, then one."""
+        self.patch(_sqlite_writer, "CHECKPOINT_ROWS", 10)
+        store = await self.open()
+        writer = store._direct_writer
+        for i in range(9):
+            await store.store_invite(make_invite(f"$a{i}"))
+        self.assertEqual((writer.checkpoints, writer._checkpointing), (0, False))
+        await store.store_invite(make_invite("$a9"))
+        await self.until(lambda: writer.checkpoints == 1)
+        await store.store_invite(make_invite("$b"))
+        self.assertEqual((writer.checkpoints, writer._checkpointing), (1, False))
+
     async def test_failed_checkpoint_is_logged_and_retried(self) -> None:
         """A background checkpoint that fails is logged as a warning; writes go on, and the
         next commit past the threshold tries again."""
-        self.patch(_sqlite_writer, "CHECKPOINT_BYTES", 1)
+        self.patch(_sqlite_writer, "CHECKPOINT_ROWS", 1)
         store = await self.open()
         writer = store._direct_writer
         attempts: list[int] = []
@@ -716,7 +732,7 @@ class SQLiteDirectWriteTests(TestCase):
         """Past FORCED_CHECKPOINT_BYTES the commit thread checkpoints itself (background
         checkpoints failing or behind); nothing is lost."""
         self.patch(_sqlite_writer, "FORCED_CHECKPOINT_BYTES", 0)
-        self.patch(_sqlite_writer, "CHECKPOINT_BYTES", 2**62)
+        self.patch(_sqlite_writer, "CHECKPOINT_ROWS", 2**62)
         store = await self.open()
         await store.store_invite(make_invite("$first"))
         writer = store._direct_writer
