@@ -248,7 +248,7 @@ class InviteHandler:
         await self._check_signatures(room_version, event, prepared)
         if not content_hash_ok:
             raise _invalid("The event's content hash is missing or wrong")
-        await self._check_room_state(room_version, room_id, invite_room_state)
+        stripped = await self._check_room_state(room_version, room_id, invite_room_state)
         invite = InboundInvite(
             origin=origin,
             room_version=room_version,
@@ -294,16 +294,33 @@ class InviteHandler:
             if not _same_event(stored.event, event):
                 raise _invalid("A different event with this event ID was already received")
             return _repeated(stored, origin, peer)
-        _log_outcome(
-            f"Invite {event_id} in {room_id} from {origin} for {invitee} accepted ({status})",
-            event_id=event_id,
-            room_id=room_id,
-            origin=origin,
-            invitee=invitee,
-            status=status,
-            outcome="accepted",
-            peer=peer,
-        )
+        if stripped:
+            # Row 13's warning rides on the invite's one line (and raises its level).
+            _log_outcome(
+                f"Invite {event_id} in {room_id} from {origin} for {invitee} accepted ({status});"
+                f" its invite_room_state holds {stripped} stripped entries, accepted as"
+                " strict_invite_room_state is off",
+                level=LogLevel.warn,
+                event_id=event_id,
+                room_id=room_id,
+                origin=origin,
+                invitee=invitee,
+                status=status,
+                outcome="accepted",
+                peer=peer,
+                stripped_state=stripped,
+            )
+        else:
+            _log_outcome(
+                f"Invite {event_id} in {room_id} from {origin} for {invitee} accepted ({status})",
+                event_id=event_id,
+                room_id=room_id,
+                origin=origin,
+                invitee=invitee,
+                status=status,
+                outcome="accepted",
+                peer=peer,
+            )
         if status == "pending":
             self._notify(stored)
         return {"event": signed}, "accepted" if status == "pending" else status
@@ -383,8 +400,12 @@ class InviteHandler:
 
     async def _check_room_state(
         self, room_version: RoomVersion, room_id: str, room_state: list[Any]
-    ) -> None:
-        """Row 13: ``invite_room_state`` (server-server-api, invites-v2 "invite_room_state")."""
+    ) -> int:
+        """Row 13: ``invite_room_state`` (server-server-api, invites-v2 "invite_room_state").
+
+        Returns how many entries are stripped state, accepted because strict mode
+        is off: the caller's outcome line warns of them.
+        """
         creates = [
             entry
             for entry in room_state
@@ -402,15 +423,8 @@ class InviteHandler:
                 if not _looks_like_pdu(entry):
                     raise _invalid("invite_room_state holds an entry that is not a full event")
                 await self._check_state_pdu(room_version, room_id, entry)
-            return
-        stripped = sum(1 for entry in room_state if not _looks_like_pdu(entry))
-        if stripped:
-            log.warn(
-                "invite_room_state for {room_id} holds {count} stripped entries; accepted "
-                "(strict_invite_room_state is off)",
-                room_id=room_id,
-                count=stripped,
-            )
+            return 0
+        return sum(1 for entry in room_state if not _looks_like_pdu(entry))
 
     async def _check_state_pdu(
         self, room_version: RoomVersion, room_id: str, entry: dict[str, Any]
@@ -451,7 +465,7 @@ def _repeated(stored: InviteRecord, origin: str, peer: str | None) -> tuple[dict
     return {"event": stored.event}, "repeated"
 
 
-def _log_outcome(text: str, **fields: Any) -> None:
+def _log_outcome(text: str, level: LogLevel = LogLevel.info, **fields: Any) -> None:
     """The one line per invite: its text rendered here, its fields kept for JSON observers.
 
     Twisted is handed a format with one field (the text, rendered here with an
@@ -463,7 +477,7 @@ def _log_outcome(text: str, **fields: Any) -> None:
     fields.update(
         text=text,
         log_logger=log,
-        log_level=LogLevel.info,
+        log_level=level,
         log_namespace=log.namespace,
         log_source=None,
         log_format="{text}",

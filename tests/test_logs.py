@@ -13,7 +13,7 @@ from unpaddedbase64 import encode_base64
 from federation_invite.inbound import _log_outcome
 from federation_invite.logs import json_file_observer, json_observer
 
-from .invites import THEM, InviteScenario, event_id_of
+from .invites import THEM, InviteScenario, event_id_of, stripped
 
 
 class InviteLogTests(SynchronousTestCase):
@@ -68,6 +68,30 @@ class InviteLogTests(SynchronousTestCase):
         with capturedLogs() as captured:
             _log_outcome("Invite $a{0}{event_id} refused: {x", event_id="$a", outcome="refused")
         self.assertEqual(formatEvent(captured[0]), "Invite $a{0}{event_id} refused: {x")
+
+    def test_stripped_room_state_warned_on_the_one_line(self) -> None:
+        """Row 13: stripped invite_room_state accepted (strict mode off) is warned of, on the
+        invite's one outcome line, which then has the warn level and a stripped_state count."""
+        scenario = InviteScenario()
+        room_version, event = scenario.invite("9")
+        state = [stripped("m.room.name", "", {"name": "x"}), stripped("m.room.topic", "", {})]
+        with capturedLogs() as captured:
+            deferred = scenario.send(
+                2,
+                scenario.v2_body(room_version, event, state),
+                room_id=event["room_id"],
+                event_id=event_id_of(room_version, event),
+            )
+            scenario.client.flush()
+            self.assertEqual(self.successResultOf(deferred).code, 200)
+        (line,) = [e for e in captured if e.get("outcome")]
+        self.assertIs(line["log_level"], LogLevel.warn)
+        self.assertEqual(line["stripped_state"], 2)
+        self.assertIn("holds 2 stripped entries", formatEvent(line))
+        events, _ = self.run_invite(scenario, extra={"depth": 7})
+        (plain,) = [e for e in events if e.get("outcome")]
+        self.assertIs(plain["log_level"], LogLevel.info)
+        self.assertNotIn("stripped_state", plain)
 
     def test_repeated_invite_logged_with_fields(self) -> None:
         """The same invite again is logged as 'repeated' with its fields."""
