@@ -247,7 +247,7 @@ class DatabaseStore:
                 raise
         except Exception:
             return fail().addErrback(self._translate, "store_invite")
-        committed = writer.commit(len(rows)).addCallback(lambda _: existing)
+        committed = writer.commit().addCallback(lambda _: existing)
         return committed.addErrback(self._translate, "store_invite")
 
     def _store_invites_txn(

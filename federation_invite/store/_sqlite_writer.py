@@ -26,12 +26,14 @@ batch only when the previous commit has finished.
 Checkpoints (copying the WAL back into the database file, and its fsync) would
 run inside whichever COMMIT crosses SQLite's threshold, holding up every
 invite waiting for the next batch: the tail of our latency under load. The
-writer turns automatic checkpoints off on its connection and, every
-``CHECKPOINT_ROWS`` invites committed, runs a PASSIVE checkpoint from another
-connection in a third thread, while commits go on (WAL mode allows both at
-once). The WAL file is cut back to ``WAL_SIZE_LIMIT`` whenever it restarts.
-Should checkpoints keep failing, a WAL file past ``FORCED_CHECKPOINT_BYTES``
-is checkpointed in the commit thread, as SQLite itself would.
+writer turns automatic checkpoints off on its connection and, once the WAL has
+grown by ``CHECKPOINT_BYTES`` (SQLite's own threshold is 1,000 pages: 4 MiB),
+runs a PASSIVE checkpoint from another connection in a third thread, while
+commits go on (WAL mode allows both at once). The WAL file is truncated when it
+restarts after a checkpoint (``journal_size_limit = 0``), so its size is what
+it holds. Should checkpoints keep failing or be held back by readers, a WAL
+file past ``FORCED_CHECKPOINT_BYTES`` is checkpointed in the commit thread, as
+SQLite itself would.
 """
 
 from __future__ import annotations
@@ -46,20 +48,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-__all__ = [
-    "CHECKPOINT_ROWS",
-    "FORCED_CHECKPOINT_BYTES",
-    "WAL_SIZE_LIMIT",
-    "SQLiteInviteWriter",
-]
+__all__ = ["CHECKPOINT_BYTES", "FORCED_CHECKPOINT_BYTES", "SQLiteInviteWriter"]
 
 _log = Logger(namespace="federation_invite.store")
 
-#: Invites committed between background checkpoints (each dirties a few pages
-#: of the table and its indexes: about SQLite's own 1,000-page threshold).
-CHECKPOINT_ROWS = 256
-#: The WAL file is truncated to this size when it restarts after a checkpoint.
-WAL_SIZE_LIMIT = 4 * 1024 * 1024
+#: WAL growth between background checkpoints.
+CHECKPOINT_BYTES = 4 * 1024 * 1024
 #: WAL file size from which the commit thread checkpoints itself (background
 #: checkpoints failing or falling behind).
 FORCED_CHECKPOINT_BYTES = 64 * 1024 * 1024
@@ -76,7 +70,9 @@ class SQLiteInviteWriter:
         self._checkpoint_threads: ThreadPool | None = None
         self._checkpoint_connection: sqlite3.Connection | None = None
         self._checkpointing = False
-        self._rows_since_checkpoint = 0
+        #: The WAL size at which the next background checkpoint starts.
+        self._next_checkpoint_at = CHECKPOINT_BYTES
+        self._last_wal_size = 0
         #: Background checkpoints done, and failed (for tests and curiosity).
         self.checkpoints = 0
         self.checkpoint_failures = 0
@@ -102,7 +98,7 @@ class SQLiteInviteWriter:
             connection.execute("PRAGMA foreign_keys = ON")
             # Checkpoints are ours to run, off the commit path (see the module doc).
             connection.execute("PRAGMA wal_autocheckpoint = 0")
-            connection.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+            connection.execute("PRAGMA journal_size_limit = 0")
             self._connection = connection
         return self._connection
 
@@ -131,10 +127,8 @@ class SQLiteInviteWriter:
         if self._connection is not None and self._connection.in_transaction:
             self._connection.execute("ROLLBACK")
 
-    def commit(self, rows: int) -> Deferred[None]:
-        """COMMIT ``rows`` invites (write and fsync the WAL) in the commit thread; fires once
-        they are durable."""
-        self._rows_since_checkpoint += rows
+    def commit(self) -> Deferred[None]:
+        """COMMIT (write and fsync the WAL) in the commit thread; fires once it is durable."""
         if self._threads is None:
             self._threads = ThreadPool(1, 1, name="federation-invite-sqlite-commit")
             self._threads.start()
@@ -179,10 +173,17 @@ class SQLiteInviteWriter:
             _log.failure("Could not start a checkpoint of the SQLite WAL")
 
     def _maybe_checkpoint(self, wal_size: int) -> None:
-        due = self._rows_since_checkpoint >= CHECKPOINT_ROWS
+        if wal_size < self._last_wal_size:
+            # The WAL restarted (and was truncated): count afresh.
+            self._next_checkpoint_at = CHECKPOINT_BYTES
+        self._last_wal_size = wal_size
+        due = wal_size >= self._next_checkpoint_at
         if due and not self._checkpointing and self.usable:
             self._checkpointing = True
-            self._rows_since_checkpoint = 0
+            # A checkpoint held back by a reader leaves the WAL as it is: the
+            # next one waits for as much growth again rather than running after
+            # every commit.
+            self._next_checkpoint_at = wal_size + CHECKPOINT_BYTES
             if self._checkpoint_threads is None:
                 self._checkpoint_threads = ThreadPool(
                     1, 1, name="federation-invite-sqlite-checkpoint"

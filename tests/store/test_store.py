@@ -655,17 +655,17 @@ class SQLiteDirectWriteTests(TestCase):
         self.fail("timed out")
 
     async def test_checkpoints_run_off_the_commit_path(self) -> None:
-        """The writer's connection never checkpoints by itself; every CHECKPOINT_ROWS invites
-        a PASSIVE checkpoint runs in its own thread and connection while writes go on; the
-        WAL file is cut back to WAL_SIZE_LIMIT when it restarts."""
-        self.patch(_sqlite_writer, "CHECKPOINT_ROWS", 1)
+        """The writer's connection never checkpoints by itself; once the WAL has grown by
+        CHECKPOINT_BYTES a PASSIVE checkpoint runs in its own thread and connection while
+        writes go on; the WAL file is truncated when it restarts."""
+        self.patch(_sqlite_writer, "CHECKPOINT_BYTES", 1)
         store = await self.open()
         await store.store_invite(make_invite("$a"))
         writer = store._direct_writer
         (autocheckpoint,) = writer._connection.execute("PRAGMA wal_autocheckpoint").fetchone()
         self.assertEqual(autocheckpoint, 0)
         (limit,) = writer._connection.execute("PRAGMA journal_size_limit").fetchone()
-        self.assertEqual(limit, _sqlite_writer.WAL_SIZE_LIMIT)
+        self.assertEqual(limit, 0)
         await self.until(lambda: writer.checkpoints >= 1)
         self.assertEqual(writer._checkpoint_threads.name, "federation-invite-sqlite-checkpoint")
         answers = await gatherResults(
@@ -676,23 +676,33 @@ class SQLiteDirectWriteTests(TestCase):
         self.assertEqual(writer.checkpoint_failures, 0)
         self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(31,)])
 
-    async def test_checkpoints_every_so_many_rows(self) -> None:
-        """No checkpoint until CHECKPOINT_ROWS invites are committed, then one."""
-        self.patch(_sqlite_writer, "CHECKPOINT_ROWS", 10)
+    async def test_checkpoint_after_so_much_wal_growth(self) -> None:
+        """No checkpoint until the WAL has grown by CHECKPOINT_BYTES; then one, after which
+        the WAL restarts from an empty file; a checkpoint that could not empty the WAL is
+        not run again until the WAL has grown as much again."""
         store = await self.open()
+        await store.store_invite(make_invite("$first"))
         writer = store._direct_writer
-        for i in range(9):
-            await store.store_invite(make_invite(f"$a{i}"))
-        self.assertEqual((writer.checkpoints, writer._checkpointing), (0, False))
-        await store.store_invite(make_invite("$a9"))
+        wal = self.path + "-wal"
+        self.patch(_sqlite_writer, "CHECKPOINT_BYTES", os.path.getsize(wal) + 1)
+        writer._next_checkpoint_at = _sqlite_writer.CHECKPOINT_BYTES
+        await store.store_invite(make_invite("$a"))
         await self.until(lambda: writer.checkpoints == 1)
+        # The next write restarts the WAL, truncated first (journal_size_limit = 0).
         await store.store_invite(make_invite("$b"))
-        self.assertEqual((writer.checkpoints, writer._checkpointing), (1, False))
+        self.assertLess(os.path.getsize(wal), _sqlite_writer.CHECKPOINT_BYTES)
+        self.assertEqual(writer._next_checkpoint_at, _sqlite_writer.CHECKPOINT_BYTES)
+        # Held back (pretend): the next checkpoint waits for that much growth again.
+        writer._maybe_checkpoint(10 * _sqlite_writer.CHECKPOINT_BYTES)
+        await self.until(lambda: writer.checkpoints == 2)
+        writer._maybe_checkpoint(10 * _sqlite_writer.CHECKPOINT_BYTES + 1)
+        self.assertFalse(writer._checkpointing)
+        self.assertEqual(writer.checkpoints, 2)
 
     async def test_failed_checkpoint_is_logged_and_retried(self) -> None:
         """A background checkpoint that fails is logged as a warning; writes go on, and the
         next commit past the threshold tries again."""
-        self.patch(_sqlite_writer, "CHECKPOINT_ROWS", 1)
+        self.patch(_sqlite_writer, "CHECKPOINT_BYTES", 1)
         store = await self.open()
         writer = store._direct_writer
         attempts: list[int] = []
@@ -732,7 +742,7 @@ class SQLiteDirectWriteTests(TestCase):
         """Past FORCED_CHECKPOINT_BYTES the commit thread checkpoints itself (background
         checkpoints failing or behind); nothing is lost."""
         self.patch(_sqlite_writer, "FORCED_CHECKPOINT_BYTES", 0)
-        self.patch(_sqlite_writer, "CHECKPOINT_ROWS", 2**62)
+        self.patch(_sqlite_writer, "CHECKPOINT_BYTES", 2**62)
         store = await self.open()
         await store.store_invite(make_invite("$first"))
         writer = store._direct_writer
