@@ -15,8 +15,6 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, gatherResults
-from twisted.internet.task import deferLater
-from twisted.logger import capturedLogs
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
@@ -28,7 +26,6 @@ from federation_invite.store import (
     SchemaVersionError,
     ServerKeyRecord,
     StoreError,
-    _sqlite_writer,
     open_store,
     run_migrations,
 )
@@ -647,125 +644,14 @@ class SQLiteDirectWriteTests(TestCase):
         self.assertFalse(store._direct_writer.usable)
         self.assertEqual(len(await store.list_invites()), 1)
 
-    async def until(self, condition: Any) -> None:
-        for _ in range(200):
-            if condition():
-                return
-            await deferLater(reactor, 0.01)
-        self.fail("timed out")
-
-    async def test_checkpoints_run_off_the_commit_path(self) -> None:
-        """The writer's connection never checkpoints by itself; once the WAL has grown by
-        CHECKPOINT_BYTES a PASSIVE checkpoint runs in its own thread and connection while
-        writes go on; the WAL file is truncated when it restarts."""
-        self.patch(_sqlite_writer, "CHECKPOINT_BYTES", 1)
+    async def test_checkpoints_stay_sqlite_own(self) -> None:
+        """The writer leaves checkpoints to SQLite (in the COMMIT past 1,000 pages of WAL,
+        so in the commit thread): the WAL does not grow without bound."""
         store = await self.open()
         await store.store_invite(make_invite("$a"))
         writer = store._direct_writer
-        (autocheckpoint,) = writer._connection.execute("PRAGMA wal_autocheckpoint").fetchone()
-        self.assertEqual(autocheckpoint, 0)
-        (limit,) = writer._connection.execute("PRAGMA journal_size_limit").fetchone()
-        self.assertEqual(limit, 0)
-        await self.until(lambda: writer.checkpoints >= 1)
-        self.assertEqual(writer._checkpoint_threads.name, "federation-invite-sqlite-checkpoint")
-        answers = await gatherResults(
-            [store.store_invite(make_invite(f"$b{i}")) for i in range(30)]
-        )
-        self.assertTrue(all(created for _, created in answers))
-        await self.until(lambda: not writer._checkpointing)
-        self.assertEqual(writer.checkpoint_failures, 0)
-        self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(31,)])
-
-    async def test_checkpoint_after_so_much_wal_growth(self) -> None:
-        """No checkpoint until the WAL has grown by CHECKPOINT_BYTES; then one, after which
-        the WAL restarts from an empty file; a checkpoint that could not empty the WAL is
-        not run again until the WAL has grown as much again."""
-        store = await self.open()
-        await store.store_invite(make_invite("$first"))
-        writer = store._direct_writer
-        wal = self.path + "-wal"
-        self.patch(_sqlite_writer, "CHECKPOINT_BYTES", os.path.getsize(wal) + 1)
-        writer._next_checkpoint_at = _sqlite_writer.CHECKPOINT_BYTES
-        await store.store_invite(make_invite("$a"))
-        await self.until(lambda: writer.checkpoints == 1)
-        # The next write restarts the WAL, truncated first (journal_size_limit = 0).
-        await store.store_invite(make_invite("$b"))
-        self.assertLess(os.path.getsize(wal), _sqlite_writer.CHECKPOINT_BYTES)
-        self.assertEqual(writer._next_checkpoint_at, _sqlite_writer.CHECKPOINT_BYTES)
-        # Held back (pretend): the next checkpoint waits for that much growth again.
-        writer._maybe_checkpoint(10 * _sqlite_writer.CHECKPOINT_BYTES)
-        await self.until(lambda: writer.checkpoints == 2)
-        writer._maybe_checkpoint(10 * _sqlite_writer.CHECKPOINT_BYTES + 1)
-        self.assertFalse(writer._checkpointing)
-        self.assertEqual(writer.checkpoints, 2)
-
-    async def test_failed_checkpoint_is_logged_and_retried(self) -> None:
-        """A background checkpoint that fails is logged as a warning; writes go on, and the
-        next commit past the threshold tries again."""
-        self.patch(_sqlite_writer, "CHECKPOINT_BYTES", 1)
-        store = await self.open()
-        writer = store._direct_writer
-        attempts: list[int] = []
-
-        def failing() -> None:
-            attempts.append(1)
-            raise sqlite3.OperationalError("disk I/O error")
-
-        writer._checkpoint = failing
-        with capturedLogs() as events:
-            await store.store_invite(make_invite("$a"))
-            await self.until(lambda: writer.checkpoint_failures == 1)
-            await store.store_invite(make_invite("$b"))
-            await self.until(lambda: writer.checkpoint_failures == 2)
-        self.assertEqual(len(attempts), 2)
-        warnings = [e for e in events if "checkpoint" in e.get("log_format", "")]
-        self.assertEqual(warnings[0]["reason"], "disk I/O error")
-        self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(2,)])
-
-    async def test_checkpoint_trouble_never_fails_a_committed_batch(self) -> None:
-        """Starting a checkpoint raising after a commit: logged; the invites are stored and
-        their callers told so."""
-        store = await self.open()
-        writer = store._direct_writer
-
-        def broken(wal_size: int) -> None:
-            raise RuntimeError("no threads left")
-
-        writer._maybe_checkpoint = broken
-        with capturedLogs() as events:
-            self.assertEqual((await store.store_invite(make_invite("$kept")))[1], True)
-        self.assertTrue(any("checkpoint" in e.get("log_format", "") for e in events))
-        self.flushLoggedErrors(RuntimeError)
-        self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(1,)])
-
-    async def test_forced_checkpoint_in_the_commit_thread(self) -> None:
-        """Past FORCED_CHECKPOINT_BYTES the commit thread checkpoints itself (background
-        checkpoints failing or behind); nothing is lost."""
-        self.patch(_sqlite_writer, "FORCED_CHECKPOINT_BYTES", 0)
-        self.patch(_sqlite_writer, "CHECKPOINT_BYTES", 2**62)
-        store = await self.open()
-        await store.store_invite(make_invite("$first"))
-        writer = store._direct_writer
-        statements: list[tuple[str, str]] = []
-
-        class Recording:
-            def __init__(self, real: sqlite3.Connection) -> None:
-                self.real = real
-
-            def execute(self, statement: str, *args: Any) -> Any:
-                statements.append((threading.current_thread().name, statement))
-                return self.real.execute(statement, *args)
-
-            def __getattr__(self, name: str) -> Any:
-                return getattr(self.real, name)
-
-        writer._connection = Recording(writer._connection)
-        await gatherResults([store.store_invite(make_invite(f"$e{i}")) for i in range(20)])
-        checkpoints = [name for name, sql in statements if "wal_checkpoint" in sql]
-        self.assertTrue(checkpoints)
-        self.assertEqual(set(checkpoints), {"PoolThread-federation-invite-sqlite-commit-0"})
-        self.assertEqual(writer.checkpoints, 0)  # no background checkpoint was needed
-        self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(21,)])
+        (pages,) = writer._connection.execute("PRAGMA wal_autocheckpoint").fetchone()
+        self.assertEqual(pages, 1000)
 
     async def test_reactor_shutdown_stops_the_commit_thread(self) -> None:
         """A store never closed: the reactor's shutdown stops the thread (which would keep
