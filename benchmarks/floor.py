@@ -37,7 +37,7 @@ def floor_microseconds(
     for _ in range(rounds):
         started = time.process_time()
         for path, header, body in requests:
-            unavoidable_work(server_name, our_key, keys, "PUT", path, header.encode(), body)
+            unavoidable_work(server_name, our_key, keys, "PUT", path, header.encode(), body)[0]
         best = min(best, (time.process_time() - started) / len(requests) * 1e6)
     return best
 

@@ -533,29 +533,11 @@ def run_once(args: argparse.Namespace, only: set[str]) -> dict[str, Any]:
 
         if "trivial" in only:
             helper_server("trivial", trivial_port, cert_path, key_path)
+        keys = (server_name, our_seed, origin_seed, cert_path, key_path, str(origin_port))
         if "calibration" in only:
-            helper_server(
-                "calibration",
-                calibration_port,
-                server_name,
-                our_seed,
-                origin_seed,
-                cert_path,
-                key_path,
-                str(origin_port),
-            )
+            helper_server("calibration", calibration_port, *keys)
         if "durable" in only:
-            helper_server(
-                "durable",
-                durable_port,
-                server_name,
-                our_seed,
-                origin_seed,
-                cert_path,
-                key_path,
-                str(origin_port),
-                os.path.join(work, "durable.db"),
-            )
+            helper_server("durable", durable_port, *keys, os.path.join(work, "durable.db"))
         if "daemon" in only:
             with ExitStack() as stack:
                 database = args.database

@@ -55,23 +55,12 @@ def unavoidable_work(
     uri: str,
     authorization: bytes,
     body_bytes: bytes,
-) -> bytes:
-    """Parse, verify the request, verify the event, event ID and hashes, sign, encode."""
-    return _unavoidable(server_name, our_key, origin_keys, method, uri, authorization, body_bytes)[
-        0
-    ]
-
-
-def _unavoidable(
-    server_name: str,
-    our_key: Any,
-    origin_keys: dict[tuple[str, str], ServerVerifyKey],
-    method: str,
-    uri: str,
-    authorization: bytes,
-    body_bytes: bytes,
 ) -> tuple[bytes, dict[str, Any], str, dict[str, Any]]:
-    """``unavoidable_work``, also giving the body, the event ID and the co-signed event."""
+    """Parse, verify the request, verify the event, event ID and hashes, sign, encode.
+
+    Returns the encoded answer, and for the durable calibration the body, the
+    event ID and the co-signed event.
+    """
     body = parse_json(body_bytes)
     auth = parse_xmatrix(authorization)
     request_key = origin_keys[(auth.origin, auth.key_id)]
@@ -96,26 +85,27 @@ class Calibration(Resource):
         super().__init__()
         self.args = (server_name, our_key, origin_keys)
 
-    def render_PUT(self, request: Request) -> bytes:
+    def work(self, request: Request) -> tuple[bytes, dict[str, Any], str, dict[str, Any]]:
         assert request.content is not None
-        body = unavoidable_work(
+        return unavoidable_work(
             *self.args,
             "PUT",
             request.uri.decode(),
             request.getHeader(b"authorization") or b"",
             request.content.read(),
         )
+
+    def render_PUT(self, request: Request) -> bytes:
+        answer = self.work(request)[0]
         request.setHeader(b"Content-Type", b"application/json")
-        return body
+        return answer
 
 
-class Durable(Resource):
+class Durable(Calibration):
     """The calibration's work, then what every invite needs beyond it whatever the code:
     the invite stored durably (our store: SQLite, group commit, synchronous=FULL) and
     one log line. No validation, policy or routing: the daemon's cost above this
     server is what those cost."""
-
-    isLeaf = True
 
     def __init__(
         self,
@@ -124,19 +114,11 @@ class Durable(Resource):
         origin_keys: dict[tuple[str, str], ServerVerifyKey],
         store: Any,
     ) -> None:
-        super().__init__()
-        self.args = (server_name, our_key, origin_keys)
+        super().__init__(server_name, our_key, origin_keys)
         self.store = store
 
-    def render_PUT(self, request: Request) -> int:
-        assert request.content is not None
-        encoded, body, event_id, signed = _unavoidable(
-            *self.args,
-            "PUT",
-            request.uri.decode(),
-            request.getHeader(b"authorization") or b"",
-            request.content.read(),
-        )
+    def render_PUT(self, request: Request) -> int:  # type: ignore[override]
+        encoded, body, event_id, signed = self.work(request)
         event = body["event"]
         record = InviteRecord(
             event_id=event_id,

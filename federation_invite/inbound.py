@@ -294,33 +294,26 @@ class InviteHandler:
             if not _same_event(stored.event, event):
                 raise _invalid("A different event with this event ID was already received")
             return _repeated(stored, origin, peer)
+        text = f"Invite {event_id} in {room_id} from {origin} for {invitee} accepted ({status})"
+        extra: dict[str, Any] = {}
         if stripped:
             # Row 13's warning rides on the invite's one line (and raises its level).
-            _log_outcome(
-                f"Invite {event_id} in {room_id} from {origin} for {invitee} accepted ({status});"
-                f" its invite_room_state holds {stripped} stripped entries, accepted as"
-                " strict_invite_room_state is off",
-                level=LogLevel.warn,
-                event_id=event_id,
-                room_id=room_id,
-                origin=origin,
-                invitee=invitee,
-                status=status,
-                outcome="accepted",
-                peer=peer,
-                stripped_state=stripped,
+            text += (
+                f"; its invite_room_state holds {stripped} stripped entries, accepted as"
+                " strict_invite_room_state is off"
             )
-        else:
-            _log_outcome(
-                f"Invite {event_id} in {room_id} from {origin} for {invitee} accepted ({status})",
-                event_id=event_id,
-                room_id=room_id,
-                origin=origin,
-                invitee=invitee,
-                status=status,
-                outcome="accepted",
-                peer=peer,
-            )
+            extra = {"level": LogLevel.warn, "stripped_state": stripped}
+        _log_outcome(
+            text,
+            event_id=event_id,
+            room_id=room_id,
+            origin=origin,
+            invitee=invitee,
+            status=status,
+            outcome="accepted",
+            peer=peer,
+            **extra,
+        )
         if status == "pending":
             self._notify(stored)
         return {"event": signed}, "accepted" if status == "pending" else status
