@@ -13,6 +13,8 @@ class GlobListTests(SynchronousTestCase):
         globs = GlobList.of([])
         self.assertFalse(globs)
         self.assertFalse(globs.matches("anything"))
+        self.assertFalse(globs.matches_server("EVIL.example.:8448"))
+        self.assertFalse(globs.matches_user("@a:EVIL.example:8448"))
 
     def test_star_and_question(self) -> None:
         """'*' matches any run (including none) and '?' one character, on the whole value."""
