@@ -4,9 +4,10 @@ Under load, the reactor thread holds the GIL nearly all the time and lets go
 of it briefly at every C call that releases it (each TLS read and write, each
 ed25519 operation). A database thread with Python work to do (binding a row,
 stepping a statement, the next ``execute``) takes the GIL at each of those
-moments, and the reactor thread waits for it back: under load this
-ping-pong cost more CPU than the SQL itself (measured in ``benchmarks/``,
-about 230 us per invite against a same-work server without the thread).
+moments, and the reactor thread waits for it back. Measured over TLS
+(``benchmarks/README.md``, medians of three rounds): writing this way takes
+about 5% off the daemon's CPU per invite (855 -> 811 us) and 8% off a server
+that only stores and logs (688 -> 635 us).
 
 So for SQLite the group-committed batch is written in two parts:
 
