@@ -72,8 +72,6 @@ class _PolicyStore(Protocol):
         self, user_ids: Sequence[str]
     ) -> Deferred[dict[str, tuple[bool, list[InviteRule]]]]: ...
 
-    def list_invite_rules(self, user_id: str) -> Deferred[list[InviteRule]]: ...
-
 
 class InvitePolicy:
     """The operator's and the invitees' rules (see the module doc)."""

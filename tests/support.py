@@ -166,7 +166,6 @@ class MemoryStore(MemoryKeyStore):
         return succeed(self.invites.get(event_id))
 
     def is_local_user(self, user_id: str) -> Deferred[bool]:
-        self.policy_reads += 1
         return succeed(user_id in self.users)
 
     def list_invite_rules(self, user_id: str) -> Deferred[list[Any]]:

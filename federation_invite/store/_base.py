@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..core.canonical import encode_canonical_json
-from ._dialect import Dialect, SQLiteDialect, parse_database_uri
+from ._dialect import Dialect, parse_database_uri
 from ._interface import IStore
 from ._migrations import (
     LATEST_SCHEMA_VERSION,
@@ -114,16 +114,14 @@ class DatabaseStore:
             tuple[InviteRecord, tuple[Any, ...], Deferred[tuple[InviteRecord, bool]]]
         ] = []
         self._invite_writing = False
-        #: SQLite only (``enable_direct_writes``): invites written without the pool's thread.
+        #: The dialect's writer of invite batches, if it has one (SQLite; set by open_store).
         self._direct_writer: SQLiteInviteWriter | None = None
 
     def enable_direct_writes(self, reactor: Any) -> None:
-        """SQLite: write invites from the reactor thread and commit in a thread of their own.
-
-        ``open_store`` calls this for SQLite files; see ``_sqlite_writer`` for why.
-        """
-        if isinstance(self._dialect, SQLiteDialect) and self._direct_writer is None:
-            self._direct_writer = SQLiteInviteWriter(self._dialect.path, reactor)
+        """Write invite batches with the dialect's own writer, where it has one (SQLite:
+        INSERTs on the reactor thread, COMMIT in a thread of their own; ``_sqlite_writer``)."""
+        if self._direct_writer is None:
+            self._direct_writer = self._dialect.invite_writer(reactor)
 
     def __repr__(self) -> str:
         return f"<DatabaseStore {self._dialect.display}>"
@@ -234,7 +232,7 @@ class DatabaseStore:
         lock: the batch then goes through the pool, whose thread waits for it.
         """
         writer = self._direct_writer
-        if writer is None or not writer.usable or self._closed:
+        if writer is None or not writer.usable:
             return None
         try:
             cursor = writer.begin()

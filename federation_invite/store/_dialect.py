@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from twisted.enterprise import adbapi
 from twisted.internet.interfaces import IReactorCore
+
+if TYPE_CHECKING:
+    from ._sqlite_writer import SQLiteInviteWriter
 
 __all__ = ["Dialect", "PostgresDialect", "SQLiteDialect", "parse_database_uri"]
 
@@ -50,6 +53,11 @@ class Dialect:
     def table_exists(self, txn: adbapi.Transaction, table: str) -> bool:
         """Whether ``table`` exists in the database the store uses."""
         raise NotImplementedError
+
+    def invite_writer(self, reactor: Any) -> SQLiteInviteWriter | None:
+        """A writer of invite batches that spares the pool's thread, or None (the pool
+        writes them). Only SQLite has one: ``_sqlite_writer``."""
+        return None
 
     def driver_errors(self) -> tuple[type[BaseException], ...]:
         """The exceptions that mean "the database said no", to be wrapped in StoreError."""
@@ -96,6 +104,11 @@ class SQLiteDialect(Dialect):
     def begin(self, txn: adbapi.Transaction, *, write: bool) -> None:
         txn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
 
+    def invite_writer(self, reactor: Any) -> SQLiteInviteWriter:
+        from ._sqlite_writer import SQLiteInviteWriter
+
+        return SQLiteInviteWriter(self.path, reactor)
+
     def table_exists(self, txn: adbapi.Transaction, table: str) -> bool:
         txn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,))
         return txn.fetchone() is not None
@@ -110,9 +123,23 @@ def _configure_sqlite(connection: sqlite3.Connection) -> None:
     # WAL lets readers in other pools go on while one writes; it is a property
     # of the file and persists.
     _set_wal(connection)
+    configure_durable(connection)
+
+
+def configure_durable(connection: sqlite3.Connection) -> None:
+    """What every connection of ours that writes must set: fsync on every commit, foreign keys."""
     # FULL: an acknowledged invite survives a power cut, not only a crash.
     connection.execute("PRAGMA synchronous = FULL")
     connection.execute("PRAGMA foreign_keys = ON")
+
+
+def is_busy(error: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused because another connection holds a lock (busy or locked)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    text = str(error).lower()
+    return "locked" in text or "busy" in text
 
 
 def _set_wal(connection: sqlite3.Connection) -> None:
@@ -129,7 +156,7 @@ def _set_wal(connection: sqlite3.Connection) -> None:
             connection.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() >= deadline:
+            if not is_busy(exc) or time.monotonic() >= deadline:
                 raise
             time.sleep(0.005)
 

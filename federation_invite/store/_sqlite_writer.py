@@ -38,6 +38,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from ._dialect import configure_durable, is_busy
+
 __all__ = ["SQLiteInviteWriter"]
 
 
@@ -67,8 +69,7 @@ class SQLiteInviteWriter:
                 connection.close()
                 self.usable = False
                 return None
-            connection.execute("PRAGMA synchronous = FULL")
-            connection.execute("PRAGMA foreign_keys = ON")
+            configure_durable(connection)
             self._connection = connection
         return self._connection
 
@@ -87,7 +88,7 @@ class SQLiteInviteWriter:
         try:
             connection.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            if _busy(exc):
+            if is_busy(exc):
                 return None
             raise
         return connection.cursor()
@@ -143,11 +144,3 @@ class SQLiteInviteWriter:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
-
-
-def _busy(error: sqlite3.OperationalError) -> bool:
-    code = getattr(error, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-    text = str(error).lower()
-    return "locked" in text or "busy" in text
