@@ -26,7 +26,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.web.iweb import IRequest
 
 from .auth import RequestAuthenticator
-from .core.canonical import encode_canonical_json
+from .core.canonical import EncodedDict, encode_canonical_json
 from .core.errors import Codes, MatrixError
 from .core.events import PreparedEvent, check_content_hash, prepare_event, room_id_for_create_event
 from .core.format import MAX_PDU_SIZE, check_event_format, check_pdu_size
@@ -271,6 +271,8 @@ class InviteHandler:
                 raise
             return _repeated(stored_before, origin, peer)
         signed = await self._signer.sign_event(room_version, event, prepared)
+        # One encoding of the co-signed event, both stored and sent back.
+        signed_json = encode_canonical_json(signed, strict=False)
         record = InviteRecord(
             event_id=event_id,
             room_id=room_id,
@@ -282,6 +284,7 @@ class InviteHandler:
             invite_room_state=invite_room_state,
             received_ts=self._now_ms(),
             status=status,
+            event_json=signed_json.decode("utf-8"),
         )
         try:
             stored, created = await self._store.store_invite(record)
@@ -316,7 +319,8 @@ class InviteHandler:
         )
         if status == "pending":
             self._notify(stored)
-        return {"event": signed}, "accepted" if status == "pending" else status
+        answer = EncodedDict({"event": signed}, b'{"event":' + signed_json + b"}")
+        return answer, "accepted" if status == "pending" else status
 
     @staticmethod
     def _check_identity(
@@ -455,7 +459,10 @@ def _repeated(stored: InviteRecord, origin: str, peer: str | None) -> tuple[dict
         outcome="repeated",
         peer=peer,
     )
-    return {"event": stored.event}, "repeated"
+    if stored.event_json is None:
+        return {"event": stored.event}, "repeated"
+    canonical = b'{"event":' + stored.event_json.encode("utf-8") + b"}"
+    return EncodedDict({"event": stored.event}, canonical), "repeated"
 
 
 def _log_outcome(text: str, level: LogLevel = LogLevel.info, **fields: Any) -> None:

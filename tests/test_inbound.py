@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -49,7 +50,8 @@ class InboundTestCase(SynchronousTestCase):
         self.s.client.flush()
         response = self.successResultOf(deferred)
         self.stored_now = len(self.s.store.invites)
-        return response.code, json.loads(self.successResultOf(response.content()))
+        self.raw_answer = self.successResultOf(response.content())
+        return response.code, json.loads(self.raw_answer)
 
     def send_v2(
         self,
@@ -160,6 +162,35 @@ class AcceptanceTests(InboundTestCase):
             self.assertCoSigned(room_version, event, body[1]["event"])
             self.assertEqual(body[1]["event"]["unsigned"], {"invite_room_state": state})
             self.assertEqual(self.s.store.invites[event["event_id"]].invite_room_state, state)
+
+    def test_answer_is_the_stored_encoding(self) -> None:
+        """The co-signed event is encoded once: the answer's bytes hold the stored text.
+
+        v2 answers ``{"event":...}`` and v1 ``[200,{"event":...}]``, each the
+        canonical encoding of what it holds; a retry is answered from the
+        stored text.
+        """
+        room_version = KNOWN_ROOM_VERSIONS["10"]
+        event = build_invite(room_version, self.s.their_key)
+        code, body = self.send_v2(room_version, event)
+        self.assertEqual(code, 200, body)
+        stored = self.s.store.invites[event_id_of(room_version, event)]
+        self.assertEqual(stored.event_json, encode_canonical_json(body["event"]).decode())
+        self.assertEqual(self.raw_answer, b'{"event":' + stored.event_json.encode() + b"}")
+        # The retry: answered from the stored record's text, not a new encoding.
+        self.s.store.invites[stored.event_id] = attrs.evolve(
+            stored, event_json=stored.event_json[:-1] + ',"zz":1}'
+        )
+        code, again = self.send_v2(room_version, event)
+        self.assertEqual((code, again["event"]["zz"]), (200, 1))
+
+        v1_version = KNOWN_ROOM_VERSIONS["1"]
+        v1_event = build_invite(v1_version, self.s.their_key)
+        code, body = self.send_v1(v1_event)
+        self.assertEqual(code, 200, body)
+        v1_stored = self.s.store.invites[v1_event["event_id"]]
+        self.assertEqual(self.raw_answer, encode_canonical_json(body))
+        self.assertEqual(self.raw_answer, b'[200,{"event":' + v1_stored.event_json.encode() + b"}]")
 
     def test_v1_assumes_room_version_1(self) -> None:
         """v1 checks the event under room version 1 rules: a v3-shaped event is malformed there."""

@@ -22,6 +22,8 @@ __all__ = [
     "MAX_SAFE_INTEGER",
     "MIN_SAFE_INTEGER",
     "CanonicalJSONError",
+    "EncodedDict",
+    "EncodedList",
     "check_canonical_json",
     "encode_canonical_json",
     "parse_json",
@@ -113,6 +115,32 @@ def encode_canonical_json(value: Any, *, strict: bool = True) -> bytes:
         check_canonical_json(value, strict=False)
         raise CanonicalJSONError("value has no canonical JSON form") from None  # pragma: no cover
     return encoded
+
+
+class EncodedDict(dict[str, Any]):
+    """A JSON object that carries its canonical encoding, worked out once by its builder.
+
+    ``canonical`` is ``encode_canonical_json(self, strict=False)``, computed
+    when the value was built (e.g. from an encoding made for another purpose);
+    ``federation_invite.web`` sends it instead of encoding again. Do not change
+    the value afterwards: the bytes would no longer be its encoding.
+    """
+
+    __slots__ = ("canonical",)
+
+    def __init__(self, value: dict[str, Any], canonical: bytes) -> None:
+        super().__init__(value)
+        self.canonical = canonical
+
+
+class EncodedList(list[Any]):
+    """A JSON array that carries its canonical encoding (see ``EncodedDict``)."""
+
+    __slots__ = ("canonical",)
+
+    def __init__(self, value: list[Any], canonical: bytes) -> None:
+        super().__init__(value)
+        self.canonical = canonical
 
 
 def _refuse_constant(name: str) -> Any:

@@ -82,6 +82,7 @@ def _invite_from_row(row: tuple[Any, ...]) -> InviteRecord:
         invite_room_state=json.loads(row[7]),
         received_ts=int(row[8]),
         status=row[9],
+        event_json=row[6],
     )
 
 
@@ -183,7 +184,7 @@ class DatabaseStore:
             record.invitee,
             record.sender,
             record.origin,
-            _canonical_text(record.event),
+            record.event_json if record.event_json is not None else _canonical_text(record.event),
             _canonical_text(record.invite_room_state) if record.invite_room_state else "[]",
             record.received_ts,
             record.status,

@@ -95,6 +95,11 @@ def _text(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None
     check_text(attribute.name, value)
 
 
+def _optional_text(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        check_text(attribute.name, value)
+
+
 def _timestamp(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:
     check_timestamp(attribute.name, value)
 
@@ -138,6 +143,14 @@ class InviteRecord:
     invite_room_state: list[Any] = attrs.field(validator=_of_type(list))
     received_ts: int = attrs.field(validator=_timestamp)
     status: str = attrs.field(default="pending", validator=_choice(INVITE_STATUSES))
+    #: ``event``'s canonical JSON text, when the caller has it already: the store
+    #: then writes it as it is instead of encoding ``event`` again. It must be
+    #: exactly that encoding (``encode_canonical_json(event, strict=False)``).
+    #: Records read from a store carry the text they were stored with. Not
+    #: compared: records are equal when their fields above are.
+    event_json: str | None = attrs.field(
+        default=None, kw_only=True, eq=False, repr=False, validator=_optional_text
+    )
 
 
 @attrs.frozen

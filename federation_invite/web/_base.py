@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from ..core.canonical import EncodedDict, EncodedList
 from ..core.errors import Codes, MatrixError
 
 __all__ = ["MatrixResource", "NotFoundResource", "render_async", "write_error", "write_json"]
@@ -29,6 +30,8 @@ JSON_CONTENT_TYPE = b"application/json"
 
 
 def _encode(body: Any) -> bytes:
+    if isinstance(body, (EncodedDict, EncodedList)):
+        return body.canonical
     # Responses echo received events, which in room versions 1 to 5 may hold
     # floats; canonicaljson encodes them the way peers hashed them.
     encoded: bytes = canonicaljson.encode_canonical_json(body)

@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.web.server import Request
 
-from ..core.canonical import parse_json_with_numbers
+from ..core.canonical import EncodedDict, EncodedList, parse_json_with_numbers
 from ..core.errors import Codes, MatrixError
 from ..inbound import InviteHandler
 from ._base import MatrixResource, not_found, render_async, write_error
@@ -82,6 +82,10 @@ class InviteResource(MatrixResource):
             answer = await self._handler.on_invite(
                 request, api_version, room_id, event_id, body, len(raw), numbers_strict
             )
-            return 200, ([200, answer] if api_version == 1 else answer)
+            if api_version == 2:
+                return 200, answer
+            if isinstance(answer, EncodedDict):
+                return 200, EncodedList([200, answer], b"[200," + answer.canonical + b"]")
+            return 200, [200, answer]
 
         return render_async(request, work)

@@ -23,11 +23,18 @@ class RecordTests(SynchronousTestCase):
             ({"received_ts": True}, "received_ts must be an integer, not bool"),
             ({"received_ts": 1.0}, "received_ts must be an integer, not float"),
             ({"received_ts": 2**53}, "received_ts 9007199254740992 is outside the range"),
+            ({"event_json": b"{}"}, "event_json must be a string, not bytes"),
+            ({"event_json": ""}, "event_json must not be empty"),
         ]
         for changes, message in cases:
             with self.assertRaises(ValueError) as caught:
                 make_invite(**changes)
             self.assertIn(message, str(caught.exception))
+
+    def test_event_json_is_not_compared(self) -> None:
+        """event_json is a cache of the event's encoding: records compare by their fields."""
+        self.assertEqual(make_invite(event_json="{}"), make_invite())
+        self.assertNotIn("event_json", repr(make_invite(event_json="{}")))
 
     def test_invite_status_defaults_to_pending(self) -> None:
         """An invite is pending unless said otherwise."""

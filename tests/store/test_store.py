@@ -164,6 +164,27 @@ class StoreTestsMixin:
             ],
         )
 
+    async def test_event_json_given_is_written_as_is_and_read_back(self) -> None:
+        """A record's event_json is stored without encoding the event again; reads carry it."""
+        store = await self.open()
+        event = make_invite().event
+        text = encode_canonical_json(event, strict=False).decode()
+        # Text the store could not have produced itself: proof that it was not re-encoded.
+        marked = text[:-1] + ',"zz_marker":1}'
+        record = make_invite(event_json=marked)
+        await store.store_invite(record)
+        (row,) = self.raw("SELECT event_json FROM invites WHERE event_id = ?", (record.event_id,))
+        self.assertEqual(row, (marked,))
+        read = await store.get_invite(record.event_id)
+        self.assertEqual(read.event_json, marked)
+        self.assertEqual(read.event, {**event, "zz_marker": 1})
+        plain = make_invite("$plain")
+        self.assertIsNone(plain.event_json)
+        await store.store_invite(plain)
+        self.assertEqual((await store.get_invite("$plain")).event_json, text)
+        listed = await store.list_invites(invitee=plain.invitee)
+        self.assertEqual({r.event_json for r in listed}, {marked, text})
+
     async def test_get_invite_unknown_is_none(self) -> None:
         """get_invite of an event never stored fires with None."""
         store = await self.open()
