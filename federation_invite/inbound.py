@@ -465,6 +465,9 @@ def _repeated(stored: InviteRecord, origin: str, peer: str | None) -> tuple[dict
     return EncodedDict({"event": stored.event}, canonical), "repeated"
 
 
+_LOG_SYSTEM = {level: f"{log.namespace}#{level.name}" for level in LogLevel.iterconstants()}
+
+
 def _log_outcome(text: str, level: LogLevel = LogLevel.info, **fields: Any) -> None:
     """The one line per invite: its text rendered here, its fields kept for JSON observers.
 
@@ -479,6 +482,8 @@ def _log_outcome(text: str, level: LogLevel = LogLevel.info, **fields: Any) -> N
         log_logger=log,
         log_level=level,
         log_namespace=log.namespace,
+        # What the text observer would work out from the namespace and level.
+        log_system=_LOG_SYSTEM[level],
         log_source=None,
         log_format="{text}",
         log_time=time.time(),

@@ -6,7 +6,13 @@ import io
 import json
 from typing import Any
 
-from twisted.logger import LogLevel, capturedLogs, eventAsJSON, formatEvent
+from twisted.logger import (
+    LogLevel,
+    capturedLogs,
+    eventAsJSON,
+    formatEvent,
+    formatEventAsClassicLogText,
+)
 from twisted.trial.unittest import SynchronousTestCase
 from unpaddedbase64 import encode_base64
 
@@ -56,6 +62,7 @@ class InviteLogTests(SynchronousTestCase):
         self.assertIs(accepted["log_level"], LogLevel.info)
         self.assertEqual(accepted["log_namespace"], "federation_invite.inbound")
         self.assertIsInstance(accepted["log_time"], float)
+        self.assertEqual(accepted["log_system"], "federation_invite.inbound#info")
         self.assertEqual(
             formatEvent(accepted),
             f"Invite {accepted['event_id']} in {accepted['room_id']} from {THEM}"
@@ -88,6 +95,11 @@ class InviteLogTests(SynchronousTestCase):
         self.assertIs(line["log_level"], LogLevel.warn)
         self.assertEqual(line["stripped_state"], 2)
         self.assertIn("holds 2 stripped entries", formatEvent(line))
+        # The system is given with the event (as the text observer would work it out).
+        self.assertEqual(line["log_system"], "federation_invite.inbound#warn")
+        self.assertIn(
+            " [federation_invite.inbound#warn] Invite ", formatEventAsClassicLogText(line)
+        )
         events, _ = self.run_invite(scenario, extra={"depth": 7})
         (plain,) = [e for e in events if e.get("outcome")]
         self.assertIs(plain["log_level"], LogLevel.info)

@@ -223,7 +223,7 @@ def ensure_prepared(
     """
     if prepared is None:
         return prepare_event(room_version, event)
-    if prepared.room_version != room_version:
+    if prepared.room_version is not room_version and prepared.room_version != room_version:
         raise ValueError("prepared event is for another room version")
     if prepared.event is not event and prepared.event != event:
         raise ValueError("prepared event was prepared from another event")
