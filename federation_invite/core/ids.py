@@ -137,7 +137,16 @@ def server_name_of(identifier: object) -> str:
     ``ValueError`` for anything without a sigil, a colon or a valid server name
     (so it also rejects v3+ event IDs and v12 room IDs, which have no server).
     """
-    if not isinstance(identifier, str) or not identifier or identifier[0] not in _SIGILS:
+    if not isinstance(identifier, str):
+        raise ValueError("identifier does not start with a sigil")
+    return _server_name_of_text(identifier)
+
+
+@functools.lru_cache(maxsize=8192)
+def _server_name_of_text(identifier: str) -> str:
+    # Memoised: an invite asks for its sender's and invitee's servers several
+    # times (membership, policy); invalid identifiers raise and are not cached.
+    if not identifier or identifier[0] not in _SIGILS:
         raise ValueError("identifier does not start with a sigil")
     _, colon, server = identifier[1:].partition(":")
     if not colon:

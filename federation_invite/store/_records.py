@@ -92,7 +92,9 @@ def check_choice(name: str, value: object, choices: frozenset[str]) -> str:
 
 
 def _text(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:
-    check_text(attribute.name, value)
+    # The common case decided here; check_text words the refusal.
+    if type(value) is not str or not value or "\x00" in value:
+        check_text(attribute.name, value)
 
 
 def _optional_text(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:

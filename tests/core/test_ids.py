@@ -135,6 +135,19 @@ class ServerNameOfTests(SynchronousTestCase):
         ]:
             with self.assertRaises(ValueError, msg=repr(value)):
                 server_name_of(value)
+            # Refusals are never remembered: the same bad value is refused again.
+            with self.assertRaises(ValueError, msg=repr(value)):
+                server_name_of(value)
+
+    def test_answers_memoised(self) -> None:
+        """A valid identifier's server is worked out once, then remembered."""
+        from federation_invite.core import ids
+
+        ids._server_name_of_text.cache_clear()
+        for _ in range(3):
+            self.assertEqual(server_name_of("@memo:example.org"), "example.org")
+        info = ids._server_name_of_text.cache_info()
+        self.assertEqual((info.misses, info.hits), (1, 2))
 
 
 class UserIdTests(SynchronousTestCase):
