@@ -319,8 +319,7 @@ class InviteHandler:
         )
         if status == "pending":
             self._notify(stored)
-        answer = EncodedDict({"event": signed}, b'{"event":' + signed_json + b"}")
-        return answer, "accepted" if status == "pending" else status
+        return _answer(signed, signed_json), "accepted" if status == "pending" else status
 
     @staticmethod
     def _check_identity(
@@ -461,8 +460,12 @@ def _repeated(stored: InviteRecord, origin: str, peer: str | None) -> tuple[dict
     )
     if stored.event_json is None:
         return {"event": stored.event}, "repeated"
-    canonical = b'{"event":' + stored.event_json.encode("utf-8") + b"}"
-    return EncodedDict({"event": stored.event}, canonical), "repeated"
+    return _answer(stored.event, stored.event_json.encode("utf-8")), "repeated"
+
+
+def _answer(event: dict[str, Any], event_json: bytes) -> EncodedDict:
+    """``{"event": event}``, carrying its encoding built from the event's own (``event_json``)."""
+    return EncodedDict({"event": event}, b'{"event":' + event_json + b"}")
 
 
 _LOG_SYSTEM = {level: f"{log.namespace}#{level.name}" for level in LogLevel.iterconstants()}
