@@ -17,7 +17,10 @@ Decided in this order (the inbound issue's table, rows 14 to 16):
 What the store says about an invitee (whether it is local, and its rules) is
 cached for ``cache_seconds`` (``inbound.policy_cache_seconds``), so a flood of
 invites costs no database round trip each; a change made through the CLI or
-by another worker takes effect within that time.
+by another worker takes effect within that time. An answer used in the second
+half of its life is read again in the background, with others, so invitees
+invited steadily never wait for the store; no answer older than
+``cache_seconds`` is ever used.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ __all__ = ["IInvitePolicy", "InboundInvite", "InvitePolicy"]
 
 #: Invitees whose store answers are remembered at once (the cache is emptied beyond).
 _CACHE_SIZE = 100_000
+#: Background refreshes are read together: once this many are queued, or once the
+#: first queued has waited this fraction of the cache's lifetime.
+_REFRESH_GROUP = 256
+_REFRESH_WAIT = 0.05
 
 
 @attrs.frozen
@@ -101,6 +108,12 @@ class InvitePolicy:
         #: invitees missed while a read was in flight: the next read's
         self._queued: list[str] = []
         self._read_in_flight = False
+        #: cached invitees to read again in the background (an ordered set), since when
+        self._refresh: dict[str, None] = {}
+        self._refresh_since = 0.0
+        self._refresh_in_flight = False
+        #: bumped by forget(): reads started before then are not cached
+        self._generation = 0
         self._server_name = server_name
         self._store = store
         self._local_users = local_users
@@ -145,6 +158,8 @@ class InvitePolicy:
         now = self._clock.seconds() if self._clock is not None else 0.0
         cached = self._cache.get(invitee)
         if cached is not None and cached[2] > now:
+            if cached[2] - now < self._cache_seconds / 2:
+                self._refresh_soon(invitee, now)
             return succeed((cached[0], cached[1]))
         waiter: Deferred[tuple[bool, list[InviteRule]]] = Deferred()
         waiters = self._reading.get(invitee)
@@ -157,22 +172,78 @@ class InvitePolicy:
             self._read_queued()
         return waiter
 
+    def _refresh_soon(self, invitee: str, now: float) -> None:
+        """Queue a cached invitee for a background read; start one when enough have waited.
+
+        No timer: the queue is looked at as invites arrive. Should none arrive,
+        the entries simply expire and the next invite waits for a read.
+        """
+        if not self._refresh:
+            self._refresh_since = now
+        self._refresh[invitee] = None
+        if self._refresh_in_flight:
+            return
+        if (
+            len(self._refresh) >= _REFRESH_GROUP
+            or now - self._refresh_since >= self._cache_seconds * _REFRESH_WAIT
+        ):
+            self._read_refresh(now)
+
+    def _read_refresh(self, started: float) -> None:
+        batch = list(self._refresh)
+        self._refresh.clear()
+        self._refresh_in_flight = True
+        generation = self._generation
+
+        def done(result: dict[str, tuple[bool, list[InviteRule]]] | Failure) -> None:
+            self._refresh_in_flight = False
+            # A failed refresh answers nobody: the entries expire as they would
+            # have, and the invitee's next invite reads (and reports) again.
+            if not isinstance(result, Failure):
+                self._remember(batch, result, started, generation)
+
+        self._read_states(batch).addBoth(done)
+
+    def _read_states(self, batch: list[str]) -> Deferred[dict[str, tuple[bool, list[InviteRule]]]]:
+        reading = self._store.invitee_states(batch)
+        if self._local_users == "any":
+            reading.addCallback(
+                lambda states: {user: (True, rules) for user, (_, rules) in states.items()}
+            )
+        return reading
+
+    def _remember(
+        self,
+        batch: list[str],
+        result: dict[str, tuple[bool, list[InviteRule]]],
+        started: float,
+        generation: int,
+    ) -> None:
+        """Cache a read's answers, unless forget() was called after it started."""
+        if self._cache_seconds <= 0 or generation != self._generation:
+            return
+        if len(self._cache) + len(batch) > _CACHE_SIZE:
+            self._cache.clear()
+        expires = started + self._cache_seconds
+        for invitee in batch:
+            is_local, rules = result.get(invitee, (False, []))
+            self._cache[invitee] = (is_local, rules, expires)
+
     def _read_queued(self) -> None:
-        batch, self._queued = self._queued, []
+        misses, self._queued = self._queued, []
+        # Background refreshes waiting to be read ride along.
+        batch = misses + [invitee for invitee in self._refresh if invitee not in self._reading]
+        self._refresh.clear()
         self._read_in_flight = True
         started = self._clock.seconds() if self._clock is not None else 0.0
+        generation = self._generation
 
         def done(result: dict[str, tuple[bool, list[InviteRule]]] | Failure) -> None:
             # Take every waiter out before answering any: an answered caller may
             # ask again at once (and must then queue a new read).
-            answering = [(invitee, self._reading.pop(invitee)) for invitee in batch]
-            if not isinstance(result, Failure) and self._cache_seconds > 0:
-                if len(self._cache) + len(batch) > _CACHE_SIZE:
-                    self._cache.clear()
-                expires = started + self._cache_seconds
-                for invitee in batch:
-                    is_local, rules = result.get(invitee, (False, []))
-                    self._cache[invitee] = (is_local, rules, expires)
+            answering = [(invitee, self._reading.pop(invitee)) for invitee in misses]
+            if not isinstance(result, Failure):
+                self._remember(batch, result, started, generation)
             for invitee, waiters in answering:
                 for each in waiters:
                     if each.called:
@@ -185,15 +256,14 @@ class InvitePolicy:
             if self._queued:
                 self._read_queued()
 
-        reading = self._store.invitee_states(batch)
-        if self._local_users == "any":
-            reading.addCallback(
-                lambda states: {user: (True, rules) for user, (_, rules) in states.items()}
-            )
-        reading.addBoth(done)
+        self._read_states(batch).addBoth(done)
 
     def forget(self, invitee: str | None = None) -> None:
-        """Drop cached answers (for one invitee, or all) after changing users or rules."""
+        """Drop cached answers (for one invitee, or all) after changing users or rules.
+
+        Reads already on their way answer their callers but are not cached.
+        """
+        self._generation += 1
         if invitee is None:
             self._cache.clear()
         else:

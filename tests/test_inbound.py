@@ -10,6 +10,7 @@ import attrs
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
+from federation_invite import policy as policy_module
 from federation_invite.auth import ServerAcl
 from federation_invite.core.canonical import encode_canonical_json
 from federation_invite.core.events import prepare_event
@@ -684,6 +685,82 @@ class PolicyReadSharingTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(queued), (True, []))
         self.policy._invitee(BOB)
         self.assertEqual(self.reads[2][0], [BOB])
+
+    def test_steady_invitee_refreshed_in_background(self) -> None:
+        """An answer used in the second half of its life is read again without anyone waiting;
+        the renewed answer then serves past the old expiry. A fresh answer is not read again."""
+        first = self.policy._invitee(BOB)
+        self.answer(0, {BOB})
+        self.successResultOf(first)  # cached until t=5
+        self.clock.advance(2)
+        self.successResultOf(self.policy._invitee(BOB))
+        self.clock.advance(1)  # t=3: 2 s of 5 left, so queued for a background read
+        self.assertEqual(self.successResultOf(self.policy._invitee(BOB)), (True, []))
+        self.assertEqual(len(self.reads), 1, "refreshes wait to be read together")
+        self.clock.advance(0.3)  # the first queued refresh has waited 5% of the lifetime
+        self.assertEqual(self.successResultOf(self.policy._invitee(BOB)), (True, []))
+        self.assertEqual([users for users, _ in self.reads], [[BOB], [BOB]])
+        self.answer(1, {BOB})  # read at t=3.3: cached until t=8.3
+        self.clock.advance(2.7)  # t=6, past the first answer's expiry
+        self.assertEqual(self.successResultOf(self.policy._invitee(BOB)), (True, []))
+        self.assertEqual(len(self.reads), 2)
+        self.clock.advance(2.3)  # t=8.3: expired, as no refresh was read since
+        waiting = self.policy._invitee(BOB)
+        self.assertNoResult(waiting)
+        self.assertEqual(len(self.reads), 3)
+
+    def test_refreshes_grouped_and_ride_along_with_misses(self) -> None:
+        """Queued refreshes are read together: with the next miss's read, or once enough wait."""
+        carol, dave = f"@carol:{US}", f"@dave:{US}"
+        self.policy._invitee(BOB), self.policy._invitee(carol)
+        self.answer(0, {BOB, carol})  # BOB's read; carol's queued behind it
+        self.answer(1, {BOB, carol})  # both cached until t=5
+        self.clock.advance(3)
+        self.policy._invitee(BOB), self.policy._invitee(carol)
+        missed = self.policy._invitee(dave)
+        self.assertEqual(self.reads[2][0], [dave, BOB, carol])
+        self.answer(2, {BOB, carol})
+        self.assertEqual(self.successResultOf(missed), (False, []))
+        self.clock.advance(3)  # t=6: both renewed at t=3 (until t=8)
+        self.successResultOf(self.policy._invitee(BOB))
+        self.successResultOf(self.policy._invitee(carol))
+        self.assertEqual(len(self.reads), 3)
+        # Enough queued: read at once, without waiting.
+        self.clock.advance(3)  # t=9: expired; read again, cached until t=14
+        self.policy._invitee(BOB), self.policy._invitee(carol)
+        self.answer(3, {BOB, carol})
+        self.answer(4, {BOB, carol})
+        self.patch(policy_module, "_REFRESH_GROUP", 2)
+        self.clock.advance(3)  # t=12
+        self.policy._invitee(BOB)
+        self.assertEqual(len(self.reads), 5)
+        self.policy._invitee(carol)
+        self.assertEqual(self.reads[5][0], [BOB, carol])
+
+    def test_refresh_failure_or_forget_leaves_no_stale_answer(self) -> None:
+        """A failed refresh fails no caller and the answer expires as before; a refresh
+        answered after forget() is not cached."""
+        self.policy._invitee(BOB)
+        self.answer(0, {BOB})
+        self.clock.advance(3)
+        self.policy._invitee(BOB)
+        self.clock.advance(0.3)
+        self.successResultOf(self.policy._invitee(BOB))
+        self.policy.forget()
+        self.answer(1, {BOB})
+        after_forget = self.policy._invitee(BOB)
+        self.assertNoResult(after_forget)
+        self.assertEqual(self.reads[2][0], [BOB])
+        self.answer(2, {BOB})  # t=3.3: until t=8.3
+        self.successResultOf(after_forget)
+        self.clock.advance(3)
+        self.policy._invitee(BOB)
+        self.clock.advance(0.3)
+        self.policy._invitee(BOB)
+        self.reads[3][1].errback(StoreError("invitee_states", "database is locked"))
+        self.successResultOf(self.policy._invitee(BOB))  # t=6.6: still the t=3.3 answer
+        self.clock.advance(1.7)  # t=8.3
+        self.assertNoResult(self.policy._invitee(BOB))
 
     def test_any_local_users_reads_rules_only(self) -> None:
         """local_users = any: every user on our server is ours; its rules still apply."""
