@@ -437,8 +437,9 @@ OPTIONS: tuple[Option, ...] = (
         "inbound.policy_cache_seconds",
         5.0,
         _number_at_least_zero,
-        "Seconds an invitee's local-user status and invite rules are cached in memory; "
-        "CLI changes take effect within this time. 0: ask the database every time.",
+        "Seconds an invitee's local-user status and invite rules are cached in memory "
+        "(read again in the background while in use); CLI changes take effect within this "
+        "time. 0: ask the database every time.",
     ),
     Option(
         "ratelimit.origin_per_second",
