@@ -149,7 +149,8 @@ class InviteRecord:
     #: then writes it as it is instead of encoding ``event`` again. It must be
     #: exactly that encoding (``encode_canonical_json(event, strict=False)``).
     #: Records read from a store carry the text they were stored with. Not
-    #: compared: records are equal when their fields above are.
+    #: compared: records are equal when their fields above are. ``attrs.evolve``
+    #: keeps it: give ``event_json=None`` with a new ``event``.
     event_json: str | None = attrs.field(
         default=None, kw_only=True, eq=False, repr=False, validator=_optional_text
     )
