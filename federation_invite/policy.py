@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import Interface
@@ -205,7 +205,9 @@ class InvitePolicy:
         self._read_states(batch).addBoth(done)
 
     def _read_states(self, batch: list[str]) -> Deferred[dict[str, tuple[bool, list[InviteRule]]]]:
-        reading = self._store.invitee_states(batch)
+        # A store that raises at once (closed, say) fails this read like any
+        # other, so the read-in-flight flags are reset and nobody waits forever.
+        reading = maybeDeferred(self._store.invitee_states, batch)
         if self._local_users == "any":
             reading.addCallback(
                 lambda states: {user: (True, rules) for user, (_, rules) in states.items()}

@@ -762,6 +762,21 @@ class PolicyReadSharingTests(SynchronousTestCase):
         self.clock.advance(1.7)  # t=8.3
         self.assertNoResult(self.policy._invitee(BOB))
 
+    def test_store_raising_at_once_fails_the_read_only(self) -> None:
+        """A store that raises instead of failing a Deferred fails that read's callers;
+        the next miss is read again (no read is left marked in flight)."""
+        calls = []
+
+        class ClosedStore:
+            def invitee_states(self, user_ids: list[str]) -> Any:
+                calls.append(list(user_ids))
+                raise RuntimeError("invitee_states on a closed store")
+
+        policy = InvitePolicy(US, ClosedStore(), clock=self.clock, cache_seconds=5.0)
+        self.failureResultOf(policy._invitee(BOB), RuntimeError)
+        self.failureResultOf(policy._invitee(BOB), RuntimeError)
+        self.assertEqual(calls, [[BOB], [BOB]])
+
     def test_any_local_users_reads_rules_only(self) -> None:
         """local_users = any: every user on our server is ours; its rules still apply."""
         rule = InviteRule(BOB, "server", "*", "block")
