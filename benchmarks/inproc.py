@@ -155,6 +155,12 @@ def calibration_site(our_key: SigningKey, origin_key: SigningKey, store: Any = N
     return site
 
 
+async def durable_site(work: str, our_key: SigningKey, origin_key: SigningKey) -> Any:
+    """The durable calibration's site and its store (SQLite in ``work``)."""
+    store = await open_store(f"sqlite:///{work}/durable.db", reactor=reactor)
+    return calibration_site(our_key, origin_key, store), store
+
+
 async def main(args: argparse.Namespace) -> None:
     origin_key = make_origin_key()
     our_key = generate_signing_key("us")
@@ -170,8 +176,7 @@ async def main(args: argparse.Namespace) -> None:
         log_file = open(os.path.join(work, "daemon.log"), "w")
         globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)], redirectStandardIO=False)
         calibration = calibration_site(our_key, origin_key)
-        durable_store = await open_store(f"sqlite:///{work}/durable.db", reactor=reactor)
-        durable = calibration_site(our_key, origin_key, durable_store)
+        durable, durable_store = await durable_site(work, our_key, origin_key)
         daemon, store = await daemon_site(work, our_key, origin_key, args.invitees)
         await drive(calibration, warm[: CONNECTIONS * 10])
         await drive(durable, warm[: CONNECTIONS * 10])

@@ -69,8 +69,6 @@ def child(site_name: str, count: int, path: str) -> None:
     from twisted.internet.task import react
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from federation_invite.store import open_store
-
     with open(path, "rb") as handle:
         data = pickle.load(handle)
     origin_key = decode_signing_key_base64("ed25519", "bench", data["origin_seed"])
@@ -87,8 +85,7 @@ def child(site_name: str, count: int, path: str) -> None:
             if site_name == "daemon":
                 site, store = await inproc.daemon_site(work, our_key, origin_key, data["invitees"])
             elif site_name == "durable":
-                store = await open_store(f"sqlite:///{work}/durable.db", reactor=inproc.reactor)
-                site = inproc.calibration_site(our_key, origin_key, store)
+                site, store = await inproc.durable_site(work, our_key, origin_key)
             else:
                 site = inproc.calibration_site(our_key, origin_key)
             await inproc.drive(site, requests[:WARM_UP])
