@@ -189,9 +189,27 @@ class InvitePolicy:
         ):
             self._read_refresh(now)
 
-    def _read_refresh(self, started: float) -> None:
-        batch = list(self._refresh)
+    def _due_refreshes(self, now: float) -> list[str]:
+        """Take the queued refreshes still worth a read, and empty the queue.
+
+        An invitee queued while a read of it was on its way (a refresh, or a
+        miss's read it rode along with) was renewed by that read: reading it
+        again would only repeat it. So is one forgotten or evicted since: its
+        next invite reads it anyway.
+        """
+        half_life = self._cache_seconds / 2
+        due = []
+        for invitee in self._refresh:
+            cached = self._cache.get(invitee)
+            if cached is not None and cached[2] - now < half_life and invitee not in self._reading:
+                due.append(invitee)
         self._refresh.clear()
+        return due
+
+    def _read_refresh(self, started: float) -> None:
+        batch = self._due_refreshes(started)
+        if not batch:
+            return
         self._refresh_in_flight = True
         generation = self._generation
 
@@ -233,11 +251,10 @@ class InvitePolicy:
 
     def _read_queued(self) -> None:
         misses, self._queued = self._queued, []
-        # Background refreshes waiting to be read ride along.
-        batch = misses + [invitee for invitee in self._refresh if invitee not in self._reading]
-        self._refresh.clear()
-        self._read_in_flight = True
         started = self._clock.seconds() if self._clock is not None else 0.0
+        # Background refreshes waiting to be read ride along.
+        batch = misses + self._due_refreshes(started)
+        self._read_in_flight = True
         generation = self._generation
 
         def done(result: dict[str, tuple[bool, list[InviteRule]]] | Failure) -> None:

@@ -737,6 +737,38 @@ class PolicyReadSharingTests(SynchronousTestCase):
         self.policy._invitee(carol)
         self.assertEqual(self.reads[5][0], [BOB, carol])
 
+    def test_invitee_renewed_while_queued_is_not_read_again(self) -> None:
+        """An invitee queued for a refresh while a read of it was on its way is renewed by
+        that read: neither the next refresh group nor the next miss's read repeats it."""
+        carol, dave = f"@carol:{US}", f"@dave:{US}"
+        self.policy._invitee(BOB)
+        self.answer(0, {BOB})  # cached until t=5
+        self.clock.advance(3)
+        self.policy._invitee(BOB)  # queued for a refresh
+        self.clock.advance(0.3)
+        self.policy._invitee(BOB)  # t=3.3: the refresh is read
+        self.assertEqual(self.reads[1][0], [BOB])
+        self.clock.advance(0.1)
+        self.successResultOf(self.policy._invitee(BOB))  # queued again, meanwhile
+        self.answer(1, {BOB})  # renewed: cached until t=8.3
+        self.clock.advance(0.5)
+        self.successResultOf(self.policy._invitee(BOB))  # fresh: not queued
+        missed = self.policy._invitee(carol)
+        self.assertEqual(self.reads[2][0], [carol], "BOB was renewed: no second read")
+        self.answer(2, {carol})
+        self.successResultOf(missed)
+        # The same for a refresh group that would start with nothing due.
+        self.clock.advance(2)  # t=5.9: BOB in the second half of its life again
+        self.policy._invitee(BOB)
+        self.policy._invitee(dave)  # a miss: BOB rides along
+        self.assertEqual(self.reads[3][0], [dave, BOB])
+        self.clock.advance(0.3)
+        self.policy._invitee(BOB)  # queued while that read is on its way
+        self.answer(3, {BOB})  # renewed until t=10.9
+        self.clock.advance(0.3)
+        self.policy._invitee(BOB)  # fresh; the stale queued entry is due by time alone
+        self.assertEqual(len(self.reads), 4)
+
     def test_refresh_failure_or_forget_leaves_no_stale_answer(self) -> None:
         """A failed refresh fails no caller and the answer expires as before; a refresh
         answered after forget() is not cached."""
