@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (
     BIN,
     HERE,
+    WHERE_PARTS,
+    CpuWhere,
     RssSampler,
     build_invite,
     cpu_seconds,
@@ -84,11 +86,18 @@ def build_requests(
 
 
 def measure(
-    pid: int, port: int, requests_file: str, duration: float, connections: int
+    pid: int,
+    port: int,
+    requests_file: str,
+    duration: float,
+    connections: int,
+    where: str | None = None,
 ) -> dict[str, Any]:
+    sampler = CpuWhere([pid], where) if where else None
     cpu_before = cpu_seconds(pid)
     _, system_before = cpu_split(pid)
-    report = run_wrk(port, requests_file, duration=duration, connections=connections)
+    with sampler or nullcontext():
+        report = run_wrk(port, requests_file, duration=duration, connections=connections)
     report["server_cpu"] = cpu_seconds(pid) - cpu_before
     _, system_after = cpu_split(pid)
     report["server_system_share"] = (system_after - system_before) / max(1e-9, report["server_cpu"])
@@ -98,7 +107,14 @@ def measure(
     report["rate"] = report["requests"] / (report["duration_us"] / 1e6)
     report["cpu_per_request_us"] = report["server_cpu"] / max(1, report["requests"]) * 1e6
     report["wrk_cpu_per_request_us"] = report["wrk_cpu"] / max(1, report["requests"]) * 1e6
+    if sampler is not None:
+        report["where"] = _where(sampler, report["cpu_per_request_us"])
     return report
+
+
+def _where(sampler: CpuWhere, per_request_us: float) -> dict[str, float]:
+    """Microseconds of CPU per request in each part of the stack (``--where``)."""
+    return {part: share * per_request_us for part, share in sampler.shares().items()}
 
 
 @contextmanager
@@ -159,14 +175,18 @@ def measure_daemons(
     *,
     rss_every: float = 0.0,
     postgres: Sequence[int] = (),
+    where: str | None = None,
 ) -> dict[str, Any]:
     """One wrk per daemon (port), all at once; the aggregate and each process's CPU."""
+    sampler = CpuWhere(pids, where) if where else None
     cpu_before = [cpu_seconds(pid) for pid in pids]
     system_before = sum(cpu_split(pid)[1] for pid in pids)
     postgres_before = _cpu_of(postgres)
     busy_before, total_before = machine_busy()
     children_before = os.times()
     with ExitStack() as stack:
+        if sampler is not None:
+            stack.enter_context(sampler)
         samplers = [
             stack.enter_context(RssSampler(pid, rss_every)) for pid in pids if rss_every > 0
         ]
@@ -206,6 +226,8 @@ def measure_daemons(
     report["rate"] = sum(part["requests"] / (part["duration_us"] / 1e6) for part in parts)
     report["cpu_per_request_us"] = report["server_cpu"] / max(1, report["requests"]) * 1e6
     report["wrk_cpu_per_request_us"] = report["wrk_cpu"] / max(1, report["requests"]) * 1e6
+    if sampler is not None:
+        report["where"] = _where(sampler, report["cpu_per_request_us"])
     return report
 
 
@@ -223,6 +245,16 @@ def show(name: str, report: dict[str, Any]) -> None:
         f"RSS {report['rss'] / 2**20:5.0f} MiB  answers {json.dumps(report['counts'], sort_keys=True)}"
         + (f"  (request file wrapped {report['wrapped']}x)" if report["wrapped"] else "")
     )
+    if "where" in report:
+        print(f"{'':<12} where (us/req): {_parts_text(report['where'])}")
+
+
+_PART_NAMES = [part for part, _ in WHERE_PARTS] + ["other"]
+
+
+def _parts_text(parts: dict[str, float], signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return ", ".join(f"{part} {parts.get(part, 0.0):{sign}.0f}" for part in _PART_NAMES)
 
 
 def run_daemons(
@@ -335,6 +367,7 @@ def run_daemons(
         args.connections // args.workers,
         rss_every=args.rss_every,
         postgres=postgres,
+        where=os.path.join(work, "daemon.perf") if args.where else None,
     )
     if profiler is not None:
         profiler.wait()
@@ -401,6 +434,12 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         help="record the daemon with py-spy during the run into this folded-stacks file",
+    )
+    parser.add_argument(
+        "--where",
+        action="store_true",
+        help="sample each server with perf (cpu-clock) during its run and print its CPU per"
+        " request by part of the stack: kernel, interpreter, libsodium, SQLite, TLS...",
     )
     args = parser.parse_args()
     only = set(args.only or ["floor", "trivial", "calibration", "durable", "daemon"])
@@ -527,7 +566,12 @@ def run_once(args: argparse.Namespace, only: set[str]) -> dict[str, Any]:
                 wait_for_port(port)
                 run_wrk(port, warmup_file, duration=1, connections=args.connections)
                 figures[name] = measure(
-                    proc.pid, port, requests_file, args.duration, args.connections
+                    proc.pid,
+                    port,
+                    requests_file,
+                    args.duration,
+                    args.connections,
+                    where=os.path.join(work, f"{name}.perf") if args.where else None,
                 )
                 show(name, figures[name])
 
@@ -579,6 +623,15 @@ def run_once(args: argparse.Namespace, only: set[str]) -> dict[str, Any]:
             print(
                 f"ratio daemon / durable calibration (which also stores and logs): {per_invite / durable['cpu_per_request_us']:.2f}"
             )
+        if calibration and "where" in calibration:
+            for name in ("durable", "daemon"):
+                if name in figures and "where" in figures[name]:
+                    beyond = {
+                        part: figures[name]["where"].get(part, 0.0)
+                        - calibration["where"].get(part, 0.0)
+                        for part in _PART_NAMES
+                    }
+                    print(f"{name} beyond the calibration (us/req): {_parts_text(beyond, True)}")
         if "floor_us" in figures:
             summary["floor_us"] = figures["floor_us"]
             summary["daemon_over_floor"] = per_invite / figures["floor_us"]
