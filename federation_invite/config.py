@@ -322,7 +322,8 @@ OPTIONS: tuple[Option, ...] = (
         "database",
         "",
         _database,
-        "Database URI: 'sqlite:///path.db' or 'postgresql://user@host/db'; "
+        "Database URI: 'sqlite:///path.db', 'postgresql://user@host/db', or over a Unix "
+        "socket 'postgresql://user@/db?host=/var/run/postgresql'; "
         "empty: sqlite:///<data_dir>/federation-invite.db.",
         '""',
     ),

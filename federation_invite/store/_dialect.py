@@ -212,7 +212,10 @@ def _import_psycopg2() -> Any:
     return psycopg2
 
 
-_SUPPORTED = "sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:///:memory:, postgresql://user@host:port/dbname"
+_SUPPORTED = (
+    "sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:///:memory:,"
+    " postgresql://user@host:port/dbname, postgresql://user@/dbname?host=/socket/directory"
+)
 
 
 def parse_database_uri(uri: str) -> Dialect:
@@ -222,6 +225,10 @@ def parse_database_uri(uri: str) -> Dialect:
     ``sqlite:////absolute.db``, ``sqlite:///:memory:`` (private to one
     connection, for tests), ``postgresql://user[:password]@host[:port]/dbname``
     (``postgres://`` too; query parameters go to libpq, e.g. ``?sslmode=require``).
+    PostgreSQL over a Unix socket, as libpq reads URIs: no host for its default
+    socket directory (``postgresql:///dbname``), or the directory as the
+    ``host`` parameter (``postgresql://user@/dbname?host=/var/run/postgresql``)
+    or percent-encoded in the host's place (``postgresql://%2Fvar%2Frun%2Fpostgresql/dbname``).
     Anything else raises ``ValueError`` saying what is accepted.
     """
     if not isinstance(uri, str):
@@ -282,8 +289,6 @@ def _parse_postgres(uri: str) -> PostgresDialect:
         ]
         secrets += tuple(v for n, v in parse_qsl(parts.query) if n == "password" and v)
         display = urlunsplit(urlsplit(display)._replace(query=urlencode(query, safe="*")))
-    if not parts.hostname:
-        raise ValueError(f"PostgreSQL URI {display!r} must name a host")
     if parts.fragment:
         raise ValueError(f"PostgreSQL URI {display!r} must not have a fragment")
     dbname = unquote(parts.path.lstrip("/"))

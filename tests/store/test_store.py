@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, gatherResults
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface.verify import verifyObject
 
 from federation_invite.core.canonical import encode_canonical_json
@@ -740,6 +740,21 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
         store = await open_store(self.uri.replace("postgresql://", "postgres://"), reactor=reactor)
         self.addCleanup(store.close)
         self.assertEqual(await store.schema_version(), LATEST_SCHEMA_VERSION)
+
+    async def test_unix_socket(self) -> None:
+        """The same server reached over its Unix socket (?host=the socket's directory)."""
+        directory = os.environ.get("FEDERATION_INVITE_TEST_POSTGRES_SOCKET", "/var/run/postgresql")
+        if not os.path.exists(os.path.join(directory, ".s.PGSQL.5432")):
+            raise SkipTest(f"no PostgreSQL socket in {directory}")
+        store = await open_store(
+            f"postgresql://postgres@/{self.database}?host={directory}", reactor=reactor
+        )
+        self.addCleanup(store.close)
+        record, created = await store.store_invite(make_invite("$over_the_socket"))
+        self.assertTrue(created)
+        self.assertEqual(await store.get_invite("$over_the_socket"), record)
+        rows = self.raw("SELECT count(*) FROM invites WHERE event_id = ?", ("$over_the_socket",))
+        self.assertEqual(rows, [(1,)])
 
 
 def _remove_tree(directory: str) -> None:

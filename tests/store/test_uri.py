@@ -61,10 +61,28 @@ class PostgresURITests(SynchronousTestCase):
             "RuntimeError: auth failed for *** and *** here [postgresql://fi:***@db.example/invites]",
         )
 
+    def test_unix_socket_uris(self) -> None:
+        """Unix sockets, as libpq reads URIs: no host (its default directory), the directory
+        as ?host=, or percent-encoded in the host's place; all reach libpq as written."""
+        for uri in (
+            "postgresql:///invites",
+            "postgresql://fi@/invites?host=/var/run/postgresql",
+            "postgresql://fi@:5433/invites?host=/tmp",
+            "postgresql://%2Fvar%2Frun%2Fpostgresql/invites",
+            "postgres:///invites?host=/var/run/postgresql&sslmode=disable",
+        ):
+            dialect = parse_database_uri(uri)
+            assert isinstance(dialect, PostgresDialect)
+            self.assertEqual(dialect.dsn, "postgresql" + uri[uri.index("://") :])
+            self.assertEqual(dialect.display, uri)
+        dialect = parse_database_uri("postgresql://fi:s3cret@/invites?host=/run/pg")
+        self.assertEqual(dialect.display, "postgresql://fi:***@/invites?host=/run/pg")
+
     def test_malformed_postgres_uris(self) -> None:
-        """No host, no database, a bad port or a fragment are refused, password hidden."""
+        """No database, a bad port or a fragment are refused, password hidden."""
         cases = {
-            "postgresql:///invites": "must name a host",
+            "postgresql:///": "must name a database",
+            "postgresql://fi:pw@/?host=/tmp": "'postgresql://fi:***@/?host=/tmp' must name a database",
             "postgresql://fi:pw@db.example": "'postgresql://fi:***@db.example' must name a database",
             "postgresql://db.example/": "must name a database",
             "postgresql://db.example/a/b": "must name a database",
