@@ -194,8 +194,8 @@ class InvitePolicy:
 
         An invitee queued while a read of it was on its way (a refresh, or a
         miss's read it rode along with) was renewed by that read: reading it
-        again would only repeat it. So is one forgotten or evicted since: its
-        next invite reads it anyway.
+        again would only repeat it. Nor is one forgotten or evicted since worth
+        a read: its next invite reads it anyway.
         """
         half_life = self._cache_seconds / 2
         due = []
