@@ -296,7 +296,8 @@ class CpuWhere:
     file work they do), the interpreter, libsodium, SQLite, OpenSSL... Time, not
     instructions: what ``instructions.py`` cannot see (the kernel) and what it
     cannot weigh (an interpreter instruction against a libsodium one) is here.
-    Sampling at 1999 Hz costs the sampled processes about 1% of CPU.
+    Sampling at 1999 Hz adds about 7% to the sampled processes' CPU (the
+    calibration server: 344-347 us per request without, 368-370 us with).
     """
 
     def __init__(self, pids: Sequence[int], path: str) -> None:
