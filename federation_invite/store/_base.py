@@ -43,7 +43,7 @@ from ._records import (
     check_text,
     check_timestamp,
 )
-from ._sqlite_writer import SQLiteInviteWriter
+from ._sqlite_writer import SQLiteDirectReader, SQLiteInviteWriter
 
 __all__ = ["DatabaseStore", "migrate", "open_store", "run_migrations"]
 
@@ -98,6 +98,32 @@ def _key_from_row(row: tuple[Any, ...]) -> ServerKeyRecord:
     )
 
 
+def _invitee_states_query(user_ids: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
+    """One statement for whether each user is local and its rules: local users come
+    back as ``(user_id, NULL, NULL, NULL)``, each rule as ``(user_id, kind, pattern,
+    action)``. One statement is one consistent read, whatever runs it."""
+    marks = ", ".join("?" * len(user_ids))
+    return (
+        f"SELECT user_id, NULL, NULL, NULL FROM local_users WHERE user_id IN ({marks})"
+        " UNION ALL SELECT user_id, kind, pattern, action FROM invite_rules"
+        f" WHERE user_id IN ({marks}) ORDER BY 1, 2, 3, 4",
+        (*user_ids, *user_ids),
+    )
+
+
+def _invitee_states(
+    user_ids: Sequence[str], rows: Iterable[tuple[Any, ...]]
+) -> dict[str, tuple[bool, list[InviteRule]]]:
+    local: set[str] = set()
+    rules: dict[str, list[InviteRule]] = {}
+    for row in rows:
+        if row[1] is None:
+            local.add(row[0])
+        else:
+            rules.setdefault(row[0], []).append(InviteRule(*row))
+    return {user_id: (user_id in local, rules.get(user_id, [])) for user_id in user_ids}
+
+
 def _check_record(value: object, kind: type) -> None:
     if not isinstance(value, kind):
         raise ValueError(f"expected a {kind.__name__}, not {type(value).__name__}")
@@ -117,12 +143,17 @@ class DatabaseStore:
         self._invite_writing = False
         #: The dialect's writer of invite batches, if it has one (SQLite; set by open_store).
         self._direct_writer: SQLiteInviteWriter | None = None
+        #: The dialect's reader on the calling thread, if it has one (SQLite; set by open_store).
+        self._direct_reader: SQLiteDirectReader | None = None
 
-    def enable_direct_writes(self, reactor: Any) -> None:
-        """Write invite batches with the dialect's own writer, where it has one (SQLite:
-        INSERTs on the reactor thread, COMMIT in a thread of their own; ``_sqlite_writer``)."""
+    def enable_direct_access(self, reactor: Any) -> None:
+        """Use the dialect's own writer of invite batches and reader of invitee states,
+        where it has them (SQLite: INSERTs and those reads on the reactor thread, COMMIT
+        in a thread of its own; ``_sqlite_writer``)."""
         if self._direct_writer is None:
             self._direct_writer = self._dialect.invite_writer(reactor)
+        if self._direct_reader is None:
+            self._direct_reader = self._dialect.direct_reader()
 
     def __repr__(self) -> str:
         return f"<DatabaseStore {self._dialect.display}>"
@@ -422,29 +453,28 @@ class DatabaseStore:
     ) -> Deferred[dict[str, tuple[bool, list[InviteRule]]]]:
         for user_id in user_ids:
             check_text("user_id", user_id)
-        return self._run("invitee_states", self._invitee_states_txn, list(user_ids), write=False)
+        users = list(user_ids)
+        reader = self._direct_reader
+        if reader is not None and reader.usable and 0 < len(users) <= _IN_LIST_CHUNK:
+            # One statement, on this thread (SQLite): no hop to the pool's thread.
+            statement, args = _invitee_states_query(users)
+            try:
+                rows = reader.read(self._dialect.sql(statement), args)
+            except Exception:
+                return fail().addErrback(self._translate, "invitee_states")
+            if rows is not None:
+                return succeed(_invitee_states(users, rows))
+        return self._run("invitee_states", self._invitee_states_txn, users, write=False)
 
     def _invitee_states_txn(
         self, txn: adbapi.Transaction, user_ids: list[str]
     ) -> dict[str, tuple[bool, list[InviteRule]]]:
-        local: set[str] = set()
-        rules: dict[str, list[InviteRule]] = {}
+        rows: list[tuple[Any, ...]] = []
         for start in range(0, len(user_ids), _IN_LIST_CHUNK):
-            chunk = user_ids[start : start + _IN_LIST_CHUNK]
-            marks = ", ".join("?" * len(chunk))
-            self._execute(
-                txn, f"SELECT user_id FROM local_users WHERE user_id IN ({marks})", tuple(chunk)
-            )
-            local.update(row[0] for row in txn.fetchall())
-            self._execute(
-                txn,
-                "SELECT user_id, kind, pattern, action FROM invite_rules"
-                f" WHERE user_id IN ({marks}) ORDER BY user_id, kind, pattern, action",
-                tuple(chunk),
-            )
-            for row in txn.fetchall():
-                rules.setdefault(row[0], []).append(InviteRule(*row))
-        return {user_id: (user_id in local, rules.get(user_id, [])) for user_id in user_ids}
+            statement, args = _invitee_states_query(user_ids[start : start + _IN_LIST_CHUNK])
+            self._execute(txn, statement, args)
+            rows.extend(txn.fetchall())
+        return _invitee_states(user_ids, rows)
 
     def list_local_users(self) -> Deferred[list[str]]:
         return self._run("list_local_users", self._list_local_users_txn, write=False)
@@ -514,6 +544,8 @@ class DatabaseStore:
                 waiter.errback(StoreError("store_invite", "the store was closed"))
             if self._direct_writer is not None:
                 self._direct_writer.close()
+            if self._direct_reader is not None:
+                self._direct_reader.close()
             self._pool.close()
         return succeed(None)
 
@@ -555,7 +587,7 @@ async def _open(uri: str, reactor: Any | None, migrate: bool) -> DatabaseStore:
     except BaseException:
         await store.close()
         raise
-    store.enable_direct_writes(reactor)
+    store.enable_direct_access(reactor)
     return store
 
 

@@ -16,7 +16,7 @@ from twisted.enterprise import adbapi
 from twisted.internet.interfaces import IReactorCore
 
 if TYPE_CHECKING:
-    from ._sqlite_writer import SQLiteInviteWriter
+    from ._sqlite_writer import SQLiteDirectReader, SQLiteInviteWriter
 
 __all__ = ["Dialect", "PostgresDialect", "SQLiteDialect", "parse_database_uri"]
 
@@ -57,6 +57,11 @@ class Dialect:
     def invite_writer(self, reactor: Any) -> SQLiteInviteWriter | None:
         """A writer of invite batches that spares the pool's thread, or None (the pool
         writes them). Only SQLite has one: ``_sqlite_writer``."""
+        return None
+
+    def direct_reader(self) -> SQLiteDirectReader | None:
+        """A reader of one statement on the calling thread, or None (the pool reads).
+        Only SQLite has one: ``_sqlite_writer``."""
         return None
 
     def driver_errors(self) -> tuple[type[BaseException], ...]:
@@ -108,6 +113,11 @@ class SQLiteDialect(Dialect):
         from ._sqlite_writer import SQLiteInviteWriter
 
         return SQLiteInviteWriter(self.path, reactor)
+
+    def direct_reader(self) -> SQLiteDirectReader:
+        from ._sqlite_writer import SQLiteDirectReader
+
+        return SQLiteDirectReader(self.path)
 
     def table_exists(self, txn: adbapi.Transaction, table: str) -> bool:
         txn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,))

@@ -27,6 +27,10 @@ own (in the COMMIT that crosses 1,000 pages of WAL, so in the commit thread):
 running them from another connection while commits went on made both fsync at
 once, and over a long run commits stalled for up to 170 ms (the p99 latency
 went from 36 to 63 ms; ``benchmarks/README.md``).
+
+The reads an invite waits on (the policy's invitee states) skip the pool's
+thread the same way: ``SQLiteDirectReader`` runs them on the reactor thread,
+one statement each, from a connection of their own.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from twisted.python.threadpool import ThreadPool
 
 from ._dialect import configure_durable, is_busy
 
-__all__ = ["SQLiteInviteWriter"]
+__all__ = ["SQLiteDirectReader", "SQLiteInviteWriter"]
 
 
 class SQLiteInviteWriter:
@@ -141,6 +145,65 @@ class SQLiteInviteWriter:
             self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
         self._stop_threads()
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+class SQLiteDirectReader:
+    """One-statement reads on the reactor thread, from a connection of their own.
+
+    For the reads an invite waits on (the policy's invitee states: whether a
+    user is ours, and its rules). Through the pool, each such read is two hops
+    between threads and the GIL handed over several times. In an invite storm
+    nearly every invite is for an invitee not seen before, so nearly every
+    invite waited for one (``benchmarks/README.md``: 5-10% of the daemon's CPU
+    per invite, and a third more system time). One statement in autocommit
+    mode is its own read transaction, so what it reads is consistent. In WAL
+    mode readers never wait for writers; should SQLite answer busy all the
+    same (another connection holding the file exclusively), ``read`` says so
+    and the caller reads through the pool, which waits. Outside WAL mode (or
+    for ``:memory:``, which is private to one connection) it is not used.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._connection: sqlite3.Connection | None = None
+        #: False once we find the file is not in WAL mode.
+        self.usable = True
+
+    def _connect(self) -> sqlite3.Connection | None:
+        if self._connection is None:
+            connection = sqlite3.connect(
+                self._path, isolation_level=None, check_same_thread=False, timeout=0
+            )
+            connection.execute("PRAGMA busy_timeout = 0")
+            (mode,) = connection.execute("PRAGMA journal_mode").fetchone()
+            if str(mode).lower() != "wal":
+                connection.close()
+                self.usable = False
+                return None
+            connection.execute("PRAGMA query_only = 1")
+            self._connection = connection
+        return self._connection
+
+    def read(self, statement: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]] | None:
+        """The rows of one statement, or None if SQLite is busy (read through the pool).
+
+        Raises ``sqlite3.Error`` for anything else (the caller reports it as a
+        ``StoreError``).
+        """
+        connection = self._connect()
+        if connection is None:
+            return None
+        try:
+            return connection.execute(statement, args).fetchall()
+        except sqlite3.OperationalError as exc:
+            if is_busy(exc):
+                return None
+            raise
+
+    def close(self) -> None:
         if self._connection is not None:
             self._connection.close()
             self._connection = None

@@ -556,7 +556,8 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
 
 
 class SQLiteDirectWriteTests(TestCase):
-    """SQLite invites: INSERTs on the reactor thread, COMMIT in the writer's own thread."""
+    """SQLite invites: INSERTs on the reactor thread, COMMIT in the writer's own thread;
+    invitee states read on the reactor thread."""
 
     def setUp(self) -> None:
         directory = tempfile.mkdtemp(prefix="fi-store-")
@@ -658,12 +659,80 @@ class SQLiteDirectWriteTests(TestCase):
         self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(1,)])
 
     async def test_memory_database_uses_the_pool(self) -> None:
-        """sqlite:///:memory: is private to the pool's connection: no writer is used."""
+        """sqlite:///:memory: is private to the pool's connection: no writer or reader is
+        used (another connection would see another, empty database)."""
         store = await open_store("sqlite:///:memory:", reactor=reactor)
         self.addCleanup(store.close)
         self.assertEqual((await store.store_invite(make_invite()))[1], True)
         self.assertFalse(store._direct_writer.usable)
         self.assertEqual(len(await store.list_invites()), 1)
+        await store.add_local_user("@a:local.example")
+        states = await store.invitee_states(["@a:local.example"])
+        self.assertEqual(states, {"@a:local.example": (True, [])})
+        self.assertFalse(store._direct_reader.usable)
+
+    async def test_invitee_states_read_on_the_reactor_thread(self) -> None:
+        """Invitee states are read at once, on this thread, without the pool; a change
+        committed by another connection is seen by the next read."""
+        store = await self.open()
+        user, other_user = "@a:local.example", "@b:local.example"
+        rule = InviteRule(user, "user", "@x:*", "block")
+        await store.add_local_user(user)
+        await store.add_invite_rule(rule)
+
+        def no_pool(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("read through the pool")
+
+        self.patch(store._pool, "runInteraction", no_pool)
+        reading = store.invitee_states([user, other_user])
+        self.assertTrue(reading.called)
+        self.assertEqual(await reading, {user: (True, [rule]), other_user: (False, [])})
+        raw_sqlite(self.path, "INSERT INTO local_users (user_id) VALUES (?)", (other_user,))
+        self.assertEqual(await store.invitee_states([other_user]), {other_user: (True, [])})
+        # The reader's connection cannot write.
+        with self.assertRaises(sqlite3.OperationalError):
+            store._direct_reader._connection.execute("DELETE FROM local_users")
+
+    def _failing_reader(self, store: Any, message: str) -> None:
+        real = store._direct_reader._connection
+
+        class Failing:
+            def execute(self, statement: str, *args: Any) -> Any:
+                store._direct_reader._connection = real
+                raise sqlite3.OperationalError(message)
+
+        store._direct_reader._connection = Failing()
+
+    async def test_busy_direct_read_goes_through_the_pool(self) -> None:
+        """SQLite busy for the reader: the same read goes through the pool, which waits."""
+        store = await self.open()
+        await store.add_local_user("@a:local.example")
+        await store.invitee_states(["@a:local.example"])  # the reader's connection is open
+        self._failing_reader(store, "database is locked")
+        through_pool: list[object] = []
+        original = store._pool.runInteraction
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            through_pool.append(args[0])
+            return original(*args, **kwargs)
+
+        self.patch(store._pool, "runInteraction", counted)
+        states = await store.invitee_states(["@a:local.example"])
+        self.assertEqual(states, {"@a:local.example": (True, [])})
+        self.assertEqual(len(through_pool), 1)
+        self.assertTrue(store._direct_reader.usable)
+
+    async def test_failed_direct_read_is_a_store_error(self) -> None:
+        """Any other error of the reader: StoreError naming it; the next read works."""
+        store = await self.open()
+        await store.invitee_states(["@a:local.example"])
+        self._failing_reader(store, "disk I/O error")
+        with self.assertRaises(StoreError) as caught:
+            await store.invitee_states(["@a:local.example"])
+        self.assertIn("disk I/O error", str(caught.exception))
+        self.assertEqual(
+            await store.invitee_states(["@a:local.example"]), {"@a:local.example": (False, [])}
+        )
 
     async def test_checkpoints_stay_sqlite_own(self) -> None:
         """The writer leaves checkpoints to SQLite (in the COMMIT past 1,000 pages of WAL,
@@ -691,14 +760,18 @@ class SQLiteDirectWriteTests(TestCase):
         self.assertIsNone(writer._threads)
 
     async def test_close_stops_the_commit_thread(self) -> None:
-        """close() stops the writer's thread and connection."""
+        """close() stops the writer's thread and connection, and closes the reader's."""
         store = await open_store(self.uri, reactor=reactor)
         await store.store_invite(make_invite())
         writer = store._direct_writer
         self.assertIsNotNone(writer._threads)
+        await store.invitee_states(["@a:local.example"])
+        reader = store._direct_reader
+        self.assertIsNotNone(reader._connection)
         await store.close()
         self.assertIsNone(writer._threads)
         self.assertIsNone(writer._connection)
+        self.assertIsNone(reader._connection)
 
 
 class PostgresStoreTests(StoreTestsMixin, TestCase):
