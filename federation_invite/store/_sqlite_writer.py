@@ -47,18 +47,22 @@ from ._dialect import configure_durable, is_busy
 __all__ = ["SQLiteDirectReader", "SQLiteInviteWriter"]
 
 
-class SQLiteInviteWriter:
-    """The reactor-thread half and the commit thread of SQLite invite writes."""
+class _OwnConnection:
+    """A connection of our own to the store's file that never waits for a lock.
 
-    def __init__(self, path: str, reactor: Any) -> None:
+    It is opened on first use, and only if the file is in WAL mode: the store's
+    pool put it in WAL mode when it opened it (a property of the file), and we
+    only check, never change it from here. Outside WAL mode ``usable`` turns
+    False and the caller goes through the pool.
+    """
+
+    def __init__(self, path: str) -> None:
         self._path = path
-        self._reactor = reactor
         self._connection: sqlite3.Connection | None = None
-        self._threads: ThreadPool | None = None
-        self._shutdown_trigger: Any = None
-        #: False once we find the file is not in WAL mode (then every batch goes
-        #: through the pool: outside WAL, our open transaction would block readers).
         self.usable = True
+
+    def _configure(self, connection: sqlite3.Connection) -> None:
+        """Settings of this kind of connection, once it is open."""
 
     def _connect(self) -> sqlite3.Connection | None:
         if self._connection is None:
@@ -66,16 +70,36 @@ class SQLiteInviteWriter:
                 self._path, isolation_level=None, check_same_thread=False, timeout=0
             )
             connection.execute("PRAGMA busy_timeout = 0")
-            # The store's pool put the file in WAL mode when it opened it (a
-            # property of the file); we only check, never change it from here.
             (mode,) = connection.execute("PRAGMA journal_mode").fetchone()
             if str(mode).lower() != "wal":
                 connection.close()
                 self.usable = False
                 return None
-            configure_durable(connection)
+            self._configure(connection)
             self._connection = connection
         return self._connection
+
+    def _close_connection(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+class SQLiteInviteWriter(_OwnConnection):
+    """The reactor-thread half and the commit thread of SQLite invite writes.
+
+    Outside WAL mode every batch goes through the pool: there, our open
+    transaction would block readers.
+    """
+
+    def __init__(self, path: str, reactor: Any) -> None:
+        super().__init__(path)
+        self._reactor = reactor
+        self._threads: ThreadPool | None = None
+        self._shutdown_trigger: Any = None
+
+    def _configure(self, connection: sqlite3.Connection) -> None:
+        configure_durable(connection)
 
     def begin(self) -> sqlite3.Cursor | None:
         """Start a write transaction at once, or None if another connection holds the lock.
@@ -145,12 +169,10 @@ class SQLiteInviteWriter:
             self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
         self._stop_threads()
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        self._close_connection()
 
 
-class SQLiteDirectReader:
+class SQLiteDirectReader(_OwnConnection):
     """One-statement reads on the reactor thread, from a connection of their own.
 
     For the reads an invite waits on (the policy's invitee states: whether a
@@ -166,26 +188,8 @@ class SQLiteDirectReader:
     for ``:memory:``, which is private to one connection) it is not used.
     """
 
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._connection: sqlite3.Connection | None = None
-        #: False once we find the file is not in WAL mode.
-        self.usable = True
-
-    def _connect(self) -> sqlite3.Connection | None:
-        if self._connection is None:
-            connection = sqlite3.connect(
-                self._path, isolation_level=None, check_same_thread=False, timeout=0
-            )
-            connection.execute("PRAGMA busy_timeout = 0")
-            (mode,) = connection.execute("PRAGMA journal_mode").fetchone()
-            if str(mode).lower() != "wal":
-                connection.close()
-                self.usable = False
-                return None
-            connection.execute("PRAGMA query_only = 1")
-            self._connection = connection
-        return self._connection
+    def _configure(self, connection: sqlite3.Connection) -> None:
+        connection.execute("PRAGMA query_only = 1")
 
     def read(self, statement: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]] | None:
         """The rows of one statement, or None if SQLite is busy (read through the pool).
@@ -204,6 +208,4 @@ class SQLiteDirectReader:
             raise
 
     def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        self._close_connection()
