@@ -21,6 +21,9 @@ __all__ = ["ConcurrencyLimiter", "RateLimiter"]
 
 #: Above this many tracked keys, buckets that have refilled completely are
 #: forgotten, so a flood of distinct keys cannot grow memory without bound.
+#: After each such pass the next waits until the table has doubled past what
+#: was left: with keys that refill slowly (an invitee's, 20 s by default) a pass
+#: frees little, and one pass per acquire would cost milliseconds each.
 _PRUNE_ABOVE = 10_000
 
 
@@ -54,6 +57,7 @@ class RateLimiter:
         self._sleep_seconds = sleep_seconds
         #: key -> (tokens, time of last update in seconds)
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._prune_above = _PRUNE_ABOVE
 
     def _tokens(self, key: str, now: float) -> float:
         tokens, then = self._buckets.get(key, (self._burst, now))
@@ -77,8 +81,9 @@ class RateLimiter:
                 retry_after_ms=retry_after_ms,
             )
         self._buckets[key] = (tokens - 1.0, now)
-        if len(self._buckets) > _PRUNE_ABOVE:
+        if len(self._buckets) > self._prune_above:
             self._prune(now)
+            self._prune_above = max(_PRUNE_ABOVE, 2 * len(self._buckets))
         in_use = self._burst - (tokens - 1.0)
         if self._sleep_after is not None and self._sleep_seconds and in_use > self._sleep_after:
             return self._sleep_seconds
