@@ -56,7 +56,7 @@ MAX_LIST_LIMIT = 1000
 MAX_INVITE_BATCH = 256
 #: The most users in one read of invitee states: its statement has two ``IN (...)``
 #: lists, so 800 parameters, within the 999 that SQLite allowed before 3.32.
-_IN_LIST_CHUNK = 400
+_STATES_PER_STATEMENT = 400
 
 _INVITE_COLUMNS = (
     "event_id, room_id, room_version, invitee, sender, origin,"
@@ -112,9 +112,10 @@ def _invitee_states_query(user_ids: Sequence[str]) -> tuple[str, tuple[Any, ...]
     )
 
 
-def _invitee_states(
+def _states_from_rows(
     user_ids: Sequence[str], rows: Iterable[tuple[Any, ...]]
 ) -> dict[str, tuple[bool, list[InviteRule]]]:
+    """Each user's ``(is local, rules)`` from ``_invitee_states_query``'s rows."""
     local: set[str] = set()
     rules: dict[str, list[InviteRule]] = {}
     for row in rows:
@@ -456,7 +457,7 @@ class DatabaseStore:
             check_text("user_id", user_id)
         users = list(user_ids)
         reader = self._direct_reader
-        if reader is not None and reader.usable and 0 < len(users) <= _IN_LIST_CHUNK:
+        if reader is not None and reader.usable and 0 < len(users) <= _STATES_PER_STATEMENT:
             # One statement, on this thread (SQLite): no hop to the pool's thread.
             statement, args = _invitee_states_query(users)
             try:
@@ -464,18 +465,18 @@ class DatabaseStore:
             except Exception:
                 return fail().addErrback(self._translate, "invitee_states")
             if rows is not None:
-                return succeed(_invitee_states(users, rows))
+                return succeed(_states_from_rows(users, rows))
         return self._run("invitee_states", self._invitee_states_txn, users, write=False)
 
     def _invitee_states_txn(
         self, txn: adbapi.Transaction, user_ids: list[str]
     ) -> dict[str, tuple[bool, list[InviteRule]]]:
         rows: list[tuple[Any, ...]] = []
-        for start in range(0, len(user_ids), _IN_LIST_CHUNK):
-            statement, args = _invitee_states_query(user_ids[start : start + _IN_LIST_CHUNK])
+        for start in range(0, len(user_ids), _STATES_PER_STATEMENT):
+            statement, args = _invitee_states_query(user_ids[start : start + _STATES_PER_STATEMENT])
             self._execute(txn, statement, args)
             rows.extend(txn.fetchall())
-        return _invitee_states(user_ids, rows)
+        return _states_from_rows(user_ids, rows)
 
     def list_local_users(self) -> Deferred[list[str]]:
         return self._run("list_local_users", self._list_local_users_txn, write=False)
