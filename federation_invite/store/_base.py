@@ -143,6 +143,8 @@ class DatabaseStore:
             tuple[InviteRecord, tuple[Any, ...], Deferred[tuple[InviteRecord, bool]]]
         ] = []
         self._invite_writing = False
+        #: The reactor's call of ``_write_scheduled``, while a batch waits for it.
+        self._scheduled_write: Any = None
         #: The dialect's writer of invite batches, if it has one (SQLite; set by open_store).
         self._direct_writer: SQLiteInviteWriter | None = None
         #: The dialect's reader on the calling thread, if it has one (SQLite; set by open_store).
@@ -151,7 +153,7 @@ class DatabaseStore:
     def enable_direct_access(self, reactor: Any) -> None:
         """Use the dialect's own writer of invite batches and reader of invitee states,
         where it has them (SQLite: INSERTs and those reads on the reactor thread, COMMIT
-        in a thread of its own; ``_sqlite_writer``)."""
+        there too while commits are quick, else in a thread of its own; ``_sqlite_writer``)."""
         if self._direct_writer is None:
             self._direct_writer = self._dialect.invite_writer(reactor)
         if self._direct_reader is None:
@@ -207,7 +209,8 @@ class DatabaseStore:
         arrive meanwhile are queued and written together in the next single
         transaction, each caller answered once that transaction has committed.
         Under load this turns many thread hops and commits into one; when idle,
-        a lone invite is written at once.
+        a lone invite is written at once (SQLite while its commits are quick: at
+        the end of this reactor iteration, with the others read in it).
         """
         _check_record(record, InviteRecord)
         values = (
@@ -227,8 +230,22 @@ class DatabaseStore:
         waiter: Deferred[tuple[InviteRecord, bool]] = Deferred()
         self._invite_queue.append((record, values, waiter))
         if not self._invite_writing:
-            self._write_invites()
+            writer = self._direct_writer
+            if writer is not None and writer.usable and writer.commits_on_reactor:
+                # The COMMIT will run on this thread: start the batch once this
+                # reactor iteration is done, so that every invite read in it joins.
+                self._invite_writing = True
+                self._scheduled_write = writer.call_later(self._write_scheduled)
+            else:
+                self._write_invites()
         return waiter
+
+    def _write_scheduled(self) -> None:
+        self._scheduled_write = None
+        if self._invite_queue:
+            self._write_invites()
+        else:
+            self._invite_writing = False
 
     def _write_invites(self) -> None:
         batch = self._invite_queue[:MAX_INVITE_BATCH]
@@ -260,7 +277,7 @@ class DatabaseStore:
     def _write_directly(
         self, rows: list[tuple[Any, ...]]
     ) -> Deferred[list[InviteRecord | None]] | None:
-        """SQLite: INSERT here, COMMIT in the writer's thread (``_sqlite_writer``).
+        """SQLite: INSERT here, COMMIT here too or in the writer's thread (``_sqlite_writer``).
 
         None when there is no such writer or another connection holds the write
         lock: the batch then goes through the pool, whose thread waits for it.
@@ -538,6 +555,12 @@ class DatabaseStore:
 
     def close(self) -> Deferred[None]:
         if not self._closed:
+            if self._scheduled_write is not None:
+                # A batch waiting for the end of the reactor iteration: its
+                # callers were told nothing yet, so write it now, as it would
+                # have been written had it arrived while the store was idle.
+                self._scheduled_write.cancel()
+                self._write_scheduled()
             self._closed = True
             # Invites queued behind a write in flight will not be written now:
             # tell their callers (nothing was stored, so nothing is answered).

@@ -17,16 +17,34 @@ So for SQLite the group-committed batch is written in two parts:
   holds it, the caller falls back to the pool's thread, which waits for it
   (``SQLITE_BUSY_TIMEOUT_MS``) as every other write does.
 - ``COMMIT``, where the WAL is written and fsynced (``synchronous = FULL``)
-  and where checkpoints run, happens in a thread of our own, which holds the
-  GIL only to enter and leave that one call. Callers are answered after it
-  returns, so an acknowledged invite is on disk, as before.
+  and where checkpoints run. Callers are answered after it returns, so an
+  acknowledged invite is on disk. Where it runs depends on how long it takes:
+
+  - while commits are quick (the median of the last few on the reactor thread
+    at most ``REACTOR_COMMIT_SECONDS``: a disk whose fsync takes well under a
+    millisecond), on the reactor thread itself, at the end of the reactor
+    iteration in which the batch's first invite arrived, so that every invite
+    read in that iteration joins the one transaction. No thread at all: over
+    TLS this took 10% off the daemon's CPU per invite and off a server that
+    only stores and logs (``benchmarks/README.md``, fifth session), and the
+    batches grew (12-16 rows instead of 10-11 under the benchmark's load).
+    The reactor waits for the fsync: 0.3-0.6 ms a commit there (p99 3-4 ms,
+    with a checkpoint).
+  - once they are slow (a disk whose fsync takes milliseconds), in a thread of
+    our own, which holds the GIL only to enter and leave that one call, so the
+    reactor goes on with other work meanwhile. With 5 ms fsyncs, commits on the
+    reactor thread halved the daemon's throughput (794 against 1,485 invites/s).
+    One commit in ``_PROBE_EVERY`` still runs on the reactor thread, timed, so a
+    disk that speeds up brings them back. (Commits in the thread are not timed:
+    taking the GIL back after the COMMIT can take milliseconds under load, and
+    they would look slow for ever.)
 
 One writer connection, one transaction at a time: the store starts the next
 batch only when the previous commit has finished. Checkpoints stay SQLite's
-own (in the COMMIT that crosses 1,000 pages of WAL, so in the commit thread):
-running them from another connection while commits went on made both fsync at
-once, and over a long run commits stalled for up to 170 ms (the p99 latency
-went from 36 to 63 ms; ``benchmarks/README.md``).
+own (in the COMMIT that crosses 1,000 pages of WAL): running them from another
+connection while commits went on made both fsync at once, and over a long run
+commits stalled for up to 170 ms (the p99 latency went from 36 to 63 ms;
+``benchmarks/README.md``).
 
 The reads an invite waits on (the policy's invitee states) skip the pool's
 thread the same way: ``SQLiteDirectReader`` runs them on the reactor thread,
@@ -36,15 +54,29 @@ one statement each, from a connection of their own.
 from __future__ import annotations
 
 import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from ._dialect import configure_durable, is_busy
 
-__all__ = ["SQLiteDirectReader", "SQLiteInviteWriter"]
+__all__ = ["REACTOR_COMMIT_SECONDS", "SQLiteDirectReader", "SQLiteInviteWriter"]
+
+#: Commits run on the reactor thread while the median of the last few there takes at
+#: most this long (seconds).
+REACTOR_COMMIT_SECONDS = 0.001
+#: How many of the latest commits on the reactor thread that median is taken over, and
+#: how many it needs before it can send commits to the thread.
+_RECENT_COMMITS = 9
+_RECENT_NEEDED = 5
+#: While commits run in the thread, every this many-th runs on the reactor thread
+#: instead, to find out whether they are quick again.
+_PROBE_EVERY = 32
 
 
 class _OwnConnection:
@@ -86,7 +118,8 @@ class _OwnConnection:
 
 
 class SQLiteInviteWriter(_OwnConnection):
-    """The reactor-thread half and the commit thread of SQLite invite writes.
+    """SQLite invite writes: INSERTs on the reactor thread, COMMIT there too while
+    commits are quick, else in a thread of its own.
 
     Outside WAL mode every batch goes through the pool: there, our open
     transaction would block readers.
@@ -97,6 +130,26 @@ class SQLiteInviteWriter(_OwnConnection):
         self._reactor = reactor
         self._threads: ThreadPool | None = None
         self._shutdown_trigger: Any = None
+        #: How long the latest commits on the reactor thread took, in seconds. Those in
+        #: the thread are not timed: their time includes waiting for the GIL back.
+        self._recent: deque[float] = deque(maxlen=_RECENT_COMMITS)
+        #: What commits are timed with (real time: a commit's wait is the disk's).
+        self.timer: Callable[[], float] = time.perf_counter
+        #: Whether commits run on the reactor thread (they are quick), and how many
+        #: ran in the thread since the last one on the reactor thread.
+        self.commits_on_reactor = True
+        self._in_thread = 0
+
+    @property
+    def recent_commit_seconds(self) -> float | None:
+        """The median of the latest commits on the reactor thread (None before any)."""
+        if not self._recent:
+            return None
+        return sorted(self._recent)[len(self._recent) // 2]
+
+    def call_later(self, work: Callable[[], object]) -> Any:
+        """Run ``work`` on the reactor thread once this reactor iteration is done."""
+        return self._reactor.callLater(0, work)
 
     def _configure(self, connection: sqlite3.Connection) -> None:
         configure_durable(connection)
@@ -127,7 +180,18 @@ class SQLiteInviteWriter(_OwnConnection):
             self._connection.execute("ROLLBACK")
 
     def commit(self) -> Deferred[None]:
-        """COMMIT (write and fsync the WAL) in the commit thread; fires once it is durable."""
+        """COMMIT (write and fsync the WAL); fires once it is durable.
+
+        While commits are quick it runs here and now, and the result has fired
+        when this returns; else in the commit thread.
+        """
+        if self.commits_on_reactor or self._in_thread >= _PROBE_EVERY:
+            try:
+                self._timed_commit()
+            except Exception:
+                return fail()
+            return succeed(None)
+        self._in_thread += 1
         if self._threads is None:
             self._threads = ThreadPool(1, 1, name="federation-invite-sqlite-commit")
             self._threads.start()
@@ -135,6 +199,19 @@ class SQLiteInviteWriter(_OwnConnection):
                 "during", "shutdown", self._shut_down
             )
         return deferToThreadPool(self._reactor, self._threads, self._commit)
+
+    def _timed_commit(self) -> None:
+        """COMMIT on this (the reactor) thread; then decide where the next ones run."""
+        started = self.timer()
+        try:
+            self._commit()
+        finally:
+            self._recent.append(self.timer() - started)
+            self._in_thread = 0
+            recent = sorted(self._recent)
+            self.commits_on_reactor = (
+                len(recent) < _RECENT_NEEDED or recent[len(recent) // 2] <= REACTOR_COMMIT_SECONDS
+            )
 
     def _commit(self) -> None:
         connection = self._connection

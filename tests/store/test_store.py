@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sqlite3
@@ -29,6 +30,7 @@ from federation_invite.store import (
     open_store,
     run_migrations,
 )
+from federation_invite.store._sqlite_writer import _PROBE_EVERY
 
 from ._support import (
     create_postgres_database,
@@ -133,9 +135,13 @@ class StoreTestsMixin:
         with self.assertRaises(StoreError):  # type: ignore[attr-defined]
             await store.store_invite(make_invite("$after"))
 
+    def commits_in_flight(self, store: Any) -> None:
+        """Make the store's writes stay in flight after ``store_invite`` returns."""
+
     async def test_close_fails_queued_invites(self) -> None:
         """Invites queued behind a write in flight fail with StoreError when the store closes."""
         store = await open_store(self.uri, reactor=reactor)
+        self.commits_in_flight(store)
         first = store.store_invite(make_invite("$first"))
         queued = store.store_invite(make_invite("$queued"))
         await store.close()
@@ -538,6 +544,11 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
     def failing_uri(self) -> tuple[str, str]:
         return f"sqlite:///{self.path}.missing/secret-dir/x.db", "nothing-secret-here"
 
+    def commits_in_flight(self, store: Any) -> None:
+        # Quick commits finish before store_invite's caller sees its Deferred
+        # (SQLiteDirectWriteTests); slow ones run in the commit thread.
+        _slow_commits(store._direct_writer)
+
     def explain(self, statement: str, args: tuple[Any, ...]) -> str:
         return repr(self.raw(f"EXPLAIN QUERY PLAN {statement}", args))
 
@@ -556,8 +567,9 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
 
 
 class SQLiteDirectWriteTests(TestCase):
-    """SQLite invites: INSERTs on the reactor thread, COMMIT in the writer's own thread;
-    invitee states read on the reactor thread."""
+    """SQLite invites: INSERTs on the reactor thread, COMMIT there too while commits
+    are quick, else in the writer's own thread; invitee states read on the reactor
+    thread."""
 
     def setUp(self) -> None:
         directory = tempfile.mkdtemp(prefix="fi-store-")
@@ -570,33 +582,84 @@ class SQLiteDirectWriteTests(TestCase):
         self.addCleanup(store.close)
         return store
 
-    async def test_commit_runs_in_the_writer_thread_and_is_durable(self) -> None:
-        """Written through the writer: the COMMIT happened off the reactor thread, and
-        another connection sees every row as soon as the callers are answered."""
-        store = await self.open()
-        writer = store._direct_writer
+    def _record_commits(self, writer: Any) -> list[str]:
+        """The name of the thread each COMMIT runs in, in order."""
         commits: list[str] = []
         original = writer._commit
 
-        def commit() -> int:
+        def commit() -> None:
             commits.append(threading.current_thread().name)
-            return original()
+            original()
 
         writer._commit = commit
+        return commits
+
+    async def test_quick_commits_run_on_the_reactor_thread_once_per_iteration(self) -> None:
+        """Quick commits: the invites handed over in one reactor iteration are committed
+        together at its end, on the reactor thread (no thread is started), and another
+        connection sees every row as soon as the callers are answered."""
+        store = await self.open()
+        writer = store._direct_writer
+        commits = self._record_commits(writer)
         records = [make_invite(f"$e{i}") for i in range(40)]
-        answers = await gatherResults([store.store_invite(r) for r in records])
+        storing = [store.store_invite(r) for r in records]
+        self.assertFalse(any(d.called for d in storing))  # not before the iteration ends
+        answers = await gatherResults(storing)
         self.assertEqual([created for _, created in answers], [True] * 40)
-        self.assertTrue(commits)
-        self.assertLess(len(commits), 40)  # group commit: fewer transactions than invites
-        self.assertNotIn(threading.current_thread().name, commits)
+        self.assertEqual(commits, [threading.current_thread().name])
+        self.assertIsNone(writer._threads)
+        self.assertTrue(writer.commits_on_reactor)
         self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(40,)])
 
-    async def test_failed_commit_fails_the_batch_and_the_next_one_works(self) -> None:
-        """A COMMIT that fails (disk full...): StoreError for the batch, nothing stored;
-        the next batch starts clean and is stored."""
+    async def test_slow_commits_move_to_the_commit_thread_and_back(self) -> None:
+        """Commits taking milliseconds (a slow disk) move to the writer's thread once the
+        median of the last few passes REACTOR_COMMIT_SECONDS, so the reactor goes on
+        meanwhile. One in _PROBE_EVERY + 1 still runs on the reactor thread, timed: once
+        those are quick again, commits come back to the reactor thread."""
+        store = await self.open()
+        writer = store._direct_writer
+        commits = self._record_commits(writer)
+        durations = _fake_commit_durations(writer, 0.005)
+        here = threading.current_thread().name
+        for index in range(15):
+            self.assertEqual((await store.store_invite(make_invite(f"$slow{index}")))[1], True)
+        # Five commits timed before the median counts, then the thread.
+        self.assertEqual(commits[:5], [here] * 5)
+        self.assertNotIn(here, commits[5:])
+        self.assertFalse(writer.commits_on_reactor)
+        self.assertAlmostEqual(writer.recent_commit_seconds, 0.005)
+        durations[0] = 0.0002
+        before = len(commits)
+        index = 0
+        while not writer.commits_on_reactor:
+            await store.store_invite(make_invite(f"$quick{index}"))
+            index += 1
+            self.assertLess(index, 400)
+        # Probes every _PROBE_EVERY thread commits; five quick ones outvote the slow.
+        probes = [i for i, name in enumerate(commits[before:]) if name == here]
+        self.assertEqual(len(probes), 5)
+        self.assertEqual(probes[0], _PROBE_EVERY - 10)
+        self.assertEqual([b - a for a, b in itertools.pairwise(probes)], [_PROBE_EVERY + 1] * 4)
+        await store.store_invite(make_invite("$back"))
+        self.assertEqual(commits[-1], here)
+        self.assertAlmostEqual(writer.recent_commit_seconds, 0.0002)
+        self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(15 + index + 1,)])
+
+    async def test_close_writes_the_batch_waiting_for_the_iteration_end(self) -> None:
+        """close() right after store_invite (quick commits, the batch not started yet):
+        the batch is written and its callers answered, as if the store had been idle."""
+        store = await open_store(self.uri, reactor=reactor)
+        storing = [store.store_invite(make_invite(f"$last{i}")) for i in range(3)]
+        await store.close()
+        self.assertEqual([(await d)[1] for d in storing], [True] * 3)
+        self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(3,)])
+
+    async def _check_failed_commit(self, slow: bool) -> None:
         store = await self.open()
         writer = store._direct_writer
         await store.store_invite(make_invite("$first"))  # the writer's connection is open
+        if slow:
+            _slow_commits(writer)
 
         class FailingCommit:
             def __init__(self, real: sqlite3.Connection) -> None:
@@ -615,6 +678,7 @@ class SQLiteDirectWriteTests(TestCase):
         with self.assertRaises(StoreError) as caught:
             await store.store_invite(make_invite("$lost"))
         self.assertIn("database or disk is full", str(caught.exception))
+        self.assertEqual(writer._threads is not None, slow)
         # The transaction was rolled back: the writer's connection is idle again.
         self.assertEqual(
             await store.store_invite(make_invite("$kept")), (make_invite("$kept"), True)
@@ -623,6 +687,17 @@ class SQLiteDirectWriteTests(TestCase):
             raw_sqlite(self.path, "SELECT event_id FROM invites ORDER BY event_id"),
             [("$first",), ("$kept",)],
         )
+
+    async def test_failed_commit_fails_the_batch_and_the_next_one_works(self) -> None:
+        """A COMMIT that fails (disk full...) on the reactor thread: StoreError for the
+        batch, nothing stored; the next batch starts clean and is stored."""
+        await self._check_failed_commit(slow=False)
+
+    async def test_failed_commit_in_the_thread_fails_the_batch_and_the_next_one_works(
+        self,
+    ) -> None:
+        """The same with slow commits, which run in the commit thread."""
+        await self._check_failed_commit(slow=True)
 
     async def test_failed_insert_rolls_back(self) -> None:
         """An INSERT failing on the reactor thread: StoreError, rolled back, the next works."""
@@ -738,8 +813,8 @@ class SQLiteDirectWriteTests(TestCase):
         )
 
     async def test_checkpoints_stay_sqlite_own(self) -> None:
-        """The writer leaves checkpoints to SQLite (in the COMMIT past 1,000 pages of WAL,
-        so in the commit thread): the WAL does not grow without bound."""
+        """The writer leaves checkpoints to SQLite (in the COMMIT past 1,000 pages of
+        WAL): the WAL does not grow without bound."""
         store = await self.open()
         await store.store_invite(make_invite("$a"))
         writer = store._direct_writer
@@ -750,8 +825,9 @@ class SQLiteDirectWriteTests(TestCase):
         """A store never closed: the reactor's shutdown stops the thread (which would keep
         the process alive) and later batches go through the pool."""
         store = await self.open()
-        await store.store_invite(make_invite("$a"))
         writer = store._direct_writer
+        _slow_commits(writer)
+        await store.store_invite(make_invite("$a"))
         threads = writer._threads
         trigger = writer._shutdown_trigger
         self.assertIsNotNone(trigger)
@@ -765,8 +841,9 @@ class SQLiteDirectWriteTests(TestCase):
     async def test_close_stops_the_commit_thread(self) -> None:
         """close() stops the writer's thread and connection, and closes the reader's."""
         store = await open_store(self.uri, reactor=reactor)
-        await store.store_invite(make_invite())
         writer = store._direct_writer
+        _slow_commits(writer)
+        await store.store_invite(make_invite())
         self.assertIsNotNone(writer._threads)
         await store.invitee_states(["@a:local.example"])
         reader = store._direct_reader
@@ -775,6 +852,27 @@ class SQLiteDirectWriteTests(TestCase):
         self.assertIsNone(writer._threads)
         self.assertIsNone(writer._connection)
         self.assertIsNone(reader._connection)
+
+
+def _fake_commit_durations(writer: Any, seconds: float) -> list[float]:
+    """Make every COMMIT of ``writer`` seem to take ``durations[0]`` seconds (a list
+    the caller may change later)."""
+    durations = [seconds]
+    now = [0.0]
+
+    def timer() -> float:
+        # Called before and after each commit: each call moves time on by a commit.
+        now[0] += durations[0]
+        return now[0]
+
+    writer.timer = timer
+    return durations
+
+
+def _slow_commits(writer: Any) -> None:
+    """Make ``writer``'s commits slow from now on: they run in its commit thread."""
+    writer.commits_on_reactor = False
+    _fake_commit_durations(writer, 1.0)
 
 
 class PostgresStoreTests(StoreTestsMixin, TestCase):
