@@ -24,18 +24,19 @@ So for SQLite the group-committed batch is written in two parts:
     at most ``REACTOR_COMMIT_SECONDS``: a disk whose fsync takes well under a
     millisecond), on the reactor thread itself, at the end of the reactor
     iteration in which the batch's first invite arrived, so that every invite
-    read in that iteration joins the one transaction. No thread at all: over
-    TLS this took 10% off the daemon's CPU per invite and off a server that
-    only stores and logs (``benchmarks/README.md``, fifth session), and the
-    batches grew (12-16 rows instead of 10-11 under the benchmark's load).
-    The reactor waits for the fsync: 0.3-0.6 ms a commit there (p99 3-4 ms,
-    with a checkpoint).
+    read in that iteration joins the one transaction. No second thread takes
+    the GIL: over TLS this took 8% off the daemon's CPU per invite (618 -> 571
+    us, medians of 5 alternating pairs) and 4% off a server that only stores
+    and logs (480 -> 461 us), and the batches grew (12-16 rows instead of
+    10-11 under the benchmark's load; ``benchmarks/README.md``, fifth
+    session). The reactor waits for the fsync meanwhile: 0.3-0.6 ms a commit
+    there (3-6 ms with a checkpoint).
   - once they are slow (a disk whose fsync takes milliseconds), in a thread of
     our own, which holds the GIL only to enter and leave that one call, so the
     reactor goes on with other work meanwhile. With 5 ms fsyncs, commits on the
     reactor thread halved the daemon's throughput (794 against 1,485 invites/s).
-    One commit in ``_PROBE_EVERY`` still runs on the reactor thread, timed, so a
-    disk that speeds up brings them back. (Commits in the thread are not timed:
+    After every ``_PROBE_EVERY`` commits in the thread one runs on the reactor
+    thread, timed, so a disk that speeds up brings them back. (Commits in the thread are not timed:
     taking the GIL back after the COMMIT can take milliseconds under load, and
     they would look slow for ever.)
 
