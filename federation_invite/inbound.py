@@ -474,11 +474,13 @@ _LOG_SYSTEM = {level: f"{log.namespace}#{level.name}" for level in LogLevel.iter
 def _log_outcome(text: str, level: LogLevel = LogLevel.info, **fields: Any) -> None:
     """The one line per invite: its text rendered here, its fields kept for JSON observers.
 
-    Twisted is handed a format with one field (the text, rendered here with an
-    f-string) rather than one with seven, and the event is given to the
-    logger's observer directly, with the keys ``Logger.emit`` would add: about
-    15 us less per line (40 -> 24 us here). The text is a field's value, never
-    a format string, so braces in peer-chosen IDs are printed as they are.
+    The text is rendered here with an f-string, and Twisted is handed it as
+    the format itself, its braces doubled, so that formatting it is one
+    literal (``string.Formatter`` finds no field to look up: 15 -> 11 us per
+    line with the text observer) and braces in peer-chosen IDs are printed
+    as they are. The text is also a field (``text``), for JSON observers. The
+    event is given to the logger's observer directly, with the keys
+    ``Logger.emit`` would add: about 15 us less per line (40 -> 24 us here).
     """
     fields.update(
         text=text,
@@ -488,7 +490,7 @@ def _log_outcome(text: str, level: LogLevel = LogLevel.info, **fields: Any) -> N
         # What the text observer would work out from the namespace and level.
         log_system=_LOG_SYSTEM[level],
         log_source=None,
-        log_format="{text}",
+        log_format=text.replace("{", "{{").replace("}", "}}"),
         log_time=time.time(),
     )
     log.observer(fields)

@@ -10,6 +10,7 @@ from twisted.logger import (
     LogLevel,
     capturedLogs,
     eventAsJSON,
+    eventFromJSON,
     formatEvent,
     formatEventAsClassicLogText,
 )
@@ -75,6 +76,13 @@ class InviteLogTests(SynchronousTestCase):
         with capturedLogs() as captured:
             _log_outcome("Invite $a{0}{event_id} refused: {x", event_id="$a", outcome="refused")
         self.assertEqual(formatEvent(captured[0]), "Invite $a{0}{event_id} refused: {x")
+        self.assertEqual(captured[0]["text"], "Invite $a{0}{event_id} refused: {x")
+        # The format is the text itself (no field for Twisted to look up), and a
+        # JSON observer's line reads back as the same text.
+        self.assertEqual(captured[0]["log_format"], "Invite $a{{0}}{{event_id}} refused: {{x")
+        read_back = eventFromJSON(eventAsJSON(captured[0]))
+        self.assertEqual(formatEvent(read_back), "Invite $a{0}{event_id} refused: {x")
+        self.assertEqual(read_back["text"], "Invite $a{0}{event_id} refused: {x")
 
     def test_stripped_room_state_warned_on_the_one_line(self) -> None:
         """Row 13: stripped invite_room_state accepted (strict mode off) is warned of, on the
