@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -72,6 +72,18 @@ class _LimitedChannel(HTTPChannel):
     _deadline: IDelayedCall | None = None
     #: Once a request is refused here, nothing more is read from the connection.
     refused = False
+    #: The connection's local address, once asked for.
+    _host: IAddress | None = None
+
+    def getHost(self) -> IAddress:
+        """The local address, asked of the transport once per connection.
+
+        ``twisted.web`` asks for it with every request, and for TCP each ask is a
+        ``getsockname`` system call; a connection's local address never changes.
+        """
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     # -- the deadline --------------------------------------------------
 

@@ -53,3 +53,34 @@ class AccessLogTests(SiteTestCase):
         connection.send(b"GET /_matrix/nothing HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual([status for status, _, _ in connection.responses()], [400, 404])
         self.assertEqual(self.logged, [path.encode(), b"/_matrix/nothing"])
+
+
+class LocalAddressTests(SiteTestCase):
+    """The connection's local address is asked of the transport once, not per request."""
+
+    def test_one_local_address_lookup_per_connection(self) -> None:
+        """Two invites on one keep-alive connection: one lookup of the local address,
+        and each request still sees it."""
+        connection = self.connect()
+        real = connection.transport.getHost
+        lookups: list[object] = []
+        hosts: list[object] = []
+
+        def get_host() -> Any:
+            lookups.append(1)
+            return real()
+
+        connection.transport.getHost = get_host  # type: ignore[method-assign]
+        original = Request.process
+
+        def process(request: Request) -> Any:
+            if request.channel is connection.protocol:  # not the origin's key server
+                hosts.append(request.getHost())
+            return original(request)
+
+        self.patch(Request, "process", process)
+        connection.send(self.valid_request(depth=1))
+        connection.send(self.valid_request(depth=2))
+        self.assertEqual([status for status, _, _ in connection.responses()], [200, 200])
+        self.assertEqual(lookups, [1])
+        self.assertEqual(hosts, [real(), real()])
