@@ -21,7 +21,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from benchlib import build_invite, make_origin_key
@@ -233,6 +233,21 @@ async def main(args: argparse.Namespace) -> None:
             )
 
 
+def react_to(main: Callable[[argparse.Namespace], Coroutine[Any, Any, None]], args: Any) -> None:
+    """Run ``main(args)`` with the reactor running; print its traceback if it fails."""
+
+    def run(_: Any) -> Deferred[None]:
+        def show(failure: Any) -> Any:
+            failure.printTraceback(file=sys.stderr)
+            return failure
+
+        return ensureDeferred(main(args)).addErrback(show)
+
+    from twisted.internet.task import react
+
+    react(run)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("count", type=int, nargs="?", default=6000)
@@ -249,14 +264,4 @@ if __name__ == "__main__":
         help="which of calibration,durable,daemon to measure (default: all three)",
     )
     parsed = parser.parse_args()
-
-    def run(_: Any) -> Deferred[None]:
-        def show(failure: Any) -> Any:
-            failure.printTraceback(file=sys.stderr)
-            return failure
-
-        return ensureDeferred(main(parsed)).addErrback(show)
-
-    from twisted.internet.task import react
-
-    react(run)
+    react_to(main, parsed)

@@ -30,9 +30,10 @@ from inproc import (
     daemon_site,
     drive,
     raw_request,
+    react_to,
 )
 from signedjson.key import generate_signing_key
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from federation_invite import inbound
@@ -145,14 +146,4 @@ if __name__ == "__main__":
     parser.add_argument("--invitees", type=int, default=1000)
     parser.add_argument("--parts", type=lambda text: text.split(","), default=None)
     parsed = parser.parse_args()
-
-    def run(_: Any) -> Deferred[None]:
-        def show(failure: Any) -> Any:
-            failure.printTraceback(file=sys.stderr)
-            return failure
-
-        return ensureDeferred(main(parsed)).addErrback(show)
-
-    from twisted.internet.task import react
-
-    react(run)
+    react_to(main, parsed)
