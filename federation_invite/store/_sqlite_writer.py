@@ -35,8 +35,10 @@ So for SQLite the group-committed batch is written in two parts:
     our own, which holds the GIL only to enter and leave that one call, so the
     reactor goes on with other work meanwhile. With 5 ms fsyncs, commits on the
     reactor thread halved the daemon's throughput (794 against 1,485 invites/s).
-    After every ``_PROBE_EVERY`` commits in the thread one runs on the reactor
-    thread, timed, so a disk that speeds up brings them back. (Commits in the thread are not timed:
+    After ``_PROBE_EVERY`` commits in the thread one runs on the reactor thread,
+    timed, so a disk that speeds up brings them back (a probe still slow
+    doubles the wait for the next, so a disk that stays slow seldom stalls
+    the reactor). (Commits in the thread are not timed:
     taking the GIL back after the COMMIT can take milliseconds under load, and
     they would look slow for ever.)
 
@@ -75,9 +77,12 @@ REACTOR_COMMIT_SECONDS = 0.001
 #: how many it needs before it can send commits to the thread.
 _RECENT_COMMITS = 9
 _RECENT_NEEDED = 5
-#: While commits run in the thread, every this many-th runs on the reactor thread
-#: instead, to find out whether they are quick again.
+#: While commits run in the thread, after this many there one runs on the reactor
+#: thread instead, to find out whether they are quick again. Each such probe that is
+#: still slow doubles the wait for the next one, up to ``_PROBE_EVERY_MAX``, so that on
+#: a disk that stays slow the reactor is seldom made to wait for it.
 _PROBE_EVERY = 32
+_PROBE_EVERY_MAX = 4096
 
 
 class _OwnConnection:
@@ -140,6 +145,7 @@ class SQLiteInviteWriter(_OwnConnection):
         #: ran in the thread since the last one on the reactor thread.
         self.commits_on_reactor = True
         self._in_thread = 0
+        self._probe_every = _PROBE_EVERY
 
     @property
     def recent_commit_seconds(self) -> float | None:
@@ -186,7 +192,7 @@ class SQLiteInviteWriter(_OwnConnection):
         While commits are quick it runs here and now, and the result has fired
         when this returns; else in the commit thread.
         """
-        if self.commits_on_reactor or self._in_thread >= _PROBE_EVERY:
+        if self.commits_on_reactor or self._in_thread >= self._probe_every:
             try:
                 self._timed_commit()
             except Exception:
@@ -207,12 +213,18 @@ class SQLiteInviteWriter(_OwnConnection):
         try:
             self._commit()
         finally:
-            self._recent.append(self.timer() - started)
-            self._in_thread = 0
+            elapsed = self.timer() - started
+            self._recent.append(elapsed)
+            if self._in_thread:  # a probe
+                self._in_thread = 0
+                if elapsed > REACTOR_COMMIT_SECONDS:
+                    self._probe_every = min(2 * self._probe_every, _PROBE_EVERY_MAX)
             recent = sorted(self._recent)
             self.commits_on_reactor = (
                 len(recent) < _RECENT_NEEDED or recent[len(recent) // 2] <= REACTOR_COMMIT_SECONDS
             )
+            if self.commits_on_reactor:
+                self._probe_every = _PROBE_EVERY
 
     def _commit(self) -> None:
         connection = self._connection

@@ -642,8 +642,24 @@ class SQLiteDirectWriteTests(TestCase):
         self.assertEqual([b - a for a, b in itertools.pairwise(probes)], [_PROBE_EVERY + 1] * 4)
         await store.store_invite(make_invite("$back"))
         self.assertEqual(commits[-1], here)
+        self.assertEqual(writer._probe_every, _PROBE_EVERY)
         self.assertAlmostEqual(writer.recent_commit_seconds, 0.0002)
         self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(15 + index + 1,)])
+
+    async def test_probes_of_a_disk_that_stays_slow_grow_apart(self) -> None:
+        """Commits slow for good: each probe on the reactor thread that is still slow
+        doubles the number of commits in the thread before the next one."""
+        store = await self.open()
+        writer = store._direct_writer
+        commits = self._record_commits(writer)
+        _fake_commit_durations(writer, 0.005)
+        here = threading.current_thread().name
+        for index in range(5 + 32 + 1 + 64 + 1 + 128 + 1 + 10):
+            await store.store_invite(make_invite(f"$slow{index}"))
+        probes = [i for i, name in enumerate(commits) if name == here]
+        self.assertEqual(probes, [0, 1, 2, 3, 4, 37, 102, 231])
+        self.assertEqual(writer._probe_every, 256)
+        self.assertFalse(writer.commits_on_reactor)
 
     async def test_close_writes_the_batch_waiting_for_the_iteration_end(self) -> None:
         """close() right after store_invite (quick commits, the batch not started yet):
