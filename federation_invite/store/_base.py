@@ -555,13 +555,13 @@ class DatabaseStore:
 
     def close(self) -> Deferred[None]:
         if not self._closed:
+            self._closed = True
             if self._scheduled_write is not None:
                 # A batch waiting for the end of the reactor iteration: its
                 # callers were told nothing yet, so write it now, as it would
                 # have been written had it arrived while the store was idle.
                 self._scheduled_write.cancel()
                 self._write_scheduled()
-            self._closed = True
             # Invites queued behind a write in flight will not be written now:
             # tell their callers (nothing was stored, so nothing is answered).
             queued, self._invite_queue = self._invite_queue, []

@@ -36,11 +36,11 @@ So for SQLite the group-committed batch is written in two parts:
     reactor goes on with other work meanwhile. With 5 ms fsyncs, commits on the
     reactor thread halved the daemon's throughput (794 against 1,485 invites/s).
     After ``_PROBE_EVERY`` commits in the thread one runs on the reactor thread,
-    timed, so a disk that speeds up brings them back (a probe still slow
-    doubles the wait for the next, so a disk that stays slow seldom stalls
-    the reactor). (Commits in the thread are not timed:
-    taking the GIL back after the COMMIT can take milliseconds under load, and
-    they would look slow for ever.)
+    timed, so a disk that speeds up brings them back; a probe still slow
+    doubles the wait for the next, so a disk that stays slow seldom stalls the
+    reactor. Commits in the thread are not timed: taking the GIL back after
+    the COMMIT can take milliseconds under load, and they would look slow for
+    ever.
 
 One writer connection, one transaction at a time: the store starts the next
 batch only when the previous commit has finished. Checkpoints stay SQLite's
@@ -150,8 +150,9 @@ class SQLiteInviteWriter(_OwnConnection):
     @property
     def recent_commit_seconds(self) -> float | None:
         """The median of the latest commits on the reactor thread (None before any)."""
-        if not self._recent:
-            return None
+        return self._median() if self._recent else None
+
+    def _median(self) -> float:
         return sorted(self._recent)[len(self._recent) // 2]
 
     def call_later(self, work: Callable[[], object]) -> Any:
@@ -219,9 +220,8 @@ class SQLiteInviteWriter(_OwnConnection):
                 self._in_thread = 0
                 if elapsed > REACTOR_COMMIT_SECONDS:
                     self._probe_every = min(2 * self._probe_every, _PROBE_EVERY_MAX)
-            recent = sorted(self._recent)
             self.commits_on_reactor = (
-                len(recent) < _RECENT_NEEDED or recent[len(recent) // 2] <= REACTOR_COMMIT_SECONDS
+                len(self._recent) < _RECENT_NEEDED or self._median() <= REACTOR_COMMIT_SECONDS
             )
             if self.commits_on_reactor:
                 self._probe_every = _PROBE_EVERY

@@ -670,6 +670,22 @@ class SQLiteDirectWriteTests(TestCase):
         self.assertEqual([(await d)[1] for d in storing], [True] * 3)
         self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(3,)])
 
+    async def test_close_from_a_callback_of_the_batch_it_writes(self) -> None:
+        """A caller answered by the batch close() writes, closing the store itself:
+        the store is closed once, and the answer stands."""
+        store = await open_store(self.uri, reactor=reactor)
+        closes: list[object] = []
+
+        def close_again(result: Any) -> Any:
+            closes.append(store.close())
+            return result
+
+        storing = store.store_invite(make_invite("$a")).addCallback(close_again)
+        await store.close()
+        self.assertEqual((await storing)[1], True)
+        self.assertEqual(len(closes), 1)
+        self.assertIsNone(store._direct_writer._connection)
+
     async def _check_failed_commit(self, slow: bool) -> None:
         store = await self.open()
         writer = store._direct_writer
