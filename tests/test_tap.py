@@ -115,13 +115,21 @@ class MakeServiceTests(TestCase):
         return ensureDeferred(go())
 
     def test_daemon_freezes_the_gc_once_listening(self) -> Deferred[None]:
-        """make_service's daemon calls gc.freeze() after start-up; a hand-built one does not."""
+        """make_service's daemon calls gc.freeze() after start-up and raises the youngest
+        generation's threshold to GEN0_THRESHOLD (the others kept); a hand-built one
+        does neither."""
         import gc
 
         from twisted.internet import reactor
 
+        from federation_invite.service import GEN0_THRESHOLD
+
         frozen: list[int] = []
         self.patch(gc, "freeze", lambda: frozen.append(len(frozen)))
+        before = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *before)
+        thresholds: list[tuple[int, ...]] = []
+        self.patch(gc, "set_threshold", lambda *values: thresholds.append(values))
         services = []
         for freeze in (True, False):
             options = Options()
@@ -142,6 +150,7 @@ class MakeServiceTests(TestCase):
                 try:
                     await service.ready
                     self.assertEqual(frozen, [0])  # the first froze, the second did not
+                    self.assertEqual(thresholds, [(GEN0_THRESHOLD, *before[1:])])
                 finally:
                     await service.stopService()
                 self.assertEqual(len(frozen), 1, index)
