@@ -350,12 +350,13 @@ class FederationInviteService(service.MultiService):
             # requests create (as Synapse does after start-up). Measured: about
             # 25 us less per invite under load (benchmarks/README.md).
             gc.freeze()
-            # A request leaves few objects behind, but allocates thousands and
-            # frees them again; at Python's default (700) the youngest
-            # generation was collected about every 12 invites, each time walking
-            # what the invites in flight hold: 10-13 us per invite in-process.
-            # Cyclic garbage (a refusal's traceback) still triggers a
-            # collection once GEN0_THRESHOLD objects of it pile up.
+            # The invites in flight together hold thousands of young objects,
+            # and leave next to no cyclic garbage: at Python's default (700)
+            # the youngest generation was collected about every 12 invites,
+            # each time walking all of them and finding nothing, 10-13 us per
+            # invite in-process (benchmarks/README.md). Cyclic garbage (a
+            # refusal's traceback) still triggers a collection once
+            # GEN0_THRESHOLD objects of it pile up.
             gc.set_threshold(GEN0_THRESHOLD, *gc.get_threshold()[1:])
         return components
 
