@@ -241,11 +241,11 @@ class DatabaseStore:
         return waiter
 
     def _write_scheduled(self) -> None:
+        # The queue holds at least the invite that scheduled this call: only
+        # _write_invites takes from it, and close() runs this before it fails
+        # what is left.
         self._scheduled_write = None
-        if self._invite_queue:
-            self._write_invites()
-        else:
-            self._invite_writing = False
+        self._write_invites()
 
     def _write_invites(self) -> None:
         batch = self._invite_queue[:MAX_INVITE_BATCH]
