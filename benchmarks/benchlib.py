@@ -131,6 +131,18 @@ def cpu_split(pid: int) -> tuple[float, float]:
     return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
 
+def io_counts(pid: int) -> dict[str, int]:
+    """The process's I/O counters (all its threads), from /proc: ``syscr`` and ``syscw``
+    (read- and write-like system calls: reads, writes, sends, receives), ``wchar``
+    (bytes handed to them to write). Unlike CPU time, counts do not drift with the VM."""
+    counts: dict[str, int] = {}
+    with open(f"/proc/{pid}/io") as handle:
+        for line in handle:
+            name, _, value = line.partition(":")
+            counts[name] = int(value)
+    return counts
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as handle:
         for line in handle:

@@ -37,6 +37,7 @@ from benchlib import (
     cpu_split,
     finish_wrk,
     free_port,
+    io_counts,
     machine_busy,
     make_certificate,
     make_origin_key,
@@ -96,9 +97,11 @@ def measure(
     sampler = CpuWhere([pid], where) if where else None
     cpu_before = cpu_seconds(pid)
     _, system_before = cpu_split(pid)
+    io_before = io_counts(pid)
     with sampler or nullcontext():
         report = run_wrk(port, requests_file, duration=duration, connections=connections)
     report["server_cpu"] = cpu_seconds(pid) - cpu_before
+    report["io"] = _io_per_request(io_before, io_counts(pid), report["requests"])
     _, system_after = cpu_split(pid)
     report["server_system_share"] = (system_after - system_before) / max(1e-9, report["server_cpu"])
     report["rss"] = rss_bytes(pid)
@@ -110,6 +113,15 @@ def measure(
     if sampler is not None:
         report["where"] = _where(sampler, report["cpu_per_request_us"])
     return report
+
+
+def _io_per_request(
+    before: dict[str, int], after: dict[str, int], requests: int
+) -> dict[str, float]:
+    return {
+        name: (after[name] - before[name]) / max(1, requests)
+        for name in ("syscr", "syscw", "wchar")
+    }
 
 
 def _where(sampler: CpuWhere, per_request_us: float) -> dict[str, float]:
@@ -180,6 +192,7 @@ def measure_daemons(
     """One wrk per daemon (port), all at once; the aggregate and each process's CPU."""
     sampler = CpuWhere(pids, where) if where else None
     cpu_before = [cpu_seconds(pid) for pid in pids]
+    io_before = [io_counts(pid) for pid in pids]
     system_before = sum(cpu_split(pid)[1] for pid in pids)
     postgres_before = _cpu_of(postgres)
     busy_before, total_before = machine_busy()
@@ -199,6 +212,15 @@ def measure_daemons(
     busy_after, total_after = machine_busy()
     cpu_each = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
     report: dict[str, Any] = {"parts": parts, "daemon_cpu_each": cpu_each}
+    io_after = [io_counts(pid) for pid in pids]
+    requests = sum(part["requests"] for part in parts)
+    report["io"] = {
+        name: sum(
+            after[name] - before[name] for before, after in zip(io_before, io_after, strict=True)
+        )
+        / max(1, requests)
+        for name in ("syscr", "syscw", "wchar")
+    }
     report["server_cpu"] = sum(cpu_each)
     report["server_system_share"] = (sum(cpu_split(pid)[1] for pid in pids) - system_before) / max(
         1e-9, report["server_cpu"]
@@ -245,6 +267,12 @@ def show(name: str, report: dict[str, Any]) -> None:
         f"RSS {report['rss'] / 2**20:5.0f} MiB  answers {json.dumps(report['counts'], sort_keys=True)}"
         + (f"  (request file wrapped {report['wrapped']}x)" if report["wrapped"] else "")
     )
+    if "io" in report:
+        io = report["io"]
+        print(
+            f"{'':<12} system calls per request: {io['syscr']:.2f} reads, {io['syscw']:.2f} writes"
+            f" ({io['wchar'] / 1024:.1f} KiB written)"
+        )
     if "where" in report:
         print(f"{'':<12} where (us/req): {_parts_text(report['where'])}")
 
