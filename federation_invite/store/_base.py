@@ -54,9 +54,6 @@ _log = Logger()
 MAX_LIST_LIMIT = 1000
 #: The most invites written in one transaction (the rest wait for the next).
 MAX_INVITE_BATCH = 256
-#: SQLite, commits on the reactor thread: how many more reactor iterations a batch may
-#: wait for invites while each adds some (see ``store_invite``).
-MAX_BATCH_WAITS = 3
 #: The most users in one read of invitee states: its statement has two ``IN (...)``
 #: lists, so 800 parameters, within the 999 that SQLite allowed before 3.32.
 _STATES_PER_STATEMENT = 400
@@ -148,9 +145,6 @@ class DatabaseStore:
         self._invite_writing = False
         #: The reactor's call of ``_write_scheduled``, while a batch waits for it.
         self._scheduled_write: Any = None
-        #: While it waits: the queue's length when it last looked, how often it waited.
-        self._batch_seen = 0
-        self._batch_waits = 0
         #: The dialect's writer of invite batches, if it has one (SQLite; set by open_store).
         self._direct_writer: SQLiteInviteWriter | None = None
         #: The dialect's reader on the calling thread, if it has one (SQLite; set by open_store).
@@ -215,16 +209,8 @@ class DatabaseStore:
         arrive meanwhile are queued and written together in the next single
         transaction, each caller answered once that transaction has committed.
         Under load this turns many thread hops and commits into one; when idle,
-        a lone invite is written at once.
-
-        SQLite while its commits are quick (they run on the reactor thread): the
-        batch starts at the end of a reactor iteration, and only once an
-        iteration has added no invite to it (or after ``MAX_BATCH_WAITS`` that
-        did), so that the invites of requests read over consecutive iterations
-        share one transaction. An idle server pays one empty iteration (the next
-        poll does not wait); under load batches grew from 11-15 to 31-32 invites
-        at 32 connections, with a quarter fewer write system calls per invite
-        (``benchmarks/README.md``, sixth session).
+        a lone invite is written at once (SQLite while its commits are quick: at
+        the end of this reactor iteration, with the others read in it).
         """
         _check_record(record, InviteRecord)
         values = (
@@ -249,7 +235,6 @@ class DatabaseStore:
                 # The COMMIT will run on this thread: start the batch once this
                 # reactor iteration is done, so that every invite read in it joins.
                 self._invite_writing = True
-                self._batch_seen = self._batch_waits = 0
                 self._scheduled_write = writer.call_later(self._write_scheduled)
             else:
                 self._write_invites()
@@ -260,21 +245,6 @@ class DatabaseStore:
         # _write_invites takes from it, and close() runs this before it fails
         # what is left.
         self._scheduled_write = None
-        queued = len(self._invite_queue)
-        writer = self._direct_writer
-        if (
-            queued > self._batch_seen
-            and self._batch_waits < MAX_BATCH_WAITS
-            and queued < MAX_INVITE_BATCH
-            and not self._closed
-            and writer is not None
-        ):
-            # Invites joined during the iteration that just ended: more may be
-            # read in the next one. Wait for it (its poll does not block).
-            self._batch_seen = queued
-            self._batch_waits += 1
-            self._scheduled_write = writer.call_later(self._write_scheduled)
-            return
         self._write_invites()
 
     def _write_invites(self) -> None:

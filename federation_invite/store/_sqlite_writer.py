@@ -22,11 +22,10 @@ So for SQLite the group-committed batch is written in two parts:
 
   - while commits are quick (the median of the last few on the reactor thread
     at most ``REACTOR_COMMIT_SECONDS``: a disk whose fsync takes well under a
-    millisecond), on the reactor thread itself, at the end of a reactor
-    iteration: the first one after the batch's first invite that added no
-    invite to it, or the ``MAX_BATCH_WAITS``-th (the store's ``store_invite``),
-    so that every invite read meanwhile joins the one transaction. No second
-    thread takes the GIL: over TLS this took 8% off the daemon's CPU per invite (618 -> 571
+    millisecond), on the reactor thread itself, at the end of the reactor
+    iteration in which the batch's first invite arrived, so that every invite
+    read in that iteration joins the one transaction. No second thread takes
+    the GIL: over TLS this took 8% off the daemon's CPU per invite (618 -> 571
     us, medians of 5 alternating pairs) and 4% off a server that only stores
     and logs (480 -> 461 us), and the batches grew (12-16 rows instead of
     10-11 under the benchmark's load; ``benchmarks/README.md``, fifth

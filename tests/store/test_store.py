@@ -30,7 +30,6 @@ from federation_invite.store import (
     open_store,
     run_migrations,
 )
-from federation_invite.store._base import MAX_BATCH_WAITS
 from federation_invite.store._sqlite_writer import _PROBE_EVERY
 
 from ._support import (
@@ -612,62 +611,6 @@ class SQLiteDirectWriteTests(TestCase):
         self.assertTrue(writer.commits_on_reactor)
         self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(40,)])
 
-    def _hold_iteration_ends(self, writer: Any) -> list[Any]:
-        """Keep the writer's end-of-iteration calls for the test to run, one iteration each."""
-        pending: list[Any] = []
-
-        def call_later(work: Any) -> Any:
-            pending.append(work)
-            return _NotCalled()
-
-        writer.call_later = call_later
-        return pending
-
-    async def test_a_batch_waits_while_each_iteration_brings_invites(self) -> None:
-        """Invites read over consecutive reactor iterations share one transaction: the
-        batch is written at the end of the first iteration that adds no invite to it
-        (an idle store pays one empty iteration), or of the MAX_BATCH_WAITS-th that
-        does."""
-        store = await self.open()
-        writer = store._direct_writer
-        commits = self._record_commits(writer)
-        ends = self._hold_iteration_ends(writer)
-        storing = [store.store_invite(make_invite("$a0"))]
-        for index in range(1, 3):
-            ends.pop()()  # an iteration ends: it added an invite, so the batch waits
-            self.assertEqual((commits, len(ends)), ([], 1))
-            storing.append(store.store_invite(make_invite(f"$a{index}")))
-        ends.pop()()  # added $a2: waits once more
-        self.assertEqual((commits, len(ends)), ([], 1))
-        ends.pop()()  # an iteration that added nothing: written
-        self.assertEqual((len(commits), ends), (1, []))
-        self.assertEqual([(await d)[1] for d in storing], [True] * 3)
-
-        # However busy the iterations, a batch waits at most MAX_BATCH_WAITS of them.
-        storing = [store.store_invite(make_invite("$b0"))]
-        for index in range(1, MAX_BATCH_WAITS + 1):
-            ends.pop()()
-            self.assertEqual(len(commits), 1)
-            storing.append(store.store_invite(make_invite(f"$b{index}")))
-        ends.pop()()
-        self.assertEqual((len(commits), ends), (2, []))
-        self.assertEqual([(await d)[1] for d in storing], [True] * (MAX_BATCH_WAITS + 1))
-        self.assertEqual(
-            raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(3 + MAX_BATCH_WAITS + 1,)]
-        )
-
-    async def test_close_writes_a_batch_that_waits_for_more_invites(self) -> None:
-        """close() while a batch waits another iteration for invites: it is written at
-        once and its callers answered."""
-        store = await open_store(self.uri, reactor=reactor)
-        ends = self._hold_iteration_ends(store._direct_writer)
-        storing = [store.store_invite(make_invite(f"$w{i}")) for i in range(2)]
-        ends.pop()()  # waits for the next iteration
-        self.assertEqual(len(ends), 1)
-        await store.close()
-        self.assertEqual([(await d)[1] for d in storing], [True] * 2)
-        self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(2,)])
-
     async def test_slow_commits_move_to_the_commit_thread_and_back(self) -> None:
         """Commits taking milliseconds (a slow disk) move to the writer's thread once the
         median of the last few passes REACTOR_COMMIT_SECONDS, so the reactor goes on
@@ -941,13 +884,6 @@ class SQLiteDirectWriteTests(TestCase):
         self.assertIsNone(writer._threads)
         self.assertIsNone(writer._connection)
         self.assertIsNone(reader._connection)
-
-
-class _NotCalled:
-    """What a held end-of-iteration call returns: cancelling it is all close() does."""
-
-    def cancel(self) -> None:
-        pass
 
 
 def _fake_commit_durations(writer: Any, seconds: float) -> list[float]:
