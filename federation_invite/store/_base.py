@@ -340,6 +340,7 @@ class DatabaseStore:
         status: str | None = None,
         limit: int = 100,
         before_ts: int | None = None,
+        before_event_id: str | None = None,
     ) -> Deferred[list[InviteRecord]]:
         conditions: list[str] = []
         args: list[Any] = []
@@ -352,7 +353,16 @@ class DatabaseStore:
         if status is not None:
             conditions.append("status = ?")
             args.append(check_choice("status", status, INVITE_STATUSES))
-        if before_ts is not None:
+        if before_event_id is not None:
+            # Keyset paging: strictly after the (received_ts, event_id) of the last
+            # invite of the previous page in the list's order, so that invites
+            # received in the same millisecond are neither skipped nor repeated.
+            if before_ts is None:
+                raise ValueError("before_event_id needs before_ts")
+            conditions.append("(received_ts < ? OR (received_ts = ? AND event_id < ?))")
+            ts = check_timestamp("before_ts", before_ts)
+            args.extend((ts, ts, check_text("before_event_id", before_event_id)))
+        elif before_ts is not None:
             conditions.append("received_ts < ?")
             args.append(check_timestamp("before_ts", before_ts))
         if type(limit) is not int or not 1 <= limit <= MAX_LIST_LIMIT:

@@ -39,11 +39,17 @@ class IStore(Interface):
         status: str | None = None,
         limit: int = 100,
         before_ts: int | None = None,
+        before_event_id: str | None = None,
     ) -> Deferred[list[InviteRecord]]:
-        """Invites matching every filter given, newest ``received_ts`` first.
+        """Invites matching every filter given, newest ``received_ts`` first
+        (``event_id`` descending among equal ones); ``limit`` is 1 to 1000.
 
-        ``before_ts`` keeps only invites received strictly before it (paging);
-        ``limit`` is 1 to 1000.
+        ``before_ts`` alone keeps only invites received strictly before it.
+        To page, give the last invite of the previous page's ``received_ts`` and
+        ``event_id`` as ``before_ts`` and ``before_event_id``: the next page
+        starts right after it, so invites received in the same millisecond are
+        neither skipped nor repeated. ``before_event_id`` without ``before_ts``
+        raises ``ValueError``.
         """
 
     def set_invite_status(event_id: str, status: str) -> Deferred[bool]:

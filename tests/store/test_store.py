@@ -223,7 +223,38 @@ class StoreTestsMixin:
         self.assertEqual(await ids(limit=2), ["$5", "$4"])
         self.assertEqual(await ids(before_ts=30), ["$3", "$1"])
         self.assertEqual(await ids(invitee=a, before_ts=40, limit=1), ["$2"])
+        self.assertEqual(await ids(before_ts=30, before_event_id="$4"), ["$2", "$3", "$1"])
+        self.assertEqual(await ids(room_id="!y:r", before_ts=30, before_event_id="$4"), ["$2"])
         self.assertEqual(await store.list_invites(invitee="@nobody:x"), [])
+
+    async def test_paging_by_last_invite_lists_each_invite_once(self) -> None:
+        """Paging with the last invite's (received_ts, event_id) visits every invite
+        exactly once, in order, even when a page ends among invites received in the
+        same millisecond (before_ts alone would skip the rest of that millisecond)."""
+        store = await self.open()
+        records = [make_invite(f"$p{i:02}", received_ts=100 + i // 4) for i in range(22)]
+        for record in records:
+            await store.store_invite(record)
+        newest_first = sorted(records, key=lambda r: (r.received_ts, r.event_id), reverse=True)
+        expected = [r.event_id for r in newest_first]
+        seen: list[str] = []
+        last: Any = None
+        while True:
+            page = await store.list_invites(
+                limit=3,
+                before_ts=None if last is None else last.received_ts,
+                before_event_id=None if last is None else last.event_id,
+            )
+            if not page:
+                break
+            seen.extend(r.event_id for r in page)
+            last = page[-1]
+        self.assertEqual(seen, expected)
+        # Paging by timestamp alone loses the invites sharing the page's last millisecond.
+        first = await store.list_invites(limit=3)
+        rest = await store.list_invites(limit=1000, before_ts=first[-1].received_ts)
+        listed = {r.event_id for r in first + rest}
+        self.assertEqual(set(expected) - listed, {"$p16", "$p17", "$p18"})
 
     async def test_set_invite_status(self) -> None:
         """set_invite_status changes only the status and reports unknown invites."""
@@ -247,6 +278,11 @@ class StoreTestsMixin:
             (lambda: store.list_invites(limit=1001), "limit must be an integer from 1 to 1000"),
             (lambda: store.list_invites(limit=True), "limit must be an integer from 1 to 1000"),
             (lambda: store.list_invites(before_ts="1"), "before_ts must be an integer"),
+            (lambda: store.list_invites(before_event_id="$e"), "before_event_id needs before_ts"),
+            (
+                lambda: store.list_invites(before_ts=1, before_event_id=""),
+                "before_event_id must not be empty",
+            ),
             (lambda: store.list_invites(invitee=""), "invitee must not be empty"),
             (lambda: store.get_invite(1), "event_id must be a string, not int"),
             (lambda: store.store_invite({"event_id": "$e"}), "expected a InviteRecord"),
