@@ -54,9 +54,36 @@ def _bad(message: str) -> NoReturn:
     raise MatrixError(400, Codes.BAD_JSON, f"Invalid PDU: {message}")
 
 
+#: The keys every PDU must have, by event format (pdu_v1 adds ``event_id``), in the
+#: order a missing one is reported.
+_REQUIRED_KEYS = {
+    event_format: (
+        "type",
+        "sender",
+        "origin_server_ts",
+        "content",
+        "depth",
+        "hashes",
+        "signatures",
+        "prev_events",
+        "auth_events",
+    )
+    + (("event_id",) if event_format is EventFormat.V1 else ())
+    for event_format in EventFormat
+}
+_REQUIRED_KEY_SETS = {
+    event_format: frozenset(keys) for event_format, keys in _REQUIRED_KEYS.items()
+}
+
+
 def _check_id_string(event: dict[str, Any], key: str) -> str:
     """Type-check one of the size-limited string fields and return it."""
     value = event[key]
+    if type(value) is str and value.isascii():
+        # The common case: one byte of UTF-8 a character, nothing to encode.
+        if len(value) > MAX_ID_BYTES:
+            _bad(f"{key!r} is longer than {MAX_ID_BYTES} bytes")
+        return value
     if not isinstance(value, str):
         _bad(f"{key!r} must be a string")
     try:
@@ -106,13 +133,11 @@ def check_event_format(
         except CanonicalJSONError as exc:
             _bad(f"not canonical JSON: {exc}")
 
-    required = ["type", "sender", "origin_server_ts", "content", "depth", "hashes", "signatures"]
-    required += ["prev_events", "auth_events"]
-    if version.event_format is EventFormat.V1:
-        required.append("event_id")
-    for key in required:
-        if key not in event:
-            _bad(f"missing the {key!r} key")
+    event_format = version.event_format
+    if not event.keys() >= _REQUIRED_KEY_SETS[event_format]:
+        for key in _REQUIRED_KEYS[event_format]:
+            if key not in event:
+                _bad(f"missing the {key!r} key")
 
     event_type = _check_id_string(event, "type")
     if not is_valid_user_id(_check_id_string(event, "sender")):
@@ -120,7 +145,7 @@ def check_event_format(
     _check_room_id(version, event, event_type)
     if "state_key" in event:
         _check_id_string(event, "state_key")
-    if version.event_format is EventFormat.V1:
+    if event_format is EventFormat.V1:
         if not is_valid_event_id(_check_id_string(event, "event_id"), version):
             _bad("'event_id' is not a valid event ID for this room version")
 
@@ -191,8 +216,9 @@ def _check_references(version: RoomVersion, refs: object, key: str, limit: int) 
         _bad(f"{key!r} must be an array")
     if len(refs) > limit:
         _bad(f"{key!r} has more than {limit} entries")
+    pairs = version.event_format is EventFormat.V1
     for ref in refs:
-        if version.event_format is EventFormat.V1:
+        if pairs:
             # pdu_v1: each entry is an [event_id, {"sha256": hash}] pair.
             if not isinstance(ref, list) or len(ref) != 2:
                 _bad(f"{key!r} entries must be [event_id, hashes] pairs")
