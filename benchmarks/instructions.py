@@ -63,12 +63,18 @@ def build(path: str, count: int, invitees: int) -> None:
         )
 
 
-def child(site_name: str, count: int, path: str) -> None:
-    """Run in valgrind: warm a site up, then drive ``count`` requests through it."""
+def child(site_name: str, count: int, path: str, without: str = "") -> None:
+    """Run in valgrind: warm a site up, then drive ``count`` requests through it
+    (the daemon with the ``ledger.py`` parts named in ``without`` taken out)."""
+    from contextlib import ExitStack
+
     import inproc
+    import ledger
     from twisted.internet.defer import ensureDeferred
     from twisted.internet.task import react
     from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from federation_invite.service import GEN0_THRESHOLD
 
     with open(path, "rb") as handle:
         data = pickle.load(handle)
@@ -90,8 +96,16 @@ def child(site_name: str, count: int, path: str) -> None:
             else:
                 site = inproc.calibration_site(our_key, origin_key)
             await inproc.drive(site, requests[:WARM_UP])
+            # Found before the freeze: gc.get_objects() does not list frozen objects.
+            parts = ledger.knockouts(ledger.find_handler(), store) if without else {}
             gc.freeze()  # as the daemon does once it listens
-            _, _, statuses = await inproc.drive(site, requests[WARM_UP : WARM_UP + count])
+            if site_name == "daemon":
+                # ... and its youngest generation's threshold (service.GEN0_THRESHOLD).
+                gc.set_threshold(GEN0_THRESHOLD, *gc.get_threshold()[1:])
+            with ExitStack() as stack:
+                for name in filter(None, without.split(",")):
+                    stack.enter_context(parts[name]())
+                _, _, statuses = await inproc.drive(site, requests[WARM_UP : WARM_UP + count])
             if store is not None:
                 await store.close()
             if set(statuses) != {b"200"}:
@@ -100,7 +114,9 @@ def child(site_name: str, count: int, path: str) -> None:
     react(lambda _: ensureDeferred(main()))
 
 
-def count_instructions(site_name: str, count: int, path: str) -> subprocess.Popen[str]:
+def count_instructions(
+    site_name: str, count: int, path: str, without: str = ""
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
             "valgrind",
@@ -112,6 +128,7 @@ def count_instructions(site_name: str, count: int, path: str) -> subprocess.Pope
             site_name,
             str(count),
             path,
+            without,
         ],
         cwd=HERE,
         stdout=subprocess.DEVNULL,
@@ -134,11 +151,18 @@ def main() -> None:
     parser.add_argument("--counts", default="100,400", type=lambda text: text.split(","))
     parser.add_argument("--invitees", type=int, default=50)
     parser.add_argument(
-        "--child", nargs=3, metavar=("SITE", "COUNT", "FILE"), help=argparse.SUPPRESS
+        "--ledger",
+        nargs="?",
+        const="all",
+        metavar="PARTS",
+        help="also count the daemon with each ledger.py part taken out (all, or a comma list)",
+    )
+    parser.add_argument(
+        "--child", nargs=4, metavar=("SITE", "COUNT", "FILE", "WITHOUT"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]), args.child[2])
+        child(args.child[0], int(args.child[1]), args.child[2], args.child[3])
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
@@ -153,16 +177,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         path = os.path.join(work, "requests.pickle")
         build(path, WARM_UP + high, args.invitees)
-        for site_name in args.sites:
+
+        def count(site_name: str, without: str = "") -> float:
             # The two counts at once, one per core.
-            runs = [count_instructions(site_name, n, path) for n in (low, high)]
+            runs = [count_instructions(site_name, n, path, without) for n in (low, high)]
             low_total, high_total = (collected(run) for run in runs)
-            per_request[site_name] = (high_total - low_total) / (high - low)
+            return (high_total - low_total) / (high - low)
+
+        for site_name in args.sites:
+            per_request[site_name] = count(site_name)
             print(
-                f"{site_name:12} {per_request[site_name] / 1e6:7.3f} M instructions per request"
-                f"  ({low} requests: {low_total:,}; {high}: {high_total:,})",
+                f"{site_name:12} {per_request[site_name] / 1e6:7.3f} M instructions per request",
                 flush=True,
             )
+        if args.ledger:
+            import ledger
+
+            names = (
+                list(ledger.knockouts(None, None))
+                if args.ledger == "all"
+                else args.ledger.split(",")
+            )
+            whole = per_request.get("daemon") or count("daemon")
+            print(f"the daemon's parts (instructions per request each costs; of {whole:,.0f}):")
+            for name in names:
+                print(f"  {name:14} {whole - count('daemon', name):9,.0f}", flush=True)
     for top, bottom in (
         ("daemon", "calibration"),
         ("daemon", "durable"),
