@@ -124,6 +124,11 @@ def _io_per_request(
     }
 
 
+def _summed(counts: Sequence[dict[str, int]]) -> dict[str, int]:
+    """Several processes' ``io_counts``, added up."""
+    return {name: sum(each[name] for each in counts) for name in counts[0]}
+
+
 def _where(sampler: CpuWhere, per_request_us: float) -> dict[str, float]:
     """Microseconds of CPU per request in each part of the stack (``--where``)."""
     return {part: share * per_request_us for part, share in sampler.shares().items()}
@@ -212,15 +217,11 @@ def measure_daemons(
     busy_after, total_after = machine_busy()
     cpu_each = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
     report: dict[str, Any] = {"parts": parts, "daemon_cpu_each": cpu_each}
-    io_after = [io_counts(pid) for pid in pids]
-    requests = sum(part["requests"] for part in parts)
-    report["io"] = {
-        name: sum(
-            after[name] - before[name] for before, after in zip(io_before, io_after, strict=True)
-        )
-        / max(1, requests)
-        for name in ("syscr", "syscw", "wchar")
-    }
+    report["io"] = _io_per_request(
+        _summed(io_before),
+        _summed([io_counts(pid) for pid in pids]),
+        sum(part["requests"] for part in parts),
+    )
     report["server_cpu"] = sum(cpu_each)
     report["server_system_share"] = (sum(cpu_split(pid)[1] for pid in pids) - system_before) / max(
         1e-9, report["server_cpu"]
