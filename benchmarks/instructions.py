@@ -74,7 +74,7 @@ def child(site_name: str, count: int, path: str, without: str = "") -> None:
     from twisted.internet.task import react
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from federation_invite.service import GEN0_THRESHOLD
+    from federation_invite.service import settle_gc
 
     with open(path, "rb") as handle:
         data = pickle.load(handle)
@@ -98,10 +98,10 @@ def child(site_name: str, count: int, path: str, without: str = "") -> None:
             await inproc.drive(site, requests[:WARM_UP])
             # Found before the freeze: gc.get_objects() does not list frozen objects.
             parts = ledger.knockouts(ledger.find_handler(), store) if without else {}
-            gc.freeze()  # as the daemon does once it listens
             if site_name == "daemon":
-                # ... and its youngest generation's threshold (service.GEN0_THRESHOLD).
-                gc.set_threshold(GEN0_THRESHOLD, *gc.get_threshold()[1:])
+                settle_gc()  # as the daemon does once it listens
+            else:
+                gc.freeze()
             with ExitStack() as stack:
                 for name in filter(None, without.split(",")):
                     stack.enter_context(parts[name]())

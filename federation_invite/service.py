@@ -68,6 +68,26 @@ log = Logger(namespace="federation_invite.service")
 GEN0_THRESHOLD = 10_000
 
 
+def settle_gc() -> None:
+    """Tune the cyclic collector for serving, once start-up is done.
+
+    What exists now (modules, the composed services, configuration) lives as
+    long as the process: it is moved out of the collector's way, so full
+    collections under load walk only what requests create (as Synapse does
+    after start-up). Measured: about 25 us less per invite under load
+    (benchmarks/README.md).
+
+    The invites in flight together hold thousands of young objects, and leave
+    next to no cyclic garbage: at Python's default (700) the youngest
+    generation was collected about every 12 invites, each time walking all of
+    them and finding nothing, 10-13 us per invite in-process
+    (benchmarks/README.md). Cyclic garbage (a refusal's traceback) still
+    triggers a collection once ``GEN0_THRESHOLD`` objects of it pile up.
+    """
+    gc.freeze()
+    gc.set_threshold(GEN0_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def build_site_root(matrix: Resource) -> Resource:
     """A site root that serves ``/_matrix`` and answers everything else with JSON 404."""
     root = MatrixResource()
@@ -344,20 +364,7 @@ class FederationInviteService(service.MultiService):
             source=self.config.path or "built-in defaults (no --config given)",
         )
         if self._freeze_gc:
-            # What exists now (modules, the composed services, configuration)
-            # lives as long as the process: move it out of the cyclic
-            # collector's way, so full collections under load walk only what
-            # requests create (as Synapse does after start-up). Measured: about
-            # 25 us less per invite under load (benchmarks/README.md).
-            gc.freeze()
-            # The invites in flight together hold thousands of young objects,
-            # and leave next to no cyclic garbage: at Python's default (700)
-            # the youngest generation was collected about every 12 invites,
-            # each time walking all of them and finding nothing, 10-13 us per
-            # invite in-process (benchmarks/README.md). Cyclic garbage (a
-            # refusal's traceback) still triggers a collection once
-            # GEN0_THRESHOLD objects of it pile up.
-            gc.set_threshold(GEN0_THRESHOLD, *gc.get_threshold()[1:])
+            settle_gc()
         return components
 
     def _site(self, root: Resource) -> FederationSite:
