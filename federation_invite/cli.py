@@ -11,6 +11,7 @@ import datetime
 import hashlib
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -189,8 +190,22 @@ async def _cmd_invites(args: argparse.Namespace, out: TextIO, store: IStore, con
                     value = json.dumps(value, sort_keys=True)
                 out.write(f"{field.name}: {_printable(value)}\n")
         return 0
+    before_ts = before_event_id = None
+    if args.after is not None:
+        # Keyset paging: the next page starts right after this invite in the list's
+        # order, so invites received in the same millisecond are neither skipped nor
+        # repeated (an offset would shift under invites arriving meanwhile).
+        last = await store.get_invite(args.after)
+        if last is None:
+            raise ConfigError(f"no invite with event ID {args.after!r}")
+        before_ts, before_event_id = last.received_ts, last.event_id
     records = await store.list_invites(
-        invitee=args.user, room_id=args.room, status=args.status, limit=args.limit
+        invitee=args.user,
+        room_id=args.room,
+        status=args.status,
+        limit=args.limit,
+        before_ts=before_ts,
+        before_event_id=before_event_id,
     )
     if args.json:
         out.write(json.dumps([_invite_json(r) for r in records], indent=2, sort_keys=True) + "\n")
@@ -207,6 +222,10 @@ async def _cmd_invites(args: argparse.Namespace, out: TextIO, store: IStore, con
             f"{when:%Y-%m-%d %H:%M:%S} {r.status:<8} {invitee:<30} {sender:<30} "
             f"{room_id:<30} {event_id}\n"
         )
+    if records and len(records) == args.limit:
+        # A full page: there may be more. (With --json, the last element's event_id
+        # is what --after takes.)
+        out.write(f"-- next page: --after {shlex.quote(_printable(records[-1].event_id))}\n")
     return 0
 
 
@@ -340,7 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--user", help="only invites for this invitee")
     listing.add_argument("--room", help="only invites to this room")
     listing.add_argument("--status", choices=sorted(INVITE_STATUSES))
-    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (1-1000)")
+    listing.add_argument(
+        "--after",
+        metavar="EVENT_ID",
+        help="the next page: the invites listed after this one (the last of the previous page)",
+    )
     listing.add_argument("--json", action="store_true")
     _config_arg(listing)
     show_invite = invite_commands.add_parser("show", help="one invite in full")

@@ -127,7 +127,71 @@ class StoreCommandTests(TestCase):
             with self.assertRaises(ConfigError):
                 await self.run_cli("invites", "show", "$nope")
 
-    def test_peer_chosen_text_is_escaped(self) -> None:
+        return ensureDeferred(go())
+
+    def test_invites_list_pages_with_after(self) -> Deferred[None]:
+        """invites list --after EVENT_ID gives the next page: every invite exactly once, in
+        order, even where several share a millisecond; a full page says how to go on."""
+
+        async def go() -> None:
+            store = await open_store(f"sqlite:///{self.db}", reactor=reactor)
+            # 8 invites, 3 per millisecond: pages of 3 split every millisecond's group.
+            for i in range(8):
+                await store.store_invite(
+                    InviteRecord(
+                        f"$p{i}",
+                        "!r:x",
+                        "10",
+                        "@a:example.org",
+                        "@s:x",
+                        "x",
+                        {},
+                        [],
+                        1_700_000_000_000 + i // 3,
+                        "pending",
+                    )
+                )
+            await store.close()
+            newest_first = [f"$p{i}" for i in range(7, -1, -1)]
+
+            seen: list[str] = []
+            argv: list[str] = []
+            hints = []
+            for _ in range(5):  # bounded: a broken --after would repeat the first page
+                code, out = await self.run_cli("invites", "list", "--limit", "3", *argv)
+                self.assertEqual(code, 0)
+                lines = out.splitlines()[1:]
+                if lines and lines[-1].startswith("-- next page: --after "):
+                    hints.append(lines.pop())
+                seen.extend(line.rsplit(" ", 1)[1] for line in lines)
+                if len(lines) < 3:
+                    break
+                argv = ["--after", seen[-1]]
+            self.assertEqual(seen, newest_first)
+            # Full pages (3, 3, then 2) say how to go on, with the ID quoted for a shell.
+            self.assertEqual(hints, ["-- next page: --after '$p5'", "-- next page: --after '$p2'"])
+
+            pages = []
+            after: list[str] = []
+            for _ in range(3):
+                code, out = await self.run_cli("invites", "list", "--limit", "3", "--json", *after)
+                page = [r["event_id"] for r in json.loads(out)]
+                pages.append(page)
+                after = ["--after", page[-1]]
+            self.assertEqual(pages, [newest_first[:3], newest_first[3:6], newest_first[6:]])
+
+            # Filters apply to later pages too.
+            code, out = await self.run_cli(
+                "invites", "list", "--json", "--user", "@nobody:example.org", "--after", "$p4"
+            )
+            self.assertEqual((code, json.loads(out)), (0, []))
+            with self.assertRaises(ConfigError) as raised:
+                await self.run_cli("invites", "list", "--after", "$nope")
+            self.assertIn("no invite with event ID '$nope'", str(raised.exception))
+
+        return ensureDeferred(go())
+
+    def test_peer_chosen_text_is_escaped(self) -> Deferred[None]:
         """IDs with escape sequences or newlines are shown escaped, never sent to the terminal raw."""
 
         async def go() -> None:
@@ -155,7 +219,5 @@ class StoreCommandTests(TestCase):
                 self.assertNotIn("\x07", text)
                 self.assertIn("\\x1b[2Jfake\\nline", text)
             self.assertEqual(len(table.splitlines()), 2)
-
-        return ensureDeferred(go())
 
         return ensureDeferred(go())
