@@ -27,7 +27,7 @@ from federation_invite.keyring import Keyring
 from federation_invite.policy import InvitePolicy
 from federation_invite.service import build_site_root
 from federation_invite.signer import LocalSigner
-from federation_invite.store import IStore, StoreError, open_store
+from federation_invite.store import InviteRecord, IStore, StoreError, open_store
 from federation_invite.store import _dialect as dialect_module
 from federation_invite.web.invite import InviteResource
 from federation_invite.web.keys import KeyServerResource
@@ -184,6 +184,57 @@ class SQLiteStorageFaultTests(StorageFaultMixin, TestCase):
         invite = self.new_invite()
         reactor.callLater(0.1, other.execute, "ROLLBACK")  # type: ignore[attr-defined]
         await self.assertAcceptedOnce(invite, await self.invite(invite))
+
+    async def _check_file_gone(self, remove: Any) -> None:
+        """After ``remove()`` takes the file away from its path: every invite is refused
+        500 M_UNKNOWN with the reason logged, and other writes fail too, rather than
+        being written to a file that is no longer the database."""
+        accepted = self.new_invite()
+        await self.assertAcceptedOnce(accepted, await self.invite(accepted))
+        remove()
+        for _ in range(2):  # and it stays refused
+            self.assertStoreFailure(await self.invite())
+            self.assertIn("the database file was deleted or replaced while open", self.last_reason)
+            self.assertIn(self.path, self.last_reason)
+        with self.assertRaises(StoreError) as raised:
+            await self.s.store.set_invite_status(event_id_of(*accepted), "accepted")
+        self.assertIn("set_invite_status failed: the database file was", str(raised.exception))
+        with self.assertRaises(StoreError):
+            await self.s.store.add_local_user("@new:" + US)
+
+    async def test_database_file_deleted(self) -> None:
+        """The database file unlinked while open."""
+        await self._check_file_gone(lambda: os.unlink(self.path))
+
+    async def test_database_file_replaced(self) -> None:
+        """Another file renamed over the database's path while open (a restore gone wrong):
+        nothing is written to either; the file now at the path is untouched."""
+        other = os.path.abspath(self.mktemp()) + ".db"
+        sqlite3.connect(other).close()
+        before = os.stat(other)
+        await self._check_file_gone(lambda: os.replace(other, self.path))
+        after = os.stat(self.path)
+        self.assertEqual((after.st_ino, after.st_size), (before.st_ino, before.st_size))
+
+    async def test_working_directory_change_is_not_a_deletion(self) -> None:
+        """A relative database path keeps naming the file SQLite opened after a chdir."""
+        here = os.getcwd()
+        self.addCleanup(os.chdir, here)
+        os.chdir(os.path.dirname(self.path))
+        relative = os.path.basename(self.path) + "-relative.db"
+        store = await open_store(f"sqlite:///{relative}", reactor=reactor)
+        self.addCleanup(store.close)
+        os.chdir(here)
+        await store.add_local_user(BOB)
+        # The invitee-state read and the invite write open their own connections now:
+        # to the same file.
+        self.assertEqual(await store.invitee_states([BOB]), {BOB: (True, [])})
+        room_version, event = self.new_invite()
+        record = InviteRecord(
+            event_id_of(room_version, event), "!r:x", "10", BOB, "@s:x", "x", {}, [], 1, "pending"
+        )
+        self.assertEqual(await store.store_invite(record), (record, True))
+        self.assertFalse(os.path.exists(relative))
 
 
 class PostgresStorageFaultTests(StorageFaultMixin, TestCase):

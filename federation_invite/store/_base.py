@@ -177,6 +177,8 @@ class DatabaseStore:
         dialect = self._dialect
 
         def interaction(txn: adbapi.Transaction) -> _T:
+            if write:
+                dialect.check_before_write(operation)
             dialect.begin(txn, write=write)
             return work(txn, *args)
 
@@ -286,6 +288,7 @@ class DatabaseStore:
         if writer is None or not writer.usable:
             return None
         try:
+            self._dialect.check_before_write("store_invite")
             cursor = writer.begin()
             if cursor is None:
                 return None

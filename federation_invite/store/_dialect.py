@@ -7,6 +7,7 @@ is why no statement of ours may contain a literal ``?`` or ``%``.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -14,6 +15,8 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from twisted.enterprise import adbapi
 from twisted.internet.interfaces import IReactorCore
+
+from ._records import StoreError
 
 if TYPE_CHECKING:
     from ._sqlite_writer import SQLiteDirectReader, SQLiteInviteWriter
@@ -68,6 +71,9 @@ class Dialect:
         """The exceptions that mean "the database said no", to be wrapped in StoreError."""
         return (adbapi.ConnectionLost,)
 
+    def check_before_write(self, operation: str) -> None:
+        """Raise ``StoreError`` if writing now would lose what is written (any thread)."""
+
     def describe(self, error: BaseException) -> str:
         """A one-line description of a driver error with every secret removed."""
         text = " ".join(str(error).split()) or "(no message)"
@@ -89,6 +95,12 @@ class SQLiteDialect(Dialect):
     def __init__(self, path: str, display: str) -> None:
         super().__init__(display, ())
         self.path = path
+        #: (st_dev, st_ino) of the file the first connection opened; None for a
+        #: database with no file of its own (``:memory:``) or before it is opened.
+        self._file_identity: tuple[int, int] | None = None
+        #: ``path`` made absolute when the first connection opened it; the store's
+        #: own connections open this, so a later chdir cannot point them elsewhere.
+        self._file_path = path
 
     def connection_pool(self, reactor: IReactorCore | None) -> adbapi.ConnectionPool:
         extra: dict[str, Any] = {} if reactor is None else {"cp_reactor": reactor}
@@ -102,7 +114,7 @@ class SQLiteDialect(Dialect):
             check_same_thread=False,
             cp_min=1,
             cp_max=1,
-            cp_openfun=_configure_sqlite,
+            cp_openfun=self._open_connection,
             **extra,
         )
 
@@ -112,12 +124,12 @@ class SQLiteDialect(Dialect):
     def invite_writer(self, reactor: Any) -> SQLiteInviteWriter:
         from ._sqlite_writer import SQLiteInviteWriter
 
-        return SQLiteInviteWriter(self.path, reactor)
+        return SQLiteInviteWriter(self._file_path, reactor)
 
     def direct_reader(self) -> SQLiteDirectReader:
         from ._sqlite_writer import SQLiteDirectReader
 
-        return SQLiteDirectReader(self.path)
+        return SQLiteDirectReader(self._file_path)
 
     def table_exists(self, txn: adbapi.Transaction, table: str) -> bool:
         txn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,))
@@ -125,6 +137,48 @@ class SQLiteDialect(Dialect):
 
     def driver_errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.Error, *super().driver_errors())
+
+    def _open_connection(self, connection: sqlite3.Connection) -> None:
+        _configure_sqlite(connection)
+        if self._file_identity is None and self.path != ":memory:":
+            # Absolute now, as SQLite resolved it: a later chdir changes nothing.
+            self._file_path = os.path.abspath(self.path)
+            self._file_identity = _file_identity(self._file_path)
+
+    def check_before_write(self, operation: str) -> None:
+        """Refuse to write once the database file was deleted or replaced under us.
+
+        An open SQLite connection keeps writing to the file it opened even after
+        that file is unlinked or another is renamed over its path: every commit
+        would succeed, and every invite acknowledged from then on would be gone at
+        the next start. One ``stat`` per write transaction (per batch of invites)
+        notices instead, and the write fails as any storage failure does (the
+        invite is answered 500 M_UNKNOWN and the reason logged) until the daemon
+        is restarted on the file now at that path.
+        """
+        expected = self._file_identity
+        if expected is None:
+            return
+        try:
+            found: tuple[int, int] | None = _file_identity(self._file_path)
+        except FileNotFoundError:
+            found = None
+        except OSError:
+            # Not ours to judge (a permission change, say): SQLite reports what
+            # actually stops it.
+            return
+        if found != expected:
+            raise StoreError(
+                operation,
+                "the database file was deleted or replaced while open; nothing more is"
+                f" written to it: restart to use the file now at its path [{self.display}]",
+            )
+
+
+def _file_identity(path: str) -> tuple[int, int]:
+    """(st_dev, st_ino) of the file at ``path``."""
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
 
 
 def _configure_sqlite(connection: sqlite3.Connection) -> None:
