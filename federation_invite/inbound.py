@@ -437,6 +437,11 @@ class InviteHandler:
         elif entry.get("room_id") != room_id:
             raise _invalid("An invite_room_state event belongs to another room")
         await self._verify_signers(room_version, entry, prepared, "An invite_room_state event")
+        # The signatures cover only what redaction keeps (an m.room.name event's
+        # name is not): the content hash covers the rest, or the inviting server
+        # could relay another server's signed state with its content rewritten.
+        if not check_content_hash(room_version, entry):
+            raise _invalid("An invite_room_state event's content hash does not match")
 
     def _notify(self, record: InviteRecord) -> None:
         def failed(failure: Any) -> None:

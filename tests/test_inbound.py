@@ -496,6 +496,48 @@ class StrictRoomStateTests(InboundTestCase):
         self.assertRefused(self.send_v2(room_version, event, [elsewhere]), 400, "M_INVALID_PARAM")
         self.assertEqual(self.send_v2(room_version, event, [create])[0], 200)
 
+    def test_row13_strict_mode_checks_content_hashes(self) -> None:
+        """Row 13, strict mode: a state event signed by its server but with its content
+        rewritten since (what redaction strips, which no signature covers) is refused:
+        400 M_INVALID_PARAM; the same event as signed is accepted."""
+        for identifier in ("10", "12"):
+            room_version = KNOWN_ROOM_VERSIONS[identifier]
+            if room_version.room_id_is_create_event_hash:
+                room_version, create, room_id = v12_room(self.s.their_key)
+            else:
+                create = build_create_event(room_version, self.s.their_key)
+                room_id = create["room_id"]
+            name = hash_and_sign_event(
+                room_version,
+                {
+                    "type": "m.room.name",
+                    "state_key": "",
+                    "sender": create["sender"],
+                    "room_id": room_id,
+                    "content": {"name": "The real name"},
+                    "origin_server_ts": create["origin_server_ts"] + 1,
+                    "depth": 2,
+                    "prev_events": [],
+                    "auth_events": [],
+                },
+                THEM,
+                self.s.their_key,
+            )
+            rewritten = {**name, "content": {"name": "Rewritten by the inviting server"}}
+            for depth, (state, expected) in enumerate(
+                (([create, rewritten], 400), ([create, name], 200)), start=10
+            ):
+                event = build_invite(
+                    room_version, self.s.their_key, room_id=room_id, extra={"depth": depth}
+                )
+                if expected == 400:
+                    body = self.assertRefused(
+                        self.send_v2(room_version, event, state), 400, "M_INVALID_PARAM"
+                    )
+                    self.assertIn("content hash", body["error"])
+                else:
+                    self.assertEqual(self.send_v2(room_version, event, state)[0], 200, identifier)
+
 
 class PolicyRowTests(InboundTestCase):
     def test_row14_unknown_invitee(self) -> None:
