@@ -216,6 +216,40 @@ class SQLiteStorageFaultTests(StorageFaultMixin, TestCase):
         after = os.stat(self.path)
         self.assertEqual((after.st_ino, after.st_size), (before.st_ino, before.st_size))
 
+    async def test_file_replaced_while_the_write_waits_for_the_lock(self) -> None:
+        """The file is replaced after the check before the write, while the write waits
+        for the lock: the write lands in the old file, so it is not answered as stored."""
+        holder = self.lock()
+        room_version, event = self.new_invite()
+        record = InviteRecord(
+            event_id_of(room_version, event), "!r:x", "10", BOB, "@s:x", "x", {}, [], 1, "pending"
+        )
+        writing = self.s.store.store_invite(record)
+        other = os.path.abspath(self.mktemp()) + ".db"
+        sqlite3.connect(other).close()
+        await deferLater(reactor, 0.05, os.replace, other, self.path)
+        holder.execute("ROLLBACK")
+        with self.assertRaises(StoreError) as raised:
+            await writing
+        self.assertIn("the database file was deleted or replaced while open", str(raised.exception))
+
+    async def test_path_through_a_symlink_and_dot_dot(self) -> None:
+        """``link/../x.db`` is the file the kernel finds (through the symlink), for every
+        connection of the store, not ``x.db`` beside ``link``."""
+        base = os.path.abspath(self.mktemp())
+        real = os.path.join(base, "deep", "real")
+        os.makedirs(real)
+        os.symlink(real, os.path.join(base, "link"))
+        store = await open_store(f"sqlite:///{base}/link/../x.db", reactor=reactor)
+        self.addCleanup(store.close)
+        await store.add_local_user(BOB)
+        record = InviteRecord("$s", "!r:x", "10", BOB, "@s:x", "x", {}, [], 1, "pending")
+        self.assertEqual(await store.store_invite(record), (record, True))
+        self.assertEqual(await store.get_invite("$s"), record)
+        self.assertEqual(await store.invitee_states([BOB]), {BOB: (True, [])})
+        self.assertTrue(os.path.exists(os.path.join(base, "deep", "x.db")))
+        self.assertFalse(os.path.exists(os.path.join(base, "x.db")))
+
     async def test_working_directory_change_is_not_a_deletion(self) -> None:
         """A relative database path keeps naming the file SQLite opened after a chdir."""
         here = os.getcwd()

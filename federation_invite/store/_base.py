@@ -178,13 +178,20 @@ class DatabaseStore:
 
         def interaction(txn: adbapi.Transaction) -> _T:
             if write:
-                dialect.check_before_write(operation)
+                dialect.check_file(operation)
             dialect.begin(txn, write=write)
             return work(txn, *args)
 
         d: Deferred[_T] = self._pool.runInteraction(interaction)
+        if write:
+            d.addCallback(self._committed_to_the_file, operation)
         d.addErrback(self._translate, operation)
         return d
+
+    def _committed_to_the_file(self, result: _T, operation: str) -> _T:
+        """After a COMMIT: the file written is still the database (``Dialect.check_file``)."""
+        self._dialect.check_file(operation)
+        return result
 
     def _translate(self, failure: Failure, operation: str) -> Failure:
         error = failure.value
@@ -288,7 +295,7 @@ class DatabaseStore:
         if writer is None or not writer.usable:
             return None
         try:
-            self._dialect.check_before_write("store_invite")
+            self._dialect.check_file("store_invite")
             cursor = writer.begin()
             if cursor is None:
                 return None
@@ -300,6 +307,7 @@ class DatabaseStore:
         except Exception:
             return fail().addErrback(self._translate, "store_invite")
         committed = writer.commit().addCallback(lambda _: existing)
+        committed.addCallback(self._committed_to_the_file, "store_invite")
         return committed.addErrback(self._translate, "store_invite")
 
     def _store_invites_txn(

@@ -71,8 +71,9 @@ class Dialect:
         """The exceptions that mean "the database said no", to be wrapped in StoreError."""
         return (adbapi.ConnectionLost,)
 
-    def check_before_write(self, operation: str) -> None:
-        """Raise ``StoreError`` if writing now would lose what is written (any thread)."""
+    def check_file(self, operation: str) -> None:
+        """Raise ``StoreError`` if what is written now would be lost (any thread): called
+        before each write transaction and after its commit."""
 
     def describe(self, error: BaseException) -> str:
         """A one-line description of a driver error with every secret removed."""
@@ -141,20 +142,28 @@ class SQLiteDialect(Dialect):
     def _open_connection(self, connection: sqlite3.Connection) -> None:
         _configure_sqlite(connection)
         if self._file_identity is None and self.path != ":memory:":
-            # Absolute now, as SQLite resolved it: a later chdir changes nothing.
-            self._file_path = os.path.abspath(self.path)
+            # Absolute now, as SQLite resolved it, so that a later chdir changes
+            # nothing. Joined, not normalised: SQLite (the kernel) follows a
+            # symlink before a "..", and so must every later open and stat.
+            try:
+                self._file_path = os.path.join(os.getcwd(), self.path)
+            except OSError:  # the working directory is gone: keep the path as given
+                self._file_path = self.path
             self._file_identity = _file_identity(self._file_path)
 
-    def check_before_write(self, operation: str) -> None:
-        """Refuse to write once the database file was deleted or replaced under us.
+    def check_file(self, operation: str) -> None:
+        """Raise ``StoreError`` once the database file was deleted or replaced under us.
 
         An open SQLite connection keeps writing to the file it opened even after
         that file is unlinked or another is renamed over its path: every commit
         would succeed, and every invite acknowledged from then on would be gone at
-        the next start. One ``stat`` per write transaction (per batch of invites)
-        notices instead, and the write fails as any storage failure does (the
-        invite is answered 500 M_UNKNOWN and the reason logged) until the daemon
-        is restarted on the file now at that path.
+        the next start. The store calls this before each write transaction (one
+        ``stat`` per batch of invites: nothing is written to a file that is no
+        longer the database) and again after its COMMIT, before anyone is told it
+        is stored (the file may be replaced while the write waits for the lock or
+        commits). The write then fails as any storage failure does (an invite is
+        answered 500 M_UNKNOWN and the reason logged), until the daemon is
+        restarted on the file now at that path.
         """
         expected = self._file_identity
         if expected is None:
