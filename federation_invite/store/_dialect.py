@@ -11,7 +11,7 @@ import os
 import sqlite3
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlencode, urlsplit, urlunsplit
 
 from twisted.enterprise import adbapi
 from twisted.internet.interfaces import IReactorCore
@@ -336,6 +336,10 @@ def _parse_sqlite(uri: str, rest: str) -> SQLiteDialect:
     return SQLiteDialect(path, uri)
 
 
+#: libpq's URI parameters whose values are secrets.
+_SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+
+
 def _parse_postgres(uri: str) -> PostgresDialect:
     try:
         parts = urlsplit(uri)
@@ -355,12 +359,18 @@ def _parse_postgres(uri: str) -> PostgresDialect:
         netloc = f"{user}:***@{parts.netloc.rpartition('@')[2]}"
         display = urlunsplit(parts._replace(netloc=netloc))
     if "password=" in parts.query:
-        # libpq also takes ?password=...: keep it out of every display too.
+        # libpq also takes ?password=... and ?sslpassword=... (the client key's
+        # passphrase): keep them out of every display too.
         query = [
-            (name, "***" if name == "password" else value)
+            (name, "***" if name in _SECRET_PARAMETERS else value)
             for name, value in parse_qsl(parts.query, keep_blank_values=True)
         ]
-        secrets += tuple(v for n, v in parse_qsl(parts.query) if n == "password" and v)
+        secrets += tuple(
+            secret
+            for name, value in parse_qsl(parts.query)
+            if name in _SECRET_PARAMETERS and value
+            for secret in {value, quote(value, safe=""), quote_plus(value, safe="")}
+        )
         display = urlunsplit(urlsplit(display)._replace(query=urlencode(query, safe="*")))
     if parts.fragment:
         raise ValueError(f"PostgreSQL URI {display!r} must not have a fragment")

@@ -121,6 +121,20 @@ class PasswordDisplayTests(SynchronousTestCase):
         dialect = parse_database_uri("postgresql://u@h/db?password=s3cret&sslmode=require")
         self.assertEqual(dialect.display, "postgresql://u@h/db?password=***&sslmode=require")
 
+    def test_query_sslpassword_hidden(self) -> None:
+        """?sslpassword= (the client key's passphrase) is hidden from the display string and
+        from driver messages, as written and percent-encoded."""
+        dialect = parse_database_uri(
+            "postgresql://u@h/db?sslkey=%2Fk.pem&sslpassword=hun%2Bter%202&password=pw"
+        )
+        self.assertEqual(
+            dialect.display, "postgresql://u@h/db?sslkey=%2Fk.pem&sslpassword=***&password=***"
+        )
+        for leaked in ("hun+ter 2", "hun%2Bter%202", "hun%2Bter+2"):
+            described = dialect.describe(RuntimeError(f"bad key passphrase {leaked}"))
+            self.assertNotIn("hun", described)
+            self.assertIn("***", described)
+
     def test_malformed_uri_does_not_quote_the_password(self) -> None:
         """An unencoded '#' in a password makes the URI malformed; the error quotes none of it."""
         error = self.assertRaises(
