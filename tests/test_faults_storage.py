@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 from typing import Any
 
 from treq.testing import StubTreq
@@ -232,6 +233,42 @@ class SQLiteStorageFaultTests(StorageFaultMixin, TestCase):
         with self.assertRaises(StoreError) as raised:
             await writing
         self.assertIn("the database file was deleted or replaced while open", str(raised.exception))
+
+    async def _close_with_a_batch_waiting(self, release_after: float | None) -> Deferred[Any]:
+        """close() in the reactor iteration an invite arrived in, while another connection
+        holds the write lock (released from another thread after ``release_after`` s)."""
+        holder = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.addCleanup(holder.close)
+        holder.execute("BEGIN IMMEDIATE")
+        room_version, event = self.new_invite()
+        record = InviteRecord(
+            event_id_of(room_version, event), "!r:x", "10", BOB, "@s:x", "x", {}, [], 1, "pending"
+        )
+        writing = self.s.store.store_invite(record)
+        if release_after is not None:
+            timer = threading.Timer(release_after, holder.execute, ("ROLLBACK",))
+            timer.start()
+            self.addCleanup(timer.join)
+        await self.s.store.close()  # neither raises nor leaves the pool running
+        self.assertFalse(self.s.store._pool.running)  # type: ignore[attr-defined]
+        self.record = record
+        return writing
+
+    async def test_close_writes_a_waiting_batch_through_the_pool(self) -> None:
+        """The batch goes through the pool, which close() waits for: it is stored."""
+        writing = await self._close_with_a_batch_waiting(release_after=0.05)
+        self.assertEqual(await writing, (self.record, True))
+        reopened = await open_store(f"sqlite:///{self.path}", reactor=reactor)
+        self.addCleanup(reopened.close)
+        self.assertEqual(await reopened.get_invite(self.record.event_id), self.record)
+
+    async def test_close_fails_a_waiting_batch_the_lock_never_lets_in(self) -> None:
+        """The lock is never released: the batch fails (database is locked) rather than
+        leaving its callers waiting for ever."""
+        writing = await self._close_with_a_batch_waiting(release_after=None)
+        with self.assertRaises(StoreError) as raised:
+            await writing
+        self.assertIn("locked", str(raised.exception))
 
     async def test_path_through_a_symlink_and_dot_dot(self) -> None:
         """``link/../x.db`` is the file the kernel finds (through the symlink), for every

@@ -138,6 +138,7 @@ class DatabaseStore:
     def __init__(self, pool: adbapi.ConnectionPool, dialect: Dialect) -> None:
         self._pool = pool
         self._dialect = dialect
+        self._closing = False
         self._closed = False
         self._invite_queue: list[
             tuple[InviteRecord, tuple[Any, ...], Deferred[tuple[InviteRecord, bool]]]
@@ -575,14 +576,20 @@ class DatabaseStore:
         )
 
     def close(self) -> Deferred[None]:
-        if not self._closed:
-            self._closed = True
+        if not self._closing:
+            # Closing guards against a close() from a callback of the batch written
+            # below; closed (refusing any use) is set once that batch is on its way.
+            self._closing = True
             if self._scheduled_write is not None:
                 # A batch waiting for the end of the reactor iteration: its
                 # callers were told nothing yet, so write it now, as it would
-                # have been written had it arrived while the store was idle.
+                # have been written had it arrived while the store was idle;
+                # before the store counts as closed, as it may go through the
+                # pool (another connection holding the write lock), which
+                # closing then waits for.
                 self._scheduled_write.cancel()
                 self._write_scheduled()
+            self._closed = True
             # Invites queued behind a write in flight will not be written now:
             # tell their callers (nothing was stored, so nothing is answered).
             queued, self._invite_queue = self._invite_queue, []
