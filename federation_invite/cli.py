@@ -225,7 +225,12 @@ async def _cmd_invites(args: argparse.Namespace, out: TextIO, store: IStore, con
     if records and len(records) == args.limit:
         # A full page: there may be more. (With --json, the last element's event_id
         # is what --after takes.)
-        out.write(f"-- next page: --after {shlex.quote(_printable(records[-1].event_id))}\n")
+        last = records[-1].event_id
+        if last.isprintable():
+            out.write(f"-- next page: --after {shlex.quote(last)}\n")
+        else:
+            # Shown escaped above, it would not name the invite: say where to find it.
+            out.write("-- next page: --after the last event ID, as --json gives it\n")
     return 0
 
 

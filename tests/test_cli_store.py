@@ -191,6 +191,31 @@ class StoreCommandTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_next_page_hint_for_an_id_with_control_characters(self) -> Deferred[None]:
+        """A full page whose last (v1/v2, peer-chosen) event ID holds control characters
+        does not end with its escaped form, which names no invite: it points to --json."""
+
+        async def go() -> None:
+            store = await open_store(f"sqlite:///{self.db}", reactor=reactor)
+            for event_id, ts in (("$a\x1bb:them.example", 2), ("$plain:them.example", 1)):
+                await store.store_invite(
+                    InviteRecord(
+                        event_id, "!r:x", "1", "@a:example.org", "@s:x", "x", {}, [], ts, "pending"
+                    )
+                )
+            await store.close()
+            _, paged = await self.run_cli("invites", "list", "--limit", "1")
+            self.assertEqual(
+                paged.splitlines()[-1],
+                "-- next page: --after the last event ID, as --json gives it",
+            )
+            _, as_json = await self.run_cli("invites", "list", "--limit", "1", "--json")
+            (last,) = json.loads(as_json)
+            _, paged = await self.run_cli("invites", "list", "--after", last["event_id"])
+            self.assertTrue(paged.splitlines()[1].endswith("$plain:them.example"))
+
+        return ensureDeferred(go())
+
     def test_peer_chosen_text_is_escaped(self) -> Deferred[None]:
         """IDs with escape sequences or newlines are shown escaped, never sent to the terminal raw."""
 
