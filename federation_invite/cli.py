@@ -225,9 +225,9 @@ async def _cmd_invites(args: argparse.Namespace, out: TextIO, store: IStore, con
     if records and len(records) == args.limit:
         # A full page: there may be more. (With --json, the last element's event_id
         # is what --after takes.)
-        last = records[-1].event_id
-        if last.isprintable():
-            out.write(f"-- next page: --after {shlex.quote(last)}\n")
+        last_id = records[-1].event_id
+        if last_id.isprintable():
+            out.write(f"-- next page: --after {shlex.quote(last_id)}\n")
         else:
             # Shown escaped above, it would not name the invite: say where to find it.
             out.write("-- next page: --after the last event ID, as --json gives it\n")
