@@ -3,8 +3,10 @@
 The file holds one key per line: ``ed25519 <version> <unpadded base64 seed>``.
 The first key is the one we sign with. A missing file is created with a new
 key whose version is ``a_`` and four random characters (Synapse's convention),
-with mode 0600 from the moment it exists. Key material never appears in errors
-or logs.
+with mode 0600 from the moment it exists. Creation is atomic and durable:
+several workers may start at once on a fresh data directory, and all of them
+end up with the same key, which survives a power cut once we sign with it. Key
+material never appears in errors or logs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import re
 import secrets
 import string
+import tempfile
 
 from signedjson.key import decode_signing_key_base64, generate_signing_key
 from signedjson.types import SigningKey
@@ -77,23 +80,57 @@ def read_signing_keys(path: str) -> list[SigningKey]:
     return keys
 
 
+def _fsync_directory(directory: str) -> None:
+    """Make the names just added to or removed from ``directory`` survive a power cut."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_signing_key_file(path: str, key: SigningKey) -> None:
-    """Write ``key`` to a new file created with mode 0600 (refuses to overwrite)."""
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+    """Write ``key`` to a new file with mode 0600, atomically and durably (refuses to overwrite).
+
+    The complete key is written and fsynced under a temporary name in the same
+    directory, then published with ``os.link``: a reader finds no file or the
+    whole key, never a partial one, and the link raises FileExistsError when a
+    key is already there (another worker won the race), so a key is never
+    clobbered.
+    """
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
     line = f"{key.alg} {key.version} {encode_base64(key.encode())}\n"
-    # O_EXCL: never clobber an existing key; the mode applies at creation, so
-    # the seed is never readable by others, not even for an instant.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as handle:
-        handle.write(line)
+    # mkstemp creates the file with O_EXCL and mode 0600, so the seed is never
+    # readable by others, not even for an instant (the link shares the inode).
+    fd, temporary = tempfile.mkstemp(
+        prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
+    )
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(temporary, path)
+    finally:
+        os.unlink(temporary)
+    # One fsync makes both the new name and the removed temporary one durable.
+    # The directory's own entry in its parent may be new too (we or
+    # Config.ensure_data_dir just created it), so that is fsynced as well.
+    _fsync_directory(directory)
+    _fsync_directory(os.path.dirname(os.path.abspath(directory)))
 
 
 def load_or_create_signing_key(path: str) -> tuple[SigningKey, bool]:
     """The key we sign with, and whether it was just created because the file was missing."""
     if not os.path.exists(path):
         key: SigningKey = generate_signing_key(generate_key_version())
-        write_signing_key_file(path, key)
-        return key, True
+        try:
+            write_signing_key_file(path, key)
+        except FileExistsError:
+            # Another worker published its key first; it is complete (written
+            # and fsynced before the link), so we use it rather than ours.
+            pass
+        else:
+            return key, True
     return read_signing_keys(path)[0], False

@@ -86,3 +86,81 @@ class SigningKeyFileTests(SynchronousTestCase):
         self.assertGreater(len(versions), 40)
         for version in versions:
             self.assertRegex(version, r"^a_[a-zA-Z0-9]{4}$")
+
+    def test_creation_race_loser_loads_winners_key(self) -> None:
+        """A worker whose key file appears after its existence check loads that key, no exception."""
+        path = os.path.join(self.mktemp(), "signing.key")
+        os.makedirs(os.path.dirname(path))
+        real_exists = os.path.exists
+
+        def winner_writes_after_check(candidate: str) -> bool:
+            # The other worker publishes its key right after we found none.
+            found = real_exists(candidate)
+            if candidate == path:
+                write_signing_key_file(path, generate_signing_key("a_win"))
+            return found
+
+        self.patch(os.path, "exists", winner_writes_after_check)
+        key, created = load_or_create_signing_key(path)
+        self.assertFalse(created)
+        (on_disk,) = read_signing_keys(path)
+        self.assertEqual((key.version, key.encode()), ("a_win", on_disk.encode()))
+        self.assertEqual(os.listdir(os.path.dirname(path)), ["signing.key"])
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+
+    def test_created_key_fsynced_before_return(self) -> None:
+        """The key's contents are fsynced before its name appears, then its directory and parent."""
+        path = os.path.join(self.mktemp(), "signing.key")
+        real_fsync = os.fsync
+        calls = []
+
+        def recording_fsync(fd: int) -> None:
+            info = os.fstat(fd)
+            calls.append((info.st_ino, stat.S_ISDIR(info.st_mode), os.path.exists(path)))
+            real_fsync(fd)
+
+        self.patch(os, "fsync", recording_fsync)
+        load_or_create_signing_key(path)
+        directory = os.path.dirname(path)
+        key_file, key_dir, parent = (
+            os.stat(p).st_ino for p in (path, directory, os.path.dirname(directory))
+        )
+        self.assertEqual(
+            calls, [(key_file, False, False), (key_dir, True, True), (parent, True, True)]
+        )
+
+    def test_published_complete_with_mode_0600(self) -> None:
+        """The name is linked to a complete 0600 file in the same directory, which alone remains."""
+        path = os.path.join(self.mktemp(), "signing.key")
+        real_link = os.link
+        published = []
+
+        def recording_link(source: str, target: str) -> None:
+            with open(source, encoding="ascii") as handle:
+                text = handle.read()
+            mode = stat.S_IMODE(os.stat(source).st_mode)
+            published.append((os.path.dirname(os.path.abspath(source)), target, mode, text))
+            real_link(source, target)
+
+        self.patch(os, "link", recording_link)
+        key, created = load_or_create_signing_key(path)
+        self.assertTrue(created)
+        line = f"ed25519 {key.version} {encode_base64(key.encode())}\n"
+        directory = os.path.dirname(os.path.abspath(path))
+        self.assertEqual(published, [(directory, path, 0o600, line)])
+        self.assertEqual(os.listdir(os.path.dirname(path)), ["signing.key"])
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+
+    def test_failed_creation_leaves_nothing_behind(self) -> None:
+        """A failed fsync or link publishes no key and leaves no temporary file."""
+        for name in ["fsync", "link"]:
+            path = os.path.join(self.mktemp(), "signing.key")
+
+            def failing(*args: object, name: str = name) -> None:
+                raise OSError(5, f"injected {name} failure")
+
+            patched = self.patch(os, name, failing)
+            error = self.assertRaises(OSError, load_or_create_signing_key, path)
+            patched.restore()
+            self.assertEqual(error.strerror, f"injected {name} failure")
+            self.assertEqual(os.listdir(os.path.dirname(path)), [])
