@@ -15,6 +15,7 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import quote, unquote
 
 import attrs
 
@@ -301,7 +302,8 @@ OPTIONS: tuple[Option, ...] = (
         "data_dir",
         "federation-invite-data",
         _string,
-        "Directory for the generated signing key and the SQLite database.",
+        "Directory for the generated signing key and the SQLite database; a relative path is "
+        "relative to the working directory at start (twistd's --rundir does not change it).",
     ),
     Option(
         "listen",
@@ -324,7 +326,8 @@ OPTIONS: tuple[Option, ...] = (
         _database,
         "Database URI: 'sqlite:///path.db', 'postgresql://user@host/db', or over a Unix "
         "socket 'postgresql://user@/db?host=/var/run/postgresql'; "
-        "empty: sqlite:///<data_dir>/federation-invite.db.",
+        "empty: sqlite:///<data_dir>/federation-invite.db. A relative SQLite path is "
+        "relative to the working directory at start, as data_dir is.",
         '""',
     ),
     Option(
@@ -490,9 +493,23 @@ OPTIONS: tuple[Option, ...] = (
 _BY_KEY = {option.key: option for option in OPTIONS}
 
 
+def _sqlite_uri(path: str) -> str:
+    """The ``sqlite:///`` URI of the database file ``path``, percent-encoded.
+
+    The store's URI parser unquotes the path: unencoded, a ``%20`` in a
+    directory name would name another directory, and a ``?`` or ``#`` would be
+    refused as a query or fragment.
+    """
+    return "sqlite:///" + quote(path, safe="/")
+
+
 @attrs.frozen
 class Config:
-    """A validated configuration: ``get("inbound.max_body_bytes")`` and typed shortcuts."""
+    """A validated configuration: ``get("inbound.max_body_bytes")`` and typed shortcuts.
+
+    From ``load_config`` its paths (``data_dir``, ``signing_key``, an SQLite
+    database) are absolute: a later change of directory moves none of them.
+    """
 
     values: Mapping[str, Any]
     #: Where the file came from (None: built-in defaults only).
@@ -519,7 +536,7 @@ class Config:
         uri = self.values["database"]
         if uri:
             return str(uri)
-        return "sqlite:///" + os.path.join(self.data_dir, "federation-invite.db")
+        return _sqlite_uri(os.path.join(self.data_dir, "federation-invite.db"))
 
     @property
     def listen(self) -> tuple[str, ...]:
@@ -566,7 +583,57 @@ def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = N
             values[option.key] = option.check(value)
         except ValueError as exc:
             raise ConfigError(f"configuration key {option.key!r}: {exc}") from None
+    _resolve_paths(values)
     return Config(values=values, path=path)
+
+
+def _resolve_paths(values: dict[str, Any]) -> None:
+    """Make ``data_dir``, ``signing_key`` and an SQLite database path absolute.
+
+    Relative paths mean the working directory now, as they always did; but the
+    daemon loads its key here and opens its database after twistd has changed
+    to its ``--rundir``, so they are resolved once, here, for every later use.
+    """
+    values["data_dir"] = _absolute("data_dir", values["data_dir"])
+    if values["signing_key"] is not None:
+        values["signing_key"] = _absolute("signing_key", values["signing_key"])
+    database = values["database"]
+    if database is None:  # the default, in data_dir: check now that a URI can name it
+        _sqlite_uri_of("data_dir", os.path.join(values["data_dir"], "federation-invite.db"))
+    elif database.startswith("sqlite:///"):
+        # _database accepted it: "sqlite:///" and the quoted path, as _parse_sqlite reads it.
+        path = unquote(database.removeprefix("sqlite:///"))
+        if path != ":memory:" and not os.path.isabs(path):
+            values["database"] = _sqlite_uri_of("database", _absolute("database", path))
+
+
+def _absolute(key: str, path: str) -> str:
+    """``path`` from the working directory; joined, not normalised, as the store does
+    (the kernel follows a symlink before a "..")."""
+    if os.path.isabs(path):
+        return path
+    try:
+        return os.path.join(os.getcwd(), path)
+    except OSError as exc:
+        raise ConfigError(
+            f"configuration key {key!r}: relative path {path!r} needs a working directory "
+            f"({exc.strerror})"
+        ) from None
+
+
+def _sqlite_uri_of(key: str, path: str) -> str:
+    """``_sqlite_uri(path)``, checked to be a URI the store accepts (a NUL, or a name
+    that is not UTF-8, cannot be written in one)."""
+    from .store import parse_database_uri
+
+    try:
+        uri = _sqlite_uri(path)
+        parse_database_uri(uri)
+    except ValueError:
+        raise ConfigError(
+            f"configuration key {key!r}: {path!r} cannot be written as an SQLite URI"
+        ) from None
+    return uri
 
 
 def _toml_value(option: Option, override: Any = None) -> str:

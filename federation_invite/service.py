@@ -426,6 +426,10 @@ def make_service(
     ``freeze_gc`` (also the daemon's default; a process-wide setting, so off for
     services built by hand) the objects that exist once it listens are frozen
     out of the garbage collector's full passes (``gc.freeze``).
+
+    twistd calls this before it changes to its ``--rundir`` and starts the
+    service after: the configuration's paths are absolute (``load_config``), so
+    the key loaded now and the store opened then are in the same data directory.
     """
     config.ensure_data_dir()
     return FederationInviteService(

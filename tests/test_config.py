@@ -9,8 +9,17 @@ import tomllib
 from twisted.trial.unittest import SynchronousTestCase
 
 from federation_invite.config import OPTIONS, ConfigError, load_config, render_config
+from federation_invite.store import parse_database_uri
+from federation_invite.store._dialect import SQLiteDialect
 
 VERIFY_KEY = "l8Hft5qXKn1vfHrg3p4+W8gELQVo8N13JkluMfmn2sQ"
+
+
+def sqlite_path(uri: str) -> str:
+    """The file an SQLite database URI names, as the store reads it."""
+    dialect = parse_database_uri(uri)
+    assert isinstance(dialect, SQLiteDialect)
+    return dialect.path
 
 
 class LoadConfigTests(SynchronousTestCase):
@@ -31,13 +40,12 @@ class LoadConfigTests(SynchronousTestCase):
         config = load_config()
         self.assertEqual(config.server_name, "localhost:8448")
         self.assertEqual(config.listen, ("tcp:8448:interface=127.0.0.1",))
+        data_dir = os.path.join(os.getcwd(), "federation-invite-data")
+        self.assertEqual(config.data_dir, data_dir)
         self.assertEqual(
-            config.database,
-            "sqlite:///" + os.path.join("federation-invite-data", "federation-invite.db"),
+            sqlite_path(config.database), os.path.join(data_dir, "federation-invite.db")
         )
-        self.assertEqual(
-            config.signing_key_path, os.path.join("federation-invite-data", "signing.key")
-        )
+        self.assertEqual(config.signing_key_path, os.path.join(data_dir, "signing.key"))
         self.assertEqual(config.get("inbound.max_body_bytes"), 1048576)
         self.assertIsNone(config.path)
 
@@ -134,6 +142,70 @@ class LoadConfigTests(SynchronousTestCase):
         self.assertIn(missing, str(self.assertRaises(ConfigError, load_config, missing)))
         path = self.write("server_name = \n")
         self.assertIn("not valid TOML", str(self.assertRaises(ConfigError, load_config, path)))
+
+
+class PathTests(SynchronousTestCase):
+    """Paths are resolved once, at load: twistd changes directory (--rundir) after it."""
+
+    def chdir(self, path: str) -> None:
+        """Helper: make ``path`` (created if missing) the working directory for this test."""
+        os.makedirs(path, exist_ok=True)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(path)
+
+    def test_relative_paths_stay_where_loaded(self) -> None:
+        """Relative data_dir, signing_key and SQLite paths name the loading directory after a chdir."""
+        start, elsewhere = os.path.abspath(self.mktemp()), os.path.abspath(self.mktemp())
+        self.chdir(start)
+        config = load_config(
+            None,
+            {"data_dir": "data", "signing_key": "keys/s.key", "database": "sqlite:///db/x%20y.db"},
+        )
+        default = load_config(None, {"data_dir": "data"})
+        self.chdir(elsewhere)
+        self.assertEqual(config.data_dir, os.path.join(start, "data"))
+        self.assertEqual(config.signing_key_path, os.path.join(start, "keys", "s.key"))
+        self.assertEqual(sqlite_path(config.database), os.path.join(start, "db", "x y.db"))
+        self.assertEqual(default.signing_key_path, os.path.join(start, "data", "signing.key"))
+        self.assertEqual(
+            sqlite_path(default.database), os.path.join(start, "data", "federation-invite.db")
+        )
+        default.ensure_data_dir()
+        self.assertTrue(os.path.isdir(os.path.join(start, "data")))
+        self.assertEqual(os.listdir(elsewhere), [])
+
+    def test_absolute_memory_and_postgres_databases_kept(self) -> None:
+        """Database URIs that do not name a relative file are kept exactly as written."""
+        for uri in (
+            "sqlite:///:memory:",
+            "sqlite:////srv/fi%20data/x.db",
+            "postgresql://user@host/db",
+            "postgresql://user@/db?host=/var/run/postgresql",
+        ):
+            self.assertEqual(load_config(None, {"database": uri}).database, uri)
+
+    def test_default_database_escapes_data_dir(self) -> None:
+        """The default SQLite URI names the file in data_dir whatever URI syntax its name holds."""
+        base = os.path.abspath(self.mktemp())
+        for name in (
+            "fi%20data",
+            "fi?test",
+            "fi#1",
+            "fi data",
+            "100%",
+            "fi;x=1&y",
+            "d\u00e9j\u00e0",
+        ):
+            data_dir = os.path.join(base, name)
+            config = load_config(None, {"data_dir": data_dir})
+            self.assertEqual(
+                sqlite_path(config.database), os.path.join(data_dir, "federation-invite.db"), name
+            )
+
+    def test_data_dir_no_uri_can_name_refused(self) -> None:
+        """A data_dir the default database URI cannot name (a NUL) is refused by key, at load."""
+        error = self.assertRaises(ConfigError, load_config, None, {"data_dir": "/srv/a\x00b"})
+        self.assertIn("'data_dir'", str(error))
 
 
 class RenderConfigTests(SynchronousTestCase):

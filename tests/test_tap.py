@@ -52,7 +52,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(config.server_name, "cli.example")
         self.assertEqual(config.listen, ("tcp:1", "tcp:2"))
         self.assertEqual(config.signing_key_path, "/k")
-        self.assertEqual(config.database, "sqlite:///x.db")
+        self.assertEqual(config.database, "sqlite:///" + os.path.join(os.getcwd(), "x.db"))
         self.assertEqual(config.data_dir, "/d")
 
     def test_bad_config_is_usage_error(self) -> None:
@@ -207,6 +207,36 @@ class MakeServiceTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_started_in_another_directory(self) -> Deferred[None]:
+        """As under twistd --rundir: made in one directory and started in another, the
+        service keeps the key, the data dir and the database in the first."""
+        from twisted.internet import reactor
+
+        start, rundir = os.path.abspath(self.mktemp()), os.path.abspath(self.mktemp())
+        os.makedirs(start)
+        os.makedirs(rundir)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(start)
+        options = Options()
+        options.parseOptions(
+            ["--data-dir", "data", "--listen", f"tcp:{free_port()}:interface=127.0.0.1"]
+        )
+        service = make_service(options["loaded"], reactor, exit_on_failure=False, freeze_gc=False)
+        os.chdir(rundir)
+
+        async def go() -> None:
+            service.startService()
+            try:
+                await service.ready
+            finally:
+                await service.stopService()
+            files = os.listdir(os.path.join(start, "data"))
+            self.assertIn("signing.key", files)
+            self.assertIn("federation-invite.db", files)
+            self.assertEqual(os.listdir(rundir), [])
+
+        return ensureDeferred(go())
+
     def test_make_service_entry_point(self) -> None:
         """The plugin's makeService builds the daemon's service with the global reactor."""
         options = Options()
@@ -244,3 +274,52 @@ class CommandLineTests(SynchronousTestCase):
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("--server-name", result.stdout)
+
+    def test_twistd_rundir(self) -> None:
+        """`twistd --rundir DIR` serves, with key and database in the starting directory's data dir."""
+        import signal
+        import subprocess
+        import sys
+        import time
+
+        start, rundir = os.path.abspath(self.mktemp()), os.path.abspath(self.mktemp())
+        os.makedirs(start)
+        os.makedirs(rundir)
+        log_path = os.path.abspath(self.mktemp())
+
+        def log() -> str:
+            with open(log_path, "rb") as handle:
+                return handle.read().decode(errors="replace")
+
+        with open(log_path, "wb") as output:
+            daemon = subprocess.Popen(
+                [
+                    os.path.join(os.path.dirname(sys.executable), "twistd"),
+                    "-n",
+                    "--pidfile=",
+                    "--rundir",
+                    rundir,
+                    "federation-invite",
+                    "--data-dir",
+                    "data",
+                    "--listen",
+                    "tcp:0:interface=127.0.0.1",
+                ],
+                cwd=start,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + 30
+            while "listening on" not in log() and daemon.poll() is None:
+                self.assertLess(time.monotonic(), deadline, log())
+                time.sleep(0.05)
+            self.assertIsNone(daemon.poll(), log())
+        finally:
+            if daemon.poll() is None:
+                daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
+        files = os.listdir(os.path.join(start, "data"))
+        self.assertIn("signing.key", files)
+        self.assertIn("federation-invite.db", files)
+        self.assertEqual(os.listdir(rundir), [])
