@@ -6,9 +6,19 @@ from that server (checking ``server_name`` and that every listed verify key
 signed the answer), then from the configured notaries through
 ``POST /_matrix/key/v2/query`` (checking the origin's self-signatures and the
 notary's signature with a key configured for it). Concurrent asks for the same
-server share one fetch; a server whose fetch failed is not asked again until its
-back-off has passed. Fetched keys are stored with their validity, capped at
-seven days after the fetch (rooms/fragments/v5-signing-requirements.md).
+server share one fetch, which stops once the first caller's keys are found; a
+caller that joined it and still lacks its keys gets one more fetch of its own
+(at most one, so made-up key IDs cannot multiply fetches). A server whose fetch
+failed is not asked again until its back-off has passed. Fetched keys are stored
+with their validity, capped at seven days after the fetch
+(rooms/fragments/v5-signing-requirements.md).
+
+Server names are attacker-chosen (any request can name a fresh origin whose
+self-signed keys it serves), so memory holds the keys of at most
+``_MEMORY_SIZE`` (10,000) servers: beyond that, the least recently loaded or
+fetched servers are dropped, down to half the bound, and reloaded from the store
+when next asked for. Our own keys and servers with a fetch under way are never
+dropped.
 """
 
 from __future__ import annotations
@@ -38,6 +48,9 @@ _MAX_BACKOFF_MS = 3_600_000
 _ANSWERED_REFETCH_MS = 5_000
 #: Servers in back-off remembered at once (beyond, expired entries are dropped).
 _BACKOFF_TABLE_SIZE = 10_000
+#: Servers whose keys are kept in memory at once (beyond, the least recently
+#: loaded are dropped down to half this, to be reloaded from the store).
+_MEMORY_SIZE = 10_000
 
 
 class IKeyFetchClient(Protocol):
@@ -157,6 +170,7 @@ class Keyring:
         self._store = store
         self._client = client
         self._notaries = tuple(notaries)
+        #: server name -> key ID -> key, least recently loaded or fetched first.
         self._memory: dict[str, dict[str, ServerVerifyKey]] = {}
         for key in local_keys:
             self._memory.setdefault(key.server_name, {})[key.key_id] = key
@@ -213,10 +227,25 @@ class Keyring:
         await self._load_from_store(server_name)
         if self._satisfied(server_name, key_ids, valid_at_ms):
             return self._answer(server_name, key_ids)
-        backoff = self._backoff.get(server_name)
-        if backoff is None or self._now_ms() >= backoff.until_ms:
+        if not self._backing_off(server_name):
+            joined = server_name in self._inflight
             await self._shared_fetch(server_name, key_ids, valid_at_ms)
+            if (
+                joined
+                and not self._satisfied(server_name, key_ids, valid_at_ms)
+                and not self._backing_off(server_name)
+            ):
+                # The fetch we joined looked only for its first caller's key
+                # IDs and stopped once they were found, maybe before asking
+                # the notaries for ours (an old key the server no longer
+                # lists). One fetch of our own, no more: a made-up key ID then
+                # costs one fetch and the short back-off after it.
+                await self._shared_fetch(server_name, key_ids, valid_at_ms)
         return self._answer(server_name, key_ids)
+
+    def _backing_off(self, server_name: str) -> bool:
+        backoff = self._backoff.get(server_name)
+        return backoff is not None and self._now_ms() < backoff.until_ms
 
     async def _load_from_store(self, server_name: str) -> None:
         records = await self._store.get_server_keys(server_name)
@@ -233,12 +262,43 @@ class Keyring:
                     server=record.server_name,
                 )
                 continue
-            known = self._memory.setdefault(record.server_name, {})
+            known = self._loaded(record.server_name)
             current = known.get(record.key_id)
             # Keep the most useful of two answers for the same key: a current
             # key with the later validity, and never downgrade current to old.
             if current is None or _later(key, current):
                 known[record.key_id] = key
+
+    def _loaded(self, server_name: str) -> dict[str, ServerVerifyKey]:
+        """``server_name``'s keys in memory (made if new), moved last in the eviction order."""
+        # The dict's order is the eviction order. Only loads and fetches move a
+        # server, never the hot path's lookups, which stay plain dict reads: a
+        # busy peer may be dropped and then costs one store read to reload.
+        known = self._memory.pop(server_name, None)
+        if known is None:
+            known = {}
+        self._memory[server_name] = known
+        if len(self._memory) > _MEMORY_SIZE:
+            self._evict(server_name)
+        return known
+
+    def _evict(self, keep: str) -> None:
+        """Drop the least recently loaded servers, down to half ``_MEMORY_SIZE``.
+
+        Dropping half at once makes the work amortised O(1) per server loaded.
+        Kept: ``keep`` (being loaded now), our own keys (never in the store),
+        and servers with a fetch under way (their callers read memory when it
+        ends, after awaiting the network and the store).
+        """
+        excess = len(self._memory) - _MEMORY_SIZE // 2
+        victims: list[str] = []
+        for name in self._memory:
+            if len(victims) >= excess:
+                break
+            if name != keep and name not in self._local_servers and name not in self._inflight:
+                victims.append(name)
+        for name in victims:
+            del self._memory[name]
 
     def _shared_fetch(
         self, server_name: str, key_ids: frozenset[str], valid_at_ms: int

@@ -179,6 +179,30 @@ class KeyringTests(SynchronousTestCase):
             self.clock.advance(61)
         self.assertLessEqual(len(self.keyring._backoff), 10)
 
+    def test_memory_keeps_servers_being_fetched(self) -> None:
+        """A server whose fetch awaits the store write is not dropped by loads of others meanwhile
+        (the fetch and its callers then read its keys from memory)."""
+        from twisted.internet.defer import Deferred
+
+        import federation_invite.keyring as keyring_module
+
+        self.patch(keyring_module, "_MEMORY_SIZE", 4)
+        for n in range(8):
+            self.federation.add_key_server(self.clock, f"s{n}.example", [self.remote_key])
+            self.get(server=f"s{n}.example")
+        keyring = Keyring(self.clock, self.store, self.federation)
+        write: Deferred[None] = Deferred()
+        store_server_keys = self.store.store_server_keys
+        self.patch(self.store, "store_server_keys", lambda records: write)
+        fetched = keyring.get_server_keys("remote.example", [self.key_id], NOW_MS)
+        self.patch(self.store, "store_server_keys", store_server_keys)
+        for n in range(8):
+            self.assertIn(self.key_id, self.get(keyring, server=f"s{n}.example"))
+        self.assertLessEqual(len(keyring._memory), 5)
+        write.callback(None)
+        self.assertIn(self.key_id, self.successResultOf(fetched))
+        self.assertEqual(keyring.fetches, 1)
+
     def test_backoff_reset_on_success(self) -> None:
         """Once the server answers again, its back-off is forgotten."""
         self.get(server="flaky.example")
@@ -213,6 +237,38 @@ class KeyringTests(SynchronousTestCase):
         )
         self.assertEqual(keys[key_id_of(ours)].verify_key, verify_key_of(ours))
         self.assertEqual(self.federation.calls, [])
+
+    def test_memory_bounded(self) -> None:
+        """Beyond the bound, the least recently loaded servers are dropped from memory (never our
+        own keys) and are answered from the store again, without a fetch, when next asked for."""
+        import federation_invite.keyring as keyring_module
+
+        from .support import local_verify_key
+
+        self.patch(keyring_module, "_MEMORY_SIZE", 10)
+        ours = make_key("me")
+        keyring = Keyring(
+            self.clock,
+            self.store,
+            self.federation,
+            local_keys=[local_verify_key("me.example", ours)],
+        )
+        for n in range(25):
+            self.federation.add_key_server(self.clock, f"s{n}.example", [self.remote_key])
+            self.assertIn(self.key_id, self.get(keyring, server=f"s{n}.example"))
+            self.assertLessEqual(len(keyring._memory), 10)
+        self.assertIn(key_id_of(ours), keyring.cached_keys("me.example"))
+        self.assertIn(self.key_id, keyring.cached_keys("s24.example"))
+        self.assertEqual(keyring.cached_keys("s0.example"), {})
+        reads = self.store.reads
+        self.assertIn(self.key_id, self.get(keyring, server="s0.example"))
+        self.assertEqual(self.store.reads, reads + 1)
+        self.assertEqual(self.federation.count("s0.example"), 1)
+        self.assertEqual(keyring.fetches, 25)
+        keys = self.successResultOf(
+            keyring.get_server_keys("me.example", [key_id_of(ours)], NOW_MS)
+        )
+        self.assertEqual(keys[key_id_of(ours)].verify_key, verify_key_of(ours))
 
 
 class NotaryTests(SynchronousTestCase):
@@ -249,6 +305,39 @@ class NotaryTests(SynchronousTestCase):
             [{"server_keys": {"down.example": {self.key_id: {"minimum_valid_until_ts": NOW_MS}}}}],
         )
         self.assertEqual(self.store.keys[("down.example", self.key_id)].source, "notary.example")
+
+    def test_joined_fetch_looks_for_the_joiners_keys(self) -> None:
+        """A caller that joined a fetch for other key IDs gets one fetch of its own (here: an old
+        key only a notary still has); a made-up key ID costs at most one more fetch."""
+        from twisted.internet.defer import Deferred
+
+        from federation_invite.config import OldKey
+
+        old = make_key("old")
+        old_entry = OldKey(key_id_of(old), encode_verify_key(verify_key_of(old)), NOW_MS - DAY_MS)
+        self.federation.add_key_server(self.clock, "remote.example", [self.remote_key])
+        self.notary.documents["remote.example"] = server_keys_document(
+            "remote.example", [self.remote_key], [old_entry], NOW_MS, DAY_MS
+        )
+        keyring = self.keyring()
+        gate: Deferred[None] = Deferred()
+        self.federation.hold["remote.example"] = gate
+        current = keyring.get_server_keys("remote.example", [self.key_id], NOW_MS)
+        retired = keyring.get_server_keys("remote.example", [key_id_of(old)], NOW_MS)
+        made_up = keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS)
+        del self.federation.hold["remote.example"]
+        gate.callback(None)
+        self.assertEqual(
+            self.successResultOf(current)[self.key_id].verify_key, verify_key_of(self.remote_key)
+        )
+        self.assertEqual(
+            self.successResultOf(retired)[key_id_of(old)].verify_key, verify_key_of(old)
+        )
+        self.assertEqual(self.successResultOf(made_up), {})
+        # The shared fetch, the old key's own, and at most one for the made-up key ID.
+        self.assertLessEqual(keyring.fetches, 3)
+        self.successResultOf(keyring.get_server_keys("remote.example", ["ed25519:other"], NOW_MS))
+        self.assertLessEqual(keyring.fetches, 3)
 
     def test_notary_bad_signature_refused(self) -> None:
         """A notary answer not signed by the notary key we configured is refused."""
