@@ -20,7 +20,8 @@ invites costs no database round trip each; a change made through the CLI or
 by another worker takes effect within that time. An answer used in the second
 half of its life is read again in the background, with others, so invitees
 invited steadily never wait for the store; no answer older than
-``cache_seconds`` is ever used.
+``cache_seconds``, or read "after" now (the wall clock stepped back since), is
+ever used.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class InvitePolicy:
             raise ValueError("caching needs a clock")
         self._clock = clock
         self._cache_seconds = cache_seconds
-        #: invitee -> (is local, rules, expiry time in seconds)
+        #: invitee -> (is local, rules, time of the read in seconds)
         self._cache: dict[str, tuple[bool, list[InviteRule], float]] = {}
         #: invitee -> the callers waiting for its store read (queued or in flight)
         self._reading: dict[str, list[Deferred[tuple[bool, list[InviteRule]]]]] = {}
@@ -157,8 +158,8 @@ class InvitePolicy:
         """
         now = self._clock.seconds() if self._clock is not None else 0.0
         cached = self._cache.get(invitee)
-        if cached is not None and cached[2] > now:
-            if cached[2] - now < self._cache_seconds / 2:
+        if cached is not None and self._is_fresh(cached[2], now):
+            if now - cached[2] > self._cache_seconds / 2:
                 self._refresh_soon(invitee, now)
             return succeed((cached[0], cached[1]))
         waiter: Deferred[tuple[bool, list[InviteRule]]] = Deferred()
@@ -172,6 +173,15 @@ class InvitePolicy:
             self._read_queued()
         return waiter
 
+    def _is_fresh(self, read_at: float, now: float) -> bool:
+        """Whether an answer read at ``read_at`` may still be used at ``now``.
+
+        The clock is wall time, which can step backwards (NTP, an operator): an
+        answer read "in the future" is of unknown age, so it is stale, lest a
+        step back keep it in use (and a change made since ignored) that long.
+        """
+        return 0.0 <= now - read_at < self._cache_seconds
+
     def _refresh_soon(self, invitee: str, now: float) -> None:
         """Queue a cached invitee for a background read; start one when enough have waited.
 
@@ -183,9 +193,13 @@ class InvitePolicy:
         self._refresh[invitee] = None
         if self._refresh_in_flight:
             return
+        # A queue started "in the future" (the clock stepped back since) has
+        # waited for an unknown time: read it now rather than after the step.
+        waited = now - self._refresh_since
         if (
             len(self._refresh) >= _REFRESH_GROUP
-            or now - self._refresh_since >= self._cache_seconds * _REFRESH_WAIT
+            or waited < 0
+            or waited >= self._cache_seconds * _REFRESH_WAIT
         ):
             self._read_refresh(now)
 
@@ -195,13 +209,18 @@ class InvitePolicy:
         An invitee queued while a read of it was on its way (a refresh, or a
         miss's read it rode along with) was renewed by that read: reading it
         again would only repeat it. Nor is one forgotten or evicted since worth
-        a read: its next invite reads it anyway.
+        a read: its next invite reads it anyway. One read "after" now (the clock
+        stepped back since) is due: it is stale, like an expired one.
         """
         half_life = self._cache_seconds / 2
         due = []
         for invitee in self._refresh:
             cached = self._cache.get(invitee)
-            if cached is not None and cached[2] - now < half_life and invitee not in self._reading:
+            if (
+                cached is not None
+                and not 0.0 <= now - cached[2] <= half_life
+                and invitee not in self._reading
+            ):
                 due.append(invitee)
         self._refresh.clear()
         return due
@@ -244,10 +263,9 @@ class InvitePolicy:
             return
         if len(self._cache) + len(batch) > _CACHE_SIZE:
             self._cache.clear()
-        expires = started + self._cache_seconds
         for invitee in batch:
             is_local, rules = result.get(invitee, (False, []))
-            self._cache[invitee] = (is_local, rules, expires)
+            self._cache[invitee] = (is_local, rules, started)
 
     def _read_queued(self) -> None:
         misses, self._queued = self._queued, []

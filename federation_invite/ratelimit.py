@@ -59,9 +59,14 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}
         self._prune_above = _PRUNE_ABOVE
 
+    def _refill(self, tokens: float, then: float, now: float) -> float:
+        # The clock is wall time, which can step backwards (NTP, an operator): a
+        # step back counts as no time passed, not as a debt as long as the step.
+        return min(self._burst, tokens + max(0.0, now - then) * self._rate)
+
     def _tokens(self, key: str, now: float) -> float:
         tokens, then = self._buckets.get(key, (self._burst, now))
-        return min(self._burst, tokens + (now - then) * self._rate)
+        return self._refill(tokens, then, now)
 
     def acquire(self, key: str) -> float:
         """Take one token for ``key`` or raise 429 ``M_LIMIT_EXCEEDED``.
@@ -90,8 +95,13 @@ class RateLimiter:
         return 0.0
 
     def _prune(self, now: float) -> None:
-        for key in [k for k in self._buckets if self._tokens(k, now) >= self._burst]:
-            del self._buckets[key]
+        for key, (tokens, then) in list(self._buckets.items()):
+            if self._refill(tokens, then, now) >= self._burst:
+                del self._buckets[key]
+            elif then > now:
+                # Last used before the clock stepped back: refill from now, as
+                # acquire would, so the bucket is forgotten once it has refilled.
+                self._buckets[key] = (tokens, now)
 
 
 class ConcurrencyLimiter:

@@ -659,6 +659,22 @@ class PolicyCacheTests(InboundTestCase):
         self.s.policy.forget()
         self.assertEqual(self.send_v2(room_version, event)[0], 200)
 
+    def test_clock_stepping_back_does_not_keep_answers(self) -> None:
+        """Answers read before the wall clock stepped back are read again: a rule added or a
+        user removed since applies at once, not once the clock is back where it was."""
+        room_version, event = self.s.invite(extra={"depth": 1})
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)
+        self.s.store.rules.append(InviteRule(BOB, "server", "*", "block"))
+        self.s.clock.rightNow -= 3600
+        room_version, event = self.s.invite(extra={"depth": 2})
+        self.assertRefused(self.send_v2(room_version, event), 403, "M_INVITE_BLOCKED")
+        self.assertEqual(self.s.store.policy_reads, 2)
+        self.s.store.users.discard(BOB)
+        self.s.clock.rightNow -= 3600
+        room_version, event = self.s.invite(extra={"depth": 3})
+        self.assertRefused(self.send_v2(room_version, event), 404, "M_NOT_FOUND")
+        self.assertEqual(self.s.store.policy_reads, 3)
+
 
 class PolicyReadSharingTests(SynchronousTestCase):
     """Cache misses are read in groups: one read in flight, the next takes all queued."""
@@ -850,6 +866,44 @@ class PolicyReadSharingTests(SynchronousTestCase):
         self.failureResultOf(policy._invitee(BOB), RuntimeError)
         self.failureResultOf(policy._invitee(BOB), RuntimeError)
         self.assertEqual(calls, [[BOB], [BOB]])
+
+    def test_answer_read_before_a_clock_step_back_is_read_again(self) -> None:
+        """An answer read "in the future" (the clock stepped back since) is stale: the next
+        caller waits for a read, whose answer is then cached for the normal lifetime."""
+        self.policy._invitee(BOB)
+        self.answer(0, {BOB})
+        self.clock.rightNow -= 3600
+        waiting = self.policy._invitee(BOB)
+        self.assertNoResult(waiting)
+        self.assertEqual(self.reads[1][0], [BOB])
+        self.answer(1, set())
+        self.assertEqual(self.successResultOf(waiting), (False, []))
+        self.clock.advance(2)
+        self.assertEqual(self.successResultOf(self.policy._invitee(BOB)), (False, []))
+        self.assertEqual(len(self.reads), 2)
+        self.clock.advance(3)
+        self.assertNoResult(self.policy._invitee(BOB))
+        self.assertEqual(len(self.reads), 3)
+
+    def test_refreshes_queued_before_a_clock_step_back(self) -> None:
+        """Refreshes queued before the clock stepped back are read at the next look, not once
+        the clock is back where it was; one no longer fresh rides along with a miss's read."""
+        carol, dave = f"@carol:{US}", f"@dave:{US}"
+        self.policy._invitee(BOB)
+        self.answer(0, {BOB})
+        self.clock.advance(3)
+        self.policy._invitee(BOB)  # queued for a refresh
+        self.clock.rightNow -= 0.4  # t=2.6: still fresh, still in its second half
+        self.assertEqual(self.successResultOf(self.policy._invitee(BOB)), (True, []))
+        self.assertEqual([users for users, _ in self.reads], [[BOB], [BOB]])
+        self.answer(1, {BOB})  # read at t=2.6
+        self.policy._invitee(carol)
+        self.answer(2, {carol})  # read at t=2.6, too
+        self.clock.advance(3)
+        self.policy._invitee(BOB), self.policy._invitee(carol)  # queued at t=5.6
+        self.clock.rightNow -= 3600  # both now read "in the future": stale
+        self.policy._invitee(dave)
+        self.assertEqual([users for users, _ in self.reads[3:]], [[dave, BOB, carol]])
 
     def test_any_local_users_reads_rules_only(self) -> None:
         """local_users = any: every user on our server is ours; its rules still apply."""

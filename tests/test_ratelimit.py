@@ -1,4 +1,5 @@
-"""Token buckets under floods of distinct keys: memory bounded, cost per request bounded."""
+"""Token buckets under floods of distinct keys (memory bounded, cost per request bounded)
+and under a wall clock stepping backwards."""
 
 from __future__ import annotations
 
@@ -83,3 +84,52 @@ class PruneTests(SynchronousTestCase):
             i += 1
         self.assertEqual(limiter._prune_above, ratelimit._PRUNE_ABOVE)
         self.assertLessEqual(len(limiter._buckets), 2_001)  # the last 20 s of invitees
+
+
+class ClockStepTests(SynchronousTestCase):
+    """``reactor.seconds()`` is wall time: NTP or an operator may step it backwards."""
+
+    def test_step_back_takes_no_tokens(self) -> None:
+        """After the clock steps back an hour, a key's remaining tokens are still granted,
+        and its bucket refills at the normal rate from there."""
+        clock = Clock()
+        limiter = RateLimiter(clock, 1.0, 3, what="requests")
+        limiter.acquire("origin")
+        limiter.acquire("origin")
+        clock.rightNow -= 3600
+        self.assertEqual(limiter.acquire("origin"), 0.0)
+        with self.assertRaises(MatrixError) as caught:
+            limiter.acquire("origin")
+        self.assertEqual(caught.exception.extra["retry_after_ms"], 1001)
+        clock.advance(1)
+        self.assertEqual(limiter.acquire("origin"), 0.0)
+
+    def test_step_back_refuses_a_spent_key_only_until_it_refills(self) -> None:
+        """A key that spent its burst just before the clock stepped back an hour is refused
+        for one token's refill, not for the hour."""
+        clock = Clock()
+        limiter = RateLimiter(clock, 1.0, 2, what="requests")
+        limiter.acquire("origin")
+        limiter.acquire("origin")
+        clock.rightNow -= 3600
+        with self.assertRaises(MatrixError) as caught:
+            limiter.acquire("origin")
+        self.assertEqual(caught.exception.extra["retry_after_ms"], 1001)
+        clock.advance(1)
+        self.assertEqual(limiter.acquire("origin"), 0.0)
+
+    def test_buckets_from_before_a_step_back_are_forgotten(self) -> None:
+        """Buckets last used before the clock stepped back refill from the next pass on, so a
+        later pass forgets them (not only once the clock is back where it was)."""
+        self.patch(ratelimit, "_PRUNE_ABOVE", 2)
+        clock = Clock()
+        limiter = RateLimiter(clock, 1.0, 1, what="requests")
+        limiter.acquire("a")
+        limiter.acquire("b")
+        clock.rightNow -= 3600
+        limiter.acquire("c")  # a pass: nothing has refilled yet
+        self.assertEqual(set(limiter._buckets), {"a", "b", "c"})
+        clock.advance(5)
+        for key in "defg":
+            limiter.acquire(key)  # the table past twice what the last pass left: a pass
+        self.assertEqual(set(limiter._buckets), {"d", "e", "f", "g"})
