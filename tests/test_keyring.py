@@ -221,8 +221,8 @@ class KeyringTests(SynchronousTestCase):
         self.store.fail_writes = True
         self.assertIn(self.key_id, self.get())
 
-    def test_local_keys_never_fetched(self) -> None:
-        """Our own keys are answered from memory without any request."""
+    def keyring_with_local_key(self) -> tuple[Keyring, Any]:
+        """A keyring that also holds our own key (server me.example), and that key."""
         from .support import local_verify_key
 
         ours = make_key("me")
@@ -232,6 +232,11 @@ class KeyringTests(SynchronousTestCase):
             self.federation,
             local_keys=[local_verify_key("me.example", ours)],
         )
+        return keyring, ours
+
+    def test_local_keys_never_fetched(self) -> None:
+        """Our own keys are answered from memory without any request."""
+        keyring, ours = self.keyring_with_local_key()
         keys = self.successResultOf(
             keyring.get_server_keys("me.example", [key_id_of(ours)], NOW_MS)
         )
@@ -243,16 +248,8 @@ class KeyringTests(SynchronousTestCase):
         own keys) and are answered from the store again, without a fetch, when next asked for."""
         import federation_invite.keyring as keyring_module
 
-        from .support import local_verify_key
-
         self.patch(keyring_module, "_MEMORY_SIZE", 10)
-        ours = make_key("me")
-        keyring = Keyring(
-            self.clock,
-            self.store,
-            self.federation,
-            local_keys=[local_verify_key("me.example", ours)],
-        )
+        keyring, ours = self.keyring_with_local_key()
         for n in range(25):
             self.federation.add_key_server(self.clock, f"s{n}.example", [self.remote_key])
             self.assertIn(self.key_id, self.get(keyring, server=f"s{n}.example"))
