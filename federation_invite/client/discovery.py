@@ -114,7 +114,14 @@ class _WellKnownInvalid(Exception):
 @attrs.define
 class _WellKnownEntry:
     delegated: str | None
+    fetched_at: float
     expires_at: float
+
+    def fresh(self, now: float) -> bool:
+        # The clock is wall time, which can step backwards: an answer fetched
+        # "after" now is of unknown age, so it is stale, lest a step back keep
+        # a delegation (or an error) in use as long as the step.
+        return self.fetched_at <= now < self.expires_at
 
 
 @implementer(IAgent)
@@ -289,7 +296,7 @@ class ServerResolver:
 
     async def _get_well_known(self, hostname: str) -> str | None:
         entry = self._cache.get(hostname)
-        if entry is not None and entry.expires_at > self._reactor.seconds():
+        if entry is not None and entry.fresh(self._reactor.seconds()):
             return entry.delegated
         fetch = self._inflight.get(hostname)
         if fetch is None:
@@ -330,16 +337,16 @@ class ServerResolver:
                 error=exc,
                 ttl=ttl,
             )
-            self._store(hostname, _WellKnownEntry(None, now + ttl))
+            self._store(hostname, _WellKnownEntry(None, now, now + ttl))
             return None
         self._failures.pop(hostname, None)
-        self._store(hostname, _WellKnownEntry(delegated, now + ttl))
+        self._store(hostname, _WellKnownEntry(delegated, now, now + ttl))
         return delegated
 
     def _store(self, hostname: str, entry: _WellKnownEntry) -> None:
         if hostname not in self._cache and len(self._cache) >= WELL_KNOWN_CACHE_SIZE:
             now = self._reactor.seconds()
-            for name in [name for name, old in self._cache.items() if old.expires_at <= now]:
+            for name in [name for name, old in self._cache.items() if not old.fresh(now)]:
                 del self._cache[name]
             if len(self._cache) >= WELL_KNOWN_CACHE_SIZE:
                 self._cache.clear()

@@ -438,6 +438,19 @@ class WellKnownCacheTests(_Base):
         self.resolve("example.org")
         self.assertEqual(self.fetches(), 2)
 
+    def test_clock_stepping_back_does_not_keep_answers(self) -> None:
+        """An answer fetched "after" now (the wall clock stepped back since) is fetched
+        again, rather than kept as long as the step; a full cache drops it too."""
+        resource = self.well_known("example.org", {"m.server": "old.example:1"})
+        self.resolve("example.org")
+        resource.body = {"m.server": "new.example:2"}
+        self.clock.rightNow -= 3600
+        server, _ = self.resolve("example.org")
+        self.assertEqual(server.effective_name, "new.example:2")
+        self.assertEqual(self.fetches(), 2)
+        self.resolve("example.org")
+        self.assertEqual(self.fetches(), 2)
+
     def test_expiry_follows_new_answer(self) -> None:
         """After expiry the new answer replaces the old delegation."""
         resource = self.well_known("example.org", {"m.server": "old.example:1"})
@@ -506,6 +519,11 @@ class WellKnownCacheTests(_Base):
         self.assertEqual(sorted(self.resolver._cache), ["b.example", "c.example"])
         self.resolve("d.example")
         self.assertEqual(sorted(self.resolver._cache), ["d.example"])
+        # An answer fetched before the clock stepped back counts as expired there.
+        self.clock.rightNow -= 3600
+        self.resolve("e.example")
+        self.resolve("f.example")
+        self.assertEqual(sorted(self.resolver._cache), ["e.example", "f.example"])
 
     def test_get_well_known(self) -> None:
         """get_well_known answers the delegated name, or None, and never fails."""
