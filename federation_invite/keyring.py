@@ -152,6 +152,14 @@ def _to_verify_key(record: ServerKeyRecord) -> ServerVerifyKey:
 class _Backoff:
     until_ms: int
     delay_ms: int
+    #: When it was set.
+    since_ms: int = 0
+
+    def waiting(self, now_ms: int) -> bool:
+        # The clock is wall time, which can step backwards: a back-off set
+        # "after" now has run for an unknown time, so it is over, lest a step
+        # back keep a server's keys unasked for (its requests refused) that long.
+        return self.since_ms <= now_ms < self.until_ms
 
 
 class Keyring:
@@ -245,7 +253,7 @@ class Keyring:
 
     def _backing_off(self, server_name: str) -> bool:
         backoff = self._backoff.get(server_name)
-        return backoff is not None and self._now_ms() < backoff.until_ms
+        return backoff is not None and backoff.waiting(self._now_ms())
 
     async def _load_from_store(self, server_name: str) -> None:
         records = await self._store.get_server_keys(server_name)
@@ -345,7 +353,8 @@ class Keyring:
             delay = (
                 _MIN_BACKOFF_MS if previous is None else min(previous.delay_ms * 2, _MAX_BACKOFF_MS)
             )
-        self._backoff[server_name] = _Backoff(self._now_ms() + delay, delay)
+        now_ms = self._now_ms()
+        self._backoff[server_name] = _Backoff(now_ms + delay, delay, now_ms)
         log.info(
             "Keys of {server} unavailable; not asking again for {seconds} s",
             server=server_name,
@@ -357,7 +366,7 @@ class Keyring:
         if len(backoffs) < _BACKOFF_TABLE_SIZE:
             return
         now_ms = self._now_ms()
-        for name in [n for n, b in backoffs.items() if b.until_ms <= now_ms]:
+        for name in [n for n, b in backoffs.items() if not b.waiting(now_ms)]:
             del backoffs[name]
         if len(backoffs) >= _BACKOFF_TABLE_SIZE:
             backoffs.clear()

@@ -147,6 +147,16 @@ class KeyringTests(SynchronousTestCase):
         self.assertEqual(self.federation.count("dead.example"), 3)
         self.assertEqual(self.keyring.fetch_failures, 3)
 
+    def test_backoff_over_after_clock_steps_back(self) -> None:
+        """A back-off set "after" now (the wall clock stepped back since) is over: the server
+        is asked again, not only once the clock has caught up."""
+        self.assertEqual(self.get(server="dead.example"), {})
+        self.clock.rightNow -= 3600
+        self.get(server="dead.example")
+        self.assertEqual(self.federation.count("dead.example"), 2)
+        self.get(server="dead.example")  # the new back-off holds
+        self.assertEqual(self.federation.count("dead.example"), 2)
+
     def test_unknown_key_id_does_not_back_off_the_server(self) -> None:
         """Naming a server with a made-up key ID (anyone can) does not back that server off:
         it is asked again after 5 s, so a key it really rotates to is found."""

@@ -52,6 +52,14 @@ _MAX_MESSAGE = 500
 class _Backoff:
     failures: int
     retry_at: float
+    #: When the last failure was recorded.
+    since: float = 0.0
+
+    def waiting(self, now: float) -> bool:
+        # The clock is wall time, which can step backwards: a back-off recorded
+        # "after" now has run for an unknown time, so it is over, lest a step
+        # back keep a destination refused as long as the step.
+        return self.since <= now < self.retry_at
 
 
 @implementer(IBodyProducer)
@@ -280,7 +288,7 @@ class FederationClient:
     def _check_backoff(self, destination: str) -> None:
         state = self._backoff.get(destination)
         now = self._reactor.seconds()
-        if state is not None and now < state.retry_at:
+        if state is not None and state.waiting(now):
             raise BackoffError(destination, state.retry_at, state.failures, now)
 
     def _record_failure(self, destination: str) -> None:
@@ -292,13 +300,13 @@ class FederationClient:
             state = self._backoff[destination] = _Backoff(0, now)
         state.failures += 1
         wait = min(self.BACKOFF_MAX, self.BACKOFF_INITIAL * 2 ** (state.failures - 1))
-        state.retry_at = now + wait
+        state.since, state.retry_at = now, now + wait
 
     def _record_success(self, destination: str) -> None:
         self._backoff.pop(destination, None)
 
     def _forget_stale_backoffs(self, now: float) -> None:
-        stale = [name for name, state in self._backoff.items() if state.retry_at <= now]
+        stale = [name for name, state in self._backoff.items() if not state.waiting(now)]
         for name in stale:
             del self._backoff[name]
         if len(self._backoff) >= self.BACKOFF_TABLE_SIZE:

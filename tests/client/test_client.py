@@ -348,6 +348,16 @@ class BackoffTests(_Base):
         self.assertEqual(self.successResultOf(self.client.get_json(REMOTE, "/x")), {"ok": True})
         self.assertEqual(len(self.peer.requests), 2)
 
+    def test_backoff_over_after_clock_steps_back(self) -> None:
+        """A back-off recorded "after" now (the wall clock stepped back since) is over: the
+        destination is tried again rather than refused for as long as the step."""
+        self.peer.code, self.peer.body = 503, b"down"
+        self.remote_error(self.client.get_json(REMOTE, "/x"))
+        self.clock.rightNow -= 3600
+        self.peer.code, self.peer.body = 200, {"ok": True}
+        self.assertEqual(self.successResultOf(self.client.get_json(REMOTE, "/x")), {"ok": True})
+        self.assertEqual(len(self.peer.requests), 2)
+
     def test_doubling_up_to_an_hour(self) -> None:
         """Consecutive failures double the wait: 1, 2, 4, ... minutes, capped at 1 h."""
         self.peer.hang = True
