@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ._clock import in_window
 from .config import Notary
 from .core.ids import is_valid_server_name
 from .core.keys import decode_verify_key, is_valid_key_id
@@ -156,10 +157,7 @@ class _Backoff:
     since_ms: int = 0
 
     def waiting(self, now_ms: int) -> bool:
-        # The clock is wall time, which can step backwards: a back-off set
-        # "after" now has run for an unknown time, so it is over, lest a step
-        # back keep a server's keys unasked for (its requests refused) that long.
-        return self.since_ms <= now_ms < self.until_ms
+        return in_window(self.since_ms, now_ms, self.until_ms)
 
 
 class Keyring:

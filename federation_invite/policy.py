@@ -35,6 +35,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import Interface
 
+from ._clock import in_window
 from .core.errors import Codes, MatrixError
 from .core.globs import GlobList
 from .core.ids import server_name_of
@@ -174,13 +175,8 @@ class InvitePolicy:
         return waiter
 
     def _is_fresh(self, read_at: float, now: float) -> bool:
-        """Whether an answer read at ``read_at`` may still be used at ``now``.
-
-        The clock is wall time, which can step backwards (NTP, an operator): an
-        answer read "in the future" is of unknown age, so it is stale, lest a
-        step back keep it in use (and a change made since ignored) that long.
-        """
-        return 0.0 <= now - read_at < self._cache_seconds
+        """Whether an answer read at ``read_at`` may still be used at ``now`` (``_clock``)."""
+        return in_window(read_at, now, read_at + self._cache_seconds)
 
     def _refresh_soon(self, invitee: str, now: float) -> None:
         """Queue a cached invitee for a background read; start one when enough have waited.

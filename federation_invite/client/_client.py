@@ -27,6 +27,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer
 from zope.interface import implementer
 
+from .._clock import in_window
 from .._version import __version__
 from ..config import DEFAULT_IP_BLOCKLIST
 from ..core.canonical import encode_canonical_json, parse_json
@@ -56,10 +57,7 @@ class _Backoff:
     since: float = 0.0
 
     def waiting(self, now: float) -> bool:
-        # The clock is wall time, which can step backwards: a back-off recorded
-        # "after" now has run for an unknown time, so it is over, lest a step
-        # back keep a destination refused as long as the step.
-        return self.since <= now < self.retry_at
+        return in_window(self.since, now, self.retry_at)
 
 
 @implementer(IBodyProducer)

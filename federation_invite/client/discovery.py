@@ -32,6 +32,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from .._clock import in_window
 from .._version import __version__
 from ..core.canonical import parse_json
 from ..core.ids import parse_server_name
@@ -118,10 +119,7 @@ class _WellKnownEntry:
     expires_at: float
 
     def fresh(self, now: float) -> bool:
-        # The clock is wall time, which can step backwards: an answer fetched
-        # "after" now is of unknown age, so it is stale, lest a step back keep
-        # a delegation (or an error) in use as long as the step.
-        return self.fetched_at <= now < self.expires_at
+        return in_window(self.fetched_at, now, self.expires_at)
 
 
 @implementer(IAgent)

@@ -178,8 +178,6 @@ class DatabaseStore:
         dialect = self._dialect
 
         def interaction(txn: adbapi.Transaction) -> _T:
-            if write:
-                dialect.check_file(operation)
             dialect.begin(txn, write=write)
             return work(txn, *args)
 
@@ -296,7 +294,6 @@ class DatabaseStore:
         if writer is None or not writer.usable:
             return None
         try:
-            self._dialect.check_file("store_invite")
             cursor = writer.begin()
             if cursor is None:
                 return None

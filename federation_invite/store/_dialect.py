@@ -72,8 +72,8 @@ class Dialect:
         return (adbapi.ConnectionLost,)
 
     def check_file(self, operation: str) -> None:
-        """Raise ``StoreError`` if what is written now would be lost (any thread): called
-        before each write transaction and after its commit."""
+        """Raise ``StoreError`` if what was just committed may be lost: called after each
+        write transaction's commit, before anyone is told it is stored."""
 
     def describe(self, error: BaseException) -> str:
         """A one-line description of a driver error with every secret removed."""
@@ -157,13 +157,12 @@ class SQLiteDialect(Dialect):
         An open SQLite connection keeps writing to the file it opened even after
         that file is unlinked or another is renamed over its path: every commit
         would succeed, and every invite acknowledged from then on would be gone at
-        the next start. The store calls this before each write transaction (one
-        ``stat`` per batch of invites: nothing is written to a file that is no
-        longer the database) and again after its COMMIT, before anyone is told it
-        is stored (the file may be replaced while the write waits for the lock or
-        commits). The write then fails as any storage failure does (an invite is
-        answered 500 M_UNKNOWN and the reason logged), until the daemon is
-        restarted on the file now at that path.
+        the next start. The store calls this after each write transaction's
+        COMMIT, before anyone is told it is stored: one ``stat`` per batch of
+        invites, and after the commit because the file may be replaced while the
+        write waits for the lock or commits. The write then fails as any storage
+        failure does (an invite is answered 500 M_UNKNOWN and the reason logged),
+        until the daemon is restarted on the file now at that path.
         """
         expected = self._file_identity
         if expected is None:
