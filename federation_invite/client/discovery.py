@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import email.utils
 import random as _random
+from collections import OrderedDict
 from typing import Any
 
 import attrs
@@ -65,7 +66,9 @@ WELL_KNOWN_MAX_TTL = 48 * 3600.0
 #: cached for up to an hour, and servers are encouraged to exponentially back off").
 WELL_KNOWN_ERROR_TTL = 5 * 60.0
 WELL_KNOWN_ERROR_MAX_TTL = 3600.0
-#: Hostnames whose ``.well-known`` answer is remembered at once.
+#: Hostnames whose ``.well-known`` answer is remembered at once; also the
+#: number of hostnames whose consecutive failures are counted (the most
+#: recently failed ones: hostnames are peer-chosen, so this must be bounded).
 WELL_KNOWN_CACHE_SIZE = 10_000
 
 #: Retry delays for one SRV query: up to 15 s in all.
@@ -179,7 +182,8 @@ class ServerResolver:
         self._srv_resolver = srv_resolver
         self._random = random or _random.Random()
         self._cache: dict[str, _WellKnownEntry] = {}
-        self._failures: dict[str, int] = {}
+        #: Consecutive failures per hostname, least recently failed first.
+        self._failures: OrderedDict[str, int] = OrderedDict()
         self._inflight: dict[str, Deferred[str | None]] = {}
 
     # -- public boundary
@@ -326,8 +330,7 @@ class ServerResolver:
         try:
             delegated, ttl = await fetch
         except Exception as exc:
-            failures = self._failures.get(hostname, 0) + 1
-            self._failures[hostname] = failures
+            failures = self._count_failure(hostname)
             ttl = min(WELL_KNOWN_ERROR_MAX_TTL, WELL_KNOWN_ERROR_TTL * 2 ** (failures - 1))
             _log.info(
                 "No usable .well-known for {hostname} ({error}); retrying in {ttl:.0f} s",
@@ -341,6 +344,18 @@ class ServerResolver:
         self._store(hostname, _WellKnownEntry(delegated, now, now + ttl))
         return delegated
 
+    def _count_failure(self, hostname: str) -> int:
+        """Count one more consecutive failure for ``hostname``; the count.
+
+        Only the ``WELL_KNOWN_CACHE_SIZE`` most recently failed hostnames are
+        counted: one dropped starts its back-off again from the shortest wait.
+        """
+        failures = self._failures.pop(hostname, 0) + 1
+        self._failures[hostname] = failures
+        while len(self._failures) > WELL_KNOWN_CACHE_SIZE:
+            self._failures.popitem(last=False)
+        return failures
+
     def _store(self, hostname: str, entry: _WellKnownEntry) -> None:
         if hostname not in self._cache and len(self._cache) >= WELL_KNOWN_CACHE_SIZE:
             now = self._reactor.seconds()
@@ -348,7 +363,6 @@ class ServerResolver:
                 del self._cache[name]
             if len(self._cache) >= WELL_KNOWN_CACHE_SIZE:
                 self._cache.clear()
-                self._failures.clear()
         self._cache[hostname] = entry
 
     async def _fetch_well_known(self, hostname: str) -> tuple[str, float]:

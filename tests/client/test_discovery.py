@@ -11,8 +11,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
+from federation_invite.client import discovery
 from federation_invite.client.discovery import (
     WELL_KNOWN_DEFAULT_TTL,
+    WELL_KNOWN_ERROR_TTL,
     WELL_KNOWN_MAX_BYTES,
     WELL_KNOWN_MAX_TTL,
     WELL_KNOWN_MIN_TTL,
@@ -385,8 +387,6 @@ class SrvTests(_Base):
 
     def test_system_resolver_created_lazily(self) -> None:
         """Without an injected SRV resolver, the system one is built on first SRV need, once."""
-        from federation_invite.client import discovery
-
         made: list[Any] = []
 
         def fake_system(reactor: Any) -> FakeSRVResolver:
@@ -486,6 +486,32 @@ class WellKnownCacheTests(_Base):
         self.resolve("example.org")
         self.assertEqual(self.fetches(), before + 1)
 
+    def test_failure_counts_bounded(self) -> None:
+        """Failures are counted for the most recently failed hostnames only, at most the
+        cache size of them; a recent one keeps its back-off, a dropped one starts over."""
+        self.patch(discovery, "WELL_KNOWN_CACHE_SIZE", 3)
+        names = [f"h{i}.example" for i in range(5)]
+        for name in names:
+            self.resolve(name)  # no such peer: the fetch fails
+            self.clock.advance(WELL_KNOWN_ERROR_TTL)  # and its cached failure expires
+        self.assertEqual(list(self.resolver._failures.items()), [(n, 1) for n in names[2:]])
+        # The most recent hostname's second failure is cached twice as long.
+        self.resolve("h4.example")
+        self.assertEqual(self.fetches(), 6)
+        self.clock.advance(2 * WELL_KNOWN_ERROR_TTL - 1)
+        self.resolve("h4.example")
+        self.assertEqual(self.fetches(), 6)
+        self.clock.advance(1)
+        self.resolve("h4.example")
+        self.assertEqual(self.fetches(), 7)
+        # A dropped hostname's failure is its first again; the least recent goes.
+        self.resolve("h0.example")
+        self.assertEqual(
+            list(self.resolver._failures.items()),
+            [("h3.example", 1), ("h4.example", 3), ("h0.example", 1)],
+        )
+        self.assertEqual(self.resolver._cache["h0.example"].expires_at, self.clock.seconds() + 300)
+
     def test_concurrent_lookups_share_one_fetch(self) -> None:
         """Callers asking while a fetch is in flight share it; cancelling one spares the rest."""
         resource = self.well_known("example.org", {"m.server": "m.example:1"})
@@ -507,8 +533,6 @@ class WellKnownCacheTests(_Base):
 
     def test_cache_bounded(self) -> None:
         """The cache drops expired entries when full, and starts afresh if still full."""
-        from federation_invite.client import discovery
-
         self.patch(discovery, "WELL_KNOWN_CACHE_SIZE", 2)
         self.well_known("a.example", {"m.server": "m.example:1"}, Cache_Control=b"max-age=300")
         self.well_known("b.example", {"m.server": "m.example:1"})
