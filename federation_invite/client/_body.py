@@ -11,7 +11,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
-__all__ = ["BodyTooLarge", "read_body"]
+__all__ = ["BodyTooLarge", "discard_body", "read_body"]
 
 
 class BodyTooLarge(Exception):
@@ -61,7 +61,9 @@ class _CappedReader(Protocol):
             transport.stopProducing()
 
 
-def _discard_body(response: IResponse) -> None:
+def discard_body(response: IResponse) -> None:
+    """Stop ``response``'s body: the connection is dropped (unless already done with),
+    rather than held, unread, until garbage collection."""
     reader = _CappedReader(Deferred(), 0)
     reader.done = True
     response.deliverBody(reader)
@@ -75,7 +77,7 @@ def read_body(response: IResponse, max_bytes: int) -> Deferred[bytes]:
     Cancelling the returned Deferred drops the connection.
     """
     if response.length is not UNKNOWN_LENGTH and response.length > max_bytes:
-        _discard_body(response)
+        discard_body(response)
         return fail(BodyTooLarge(max_bytes))
     reader: _CappedReader
 

@@ -21,6 +21,7 @@ import email.utils
 import random as _random
 from collections import OrderedDict
 from typing import Any
+from urllib.parse import urljoin
 
 import attrs
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -28,16 +29,14 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IResolver
 from twisted.logger import Logger
 from twisted.names import dns
-from twisted.web.client import RedirectAgent
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IAgent
 
 from .._clock import in_window
 from .._version import __version__
 from ..core.canonical import parse_json
 from ..core.ids import parse_server_name
-from ._body import read_body
+from ._body import discard_body, read_body
 
 __all__ = [
     "DEFAULT_PORT",
@@ -56,6 +55,8 @@ WELL_KNOWN_MAX_BYTES = 50 * 1024
 WELL_KNOWN_TIMEOUT = 30.0
 #: Redirects followed before giving up (the spec asks us to avoid loops).
 WELL_KNOWN_REDIRECT_LIMIT = 5
+#: The statuses whose ``Location`` is followed (RFC 9110 section 15.4).
+_REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 #: The spec's "sensible default" cache period when the response says nothing.
 WELL_KNOWN_DEFAULT_TTL = 24 * 3600.0
 #: Bounds on the cache period a response may ask for (the spec recommends 48 h at most).
@@ -125,29 +126,6 @@ class _WellKnownEntry:
         return in_window(self.fetched_at, now, self.expires_at)
 
 
-@implementer(IAgent)
-class _HttpsOnlyAgent:
-    """Refuses any request, including a redirect target, that is not ``https``."""
-
-    def __init__(self, agent: IAgent) -> None:
-        self._agent = agent
-
-    def request(
-        self,
-        method: bytes,
-        uri: bytes,
-        headers: Headers | None = None,
-        bodyProducer: IBodyProducer | None = None,
-    ) -> Deferred[IResponse]:
-        if not uri.lower().startswith(b"https://"):
-            return Deferred.fromCoroutine(_raise(_WellKnownInvalid("redirect away from https")))
-        return self._agent.request(method, uri, headers, bodyProducer)
-
-
-async def _raise(exc: Exception) -> Any:
-    raise exc
-
-
 def _unbracket(host: str) -> str:
     return host[1:-1] if host.startswith("[") else host
 
@@ -161,7 +139,7 @@ class ServerResolver:
 
     ``reactor`` gives the time and timeouts; ``well_known_agent`` fetches
     ``.well-known`` documents (it should itself apply the IP blocklist and TLS
-    verification; redirects and the ``https``-only rule are added here);
+    verification; redirects, only to ``https``, are followed here);
     ``srv_resolver`` is a ``twisted.names`` ``IResolver`` (default: the
     system's, created on first use); ``random`` orders SRV records of equal
     priority by weight.
@@ -176,9 +154,7 @@ class ServerResolver:
         random: _random.Random | None = None,
     ) -> None:
         self._reactor = reactor
-        self._well_known_agent = RedirectAgent(
-            _HttpsOnlyAgent(well_known_agent), redirectLimit=WELL_KNOWN_REDIRECT_LIMIT
-        )
+        self._well_known_agent = well_known_agent
         self._srv_resolver = srv_resolver
         self._random = random or _random.Random()
         self._cache: dict[str, _WellKnownEntry] = {}
@@ -367,11 +343,22 @@ class ServerResolver:
 
     async def _fetch_well_known(self, hostname: str) -> tuple[str, float]:
         """Fetch and validate ``.well-known/matrix/server``; answer the delegated name and TTL."""
-        uri = b"https://" + hostname.encode("ascii") + b"/.well-known/matrix/server"
+        uri = "https://" + hostname + "/.well-known/matrix/server"
         headers = Headers({b"User-Agent": [_USER_AGENT]})
-        response = await self._well_known_agent.request(b"GET", uri, headers, None)
-        if response.code != 200:
-            raise _WellKnownInvalid(f"status {response.code}")
+        for _ in range(WELL_KNOWN_REDIRECT_LIMIT + 1):
+            response = await self._well_known_agent.request(
+                b"GET", uri.encode("ascii"), headers, None
+            )
+            if response.code == 200:
+                break
+            # Every answer is read or dropped: one left unread holds its
+            # connection until garbage collection.
+            discard_body(response)
+            if response.code not in _REDIRECT_CODES:
+                raise _WellKnownInvalid(f"status {response.code}")
+            uri = _redirect_target(uri, response.headers)
+        else:
+            raise _WellKnownInvalid(f"more than {WELL_KNOWN_REDIRECT_LIMIT} redirects")
         body = await read_body(response, WELL_KNOWN_MAX_BYTES)
         # The spec: parse as JSON whatever the Content-Type says.
         try:
@@ -388,6 +375,20 @@ class ServerResolver:
         except ValueError as exc:
             raise _WellKnownInvalid(f"m.server is not a server name: {exc}") from None
         return delegated, cache_period(response.headers, self._reactor.seconds())
+
+
+def _redirect_target(uri: str, headers: Headers) -> str:
+    """Where a redirect from ``uri`` leads; only ``https`` is followed."""
+    locations = headers.getRawHeaders(b"location")
+    if not locations:
+        raise _WellKnownInvalid("redirect without a Location")
+    try:
+        target = urljoin(uri, locations[0].decode("ascii"))
+    except ValueError:  # UnicodeDecodeError, or a malformed URL
+        raise _WellKnownInvalid("redirect to an invalid Location") from None
+    if not target.lower().startswith("https://"):
+        raise _WellKnownInvalid("redirect away from https")
+    return target
 
 
 def cache_period(headers: Headers, now: float) -> float:

@@ -5,11 +5,19 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.names import dns
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from federation_invite.client import discovery
 from federation_invite.client.discovery import (
@@ -28,6 +36,7 @@ from federation_invite.client.testing import FakePeersAgent
 from ._fakes import CannedResource, FakeSRVResolver
 
 WELL_KNOWN_PATH = b"/.well-known/matrix/server"
+ORIGIN_URI = b"https://example.org" + WELL_KNOWN_PATH
 
 
 class _RedirectResource(Resource):
@@ -42,6 +51,79 @@ class _RedirectResource(Resource):
         request.setResponseCode(self.code)
         request.setHeader(b"Location", self.location)
         return b""
+
+
+@implementer(IPushProducer)
+@attrs.define(eq=False)
+class _BodyTransport:
+    """What a body protocol gets as its transport; records being stopped."""
+
+    stopped: bool = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+
+@implementer(IResponse)
+@attrs.define(eq=False)
+class _RecordedResponse:
+    """A response whose body is delivered at once to whoever asks, recording its fate."""
+
+    code: int
+    headers: Headers
+    body: bytes
+    version: tuple[bytes, int, int] = (b"HTTP", 1, 1)
+    phrase: bytes = b""
+    length: Any = UNKNOWN_LENGTH
+    request: Any = None
+    previousResponse: Any = None
+    transport: _BodyTransport = attrs.Factory(_BodyTransport)
+    #: The body was delivered to the end (connectionLost with ResponseDone).
+    read: bool = False
+
+    def deliverBody(self, protocol: Protocol) -> None:
+        protocol.makeConnection(self.transport)  # type: ignore[arg-type]
+        if self.body:
+            protocol.dataReceived(self.body)
+        self.read = True
+        protocol.connectionLost(Failure(ResponseDone()))
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        self.previousResponse = response
+
+    @property
+    def released(self) -> bool:
+        """Its body was read to the end, or its connection dropped."""
+        return self.read or self.transport.stopped
+
+
+@implementer(IAgent)
+class _RecordingAgent:
+    """Answers each URI from ``answers`` (code, headers, body); keeps every response given."""
+
+    def __init__(self, answers: dict[bytes, tuple[int, dict[bytes, bytes], bytes]]) -> None:
+        self.answers = answers
+        self.responses: list[tuple[bytes, _RecordedResponse]] = []
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        code, raw_headers, body = self.answers[uri]
+        response = _RecordedResponse(
+            code, Headers({name: [value] for name, value in raw_headers.items()}), body
+        )
+        self.responses.append((uri, response))
+        return succeed(response)
 
 
 class _Base(SynchronousTestCase):
@@ -296,6 +378,58 @@ class WellKnownInvalidTests(_Base):
         server = self.successResultOf(resolving)
         self.assertEqual(server.host_header, "example.org")
         self.assertIsNone(server.port)
+
+
+class WellKnownResponsesReleasedTests(SynchronousTestCase):
+    """Every .well-known answer is read to the end or its connection dropped, never left
+    holding the connection until garbage collection."""
+
+    def resolve(self, answers: dict[bytes, tuple[int, dict[bytes, bytes], bytes]]) -> Any:
+        """The delegation found for example.org, and (uri, code, released) per response."""
+        clock = Clock()
+        agent = _RecordingAgent(answers)
+        resolver = ServerResolver(clock, agent, FakeSRVResolver())
+        delegated = self.successResultOf(resolver.get_well_known("example.org"))
+        return delegated, [(uri, r.code, r.released) for uri, r in agent.responses]
+
+    def test_redirect_then_document(self) -> None:
+        """The redirect's body is dropped, the document's read."""
+        delegated, responses = self.resolve(
+            {
+                ORIGIN_URI: (302, {b"Location": b"/elsewhere"}, b"moved"),
+                b"https://example.org/elsewhere": (200, {}, b'{"m.server": "m.example:1"}'),
+            }
+        )
+        self.assertEqual(delegated, "m.example:1")
+        self.assertEqual(
+            responses, [(ORIGIN_URI, 302, True), (b"https://example.org/elsewhere", 200, True)]
+        )
+
+    def test_error_status(self) -> None:
+        """A non-200, non-redirect answer's body is dropped."""
+        for code in (404, 500, 300, 304):
+            delegated, responses = self.resolve({ORIGIN_URI: (code, {}, b"not here")})
+            self.assertIsNone(delegated)
+            self.assertEqual(responses, [(ORIGIN_URI, code, True)])
+
+    def test_redirect_loop(self) -> None:
+        """Every answer of a redirect loop is dropped; the loop ends after 5 redirects."""
+        delegated, responses = self.resolve(
+            {ORIGIN_URI: (301, {b"Location": ORIGIN_URI}, b"again")}
+        )
+        self.assertIsNone(delegated)
+        self.assertEqual(responses, [(ORIGIN_URI, 301, True)] * 6)
+
+    def test_redirects_not_followed(self) -> None:
+        """A redirect away from https, to an unreadable Location or to none is dropped."""
+        for headers in (
+            {b"Location": b"http://example.org/.well-known/matrix/server"},
+            {b"Location": b"https://caf\xc3\xa9.example/"},
+            {},
+        ):
+            delegated, responses = self.resolve({ORIGIN_URI: (307, headers, b"")})
+            self.assertIsNone(delegated)
+            self.assertEqual(responses, [(ORIGIN_URI, 307, True)])
 
 
 class SrvTests(_Base):
