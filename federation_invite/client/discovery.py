@@ -235,19 +235,19 @@ class ServerResolver:
             if not isinstance(exc, dns.DomainError | dns.AuthoritativeDomainError):
                 _log.info("SRV lookup for {name} failed: {error}", name=name, error=exc)
             return []
-        records = [
-            answer.payload
-            for answer in result[0]
-            if answer.type == dns.SRV and answer.name.name.decode("ascii").lower() == name.lower()
-        ]
-        return self._order_srv(records)
+        return self._order_srv(_srv_records(name.encode("ascii"), result[0]))
 
     def _order_srv(self, records: list[dns.Record_SRV]) -> list[tuple[str, int]]:
         """RFC 2782 order: ascending priority, weighted random order within a priority."""
         usable = []
         for record in records:
-            target = record.target.name.decode("ascii").rstrip(".")
-            # A target of "." means the service is decidedly not available there.
+            try:
+                target = record.target.name.decode("ascii").rstrip(".")
+            except UnicodeDecodeError:
+                # Not a hostname we could connect to; the other records may be.
+                continue
+            # A target of "." means the service is decidedly not available
+            # there (RFC 2782): with no other record, as if there were none.
             if target:
                 usable.append((record.priority, record.weight, target, record.port))
         ordered: list[tuple[str, int]] = []
@@ -375,6 +375,33 @@ class ServerResolver:
         except ValueError as exc:
             raise _WellKnownInvalid(f"m.server is not a server name: {exc}") from None
         return delegated, cache_period(response.headers, self._reactor.seconds())
+
+
+def _srv_records(name: bytes, answers: list[dns.RRHeader]) -> list[dns.Record_SRV]:
+    """The SRV records for ``name`` in an answer section, following its CNAMEs.
+
+    A resolver answering for an alias gives the CNAME chain, then the
+    records owned by the chain's end (RFC 1034 section 3.6.2). Names are
+    compared as bytes, ASCII case-insensitively (RFC 4343), so that an odd
+    byte in some record cannot abort the lookup.
+    """
+    aliases: dict[bytes, bytes] = {}
+    records: list[tuple[bytes, dns.Record_SRV]] = []
+    for answer in answers:
+        if isinstance(answer.payload, dns.Record_CNAME):
+            aliases[_dns_key(answer.name.name)] = _dns_key(answer.payload.name.name)
+        elif isinstance(answer.payload, dns.Record_SRV):
+            records.append((_dns_key(answer.name.name), answer.payload))
+    owner = _dns_key(name)
+    owners = {owner}
+    while owner in aliases and aliases[owner] not in owners:
+        owner = aliases[owner]
+        owners.add(owner)
+    return [record for record_owner, record in records if record_owner in owners]
+
+
+def _dns_key(name: bytes) -> bytes:
+    return name.lower().rstrip(b".")
 
 
 def _redirect_target(uri: str, headers: Headers) -> str:

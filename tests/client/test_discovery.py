@@ -39,6 +39,13 @@ WELL_KNOWN_PATH = b"/.well-known/matrix/server"
 ORIGIN_URI = b"https://example.org" + WELL_KNOWN_PATH
 
 
+def _srv(owner: bytes, priority: int, weight: int, port: int, target: bytes) -> dns.RRHeader:
+    """An SRV answer with the names' bytes as given (``FakeSRVResolver.records`` IDNA-encodes)."""
+    return dns.RRHeader(
+        name=owner, type=dns.SRV, payload=dns.Record_SRV(priority, weight, port, target)
+    )
+
+
 class _RedirectResource(Resource):
     isLeaf = True
 
@@ -476,8 +483,55 @@ class SrvTests(_Base):
         self.assertGreater(firsts.count("heavy.example"), 40)
 
     def test_dot_target_ignored(self) -> None:
-        """A "." target (service not offered) is skipped; with nothing else, 8448."""
-        self.srv.records["_matrix-fed._tcp.example.org"] = [(0, 0, 0, ".")]
+        """A single "." target (RFC 2782: service decidedly not available) counts as no SRV
+        record: the deprecated SRV, then the hostname on 8448."""
+        self.srv.raw["_matrix-fed._tcp.example.org"] = [
+            _srv(b"_matrix-fed._tcp.example.org", 0, 0, 0, b".")
+        ]
+        _, targets = self.resolve("example.org")
+        self.assertEqual(targets, [("example.org", 8448)])
+        self.assertEqual(
+            self.srv.lookups, ["_matrix-fed._tcp.example.org", "_matrix._tcp.example.org"]
+        )
+        self.srv.records["_matrix._tcp.example.org"] = [(0, 0, 2222, "old.example")]
+        _, targets = self.resolve("example.org")
+        self.assertEqual(targets, [("old.example", 2222)])
+
+    def test_undecodable_names_skipped(self) -> None:
+        """An SRV record whose target (or owner) is not ASCII is skipped, not fatal."""
+        self.srv.raw["_matrix-fed._tcp.example.org"] = [
+            _srv(b"_matrix-fed._tcp.example.org", 0, 0, 1, b"caf\xc3\xa9.example"),
+            _srv(b"_matrix-fed._tcp.\xff.example", 0, 0, 2, b"other.example"),
+            _srv(b"_matrix-fed._tcp.example.org", 10, 0, 3, b"good.example"),
+        ]
+        _, targets = self.resolve("example.org")
+        self.assertEqual(targets, [("good.example", 3)])
+
+    def test_srv_through_cname(self) -> None:
+        """SRV records owned by the end of the query name's CNAME chain are used (names
+        compared case-insensitively); a CNAME loop ends the chain."""
+        self.srv.raw["_matrix-fed._tcp.example.org"] = [
+            dns.RRHeader(
+                name="_matrix-fed._tcp.Example.org",
+                type=dns.CNAME,
+                payload=dns.Record_CNAME(b"alias.hosting.example"),
+            ),
+            dns.RRHeader(
+                name="alias.hosting.example",
+                type=dns.CNAME,
+                payload=dns.Record_CNAME(b"srv.hosting.example."),
+            ),
+            _srv(b"SRV.hosting.example", 0, 0, 8443, b"fed.hosting.example"),
+        ]
+        _, targets = self.resolve("example.org")
+        self.assertEqual(targets, [("fed.hosting.example", 8443)])
+        self.srv.raw["_matrix-fed._tcp.example.org"] = [
+            dns.RRHeader(name=name, type=dns.CNAME, payload=dns.Record_CNAME(alias.encode("ascii")))
+            for name, alias in [
+                ("_matrix-fed._tcp.example.org", "a.example"),
+                ("a.example", "_matrix-fed._tcp.example.org"),
+            ]
+        ]
         _, targets = self.resolve("example.org")
         self.assertEqual(targets, [("example.org", 8448)])
 
