@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import email.utils
 import random as _random
+import re
 from collections import OrderedDict
 from typing import Any
 from urllib.parse import urljoin
@@ -71,6 +72,10 @@ WELL_KNOWN_ERROR_MAX_TTL = 3600.0
 #: number of hostnames whose consecutive failures are counted (the most
 #: recently failed ones: hostnames are peer-chosen, so this must be bounded).
 WELL_KNOWN_CACHE_SIZE = 10_000
+
+#: RFC 9111 section 1.2.2 delta-seconds: ASCII digits only (``str.isdigit``
+#: also accepts "²", which ``float`` then refuses).
+_DELTA_SECONDS = re.compile(r"[0-9]+")
 
 #: Retry delays for one SRV query: up to 15 s in all.
 _DNS_TIMEOUT = (1, 3, 11)
@@ -421,11 +426,11 @@ def _redirect_target(uri: str, headers: Headers) -> str:
 def cache_period(headers: Headers, now: float) -> float:
     """Seconds to cache a valid ``.well-known`` answer, from its caching headers.
 
-    ``Cache-Control: max-age`` first, then ``Expires`` (relative to the
-    response's ``Date``, else ``now``), else 24 hours; ``no-store`` and
-    ``no-cache`` count as zero. The result is clamped to [5 min, 48 h]: even
-    an uncacheable answer is kept a little, so a peer cannot make us fetch it
-    for every request.
+    ``Cache-Control: max-age`` first (ignored unless ASCII digits), then
+    ``Expires`` (relative to the response's ``Date``, else ``now``), else 24
+    hours; ``no-store`` and ``no-cache`` count as zero. The result is clamped
+    to [5 min, 48 h]: even an uncacheable answer is kept a little, so a peer
+    cannot make us fetch it for every request.
     """
     directives: dict[str, str] = {}
     for raw in headers.getRawHeaders(b"cache-control", []):
@@ -435,7 +440,7 @@ def cache_period(headers: Headers, now: float) -> float:
     period: float | None = None
     if "no-store" in directives or "no-cache" in directives:
         period = 0.0
-    elif directives.get("max-age", "").isdigit():
+    elif _DELTA_SECONDS.fullmatch(directives.get("max-age", "")):
         period = float(directives["max-age"])
     else:
         expires = headers.getRawHeaders(b"expires")

@@ -700,6 +700,18 @@ class WellKnownCacheTests(_Base):
         )
         self.assertEqual(self.resolver._cache["h0.example"].expires_at, self.clock.seconds() + 300)
 
+    def test_malformed_max_age_keeps_delegation(self) -> None:
+        """A valid delegation with a malformed max-age ("²") is used and kept 24 hours."""
+        self.well_known("example.org", {"m.server": "m.example:1"}, Cache_Control=b"max-age=\xb2")
+        server, _ = self.resolve("example.org")
+        self.assertEqual(server.effective_name, "m.example:1")
+        self.clock.advance(WELL_KNOWN_DEFAULT_TTL - 1)
+        self.resolve("example.org")
+        self.assertEqual(self.fetches(), 1)
+        self.clock.advance(1)
+        self.resolve("example.org")
+        self.assertEqual(self.fetches(), 2)
+
     def test_concurrent_lookups_share_one_fetch(self) -> None:
         """Callers asking while a fetch is in flight share it; cancelling one spares the rest."""
         resource = self.well_known("example.org", {"m.server": "m.example:1"})
@@ -792,3 +804,19 @@ class CachePeriodTests(SynchronousTestCase):
         """No caching headers (or an unusable max-age): 24 hours."""
         self.assertEqual(self.period(), WELL_KNOWN_DEFAULT_TTL)
         self.assertEqual(self.period(Cache_Control=b"max-age=soon"), WELL_KNOWN_DEFAULT_TTL)
+
+    def test_max_age_ascii_digits_only(self) -> None:
+        """A max-age with non-ASCII digits (Latin-1 superscripts, UTF-8 Arabic-Indic) is
+        ignored like any malformed one: 24 hours, or what Expires says."""
+        for value in (b"\xb2", b"1\xb9", b"\xb3600", "\u0663\u0666\u0660\u0660".encode()):
+            self.assertEqual(
+                self.period(Cache_Control=b"max-age=" + value), WELL_KNOWN_DEFAULT_TTL, value
+            )
+        self.assertEqual(
+            self.period(
+                Cache_Control=b"max-age=\xb2",
+                Expires=b"Tue, 14 Nov 2023 12:00:00 GMT",
+                Date=b"Tue, 14 Nov 2023 10:00:00 GMT",
+            ),
+            7200,
+        )
