@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from unpaddedbase64 import encode_base64
 
 from .client.errors import RemoteError, TransportError
-from .core.canonical import encode_canonical_json
+from .core.canonical import CanonicalJSONError, encode_canonical_json
 from .core.errors import Codes, MatrixError
 from .core.events import (
     PreparedEvent,
@@ -569,7 +569,13 @@ def _room_state(invite_room_state: object) -> list[dict[str, Any]]:
         raise InviteNotSendable("invite_room_state must be a list of events")
     if not all(isinstance(entry, Mapping) for entry in invite_room_state):
         raise InviteNotSendable("invite_room_state must hold only JSON objects")
-    return [dict(entry) for entry in invite_room_state]
+    room_state = [dict(entry) for entry in invite_room_state]
+    try:
+        # Our client sends strict canonical JSON only (no floats, safe integers).
+        encode_canonical_json(room_state, strict=True)
+    except CanonicalJSONError as exc:
+        raise InviteNotSendable(f"invite_room_state is not strict canonical JSON: {exc}") from None
+    return room_state
 
 
 def _check_create_event(

@@ -1029,6 +1029,27 @@ class BeforeSendingTests(_Base):
             "invite_room_state must hold only JSON objects",
         )
 
+    def test_room_state_not_canonical_json(self) -> None:
+        """invite_room_state that has no strict canonical JSON form is refused unsent and
+        unsigned, as an InviteNotSendable."""
+        event, state = self.origin.invite("10")
+        cases = [
+            (1.5, "floats are not allowed in canonical JSON"),
+            (b"x", "bytes is not a JSON type"),
+            (2**53, "integer 9007199254740992 is outside [-(2**53)+1, 2**53-1]"),
+            (-(2**53), "integer -9007199254740992 is outside [-(2**53)+1, 2**53-1]"),
+            (float("nan"), "floats are not allowed in canonical JSON"),
+            ({1: "x"}, "object key 1 is not a string"),
+            ("\ud800", "string is not valid Unicode (lone surrogate)"),
+        ]
+        for value, reason in cases:
+            entry = {"type": "m.room.name", "state_key": "", "content": {"name": value}}
+            self.assertEqual(
+                self.not_sendable("10", event, [*state, entry]),
+                f"invite_room_state is not strict canonical JSON: {reason}",
+            )
+        self.assertEqual(self.origin.signer.calls, [])
+
     def test_room_version_object_accepted(self) -> None:
         """The room version may be given as a RoomVersion."""
         event, state = self.origin.invite("9")
