@@ -137,6 +137,8 @@ def render_async(
 
     If the client goes away first, the work is cancelled and nothing is written
     to the finished request (the pattern of Klein's ``KleinResource.render``).
+    Work that must not stop halfway may finish regardless (``InviteHandler``
+    does once an invite is handed to the store): its result is then dropped.
     """
     done = [False]
 
@@ -148,6 +150,8 @@ def render_async(
         deferred.cancel()
 
     def respond(result: tuple[int, Any]) -> None:
+        if done[0]:
+            return
         status, body = result
         try:
             encoded = write_json(request, status, body)
@@ -159,7 +163,8 @@ def render_async(
         _finish(encoded)
 
     def fail(failure: Failure) -> None:
-        if failure.check(CancelledError) and done[0]:
+        if done[0] and failure.check(CancelledError, MatrixError):
+            # Nobody to answer; refusals are logged by the work that made them.
             return
         if failure.check(MatrixError):
             error = failure.value

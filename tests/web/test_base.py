@@ -6,9 +6,11 @@ import json
 from typing import Any
 
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionLost
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
+from twisted.web.test.requesthelper import DummyRequest
 
 from federation_invite.core.errors import Codes, MatrixError
 from federation_invite.service import build_site_root
@@ -44,6 +46,31 @@ class Async(MatrixResource):
             except BaseException:
                 self.cancelled = True
                 raise
+            if isinstance(value, Exception):
+                raise value
+            return 200, value
+
+        return render_async(request, work)
+
+
+class Stubborn(MatrixResource):
+    """Work that goes on when cancelled, as the invite handler does once it has stored."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: Deferred[Any] = Deferred()
+        self.later: Deferred[Any] = Deferred()
+        self.cancelled = False
+
+    def render_PUT(self, request: Request) -> int:
+        async def work() -> tuple[int, Any]:
+            try:
+                await self.pending
+            except CancelledError:
+                self.cancelled = True
+            value = await self.later
             if isinstance(value, Exception):
                 raise value
             return 200, value
@@ -156,9 +183,6 @@ class WebBaseTests(SynchronousTestCase):
 
     def test_client_gone_cancels_work(self) -> None:
         """When the client disconnects, the work is cancelled and nothing is written."""
-        from twisted.internet.error import ConnectionLost
-        from twisted.web.test.requesthelper import DummyRequest
-
         resource = Async()
         request = DummyRequest([b""])
         request.method = b"PUT"
@@ -166,3 +190,38 @@ class WebBaseTests(SynchronousTestCase):
         request.processingFailed(ConnectionLost())
         self.assertTrue(resource.cancelled)
         self.assertEqual(request.written, [])
+
+    def gone_mid_work(self) -> tuple[Stubborn, DummyRequest]:
+        resource = Stubborn()
+        request = DummyRequest([b""])
+        request.method = b"PUT"
+        request.path = b"/_matrix/thing"
+        resource.render(request)
+        request.processingFailed(ConnectionLost())
+        self.assertTrue(resource.cancelled)
+        return resource, request
+
+    def assertUntouched(self, request: DummyRequest) -> None:
+        self.assertEqual(request.written, [])
+        self.assertIsNone(request.responseCode)
+        self.assertIsNone(request.responseHeaders.getRawHeaders(b"content-type"))
+
+    def test_result_after_client_gone_dropped(self) -> None:
+        """Work that finishes after the client went away sets no status, header or body."""
+        resource, request = self.gone_mid_work()
+        resource.later.callback({"done": 1})
+        self.assertUntouched(request)
+
+    def test_refusal_after_client_gone_dropped(self) -> None:
+        """A MatrixError after the client went away is not rendered (its work logs it)."""
+        resource, request = self.gone_mid_work()
+        resource.later.callback(MatrixError(500, Codes.UNKNOWN, "store failed"))
+        self.assertUntouched(request)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_unexpected_error_after_client_gone_logged(self) -> None:
+        """An unexpected error after the client went away is still logged, and not written."""
+        resource, request = self.gone_mid_work()
+        resource.later.callback(ValueError("late bug"))
+        self.assertEqual(request.written, [])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
