@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from .auth import RequestAuthenticator
@@ -48,6 +49,8 @@ from .store import InviteRecord, StoreError
 __all__ = ["InviteHandler", "InviteLimits", "InviteListener"]
 
 log = Logger(namespace="federation_invite.inbound")
+
+_T = TypeVar("_T")
 
 #: Called with the stored record after the commit, for invites handed over
 #: (status ``pending``). May return a Deferred; failures are logged only.
@@ -287,7 +290,11 @@ class InviteHandler:
             event_json=signed_json.decode("utf-8"),
         )
         try:
-            stored, created = await self._store.store_invite(record)
+            # Once handed to the store the invite may be committed whatever
+            # happens to the request, so the rest (its log line, the metrics,
+            # the listeners) runs even if the client goes away meanwhile: a
+            # retry would otherwise be answered as a repeat and no listener told.
+            stored, created = await _despite_cancellation(self._store.store_invite(record))
         except StoreError as exc:
             log.error(
                 "Could not store invite {event_id}: {reason}", event_id=event_id, reason=str(exc)
@@ -449,6 +456,36 @@ class InviteHandler:
 
         for listener in self._listeners:
             maybeDeferred(listener, record).addErrback(failed)
+
+
+async def _despite_cancellation(deferred: Deferred[_T]) -> _T:
+    """``await deferred``, carried on to its result even if the awaiting coroutine is cancelled.
+
+    Cancelling the coroutine's Deferred (``render_async`` does when the client
+    goes away) cancels only a stand-in awaited here: ``deferred`` is left to
+    finish and the coroutine goes on with its result or exception as if it had
+    not been cancelled. What the coroutine then returns is answered to nobody.
+    """
+    outcome: list[Any] = []
+    waiter: Deferred[None] | None = None
+
+    def arrived(result: Any) -> None:
+        outcome.append(result)
+        if waiter is not None:
+            waiter.callback(None)
+
+    deferred.addBoth(arrived)
+    while not outcome:
+        waiter = Deferred()
+        try:
+            await waiter
+        except CancelledError:
+            pass  # the stand-in was cancelled, not ``deferred``: wait on
+    result = outcome[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    value: _T = result
+    return value
 
 
 def _repeated(stored: InviteRecord, origin: str, peer: str | None) -> tuple[dict[str, Any], str]:

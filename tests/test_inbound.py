@@ -8,7 +8,9 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Request
 
 from federation_invite import policy as policy_module
 from federation_invite.auth import ServerAcl
@@ -1016,6 +1018,122 @@ class IdempotencyRowTests(InboundTestCase):
         code, body = self.send_v2(room_version, event)
         self.assertEqual((code, body["errcode"]), (500, "M_UNKNOWN"))
         self.assertNotIn("event", body)
+
+
+class ClientGoneTests(InboundTestCase):
+    """The peer disconnects while its invite is being handled."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.requests: list[Request] = []
+        on_invite = self.s.handler.on_invite
+
+        def capturing(request: Request, *args: Any) -> Any:
+            self.requests.append(request)
+            return on_invite(request, *args)
+
+        self.s.handler.on_invite = capturing  # type: ignore[method-assign]
+        self.held: list[tuple[Any, Deferred[None]]] = []
+        store_invite = self.s.store.store_invite
+
+        def held_store(record: Any) -> Deferred[Any]:
+            gate: Deferred[None] = Deferred()
+            self.held.append((record, gate))
+            return gate.addCallback(lambda _: self.successResultOf(store_invite(record)))
+
+        self.s.store.store_invite = held_store  # type: ignore[method-assign]
+
+    def send_and_disconnect(self) -> tuple[RoomVersion, dict[str, Any]]:
+        """Send an invite and disconnect once it is handed to the (held) store."""
+        room_version, event = self.s.invite()
+        pending = self.s.send(
+            2,
+            self.s.v2_body(room_version, event),
+            room_id=event["room_id"],
+            event_id=event_id_of(room_version, event),
+        )
+        self.s.client.flush()
+        self.assertEqual(len(self.held), 1)
+        pending.cancel()
+        self.s.client.flush()
+        self.failureResultOf(pending)
+        (request,) = self.requests
+        self.assertTrue(request._disconnected)
+        return room_version, event
+
+    def assertNothingWritten(self) -> None:
+        (request,) = self.requests
+        self.assertFalse(request.startedWriting)
+        self.assertFalse(request.finished)
+        self.assertIsNone(request.responseHeaders.getRawHeaders(b"content-type"))
+
+    def test_stored_invite_announced_after_disconnect(self) -> None:
+        """An invite whose peer disconnects while it is stored is still logged as accepted and
+        handed to the listeners, once; nothing is written, and a retry is a repeat."""
+        room_version, event = self.send_and_disconnect()
+        event_id = event_id_of(room_version, event)
+        self.assertEqual(self.s.handler._origin_concurrency.active(THEM), 1)
+        record, gate = self.held[0]
+        with capturedLogs() as events:
+            gate.callback(None)
+        self.assertEqual(self.s.listened, [record])
+        self.assertEqual(self.s.store.invites[event_id], record)
+        (line,) = [e for e in events if e.get("outcome")]
+        self.assertEqual(line["outcome"], "accepted")
+        self.assertEqual(
+            formatEvent(line),
+            f"Invite {event_id} in {event['room_id']} from {THEM} for {BOB} accepted (pending)",
+        )
+        self.assertNothingWritten()
+        self.assertEqual(self.s.handler._origin_concurrency.active(THEM), 0)
+        del self.s.store.store_invite  # the retry is stored without waiting
+        code, body = self.send_v2(room_version, event)
+        self.assertEqual((code, body["event"]), (200, record.event))
+        self.assertEqual(self.s.listened, [record])
+
+    def test_store_failure_after_disconnect_logged(self) -> None:
+        """A store failing after the peer disconnected is logged as a 500 refusal, unanswered."""
+        room_version, event = self.send_and_disconnect()
+        _, gate = self.held[0]
+        with capturedLogs() as events:
+            gate.errback(StoreError("store_invite", "database is locked"))
+        (stored_error,) = [e for e in events if e["log_level"].name == "error"]
+        self.assertEqual(stored_error["event_id"], event_id_of(room_version, event))
+        self.assertIn("Could not store invite", formatEvent(stored_error))
+        (line,) = [e for e in events if e.get("outcome")]
+        self.assertEqual(
+            (line["outcome"], line["status"], line["errcode"]), ("refused", 500, "M_UNKNOWN")
+        )
+        self.assertEqual(self.s.listened, [])
+        self.assertEqual(self.s.store.invites, {})
+        self.assertNothingWritten()
+        self.assertEqual(self.s.handler._origin_concurrency.active(THEM), 0)
+
+    def test_disconnect_before_store_stops_the_work(self) -> None:
+        """A peer disconnecting while its server's keys are fetched stops the work: nothing is
+        signed, stored, logged as an outcome or handed to the listeners."""
+        self.s.federation.hold[THEM] = keys = Deferred()
+        room_version, event = self.s.invite()
+        with capturedLogs() as events:
+            pending = self.s.send(
+                2,
+                self.s.v2_body(room_version, event),
+                room_id=event["room_id"],
+                event_id=event_id_of(room_version, event),
+            )
+            self.s.client.flush()
+            self.assertEqual(self.s.federation.count(THEM), 1)
+            pending.cancel()
+            self.s.client.flush()
+            self.failureResultOf(pending)
+            keys.callback(None)
+            self.s.client.flush()
+        self.assertEqual(self.held, [])
+        self.assertEqual(self.s.store.invites, {})
+        self.assertEqual(self.s.listened, [])
+        self.assertEqual([e for e in events if e.get("outcome")], [])
+        self.assertNothingWritten()
+        self.assertEqual(self.s.handler._origin_concurrency.active(THEM), 0)
 
 
 class HotPathTests(InboundTestCase):
