@@ -46,7 +46,7 @@ from .ratelimit import ConcurrencyLimiter, RateLimiter
 from .signer import ISigner
 from .store import InviteRecord, StoreError
 
-__all__ = ["InviteHandler", "InviteLimits", "InviteListener"]
+__all__ = ["InviteHandler", "InviteLimits", "InviteListener", "escape_log_text"]
 
 log = Logger(namespace="federation_invite.inbound")
 
@@ -194,7 +194,10 @@ class InviteHandler:
                 # Any read on the way (keys, local users, rules) failing: the
                 # database is unavailable; nothing was signed or stored.
                 log.error(
-                    "Database unavailable while handling invite {event_id} from {origin}: {reason}",
+                    _as_format(
+                        f"Database unavailable while handling invite {event_id} from"
+                        f" {origin}: {exc}"
+                    ),
                     event_id=event_id,
                     origin=origin,
                     reason=str(exc),
@@ -297,7 +300,9 @@ class InviteHandler:
             stored, created = await _despite_cancellation(self._store.store_invite(record))
         except StoreError as exc:
             log.error(
-                "Could not store invite {event_id}: {reason}", event_id=event_id, reason=str(exc)
+                _as_format(f"Could not store invite {event_id}: {exc}"),
+                event_id=event_id,
+                reason=str(exc),
             )
             raise MatrixError(500, Codes.UNKNOWN, "The invite could not be stored") from None
         if not created:
@@ -452,7 +457,11 @@ class InviteHandler:
 
     def _notify(self, record: InviteRecord) -> None:
         def failed(failure: Any) -> None:
-            log.failure("Invite listener failed for {event_id}", failure, event_id=record.event_id)
+            log.failure(
+                _as_format(f"Invite listener failed for {record.event_id}"),
+                failure,
+                event_id=record.event_id,
+            )
 
         for listener in self._listeners:
             maybeDeferred(listener, record).addErrback(failed)
@@ -513,17 +522,44 @@ def _answer(event: dict[str, Any], event_json: bytes) -> EncodedDict:
 _LOG_SYSTEM = {level: f"{log.namespace}#{level.name}" for level in LogLevel.iterconstants()}
 
 
+def escape_log_text(text: str) -> str:
+    r"""``text`` with its non-printable characters escaped, for a line of a text log.
+
+    Peer-chosen strings (the path's room and event IDs, historical user IDs,
+    error messages quoting them) may hold CR, LF, ESC, other C0 and C1
+    controls, U+2028 or U+2029. Escaped as Python escapes them (``\r``,
+    ``\x1b``, ``\x85``, ``\u2028``), a line stays one line and can neither
+    forge another nor drive the reader's terminal. Backslashes are left as
+    they are: a literal ``\x1b`` in an ID reads like an escaped ESC but forges
+    nothing, and the fields keep the exact values. Printable text (every
+    ordinary ID) is returned as it is, after one C call.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
+
+
+def _as_format(text: str) -> str:
+    """Rendered ``text`` as a Twisted log format: escaped, its braces doubled (read literally)."""
+    return escape_log_text(text).replace("{", "{{").replace("}", "}}")
+
+
 def _log_outcome(text: str, level: LogLevel = LogLevel.info, **fields: Any) -> None:
     """The one line per invite: its text rendered here, its fields kept for JSON observers.
 
     The text is rendered here with an f-string, and Twisted is handed it as
-    the format itself, its braces doubled, so that formatting it is one
-    literal (``string.Formatter`` finds no field to look up: 15 -> 11 us per
-    line with the text observer) and braces in peer-chosen IDs are printed
-    as they are. The text is also a field (``text``), for JSON observers. The
+    the format itself, escaped (``escape_log_text``) and its braces doubled,
+    so that formatting it is one literal (``string.Formatter`` finds no field
+    to look up: 15 -> 11 us per line with the text observer) and braces in
+    peer-chosen IDs are printed as they are. The escaped text is also a field
+    (``text``), for JSON observers; the other fields keep the raw values. The
     event is given to the logger's observer directly, with the keys
     ``Logger.emit`` would add: about 15 us less per line (40 -> 24 us here).
     """
+    text = escape_log_text(text)
     fields.update(
         text=text,
         log_logger=log,

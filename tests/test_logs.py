@@ -17,10 +17,24 @@ from twisted.logger import (
 from twisted.trial.unittest import SynchronousTestCase
 from unpaddedbase64 import encode_base64
 
-from federation_invite.inbound import _log_outcome
+from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
+from federation_invite.inbound import _log_outcome, escape_log_text
 from federation_invite.logs import json_file_observer, json_observer
 
-from .invites import THEM, InviteScenario, event_id_of, stripped
+from .invites import BOB, THEM, InviteScenario, build_invite, event_id_of, stripped
+
+#: A room ID (valid in room versions 1 to 11: any code point but ":" and NUL
+#: before the server name) that would end the line, forge another and colour
+#: the terminal red.
+EVIL_ROOM_ID = (
+    "!evil\r\n[federation_invite.inbound#info] Invite $x in !r from a.example for @bob"
+    " accepted (pending)\x1b[31m\u2028\x85:remote.example"
+)
+#: How EVIL_ROOM_ID reads in a text line.
+EVIL_ROOM_ID_TEXT = (
+    "!evil\\r\\n[federation_invite.inbound#info] Invite $x in !r from a.example for @bob"
+    " accepted (pending)\\x1b[31m\\u2028\\x85:remote.example"
+)
 
 
 class InviteLogTests(SynchronousTestCase):
@@ -147,3 +161,110 @@ class InviteLogTests(SynchronousTestCase):
         parsed = [json.loads(line) for line in lines]
         self.assertIn("accepted", [p.get("outcome") for p in parsed])
         self.assertIsNotNone(json_observer())
+
+
+class LogForgingTests(SynchronousTestCase):
+    """Peer-chosen strings cannot split, forge or colour a line of the text log."""
+
+    def send(
+        self, scenario: InviteScenario, room_version_id: str = "10", **kwargs: Any
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Send one invite (``kwargs`` for ``build_invite``); the log events and the status."""
+        room_version = KNOWN_ROOM_VERSIONS[room_version_id]
+        event = build_invite(room_version, scenario.their_key, **kwargs)
+        with capturedLogs() as events:
+            deferred = scenario.send(
+                2,
+                scenario.v2_body(room_version, event),
+                room_id=event["room_id"],
+                event_id=event_id_of(room_version, event),
+            )
+            scenario.client.flush()
+            code = self.successResultOf(deferred).code
+        return list(events), code
+
+    def assertOneLine(self, event: dict[str, Any], text: str) -> None:
+        """The event reads as ``text``, one line of the classic text log with nothing to hide."""
+        self.assertEqual(formatEvent(event), text)
+        line = formatEventAsClassicLogText(event)
+        self.assertEqual(line.count("\n"), 1)
+        self.assertTrue(line.endswith(text + "\n"), line)
+        self.assertTrue(line[:-1].isprintable(), line)
+
+    def test_escape_log_text(self) -> None:
+        """Controls, C1, line and paragraph separators are escaped; printable text is kept."""
+        plain = "Invite $abc/+_-{0}\\x1b in !room:remote.example from remote.example refused"
+        self.assertIs(escape_log_text(plain), plain)
+        self.assertEqual(
+            escape_log_text("a\rb\nc\td\x1b[31me\x00f\x7fg\x85h\u2028i\u2029j\u202ek\xa0l\ud800"),
+            "a\\rb\\nc\\td\\x1b[31me\\x00f\\x7fg\\x85h\\u2028i\\u2029j\\u202ek\\xa0l\\ud800",
+        )
+        self.assertEqual(escape_log_text("\u00e9\u4e2d \U0001f600"), "\u00e9\u4e2d \U0001f600")
+
+    def test_refused_path_ids_escaped_fields_raw(self) -> None:
+        """A refusal for path IDs holding CR, LF, ESC, U+2028 and U+0085 is one escaped line;
+        the fields, and a JSON observer's line, keep the raw IDs."""
+        scenario = InviteScenario()
+        room_version, event = scenario.invite()
+        event_id = "$forged\x1b[2J\r\n:remote.example"
+        with capturedLogs() as events:
+            deferred = scenario.send(
+                2, scenario.v2_body(room_version, event), room_id=EVIL_ROOM_ID, event_id=event_id
+            )
+            scenario.client.flush()
+            self.assertEqual(self.successResultOf(deferred).code, 400)
+        (refused,) = [e for e in events if e.get("outcome")]
+        self.assertOneLine(
+            refused,
+            f"Invite $forged\\x1b[2J\\r\\n:remote.example in {EVIL_ROOM_ID_TEXT} from {THEM}"
+            " refused: 400 M_INVALID_PARAM The event's room_id is not the room in the request path",
+        )
+        self.assertEqual((refused["room_id"], refused["event_id"]), (EVIL_ROOM_ID, event_id))
+        read_back = json.loads(eventAsJSON(refused))
+        self.assertEqual((read_back["room_id"], read_back["event_id"]), (EVIL_ROOM_ID, event_id))
+
+    def test_accepted_room_id_escaped(self) -> None:
+        """An accepted invite to a room ID holding controls is logged on one escaped line."""
+        scenario = InviteScenario()
+        events, code = self.send(scenario, room_id=EVIL_ROOM_ID)
+        self.assertEqual(code, 200)
+        (accepted,) = [e for e in events if e.get("outcome")]
+        self.assertOneLine(
+            accepted,
+            f"Invite {accepted['event_id']} in {EVIL_ROOM_ID_TEXT} from {THEM} for {BOB}"
+            " accepted (pending)",
+        )
+        self.assertEqual(accepted["room_id"], EVIL_ROOM_ID)
+
+    def test_store_failure_lines_escaped(self) -> None:
+        """A v1 event ID holding controls is escaped in the store failure's error line too."""
+        scenario = InviteScenario()
+        scenario.store.fail_invites = True
+        event_id = "$evil\x1b]0;pwned\x07\u2029:remote.example"
+        events, code = self.send(scenario, "1", extra={"event_id": event_id})
+        self.assertEqual(code, 500)
+        (error,) = [e for e in events if e["log_level"] is LogLevel.error]
+        self.assertOneLine(
+            error,
+            "Could not store invite $evil\\x1b]0;pwned\\x07\\u2029:remote.example:"
+            " store_invite failed: database is locked",
+        )
+        self.assertEqual(error["event_id"], event_id)
+
+    def test_listener_failure_line_escaped(self) -> None:
+        """A failing listener's line names the event ID escaped (the traceback follows it)."""
+        scenario = InviteScenario()
+
+        def broken(record: Any) -> None:
+            raise RuntimeError("listener bug")
+
+        scenario.handler.add_listener(broken)
+        event_id = "$evil\r\n:remote.example"
+        events, code = self.send(scenario, "1", extra={"event_id": event_id})
+        self.assertEqual(code, 200)
+        (failed,) = [e for e in events if e["log_level"] is LogLevel.critical]
+        self.assertEqual(
+            formatEvent(failed), "Invite listener failed for $evil\\r\\n:remote.example"
+        )
+        self.assertEqual(failed["event_id"], event_id)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

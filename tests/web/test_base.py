@@ -8,6 +8,7 @@ from typing import Any
 from treq.testing import StubTreq
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionLost
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyRequest
@@ -225,3 +226,19 @@ class WebBaseTests(SynchronousTestCase):
         resource.later.callback(ValueError("late bug"))
         self.assertEqual(request.written, [])
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_unexpected_error_path_escaped(self) -> None:
+        """The unexpected error's line shows control bytes of the request line escaped (the
+        fields keep them) and braces as they are."""
+        request = DummyRequest([b""])
+        request.method = b"DELETE"
+        request.path = b"/_matrix/thing{0}\x1b[2J\x7f"
+        with capturedLogs() as events:
+            Sync().render(request)
+        (event,) = events
+        self.assertEqual(
+            formatEvent(event), "Unexpected error serving DELETE /_matrix/thing{0}\\x1b[2J\\x7f"
+        )
+        self.assertEqual(event["path"], "/_matrix/thing{0}\x1b[2J\x7f")
+        self.assertEqual(request.responseCode, 500)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
