@@ -196,7 +196,7 @@ class InviteHandler:
                 log.error(
                     _as_format(
                         f"Database unavailable while handling invite {event_id} from"
-                        f" {origin}: {exc}"
+                        f" {_requester(origin, peer)}: {exc}"
                     ),
                     event_id=event_id,
                     origin=origin,
@@ -208,7 +208,7 @@ class InviteHandler:
         except MatrixError as error:
             self._metrics.inbound("refused", error.errcode, self._clock.seconds() - started)
             _log_outcome(
-                f"Invite {event_id} in {room_id} from {origin} refused: "
+                f"Invite {event_id} in {room_id} from {_requester(origin, peer)} refused: "
                 f"{error.http_status} {error.errcode} {error.message}",
                 event_id=event_id,
                 room_id=room_id,
@@ -545,6 +545,13 @@ def escape_log_text(text: str) -> str:
 def _as_format(text: str) -> str:
     """Rendered ``text`` as a Twisted log format: escaped, its braces doubled (read literally)."""
     return escape_log_text(text).replace("{", "{{").replace("}", "}}")
+
+
+def _requester(origin: str | None, peer: str | None) -> str:
+    """Who a log line says sent the request: its origin, or the peer if none was read."""
+    if origin is not None:
+        return origin
+    return f"an unauthenticated peer at {peer}" if peer else "an unauthenticated peer"
 
 
 def _log_outcome(text: str, level: LogLevel = LogLevel.info, **fields: Any) -> None:

@@ -236,6 +236,31 @@ class LogForgingTests(SynchronousTestCase):
         )
         self.assertEqual(accepted["room_id"], EVIL_ROOM_ID)
 
+    def test_unauthenticated_refusal_names_the_peer(self) -> None:
+        """A request without an X-Matrix header is refused "from an unauthenticated peer at" its
+        address, not "from None"; the origin field stays None."""
+        scenario = InviteScenario()
+        room_version, event = scenario.invite()
+        event_id = event_id_of(room_version, event)
+        with capturedLogs() as events:
+            deferred = scenario.send(
+                2,
+                scenario.v2_body(room_version, event),
+                room_id=event["room_id"],
+                event_id=event_id,
+                headers=[],
+            )
+            scenario.client.flush()
+            self.assertEqual(self.successResultOf(deferred).code, 401)
+        (refused,) = [e for e in events if e.get("outcome")]
+        self.assertOneLine(
+            refused,
+            f"Invite {event_id} in {event['room_id']} from an unauthenticated peer at 127.0.0.1"
+            " refused: 401 M_UNAUTHORIZED Missing X-Matrix Authorization header",
+        )
+        self.assertIsNone(refused["origin"])
+        self.assertEqual(refused["peer"], "127.0.0.1")
+
     def test_store_failure_lines_escaped(self) -> None:
         """A v1 event ID holding controls is escaped in the store failure's error line too."""
         scenario = InviteScenario()
