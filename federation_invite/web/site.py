@@ -17,7 +17,10 @@ adds, per connection:
 - malformed HTTP answered with a JSON 400 ``M_UNKNOWN`` instead of Twisted's bare
   ``400 Bad Request``, so that every answer we give is JSON;
 - no access-log line for requests whose handler logs their outcome itself
-  (``mark_outcome_logged``: the invite endpoints, one structured line per invite).
+  (``mark_outcome_logged``: the invite endpoints, one structured line per invite);
+- a graceful drain for shutdown (``drain``): no new connections, idle
+  connections closed, requests in progress answered (then their connections
+  closed) within a grace period, the rest abandoned.
 
 Only HTTP/1.x is spoken (no HTTP/2 negotiation), which is what federation peers use.
 The resources below still apply their own checks (``web/invite.py`` also refuses
@@ -30,6 +33,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -74,6 +78,10 @@ class _LimitedChannel(HTTPChannel):
     refused = False
     #: The connection's local address, once asked for.
     _host: IAddress | None = None
+    #: The site whose drain must hear of this connection; set by ``FederationSite.buildProtocol``.
+    owner: FederationSite | None = None
+    #: Set when the site drains: the request in progress is answered, then the connection closed.
+    closing_after_request = False
 
     def getHost(self) -> IAddress:
         """The local address, asked of the transport once per connection.
@@ -132,6 +140,10 @@ class _LimitedChannel(HTTPChannel):
             self.refuse_too_large()
             return
         super().allHeadersReceived()
+        if self.closing_after_request:
+            # Headers completed during a drain: checkPersistence has just
+            # made the connection persistent again.
+            self.close_after_request()
 
     def refuse_too_large(self) -> None:
         """The body is (or would be) larger than ``max_body_bytes``: 413, and close."""
@@ -193,9 +205,67 @@ class _LimitedChannel(HTTPChannel):
         self._cancel_deadline()
         super().allContentReceived()
 
+    # -- draining ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.owner is not None:
+            self.owner._connection_made(self)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
         super().connectionLost(reason)
+        if self.owner is not None:
+            self.owner._connection_lost(self)
+
+    def request_in_progress(self) -> bool:
+        """Whether a request has begun to arrive here and is not yet answered in full.
+
+        Twisted's ``requests`` holds a request from its request line until its
+        answer is finished; the deadline runs from a request's first byte; a
+        first line still incomplete sits in the line buffer.
+        """
+        if self.refused:  # answered already, and closing
+            return False
+        return bool(self.requests) or self._deadline is not None or bool(self._buffer)
+
+    def close_after_request(self) -> None:
+        """Answer the request in progress with ``Connection: close``, then close.
+
+        Twisted closes a connection that is not ``persistent`` once its answer
+        is finished (``requestDone``), and drops what the peer sent after it.
+        An answer already begun keeps its headers: the close after it is
+        still a clean end of a complete answer (RFC 9112, section 9.6).
+        """
+        self.closing_after_request = True
+        if not self.requests:
+            # Its request line is still arriving: Twisted would drop it if the
+            # connection were not persistent; allHeadersReceived comes back here.
+            return
+        self.persistent = False
+        for request in self.requests:
+            if not request.startedWriting:
+                request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
+    def close_idle(self) -> None:
+        """Close a connection with no request in progress, reading nothing more from it.
+
+        Not answered with an error: there is no request to answer, and a
+        request racing the close is what every HTTP client must handle on an
+        idle keep-alive connection (RFC 9112, section 9.3.1) by retrying on a
+        new connection, as it would after our ``idle_timeout``.
+        """
+        if self.refused:
+            return
+        self.refused = True
+        self.setTimeout(None)
+        self.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the connection now, with whatever it had still to send."""
+        if self.transport is not None:
+            # Every stream transport a port gives us (TCP, TLS, UNIX) can abort.
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
 class _LimitedRequest(Request):
@@ -252,6 +322,14 @@ class FederationSite(Site):
         self.displayTracebacks = False
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
+        #: Every open connection: added and removed once per connection, never
+        #: per request, and read only when draining.
+        self._channels: set[_LimitedChannel] = set()
+        self._draining = False
+        #: The connections a drain waits for, its Deferred and its deadline.
+        self._awaited: set[_LimitedChannel] = set()
+        self._drained: Deferred[int] | None = None
+        self._grace: IDelayedCall | None = None
 
     def log(self, request: http.Request) -> None:
         """The access log line, except for requests whose handler logged them."""
@@ -259,8 +337,67 @@ class FederationSite(Site):
             super().log(request)
 
     def buildProtocol(self, addr: Any) -> Any:
+        if self._draining:
+            # Stopping: a port still listening closes the new connection at once.
+            return None
         channel = super().buildProtocol(addr)
         if isinstance(channel, _LimitedChannel):
             channel.request_timeout = self.request_timeout
             channel.max_body_bytes = self.max_body_bytes
+            channel.owner = self
         return channel
+
+    # -- the drain ------------------------------------------------------------
+
+    def requests_in_progress(self) -> int:
+        """How many requests have begun to arrive and are not yet answered in full."""
+        return sum(1 for channel in self._channels if channel.request_in_progress())
+
+    def drain(self, grace_period: float) -> Deferred[int]:
+        """Stop serving, letting the requests in progress finish within ``grace_period`` seconds.
+
+        At once: new connections are refused, idle connections are closed, and
+        each connection with a request in progress (being received, handled or
+        answered) is closed once its answer is finished. Fires with 0 once
+        those connections have closed (their answers written out), or, after
+        ``grace_period`` seconds, aborts those still open and fires with how
+        many of them still had a request unanswered. Stop the ports listening
+        as well: their new connections are refused here, but they stay open.
+        """
+        if self._draining:
+            raise RuntimeError("already draining")
+        self._draining = True
+        for channel in list(self._channels):
+            if channel.request_in_progress():
+                channel.close_after_request()
+                self._awaited.add(channel)
+            else:
+                channel.close_idle()
+        if not self._awaited:
+            return succeed(0)
+        self._drained = Deferred()
+        self._grace = self.reactor.callLater(grace_period, self._abandon)
+        return self._drained
+
+    def _connection_made(self, channel: _LimitedChannel) -> None:
+        self._channels.add(channel)
+
+    def _connection_lost(self, channel: _LimitedChannel) -> None:
+        self._channels.discard(channel)
+        if channel in self._awaited:
+            self._awaited.discard(channel)
+            if not self._awaited and self._drained is not None:
+                if self._grace is not None and self._grace.active():
+                    self._grace.cancel()
+                self._drained.callback(0)
+
+    def _abandon(self) -> None:
+        """The grace period is over: abort the connections still awaited."""
+        abandoned = 0
+        awaited, self._awaited = self._awaited, set()
+        for channel in awaited:
+            if channel.request_in_progress():
+                abandoned += 1
+            channel.abort()
+        assert self._drained is not None
+        self._drained.callback(abandoned)

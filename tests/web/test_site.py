@@ -1,10 +1,13 @@
-"""Tests for federation_invite.web.site's access log: invites are logged once, by their handler."""
+"""Tests for federation_invite.web.site: the access log (invites are logged once, by their
+handler), the local address asked once per connection, and the drain on shutdown."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.web.server import Request, Site
 
 from ..invites import THEM, _sign_request_lax, event_id_of
@@ -84,3 +87,129 @@ class LocalAddressTests(SiteTestCase):
         self.assertEqual([status for status, _, _ in connection.responses()], [200, 200])
         self.assertEqual(lookups, [1])
         self.assertEqual(hosts, [real(), real()])
+
+
+class DrainTests(SiteTestCase):
+    """``FederationSite.drain``: requests in progress are answered, everything else is closed."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        #: One Deferred per invite handed to the store, fired by the test.
+        self.held: list[Deferred[None]] = []
+        store_invite = self.s.store.store_invite
+
+        def held_store_invite(record: Any) -> Deferred[Any]:
+            held: Deferred[None] = Deferred()
+            self.held.append(held)
+            return held.addCallback(lambda _: store_invite(record))
+
+        self.patch(self.s.store, "store_invite", held_store_invite)
+
+    def version_request(self) -> bytes:
+        return b"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: us.example\r\n\r\n"
+
+    def grace_calls(self) -> list[Any]:
+        return [call for call in self.clock.getDelayedCalls() if call.func == self.site._abandon]
+
+    def test_request_in_progress_answered_then_connection_closed(self) -> None:
+        """An invite held in the store when the drain begins is answered 200 with
+        ``Connection: close``; the drain fires (0 abandoned) once its connection has closed,
+        and an idle keep-alive connection is closed at once."""
+        idle = self.connect()
+        idle.send(self.version_request())
+        self.assertEqual([status for status, _, _ in idle.responses()], [200])
+        busy = self.connect()
+        busy.send(self.valid_request())
+        self.assertEqual((busy.responses(), len(self.held)), ([], 1))
+        self.assertEqual(self.site.requests_in_progress(), 1)
+
+        drained = self.site.drain(10)
+
+        self.assertNoResult(drained)
+        self.assertTrue(idle.closing, "the idle connection is closed")
+        self.assertFalse(busy.closing, "the busy connection is kept")
+        self.assertEqual(busy.responses(), [])
+        self.assertEqual(len(self.grace_calls()), 1)
+        self.held[0].callback(None)
+        ((status, headers, body),) = busy.responses()
+        self.assertEqual((status, list(body)), (200, ["event"]))
+        self.assertEqual(headers[b"connection"], b"close")
+        self.assertTrue(busy.closing, "closed once answered")
+        idle.close()
+        self.assertNoResult(drained)  # the answer is not out until its connection has closed
+        busy.close()
+        self.assertEqual(self.successResultOf(drained), 0)
+        self.assertEqual(self.grace_calls(), [])
+        self.assertEqual(self.site.requests_in_progress(), 0)
+
+    def test_requests_arriving_when_drain_begins_are_answered(self) -> None:
+        """Requests partly received when the drain begins (request line, or headers, still
+        arriving) are received, handled and answered with ``Connection: close``; a request
+        the peer sends during the drain behind one in progress is neither handled nor
+        answered."""
+        line = self.connect()
+        line_data = self.valid_request(depth=1)
+        line.send(line_data[:40])
+        headers = self.connect()
+        headers_data = self.valid_request(depth=2)
+        split = headers_data.index(b"\r\n") + 10
+        headers.send(headers_data[:split])
+        busy = self.connect()
+        busy.send(self.valid_request(depth=3))
+        self.assertEqual(self.site.requests_in_progress(), 3)
+
+        drained = self.site.drain(10)
+
+        self.assertFalse(line.closing or headers.closing)
+        line.send(line_data[40:])
+        headers.send(headers_data[split:])
+        self.assertEqual(len(self.held), 3)
+        busy.send(self.valid_request(depth=4))  # during the drain: not taken
+        for held in self.held:
+            held.callback(None)
+        for connection in (line, headers, busy):
+            ((status, response_headers, _),) = connection.responses()
+            self.assertEqual((status, response_headers[b"connection"]), (200, b"close"))
+            self.assertTrue(connection.closing)
+        self.assertEqual((len(self.held), len(self.s.store.invites)), (3, 3))
+        for connection in (line, headers):
+            connection.close()
+        self.assertNoResult(drained)
+        busy.close()
+        self.assertEqual(self.successResultOf(drained), 0)
+
+    def test_grace_period_expires(self) -> None:
+        """A request still unanswered when the grace period ends: its connection is aborted
+        unanswered at exactly ``grace_period`` seconds, and the drain fires with 1."""
+        busy = self.connect()
+        busy.send(self.valid_request())
+        drained = self.site.drain(10)
+        self.clock.advance(9.999)
+        self.assertNoResult(drained)
+        self.assertFalse(busy.transport.disconnected)
+        self.clock.advance(0.001)
+        self.assertEqual(self.successResultOf(drained), 1)
+        self.assertTrue(busy.transport.disconnected, "aborted")
+        busy.close()
+        self.assertEqual(busy.responses(), [])
+
+    def test_nothing_in_progress(self) -> None:
+        """With no request in progress the drain fires at once with 0; idle connections are
+        closed, and a request sent on one afterwards is not read."""
+        idle = self.connect()
+        idle.send(self.version_request())
+        drained = self.site.drain(10)
+        self.assertEqual(self.successResultOf(drained), 0)
+        self.assertTrue(idle.closing)
+        idle.send(self.version_request())
+        self.assertEqual([status for status, _, _ in idle.responses()], [200])
+        self.assertEqual(self.grace_calls(), [])
+
+    def test_no_new_connection_while_draining(self) -> None:
+        """Once the drain has begun, the site builds no protocol: the port closes the
+        connection at once; a second drain is refused."""
+        address = IPv4Address("TCP", "203.0.113.9", 40001)
+        self.assertIsNotNone(self.site.buildProtocol(address))
+        self.site.drain(10)
+        self.assertIsNone(self.site.buildProtocol(address))
+        self.assertRaises(RuntimeError, self.site.drain, 10)
