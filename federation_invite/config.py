@@ -438,6 +438,14 @@ OPTIONS: tuple[Option, ...] = (
         "Seconds a connection may stay open with no request in progress and nothing received.",
     ),
     Option(
+        "inbound.shutdown_grace_period",
+        10.0,
+        _number_at_least_zero,
+        "Seconds a stopping daemon (SIGTERM) waits for the requests in progress to be answered, "
+        "after it stops accepting connections and closes idle ones; requests still unanswered "
+        "then are abandoned (logged) before the database is closed.",
+    ),
+    Option(
         "inbound.policy_cache_seconds",
         5.0,
         _number_at_least_zero,

@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 from signedjson.types import SigningKey
 from twisted.application import service, strports
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -336,6 +336,8 @@ class FederationInviteService(service.MultiService):
         self.signing_key = signing_key
         self.components: FederationInvite | None = None
         self.ready: Deferred[FederationInvite] = Deferred()
+        #: The sites listened with (federation, metrics), drained on stop.
+        self._sites: list[FederationSite] = []
 
     def startService(self) -> None:
         super().startService()
@@ -369,13 +371,15 @@ class FederationInviteService(service.MultiService):
 
     def _site(self, root: Resource) -> FederationSite:
         """A site with the ``inbound.*`` connection limits (slowloris deadline, body cap)."""
-        return FederationSite(
+        site = FederationSite(
             root,
             reactor=self.reactor,
             max_body_bytes=self.config.get("inbound.max_body_bytes"),
             request_timeout=self.config.get("inbound.request_timeout"),
             idle_timeout=self.config.get("inbound.idle_timeout"),
         )
+        self._sites.append(site)
+        return site
 
     def _failed(self, failure: Failure) -> None:
         log.failure("federation-invite could not start", failure)
@@ -397,11 +401,47 @@ class FederationInviteService(service.MultiService):
             self.reactor.callWhenRunning(stop)
 
     def stopService(self) -> Deferred[None]:
+        """Drain (see ``_stop``), then release the outbound connections and the database."""
         stopped: Deferred[None] = Deferred.fromCoroutine(self._stop())
         return stopped
 
     async def _stop(self) -> None:
-        await super().stopService()
+        """Stop the way a peer can rely on: what we began, we answer, within a bound.
+
+        New connections are refused and idle ones closed at once; each
+        request in progress is answered (then its connection closed) for up
+        to ``inbound.shutdown_grace_period`` seconds, so that an invite
+        received whole gets its answer instead of a reset, or a 500 from a
+        closed database. Only then are the outbound client and the store
+        closed. Requests still unanswered at the deadline are aborted: the
+        peer sees the connection drop, and retries (storing is idempotent).
+        """
+        grace_period = self.config.get("inbound.shutdown_grace_period")
+        in_progress = sum(site.requests_in_progress() for site in self._sites)
+        # Synchronously, before the ports close: no connection accepted from now.
+        draining = [site.drain(grace_period) for site in self._sites]
+        if self._sites:
+            log.info(
+                "Stopping: no longer accepting connections; waiting up to {grace_period} s "
+                "for {in_progress} request(s) in progress",
+                grace_period=grace_period,
+                in_progress=in_progress,
+            )
+        await super().stopService()  # the listening ports close
+        abandoned = sum(await gatherResults(draining)) if draining else 0
+        if abandoned:
+            log.warn(
+                "Stopped serving: {finished} request(s) finished; {abandoned} abandoned "
+                "unanswered after the {grace_period} s grace period",
+                finished=max(in_progress - abandoned, 0),
+                abandoned=abandoned,
+                grace_period=grace_period,
+            )
+        elif self._sites:
+            log.info(
+                "Stopped serving: {finished} request(s) finished; 0 abandoned",
+                finished=in_progress,
+            )
         if self.components is not None:
             await self.components.close()
 

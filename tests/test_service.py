@@ -4,16 +4,32 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
+from signedjson.key import encode_verify_key_base64
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from federation_invite import service as service_module
 from federation_invite.config import load_config
-from federation_invite.service import build_components, build_from_config
+from federation_invite.core.keys import key_id_of
+from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
+from federation_invite.service import FederationInviteService, build_components, build_from_config
+from federation_invite.store import ServerKeyRecord, StoreError
 
+from .daemon_harness import free_port
+from .invites import BOB, THEM, US, _sign_request_lax, build_invite, event_id_of
 from .support import MemoryStore, make_clock, make_key
+from .test_hostile_slow import parse_responses, put_request
 
 
 class SiteRootTests(SynchronousTestCase):
@@ -84,5 +100,209 @@ class BuildFromConfigPathTests(TestCase):
                 files = os.listdir(data_dir)
                 self.assertIn("signing.key", files, name)
                 self.assertIn("federation-invite.db", files, name)
+
+        return ensureDeferred(go())
+
+
+class _HeldStore(MemoryStore):
+    """A MemoryStore whose ``store_invite`` waits for the test, and that refuses use once closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[Deferred[None]] = []
+        self.closed = False
+
+    def store_invite(self, record: Any) -> Deferred[Any]:
+        held: Deferred[None] = Deferred()
+        self.held.append(held)
+
+        def store(_: None) -> Deferred[Any]:
+            if self.closed:
+                raise StoreError("store_invite", "the store is closed")
+            return MemoryStore.store_invite(self, record)
+
+        return held.addCallback(store)
+
+    def close(self) -> Deferred[None]:
+        self.closed = True
+        return succeed(None)
+
+
+class _RawClient(Protocol):
+    """A client connection that records every byte received and when it is closed."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.callback(None)
+
+
+class DrainOnStopTests(TestCase):
+    """``stopService`` (SIGTERM under twistd) on real loopback listeners: stop listening,
+    answer the requests in progress within the grace period, then close the store."""
+
+    timeout = 20
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.store = _HeldStore()
+        self.store.users.add(BOB)
+        self.their_key = make_key("them1")
+        self.store.keys[(THEM, key_id_of(self.their_key))] = ServerKeyRecord(
+            server_name=THEM,
+            key_id=key_id_of(self.their_key),
+            verify_key=encode_verify_key_base64(self.their_key.verify_key),
+            valid_until_ts=2**53 - 1,
+            expired_ts=None,
+            fetched_ts=int(reactor.seconds() * 1000),
+            source=THEM,
+        )
+
+        async def open_store(uri: str, reactor: Any = None) -> Any:
+            return self.store
+
+        self.patch(service_module, "open_store", open_store)
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    async def start(self, grace_period: float = 10.0) -> FederationInviteService:
+        self.port = free_port()
+        config = load_config(
+            None,
+            {
+                "server_name": US,
+                "data_dir": self.mktemp(),
+                "listen": [f"tcp:{self.port}:interface=127.0.0.1"],
+                "inbound.shutdown_grace_period": grace_period,
+            },
+        )
+        service = FederationInviteService(config, self.reactor, make_key("us1"))
+        service.startService()
+        await service.ready
+        self.addCleanup(lambda: None if not service.running else service.stopService())
+        return service
+
+    async def connect(self) -> _RawClient:
+        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.port)
+        client = _RawClient()
+        await connectProtocol(endpoint, client)
+        self.addCleanup(lambda: client.transport and client.transport.abortConnection())
+        return client
+
+    def invite_request(self, depth: int = 1) -> bytes:
+        room_version = KNOWN_ROOM_VERSIONS["10"]
+        event = build_invite(room_version, self.their_key, extra={"depth": depth})
+        body = {"room_version": "10", "event": event, "invite_room_state": []}
+        path = (
+            f"/_matrix/federation/v2/invite/{quote(event['room_id'], safe='')}/"
+            f"{quote(event_id_of(room_version, event), safe='')}"
+        )
+        header = _sign_request_lax(self.their_key, THEM, "PUT", path, body)
+        return put_request(path, json.dumps(body).encode(), header)
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        for _ in range(200):
+            if condition():
+                return
+            await deferLater(self.reactor, 0.01)
+        self.fail("condition not reached within 2 s")
+
+    async def held_invite(self) -> _RawClient:
+        """A connection whose invite is held in the store."""
+        client = await self.connect()
+        assert client.transport is not None
+        client.transport.write(self.invite_request())
+        await self.until(lambda: len(self.store.held) == 1)
+        return client
+
+    def logged(self, text: str) -> list[dict[str, Any]]:
+        return [
+            event
+            for event in self.events
+            if event.get("log_namespace") == "federation_invite.service"
+            and text in event.get("log_format", "")
+        ]
+
+    def test_request_in_progress_answered_before_store_closed(self) -> None:
+        """An invite held in the store when the service stops: the store stays open, the
+        idle keep-alive connection is closed, the invite is answered 200 (stored in an open
+        store), and then the store is closed; one log line at each end of the drain."""
+
+        async def go() -> None:
+            service = await self.start()
+            idle = await self.connect()
+            assert idle.transport is not None
+            idle.transport.write(b"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: x\r\n\r\n")
+            await self.until(lambda: b"\r\n\r\n" in idle.received)
+            busy = await self.held_invite()
+
+            stopping = service.stopService()
+            await self.until(lambda: idle.lost.called)
+            await deferLater(self.reactor, 0.05)
+            self.assertNoResult(stopping)
+            self.assertFalse(self.store.closed)
+            self.assertEqual(busy.received, b"")
+            self.assertFalse(busy.lost.called)
+            (start,) = self.logged("Stopping")
+            self.assertEqual((start["in_progress"], start["grace_period"]), (1, 10.0))
+
+            self.store.held[0].callback(None)
+            await busy.lost
+            ((status, headers, body),) = parse_responses(busy.received)
+            self.assertEqual(
+                (status, headers[b"connection"], list(body)), (200, b"close", ["event"])
+            )
+            await stopping
+            self.assertTrue(self.store.closed)
+            self.assertEqual(len(self.store.invites), 1)
+            (end,) = self.logged("Stopped serving")
+            self.assertEqual((end["finished"], end["log_level"]), (1, LogLevel.info))
+
+        return ensureDeferred(go())
+
+    def test_grace_period_expires(self) -> None:
+        """An invite still held when the grace period (0.3 s) ends: its connection is dropped
+        unanswered, the store is closed, and a warning counts 1 request abandoned."""
+
+        async def go() -> None:
+            service = await self.start(grace_period=0.3)
+            busy = await self.held_invite()
+            started = self.reactor.seconds()
+            await service.stopService()
+            self.assertGreaterEqual(self.reactor.seconds() - started, 0.3)
+            self.assertTrue(self.store.closed)
+            await busy.lost
+            self.assertEqual(busy.received, b"")
+            (end,) = self.logged("Stopped serving")
+            self.assertEqual(
+                (end["finished"], end["abandoned"], end["grace_period"], end["log_level"]),
+                (0, 1, 0.3, LogLevel.warn),
+            )
+
+        return ensureDeferred(go())
+
+    def test_no_new_connection_once_stopping(self) -> None:
+        """While the drain waits for an invite in progress, a new connection is refused."""
+
+        async def go() -> None:
+            service = await self.start()
+            busy = await self.held_invite()
+            stopping = service.stopService()
+            await deferLater(self.reactor, 0.05)
+            self.assertNoResult(stopping)
+            with self.assertRaises(ConnectionRefusedError):
+                await self.connect()
+            self.store.held[0].callback(None)
+            await stopping
+            await busy.lost
+            self.assertEqual(parse_responses(busy.received)[0][0], 200)
 
         return ensureDeferred(go())
