@@ -22,7 +22,7 @@ import attrs
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
-from twisted.logger import Logger, LogLevel
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
@@ -40,13 +40,14 @@ from .core.signing import (
     verify_event_signatures,
 )
 from .keyring import Keyring
+from .logs import Logger, escape_log_text, literal_format
 from .metrics import InviteMetrics
 from .policy import InboundInvite, InvitePolicy
 from .ratelimit import ConcurrencyLimiter, RateLimiter
 from .signer import ISigner
 from .store import InviteRecord, StoreError
 
-__all__ = ["InviteHandler", "InviteLimits", "InviteListener", "escape_log_text"]
+__all__ = ["InviteHandler", "InviteLimits", "InviteListener"]
 
 log = Logger(namespace="federation_invite.inbound")
 
@@ -194,12 +195,11 @@ class InviteHandler:
                 # Any read on the way (keys, local users, rules) failing: the
                 # database is unavailable; nothing was signed or stored.
                 log.error(
-                    _as_format(
-                        f"Database unavailable while handling invite {event_id} from"
-                        f" {_requester(origin, peer)}: {exc}"
-                    ),
+                    "Database unavailable while handling invite {event_id} from {requester}:"
+                    " {reason}",
                     event_id=event_id,
                     origin=origin,
+                    requester=_requester(origin, peer),
                     reason=str(exc),
                 )
                 raise MatrixError(
@@ -300,9 +300,7 @@ class InviteHandler:
             stored, created = await _despite_cancellation(self._store.store_invite(record))
         except StoreError as exc:
             log.error(
-                _as_format(f"Could not store invite {event_id}: {exc}"),
-                event_id=event_id,
-                reason=str(exc),
+                "Could not store invite {event_id}: {reason}", event_id=event_id, reason=str(exc)
             )
             raise MatrixError(500, Codes.UNKNOWN, "The invite could not be stored") from None
         if not created:
@@ -457,11 +455,7 @@ class InviteHandler:
 
     def _notify(self, record: InviteRecord) -> None:
         def failed(failure: Any) -> None:
-            log.failure(
-                _as_format(f"Invite listener failed for {record.event_id}"),
-                failure,
-                event_id=record.event_id,
-            )
+            log.failure("Invite listener failed for {event_id}", failure, event_id=record.event_id)
 
         for listener in self._listeners:
             maybeDeferred(listener, record).addErrback(failed)
@@ -522,31 +516,6 @@ def _answer(event: dict[str, Any], event_json: bytes) -> EncodedDict:
 _LOG_SYSTEM = {level: f"{log.namespace}#{level.name}" for level in LogLevel.iterconstants()}
 
 
-def escape_log_text(text: str) -> str:
-    r"""``text`` with its non-printable characters escaped, for a line of a text log.
-
-    Peer-chosen strings (the path's room and event IDs, historical user IDs,
-    error messages quoting them) may hold CR, LF, ESC, other C0 and C1
-    controls, U+2028 or U+2029. Escaped as Python escapes them (``\r``,
-    ``\x1b``, ``\x85``, ``\u2028``), a line stays one line and can neither
-    forge another nor drive the reader's terminal. Backslashes are left as
-    they are: a literal ``\x1b`` in an ID reads like an escaped ESC but forges
-    nothing, and the fields keep the exact values. Printable text (every
-    ordinary ID) is returned as it is, after one C call.
-    """
-    if text.isprintable():
-        return text
-    return "".join(
-        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
-        for char in text
-    )
-
-
-def _as_format(text: str) -> str:
-    """Rendered ``text`` as a Twisted log format: escaped, its braces doubled (read literally)."""
-    return escape_log_text(text).replace("{", "{{").replace("}", "}}")
-
-
 def _requester(origin: str | None, peer: str | None) -> str:
     """Who a log line says sent the request: its origin, or the peer if none was read."""
     if origin is not None:
@@ -575,7 +544,7 @@ def _log_outcome(text: str, level: LogLevel = LogLevel.info, **fields: Any) -> N
         # What the text observer would work out from the namespace and level.
         log_system=_LOG_SYSTEM[level],
         log_source=None,
-        log_format=text.replace("{", "{{").replace("}", "}}"),
+        log_format=literal_format(text),
         log_time=time.time(),
     )
     log.observer(fields)

@@ -30,13 +30,13 @@ import attrs
 from nacl.signing import VerifyKey
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
 from ._clock import in_window
 from .config import Notary
 from .core.ids import is_valid_server_name
 from .core.keys import decode_verify_key, is_valid_key_id
 from .core.signing import ServerVerifyKey, SignatureError, cap_valid_until_ts, verify_json
+from .logs import Logger
 from .store import ServerKeyRecord
 
 __all__ = ["IKeyFetchClient", "IKeyStore", "KeyFetchError", "Keyring"]

@@ -30,7 +30,6 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 from unpaddedbase64 import encode_base64
 
 from .client.errors import RemoteError, TransportError
@@ -51,6 +50,7 @@ from .core.signing import (
     key_valid_for_event,
     verify_event_signature,
 )
+from .logs import Logger
 from .signer import ISigner
 
 __all__ = [

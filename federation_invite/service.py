@@ -23,7 +23,6 @@ from signedjson.types import SigningKey
 from twisted.application import service, strports
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
@@ -35,6 +34,7 @@ from .core.roomversions import RoomVersion
 from .core.signing import ServerVerifyKey
 from .inbound import InviteHandler, InviteLimits, InviteListener
 from .keyring import Keyring
+from .logs import Logger
 from .metrics import InviteMetrics
 from .outbound import (
     InvalidInviteAnswer,

@@ -18,8 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from unpaddedbase64 import encode_base64
 
 from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
-from federation_invite.inbound import _log_outcome, escape_log_text
-from federation_invite.logs import json_file_observer, json_observer
+from federation_invite.inbound import _log_outcome
+from federation_invite.logs import Logger, escape_log_text, json_file_observer, json_observer
 
 from .invites import BOB, THEM, InviteScenario, build_invite, event_id_of, stripped
 
@@ -200,6 +200,59 @@ class LogForgingTests(SynchronousTestCase):
             "a\\rb\\nc\\td\\x1b[31me\\x00f\\x7fg\\x85h\\u2028i\\u2029j\\u202ek\\xa0l\\ud800",
         )
         self.assertEqual(escape_log_text("\u00e9\u4e2d \U0001f600"), "\u00e9\u4e2d \U0001f600")
+
+    def test_logger_escapes_rendered_text(self) -> None:
+        """A package Logger's line whose fields hold controls (a remote server's error
+        text) renders as one escaped line; the fields keep the raw values."""
+        events: list[dict[str, Any]] = []
+        logger = Logger(namespace="federation_invite.keyring", observer=events.append)
+        reason = ValueError("bad key\r\n[federation_invite.inbound#info] forged\x1b[31m")
+        logger.info("Fetching keys from {server} failed: {reason}", server="a\nb", reason=reason)
+        self.assertOneLine(
+            events[0],
+            "Fetching keys from a\\nb failed: bad key\\r\\n"
+            "[federation_invite.inbound#info] forged\\x1b[31m",
+        )
+        self.assertEqual(events[0]["server"], "a\nb")
+        self.assertIs(events[0]["reason"], reason)
+
+    def test_logger_keeps_printable_format(self) -> None:
+        """An event whose text is printable keeps its format (fields looked up as usual),
+        and a failure's traceback keeps its own lines."""
+        events: list[dict[str, Any]] = []
+        logger = Logger(namespace="federation_invite.test", observer=events.append)
+        logger.info("SRV lookup for {name} failed: {error!r}", name="a.example", error="{x}")
+        self.assertEqual(events[0]["log_format"], "SRV lookup for {name} failed: {error!r}")
+        self.assertEqual(formatEvent(events[0]), "SRV lookup for a.example failed: '{x}'")
+        try:
+            raise ZeroDivisionError("boom")
+        except ZeroDivisionError:
+            logger.failure("Listener failed for {event_id}", event_id="$e\r")
+        line = formatEventAsClassicLogText(events[1])
+        self.assertIn("Listener failed for $e\\r\n", line)
+        self.assertIn("ZeroDivisionError: boom", line)
+
+    def test_every_package_logger_escapes(self) -> None:
+        """Every module-level logger of the package is a ``logs.Logger``."""
+        import importlib
+        from pathlib import Path
+
+        from twisted.logger import Logger as TwistedLogger
+
+        import federation_invite
+
+        # A file walk: web/ is a namespace package, which pkgutil does not list.
+        package = Path(federation_invite.__file__).parent
+        found = []
+        for source in sorted(package.rglob("*.py")):
+            parts = source.relative_to(package.parent).with_suffix("").parts
+            module = importlib.import_module(".".join(p for p in parts if p != "__init__"))
+            for name, value in vars(module).items():
+                if isinstance(value, TwistedLogger):
+                    found.append(f"{module.__name__}.{name}")
+                    self.assertIsInstance(value, Logger, found[-1])
+        self.assertIn("federation_invite.web.site.log", found)
+        self.assertGreaterEqual(len(found), 11)
 
     def test_refused_path_ids_escaped_fields_raw(self) -> None:
         """A refusal for path IDs holding CR, LF, ESC, U+2028 and U+0085 is one escaped line;

@@ -20,7 +20,6 @@ from signedjson.types import SigningKey
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.interfaces import IConsumer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
@@ -33,6 +32,7 @@ from ..config import DEFAULT_IP_BLOCKLIST
 from ..core.canonical import encode_canonical_json, parse_json
 from ..core.ids import parse_server_name
 from ..core.xmatrix import sign_request
+from ..logs import Logger
 from ._body import BodyTooLarge, read_body
 from .agent import CONNECT_TIMEOUT, FederationAgent, make_connection_pool
 from .discovery import ServerResolver

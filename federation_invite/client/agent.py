@@ -21,7 +21,6 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamClientEndpoint,
 )
-from twisted.logger import Logger
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
@@ -33,6 +32,7 @@ from twisted.web.iweb import (
 )
 from zope.interface import implementer
 
+from ..logs import Logger
 from .discovery import ResolvedServer, ServerResolver, _is_ip_literal
 from .errors import BlockedAddressError
 from .iprange import BlocklistingReactor, IPRangeFilter

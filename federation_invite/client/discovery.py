@@ -28,7 +28,6 @@ import attrs
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IResolver
-from twisted.logger import Logger
 from twisted.names import dns
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
@@ -37,6 +36,7 @@ from .._clock import in_window
 from .._version import __version__
 from ..core.canonical import parse_json
 from ..core.ids import parse_server_name
+from ..logs import Logger
 from ._body import discard_body, read_body
 
 __all__ = [

@@ -21,11 +21,11 @@ from twisted.internet.interfaces import (
     IReactorPluggableNameResolver,
     IResolutionReceiver,
 )
-from twisted.logger import Logger
 from zope.interface import implementer, providedBy
 from zope.interface.declarations import directlyProvides
 
 from ..config import DEFAULT_IP_BLOCKLIST
+from ..logs import Logger
 
 __all__ = ["BlocklistingReactor", "BlocklistingResolver", "IPRangeFilter"]
 

@@ -18,11 +18,11 @@ import attrs
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorCore, IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..core.canonical import encode_canonical_json
+from ..logs import Logger
 from ._dialect import Dialect, parse_database_uri
 from ._interface import IStore
 from ._migrations import (

@@ -14,14 +14,13 @@ from typing import Any
 
 import canonicaljson
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ..core.canonical import EncodedDict, EncodedList
 from ..core.errors import Codes, MatrixError
-from ..inbound import escape_log_text
+from ..logs import Logger
 
 __all__ = ["MatrixResource", "NotFoundResource", "render_async", "write_error", "write_json"]
 
@@ -57,13 +56,14 @@ def write_error(request: Request, error: MatrixError) -> bytes:
 
 
 def _unexpected(request: Request, failure: Failure) -> bytes:
-    method = request.method.decode("ascii", "replace")
-    path = request.path.decode("ascii", "replace")[:200]
     # The request line may carry control bytes (Twisted 26's check lets DEL
-    # through): the text is escaped, its braces read literally; the fields
-    # keep the values.
-    text = escape_log_text(f"Unexpected error serving {method} {path}")
-    log.failure(text.replace("{", "{{").replace("}", "}}"), failure, method=method, path=path)
+    # through): ``logs.Logger`` escapes them in the text.
+    log.failure(
+        "Unexpected error serving {method} {path}",
+        failure,
+        method=request.method.decode("ascii", "replace"),
+        path=request.path.decode("ascii", "replace")[:200],
+    )
     return write_error(request, MatrixError(500, Codes.UNKNOWN, "Internal server error"))
 
 

@@ -36,7 +36,6 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http import HTTPChannel
@@ -44,6 +43,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from ..core.errors import Codes, MatrixError
+from ..logs import Logger
 
 __all__ = ["FederationSite", "mark_outcome_logged"]
 
