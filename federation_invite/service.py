@@ -348,6 +348,12 @@ class FederationInviteService(service.MultiService):
         store = await open_store(self.config.database, reactor=self.reactor)
         components = build_components(self.config, self.reactor, store, self.signing_key)
         self.components = components
+        if not self.running:
+            # Stopped while the database was opening (``_stop`` found nothing
+            # to drain or close): close it again and listen on nothing.
+            log.info("federation-invite stopped while starting; not listening")
+            await components.close()
+            return components
         site = self._site(components.site_root())
         for description in self.config.listen:
             strports.service(description, site, reactor=self.reactor).setServiceParent(self)

@@ -231,6 +231,39 @@ class DrainOnStopTests(TestCase):
             and text in event.get("log_format", "")
         ]
 
+    def test_stopped_while_opening_the_store(self) -> None:
+        """A stop that comes while the database is still opening: once it has opened,
+        it is closed again and nothing listens."""
+        opening: Deferred[Any] = Deferred()
+
+        async def open_store(uri: str, reactor: Any = None) -> Any:
+            return await opening
+
+        self.patch(service_module, "open_store", open_store)
+
+        async def go() -> None:
+            self.port = free_port()
+            config = load_config(
+                None,
+                {
+                    "server_name": US,
+                    "data_dir": self.mktemp(),
+                    "listen": [f"tcp:{self.port}:interface=127.0.0.1"],
+                },
+            )
+            service = FederationInviteService(config, self.reactor, make_key("us1"))
+            service.startService()
+            await service.stopService()
+            opening.callback(self.store)
+            components = await service.ready
+            self.assertIs(components.store, self.store)
+            self.assertTrue(self.store.closed)
+            self.assertEqual(len(self.logged("stopped while starting")), 1)
+            with self.assertRaises(ConnectionRefusedError):
+                await self.connect()
+
+        return ensureDeferred(go())
+
     def test_request_in_progress_answered_before_store_closed(self) -> None:
         """An invite held in the store when the service stops: the store stays open, the
         idle keep-alive connection is closed, the invite is answered 200 (stored in an open
