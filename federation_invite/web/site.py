@@ -8,7 +8,9 @@ adds, per connection:
 
 - a deadline from the first byte of each request until all of it (request
   line, headers, body) has arrived: ``request_timeout`` seconds, then 408
-  ``M_UNKNOWN`` and the connection is closed;
+  ``M_UNKNOWN`` and the connection is closed. A request pipelined behind one
+  still being handled is held by Twisted unparsed; its deadline runs all the
+  same, from its own first byte, and its 408 follows the earlier answer;
 - a body cap enforced while the body arrives: a ``Content-Length`` over
   ``max_body_bytes`` is refused before a byte of the body is read, and a
   chunked body is refused as soon as it grows past the cap: 413
@@ -74,6 +76,13 @@ class _LimitedChannel(HTTPChannel):
     max_body_bytes: int | None = None
 
     _deadline: IDelayedCall | None = None
+    #: Set when the deadline passes while an earlier request is being handled
+    #: (answers go in order, so the verdict waits for that answer): how many
+    #: bytes have arrived since. The late request is served only if it proves
+    #: complete without them.
+    _late: int | None = None
+    #: True while Twisted replays the bytes it held behind a handled request.
+    _replaying = False
     #: Once a request is refused here, nothing more is read from the connection.
     refused = False
     #: The connection's local address, once asked for.
@@ -101,13 +110,18 @@ class _LimitedChannel(HTTPChannel):
         if (
             data
             and self._deadline is None
-            and not self._handlingRequest
+            and self._late is None
             and self.request_timeout is not None
         ):
             # The first byte of a request: from now it has request_timeout
-            # seconds to arrive whole, however it trickles in.
-            self._deadline = self.callLater(self.request_timeout, self._too_slow)
+            # seconds to arrive whole, however it trickles in, and whether or
+            # not an earlier request is still being handled.
+            self._start_deadline()
         super().dataReceived(data)
+
+    def _start_deadline(self) -> None:
+        assert self.request_timeout is not None
+        self._deadline = self.callLater(self.request_timeout, self._too_slow)
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
@@ -117,6 +131,16 @@ class _LimitedChannel(HTTPChannel):
 
     def _too_slow(self) -> None:
         self._deadline = None
+        if self._handlingRequest:
+            # The late request is held, unparsed, behind one being handled,
+            # whose answer must come first: the verdict waits for it
+            # (setLineMode), counting what arrives meanwhile.
+            self._late = 0
+            return
+        self._refuse_too_slow()
+
+    def _refuse_too_slow(self) -> None:
+        self._late = None
         log.info(
             "Closing connection from {peer}: request not received within {timeout} s",
             peer=str(self.transport.getPeer()) if self.transport else "?",
@@ -183,27 +207,69 @@ class _LimitedChannel(HTTPChannel):
         self.refuse(MatrixError(400, Codes.UNKNOWN, "Request line or header too long"))
 
     def lineReceived(self, line: bytes) -> None:
-        if self.refused:
-            return
-        # A pipelined request whose first bytes came in the same packet as the
-        # end of one answered at once gets its deadline here.
-        if (
-            self._deadline is None
-            and not self._handlingRequest
-            and self.request_timeout is not None
-        ):
-            self._deadline = self.callLater(self.request_timeout, self._too_slow)
-        super().lineReceived(line)
+        if not self.refused:
+            super().lineReceived(line)
 
     def rawDataReceived(self, data: bytes) -> None:
-        if not self.refused:
-            super().rawDataReceived(data)
+        if self.refused:
+            return
+        if self._late is not None and not self._replaying:
+            self._late += len(data)  # arrived after the late request's deadline
+        super().rawDataReceived(data)
 
     def allContentReceived(self) -> None:
         if self.refused:
             return
-        self._cancel_deadline()
+        if self._replaying:
+            if not self._replayed_request_in_time():
+                return
+        else:
+            self._cancel_deadline()
+            if self._buffer or any(self._dataBuffer):
+                # The next request began in the same packet as this one ended.
+                self._start_deadline()
         super().allContentReceived()
+
+    def _replayed_request_in_time(self) -> bool:
+        """Whether a request parsed from held bytes arrived whole within its deadline.
+
+        What Twisted held is parsed in order, and what is not parsed yet is
+        the newest part of it: the request arrived whole in time if no byte
+        received after its deadline lies within it. The next request, if it
+        began among the held bytes, keeps this one's deadline: its own first
+        byte came no earlier, and when is not recorded, so its deadline may
+        be early (even passed already) but is never late. Bytes Twisted left
+        unread (it stops reading past 16 KiB held) count as not arrived.
+        """
+        unparsed = len(self._buffer) + sum(map(len, self._dataBuffer))
+        if self._late is not None:
+            if unparsed < self._late:
+                self._refuse_too_slow()
+                return False
+            if not unparsed:
+                self._late = None
+        elif not unparsed:
+            self._cancel_deadline()
+        return True
+
+    def setLineMode(self, extra: bytes = b"") -> Any:
+        if not extra:
+            return super().setLineMode()
+        # requestDone replays the bytes received while a request was handled.
+        replaying, self._replaying = self._replaying, True
+        try:
+            why = super().setLineMode(extra)
+        finally:
+            self._replaying = replaying
+        if (
+            not replaying
+            and self._late is not None
+            and not self._handlingRequest
+            and not self.refused
+        ):
+            # The late request was not whole among the bytes held for it.
+            self._refuse_too_slow()
+        return why
 
     # -- draining ----------------------------------------------------------
 

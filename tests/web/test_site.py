@@ -89,8 +89,8 @@ class LocalAddressTests(SiteTestCase):
         self.assertEqual(hosts, [real(), real()])
 
 
-class DrainTests(SiteTestCase):
-    """``FederationSite.drain``: requests in progress are answered, everything else is closed."""
+class HeldStoreTestCase(SiteTestCase):
+    """Invites are held in the store until the test fires their Deferred (``self.held``)."""
 
     def setUp(self) -> None:
         super().setUp()
@@ -107,6 +107,124 @@ class DrainTests(SiteTestCase):
 
     def version_request(self) -> bytes:
         return b"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: us.example\r\n\r\n"
+
+
+class PipelinedDeadlineTests(HeldStoreTestCase):
+    """A request pipelined behind one still being handled must still arrive whole within
+    ``request_timeout`` (30 s) of its own first byte; its 408 follows the earlier answer."""
+
+    def assertAnswered(self, connection: Any, statuses: list[int]) -> None:
+        """The answers are ``statuses``, the last a 408 ``M_UNKNOWN`` closing the connection."""
+        responses = connection.responses()
+        self.assertEqual([status for status, _, _ in responses], statuses)
+        _, headers, body = responses[-1]
+        self.assertEqual(headers[b"content-type"], b"application/json")
+        self.assertEqual(headers[b"connection"], b"close")
+        self.assertEqual(body["errcode"], "M_UNKNOWN")
+        self.assertEqual(body["error"], "The request was not received within 30 seconds")
+        self.assertTrue(connection.closing, "the connection is closed")
+
+    def test_trickled_behind_request_in_progress(self) -> None:
+        """An invite held 25 s in the store, a second request trickled from 1 s on: the 408
+        comes at 31 s (30 s after the second request's first byte), not 30 s after the first
+        answer."""
+        connection = self.connect()
+        started = self.clock.seconds()
+        connection.send(self.valid_request())
+        self.clock.advance(1)
+        second = self.version_request()
+        for index in range(len(second)):
+            connection.send(second[index : index + 1])
+            self.clock.advance(1)
+            if self.clock.seconds() - started == 25:
+                self.held[0].callback(None)
+                self.assertEqual([status for status, _, _ in connection.responses()], [200])
+            if connection.closing:
+                break
+        self.assertAlmostEqual(self.clock.seconds() - started, 31, places=6)
+        self.assertAnswered(connection, [200, 408])
+        connection.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [], "no timer left behind")
+
+    def test_same_packet_start_behind_request_in_progress(self) -> None:
+        """The start of a second request in the packet that ended an invite then held 20 s:
+        408 at 30 s from that packet, not 30 s after the invite's answer."""
+        connection = self.connect()
+        connection.send(self.valid_request() + self.version_request()[:10])
+        self.clock.advance(20)
+        self.held[0].callback(None)
+        self.assertEqual([status for status, _, _ in connection.responses()], [200])
+        self.clock.advance(9.999)
+        self.assertFalse(connection.closing)
+        self.clock.advance(0.001)
+        self.assertAnswered(connection, [200, 408])
+
+    def test_deadline_passes_while_earlier_request_handled(self) -> None:
+        """A second request's deadline passes while the invite before it is held: its 408
+        comes right after the invite's answer (answers go in order), not 30 s later."""
+        connection = self.connect()
+        connection.send(self.valid_request())
+        self.clock.advance(1)
+        connection.send(self.version_request()[:10])
+        self.clock.advance(39)
+        self.assertEqual(connection.responses(), [])
+        self.assertFalse(connection.closing)
+        self.held[0].callback(None)
+        self.assertAnswered(connection, [200, 408])
+
+    def test_completed_after_its_deadline_refused(self) -> None:
+        """A second request completed after its deadline, while the invite before it was
+        held: 408 after the invite's answer, and it is not served."""
+        connection = self.connect()
+        connection.send(self.valid_request(depth=1))
+        self.clock.advance(1)
+        second = self.valid_request(depth=2)
+        connection.send(second[:10])
+        self.clock.advance(34)
+        connection.send(second[10:])
+        self.clock.advance(5)
+        self.held[0].callback(None)
+        self.assertAnswered(connection, [200, 408])
+        self.assertEqual(len(self.held), 1, "the late invite was not handled")
+
+    def test_third_request_keeps_the_deadline_it_was_held_with(self) -> None:
+        """An invite, then (from 1 s) a second invite whole and the start of a third request,
+        both held; the first answered at 20 s, the second held until 35 s: the third gets its
+        408 then (its deadline, from 1 s at the latest, passed at 31 s)."""
+        connection = self.connect()
+        connection.send(self.valid_request(depth=1))
+        self.clock.advance(1)
+        connection.send(self.valid_request(depth=2) + self.version_request()[:10])
+        self.clock.advance(19)
+        self.held[0].callback(None)
+        self.assertEqual(len(self.held), 2)
+        self.clock.advance(15)
+        self.assertEqual([status for status, _, _ in connection.responses()], [200])
+        self.held[1].callback(None)
+        self.assertAnswered(connection, [200, 200, 408])
+
+    def test_received_in_time_served_after_long_handling(self) -> None:
+        """Requests that arrived whole within their deadline behind an invite held 45 s are
+        served, however long they waited: one sent at once, one in two parts 19 s apart."""
+        connection = self.connect()
+        connection.send(self.valid_request())
+        self.clock.advance(1)
+        connection.send(self.version_request())
+        second = self.version_request()
+        connection.send(second[:10])
+        self.clock.advance(19)
+        connection.send(second[10:])
+        self.clock.advance(25)
+        self.held[0].callback(None)
+        self.assertEqual([status for status, _, _ in connection.responses()], [200, 200, 200])
+        self.assertFalse(connection.closing)
+        self.assertEqual(self.site.requests_in_progress(), 0)
+        connection.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [], "no timer left behind")
+
+
+class DrainTests(HeldStoreTestCase):
+    """``FederationSite.drain``: requests in progress are answered, everything else is closed."""
 
     def grace_calls(self) -> list[Any]:
         return [call for call in self.clock.getDelayedCalls() if call.func == self.site._abandon]
