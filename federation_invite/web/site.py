@@ -17,7 +17,9 @@ adds, per connection:
   ``M_TOO_LARGE``, and the connection is closed;
 - Twisted's idle timeout set to ``idle_timeout`` (Twisted's default is 12 hours);
 - malformed HTTP answered with a JSON 400 ``M_UNKNOWN`` instead of Twisted's bare
-  ``400 Bad Request``, so that every answer we give is JSON;
+  ``400 Bad Request``, and the asterisk-form target (``OPTIONS *``) with a JSON
+  404 ``M_UNRECOGNIZED`` instead of Twisted's empty 200 or 405, so that every
+  answer we give is JSON;
 - no access-log line for requests whose handler logs their outcome itself
   (``mark_outcome_logged``: the invite endpoints, one structured line per invite);
 - a graceful drain for shutdown (``drain``): no new connections, idle
@@ -46,6 +48,7 @@ from twisted.web.server import Request, Site
 
 from ..core.errors import Codes, MatrixError
 from ..logs import Logger
+from ._base import not_found, write_error
 
 __all__ = ["FederationSite", "mark_outcome_logged"]
 
@@ -354,6 +357,16 @@ class _LimitedRequest(Request):
             channel.refuse_too_large()
             return
         super().handleContentChunk(data)
+
+    def _handleStar(self) -> None:
+        # The asterisk-form target (``OPTIONS *``, RFC 9112 section 3.2.4),
+        # which Twisted answers itself, with no body: 200 for OPTIONS, 405 for
+        # the rest. We serve OPTIONS nowhere, so ``*`` is answered as any path
+        # we do not serve is, whatever the method: JSON 404 M_UNRECOGNIZED.
+        body = write_error(self, not_found())
+        self.setHeader(b"Content-Length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
 
 
 def mark_outcome_logged(request: object) -> None:

@@ -58,6 +58,49 @@ class AccessLogTests(SiteTestCase):
         self.assertEqual(self.logged, [path.encode(), b"/_matrix/nothing"])
 
 
+class RequestTargetTests(SiteTestCase):
+    """Request targets other than a path (RFC 9112, section 3.2) get JSON answers too."""
+
+    def assertNotFound(self, request: bytes) -> Any:
+        """``request`` gets a JSON 404 ``M_UNRECOGNIZED``; the connection stays usable."""
+        connection = self.connect()
+        connection.send(request)
+        connection.send(b"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: us.example\r\n\r\n")
+        (status, headers, body), (next_status, _, _) = connection.responses()
+        self.assertEqual(status, 404, request)
+        self.assertEqual(headers[b"content-type"], b"application/json")
+        self.assertEqual(headers[b"cache-control"], b"no-cache, no-store, must-revalidate")
+        self.assertNotIn(b"allow", headers)
+        self.assertEqual(body, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"})
+        self.assertEqual(next_status, 200)
+        self.assertFalse(connection.closing)
+
+    def test_asterisk_form(self) -> None:
+        """``OPTIONS *`` and ``GET *``: 404 ``M_UNRECOGNIZED`` as for any path we do not serve
+        (we serve OPTIONS nowhere), not Twisted's empty 200 or 405."""
+        for method in (b"OPTIONS", b"GET", b"PUT"):
+            self.assertNotFound(method + b" * HTTP/1.1\r\nHost: us.example\r\n\r\n")
+
+    def test_asterisk_form_head(self) -> None:
+        """``HEAD *``: the 404's headers (its body's length) and no body."""
+        connection = self.connect()
+        connection.send(b"HEAD * HTTP/1.1\r\nHost: us.example\r\n\r\n")
+        head, _, rest = connection.transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 404 "), head)
+        self.assertIn(b"\r\nContent-Type: application/json\r\n", head + b"\r\n")
+        self.assertIn(b"\r\nContent-Length: 59\r\n", head + b"\r\n")
+        self.assertEqual(rest, b"")
+
+    def test_absolute_and_authority_form(self) -> None:
+        """``GET http://host/path`` (absolute-form) and ``CONNECT host:443`` (authority-form):
+        JSON 404 ``M_UNRECOGNIZED``; federation peers send a path (origin-form)."""
+        self.assertNotFound(
+            b"GET http://us.example/_matrix/federation/v1/version HTTP/1.1\r\n"
+            b"Host: us.example\r\n\r\n"
+        )
+        self.assertNotFound(b"CONNECT us.example:443 HTTP/1.1\r\nHost: us.example:443\r\n\r\n")
+
+
 class LocalAddressTests(SiteTestCase):
     """The connection's local address is asked of the transport once, not per request."""
 
