@@ -75,7 +75,8 @@ class MatrixResource(Resource):
     """A resource that answers unknown children and unsupported methods in JSON.
 
     Subclasses implement ``render_GET``/``render_PUT``/...; a resource with no
-    ``render_*`` methods is a pure path node and answers 404 itself.
+    ``render_*`` methods is a pure path node and answers 404 itself. HEAD is
+    answered wherever GET is, with GET's headers and no body.
     """
 
     def getChild(self, path: bytes, request: Request) -> Resource:
@@ -98,6 +99,16 @@ class MatrixResource(Resource):
         return methods
 
     def render(self, request: Request) -> bytes | int:
+        body = self.dispatch(request)
+        if request.method == b"HEAD" and isinstance(body, bytes):
+            # GET's headers, its body's length included, and no body. Given
+            # the body, Twisted would drop it too, but log a warning each time.
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            return b""
+        return body
+
+    def dispatch(self, request: Request) -> bytes | int:
+        """The answer to ``request``: its ``render_*`` method's, or a JSON 404 or 405."""
         method = request.method.decode("ascii", "replace")
         allowed = self.allowed_methods()
         if not allowed:
@@ -127,7 +138,7 @@ class NotFoundResource(MatrixResource):
 
     isLeaf = True
 
-    def render(self, request: Request) -> bytes:
+    def dispatch(self, request: Request) -> bytes:
         return write_error(request, not_found())
 
 

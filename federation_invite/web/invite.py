@@ -58,11 +58,11 @@ class InviteResource(MatrixResource):
         self._api_version = api_version
         self._max_body_bytes = max_body_bytes
 
-    def render(self, request: Request) -> bytes | int:
+    def dispatch(self, request: Request) -> bytes | int:
         segments = request.postpath or []
         if len(segments) != 2 or not all(segments):
             return write_error(request, not_found())
-        return super().render(request)
+        return super().dispatch(request)
 
     def render_PUT(self, request: Request) -> int:
         room_segment, event_segment = request.postpath or [b"", b""]

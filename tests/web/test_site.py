@@ -8,6 +8,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.logger import capturedLogs, formatEvent
 from twisted.web.server import Request, Site
 
 from ..invites import THEM, _sign_request_lax, event_id_of
@@ -99,6 +100,47 @@ class RequestTargetTests(SiteTestCase):
             b"Host: us.example\r\n\r\n"
         )
         self.assertNotFound(b"CONNECT us.example:443 HTTP/1.1\r\nHost: us.example:443\r\n\r\n")
+
+
+class HeadTests(SiteTestCase):
+    """HEAD gets GET's status and headers (its body's length included), no body, and no
+    warning from Twisted about a body returned for HEAD."""
+
+    def exchange(self, method: bytes, path: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+        """The status line, the headers but Date, and what followed, of one answer."""
+        connection = self.connect()
+        connection.send(b"%s %s HTTP/1.1\r\nHost: us.example\r\n\r\n" % (method, path))
+        head, _, rest = connection.transport.value().partition(b"\r\n\r\n")
+        status, *lines = head.split(b"\r\n")
+        headers = dict(line.split(b": ", 1) for line in lines)
+        del headers[b"Date"]
+        return status, headers, rest
+
+    def test_head_like_get_without_body_or_warning(self) -> None:
+        """The key server, the version endpoint and an unknown path (404): HEAD answers as
+        GET does, without the body."""
+        for path in (b"/_matrix/key/v2/server", b"/_matrix/federation/v1/version", b"/nope"):
+            status, headers, body = self.exchange(b"GET", path)
+            with capturedLogs() as events:
+                head_status, head_headers, head_body = self.exchange(b"HEAD", path)
+            self.assertEqual([formatEvent(event) for event in events], [], path)
+            self.assertEqual(head_body, b"", path)
+            self.assertEqual((head_status, head_headers), (status, headers), path)
+            self.assertEqual(headers[b"Content-Length"], b"%d" % len(body), path)
+            self.assertEqual(headers[b"Content-Type"], b"application/json", path)
+
+    def test_head_refused_without_body_or_warning(self) -> None:
+        """HEAD on the invite endpoint (PUT only): 405 with Allow, the length of its JSON
+        ``M_UNRECOGNIZED`` body, no body, no warning."""
+        path = self.s.path(2, "!room:them.example", "$event").encode()
+        with capturedLogs() as events:
+            status, headers, body = self.exchange(b"HEAD", path)
+        self.assertEqual([formatEvent(event) for event in events], [])
+        self.assertEqual((status, body), (b"HTTP/1.1 405 Method Not Allowed", b""))
+        expected = b'{"errcode":"M_UNRECOGNIZED","error":"Method HEAD not allowed here"}'
+        self.assertEqual(headers[b"Content-Length"], b"%d" % len(expected))
+        self.assertEqual(headers[b"Content-Type"], b"application/json")
+        self.assertEqual(headers[b"Allow"], b"PUT")
 
 
 class LocalAddressTests(SiteTestCase):
