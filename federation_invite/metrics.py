@@ -3,7 +3,9 @@
 ``InviteMetrics`` is what the services call; without ``prometheus-client``
 installed (or without a registry) every call is a no-op, so metrics cost
 nothing when off. Each ``InviteMetrics`` has its own ``CollectorRegistry``,
-served by ``metrics_resource()`` on the ``metrics.listen`` endpoint.
+served at ``/metrics`` by ``InviteMetrics.resource()`` on the ``metrics.listen``
+endpoint; other paths and methods there are answered as on the federation
+listener, in JSON (404 or 405 ``M_UNRECOGNIZED``).
 
 Metrics (labels in brackets):
 
@@ -24,6 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from .core.errors import Codes
+from .web._base import MatrixResource
 
 __all__ = ["InviteMetrics", "metrics_available"]
 
@@ -97,16 +100,16 @@ class InviteMetrics:
         self._key_sources.append(source)
 
     def resource(self) -> Resource:
-        """A ``twisted.web`` resource serving this registry in Prometheus' text format."""
+        """A site root serving this registry at ``/metrics`` in Prometheus' text format."""
         if not self.enabled:
             raise RuntimeError("metrics need the 'metrics' extra (prometheus-client)")
-        return _MetricsResource(self.registry)
+        root = MatrixResource()
+        root.putChild(b"metrics", _MetricsResource(self.registry))
+        return root
 
 
-class _MetricsResource(Resource):
-    """``GET /metrics`` (any path): the registry in Prometheus' text exposition format."""
-
-    isLeaf = True
+class _MetricsResource(MatrixResource):
+    """``GET /metrics``: the registry in Prometheus' text exposition format."""
 
     def __init__(self, registry: Any) -> None:
         super().__init__()

@@ -94,6 +94,39 @@ class MetricsTests(SynchronousTestCase):
             'federation_invite_inbound_invites_total{errcode="",outcome="accepted"} 1.0', text
         )
 
+    def test_resource_other_paths_and_methods(self) -> None:
+        """Other paths (the root, a child of /metrics) get JSON 404 and other methods JSON
+        405, ``M_UNRECOGNIZED``, as on the federation listener; HEAD /metrics gets the text
+        format's headers and no body."""
+        client = StubTreq(self.metrics.resource())
+        for method, path, status in [
+            ("GET", "/", 404),
+            ("GET", "/nope", 404),
+            ("GET", "/metrics/nope", 404),
+            ("POST", "/nope", 404),
+            ("POST", "/metrics", 405),
+            ("DELETE", "/metrics", 405),
+        ]:
+            response = self.successResultOf(client.request(method, "http://localhost" + path))
+            self.assertEqual(response.code, status, (method, path))
+            self.assertEqual(
+                response.headers.getRawHeaders("content-type"), ["application/json"], path
+            )
+            body = json.loads(self.successResultOf(response.content()))
+            self.assertEqual(body["errcode"], "M_UNRECOGNIZED", (method, path))
+            self.assertIsInstance(body["error"], str)
+            if status == 405:
+                self.assertEqual(response.headers.getRawHeaders("allow"), ["GET, HEAD"])
+        got = self.successResultOf(client.get("http://localhost/metrics"))
+        text = self.successResultOf(got.content())
+        head = self.successResultOf(client.head("http://localhost/metrics"))
+        self.assertEqual(head.code, 200)
+        self.assertEqual(
+            head.headers.getRawHeaders("content-type"), got.headers.getRawHeaders("content-type")
+        )
+        self.assertEqual(head.headers.getRawHeaders("content-length"), [str(len(text))])
+        self.assertEqual(self.successResultOf(head.content()), b"")
+
     def test_disabled_is_noop(self) -> None:
         """With metrics off every call is a no-op and there is no resource."""
         metrics = InviteMetrics(enabled=False)
