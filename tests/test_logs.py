@@ -37,23 +37,30 @@ EVIL_ROOM_ID_TEXT = (
 )
 
 
+def send_logged(
+    case: SynchronousTestCase, scenario: InviteScenario, room_version: Any, event: dict[str, Any]
+) -> tuple[list[dict[str, Any]], Any]:
+    """Send ``event`` as a v2 invite; the log events emitted meanwhile and the response."""
+    with capturedLogs() as events:
+        deferred = scenario.send(
+            2,
+            scenario.v2_body(room_version, event),
+            room_id=event["room_id"],
+            event_id=event_id_of(room_version, event),
+        )
+        scenario.client.flush()
+        response = case.successResultOf(deferred)
+    return list(events), response
+
+
 class InviteLogTests(SynchronousTestCase):
     def run_invite(
         self, scenario: InviteScenario, invite: Any = None, **kwargs: Any
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Send one invite (a new one unless ``invite`` is given); the log events and the answer."""
         room_version, event = invite or scenario.invite(**kwargs)
-        with capturedLogs() as events:
-            deferred = scenario.send(
-                2,
-                scenario.v2_body(room_version, event),
-                room_id=event["room_id"],
-                event_id=event_id_of(room_version, event),
-            )
-            scenario.client.flush()
-            response = self.successResultOf(deferred)
-            answer = json.loads(self.successResultOf(response.content()))
-        return list(events), answer
+        events, response = send_logged(self, scenario, room_version, event)
+        return events, json.loads(self.successResultOf(response.content()))
 
     def test_accepted_and_refused_fields(self) -> None:
         """Accepted and refused invites are logged with origin, room, event, outcome (and errcode)."""
@@ -172,16 +179,8 @@ class LogForgingTests(SynchronousTestCase):
         """Send one invite (``kwargs`` for ``build_invite``); the log events and the status."""
         room_version = KNOWN_ROOM_VERSIONS[room_version_id]
         event = build_invite(room_version, scenario.their_key, **kwargs)
-        with capturedLogs() as events:
-            deferred = scenario.send(
-                2,
-                scenario.v2_body(room_version, event),
-                room_id=event["room_id"],
-                event_id=event_id_of(room_version, event),
-            )
-            scenario.client.flush()
-            code = self.successResultOf(deferred).code
-        return list(events), code
+        events, response = send_logged(self, scenario, room_version, event)
+        return events, response.code
 
     def assertOneLine(self, event: dict[str, Any], text: str) -> None:
         """The event reads as ``text``, one line of the classic text log with nothing to hide."""

@@ -173,7 +173,8 @@ class DrainOnStopTests(TestCase):
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
-    async def start(self, grace_period: float = 10.0) -> FederationInviteService:
+    def new_service(self, grace_period: float = 10.0) -> FederationInviteService:
+        """A service listening on a free loopback port (``self.port``), not yet started."""
         self.port = free_port()
         config = load_config(
             None,
@@ -184,7 +185,10 @@ class DrainOnStopTests(TestCase):
                 "inbound.shutdown_grace_period": grace_period,
             },
         )
-        service = FederationInviteService(config, self.reactor, make_key("us1"))
+        return FederationInviteService(config, self.reactor, make_key("us1"))
+
+    async def start(self, grace_period: float = 10.0) -> FederationInviteService:
+        service = self.new_service(grace_period)
         service.startService()
         await service.ready
         self.addCleanup(lambda: None if not service.running else service.stopService())
@@ -242,16 +246,7 @@ class DrainOnStopTests(TestCase):
         self.patch(service_module, "open_store", open_store)
 
         async def go() -> None:
-            self.port = free_port()
-            config = load_config(
-                None,
-                {
-                    "server_name": US,
-                    "data_dir": self.mktemp(),
-                    "listen": [f"tcp:{self.port}:interface=127.0.0.1"],
-                },
-            )
-            service = FederationInviteService(config, self.reactor, make_key("us1"))
+            service = self.new_service()
             service.startService()
             await service.stopService()
             opening.callback(self.store)
