@@ -55,7 +55,7 @@ def write_error(request: Request, error: MatrixError) -> bytes:
     return write_json(request, error.http_status, error.to_json())
 
 
-def _unexpected(request: Request, failure: Failure) -> bytes:
+def _log_unexpected(request: Request, failure: Failure) -> None:
     # The request line may carry control bytes (Twisted 26's check lets DEL
     # through): ``logs.Logger`` escapes them in the text.
     log.failure(
@@ -64,6 +64,10 @@ def _unexpected(request: Request, failure: Failure) -> bytes:
         method=request.method.decode("ascii", "replace"),
         path=request.path.decode("ascii", "replace")[:200],
     )
+
+
+def _unexpected(request: Request, failure: Failure) -> bytes:
+    _log_unexpected(request, failure)
     return write_error(request, MatrixError(500, Codes.UNKNOWN, "Internal server error"))
 
 
@@ -176,8 +180,11 @@ def render_async(
         _finish(encoded)
 
     def fail(failure: Failure) -> None:
-        if done[0] and failure.check(CancelledError, MatrixError):
-            # Nobody to answer; refusals are logged by the work that made them.
+        if done[0]:
+            # Nobody to answer (nothing is set on the finished request): only
+            # the unexpected is logged, refusals by the work that made them.
+            if not failure.check(CancelledError, MatrixError):
+                _log_unexpected(request, failure)
             return
         if failure.check(MatrixError):
             error = failure.value
