@@ -56,12 +56,24 @@ class Logger(_TwistedLogger):
     ``emit`` renders the format with the event's fields, as a text observer
     would; only if that text holds a non-printable character is the format
     replaced by the escaped text (read literally), the fields left as they are.
-    Tracebacks (``failure``) are the observer's and keep their lines.
+    Tracebacks (``failure``) are the observer's and keep their lines. A
+    format's call syntax (``{f()}``) is run twice: none of ours uses it.
     """
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
         if format is not None:
-            text = formatEvent({**kwargs, "log_format": format})
+            # Rendered from what the observer will have: the fields and the
+            # keys ``emit`` adds (a format may name ``{log_namespace}``).
+            text = formatEvent(
+                {
+                    **kwargs,
+                    "log_logger": self,
+                    "log_level": level,
+                    "log_namespace": self.namespace,
+                    "log_source": self.source,
+                    "log_format": format,
+                }
+            )
             if not text.isprintable():
                 format = literal_format(escape_log_text(text))
         super().emit(level, format, **kwargs)

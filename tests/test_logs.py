@@ -215,6 +215,14 @@ class LogForgingTests(SynchronousTestCase):
         self.assertEqual(events[0]["server"], "a\nb")
         self.assertIs(events[0]["reason"], reason)
 
+    def test_logger_renders_the_keys_emit_adds(self) -> None:
+        """A format naming a key ``emit`` adds (``{log_namespace}``) is rendered with it, so
+        its other fields' controls are escaped too."""
+        events: list[dict[str, Any]] = []
+        logger = Logger(namespace="federation_invite.test", observer=events.append)
+        logger.info("[{log_namespace}] bad peer {peer}", peer="a\r\nFORGED")
+        self.assertOneLine(events[0], "[federation_invite.test] bad peer a\\r\\nFORGED")
+
     def test_logger_keeps_printable_format(self) -> None:
         """An event whose text is printable keeps its format (fields looked up as usual),
         and a failure's traceback keeps its own lines."""
