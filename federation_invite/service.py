@@ -338,9 +338,12 @@ class FederationInviteService(service.MultiService):
         self.ready: Deferred[FederationInvite] = Deferred()
         #: The sites listened with (federation, metrics), drained on stop.
         self._sites: list[FederationSite] = []
+        #: The stop under way or done (``stopService``), until the next start.
+        self._stopping: Deferred[None] | None = None
 
     def startService(self) -> None:
         super().startService()
+        self._stopping = None
         starting = Deferred.fromCoroutine(self._start())
         starting.addCallbacks(self.ready.callback, self._failed)
 
@@ -407,9 +410,15 @@ class FederationInviteService(service.MultiService):
             self.reactor.callWhenRunning(stop)
 
     def stopService(self) -> Deferred[None]:
-        """Drain (see ``_stop``), then release the outbound connections and the database."""
-        stopped: Deferred[None] = Deferred.fromCoroutine(self._stop())
-        return stopped
+        """Drain (see ``_stop``), then release the outbound connections and the database.
+
+        Every call, during the stop or after it, waits for that one stop.
+        """
+        if self._stopping is None:
+            self._stopping = Deferred.fromCoroutine(self._stop())
+        waiter: Deferred[None] = Deferred()
+        self._stopping.addBoth(_relay, waiter)
+        return waiter
 
     async def _stop(self) -> None:
         """Stop the way a peer can rely on: what we began, we answer, within a bound.
@@ -450,6 +459,15 @@ class FederationInviteService(service.MultiService):
             )
         if self.components is not None:
             await self.components.close()
+
+
+def _relay(result: object, waiter: Deferred[None]) -> object:
+    """Give ``waiter`` the outcome (None or the failure) and pass ``result`` on."""
+    if isinstance(result, Failure):
+        waiter.errback(result)
+    else:
+        waiter.callback(None)
+    return result
 
 
 def _redact_uri(uri: str) -> str:

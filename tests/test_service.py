@@ -235,6 +235,26 @@ class DrainOnStopTests(TestCase):
             and text in event.get("log_format", "")
         ]
 
+    def test_stop_twice(self) -> None:
+        """A second stop while the first drains, and a third after it, wait for that one
+        stop: the held invite is answered once, the store closed once."""
+
+        async def go() -> None:
+            service = await self.start()
+            client = await self.held_invite()
+            first, second = service.stopService(), service.stopService()
+            self.assertFalse(second.called)
+            self.store.held[0].callback(None)
+            await first
+            await second
+            await service.stopService()
+            self.assertTrue(self.store.closed)
+            await client.lost
+            self.assertEqual(client.received.count(b"HTTP/1.1 200 "), 1)
+            self.assertEqual(len(self.logged("Stopped serving")), 1)
+
+        return ensureDeferred(go())
+
     def test_stopped_while_opening_the_store(self) -> None:
         """A stop that comes while the database is still opening: once it has opened,
         it is closed again and nothing listens."""
