@@ -338,24 +338,24 @@ class FederationInviteService(service.MultiService):
         self.ready: Deferred[FederationInvite] = Deferred()
         #: The sites listened with (federation, metrics), drained on stop.
         self._sites: list[FederationSite] = []
-        #: The stop under way or done (``stopService``), until the next start.
+        #: The start under way or done, and the stop (``stopService``) until the next start.
+        self._starting: Deferred[Any] | None = None
         self._stopping: Deferred[None] | None = None
 
     def startService(self) -> None:
         super().startService()
         self._stopping = None
-        starting = Deferred.fromCoroutine(self._start())
+        starting = self._starting = Deferred.fromCoroutine(self._start())
         starting.addCallbacks(self.ready.callback, self._failed)
 
     async def _start(self) -> FederationInvite:
         store = await open_store(self.config.database, reactor=self.reactor)
         components = build_components(self.config, self.reactor, store, self.signing_key)
         self.components = components
-        if not self.running:
-            # Stopped while the database was opening (``_stop`` found nothing
-            # to drain or close): close it again and listen on nothing.
+        if self._stopping is not None:
+            # Stopped while the database was opening: listen on nothing (the
+            # stop, waiting for this start, closes the database).
             log.info("federation-invite stopped while starting; not listening")
-            await components.close()
             return components
         site = self._site(components.site_root())
         for description in self.config.listen:
@@ -431,6 +431,12 @@ class FederationInviteService(service.MultiService):
         closed. Requests still unanswered at the deadline are aborted: the
         peer sees the connection drop, and retries (storing is idempotent).
         """
+        if self._starting is not None and not self._starting.called:
+            # Still opening the database: once it is open, ``_start`` listens
+            # on nothing, and the database is closed below.
+            started: Deferred[None] = Deferred()
+            self._starting.addBoth(_relay, started)
+            await started
         grace_period = self.config.get("inbound.shutdown_grace_period")
         in_progress = sum(site.requests_in_progress() for site in self._sites)
         # Synchronously, before the ports close: no connection accepted from now.

@@ -256,8 +256,8 @@ class DrainOnStopTests(TestCase):
         return ensureDeferred(go())
 
     def test_stopped_while_opening_the_store(self) -> None:
-        """A stop that comes while the database is still opening: once it has opened,
-        it is closed again and nothing listens."""
+        """A stop that comes while the database is still opening waits for it to open,
+        then closes it; nothing listens."""
         opening: Deferred[Any] = Deferred()
 
         async def open_store(uri: str, reactor: Any = None) -> Any:
@@ -268,8 +268,10 @@ class DrainOnStopTests(TestCase):
         async def go() -> None:
             service = self.new_service()
             service.startService()
-            await service.stopService()
+            stopping = service.stopService()
+            self.assertFalse(stopping.called)
             opening.callback(self.store)
+            await stopping
             components = await service.ready
             self.assertIs(components.store, self.store)
             self.assertTrue(self.store.closed)
