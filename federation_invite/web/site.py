@@ -39,7 +39,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http import HTTPChannel
@@ -69,6 +69,19 @@ def _raw_error_response(error: MatrixError) -> bytes:
         b"Connection: close\r\n\r\n"
     ) % (error.http_status, reason, len(body))
     return head + body
+
+
+def _begins_request(data: bytes) -> bool:
+    """Whether ``data`` holds a request's first byte: anything but the empty lines a
+    server ignores before a request line (RFC 9112, section 2.2)."""
+    return bool(data.strip(b"\r\n"))
+
+
+class _Dropped(Protocol):
+    """A connection accepted while draining: aborted as soon as it is made."""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
 
 class _LimitedChannel(HTTPChannel):
@@ -111,10 +124,10 @@ class _LimitedChannel(HTTPChannel):
         if self.refused:
             return
         if (
-            data
-            and self._deadline is None
+            self._deadline is None
             and self._late is None
             and self.request_timeout is not None
+            and _begins_request(data)
         ):
             # The first byte of a request: from now it has request_timeout
             # seconds to arrive whole, however it trickles in, and whether or
@@ -228,7 +241,7 @@ class _LimitedChannel(HTTPChannel):
                 return
         else:
             self._cancel_deadline()
-            if self._buffer or any(self._dataBuffer):
+            if _begins_request(self._buffer) or any(map(_begins_request, self._dataBuffer)):
                 # The next request began in the same packet as this one ended.
                 self._start_deadline()
         super().allContentReceived()
@@ -296,7 +309,7 @@ class _LimitedChannel(HTTPChannel):
         """
         if self.refused:  # answered already, and closing
             return False
-        return bool(self.requests) or self._deadline is not None or bool(self._buffer)
+        return bool(self.requests) or self._deadline is not None or _begins_request(self._buffer)
 
     def close_after_request(self) -> None:
         """Answer the request in progress with ``Connection: close``, then close.
@@ -417,8 +430,9 @@ class FederationSite(Site):
 
     def buildProtocol(self, addr: Any) -> Any:
         if self._draining:
-            # Stopping: a port still listening closes the new connection at once.
-            return None
+            # Stopping: a new connection is dropped at once. Not by returning
+            # None, which a TCP port handles but a TLS wrapper does not.
+            return _Dropped()
         channel = super().buildProtocol(addr)
         if isinstance(channel, _LimitedChannel):
             channel.request_timeout = self.request_timeout

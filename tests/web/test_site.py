@@ -4,12 +4,19 @@ handler), the local address asked once per connection, and the drain on shutdown
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
+from twisted.internet import ssl
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Request, Site
+
+from federation_invite.tlscert import write_self_signed_certificate
+from federation_invite.web.site import _LimitedChannel
 
 from ..invites import THEM, _sign_request_lax, event_id_of
 from ..test_hostile_slow import SiteTestCase, put_request
@@ -381,6 +388,25 @@ class DrainTests(HeldStoreTestCase):
         busy.close()
         self.assertEqual(self.successResultOf(drained), 0)
 
+    def test_empty_lines_after_a_request_are_no_request(self) -> None:
+        """Empty lines after an answered request (which a server ignores, RFC 9112 section
+        2.2) start no deadline: no 408 when it would pass, and a drain closes the connection
+        as idle at once."""
+        connections = []
+        for packets in ([self.version_request() + b"\r\n"], [self.version_request(), b"\r\n"]):
+            connection = self.connect()
+            for packet in packets:
+                connection.send(packet)
+            connections.append(connection)
+        self.assertEqual(self.site.requests_in_progress(), 0)
+        self.clock.advance(31)
+        for connection in connections:
+            self.assertEqual([status for status, _, _ in connection.responses()], [200])
+            self.assertFalse(connection.closing)
+        drained = self.site.drain(10)
+        self.assertEqual(self.successResultOf(drained), 0)
+        self.assertTrue(all(connection.closing for connection in connections))
+
     def test_grace_period_expires(self) -> None:
         """A request still unanswered when the grace period ends: its connection is aborted
         unanswered at exactly ``grace_period`` seconds, and the drain fires with 1."""
@@ -409,10 +435,22 @@ class DrainTests(HeldStoreTestCase):
         self.assertEqual(self.grace_calls(), [])
 
     def test_no_new_connection_while_draining(self) -> None:
-        """Once the drain has begun, the site builds no protocol: the port closes the
-        connection at once; a second drain is refused."""
+        """Once the drain has begun, a new connection is aborted as soon as it is made, also
+        behind TLS; a second drain is refused."""
         address = IPv4Address("TCP", "203.0.113.9", 40001)
-        self.assertIsNotNone(self.site.buildProtocol(address))
+        self.assertIsInstance(self.site.buildProtocol(address), _LimitedChannel)
         self.site.drain(10)
-        self.assertIsNone(self.site.buildProtocol(address))
+        directory = self.mktemp()
+        os.makedirs(directory)
+        key, cert = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
+        write_self_signed_certificate("localhost", key, cert)
+        with open(key, "rb") as key_file, open(cert, "rb") as cert_file:
+            pem = key_file.read() + cert_file.read()
+        tls = ssl.PrivateCertificate.loadPEM(pem).options()
+        for factory in (self.site, TLSMemoryBIOFactory(tls, False, self.site)):
+            transport = StringTransport()
+            protocol = factory.buildProtocol(address)
+            protocol.makeConnection(transport)
+            self.assertTrue(transport.disconnected or transport.disconnecting)
+        self.assertEqual(self.site.requests_in_progress(), 0)
         self.assertRaises(RuntimeError, self.site.drain, 10)
