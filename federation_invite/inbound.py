@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel
@@ -126,6 +126,10 @@ class InviteHandler:
         self._policy = policy
         self._strict_room_state = strict_invite_room_state
         self._listeners: list[InviteListener] = list(listeners)
+        #: Invites handed to the store and not yet stored (or failed), and who
+        #: waits for there to be none (``settle``).
+        self._storing = 0
+        self._settle_waiters: list[Deferred[None]] = []
         self._origin_rate = RateLimiter(
             clock,
             limits.origin_per_second,
@@ -297,7 +301,11 @@ class InviteHandler:
             # happens to the request, so the rest (its log line, the metrics,
             # the listeners) runs even if the client goes away meanwhile: a
             # retry would otherwise be answered as a repeat and no listener told.
-            stored, created = await _despite_cancellation(self._store.store_invite(record))
+            self._storing += 1
+            try:
+                stored, created = await _despite_cancellation(self._store.store_invite(record))
+            finally:
+                self._stored_one()
         except StoreError as exc:
             log.error(
                 "Could not store invite {event_id}: {reason}", event_id=event_id, reason=str(exc)
@@ -452,6 +460,22 @@ class InviteHandler:
         # could relay another server's signed state with its content rewritten.
         if not check_content_hash(room_version, entry):
             raise _invalid("An invite_room_state event's content hash does not match")
+
+    def settle(self) -> Deferred[None]:
+        """Fires once no invite is being stored: before the store is closed, so that
+        an invite whose peer has gone (and is finished regardless) is not cut off."""
+        if not self._storing:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._settle_waiters.append(waiter)
+        return waiter
+
+    def _stored_one(self) -> None:
+        self._storing -= 1
+        if not self._storing and self._settle_waiters:
+            waiters, self._settle_waiters = self._settle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     def _notify(self, record: InviteRecord) -> None:
         def failed(failure: Any) -> None:

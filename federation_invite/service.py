@@ -181,7 +181,14 @@ class FederationInvite:
         self.policy.add_hook(hook)
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Release outbound connections (waiting at most ``timeout`` seconds) and the database."""
+        """Release outbound connections and the database, once the invites being stored
+        are (each wait at most ``timeout`` seconds)."""
+        settled = self.handler.settle()
+        settled.addTimeout(timeout, self.clock)
+        try:
+            await settled
+        except Exception as exc:
+            log.warn("Closing the database with invites still being stored: {reason}", reason=exc)
         close_client = getattr(self.client, "close", None)
         if close_client is not None:
             closing: Deferred[None] = close_client()

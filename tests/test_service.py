@@ -319,18 +319,25 @@ class DrainOnStopTests(TestCase):
         return ensureDeferred(go())
 
     def test_grace_period_expires(self) -> None:
-        """An invite still held when the grace period (0.3 s) ends: its connection is dropped
-        unanswered, the store is closed, and a warning counts 1 request abandoned."""
+        """An invite still held in the store when the grace period (0.3 s) ends: its
+        connection is dropped unanswered and a warning counts 1 request abandoned; the
+        store is closed only once that invite is stored (it is finished regardless)."""
 
         async def go() -> None:
             service = await self.start(grace_period=0.3)
             busy = await self.held_invite()
             started = self.reactor.seconds()
-            await service.stopService()
-            self.assertGreaterEqual(self.reactor.seconds() - started, 0.3)
-            self.assertTrue(self.store.closed)
+            stopping = service.stopService()
             await busy.lost
+            self.assertGreaterEqual(self.reactor.seconds() - started, 0.3)
             self.assertEqual(busy.received, b"")
+            await deferLater(self.reactor, 0.05)
+            self.assertFalse(stopping.called or self.store.closed)
+            self.store.held[0].callback(None)
+            await stopping
+            self.assertTrue(self.store.closed)
+            self.assertEqual(len(self.store.invites), 1)
+            self.assertEqual([e["outcome"] for e in self.events if "outcome" in e], ["accepted"])
             (end,) = self.logged("Stopped serving")
             self.assertEqual(
                 (end["finished"], end["abandoned"], end["grace_period"], end["log_level"]),
