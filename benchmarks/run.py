@@ -19,6 +19,7 @@ import platform
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -134,21 +135,28 @@ def _where(sampler: CpuWhere, per_request_us: float) -> dict[str, float]:
     return {part: share * per_request_us for part, share in sampler.shares().items()}
 
 
+def with_database(uri: str, name: str) -> str:
+    """``uri`` (``postgresql://user@host:port``, with or without a database and a
+    query such as ``?sslmode=disable``) naming the database ``name`` instead."""
+    parts = urllib.parse.urlsplit(uri)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + name, fragment=""))
+
+
 @contextmanager
 def fresh_postgres(server: str) -> Iterator[str]:
-    """A new, empty PostgreSQL database on ``server`` (``postgresql://user@host:port``),
-    dropped afterwards; yields its URI."""
+    """A new, empty PostgreSQL database on ``server`` (a ``postgresql://`` URI; a
+    database named in it is ignored), dropped afterwards; yields its URI."""
     import psycopg2
 
     name = f"fi_bench_{os.getpid()}"
-    admin = psycopg2.connect(f"{server.rstrip('/')}/postgres")
+    admin = psycopg2.connect(with_database(server, "postgres"))
     admin.autocommit = True
     try:
         with admin.cursor() as cursor:
             cursor.execute(f"DROP DATABASE IF EXISTS {name}")
             cursor.execute(f"CREATE DATABASE {name}")
         try:
-            yield f"{server.rstrip('/')}/{name}"
+            yield with_database(server, name)
         finally:
             with admin.cursor() as cursor:
                 cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -161,8 +169,11 @@ def postgres_pids(database: str) -> list[int]:
     shared background processes (WAL writer, checkpointer...)."""
     import psycopg2
 
-    server, name = database.rsplit("/", 1)
-    with psycopg2.connect(f"{server}/postgres") as connection, connection.cursor() as cursor:
+    name = urllib.parse.urlsplit(database).path.lstrip("/")
+    with (
+        psycopg2.connect(with_database(database, "postgres")) as connection,
+        connection.cursor() as cursor,
+    ):
         cursor.execute(
             "SELECT pid FROM pg_stat_activity WHERE (datname = %s AND pid <> pg_backend_pid())"
             " OR backend_type <> 'client backend'",
@@ -429,7 +440,7 @@ def main() -> None:
         "--postgres",
         metavar="SERVER",
         help="run the daemon on a fresh PostgreSQL database created on SERVER"
-        " (postgresql://user@host:port) and dropped afterwards",
+        " (a postgresql:// URI; a database named in it is ignored) and dropped afterwards",
     )
     parser.add_argument(
         "--workers",
