@@ -13,6 +13,11 @@ answers a ``ResolvedServer``; ``resolve_targets`` turns it into the
 ``(host, port)`` pairs to try, looking up SRV records where the spec says so.
 A and AAAA lookups are left to the connection endpoint, whose resolver applies
 the outbound IP blocklist.
+
+An SRV answer whose only target is "." ends resolution with
+``ServiceUnavailableError``: RFC 2782 says the service is "decidedly not
+available at this domain", so neither the deprecated SRV name nor port 8448 is
+tried.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ __all__ = [
     "DEFAULT_PORT",
     "ResolvedServer",
     "ServerResolver",
+    "ServiceUnavailableError",
 ]
 
 _log = Logger()
@@ -117,6 +123,26 @@ def _system_srv_resolver(reactor: Any) -> IResolver:
     return chain
 
 
+class ServiceUnavailableError(ConnectionError):
+    """The SRV records of a host say it offers no federation: its only target is ".".
+
+    RFC 2782: 'A Target of "." means that the service is decidedly not
+    available at this domain.' A ``ConnectionError``, as the agent's other
+    reasons for connecting nowhere are, so the client reports it as an
+    unreachable destination (``TransportError``) and backs off as for any
+    other failure. ``hostname`` is the host (after delegation) whose SRV
+    records were looked up, ``service_name`` the name that answered ".".
+    """
+
+    def __init__(self, hostname: str, service_name: str) -> None:
+        self.hostname = hostname
+        self.service_name = service_name
+        super().__init__(
+            f"no federation service at {hostname}: its SRV record {service_name} "
+            f'has the target "." (RFC 2782: decidedly not available)'
+        )
+
+
 class _WellKnownInvalid(Exception):
     """The ``.well-known`` answer is unusable; discovery falls through to SRV."""
 
@@ -177,7 +203,10 @@ class ServerResolver:
         return Deferred.fromCoroutine(self._resolve_server(server_name))
 
     def resolve_targets(self, server: ResolvedServer) -> Deferred[list[tuple[str, int]]]:
-        """The ``(host, port)`` pairs to try, in order (SRV steps and the 8448 fallback)."""
+        """The ``(host, port)`` pairs to try, in order (SRV steps and the 8448 fallback).
+
+        Fails with ``ServiceUnavailableError`` when SRV says there is no service.
+        """
         return Deferred.fromCoroutine(self._resolve_targets(server))
 
     def get_well_known(self, hostname: str) -> Deferred[str | None]:
@@ -218,12 +247,20 @@ class ServerResolver:
         if server.port is not None:
             return [(server.host, server.port)]
         for service in ("_matrix-fed._tcp.", "_matrix._tcp."):
-            targets = await self._lookup_srv(service + server.host)
+            targets = await self._lookup_srv(server.host, service + server.host)
             if targets:
                 return targets
         return [(server.host, DEFAULT_PORT)]
 
-    async def _lookup_srv(self, name: str) -> list[tuple[str, int]]:
+    async def _lookup_srv(self, host: str, name: str) -> list[tuple[str, int]]:
+        """The targets the SRV records of ``name`` give, in order; [] if none.
+
+        Raises ``ServiceUnavailableError`` when the records' only target is
+        ".": a record was found, so the spec's next steps (the deprecated SRV
+        name, then 8448), which apply when none was, are not taken; the same
+        holds for a "." under the deprecated name, as in Synapse. Nothing is
+        remembered here: the next resolution asks DNS again.
+        """
         resolver = self._srv_resolver
         if resolver is None:
             resolver = self._srv_resolver = _system_srv_resolver(self._reactor)
@@ -240,7 +277,14 @@ class ServerResolver:
             if not isinstance(exc, dns.DomainError | dns.AuthoritativeDomainError):
                 _log.info("SRV lookup for {name} failed: {error}", name=name, error=exc)
             return []
-        return self._order_srv(_srv_records(name.encode("ascii"), result[0]))
+        records = _srv_records(name.encode("ascii"), result[0])
+        targets = self._order_srv(records)
+        # Usually one record, as RFC 2782 intends; several that are all "."
+        # (or "." beside only records we cannot use) say no less clearly that
+        # nothing is there.
+        if not targets and any(_is_root(record.target.name) for record in records):
+            raise ServiceUnavailableError(host, name)
+        return targets
 
     def _order_srv(self, records: list[dns.Record_SRV]) -> list[tuple[str, int]]:
         """RFC 2782 order: ascending priority, weighted random order within a priority."""
@@ -252,7 +296,8 @@ class ServerResolver:
                 # Not a hostname we could connect to; the other records may be.
                 continue
             # A target of "." means the service is decidedly not available
-            # there (RFC 2782): with no other record, as if there were none.
+            # there (RFC 2782): beside other records, it is skipped (alone, it
+            # makes _lookup_srv fail).
             if target:
                 usable.append((record.priority, record.weight, target, record.port))
         ordered: list[tuple[str, int]] = []
@@ -407,6 +452,11 @@ def _srv_records(name: bytes, answers: list[dns.RRHeader]) -> list[dns.Record_SR
 
 def _dns_key(name: bytes) -> bytes:
     return name.lower().rstrip(b".")
+
+
+def _is_root(name: bytes) -> bool:
+    """Whether an SRV target is the root, "." (or b""; trailing dots ignored, as in _order_srv)."""
+    return not name.rstrip(b".")
 
 
 def _redirect_target(uri: str, headers: Headers) -> str:

@@ -6,10 +6,12 @@ import random
 from typing import Any
 
 import attrs
+from signedjson.key import generate_signing_key
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.names import dns
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -19,7 +21,15 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from federation_invite.client import discovery
+from federation_invite.client import (
+    BackoffError,
+    FederationAgent,
+    FederationClient,
+    FederationTLSPolicy,
+    IPRangeFilter,
+    TransportError,
+    discovery,
+)
 from federation_invite.client.discovery import (
     WELL_KNOWN_DEFAULT_TTL,
     WELL_KNOWN_ERROR_TTL,
@@ -29,11 +39,17 @@ from federation_invite.client.discovery import (
     WELL_KNOWN_TIMEOUT,
     ResolvedServer,
     ServerResolver,
+    ServiceUnavailableError,
     cache_period,
 )
 from federation_invite.client.testing import FakePeersAgent
+from federation_invite.config import DEFAULT_IP_BLOCKLIST
+from federation_invite.keyring import Keyring
+from federation_invite.outbound import InviteSender, InviteTransportError, build_test_invite
+from federation_invite.signer import LocalSigner
 
-from ._fakes import CannedResource, FakeSRVResolver
+from ..support import MemoryStore, local_verify_key
+from ._fakes import CannedResource, FakeHostnameResolver, FakeSRVResolver
 
 WELL_KNOWN_PATH = b"/.well-known/matrix/server"
 ORIGIN_URI = b"https://example.org" + WELL_KNOWN_PATH
@@ -482,18 +498,98 @@ class SrvTests(_Base):
             firsts.append(targets[0][0])
         self.assertGreater(firsts.count("heavy.example"), 40)
 
-    def test_dot_target_ignored(self) -> None:
-        """A single "." target (RFC 2782: service decidedly not available) counts as no SRV
-        record: the deprecated SRV, then the hostname on 8448."""
+    def test_lone_dot_target_ends_resolution(self) -> None:
+        """A lone "." target on _matrix-fed._tcp (RFC 2782: decidedly not available) fails
+        resolution, without the deprecated SRV or 8448; nothing is remembered: DNS is asked again."""
         self.srv.raw["_matrix-fed._tcp.example.org"] = [
             _srv(b"_matrix-fed._tcp.example.org", 0, 0, 0, b".")
         ]
-        _, targets = self.resolve("example.org")
-        self.assertEqual(targets, [("example.org", 8448)])
+        self.srv.records["_matrix._tcp.example.org"] = [(0, 0, 2222, "old.example")]
+        server = self.successResultOf(self.resolver.resolve_server("example.org"))
+        error = self.failureResultOf(
+            self.resolver.resolve_targets(server), ServiceUnavailableError
+        ).value
+        self.assertIsInstance(error, ConnectionError)
+        self.assertEqual(
+            (error.hostname, error.service_name), ("example.org", "_matrix-fed._tcp.example.org")
+        )
+        self.assertEqual(
+            str(error),
+            "no federation service at example.org: its SRV record _matrix-fed._tcp.example.org "
+            'has the target "." (RFC 2782: decidedly not available)',
+        )
+        self.assertEqual(self.srv.lookups, ["_matrix-fed._tcp.example.org"])
+        # The root name as it comes off the wire, and as b"", say the same.
+        for root in [b"", b"."]:
+            self.srv.raw["_matrix-fed._tcp.example.org"] = [
+                _srv(b"_matrix-fed._tcp.example.org", 0, 0, 8448, root)
+            ]
+            self.failureResultOf(self.resolver.resolve_targets(server), ServiceUnavailableError)
+        self.srv.raw["_matrix-fed._tcp.example.org"] = [
+            _srv(b"_matrix-fed._tcp.example.org", 0, 0, 1111, b"new.example")
+        ]
+        self.assertEqual(
+            self.successResultOf(self.resolver.resolve_targets(server)), [("new.example", 1111)]
+        )
+
+    def test_lone_dot_target_on_deprecated_srv(self) -> None:
+        """With no _matrix-fed._tcp record, a lone "." on _matrix._tcp fails resolution too
+        (as in Synapse): no 8448 fallback."""
+        self.srv.raw["_matrix._tcp.example.org"] = [
+            _srv(b"_matrix._tcp.example.org", 0, 0, 0, b".")
+        ]
+        server = self.successResultOf(self.resolver.resolve_server("example.org"))
+        error = self.failureResultOf(
+            self.resolver.resolve_targets(server), ServiceUnavailableError
+        ).value
+        self.assertEqual(error.service_name, "_matrix._tcp.example.org")
         self.assertEqual(
             self.srv.lookups, ["_matrix-fed._tcp.example.org", "_matrix._tcp.example.org"]
         )
-        self.srv.records["_matrix._tcp.example.org"] = [(0, 0, 2222, "old.example")]
+
+    def test_lone_dot_target_after_delegation(self) -> None:
+        """Step 3.3: a lone "." for the delegated hostname fails resolution; the error names it."""
+        self.well_known("example.org", {"m.server": "matrix.example.net"})
+        self.srv.raw["_matrix-fed._tcp.matrix.example.net"] = [
+            _srv(b"_matrix-fed._tcp.matrix.example.net", 0, 0, 0, b".")
+        ]
+        server = self.successResultOf(self.resolver.resolve_server("example.org"))
+        error = self.failureResultOf(
+            self.resolver.resolve_targets(server), ServiceUnavailableError
+        ).value
+        self.assertEqual(error.hostname, "matrix.example.net")
+        self.assertEqual(self.srv.lookups, ["_matrix-fed._tcp.matrix.example.net"])
+
+    def test_only_dot_or_unusable_targets(self) -> None:
+        """Several "." records, or "." beside only records we cannot use, also mean no service."""
+        answers = [
+            [
+                _srv(b"_matrix-fed._tcp.example.org", 0, 0, 0, b"."),
+                _srv(b"_matrix-fed._tcp.example.org", 10, 0, 0, b"."),
+            ],
+            [
+                _srv(b"_matrix-fed._tcp.example.org", 0, 0, 0, b"."),
+                _srv(b"_matrix-fed._tcp.example.org", 0, 0, 1, b"caf\xc3\xa9.example"),
+            ],
+        ]
+        server = self.successResultOf(self.resolver.resolve_server("example.org"))
+        for answer in answers:
+            self.srv.raw["_matrix-fed._tcp.example.org"] = answer
+            self.failureResultOf(self.resolver.resolve_targets(server), ServiceUnavailableError)
+
+    def test_dot_target_beside_usable_records_skipped(self) -> None:
+        """A "." among usable records (on either SRV name) is skipped; the others are used."""
+        self.srv.raw["_matrix-fed._tcp.example.org"] = [
+            _srv(b"_matrix-fed._tcp.example.org", 0, 0, 0, b"."),
+            _srv(b"_matrix-fed._tcp.example.org", 10, 0, 1111, b"new.example"),
+        ]
+        _, targets = self.resolve("example.org")
+        self.assertEqual(targets, [("new.example", 1111)])
+        self.srv.raw["_matrix-fed._tcp.example.org"] = []
+        self.srv.raw["_matrix._tcp.example.org"] = [
+            _srv(b"_matrix._tcp.example.org", 10, 0, 2222, b"old.example"),
+            _srv(b"_matrix._tcp.example.org", 0, 0, 0, b"."),
+        ]
         _, targets = self.resolve("example.org")
         self.assertEqual(targets, [("old.example", 2222)])
 
@@ -820,3 +916,78 @@ class CachePeriodTests(SynchronousTestCase):
             ),
             7200,
         )
+
+
+class UnavailableEndToEndTests(SynchronousTestCase):
+    """A lone "." SRV target through the real agent: a normal unreachable destination."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.hosts = FakeHostnameResolver(
+            {"example.org": ["93.184.216.34"], "fed.example.org": ["93.184.216.35"]}
+        )
+        self.srv = FakeSRVResolver()
+        self.srv.raw["_matrix-fed._tcp.example.org"] = [
+            _srv(b"_matrix-fed._tcp.example.org", 0, 0, 0, b".")
+        ]
+        agent = FederationAgent(
+            self.reactor,
+            ServerResolver(self.reactor, FakePeersAgent(), self.srv),
+            FederationTLSPolicy(),
+            ip_filter=IPRangeFilter(DEFAULT_IP_BLOCKLIST),
+            name_resolver=self.hosts,
+        )
+        self.key = generate_signing_key("k")
+        self.client = FederationClient(
+            self.reactor, "local.example", self.key, agent=agent, timeout=10
+        )
+
+    def test_client_send_fails_without_connecting(self) -> None:
+        """The client's PUT fails with TransportError, nothing looked up or connected; the
+        ordinary back-off follows, after which the (now fixed) DNS is asked again."""
+        sending = self.client.put_json("example.org", "/_matrix/federation/v2/invite/x/y", {})
+        error = self.failureResultOf(sending, TransportError).value
+        self.assertEqual(error.destination, "example.org")
+        self.assertEqual(
+            error.reason,
+            "cannot connect: no federation service at example.org: its SRV record "
+            '_matrix-fed._tcp.example.org has the target "." (RFC 2782: decidedly not available)',
+        )
+        self.assertIsInstance(error.__cause__, ServiceUnavailableError)
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertEqual(self.hosts.lookups, [])
+        self.assertEqual(self.srv.lookups, ["_matrix-fed._tcp.example.org"])
+
+        self.failureResultOf(self.client.get_json("example.org", "/x"), BackoffError)
+        self.reactor.advance(FederationClient.BACKOFF_INITIAL)
+        self.srv.raw["_matrix-fed._tcp.example.org"] = [
+            _srv(b"_matrix-fed._tcp.example.org", 0, 0, 8443, b"fed.example.org")
+        ]
+        self.assertNoResult(self.client.get_json("example.org", "/x"))
+        self.assertEqual(
+            [(client[0], client[1]) for client in self.reactor.tcpClients],
+            [("93.184.216.35", 8443)],
+        )
+
+    def test_invite_send_fails_as_transport_error(self) -> None:
+        """InviteSender reports it as InviteTransportError (no answer), not a crash or refusal."""
+        signer = LocalSigner("local.example", self.key)
+        keyring = Keyring(
+            self.reactor,
+            MemoryStore(),
+            self.client,
+            local_keys=[local_verify_key("local.example", self.key)],
+        )
+        sender = InviteSender(signer, self.client, keyring)
+        built = self.successResultOf(
+            build_test_invite(
+                signer, "10", "@alice:local.example", "@bob:example.org", 1_700_000_000_000
+            )
+        )
+        event, state = built
+        error = self.failureResultOf(
+            sender.send_invite("10", event, state), InviteTransportError
+        ).value
+        self.assertEqual(error.destination, "example.org")
+        self.assertIn('SRV record _matrix-fed._tcp.example.org has the target "."', error.reason)
+        self.assertEqual(self.reactor.tcpClients, [])
