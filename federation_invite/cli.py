@@ -385,7 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--room", help="room ID (v1-11; default: a new random room; v12: derived)")
     send.add_argument("--sender", required=True, help="one of our user IDs, e.g. @alice:our.name")
     send.add_argument("--invitee", required=True, help="the remote user ID to invite")
-    send.add_argument("--destination", help="server to send to (default: the invitee's)")
+    send.add_argument(
+        "--destination",
+        help="server name to connect to instead of the invitee's (its discovery and TLS);"
+        " the invite is still addressed to the invitee's server, which must co-sign it",
+    )
     _config_arg(send)
     send.set_defaults(run_async=True, federation_client=None)
     return parser

@@ -185,7 +185,9 @@ class InvalidInviteAnswer(InviteError):
 class IInviteClient(Protocol):
     """The part of the federation client the sender uses (``FederationClient`` has it)."""
 
-    def put_json(self, destination: str, path: str, body: Any) -> Deferred[Any]: ...
+    def put_json(
+        self, destination: str, path: str, body: Any, *, via: str | None = None
+    ) -> Deferred[Any]: ...
 
 
 class IInviteKeyring(Protocol):
@@ -260,7 +262,13 @@ class InviteSender:
     ) -> Deferred[dict[str, Any]]:
         """Send ``event`` and fire with it signed by both servers; fail with an ``InviteError``.
 
-        ``destination`` defaults to the invitee's server (the ``state_key``'s).
+        The invite goes to the invitee's server (the ``state_key``'s), which
+        must co-sign it. ``destination``, a server name, is where to connect
+        instead of resolving that server's name (its discovery and TLS): the
+        request is still addressed and signed to the invitee's server (the
+        X-Matrix ``destination`` is the receiving server's name, server-server
+        API "Request Authentication"), so only that server, reached another
+        way, can accept it.
         ``invite_room_state`` is sent as given; room version 12 requires the
         room's full ``m.room.create`` event in it. An event without ``hashes``
         is hashed and signed by the signer, one without our signature signed.
@@ -282,10 +290,12 @@ class InviteSender:
         room_version = _room_version(room_version_or_id)
         room_state = _room_state(invite_room_state)
         invitee = self._check_invite(event)
-        if destination is None:
-            destination = server_name_of(invitee)
-        elif not is_valid_server_name(destination):
-            raise InviteNotSendable(f"destination {_shown(destination)} is not a server name")
+        via = destination
+        destination = server_name_of(invitee)
+        if via is not None and not is_valid_server_name(via):
+            raise InviteNotSendable(f"destination {_shown(via)} is not a server name")
+        if via == destination:
+            via = None
         if room_version.room_id_is_create_event_hash:
             _check_create_event(room_version, event, room_state)
         signed = await self._sign(room_version, event)
@@ -304,15 +314,17 @@ class InviteSender:
         event_id = prepared.event_id
         room_id: str = signed["room_id"]
         log.info(
-            "Sending invite {event_id} in {room_id} for {invitee} to {destination}",
+            "Sending invite {event_id} in {room_id} for {invitee} to {destination}{routed}",
             event_id=event_id,
             room_id=room_id,
             invitee=invitee,
             destination=destination,
+            via=via,
+            routed="" if via is None else f" via {via}",
         )
         try:
             received, answer, api_version = await self._exchange(
-                room_version, destination, room_id, event_id, signed, room_state
+                room_version, destination, via, room_id, event_id, signed, room_state
             )
             result = await self._check_answer(
                 room_version,
@@ -387,6 +399,7 @@ class InviteSender:
         self,
         room_version: RoomVersion,
         destination: str,
+        via: str | None,
         room_id: str,
         event_id: str,
         event: dict[str, Any],
@@ -399,7 +412,7 @@ class InviteSender:
             "invite_room_state": room_state,
         }
         try:
-            answer = await self._put(destination, _invite_path(2, room_id, event_id), body, 2)
+            answer = await self._put(destination, via, _invite_path(2, room_id, event_id), body, 2)
         except InviteRefused as exc:
             if room_version.identifier not in _V1_ROOM_VERSIONS or not _peer_does_not_know_v2(exc):
                 raise
@@ -419,13 +432,18 @@ class InviteSender:
                 "invite_room_state": room_state,
             },
         }
-        answer = await self._put(destination, _invite_path(1, room_id, event_id), v1_body, 1)
+        answer = await self._put(destination, via, _invite_path(1, room_id, event_id), v1_body, 1)
         return _unwrap_v1(destination, answer), answer, 1
 
-    async def _put(self, destination: str, path: str, body: Any, api_version: int) -> Any:
+    async def _put(
+        self, destination: str, via: str | None, path: str, body: Any, api_version: int
+    ) -> Any:
         """One PUT; the client's errors translated into ``InviteError``s."""
         try:
-            return await self._client.put_json(destination, path, body)
+            if via is None:
+                # Without the keyword: an IInviteClient of before ``via`` still works.
+                return await self._client.put_json(destination, path, body)
+            return await self._client.put_json(destination, path, body, via=via)
         except RemoteError as exc:
             if 200 <= exc.status < 300:
                 # A success status with an unreadable body (not JSON, too big).

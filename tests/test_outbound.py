@@ -35,6 +35,7 @@ from federation_invite.core.format import check_event_format
 from federation_invite.core.keys import sign_bytes
 from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS, RoomVersion
 from federation_invite.core.signing import hash_and_sign_event, sign_event, verify_event_signature
+from federation_invite.core.xmatrix import parse_xmatrix
 from federation_invite.keyring import Keyring
 from federation_invite.outbound import (
     InvalidInviteAnswer,
@@ -927,14 +928,27 @@ class BeforeSendingTests(_Base):
         self.assertEqual(uri.decode(), f"/_matrix/federation/v2/invite/{room}/{quoted}")
 
     def test_explicit_destination(self) -> None:
-        """The destination may differ from the invitee's server; the invitee's server must sign."""
+        """An explicit destination is where we connect; the request is still addressed
+        (X-Matrix destination) to the invitee's server, which must co-sign."""
         self.origin.agent.add_peer("alias.example:8448", self.peer.root)
         event, state = self.origin.invite("10")
         result = self.successResultOf(
             self.origin.send("10", event, state, destination="alias.example:8448")
         )
         self.assertEqual(result["signatures"].keys(), {OURS, PEER})
-        self.assertTrue(self.origin.agent.requests[0][1].startswith(b"https://alias.example:8448/"))
+        _, url, headers = self.origin.agent.requests[0]
+        self.assertTrue(url.startswith(b"https://alias.example:8448/"))
+        [authorization] = headers.getRawHeaders(b"authorization")
+        self.assertEqual(parse_xmatrix(authorization).destination, PEER)
+
+    def test_explicit_destination_same_as_invitees(self) -> None:
+        """An explicit destination equal to the invitee's server is the default route."""
+        event, state = self.origin.invite("10")
+        self.successResultOf(self.origin.send("10", event, state, destination=PEER))
+        _, url, headers = self.origin.agent.requests[0]
+        self.assertTrue(url.startswith(f"https://{PEER}/".encode()))
+        [authorization] = headers.getRawHeaders(b"authorization")
+        self.assertEqual(parse_xmatrix(authorization).destination, PEER)
 
     def test_v12_requires_full_create_event(self) -> None:
         """Room v12 without the full m.room.create PDU in invite_room_state is refused unsent."""

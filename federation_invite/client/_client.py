@@ -166,9 +166,19 @@ class FederationClient:
         """GET ``path`` (already percent-encoded) with query ``args``; the JSON answer."""
         return Deferred.fromCoroutine(self._request("GET", destination, path, args, None, signed))
 
-    def put_json(self, destination: str, path: str, body: Any) -> Deferred[Any]:
-        """PUT the JSON ``body`` (None: no body) to ``path``, signed; the JSON answer."""
-        return Deferred.fromCoroutine(self._request("PUT", destination, path, None, body, True))
+    def put_json(
+        self, destination: str, path: str, body: Any, *, via: str | None = None
+    ) -> Deferred[Any]:
+        """PUT the JSON ``body`` (None: no body) to ``path``, signed; the JSON answer.
+
+        ``via``: a server name to connect to (its discovery, its TLS certificate)
+        instead of ``destination``'s; the request is still addressed and signed
+        to ``destination`` (the X-Matrix ``destination``), which is who must
+        answer it. Transport errors and back-off then concern ``via``.
+        """
+        return Deferred.fromCoroutine(
+            self._request("PUT", destination, path, None, body, True, via)
+        )
 
     def post_json(
         self, destination: str, path: str, body: Any, *, signed: bool = True
@@ -193,11 +203,15 @@ class FederationClient:
         args: Mapping[str, Any] | None,
         body: Any,
         signed: bool,
+        via: str | None = None,
     ) -> Any:
-        try:
-            parse_server_name(destination)
-        except ValueError as exc:
-            raise TransportError(destination, f"not a valid server name: {exc}") from None
+        for name in (destination, via):
+            if name is None:
+                continue
+            try:
+                parse_server_name(name)
+            except ValueError as exc:
+                raise TransportError(name, f"not a valid server name: {exc}") from None
         _check_path(path)
         uri = path
         if args:
@@ -215,6 +229,9 @@ class FederationClient:
                 self._signing_key, self._server_name, destination, method, uri, body
             )
             headers.setRawHeaders(b"Authorization", [authorization.encode("ascii")])
+        # From here on, destination is whom we connect to.
+        if via is not None:
+            destination = via
         self._check_backoff(destination)
 
         url = ("https://" + destination + uri).encode("ascii")

@@ -133,6 +133,35 @@ class SignedRequestTests(_Base):
         self.successResultOf(self.client.get_json(REMOTE, "/_matrix/key/v2/server", signed=False))
         self.assertIsNone(self.peer.requests[0]["headers"].getRawHeaders(b"authorization"))
 
+    def test_put_via_another_server(self) -> None:
+        """put_json(via=...) connects to via but addresses and signs the request to destination."""
+        via = CannedResource(200, {"ok": True})
+        self.peers.add_peer("alias.example:8448", via)
+        self.successResultOf(
+            self.client.put_json(REMOTE, INVITE_PATH, {}, via="alias.example:8448")
+        )
+        self.assertEqual(self.peer.requests, [])
+        [record] = via.requests
+        self.verify(record, {})  # destination=REMOTE, as verify checks
+        self.assertTrue(self.peers.requests[0][1].startswith(b"https://alias.example:8448/"))
+
+    def test_put_via_failure_concerns_via(self) -> None:
+        """A transport failure through via names via and backs off via, not destination."""
+        error = self.transport_error(
+            self.client.put_json(REMOTE, INVITE_PATH, {}, via="nowhere.example")
+        )
+        self.assertEqual(error.destination, "nowhere.example")
+        self.successResultOf(self.client.put_json(REMOTE, INVITE_PATH, {}))
+        self.transport_error(
+            self.client.put_json(REMOTE, INVITE_PATH, {}, via="nowhere.example"), BackoffError
+        )
+
+    def test_put_via_not_a_server_name(self) -> None:
+        """A via that is not a server name is refused before anything is sent."""
+        error = self.transport_error(self.client.put_json(REMOTE, "/p", {}, via="bad name"))
+        self.assertEqual(error.destination, "bad name")
+        self.assertEqual(self.peers.requests, [])
+
     def test_body_none_means_no_body(self) -> None:
         """A None body sends no body and signs without content."""
         self.successResultOf(self.client.put_json(REMOTE, "/p", None))
