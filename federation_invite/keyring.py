@@ -2,8 +2,9 @@
 
 ``Keyring.get_server_keys(server_name, key_ids, valid_at_ms)`` answers from
 memory, then from the store, then by fetching ``GET /_matrix/key/v2/server``
-from that server (checking ``server_name`` and that every listed verify key
-signed the answer), then from the configured notaries through
+from that server (checking ``server_name`` and that a listed verify key
+signed the answer; entries we cannot use are skipped, see
+``parse_key_response``), then from the configured notaries through
 ``POST /_matrix/key/v2/query`` (checking the origin's self-signatures and the
 notary's signature with a key configured for it). Concurrent asks for the same
 server share one fetch, which stops once the first caller's keys are found; a
@@ -85,8 +86,14 @@ def parse_key_response(
 ) -> list[ServerKeyRecord]:
     """Check a ``/_matrix/key/v2/server`` document for ``server_name`` and turn it into records.
 
-    Every key in ``verify_keys`` must have signed the document (it is "signed
-    using the verify_keys", server-server-api "Publishing Keys"). Current keys'
+    The document must be "signed using the verify_keys" (server-server-api,
+    "Publishing Keys"): at least one listed verify key signed it, and every
+    signature by a listed key must hold. A listed key that did not sign (one
+    published ahead of use) is kept all the same, as Synapse does. Entries we
+    cannot use are skipped, not the whole document (as Synapse skips unsupported
+    algorithms): key IDs that are not ``ed25519:`` and a version of
+    ``[a-zA-Z0-9_]`` (definitions/keys.yaml; ``curve25519:x``, ``ed25519:old-1``),
+    undecodable keys, old keys without an integer ``expired_ts``. Current keys'
     ``valid_until_ts`` is capped at seven days after ``fetched_ts``.
     """
     if not isinstance(response, dict):
@@ -102,30 +109,67 @@ def parse_key_response(
         raise KeyFetchError("key response has no verify_keys")
     if not isinstance(old_verify_keys, dict):
         raise KeyFetchError("old_verify_keys is not an object")
-    capped = cap_valid_until_ts(valid_until_ts, fetched_ts)
-    records = []
+    skipped: list[str] = []
+    current: dict[str, VerifyKey] = {}
     for key_id, entry in verify_keys.items():
-        verify_key = _decode_entry(key_id, entry)
         try:
-            verify_json(
-                response, server_name, ServerVerifyKey(server_name, key_id, verify_key, None)
-            )
-        except SignatureError as exc:
-            raise KeyFetchError(f"key response not self-signed: {exc}") from None
-        records.append(
-            ServerKeyRecord(server_name, key_id, entry["key"], capped, None, fetched_ts, source)
+            current[key_id] = _decode_entry(key_id, entry)
+        except KeyFetchError as exc:
+            skipped.append(str(exc))
+    _check_self_signed(response, server_name, current)
+    capped = cap_valid_until_ts(valid_until_ts, fetched_ts)
+    records = [
+        ServerKeyRecord(
+            server_name, key_id, verify_keys[key_id]["key"], capped, None, fetched_ts, source
         )
+        for key_id in current
+    ]
     for key_id, entry in old_verify_keys.items():
-        _decode_entry(key_id, entry)
-        expired_ts = entry.get("expired_ts")
-        if isinstance(expired_ts, bool) or not isinstance(expired_ts, int) or expired_ts < 0:
-            raise KeyFetchError(f"old key {key_id[:64]!r} has no valid expired_ts")
         if key_id in verify_keys:
             continue  # a key cannot be both current and old; the current entry wins
+        try:
+            _decode_entry(key_id, entry)
+        except KeyFetchError as exc:
+            skipped.append(str(exc))
+            continue
+        expired_ts = entry.get("expired_ts")
+        if isinstance(expired_ts, bool) or not isinstance(expired_ts, int) or expired_ts < 0:
+            skipped.append(f"old key {key_id[:64]!r} has no valid expired_ts")
+            continue
         records.append(
             ServerKeyRecord(server_name, key_id, entry["key"], None, expired_ts, fetched_ts, source)
         )
+    if skipped:
+        log.info(
+            "Skipped {count} unusable key(s) in the key document of {server} from {source}: "
+            "{reasons}",
+            count=len(skipped),
+            server=server_name,
+            source=source,
+            reasons="; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else ""),
+        )
     return records
+
+
+def _check_self_signed(
+    response: dict[str, Any], server_name: str, current: Mapping[str, VerifyKey]
+) -> None:
+    """At least one of ``current`` signed ``response`` and every signature by one of them holds.
+
+    Signatures by key IDs not in ``current`` (a notary's, an old key's) are not ours to check.
+    """
+    signatures = response.get("signatures")
+    ours = signatures.get(server_name) if isinstance(signatures, dict) else None
+    signers = [key_id for key_id in current if isinstance(ours, dict) and key_id in ours]
+    if not signers:
+        raise KeyFetchError("key response not self-signed by any of its verify_keys")
+    for key_id in signers:
+        try:
+            verify_json(
+                response, server_name, ServerVerifyKey(server_name, key_id, current[key_id], None)
+            )
+        except SignatureError as exc:
+            raise KeyFetchError(f"key response not self-signed: {exc}") from None
 
 
 def _decode_entry(key_id: object, entry: object) -> VerifyKey:

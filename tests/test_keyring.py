@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
@@ -398,18 +399,68 @@ class ParseKeyResponseTests(SynchronousTestCase):
         self.assertIn("valid_until_ts", self.refused({**self.document, "valid_until_ts": "x"}))
         self.assertIn("no verify_keys", self.refused({**self.document, "verify_keys": {}}))
         self.assertIn("old_verify_keys", self.refused({**self.document, "old_verify_keys": []}))
-        self.assertIn(
-            "unsupported key ID",
-            self.refused({**self.document, "verify_keys": {"rsa:1": {"key": "x"}}}),
-        )
-        self.assertIn("no 'key'", self.refused({**self.document, "verify_keys": {"ed25519:a": {}}}))
-        self.assertIn(
-            "bytes", self.refused({**self.document, "verify_keys": {"ed25519:a": {"key": "AAAA"}}})
-        )
+        # No usable verify key left to have signed it:
+        for unusable in (
+            {"rsa:1": {"key": "x"}},
+            {"ed25519:a": {}},
+            {"ed25519:a": {"key": "AAAA"}},
+        ):
+            self.assertIn(
+                "not self-signed by any", self.refused({**self.document, "verify_keys": unusable})
+            )
         self.assertIn("self-signed", self.refused({**self.document, "valid_until_ts": NOW_MS + 1}))
         unsigned = {k: v for k, v in self.document.items() if k != "signatures"}
-        self.assertIn("self-signed", self.refused(unsigned))
-        unsigned["old_verify_keys"] = {
-            "ed25519:o": {"key": self.document["verify_keys"]["ed25519:a"]["key"]}
-        }
-        self.assertIn("expired_ts", self.refused(sign_json(unsigned, "s.example", self.key)))
+        self.assertIn("not self-signed by any", self.refused(unsigned))
+        # Signed by a key it does not list (an impostor's, or an old key's) only:
+        other = make_key("b")
+        self.assertIn(
+            "not self-signed by any", self.refused(sign_json(unsigned, "s.example", other))
+        )
+
+    def test_every_listed_signature_must_hold(self) -> None:
+        """A document with one valid self-signature and a bad one by another listed key is
+        refused: a signature by a listed verify key is checked, never skipped."""
+        second = make_key("b")
+        document = server_keys_document("s.example", [self.key, second], [], NOW_MS, DAY_MS)
+        signatures = document["signatures"]["s.example"]
+        signatures["ed25519:b"] = signatures["ed25519:a"]  # a's signature under b's ID
+        self.assertIn("ed25519:b", self.refused(document))
+
+    def test_unusable_entries_skipped(self) -> None:
+        """Entries we cannot use are skipped and the rest kept (as Synapse does): a listed key
+        that did not sign, other algorithms, a key ID outside [a-zA-Z0-9_], an undecodable key,
+        an old key without expired_ts. One log line counts them, escaped."""
+        from federation_invite.config import OldKey
+
+        upcoming, old, other = make_key("next"), make_key("old"), make_key("x")
+        old_entry = OldKey("ed25519:old", encode_verify_key(verify_key_of(old)), 5)
+        document = server_keys_document("s.example", [self.key], [old_entry], NOW_MS, DAY_MS)
+        del document["signatures"]
+        other_key = encode_verify_key(verify_key_of(other))
+        document["verify_keys"].update(
+            {
+                "ed25519:next": {"key": encode_verify_key(verify_key_of(upcoming))},
+                "curve25519:x": {"key": other_key},
+                "ed25519:bad": {"key": "AAAA"},
+            }
+        )
+        document["old_verify_keys"].update(
+            {
+                "ed25519:old-1": {"key": other_key, "expired_ts": 5},
+                "ed25519:noexp": {"key": other_key},
+                "ed25519:\x1b[2J": {"key": other_key, "expired_ts": 5},
+            }
+        )
+        document = sign_json(document, "s.example", self.key)
+        with capturedLogs() as events:
+            records = parse_key_response(document, "s.example", NOW_MS, "x")
+        self.assertEqual(
+            {(r.key_id, r.valid_until_ts, r.expired_ts) for r in records},
+            {
+                ("ed25519:a", NOW_MS + DAY_MS, None),
+                ("ed25519:next", NOW_MS + DAY_MS, None),
+                ("ed25519:old", None, 5),
+            },
+        )
+        self.assertEqual([event["count"] for event in events], [5])
+        self.assertNotIn("\x1b", formatEvent(events[0]))
