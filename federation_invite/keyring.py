@@ -12,7 +12,11 @@ caller that joined it and still lacks its keys gets one more fetch of its own
 (at most one, so made-up key IDs cannot multiply fetches). A server whose fetch
 failed is not asked again until its back-off has passed. Fetched keys are stored
 with their validity, capped at seven days after the fetch
-(rooms/fragments/v5-signing-requirements.md).
+(rooms/fragments/v5-signing-requirements.md). Of two answers for the same key,
+the one fetched last wins, in memory as in the store: after a rotation the
+refetch turns a current key old (valid for events sent before its
+``expired_ts``), and an event check gets the same verdict from memory as from
+the store (after a restart).
 
 Server names are attacker-chosen (any request can name a fresh origin whose
 self-signed keys it serves), so memory holds the keys of at most
@@ -222,6 +226,9 @@ class Keyring:
         self._notaries = tuple(notaries)
         #: server name -> key ID -> key, least recently loaded or fetched first.
         self._memory: dict[str, dict[str, ServerVerifyKey]] = {}
+        #: server name -> key ID -> when the key in memory was fetched (for the keys
+        #: that came from a fetch or the store; our own keys have none).
+        self._fetched_ts: dict[str, dict[str, int]] = {}
         for key in local_keys:
             self._memory.setdefault(key.server_name, {})[key.key_id] = key
         self._local_servers = frozenset(key.server_name for key in local_keys)
@@ -313,11 +320,15 @@ class Keyring:
                 )
                 continue
             known = self._loaded(record.server_name)
-            current = known.get(record.key_id)
-            # Keep the most useful of two answers for the same key: a current
-            # key with the later validity, and never downgrade current to old.
-            if current is None or _later(key, current):
+            fetched = self._fetched_ts.setdefault(record.server_name, {})
+            # Of two answers for the same key, the one fetched last wins (the
+            # later one on a tie), as in the store (``store_server_keys``): the
+            # server's latest word, which is how a current key becomes old after
+            # a rotation, or is revoked early. Memory and the store then give an
+            # event check the same verdict, whichever of them answers.
+            if record.fetched_ts >= fetched.get(record.key_id, record.fetched_ts):
                 known[record.key_id] = key
+                fetched[record.key_id] = record.fetched_ts
 
     def _loaded(self, server_name: str) -> dict[str, ServerVerifyKey]:
         """``server_name``'s keys in memory (made if new), moved last in the eviction order."""
@@ -349,6 +360,7 @@ class Keyring:
                 victims.append(name)
         for name in victims:
             del self._memory[name]
+            self._fetched_ts.pop(name, None)
 
     def _shared_fetch(
         self, server_name: str, key_ids: frozenset[str], valid_at_ms: int
@@ -493,16 +505,6 @@ class Keyring:
             # The keys were checked and are usable now; failing to persist
             # them only costs a refetch later.
             log.warn("Could not store fetched keys: {reason}", reason=_describe(exc))
-
-
-def _later(new: ServerVerifyKey, old: ServerVerifyKey) -> bool:
-    if new.expired_ts is None and old.expired_ts is not None:
-        return True
-    if new.expired_ts is not None and old.expired_ts is None:
-        return False
-    if new.expired_ts is None:
-        return (new.valid_until_ts or 0) >= (old.valid_until_ts or 0)
-    return new.expired_ts >= (old.expired_ts or 0)
 
 
 def _describe(exc: BaseException) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from signedjson.key import generate_signing_key
@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
+from federation_invite.config import OldKey
 from federation_invite.core.keys import key_id_of, verify_key_of
 from federation_invite.core.signing import ServerVerifyKey
 from federation_invite.store import ServerKeyRecord
@@ -51,7 +52,10 @@ class MemoryKeyStore:
         if self.fail_writes:
             return fail(RuntimeError("disk full"))
         for record in records:
-            self.keys[(record.server_name, record.key_id)] = record
+            stored = self.keys.get((record.server_name, record.key_id))
+            # As DatabaseStore: the record fetched last wins, the later write on a tie.
+            if stored is None or stored.fetched_ts <= record.fetched_ts:
+                self.keys[(record.server_name, record.key_id)] = record
         return succeed(None)
 
     def get_server_keys(
@@ -86,12 +90,18 @@ class FakeFederation:
         self.hold: dict[str, Deferred[None]] = {}
 
     def add_key_server(
-        self, clock: Clock, server_name: str, keys: list[SigningKey], validity_ms: int = 86_400_000
+        self,
+        clock: Clock,
+        server_name: str,
+        keys: list[SigningKey],
+        validity_ms: int = 86_400_000,
+        old_keys: Sequence[OldKey] = (),
     ) -> KeyServerResource:
+        """Serve ``server_name``'s key document (replacing any served before: a rotation)."""
         from federation_invite.service import build_site_root
         from federation_invite.web.tree import build_matrix_tree
 
-        resource = KeyServerResource(clock, server_name, keys, validity_ms=validity_ms)
+        resource = KeyServerResource(clock, server_name, keys, old_keys, validity_ms=validity_ms)
         self.servers[server_name] = build_site_root(build_matrix_tree(resource))
         return resource
 

@@ -232,6 +232,57 @@ class KeyringTests(SynchronousTestCase):
         self.store.fail_writes = True
         self.assertIn(self.key_id, self.get())
 
+    def rotate(self, expired_ts: int) -> Any:
+        """remote.example moves self.remote_key to old_verify_keys (expired at ``expired_ts``)
+        and signs with a new key, which it returns."""
+        from federation_invite.config import OldKey
+
+        new_key = make_key("r2")
+        old = OldKey(self.key_id, encode_verify_key(verify_key_of(self.remote_key)), expired_ts)
+        self.federation.add_key_server(self.clock, "remote.example", [new_key], old_keys=[old])
+        return new_key
+
+    def test_rotation_turns_the_cached_key_old(self) -> None:
+        """After a rotation, the refetch turns the key in memory old, as in the store: an event
+        sent before the key expired verifies, from memory as after a restart, one sent after
+        does not."""
+        from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
+        from federation_invite.core.signing import key_valid_for_event
+
+        v10 = KNOWN_ROOM_VERSIONS["10"]
+        self.get()  # current, valid until NOW_MS + 1 day
+        self.clock.advance(5 * DAY_MS // 1000)
+        rotated_ms = NOW_MS + 5 * DAY_MS
+        self.rotate(expired_ts=rotated_ms)
+        self.clock.advance(5 * DAY_MS // 1000)
+        sent_ms = NOW_MS + 3 * DAY_MS  # after the first validity, before the rotation
+        key = self.get(valid_at=sent_ms)[self.key_id]
+        self.assertEqual((key.valid_until_ts, key.expired_ts), (None, rotated_ms))
+        self.assertEqual(self.keyring.cached_keys("remote.example")[self.key_id], key)
+        restarted = Keyring(self.clock, self.store, self.federation)
+        self.assertEqual(self.get(restarted, valid_at=sent_ms)[self.key_id], key)
+        for keyring_key in (key, restarted.cached_keys("remote.example")[self.key_id]):
+            self.assertTrue(key_valid_for_event(v10, keyring_key, sent_ms))
+            self.assertFalse(key_valid_for_event(v10, keyring_key, rotated_ms + 1))
+        self.assertEqual(self.federation.count("remote.example"), 2)
+
+    def test_store_read_keeps_a_later_fetch(self) -> None:
+        """A store read never replaces a key in memory with an earlier fetch's answer (the
+        store may lag behind memory: a failed write, another worker)."""
+        self.get()
+        self.clock.advance(2 * DAY_MS // 1000)
+        self.rotate(expired_ts=NOW_MS + DAY_MS)
+        self.store.fail_writes = True  # the store keeps the first fetch: current
+        now_ms = int(self.clock.seconds() * 1000)
+        self.assertEqual(self.get(valid_at=now_ms)[self.key_id].expired_ts, NOW_MS + DAY_MS)
+        self.clock.advance(10)  # past the short wait after an answer without a key asked for
+        # Asking for an unknown key ID reads the store, which still says "current".
+        self.successResultOf(self.keyring.get_server_keys("remote.example", ["ed25519:x"], now_ms))
+        self.assertIsNone(self.store.keys[("remote.example", self.key_id)].expired_ts)
+        self.assertEqual(
+            self.keyring.cached_keys("remote.example")[self.key_id].expired_ts, NOW_MS + DAY_MS
+        )
+
     def keyring_with_local_key(self) -> tuple[Keyring, Any]:
         """A keyring that also holds our own key (server me.example), and that key."""
         from .support import local_verify_key
