@@ -245,6 +245,18 @@ class Keyring:
         """The keys in memory for ``server_name`` (no I/O)."""
         return self._memory.get(server_name, {})
 
+    def known_server_keys(
+        self, server_name: str, key_ids: Iterable[str], valid_at_ms: int
+    ) -> dict[str, ServerVerifyKey] | None:
+        """What ``get_server_keys`` would answer, when it can answer from memory; else ``None``.
+
+        For optional checks that are not worth a fetch (or a store read): no I/O.
+        """
+        wanted = frozenset(key_ids)
+        if self._satisfied(server_name, wanted, valid_at_ms) or server_name in self._local_servers:
+            return self._answer(server_name, wanted)
+        return None
+
     def get_server_keys(
         self, server_name: str, key_ids: Iterable[str], valid_at_ms: int
     ) -> Deferred[dict[str, ServerVerifyKey]]:

@@ -305,6 +305,25 @@ class KeyringTests(SynchronousTestCase):
         self.assertEqual(keys[key_id_of(ours)].verify_key, verify_key_of(ours))
         self.assertEqual(self.federation.calls, [])
 
+    def test_known_server_keys_answers_from_memory_only(self) -> None:
+        """known_server_keys answers as get_server_keys would when memory suffices (our own keys,
+        a fetched key still valid at the time asked), else None, without fetching or reading."""
+        self.assertIsNone(self.keyring.known_server_keys("remote.example", [self.key_id], NOW_MS))
+        self.assertEqual((self.federation.calls, self.store.reads), ([], 0))
+        fetched = self.get()
+        self.assertEqual(
+            self.keyring.known_server_keys("remote.example", [self.key_id], NOW_MS), fetched
+        )
+        later = NOW_MS + DAY_MS + 1  # past the fetched key's valid_until_ts: a refetch
+        self.assertIsNone(self.keyring.known_server_keys("remote.example", [self.key_id], later))
+        self.assertIsNone(self.keyring.known_server_keys("remote.example", ["ed25519:x"], NOW_MS))
+        keyring, ours = self.keyring_with_local_key()
+        self.assertEqual(
+            keyring.known_server_keys("me.example", [key_id_of(ours), "ed25519:x"], later),
+            {key_id_of(ours): keyring.cached_keys("me.example")[key_id_of(ours)]},
+        )
+        self.assertEqual(self.federation.count("remote.example"), 1)
+
     def test_memory_bounded(self) -> None:
         """Beyond the bound, the least recently loaded servers are dropped from memory (never our
         own keys) and are answered from the store again, without a fetch, when next asked for."""
