@@ -37,6 +37,7 @@ from .core.signing import (
     ServerVerifyKey,
     SignatureError,
     required_event_signers,
+    verify_event_signature,
     verify_event_signatures,
 )
 from .keyring import Keyring
@@ -95,6 +96,56 @@ def _same_event(stored: dict[str, Any], received: dict[str, Any]) -> bool:
         return {k: v for k, v in event.items() if k not in ("signatures", "unsigned")}
 
     return covered(stored) == covered(received)
+
+
+_NO_CREATE = "invite_room_state has no full m.room.create event"
+
+
+@attrs.frozen
+class _RoomStateFindings:
+    """What ``invite_room_state`` holds that was accepted though strict mode would refuse it.
+
+    The invite's outcome line warns of it (server-server-api, "Inviting to a
+    room", v1.16: "servers SHOULD warn about invites which fail the validation
+    rather than error in room versions 1 through 11").
+    """
+
+    #: Entries in the stripped form (no hashes or signatures): Synapse's way.
+    stripped: int = 0
+    #: Validation failures tolerated in room versions 1 to 11, and the first one's reason.
+    invalid: int = 0
+    problem: str | None = None
+
+    def describe(self) -> str:
+        """The clause the outcome line's text gets."""
+        clauses = []
+        if self.stripped:
+            clauses.append(f"holds {self.stripped} stripped entries")
+        if self.invalid:
+            clauses.append(
+                f"fails validation ({self.invalid} problem{'s' if self.invalid > 1 else ''},"
+                f" the first: {self.problem})"
+            )
+        return (
+            f"; its invite_room_state {' and '.join(clauses)},"
+            " accepted as strict_invite_room_state is off"
+        )
+
+    def log_fields(self) -> dict[str, Any]:
+        """The outcome line's level and fields: only those that apply."""
+        fields: dict[str, Any] = {"level": LogLevel.warn}
+        if self.stripped:
+            fields["stripped_state"] = self.stripped
+        if self.invalid:
+            fields["invalid_room_state"] = self.invalid
+            fields["room_state_problem"] = self.problem
+        return fields
+
+
+#: Nothing to warn of.
+_ROOM_STATE_OK = _RoomStateFindings()
+#: An empty invite_room_state in room versions 1 to 11.
+_ROOM_STATE_EMPTY = _RoomStateFindings(invalid=1, problem=_NO_CREATE)
 
 
 class InviteHandler:
@@ -258,7 +309,7 @@ class InviteHandler:
         await self._check_signatures(room_version, event, prepared)
         if not content_hash_ok:
             raise _invalid("The event's content hash is missing or wrong")
-        stripped = await self._check_room_state(room_version, room_id, invite_room_state)
+        room_state = await self._check_room_state(room_version, room_id, invite_room_state)
         invite = InboundInvite(
             origin=origin,
             room_version=room_version,
@@ -317,13 +368,10 @@ class InviteHandler:
             return _repeated(stored, origin, peer)
         text = f"Invite {event_id} in {room_id} from {origin} for {invitee} accepted ({status})"
         extra: dict[str, Any] = {}
-        if stripped:
+        if room_state is not _ROOM_STATE_OK:
             # Row 13's warning rides on the invite's one line (and raises its level).
-            text += (
-                f"; its invite_room_state holds {stripped} stripped entries, accepted as"
-                " strict_invite_room_state is off"
-            )
-            extra = {"level": LogLevel.warn, "stripped_state": stripped}
+            text += room_state.describe()
+            extra = room_state.log_fields()
         _log_outcome(
             text,
             event_id=event_id,
@@ -414,52 +462,111 @@ class InviteHandler:
 
     async def _check_room_state(
         self, room_version: RoomVersion, room_id: str, room_state: list[Any]
-    ) -> int:
+    ) -> _RoomStateFindings:
         """Row 13: ``invite_room_state`` (server-server-api, invites-v2 "invite_room_state").
 
-        Returns how many entries are stripped state, accepted because strict mode
-        is off: the caller's outcome line warns of them.
+        Room versions whose room ID is the create event's hash (v12) and strict
+        mode refuse an entry that fails validation: a missing full create
+        event, or any full event that is malformed, of another room, wrongly
+        hashed or wrongly signed. Stripped entries are refused only in strict
+        mode (Synapse sends them, MSC4311). In room versions 1 to 11 without
+        strict mode the spec only asks for a warning, so the same checks run
+        but refuse nothing, and signatures are checked only with keys already
+        in memory: fetching keys for an invite accepted anyway is not worth
+        the latency. Returns what the outcome line is to warn of.
         """
-        creates = [
-            entry
-            for entry in room_state
-            if entry.get("type") == "m.room.create" and entry.get("state_key") == ""
-        ]
-        needs_create = room_version.room_id_is_create_event_hash or self._strict_room_state
-        if needs_create:
-            full = [entry for entry in creates if _looks_like_pdu(entry)]
-            if not full:
-                raise _invalid("invite_room_state has no full m.room.create event")
-            for create in full:
-                await self._check_state_pdu(room_version, room_id, create)
-        if self._strict_room_state:
-            for entry in room_state:
-                if not _looks_like_pdu(entry):
-                    raise _invalid("invite_room_state holds an entry that is not a full event")
-                await self._check_state_pdu(room_version, room_id, entry)
-            return 0
-        return sum(1 for entry in room_state if not _looks_like_pdu(entry))
+        enforced = room_version.room_id_is_create_event_hash or self._strict_room_state
+        if not room_state:  # the common case: no work beyond this
+            if enforced:
+                raise _invalid(_NO_CREATE)
+            return _ROOM_STATE_EMPTY
+        stripped = 0
+        full: list[dict[str, Any]] = []
+        has_create = False
+        for entry in room_state:
+            if not _looks_like_pdu(entry):
+                stripped += 1
+                continue
+            full.append(entry)
+            if entry.get("type") == "m.room.create" and entry.get("state_key") == "":
+                has_create = True
+        if enforced:
+            if not has_create:
+                raise _invalid(_NO_CREATE)
+            if stripped and self._strict_room_state:
+                raise _invalid("invite_room_state holds an entry that is not a full event")
+            # Every entry checked locally before any signature, whose keys may
+            # have to be fetched: a bad entry costs no request.
+            prepared = [self._check_state_pdu(room_version, room_id, entry) for entry in full]
+            for entry, prepared_entry in zip(full, prepared, strict=True):
+                await self._verify_signers(
+                    room_version, entry, prepared_entry, "An invite_room_state event"
+                )
+            return _RoomStateFindings(stripped=stripped) if stripped else _ROOM_STATE_OK
+        problems = [] if has_create else [_NO_CREATE]
+        for entry in full:
+            try:
+                prepared_entry = self._check_state_pdu(room_version, room_id, entry)
+                self._verify_known_signers(room_version, entry, prepared_entry)
+            except MatrixError as exc:
+                problems.append(exc.message)
+        if not (stripped or problems):
+            return _ROOM_STATE_OK
+        return _RoomStateFindings(stripped, len(problems), problems[0] if problems else None)
 
-    async def _check_state_pdu(
-        self, room_version: RoomVersion, room_id: str, entry: dict[str, Any]
-    ) -> None:
+    @staticmethod
+    def _check_state_pdu(
+        room_version: RoomVersion, room_id: str, entry: dict[str, Any]
+    ) -> PreparedEvent:
+        """An ``invite_room_state`` full event's checks that need no keys: its format,
+        room and content hash; 400 M_INVALID_PARAM, or its prepared form for the signatures."""
         try:
             check_event_format(room_version, entry)
         except MatrixError as exc:
             raise _invalid(f"invite_room_state entry is not a valid event: {exc.message}") from None
-        prepared = prepare_event(room_version, entry)
-        is_create = entry.get("type") == "m.room.create" and entry.get("state_key") == ""
-        if room_version.room_id_is_create_event_hash and is_create:
-            if room_id_for_create_event(room_version, entry) != room_id:
-                raise _invalid("The room ID is not the hash of invite_room_state's create event")
-        elif entry.get("room_id") != room_id:
-            raise _invalid("An invite_room_state event belongs to another room")
-        await self._verify_signers(room_version, entry, prepared, "An invite_room_state event")
-        # The signatures cover only what redaction keeps (an m.room.name event's
-        # name is not): the content hash covers the rest, or the inviting server
-        # could relay another server's signed state with its content rewritten.
-        if not check_content_hash(room_version, entry):
+        try:
+            prepared = prepare_event(room_version, entry)
+            is_create = entry.get("type") == "m.room.create" and entry.get("state_key") == ""
+            if room_version.room_id_is_create_event_hash and is_create:
+                if room_id_for_create_event(room_version, entry, prepared=prepared) != room_id:
+                    raise _invalid(
+                        "The room ID is not the hash of invite_room_state's create event"
+                    )
+            elif entry.get("room_id") != room_id:
+                raise _invalid("An invite_room_state event belongs to another room")
+            # The signatures cover only what redaction keeps (an m.room.name event's
+            # name is not): the content hash covers the rest, or the inviting server
+            # could relay another server's signed state with its content rewritten.
+            hash_ok = check_content_hash(room_version, entry)
+        except ValueError as exc:  # no canonical form, which the format check should catch
+            raise _invalid(f"invite_room_state entry is not a valid event: {exc}") from None
+        if not hash_ok:
             raise _invalid("An invite_room_state event's content hash does not match")
+        return prepared
+
+    def _verify_known_signers(
+        self, room_version: RoomVersion, entry: dict[str, Any], prepared: PreparedEvent
+    ) -> None:
+        """``_verify_signers`` for room versions 1 to 11, where the check is optional: signers
+        whose keys are not in memory are skipped rather than fetched."""
+        what = "An invite_room_state event"
+        try:
+            signers = required_event_signers(room_version, entry)
+        except ValueError as exc:
+            raise _invalid(f"{what}: cannot tell who must sign it: {exc}") from None
+        signatures = entry["signatures"]  # a dict of dicts (check_event_format)
+        valid_at = entry["origin_server_ts"] if room_version.enforce_key_validity else 0
+        keys: dict[tuple[str, str], ServerVerifyKey] = {}
+        for server in sorted(signers):
+            key_ids = [k for k in signatures.get(server, {}) if k.startswith("ed25519:")]
+            known = self._keyring.known_server_keys(server, key_ids, valid_at)
+            if known is None:
+                continue  # would need a fetch (or a store read): not checked
+            keys.update({(server, key_id): key for key_id, key in known.items()})
+            try:
+                verify_event_signature(room_version, entry, server, keys, prepared=prepared)
+            except SignatureError as exc:
+                raise _invalid(f"{what}: signature check failed: {exc}") from None
 
     def settle(self) -> Deferred[None]:
         """Fires once no invite is being stored: before the store is closed, so that

@@ -55,9 +55,10 @@ def _references(room_version: RoomVersion, names: list[str]) -> list[Any]:
 
 
 def build_create_event(
-    room_version: RoomVersion, key: SigningKey, server: str = THEM
+    room_version: RoomVersion, key: SigningKey, server: str = THEM, room_id: str | None = None
 ) -> dict[str, Any]:
-    """A signed m.room.create event (v12: without room_id, per v12 event format)."""
+    """A signed m.room.create event of ``room_id`` (by default ``!room:`` + ``server``, as
+    ``build_invite``'s; v12: without room_id, per v12 event format)."""
     event: dict[str, Any] = {
         "type": "m.room.create",
         "state_key": "",
@@ -69,7 +70,7 @@ def build_create_event(
         "auth_events": [],
     }
     if not room_version.room_id_is_create_event_hash:
-        event["room_id"] = f"!room:{server}"
+        event["room_id"] = room_id or f"!room:{server}"
     if room_version.event_format is EventFormat.V1:
         event["event_id"] = f"$create:{server}"
     if room_version.redaction_keeps_top_level_origin:

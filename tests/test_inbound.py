@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.logger import capturedLogs, formatEvent
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
@@ -30,6 +30,7 @@ from federation_invite.store import InviteRule, StoreError
 from .invites import (
     ALICE,
     BOB,
+    NOW_MS,
     THEM,
     US,
     InviteScenario,
@@ -469,6 +470,216 @@ class BodyRowTests(InboundTestCase):
         )
         room_version, event = self.s.invite("9", extra={"depth": 99})
         self.assertEqual(self.send_v2(room_version, event, [])[0], 200)
+
+
+THIRD = "third.example"
+#: Another room's ID, in the room version's form (v12: a create event's hash).
+OTHER_ROOM = {
+    KNOWN_ROOM_VERSIONS["10"]: "!other:remote.example",
+    KNOWN_ROOM_VERSIONS["12"]: "!" + "B" * 43,
+}
+
+
+class RoomStateValidationTests(InboundTestCase):
+    """Row 13 with strict mode off: v12 refuses every full entry that fails validation (stripped
+    entries are accepted); v1-11 accept the invite and warn on its outcome line."""
+
+    scenario_kwargs = {"limits": InviteLimits(invitee_burst=100)}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.depth = 100
+        self.third_key = make_key("third1")
+        self.s.federation.add_key_server(self.s.clock, THIRD, [self.third_key])
+
+    def room(self, identifier: str) -> tuple[RoomVersion, dict[str, Any], str]:
+        """A room of that version: its version, its create event and its room ID."""
+        if identifier == "12":
+            return v12_room(self.s.their_key)
+        room_version = KNOWN_ROOM_VERSIONS[identifier]
+        create = build_create_event(room_version, self.s.their_key)
+        return room_version, create, create["room_id"]
+
+    def state_event(
+        self,
+        room_version: RoomVersion,
+        room_id: str,
+        *,
+        server: str = THEM,
+        key: Any = None,
+        content: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A full m.room.join_rules event of ``room_id``, sent and signed by ``server``."""
+        event = {
+            "type": "m.room.join_rules",
+            "state_key": "",
+            "sender": f"@carol:{server}",
+            "room_id": room_id,
+            "content": content or {"join_rule": "invite"},
+            "origin_server_ts": NOW_MS - 5_000,
+            "depth": 2,
+            "prev_events": [],
+            "auth_events": [],
+        }
+        if room_version.redaction_keeps_top_level_origin:
+            event["origin"] = server
+        return hash_and_sign_event(room_version, event, server, key or self.s.their_key)
+
+    def send_logged(
+        self, room_version: RoomVersion, room_id: str, state: list[Any]
+    ) -> tuple[tuple[int, Any], dict[str, Any]]:
+        """Send a new invite to ``room_id`` with ``state``: the answer and its outcome line."""
+        self.depth += 1
+        event = build_invite(
+            room_version, self.s.their_key, room_id=room_id, extra={"depth": self.depth}
+        )
+        with capturedLogs() as events:
+            answer = self.send_v2(room_version, event, state)
+        (line,) = [e for e in events if e.get("outcome")]
+        return answer, line
+
+    def bad_entries(
+        self, room_version: RoomVersion, room_id: str
+    ) -> list[tuple[str, dict[str, Any], str]]:
+        """Full entries failing each check: what fails, the entry, a part of the reason."""
+        good = self.state_event(room_version, room_id)
+        return [
+            (
+                "other room",
+                self.state_event(room_version, OTHER_ROOM[room_version]),
+                "another room",
+            ),
+            ("unsigned", {**good, "signatures": {}}, "signature check failed"),
+            (
+                "bad signature",
+                {**good, "signatures": {THEM: {key_id_of(self.s.their_key): "A" * 86}}},
+                "signature check failed",
+            ),
+            (
+                "signed by another key",
+                self.state_event(room_version, room_id, key=make_key("them1")),
+                "signature check failed",
+            ),
+            ("bad hash", {**good, "content": {"join_rule": "public"}}, "content hash"),
+            (
+                "bad format",
+                {
+                    "type": "m.room.name",
+                    "state_key": "",
+                    "room_id": room_id,
+                    "hashes": {},
+                    "signatures": {},
+                    "content": {},
+                },
+                "not a valid event",
+            ),
+            ("float", {**good, "depth": 2.5}, "not a valid event"),
+        ]
+
+    def test_v12_full_entries_validated(self) -> None:
+        """v12: a full entry besides the create event that is of another room, unsigned, wrongly
+        signed, wrongly hashed or malformed: 400 M_INVALID_PARAM, whatever its place."""
+        room_version, create, room_id = self.room("12")
+        name = stripped("m.room.name", "", {"name": "x"})
+        for what, entry, reason in self.bad_entries(room_version, room_id):
+            for state in ([create, entry], [entry, name, create]):
+                answer, line = self.send_logged(room_version, room_id, state)
+                body = self.assertRefused(answer, 400, "M_INVALID_PARAM")
+                self.assertIn(reason, body["error"], what)
+                self.assertEqual(line["outcome"], "refused")
+
+    def test_v12_valid_full_entries_and_stripped_accepted(self) -> None:
+        """v12: valid full entries (keys of their senders' servers fetched as needed) and
+        stripped entries are accepted; the line warns of the stripped ones only."""
+        room_version, create, room_id = self.room("12")
+        ours = self.state_event(room_version, room_id)
+        theirs = self.state_event(room_version, room_id, server=THIRD, key=self.third_key)
+        name = stripped("m.room.name", "", {"name": "x"})
+        (code, _), line = self.send_logged(room_version, room_id, [create, ours, theirs, name])
+        self.assertEqual(code, 200)
+        self.assertEqual(self.s.federation.count(THIRD), 1)
+        self.assertIs(line["log_level"], LogLevel.warn)
+        self.assertEqual(line["stripped_state"], 1)
+        self.assertNotIn("invalid_room_state", line)
+        (code, _), line = self.send_logged(room_version, room_id, [create, ours, theirs])
+        self.assertEqual(code, 200)
+        self.assertIs(line["log_level"], LogLevel.info)
+        self.assertNotIn("stripped_state", line)
+
+    def assertWarned(
+        self, answer: tuple[int, Any], line: dict[str, Any], count: int, reason: str
+    ) -> None:
+        """Accepted, on a warn line saying how many problems and (a part of) the first's reason."""
+        self.assertEqual(answer[0], 200, answer[1])
+        self.assertEqual(line["outcome"], "accepted")
+        self.assertIs(line["log_level"], LogLevel.warn)
+        self.assertEqual(line["invalid_room_state"], count)
+        self.assertIn(reason, line["room_state_problem"])
+        text = formatEvent(line)
+        self.assertIn(f"fails validation ({count} problem", text)
+        self.assertIn(line["room_state_problem"], text)
+
+    def test_v1_to_11_invalid_entries_warned(self) -> None:
+        """v1-11: a full entry failing a check is accepted (200) with a warning naming the reason
+        and counting the problems; so is a missing create event (empty state included)."""
+        room_version, create, room_id = self.room("10")
+        for what, entry, reason in self.bad_entries(room_version, room_id):
+            answer, line = self.send_logged(room_version, room_id, [create, entry])
+            self.assertWarned(answer, line, 1, reason)
+            self.assertNotIn("stripped_state", line, what)
+        bad_create = {**create, "content": {"room_version": "9"}}
+        answer, line = self.send_logged(room_version, room_id, [bad_create])
+        self.assertWarned(answer, line, 1, "content hash")
+        no_create = "invite_room_state has no full m.room.create event"
+        answer, line = self.send_logged(room_version, room_id, [])
+        self.assertWarned(answer, line, 1, no_create)
+        self.assertNotIn("stripped_state", line)
+        # Every problem is counted; the first one is named.
+        stripped_create = stripped("m.room.create", "", create["content"], create["sender"])
+        other_room = self.state_event(room_version, OTHER_ROOM[room_version])
+        answer, line = self.send_logged(room_version, room_id, [stripped_create, other_room])
+        self.assertWarned(answer, line, 2, no_create)
+        self.assertEqual(line["stripped_state"], 1)
+        self.assertIn(
+            "holds 1 stripped entries and fails validation (2 problems", formatEvent(line)
+        )
+
+    def test_v1_to_11_valid_state_not_warned(self) -> None:
+        """v1-11: a valid full create event (and other valid full events) gets a plain info line;
+        with stripped entries beside it the line warns of those only."""
+        for identifier in ("1", "3", "10"):
+            room_version = KNOWN_ROOM_VERSIONS[identifier]
+            create = build_create_event(room_version, self.s.their_key)
+            answer, line = self.send_logged(room_version, create["room_id"], [create])
+            self.assertEqual(answer[0], 200, identifier)
+            self.assertIs(line["log_level"], LogLevel.info, identifier)
+            self.assertNotIn("invalid_room_state", line)
+        room_version, create, room_id = self.room("10")
+        name = stripped("m.room.name", "", {"name": "x"})
+        state = [create, self.state_event(room_version, room_id), name]
+        answer, line = self.send_logged(room_version, room_id, state)
+        self.assertEqual(answer[0], 200)
+        self.assertIs(line["log_level"], LogLevel.warn)
+        self.assertEqual(line["stripped_state"], 1)
+        self.assertNotIn("invalid_room_state", line)
+
+    def test_v1_to_11_signatures_checked_with_known_keys_only(self) -> None:
+        """v1-11: an entry signed by a server whose keys are not in memory is not checked (its
+        keys are not fetched for an invite accepted anyway); once they are, it is."""
+        room_version, create, room_id = self.room("10")
+        forged = {
+            **self.state_event(room_version, room_id, server=THIRD, key=self.third_key),
+            "signatures": {THIRD: {key_id_of(self.third_key): "A" * 86}},
+        }
+        answer, line = self.send_logged(room_version, room_id, [create, forged])
+        self.assertEqual(answer[0], 200)
+        self.assertIs(line["log_level"], LogLevel.info)
+        self.assertEqual(self.s.federation.count(THIRD), 0)
+        self.successResultOf(
+            self.s.keyring.get_server_keys(THIRD, [key_id_of(self.third_key)], NOW_MS)
+        )
+        answer, line = self.send_logged(room_version, room_id, [create, forged])
+        self.assertWarned(answer, line, 1, f"Signature by {THIRD}")
 
 
 class StrictRoomStateTests(InboundTestCase):
@@ -1046,9 +1257,10 @@ class ClientGoneTests(InboundTestCase):
     def send_and_disconnect(self) -> tuple[RoomVersion, dict[str, Any]]:
         """Send an invite and disconnect once it is handed to the (held) store."""
         room_version, event = self.s.invite()
+        create = build_create_event(room_version, self.s.their_key)
         pending = self.s.send(
             2,
-            self.s.v2_body(room_version, event),
+            self.s.v2_body(room_version, event, [create]),
             room_id=event["room_id"],
             event_id=event_id_of(room_version, event),
         )

@@ -14,7 +14,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
 from federation_invite.inbound import InviteLimits
 
-from .invites import InviteScenario, build_invite, event_id_of, stripped, v12_room
+from .invites import (
+    InviteScenario,
+    build_create_event,
+    build_invite,
+    event_id_of,
+    stripped,
+    v12_room,
+)
 
 json_scalars = (
     st.none()
@@ -81,7 +88,9 @@ class Fixtures:
                 state = [create, stripped("m.room.join_rules", "", {"join_rule": "invite"})]
             else:
                 event = build_invite(room_version, self.scenario.their_key)
-                state = [stripped("m.room.name", "", {"name": "Room"})]
+                # A full create event, validated without refusing anything in v1-11.
+                create = build_create_event(room_version, self.scenario.their_key)
+                state = [create, stripped("m.room.name", "", {"name": "Room"})]
             body = {"room_version": identifier, "event": event, "invite_room_state": state}
             self.requests.append(
                 (identifier, body, event["room_id"], event_id_of(room_version, event))

@@ -21,7 +21,15 @@ from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
 from federation_invite.inbound import _log_outcome
 from federation_invite.logs import Logger, escape_log_text, json_file_observer, json_observer
 
-from .invites import BOB, THEM, InviteScenario, build_invite, event_id_of, stripped
+from .invites import (
+    BOB,
+    THEM,
+    InviteScenario,
+    build_create_event,
+    build_invite,
+    event_id_of,
+    stripped,
+)
 
 #: A room ID (valid in room versions 1 to 11: any code point but ":" and NUL
 #: before the server name) that would end the line, forge another and colour
@@ -40,11 +48,13 @@ EVIL_ROOM_ID_TEXT = (
 def send_logged(
     case: SynchronousTestCase, scenario: InviteScenario, room_version: Any, event: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], Any]:
-    """Send ``event`` as a v2 invite; the log events emitted meanwhile and the response."""
+    """Send ``event`` as a v2 invite, with its room's create event as invite_room_state (so
+    that nothing is to be warned of); the log events emitted meanwhile and the response."""
+    create = build_create_event(room_version, scenario.their_key, room_id=event["room_id"])
     with capturedLogs() as events:
         deferred = scenario.send(
             2,
-            scenario.v2_body(room_version, event),
+            scenario.v2_body(room_version, event, [create]),
             room_id=event["room_id"],
             event_id=event_id_of(room_version, event),
         )
