@@ -218,13 +218,17 @@ def _local_users(value: object) -> str:
 def _old_keys(value: object) -> tuple[OldKey, ...]:
     if not isinstance(value, list):
         raise ValueError("must be a list of tables {key_id, key, expired_ts}")
-    keys = []
+    keys: list[OldKey] = []
     for index, item in enumerate(value):
         if not isinstance(item, dict) or set(item) != {"key_id", "key", "expired_ts"}:
             raise ValueError(f"entry {index} must have exactly key_id, key and expired_ts")
         key_id, key, expired_ts = item["key_id"], item["key"], item["expired_ts"]
         if not is_valid_key_id(key_id):
             raise ValueError(f"entry {index}: key_id must look like 'ed25519:abc'")
+        for earlier, old in enumerate(keys):
+            if old.key_id == key_id:
+                # The key document can list a key ID once: one entry would be lost.
+                raise ValueError(f"entry {index}: key_id {key_id!r} is already entry {earlier}")
         try:
             decode_verify_key(key_id, key)
         except (ValueError, TypeError):
@@ -549,6 +553,22 @@ class Config:
     @property
     def listen(self) -> tuple[str, ...]:
         return tuple(self.values["listen"])
+
+    def check_signing_key_id(self, key_id: str) -> None:
+        """Refuse a ``keys.old_verify_keys`` entry with ``key_id``, the key we sign with.
+
+        Our key document would list that ID both as current and as old, and
+        Synapse, reading old keys last, would take our current key as expired.
+        Checked once the signing key is read (it may not exist when the
+        configuration is loaded); raises ``ConfigError``.
+        """
+        for index, old in enumerate(self.values["keys.old_verify_keys"]):
+            if old.key_id == key_id:
+                raise ConfigError(
+                    f"configuration key 'keys.old_verify_keys': entry {index} has key_id "
+                    f"{key_id!r}, the ID of the key we sign with; a key is either current or "
+                    "old: remove the entry, or sign with a key of another ID"
+                )
 
     def ensure_data_dir(self) -> None:
         """Create the data directory (mode 0700) if it is missing."""

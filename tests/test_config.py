@@ -122,6 +122,29 @@ class LoadConfigTests(SynchronousTestCase):
         self.assertEqual(notary.server_name, "matrix.org")
         self.assertEqual(notary.verify_keys, (("ed25519:auto", VERIFY_KEY),))
 
+    def test_old_key_ids_once(self) -> None:
+        """An old key ID listed twice is refused: the key document could keep only one."""
+        entry = f"{{key_id = 'ed25519:old', key = '{VERIFY_KEY}', expired_ts = 5}}"
+        error = self.assertRefused(
+            f"[keys]\nold_verify_keys = [{entry}, {entry}]\n", "keys.old_verify_keys"
+        )
+        self.assertIn("entry 1: key_id 'ed25519:old' is already entry 0", str(error))
+
+    def test_old_key_with_the_signing_key_id_refused(self) -> None:
+        """An old key with the ID of the key we sign with is refused once that key is known: our
+        key document would list it as current and old, which Synapse reads as expired."""
+        config = load_config(
+            self.write(
+                "[keys]\nold_verify_keys = ["
+                f"{{key_id = 'ed25519:old', key = '{VERIFY_KEY}', expired_ts = 5}}, "
+                f"{{key_id = 'ed25519:a_1', key = '{VERIFY_KEY}', expired_ts = 5}}]\n"
+            )
+        )
+        config.check_signing_key_id("ed25519:b_2")
+        error = self.assertRaises(ConfigError, config.check_signing_key_id, "ed25519:a_1")
+        self.assertIn("'keys.old_verify_keys': entry 1 has key_id 'ed25519:a_1'", str(error))
+        load_config().check_signing_key_id("ed25519:a_1")
+
     def test_database_errors_do_not_quote_passwords(self) -> None:
         """A refused database URI is named without echoing its password."""
         error = self.assertRefused('database = "postgresql://u:s3cr#etpw@h:5432/db"\n', "database")
