@@ -33,18 +33,19 @@ from typing import Any, Protocol
 
 import attrs
 from nacl.signing import VerifyKey
+from signedjson.types import SigningKey
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from ._clock import in_window
-from .config import Notary
+from .config import Notary, OldKey
 from .core.ids import is_valid_server_name
-from .core.keys import decode_verify_key, is_valid_key_id
+from .core.keys import decode_verify_key, is_valid_key_id, key_id_of, verify_key_of
 from .core.signing import ServerVerifyKey, SignatureError, cap_valid_until_ts, verify_json
 from .logs import Logger
 from .store import ServerKeyRecord
 
-__all__ = ["IKeyFetchClient", "IKeyStore", "KeyFetchError", "Keyring"]
+__all__ = ["IKeyFetchClient", "IKeyStore", "KeyFetchError", "Keyring", "local_verify_keys"]
 
 log = Logger(namespace="federation_invite.keyring")
 
@@ -185,6 +186,26 @@ def _decode_entry(key_id: object, entry: object) -> VerifyKey:
         return decode_verify_key(key_id, entry["key"])
     except ValueError as exc:
         raise KeyFetchError(f"key {key_id}: {exc}") from None
+
+
+def local_verify_keys(
+    server_name: str, signing_key: SigningKey, old_keys: Iterable[OldKey] = ()
+) -> list[ServerVerifyKey]:
+    """Our own keys for ``Keyring(local_keys=...)``, as peers read them in our key document.
+
+    The key we sign with, with no end (we would publish it again), and each
+    old key (config ``keys.old_verify_keys``) with its ``expired_ts``: it
+    verifies events we signed before then (a room's create event relayed back
+    to us in ``invite_room_state``), never a request (``auth`` refuses old
+    keys). Synapse likewise adds its old signing keys to its own verify keys.
+    """
+    keys = [
+        ServerVerifyKey(server_name, key_id_of(signing_key), verify_key_of(signing_key), 2**53 - 1)
+    ]
+    for old in old_keys:
+        verify_key = decode_verify_key(old.key_id, old.key)
+        keys.append(ServerVerifyKey(server_name, old.key_id, verify_key, None, old.expired_ts))
+    return keys
 
 
 def _to_verify_key(record: ServerKeyRecord) -> ServerVerifyKey:

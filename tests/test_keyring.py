@@ -283,6 +283,32 @@ class KeyringTests(SynchronousTestCase):
             self.keyring.cached_keys("remote.example")[self.key_id].expired_ts, NOW_MS + DAY_MS
         )
 
+    def test_local_old_keys(self) -> None:
+        """local_verify_keys gives our signing key and each configured old key (with its
+        expired_ts): the keyring answers both for our name, without a request."""
+        from federation_invite.config import OldKey
+        from federation_invite.keyring import local_verify_keys
+
+        ours, old = make_key("me2"), make_key("me1")
+        old_entry = OldKey(key_id_of(old), encode_verify_key(verify_key_of(old)), NOW_MS - DAY_MS)
+        keyring = Keyring(
+            self.clock,
+            self.store,
+            self.federation,
+            local_keys=local_verify_keys("me.example", ours, [old_entry]),
+        )
+        keys = self.successResultOf(
+            keyring.get_server_keys("me.example", [key_id_of(ours), key_id_of(old)], 0)
+        )
+        self.assertEqual(
+            {k: (v.verify_key, v.valid_until_ts, v.expired_ts) for k, v in keys.items()},
+            {
+                key_id_of(ours): (verify_key_of(ours), 2**53 - 1, None),
+                key_id_of(old): (verify_key_of(old), None, NOW_MS - DAY_MS),
+            },
+        )
+        self.assertEqual((self.federation.calls, self.store.reads), ([], 0))
+
     def keyring_with_local_key(self) -> tuple[Keyring, Any]:
         """A keyring that also holds our own key (server me.example), and that key."""
         from .support import local_verify_key
