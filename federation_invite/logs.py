@@ -17,10 +17,15 @@ terminal; the fields keep their exact values for JSON observers.
 from __future__ import annotations
 
 import sys
-from typing import IO
+from functools import lru_cache
+from string import Formatter
+from time import time
+from typing import IO, Any, cast
 
 from twisted.logger import ILogObserver, LogLevel, formatEvent, jsonFileLogObserver
 from twisted.logger import Logger as _TwistedLogger
+from twisted.logger._flatten import KeyFlattener
+from twisted.logger._format import CallMapping, formatUnformattableEvent
 
 __all__ = ["json_file_observer", "json_observer"]
 
@@ -50,33 +55,123 @@ def literal_format(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
 
+#: One field of a format: its name, conversion and spec as written, the keys
+#: Twisted's flattening files its text and its value under
+#: (``name!s:spec``, ``name!:spec``), and whether the name is a plain key.
+_Field = tuple[str, str | None, str, str, str, bool]
+
+_LEVELS = frozenset(LogLevel.iterconstants())
+_FORMATTER = Formatter()
+
+
+@lru_cache(maxsize=1024)
+def _parse(format: str) -> tuple[tuple[str, _Field | None], ...] | None:
+    """``format`` as pairs of a literal text and the field after it (``None`` after the last).
+
+    ``None`` if the format is one ``Logger.emit`` leaves to Twisted to render:
+    malformed, a spec holding fields (``{x:{width}}``) or a conversion other
+    than ``!s`` and ``!r`` (Twisted's flattening files ``!a`` under another
+    key than its formatting looks up).
+    """
+    keys = KeyFlattener()
+    parts: list[tuple[str, _Field | None]] = []
+    try:
+        for literal, name, written_spec, conversion in _FORMATTER.parse(format):
+            spec = written_spec or ""
+            if name is None:
+                parts.append((literal, None))
+                continue
+            if conversion not in (None, "s", "r") or "{" in spec or "}" in spec:
+                return None
+            # Computed in the order flattenEvent computes them, so that they
+            # are the keys it and flatFormat use (a repeated field gets "/2").
+            text_key = keys.flatKey(name, spec, conversion or "s")
+            value_key = keys.flatKey(name, spec, "")
+            parts.append(
+                (literal, (name, conversion, spec, text_key, value_key, name.isidentifier()))
+            )
+    except ValueError:
+        return None
+    return tuple(parts)
+
+
+def _render(
+    parts: tuple[tuple[str, _Field | None], ...], event: dict[str, Any]
+) -> tuple[str, dict[str, object]]:
+    """The text of a parsed format, and its fields as Twisted's ``log_flattened`` holds them.
+
+    Rendered as ``formatEvent`` renders it (``formatWithCall``: ``{f()}`` calls
+    ``f``), each field's text filed under its key, so that ``flatFormat``
+    reprints the same text without looking anything up or calling anything
+    again. Raises what a field's lookup, call or formatting raises.
+    """
+    pieces: list[str] = []
+    flattened: dict[str, object] = {}
+    for literal, field in parts:
+        pieces.append(literal)
+        if field is None:
+            continue
+        name, conversion, spec, text_key, value_key, plain = field
+        if plain:
+            value = event[name]
+        else:
+            # Dotted, indexed or called (``{f()}``, ``{a.b()}``): Twisted's own lookup.
+            value = _FORMATTER.get_field(name, (), CallMapping(event))[0]._wrapped
+        shown = repr(value) if conversion == "r" else str(value) if conversion else value
+        text = shown if not spec and type(shown) is str else format(shown, spec)
+        pieces.append(text)
+        flattened[text_key] = text
+        flattened[value_key] = value
+    return "".join(pieces), flattened
+
+
 class Logger(_TwistedLogger):
     """A ``twisted.logger.Logger`` whose events render as one printable line.
 
-    ``emit`` renders the format with the event's fields, as a text observer
-    would; only if that text holds a non-printable character is the format
-    replaced by the escaped text (read literally), the fields left as they are.
-    Tracebacks (``failure``) are the observer's and keep their lines. A
-    format's call syntax (``{f()}``) is run twice: none of ours uses it.
+    ``emit`` renders the format with the event's fields once, as a text
+    observer would. If the text is printable, the event keeps its format and
+    carries the text of each field in ``log_flattened``, which Twisted's
+    ``formatEvent`` reprints from (``flatFormat``) without looking up or
+    calling anything again (a format's ``{f()}`` runs once), and which the
+    JSON observer's flattening keeps. Otherwise the format is replaced by the
+    escaped text, read literally; the fields keep their values. A format
+    Twisted renders in ways ``log_flattened`` cannot hold (a spec holding a
+    field, ``!a``) is replaced by its text, escaped if need be, in every case.
+    Tracebacks (``failure``) are the observer's and keep their lines.
     """
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
+        """Twisted's ``emit``, rendering the text from the very event the observer gets."""
+        if level not in _LEVELS:
+            super().emit(level, format, **kwargs)  # Twisted's complaint about the level.
+            return
+        event = kwargs
+        event.update(
+            log_logger=self,
+            log_level=level,
+            log_namespace=self.namespace,
+            log_source=self.source,
+            log_format=format,
+            log_time=time(),
+        )
         if format is not None:
-            # Rendered from what the observer will have: the fields and the
-            # keys ``emit`` adds (a format may name ``{log_namespace}``).
-            text = formatEvent(
-                {
-                    **kwargs,
-                    "log_logger": self,
-                    "log_level": level,
-                    "log_namespace": self.namespace,
-                    "log_source": self.source,
-                    "log_format": format,
-                }
-            )
-            if not text.isprintable():
-                format = literal_format(escape_log_text(text))
-        super().emit(level, format, **kwargs)
+            parts = _parse(format) if type(format) is str and "log_flattened" not in event else None
+            if parts is None:
+                text = formatEvent(event)
+                flattened = None
+            else:
+                try:
+                    text, flattened = _render(parts, event)
+                except BaseException as error:  # As formatEvent does: an event is never lost.
+                    text, flattened = formatUnformattableEvent(event, error), None
+            if flattened is not None and text.isprintable():
+                if flattened:
+                    event["log_flattened"] = flattened
+            else:
+                event["log_format"] = literal_format(escape_log_text(text))
+        if "log_trace" in event:
+            cast("list[Any]", event["log_trace"]).append((self, self.observer))
+        self.observer(event)
 
 
 def json_file_observer(out: IO[str]) -> ILogObserver:

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from twisted.logger import (
+    InvalidLogLevelError,
     LogLevel,
     capturedLogs,
     eventAsJSON,
@@ -14,6 +15,7 @@ from twisted.logger import (
     formatEvent,
     formatEventAsClassicLogText,
 )
+from twisted.logger import Logger as TwistedLogger
 from twisted.trial.unittest import SynchronousTestCase
 from unpaddedbase64 import encode_base64
 
@@ -363,3 +365,105 @@ class LogForgingTests(SynchronousTestCase):
         )
         self.assertEqual(failed["event_id"], event_id)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class LoggerRenderingTests(SynchronousTestCase):
+    """``logs.Logger`` renders each event's text once, as Twisted's formatEvent would."""
+
+    def emit(self, format: str, **fields: Any) -> dict[str, Any]:
+        """The event a package Logger emits for ``format`` and ``fields``."""
+        events: list[dict[str, Any]] = []
+        Logger(namespace="federation_invite.test", observer=events.append).info(format, **fields)
+        (event,) = events
+        return event
+
+    def test_text_as_twisted_renders_it(self) -> None:
+        """Formats of every kind (conversions, specs, dotted, indexed and called fields, emit's
+        own keys) read as Twisted's Logger renders them, in text and read back from JSON."""
+        fields = {
+            "x": "s",
+            "n": 2.5,
+            "o": complex(3, 4),
+            "d": {"k": ["v"]},
+            "f": lambda: "called",
+            "w": 6,
+            "b": b"\x00{",
+        }
+        for format in [
+            "",
+            "no fields, {{braces}}",
+            "{x} {x!r} {x!s:>4} {x!r:^7} {x}{x}",
+            "{n:.2f} {n!r} {n:>8.1e}",
+            "{o.real} {o.imag!r} {d[k]} {d[k][0]!r} {o.conjugate()}",
+            "{f()} {f()!r:>10}",
+            "{log_namespace} {log_level.name} {log_source}",
+            "{b} {b!r}",
+            "{x!a} {n:{w}}",
+        ]:
+            twisted_events: list[dict[str, Any]] = []
+            TwistedLogger(namespace="federation_invite.test", observer=twisted_events.append).info(
+                format, **fields
+            )
+            event = self.emit(format, **fields)
+            self.assertEqual(formatEvent(event), formatEvent(twisted_events[0]), format)
+            self.assertEqual(formatEvent(eventFromJSON(eventAsJSON(event))), formatEvent(event))
+
+    def test_fields_rendered_once(self) -> None:
+        """A printable event's fields are rendered once, in ``emit``: text observers reprint the
+        text from ``log_flattened``, which a JSON observer keeps; the format is kept."""
+        rendered: list[str] = []
+
+        class Peer:
+            def __str__(self) -> str:
+                rendered.append("str")
+                return "remote.example"
+
+        event = self.emit("Fetching keys from {server} failed: {reason}", server=Peer(), reason=1)
+        self.assertEqual(rendered, ["str"])
+        self.assertEqual(event["log_format"], "Fetching keys from {server} failed: {reason}")
+        self.assertEqual(event["log_flattened"]["server!s:"], "remote.example")
+        text = "Fetching keys from remote.example failed: 1"
+        self.assertEqual(formatEvent(event), text)
+        self.assertTrue(formatEventAsClassicLogText(event).endswith(" " + text + "\n"))
+        read_back = eventFromJSON(eventAsJSON(event))
+        self.assertEqual(formatEvent(read_back), text)
+        self.assertEqual(read_back["log_flattened"]["reason!:"], 1)
+        self.assertEqual(rendered, ["str"])
+
+    def test_call_syntax_runs_once(self) -> None:
+        """A format's ``{f()}`` runs once per event, whatever the observers and whether the text
+        is escaped, left to Twisted (``!a``) or unformattable after the call."""
+        for format, result, text in [
+            ("{f()} ok", "x", "x ok"),
+            ("{f()} ok", "x\r\n", "x\\r\\n ok"),
+            ("{f()!a} ok", "\xe9", "'\\xe9' ok"),
+        ]:
+            calls: list[None] = []
+
+            def f(result: str = result, calls: list[None] = calls) -> str:
+                calls.append(None)
+                return result
+
+            event = self.emit(format, f=f)
+            self.assertEqual(formatEvent(event), text)
+            formatEventAsClassicLogText(event)
+            eventAsJSON(event)
+            self.assertEqual(len(calls), 1, format)
+        calls = []
+        event = self.emit("{f()} {missing}", f=lambda: calls.append(None))
+        self.assertTrue(formatEvent(event).startswith("Unable to format event {"))
+        self.assertTrue(formatEvent(event).endswith(": 'missing'"))
+        self.assertEqual(len(calls), 1)
+
+    def test_emit_keeps_twisted_behaviour(self) -> None:
+        """``emit`` adds Twisted's keys, reports an invalid level as Twisted does, and traces."""
+        trace: list[Any] = []
+        event = self.emit("{log_time:.0f}", log_trace=trace)
+        self.assertIsInstance(event["log_time"], float)
+        self.assertEqual(formatEvent(event), f"{event['log_time']:.0f}")
+        self.assertEqual(len(trace), 1)
+        events: list[dict[str, Any]] = []
+        Logger(observer=events.append).emit("bogus", "x")  # type: ignore[arg-type]
+        (invalid,) = events
+        self.assertIs(invalid["log_level"], LogLevel.critical)
+        self.assertTrue(invalid["log_failure"].check(InvalidLogLevelError))
