@@ -446,8 +446,8 @@ OPTIONS: tuple[Option, ...] = (
         10.0,
         _number_at_least_zero,
         "Seconds a stopping daemon (SIGTERM) waits for the requests in progress to be answered, "
-        "after it stops accepting connections and closes idle ones; requests still unanswered "
-        "then are abandoned (logged) before the database is closed.",
+        "after it stops accepting connections and closes idle ones; requests not answered in "
+        "full then are abandoned (logged) before the database is closed.",
     ),
     Option(
         "inbound.policy_cache_seconds",

@@ -435,8 +435,12 @@ class FederationInviteService(service.MultiService):
         to ``inbound.shutdown_grace_period`` seconds, so that an invite
         received whole gets its answer instead of a reset, or a 500 from a
         closed database. Only then are the outbound client and the store
-        closed. Requests still unanswered at the deadline are aborted: the
-        peer sees the connection drop, and retries (storing is idempotent).
+        closed. Requests not answered in full at the deadline (answer
+        unfinished, or finished but not all sent) are aborted: the peer sees
+        the connection drop, and retries (storing is idempotent). Requests a
+        peer pipelined behind one in progress are dropped unanswered, which
+        its client must handle by retrying them (RFC 9112, section 9.3.2).
+        The last log line counts all of these.
         """
         if self._starting is not None and not self._starting.called:
             # Still opening the database: once it is open, ``_start`` listens
@@ -456,19 +460,26 @@ class FederationInviteService(service.MultiService):
                 in_progress=in_progress,
             )
         await super().stopService()  # the listening ports close
-        abandoned = sum(await gatherResults(draining)) if draining else 0
-        if abandoned:
+        results = await gatherResults(draining) if draining else []
+        finished = sum(result.finished for result in results)
+        abandoned = sum(result.abandoned for result in results)
+        dropped = sum(result.dropped for result in results)
+        if abandoned or dropped:
             log.warn(
-                "Stopped serving: {finished} request(s) finished; {abandoned} abandoned "
-                "unanswered after the {grace_period} s grace period",
-                finished=max(in_progress - abandoned, 0),
+                "Stopped serving: {finished} request(s) finished; {abandoned} abandoned, not "
+                "answered in full within the {grace_period} s grace period; {dropped} pipelined "
+                "behind them dropped unanswered",
+                finished=finished,
                 abandoned=abandoned,
+                dropped=dropped,
                 grace_period=grace_period,
             )
         elif self._sites:
             log.info(
-                "Stopped serving: {finished} request(s) finished; 0 abandoned",
-                finished=in_progress,
+                "Stopped serving: {finished} request(s) finished; 0 abandoned; 0 dropped",
+                finished=finished,
+                abandoned=0,
+                dropped=0,
             )
         if self.components is not None:
             await self.components.close()

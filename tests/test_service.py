@@ -314,7 +314,10 @@ class DrainOnStopTests(TestCase):
             self.assertTrue(self.store.closed)
             self.assertEqual(len(self.store.invites), 1)
             (end,) = self.logged("Stopped serving")
-            self.assertEqual((end["finished"], end["log_level"]), (1, LogLevel.info))
+            self.assertEqual(
+                (end["finished"], end["abandoned"], end["dropped"], end["log_level"]),
+                (1, 0, 0, LogLevel.info),
+            )
 
         return ensureDeferred(go())
 
@@ -340,8 +343,42 @@ class DrainOnStopTests(TestCase):
             self.assertEqual([e["outcome"] for e in self.events if "outcome" in e], ["accepted"])
             (end,) = self.logged("Stopped serving")
             self.assertEqual(
-                (end["finished"], end["abandoned"], end["grace_period"], end["log_level"]),
-                (0, 1, 0.3, LogLevel.warn),
+                (end["finished"], end["abandoned"], end["dropped"], end["grace_period"]),
+                (0, 1, 0, 0.3),
+            )
+            self.assertEqual(end["log_level"], LogLevel.warn)
+
+        return ensureDeferred(go())
+
+    def test_pipelined_request_dropped_and_counted(self) -> None:
+        """A request pipelined behind an invite held in the store when the service stops: the
+        invite is answered (``Connection: close``), the request behind it is dropped
+        unanswered (its client retries it, RFC 9112 section 9.3.2), and the warning counts
+        it: 1 finished, 0 abandoned, 1 dropped."""
+
+        async def go() -> None:
+            service = await self.start()
+            busy = await self.held_invite()
+            assert busy.transport is not None
+            busy.transport.write(b"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: x\r\n\r\n")
+            # Received, and held (unparsed) behind the invite:
+            await self.until(
+                lambda: any(
+                    b"".join(channel._dataBuffer)
+                    for site in service._sites
+                    for channel in site._channels
+                )
+            )
+            stopping = service.stopService()
+            self.store.held[0].callback(None)
+            await busy.lost
+            await stopping
+            ((status, headers, _),) = parse_responses(busy.received)
+            self.assertEqual((status, headers[b"connection"]), (200, b"close"))
+            (end,) = self.logged("Stopped serving")
+            self.assertEqual(
+                (end["finished"], end["abandoned"], end["dropped"], end["log_level"]),
+                (1, 0, 1, LogLevel.warn),
             )
 
         return ensureDeferred(go())

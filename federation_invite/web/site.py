@@ -19,23 +19,44 @@ adds, per connection:
 - malformed HTTP answered with a JSON 400 ``M_UNKNOWN`` instead of Twisted's bare
   ``400 Bad Request``, and the asterisk-form target (``OPTIONS *``) with a JSON
   404 ``M_UNRECOGNIZED`` instead of Twisted's empty 200 or 405, so that every
-  answer we give is JSON;
+  answer we give is JSON. A request target with a byte outside visible ASCII
+  (0x21-0x7e, RFC 9112 section 3.2) is malformed: Twisted's own check compares
+  with decimal 176 where octal 0o176 was meant, and lets DEL and 0x80-0xb0 in;
+- the absolute-form target (``PUT https://host/_matrix/...``), which a server
+  must accept (RFC 9112, section 3.2.2), served as its path and query (the
+  origin-form) would be: Twisted takes the whole URI for the path, so it was
+  404. Only ``http`` and ``https``; the scheme and authority are otherwise
+  ignored, as we do no virtual hosting. ``uri``, ``path``, ``args`` and the
+  ``uri`` checked against the X-Matrix signature are the origin-form's;
 - no access-log line for requests whose handler logs their outcome itself
   (``mark_outcome_logged``: the invite endpoints, one structured line per invite);
-- a graceful drain for shutdown (``drain``): no new connections, idle
-  connections closed, requests in progress answered (then their connections
-  closed) within a grace period, the rest abandoned.
+- a graceful drain for shutdown (``drain``): no new connections; idle
+  connections closed; requests in progress answered (then their connections
+  closed) within a grace period, and the connections still open at its end
+  aborted, their requests abandoned, whether unanswered or answered but not
+  yet sent in full (the peer does not read). Requests a peer pipelined behind
+  one in progress, which Twisted holds unparsed, are dropped unanswered, as
+  RFC 9112 allows (section 9.3.2: the client retries them). The drain reports
+  each figure (``DrainResult``).
+
+Every connection we close ourselves (a refusal, or an idle one the drain
+closes) is aborted ``abortTimeout`` (15) seconds later if the close has not
+completed by then: a close waits for what we wrote to be sent, which a peer
+that does not read holds up for good. (A connection the drain closes after its
+answer is aborted at the end of the grace period instead.)
 
 Only HTTP/1.x is spoken (no HTTP/2 negotiation), which is what federation peers use.
 The resources below still apply their own checks (``web/invite.py`` also refuses
 oversized bodies), so an embedder mounting our tree in a plain ``Site`` keeps
-the protocol checks, though not these connection limits.
+the protocol checks, though not these connection limits nor the request-target
+handling.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
@@ -50,7 +71,7 @@ from ..core.errors import Codes, MatrixError
 from ..logs import Logger
 from ._base import not_found, write_error
 
-__all__ = ["FederationSite", "mark_outcome_logged"]
+__all__ = ["DrainResult", "FederationSite", "mark_outcome_logged"]
 
 log = Logger(namespace="federation_invite.web.site")
 
@@ -75,6 +96,101 @@ def _begins_request(data: bytes) -> bool:
     """Whether ``data`` holds a request's first byte: anything but the empty lines a
     server ignores before a request line (RFC 9112, section 2.2)."""
     return bool(data.strip(b"\r\n"))
+
+
+def _count_requests(data: bytes) -> int:
+    """How many requests begin in ``data``: bytes received behind a request in progress,
+    which Twisted holds unparsed, and which a drain drops.
+
+    Each request is stepped over (request line and header fields, then a body of
+    its ``Content-Length`` or chunked); one that cannot be (incomplete, or
+    malformed) counts as one request, the last. Empty lines between requests are
+    none (``_begins_request``).
+    """
+    count = 0
+    position = 0
+    while True:
+        while position < len(data) and data[position] in b"\r\n":
+            position += 1
+        if position >= len(data):
+            return count
+        count += 1
+        end = data.find(b"\r\n\r\n", position)
+        if end < 0:
+            return count
+        length = 0
+        chunked = False
+        for line in data[position:end].split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name, value = name.strip().lower(), value.strip()
+            if name == b"content-length":
+                if not value.isdigit():
+                    return count
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = value.lower() == b"chunked"
+        position = end + 4
+        if chunked:
+            position = _skip_chunked_body(data, position)
+            if position < 0:
+                return count
+        else:
+            position += length
+
+
+def _skip_chunked_body(data: bytes, position: int) -> int:
+    """Where the chunked body beginning at ``position`` in ``data`` ends; -1 if it does not."""
+    while True:
+        end = data.find(b"\r\n", position)
+        if end < 0:
+            return -1
+        try:
+            size = int(data[position:end].partition(b";")[0], 16)
+        except ValueError:
+            return -1
+        position = end + 2
+        if size == 0:
+            break
+        position += size + 2
+    # The trailer section: field lines up to an empty one.
+    end = data.find(b"\r\n", position)
+    while end > position:
+        position = end + 2
+        end = data.find(b"\r\n", position)
+    return -1 if end < 0 else end + 2
+
+
+#: The bytes a request target may have: visible ASCII (RFC 9112, section 3.2;
+#: RFC 3986). Twisted's own check lets DEL and 0x80-0xb0 through as well.
+_VISIBLE_ASCII = bytes(range(0x21, 0x7F))
+
+#: The absolute-form of an ``http`` or ``https`` target (RFC 9112, section 3.2.2):
+#: the authority, and then the path and query.
+_ABSOLUTE_FORM = re.compile(rb"(?i:https?)://([^/?#]*)(.*)", re.DOTALL)
+
+
+def _origin_form(target: bytes) -> bytes:
+    """``target`` in origin-form: an ``http`` or ``https`` absolute-form target reduced to
+    its path and query (``/`` if its path is empty, RFC 9112 section 3.2.1).
+
+    A server must accept the absolute-form (RFC 9112, section 3.2.2). We do no
+    virtual hosting: the scheme and authority are ignored, as is the ``Host``
+    header (which that section says the authority overrides), so a request
+    for another host is routed as one for us would be. Any other target is
+    returned as it is: origin-form, asterisk-form (``*``), authority-form
+    (``host:port``), other schemes, and ``http`` URIs with no host or with
+    user information, which RFC 9110 (sections 4.2.1 and 4.2.4) has a recipient
+    reject: none of those is a path we serve (404).
+    """
+    if target[:1] == b"/":
+        return target
+    match = _ABSOLUTE_FORM.fullmatch(target)
+    if match is None:
+        return target
+    authority, rest = match.groups()
+    if not authority or b"@" in authority:
+        return target
+    return rest if rest[:1] == b"/" else b"/" + rest
 
 
 class _Dropped(Protocol):
@@ -107,6 +223,9 @@ class _LimitedChannel(HTTPChannel):
     owner: FederationSite | None = None
     #: Set when the site drains: the request in progress is answered, then the connection closed.
     closing_after_request = False
+    #: Set when the drain ends this keep-alive connection after its request in
+    #: progress, until the requests pipelined behind that one are counted.
+    _drops_pipelined = False
 
     def getHost(self) -> IAddress:
         """The local address, asked of the transport once per connection.
@@ -208,9 +327,16 @@ class _LimitedChannel(HTTPChannel):
         if self.transport is None:
             return
         self.transport.write(_raw_error_response(error))
+        self._close()
+
+    def _close(self) -> None:
+        """Close the connection, and abort it if it has not closed within ``abortTimeout``.
+
+        A close completes only once what we wrote is sent, so a peer that does
+        not read would otherwise hold the socket (and its buffers) for good.
+        """
         self.loseConnection()
-        if self.abortTimeout is not None:
-            # A peer that does not read our answer must not hold the socket.
+        if self.abortTimeout is not None and self._abortingCall is None:
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
@@ -223,8 +349,18 @@ class _LimitedChannel(HTTPChannel):
         self.refuse(MatrixError(400, Codes.UNKNOWN, "Request line or header too long"))
 
     def lineReceived(self, line: bytes) -> None:
-        if not self.refused:
-            super().lineReceived(line)
+        if self.refused:
+            return
+        requests = len(self.requests)
+        super().lineReceived(line)
+        if (
+            len(self.requests) > requests
+            and not self.refused
+            and self._path.translate(None, _VISIBLE_ASCII)
+        ):
+            # A request line Twisted accepted, whose target (``_path``) has a
+            # byte Twisted's check misses.
+            self._respondToBadRequestAndDisconnect()
 
     def rawDataReceived(self, data: bytes) -> None:
         if self.refused:
@@ -324,6 +460,9 @@ class _LimitedChannel(HTTPChannel):
             # Its request line is still arriving: Twisted would drop it if the
             # connection were not persistent; allHeadersReceived comes back here.
             return
+        # Whether the drain, not the request, ends the connection (until its
+        # headers are in, Twisted assumes so; allHeadersReceived comes back).
+        self._drops_pipelined = bool(self.persistent)
         self.persistent = False
         for request in self.requests:
             if not request.startedWriting:
@@ -335,13 +474,43 @@ class _LimitedChannel(HTTPChannel):
         Not answered with an error: there is no request to answer, and a
         request racing the close is what every HTTP client must handle on an
         idle keep-alive connection (RFC 9112, section 9.3.1) by retrying on a
-        new connection, as it would after our ``idle_timeout``.
+        new connection, as it would after our ``idle_timeout``. Aborted if
+        not closed ``abortTimeout`` seconds later, as ``refuse`` does: a close
+        waits for what we wrote to be sent, which a peer that does not read
+        holds up for good.
         """
         if self.refused:
             return
         self.refused = True
         self.setTimeout(None)
-        self.loseConnection()
+        self._close()
+
+    def requestDone(self, request: http.Request) -> None:
+        if not self.persistent:
+            # The connection closes after this answer: what was pipelined
+            # behind it will never be parsed, nor need a deadline.
+            self._cancel_deadline()
+            self._late = None
+            if self.owner is not None:
+                self.owner._pipelined_dropped(self.drop_pipelined())
+        super().requestDone(request)
+
+    def drop_pipelined(self) -> int:
+        """How many requests this connection received behind the one in progress, to be
+        dropped unanswered because the drain closes it; each is counted once.
+
+        Twisted holds them unparsed (``_dataBuffer``; ``_buffer`` while the
+        request before them is answered within the packet that ended it). By
+        RFC 9112 (section 9.3.2) their client retries them on a new connection.
+        Counted only where the drain ends a keep-alive connection: a client
+        that asked for the close, or spoke HTTP/1.0, sends nothing more. What
+        arrives once the answer is finished races the close, as a request on
+        an idle connection does (``close_idle``), and is not counted.
+        """
+        if not self._drops_pipelined:
+            return 0
+        self._drops_pipelined = False
+        return _count_requests(self._buffer + b"".join(self._dataBuffer))
 
     def abort(self) -> None:
         """Drop the connection now, with whatever it had still to send."""
@@ -371,6 +540,13 @@ class _LimitedRequest(Request):
             return
         super().handleContentChunk(data)
 
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        # An absolute-form target is served as its origin-form would be:
+        # routed by its path (prepath, postpath), its query parsed into args,
+        # and authenticated (``auth.py`` signs ``uri``) as the path and query
+        # that the X-Matrix scheme signs; the access log shows that too.
+        super().requestReceived(command, _origin_form(path), version)
+
     def _handleStar(self) -> None:
         # The asterisk-form target (``OPTIONS *``, RFC 9112 section 3.2.4),
         # which Twisted answers itself, with no body: 200 for OPTIONS, 405 for
@@ -391,6 +567,26 @@ def mark_outcome_logged(request: object) -> None:
     """
     if isinstance(request, _LimitedRequest):
         request.outcome_logged = True
+
+
+class DrainResult(NamedTuple):
+    """What became of the requests a drain (``FederationSite.drain``) saw.
+
+    Each request in progress when the drain began is ``finished`` or
+    ``abandoned``; ``dropped`` counts requests besides those.
+    """
+
+    #: Requests in progress whose connections closed within the grace period:
+    #: answered in full (error answers included), or given up by their peer.
+    finished: int
+    #: Requests in progress whose connections were still open when the grace
+    #: period ended, and were aborted: unanswered, or their answer (finished
+    #: or not) not yet sent in full.
+    abandoned: int
+    #: Requests received whole or in part behind one in progress (HTTP
+    #: pipelining), never parsed, and dropped unanswered when the drain closed
+    #: their connection; their clients retry them (RFC 9112, section 9.3.2).
+    dropped: int
 
 
 class FederationSite(Site):
@@ -420,8 +616,11 @@ class FederationSite(Site):
         self._draining = False
         #: The connections a drain waits for, its Deferred and its deadline.
         self._awaited: set[_LimitedChannel] = set()
-        self._drained: Deferred[int] | None = None
+        self._drained: Deferred[DrainResult] | None = None
         self._grace: IDelayedCall | None = None
+        #: How many requests the drain awaited, and how many it dropped (``DrainResult``).
+        self._in_progress = 0
+        self._dropped = 0
 
     def log(self, request: http.Request) -> None:
         """The access log line, except for requests whose handler logged them."""
@@ -446,16 +645,18 @@ class FederationSite(Site):
         """How many requests have begun to arrive and are not yet answered in full."""
         return sum(1 for channel in self._channels if channel.request_in_progress())
 
-    def drain(self, grace_period: float) -> Deferred[int]:
+    def drain(self, grace_period: float) -> Deferred[DrainResult]:
         """Stop serving, letting the requests in progress finish within ``grace_period`` seconds.
 
-        At once: new connections are refused, idle connections are closed, and
-        each connection with a request in progress (being received, handled or
-        answered) is closed once its answer is finished. Fires with 0 once
-        those connections have closed (their answers written out), or, after
-        ``grace_period`` seconds, aborts those still open and fires with how
-        many of them still had a request unanswered. Stop the ports listening
-        as well: their new connections are refused here, but they stay open.
+        At once: new connections are refused, idle connections are closed
+        (and aborted if they have not closed ``abortTimeout`` seconds later),
+        and each connection with a request in progress (being received,
+        handled or answered) is closed once its answer is finished; requests
+        its peer pipelined behind that one are dropped unanswered. Fires once
+        those connections have closed (their answers written out) or, after
+        ``grace_period`` seconds, aborts those still open and fires then; with
+        a ``DrainResult``. Stop the ports listening as well: their new
+        connections are refused here, but they stay open.
         """
         if self._draining:
             raise RuntimeError("already draining")
@@ -466,8 +667,9 @@ class FederationSite(Site):
                 self._awaited.add(channel)
             else:
                 channel.close_idle()
+        self._in_progress = len(self._awaited)
         if not self._awaited:
-            return succeed(0)
+            return succeed(DrainResult(0, 0, 0))
         self._drained = Deferred()
         self._grace = self.reactor.callLater(grace_period, self._abandon)
         return self._drained
@@ -482,15 +684,28 @@ class FederationSite(Site):
             if not self._awaited and self._drained is not None:
                 if self._grace is not None and self._grace.active():
                     self._grace.cancel()
-                self._drained.callback(0)
+                self._drained.callback(DrainResult(self._in_progress, 0, self._dropped))
+
+    def _pipelined_dropped(self, count: int) -> None:
+        self._dropped += count
 
     def _abandon(self) -> None:
-        """The grace period is over: abort the connections still awaited."""
-        abandoned = 0
+        """The grace period is over: abort the connections still awaited.
+
+        Each was awaited for one request, and counts as abandoned whatever
+        became of that request: a connection closes once its answer is
+        written out, so one still open has not sent its answer in full,
+        whether that answer is unfinished or finished and still buffered (its
+        peer does not read). Aborting discards what is buffered, in the
+        process and, as it resets the connection, in the kernel. Behind TLS a
+        connection also stays open while its peer has not answered our
+        close_notify, answer sent or not; the abort resets it all the same,
+        and we cannot tell what the peer had read: abandoned too.
+        """
         awaited, self._awaited = self._awaited, set()
         for channel in awaited:
-            if channel.request_in_progress():
-                abandoned += 1
+            self._dropped += channel.drop_pipelined()
             channel.abort()
+        abandoned = len(awaited)
         assert self._drained is not None
-        self._drained.callback(abandoned)
+        self._drained.callback(DrainResult(self._in_progress - abandoned, abandoned, self._dropped))

@@ -1,5 +1,6 @@
 """Tests for federation_invite.web.site: the access log (invites are logged once, by their
-handler), the local address asked once per connection, and the drain on shutdown."""
+handler), request targets, the local address asked once per connection, and the drain on
+shutdown."""
 
 from __future__ import annotations
 
@@ -13,10 +14,16 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request, Site
 
 from federation_invite.tlscert import write_self_signed_certificate
-from federation_invite.web.site import _LimitedChannel
+from federation_invite.web.site import (
+    DrainResult,
+    _count_requests,
+    _LimitedChannel,
+    _LimitedRequest,
+)
 
 from ..invites import THEM, _sign_request_lax, event_id_of
 from ..test_hostile_slow import SiteTestCase, put_request
@@ -99,14 +106,114 @@ class RequestTargetTests(SiteTestCase):
         self.assertIn(b"\r\nContent-Length: 59\r\n", head + b"\r\n")
         self.assertEqual(rest, b"")
 
-    def test_absolute_and_authority_form(self) -> None:
-        """``GET http://host/path`` (absolute-form) and ``CONNECT host:443`` (authority-form):
-        JSON 404 ``M_UNRECOGNIZED``; federation peers send a path (origin-form)."""
-        self.assertNotFound(
-            b"GET http://us.example/_matrix/federation/v1/version HTTP/1.1\r\n"
-            b"Host: us.example\r\n\r\n"
-        )
+    def test_authority_form_and_other_absolute_forms(self) -> None:
+        """``CONNECT host:443`` (authority-form), absolute-form targets of other schemes, and
+        ``http`` URIs with no host or with user information (which RFC 9110 has a recipient
+        reject): JSON 404 ``M_UNRECOGNIZED``, their paths not served."""
         self.assertNotFound(b"CONNECT us.example:443 HTTP/1.1\r\nHost: us.example:443\r\n\r\n")
+        for target in (
+            b"ftp://us.example/_matrix/federation/v1/version",
+            b"httpx://us.example/_matrix/federation/v1/version",
+            b"http:/_matrix/federation/v1/version",
+            b"http:///_matrix/federation/v1/version",
+            b"http://user@us.example/_matrix/federation/v1/version",
+            b"us.example/_matrix/federation/v1/version",
+        ):
+            self.assertNotFound(b"GET %s HTTP/1.1\r\nHost: us.example\r\n\r\n" % target)
+
+    def record_requests(self) -> list[tuple[bytes, bytes, Any, list[bytes]]]:
+        """Each request's ``uri``, ``path``, ``args``, and ``prepath + postpath`` (after routing)."""
+        seen: list[tuple[bytes, bytes, Any, list[bytes]]] = []
+        original = _LimitedRequest.process
+
+        def process(request: _LimitedRequest) -> Any:
+            result = original(request)
+            assert request.prepath is not None and request.postpath is not None
+            seen.append(
+                (request.uri, request.path, request.args, request.prepath + request.postpath)
+            )
+            return result
+
+        self.patch(_LimitedRequest, "process", process)
+        return seen
+
+    def test_absolute_form_routed_by_path_and_query(self) -> None:
+        """An ``http``/``https`` absolute-form target (which a server must accept, RFC 9112
+        section 3.2.2) is served as its path and query are, whatever the scheme's case and the
+        authority (no virtual hosting): ``uri``, ``path``, ``args``, ``prepath``/``postpath``
+        all as for the origin-form; an empty path is ``/``."""
+        seen = self.record_requests()
+        version = b"/_matrix/federation/v1/version"
+        # target, status, uri (origin-form), args
+        cases: list[tuple[bytes, int, bytes, dict[bytes, list[bytes]]]] = [
+            (b"http://us.example" + version, 200, version, {}),
+            (
+                b"HTTPS://Other.Example:8448" + version + b"?a=1&a=%7E",
+                200,
+                version + b"?a=1&a=%7E",
+                {b"a": [b"1", b"~"]},
+            ),
+            (b"hTTp://[2001:db8::1]" + version + b"?", 200, version + b"?", {}),
+            (b"https://us.example/_matrix/key/v2/server", 200, b"/_matrix/key/v2/server", {}),
+            (b"http://us.example", 404, b"/", {}),
+            (b"http://us.example?x=1", 404, b"/?x=1", {b"x": [b"1"]}),
+        ]
+        connection = self.connect()
+        for target, _, _, _ in cases:
+            connection.send(b"GET %s HTTP/1.1\r\nHost: us.example\r\n\r\n" % target)
+        self.assertEqual(
+            [status for status, _, _ in connection.responses()],
+            [status for _, status, _, _ in cases],
+        )
+        self.assertFalse(connection.closing)
+        self.assertEqual(len(seen), len(cases))
+        for (target, _, uri, args), seen_request in zip(cases, seen, strict=True):
+            path = uri.partition(b"?")[0]
+            self.assertEqual(seen_request, (uri, path, args, path[1:].split(b"/")), target)
+
+    def test_absolute_form_invite_authenticated_as_origin_form(self) -> None:
+        """A signed invite sent with an absolute-form target is authenticated against its path
+        and query (what the X-Matrix ``uri`` covers, as for the origin-form) and accepted; one
+        signed over the whole absolute URI does not verify: 401 ``M_UNAUTHORIZED``."""
+        seen = self.record_requests()
+        for depth, sign_absolute, status in ((1, False, 200), (2, True, 401)):
+            room_version, event = self.s.invite(extra={"depth": depth})
+            body = self.s.v2_body(room_version, event)
+            path = self.s.path(2, event["room_id"], event_id_of(room_version, event))
+            absolute = "https://us.example:8448" + path
+            header = _sign_request_lax(
+                self.s.their_key, THEM, "PUT", absolute if sign_absolute else path, body
+            )
+            connection = self.connect()
+            connection.send(put_request(absolute, json.dumps(body).encode(), header))
+            ((code, _, answer),) = connection.responses()
+            self.assertEqual(code, status, answer)
+            self.assertEqual(seen[-1][:2], (path.encode(), path.encode()))
+            if status == 200:
+                self.assertEqual(answer["event"]["state_key"], event["state_key"])
+            else:
+                self.assertEqual(answer["errcode"], "M_UNAUTHORIZED")
+                self.assertIn("Invalid X-Matrix signature", answer["error"])
+        self.assertEqual(len(self.s.store.invites), 1)
+
+    def test_target_bytes_outside_visible_ascii_refused(self) -> None:
+        """A request target with DEL, 0x80, 0xb0 (which Twisted's own check lets through), 0xff,
+        a tab or NUL: JSON 400 ``M_UNKNOWN``, the connection closed, nothing served; the same
+        bytes percent-encoded are served."""
+        version = b"/_matrix/federation/v1/version"
+        for byte in (b"\x7f", b"\x80", b"\xb0", b"\xff", b"\t", b"\x00"):
+            for target in (version + b"?a=" + byte, b"/_matrix/federation/v1/ver" + byte + b"sion"):
+                connection = self.connect()
+                connection.send(b"GET %s HTTP/1.1\r\nHost: us.example\r\n\r\n" % target)
+                self.assertOnlyAnswer(connection, 400, "M_UNKNOWN")
+                ((_, _, body),) = connection.responses()
+                self.assertEqual(body["error"], "Malformed HTTP request")
+                self.assertFalse(connection.protocol._handlingRequest, target)
+        connection = self.connect()
+        connection.send(b"GET %s?a=%%7F%%80%%B0%%FF%%09%%00 HTTP/1.1\r\nHost: x\r\n\r\n" % version)
+        connection.send(self.valid_request())
+        self.assertEqual([status for status, _, _ in connection.responses()], [200, 200])
+        self.assertFalse(connection.closing)
 
 
 class HeadTests(SiteTestCase):
@@ -348,7 +455,7 @@ class DrainTests(HeldStoreTestCase):
         idle.close()
         self.assertNoResult(drained)  # the answer is not out until its connection has closed
         busy.close()
-        self.assertEqual(self.successResultOf(drained), 0)
+        self.assertEqual(self.successResultOf(drained), DrainResult(1, 0, 0))
         self.assertEqual(self.grace_calls(), [])
         self.assertEqual(self.site.requests_in_progress(), 0)
 
@@ -356,7 +463,7 @@ class DrainTests(HeldStoreTestCase):
         """Requests partly received when the drain begins (request line, or headers, still
         arriving) are received, handled and answered with ``Connection: close``; a request
         the peer sends during the drain behind one in progress is neither handled nor
-        answered."""
+        answered, and counted as dropped."""
         line = self.connect()
         line_data = self.valid_request(depth=1)
         line.send(line_data[:40])
@@ -374,7 +481,7 @@ class DrainTests(HeldStoreTestCase):
         line.send(line_data[40:])
         headers.send(headers_data[split:])
         self.assertEqual(len(self.held), 3)
-        busy.send(self.valid_request(depth=4))  # during the drain: not taken
+        busy.send(self.valid_request(depth=4))  # during the drain: not taken, counted dropped
         for held in self.held:
             held.callback(None)
         for connection in (line, headers, busy):
@@ -386,7 +493,7 @@ class DrainTests(HeldStoreTestCase):
             connection.close()
         self.assertNoResult(drained)
         busy.close()
-        self.assertEqual(self.successResultOf(drained), 0)
+        self.assertEqual(self.successResultOf(drained), DrainResult(3, 0, 1))
 
     def test_empty_lines_after_a_request_are_no_request(self) -> None:
         """Empty lines after an answered request (which a server ignores, RFC 9112 section
@@ -404,12 +511,12 @@ class DrainTests(HeldStoreTestCase):
             self.assertEqual([status for status, _, _ in connection.responses()], [200])
             self.assertFalse(connection.closing)
         drained = self.site.drain(10)
-        self.assertEqual(self.successResultOf(drained), 0)
+        self.assertEqual(self.successResultOf(drained), DrainResult(0, 0, 0))
         self.assertTrue(all(connection.closing for connection in connections))
 
     def test_grace_period_expires(self) -> None:
         """A request still unanswered when the grace period ends: its connection is aborted
-        unanswered at exactly ``grace_period`` seconds, and the drain fires with 1."""
+        unanswered at exactly ``grace_period`` seconds, and the drain counts it abandoned."""
         busy = self.connect()
         busy.send(self.valid_request())
         drained = self.site.drain(10)
@@ -417,18 +524,18 @@ class DrainTests(HeldStoreTestCase):
         self.assertNoResult(drained)
         self.assertFalse(busy.transport.disconnected)
         self.clock.advance(0.001)
-        self.assertEqual(self.successResultOf(drained), 1)
+        self.assertEqual(self.successResultOf(drained), DrainResult(0, 1, 0))
         self.assertTrue(busy.transport.disconnected, "aborted")
         busy.close()
         self.assertEqual(busy.responses(), [])
 
     def test_nothing_in_progress(self) -> None:
-        """With no request in progress the drain fires at once with 0; idle connections are
-        closed, and a request sent on one afterwards is not read."""
+        """With no request in progress the drain fires at once with nothing counted; idle
+        connections are closed, and a request sent on one afterwards is not read."""
         idle = self.connect()
         idle.send(self.version_request())
         drained = self.site.drain(10)
-        self.assertEqual(self.successResultOf(drained), 0)
+        self.assertEqual(self.successResultOf(drained), DrainResult(0, 0, 0))
         self.assertTrue(idle.closing)
         idle.send(self.version_request())
         self.assertEqual([status for status, _, _ in idle.responses()], [200])
@@ -454,3 +561,146 @@ class DrainTests(HeldStoreTestCase):
             self.assertTrue(transport.disconnected or transport.disconnecting)
         self.assertEqual(self.site.requests_in_progress(), 0)
         self.assertRaises(RuntimeError, self.site.drain, 10)
+
+    def test_idle_connection_that_does_not_close_is_aborted(self) -> None:
+        """An idle connection closed by the drain whose close does not complete (its peer
+        does not read: the transport here never finishes closing) is aborted ``abortTimeout``
+        (15 s) later; one that closes meanwhile leaves no timer behind."""
+        stuck, closes = self.connect(), self.connect()
+        stuck.send(self.version_request())
+        self.assertEqual(self.successResultOf(self.site.drain(10)), DrainResult(0, 0, 0))
+        self.assertTrue(stuck.closing and closes.closing)
+        self.clock.advance(14.999)
+        self.assertFalse(stuck.transport.disconnected or closes.transport.disconnected)
+        closes.close()
+        self.clock.advance(0.001)
+        self.assertTrue(stuck.transport.disconnected, "aborted")
+        self.assertFalse(closes.transport.disconnected)
+        stuck.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [], "no timer left behind")
+
+    def test_finished_answer_not_sent_at_the_deadline_is_abandoned(self) -> None:
+        """An answer finished within the grace period but not written out by its end (the
+        peer does not read: the transport here never finishes closing) is abandoned, not
+        finished: the abort discards it. Once finished, Twisted no longer lists its request,
+        so it is no longer in progress; the connection still open is what counts. The request
+        pipelined behind it is counted dropped once, when the answer finished."""
+        busy = self.connect()
+        busy.send(self.valid_request() + self.version_request())
+        drained = self.site.drain(10)
+        self.held[0].callback(None)
+        ((status, headers, _),) = busy.responses()
+        self.assertEqual((status, headers[b"connection"]), (200, b"close"))
+        self.assertTrue(busy.closing)
+        self.assertEqual(self.site.requests_in_progress(), 0)
+        self.clock.advance(9.999)
+        self.assertNoResult(drained)
+        self.clock.advance(0.001)
+        self.assertEqual(self.successResultOf(drained), DrainResult(0, 1, 1))
+        self.assertTrue(busy.transport.disconnected, "aborted")
+
+    def test_pipelined_requests_dropped_and_counted(self) -> None:
+        """Requests received behind an invite in progress when the drain begins, which Twisted
+        holds unparsed: the invite is answered with ``Connection: close``, and they are neither
+        handled nor answered, but each is counted dropped (a GET, a second invite, a chunked
+        PUT, and the start of a fourth request); empty lines are no request."""
+        chunked = (
+            b"PUT /_matrix/nothing HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3;ext=1\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"
+        )
+        busy = self.connect()
+        busy.send(self.valid_request(depth=1) + self.version_request())
+        busy.send(b"\r\n" + self.valid_request(depth=2) + chunked + b"\r\n")
+        busy.send(self.version_request()[:10])
+        blank = self.connect()
+        blank.send(self.valid_request(depth=3) + b"\r\n\r\n")
+        self.assertEqual((self.site.requests_in_progress(), len(self.held)), (2, 2))
+
+        drained = self.site.drain(10)
+
+        for held in self.held:
+            held.callback(None)
+        for connection in (busy, blank):
+            ((status, headers, _),) = connection.responses()
+            self.assertEqual((status, headers[b"connection"]), (200, b"close"))
+            self.assertTrue(connection.closing)
+            connection.close()
+        self.assertEqual((len(self.held), len(self.s.store.invites)), (2, 2))
+        self.assertEqual(self.successResultOf(drained), DrainResult(2, 0, 4))
+
+    def test_pipelined_request_dropped_at_the_deadline(self) -> None:
+        """A request pipelined behind an invite still held when the grace period ends is
+        dropped with it when the connection is aborted: 1 abandoned, 1 dropped."""
+        busy = self.connect()
+        busy.send(self.valid_request())
+        busy.send(self.version_request())
+        drained = self.site.drain(10)
+        self.clock.advance(10)
+        self.assertEqual(self.successResultOf(drained), DrainResult(0, 1, 1))
+        self.assertTrue(busy.transport.disconnected, "aborted")
+        self.assertEqual(busy.responses(), [])
+
+    def test_requests_behind_a_closing_request_not_counted(self) -> None:
+        """Bytes behind a request that asked for the close (``Connection: close``) or spoke
+        HTTP/1.0 would be dropped without a drain (a client sends nothing after either, RFC
+        9112 section 9.6): not counted as dropped by the drain, also when that request's
+        headers were still arriving when the drain began."""
+        closing_requests = []
+        for depth in (1, 2):
+            room_version, event = self.s.invite(extra={"depth": depth})
+            body = self.s.v2_body(room_version, event)
+            path = self.s.path(2, event["room_id"], event_id_of(room_version, event))
+            header = _sign_request_lax(self.s.their_key, THEM, "PUT", path, body)
+            closing_requests.append(
+                put_request(path, json.dumps(body).encode(), header, b"Connection: close\r\n")
+                + self.version_request()
+            )
+        closing = self.connect()
+        closing.send(closing_requests[0])
+        old = self.connect()
+        old.send(
+            self.valid_request(depth=3).replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+            + self.version_request()
+        )
+        arriving = self.connect()
+        split = closing_requests[1].index(b"\r\n") + 2  # the request line, no header
+        arriving.send(closing_requests[1][:split])
+        self.assertEqual((len(self.held), self.site.requests_in_progress()), (2, 3))
+        self.assertEqual(len(arriving.protocol.requests), 1)
+        drained = self.site.drain(10)
+        arriving.send(closing_requests[1][split:])
+        for held in self.held:
+            held.callback(None)
+        for connection in (closing, old, arriving):
+            self.assertEqual([status for status, _, _ in connection.responses()], [200])
+            self.assertTrue(connection.closing)
+            connection.close()
+        self.assertEqual(len(self.s.store.invites), 3)
+        self.assertEqual(self.successResultOf(drained), DrainResult(3, 0, 0))
+
+
+class CountRequestsTests(SynchronousTestCase):
+    """``_count_requests``: how many requests begin in bytes held unparsed behind another."""
+
+    def test_counts(self) -> None:
+        get = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+        put = b"PUT /a HTTP/1.1\r\nHost: x\r\ncontent-length: 5\r\n\r\n\r\n\r\nx"
+        chunked = (
+            b"POST /a HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n"
+            b"A\r\n0123456789\r\n1;a=b\r\n\r\r\n0\r\nT: 1\r\nU: 2\r\n\r\n"
+        )
+        cases = [
+            (b"", 0),
+            (b"\r\n\r\n\n", 0),
+            (get, 1),
+            (b"\r\n" + get + b"\r\n" + get, 2),
+            (put + get, 2),
+            (chunked + get + b"\r\n", 2),
+            (get + b"G", 2),
+            (put[:-1], 1),  # its body incomplete
+            (chunked[:-2] + get, 1),  # its trailer section unfinished: the rest is in it
+            (b"PUT /a HTTP/1.1\r\nContent-Length: x\r\n\r\n" + get, 1),  # malformed
+            (b"PUT /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n" + get, 1),
+        ]
+        for data, count in cases:
+            self.assertEqual(_count_requests(data), count, data)
