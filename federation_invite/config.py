@@ -353,8 +353,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "keys.validity_period",
         86400,
-        _int_at_least(60, 10 * 365 * 86400),
-        "Seconds our published keys are valid for (valid_until_ts = now + this).",
+        # At least an hour: servers "should avoid returning responses that
+        # expire in less than an hour" (server-server-api, keys_server.yaml).
+        _int_at_least(3600, 10 * 365 * 86400),
+        "Seconds our published keys are valid for (valid_until_ts = now + this; at least 3600).",
     ),
     Option(
         "keys.old_verify_keys",

@@ -85,6 +85,7 @@ class LoadConfigTests(SynchronousTestCase):
             'database = "mysql://x"\n': "database",
             'well_known_server = "not a name"\n': "well_known_server",
             "[keys]\nvalidity_period = 5\n": "keys.validity_period",
+            "[keys]\nvalidity_period = 3599\n": "keys.validity_period",
             "[keys]\nvalidity_period = true\n": "keys.validity_period",
             "[outbound]\nverify_tls = 'no'\n": "outbound.verify_tls",
             "[outbound]\nip_allowlist = ['localhost']\n": "outbound.ip_allowlist",
