@@ -11,7 +11,10 @@ Every logger of this package is a ``logs.Logger``: where a line's rendered
 text would hold a control character (peer-chosen IDs and remote servers'
 error messages may hold CR, LF or ESC), the text form is escaped, so that one
 event stays one line of a text log and cannot forge another or drive a
-terminal; the fields keep their exact values for JSON observers.
+terminal; the fields keep their exact values for JSON observers. A failure's
+traceback (``log.failure``) keeps its own lines, but what each line holds
+(the exception's message above all) is escaped too; its JSON form
+(``log_failure``) carries the exception's raw message as ``message``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from twisted.logger import ILogObserver, LogLevel, formatEvent, jsonFileLogObser
 from twisted.logger import Logger as _TwistedLogger
 from twisted.logger._flatten import KeyFlattener
 from twisted.logger._format import CallMapping, formatUnformattableEvent
+from twisted.python.failure import Failure
 
 __all__ = ["json_file_observer", "json_observer"]
 
@@ -125,6 +129,58 @@ def _render(
     return "".join(pieces), flattened
 
 
+class _EscapingWriter:
+    """A file for ``Failure.printTraceback`` that escapes each write but its final newline.
+
+    Each write of ``printTraceback`` is one line of the traceback (the
+    preamble, a frame's location, its source line, a local's ``repr``, the
+    exception's type and message), so the traceback keeps its lines while a
+    newline inside one (in an exception's message) is escaped like any other
+    control. Were Twisted to write several lines at once, they would read as
+    one escaped line: uglier, never forged.
+    """
+
+    def __init__(self, file: IO[str]) -> None:
+        self._file = file
+
+    def write(self, text: str) -> None:
+        if text.endswith("\n"):
+            self._file.write(escape_log_text(text[:-1]) + "\n")
+        else:
+            self._file.write(escape_log_text(text))
+
+
+class _EscapedFailure(Failure):
+    """A copy of a ``Failure`` whose printed tracebacks have their controls escaped.
+
+    Text observers print a ``log_failure`` with ``getTraceback()`` (twistd's
+    ``formatEventAsClassicLogText``, the legacy ``textFromEventDict``), which
+    prints with ``printTraceback``. Everything else is the original's state:
+    the type, the exception, the frames (JSON's ``failureAsJSON`` serialises
+    that state, ``flushLoggedErrors`` checks the type), and a pickle is a
+    plain ``Failure``. ``message`` is the exception's message, unescaped:
+    Twisted's JSON form holds the exception itself as ``unpersistable``.
+    """
+
+    message: str
+
+    def printTraceback(
+        self, file: Any = None, elideFrameworkCode: Any = False, detail: str = "default"
+    ) -> None:
+        if file is None:
+            from twisted.python import log
+
+            file = log.logerr
+        super().printTraceback(_EscapingWriter(file), elideFrameworkCode, detail)
+
+
+def _escaped_failure(failure: Failure) -> _EscapedFailure:
+    """``failure`` as an ``_EscapedFailure``, sharing its state."""
+    escaped = _EscapedFailure(failure)  # A Failure of a Failure copies its state.
+    escaped.message = failure.getErrorMessage()
+    return escaped
+
+
 class Logger(_TwistedLogger):
     """A ``twisted.logger.Logger`` whose events render as one printable line.
 
@@ -137,7 +193,9 @@ class Logger(_TwistedLogger):
     escaped text, read literally; the fields keep their values. A format
     Twisted renders in ways ``log_flattened`` cannot hold (a spec holding a
     field, ``!a``) is replaced by its text, escaped if need be, in every case.
-    Tracebacks (``failure``) are the observer's and keep their lines.
+
+    A ``log_failure`` is handed on as an ``_EscapedFailure``: its traceback
+    keeps its lines, but what each line holds is escaped.
     """
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
@@ -154,6 +212,9 @@ class Logger(_TwistedLogger):
             log_format=format,
             log_time=time(),
         )
+        failure = event.get("log_failure")
+        if isinstance(failure, Failure) and not isinstance(failure, _EscapedFailure):
+            event["log_failure"] = _escaped_failure(failure)
         if format is not None:
             parts = _parse(format) if type(format) is str and "log_flattened" not in event else None
             if parts is None:

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from typing import Any
 
 from twisted.logger import (
     InvalidLogLevelError,
+    LegacyLogObserverWrapper,
     LogLevel,
     capturedLogs,
     eventAsJSON,
     eventFromJSON,
     formatEvent,
     formatEventAsClassicLogText,
+    textFileLogObserver,
 )
 from twisted.logger import Logger as TwistedLogger
+from twisted.python.failure import Failure
+from twisted.python.log import FileLogObserver
 from twisted.trial.unittest import SynchronousTestCase
 from unpaddedbase64 import encode_base64
 
@@ -467,3 +472,121 @@ class LoggerRenderingTests(SynchronousTestCase):
         (invalid,) = events
         self.assertIs(invalid["log_level"], LogLevel.critical)
         self.assertTrue(invalid["log_failure"].check(InvalidLogLevelError))
+
+
+#: An exception message holding a remote server's error text, with a forged line.
+FORGED_MESSAGE = (
+    "bad key\r\n2026-01-01T00:00:00+0000 [federation_invite.inbound#info] forged\x1b[31m"
+    "\u2028\x85\x0b"
+)
+#: How FORGED_MESSAGE reads in a text log.
+FORGED_MESSAGE_TEXT = (
+    "bad key\\r\\n2026-01-01T00:00:00+0000 [federation_invite.inbound#info] forged\\x1b[31m"
+    "\\u2028\\x85\\x0b"
+)
+
+
+class FailureEscapingTests(SynchronousTestCase):
+    """A logged failure's traceback cannot forge a line of a text log; JSON keeps the failure."""
+
+    def log_failure(self, **kwargs: Any) -> dict[str, Any]:
+        """The event of ``log.failure`` for a ValueError holding FORGED_MESSAGE."""
+        events: list[dict[str, Any]] = []
+        logger = Logger(namespace="federation_invite.keyring", observer=events.append)
+        try:
+            raise ValueError(FORGED_MESSAGE)
+        except ValueError:
+            logger.failure("Key fetch from {server} crashed", server="a.example", **kwargs)
+        (event,) = events
+        return event
+
+    def assertNoForgedLine(self, text: str) -> None:
+        """``text`` holds the message escaped, and no line of it a control or the forged line."""
+        self.assertIn(FORGED_MESSAGE_TEXT, text)
+        for line in text.splitlines():
+            self.assertTrue(line.removeprefix("\t").isprintable(), repr(line))
+            self.assertFalse(line.lstrip().startswith("2026-01-01"), repr(line))
+
+    def test_text_observer_escapes_traceback(self) -> None:
+        """twistd's text observer prints the traceback on its own lines, the message escaped."""
+        event = self.log_failure()
+        out = io.StringIO()
+        textFileLogObserver(out)(event)
+        text = out.getvalue()
+        self.assertEqual(text, formatEventAsClassicLogText(event))
+        self.assertNoForgedLine(text)
+        lines = text.splitlines()
+        self.assertTrue(lines[0].endswith(" Key fetch from a.example crashed"), lines[0])
+        self.assertEqual(lines[1], "\tTraceback (most recent call last):")
+        self.assertTrue(lines[2].startswith('\t  File "'), lines[2])
+        self.assertEqual(lines[-2], "\tbuiltins.ValueError: " + FORGED_MESSAGE_TEXT)
+        self.assertEqual(lines[-1], "\t")
+
+    def test_every_traceback_form_escaped(self) -> None:
+        """Brief and verbose (a local's repr) tracebacks, and the legacy observers' text, are
+        escaped too."""
+        event = self.log_failure()
+        failure = event["log_failure"]
+        self.assertNoForgedLine(failure.getBriefTraceback())
+        self.assertNoForgedLine(str(failure))
+
+        class Peer:
+            def __repr__(self) -> str:
+                return "peer\r\n[forged] line"
+
+        peer = Peer()
+        try:
+            raise ValueError(FORGED_MESSAGE, peer)
+        except ValueError:
+            captured = Failure(captureVars=True)
+        events: list[dict[str, Any]] = []
+        Logger(observer=events.append).failure("crashed", captured)
+        verbose = events[0]["log_failure"].getTraceback(detail="verbose")
+        self.assertIn("  peer : peer\\r\\n[forged] line\n", verbose)
+        self.assertTrue(all(line.isprintable() for line in verbose.splitlines()))
+        # A legacy observer (twisted.python.log's, syslog's) prints the failure it is handed.
+        legacy = io.StringIO()
+        LegacyLogObserverWrapper(FileLogObserver(legacy).emit)(event)
+        self.assertIn(" Key fetch from a.example crashed\n", legacy.getvalue())
+        self.assertNoForgedLine(legacy.getvalue())
+
+    def test_json_observer_keeps_failure(self) -> None:
+        """A JSON observer's line carries the failure's type, exception message and frames; the
+        failure is the original's state, picklable, and trial still sees its type."""
+        event = self.log_failure()
+        out = io.StringIO()
+        json_file_observer(out)(event)
+        self.assertEqual(out.getvalue().count("\n"), 1)
+        self.assertTrue(out.getvalue()[:-1].isprintable())
+        read_back = eventFromJSON(out.getvalue())
+        failure = read_back["log_failure"]
+        self.assertEqual(failure.type.__name__, "ValueError")
+        self.assertEqual(failure.type.__module__, "builtins")
+        self.assertEqual(failure.message, FORGED_MESSAGE)
+        self.assertEqual(failure.frames[-1][0], "log_failure")
+        self.assertEqual(read_back["server"], "a.example")
+        logged = event["log_failure"]
+        self.assertIsInstance(logged, Failure)
+        self.assertIsInstance(logged.value, ValueError)
+        self.assertEqual(logged.getErrorMessage(), FORGED_MESSAGE)
+        unpickled = pickle.loads(pickle.dumps(logged))
+        self.assertIs(type(unpickled), Failure)
+        self.assertEqual(unpickled.value.args, (FORGED_MESSAGE,))
+        self.assertEqual(
+            unpickled.getTraceback().count("\n"), logged.getTraceback().count("\n") + 1
+        )
+        self.assertIs(logged.check(KeyError, ValueError), ValueError)
+
+    def test_given_failure_left_as_it_is(self) -> None:
+        """The Failure handed to ``log.failure`` is not changed; the event carries an escaped copy."""
+        try:
+            raise ValueError(FORGED_MESSAGE)
+        except ValueError:
+            original = Failure()
+        raw = original.getTraceback()
+        events: list[dict[str, Any]] = []
+        Logger(observer=events.append).failure("crashed", original)
+        self.assertEqual(original.getTraceback(), raw)
+        self.assertIn(FORGED_MESSAGE, raw)
+        self.assertIsNot(events[0]["log_failure"], original)
+        self.assertIs(events[0]["log_failure"].value, original.value)
