@@ -31,9 +31,8 @@ from .client import FederationClient
 from .config import Config, load_config
 from .core.keys import key_id_of
 from .core.roomversions import RoomVersion
-from .core.signing import ServerVerifyKey
 from .inbound import InviteHandler, InviteLimits, InviteListener
-from .keyring import Keyring
+from .keyring import Keyring, local_verify_keys
 from .logs import Logger
 from .metrics import InviteMetrics
 from .outbound import (
@@ -226,6 +225,7 @@ def build_components(
 ) -> FederationInvite:
     """Assemble the services from ready parts (``client`` defaults to a ``FederationClient``)."""
     server_name = config.server_name
+    config.check_signing_key_id(key_id_of(signing_key))
     if client is None:
         client = FederationClient(
             reactor,
@@ -237,11 +237,10 @@ def build_components(
             timeout=config.get("outbound.timeout"),
         )
     signer = signer or LocalSigner(server_name, signing_key)
-    our_key = ServerVerifyKey(
-        server_name, key_id_of(signing_key), signing_key.verify_key, 2**53 - 1
-    )
+    # Our old keys verify the events we signed with them (not requests), as for any server.
+    local_keys = local_verify_keys(server_name, signing_key, config.get("keys.old_verify_keys"))
     keyring = Keyring(
-        reactor, store, client, local_keys=[our_key], notaries=config.get("keys.notaries")
+        reactor, store, client, local_keys=local_keys, notaries=config.get("keys.notaries")
     )
     acl = ServerAcl.of(config.get("inbound.server_allow"), config.get("inbound.server_deny"))
     policy = InvitePolicy(

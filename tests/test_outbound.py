@@ -20,7 +20,7 @@ from unpaddedbase64 import encode_base64
 from federation_invite import outbound
 from federation_invite.client import FederationClient, RemoteError, TransportError
 from federation_invite.client.testing import FakePeersAgent
-from federation_invite.config import load_config
+from federation_invite.config import ConfigError, load_config
 from federation_invite.core.canonical import encode_canonical_json
 from federation_invite.core.errors import MatrixError
 from federation_invite.core.events import (
@@ -32,7 +32,7 @@ from federation_invite.core.events import (
     room_id_for_create_event,
 )
 from federation_invite.core.format import check_event_format
-from federation_invite.core.keys import sign_bytes
+from federation_invite.core.keys import encode_verify_key, key_id_of, sign_bytes, verify_key_of
 from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS, RoomVersion
 from federation_invite.core.signing import hash_and_sign_event, sign_event, verify_event_signature
 from federation_invite.core.xmatrix import parse_xmatrix
@@ -394,6 +394,99 @@ class RoundTripTests(_Base):
         error = self.failureResultOf(self.origin.send("10", event, stripped), InviteRefused).value
         self.assertEqual((error.status, error.errcode), (400, "M_INVALID_PARAM"))
         self.assertEqual(error.message, "invite_room_state has no full m.room.create event")
+
+
+class OwnKeysTests(_Base):
+    """Our receiver's own old keys (config keys.old_verify_keys), as build_components sets up."""
+
+    def receiver_with_old_key(self, expired_ts: int) -> tuple[Receiver, Any]:
+        old = make_key("old")
+        entry = {
+            "key_id": key_id_of(old),
+            "key": encode_verify_key(verify_key_of(old)),
+            "expired_ts": expired_ts,
+        }
+        receiver = Receiver(self.origin, **{"keys.old_verify_keys": [entry]})
+        self.origin.agent.add_peer(PEER, receiver.site())
+        return receiver, old
+
+    def invite_into_room_created_with(
+        self, key: Any, created_ms: int
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A v12 invite of BOB's into a room @carol:PEER created at ``created_ms``, the create
+        event signed by PEER with ``key``."""
+        v12 = KNOWN_ROOM_VERSIONS["12"]
+        create = {
+            "type": "m.room.create",
+            "state_key": "",
+            "sender": f"@carol:{PEER}",
+            "content": {"room_version": "12"},
+            "origin_server_ts": created_ms,
+            "depth": 1,
+            "prev_events": [],
+            "auth_events": [],
+        }
+        create = hash_and_sign_event(v12, create, PEER, key)
+        invite = {
+            "type": "m.room.member",
+            "state_key": BOB,
+            "sender": ALICE,
+            "content": {"membership": "invite"},
+            "origin_server_ts": self.origin.now_ms(),
+            "depth": 2,
+            "room_id": room_id_for_create_event(v12, create),
+            "prev_events": [compute_event_id(v12, create)],
+            "auth_events": [],
+        }
+        return invite, create
+
+    def test_events_signed_with_our_old_key(self) -> None:
+        """A room we created with a key now old: its create event, relayed back to us in
+        invite_room_state, verifies with that key, as it did before the key's expired_ts."""
+        now = self.origin.now_ms()
+        receiver, old = self.receiver_with_old_key(expired_ts=now - 1000)
+        invite, create = self.invite_into_room_created_with(old, now - _DAY_MS)
+        result = self.successResultOf(self.origin.send("12", invite, [create]))
+        event_id = compute_event_id(KNOWN_ROOM_VERSIONS["12"], result)
+        self.assertIn(event_id, receiver.store.invites)
+        # Signed after the key expired: not ours.
+        invite, create = self.invite_into_room_created_with(old, now - 500)
+        error = self.failureResultOf(self.origin.send("12", invite, [create]), InviteRefused).value
+        self.assertEqual((error.status, error.errcode), (400, "M_INVALID_PARAM"))
+        self.assertIn("signature check failed", error.message)
+
+    def test_requests_signed_with_our_old_key_refused(self) -> None:
+        """Our old key never authenticates a request, even one claiming to come from us."""
+        from treq.testing import StubTreq
+
+        from federation_invite.core.xmatrix import sign_request
+
+        receiver, old = self.receiver_with_old_key(expired_ts=self.origin.now_ms() + _DAY_MS)
+        path = f"/_matrix/federation/v2/invite/%21r%3A{PEER}/%24e"
+        body = {"event": {}, "room_version": "10", "invite_room_state": []}
+        header = sign_request(old, PEER, PEER, "PUT", path, body)
+        client = StubTreq(receiver.site())
+        response = self.successResultOf(
+            client.put(
+                f"https://{PEER}{path}",
+                data=json.dumps(body).encode(),
+                headers={"Authorization": [header]},
+            )
+        )
+        answer = json.loads(self.successResultOf(response.content()))
+        self.assertEqual((response.code, answer["errcode"]), (401, "M_UNAUTHORIZED"))
+        self.assertIn("old key", answer["error"])
+
+    def test_old_key_with_our_signing_key_id_refused(self) -> None:
+        """build_components refuses an old key with the ID of the key we sign with."""
+        entry = {"key_id": "ed25519:peer1", "key": encode_verify_key(verify_key_of(make_key()))}
+        error = self.assertRaises(
+            ConfigError,
+            Receiver,
+            self.origin,
+            **{"keys.old_verify_keys": [{**entry, "expired_ts": 5}]},
+        )
+        self.assertIn("ed25519:peer1", str(error))
 
 
 class AnswerCheckTests(_Base):
