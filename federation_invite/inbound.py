@@ -19,7 +19,14 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    FirstError,
+    gatherResults,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel
@@ -100,6 +107,23 @@ def _same_event(stored: dict[str, Any], received: dict[str, Any]) -> bool:
 
 _NO_CREATE = "invite_room_state has no full m.room.create event"
 
+#: Servers whose keys one invite's ``invite_room_state`` may have us fetch (room
+#: versions whose room ID is the create event's hash, and strict mode): each full
+#: entry needs its sender's signature, and the inviting server names the senders
+#: freely, so without a bound one invite could hold its request (and one of its
+#: origin's concurrency slots) through fetches from hundreds of servers. A real
+#: room's relayed state is signed by a handful of servers (Synapse sends only the
+#: create event in full); servers whose keys are in memory already (ours, the
+#: inviting server's) do not count.
+_MAX_ROOM_STATE_KEY_SERVERS = 8
+
+#: Full ``invite_room_state`` entries checked in room versions 1 to 11 without
+#: strict mode, where a failure only warns: entries beyond these are not checked,
+#: so that an invite's room state costs a bounded amount of CPU (redacting,
+#: hashing and verifying 1 MiB of full events took ~0.4 s of the reactor's
+#: time). Real rooms relay a few full events at most.
+_MAX_WARN_CHECKED_ENTRIES = 20
+
 
 @attrs.frozen
 class _RoomStateFindings:
@@ -112,8 +136,8 @@ class _RoomStateFindings:
 
     #: Entries in the stripped form (no hashes or signatures): Synapse's way.
     stripped: int = 0
-    #: Validation failures tolerated in room versions 1 to 11, and the first one's reason.
-    invalid: int = 0
+    #: The first validation failure found in room versions 1 to 11 (the checks
+    #: stop there, so there may be more), or ``None``.
     problem: str | None = None
 
     def describe(self) -> str:
@@ -121,11 +145,8 @@ class _RoomStateFindings:
         clauses = []
         if self.stripped:
             clauses.append(f"holds {self.stripped} stripped entries")
-        if self.invalid:
-            clauses.append(
-                f"fails validation ({self.invalid} problem{'s' if self.invalid > 1 else ''},"
-                f" the first: {self.problem})"
-            )
+        if self.problem is not None:
+            clauses.append(f"fails validation (first problem found: {self.problem})")
         return (
             f"; its invite_room_state {' and '.join(clauses)},"
             " accepted as strict_invite_room_state is off"
@@ -136,8 +157,9 @@ class _RoomStateFindings:
         fields: dict[str, Any] = {"level": LogLevel.warn}
         if self.stripped:
             fields["stripped_state"] = self.stripped
-        if self.invalid:
-            fields["invalid_room_state"] = self.invalid
+        if self.problem is not None:
+            # A flag, not a count: the checks stop at the first problem.
+            fields["invalid_room_state"] = True
             fields["room_state_problem"] = self.problem
         return fields
 
@@ -145,7 +167,7 @@ class _RoomStateFindings:
 #: Nothing to warn of.
 _ROOM_STATE_OK = _RoomStateFindings()
 #: An empty invite_room_state in room versions 1 to 11.
-_ROOM_STATE_EMPTY = _RoomStateFindings(invalid=1, problem=_NO_CREATE)
+_ROOM_STATE_EMPTY = _RoomStateFindings(problem=_NO_CREATE)
 
 
 class InviteHandler:
@@ -468,12 +490,16 @@ class InviteHandler:
         Room versions whose room ID is the create event's hash (v12) and strict
         mode refuse an entry that fails validation: a missing full create
         event, or any full event that is malformed, of another room, wrongly
-        hashed or wrongly signed. Stripped entries are refused only in strict
-        mode (Synapse sends them, MSC4311). In room versions 1 to 11 without
-        strict mode the spec only asks for a warning, so the same checks run
-        but refuse nothing, and signatures are checked only with keys already
-        in memory: fetching keys for an invite accepted anyway is not worth
-        the latency. Returns what the outcome line is to warn of.
+        hashed or wrongly signed, or full events needing the keys of more than
+        ``_MAX_ROOM_STATE_KEY_SERVERS`` servers not in memory (fetched at once).
+        Stripped entries are refused only in strict mode (Synapse sends them,
+        MSC4311). In room versions 1 to 11 without strict mode the spec only
+        asks for a warning, so the same checks refuse nothing, and are bounded:
+        they stop at the first problem, only the first
+        ``_MAX_WARN_CHECKED_ENTRIES`` full entries are checked (the rest are
+        not), and signatures only with keys already in memory (fetching keys
+        for an invite accepted anyway is not worth the latency). Returns what
+        the outcome line is to warn of.
         """
         enforced = room_version.room_id_is_create_event_hash or self._strict_room_state
         if not room_state:  # the common case: no work beyond this
@@ -498,21 +524,79 @@ class InviteHandler:
             # Every entry checked locally before any signature, whose keys may
             # have to be fetched: a bad entry costs no request.
             prepared = [self._check_state_pdu(room_version, room_id, entry) for entry in full]
+            keys = await self._room_state_keys(room_version, full)
             for entry, prepared_entry in zip(full, prepared, strict=True):
-                await self._verify_signers(
-                    room_version, entry, prepared_entry, "An invite_room_state event"
-                )
+                try:
+                    verify_event_signatures(room_version, entry, keys, prepared=prepared_entry)
+                except SignatureError as exc:
+                    raise _invalid(
+                        f"An invite_room_state event: signature check failed: {exc}"
+                    ) from None
             return _RoomStateFindings(stripped=stripped) if stripped else _ROOM_STATE_OK
-        problems = [] if has_create else [_NO_CREATE]
-        for entry in full:
-            try:
-                prepared_entry = self._check_state_pdu(room_version, room_id, entry)
-                self._verify_known_signers(room_version, entry, prepared_entry)
-            except MatrixError as exc:
-                problems.append(exc.message)
-        if not (stripped or problems):
+        problem = None if has_create else _NO_CREATE
+        if problem is None:
+            for entry in full[:_MAX_WARN_CHECKED_ENTRIES]:
+                try:
+                    prepared_entry = self._check_state_pdu(room_version, room_id, entry)
+                    self._verify_known_signers(room_version, entry, prepared_entry)
+                except MatrixError as exc:
+                    problem = exc.message
+                    break  # only a warning results: the first problem is enough
+        if not stripped and problem is None:
             return _ROOM_STATE_OK
-        return _RoomStateFindings(stripped, len(problems), problems[0] if problems else None)
+        return _RoomStateFindings(stripped, problem)
+
+    async def _room_state_keys(
+        self, room_version: RoomVersion, entries: list[dict[str, Any]]
+    ) -> dict[tuple[str, str], ServerVerifyKey]:
+        """The keys of every server whose signature ``entries`` (checked full events) need.
+
+        Those not in memory are fetched all at once, so that an invite waits
+        for keys about one outbound timeout at most, and only if they are at
+        most ``_MAX_ROOM_STATE_KEY_SERVERS`` servers (else 400 M_INVALID_PARAM,
+        before any fetch). Each server is asked once, for every key ID any
+        entry names and valid at the latest entry's time that needs it.
+        """
+        key_ids: dict[str, set[str]] = {}
+        valid_at: dict[str, int] = {}
+        for entry in entries:
+            try:
+                signers = required_event_signers(room_version, entry)
+            except ValueError as exc:
+                raise _invalid(
+                    f"An invite_room_state event: cannot tell who must sign it: {exc}"
+                ) from None
+            signatures = entry["signatures"]  # a dict of dicts (check_event_format)
+            entry_valid_at = entry["origin_server_ts"] if room_version.enforce_key_validity else 0
+            for server in signers:
+                ids = [k for k in signatures.get(server, {}) if k.startswith("ed25519:")]
+                if not ids:
+                    continue  # nothing to fetch: its signature check fails
+                key_ids.setdefault(server, set()).update(ids)
+                valid_at[server] = max(valid_at.get(server, 0), entry_valid_at)
+        keys: dict[tuple[str, str], ServerVerifyKey] = {}
+        unknown: list[str] = []
+        for server in sorted(key_ids):
+            known = self._keyring.known_server_keys(server, key_ids[server], valid_at[server])
+            if known is None:
+                unknown.append(server)
+            else:
+                keys.update({(server, key_id): key for key_id, key in known.items()})
+        if len(unknown) > _MAX_ROOM_STATE_KEY_SERVERS:
+            raise _invalid(
+                "invite_room_state's events are signed by more than"
+                f" {_MAX_ROOM_STATE_KEY_SERVERS} servers whose keys would have to be fetched"
+            )
+        if unknown:
+            fetched = await _all_of(
+                [
+                    self._keyring.get_server_keys(server, key_ids[server], valid_at[server])
+                    for server in unknown
+                ]
+            )
+            for server, found in zip(unknown, fetched, strict=True):
+                keys.update({(server, key_id): key for key_id, key in found.items()})
+        return keys
 
     @staticmethod
     def _check_state_pdu(
@@ -590,6 +674,15 @@ class InviteHandler:
 
         for listener in self._listeners:
             maybeDeferred(listener, record).addErrback(failed)
+
+
+async def _all_of(deferreds: list[Deferred[_T]]) -> list[_T]:
+    """The results of ``deferreds``, awaited together; the first failure is raised as
+    itself (not wrapped in ``FirstError``), the others are consumed."""
+    try:
+        return await gatherResults(deferreds, consumeErrors=True)
+    except FirstError as exc:
+        exc.subFailure.raiseException()
 
 
 async def _despite_cancellation(deferred: Deferred[_T]) -> _T:

@@ -12,10 +12,12 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
+from federation_invite import inbound as inbound_module
 from federation_invite import policy as policy_module
 from federation_invite.auth import ServerAcl
 from federation_invite.core.canonical import encode_canonical_json
 from federation_invite.core.events import prepare_event
+from federation_invite.core.format import check_event_format
 from federation_invite.core.keys import key_id_of, verify_key_of
 from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS, RoomVersion
 from federation_invite.core.signing import (
@@ -606,18 +608,91 @@ class RoomStateValidationTests(InboundTestCase):
         self.assertIs(line["log_level"], LogLevel.info)
         self.assertNotIn("stripped_state", line)
 
-    def assertWarned(
-        self, answer: tuple[int, Any], line: dict[str, Any], count: int, reason: str
-    ) -> None:
-        """Accepted, on a warn line saying how many problems and (a part of) the first's reason."""
+    def key_servers(self, count: int) -> tuple[list[str], Any]:
+        """``count`` new servers serving one key (whose keys we do not hold yet) and the key."""
+        key = make_key("many1")
+        servers = [f"s{n}.example" for n in range(count)]
+        for server in servers:
+            self.s.federation.add_key_server(self.s.clock, server, [key])
+        return servers, key
+
+    def test_v12_key_servers_capped(self) -> None:
+        """v12: full entries needing the keys of more than _MAX_ROOM_STATE_KEY_SERVERS servers
+        (ours and the inviting server's, in memory, not counted): 400 M_INVALID_PARAM naming
+        the cap, before any fetch; at the cap, accepted."""
+        cap = inbound_module._MAX_ROOM_STATE_KEY_SERVERS
+        room_version, create, room_id = self.room("12")
+        servers, key = self.key_servers(cap + 1)
+        known = [
+            self.state_event(room_version, room_id),
+            self.state_event(room_version, room_id, server=US, key=self.s.our_key),
+        ]
+        unknown = [self.state_event(room_version, room_id, server=s, key=key) for s in servers]
+        answer, line = self.send_logged(room_version, room_id, [create, *known, *unknown])
+        body = self.assertRefused(answer, 400, "M_INVALID_PARAM")
+        self.assertIn(f"more than {cap} servers", body["error"])
+        self.assertEqual(line["outcome"], "refused")
+        self.assertEqual([c for c in self.s.federation.calls if c[1] in servers], [])
+        answer, line = self.send_logged(room_version, room_id, [create, *known, *unknown[:-1]])
+        self.assertEqual(answer[0], 200, answer[1])
+        self.assertEqual([self.s.federation.count(s) for s in servers], [1] * cap + [0])
+        forged = {**unknown[0], "signatures": {servers[0]: {key_id_of(key): "A" * 86}}}
+        answer, line = self.send_logged(room_version, room_id, [create, *known, forged])
+        body = self.assertRefused(answer, 400, "M_INVALID_PARAM")
+        self.assertIn(f"signature check failed: Signature by {servers[0]}", body["error"])
+
+    def test_v12_keys_fetched_at_once(self) -> None:
+        """v12: the keys of the servers signing full entries are fetched at once (every one
+        asked before any answers, each once), so an invite waits for one fetch, not one each."""
+        room_version, create, room_id = self.room("12")
+        servers, key = self.key_servers(3)
+        for server in servers:
+            self.s.federation.hold[server] = Deferred()
+        entries = [self.state_event(room_version, room_id, server=s, key=key) for s in servers]
+        again = self.state_event(
+            room_version, room_id, server=servers[0], key=key, content={"join_rule": "public"}
+        )
+        event = build_invite(room_version, self.s.their_key, room_id=room_id)
+        state = [create, *entries, again]
+        deferred = self.s.send(
+            2,
+            self.s.v2_body(room_version, event, state),
+            room_id=room_id,
+            event_id=event_id_of(room_version, event),
+        )
+        self.s.client.flush()
+        self.assertEqual([self.s.federation.count(s) for s in servers], [1, 1, 1])
+        self.assertNoResult(deferred)
+        for server in servers:
+            self.s.federation.hold.pop(server).callback(None)
+        self.assertEqual(self.result(deferred)[0], 200)
+        self.assertEqual([self.s.federation.count(s) for s in servers], [1, 1, 1])
+
+    def assertWarned(self, answer: tuple[int, Any], line: dict[str, Any], reason: str) -> None:
+        """Accepted, on a warn line flagging invalid room state and giving (a part of) the reason
+        of the first problem found."""
         self.assertEqual(answer[0], 200, answer[1])
         self.assertEqual(line["outcome"], "accepted")
         self.assertIs(line["log_level"], LogLevel.warn)
-        self.assertEqual(line["invalid_room_state"], count)
+        self.assertIs(line["invalid_room_state"], True)
         self.assertIn(reason, line["room_state_problem"])
-        text = formatEvent(line)
-        self.assertIn(f"fails validation ({count} problem", text)
-        self.assertIn(line["room_state_problem"], text)
+        self.assertIn(
+            f"fails validation (first problem found: {line['room_state_problem']})",
+            formatEvent(line),
+        )
+
+    def count_entry_checks(self) -> list[dict[str, Any]]:
+        """The invite_room_state entries whose format is checked from now on (each one checked
+        is first format-checked), in order."""
+        checked: list[dict[str, Any]] = []
+
+        def counting(room_version: RoomVersion, event: Any, **kwargs: Any) -> Any:
+            if event.get("type") != "m.room.member":  # not the invite itself
+                checked.append(event)
+            return check_event_format(room_version, event, **kwargs)
+
+        self.patch(inbound_module, "check_event_format", counting)
+        return checked
 
     def test_v1_to_11_invalid_entries_warned(self) -> None:
         """v1-11: a full entry failing a check is accepted (200) with a warning naming the reason
@@ -625,24 +700,55 @@ class RoomStateValidationTests(InboundTestCase):
         room_version, create, room_id = self.room("10")
         for what, entry, reason in self.bad_entries(room_version, room_id):
             answer, line = self.send_logged(room_version, room_id, [create, entry])
-            self.assertWarned(answer, line, 1, reason)
+            self.assertWarned(answer, line, reason)
             self.assertNotIn("stripped_state", line, what)
         bad_create = {**create, "content": {"room_version": "9"}}
         answer, line = self.send_logged(room_version, room_id, [bad_create])
-        self.assertWarned(answer, line, 1, "content hash")
+        self.assertWarned(answer, line, "content hash")
         no_create = "invite_room_state has no full m.room.create event"
         answer, line = self.send_logged(room_version, room_id, [])
-        self.assertWarned(answer, line, 1, no_create)
+        self.assertWarned(answer, line, no_create)
         self.assertNotIn("stripped_state", line)
-        # Every problem is counted; the first one is named.
         stripped_create = stripped("m.room.create", "", create["content"], create["sender"])
         other_room = self.state_event(room_version, OTHER_ROOM[room_version])
         answer, line = self.send_logged(room_version, room_id, [stripped_create, other_room])
-        self.assertWarned(answer, line, 2, no_create)
+        self.assertWarned(answer, line, no_create)
         self.assertEqual(line["stripped_state"], 1)
-        self.assertIn(
-            "holds 1 stripped entries and fails validation (2 problems", formatEvent(line)
-        )
+        self.assertIn("holds 1 stripped entries and fails validation (", formatEvent(line))
+
+    def test_v1_to_11_checks_stop_at_first_problem(self) -> None:
+        """v1-11: the checks stop at the first problem (only a warning results): entries after
+        it are not checked, nor any entry when the create event is missing."""
+        room_version, create, room_id = self.room("10")
+        checked = self.count_entry_checks()
+        other_room = self.state_event(room_version, OTHER_ROOM[room_version])
+        good = [self.state_event(room_version, room_id) for _ in range(5)]
+        answer, line = self.send_logged(room_version, room_id, [create, other_room, *good])
+        self.assertEqual(checked, [create, other_room])
+        self.assertWarned(answer, line, "another room")
+        del checked[:]
+        answer, line = self.send_logged(room_version, room_id, [other_room, *good])
+        self.assertEqual(checked, [])
+        self.assertWarned(answer, line, "no full m.room.create event")
+
+    def test_v1_to_11_first_full_entries_checked_only(self) -> None:
+        """v1-11: only the first _MAX_WARN_CHECKED_ENTRIES full entries are checked (stripped
+        ones not counted): a bad entry among them is warned of, one beyond them is not."""
+        cap = inbound_module._MAX_WARN_CHECKED_ENTRIES
+        room_version, create, room_id = self.room("10")
+        checked = self.count_entry_checks()
+        good = self.state_event(room_version, room_id)
+        bad = self.state_event(room_version, OTHER_ROOM[room_version])
+        answer, line = self.send_logged(room_version, room_id, [create, *[good] * (cap - 2), bad])
+        self.assertEqual(len(checked), cap)
+        self.assertWarned(answer, line, "another room")
+        del checked[:]
+        state = [create, *[good] * (cap - 1), bad, *[good] * 5]
+        answer, line = self.send_logged(room_version, room_id, state)
+        self.assertEqual(len(checked), cap)
+        self.assertEqual(answer[0], 200)
+        self.assertIs(line["log_level"], LogLevel.info)
+        self.assertNotIn("invalid_room_state", line)
 
     def test_v1_to_11_valid_state_not_warned(self) -> None:
         """v1-11: a valid full create event (and other valid full events) gets a plain info line;
@@ -679,7 +785,7 @@ class RoomStateValidationTests(InboundTestCase):
             self.s.keyring.get_server_keys(THIRD, [key_id_of(self.third_key)], NOW_MS)
         )
         answer, line = self.send_logged(room_version, room_id, [create, forged])
-        self.assertWarned(answer, line, 1, f"Signature by {THIRD}")
+        self.assertWarned(answer, line, f"Signature by {THIRD}")
 
 
 class StrictRoomStateTests(InboundTestCase):
