@@ -21,7 +21,9 @@ adds, per connection:
   404 ``M_UNRECOGNIZED`` instead of Twisted's empty 200 or 405, so that every
   answer we give is JSON. A request target with a byte outside visible ASCII
   (0x21-0x7e, RFC 9112 section 3.2) is malformed: Twisted's own check compares
-  with decimal 176 where octal 0o176 was meant, and lets DEL and 0x80-0xb0 in;
+  with decimal 176 where octal 0o176 was meant, and lets DEL and 0x80-0xb0 in.
+  So is a ``Content-Length`` of more than 18 digits: Twisted reads any number
+  of them with ``int()``, which raises past 4300, and the peer got no answer;
 - the absolute-form target (``PUT https://host/_matrix/...``), which a server
   must accept (RFC 9112, section 3.2.2), served as its path and query (the
   origin-form) would be: Twisted takes the whole URI for the path, so it was
@@ -98,6 +100,16 @@ def _begins_request(data: bytes) -> bool:
     return bool(data.strip(b"\r\n"))
 
 
+#: The most digits of a ``Content-Length`` we read: 18 (under 1 EB), more than
+#: any body could be, and few enough for ``int`` (Python refuses past 4300).
+_MAX_CONTENT_LENGTH_DIGITS = 18
+
+#: A chunk-size line (RFC 9112, section 7.1): 1*HEXDIG, at most 16 of them
+#: (64 bits), then the chunk extensions, if any. ``int(x, 16)`` alone would
+#: also take a sign, spaces and underscores.
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;.*)?", re.DOTALL)
+
+
 def _count_requests(data: bytes) -> int:
     """How many requests begin in ``data``: bytes received behind a request in progress,
     which Twisted holds unparsed, and which a drain drops.
@@ -105,7 +117,8 @@ def _count_requests(data: bytes) -> int:
     Each request is stepped over (request line and header fields, then a body of
     its ``Content-Length`` or chunked); one that cannot be (incomplete, or
     malformed) counts as one request, the last. Empty lines between requests are
-    none (``_begins_request``).
+    none (``_begins_request``). Every step moves forward, and each byte is read
+    a bounded number of times: linear in ``len(data)``, whatever the peer sent.
     """
     count = 0
     position = 0
@@ -124,7 +137,8 @@ def _count_requests(data: bytes) -> int:
             name, _, value = line.partition(b":")
             name, value = name.strip().lower(), value.strip()
             if name == b"content-length":
-                if not value.isdigit():
+                # bytes.isdigit: ASCII digits only.
+                if not value.isdigit() or len(value) > _MAX_CONTENT_LENGTH_DIGITS:
                     return count
                 length = int(value)
             elif name == b"transfer-encoding":
@@ -139,15 +153,16 @@ def _count_requests(data: bytes) -> int:
 
 
 def _skip_chunked_body(data: bytes, position: int) -> int:
-    """Where the chunked body beginning at ``position`` in ``data`` ends; -1 if it does not."""
+    """Where the chunked body beginning at ``position`` in ``data`` ends (past
+    ``position``); -1 if it does not, or if a chunk-size line is malformed."""
     while True:
         end = data.find(b"\r\n", position)
         if end < 0:
             return -1
-        try:
-            size = int(data[position:end].partition(b";")[0], 16)
-        except ValueError:
+        size_line = _CHUNK_SIZE_LINE.fullmatch(data, position, end)
+        if size_line is None:
             return -1
+        size = int(size_line[1], 16)  # 0 <= size < 2**64
         position = end + 2
         if size == 0:
             break
@@ -344,6 +359,21 @@ class _LimitedChannel(HTTPChannel):
         # long, bad chunking...), in JSON like every other answer of ours.
         self.refuse(MatrixError(400, Codes.UNKNOWN, "Malformed HTTP request"))
 
+    def headerReceived(self, line: bytes) -> bool:
+        # A Content-Length of 1 to 18 ASCII digits (RFC 9110, section 8.6),
+        # else 400: Twisted refuses non-digits, but calls int() on any number
+        # of digits, and past 4300 that raises out of dataReceived (no answer,
+        # the connection dropped). A field name is a token, which Twisted
+        # matches case-insensitively, so the prefix is the whole name; the
+        # rest of the line is looked at for this field only. Twisted refuses
+        # a second Content-Length itself, even with the same value.
+        if line[:15].lower() == b"content-length:":
+            value = line[15:].strip(b" \t")
+            if not value.isdigit() or len(value) > _MAX_CONTENT_LENGTH_DIGITS:
+                self._respondToBadRequestAndDisconnect()
+                return False
+        return super().headerReceived(line)
+
     def lineLengthExceeded(self, line: bytes) -> None:
         # A request or header line over 16 KiB: Twisted would just hang up.
         self.refuse(MatrixError(400, Codes.UNKNOWN, "Request line or header too long"))
@@ -499,18 +529,33 @@ class _LimitedChannel(HTTPChannel):
         """How many requests this connection received behind the one in progress, to be
         dropped unanswered because the drain closes it; each is counted once.
 
-        Twisted holds them unparsed (``_dataBuffer``; ``_buffer`` while the
-        request before them is answered within the packet that ended it). By
-        RFC 9112 (section 9.3.2) their client retries them on a new connection.
+        Only a request being handled has bytes held behind it, and Twisted
+        holds them unparsed: in ``_dataBuffer`` (what arrives while it is
+        handled, and the rest of the packet that ended its body), or in
+        ``_buffer`` while it is answered within the packet that ended its
+        headers. Before that, what is buffered is the request's own. By RFC
+        9112 (section 9.3.2) their client retries them on a new connection.
         Counted only where the drain ends a keep-alive connection: a client
         that asked for the close, or spoke HTTP/1.0, sends nothing more. What
         arrives once the answer is finished races the close, as a request on
-        an idle connection does (``close_idle``), and is not counted.
+        an idle connection does (``close_idle``), and is not counted. Counting
+        cannot fail the caller: a failure is logged, and counts as one.
         """
         if not self._drops_pipelined:
             return 0
         self._drops_pipelined = False
-        return _count_requests(self._buffer + b"".join(self._dataBuffer))
+        if not self._handlingRequest:
+            # The request in progress is still arriving (or was refused, 413
+            # or 400, as it did): what is buffered is its own, not a request
+            # behind it (a header line, or the body of the refused request).
+            return 0
+        try:
+            return _count_requests(self._buffer + b"".join(self._dataBuffer))
+        except Exception:
+            # A count is not worth a drain that never ends, nor a connection
+            # left open after its answer: the caller closes or aborts it.
+            log.failure("Could not count the requests pipelined on a draining connection")
+            return 1
 
     def abort(self) -> None:
         """Drop the connection now, with whatever it had still to send."""

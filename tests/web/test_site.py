@@ -1,11 +1,16 @@
 """Tests for federation_invite.web.site: the access log (invites are logged once, by their
-handler), request targets, the local address asked once per connection, and the drain on
-shutdown."""
+handler), request targets, Content-Length, the local address asked once per connection, and the
+drain on shutdown."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from twisted.internet import ssl
@@ -17,7 +22,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request, Site
 
+import federation_invite
 from federation_invite.tlscert import write_self_signed_certificate
+from federation_invite.web import site as site_module
 from federation_invite.web.site import (
     DrainResult,
     _count_requests,
@@ -27,6 +34,34 @@ from federation_invite.web.site import (
 
 from ..invites import THEM, _sign_request_lax, event_id_of
 from ..test_hostile_slow import SiteTestCase, put_request
+
+#: A chunked request whose chunk size is negative: ``int(b"-6", 16)`` took it, and stepping
+#: over its body went backwards for ever.
+NEGATIVE_CHUNK = b"PUT /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-6\r\n"
+
+#: A request with a Content-Length too long for ``int()`` (Python's limit: 4300 digits).
+HUGE_CONTENT_LENGTH = b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"1" * 5000 + b"\r\n\r\n"
+
+
+class _TimeLimitExpired(Exception):
+    """Raised in the test by ``time_limit`` when the code under test runs too long."""
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Interrupt the code run within (every ``seconds`` seconds, until it ends) rather than
+    hang the suite, for tests of loops that did not end."""
+
+    def expired(signum: int, frame: object) -> None:
+        raise _TimeLimitExpired(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class AccessLogTests(SiteTestCase):
@@ -214,6 +249,64 @@ class RequestTargetTests(SiteTestCase):
         connection.send(self.valid_request())
         self.assertEqual([status for status, _, _ in connection.responses()], [200, 200])
         self.assertFalse(connection.closing)
+
+
+class ContentLengthTests(SiteTestCase):
+    """A Content-Length is 1 to 18 ASCII digits, once; anything else is answered JSON 400."""
+
+    def test_content_length_over_18_digits_refused(self) -> None:
+        """A Content-Length of 19 digits or more (of 5000, Twisted's ``int()`` raised out of
+        ``dataReceived``: no answer, the connection dropped), in any case, padded or folded,
+        first or after an answered request: JSON 400 ``M_UNKNOWN``, the connection closed."""
+        version = b"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: x\r\n\r\n"
+        for field in (
+            b"Content-Length: " + b"1" * 5000,
+            b"content-length:" + b"1" * 19,
+            b"CONTENT-LENGTH: \t" + b"0" * 18 + b"1 ",
+            b"Content-Length:\r\n " + b"9" * 19,  # obs-fold: Twisted joins the lines
+        ):
+            for earlier in (b"", version):
+                connection = self.connect()
+                connection.send(earlier + b"PUT /x HTTP/1.1\r\nHost: x\r\n" + field + b"\r\n\r\n")
+                *answered, (status, headers, body) = connection.responses()
+                self.assertEqual([code for code, _, _ in answered], [200] * bool(earlier))
+                self.assertEqual((status, body["errcode"]), (400, "M_UNKNOWN"), field[:30])
+                self.assertEqual(body["error"], "Malformed HTTP request")
+                self.assertEqual(headers[b"content-type"], b"application/json")
+                self.assertTrue(connection.closing)
+
+    def test_content_length_of_18_digits_read(self) -> None:
+        """18 digits are read as a length: over the body cap, 413 ``M_TOO_LARGE``."""
+        connection = self.connect()
+        connection.send(b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 18 + b"\r\n\r\n")
+        self.assertOnlyAnswer(connection, 413, "M_TOO_LARGE")
+
+    def test_valid_content_length_in_any_case_and_padded_accepted(self) -> None:
+        """A valid Content-Length spelled in another case, with spaces and tabs around its
+        value: the invite is read and accepted, as with the usual spelling."""
+        head, _, body = self.valid_request().partition(b"\r\n\r\n")
+        lines = [
+            b"content-LENGTH:\t  %d \t" % len(body)
+            if line.lower().startswith(b"content-length:")
+            else line
+            for line in head.split(b"\r\n")
+        ]
+        connection = self.connect()
+        connection.send(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        self.assertEqual([status for status, _, _ in connection.responses()], [200])
+        self.assertEqual(len(self.s.store.invites), 1)
+
+    def test_repeated_or_conflicting_content_length_refused(self) -> None:
+        """Content-Length twice (with the same value or not), or beside ``Transfer-Encoding:
+        chunked`` (RFC 9112 section 6.3; Twisted's own check): JSON 400 ``M_UNKNOWN``."""
+        for fields in (
+            b"Content-Length: 3\r\nContent-Length: 4\r\n",
+            b"Content-Length: 3\r\nContent-Length: 3\r\n",
+            b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
+        ):
+            connection = self.connect()
+            connection.send(b"PUT /x HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\nabc")
+            self.assertOnlyAnswer(connection, 400, "M_UNKNOWN")
 
 
 class HeadTests(SiteTestCase):
@@ -679,6 +772,117 @@ class DrainTests(HeldStoreTestCase):
         self.assertEqual(self.successResultOf(drained), DrainResult(3, 0, 0))
 
 
+class DrainCountTests(HeldStoreTestCase):
+    """What the drain counts dropped: only requests held behind one being handled, and
+    counting never holds up an answer, a close, an abort or the drain itself."""
+
+    def test_negative_chunk_size_pipelined(self) -> None:
+        """A pipelined chunked request with chunk size ``-6``: the invite before it is
+        answered and its connection closed, the request counted dropped (it froze the reactor
+        in an endless count)."""
+        busy = self.connect()
+        busy.send(self.valid_request() + NEGATIVE_CHUNK)
+        drained = self.site.drain(10)
+        with time_limit(5):
+            self.held[0].callback(None)
+        self.assertEqual([status for status, _, _ in busy.responses()], [200])
+        self.assertTrue(busy.closing)
+        busy.close()
+        self.assertEqual(self.successResultOf(drained), DrainResult(1, 0, 1))
+
+    def test_huge_content_length_pipelined(self) -> None:
+        """A pipelined request with a Content-Length of 5000 digits (too many for ``int()``):
+        counted dropped, and the invite before it answered, its connection then closed."""
+        busy = self.connect()
+        busy.send(self.valid_request() + HUGE_CONTENT_LENGTH)
+        drained = self.site.drain(10)
+        self.held[0].callback(None)
+        self.assertEqual([status for status, _, _ in busy.responses()], [200])
+        self.assertTrue(busy.closing, "closed once answered")
+        busy.close()
+        self.assertEqual(self.successResultOf(drained), DrainResult(1, 0, 1))
+
+    def test_huge_content_length_pipelined_at_grace_end(self) -> None:
+        """The same request behind an invite still held at the end of the grace period:
+        the connection is aborted and the drain fires, 1 abandoned, 1 dropped."""
+        busy = self.connect()
+        busy.send(self.valid_request() + HUGE_CONTENT_LENGTH)
+        drained = self.site.drain(10)
+        self.clock.advance(10)
+        self.assertEqual(self.successResultOf(drained), DrainResult(0, 1, 1))
+        self.assertTrue(busy.transport.disconnected, "aborted")
+
+    def test_count_failure_logged_and_counted_one(self) -> None:
+        """Counting that fails, when an answer finishes or at the grace period's end: logged,
+        counted as one request dropped, and the connection still closed (or aborted) and the
+        drain fired."""
+
+        def fail(data: bytes) -> int:
+            raise RuntimeError("cannot count")
+
+        self.patch(site_module, "_count_requests", fail)
+        answered, held = self.connect(), self.connect()
+        answered.send(self.valid_request(depth=1) + self.version_request())
+        held.send(self.valid_request(depth=2) + self.version_request())
+        drained = self.site.drain(10)
+        with capturedLogs() as events:
+            self.held[0].callback(None)
+            self.assertEqual([status for status, _, _ in answered.responses()], [200])
+            self.assertTrue(answered.closing, "closed once answered")
+            answered.close()
+            self.clock.advance(10)
+        self.assertEqual(self.successResultOf(drained), DrainResult(1, 1, 2))
+        self.assertTrue(held.transport.disconnected, "aborted")
+        self.assertEqual(
+            [
+                formatEvent(event)
+                for event in events
+                if event["log_namespace"] == "federation_invite.web.site"
+            ],
+            ["Could not count the requests pipelined on a draining connection"] * 2,
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
+    def test_request_arriving_at_grace_end_not_counted_dropped(self) -> None:
+        """Requests whose header line is still arriving at the end of the grace period, on a
+        new connection and after an answered request, are abandoned; their partial lines are
+        not second requests, dropped."""
+        data = self.valid_request()
+        fresh, kept_alive = self.connect(), self.connect()
+        kept_alive.send(self.version_request())
+        for connection in (fresh, kept_alive):
+            connection.send(data[: data.index(b"\r\n") + 10])
+        drained = self.site.drain(10)
+        self.clock.advance(10)
+        self.assertEqual(self.successResultOf(drained), DrainResult(0, 2, 0))
+
+    def test_refused_during_drain_not_counted_dropped(self) -> None:
+        """A request refused (413) during the drain, the connection not closed by the end of
+        the grace period: abandoned, and what followed its headers (its body, refused
+        unread) is no request dropped."""
+        connection = self.connect()
+        connection.send(b"PUT /x HTTP/1.1\r\nHost: x\r\n")
+        drained = self.site.drain(10)
+        connection.send(b"Content-Length: 99999\r\n\r\n" + self.version_request())
+        self.assertEqual([status for status, _, _ in connection.responses()], [413])
+        self.assertTrue(connection.closing)
+        self.clock.advance(10)
+        self.assertEqual(self.successResultOf(drained), DrainResult(0, 1, 0))
+
+    def test_rest_of_the_packet_of_a_request_answered_at_once_counted(self) -> None:
+        """Requests behind one answered within the packet that ended it (held in the line
+        buffer, not yet where Twisted holds what arrives during handling) are counted."""
+        connection = self.connect()
+        request = self.version_request()
+        connection.send(request[:20])
+        drained = self.site.drain(10)
+        connection.send(request[20:] + request + request[:5])
+        self.assertEqual([status for status, _, _ in connection.responses()], [200])
+        self.assertTrue(connection.closing)
+        connection.close()
+        self.assertEqual(self.successResultOf(drained), DrainResult(1, 0, 2))
+
+
 class CountRequestsTests(SynchronousTestCase):
     """``_count_requests``: how many requests begin in bytes held unparsed behind another."""
 
@@ -704,3 +908,43 @@ class CountRequestsTests(SynchronousTestCase):
         ]
         for data, count in cases:
             self.assertEqual(_count_requests(data), count, data)
+
+    def test_content_length_too_long_ends_the_count(self) -> None:
+        """A Content-Length of more than 18 digits (of 5000, ``int()`` raised) or of other than
+        ASCII digits ends the count, that request counting one; 18 digits are read."""
+        get = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+        for value in (b"1" * 5000, b"1" * 19, b"0" * 19, "\u0661".encode(), b"\xb2", b"1 2"):
+            data = b"PUT /a HTTP/1.1\r\nContent-Length: " + value + b"\r\n\r\n" + get
+            self.assertEqual(_count_requests(data), 1, value[:20])
+        data = b"PUT /a HTTP/1.1\r\nContent-Length: " + b"0" * 17 + b"3\r\n\r\nabc" + get
+        self.assertEqual(_count_requests(data), 2)
+
+    def test_malformed_chunk_size_ends_the_count(self) -> None:
+        """A chunk size other than 1 to 16 hex digits (a sign, a space, an underscore, ``0x``,
+        17 digits, none) ends the count, that request counting one; counted in a process of
+        its own with a time limit, as ``-6`` sent the count backwards for ever."""
+        get = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+        head = b"PUT /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        malformed = (b"-6", b"-1000", b"-0", b"+2", b" 5", b"5 ", b"1_0", b"0x5", b"", b";a")
+        cases = [(head + size + b"\r\nxx\r\n" + get, 1) for size in (*malformed, b"1" * 17)]
+        cases += [
+            (head + b"f" * 16 + b"\r\nxx\r\n" + get, 1),  # a body longer than what arrived
+            (head + b"0" * 15 + b"3;a=b\r\nabc\r\n0\r\n\r\n" + get, 2),
+        ]
+        code = (
+            "import json, sys\n"
+            "from federation_invite.web.site import _count_requests\n"
+            "print(json.dumps([_count_requests(bytes.fromhex(a)) for a in sys.argv[1:]]))\n"
+        )
+        root = os.path.dirname(os.path.dirname(os.path.abspath(federation_invite.__file__)))
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", code, *(data.hex() for data, _ in cases)],
+                capture_output=True,
+                check=True,
+                timeout=30,
+                env={**os.environ, "PYTHONPATH": root},
+            )
+        except subprocess.TimeoutExpired:
+            self.fail("_count_requests did not end within 30 s")
+        self.assertEqual(json.loads(result.stdout), [count for _, count in cases])
