@@ -91,6 +91,10 @@ def _escape_endpoint(path: str) -> str:
 
 def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     config = load_config(args.config)
+    if os.path.exists(config.signing_key_path):
+        # What only the key can tell: that it reads, and that no old key has its ID.
+        # A missing key is no error: the daemon creates it.
+        config.check_signing_key_id(key_id_of(read_signing_keys(config.signing_key_path)[0]))
     out.write(f"OK: {config.path or 'built-in defaults'} (server name {config.server_name})\n")
     return 0
 

@@ -363,7 +363,9 @@ OPTIONS: tuple[Option, ...] = (
         [],
         _old_keys,
         "Keys we no longer sign with, published as old_verify_keys: "
-        "[{key_id = 'ed25519:old', key = '<base64>', expired_ts = <ms>}].",
+        "[{key_id = 'ed25519:old', key = '<base64>', expired_ts = <ms>}]; each key ID once, "
+        "never that of the key we sign with (checked by check-config and at start). They also "
+        "verify events we signed with them before expired_ts, never requests.",
     ),
     Option(
         "keys.notaries",

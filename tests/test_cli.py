@@ -6,10 +6,12 @@ import io
 import os
 import stat
 
+from signedjson.key import generate_signing_key
 from twisted.trial.unittest import SynchronousTestCase
 
 from federation_invite.cli import main
 from federation_invite.config import load_config
+from federation_invite.signingkey import write_signing_key_file
 
 
 class CliTests(SynchronousTestCase):
@@ -64,6 +66,33 @@ class CliTests(SynchronousTestCase):
         self.assertEqual(
             self.err.getvalue(), "federation-invite: unknown configuration key 'bogus'\n"
         )
+
+    def test_check_config_reads_the_signing_key(self) -> None:
+        """check-config refuses an old key with the ID of the key we sign with, and an unreadable
+        key file, when the key exists; a missing key (created at start) is no error."""
+        data_dir = self.mktemp()
+        os.mkdir(data_dir)
+        path = self.mktemp()
+        with open(path, "w") as handle:
+            handle.write(
+                f'server_name = "example.org"\ndata_dir = "{data_dir}"\n[keys]\nold_verify_keys'
+                f" = [{{key_id = 'ed25519:a_1', key = '{'A' * 43}', expired_ts = 5}}]\n"
+            )
+        key_path = load_config(path).signing_key_path
+        code, out = self.run_cli("check-config", "-c", path)
+        self.assertEqual((code, out), (0, f"OK: {path} (server name example.org)\n"))
+        write_signing_key_file(key_path, generate_signing_key("a_1"))
+        code, _ = self.run_cli("check-config", "-c", path)
+        self.assertEqual(code, 1)
+        self.assertIn(
+            "entry 0 has key_id 'ed25519:a_1', the ID of the key we sign with", self.err.getvalue()
+        )
+        os.unlink(key_path)
+        with open(key_path, "w") as handle:
+            handle.write("not a key\n")
+        code, _ = self.run_cli("check-config", "-c", path)
+        self.assertEqual(code, 1)
+        self.assertIn(key_path, self.err.getvalue().splitlines()[-1])
 
 
 class GenerateTLSTests(SynchronousTestCase):
