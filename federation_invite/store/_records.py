@@ -62,14 +62,28 @@ class SchemaVersionError(StoreError):
         self.code_version = code_version
 
 
+def _encodable(value: str) -> bool:
+    """Whether ``value`` has a UTF-8 form: no lone surrogate (``"\\udc80"``), which
+    neither database driver can send, and which failed a whole batch of invites."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_text(name: str, value: object) -> str:
-    """Refuse anything but a non-empty string without NUL characters."""
+    """Refuse anything but a non-empty string of valid Unicode without NUL characters."""
     if not isinstance(value, str):
         raise ValueError(f"{name} must be a string, not {type(value).__name__}")
     if not value:
         raise ValueError(f"{name} must not be empty")
     if "\x00" in value:
         raise ValueError(f"{name} must not contain NUL characters")
+    if not _encodable(value):
+        raise ValueError(f"{name} must be valid Unicode (no lone surrogates)")
     return value
 
 
@@ -93,7 +107,12 @@ def check_choice(name: str, value: object, choices: frozenset[str]) -> str:
 
 def _text(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:
     # The common case decided here; check_text words the refusal.
-    if type(value) is not str or not value or "\x00" in value:
+    if (
+        type(value) is not str
+        or not value
+        or "\x00" in value
+        or not (value.isascii() or _encodable(value))
+    ):
         check_text(attribute.name, value)
 
 

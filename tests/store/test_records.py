@@ -12,11 +12,15 @@ from ._support import make_invite
 
 class RecordTests(SynchronousTestCase):
     def test_invite_record_refusals(self) -> None:
-        """InviteRecord refuses bad status, empty or NUL text, wrong types and huge timestamps."""
+        """InviteRecord refuses bad status, empty, NUL or lone-surrogate text, wrong types and huge
+        timestamps."""
         cases = [
             ({"status": "done"}, "status must be one of ['accepted', 'ignored', 'pending',"),
             ({"event_id": ""}, "event_id must not be empty"),
             ({"invitee": "@a\x00:x"}, "invitee must not contain NUL characters"),
+            ({"origin": "y\udc80"}, "origin must be valid Unicode (no lone surrogates)"),
+            ({"event_id": "$\ud800x"}, "event_id must be valid Unicode (no lone surrogates)"),
+            ({"event_json": '{"a":"\udfff"}'}, "event_json must be valid Unicode"),
             ({"room_id": None}, "room_id must be a string, not NoneType"),
             ({"event": []}, "event must be a dict, not list"),
             ({"invite_room_state": {}}, "invite_room_state must be a list, not dict"),

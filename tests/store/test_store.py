@@ -273,6 +273,8 @@ class StoreTestsMixin:
         cases = [
             (lambda: store.set_invite_status("$e", "done"), "status must be one of"),
             (lambda: store.set_invite_status("$\x00", "pending"), "event_id must not contain NUL"),
+            (lambda: store.get_invite("$\udcff"), "event_id must be valid Unicode"),
+            (lambda: store.add_local_user("@\ud800:x"), "user_id must be valid Unicode"),
             (lambda: store.list_invites(status="new"), "status must be one of"),
             (lambda: store.list_invites(limit=0), "limit must be an integer from 1 to 1000"),
             (lambda: store.list_invites(limit=1001), "limit must be an integer from 1 to 1000"),
