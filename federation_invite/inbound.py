@@ -353,37 +353,47 @@ class InviteHandler:
             if stored_before is None or not _same_event(stored_before.event, event):
                 raise
             return _repeated(stored_before, origin, peer)
-        signed = await self._signer.sign_event(room_version, event, prepared)
-        # One encoding of the co-signed event, both stored and sent back.
-        signed_json = encode_canonical_json(signed, strict=False)
-        record = InviteRecord(
-            event_id=event_id,
-            room_id=room_id,
-            room_version=room_version.identifier,
-            invitee=invitee,
-            sender=event["sender"],
-            origin=origin,
-            event=signed,
-            invite_room_state=invite_room_state,
-            received_ts=self._now_ms(),
-            status=status,
-            event_json=signed_json.decode("utf-8"),
-        )
+        # The invitee's token is kept only by an invite stored now (row 17): a
+        # repeat, a conflict (row 19), a failure, or the peer leaving before the
+        # store gives it back, so retries never lock other servers out.
+        created = False
         try:
-            # Once handed to the store the invite may be committed whatever
-            # happens to the request, so the rest (its log line, the metrics,
-            # the listeners) runs even if the client goes away meanwhile: a
-            # retry would otherwise be answered as a repeat and no listener told.
-            self._storing += 1
-            try:
-                stored, created = await _despite_cancellation(self._store.store_invite(record))
-            finally:
-                self._stored_one()
-        except StoreError as exc:
-            log.error(
-                "Could not store invite {event_id}: {reason}", event_id=event_id, reason=str(exc)
+            signed = await self._signer.sign_event(room_version, event, prepared)
+            # One encoding of the co-signed event, both stored and sent back.
+            signed_json = encode_canonical_json(signed, strict=False)
+            record = InviteRecord(
+                event_id=event_id,
+                room_id=room_id,
+                room_version=room_version.identifier,
+                invitee=invitee,
+                sender=event["sender"],
+                origin=origin,
+                event=signed,
+                invite_room_state=invite_room_state,
+                received_ts=self._now_ms(),
+                status=status,
+                event_json=signed_json.decode("utf-8"),
             )
-            raise MatrixError(500, Codes.UNKNOWN, "The invite could not be stored") from None
+            try:
+                # Once handed to the store the invite may be committed whatever
+                # happens to the request, so the rest (its log line, the metrics,
+                # the listeners) runs even if the client goes away meanwhile: a
+                # retry would otherwise be answered as a repeat and no listener told.
+                self._storing += 1
+                try:
+                    stored, created = await _despite_cancellation(self._store.store_invite(record))
+                finally:
+                    self._stored_one()
+            except StoreError as exc:
+                log.error(
+                    "Could not store invite {event_id}: {reason}",
+                    event_id=event_id,
+                    reason=str(exc),
+                )
+                raise MatrixError(500, Codes.UNKNOWN, "The invite could not be stored") from None
+        finally:
+            if not created:
+                self._invitee_rate.refund(invitee)
         if not created:
             if not _same_event(stored.event, event):
                 raise _invalid("A different event with this event ID was already received")

@@ -94,6 +94,23 @@ class RateLimiter:
             return self._sleep_seconds
         return 0.0
 
+    def refund(self, key: str) -> None:
+        """Give back the token an ``acquire`` for ``key`` took, for a request that
+        turned out to cost nothing (a repeat, or one that failed before doing its work).
+
+        Capped at the burst; a key forgotten meanwhile (its bucket had refilled
+        and was pruned) stays forgotten.
+        """
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return
+        now = self._clock.seconds()
+        tokens = self._refill(bucket[0], bucket[1], now) + 1.0
+        if tokens >= self._burst:
+            del self._buckets[key]  # full: as if never used
+        else:
+            self._buckets[key] = (tokens, now)
+
     def _prune(self, now: float) -> None:
         for key, (tokens, then) in list(self._buckets.items()):
             if self._refill(tokens, then, now) >= self._burst:

@@ -1290,6 +1290,74 @@ class RateLimitRowTests(InboundTestCase):
         self.assertEqual(self.result(pending)[0], 200)
         self.assertEqual(self.s.handler._origin_concurrency.active(THEM), 0)
 
+    def test_row17_repeats_take_no_invitee_token(self) -> None:
+        """Row 17: the invitee's limit counts invites stored, not repeats of one (row 18):
+        sending an accepted invite again, however often, leaves its tokens for new invites
+        (from this or any other server)."""
+        self.s = InviteScenario(limits=InviteLimits(invitee_burst=3, invitee_per_second=0.001))
+        room_version, event = self.s.invite(extra={"depth": 1})
+        first = self.send_v2(room_version, event)
+        self.assertEqual(first[0], 200)
+        for _ in range(5):
+            self.assertEqual(self.send_v2(room_version, event), first)
+        self.assertEqual(len(self.s.store.invites), 1)
+        for depth in (2, 3):
+            room_version, other = self.s.invite(extra={"depth": depth})
+            self.assertEqual(self.send_v2(room_version, other)[0], 200)
+        room_version, fourth = self.s.invite(extra={"depth": 4})
+        self.assertRefused(self.send_v2(room_version, fourth), 429, "M_LIMIT_EXCEEDED")
+        self.assertEqual(self.send_v2(room_version, event), first)  # still answered (row 18)
+
+    def test_row17_invites_not_stored_take_no_invitee_token(self) -> None:
+        """Row 17: an invite that passed every check but was not stored gives the invitee's
+        token back: the store failing (500), signing failing (500), the same event ID with a
+        different event (row 19), the peer leaving before the store. A new invite is then
+        accepted with a burst of one; once one is stored, the next is 429."""
+        self.s = InviteScenario(limits=InviteLimits(invitee_burst=1, invitee_per_second=0.001))
+        v1 = KNOWN_ROOM_VERSIONS["1"]
+        self.s.store.fail_invites = True
+        for depth in (1, 2):
+            event = build_invite(v1, self.s.their_key, extra={"depth": depth})
+            self.assertRefused(self.send_v2(v1, event), 500, "M_UNKNOWN")
+        self.s.store.fail_invites = False
+
+        def failing_sign(*args: Any) -> Deferred[dict[str, Any]]:
+            raise RuntimeError("HSM unreachable")
+
+        signer = self.s.handler._signer
+        signs = signer.sign_event
+        self.patch(signer, "sign_event", failing_sign)
+        for depth in (3, 4):
+            event = build_invite(v1, self.s.their_key, extra={"depth": depth})
+            self.assertRefused(self.send_v2(v1, event), 500, "M_UNKNOWN")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        held: Deferred[dict[str, Any]] = Deferred()
+        self.patch(signer, "sign_event", lambda *args: held)
+        event = build_invite(v1, self.s.their_key, extra={"depth": 5})
+        pending = self.s.send(
+            2, self.s.v2_body(v1, event), room_id=event["room_id"], event_id=event["event_id"]
+        )
+        self.s.client.flush()
+        pending.cancel()  # the peer leaves while we sign: nothing is stored
+        self.s.client.flush()
+        self.failureResultOf(pending)
+        self.assertTrue(held.called)  # cancelled with the request
+        self.assertEqual(self.s.store.invites, {})
+        self.patch(signer, "sign_event", signs)
+        # Row 19: the event ID stored for another invitee; Bob's invite under it is refused.
+        carol = f"@carol:{US}"
+        self.s.store.users.add(carol)
+        same = {"event_id": "$same:remote.example"}
+        event = build_invite(v1, self.s.their_key, invitee=carol, extra=same)
+        self.assertEqual(self.send_v2(v1, event)[0], 200)
+        other = build_invite(v1, self.s.their_key, extra={**same, "depth": 99})
+        for _ in range(2):
+            self.assertRefused(self.send_v2(v1, other), 400, "M_INVALID_PARAM")
+        room_version, new = self.s.invite(extra={"depth": 6})
+        self.assertEqual(self.send_v2(room_version, new)[0], 200)
+        room_version, after = self.s.invite(extra={"depth": 7})
+        self.assertRefused(self.send_v2(room_version, after), 429, "M_LIMIT_EXCEEDED")
+
 
 class IdempotencyRowTests(InboundTestCase):
     def test_row18_same_event_again(self) -> None:
@@ -1426,6 +1494,22 @@ class ClientGoneTests(InboundTestCase):
         self.assertEqual(self.s.store.invites, {})
         self.assertNothingWritten()
         self.assertEqual(self.s.handler._origin_concurrency.active(THEM), 0)
+
+    def test_invitee_token_after_disconnect(self) -> None:
+        """Row 17: an invite stored after its peer left keeps the invitee's token (it is
+        stored); one whose store then fails gives it back."""
+        limiter = self.s.handler._invitee_rate
+        burst = InviteLimits().invitee_burst
+        self.send_and_disconnect()
+        self.held[0][1].callback(None)
+        self.assertEqual(limiter._tokens(BOB, self.s.clock.seconds()), burst - 1)
+        self.s.store.invites.clear()
+        self.held.clear()
+        self.requests.clear()
+        self.send_and_disconnect()
+        self.held[0][1].errback(StoreError("store_invite", "database is locked"))
+        self.assertEqual(limiter._tokens(BOB, self.s.clock.seconds()), burst - 1)
+        self.assertEqual(self.s.store.invites, {})
 
     def test_disconnect_before_store_stops_the_work(self) -> None:
         """A peer disconnecting while its server's keys are fetched stops the work: nothing is

@@ -133,3 +133,47 @@ class ClockStepTests(SynchronousTestCase):
         for key in "defg":
             limiter.acquire(key)  # the table past twice what the last pass left: a pass
         self.assertEqual(set(limiter._buckets), {"d", "e", "f", "g"})
+
+
+class RefundTests(SynchronousTestCase):
+    """``refund``: a token given back for a request that cost nothing."""
+
+    def test_refund_gives_one_token_back(self) -> None:
+        clock = Clock()
+        limiter = RateLimiter(clock, 0.001, 2, what="invites for this user")
+        limiter.acquire("@bob:example.org")
+        limiter.acquire("@bob:example.org")
+        limiter.refund("@bob:example.org")
+        limiter.acquire("@bob:example.org")
+        with self.assertRaises(MatrixError) as caught:
+            limiter.acquire("@bob:example.org")
+        self.assertEqual(
+            (caught.exception.http_status, caught.exception.errcode), (429, "M_LIMIT_EXCEEDED")
+        )
+
+    def test_refund_is_capped_at_the_burst(self) -> None:
+        """Refunds beyond what was taken (or after the bucket refilled) add nothing."""
+        clock = Clock()
+        limiter = RateLimiter(clock, 1.0, 2, what="requests")
+        limiter.acquire("origin")
+        clock.advance(0.5)
+        limiter.refund("origin")
+        limiter.refund("origin")
+        self.assertEqual(limiter._buckets, {})  # full again: forgotten
+        for _ in range(2):
+            limiter.acquire("origin")
+        with self.assertRaises(MatrixError):
+            limiter.acquire("origin")
+
+    def test_refund_of_a_forgotten_key_is_harmless(self) -> None:
+        """A key pruned meanwhile (or never seen) is not added back."""
+        self.patch(ratelimit, "_PRUNE_ABOVE", 1)
+        clock = Clock()
+        limiter = RateLimiter(clock, 1.0, 1, what="requests")
+        limiter.acquire("a")
+        clock.advance(5)
+        limiter.acquire("b")  # a pass: "a" has refilled and is forgotten
+        self.assertNotIn("a", limiter._buckets)
+        limiter.refund("a")
+        limiter.refund("never")
+        self.assertEqual(set(limiter._buckets), {"b"})
