@@ -147,17 +147,28 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-class _DuplicateKey(ValueError):
-    pass
+class _Duplicates(threading.local):
+    """The first duplicate key seen by the current parse, one per thread.
+
+    The object hook only notes it: refusing at once would answer ``M_BAD_JSON``
+    for bodies that turn out not to be JSON at all (trailing data, unterminated)
+    or not an object, which the inbound table's row 2 makes ``M_NOT_JSON``.
+    """
+
+    key: str | None = None
+
+
+_duplicates = _Duplicates()
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result = dict(pairs)
-    if len(result) != len(pairs):
+    if len(result) != len(pairs) and _duplicates.key is None:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise _DuplicateKey(key)
+                _duplicates.key = key
+                break
             seen.add(key)
     return result
 
@@ -165,18 +176,20 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
 
 
-def parse_json(body: bytes) -> Any:
+def parse_json(body: bytes, *, require_object: bool = False) -> Any:
     """Parse a request body strictly.
 
     Raises ``MatrixError`` 400 ``M_NOT_JSON`` for anything that is not UTF-8
-    JSON (including NaN/Infinity and nesting too deep to parse), and 400
+    JSON (including NaN/Infinity and nesting too deep to parse), or with
+    ``require_object`` that is not a JSON object, and otherwise 400
     ``M_BAD_JSON`` for an object with a duplicate key, whose meaning differs
-    between parsers and so must never be signed.
+    between parsers and so must never be signed. The duplicate is reported only
+    once the body is known to be JSON (and an object, if required).
     """
-    return _parse(body, _decoder)
+    return _parse(body, _decoder, require_object)
 
 
-def parse_json_with_numbers(body: bytes) -> tuple[Any, bool]:
+def parse_json_with_numbers(body: bytes, *, require_object: bool = False) -> tuple[Any, bool]:
     """``parse_json``, also telling whether every number is strictly canonical.
 
     The second value is True when the body holds no float and no integer
@@ -186,7 +199,7 @@ def parse_json_with_numbers(body: bytes) -> tuple[Any, bool]:
     """
     numbers = _numbers
     numbers.clean = True
-    return _parse(body, numbers.decoder), numbers.clean
+    return _parse(body, numbers.decoder, require_object), numbers.clean
 
 
 class _NumbersDecoder(threading.local):
@@ -219,15 +232,15 @@ class _NumbersDecoder(threading.local):
 _numbers = _NumbersDecoder()
 
 
-def _parse(body: bytes, decoder: json.JSONDecoder) -> Any:
+def _parse(body: bytes, decoder: json.JSONDecoder, require_object: bool) -> Any:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise MatrixError(400, Codes.NOT_JSON, "Body is not UTF-8") from None
+    duplicates = _duplicates
+    duplicates.key = None
     try:
         value, end = decoder.raw_decode(text, _skip_ws(text, 0))
-    except _DuplicateKey as exc:
-        raise MatrixError(400, Codes.BAD_JSON, f"Duplicate key {str(exc)[:64]!r} in JSON") from None
     except RecursionError:
         raise MatrixError(400, Codes.NOT_JSON, "JSON is nested too deeply") from None
     except ValueError:
@@ -238,6 +251,12 @@ def _parse(body: bytes, decoder: json.JSONDecoder) -> Any:
     # and walk the value only when there are many.
     if text.count("[") + text.count("{") > MAX_NESTING and _depth(value) > MAX_NESTING:
         raise MatrixError(400, Codes.NOT_JSON, f"JSON is nested deeper than {MAX_NESTING} levels")
+    if require_object and not isinstance(value, dict):
+        raise MatrixError(400, Codes.NOT_JSON, "The body must be a JSON object")
+    if duplicates.key is not None:
+        key = duplicates.key
+        duplicates.key = None
+        raise MatrixError(400, Codes.BAD_JSON, f"Duplicate key {key[:64]!r} in JSON")
     return value
 
 

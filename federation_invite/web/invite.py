@@ -69,9 +69,8 @@ class InviteResource(MatrixResource):
         room_id = _path_parameter(room_segment, "room ID")
         event_id = _path_parameter(event_segment, "event ID")
         raw = _read_body(request, self._max_body_bytes)
-        body, numbers_strict = parse_json_with_numbers(raw)
-        if not isinstance(body, dict):
-            raise MatrixError(400, Codes.NOT_JSON, "The body must be a JSON object")
+        # Row 2 before row 3: a duplicate key is reported only in a JSON object.
+        body, numbers_strict = parse_json_with_numbers(raw, require_object=True)
         api_version = self._api_version
 
         async def work() -> tuple[int, Any]:

@@ -136,6 +136,46 @@ class ParseTests(SynchronousTestCase):
             self.assertEqual((error.http_status, error.errcode), (400, "M_BAD_JSON"))
         self.assertIn("'b'", self.refused(b'{"x":{"b":1,"b":1}}').message)
 
+    def test_not_json_wins_over_duplicate_keys(self) -> None:
+        """A duplicate key is M_BAD_JSON only in a body that is JSON (rows 2 before 3):
+        trailing data, an unterminated body or NaN after the duplicate is M_NOT_JSON, and
+        with require_object so is a top-level array holding one."""
+        for parse in (parse_json, parse_json_with_numbers):
+            for body in (
+                b'{"a":1,"a":2} trailing',
+                b'[{"a":1,"a":2}',
+                b'{"a":{"b":1,"b":2},"c":NaN}',
+                b'{"a":1,"a":2}{"a":1,"a":2}',
+            ):
+                error = self.assertRaises(MatrixError, parse, body)
+                self.assertEqual((error.http_status, error.errcode), (400, "M_NOT_JSON"), body)
+            body = b'[{"a":1,"a":2}]'
+            error = self.assertRaises(MatrixError, parse, body, require_object=True)
+            self.assertEqual((error.http_status, error.errcode), (400, "M_NOT_JSON"))
+            error = self.assertRaises(MatrixError, parse, body)
+            self.assertEqual((error.http_status, error.errcode), (400, "M_BAD_JSON"))
+            error = self.assertRaises(
+                MatrixError, parse, b'{"x":{"b":1,"b":2}}', require_object=True
+            )
+            self.assertEqual(
+                (error.errcode, error.message), ("M_BAD_JSON", "Duplicate key 'b' in JSON")
+            )
+            # A refused duplicate leaves nothing behind for the next parse.
+            self.assertEqual(parse(b'{"a":1}', require_object=True), parse(b'{"a":1}'))
+
+    def test_duplicate_noted_per_thread(self) -> None:
+        """A duplicate seen by a parse in another thread does not refuse this thread's parse."""
+        from federation_invite.core import canonical
+
+        def other() -> None:
+            canonical._no_duplicates([("k", 1), ("k", 2)])  # as if mid-parse
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        self.assertIsNone(canonical._duplicates.key)
+        self.assertEqual(parse_json(b'{"a":1}'), {"a": 1})
+
     def test_deep_nesting(self) -> None:
         """JSON nested beyond the parser's recursion limit is refused, not a crash."""
         error = self.refused(b"[" * 200_000 + b"]" * 200_000)
