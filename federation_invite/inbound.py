@@ -331,6 +331,10 @@ class InviteHandler:
         await self._check_signatures(room_version, event, prepared)
         if not content_hash_ok:
             raise _invalid("The event's content hash is missing or wrong")
+        if not isinstance(invite_room_state, list) or not all(
+            isinstance(entry, dict) for entry in invite_room_state
+        ):
+            raise _invalid("invite_room_state must be a list of objects")
         room_state = await self._check_room_state(room_version, room_id, invite_room_state)
         invite = InboundInvite(
             origin=origin,
@@ -800,10 +804,10 @@ def _looks_like_pdu(entry: dict[str, Any]) -> bool:
     return "signatures" in entry and "hashes" in entry
 
 
-def _unwrap(
-    api_version: int, body: dict[str, Any]
-) -> tuple[RoomVersion, dict[str, Any], list[Any]]:
-    """Rows 5, 6 and 13's shape check: the room version, the event and the room state."""
+def _unwrap(api_version: int, body: dict[str, Any]) -> tuple[RoomVersion, dict[str, Any], Any]:
+    """Rows 5 and 6: the room version, the event and the room state, whose shape is
+    checked in row 13's place (a v1 event's ``unsigned`` is part of the event, so the
+    event's format (row 7) is checked first, with it)."""
     if api_version == 1:
         # invites-v1.yaml: the body is the event; receivers assume room version
         # 1 or 2 (which do not differ here); room state rides in unsigned.
@@ -823,6 +827,4 @@ def _unwrap(
         room_version = get_room_version(body["room_version"])
         event = body["event"]
         room_state = body.get("invite_room_state", [])
-    if not isinstance(room_state, list) or not all(isinstance(e, dict) for e in room_state):
-        raise _invalid("invite_room_state must be a list of objects")
     return room_version, event, room_state

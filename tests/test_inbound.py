@@ -436,6 +436,35 @@ class BodyRowTests(InboundTestCase):
             body = {"room_version": "10", "event": event, "invite_room_state": state}
             self.assertRefused(self.send_v2(room_version, event, body=body), 400, "M_INVALID_PARAM")
 
+    def test_row13_room_state_shape_checked_after_rows_7_to_12(self) -> None:
+        """Row 13's shape check runs in row 13's place: an event that is malformed (row 7),
+        too large (row 8) or wrongly signed (row 12) is refused as such even when its
+        invite_room_state is not a list of objects; v1 carries it in the event's unsigned."""
+        room_version, event = self.s.invite(extra={"depth": "x"})
+        body = {"room_version": "10", "event": event, "invite_room_state": "nope"}
+        self.assertRefused(self.send_v2(room_version, event, body=body), 400, "M_BAD_JSON")
+        content = {"membership": "invite", "displayname": "B" * 70_000}
+        room_version, event = self.s.invite(extra={"content": content})
+        body = {"room_version": "10", "event": event, "invite_room_state": [1]}
+        self.assertRefused(self.send_v2(room_version, event, body=body), 413, "M_TOO_LARGE")
+        room_version, event = self.s.invite()
+        forged = {**event, "signatures": {THEM: {key_id_of(self.s.their_key): "A" * 86}}}
+        body = {"room_version": "10", "event": forged, "invite_room_state": "nope"}
+        answer = self.assertRefused(
+            self.send_v2(room_version, forged, body=body), 400, "M_INVALID_PARAM"
+        )
+        self.assertIn("signature check failed", answer["error"])
+        v1 = KNOWN_ROOM_VERSIONS["1"]
+        unsigned = {"invite_room_state": "nope"}
+        event = build_invite(v1, self.s.their_key, extra={"depth": "x", "unsigned": unsigned})
+        self.assertRefused(self.send_v1(event), 400, "M_BAD_JSON")
+        event = build_invite(v1, self.s.their_key, extra={"unsigned": unsigned})
+        answer = self.assertRefused(self.send_v1(event), 400, "M_INVALID_PARAM")
+        self.assertEqual(answer["error"], "invite_room_state must be a list of objects")
+        state = [stripped("m.room.name", "", {"name": "x"})]
+        event = build_invite(v1, self.s.their_key, extra={"unsigned": {"invite_room_state": state}})
+        self.assertEqual(self.send_v1(event)[0], 200)
+
     def test_row13_v12_create_event(self) -> None:
         """Row 13, v12: no full create PDU, a create with a bad signature, or a room ID that is
         not the create event's hash: 400 M_INVALID_PARAM."""
