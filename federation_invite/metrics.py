@@ -10,7 +10,11 @@ listener, in JSON (404 or 405 ``M_UNRECOGNIZED``).
 Metrics (labels in brackets):
 
 - ``federation_invite_inbound_invites_total`` (outcome: accepted, ignored, repeated,
-  refused; errcode): invites received and what became of them;
+  refused, cancelled; errcode): invites received and what became of them. Every
+  ``PUT .../invite/{roomId}/{eventId}`` is counted once: ``refused`` with our errcode
+  for any error answer, including the body checks (413 ``M_TOO_LARGE``,
+  ``M_NOT_JSON``, ``M_BAD_JSON``) and an unexpected failure (500 ``M_UNKNOWN``);
+  ``cancelled`` (errcode empty) when the client went away before its answer;
 - ``federation_invite_inbound_invite_seconds``: time to answer an invite (histogram);
 - ``federation_invite_key_fetches_total``, ``federation_invite_key_fetch_failures_total``:
   key fetches started, and those that yielded no usable key;
@@ -79,7 +83,8 @@ class InviteMetrics:
         self.registry.register(_KeyFetchCollector(self._key_sources))
 
     def inbound(self, outcome: str, errcode: str | None, seconds: float) -> None:
-        """Count one received invite (``accepted``, ``ignored`` or ``refused``) and its latency."""
+        """Count one received invite (``accepted``, ``ignored``, ``repeated``, ``refused`` or
+        ``cancelled``) and its latency; ``errcode`` only for refusals, always one of ours."""
         if self.enabled:
             self._inbound.labels(outcome, errcode or "").inc()
             self._latency.observe(seconds)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+from io import BytesIO
 from typing import Any
 
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
 
 from federation_invite.config import ConfigError, load_config
 from federation_invite.metrics import InviteMetrics
+from federation_invite.web.invite import InviteResource
 
 from .invites import InviteScenario, event_id_of
 
@@ -58,6 +63,90 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(self.sample("federation_invite_inbound_invite_seconds_count"), 2.0)
         self.assertEqual(self.sample("federation_invite_key_fetches_total"), 1.0)
         self.assertEqual(self.sample("federation_invite_key_fetch_failures_total"), 0.0)
+
+    def inbound_counts(self) -> dict[tuple[str, str], float]:
+        """Every ``federation_invite_inbound_invites_total`` sample, by (outcome, errcode)."""
+        counts: dict[tuple[str, str], float] = {}
+        for family in self.metrics.registry.collect():
+            for sample in family.samples:
+                if sample.name == "federation_invite_inbound_invites_total":
+                    counts[sample.labels["outcome"], sample.labels["errcode"]] = sample.value
+        return counts
+
+    def put_raw(self, path: str, data: bytes) -> tuple[int, str]:
+        deferred = self.scenario.put_raw(path, data, content={"x": 1})
+        self.scenario.client.flush()
+        response = self.successResultOf(deferred)
+        return response.code, json.loads(self.successResultOf(response.content()))["errcode"]
+
+    def test_inbound_body_refusals_counted(self) -> None:
+        """Refusals by the endpoint itself (rows 1 to 3, a path that is not UTF-8) are counted
+        once each, like the handler's refusals, with latency; none is counted twice."""
+        self.scenario = InviteScenario(max_body_bytes=100)
+        self.scenario.handler._metrics = self.metrics
+        path = self.scenario.path(2, "!room:remote.example", "$x")
+        answers = [
+            self.put_raw(path, b"{" + b" " * 200 + b"}"),
+            self.put_raw(path, b"nope"),
+            self.put_raw(path, b"[1]"),
+            self.put_raw(path, b'{"a":1,"a":1}'),
+            self.put_raw(path[: -len("%24x")] + "%ff", b"{}"),
+            self.put_raw(path, b"{}"),  # signed over other content: the handler refuses it
+        ]
+        self.assertEqual(
+            answers,
+            [
+                (413, "M_TOO_LARGE"),
+                (400, "M_NOT_JSON"),
+                (400, "M_NOT_JSON"),
+                (400, "M_BAD_JSON"),
+                (400, "M_INVALID_PARAM"),
+                (401, "M_UNAUTHORIZED"),
+            ],
+        )
+        self.assertEqual(
+            self.inbound_counts(),
+            {
+                ("refused", "M_TOO_LARGE"): 1.0,
+                ("refused", "M_NOT_JSON"): 2.0,
+                ("refused", "M_BAD_JSON"): 1.0,
+                ("refused", "M_INVALID_PARAM"): 1.0,
+                ("refused", "M_UNAUTHORIZED"): 1.0,
+            },
+        )
+        self.assertEqual(self.sample("federation_invite_inbound_invite_seconds_count"), 6.0)
+
+    def test_inbound_unexpected_failure_counted(self) -> None:
+        """An invite failing unexpectedly (500 M_UNKNOWN) is counted refused, M_UNKNOWN."""
+
+        async def broken(*args: Any) -> Any:
+            raise RuntimeError("bug")
+
+        self.patch(self.scenario.handler, "on_invite", broken)
+        self.assertEqual(self.send(), 500)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.inbound_counts(), {("refused", "M_UNKNOWN"): 1.0})
+        self.assertEqual(self.sample("federation_invite_inbound_invite_seconds_count"), 1.0)
+
+    def test_inbound_cancelled_counted(self) -> None:
+        """An invite whose sender goes away before its answer is counted cancelled, once."""
+        pending: Deferred[Any] = Deferred()
+
+        async def waiting(*args: Any) -> Any:
+            return await pending
+
+        self.patch(self.scenario.handler, "on_invite", waiting)
+        resource = InviteResource(self.scenario.handler, 2, 1000)
+        request = DummyRequest([b"%21room%3Aremote.example", b"%24x"])
+        request.method = b"PUT"
+        request.content = BytesIO(b"{}")
+        resource.render(request)
+        self.assertEqual(self.inbound_counts(), {})
+        self.scenario.clock.advance(2)
+        request.processingFailed(ConnectionLost())
+        self.assertEqual(request.written, [])
+        self.assertEqual(self.inbound_counts(), {("cancelled", ""): 1.0})
+        self.assertEqual(self.sample("federation_invite_inbound_invite_seconds_sum"), 2.0)
 
     def test_outbound_counter(self) -> None:
         """Outbound outcomes are counted by outcome and errcode."""

@@ -5,13 +5,16 @@ object, duplicate keys), percent-decodes the path parameters (each raw path
 segment decoded once, so a v3 event ID's ``/`` arrives as ``%2F`` and stays
 in its segment), hands the rest to ``InviteHandler`` and shapes the answer:
 v1 ``[200, {"event": ...}]`` (Synapse's historical quirk, kept by the spec's
-invites-v1.yaml), v2 ``{"event": ...}``.
+invites-v1.yaml), v2 ``{"event": ...}``. Invites it refuses itself, those
+the client abandons (cancelled) and those failing unexpectedly (500
+``M_UNKNOWN``) it counts in the handler's metrics; the handler counts the rest.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import CancelledError
 from twisted.web.server import Request
 
 from ..core.canonical import EncodedDict, EncodedList, parse_json_with_numbers
@@ -64,13 +67,28 @@ class InviteResource(MatrixResource):
             return write_error(request, not_found())
         return super().dispatch(request)
 
+    def _count(self, outcome: str, errcode: str | None, started: float) -> None:
+        """Count an invite the handler did not: into its metrics, by its clock, so that
+        every invite lands in one ``federation_invite_inbound_invites_total``."""
+        handler = self._handler
+        handler._metrics.inbound(outcome, errcode, handler._clock.seconds() - started)
+
     def render_PUT(self, request: Request) -> int:
-        room_segment, event_segment = request.postpath or [b"", b""]
-        room_id = _path_parameter(room_segment, "room ID")
-        event_id = _path_parameter(event_segment, "event ID")
-        raw = _read_body(request, self._max_body_bytes)
-        # Row 2 before row 3: a duplicate key is reported only in a JSON object.
-        body, numbers_strict = parse_json_with_numbers(raw, require_object=True)
+        started = self._handler._clock.seconds()
+        try:
+            room_segment, event_segment = request.postpath or [b"", b""]
+            room_id = _path_parameter(room_segment, "room ID")
+            event_id = _path_parameter(event_segment, "event ID")
+            raw = _read_body(request, self._max_body_bytes)
+            # Row 2 before row 3: a duplicate key is reported only in a JSON object.
+            body, numbers_strict = parse_json_with_numbers(raw, require_object=True)
+        except MatrixError as error:
+            # Rows 1 to 3 and the path: refused before the handler, which counts the rest.
+            self._count("refused", error.errcode, started)
+            raise
+        except Exception:
+            self._count("refused", Codes.UNKNOWN, started)  # answered 500 M_UNKNOWN
+            raise
         api_version = self._api_version
 
         async def work() -> tuple[int, Any]:
@@ -78,9 +96,18 @@ class InviteResource(MatrixResource):
             # refused, with its fields); unexpected failures are logged by
             # render_async. Either way no access-log line is needed as well.
             mark_outcome_logged(request)
-            answer = await self._handler.on_invite(
-                request, api_version, room_id, event_id, body, len(raw), numbers_strict
-            )
+            try:
+                answer = await self._handler.on_invite(
+                    request, api_version, room_id, event_id, body, len(raw), numbers_strict
+                )
+            except MatrixError:
+                raise  # counted by the handler
+            except CancelledError:
+                self._count("cancelled", None, started)  # the client went away
+                raise
+            except Exception:
+                self._count("refused", Codes.UNKNOWN, started)  # answered 500 M_UNKNOWN
+                raise
             if api_version == 2:
                 return 200, answer
             if isinstance(answer, EncodedDict):
