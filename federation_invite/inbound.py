@@ -666,6 +666,15 @@ class InviteHandler:
             except SignatureError as exc:
                 raise _invalid(f"{what}: signature check failed: {exc}") from None
 
+    def now(self) -> float:
+        """The handler's clock, in seconds: when an invite's handling starts, for ``count``."""
+        return self._clock.seconds()
+
+    def count(self, outcome: str, errcode: str | None, started: float) -> None:
+        """Count an invite that ended before or around ``on_invite`` (refused by the endpoint,
+        abandoned, failing unexpectedly) in this handler's metrics, which count the rest."""
+        self._metrics.inbound(outcome, errcode, self._clock.seconds() - started)
+
     def settle(self) -> Deferred[None]:
         """Fires once no invite is being stored: before the store is closed, so that
         an invite whose peer has gone (and is finished regardless) is not cut off."""

@@ -70,11 +70,10 @@ class InviteResource(MatrixResource):
     def _count(self, outcome: str, errcode: str | None, started: float) -> None:
         """Count an invite the handler did not: into its metrics, by its clock, so that
         every invite lands in one ``federation_invite_inbound_invites_total``."""
-        handler = self._handler
-        handler._metrics.inbound(outcome, errcode, handler._clock.seconds() - started)
+        self._handler.count(outcome, errcode, started)
 
     def render_PUT(self, request: Request) -> int:
-        started = self._handler._clock.seconds()
+        started = self._handler.now()
         try:
             room_segment, event_segment = request.postpath or [b"", b""]
             room_id = _path_parameter(room_segment, "room ID")
