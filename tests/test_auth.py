@@ -151,6 +151,15 @@ class RequestAuthenticationTests(SynchronousTestCase):
         self.make_server(ServerAcl.of(allow=("friend.example",)))
         self.assertRefused(403, "M_FORBIDDEN")
 
+    def test_acl_refuses_a_single_string(self) -> None:
+        """ServerAcl.of with a str for allow or deny is a TypeError, not a list of one-character
+        globs that allows (or denies) nearly everything."""
+        with self.assertRaises(TypeError):
+            ServerAcl.of(allow="*.trusted.example")  # type: ignore[arg-type]
+        with self.assertRaises(TypeError):
+            ServerAcl.of(deny="evil.example")  # type: ignore[arg-type]
+        self.assertFalse(ServerAcl.of(deny=("evil.example",)).allows("evil.example"))
+
     def test_bad_signature(self) -> None:
         """A signature that does not verify: 401 M_UNAUTHORIZED saying so."""
         header = sign_request(self.their_key, THEM, US, "PUT", PATH, {"a": 2})

@@ -959,6 +959,13 @@ class PolicyRowTests(InboundTestCase):
             failure = self.failureResultOf(Deferred.fromCoroutine(self.s.policy.check(invite)))
             self.assertEqual(failure.value.errcode, "M_INVITE_BLOCKED")
 
+    def test_deny_lists_refuse_a_single_string(self) -> None:
+        """server_deny or user_deny given as a str is a TypeError at construction, not a list of
+        one-character globs that denies nobody."""
+        for kwargs in ({"server_deny": "remote.example"}, {"user_deny": "@alice:remote.example"}):
+            with self.assertRaises(TypeError):
+                InvitePolicy(US, self.s.store, **kwargs)  # type: ignore[arg-type]
+
     def test_row16_invitee_rules(self) -> None:
         """Row 16: a block rule gives 403 M_INVITE_BLOCKED; allow overrides block."""
         self.s.store.rules.append(InviteRule(BOB, "server", "*", "block"))

@@ -35,6 +35,20 @@ def user_for_matching(user_id: str) -> str:
     return localpart + colon + server_for_matching(server) if colon else user_id
 
 
+def _patterns(patterns: Iterable[object]) -> tuple[str, ...]:
+    """``patterns`` as a tuple of strings; a lone str is refused rather than split into
+    one-character globs (``"evil.example"`` would deny next to nothing, ``"*.a.org"``
+    allow everything)."""
+    if isinstance(patterns, str | bytes):
+        raise TypeError(f"glob patterns must be a list of patterns, not {type(patterns).__name__}")
+    items: list[str] = []
+    for item in patterns:
+        if not isinstance(item, str):
+            raise TypeError(f"a glob pattern must be a str, not {type(item).__name__}")
+        items.append(item)
+    return tuple(items)
+
+
 def _compile(patterns: tuple[str, ...], ignore_case: bool) -> re.Pattern[str] | None:
     if not patterns:
         return None
@@ -46,7 +60,7 @@ def _compile(patterns: tuple[str, ...], ignore_case: bool) -> re.Pattern[str] | 
 class GlobList:
     """A compiled list of globs; ``matches`` is one regular-expression match."""
 
-    patterns: tuple[str, ...]
+    patterns: tuple[str, ...] = attrs.field(converter=_patterns)
     ignore_case: bool = False
     _regex: re.Pattern[str] | None = attrs.field(init=False, repr=False, eq=False)
 
@@ -55,7 +69,8 @@ class GlobList:
 
     @classmethod
     def of(cls, patterns: Iterable[str], *, ignore_case: bool = False) -> GlobList:
-        return cls(tuple(patterns), ignore_case)
+        """Compile ``patterns``, a list (any iterable) of str; a single str is a TypeError."""
+        return cls(patterns, ignore_case)
 
     def matches(self, value: str) -> bool:
         """True when any pattern matches the whole of ``value``."""

@@ -38,6 +38,22 @@ class GlobListTests(SynchronousTestCase):
         self.assertFalse(globs.matches("aab.(c)"))
         self.assertFalse(globs.matches("a+bx(c)"))
 
+    def test_a_single_string_is_refused(self) -> None:
+        """A str (or bytes) given for the list is refused, not split into one-character
+        patterns (which would allow or deny nearly everything); so is a pattern not a str."""
+        for patterns in ("*.evil.example", b"*.evil.example"):
+            with self.assertRaises(TypeError) as raised:
+                GlobList.of(patterns)  # type: ignore[arg-type]
+            self.assertIn("list of patterns", str(raised.exception))
+            with self.assertRaises(TypeError):
+                GlobList(patterns)
+        for item in (1, None, b"evil.example"):
+            with self.assertRaises(TypeError) as raised:
+                GlobList.of(["ok.example", item])  # type: ignore[list-item]
+            self.assertIn("str", str(raised.exception))
+        self.assertTrue(GlobList.of(("a", "b")).matches("b"))
+        self.assertTrue(GlobList.of(iter(["a"])).matches("a"))
+
 
 class MatchingFormTests(SynchronousTestCase):
     def test_server_for_matching(self) -> None:
