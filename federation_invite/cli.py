@@ -135,7 +135,7 @@ def _local_user(config: Config, user_id: str) -> str:
 async def _cmd_users(args: argparse.Namespace, out: TextIO, store: IStore, config: Config) -> int:
     if args.users_command == "list":
         for user_id in await store.list_local_users():
-            out.write(user_id + "\n")
+            out.write(_printable(user_id) + "\n")
         return 0
     user_id = _local_user(config, args.user_id)
     if args.users_command == "add":
@@ -151,7 +151,7 @@ async def _cmd_rules(args: argparse.Namespace, out: TextIO, store: IStore, confi
     user_id = _local_user(config, args.user_id)
     if args.rules_command == "list":
         for rule in await store.list_invite_rules(user_id):
-            out.write(f"{rule.kind} {rule.pattern} {rule.action}\n")
+            out.write(_printable(f"{rule.kind} {rule.pattern} {rule.action}") + "\n")
         return 0
     kind, pattern = ("user", args.user) if args.user else ("server", args.server)
     rule = InviteRule(user_id, kind, pattern, args.action)
@@ -174,6 +174,16 @@ def _printable(value: object) -> str:
         char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
         for char in text
     )
+
+
+def _received(received_ts: int) -> str:
+    """When an invite was received, in UTC; milliseconds as stored when no date fits
+    (the store takes any integer up to 2**53, and a library caller may write one)."""
+    try:
+        when = datetime.datetime.fromtimestamp(received_ts / 1000, datetime.UTC)
+    except (OverflowError, OSError, ValueError):
+        return f"{received_ts} ms"
+    return f"{when:%Y-%m-%d %H:%M:%S}"
 
 
 def _invite_json(record: InviteRecord) -> dict[str, Any]:
@@ -218,12 +228,11 @@ async def _cmd_invites(args: argparse.Namespace, out: TextIO, store: IStore, con
         f"{'received (UTC)':<20} {'status':<8} {'invitee':<30} {'sender':<30} {'room':<30} event\n"
     )
     for r in records:
-        when = datetime.datetime.fromtimestamp(r.received_ts / 1000, datetime.UTC)
         invitee, sender, room_id, event_id = (
             _printable(v) for v in (r.invitee, r.sender, r.room_id, r.event_id)
         )
         out.write(
-            f"{when:%Y-%m-%d %H:%M:%S} {r.status:<8} {invitee:<30} {sender:<30} "
+            f"{_received(r.received_ts):<19} {r.status:<8} {invitee:<30} {sender:<30} "
             f"{room_id:<30} {event_id}\n"
         )
     if records and len(records) == args.limit:

@@ -12,7 +12,7 @@ from twisted.trial.unittest import TestCase
 
 from federation_invite.cli import build_parser, run_async
 from federation_invite.config import ConfigError
-from federation_invite.store import InviteRecord, open_store
+from federation_invite.store import InviteRecord, InviteRule, open_store
 
 
 class StoreCommandTests(TestCase):
@@ -244,5 +244,46 @@ class StoreCommandTests(TestCase):
                 self.assertNotIn("\x07", text)
                 self.assertIn("\\x1b[2Jfake\\nline", text)
             self.assertEqual(len(table.splitlines()), 2)
+
+        return ensureDeferred(go())
+
+    def test_users_and_rules_lists_are_escaped(self) -> Deferred[None]:
+        """Users and rules put in the database by a library caller (or another tool) with
+        escape sequences or newlines are listed escaped, as invites are."""
+
+        async def go() -> None:
+            store = await open_store(f"sqlite:///{self.db}", reactor=reactor)
+            await store.add_local_user("@\x1b[2Jbob:example.org")
+            await store.add_invite_rule(
+                InviteRule("@bob:example.org", "server", "evil\nuser @x:y allow", "block")
+            )
+            await store.close()
+            _, users = await self.run_cli("users", "list")
+            _, rules = await self.run_cli("rules", "list", "@bob:example.org")
+            self.assertEqual(users, "@\\x1b[2Jbob:example.org\n")
+            self.assertEqual(rules, "server evil\\nuser @x:y allow block\n")
+
+        return ensureDeferred(go())
+
+    def test_invites_list_with_a_time_beyond_the_calendar(self) -> Deferred[None]:
+        """A received_ts no calendar date fits (a library caller may store any integer up
+        to 2**53) is listed as its milliseconds, not a crash after the header."""
+
+        async def go() -> None:
+            store = await open_store(f"sqlite:///{self.db}", reactor=reactor)
+            for event_id, ts in (("$far", 2**53 - 1), ("$before", -(2**53) + 1)):
+                await store.store_invite(
+                    InviteRecord(
+                        event_id, "!r:x", "1", "@a:example.org", "@s:x", "x", {}, [], ts, "pending"
+                    )
+                )
+            await store.close()
+            code, table = await self.run_cli("invites", "list")
+            self.assertEqual(code, 0)
+            lines = table.splitlines()
+            self.assertEqual(len(lines), 3)
+            self.assertTrue(lines[1].startswith(f"{2**53 - 1} ms "), lines[1])
+            self.assertTrue(lines[1].endswith("$far"), lines[1])
+            self.assertTrue(lines[2].startswith(f"{-(2**53) + 1} ms "), lines[2])
 
         return ensureDeferred(go())
