@@ -61,7 +61,9 @@ def knockouts(handler: Any, store: Any) -> dict[str, Callable[[], Any]]:
             patched(handler._origin_rate, "acquire", lambda key: 0.0),
             patched(handler._invitee_rate, "acquire", lambda key: 0.0),
         ),
-        "room state": lambda: patched(handler, "_check_room_state", lambda *a: succeed(0)),
+        "room state": lambda: patched(
+            handler, "_check_room_state", lambda *a: succeed(inbound._ROOM_STATE_OK)
+        ),
         "membership": lambda: patched(
             handler, "_check_membership", lambda event, origin: event["state_key"]
         ),
