@@ -138,6 +138,21 @@ class FederationInvite:
             root.putChild(b".well-known", well_known)
         return root
 
+    def site(self, root: Resource) -> FederationSite:
+        """A ``FederationSite`` serving ``root`` with the ``inbound.*`` connection limits
+        (body cap, request deadline, idle timeout): what the daemon listens with.
+
+        Every resource under ``root`` gets these limits and JSON answers for
+        malformed HTTP, an embedding application's own resources included.
+        """
+        return FederationSite(
+            root,
+            reactor=self.clock,
+            max_body_bytes=self.config.get("inbound.max_body_bytes"),
+            request_timeout=self.config.get("inbound.request_timeout"),
+            idle_timeout=self.config.get("inbound.idle_timeout"),
+        )
+
     async def send_invite(
         self,
         room_version: RoomVersion | str,
@@ -363,12 +378,12 @@ class FederationInviteService(service.MultiService):
             # stop, waiting for this start, closes the database).
             log.info("federation-invite stopped while starting; not listening")
             return components
-        site = self._site(components.site_root())
+        site = self._site(components, components.site_root())
         for description in self.config.listen:
             strports.service(description, site, reactor=self.reactor).setServiceParent(self)
         metrics_listen = self.config.get("metrics.listen")
         if metrics_listen:
-            metrics_site = self._site(components.metrics.resource())
+            metrics_site = self._site(components, components.metrics.resource())
             strports.service(metrics_listen, metrics_site, reactor=self.reactor).setServiceParent(
                 self
             )
@@ -384,15 +399,9 @@ class FederationInviteService(service.MultiService):
             settle_gc()
         return components
 
-    def _site(self, root: Resource) -> FederationSite:
-        """A site with the ``inbound.*`` connection limits (slowloris deadline, body cap)."""
-        site = FederationSite(
-            root,
-            reactor=self.reactor,
-            max_body_bytes=self.config.get("inbound.max_body_bytes"),
-            request_timeout=self.config.get("inbound.request_timeout"),
-            idle_timeout=self.config.get("inbound.idle_timeout"),
-        )
+    def _site(self, components: FederationInvite, root: Resource) -> FederationSite:
+        """A site with the ``inbound.*`` connection limits, drained on stop."""
+        site = components.site(root)
         self._sites.append(site)
         return site
 

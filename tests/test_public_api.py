@@ -29,14 +29,18 @@ class PublicNamesTests(SynchronousTestCase):
 
 class EmbeddingExampleTests(TestCase):
     def test_example_serves_app_and_federation(self) -> Deferred[None]:
-        """The example mounts /_matrix beside the app's own resources in one Site."""
+        """The example serves the app's own resources, /_matrix and (``well_known_server``
+        set) /.well-known/matrix/server in one site; other paths are JSON 404s."""
         spec = importlib.util.spec_from_file_location("embed_in_site", EXAMPLE)
         assert spec is not None and spec.loader is not None
         example: Any = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(example)
         config_path = self.mktemp()
         with open(config_path, "w") as handle:
-            handle.write(f'server_name = "app.example"\ndata_dir = "{self.mktemp()}"\n')
+            handle.write(
+                f'server_name = "app.example"\ndata_dir = "{self.mktemp()}"\n'
+                'well_known_server = "fed.app.example:443"\n'
+            )
 
         async def go() -> None:
             federation = await federation_invite.build_from_config(config_path, reactor)
@@ -48,6 +52,13 @@ class EmbeddingExampleTests(TestCase):
                 self.assertEqual(json.loads(await response.content())["server_name"], "app.example")
                 response = await client.get("https://app.example/_matrix/federation/v1/version")
                 self.assertEqual(response.code, 200)
+                response = await client.get("https://app.example/.well-known/matrix/server")
+                self.assertEqual(
+                    json.loads(await response.content()), {"m.server": "fed.app.example:443"}
+                )
+                response = await client.get("https://app.example/nothing")
+                self.assertEqual(response.code, 404)
+                self.assertEqual(json.loads(await response.content())["errcode"], "M_UNRECOGNIZED")
                 self.assertEqual(len(federation.handler._listeners), 1)
             finally:
                 await federation.close()

@@ -29,7 +29,7 @@ from federation_invite.store import ServerKeyRecord, StoreError
 from .daemon_harness import free_port
 from .invites import BOB, THEM, US, _sign_request_lax, build_invite, event_id_of
 from .support import MemoryStore, make_clock, make_key
-from .test_hostile_slow import parse_responses, put_request
+from .test_hostile_slow import Connection, parse_responses, put_request
 
 
 class SiteRootTests(SynchronousTestCase):
@@ -58,6 +58,66 @@ class SiteRootTests(SynchronousTestCase):
         self.assertEqual((code, body["errcode"]), (404, "M_UNRECOGNIZED"))
         code, body, _ = self.get(client, "/_matrix/key/v2/server")
         self.assertEqual((code, body["server_name"]), (200, "example.org"))
+
+
+class ConfiguredSiteTests(SynchronousTestCase):
+    """``FederationInvite.site(root)``: a ``FederationSite`` with the configuration's
+    ``inbound.*`` connection limits, as the daemon listens with."""
+
+    def setUp(self) -> None:
+        config = load_config(
+            None,
+            {
+                "server_name": "example.org",
+                "inbound.max_body_bytes": 2048,
+                "inbound.request_timeout": 5.0,
+                "inbound.idle_timeout": 10.0,
+            },
+        )
+        self.clock = make_clock()
+        components = build_components(config, self.clock, MemoryStore(), make_key("k"))  # type: ignore[arg-type]
+        self.site = components.site(components.site_root())
+
+    def connect(self) -> Connection:
+        connection = Connection(self.site)
+        self.addCleanup(connection.close)
+        return connection
+
+    def test_configured_body_cap(self) -> None:
+        """A body over ``inbound.max_body_bytes`` (2048, not the default 1 MiB): 413
+        ``M_TOO_LARGE``, declared or chunked, and the connection closed."""
+        head = b"PUT /_matrix/federation/v2/invite/!r:x/$e HTTP/1.1\r\nHost: example.org\r\n"
+        body = b"x" * 2049
+        for request in (
+            head + b"Content-Length: %d\r\n\r\n" % len(body),
+            head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body) + body + b"\r\n",
+        ):
+            connection = self.connect()
+            connection.send(request)
+            ((status, _, answer),) = connection.responses()
+            self.assertEqual((status, answer["errcode"]), (413, "M_TOO_LARGE"))
+            self.assertTrue(connection.closing)
+
+    def test_configured_request_timeout(self) -> None:
+        """A request still incomplete ``inbound.request_timeout`` (5 s, not the default 30 s)
+        after its first byte: 408 ``M_UNKNOWN`` then, not before, and the connection closed."""
+        connection = self.connect()
+        connection.send(b"GET /_matrix/key/v2/server HTTP/1.1\r\nHost: example.org\r\n")
+        self.clock.advance(4.9)
+        self.assertEqual(connection.transport.value(), b"")
+        self.clock.advance(0.1)
+        ((status, _, answer),) = connection.responses()
+        self.assertEqual((status, answer["errcode"]), (408, "M_UNKNOWN"))
+        self.assertTrue(connection.closing)
+
+    def test_configured_idle_timeout(self) -> None:
+        """A connection silent for ``inbound.idle_timeout`` (10 s, not the default 60 s) is
+        closed."""
+        connection = self.connect()
+        self.clock.advance(9.9)
+        self.assertFalse(connection.closing)
+        self.clock.advance(0.1)
+        self.assertTrue(connection.closing)
 
 
 class BuildFromConfigPathTests(TestCase):

@@ -635,7 +635,11 @@ class DrainResult(NamedTuple):
 
 
 class FederationSite(Site):
-    """A ``Site`` with the connection limits of the module doc; the daemon listens with it."""
+    """A ``Site`` with the connection limits of the module doc; the daemon listens with it.
+
+    ``FederationInvite.site(root)`` builds one with the configured ``inbound.*`` limits;
+    built by hand, it has the defaults below.
+    """
 
     protocol = _LimitedChannel  # type: ignore[assignment]
     requestFactory = _LimitedRequest
