@@ -51,6 +51,23 @@ class SiteRootTests(SynchronousTestCase):
         code, body, _ = self.get(client, "/.well-known/matrix/client")
         self.assertEqual((code, body["errcode"]), (404, "M_UNRECOGNIZED"))
 
+    def test_below_leaf_endpoints_not_found(self) -> None:
+        """A path below the version or the ``.well-known`` endpoint (a trailing slash
+        included) is a path we do not serve: JSON 404 ``M_UNRECOGNIZED``, not their 200."""
+        client = self.site(well_known_server="matrix.example.org:443")
+        for path in (
+            "/_matrix/federation/v1/version/",
+            "/_matrix/federation/v1/version/anything",
+            "/_matrix/federation/v1/version/anything/at/all",
+            "/.well-known/matrix/server/",
+            "/.well-known/matrix/server/anything",
+        ):
+            code, body, _ = self.get(client, path)
+            self.assertEqual((code, body["errcode"]), (404, "M_UNRECOGNIZED"), path)
+        for path in ("/_matrix/federation/v1/version", "/.well-known/matrix/server"):
+            code, _, _ = self.get(client, path)
+            self.assertEqual(code, 200, path)
+
     def test_no_well_known_by_default(self) -> None:
         """Without delegation configured, /.well-known is a JSON 404 and /_matrix is served."""
         client = self.site()

@@ -18,9 +18,10 @@ class PathNode(MatrixResource):
 
 
 class VersionResource(MatrixResource):
-    """``GET /_matrix/federation/v1/version`` (server-server-api, "Server implementation")."""
+    """``GET /_matrix/federation/v1/version`` (server-server-api, "Server implementation").
 
-    isLeaf = True
+    Not a leaf: a path below it (``/version/``, ``/version/x``) is one we do not serve (404).
+    """
 
     def render_GET(self, request: Request) -> bytes:
         return write_json(
@@ -29,9 +30,10 @@ class VersionResource(MatrixResource):
 
 
 class WellKnownServerResource(MatrixResource):
-    """``GET /.well-known/matrix/server``: ``{"m.server": "host[:port]"}`` for delegation."""
+    """``GET /.well-known/matrix/server``: ``{"m.server": "host[:port]"}`` for delegation.
 
-    isLeaf = True
+    Not a leaf: a path below it is one we do not serve (404).
+    """
 
     def __init__(self, delegated: str) -> None:
         super().__init__()
