@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from unpaddedbase64 import encode_base64
 
 from .client.errors import RemoteError, TransportError
@@ -51,7 +51,7 @@ from .core.signing import (
     verify_event_signature,
 )
 from .logs import Logger
-from .signer import ISigner
+from .signer import ISigner, check_signer
 
 __all__ = [
     "IInviteClient",
@@ -247,6 +247,7 @@ class InviteSender:
     """
 
     def __init__(self, signer: ISigner, client: IInviteClient, keyring: IInviteKeyring) -> None:
+        check_signer(signer)
         self._signer = signer
         self._client = client
         self._keyring = keyring
@@ -271,7 +272,8 @@ class InviteSender:
         way, can accept it.
         ``invite_room_state`` is sent as given; room version 12 requires the
         room's full ``m.room.create`` event in it. An event without ``hashes``
-        is hashed and signed by the signer, one without our signature signed.
+        is hashed and signed by the signer, one without our signature signed;
+        a signer that fails gives ``InviteNotSendable`` (its error the cause).
         ``event`` is never modified. Cancelling the Deferred abandons the request.
         """
         return Deferred.fromCoroutine(
@@ -389,8 +391,15 @@ class InviteSender:
                 return await self._signer.hash_and_sign_event(room_version, dict(event))
             if not ours:
                 return await self._signer.sign_event(room_version, dict(event))
-        except ValueError as exc:
-            raise InviteNotSendable(f"the event cannot be signed: {exc}") from None
+        except (InviteError, CancelledError):
+            raise
+        except ValueError as exc:  # the event has no canonical form, say
+            raise InviteNotSendable(f"the event cannot be signed: {exc}") from exc
+        except Exception as exc:
+            # A remote signer or HSM that failed: nothing can be sent either.
+            raise InviteNotSendable(
+                f"the event cannot be signed: the signer failed ({type(exc).__name__}: {exc})"
+            ) from exc
         return dict(event)
 
     # -- the exchange

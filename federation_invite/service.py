@@ -43,7 +43,7 @@ from .outbound import (
     InviteTransportError,
 )
 from .policy import IInvitePolicy, InvitePolicy
-from .signer import ISigner, LocalSigner
+from .signer import ISigner, LocalSigner, check_signer
 from .signingkey import load_or_create_signing_key
 from .store import IStore, open_store
 from .web._base import MatrixResource
@@ -238,7 +238,13 @@ def build_components(
     hooks: Sequence[IInvitePolicy] = (),
     listeners: Iterable[InviteListener] = (),
 ) -> FederationInvite:
-    """Assemble the services from ready parts (``client`` defaults to a ``FederationClient``)."""
+    """Assemble the services from ready parts (``client`` defaults to a ``FederationClient``).
+
+    A ``signer`` given must provide ``ISigner`` (``server_name``, ``sign_event``
+    and ``hash_and_sign_event``): else ``TypeError``, before anything is built.
+    """
+    if signer is not None:
+        check_signer(signer)
     server_name = config.server_name
     config.check_signing_key_id(key_id_of(signing_key))
     if client is None:
@@ -251,7 +257,8 @@ def build_components(
             ip_allowlist=config.get("outbound.ip_allowlist"),
             timeout=config.get("outbound.timeout"),
         )
-    signer = signer or LocalSigner(server_name, signing_key)
+    if signer is None:
+        signer = LocalSigner(server_name, signing_key)
     # Our old keys verify the events we signed with them (not requests), as for any server.
     local_keys = local_verify_keys(server_name, signing_key, config.get("keys.old_verify_keys"))
     keyring = Keyring(
@@ -325,6 +332,9 @@ async def build_from_config(
     ``config`` is a ``Config``, a path to a TOML file, or None for the built-in
     defaults; ``kwargs`` go to ``build_components`` (signer, hooks, listeners...).
     """
+    signer = kwargs.get("signer")
+    if signer is not None:
+        check_signer(signer)  # before any file or database is opened
     if not isinstance(config, Config):
         config = load_config(config)
     config.ensure_data_dir()

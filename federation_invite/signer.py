@@ -17,11 +17,16 @@ from .core.keys import key_id_of
 from .core.roomversions import RoomVersion
 from .core.signing import hash_and_sign_event, sign_event
 
-__all__ = ["ISigner", "LocalSigner"]
+__all__ = ["ISigner", "LocalSigner", "check_signer"]
 
 
 class ISigner(Interface):
-    """Adds our server's signature to events."""
+    """Adds our server's signature to events.
+
+    All three attributes are required (``check_signer``). A method may raise
+    or fail its Deferred: ``send_invite`` then fails with ``InviteNotSendable``
+    (the error as its cause), and an inbound invite is answered 500.
+    """
 
     server_name: str
 
@@ -38,6 +43,25 @@ class ISigner(Interface):
         room_version: RoomVersion, event: dict[str, Any]
     ) -> Deferred[dict[str, Any]]:
         """A new event: our content hash set, then our signature (for events we author)."""
+
+
+def check_signer(signer: object) -> None:
+    """Refuse, with a ``TypeError`` naming what is missing, an object that is no ``ISigner``.
+
+    Checked when the parts are assembled, so that a signer lacking a method
+    fails at once rather than on the first invite that needs it.
+    """
+    missing = [
+        name
+        for name in ("sign_event", "hash_and_sign_event")
+        if not callable(getattr(signer, name, None))
+    ]
+    if not isinstance(getattr(signer, "server_name", None), str):
+        missing.append("server_name (a str)")
+    if missing:
+        raise TypeError(
+            f"{type(signer).__name__} is not an ISigner: it has no {', no '.join(missing)}"
+        )
 
 
 @implementer(ISigner)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -46,7 +47,12 @@ from federation_invite.outbound import (
     InviteTransportError,
     build_test_invite,
 )
-from federation_invite.service import FederationInvite, build_components, build_site_root
+from federation_invite.service import (
+    FederationInvite,
+    build_components,
+    build_from_config,
+    build_site_root,
+)
 from federation_invite.signer import LocalSigner
 from federation_invite.web.invite import InviteResource
 from federation_invite.web.keys import KeyServerResource
@@ -1235,6 +1241,142 @@ class BeforeSendingTests(_Base):
         event, _ = self.origin.invite("1")
         event["event_id"] = "$abc:elsewhere.example"
         self.assertEqual(self.not_sendable("1", event), f"the event_id must name our server {OURS}")
+
+
+class SignerTests(_Base):
+    """The ISigner seam: a signer missing a method is refused when the parts are assembled;
+    one that fails makes send_invite fail with InviteNotSendable, its error the cause."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.peer = FakePeer(self.origin.clock)
+        self.origin.agent.add_peer(PEER, self.peer.root)
+
+    def sender_with(self, signer: Any) -> InviteSender:
+        return InviteSender(signer, self.origin.client, self.origin.keyring)
+
+    def test_incomplete_signer_refused_by_build_components(self) -> None:
+        """build_components refuses, with a TypeError naming what is missing, a signer without
+        server_name or a callable sign_event and hash_and_sign_event (so a signer with only
+        sign_event cannot fail send_invite later with an AttributeError)."""
+
+        class OnlySignEvent:
+            server_name = OURS
+
+            def sign_event(self, room_version: Any, event: Any, prepared: Any = None) -> Any:
+                raise AssertionError("not called")
+
+        class NoServerName:
+            sign_event = hash_and_sign_event = staticmethod(lambda *args: None)
+
+        class NotCallable:
+            server_name = OURS
+            sign_event = "sign"
+            hash_and_sign_event = staticmethod(lambda *args: None)
+
+        config = load_config(None, {"server_name": OURS})
+        for signer, missing in (
+            (OnlySignEvent(), "hash_and_sign_event"),
+            (NoServerName(), "server_name"),
+            (NotCallable(), "sign_event"),
+        ):
+            error = self.assertRaises(
+                TypeError,
+                build_components,
+                config,
+                self.origin.clock,
+                MemoryStore(),  # type: ignore[arg-type]
+                self.origin.key,
+                signer=signer,
+            )
+            self.assertIn(missing, str(error))
+            self.assertIn("ISigner", str(error))
+            self.assertRaises(TypeError, self.sender_with, signer)
+            data_dir = self.mktemp()
+            building = Deferred.fromCoroutine(
+                build_from_config(
+                    load_config(None, {"server_name": OURS, "data_dir": data_dir}),
+                    self.origin.clock,
+                    signer=signer,
+                )
+            )
+            self.assertIn(missing, str(self.failureResultOf(building, TypeError).value))
+            self.assertFalse(os.path.exists(data_dir), "refused before opening anything")
+        components = build_components(
+            config,
+            self.origin.clock,
+            MemoryStore(),  # type: ignore[arg-type]
+            self.origin.key,
+            signer=self.origin.signer,  # type: ignore[arg-type]
+        )
+        self.assertIs(components.signer, self.origin.signer)
+
+    def test_failing_signer(self) -> None:
+        """A signer that raises, or whose Deferred fails, with any error makes send_invite fail
+        with InviteNotSendable (an InviteError) whose cause is the signer's error; nothing is
+        sent."""
+
+        class FailingSigner:
+            server_name = OURS
+
+            def __init__(self, error: Exception, raises: bool) -> None:
+                self.error = error
+                self.raises = raises
+
+            def _fail(self) -> Deferred[dict[str, Any]]:
+                if self.raises:
+                    raise self.error
+                return fail(self.error)
+
+            def sign_event(self, room_version: Any, event: Any, prepared: Any = None) -> Any:
+                return self._fail()
+
+            def hash_and_sign_event(self, room_version: Any, event: Any) -> Any:
+                return self._fail()
+
+        event, state = self.origin.invite("10")
+        hashed = add_content_hash(KNOWN_ROOM_VERSIONS["10"], event)
+        for error in (RuntimeError("HSM offline"), ConnectionRefusedError(), KeyError("k")):
+            for raises in (True, False):
+                for unsigned in (event, hashed):
+                    sender = self.sender_with(FailingSigner(error, raises))
+                    failure = self.failureResultOf(
+                        sender.send_invite("10", unsigned, state), InviteNotSendable
+                    )
+                    self.assertIs(failure.value.__cause__, error)
+                    self.assertTrue(failure.value.reason.startswith("the event cannot be signed: "))
+        self.assert_nothing_sent()
+
+    def test_signer_invite_error_and_cancel_kept(self) -> None:
+        """An InviteError from the signer is raised as it is, and cancelling send_invite while
+        the signer works cancels it (CancelledError), neither turned into InviteNotSendable."""
+        refused = InviteRefused(PEER, 403, "M_FORBIDDEN", "no")
+        cancelled: list[Any] = []
+        pending: Deferred[dict[str, Any]] = Deferred(cancelled.append)
+
+        class Signer:
+            server_name = OURS
+            answer: Any = None
+
+            def sign_event(self, room_version: Any, event: Any, prepared: Any = None) -> Any:
+                return self.answer
+
+            def hash_and_sign_event(self, room_version: Any, event: Any) -> Any:
+                return self.answer
+
+        signer = Signer()
+        event, state = self.origin.invite("10")
+        signer.answer = fail(refused)
+        failure = self.failureResultOf(
+            self.sender_with(signer).send_invite("10", event, state), InviteRefused
+        )
+        self.assertIs(failure.value, refused)
+        signer.answer = pending
+        sending = self.sender_with(signer).send_invite("10", event, state)
+        sending.cancel()
+        self.failureResultOf(sending, CancelledError)
+        self.assertEqual(cancelled, [pending])
+        self.assert_nothing_sent()
 
 
 class BuildTestInviteTests(SynchronousTestCase):
