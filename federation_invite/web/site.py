@@ -24,6 +24,9 @@ adds, per connection:
   with decimal 176 where octal 0o176 was meant, and lets DEL and 0x80-0xb0 in.
   So is a ``Content-Length`` of more than 18 digits: Twisted reads any number
   of them with ``int()``, which raises past 4300, and the peer got no answer;
+- a refusal of a HEAD request (413, 408 or 400 once its request line is
+  read) has the status line and headers of GET's, its ``Content-Length``
+  included, and no body (RFC 9110, section 9.3.2);
 - the absolute-form target (``PUT https://host/_matrix/...``), which a server
   must accept (RFC 9112, section 3.2.2), served as its path and query (the
   origin-form) would be: Twisted takes the whole URI for the path, so it was
@@ -80,18 +83,22 @@ log = Logger(namespace="federation_invite.web.site")
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large"}
 
 
-def _raw_error_response(error: MatrixError) -> bytes:
-    """A complete HTTP/1.1 response carrying ``error``, for a connection about to close."""
+def _raw_error_response(error: MatrixError, head: bool = False) -> bytes:
+    """A complete HTTP/1.1 response carrying ``error``, for a connection about to close.
+
+    With ``head`` (the answer to a HEAD request), the same status line and headers,
+    ``Content-Length`` included, and no body: a HEAD answer has none (RFC 9110, section 9.3.2).
+    """
     body = json.dumps(error.to_json(), ensure_ascii=True).encode("ascii")
     reason = _REASONS.get(error.http_status, b"Error")
-    head = (
+    start = (
         b"HTTP/1.1 %d %s\r\n"
         b"Content-Type: application/json\r\n"
         b"Content-Length: %d\r\n"
         b"Cache-Control: no-cache, no-store, must-revalidate\r\n"
         b"Connection: close\r\n\r\n"
     ) % (error.http_status, reason, len(body))
-    return head + body
+    return start if head else start + body
 
 
 def _begins_request(data: bytes) -> bool:
@@ -341,7 +348,10 @@ class _LimitedChannel(HTTPChannel):
         self.setTimeout(None)
         if self.transport is None:
             return
-        self.transport.write(_raw_error_response(error))
+        # The method of the request being parsed, once its request line is
+        # (Twisted keeps it in _command until the request is received whole).
+        head = getattr(self, "_command", None) == b"HEAD"
+        self.transport.write(_raw_error_response(error, head))
         self._close()
 
     def _close(self) -> None:

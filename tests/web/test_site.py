@@ -350,6 +350,41 @@ class HeadTests(SiteTestCase):
         self.assertEqual(headers[b"Allow"], b"PUT")
 
 
+class HeadRefusalTests(SiteTestCase):
+    """The site's own refusals (413, 408, 400) of a HEAD request: GET's status line and
+    headers, the length of its JSON body included, and no body (RFC 9110 section 9.3.2)."""
+
+    def refusal(
+        self, method: bytes, rest: bytes, wait: float = 0
+    ) -> tuple[bytes, dict[bytes, bytes], bytes, bool]:
+        """The status line, headers and what followed of the answer to ``method /x`` followed
+        by ``rest``, ``wait`` seconds later; and whether the connection is closing."""
+        connection = self.connect()
+        connection.send(method + b" /_matrix/key/v2/server HTTP/1.1\r\nHost: x\r\n" + rest)
+        self.clock.advance(wait)
+        head, _, body = connection.transport.value().partition(b"\r\n\r\n")
+        status, *lines = head.split(b"\r\n")
+        return status, dict(line.split(b": ", 1) for line in lines), body, connection.closing
+
+    def test_head_refused_without_body(self) -> None:
+        """A HEAD request with a body over the cap (413 ``M_TOO_LARGE``), one not received
+        within the deadline (408 ``M_UNKNOWN``) and one with a bad Content-Length (400
+        ``M_UNKNOWN``): GET's answer without its body, and the connection closed."""
+        for rest, wait, status, errcode in (
+            (b"Content-Length: 5000\r\n\r\n", 0, 413, "M_TOO_LARGE"),
+            (b"X-Slow: 1\r\n", 30, 408, "M_UNKNOWN"),
+            (b"Content-Length: 1x\r\n\r\n", 0, 400, "M_UNKNOWN"),
+        ):
+            get_status, get_headers, get_body, _ = self.refusal(b"GET", rest, wait)
+            self.assertTrue(get_status.startswith(b"HTTP/1.1 %d " % status), get_status)
+            self.assertEqual(json.loads(get_body)["errcode"], errcode)
+            head_status, head_headers, head_body, closing = self.refusal(b"HEAD", rest, wait)
+            self.assertEqual((head_status, head_headers), (get_status, get_headers), status)
+            self.assertEqual(head_headers[b"Content-Length"], b"%d" % len(get_body))
+            self.assertEqual(head_body, b"", status)
+            self.assertTrue(closing)
+
+
 class LocalAddressTests(SiteTestCase):
     """The connection's local address is asked of the transport once, not per request."""
 
