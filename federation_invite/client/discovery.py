@@ -85,6 +85,13 @@ _DELTA_SECONDS = re.compile(r"[0-9]+")
 
 #: Retry delays for one SRV query: up to 15 s in all.
 _DNS_TIMEOUT = (1, 3, 11)
+#: SRV answers are kept for their TTL (the shortest in the answer), at most this
+#: long; negative ones (NXDOMAIN, or no SRV record) for their SOA's negative TTL
+#: (RFC 2308 section 5), at most ``SRV_NEGATIVE_MAX_TTL``; without an SOA, not at all.
+SRV_MAX_TTL = 24 * 3600.0
+SRV_NEGATIVE_MAX_TTL = 3600.0
+#: SRV names whose answers are remembered at once (names are peer-chosen).
+SRV_CACHE_SIZE = 10_000
 
 _USER_AGENT = f"federation-invite/{__version__}".encode("ascii")
 
@@ -110,17 +117,17 @@ class ResolvedServer:
 
 
 def _system_srv_resolver(reactor: Any) -> IResolver:
-    """A caching DNS resolver using the system's name servers and our reactor.
+    """A DNS resolver using the system's name servers and our reactor.
 
     (``twisted.names.client.createResolver`` would use the global reactor.)
+    Answers are cached by ``ServerResolver`` itself: twisted.names'
+    ``CacheResolver`` is filled only by a DNS server, never by a client's lookups.
+    Concurrent queries for one name share one request (``client.Resolver``).
     """
-    from twisted.names.cache import CacheResolver
     from twisted.names.client import Resolver
-    from twisted.names.resolve import ResolverChain
 
-    upstream = Resolver(resolv="/etc/resolv.conf", reactor=reactor)
-    chain: IResolver = ResolverChain([CacheResolver(reactor=reactor), upstream])
-    return chain
+    resolver: IResolver = Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+    return resolver
 
 
 class ServiceUnavailableError(ConnectionError):
@@ -157,6 +164,16 @@ class _WellKnownEntry:
         return in_window(self.fetched_at, now, self.expires_at)
 
 
+@attrs.frozen
+class _SrvEntry:
+    records: list[dns.Record_SRV]
+    fetched_at: float
+    expires_at: float
+
+    def fresh(self, now: float) -> bool:
+        return in_window(self.fetched_at, now, self.expires_at)
+
+
 def _unbracket(host: str) -> str:
     return host[1:-1] if host.startswith("[") else host
 
@@ -166,7 +183,7 @@ def _is_ip_literal(host: str) -> bool:
 
 
 class ServerResolver:
-    """Resolves Matrix server names, caching ``.well-known`` answers.
+    """Resolves Matrix server names, caching ``.well-known`` and SRV answers.
 
     ``reactor`` gives the time and timeouts; ``well_known_agent`` fetches
     ``.well-known`` documents (it should itself apply the IP blocklist and TLS
@@ -192,6 +209,8 @@ class ServerResolver:
         #: Consecutive failures per hostname, least recently failed first.
         self._failures: OrderedDict[str, int] = OrderedDict()
         self._inflight: dict[str, Deferred[str | None]] = {}
+        #: SRV query name -> its last answer (kept while fresh, used stale if DNS fails).
+        self._srv_cache: dict[str, _SrvEntry] = {}
 
     # -- public boundary
 
@@ -258,9 +277,31 @@ class ServerResolver:
         Raises ``ServiceUnavailableError`` when the records' only target is
         ".": a record was found, so the spec's next steps (the deprecated SRV
         name, then 8448), which apply when none was, are not taken; the same
-        holds for a "." under the deprecated name, as in Synapse. Nothing is
-        remembered here: the next resolution asks DNS again.
+        holds for a "." under the deprecated name, as in Synapse. Answers are
+        remembered as ``_srv_answer`` says; the order is drawn anew each time.
         """
+        records = await self._srv_answer(name)
+        targets = self._order_srv(records)
+        # Usually one record, as RFC 2782 intends; several that are all "."
+        # (or "." beside only records we cannot use) say no less clearly that
+        # nothing is there.
+        if not targets and any(_is_root(record.target.name) for record in records):
+            raise ServiceUnavailableError(host, name)
+        return targets
+
+    async def _srv_answer(self, name: str) -> list[dns.Record_SRV]:
+        """The SRV records of ``name`` ([] for none): from the cache while fresh, else DNS.
+
+        A positive answer is kept for its shortest TTL (at most ``SRV_MAX_TTL``;
+        0 means not at all); a negative one (NXDOMAIN, or no SRV record) for its
+        SOA's negative TTL, at most ``SRV_NEGATIVE_MAX_TTL``, and not at all
+        without an SOA. When DNS fails otherwise (a timeout), the last answer is
+        used however old, as Synapse does, and DNS is asked again next time.
+        """
+        now = self._reactor.seconds()
+        cached = self._srv_cache.get(name)
+        if cached is not None and cached.fresh(now):
+            return cached.records
         resolver = self._srv_resolver
         if resolver is None:
             resolver = self._srv_resolver = _system_srv_resolver(self._reactor)
@@ -270,21 +311,40 @@ class ServerResolver:
             result: Any = await resolver.lookupService(name, _DNS_TIMEOUT)
         except CancelledError:
             raise
+        except (dns.DomainError, dns.AuthoritativeDomainError) as exc:
+            # NXDOMAIN: the usual answer. twisted.names' client gives the
+            # response as the error's argument; its authority holds the SOA.
+            message = exc.args[0] if exc.args else None
+            authority = message.authority if isinstance(message, dns.Message) else []
+            self._remember_srv(name, [], _negative_ttl(authority), now)
+            return []
         except Exception as exc:
-            # NXDOMAIN and "no such record" are the usual answers; anything
-            # else (a DNS timeout) is logged and treated the same way, as the
-            # A/AAAA step that follows will meet the same trouble and say so.
-            if not isinstance(exc, dns.DomainError | dns.AuthoritativeDomainError):
-                _log.info("SRV lookup for {name} failed: {error}", name=name, error=exc)
+            # Anything else (a timeout) is logged and treated as no record, as
+            # the A/AAAA step that follows will meet the same trouble and say so.
+            _log.info("SRV lookup for {name} failed: {error}", name=name, error=exc)
+            if cached is not None:
+                return cached.records
             return []
         records = _srv_records(name.encode("ascii"), result[0])
-        targets = self._order_srv(records)
-        # Usually one record, as RFC 2782 intends; several that are all "."
-        # (or "." beside only records we cannot use) say no less clearly that
-        # nothing is there.
-        if not targets and any(_is_root(record.target.name) for record in records):
-            raise ServiceUnavailableError(host, name)
-        return targets
+        if records:
+            ttl = min(min(answer.ttl for answer in result[0]), SRV_MAX_TTL)
+        else:
+            ttl = _negative_ttl(result[1])
+        self._remember_srv(name, records, ttl, now)
+        return records
+
+    def _remember_srv(
+        self, name: str, records: list[dns.Record_SRV], ttl: float, now: float
+    ) -> None:
+        if ttl <= 0:
+            self._srv_cache.pop(name, None)
+            return
+        if name not in self._srv_cache and len(self._srv_cache) >= SRV_CACHE_SIZE:
+            for old_name in [n for n, old in self._srv_cache.items() if not old.fresh(now)]:
+                del self._srv_cache[old_name]
+            if len(self._srv_cache) >= SRV_CACHE_SIZE:
+                self._srv_cache.clear()
+        self._srv_cache[name] = _SrvEntry(records, now, now + ttl)
 
     def _order_srv(self, records: list[dns.Record_SRV]) -> list[tuple[str, int]]:
         """RFC 2782 order: ascending priority, weighted random order within a priority."""
@@ -448,6 +508,15 @@ def _srv_records(name: bytes, answers: list[dns.RRHeader]) -> list[dns.Record_SR
         owner = aliases[owner]
         owners.add(owner)
     return [record for record_owner, record in records if record_owner in owners]
+
+
+def _negative_ttl(authority: list[dns.RRHeader]) -> float:
+    """How long a negative answer holds: its SOA's TTL or MINIMUM, the smaller
+    (RFC 2308 section 5), at most ``SRV_NEGATIVE_MAX_TTL``; 0 without an SOA."""
+    for record in authority:
+        if isinstance(record.payload, dns.Record_SOA):
+            return min(record.ttl, record.payload.minimum, SRV_NEGATIVE_MAX_TTL)
+    return 0.0
 
 
 def _dns_key(name: bytes) -> bytes:

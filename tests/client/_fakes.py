@@ -17,6 +17,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.names import dns
+from twisted.names.error import DNSNameError
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -47,7 +48,7 @@ class FakeSRVResolver:
         if name in self.raw:
             return succeed((self.raw[name], [], []))
         if name not in self.records:
-            return fail(dns.DNSNameError(name))
+            return fail(DNSNameError(name))
         answers = [
             dns.RRHeader(
                 name=name,

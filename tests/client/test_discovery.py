@@ -13,6 +13,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.names import dns
+from twisted.names.error import DNSNameError
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
@@ -694,6 +695,189 @@ class SrvTests(_Base):
         from federation_invite.client.discovery import _system_srv_resolver
 
         self.assertTrue(IResolver.providedBy(_system_srv_resolver(MemoryReactorClock())))
+
+
+def _ttl(record: dns.RRHeader, ttl: int) -> dns.RRHeader:
+    record.ttl = ttl
+    return record
+
+
+def _soa(zone: bytes, ttl: int, minimum: int) -> dns.RRHeader:
+    """The SOA record a negative answer carries in its authority section (RFC 2308)."""
+    return dns.RRHeader(
+        name=zone, type=dns.SOA, ttl=ttl, payload=dns.Record_SOA(b"ns." + zone, minimum=minimum)
+    )
+
+
+class SrvCacheTests(_Base):
+    """SRV answers are remembered for their TTL, negative ones for their SOA's (RFC 2308)."""
+
+    NAME = "_matrix-fed._tcp.example.org"
+
+    def targets(self) -> list[tuple[str, int]]:
+        server = self.successResultOf(self.resolver.resolve_server("example.org"))
+        return self.successResultOf(self.resolver.resolve_targets(server))
+
+    def answer(self, ttl: int, target: bytes = b"new.example", port: int = 1111) -> None:
+        self.srv.raw[self.NAME] = [_ttl(_srv(self.NAME.encode(), 0, 0, port, target), ttl)]
+
+    def test_positive_answer_kept_for_its_ttl(self) -> None:
+        """An answer is used for its TTL without asking DNS again, then asked for anew."""
+        self.answer(300)
+        self.assertEqual(self.targets(), [("new.example", 1111)])
+        self.answer(300, b"moved.example", 2222)
+        self.clock.advance(299)
+        self.assertEqual(self.targets(), [("new.example", 1111)])
+        self.assertEqual(self.srv.lookups, [self.NAME])
+        self.clock.advance(1)
+        self.assertEqual(self.targets(), [("moved.example", 2222)])
+        self.assertEqual(self.srv.lookups, [self.NAME, self.NAME])
+
+    def test_shortest_ttl_of_the_answer_counts(self) -> None:
+        """Several records (or a CNAME on the way) are kept for the shortest TTL among them."""
+        self.srv.raw[self.NAME] = [
+            _ttl(
+                dns.RRHeader(
+                    name=self.NAME, type=dns.CNAME, payload=dns.Record_CNAME(b"srv.example")
+                ),
+                60,
+            ),
+            _ttl(_srv(b"srv.example", 0, 0, 1, b"a.example"), 3600),
+            _ttl(_srv(b"srv.example", 1, 0, 2, b"b.example"), 600),
+        ]
+        self.assertEqual(self.targets(), [("a.example", 1), ("b.example", 2)])
+        self.clock.advance(59)
+        self.targets()
+        self.assertEqual(len(self.srv.lookups), 1)
+        self.clock.advance(1)
+        self.targets()
+        self.assertEqual(len(self.srv.lookups), 2)
+
+    def test_zero_ttl_not_kept(self) -> None:
+        """A TTL of 0 means "do not cache" (RFC 1035 3.2.1): every resolution asks DNS."""
+        self.answer(0)
+        self.targets()
+        self.targets()
+        self.assertEqual(self.srv.lookups, [self.NAME, self.NAME])
+
+    def test_long_ttl_capped(self) -> None:
+        """A TTL beyond a day is kept for a day (a peer cannot pin its answer for weeks)."""
+        self.answer(30 * 24 * 3600)
+        self.targets()
+        self.clock.advance(24 * 3600 - 1)
+        self.targets()
+        self.assertEqual(len(self.srv.lookups), 1)
+        self.clock.advance(1)
+        self.targets()
+        self.assertEqual(len(self.srv.lookups), 2)
+
+    def test_weights_reordered_from_the_cache(self) -> None:
+        """Records of equal priority are ordered by weight anew at each resolution, the
+        answer cached or not (RFC 2782 spreads the load over them)."""
+        self.srv.raw[self.NAME] = [
+            _ttl(_srv(self.NAME.encode(), 10, 50, 1, b"one.example"), 3600),
+            _ttl(_srv(self.NAME.encode(), 10, 50, 2, b"two.example"), 3600),
+        ]
+        firsts = {self.targets()[0][0] for _ in range(40)}
+        self.assertEqual(firsts, {"one.example", "two.example"})
+        self.assertEqual(len(self.srv.lookups), 1)
+
+    def test_lone_dot_answer_kept(self) -> None:
+        """ "No service here" is an answer too: kept for its TTL."""
+        self.answer(300, b".", 0)
+        server = self.successResultOf(self.resolver.resolve_server("example.org"))
+        for _ in range(2):
+            self.failureResultOf(self.resolver.resolve_targets(server), ServiceUnavailableError)
+        self.assertEqual(self.srv.lookups, [self.NAME])
+
+    def test_negative_answer_kept_for_its_soa(self) -> None:
+        """NXDOMAIN is kept for the smaller of its SOA's TTL and MINIMUM (RFC 2308 section 5),
+        for both SRV names; so a server without SRV records costs no DNS query per send."""
+        message = dns.Message(rCode=dns.ENAME)
+        message.authority = [_soa(b"example.org", 900, 120)]
+        for name in (self.NAME, "_matrix._tcp.example.org"):
+            self.srv.errors[name] = DNSNameError(message)
+        self.assertEqual(self.targets(), [("example.org", 8448)])
+        self.clock.advance(119)
+        self.assertEqual(self.targets(), [("example.org", 8448)])
+        self.assertEqual(len(self.srv.lookups), 2)
+        self.clock.advance(1)
+        self.targets()
+        self.assertEqual(len(self.srv.lookups), 4)
+
+    def test_empty_answer_kept_for_its_soa(self) -> None:
+        """NOERROR with no SRV record (NODATA) is negative too: kept for its SOA's time,
+        capped at an hour."""
+        self.srv.raw[self.NAME] = []
+        self.srv.raw["_matrix._tcp.example.org"] = []
+        authority = [_soa(b"example.org", 86400, 86400)]
+        lookup = self.srv.lookupService
+
+        def with_authority(name: str, timeout: Any = None) -> Deferred[Any]:
+            return lookup(name, timeout).addCallback(lambda r: (r[0], authority, r[2]))
+
+        self.srv.lookupService = with_authority  # type: ignore[method-assign]
+        self.targets()
+        self.clock.advance(3599)
+        self.targets()
+        self.assertEqual(len(self.srv.lookups), 2)
+        self.clock.advance(1)
+        self.targets()
+        self.assertEqual(len(self.srv.lookups), 4)
+
+    def test_negative_answer_without_soa_not_kept(self) -> None:
+        """A negative answer that says nothing of how long it holds is not remembered."""
+        self.targets()
+        self.targets()
+        self.assertEqual(len(self.srv.lookups), 4)
+
+    def test_stale_answer_used_when_dns_fails(self) -> None:
+        """An expired answer is used when DNS then fails (a timeout), as Synapse does,
+        and asked for again at the next resolution."""
+        self.answer(60)
+        self.targets()
+        self.clock.advance(3600)
+        self.srv.errors[self.NAME] = dns.DNSQueryTimeoutError("x")
+        self.assertEqual(self.targets(), [("new.example", 1111)])
+        del self.srv.errors[self.NAME]
+        self.answer(60, b"moved.example", 2222)
+        self.assertEqual(self.targets(), [("moved.example", 2222)])
+        self.assertEqual(len(self.srv.lookups), 3)
+
+    def test_clock_stepped_back(self) -> None:
+        """An answer recorded "after" now (the wall clock stepped back) is asked for again."""
+        self.answer(3600)
+        self.targets()
+        self.clock.rightNow -= 10
+        self.targets()
+        self.assertEqual(len(self.srv.lookups), 2)
+
+    def test_only_unexpected_failures_logged(self) -> None:
+        """NXDOMAIN (the usual answer for a server without SRV records) is quiet; a DNS
+        timeout is logged."""
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.targets()
+        self.assertEqual([e for e in events if "SRV lookup" in e.get("log_format", "")], [])
+        self.srv.errors[self.NAME] = dns.DNSQueryTimeoutError("x")
+        self.targets()
+        logged = [e for e in events if "SRV lookup" in e.get("log_format", "")]
+        self.assertEqual(len(logged), 1)
+
+    def test_cache_bounded(self) -> None:
+        """Names are peer-chosen: at most SRV_CACHE_SIZE answers are kept; expired ones go
+        first, then all."""
+        self.patch(discovery, "SRV_CACHE_SIZE", 3)
+        for index in range(5):
+            name = f"_matrix-fed._tcp.h{index}.example"
+            self.srv.raw[name] = [_ttl(_srv(name.encode(), 0, 0, 1, b"t.example"), 3600)]
+            host = f"h{index}.example"
+            server = ResolvedServer(host, host, host, None, host, host)
+            self.successResultOf(self.resolver.resolve_targets(server))
+            self.assertLessEqual(len(self.resolver._srv_cache), 3)
 
 
 class WellKnownCacheTests(_Base):
