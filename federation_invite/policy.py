@@ -26,11 +26,11 @@ ever used.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import Interface
@@ -72,8 +72,19 @@ class IInvitePolicy(Interface):
     def check_invite(invite: InboundInvite) -> Deferred[str | None]:
         """Fire with None to let the invite through, or a reason to refuse it (403 M_FORBIDDEN).
 
-        Raising (or failing with) a ``MatrixError`` answers with that error instead.
+        A Deferred, a coroutine (``async def``) or the plain value will do.
+        Raising (or failing with) a ``MatrixError`` answers with that error
+        instead; any other error answers 500 ``M_UNKNOWN`` and is logged.
         """
+
+
+def _hook_answer(hook: Any, invite: InboundInvite) -> Deferred[Any]:
+    """What ``hook.check_invite(invite)`` answers, as a Deferred: a Deferred, a coroutine or
+    a plain value (None included) will do; an exception raised becomes its failure."""
+    answer = maybeDeferred(hook.check_invite, invite)
+    return answer.addCallback(
+        lambda value: ensureDeferred(value) if isinstance(value, Coroutine) else value
+    )
 
 
 class _PolicyStore(Protocol):
@@ -121,10 +132,21 @@ class InvitePolicy:
         self._local_users = local_users
         self._server_deny = GlobList.of(server_deny, ignore_case=True)
         self._user_deny = GlobList.of(user_deny)
-        self._hooks = list(hooks)
+        self._hooks: list[Any] = []
+        for hook in hooks:
+            self.add_hook(hook)
 
     def add_hook(self, hook: Any) -> None:
-        """Register an ``IInvitePolicy`` provider; hooks run in registration order."""
+        """Register an ``IInvitePolicy`` provider; hooks run in registration order.
+
+        An object without a callable ``check_invite`` (a plain function, say)
+        is refused with ``TypeError`` here, not by failing every invite later.
+        """
+        if not callable(getattr(hook, "check_invite", None)):
+            raise TypeError(
+                f"a policy hook must provide IInvitePolicy (a check_invite(invite) method); "
+                f"{type(hook).__name__} has none"
+            )
         self._hooks.append(hook)
 
     async def check(self, invite: InboundInvite) -> str:
@@ -142,7 +164,7 @@ class InvitePolicy:
         if self._user_deny.matches_user(invite.sender):
             raise MatrixError(403, Codes.FORBIDDEN, "This server does not accept invites from you")
         for hook in self._hooks:
-            reason = await hook.check_invite(invite)
+            reason = await _hook_answer(hook, invite)
             if reason is not None:
                 raise MatrixError(403, Codes.FORBIDDEN, str(reason)[:500])
         return self._invitee_rules(rules, invite.sender, sender_server)

@@ -191,7 +191,10 @@ class FederationInvite:
         self.handler.add_listener(listener)
 
     def add_policy_hook(self, hook: IInvitePolicy) -> None:
-        """Let ``hook.check_invite(invite)`` refuse invites with its own reason."""
+        """Let ``hook.check_invite(invite)`` refuse invites with its own reason.
+
+        ``TypeError`` for an object without a callable ``check_invite``.
+        """
         self.policy.add_hook(hook)
 
     async def close(self, timeout: float = 5.0) -> None:

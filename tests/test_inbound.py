@@ -4,10 +4,11 @@ plus acceptance for every room version on v1 and v2."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
@@ -15,7 +16,9 @@ from twisted.web.server import Request
 from federation_invite import inbound as inbound_module
 from federation_invite import policy as policy_module
 from federation_invite.auth import ServerAcl
+from federation_invite.config import load_config
 from federation_invite.core.canonical import encode_canonical_json
+from federation_invite.core.errors import MatrixError
 from federation_invite.core.events import prepare_event
 from federation_invite.core.format import check_event_format
 from federation_invite.core.keys import key_id_of, verify_key_of
@@ -27,6 +30,7 @@ from federation_invite.core.signing import (
 )
 from federation_invite.inbound import InviteLimits
 from federation_invite.policy import InvitePolicy
+from federation_invite.service import build_components
 from federation_invite.store import InviteRule, StoreError
 
 from .invites import (
@@ -923,6 +927,77 @@ class PolicyRowTests(InboundTestCase):
         self.assertEqual(
             (hook.seen[0].sender, hook.seen[0].invitee, hook.seen[0].origin), (ALICE, BOB, THEM)
         )
+
+    def test_row15_hook_answers(self) -> None:
+        """Row 15: a hook may answer with a Deferred, a plain value or a coroutine: None lets the
+        invite through, a reason refuses it (403 M_FORBIDDEN), a MatrixError is answered as it
+        is, and any other error is a logged 500 M_UNKNOWN."""
+
+        class Hook:
+            def __init__(self, answer: Callable[[], Any]) -> None:
+                self.answer = answer
+
+            def check_invite(self, invite: Any) -> Any:
+                return self.answer()
+
+        class AsyncHook:
+            def __init__(self, reason: str | None) -> None:
+                self.reason = reason
+
+            async def check_invite(self, invite: Any) -> str | None:
+                return self.reason
+
+        def refuse_with(error: Exception) -> Any:
+            raise error
+
+        teapot = MatrixError(418, "M_TEAPOT", "I am a teapot")
+        cases: list[tuple[Any, int, str | None]] = [
+            (Hook(lambda: None), 200, None),
+            (Hook(lambda: succeed(None)), 200, None),
+            (AsyncHook(None), 200, None),
+            (Hook(lambda: "plain reason"), 403, "plain reason"),
+            (AsyncHook("async reason"), 403, "async reason"),
+            (Hook(lambda: refuse_with(teapot)), 418, "I am a teapot"),
+            (Hook(lambda: refuse_with(RuntimeError("hook bug"))), 500, None),
+            (Hook(lambda: fail(RuntimeError("hook bug"))), 500, None),
+        ]
+        for depth, (hook, status, message) in enumerate(cases, 1):
+            self.s, self.stored_now = InviteScenario(), 0
+            self.s.policy.add_hook(hook)
+            room_version, event = self.s.invite(extra={"depth": depth})
+            if status == 200:
+                self.assertEqual(self.send_v2(room_version, event)[0], 200, depth)
+                continue
+            errcode = {403: "M_FORBIDDEN", 418: "M_TEAPOT", 500: "M_UNKNOWN"}[status]
+            body = self.assertRefused(self.send_v2(room_version, event), status, errcode)
+            if message is not None:
+                self.assertEqual(body["error"], message)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
+    def test_row15_hook_without_check_invite_refused(self) -> None:
+        """A hook without a callable check_invite (a plain function, say) is refused with a
+        TypeError when registered, rather than answering every invite with 500."""
+
+        def function_hook(invite: Any) -> None:
+            return None
+
+        class NotCallable:
+            check_invite = None
+
+        config, key = load_config(None, {"server_name": US}), make_key("us1")
+        components = build_components(config, self.s.clock, self.s.store, key)
+        for hook in (function_hook, NotCallable(), None):
+            with self.assertRaises(TypeError) as raised:
+                self.s.policy.add_hook(hook)
+            self.assertIn("check_invite", str(raised.exception))
+            with self.assertRaises(TypeError):
+                InvitePolicy(US, self.s.store, hooks=[hook])
+            with self.assertRaises(TypeError):
+                components.add_policy_hook(hook)
+            with self.assertRaises(TypeError):
+                build_components(config, self.s.clock, self.s.store, key, hooks=[hook])
+        room_version, event = self.s.invite()
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)
 
     def test_row15_16_rules_not_bypassed_by_port_dot_or_case(self) -> None:
         """Deny lists and invitee rules match the sender's host whatever port, trailing dot or
