@@ -519,17 +519,25 @@ def _sqlite_uri(path: str) -> str:
     return "sqlite:///" + quote(path, safe="/")
 
 
-@attrs.frozen
+@attrs.frozen(init=False)
 class Config:
     """A validated configuration: ``get("inbound.max_body_bytes")`` and typed shortcuts.
 
-    From ``load_config`` its paths (``data_dir``, ``signing_key``, an SQLite
-    database) are absolute: a later change of directory moves none of them.
+    ``Config(values)`` validates ``values`` (keys as in the file: flat
+    ``"inbound.max_body_bytes"`` or nested ``{"inbound": {...}}`` tables) over
+    the defaults, as ``load_config`` does for a file and its overrides; it
+    raises ``ConfigError`` naming the first unknown key or bad value. Its
+    paths (``data_dir``, ``signing_key``, an SQLite database) are made
+    absolute: a later change of directory moves none of them.
     """
 
+    #: Every key, checked and parsed.
     values: Mapping[str, Any]
     #: Where the file came from (None: built-in defaults only).
     path: str | None = None
+
+    def __init__(self, values: Mapping[str, Any] | None = None, path: str | None = None) -> None:
+        self.__attrs_init__(_validated(_flatten(values or {})), path)
 
     def get(self, key: str) -> Any:
         return self.values[key]
@@ -605,6 +613,11 @@ def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = N
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     raw.update(overrides or {})
+    return Config(raw, path)
+
+
+def _validated(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Every key of ``OPTIONS``: ``raw``'s value checked, or the default; paths absolute."""
     values: dict[str, Any] = {}
     for key in raw:
         if key not in _BY_KEY:
@@ -616,7 +629,7 @@ def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = N
         except ValueError as exc:
             raise ConfigError(f"configuration key {option.key!r}: {exc}") from None
     _resolve_paths(values)
-    return Config(values=values, path=path)
+    return values
 
 
 def _resolve_paths(values: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ import tomllib
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from federation_invite.config import OPTIONS, ConfigError, load_config, render_config
+from federation_invite.config import OPTIONS, Config, ConfigError, load_config, render_config
 from federation_invite.store import parse_database_uri
 from federation_invite.store._dialect import SQLiteDialect
 
@@ -69,6 +69,25 @@ class LoadConfigTests(SynchronousTestCase):
         config = load_config(path, {"server_name": "other.example", "listen": ["tcp:0"]})
         self.assertEqual(config.server_name, "other.example")
         self.assertEqual(config.listen, ("tcp:0",))
+
+    def test_config_from_values_validated(self) -> None:
+        """Config(values) validates and fills the defaults as load_config does (flat
+        "section.key" names or nested tables), so an embedder's Config has every key."""
+        config = Config({"server_name": "example.org", "inbound": {"max_body_bytes": 2048}})
+        self.assertEqual(
+            config.values,
+            load_config(
+                None, {"server_name": "example.org", "inbound.max_body_bytes": 2048}
+            ).values,
+        )
+        self.assertEqual(config.data_dir, os.path.join(os.getcwd(), "federation-invite-data"))
+        self.assertEqual(config.get("inbound.server_allow"), ("*",))
+        self.assertIsNone(config.path)
+        self.assertEqual(Config().values, load_config().values)
+        error = self.assertRaises(ConfigError, Config, {"inbound.max_body": 1})
+        self.assertIn("'inbound.max_body'", str(error))
+        error = self.assertRaises(ConfigError, Config, {"server_name": "bad name"})
+        self.assertIn("'server_name'", str(error))
 
     def test_unknown_key(self) -> None:
         """An unknown key, top-level or in a section, is refused by name."""
