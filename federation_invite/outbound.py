@@ -43,7 +43,7 @@ from .core.events import (
 )
 from .core.format import check_event_format, check_pdu_size
 from .core.ids import is_valid_room_id, is_valid_server_name, is_valid_user_id, server_name_of
-from .core.roomversions import EventFormat, RedactionRules, RoomVersion, get_room_version
+from .core.roomversions import EventFormat, RedactionRules, RoomVersion, room_version_of
 from .core.signing import (
     ServerVerifyKey,
     SignatureError,
@@ -581,10 +581,8 @@ class InviteSender:
 
 
 def _room_version(room_version: RoomVersion | str) -> RoomVersion:
-    if isinstance(room_version, RoomVersion):
-        return room_version
     try:
-        return get_room_version(room_version)
+        return room_version_of(room_version)
     except MatrixError:
         raise InviteNotSendable(f"unknown room version {_shown(room_version)}") from None
 

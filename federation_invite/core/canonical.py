@@ -184,7 +184,8 @@ def parse_json(body: bytes, *, require_object: bool = False) -> Any:
     ``require_object`` that is not a JSON object, and otherwise 400
     ``M_BAD_JSON`` for an object with a duplicate key, whose meaning differs
     between parsers and so must never be signed. The duplicate is reported only
-    once the body is known to be JSON (and an object, if required).
+    once the body is known to be JSON (and an object, if required). ``body``
+    is bytes (or a bytearray); a str is a ``TypeError``.
     """
     return _parse(body, _decoder, require_object)
 
@@ -237,6 +238,8 @@ def _parse(body: bytes, decoder: json.JSONDecoder, require_object: bool) -> Any:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise MatrixError(400, Codes.NOT_JSON, "Body is not UTF-8") from None
+    except AttributeError:  # no decode: a str, say (caught here to cost nothing per request)
+        raise TypeError(f"the body to parse must be bytes, not {type(body).__name__}") from None
     duplicates = _duplicates
     duplicates.key = None
     try:

@@ -9,7 +9,9 @@ the reference hash and so the event ID (server-server-api, "Calculating the
 reference hash for an event"). The simple functions are thin wrappers over it.
 
 Nested values of a redacted event are shared with the input, not copied:
-treat both as immutable.
+treat both as immutable. Every function takes the room version as a
+``RoomVersion`` or its identifier (``"10"``); an unknown one raises 400
+``M_INCOMPATIBLE_ROOM_VERSION`` (``get_room_version``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import attrs
 from unpaddedbase64 import decode_base64, encode_base64
 
 from .canonical import encode_canonical_json
-from .roomversions import EventIdFormat, RedactionRules, RoomVersion
+from .roomversions import EventIdFormat, RedactionRules, RoomVersion, room_version_of
 
 __all__ = [
     "PreparedEvent",
@@ -107,7 +109,7 @@ _NOT_CONTENT_HASHED = frozenset({"unsigned", "signatures", "hashes"})
 _NOT_SIGNED = frozenset({"signatures", "unsigned"})
 
 
-def redact(room_version: RoomVersion, event: Mapping[str, Any]) -> dict[str, Any]:
+def redact(room_version: RoomVersion | str, event: Mapping[str, Any]) -> dict[str, Any]:
     """Return the redacted form of ``event`` under ``room_version``'s redaction rules.
 
     Only the protected top-level keys survive (``signatures`` and ``hashes``
@@ -115,6 +117,7 @@ def redact(room_version: RoomVersion, event: Mapping[str, Any]) -> dict[str, Any
     type protects. A missing ``content`` stays missing. Raises ``ValueError``
     when ``content`` is present but not an object. Redaction is idempotent.
     """
+    room_version = room_version_of(room_version)
     kept_top, kept_content = _RULES[room_version.redaction_rules]
     redacted = {key: value for key, value in event.items() if key in kept_top}
     if "content" in redacted:
@@ -189,7 +192,7 @@ class PreparedEvent:
 
 
 def prepare_event(
-    room_version: RoomVersion, event: Mapping[str, Any], *, strict: bool | None = None
+    room_version: RoomVersion | str, event: Mapping[str, Any], *, strict: bool | None = None
 ) -> PreparedEvent:
     """Redact ``event`` and compute its signing bytes and reference hash, once.
 
@@ -198,6 +201,7 @@ def prepare_event(
     ``strict=True`` for events we author. Raises ``ValueError`` (including
     ``CanonicalJSONError``) for an event that cannot be redacted or encoded.
     """
+    room_version = room_version_of(room_version)
     if strict is None:
         strict = room_version.strict_canonical_json
     redacted = redact(room_version, event)
@@ -213,7 +217,7 @@ def prepare_event(
 
 
 def ensure_prepared(
-    room_version: RoomVersion, event: Mapping[str, Any], prepared: PreparedEvent | None = None
+    room_version: RoomVersion | str, event: Mapping[str, Any], prepared: PreparedEvent | None = None
 ) -> PreparedEvent:
     """Return ``prepared`` when it was prepared from ``event``, else prepare ``event`` now.
 
@@ -221,6 +225,7 @@ def ensure_prepared(
     risking a mix-up: a prepared form of another event (compared by identity,
     then equality) or room version raises ``ValueError``.
     """
+    room_version = room_version_of(room_version)
     if prepared is None:
         return prepare_event(room_version, event)
     if prepared.room_version is not room_version and prepared.room_version != room_version:
@@ -230,7 +235,7 @@ def ensure_prepared(
     return prepared
 
 
-def reference_hash(room_version: RoomVersion, event: Mapping[str, Any]) -> bytes:
+def reference_hash(room_version: RoomVersion | str, event: Mapping[str, Any]) -> bytes:
     """The sha256 reference hash of ``event``.
 
     server-server-api, "Calculating the reference hash for an event": redact,
@@ -239,13 +244,14 @@ def reference_hash(room_version: RoomVersion, event: Mapping[str, Any]) -> bytes
     return prepare_event(room_version, event).reference_hash
 
 
-def compute_event_id(room_version: RoomVersion, event: Mapping[str, Any]) -> str:
+def compute_event_id(room_version: RoomVersion | str, event: Mapping[str, Any]) -> str:
     """The event's ID: its own ``event_id`` in v1/v2, else ``$`` + base64 of the reference hash.
 
     v3 uses standard unpadded base64 (which may contain ``+`` and ``/``), v4+
     the URL-safe alphabet (rooms/fragments/v4-event-ids.md). Raises
     ``ValueError`` for a v1/v2 event without a string ``event_id``.
     """
+    room_version = room_version_of(room_version)
     if room_version.event_id_format is EventIdFormat.V1_OPAQUE:
         # No hashing needed: the ID is in the event.
         event_id = event.get("event_id")
@@ -256,7 +262,7 @@ def compute_event_id(room_version: RoomVersion, event: Mapping[str, Any]) -> str
 
 
 def room_id_for_create_event(
-    room_version: RoomVersion,
+    room_version: RoomVersion | str,
     create_event: Mapping[str, Any],
     *,
     prepared: PreparedEvent | None = None,
@@ -267,6 +273,7 @@ def room_id_for_create_event(
     the ``!`` sigil.) Raises ``ValueError`` for other room versions or event
     types.
     """
+    room_version = room_version_of(room_version)
     if not room_version.room_id_is_create_event_hash:
         raise ValueError(f"room version {room_version.identifier} room IDs are not hashes")
     if create_event.get("type") != "m.room.create":
@@ -276,7 +283,7 @@ def room_id_for_create_event(
 
 
 def compute_content_hash(
-    room_version: RoomVersion, event: Mapping[str, Any], *, strict: bool | None = None
+    room_version: RoomVersion | str, event: Mapping[str, Any], *, strict: bool | None = None
 ) -> bytes:
     """The sha256 content hash (server-server-api, "Calculating the content hash for an event").
 
@@ -284,13 +291,14 @@ def compute_content_hash(
     ``hashes``. ``strict`` defaults to the room version's rules for received
     data; raises ``CanonicalJSONError`` for an event with no canonical form.
     """
+    room_version = room_version_of(room_version)
     if strict is None:
         strict = room_version.strict_canonical_json
     hashed = {key: value for key, value in event.items() if key not in _NOT_CONTENT_HASHED}
     return hashlib.sha256(encode_canonical_json(hashed, strict=strict)).digest()
 
 
-def add_content_hash(room_version: RoomVersion, event: Mapping[str, Any]) -> dict[str, Any]:
+def add_content_hash(room_version: RoomVersion | str, event: Mapping[str, Any]) -> dict[str, Any]:
     """A new event with ``hashes.sha256`` set to its content hash (unpadded base64).
 
     For events we author, so canonical JSON is always strict. Other entries
@@ -304,7 +312,7 @@ def add_content_hash(room_version: RoomVersion, event: Mapping[str, Any]) -> dic
 
 
 def check_content_hash(
-    room_version: RoomVersion, event: Mapping[str, Any], *, strict: bool | None = None
+    room_version: RoomVersion | str, event: Mapping[str, Any], *, strict: bool | None = None
 ) -> bool:
     """True when ``hashes.sha256`` matches the event's content hash.
 
@@ -313,6 +321,7 @@ def check_content_hash(
     encoded at all raises ``CanonicalJSONError``, as it is malformed rather
     than redacted. ``strict`` as for ``compute_content_hash``.
     """
+    room_version = room_version_of(room_version)
     hashes = event.get("hashes")
     if not isinstance(hashes, dict):
         return False

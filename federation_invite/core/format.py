@@ -24,7 +24,7 @@ from .canonical import MAX_SAFE_INTEGER, CanonicalJSONError, check_canonical_jso
 from .canonical import encode_canonical_json as _encode
 from .errors import Codes, MatrixError
 from .ids import MAX_ID_BYTES, is_valid_event_id, is_valid_room_id, is_valid_user_id
-from .roomversions import EventFormat, RedactionRules, RoomVersion, get_room_version
+from .roomversions import EventFormat, RedactionRules, RoomVersion, room_version_of
 
 __all__ = [
     "MAX_AUTH_EVENTS",
@@ -97,12 +97,6 @@ def _check_id_string(event: dict[str, Any], key: str) -> str:
     return value
 
 
-def _room_version(room_version: RoomVersion | str) -> RoomVersion:
-    if isinstance(room_version, RoomVersion):
-        return room_version
-    return get_room_version(room_version)
-
-
 def check_event_format(
     room_version: RoomVersion | str, event: object, *, numbers_checked: bool = False
 ) -> None:
@@ -121,7 +115,7 @@ def check_event_format(
     so the canonical-JSON walk is skipped; strings without a UTF-8 form then
     surface when the event is encoded, as ``CanonicalJSONError``.
     """
-    version = _room_version(room_version)
+    version = room_version_of(room_version)
     if not isinstance(event, dict):
         _bad("the event is not a JSON object")
     if not numbers_checked:

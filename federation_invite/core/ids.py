@@ -13,7 +13,7 @@ import functools
 import ipaddress
 import re
 
-from .roomversions import EventIdFormat, RoomVersion, get_room_version
+from .roomversions import EventIdFormat, RoomVersion, room_version_of
 
 __all__ = [
     "MAX_ID_BYTES",
@@ -209,12 +209,6 @@ def is_valid_user_id(user_id: object, *, strict: bool = False) -> bool:
     return _is_historical_localpart(localpart)
 
 
-def _room_version(room_version: RoomVersion | str) -> RoomVersion:
-    if isinstance(room_version, RoomVersion):
-        return room_version
-    return get_room_version(room_version)
-
-
 def is_valid_room_id(room_id: object, room_version: RoomVersion | str) -> bool:
     """True for a room ID valid in ``room_version`` (appendices, "Room IDs").
 
@@ -224,7 +218,7 @@ def is_valid_room_id(room_id: object, room_version: RoomVersion | str) -> bool:
     (rooms/fragments/v12-event-format.md). Raises ``MatrixError`` only for an
     unknown room version given by name.
     """
-    version = _room_version(room_version)
+    version = room_version_of(room_version)
     if version.room_id_is_create_event_hash:
         return (
             isinstance(room_id, str)
@@ -244,7 +238,7 @@ def is_valid_event_id(event_id: object, room_version: RoomVersion | str) -> bool
     Always at most 255 bytes. Raises ``MatrixError`` only for an unknown room
     version given by name.
     """
-    version = _room_version(room_version)
+    version = room_version_of(room_version)
     id_format = version.event_id_format
     if id_format is EventIdFormat.V1_OPAQUE:
         parts = _split_namespaced(event_id, "$")

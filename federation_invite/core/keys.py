@@ -54,7 +54,8 @@ def encode_verify_key(verify_key: VerifyKey) -> str:
 def decode_verify_key(key_id: str, key_base64: str) -> VerifyKey:
     """Decode a published verify key; raises ``ValueError`` for anything malformed."""
     if not is_valid_key_id(key_id):
-        raise ValueError(f"unsupported key ID {key_id[:64]!r}")
+        shown = key_id[:64] if isinstance(key_id, str) else key_id
+        raise ValueError(f"unsupported key ID {shown!r}")
     try:
         raw = decode_base64(key_base64)
     except Exception:
@@ -65,12 +66,20 @@ def decode_verify_key(key_id: str, key_base64: str) -> VerifyKey:
 
 
 def sign_bytes(signing_key: SigningKey, data: bytes) -> str:
-    """Sign ``data`` and return the signature as unpadded base64."""
+    """Sign ``data`` and return the signature as unpadded base64 (``TypeError`` unless bytes)."""
+    if not isinstance(data, bytes):
+        raise TypeError(f"the data to sign must be bytes, not {type(data).__name__}")
     return encode_base64(signing_key.sign(data).signature)
 
 
 def verify_bytes(verify_key: VerifyKey, data: bytes, signature_base64: object) -> bool:
-    """True when ``signature_base64`` is a valid ed25519 signature of ``data``."""
+    """True when ``signature_base64`` is a valid ed25519 signature of ``data``.
+
+    Any ``signature_base64`` is answered (False unless a valid signature);
+    ``data`` not bytes is a programming error: ``TypeError``.
+    """
+    if not isinstance(data, bytes):
+        raise TypeError(f"the signed data must be bytes, not {type(data).__name__}")
     if not isinstance(signature_base64, str) or len(signature_base64) > 128:
         return False
     try:

@@ -20,6 +20,7 @@ __all__ = [
     "RedactionRules",
     "RoomVersion",
     "get_room_version",
+    "room_version_of",
 ]
 
 
@@ -150,3 +151,14 @@ def get_room_version(identifier: object) -> RoomVersion:
             room_version=identifier if isinstance(identifier, str) else str(identifier),
         )
     return version
+
+
+def room_version_of(room_version: RoomVersion | str) -> RoomVersion:
+    """``room_version`` itself, or the version it names (``get_room_version``'s errors).
+
+    What every function of the core taking a room version accepts: a
+    ``RoomVersion`` or its identifier (``"10"``).
+    """
+    if isinstance(room_version, RoomVersion):
+        return room_version
+    return get_room_version(room_version)

@@ -27,7 +27,7 @@ from unpaddedbase64 import decode_base64
 from .canonical import encode_canonical_json
 from .events import PreparedEvent, add_content_hash, ensure_prepared, prepare_event
 from .keys import key_id_of, sign_bytes
-from .roomversions import RoomVersion
+from .roomversions import RoomVersion, room_version_of
 
 __all__ = [
     "SEVEN_DAYS_MS",
@@ -158,6 +158,11 @@ def verify_json(
     has no canonical form (``strict=False`` admits floats, for data from old
     room versions). Raises ``ValueError`` if ``key`` belongs to another server.
     """
+    if not isinstance(key, ServerVerifyKey):
+        raise TypeError(
+            f"verify_json takes a ServerVerifyKey (its key_id names the signature to check), "
+            f"not a {type(key).__name__}"
+        )
     if key.server_name != server_name:
         raise ValueError(f"key {key.key_id} belongs to {key.server_name}, not {server_name}")
     signature = _signatures_of(obj, server_name).get(key.key_id)
@@ -173,7 +178,7 @@ def verify_json(
 
 
 def hash_and_sign_event(
-    room_version: RoomVersion,
+    room_version: RoomVersion | str,
     event: Mapping[str, Any],
     server_name: str,
     signing_key: SigningKey,
@@ -184,6 +189,7 @@ def hash_and_sign_event(
     appendices, "Signing Events". Returns a new event; canonical JSON is strict
     as this is our own output.
     """
+    room_version = room_version_of(room_version)
     hashed = add_content_hash(room_version, event)
     prepared = prepare_event(room_version, hashed, strict=True)
     return _merge_signature(
@@ -192,7 +198,7 @@ def hash_and_sign_event(
 
 
 def sign_event(
-    room_version: RoomVersion,
+    room_version: RoomVersion | str,
     event: Mapping[str, Any],
     server_name: str,
     signing_key: SigningKey,
@@ -205,6 +211,7 @@ def sign_event(
     of this very event to reuse its signing bytes; it must have been prepared
     from ``event`` (an equal dict will do) under the same room version.
     """
+    room_version = room_version_of(room_version)
     prepared = ensure_prepared(room_version, event, prepared)
     signature = sign_bytes(signing_key, prepared.signing_bytes)
     # Any signature already under our name came from someone else (the sender
@@ -224,7 +231,7 @@ def _server_of(identifier: object, what: str) -> str:
     return server
 
 
-def required_event_signers(room_version: RoomVersion, event: Mapping[str, Any]) -> set[str]:
+def required_event_signers(room_version: RoomVersion | str, event: Mapping[str, Any]) -> set[str]:
     """The servers whose signatures an event must carry.
 
     server-server-api, "Validating hashes and signatures on received events":
@@ -233,6 +240,7 @@ def required_event_signers(room_version: RoomVersion, event: Mapping[str, Any]) 
     invite, so the sender's server is always required. Raises ``ValueError``
     when ``sender`` (or a v1/v2 ``event_id``) names no server.
     """
+    room_version = room_version_of(room_version)
     signers = {_server_of(event.get("sender"), "sender")}
     if room_version.check_event_id_server_signature:
         signers.add(_server_of(event.get("event_id"), "event_id"))
@@ -240,7 +248,7 @@ def required_event_signers(room_version: RoomVersion, event: Mapping[str, Any]) 
 
 
 def key_valid_for_event(
-    room_version: RoomVersion, key: ServerVerifyKey, origin_server_ts: int
+    room_version: RoomVersion | str, key: ServerVerifyKey, origin_server_ts: int
 ) -> bool:
     """Whether ``key`` may verify an event sent at ``origin_server_ts``.
 
@@ -249,6 +257,7 @@ def key_valid_for_event(
     enough), and an old key only verifies events sent before its
     ``expired_ts``. Before v5 any known key will do.
     """
+    room_version = room_version_of(room_version)
     if not room_version.enforce_key_validity:
         return True
     if key.expired_ts is not None:
@@ -257,7 +266,7 @@ def key_valid_for_event(
 
 
 def verify_event_signature(
-    room_version: RoomVersion,
+    room_version: RoomVersion | str,
     event: Mapping[str, Any],
     server_name: str,
     keys: Mapping[tuple[str, str], ServerVerifyKey],
@@ -273,12 +282,14 @@ def verify_event_signature(
     signatures on received events"). Raises ``SignatureError`` naming the
     server and the reason.
     """
+    room_version = room_version_of(room_version)
+    _check_keys(keys)
     prepared = _verification_form(room_version, event, prepared)
     _verify_prepared(prepared, server_name, keys)
 
 
 def verify_event_signatures(
-    room_version: RoomVersion,
+    room_version: RoomVersion | str,
     event: Mapping[str, Any],
     keys: Mapping[tuple[str, str], ServerVerifyKey],
     *,
@@ -290,6 +301,8 @@ def verify_event_signatures(
     Raises ``SignatureError`` for the first signer that fails, and also when
     the event names no server to check.
     """
+    room_version = room_version_of(room_version)
+    _check_keys(keys)
     try:
         signers = required_event_signers(room_version, event)
     except ValueError as exc:
@@ -297,6 +310,14 @@ def verify_event_signatures(
     prepared = _verification_form(room_version, event, prepared)
     for server_name in sorted(signers):
         _verify_prepared(prepared, server_name, keys)
+
+
+def _check_keys(keys: object) -> None:
+    if type(keys) is not dict and not isinstance(keys, Mapping):
+        raise TypeError(
+            "keys must map (server_name, key_id) to a ServerVerifyKey, "
+            f"not be a {type(keys).__name__}"
+        )
 
 
 def _verification_form(

@@ -65,6 +65,8 @@ class KeyTests(SynchronousTestCase):
         self.assertRaises(ValueError, decode_verify_key, "ed25519:1", "!!!")
         self.assertRaises(ValueError, decode_verify_key, "ed25519:1", "\u00e9t\u00e9")
         self.assertRaises(ValueError, decode_verify_key, "ed25519:1", "AAAA")
+        for key_id, key in ((None, published), (5, published), ("ed25519:1", None)):
+            self.assertRaises(ValueError, decode_verify_key, key_id, key)
 
     def test_sign_and_verify_bytes(self) -> None:
         """Signatures verify; wrong data, bad base64, wrong length or type do not."""
@@ -74,6 +76,18 @@ class KeyTests(SynchronousTestCase):
         self.assertFalse(verify_bytes(verify_key, b"other", signature))
         for bad in (None, 5, "!!!", "AAAA", "A" * 200, "\u00e9" * 86):
             self.assertFalse(verify_bytes(verify_key, b"data", bad))
+
+    def test_data_must_be_bytes(self) -> None:
+        """verify_bytes and sign_bytes take the data as bytes: a str is a TypeError saying so
+        (a programming error, not a bad signature), whatever the signature."""
+        signature = sign_bytes(self.key, b"data")
+        for bad_signature in (signature, "A" * 86, None):
+            with self.assertRaises(TypeError) as raised:
+                verify_bytes(verify_key_of(self.key), "data", bad_signature)  # type: ignore[arg-type]
+            self.assertIn("bytes", str(raised.exception))
+        with self.assertRaises(TypeError) as raised:
+            sign_bytes(self.key, "data")  # type: ignore[arg-type]
+        self.assertIn("bytes", str(raised.exception))
 
 
 class RoomVersionTests(SynchronousTestCase):

@@ -129,6 +129,16 @@ class ParseTests(SynchronousTestCase):
             error = self.refused(body)
             self.assertEqual((error.http_status, error.errcode), (400, "M_NOT_JSON"), body)
 
+    def test_body_not_bytes(self) -> None:
+        """A body given as str (or anything without bytes' decode) is a TypeError saying
+        bytes are wanted, not an AttributeError; bytearray is accepted."""
+        for body in ("{}", None, memoryview(b"{}")):
+            for parse in (parse_json, parse_json_with_numbers):
+                with self.assertRaises(TypeError) as raised:
+                    parse(body)  # type: ignore[arg-type]
+                self.assertIn("bytes", str(raised.exception))
+        self.assertEqual(parse_json(bytearray(b"{}")), {})
+
     def test_duplicate_keys(self) -> None:
         """A duplicate key at any depth: 400 M_BAD_JSON naming the key."""
         for body in (b'{"a":1,"a":2}', b'{"x":[{"b":1,"c":2,"b":3}]}'):

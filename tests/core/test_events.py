@@ -18,6 +18,7 @@ from federation_invite.core.canonical import (
     CanonicalJSONError,
     encode_canonical_json,
 )
+from federation_invite.core.errors import MatrixError
 from federation_invite.core.events import (
     PreparedEvent,
     add_content_hash,
@@ -620,6 +621,51 @@ class EventIdTests(SynchronousTestCase):
         for version in versions("3", "4", "11"):
             event_id = compute_event_id(version, base_event(event_id="$claimed:x"))
             self.assertNotEqual(event_id, "$claimed:x")
+
+
+class RoomVersionIdentifierTests(SynchronousTestCase):
+    """Every function here takes the room version as a RoomVersion or its identifier."""
+
+    def test_identifier_accepted(self) -> None:
+        """ "10" does what KNOWN_ROOM_VERSIONS["10"] does; "12" likewise for room IDs."""
+        v10, v12 = KNOWN_ROOM_VERSIONS["10"], KNOWN_ROOM_VERSIONS["12"]
+        event = base_event(type="m.room.member", content={"membership": "invite"})
+        hashed = add_content_hash(v10, event)
+        for function in (
+            redact,
+            reference_hash,
+            compute_event_id,
+            compute_content_hash,
+            add_content_hash,
+            check_content_hash,
+        ):
+            self.assertEqual(function("10", hashed), function(v10, hashed), function.__name__)
+        self.assertEqual(prepare_event("10", event), prepare_event(v10, event))
+        self.assertEqual(ensure_prepared("10", event, prepare_event(v10, event)).room_version, v10)
+        create = {**RoomIdTests.CREATE}
+        self.assertEqual(
+            room_id_for_create_event("12", create), room_id_for_create_event(v12, create)
+        )
+
+    def test_unknown_identifier(self) -> None:
+        """An unknown identifier (or one not a str) is 400 M_INCOMPATIBLE_ROOM_VERSION, as
+        get_room_version says."""
+        event = base_event()
+        for function in (
+            redact,
+            prepare_event,
+            reference_hash,
+            compute_event_id,
+            compute_content_hash,
+            add_content_hash,
+            check_content_hash,
+            room_id_for_create_event,
+        ):
+            for identifier in ("99", 10, None):
+                error = self.assertRaises(MatrixError, function, identifier, event)
+                self.assertEqual(
+                    (error.http_status, error.errcode), (400, "M_INCOMPATIBLE_ROOM_VERSION")
+                )
 
 
 class RoomIdTests(SynchronousTestCase):

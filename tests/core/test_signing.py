@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from unpaddedbase64 import encode_base64
 
 from federation_invite.core.canonical import MAX_SAFE_INTEGER, CanonicalJSONError
+from federation_invite.core.errors import MatrixError
 from federation_invite.core.events import (
     check_content_hash,
     prepare_event,
@@ -104,6 +105,53 @@ def signed_invite(version: RoomVersion, **overrides: Any) -> dict[str, Any]:
     return hash_and_sign_event(version, invite_event(version, **overrides), ORIGIN, ORIGIN_KEY)
 
 
+class RoomVersionIdentifierTests(SynchronousTestCase):
+    """The event functions take the room version as a RoomVersion or its identifier."""
+
+    def test_identifier_accepted(self) -> None:
+        """ "10" does what KNOWN_ROOM_VERSIONS["10"] does."""
+        v10 = KNOWN_ROOM_VERSIONS["10"]
+        event = invite_event(v10)
+        signed = hash_and_sign_event("10", event, ORIGIN, ORIGIN_KEY)
+        self.assertEqual(signed, hash_and_sign_event(v10, event, ORIGIN, ORIGIN_KEY))
+        cosigned = sign_event("10", signed, OTHER, OTHER_KEY)
+        self.assertEqual(cosigned, sign_event(v10, signed, OTHER, OTHER_KEY))
+        self.assertEqual(required_event_signers("10", signed), {ORIGIN})
+        verify_event_signatures("10", cosigned, KEYS)
+        verify_event_signature("10", cosigned, OTHER, KEYS)
+        self.assertTrue(key_valid_for_event("10", server_key(ORIGIN, ORIGIN_KEY), TS))
+
+    def test_unknown_identifier(self) -> None:
+        """An unknown identifier is 400 M_INCOMPATIBLE_ROOM_VERSION, as get_room_version says."""
+        signed = signed_invite(KNOWN_ROOM_VERSIONS["10"])
+        for call in (
+            lambda: hash_and_sign_event("99", signed, ORIGIN, ORIGIN_KEY),
+            lambda: sign_event("99", signed, ORIGIN, ORIGIN_KEY),
+            lambda: required_event_signers("99", signed),
+            lambda: verify_event_signatures("99", signed, KEYS),
+            lambda: verify_event_signature("99", signed, ORIGIN, KEYS),
+            lambda: key_valid_for_event("99", server_key(ORIGIN, ORIGIN_KEY), TS),
+        ):
+            error = self.assertRaises(MatrixError, call)
+            self.assertEqual(
+                (error.http_status, error.errcode), (400, "M_INCOMPATIBLE_ROOM_VERSION")
+            )
+
+    def test_keys_not_a_mapping(self) -> None:
+        """The keys must map (server_name, key_id) to a ServerVerifyKey: a list of keys is a
+        TypeError saying so, not an AttributeError."""
+        v10 = KNOWN_ROOM_VERSIONS["10"]
+        signed = signed_invite(v10)
+        key = server_key(ORIGIN, ORIGIN_KEY)
+        for call in (
+            lambda: verify_event_signatures(v10, signed, [key]),  # type: ignore[arg-type]
+            lambda: verify_event_signature(v10, signed, ORIGIN, [key]),  # type: ignore[arg-type]
+        ):
+            with self.assertRaises(TypeError) as raised:
+                call()
+            self.assertIn("(server_name, key_id)", str(raised.exception))
+
+
 class CapValidUntilTests(SynchronousTestCase):
     """rooms/fragments/v5-signing-requirements.md: validity capped at seven days."""
 
@@ -173,6 +221,14 @@ class VerifyJSONTests(SynchronousTestCase):
     """appendices, "Checking for a Signature"."""
 
     KEY = server_key(ORIGIN, ORIGIN_KEY)
+
+    def test_plain_verify_key_refused(self) -> None:
+        """verify_json takes a ServerVerifyKey (its key ID says which signature to check): a
+        plain nacl VerifyKey is a TypeError saying so, not an AttributeError."""
+        for key in (verify_key_of(ORIGIN_KEY), None, "ed25519:a1"):
+            with self.assertRaises(TypeError) as raised:
+                verify_json(self.signed(), ORIGIN, key)  # type: ignore[arg-type]
+            self.assertIn("ServerVerifyKey", str(raised.exception))
 
     def signed(self) -> dict[str, Any]:
         """A small object signed by origin.example."""
