@@ -286,13 +286,13 @@ class MalformedHTTPTests(SiteTestCase):
         """Bad request lines, header syntax, oversized headers and bad chunking: JSON 400."""
         cases = [
             b"NONSENSE\r\n\r\n",
-            b"PUT /x HTTP/1.1\r\nno colon here\r\n\r\n",
-            b"PUT /x HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
-            b"PUT /x HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
-            b"PUT /x HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
-            b"PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-            b"PUT /x HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
-            b"GET /x HTTP/1.1\r\n" + b"X-A: b\r\n" * 600 + b"\r\n",
+            b"PUT /x HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+            b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+            b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            b"PUT /x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+            b"PUT /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"PUT /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 600 + b"\r\n",
         ]
         for raw in cases:
             connection = self.connect()

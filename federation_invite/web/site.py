@@ -24,6 +24,9 @@ adds, per connection:
   with decimal 176 where octal 0o176 was meant, and lets DEL and 0x80-0xb0 in.
   So is a ``Content-Length`` of more than 18 digits: Twisted reads any number
   of them with ``int()``, which raises past 4300, and the peer got no answer;
+  and, as RFC 9112 (section 3.2) requires, an HTTP/1.1 request without a
+  ``Host`` line, or any request with two or with an invalid value (Twisted
+  does not look at it);
 - a refusal of a HEAD request (413, 408 or 400 once its request line is
   read) has the status line and headers of GET's, its ``Content-Length``
   included, and no body (RFC 9110, section 9.3.2);
@@ -215,6 +218,30 @@ def _origin_form(target: bytes) -> bytes:
     return rest if rest[:1] == b"/" else b"/" + rest
 
 
+#: A valid ``Host`` value (RFC 9110 section 7.2: ``uri-host [ ":" port ]``, RFC 3986):
+#: an IP-literal (IPv6 or IPvFuture in brackets), or an IPv4 address or registered
+#: name (unreserved, sub-delims, percent-encoded); then an optional port. Empty is
+#: valid (a target with no authority, RFC 9112 section 3.2).
+_HOST = re.compile(
+    rb"(?:\[(?:[0-9A-Fa-f:.]+|[vV][0-9A-Fa-f]+\.[0-9A-Za-z._~!$&'()*+,;=:-]+)\]"
+    rb"|(?:[0-9A-Za-z._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)"
+    rb"(?::[0-9]*)?"
+)
+
+
+def _host_problem(version: bytes, hosts: list[bytes] | None) -> str | None:
+    """Why a request of HTTP ``version`` with these ``Host`` lines must be answered 400, if
+    it must: RFC 9112 (section 3.2) has a server refuse an HTTP/1.1 request without
+    ``Host``, and any request with more than one or with an invalid value."""
+    if not hosts:
+        return "Missing Host header" if version != b"HTTP/1.0" else None
+    if len(hosts) > 1:
+        return "More than one Host header"
+    if _HOST.fullmatch(hosts[0]) is None:
+        return "Invalid Host header"
+    return None
+
+
 class _Dropped(Protocol):
     """A connection accepted while draining: aborted as soon as it is made."""
 
@@ -314,6 +341,14 @@ class _LimitedChannel(HTTPChannel):
     # -- the body cap ----------------------------------------------------
 
     def allHeadersReceived(self) -> None:
+        problem = _host_problem(
+            self._version, self.requests[-1].requestHeaders.getRawHeaders(b"host")
+        )
+        if problem is not None:
+            # Its value is not used otherwise: we do no virtual hosting, and an
+            # absolute-form target's authority overrides it (RFC 9112 3.2.2).
+            self.refuse(MatrixError(400, Codes.UNKNOWN, problem))
+            return
         declared = self.length
         if self.max_body_bytes is not None and declared and declared > self.max_body_bytes:
             # Refused before gotLength buffers anything and before a

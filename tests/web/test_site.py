@@ -33,7 +33,7 @@ from federation_invite.web.site import (
 )
 
 from ..invites import THEM, _sign_request_lax, event_id_of
-from ..test_hostile_slow import SiteTestCase, put_request
+from ..test_hostile_slow import Connection, SiteTestCase, put_request
 
 #: A chunked request whose chunk size is negative: ``int(b"-6", 16)`` took it, and stepping
 #: over its body went backwards for ever.
@@ -348,6 +348,121 @@ class HeadTests(SiteTestCase):
         self.assertEqual(headers[b"Content-Length"], b"%d" % len(expected))
         self.assertEqual(headers[b"Content-Type"], b"application/json")
         self.assertEqual(headers[b"Allow"], b"PUT")
+
+
+class HostTests(SiteTestCase):
+    """The Host header (RFC 9112 section 3.2): one, with a valid value, in every HTTP/1.1
+    request; at most one, valid, in HTTP/1.0; else JSON 400 ``M_UNKNOWN`` and the connection
+    closed. An absolute-form target needs one too, but its value is not compared."""
+
+    VERSION = b"GET /_matrix/federation/v1/version HTTP/1.1\r\n"
+
+    def answer(self, request: bytes) -> Connection:
+        """A connection that was sent ``request`` (and then, on HTTP/1.1, a valid one)."""
+        connection = self.connect()
+        connection.send(request)
+        if b" HTTP/1.1\r\n" in request:
+            connection.send(self.VERSION + b"Host: us.example\r\n\r\n")
+        return connection
+
+    def assertRefused(self, request: bytes, error: str) -> None:
+        connection = self.answer(request)
+        self.assertOnlyAnswer(connection, 400, "M_UNKNOWN")
+        ((_, _, body),) = connection.responses()
+        self.assertEqual(body["error"], error, request)
+        self.assertFalse(connection.protocol._handlingRequest, request)
+
+    def test_http_1_1_without_host_refused(self) -> None:
+        """An HTTP/1.1 request without a Host line, in origin-form or absolute-form, with or
+        without a body: 400 ``M_UNKNOWN``, nothing served, the next request not read."""
+        self.assertRefused(self.VERSION + b"\r\n", "Missing Host header")
+        self.assertRefused(
+            b"GET http://us.example/_matrix/federation/v1/version HTTP/1.1\r\n\r\n",
+            "Missing Host header",
+        )
+        request = self.valid_request()
+        self.assertRefused(request.replace(b"Host: us.example\r\n", b""), "Missing Host header")
+        self.assertEqual(self.s.store.invites, {})
+
+    def test_repeated_host_refused(self) -> None:
+        """Two Host lines, equal or not, in HTTP/1.1 or HTTP/1.0: 400 ``M_UNKNOWN``."""
+        for version in (b"1.1", b"1.0"):
+            for second in (b"us.example", b"other.example"):
+                self.assertRefused(
+                    b"GET /_matrix/federation/v1/version HTTP/%s\r\nHost: us.example\r\n"
+                    b"Host: %s\r\n\r\n" % (version, second),
+                    "More than one Host header",
+                )
+
+    def test_invalid_host_refused(self) -> None:
+        """A Host value that is not ``uri-host [ ":" port ]`` (RFC 3986): 400 ``M_UNKNOWN``,
+        in HTTP/1.1 and HTTP/1.0, and with an absolute-form target."""
+        for value in (
+            b"us example",
+            b"us.example, other.example",
+            b"us.example/path",
+            b"user@us.example",
+            b"us.example:84a8",
+            b"us.example:8448:1",
+            b"[::1",
+            b"[::1]x",
+            b"[zz::1]",
+            b"us%2.example",
+            b"us.\x7fexample",
+            b"us.\xc3\xa9xample",
+        ):
+            for start in (
+                self.VERSION,
+                self.VERSION.replace(b"HTTP/1.1", b"HTTP/1.0"),
+                b"GET http://us.example/_matrix/federation/v1/version HTTP/1.1\r\n",
+            ):
+                self.assertRefused(start + b"Host: %s\r\n\r\n" % value, "Invalid Host header")
+
+    def test_valid_hosts_served(self) -> None:
+        """Names, IPv4 and IPv6 literals (an IPvFuture too), with or without a port, an empty
+        port or an empty value (a target with no authority), sub-delims and percent-encoding
+        in a name: served, the connection kept."""
+        connection = self.connect()
+        values = (
+            b"us.example",
+            b"US.Example:8448",
+            b"127.0.0.1",
+            b"[::1]:8448",
+            b"[2001:db8::7]",
+            b"[v1.fe80::a+en1]",
+            b"us.example:",
+            b"",
+            b"a_b~c-d!$&'()*+,;=e%41",
+        )
+        for value in values:
+            connection.send(self.VERSION + b"Host: %s\r\n\r\n" % value)
+        self.assertEqual([status for status, _, _ in connection.responses()], [200] * len(values))
+        self.assertFalse(connection.closing)
+
+    def test_http_1_0_without_host_served(self) -> None:
+        """HTTP/1.0, where Host is optional: served without one."""
+        connection = self.answer(self.VERSION.replace(b"HTTP/1.1", b"HTTP/1.0") + b"\r\n")
+        self.assertEqual([status for status, _, _ in connection.responses()], [200])
+
+    def test_absolute_form_host_value_not_compared(self) -> None:
+        """An absolute-form target with a Host line naming another host: served by its path
+        (the authority overrides Host, RFC 9112 section 3.2.2)."""
+        connection = self.connect()
+        connection.send(
+            b"GET https://us.example/_matrix/federation/v1/version HTTP/1.1\r\n"
+            b"Host: other.example:443\r\n\r\n"
+        )
+        self.assertEqual([status for status, _, _ in connection.responses()], [200])
+        self.assertFalse(connection.closing)
+
+    def test_head_without_host_refused_without_body(self) -> None:
+        """HEAD without Host: the 400's headers and no body."""
+        connection = self.connect()
+        connection.send(b"HEAD /_matrix/federation/v1/version HTTP/1.1\r\n\r\n")
+        head, _, rest = connection.transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 400 "), head)
+        self.assertEqual(rest, b"")
+        self.assertTrue(connection.closing)
 
 
 class HeadRefusalTests(SiteTestCase):
