@@ -244,6 +244,8 @@ class InviteHandler:
         origin: str | None = None
         started = self._clock.seconds()
         peer = _peer_address(request)
+        # The invitee, once the event has named a valid one (row 11): for the refusal line.
+        invitee: list[str] = []
         try:
             try:
                 auth = self._authenticator.parse(request)
@@ -265,6 +267,7 @@ class InviteHandler:
                         body_length,
                         numbers_strict,
                         peer,
+                        invitee,
                     )
                 finally:
                     self._origin_concurrency.release(origin)
@@ -284,12 +287,15 @@ class InviteHandler:
                 ) from None
         except MatrixError as error:
             self._metrics.inbound("refused", error.errcode, self._clock.seconds() - started)
+            known = invitee[0] if invitee else None
             _log_outcome(
-                f"Invite {event_id} in {room_id} from {_requester(origin, peer)} refused: "
+                f"Invite {event_id} in {room_id} from {_requester(origin, peer)}"
+                f"{f' for {known}' if known else ''} refused: "
                 f"{error.http_status} {error.errcode} {error.message}",
                 event_id=event_id,
                 room_id=room_id,
                 origin=origin,
+                invitee=known,
                 status=error.http_status,
                 errcode=error.errcode,
                 reason=error.message,
@@ -310,8 +316,12 @@ class InviteHandler:
         body_length: int,
         numbers_strict: bool,
         peer: str | None = None,
+        known_invitee: list[str] | None = None,
     ) -> tuple[dict[str, Any], str]:
-        """Rows 5 to 20; returns the answer and the outcome (accepted, ignored, repeated)."""
+        """Rows 5 to 20; returns the answer and the outcome (accepted, ignored, repeated).
+
+        The invitee is appended to ``known_invitee`` once row 11 has found it valid.
+        """
         room_version, event, invite_room_state = _unwrap(api_version, body)
         check_event_format(room_version, event, numbers_checked=numbers_strict)
         # With no float or large integer in the body, the lax encoding is the
@@ -328,6 +338,8 @@ class InviteHandler:
             raise MatrixError(400, Codes.BAD_JSON, f"Invalid PDU: {exc}") from None
         self._check_identity(room_version, event, prepared, room_id, event_id)
         invitee = self._check_membership(event, origin)
+        if known_invitee is not None:
+            known_invitee.append(invitee)
         await self._check_signatures(room_version, event, prepared)
         if not content_hash_ok:
             raise _invalid("The event's content hash is missing or wrong")
@@ -402,6 +414,7 @@ class InviteHandler:
             if not _same_event(stored.event, event):
                 raise _invalid("A different event with this event ID was already received")
             return _repeated(stored, origin, peer)
+        outcome = "accepted" if status == "pending" else status
         text = f"Invite {event_id} in {room_id} from {origin} for {invitee} accepted ({status})"
         extra: dict[str, Any] = {}
         if room_state is not _ROOM_STATE_OK:
@@ -414,14 +427,13 @@ class InviteHandler:
             room_id=room_id,
             origin=origin,
             invitee=invitee,
-            status=status,
-            outcome="accepted",
+            outcome=outcome,
             peer=peer,
             **extra,
         )
         if status == "pending":
             self._notify(stored)
-        return _answer(signed, signed_json), "accepted" if status == "pending" else status
+        return _answer(signed, signed_json), outcome
 
     @staticmethod
     def _check_identity(

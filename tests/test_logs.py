@@ -27,6 +27,7 @@ from unpaddedbase64 import encode_base64
 from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
 from federation_invite.inbound import _log_outcome
 from federation_invite.logs import Logger, escape_log_text, json_file_observer, json_observer
+from federation_invite.store import InviteRule
 
 from .invites import (
     BOB,
@@ -92,6 +93,37 @@ class InviteLogTests(SynchronousTestCase):
         (refused,) = [e for e in events if e.get("outcome") == "refused"]
         self.assertEqual((refused["status"], refused["errcode"]), (404, "M_NOT_FOUND"))
         self.assertEqual(refused["peer"], accepted[0]["peer"])
+
+    def test_refused_line_names_the_invitee_once_known(self) -> None:
+        """A refusal after the event named a valid local-form invitee (policy, limits,
+        signatures...) carries it, in the fields and the text; one before (a malformed
+        event) carries invitee None."""
+        scenario = InviteScenario()
+        events, _ = self.run_invite(scenario, invitee="@nobody:us.example")
+        (refused,) = [e for e in events if e.get("outcome") == "refused"]
+        self.assertEqual(refused["invitee"], "@nobody:us.example")
+        self.assertIn(" for @nobody:us.example refused: 404 M_NOT_FOUND", formatEvent(refused))
+        room_version, event = scenario.invite()
+        event["type"] = "m.room.message"
+        events, _ = self.run_invite(scenario, (room_version, event))
+        (refused,) = [e for e in events if e.get("outcome") == "refused"]
+        self.assertIsNone(refused["invitee"])
+        self.assertNotIn(" for ", formatEvent(refused))
+
+    def test_field_types_do_not_change_with_the_outcome(self) -> None:
+        """``status`` is only ever the HTTP status of a refusal (an int); an accepted line has
+        none, and an invite stored as ignored is logged with outcome ``ignored``, as the
+        metrics count it."""
+        scenario = InviteScenario()
+        events, _ = self.run_invite(scenario)
+        (accepted,) = [e for e in events if e.get("outcome") == "accepted"]
+        self.assertNotIn("status", accepted)
+        scenario.store.rules.append(InviteRule(BOB, "server", THEM, "ignore"))
+        events, answer = self.run_invite(scenario, room_id="!other:remote.example")
+        self.assertIn("event", answer)
+        (ignored,) = [e for e in events if e.get("outcome") == "ignored"]
+        self.assertNotIn("status", ignored)
+        self.assertIn("accepted (ignored)", formatEvent(ignored))
 
     def test_outcome_lines_read_as_text(self) -> None:
         """The text observer's line names the event, room, origin and invitee, braces and all."""
