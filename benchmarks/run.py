@@ -297,7 +297,7 @@ def _parts_text(parts: dict[str, float], signed: bool = False) -> str:
     return ", ".join(f"{part} {parts.get(part, 0.0):{sign}.0f}" for part in _PART_NAMES)
 
 
-def run_daemons(
+def start_daemons(
     args: argparse.Namespace,
     stack: ExitStack,
     figures: dict[str, Any],
@@ -311,8 +311,9 @@ def run_daemons(
     requests: Sequence[tuple[str, str, bytes]],
     requests_file: str,
     warmup_file: str,
-) -> None:
-    """Start ``args.workers`` daemons (one config but the port), warm them, measure them."""
+) -> tuple[list[Any], list[int], list[str], list[int]]:
+    """Start ``args.workers`` daemons (one config but the port) and warm them up; their
+    processes, ports, request files (one per daemon) and PostgreSQL server PIDs."""
     database = database or f"sqlite:///{work}/daemon.db"
     ports = [daemon_port] + [free_port() for _ in range(args.workers - 1)]
     with open(f"{work}/us.key", "w") as handle:
@@ -379,6 +380,40 @@ def run_daemons(
             print(f"warm-up answers: {warm['counts']}; see {work}/daemon*.log")
     figures["daemon_rss_after_warmup"] = rss_bytes(procs[0].pid)
     postgres = postgres_pids(database) if database.startswith("postgres") else []
+    return procs, ports, request_files, postgres
+
+
+def run_daemons(
+    args: argparse.Namespace,
+    stack: ExitStack,
+    figures: dict[str, Any],
+    work: str,
+    database: str | None,
+    server_name: str,
+    daemon_port: int,
+    key_path: str,
+    cert_path: str,
+    our_seed: str,
+    requests: Sequence[tuple[str, str, bytes]],
+    requests_file: str,
+    warmup_file: str,
+) -> None:
+    """Start ``args.workers`` daemons (one config but the port), warm them, measure them."""
+    procs, ports, request_files, postgres = start_daemons(
+        args,
+        stack,
+        figures,
+        work,
+        database,
+        server_name,
+        daemon_port,
+        key_path,
+        cert_path,
+        our_seed,
+        requests,
+        requests_file,
+        warmup_file,
+    )
     profiler = None
     if args.profile:
         profiler = subprocess.Popen(
@@ -412,6 +447,120 @@ def run_daemons(
     if profiler is not None:
         profiler.wait()
     show("daemon" if args.workers == 1 else f"{args.workers} daemons", figures["daemon"])
+
+
+def run_interleaved(
+    args: argparse.Namespace,
+    only: set[str],
+    stack: ExitStack,
+    figures: dict[str, Any],
+    work: str,
+    keys: tuple[str, ...],
+    ports: dict[str, int],
+    start_daemon: Any,
+    requests: Sequence[tuple[str, str, bytes]],
+    warmup_file: str,
+) -> dict[str, Any]:
+    """``--interleave``: the servers alive side by side, measured in alternating turns.
+
+    Run one after the other for ``duration`` seconds each, the servers see the VM as it
+    is at different times, and on a shared VM the CPU an instruction costs drifts by
+    10-20% over a minute. Here each server is measured in ``SLICES`` turns of
+    ``duration / SLICES`` seconds, the order of the servers reversed every other round,
+    so the drift falls on all of them alike. Each round uses its own slice of the
+    invites (the same slice for every server; each has its own database), so the
+    daemon never sees a repeat. CPU per request is the servers' summed CPU over their
+    summed requests.
+    """
+    turn = args.duration / args.interleave
+    measured: dict[str, Any] = {}
+    for name in ("calibration", "durable"):
+        if name in only:
+            extra = (os.path.join(work, "durable.db"),) if name == "durable" else ()
+            argv = [sys.executable, SERVERS, name, str(ports[name]), *keys, *extra]
+            proc = stack.enter_context(process(argv, cwd=work, log_name=f"{name}.log"))
+            wait_for_port(ports[name])
+            run_wrk(ports[name], warmup_file, duration=1, connections=args.connections)
+            measured[name] = lambda path, pid=proc.pid, port=ports[name]: measure(
+                pid, port, path, turn, args.connections
+            )
+    if "daemon" in only:
+        procs, daemon_ports, _, _ = start_daemon()
+        measured["daemon"] = lambda path: measure_daemons(
+            [procs[0].pid], daemon_ports[:1], [path], turn, args.connections
+        )
+    totals = {name: {"cpu": 0.0, "requests": 0, "ok": 0, "wall": 0.0} for name in measured}
+    worst_p99 = 0.0
+    cycle_ratios: dict[str, list[float]] = {}
+    size = len(requests) // args.interleave
+    print(
+        f"# interleaved: {args.interleave} turns of {turn:.1f} s each per server, {size} invites each"
+    )
+    for index in range(args.interleave):
+        path = os.path.join(work, f"turn{index}.tsv")
+        write_requests(path, requests[index * size : (index + 1) * size])
+        names = list(measured) if index % 2 == 0 else list(reversed(measured))
+        per_request: dict[str, float] = {}
+        for name in names:
+            report = measured[name](path)
+            if report["wrapped"]:
+                print(
+                    f"# {name}: turn {index + 1} ran out of invites (wrapped); use more --invites"
+                )
+            total = totals[name]
+            total["cpu"] += report["server_cpu"]
+            total["requests"] += report["requests"]
+            total["ok"] += report["ok"]
+            total["wall"] += report["duration_us"] / 1e6
+            if name == "daemon":
+                worst_p99 = max(worst_p99, report["p99_us"] / 1000)
+                if set(report["counts"]) - {"200"}:
+                    print(f"# daemon answers in turn {index + 1}: {report['counts']}")
+            per_request[name] = report["cpu_per_request_us"]
+        shown = ", ".join(f"{name} {per_request[name]:.0f} us" for name in measured)
+        ratios = []
+        for top, bottom in (
+            ("daemon", "calibration"),
+            ("daemon", "durable"),
+            ("durable", "calibration"),
+        ):
+            if top in per_request and bottom in per_request:
+                ratio = per_request[top] / per_request[bottom]
+                cycle_ratios.setdefault(f"{top}_over_{bottom}", []).append(ratio)
+                ratios.append(f"{top}/{bottom} {ratio:.2f}")
+        print(f"turn {index + 1:2}: {shown}; {', '.join(ratios)}")
+    summary: dict[str, Any] = {}
+    us = {name: total["cpu"] / max(1, total["requests"]) * 1e6 for name, total in totals.items()}
+    for name, value in us.items():
+        rate = totals[name]["requests"] / max(1e-9, totals[name]["wall"])
+        print(f"{name:<12} {value:6.0f} us of CPU per request over all turns ({rate:.0f} req/s)")
+        summary[f"{name}_us"] = value
+    if "daemon" in totals:
+        summary["daemon_rate"] = totals["daemon"]["ok"] / max(1e-9, totals["daemon"]["wall"])
+        summary["daemon_p99_ms"] = worst_p99
+        print(
+            f"daemon accepted {totals['daemon']['ok']} of {totals['daemon']['requests']};"
+            f" worst turn's p99 {worst_p99:.1f} ms (turns are short: read p99 from a plain run)"
+        )
+    for top, bottom, label in (
+        ("daemon", "calibration", "  (target <= 1.25)"),
+        ("daemon", "durable", ""),
+        ("durable", "calibration", ""),
+    ):
+        if top in us and bottom in us:
+            key = f"{top}_over_{bottom}"
+            turns = sorted(cycle_ratios[key])
+            summary[key] = us[top] / us[bottom]
+            print(
+                f"ratio {top} / {bottom} (summed over the turns): {us[top] / us[bottom]:.2f}{label}"
+                f"  (turns {turns[0]:.2f}-{turns[-1]:.2f}, median {turns[len(turns) // 2]:.2f})"
+            )
+    if "floor_us" in figures and "daemon" in us:
+        summary["floor_us"] = figures["floor_us"]
+        summary["daemon_over_floor"] = us["daemon"] / figures["floor_us"]
+        print(f"ratio daemon / floor: {summary['daemon_over_floor']:.2f}")
+    print(f"# work directory (logs): {work}")
+    return summary
 
 
 def main() -> None:
@@ -481,8 +630,19 @@ def main() -> None:
         help="sample each server with perf (cpu-clock) during its run and print its CPU per"
         " request by part of the stack: kernel, interpreter, libsodium, SQLite, TLS...",
     )
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="SLICES",
+        help="measure the calibration, durable calibration and daemon alive side by side, in"
+        " SLICES turns of duration/SLICES seconds each, alternating, each turn on fresh"
+        " invites; CPU per request from the sums (drift of the VM between turns cancels)",
+    )
     args = parser.parse_args()
     only = set(args.only or ["floor", "trivial", "calibration", "durable", "daemon"])
+    if args.interleave and (args.workers > 1 or args.where or args.profile or args.cprofile):
+        parser.error("--interleave measures one daemon, without --where, --profile or --cprofile")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if args.workers > 1 and not (args.database or args.postgres):
@@ -517,6 +677,7 @@ def summarise(rounds: list[dict[str, Any]]) -> None:
         ("daemon_p99_ms", "daemon p99 (ms)"),
         ("daemon_over_calibration", "ratio daemon / calibration (target <= 1.25)"),
         ("daemon_over_durable", "ratio daemon / durable calibration"),
+        ("durable_over_calibration", "ratio durable / calibration"),
         ("daemon_over_floor", "ratio daemon / floor"),
     ):
         values = [figures[key] for figures in rounds if key in figures]
@@ -619,9 +780,40 @@ def run_once(args: argparse.Namespace, only: set[str]) -> dict[str, Any]:
                 )
                 show(name, figures[name])
 
+        keys = (server_name, our_seed, origin_seed, cert_path, key_path, str(origin_port))
+        if args.interleave:
+            with ExitStack() as stack:
+                database = args.database
+                if args.postgres:
+                    database = stack.enter_context(fresh_postgres(args.postgres))
+                return run_interleaved(
+                    args,
+                    only,
+                    stack,
+                    figures,
+                    work,
+                    keys,
+                    {"calibration": calibration_port, "durable": durable_port},
+                    lambda: start_daemons(
+                        args,
+                        stack,
+                        figures,
+                        work,
+                        database,
+                        server_name,
+                        daemon_port,
+                        key_path,
+                        cert_path,
+                        our_seed,
+                        requests,
+                        requests_file,
+                        warmup_file,
+                    ),
+                    requests,
+                    warmup_file,
+                )
         if "trivial" in only:
             helper_server("trivial", trivial_port, cert_path, key_path)
-        keys = (server_name, our_seed, origin_seed, cert_path, key_path, str(origin_port))
         if "calibration" in only:
             helper_server("calibration", calibration_port, *keys)
         if "durable" in only:
