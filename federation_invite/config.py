@@ -331,7 +331,9 @@ OPTIONS: tuple[Option, ...] = (
         "Database URI: 'sqlite:///path.db', 'postgresql://user@host/db', or over a Unix "
         "socket 'postgresql://user@/db?host=/var/run/postgresql'; "
         "empty: sqlite:///<data_dir>/federation-invite.db. A relative SQLite path is "
-        "relative to the working directory at start, as data_dir is.",
+        "relative to the working directory at start, as data_dir is. A PostgreSQL connection "
+        "attempt gives up after 10 s unless the URI ('?connect_timeout=N', 0: wait for ever) "
+        "or PGCONNECT_TIMEOUT sets another limit.",
         '""',
     ),
     Option(
@@ -451,7 +453,8 @@ OPTIONS: tuple[Option, ...] = (
         _number_at_least_zero,
         "Seconds a stopping daemon (SIGTERM) waits for the requests in progress to be answered, "
         "after it stops accepting connections and closes idle ones; requests not answered in "
-        "full then are abandoned (logged) before the database is closed.",
+        "full then are abandoned (logged) before the database is closed. Also the longest a "
+        "stop waits for a start still opening the database.",
     ),
     Option(
         "inbound.policy_cache_seconds",

@@ -21,7 +21,8 @@ from typing import Any
 import attrs
 from signedjson.types import SigningKey
 from twisted.application import service, strports
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -65,6 +66,9 @@ log = Logger(namespace="federation_invite.service")
 
 #: The daemon's threshold for the cyclic collector's youngest generation (Python's: 700).
 GEN0_THRESHOLD = 10_000
+
+#: Seconds after which a database still opening at start is worth a warning.
+SLOW_OPEN_WARNING_SECONDS = 5.0
 
 
 def settle_gc() -> None:
@@ -375,15 +379,37 @@ class FederationInviteService(service.MultiService):
         #: The start under way or done, and the stop (``stopService``) until the next start.
         self._starting: Deferred[Any] | None = None
         self._stopping: Deferred[None] | None = None
+        #: Whether a stop gave up waiting for the start (``_wait_for_start``).
+        self._start_abandoned = False
 
     def startService(self) -> None:
         super().startService()
         self._stopping = None
+        self._start_abandoned = False
         starting = self._starting = Deferred.fromCoroutine(self._start())
         starting.addCallbacks(self.ready.callback, self._failed)
 
     async def _start(self) -> FederationInvite:
-        store = await open_store(self.config.database, reactor=self.reactor)
+        database = _redact_uri(self.config.database)
+        # libpq gives up on a silent server after its connect_timeout (10 s unless
+        # the URI says otherwise); until then the operator sees why nothing listens.
+        slow = self.reactor.callLater(
+            SLOW_OPEN_WARNING_SECONDS,
+            lambda: log.warn(
+                "Still opening the database {database} after {seconds} s; not listening yet",
+                database=database,
+                seconds=SLOW_OPEN_WARNING_SECONDS,
+            ),
+        )
+        try:
+            store = await open_store(self.config.database, reactor=self.reactor)
+        finally:
+            if slow.active():
+                slow.cancel()
+        if self._start_abandoned:
+            # Opened after a stop gave up on it (the stop has finished): close it again.
+            await store.close()
+            raise CancelledError("the start was abandoned by a stop")
         components = build_components(self.config, self.reactor, store, self.signing_key)
         self.components = components
         if self._stopping is not None:
@@ -405,7 +431,7 @@ class FederationInviteService(service.MultiService):
             "configuration {source}",
             server_name=self.config.server_name,
             listen=", ".join(self.config.listen),
-            database=_redact_uri(self.config.database),
+            database=database,
             source=self.config.path or "built-in defaults (no --config given)",
         )
         if self._freeze_gc:
@@ -419,9 +445,14 @@ class FederationInviteService(service.MultiService):
         return site
 
     def _failed(self, failure: Failure) -> None:
+        if self._start_abandoned and failure.check(CancelledError):
+            # A stop gave up on the start (logged there); the stop goes on.
+            self.ready.errback(failure)
+            return
         log.failure("federation-invite could not start", failure)
         self.ready.errback(failure)
-        if not self._exit_on_failure:
+        if not self._exit_on_failure or self._stopping is not None:
+            # Stopping already (the reactor too, under twistd): nothing to stop.
             return
 
         def stop() -> None:
@@ -461,15 +492,12 @@ class FederationInviteService(service.MultiService):
         the connection drop, and retries (storing is idempotent). Requests a
         peer pipelined behind one in progress are dropped unanswered, which
         its client must handle by retrying them (RFC 9112, section 9.3.2).
-        The last log line counts all of these.
+        The last log line counts all of these. A start still opening the
+        database is waited for at most the grace period, then abandoned.
         """
-        if self._starting is not None and not self._starting.called:
-            # Still opening the database: once it is open, ``_start`` listens
-            # on nothing, and the database is closed below.
-            started: Deferred[None] = Deferred()
-            self._starting.addBoth(_relay, started)
-            await started
         grace_period = self.config.get("inbound.shutdown_grace_period")
+        if self._starting is not None and not self._starting.called:
+            await self._wait_for_start(self._starting, grace_period)
         in_progress = sum(site.requests_in_progress() for site in self._sites)
         # Synchronously, before the ports close: no connection accepted from now.
         draining = [site.drain(grace_period) for site in self._sites]
@@ -504,6 +532,29 @@ class FederationInviteService(service.MultiService):
             )
         if self.components is not None:
             await self.components.close()
+
+    async def _wait_for_start(self, starting: Deferred[Any], grace_period: float) -> None:
+        """Let a start still opening the database finish, for at most ``grace_period`` s.
+
+        Opened in time, ``_start`` listens on nothing and the database is closed
+        by the stop. Otherwise the start is cancelled and abandoned (logged): a
+        database that accepts the connection and never answers must not keep
+        the daemon from stopping.
+        """
+        started: Deferred[None] = Deferred()
+        starting.addBoth(_relay, started)
+        started.addTimeout(grace_period, self.reactor)
+        try:
+            await started
+        except defer.TimeoutError:
+            log.warn(
+                "Stopping while the database {database} is still opening after {grace_period} "
+                "s (the grace period): start abandoned, not listening",
+                database=_redact_uri(self.config.database),
+                grace_period=grace_period,
+            )
+            self._start_abandoned = True
+            starting.cancel()
 
 
 def _relay(result: object, waiter: Deferred[None]) -> object:

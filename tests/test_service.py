@@ -10,11 +10,12 @@ from urllib.parse import quote
 
 from signedjson.key import encode_verify_key_base64
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -477,3 +478,133 @@ class DrainOnStopTests(TestCase):
             self.assertEqual(parse_responses(busy.received)[0][0], 200)
 
         return ensureDeferred(go())
+
+
+class UnfinishedStartTests(SynchronousTestCase):
+    """A database that accepts the connection and never answers keeps the start from
+    finishing; the daemon must still stop on SIGTERM, and say why it waits."""
+
+    def setUp(self) -> None:
+        # twistd's reactor, running: a failed start would ask it to stop and to exit 1.
+        self.reactor = MemoryReactorClock()
+        self.reactor.running = True
+        self.store = _HeldStore()
+        self.opening: Deferred[Any] = Deferred()
+
+        async def open_store(uri: str, reactor: Any = None) -> Any:
+            return await self.opening
+
+        self.patch(service_module, "open_store", open_store)
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def new_service(self) -> FederationInviteService:
+        config = load_config(
+            None,
+            {
+                "server_name": US,
+                "data_dir": self.mktemp(),
+                "listen": ["tcp:0:interface=127.0.0.1"],
+                "inbound.shutdown_grace_period": 3.0,
+            },
+        )
+        return FederationInviteService(config, self.reactor, make_key("us1"), exit_on_failure=True)
+
+    def logged(self, text: str) -> list[dict[str, Any]]:
+        return [
+            event
+            for event in self.events
+            if event.get("log_namespace") == "federation_invite.service"
+            and text in event.get("log_format", "")
+        ]
+
+    def test_stop_abandons_a_start_that_never_finishes(self) -> None:
+        """A stop while the database never opens waits inbound.shutdown_grace_period (3 s),
+        then cancels the start, logs a warning saying so, and finishes: the reactor can
+        stop, and twistd's own exit status stands (no stop or exit 1 is asked for)."""
+        service = self.new_service()
+        service.startService()
+        stopping = service.stopService()
+        self.reactor.advance(2.9)
+        self.assertNoResult(stopping)
+        self.assertNoResult(service.ready)
+        self.reactor.advance(0.1)
+        self.successResultOf(stopping)
+        self.failureResultOf(service.ready, CancelledError)
+        self.assertTrue(self.opening.called)  # cancelled
+        (warning,) = self.logged("start abandoned")
+        self.assertEqual((warning["log_level"], warning["grace_period"]), (LogLevel.warn, 3.0))
+        self.assertEqual(self.logged("could not start"), [])
+        self.assertEqual((self.reactor.hasStopped, self.reactor.triggers), (False, {}))
+        self.assertEqual(list(service), [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_store_opened_after_the_start_was_abandoned_is_closed(self) -> None:
+        """A store that opens only after the stop gave up on it (its opening ignored the
+        cancellation) is closed at once; nothing listens, nothing more is logged."""
+        late: Deferred[Any] = Deferred()
+
+        async def open_store(uri: str, reactor: Any = None) -> Any:
+            try:
+                return await self.opening
+            except CancelledError:
+                return await late
+
+        self.patch(service_module, "open_store", open_store)
+        service = self.new_service()
+        service.startService()
+        stopping = service.stopService()
+        self.reactor.advance(3.0)
+        self.successResultOf(stopping)
+        late.callback(self.store)
+        self.assertTrue(self.store.closed)
+        self.failureResultOf(service.ready, CancelledError)
+        self.assertEqual(list(service), [])
+        self.assertEqual(self.logged("could not start"), [])
+        self.assertEqual((self.reactor.hasStopped, self.reactor.triggers), (False, {}))
+
+    def test_start_within_the_grace_period(self) -> None:
+        """A database that opens within the grace period of a stop: the stop waits for it,
+        listens on nothing and closes the store, as before."""
+        service = self.new_service()
+        service.startService()
+        stopping = service.stopService()
+        self.reactor.advance(2.9)
+        self.opening.callback(self.store)
+        self.successResultOf(stopping)
+        self.assertIs(self.successResultOf(service.ready).store, self.store)
+        self.assertEqual(self.logged("start abandoned"), [])
+        self.assertEqual(list(service), [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_slow_database_warned_about(self) -> None:
+        """A database not open after 5 s is worth a warning (once, naming it, its password
+        hidden); one that opens in time is not."""
+        service = self.new_service()
+        service.config = load_config(
+            None, {"server_name": US, "database": "postgresql://fi:s3cret@db.example/invites"}
+        )
+        service.startService()
+        self.reactor.advance(4.9)
+        self.assertEqual(self.logged("database"), [])
+        self.reactor.advance(0.1)
+        (warning,) = self.logged("Still opening the database")
+        self.assertEqual(warning["log_level"], LogLevel.warn)
+        self.assertEqual(warning["database"], "postgresql://fi:***@db.example/invites")
+        self.reactor.advance(60)
+        self.assertEqual(len(self.logged("Still opening the database")), 1)
+        self.opening.errback(StoreError("open", "refused"))
+        self.failureResultOf(service.ready, StoreError)
+        self.flushLoggedErrors(StoreError)
+
+        quick = self.new_service()
+        self.opening = Deferred()
+        quick.startService()
+        self.reactor.advance(1)
+        self.opening.callback(self.store)
+        self.successResultOf(quick.ready)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(len(self.logged("Still opening the database")), 1)
+        self.successResultOf(quick.stopService())
+        self.successResultOf(service.stopService())

@@ -27,6 +27,9 @@ __all__ = ["Dialect", "PostgresDialect", "SQLiteDialect", "parse_database_uri"]
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 #: Key of the PostgreSQL advisory lock that serialises migrations across workers.
 MIGRATION_LOCK_KEY = 0x66692D6D69677261  # "fi-migra"
+#: Seconds libpq may take to connect (TCP, TLS, start-up and authentication) unless the
+#: URI or ``PGCONNECT_TIMEOUT`` says otherwise; libpq's own default is to wait for ever.
+POSTGRES_CONNECT_TIMEOUT = 10
 
 
 class Dialect:
@@ -245,6 +248,11 @@ class PostgresDialect(Dialect):
     def connection_pool(self, reactor: IReactorCore | None) -> adbapi.ConnectionPool:
         _import_psycopg2()
         extra: dict[str, Any] = {} if reactor is None else {"cp_reactor": reactor}
+        if not self._sets_connect_timeout():
+            # A server that accepts the connection and never answers (overloaded, a
+            # half-dead host, a firewall) would otherwise hold a pool thread, and
+            # the daemon's start or a request, for ever.
+            extra["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT
         return adbapi.ConnectionPool(
             "psycopg2",
             self.dsn,
@@ -254,6 +262,13 @@ class PostgresDialect(Dialect):
             cp_reconnect=True,
             **extra,
         )
+
+    def _sets_connect_timeout(self) -> bool:
+        """Whether the URI or the environment gives libpq a connect_timeout (kept as is:
+        psycopg2's keyword arguments would override both)."""
+        query = urlsplit(self.dsn).query
+        named = {name for name, _ in parse_qsl(query, keep_blank_values=True)}
+        return "connect_timeout" in named or "PGCONNECT_TIMEOUT" in os.environ
 
     def sql(self, statement: str) -> str:
         return statement.replace("?", "%s")

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from federation_invite.store import _dialect, open_store, parse_database_uri, run_migrations
+from federation_invite.store import (
+    StoreError,
+    _dialect,
+    open_store,
+    parse_database_uri,
+    run_migrations,
+)
 from federation_invite.store._dialect import PostgresDialect, SQLiteDialect
 
 
@@ -182,3 +190,58 @@ class SQLiteWALSwitchTests(SynchronousTestCase):
         connection = Broken(failures=0)
         self.assertRaises(sqlite3.OperationalError, _dialect._set_wal, connection)
         self.assertEqual(connection.calls, 1)
+
+
+class PostgresConnectTimeoutTests(SynchronousTestCase):
+    """A PostgreSQL server that accepts connections and never answers must not hang the
+    daemon: libpq waits for ever unless given ``connect_timeout``."""
+
+    def pool_keywords(self, uri: str) -> dict[str, object]:
+        """Helper: the keyword arguments ``uri``'s dialect gives adbapi's pool."""
+        calls: list[dict[str, object]] = []
+
+        def pool(*args: object, **kwargs: object) -> None:
+            calls.append(kwargs)
+
+        self.patch(_dialect.adbapi, "ConnectionPool", pool)
+        dialect = parse_database_uri(uri)
+        assert isinstance(dialect, PostgresDialect)
+        dialect.connection_pool(None)
+        (kwargs,) = calls
+        return kwargs
+
+    def test_default_connect_timeout(self) -> None:
+        """Without a connect_timeout in the URI, psycopg2 is given connect_timeout=10."""
+        self.patch(_dialect.os, "environ", {})
+        kwargs = self.pool_keywords("postgresql://fi@db.example/invites?sslmode=require")
+        self.assertEqual(kwargs["connect_timeout"], 10)
+
+    def test_uri_connect_timeout_wins(self) -> None:
+        """A connect_timeout in the URI (even 0, for ever) or in PGCONNECT_TIMEOUT is
+        libpq's to apply: no keyword argument overrides it."""
+        self.patch(_dialect.os, "environ", {})
+        for uri in (
+            "postgresql://fi@db.example/invites?connect_timeout=3",
+            "postgresql://fi@/invites?host=/run/pg&connect_timeout=0",
+        ):
+            self.assertNotIn("connect_timeout", self.pool_keywords(uri), uri)
+        self.patch(_dialect.os, "environ", {"PGCONNECT_TIMEOUT": "30"})
+        kwargs = self.pool_keywords("postgresql://fi@db.example/invites")
+        self.assertNotIn("connect_timeout", kwargs)
+
+
+class PostgresBlackholeTests(TestCase):
+    def test_silent_server_fails_the_open(self) -> Deferred[None]:
+        """A loopback port that accepts TCP and never answers: with the default
+        connect_timeout (here 1 s) opening the store fails instead of waiting for ever."""
+        from twisted.internet import reactor
+
+        self.patch(_dialect, "POSTGRES_CONNECT_TIMEOUT", 1)
+        self.patch(_dialect.os, "environ", {})
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nobody reads or answers
+        port = silent.getsockname()[1]
+        opening = open_store(f"postgresql://fi@127.0.0.1:{port}/invites", reactor=reactor)
+        return self.assertFailure(opening, StoreError)  # type: ignore[no-any-return]
