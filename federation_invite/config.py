@@ -9,6 +9,7 @@ keys and bad values are refused with a message naming the key.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import ipaddress
 import math
 import os
@@ -145,9 +146,41 @@ def _optional_delegation(value: object) -> str | None:
     return text
 
 
+def _server_endpoint(description: str) -> str:
+    """``description``, once Twisted's endpoint string parser accepts it; nothing is opened.
+
+    ``tcp:`` and ``unix:`` are parsed whole. An ``ssl:`` string is checked for
+    its syntax only (keywords, port and backlog): Twisted's parser would read
+    the key and certificate files, which may not exist yet where the
+    configuration is checked. Plugin types (``systemd:``, ``tcp6:``...) must
+    exist; their own parsers may need the running environment (systemd's
+    inherited sockets), so their arguments are checked when the daemon listens.
+    """
+    from twisted.internet import endpoints
+
+    try:
+        args, keywords = endpoints._parse(description)
+        kind, positional = args[0], args[1:]
+        if kind == "ssl":
+            inspect.signature(endpoints._parseSSL).bind(None, *positional, **keywords)
+            port = int(positional[0] if positional else keywords["port"])
+            int(keywords.get("backlog", 50))
+        else:
+            parsed = endpoints._parseServer(description, None)
+            port = parsed[1][0] if kind == "tcp" else 0
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise ValueError(f"{description!r} is not a Twisted server endpoint: {exc}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(
+            f"{description!r} is not a Twisted server endpoint: port must be from 0 to 65535"
+        )
+    return description
+
+
 def _metrics_listen(value: object) -> str | None:
     text = _optional_string(value)
     if text is not None:
+        _server_endpoint(text)
         from .metrics import metrics_available
 
         if not metrics_available():
@@ -165,6 +198,8 @@ def _listen_list(value: object) -> tuple[str, ...]:
     items = _string_list(value)
     if not items:
         raise ValueError("must name at least one endpoint, e.g. 'tcp:8448'")
+    for item in items:
+        _server_endpoint(item)
     return items
 
 
@@ -314,7 +349,9 @@ OPTIONS: tuple[Option, ...] = (
         ["tcp:8448:interface=127.0.0.1"],
         _listen_list,
         "Twisted endpoint strings to serve federation on, e.g. 'tcp:8448', "
-        "'ssl:8448:privateKey=key.pem:certKey=cert.pem', 'systemd:domain=INET:index=0'.",
+        "'ssl:8448:privateKey=key.pem:certKey=cert.pem', 'systemd:domain=INET:index=0'. "
+        "Parsed when the configuration is loaded (check-config too); an ssl: string's files "
+        "are read, and a plugin type's (systemd:) arguments checked, only at start.",
     ),
     Option(
         "signing_key",
@@ -349,7 +386,7 @@ OPTIONS: tuple[Option, ...] = (
         "",
         _metrics_listen,
         "Endpoint string for a Prometheus /metrics listener, e.g. 'tcp:9100:interface=127.0.0.1' "
-        "(needs the 'metrics' extra); empty: off.",
+        "(needs the 'metrics' extra; parsed at load, as listen is); empty: off.",
         '""',
     ),
     Option(

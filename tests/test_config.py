@@ -128,6 +128,49 @@ class LoadConfigTests(SynchronousTestCase):
         for text, key in cases.items():
             self.assertRefused(text, key)
 
+    def test_endpoint_strings_parsed_at_load(self) -> None:
+        """A listen or metrics.listen value Twisted cannot parse as a server endpoint is
+        refused at load with its key and value, not at start after the database opened."""
+        for value, reason in (
+            ("garbage", "Unknown endpoint type: 'garbage'"),
+            ("tcp:notaport", "invalid literal for int()"),
+            ("tcp:99999", "port must be from 0 to 65535"),
+            ("tcp:8448:bogus=1", "unexpected keyword argument 'bogus'"),
+            ("ssl:notaport:privateKey=k.pem", "invalid literal for int()"),
+            ("ssl:8448:privateKey=k.pem:colour=blue", "unexpected keyword argument 'colour'"),
+            ("ssl:8448:backlog=many", "invalid literal for int()"),
+            ("unix:/run/fi.sock:mode=rw", "invalid literal for int()"),
+            ("le:/etc/certs:tcp:443", "Unknown endpoint type: 'le'"),
+        ):
+            error = self.assertRaises(ConfigError, load_config, None, {"listen": [value]})
+            self.assertIn(f"'listen': {value!r} is not a Twisted server endpoint", str(error))
+            self.assertIn(reason, str(error))
+            error = self.assertRaises(ConfigError, load_config, None, {"metrics.listen": value})
+            self.assertIn(
+                f"'metrics.listen': {value!r} is not a Twisted server endpoint", str(error)
+            )
+        error = self.assertRaises(
+            ConfigError, load_config, None, {"listen": ["tcp:8448", "tcp:x\x1b[31m"]}
+        )
+        self.assertIn("'tcp:x\\x1b[31m'", str(error))
+
+    def test_documented_endpoint_forms_accepted(self) -> None:
+        """The endpoint forms the README shows load, an ssl: one whose files do not exist
+        yet (nothing is read at load) and a systemd: one outside systemd included."""
+        listen = [
+            "tcp:8448",
+            "tcp:8448:interface=127.0.0.1",
+            "tcp:0:interface=127.0.0.1:backlog=10",
+            "ssl:8448:privateKey=/nonexistent/key.pem:certKey=/nonexistent/cert.pem",
+            "ssl:8448:interface=127.0.0.1:privateKey=C\\:/key.pem",
+            "systemd:domain=INET:index=0",
+            "unix:/run/federation-invite.sock:mode=660",
+            "tcp6:8448:interface=\\:\\:1",
+        ]
+        config = load_config(None, {"listen": listen, "metrics.listen": "tcp:9100"})
+        self.assertEqual(config.listen, tuple(listen))
+        self.assertEqual(config.get("metrics.listen"), "tcp:9100")
+
     def test_old_keys_and_notaries(self) -> None:
         """Old verify keys and notaries are parsed and their keys checked."""
         path = self.write(
