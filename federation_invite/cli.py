@@ -91,10 +91,20 @@ def _escape_endpoint(path: str) -> str:
 
 def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     config = load_config(args.config)
-    if os.path.exists(config.signing_key_path):
+    if os.path.lexists(config.data_dir) and not os.path.isdir(config.data_dir):
+        raise ConfigError(
+            f"configuration key 'data_dir': {config.data_dir} exists and is not a directory"
+        )
+    if os.path.lexists(config.signing_key_path):
         # What only the key can tell: that it reads, and that no old key has its ID.
-        # A missing key is no error: the daemon creates it.
-        config.check_signing_key_id(key_id_of(read_signing_keys(config.signing_key_path)[0]))
+        # A missing key is no error: the daemon creates it. Anything else at the
+        # path is read, a dangling symlink included: the daemon cannot create a
+        # key there, nor read one.
+        try:
+            keys = read_signing_keys(config.signing_key_path)
+        except SigningKeyError as exc:
+            raise ConfigError(f"configuration key 'signing_key': {exc}") from None
+        config.check_signing_key_id(key_id_of(keys[0]))
     out.write(f"OK: {config.path or 'built-in defaults'} (server name {config.server_name})\n")
     return 0
 

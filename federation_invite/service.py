@@ -29,7 +29,7 @@ from twisted.web.resource import Resource
 
 from .auth import RequestAuthenticator, ServerAcl
 from .client import FederationClient
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
 from .core.keys import key_id_of
 from .core.roomversions import RoomVersion
 from .inbound import InviteHandler, InviteLimits, InviteListener
@@ -45,7 +45,7 @@ from .outbound import (
 )
 from .policy import IInvitePolicy, InvitePolicy
 from .signer import ISigner, LocalSigner, check_signer
-from .signingkey import load_or_create_signing_key
+from .signingkey import SigningKeyError, load_or_create_signing_key
 from .store import IStore, open_store
 from .web._base import MatrixResource
 from .web.invite import InviteResource
@@ -590,8 +590,29 @@ def make_service(
     twistd calls this before it changes to its ``--rundir`` and starts the
     service after: the configuration's paths are absolute (``load_config``), so
     the key loaded now and the store opened then are in the same data directory.
+
+    What only the file system can tell (a data directory that cannot be one,
+    a key file that cannot be read, created or parsed, an old key with its ID)
+    is a ``ConfigError`` naming the key, the original error as its cause.
     """
-    config.ensure_data_dir()
+    try:
+        config.ensure_data_dir()
+    except OSError as exc:
+        if isinstance(exc, FileExistsError):
+            reason = f"{config.data_dir} exists and is not a directory"
+        else:
+            reason = f"cannot create directory {config.data_dir}: {exc.strerror or exc}"
+        raise ConfigError(f"configuration key 'data_dir': {reason}") from exc
+    try:
+        key = _load_key(config)
+    except SigningKeyError as exc:
+        raise ConfigError(f"configuration key 'signing_key': {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(
+            f"configuration key 'signing_key': cannot create signing key file "
+            f"{config.signing_key_path}: {exc.strerror or exc}"
+        ) from exc
+    config.check_signing_key_id(key_id_of(key))
     return FederationInviteService(
-        config, reactor, _load_key(config), exit_on_failure=exit_on_failure, freeze_gc=freeze_gc
+        config, reactor, key, exit_on_failure=exit_on_failure, freeze_gc=freeze_gc
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 from twisted.application.service import IService
@@ -57,10 +59,19 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
-    """Build the daemon's service tree from parsed options."""
+    """Build the daemon's service tree from parsed options.
+
+    A problem found here (the data directory, the signing key file) ends the
+    process with one line naming the key and exit status 1, as twistd does for
+    a bad option, instead of a traceback.
+    """
     from twisted.internet import reactor
 
     from .service import make_service
 
     config: Config = options["loaded"]
-    return make_service(config, reactor)
+    try:
+        return make_service(config, reactor)
+    except ConfigError as exc:
+        command = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "twistd"
+        raise SystemExit(f"{command}: {exc}") from None

@@ -94,6 +94,36 @@ class CliTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertIn(key_path, self.err.getvalue().splitlines()[-1])
 
+    def test_check_config_dangling_key_and_file_data_dir(self) -> None:
+        """check-config reads whatever is at the key's path: a dangling symlink is refused
+        (the daemon could not read it), not "OK"; a data_dir that is a file is refused."""
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        key_path = os.path.join(base, "signing.key")
+        os.symlink(os.path.join(base, "missing.key"), key_path)
+        path = self.mktemp()
+        with open(path, "w") as handle:
+            handle.write(f'data_dir = "{base}"\n')
+        code, out = self.run_cli("check-config", "-c", path)
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(
+            self.err.getvalue(),
+            f"federation-invite: configuration key 'signing_key': cannot read signing key "
+            f"file {key_path}: No such file or directory\n",
+        )
+        data_file = os.path.join(base, "data")
+        with open(data_file, "w") as handle:
+            handle.write("")
+        with open(path, "w") as handle:
+            handle.write(f'data_dir = "{data_file}"\n')
+        code, out = self.run_cli("check-config", "-c", path)
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(
+            self.err.getvalue().splitlines()[-1],
+            f"federation-invite: configuration key 'data_dir': {data_file} exists and is not a "
+            "directory",
+        )
+
 
 class GenerateTLSTests(SynchronousTestCase):
     def test_tls_cert_listener(self) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
+from signedjson.key import generate_signing_key
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.plugin import getPlugins
@@ -13,6 +15,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from federation_invite.service import FederationInviteService, make_service
+from federation_invite.signingkey import write_signing_key_file
 from federation_invite.store import StoreError
 from federation_invite.tap import Options, makeService
 
@@ -242,6 +245,64 @@ class MakeServiceTests(TestCase):
         options = Options()
         options.parseOptions(["--data-dir", self.mktemp(), "--listen", "tcp:0"])
         self.assertIsInstance(makeService(options), FederationInviteService)
+
+
+class MakeServiceRefusalTests(SynchronousTestCase):
+    """What only makeService finds (the data directory, the key file) is one line naming the
+    key, with exit status 1, as a bad value is; never a traceback."""
+
+    def refusal(self, *argv: str) -> str:
+        """Helper: makeService's SystemExit message for these options (status 1)."""
+        options = Options()
+        options.parseOptions(["--listen", "tcp:0", *argv])
+        self.patch(sys, "argv", ["/venv/bin/twistd", "-n", "federation-invite"])
+        error = self.assertRaises(SystemExit, makeService, options)
+        self.assertIsInstance(error.code, str)
+        message = str(error.code)
+        self.assertTrue(message.startswith("twistd: configuration key "), message)
+        self.assertNotIn("\n", message)
+        return message
+
+    def test_data_dir_is_a_file(self) -> None:
+        """A data_dir that is a regular file is refused by name."""
+        path = os.path.abspath(self.mktemp())
+        FilePath(path).setContent(b"")
+        message = self.refusal("--data-dir", path)
+        self.assertIn(f"'data_dir': {path} exists and is not a directory", message)
+
+    def test_bad_signing_key_files(self) -> None:
+        """A dangling symlink, a directory, an empty file or a malformed one as the signing
+        key is refused naming signing_key and the file; the seed is never quoted."""
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(base, "dir.key"))
+        os.symlink(os.path.join(base, "missing"), os.path.join(base, "dangling.key"))
+        FilePath(os.path.join(base, "empty.key")).setContent(b"")
+        FilePath(os.path.join(base, "bad.key")).setContent(b"ed25519 a_1 SEEDSEEDSEED\n")
+        for name, reason in (
+            ("dangling.key", "cannot read signing key file"),
+            ("dir.key", "cannot read signing key file"),
+            ("empty.key", "no signing key in the file"),
+            ("bad.key", "an ed25519 seed is 32 bytes"),
+        ):
+            path = os.path.join(base, name)
+            message = self.refusal("--data-dir", base, "--signing-key", path)
+            self.assertIn("'signing_key': ", message)
+            self.assertIn(path, message)
+            self.assertIn(reason, message)
+            self.assertNotIn("SEEDSEED", message)
+
+    def test_old_key_with_the_signing_key_id(self) -> None:
+        """keys.old_verify_keys naming the key we sign with is refused before start too."""
+        data_dir = os.path.abspath(self.mktemp())
+        os.makedirs(data_dir)
+        write_signing_key_file(os.path.join(data_dir, "signing.key"), generate_signing_key("a_1"))
+        config = self.mktemp()
+        FilePath(config).setContent(
+            f"[keys]\nold_verify_keys = [{{key_id = 'ed25519:a_1', key = '{'A' * 43}', "
+            "expired_ts = 5}]\n".encode()
+        )
+        message = self.refusal("--data-dir", data_dir, "--config", config)
+        self.assertIn("'keys.old_verify_keys': entry 0 has key_id 'ed25519:a_1'", message)
 
 
 class _NotRunning:
