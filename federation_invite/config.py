@@ -424,7 +424,6 @@ OPTIONS: tuple[Option, ...] = (
         list(DEFAULT_IP_BLOCKLIST),
         _network_list,
         "IP ranges never connected to, checked on every resolved address.",
-        "[...]  # loopback, private, link-local, CGNAT, multicast, documentation, ...",
     ),
     Option(
         "outbound.ip_allowlist",
@@ -721,6 +720,19 @@ def _sqlite_uri_of(key: str, path: str) -> str:
     return uri
 
 
+#: TOML basic-string escapes (TOML 1.0, "String"): the short form where there is one,
+#: ``\uXXXX`` for every other control character (U+0000-U+001F, U+007F).
+_TOML_ESCAPES = str.maketrans(
+    {chr(code): f"\\u{code:04X}" for code in (*range(0x20), 0x7F)}
+    | {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\"}
+)
+
+
+def _toml_string(value: str) -> str:
+    """``value`` as a TOML basic string: quote, backslash and control characters escaped."""
+    return '"' + value.translate(_TOML_ESCAPES) + '"'
+
+
 def _toml_value(option: Option, override: Any = None) -> str:
     value = option.default if override is None else override
     if override is None and option.example is not None:
@@ -728,7 +740,7 @@ def _toml_value(option: Option, override: Any = None) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return _toml_string(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(Option("", v, str, ""), v) for v in value) + "]"
     return repr(value)

@@ -308,19 +308,36 @@ class RenderConfigTests(SynchronousTestCase):
         for option in OPTIONS:
             self.assertIn(option.key.rpartition(".")[2] + " = ", text)
 
-    def test_uncommented_defaults_round_trip(self) -> None:
-        """Uncommenting every default (but the placeholder list) gives the default config."""
-        text = render_config()
-        lines = []
-        for line in text.splitlines():
-            if re.match(r"# [a-z_]+ = ", line) and "[...]" not in line:
-                lines.append(line[2:])
-            else:
-                lines.append(line)
+    def load_text(self, text: str) -> Config:
+        """Helper: ``load_config`` of a file holding ``text``."""
         path = self.mktemp()
         with open(path, "w", encoding="utf-8") as handle:
-            handle.write("\n".join(lines))
-        self.assertEqual(load_config(path).values, load_config().values)
+            handle.write(text)
+        return load_config(path)
+
+    def test_uncommented_defaults_round_trip(self) -> None:
+        """Uncommenting every default at once, or any one alone, gives the default config
+        (the IP blocklist is written out whole, not as a placeholder)."""
+        lines = render_config().splitlines()
+        defaults = [i for i, line in enumerate(lines) if re.match(r"# [a-z_]+ = ", line)]
+        self.assertEqual(len(defaults), len(OPTIONS))
+        every = [line[2:] if i in defaults else line for i, line in enumerate(lines)]
+        self.assertEqual(self.load_text("\n".join(every)).values, load_config().values)
+        for i in defaults:
+            alone = [line[2:] if j == i else line for j, line in enumerate(lines)]
+            self.assertEqual(
+                self.load_text("\n".join(alone)).values, load_config().values, lines[i]
+            )
+
+    def test_control_characters_round_trip(self) -> None:
+        """Strings holding control characters (U+0000-U+001F, U+007F), quotes and
+        backslashes are written as TOML basic strings that load back unchanged."""
+        data_dir = '/srv/fi\b\t\n\f\r\x01\x1b[31m\x1f\x7f"q"\\d\u00e9\u2028'
+        listen = ["tcp:8448:interface=127.0.0.1", "unix:/run/a\x02\x7fb.sock"]
+        text = render_config({"data_dir": data_dir, "listen": listen})
+        config = self.load_text(text)
+        self.assertEqual((config.data_dir, config.listen), (data_dir, tuple(listen)))
+        self.assertNotRegex(text, "[\x00-\x08\x0b-\x1f\x7f]")
 
 
 class ReadmeTests(SynchronousTestCase):
