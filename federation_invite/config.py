@@ -341,7 +341,8 @@ OPTIONS: tuple[Option, ...] = (
         "data_dir",
         "federation-invite-data",
         _string,
-        "Directory for the generated signing key and the SQLite database; a relative path is "
+        "Directory for the generated signing key and the SQLite database, created with mode "
+        "0700 (and any missing parent) if missing; a relative path is "
         "relative to the working directory at start (twistd's --rundir does not change it).",
     ),
     Option(
@@ -622,8 +623,11 @@ class Config:
                 )
 
     def ensure_data_dir(self) -> None:
-        """Create the data directory (mode 0700) if it is missing."""
-        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        """Create the data directory, and each missing parent, with mode 0700 (whatever
+        the umask) if it is missing; existing directories keep their mode."""
+        from .signingkey import make_private_directories
+
+        make_private_directories(self.data_dir)
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -599,7 +599,7 @@ def make_service(
         config.ensure_data_dir()
     except OSError as exc:
         if isinstance(exc, FileExistsError):
-            reason = f"{config.data_dir} exists and is not a directory"
+            reason = f"{exc.filename or config.data_dir} exists and is not a directory"
         else:
             reason = f"cannot create directory {config.data_dir}: {exc.strerror or exc}"
         raise ConfigError(f"configuration key 'data_dir': {reason}") from exc

@@ -25,6 +25,7 @@ __all__ = [
     "SigningKeyError",
     "generate_key_version",
     "load_or_create_signing_key",
+    "make_private_directories",
     "read_signing_keys",
     "write_signing_key_file",
 ]
@@ -80,6 +81,35 @@ def read_signing_keys(path: str) -> list[SigningKey]:
     return keys
 
 
+def make_private_directories(path: str) -> None:
+    """Create directory ``path`` and each missing parent with mode 0700, whatever the umask.
+
+    ``os.makedirs(path, mode=0o700)`` gives the mode to the last directory only,
+    its parents getting 0777 less the umask (all of it under umask 0). Each one
+    created here is also chmod-ed, as the umask may have removed owner bits.
+    Directories that existed keep their mode; one made meanwhile by another
+    worker too. Something at ``path`` (or a parent) that is not a directory
+    raises ``FileExistsError`` or ``NotADirectoryError``.
+    """
+    missing = []
+    current = path
+    # The path as given, not normalised: the kernel resolves a ".." after a symlink.
+    while not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current.rstrip(os.sep))
+        if not parent or parent == current:
+            break
+        current = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+        else:
+            os.chmod(directory, 0o700)
+
+
 def _fsync_directory(directory: str) -> None:
     """Make the names just added to or removed from ``directory`` survive a power cut."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -99,7 +129,7 @@ def write_signing_key_file(path: str, key: SigningKey) -> None:
     clobbered.
     """
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    make_private_directories(directory)
     line = f"{key.alg} {key.version} {encode_base64(key.encode())}\n"
     # mkstemp creates the file with O_EXCL and mode 0600, so the seed is never
     # readable by others, not even for an instant (the link shares the inode).

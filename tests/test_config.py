@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -259,6 +260,25 @@ class PathTests(SynchronousTestCase):
         default.ensure_data_dir()
         self.assertTrue(os.path.isdir(os.path.join(start, "data")))
         self.assertEqual(os.listdir(elsewhere), [])
+
+    def test_data_dir_created_0700_whatever_the_umask(self) -> None:
+        """ensure_data_dir creates every missing directory of data_dir with mode 0700, under
+        umask 0 too (os.makedirs left the intermediate ones 0777); existing ones keep theirs."""
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(base, "srv"))
+        os.chmod(os.path.join(base, "srv"), 0o751)
+        config = load_config(None, {"data_dir": os.path.join(base, "srv", "fi", "data")})
+        old_umask = os.umask(0)
+        try:
+            config.ensure_data_dir()
+            config.ensure_data_dir()  # again: nothing changes
+        finally:
+            os.umask(old_umask)
+        modes = [
+            stat.S_IMODE(os.stat(os.path.join(base, *parts)).st_mode)
+            for parts in (("srv",), ("srv", "fi"), ("srv", "fi", "data"))
+        ]
+        self.assertEqual(modes, [0o751, 0o700, 0o700])
 
     def test_absolute_memory_and_postgres_databases_kept(self) -> None:
         """Database URIs that do not name a relative file are kept exactly as written."""

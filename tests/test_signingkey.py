@@ -75,6 +75,25 @@ class SigningKeyFileTests(SynchronousTestCase):
         self.assertFalse(created_again)
         self.assertEqual(again.encode(), key.encode())
 
+    def test_missing_directories_created_0700_whatever_the_umask(self) -> None:
+        """Every directory created for a new key file has mode 0700, under umask 0 (which
+        left os.makedirs' intermediate ones 0777) or one removing owner bits; a directory
+        that existed keeps its mode."""
+        for umask in (0o000, 0o277):
+            base = os.path.abspath(self.mktemp())
+            os.makedirs(base)
+            os.chmod(base, 0o755)
+            old_umask = os.umask(umask)
+            try:
+                load_or_create_signing_key(os.path.join(base, "a", "b", "c", "signing.key"))
+            finally:
+                os.umask(old_umask)
+            modes = [
+                stat.S_IMODE(os.stat(os.path.join(base, *parts)).st_mode)
+                for parts in ((), ("a",), ("a", "b"), ("a", "b", "c"))
+            ]
+            self.assertEqual(modes, [0o755, 0o700, 0o700, 0o700], oct(umask))
+
     def test_never_overwrites(self) -> None:
         """Writing a key file over an existing one is refused."""
         path = self.write(f"ed25519 1 {SEED}\n")

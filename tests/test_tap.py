@@ -269,6 +269,8 @@ class MakeServiceRefusalTests(SynchronousTestCase):
         FilePath(path).setContent(b"")
         message = self.refusal("--data-dir", path)
         self.assertIn(f"'data_dir': {path} exists and is not a directory", message)
+        message = self.refusal("--data-dir", os.path.join(path, "sub", "data"))
+        self.assertIn(f"'data_dir': {path} exists and is not a directory", message)
 
     def test_bad_signing_key_files(self) -> None:
         """A dangling symlink, a directory, an empty file or a malformed one as the signing
