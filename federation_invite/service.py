@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import os
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -328,7 +329,27 @@ def _load_key(config: Config) -> SigningKey:
         key_id=key_id_of(key),
         path=config.signing_key_path,
     )
+    if not created:
+        _warn_if_open_to_others(config.signing_key_path)
     return key
+
+
+def _warn_if_open_to_others(path: str) -> None:
+    """Warn, as ssh does, about a key file that others than its owner may read or change.
+
+    Loaded all the same: refusing would stop a daemon that ran yesterday.
+    """
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return  # it was just read; nothing more to say about it
+    if mode & 0o077:
+        log.warn(
+            "Signing key file {path} has mode {mode}: others than its owner may read or change "
+            "it; chmod 600 it",
+            path=path,
+            mode=f"{mode:04o}",
+        )
 
 
 async def build_from_config(

@@ -307,6 +307,48 @@ class MakeServiceRefusalTests(SynchronousTestCase):
         self.assertIn("'keys.old_verify_keys': entry 0 has key_id 'ed25519:a_1'", message)
 
 
+class KeyFileModeTests(SynchronousTestCase):
+    def load(self, mode: int) -> list[dict[str, object]]:
+        """Helper: the warnings logged while make_service loads a key file of ``mode``."""
+        from twisted.internet.testing import MemoryReactor
+        from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+        data_dir = os.path.abspath(self.mktemp())
+        os.makedirs(data_dir)
+        self.key_path = os.path.join(data_dir, "signing.key")
+        write_signing_key_file(self.key_path, generate_signing_key("a_1"))
+        os.chmod(self.key_path, mode)
+        with open(self.key_path) as handle:
+            seed = handle.read().split()[2]
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        options = Options()
+        options.parseOptions(["--data-dir", data_dir, "--listen", "tcp:0"])
+        make_service(options["loaded"], MemoryReactor(), exit_on_failure=False, freeze_gc=False)
+        for event in events:
+            self.assertNotIn(seed, formatEvent(event))
+        return [event for event in events if event["log_level"] == LogLevel.warn]
+
+    def test_key_open_to_others_warned_about(self) -> None:
+        """A key file that group or others may read (or write) is loaded, with one warning
+        naming the file and its mode, as ssh does; never its content."""
+        from twisted.logger import formatEvent
+
+        for mode in (0o640, 0o604, 0o620):
+            (warning,) = self.load(mode)
+            self.assertEqual(
+                formatEvent(warning),
+                f"Signing key file {self.key_path} has mode {mode:04o}: others than its owner "
+                "may read or change it; chmod 600 it",
+            )
+
+    def test_private_key_file_not_warned_about(self) -> None:
+        """A key file of mode 0600 (or 0400) loads without a warning."""
+        self.assertEqual(self.load(0o600), [])
+        self.assertEqual(self.load(0o400), [])
+
+
 class _NotRunning:
     """A reactor proxy reporting it is not running, so a failed start does not stop trial's."""
 
