@@ -650,10 +650,10 @@ class RoomStateValidationTests(InboundTestCase):
         return servers, key
 
     def test_v12_key_servers_capped(self) -> None:
-        """v12: full entries needing the keys of more than _MAX_ROOM_STATE_KEY_SERVERS servers
-        (ours and the inviting server's, in memory, not counted): 400 M_INVALID_PARAM naming
-        the cap, before any fetch; at the cap, accepted."""
-        cap = inbound_module._MAX_ROOM_STATE_KEY_SERVERS
+        """v12: full entries needing the keys of more than 8 servers (ours and the inviting
+        server's, in memory, not counted): 400 M_INVALID_PARAM naming the cap, before any
+        fetch; at the cap, accepted."""
+        cap = 8  # the README's number, not the module's constant: the test pins it
         room_version, create, room_id = self.room("12")
         servers, key = self.key_servers(cap + 1)
         known = [
@@ -765,9 +765,9 @@ class RoomStateValidationTests(InboundTestCase):
         self.assertWarned(answer, line, "no full m.room.create event")
 
     def test_v1_to_11_first_full_entries_checked_only(self) -> None:
-        """v1-11: only the first _MAX_WARN_CHECKED_ENTRIES full entries are checked (stripped
-        ones not counted): a bad entry among them is warned of, one beyond them is not."""
-        cap = inbound_module._MAX_WARN_CHECKED_ENTRIES
+        """v1-11: only the first 20 full entries are checked (stripped ones not counted): a bad
+        entry among them is warned of, one beyond them is not."""
+        cap = 20  # the README's number, not the module's constant: the test pins it
         room_version, create, room_id = self.room("10")
         checked = self.count_entry_checks()
         good = self.state_event(room_version, room_id)
@@ -1362,6 +1362,19 @@ class RateLimitRowTests(InboundTestCase):
         self.assertEqual(body["retry_after_ms"], 1001)
         self.s.clock.advance(1)
         self.assertEqual(self.send_v2(room_version, event)[0], 200)
+
+    def test_hand_built_limits_are_the_documented_defaults(self) -> None:
+        """InviteLimits() has the README's default limits, except that it does not slow."""
+        documented = InviteLimits(
+            origin_per_second=10.0,
+            origin_burst=50,
+            origin_concurrent=8,
+            invitee_per_second=0.05,
+            invitee_burst=10,
+            origin_sleep_after=25,
+            origin_sleep_ms=0,
+        )
+        self.assertEqual(InviteLimits(), documented)
 
     def test_row17_per_invitee(self) -> None:
         """Row 17: one invitee over its own limit: 429, while other invitees are served."""
