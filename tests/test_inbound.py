@@ -1528,6 +1528,33 @@ class IdempotencyRowTests(InboundTestCase):
         self.assertEqual((code, body["errcode"]), (500, "M_UNKNOWN"))
         self.assertNotIn("event", body)
 
+    def test_row20_read_fails(self) -> None:
+        """Row 20: a read on the way (the invitee's policy state) fails: 500 M_UNKNOWN, logged
+        with the failed operation, and nothing signed is returned."""
+        self.s.store.invitee_states = lambda user_ids: fail(  # type: ignore[method-assign]
+            StoreError("invitee_states", "database is locked")
+        )
+        room_version, event = self.s.invite()
+        with capturedLogs() as events:
+            code, body = self.send_v2(room_version, event)
+        self.assertEqual((code, body["errcode"]), (500, "M_UNKNOWN"))
+        self.assertNotIn("event", body)
+        (error,) = [e for e in events if e["log_level"] is LogLevel.error]
+        self.assertIn("invitee_states", formatEvent(error))
+        self.assertEqual(self.s.store.invites, {})
+
+    def test_row18_repeat_of_a_record_without_its_encoding(self) -> None:
+        """Row 18: a stored invite without its answer's encoding (event_json None) is answered
+        again with the stored event."""
+        room_version, event = self.s.invite()
+        code, first = self.send_v2(room_version, event)
+        self.assertEqual(code, 200)
+        event_id = event_id_of(room_version, event)
+        record = self.s.store.invites[event_id]
+        self.s.store.invites[event_id] = attrs.evolve(record, event_json=None)
+        self.assertEqual(self.send_v2(room_version, event), (200, first))
+        self.assertEqual(first["event"], record.event)
+
 
 class ClientGoneTests(InboundTestCase):
     """The peer disconnects while its invite is being handled."""
@@ -1660,6 +1687,28 @@ class ClientGoneTests(InboundTestCase):
         self.assertEqual([e for e in events if e.get("outcome")], [])
         self.assertNothingWritten()
         self.assertEqual(self.s.handler._origin_concurrency.active(THEM), 0)
+
+    def test_settle_waits_for_the_invites_being_stored(self) -> None:
+        """settle() fires at once while no invite is being stored, else once the store is done
+        with the last one (stored or failed), even if its peer left."""
+        self.successResultOf(self.s.handler.settle())
+        self.send_and_disconnect()
+        settled = [self.s.handler.settle(), self.s.handler.settle()]
+        for waiter in settled:
+            self.assertNoResult(waiter)
+        self.held[0][1].callback(None)
+        for waiter in settled:
+            self.successResultOf(waiter)
+        self.successResultOf(self.s.handler.settle())
+        self.s.store.invites.clear()
+        self.held.clear()
+        self.requests.clear()
+        self.send_and_disconnect()
+        waiter = self.s.handler.settle()
+        self.assertNoResult(waiter)
+        self.held[0][1].errback(StoreError("store_invite", "database is locked"))
+        self.successResultOf(waiter)
+        self.successResultOf(self.s.handler.settle())
 
 
 class HotPathTests(InboundTestCase):
