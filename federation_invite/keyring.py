@@ -357,8 +357,18 @@ class Keyring:
             # Of two answers for the same key, the one fetched last wins (the
             # later one on a tie), as in the store (``store_server_keys``): the
             # server's latest word, which is how a current key becomes old after
-            # a rotation, or is revoked early. Memory and the store then give an
-            # event check the same verdict, whichever of them answers.
+            # a rotation, or is revoked early. Only the server itself can make a
+            # key known as old current again: a notary's copy may predate the
+            # rotation. Memory and the store then give an event check the same
+            # verdict, whichever of them answers.
+            held = known.get(record.key_id)
+            if (
+                held is not None
+                and held.expired_ts is not None
+                and record.expired_ts is None
+                and record.source != record.server_name
+            ):
+                continue
             if record.fetched_ts >= fetched.get(record.key_id, record.fetched_ts):
                 known[record.key_id] = key
                 fetched[record.key_id] = record.fetched_ts
@@ -417,10 +427,15 @@ class Keyring:
     async def _fetch(self, server_name: str, key_ids: frozenset[str], valid_at_ms: int) -> None:
         """Fetch directly, then from notaries; record success or back off."""
         self.fetches += 1
-        found = await self._fetch_direct(server_name)
+        listed = await self._fetch_direct(server_name)
+        found = listed is not None
         if not found or not self._satisfied(server_name, key_ids, valid_at_ms):
             for notary in self._notaries:
-                if await self._fetch_from_notary(notary, server_name, key_ids, valid_at_ms):
+                # The keys the server itself just listed keep its answer: a
+                # notary's copy of them can only be as new or older.
+                if await self._fetch_from_notary(
+                    notary, server_name, key_ids, valid_at_ms, listed or frozenset()
+                ):
                     found = True
                 if self._satisfied(server_name, key_ids, valid_at_ms):
                     break
@@ -458,7 +473,8 @@ class Keyring:
         if len(backoffs) >= _BACKOFF_TABLE_SIZE:
             backoffs.clear()
 
-    async def _fetch_direct(self, server_name: str) -> bool:
+    async def _fetch_direct(self, server_name: str) -> frozenset[str] | None:
+        """Ask the server for its keys; the key IDs it listed, or None if it did not answer."""
         try:
             response = await self._client.get_json(
                 server_name, "/_matrix/key/v2/server", signed=False
@@ -470,13 +486,20 @@ class Keyring:
                 server=server_name,
                 reason=_describe(exc),
             )
-            return False
+            return None
         await self._keep(records)
-        return True
+        return frozenset(record.key_id for record in records)
 
     async def _fetch_from_notary(
-        self, notary: Notary, server_name: str, key_ids: frozenset[str], valid_at_ms: int
+        self,
+        notary: Notary,
+        server_name: str,
+        key_ids: frozenset[str],
+        valid_at_ms: int,
+        listed: frozenset[str] = frozenset(),
     ) -> bool:
+        """Ask ``notary`` for ``server_name``'s keys, keeping those not in ``listed`` (the
+        server's own answer of this fetch); whether it answered with any key."""
         body = {
             "server_keys": {
                 server_name: {key_id: {"minimum_valid_until_ts": valid_at_ms} for key_id in key_ids}
@@ -495,7 +518,7 @@ class Keyring:
                 reason=_describe(exc),
             )
             return False
-        await self._keep(records)
+        await self._keep([record for record in records if record.key_id not in listed])
         return bool(records)
 
     def _parse_notary_response(

@@ -53,8 +53,15 @@ class MemoryKeyStore:
             return fail(RuntimeError("disk full"))
         for record in records:
             stored = self.keys.get((record.server_name, record.key_id))
-            # As DatabaseStore: the record fetched last wins, the later write on a tie.
-            if stored is None or stored.fetched_ts <= record.fetched_ts:
+            # As DatabaseStore: the record fetched last wins, the later write on a tie,
+            # except a notary's current key over one stored as old.
+            revives = (
+                stored is not None
+                and stored.expired_ts is not None
+                and record.expired_ts is None
+                and record.source != record.server_name
+            )
+            if stored is None or (stored.fetched_ts <= record.fetched_ts and not revives):
                 self.keys[(record.server_name, record.key_id)] = record
         return succeed(None)
 

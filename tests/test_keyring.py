@@ -443,6 +443,57 @@ class NotaryTests(SynchronousTestCase):
         self.successResultOf(keyring.get_server_keys("remote.example", ["ed25519:other"], NOW_MS))
         self.assertLessEqual(keyring.fetches, 3)
 
+    def rotated(self) -> tuple[Keyring, Any, Any]:
+        """rotated.example rotated K1 out an hour ago (K2 current, K1 old); the notary still
+        holds its document from before (K1 current for a day). The keyring has read the
+        server's own document: K1 old."""
+        from federation_invite.config import OldKey
+
+        k1, k2 = make_key("k1"), make_key("k2")
+        self.notary.documents["rotated.example"] = server_keys_document(
+            "rotated.example", [k1], [], NOW_MS, DAY_MS
+        )
+        expired = OldKey(key_id_of(k1), encode_verify_key(verify_key_of(k1)), NOW_MS - 3_600_000)
+        self.federation.add_key_server(self.clock, "rotated.example", [k2], old_keys=[expired])
+        keyring = self.keyring()
+        keys = self.successResultOf(
+            keyring.get_server_keys("rotated.example", [key_id_of(k1), key_id_of(k2)], NOW_MS)
+        )
+        self.assertEqual(keys[key_id_of(k1)].expired_ts, NOW_MS - 3_600_000)
+        return keyring, k1, k2
+
+    def test_stale_notary_copy_does_not_undo_a_rotation(self) -> None:
+        """A lookup the server cannot answer (a made-up key ID) asks the notary, whose stale
+        copy lists K1 as current: K1 stays old, in memory and in the store, so requests
+        signed with it stay refused."""
+        keyring, k1, _ = self.rotated()
+        self.clock.advance(10)
+        self.successResultOf(keyring.get_server_keys("rotated.example", ["ed25519:bogus"], 0))
+        self.assertTrue(self.notary.queries)
+        self.assertEqual(
+            keyring.cached_keys("rotated.example")[key_id_of(k1)].expired_ts, NOW_MS - 3_600_000
+        )
+        self.assertEqual(
+            self.store.keys[("rotated.example", key_id_of(k1))].expired_ts, NOW_MS - 3_600_000
+        )
+
+    def test_server_answer_wins_over_the_notary_in_one_fetch(self) -> None:
+        """Within one fetch, the keys the server itself listed are not replaced by a notary's
+        answer for them (asked for another key): K2 keeps the server's validity."""
+        keyring, _, k2 = self.rotated()
+        self.notary.documents["rotated.example"] = server_keys_document(
+            "rotated.example", [k2], [], NOW_MS, 3 * DAY_MS
+        )
+        self.clock.advance(10)
+        self.successResultOf(keyring.get_server_keys("rotated.example", ["ed25519:bogus"], 0))
+        self.assertTrue(self.notary.queries)
+        # The server's answer of this fetch (valid for a day from now), not the notary's.
+        for held in (
+            keyring.cached_keys("rotated.example")[key_id_of(k2)],
+            self.store.keys[("rotated.example", key_id_of(k2))],
+        ):
+            self.assertEqual(held.valid_until_ts, NOW_MS + 10_000 + DAY_MS)
+
     def test_notary_bad_signature_refused(self) -> None:
         """A notary answer not signed by the notary key we configured is refused."""
         keyring = self.keyring(notary_key=make_key("other"))

@@ -420,7 +420,9 @@ class DatabaseStore:
 
     def _store_keys_txn(self, txn: adbapi.Transaction, rows: list[tuple[Any, ...]]) -> None:
         # A fetch replaces the stored key unless the stored one was fetched
-        # later: a slow worker must not overwrite a newer answer.
+        # later (a slow worker must not overwrite a newer answer), or unless it
+        # would make a key stored as old current again on a notary's word (a
+        # stale notary copy would undo a rotation); only the server itself can.
         statement = self._dialect.sql(
             f"INSERT INTO server_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (server_name, key_id) DO UPDATE SET"
@@ -430,6 +432,8 @@ class DatabaseStore:
             " fetched_ts = excluded.fetched_ts,"
             " source = excluded.source"
             " WHERE server_keys.fetched_ts <= excluded.fetched_ts"
+            " AND (server_keys.expired_ts IS NULL OR excluded.expired_ts IS NOT NULL"
+            " OR excluded.source = excluded.server_name)"
         )
         txn.executemany(statement, rows)
 

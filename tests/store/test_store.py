@@ -336,6 +336,22 @@ class StoreTestsMixin:
         await store.store_server_keys([same_time])
         self.assertEqual(await store.get_server_keys("remote.example"), {"ed25519:a": same_time})
 
+    async def test_notary_never_revives_an_old_key(self) -> None:
+        """A key stored as old (expired_ts) is not made current again by a notary's answer,
+        however late (a stale notary copy would undo a rotation); the server's own is."""
+        store = await self.open()
+        old = _key(fetched_ts=100, valid_until_ts=None, expired_ts=90)
+        await store.store_server_keys([old])
+        stale = _key(fetched_ts=200, valid_until_ts=5000, source="notary.example")
+        await store.store_server_keys([stale])
+        self.assertEqual(await store.get_server_keys("remote.example"), {"ed25519:a": old})
+        notary_old = _key(fetched_ts=300, valid_until_ts=None, expired_ts=80, source="n.example")
+        await store.store_server_keys([notary_old])
+        self.assertEqual(await store.get_server_keys("remote.example"), {"ed25519:a": notary_old})
+        own = _key(fetched_ts=400, valid_until_ts=6000)
+        await store.store_server_keys([own])
+        self.assertEqual(await store.get_server_keys("remote.example"), {"ed25519:a": own})
+
     async def test_get_server_keys_by_key_ids(self) -> None:
         """get_server_keys returns one server's keys, all of them or only those asked for."""
         store = await self.open()
