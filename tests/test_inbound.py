@@ -609,6 +609,13 @@ class RoomStateValidationTests(InboundTestCase):
                 "not a valid event",
             ),
             ("float", {**good, "depth": 2.5}, "not a valid event"),
+            (
+                "over 64 KiB",
+                self.state_event(
+                    room_version, room_id, content={"join_rule": "invite", "pad": "x" * 66_000}
+                ),
+                "more than the 65536 allowed",
+            ),
         ]
 
     def test_v12_full_entries_validated(self) -> None:
@@ -622,6 +629,35 @@ class RoomStateValidationTests(InboundTestCase):
                 body = self.assertRefused(answer, 400, "M_INVALID_PARAM")
                 self.assertIn(reason, body["error"], what)
                 self.assertEqual(line["outcome"], "refused")
+
+    def test_v12_full_entries_capped(self) -> None:
+        """v12: more than _MAX_ENFORCED_FULL_ENTRIES full entries is 400 M_INVALID_PARAM before
+        any entry is checked (each costs a hash and a signature check on the reactor); at the
+        cap, accepted."""
+        cap = inbound_module._MAX_ENFORCED_FULL_ENTRIES
+        room_version, create, room_id = self.room("12")
+        entries = [
+            self.state_event(room_version, room_id, content={"join_rule": "invite", "n": n})
+            for n in range(cap)
+        ]
+        checked = self.count_entry_checks()
+        answer, _ = self.send_logged(room_version, room_id, [create, *entries])
+        body = self.assertRefused(answer, 400, "M_INVALID_PARAM")
+        self.assertIn(f"more than {cap} full events", body["error"])
+        self.assertEqual(checked, [])
+        answer, _ = self.send_logged(room_version, room_id, [create, *entries[1:]])
+        self.assertEqual(answer[0], 200, answer[1])
+
+    def test_v12_stripped_create_refused(self) -> None:
+        """v12: a stripped m.room.create beside the full one is 400 M_INVALID_PARAM: the full
+        create event is what the room ID vouches for, and listeners and hooks must not be handed
+        a second, unverified one."""
+        room_version, create, room_id = self.room("12")
+        forged = stripped("m.room.create", "", {"creator": "@evil:x"}, create["sender"])
+        for state in ([create, forged], [forged, create]):
+            answer, _ = self.send_logged(room_version, room_id, state)
+            body = self.assertRefused(answer, 400, "M_INVALID_PARAM")
+            self.assertIn("stripped m.room.create", body["error"])
 
     def test_v12_valid_full_entries_and_stripped_accepted(self) -> None:
         """v12: valid full entries (keys of their senders' servers fetched as needed) and
