@@ -308,8 +308,9 @@ class MakeServiceRefusalTests(SynchronousTestCase):
 
 
 class KeyFileModeTests(SynchronousTestCase):
-    def load(self, mode: int) -> list[dict[str, object]]:
-        """Helper: the warnings logged while make_service loads a key file of ``mode``."""
+    def load(self, mode: int, more_keys: int = 0) -> list[dict[str, object]]:
+        """Helper: the warnings logged while make_service loads a key file of ``mode``
+        (holding ``more_keys`` keys after the first)."""
         from twisted.internet.testing import MemoryReactor
         from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
@@ -317,9 +318,18 @@ class KeyFileModeTests(SynchronousTestCase):
         os.makedirs(data_dir)
         self.key_path = os.path.join(data_dir, "signing.key")
         write_signing_key_file(self.key_path, generate_signing_key("a_1"))
-        os.chmod(self.key_path, mode)
         with open(self.key_path) as handle:
-            seed = handle.read().split()[2]
+            text = handle.read()
+        seeds = [text.split()[2]]
+        for index in range(more_keys):
+            extra = self.mktemp()
+            write_signing_key_file(extra, generate_signing_key(f"b_{index}"))
+            with open(extra) as handle:
+                line = handle.read()
+            seeds.append(line.split()[2])
+            with open(self.key_path, "a") as handle:
+                handle.write(line)
+        os.chmod(self.key_path, mode)
         events: list[dict[str, object]] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
@@ -327,7 +337,8 @@ class KeyFileModeTests(SynchronousTestCase):
         options.parseOptions(["--data-dir", data_dir, "--listen", "tcp:0"])
         make_service(options["loaded"], MemoryReactor(), exit_on_failure=False, freeze_gc=False)
         for event in events:
-            self.assertNotIn(seed, formatEvent(event))
+            for seed in seeds:
+                self.assertNotIn(seed, formatEvent(event))
         return [event for event in events if event["log_level"] == LogLevel.warn]
 
     def test_key_open_to_others_warned_about(self) -> None:
@@ -342,6 +353,19 @@ class KeyFileModeTests(SynchronousTestCase):
                 f"Signing key file {self.key_path} has mode {mode:04o}: others than its owner "
                 "may read or change it; chmod 600 it",
             )
+
+    def test_further_keys_in_the_file_warned_about(self) -> None:
+        """A key file holding several keys (Synapse's may) is used with its first key, with
+        one warning naming the keys left unused and where they can go; never a seed."""
+        from twisted.logger import formatEvent
+
+        (warning,) = self.load(0o600, more_keys=2)
+        self.assertEqual(
+            formatEvent(warning),
+            f"Signing key file {self.key_path} holds 3 keys: only the first, ed25519:a_1, signs"
+            " and is published; not used: ed25519:b_0, ed25519:b_1 (list them under"
+            " keys.old_verify_keys to keep verifying what they signed)",
+        )
 
     def test_private_key_file_not_warned_about(self) -> None:
         """A key file of mode 0600 (or 0400) loads without a warning."""
