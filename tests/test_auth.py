@@ -124,6 +124,14 @@ class RequestAuthenticationTests(SynchronousTestCase):
         error = self.assertRefused(401, "M_UNAUTHORIZED", headers=[header])
         self.assertIn("not this server", error)
 
+    def test_wrong_destination_quoted_in_part(self) -> None:
+        """A long wrong destination: 401 M_UNAUTHORIZED quoting only its first 255 characters."""
+        destination = "d" * 300 + ".example"
+        header = sign_request(self.their_key, THEM, destination, "PUT", PATH, {"a": 1})
+        error = self.assertRefused(401, "M_UNAUTHORIZED", headers=[header])
+        self.assertIn(repr("d" * 255), error)
+        self.assertNotIn("d" * 256, error)
+
     def test_no_destination_accepted(self) -> None:
         """A header without destination (older senders) is verified against our own name."""
         signed = sign_request(self.their_key, THEM, US, "PUT", PATH, {"a": 1})
@@ -132,13 +140,17 @@ class RequestAuthenticationTests(SynchronousTestCase):
         self.assertEqual(self.send(headers=[header]), (200, {"origin": THEM}))
 
     def test_invalid_origin(self) -> None:
-        """An origin that is not a server name: 401 M_UNAUTHORIZED, no fetch."""
-        self.assertRefused(401, "M_UNAUTHORIZED", headers=[self.header(origin="bad origin!")])
+        """An origin that is not a server name: 401 M_UNAUTHORIZED saying so, no fetch."""
+        header = self.header(origin="bad origin!")
+        error = self.assertRefused(401, "M_UNAUTHORIZED", headers=[header])
+        self.assertIn("not a valid server name", error)
         self.assertEqual(self.federation.calls, [])
 
     def test_invalid_key_id(self) -> None:
-        """A key that is not an ed25519 key ID: 401 M_UNAUTHORIZED."""
-        self.assertRefused(401, "M_UNAUTHORIZED", headers=[self.header(key_id="rsa:1")])
+        """A key that is not an ed25519 key ID: 401 M_UNAUTHORIZED saying so, no fetch."""
+        error = self.assertRefused(401, "M_UNAUTHORIZED", headers=[self.header(key_id="rsa:1")])
+        self.assertIn("not an ed25519 key ID", error)
+        self.assertEqual(self.federation.calls, [])
 
     def test_denied_origin_before_key_fetch(self) -> None:
         """An origin denied by the server ACL: 403 M_FORBIDDEN, decided before any key fetch."""
@@ -215,7 +227,40 @@ class RequestAuthenticationTests(SynchronousTestCase):
         error = self.assertRefused(401, "M_UNAUTHORIZED")
         self.assertIn("expired", error)
 
+    def test_key_valid_until_now_accepted(self) -> None:
+        """A key whose valid_until_ts is this very millisecond still authenticates; one
+        millisecond later it is 401 M_UNAUTHORIZED (expired)."""
+        from federation_invite.core.keys import verify_key_of
+        from federation_invite.core.signing import ServerVerifyKey
+
+        now_ms = int(self.clock.seconds() * 1000)
+        keyring = Keyring(self.clock, MemoryKeyStore(), self.federation)
+        keyring._memory[THEM] = {
+            key_id_of(self.their_key): ServerVerifyKey(
+                THEM, key_id_of(self.their_key), verify_key_of(self.their_key), now_ms
+            )
+        }
+        self.federation.servers.pop(THEM)  # no refresh: the key in memory is all there is
+        authenticator = RequestAuthenticator(self.clock, US, keyring)
+        matrix = build_matrix_tree(
+            MatrixResource(), {(b"federation", b"v1", b"thing"): Echo(authenticator)}
+        )
+        self.client = StubTreq(build_site_root(matrix))
+        self.assertEqual(self.send(), (200, {"origin": THEM}))
+        self.clock.advance(0.001)
+        error = self.assertRefused(401, "M_UNAUTHORIZED")
+        self.assertIn("expired", error)
+
     def test_conflicting_headers(self) -> None:
         """Several X-Matrix headers naming different origins: 401 M_UNAUTHORIZED."""
         good = sign_request(self.their_key, THEM, US, "PUT", PATH, {"a": 1})
         self.assertRefused(401, "M_UNAUTHORIZED", headers=[good, self.header(origin="x.example")])
+
+    def test_first_of_several_headers_is_checked(self) -> None:
+        """Several X-Matrix headers of one origin: the first is the one checked (the others are
+        ignored, as MSC4029's review suggests): a bad first one is 401 M_UNAUTHORIZED."""
+        good = sign_request(self.their_key, THEM, US, "PUT", PATH, {"a": 1})
+        bad = sign_request(self.their_key, THEM, US, "PUT", PATH, {"a": 2})
+        self.assertEqual(self.send(headers=[good, bad]), (200, {"origin": THEM}))
+        error = self.assertRefused(401, "M_UNAUTHORIZED", headers=[bad, good])
+        self.assertIn("Invalid X-Matrix signature", error)
