@@ -21,7 +21,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.interfaces import IConsumer
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer
 from zope.interface import implementer
@@ -34,10 +34,15 @@ from ..core.ids import parse_server_name
 from ..core.xmatrix import sign_request
 from ..logs import Logger
 from ._body import BodyTooLarge, read_body
-from .agent import CONNECT_TIMEOUT, FederationAgent, make_connection_pool
+from .agent import (
+    FederationAgent,
+    ResponseHeadTooLarge,
+    make_connection_pool,
+    well_known_agent,
+)
 from .discovery import ServerResolver
 from .errors import BackoffError, BlockedAddressError, RemoteError, TransportError
-from .iprange import BlocklistingReactor, IPRangeFilter
+from .iprange import IPRangeFilter
 from .tls import FederationTLSPolicy
 
 __all__ = ["FederationClient"]
@@ -141,13 +146,9 @@ class FederationClient:
             ip_filter = IPRangeFilter(ip_blocklist, ip_allowlist)
             tls_policy = FederationTLSPolicy(verify=verify_tls)
             self._pool = make_connection_pool(reactor)
-            well_known_agent = Agent(
-                BlocklistingReactor(reactor, ip_filter),
-                contextFactory=tls_policy,
-                connectTimeout=CONNECT_TIMEOUT,
-                pool=self._pool,
+            resolver = ServerResolver(
+                reactor, well_known_agent(reactor, tls_policy, ip_filter, self._pool), srv_resolver
             )
-            resolver = ServerResolver(reactor, well_known_agent, srv_resolver)
             agent = FederationAgent(
                 reactor, resolver, tls_policy, ip_filter=ip_filter, pool=self._pool
             )
@@ -371,6 +372,8 @@ def describe_failure(exc: BaseException) -> str:
         for cause in inner:
             if _is_tls_error(cause):
                 return f"TLS handshake failed: {_tls_detail(cause)}"
+            if isinstance(cause, ResponseHeadTooLarge):
+                return str(cause)
         return f"connection failed: {inner[0]}"
     if isinstance(exc, BlockedAddressError):
         return f"refused by the outbound IP blocklist: {exc}"

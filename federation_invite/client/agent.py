@@ -10,6 +10,7 @@ keep-alive) per effective server name in an ``HTTPConnectionPool``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -21,7 +22,11 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamClientEndpoint,
 )
+from twisted.internet.protocol import connectionDone
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
     IAgent,
@@ -37,12 +42,173 @@ from .discovery import ResolvedServer, ServerResolver, _is_ip_literal
 from .errors import BlockedAddressError
 from .iprange import BlocklistingReactor, IPRangeFilter
 
-__all__ = ["FederationAgent", "make_connection_pool"]
+__all__ = [
+    "FederationAgent",
+    "ResponseHeadTooLarge",
+    "make_connection_pool",
+    "well_known_agent",
+]
 
 _log = Logger()
 
 #: Seconds allowed for one TCP connection attempt (all of a host's addresses).
 CONNECT_TIMEOUT = 30.0
+
+
+#: Largest response head (status line and header lines) read from a peer, and
+#: most header lines in it. twisted.web's client parser bounds neither (only the
+#: body is capped, by ``read_body``), so without them a peer streaming header
+#: lines could grow our memory until the request's timeout.
+MAX_RESPONSE_HEAD_BYTES = 65_536
+MAX_RESPONSE_HEADER_LINES = 100
+
+
+class ResponseHeadTooLarge(Exception):
+    """A peer's response head (status line and headers) went past our limits."""
+
+
+class _HeadLimitingProtocol(ProtocolWrapper):
+    """Sits between the transport and twisted.web's HTTP client protocol and aborts the
+    connection when one response's head goes past the limits.
+
+    A head starts with the connection, and again with the first request written after
+    the last head ended (twisted.web does not pipeline, and the pool reuses a
+    connection only once its response is done); it ends at the first empty line, read
+    as twisted.web reads lines (``\n``, a trailing ``\r`` dropped). An interim 1xx
+    head, which twisted.web skips, counts toward the final head's budget.
+    """
+
+    def __init__(self, factory: WrappingFactory[Any], wrapped: IProtocol) -> None:
+        super().__init__(factory, wrapped)
+        self.inner = wrapped
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_lines = 0
+        #: The first bytes of the line being read, and of the head's status line.
+        self._line = b""
+        self._status_line: bytes | None = None
+        self._exceeded: ResponseHeadTooLarge | None = None
+
+    def write(self, data: bytes) -> None:
+        self._next_head()
+        super().write(data)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self._next_head()
+        super().writeSequence(data)
+
+    def _next_head(self) -> None:
+        if not self._in_head:
+            self._in_head = True
+            self._head_bytes = self._head_lines = 0
+            self._line, self._status_line = b"", None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._exceeded is not None:
+            return
+        if self._in_head:
+            self._exceeded = self._read_head(data)
+            if self._exceeded is not None:
+                transport: Any = self.transport
+                transport.abortConnection()
+                return
+        self.wrappedProtocol.dataReceived(data)
+
+    def _read_head(self, data: bytes) -> ResponseHeadTooLarge | None:
+        """Count ``data``'s bytes and lines up to the head's end; the limit passed, if any."""
+        position = 0
+        while self._in_head:
+            newline = data.find(b"\n", position)
+            stop = len(data) if newline == -1 else newline + 1
+            self._head_bytes += stop - position
+            if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
+                return ResponseHeadTooLarge(f"response head over {MAX_RESPONSE_HEAD_BYTES} bytes")
+            if len(self._line) < 16:
+                self._line += data[position:stop][: 16 - len(self._line)]
+            if newline == -1:
+                return None
+            line, self._line = self._line, b""
+            position = stop
+            if line not in (b"\n", b"\r\n"):
+                if self._status_line is None:
+                    self._status_line = line
+                else:
+                    self._head_lines += 1
+                    if self._head_lines > MAX_RESPONSE_HEADER_LINES:
+                        return ResponseHeadTooLarge(
+                            f"response head over {MAX_RESPONSE_HEADER_LINES} header lines"
+                        )
+            elif _is_interim(self._status_line):
+                self._status_line = None
+            else:
+                self._in_head = False
+        return None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._exceeded is not None:
+            reason = Failure(self._exceeded)
+        super().connectionLost(reason)
+
+
+def _is_interim(status_line: bytes | None) -> bool:
+    """Whether the status line (its first bytes) is a 1xx one."""
+    if status_line is None:
+        return False
+    parts = status_line.rstrip(b"\r\n").split(b" ", 2)
+    return len(parts) > 1 and len(parts[1]) == 3 and parts[1][:1] == b"1"
+
+
+class _HeadLimitingFactory(WrappingFactory):
+    protocol = _HeadLimitingProtocol
+
+
+@implementer(IStreamClientEndpoint)
+class HeadLimitingEndpoint:
+    """Wraps an endpoint so that its HTTP client connections bound each response head
+    (``MAX_RESPONSE_HEAD_BYTES``, ``MAX_RESPONSE_HEADER_LINES``); a head past them aborts
+    the connection, failing the request with ``ResponseHeadTooLarge`` as its reason."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        connecting: Deferred[Any] = self._endpoint.connect(_HeadLimitingFactory(protocolFactory))
+        # The pool talks to the HTTP protocol itself, as wrapClientTLS's endpoint does.
+        return connecting.addCallback(lambda wrapper: wrapper.inner)
+
+
+@implementer(IAgentEndpointFactory)
+class _WellKnownEndpointFactory:
+    def __init__(self, reactor: Any, tls_policy: IPolicyForHTTPS, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._tls_policy = tls_policy
+        self._connect_timeout = connect_timeout
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        if uri.scheme != b"https":
+            raise SchemeNotSupported(f"unsupported scheme {uri.scheme!r}")
+        creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
+        endpoint = HostnameEndpoint(
+            self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._connect_timeout
+        )
+        return HeadLimitingEndpoint(wrapClientTLS(creator, endpoint))
+
+
+def well_known_agent(
+    reactor: Any,
+    tls_policy: IPolicyForHTTPS,
+    ip_filter: IPRangeFilter,
+    pool: HTTPConnectionPool,
+    *,
+    connect_timeout: float = CONNECT_TIMEOUT,
+) -> IAgent:
+    """The agent fetching ``https://<server name>/.well-known/matrix/server``: TLS with
+    ``tls_policy``, addresses checked by ``ip_filter``, response heads bounded as
+    ``FederationAgent``'s are."""
+    factory = _WellKnownEndpointFactory(
+        BlocklistingReactor(reactor, ip_filter), tls_policy, connect_timeout
+    )
+    return Agent.usingEndpointFactory(reactor, factory, pool=pool)
 
 
 def make_connection_pool(reactor: Any) -> HTTPConnectionPool:
@@ -136,8 +302,10 @@ class FederationAgent:
             reactor = BlocklistingReactor(
                 self._reactor, self._ip_filter, self._name_resolver, blocked.append
             )
-            endpoint = wrapClientTLS(
-                creator, HostnameEndpoint(reactor, host, port, timeout=self._connect_timeout)
+            endpoint = HeadLimitingEndpoint(
+                wrapClientTLS(
+                    creator, HostnameEndpoint(reactor, host, port, timeout=self._connect_timeout)
+                )
             )
             try:
                 protocol: IProtocol = await endpoint.connect(factory)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from signedjson.key import generate_signing_key
+from twisted.internet import reactor as global_reactor
+from twisted.internet import ssl
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import ResponseFailed
 
 from federation_invite.client import (
     BlockedAddressError,
@@ -19,10 +25,17 @@ from federation_invite.client import (
     ServerResolver,
     TransportError,
 )
+from federation_invite.client.agent import (
+    ResponseHeadTooLarge,
+    make_connection_pool,
+    well_known_agent,
+)
 from federation_invite.client.testing import FakePeersAgent
 from federation_invite.config import DEFAULT_IP_BLOCKLIST
 
-from ._fakes import CannedResource, FakeHostnameResolver, FakeSRVResolver
+from ._fakes import CannedResource, FakeHostnameResolver, FakeSRVResolver, make_certificate
+
+real_reactor: Any = global_reactor
 
 PUBLIC_1 = "93.184.216.34"
 PUBLIC_2 = "93.184.216.35"
@@ -227,3 +240,140 @@ class ClientBlocklistTests(SynchronousTestCase):
         client = self.client()
         self.assertNoResult(client.get_json("good.example", "/x"))
         self.assertEqual([(c[0], c[1]) for c in self.reactor.tcpClients], [(PUBLIC_1, 443)])
+
+
+class _HeadServer(Protocol):
+    """A TLS peer answering each request with ``test.answer(number)`` (bytes), numbering
+    the requests of all its connections from 0."""
+
+    def __init__(self, test: ResponseHeadLimitTests) -> None:
+        self._test = test
+        self._connections = test.connections
+        self._received = b""
+
+    def connectionMade(self) -> None:
+        self._connections.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._received += data
+        while b"\r\n\r\n" in self._received:
+            _, self._received = self._received.split(b"\r\n\r\n", 1)
+            transport: Any = self.transport
+            transport.write(self._test.answer(self._test.answered))
+            self._test.answered += 1
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._connections.remove(self)
+
+
+def _head(header_lines: int, line_bytes: int = 20, body: bytes | None = b"{}") -> bytes:
+    """A 200 answer with ``header_lines`` header lines of ``line_bytes`` each (with CRLF),
+    then, unless ``body`` is None, a body of that length (the last header line says so)."""
+    lines = [b"HTTP/1.1 200 OK\r\n"]
+    filler = b"X-Pad: " + b"a" * (line_bytes - 9) + b"\r\n"
+    if body is None:
+        lines += [filler] * header_lines
+        return b"".join(lines)
+    lines += [filler] * (header_lines - 1)
+    lines.append(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    return b"".join(lines)
+
+
+class ResponseHeadLimitTests(TestCase):
+    """Response heads from peers are bounded: 64 KiB and 100 header lines per response."""
+
+    timeout = 20
+
+    def setUp(self) -> None:
+        cert_pem, key_pem = make_certificate(["matrix.test"], ["127.0.0.1"])
+        self.options = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem).options()
+        self.connections: list[Any] = []
+        self.answer: Callable[[int], bytes] = lambda number: _head(1)
+        self.answered = 0
+        factory = Factory.forProtocol(lambda: _HeadServer(self))
+        port = real_reactor.listenSSL(0, factory, self.options, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.destination = f"127.0.0.1:{port.getHost().port}"
+
+    def client(self) -> FederationClient:
+        client = FederationClient(
+            real_reactor,
+            "local.example",
+            generate_signing_key("k"),
+            verify_tls=False,
+            ip_allowlist=["127.0.0.1/32"],
+            timeout=5.0,
+        )
+        self.addCleanup(self._close, client)
+        return client
+
+    async def _close(self, client: FederationClient) -> None:
+        await client.close()
+        for connection in list(self.connections):
+            connection.transport.abortConnection()
+        await deferLater(real_reactor, 0.01, lambda: None)
+
+    async def transport_error(self, client: FederationClient) -> TransportError:
+        with self.assertRaises(TransportError) as caught:
+            await client.get_json(self.destination, "/x")
+        # The connection is dropped, not returned to the pool.
+        await deferLater(real_reactor, 0.05, lambda: None)
+        self.assertEqual(self.connections, [])
+        assert client._pool is not None
+        self.assertEqual([c for cs in client._pool._connections.values() for c in cs], [])
+        return caught.exception
+
+    async def test_endless_headers(self) -> None:
+        """A peer streaming header lines without end is cut off past 64 KiB, long before the
+        request's timeout, with a TransportError."""
+        self.answer = lambda number: _head(300, line_bytes=1000, body=None)
+        client = self.client()
+        error = await self.transport_error(client)
+        self.assertEqual(error.reason, "response head over 65536 bytes")
+
+    async def test_too_many_header_lines(self) -> None:
+        """100 header lines are read; 101 are refused, however short."""
+        self.answer = lambda number: _head(100 if number == 0 else 101)
+        client = self.client()
+        self.assertEqual(await client.get_json(self.destination, "/x"), {})
+        # The second answer is one line too long (twisted.web retries it once, on a new
+        # connection, as it does any idempotent request a pooled connection failed).
+        error = await self.transport_error(client)
+        self.assertEqual(error.reason, "response head over 100 header lines")
+
+    async def test_limit_is_per_response(self) -> None:
+        """A pooled connection serving several responses counts each head afresh: three
+        answers of 60 KiB of headers each arrive on one connection."""
+        self.answer = lambda number: _head(60, line_bytes=1024)
+        client = self.client()
+        for _ in range(3):
+            self.assertEqual(await client.get_json(self.destination, "/x"), {})
+        self.assertEqual(len(self.connections), 1)
+
+    async def test_interim_heads_count(self) -> None:
+        """1xx interim heads (which twisted.web skips) count toward the final head's budget."""
+        interim = b"HTTP/1.1 102 Processing\r\n" + b"X-Pad: " + b"a" * 1000 + b"\r\n\r\n"
+        self.answer = lambda number: interim * 70 + _head(1)
+        client = self.client()
+        error = await self.transport_error(client)
+        self.assertEqual(error.reason, "response head over 65536 bytes")
+
+    async def test_well_known_agent(self) -> None:
+        """The agent fetching .well-known documents has the same limit."""
+        self.answer = lambda number: _head(300, line_bytes=1000, body=None)
+        pool = make_connection_pool(real_reactor)
+        agent = well_known_agent(
+            real_reactor,
+            FederationTLSPolicy(verify=False),
+            IPRangeFilter(DEFAULT_IP_BLOCKLIST, ["127.0.0.1/32"]),
+            pool,
+        )
+        self.addCleanup(pool.closeCachedConnections)
+        with self.assertRaises(ResponseFailed) as caught:
+            await agent.request(
+                b"GET", f"https://{self.destination}/.well-known/matrix/server".encode()
+            )
+        [reason] = caught.exception.reasons
+        self.assertIsInstance(reason.value, ResponseHeadTooLarge)
+        await deferLater(real_reactor, 0.05, lambda: None)
+        self.assertEqual(self.connections, [])
