@@ -109,7 +109,8 @@ class FederationClient:
     """
 
     #: Seconds a destination is left alone after its first consecutive failure;
-    #: the wait doubles with each further failure up to ``BACKOFF_MAX``.
+    #: the wait doubles with each further failure (of a request started after the
+    #: last one) up to ``BACKOFF_MAX``.
     BACKOFF_INITIAL = 60.0
     BACKOFF_MAX = 3600.0
     #: Failing destinations remembered at once.
@@ -234,6 +235,7 @@ class FederationClient:
         if via is not None:
             destination = via
         self._check_backoff(destination)
+        started = self._reactor.seconds()
 
         url = ("https://" + destination + uri).encode("ascii")
         attempt = Deferred.fromCoroutine(
@@ -253,7 +255,7 @@ class FederationClient:
             # A 5xx says the server (or its proxy) is in trouble; anything
             # else proves it alive and answering.
             if exc.status >= 500:
-                self._record_failure(destination)
+                self._record_failure(destination, started)
             else:
                 self._record_success(destination)
             _log.info(
@@ -275,7 +277,7 @@ class FederationClient:
             else:
                 reason = describe_failure(exc)
             error = TransportError(destination, reason)
-            self._record_failure(destination)
+            self._record_failure(destination, started)
             _log.info("{error}", error=error)
             raise error from exc
         finally:
@@ -307,9 +309,17 @@ class FederationClient:
         if state is not None and state.waiting(now):
             raise BackoffError(destination, state.retry_at, state.failures, now)
 
-    def _record_failure(self, destination: str) -> None:
+    def _record_failure(self, destination: str, started: float) -> None:
+        """Back ``destination`` off after a failure of a request ``started`` then.
+
+        Requests in flight together that fail together (one outage) count once: a
+        failure escalates the back-off only if the last one recorded happened before
+        this request started, as Synapse's ``RetryDestinationLimiter`` does.
+        """
         now = self._reactor.seconds()
         state = self._backoff.get(destination)
+        if state is not None and started <= state.since <= now:
+            return
         if state is None:
             if len(self._backoff) >= self.BACKOFF_TABLE_SIZE:
                 self._forget_stale_backoffs(now)

@@ -401,6 +401,29 @@ class BackoffTests(_Base):
             self.clock.advance(error.retry_at - start)
         self.assertEqual(waits, [60, 120, 240, 480, 960, 1920, 3600, 3600])
 
+    def test_simultaneous_failures_count_once(self) -> None:
+        """Requests in flight together that fail together are one failure: the back-off
+        escalates only for a failure of a request started after the last failure."""
+        self.peer.hang = True
+        requests = [self.client.get_json(REMOTE, f"/x/{n}") for n in range(7)]
+        self.peer.hang = False
+        self.clock.advance(1)
+        for request in self.peer.pending:
+            request.setResponseCode(502)
+            request.write(b"{}")
+            request.finish()
+        self.peers.flush()
+        for requesting in requests:
+            self.assertEqual(self.remote_error(requesting).status, 502)
+        error = self.failureResultOf(self.client.get_json(REMOTE, "/x"), BackoffError).value
+        self.assertEqual((error.failures, error.retry_at - self.clock.seconds()), (1, 60))
+        # One started after that failure escalates it.
+        self.clock.advance(60)
+        self.peer.code, self.peer.body = 502, {}
+        self.remote_error(self.client.get_json(REMOTE, "/x"))
+        error = self.failureResultOf(self.client.get_json(REMOTE, "/x"), BackoffError).value
+        self.assertEqual((error.failures, error.retry_at - self.clock.seconds()), (2, 120))
+
     def test_success_resets(self) -> None:
         """A success clears the back-off: the next failure waits 1 min again."""
         self.peer.code, self.peer.body = 500, {}
