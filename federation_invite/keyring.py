@@ -68,7 +68,7 @@ class IKeyFetchClient(Protocol):
     ) -> Deferred[Any]: ...
 
     def post_json(
-        self, destination: str, path: str, body: Any, *, signed: bool = True
+        self, destination: str, path: str, body: Any, *, signed: bool = True, backoff: bool = True
     ) -> Deferred[Any]: ...
 
 
@@ -506,8 +506,14 @@ class Keyring:
             }
         }
         try:
+            # Not through the client's per-server back-off: a notary must itself
+            # reach the server asked about, so one slow about a tarpit anyone can
+            # name would back off the notary's server name (invites to its users
+            # included). Nor a back-off of our own: a failure cannot tell "the
+            # notary is down" from "the notary waits on that server", and each
+            # server's own back-off already bounds the queries made for it.
             response = await self._client.post_json(
-                notary.server_name, "/_matrix/key/v2/query", body
+                notary.server_name, "/_matrix/key/v2/query", body, backoff=False
             )
             records = self._parse_notary_response(notary, server_name, response)
         except Exception as exc:

@@ -142,7 +142,7 @@ class FakeFederation:
         return self._request("GET", destination, path)
 
     def post_json(
-        self, destination: str, path: str, body: Any, *, signed: bool = True
+        self, destination: str, path: str, body: Any, *, signed: bool = True, backoff: bool = True
     ) -> Deferred[Any]:
         return self._request("POST", destination, path, body)
 

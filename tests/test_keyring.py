@@ -410,6 +410,46 @@ class NotaryTests(SynchronousTestCase):
         )
         self.assertEqual(self.store.keys[("down.example", self.key_id)].source, "notary.example")
 
+    def test_slow_notary_not_backed_off(self) -> None:
+        """A notary slow about one server (it must reach that server itself: a tarpit anyone can
+        name) is not backed off in the federation client: invites to its users and lookups of
+        other servers still reach it."""
+        from twisted.web.resource import Resource
+        from twisted.web.server import NOT_DONE_YET
+
+        from federation_invite.client import FederationClient
+        from federation_invite.client.testing import FakePeersAgent
+
+        notary = self.notary
+
+        class SlowAboutTarpit(Resource):
+            isLeaf = True
+
+            def render(self, request: Request) -> Any:
+                if b"tarpit.example" in request.content.getvalue():
+                    return NOT_DONE_YET
+                request.content.seek(0)
+                return notary.render_POST(request)
+
+        peers = FakePeersAgent({"notary.example": SlowAboutTarpit()})
+        client = FederationClient(self.clock, "local.example", make_key("k"), agent=peers)
+        key = self.notary_key
+        keyring = Keyring(
+            self.clock,
+            self.store,
+            client,
+            notaries=[
+                Notary("notary.example", ((key_id_of(key), encode_verify_key(verify_key_of(key))),))
+            ],
+        )
+        tarpit = keyring.get_server_keys("tarpit.example", ["ed25519:x"], NOW_MS)
+        self.clock.advance(60)
+        self.assertEqual(self.successResultOf(tarpit), {})
+        self.assertNotIn("notary.example", client._backoff)
+        keys = self.successResultOf(keyring.get_server_keys("down.example", [self.key_id], NOW_MS))
+        self.assertIn(self.key_id, keys)
+        self.assertEqual(len(self.notary.queries), 1)
+
     def test_joined_fetch_looks_for_the_joiners_keys(self) -> None:
         """A caller that joined a fetch for other key IDs gets one fetch of its own (here: an old
         key only a notary still has); a made-up key ID costs at most one more fetch."""

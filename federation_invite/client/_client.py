@@ -183,10 +183,23 @@ class FederationClient:
         )
 
     def post_json(
-        self, destination: str, path: str, body: Any, *, signed: bool = True
+        self,
+        destination: str,
+        path: str,
+        body: Any,
+        *,
+        signed: bool = True,
+        backoff: bool = True,
     ) -> Deferred[Any]:
-        """POST the JSON ``body`` (None: no body) to ``path``; the JSON answer."""
-        return Deferred.fromCoroutine(self._request("POST", destination, path, None, body, signed))
+        """POST the JSON ``body`` (None: no body) to ``path``; the JSON answer.
+
+        ``backoff=False``: the request is neither refused by ``destination``'s
+        back-off nor counted in it (a notary query: a notary slow about the server
+        asked for, which anyone can name, is not a dead notary).
+        """
+        return Deferred.fromCoroutine(
+            self._request("POST", destination, path, None, body, signed, backoff=backoff)
+        )
 
     def close(self) -> Deferred[None]:
         """Close idle pooled connections (for shutdown and tests on real sockets)."""
@@ -206,6 +219,8 @@ class FederationClient:
         body: Any,
         signed: bool,
         via: str | None = None,
+        *,
+        backoff: bool = True,
     ) -> Any:
         for name in (destination, via):
             if name is None:
@@ -234,7 +249,8 @@ class FederationClient:
         # From here on, destination is whom we connect to.
         if via is not None:
             destination = via
-        self._check_backoff(destination)
+        if backoff:
+            self._check_backoff(destination)
         started = self._reactor.seconds()
 
         url = ("https://" + destination + uri).encode("ascii")
@@ -254,9 +270,9 @@ class FederationClient:
         except RemoteError as exc:
             # A 5xx says the server (or its proxy) is in trouble; anything
             # else proves it alive and answering.
-            if exc.status >= 500:
+            if backoff and exc.status >= 500:
                 self._record_failure(destination, started)
-            else:
+            elif backoff:
                 self._record_success(destination)
             _log.info(
                 "{method} {path} to {destination} failed: {error}",
@@ -277,13 +293,15 @@ class FederationClient:
             else:
                 reason = describe_failure(exc)
             error = TransportError(destination, reason)
-            self._record_failure(destination, started)
+            if backoff:
+                self._record_failure(destination, started)
             _log.info("{error}", error=error)
             raise error from exc
         finally:
             if timer.active():
                 timer.cancel()
-        self._record_success(destination)
+        if backoff:
+            self._record_success(destination)
         return result
 
     async def _attempt(

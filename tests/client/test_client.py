@@ -452,6 +452,25 @@ class BackoffTests(_Base):
         self.transport_error(self.client.get_json("nowhere.example", "/x"), BackoffError)
         self.successResultOf(self.client.get_json(REMOTE, "/x"))
 
+    def test_backoff_off_for_a_request(self) -> None:
+        """A request made with backoff=False is neither refused by a back-off nor recorded in
+        one (notary queries: a notary slow about some third server is not a dead notary)."""
+        self.peer.hang = True
+        requesting = self.client.post_json(REMOTE, "/x", {}, backoff=False)
+        self.clock.advance(30)
+        self.transport_error(requesting)
+        self.assertEqual(self.client._backoff, {})
+        self.peer.hang = False
+        self.peer.code, self.peer.body = 503, b"down"
+        self.remote_error(self.client.get_json(REMOTE, "/x"))
+        self.transport_error(self.client.get_json(REMOTE, "/x"), BackoffError)
+        self.peer.code, self.peer.body = 200, {"ok": True}
+        self.assertEqual(
+            self.successResultOf(self.client.post_json(REMOTE, "/x", {}, backoff=False)),
+            {"ok": True},
+        )
+        self.transport_error(self.client.get_json(REMOTE, "/x"), BackoffError)
+
     def test_backoff_table_bounded(self) -> None:
         """Failing destinations are forgotten once their wait has passed and the table is full."""
         self.client.BACKOFF_TABLE_SIZE = 3
