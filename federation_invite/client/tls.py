@@ -5,23 +5,40 @@ certificate for the hostname (or IP literal) that discovery settles on, which
 is the delegated name after ``.well-known`` and never an SRV target.
 Verification is on by default; ``verify=False`` exists for test deployments
 and is logged loudly by whoever turns it on.
+
+One OpenSSL context serves every peer (loading the trust store costs about
+0.85 MiB per context, and peer names are chosen by whoever sends us requests);
+each connection gets its own name check, which fails the handshake on any
+error, not only on ``service_identity.VerificationError`` (Twisted's
+``ClientTLSOptions`` logs and accepts the rest: a certificate without SAN, or
+with one SAN entry ``service_identity`` cannot parse, passed for any name).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from OpenSSL import SSL
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
+from twisted.internet.ssl import CertificateOptions, TLSVersion, platformTrust
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 __all__ = ["FederationTLSPolicy"]
 
-#: Creators are cached per name; past this many names the cache starts afresh.
-_MAX_CACHED_CREATORS = 1000
+_log = Logger()
+
+
+class _PeerIdentityError(SSL.Error):
+    """The peer's certificate does not identify the name we connected to."""
 
 
 @implementer(IPolicyForHTTPS)
@@ -30,17 +47,18 @@ class FederationTLSPolicy:
 
     With ``verify`` (the default) the certificate chain is checked against
     ``trust_root`` (an ``IOpenSSLTrustRoot`` such as a ``Certificate``; the
-    platform's trust store when None) and the leaf against
-    the name by ``service_identity`` (a DNS name, or an IP address SAN for IP
-    literals), as ``optionsForClientTLS`` does. Without it, any certificate is
-    accepted, but SNI is still sent so that name-based virtual hosts work.
+    platform's trust store when None) and the leaf against the name by
+    ``service_identity`` (a DNS-ID, or an iPAddress SAN for IP literals); a
+    certificate it cannot check (no SAN, a malformed SAN entry) is refused.
+    Without it, any certificate is accepted, but SNI is still sent so that
+    name-based virtual hosts work. Either way every connection of the policy
+    shares one OpenSSL context (TLS 1.2 or later, Twisted's default ciphers).
     """
 
     def __init__(self, *, verify: bool = True, trust_root: Any = None):
         self.verify = verify
         self._trust_root = trust_root
-        self._creators: dict[str, IOpenSSLClientConnectionCreator] = {}
-        self._unverified_options: CertificateOptions | None = None
+        self._context: SSL.Context | None = None
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         """The creator for a connection whose certificate must match ``hostname``.
@@ -51,37 +69,100 @@ class FederationTLSPolicy:
         name = hostname.decode("ascii")
         if name.startswith("[") and name.endswith("]"):
             name = name[1:-1]
-        creator = self._creators.get(name)
-        if creator is None:
-            if len(self._creators) >= _MAX_CACHED_CREATORS:
-                self._creators.clear()
-            creator = self._make_creator(name)
-            self._creators[name] = creator
-        return creator
+        return _ClientConnectionCreator(name, self._get_context(), self.verify)
 
-    def _make_creator(self, name: str) -> IOpenSSLClientConnectionCreator:
-        if self.verify:
-            creator: IOpenSSLClientConnectionCreator = optionsForClientTLS(
-                name, trustRoot=self._trust_root
-            )
-            return creator
-        if self._unverified_options is None:
-            self._unverified_options = CertificateOptions(verify=False)
-        return _UnverifiedCreator(name, self._unverified_options)
+    def _get_context(self) -> SSL.Context:
+        """The policy's one context, built on first use (loading the trust store takes time)."""
+        if self._context is None:
+            if self.verify:
+                options = CertificateOptions(
+                    trustRoot=self._trust_root if self._trust_root is not None else platformTrust(),
+                    raiseMinimumTo=TLSVersion.TLSv1_2,
+                )
+            else:
+                options = CertificateOptions(verify=False, raiseMinimumTo=TLSVersion.TLSv1_2)
+            # pyOpenSSL refuses changes to a context once a connection uses it,
+            # so sharing it cannot leak one connection's settings into another.
+            self._context = options.getContext()
+        return self._context
 
 
 @implementer(IOpenSSLClientConnectionCreator)
-class _UnverifiedCreator:
-    """A client connection creator that accepts any certificate but still sends SNI."""
+class _ClientConnectionCreator:
+    """Creates connections on the shared context, with SNI and (if verifying) the name check."""
 
-    def __init__(self, name: str, options: CertificateOptions) -> None:
-        self._options = options
+    def __init__(self, name: str, context: SSL.Context, verify: bool) -> None:
+        self._name = name
+        self._context = context
+        self._verify = verify
+        self._is_ip_literal = isIPAddress(name) or isIPv6Address(name)
         # RFC 6066 section 3: SNI carries DNS names only, never IP literals.
-        is_dns_name = not (isIPAddress(name) or isIPv6Address(name))
-        self._server_name = name.encode("idna") if is_dns_name else None
+        self._server_name: bytes | None = None
+        if not self._is_ip_literal:
+            try:
+                self._server_name = name.encode("idna")
+            except UnicodeError:
+                # Not a valid DNS name: nothing to send; the name check refuses it.
+                pass
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        connection: SSL.Connection = self._options.clientConnectionForTLS(tlsProtocol)
+        connection = SSL.Connection(self._context, None)
         if self._server_name is not None:
             connection.set_tlsext_host_name(self._server_name)
+        if self._verify:
+            verifier = _IdentityVerifier(self._name, self._is_ip_literal, tlsProtocol)
+            connection.set_verify(
+                SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verifier.verify_callback
+            )
+            connection.set_info_callback(verifier.info_callback)
         return connection
+
+
+class _IdentityVerifier:
+    """Checks one connection's leaf certificate against the name, failing closed.
+
+    The check runs in OpenSSL's verify callback for the leaf (depth 0), after
+    the chain checks passed, so a mismatch stops the handshake before we send
+    anything. Any exception fails the connection with ``failVerification``. At
+    handshake done, a connection whose leaf was never checked is failed too.
+    """
+
+    def __init__(self, name: str, is_ip_literal: bool, tls_protocol: Any) -> None:
+        self._name = name
+        self._is_ip_literal = is_ip_literal
+        # Weak: the protocol holds the connection, which holds these callbacks.
+        self._protocol: weakref.ref[Any] = weakref.ref(tls_protocol)
+        self._identity_verified = False
+
+    def verify_callback(
+        self, connection: SSL.Connection, cert: Any, errno: int, depth: int, ok: int
+    ) -> bool:
+        if not ok:
+            # OpenSSL's chain verification failed (untrusted, expired, wrong
+            # purpose, ...): keep its verdict and its error.
+            return False
+        if depth != 0:
+            return True
+        try:
+            if self._is_ip_literal:
+                verify_certificate_ip_address(cert.to_cryptography(), self._name)
+            else:
+                verify_certificate_hostname(cert.to_cryptography(), self._name)
+        except Exception as exc:
+            self._fail(f"certificate is not valid for {self._name}: {exc!r}")
+            return False
+        self._identity_verified = True
+        return True
+
+    def info_callback(self, connection: SSL.Connection, where: int, ret: int) -> None:
+        if where & SSL.SSL_CB_HANDSHAKE_DONE and not self._identity_verified:
+            self._fail(f"the certificate was not checked against {self._name}")
+
+    def _fail(self, message: str) -> None:
+        # Called from inside OpenSSL: an exception escaping here would be lost.
+        try:
+            protocol = self._protocol()
+            if protocol is not None:
+                protocol.failVerification(Failure(_PeerIdentityError(message)))
+        except Exception:
+            _log.failure("while failing TLS verification")

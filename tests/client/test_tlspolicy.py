@@ -2,38 +2,100 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+from OpenSSL import SSL
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from federation_invite.client import tls
 from federation_invite.client.tls import FederationTLSPolicy
 
 
+class _FakeTLSProtocol:
+    """Stands in for the TLSMemoryBIOProtocol a connection is created for."""
+
+    def __init__(self) -> None:
+        self.failures: list[Failure] = []
+        # What Twisted's creators read to offer ALPN: the wrapped (HTTP) factory.
+        self.factory = SimpleNamespace(wrappedFactory=Factory())
+
+    def failVerification(self, reason: Failure) -> None:
+        self.failures.append(reason)
+
+
+def _connect(policy: FederationTLSPolicy, name: bytes) -> SSL.Connection:
+    connection: SSL.Connection = policy.creatorForNetloc(name, 8448).clientConnectionForTLS(
+        _FakeTLSProtocol()
+    )
+    return connection
+
+
 class FederationTLSPolicyTests(SynchronousTestCase):
-    def test_cached_per_name(self) -> None:
-        """One creator per name; an IPv6 name with brackets is the same as without."""
+    def test_one_context_for_all_names(self) -> None:
+        """Every name, DNS or IP literal, shares the policy's one SSL context."""
         policy = FederationTLSPolicy()
-        self.assertIs(
-            policy.creatorForNetloc(b"a.example", 1), policy.creatorForNetloc(b"a.example", 2)
-        )
-        self.assertIs(policy.creatorForNetloc(b"[::1]", 1), policy.creatorForNetloc(b"::1", 1))
-        self.assertIsNot(
-            policy.creatorForNetloc(b"a.example", 1), policy.creatorForNetloc(b"b.example", 1)
-        )
+        contexts = {
+            id(_connect(policy, name).get_context())
+            for name in (b"a.example", b"b.example", b"1.2.3.4", b"[::1]")
+        }
+        self.assertEqual(len(contexts), 1)
 
-    def test_cache_bounded(self) -> None:
-        """Past the cache size the creators are built afresh."""
-        self.patch(tls, "_MAX_CACHED_CREATORS", 1)
-        policy = FederationTLSPolicy()
-        first = policy.creatorForNetloc(b"a.example", 1)
-        policy.creatorForNetloc(b"b.example", 1)
-        self.assertIsNot(policy.creatorForNetloc(b"a.example", 1), first)
-
-    def test_verify_flag(self) -> None:
-        """The verify flag picks verifying or accepting creators; unverified ones share one context."""
-        verifying = FederationTLSPolicy().creatorForNetloc(b"a.example", 1)
+    def test_one_unverified_context_for_all_names(self) -> None:
+        """With verify off every name shares one SSL context too, which verifies nothing."""
         policy = FederationTLSPolicy(verify=False)
-        unverified = policy.creatorForNetloc(b"a.example", 1)
-        self.assertNotEqual(type(verifying), type(unverified))
+        first = _connect(policy, b"a.example")
+        self.assertIs(_connect(policy, b"b.example").get_context(), first.get_context())
+        self.assertEqual(first.get_verify_mode(), SSL.VERIFY_NONE)
         self.assertFalse(policy.verify)
-        policy.creatorForNetloc(b"b.example", 1)
-        self.assertIsNotNone(policy._unverified_options)
+
+    def test_contexts_per_policy(self) -> None:
+        """Two policies (another trust root or verify flag) do not share a context."""
+        verifying = _connect(FederationTLSPolicy(), b"a.example")
+        unverified = _connect(FederationTLSPolicy(verify=False), b"a.example")
+        self.assertIsNot(verifying.get_context(), unverified.get_context())
+        self.assertEqual(
+            verifying.get_verify_mode(), SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+        )
+
+    def test_tls_1_2_minimum(self) -> None:
+        """SSLv3, TLS 1.0 and 1.1 are disabled, verifying or not; compression too."""
+        for policy in (FederationTLSPolicy(), FederationTLSPolicy(verify=False)):
+            context = _connect(policy, b"a.example").get_context()
+            # pyOpenSSL has no getter, and refuses set_options once a connection exists.
+            options = SSL._lib.SSL_CTX_get_options(context._context)  # type: ignore[attr-defined]
+            for disabled in (SSL.OP_NO_SSLv3, SSL.OP_NO_TLSv1, SSL.OP_NO_TLSv1_1):
+                self.assertTrue(options & disabled, hex(disabled))
+            self.assertTrue(options & SSL.OP_NO_COMPRESSION)
+
+    def test_sni(self) -> None:
+        """SNI is the DNS name (verifying or not), never an IP literal."""
+        for policy in (FederationTLSPolicy(), FederationTLSPolicy(verify=False)):
+            self.assertEqual(
+                _connect(policy, b"xn--bcher-kva.example").get_servername(),
+                b"xn--bcher-kva.example",
+            )
+            self.assertIsNone(_connect(policy, b"10.1.2.3").get_servername())
+            self.assertIsNone(_connect(policy, b"[2001:db8::1]").get_servername())
+            self.assertIsNone(_connect(policy, b"2001:db8::1").get_servername())
+
+    def test_handshake_done_without_name_check(self) -> None:
+        """A handshake that completes without the leaf's name check passing fails verification."""
+        protocol = _FakeTLSProtocol()
+        connection = _connect(FederationTLSPolicy(), b"a.example")
+        verifier = tls._IdentityVerifier("a.example", False, protocol)
+        verifier.info_callback(connection, SSL.SSL_CB_HANDSHAKE_START, 1)
+        self.assertEqual(protocol.failures, [])
+        verifier.info_callback(connection, SSL.SSL_CB_HANDSHAKE_DONE, 1)
+        [failure] = protocol.failures
+        self.assertIsInstance(failure.value, SSL.Error)
+
+    def test_chain_failure_kept(self) -> None:
+        """OpenSSL's chain verdict stands: a failed certificate at any depth fails verification."""
+        protocol = _FakeTLSProtocol()
+        connection = _connect(FederationTLSPolicy(), b"a.example")
+        verifier = tls._IdentityVerifier("a.example", False, protocol)
+        self.assertFalse(verifier.verify_callback(connection, None, 10, 1, 0))
+        self.assertFalse(verifier.verify_callback(connection, None, 10, 0, 0))
+        self.assertEqual(protocol.failures, [])
