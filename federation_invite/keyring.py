@@ -10,8 +10,9 @@ notary's signature with a key configured for it). Concurrent asks for the same
 server share one fetch, which stops once the first caller's keys are found; a
 caller that joined it and still lacks its keys gets one more fetch of its own
 (at most one, so made-up key IDs cannot multiply fetches). A server whose fetch
-failed is not asked again until its back-off has passed. Fetched keys are stored
-with their validity, capped at seven days after the fetch
+failed is not asked again until its back-off has passed. Sharing and back-off
+take the spellings of a name that differ only in the case of the host as one.
+Fetched keys are stored with their validity, capped at seven days after the fetch
 (rooms/fragments/v5-signing-requirements.md). Of two answers for the same key,
 the one fetched last wins, in memory as in the store: after a rotation the
 refetch turns a current key old (valid for events sent before its
@@ -28,6 +29,7 @@ dropped.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -253,6 +255,9 @@ class Keyring:
         for key in local_keys:
             self._memory.setdefault(key.server_name, {})[key.key_id] = key
         self._local_servers = frozenset(key.server_name for key in local_keys)
+        #: Fetches in flight and back-offs, keyed by ``_server_key`` (one entry for
+        #: all spellings of a name); memory and the store keep the spelling the
+        #: server signs with.
         self._inflight: dict[str, list[Deferred[None]]] = {}
         self._backoff: dict[str, _Backoff] = {}
         #: Counters for tests, metrics and benchmarks.
@@ -318,7 +323,7 @@ class Keyring:
         if self._satisfied(server_name, key_ids, valid_at_ms):
             return self._answer(server_name, key_ids)
         if not self._backing_off(server_name):
-            joined = server_name in self._inflight
+            joined = _server_key(server_name) in self._inflight
             await self._shared_fetch(server_name, key_ids, valid_at_ms)
             if (
                 joined
@@ -334,7 +339,7 @@ class Keyring:
         return self._answer(server_name, key_ids)
 
     def _backing_off(self, server_name: str) -> bool:
-        backoff = self._backoff.get(server_name)
+        backoff = self._backoff.get(_server_key(server_name))
         return backoff is not None and backoff.waiting(self._now_ms())
 
     async def _load_from_store(self, server_name: str) -> None:
@@ -399,7 +404,11 @@ class Keyring:
         for name in self._memory:
             if len(victims) >= excess:
                 break
-            if name != keep and name not in self._local_servers and name not in self._inflight:
+            if (
+                name != keep
+                and name not in self._local_servers
+                and _server_key(name) not in self._inflight
+            ):
                 victims.append(name)
         for name in victims:
             del self._memory[name]
@@ -409,14 +418,15 @@ class Keyring:
         self, server_name: str, key_ids: frozenset[str], valid_at_ms: int
     ) -> Deferred[None]:
         waiter: Deferred[None] = Deferred()
-        waiters = self._inflight.get(server_name)
+        key = _server_key(server_name)
+        waiters = self._inflight.get(key)
         if waiters is not None:
             waiters.append(waiter)
             return waiter
-        self._inflight[server_name] = [waiter]
+        self._inflight[key] = [waiter]
 
         def done(_: object) -> None:
-            for each in self._inflight.pop(server_name, []):
+            for each in self._inflight.pop(key, []):
                 each.callback(None)
 
         fetch = Deferred.fromCoroutine(self._fetch(server_name, key_ids, valid_at_ms))
@@ -440,7 +450,7 @@ class Keyring:
                 if self._satisfied(server_name, key_ids, valid_at_ms):
                     break
         if found and self._satisfied(server_name, key_ids, valid_at_ms):
-            self._backoff.pop(server_name, None)
+            self._backoff.pop(_server_key(server_name), None)
             return
         self.fetch_failures += 1
         self._prune(self._backoff)
@@ -451,12 +461,12 @@ class Keyring:
             # again for a few seconds (bounding the fetches anyone can cause).
             delay = _ANSWERED_REFETCH_MS
         else:
-            previous = self._backoff.get(server_name)
+            previous = self._backoff.get(_server_key(server_name))
             delay = (
                 _MIN_BACKOFF_MS if previous is None else min(previous.delay_ms * 2, _MAX_BACKOFF_MS)
             )
         now_ms = self._now_ms()
-        self._backoff[server_name] = _Backoff(now_ms + delay, delay, now_ms)
+        self._backoff[_server_key(server_name)] = _Backoff(now_ms + delay, delay, now_ms)
         log.info(
             "Keys of {server} unavailable; not asking again for {seconds} s",
             server=server_name,
@@ -474,12 +484,17 @@ class Keyring:
             backoffs.clear()
 
     async def _fetch_direct(self, server_name: str) -> frozenset[str] | None:
-        """Ask the server for its keys; the key IDs it listed, or None if it did not answer."""
+        """Ask the server for its keys; the key IDs it listed, or None if it did not answer.
+
+        An answer we refuse lists none but is an answer: the server is up. (Asked
+        as ``EXAMPLE.org``, example.org answers for ``example.org``; backing it off
+        for that, under the back-off all spellings share, would let anyone stop
+        its key refreshes.)
+        """
         try:
             response = await self._client.get_json(
                 server_name, "/_matrix/key/v2/server", signed=False
             )
-            records = parse_key_response(response, server_name, self._now_ms(), server_name)
         except Exception as exc:
             log.info(
                 "Fetching keys from {server} failed: {reason}",
@@ -487,6 +502,15 @@ class Keyring:
                 reason=_describe(exc),
             )
             return None
+        try:
+            records = parse_key_response(response, server_name, self._now_ms(), server_name)
+        except Exception as exc:
+            log.info(
+                "Refused the keys {server} sent: {reason}",
+                server=server_name,
+                reason=_describe(exc),
+            )
+            return frozenset()
         await self._keep(records)
         return frozenset(record.key_id for record in records)
 
@@ -567,6 +591,17 @@ class Keyring:
             # The keys were checked and are usable now; failing to persist
             # them only costs a refetch later.
             log.warn("Could not store fetched keys: {reason}", reason=_describe(exc))
+
+
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def _server_key(server_name: str) -> str:
+    """The key of ``server_name`` in the back-off and in-flight tables: its host in lower
+    case, as DNS names are case-insensitive (RFC 4343), so the spellings of one name (which
+    anyone can claim as an origin) share one fetch and one back-off. As the client's
+    ``backoff_key``; the port is digits anyway."""
+    return server_name.translate(_ASCII_LOWER)
 
 
 def _describe(exc: BaseException) -> str:

@@ -180,6 +180,38 @@ class KeyringTests(SynchronousTestCase):
         self.assertIn(key_id_of(rotated), keys)
         self.assertEqual(self.federation.count("remote.example"), 2)
 
+    def test_case_variants_share_fetch_and_backoff(self) -> None:
+        """Case variants of one server name (DNS names are case-insensitive) share its fetch
+        in flight and its back-off: 16 spellings of a dead server cost one fetch."""
+        from twisted.internet.defer import Deferred
+
+        variants = ["dead.example", "DEAD.example", "Dead.Example", "dEaD.eXaMpLe"]
+        gate: Deferred[None] = Deferred()
+        for name in variants:
+            self.federation.hold[name] = gate
+        asked = [self.keyring.get_server_keys(name, [self.key_id], NOW_MS) for name in variants]
+        gate.callback(None)
+        for answer in asked:
+            self.assertEqual(self.successResultOf(answer), {})
+        self.assertEqual(len(self.federation.calls), 1)
+        self.federation.hold.clear()
+        for name in [*variants, "DEAD.EXAMPLE"]:
+            self.assertEqual(self.get(server=name), {})
+        self.assertEqual(len(self.federation.calls), 1)
+
+    def test_case_variant_does_not_back_off_the_server(self) -> None:
+        """Naming a live server in other case gets its answer, refused (its server_name is
+        spelled otherwise), but does not back the server off for more than 5 s."""
+        self.federation.servers["REMOTE.example"] = self.federation.servers["remote.example"]
+        self.assertEqual(self.get(server="REMOTE.example"), {})
+        rotated = make_key("r2")
+        self.federation.add_key_server(self.clock, "remote.example", [rotated])
+        self.clock.advance(5)
+        keys = self.successResultOf(
+            self.keyring.get_server_keys("remote.example", [key_id_of(rotated)], NOW_MS)
+        )
+        self.assertIn(key_id_of(rotated), keys)
+
     def test_backoff_table_bounded(self) -> None:
         """Back-offs for many (attacker-chosen) names are pruned once they run out."""
         import federation_invite.keyring as keyring_module

@@ -10,6 +10,7 @@ for a while (``BackoffError``) instead of being retried on every call.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -322,7 +323,7 @@ class FederationClient:
     # -- back-off
 
     def _check_backoff(self, destination: str) -> None:
-        state = self._backoff.get(destination)
+        state = self._backoff.get(backoff_key(destination))
         now = self._reactor.seconds()
         if state is not None and state.waiting(now):
             raise BackoffError(destination, state.retry_at, state.failures, now)
@@ -335,19 +336,20 @@ class FederationClient:
         this request started, as Synapse's ``RetryDestinationLimiter`` does.
         """
         now = self._reactor.seconds()
-        state = self._backoff.get(destination)
+        key = backoff_key(destination)
+        state = self._backoff.get(key)
         if state is not None and started <= state.since <= now:
             return
         if state is None:
             if len(self._backoff) >= self.BACKOFF_TABLE_SIZE:
                 self._forget_stale_backoffs(now)
-            state = self._backoff[destination] = _Backoff(0, now)
+            state = self._backoff[key] = _Backoff(0, now)
         state.failures += 1
         wait = min(self.BACKOFF_MAX, self.BACKOFF_INITIAL * 2 ** (state.failures - 1))
         state.since, state.retry_at = now, now + wait
 
     def _record_success(self, destination: str) -> None:
-        self._backoff.pop(destination, None)
+        self._backoff.pop(backoff_key(destination), None)
 
     def _forget_stale_backoffs(self, now: float) -> None:
         stale = [name for name, state in self._backoff.items() if not state.waiting(now)]
@@ -355,6 +357,18 @@ class FederationClient:
             del self._backoff[name]
         if len(self._backoff) >= self.BACKOFF_TABLE_SIZE:
             self._backoff.clear()
+
+
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def backoff_key(server_name: str) -> str:
+    """The key of ``server_name`` in per-server tables (back-off, fetches in flight).
+
+    Its host in lower case: DNS names are case-insensitive (RFC 4343), so the
+    spellings of one name reach the same server; the port is digits anyway.
+    """
+    return server_name.translate(_ASCII_LOWER)
 
 
 def _check_path(path: str) -> None:

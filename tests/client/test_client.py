@@ -452,6 +452,16 @@ class BackoffTests(_Base):
         self.transport_error(self.client.get_json("nowhere.example", "/x"), BackoffError)
         self.successResultOf(self.client.get_json(REMOTE, "/x"))
 
+    def test_backoff_ignores_the_case_of_the_host(self) -> None:
+        """A server name's case variants are one server (DNS names are case-insensitive):
+        they share its back-off; another port is another server."""
+        self.transport_error(self.client.get_json("nowhere.example", "/x"))
+        for variant in ["NoWhere.Example", "NOWHERE.EXAMPLE"]:
+            self.transport_error(self.client.get_json(variant, "/x"), BackoffError)
+        error = self.transport_error(self.client.get_json("NOWHERE.example:8448", "/x"))
+        self.assertNotIsInstance(error, BackoffError)
+        self.assertEqual(sorted(self.client._backoff), ["nowhere.example", "nowhere.example:8448"])
+
     def test_backoff_off_for_a_request(self) -> None:
         """A request made with backoff=False is neither refused by a back-off nor recorded in
         one (notary queries: a notary slow about some third server is not a dead notary)."""
