@@ -10,6 +10,7 @@ for a while (``BackoffError``) instead of being retried on every call.
 
 from __future__ import annotations
 
+import heapq
 import string
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -352,11 +353,23 @@ class FederationClient:
         self._backoff.pop(backoff_key(destination), None)
 
     def _forget_stale_backoffs(self, now: float) -> None:
+        """Make room in a full table: forget the back-offs that are over, then, if that is
+        not enough, those ending soonest, down to three quarters of the table.
+
+        Names are attacker-chosen, and one failure gives the shortest wait, so a flood
+        of fresh names displaces each other rather than the long back-offs of servers
+        that kept failing. Amortised, O(log n) per failure recorded.
+        """
         stale = [name for name, state in self._backoff.items() if not state.waiting(now)]
         for name in stale:
             del self._backoff[name]
-        if len(self._backoff) >= self.BACKOFF_TABLE_SIZE:
-            self._backoff.clear()
+        excess = len(self._backoff) - self.BACKOFF_TABLE_SIZE * 3 // 4
+        if excess > 0:
+            soonest = heapq.nsmallest(
+                excess, self._backoff, key=lambda name: self._backoff[name].retry_at
+            )
+            for name in soonest:
+                del self._backoff[name]
 
 
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)

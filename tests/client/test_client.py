@@ -491,7 +491,24 @@ class BackoffTests(_Base):
         self.assertEqual(sorted(self.client._backoff), ["dead9.example"])
         for index in range(3):
             self.transport_error(self.client.get_json(f"more{index}.example", "/x"))
-        self.assertEqual(len(self.client._backoff), 1)
+        self.assertLessEqual(len(self.client._backoff), 3)
+
+    def test_full_backoff_table_keeps_the_longest_waits(self) -> None:
+        """A full table forgets the back-offs that end soonest, not all of them: names that
+        fail once each (anyone can send many) cannot wipe a long back-off."""
+        self.client.BACKOFF_TABLE_SIZE = 4
+        for _ in range(3):
+            self.transport_error(self.client.get_json("nowhere.example", "/x"))
+            self.clock.advance(240)
+        self.transport_error(self.client.get_json("nowhere.example", "/x"))
+        for index in range(20):
+            self.transport_error(self.client.get_json(f"dead{index}.example", "/x"))
+            self.clock.advance(1)
+        self.assertLessEqual(len(self.client._backoff), 4)
+        error = self.failureResultOf(
+            self.client.get_json("nowhere.example", "/x"), BackoffError
+        ).value
+        self.assertEqual(error.failures, 4)
 
 
 class BytesProducerTests(SynchronousTestCase):
