@@ -59,6 +59,11 @@ class FederationTLSPolicy:
         self.verify = verify
         self._trust_root = trust_root
         self._context: SSL.Context | None = None
+        #: Each live connection's verifier, for the context's info callback
+        #: (Twisted keeps the TLS protocol in the connection's app data).
+        self._verifiers: weakref.WeakKeyDictionary[SSL.Connection, _IdentityVerifier] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         """The creator for a connection whose certificate must match ``hostname``.
@@ -69,7 +74,7 @@ class FederationTLSPolicy:
         name = hostname.decode("ascii")
         if name.startswith("[") and name.endswith("]"):
             name = name[1:-1]
-        return _ClientConnectionCreator(name, self._get_context(), self.verify)
+        return _ClientConnectionCreator(name, self._get_context(), self._verifiers, self.verify)
 
     def _get_context(self) -> SSL.Context:
         """The policy's one context, built on first use (loading the trust store takes time)."""
@@ -81,19 +86,38 @@ class FederationTLSPolicy:
                 )
             else:
                 options = CertificateOptions(verify=False, raiseMinimumTo=TLSVersion.TLSv1_2)
-            # pyOpenSSL refuses changes to a context once a connection uses it,
-            # so sharing it cannot leak one connection's settings into another.
-            self._context = options.getContext()
+            # Nothing changes the context once built: per-connection settings
+            # (SNI, the verify callback, the verifier) go on the connection.
+            context = options.getContext()
+            if self.verify:
+                # Context-wide (Connection.set_info_callback needs pyOpenSSL 25.2).
+                context.set_info_callback(self._info_callback)
+            self._context = context
         return self._context
+
+    def _info_callback(self, connection: SSL.Connection, where: int, ret: int) -> None:
+        """The verifying context's info callback: hands over to the connection's verifier."""
+        try:
+            self._verifiers[connection].info_callback(connection, where, ret)
+        except Exception:
+            # Called from inside OpenSSL: an exception escaping here would be lost.
+            _log.failure("in the TLS info callback")
 
 
 @implementer(IOpenSSLClientConnectionCreator)
 class _ClientConnectionCreator:
     """Creates connections on the shared context, with SNI and (if verifying) the name check."""
 
-    def __init__(self, name: str, context: SSL.Context, verify: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        context: SSL.Context,
+        verifiers: weakref.WeakKeyDictionary[SSL.Connection, _IdentityVerifier],
+        verify: bool,
+    ) -> None:
         self._name = name
         self._context = context
+        self._verifiers = verifiers
         self._verify = verify
         self._is_ip_literal = isIPAddress(name) or isIPv6Address(name)
         # RFC 6066 section 3: SNI carries DNS names only, never IP literals.
@@ -114,7 +138,7 @@ class _ClientConnectionCreator:
             connection.set_verify(
                 SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verifier.verify_callback
             )
-            connection.set_info_callback(verifier.info_callback)
+            self._verifiers[connection] = verifier
         return connection
 
 

@@ -26,6 +26,7 @@ from federation_invite.client import (
     IPRangeFilter,
     ServerResolver,
     TransportError,
+    tls,
 )
 from federation_invite.client.testing import FakePeersAgent
 from federation_invite.config import DEFAULT_IP_BLOCKLIST
@@ -317,6 +318,15 @@ class PrivateCATests(TestCase):
     async def test_wildcard_too_few_labels_two_deep(self) -> None:
         """A "*.test" wildcard is refused for a.b.test."""
         await self.assert_refused(_issue("x", self.ca, sans=_dns("*.test")), "a.b.test")
+
+    async def test_handshake_done_unchecked(self) -> None:
+        """Were the leaf's name check ever skipped, the handshake would fail when done."""
+        self.patch(
+            tls._IdentityVerifier,
+            "verify_callback",
+            lambda verifier, connection, cert, errno, depth, ok: bool(ok),
+        )
+        await self.assert_refused(_issue("x", self.ca, sans=_dns("other.test")), "matrix.test")
 
     # -- the rest of the matrix: chain checks and name matching
 
