@@ -27,10 +27,11 @@ from service_identity.cryptography import (
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import CertificateOptions, TLSVersion, platformTrust
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
+
+from ..logs import Logger
 
 __all__ = ["FederationTLSPolicy"]
 
