@@ -149,6 +149,15 @@ class ParseTests(SynchronousTestCase):
             "X-Matrix header repeats the parameter 'x'",
         )
 
+    def test_long_names_cut_in_messages(self) -> None:
+        """A message naming a peer's parameter quotes at most its first 32 characters."""
+        name, cut = "n" * 40, repr("n" * 32)
+        self.assertParseError(f"X-Matrix {name}", f"X-Matrix header: parameter {cut} has no '='")
+        self.assertParseError(f"X-Matrix {name}=", f"X-Matrix header: parameter {cut} has no value")
+        self.assertParseError(
+            f"X-Matrix {name}=a,{name}=b", f"X-Matrix header repeats the parameter {cut}"
+        )
+
     def test_wrong_scheme(self) -> None:
         """Other schemes, and X-Matrix glued to its parameters, are refused."""
         for header in ["Bearer abc", 'X-Matrixx origin="o"', "Basic", "", "   ", "=", "X-"]:
@@ -187,9 +196,13 @@ class ParseTests(SynchronousTestCase):
         self.assertParseError("X-Matrix origin=\x00", message)
 
     def test_too_long(self) -> None:
-        """Headers over 8 KiB are refused before parsing."""
+        """Headers over 8 KiB are refused before parsing; one of exactly 8192 characters parses."""
         header = 'X-Matrix origin="o",key="k",sig="' + "s" * 9000 + '"'
         self.assertParseError(header, "Authorization header is too long")
+        prefix = 'X-Matrix origin="o",key="k",sig="'
+        signature = "s" * (8192 - len(prefix) - 1)
+        self.assertEqual(parse_xmatrix(prefix + signature + '"').signature, signature)
+        self.assertParseError(prefix + signature + 's"', "Authorization header is too long")
 
     def test_not_text(self) -> None:
         """A value that is neither str nor bytes is an XMatrixError, not a crash."""
