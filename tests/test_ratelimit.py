@@ -8,7 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from federation_invite import ratelimit
 from federation_invite.core.errors import MatrixError
-from federation_invite.ratelimit import RateLimiter
+from federation_invite.ratelimit import ConcurrencyLimiter, RateLimiter
 
 
 class PruneTests(SynchronousTestCase):
@@ -25,12 +25,15 @@ class PruneTests(SynchronousTestCase):
         return passes
 
     def test_refilled_buckets_are_forgotten(self) -> None:
-        """Past the threshold, keys whose buckets have refilled are dropped."""
+        """Past the README's threshold of 10,000 keys, keys whose buckets have refilled are
+        dropped."""
         clock = Clock()
         limiter = RateLimiter(clock, 1.0, 1, what="requests")
-        for i in range(ratelimit._PRUNE_ABOVE):
+        passes = self.counted(limiter)
+        for i in range(10_000):
             limiter.acquire(f"old{i}")
-        self.assertEqual(len(limiter._buckets), ratelimit._PRUNE_ABOVE)
+        self.assertEqual(len(limiter._buckets), 10_000)
+        self.assertEqual(passes, [])
         clock.advance(5)  # every bucket refilled
         limiter.acquire("new")  # past the threshold: a pass
         self.assertEqual(set(limiter._buckets), {"new"})
@@ -133,6 +136,38 @@ class ClockStepTests(SynchronousTestCase):
         for key in "defg":
             limiter.acquire(key)  # the table past twice what the last pass left: a pass
         self.assertEqual(set(limiter._buckets), {"d", "e", "f", "g"})
+
+
+class ValidationTests(SynchronousTestCase):
+    """Limits that could never grant a request, or would wait a negative time, are refused."""
+
+    def test_rate_limiter_arguments(self) -> None:
+        """rate must be > 0 and burst >= 1; sleep_after and sleep_seconds >= 0, each alone."""
+        clock = Clock()
+        for rate, burst in [(0, 1), (-1, 1), (-0.5, 1), (1, 0), (1, -1), (0, 0)]:
+            with self.assertRaises(ValueError):
+                RateLimiter(clock, rate, burst, what="requests")
+        for sleep_after, sleep_seconds in [(-1, 0.0), (None, -0.5), (1, -0.5), (-1, 1.0)]:
+            with self.assertRaises(ValueError):
+                RateLimiter(
+                    clock,
+                    1.0,
+                    1,
+                    what="requests",
+                    sleep_after=sleep_after,
+                    sleep_seconds=sleep_seconds,
+                )
+        limiter = RateLimiter(clock, 0.001, 1, what="requests", sleep_after=0, sleep_seconds=0.0)
+        self.assertEqual(limiter.acquire("origin"), 0.0)
+
+    def test_concurrency_limiter_argument(self) -> None:
+        """limit must be >= 1."""
+        for limit in (0, -1):
+            with self.assertRaises(ValueError):
+                ConcurrencyLimiter(limit, what="requests")
+        limiter = ConcurrencyLimiter(1, what="requests")
+        limiter.acquire("origin")
+        self.assertEqual(limiter.active("origin"), 1)
 
 
 class RefundTests(SynchronousTestCase):
