@@ -1077,6 +1077,14 @@ class PolicyRowTests(InboundTestCase):
             with self.assertRaises(TypeError):
                 InvitePolicy(US, self.s.store, **kwargs)  # type: ignore[arg-type]
 
+    def test_policy_arguments_checked(self) -> None:
+        """local_users is 'database' or 'any', and caching needs a clock: else ValueError."""
+        with self.assertRaises(ValueError):
+            InvitePolicy(US, self.s.store, local_users="all")
+        with self.assertRaises(ValueError):
+            InvitePolicy(US, self.s.store, cache_seconds=5.0)
+        InvitePolicy(US, self.s.store, local_users="any", cache_seconds=0.0)
+
     def test_row16_invitee_rules(self) -> None:
         """Row 16: a block rule gives 403 M_INVITE_BLOCKED; allow overrides block."""
         self.s.store.rules.append(InviteRule(BOB, "server", "*", "block"))
@@ -1112,6 +1120,17 @@ class PolicyCacheTests(InboundTestCase):
         room_version, event = self.s.invite(extra={"depth": 5})
         self.assertRefused(self.send_v2(room_version, event), 403, "M_INVITE_BLOCKED")
         self.assertEqual(self.s.store.policy_reads, 2)
+
+    def test_cache_emptied_when_full(self) -> None:
+        """A read that would take the cache past its size empties it first (memory stays
+        bounded): the invitees cached before are read again, the last one is not."""
+        self.patch(policy_module, "_CACHE_SIZE", 2)
+        users = [f"@u{i}:{US}" for i in range(3)]
+        self.s.store.users.update(users)
+        for depth, user in enumerate([*users, users[1], users[2], users[0]]):
+            room_version, event = self.s.invite(invitee=user, extra={"depth": depth + 1})
+            self.assertEqual(self.send_v2(room_version, event)[0], 200)
+        self.assertEqual(self.s.store.policy_reads, 5)
 
     def test_forget(self) -> None:
         """forget() drops cached answers at once (one invitee, or all)."""
