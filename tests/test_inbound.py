@@ -1077,6 +1077,19 @@ class PolicyRowTests(InboundTestCase):
             with self.assertRaises(TypeError):
                 InvitePolicy(US, self.s.store, **kwargs)  # type: ignore[arg-type]
 
+    def test_row15_hook_reason_cut(self) -> None:
+        """Row 15: a hook's reason is answered as the 403 M_FORBIDDEN's error, cut to 500
+        characters."""
+
+        class Verbose:
+            def check_invite(self, invite: Any) -> str:
+                return "r" * 600
+
+        self.s.policy.add_hook(Verbose())
+        room_version, event = self.s.invite()
+        body = self.assertRefused(self.send_v2(room_version, event), 403, "M_FORBIDDEN")
+        self.assertEqual(body["error"], "r" * 500)
+
     def test_policy_arguments_checked(self) -> None:
         """local_users is 'database' or 'any', and caching needs a clock: else ValueError."""
         with self.assertRaises(ValueError):
