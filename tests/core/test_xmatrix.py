@@ -318,6 +318,15 @@ class SignVerifyTests(SynchronousTestCase):
             verify_request(auth, other, "GET", "/x", None, "d.example")
         self.assertEqual(str(caught.exception), "invalid signature for request from 'o.example'")
 
+    def test_long_origin_cut_in_message(self) -> None:
+        """The failure message quotes at most the first 255 characters of the origin."""
+        other = verify_key_of(generate_signing_key("2"))
+        origin = "o" * 300 + ".example"
+        auth = parse_xmatrix(sign_request(self.signing_key, origin, "d.example", "GET", "/x"))
+        with self.assertRaises(XMatrixError) as caught:
+            verify_request(auth, other, "GET", "/x", None, "d.example")
+        self.assertEqual(str(caught.exception), f"invalid signature for request from {'o' * 255!r}")
+
     def test_malformed_signature(self) -> None:
         """A signature that is not base64 of 64 bytes fails verification cleanly."""
         for signature in ["ABCDEF...", "AAAA", "!" * 86]:
