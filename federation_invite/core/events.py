@@ -117,7 +117,8 @@ def redact(room_version: RoomVersion | str, event: Mapping[str, Any]) -> dict[st
     type protects. A missing ``content`` stays missing. Raises ``ValueError``
     when ``content`` is present but not an object. Redaction is idempotent.
     """
-    room_version = room_version_of(room_version)
+    if type(room_version) is not RoomVersion:  # a call only for an identifier
+        room_version = room_version_of(room_version)
     kept_top, kept_content = _RULES[room_version.redaction_rules]
     redacted = {key: value for key, value in event.items() if key in kept_top}
     if "content" in redacted:
@@ -201,7 +202,8 @@ def prepare_event(
     ``strict=True`` for events we author. Raises ``ValueError`` (including
     ``CanonicalJSONError``) for an event that cannot be redacted or encoded.
     """
-    room_version = room_version_of(room_version)
+    if type(room_version) is not RoomVersion:  # a call only for an identifier
+        room_version = room_version_of(room_version)
     if strict is None:
         strict = room_version.strict_canonical_json
     redacted = redact(room_version, event)
@@ -225,7 +227,8 @@ def ensure_prepared(
     risking a mix-up: a prepared form of another event (compared by identity,
     then equality) or room version raises ``ValueError``.
     """
-    room_version = room_version_of(room_version)
+    if type(room_version) is not RoomVersion:  # a call only for an identifier
+        room_version = room_version_of(room_version)
     if prepared is None:
         return prepare_event(room_version, event)
     if prepared.room_version is not room_version and prepared.room_version != room_version:
@@ -251,7 +254,8 @@ def compute_event_id(room_version: RoomVersion | str, event: Mapping[str, Any]) 
     the URL-safe alphabet (rooms/fragments/v4-event-ids.md). Raises
     ``ValueError`` for a v1/v2 event without a string ``event_id``.
     """
-    room_version = room_version_of(room_version)
+    if type(room_version) is not RoomVersion:  # a call only for an identifier
+        room_version = room_version_of(room_version)
     if room_version.event_id_format is EventIdFormat.V1_OPAQUE:
         # No hashing needed: the ID is in the event.
         event_id = event.get("event_id")
@@ -273,7 +277,8 @@ def room_id_for_create_event(
     the ``!`` sigil.) Raises ``ValueError`` for other room versions or event
     types.
     """
-    room_version = room_version_of(room_version)
+    if type(room_version) is not RoomVersion:  # a call only for an identifier
+        room_version = room_version_of(room_version)
     if not room_version.room_id_is_create_event_hash:
         raise ValueError(f"room version {room_version.identifier} room IDs are not hashes")
     if create_event.get("type") != "m.room.create":
@@ -291,7 +296,8 @@ def compute_content_hash(
     ``hashes``. ``strict`` defaults to the room version's rules for received
     data; raises ``CanonicalJSONError`` for an event with no canonical form.
     """
-    room_version = room_version_of(room_version)
+    if type(room_version) is not RoomVersion:  # a call only for an identifier
+        room_version = room_version_of(room_version)
     if strict is None:
         strict = room_version.strict_canonical_json
     hashed = {key: value for key, value in event.items() if key not in _NOT_CONTENT_HASHED}
@@ -321,7 +327,8 @@ def check_content_hash(
     encoded at all raises ``CanonicalJSONError``, as it is malformed rather
     than redacted. ``strict`` as for ``compute_content_hash``.
     """
-    room_version = room_version_of(room_version)
+    if type(room_version) is not RoomVersion:  # a call only for an identifier
+        room_version = room_version_of(room_version)
     hashes = event.get("hashes")
     if not isinstance(hashes, dict):
         return False

@@ -115,7 +115,7 @@ def check_event_format(
     so the canonical-JSON walk is skipped; strings without a UTF-8 form then
     surface when the event is encoded, as ``CanonicalJSONError``.
     """
-    version = room_version_of(room_version)
+    version = room_version if type(room_version) is RoomVersion else room_version_of(room_version)
     if not isinstance(event, dict):
         _bad("the event is not a JSON object")
     if not numbers_checked:

@@ -218,7 +218,7 @@ def is_valid_room_id(room_id: object, room_version: RoomVersion | str) -> bool:
     (rooms/fragments/v12-event-format.md). Raises ``MatrixError`` only for an
     unknown room version given by name.
     """
-    version = room_version_of(room_version)
+    version = room_version if type(room_version) is RoomVersion else room_version_of(room_version)
     if version.room_id_is_create_event_hash:
         return (
             isinstance(room_id, str)
@@ -238,7 +238,7 @@ def is_valid_event_id(event_id: object, room_version: RoomVersion | str) -> bool
     Always at most 255 bytes. Raises ``MatrixError`` only for an unknown room
     version given by name.
     """
-    version = room_version_of(room_version)
+    version = room_version if type(room_version) is RoomVersion else room_version_of(room_version)
     id_format = version.event_id_format
     if id_format is EventIdFormat.V1_OPAQUE:
         parts = _split_namespaced(event_id, "$")

@@ -189,7 +189,8 @@ def hash_and_sign_event(
     appendices, "Signing Events". Returns a new event; canonical JSON is strict
     as this is our own output.
     """
-    room_version = room_version_of(room_version)
+    if type(room_version) is not RoomVersion:  # a call only for an identifier
+        room_version = room_version_of(room_version)
     hashed = add_content_hash(room_version, event)
     prepared = prepare_event(room_version, hashed, strict=True)
     return _merge_signature(
@@ -211,7 +212,8 @@ def sign_event(
     of this very event to reuse its signing bytes; it must have been prepared
     from ``event`` (an equal dict will do) under the same room version.
     """
-    room_version = room_version_of(room_version)
+    if type(room_version) is not RoomVersion:  # a call only for an identifier
+        room_version = room_version_of(room_version)
     prepared = ensure_prepared(room_version, event, prepared)
     signature = sign_bytes(signing_key, prepared.signing_bytes)
     # Any signature already under our name came from someone else (the sender
@@ -240,7 +242,8 @@ def required_event_signers(room_version: RoomVersion | str, event: Mapping[str, 
     invite, so the sender's server is always required. Raises ``ValueError``
     when ``sender`` (or a v1/v2 ``event_id``) names no server.
     """
-    room_version = room_version_of(room_version)
+    if type(room_version) is not RoomVersion:  # a call only for an identifier
+        room_version = room_version_of(room_version)
     signers = {_server_of(event.get("sender"), "sender")}
     if room_version.check_event_id_server_signature:
         signers.add(_server_of(event.get("event_id"), "event_id"))
@@ -257,7 +260,8 @@ def key_valid_for_event(
     enough), and an old key only verifies events sent before its
     ``expired_ts``. Before v5 any known key will do.
     """
-    room_version = room_version_of(room_version)
+    if type(room_version) is not RoomVersion:  # a call only for an identifier
+        room_version = room_version_of(room_version)
     if not room_version.enforce_key_validity:
         return True
     if key.expired_ts is not None:
@@ -282,8 +286,10 @@ def verify_event_signature(
     signatures on received events"). Raises ``SignatureError`` naming the
     server and the reason.
     """
-    room_version = room_version_of(room_version)
-    _check_keys(keys)
+    if type(room_version) is not RoomVersion:  # a call only for an identifier
+        room_version = room_version_of(room_version)
+    if type(keys) is not dict:
+        _check_keys(keys)
     prepared = _verification_form(room_version, event, prepared)
     _verify_prepared(prepared, server_name, keys)
 
@@ -301,8 +307,10 @@ def verify_event_signatures(
     Raises ``SignatureError`` for the first signer that fails, and also when
     the event names no server to check.
     """
-    room_version = room_version_of(room_version)
-    _check_keys(keys)
+    if type(room_version) is not RoomVersion:  # a call only for an identifier
+        room_version = room_version_of(room_version)
+    if type(keys) is not dict:
+        _check_keys(keys)
     try:
         signers = required_event_signers(room_version, event)
     except ValueError as exc:
