@@ -383,37 +383,14 @@ def start_daemons(
     return procs, ports, request_files, postgres
 
 
-def run_daemons(
+def measure_started_daemons(
     args: argparse.Namespace,
-    stack: ExitStack,
     figures: dict[str, Any],
     work: str,
-    database: str | None,
-    server_name: str,
-    daemon_port: int,
-    key_path: str,
-    cert_path: str,
-    our_seed: str,
-    requests: Sequence[tuple[str, str, bytes]],
-    requests_file: str,
-    warmup_file: str,
+    started: tuple[list[Any], list[int], list[str], list[int]],
 ) -> None:
-    """Start ``args.workers`` daemons (one config but the port), warm them, measure them."""
-    procs, ports, request_files, postgres = start_daemons(
-        args,
-        stack,
-        figures,
-        work,
-        database,
-        server_name,
-        daemon_port,
-        key_path,
-        cert_path,
-        our_seed,
-        requests,
-        requests_file,
-        warmup_file,
-    )
+    """Measure the daemons ``start_daemons`` started (optionally under py-spy), show them."""
+    procs, ports, request_files, postgres = started
     profiler = None
     if args.profile:
         profiler = subprocess.Popen(
@@ -781,6 +758,26 @@ def run_once(args: argparse.Namespace, only: set[str]) -> dict[str, Any]:
                 show(name, figures[name])
 
         keys = (server_name, our_seed, origin_seed, cert_path, key_path, str(origin_port))
+
+        def start_daemons_in(
+            stack: ExitStack, database: str | None
+        ) -> tuple[list[Any], list[int], list[str], list[int]]:
+            return start_daemons(
+                args,
+                stack,
+                figures,
+                work,
+                database,
+                server_name,
+                daemon_port,
+                key_path,
+                cert_path,
+                our_seed,
+                requests,
+                requests_file,
+                warmup_file,
+            )
+
         if args.interleave:
             with ExitStack() as stack:
                 database = args.database
@@ -794,21 +791,7 @@ def run_once(args: argparse.Namespace, only: set[str]) -> dict[str, Any]:
                     work,
                     keys,
                     {"calibration": calibration_port, "durable": durable_port},
-                    lambda: start_daemons(
-                        args,
-                        stack,
-                        figures,
-                        work,
-                        database,
-                        server_name,
-                        daemon_port,
-                        key_path,
-                        cert_path,
-                        our_seed,
-                        requests,
-                        requests_file,
-                        warmup_file,
-                    ),
+                    lambda: start_daemons_in(stack, database),
                     requests,
                     warmup_file,
                 )
@@ -823,21 +806,8 @@ def run_once(args: argparse.Namespace, only: set[str]) -> dict[str, Any]:
                 database = args.database
                 if args.postgres:
                     database = stack.enter_context(fresh_postgres(args.postgres))
-                run_daemons(
-                    args,
-                    stack,
-                    figures,
-                    work,
-                    database,
-                    server_name,
-                    daemon_port,
-                    key_path,
-                    cert_path,
-                    our_seed,
-                    requests,
-                    requests_file,
-                    warmup_file,
-                )
+                started = start_daemons_in(stack, database)
+                measure_started_daemons(args, figures, work, started)
 
     daemon, calibration = figures.get("daemon"), figures.get("calibration")
     if daemon and daemon["ok"]:

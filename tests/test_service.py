@@ -33,6 +33,16 @@ from .support import MemoryStore, make_clock, make_key
 from .test_hostile_slow import Connection, parse_responses, put_request
 
 
+def service_lines(events: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """The service's log events among ``events`` whose format contains ``text``."""
+    return [
+        event
+        for event in events
+        if event.get("log_namespace") == "federation_invite.service"
+        and text in event.get("log_format", "")
+    ]
+
+
 class SiteRootTests(SynchronousTestCase):
     def site(self, **settings: Any) -> StubTreq:
         config = load_config(None, {"server_name": "example.org", **settings})
@@ -306,12 +316,7 @@ class DrainOnStopTests(TestCase):
         return client
 
     def logged(self, text: str) -> list[dict[str, Any]]:
-        return [
-            event
-            for event in self.events
-            if event.get("log_namespace") == "federation_invite.service"
-            and text in event.get("log_format", "")
-        ]
+        return service_lines(self.events, text)
 
     def test_stop_twice(self) -> None:
         """A second stop while the first drains, and a third after it, wait for that one
@@ -512,12 +517,7 @@ class UnfinishedStartTests(SynchronousTestCase):
         return FederationInviteService(config, self.reactor, make_key("us1"), exit_on_failure=True)
 
     def logged(self, text: str) -> list[dict[str, Any]]:
-        return [
-            event
-            for event in self.events
-            if event.get("log_namespace") == "federation_invite.service"
-            and text in event.get("log_format", "")
-        ]
+        return service_lines(self.events, text)
 
     def test_stop_abandons_a_start_that_never_finishes(self) -> None:
         """A stop while the database never opens waits inbound.shutdown_grace_period (3 s),
