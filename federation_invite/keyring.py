@@ -29,7 +29,6 @@ dropped.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -41,7 +40,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from ._clock import in_window
 from .config import Notary, OldKey
-from .core.ids import is_valid_server_name
+from .core.ids import is_valid_server_name, server_name_key
 from .core.keys import decode_verify_key, is_valid_key_id, key_id_of, verify_key_of
 from .core.signing import ServerVerifyKey, SignatureError, cap_valid_until_ts, verify_json
 from .logs import Logger
@@ -255,7 +254,7 @@ class Keyring:
         for key in local_keys:
             self._memory.setdefault(key.server_name, {})[key.key_id] = key
         self._local_servers = frozenset(key.server_name for key in local_keys)
-        #: Fetches in flight and back-offs, keyed by ``_server_key`` (one entry for
+        #: Fetches in flight and back-offs, keyed by ``server_name_key`` (one entry for
         #: all spellings of a name); memory and the store keep the spelling the
         #: server signs with.
         self._inflight: dict[str, list[Deferred[None]]] = {}
@@ -323,7 +322,7 @@ class Keyring:
         if self._satisfied(server_name, key_ids, valid_at_ms):
             return self._answer(server_name, key_ids)
         if not self._backing_off(server_name):
-            joined = _server_key(server_name) in self._inflight
+            joined = server_name_key(server_name) in self._inflight
             await self._shared_fetch(server_name, key_ids, valid_at_ms)
             if (
                 joined
@@ -339,7 +338,7 @@ class Keyring:
         return self._answer(server_name, key_ids)
 
     def _backing_off(self, server_name: str) -> bool:
-        backoff = self._backoff.get(_server_key(server_name))
+        backoff = self._backoff.get(server_name_key(server_name))
         return backoff is not None and backoff.waiting(self._now_ms())
 
     async def _load_from_store(self, server_name: str) -> None:
@@ -407,7 +406,7 @@ class Keyring:
             if (
                 name != keep
                 and name not in self._local_servers
-                and _server_key(name) not in self._inflight
+                and server_name_key(name) not in self._inflight
             ):
                 victims.append(name)
         for name in victims:
@@ -418,7 +417,7 @@ class Keyring:
         self, server_name: str, key_ids: frozenset[str], valid_at_ms: int
     ) -> Deferred[None]:
         waiter: Deferred[None] = Deferred()
-        key = _server_key(server_name)
+        key = server_name_key(server_name)
         waiters = self._inflight.get(key)
         if waiters is not None:
             waiters.append(waiter)
@@ -450,7 +449,7 @@ class Keyring:
                 if self._satisfied(server_name, key_ids, valid_at_ms):
                     break
         if found and self._satisfied(server_name, key_ids, valid_at_ms):
-            self._backoff.pop(_server_key(server_name), None)
+            self._backoff.pop(server_name_key(server_name), None)
             return
         self.fetch_failures += 1
         self._prune(self._backoff)
@@ -461,12 +460,12 @@ class Keyring:
             # again for a few seconds (bounding the fetches anyone can cause).
             delay = _ANSWERED_REFETCH_MS
         else:
-            previous = self._backoff.get(_server_key(server_name))
+            previous = self._backoff.get(server_name_key(server_name))
             delay = (
                 _MIN_BACKOFF_MS if previous is None else min(previous.delay_ms * 2, _MAX_BACKOFF_MS)
             )
         now_ms = self._now_ms()
-        self._backoff[_server_key(server_name)] = _Backoff(now_ms + delay, delay, now_ms)
+        self._backoff[server_name_key(server_name)] = _Backoff(now_ms + delay, delay, now_ms)
         log.info(
             "Keys of {server} unavailable; not asking again for {seconds} s",
             server=server_name,
@@ -591,17 +590,6 @@ class Keyring:
             # The keys were checked and are usable now; failing to persist
             # them only costs a refetch later.
             log.warn("Could not store fetched keys: {reason}", reason=_describe(exc))
-
-
-_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
-
-
-def _server_key(server_name: str) -> str:
-    """The key of ``server_name`` in the back-off and in-flight tables: its host in lower
-    case, as DNS names are case-insensitive (RFC 4343), so the spellings of one name (which
-    anyone can claim as an origin) share one fetch and one back-off. As the client's
-    ``backoff_key``; the port is digits anyway."""
-    return server_name.translate(_ASCII_LOWER)
 
 
 def _describe(exc: BaseException) -> str:

@@ -11,7 +11,6 @@ for a while (``BackoffError``) instead of being retried on every call.
 from __future__ import annotations
 
 import heapq
-import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -32,7 +31,7 @@ from .._clock import in_window
 from .._version import __version__
 from ..config import DEFAULT_IP_BLOCKLIST
 from ..core.canonical import encode_canonical_json, parse_json
-from ..core.ids import parse_server_name
+from ..core.ids import parse_server_name, server_name_key
 from ..core.xmatrix import sign_request
 from ..logs import Logger
 from ._body import BodyTooLarge, read_body
@@ -324,7 +323,7 @@ class FederationClient:
     # -- back-off
 
     def _check_backoff(self, destination: str) -> None:
-        state = self._backoff.get(backoff_key(destination))
+        state = self._backoff.get(server_name_key(destination))
         now = self._reactor.seconds()
         if state is not None and state.waiting(now):
             raise BackoffError(destination, state.retry_at, state.failures, now)
@@ -337,7 +336,7 @@ class FederationClient:
         this request started, as Synapse's ``RetryDestinationLimiter`` does.
         """
         now = self._reactor.seconds()
-        key = backoff_key(destination)
+        key = server_name_key(destination)
         state = self._backoff.get(key)
         if state is not None and started <= state.since <= now:
             return
@@ -350,7 +349,7 @@ class FederationClient:
         state.since, state.retry_at = now, now + wait
 
     def _record_success(self, destination: str) -> None:
-        self._backoff.pop(backoff_key(destination), None)
+        self._backoff.pop(server_name_key(destination), None)
 
     def _forget_stale_backoffs(self, now: float) -> None:
         """Make room in a full table: forget the back-offs that are over, then, if that is
@@ -370,18 +369,6 @@ class FederationClient:
             )
             for name in soonest:
                 del self._backoff[name]
-
-
-_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
-
-
-def backoff_key(server_name: str) -> str:
-    """The key of ``server_name`` in per-server tables (back-off, fetches in flight).
-
-    Its host in lower case: DNS names are case-insensitive (RFC 4343), so the
-    spellings of one name reach the same server; the port is digits anyway.
-    """
-    return server_name.translate(_ASCII_LOWER)
 
 
 def _check_path(path: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import string
 
 from .roomversions import EventIdFormat, RoomVersion, room_version_of
 
@@ -22,6 +23,7 @@ __all__ = [
     "is_valid_server_name",
     "is_valid_user_id",
     "parse_server_name",
+    "server_name_key",
     "server_name_of",
 ]
 
@@ -126,6 +128,17 @@ def is_valid_server_name(server_name: object) -> bool:
     except ValueError:
         return False
     return True
+
+
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def server_name_key(server_name: str) -> str:
+    """One key for the spellings of a server name that reach the same server: its host
+    in ASCII lower case (DNS names are case-insensitive, RFC 4343; the port is digits).
+    For per-server tables (back-off, fetches in flight), never for signatures, which
+    name a server as it spells itself."""
+    return server_name.translate(_ASCII_LOWER)
 
 
 def server_name_of(identifier: object) -> str:
