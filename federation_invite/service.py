@@ -46,7 +46,7 @@ from .outbound import (
 )
 from .policy import IInvitePolicy, InvitePolicy
 from .signer import ISigner, LocalSigner, check_signer
-from .signingkey import SigningKeyError, load_or_create_signing_key, read_signing_keys
+from .signingkey import SigningKeyError, load_or_create_signing_keys
 from .store import IStore, open_store
 from .web._base import MatrixResource
 from .web.invite import InviteResource
@@ -322,7 +322,8 @@ def build_components(
 
 
 def _load_key(config: Config) -> SigningKey:
-    key, created = load_or_create_signing_key(config.signing_key_path)
+    keys, created = load_or_create_signing_keys(config.signing_key_path)
+    key = keys[0]
     log.info(
         "{action} signing key {key_id} at {path}",
         action="Generated a new" if created else "Loaded",
@@ -331,14 +332,14 @@ def _load_key(config: Config) -> SigningKey:
     )
     if not created:
         _warn_if_open_to_others(config.signing_key_path)
-        _warn_of_unused_keys(config.signing_key_path, key)
+        _warn_of_unused_keys(config.signing_key_path, keys)
     return key
 
 
-def _warn_of_unused_keys(path: str, key: SigningKey) -> None:
+def _warn_of_unused_keys(path: str, keys: list[SigningKey]) -> None:
     """Warn when the key file holds keys after the one we use (a Synapse key file may):
     they neither sign nor are published, so what they signed no longer verifies."""
-    unused = [key_id_of(other) for other in read_signing_keys(path)[1:]]
+    unused = [key_id_of(other) for other in keys[1:]]
     if unused:
         log.warn(
             "Signing key file {path} holds {count} keys: only the first, {key_id}, signs and is"
@@ -346,7 +347,7 @@ def _warn_of_unused_keys(path: str, key: SigningKey) -> None:
             " verifying what they signed)",
             path=path,
             count=len(unused) + 1,
-            key_id=key_id_of(key),
+            key_id=key_id_of(keys[0]),
             unused=", ".join(unused),
         )
 

@@ -25,6 +25,7 @@ __all__ = [
     "SigningKeyError",
     "generate_key_version",
     "load_or_create_signing_key",
+    "load_or_create_signing_keys",
     "make_private_directories",
     "read_signing_keys",
     "write_signing_key_file",
@@ -153,6 +154,13 @@ def write_signing_key_file(path: str, key: SigningKey) -> None:
 
 def load_or_create_signing_key(path: str) -> tuple[SigningKey, bool]:
     """The key we sign with, and whether it was just created because the file was missing."""
+    keys, created = load_or_create_signing_keys(path)
+    return keys[0], created
+
+
+def load_or_create_signing_keys(path: str) -> tuple[list[SigningKey], bool]:
+    """Every key of the file (the first is the one we sign with), and whether the file was
+    just created, with one new key, because it was missing."""
     if not os.path.exists(path):
         key: SigningKey = generate_signing_key(generate_key_version())
         try:
@@ -162,5 +170,5 @@ def load_or_create_signing_key(path: str) -> tuple[SigningKey, bool]:
             # and fsynced before the link), so we use it rather than ours.
             pass
         else:
-            return key, True
-    return read_signing_keys(path)[0], False
+            return [key], True
+    return read_signing_keys(path), False
