@@ -26,11 +26,11 @@ ever used.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import Interface
@@ -76,15 +76,6 @@ class IInvitePolicy(Interface):
         Raising (or failing with) a ``MatrixError`` answers with that error
         instead; any other error answers 500 ``M_UNKNOWN`` and is logged.
         """
-
-
-def _hook_answer(hook: Any, invite: InboundInvite) -> Deferred[Any]:
-    """What ``hook.check_invite(invite)`` answers, as a Deferred: a Deferred, a coroutine or
-    a plain value (None included) will do; an exception raised becomes its failure."""
-    answer = maybeDeferred(hook.check_invite, invite)
-    return answer.addCallback(
-        lambda value: ensureDeferred(value) if isinstance(value, Coroutine) else value
-    )
 
 
 class _PolicyStore(Protocol):
@@ -164,7 +155,8 @@ class InvitePolicy:
         if self._user_deny.matches_user(invite.sender):
             raise MatrixError(403, Codes.FORBIDDEN, "This server does not accept invites from you")
         for hook in self._hooks:
-            reason = await _hook_answer(hook, invite)
+            # maybeDeferred: a Deferred, a coroutine or a plain value (None included).
+            reason = await maybeDeferred(hook.check_invite, invite)
             if reason is not None:
                 raise MatrixError(403, Codes.FORBIDDEN, str(reason)[:500])
         return self._invitee_rules(rules, invite.sender, sender_server)
