@@ -26,7 +26,7 @@ import email.utils
 import random as _random
 import re
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urljoin
 
 import attrs
@@ -339,12 +339,7 @@ class ServerResolver:
         if ttl <= 0:
             self._srv_cache.pop(name, None)
             return
-        if name not in self._srv_cache and len(self._srv_cache) >= SRV_CACHE_SIZE:
-            for old_name in [n for n, old in self._srv_cache.items() if not old.fresh(now)]:
-                del self._srv_cache[old_name]
-            if len(self._srv_cache) >= SRV_CACHE_SIZE:
-                self._srv_cache.clear()
-        self._srv_cache[name] = _SrvEntry(records, now, now + ttl)
+        _put_bounded(self._srv_cache, name, _SrvEntry(records, now, now + ttl), now, SRV_CACHE_SIZE)
 
     def _order_srv(self, records: list[dns.Record_SRV]) -> list[tuple[str, int]]:
         """RFC 2782 order: ascending priority, weighted random order within a priority."""
@@ -443,13 +438,7 @@ class ServerResolver:
         return failures
 
     def _store(self, hostname: str, entry: _WellKnownEntry) -> None:
-        if hostname not in self._cache and len(self._cache) >= WELL_KNOWN_CACHE_SIZE:
-            now = self._reactor.seconds()
-            for name in [name for name, old in self._cache.items() if not old.fresh(now)]:
-                del self._cache[name]
-            if len(self._cache) >= WELL_KNOWN_CACHE_SIZE:
-                self._cache.clear()
-        self._cache[hostname] = entry
+        _put_bounded(self._cache, hostname, entry, self._reactor.seconds(), WELL_KNOWN_CACHE_SIZE)
 
     async def _fetch_well_known(self, hostname: str) -> tuple[str, float]:
         """Fetch and validate ``.well-known/matrix/server``; answer the delegated name and TTL."""
@@ -508,6 +497,25 @@ def _srv_records(name: bytes, answers: list[dns.RRHeader]) -> list[dns.Record_SR
         owner = aliases[owner]
         owners.add(owner)
     return [record for record_owner, record in records if record_owner in owners]
+
+
+class _Fresh(Protocol):
+    def fresh(self, now: float) -> bool: ...
+
+
+_Entry = TypeVar("_Entry", bound=_Fresh)
+
+
+def _put_bounded(cache: dict[str, _Entry], key: str, entry: _Entry, now: float, size: int) -> None:
+    """``cache[key] = entry``, ``cache`` holding at most ``size`` entries (keys are
+    peer-chosen): when full, the entries no longer fresh go first, then, if that is not
+    enough, all of them."""
+    if key not in cache and len(cache) >= size:
+        for name in [name for name, old in cache.items() if not old.fresh(now)]:
+            del cache[name]
+        if len(cache) >= size:
+            cache.clear()
+    cache[key] = entry
 
 
 def _negative_ttl(authority: list[dns.RRHeader]) -> float:
