@@ -38,7 +38,9 @@ from signedjson.types import SigningKey
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
+from ._backoff import is_failure_status
 from ._clock import in_window
+from .client.errors import RemoteError
 from .config import Notary, OldKey
 from .core.ids import is_valid_server_name, server_name_key
 from .core.keys import decode_verify_key, is_valid_key_id, key_id_of, verify_key_of
@@ -488,7 +490,8 @@ class Keyring:
         An answer we refuse lists none but is an answer: the server is up. (Asked
         as ``EXAMPLE.org``, example.org answers for ``example.org``; backing it off
         for that, under the back-off all spellings share, would let anyone stop
-        its key refreshes.)
+        its key refreshes.) So is an error answer other than a 401, a 429 or a 5xx
+        (``is_failure_status``, the client's rule).
         """
         try:
             response = await self._client.get_json(
@@ -500,6 +503,9 @@ class Keyring:
                 server=server_name,
                 reason=_describe(exc),
             )
+            if isinstance(exc, RemoteError) and not is_failure_status(exc.status):
+                # It answered (a 404, a 403): up, as the client judges it too.
+                return frozenset()
             return None
         try:
             records = parse_key_response(response, server_name, self._now_ms(), server_name)

@@ -9,6 +9,8 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
+from federation_invite.client import FederationClient
+from federation_invite.client.testing import FakePeersAgent
 from federation_invite.config import Notary
 from federation_invite.core.keys import encode_verify_key, key_id_of, verify_key_of
 from federation_invite.core.signing import SEVEN_DAYS_MS, sign_json
@@ -16,6 +18,7 @@ from federation_invite.keyring import KeyFetchError, Keyring, parse_key_response
 from federation_invite.web._base import MatrixResource, write_json
 from federation_invite.web.keys import server_keys_document
 
+from .client._fakes import CannedResource
 from .support import NOW_S, FakeFederation, MemoryKeyStore, make_clock, make_key
 
 NOW_MS = NOW_S * 1000
@@ -211,6 +214,37 @@ class KeyringTests(SynchronousTestCase):
             self.keyring.get_server_keys("remote.example", [key_id_of(rotated)], NOW_MS)
         )
         self.assertIn(key_id_of(rotated), keys)
+
+    def test_error_answers_back_off_as_the_client_judges(self) -> None:
+        """A key server answering 401, 429 or 5xx is backed off (1 min); one answering another
+        4xx is up and asked again after 5 s, as the federation client judges the same answers."""
+        peers = FakePeersAgent()
+        answers = {
+            "gone.example": (404, "M_NOT_FOUND"),
+            "unauth.example": (401, "M_UNAUTHORIZED"),
+            "limited.example": (429, "M_LIMIT_EXCEEDED"),
+            "broken.example": (502, "M_UNKNOWN"),
+        }
+        resources = {}
+        for name, (status, errcode) in answers.items():
+            resources[name] = CannedResource(status, {"errcode": errcode, "error": "no"})
+            peers.add_peer(name, resources[name])
+        client = FederationClient(self.clock, "local.example", make_key("l1"), agent=peers)
+        keyring = Keyring(self.clock, self.store, client)
+        for name in answers:
+            self.assertEqual(self.get(keyring, server=name), {})
+        self.clock.advance(5)
+        for name in answers:
+            self.assertEqual(self.get(keyring, server=name), {})
+        asked = {name: len(resource.requests) for name, resource in resources.items()}
+        self.assertEqual(
+            asked,
+            {"gone.example": 2, "unauth.example": 1, "limited.example": 1, "broken.example": 1},
+        )
+        self.clock.advance(55)
+        for name in answers:
+            self.get(keyring, server=name)
+        self.assertEqual([len(resource.requests) for resource in resources.values()], [3, 2, 2, 2])
 
     def test_backoff_table_bounded(self) -> None:
         """Back-offs for many (attacker-chosen) names are pruned once they run out."""

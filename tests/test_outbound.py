@@ -860,6 +860,7 @@ class RefusalTests(_Base):
         for value in ("2000", -1, True, 1.5):
             self.peer.canned[2] = (429, {"errcode": "M_LIMIT_EXCEEDED", "retry_after_ms": value})
             self.assertIsNone(self.refused().retry_after_ms)
+            self.origin.clock.advance(3600)  # past the back-off a 429 sets
 
     def test_server_error(self) -> None:
         """A 500 is a refusal (no fallback, even for room v1)."""

@@ -27,6 +27,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer
 from zope.interface import implementer
 
+from .._backoff import is_failure_status
 from .._clock import in_window
 from .._version import __version__
 from ..config import DEFAULT_IP_BLOCKLIST
@@ -269,9 +270,7 @@ class FederationClient:
         try:
             result = await attempt
         except RemoteError as exc:
-            # A 5xx says the server (or its proxy) is in trouble; anything
-            # else proves it alive and answering.
-            if backoff and exc.status >= 500:
+            if backoff and is_failure_status(exc.status):
                 self._record_failure(destination, started)
             elif backoff:
                 self._record_success(destination)

@@ -446,6 +446,40 @@ class BackoffTests(_Base):
         self.remote_error(self.client.get_json(REMOTE, "/x"))
         self.assertEqual(self.remote_error(self.client.get_json(REMOTE, "/x")).status, 404)
 
+    def test_401_and_429_are_failures(self) -> None:
+        """A 401 (it will not accept us for a while) or a 429 (it is rate-limiting us) backs
+        the server off, as Synapse's RetryDestinationLimiter does; it does not reset one."""
+        for status, errcode in [(401, "M_UNAUTHORIZED"), (429, "M_LIMIT_EXCEEDED")]:
+            name = f"answers{status}.example"
+            peer = CannedResource(status, {"errcode": errcode, "error": "no"})
+            self.peers.add_peer(name, peer)
+            error = self.failureResultOf(self.client.get_json(name, "/x"), RemoteError).value
+            self.assertEqual((error.status, error.errcode), (status, errcode))
+            backoff = self.failureResultOf(self.client.get_json(name, "/x"), BackoffError).value
+            self.assertEqual((backoff.failures, backoff.retry_at - self.clock.seconds()), (1, 60))
+            self.assertEqual(len(peer.requests), 1)
+            self.clock.advance(60)
+            self.failureResultOf(self.client.get_json(name, "/x"), RemoteError)
+            backoff = self.failureResultOf(self.client.get_json(name, "/x"), BackoffError).value
+            self.assertEqual((backoff.failures, backoff.retry_at - self.clock.seconds()), (2, 120))
+
+    def test_429s_together_count_once(self) -> None:
+        """Requests in flight together that are all answered 429 are one failure."""
+        self.peer.hang = True
+        requests = [self.client.get_json(REMOTE, f"/x/{n}") for n in range(5)]
+        self.peer.hang = False
+        self.clock.advance(1)
+        for request in self.peer.pending:
+            request.setResponseCode(429)
+            request.write(b'{"errcode": "M_LIMIT_EXCEEDED", "error": "slow down"}')
+            request.finish()
+        self.peers.flush()
+        for requesting in requests:
+            error = self.remote_error(requesting)
+            self.assertEqual((error.status, error.errcode), (429, "M_LIMIT_EXCEEDED"))
+        error = self.failureResultOf(self.client.get_json(REMOTE, "/x"), BackoffError).value
+        self.assertEqual((error.failures, error.retry_at - self.clock.seconds()), (1, 60))
+
     def test_transport_failure_counts(self) -> None:
         """Connection failures back off too; other destinations are unaffected."""
         self.transport_error(self.client.get_json("nowhere.example", "/x"))
