@@ -5,7 +5,8 @@ the URI's authority as a Matrix server name, not an HTTPS origin: it resolves
 it with ``ServerResolver``, sets the ``Host`` header the spec prescribes,
 connects to the resolved targets in order through the IP blocklist, and checks
 the certificate against the discovered TLS name. Connections are pooled (with
-keep-alive) per effective server name in an ``HTTPConnectionPool``.
+keep-alive) per effective server name in an ``HTTPConnectionPool``, which keeps
+at most ``MAX_IDLE_CONNECTIONS`` idle over all servers.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from .errors import BlockedAddressError
 from .iprange import BlocklistingReactor, IPRangeFilter
 
 __all__ = [
+    "MAX_IDLE_CONNECTIONS",
     "FederationAgent",
     "ResponseHeadTooLarge",
     "make_connection_pool",
@@ -211,9 +213,75 @@ def well_known_agent(
     return Agent.usingEndpointFactory(reactor, factory, pool=pool)
 
 
+#: Most idle keep-alive connections kept over all servers. Any inbound request can name
+#: a server for us to fetch keys from, so without it a flood of distinct names would keep
+#: up to ``maxPersistentPerHost`` TLS connections (a file descriptor and some tens of KiB
+#: each) per name for ``cachedConnectionTimeout``. 256 is a few times the servers a busy
+#: deployment talks to at once and a quarter of the common 1024 descriptor limit.
+MAX_IDLE_CONNECTIONS = 256
+
+
+class _BoundedConnectionPool(HTTPConnectionPool):
+    """An ``HTTPConnectionPool`` keeping at most ``maxPersistentTotal`` idle connections
+    over all hosts: one more returned closes the one returned longest ago, of any host.
+
+    Twisted's own bookkeeping (``_connections`` per key, ``_timeouts`` per connection) is
+    left to it; ``_idle`` follows ``_timeouts``' connections in the order they were
+    returned, with their keys. ``getConnection`` and the per-host limit of
+    ``_putConnection`` take connections out without a hook, so both are followed by
+    dropping from ``_idle`` what left ``_timeouts``. A key's emptied list is deleted
+    (Twisted keeps one per key ever used).
+    """
+
+    maxPersistentTotal = MAX_IDLE_CONNECTIONS
+
+    def __init__(self, reactor: Any, persistent: bool = True) -> None:
+        super().__init__(reactor, persistent)
+        self._idle: dict[Any, Any] = {}
+
+    def getConnection(self, key: Any, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
+        cached = list(self._connections.get(key, ()))
+        connection: Deferred[Any] = super().getConnection(key, endpoint)
+        self._forget_taken(key, cached)
+        return connection
+
+    def _putConnection(self, key: Any, connection: Any) -> None:
+        cached = list(self._connections.get(key, ()))
+        super()._putConnection(key, connection)
+        self._forget_taken(key, cached)
+        if connection not in self._timeouts:
+            return  # not quiescent: Twisted refused it
+        self._idle[connection] = key
+        while len(self._idle) > self.maxPersistentTotal:
+            oldest, oldest_key = next(iter(self._idle.items()))
+            self._timeouts[oldest].cancel()
+            self._removeConnection(oldest_key, oldest)
+
+    def _removeConnection(self, key: Any, connection: Any) -> None:
+        """Close an idle connection (its timeout fired, or the cap closes it)."""
+        super()._removeConnection(key, connection)
+        del self._idle[connection]
+        if not self._connections[key]:
+            del self._connections[key]
+
+    def closeCachedConnections(self) -> Deferred[None]:
+        closed: Deferred[None] = super().closeCachedConnections()
+        self._idle = {}
+        return closed
+
+    def _forget_taken(self, key: Any, cached: list[Any]) -> None:
+        """Drop from ``_idle`` those of ``key``'s ``cached`` connections Twisted took out."""
+        for connection in cached:
+            if connection not in self._timeouts:
+                del self._idle[connection]
+        if key in self._connections and not self._connections[key]:
+            del self._connections[key]
+
+
 def make_connection_pool(reactor: Any) -> HTTPConnectionPool:
-    """A keep-alive pool sized for federation: a few idle connections per server."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    """A keep-alive pool sized for federation: a few idle connections per server, and
+    ``MAX_IDLE_CONNECTIONS`` over all servers (``maxPersistentTotal``)."""
+    pool = _BoundedConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 5
     pool.cachedConnectionTimeout = 120
     return pool

@@ -8,13 +8,18 @@ from typing import Any
 from signedjson.key import generate_signing_key
 from twisted.internet import reactor as global_reactor
 from twisted.internet import ssl
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import ResponseFailed
+from twisted.web.client import URI, Agent, ResponseFailed
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from federation_invite.client import (
     BlockedAddressError,
@@ -26,6 +31,7 @@ from federation_invite.client import (
     TransportError,
 )
 from federation_invite.client.agent import (
+    MAX_IDLE_CONNECTIONS,
     ResponseHeadTooLarge,
     make_connection_pool,
     well_known_agent,
@@ -377,3 +383,172 @@ class ResponseHeadLimitTests(TestCase):
         self.assertIsInstance(reason.value, ResponseHeadTooLarge)
         await deferLater(real_reactor, 0.05, lambda: None)
         self.assertEqual(self.connections, [])
+
+
+@implementer(IStreamClientEndpoint)
+class _MemoryEndpoint:
+    def __init__(self, peers: _MemoryPeers, host: bytes) -> None:
+        self._peers = peers
+        self._host = host
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        protocol = protocolFactory.buildProtocol(IPv4Address("TCP", PUBLIC_1, 443))
+        assert protocol is not None
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self._peers.connections.append((self._host, protocol, transport))
+        return succeed(protocol)
+
+
+@implementer(IAgentEndpointFactory)
+class _MemoryPeers:
+    """Opens each connection on a ``StringTransport``; ``connections`` lists
+    ``(host, protocol, transport)`` in the order they were opened."""
+
+    def __init__(self) -> None:
+        self.connections: list[tuple[bytes, Any, StringTransport]] = []
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        return _MemoryEndpoint(self, uri.host)
+
+
+_EMPTY_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
+class ConnectionPoolCapTests(SynchronousTestCase):
+    """The pool keeps at most ``maxPersistentTotal`` idle connections over all hosts, closing
+    the least recently returned ones first; Twisted's per-host limit and timeouts still hold."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.pool = make_connection_pool(self.reactor)
+        self.peers = _MemoryPeers()
+        self.agent = Agent.usingEndpointFactory(self.reactor, self.peers, pool=self.pool)
+
+    def start(self, host: str) -> tuple[Deferred[Any], StringTransport]:
+        """Send a GET to ``host``; its response and the transport the request went out on
+        (the one that newly holds unanswered bytes: ``answer`` clears them)."""
+        waiting = [t for _, _, t in self.peers.connections if t.value()]
+        response = self.agent.request(b"GET", b"http://" + host.encode("ascii") + b"/")
+        [transport] = [t for _, _, t in self.peers.connections if t.value() and t not in waiting]
+        return response, transport
+
+    def answer(self, response: Deferred[Any], transport: StringTransport) -> None:
+        [protocol] = [p for _, p, t in self.peers.connections if t is transport]
+        transport.clear()
+        protocol.dataReceived(_EMPTY_RESPONSE)
+        self.assertEqual(self.successResultOf(response).code, 200)
+
+    def idle(self, host: str) -> StringTransport:
+        """One request to ``host`` answered, leaving its connection idle in the pool."""
+        response, transport = self.start(host)
+        self.answer(response, transport)
+        return transport
+
+    def idle_count(self) -> int:
+        return sum(len(connections) for connections in self.pool._connections.values())
+
+    def test_default_cap(self) -> None:
+        """make_connection_pool's pool holds at most MAX_IDLE_CONNECTIONS idle connections:
+        one more host closes the first host's connection."""
+        self.assertEqual(self.pool.maxPersistentTotal, MAX_IDLE_CONNECTIONS)
+        transports = [self.idle(f"host{number}.example") for number in range(MAX_IDLE_CONNECTIONS)]
+        self.assertEqual([t for t in transports if t.disconnecting], [])
+        self.idle("one-more.example")
+        self.assertEqual([t for t in transports if t.disconnecting], [transports[0]])
+        self.assertEqual(self.idle_count(), MAX_IDLE_CONNECTIONS)
+
+    def test_cap_closes_least_recently_returned(self) -> None:
+        """Past the cap, exactly the idle connections returned longest ago are closed (of any
+        host), and their timeouts cancelled; a connection reused meanwhile counts as new."""
+        self.pool.maxPersistentTotal = 3
+        a, b, c = (self.idle(host) for host in ("a.example", "b.example", "c.example"))
+        self.assertIs(self.idle("a.example"), a)  # reused: now the most recently returned
+        self.assertEqual(len(self.peers.connections), 3)
+        timeouts = {t: self.pool._timeouts[p] for _, p, t in self.peers.connections}
+        d = self.idle("d.example")
+        self.assertEqual([t for t in (a, b, c, d) if t.disconnecting], [b])
+        e = self.idle("e.example")
+        self.assertEqual([t for t in (a, b, c, d, e) if t.disconnecting], [b, c])
+        self.assertTrue(timeouts[b].cancelled)
+        self.assertTrue(timeouts[c].cancelled)
+        self.assertFalse(timeouts[a].cancelled)
+        self.assertEqual(self.idle_count(), 3)
+        self.assertEqual(len(self.pool._timeouts), 3)
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 3)
+        # The remaining ones time out as Twisted's bookkeeping says, and only they.
+        self.reactor.advance(self.pool.cachedConnectionTimeout)
+        self.assertTrue(all(t.disconnecting for t in (a, d, e)))
+        self.assertEqual(self.idle_count(), 0)
+        self.assertEqual(self.pool._timeouts, {})
+
+    def test_reused_connection_counted_once(self) -> None:
+        """A connection taken out of the pool and returned, again and again, is one idle
+        connection, not one per return."""
+        self.pool.maxPersistentTotal = 2
+        a = self.idle("a.example")
+        for _ in range(5):
+            self.assertIs(self.idle("a.example"), a)
+        b = self.idle("b.example")
+        self.assertEqual([t for t in (a, b) if t.disconnecting], [])
+        self.assertEqual(self.idle_count(), 2)
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 2)
+
+    def test_connection_in_use_not_counted(self) -> None:
+        """A connection taken out of the pool is not idle: the cap neither counts nor closes it."""
+        self.pool.maxPersistentTotal = 1
+        a = self.idle("a.example")
+        response, transport = self.start("a.example")
+        self.assertIs(transport, a)
+        b = self.idle("b.example")
+        self.assertFalse(a.disconnecting)
+        self.answer(response, a)
+        self.assertEqual([t for t in (a, b) if t.disconnecting], [b])
+
+    def test_per_host_limit(self) -> None:
+        """At most maxPersistentPerHost idle connections per host: a further one returned
+        closes that host's oldest, which the overall cap no longer counts."""
+        self.pool.maxPersistentPerHost = 2
+        self.pool.maxPersistentTotal = 3
+        started = [self.start("a.example") for _ in range(3)]
+        for response, transport in started:
+            self.answer(response, transport)
+        [first, second, third] = [transport for _, transport in started]
+        self.assertEqual([t for t in (first, second, third) if t.disconnecting], [first])
+        self.assertEqual(self.idle_count(), 2)
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 2)
+        b = self.idle("b.example")
+        self.assertEqual([t for t in (second, third, b) if t.disconnecting], [])
+        self.idle("c.example")
+        self.assertEqual([t for t in (second, third, b) if t.disconnecting], [second])
+        self.assertEqual(self.idle_count(), 3)
+
+    def test_close_cached_connections_closes_all(self) -> None:
+        """closeCachedConnections closes every idle connection and cancels every timeout;
+        the cap counts afresh afterwards."""
+        self.pool.maxPersistentTotal = 3
+        transports = [self.idle(host) for host in ("a.example", "b.example", "c.example")]
+        closed = self.pool.closeCachedConnections()
+        self.assertTrue(all(t.disconnecting for t in transports))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        for _, protocol, _ in self.peers.connections:
+            protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNone(self.successResultOf(closed))
+        again = [self.idle(host) for host in ("d.example", "e.example", "f.example")]
+        self.assertEqual([t for t in again if t.disconnecting], [])
+        self.assertEqual(self.idle_count(), 3)
+
+    def test_hosts_without_idle_connections_forgotten(self) -> None:
+        """A host whose idle connections were all taken, closed or timed out leaves no entry
+        behind: thousands of names contacted once cost nothing once their connections end."""
+        self.pool.maxPersistentTotal = 1
+        self.idle("a.example")
+        self.idle("b.example")  # closes a's connection
+        self.assertEqual(self.idle_count(), 1)
+        self.assertEqual(len(self.pool._connections), 1)
+        response, transport = self.start("b.example")  # takes b's connection
+        self.assertEqual(self.pool._connections, {})
+        self.answer(response, transport)
+        self.reactor.advance(self.pool.cachedConnectionTimeout)
+        self.assertEqual(self.pool._connections, {})
+        self.assertEqual(self.pool._timeouts, {})
