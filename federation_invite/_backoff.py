@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["is_failure_status"]
+import heapq
+from collections.abc import Callable
+from typing import TypeVar
+
+__all__ = ["is_failure_status", "make_room"]
+
+_Entry = TypeVar("_Entry")
 
 
 def is_failure_status(status: int) -> bool:
@@ -14,3 +20,29 @@ def is_failure_status(status: int) -> bool:
     (synapse/util/retryutils.py).
     """
     return status >= 500 or status in (401, 429)
+
+
+def make_room(
+    table: dict[str, _Entry],
+    name: str,
+    size: int,
+    *,
+    over: Callable[[_Entry], bool],
+    ends: Callable[[_Entry], float],
+) -> None:
+    """Before ``name`` is added to ``table`` (server name -> back-off) of at most ``size``.
+
+    A new name in a full table: forget the back-offs that are ``over``, then, if that
+    is not enough, those that ``ends`` soonest, down to three quarters of ``size``.
+    Names are attacker-chosen, and one failure gives the shortest wait, so a flood of
+    fresh names displaces each other rather than the long back-offs of servers that
+    kept failing. Amortised, O(log n) per name added.
+    """
+    if name in table or len(table) < size:
+        return
+    for stale in [key for key, entry in table.items() if over(entry)]:
+        del table[stale]
+    excess = len(table) - size * 3 // 4
+    if excess > 0:
+        for soonest in heapq.nsmallest(excess, table, key=lambda key: ends(table[key])):
+            del table[soonest]

@@ -38,7 +38,7 @@ from signedjson.types import SigningKey
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from ._backoff import is_failure_status
+from ._backoff import is_failure_status, make_room
 from ._clock import in_window
 from .client.errors import RemoteError
 from .config import Notary, OldKey
@@ -56,7 +56,8 @@ _MIN_BACKOFF_MS = 60_000
 _MAX_BACKOFF_MS = 3_600_000
 #: After a server answered without the key asked for, the wait before asking it again.
 _ANSWERED_REFETCH_MS = 5_000
-#: Servers in back-off remembered at once (beyond, expired entries are dropped).
+#: Servers in back-off remembered at once (beyond, those over or ending soonest are
+#: dropped: ``make_room``).
 _BACKOFF_TABLE_SIZE = 10_000
 #: Servers whose keys are kept in memory at once (beyond, the least recently
 #: loaded are dropped down to half this, to be reloaded from the store).
@@ -454,7 +455,7 @@ class Keyring:
             self._backoff.pop(server_name_key(server_name), None)
             return
         self.fetch_failures += 1
-        self._prune(self._backoff)
+        key = server_name_key(server_name)
         if found:
             # The server (or a notary) answered, just without the key asked
             # for: not a dead server. Anyone can name any server and a made-up
@@ -462,27 +463,24 @@ class Keyring:
             # again for a few seconds (bounding the fetches anyone can cause).
             delay = _ANSWERED_REFETCH_MS
         else:
-            previous = self._backoff.get(server_name_key(server_name))
+            previous = self._backoff.get(key)
             delay = (
                 _MIN_BACKOFF_MS if previous is None else min(previous.delay_ms * 2, _MAX_BACKOFF_MS)
             )
         now_ms = self._now_ms()
-        self._backoff[server_name_key(server_name)] = _Backoff(now_ms + delay, delay, now_ms)
+        make_room(
+            self._backoff,
+            key,
+            _BACKOFF_TABLE_SIZE,
+            over=lambda other: not other.waiting(now_ms),
+            ends=lambda other: other.until_ms,
+        )
+        self._backoff[key] = _Backoff(now_ms + delay, delay, now_ms)
         log.info(
             "Keys of {server} unavailable; not asking again for {seconds} s",
             server=server_name,
             seconds=delay // 1000,
         )
-
-    def _prune(self, backoffs: dict[str, _Backoff]) -> None:
-        """Forget back-offs that have run out once there are many (names are attacker-chosen)."""
-        if len(backoffs) < _BACKOFF_TABLE_SIZE:
-            return
-        now_ms = self._now_ms()
-        for name in [n for n, b in backoffs.items() if not b.waiting(now_ms)]:
-            del backoffs[name]
-        if len(backoffs) >= _BACKOFF_TABLE_SIZE:
-            backoffs.clear()
 
     async def _fetch_direct(self, server_name: str) -> frozenset[str] | None:
         """Ask the server for its keys; the key IDs it listed, or None if it did not answer.

@@ -256,6 +256,51 @@ class KeyringTests(SynchronousTestCase):
             self.clock.advance(61)
         self.assertLessEqual(len(self.keyring._backoff), 10)
 
+    def test_full_backoff_table_keeps_the_longest_waits(self) -> None:
+        """A full table forgets the back-offs that end soonest, not all of them: names that
+        fail once each (anyone can send many) cannot wipe a long back-off."""
+        import federation_invite.keyring as keyring_module
+
+        self.patch(keyring_module, "_BACKOFF_TABLE_SIZE", 4)
+        for wait in (60, 120, 240):
+            self.get(server="dead.example")
+            self.clock.advance(wait)
+        self.get(server="dead.example")  # the fourth failure: 8 min
+        for n in range(20):
+            self.get(server=f"dead{n}.example")
+            self.clock.advance(1)
+        self.assertEqual(
+            sorted(self.keyring._backoff),
+            ["dead.example", "dead17.example", "dead18.example", "dead19.example"],
+        )
+        self.clock.advance(480 - 21)
+        self.get(server="dead.example")
+        self.assertEqual(self.federation.count("dead.example"), 4)
+        self.clock.advance(1)
+        self.get(server="dead.example")
+        self.assertEqual(self.federation.count("dead.example"), 5)
+
+    def test_full_backoff_table_keeps_doubling(self) -> None:
+        """A failing server whose back-off is over keeps doubling it when the table is full
+        (making room for it does not forget its own entry first)."""
+        import federation_invite.keyring as keyring_module
+
+        self.patch(keyring_module, "_BACKOFF_TABLE_SIZE", 4)
+        self.get(server="dead.example")
+        self.clock.advance(60)
+        self.get(server="dead.example")  # 2 min
+        for n in range(3):
+            self.get(server=f"dead{n}.example")
+        self.clock.advance(120)
+        self.get(server="dead.example")  # 4 min
+        self.assertEqual(self.federation.count("dead.example"), 3)
+        self.clock.advance(239)
+        self.get(server="dead.example")
+        self.assertEqual(self.federation.count("dead.example"), 3)
+        self.clock.advance(1)
+        self.get(server="dead.example")
+        self.assertEqual(self.federation.count("dead.example"), 4)
+
     def test_memory_keeps_servers_being_fetched(self) -> None:
         """A server whose fetch awaits the store write is not dropped by loads of others meanwhile
         (the fetch and its callers then read its keys from memory)."""

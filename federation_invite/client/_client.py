@@ -10,7 +10,6 @@ for a while (``BackoffError``) instead of being retried on every call.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -27,7 +26,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer
 from zope.interface import implementer
 
-from .._backoff import is_failure_status
+from .._backoff import is_failure_status, make_room
 from .._clock import in_window
 from .._version import __version__
 from ..config import DEFAULT_IP_BLOCKLIST
@@ -340,8 +339,13 @@ class FederationClient:
         if state is not None and started <= state.since <= now:
             return
         if state is None:
-            if len(self._backoff) >= self.BACKOFF_TABLE_SIZE:
-                self._forget_stale_backoffs(now)
+            make_room(
+                self._backoff,
+                key,
+                self.BACKOFF_TABLE_SIZE,
+                over=lambda other: not other.waiting(now),
+                ends=lambda other: other.retry_at,
+            )
             state = self._backoff[key] = _Backoff(0, now)
         state.failures += 1
         wait = min(self.BACKOFF_MAX, self.BACKOFF_INITIAL * 2 ** (state.failures - 1))
@@ -349,25 +353,6 @@ class FederationClient:
 
     def _record_success(self, destination: str) -> None:
         self._backoff.pop(server_name_key(destination), None)
-
-    def _forget_stale_backoffs(self, now: float) -> None:
-        """Make room in a full table: forget the back-offs that are over, then, if that is
-        not enough, those ending soonest, down to three quarters of the table.
-
-        Names are attacker-chosen, and one failure gives the shortest wait, so a flood
-        of fresh names displaces each other rather than the long back-offs of servers
-        that kept failing. Amortised, O(log n) per failure recorded.
-        """
-        stale = [name for name, state in self._backoff.items() if not state.waiting(now)]
-        for name in stale:
-            del self._backoff[name]
-        excess = len(self._backoff) - self.BACKOFF_TABLE_SIZE * 3 // 4
-        if excess > 0:
-            soonest = heapq.nsmallest(
-                excess, self._backoff, key=lambda name: self._backoff[name].retry_at
-            )
-            for name in soonest:
-                del self._backoff[name]
 
 
 def _check_path(path: str) -> None:
