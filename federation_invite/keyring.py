@@ -463,9 +463,13 @@ class Keyring:
             # again for a few seconds (bounding the fetches anyone can cause).
             delay = _ANSWERED_REFETCH_MS
         else:
+            # Doubling the last delay; after a 5 s pause for an answer without
+            # the key, a failure still starts at the minimum.
             previous = self._backoff.get(key)
             delay = (
-                _MIN_BACKOFF_MS if previous is None else min(previous.delay_ms * 2, _MAX_BACKOFF_MS)
+                _MIN_BACKOFF_MS
+                if previous is None
+                else min(max(previous.delay_ms * 2, _MIN_BACKOFF_MS), _MAX_BACKOFF_MS)
             )
         now_ms = self._now_ms()
         make_room(

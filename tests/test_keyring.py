@@ -183,6 +183,32 @@ class KeyringTests(SynchronousTestCase):
         self.assertIn(key_id_of(rotated), keys)
         self.assertEqual(self.federation.count("remote.example"), 2)
 
+    def test_failure_after_an_answer_backs_off_a_full_minute(self) -> None:
+        """A server that answered without the key asked (a 5 s pause) and then fails outright
+        is backed off for the 1 min minimum, not for twice the 5 s pause."""
+        self.assertEqual(
+            self.successResultOf(
+                self.keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS)
+            ),
+            {},
+        )
+        self.clock.advance(5)
+        del self.federation.servers["remote.example"]
+
+        def ask() -> dict[str, Any]:
+            return self.successResultOf(
+                self.keyring.get_server_keys("remote.example", ["ed25519:r2"], NOW_MS)
+            )
+
+        self.assertEqual(ask(), {})
+        self.assertEqual(self.federation.count("remote.example"), 2)
+        self.clock.advance(59)
+        self.assertEqual(ask(), {})
+        self.assertEqual(self.federation.count("remote.example"), 2)
+        self.clock.advance(1)
+        ask()
+        self.assertEqual(self.federation.count("remote.example"), 3)
+
     def test_case_variants_share_fetch_and_backoff(self) -> None:
         """Case variants of one server name (DNS names are case-insensitive) share its fetch
         in flight and its back-off: 16 spellings of a dead server cost one fetch."""
