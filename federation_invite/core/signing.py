@@ -257,15 +257,18 @@ def key_valid_for_event(
 
     From v5 (rooms/fragments/v5-signing-requirements.md) a current key must be
     valid until at least ``origin_server_ts`` (an unknown validity is not
-    enough), and an old key only verifies events sent before its
-    ``expired_ts``. Before v5 any known key will do.
+    enough), and an old key only verifies events sent no later than its
+    ``expired_ts`` (server-server-api: keys "known to have expired prior to
+    the event's origin_server_ts are ignored"; Synapse keeps an old key as
+    valid until its ``expired_ts``, bound included). Before v5 any known key
+    will do, as in Synapse, whose key validity is not enforced there.
     """
     if type(room_version) is not RoomVersion:  # a call only for an identifier
         room_version = room_version_of(room_version)
     if not room_version.enforce_key_validity:
         return True
     if key.expired_ts is not None:
-        return origin_server_ts < key.expired_ts
+        return origin_server_ts <= key.expired_ts
     return key.valid_until_ts is not None and key.valid_until_ts >= origin_server_ts
 
 

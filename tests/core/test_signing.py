@@ -457,9 +457,10 @@ class KeyValidityTests(SynchronousTestCase):
             self.assertFalse(key_valid_for_event(version, key, TS))
 
     def test_v5_old_key(self) -> None:
-        """From v5 an old key verifies only events sent before its ``expired_ts``."""
+        """From v5 an old key verifies only events sent no later than its ``expired_ts``:
+        a key that expired at the event's ``origin_server_ts`` had not expired *prior* to it."""
         for version in V5_UP:
-            for expired, expected in ((TS + 1, True), (TS, False), (TS - 1, False)):
+            for expired, expected in ((TS + 1, True), (TS, True), (TS - 1, False)):
                 key = server_key(ORIGIN, ORIGIN_KEY, valid_until_ts=None, expired_ts=expired)
                 self.assertEqual(key_valid_for_event(version, key, TS), expected)
 
@@ -584,7 +585,7 @@ class VerifyEventTests(SynchronousTestCase):
     def test_key_validity_enforced_v5(self) -> None:
         """From v5 a key expired before ``origin_server_ts`` is skipped, so the check fails."""
         expired = keyring(server_key(ORIGIN, ORIGIN_KEY, valid_until_ts=TS - 1))
-        old_key = keyring(server_key(ORIGIN, ORIGIN_KEY, valid_until_ts=None, expired_ts=TS))
+        old_key = keyring(server_key(ORIGIN, ORIGIN_KEY, valid_until_ts=None, expired_ts=TS - 1))
         for version in V5_UP:
             signed = signed_invite(version)
             for keys in (expired, old_key):
@@ -744,7 +745,7 @@ class SigningPropertyTests(SynchronousTestCase):
         if not version.enforce_key_validity:
             expected = True
         elif expired_ts is not None:
-            expected = ts < expired_ts
+            expected = ts <= expired_ts
         else:
             expected = valid_until_ts is not None and valid_until_ts >= ts
         self.assertEqual(key_valid_for_event(version, key, ts), expected)
