@@ -66,6 +66,20 @@ class EncodeTests(SynchronousTestCase):
         for value, expected in cases:
             self.assertEqual(encode_canonical_json(value), expected)
 
+    def test_spec_number_example_parsed_from_text(self) -> None:
+        """The appendix's last example, ``{"a": -0, "b": 1e10}``, read from JSON text.
+
+        ``-0`` parses as the integer 0 and encodes as ``0``. ``1e10`` is a float:
+        refused where numbers are strict (our output, rooms v6+), and kept as
+        ``10000000000.0`` in lax mode (rooms v1-5), as Synapse's canonicaljson
+        encodes it, not as the appendix's ``10000000000``: agreeing with Synapse's
+        hashes of old rooms matters more than the example.
+        """
+        self.assertEqual(encode_canonical_json(parse_json(b'{"a": -0}')), b'{"a":0}')
+        parsed = parse_json(b'{"a": -0, "b": 1e10}')
+        self.assertRaises(CanonicalJSONError, encode_canonical_json, parsed)
+        self.assertEqual(encode_canonical_json(parsed, strict=False), b'{"a":0,"b":10000000000.0}')
+
     def test_integer_range(self) -> None:
         """Integers in [-(2**53)+1, 2**53-1] are fine; outside is refused when strict."""
         self.assertEqual(
