@@ -152,7 +152,7 @@ class InviteRefused(InviteError, RemoteError):
 
 
 class InviteTransportError(InviteError, TransportError):
-    """No answer came back (DNS, TLS, connection refused, timeout, back-off): not a refusal.
+    """No answer came back (DNS, TLS, connection refused, timeout): not a refusal.
 
     ``destination`` and ``reason`` as in ``TransportError``; the client's
     error is the ``__cause__``.
@@ -186,7 +186,13 @@ class IInviteClient(Protocol):
     """The part of the federation client the sender uses (``FederationClient`` has it)."""
 
     def put_json(
-        self, destination: str, path: str, body: Any, *, via: str | None = None
+        self,
+        destination: str,
+        path: str,
+        body: Any,
+        *,
+        via: str | None = None,
+        ignore_backoff: bool = False,
     ) -> Deferred[Any]: ...
 
 
@@ -449,10 +455,12 @@ class InviteSender:
     ) -> Any:
         """One PUT; the client's errors translated into ``InviteError``s."""
         try:
-            if via is None:
-                # Without the keyword: an IInviteClient of before ``via`` still works.
-                return await self._client.put_json(destination, path, body)
-            return await self._client.put_json(destination, path, body, via=via)
+            # A user asked for this invite: it is sent even while the client backs
+            # the server off (after a failed key fetch from it, say), and its outcome
+            # still counts there, as Synapse sends invites (ignore_backoff=True).
+            return await self._client.put_json(
+                destination, path, body, via=via, ignore_backoff=True
+            )
         except RemoteError as exc:
             if 200 <= exc.status < 300:
                 # A success status with an unreadable body (not JSON, too big).

@@ -19,7 +19,12 @@ from twisted.web.server import NOT_DONE_YET, Request
 from unpaddedbase64 import encode_base64
 
 from federation_invite import outbound
-from federation_invite.client import FederationClient, RemoteError, TransportError
+from federation_invite.client import (
+    BackoffError,
+    FederationClient,
+    RemoteError,
+    TransportError,
+)
 from federation_invite.client.testing import FakePeersAgent
 from federation_invite.config import ConfigError, load_config
 from federation_invite.core.canonical import encode_canonical_json
@@ -944,15 +949,42 @@ class TransportTests(_Base):
         error = self.transport_error(self.origin.send("10", event, state))
         self.assertIn("no fake peer named peer.example", error.reason)
 
-    def test_back_off(self) -> None:
-        """After a 500 the client leaves the peer alone for a while: a transport error."""
+    def test_back_off_does_not_stop_invites(self) -> None:
+        """An invite is sent even while the client backs its server off (a user asked for it,
+        as Synapse sends invites with ignore_backoff): after a 500, or a failed key fetch,
+        the next invite reaches the peer; the 500 still backs the server off for the rest."""
         peer = FakePeer(self.origin.clock)
         peer.canned[2] = (500, b"down")
         self.origin.agent.add_peer(PEER, peer.root)
         event, state = self.origin.invite("10")
-        self.failureResultOf(self.origin.send("10", event, state), InviteRefused)
-        error = self.transport_error(self.origin.send("10", event, state))
-        self.assertIn("backing off", error.reason)
+        self.assertEqual(
+            self.failureResultOf(self.origin.send("10", event, state), InviteRefused).value.status,
+            500,
+        )
+        self.failureResultOf(self.origin.client.get_json(PEER, "/x"), BackoffError)
+        del peer.canned[2]
+        self.origin.clock.advance(5)
+        result = self.successResultOf(self.origin.send("10", event, state))
+        self.assertIn(PEER, result["signatures"])
+        self.assertEqual([api for api, _, _ in peer.received], [2, 2])
+        self.assertEqual(self.origin.client._backoff, {})
+
+    def test_failed_key_fetch_does_not_stop_invites(self) -> None:
+        """A key fetch from the invitee's server that failed (which backs it off in the
+        client) does not keep an invite to it from being sent."""
+        event, state = self.origin.invite("10")
+        self.assertEqual(
+            self.successResultOf(self.origin.keyring.get_server_keys(PEER, ["ed25519:x"], 0)),
+            {},
+        )
+        self.failureResultOf(self.origin.client.get_json(PEER, "/x"), BackoffError)
+        peer = FakePeer(self.origin.clock)
+        peer.canned[2] = (403, {"errcode": "M_FORBIDDEN", "error": "no"})
+        self.origin.agent.add_peer(PEER, peer.root)
+        self.origin.clock.advance(30)
+        error = self.failureResultOf(self.origin.send("10", event, state), InviteRefused).value
+        self.assertEqual((error.status, error.errcode), (403, "M_FORBIDDEN"))
+        self.assertEqual([api for api, _, _ in peer.received], [2])
 
     def test_cancel(self) -> None:
         """Cancelling the Deferred abandons the request (CancelledError, not a transport error)."""

@@ -5,7 +5,8 @@ carries a canonical JSON body when it has one, is bounded in time and in
 response size, and ends in one of three ways: the parsed JSON answer, a
 ``RemoteError`` (the peer said no, or said something unusable) or a
 ``TransportError`` (no answer). A destination that keeps failing is left alone
-for a while (``BackoffError``) instead of being retried on every call.
+for a while (``BackoffError``) instead of being retried on every call, except
+by requests a user asked for (``put_json(..., ignore_backoff=True)``).
 """
 
 from __future__ import annotations
@@ -170,7 +171,13 @@ class FederationClient:
         return Deferred.fromCoroutine(self._request("GET", destination, path, args, None, signed))
 
     def put_json(
-        self, destination: str, path: str, body: Any, *, via: str | None = None
+        self,
+        destination: str,
+        path: str,
+        body: Any,
+        *,
+        via: str | None = None,
+        ignore_backoff: bool = False,
     ) -> Deferred[Any]:
         """PUT the JSON ``body`` (None: no body) to ``path``, signed; the JSON answer.
 
@@ -178,9 +185,17 @@ class FederationClient:
         instead of ``destination``'s; the request is still addressed and signed
         to ``destination`` (the X-Matrix ``destination``), which is who must
         answer it. Transport errors and back-off then concern ``via``.
+
+        ``ignore_backoff=True``: the request is sent even while the server is
+        backed off, and its outcome still counts in the back-off (a request a
+        user asked for, such as an invite: Synapse sends those with
+        ``ignore_backoff``). Unlike ``post_json``'s ``backoff=False``, which
+        leaves the back-off out altogether.
         """
         return Deferred.fromCoroutine(
-            self._request("PUT", destination, path, None, body, True, via)
+            self._request(
+                "PUT", destination, path, None, body, True, via, ignore_backoff=ignore_backoff
+            )
         )
 
     def post_json(
@@ -222,7 +237,10 @@ class FederationClient:
         via: str | None = None,
         *,
         backoff: bool = True,
+        ignore_backoff: bool = False,
     ) -> Any:
+        """One request. ``backoff=False``: neither refused by the back-off nor
+        counted in it; ``ignore_backoff=True``: not refused by it, but counted."""
         for name in (destination, via):
             if name is None:
                 continue
@@ -250,7 +268,7 @@ class FederationClient:
         # From here on, destination is whom we connect to.
         if via is not None:
             destination = via
-        if backoff:
+        if backoff and not ignore_backoff:
             self._check_backoff(destination)
         started = self._reactor.seconds()
 

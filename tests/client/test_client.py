@@ -515,6 +515,26 @@ class BackoffTests(_Base):
         )
         self.transport_error(self.client.get_json(REMOTE, "/x"), BackoffError)
 
+    def test_backoff_ignored_by_a_request(self) -> None:
+        """put_json(ignore_backoff=True) is sent while the destination is backed off (an invite
+        a user asked for, as Synapse's ignore_backoff) and still counts: a failure escalates
+        the back-off, a success ends it."""
+        self.peer.code, self.peer.body = 503, b"down"
+        self.remote_error(self.client.get_json(REMOTE, "/x"))
+        self.clock.advance(1)
+        error = self.remote_error(self.client.put_json(REMOTE, "/p", {}, ignore_backoff=True))
+        self.assertEqual(error.status, 503)
+        self.assertEqual(len(self.peer.requests), 2)
+        backoff = self.failureResultOf(self.client.get_json(REMOTE, "/x"), BackoffError).value
+        self.assertEqual((backoff.failures, backoff.retry_at - self.clock.seconds()), (2, 120))
+        self.peer.code, self.peer.body = 200, {"ok": True}
+        self.assertEqual(
+            self.successResultOf(self.client.put_json(REMOTE, "/p", {}, ignore_backoff=True)),
+            {"ok": True},
+        )
+        self.assertEqual(self.client._backoff, {})
+        self.assertEqual(self.successResultOf(self.client.get_json(REMOTE, "/x")), {"ok": True})
+
     def test_backoff_table_bounded(self) -> None:
         """Failing destinations are forgotten once their wait has passed and the table is full."""
         self.client.BACKOFF_TABLE_SIZE = 3
