@@ -46,7 +46,7 @@ from .core.ids import is_valid_server_name, server_name_key
 from .core.keys import decode_verify_key, is_valid_key_id, key_id_of, verify_key_of
 from .core.signing import ServerVerifyKey, SignatureError, cap_valid_until_ts, verify_json
 from .logs import Logger
-from .store import ServerKeyRecord
+from .store import ServerKeyRecord, StoreError
 
 __all__ = ["IKeyFetchClient", "IKeyStore", "KeyFetchError", "Keyring", "local_verify_keys"]
 
@@ -286,19 +286,30 @@ class Keyring:
         return None
 
     def get_server_keys(
-        self, server_name: str, key_ids: Iterable[str], valid_at_ms: int
+        self,
+        server_name: str,
+        key_ids: Iterable[str],
+        valid_at_ms: int,
+        *,
+        fetch_if_store_fails: bool = False,
     ) -> Deferred[dict[str, ServerVerifyKey]]:
         """The requested keys that could be found (a key may be missing: callers decide).
 
         A current key is refreshed when it is missing or its (capped)
         ``valid_until_ts`` is before ``valid_at_ms``; old keys are final.
+        A failing store read fails with its ``StoreError`` (an inbound request
+        is then answered 500: the database is unavailable), unless
+        ``fetch_if_store_fails``: then it is logged and the keys are fetched as
+        if none were stored (the sender's answer check, which needs no database).
         """
         wanted = frozenset(key_ids)
         if self._satisfied(server_name, wanted, valid_at_ms) or server_name in self._local_servers:
             # The hot path (every request and event of a known peer): answered
             # from memory without running a coroutine.
             return succeed(self._answer(server_name, wanted))
-        return Deferred.fromCoroutine(self._get(server_name, wanted, valid_at_ms))
+        return Deferred.fromCoroutine(
+            self._get(server_name, wanted, valid_at_ms, fetch_if_store_fails)
+        )
 
     def _satisfied(self, server_name: str, key_ids: frozenset[str], valid_at_ms: int) -> bool:
         known = self._memory.get(server_name, {})
@@ -315,13 +326,26 @@ class Keyring:
         return {key_id: known[key_id] for key_id in key_ids if key_id in known}
 
     async def _get(
-        self, server_name: str, key_ids: frozenset[str], valid_at_ms: int
+        self,
+        server_name: str,
+        key_ids: frozenset[str],
+        valid_at_ms: int,
+        fetch_if_store_fails: bool,
     ) -> dict[str, ServerVerifyKey]:
         if self._satisfied(server_name, key_ids, valid_at_ms) or server_name in self._local_servers:
             return self._answer(server_name, key_ids)
         if not is_valid_server_name(server_name):
             return {}
-        await self._load_from_store(server_name)
+        try:
+            await self._load_from_store(server_name)
+        except StoreError as exc:
+            if not fetch_if_store_fails:
+                raise
+            log.warn(
+                "Could not read the stored keys of {server}, fetching them: {reason}",
+                server=server_name,
+                reason=_describe(exc),
+            )
         if self._satisfied(server_name, key_ids, valid_at_ms):
             return self._answer(server_name, key_ids)
         if not self._backing_off(server_name):

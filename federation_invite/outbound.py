@@ -200,7 +200,12 @@ class IInviteKeyring(Protocol):
     """The part of the keyring the sender uses (``Keyring`` has it)."""
 
     def get_server_keys(
-        self, server_name: str, key_ids: Sequence[str], valid_at_ms: int
+        self,
+        server_name: str,
+        key_ids: Sequence[str],
+        valid_at_ms: int,
+        *,
+        fetch_if_store_fails: bool = False,
     ) -> Deferred[dict[str, ServerVerifyKey]]: ...
 
 
@@ -530,7 +535,11 @@ class InviteSender:
         # rooms/fragments/v5-signing-requirements.md: from v5 a key must be
         # valid at the event's origin_server_ts; before, any known key will do.
         valid_at = event["origin_server_ts"] if room_version.enforce_key_validity else 0
-        found = await self._keyring.get_server_keys(server_name, key_ids, valid_at)
+        # A key store that cannot be read must not fail the invite with a
+        # StoreError (every failure is an InviteError): fetch the keys instead.
+        found = await self._keyring.get_server_keys(
+            server_name, key_ids, valid_at, fetch_if_store_fails=True
+        )
         return {(server_name, key_id): key for key_id, key in found.items()}
 
     async def _verify(

@@ -17,7 +17,7 @@ from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -178,6 +178,20 @@ class SQLiteStorageFaultTests(StorageFaultMixin, TestCase):
             signed_but_unstored=0,
             invites_lost=0,
         )
+
+    async def test_key_read_failure(self) -> None:
+        """A failing read of an origin's stored keys (none in memory): 500 M_UNKNOWN, logged
+        with the operation, and no fetch around the database (README row 20); only the
+        sender's answer check falls back to fetching."""
+        self.s = RealStoreScenario(self.s.store)  # a new keyring: nothing in memory
+        self.patch(
+            self.s.store,
+            "get_server_keys",
+            lambda *args, **kwargs: fail(StoreError("get_server_keys", "disk I/O error")),
+        )
+        self.assertStoreFailure(await self.invite())
+        self.assertEqual(self.last_reason, "get_server_keys failed: disk I/O error")
+        self.assertEqual(self.s.federation.calls, [])
 
     async def test_lock_released_while_waiting(self) -> None:
         """A lock released within the busy timeout: the waiting invite succeeds by itself."""

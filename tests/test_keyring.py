@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.logger import capturedLogs, formatEvent
+from twisted.internet.defer import fail
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
@@ -15,6 +16,7 @@ from federation_invite.config import Notary
 from federation_invite.core.keys import encode_verify_key, key_id_of, verify_key_of
 from federation_invite.core.signing import SEVEN_DAYS_MS, sign_json
 from federation_invite.keyring import KeyFetchError, Keyring, parse_key_response
+from federation_invite.store import StoreError
 from federation_invite.web._base import MatrixResource, write_json
 from federation_invite.web.keys import server_keys_document
 
@@ -368,6 +370,42 @@ class KeyringTests(SynchronousTestCase):
         """Keys that were fetched and checked are used even if storing them fails."""
         self.store.fail_writes = True
         self.assertIn(self.key_id, self.get())
+
+    def fail_store_reads(self) -> None:
+        self.patch(
+            self.store,
+            "get_server_keys",
+            lambda *args, **kwargs: fail(StoreError("get_server_keys", "database is locked")),
+        )
+
+    def test_store_read_failure_fails_the_ask_by_default(self) -> None:
+        """A failing store read fails the ask with the StoreError and fetches nothing: inbound
+        requests answer it 500 M_UNKNOWN (README, "What an invite must pass", row 20)."""
+        self.fail_store_reads()
+        failure = self.failureResultOf(
+            self.keyring.get_server_keys("remote.example", [self.key_id], NOW_MS), StoreError
+        )
+        self.assertEqual(str(failure.value), "get_server_keys failed: database is locked")
+        self.assertEqual(self.federation.calls, [])
+
+    def test_store_read_failure_can_fall_back_to_fetching(self) -> None:
+        """With fetch_if_store_fails=True a failing store read is logged (the store's error,
+        no key) and the keys are fetched as if none were stored."""
+        self.fail_store_reads()
+        with capturedLogs() as events:
+            keys = self.successResultOf(
+                self.keyring.get_server_keys(
+                    "remote.example", [self.key_id], NOW_MS, fetch_if_store_fails=True
+                )
+            )
+        self.assertEqual(keys[self.key_id].verify_key, verify_key_of(self.remote_key))
+        self.assertEqual(self.federation.count("remote.example"), 1)
+        [warning] = [event for event in events if event["log_level"] is LogLevel.warn]
+        self.assertEqual(
+            formatEvent(warning),
+            "Could not read the stored keys of remote.example, fetching them: "
+            "StoreError: get_server_keys failed: database is locked",
+        )
 
     def rotate(self, expired_ts: int) -> Any:
         """remote.example moves self.remote_key to old_verify_keys (expired at ``expired_ts``)

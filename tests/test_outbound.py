@@ -59,6 +59,7 @@ from federation_invite.service import (
     build_site_root,
 )
 from federation_invite.signer import LocalSigner
+from federation_invite.store import StoreError
 from federation_invite.web.invite import InviteResource
 from federation_invite.web.keys import KeyServerResource
 from federation_invite.web.tree import build_matrix_tree
@@ -623,6 +624,19 @@ class AnswerCheckTests(_Base):
             self.invalid().reason,
             f"no verify key of {PEER} could be found for its signature ('ed25519:rogue')",
         )
+
+    def test_key_store_read_failure(self) -> None:
+        """A key-store read failing while the peer's signature is checked is not a StoreError
+        (every failure is an InviteError): the keyring fetches the peer's key instead, and
+        the invite comes back co-signed."""
+        self.patch(
+            self.origin.key_store,
+            "get_server_keys",
+            lambda *args, **kwargs: fail(StoreError("get_server_keys", "database is locked")),
+        )
+        event, state = self.origin.signed_invite("10")
+        result = self.successResultOf(self.origin.send("10", event, state))
+        self.assert_cosigned("10", event, result, self.peer.key)
 
     def test_signature_with_unknown_algorithm(self) -> None:
         """A peer signature under a non-ed25519 key ID cannot be checked: refused."""
