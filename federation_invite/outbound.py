@@ -24,6 +24,7 @@ why (``InviteRefused`` carries the peer's status, errcode and message).
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -311,8 +312,7 @@ class InviteSender:
             via = None
         if room_version.room_id_is_create_event_hash:
             _check_create_event(room_version, event, room_state)
-        signed = await self._sign(room_version, event)
-        prepared = _check_signed(room_version, signed)
+        signed, prepared = _check_signed(room_version, await self._sign(room_version, event))
         if (
             room_version.event_id_in_event
             and server_name_of(signed["event_id"]) != self.server_name
@@ -654,21 +654,31 @@ def _check_create_event(
             )
 
 
-def _check_signed(room_version: RoomVersion, event: dict[str, Any]) -> PreparedEvent:
-    """Format, size and content hash of the event about to be sent; its prepared form."""
+def _check_signed(
+    room_version: RoomVersion, event: dict[str, Any]
+) -> tuple[dict[str, Any], PreparedEvent]:
+    """Format, size and content hash of the event about to be sent; the event as it goes
+    on the wire and its prepared form.
+
+    The event is decoded back from its canonical encoding, and that is what is sent,
+    compared with the answer and handed back: a tuple the caller put in it (which
+    canonical JSON encodes as an array) is then the list the peer echoes.
+    """
     try:
-        check_event_format(room_version, event)
         # Our client sends strict canonical JSON only (no floats, safe integers).
-        check_pdu_size(encode_canonical_json(event, strict=True))
+        encoded = encode_canonical_json(event, strict=True)
+        sent: dict[str, Any] = json.loads(encoded)
+        check_event_format(room_version, sent)
+        check_pdu_size(encoded)
     except MatrixError as exc:
         raise InviteNotSendable(
             f"the event is not a valid room version {room_version.identifier} PDU: {exc.message}"
         ) from None
     except ValueError as exc:
         raise InviteNotSendable(f"the event is not strict canonical JSON: {exc}") from None
-    if not check_content_hash(room_version, event):
+    if not check_content_hash(room_version, sent):
         raise InviteNotSendable("the event's content hash (hashes.sha256) is wrong")
-    return prepare_event(room_version, event, strict=True)
+    return sent, prepare_event(room_version, sent, strict=True)
 
 
 def _differences(sent: Mapping[str, Any], received: Mapping[str, Any]) -> list[str]:

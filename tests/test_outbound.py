@@ -525,6 +525,23 @@ class AnswerCheckTests(_Base):
         self.assert_cosigned("10", event, result, self.peer.key)
         self.assertNotIn("unsigned", result)
 
+    def test_tuple_in_the_event_sent_and_echoed_as_a_list(self) -> None:
+        """A tuple in the caller's event goes on the wire as a JSON array: the peer's faithful
+        echo (a list) is accepted, and what we hand back is what was sent (a list)."""
+        event, state = self.origin.invite("10")
+        event = dict(event, content={"membership": "invite", "org.example.tags": ("a", "b")})
+        result = self.successResultOf(self.origin.send("10", event, state))
+        self.assertEqual(
+            self.peer.received[0][2]["event"]["content"]["org.example.tags"], ["a", "b"]
+        )
+        self.assertEqual(
+            result["content"], {"membership": "invite", "org.example.tags": ["a", "b"]}
+        )
+        self.assertIs(type(result["content"]["org.example.tags"]), list)
+        self.assertEqual(event["content"]["org.example.tags"], ("a", "b"))
+        signed = hash_and_sign_event(KNOWN_ROOM_VERSIONS["10"], event, OURS, self.origin.key)
+        self.assert_cosigned("10", json.loads(encode_canonical_json(signed)), result, self.peer.key)
+
     def test_v1_echo_of_room_state_accepted(self) -> None:
         """On v1 Synapse echoes the room state in unsigned; accepted, and not handed back."""
         self.peer.canned[2] = (404, b"<html>Not Found</html>")
