@@ -21,7 +21,7 @@ from urllib.parse import quote, unquote
 import attrs
 
 from .core.ids import is_valid_server_name
-from .core.keys import decode_verify_key, is_valid_key_id
+from .core.keys import decode_verify_key, encode_verify_key, is_valid_key_id
 
 __all__ = [
     "DEFAULT_IP_BLOCKLIST",
@@ -265,7 +265,11 @@ def _old_keys(value: object) -> tuple[OldKey, ...]:
                 # The key document can list a key ID once: one entry would be lost.
                 raise ValueError(f"entry {index}: key_id {key_id!r} is already entry {earlier}")
         try:
-            decode_verify_key(key_id, key)
+            # Kept as we publish it: unpadded standard base64 (appendices,
+            # "Unpadded Base64"). The decoder also takes padding, the URL-safe
+            # alphabet and some whitespace, which gomatrixserverlib (Dendrite)
+            # refuses, failing to read our whole key document.
+            key = encode_verify_key(decode_verify_key(key_id, key))
         except (ValueError, TypeError):
             raise ValueError(f"entry {index}: key is not an unpadded base64 ed25519 key") from None
         if (

@@ -7,11 +7,13 @@ import re
 import stat
 import tomllib
 
+from signedjson.key import generate_signing_key
 from twisted.trial.unittest import SynchronousTestCase
 
 from federation_invite.config import OPTIONS, Config, ConfigError, load_config, render_config
 from federation_invite.store import parse_database_uri
 from federation_invite.store._dialect import SQLiteDialect
+from federation_invite.web.keys import server_keys_document
 
 VERIFY_KEY = "l8Hft5qXKn1vfHrg3p4+W8gELQVo8N13JkluMfmn2sQ"
 
@@ -185,6 +187,35 @@ class LoadConfigTests(SynchronousTestCase):
         (notary,) = config.get("keys.notaries")
         self.assertEqual(notary.server_name, "matrix.org")
         self.assertEqual(notary.verify_keys, (("ed25519:auto", VERIFY_KEY),))
+
+    def test_old_keys_published_in_unpadded_standard_base64(self) -> None:
+        """An old key written padded, URL-safe or with whitespace is kept and published in
+        unpadded standard base64, the only form the spec allows (gomatrixserverlib refuses
+        the whole key document otherwise)."""
+        spellings = [
+            VERIFY_KEY + "=",
+            VERIFY_KEY.replace("+", "-").replace("/", "_"),
+            VERIFY_KEY.replace("+", "-") + "=",
+            VERIFY_KEY[:20] + " \n" + VERIFY_KEY[20:],
+        ]
+        for spelling in spellings:
+            config = Config(
+                {
+                    "keys.old_verify_keys": [
+                        {"key_id": "ed25519:old", "key": spelling, "expired_ts": 5}
+                    ]
+                }
+            )
+            (old,) = config.get("keys.old_verify_keys")
+            self.assertEqual(old.key, VERIFY_KEY, spelling)
+            document = server_keys_document(
+                "example.org", [generate_signing_key("1")], [old], 1_000, 3_600_000
+            )
+            self.assertEqual(
+                document["old_verify_keys"],
+                {"ed25519:old": {"key": VERIFY_KEY, "expired_ts": 5}},
+                spelling,
+            )
 
     def test_old_key_ids_once(self) -> None:
         """An old key ID listed twice is refused: the key document could keep only one."""
