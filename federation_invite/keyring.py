@@ -44,7 +44,12 @@ from .client.errors import RemoteError
 from .config import Notary, OldKey
 from .core.ids import is_valid_server_name, server_name_key
 from .core.keys import decode_verify_key, is_valid_key_id, key_id_of, verify_key_of
-from .core.signing import ServerVerifyKey, SignatureError, cap_valid_until_ts, verify_json
+from .core.signing import (
+    ServerVerifyKey,
+    SignatureError,
+    cap_valid_until_ts,
+    verify_json_with_one_of,
+)
 from .logs import Logger
 from .store import ServerKeyRecord, StoreError
 
@@ -62,6 +67,12 @@ _BACKOFF_TABLE_SIZE = 10_000
 #: Servers whose keys are kept in memory at once (beyond, the least recently
 #: loaded are dropped down to half this, to be reloaded from the store).
 _MEMORY_SIZE = 10_000
+#: The most ``verify_keys`` and ``old_verify_keys`` entries (together) a key document may
+#: list. Real servers publish one current key and the few they rotated out (Synapse: its
+#: signing key plus the ``old_signing_keys`` an admin configured), so 64 leaves room for
+#: years of rotations; a document listing thousands (1 MiB holds about 10,000) only costs
+#: decoding, memory and store rows that nobody needs.
+_MAX_KEYS_PER_DOCUMENT = 64
 
 
 class IKeyFetchClient(Protocol):
@@ -96,9 +107,11 @@ def parse_key_response(
     """Check a ``/_matrix/key/v2/server`` document for ``server_name`` and turn it into records.
 
     The document must be "signed using the verify_keys" (server-server-api,
-    "Publishing Keys"): at least one listed verify key signed it, and every
-    signature by a listed key must hold. A listed key that did not sign (one
-    published ahead of use) is kept all the same, as Synapse does. Entries we
+    "Publishing Keys"): the first signature by a listed verify key must hold
+    (later ones are not checked, as in Synapse's ``process_v2_response``). A
+    listed key that did not sign (one published ahead of use) is kept all the
+    same, as Synapse does. A document listing more than ``_MAX_KEYS_PER_DOCUMENT``
+    (64) keys, current and old together, is refused. Entries we
     cannot use are skipped, not the whole document (as Synapse skips unsupported
     algorithms): key IDs that are not ``ed25519:`` and a version of
     ``[a-zA-Z0-9_]`` (definitions/keys.yaml; ``curve25519:x``, ``ed25519:old-1``),
@@ -118,6 +131,9 @@ def parse_key_response(
         raise KeyFetchError("key response has no verify_keys")
     if not isinstance(old_verify_keys, dict):
         raise KeyFetchError("old_verify_keys is not an object")
+    listed = len(verify_keys) + len(old_verify_keys)
+    if listed > _MAX_KEYS_PER_DOCUMENT:
+        raise KeyFetchError(f"key document lists {listed} keys, more than {_MAX_KEYS_PER_DOCUMENT}")
     skipped: list[str] = []
     current: dict[str, VerifyKey] = {}
     for key_id, entry in verify_keys.items():
@@ -163,22 +179,19 @@ def parse_key_response(
 def _check_self_signed(
     response: dict[str, Any], server_name: str, current: Mapping[str, VerifyKey]
 ) -> None:
-    """At least one of ``current`` signed ``response`` and every signature by one of them holds.
+    """The first signature of ``response`` by one of ``current`` holds (see
+    ``verify_json_with_one_of``: one encoding and one check, however many keys are listed).
 
     Signatures by key IDs not in ``current`` (a notary's, an old key's) are not ours to check.
     """
-    signatures = response.get("signatures")
-    ours = signatures.get(server_name) if isinstance(signatures, dict) else None
-    signers = [key_id for key_id in current if isinstance(ours, dict) and key_id in ours]
-    if not signers:
-        raise KeyFetchError("key response not self-signed by any of its verify_keys")
-    for key_id in signers:
-        try:
-            verify_json(
-                response, server_name, ServerVerifyKey(server_name, key_id, current[key_id], None)
-            )
-        except SignatureError as exc:
-            raise KeyFetchError(f"key response not self-signed: {exc}") from None
+    keys = {
+        key_id: ServerVerifyKey(server_name, key_id, verify_key, None)
+        for key_id, verify_key in current.items()
+    }
+    try:
+        verify_json_with_one_of(response, server_name, keys)
+    except SignatureError as exc:
+        raise KeyFetchError(f"key response not self-signed: {exc}") from None
 
 
 def _decode_entry(key_id: object, entry: object) -> VerifyKey:
@@ -600,19 +613,17 @@ class Keyring:
 
     @staticmethod
     def _check_notary_signature(notary: Notary, document: dict[str, Any]) -> None:
-        problems = []
-        for key_id, key in notary.verify_keys:
-            verify_key = decode_verify_key(key_id, key)
-            try:
-                verify_json(
-                    document,
-                    notary.server_name,
-                    ServerVerifyKey(notary.server_name, key_id, verify_key, None),
-                )
-                return
-            except SignatureError as exc:
-                problems.append(str(exc))
-        raise KeyFetchError("notary signature invalid: " + "; ".join(problems))
+        """The first signature of ``document`` by a key configured for ``notary`` holds."""
+        keys = {
+            key_id: ServerVerifyKey(
+                notary.server_name, key_id, decode_verify_key(key_id, key), None
+            )
+            for key_id, key in notary.verify_keys
+        }
+        try:
+            verify_json_with_one_of(document, notary.server_name, keys)
+        except SignatureError as exc:
+            raise KeyFetchError(f"notary signature invalid: {exc}") from None
 
     async def _keep(self, records: list[ServerKeyRecord]) -> None:
         self._remember(records)

@@ -42,6 +42,7 @@ __all__ = [
     "verify_event_signature",
     "verify_event_signatures",
     "verify_json",
+    "verify_json_with_one_of",
 ]
 
 #: rooms/fragments/v5-signing-requirements.md: a key's validity is capped at
@@ -175,6 +176,43 @@ def verify_json(
     problem = _signature_problem(key.verify_key, data, signature)
     if problem is not None:
         raise SignatureError(f"Signature by {server_name} ({key.key_id}) {problem}")
+
+
+def verify_json_with_one_of(
+    obj: Mapping[str, Any],
+    server_name: str,
+    keys: Mapping[str, ServerVerifyKey],
+    *,
+    strict: bool = True,
+) -> ServerVerifyKey:
+    """Check ``obj`` carries a valid signature by ``server_name`` with one of ``keys`` (by key
+    ID); return the key that made it.
+
+    The first signature in ``obj``'s order by one of ``keys`` decides: it must hold, and later
+    ones are not checked, as Synapse checks a key document's self-signature
+    (``process_v2_response``). So ``obj`` is encoded and checked once, however many keys it
+    lists or signatures it carries (a hostile key document may carry thousands). Raises
+    ``SignatureError`` when none of ``keys`` signed ``obj``, or as :func:`verify_json` does.
+    """
+    for key_id, signature in _signatures_of(obj, server_name).items():
+        key = keys.get(key_id)
+        if key is None:
+            continue
+        if key.server_name != server_name or key.key_id != key_id:
+            raise ValueError(
+                f"key {key.key_id} of {key.server_name} given as {key_id} of {server_name}"
+            )
+        try:
+            data = _signing_bytes(obj, strict=strict)
+        except ValueError as exc:
+            raise SignatureError(f"Signed object has no canonical JSON form: {exc}") from None
+        problem = _signature_problem(key.verify_key, data, signature)
+        if problem is not None:
+            raise SignatureError(f"Signature by {server_name} ({key_id}) {problem}")
+        return key
+    raise SignatureError(
+        f"Missing signature for {server_name} by any of the {len(keys)} keys given"
+    )
 
 
 def hash_and_sign_event(
