@@ -163,7 +163,8 @@ async def _cmd_rules(args: argparse.Namespace, out: TextIO, store: IStore, confi
         for rule in await store.list_invite_rules(user_id):
             out.write(_printable(f"{rule.kind} {rule.pattern} {rule.action}") + "\n")
         return 0
-    kind, pattern = ("user", args.user) if args.user else ("server", args.server)
+    # ``is not None``: an empty --user is refused as empty (InviteRule), not taken for --server.
+    kind, pattern = ("user", args.user) if args.user is not None else ("server", args.server)
     rule = InviteRule(user_id, kind, pattern, args.action)
     if args.rules_command == "add":
         changed = await store.add_invite_rule(rule)

@@ -287,3 +287,36 @@ class StoreCommandTests(TestCase):
             self.assertTrue(lines[2].startswith(f"{-(2**53) + 1} ms "), lines[2])
 
         return ensureDeferred(go())
+
+    def test_empty_rule_pattern_is_refused(self) -> None:
+        """rules add/remove with an empty --user or --server pattern: exit status 1 and one
+        line saying the pattern must not be empty (an empty --user was taken for a missing
+        one, and became a server rule whose pattern was None)."""
+        import os
+        import subprocess
+
+        from .daemon_harness import BIN
+
+        for command in ("add", "remove"):
+            for option in ("--user", "--server"):
+                result = subprocess.run(
+                    [
+                        os.path.join(BIN, "federation-invite"),
+                        "rules",
+                        command,
+                        "@bob:example.org",
+                        option,
+                        "",
+                        "--action",
+                        "block",
+                        "-c",
+                        self.config,
+                    ],
+                    capture_output=True,
+                    timeout=60,
+                )
+                self.assertEqual(
+                    (result.returncode, result.stdout, result.stderr),
+                    (1, b"", b"federation-invite: pattern must not be empty\n"),
+                    (command, option),
+                )
