@@ -7,11 +7,16 @@ signed the answer; entries we cannot use are skipped, see
 ``parse_key_response``), then from the configured notaries through
 ``POST /_matrix/key/v2/query`` (checking the origin's self-signatures and the
 notary's signature with a key configured for it). Concurrent asks for the same
-server share one fetch, which stops once the first caller's keys are found; a
-caller that joined it and still lacks its keys gets one more fetch of its own
-(at most one, so made-up key IDs cannot multiply fetches). A server whose fetch
-failed is not asked again until its back-off has passed. Sharing and back-off
-take the spellings of a name that differ only in the case of the host as one.
+server share one fetch: the server's own answer serves them all, and the
+notaries are asked for the key IDs still missing among those every caller
+asked for (callers joining add theirs, up to ``_MAX_KEYS_PER_DOCUMENT`` key IDs).
+A caller whose missing key IDs no notary was asked for (it joined after the
+queries went out, or past that bound) gets one more fetch of its own once the
+shared one was answered (at most one, so made-up key IDs cannot multiply
+fetches). A server whose fetch failed is not asked again until its back-off has
+passed; one that answered (or a notary did for it), but not with every key
+asked for, not for 5 s. Sharing and back-off take the spellings of a name that
+differ only in the case of the host as one.
 Fetched keys are stored with their validity, capped at seven days after the fetch
 (rooms/fragments/v5-signing-requirements.md). Of two answers for the same key,
 the one fetched last wins, in memory as in the store: after a rotation the
@@ -235,6 +240,33 @@ def _to_verify_key(record: ServerKeyRecord) -> ServerVerifyKey:
     )
 
 
+@attrs.define(eq=False)
+class _Fetch:
+    """A fetch in flight for one server: its callers and the key IDs they want."""
+
+    waiters: list[Deferred[None]]
+    #: Key ID -> the latest ``valid_at_ms`` a caller wants it for.
+    wanted: dict[str, int]
+    #: Key ID -> the ``minimum_valid_until_ts`` a notary was asked for it with.
+    asked: dict[str, int] = attrs.Factory(dict)
+    #: Whether the server or a notary answered (set when the fetch ends).
+    answered: bool = False
+
+    def want(self, key_ids: Iterable[str], valid_at_ms: int) -> None:
+        """Add a joining caller's key IDs, as long as ``_MAX_KEYS_PER_DOCUMENT`` are not
+        wanted yet (no document may list more; beyond, made-up key IDs would only swell the
+        notary queries)."""
+        for key_id in key_ids:
+            if key_id in self.wanted:
+                self.wanted[key_id] = max(self.wanted[key_id], valid_at_ms)
+            elif len(self.wanted) < _MAX_KEYS_PER_DOCUMENT:
+                self.wanted[key_id] = valid_at_ms
+
+    def asked_for(self, key_ids: Iterable[str], valid_at_ms: int) -> bool:
+        """Whether a notary was asked for each of ``key_ids``, valid at ``valid_at_ms``."""
+        return all(self.asked.get(key_id, -1) >= valid_at_ms for key_id in key_ids)
+
+
 @attrs.define
 class _Backoff:
     until_ms: int
@@ -273,7 +305,7 @@ class Keyring:
         #: Fetches in flight and back-offs, keyed by ``server_name_key`` (one entry for
         #: all spellings of a name); memory and the store keep the spelling the
         #: server signs with.
-        self._inflight: dict[str, list[Deferred[None]]] = {}
+        self._inflight: dict[str, _Fetch] = {}
         self._backoff: dict[str, _Backoff] = {}
         #: Counters for tests, metrics and benchmarks.
         self.fetches = 0
@@ -362,20 +394,31 @@ class Keyring:
         if self._satisfied(server_name, key_ids, valid_at_ms):
             return self._answer(server_name, key_ids)
         if not self._backing_off(server_name):
-            joined = server_name_key(server_name) in self._inflight
-            await self._shared_fetch(server_name, key_ids, valid_at_ms)
+            waiter, fetch = self._shared_fetch(server_name, key_ids, valid_at_ms)
+            await waiter
+            missing = self._missing(server_name, dict.fromkeys(key_ids, valid_at_ms))
             if (
-                joined
-                and not self._satisfied(server_name, key_ids, valid_at_ms)
-                and not self._backing_off(server_name)
+                missing
+                and fetch.answered
+                and self._notaries
+                and not fetch.asked_for(missing, valid_at_ms)
             ):
-                # The fetch we joined looked only for its first caller's key
-                # IDs and stopped once they were found, maybe before asking
-                # the notaries for ours (an old key the server no longer
-                # lists). One fetch of our own, no more: a made-up key ID then
-                # costs one fetch and the short back-off after it.
-                await self._shared_fetch(server_name, key_ids, valid_at_ms)
+                # We joined the fetch after its notary queries went out (or
+                # past the key IDs it takes), so no notary was asked for ours
+                # (an old key the server no longer lists). One fetch of our
+                # own, no more, even within the 5 s pause that fetch set: only
+                # its callers get one, and they share it.
+                waiter, _ = self._shared_fetch(server_name, key_ids, valid_at_ms)
+                await waiter
         return self._answer(server_name, key_ids)
+
+    def _missing(self, server_name: str, wanted: Mapping[str, int]) -> dict[str, int]:
+        """Those of ``wanted`` (key ID -> valid at) that memory cannot answer."""
+        return {
+            key_id: valid_at_ms
+            for key_id, valid_at_ms in wanted.items()
+            if not self._satisfied(server_name, frozenset((key_id,)), valid_at_ms)
+        }
 
     def _backing_off(self, server_name: str) -> bool:
         backoff = self._backoff.get(server_name_key(server_name))
@@ -455,45 +498,51 @@ class Keyring:
 
     def _shared_fetch(
         self, server_name: str, key_ids: frozenset[str], valid_at_ms: int
-    ) -> Deferred[None]:
+    ) -> tuple[Deferred[None], _Fetch]:
+        """Join the fetch in flight for ``server_name`` (adding our key IDs) or start one;
+        a Deferred firing when it ends, and the fetch."""
         waiter: Deferred[None] = Deferred()
         key = server_name_key(server_name)
-        waiters = self._inflight.get(key)
-        if waiters is not None:
-            waiters.append(waiter)
-            return waiter
-        self._inflight[key] = [waiter]
+        fetch = self._inflight.get(key)
+        if fetch is not None:
+            fetch.want(key_ids, valid_at_ms)
+            fetch.waiters.append(waiter)
+            return waiter, fetch
+        fetch = _Fetch([waiter], dict.fromkeys(key_ids, valid_at_ms))
+        self._inflight[key] = fetch
 
         def done(_: object) -> None:
-            for each in self._inflight.pop(key, []):
+            self._inflight.pop(key, None)
+            for each in fetch.waiters:
                 each.callback(None)
 
-        fetch = Deferred.fromCoroutine(self._fetch(server_name, key_ids, valid_at_ms))
-        fetch.addErrback(lambda failure: log.failure("Key fetch crashed", failure))
-        fetch.addBoth(done)
-        return waiter
+        running = Deferred.fromCoroutine(self._fetch(server_name, fetch))
+        running.addErrback(lambda failure: log.failure("Key fetch crashed", failure))
+        running.addBoth(done)
+        return waiter, fetch
 
-    async def _fetch(self, server_name: str, key_ids: frozenset[str], valid_at_ms: int) -> None:
+    async def _fetch(self, server_name: str, fetch: _Fetch) -> None:
         """Fetch directly, then from notaries; record success or back off."""
         self.fetches += 1
         listed = await self._fetch_direct(server_name)
-        found = listed is not None
-        if not found or not self._satisfied(server_name, key_ids, valid_at_ms):
-            for notary in self._notaries:
-                # The keys the server itself just listed keep its answer: a
-                # notary's copy of them can only be as new or older.
-                if await self._fetch_from_notary(
-                    notary, server_name, key_ids, valid_at_ms, listed or frozenset()
-                ):
-                    found = True
-                if self._satisfied(server_name, key_ids, valid_at_ms):
-                    break
-        if found and self._satisfied(server_name, key_ids, valid_at_ms):
+        answered = listed is not None
+        for notary in self._notaries:
+            # Read again for each notary: callers may have joined meanwhile.
+            missing = self._missing(server_name, fetch.wanted)
+            if not missing:
+                break
+            fetch.asked.update(missing)
+            # The keys the server itself just listed keep its answer: a
+            # notary's copy of them can only be as new or older.
+            if await self._fetch_from_notary(notary, server_name, missing, listed or frozenset()):
+                answered = True
+        fetch.answered = answered
+        if not self._missing(server_name, fetch.wanted):
             self._backoff.pop(server_name_key(server_name), None)
             return
         self.fetch_failures += 1
         key = server_name_key(server_name)
-        if found:
+        if answered:
             # The server (or a notary) answered, just without the key asked
             # for: not a dead server. Anyone can name any server and a made-up
             # key ID, so do not back off on its behalf; only refrain from asking
@@ -562,15 +611,25 @@ class Keyring:
         self,
         notary: Notary,
         server_name: str,
-        key_ids: frozenset[str],
-        valid_at_ms: int,
+        wanted: Mapping[str, int],
         listed: frozenset[str] = frozenset(),
     ) -> bool:
-        """Ask ``notary`` for ``server_name``'s keys, keeping those not in ``listed`` (the
-        server's own answer of this fetch); whether it answered with any key."""
+        """Ask ``notary`` for ``server_name``'s keys ``wanted`` (key ID -> valid at), keeping
+        those not in ``listed`` (the server's own answer of this fetch); whether it answered.
+
+        A well-formed answer (the server's documents in it, if any, signed by the
+        notary) is an answer even without the server's document: Synapse's notary
+        returns only the documents listing a key ID asked for, so a made-up one
+        gets an empty list, and backing the server off for that would let anyone
+        stop its lookups. A document of the server we refuse (not self-signed,
+        too many keys) is skipped: a refused direct answer is an answer too.
+        """
         body = {
             "server_keys": {
-                server_name: {key_id: {"minimum_valid_until_ts": valid_at_ms} for key_id in key_ids}
+                server_name: {
+                    key_id: {"minimum_valid_until_ts": valid_at_ms}
+                    for key_id, valid_at_ms in wanted.items()
+                }
             }
         }
         try:
@@ -583,7 +642,7 @@ class Keyring:
             response = await self._client.post_json(
                 notary.server_name, "/_matrix/key/v2/query", body, backoff=False
             )
-            records = self._parse_notary_response(notary, server_name, response)
+            documents = self._notary_documents(notary, server_name, response)
         except Exception as exc:
             log.info(
                 "Notary {notary} gave no keys for {server}: {reason}",
@@ -592,24 +651,38 @@ class Keyring:
                 reason=_describe(exc),
             )
             return False
-        await self._keep([record for record in records if record.key_id not in listed])
-        return bool(records)
-
-    def _parse_notary_response(
-        self, notary: Notary, server_name: str, response: object
-    ) -> list[ServerKeyRecord]:
-        if not isinstance(response, dict) or not isinstance(response.get("server_keys"), list):
-            raise KeyFetchError("notary response has no server_keys list")
         records: list[ServerKeyRecord] = []
         now_ms = self._now_ms()
+        for document in documents:
+            try:
+                records.extend(
+                    parse_key_response(document, server_name, now_ms, notary.server_name)
+                )
+            except KeyFetchError as exc:
+                log.info(
+                    "Refused the keys of {server} notary {notary} sent: {reason}",
+                    server=server_name,
+                    notary=notary.server_name,
+                    reason=_describe(exc),
+                )
+        kept = [record for record in records if record.key_id not in listed]
+        if kept:
+            await self._keep(kept)
+        return True
+
+    def _notary_documents(
+        self, notary: Notary, server_name: str, response: object
+    ) -> list[dict[str, Any]]:
+        """The documents for ``server_name`` in a notary's answer, each signed by the notary."""
+        if not isinstance(response, dict) or not isinstance(response.get("server_keys"), list):
+            raise KeyFetchError("notary response has no server_keys list")
+        documents = []
         for document in response["server_keys"]:
             if not isinstance(document, dict) or document.get("server_name") != server_name:
                 continue  # answers about other servers are not what we asked
             self._check_notary_signature(notary, document)
-            records.extend(parse_key_response(document, server_name, now_ms, notary.server_name))
-        if not records:
-            raise KeyFetchError(f"notary returned no keys for {server_name}")
-        return records
+            documents.append(document)
+        return documents
 
     @staticmethod
     def _check_notary_signature(notary: Notary, document: dict[str, Any]) -> None:
