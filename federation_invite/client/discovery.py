@@ -17,7 +17,9 @@ the outbound IP blocklist.
 An SRV answer whose only target is "." ends resolution with
 ``ServiceUnavailableError``: RFC 2782 says the service is "decidedly not
 available at this domain", so neither the deprecated SRV name nor port 8448 is
-tried.
+tried. Nor are they when DNS fails to answer (a timeout, SERVFAIL, REFUSED):
+the spec takes those steps when a record "was not found", so the last answer
+is used, or, with none, resolution ends with ``SrvLookupError``, as in Synapse.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IResolver
 from twisted.names import dns
+from twisted.names.error import (
+    DNSNameError,
+    DNSNotImplementedError,
+    DNSQueryTimeoutError,
+    DomainError,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
@@ -49,6 +57,7 @@ __all__ = [
     "ResolvedServer",
     "ServerResolver",
     "ServiceUnavailableError",
+    "SrvLookupError",
 ]
 
 _log = Logger()
@@ -150,6 +159,22 @@ class ServiceUnavailableError(ConnectionError):
         )
 
 
+class SrvLookupError(ConnectionError):
+    """DNS gave no answer for an SRV name (no reply in time, SERVFAIL, REFUSED, ...) and
+    none is cached.
+
+    Not "no record": the spec's next steps (the deprecated SRV name, then port
+    8448) are for an SRV record that "was not found", which DNS did not say.
+    Like Synapse, the request then fails; a ``ConnectionError``, so the client
+    reports an unreachable destination (``TransportError``) and backs off.
+    ``service_name`` is the SRV name looked up.
+    """
+
+    def __init__(self, service_name: str, reason: str) -> None:
+        self.service_name = service_name
+        super().__init__(f"SRV lookup for {service_name} failed: {reason}")
+
+
 class _WellKnownInvalid(Exception):
     """The ``.well-known`` answer is unusable; discovery falls through to SRV."""
 
@@ -224,7 +249,8 @@ class ServerResolver:
     def resolve_targets(self, server: ResolvedServer) -> Deferred[list[tuple[str, int]]]:
         """The ``(host, port)`` pairs to try, in order (SRV steps and the 8448 fallback).
 
-        Fails with ``ServiceUnavailableError`` when SRV says there is no service.
+        Fails with ``ServiceUnavailableError`` when SRV says there is no service,
+        ``SrvLookupError`` when DNS does not answer and no earlier answer is kept.
         """
         return Deferred.fromCoroutine(self._resolve_targets(server))
 
@@ -295,8 +321,10 @@ class ServerResolver:
         A positive answer is kept for its shortest TTL (at most ``SRV_MAX_TTL``;
         0 means not at all); a negative one (NXDOMAIN, or no SRV record) for its
         SOA's negative TTL, at most ``SRV_NEGATIVE_MAX_TTL``, and not at all
-        without an SOA. When DNS fails otherwise (a timeout), the last answer is
-        used however old, as Synapse does, and DNS is asked again next time.
+        without an SOA. Any other failure (no reply in time, SERVFAIL, REFUSED,
+        ...) says nothing of the records: the last answer is used however old,
+        and kept, as Synapse does, and DNS is asked again next time; with none,
+        ``SrvLookupError`` (but NOTIMP, as in Synapse, counts as no record).
         """
         now = self._reactor.seconds()
         cached = self._srv_cache.get(name)
@@ -311,7 +339,7 @@ class ServerResolver:
             result: Any = await resolver.lookupService(name, _DNS_TIMEOUT)
         except CancelledError:
             raise
-        except (dns.DomainError, dns.AuthoritativeDomainError) as exc:
+        except (DNSNameError, dns.AuthoritativeDomainError) as exc:
             # NXDOMAIN: the usual answer. twisted.names' client gives the
             # response as the error's argument; its authority holds the SOA.
             message = exc.args[0] if exc.args else None
@@ -319,12 +347,17 @@ class ServerResolver:
             self._remember_srv(name, [], _negative_ttl(authority), now)
             return []
         except Exception as exc:
-            # Anything else (a timeout) is logged and treated as no record, as
-            # the A/AAAA step that follows will meet the same trouble and say so.
-            _log.info("SRV lookup for {name} failed: {error}", name=name, error=exc)
+            # twisted.names' DomainError is also SERVFAIL's, REFUSED's, ...
+            reason = _describe_dns_failure(exc)
+            _log.info("SRV lookup for {name} failed: {error}", name=name, error=reason)
+            cached = self._srv_cache.get(name)
             if cached is not None:
                 return cached.records
-            return []
+            if isinstance(exc, DNSNotImplementedError):
+                # A resolver that cannot do SRV queries at all (Tor's DNSPort,
+                # for .onion names) never will: Synapse goes on without them.
+                return []
+            raise SrvLookupError(name, reason) from exc
         records = _srv_records(name.encode("ascii"), result[0])
         if records:
             ttl = min(min(answer.ttl for answer in result[0]), SRV_MAX_TTL)
@@ -525,6 +558,26 @@ def _negative_ttl(authority: list[dns.RRHeader]) -> float:
         if isinstance(record.payload, dns.Record_SOA):
             return min(record.ttl, record.payload.minimum, SRV_NEGATIVE_MAX_TTL)
     return 0.0
+
+
+#: DNS response codes (RFC 1035 section 4.1.1) by name, for messages.
+_RCODE_NAMES = {
+    dns.EFORMAT: "FORMERR",
+    dns.ESERVER: "SERVFAIL",
+    dns.ENOTIMP: "NOTIMP",
+    dns.EREFUSED: "REFUSED",
+}
+
+
+def _describe_dns_failure(exc: Exception) -> str:
+    """A short reason for a failed lookup (twisted.names' own are message reprs)."""
+    if isinstance(exc, DNSQueryTimeoutError):
+        return "no answer in time"
+    message = exc.args[0] if isinstance(exc, DomainError) and exc.args else None
+    if isinstance(message, dns.Message):
+        rcode = _RCODE_NAMES.get(message.rCode, f"rcode {message.rCode}")
+        return f"the DNS server answered {rcode}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _dns_key(name: bytes) -> bytes:

@@ -13,6 +13,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.names import dns
+from twisted.names.common import ResolverBase
 from twisted.names.error import DNSNameError
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -41,6 +42,7 @@ from federation_invite.client.discovery import (
     ResolvedServer,
     ServerResolver,
     ServiceUnavailableError,
+    SrvLookupError,
     cache_period,
 )
 from federation_invite.client.testing import FakePeersAgent
@@ -649,12 +651,43 @@ class SrvTests(_Base):
         _, targets = self.resolve("example.org")
         self.assertEqual(targets, [("example.org", 8448)])
 
-    def test_dns_failure_falls_back(self) -> None:
-        """A failing SRV query (e.g. a DNS timeout) is treated as no record."""
-        self.srv.errors["_matrix-fed._tcp.example.org"] = dns.DNSQueryTimeoutError("x")
+    def test_dns_failure_is_not_no_record(self) -> None:
+        """A DNS timeout, SERVFAIL, REFUSED, FORMERR or unknown rcode with nothing cached
+        fails resolution (as in Synapse): the spec's next steps are for an SRV record that
+        "was not found", which DNS did not say; neither _matrix._tcp nor 8448 is tried."""
+        name = "_matrix-fed._tcp.example.org"
         self.srv.records["_matrix._tcp.example.org"] = [(0, 0, 2222, "old.example")]
+        server = self.successResultOf(self.resolver.resolve_server("example.org"))
+        for error, reason in [
+            (dns.DNSQueryTimeoutError("x"), "no answer in time"),
+            (_rcode_error(dns.ESERVER), "the DNS server answered SERVFAIL"),
+            (_rcode_error(dns.EREFUSED), "the DNS server answered REFUSED"),
+            (_rcode_error(dns.EFORMAT), "the DNS server answered FORMERR"),
+            (_rcode_error(9), "the DNS server answered rcode 9"),
+        ]:
+            self.srv.errors[name] = error
+            self.srv.lookups.clear()
+            failure = self.failureResultOf(self.resolver.resolve_targets(server), ConnectionError)
+            self.assertIsInstance(failure.value, SrvLookupError)
+            self.assertEqual(str(failure.value), f"SRV lookup for {name} failed: {reason}")
+            self.assertEqual(failure.value.service_name, name)
+            self.assertIs(failure.value.__cause__, error)
+            self.assertEqual(self.srv.lookups, [name])
+
+    def test_deprecated_name_failure_is_not_no_record(self) -> None:
+        """The same for the deprecated _matrix._tcp after NXDOMAIN for _matrix-fed._tcp."""
+        self.srv.errors["_matrix._tcp.example.org"] = _rcode_error(dns.ESERVER)
+        server = self.successResultOf(self.resolver.resolve_server("example.org"))
+        failure = self.failureResultOf(self.resolver.resolve_targets(server), SrvLookupError)
+        self.assertEqual(failure.value.service_name, "_matrix._tcp.example.org")
+
+    def test_not_implemented_falls_through(self) -> None:
+        """NOTIMP with nothing cached falls through, as in Synapse: a resolver that cannot
+        do SRV queries at all (Tor's DNSPort, for .onion names) never will."""
+        self.srv.errors["_matrix-fed._tcp.example.org"] = _rcode_error(dns.ENOTIMP)
+        self.srv.errors["_matrix._tcp.example.org"] = _rcode_error(dns.ENOTIMP)
         _, targets = self.resolve("example.org")
-        self.assertEqual(targets, [("old.example", 2222)])
+        self.assertEqual(targets, [("example.org", 8448)])
 
     def test_cancel_during_srv_lookup(self) -> None:
         """Cancelling target resolution while SRV is pending cancels the lookup."""
@@ -707,6 +740,12 @@ def _soa(zone: bytes, ttl: int, minimum: int) -> dns.RRHeader:
     return dns.RRHeader(
         name=zone, type=dns.SOA, ttl=ttl, payload=dns.Record_SOA(b"ns." + zone, minimum=minimum)
     )
+
+
+def _rcode_error(rcode: int) -> Exception:
+    """The error twisted.names' client.Resolver fails a lookup with for a response with
+    this rcode (``filterAnswers``): a ``DomainError`` subclass holding the response."""
+    return ResolverBase().exceptionForCode(rcode)(dns.Message(rCode=rcode))
 
 
 class SrvCacheTests(_Base):
@@ -844,6 +883,30 @@ class SrvCacheTests(_Base):
         self.assertEqual(self.targets(), [("moved.example", 2222)])
         self.assertEqual(len(self.srv.lookups), 3)
 
+    def test_dns_errors_keep_the_cached_answer(self) -> None:
+        """SERVFAIL, REFUSED, FORMERR, NOTIMP or an unknown rcode (without an SOA) are not
+        NXDOMAIN: the expired answer is used and kept (not replaced by "no record", which
+        would send the request to 8448), and DNS is asked again at the next resolution."""
+        for rcode in (dns.ESERVER, dns.EREFUSED, dns.EFORMAT, dns.ENOTIMP, 9):
+            self.srv.errors.pop(self.NAME, None)
+            self.answer(60)
+            self.assertEqual(self.targets(), [("new.example", 1111)])
+            self.clock.advance(3600)
+            self.srv.errors[self.NAME] = _rcode_error(rcode)
+            self.srv.lookups.clear()
+            self.assertEqual(self.targets(), [("new.example", 1111)])
+            self.assertEqual(self.targets(), [("new.example", 1111)])
+            self.assertEqual(self.srv.lookups, [self.NAME, self.NAME])
+        del self.srv.errors[self.NAME]
+        self.answer(60, b"moved.example", 2222)
+        self.assertEqual(self.targets(), [("moved.example", 2222)])
+
+    def test_authoritative_nxdomain_is_negative(self) -> None:
+        """NXDOMAIN from an authority (AuthoritativeDomainError) is "no record" too."""
+        for name in (self.NAME, "_matrix._tcp.example.org"):
+            self.srv.errors[name] = dns.AuthoritativeDomainError(name)
+        self.assertEqual(self.targets(), [("example.org", 8448)])
+
     def test_clock_stepped_back(self) -> None:
         """An answer recorded "after" now (the wall clock stepped back) is asked for again."""
         self.answer(3600)
@@ -863,7 +926,8 @@ class SrvCacheTests(_Base):
         self.targets()
         self.assertEqual([e for e in events if "SRV lookup" in e.get("log_format", "")], [])
         self.srv.errors[self.NAME] = dns.DNSQueryTimeoutError("x")
-        self.targets()
+        server = self.successResultOf(self.resolver.resolve_server("example.org"))
+        self.failureResultOf(self.resolver.resolve_targets(server), SrvLookupError)
         logged = [e for e in events if "SRV lookup" in e.get("log_format", "")]
         self.assertEqual(len(logged), 1)
 
@@ -1152,6 +1216,24 @@ class UnavailableEndToEndTests(SynchronousTestCase):
             [(client[0], client[1]) for client in self.reactor.tcpClients],
             [("93.184.216.35", 8443)],
         )
+
+    def test_dns_failure_is_a_transport_error(self) -> None:
+        """SERVFAIL for the SRV name with nothing cached: the client's PUT fails as
+        unreachable (TransportError), nothing looked up or connected, the server backed off."""
+        self.srv.errors["_matrix-fed._tcp.example.org"] = _rcode_error(dns.ESERVER)
+        sending = self.client.put_json("example.org", "/_matrix/federation/v2/invite/x/y", {})
+        error = self.failureResultOf(sending, TransportError).value
+        self.assertEqual(error.destination, "example.org")
+        self.assertEqual(
+            error.reason,
+            "cannot connect: SRV lookup for _matrix-fed._tcp.example.org failed: "
+            "the DNS server answered SERVFAIL",
+        )
+        self.assertIsInstance(error.__cause__, SrvLookupError)
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertEqual(self.hosts.lookups, [])
+        self.assertEqual(self.srv.lookups, ["_matrix-fed._tcp.example.org"])
+        self.failureResultOf(self.client.get_json("example.org", "/x"), BackoffError)
 
     def test_invite_send_fails_as_transport_error(self) -> None:
         """InviteSender reports it as InviteTransportError (no answer), not a crash or refusal."""
