@@ -40,6 +40,7 @@ from .store._support import (
     POSTGRES_BASE,
     create_postgres_database,
     drop_postgres_database,
+    raw_sqlite,
     require_postgres,
 )
 from .support import local_verify_key
@@ -48,8 +49,12 @@ from .support import local_verify_key
 class RealStoreScenario(InviteScenario):
     """``InviteScenario`` with a real (SQLite or PostgreSQL) store in place of ``MemoryStore``."""
 
-    def __init__(self, store: IStore) -> None:
+    def __init__(self, store: IStore, restart_of: RealStoreScenario | None = None) -> None:
         super().__init__(limits=InviteLimits(invitee_burst=1000))
+        if restart_of is not None:
+            # The same servers, keys and time, as after a restart of ours.
+            self.clock, self.federation = restart_of.clock, restart_of.federation
+            self.their_key, self.our_key = restart_of.their_key, restart_of.our_key
         self.store = store  # type: ignore[assignment]
         self.keyring = Keyring(
             self.clock, store, self.federation, local_keys=[local_verify_key(US, self.our_key)]
@@ -225,11 +230,16 @@ class SQLiteStorageFaultTests(StorageFaultMixin, TestCase):
         """Another file renamed over the database's path while open (a restore gone wrong):
         nothing is written to either; the file now at the path is untouched."""
         other = os.path.abspath(self.mktemp()) + ".db"
-        sqlite3.connect(other).close()
+        raw_sqlite(other, "PRAGMA journal_mode = WAL")
+        raw_sqlite(other, "CREATE TABLE kept (x)")
         before = os.stat(other)
         await self._check_file_gone(lambda: os.replace(other, self.path))
         after = os.stat(self.path)
         self.assertEqual((after.st_ino, after.st_size), (before.st_ino, before.st_size))
+        # Nor at the next start: the lost file's WAL, still at the path, is not applied
+        # to the file there.
+        await self.s.store.close()
+        self.assertEqual(raw_sqlite(self.path, "SELECT name FROM sqlite_master"), [("kept",)])
 
     async def test_file_replaced_while_the_write_waits_for_the_lock(self) -> None:
         """The file is replaced after the check before the write, while the write waits
@@ -247,6 +257,38 @@ class SQLiteStorageFaultTests(StorageFaultMixin, TestCase):
         with self.assertRaises(StoreError) as raised:
             await writing
         self.assertIn("the database file was deleted or replaced while open", str(raised.exception))
+
+    async def test_file_replaced_before_the_first_invite(self) -> None:
+        """A backup restored over the database after the store opened, before its first
+        invite (the writer's and reader's own connections not open yet): the invite is
+        refused 500 M_UNKNOWN, not written to the file now at the path, no listener told;
+        after a restart on that file the sender's retry is stored and the listeners told."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "live.db")
+        backup = os.path.join(directory, "backup.db")
+        restored = await open_store(f"sqlite:///{backup}", reactor=reactor)
+        for user in (BOB, "@restored:" + US):
+            await restored.add_local_user(user)
+        await restored.close()
+        store = await open_store(f"sqlite:///{path}", reactor=reactor)
+        self.addCleanup(store.close)
+        await store.add_local_user(BOB)
+        self.s = RealStoreScenario(store)
+        os.replace(backup, path)
+        invite = self.new_invite()
+        self.assertStoreFailure(await self.invite(invite))
+        self.assertIn("the database file was deleted or replaced while open", self.last_reason)
+        self.assertEqual(self.s.listened, [])
+        await store.close()
+        self.assertEqual(raw_sqlite(path, "SELECT COUNT(*) FROM invites"), [(0,)])
+        reopened = await open_store(f"sqlite:///{path}", reactor=reactor)
+        self.addCleanup(reopened.close)
+        # The restored file as it was (not paired with the old one's WAL).
+        self.assertEqual(await reopened.list_local_users(), [BOB, "@restored:" + US])
+        self.s = RealStoreScenario(reopened, restart_of=self.s)
+        await self.assertAcceptedOnce(invite, await self.invite(invite))
+        self.assertEqual(len(self.s.listened), 1)
 
     async def _close_with_a_batch_waiting(self, release_after: float | None) -> Deferred[Any]:
         """close() in the reactor iteration an invite arrived in, while another connection
@@ -311,8 +353,8 @@ class SQLiteStorageFaultTests(StorageFaultMixin, TestCase):
         self.addCleanup(store.close)
         os.chdir(here)
         await store.add_local_user(BOB)
-        # The invitee-state read and the invite write open their own connections now:
-        # to the same file.
+        # The invitee-state read and the invite write use their own connections,
+        # opened with the store: to the same file.
         self.assertEqual(await store.invitee_states([BOB]), {BOB: (True, [])})
         room_version, event = self.new_invite()
         record = InviteRecord(

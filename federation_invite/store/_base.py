@@ -154,11 +154,16 @@ class DatabaseStore:
     def enable_direct_access(self, reactor: Any) -> None:
         """Use the dialect's own writer of invite batches and reader of invitee states,
         where it has them (SQLite: INSERTs and those reads on the reactor thread, COMMIT
-        there too while commits are quick, else in a thread of its own; ``_sqlite_writer``)."""
+        there too while commits are quick, else in a thread of its own; ``_sqlite_writer``).
+        Their connections open now, with the store, not at the first invite."""
         if self._direct_writer is None:
             self._direct_writer = self._dialect.invite_writer(reactor)
+            if self._direct_writer is not None:
+                self._direct_writer.open()
         if self._direct_reader is None:
             self._direct_reader = self._dialect.direct_reader()
+            if self._direct_reader is not None:
+                self._direct_reader.open()
 
     def __repr__(self) -> str:
         return f"<DatabaseStore {self._dialect.display}>"
@@ -176,6 +181,12 @@ class DatabaseStore:
         if self._closed:
             raise RuntimeError(f"{operation} on a closed store")
         dialect = self._dialect
+        if write and dialect.file_lost:
+            # Refused before it begins: it would go to the lost file's WAL again.
+            try:
+                dialect.check_file(operation)
+            except StoreError:
+                return fail()
 
         def interaction(txn: adbapi.Transaction) -> _T:
             dialect.begin(txn, write=write)
@@ -189,8 +200,31 @@ class DatabaseStore:
 
     def _committed_to_the_file(self, result: _T, operation: str) -> _T:
         """After a COMMIT: the file written is still the database (``Dialect.check_file``)."""
-        self._dialect.check_file(operation)
+        lost_before = self._dialect.file_lost
+        try:
+            self._dialect.check_file(operation)
+        except StoreError:
+            if not lost_before:
+                self._release_lost_file()
+            raise
         return result
+
+    def _release_lost_file(self) -> None:
+        """The first write to find the database file gone: from now on every write goes
+        through ``_run``, which refuses it, and the lost file's WAL is emptied into it
+        (``Dialect.release_file``)."""
+        if self._direct_writer is not None:
+            self._direct_writer.usable = False
+        releasing = self._pool.runInteraction(self._dialect.release_file)
+        releasing.addErrback(
+            lambda failure: _log.error(
+                "Could not empty the WAL of the lost database file {database} ({reason}):"
+                " once stopped, delete the database's -wal and -shm files (the lost file's)"
+                " before restarting, or SQLite applies them to the file now at its path",
+                database=self._dialect.display,
+                reason=failure.getErrorMessage(),
+            )
+        )
 
     def _translate(self, failure: Failure, operation: str) -> Failure:
         error = failure.value

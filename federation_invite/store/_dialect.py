@@ -74,9 +74,17 @@ class Dialect:
         """The exceptions that mean "the database said no", to be wrapped in StoreError."""
         return (adbapi.ConnectionLost,)
 
+    #: Whether ``check_file`` has found the database file gone (SQLite): every write
+    #: since has failed, and is refused before it begins.
+    file_lost = False
+
     def check_file(self, operation: str) -> None:
         """Raise ``StoreError`` if what was just committed may be lost: called after each
         write transaction's commit, before anyone is told it is stored."""
+
+    def release_file(self, txn: adbapi.Transaction) -> None:
+        """Once ``check_file`` first fails: leave nothing of the lost file where the next
+        database opened at its path would take it for its own (run in the pool)."""
 
     def describe(self, error: BaseException) -> str:
         """A one-line description of a driver error with every secret removed."""
@@ -128,12 +136,12 @@ class SQLiteDialect(Dialect):
     def invite_writer(self, reactor: Any) -> SQLiteInviteWriter:
         from ._sqlite_writer import SQLiteInviteWriter
 
-        return SQLiteInviteWriter(self._file_path, reactor)
+        return SQLiteInviteWriter(self._file_path, self.file_replaced, reactor)
 
     def direct_reader(self) -> SQLiteDirectReader:
         from ._sqlite_writer import SQLiteDirectReader
 
-        return SQLiteDirectReader(self._file_path)
+        return SQLiteDirectReader(self._file_path, self.file_replaced)
 
     def table_exists(self, txn: adbapi.Transaction, table: str) -> bool:
         txn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,))
@@ -165,11 +173,38 @@ class SQLiteDialect(Dialect):
         invites, and after the commit because the file may be replaced while the
         write waits for the lock or commits. The write then fails as any storage
         failure does (an invite is answered 500 M_UNKNOWN and the reason logged),
+        and so does every write after it, refused before it begins (``file_lost``),
         until the daemon is restarted on the file now at that path.
         """
+        if self.file_lost or self.file_replaced():
+            self.file_lost = True
+            raise StoreError(
+                operation,
+                "the database file was deleted or replaced while open; nothing more is"
+                f" written to it: restart to use the file now at its path [{self.display}]",
+            )
+
+    def release_file(self, txn: adbapi.Transaction) -> None:
+        """Empty the lost file's WAL into it (``wal_checkpoint(TRUNCATE)``).
+
+        That WAL is still at the database's path plus ``-wal``, with the write
+        ``check_file`` refused in it: left there, SQLite would take it for the WAL
+        of the file next opened at the path (the one renamed over it, or a new one)
+        and apply it to that file at the next start, so that the refused invite
+        would be found stored and the restored file overwritten
+        (https://sqlite.org/howtocorrupt.html, 1.4).
+        """
+        txn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        busy, _, _ = txn.fetchone()
+        if busy:
+            raise StoreError("emptying the lost file's WAL", "a connection is still reading it")
+
+    def file_replaced(self) -> bool:
+        """Whether the file at the database's path is no longer the one the pool opened
+        (deleted, or another renamed over it)."""
         expected = self._file_identity
         if expected is None:
-            return
+            return False
         try:
             found: tuple[int, int] | None = _file_identity(self._file_path)
         except FileNotFoundError:
@@ -177,13 +212,8 @@ class SQLiteDialect(Dialect):
         except OSError:
             # Not ours to judge (a permission change, say): SQLite reports what
             # actually stops it.
-            return
-        if found != expected:
-            raise StoreError(
-                operation,
-                "the database file was deleted or replaced while open; nothing more is"
-                f" written to it: restart to use the file now at its path [{self.display}]",
-            )
+            return False
+        return found != expected
 
 
 def _file_identity(path: str) -> tuple[int, int]:

@@ -88,28 +88,46 @@ _PROBE_EVERY_MAX = 4096
 class _OwnConnection:
     """A connection of our own to the store's file that never waits for a lock.
 
-    It is opened on first use, and only if the file is in WAL mode: the store's
-    pool put it in WAL mode when it opened it (a property of the file), and we
-    only check, never change it from here. Outside WAL mode ``usable`` turns
-    False and the caller goes through the pool.
+    It is opened with the store (``open``), right after the pool's, and only if
+    the file is in WAL mode: the store's pool put it in WAL mode when it opened
+    it (a property of the file), and we only check, never change it from here.
+    Outside WAL mode ``usable`` turns False and the caller goes through the pool.
+    So it does if the file at the path is no longer the one the pool opened
+    (``file_replaced``: a backup restored over it since): the pool's write then
+    fails its check after the COMMIT. Opened later (it once was, at the first
+    invite), it would open the new file: the invite committed there, answered
+    500, and the file paired with the old one's WAL and shared memory, which
+    SQLite would take for its own (https://sqlite.org/howtocorrupt.html, 1.4).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, file_replaced: Callable[[], bool]) -> None:
         self._path = path
+        self._file_replaced = file_replaced
         self._connection: sqlite3.Connection | None = None
         self.usable = True
 
     def _configure(self, connection: sqlite3.Connection) -> None:
         """Settings of this kind of connection, once it is open."""
 
+    def open(self) -> None:
+        """Open the connection now, as the store opens, rather than at first use."""
+        try:
+            self._connect()
+        except sqlite3.Error:
+            pass  # tried again, and reported as the store's error, at first use
+
     def _connect(self) -> sqlite3.Connection | None:
         if self._connection is None:
+            if self._file_replaced():
+                self.usable = False
+                return None
             connection = sqlite3.connect(
                 self._path, isolation_level=None, check_same_thread=False, timeout=0
             )
             connection.execute("PRAGMA busy_timeout = 0")
             (mode,) = connection.execute("PRAGMA journal_mode").fetchone()
-            if str(mode).lower() != "wal":
+            # Again once open: the file may have been replaced since the check.
+            if str(mode).lower() != "wal" or self._file_replaced():
                 connection.close()
                 self.usable = False
                 return None
@@ -131,8 +149,8 @@ class SQLiteInviteWriter(_OwnConnection):
     transaction would block readers.
     """
 
-    def __init__(self, path: str, reactor: Any) -> None:
-        super().__init__(path)
+    def __init__(self, path: str, file_replaced: Callable[[], bool], reactor: Any) -> None:
+        super().__init__(path, file_replaced)
         self._reactor = reactor
         self._threads: ThreadPool | None = None
         self._shutdown_trigger: Any = None
