@@ -32,16 +32,17 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urljoin
 
 import attrs
+from twisted.internet import defer
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IResolver
 from twisted.names import dns
 from twisted.names.error import (
     DNSNameError,
     DNSNotImplementedError,
-    DNSQueryTimeoutError,
     DomainError,
 )
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
@@ -94,6 +95,9 @@ _DELTA_SECONDS = re.compile(r"[0-9]+")
 
 #: Retry delays for one SRV query: up to 15 s in all.
 _DNS_TIMEOUT = (1, 3, 11)
+#: An SRV query still unanswered after this long (a resolver ignoring its
+#: timeouts) is given up on, as a DNS timeout.
+SRV_QUERY_TIMEOUT = 20.0
 #: SRV answers are kept for their TTL (the shortest in the answer), at most this
 #: long; negative ones (NXDOMAIN, or no SRV record) for their SOA's negative TTL
 #: (RFC 2308 section 5), at most ``SRV_NEGATIVE_MAX_TTL``; without an SOA, not at all.
@@ -236,6 +240,8 @@ class ServerResolver:
         self._inflight: dict[str, Deferred[str | None]] = {}
         #: SRV query name -> its last answer (kept while fresh, used stale if DNS fails).
         self._srv_cache: dict[str, _SrvEntry] = {}
+        #: SRV query name -> the callers waiting for its query in flight.
+        self._srv_waiters: dict[str, list[Deferred[list[dns.Record_SRV]]]] = {}
 
     # -- public boundary
 
@@ -326,19 +332,46 @@ class ServerResolver:
         and kept, as Synapse does, and DNS is asked again next time; with none,
         ``SrvLookupError`` (but NOTIMP, as in Synapse, counts as no record).
         """
-        now = self._reactor.seconds()
         cached = self._srv_cache.get(name)
-        if cached is not None and cached.fresh(now):
+        if cached is not None and cached.fresh(self._reactor.seconds()):
             return cached.records
+        # One query per name at a time, shielded from its callers: each awaits
+        # a Deferred of its own, so one giving up (a request cancelled or timed
+        # out) neither cancels the query under the others (twisted.names'
+        # client.Resolver shares one query among a name's callers, and would
+        # fail them all with CancelledError) nor loses its answer for the cache.
+        waiter: Deferred[list[dns.Record_SRV]] = Deferred()
+        waiters = self._srv_waiters.get(name)
+        if waiters is not None:
+            waiters.append(waiter)
+        else:
+            self._srv_waiters[name] = [waiter]
+            query = Deferred.fromCoroutine(self._query_srv(name))
+            query.addBoth(self._srv_answered, name)
+        return await waiter
+
+    def _srv_answered(self, result: list[dns.Record_SRV] | Failure, name: str) -> None:
+        for waiter in self._srv_waiters.pop(name):
+            if waiter.called:
+                continue  # cancelled by its caller
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    async def _query_srv(self, name: str) -> list[dns.Record_SRV]:
+        """Ask DNS for ``name``'s SRV records, remember the answer (see ``_srv_answer``)."""
+        now = self._reactor.seconds()
         resolver = self._srv_resolver
         if resolver is None:
             resolver = self._srv_resolver = _system_srv_resolver(self._reactor)
+        lookup = resolver.lookupService(name, _DNS_TIMEOUT)
+        # No caller can cancel the query: bound it, should the resolver never answer.
+        lookup.addTimeout(SRV_QUERY_TIMEOUT, self._reactor)
         try:
             # (answers, authority, additional), each a list of RRHeader
             # (IResolver's annotation says otherwise).
-            result: Any = await resolver.lookupService(name, _DNS_TIMEOUT)
-        except CancelledError:
-            raise
+            result: Any = await lookup
         except (DNSNameError, dns.AuthoritativeDomainError) as exc:
             # NXDOMAIN: the usual answer. twisted.names' client gives the
             # response as the error's argument; its authority holds the SOA.
@@ -571,7 +604,7 @@ _RCODE_NAMES = {
 
 def _describe_dns_failure(exc: Exception) -> str:
     """A short reason for a failed lookup (twisted.names' own are message reprs)."""
-    if isinstance(exc, DNSQueryTimeoutError):
+    if isinstance(exc, defer.TimeoutError):  # DNSQueryTimeoutError, or ours
         return "no answer in time"
     message = exc.args[0] if isinstance(exc, DomainError) and exc.args else None
     if isinstance(message, dns.Message):

@@ -28,6 +28,11 @@ class FakeSRVResolver:
 
     ``records`` maps a query name to ``[(priority, weight, port, target), ...]``;
     names not in it answer NXDOMAIN; ``errors`` maps names to exceptions.
+
+    While ``hold`` is set, lookups stay outstanding until ``release(name)``, and
+    callers of one name share one query as ``twisted.names.client.Resolver``
+    does: the first caller gets the query's Deferred (cancelling it fails every
+    caller with CancelledError), later ones Deferreds fed from it.
     """
 
     def __init__(
@@ -40,9 +45,37 @@ class FakeSRVResolver:
         #: Query names answered with these RRHeaders as they are.
         self.raw: dict[str, list[dns.RRHeader]] = {}
         self.lookups: list[str] = []
+        self.hold = False
+        #: Query name -> (the outstanding query, the callers sharing it).
+        self.outstanding: dict[str, tuple[Deferred[Any], list[Deferred[Any]]]] = {}
 
     def lookupService(self, name: str, timeout: Any = None) -> Deferred[Any]:
         self.lookups.append(name)
+        if not self.hold:
+            return self._answer(name)
+        if name in self.outstanding:
+            shared: Deferred[Any] = Deferred()
+            self.outstanding[name][1].append(shared)
+            return shared
+        query: Deferred[Any] = Deferred()
+        sharing: list[Deferred[Any]] = []
+
+        def share(result: Any) -> Any:
+            del self.outstanding[name]
+            for waiter in sharing:
+                waiter.callback(result)
+            return result
+
+        query.addBoth(share)
+        self.outstanding[name] = (query, sharing)
+        return query
+
+    def release(self, name: str) -> None:
+        """Answer the outstanding query for ``name`` from the tables."""
+        query, _ = self.outstanding[name]
+        self._answer(name).chainDeferred(query)
+
+    def _answer(self, name: str) -> Deferred[Any]:
         if name in self.errors:
             return fail(self.errors[name])
         if name in self.raw:

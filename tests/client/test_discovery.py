@@ -7,7 +7,7 @@ from typing import Any
 
 import attrs
 from signedjson.key import generate_signing_key
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -689,19 +689,68 @@ class SrvTests(_Base):
         _, targets = self.resolve("example.org")
         self.assertEqual(targets, [("example.org", 8448)])
 
-    def test_cancel_during_srv_lookup(self) -> None:
-        """Cancelling target resolution while SRV is pending cancels the lookup."""
-        from twisted.internet.defer import CancelledError, Deferred
-
-        pending: Deferred[Any] = Deferred()
-        self.srv.lookupService = lambda name, timeout=None: pending  # type: ignore[method-assign]
+    def held_lookups(self, count: int) -> list[Deferred[list[tuple[str, int]]]]:
+        """``count`` resolutions of example.org's targets, its SRV query left pending."""
+        self.srv.hold = True
         server = ResolvedServer(
             "example.org", "example.org", "example.org", None, "example.org", "example.org"
         )
-        resolving = self.resolver.resolve_targets(server)
-        resolving.cancel()
-        self.failureResultOf(resolving, CancelledError)
-        self.assertTrue(pending.called)
+        resolutions = [self.resolver.resolve_targets(server) for _ in range(count)]
+        for resolution in resolutions:
+            self.assertNoResult(resolution)
+        return resolutions
+
+    def test_cancelling_one_lookup_spares_the_others(self) -> None:
+        """Cancelling one resolution while its SRV query is pending fails that one only:
+        the query (which twisted.names' client shares among a name's callers) is not
+        cancelled, the other caller gets the answer, and the answer is cached."""
+        name = "_matrix-fed._tcp.example.org"
+        self.srv.raw[name] = [_ttl(_srv(name.encode(), 0, 0, 8443, b"fed.example.org"), 300)]
+        first, second = self.held_lookups(2)
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        self.assertNoResult(second)
+        self.srv.release(name)
+        self.assertEqual(self.successResultOf(second), [("fed.example.org", 8443)])
+        _, targets = self.resolve("example.org")
+        self.assertEqual(targets, [("fed.example.org", 8443)])
+        self.assertEqual(self.srv.lookups, [name])
+
+    def test_abandoned_lookup_still_fills_the_cache(self) -> None:
+        """When every caller has given up, the query runs on and its answer is cached."""
+        name = "_matrix-fed._tcp.example.org"
+        self.srv.raw[name] = [_ttl(_srv(name.encode(), 0, 0, 8443, b"fed.example.org"), 300)]
+        [only] = self.held_lookups(1)
+        only.cancel()
+        self.failureResultOf(only, CancelledError)
+        self.srv.release(name)
+        self.srv.hold = False
+        _, targets = self.resolve("example.org")
+        self.assertEqual(targets, [("fed.example.org", 8443)])
+        self.assertEqual(self.srv.lookups, [name])
+
+    def test_shared_failure_reaches_the_callers_left(self) -> None:
+        """A shared query that fails gives its failure to the callers still waiting."""
+        name = "_matrix-fed._tcp.example.org"
+        self.srv.errors[name] = _rcode_error(dns.ESERVER)
+        first, second = self.held_lookups(2)
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        self.srv.release(name)
+        self.failureResultOf(second, SrvLookupError)
+
+    def test_query_bounded(self) -> None:
+        """A query no caller can cancel still ends: an SRV resolver that never answers
+        is given up on after SRV_QUERY_TIMEOUT, as DNS failing to answer."""
+        name = "_matrix-fed._tcp.example.org"
+        first, second = self.held_lookups(2)
+        self.clock.advance(discovery.SRV_QUERY_TIMEOUT - 1)
+        self.assertNoResult(second)
+        self.clock.advance(1)
+        for resolution in (first, second):
+            failure = self.failureResultOf(resolution, SrvLookupError)
+            self.assertEqual(str(failure.value), f"SRV lookup for {name} failed: no answer in time")
+        self.assertEqual(self.srv.outstanding, {})
 
     def test_system_resolver_created_lazily(self) -> None:
         """Without an injected SRV resolver, the system one is built on first SRV need, once."""
