@@ -84,6 +84,11 @@ WELL_KNOWN_MAX_TTL = 48 * 3600.0
 #: cached for up to an hour, and servers are encouraged to exponentially back off").
 WELL_KNOWN_ERROR_TTL = 5 * 60.0
 WELL_KNOWN_ERROR_MAX_TTL = 3600.0
+#: After a temporary failure (no connection, no answer in time, 5xx, a body too
+#: large) to fetch anew a delegation that has expired, the delegation is kept
+#: and fetched again after this long (Synapse's ``WELL_KNOWN_DOWN_CACHE_PERIOD``),
+#: for at most its TTL again after it expired; then it is dropped as any failure.
+WELL_KNOWN_DOWN_TTL = 2 * 60.0
 #: Hostnames whose ``.well-known`` answer is remembered at once; also the
 #: number of hostnames whose consecutive failures are counted (the most
 #: recently failed ones: hostnames are peer-chosen, so this must be bounded).
@@ -180,17 +185,31 @@ class SrvLookupError(ConnectionError):
 
 
 class _WellKnownInvalid(Exception):
-    """The ``.well-known`` answer is unusable; discovery falls through to SRV."""
+    """The ``.well-known`` answer says there is no valid delegation; discovery falls
+    through to SRV. Any other failure to fetch it (no connection, no answer in
+    time, ``_WellKnownUnavailable``) is temporary."""
 
 
-@attrs.define
+class _WellKnownUnavailable(Exception):
+    """The ``.well-known`` host answered with a 5xx status: try again later."""
+
+
+@attrs.frozen
 class _WellKnownEntry:
     delegated: str | None
     fetched_at: float
     expires_at: float
+    #: When ``delegated`` was last fetched, and until when temporary failures
+    #: to fetch it anew may keep it (its TTL twice over from then).
+    confirmed_at: float = 0.0
+    keep_until: float = 0.0
 
     def fresh(self, now: float) -> bool:
         return in_window(self.fetched_at, now, self.expires_at)
+
+    def keeps(self, now: float) -> bool:
+        """Whether a temporary failure to fetch the delegation anew may keep it."""
+        return self.delegated is not None and in_window(self.confirmed_at, now, self.keep_until)
 
 
 @attrs.frozen
@@ -450,8 +469,9 @@ class ServerResolver:
         fetch = self._inflight.get(hostname)
         if fetch is None:
             # One fetch per hostname at a time; it cannot fail (errors become
-            # "no delegation") and runs to its own timeout even if the callers
-            # that asked for it give up, so that the answer is cached.
+            # "no delegation", or keep for a while one that expired: see
+            # _refresh_well_known) and runs to its own timeout even if the
+            # callers that asked for it give up, so that the answer is cached.
             fetch = Deferred.fromCoroutine(self._refresh_well_known(hostname))
             if not fetch.called:
                 self._inflight[hostname] = fetch
@@ -472,11 +492,31 @@ class ServerResolver:
 
     async def _refresh_well_known(self, hostname: str) -> str | None:
         now = self._reactor.seconds()
+        previous = self._cache.get(hostname)
         fetch = Deferred.fromCoroutine(self._fetch_well_known(hostname))
         fetch.addTimeout(WELL_KNOWN_TIMEOUT, self._reactor)
         try:
             delegated, ttl = await fetch
         except Exception as exc:
+            if (
+                previous is not None
+                and previous.keeps(now)
+                and not isinstance(exc, _WellKnownInvalid)
+            ):
+                # The site is down, not the delegation gone: keep it (as Synapse
+                # does within its grace period) rather than send the traffic to
+                # the undelegated host.
+                retry_at = min(now + WELL_KNOWN_DOWN_TTL, previous.keep_until)
+                _log.info(
+                    "Cannot fetch .well-known for {hostname} ({error}); keeping its"
+                    " delegation to {delegated}, retrying in {ttl:.0f} s",
+                    hostname=hostname,
+                    error=exc,
+                    delegated=previous.delegated,
+                    ttl=retry_at - now,
+                )
+                self._store(hostname, attrs.evolve(previous, fetched_at=now, expires_at=retry_at))
+                return previous.delegated
             failures = self._count_failure(hostname)
             ttl = min(WELL_KNOWN_ERROR_MAX_TTL, WELL_KNOWN_ERROR_TTL * 2 ** (failures - 1))
             _log.info(
@@ -488,7 +528,7 @@ class ServerResolver:
             self._store(hostname, _WellKnownEntry(None, now, now + ttl))
             return None
         self._failures.pop(hostname, None)
-        self._store(hostname, _WellKnownEntry(delegated, now, now + ttl))
+        self._store(hostname, _WellKnownEntry(delegated, now, now + ttl, now, now + 2 * ttl))
         return delegated
 
     def _count_failure(self, hostname: str) -> int:
@@ -519,6 +559,8 @@ class ServerResolver:
             # Every answer is read or dropped: one left unread holds its
             # connection until garbage collection.
             discard_body(response)
+            if 500 <= response.code < 600:
+                raise _WellKnownUnavailable(f"status {response.code}")
             if response.code not in _REDIRECT_CODES:
                 raise _WellKnownInvalid(f"status {response.code}")
             uri = _redirect_target(uri, response.headers)

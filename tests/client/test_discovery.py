@@ -7,7 +7,7 @@ from typing import Any
 
 import attrs
 from signedjson.key import generate_signing_key
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -34,6 +34,7 @@ from federation_invite.client import (
 )
 from federation_invite.client.discovery import (
     WELL_KNOWN_DEFAULT_TTL,
+    WELL_KNOWN_DOWN_TTL,
     WELL_KNOWN_ERROR_TTL,
     WELL_KNOWN_MAX_BYTES,
     WELL_KNOWN_MAX_TTL,
@@ -1149,6 +1150,140 @@ class WellKnownCacheTests(_Base):
             self.successResultOf(self.resolver.get_well_known("example.org")), "m.example:1"
         )
         self.assertIsNone(self.successResultOf(self.resolver.get_well_known("nowhere.example")))
+
+
+@implementer(IAgent)
+class _SwitchableAgent:
+    """Passes requests on to ``agent``, refusing them all while ``down``; records the
+    time each request was made."""
+
+    def __init__(self, agent: IAgent, clock: Clock) -> None:
+        self.agent = agent
+        self.clock = clock
+        self.down = False
+        self.requests: list[float] = []
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        self.requests.append(self.clock.seconds())
+        if self.down:
+            return fail(ConnectionRefusedError("connection refused"))
+        return self.agent.request(method, uri, headers, bodyProducer)
+
+
+class WellKnownKeptTests(_Base):
+    """A delegation outlives temporary failures to fetch it anew (no connection, no
+    answer in time, 5xx, a body too large) for a while; a definite answer replaces it."""
+
+    def start(self) -> None:
+        """example.org delegates to m.example:1 for an hour; that hour is over."""
+        self.agent = _SwitchableAgent(self.peers, self.clock)
+        self.resolver = ServerResolver(self.clock, self.agent, self.srv)
+        self.site = self.well_known(
+            "example.org", {"m.server": "m.example:1"}, Cache_Control=b"max-age=3600"
+        )
+        self.assertEqual(self.delegation(), "m.example:1")
+        self.clock.advance(3600)
+
+    def break_site(self, kind: str) -> None:
+        if kind == "refused":
+            self.agent.down = True
+        elif kind == "timeout":
+            self.site.hang = True
+        elif kind == "body too large":
+            self.site.body = {"m.server": "m.example:1", "pad": "x" * WELL_KNOWN_MAX_BYTES}
+        elif kind == "redirect to http":
+            self.site.code = 302
+            self.site.headers[b"Location"] = b"http://example.org" + WELL_KNOWN_PATH
+        elif kind in ("not JSON", "no m.server", "m.server invalid"):
+            self.site.body = {
+                "not JSON": b"<html></html>",
+                "no m.server": {"m.homeserver": {"base_url": "https://m.example"}},
+                "m.server invalid": {"m.server": "https://m.example/"},
+            }[kind]
+        else:
+            self.site.code = int(kind)
+
+    def mend_site(self, delegated: str) -> None:
+        self.agent.down = self.site.hang = False
+        self.site.code, self.site.headers = 200, {b"Cache-Control": b"max-age=3600"}
+        self.site.body = {"m.server": delegated}
+
+    def delegation(self) -> str:
+        """The name example.org resolves to now (a hung fetch given up on first)."""
+        resolving = self.resolver.resolve_server("example.org")
+        if not resolving.called:
+            self.clock.advance(WELL_KNOWN_TIMEOUT)
+        return self.successResultOf(resolving).effective_name
+
+    def next_fetch(self) -> tuple[float, str]:
+        """Resolve every 10 s until .well-known is fetched: the time since the last
+        fetch began, and the name example.org resolves to after this one."""
+        before = len(self.agent.requests)
+        while True:
+            self.clock.advance(10)
+            found = self.delegation()
+            if len(self.agent.requests) > before:
+                return self.agent.requests[-1] - self.agent.requests[-2], found
+
+    def test_temporary_failure_keeps_delegation(self) -> None:
+        """A temporary failure to fetch an expired delegation anew keeps it, fetched
+        again after WELL_KNOWN_DOWN_TTL (not 5 min of no delegation); once the site
+        answers again, its answer is used."""
+        for kind in ("refused", "timeout", "500", "503", "body too large"):
+            self.start()
+            self.break_site(kind)
+            self.assertEqual(self.delegation(), "m.example:1", kind)
+            self.assertEqual(self.next_fetch(), (WELL_KNOWN_DOWN_TTL, "m.example:1"), kind)
+            self.mend_site("m.example:2")
+            self.assertEqual(self.next_fetch(), (WELL_KNOWN_DOWN_TTL, "m.example:2"), kind)
+            self.assertEqual(self.next_fetch(), (3600, "m.example:2"), kind)
+
+    def test_definite_failure_drops_delegation(self) -> None:
+        """An answer saying there is no (valid) delegation replaces it at once: a
+        non-5xx error status, a redirect not followed, an invalid document."""
+        for kind in (
+            "404",
+            "403",
+            "redirect to http",
+            "not JSON",
+            "no m.server",
+            "m.server invalid",
+        ):
+            self.start()
+            self.break_site(kind)
+            self.assertEqual(self.delegation(), "example.org", kind)
+            self.assertEqual(self.next_fetch(), (WELL_KNOWN_ERROR_TTL, "example.org"), kind)
+
+    def test_repeated_temporary_failures_drop_delegation(self) -> None:
+        """Temporary failures keep a delegation for its TTL again after it expired, not
+        longer: then it is dropped, and failures back off as usual from 5 min."""
+        self.start()
+        self.agent.down = True
+        self.assertEqual(self.delegation(), "m.example:1")
+        waits = []
+        while True:
+            wait, found = self.next_fetch()
+            if found != "m.example:1":
+                break
+            waits.append(wait)
+        self.assertEqual(waits, [WELL_KNOWN_DOWN_TTL] * 29)
+        self.assertEqual(found, "example.org")
+        self.assertEqual(self.agent.requests[-1] - self.agent.requests[0], 2 * 3600)
+        self.assertEqual(self.next_fetch(), (WELL_KNOWN_ERROR_TTL, "example.org"))
+        self.assertEqual(self.next_fetch(), (2 * WELL_KNOWN_ERROR_TTL, "example.org"))
+
+    def test_kept_delegation_clock_stepped_back(self) -> None:
+        """A delegation confirmed "after" now (the wall clock stepped back) is not kept."""
+        self.start()
+        self.agent.down = True
+        self.clock.rightNow -= 2 * 3600
+        self.assertEqual(self.delegation(), "example.org")
 
 
 class CachePeriodTests(SynchronousTestCase):
