@@ -10,12 +10,16 @@ notary's signature with a key configured for it). Concurrent asks for the same
 server share one fetch: the server's own answer serves them all, and the
 notaries are asked for the key IDs still missing among those every caller
 asked for (callers joining add theirs, up to ``_MAX_KEYS_PER_DOCUMENT`` key IDs).
-A caller whose missing key IDs no notary was asked for (it joined after the
-queries went out, or past that bound) gets one more fetch of its own once the
-shared one was answered (at most one, so made-up key IDs cannot multiply
-fetches). A server whose fetch failed is not asked again until its back-off has
+A server whose fetch failed is not asked again until its back-off has
 passed; one that answered (or a notary did for it), but not with every key
-asked for, not for 5 s. Sharing and back-off take the spellings of a name that
+asked for, not for 5 s (the pause). Anyone can name any server and a made-up
+key ID, so the pause bounds the fetches anyone can cause to one per 5 s; but a
+lookup within it of key IDs that fetch did not ask for (a key the server has
+just rotated to, one only a notary has, or a caller's that joined the fetch
+after the notaries were asked or past that bound) is not refused: it waits for
+the pause to end, and then one fetch is made for all the key IDs that waited
+(up to ``_MAX_KEYS_PER_DOCUMENT``; a lookup that would add more gets what memory
+has at once). Sharing and back-off take the spellings of a name that
 differ only in the case of the host as one.
 Fetched keys are stored with their validity, capped at seven days after the fetch
 (rooms/fragments/v5-signing-requirements.md). Of two answers for the same key,
@@ -41,7 +45,7 @@ import attrs
 from nacl.signing import VerifyKey
 from signedjson.types import SigningKey
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from ._backoff import is_failure_status, make_room
 from ._clock import in_window
@@ -244,27 +248,41 @@ def _to_verify_key(record: ServerKeyRecord) -> ServerVerifyKey:
 class _Fetch:
     """A fetch in flight for one server: its callers and the key IDs they want."""
 
-    waiters: list[Deferred[None]]
+    waiters: list[Deferred[None]] = attrs.Factory(list)
     #: Key ID -> the latest ``valid_at_ms`` a caller wants it for.
-    wanted: dict[str, int]
+    wanted: dict[str, int] = attrs.Factory(dict)
     #: Key ID -> the ``minimum_valid_until_ts`` a notary was asked for it with.
     asked: dict[str, int] = attrs.Factory(dict)
-    #: Whether the server or a notary answered (set when the fetch ends).
-    answered: bool = False
 
-    def want(self, key_ids: Iterable[str], valid_at_ms: int) -> None:
-        """Add a joining caller's key IDs, as long as ``_MAX_KEYS_PER_DOCUMENT`` are not
-        wanted yet (no document may list more; beyond, made-up key IDs would only swell the
-        notary queries)."""
-        for key_id in key_ids:
-            if key_id in self.wanted:
-                self.wanted[key_id] = max(self.wanted[key_id], valid_at_ms)
-            elif len(self.wanted) < _MAX_KEYS_PER_DOCUMENT:
-                self.wanted[key_id] = valid_at_ms
+    def want(self, wanted: Mapping[str, int]) -> None:
+        """Add a caller's key IDs (key ID -> valid at), as long as ``_MAX_KEYS_PER_DOCUMENT``
+        are not wanted yet (no document may list more; beyond, made-up key IDs would only
+        swell the notary queries)."""
+        _merge_wanted(self.wanted, wanted)
 
     def asked_for(self, key_ids: Iterable[str], valid_at_ms: int) -> bool:
         """Whether a notary was asked for each of ``key_ids``, valid at ``valid_at_ms``."""
         return all(self.asked.get(key_id, -1) >= valid_at_ms for key_id in key_ids)
+
+
+def _merge_wanted(into: dict[str, int], wanted: Mapping[str, int]) -> None:
+    """Add ``wanted`` (key ID -> valid at) to ``into``, keeping the latest time of each key ID
+    and at most ``_MAX_KEYS_PER_DOCUMENT`` key IDs."""
+    for key_id, valid_at_ms in wanted.items():
+        if key_id in into:
+            into[key_id] = max(into[key_id], valid_at_ms)
+        elif len(into) < _MAX_KEYS_PER_DOCUMENT:
+            into[key_id] = valid_at_ms
+
+
+@attrs.define(eq=False)
+class _PauseWait:
+    """Lookups waiting for a server's pause to end, and the key IDs they want then."""
+
+    timer: IDelayedCall
+    waiters: list[Deferred[None]] = attrs.Factory(list)
+    #: Key ID -> the latest ``valid_at_ms`` a caller wants it for.
+    wanted: dict[str, int] = attrs.Factory(dict)
 
 
 @attrs.define
@@ -273,6 +291,9 @@ class _Backoff:
     delay_ms: int
     #: When it was set.
     since_ms: int = 0
+    #: For the pause after an answer without every key asked for: the key IDs that fetch
+    #: asked for (a lookup of others waits for the pause to end). None for a failure's.
+    asked: frozenset[str] | None = None
 
     def waiting(self, now_ms: int) -> bool:
         return in_window(self.since_ms, now_ms, self.until_ms)
@@ -307,6 +328,8 @@ class Keyring:
         #: server signs with.
         self._inflight: dict[str, _Fetch] = {}
         self._backoff: dict[str, _Backoff] = {}
+        #: Lookups waiting for a server's pause to end (same keys).
+        self._pause_waits: dict[str, _PauseWait] = {}
         #: Counters for tests, metrics and benchmarks.
         self.fetches = 0
         self.fetch_failures = 0
@@ -393,24 +416,71 @@ class Keyring:
             )
         if self._satisfied(server_name, key_ids, valid_at_ms):
             return self._answer(server_name, key_ids)
+        wanted = dict.fromkeys(key_ids, valid_at_ms)
         if not self._backing_off(server_name):
-            waiter, fetch = self._shared_fetch(server_name, key_ids, valid_at_ms)
+            waiter: Deferred[None] = Deferred()
+            fetch = self._shared_fetch(server_name, wanted, waiter)
             await waiter
-            missing = self._missing(server_name, dict.fromkeys(key_ids, valid_at_ms))
-            if (
-                missing
-                and fetch.answered
-                and self._notaries
-                and not fetch.asked_for(missing, valid_at_ms)
-            ):
-                # We joined the fetch after its notary queries went out (or
-                # past the key IDs it takes), so no notary was asked for ours
-                # (an old key the server no longer lists). One fetch of our
-                # own, no more, even within the 5 s pause that fetch set: only
-                # its callers get one, and they share it.
-                waiter, _ = self._shared_fetch(server_name, key_ids, valid_at_ms)
+            missing = self._missing(server_name, wanted)
+            if not missing or not self._notaries or fetch.asked_for(missing, valid_at_ms):
+                return self._answer(server_name, key_ids)
+            # We joined the fetch after its notary queries went out (or past
+            # the key IDs it takes), so no notary was asked for ours (an old
+            # key the server no longer lists): one more try, no more.
+            if not self._backing_off(server_name):
+                waiter = Deferred()
+                self._shared_fetch(server_name, wanted, waiter)
                 await waiter
+                return self._answer(server_name, key_ids)
+            # That fetch set the pause: wait for it to end, as below.
+            pause_wait = self._wait_for_pause(server_name, missing, only_new=False)
+        else:
+            pause_wait = self._wait_for_pause(
+                server_name, self._missing(server_name, wanted), only_new=True
+            )
+        if pause_wait is not None:
+            await pause_wait
         return self._answer(server_name, key_ids)
+
+    def _wait_for_pause(
+        self, server_name: str, missing: Mapping[str, int], *, only_new: bool
+    ) -> Deferred[None] | None:
+        """Wait for the end of ``server_name``'s pause and the fetch then made for ``missing``
+        (key ID -> valid at); None when the lookup is to be answered at once.
+
+        At once: in a failure's back-off (the server is down); when ``only_new`` and the
+        fetch that set the pause asked for every key ID of ``missing`` already (asking again
+        within 5 s would get the same answer); and when more than
+        ``_MAX_KEYS_PER_DOCUMENT`` key IDs would wait (made-up ones, likely). Waiting costs
+        no fetch: the one made at the end of the pause serves every lookup that waited, so
+        anyone still causes at most one fetch of a server per pause. The wait (at most the
+        5 s pause) fits the inbound path: a request is being handled by then (the receive
+        deadline has ended) and a fetch alone may take ``outbound.timeout``.
+        """
+        key = server_name_key(server_name)
+        backoff = self._backoff.get(key)
+        now_ms = self._now_ms()
+        if backoff is None or backoff.asked is None or not backoff.waiting(now_ms):
+            return None
+        if only_new and backoff.asked.issuperset(missing):
+            return None
+        pause_wait = self._pause_waits.get(key)
+        wanted = {} if pause_wait is None else pause_wait.wanted
+        if len(wanted.keys() | missing.keys()) > _MAX_KEYS_PER_DOCUMENT:
+            return None
+        if pause_wait is None:
+            timer = self._clock.callLater(
+                (backoff.until_ms - now_ms) / 1000, self._pause_over, server_name
+            )
+            pause_wait = self._pause_waits[key] = _PauseWait(timer)
+        _merge_wanted(pause_wait.wanted, missing)
+        waiter: Deferred[None] = Deferred()
+        pause_wait.waiters.append(waiter)
+        return waiter
+
+    def _pause_over(self, server_name: str) -> None:
+        """The pause of ``server_name`` has ended: one fetch for the lookups that waited."""
+        self._shared_fetch(server_name, {}, None)
 
     def _missing(self, server_name: str, wanted: Mapping[str, int]) -> dict[str, int]:
         """Those of ``wanted`` (key ID -> valid at) that memory cannot answer."""
@@ -490,6 +560,7 @@ class Keyring:
                 name != keep
                 and name not in self._local_servers
                 and server_name_key(name) not in self._inflight
+                and server_name_key(name) not in self._pause_waits
             ):
                 victims.append(name)
         for name in victims:
@@ -497,18 +568,31 @@ class Keyring:
             self._fetched_ts.pop(name, None)
 
     def _shared_fetch(
-        self, server_name: str, key_ids: frozenset[str], valid_at_ms: int
-    ) -> tuple[Deferred[None], _Fetch]:
-        """Join the fetch in flight for ``server_name`` (adding our key IDs) or start one;
-        a Deferred firing when it ends, and the fetch."""
-        waiter: Deferred[None] = Deferred()
+        self, server_name: str, wanted: Mapping[str, int], waiter: Deferred[None] | None
+    ) -> _Fetch:
+        """Join the fetch in flight for ``server_name`` (adding ``wanted``, key ID -> valid
+        at) or start one; ``waiter`` fires when it ends.
+
+        The fetch takes over the lookups waiting for the server's pause to end, if
+        any: theirs is this fetch. Each caller waits on a Deferred of its own, so
+        one cancelled (its request abandoned) does not cancel the fetch.
+        """
         key = server_name_key(server_name)
         fetch = self._inflight.get(key)
-        if fetch is not None:
-            fetch.want(key_ids, valid_at_ms)
+        joined = fetch is not None
+        if fetch is None:
+            fetch = _Fetch()
+        fetch.want(wanted)
+        if waiter is not None:
             fetch.waiters.append(waiter)
-            return waiter, fetch
-        fetch = _Fetch([waiter], dict.fromkeys(key_ids, valid_at_ms))
+        pause_wait = self._pause_waits.pop(key, None)
+        if pause_wait is not None:
+            if pause_wait.timer.active():
+                pause_wait.timer.cancel()
+            fetch.want(pause_wait.wanted)
+            fetch.waiters.extend(pause_wait.waiters)
+        if joined:
+            return fetch
         self._inflight[key] = fetch
 
         def done(_: object) -> None:
@@ -519,7 +603,7 @@ class Keyring:
         running = Deferred.fromCoroutine(self._fetch(server_name, fetch))
         running.addErrback(lambda failure: log.failure("Key fetch crashed", failure))
         running.addBoth(done)
-        return waiter, fetch
+        return fetch
 
     async def _fetch(self, server_name: str, fetch: _Fetch) -> None:
         """Fetch directly, then from notaries; record success or back off."""
@@ -536,18 +620,21 @@ class Keyring:
             # notary's copy of them can only be as new or older.
             if await self._fetch_from_notary(notary, server_name, missing, listed or frozenset()):
                 answered = True
-        fetch.answered = answered
         if not self._missing(server_name, fetch.wanted):
             self._backoff.pop(server_name_key(server_name), None)
             return
         self.fetch_failures += 1
         key = server_name_key(server_name)
+        asked = None
         if answered:
             # The server (or a notary) answered, just without the key asked
             # for: not a dead server. Anyone can name any server and a made-up
             # key ID, so do not back off on its behalf; only refrain from asking
             # again for a few seconds (bounding the fetches anyone can cause).
+            # Lookups of other key IDs meanwhile wait for the pause to end.
             delay = _ANSWERED_REFETCH_MS
+            # Without notaries the server's document was all there was to ask.
+            asked = frozenset(fetch.asked if self._notaries else fetch.wanted)
         else:
             # Doubling the last delay; after a 5 s pause for an answer without
             # the key, a failure still starts at the minimum.
@@ -565,7 +652,7 @@ class Keyring:
             over=lambda other: not other.waiting(now_ms),
             ends=lambda other: other.until_ms,
         )
-        self._backoff[key] = _Backoff(now_ms + delay, delay, now_ms)
+        self._backoff[key] = _Backoff(now_ms + delay, delay, now_ms, asked)
         log.info(
             "Keys of {server} unavailable; not asking again for {seconds} s",
             server=server_name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from unittest import mock
 
 from twisted.internet.defer import fail
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -203,16 +204,121 @@ class KeyringTests(SynchronousTestCase):
         )
         rotated = make_key("r2")
         self.federation.add_key_server(self.clock, "remote.example", [rotated])
-        self.successResultOf(
-            self.keyring.get_server_keys("remote.example", [key_id_of(rotated)], NOW_MS)
-        )
-        self.assertEqual(self.federation.count("remote.example"), 1)  # within 5 s: not asked again
         self.clock.advance(5)
         keys = self.successResultOf(
             self.keyring.get_server_keys("remote.example", [key_id_of(rotated)], NOW_MS)
         )
         self.assertIn(key_id_of(rotated), keys)
         self.assertEqual(self.federation.count("remote.example"), 2)
+
+    def test_new_key_asked_in_the_pause_waits_for_its_end(self) -> None:
+        """A made-up key ID (anyone can send one every 5 s) does not keep a server's new key
+        from being found: asked within the pause that answer set, it waits for the pause to
+        end and gets the key from the one fetch made then; the made-up key ID asked again is
+        answered at once, without a fetch."""
+        made_up = self.keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS)
+        self.assertEqual(self.successResultOf(made_up), {})
+        rotated = make_key("r2")
+        self.federation.add_key_server(self.clock, "remote.example", [rotated])
+        self.clock.advance(2)
+        new = self.keyring.get_server_keys("remote.example", [key_id_of(rotated)], NOW_MS)
+        again = self.keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS)
+        self.assertEqual(self.successResultOf(again), {})
+        self.assertNoResult(new)
+        self.clock.advance(2.999)
+        self.assertNoResult(new)
+        self.assertEqual(self.federation.count("remote.example"), 1)
+        self.clock.advance(0.001)
+        keys = self.successResultOf(new)
+        self.assertEqual(keys[key_id_of(rotated)].verify_key, verify_key_of(rotated))
+        self.assertEqual(self.federation.count("remote.example"), 2)
+
+    def test_lookups_in_the_pause_share_one_fetch_at_its_end(self) -> None:
+        """Lookups of key IDs not asked yet, all within one pause, wait for it to end and share
+        one fetch then, which sets the next pause: at most one fetch per pause, whatever is
+        asked."""
+        self.successResultOf(
+            self.keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS)
+        )
+        rotated = make_key("r2")
+        self.federation.add_key_server(self.clock, "remote.example", [rotated])
+        waiting = [
+            self.keyring.get_server_keys("remote.example", [f"ed25519:made_up{n}"], NOW_MS)
+            for n in range(10)
+        ]
+        self.clock.advance(1)
+        both = self.keyring.get_server_keys(
+            "remote.example", [key_id_of(rotated), "ed25519:made_up0"], NOW_MS
+        )
+        real = self.keyring.get_server_keys("remote.example", [key_id_of(rotated)], NOW_MS)
+        for ask in [*waiting, both, real]:
+            self.assertNoResult(ask)
+        self.clock.advance(4)
+        for ask in waiting:
+            self.assertEqual(self.successResultOf(ask), {})
+        self.assertEqual(list(self.successResultOf(both)), [key_id_of(rotated)])
+        self.assertIn(key_id_of(rotated), self.successResultOf(real))
+        self.assertEqual(self.federation.count("remote.example"), 2)
+        later = self.keyring.get_server_keys("remote.example", ["ed25519:made_up10"], NOW_MS)
+        self.assertNoResult(later)
+        self.clock.advance(5)
+        self.assertEqual(self.successResultOf(later), {})
+        self.assertEqual(self.federation.count("remote.example"), 3)
+
+    def test_key_ids_waiting_for_the_pause_bounded(self) -> None:
+        """At most 64 key IDs wait for a server's pause to end; a lookup that would add more is
+        answered at once with what memory has, as before."""
+        self.successResultOf(
+            self.keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS)
+        )
+        waiting = [
+            self.keyring.get_server_keys("remote.example", [f"ed25519:made_up{n}"], NOW_MS)
+            for n in range(63)
+        ]
+        over = self.keyring.get_server_keys(
+            "remote.example", ["ed25519:made_up63", "ed25519:made_up64"], NOW_MS
+        )
+        self.assertEqual(self.successResultOf(over), {})
+        waiting.append(
+            self.keyring.get_server_keys(
+                "remote.example", ["ed25519:made_up0", "ed25519:made_up63"], NOW_MS
+            )
+        )
+        full = self.keyring.get_server_keys("remote.example", [self.key_id, "ed25519:x"], NOW_MS)
+        self.assertEqual(self.successResultOf(full), {self.key_id: mock.ANY})
+        for ask in waiting:
+            self.assertNoResult(ask)
+        self.clock.advance(5)
+        for ask in waiting:
+            self.assertEqual(self.successResultOf(ask), {})
+        self.assertEqual(self.federation.count("remote.example"), 2)
+
+    def test_cancelled_pause_waiter_does_not_cancel_the_fetch(self) -> None:
+        """A caller waiting for the pause to end that gives up (its request abandoned) does not
+        cancel the fetch made then for the others, nor does it if it was the only one."""
+        from twisted.internet.defer import CancelledError
+
+        self.successResultOf(
+            self.keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS)
+        )
+        rotated = make_key("r2")
+        self.federation.add_key_server(self.clock, "remote.example", [rotated])
+        first = self.keyring.get_server_keys("remote.example", [key_id_of(rotated)], NOW_MS)
+        second = self.keyring.get_server_keys("remote.example", [key_id_of(rotated)], NOW_MS)
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        self.clock.advance(5)
+        self.assertIn(key_id_of(rotated), self.successResultOf(second))
+        self.assertEqual(self.federation.count("remote.example"), 2)
+        self.successResultOf(
+            self.keyring.get_server_keys("remote.example", ["ed25519:bogus2"], NOW_MS)
+        )
+        lone = self.keyring.get_server_keys("remote.example", ["ed25519:made_up"], NOW_MS)
+        lone.cancel()
+        self.failureResultOf(lone, CancelledError)
+        self.assertEqual(self.federation.count("remote.example"), 3)
+        self.clock.advance(5)
+        self.assertEqual(self.federation.count("remote.example"), 4)
 
     def test_failure_after_an_answer_backs_off_a_full_minute(self) -> None:
         """A server that answered without the key asked (a 5 s pause) and then fails outright
@@ -705,8 +811,14 @@ class NotaryTests(SynchronousTestCase):
         )
         self.assertEqual(self.successResultOf(made_up), {})
         self.assertEqual(keyring.fetches, 1)
-        self.successResultOf(keyring.get_server_keys("remote.example", ["ed25519:other"], NOW_MS))
+        # Asked in that fetch: answered at once. Not asked: waits for the 5 s pause to end.
+        self.successResultOf(keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS))
+        other = keyring.get_server_keys("remote.example", ["ed25519:other"], NOW_MS)
+        self.assertNoResult(other)
         self.assertEqual(keyring.fetches, 1)
+        self.clock.advance(5)
+        self.assertEqual(self.successResultOf(other), {})
+        self.assertEqual(keyring.fetches, 2)
 
     def test_notary_answer_without_the_document_is_an_answer(self) -> None:
         """A notary answering without the server's document (it holds none listing the made-up
@@ -758,7 +870,8 @@ class NotaryTests(SynchronousTestCase):
     def test_joiner_of_an_answered_fetch_gets_the_old_key(self) -> None:
         """The server up, a caller joining a fetch started for a made-up key ID gets the old
         key only the notary still has, though that fetch ends in the 5 s pause: asked in the
-        shared fetch, or, when it joined after the notary was asked, in one fetch of its own."""
+        shared fetch, or, when it joined after the notary was asked, in the fetch made when
+        that pause ends (not at once: one fetch per pause)."""
         from twisted.internet.defer import Deferred
 
         old = make_key("old")
@@ -782,15 +895,19 @@ class NotaryTests(SynchronousTestCase):
             del self.federation.hold[held]
             gate.callback(None)
             self.assertEqual(self.successResultOf(made_up), {})
+            if held == "notary.example":
+                self.assertNoResult(retired)
+                self.assertEqual(keyring.fetches, 1)
+                self.clock.advance(5)
             self.assertEqual(
                 self.successResultOf(retired)[key_id_of(old)].verify_key, verify_key_of(old), held
             )
             asked = [list(query["server_keys"]["remote.example"]) for query in self.notary.queries]
             if held == "remote.example":  # joined before the notary was asked
                 self.assertEqual(asked, [["ed25519:bogus", key_id_of(old)]])
-                # The made-up key ID's 5 s pause holds for anyone else.
+                # The made-up key ID's 5 s pause holds for anyone asking it again.
                 self.successResultOf(
-                    keyring.get_server_keys("remote.example", ["ed25519:other"], NOW_MS)
+                    keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS)
                 )
                 self.assertEqual(keyring.fetches, 1)
             else:  # joined while the notary was being asked for the made-up key ID
@@ -799,7 +916,7 @@ class NotaryTests(SynchronousTestCase):
 
     def test_joined_key_ids_bounded(self) -> None:
         """Callers joining a fetch add at most 64 key IDs to what the notaries are asked; the
-        others get one fetch of their own after it, shared among them."""
+        others wait for the pause it ends in and share the one fetch made then."""
         from twisted.internet.defer import Deferred
 
         keyring = self.keyring()
@@ -809,16 +926,50 @@ class NotaryTests(SynchronousTestCase):
             keyring.get_server_keys("down.example", [f"ed25519:bogus{n}"], NOW_MS)
             for n in range(100)
         ]
-        # The second fetch waits on the network too, as a real one does.
-        second: Deferred[None] = Deferred()
-        self.federation.hold["down.example"] = second
-        gate.callback(None)
         del self.federation.hold["down.example"]
-        second.callback(None)
-        for ask in asks:
+        gate.callback(None)
+        for ask in asks[:64]:
+            self.assertEqual(self.successResultOf(ask), {})
+        for ask in asks[64:]:
+            self.assertNoResult(ask)
+        self.assertEqual(keyring.fetches, 1)
+        self.clock.advance(5)
+        for ask in asks[64:]:
             self.assertEqual(self.successResultOf(ask), {})
         asked = [len(query["server_keys"]["down.example"]) for query in self.notary.queries]
         self.assertEqual(asked, [64, 36])
+        self.assertEqual(keyring.fetches, 2)
+
+    def test_key_ids_waiting_for_the_pause_asked_of_the_notary(self) -> None:
+        """The fetch made when a pause ends asks the notaries for every key ID that waited for
+        it (the server down, a real key only the notary has is found), in one query."""
+        self.notary.by_key_id = True
+        keyring = self.keyring()
+        made_up = keyring.get_server_keys("down.example", ["ed25519:bogus"], NOW_MS)
+        self.assertEqual(self.successResultOf(made_up), {})
+        self.clock.advance(1)
+        real = keyring.get_server_keys("down.example", [self.key_id], NOW_MS + 1000)
+        other = keyring.get_server_keys("down.example", ["ed25519:other"], NOW_MS)
+        self.assertNoResult(real)
+        self.assertEqual(len(self.notary.queries), 1)
+        self.clock.advance(4)
+        self.assertEqual(
+            self.successResultOf(real)[self.key_id].verify_key, verify_key_of(self.remote_key)
+        )
+        self.assertEqual(self.successResultOf(other), {})
+        self.assertEqual(
+            self.notary.queries[1:],
+            [
+                {
+                    "server_keys": {
+                        "down.example": {
+                            self.key_id: {"minimum_valid_until_ts": NOW_MS + 1000},
+                            "ed25519:other": {"minimum_valid_until_ts": NOW_MS},
+                        }
+                    }
+                }
+            ],
+        )
         self.assertEqual(keyring.fetches, 2)
 
     def rotated(self) -> tuple[Keyring, Any, Any]:
