@@ -20,7 +20,8 @@ after the notaries were asked or past that bound) is not refused: it waits for
 the pause to end, and then one fetch is made for all the key IDs that waited
 (up to ``_MAX_KEYS_PER_DOCUMENT``; a lookup that would add more gets what memory
 has at once). Sharing and back-off take the spellings of a name that
-differ only in the case of the host as one.
+differ only in the case of the host as one. Only the sender, checking an answer
+the server has just signed, fetches regardless of both (``ignore_backoff``).
 Fetched keys are stored with their validity, capped at seven days after the fetch
 (rooms/fragments/v5-signing-requirements.md). Of two answers for the same key,
 the one fetched last wins, in memory as in the store: after a rotation the
@@ -360,6 +361,7 @@ class Keyring:
         valid_at_ms: int,
         *,
         fetch_if_store_fails: bool = False,
+        ignore_backoff: bool = False,
     ) -> Deferred[dict[str, ServerVerifyKey]]:
         """The requested keys that could be found (a key may be missing: callers decide).
 
@@ -369,6 +371,12 @@ class Keyring:
         is then answered 500: the database is unavailable), unless
         ``fetch_if_store_fails``: then it is logged and the keys are fetched as
         if none were stored (the sender's answer check, which needs no database).
+        ``ignore_backoff``: fetch even while the server is backed off or in its
+        5 s pause, its outcome counting as any fetch's (a success ends the
+        back-off), as Synapse fetches keys (``ServerKeyFetcher``,
+        ``ignore_backoff=True``). For the sender's answer check only, whose
+        server has just answered us: the back-off is what bounds the fetches an
+        inbound request can cause, so nothing an inbound request names may pass it.
         """
         wanted = frozenset(key_ids)
         if self._satisfied(server_name, wanted, valid_at_ms) or server_name in self._local_servers:
@@ -376,7 +384,7 @@ class Keyring:
             # from memory without running a coroutine.
             return succeed(self._answer(server_name, wanted))
         return Deferred.fromCoroutine(
-            self._get(server_name, wanted, valid_at_ms, fetch_if_store_fails)
+            self._get(server_name, wanted, valid_at_ms, fetch_if_store_fails, ignore_backoff)
         )
 
     def _satisfied(self, server_name: str, key_ids: frozenset[str], valid_at_ms: int) -> bool:
@@ -399,6 +407,7 @@ class Keyring:
         key_ids: frozenset[str],
         valid_at_ms: int,
         fetch_if_store_fails: bool,
+        ignore_backoff: bool,
     ) -> dict[str, ServerVerifyKey]:
         if self._satisfied(server_name, key_ids, valid_at_ms) or server_name in self._local_servers:
             return self._answer(server_name, key_ids)
@@ -417,7 +426,13 @@ class Keyring:
         if self._satisfied(server_name, key_ids, valid_at_ms):
             return self._answer(server_name, key_ids)
         wanted = dict.fromkeys(key_ids, valid_at_ms)
-        if not self._backing_off(server_name):
+        if (
+            ignore_backoff
+            or not self._backing_off(server_name)
+            or server_name_key(server_name) in self._inflight
+        ):
+            # A fetch under way despite a back-off (the sender's) is joined:
+            # that costs no fetch more.
             waiter: Deferred[None] = Deferred()
             fetch = self._shared_fetch(server_name, wanted, waiter)
             await waiter
@@ -427,7 +442,7 @@ class Keyring:
             # We joined the fetch after its notary queries went out (or past
             # the key IDs it takes), so no notary was asked for ours (an old
             # key the server no longer lists): one more try, no more.
-            if not self._backing_off(server_name):
+            if ignore_backoff or not self._backing_off(server_name):
                 waiter = Deferred()
                 self._shared_fetch(server_name, wanted, waiter)
                 await waiter

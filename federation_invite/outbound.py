@@ -207,6 +207,7 @@ class IInviteKeyring(Protocol):
         valid_at_ms: int,
         *,
         fetch_if_store_fails: bool = False,
+        ignore_backoff: bool = False,
     ) -> Deferred[dict[str, ServerVerifyKey]]: ...
 
 
@@ -537,8 +538,11 @@ class InviteSender:
         valid_at = event["origin_server_ts"] if room_version.enforce_key_validity else 0
         # A key store that cannot be read must not fail the invite with a
         # StoreError (every failure is an InviteError): fetch the keys instead.
+        # The server has just answered us (or is us): it is up, so its keys are
+        # fetched even while the keyring backs it off after an earlier failure,
+        # as Synapse fetches keys (ignore_backoff=True).
         found = await self._keyring.get_server_keys(
-            server_name, key_ids, valid_at, fetch_if_store_fails=True
+            server_name, key_ids, valid_at, fetch_if_store_fails=True, ignore_backoff=True
         )
         return {(server_name, key_id): key for key_id, key in found.items()}
 

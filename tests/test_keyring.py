@@ -183,6 +183,57 @@ class KeyringTests(SynchronousTestCase):
         self.assertEqual(self.federation.count("dead.example"), 3)
         self.assertEqual(self.keyring.fetch_failures, 3)
 
+    def test_ignore_backoff_fetches_during_a_back_off(self) -> None:
+        """``ignore_backoff=True`` (the sender's answer check: that server has just answered
+        us) fetches even while the server is backed off, and the outcome counts: a success
+        ends the back-off, a failure doubles it. Without it (every inbound lookup) the
+        back-off holds."""
+        self.assertEqual(self.get(server="flaky.example"), {})
+        self.clock.advance(30)
+        self.assertEqual(
+            self.successResultOf(
+                self.keyring.get_server_keys(
+                    "flaky.example", [self.key_id], NOW_MS, ignore_backoff=True
+                )
+            ),
+            {},
+        )
+        self.assertEqual(self.federation.count("flaky.example"), 2)
+        self.clock.advance(60)  # a doubled back-off (2 min) from the second failure
+        self.assertEqual(self.get(server="flaky.example"), {})
+        self.assertEqual(self.federation.count("flaky.example"), 2)
+        self.federation.add_key_server(self.clock, "flaky.example", [self.remote_key])
+        self.assertEqual(self.get(server="flaky.example"), {})
+        keys = self.successResultOf(
+            self.keyring.get_server_keys(
+                "flaky.example", [self.key_id], NOW_MS, ignore_backoff=True
+            )
+        )
+        self.assertIn(self.key_id, keys)
+        self.assertEqual(self.keyring._backoff, {})
+        self.assertEqual(self.federation.count("flaky.example"), 3)
+
+    def test_ignore_backoff_fetches_within_a_pause(self) -> None:
+        """An ``ignore_backoff`` lookup within the pause after a made-up key ID fetches at once,
+        and the lookups waiting for the pause to end get that fetch instead."""
+        self.successResultOf(
+            self.keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS)
+        )
+        rotated = make_key("r2")
+        self.federation.add_key_server(self.clock, "remote.example", [rotated])
+        waiting = self.keyring.get_server_keys("remote.example", [key_id_of(rotated)], NOW_MS)
+        self.assertNoResult(waiting)
+        keys = self.successResultOf(
+            self.keyring.get_server_keys(
+                "remote.example", [key_id_of(rotated)], NOW_MS, ignore_backoff=True
+            )
+        )
+        self.assertIn(key_id_of(rotated), keys)
+        self.assertIn(key_id_of(rotated), self.successResultOf(waiting))
+        self.assertEqual(self.federation.count("remote.example"), 2)
+        self.clock.advance(5)
+        self.assertEqual(self.federation.count("remote.example"), 2)
+
     def test_backoff_over_after_clock_steps_back(self) -> None:
         """A back-off set "after" now (the wall clock stepped back since) is over: the server
         is asked again, not only once the clock has caught up."""

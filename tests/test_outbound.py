@@ -1017,6 +1017,25 @@ class TransportTests(_Base):
         self.assertEqual((error.status, error.errcode), (403, "M_FORBIDDEN"))
         self.assertEqual([api for api, _, _ in peer.received], [2])
 
+    def test_failed_key_fetch_does_not_fail_the_answer_check(self) -> None:
+        """A failed key fetch from the invitee's server (which backs it off in the keyring for
+        1 min) does not fail the check of its co-signed answer: a server that has just
+        answered is up, so its key is fetched all the same (as Synapse's key fetches ignore
+        back-off), and that fetch ends the keyring's back-off."""
+        event, state = self.origin.invite("10")
+        self.assertEqual(
+            self.successResultOf(self.origin.keyring.get_server_keys(PEER, ["ed25519:x"], 0)),
+            {},
+        )
+        self.assertEqual(self.origin.keyring.fetch_failures, 1)
+        peer = FakePeer(self.origin.clock)
+        self.origin.agent.add_peer(PEER, peer.root)
+        self.origin.clock.advance(30)
+        result = self.successResultOf(self.origin.send("10", event, state))
+        self.assertEqual(result["signatures"].keys(), {OURS, PEER})
+        self.assertEqual(self.origin.keyring.fetches, 2)
+        self.assertEqual(self.origin.keyring._backoff, {})
+
     def test_cancel(self) -> None:
         """Cancelling the Deferred abandons the request (CancelledError, not a transport error)."""
         peer = FakePeer(self.origin.clock)
