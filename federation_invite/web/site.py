@@ -27,6 +27,13 @@ adds, per connection:
   and, as RFC 9112 (section 3.2) requires, an HTTP/1.1 request without a
   ``Host`` line, or any request with two or with an invalid value (Twisted
   does not look at it);
+- no POST body parsed as a form (``application/x-www-form-urlencoded``,
+  ``multipart/form-data``) before dispatch: nothing we serve reads form
+  arguments, and Twisted's parser, run on any path before any resource,
+  costs CPU and memory for nothing and can crash on a multipart part named
+  with RFC 2231 syntax (``name*=``). Should Twisted still fail to take in a
+  request (an exception out of ``requestReceived``), the peer gets a JSON 400
+  ``M_UNKNOWN`` and the connection is closed, and one error line is logged;
 - a refusal of a HEAD request (413, 408 or 400 once its request line is
   read) has the status line and headers of GET's, its ``Content-Length``
   included, and no body (RFC 9110, section 9.3.2);
@@ -374,8 +381,12 @@ class _LimitedChannel(HTTPChannel):
 
     # -- refusing ----------------------------------------------------------
 
-    def refuse(self, error: MatrixError) -> None:
-        """Answer ``error`` at once, stop reading, and close the connection."""
+    def refuse(self, error: MatrixError, head: bool | None = None) -> None:
+        """Answer ``error`` at once, stop reading, and close the connection.
+
+        ``head``: whether the request is a HEAD request; by default, whether the
+        request being parsed is.
+        """
         if self.refused:
             return
         self.refused = True
@@ -383,9 +394,10 @@ class _LimitedChannel(HTTPChannel):
         self.setTimeout(None)
         if self.transport is None:
             return
-        # The method of the request being parsed, once its request line is
-        # (Twisted keeps it in _command until the request is received whole).
-        head = getattr(self, "_command", None) == b"HEAD"
+        if head is None:
+            # The method of the request being parsed, once its request line is
+            # (Twisted keeps it in _command until the request is received whole).
+            head = getattr(self, "_command", None) == b"HEAD"
         self.transport.write(_raw_error_response(error, head))
         self._close()
 
@@ -398,6 +410,27 @@ class _LimitedChannel(HTTPChannel):
         self.loseConnection()
         if self.abortTimeout is not None and self._abortingCall is None:
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+
+    def request_failed(
+        self, request: http.Request, command: bytes, target: bytes, error: Exception
+    ) -> None:
+        """Twisted failed to take in a whole request (``_LimitedRequest.requestReceived``):
+        400 ``M_UNKNOWN`` unless an answer was begun, and close; one log line."""
+        log.error(
+            "Could not take in {method} {target} from {peer}: {error}",
+            method=command.decode("ascii", "replace")[:16],
+            target=target.decode("ascii", "replace")[:200],
+            peer=str(self.transport.getPeer()) if self.transport else "?",
+            error=f"{type(error).__name__}: {error}"[:200],
+        )
+        if request.startedWriting:
+            # Part of an answer is out: no other can follow it; end the connection.
+            self.refused = True
+            self._cancel_deadline()
+            self.setTimeout(None)
+            self.abort()
+            return
+        self.refuse(MatrixError(400, Codes.UNKNOWN, "Malformed HTTP request"), command == b"HEAD")
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Twisted's malformed-request answer (bad request line, header too
@@ -635,7 +668,16 @@ class _LimitedRequest(Request):
         # routed by its path (prepath, postpath), its query parsed into args,
         # and authenticated (``auth.py`` signs ``uri``) as the path and query
         # that the X-Matrix scheme signs; the access log shows that too.
-        super().requestReceived(command, _origin_form(path), version)
+        try:
+            super().requestReceived(command, _origin_form(path), version)
+        except Exception as exc:
+            # Twisted's parsing before dispatch failing (rendering errors are
+            # caught by ``process``): raised out of dataReceived, it would drop
+            # the connection unanswered and log a traceback.
+            channel = self.channel
+            if not isinstance(channel, _LimitedChannel):
+                raise
+            channel.request_failed(self, command, path, exc)
 
     def _handleStar(self) -> None:
         # The asterisk-form target (``OPTIONS *``, RFC 9112 section 3.2.4),
@@ -700,7 +742,12 @@ class FederationSite(Site):
     ) -> None:
         if max_body_bytes < 0 or request_timeout <= 0 or idle_timeout <= 0:
             raise ValueError("limits must be positive")
-        super().__init__(resource, timeout=idle_timeout, reactor=reactor)
+        # parsePOSTFormSubmission (Twisted 25.5): Twisted would otherwise parse every
+        # POST body with a form content type, on any path, before dispatch; nothing
+        # here reads form arguments, and its multipart parser is slow and can crash.
+        super().__init__(
+            resource, timeout=idle_timeout, reactor=reactor, parsePOSTFormSubmission=False
+        )
         self.displayTracebacks = False
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout

@@ -17,23 +17,26 @@ from twisted.internet import ssl
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs, formatEvent
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web import http as twisted_http
 from twisted.web.server import Request, Site
 
 import federation_invite
 from federation_invite.tlscert import write_self_signed_certificate
 from federation_invite.web import site as site_module
+from federation_invite.web._base import MatrixResource, write_json
 from federation_invite.web.site import (
     DrainResult,
+    FederationSite,
     _count_requests,
     _LimitedChannel,
     _LimitedRequest,
 )
 
 from ..invites import THEM, _sign_request_lax, event_id_of
-from ..test_hostile_slow import Connection, SiteTestCase, put_request
+from ..test_hostile_slow import MAX_BODY, Connection, SiteTestCase, put_request
 
 #: A chunked request whose chunk size is negative: ``int(b"-6", 16)`` took it, and stepping
 #: over its body went backwards for ever.
@@ -307,6 +310,138 @@ class ContentLengthTests(SiteTestCase):
             connection = self.connect()
             connection.send(b"PUT /x HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\nabc")
             self.assertOnlyAnswer(connection, 400, "M_UNKNOWN")
+
+
+#: A multipart/form-data body whose part is named with RFC 2231 syntax (``name*=``):
+#: Twisted's form parser takes the name for a string, and raised AttributeError.
+RFC_2231_MULTIPART = (
+    b"--XyZ\r\nContent-Disposition: form-data; name*=utf-8''abc\r\n\r\nx\r\n--XyZ--\r\n"
+)
+
+
+def post_request(path: bytes, content_type: bytes, body: bytes) -> bytes:
+    return (
+        b"POST %s HTTP/1.1\r\nHost: us.example\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
+        % (path, content_type, len(body))
+    ) + body
+
+
+class _RecordingResource(MatrixResource):
+    """Serves POST (and PUT) with 200, recording what each request's ``args`` held."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.args: list[dict[bytes, list[bytes]]] = []
+
+    def render_POST(self, request: Request) -> bytes:
+        self.args.append(dict(request.args or {}))
+        return write_json(request, 200, {})
+
+
+class FormBodyTests(SiteTestCase):
+    """A POST body with a form content type is left alone, as any body is (nothing we serve
+    reads form arguments): Twisted parses it before any resource runs unless told not to."""
+
+    def setUp(self) -> None:
+        super().setUp()
+
+        def parsed(*args: object, **kwargs: object) -> None:
+            self.fail("a request body was parsed as a form")
+
+        # Twisted's form parsers: multipart, and urlencoded (the query string's too,
+        # but the requests here have none).
+        self.patch(twisted_http, "_getMultiPartArgs", parsed)
+        self.patch(twisted_http, "parse_qs", parsed)
+
+    def test_rfc_2231_multipart_answered_in_json(self) -> None:
+        """A multipart POST naming its part ``name*=utf-8''abc`` (which crashed Twisted's
+        parser: no answer, a traceback logged) gets our JSON 405 on the invite endpoint and
+        404 elsewhere, and nothing is logged but the access-log line."""
+        for path, status in ((b"/_matrix/federation/v2/invite/a/b", 405), (b"/nothing", 404)):
+            connection = self.connect()
+            with capturedLogs() as events:
+                connection.send(
+                    post_request(path, b"multipart/form-data; boundary=XyZ", RFC_2231_MULTIPART)
+                )
+            ((code, headers, body),) = connection.responses()
+            self.assertEqual((code, body["errcode"]), (status, "M_UNRECOGNIZED"), path)
+            self.assertEqual(headers[b"content-type"], b"application/json")
+            self.assertFalse(connection.closing, "the connection stays usable")
+            self.assertEqual(
+                [event for event in events if event.get("log_failure") is not None], []
+            )
+
+    def test_form_bodies_not_parsed(self) -> None:
+        """urlencoded and multipart POST bodies reach the resource unparsed: ``args`` empty,
+        the body intact in ``content``."""
+        resource = _RecordingResource()
+        site = FederationSite(resource, reactor=self.clock, max_body_bytes=MAX_BODY)
+        connection = self.connect(site)
+        connection.send(post_request(b"/form", b"application/x-www-form-urlencoded", b"a=b&c=d"))
+        connection.send(
+            post_request(b"/form", b"multipart/form-data; boundary=XyZ", RFC_2231_MULTIPART)
+        )
+        self.assertEqual([status for status, _, _ in connection.responses()], [200, 200])
+        self.assertEqual(resource.args, [{}, {}])
+
+
+class RequestReceivedFailureTests(SiteTestCase):
+    """An exception escaping Twisted's ``requestReceived`` (a parser bug, say) is answered
+    with a JSON 400 and one log line, rather than a dropped connection and a traceback."""
+
+    def test_exception_in_request_received_answered_400(self) -> None:
+        """``process`` (called last by ``requestReceived``) raising: JSON 400 ``M_UNKNOWN``,
+        the connection closed, and one error line naming the exception, without traceback."""
+
+        def broken(request: Request) -> None:
+            raise RuntimeError("a bug in the parser")
+
+        self.patch(Request, "process", broken)
+        connection = self.connect()
+        with capturedLogs() as events:
+            connection.send(b"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertOnlyAnswer(connection, 400, "M_UNKNOWN")
+        self.assertEqual(
+            [(event["log_level"], event.get("log_failure")) for event in events],
+            [(LogLevel.error, None)],
+        )
+        text = formatEvent(events[0])
+        self.assertIn("RuntimeError: a bug in the parser", text)
+        self.assertIn("GET /_matrix/federation/v1/version", text)
+        self.assertNotIn("\n", text)
+
+    def test_exception_in_head_request_received_answered_without_body(self) -> None:
+        """The same for HEAD: the 400's status line and headers, and no body."""
+
+        def broken(request: Request) -> None:
+            raise RuntimeError("a bug in the parser")
+
+        self.patch(Request, "process", broken)
+        connection = self.connect()
+        with capturedLogs():
+            connection.send(b"HEAD /_matrix/federation/v1/version HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, rest = connection.transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 400 "), head)
+        self.assertEqual(rest, b"")
+        self.assertTrue(connection.closing)
+
+    def test_exception_after_answer_begun_aborts(self) -> None:
+        """Raised once part of an answer was written: nothing more is written (no second
+        status line), the connection is aborted, and the error is logged."""
+
+        def broken(request: Request) -> None:
+            request.write(b"partial")
+            raise RuntimeError("a bug after writing")
+
+        self.patch(Request, "process", broken)
+        connection = self.connect()
+        with capturedLogs() as events:
+            connection.send(b"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(connection.transport.value().count(b"HTTP/1.1 "), 1)
+        self.assertTrue(connection.transport.disconnected, "aborted")
+        self.assertEqual([event["log_level"] for event in events], [LogLevel.error])
 
 
 class HeadTests(SiteTestCase):
