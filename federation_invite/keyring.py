@@ -493,6 +493,17 @@ class Keyring:
         pause_wait.waiters.append(waiter)
         return waiter
 
+    def close(self) -> None:
+        """Stop waiting for pauses to end: their timers are cancelled and the lookups
+        waiting are answered with what memory holds (the service is stopping)."""
+        pause_waits = list(self._pause_waits.values())
+        self._pause_waits.clear()
+        for pause_wait in pause_waits:
+            if pause_wait.timer.active():
+                pause_wait.timer.cancel()
+            for waiter in pause_wait.waiters:
+                waiter.callback(None)  # A cancelled waiter ignores it.
+
     def _pause_over(self, server_name: str) -> None:
         """The pause of ``server_name`` has ended: one fetch for the lookups that waited."""
         self._shared_fetch(server_name, {}, None)

@@ -211,6 +211,7 @@ class FederationInvite:
             await settled
         except Exception as exc:
             log.warn("Closing the database with invites still being stored: {reason}", reason=exc)
+        self.keyring.close()
         close_client = getattr(self.client, "close", None)
         if close_client is not None:
             closing: Deferred[None] = close_client()

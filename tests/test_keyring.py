@@ -371,6 +371,22 @@ class KeyringTests(SynchronousTestCase):
         self.clock.advance(5)
         self.assertEqual(self.federation.count("remote.example"), 4)
 
+    def test_close_ends_the_pause_waits(self) -> None:
+        """Closing the keyring (the service stopping) answers the lookups waiting for a
+        pause to end with what memory holds, and leaves no timer on the reactor (a
+        trial test of an embedding would find it dirty); nothing is fetched after."""
+        self.successResultOf(
+            self.keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS)
+        )
+        waiting = self.keyring.get_server_keys("remote.example", ["ed25519:r2"], NOW_MS)
+        self.assertNoResult(waiting)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.keyring.close()
+        self.assertEqual(self.successResultOf(waiting), {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(5)
+        self.assertEqual(self.federation.count("remote.example"), 1)
+
     def test_failure_after_an_answer_backs_off_a_full_minute(self) -> None:
         """A server that answered without the key asked (a 5 s pause) and then fails outright
         is backed off for the 1 min minimum, not for twice the 5 s pause."""

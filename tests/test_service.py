@@ -176,6 +176,22 @@ class BuildFromConfigPathTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_close_closes_the_keyring(self) -> Deferred[None]:
+        """Closing the components closes the keyring (its pause timers, which would
+        otherwise outlive the service on the reactor)."""
+
+        async def go() -> None:
+            from twisted.internet import reactor
+
+            config = load_config(None, {"data_dir": os.path.abspath(self.mktemp())})
+            components = await build_from_config(config, reactor)
+            closed: list[bool] = []
+            self.patch(components.keyring, "close", lambda: closed.append(True))
+            await components.close()
+            self.assertEqual(closed, [True])
+
+        return ensureDeferred(go())
+
     def test_uri_syntax_in_data_dir(self) -> Deferred[None]:
         """Data dirs named with %20, ?, # or a space hold their own key and database."""
 
