@@ -84,10 +84,10 @@ class StorageFaultMixin:
     timeout = 30
     s: RealStoreScenario
 
-    async def start(self, store: IStore) -> None:
+    async def start(self, store: IStore, restart_of: RealStoreScenario | None = None) -> None:
         self.addCleanup(store.close)  # type: ignore[attr-defined]
         await store.add_local_user(BOB)
-        self.s = RealStoreScenario(store)
+        self.s = RealStoreScenario(store, restart_of)
         self.logged: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(self.logged.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)  # type: ignore[attr-defined]
@@ -99,14 +99,17 @@ class StorageFaultMixin:
         return self.s.invite(extra={"depth": self.depth})
 
     async def invite(self, invite: tuple[Any, dict[str, Any]] | None = None) -> tuple[int, Any]:
-        room_version, event = invite or self.new_invite()
-        deferred = self.s.send(
+        return await self.answer(self.send(invite or self.new_invite()))
+
+    def send(self, invite: tuple[Any, dict[str, Any]]) -> Deferred[Any]:
+        """Send ``invite``; the response once it comes (see ``answer``)."""
+        room_version, event = invite
+        return self.s.send(
             2,
             self.s.v2_body(room_version, event),
             room_id=event["room_id"],
             event_id=event_id_of(room_version, event),
         )
-        return await self.answer(deferred)
 
     async def answer(self, deferred: Deferred[Any], seconds: float = 20) -> tuple[int, Any]:
         results: list[Any] = []
@@ -434,6 +437,37 @@ class PostgresStorageFaultTests(StorageFaultMixin, TestCase):
         self.assertEqual(len(await self.s.store.list_invites()), 2)
         self.flushLoggedErrors()  # adbapi logs the failed rollback on the dead connection
         report("storage-postgres-kill", faults_injected=1, tries_until_served=tries, invites_lost=0)
+
+    async def _check_lock_held_elsewhere(self, reason: str) -> None:
+        """A new store (with the limits the caller patched) while another session locks
+        the invites table: two invites, the second queued behind the first, are answered
+        500 M_UNKNOWN with ``reason`` logged; once the lock is released, the first is
+        stored once. ``answer`` gives up after 20 s: a limit that never ends the wait fails."""
+        store = await open_store(f"{POSTGRES_BASE}/{self.database}", reactor=reactor)
+        await self.start(store, restart_of=self.s)
+        holder = self.admin(self.database)
+        holder.cursor().execute("LOCK TABLE invites IN SHARE MODE")  # writes wait, reads do not
+        first, second = self.new_invite(), self.new_invite()
+        pending = [self.send(first), self.send(second)]
+        for response in pending:
+            self.assertStoreFailure(await self.answer(response))
+            self.assertIn(reason, self.last_reason)
+        holder.rollback()
+        self.assertIsNone(await self.stored(first))
+        await self.assertAcceptedOnce(first, await self.invite(first))
+
+    async def test_table_locked_elsewhere(self) -> None:
+        """Another session's lock on the invites table (an operator's transaction, VACUUM
+        FULL, another version's migration): a write waits for it at most lock_timeout
+        (10 s, here 0.3 s), then fails, rather than holding up every later invite."""
+        self.patch(dialect_module, "POSTGRES_LOCK_TIMEOUT", 0.3)
+        await self._check_lock_held_elsewhere("canceling statement due to lock timeout")
+
+    async def test_statement_running_too_long(self) -> None:
+        """Any statement running past statement_timeout (30 s, here 0.3 s; a lock wait
+        here, lock_timeout left at 10 s) is cancelled by the server."""
+        self.patch(dialect_module, "POSTGRES_STATEMENT_TIMEOUT", 0.3)
+        await self._check_lock_held_elsewhere("canceling statement due to statement timeout")
 
     async def test_database_refusing_connections_for_a_while(self) -> None:
         """The database goes away (connections refused, existing ones terminated): invites get

@@ -30,6 +30,24 @@ MIGRATION_LOCK_KEY = 0x66692D6D69677261  # "fi-migra"
 #: Seconds libpq may take to connect (TCP, TLS, start-up and authentication) unless the
 #: URI or ``PGCONNECT_TIMEOUT`` says otherwise; libpq's own default is to wait for ever.
 POSTGRES_CONNECT_TIMEOUT = 10
+#: Seconds a PostgreSQL statement may wait for a lock (``lock_timeout``) and run in all
+#: (``statement_timeout``) unless the database's or role's settings, the URI's
+#: ``options`` or ``PGOPTIONS`` set them; PostgreSQL's own default is for ever. Schema
+#: migrations are exempt from these defaults.
+POSTGRES_LOCK_TIMEOUT = 10.0
+POSTGRES_STATEMENT_TIMEOUT = 30.0
+#: libpq's TCP settings unless the URI names them: keepalives after 10 s idle, every 5 s,
+#: the connection ended after 3 unanswered (the system's defaults take over two hours),
+#: and ended too when data sent is unacknowledged for 30 s (``tcp_user_timeout``, in ms;
+#: libpq 12 and later). So a server gone silent (its host down, the network cut) on an
+#: open connection is noticed; neither applies to a Unix socket.
+POSTGRES_TCP_SETTINGS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
 
 
 class Dialect:
@@ -276,13 +294,19 @@ class PostgresDialect(Dialect):
         self.dsn = dsn
 
     def connection_pool(self, reactor: IReactorCore | None) -> adbapi.ConnectionPool:
-        _import_psycopg2()
+        psycopg2 = _import_psycopg2()
         extra: dict[str, Any] = {} if reactor is None else {"cp_reactor": reactor}
-        if not self._sets_connect_timeout():
+        named = self._uri_parameters()
+        if "connect_timeout" not in named and "PGCONNECT_TIMEOUT" not in os.environ:
             # A server that accepts the connection and never answers (overloaded, a
             # half-dead host, a firewall) would otherwise hold a pool thread, and
             # the daemon's start or a request, for ever.
             extra["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT
+        for name, value in POSTGRES_TCP_SETTINGS.items():
+            if name == "tcp_user_timeout" and psycopg2.extensions.libpq_version() < 120000:
+                continue  # an older libpq refuses the keyword
+            if name not in named:
+                extra[name] = value
         return adbapi.ConnectionPool(
             "psycopg2",
             self.dsn,
@@ -290,20 +314,52 @@ class PostgresDialect(Dialect):
             cp_min=1,
             cp_max=5,
             cp_reconnect=True,
+            cp_openfun=self._open_connection,
             **extra,
         )
 
-    def _sets_connect_timeout(self) -> bool:
-        """Whether the URI or the environment gives libpq a connect_timeout (kept as is:
-        psycopg2's keyword arguments would override both)."""
+    def _uri_parameters(self) -> set[str]:
+        """The libpq parameters the URI names (kept as they are: psycopg2's keyword
+        arguments would override them, and the environment's)."""
         query = urlsplit(self.dsn).query
-        named = {name for name, _ in parse_qsl(query, keep_blank_values=True)}
-        return "connect_timeout" in named or "PGCONNECT_TIMEOUT" in os.environ
+        return {name for name, _ in parse_qsl(query, keep_blank_values=True)}
+
+    def _open_connection(self, connection: Any) -> None:
+        """Set the default lock and statement limits (``POSTGRES_LOCK_TIMEOUT``) on a new
+        connection, each unless already set by anyone else: the server's configuration,
+        the database's or role's settings, the URI's ``options`` or ``PGOPTIONS``.
+
+        A SET here, not libpq's ``options``: PgBouncer refuses a connection whose
+        startup packet sets them, unless configured to ignore them.
+        """
+        try:
+            cursor = connection.cursor()
+            cursor.execute(
+                "SELECT set_config(name, CASE name WHEN 'lock_timeout' THEN %s ELSE %s END,"
+                " false) FROM pg_settings"
+                " WHERE name IN ('lock_timeout', 'statement_timeout') AND source = 'default'",
+                (
+                    f"{round(POSTGRES_LOCK_TIMEOUT * 1000)}ms",
+                    f"{round(POSTGRES_STATEMENT_TIMEOUT * 1000)}ms",
+                ),
+            )
+            cursor.close()
+            connection.commit()
+        except BaseException:
+            connection.close()  # adbapi would keep it in no pool, and never close it
+            raise
 
     def sql(self, statement: str) -> str:
         return statement.replace("?", "%s")
 
     def lock_for_migrations(self, txn: adbapi.Transaction) -> None:
+        # Our default limits (set for the session by _open_connection; the source of
+        # no other setting is "session") do not apply to a migration, which may wait
+        # for another worker's and rewrite big tables: lifted for this transaction.
+        txn.execute(
+            "SELECT set_config(name, '0', true) FROM pg_settings"
+            " WHERE name IN ('lock_timeout', 'statement_timeout') AND source = 'session'"
+        )
         # Released at commit or rollback; DDL is transactional in PostgreSQL.
         txn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
 

@@ -1001,6 +1001,54 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
         self.addCleanup(store.close)
         self.assertEqual(await store.schema_version(), LATEST_SCHEMA_VERSION)
 
+    async def settings(self, store: Any) -> tuple[str, str]:
+        """lock_timeout and statement_timeout as one of ``store``'s connections has them."""
+
+        def show(txn: Any) -> tuple[str, str]:
+            txn.execute(
+                "SELECT current_setting('lock_timeout'), current_setting('statement_timeout')"
+            )
+            return tuple(txn.fetchone())
+
+        return await store._pool.runInteraction(show)  # type: ignore[no-any-return]
+
+    async def test_lock_and_statement_timeouts(self) -> None:
+        """Each connection waits at most 10 s for a lock and runs a statement at most 30 s,
+        unless the URI's options (or PGOPTIONS), the database's or the role's settings
+        give their own limit (0, for ever, too), which is kept."""
+        store = await self.open()
+        self.assertEqual(await self.settings(store), ("10s", "30s"))
+        await store.close()
+        self.raw(f'ALTER DATABASE "{self.database}" SET statement_timeout = 0')
+        store = await open_store(f"{self.uri}?options=-c%20lock_timeout%3D1234", reactor=reactor)
+        self.addCleanup(store.close)
+        self.assertEqual(await self.settings(store), ("1234ms", "0"))
+
+    async def test_migration_waits_beyond_the_timeouts(self) -> None:
+        """A migration waiting for another worker's (its lock) or running long is not cut
+        by the default limits (here 0.2 s); the store's connections have them afterwards."""
+        from federation_invite.store import _dialect
+
+        self.patch(_dialect, "POSTGRES_LOCK_TIMEOUT", 0.2)
+        self.patch(_dialect, "POSTGRES_STATEMENT_TIMEOUT", 0.2)
+        import psycopg2
+
+        from ._support import POSTGRES_BASE
+
+        other = psycopg2.connect(f"{POSTGRES_BASE}/{self.database}")
+        other.autocommit = True
+        self.addCleanup(other.close)
+        other.cursor().execute("SELECT pg_advisory_lock(%s)", (_dialect.MIGRATION_LOCK_KEY,))
+        reactor.callLater(
+            1.0,
+            other.cursor().execute,
+            "SELECT pg_advisory_unlock(%s)",
+            (_dialect.MIGRATION_LOCK_KEY,),
+        )
+        store = await self.open()
+        self.assertEqual(await store.schema_version(), LATEST_SCHEMA_VERSION)
+        self.assertEqual(await self.settings(store), ("200ms", "200ms"))
+
     async def test_unix_socket(self) -> None:
         """The same server reached over its Unix socket (?host=the socket's directory)."""
         directory = os.environ.get("FEDERATION_INVITE_TEST_POSTGRES_SOCKET", "/var/run/postgresql")

@@ -230,6 +230,46 @@ class PostgresConnectTimeoutTests(SynchronousTestCase):
         self.assertNotIn("connect_timeout", kwargs)
 
 
+class PostgresSilentServerTests(SynchronousTestCase):
+    """A server gone silent on an open connection (its host down, the network cut) must
+    be noticed: libpq leaves TCP keepalives to the system (hours) unless told."""
+
+    pool_keywords = PostgresConnectTimeoutTests.pool_keywords
+
+    def test_default_keepalives_and_user_timeout(self) -> None:
+        """Without them in the URI, psycopg2 is given keepalives after 10 s idle, every 5 s,
+        3 unanswered ending the connection, and (libpq 12 and later) tcp_user_timeout:
+        data unacknowledged for 30 s ends it too."""
+        self.patch(_dialect.os, "environ", {})
+        kwargs = self.pool_keywords("postgresql://fi@db.example/invites")
+        self.assertEqual(
+            {name: kwargs[name] for name in kwargs if name.startswith(("keepalives", "tcp_"))},
+            {
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+                "tcp_user_timeout": 30_000,
+            },
+        )
+
+    def test_tcp_user_timeout_needs_libpq_12(self) -> None:
+        """An older libpq, which would refuse the keyword, is not given tcp_user_timeout."""
+        import psycopg2.extensions
+
+        self.patch(psycopg2.extensions, "libpq_version", lambda: 110_022)
+        self.assertNotIn("tcp_user_timeout", self.pool_keywords("postgresql://fi@db/invites"))
+
+    def test_uri_settings_win(self) -> None:
+        """Each one the URI names (keepalives=0 too) is libpq's to apply, not overridden."""
+        kwargs = self.pool_keywords(
+            "postgresql://fi@db.example/invites?keepalives=0&keepalives_count=9&tcp_user_timeout=0"
+        )
+        for name in ("keepalives", "keepalives_count", "tcp_user_timeout"):
+            self.assertNotIn(name, kwargs)
+        self.assertEqual((kwargs["keepalives_idle"], kwargs["keepalives_interval"]), (10, 5))
+
+
 class PostgresBlackholeTests(TestCase):
     def test_silent_server_fails_the_open(self) -> Deferred[None]:
         """A loopback port that accepts TCP and never answers: with the default
