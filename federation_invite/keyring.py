@@ -89,7 +89,13 @@ class IKeyFetchClient(Protocol):
     """The part of the federation client the keyring uses."""
 
     def get_json(
-        self, destination: str, path: str, *, args: Any = None, signed: bool = True
+        self,
+        destination: str,
+        path: str,
+        *,
+        args: Any = None,
+        signed: bool = True,
+        ignore_backoff: bool = False,
     ) -> Deferred[Any]: ...
 
     def post_json(
@@ -254,6 +260,8 @@ class _Fetch:
     wanted: dict[str, int] = attrs.Factory(dict)
     #: Key ID -> the ``minimum_valid_until_ts`` a notary was asked for it with.
     asked: dict[str, int] = attrs.Factory(dict)
+    #: Started by the sender's answer check: the client's back-off is passed by too.
+    ignore_backoff: bool = False
 
     def want(self, wanted: Mapping[str, int]) -> None:
         """Add a caller's key IDs (key ID -> valid at), as long as ``_MAX_KEYS_PER_DOCUMENT``
@@ -434,7 +442,7 @@ class Keyring:
             # A fetch under way despite a back-off (the sender's) is joined:
             # that costs no fetch more.
             waiter: Deferred[None] = Deferred()
-            fetch = self._shared_fetch(server_name, wanted, waiter)
+            fetch = self._shared_fetch(server_name, wanted, waiter, ignore_backoff)
             await waiter
             missing = self._missing(server_name, wanted)
             if not missing or not self._notaries or fetch.asked_for(missing, valid_at_ms):
@@ -444,7 +452,7 @@ class Keyring:
             # key the server no longer lists): one more try, no more.
             if ignore_backoff or not self._backing_off(server_name):
                 waiter = Deferred()
-                self._shared_fetch(server_name, wanted, waiter)
+                self._shared_fetch(server_name, wanted, waiter, ignore_backoff)
                 await waiter
                 return self._answer(server_name, key_ids)
             # That fetch set the pause: wait for it to end, as below.
@@ -594,7 +602,11 @@ class Keyring:
             self._fetched_ts.pop(name, None)
 
     def _shared_fetch(
-        self, server_name: str, wanted: Mapping[str, int], waiter: Deferred[None] | None
+        self,
+        server_name: str,
+        wanted: Mapping[str, int],
+        waiter: Deferred[None] | None,
+        ignore_backoff: bool = False,
     ) -> _Fetch:
         """Join the fetch in flight for ``server_name`` (adding ``wanted``, key ID -> valid
         at) or start one; ``waiter`` fires when it ends.
@@ -607,7 +619,7 @@ class Keyring:
         fetch = self._inflight.get(key)
         joined = fetch is not None
         if fetch is None:
-            fetch = _Fetch()
+            fetch = _Fetch(ignore_backoff=ignore_backoff)
         fetch.want(wanted)
         if waiter is not None:
             fetch.waiters.append(waiter)
@@ -634,7 +646,7 @@ class Keyring:
     async def _fetch(self, server_name: str, fetch: _Fetch) -> None:
         """Fetch directly, then from notaries; record success or back off."""
         self.fetches += 1
-        listed = await self._fetch_direct(server_name)
+        listed = await self._fetch_direct(server_name, fetch.ignore_backoff)
         answered = listed is not None
         for notary in self._notaries:
             # Read again for each notary: callers may have joined meanwhile.
@@ -685,7 +697,7 @@ class Keyring:
             seconds=delay // 1000,
         )
 
-    async def _fetch_direct(self, server_name: str) -> frozenset[str] | None:
+    async def _fetch_direct(self, server_name: str, ignore_backoff: bool) -> frozenset[str] | None:
         """Ask the server for its keys; the key IDs it listed, or None if it did not answer.
 
         An answer we refuse lists none but is an answer: the server is up. (Asked
@@ -695,8 +707,11 @@ class Keyring:
         (``is_failure_status``, the client's rule).
         """
         try:
+            # Only the sender's fetches pass the keyword, so a client written to
+            # IKeyFetchClient's older form still serves every other fetch.
+            extra = {"ignore_backoff": True} if ignore_backoff else {}
             response = await self._client.get_json(
-                server_name, "/_matrix/key/v2/server", signed=False
+                server_name, "/_matrix/key/v2/server", signed=False, **extra
             )
         except Exception as exc:
             log.info(

@@ -137,7 +137,13 @@ class FakeFederation:
         return Deferred.fromCoroutine(read())
 
     def get_json(
-        self, destination: str, path: str, *, args: Any = None, signed: bool = True
+        self,
+        destination: str,
+        path: str,
+        *,
+        args: Any = None,
+        signed: bool = True,
+        ignore_backoff: bool = False,
     ) -> Deferred[Any]:
         return self._request("GET", destination, path)
 

@@ -1036,6 +1036,23 @@ class TransportTests(_Base):
         self.assertEqual(self.origin.keyring.fetches, 2)
         self.assertEqual(self.origin.keyring._backoff, {})
 
+    def test_failed_key_fetch_does_not_fail_the_answer_check_via(self) -> None:
+        """Sent through another ``destination``, the invite's success does not end the
+        client's back-off of the invitee's server; the answer check still fetches that
+        server's key (the client's back-off is passed by, as the keyring's is)."""
+        event, state = self.origin.invite("10")
+        self.successResultOf(self.origin.keyring.get_server_keys(PEER, ["ed25519:x"], 0))
+        self.assertEqual(self.origin.keyring.fetch_failures, 1)
+        peer = FakePeer(self.origin.clock)
+        self.origin.agent.add_peer(PEER, peer.root)
+        self.origin.agent.add_peer("alias.example:8448", peer.root)
+        self.origin.clock.advance(30)
+        result = self.successResultOf(
+            self.origin.send("10", event, state, destination="alias.example:8448")
+        )
+        self.assertEqual(result["signatures"].keys(), {OURS, PEER})
+        self.assertEqual(self.origin.keyring.fetches, 2)
+
     def test_cancel(self) -> None:
         """Cancelling the Deferred abandons the request (CancelledError, not a transport error)."""
         peer = FakePeer(self.origin.clock)

@@ -166,9 +166,17 @@ class FederationClient:
         *,
         args: Mapping[str, Any] | None = None,
         signed: bool = True,
+        ignore_backoff: bool = False,
     ) -> Deferred[Any]:
-        """GET ``path`` (already percent-encoded) with query ``args``; the JSON answer."""
-        return Deferred.fromCoroutine(self._request("GET", destination, path, args, None, signed))
+        """GET ``path`` (already percent-encoded) with query ``args``; the JSON answer.
+
+        ``ignore_backoff``: as for ``put_json``.
+        """
+        return Deferred.fromCoroutine(
+            self._request(
+                "GET", destination, path, args, None, signed, ignore_backoff=ignore_backoff
+            )
+        )
 
     def put_json(
         self,
