@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
+from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from federation_invite.core import canonical
 from federation_invite.core.canonical import (
+    MAX_NESTING,
     MAX_SAFE_INTEGER,
     MIN_SAFE_INTEGER,
     CanonicalJSONError,
@@ -301,9 +306,84 @@ class NestingTests(SynchronousTestCase):
         body = b"[" + b",".join([b"[]"] * 2000) + b"]"
         self.assertEqual(len(parse_json(body)), 2000)
 
+    def test_nesting_limit_exactly(self) -> None:
+        """Arrays, objects and both mixed: nested exactly MAX_NESTING (512) deep they parse,
+        one level more is 400 M_NOT_JSON, alone or after 600 shallow brackets."""
+        self.assertEqual(MAX_NESTING, 512)
+        shallow = ",".join(["[]", "{}", '{"a":[]}'] * 200)  # 1,000 brackets, depth 2
+        self.assertEqual(len(parse_json(f"[{shallow}]".encode())), 600)
+        for pattern in (["["], ['{"a":'], ["[", '{"a":'], ['{"a":', "[", "["]):
+            at_limit = _nested(MAX_NESTING, pattern)
+            over = _nested(MAX_NESTING + 1, pattern)
+            # Inside the wide array, one level less makes the same depth.
+            inside_at_limit = f"[{shallow},{_nested(MAX_NESTING - 1, pattern)}]"
+            inside_over = f"[{shallow},{at_limit}]"
+            for parse in (parse_json, parse_json_with_numbers):
+                for body in (at_limit, inside_at_limit):
+                    parse(body.encode())
+                for body in (over, inside_over):
+                    error = self.assertRaises(MatrixError, parse, body.encode())
+                    self.assertEqual(
+                        (error.http_status, error.errcode, error.message),
+                        (400, "M_NOT_JSON", "JSON is nested deeper than 512 levels"),
+                        (pattern, body[:20]),
+                    )
+
+    def test_depth_walk_does_not_grow_with_width(self) -> None:
+        """Checking the depth of a body with many brackets takes Python-level work per level,
+        not per value: 2,000 or 20,000 arrays side by side cost the same lines."""
+        narrow, wide = (b"[" + b",".join([b"[[],0]"] * count) + b"]" for count in (2_000, 20_000))
+        self.assertEqual(
+            _python_lines(lambda: parse_json(narrow)), _python_lines(lambda: parse_json(wide))
+        )
+
+    def test_whitespace_skip_does_not_grow_with_length(self) -> None:
+        """Whitespace around the value is skipped at C speed: 1,000 or 100,000 spaces, tabs and
+        newlines before and after it cost the same Python lines."""
+        short, long = (b" \t\r\n" * count + b"{}" + b"\n \t\r" * count for count in (250, 25_000))
+        self.assertEqual(parse_json(long), {})
+        self.assertEqual(
+            _python_lines(lambda: parse_json(short)), _python_lines(lambda: parse_json(long))
+        )
+
     def test_recursion_in_encoding_is_an_error(self) -> None:
         """A value too deep for the encoder gives CanonicalJSONError, never RecursionError."""
         value: Any = 1
         for _ in range(5000):
             value = [value]
         self.assertRaises(CanonicalJSONError, encode_canonical_json, value, strict=False)
+
+
+def _nested(depth: int, pattern: list[str]) -> str:
+    """JSON nested ``depth`` deep: containers opened as ``pattern`` cycles (``[`` or
+    ``{"a":``), around ``1``."""
+    opens = [pattern[level % len(pattern)] for level in range(depth)]
+    closes = ["]" if opened == "[" else "}" for opened in reversed(opens)]
+    return "".join(opens) + "1" + "".join(closes)
+
+
+#: The decoder's hooks, called from C once per object or number: not the parse's own work.
+_DECODER_HOOKS = frozenset({"_no_duplicates", "_parse_int", "_parse_float"})
+
+
+def _python_lines(call: Callable[[], object]) -> int:
+    """How many lines of ``core/canonical.py`` ``call`` runs (the decoder's hooks aside): a
+    measure of its Python-level work that, unlike time, does not vary from run to run."""
+    lines = 0
+
+    def trace(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal lines
+        code = frame.f_code
+        if code.co_filename != canonical.__file__ or code.co_name in _DECODER_HOOKS:
+            return None
+        if event == "line":
+            lines += 1
+        return trace
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        call()
+    finally:
+        sys.settrace(previous)
+    return lines
