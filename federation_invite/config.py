@@ -8,7 +8,6 @@ keys and bad values are refused with a message naming the key.
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import ipaddress
 import math
@@ -204,14 +203,9 @@ def _listen_list(value: object) -> tuple[str, ...]:
 
 
 def _glob_list(value: object) -> tuple[str, ...]:
-    items = _string_list(value)
-    for item in items:
-        # fnmatch never fails to compile a pattern, but an unbalanced bracket
-        # silently matches nothing useful; refuse it so operators notice.
-        if item.count("[") != item.count("]"):
-            raise ValueError(f"pattern {item!r} has unbalanced brackets")
-        fnmatch.translate(item)
-    return items
+    # Only '*' and '?' are wildcards (core.globs), so any non-empty string is a pattern:
+    # brackets are literal ('[2001:db8::1]' is an IPv6 server name, '[2001:db8:*' a prefix).
+    return _string_list(value)
 
 
 def _network_list(value: object) -> tuple[str, ...]:

@@ -66,6 +66,14 @@ class LoadConfigTests(SynchronousTestCase):
         self.assertEqual(config.get("inbound.server_deny"), ("*.evil.example",))
         self.assertEqual(config.path, path)
 
+    def test_glob_brackets_are_literal(self) -> None:
+        """Brackets in a glob list are literal, not a character class: an IPv6 server name,
+        with or without a port, loads as written, and so does a lone bracket."""
+        patterns = ["[2001:db8::1]", "[::1]:8448", "@*:[2001:db8::1]", "[2001:db8:*", "a]"]
+        for key in ("inbound.server_allow", "inbound.server_deny", "inbound.user_deny"):
+            config = load_config(None, {"server_name": "example.org", key: patterns})
+            self.assertEqual(config.get(key), tuple(patterns))
+
     def test_overrides_win(self) -> None:
         """Command-line overrides replace the file's values."""
         path = self.write('server_name = "example.org"\n')
@@ -120,7 +128,8 @@ class LoadConfigTests(SynchronousTestCase):
             "[keys]\nvalidity_period = 9000000000000\n": "keys.validity_period",
             'database = "sqlite:///"\n': "database",
             'database = "postgresql://u:secret@h:notaport/db"\n': "database",
-            "[inbound]\nserver_deny = ['[abc']\n": "inbound.server_deny",
+            "[inbound]\nserver_deny = ['']\n": "inbound.server_deny",
+            "[inbound]\nuser_deny = [1]\n": "inbound.user_deny",
             "[inbound]\nlocal_users = 'ldap'\n": "inbound.local_users",
             "[ratelimit]\norigin_burst = 0\n": "ratelimit.origin_burst",
             "[keys]\nold_verify_keys = 'x'\n": "keys.old_verify_keys",

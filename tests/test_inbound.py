@@ -1070,6 +1070,42 @@ class PolicyRowTests(InboundTestCase):
             failure = self.failureResultOf(Deferred.fromCoroutine(self.s.policy.check(invite)))
             self.assertEqual(failure.value.errcode, "M_INVITE_BLOCKED")
 
+    def test_row15_16_ipv6_server_names(self) -> None:
+        """Rows 15-16: an IPv6 server name in the server ACL, a deny list or an invitee rule
+        ('[2001:db8::1]', '[::1]:8448') names that server; its brackets are not a character
+        class matching single characters."""
+        from federation_invite.policy import InboundInvite
+
+        v6 = "[2001:db8::1]"
+        acl = ServerAcl.of(deny=(v6, "[::1]:8448"))
+        for name in (v6, v6 + ":8448", "[2001:DB8::1]", "[::1]:8448"):
+            self.assertFalse(acl.allows(name), name)
+        for name in ("2", "d", ":", "1", "[::1]:9", "[2001:db8::2]", THEM):
+            self.assertTrue(acl.allows(name), name)
+        only = ServerAcl.of(allow=(v6,))
+        self.assertTrue(only.allows(v6 + ":8448"))
+        self.assertFalse(only.allows("2"))
+        self.s = InviteScenario(acl=ServerAcl.of(deny=(v6,)))
+        room_version, event = self.s.invite()
+        self.assertRefused(self.send_v2(room_version, event, origin=v6), 403, "M_FORBIDDEN")
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)
+
+        def check(server: str) -> Deferred[str]:
+            invite = InboundInvite(
+                server, KNOWN_ROOM_VERSIONS["10"], "!r:x", "$e", f"@alice:{server}", BOB, {}, []
+            )
+            return Deferred.fromCoroutine(self.s.policy.check(invite))
+
+        for policy_kwargs in ({"server_deny": [v6]}, {"user_deny": [f"@*:{v6}"]}):
+            self.s = InviteScenario(policy_kwargs=policy_kwargs)
+            self.assertEqual(self.failureResultOf(check(v6)).value.errcode, "M_FORBIDDEN")
+            self.assertEqual(self.successResultOf(check("d")), "pending")
+        for kind, pattern in (("server", v6), ("user", f"@alice:{v6}")):
+            self.s = InviteScenario()
+            self.s.store.rules.append(InviteRule(BOB, kind, pattern, "block"))
+            self.assertEqual(self.failureResultOf(check(v6)).value.errcode, "M_INVITE_BLOCKED")
+            self.assertEqual(self.successResultOf(check("d")), "pending")
+
     def test_deny_lists_refuse_a_single_string(self) -> None:
         """server_deny or user_deny given as a str is a TypeError at construction, not a list of
         one-character globs that denies nobody."""

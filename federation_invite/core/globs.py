@@ -1,13 +1,15 @@
 """Glob lists for operator and per-user rules (``*.example.org``, ``@spam*:*``).
 
 Patterns use ``*`` (any run of characters, including none) and ``?`` (one
-character); ``[...]`` classes as in ``fnmatch``. Server names are matched
-case-insensitively, since DNS names are; user IDs case-sensitively.
+character); every other character stands for itself, brackets included, so
+``[2001:db8::1]`` names that IPv6 server. This is the glob of Synapse's server
+ACLs (``glob_to_regex``), not ``fnmatch``'s, whose ``[...]`` is a character
+class. Server names are matched case-insensitively, since DNS names are;
+user IDs case-sensitively.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Iterable
 
@@ -49,11 +51,29 @@ def _patterns(patterns: Iterable[object]) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _translate(pattern: str) -> str:
+    """The regular expression matching the whole of a value against one glob.
+
+    As ``fnmatch.translate`` does, each star but the last matches up to the first place where
+    the text after it (of fixed length) fits, in an atomic group: a pattern such as
+    ``*a*a*a*b`` thus fails on a long name in linear time instead of trying every split.
+    """
+    first, *rest = (
+        "".join("." if char == "?" else re.escape(char) for char in segment)
+        for segment in re.split(r"\*+", pattern)
+    )
+    if not rest:  # no star: the pattern is a fixed-length text
+        return rf"(?s:{first})\Z"
+    *middle, last = rest
+    atomic = "".join(f"(?>.*?{segment})" for segment in middle)
+    return rf"(?s:{first}{atomic}.*{last})\Z"
+
+
 def _compile(patterns: tuple[str, ...], ignore_case: bool) -> re.Pattern[str] | None:
     if not patterns:
         return None
     flags = re.IGNORECASE if ignore_case else 0
-    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns), flags)
+    return re.compile("|".join(f"(?:{_translate(p)})" for p in patterns), flags)
 
 
 @attrs.frozen

@@ -84,3 +84,53 @@ class MatchingFormTests(SynchronousTestCase):
         self.assertTrue(users.matches_user("@mallory:EVIL.example:8448"))
         self.assertTrue(users.matches_user("@bob:localhost:1234"))
         self.assertFalse(users.matches_user("@bob:localhost:9"))
+
+
+class LiteralBracketTests(SynchronousTestCase):
+    """Only '*' and '?' are wildcards, as in Synapse's server ACL globs: '[' and ']' stand for
+    themselves, so an IPv6 server name can be listed."""
+
+    def test_ipv6_server_name(self) -> None:
+        """'[2001:db8::1]' matches that server (any port, any case), not single characters."""
+        globs = GlobList.of(["[2001:db8::1]"], ignore_case=True)
+        for name in ("[2001:db8::1]", "[2001:db8::1]:8448", "[2001:DB8::1]"):
+            self.assertTrue(globs.matches_server(name), name)
+        for name in ("2", "d", ":", "[", "]", "[2001:db8::2]", "2001:db8::1"):
+            self.assertFalse(globs.matches_server(name), name)
+
+    def test_ipv6_server_name_with_port(self) -> None:
+        """'[::1]:8448' matches that exact name, not another port nor a single character."""
+        globs = GlobList.of(["[::1]:8448"], ignore_case=True)
+        self.assertTrue(globs.matches_server("[::1]:8448"))
+        for name in ("[::1]:9", "[::1]", ":", "1", "[::2]:8448"):
+            self.assertFalse(globs.matches_server(name), name)
+
+    def test_ipv6_user_server_part(self) -> None:
+        """A user glob with an IPv6 server part matches users of that server."""
+        globs = GlobList.of(["@*:[2001:db8::1]"])
+        self.assertTrue(globs.matches_user("@spam:[2001:db8::1]"))
+        self.assertTrue(globs.matches_user("@spam:[2001:db8::1]:8448"))
+        self.assertFalse(globs.matches_user("@spam:2"))
+        self.assertFalse(globs.matches_user("@spam:[2001:db8::2]"))
+
+    def test_wildcards_inside_brackets(self) -> None:
+        """'*' and '?' keep their meaning between brackets; '!' and '^' are literal."""
+        globs = GlobList.of(["[2001:db8::*]", "[!a]", "[^b]"], ignore_case=True)
+        self.assertTrue(globs.matches_server("[2001:db8::beef]:8448"))
+        self.assertFalse(globs.matches_server("[2001:db9::1]"))
+        self.assertTrue(globs.matches("[!a]"))
+        self.assertTrue(globs.matches("[^b]"))
+        self.assertFalse(globs.matches("c"))
+        self.assertTrue(GlobList.of(["?[?]"]).matches("x[y]"))
+        self.assertTrue(GlobList.of(["a\\*"]).matches("a\\bc"))
+        self.assertFalse(GlobList.of(["a\\*"]).matches("a*"))
+
+    def test_many_stars_do_not_backtrack(self) -> None:
+        """A pattern of many stars against a long name that fails at its end answers at once
+        (each star's literal is matched at its first place, as fnmatch does), not after
+        trying every way of splitting the name."""
+        globs = GlobList.of(["*a*a*a*a*a*a*a*a*b"], ignore_case=True)
+        self.assertFalse(globs.matches("a" * 255))
+        self.assertTrue(globs.matches("a" * 255 + "b"))
+        self.assertTrue(GlobList.of(["*a?b*"]).matches("xxaxbyy"))
+        self.assertFalse(GlobList.of(["*a?b*"]).matches("xxabyy"))
