@@ -13,7 +13,9 @@ Metrics (labels in brackets):
   refused, cancelled; errcode): invites received and what became of them. Every
   ``PUT .../invite/{roomId}/{eventId}`` is counted once: ``refused`` with our errcode
   for any error answer, including the body checks (413 ``M_TOO_LARGE``,
-  ``M_NOT_JSON``, ``M_BAD_JSON``) and an unexpected failure (500 ``M_UNKNOWN``);
+  ``M_NOT_JSON``, ``M_BAD_JSON``), the daemon's ``FederationSite`` refusing it before
+  the endpoint runs (413 ``M_TOO_LARGE``; 408 or 400 ``M_UNKNOWN``) and an unexpected
+  failure (500 ``M_UNKNOWN``);
   ``cancelled`` (errcode empty) when the client went away before its answer;
 - ``federation_invite_inbound_invite_seconds``: time to answer an invite (histogram);
 - ``federation_invite_key_fetches_total``, ``federation_invite_key_fetch_failures_total``:

@@ -15,8 +15,10 @@ from twisted.web.test.requesthelper import DummyRequest
 from federation_invite.config import ConfigError, load_config
 from federation_invite.metrics import InviteMetrics
 from federation_invite.web.invite import InviteResource
+from federation_invite.web.site import FederationSite
 
 from .invites import InviteScenario, event_id_of
+from .test_hostile_slow import Connection
 
 
 class MetricsTests(SynchronousTestCase):
@@ -115,6 +117,43 @@ class MetricsTests(SynchronousTestCase):
             },
         )
         self.assertEqual(self.sample("federation_invite_inbound_invite_seconds_count"), 6.0)
+
+    def test_site_refusals_of_invites_counted(self) -> None:
+        """Invite requests the daemon's FederationSite refuses before the endpoint runs (a body
+        over the cap, declared or chunked: 413; a bad Host: 400) are counted refused with
+        their errcode, v1 and v2; other paths, other methods, a path the endpoint would answer
+        404, and the metrics listener's own site are not counted."""
+        self.scenario = InviteScenario(max_body_bytes=100)
+        self.scenario.handler._metrics = self.metrics
+        site = FederationSite(self.scenario.root, reactor=self.scenario.clock, max_body_bytes=100)
+        metrics_site = FederationSite(
+            self.metrics.resource(), reactor=self.scenario.clock, max_body_bytes=100
+        )
+        v2 = self.scenario.path(2, "!room:remote.example", "$x").encode()
+        v1 = self.scenario.path(1, "!room:remote.example", "$x").encode()
+        too_long = b"Host: us.example\r\nContent-Length: 200\r\n\r\n"
+        chunk = b"40\r\n" + b" " * 64 + b"\r\n"  # two of them: 128 bytes
+        chunked = b"Host: us.example\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 2
+        requests = [
+            (site, b"PUT " + v2 + b" HTTP/1.1\r\n" + too_long, (413, "M_TOO_LARGE")),
+            (site, b"PUT " + v1 + b" HTTP/1.1\r\n" + too_long, (413, "M_TOO_LARGE")),
+            (site, b"PUT " + v2 + b" HTTP/1.1\r\n" + chunked, (413, "M_TOO_LARGE")),
+            (site, b"PUT " + v2 + b" HTTP/1.1\r\nHost: a b\r\n\r\n", (400, "M_UNKNOWN")),
+            (site, b"PUT /_matrix/nothing HTTP/1.1\r\n" + too_long, (413, "M_TOO_LARGE")),
+            (site, b"POST " + v2 + b" HTTP/1.1\r\n" + too_long, (413, "M_TOO_LARGE")),
+            (site, b"PUT " + v2 + b"/more HTTP/1.1\r\n" + too_long, (413, "M_TOO_LARGE")),
+            (metrics_site, b"PUT " + v2 + b" HTTP/1.1\r\n" + too_long, (413, "M_TOO_LARGE")),
+        ]
+        for serving, data, expected in requests:
+            connection = Connection(serving)
+            self.addCleanup(connection.close)
+            connection.send(data)
+            ((status, _, body),) = connection.responses()
+            self.assertEqual((status, body["errcode"]), expected, data)
+        self.assertEqual(
+            self.inbound_counts(), {("refused", "M_TOO_LARGE"): 3.0, ("refused", "M_UNKNOWN"): 1.0}
+        )
+        self.assertEqual(self.sample("federation_invite_inbound_invite_seconds_count"), 4.0)
 
     def test_inbound_unexpected_failure_counted(self) -> None:
         """An invite failing unexpectedly (500 M_UNKNOWN) is counted refused, M_UNKNOWN."""

@@ -6,6 +6,7 @@ segment decoded once, so a v3 event ID's ``/`` arrives as ``%2F`` and stays
 in its segment), hands the rest to ``InviteHandler`` and shapes the answer:
 v1 ``[200, {"event": ...}]`` (Synapse's historical quirk, kept by the spec's
 invites-v1.yaml), v2 ``{"event": ...}``. Invites it refuses itself, those
+``FederationSite`` refuses before it sees them (``refused_by_site``), those
 the client abandons (cancelled) and those failing unexpectedly (500
 ``M_UNKNOWN``) it counts in the handler's metrics; the handler counts the rest.
 """
@@ -21,7 +22,7 @@ from ..core.canonical import EncodedDict, EncodedList, parse_json_with_numbers
 from ..core.errors import Codes, MatrixError
 from ..inbound import InviteHandler
 from ._base import MatrixResource, not_found, render_async, write_error
-from .site import mark_outcome_logged
+from .site import SiteRefusal, mark_outcome_logged
 
 __all__ = ["InviteResource"]
 
@@ -71,6 +72,15 @@ class InviteResource(MatrixResource):
         """Count an invite the handler did not: into its metrics, by its clock, so that
         every invite lands in one ``federation_invite_inbound_invites_total``."""
         self._handler.count(outcome, errcode, started)
+
+    def refused_by_site(self, refusal: SiteRefusal, postpath: list[bytes]) -> bool:
+        """An invite request ``FederationSite`` refused before this resource saw it (413,
+        408, 400): counted as the refusals of ``render_PUT`` are. Other methods and paths
+        below this one (answered 405 or 404 here) are not invites. The site logs it."""
+        if refusal.method != b"PUT" or len(postpath) != 2 or not all(postpath):
+            return False
+        self._count("refused", refusal.error.errcode, self._handler.now())
+        return False
 
     def render_PUT(self, request: Request) -> int:
         started = self._handler.now()

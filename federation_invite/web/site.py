@@ -45,6 +45,9 @@ adds, per connection:
   ``uri`` checked against the X-Matrix signature are the origin-form's;
 - no access-log line for requests whose handler logs their outcome itself
   (``mark_outcome_logged``: the invite endpoints, one structured line per invite);
+- a request refused here (413, 408 or 400 once its request line is read) is
+  told to the resource it was for, if that asks to hear (``refused_by_site``):
+  the invite endpoints count it as they do their own refusals;
 - a graceful drain for shutdown (``drain``): no new connections; idle
   connections closed; requests in progress answered (then their connections
   closed) within a grace period, and the connections still open at its end
@@ -72,6 +75,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, NamedTuple
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
@@ -86,7 +90,7 @@ from ..core.errors import Codes, MatrixError
 from ..logs import Logger
 from ._base import not_found, write_error
 
-__all__ = ["DrainResult", "FederationSite", "mark_outcome_logged"]
+__all__ = ["DrainResult", "FederationSite", "SiteRefusal", "mark_outcome_logged"]
 
 log = Logger(namespace="federation_invite.web.site")
 
@@ -332,18 +336,21 @@ class _LimitedChannel(HTTPChannel):
 
     def _refuse_too_slow(self) -> None:
         self._late = None
-        log.info(
-            "Closing connection from {peer}: request not received within {timeout} s",
-            peer=str(self.transport.getPeer()) if self.transport else "?",
-            timeout=self.request_timeout,
-        )
-        self.refuse(
+        if self.refused:
+            return
+        logged = self.refuse(
             MatrixError(
                 408,
                 Codes.UNKNOWN,
                 f"The request was not received within {self.request_timeout:g} seconds",
             )
         )
+        if not logged:
+            log.info(
+                "Closing connection from {peer}: request not received within {timeout} s",
+                peer=str(self.transport.getPeer()) if self.transport else "?",
+                timeout=self.request_timeout,
+            )
 
     # -- the body cap ----------------------------------------------------
 
@@ -370,36 +377,56 @@ class _LimitedChannel(HTTPChannel):
 
     def refuse_too_large(self) -> None:
         """The body is (or would be) larger than ``max_body_bytes``: 413, and close."""
-        log.info(
-            "Refusing a request body over {limit} bytes from {peer}",
-            limit=self.max_body_bytes,
-            peer=str(self.transport.getPeer()) if self.transport else "?",
-        )
-        self.refuse(
+        if self.refused:
+            return
+        logged = self.refuse(
             MatrixError(413, Codes.TOO_LARGE, f"Request body exceeds {self.max_body_bytes} bytes")
         )
+        if not logged:
+            log.info(
+                "Refusing a request body over {limit} bytes from {peer}",
+                limit=self.max_body_bytes,
+                peer=str(self.transport.getPeer()) if self.transport else "?",
+            )
 
     # -- refusing ----------------------------------------------------------
 
-    def refuse(self, error: MatrixError, head: bool | None = None) -> None:
+    def refuse(
+        self,
+        error: MatrixError,
+        request_line: tuple[bytes, bytes] | None = None,
+    ) -> bool:
         """Answer ``error`` at once, stop reading, and close the connection.
 
-        ``head``: whether the request is a HEAD request; by default, whether the
-        request being parsed is.
+        ``request_line``: the method and target of the request refused; by
+        default, those of the request being parsed, once its request line is
+        (Twisted keeps them until the request is received whole). The
+        resource the request was for hears of the refusal if it asks to
+        (``FederationSite.refused``); returns whether it logged it itself.
         """
         if self.refused:
-            return
+            return False
         self.refused = True
         self._cancel_deadline()
         self.setTimeout(None)
         if self.transport is None:
-            return
-        if head is None:
-            # The method of the request being parsed, once its request line is
-            # (Twisted keeps it in _command until the request is received whole).
-            head = getattr(self, "_command", None) == b"HEAD"
+            return False
+        if request_line is None and hasattr(self, "_command"):
+            request_line = self._command, self._path
+        head = request_line is not None and request_line[0] == b"HEAD"
         self.transport.write(_raw_error_response(error, head))
         self._close()
+        if request_line is None or self.owner is None:
+            return False
+        host = getattr(self.transport.getPeer(), "host", None)
+        return self.owner.refused(
+            SiteRefusal(
+                request_line[0],
+                _origin_form(request_line[1]).split(b"?", 1)[0],
+                error,
+                host if isinstance(host, str) else None,
+            )
+        )
 
     def _close(self) -> None:
         """Close the connection, and abort it if it has not closed within ``abortTimeout``.
@@ -430,7 +457,7 @@ class _LimitedChannel(HTTPChannel):
             self.setTimeout(None)
             self.abort()
             return
-        self.refuse(MatrixError(400, Codes.UNKNOWN, "Malformed HTTP request"), command == b"HEAD")
+        self.refuse(MatrixError(400, Codes.UNKNOWN, "Malformed HTTP request"), (command, target))
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Twisted's malformed-request answer (bad request line, header too
@@ -701,6 +728,20 @@ def mark_outcome_logged(request: object) -> None:
         request.outcome_logged = True
 
 
+class SiteRefusal(NamedTuple):
+    """A request ``FederationSite`` refused itself, before any resource saw it (413, 408,
+    400): what the resource it was for hears of it (``FederationSite.refused``)."""
+
+    #: The request's method, as sent (``b"PUT"``).
+    method: bytes
+    #: Its path, without the query, as in origin-form, still percent-encoded.
+    path: bytes
+    #: What it was answered.
+    error: MatrixError
+    #: The client's IP address, if it has one.
+    peer: str | None
+
+
 class DrainResult(NamedTuple):
     """What became of the requests a drain (``FederationSite.drain``) saw.
 
@@ -762,6 +803,34 @@ class FederationSite(Site):
         #: How many requests the drain awaited, and how many it dropped (``DrainResult``).
         self._in_progress = 0
         self._dropped = 0
+
+    def refused(self, refusal: SiteRefusal) -> bool:
+        """Tell the resource a refused request was for of the refusal, if it asks to hear:
+        whether it logged the refusal itself (then the site does not).
+
+        A resource asks by having a ``refused_by_site(refusal, postpath)`` method
+        (the invite endpoints do: they count every invite, refused here too);
+        ``postpath`` is what is left of the path below it, percent-decoded, as
+        Twisted would give it. Only the static tree (``putChild``) is searched,
+        as Twisted would route the request. A failure is logged, and counts as
+        not logged.
+        """
+        if refusal.path[:1] != b"/":
+            return False  # not a path (OPTIONS *, authority-form): nothing we serve
+        resource: Any = self.resource
+        postpath = [unquote_to_bytes(segment) for segment in refusal.path[1:].split(b"/")]
+        while postpath and not resource.isLeaf:
+            resource = getattr(resource, "children", {}).get(postpath.pop(0))
+            if resource is None:
+                return False
+        hear = getattr(resource, "refused_by_site", None)
+        if hear is None:
+            return False
+        try:
+            return bool(hear(refusal, postpath))
+        except Exception:
+            log.failure("Could not report a refused request to its resource")
+            return False
 
     def log(self, request: http.Request) -> None:
         """The access log line, except for requests whose handler logged them."""

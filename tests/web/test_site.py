@@ -444,6 +444,71 @@ class RequestReceivedFailureTests(SiteTestCase):
         self.assertEqual([event["log_level"] for event in events], [LogLevel.error])
 
 
+class _Listening(MatrixResource):
+    """A leaf that hears of the site's refusals of requests for it (``refused_by_site``)."""
+
+    isLeaf = True
+
+    def __init__(self, answer: Any) -> None:
+        super().__init__()
+        self.answer = answer
+        self.heard: list[tuple[Any, list[bytes]]] = []
+
+    def refused_by_site(self, refusal: Any, postpath: list[bytes]) -> Any:
+        self.heard.append((refusal, postpath))
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+class SiteRefusalTests(SiteTestCase):
+    """A resource hears of the requests for it that the site refused itself."""
+
+    def refuse(self, site: FederationSite, target: bytes) -> list[dict[str, Any]]:
+        """Send a PUT of ``target`` whose body is over the cap: 413; what was logged."""
+        connection = self.connect(site)
+        with capturedLogs() as events:
+            connection.send(b"PUT %s HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" % target)
+        self.assertOnlyAnswer(connection, 413, "M_TOO_LARGE")
+        return list(events)
+
+    def test_resource_hears_of_refusals(self) -> None:
+        """The resource the path leads to (percent-encoded segments and an absolute-form
+        target routed as Twisted routes them) hears of the refusal with the rest of the path,
+        percent-decoded; a resource that logged it silences the site's own line."""
+        listening = _Listening(True)
+        root = MatrixResource()
+        root.putChild(b"a", listening)
+        site = FederationSite(root, reactor=self.clock, max_body_bytes=MAX_BODY)
+        self.assertEqual(self.refuse(site, b"/%61/b%2Fc/d?x=1"), [])
+        self.assertEqual(self.refuse(site, b"https://host/a/e"), [])
+        ((first, first_rest), (second, second_rest)) = listening.heard
+        self.assertEqual(
+            (first.method, first.path, first_rest), (b"PUT", b"/%61/b%2Fc/d", [b"b/c", b"d"])
+        )
+        self.assertEqual((first.error.http_status, first.peer), (413, "203.0.113.9"))
+        self.assertEqual((second.path, second_rest), (b"/a/e", [b"e"]))
+        # Not a path it serves, or a resource not listening: the site's own line.
+        for target in (b"/b/a", b"*"):
+            (line,) = self.refuse(site, target)
+            self.assertIn("Refusing a request body over", formatEvent(line))
+        self.assertEqual(len(listening.heard), 2)
+
+    def test_resource_not_logging_or_failing(self) -> None:
+        """A resource that did not log the refusal leaves the site's line; one that raises is
+        logged, and the refusal answered and logged all the same."""
+        for answer, failures in ((False, 0), (RuntimeError("listener bug"), 1)):
+            root = MatrixResource()
+            root.putChild(b"a", _Listening(answer))
+            site = FederationSite(root, reactor=self.clock, max_body_bytes=MAX_BODY)
+            events = self.refuse(site, b"/a/b")
+            self.assertEqual(
+                len([event for event in events if event.get("log_failure") is not None]), failures
+            )
+            self.assertIn("Refusing a request body over", formatEvent(events[-1]))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
 class HeadTests(SiteTestCase):
     """HEAD gets GET's status and headers (its body's length included), no body, and no
     warning from Twisted about a body returned for HEAD."""
