@@ -121,8 +121,9 @@ class InvitePolicy:
         self._server_name = server_name
         self._store = store
         self._local_users = local_users
+        # Globs match in any case, user IDs too, as Synapse's server ACLs and invite rules do.
         self._server_deny = GlobList.of(server_deny, ignore_case=True)
-        self._user_deny = GlobList.of(user_deny)
+        self._user_deny = GlobList.of(user_deny, ignore_case=True)
         self._hooks: list[Any] = []
         for hook in hooks:
             self.add_hook(hook)
@@ -331,7 +332,7 @@ class InvitePolicy:
         matched = set()
         for rule in rules:
             if rule.kind == "user":
-                hit = GlobList.of([rule.pattern]).matches_user(sender)
+                hit = GlobList.of([rule.pattern], ignore_case=True).matches_user(sender)
             else:
                 hit = GlobList.of([rule.pattern], ignore_case=True).matches_server(sender_server)
             if hit:

@@ -1106,6 +1106,34 @@ class PolicyRowTests(InboundTestCase):
             self.assertEqual(self.failureResultOf(check(v6)).value.errcode, "M_INVITE_BLOCKED")
             self.assertEqual(self.successResultOf(check("d")), "pending")
 
+    def test_row15_16_user_globs_ignore_case(self) -> None:
+        """Rows 15-16: inbound.user_deny and invitee user rules match user IDs in any case, as
+        Synapse's invite rules (matrix_common glob_to_regex) do."""
+        from federation_invite.policy import InboundInvite
+
+        def check(sender: str) -> Deferred[str]:
+            invite = InboundInvite(
+                THEM, KNOWN_ROOM_VERSIONS["10"], "!r:x", "$e", sender, BOB, {}, []
+            )
+            return Deferred.fromCoroutine(self.s.policy.check(invite))
+
+        self.s = InviteScenario(policy_kwargs={"user_deny": ["@spam*:*"]})
+        for sender in ("@spam1:them.example", "@SPAM1:them.example", "@Spam:them.example"):
+            self.assertEqual(self.failureResultOf(check(sender)).value.errcode, "M_FORBIDDEN")
+        self.assertEqual(self.successResultOf(check("@alice:them.example")), "pending")
+        for pattern, action, status in (
+            ("@Mallory:*", "block", None),
+            ("@MALLORY:them.example", "ignore", "ignored"),
+        ):
+            self.s = InviteScenario()
+            self.s.store.rules.append(InviteRule(BOB, "user", pattern, action))
+            if status is None:
+                failure = self.failureResultOf(check("@mallory:them.example"))
+                self.assertEqual(failure.value.errcode, "M_INVITE_BLOCKED")
+            else:
+                self.assertEqual(self.successResultOf(check("@mallory:them.example")), status)
+            self.assertEqual(self.successResultOf(check("@alice:them.example")), "pending")
+
     def test_deny_lists_refuse_a_single_string(self) -> None:
         """server_deny or user_deny given as a str is a TypeError at construction, not a list of
         one-character globs that denies nobody."""

@@ -4,8 +4,9 @@ Patterns use ``*`` (any run of characters, including none) and ``?`` (one
 character); every other character stands for itself, brackets included, so
 ``[2001:db8::1]`` names that IPv6 server. This is the glob of Synapse's server
 ACLs (``glob_to_regex``), not ``fnmatch``'s, whose ``[...]`` is a character
-class. Server names are matched case-insensitively, since DNS names are;
-user IDs case-sensitively.
+class. Case is kept unless ``ignore_case``; the deny lists and invitee rules
+pass it for user IDs as well as server names, as Synapse's ACLs and invite
+rules match in any case.
 """
 
 from __future__ import annotations

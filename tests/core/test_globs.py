@@ -27,7 +27,7 @@ class GlobListTests(SynchronousTestCase):
         self.assertFalse(globs.matches("xspam1.org.uk"))
 
     def test_case(self) -> None:
-        """Server-name lists ignore case; user-ID lists do not."""
+        """ignore_case=True matches in any case; without it, case is kept."""
         self.assertTrue(GlobList.of(["EVIL.example"], ignore_case=True).matches("evil.EXAMPLE"))
         self.assertFalse(GlobList.of(["@Spam:*"]).matches("@spam:x"))
 
