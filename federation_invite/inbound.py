@@ -702,6 +702,38 @@ class InviteHandler:
         """The handler's clock, in seconds: when an invite's handling starts, for ``count``."""
         return self._clock.seconds()
 
+    def refused_early(
+        self,
+        error: MatrixError,
+        room_id: str | None,
+        event_id: str | None,
+        started: float,
+        *,
+        request: IRequest | None = None,
+        peer: str | None = None,
+    ) -> None:
+        """Count and log an invite refused before ``on_invite``: by the endpoint (rows 1 to 3,
+        a path ID that is not UTF-8, None here) or by the daemon's site (its limits), with
+        the fields of ``on_invite``'s refusals; nothing was authenticated or read of the
+        event, so ``origin`` and ``invitee`` are None. The peer is ``request``'s, if given."""
+        if request is not None:
+            peer = _peer_address(request)
+        self._metrics.inbound("refused", error.errcode, self._clock.seconds() - started)
+        _log_outcome(
+            f"Invite {'?' if event_id is None else event_id}"
+            f" in {'?' if room_id is None else room_id} from {_requester(None, peer)} refused: "
+            f"{error.http_status} {error.errcode} {error.message}",
+            event_id=event_id,
+            room_id=room_id,
+            origin=None,
+            invitee=None,
+            status=error.http_status,
+            errcode=error.errcode,
+            reason=error.message,
+            outcome="refused",
+            peer=peer,
+        )
+
     def count(self, outcome: str, errcode: str | None, started: float) -> None:
         """Count an invite that ended before or around ``on_invite`` (refused by the endpoint,
         abandoned, failing unexpectedly) in this handler's metrics, which count the rest."""

@@ -28,6 +28,7 @@ from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
 from federation_invite.inbound import _log_outcome
 from federation_invite.logs import Logger, escape_log_text, json_file_observer, json_observer
 from federation_invite.store import InviteRule
+from federation_invite.web.site import FederationSite
 
 from .invites import (
     BOB,
@@ -38,6 +39,7 @@ from .invites import (
     event_id_of,
     stripped,
 )
+from .test_hostile_slow import Connection
 
 #: A room ID (valid in room versions 1 to 11: any code point but ":" and NUL
 #: before the server name) that would end the line, forge another and colour
@@ -622,3 +624,132 @@ class FailureEscapingTests(SynchronousTestCase):
         self.assertIn(FORGED_MESSAGE, raw)
         self.assertIsNot(events[0]["log_failure"], original)
         self.assertIs(events[0]["log_failure"].value, original.value)
+
+
+#: The fields of an invite's log line.
+_FIELDS = (
+    "event_id",
+    "room_id",
+    "origin",
+    "invitee",
+    "outcome",
+    "status",
+    "errcode",
+    "reason",
+    "peer",
+)
+
+
+class EarlyRefusalLogTests(SynchronousTestCase):
+    """Invites refused before the handler runs (rows 1 to 3, a path ID that is not UTF-8, and
+    the daemon's site's own refusals) get the invite line too, once, with the same fields."""
+
+    def test_endpoint_refusals_logged(self) -> None:
+        """Each refusal by the endpoint is one invite line: the path's IDs (None where not
+        UTF-8), no origin (nothing was authenticated), the peer, status, errcode and reason."""
+        scenario = InviteScenario(max_body_bytes=100)
+        room = "!room:remote.example"
+        path = scenario.path(2, room, "$x")
+        not_utf8 = path[: -len("%24x")] + "%ff"
+        cases = [
+            (
+                path,
+                b"{" + b" " * 200 + b"}",
+                "$x",
+                413,
+                "M_TOO_LARGE",
+                "Request body exceeds 100 bytes",
+            ),
+            (path, b"nope", "$x", 400, "M_NOT_JSON", "Body is not valid JSON"),
+            (path, b"[1]", "$x", 400, "M_NOT_JSON", "The body must be a JSON object"),
+            (path, b'{"a":1,"a":1}', "$x", 400, "M_BAD_JSON", "Duplicate key 'a' in JSON"),
+            (
+                not_utf8,
+                b"{}",
+                None,
+                400,
+                "M_INVALID_PARAM",
+                "The event ID in the path is not UTF-8",
+            ),
+        ]
+        for request_path, data, event_id, status, errcode, reason in cases:
+            with capturedLogs() as events:
+                deferred = scenario.put_raw(request_path, data, content={"x": 1})
+                scenario.client.flush()
+                self.assertEqual(self.successResultOf(deferred).code, status)
+            (line,) = [event for event in events if event.get("outcome")]
+            self.assertEqual(
+                {field: line.get(field) for field in _FIELDS},
+                {
+                    "event_id": event_id,
+                    "room_id": room,
+                    "origin": None,
+                    "invitee": None,
+                    "outcome": "refused",
+                    "status": status,
+                    "errcode": errcode,
+                    "reason": reason,
+                    "peer": "127.0.0.1",
+                },
+            )
+            self.assertEqual(
+                formatEvent(line),
+                f"Invite {event_id or '?'} in {room} from an unauthenticated peer at 127.0.0.1"
+                f" refused: {status} {errcode} {reason}",
+            )
+
+    def test_site_refusals_logged(self) -> None:
+        """An invite request the daemon's site refuses itself (413 for a declared body over the
+        cap) is one invite line, in place of the site's own line; another path keeps that."""
+        scenario = InviteScenario(max_body_bytes=100)
+        site = FederationSite(scenario.root, reactor=scenario.clock, max_body_bytes=100)
+        room = "!room:remote.example"
+        head = b" HTTP/1.1\r\nHost: us.example\r\nContent-Length: 200\r\n\r\n"
+        for path, invite in ((scenario.path(2, room, "$x").encode(), True), (b"/nothing", False)):
+            connection = Connection(site)
+            self.addCleanup(connection.close)
+            with capturedLogs() as events:
+                connection.send(b"PUT " + path + head)
+            self.assertEqual(connection.responses()[0][0], 413)
+            (line,) = events
+            if not invite:
+                self.assertNotIn("outcome", line)
+                self.assertIn("Refusing a request body over 100 bytes", formatEvent(line))
+                continue
+            self.assertEqual(
+                {field: line.get(field) for field in _FIELDS},
+                {
+                    "event_id": "$x",
+                    "room_id": room,
+                    "origin": None,
+                    "invitee": None,
+                    "outcome": "refused",
+                    "status": 413,
+                    "errcode": "M_TOO_LARGE",
+                    "reason": "Request body exceeds 100 bytes",
+                    "peer": "203.0.113.9",
+                },
+            )
+
+    def test_site_timeout_of_an_invite_logged(self) -> None:
+        """An invite request whose headers did not arrive within the deadline (408) is one
+        invite line too, and not the site's "not received" line; another path keeps that."""
+        scenario = InviteScenario()
+        site = FederationSite(scenario.root, reactor=scenario.clock, request_timeout=30)
+        invite = scenario.path(2, "!room:remote.example", "$x").encode()
+        for path, invite_line in ((invite, True), (b"/nothing", False)):
+            connection = Connection(site)
+            self.addCleanup(connection.close)
+            with capturedLogs() as events:
+                connection.send(b"PUT " + path + b" HTTP/1.1\r\nHost: us.example\r\n")
+                scenario.clock.advance(30)
+            connection.close()  # gone, as a real socket would be: no abort timer left
+            self.assertEqual(connection.responses()[0][0], 408)
+            (line,) = events
+            if invite_line:
+                self.assertEqual(
+                    (line.get("outcome"), line.get("status"), line.get("errcode")),
+                    ("refused", 408, "M_UNKNOWN"),
+                )
+            else:
+                self.assertIn("request not received within 30 s", formatEvent(line))

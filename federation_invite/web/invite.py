@@ -5,10 +5,11 @@ object, duplicate keys), percent-decodes the path parameters (each raw path
 segment decoded once, so a v3 event ID's ``/`` arrives as ``%2F`` and stays
 in its segment), hands the rest to ``InviteHandler`` and shapes the answer:
 v1 ``[200, {"event": ...}]`` (Synapse's historical quirk, kept by the spec's
-invites-v1.yaml), v2 ``{"event": ...}``. Invites it refuses itself, those
-``FederationSite`` refuses before it sees them (``refused_by_site``), those
-the client abandons (cancelled) and those failing unexpectedly (500
-``M_UNKNOWN``) it counts in the handler's metrics; the handler counts the rest.
+invites-v1.yaml), v2 ``{"event": ...}``. Invites it refuses itself, and those
+``FederationSite`` refuses before it sees them (``refused_by_site``), it has
+the handler count and log (one line each, as the handler's own refusals);
+those the client abandons (cancelled) and those failing unexpectedly (500
+``M_UNKNOWN``, logged with their traceback) it counts in the handler's metrics.
 """
 
 from __future__ import annotations
@@ -39,14 +40,12 @@ def _read_body(request: Request, max_bytes: int) -> bytes:
     return body
 
 
-def _path_parameter(segment: bytes, what: str) -> str:
+def _path_parameter(segment: bytes) -> str | None:
+    """A path parameter (percent-decoded already) as text; None if it is not UTF-8."""
     try:
-        value = segment.decode("utf-8")
+        return segment.decode("utf-8")
     except UnicodeDecodeError:
-        raise MatrixError(
-            400, Codes.INVALID_PARAM, f"The {what} in the path is not UTF-8"
-        ) from None
-    return value
+        return None
 
 
 class InviteResource(MatrixResource):
@@ -75,25 +74,37 @@ class InviteResource(MatrixResource):
 
     def refused_by_site(self, refusal: SiteRefusal, postpath: list[bytes]) -> bool:
         """An invite request ``FederationSite`` refused before this resource saw it (413,
-        408, 400): counted as the refusals of ``render_PUT`` are. Other methods and paths
-        below this one (answered 405 or 404 here) are not invites. The site logs it."""
+        408, 400): counted and logged as the refusals of ``render_PUT`` are, by the handler.
+        Other methods and paths below this one (answered 405 or 404 here) are not invites."""
         if refusal.method != b"PUT" or len(postpath) != 2 or not all(postpath):
             return False
-        self._count("refused", refusal.error.errcode, self._handler.now())
-        return False
+        room_segment, event_segment = postpath
+        self._handler.refused_early(
+            refusal.error,
+            _path_parameter(room_segment),
+            _path_parameter(event_segment),
+            self._handler.now(),
+            peer=refusal.peer,
+        )
+        return True
 
     def render_PUT(self, request: Request) -> int:
         started = self._handler.now()
+        room_segment, event_segment = request.postpath or [b"", b""]
+        room_id = _path_parameter(room_segment)
+        event_id = _path_parameter(event_segment)
         try:
-            room_segment, event_segment = request.postpath or [b"", b""]
-            room_id = _path_parameter(room_segment, "room ID")
-            event_id = _path_parameter(event_segment, "event ID")
+            if room_id is None or event_id is None:
+                what = "room ID" if room_id is None else "event ID"
+                raise MatrixError(400, Codes.INVALID_PARAM, f"The {what} in the path is not UTF-8")
             raw = _read_body(request, self._max_body_bytes)
             # Row 2 before row 3: a duplicate key is reported only in a JSON object.
             body, numbers_strict = parse_json_with_numbers(raw, require_object=True)
         except MatrixError as error:
-            # Rows 1 to 3 and the path: refused before the handler, which counts the rest.
-            self._count("refused", error.errcode, started)
+            # Rows 1 to 3 and the path: refused before the handler, which logs and counts
+            # the rest; one invite line for it as well, instead of the access log's.
+            mark_outcome_logged(request)
+            self._handler.refused_early(error, room_id, event_id, started, request=request)
             raise
         except Exception:
             self._count("refused", Codes.UNKNOWN, started)  # answered 500 M_UNKNOWN

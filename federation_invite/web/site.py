@@ -47,7 +47,8 @@ adds, per connection:
   (``mark_outcome_logged``: the invite endpoints, one structured line per invite);
 - a request refused here (413, 408 or 400 once its request line is read) is
   told to the resource it was for, if that asks to hear (``refused_by_site``):
-  the invite endpoints count it as they do their own refusals;
+  the invite endpoints count and log it as they do their own refusals, in
+  place of the site's own line;
 - a graceful drain for shutdown (``drain``): no new connections; idle
   connections closed; requests in progress answered (then their connections
   closed) within a grace period, and the connections still open at its end
@@ -809,11 +810,11 @@ class FederationSite(Site):
         whether it logged the refusal itself (then the site does not).
 
         A resource asks by having a ``refused_by_site(refusal, postpath)`` method
-        (the invite endpoints do: they count every invite, refused here too);
-        ``postpath`` is what is left of the path below it, percent-decoded, as
-        Twisted would give it. Only the static tree (``putChild``) is searched,
-        as Twisted would route the request. A failure is logged, and counts as
-        not logged.
+        (the invite endpoints do: they count and log every invite, refused here
+        too); ``postpath`` is what is left of the path below it, percent-decoded,
+        as Twisted would give it. Only the static tree (``putChild``) is
+        searched, as Twisted would route the request. A failure is logged, and
+        counts as not logged.
         """
         if refusal.path[:1] != b"/":
             return False  # not a path (OPTIONS *, authority-form): nothing we serve

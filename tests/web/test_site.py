@@ -100,15 +100,18 @@ class AccessLogTests(SiteTestCase):
         self.assertEqual(self.logged, [])
 
     def test_other_requests_in_access_log(self) -> None:
-        """Refusals before the handler (bad JSON) and other paths keep their access-log line."""
+        """An invite refused by the endpoint before the handler (bad JSON) has only its invite
+        line too; other paths keep their access-log line."""
         path, _ = self.signed_invite()
         connection = self.connect()
-        connection.send(
-            put_request(path, b"not json", 'X-Matrix origin="a",key="ed25519:a",sig="a"')
-        )
+        with capturedLogs() as events:
+            connection.send(
+                put_request(path, b"not json", 'X-Matrix origin="a",key="ed25519:a",sig="a"')
+            )
         connection.send(b"GET /_matrix/nothing HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual([status for status, _, _ in connection.responses()], [400, 404])
-        self.assertEqual(self.logged, [path.encode(), b"/_matrix/nothing"])
+        self.assertEqual([event.get("errcode") for event in events], ["M_NOT_JSON"])
+        self.assertEqual(self.logged, [b"/_matrix/nothing"])
 
 
 class RequestTargetTests(SiteTestCase):
