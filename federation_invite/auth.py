@@ -85,6 +85,13 @@ class RequestAuthenticator:
         Run before reading keys (and, by the web layer, before the body is
         parsed further) so that refused senders cost us nothing.
         """
+        auth = self.parse_header(request)
+        self.check_acl(auth)
+        return auth
+
+    def parse_header(self, request: IRequest) -> XMatrixAuth:
+        """``parse`` but for the ACL: the header's claims, for a caller (the invite log) that
+        wants the claimed origin of a request the ACL then refuses."""
         headers = _x_matrix_headers(request)
         if not headers:
             raise _unauthorized("Missing X-Matrix Authorization header")
@@ -105,11 +112,14 @@ class RequestAuthenticator:
             raise _unauthorized("X-Matrix origin is not a valid server name")
         if not is_valid_key_id(auth.key_id):
             raise _unauthorized("X-Matrix key is not an ed25519 key ID")
+        return auth
+
+    def check_acl(self, auth: XMatrixAuth) -> None:
+        """Refuse (403 ``M_FORBIDDEN``) an origin the server ACL denies."""
         if not self._acl.allows(auth.origin):
             raise MatrixError(
                 403, Codes.FORBIDDEN, "This server does not accept requests from yours"
             )
-        return auth
 
     async def authenticate(self, request: IRequest, content: Any = None) -> str:
         """Run every check in the module's table; return the authenticated origin."""

@@ -248,16 +248,22 @@ class InviteHandler:
         and holds no float or out-of-range integer, so strict and lax canonical
         encodings of it are the same bytes and need no separate checking walk.
         """
+        # The origin once its signature verified; until then the X-Matrix header's claim,
+        # which the log lines keep apart (claimed_origin), so that nothing keyed on
+        # ``origin`` (alerts, automatic deny lists) can be pointed at a server by a forgery.
         origin: str | None = None
+        claimed: str | None = None
         started = self._clock.seconds()
         peer = _peer_address(request)
         # The invitee, once the event has named a valid one (row 11): for the refusal line.
         invitee: list[str] = []
         try:
             try:
-                auth = self._authenticator.parse(request)
-                origin = auth.origin
+                auth = self._authenticator.parse_header(request)
+                claimed = auth.origin
+                self._authenticator.check_acl(auth)
                 origin = await self._authenticator.verify(auth, request, body)
+                claimed = None
                 delay = self._origin_rate.acquire(origin)
                 if delay:
                     # Slowed, not refused (yet): the wait holds a rate token but
@@ -286,7 +292,8 @@ class InviteHandler:
                     " {reason}",
                     event_id=event_id,
                     origin=origin,
-                    requester=_requester(origin, peer),
+                    claimed_origin=claimed,
+                    requester=_requester(origin, peer, claimed),
                     reason=str(exc),
                 )
                 raise MatrixError(
@@ -296,12 +303,13 @@ class InviteHandler:
             self._metrics.inbound("refused", error.errcode, self._clock.seconds() - started)
             known = invitee[0] if invitee else None
             _log_outcome(
-                f"Invite {event_id} in {room_id} from {_requester(origin, peer)}"
+                f"Invite {event_id} in {room_id} from {_requester(origin, peer, claimed)}"
                 f"{f' for {known}' if known else ''} refused: "
                 f"{error.http_status} {error.errcode} {error.message}",
                 event_id=event_id,
                 room_id=room_id,
                 origin=origin,
+                claimed_origin=claimed,
                 invitee=known,
                 status=error.http_status,
                 errcode=error.errcode,
@@ -726,6 +734,7 @@ class InviteHandler:
             event_id=event_id,
             room_id=room_id,
             origin=None,
+            claimed_origin=None,
             invitee=None,
             status=error.http_status,
             errcode=error.errcode,
@@ -827,11 +836,13 @@ def _answer(event: dict[str, Any], event_json: bytes) -> EncodedDict:
 _LOG_SYSTEM = {level: f"{log.namespace}#{level.name}" for level in LogLevel.iterconstants()}
 
 
-def _requester(origin: str | None, peer: str | None) -> str:
-    """Who a log line says sent the request: its origin, or the peer if none was read."""
+def _requester(origin: str | None, peer: str | None, claimed: str | None = None) -> str:
+    """Who a log line says sent the request: its authenticated origin, or else the peer and
+    the origin its X-Matrix header claimed, if one was read."""
     if origin is not None:
         return origin
-    return f"an unauthenticated peer at {peer}" if peer else "an unauthenticated peer"
+    who = f"an unauthenticated peer at {peer}" if peer else "an unauthenticated peer"
+    return f"{who} claiming to be {claimed}" if claimed is not None else who
 
 
 def _log_outcome(text: str, level: LogLevel = LogLevel.info, **fields: Any) -> None:

@@ -7,6 +7,7 @@ import json
 import pickle
 from typing import Any
 
+from twisted.internet.defer import fail
 from twisted.logger import (
     InvalidLogLevelError,
     LegacyLogObserverWrapper,
@@ -24,10 +25,11 @@ from twisted.python.log import FileLogObserver
 from twisted.trial.unittest import SynchronousTestCase
 from unpaddedbase64 import encode_base64
 
+from federation_invite.auth import ServerAcl
 from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
 from federation_invite.inbound import _log_outcome
 from federation_invite.logs import Logger, escape_log_text, json_file_observer, json_observer
-from federation_invite.store import InviteRule
+from federation_invite.store import InviteRule, StoreError
 from federation_invite.web.site import FederationSite
 
 from .invites import (
@@ -39,6 +41,7 @@ from .invites import (
     event_id_of,
     stripped,
 )
+from .support import make_key
 from .test_hostile_slow import Connection
 
 #: A room ID (valid in room versions 1 to 11: any code point but ":" and NUL
@@ -753,3 +756,101 @@ class EarlyRefusalLogTests(SynchronousTestCase):
                 )
             else:
                 self.assertIn("request not received within 30 s", formatEvent(line))
+
+
+class OriginClaimLogTests(SynchronousTestCase):
+    """A line's ``origin`` is only ever an authenticated origin: a refusal before or at the
+    signature check logs the X-Matrix header's origin as ``claimed_origin``, so that alerts or
+    automatic deny lists keyed on ``origin`` cannot be pointed at a server by forging its name."""
+
+    def send(
+        self, scenario: InviteScenario, depth: int = 1, **kwargs: Any
+    ) -> tuple[dict[str, Any], int]:
+        """Send a v2 invite (``kwargs`` to ``InviteScenario.send``); its one outcome line and
+        the status answered."""
+        room_version, event = scenario.invite(extra={"depth": depth})
+        with capturedLogs() as events:
+            deferred = scenario.send(
+                2,
+                scenario.v2_body(room_version, event),
+                room_id=event["room_id"],
+                event_id=event_id_of(room_version, event),
+                **kwargs,
+            )
+            scenario.client.flush()
+            code = self.successResultOf(deferred).code
+        (line,) = [e for e in events if e.get("outcome")]
+        return line, code
+
+    def assertClaimed(self, line: dict[str, Any], status: int, errcode: str) -> None:
+        self.assertEqual(
+            (line["outcome"], line["status"], line["errcode"]), ("refused", status, errcode)
+        )
+        self.assertIsNone(line["origin"])
+        self.assertEqual(line["claimed_origin"], THEM)
+        self.assertIn(
+            f" from an unauthenticated peer at 127.0.0.1 claiming to be {THEM} refused: ",
+            formatEvent(line),
+        )
+        self.assertNotIn(f" from {THEM} ", formatEvent(line))
+
+    def test_forged_signature(self) -> None:
+        """A signature by a key that is not the origin's (401): origin None, the claim apart."""
+        line, code = self.send(InviteScenario(), key=make_key("them1"))
+        self.assertEqual(code, 401)
+        self.assertClaimed(line, 401, "M_UNAUTHORIZED")
+        self.assertIn("Invalid X-Matrix signature", line["reason"])
+
+    def test_key_not_obtained(self) -> None:
+        """A key ID the origin does not have (401): origin None, the claim apart."""
+        line, code = self.send(InviteScenario(), key=make_key("madeup"))
+        self.assertEqual(code, 401)
+        self.assertClaimed(line, 401, "M_UNAUTHORIZED")
+        self.assertIn("Could not obtain key", line["reason"])
+
+    def test_acl_refusal(self) -> None:
+        """An origin the server ACL denies (403, before any key fetch): origin None (as
+        before), and now the claim in claimed_origin."""
+        line, code = self.send(InviteScenario(acl=ServerAcl.of(deny=(THEM,))))
+        self.assertEqual(code, 403)
+        self.assertClaimed(line, 403, "M_FORBIDDEN")
+
+    def test_key_store_failure(self) -> None:
+        """The key store failing while the origin's key is looked up (500): the error line and
+        the refusal carry the claim only."""
+        scenario = InviteScenario()
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            return fail(StoreError("get_server_keys", "database is locked"))
+
+        scenario.store.get_server_keys = broken  # type: ignore[method-assign]
+        room_version, event = scenario.invite()
+        with capturedLogs() as events:
+            deferred = scenario.send(
+                2,
+                scenario.v2_body(room_version, event),
+                room_id=event["room_id"],
+                event_id=event_id_of(room_version, event),
+            )
+            scenario.client.flush()
+            self.assertEqual(self.successResultOf(deferred).code, 500)
+        (error,) = [e for e in events if e["log_level"] is LogLevel.error]
+        self.assertIsNone(error["origin"])
+        self.assertEqual(error["claimed_origin"], THEM)
+        self.assertIn(f"claiming to be {THEM}", formatEvent(error))
+        (line,) = [e for e in events if e.get("outcome")]
+        self.assertClaimed(line, 500, "M_UNKNOWN")
+
+    def test_authenticated_lines_have_no_claim(self) -> None:
+        """Once the signature verified, origin is the origin and claimed_origin None (refusals)
+        or absent (accepted lines); without a header, both are None."""
+        scenario = InviteScenario()
+        line, code = self.send(scenario)
+        self.assertEqual((code, line["outcome"], line["origin"]), (200, "accepted", THEM))
+        self.assertNotIn("claimed_origin", line)
+        scenario.store.users.clear()
+        line, code = self.send(scenario, depth=2)
+        self.assertEqual((code, line["origin"], line["claimed_origin"]), (404, THEM, None))
+        self.assertIn(f" from {THEM} for {BOB} refused: 404", formatEvent(line))
+        line, code = self.send(scenario, depth=3, headers=[])
+        self.assertEqual((code, line["origin"], line["claimed_origin"]), (401, None, None))
