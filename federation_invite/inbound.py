@@ -14,6 +14,7 @@ version's strict canonical JSON guarantees the canonical form is no longer.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
@@ -38,7 +39,7 @@ from .core.canonical import EncodedDict, encode_canonical_json
 from .core.errors import Codes, MatrixError
 from .core.events import PreparedEvent, check_content_hash, prepare_event, room_id_for_create_event
 from .core.format import MAX_PDU_SIZE, check_event_format, check_pdu_size
-from .core.ids import is_valid_user_id, server_name_of
+from .core.ids import is_valid_user_id, server_name_key, server_name_of
 from .core.roomversions import RoomVersion, get_room_version
 from .core.signing import (
     ServerVerifyKey,
@@ -264,12 +265,14 @@ class InviteHandler:
                 self._authenticator.check_acl(auth)
                 origin = await self._authenticator.verify(auth, request, body)
                 claimed = None
-                delay = self._origin_rate.acquire(origin)
+                # One budget per server, however its name is spelled (any case).
+                origin_key = _origin_key(origin)
+                delay = self._origin_rate.acquire(origin_key)
                 if delay:
                     # Slowed, not refused (yet): the wait holds a rate token but
                     # no processing slot; cancelling the request cancels the wait.
                     await deferLater(self._clock, delay)
-                self._origin_concurrency.acquire(origin)
+                self._origin_concurrency.acquire(origin_key)
                 try:
                     answer, outcome = await self._handle(
                         origin,
@@ -283,7 +286,7 @@ class InviteHandler:
                         invitee,
                     )
                 finally:
-                    self._origin_concurrency.release(origin)
+                    self._origin_concurrency.release(origin_key)
             except StoreError as exc:
                 # Any read on the way (keys, local users, rules) failing: the
                 # database is unavailable; nothing was signed or stored.
@@ -832,6 +835,11 @@ def _answer(event: dict[str, Any], event_json: bytes) -> EncodedDict:
     """``{"event": event}``, carrying its encoding built from the event's own (``event_json``)."""
     return EncodedDict({"event": event}, b'{"event":' + event_json + b"}")
 
+
+#: ``server_name_key`` for the per-origin limits, memoised: it is a ``str.translate`` of about
+#: 0.5 us (1.2 us for a 55-character name) per call, a cache hit about 0.05 us. Only
+#: verified origins are looked up, and the cache is bounded.
+_origin_key = functools.lru_cache(maxsize=4096)(server_name_key)
 
 _LOG_SYSTEM = {level: f"{log.namespace}#{level.name}" for level in LogLevel.iterconstants()}
 

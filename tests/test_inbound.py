@@ -1546,6 +1546,58 @@ class RateLimitRowTests(InboundTestCase):
         self.assertEqual(self.result(pending)[0], 200)
         self.assertEqual(self.s.handler._origin_concurrency.active(THEM), 0)
 
+    def send_as(self, origin: str, depth: int) -> Deferred[Any]:
+        """Send a new invite from ``@alice:origin``, signed as ``origin`` (a spelling of ours
+        serving our sender's key); the Deferred of the response."""
+        self.s.federation.add_key_server(self.s.clock, origin, [self.s.their_key])
+        room_version = KNOWN_ROOM_VERSIONS["10"]
+        event = build_invite(
+            room_version,
+            self.s.their_key,
+            sender=f"@alice:{origin}",
+            server=origin,
+            extra={"depth": depth},
+        )
+        return self.s.send(
+            2,
+            self.s.v2_body(room_version, event),
+            room_id=event["room_id"],
+            event_id=event_id_of(room_version, event),
+            origin=origin,
+        )
+
+    def test_row17_origin_rate_shared_by_spellings(self) -> None:
+        """Row 17: the spellings of one server name in other cases share its rate limit, as
+        they share its keys and back-off: 'Remote.example' and 'REMOTE.EXAMPLE' get no budget
+        of their own."""
+        self.s = InviteScenario(
+            limits=InviteLimits(origin_burst=3, origin_per_second=0.001, invitee_burst=100)
+        )
+        for depth in (1, 2, 3):
+            self.assertEqual(self.result(self.send_as(THEM, depth))[0], 200)
+        for depth, spelling in enumerate(("Remote.example", "REMOTE.EXAMPLE", THEM), 4):
+            answer = self.result(self.send_as(spelling, depth))
+            self.assertRefused(answer, 429, "M_LIMIT_EXCEEDED")
+
+    def test_row17_origin_concurrency_shared_by_spellings(self) -> None:
+        """Row 17: a request from 'REMOTE.example' counts against 'remote.example''s
+        concurrency limit, and gives its place back when done."""
+        self.s = InviteScenario(limits=InviteLimits(origin_concurrent=1, invitee_burst=100))
+        gate: Deferred[None] = Deferred()
+        original = self.s.store.invitee_states
+
+        def slow(user_ids: list[str]) -> Deferred[dict[str, tuple[bool, list[Any]]]]:
+            return gate.addCallback(lambda _: self.successResultOf(original(user_ids)))
+
+        self.s.store.invitee_states = slow  # type: ignore[method-assign]
+        pending = self.send_as(THEM, 1)
+        self.s.client.flush()
+        self.assertRefused(self.result(self.send_as("REMOTE.example", 2)), 429, "M_LIMIT_EXCEEDED")
+        gate.callback(None)
+        self.assertEqual(self.result(pending)[0], 200)
+        self.assertEqual(self.result(self.send_as("REMOTE.example", 3))[0], 200)
+        self.assertEqual(self.s.handler._origin_concurrency.active(THEM), 0)
+
     def test_row17_repeats_take_no_invitee_token(self) -> None:
         """Row 17: the invitee's limit counts invites stored, not repeats of one (row 18):
         sending an accepted invite again, however often, leaves its tokens for new invites
