@@ -302,6 +302,17 @@ class InviteHandler:
                 raise MatrixError(
                     500, Codes.UNKNOWN, "The database is unavailable; try again later"
                 ) from None
+            except (MatrixError, CancelledError):
+                raise
+            except Exception:
+                # A failure in our code or an embedder's (a signer, a policy hook):
+                # its traceback once, then the outcome line like any refusal's.
+                log.failure(
+                    "Unexpected error handling invite {event_id} from {requester}",
+                    event_id=event_id,
+                    requester=_requester(origin, peer, claimed),
+                )
+                raise MatrixError(500, Codes.UNKNOWN, "Internal server error") from None
         except MatrixError as error:
             self._metrics.inbound("refused", error.errcode, self._clock.seconds() - started)
             known = invitee[0] if invitee else None

@@ -854,3 +854,36 @@ class OriginClaimLogTests(SynchronousTestCase):
         self.assertIn(f" from {THEM} for {BOB} refused: 404", formatEvent(line))
         line, code = self.send(scenario, depth=3, headers=[])
         self.assertEqual((code, line["origin"], line["claimed_origin"]), (401, None, None))
+
+
+class UnexpectedFailureLogTests(SynchronousTestCase):
+    """An invite failing in our own code or an embedder's (a signer, a policy hook) is answered
+    500 ``M_UNKNOWN`` and still gets its outcome line, with the usual fields, as a store
+    failure does; the failure's traceback is logged once, apart."""
+
+    def test_signer_failure(self) -> None:
+        scenario = InviteScenario()
+
+        def failing_sign(*args: Any) -> Any:
+            raise RuntimeError("HSM unreachable")
+
+        self.patch(scenario.handler._signer, "sign_event", failing_sign)
+        room_version, event = scenario.invite()
+        with capturedLogs() as events:
+            deferred = scenario.send(
+                2,
+                scenario.v2_body(room_version, event),
+                room_id=event["room_id"],
+                event_id=event_id_of(room_version, event),
+            )
+            scenario.client.flush()
+            self.assertEqual(self.successResultOf(deferred).code, 500)
+        (line,) = [e for e in events if e.get("outcome")]
+        self.assertEqual(
+            (line["outcome"], line["status"], line["errcode"], line["origin"], line["invitee"]),
+            ("refused", 500, "M_UNKNOWN", THEM, event["state_key"]),
+        )
+        failures = [e for e in events if "log_failure" in e]
+        self.assertEqual(len(failures), 1)
+        self.assertIn("HSM unreachable", formatEvent(failures[0]) + str(failures[0]["log_failure"]))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
