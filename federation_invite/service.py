@@ -394,7 +394,11 @@ class FederationInviteService(service.MultiService):
     """The daemon: on start, opens the store, then listens on every configured endpoint.
 
     ``ready`` fires with the assembled ``FederationInvite`` once listening has
-    begun (or fails, after logging, and the reactor is stopped).
+    begun (or fails, after logging, and the reactor is stopped). It is the
+    latest start's: a start after the previous ``ready`` fired (stopped, then
+    started again) gets a new one, with newly built components, so read
+    ``ready`` after ``startService``. Each stop closes its run's ports and
+    components, and forgets them.
     """
 
     def __init__(
@@ -414,7 +418,8 @@ class FederationInviteService(service.MultiService):
         self.signing_key = signing_key
         self.components: FederationInvite | None = None
         self.ready: Deferred[FederationInvite] = Deferred()
-        #: The sites listened with (federation, metrics), drained on stop.
+        #: The sites listened with (federation, metrics), drained on stop, and
+        #: forgotten with their listening services (our children) after it.
         self._sites: list[FederationSite] = []
         #: The start under way or done, and the stop (``stopService``) until the next start.
         self._starting: Deferred[Any] | None = None
@@ -424,6 +429,10 @@ class FederationInviteService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if self.ready.called:
+            # Started again after a stop: a new run, told of on a new Deferred.
+            self.ready = Deferred()
+        self.components = None
         self._stopping = None
         self._start_abandoned = False
         starting = self._starting = Deferred.fromCoroutine(self._start())
@@ -570,8 +579,15 @@ class FederationInviteService(service.MultiService):
                 abandoned=0,
                 dropped=0,
             )
-        if self.components is not None:
-            await self.components.close()
+        try:
+            if self.components is not None:
+                await self.components.close()
+        finally:
+            # This run is over (its ports closed): a next start listens anew.
+            for child in list(self):
+                if any(getattr(child, "factory", None) is site for site in self._sites):
+                    child.disownServiceParent()
+            self._sites.clear()
 
     async def _wait_for_start(self, starting: Deferred[Any], grace_period: float) -> None:
         """Let a start still opening the database finish, for at most ``grace_period`` s.

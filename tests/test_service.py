@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections.abc import Callable
@@ -499,6 +500,62 @@ class DrainOnStopTests(TestCase):
             self.assertEqual(parse_responses(busy.received)[0][0], 200)
 
         return ensureDeferred(go())
+
+
+class RestartTests(TestCase):
+    """A ``FederationInviteService`` stopped and started again in one process (an
+    embedder's ``MultiService``, a test suite): each run listens, then closes, on its own."""
+
+    timeout = 20
+
+    async def run_once(self, service: FederationInviteService) -> tuple[Any, int]:
+        """Start ``service``, check it serves, stop it: its components and port number."""
+        from twisted.internet import reactor
+
+        service.startService()
+        components = await service.ready
+        (listener,) = list(service)
+        port = (await listener._waitingForPort).getHost().port  # type: ignore[attr-defined]
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        client = _RawClient()
+        await connectProtocol(endpoint, client)
+        assert client.transport is not None
+        client.transport.write(
+            b"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: us.example\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        await client.lost
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 200 "))
+        await service.stopService()
+        return components, port
+
+    async def test_start_stop_start_stop(self) -> None:
+        """Each start gets its own ``ready`` (the second run's components, newly built),
+        each stop closes that run's port and store, and nothing is logged as an error."""
+        from twisted.internet import reactor
+
+        config = load_config(
+            None,
+            {
+                "server_name": US,
+                "data_dir": os.path.abspath(self.mktemp()),
+                "listen": ["tcp:0:interface=127.0.0.1"],
+            },
+        )
+        config.ensure_data_dir()
+        service = FederationInviteService(config, reactor, make_key("us1"))
+        first, _ = await self.run_once(service)
+        self.assertTrue(first.store._closed)
+        second, port = await self.run_once(service)
+        self.assertIsNot(second, first)
+        self.assertIs(service.components, second)
+        self.assertTrue(second.store._closed)
+        self.assertEqual(list(service), [])
+        with self.assertRaises(ConnectionRefusedError):
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Protocol())
+        del first, second
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class UnfinishedStartTests(SynchronousTestCase):
