@@ -140,6 +140,7 @@ class FederationClient:
         self._max_response_bytes = max_response_bytes
         self._backoff: dict[str, _Backoff] = {}
         self._pool: HTTPConnectionPool | None = None
+        self._resolver: ServerResolver | None = None
         if agent is None:
             if not verify_tls:
                 _log.warn(
@@ -149,7 +150,7 @@ class FederationClient:
             ip_filter = IPRangeFilter(ip_blocklist, ip_allowlist)
             tls_policy = FederationTLSPolicy(verify=verify_tls)
             self._pool = make_connection_pool(reactor)
-            resolver = ServerResolver(
+            resolver = self._resolver = ServerResolver(
                 reactor, well_known_agent(reactor, tls_policy, ip_filter, self._pool), srv_resolver
             )
             agent = FederationAgent(
@@ -226,7 +227,10 @@ class FederationClient:
         )
 
     def close(self) -> Deferred[None]:
-        """Close idle pooled connections (for shutdown and tests on real sockets)."""
+        """Close idle pooled connections and stop the system DNS resolver's timer (for
+        shutdown and tests on real sockets)."""
+        if self._resolver is not None:
+            self._resolver.close()
         if self._pool is None:
             return succeed(None)
         closed: Deferred[None] = self._pool.closeCachedConnections()

@@ -141,11 +141,25 @@ def _system_srv_resolver(reactor: Any) -> IResolver:
     Answers are cached by ``ServerResolver`` itself: twisted.names'
     ``CacheResolver`` is filled only by a DNS server, never by a client's lookups.
     Concurrent queries for one name share one request (``client.Resolver``).
+    It re-reads resolv.conf when it changes (checked every 60 s, on a timer
+    that ``_stop_system_srv_resolver`` cancels), as a long-running daemon needs.
     """
     from twisted.names.client import Resolver
 
     resolver: IResolver = Resolver(resolv="/etc/resolv.conf", reactor=reactor)
     return resolver
+
+
+def _stop_system_srv_resolver(resolver: IResolver) -> None:
+    """Cancel the timer with which a ``_system_srv_resolver`` re-reads resolv.conf.
+
+    ``client.Resolver`` schedules it every 60 s for as long as it lives, and
+    has no method to stop it: left, it outlives the client on the reactor.
+    Lookups still work after, with the name servers last read.
+    """
+    parse_call = getattr(resolver, "_parseCall", None)
+    if parse_call is not None and parse_call.active():
+        parse_call.cancel()
 
 
 class ServiceUnavailableError(ConnectionError):
@@ -237,8 +251,8 @@ class ServerResolver:
     ``.well-known`` documents (it should itself apply the IP blocklist and TLS
     verification; redirects, only to ``https``, are followed here);
     ``srv_resolver`` is a ``twisted.names`` ``IResolver`` (default: the
-    system's, created on first use); ``random`` orders SRV records of equal
-    priority by weight.
+    system's, created on first use and stopped by ``close``); ``random`` orders
+    SRV records of equal priority by weight.
     """
 
     def __init__(
@@ -252,6 +266,8 @@ class ServerResolver:
         self._reactor = reactor
         self._well_known_agent = well_known_agent
         self._srv_resolver = srv_resolver
+        #: The system resolver created here (not given), which ``close`` stops.
+        self._own_srv_resolver: IResolver | None = None
         self._random = random or _random.Random()
         self._cache: dict[str, _WellKnownEntry] = {}
         #: Consecutive failures per hostname, least recently failed first.
@@ -282,6 +298,15 @@ class ServerResolver:
     def get_well_known(self, hostname: str) -> Deferred[str | None]:
         """The server name ``hostname`` delegates to, or None; cached, never fails."""
         return Deferred.fromCoroutine(self._get_well_known(hostname))
+
+    def close(self) -> None:
+        """Stop the timer of the system resolver created here (its re-read of resolv.conf).
+
+        An ``srv_resolver`` given is its owner's to close. Resolution still
+        works after (the resolver keeps the name servers it last read).
+        """
+        if self._own_srv_resolver is not None:
+            _stop_system_srv_resolver(self._own_srv_resolver)
 
     # -- steps 1 to 3
 
@@ -384,6 +409,7 @@ class ServerResolver:
         resolver = self._srv_resolver
         if resolver is None:
             resolver = self._srv_resolver = _system_srv_resolver(self._reactor)
+            self._own_srv_resolver = resolver
         lookup = resolver.lookupService(name, _DNS_TIMEOUT)
         # No caller can cancel the query: bound it, should the resolver never answer.
         lookup.addTimeout(SRV_QUERY_TIMEOUT, self._reactor)

@@ -6,9 +6,10 @@ import json
 from typing import Any
 
 from signedjson.key import generate_signing_key
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, fail
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
+from twisted.names.error import DNSNameError
 from twisted.trial.unittest import SynchronousTestCase
 
 from federation_invite.client import (
@@ -593,6 +594,28 @@ class ConstructionTests(SynchronousTestCase):
         warnings = [e for e in events if "verification is OFF" in e.get("log_format", "")]
         self.assertEqual(len(warnings), 1)
         self.assertEqual(warnings[0]["log_level"].name, "warn")
+
+    def test_close_stops_the_system_resolver(self) -> None:
+        """close() also stops the timer of the system DNS resolver its first SRV lookup
+        created (resolv.conf re-read every 60 s), so no timer outlives the client."""
+        from twisted.names import client as names_client
+
+        from federation_invite.client import ResolvedServer
+
+        # No packet sent: the query is answered NXDOMAIN at once.
+        self.patch(
+            names_client.Resolver,
+            "lookupService",
+            lambda resolver, name, timeout=None: fail(DNSNameError(name)),
+        )
+        clock = Clock()
+        client = FederationClient(clock, ORIGIN, generate_signing_key("k"))
+        server = ResolvedServer(REMOTE, REMOTE, REMOTE, None, REMOTE, REMOTE)
+        targets = client._agent._resolver.resolve_targets(server)  # type: ignore[attr-defined]
+        self.assertEqual(self.successResultOf(targets), [(REMOTE, 8448)])
+        self.assertNotEqual(clock.getDelayedCalls(), [])
+        self.successResultOf(client.close())
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_close_without_pool(self) -> None:
         """close() is a no-op for a client built around an injected agent."""

@@ -770,6 +770,39 @@ class SrvTests(_Base):
             self.successResultOf(resolver.resolve_targets(server))
         self.assertEqual(made, [self.clock])
 
+    def test_close_stops_the_system_resolver(self) -> None:
+        """close() cancels the system resolver's re-read of resolv.conf (a timer every
+        60 s, forever) once an SRV lookup created it; a later lookup still works."""
+        from twisted.names import client as names_client
+
+        # No packet sent: the query is answered NXDOMAIN at once.
+        self.patch(
+            names_client.Resolver,
+            "lookupService",
+            lambda resolver, name, timeout=None: fail(DNSNameError(name)),
+        )
+        resolver = ServerResolver(self.clock, self.peers)
+        server = self.successResultOf(resolver.resolve_server("example.org"))
+        self.assertEqual(
+            self.successResultOf(resolver.resolve_targets(server)), [("example.org", 8448)]
+        )
+        self.assertNotEqual(self.clock.getDelayedCalls(), [])
+        resolver.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        resolver.close()
+        self.assertEqual(
+            self.successResultOf(resolver.resolve_targets(server)), [("example.org", 8448)]
+        )
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_close_leaves_an_injected_resolver(self) -> None:
+        """close() leaves an SRV resolver given to it alone: it is its owner's to close."""
+        closed: list[bool] = []
+        self.srv.close = lambda: closed.append(True)  # type: ignore[attr-defined]
+        self.resolve("example.org")
+        self.resolver.close()
+        self.assertEqual(closed, [])
+
     def test_system_resolver(self) -> None:
         """The system SRV resolver is a twisted.names IResolver built on our reactor."""
         from twisted.internet.interfaces import IResolver
