@@ -14,10 +14,11 @@ The twistd plugin, the CLI and the embedding API all come through here:
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 import stat
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from signedjson.types import SigningKey
@@ -384,10 +385,36 @@ async def build_from_config(
         check_signer(signer)  # before any file or database is opened
     if not isinstance(config, Config):
         config = load_config(config)
+    _check_arguments(config, kwargs)
     config.ensure_data_dir()
     key = _load_key(config)
+    config.check_signing_key_id(key_id_of(key))  # before the database is opened
     store = await open_store(config.database, reactor=reactor)
-    return build_components(config, reactor, store, key, **kwargs)
+    try:
+        return build_components(config, reactor, store, key, **kwargs)
+    except Exception:
+        await _close_after_failure(store)
+        raise
+
+
+def _check_arguments(config: Config, kwargs: dict[str, Any]) -> None:
+    """Refuse, before a database is opened for nothing, what ``build_components`` would
+    refuse of its keyword arguments: an unknown one, a hook without ``check_invite``
+    (``TypeError`` both)."""
+    inspect.signature(build_components).bind(config, None, None, None, **kwargs)
+    if "hooks" in kwargs:
+        hooks = kwargs["hooks"] = list(kwargs["hooks"])  # an iterator is read once
+        # InvitePolicy.add_hook's own check; the policy reads no store until an invite.
+        InvitePolicy(config.server_name, cast(Any, None), hooks=hooks)
+
+
+async def _close_after_failure(store: IStore) -> None:
+    """Close a store opened for components that could not be built (the caller then
+    raises the build's error, which a failure to close must not replace)."""
+    try:
+        await store.close()
+    except Exception:
+        log.failure("Could not close the database after failing to start")
 
 
 class FederationInviteService(service.MultiService):
@@ -459,7 +486,11 @@ class FederationInviteService(service.MultiService):
             # Opened after a stop gave up on it (the stop has finished): close it again.
             await store.close()
             raise CancelledError("the start was abandoned by a stop")
-        components = build_components(self.config, self.reactor, store, self.signing_key)
+        try:
+            components = build_components(self.config, self.reactor, store, self.signing_key)
+        except Exception:
+            await _close_after_failure(store)
+            raise
         self.components = components
         if self._stopping is not None:
             # Stopped while the database was opening: listen on nothing (the

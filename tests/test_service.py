@@ -22,10 +22,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from federation_invite import service as service_module
-from federation_invite.config import load_config
+from federation_invite.config import ConfigError, load_config
 from federation_invite.core.keys import key_id_of
 from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
 from federation_invite.service import FederationInviteService, build_components, build_from_config
+from federation_invite.signingkey import load_or_create_signing_keys
 from federation_invite.store import ServerKeyRecord, StoreError
 
 from .daemon_harness import free_port
@@ -556,6 +557,71 @@ class RestartTests(TestCase):
         del first, second
         gc.collect()
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class AssemblyFailureTests(SynchronousTestCase):
+    """A failure assembling the components after the database was opened (a caller's
+    mistake, a configuration only the key can refute) closes that database again."""
+
+    def setUp(self) -> None:
+        self.store = _HeldStore()
+        self.opened: list[str] = []
+
+        async def open_store(uri: str, reactor: Any = None) -> Any:
+            self.opened.append(uri)
+            return self.store
+
+        self.patch(service_module, "open_store", open_store)
+        self.data_dir = os.path.abspath(self.mktemp())
+
+    def config(self, **settings: Any) -> Any:
+        return load_config(None, {"server_name": US, "data_dir": self.data_dir, **settings})
+
+    def old_key_setting(self, key: Any) -> dict[str, Any]:
+        """``keys.old_verify_keys`` listing ``key``'s ID, which the key it signs with may not have."""
+        entry = {
+            "key_id": key_id_of(key),
+            "key": encode_verify_key_base64(key.verify_key),
+            "expired_ts": 5,
+        }
+        return {"keys.old_verify_keys": [entry]}
+
+    def build(self, config: Any, **kwargs: Any) -> Failure:
+        return self.failureResultOf(
+            Deferred.fromCoroutine(build_from_config(config, MemoryReactorClock(), **kwargs))
+        )
+
+    def test_mistakes_refused_before_the_database_opens(self) -> None:
+        """A hook without check_invite, an unknown keyword, our signing key's ID among the
+        old keys: refused as before, and no database is opened for nothing."""
+        self.build(self.config(), hooks=[lambda invite: None]).trap(TypeError)
+        failure = self.build(self.config(), listener=print)
+        failure.trap(TypeError)
+        self.assertIn("listener", str(failure.value))
+        self.config().ensure_data_dir()
+        (key,), _ = load_or_create_signing_keys(self.config().signing_key_path)
+        self.build(self.config(**self.old_key_setting(key))).trap(ConfigError)
+        self.assertEqual(self.opened, [])
+
+    def test_store_closed_when_assembly_fails(self) -> None:
+        """build_components failing once the database is open (here, listeners that are
+        no iterable): the error is raised, and the store it opened is closed."""
+        self.build(self.config(), listeners=5).trap(TypeError)
+        self.assertEqual(len(self.opened), 1)
+        self.assertTrue(self.store.closed)
+
+    def test_service_closes_the_store_when_assembly_fails(self) -> None:
+        """The daemon's start failing to assemble (its key's ID among the old keys) closes
+        the store it opened; ready fails with the error."""
+        key = make_key("us1")
+        service = FederationInviteService(
+            self.config(**self.old_key_setting(key)), MemoryReactorClock(), key
+        )
+        service.startService()
+        self.failureResultOf(service.ready, ConfigError)
+        self.assertTrue(self.store.closed)
+        self.assertEqual(list(service), [])
+        self.assertEqual(len(self.flushLoggedErrors(ConfigError)), 1)
 
 
 class UnfinishedStartTests(SynchronousTestCase):
