@@ -18,7 +18,7 @@ from .outbound import (
     InviteSender,
     InviteTransportError,
 )
-from .policy import IInvitePolicy, InboundInvite, InvitePolicy
+from .policy import IInvitePolicy, InboundInvite, InvitePolicy, InvitePolicyHook
 from .service import (
     FederationInvite,
     FederationInviteService,
@@ -47,6 +47,7 @@ __all__ = [
     "InviteLimits",
     "InviteNotSendable",
     "InvitePolicy",
+    "InvitePolicyHook",
     "InviteRecord",
     "InviteRefused",
     "InviteRule",

@@ -26,7 +26,7 @@ ever used.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -42,7 +42,7 @@ from .core.ids import server_name_of
 from .core.roomversions import RoomVersion
 from .store import InviteRule
 
-__all__ = ["IInvitePolicy", "InboundInvite", "InvitePolicy"]
+__all__ = ["IInvitePolicy", "InboundInvite", "InvitePolicy", "InvitePolicyHook"]
 
 #: Invitees whose store answers are remembered at once (the cache is emptied beyond).
 _CACHE_SIZE = 100_000
@@ -69,13 +69,24 @@ class InboundInvite:
 class IInvitePolicy(Interface):
     """An embedder's hook: may refuse an invite with its own reason."""
 
-    def check_invite(invite: InboundInvite) -> Deferred[str | None]:
+    def check_invite(
+        invite: InboundInvite,
+    ) -> Deferred[str | None] | Awaitable[str | None] | str | None:
         """Fire with None to let the invite through, or a reason to refuse it (403 M_FORBIDDEN).
 
         A Deferred, a coroutine (``async def``) or the plain value will do.
         Raising (or failing with) a ``MatrixError`` answers with that error
         instead; any other error answers 500 ``M_UNKNOWN`` and is logged.
         """
+
+
+class InvitePolicyHook(Protocol):
+    """The type of a policy hook: any object with ``IInvitePolicy``'s ``check_invite``,
+    declared ``@implementer(IInvitePolicy)`` or not (the policy calls it positionally)."""
+
+    def check_invite(
+        self, invite: InboundInvite, /
+    ) -> Deferred[str | None] | Awaitable[str | None] | str | None: ...
 
 
 class _PolicyStore(Protocol):
@@ -95,7 +106,7 @@ class InvitePolicy:
         local_users: str = "database",
         server_deny: Sequence[str] = (),
         user_deny: Sequence[str] = (),
-        hooks: Sequence[Any] = (),
+        hooks: Sequence[InvitePolicyHook] = (),
         clock: IReactorTime | None = None,
         cache_seconds: float = 0.0,
     ) -> None:
@@ -124,11 +135,11 @@ class InvitePolicy:
         # Globs match in any case, user IDs too, as Synapse's server ACLs and invite rules do.
         self._server_deny = GlobList.of(server_deny, ignore_case=True)
         self._user_deny = GlobList.of(user_deny, ignore_case=True)
-        self._hooks: list[Any] = []
+        self._hooks: list[InvitePolicyHook] = []
         for hook in hooks:
             self.add_hook(hook)
 
-    def add_hook(self, hook: Any) -> None:
+    def add_hook(self, hook: InvitePolicyHook) -> None:
         """Register an ``IInvitePolicy`` provider; hooks run in registration order.
 
         An object without a callable ``check_invite`` (a plain function, say)

@@ -45,7 +45,7 @@ from .outbound import (
     InviteSender,
     InviteTransportError,
 )
-from .policy import IInvitePolicy, InvitePolicy
+from .policy import InvitePolicy, InvitePolicyHook
 from .signer import ISigner, LocalSigner, check_signer
 from .signingkey import SigningKeyError, load_or_create_signing_keys
 from .store import IStore, open_store
@@ -196,7 +196,7 @@ class FederationInvite:
         """Be told (after the commit) of every invite accepted and not ignored."""
         self.handler.add_listener(listener)
 
-    def add_policy_hook(self, hook: IInvitePolicy) -> None:
+    def add_policy_hook(self, hook: InvitePolicyHook) -> None:
         """Let ``hook.check_invite(invite)`` refuse invites with its own reason.
 
         ``TypeError`` for an object without a callable ``check_invite``.
@@ -245,7 +245,7 @@ def build_components(
     *,
     client: Any = None,
     signer: ISigner | None = None,
-    hooks: Sequence[IInvitePolicy] = (),
+    hooks: Sequence[InvitePolicyHook] = (),
     listeners: Iterable[InviteListener] = (),
 ) -> FederationInvite:
     """Assemble the services from ready parts (``client`` defaults to a ``FederationClient``).

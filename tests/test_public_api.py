@@ -10,7 +10,7 @@ from typing import Any
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 import federation_invite
 
@@ -64,3 +64,91 @@ class EmbeddingExampleTests(TestCase):
                 await federation.close()
 
         return ensureDeferred(go())
+
+
+#: The policy hooks the README's "Python API" section describes, as an embedder writes
+#: them: mypy must accept each where a hook is taken, and refuse a plain function.
+HOOK_FORMS = """
+from __future__ import annotations
+
+from typing import Any
+
+from signedjson.types import SigningKey
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from federation_invite import (
+    Config,
+    FederationInvite,
+    IInvitePolicy,
+    InboundInvite,
+    InvitePolicy,
+    IStore,
+    build_components,
+)
+
+
+class PlainHook:
+    def check_invite(self, invite: InboundInvite) -> str | None:
+        return None if invite.sender.endswith(":good.example") else "no"
+
+
+class AsyncHook:
+    async def check_invite(self, invite: InboundInvite) -> str | None:
+        return None
+
+
+class DeferredHook:
+    def check_invite(self, invite: InboundInvite) -> Deferred[str | None]:
+        return succeed(None)
+
+
+@implementer(IInvitePolicy)
+class DeclaredHook:
+    def check_invite(self, invite: InboundInvite) -> str | None:
+        return None
+
+
+def use(
+    federation: FederationInvite,
+    policy: InvitePolicy,
+    config: Config,
+    reactor: Any,
+    store: IStore,
+    key: SigningKey,
+) -> None:
+    federation.add_policy_hook(PlainHook())
+    federation.add_policy_hook(AsyncHook())
+    federation.add_policy_hook(DeferredHook())
+    federation.add_policy_hook(DeclaredHook())
+    policy.add_hook(AsyncHook())
+    build_components(
+        config, reactor, store, key, hooks=[PlainHook(), AsyncHook(), DeferredHook(), DeclaredHook()]
+    )
+    federation.add_policy_hook(lambda invite: None)  # not a hook: the one error
+"""
+
+
+class HookTypingTests(SynchronousTestCase):
+    def test_readme_hook_forms_type_check(self) -> None:
+        """mypy (with the project's settings) accepts a hook returning a plain value, a
+        coroutine or a Deferred, declared IInvitePolicy or not, wherever hooks are taken,
+        and refuses an object without check_invite."""
+        try:
+            from mypy import api
+        except ImportError:
+            raise SkipTest("mypy is not installed") from None
+        path = os.path.abspath(self.mktemp()) + ".py"
+        with open(path, "w") as handle:
+            handle.write(HOOK_FORMS)
+        config = os.path.join(os.path.dirname(__file__), os.pardir, "pyproject.toml")
+        cache = os.path.abspath(self.mktemp())
+        out, err, status = api.run([path, "--config-file", config, "--cache-dir", cache])
+        errors = [line for line in out.splitlines() if ": error:" in line]
+        self.assertEqual(len(errors), 1, out + err)
+        self.assertIn('"add_policy_hook"', errors[0])
+        last_line = HOOK_FORMS.splitlines().index(
+            "    federation.add_policy_hook(lambda invite: None)  # not a hook: the one error"
+        )
+        self.assertIn(f".py:{last_line + 1}: error:", errors[0])
+        self.assertEqual(status, 1)
