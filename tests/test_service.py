@@ -747,3 +747,65 @@ class UnfinishedStartTests(SynchronousTestCase):
         self.assertEqual(len(self.logged("Still opening the database")), 1)
         self.successResultOf(quick.stopService())
         self.successResultOf(service.stopService())
+
+
+class PostgresStopWhileOpeningTests(TestCase):
+    """On a real PostgreSQL: another worker's migration is stuck (it holds the advisory
+    lock our migration waits for, which no limit of ours cuts); SIGTERM must still end
+    within the grace period, not wait for that worker."""
+
+    def setUp(self) -> None:
+        from .store._support import (
+            POSTGRES_BASE,
+            create_postgres_database,
+            drop_postgres_database,
+            require_postgres,
+        )
+
+        require_postgres(self)
+        self.database = create_postgres_database()
+        self.addCleanup(drop_postgres_database, self.database)
+        self.uri = f"{POSTGRES_BASE}/{self.database}"
+
+    async def test_stop_while_another_worker_migrates(self) -> None:
+        """The stop gives up on the start after inbound.shutdown_grace_period (0.5 s) and
+        finishes while the other worker still holds its lock (released after 20 s
+        regardless); the abandoned start closes its store by itself, its wait cancelled."""
+        import threading
+
+        import psycopg2
+        from twisted.internet import reactor
+
+        from federation_invite.store import _base
+        from federation_invite.store._dialect import MIGRATION_LOCK_KEY
+
+        self.patch(_base, "CLOSE_WAIT_SECONDS", 0.2)
+        other = psycopg2.connect(self.uri)
+        other.autocommit = True
+        self.addCleanup(other.close)
+        other.cursor().execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        released: list[bool] = []
+        safety = threading.Timer(20, lambda: (other.close(), released.append(True)))
+        safety.start()
+        self.addCleanup(safety.cancel)
+        config = load_config(
+            None,
+            {
+                "server_name": US,
+                "data_dir": os.path.abspath(self.mktemp()),
+                "database": self.uri,
+                "listen": ["tcp:0:interface=127.0.0.1"],
+                "inbound.shutdown_grace_period": 0.5,
+            },
+        )
+        service = service_module.make_service(
+            config, reactor, exit_on_failure=False, freeze_gc=False
+        )
+        service.startService()
+        await deferLater(reactor, 0.3)  # the migration waits for the lock
+        await service.stopService()
+        self.assertEqual(released, [])
+        with self.assertRaises(CancelledError):
+            await service.ready
+        self.assertEqual(released, [])
+        self.assertEqual(list(service), [])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -50,6 +51,9 @@ __all__ = ["DatabaseStore", "migrate", "open_store", "run_migrations"]
 _T = TypeVar("_T")
 _log = Logger()
 
+#: Seconds ``close`` waits for the queries still running before it cancels them
+#: (PostgreSQL) and leaves their threads to end by themselves.
+CLOSE_WAIT_SECONDS = 5.0
 #: The most rows one list call returns.
 MAX_LIST_LIMIT = 1000
 #: The most invites written in one transaction (the rest wait for the next).
@@ -135,9 +139,12 @@ def _check_record(value: object, kind: type) -> None:
 class DatabaseStore:
     """The one ``IStore`` implementation; build it with ``open_store``."""
 
-    def __init__(self, pool: adbapi.ConnectionPool, dialect: Dialect) -> None:
+    def __init__(self, pool: adbapi.ConnectionPool, dialect: Dialect, reactor: Any) -> None:
         self._pool = pool
         self._dialect = dialect
+        self._reactor = reactor
+        #: Fires once ``close`` is done with the pool (``_close_pool``).
+        self._pool_closed: Deferred[None] | None = None
         self._closing = False
         self._closed = False
         self._invite_queue: list[
@@ -634,8 +641,70 @@ class DatabaseStore:
                 self._direct_writer.close()
             if self._direct_reader is not None:
                 self._direct_reader.close()
-            self._pool.close()
-        return succeed(None)
+            self._pool_closed = self._close_pool()
+        if self._pool_closed is None:  # close() from a callback of the batch written above
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+
+        def relay(result: None) -> None:
+            done.callback(None)
+            return result
+
+        self._pool_closed.addCallback(relay)
+        return done
+
+    def _close_pool(self) -> Deferred[None]:
+        """``ConnectionPool.close`` without blocking the reactor thread on a stuck query.
+
+        adbapi's close joins the pool's threads on the calling thread, so a query
+        waiting on a lock or on a server gone silent held the reactor, and a stop,
+        until it ended. Here the threads are joined, and then their connections
+        closed, in a thread of our own; the Deferred fires then, or once
+        ``CLOSE_WAIT_SECONDS`` have passed: the queries still running are then
+        cancelled (``Dialect.cancel_queries``) and their threads left to end by
+        themselves (logged).
+        """
+        pool, reactor = self._pool, self._reactor
+        # What ConnectionPool.close does before finalClose, which joins.
+        for trigger in ("shutdownID", "startID"):
+            if getattr(pool, trigger) is not None:
+                reactor.removeSystemEventTrigger(getattr(pool, trigger))
+                setattr(pool, trigger, None)
+        closed: Deferred[None] = Deferred()
+
+        def finished() -> None:
+            if not closed.called:
+                too_long.cancel()
+                closed.callback(None)
+
+        def close_in_thread() -> None:
+            try:
+                pool.finalClose()
+            finally:
+                reactor.callFromThread(finished)
+
+        def give_up() -> None:
+            _log.warn(
+                "Closing the database {database}: queries still running after {seconds} s"
+                " are cancelled and abandoned",
+                database=self._dialect.display,
+                seconds=CLOSE_WAIT_SECONDS,
+            )
+            connections = list(pool.connections.values())
+            # In a thread: a PostgreSQL cancel request is a connection of its own.
+            threading.Thread(
+                target=self._dialect.cancel_queries,
+                args=(connections,),
+                name="federation-invite-store-cancel",
+                daemon=True,
+            ).start()
+            closed.callback(None)
+
+        too_long = reactor.callLater(CLOSE_WAIT_SECONDS, give_up)
+        threading.Thread(
+            target=close_in_thread, name="federation-invite-store-close", daemon=True
+        ).start()
+        return closed
 
 
 def _fields(record: ServerKeyRecord | InviteRule) -> tuple[Any, ...]:
@@ -659,7 +728,7 @@ def _now_ms(reactor: IReactorTime) -> int:
 async def _open(uri: str, reactor: Any | None, migrate: bool) -> DatabaseStore:
     dialect = parse_database_uri(uri)
     reactor = _resolve_reactor(reactor)
-    store = DatabaseStore(dialect.connection_pool(reactor), dialect)
+    store = DatabaseStore(dialect.connection_pool(reactor), dialect, reactor)
     try:
         if migrate:
             result = await store._migrate(_now_ms(reactor))
@@ -696,7 +765,7 @@ def open_store(
 async def _run_migrations(uri: str, reactor: Any | None) -> MigrationResult:
     dialect = parse_database_uri(uri)
     reactor = _resolve_reactor(reactor)
-    store = DatabaseStore(dialect.connection_pool(reactor), dialect)
+    store = DatabaseStore(dialect.connection_pool(reactor), dialect, reactor)
     try:
         return await store._migrate(_now_ms(reactor))
     finally:

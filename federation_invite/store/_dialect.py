@@ -96,6 +96,10 @@ class Dialect:
     #: since has failed, and is refused before it begins.
     file_lost = False
 
+    def cancel_queries(self, connections: list[Any]) -> None:
+        """Cancel whatever the pool's ``connections`` are running (called from a thread
+        of its own when the store is closed and they are still busy)."""
+
     def check_file(self, operation: str) -> None:
         """Raise ``StoreError`` if what was just committed may be lost: called after each
         write transaction's commit, before anyone is told it is stored."""
@@ -373,6 +377,16 @@ class PostgresDialect(Dialect):
 
     def driver_errors(self) -> tuple[type[BaseException], ...]:
         return (_import_psycopg2().Error, *super().driver_errors())
+
+    def cancel_queries(self, connections: list[Any]) -> None:
+        # libpq's cancel request, meant to be sent from another thread; the server
+        # ignores it for an idle connection. One that cannot be sent (the server
+        # unreachable) leaves that query to end by itself.
+        for connection in connections:
+            try:
+                connection.cancel()
+            except Exception:  # closed meanwhile, or the server unreachable
+                continue
 
 
 def _import_psycopg2() -> Any:

@@ -98,4 +98,7 @@ class IStore(Interface):
         """The database's schema version (0 for an empty database)."""
 
     def close() -> Deferred[None]:
-        """Close the connections; the store must not be used afterwards."""
+        """Close the connections; the store must not be used afterwards.
+
+        Fires once the queries in progress have ended or, after a few seconds, been
+        cancelled where the database allows and abandoned; never blocks the reactor."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, gatherResults
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface.verify import verifyObject
 
@@ -1031,11 +1032,7 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
 
         self.patch(_dialect, "POSTGRES_LOCK_TIMEOUT", 0.2)
         self.patch(_dialect, "POSTGRES_STATEMENT_TIMEOUT", 0.2)
-        import psycopg2
-
-        from ._support import POSTGRES_BASE
-
-        other = psycopg2.connect(f"{POSTGRES_BASE}/{self.database}")
+        other = _connect(self.database)
         other.autocommit = True
         self.addCleanup(other.close)
         other.cursor().execute("SELECT pg_advisory_lock(%s)", (_dialect.MIGRATION_LOCK_KEY,))
@@ -1048,6 +1045,35 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
         store = await self.open()
         self.assertEqual(await store.schema_version(), LATEST_SCHEMA_VERSION)
         self.assertEqual(await self.settings(store), ("200ms", "200ms"))
+
+    async def test_close_does_not_wait_for_a_stuck_query(self) -> None:
+        """close() with a write stuck on another session's lock (no limit set: it would
+        wait for ever) waits CLOSE_WAIT_SECONDS (here 0.2 s), never on the reactor
+        thread, then cancels it: close() has finished while the lock is still held, and
+        the write fails, nothing stored. (The lock is released after 20 s regardless.)"""
+        from federation_invite.store import _base, _dialect
+
+        self.patch(_dialect, "POSTGRES_LOCK_TIMEOUT", 0)
+        self.patch(_dialect, "POSTGRES_STATEMENT_TIMEOUT", 0)
+        self.patch(_base, "CLOSE_WAIT_SECONDS", 0.2)
+        store = await self.open()
+        holder = _connect(self.database)
+        self.addCleanup(holder.close)
+        holder.cursor().execute("LOCK TABLE invites IN SHARE MODE")
+        writing = store.store_invite(make_invite("$stuck"))
+        await deferLater(reactor, 0.3)
+        self.assertNoResult(writing)
+        released: list[bool] = []
+        safety = threading.Timer(20, lambda: (holder.rollback(), released.append(True)))
+        safety.start()
+        self.addCleanup(safety.cancel)
+        await store.close()
+        self.assertEqual(released, [])
+        with self.assertRaises(StoreError) as raised:
+            await writing
+        self.assertIn("canceling statement due to user request", str(raised.exception))
+        holder.rollback()
+        self.assertEqual(self.raw("SELECT COUNT(*) FROM invites"), [(0,)])
 
     async def test_unix_socket(self) -> None:
         """The same server reached over its Unix socket (?host=the socket's directory)."""
@@ -1063,6 +1089,15 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
         self.assertEqual(await store.get_invite("$over_the_socket"), record)
         rows = self.raw("SELECT count(*) FROM invites WHERE event_id = ?", ("$over_the_socket",))
         self.assertEqual(rows, [(1,)])
+
+
+def _connect(database: str) -> Any:
+    """A psycopg2 connection of its own to ``database`` (a test's other session)."""
+    import psycopg2
+
+    from ._support import POSTGRES_BASE
+
+    return psycopg2.connect(f"{POSTGRES_BASE}/{database}")
 
 
 def _remove_tree(directory: str) -> None:
