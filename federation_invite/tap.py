@@ -30,6 +30,13 @@ class Options(usage.Options):
         ["signing-key", None, None, "Signing key file (overrides signing_key)."],
         ["database", None, None, "Database URI (overrides database)."],
         ["data-dir", None, None, "Data directory (overrides data_dir)."],
+        [
+            "metrics-listen",
+            None,
+            None,
+            "Endpoint for the Prometheus /metrics listener (overrides metrics.listen; '' turns "
+            "it off): each worker sharing a config file needs a port of its own.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -47,6 +54,7 @@ class Options(usage.Options):
             ("signing-key", "signing_key"),
             ("database", "database"),
             ("data-dir", "data_dir"),
+            ("metrics-listen", "metrics.listen"),
         ):
             if self[option] is not None:
                 overrides[key] = self[option]

@@ -58,6 +58,26 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(config.database, "sqlite:///" + os.path.join(os.getcwd(), "x.db"))
         self.assertEqual(config.data_dir, "/d")
 
+    def test_metrics_listen_override(self) -> None:
+        """--metrics-listen overrides metrics.listen, so workers sharing one config file can
+        each have their own metrics port; an empty one turns the listener off."""
+        path = self.mktemp()
+        FilePath(path).setContent(b'[metrics]\nlisten = "tcp:9100:interface=127.0.0.1"\n')
+        options = Options()
+        options.parseOptions(["--config", path])
+        self.assertEqual(options["loaded"].get("metrics.listen"), "tcp:9100:interface=127.0.0.1")
+        options = Options()
+        options.parseOptions(["--config", path, "--metrics-listen", "tcp:9101"])
+        self.assertEqual(options["loaded"].get("metrics.listen"), "tcp:9101")
+        options = Options()
+        options.parseOptions(["--config", path, "--metrics-listen", ""])
+        self.assertIsNone(options["loaded"].get("metrics.listen"))
+        options = Options()
+        error = self.assertRaises(
+            usage.UsageError, options.parseOptions, ["--metrics-listen", "nonsense:1"]
+        )
+        self.assertIn("'metrics.listen'", str(error))
+
     def test_bad_config_is_usage_error(self) -> None:
         """A bad value becomes a UsageError naming the key."""
         options = Options()
