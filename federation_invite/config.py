@@ -19,14 +19,18 @@ from urllib.parse import quote, unquote
 
 import attrs
 
+from .client.iprange import DEFAULT_IP_BLOCKLIST
 from .core.ids import is_valid_server_name
 from .core.keys import decode_verify_key, encode_verify_key, is_valid_key_id
+from .keyring import Notary, OldKey
 
 __all__ = [
     "DEFAULT_IP_BLOCKLIST",
     "OPTIONS",
     "Config",
     "ConfigError",
+    "Notary",
+    "OldKey",
     "Option",
     "load_config",
     "render_config",
@@ -41,42 +45,6 @@ _MAX_NUMBER = 1e12
 
 class ConfigError(ValueError):
     """A configuration problem, naming the offending key."""
-
-
-#: Outbound ranges refused by default: loopback, RFC 1918, CGNAT, link-local,
-#: benchmarking, documentation, multicast, reserved, and the IPv6 equivalents
-#: (the same ground as Synapse's default ``ip_range_blacklist``).
-DEFAULT_IP_BLOCKLIST: tuple[str, ...] = (
-    "0.0.0.0/8",
-    "10.0.0.0/8",
-    "100.64.0.0/10",
-    "127.0.0.0/8",
-    "169.254.0.0/16",
-    "172.16.0.0/12",
-    "192.0.0.0/24",
-    "192.0.2.0/24",
-    "192.88.99.0/24",
-    "192.168.0.0/16",
-    "198.18.0.0/15",
-    "198.51.100.0/24",
-    "203.0.113.0/24",
-    "224.0.0.0/4",
-    "240.0.0.0/4",
-    "255.255.255.255/32",
-    "::/128",
-    "::1/128",
-    "::ffff:0:0/96",
-    "64:ff9b::/96",
-    "64:ff9b:1::/48",
-    "100::/64",
-    "2001::/23",
-    "2001:db8::/32",
-    "2002::/16",
-    "fc00::/7",
-    "fe80::/10",
-    "fec0::/10",
-    "ff00::/8",
-)
 
 
 # -- value checkers: each takes the raw TOML value and returns the parsed one or
@@ -297,23 +265,6 @@ def _notaries(value: object) -> tuple[Notary, ...]:
                 ) from None
         notaries.append(Notary(server_name=name, verify_keys=tuple(sorted(verify_keys.items()))))
     return tuple(notaries)
-
-
-@attrs.frozen
-class OldKey:
-    """A key we used to sign with, published in ``old_verify_keys``."""
-
-    key_id: str
-    key: str
-    expired_ts: int
-
-
-@attrs.frozen
-class Notary:
-    """A trusted key server and the keys we check its answers with."""
-
-    server_name: str
-    verify_keys: tuple[tuple[str, str], ...]
 
 
 @attrs.frozen

@@ -51,7 +51,6 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from ._backoff import is_failure_status, make_room
 from ._clock import in_window
 from .client.errors import RemoteError
-from .config import Notary, OldKey
 from .core.ids import is_valid_server_name, server_name_key
 from .core.keys import decode_verify_key, is_valid_key_id, key_id_of, verify_key_of
 from .core.signing import (
@@ -63,7 +62,15 @@ from .core.signing import (
 from .logs import Logger
 from .store import ServerKeyRecord, StoreError
 
-__all__ = ["IKeyFetchClient", "IKeyStore", "KeyFetchError", "Keyring", "local_verify_keys"]
+__all__ = [
+    "IKeyFetchClient",
+    "IKeyStore",
+    "KeyFetchError",
+    "Keyring",
+    "Notary",
+    "OldKey",
+    "local_verify_keys",
+]
 
 log = Logger(namespace="federation_invite.keyring")
 
@@ -83,6 +90,23 @@ _MEMORY_SIZE = 10_000
 #: years of rotations; a document listing thousands (1 MiB holds about 10,000) only costs
 #: decoding, memory and store rows that nobody needs.
 _MAX_KEYS_PER_DOCUMENT = 64
+
+
+@attrs.frozen
+class OldKey:
+    """A key we used to sign with, published in ``old_verify_keys`` (``keys.old_verify_keys``)."""
+
+    key_id: str
+    key: str
+    expired_ts: int
+
+
+@attrs.frozen
+class Notary:
+    """A trusted key server and the keys we check its answers with (``keys.notaries``)."""
+
+    server_name: str
+    verify_keys: tuple[tuple[str, str], ...]
 
 
 class IKeyFetchClient(Protocol):

@@ -3,9 +3,8 @@
 ``InviteMetrics`` is what the services call; without ``prometheus-client``
 installed (or without a registry) every call is a no-op, so metrics cost
 nothing when off. Each ``InviteMetrics`` has its own ``CollectorRegistry``,
-served at ``/metrics`` by ``InviteMetrics.resource()`` on the ``metrics.listen``
-endpoint; other paths and methods there are answered as on the federation
-listener, in JSON (404 or 405 ``M_UNRECOGNIZED``).
+served at ``/metrics`` on the ``metrics.listen`` endpoint by the web layer
+(``web.metrics.build_metrics_root``).
 
 Metrics (labels in brackets):
 
@@ -28,11 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from twisted.web.resource import Resource
-from twisted.web.server import Request
-
 from .core.errors import Codes
-from .web._base import MatrixResource
 
 __all__ = ["InviteMetrics", "metrics_available"]
 
@@ -106,28 +101,15 @@ class InviteMetrics:
         """Report a keyring's ``(fetches, failures)`` counters, read at scrape time."""
         self._key_sources.append(source)
 
-    def resource(self) -> Resource:
-        """A site root serving this registry at ``/metrics`` in Prometheus' text format."""
+    def exposition(self) -> tuple[bytes, bytes]:
+        """``(content type, body)``: the registry in Prometheus' text exposition format
+        (served at ``/metrics`` by ``web.metrics``)."""
         if not self.enabled:
             raise RuntimeError("metrics need the 'metrics' extra (prometheus-client)")
-        root = MatrixResource()
-        root.putChild(b"metrics", _MetricsResource(self.registry))
-        return root
-
-
-class _MetricsResource(MatrixResource):
-    """``GET /metrics``: the registry in Prometheus' text exposition format."""
-
-    def __init__(self, registry: Any) -> None:
-        super().__init__()
-        self._registry = registry
-
-    def render_GET(self, request: Request) -> bytes:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-        body: bytes = generate_latest(self._registry)
-        return body
+        body: bytes = generate_latest(self.registry)
+        return CONTENT_TYPE_LATEST.encode("ascii"), body
 
 
 class _KeyFetchCollector:

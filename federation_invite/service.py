@@ -52,6 +52,7 @@ from .store import IStore, open_store
 from .web._base import MatrixResource
 from .web.invite import InviteResource
 from .web.keys import KeyServerResource
+from .web.metrics import build_metrics_root
 from .web.site import FederationSite
 from .web.tree import WellKnownServerResource, build_matrix_tree
 
@@ -502,7 +503,7 @@ class FederationInviteService(service.MultiService):
             strports.service(description, site, reactor=self.reactor).setServiceParent(self)
         metrics_listen = self.config.get("metrics.listen")
         if metrics_listen:
-            metrics_site = self._site(components, components.metrics.resource())
+            metrics_site = self._site(components, build_metrics_root(components.metrics))
             strports.service(metrics_listen, metrics_site, reactor=self.reactor).setServiceParent(
                 self
             )

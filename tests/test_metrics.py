@@ -15,6 +15,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from federation_invite.config import ConfigError, load_config
 from federation_invite.metrics import InviteMetrics
 from federation_invite.web.invite import InviteResource
+from federation_invite.web.metrics import build_metrics_root
 from federation_invite.web.site import FederationSite
 
 from .invites import InviteScenario, event_id_of
@@ -127,7 +128,7 @@ class MetricsTests(SynchronousTestCase):
         self.scenario.handler._metrics = self.metrics
         site = FederationSite(self.scenario.root, reactor=self.scenario.clock, max_body_bytes=100)
         metrics_site = FederationSite(
-            self.metrics.resource(), reactor=self.scenario.clock, max_body_bytes=100
+            build_metrics_root(self.metrics), reactor=self.scenario.clock, max_body_bytes=100
         )
         v2 = self.scenario.path(2, "!room:remote.example", "$x").encode()
         v1 = self.scenario.path(1, "!room:remote.example", "$x").encode()
@@ -213,7 +214,7 @@ class MetricsTests(SynchronousTestCase):
     def test_resource(self) -> None:
         """The metrics resource serves the text exposition format."""
         self.send()
-        client = StubTreq(self.metrics.resource())
+        client = StubTreq(build_metrics_root(self.metrics))
         response = self.successResultOf(client.get("http://localhost/metrics"))
         self.assertEqual(response.code, 200)
         self.assertTrue(response.headers.getRawHeaders("content-type")[0].startswith("text/plain"))
@@ -226,7 +227,7 @@ class MetricsTests(SynchronousTestCase):
         """Other paths (the root, a child of /metrics) get JSON 404 and other methods JSON
         405, ``M_UNRECOGNIZED``, as on the federation listener; HEAD /metrics gets the text
         format's headers and no body."""
-        client = StubTreq(self.metrics.resource())
+        client = StubTreq(build_metrics_root(self.metrics))
         for method, path, status in [
             ("GET", "/", 404),
             ("GET", "/nope", 404),
@@ -260,7 +261,8 @@ class MetricsTests(SynchronousTestCase):
         metrics = InviteMetrics(enabled=False)
         metrics.inbound("accepted", None, 0.1)
         metrics.outbound("accepted")
-        self.assertRaises(RuntimeError, metrics.resource)
+        self.assertRaises(RuntimeError, build_metrics_root, metrics)
+        self.assertRaises(RuntimeError, metrics.exposition)
         _ = json
 
     def test_config_key(self) -> None:

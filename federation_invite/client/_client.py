@@ -30,7 +30,6 @@ from zope.interface import implementer
 from .._backoff import is_failure_status, make_room
 from .._clock import in_window
 from .._version import __version__
-from ..config import DEFAULT_IP_BLOCKLIST
 from ..core.canonical import encode_canonical_json, parse_json
 from ..core.ids import parse_server_name, server_name_key
 from ..core.xmatrix import sign_request
@@ -44,7 +43,7 @@ from .agent import (
 )
 from .discovery import ServerResolver
 from .errors import BackoffError, BlockedAddressError, RemoteError, TransportError
-from .iprange import IPRangeFilter
+from .iprange import DEFAULT_IP_BLOCKLIST, IPRangeFilter
 from .tls import FederationTLSPolicy
 
 __all__ = ["FederationClient"]

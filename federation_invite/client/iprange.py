@@ -24,10 +24,44 @@ from twisted.internet.interfaces import (
 from zope.interface import implementer, providedBy
 from zope.interface.declarations import directlyProvides
 
-from ..config import DEFAULT_IP_BLOCKLIST
 from ..logs import Logger
 
-__all__ = ["BlocklistingReactor", "BlocklistingResolver", "IPRangeFilter"]
+__all__ = ["DEFAULT_IP_BLOCKLIST", "BlocklistingReactor", "BlocklistingResolver", "IPRangeFilter"]
+
+#: Outbound ranges refused by default: loopback, RFC 1918, CGNAT, link-local,
+#: benchmarking, documentation, multicast, reserved, and the IPv6 equivalents
+#: (the same ground as Synapse's default ``ip_range_blacklist``).
+DEFAULT_IP_BLOCKLIST: tuple[str, ...] = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.0.2.0/24",
+    "192.88.99.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "255.255.255.255/32",
+    "::/128",
+    "::1/128",
+    "::ffff:0:0/96",
+    "64:ff9b::/96",
+    "64:ff9b:1::/48",
+    "100::/64",
+    "2001::/23",
+    "2001:db8::/32",
+    "2002::/16",
+    "fc00::/7",
+    "fe80::/10",
+    "fec0::/10",
+    "ff00::/8",
+)
 
 _log = Logger()
 

@@ -17,9 +17,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from ..config import OldKey
 from ..core.keys import encode_verify_key, key_id_of, verify_key_of
 from ..core.signing import sign_json
+from ..keyring import OldKey
 from ._base import MatrixResource, write_json
 
 __all__ = ["KeyServerResource", "server_keys_document"]
