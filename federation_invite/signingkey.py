@@ -11,6 +11,7 @@ material never appears in errors or logs.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -82,6 +83,10 @@ def read_signing_keys(path: str) -> list[SigningKey]:
     return keys
 
 
+#: What opening or syncing a directory may fail with where that cannot be done at all.
+_UNSYNCABLE = frozenset({errno.EACCES, errno.EPERM, errno.EINVAL, errno.EISDIR})
+
+
 def make_private_directories(path: str) -> None:
     """Create directory ``path`` and each missing parent with mode 0700, whatever the umask.
 
@@ -112,10 +117,24 @@ def make_private_directories(path: str) -> None:
 
 
 def _fsync_directory(directory: str) -> None:
-    """Make the names just added to or removed from ``directory`` survive a power cut."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    """Make the names just added to or removed from ``directory`` survive a power cut.
+
+    Best-effort: a directory we may write into but not read (a root-owned 0711
+    parent of a service's data dir) cannot be opened, and some file systems
+    cannot sync a directory (EINVAL); the key is published by then, and
+    refusing it would only stop a daemon that has its key.
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        if exc.errno in _UNSYNCABLE:
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _UNSYNCABLE:
+            raise
     finally:
         os.close(fd)
 
@@ -147,7 +166,8 @@ def write_signing_key_file(path: str, key: SigningKey) -> None:
         os.unlink(temporary)
     # One fsync makes both the new name and the removed temporary one durable.
     # The directory's own entry in its parent may be new too (we or
-    # Config.ensure_data_dir just created it), so that is fsynced as well.
+    # Config.ensure_data_dir just created it), so that is fsynced as well, where
+    # we may open the parent (a root-owned 0711 one we may not).
     _fsync_directory(directory)
     _fsync_directory(os.path.dirname(os.path.abspath(directory)))
 

@@ -183,3 +183,24 @@ class SigningKeyFileTests(SynchronousTestCase):
             patched.restore()
             self.assertEqual(error.strerror, f"injected {name} failure")
             self.assertEqual(os.listdir(os.path.dirname(path)), [])
+
+    def test_directory_fsync_without_read_permission(self) -> None:
+        """A data dir whose parent we may not read (root's 0711 /srv holding ours) still gets
+        its key: the directory fsyncs are best-effort once the key is published."""
+        path = os.path.join(self.mktemp(), "signing.key")
+        parent = os.path.dirname(os.path.abspath(os.path.dirname(path)))
+        real_open = os.open
+        refused = []
+
+        def refusing_open(name: str, flags: int, *args: object, **kwargs: object) -> int:
+            if os.path.abspath(name) == parent and flags & os.O_DIRECTORY:
+                refused.append(name)
+                raise PermissionError(13, "Permission denied", name)
+            return real_open(name, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+        self.patch(os, "open", refusing_open)
+        key, created = load_or_create_signing_key(path)
+        self.assertTrue(created)
+        self.assertEqual(refused, [parent])
+        (on_disk,) = read_signing_keys(path)
+        self.assertEqual(on_disk.encode(), key.encode())
