@@ -52,10 +52,12 @@ def _cmd_generate_config(args: argparse.Namespace, out: TextIO) -> int:
     tls_key = os.path.join(data_dir, "tls.key")
     tls_cert = os.path.join(data_dir, "tls.crt")
     if args.tls_cert and not args.listen:
-        host_port = parse_server_name(args.server_name)[1] or 8448
+        host, port = parse_server_name(args.server_name)
+        # The loopback of the name's address family: an IPv6 literal leads to ::1.
+        loopback = "::1" if host.startswith("[") else "127.0.0.1"
         settings["listen"] = [
-            f"ssl:{host_port}:interface=127.0.0.1:privateKey={_escape_endpoint(tls_key)}"
-            f":certKey={_escape_endpoint(tls_cert)}"
+            f"ssl:{port or 8448}:interface={_escape_endpoint(loopback)}"
+            f":privateKey={_escape_endpoint(tls_key)}:certKey={_escape_endpoint(tls_cert)}"
         ]
     # Validate what we are about to write with the same checks the daemon applies.
     config = load_config(None, settings)

@@ -156,6 +156,22 @@ class GenerateTLSTests(SynchronousTestCase):
         endpoint = endpoints.serverFromString(reactor, listen)
         self.assertIsInstance(endpoint, endpoints.SSL4ServerEndpoint)
 
+    def test_tls_cert_listener_for_an_ipv6_literal(self) -> None:
+        """--tls-cert with an IPv6-literal server name listens on the IPv6 loopback, where
+        that name leads, escaped for the endpoint string (interface=\\:\\:1)."""
+        from twisted.internet import endpoints, reactor
+
+        data_dir = os.path.abspath(self.mktemp())
+        path = self.mktemp()
+        argv = ["generate-config", "--server-name", "[::1]:18448", "--data-dir", data_dir]
+        code = main([*argv, "-o", path, "--tls-cert"], io.StringIO(), io.StringIO())
+        self.assertEqual(code, 0)
+        (listen,) = load_config(path).listen
+        self.assertTrue(listen.startswith("ssl:18448:interface=\\:\\:1:privateKey="), listen)
+        endpoint = endpoints.serverFromString(reactor, listen)
+        self.assertIsInstance(endpoint, endpoints.SSL4ServerEndpoint)
+        self.assertEqual(endpoint._interface, "::1")  # type: ignore[attr-defined]
+
 
 class GenerateConfigRobustnessTests(SynchronousTestCase):
     def test_rerun_with_tls_cert_and_force(self) -> None:
