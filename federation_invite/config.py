@@ -318,9 +318,14 @@ OPTIONS: tuple[Option, ...] = (
         "Database URI: 'sqlite:///path.db', 'postgresql://user@host/db', or over a Unix "
         "socket 'postgresql://user@/db?host=/var/run/postgresql'; "
         "empty: sqlite:///<data_dir>/federation-invite.db. A relative SQLite path is "
-        "relative to the working directory at start, as data_dir is. A PostgreSQL connection "
+        "relative to the working directory at start, as data_dir is. PostgreSQL: a connection "
         "attempt gives up after 10 s unless the URI ('?connect_timeout=N', 0: wait for ever) "
-        "or PGCONNECT_TIMEOUT sets another limit.",
+        "or PGCONNECT_TIMEOUT sets another limit; a statement waits at most 10 s for a lock "
+        "(lock_timeout) and runs at most 30 s (statement_timeout) unless the server's "
+        "configuration, the database's or role's settings, the URI's options or PGOPTIONS set "
+        "them (schema migrations are exempt); TCP keepalives (after 10 s idle, 3 probes 5 s "
+        "apart) and tcp_user_timeout (30 s) notice a server gone silent on an open connection, "
+        "unless the URI sets them.",
         '""',
     ),
     Option(
@@ -354,7 +359,8 @@ OPTIONS: tuple[Option, ...] = (
         "Keys we no longer sign with, published as old_verify_keys: "
         "[{key_id = 'ed25519:old', key = '<base64>', expired_ts = <ms>}]; each key ID once, "
         "never that of the key we sign with (checked by check-config and at start). They also "
-        "verify events we signed with them before expired_ts, never requests.",
+        "verify events we signed with them up to expired_ts (its own millisecond included), "
+        "never requests.",
     ),
     Option(
         "keys.notaries",
@@ -367,7 +373,13 @@ OPTIONS: tuple[Option, ...] = (
         "outbound.verify_tls",
         True,
         _bool,
-        "Verify peers' TLS certificates. Turn off only for test deployments (logged loudly).",
+        "Verify peers' TLS certificates: the chain against the platform's trust store (TLS 1.2 "
+        "or later), then the certificate against the name discovery settled on (a DNS SAN, a "
+        "wildcard standing for exactly one label; an IP literal needs an IP address SAN). A "
+        "certificate without SAN, or with one SAN entry that cannot be parsed (such as a DNS "
+        "SAN '10.0.0.1', '*.org' or '*.*.example.org'), is refused for every name. Off, any "
+        "certificate is accepted (SNI is still sent); turn off only for test deployments "
+        "(logged loudly).",
     ),
     Option(
         "outbound.ip_blocklist",
@@ -439,8 +451,9 @@ OPTIONS: tuple[Option, ...] = (
         _number_at_least_zero,
         "Seconds a stopping daemon (SIGTERM) waits for the requests in progress to be answered, "
         "after it stops accepting connections and closes idle ones; requests not answered in "
-        "full then are abandoned (logged) before the database is closed. Also the longest a "
-        "stop waits for a start still opening the database.",
+        "full then (unanswered, or their answer not all sent) are abandoned (logged) before the "
+        "database is closed. Also the longest a stop waits for a start still opening the "
+        "database.",
     ),
     Option(
         "inbound.policy_cache_seconds",

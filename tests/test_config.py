@@ -400,12 +400,43 @@ class RenderConfigTests(SynchronousTestCase):
         self.assertNotRegex(text, "[\x00-\x08\x0b-\x1f\x7f]")
 
 
+def readme_config_rows() -> list[tuple[str, str, str]]:
+    """The README's configuration reference: ``(key, default, meaning)`` per row, in order."""
+    readme_path = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+    with open(readme_path, encoding="utf-8") as handle:
+        readme = handle.read()
+    table = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `([a-z_.]+)` \| `(.*?)` \| (.*) \|$", table, re.MULTILINE)
+
+
+#: README defaults that summarise a value too long for the table (generate-config
+#: writes the whole of it).
+README_SUMMARISED_DEFAULTS = {
+    "outbound.ip_blocklist": "(loopback, private, link-local, CGNAT, multicast, documentation, ...)"
+}
+
+
 class ReadmeTests(SynchronousTestCase):
     def test_every_key_documented_in_readme(self) -> None:
-        """The README's configuration reference names every key (and no removed one)."""
-        readme_path = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
-        with open(readme_path, encoding="utf-8") as handle:
-            readme = handle.read()
-        table = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
-        documented = set(re.findall(r"^\| `([a-z_.]+)` \|", table, re.MULTILINE))
-        self.assertEqual(documented, {option.key for option in OPTIONS})
+        """The README's configuration reference names every key (and no removed one), in the
+        order generate-config writes them."""
+        documented = [key for key, _, _ in readme_config_rows()]
+        self.assertEqual(documented, [option.key for option in OPTIONS])
+
+    def test_readme_rows_match_options(self) -> None:
+        """Each README row's default and meaning are those generate-config writes (OPTIONS:
+        the TOML text of the default, the doc word for word; a README code span stands for
+        the doc's single quotes, as a '*' outside one would be Markdown emphasis)."""
+        from federation_invite.config import _toml_value
+
+        rows = {key: (default, doc) for key, default, doc in readme_config_rows()}
+        differ = []
+        for option in OPTIONS:
+            default, doc = rows[option.key]
+            expected = README_SUMMARISED_DEFAULTS.get(option.key, _toml_value(option))
+            if default != expected:
+                differ.append(f"{option.key} default: README {default!r}, OPTIONS {expected!r}")
+            if re.sub(r"`([^`]*)`", r"'\1'", doc) != option.doc:
+                differ.append(f"{option.key} meaning: README {doc!r}, OPTIONS {option.doc!r}")
+        if differ:
+            self.fail("\n".join(differ))
