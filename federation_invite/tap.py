@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -63,15 +63,17 @@ class Options(usage.Options):
         try:
             self["loaded"] = load_config(self["config"], overrides)
         except ConfigError as exc:
-            raise usage.UsageError(str(exc)) from None
+            # Not a UsageError: twistd would print its whole usage text on stdout, the
+            # problem last, on stdout too. One line on stderr, exit status 1, as below.
+            _refuse(exc)
 
 
 def makeService(options: Options) -> IService:
     """Build the daemon's service tree from parsed options.
 
     A problem found here (the data directory, the signing key file) ends the
-    process with one line naming the key and exit status 1, as twistd does for
-    a bad option, instead of a traceback.
+    process with one line naming the key and exit status 1, as a bad value or
+    an unknown key does when the options are parsed, instead of a traceback.
     """
     from twisted.internet import reactor
 
@@ -81,5 +83,11 @@ def makeService(options: Options) -> IService:
     try:
         return make_service(config, reactor)
     except ConfigError as exc:
-        command = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "twistd"
-        raise SystemExit(f"{command}: {exc}") from None
+        _refuse(exc)
+
+
+def _refuse(error: ConfigError) -> NoReturn:
+    """End the process: ``error`` on one line of stderr, prefixed with the command's name
+    (Python prints a ``SystemExit``'s message there), exit status 1."""
+    command = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "twistd"
+    raise SystemExit(f"{command}: {error}") from None

@@ -74,15 +74,28 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsNone(options["loaded"].get("metrics.listen"))
         options = Options()
         error = self.assertRaises(
-            usage.UsageError, options.parseOptions, ["--metrics-listen", "nonsense:1"]
+            SystemExit, options.parseOptions, ["--metrics-listen", "nonsense:1"]
         )
-        self.assertIn("'metrics.listen'", str(error))
+        self.assertIn("'metrics.listen'", str(error.code))
 
-    def test_bad_config_is_usage_error(self) -> None:
-        """A bad value becomes a UsageError naming the key."""
+    def test_bad_config_ends_the_process(self) -> None:
+        """A bad value or an unknown key ends the process with one line naming the key (exit
+        status 1, printed on stderr by Python), as makeService's refusals do; not twistd's
+        usage text."""
+        self.patch(sys, "argv", ["/venv/bin/twistd", "-n", "federation-invite"])
         options = Options()
-        error = self.assertRaises(usage.UsageError, options.parseOptions, ["--server-name", "a b"])
-        self.assertIn("'server_name'", str(error))
+        error = self.assertRaises(SystemExit, options.parseOptions, ["--server-name", "a b"])
+        self.assertEqual(
+            error.code,
+            "twistd: configuration key 'server_name': must be a Matrix server name "
+            "(host, IPv4, [IPv6], optional :port)",
+        )
+        path = self.mktemp()
+        FilePath(path).setContent(b"[inbound]\nno_such_key = 1\n")
+        error = self.assertRaises(SystemExit, Options().parseOptions, ["--config", path])
+        self.assertEqual(error.code, "twistd: unknown configuration key 'inbound.no_such_key'")
+        # An option the plugin does not have is still twistd's usage error.
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--no-such-option"])
 
     def test_plugin_discoverable(self) -> None:
         """twistd's plugin discovery finds the federation-invite ServiceMaker."""
@@ -423,6 +436,45 @@ class CommandLineTests(SynchronousTestCase):
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("--server-name", result.stdout)
+
+    def test_config_refusals_one_line_on_stderr(self) -> None:
+        """Under twistd and twist, an unknown configuration key, a bad value (in the file or
+        on the command line), an unreadable file or (found by makeService) a data_dir that is
+        a file prints one line on stderr naming it, nothing on stdout, and exits with status
+        1, as the README says."""
+        import subprocess
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        unknown = os.path.join(directory, "unknown.toml")
+        FilePath(unknown).setContent(b'server_name = "example.org"\nsever_name = "x"\n')
+        bad = os.path.join(directory, "bad.toml")
+        FilePath(bad).setContent(b"[ratelimit]\norigin_burst = 0\n")
+        bin_dir = os.path.dirname(sys.executable)
+        for command, prefix in (
+            ([os.path.join(bin_dir, "twistd"), "-n", "--pidfile="], "twistd"),
+            ([os.path.join(bin_dir, "twist")], "twist"),
+        ):
+            for args, expected in (
+                (["-c", unknown], "unknown configuration key 'sever_name'"),
+                (["-c", bad], "configuration key 'ratelimit.origin_burst': must be an integer"),
+                (["--server-name", "a b"], "configuration key 'server_name': must be"),
+                (["-c", os.path.join(directory, "missing.toml")], "cannot read config file"),
+                (["--data-dir", bad, "--listen", "tcp:0"], "configuration key 'data_dir': "),
+            ):
+                result = subprocess.run(
+                    [*command, "federation-invite", *args],
+                    capture_output=True,
+                    text=True,
+                    cwd=directory,
+                    timeout=60,
+                )
+                self.assertEqual(result.stdout, "", (prefix, args))
+                self.assertEqual(result.returncode, 1, (prefix, args, result.stderr))
+                line = result.stderr.rstrip("\n")
+                self.assertNotIn("\n", line, (prefix, args))
+                self.assertTrue(line.startswith(f"{prefix}: {expected}"), (prefix, line))
+        self.assertEqual(sorted(os.listdir(directory)), ["bad.toml", "unknown.toml"])
 
     def test_twistd_rundir(self) -> None:
         """`twistd --rundir DIR` serves, with key and database in the starting directory's data dir."""
