@@ -257,6 +257,46 @@ class RequestTargetTests(SiteTestCase):
         self.assertFalse(connection.closing)
 
 
+class HeaderSizeTests(SiteTestCase):
+    """Twisted's 16 KiB limit (``totalHeadersSize``) counts the request line and every header
+    line together, as the README's hostile-input table says; no line needs to be long."""
+
+    def send_with_header_lines(self, count: int) -> Connection:
+        """Helper: a GET of an unknown path with ``count`` header lines of 2,000 bytes."""
+        connection = self.connect()
+        lines = b"".join(b"X-H%d: %s\r\n" % (index, b"a" * 1990) for index in range(count))
+        connection.send(b"GET /x HTTP/1.1\r\nHost: x\r\n" + lines + b"\r\n")
+        return connection
+
+    def test_many_short_header_lines_refused_together(self) -> None:
+        """Ten header lines of 2 KB each (20 KB in all, none over 16 KiB): 400 M_UNKNOWN, the
+        connection closed; seven (14 KB) are read and the request served (404)."""
+        self.assertOnlyAnswer(self.send_with_header_lines(10), 400, "M_UNKNOWN")
+        connection = self.send_with_header_lines(7)
+        ((code, _, body),) = connection.responses()
+        self.assertEqual((code, body["errcode"]), (404, "M_UNRECOGNIZED"))
+        self.assertFalse(connection.closing)
+
+    def test_request_line_counts_toward_the_limit(self) -> None:
+        """A 10,000-byte request target with a 7,000-byte header line, each under 16 KiB:
+        400 M_UNKNOWN; with a 5,000-byte one (15 KB in all) the request is served (404)."""
+        for header_bytes, status, errcode in (
+            (7_000, 400, "M_UNKNOWN"),
+            (5_000, 404, "M_UNRECOGNIZED"),
+        ):
+            connection = self.connect()
+            connection.send(
+                b"GET /"
+                + b"a" * 10_000
+                + b" HTTP/1.1\r\nHost: x\r\nX-H: "
+                + b"a" * header_bytes
+                + b"\r\n\r\n"
+            )
+            ((code, _, body),) = connection.responses()
+            self.assertEqual((code, body["errcode"]), (status, errcode))
+            self.assertEqual(connection.closing, status == 400)
+
+
 class ContentLengthTests(SiteTestCase):
     """A Content-Length is 1 to 18 ASCII digits, once; anything else is answered JSON 400."""
 
