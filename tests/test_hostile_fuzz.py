@@ -23,6 +23,7 @@ from federation_invite.core.xmatrix import XMatrixError, parse_xmatrix
 from federation_invite.inbound import InviteLimits
 from federation_invite.web.site import FederationSite
 
+from .figures import AnswerTally
 from .invites import (
     THEM,
     US,
@@ -155,10 +156,14 @@ def covered(request: Request, body: Any) -> Any:
 
 
 class AnswerChecks(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.answers = AnswerTally()
+
     def check(self, answers: list[tuple[int, Any]]) -> tuple[int, Any]:
         """Exactly one answer, never 500, always a JSON Matrix error or a well-formed 200."""
         self.assertEqual(len(answers), 1, answers)
         ((status, body),) = answers
+        self.answers.count(status)
         self.assertNotEqual(status, 500, body)
         self.assertLess(status, 500, body)
         if status == 200:
@@ -268,12 +273,17 @@ def raw_body_mutations(draw: st.DrawFn) -> tuple[Request, bytes]:
 
 
 class RawBodyTests(AnswerChecks):
-    @FAST
-    @given(raw_body_mutations())
-    def test_raw_body_mutations(self, case: tuple[Request, bytes]) -> None:
+    def test_raw_body_mutations(self) -> None:
         """Byte-level body mutations (v1 and v2): rows 2 and 3 refuse exactly what a strict
         parser refuses (400 M_NOT_JSON / M_BAD_JSON); others never 500, and a 200 only when
         nothing covered by hashes and signatures changed."""
+        self.raw_body_mutation()  # hypothesis runs every example
+        self.answers.report("fuzz-raw-body")
+
+    @FAST
+    @given(raw_body_mutations())
+    def raw_body_mutation(self, case: tuple[Request, bytes]) -> None:
+        """One generated request for ``test_raw_body_mutations``."""
         request, data = case
         f = fixtures()
         verdict, value = _strict_parse(data)
@@ -369,13 +379,18 @@ def header_variants(draw: st.DrawFn) -> tuple[Request, list[bytes], bool]:
 
 
 class HeaderTests(AnswerChecks):
-    @FAST
-    @given(header_variants())
-    def test_header_variants(self, case: tuple[Request, list[bytes], bool]) -> None:
+    def test_header_variants(self) -> None:
         """X-Matrix header variants (case, order, quoting, spacing, unknown and missing
         parameters, byte damage): exactly those naming the same origin, key and signature (and our
         name or no destination) are accepted; all others 401 M_UNAUTHORIZED (or a JSON 400 for
         bytes HTTP forbids)."""
+        self.header_variant()  # hypothesis runs every example
+        self.answers.report("fuzz-headers")
+
+    @FAST
+    @given(header_variants())
+    def header_variant(self, case: tuple[Request, list[bytes], bool]) -> None:
+        """One generated request for ``test_header_variants``."""
         request, headers, valid = case
         f = fixtures()
         status, body = self.check(f.exchange(f.raw(request, headers=headers)))
@@ -493,15 +508,18 @@ def _decodes_to(segment: str, value: str) -> bool:
 
 
 class PathTests(AnswerChecks):
-    @FAST
-    @given(path_variants())
-    def test_path_variants(
-        self, case: tuple[Request, str, str, bool, tuple[int, str] | None]
-    ) -> None:
+    def test_path_variants(self) -> None:
         """Path variants (encodings, double encoding, raw '/', extra or empty segments, dot
         segments, wrong API version, query, NUL, bad UTF-8, other methods), each signed for its own
         URI: 200 exactly when the decoded IDs are the event's; otherwise 404/405 M_UNRECOGNIZED or
         400 M_INVALID_PARAM."""
+        self.path_variant()  # hypothesis runs every example
+        self.answers.report("fuzz-paths")
+
+    @FAST
+    @given(path_variants())
+    def path_variant(self, case: tuple[Request, str, str, bool, tuple[int, str] | None]) -> None:
+        """One generated request for ``test_path_variants``."""
         request, path, method, valid, allowed = case
         f = fixtures()
         data = b"" if method == "GET" else request.data
@@ -522,11 +540,16 @@ def v1_mutations(draw: st.DrawFn) -> tuple[Request, Any, bool]:
 
 
 class V1Tests(AnswerChecks):
-    @FAST
-    @given(v1_mutations())
-    def test_v1_mutations(self, case: tuple[Request, Any, bool]) -> None:
+    def test_v1_mutations(self) -> None:
         """v1 (rooms 1 and 2, the event as the body): no mutation gives a 500, none touching
         covered data gives a 200."""
+        self.v1_mutation()  # hypothesis runs every example
+        self.answers.report("fuzz-v1")
+
+    @FAST
+    @given(v1_mutations())
+    def v1_mutation(self, case: tuple[Request, Any, bool]) -> None:
+        """One generated request for ``test_v1_mutations``."""
         request, body, changed = case
         f = fixtures()
         data = json.dumps(body).encode()
