@@ -51,6 +51,14 @@ def _cmd_generate_config(args: argparse.Namespace, out: TextIO) -> int:
         settings["listen"] = args.listen
     tls_key = os.path.join(data_dir, "tls.key")
     tls_cert = os.path.join(data_dir, "tls.crt")
+    if args.tls_cert and args.listen and not any(e.startswith("ssl:") for e in args.listen):
+        # The certificate would be written, and announced, for no listener at all.
+        raise ConfigError(
+            "--tls-cert writes a certificate for a TLS listener, but no --listen endpoint is "
+            "ssl:; leave out --listen (for an ssl: listener on the server name's port) or give "
+            f"an ssl: endpoint with privateKey={_escape_endpoint(tls_key)}"
+            f":certKey={_escape_endpoint(tls_cert)}"
+        )
     if args.tls_cert and not args.listen:
         host, port = parse_server_name(args.server_name)
         # The loopback of the name's address family: an IPv6 literal leads to ::1.
@@ -342,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--tls-cert",
         action="store_true",
-        help="also write a self-signed TLS certificate (local testing) and listen with TLS",
+        help="also write a self-signed TLS certificate (local testing) and listen with TLS "
+        "(with --listen: one of them must be an ssl: endpoint, naming the certificate)",
     )
     generate.set_defaults(run=_cmd_generate_config)
 

@@ -172,6 +172,40 @@ class GenerateTLSTests(SynchronousTestCase):
         self.assertIsInstance(endpoint, endpoints.SSL4ServerEndpoint)
         self.assertEqual(endpoint._interface, "::1")  # type: ignore[attr-defined]
 
+    def test_tls_cert_with_no_tls_listener_refused(self) -> None:
+        """--tls-cert with --listen endpoints none of which is ssl: would write a certificate no
+        listener uses: refused, one line on stderr, exit status 1, nothing written."""
+        data_dir = os.path.abspath(self.mktemp())
+        path = self.mktemp()
+        out, err = io.StringIO(), io.StringIO()
+        argv = ["generate-config", "--server-name", "e.org", "--data-dir", data_dir, "-o", path]
+        code = main([*argv, "--listen", "tcp:8448", "--tls-cert"], out, err)
+        self.assertEqual(code, 1)
+        self.assertEqual(out.getvalue(), "")
+        self.assertEqual(
+            err.getvalue(),
+            "federation-invite: --tls-cert writes a certificate for a TLS listener, but no "
+            "--listen endpoint is ssl:; leave out --listen (for an ssl: listener on the server "
+            "name's port) or give an ssl: endpoint with "
+            f"privateKey={data_dir}/tls.key:certKey={data_dir}/tls.crt\n",
+        )
+        self.assertFalse(os.path.exists(path))
+        self.assertFalse(os.path.exists(data_dir))
+
+    def test_tls_cert_with_a_tls_listener_kept(self) -> None:
+        """--tls-cert with an ssl: --listen (beside a plain one) writes the certificate and keeps
+        the listeners as given."""
+        data_dir = os.path.abspath(self.mktemp())
+        path = self.mktemp()
+        tls = f"ssl:8448:privateKey={data_dir}/tls.key:certKey={data_dir}/tls.crt"
+        out = io.StringIO()
+        argv = ["generate-config", "--server-name", "e.org", "--data-dir", data_dir, "-o", path]
+        code = main([*argv, "--listen", "tcp:8008", "--listen", tls, "--tls-cert"], out, out)
+        self.assertEqual(code, 0, out.getvalue())
+        self.assertIn("Wrote a self-signed TLS certificate", out.getvalue())
+        self.assertEqual(load_config(path).listen, ("tcp:8008", tls))
+        self.assertTrue(os.path.exists(os.path.join(data_dir, "tls.crt")))
+
 
 class GenerateConfigRobustnessTests(SynchronousTestCase):
     def test_rerun_with_tls_cert_and_force(self) -> None:
