@@ -55,6 +55,8 @@ class DaemonHarness(TestCase):
 
     #: Extra TOML appended to the daemon's config file.
     extra_config = ""
+    #: twistd's own options, before the plugin's name (e.g. ``--logger``).
+    twistd_options: tuple[str, ...] = ()
 
     def setUp(self) -> None:
         self.dir = os.path.abspath(self.mktemp())
@@ -116,6 +118,7 @@ class DaemonHarness(TestCase):
                 os.path.join(BIN, "twistd"),
                 "-n",
                 "--pidfile=",
+                *self.twistd_options,
                 "federation-invite",
                 "-c",
                 self.config,

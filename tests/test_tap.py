@@ -19,6 +19,8 @@ from federation_invite.signingkey import write_signing_key_file
 from federation_invite.store import StoreError
 from federation_invite.tap import Options, makeService
 
+from .daemon_harness import DaemonHarness
+
 
 class OptionsTests(SynchronousTestCase):
     def test_no_config_uses_embedded_default(self) -> None:
@@ -524,3 +526,46 @@ class CommandLineTests(SynchronousTestCase):
         self.assertIn("signing.key", files)
         self.assertIn("federation-invite.db", files)
         self.assertEqual(os.listdir(rundir), [])
+
+
+class JSONLoggerTests(DaemonHarness):
+    """The README's JSON-lines logging command, run as the README writes it."""
+
+    timeout = 60
+    twistd_options = ("--logger", "federation_invite.logs.json_observer")
+    extra_config = (
+        '[inbound]\nlocal_users = "any"\n'
+        "[outbound]\nverify_tls = false\nip_allowlist = ['127.0.0.1/32']\n"
+    )
+
+    def test_json_observer_writes_one_json_object_per_line(self) -> Deferred[None]:
+        """`twistd -n --logger federation_invite.logs.json_observer federation-invite -c FILE`
+        starts, serves an invite, and stops on SIGTERM; everything it writes is one JSON event
+        per line, the invite's outcome line with its fields."""
+        from twisted.logger import eventFromJSON, formatEvent
+
+        async def go() -> None:
+            await self.start_daemon()
+            event_id, path, body, header = self.signed_invite(invitee=f"@bob:{self.server_name}")
+            code, answer = await self.put(path, body, header, persistent=False)
+            self.assertEqual(code, 200, (answer, self.read_log()))
+            await self.stop_daemon()
+            lines = self.read_log().splitlines()
+            events = []
+            for line in lines:
+                try:
+                    event = eventFromJSON(line)
+                except ValueError:
+                    self.fail(f"not one JSON event: {line!r}")
+                self.assertIsInstance(event, dict, line)
+                self.assertIn("log_level", event, line)
+                events.append(event)
+            texts = [formatEvent(event) for event in events]
+            self.assertIn("Server Shut Down.", texts)
+            (invite,) = [event for event in events if event.get("event_id") == event_id]
+            self.assertEqual(
+                (invite["outcome"], invite["origin"], invite["invitee"], invite["peer"]),
+                ("accepted", self.remote, f"@bob:{self.server_name}", "127.0.0.1"),
+            )
+
+        return ensureDeferred(go())
