@@ -13,18 +13,22 @@ The twistd plugin, the CLI and the embedding API all come through here:
 
 from __future__ import annotations
 
+import atexit
 import gc
 import inspect
 import os
 import stat
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import attrs
 from signedjson.types import SigningKey
 from twisted.application import service, strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -53,7 +57,7 @@ from .web._base import MatrixResource
 from .web.invite import InviteResource
 from .web.keys import KeyServerResource
 from .web.metrics import build_metrics_root
-from .web.site import FederationSite
+from .web.site import FederationSite, _Dropped
 from .web.tree import WellKnownServerResource, build_matrix_tree
 
 __all__ = [
@@ -152,13 +156,7 @@ class FederationInvite:
         Every resource under ``root`` gets these limits and JSON answers for
         malformed HTTP, an embedding application's own resources included.
         """
-        return FederationSite(
-            root,
-            reactor=self.clock,
-            max_body_bytes=self.config.get("inbound.max_body_bytes"),
-            request_timeout=self.config.get("inbound.request_timeout"),
-            idle_timeout=self.config.get("inbound.idle_timeout"),
-        )
+        return FederationSite(root, reactor=self.clock, **_site_limits(self.config))
 
     async def send_invite(
         self,
@@ -224,6 +222,15 @@ class FederationInvite:
             except Exception as exc:
                 log.warn("Outbound connections not closed cleanly: {reason}", reason=str(exc))
         await self.store.close()
+
+
+def _site_limits(config: Config) -> dict[str, Any]:
+    """``FederationSite``'s keyword arguments for the configured ``inbound.*`` limits."""
+    return {
+        "max_body_bytes": config.get("inbound.max_body_bytes"),
+        "request_timeout": config.get("inbound.request_timeout"),
+        "idle_timeout": config.get("inbound.idle_timeout"),
+    }
 
 
 def _limits(config: Config) -> InviteLimits:
@@ -418,10 +425,81 @@ async def _close_after_failure(store: IStore) -> None:
         log.failure("Could not close the database after failing to start")
 
 
-class FederationInviteService(service.MultiService):
-    """The daemon: on start, opens the store, then listens on every configured endpoint.
+class _StartingSite(FederationSite):
+    """The daemon's ``FederationSite``, listened with before the database is open: until
+    ``serve(root)`` each connection is dropped as soon as it is made (as a draining
+    site's are), so that nothing is served before the store is ready."""
 
-    ``ready`` fires with the assembled ``FederationInvite`` once listening has
+    _serving = False
+
+    def serve(self, root: Resource) -> None:
+        self.resource = root
+        self._serving = True
+
+    def logPrefix(self) -> str:
+        return "FederationSite"
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if not self._serving:
+            return _Dropped()
+        return super().buildProtocol(addr)
+
+
+def _listen_failure(exc: Exception) -> str:
+    """Why an endpoint could not be listened on, in a few words (no traceback)."""
+    if isinstance(exc, CannotListenError) and isinstance(exc.socketError, OSError):
+        exc = exc.socketError
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+        return f"{reason}: {exc.filename}" if exc.filename else reason
+    if type(exc).__module__.startswith("OpenSSL"):
+        return f"the TLS key or certificate is not usable PEM ({exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _report_in_one_line(error: Exception) -> None:
+    """Have ``error``, should it end the process (twistd lets a start's error do so,
+    once it has told a daemon's launcher and removed its pidfile), printed as one
+    line on stderr (twistd's log, under twistd) instead of as a traceback."""
+    previous = sys.excepthook
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if value is error:
+            print(f"federation-invite could not start: {value}", file=sys.stderr)
+        else:
+            previous(kind, value, tb)
+
+    sys.excepthook = excepthook
+
+
+def _exit_status_at_exit(status: int) -> None:
+    """Have the process exit with ``status`` once it ends as it otherwise would, with 0.
+
+    twistd has no exit status of its own but a signal's: after the reactor has
+    stopped it removes its pidfile and returns. This atexit handler, the last
+    registered and so the first run, flushes stdout and stderr and ends the
+    process with ``status`` (the handlers registered before it, such as the
+    standard library logging's, which we do not use, are skipped).
+    """
+
+    def exit_now() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(status)
+
+    atexit.register(exit_now)
+
+
+class FederationInviteService(service.MultiService):
+    """The daemon: on start, listens on every configured endpoint, opens the store, then serves.
+
+    The ports are bound at once (twistd: in ``privilegedStartService``), and a
+    failure then (a port in use, a TLS file that cannot be read) is raised from
+    the start, as a ``ConfigError``; connections are dropped until the store is
+    open. ``ready`` fires with the assembled ``FederationInvite`` once serving has
     begun (or fails, after logging, and the reactor is stopped). It is the
     latest start's: a start after the previous ``ready`` fired (stopped, then
     started again) gets a new one, with newly built components, so read
@@ -448,14 +526,21 @@ class FederationInviteService(service.MultiService):
         self.ready: Deferred[FederationInvite] = Deferred()
         #: The sites listened with (federation, metrics), drained on stop, and
         #: forgotten with their listening services (our children) after it.
-        self._sites: list[FederationSite] = []
+        self._sites: list[_StartingSite] = []
         #: The start under way or done, and the stop (``stopService``) until the next start.
         self._starting: Deferred[Any] | None = None
         self._stopping: Deferred[None] | None = None
         #: Whether a stop gave up waiting for the start (``_wait_for_start``).
         self._start_abandoned = False
 
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
     def startService(self) -> None:
+        if not self._sites:
+            # Not started by twistd (twist, an embedder, a start after a stop).
+            self._listen()
         super().startService()
         if self.ready.called:
             # Started again after a stop: a new run, told of on a new Deferred.
@@ -466,14 +551,83 @@ class FederationInviteService(service.MultiService):
         starting = self._starting = Deferred.fromCoroutine(self._start())
         starting.addCallbacks(self.ready.callback, self._failed)
 
+    def _listen(self) -> None:
+        """Bind every configured endpoint now, before the database is opened.
+
+        What can be known at once fails the start at once, and under twistd
+        before it tells a daemon's launcher that the start went well: an
+        endpoint string Twisted cannot parse, a TLS key or certificate that
+        cannot be read, a port in use or not ours to take. The ports bound are
+        closed again, and ``ConfigError`` names the key and the endpoint.
+        """
+        federation = _StartingSite(
+            MatrixResource(), reactor=self.reactor, **_site_limits(self.config)
+        )
+        wanted = [("listen", description, federation) for description in self.config.listen]
+        sites = [federation]
+        metrics_listen = self.config.get("metrics.listen")
+        if metrics_listen:
+            metrics = _StartingSite(
+                MatrixResource(), reactor=self.reactor, **_site_limits(self.config)
+            )
+            wanted.append(("metrics.listen", metrics_listen, metrics))
+            sites.append(metrics)
+        bound: list[StreamServerEndpointService] = []
+        for key, description, site in wanted:
+            try:
+                listener = strports.service(description, site, reactor=self.reactor)
+                listener.privilegedStartService()  # strports: raises at once
+            except Exception as exc:
+                for done in bound:
+                    done.stopService().addErrback(
+                        lambda failure: log.failure("Could not close a port", failure)
+                    )
+                error = ConfigError(
+                    f"configuration key {key!r}: cannot listen on {description!r}: "
+                    f"{_listen_failure(exc)}"
+                )
+                if self._exit_on_failure:
+                    _report_in_one_line(error)
+                raise error from exc
+            bound.append(listener)
+        for listener in bound:
+            listener.setServiceParent(self)
+        self._sites = sites
+
     async def _start(self) -> FederationInvite:
+        try:
+            return await self._open_and_serve()
+        except BaseException:
+            if self._stopping is None:
+                # A failed start closes its ports before ready fails (a stop
+                # under way closes them itself).
+                await self._close_listeners()
+            raise
+
+    async def _close_listeners(self) -> None:
+        """Close this run's ports, and forget them and their sites."""
+        sites, self._sites = self._sites, []
+        closing: list[Deferred[Any]] = []
+        for child in list(self):
+            if any(getattr(child, "factory", None) is site for site in sites):
+                # Disowned by a running parent, a child is stopped; else, stop it here.
+                stopped = child.disownServiceParent()
+                if stopped is None:
+                    stopped = defer.maybeDeferred(child.stopService)
+                closing.append(stopped)
+        try:
+            await gatherResults(closing, consumeErrors=True)
+        except Exception:
+            log.failure("Could not close the ports after failing to start")
+
+    async def _open_and_serve(self) -> FederationInvite:
         database = _redact_uri(self.config.database)
         # libpq gives up on a silent server after its connect_timeout (10 s unless
-        # the URI says otherwise); until then the operator sees why nothing listens.
+        # the URI says otherwise); until then the operator sees why nothing is served.
         slow = self.reactor.callLater(
             SLOW_OPEN_WARNING_SECONDS,
             lambda: log.warn(
-                "Still opening the database {database} after {seconds} s; not listening yet",
+                "Still opening the database {database} after {seconds} s; not serving yet",
                 database=database,
                 seconds=SLOW_OPEN_WARNING_SECONDS,
             ),
@@ -494,19 +648,14 @@ class FederationInviteService(service.MultiService):
             raise
         self.components = components
         if self._stopping is not None:
-            # Stopped while the database was opening: listen on nothing (the
-            # stop, waiting for this start, closes the database).
-            log.info("federation-invite stopped while starting; not listening")
+            # Stopped while the database was opening: serve nothing (the stop,
+            # waiting for this start, closes the ports and the database).
+            log.info("federation-invite stopped while starting; not serving")
             return components
-        site = self._site(components, components.site_root())
-        for description in self.config.listen:
-            strports.service(description, site, reactor=self.reactor).setServiceParent(self)
-        metrics_listen = self.config.get("metrics.listen")
-        if metrics_listen:
-            metrics_site = self._site(components, build_metrics_root(components.metrics))
-            strports.service(metrics_listen, metrics_site, reactor=self.reactor).setServiceParent(
-                self
-            )
+        federation, *metrics = self._sites
+        federation.serve(components.site_root())
+        for site in metrics:
+            site.serve(build_metrics_root(components.metrics))
         log.info(
             "federation-invite for {server_name} listening on {listen}; database {database}; "
             "configuration {source}",
@@ -518,12 +667,6 @@ class FederationInviteService(service.MultiService):
         if self._freeze_gc:
             settle_gc()
         return components
-
-    def _site(self, components: FederationInvite, root: Resource) -> FederationSite:
-        """A site with the ``inbound.*`` connection limits, drained on stop."""
-        site = components.site(root)
-        self._sites.append(site)
-        return site
 
     def _failed(self, failure: Failure) -> None:
         if self._start_abandoned and failure.check(CancelledError):
@@ -538,8 +681,8 @@ class FederationInviteService(service.MultiService):
 
         def stop() -> None:
             # A daemon that cannot serve must not look alive to its supervisor:
-            # stop, then exit with status 1 once shutdown has run.
-            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            # stop (twistd then removes its pidfile), and exit with status 1.
+            _exit_status_at_exit(1)
             self.reactor.stop()
 
         # twistd starts services before the reactor runs: a failure that early
@@ -637,7 +780,7 @@ class FederationInviteService(service.MultiService):
         except defer.TimeoutError:
             log.warn(
                 "Stopping while the database {database} is still opening after {grace_period} "
-                "s (the grace period): start abandoned, not listening",
+                "s (the grace period): start abandoned, not serving",
                 database=_redact_uri(self.config.database),
                 grace_period=grace_period,
             )
@@ -669,8 +812,12 @@ def make_service(
 ) -> FederationInviteService:
     """The daemon's service: the key is loaded (or generated) now, the store on start.
 
-    With ``exit_on_failure`` (the daemon's default) a failed start stops the
-    reactor and exits with status 1, so that a supervisor sees it. With
+    With ``exit_on_failure`` (the daemon's default) a failed start ends the
+    process with status 1, so that a supervisor sees it: one that fails at
+    once (``ConfigError`` from binding the ports) is printed as one line, not a
+    traceback, should it end the process; one that fails later (the database)
+    stops the reactor and sets the exit status at exit, so that twistd still
+    removes its pidfile. With
     ``freeze_gc`` (also the daemon's default; a process-wide setting, so off for
     services built by hand) the objects that exist once it listens are frozen
     out of the garbage collector's full passes (``gc.freeze``).

@@ -8,6 +8,11 @@ daemon fetches it, accepts and co-signs a signed invite for a local user,
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import time
 
 import treq
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -16,7 +21,7 @@ from federation_invite.core.keys import decode_verify_key
 from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
 from federation_invite.core.signing import ServerVerifyKey, verify_event_signature
 
-from .daemon_harness import DaemonHarness
+from .daemon_harness import BIN, DaemonHarness
 
 
 class DaemonTests(DaemonHarness):
@@ -90,3 +95,100 @@ class FailedStartTests(DaemonHarness):
         )
         self.assertEqual(result.returncode, 1, result.stdout[-2000:])
         self.assertIn(b"could not start", result.stdout)
+
+
+class FailedStartPidfileTests(DaemonHarness):
+    """What a supervisor sees of a start that fails, with ``twistd -n`` and daemonized
+    (``--pidfile`` in the test's directory): exit status 1 where it can be seen, and no
+    pidfile left behind; a failure found at once (a port in use) is one line, and a
+    daemon's launcher reports it."""
+
+    timeout = 90
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.pidfile = os.path.join(self.dir, "twistd.pid")
+        self.logfile = os.path.join(self.dir, "daemon.log")
+        self.addCleanup(self.kill_daemonized)
+
+    def kill_daemonized(self) -> None:
+        """A daemonized twistd still running at the end (a failed test): killed."""
+        try:
+            with open(self.pidfile) as handle:
+                os.kill(int(handle.read()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+    def occupy_port(self) -> None:
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", self.port))
+        busy.listen()
+        self.addCleanup(busy.close)
+
+    def twistd(self, *args: str, daemonize: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run twistd with our pidfile (and, daemonized, our log file); its result."""
+        options = ["--logfile", self.logfile] if daemonize else ["-n"]
+        command = [os.path.join(BIN, "twistd"), *options, "--pidfile", self.pidfile]
+        return subprocess.run(
+            [*command, "federation-invite", "-c", self.config, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=self.dir,
+        )
+
+    def daemon_log_once_pidfile_gone(self) -> str:
+        """The daemonized process's log, once it has removed its pidfile (it has ended)."""
+        deadline = time.monotonic() + 30
+        while os.path.exists(self.pidfile):
+            self.assertLess(time.monotonic(), deadline, "the pidfile is still there")
+            time.sleep(0.05)
+        with open(self.logfile) as handle:
+            return handle.read()
+
+    def test_port_in_use(self) -> None:
+        """twistd -n: status 1, no pidfile, one log line saying why and no traceback."""
+        self.occupy_port()
+        result = self.twistd()
+        output = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 1, output)
+        self.assertFalse(os.path.exists(self.pidfile))
+        (line,) = [line for line in output.splitlines() if "could not start" in line]
+        self.assertTrue(
+            line.endswith(
+                "federation-invite could not start: configuration key 'listen': cannot listen "
+                f"on 'tcp:{self.port}:interface=127.0.0.1': Address already in use"
+            ),
+            line,
+        )
+        self.assertNotIn("Traceback", output)
+
+    def test_port_in_use_daemonized(self) -> None:
+        """Daemonized: the launcher exits with status 1 and says why; the daemon removes its
+        pidfile and logs one line, no traceback."""
+        self.occupy_port()
+        result = self.twistd(daemonize=True)
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn("An error has occurred", result.stderr)
+        self.assertIn("cannot listen on", result.stderr)
+        log = self.daemon_log_once_pidfile_gone()
+        self.assertEqual(log.count("federation-invite could not start: "), 1, log)
+        self.assertIn("Address already in use", log)
+        self.assertNotIn("Traceback", log)
+
+    def test_database_failure(self) -> None:
+        """A database that cannot be opened (found after the start, asynchronously), twistd
+        -n: status 1 and the pidfile removed."""
+        result = self.twistd("--database", "sqlite:////nonexistent/directory/x.db")
+        self.assertEqual(result.returncode, 1, result.stdout[-2000:])
+        self.assertIn("could not start", result.stdout)
+        self.assertFalse(os.path.exists(self.pidfile))
+
+    def test_database_failure_daemonized(self) -> None:
+        """Daemonized, a database that cannot be opened is found after the launcher has
+        exited with status 0 (twistd tells it once the service has started); the daemon
+        logs why and removes its pidfile."""
+        result = self.twistd("--database", "sqlite:////nonexistent/directory/x.db", daemonize=True)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        log = self.daemon_log_once_pidfile_gone()
+        self.assertIn("could not start", log)

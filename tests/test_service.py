@@ -717,6 +717,20 @@ class UnfinishedStartTests(SynchronousTestCase):
         self.assertEqual(list(service), [])
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def test_failed_start_exits_with_status_1_after_shutdown(self) -> None:
+        """A daemon's start failing once the reactor runs stops the reactor and asks for
+        exit status 1 at exit (after twistd's shutdown and pidfile removal), not with an
+        'after shutdown' os._exit that skips the pidfile's removal."""
+        statuses: list[int] = []
+        self.patch(service_module, "_exit_status_at_exit", statuses.append)
+        service = self.new_service()
+        service.startService()
+        self.opening.errback(StoreError("open", "refused"))
+        self.failureResultOf(service.ready, StoreError)
+        self.assertTrue(self.reactor.hasStopped)
+        self.assertEqual((statuses, self.reactor.triggers), ([1], {}))
+        self.flushLoggedErrors(StoreError)
+
     def test_slow_database_warned_about(self) -> None:
         """A database not open after 5 s is worth a warning (once, naming it, its password
         hidden); one that opens in time is not."""
@@ -809,3 +823,154 @@ class PostgresStopWhileOpeningTests(TestCase):
             await service.ready
         self.assertEqual(released, [])
         self.assertEqual(list(service), [])
+
+
+def _port_free(port: int) -> bool:
+    """Whether nothing listens on loopback ``port`` (closed connections may linger)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+class ListenAtStartTests(TestCase):
+    """The ports are bound when the service starts (twistd: ``privilegedStartService``,
+    before it tells a daemon's launcher the start went well), before the database is
+    opened: what fails there fails the start at once, and nothing is served until the
+    store is open."""
+
+    timeout = 20
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.store = _HeldStore()
+        self.opening: Deferred[Any] = Deferred()
+        self.opened: list[str] = []
+
+        async def open_store(uri: str, reactor: Any = None) -> Any:
+            self.opened.append(uri)
+            return await self.opening
+
+        self.patch(service_module, "open_store", open_store)
+        self.busy = socket_listening()
+        self.addCleanup(self.busy.close)
+        self.busy_port = self.busy.getsockname()[1]
+
+    def new_service(self, *listen: str, **settings: Any) -> FederationInviteService:
+        config = load_config(
+            None,
+            {"server_name": US, "data_dir": self.mktemp(), "listen": list(listen), **settings},
+        )
+        return FederationInviteService(config, self.reactor, make_key("us1"))
+
+    async def until_free(self, port: int) -> None:
+        for _ in range(200):
+            if _port_free(port):
+                return
+            await deferLater(self.reactor, 0.01)
+        self.fail(f"port {port} still bound after 2 s")
+
+    async def test_port_in_use_refused_at_once(self) -> None:
+        """A port in use fails privilegedStartService with one ConfigError naming the key,
+        the endpoint and the reason; the ports bound before it are closed again and no
+        database is opened."""
+        first = free_port()
+        busy = f"tcp:{self.busy_port}:interface=127.0.0.1"
+        service = self.new_service(f"tcp:{first}:interface=127.0.0.1", busy)
+        error = self.assertRaises(ConfigError, service.privilegedStartService)
+        self.assertEqual(
+            str(error),
+            f"configuration key 'listen': cannot listen on {busy!r}: Address already in use",
+        )
+        self.assertEqual((list(service), self.opened), ([], []))
+        await self.until_free(first)
+
+    def test_started_without_twistd_raises_too(self) -> None:
+        """startService alone (twist, an embedder) binds, and so fails, the same way; the
+        service is not running and its ready has not fired."""
+        service = self.new_service(f"tcp:{self.busy_port}:interface=127.0.0.1")
+        self.assertRaises(ConfigError, service.startService)
+        self.assertFalse(service.running)
+        self.assertNoResult(service.ready)
+        self.assertEqual(self.opened, [])
+
+    def test_tls_files_read_at_once(self) -> None:
+        """A TLS key or certificate missing or not PEM fails the start at once, in one line."""
+        missing = os.path.abspath(self.mktemp())
+        garbage = os.path.abspath(self.mktemp())
+        with open(garbage, "w") as handle:
+            handle.write("not a certificate\n")
+        for path, reason in [
+            (missing, f"No such file or directory: {missing}"),
+            (garbage, "the TLS key or certificate is not usable PEM"),
+        ]:
+            endpoint = f"ssl:{free_port()}:interface=127.0.0.1:privateKey={path}:certKey={path}"
+            error = self.assertRaises(
+                ConfigError, self.new_service(endpoint).privilegedStartService
+            )
+            self.assertTrue(
+                str(error).startswith(
+                    f"configuration key 'listen': cannot listen on {endpoint!r}: {reason}"
+                ),
+                str(error),
+            )
+            self.assertNotIn("\n", str(error))
+        self.assertEqual(self.opened, [])
+
+    async def test_nothing_served_until_the_store_is_open(self) -> None:
+        """Bound while the database opens, a port drops each connection unanswered; once the
+        store is open it serves, and the stop closes it."""
+        port = free_port()
+        service = self.new_service(f"tcp:{port}:interface=127.0.0.1")
+        service.privilegedStartService()
+        service.startService()
+        self.assertFalse(_port_free(port))
+
+        async def get_version() -> bytes:
+            client = _RawClient()
+            await connectProtocol(TCP4ClientEndpoint(self.reactor, "127.0.0.1", port), client)
+            assert client.transport is not None
+            client.transport.write(
+                b"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: us.example\r\n"
+                b"Connection: close\r\n\r\n"
+            )
+            await client.lost
+            return client.received
+
+        self.assertEqual(await get_version(), b"")
+        self.opening.callback(self.store)
+        await service.ready
+        self.assertTrue((await get_version()).startswith(b"HTTP/1.1 200 "))
+        await service.stopService()
+        self.assertTrue(self.store.closed)
+        await self.until_free(port)
+
+    async def test_failed_start_closes_its_ports(self) -> None:
+        """A start failing after the ports were bound (the database) closes them before
+        ready fails, and forgets them."""
+        port = free_port()
+        service = self.new_service(f"tcp:{port}:interface=127.0.0.1")
+        service.startService()
+        self.opening.errback(StoreError("open", "refused"))
+        with self.assertRaises(StoreError):
+            await service.ready
+        self.assertEqual(list(service), [])
+        self.assertTrue(_port_free(port))
+        self.flushLoggedErrors(StoreError)
+
+
+def socket_listening() -> Any:
+    """A loopback socket listening on a free port: that port is in use."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
