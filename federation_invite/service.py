@@ -52,7 +52,7 @@ from .outbound import (
 from .policy import InvitePolicy, InvitePolicyHook
 from .signer import ISigner, LocalSigner, check_signer
 from .signingkey import SigningKeyError, load_or_create_signing_keys
-from .store import IStore, open_store
+from .store import IStore, StoreError, open_store
 from .web._base import MatrixResource
 from .web.invite import InviteResource
 from .web.keys import KeyServerResource
@@ -445,8 +445,10 @@ class _StartingSite(FederationSite):
         return super().buildProtocol(addr)
 
 
-def _listen_failure(exc: Exception) -> str:
-    """Why an endpoint could not be listened on, in a few words (no traceback)."""
+def _failure_reason(exc: BaseException) -> str:
+    """Why an endpoint could not be listened on, or the start failed, in a line."""
+    if isinstance(exc, (StoreError, ConfigError)):
+        return str(exc)
     if isinstance(exc, CannotListenError) and isinstance(exc.socketError, OSError):
         exc = exc.socketError
     if isinstance(exc, OSError):
@@ -584,7 +586,7 @@ class FederationInviteService(service.MultiService):
                     )
                 error = ConfigError(
                     f"configuration key {key!r}: cannot listen on {description!r}: "
-                    f"{_listen_failure(exc)}"
+                    f"{_failure_reason(exc)}"
                 )
                 if self._exit_on_failure:
                     _report_in_one_line(error)
@@ -673,7 +675,14 @@ class FederationInviteService(service.MultiService):
             # A stop gave up on the start (logged there); the stop goes on.
             self.ready.errback(failure)
             return
-        log.failure("federation-invite could not start", failure)
+        if failure.check(StoreError, OSError, CannotListenError, ConfigError):
+            # What an operator can fix (a database, a file, a port): why, in one line.
+            log.critical(
+                "federation-invite could not start: {reason}",
+                reason=_failure_reason(cast(BaseException, failure.value)),
+            )
+        else:
+            log.failure("federation-invite could not start", failure)
         self.ready.errback(failure)
         if not self._exit_on_failure or self._stopping is not None:
             # Stopping already (the reactor too, under twistd): nothing to stop.

@@ -13,7 +13,7 @@ from signedjson.key import encode_verify_key_base64
 from treq.testing import StubTreq
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
@@ -612,7 +612,7 @@ class AssemblyFailureTests(SynchronousTestCase):
 
     def test_service_closes_the_store_when_assembly_fails(self) -> None:
         """The daemon's start failing to assemble (its key's ID among the old keys) closes
-        the store it opened; ready fails with the error."""
+        the store it opened; ready fails with the error, logged in one line."""
         key = make_key("us1")
         service = FederationInviteService(
             self.config(**self.old_key_setting(key)), MemoryReactorClock(), key
@@ -621,7 +621,7 @@ class AssemblyFailureTests(SynchronousTestCase):
         self.failureResultOf(service.ready, ConfigError)
         self.assertTrue(self.store.closed)
         self.assertEqual(list(service), [])
-        self.assertEqual(len(self.flushLoggedErrors(ConfigError)), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class UnfinishedStartTests(SynchronousTestCase):
@@ -730,6 +730,47 @@ class UnfinishedStartTests(SynchronousTestCase):
         self.assertTrue(self.reactor.hasStopped)
         self.assertEqual((statuses, self.reactor.triggers), ([1], {}))
         self.flushLoggedErrors(StoreError)
+
+    def test_expected_start_failures_logged_in_one_line(self) -> None:
+        """A database that cannot be opened (StoreError), an OSError, a port that cannot be
+        listened on or a ConfigError, found once started, is one critical line giving the
+        reason, no traceback; an unexpected error keeps its traceback."""
+        self.patch(service_module, "_exit_status_at_exit", lambda status: None)
+        for error, reason in [
+            (
+                StoreError("migrate", "OperationalError: unable to open database file"),
+                "migrate failed: OperationalError: unable to open database file",
+            ),
+            (
+                PermissionError(13, "Permission denied", "/data/x.db"),
+                "Permission denied: /data/x.db",
+            ),
+            (
+                CannotListenError("127.0.0.1", 8448, OSError(98, "Address already in use")),
+                "Address already in use",
+            ),
+            (ConfigError("configuration key 'x': bad"), "configuration key 'x': bad"),
+        ]:
+            self.events.clear()
+            self.opening = Deferred()
+            service = self.new_service()
+            service.startService()
+            self.opening.errback(error)
+            self.failureResultOf(service.ready, type(error))
+            (line,) = self.logged("could not start")
+            self.assertEqual(line["log_level"], LogLevel.critical)
+            self.assertEqual(line["reason"], reason)
+            self.assertNotIn("log_failure", line)
+            self.assertEqual(self.flushLoggedErrors(), [])
+        self.events.clear()
+        self.opening = Deferred()
+        service = self.new_service()
+        service.startService()
+        self.opening.errback(ZeroDivisionError("a bug"))
+        self.failureResultOf(service.ready, ZeroDivisionError)
+        (line,) = self.logged("could not start")
+        self.assertIn("log_failure", line)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def test_slow_database_warned_about(self) -> None:
         """A database not open after 5 s is worth a warning (once, naming it, its password
