@@ -71,19 +71,41 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     """Build the daemon's service tree from parsed options.
 
-    A problem found here (the data directory, the signing key file) ends the
-    process with one line naming the key and exit status 1, as a bad value or
-    an unknown key does when the options are parsed, instead of a traceback.
+    A problem found here (the data directory, the signing key file, twistd's
+    ``--uid``/``--gid``) ends the process with one line (naming the key) and exit
+    status 1, as a bad value or an unknown key does when the options are
+    parsed, instead of a traceback.
     """
     from twisted.internet import reactor
 
     from .service import make_service
 
+    _refuse_privilege_switch(options)
     config: Config = options["loaded"]
     try:
         return make_service(config, reactor)
     except ConfigError as exc:
         _refuse(exc)
+
+
+def _refuse_privilege_switch(options: Options) -> None:
+    """Refuse twistd's ``--uid``/``--gid`` naming another user or group than our own.
+
+    They cannot work: twistd switches after ``makeService``, which creates the
+    data directory and the signing key as the user it starts as (root, for a
+    switch), and before the service opens the database, as the other user.
+    """
+    twistd = getattr(options, "parent", None) or {}
+    uid, gid = twistd.get("uid"), twistd.get("gid")
+    if (uid is not None and uid != os.getuid()) or (gid is not None and gid != os.getgid()):
+        _refuse(
+            ConfigError(
+                "--uid and --gid are not supported (the data directory and the signing key "
+                "would be created as this user, the database opened as the other): run "
+                "twistd as the user to serve as (ports below 1024: a systemd: "
+                "socket-activated endpoint, or a proxy)"
+            )
+        )
 
 
 def _refuse(error: ConfigError) -> NoReturn:

@@ -569,3 +569,39 @@ class JSONLoggerTests(DaemonHarness):
             )
 
         return ensureDeferred(go())
+
+
+class PrivilegeSwitchTests(SynchronousTestCase):
+    """twistd's --uid/--gid cannot work: makeService creates the data directory and the
+    key as the user twistd starts as, and the store is opened after the switch."""
+
+    def service_from(self, *argv: str) -> object:
+        """makeService on what twistd parsed of ``argv`` (our options as its subcommand)."""
+        from twisted.scripts.twistd import ServerOptions
+
+        self.data_dir = os.path.abspath(self.mktemp())
+        config = ServerOptions()
+        config.parseOptions(
+            [*argv, "federation-invite", "--data-dir", self.data_dir, "--listen", "tcp:0"]
+        )
+        self.patch(sys, "argv", ["/venv/bin/twistd", *argv, "federation-invite"])
+        return makeService(config.subOptions)
+
+    def test_another_uid_or_gid_refused(self) -> None:
+        """--uid or --gid naming another user or group than twistd's own ends the process
+        with one line saying what to do instead, before anything is created."""
+        for argv in (["--uid", str(os.getuid() + 4321)], ["--gid", str(os.getgid() + 4321)]):
+            error = self.assertRaises(SystemExit, self.service_from, *argv)
+            self.assertEqual(
+                error.code,
+                "twistd: --uid and --gid are not supported (the data directory and the signing "
+                "key would be created as this user, the database opened as the other): run "
+                "twistd as the user to serve as (ports below 1024: a systemd: socket-activated "
+                "endpoint, or a proxy)",
+            )
+            self.assertFalse(os.path.exists(self.data_dir), argv)
+
+    def test_own_uid_and_gid_accepted(self) -> None:
+        """--uid and --gid naming twistd's own user and group change nothing: accepted."""
+        service = self.service_from("--uid", str(os.getuid()), "--gid", str(os.getgid()))
+        self.assertIsInstance(service, FederationInviteService)
