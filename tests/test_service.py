@@ -639,6 +639,9 @@ class UnfinishedStartTests(SynchronousTestCase):
             return await self.opening
 
         self.patch(service_module, "open_store", open_store)
+        # The exit status asked for at exit, which must not end this process.
+        self.exit_statuses: list[int] = []
+        self.patch(service_module, "_exit_status_at_exit", self.exit_statuses.append)
         self.events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
@@ -675,7 +678,9 @@ class UnfinishedStartTests(SynchronousTestCase):
         (warning,) = self.logged("start abandoned")
         self.assertEqual((warning["log_level"], warning["grace_period"]), (LogLevel.warn, 3.0))
         self.assertEqual(self.logged("could not start"), [])
-        self.assertEqual((self.reactor.hasStopped, self.reactor.triggers), (False, {}))
+        self.assertEqual(
+            (self.reactor.hasStopped, self.reactor.triggers, self.exit_statuses), (False, {}, [])
+        )
         self.assertEqual(list(service), [])
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
@@ -701,7 +706,9 @@ class UnfinishedStartTests(SynchronousTestCase):
         self.failureResultOf(service.ready, CancelledError)
         self.assertEqual(list(service), [])
         self.assertEqual(self.logged("could not start"), [])
-        self.assertEqual((self.reactor.hasStopped, self.reactor.triggers), (False, {}))
+        self.assertEqual(
+            (self.reactor.hasStopped, self.reactor.triggers, self.exit_statuses), (False, {}, [])
+        )
 
     def test_start_within_the_grace_period(self) -> None:
         """A database that opens within the grace period of a stop: the stop waits for it,
@@ -721,21 +728,18 @@ class UnfinishedStartTests(SynchronousTestCase):
         """A daemon's start failing once the reactor runs stops the reactor and asks for
         exit status 1 at exit (after twistd's shutdown and pidfile removal), not with an
         'after shutdown' os._exit that skips the pidfile's removal."""
-        statuses: list[int] = []
-        self.patch(service_module, "_exit_status_at_exit", statuses.append)
         service = self.new_service()
         service.startService()
         self.opening.errback(StoreError("open", "refused"))
         self.failureResultOf(service.ready, StoreError)
         self.assertTrue(self.reactor.hasStopped)
-        self.assertEqual((statuses, self.reactor.triggers), ([1], {}))
+        self.assertEqual((self.exit_statuses, self.reactor.triggers), ([1], {}))
         self.flushLoggedErrors(StoreError)
 
     def test_expected_start_failures_logged_in_one_line(self) -> None:
         """A database that cannot be opened (StoreError), an OSError, a port that cannot be
         listened on or a ConfigError, found once started, is one critical line giving the
         reason, no traceback; an unexpected error keeps its traceback."""
-        self.patch(service_module, "_exit_status_at_exit", lambda status: None)
         for error, reason in [
             (
                 StoreError("migrate", "OperationalError: unable to open database file"),
