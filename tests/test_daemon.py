@@ -137,14 +137,25 @@ class FailedStartPidfileTests(DaemonHarness):
             cwd=self.dir,
         )
 
-    def daemon_log_once_pidfile_gone(self) -> str:
-        """The daemonized process's log, once it has removed its pidfile (it has ended)."""
+    def daemon_log_once_pidfile_gone(self, ending: str = "could not start: ") -> str:
+        """The daemonized process's log, once it has removed its pidfile and logged ``ending``.
+
+        The launcher may return before the daemon has written its pidfile (a failure
+        reported through twistd's pipe), so a missing pidfile alone does not mean the
+        daemon has ended: wait for its last line as well.
+        """
         deadline = time.monotonic() + 30
-        while os.path.exists(self.pidfile):
-            self.assertLess(time.monotonic(), deadline, "the pidfile is still there")
+        while True:
+            gone = not os.path.exists(self.pidfile)
+            try:
+                with open(self.logfile) as handle:
+                    log = handle.read()
+            except FileNotFoundError:
+                log = ""
+            if gone and ending in log:
+                return log
+            self.assertLess(time.monotonic(), deadline, f"the daemon has not ended: {log}")
             time.sleep(0.05)
-        with open(self.logfile) as handle:
-            return handle.read()
 
     def test_port_in_use(self) -> None:
         """twistd -n: status 1, no pidfile, one log line saying why and no traceback."""
