@@ -868,6 +868,22 @@ class PostgresStopWhileOpeningTests(TestCase):
             await service.ready
         self.assertEqual(released, [])
         self.assertEqual(list(service), [])
+        # The abandoned start's migration, its wait cancelled, ends in a thread of its
+        # own; let it end before the database is dropped (dropping it terminates any
+        # session left, which that thread would log as an error of this test).
+        deadline = reactor.seconds() + 15
+        while True:
+            with other.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (self.database,),
+                )
+                (left,) = cursor.fetchone()
+            if left == 0:
+                break
+            self.assertLess(reactor.seconds(), deadline, f"{left} session(s) left")
+            await deferLater(reactor, 0.05)
 
 
 def _port_free(port: int) -> bool:
