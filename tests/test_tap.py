@@ -231,8 +231,16 @@ class MakeServiceTests(TestCase):
         from twisted.internet import reactor
 
         options = Options()
+        # Port 0: the embedded default (8448) may be in use (another test run, a daemon).
         options.parseOptions(
-            ["--data-dir", self.mktemp(), "--database", "sqlite:////nonexistent/dir/x.db"]
+            [
+                "--data-dir",
+                self.mktemp(),
+                "--database",
+                "sqlite:////nonexistent/dir/x.db",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+            ]
         )
         service = make_service(options["loaded"], reactor, exit_on_failure=False, freeze_gc=False)
         service.reactor = _NotRunning(reactor)
