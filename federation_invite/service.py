@@ -29,9 +29,15 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from .auth import RequestAuthenticator, ServerAcl
 from .client import FederationClient
@@ -57,7 +63,7 @@ from .web._base import MatrixResource
 from .web.invite import InviteResource
 from .web.keys import KeyServerResource
 from .web.metrics import build_metrics_root
-from .web.site import FederationSite, _Dropped
+from .web.site import FederationSite
 from .web.tree import WellKnownServerResource, build_matrix_tree
 
 __all__ = [
@@ -425,24 +431,31 @@ async def _close_after_failure(store: IStore) -> None:
         log.failure("Could not close the database after failing to start")
 
 
-class _StartingSite(FederationSite):
-    """The daemon's ``FederationSite``, listened with before the database is open: until
-    ``serve(root)`` each connection is dropped as soon as it is made (as a draining
-    site's are), so that nothing is served before the store is ready."""
+@implementer(IStreamServerEndpoint)
+class _NotAcceptingYet:
+    """``endpoint``, whose ports stop accepting as soon as they are bound.
 
-    _serving = False
+    Each is added to ``ports``; until the service serves and has it accept
+    (``startReading``), a connection made waits in the kernel's backlog (as on
+    a socket systemd holds for us) instead of being accepted before there is
+    anything to serve it with. Every port of the POSIX reactors (TCP, TLS, UNIX,
+    adopted from systemd) can pause so; one that cannot (the Windows IOCP
+    reactor's) accepts at once, and the placeholder root answers 404 until then.
+    """
 
-    def serve(self, root: Resource) -> None:
-        self.resource = root
-        self._serving = True
+    def __init__(self, endpoint: IStreamServerEndpoint, ports: list[Any]) -> None:
+        self._endpoint = endpoint
+        self._ports = ports
 
-    def logPrefix(self) -> str:
-        return "FederationSite"
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return self._endpoint.listen(factory).addCallback(self._pause)
 
-    def buildProtocol(self, addr: Any) -> Any:
-        if not self._serving:
-            return _Dropped()
-        return super().buildProtocol(addr)
+    def _pause(self, port: IListeningPort) -> IListeningPort:
+        pausable = cast(Any, port)
+        if hasattr(pausable, "stopReading") and hasattr(pausable, "startReading"):
+            pausable.stopReading()
+            self._ports.append(pausable)
+        return port
 
 
 def _failure_reason(exc: BaseException) -> str:
@@ -500,13 +513,14 @@ class FederationInviteService(service.MultiService):
 
     The ports are bound at once (twistd: in ``privilegedStartService``), and a
     failure then (a port in use, a TLS file that cannot be read) is raised from
-    the start, as a ``ConfigError``; connections are dropped until the store is
-    open. ``ready`` fires with the assembled ``FederationInvite`` once serving has
-    begun (or fails, after logging, and the reactor is stopped). It is the
-    latest start's: a start after the previous ``ready`` fired (stopped, then
-    started again) gets a new one, with newly built components, so read
-    ``ready`` after ``startService``. Each stop closes its run's ports and
-    components, and forgets them.
+    the start, as a ``ConfigError``; they accept no connection until the store is
+    open (a connection made before then waits in the kernel's backlog). ``ready``
+    fires with the assembled ``FederationInvite`` once serving has begun (or
+    fails, after logging, and the reactor is stopped). It is the latest start's:
+    a start after the previous ``ready`` fired (stopped, then started again)
+    gets a new one, with newly built components, so read ``ready`` after
+    ``startService``. Each stop closes its run's ports and components, and
+    forgets them.
     """
 
     def __init__(
@@ -528,7 +542,9 @@ class FederationInviteService(service.MultiService):
         self.ready: Deferred[FederationInvite] = Deferred()
         #: The sites listened with (federation, metrics), drained on stop, and
         #: forgotten with their listening services (our children) after it.
-        self._sites: list[_StartingSite] = []
+        self._sites: list[FederationSite] = []
+        #: This run's bound ports, not accepting until it serves (``_NotAcceptingYet``).
+        self._paused_ports: list[Any] = []
         #: The start under way or done, and the stop (``stopService``) until the next start.
         self._starting: Deferred[Any] | None = None
         self._stopping: Deferred[None] | None = None
@@ -561,23 +577,28 @@ class FederationInviteService(service.MultiService):
         endpoint string Twisted cannot parse, a TLS key or certificate that
         cannot be read, a port in use or not ours to take. The ports bound are
         closed again, and ``ConfigError`` names the key and the endpoint.
+
+        Bound, a port does not accept yet (``_NotAcceptingYet``): until the
+        store is open, connections wait in the kernel's backlog to be served.
         """
-        federation = _StartingSite(
+        federation = FederationSite(
             MatrixResource(), reactor=self.reactor, **_site_limits(self.config)
         )
         wanted = [("listen", description, federation) for description in self.config.listen]
         sites = [federation]
         metrics_listen = self.config.get("metrics.listen")
         if metrics_listen:
-            metrics = _StartingSite(
+            metrics = FederationSite(
                 MatrixResource(), reactor=self.reactor, **_site_limits(self.config)
             )
             wanted.append(("metrics.listen", metrics_listen, metrics))
             sites.append(metrics)
+        paused: list[Any] = []
         bound: list[StreamServerEndpointService] = []
         for key, description, site in wanted:
             try:
                 listener = strports.service(description, site, reactor=self.reactor)
+                listener.endpoint = _NotAcceptingYet(listener.endpoint, paused)
                 listener.privilegedStartService()  # strports: raises at once
             except Exception as exc:
                 for done in bound:
@@ -595,6 +616,7 @@ class FederationInviteService(service.MultiService):
         for listener in bound:
             listener.setServiceParent(self)
         self._sites = sites
+        self._paused_ports = paused
 
     async def _start(self) -> FederationInvite:
         try:
@@ -609,6 +631,7 @@ class FederationInviteService(service.MultiService):
     async def _close_listeners(self) -> None:
         """Close this run's ports, and forget them and their sites."""
         sites, self._sites = self._sites, []
+        self._paused_ports = []
         closing: list[Deferred[Any]] = []
         for child in list(self):
             if any(getattr(child, "factory", None) is site for site in sites):
@@ -655,9 +678,13 @@ class FederationInviteService(service.MultiService):
             log.info("federation-invite stopped while starting; not serving")
             return components
         federation, *metrics = self._sites
-        federation.serve(components.site_root())
+        federation.resource = components.site_root()
         for site in metrics:
-            site.serve(build_metrics_root(components.metrics))
+            site.resource = build_metrics_root(components.metrics)
+        # Accept now, first the connections that waited in the backlog.
+        for port in self._paused_ports:
+            port.startReading()
+        self._paused_ports = []
         log.info(
             "federation-invite for {server_name} listening on {listen}; database {database}; "
             "configuration {source}",
@@ -772,6 +799,7 @@ class FederationInviteService(service.MultiService):
                 if any(getattr(child, "factory", None) is site for site in self._sites):
                     child.disownServiceParent()
             self._sites.clear()
+            self._paused_ports = []
 
     async def _wait_for_start(self, starting: Deferred[Any], grace_period: float) -> None:
         """Let a start still opening the database finish, for at most ``grace_period`` s.

@@ -902,8 +902,8 @@ def _port_free(port: int) -> bool:
 class ListenAtStartTests(TestCase):
     """The ports are bound when the service starts (twistd: ``privilegedStartService``,
     before it tells a daemon's launcher the start went well), before the database is
-    opened: what fails there fails the start at once, and nothing is served until the
-    store is open."""
+    opened: what fails there fails the start at once, and no connection is accepted
+    until the store is open."""
 
     timeout = 20
 
@@ -985,33 +985,61 @@ class ListenAtStartTests(TestCase):
             self.assertNotIn("\n", str(error))
         self.assertEqual(self.opened, [])
 
-    async def test_nothing_served_until_the_store_is_open(self) -> None:
-        """Bound while the database opens, a port drops each connection unanswered; once the
-        store is open it serves, and the stop closes it."""
+    async def connect_and_ask_version(self, port: int) -> _RawClient:
+        """A loopback connection to ``port`` that has sent a version request."""
+        client = _RawClient()
+        await connectProtocol(TCP4ClientEndpoint(self.reactor, "127.0.0.1", port), client)
+        assert client.transport is not None
+        self.addCleanup(lambda: client.transport and client.transport.abortConnection())
+        client.transport.write(
+            b"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: us.example\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        # A few reactor turns: a port accepting now would have accepted (and, before
+        # serving, dropped) it by then.
+        for _ in range(5):
+            await deferLater(self.reactor, 0)
+        return client
+
+    async def test_connection_made_while_the_store_opens_is_served(self) -> None:
+        """Bound while the database opens, a port does not accept: a connection made (and
+        a request sent) then waits in the kernel's backlog, as on a socket systemd holds,
+        and is answered 200 once the store is open; later ones too; the stop closes it."""
         port = free_port()
         service = self.new_service(f"tcp:{port}:interface=127.0.0.1")
         service.privilegedStartService()
         service.startService()
         self.assertFalse(_port_free(port))
-
-        async def get_version() -> bytes:
-            client = _RawClient()
-            await connectProtocol(TCP4ClientEndpoint(self.reactor, "127.0.0.1", port), client)
-            assert client.transport is not None
-            client.transport.write(
-                b"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: us.example\r\n"
-                b"Connection: close\r\n\r\n"
-            )
-            await client.lost
-            return client.received
-
-        self.assertEqual(await get_version(), b"")
+        early = await self.connect_and_ask_version(port)
+        self.assertFalse(early.lost.called)
+        self.assertEqual(early.received, b"")
         self.opening.callback(self.store)
         await service.ready
-        self.assertTrue((await get_version()).startswith(b"HTTP/1.1 200 "))
+        await early.lost
+        self.assertTrue(early.received.startswith(b"HTTP/1.1 200 "), early.received)
+        later = await self.connect_and_ask_version(port)
+        await later.lost
+        self.assertTrue(later.received.startswith(b"HTTP/1.1 200 "), later.received)
         await service.stopService()
         self.assertTrue(self.store.closed)
         await self.until_free(port)
+
+    async def test_stop_while_starting_closes_the_port(self) -> None:
+        """A stop while the database opens, with a connection waiting to be accepted: the
+        port is closed, that connection is closed unanswered, the store closed."""
+        port = free_port()
+        service = self.new_service(f"tcp:{port}:interface=127.0.0.1")
+        service.startService()
+        waiting = await self.connect_and_ask_version(port)
+        stopping = service.stopService()
+        self.opening.callback(self.store)
+        await stopping
+        await waiting.lost
+        self.assertEqual(waiting.received, b"")
+        self.assertTrue(self.store.closed)
+        await self.until_free(port)
+        with self.assertRaises(ConnectionRefusedError):
+            await connectProtocol(TCP4ClientEndpoint(self.reactor, "127.0.0.1", port), Protocol())
 
     async def test_failed_start_closes_its_ports(self) -> None:
         """A start failing after the ports were bound (the database) closes them before
