@@ -517,10 +517,11 @@ class FederationInviteService(service.MultiService):
     open (a connection made before then waits in the kernel's backlog). ``ready``
     fires with the assembled ``FederationInvite`` once serving has begun (or
     fails, after logging, and the reactor is stopped). It is the latest start's:
-    a start after the previous ``ready`` fired (stopped, then started again)
-    gets a new one, with newly built components, so read ``ready`` after
-    ``startService``. Each stop closes its run's ports and components, and
-    forgets them.
+    a start after the previous ``ready`` fired (stopped, then started again),
+    or while the previous run is still stopping, gets a new one, with newly
+    built components, so read ``ready`` after ``startService``. Each stop
+    closes its run's ports and components, and forgets them; a start during a
+    stop begins once that stop is over.
     """
 
     def __init__(
@@ -550,12 +551,51 @@ class FederationInviteService(service.MultiService):
         self._stopping: Deferred[None] | None = None
         #: Whether a stop gave up waiting for the start (``_wait_for_start``).
         self._start_abandoned = False
+        #: Whether a start waits for the stop under way to be over (``startService``).
+        self._start_pending = False
 
     def privilegedStartService(self) -> None:
+        if self._stop_under_way():
+            return  # the startService that follows starts once the stop is over
         super().privilegedStartService()
         self._listen()
 
     def startService(self) -> None:
+        """Start a run: listen (unless twistd's ``privilegedStartService`` did), open the
+        store, then serve; read ``ready`` after this call.
+
+        Started again while the last run is still stopping (its ``stopService``
+        not waited for, as by a ``MultiService`` restarted at once), the new run
+        starts once that stop is over: until then the old run holds its ports
+        (the same ones, for a fixed port) and its database. Its ``ready`` is
+        new at once; a failure to listen then is one of the run's failures
+        (logged, ``ready`` fails), no longer raised from here. A stop before it
+        has started cancels it (``ready`` fails with ``CancelledError``).
+        """
+        stopping = self._stopping
+        if stopping is not None and not stopping.called:
+            if not self._start_pending:
+                self._start_pending = True
+                self.ready = Deferred()
+                stopping.addBoth(self._start_after_stop)
+            return
+        self._start_run()
+
+    def _stop_under_way(self) -> bool:
+        return self._stopping is not None and not self._stopping.called
+
+    def _start_after_stop(self, result: object) -> object:
+        """The stop a start waited for is over (whatever its outcome): start, unless a
+        stop since has cancelled it."""
+        if self._start_pending:
+            self._start_pending = False
+            try:
+                self._start_run()
+            except Exception:
+                self._failed(Failure(), self.ready)
+        return result
+
+    def _start_run(self) -> None:
         if not self._sites:
             # Not started by twistd (twist, an embedder, a start after a stop).
             self._listen()
@@ -566,8 +606,10 @@ class FederationInviteService(service.MultiService):
         self.components = None
         self._stopping = None
         self._start_abandoned = False
+        ready = self.ready
         starting = self._starting = Deferred.fromCoroutine(self._start())
-        starting.addCallbacks(self.ready.callback, self._failed)
+        # This run's ready, even if a next run (started during this one's stop) has its own.
+        starting.addCallbacks(ready.callback, self._failed, errbackArgs=(ready,))
 
     def _listen(self) -> None:
         """Bind every configured endpoint now, before the database is opened.
@@ -697,10 +739,10 @@ class FederationInviteService(service.MultiService):
             settle_gc()
         return components
 
-    def _failed(self, failure: Failure) -> None:
+    def _failed(self, failure: Failure, ready: Deferred[FederationInvite]) -> None:
         if self._start_abandoned and failure.check(CancelledError):
             # A stop gave up on the start (logged there); the stop goes on.
-            self.ready.errback(failure)
+            ready.errback(failure)
             return
         if failure.check(StoreError, OSError, CannotListenError, ConfigError):
             # What an operator can fix (a database, a file, a port): why, in one line.
@@ -710,7 +752,7 @@ class FederationInviteService(service.MultiService):
             )
         else:
             log.failure("federation-invite could not start", failure)
-        self.ready.errback(failure)
+        ready.errback(failure)
         if not self._exit_on_failure or self._stopping is not None:
             # Stopping already (the reactor too, under twistd): nothing to stop.
             return
@@ -731,8 +773,12 @@ class FederationInviteService(service.MultiService):
     def stopService(self) -> Deferred[None]:
         """Drain (see ``_stop``), then release the outbound connections and the database.
 
-        Every call, during the stop or after it, waits for that one stop.
+        Every call, during the stop or after it, waits for that one stop. A start
+        still waiting for that stop to be over is cancelled (see ``startService``).
         """
+        if self._start_pending:
+            self._start_pending = False
+            self.ready.errback(CancelledError("stopped before it could start again"))
         if self._stopping is None:
             self._stopping = Deferred.fromCoroutine(self._stop())
         waiter: Deferred[None] = Deferred()
@@ -758,10 +804,13 @@ class FederationInviteService(service.MultiService):
         grace_period = self.config.get("inbound.shutdown_grace_period")
         if self._starting is not None and not self._starting.called:
             await self._wait_for_start(self._starting, grace_period)
-        in_progress = sum(site.requests_in_progress() for site in self._sites)
+        # This run's, read once: what the service holds may change while this waits.
+        sites = list(self._sites)
+        components = self.components
+        in_progress = sum(site.requests_in_progress() for site in sites)
         # Synchronously, before the ports close: no connection accepted from now.
-        draining = [site.drain(grace_period) for site in self._sites]
-        if self._sites:
+        draining = [site.drain(grace_period) for site in sites]
+        if sites:
             log.info(
                 "Stopping: no longer accepting connections; waiting up to {grace_period} s "
                 "for {in_progress} request(s) in progress",
@@ -783,7 +832,7 @@ class FederationInviteService(service.MultiService):
                 dropped=dropped,
                 grace_period=grace_period,
             )
-        elif self._sites:
+        elif sites:
             log.info(
                 "Stopped serving: {finished} request(s) finished; 0 abandoned; 0 dropped",
                 finished=finished,
@@ -791,14 +840,14 @@ class FederationInviteService(service.MultiService):
                 dropped=0,
             )
         try:
-            if self.components is not None:
-                await self.components.close()
+            if components is not None:
+                await components.close()
         finally:
             # This run is over (its ports closed): a next start listens anew.
             for child in list(self):
-                if any(getattr(child, "factory", None) is site for site in self._sites):
+                if any(getattr(child, "factory", None) is site for site in sites):
                     child.disownServiceParent()
-            self._sites.clear()
+            self._sites = []
             self._paused_ports = []
 
     async def _wait_for_start(self, starting: Deferred[Any], grace_period: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -509,12 +510,10 @@ class RestartTests(TestCase):
 
     timeout = 20
 
-    async def run_once(self, service: FederationInviteService) -> tuple[Any, int]:
-        """Start ``service``, check it serves, stop it: its components and port number."""
+    async def serves(self, service: FederationInviteService) -> int:
+        """Check that ``service`` answers a version request on its port: that port."""
         from twisted.internet import reactor
 
-        service.startService()
-        components = await service.ready
         (listener,) = list(service)
         port = (await listener._waitingForPort).getHost().port  # type: ignore[attr-defined]
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
@@ -527,12 +526,18 @@ class RestartTests(TestCase):
         )
         await client.lost
         self.assertTrue(client.received.startswith(b"HTTP/1.1 200 "))
+        return int(port)
+
+    async def run_once(self, service: FederationInviteService) -> tuple[Any, int]:
+        """Start ``service``, check it serves, stop it: its components and port number."""
+        service.startService()
+        components = await service.ready
+        port = await self.serves(service)
         await service.stopService()
         return components, port
 
-    async def test_start_stop_start_stop(self) -> None:
-        """Each start gets its own ``ready`` (the second run's components, newly built),
-        each stop closes that run's port and store, and nothing is logged as an error."""
+    def new_service(self) -> FederationInviteService:
+        """A service with a real SQLite store, listening on a free loopback port."""
         from twisted.internet import reactor
 
         config = load_config(
@@ -544,7 +549,14 @@ class RestartTests(TestCase):
             },
         )
         config.ensure_data_dir()
-        service = FederationInviteService(config, reactor, make_key("us1"))
+        return FederationInviteService(config, reactor, make_key("us1"))
+
+    async def test_start_stop_start_stop(self) -> None:
+        """Each start gets its own ``ready`` (the second run's components, newly built),
+        each stop closes that run's port and store, and nothing is logged as an error."""
+        from twisted.internet import reactor
+
+        service = self.new_service()
         first, _ = await self.run_once(service)
         self.assertTrue(first.store._closed)
         second, port = await self.run_once(service)
@@ -556,6 +568,39 @@ class RestartTests(TestCase):
             await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Protocol())
         del first, second
         gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    async def test_started_again_while_stopping(self) -> None:
+        """startService while the previous stopService is still under way (not waited
+        for): the new run starts once that stop is over (which closes its own run's store
+        and ports only), then serves; its stop closes its store; no error logged."""
+        service = self.new_service()
+        service.startService()
+        first = await service.ready
+
+        async def close_left_open() -> None:
+            # Should this test fail: no store left open (its threads keep trial running).
+            with contextlib.suppress(Exception):
+                await service.ready
+            for components in (first, service.components):
+                if components is not None and not components.store._closed:
+                    await components.store.close()
+
+        self.addCleanup(lambda: ensureDeferred(close_left_open()))
+        stopping = service.stopService()
+        self.assertFalse(stopping.called)
+        service.startService()
+        second_ready = service.ready
+        await stopping
+        self.assertTrue(first.store._closed)
+        second = await second_ready
+        self.assertIsNot(second, first)
+        self.assertFalse(second.store._closed)
+        self.assertIs(service.components, second)
+        await self.serves(service)
+        await service.stopService()
+        self.assertTrue(second.store._closed)
+        self.assertEqual(list(service), [])
         self.assertEqual(self.flushLoggedErrors(), [])
 
 
@@ -723,6 +768,61 @@ class UnfinishedStartTests(SynchronousTestCase):
         self.assertEqual(self.logged("start abandoned"), [])
         self.assertEqual(list(service), [])
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def opened_in_turn(self) -> list[Deferred[Any]]:
+        """Have each start's ``open_store`` wait for a Deferred of its own, listed."""
+        openings: list[Deferred[Any]] = []
+
+        async def open_store(uri: str, reactor: Any = None) -> Any:
+            openings.append(Deferred())
+            return await openings[-1]
+
+        self.patch(service_module, "open_store", open_store)
+        return openings
+
+    def test_start_during_a_stop_waits_for_it(self) -> None:
+        """Started again while a stop waits for the first start: the second run neither
+        listens nor opens its store until that stop is over (the first run's store closed,
+        its port closed); then it does, and serves, with a ready of its own."""
+        openings = self.opened_in_turn()
+        service = self.new_service()
+        service.startService()
+        first_ready = service.ready
+        stopping = service.stopService()
+        service.startService()
+        self.assertIsNot(service.ready, first_ready)
+        self.assertEqual((len(openings), len(self.reactor.tcpServers)), (1, 1))
+        first_store, second_store = _HeldStore(), _HeldStore()
+        openings[0].callback(first_store)
+        self.successResultOf(stopping)
+        self.assertIs(self.successResultOf(first_ready).store, first_store)
+        self.assertTrue(first_store.closed)
+        self.assertEqual((len(openings), len(self.reactor.tcpServers)), (2, 2))
+        self.assertNoResult(service.ready)
+        openings[1].callback(second_store)
+        self.assertIs(self.successResultOf(service.ready).store, second_store)
+        self.assertTrue(service.running)
+        self.assertEqual(len(list(service)), 1)
+        self.assertEqual(len(self.logged("listening on")), 1)
+        self.successResultOf(service.stopService())
+        self.assertTrue(second_store.closed)
+
+    def test_stop_cancels_a_start_waiting_for_a_stop(self) -> None:
+        """Stopped again before a start waiting for the last stop has begun: that start
+        never begins (its ready fails with CancelledError), nothing more listens or opens."""
+        openings = self.opened_in_turn()
+        service = self.new_service()
+        service.startService()
+        service.stopService()
+        service.startService()
+        second_ready = service.ready
+        stopping = service.stopService()
+        self.failureResultOf(second_ready, CancelledError)
+        openings[0].callback(self.store)
+        self.successResultOf(stopping)
+        self.assertTrue(self.store.closed)
+        self.assertFalse(service.running)
+        self.assertEqual((len(openings), len(self.reactor.tcpServers), list(service)), (1, 1, []))
 
     def test_failed_start_exits_with_status_1_after_shutdown(self) -> None:
         """A daemon's start failing once the reactor runs stops the reactor and asks for
