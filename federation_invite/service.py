@@ -472,21 +472,6 @@ def _failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _report_in_one_line(error: Exception) -> None:
-    """Have ``error``, should it end the process (twistd lets a start's error do so,
-    once it has told a daemon's launcher and removed its pidfile), printed as one
-    line on stderr (twistd's log, under twistd) instead of as a traceback."""
-    previous = sys.excepthook
-
-    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
-        if value is error:
-            print(f"federation-invite could not start: {value}", file=sys.stderr)
-        else:
-            previous(kind, value, tb)
-
-    sys.excepthook = excepthook
-
-
 def _exit_status_at_exit(status: int) -> None:
     """Have the process exit with ``status`` once it ends as it otherwise would, with 0.
 
@@ -647,13 +632,10 @@ class FederationInviteService(service.MultiService):
                     done.stopService().addErrback(
                         lambda failure: log.failure("Could not close a port", failure)
                     )
-                error = ConfigError(
+                raise ConfigError(
                     f"configuration key {key!r}: cannot listen on {description!r}: "
                     f"{_failure_reason(exc)}"
-                )
-                if self._exit_on_failure:
-                    _report_in_one_line(error)
-                raise error from exc
+                ) from exc
             bound.append(listener)
         for listener in bound:
             listener.setServiceParent(self)
@@ -898,12 +880,13 @@ def make_service(
 ) -> FederationInviteService:
     """The daemon's service: the key is loaded (or generated) now, the store on start.
 
-    With ``exit_on_failure`` (the daemon's default) a failed start ends the
-    process with status 1, so that a supervisor sees it: one that fails at
-    once (``ConfigError`` from binding the ports) is printed as one line, not a
-    traceback, should it end the process; one that fails later (the database)
-    stops the reactor and sets the exit status at exit, so that twistd still
-    removes its pidfile. With
+    A start that fails at once (a port in use, a TLS file that cannot be read)
+    raises ``ConfigError`` from ``startService`` (``privilegedStartService``
+    under twistd); twistd and twist print it as one line (``tap.makeService``
+    has them do so). With ``exit_on_failure`` (the daemon's default) a start
+    that fails later (the database) ends the process with status 1, so that a
+    supervisor sees it: it stops the reactor and sets the exit status at exit,
+    so that twistd still removes its pidfile. With
     ``freeze_gc`` (also the daemon's default; a process-wide setting, so off for
     services built by hand) the objects that exist once it listens are frozen
     out of the garbage collector's full passes (``gc.freeze``).

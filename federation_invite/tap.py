@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from twisted.application.service import IService
@@ -74,7 +75,8 @@ def makeService(options: Options) -> IService:
     A problem found here (the data directory, the signing key file, twistd's
     ``--uid``/``--gid``) ends the process with one line (naming the key) and exit
     status 1, as a bad value or an unknown key does when the options are
-    parsed, instead of a traceback.
+    parsed, instead of a traceback; so does one the start finds at once (a port
+    in use: ``_StartErrorInOneLine``).
     """
     from twisted.internet import reactor
 
@@ -83,9 +85,32 @@ def makeService(options: Options) -> IService:
     _refuse_privilege_switch(options)
     config: Config = options["loaded"]
     try:
-        return make_service(config, reactor)
+        service = make_service(config, reactor)
     except ConfigError as exc:
         _refuse(exc)
+    if not isinstance(sys.excepthook, _StartErrorInOneLine):
+        sys.excepthook = _StartErrorInOneLine(sys.excepthook)
+    return service
+
+
+class _StartErrorInOneLine:
+    """twistd's and twist's ``sys.excepthook``: a ``ConfigError`` that ends the process is
+    printed as one line on stderr (twistd's log), not as a traceback.
+
+    The service's start raises one for what it finds at once (a port in use, a
+    TLS file that cannot be read), and twistd lets it end the process once it
+    has told a daemon's launcher and removed its pidfile. Any other error goes
+    to the hook this one replaced. It holds no error, and is installed once.
+    """
+
+    def __init__(self, previous: Callable[..., Any]) -> None:
+        self._previous = previous
+
+    def __call__(self, kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if isinstance(value, ConfigError):
+            print(f"federation-invite could not start: {value}", file=sys.stderr)
+        else:
+            self._previous(kind, value, tb)
 
 
 def _refuse_privilege_switch(options: Options) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import json
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
@@ -1061,6 +1062,25 @@ class ListenAtStartTests(TestCase):
         self.assertFalse(service.running)
         self.assertNoResult(service.ready)
         self.assertEqual(self.opened, [])
+
+    def test_make_service_leaves_the_excepthook_alone(self) -> None:
+        """make_service's service (exit_on_failure, its default) failing to listen raises
+        ConfigError to the embedder and leaves sys.excepthook as it was, each time: the
+        one-line report of an uncaught start error is twistd's and twist's (tap)."""
+        before = sys.excepthook
+        self.addCleanup(setattr, sys, "excepthook", before)
+        config = load_config(
+            None,
+            {
+                "server_name": US,
+                "data_dir": os.path.abspath(self.mktemp()),
+                "listen": [f"tcp:{self.busy_port}:interface=127.0.0.1"],
+            },
+        )
+        for _ in range(2):
+            service = service_module.make_service(config, self.reactor, freeze_gc=False)
+            self.assertRaises(ConfigError, service.startService)
+            self.assertIs(sys.excepthook, before)
 
     def test_tls_files_read_at_once(self) -> None:
         """A TLS key or certificate missing or not PEM fails the start at once, in one line."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import sys
@@ -14,6 +15,7 @@ from twisted.python import usage
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from federation_invite.config import ConfigError
 from federation_invite.service import FederationInviteService, make_service
 from federation_invite.signingkey import write_signing_key_file
 from federation_invite.store import StoreError
@@ -287,7 +289,38 @@ class MakeServiceTests(TestCase):
         """The plugin's makeService builds the daemon's service with the global reactor."""
         options = Options()
         options.parseOptions(["--data-dir", self.mktemp(), "--listen", "tcp:0"])
+        self.patch(sys, "excepthook", sys.excepthook)  # makeService replaces it
         self.assertIsInstance(makeService(options), FederationInviteService)
+
+
+class StartErrorInOneLineTests(SynchronousTestCase):
+    """Under twistd and twist a start's ConfigError (a port in use) ends the process: one
+    line on stderr, not a traceback (tests/test_daemon.py runs it)."""
+
+    def test_start_errors_in_one_line(self) -> None:
+        """makeService replaces sys.excepthook once per process, with a hook that prints a
+        ConfigError as one line on stderr and hands any other error to the hook before it."""
+        handed_on: list[BaseException] = []
+        self.patch(sys, "excepthook", lambda kind, value, tb: handed_on.append(value))
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        hooks = []
+        for _ in range(2):
+            options = Options()
+            options.parseOptions(["--data-dir", self.mktemp(), "--listen", "tcp:0"])
+            makeService(options)
+            hooks.append(sys.excepthook)
+        self.assertIs(hooks[0], hooks[1])
+        error = ConfigError("configuration key 'listen': cannot listen on 'tcp:1': Address in use")
+        sys.excepthook(ConfigError, error, None)
+        self.assertEqual(
+            stderr.getvalue(),
+            "federation-invite could not start: configuration key 'listen': cannot listen on "
+            "'tcp:1': Address in use\n",
+        )
+        other = ZeroDivisionError("a bug")
+        sys.excepthook(ZeroDivisionError, other, None)
+        self.assertEqual(handed_on, [other])
 
 
 class MakeServiceRefusalTests(SynchronousTestCase):
@@ -593,6 +626,7 @@ class PrivilegeSwitchTests(SynchronousTestCase):
             [*argv, "federation-invite", "--data-dir", self.data_dir, "--listen", "tcp:0"]
         )
         self.patch(sys, "argv", ["/venv/bin/twistd", *argv, "federation-invite"])
+        self.patch(sys, "excepthook", sys.excepthook)  # makeService replaces it
         return makeService(config.subOptions)
 
     def test_another_uid_or_gid_refused(self) -> None:
