@@ -1061,7 +1061,15 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
         self.addCleanup(holder.close)
         holder.cursor().execute("LOCK TABLE invites IN SHARE MODE")
         writing = store.store_invite(make_invite("$stuck"))
-        await deferLater(reactor, 0.3)
+        # Until the write waits on the lock: a fixed pause was not enough on a loaded
+        # machine, and a write sent after close()'s cancel would wait for ever.
+        deadline = time.monotonic() + 30
+        while not self.raw(
+            "SELECT COUNT(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )[0][0]:
+            self.assertLess(time.monotonic(), deadline, "the write never waited on the lock")
+            await deferLater(reactor, 0.05)
         self.assertNoResult(writing)
         released: list[bool] = []
         safety = threading.Timer(20, lambda: (holder.rollback(), released.append(True)))
