@@ -962,7 +962,21 @@ class PostgresStopWhileOpeningTests(TestCase):
             config, reactor, exit_on_failure=False, freeze_gc=False
         )
         service.startService()
-        await deferLater(reactor, 0.3)  # the migration waits for the lock
+        # Until the migration waits for the lock: a fixed pause was not enough on a loaded
+        # machine, and a migration sent after the stop's cancel would wait for ever.
+        deadline = reactor.seconds() + 30
+        while True:
+            with other.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                    " AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+                    (self.database,),
+                )
+                (waiting,) = cursor.fetchone()
+            if waiting:
+                break
+            self.assertLess(reactor.seconds(), deadline, "the migration never waited")
+            await deferLater(reactor, 0.05)
         await service.stopService()
         self.assertEqual(released, [])
         with self.assertRaises(CancelledError):
