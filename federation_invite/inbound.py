@@ -315,21 +315,8 @@ class InviteHandler:
                 raise MatrixError(500, Codes.UNKNOWN, "Internal server error") from None
         except MatrixError as error:
             self._metrics.inbound("refused", error.errcode, self._clock.seconds() - started)
-            known = invitee[0] if invitee else None
-            _log_outcome(
-                f"Invite {event_id} in {room_id} from {_requester(origin, peer, claimed)}"
-                f"{f' for {known}' if known else ''} refused: "
-                f"{error.http_status} {error.errcode} {error.message}",
-                event_id=event_id,
-                room_id=room_id,
-                origin=origin,
-                claimed_origin=claimed,
-                invitee=known,
-                status=error.http_status,
-                errcode=error.errcode,
-                reason=error.message,
-                outcome="refused",
-                peer=peer,
+            _log_refusal(
+                error, event_id, room_id, origin, claimed, invitee[0] if invitee else None, peer
             )
             raise
         self._metrics.inbound(outcome, None, self._clock.seconds() - started)
@@ -741,21 +728,7 @@ class InviteHandler:
         if request is not None:
             peer = _peer_address(request)
         self._metrics.inbound("refused", error.errcode, self._clock.seconds() - started)
-        _log_outcome(
-            f"Invite {'?' if event_id is None else event_id}"
-            f" in {'?' if room_id is None else room_id} from {_requester(None, peer)} refused: "
-            f"{error.http_status} {error.errcode} {error.message}",
-            event_id=event_id,
-            room_id=room_id,
-            origin=None,
-            claimed_origin=None,
-            invitee=None,
-            status=error.http_status,
-            errcode=error.errcode,
-            reason=error.message,
-            outcome="refused",
-            peer=peer,
-        )
+        _log_refusal(error, event_id, room_id, None, None, None, peer)
 
     def count(self, outcome: str, errcode: str | None, started: float) -> None:
         """Count an invite that ended before or around ``on_invite`` (refused by the endpoint,
@@ -862,6 +835,34 @@ def _requester(origin: str | None, peer: str | None, claimed: str | None = None)
         return origin
     who = f"an unauthenticated peer at {peer}" if peer else "an unauthenticated peer"
     return f"{who} claiming to be {claimed}" if claimed is not None else who
+
+
+def _log_refusal(
+    error: MatrixError,
+    event_id: str | None,
+    room_id: str | None,
+    origin: str | None,
+    claimed: str | None,
+    invitee: str | None,
+    peer: str | None,
+) -> None:
+    """The outcome line of a refused invite (IDs None where the path's were not UTF-8)."""
+    _log_outcome(
+        f"Invite {'?' if event_id is None else event_id}"
+        f" in {'?' if room_id is None else room_id} from {_requester(origin, peer, claimed)}"
+        f"{f' for {invitee}' if invitee else ''} refused: "
+        f"{error.http_status} {error.errcode} {error.message}",
+        event_id=event_id,
+        room_id=room_id,
+        origin=origin,
+        claimed_origin=claimed,
+        invitee=invitee,
+        status=error.http_status,
+        errcode=error.errcode,
+        reason=error.message,
+        outcome="refused",
+        peer=peer,
+    )
 
 
 def _log_outcome(text: str, level: LogLevel = LogLevel.info, **fields: Any) -> None:

@@ -169,13 +169,20 @@ def verify_json(
     signature = _signatures_of(obj, server_name).get(key.key_id)
     if signature is None:
         raise SignatureError(f"Missing signature for {server_name} ({key.key_id})")
+    _check_signature(obj, key, signature, strict)
+
+
+def _check_signature(
+    obj: Mapping[str, Any], key: ServerVerifyKey, signature: Any, strict: bool
+) -> None:
+    """Raise ``SignatureError`` unless ``signature`` is ``key``'s over ``obj``'s signing bytes."""
     try:
         data = _signing_bytes(obj, strict=strict)
     except ValueError as exc:
         raise SignatureError(f"Signed object has no canonical JSON form: {exc}") from None
     problem = _signature_problem(key.verify_key, data, signature)
     if problem is not None:
-        raise SignatureError(f"Signature by {server_name} ({key.key_id}) {problem}")
+        raise SignatureError(f"Signature by {key.server_name} ({key.key_id}) {problem}")
 
 
 def verify_json_with_one_of(
@@ -202,13 +209,7 @@ def verify_json_with_one_of(
             raise ValueError(
                 f"key {key.key_id} of {key.server_name} given as {key_id} of {server_name}"
             )
-        try:
-            data = _signing_bytes(obj, strict=strict)
-        except ValueError as exc:
-            raise SignatureError(f"Signed object has no canonical JSON form: {exc}") from None
-        problem = _signature_problem(key.verify_key, data, signature)
-        if problem is not None:
-            raise SignatureError(f"Signature by {server_name} ({key_id}) {problem}")
+        _check_signature(obj, key, signature, strict)
         return key
     raise SignatureError(
         f"Missing signature for {server_name} by any of the {len(keys)} keys given"
