@@ -758,6 +758,28 @@ class EarlyRefusalLogTests(SynchronousTestCase):
                 self.assertIn("request not received within 30 s", formatEvent(line))
 
 
+def _send_captured(
+    test: SynchronousTestCase,
+    scenario: InviteScenario,
+    room_version: Any,
+    event: Any,
+    **kwargs: Any,
+) -> tuple[list[dict[str, Any]], int]:
+    """Send ``event`` as a v2 invite (``kwargs`` to ``InviteScenario.send``); the events
+    logged meanwhile and the status answered."""
+    with capturedLogs() as events:
+        deferred = scenario.send(
+            2,
+            scenario.v2_body(room_version, event),
+            room_id=event["room_id"],
+            event_id=event_id_of(room_version, event),
+            **kwargs,
+        )
+        scenario.client.flush()
+        code = test.successResultOf(deferred).code
+    return list(events), code
+
+
 class OriginClaimLogTests(SynchronousTestCase):
     """A line's ``origin`` is only ever an authenticated origin: a refusal before or at the
     signature check logs the X-Matrix header's origin as ``claimed_origin``, so that alerts or
@@ -769,16 +791,7 @@ class OriginClaimLogTests(SynchronousTestCase):
         """Send a v2 invite (``kwargs`` to ``InviteScenario.send``); its one outcome line and
         the status answered."""
         room_version, event = scenario.invite(extra={"depth": depth})
-        with capturedLogs() as events:
-            deferred = scenario.send(
-                2,
-                scenario.v2_body(room_version, event),
-                room_id=event["room_id"],
-                event_id=event_id_of(room_version, event),
-                **kwargs,
-            )
-            scenario.client.flush()
-            code = self.successResultOf(deferred).code
+        events, code = _send_captured(self, scenario, room_version, event, **kwargs)
         (line,) = [e for e in events if e.get("outcome")]
         return line, code
 
@@ -825,15 +838,8 @@ class OriginClaimLogTests(SynchronousTestCase):
 
         scenario.store.get_server_keys = broken  # type: ignore[method-assign]
         room_version, event = scenario.invite()
-        with capturedLogs() as events:
-            deferred = scenario.send(
-                2,
-                scenario.v2_body(room_version, event),
-                room_id=event["room_id"],
-                event_id=event_id_of(room_version, event),
-            )
-            scenario.client.flush()
-            self.assertEqual(self.successResultOf(deferred).code, 500)
+        events, code = _send_captured(self, scenario, room_version, event)
+        self.assertEqual(code, 500)
         (error,) = [e for e in events if e["log_level"] is LogLevel.error]
         self.assertIsNone(error["origin"])
         self.assertEqual(error["claimed_origin"], THEM)
@@ -869,15 +875,8 @@ class UnexpectedFailureLogTests(SynchronousTestCase):
 
         self.patch(scenario.handler._signer, "sign_event", failing_sign)
         room_version, event = scenario.invite()
-        with capturedLogs() as events:
-            deferred = scenario.send(
-                2,
-                scenario.v2_body(room_version, event),
-                room_id=event["room_id"],
-                event_id=event_id_of(room_version, event),
-            )
-            scenario.client.flush()
-            self.assertEqual(self.successResultOf(deferred).code, 500)
+        events, code = _send_captured(self, scenario, room_version, event)
+        self.assertEqual(code, 500)
         (line,) = [e for e in events if e.get("outcome")]
         self.assertEqual(
             (line["outcome"], line["status"], line["errcode"], line["origin"], line["invitee"]),

@@ -1407,21 +1407,26 @@ class UnavailableEndToEndTests(SynchronousTestCase):
             self.reactor, "local.example", self.key, agent=agent, timeout=10
         )
 
-    def test_client_send_fails_without_connecting(self) -> None:
-        """The client's PUT fails with TransportError, nothing looked up or connected; the
-        ordinary back-off follows, after which the (now fixed) DNS is asked again."""
+    def assert_put_unreachable(self, reason: str, cause: type[Exception]) -> None:
+        """A PUT to example.org fails with TransportError(``reason``) caused by ``cause``,
+        after only the SRV lookup: no host looked up, nothing connected."""
         sending = self.client.put_json("example.org", "/_matrix/federation/v2/invite/x/y", {})
         error = self.failureResultOf(sending, TransportError).value
         self.assertEqual(error.destination, "example.org")
-        self.assertEqual(
-            error.reason,
-            "cannot connect: no federation service at example.org: its SRV record "
-            '_matrix-fed._tcp.example.org has the target "." (RFC 2782: decidedly not available)',
-        )
-        self.assertIsInstance(error.__cause__, ServiceUnavailableError)
+        self.assertEqual(error.reason, reason)
+        self.assertIsInstance(error.__cause__, cause)
         self.assertEqual(self.reactor.tcpClients, [])
         self.assertEqual(self.hosts.lookups, [])
         self.assertEqual(self.srv.lookups, ["_matrix-fed._tcp.example.org"])
+
+    def test_client_send_fails_without_connecting(self) -> None:
+        """The client's PUT fails with TransportError, nothing looked up or connected; the
+        ordinary back-off follows, after which the (now fixed) DNS is asked again."""
+        self.assert_put_unreachable(
+            "cannot connect: no federation service at example.org: its SRV record "
+            '_matrix-fed._tcp.example.org has the target "." (RFC 2782: decidedly not available)',
+            ServiceUnavailableError,
+        )
 
         self.failureResultOf(self.client.get_json("example.org", "/x"), BackoffError)
         self.reactor.advance(FederationClient.BACKOFF_INITIAL)
@@ -1438,18 +1443,11 @@ class UnavailableEndToEndTests(SynchronousTestCase):
         """SERVFAIL for the SRV name with nothing cached: the client's PUT fails as
         unreachable (TransportError), nothing looked up or connected, the server backed off."""
         self.srv.errors["_matrix-fed._tcp.example.org"] = _rcode_error(dns.ESERVER)
-        sending = self.client.put_json("example.org", "/_matrix/federation/v2/invite/x/y", {})
-        error = self.failureResultOf(sending, TransportError).value
-        self.assertEqual(error.destination, "example.org")
-        self.assertEqual(
-            error.reason,
+        self.assert_put_unreachable(
             "cannot connect: SRV lookup for _matrix-fed._tcp.example.org failed: "
             "the DNS server answered SERVFAIL",
+            SrvLookupError,
         )
-        self.assertIsInstance(error.__cause__, SrvLookupError)
-        self.assertEqual(self.reactor.tcpClients, [])
-        self.assertEqual(self.hosts.lookups, [])
-        self.assertEqual(self.srv.lookups, ["_matrix-fed._tcp.example.org"])
         self.failureResultOf(self.client.get_json("example.org", "/x"), BackoffError)
 
     def test_invite_send_fails_as_transport_error(self) -> None:
