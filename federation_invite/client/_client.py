@@ -433,7 +433,10 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, BlockedAddressError):
         return f"refused by the outbound IP blocklist: {exc}"
     if isinstance(exc, DNSLookupError):
-        return f"DNS lookup failed: {exc}"
+        # Its str() already starts with "DNS lookup failed" (the class docstring)
+        # and ends with a full stop: give only its details, after ours.
+        details = " ".join(str(arg) for arg in exc.args)
+        return f"DNS lookup failed: {details}" if details else "DNS lookup failed"
     if isinstance(exc, ConnectingCancelledError):
         return "connection attempt timed out"
     if _is_tls_error(exc):

@@ -337,7 +337,7 @@ class TransportErrorTests(_Base):
 
         from federation_invite.client import BlockedAddressError
 
-        self.assertTrue(describe_failure(DNSLookupError("x")).startswith("DNS lookup failed"))
+        self.assertEqual(describe_failure(DNSLookupError("x")), "DNS lookup failed: x")
         self.assertEqual(
             describe_failure(BlockedAddressError("h.example", ["10.0.0.1"])),
             "refused by the outbound IP blocklist: h.example resolves only to blocked addresses (10.0.0.1)",

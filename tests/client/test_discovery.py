@@ -1472,3 +1472,14 @@ class UnavailableEndToEndTests(SynchronousTestCase):
         self.assertEqual(error.destination, "example.org")
         self.assertIn('SRV record _matrix-fed._tcp.example.org has the target "."', error.reason)
         self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_host_without_addresses_reason(self) -> None:
+        """A name with no SRV record and no address fails as unreachable, its reason saying
+        "DNS lookup failed" once, then Twisted's detail."""
+        sending = self.client.put_json("nowhere.example", "/_matrix/federation/v2/invite/x/y", {})
+        error = self.failureResultOf(sending, TransportError).value
+        self.assertEqual(
+            error.reason, "DNS lookup failed: no results for hostname lookup: nowhere.example"
+        )
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertEqual(self.hosts.lookups, ["nowhere.example"])
