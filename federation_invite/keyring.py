@@ -57,6 +57,7 @@ from .core.signing import (
     ServerVerifyKey,
     SignatureError,
     cap_valid_until_ts,
+    signing_bytes,
     verify_json_with_one_of,
 )
 from .logs import Logger
@@ -142,7 +143,12 @@ class KeyFetchError(ValueError):
 
 
 def parse_key_response(
-    response: object, server_name: str, fetched_ts: int, source: str
+    response: object,
+    server_name: str,
+    fetched_ts: int,
+    source: str,
+    *,
+    signed_bytes: bytes | None = None,
 ) -> list[ServerKeyRecord]:
     """Check a ``/_matrix/key/v2/server`` document for ``server_name`` and turn it into records.
 
@@ -156,7 +162,9 @@ def parse_key_response(
     algorithms): key IDs that are not ``ed25519:`` and a version of
     ``[a-zA-Z0-9_]`` (definitions/keys.yaml; ``curve25519:x``, ``ed25519:old-1``),
     undecodable keys, old keys without an integer ``expired_ts``. Current keys'
-    ``valid_until_ts`` is capped at seven days after ``fetched_ts``.
+    ``valid_until_ts`` is capped at seven days after ``fetched_ts``. ``signed_bytes``: the
+    document's ``signing_bytes``, when the caller has encoded it already (a notary's copy,
+    whose notary signature covers the same bytes).
     """
     if not isinstance(response, dict):
         raise KeyFetchError("key response is not a JSON object")
@@ -181,7 +189,7 @@ def parse_key_response(
             current[key_id] = _decode_entry(key_id, entry)
         except KeyFetchError as exc:
             skipped.append(str(exc))
-    _check_self_signed(response, server_name, current)
+    _check_self_signed(response, server_name, current, signed_bytes)
     capped = cap_valid_until_ts(valid_until_ts, fetched_ts)
     records = [
         ServerKeyRecord(
@@ -217,7 +225,10 @@ def parse_key_response(
 
 
 def _check_self_signed(
-    response: dict[str, Any], server_name: str, current: Mapping[str, VerifyKey]
+    response: dict[str, Any],
+    server_name: str,
+    current: Mapping[str, VerifyKey],
+    signed_bytes: bytes | None = None,
 ) -> None:
     """The first signature of ``response`` by one of ``current`` holds (see
     ``verify_json_with_one_of``: one encoding and one check, however many keys are listed).
@@ -229,7 +240,7 @@ def _check_self_signed(
         for key_id, verify_key in current.items()
     }
     try:
-        verify_json_with_one_of(response, server_name, keys)
+        verify_json_with_one_of(response, server_name, keys, data=signed_bytes)
     except SignatureError as exc:
         raise KeyFetchError(f"key response not self-signed: {exc}") from None
 
@@ -805,10 +816,16 @@ class Keyring:
             return False
         records: list[ServerKeyRecord] = []
         now_ms = self._now_ms()
-        for document in documents:
+        for document, signed_bytes in documents:
             try:
                 records.extend(
-                    parse_key_response(document, server_name, now_ms, notary.server_name)
+                    parse_key_response(
+                        document,
+                        server_name,
+                        now_ms,
+                        notary.server_name,
+                        signed_bytes=signed_bytes,
+                    )
                 )
             except KeyFetchError as exc:
                 log.info(
@@ -824,21 +841,22 @@ class Keyring:
 
     def _notary_documents(
         self, notary: Notary, server_name: str, response: object
-    ) -> list[dict[str, Any]]:
-        """The documents for ``server_name`` in a notary's answer, each signed by the notary."""
+    ) -> list[tuple[dict[str, Any], bytes]]:
+        """The documents for ``server_name`` in a notary's answer, each signed by the notary,
+        with the bytes that signature covers (the server's self-signature covers them too)."""
         if not isinstance(response, dict) or not isinstance(response.get("server_keys"), list):
             raise KeyFetchError("notary response has no server_keys list")
         documents = []
         for document in response["server_keys"]:
             if not isinstance(document, dict) or document.get("server_name") != server_name:
                 continue  # answers about other servers are not what we asked
-            self._check_notary_signature(notary, document)
-            documents.append(document)
+            documents.append((document, self._check_notary_signature(notary, document)))
         return documents
 
     @staticmethod
-    def _check_notary_signature(notary: Notary, document: dict[str, Any]) -> None:
-        """The first signature of ``document`` by a key configured for ``notary`` holds."""
+    def _check_notary_signature(notary: Notary, document: dict[str, Any]) -> bytes:
+        """The first signature of ``document`` by a key configured for ``notary`` holds; the
+        document's ``signing_bytes`` (encoded once, for this check and the server's)."""
         keys = {
             key_id: ServerVerifyKey(
                 notary.server_name, key_id, decode_verify_key(key_id, key), None
@@ -846,9 +864,11 @@ class Keyring:
             for key_id, key in notary.verify_keys
         }
         try:
-            verify_json_with_one_of(document, notary.server_name, keys)
+            data = signing_bytes(document)
+            verify_json_with_one_of(document, notary.server_name, keys, data=data)
         except SignatureError as exc:
             raise KeyFetchError(f"notary signature invalid: {exc}") from None
+        return data
 
     async def _keep(self, records: list[ServerKeyRecord]) -> None:
         self._remember(records)

@@ -1090,6 +1090,43 @@ class NotaryTests(SynchronousTestCase):
         ):
             self.assertEqual(held.valid_until_ts, NOW_MS + 10_000 + DAY_MS)
 
+    def test_notary_document_encoded_once(self) -> None:
+        """A notary's copy of a key document is encoded to canonical JSON once, for both the
+        notary's signature and the server's self-signature."""
+        from twisted.internet.defer import succeed
+
+        from federation_invite.core import signing
+
+        document = sign_json(
+            self.notary.documents["down.example"], "notary.example", self.notary_key
+        )
+
+        class NotaryOnly:
+            def get_json(self, destination: str, path: str, **kwargs: Any) -> Any:
+                return fail(ConnectionRefusedError(destination))
+
+            def post_json(self, destination: str, path: str, body: Any, **kwargs: Any) -> Any:
+                return succeed({"server_keys": [document]})
+
+        notary = Notary(
+            "notary.example",
+            ((key_id_of(self.notary_key), encode_verify_key(verify_key_of(self.notary_key))),),
+        )
+        keyring = Keyring(self.clock, self.store, NotaryOnly(), notaries=[notary])
+        encoded: list[Any] = []
+        real = signing.encode_canonical_json
+
+        def counting(value: Any, **kwargs: Any) -> bytes:
+            encoded.append(value)
+            return real(value, **kwargs)
+
+        with mock.patch.object(signing, "encode_canonical_json", counting):
+            keys = self.successResultOf(
+                keyring.get_server_keys("down.example", [self.key_id], NOW_MS)
+            )
+        self.assertEqual(keys[self.key_id].verify_key, verify_key_of(self.remote_key))
+        self.assertEqual(len(encoded), 1)
+
     def test_notary_bad_signature_refused(self) -> None:
         """A notary answer not signed by the notary key we configured is refused."""
         keyring = self.keyring(notary_key=make_key("other"))

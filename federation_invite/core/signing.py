@@ -39,6 +39,7 @@ __all__ = [
     "required_event_signers",
     "sign_event",
     "sign_json",
+    "signing_bytes",
     "verify_event_signature",
     "verify_event_signatures",
     "verify_json",
@@ -86,6 +87,19 @@ def _signing_bytes(obj: Mapping[str, Any], *, strict: bool) -> bytes:
     return encode_canonical_json(
         {key: value for key, value in obj.items() if key not in _NOT_SIGNED}, strict=strict
     )
+
+
+def signing_bytes(obj: Mapping[str, Any], *, strict: bool = True) -> bytes:
+    """The bytes a signature of ``obj`` covers: its canonical JSON without ``signatures`` and
+    ``unsigned``; ``SignatureError`` when ``obj`` has none (as the verifiers raise it).
+
+    For a caller checking several servers' signatures of one object: encoded once, passed
+    to each check as ``data``.
+    """
+    try:
+        return _signing_bytes(obj, strict=strict)
+    except ValueError as exc:
+        raise SignatureError(f"Signed object has no canonical JSON form: {exc}") from None
 
 
 def _merge_signature(
@@ -173,13 +187,16 @@ def verify_json(
 
 
 def _check_signature(
-    obj: Mapping[str, Any], key: ServerVerifyKey, signature: Any, strict: bool
+    obj: Mapping[str, Any],
+    key: ServerVerifyKey,
+    signature: Any,
+    strict: bool,
+    data: bytes | None = None,
 ) -> None:
-    """Raise ``SignatureError`` unless ``signature`` is ``key``'s over ``obj``'s signing bytes."""
-    try:
-        data = _signing_bytes(obj, strict=strict)
-    except ValueError as exc:
-        raise SignatureError(f"Signed object has no canonical JSON form: {exc}") from None
+    """Raise ``SignatureError`` unless ``signature`` is ``key``'s over ``obj``'s signing bytes
+    (``data`` when the caller has them already)."""
+    if data is None:
+        data = signing_bytes(obj, strict=strict)
     problem = _signature_problem(key.verify_key, data, signature)
     if problem is not None:
         raise SignatureError(f"Signature by {key.server_name} ({key.key_id}) {problem}")
@@ -191,6 +208,7 @@ def verify_json_with_one_of(
     keys: Mapping[str, ServerVerifyKey],
     *,
     strict: bool = True,
+    data: bytes | None = None,
 ) -> ServerVerifyKey:
     """Check ``obj`` carries a valid signature by ``server_name`` with one of ``keys`` (by key
     ID); return the key that made it.
@@ -198,7 +216,8 @@ def verify_json_with_one_of(
     The first signature in ``obj``'s order by one of ``keys`` decides: it must hold, and later
     ones are not checked, as Synapse checks a key document's self-signature
     (``process_v2_response``). So ``obj`` is encoded and checked once, however many keys it
-    lists or signatures it carries (a hostile key document may carry thousands). Raises
+    lists or signatures it carries (a hostile key document may carry thousands); not at all
+    when ``data`` gives its :func:`signing_bytes` (a document signed by two servers). Raises
     ``SignatureError`` when none of ``keys`` signed ``obj``, or as :func:`verify_json` does.
     """
     for key_id, signature in _signatures_of(obj, server_name).items():
@@ -209,7 +228,7 @@ def verify_json_with_one_of(
             raise ValueError(
                 f"key {key.key_id} of {key.server_name} given as {key_id} of {server_name}"
             )
-        _check_signature(obj, key, signature, strict)
+        _check_signature(obj, key, signature, strict, data)
         return key
     raise SignatureError(
         f"Missing signature for {server_name} by any of the {len(keys)} keys given"
