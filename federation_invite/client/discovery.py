@@ -91,7 +91,8 @@ WELL_KNOWN_ERROR_MAX_TTL = 3600.0
 WELL_KNOWN_DOWN_TTL = 2 * 60.0
 #: Hostnames whose ``.well-known`` answer is remembered at once; also the
 #: number of hostnames whose consecutive failures are counted (the most
-#: recently failed ones: hostnames are peer-chosen, so this must be bounded).
+#: recently failed ones: hostnames are peer-chosen, so this must be bounded),
+#: and of delegations kept for temporary failures (the most recently fetched).
 WELL_KNOWN_CACHE_SIZE = 10_000
 
 #: RFC 9111 section 1.2.2 delta-seconds: ASCII digits only (``str.isdigit``
@@ -213,17 +214,23 @@ class _WellKnownEntry:
     delegated: str | None
     fetched_at: float
     expires_at: float
-    #: When ``delegated`` was last fetched, and until when temporary failures
-    #: to fetch it anew may keep it (its TTL twice over from then).
-    confirmed_at: float = 0.0
-    keep_until: float = 0.0
 
     def fresh(self, now: float) -> bool:
         return in_window(self.fetched_at, now, self.expires_at)
 
+
+@attrs.frozen
+class _Delegation:
+    """A delegation last fetched at ``confirmed_at``, which temporary failures to fetch it
+    anew may keep until ``keep_until`` (its TTL twice over from then)."""
+
+    delegated: str
+    confirmed_at: float
+    keep_until: float
+
     def keeps(self, now: float) -> bool:
         """Whether a temporary failure to fetch the delegation anew may keep it."""
-        return self.delegated is not None and in_window(self.confirmed_at, now, self.keep_until)
+        return in_window(self.confirmed_at, now, self.keep_until)
 
 
 @attrs.frozen
@@ -270,6 +277,10 @@ class ServerResolver:
         self._own_srv_resolver: IResolver | None = None
         self._random = random or _random.Random()
         self._cache: dict[str, _WellKnownEntry] = {}
+        #: Hostname -> its last delegation fetched, least recently fetched first. Apart
+        #: from ``_cache``, whose expired entries go first when it is full (a delegation
+        #: is kept after it expired) and which any failing hostname a peer names fills.
+        self._delegations: OrderedDict[str, _Delegation] = OrderedDict()
         #: Consecutive failures per hostname, least recently failed first.
         self._failures: OrderedDict[str, int] = OrderedDict()
         self._inflight: dict[str, Deferred[str | None]] = {}
@@ -518,7 +529,7 @@ class ServerResolver:
 
     async def _refresh_well_known(self, hostname: str) -> str | None:
         now = self._reactor.seconds()
-        previous = self._cache.get(hostname)
+        previous = self._delegations.get(hostname)
         fetch = Deferred.fromCoroutine(self._fetch_well_known(hostname))
         fetch.addTimeout(WELL_KNOWN_TIMEOUT, self._reactor)
         try:
@@ -541,8 +552,9 @@ class ServerResolver:
                     delegated=previous.delegated,
                     ttl=retry_at - now,
                 )
-                self._store(hostname, attrs.evolve(previous, fetched_at=now, expires_at=retry_at))
+                self._store(hostname, _WellKnownEntry(previous.delegated, now, retry_at))
                 return previous.delegated
+            self._delegations.pop(hostname, None)
             failures = self._count_failure(hostname)
             ttl = min(WELL_KNOWN_ERROR_MAX_TTL, WELL_KNOWN_ERROR_TTL * 2 ** (failures - 1))
             _log.info(
@@ -554,7 +566,11 @@ class ServerResolver:
             self._store(hostname, _WellKnownEntry(None, now, now + ttl))
             return None
         self._failures.pop(hostname, None)
-        self._store(hostname, _WellKnownEntry(delegated, now, now + ttl, now, now + 2 * ttl))
+        self._store(hostname, _WellKnownEntry(delegated, now, now + ttl))
+        self._delegations.pop(hostname, None)
+        self._delegations[hostname] = _Delegation(delegated, now, now + 2 * ttl)
+        while len(self._delegations) > WELL_KNOWN_CACHE_SIZE:
+            self._delegations.popitem(last=False)
         return delegated
 
     def _count_failure(self, hostname: str) -> int:

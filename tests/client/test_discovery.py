@@ -1311,6 +1311,18 @@ class WellKnownKeptTests(_Base):
         self.assertEqual(self.next_fetch(), (WELL_KNOWN_ERROR_TTL, "example.org"))
         self.assertEqual(self.next_fetch(), (2 * WELL_KNOWN_ERROR_TTL, "example.org"))
 
+    def test_delegation_kept_after_eviction(self) -> None:
+        """A delegation whose expired entry a full cache dropped (other hostnames, peer-chosen,
+        looked up since) is still kept on a temporary failure to fetch it anew."""
+        self.patch(discovery, "WELL_KNOWN_CACHE_SIZE", 2)
+        self.start()
+        for name in ("a.example", "b.example", "c.example"):
+            self.resolver.resolve_server(name)  # no such peer: a failure, cached
+        self.assertNotIn("example.org", self.resolver._cache)
+        self.agent.down = True
+        self.assertEqual(self.delegation(), "m.example:1")
+        self.assertEqual(self.next_fetch(), (WELL_KNOWN_DOWN_TTL, "m.example:1"))
+
     def test_kept_delegation_clock_stepped_back(self) -> None:
         """A delegation confirmed "after" now (the wall clock stepped back) is not kept."""
         self.start()
