@@ -444,6 +444,7 @@ class InviteHandler:
             origin=origin,
             invitee=invitee,
             outcome=outcome,
+            status=200,
             peer=peer,
             **extra,
         )
@@ -808,6 +809,7 @@ def _repeated(stored: InviteRecord, origin: str, peer: str | None) -> tuple[dict
         origin=origin,
         invitee=stored.invitee,
         outcome="repeated",
+        status=200,
         peer=peer,
     )
     if stored.event_json is None:

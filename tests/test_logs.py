@@ -116,19 +116,34 @@ class InviteLogTests(SynchronousTestCase):
         self.assertNotIn(" for ", formatEvent(refused))
 
     def test_field_types_do_not_change_with_the_outcome(self) -> None:
-        """``status`` is only ever the HTTP status of a refusal (an int); an accepted line has
-        none, and an invite stored as ignored is logged with outcome ``ignored``, as the
-        metrics count it."""
+        """``status`` is always the integer HTTP status answered, in the JSON observer's lines
+        too: 200 on the accepted, ignored and repeated lines, as on a refusal its status; an
+        invite stored as ignored is logged with outcome ``ignored``, as the metrics count it."""
+
+        def as_json(event: dict[str, Any]) -> dict[str, Any]:
+            out = io.StringIO()
+            json_file_observer(out)(event)
+            parsed: dict[str, Any] = json.loads(out.getvalue())
+            return parsed
+
         scenario = InviteScenario()
-        events, _ = self.run_invite(scenario)
-        (accepted,) = [e for e in events if e.get("outcome") == "accepted"]
-        self.assertNotIn("status", accepted)
+        invite = scenario.invite()
+        events, _ = self.run_invite(scenario, invite)
+        (accepted,) = [as_json(e) for e in events if e.get("outcome") == "accepted"]
+        self.assertEqual(accepted["status"], 200)
+        self.assertNotIn("errcode", accepted)
+        events, _ = self.run_invite(scenario, invite)
+        (repeated,) = [as_json(e) for e in events if e.get("outcome") == "repeated"]
+        self.assertEqual(repeated["status"], 200)
         scenario.store.rules.append(InviteRule(BOB, "server", THEM, "ignore"))
         events, answer = self.run_invite(scenario, room_id="!other:remote.example")
         self.assertIn("event", answer)
         (ignored,) = [e for e in events if e.get("outcome") == "ignored"]
-        self.assertNotIn("status", ignored)
+        self.assertEqual(as_json(ignored)["status"], 200)
         self.assertIn("accepted (ignored)", formatEvent(ignored))
+        events, _ = self.run_invite(scenario, invitee="@nobody:us.example")
+        (refused,) = [as_json(e) for e in events if e.get("outcome") == "refused"]
+        self.assertEqual(refused["status"], 404)
 
     def test_outcome_lines_read_as_text(self) -> None:
         """The text observer's line names the event, room, origin and invitee, braces and all."""
