@@ -109,7 +109,8 @@ SRV_QUERY_TIMEOUT = 20.0
 #: (RFC 2308 section 5), at most ``SRV_NEGATIVE_MAX_TTL``; without an SOA, not at all.
 SRV_MAX_TTL = 24 * 3600.0
 SRV_NEGATIVE_MAX_TTL = 3600.0
-#: SRV names whose answers are remembered at once (names are peer-chosen).
+#: SRV names whose answers are remembered at once (names are peer-chosen); also
+#: of the last answers with records kept for DNS failures (the most recently answered).
 SRV_CACHE_SIZE = 10_000
 
 _USER_AGENT = f"federation-invite/{__version__}".encode("ascii")
@@ -284,8 +285,13 @@ class ServerResolver:
         #: Consecutive failures per hostname, least recently failed first.
         self._failures: OrderedDict[str, int] = OrderedDict()
         self._inflight: dict[str, Deferred[str | None]] = {}
-        #: SRV query name -> its last answer (kept while fresh, used stale if DNS fails).
+        #: SRV query name -> its last answer (kept while fresh; a negative one is used
+        #: stale if DNS fails).
         self._srv_cache: dict[str, _SrvEntry] = {}
+        #: SRV query name -> its last answer with records, however old, least recently
+        #: answered first: what DNS failures fall back on. Apart from ``_srv_cache``, whose
+        #: expired entries go first when it is full and which any name a peer names fills.
+        self._srv_kept: OrderedDict[str, list[dns.Record_SRV]] = OrderedDict()
         #: SRV query name -> the callers waiting for its query in flight.
         self._srv_waiters: dict[str, list[Deferred[list[dns.Record_SRV]]]] = {}
 
@@ -384,8 +390,9 @@ class ServerResolver:
         SOA's negative TTL, at most ``SRV_NEGATIVE_MAX_TTL``, and not at all
         without an SOA. Any other failure (no reply in time, SERVFAIL, REFUSED,
         ...) says nothing of the records: the last answer is used however old,
-        and kept, as Synapse does, and DNS is asked again next time; with none,
-        ``SrvLookupError`` (but NOTIMP, as in Synapse, counts as no record).
+        and kept, as Synapse does (for the ``SRV_CACHE_SIZE`` names last answered with
+        records, whatever else the cache dropped), and DNS is asked again next time;
+        with none, ``SrvLookupError`` (but NOTIMP, as in Synapse, counts as no record).
         """
         cached = self._srv_cache.get(name)
         if cached is not None and cached.fresh(self._reactor.seconds()):
@@ -439,8 +446,11 @@ class ServerResolver:
             # twisted.names' DomainError is also SERVFAIL's, REFUSED's, ...
             reason = _describe_dns_failure(exc)
             _log.info("SRV lookup for {name} failed: {error}", name=name, error=reason)
+            kept = self._srv_kept.get(name)
+            if kept is not None:
+                return kept
             cached = self._srv_cache.get(name)
-            if cached is not None:
+            if cached is not None:  # a negative answer
                 return cached.records
             if isinstance(exc, DNSNotImplementedError):
                 # A resolver that cannot do SRV queries at all (Tor's DNSPort,
@@ -458,6 +468,10 @@ class ServerResolver:
     def _remember_srv(
         self, name: str, records: list[dns.Record_SRV], ttl: float, now: float
     ) -> None:
+        if ttl <= 0 or not records:
+            self._srv_kept.pop(name, None)
+        else:
+            _put_recent(self._srv_kept, name, records, SRV_CACHE_SIZE)
         if ttl <= 0:
             self._srv_cache.pop(name, None)
             return
@@ -567,10 +581,8 @@ class ServerResolver:
             return None
         self._failures.pop(hostname, None)
         self._store(hostname, _WellKnownEntry(delegated, now, now + ttl))
-        self._delegations.pop(hostname, None)
-        self._delegations[hostname] = _Delegation(delegated, now, now + 2 * ttl)
-        while len(self._delegations) > WELL_KNOWN_CACHE_SIZE:
-            self._delegations.popitem(last=False)
+        delegation = _Delegation(delegated, now, now + 2 * ttl)
+        _put_recent(self._delegations, hostname, delegation, WELL_KNOWN_CACHE_SIZE)
         return delegated
 
     def _count_failure(self, hostname: str) -> int:
@@ -579,10 +591,8 @@ class ServerResolver:
         Only the ``WELL_KNOWN_CACHE_SIZE`` most recently failed hostnames are
         counted: one dropped starts its back-off again from the shortest wait.
         """
-        failures = self._failures.pop(hostname, 0) + 1
-        self._failures[hostname] = failures
-        while len(self._failures) > WELL_KNOWN_CACHE_SIZE:
-            self._failures.popitem(last=False)
+        failures = self._failures.get(hostname, 0) + 1
+        _put_recent(self._failures, hostname, failures, WELL_KNOWN_CACHE_SIZE)
         return failures
 
     def _store(self, hostname: str, entry: _WellKnownEntry) -> None:
@@ -666,6 +676,18 @@ def _put_bounded(cache: dict[str, _Entry], key: str, entry: _Entry, now: float, 
         if len(cache) >= size:
             cache.clear()
     cache[key] = entry
+
+
+_Value = TypeVar("_Value")
+
+
+def _put_recent(recent: OrderedDict[str, _Value], key: str, value: _Value, size: int) -> None:
+    """``recent[key] = value``, moved last; ``recent`` holding at most ``size`` entries
+    (keys are peer-chosen), the least recently put dropped first."""
+    recent[key] = value
+    recent.move_to_end(key)
+    while len(recent) > size:
+        recent.popitem(last=False)
 
 
 def _negative_ttl(authority: list[dns.RRHeader]) -> float:

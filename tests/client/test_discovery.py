@@ -1026,6 +1026,58 @@ class SrvCacheTests(_Base):
             self.successResultOf(self.resolver.resolve_targets(server))
             self.assertLessEqual(len(self.resolver._srv_cache), 3)
 
+    def resolve_others(self, count: int, with_records: bool = True) -> None:
+        """Resolve ``count`` other hosts (peer-chosen: many origins named), with SRV records
+        or without (NXDOMAIN with an SOA, remembered)."""
+        message = dns.Message(rCode=dns.ENAME)
+        message.authority = [_soa(b"example", 900, 900)]
+        for index in range(count):
+            host = f"h{index}.example"
+            name = "_matrix-fed._tcp." + host
+            if with_records:
+                self.srv.raw[name] = [_ttl(_srv(name.encode(), 0, 0, 1, b"t.example"), 3600)]
+            else:
+                self.srv.errors[name] = DNSNameError(message)
+                self.srv.errors["_matrix._tcp." + host] = DNSNameError(message)
+            server = ResolvedServer(host, host, host, None, host, host)
+            self.successResultOf(self.resolver.resolve_targets(server))
+
+    def test_stale_answer_used_after_eviction(self) -> None:
+        """An expired answer a full cache dropped (other names, peer-chosen, looked up since)
+        is still used when DNS then fails."""
+        self.patch(discovery, "SRV_CACHE_SIZE", 2)
+        self.answer(60)
+        self.targets()
+        self.clock.advance(3600)
+        self.resolve_others(2, with_records=False)
+        self.assertNotIn(self.NAME, self.resolver._srv_cache)
+        self.srv.errors[self.NAME] = dns.DNSQueryTimeoutError("x")
+        self.assertEqual(self.targets(), [("new.example", 1111)])
+
+    def test_kept_answers_bounded(self) -> None:
+        """The last answers kept for DNS failures are bounded too (SRV_CACHE_SIZE, the least
+        recently answered dropped first)."""
+        self.patch(discovery, "SRV_CACHE_SIZE", 2)
+        self.answer(60)
+        self.targets()
+        self.resolve_others(2)
+        self.clock.advance(3600)
+        self.srv.errors[self.NAME] = dns.DNSQueryTimeoutError("x")
+        server = self.successResultOf(self.resolver.resolve_server("example.org"))
+        self.failureResultOf(self.resolver.resolve_targets(server), SrvLookupError)
+
+    def test_negative_answer_drops_the_kept_answer(self) -> None:
+        """NXDOMAIN after an answer says the records are gone: a later DNS failure does not
+        bring the old answer back."""
+        self.answer(60)
+        self.targets()
+        self.clock.advance(3600)
+        del self.srv.raw[self.NAME]  # NXDOMAIN, without an SOA: not remembered
+        self.assertEqual(self.targets(), [("example.org", 8448)])
+        self.srv.errors[self.NAME] = dns.DNSQueryTimeoutError("x")
+        server = self.successResultOf(self.resolver.resolve_server("example.org"))
+        self.failureResultOf(self.resolver.resolve_targets(server), SrvLookupError)
+
 
 class WellKnownCacheTests(_Base):
     def fetches(self) -> int:
