@@ -311,9 +311,10 @@ class FederationClient:
             )
             raise
         except Exception as exc:
-            # Cancelling a request in flight surfaces as CancelledError or as
-            # twisted.web's ResponseNeverReceived([CancelledError]), depending
-            # on the stage; what matters is who cancelled.
+            # Cancelling a request in flight surfaces as CancelledError, as
+            # twisted.web's ResponseNeverReceived([CancelledError]) or, while the
+            # connection is being made, as ConnectingCancelledError, depending on
+            # the stage; what matters is who cancelled.
             if timed_out:
                 reason = f"timed out after {self._timeout:g} s"
             elif _is_cancellation(exc):
@@ -447,11 +448,13 @@ def describe_failure(exc: BaseException) -> str:
 
 
 def _is_cancellation(exc: BaseException) -> bool:
-    if isinstance(exc, CancelledError):
+    """Whether ``exc`` is how a cancelled request failed (not a timeout: the caller checks)."""
+    if isinstance(exc, CancelledError | ConnectingCancelledError):
         return True
     reasons = getattr(exc, "reasons", None)
     return isinstance(reasons, list) and any(
-        isinstance(r, Failure) and r.check(CancelledError) for r in reasons
+        isinstance(r, Failure) and r.check(CancelledError, ConnectingCancelledError)
+        for r in reasons
     )
 
 

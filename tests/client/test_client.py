@@ -8,6 +8,7 @@ from typing import Any
 from signedjson.key import generate_signing_key
 from twisted.internet.defer import CancelledError, fail
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.names.error import DNSNameError
 from twisted.trial.unittest import SynchronousTestCase
@@ -24,10 +25,11 @@ from federation_invite.core.errors import MatrixError
 from federation_invite.core.keys import verify_key_of
 from federation_invite.core.xmatrix import parse_xmatrix, verify_request
 
-from ._fakes import CannedResource
+from ._fakes import CannedResource, FakeHostnameResolver, FakeSRVResolver
 
 ORIGIN = "local.example"
 REMOTE = "remote.example"
+PUBLIC = "93.184.216.34"
 INVITE_PATH = "/_matrix/federation/v2/invite/%21room%3Aremote.example/%24ev%2Fx%2By+z"
 
 
@@ -354,6 +356,39 @@ class TransportErrorTests(_Base):
             describe_failure(ConnectingCancelledError(None)), "connection attempt timed out"
         )
         self.assertEqual(describe_failure(KeyError("k")), "KeyError: 'k'")
+
+
+class ConnectingCancelTests(SynchronousTestCase):
+    """The real agent on a memory reactor: a request cancelled while its connection is being made."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.reactor.installNameResolver(FakeHostnameResolver({"good.example": [PUBLIC]}))
+        self.client = FederationClient(
+            self.reactor,
+            ORIGIN,
+            generate_signing_key("k1"),
+            srv_resolver=FakeSRVResolver(),
+            timeout=10,
+        )
+
+    def test_caller_cancel_while_connecting(self) -> None:
+        """Cancelled while connecting: CancelledError, not a TransportError, and no back-off."""
+        requesting = self.client.get_json("good.example:8448", "/x")
+        self.assertEqual([(c[0], c[1]) for c in self.reactor.tcpClients], [(PUBLIC, 8448)])
+        requesting.cancel()
+        self.failureResultOf(requesting, CancelledError)
+        self.assertEqual(self.client._backoff, {})
+        self.assertNoResult(self.client.get_json("good.example:8448", "/x"))
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+
+    def test_timeout_while_connecting(self) -> None:
+        """Our timeout while connecting is still a TransportError that backs the peer off."""
+        requesting = self.client.get_json("good.example:8448", "/x")
+        self.reactor.advance(10)
+        error = self.failureResultOf(requesting, TransportError).value
+        self.assertEqual(error.reason, "timed out after 10 s")
+        self.failureResultOf(self.client.get_json("good.example:8448", "/x"), BackoffError)
 
 
 class BackoffTests(_Base):
