@@ -637,11 +637,12 @@ class DatabaseStore:
             queued, self._invite_queue = self._invite_queue, []
             for _, _, waiter in queued:
                 waiter.errback(StoreError("store_invite", "the store was closed"))
+            finish_writer = None
             if self._direct_writer is not None:
-                self._direct_writer.close()
+                finish_writer = self._direct_writer.close()
             if self._direct_reader is not None:
                 self._direct_reader.close()
-            self._pool_closed = self._close_pool()
+            self._pool_closed = self._close_pool(finish_writer)
         if self._pool_closed is None:  # close() from a callback of the batch written above
             return succeed(None)
         done: Deferred[None] = Deferred()
@@ -653,13 +654,15 @@ class DatabaseStore:
         self._pool_closed.addCallback(relay)
         return done
 
-    def _close_pool(self) -> Deferred[None]:
+    def _close_pool(self, finish_writer: Callable[[], None] | None = None) -> Deferred[None]:
         """``ConnectionPool.close`` without blocking the reactor thread on a stuck query.
 
         adbapi's close joins the pool's threads on the calling thread, so a query
         waiting on a lock or on a server gone silent held the reactor, and a stop,
         until it ended. Here the threads are joined, and then their connections
-        closed, in a thread of our own; the Deferred fires then, or once
+        closed, in a thread of our own, after ``finish_writer`` (the SQLite
+        writer's: its commit thread joined, a COMMIT in a stalled fsync, then its
+        connection closed); the Deferred fires then, or once
         ``CLOSE_WAIT_SECONDS`` have passed: the queries still running are then
         cancelled (``Dialect.cancel_queries``) and their threads left to end by
         themselves (logged).
@@ -679,7 +682,11 @@ class DatabaseStore:
 
         def close_in_thread() -> None:
             try:
-                pool.finalClose()
+                try:
+                    if finish_writer is not None:
+                        finish_writer()
+                finally:
+                    pool.finalClose()
             finally:
                 reactor.callFromThread(finished)
 

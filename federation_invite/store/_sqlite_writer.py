@@ -271,13 +271,25 @@ class SQLiteInviteWriter(_OwnConnection):
             self._threads.stop()
             self._threads = None
 
-    def close(self) -> None:
-        """Stop the commit thread (after a commit in flight) and close the connection."""
+    def close(self) -> Callable[[], None]:
+        """Take no more commits; what finishes closing, to be run off the reactor thread.
+
+        That stops the commit thread (after a commit in flight: joining it here
+        would hold the reactor for as long as a stalled fsync) and then closes
+        the connection. ``DatabaseStore.close`` runs it with the pool's close,
+        which bounds the wait.
+        """
         if self._shutdown_trigger is not None:
             self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
-        self._stop_threads()
-        self._close_connection()
+        threads, self._threads = self._threads, None
+
+        def finish() -> None:
+            if threads is not None:
+                threads.stop()
+            self._close_connection()
+
+        return finish
 
 
 class SQLiteDirectReader(_OwnConnection):

@@ -17,6 +17,8 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, gatherResults
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface.verify import verifyObject
 
@@ -939,6 +941,66 @@ class SQLiteDirectWriteTests(TestCase):
         self.assertIsNone(writer._threads)
         self.assertIsNone(writer._connection)
         self.assertIsNone(reader._connection)
+
+    async def _close_during_a_stuck_commit(self) -> tuple[Any, Any, Any, threading.Event]:
+        """A store whose COMMIT in the commit thread waits on an Event (a stalled fsync),
+        closed meanwhile: (writer, the invite's Deferred, close()'s, the Event)."""
+        store = await open_store(self.uri, reactor=reactor)
+        writer = store._direct_writer
+        await store.store_invite(make_invite("$first"))  # the writer's connection is open
+        _slow_commits(writer)
+        entered, release = threading.Event(), threading.Event()
+        # Should close() join the thread here, the test fails rather than hangs.
+        safety = threading.Timer(10, release.set)
+        safety.start()
+        self.addCleanup(safety.cancel)
+        self.addCleanup(release.set)
+        original = writer._commit
+
+        def stalled() -> None:
+            entered.set()
+            release.wait()
+            original()
+
+        writer._commit = stalled
+        storing = store.store_invite(make_invite("$stalled"))
+        await deferToThread(entered.wait)
+        closing = store.close()
+        self.assertFalse(release.is_set())  # close() returned while the COMMIT ran
+        return writer, storing, closing, release
+
+    async def test_close_waits_for_a_commit_off_the_reactor_thread(self) -> None:
+        """close() during a thread COMMIT returns at once, fires and closes after the COMMIT."""
+        writer, storing, closing, release = await self._close_during_a_stuck_commit()
+        self.assertNoResult(closing)
+        self.assertIsNotNone(writer._connection)
+        release.set()
+        await closing
+        self.assertEqual((await storing)[1], True)
+        self.assertIsNone(writer._threads)
+        self.assertIsNone(writer._connection)
+        self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(2,)])
+
+    async def test_close_abandons_a_commit_stuck_too_long(self) -> None:
+        """close() abandons a COMMIT stuck past CLOSE_WAIT_SECONDS (logged), closing after it."""
+        from federation_invite.store import _base
+
+        self.patch(_base, "CLOSE_WAIT_SECONDS", 0)
+        with capturedLogs() as events:
+            writer, storing, closing, release = await self._close_during_a_stuck_commit()
+            await closing
+        self.assertFalse(release.is_set())
+        self.assertIn(
+            "queries still running after 0 s are cancelled and abandoned",
+            "\n".join(formatEvent(event) for event in events),
+        )
+        self.assertIsNotNone(writer._connection)
+        release.set()
+        self.assertEqual((await storing)[1], True)
+        deadline = time.monotonic() + 10
+        while writer._connection is not None:
+            self.assertLess(time.monotonic(), deadline, "the connection was never closed")
+            await deferLater(reactor, 0.01)
 
 
 def _fake_commit_durations(writer: Any, seconds: float) -> list[float]:
