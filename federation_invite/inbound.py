@@ -211,6 +211,9 @@ class InviteHandler:
         #: waits for there to be none (``settle``).
         self._storing = 0
         self._settle_waiters: list[Deferred[None]] = []
+        #: Event IDs of the invites past their checks and not yet stored (or failed),
+        #: each with the copies refused meanwhile that wait for its outcome (row 18).
+        self._in_flight: dict[str, list[Deferred[None]]] = {}
         self._origin_rate = RateLimiter(
             clock,
             limits.origin_per_second,
@@ -380,7 +383,14 @@ class InviteHandler:
         except MatrixError:
             # A retry of an invite we already accepted is answered as before
             # (row 18), even if a rule or the invitee's limit would refuse it
-            # now; only refusals pay for this lookup.
+            # now; only refusals pay for this lookup. A copy of an invite being
+            # signed or stored here right now (sent twice at once; its token may
+            # have been the invitee's last) waits for that first.
+            first_copy = self._in_flight.get(event_id)
+            if first_copy is not None:
+                stored_first: Deferred[None] = Deferred()
+                first_copy.append(stored_first)
+                await stored_first
             stored_before = await self._store.get_invite(event_id)
             if stored_before is None or not _same_event(stored_before.event, event):
                 raise
@@ -389,6 +399,9 @@ class InviteHandler:
         # repeat, a conflict (row 19), a failure, or the peer leaving before the
         # store gives it back, so retries never lock other servers out.
         created = False
+        waiting: list[Deferred[None]] | None = None
+        if event_id not in self._in_flight:
+            waiting = self._in_flight[event_id] = []
         try:
             signed = await self._signer.sign_event(room_version, event, prepared)
             # One encoding of the co-signed event, both stored and sent back.
@@ -426,6 +439,10 @@ class InviteHandler:
         finally:
             if not created:
                 self._invitee_rate.refund(invitee)
+            if waiting is not None:
+                del self._in_flight[event_id]
+                for copy in waiting:
+                    copy.callback(None)
         if not created:
             if not _same_event(stored.event, event):
                 raise _invalid("A different event with this event ID was already received")

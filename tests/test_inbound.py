@@ -1692,6 +1692,34 @@ class IdempotencyRowTests(InboundTestCase):
         self.assertEqual(len(self.s.store.invites), 1)
         self.assertEqual(len(self.s.listened), 1)
 
+    def test_row18_copy_sent_while_the_first_is_stored(self) -> None:
+        """Row 18: a copy arriving while the first is stored, the invitee's limit spent: 200."""
+        self.s = InviteScenario(limits=InviteLimits(invitee_burst=1, invitee_per_second=0.001))
+        gates: list[Deferred[None]] = []
+        store_invite = self.s.store.store_invite
+
+        def held_store(record: Any) -> Deferred[Any]:
+            gate: Deferred[None] = Deferred()
+            gates.append(gate)
+            return gate.addCallback(lambda _: self.successResultOf(store_invite(record)))
+
+        self.s.store.store_invite = held_store  # type: ignore[method-assign]
+        room_version, event = self.s.invite()
+        event_id = event_id_of(room_version, event)
+        body = self.s.v2_body(room_version, event)
+        first = self.s.send(2, body, room_id=event["room_id"], event_id=event_id)
+        self.s.client.flush()
+        second = self.s.send(2, body, room_id=event["room_id"], event_id=event_id)
+        self.s.client.flush()
+        self.assertEqual(len(gates), 1)
+        self.assertNoResult(second)
+        gates[0].callback(None)
+        answer = self.result(first)
+        self.assertEqual(answer[0], 200)
+        self.assertEqual(self.result(second), answer)
+        self.assertEqual(len(self.s.store.invites), 1)
+        self.assertEqual(len(self.s.listened), 1)
+
     def test_row19_same_id_different_event(self) -> None:
         """Row 19: the same (opaque, v1) event ID with a different event: 400 M_INVALID_PARAM."""
         v1 = KNOWN_ROOM_VERSIONS["1"]
