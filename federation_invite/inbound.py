@@ -305,11 +305,14 @@ class InviteHandler:
                 raise MatrixError(
                     500, Codes.UNKNOWN, "The database is unavailable; try again later"
                 ) from None
-            except (MatrixError, CancelledError):
+            except MatrixError:
                 raise
-            except Exception:
-                # A failure in our code or an embedder's (a signer, a policy hook):
-                # its traceback once, then the outcome line like any refusal's.
+            except Exception as exc:
+                if isinstance(exc, CancelledError) and _client_gone(request):
+                    raise  # the peer went away: render_async cancelled the work
+                # A failure in our code or an embedder's (a signer, a policy hook;
+                # a CancelledError of its own Deferred, the peer still there): its
+                # traceback once, then the outcome line like any refusal's.
                 log.failure(
                     "Unexpected error handling invite {event_id} from {requester}",
                     event_id=event_id,
@@ -909,6 +912,15 @@ def _log_outcome(text: str, level: LogLevel = LogLevel.info, **fields: Any) -> N
         log_time=time.time(),
     )
     log.observer(fields)
+
+
+def _client_gone(request: IRequest) -> bool:
+    """Whether the request's connection was lost (``render_async`` then cancels the work).
+
+    A request object that cannot tell (not a ``twisted.web.http.Request``) is
+    taken to be gone, the only reason for cancelling the work it knows of.
+    """
+    return bool(getattr(request, "_disconnected", True))
 
 
 def _peer_address(request: IRequest) -> str | None:

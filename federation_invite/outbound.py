@@ -27,10 +27,11 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
 from unpaddedbase64 import encode_base64
 
 from .client.errors import RemoteError, TransportError
@@ -67,6 +68,8 @@ __all__ = [
 ]
 
 log = Logger(namespace="federation_invite.outbound")
+
+_T = TypeVar("_T")
 
 #: invites-v2.yaml: "Senders which receive a 400 or 404 response to this
 #: endpoint should retry using the v1 API as the server may be older, if the
@@ -209,6 +212,29 @@ class IInviteKeyring(Protocol):
         fetch_if_store_fails: bool = False,
         ignore_backoff: bool = False,
     ) -> Deferred[dict[str, ServerVerifyKey]]: ...
+
+
+def _stand_in(deferred: Deferred[_T], cancelled: list[bool]) -> Deferred[_T]:
+    """A Deferred with ``deferred``'s result, to await in its place: cancelling it (our
+    caller cancelling, through the awaiting coroutine) appends True to ``cancelled`` and
+    cancels ``deferred``, so that its CancelledError can be told from one of its own."""
+
+    def cancel(_: Deferred[_T]) -> None:
+        cancelled.append(True)
+        deferred.cancel()
+
+    stand_in: Deferred[_T] = Deferred(cancel)
+
+    def relay(result: Any) -> None:
+        if stand_in.called:
+            return  # cancelled meanwhile (``deferred`` answered later): dropped
+        if isinstance(result, Failure):
+            stand_in.errback(result)
+        else:
+            stand_in.callback(result)
+
+    deferred.addBoth(relay)
+    return stand_in
 
 
 def _shown(value: object) -> str:
@@ -398,21 +424,29 @@ class InviteSender:
         if "hashes" not in event and ours:
             # The signature covers the hashes: one made without them is stale.
             raise InviteNotSendable("the event carries our signature but no hashes")
+        caller_cancelled: list[bool] = []
         try:
             if "hashes" not in event:
-                return await self._signer.hash_and_sign_event(room_version, dict(event))
-            if not ours:
-                return await self._signer.sign_event(room_version, dict(event))
-        except (InviteError, CancelledError):
+                signing = self._signer.hash_and_sign_event(room_version, dict(event))
+            elif not ours:
+                signing = self._signer.sign_event(room_version, dict(event))
+            else:
+                return dict(event)
+            if isinstance(signing, Deferred):
+                signing = _stand_in(signing, caller_cancelled)
+            return await signing
+        except InviteError:
             raise
         except ValueError as exc:  # the event has no canonical form, say
             raise InviteNotSendable(f"the event cannot be signed: {exc}") from exc
         except Exception as exc:
-            # A remote signer or HSM that failed: nothing can be sent either.
+            if isinstance(exc, CancelledError) and caller_cancelled:
+                raise  # the caller cancelled send_invite
+            # A remote signer or HSM that failed (its own Deferred cancelled, say):
+            # nothing can be sent either.
             raise InviteNotSendable(
                 f"the event cannot be signed: the signer failed ({type(exc).__name__}: {exc})"
             ) from exc
-        return dict(event)
 
     # -- the exchange
 

@@ -29,6 +29,7 @@ from federation_invite.core.signing import (
     verify_event_signature,
 )
 from federation_invite.inbound import InviteLimits
+from federation_invite.metrics import InviteMetrics
 from federation_invite.policy import InvitePolicy
 from federation_invite.service import build_components
 from federation_invite.store import InviteRule, StoreError
@@ -1009,6 +1010,35 @@ class PolicyRowTests(InboundTestCase):
             if message is not None:
                 self.assertEqual(body["error"], message)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
+    def test_row15_hook_or_signer_cancelled_itself(self) -> None:
+        """A hook's or signer's own CancelledError, the peer connected: a logged 500 M_UNKNOWN."""
+
+        class CancelledHook:
+            def check_invite(self, invite: Any) -> Any:
+                return fail(CancelledError())
+
+        def cancelled_signer(*args: Any) -> Deferred[dict[str, Any]]:
+            return fail(CancelledError())
+
+        for depth, broken in enumerate(("hook", "signer"), 1):
+            self.s, self.stored_now = InviteScenario(), 0
+            metrics = self.s.handler._metrics = InviteMetrics(enabled=True)
+            if broken == "hook":
+                self.s.policy.add_hook(CancelledHook())
+            else:
+                self.patch(self.s.handler._signer, "sign_event", cancelled_signer)
+            room_version, event = self.s.invite(extra={"depth": depth})
+            with capturedLogs() as events:
+                self.assertRefused(self.send_v2(room_version, event), 500, "M_UNKNOWN")
+            (line,) = [e for e in events if e.get("outcome")]
+            self.assertEqual((line["outcome"], line["status"]), ("refused", 500), broken)
+            counted = metrics.registry.get_sample_value(
+                "federation_invite_inbound_invites_total",
+                {"outcome": "refused", "errcode": "M_UNKNOWN"},
+            )
+            self.assertEqual(counted, 1.0, broken)
+        self.assertEqual(len(self.flushLoggedErrors(CancelledError)), 2)
 
     def test_row15_hook_without_check_invite_refused(self) -> None:
         """A hook without a callable check_invite (a plain function, say) is refused with a

@@ -1478,6 +1478,28 @@ class SignerTests(_Base):
         self.assertEqual(cancelled, [pending])
         self.assert_nothing_sent()
 
+    def test_signer_cancelled_itself(self) -> None:
+        """A signer's own CancelledError, the caller not cancelling: InviteNotSendable."""
+
+        class Signer:
+            server_name = OURS
+
+            def sign_event(self, room_version: Any, event: Any, prepared: Any = None) -> Any:
+                return fail(CancelledError())
+
+            def hash_and_sign_event(self, room_version: Any, event: Any) -> Any:
+                return fail(CancelledError())
+
+        event, state = self.origin.invite("10")
+        hashed = add_content_hash(KNOWN_ROOM_VERSIONS["10"], event)
+        for unsigned in (event, hashed):
+            failure = self.failureResultOf(
+                self.sender_with(Signer()).send_invite("10", unsigned, state), InviteNotSendable
+            )
+            self.assertIsInstance(failure.value.__cause__, CancelledError)
+            self.assertTrue(failure.value.reason.startswith("the event cannot be signed: "))
+        self.assert_nothing_sent()
+
 
 class BuildTestInviteTests(SynchronousTestCase):
     """build_test_invite: a minimal invite to a new room, for every room version."""
