@@ -135,7 +135,8 @@ _MAX_ENFORCED_FULL_ENTRIES = 50
 
 @attrs.frozen
 class _RoomStateFindings:
-    """What ``invite_room_state`` holds that was accepted though strict mode would refuse it.
+    """What ``invite_room_state`` holds that was accepted though strict mode would refuse it,
+    and the full entries kept in their redacted form.
 
     The invite's outcome line warns of it (server-server-api, "Inviting to a
     room", v1.16: "servers SHOULD warn about invites which fail the validation
@@ -147,24 +148,36 @@ class _RoomStateFindings:
     #: The first validation failure found in room versions 1 to 11 (the checks
     #: stop there, so there may be more), or ``None``.
     problem: str | None = None
+    #: Full entries whose content hash did not match, replaced by their redacted copies.
+    redacted: int = 0
 
     def describe(self) -> str:
-        """The clause the outcome line's text gets."""
+        """The clauses the outcome line's text gets."""
+        text = ""
+        if self.redacted:
+            text += (
+                f"; {self.redacted} of its invite_room_state's full events did not match their"
+                " content hash (redacted, or changed since signed) and were kept redacted"
+            )
         clauses = []
         if self.stripped:
             clauses.append(f"holds {self.stripped} stripped entries")
         if self.problem is not None:
             clauses.append(f"fails validation (first problem found: {self.problem})")
-        return (
-            f"; its invite_room_state {' and '.join(clauses)},"
-            " accepted as strict_invite_room_state is off"
-        )
+        if clauses:
+            text += (
+                f"; its invite_room_state {' and '.join(clauses)},"
+                " accepted as strict_invite_room_state is off"
+            )
+        return text
 
     def log_fields(self) -> dict[str, Any]:
         """The outcome line's level and fields: only those that apply."""
         fields: dict[str, Any] = {"level": LogLevel.warn}
         if self.stripped:
             fields["stripped_state"] = self.stripped
+        if self.redacted:
+            fields["redacted_state"] = self.redacted
         if self.problem is not None:
             # A flag, not a count: the checks stop at the first problem.
             fields["invalid_room_state"] = True
@@ -369,7 +382,9 @@ class InviteHandler:
             isinstance(entry, dict) for entry in invite_room_state
         ):
             raise _invalid("invite_room_state must be a list of objects")
-        room_state = await self._check_room_state(room_version, room_id, invite_room_state)
+        room_state, invite_room_state = await self._check_room_state(
+            room_version, room_id, invite_room_state
+        )
         invite = InboundInvite(
             origin=origin,
             room_version=room_version,
@@ -547,34 +562,42 @@ class InviteHandler:
 
     async def _check_room_state(
         self, room_version: RoomVersion, room_id: str, room_state: list[Any]
-    ) -> _RoomStateFindings:
+    ) -> tuple[_RoomStateFindings, list[Any]]:
         """Row 13: ``invite_room_state`` (server-server-api, invites-v2 "invite_room_state").
 
         Room versions whose room ID is the create event's hash (v12) and strict
         mode refuse an entry that fails validation: a missing full create
         event (or a stripped one beside it), more than
         ``_MAX_ENFORCED_FULL_ENTRIES`` full events, any full event that is
-        malformed, too large, of another room, wrongly hashed or wrongly signed,
-        or full events needing the keys of more than
-        ``_MAX_ROOM_STATE_KEY_SERVERS`` servers not in memory (fetched at once).
-        Stripped entries are refused only in strict mode (Synapse sends them,
-        MSC4311). In room versions 1 to 11 without strict mode the spec only
-        asks for a warning, so the same checks refuse nothing, and are bounded:
-        they stop at the first problem, only the first
-        ``_MAX_WARN_CHECKED_ENTRIES`` full entries are checked (the rest are
-        not), and signatures only with keys already in memory (fetching keys
-        for an invite accepted anyway is not worth the latency). Returns what
-        the outcome line is to warn of.
+        malformed, too large, of another room or wrongly signed, or full events
+        needing the keys of more than ``_MAX_ROOM_STATE_KEY_SERVERS`` servers
+        not in memory (fetched at once). Stripped entries are refused only in
+        strict mode (Synapse sends them, MSC4311). In room versions 1 to 11
+        without strict mode the spec only asks for a warning, so the same
+        checks refuse nothing, and are bounded: they stop at the first problem,
+        only the first ``_MAX_WARN_CHECKED_ENTRIES`` full entries are checked
+        (the rest are not), and signatures only with keys already in memory
+        (fetching keys for an invite accepted anyway is not worth the latency).
+
+        A checked full entry whose content hash does not match is no problem
+        but replaced by its redacted copy (server-server-api, "Validating
+        hashes and signatures on received events": we were given a redacted
+        event, or one changed where no signature covers it; as Synapse does).
+        Returns what the outcome line is to warn of, and the room state to
+        store: ``room_state`` itself unless an entry was replaced (never
+        changed in place: a v1 invite's state is in its event's ``unsigned``).
         """
         enforced = room_version.room_id_is_create_event_hash or self._strict_room_state
         if not room_state:  # the common case: no work beyond this
             if enforced:
                 raise _invalid(_NO_CREATE)
-            return _ROOM_STATE_EMPTY
+            return _ROOM_STATE_EMPTY, room_state
         stripped = 0
         stripped_create = False
         full: list[dict[str, Any]] = []
         has_create = False
+        # The redacted copies of full entries whose content hash did not match, by id().
+        redacted: dict[int, dict[str, Any]] = {}
         for entry in room_state:
             if not _looks_like_pdu(entry):
                 stripped += 1
@@ -600,26 +623,34 @@ class InviteHandler:
             # have to be fetched: a bad entry costs no request.
             prepared = [self._check_state_pdu(room_version, room_id, entry) for entry in full]
             keys = await self._room_state_keys(room_version, full)
-            for entry, prepared_entry in zip(full, prepared, strict=True):
+            for entry, (prepared_entry, hash_ok) in zip(full, prepared, strict=True):
                 try:
                     verify_event_signatures(room_version, entry, keys, prepared=prepared_entry)
                 except SignatureError as exc:
                     raise _invalid(
                         f"An invite_room_state event: signature check failed: {exc}"
                     ) from None
-            return _RoomStateFindings(stripped=stripped) if stripped else _ROOM_STATE_OK
+                if not hash_ok:
+                    redacted[id(entry)] = prepared_entry.redacted
+            if not stripped and not redacted:
+                return _ROOM_STATE_OK, room_state
+            findings = _RoomStateFindings(stripped=stripped, redacted=len(redacted))
+            return findings, _with_redacted(room_state, redacted)
         problem = None if has_create else _NO_CREATE
         if problem is None:
             for entry in full[:_MAX_WARN_CHECKED_ENTRIES]:
                 try:
-                    prepared_entry = self._check_state_pdu(room_version, room_id, entry)
+                    prepared_entry, hash_ok = self._check_state_pdu(room_version, room_id, entry)
+                    if not hash_ok:
+                        redacted[id(entry)] = prepared_entry.redacted
                     self._verify_known_signers(room_version, entry, prepared_entry)
                 except MatrixError as exc:
                     problem = exc.message
                     break  # only a warning results: the first problem is enough
-        if not stripped and problem is None:
-            return _ROOM_STATE_OK
-        return _RoomStateFindings(stripped, problem)
+        if not stripped and problem is None and not redacted:
+            return _ROOM_STATE_OK, room_state
+        findings = _RoomStateFindings(stripped, problem, len(redacted))
+        return findings, _with_redacted(room_state, redacted)
 
     async def _room_state_keys(
         self, room_version: RoomVersion, entries: list[dict[str, Any]]
@@ -676,9 +707,10 @@ class InviteHandler:
     @staticmethod
     def _check_state_pdu(
         room_version: RoomVersion, room_id: str, entry: dict[str, Any]
-    ) -> PreparedEvent:
-        """An ``invite_room_state`` full event's checks that need no keys: its format,
-        room and content hash; 400 M_INVALID_PARAM, or its prepared form for the signatures."""
+    ) -> tuple[PreparedEvent, bool]:
+        """An ``invite_room_state`` full event's checks that need no keys: its format and
+        room; 400 M_INVALID_PARAM, or its prepared form for the signatures (whose
+        ``redacted`` is its redacted copy) and whether its content hash matches."""
         try:
             check_event_format(room_version, entry)
             check_pdu_size(entry)  # as the invite's own (row 8): a PDU's limit
@@ -695,14 +727,13 @@ class InviteHandler:
             elif entry.get("room_id") != room_id:
                 raise _invalid("An invite_room_state event belongs to another room")
             # The signatures cover only what redaction keeps (an m.room.name event's
-            # name is not): the content hash covers the rest, or the inviting server
-            # could relay another server's signed state with its content rewritten.
+            # name is not): the content hash covers the rest. A mismatch is a redacted
+            # event (or one whose content the inviting server rewrote), whose redacted
+            # copy the caller keeps instead, once its signatures verify (spec).
             hash_ok = check_content_hash(room_version, entry)
         except ValueError as exc:  # no canonical form, which the format check should catch
             raise _invalid(f"invite_room_state entry is not a valid event: {exc}") from None
-        if not hash_ok:
-            raise _invalid("An invite_room_state event's content hash does not match")
-        return prepared
+        return prepared, hash_ok
 
     def _verify_known_signers(
         self, room_version: RoomVersion, entry: dict[str, Any], prepared: PreparedEvent
@@ -937,6 +968,14 @@ def _looks_like_pdu(entry: dict[str, Any]) -> bool:
     """Full events carry hashes and signatures; stripped state (``{type, state_key,
     content, sender}``) does not."""
     return "signatures" in entry and "hashes" in entry
+
+
+def _with_redacted(room_state: list[Any], redacted: dict[int, dict[str, Any]]) -> list[Any]:
+    """``room_state`` with the entries in ``redacted`` (by ``id``) replaced by their redacted
+    copies: a new list if any, else ``room_state`` itself."""
+    if not redacted:
+        return room_state
+    return [redacted.get(id(entry), entry) for entry in room_state]
 
 
 def _unwrap(api_version: int, body: dict[str, Any]) -> tuple[RoomVersion, dict[str, Any], Any]:

@@ -19,7 +19,7 @@ from federation_invite.auth import ServerAcl
 from federation_invite.config import load_config
 from federation_invite.core.canonical import encode_canonical_json
 from federation_invite.core.errors import MatrixError
-from federation_invite.core.events import prepare_event
+from federation_invite.core.events import prepare_event, redact
 from federation_invite.core.format import check_event_format
 from federation_invite.core.keys import key_id_of, verify_key_of
 from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS, RoomVersion
@@ -596,7 +596,13 @@ class RoomStateValidationTests(InboundTestCase):
                 self.state_event(room_version, room_id, key=make_key("them1")),
                 "signature check failed",
             ),
-            ("bad hash", {**good, "content": {"join_rule": "public"}}, "content hash"),
+            (
+                # What redaction keeps changed: the signature no longer matches (a
+                # content hash mismatch alone only has the redacted copy kept).
+                "content rewritten under its signature",
+                {**good, "content": {"join_rule": "public"}},
+                "signature check failed",
+            ),
             (
                 "bad format",
                 {
@@ -621,7 +627,8 @@ class RoomStateValidationTests(InboundTestCase):
 
     def test_v12_full_entries_validated(self) -> None:
         """v12: a full entry besides the create event that is of another room, unsigned, wrongly
-        signed, wrongly hashed or malformed: 400 M_INVALID_PARAM, whatever its place."""
+        signed (its content changed under the signature included) or malformed: 400
+        M_INVALID_PARAM, whatever its place."""
         room_version, create, room_id = self.room("12")
         name = stripped("m.room.name", "", {"name": "x"})
         for what, entry, reason in self.bad_entries(room_version, room_id):
@@ -630,6 +637,63 @@ class RoomStateValidationTests(InboundTestCase):
                 body = self.assertRefused(answer, 400, "M_INVALID_PARAM")
                 self.assertIn(reason, body["error"], what)
                 self.assertEqual(line["outcome"], "refused")
+
+    def name_event(self, room_version: RoomVersion, room_id: str) -> dict[str, Any]:
+        """A full m.room.name event of ``room_id``, signed by the inviting server."""
+        event = {
+            "type": "m.room.name",
+            "state_key": "",
+            "sender": f"@carol:{THEM}",
+            "room_id": room_id,
+            "content": {"name": "Buy cheap watches"},
+            "origin_server_ts": NOW_MS - 5_000,
+            "depth": 3,
+            "prev_events": [],
+            "auth_events": [],
+        }
+        if room_version.redaction_keeps_top_level_origin:
+            event["origin"] = THEM
+        return hash_and_sign_event(room_version, event, THEM, self.s.their_key)
+
+    def stored_state(self) -> list[Any]:
+        """The invite_room_state of the last invite stored, checked to be the listeners' too."""
+        record = list(self.s.store.invites.values())[-1]
+        self.assertEqual(self.s.listened[-1].invite_room_state, record.invite_room_state)
+        return record.invite_room_state
+
+    def assertKeptRedacted(
+        self, answer: tuple[int, Any], line: dict[str, Any], state: list[Any], count: int = 1
+    ) -> None:
+        """Accepted, with ``state`` stored and handed over, on a warn line counting the full
+        entries replaced by their redacted copies (and no validation problem)."""
+        self.assertEqual(answer[0], 200, answer[1])
+        self.assertEqual(line["outcome"], "accepted")
+        self.assertIs(line["log_level"], LogLevel.warn)
+        self.assertEqual(line["redacted_state"], count)
+        self.assertNotIn("invalid_room_state", line)
+        self.assertIn("did not match their content hash", formatEvent(line))
+        self.assertEqual(self.stored_state(), state)
+
+    def test_v12_redacted_full_entry_kept_redacted(self) -> None:
+        """v12: a full entry whose signature verifies but whose content hash does not (redacted
+        at its origin, or its content rewritten since) is accepted as its redacted copy (spec:
+        "use the redacted copy it calculated"); with a bad signature, still 400 M_INVALID_PARAM."""
+        room_version, create, room_id = self.room("12")
+        name = self.name_event(room_version, room_id)
+        redacted = redact(room_version, name)
+        as_relayed = {**redacted, "unsigned": {"redacted_because": {"type": "m.room.redaction"}}}
+        rewritten = {**name, "content": {"name": "Rewritten by the inviting server"}}
+        for entry in (as_relayed, rewritten):
+            answer, line = self.send_logged(room_version, room_id, [create, entry])
+            self.assertKeptRedacted(answer, line, [create, redacted])
+        answer, line = self.send_logged(room_version, room_id, [create, name])
+        self.assertEqual(answer[0], 200, answer[1])
+        self.assertIs(line["log_level"], LogLevel.info)
+        self.assertEqual(self.stored_state(), [create, name])
+        forged = {**as_relayed, "signatures": {THEM: {key_id_of(self.s.their_key): "A" * 86}}}
+        answer, line = self.send_logged(room_version, room_id, [create, forged])
+        body = self.assertRefused(answer, 400, "M_INVALID_PARAM")
+        self.assertIn("An invite_room_state event: signature check failed", body["error"])
 
     def test_v12_full_entries_capped(self) -> None:
         """v12: more than _MAX_ENFORCED_FULL_ENTRIES full entries is 400 M_INVALID_PARAM before
@@ -772,9 +836,9 @@ class RoomStateValidationTests(InboundTestCase):
             answer, line = self.send_logged(room_version, room_id, [create, entry])
             self.assertWarned(answer, line, reason)
             self.assertNotIn("stripped_state", line, what)
-        bad_create = {**create, "content": {"room_version": "9"}}
-        answer, line = self.send_logged(room_version, room_id, [bad_create])
-        self.assertWarned(answer, line, "content hash")
+        unsigned_create = {**create, "content": {"room_version": "9"}, "signatures": {}}
+        answer, line = self.send_logged(room_version, room_id, [unsigned_create])
+        self.assertWarned(answer, line, "signature check failed")
         no_create = "invite_room_state has no full m.room.create event"
         answer, line = self.send_logged(room_version, room_id, [])
         self.assertWarned(answer, line, no_create)
@@ -785,6 +849,21 @@ class RoomStateValidationTests(InboundTestCase):
         self.assertWarned(answer, line, no_create)
         self.assertEqual(line["stripped_state"], 1)
         self.assertIn("holds 1 stripped entries and fails validation (", formatEvent(line))
+
+    def test_v1_to_11_redacted_full_entry_kept_redacted(self) -> None:
+        """v1-11: a checked full entry whose content hash does not match (a redacted create or
+        name event, or content rewritten where no signature covers it) is accepted and stored
+        as its redacted copy, counted on the warn line, not flagged as invalid state."""
+        room_version, create, room_id = self.room("10")
+        name = self.name_event(room_version, room_id)
+        answer, line = self.send_logged(room_version, room_id, [create, redact(room_version, name)])
+        self.assertKeptRedacted(answer, line, [create, redact(room_version, name)])
+        # v10 redaction keeps no content of a create event but "creator".
+        rewritten_create = {**create, "content": {"room_version": "9"}}
+        rewritten_name = {**name, "content": {"name": "Rewritten"}}
+        answer, line = self.send_logged(room_version, room_id, [rewritten_create, rewritten_name])
+        expected = [redact(room_version, create), redact(room_version, name)]
+        self.assertKeptRedacted(answer, line, expected, count=2)
 
     def test_v1_to_11_checks_stop_at_first_problem(self) -> None:
         """v1-11: the checks stop at the first problem (only a warning results): entries after
@@ -885,10 +964,11 @@ class StrictRoomStateTests(InboundTestCase):
         self.assertRefused(self.send_v2(room_version, event, [elsewhere]), 400, "M_INVALID_PARAM")
         self.assertEqual(self.send_v2(room_version, event, [create])[0], 200)
 
-    def test_row13_strict_mode_checks_content_hashes(self) -> None:
-        """Row 13, strict mode: a state event signed by its server but with its content
-        rewritten since (what redaction strips, which no signature covers) is refused:
-        400 M_INVALID_PARAM; the same event as signed is accepted."""
+    def test_row13_strict_mode_content_hash_mismatch_kept_redacted(self) -> None:
+        """Row 13, strict mode: a state event signed by its server whose content hash does not
+        match (redacted, or its content rewritten since where no signature covers it) is
+        accepted, stored and handed over as its redacted copy, never as received; with a bad
+        signature it is refused: 400 M_INVALID_PARAM."""
         for identifier in ("10", "12"):
             room_version = KNOWN_ROOM_VERSIONS[identifier]
             if room_version.room_id_is_create_event_hash:
@@ -912,20 +992,26 @@ class StrictRoomStateTests(InboundTestCase):
                 THEM,
                 self.s.their_key,
             )
+            redacted = redact(room_version, name)
             rewritten = {**name, "content": {"name": "Rewritten by the inviting server"}}
-            for depth, (state, expected) in enumerate(
-                (([create, rewritten], 400), ([create, name], 200)), start=10
-            ):
+            forged = {**redacted, "signatures": {THEM: {key_id_of(self.s.their_key): "A" * 86}}}
+            cases = (([create, redacted], redacted), ([create, rewritten], redacted))
+            for depth, (state, kept) in enumerate(cases, start=10):
                 event = build_invite(
                     room_version, self.s.their_key, room_id=room_id, extra={"depth": depth}
                 )
-                if expected == 400:
-                    body = self.assertRefused(
-                        self.send_v2(room_version, event, state), 400, "M_INVALID_PARAM"
-                    )
-                    self.assertIn("content hash", body["error"])
-                else:
-                    self.assertEqual(self.send_v2(room_version, event, state)[0], 200, identifier)
+                answer = self.send_v2(room_version, event, state)
+                self.assertEqual(answer[0], 200, (identifier, answer[1]))
+                stored = self.s.store.invites[event_id_of(room_version, event)]
+                self.assertEqual(stored.invite_room_state, [create, kept], identifier)
+                self.assertEqual(self.s.listened[-1].invite_room_state, [create, kept])
+            event = build_invite(
+                room_version, self.s.their_key, room_id=room_id, extra={"depth": 20}
+            )
+            body = self.assertRefused(
+                self.send_v2(room_version, event, [create, forged]), 400, "M_INVALID_PARAM"
+            )
+            self.assertIn("An invite_room_state event: signature check failed", body["error"])
 
 
 class PolicyRowTests(InboundTestCase):
