@@ -11,6 +11,7 @@ import re
 from typing import cast
 
 from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey as NaclSigningKey
 from nacl.signing import VerifyKey
 from signedjson.types import SigningKey
 from unpaddedbase64 import decode_base64, encode_base64
@@ -36,18 +37,36 @@ def is_valid_key_id(key_id: object) -> bool:
     return isinstance(key_id, str) and len(key_id) <= 255 and KEY_ID_RE.match(key_id) is not None
 
 
+def wrong_key(wanted: str, given: object) -> TypeError:
+    """The ``TypeError`` for a key of the wrong kind (or no key at all) given as ``wanted``."""
+    return TypeError(f"a {wanted} is wanted here, not a {type(given).__name__}")
+
+
 def key_id_of(signing_key: SigningKey) -> str:
-    """The key ID of a signedjson-style signing key (``alg`` and ``version`` attributes)."""
+    """The key ID of a signedjson signing key (``alg`` and ``version`` attributes).
+
+    ``TypeError`` for anything but a nacl ``SigningKey`` (as signedjson makes them).
+    """
+    if not isinstance(signing_key, NaclSigningKey):
+        raise wrong_key("SigningKey", signing_key)
     return f"{signing_key.alg}:{signing_key.version}"
 
 
 def verify_key_of(signing_key: SigningKey) -> VerifyKey:
-    """The public half of a signing key."""
+    """The public half of a signing key (``TypeError`` for anything but a ``SigningKey``)."""
+    if not isinstance(signing_key, NaclSigningKey):
+        raise wrong_key("SigningKey", signing_key)
     return cast(VerifyKey, signing_key.verify_key)
 
 
 def encode_verify_key(verify_key: VerifyKey) -> str:
-    """The unpadded base64 form published in ``verify_keys``."""
+    """The unpadded base64 form published in ``verify_keys``.
+
+    ``TypeError`` for anything but a nacl ``VerifyKey``: a ``SigningKey`` encodes to its
+    private seed, which must never be published as if it were the public key.
+    """
+    if not isinstance(verify_key, VerifyKey):
+        raise wrong_key("VerifyKey", verify_key)
     return encode_base64(verify_key.encode())
 
 
@@ -66,20 +85,39 @@ def decode_verify_key(key_id: str, key_base64: str) -> VerifyKey:
 
 
 def sign_bytes(signing_key: SigningKey, data: bytes) -> str:
-    """Sign ``data`` and return the signature as unpadded base64 (``TypeError`` unless bytes)."""
+    """Sign ``data`` and return the signature as unpadded base64.
+
+    ``TypeError`` unless ``data`` is bytes and ``signing_key`` a nacl ``SigningKey``.
+    """
     if not isinstance(data, bytes):
         raise TypeError(f"the data to sign must be bytes, not {type(data).__name__}")
+    if not isinstance(signing_key, NaclSigningKey):
+        raise wrong_key("SigningKey", signing_key)
     return encode_base64(signing_key.sign(data).signature)
+
+
+def sign_with_key_id(signing_key: SigningKey, data: bytes) -> tuple[str, str]:
+    """``(key_id_of(signing_key), sign_bytes(signing_key, data))`` with one key check.
+
+    For the signing functions, which need both and whose ``data`` is their own bytes.
+    """
+    if not isinstance(signing_key, NaclSigningKey):
+        raise wrong_key("SigningKey", signing_key)
+    signature = encode_base64(signing_key.sign(data).signature)
+    return f"{signing_key.alg}:{signing_key.version}", signature
 
 
 def verify_bytes(verify_key: VerifyKey, data: bytes, signature_base64: object) -> bool:
     """True when ``signature_base64`` is a valid ed25519 signature of ``data``.
 
     Any ``signature_base64`` is answered (False unless a valid signature);
-    ``data`` not bytes is a programming error: ``TypeError``.
+    ``data`` not bytes, or ``verify_key`` not a nacl ``VerifyKey``, is a programming
+    error: ``TypeError``.
     """
     if not isinstance(data, bytes):
         raise TypeError(f"the signed data must be bytes, not {type(data).__name__}")
+    if not isinstance(verify_key, VerifyKey):
+        raise wrong_key("VerifyKey", verify_key)
     if not isinstance(signature_base64, str) or len(signature_base64) > 128:
         return False
     try:

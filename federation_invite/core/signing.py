@@ -26,7 +26,7 @@ from unpaddedbase64 import decode_base64
 
 from .canonical import encode_canonical_json
 from .events import PreparedEvent, add_content_hash, ensure_prepared, prepare_event
-from .keys import key_id_of, sign_bytes
+from .keys import sign_with_key_id, wrong_key
 from .roomversions import RoomVersion, room_version_of
 
 __all__ = [
@@ -132,8 +132,8 @@ def sign_json(obj: Mapping[str, Any], server_name: str, signing_key: SigningKey)
     always strict canonical JSON, so floats or unsafe integers raise
     ``CanonicalJSONError``.
     """
-    signature = sign_bytes(signing_key, _signing_bytes(obj, strict=True))
-    return _merge_signature(obj, server_name, key_id_of(signing_key), signature)
+    key_id, signature = sign_with_key_id(signing_key, _signing_bytes(obj, strict=True))
+    return _merge_signature(obj, server_name, key_id, signature)
 
 
 def _signature_problem(verify_key: VerifyKey, data: bytes, signature: object) -> str | None:
@@ -224,6 +224,8 @@ def verify_json_with_one_of(
         key = keys.get(key_id)
         if key is None:
             continue
+        if not isinstance(key, ServerVerifyKey):
+            raise wrong_key("ServerVerifyKey", key)
         if key.server_name != server_name or key.key_id != key_id:
             raise ValueError(
                 f"key {key.key_id} of {key.server_name} given as {key_id} of {server_name}"
@@ -251,9 +253,8 @@ def hash_and_sign_event(
         room_version = room_version_of(room_version)
     hashed = add_content_hash(room_version, event)
     prepared = prepare_event(room_version, hashed, strict=True)
-    return _merge_signature(
-        hashed, server_name, key_id_of(signing_key), sign_bytes(signing_key, prepared.signing_bytes)
-    )
+    key_id, signature = sign_with_key_id(signing_key, prepared.signing_bytes)
+    return _merge_signature(hashed, server_name, key_id, signature)
 
 
 def sign_event(
@@ -273,12 +274,10 @@ def sign_event(
     if type(room_version) is not RoomVersion:  # a call only for an identifier
         room_version = room_version_of(room_version)
     prepared = ensure_prepared(room_version, event, prepared)
-    signature = sign_bytes(signing_key, prepared.signing_bytes)
+    key_id, signature = sign_with_key_id(signing_key, prepared.signing_bytes)
     # Any signature already under our name came from someone else (the sender
     # of an event we co-sign): only the one we just made is ours.
-    return _merge_signature(
-        event, server_name, key_id_of(signing_key), signature, replace_ours=True
-    )
+    return _merge_signature(event, server_name, key_id, signature, replace_ours=True)
 
 
 def _server_of(identifier: object, what: str) -> str:
@@ -319,8 +318,11 @@ def key_valid_for_event(
     ``expired_ts`` (server-server-api: keys "known to have expired prior to
     the event's origin_server_ts are ignored"; Synapse keeps an old key as
     valid until its ``expired_ts``, bound included). Before v5 any known key
-    will do, as in Synapse, whose key validity is not enforced there.
+    will do, as in Synapse, whose key validity is not enforced there. ``TypeError``
+    unless ``key`` is a ``ServerVerifyKey`` (every key the verifiers use is checked so).
     """
+    if not isinstance(key, ServerVerifyKey):
+        raise wrong_key("ServerVerifyKey", key)
     if type(room_version) is not RoomVersion:  # a call only for an identifier
         room_version = room_version_of(room_version)
     if not room_version.enforce_key_validity:
@@ -345,7 +347,8 @@ def verify_event_signature(
     remaining one must verify, and there must be at least one (appendices,
     "Checking for a Signature"; server-server-api, "Validating hashes and
     signatures on received events"). Raises ``SignatureError`` naming the
-    server and the reason.
+    server and the reason; ``TypeError`` when ``keys`` is no mapping, or gives
+    anything but a ``ServerVerifyKey`` for a signature to check.
     """
     if type(room_version) is not RoomVersion:  # a call only for an identifier
         room_version = room_version_of(room_version)

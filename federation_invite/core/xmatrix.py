@@ -17,7 +17,7 @@ from nacl.signing import VerifyKey
 from signedjson.types import SigningKey
 
 from .canonical import CanonicalJSONError, encode_canonical_json
-from .keys import key_id_of, sign_bytes, verify_bytes
+from .keys import sign_with_key_id, verify_bytes
 
 __all__ = [
     "XMatrixAuth",
@@ -252,13 +252,9 @@ def sign_request(
 ) -> str:
     """Sign a request we are about to send and return its ``Authorization`` header value."""
     data = encode_canonical_json(request_json(method, uri, origin, destination, content))
+    key_id, signature = sign_with_key_id(signing_key, data)
     return format_xmatrix(
-        XMatrixAuth(
-            origin=origin,
-            destination=destination,
-            key_id=key_id_of(signing_key),
-            signature=sign_bytes(signing_key, data),
-        )
+        XMatrixAuth(origin=origin, destination=destination, key_id=key_id, signature=signature)
     )
 
 

@@ -89,6 +89,28 @@ class KeyTests(SynchronousTestCase):
             sign_bytes(self.key, "data")  # type: ignore[arg-type]
         self.assertIn("bytes", str(raised.exception))
 
+    def test_key_of_the_wrong_kind(self) -> None:
+        """A verify key where a signing key is wanted, or a signing key (or anything else) where
+        a verify key is wanted, is a TypeError naming both kinds: encode_verify_key never
+        returns a signing key's private seed formatted as a public key."""
+        verify_key = verify_key_of(self.key)
+        signature = sign_bytes(self.key, b"data")
+        for call, wanted, passed in (
+            (lambda: encode_verify_key(self.key), "VerifyKey", "SigningKey"),
+            (lambda: encode_verify_key("x"), "VerifyKey", "str"),
+            (lambda: encode_verify_key(None), "VerifyKey", "NoneType"),
+            (lambda: verify_bytes(self.key, b"data", signature), "VerifyKey", "SigningKey"),
+            (lambda: verify_bytes(self.key, b"data", None), "VerifyKey", "SigningKey"),
+            (lambda: key_id_of(verify_key), "SigningKey", "VerifyKey"),
+            (lambda: verify_key_of(verify_key), "SigningKey", "VerifyKey"),
+            (lambda: sign_bytes(verify_key, b"data"), "SigningKey", "VerifyKey"),
+            (lambda: sign_bytes("k", b"data"), "SigningKey", "str"),
+        ):
+            with self.assertRaises(TypeError) as raised:
+                call()
+            self.assertIn(f"a {wanted}", str(raised.exception))
+            self.assertIn(f"not a {passed}", str(raised.exception))
+
 
 class RoomVersionTests(SynchronousTestCase):
     def test_table(self) -> None:

@@ -153,6 +153,47 @@ class RoomVersionIdentifierTests(SynchronousTestCase):
                 call()
             self.assertIn("(server_name, key_id)", str(raised.exception))
 
+    def test_key_of_the_wrong_kind(self) -> None:
+        """A verify key where a signing key is wanted, and a keys mapping to plain VerifyKeys
+        (not ServerVerifyKeys), are TypeErrors naming both kinds, not AttributeErrors."""
+        v10 = KNOWN_ROOM_VERSIONS["10"]
+        signed = signed_invite(v10)
+        verify_key = verify_key_of(ORIGIN_KEY)
+        plain = {(ORIGIN, key_id_of(ORIGIN_KEY)): verify_key}
+        for call, wanted, passed in (
+            (lambda: sign_json({}, ORIGIN, verify_key), "SigningKey", "VerifyKey"),
+            (lambda: sign_json({}, ORIGIN, "k"), "SigningKey", "str"),
+            (lambda: sign_event(v10, signed, OTHER, verify_key), "SigningKey", "VerifyKey"),
+            (
+                lambda: hash_and_sign_event(v10, invite_event(v10), ORIGIN, verify_key),
+                "SigningKey",
+                "VerifyKey",
+            ),
+            (lambda: verify_event_signatures(v10, signed, plain), "ServerVerifyKey", "VerifyKey"),
+            (
+                lambda: verify_event_signatures(V3, signed_invite(V3), plain),
+                "ServerVerifyKey",
+                "VerifyKey",
+            ),
+            (
+                lambda: verify_event_signature(v10, signed, ORIGIN, plain),
+                "ServerVerifyKey",
+                "VerifyKey",
+            ),
+            (lambda: key_valid_for_event(V3, verify_key, TS), "ServerVerifyKey", "VerifyKey"),
+            (
+                lambda: verify_json_with_one_of(
+                    sign_json({}, ORIGIN, ORIGIN_KEY), ORIGIN, {key_id_of(ORIGIN_KEY): verify_key}
+                ),
+                "ServerVerifyKey",
+                "VerifyKey",
+            ),
+        ):
+            with self.assertRaises(TypeError) as raised:
+                call()
+            self.assertIn(f"a {wanted}", str(raised.exception))
+            self.assertIn(f"not a {passed}", str(raised.exception))
+
 
 class CapValidUntilTests(SynchronousTestCase):
     """rooms/fragments/v5-signing-requirements.md: validity capped at seven days."""

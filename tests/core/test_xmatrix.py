@@ -304,6 +304,19 @@ class SignVerifyTests(SynchronousTestCase):
         self.assertEqual(auth.signature, expected)
         self.assertEqual(header, format_xmatrix(auth))
 
+    def test_key_of_the_wrong_kind(self) -> None:
+        """sign_request given a verify key, and verify_request given a signing key, are
+        TypeErrors naming both kinds, not AttributeErrors."""
+        auth = parse_xmatrix(sign_request(self.signing_key, "o.example", "d.example", "GET", "/x"))
+        with self.assertRaises(TypeError) as raised:
+            sign_request(self.verify_key, "o.example", "d.example", "GET", "/x")  # type: ignore[arg-type]
+        self.assertIn("a SigningKey", str(raised.exception))
+        self.assertIn("not a VerifyKey", str(raised.exception))
+        with self.assertRaises(TypeError) as raised:
+            verify_request(auth, self.signing_key, "GET", "/x", None, "d.example")  # type: ignore[arg-type]
+        self.assertIn("a VerifyKey", str(raised.exception))
+        self.assertIn("not a SigningKey", str(raised.exception))
+
     def test_verify_without_header_destination(self) -> None:
         """An older header without destination still verifies against our own name."""
         auth = parse_xmatrix(sign_request(self.signing_key, "o.example", "d.example", "GET", "/x"))
