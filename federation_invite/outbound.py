@@ -313,6 +313,8 @@ class InviteSender:
         room's full ``m.room.create`` event in it. An event without ``hashes``
         is hashed and signed by the signer, one without our signature signed;
         a signer that fails gives ``InviteNotSendable`` (its error the cause).
+        What receivers refuse as malformed is refused here, before anything is
+        signed or sent: a room v3+ event that carries an ``event_id``.
         ``event`` is never modified. Cancelling the Deferred abandons the request.
         """
         return Deferred.fromCoroutine(
@@ -339,6 +341,7 @@ class InviteSender:
             via = None
         if room_version.room_id_is_create_event_hash:
             _check_create_event(room_version, event, room_state)
+        _check_before_signing(room_version, event)
         signed, prepared = _check_signed(room_version, await self._sign(room_version, event))
         if (
             room_version.event_id_in_event
@@ -690,6 +693,23 @@ def _check_create_event(
                 f"the m.room.create event in invite_room_state is the one of room "
                 f"{create_room_id}, not of {_shown(room_id)}"
             )
+
+
+def _check_before_signing(room_version: RoomVersion, event: Mapping[str, Any]) -> None:
+    """What receivers refuse (Synapse: 400 ``M_BAD_JSON``) though ``check_event_format``,
+    lenient on receipt, lets it through; checked before the event is signed, since
+    the signatures cover it.
+
+    Room v3+ (rooms/v3.md "Event format"): "When events are sent over
+    federation, the event_id field is no longer included"; Synapse refuses
+    a PDU with an explicit ``event_id``. The key survives redaction, so it cannot
+    be stripped from a signed event: it must be signed without it.
+    """
+    if not room_version.event_id_in_event and "event_id" in event:
+        raise InviteNotSendable(
+            f"room version {room_version.identifier} events carry no event_id over federation "
+            "(their ID is their reference hash): the event must be signed without it"
+        )
 
 
 def _check_signed(

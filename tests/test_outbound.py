@@ -1342,6 +1342,24 @@ class BeforeSendingTests(_Base):
         event["event_id"] = "$abc:elsewhere.example"
         self.assertEqual(self.not_sendable("1", event), f"the event_id must name our server {OURS}")
 
+    def test_v3_plus_event_id_refused(self) -> None:
+        """Room v3+: an event carrying an event_id (Synapse: 400 M_BAD_JSON) is refused
+        before it is signed, or, signed already, before it is sent."""
+        for room_version in ("3", "10", "12"):
+            event, state = self.origin.invite(room_version)
+            event["event_id"] = "$abc:origin.example"
+            expected = (
+                f"room version {room_version} events carry no event_id over federation "
+                "(their ID is their reference hash): the event must be signed without it"
+            )
+            self.assertEqual(self.not_sendable(room_version, event, state), expected)
+            signed = hash_and_sign_event(
+                KNOWN_ROOM_VERSIONS[room_version], event, OURS, self.origin.key
+            )
+            self.assertEqual(self.not_sendable(room_version, signed, state), expected)
+            self.assertEqual(self.origin.signer.calls, [])
+        self.assertEqual(self.peer.received, [])
+
 
 class SignerTests(_Base):
     """The ISigner seam: a signer missing a method is refused when the parts are assembled;
