@@ -314,7 +314,8 @@ class InviteSender:
         is hashed and signed by the signer, one without our signature signed;
         a signer that fails gives ``InviteNotSendable`` (its error the cause).
         What receivers refuse as malformed is refused here, before anything is
-        signed or sent: a room v3+ event that carries an ``event_id``.
+        signed or sent: a room v3+ event that carries an ``event_id``, a room v12
+        one whose ``auth_events`` list the room's create event.
         ``event`` is never modified. Cancelling the Deferred abandons the request.
         """
         return Deferred.fromCoroutine(
@@ -704,12 +705,28 @@ def _check_before_signing(room_version: RoomVersion, event: Mapping[str, Any]) -
     federation, the event_id field is no longer included"; Synapse refuses
     a PDU with an explicit ``event_id``. The key survives redaction, so it cannot
     be stripped from a signed event: it must be signed without it.
+
+    Room v12 (rooms/v12.md): "The m.room.create event MUST NOT be selected for
+    auth_events"; Synapse refuses an event whose ``auth_events`` list it (the
+    room ID's event, ``$`` + the room ID's hash).
     """
     if not room_version.event_id_in_event and "event_id" in event:
         raise InviteNotSendable(
             f"room version {room_version.identifier} events carry no event_id over federation "
             "(their ID is their reference hash): the event must be signed without it"
         )
+    if room_version.room_id_is_create_event_hash:
+        room_id = event.get("room_id")
+        auth_events = event.get("auth_events")
+        if (
+            isinstance(room_id, str)
+            and isinstance(auth_events, list | tuple)
+            and f"${room_id[1:]}" in auth_events
+        ):
+            raise InviteNotSendable(
+                f"the event's auth_events list the room's m.room.create event ${room_id[1:]}, "
+                f"which room version {room_version.identifier} never selects as an auth event"
+            )
 
 
 def _check_signed(

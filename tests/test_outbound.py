@@ -1360,6 +1360,27 @@ class BeforeSendingTests(_Base):
             self.assertEqual(self.origin.signer.calls, [])
         self.assertEqual(self.peer.received, [])
 
+    def test_v12_create_event_in_auth_events_refused(self) -> None:
+        """Room v12: auth_events listing the create event (Synapse: 400 M_BAD_JSON) is
+        refused before the event is signed, or, signed already, before it is sent."""
+        event, state = self.origin.invite("12")
+        create_id = "$" + event["room_id"][1:]
+        event["auth_events"] = ("$" + "A" * 43, create_id)  # a tuple goes out as a list
+        expected = (
+            f"the event's auth_events list the room's m.room.create event {create_id}, "
+            "which room version 12 never selects as an auth event"
+        )
+        self.assertEqual(self.not_sendable("12", event, state), expected)
+        event["auth_events"] = [create_id]
+        signed = hash_and_sign_event(KNOWN_ROOM_VERSIONS["12"], event, OURS, self.origin.key)
+        self.assertEqual(self.not_sendable("12", signed, state), expected)
+        self.assertEqual(self.origin.signer.calls, [])
+        self.assertEqual(self.peer.received, [])
+        # Before v12 the create event is an auth event like any other (test_invite lists it).
+        event, state = self.origin.invite("11")
+        self.assertEqual(event["auth_events"], event["prev_events"])
+        self.successResultOf(self.origin.send("11", event, state))
+
 
 class SignerTests(_Base):
     """The ISigner seam: a signer missing a method is refused when the parts are assembled;
