@@ -20,7 +20,7 @@ import attrs
 from twisted.python.failure import Failure
 from unpaddedbase64 import encode_base64
 
-from .config import Config, ConfigError, load_config, render_config
+from .config import Config, ConfigError, load_config, render_config, ssl_endpoint_files
 from .core.ids import is_valid_user_id, parse_server_name, server_name_of
 from .core.keys import encode_verify_key, key_id_of, verify_key_of
 from .signingkey import SigningKeyError, load_or_create_signing_key, read_signing_keys
@@ -51,14 +51,6 @@ def _cmd_generate_config(args: argparse.Namespace, out: TextIO) -> int:
         settings["listen"] = args.listen
     tls_key = os.path.join(data_dir, "tls.key")
     tls_cert = os.path.join(data_dir, "tls.crt")
-    if args.tls_cert and args.listen and not any(e.startswith("ssl:") for e in args.listen):
-        # The certificate would be written, and announced, for no listener at all.
-        raise ConfigError(
-            "--tls-cert writes a certificate for a TLS listener, but no --listen endpoint is "
-            "ssl:; leave out --listen (for an ssl: listener on the server name's port) or give "
-            f"an ssl: endpoint with privateKey={_escape_endpoint(tls_key)}"
-            f":certKey={_escape_endpoint(tls_cert)}"
-        )
     if args.tls_cert and not args.listen:
         host, port = parse_server_name(args.server_name)
         # The loopback of the name's address family: an IPv6 literal leads to ::1.
@@ -69,6 +61,23 @@ def _cmd_generate_config(args: argparse.Namespace, out: TextIO) -> int:
         ]
     # Validate what we are about to write with the same checks the daemon applies.
     config = load_config(None, settings)
+    # An endpoint's relative file names are resolved as --data-dir was: from this directory.
+    wanted = (tls_key, tls_cert)
+    if (
+        args.tls_cert
+        and args.listen
+        and not any(
+            files is not None and tuple(map(os.path.abspath, files)) == wanted
+            for files in map(ssl_endpoint_files, config.listen)
+        )
+    ):
+        # The certificate would be written, and announced, for no listener at all.
+        raise ConfigError(
+            "--tls-cert writes a certificate for a TLS listener, but no --listen endpoint is an "
+            "ssl: endpoint naming it; leave out --listen (for an ssl: listener on the server "
+            f"name's port) or give an ssl: endpoint with privateKey={_escape_endpoint(tls_key)}"
+            f":certKey={_escape_endpoint(tls_cert)}"
+        )
     if os.path.exists(args.output) and not args.force:
         raise ConfigError(f"{args.output} exists; use --force to overwrite it")
     # Key and certificate first: the config is written only once they exist.

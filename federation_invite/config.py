@@ -144,6 +144,24 @@ def _server_endpoint(description: str) -> str:
     return description
 
 
+def ssl_endpoint_files(description: str) -> tuple[str, str] | None:
+    """The ``(privateKey, certKey)`` files an ``ssl:`` endpoint string names, as Twisted reads
+    them (``certKey`` defaults to ``privateKey``, ``privateKey`` to ``server.pem``; either may
+    be given positionally); None for any other endpoint. ``description`` must be valid
+    (``listen`` has checked it).
+    """
+    from twisted.internet import endpoints
+
+    args, keywords = endpoints._parse(description)
+    if args[0] != "ssl":
+        return None
+    bound = inspect.signature(endpoints._parseSSL).bind(None, *args[1:], **keywords)
+    bound.apply_defaults()
+    private_key = bound.arguments["privateKey"]
+    cert_key = bound.arguments["certKey"]
+    return private_key, private_key if cert_key is None else cert_key
+
+
 def _metrics_listen(value: object) -> str | None:
     text = _optional_string(value)
     if text is not None:

@@ -185,12 +185,48 @@ class GenerateTLSTests(SynchronousTestCase):
         self.assertEqual(
             err.getvalue(),
             "federation-invite: --tls-cert writes a certificate for a TLS listener, but no "
-            "--listen endpoint is ssl:; leave out --listen (for an ssl: listener on the server "
-            "name's port) or give an ssl: endpoint with "
+            "--listen endpoint is an ssl: endpoint naming it; leave out --listen (for an ssl: "
+            "listener on the server name's port) or give an ssl: endpoint with "
             f"privateKey={data_dir}/tls.key:certKey={data_dir}/tls.crt\n",
         )
         self.assertFalse(os.path.exists(path))
         self.assertFalse(os.path.exists(data_dir))
+
+    def test_tls_cert_with_a_tls_listener_for_other_files_refused(self) -> None:
+        """--tls-cert with an ssl: --listen whose privateKey and certKey do not both resolve to the
+        files it writes (DIR/tls.key, DIR/tls.crt) is refused: one line on stderr, exit status 1,
+        nothing written; the same files named by a relative path, or positionally, are kept."""
+        data_dir = os.path.abspath(self.mktemp())
+        path = self.mktemp()
+        argv = ["generate-config", "--server-name", "e.org", "--data-dir", data_dir, "-o", path]
+        key, cert = f"{data_dir}/tls.key", f"{data_dir}/tls.crt"
+        for listen in (
+            "ssl:8448:privateKey=/etc/other.key:certKey=/etc/other.crt",
+            f"ssl:8448:privateKey={key}:certKey=/etc/other.crt",
+            f"ssl:8448:privateKey=/etc/other.key:certKey={cert}",
+            f"ssl:8448:privateKey={key}",  # certKey defaults to privateKey
+            f"ssl:8448:privateKey={cert}:certKey={key}",
+        ):
+            out, err = io.StringIO(), io.StringIO()
+            code = main([*argv, "--listen", "tcp:8008", "--listen", listen, "--tls-cert"], out, err)
+            self.assertEqual((code, out.getvalue()), (1, ""), listen)
+            self.assertEqual(
+                err.getvalue(),
+                "federation-invite: --tls-cert writes a certificate for a TLS listener, but no "
+                "--listen endpoint is an ssl: endpoint naming it; leave out --listen (for an ssl: "
+                "listener on the server name's port) or give an ssl: endpoint with "
+                f"privateKey={key}:certKey={cert}\n",
+            )
+            self.assertFalse(os.path.exists(path))
+            self.assertFalse(os.path.exists(data_dir))
+        relative = os.path.relpath(data_dir)
+        for listen in (
+            f"ssl:8448:privateKey={relative}/tls.key:certKey=./{relative}/../{os.path.basename(relative)}/tls.crt",
+            f"ssl:8448:{key}:{cert}",
+        ):
+            code = main([*argv, "--force", "--listen", listen, "--tls-cert"], out, out)
+            self.assertEqual(code, 0, out.getvalue())
+            self.assertEqual(load_config(path).listen, (listen,))
 
     def test_tls_cert_with_a_tls_listener_kept(self) -> None:
         """--tls-cert with an ssl: --listen (beside a plain one) writes the certificate and keeps
