@@ -39,6 +39,7 @@ dropped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -568,6 +569,7 @@ class Keyring:
         self._remember(records.values())
 
     def _remember(self, records: Iterable[ServerKeyRecord]) -> None:
+        now_ms = self._now_ms()
         for record in records:
             try:
                 key = _to_verify_key(record)
@@ -586,7 +588,9 @@ class Keyring:
             # a rotation, or is revoked early. Only the server itself can make a
             # key known as old current again: a notary's copy may predate the
             # rotation. Memory and the store then give an event check the same
-            # verdict, whichever of them answers.
+            # verdict, whichever of them answers. An answer held as fetched after now
+            # (our clock ran ahead then) is stale, as ``_clock`` has it: any answer
+            # replaces it, or none would until the clock caught up.
             held = known.get(record.key_id)
             if (
                 held is not None
@@ -595,7 +599,8 @@ class Keyring:
                 and record.source != record.server_name
             ):
                 continue
-            if record.fetched_ts >= fetched.get(record.key_id, record.fetched_ts):
+            held_ts = fetched.get(record.key_id, record.fetched_ts)
+            if record.fetched_ts >= held_ts or not in_window(held_ts, now_ms, math.inf):
                 known[record.key_id] = key
                 fetched[record.key_id] = record.fetched_ts
 

@@ -10,6 +10,7 @@ from signedjson.key import generate_signing_key
 from signedjson.types import SigningKey
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
@@ -43,25 +44,35 @@ def local_verify_key(
 class MemoryKeyStore:
     """The key half of the store, in memory, with call counting."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime | None = None) -> None:
         self.keys: dict[tuple[str, str], ServerKeyRecord] = {}
         self.reads = 0
         self.fail_writes = False
+        #: As DatabaseStore's reactor: a key stored as fetched after now is replaceable.
+        self._clock = clock
 
     def store_server_keys(self, records: Iterable[ServerKeyRecord]) -> Deferred[None]:
         if self.fail_writes:
             return fail(RuntimeError("disk full"))
         for record in records:
             stored = self.keys.get((record.server_name, record.key_id))
-            # As DatabaseStore: the record fetched last wins, the later write on a tie,
-            # except a notary's current key over one stored as old.
+            # As DatabaseStore: the record fetched last wins, the later write on a tie, or
+            # any write over one stored as fetched after now, except a notary's current
+            # key over one stored as old.
             revives = (
                 stored is not None
                 and stored.expired_ts is not None
                 and record.expired_ts is None
                 and record.source != record.server_name
             )
-            if stored is None or (stored.fetched_ts <= record.fetched_ts and not revives):
+            future = (
+                stored is not None
+                and self._clock is not None
+                and stored.fetched_ts > int(self._clock.seconds() * 1000)
+            )
+            if stored is None or (
+                (stored.fetched_ts <= record.fetched_ts or future) and not revives
+            ):
                 self.keys[(record.server_name, record.key_id)] = record
         return succeed(None)
 

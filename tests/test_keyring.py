@@ -682,6 +682,29 @@ class KeyringTests(SynchronousTestCase):
             self.keyring.cached_keys("remote.example")[self.key_id].expired_ts, NOW_MS + DAY_MS
         )
 
+    def test_key_fetched_while_our_clock_ran_ahead_is_replaced(self) -> None:
+        """A key fetched while our clock ran ahead (its fetched_ts now in the future) is
+        replaced by the next fetch once the clock is set right, in memory and in the store,
+        rather than outliving every fresh answer until the clock catches up."""
+        ours = make_clock()
+        ours.advance(30 * DAY_MS // 1000)
+        store = MemoryKeyStore(ours)
+        keyring = Keyring(ours, store, self.federation)
+        self.get(keyring)  # fetched_ts 30 days ahead; valid until NOW_MS + 1 day
+        ours.rightNow = float(NOW_S)  # NTP sets our clock right
+        for clock in (ours, self.clock):
+            clock.advance(2 * DAY_MS // 1000)
+        now_ms = NOW_MS + 2 * DAY_MS
+        self.assertEqual(
+            self.get(keyring, valid_at=now_ms)[self.key_id].valid_until_ts, now_ms + DAY_MS
+        )
+        self.assertEqual(store.keys[("remote.example", self.key_id)].fetched_ts, now_ms)
+        restarted = Keyring(ours, store, self.federation)
+        self.assertEqual(
+            self.get(restarted, valid_at=now_ms)[self.key_id].valid_until_ts, now_ms + DAY_MS
+        )
+        self.assertEqual(self.federation.count("remote.example"), 2)
+
     def test_local_old_keys(self) -> None:
         """local_verify_keys gives our signing key and each configured old key (with its
         expired_ts): the keyring answers both for our name, without a request."""

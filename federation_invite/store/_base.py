@@ -451,10 +451,11 @@ class DatabaseStore:
     # -- remote server keys ---------------------------------------------
 
     def store_server_keys(self, records: Iterable[ServerKeyRecord]) -> Deferred[None]:
+        now_ms = _now_ms(self._reactor)
         rows = []
         for record in records:
             _check_record(record, ServerKeyRecord)
-            rows.append(_fields(record))
+            rows.append((*_fields(record), now_ms))
         if not rows:
             return succeed(None)
         return self._run("store_server_keys", self._store_keys_txn, rows, write=True)
@@ -464,6 +465,9 @@ class DatabaseStore:
         # later (a slow worker must not overwrite a newer answer), or unless it
         # would make a key stored as old current again on a notary's word (a
         # stale notary copy would undo a rotation); only the server itself can.
+        # A key stored as fetched after now (a clock that ran ahead) is stale, as
+        # in ``_clock``: any fetch replaces it, or none would until the clock
+        # caught up. Each row ends with now.
         statement = self._dialect.sql(
             f"INSERT INTO server_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (server_name, key_id) DO UPDATE SET"
@@ -472,7 +476,7 @@ class DatabaseStore:
             " expired_ts = excluded.expired_ts,"
             " fetched_ts = excluded.fetched_ts,"
             " source = excluded.source"
-            " WHERE server_keys.fetched_ts <= excluded.fetched_ts"
+            " WHERE (server_keys.fetched_ts <= excluded.fetched_ts OR server_keys.fetched_ts > ?)"
             " AND (server_keys.expired_ts IS NULL OR excluded.expired_ts IS NOT NULL"
             " OR excluded.source = excluded.server_name)"
         )

@@ -59,7 +59,8 @@ class IStore(Interface):
         """Upsert remote keys on (server_name, key_id), all in one transaction.
 
         A record replaces the stored one unless the stored one was fetched later
-        (greater ``fetched_ts``), so a slow worker cannot overwrite a newer fetch.
+        (greater ``fetched_ts``), so a slow worker cannot overwrite a newer fetch;
+        a stored one fetched after now (a clock that ran ahead) is always replaced.
         """
 
     def get_server_keys(

@@ -355,6 +355,24 @@ class StoreTestsMixin:
         await store.store_server_keys([own])
         self.assertEqual(await store.get_server_keys("remote.example"), {"ed25519:a": own})
 
+    async def test_key_stored_as_fetched_after_now_is_replaced(self) -> None:
+        """A key stored as fetched after now (our clock ran ahead) is replaced by any fetch,
+        not kept until the clock catches up; a key stored as old stays old on a notary's word."""
+        store = await self.open()
+        now_ms = int(reactor.seconds() * 1000)
+        ahead_ms = now_ms + 30 * 86_400_000
+        await store.store_server_keys([_key(fetched_ts=ahead_ms, valid_until_ts=now_ms)])
+        fresh = _key(fetched_ts=now_ms, valid_until_ts=now_ms + 86_400_000)
+        await store.store_server_keys([fresh])
+        self.assertEqual(await store.get_server_keys("remote.example"), {"ed25519:a": fresh})
+        await store.store_server_keys([_key(fetched_ts=now_ms - 1, valid_until_ts=now_ms)])
+        self.assertEqual(await store.get_server_keys("remote.example"), {"ed25519:a": fresh})
+        old = _key(fetched_ts=ahead_ms, valid_until_ts=None, expired_ts=now_ms)
+        await store.store_server_keys([old])
+        notary = _key(fetched_ts=now_ms, valid_until_ts=now_ms, source="notary.example")
+        await store.store_server_keys([notary])
+        self.assertEqual(await store.get_server_keys("remote.example"), {"ed25519:a": old})
+
     async def test_get_server_keys_by_key_ids(self) -> None:
         """get_server_keys returns one server's keys, all of them or only those asked for."""
         store = await self.open()
