@@ -6,9 +6,12 @@ import heapq
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["is_failure_status", "make_room"]
+__all__ = ["doubling_wait", "is_failure_status", "make_room"]
 
 _Entry = TypeVar("_Entry")
+
+#: ``doubling_wait``'s cap on doublings: 2 ** 64 times the first wait.
+_MAX_DOUBLINGS = 64
 
 
 def is_failure_status(status: int) -> bool:
@@ -20,6 +23,13 @@ def is_failure_status(status: int) -> bool:
     (synapse/util/retryutils.py).
     """
     return status >= 500 or status in (401, 429)
+
+
+def doubling_wait(initial: float, maximum: float, failures: int) -> float:
+    """The wait after ``failures`` (1 or more) consecutive failures: ``initial``, doubled per
+    further failure, at most ``maximum``. The doublings are capped (at more than any
+    maximum needs), so that no count of failures overflows a float."""
+    return min(maximum, initial * 2.0 ** min(failures - 1, _MAX_DOUBLINGS))
 
 
 def make_room(

@@ -27,7 +27,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer
 from zope.interface import implementer
 
-from .._backoff import is_failure_status, make_room
+from .._backoff import doubling_wait, is_failure_status, make_room
 from .._clock import in_window
 from .._version import __version__
 from ..core.canonical import encode_canonical_json, parse_json
@@ -378,7 +378,7 @@ class FederationClient:
             )
             state = self._backoff[key] = _Backoff(0, now)
         state.failures += 1
-        wait = min(self.BACKOFF_MAX, self.BACKOFF_INITIAL * 2 ** (state.failures - 1))
+        wait = doubling_wait(self.BACKOFF_INITIAL, self.BACKOFF_MAX, state.failures)
         state.since, state.retry_at = now, now + wait
 
     def _record_success(self, destination: str) -> None:

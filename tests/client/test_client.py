@@ -437,6 +437,23 @@ class BackoffTests(_Base):
             self.clock.advance(error.retry_at - start)
         self.assertEqual(waits, [60, 120, 240, 480, 960, 1920, 3600, 3600])
 
+    def test_wait_stays_an_hour_however_many_failures(self) -> None:
+        """After any number of consecutive failures (past 1,024, where 2 ** n overflowed a
+        float) the wait stays 1 h and each failure is still a TransportError."""
+        for _ in range(1030):
+            self.clock.advance(1)  # each request starts after the last failure: it escalates
+            self.transport_error(self.client.get_json("nowhere.example", "/x", ignore_backoff=True))
+        error = self.failureResultOf(
+            self.client.get_json("nowhere.example", "/x"), BackoffError
+        ).value
+        self.assertEqual((error.failures, error.retry_at - self.clock.seconds()), (1030, 3600))
+        self.clock.advance(3600)
+        self.transport_error(self.client.get_json("nowhere.example", "/x"))
+        error = self.failureResultOf(
+            self.client.get_json("nowhere.example", "/x"), BackoffError
+        ).value
+        self.assertEqual((error.failures, error.retry_at - self.clock.seconds()), (1031, 3600))
+
     def test_simultaneous_failures_count_once(self) -> None:
         """Requests in flight together that fail together are one failure: the back-off
         escalates only for a failure of a request started after the last failure."""
