@@ -1,4 +1,4 @@
-"""What the federation client's and the keyring's per-server back-offs share."""
+"""What the per-server back-offs share: the federation client's, the keyring's, .well-known's."""
 
 from __future__ import annotations
 

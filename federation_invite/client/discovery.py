@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
+from .._backoff import doubling_wait
 from .._clock import in_window
 from .._version import __version__
 from ..core.canonical import parse_json
@@ -521,9 +522,11 @@ class ServerResolver:
         if fetch is None:
             # One fetch per hostname at a time; it cannot fail (errors become
             # "no delegation", or keep for a while one that expired: see
-            # _refresh_well_known) and runs to its own timeout even if the
+            # _refresh_well_known; a bug there is logged and answered as no
+            # delegation, not cached) and runs to its own timeout even if the
             # callers that asked for it give up, so that the answer is cached.
             fetch = Deferred.fromCoroutine(self._refresh_well_known(hostname))
+            fetch.addErrback(self._refresh_failed, hostname)
             if not fetch.called:
                 self._inflight[hostname] = fetch
                 fetch.addBoth(self._forget_inflight, hostname)
@@ -536,6 +539,13 @@ class ServerResolver:
 
         fetch.addCallback(deliver)
         return await waiter
+
+    def _refresh_failed(self, failure: Failure, hostname: str) -> None:
+        """A bug in ``_refresh_well_known``: logged, answered as no delegation (not cached)."""
+        _log.failure(
+            "Unexpected error refreshing .well-known for {hostname}", failure, hostname=hostname
+        )
+        return None
 
     def _forget_inflight(self, result: str | None, hostname: str) -> str | None:
         self._inflight.pop(hostname, None)
@@ -570,7 +580,7 @@ class ServerResolver:
                 return previous.delegated
             self._delegations.pop(hostname, None)
             failures = self._count_failure(hostname)
-            ttl = min(WELL_KNOWN_ERROR_MAX_TTL, WELL_KNOWN_ERROR_TTL * 2 ** (failures - 1))
+            ttl = doubling_wait(WELL_KNOWN_ERROR_TTL, WELL_KNOWN_ERROR_MAX_TTL, failures)
             _log.info(
                 "No usable .well-known for {hostname} ({error}); retrying in {ttl:.0f} s",
                 hostname=hostname,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from typing import Any
+from unittest import mock
 
 import attrs
 from signedjson.key import generate_signing_key
@@ -35,6 +36,7 @@ from federation_invite.client import (
 from federation_invite.client.discovery import (
     WELL_KNOWN_DEFAULT_TTL,
     WELL_KNOWN_DOWN_TTL,
+    WELL_KNOWN_ERROR_MAX_TTL,
     WELL_KNOWN_ERROR_TTL,
     WELL_KNOWN_MAX_BYTES,
     WELL_KNOWN_MAX_TTL,
@@ -1178,6 +1180,37 @@ class WellKnownCacheTests(_Base):
             [("h3.example", 1), ("h4.example", 3), ("h0.example", 1)],
         )
         self.assertEqual(self.resolver._cache["h0.example"].expires_at, self.clock.seconds() + 300)
+
+    def test_error_wait_stays_an_hour_however_many_failures(self) -> None:
+        """After any number of consecutive failures (past 1,024, where 2 ** n overflowed a
+        float) a failure is still cached for 1 h and the lookup still answers."""
+        self.well_known("example.org", b"", code=404)
+        for _ in range(1030):
+            server, _ = self.resolve("example.org")
+            self.clock.advance(WELL_KNOWN_ERROR_MAX_TTL)
+        self.assertEqual(server.effective_name, "example.org")
+        self.assertEqual(self.fetches(), 1030)
+        self.resolve("example.org")
+        self.assertEqual(
+            self.resolver._cache["example.org"].expires_at,
+            self.clock.seconds() + WELL_KNOWN_ERROR_MAX_TTL,
+        )
+
+    def test_unexpected_refresh_error_answers_the_lookups(self) -> None:
+        """An unexpected error while refreshing .well-known (a bug) is logged and the lookups
+        waiting for that fetch are answered as without a delegation, not left waiting."""
+        resource = self.well_known("example.org", b"", code=404)
+        resource.hang = True
+        self.patch(self.resolver, "_count_failure", mock.Mock(side_effect=RuntimeError("bug")))
+        lookups = [self.resolver.resolve_server("example.org") for _ in range(2)]
+        [request] = resource.pending
+        request.setResponseCode(404)
+        request.finish()
+        self.peers.flush()
+        for lookup in lookups:
+            self.assertEqual(self.successResultOf(lookup).effective_name, "example.org")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertNotIn("example.org", self.resolver._inflight)
 
     def test_malformed_max_age_keeps_delegation(self) -> None:
         """A valid delegation with a malformed max-age ("²") is used and kept 24 hours."""
