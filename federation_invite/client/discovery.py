@@ -785,7 +785,8 @@ def cache_period(headers: Headers, now: float) -> float:
 
 
 def _http_date(value: bytes) -> float | None:
+    """The time ``value`` names, or None when it is not a date (numbers too large included)."""
     try:
         return email.utils.parsedate_to_datetime(value.decode("latin-1")).timestamp()
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None

@@ -1224,6 +1224,20 @@ class WellKnownCacheTests(_Base):
         self.resolve("example.org")
         self.assertEqual(self.fetches(), 2)
 
+    def test_overflowing_expires_keeps_delegation(self) -> None:
+        """A valid delegation whose Expires has a huge year is used and kept 5 minutes (an
+        invalid Expires: already expired), not dropped as a failed fetch."""
+        huge = b"Mon, 01 Jan " + b"9" * 20 + b" 00:00:00 GMT"
+        self.well_known("example.org", {"m.server": "m.example:1"}, Expires=huge)
+        server, _ = self.resolve("example.org")
+        self.assertEqual(server.effective_name, "m.example:1")
+        self.clock.advance(WELL_KNOWN_MIN_TTL - 1)
+        self.resolve("example.org")
+        self.assertEqual(self.fetches(), 1)
+        self.clock.advance(1)
+        self.resolve("example.org")
+        self.assertEqual(self.fetches(), 2)
+
     def test_concurrent_lookups_share_one_fetch(self) -> None:
         """Callers asking while a fetch is in flight share it; cancelling one spares the rest."""
         resource = self.well_known("example.org", {"m.server": "m.example:1"})
@@ -1457,6 +1471,24 @@ class CachePeriodTests(SynchronousTestCase):
     def test_invalid_expires(self) -> None:
         """An unparseable Expires means already expired: the minimum applies."""
         self.assertEqual(self.period(Expires=b"0"), WELL_KNOWN_MIN_TTL)
+
+    def test_overflowing_expires(self) -> None:
+        """An Expires whose numbers overflow (a 19-digit year, or a 20-digit day, hour,
+        second or zone) is invalid, so already expired: the minimum, not an error; such a
+        Date is ignored (now is used)."""
+        huge = b"9" * 20
+        for expires in (
+            b"Mon, 01 Jan " + b"9" * 19 + b" 00:00:00 GMT",
+            b"Mon, " + huge + b" Jan 2024 00:00:00 GMT",
+            b"Mon, 01 Jan 2024 " + huge + b":00:00 GMT",
+            b"01 Jan 2024 00:00:" + huge + b" GMT",
+            b"Mon, 01 Jan 2024 00:00:00 +" + huge,
+        ):
+            self.assertEqual(self.period(Expires=expires), WELL_KNOWN_MIN_TTL, expires)
+        now = 1_699_956_000.0  # 2023-11-14 10:00:00 UTC
+        self.assertEqual(
+            self.period(now, Expires=b"Tue, 14 Nov 2023 13:00:00 GMT", Date=huge), 10800
+        )
 
     def test_default(self) -> None:
         """No caching headers (or an unusable max-age): 24 hours."""
