@@ -81,10 +81,13 @@ class InviteMetrics:
 
     def inbound(self, outcome: str, errcode: str | None, seconds: float) -> None:
         """Count one received invite (``accepted``, ``ignored``, ``repeated``, ``refused`` or
-        ``cancelled``) and its latency; ``errcode`` only for refusals, always one of ours."""
+        ``cancelled``) and its latency; ``errcode`` only for refusals, always one of ours.
+
+        A negative latency (the wall clock stepped back meanwhile) is observed as 0 s, so
+        that the histogram's sum never decreases."""
         if self.enabled:
             self._inbound.labels(outcome, errcode or "").inc()
-            self._latency.observe(seconds)
+            self._latency.observe(max(0.0, seconds))
 
     def outbound(self, outcome: str, errcode: str | None = None) -> None:
         """Count one invite we sent (accepted, refused, invalid_answer, not_sent, transport).

@@ -188,6 +188,33 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(self.inbound_counts(), {("cancelled", ""): 1.0})
         self.assertEqual(self.sample("federation_invite_inbound_invite_seconds_sum"), 2.0)
 
+    def test_latency_never_negative_when_the_clock_steps_back(self) -> None:
+        """An invite in progress while the wall clock steps back is observed as taking 0 s,
+        not a negative time (which would make the histogram's sum decrease)."""
+        held: Deferred[None] = Deferred()
+        store_invite = self.scenario.store.store_invite
+        self.patch(
+            self.scenario.store,
+            "store_invite",
+            lambda record: held.addCallback(lambda _: store_invite(record)),
+        )
+        room_version, event = self.scenario.invite()
+        deferred = self.scenario.send(
+            2,
+            self.scenario.v2_body(room_version, event),
+            room_id=event["room_id"],
+            event_id=event_id_of(room_version, event),
+        )
+        self.scenario.clock.rightNow -= 3600
+        held.callback(None)
+        self.scenario.client.flush()
+        self.assertEqual(self.successResultOf(deferred).code, 200)
+        self.assertEqual(self.inbound_counts(), {("accepted", ""): 1.0})
+        self.assertEqual(self.sample("federation_invite_inbound_invite_seconds_sum"), 0.0)
+        self.assertEqual(
+            self.sample("federation_invite_inbound_invite_seconds_bucket", {"le": "0.001"}), 1.0
+        )
+
     def test_outbound_counter(self) -> None:
         """Outbound outcomes are counted by outcome and errcode."""
         self.metrics.outbound("refused", "M_FORBIDDEN")
