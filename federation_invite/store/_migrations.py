@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from importlib import resources
-from importlib.abc import Traversable
+from importlib.resources.abc import Traversable
 
 import attrs
 from twisted.enterprise import adbapi

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import re
 import sqlite3
+import sys
 import tempfile
+import types
+import warnings
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from federation_invite.store import LATEST_SCHEMA_VERSION, SchemaVersionError
+from federation_invite.store import LATEST_SCHEMA_VERSION, SchemaVersionError, _migrations
 from federation_invite.store._dialect import SQLiteDialect
 from federation_invite.store._migrations import (
     Migration,
@@ -92,6 +97,30 @@ class LoadMigrationsTests(SynchronousTestCase):
         self.assertEqual(len(sqlite), LATEST_SCHEMA_VERSION)
         self.assertEqual([m.name for m in sqlite], [m.name for m in postgres])
         self.assertEqual(sqlite[0].name, "0001_initial.sql")
+
+    def test_imports_where_importlib_abc_has_no_traversable(self) -> None:
+        """The module imports, without a DeprecationWarning, where importlib.abc has no
+        Traversable (Python 3.14 removed it; 3.12 and 3.13 warn that it goes)."""
+        real = importlib.abc
+        stand_in = types.ModuleType("importlib.abc")
+        stand_in.__dict__.update(
+            (name, value)
+            for name, value in vars(real).items()
+            if name not in ("Traversable", "TraversableResources", "__getattr__")
+        )
+        spec = importlib.util.spec_from_file_location(
+            "federation_invite.store._migrations_copy", _migrations.__file__
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["importlib.abc"] = stand_in
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", DeprecationWarning)
+                spec.loader.exec_module(module)
+        finally:
+            sys.modules["importlib.abc"] = real
+        self.assertEqual(len(module.load_migrations("sqlite")), LATEST_SCHEMA_VERSION)
 
     def test_postgres_variant_differs_only_by_collation(self) -> None:
         """The PostgreSQL variant of each version is the common SQL plus COLLATE "C"."""
