@@ -347,9 +347,10 @@ class NestingTests(SynchronousTestCase):
         )
 
     def test_recursion_in_encoding_is_an_error(self) -> None:
-        """A value too deep for the encoder gives CanonicalJSONError, never RecursionError."""
+        """A value too deep for the encoder gives CanonicalJSONError, never RecursionError:
+        100,000 levels (Python 3.13's C encoder copes with 5,000)."""
         value: Any = 1
-        for _ in range(5000):
+        for _ in range(100_000):
             value = [value]
         self.assertRaises(CanonicalJSONError, encode_canonical_json, value, strict=False)
 
