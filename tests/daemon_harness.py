@@ -28,6 +28,7 @@ from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
 from federation_invite.core.signing import hash_and_sign_event
 from federation_invite.core.xmatrix import sign_request
 from federation_invite.service import build_site_root
+from federation_invite.tlscert import write_self_signed_certificate
 from federation_invite.web.keys import KeyServerResource
 from federation_invite.web.tree import build_matrix_tree
 
@@ -64,7 +65,10 @@ class DaemonHarness(TestCase):
         self.port = free_port()
         self.server_name = f"localhost:{self.port}"
         self.remote_key = make_key("r1")
-        certificate = ssl.KeyPair.generate().selfSignedCert(1, CN="127.0.0.1")
+        key_path, cert_path = (os.path.join(self.dir, name) for name in ("peer.key", "peer.crt"))
+        write_self_signed_certificate("127.0.0.1", key_path, cert_path)
+        with open(cert_path, "rb") as cert, open(key_path, "rb") as key:
+            certificate = ssl.PrivateCertificate.loadPEM(cert.read() + key.read())
         resource = KeyServerResource(WallClock(), "unset", [self.remote_key])
         remote_port = reactor.listenSSL(  # type: ignore[attr-defined]
             0,

@@ -621,7 +621,7 @@ class BackoffTests(_Base):
 class BytesProducerTests(SynchronousTestCase):
     def test_produces_at_once(self) -> None:
         """The request body producer writes everything on start; flow control is a no-op."""
-        from twisted.test.proto_helpers import StringTransport
+        from twisted.internet.testing import StringTransport
 
         from federation_invite.client._client import _BytesProducer
 
