@@ -178,6 +178,19 @@ class RequestAuthenticationTests(SynchronousTestCase):
         error = self.assertRefused(401, "M_UNAUTHORIZED", headers=[header])
         self.assertIn("Invalid X-Matrix signature", error)
 
+    def test_signature_with_other_characters(self) -> None:
+        """A valid signature with whitespace, ":" or "!" added (base64 decoding that drops them
+        would verify it): 401 M_UNAUTHORIZED as an invalid signature; URL-safe or padded, 200."""
+        signed = sign_request(self.their_key, THEM, US, "PUT", PATH, {"a": 1})
+        sig = signed.rsplit('sig="', 1)[1].rstrip('"')
+        for bad in ("\t :" + sig, sig[:20] + "!!::" + sig[20:], " " + sig + " ", sig + "="):
+            error = self.assertRefused(401, "M_UNAUTHORIZED", headers=[self.header(signature=bad)])
+            self.assertIn("Invalid X-Matrix signature", error)
+        for good in (sig.translate(str.maketrans("+/", "-_")), sig + "=="):
+            self.assertEqual(
+                self.send(headers=[self.header(signature=good)]), (200, {"origin": THEM})
+            )
+
     def test_signature_covers_uri_and_method(self) -> None:
         """A signature for another path or method does not authenticate this request."""
         other_path = sign_request(self.their_key, THEM, US, "PUT", PATH + "&y=2", {"a": 1})

@@ -9,6 +9,7 @@ Longer, coverage-guided campaigns: docs/fuzzing.md (atheris).
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from typing import Any
@@ -314,6 +315,17 @@ class RawBodyTests(AnswerChecks):
 _HEADER_FIELDS = ("origin", "destination", "key", "sig")
 
 
+def _same_signature(text: str, signature: str) -> bool:
+    """Whether ``text`` is ``signature`` as a sender may also write it: the same bytes in the
+    standard or URL-safe alphabet, unpadded or padded with "==" (appendices, "Unpadded Base64"),
+    nothing else in it (decoded here by the standard library, in strict mode)."""
+    try:
+        spelled = base64.b64decode(text.removesuffix("==") + "==", b"-_", validate=True)
+    except ValueError:  # binascii.Error too
+        return False
+    return spelled == base64.b64decode(signature + "==")
+
+
 @st.composite
 def header_variants(draw: st.DrawFn) -> tuple[Request, list[bytes], bool]:
     """A request with a rewritten Authorization header, and whether it should authenticate."""
@@ -369,7 +381,7 @@ def header_variants(draw: st.DrawFn) -> tuple[Request, list[bytes], bool]:
         valid = (
             parsed.origin == auth.origin
             and parsed.key_id == auth.key_id
-            and parsed.signature == auth.signature
+            and _same_signature(parsed.signature, auth.signature)
             and parsed.destination in (None, US)
         )
     except XMatrixError:
@@ -381,9 +393,9 @@ def header_variants(draw: st.DrawFn) -> tuple[Request, list[bytes], bool]:
 class HeaderTests(AnswerChecks):
     def test_header_variants(self) -> None:
         """X-Matrix header variants (case, order, quoting, spacing, unknown and missing
-        parameters, byte damage): exactly those naming the same origin, key and signature (and our
-        name or no destination) are accepted; all others 401 M_UNAUTHORIZED (or a JSON 400 for
-        bytes HTTP forbids)."""
+        parameters, byte damage): exactly those naming the same origin, key and signature (as
+        _same_signature spells it) (and our name or no destination) are accepted; all others 401
+        M_UNAUTHORIZED (or a JSON 400 for bytes HTTP forbids)."""
         self.header_variant()  # hypothesis runs every example
         self.answers.report("fuzz-headers")
 
@@ -430,6 +442,29 @@ class HeaderTests(AnswerChecks):
             f.exchange(f.raw(request, headers=[b"Authorization: " + good.encode() + b"\x00"]))
         )
         self.assertEqual((status, body["errcode"]), (400, "M_UNKNOWN"))
+
+    def test_signature_spellings(self) -> None:
+        """A valid signature with characters outside base64 added (as test_header_variants once
+        drew: a tab, a space and ":" before it), or wrongly padded: 401 M_UNAUTHORIZED, though base64 decoding that
+        dropped them would verify it; the same signature URL-safe or padded with "==": 200."""
+        f = fixtures()
+        request = f.requests[2]
+        good = _sign_request_lax(f.s.their_key, THEM, "PUT", f.path(request), request.body)
+        sig = parse_xmatrix(good).signature
+        for bad in ("\t :" + sig, sig[:20] + "!!::" + sig[20:], " " + sig + " ", sig + "="):
+            self.assertFalse(_same_signature(bad, sig))
+            header = good.replace(f'sig="{sig}"', f'sig="{bad}"').encode()
+            status, body = self.check(
+                f.exchange(f.raw(request, headers=[b"Authorization: " + header]))
+            )
+            self.assertEqual((status, body["errcode"]), (401, "M_UNAUTHORIZED"), header)
+        for spelling in (sig.translate(str.maketrans("+/", "-_")), sig + "=="):
+            self.assertTrue(_same_signature(spelling, sig))
+            header = good.replace(f'sig="{sig}"', f'sig="{spelling}"').encode()
+            status, body = self.check(
+                f.exchange(f.raw(request, headers=[b"Authorization: " + header]))
+            )
+            self.assertEqual(status, 200, (header, body))
 
 
 def _encode_segment(value: str, style: str) -> str:

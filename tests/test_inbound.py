@@ -427,6 +427,13 @@ class BodyRowTests(InboundTestCase):
         self.assertRefused(self.send_v2(room_version, rehashed), 400, "M_INVALID_PARAM")
         bad_hash = {**event, "hashes": {"sha256": "A" * 43}}
         self.assertRefused(self.send_v2(room_version, bad_hash), 400, "M_INVALID_PARAM")
+        # A valid signature with characters outside base64 added (decoding that dropped them,
+        # as base64.b64decode without validate does, would verify it).
+        key_id = key_id_of(self.s.their_key)
+        signature = event["signatures"][THEM][key_id]
+        for bad in ("\t :" + signature, signature[:43] + " " + signature[43:]):
+            junk = {**event, "signatures": {THEM: {key_id: bad}}}
+            self.assertRefused(self.send_v2(room_version, junk), 400, "M_INVALID_PARAM")
 
     def test_row12_v1_event_id_server_must_sign(self) -> None:
         """Row 12, v1/v2: the event ID's server must sign too (rooms/v1 signing rules)."""

@@ -22,11 +22,10 @@ import attrs
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 from signedjson.types import SigningKey
-from unpaddedbase64 import decode_base64
 
 from .canonical import encode_canonical_json
 from .events import PreparedEvent, add_content_hash, ensure_prepared, prepare_event
-from .keys import sign_with_key_id, wrong_key
+from .keys import decode_signature, is_base64, sign_with_key_id, wrong_key
 from .roomversions import RoomVersion, room_version_of
 
 __all__ = [
@@ -140,12 +139,11 @@ def _signature_problem(verify_key: VerifyKey, data: bytes, signature: object) ->
     """Why ``signature`` is not a valid signature of ``data``, or None when it is."""
     if not isinstance(signature, str):
         return "is not a string"
-    try:
-        raw = decode_base64(signature)
-    except ValueError:
+    raw = decode_signature(signature)
+    if raw is None:
+        if is_base64(signature):
+            return "is not valid base64 of an ed25519 signature"
         return "is not valid base64"
-    if len(raw) != 64:
-        return "is not valid base64 of an ed25519 signature"
     try:
         verify_key.verify(data, raw)
     except BadSignatureError:

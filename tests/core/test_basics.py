@@ -77,6 +77,28 @@ class KeyTests(SynchronousTestCase):
         for bad in (None, 5, "!!!", "AAAA", "A" * 200, "\u00e9" * 86):
             self.assertFalse(verify_bytes(verify_key, b"data", bad))
 
+    def test_signature_spellings(self) -> None:
+        """verify_bytes takes a signature in the standard or URL-safe base64 alphabet, unpadded or
+        padded with "=="; any other character in it (whitespace, ":", "!") or any other padding
+        makes it invalid, though base64 decoding that drops such characters would verify it."""
+        signature = sign_bytes(self.key, b"data")
+        verify_key = verify_key_of(self.key)
+        urlsafe = signature.translate(str.maketrans("+/", "-_"))
+        self.assertNotEqual(urlsafe, signature)
+        for good in (signature, urlsafe, signature + "==", urlsafe + "=="):
+            self.assertTrue(verify_bytes(verify_key, b"data", good), good)
+        for bad in (
+            "\t :" + signature,
+            signature[:20] + "!!::" + signature[20:],
+            signature[:43] + " " + signature[43:],
+            " " + signature + " ",
+            signature + "\n",
+            signature + "=",
+            signature + "===",
+            "==" + signature,
+        ):
+            self.assertFalse(verify_bytes(verify_key, b"data", bad), repr(bad))
+
     def test_data_must_be_bytes(self) -> None:
         """verify_bytes and sign_bytes take the data as bytes: a str is a TypeError saying so
         (a programming error, not a bad signature), whatever the signature."""

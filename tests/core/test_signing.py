@@ -320,6 +320,21 @@ class VerifyJSONTests(SynchronousTestCase):
             obj = {"a": 1, "signatures": {ORIGIN: {"ed25519:a1": bad}}}
             self.assertRejected(obj, "Signature by origin.example (ed25519:a1) is not valid base64")
 
+    def test_signature_spellings(self) -> None:
+        """A signature in the URL-safe alphabet or padded with "==" verifies; with any other
+        character in it (whitespace, ":", "!") or another padding it is not valid base64, though
+        base64 decoding that drops such characters would verify it."""
+        obj = self.signed()
+        signature = obj["signatures"][ORIGIN]["ed25519:a1"]
+        urlsafe = signature.translate(str.maketrans("+/", "-_"))
+        for good in (urlsafe, signature + "==", urlsafe + "=="):
+            verify_json({**obj, "signatures": {ORIGIN: {"ed25519:a1": good}}}, ORIGIN, self.KEY)
+        for bad in ("\t :" + signature, signature[:20] + "!!::" + signature[20:], signature + "="):
+            self.assertRejected(
+                {**obj, "signatures": {ORIGIN: {"ed25519:a1": bad}}},
+                "Signature by origin.example (ed25519:a1) is not valid base64",
+            )
+
     def test_wrong_length(self) -> None:
         """Base64 that does not decode to 64 bytes is refused."""
         obj = {"a": 1, "signatures": {ORIGIN: {"ed25519:a1": encode_base64(b"x" * 32)}}}
@@ -693,6 +708,21 @@ class VerifyEventTests(SynchronousTestCase):
             self.assertRejected(
                 V11, signed, KEYS, f"Signature by origin.example (ed25519:a1) {reason}"
             )
+
+    def test_signature_with_other_characters(self) -> None:
+        """An event's valid signature with whitespace or ":" added is not valid base64 (though
+        base64 decoding that drops them would verify it); URL-safe or padded, it verifies."""
+        signature = signed_invite(V11)["signatures"][ORIGIN]["ed25519:a1"]
+        for bad in ("\t :" + signature, signature[:43] + " " + signature[43:]):
+            signed = signed_invite(V11)
+            signed["signatures"][ORIGIN]["ed25519:a1"] = bad
+            self.assertRejected(
+                V11, signed, KEYS, "Signature by origin.example (ed25519:a1) is not valid base64"
+            )
+        for good in (signature.translate(str.maketrans("+/", "-_")), signature + "=="):
+            signed = signed_invite(V11)
+            signed["signatures"][ORIGIN]["ed25519:a1"] = good
+            verify_event_signatures(V11, signed, KEYS)
 
     def test_signatures_not_object(self) -> None:
         """An event without a ``signatures`` object is missing its signatures."""
