@@ -441,7 +441,7 @@ OPTIONS: tuple[Option, ...] = (
         False,
         _bool,
         "Validate every invite_room_state entry as a full PDU (the spec's SHOULD for v12); "
-        "off accepts Synapse's stripped state with a logged warning.",
+        "off accepts stripped state (older Synapse releases, Dendrite) with a logged warning.",
     ),
     Option(
         "inbound.local_users",
