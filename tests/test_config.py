@@ -255,6 +255,13 @@ class LoadConfigTests(SynchronousTestCase):
         self.assertNotIn("s3cr", str(error))
         self.assertNotIn("etpw", str(error))
 
+    def test_database_password_with_unencoded_at_refused(self) -> None:
+        """A password with an unencoded '@' (libpq would connect to the host "etpw@h") is
+        refused at load, without echoing it."""
+        error = self.assertRefused('database = "postgresql://u:s3cr@etpw@h:5432/db"\n', "database")
+        self.assertNotIn("s3cr", str(error))
+        self.assertNotIn("etpw", str(error))
+
     def test_bad_old_key_material(self) -> None:
         """An old key that is not a 32-byte base64 ed25519 key is refused."""
         error = self.assertRefused(

@@ -11,7 +11,7 @@ import os
 import sqlite3
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, unquote_plus, urlsplit, urlunsplit
 
 from twisted.enterprise import adbapi
 from twisted.internet.interfaces import IReactorCore
@@ -454,6 +454,9 @@ def _parse_sqlite(uri: str, rest: str) -> SQLiteDialect:
 _SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
 
 
+_MALFORMED = "PostgreSQL URI is malformed (percent-encode special characters)"
+
+
 def _parse_postgres(uri: str) -> PostgresDialect:
     try:
         parts = urlsplit(uri)
@@ -461,36 +464,65 @@ def _parse_postgres(uri: str) -> PostgresDialect:
     except ValueError:
         # The parser's message can quote parts of the URI (a password with an
         # unencoded '#' or '/' looks like a bad port): say nothing more.
-        raise ValueError(
-            "PostgreSQL URI is malformed (percent-encode special characters)"
-        ) from None
-    secrets: tuple[str, ...] = ()
+        raise ValueError(_MALFORMED) from None
+    # libpq takes the userinfo up to the FIRST '@' before the first '/', urlsplit up to
+    # the last: with an unencoded '@' in the password libpq would connect to a host
+    # named after the rest of it, and quote it in its error (RFC 3986 3.2.1 and libpq
+    # both ask for special characters to be percent-encoded).
+    if uri[uri.index("://") + 3 :].partition("/")[0].count("@") > 1:
+        raise ValueError(_MALFORMED)
+    # libpq reads URIs itself; only the scheme needs normalising for old versions.
+    dsn = "postgresql" + uri[uri.index("://") :]
+    secrets: set[str] = set()
     display = uri
     if parts.password is not None:
-        secrets = tuple({parts.password, unquote(parts.password)} - {""})
+        secrets |= {parts.password, unquote(parts.password)}
         userinfo = parts.netloc.rpartition("@")[0]
         user = userinfo.partition(":")[0]
         netloc = f"{user}:***@{parts.netloc.rpartition('@')[2]}"
         display = urlunsplit(parts._replace(netloc=netloc))
-    if "password=" in parts.query:
-        # libpq also takes ?password=... and ?sslpassword=... (the client key's
-        # passphrase): keep them out of every display too.
-        query = [
-            (name, "***" if name in _SECRET_PARAMETERS else value)
-            for name, value in parse_qsl(parts.query, keep_blank_values=True)
-        ]
-        secrets += tuple(
-            secret
-            for name, value in parse_qsl(parts.query)
-            if name in _SECRET_PARAMETERS and value
-            for secret in {value, quote(value, safe=""), quote_plus(value, safe="")}
-        )
-        display = urlunsplit(urlsplit(display)._replace(query=urlencode(query, safe="*")))
+    # libpq also takes ?password=... and ?sslpassword=... (the client key's passphrase),
+    # their names percent-encoded too (?pass%77ord=): keep them out of every display.
+    query = parts.query.split("&")
+    for index, item in enumerate(query):
+        name, equals, value = item.partition("=")
+        if equals and unquote(name) in _SECRET_PARAMETERS:
+            if value:
+                decoded = unquote(value)
+                secrets |= {value, decoded, unquote_plus(value)}
+                secrets |= {quote(decoded, safe=""), quote_plus(decoded, safe="")}
+            query[index] = f"{name}=***"
+    if query != parts.query.split("&"):
+        # Textually: urlunsplit would drop the empty host of postgresql:///db.
+        display = display.partition("?")[0] + "?" + "&".join(query)
     if parts.fragment:
         raise ValueError(f"PostgreSQL URI {display!r} must not have a fragment")
     dbname = unquote(parts.path.lstrip("/"))
     if not dbname or "/" in dbname:
         raise ValueError(f"PostgreSQL URI {display!r} must name a database: .../dbname")
-    # libpq reads URIs itself; only the scheme needs normalising for old versions.
-    dsn = "postgresql" + uri[uri.index("://") :]
-    return PostgresDialect(dsn, display, secrets)
+    # What libpq itself reads as a password, however spelled, is a secret too.
+    secrets.update(_libpq_secrets(dsn))
+    secrets.discard("")
+    # Longest first, so that a secret containing another is replaced whole.
+    ordered = tuple(sorted(secrets, key=lambda secret: (-len(secret), secret)))
+    return PostgresDialect(dsn, display, ordered)
+
+
+def _libpq_secrets(dsn: str) -> tuple[str, ...]:
+    """The password and SSL key passphrase in ``dsn`` as libpq reads them (its own
+    parse, so every spelling it takes as one is found), or () without psycopg2.
+
+    Raises ``ValueError``, quoting nothing of ``dsn``, for a URI libpq cannot read
+    (a bad percent escape, say): its message would quote the part, password or not.
+    """
+    try:
+        from psycopg2 import ProgrammingError
+        from psycopg2.extensions import parse_dsn
+    except ImportError:  # pragma: no cover - the test environment has psycopg2
+        return ()
+    try:
+        parameters = parse_dsn(dsn)
+    except ProgrammingError as e:
+        reason = str(e).partition('"')[0].rstrip(' :"')
+        raise ValueError(f"{_MALFORMED}: {reason}") from None
+    return tuple(parameters[name] for name in _SECRET_PARAMETERS if parameters.get(name))

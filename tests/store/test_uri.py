@@ -152,6 +152,52 @@ class PasswordDisplayTests(SynchronousTestCase):
         self.assertNotIn("ret", str(error))
 
 
+class LibpqPasswordTests(SynchronousTestCase):
+    """What libpq reads as a password is what is hidden: its own parse decides."""
+
+    def test_unencoded_at_in_password_refused(self) -> None:
+        """A second unencoded '@' in the userinfo (libpq splits at the first, urlsplit at
+        the last, so libpq's host error would quote the rest of the password) is refused
+        as malformed, quoting none of the URI."""
+        for uri in (
+            "postgresql://postgres:S3cr@etPw@127.0.0.1:5432/db",
+            "postgresql://S3cr@etPw@127.0.0.1/db",
+            "postgresql://u:S3cr@etPw@127.0.0.1?host=/tmp",
+        ):
+            error = self.assertRaises(ValueError, parse_database_uri, uri)
+            self.assertEqual(
+                str(error), "PostgreSQL URI is malformed (percent-encode special characters)"
+            )
+
+    def test_percent_encoded_parameter_name_hidden(self) -> None:
+        """?pass%77ord= is a password to libpq: hidden from the display and from messages."""
+        dialect = parse_database_uri("postgresql://u@h/db?pass%77ord=s3cret&sslmode=require")
+        self.assertEqual(dialect.display, "postgresql://u@h/db?pass%77ord=***&sslmode=require")
+        self.assertEqual(
+            dialect.describe(RuntimeError("no s3cret")),
+            "RuntimeError: no *** [postgresql://u@h/db?pass%77ord=***&sslmode=require]",
+        )
+
+    def test_password_as_libpq_decodes_it_hidden(self) -> None:
+        """libpq takes '+' literally and decodes a partly encoded password: every spelling
+        of what it reads is hidden."""
+        dialect = parse_database_uri("postgresql://u@h/db?password=%53e+cret")
+        for leaked in ("Se+cret", "%53e+cret", "Se%2Bcret"):
+            self.assertNotIn("cret", dialect.describe(RuntimeError(f"bad {leaked}")))
+
+    def test_bad_percent_escape_refused_without_quoting(self) -> None:
+        """A password libpq cannot decode (a bad or NUL escape) is refused at parse,
+        quoting none of it, instead of libpq quoting it raw at connect."""
+        for uri in (
+            "postgresql://u@h/db?password=%53ecretPw%zz",
+            "postgresql://u:S3cretPw%zz@h/db",
+            "postgresql://u@h/db?sslpassword=S3cretPw%00",
+        ):
+            error = self.assertRaises(ValueError, parse_database_uri, uri)
+            self.assertIn("PostgreSQL URI is malformed", str(error))
+            self.assertNotIn("ecretPw", str(error))
+
+
 class SQLiteWALSwitchTests(SynchronousTestCase):
     """Switching a new file to WAL waits out other workers' start-up instead of failing."""
 
