@@ -335,8 +335,21 @@ class PostgresDialect(Dialect):
 
         A SET here, not libpq's ``options``: PgBouncer refuses a connection whose
         startup packet sets them, unless configured to ignore them.
+
+        Also refuse a database whose encoding is not UTF8 (it could not hold every
+        invite's text: the write would fail with an encoding error, and with it every
+        invite of its batch), and talk UTF8 to the server whatever ``PGCLIENTENCODING``
+        or the URI's ``client_encoding`` say, as Synapse does.
         """
         try:
+            encoding = connection.info.parameter_status("server_encoding")
+            if encoding != "UTF8":
+                raise StoreError(
+                    "connect",
+                    f"the database's encoding is {encoding}, not UTF8;"
+                    f" create it with ENCODING 'UTF8' [{self.display}]",
+                )
+            connection.set_client_encoding("UTF8")
             cursor = connection.cursor()
             cursor.execute(
                 "SELECT set_config(name, CASE name WHEN 'lock_timeout' THEN %s ELSE %s END,"

@@ -50,12 +50,13 @@ def require_postgres(test: Any) -> None:
     raise SkipTest(message)
 
 
-def create_postgres_database() -> str:
-    """Create a uniquely named empty database and return its name."""
+def create_postgres_database(options: str = "") -> str:
+    """Create a uniquely named empty database (with CREATE DATABASE's ``options``, e.g.
+    an ENCODING) and return its name."""
     name = f"fi_test_{os.getpid()}_{secrets.token_hex(4)}"
     connection = _admin_connection()
     try:
-        connection.cursor().execute(f'CREATE DATABASE "{name}"')
+        connection.cursor().execute(f'CREATE DATABASE "{name}" {options}')
     finally:
         connection.close()
     return name

@@ -1163,6 +1163,40 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
         holder.rollback()
         self.assertEqual(self.raw("SELECT COUNT(*) FROM invites"), [(0,)])
 
+    async def test_non_utf8_database_refused(self) -> None:
+        """A database whose server_encoding is not UTF8 (LATIN1, SQL_ASCII), which could
+        not hold every invite's text, is refused at open with one clear StoreError."""
+        from ._support import POSTGRES_BASE
+
+        for encoding in ("LATIN1", "SQL_ASCII"):
+            database = create_postgres_database(
+                f"ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+            )
+            self.addCleanup(drop_postgres_database, database)
+            uri = f"{POSTGRES_BASE}/{database}"
+            with self.assertRaises(StoreError) as raised:
+                await open_store(uri, reactor=reactor)
+            self.assertEqual(
+                str(raised.exception),
+                f"connect failed: the database's encoding is {encoding}, not UTF8;"
+                f" create it with ENCODING 'UTF8' [{uri}]",
+            )
+
+    async def test_client_encoding_is_utf8(self) -> None:
+        """PGCLIENTENCODING or the URI's client_encoding naming another encoding does not
+        stop an invite with text outside it (an emoji) from being stored and read back."""
+        os.environ["PGCLIENTENCODING"] = "LATIN1"
+        self.addCleanup(os.environ.pop, "PGCLIENTENCODING", None)
+        for number, uri in enumerate((self.uri, f"{self.uri}?client_encoding=LATIN1")):
+            store = await open_store(uri, reactor=reactor)
+            self.addCleanup(store.close)
+            invite = make_invite(
+                f"$emoji{number}",
+                event={"content": {"displayname": "\U0001f600 caf\u00e9"}},
+            )
+            self.assertEqual(await store.store_invite(invite), (invite, True))
+            self.assertEqual(await store.get_invite(f"$emoji{number}"), invite)
+
     async def test_unix_socket(self) -> None:
         """The same server reached over its Unix socket (?host=the socket's directory)."""
         directory = os.environ.get("FEDERATION_INVITE_TEST_POSTGRES_SOCKET", "/var/run/postgresql")
