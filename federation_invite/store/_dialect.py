@@ -339,7 +339,8 @@ class PostgresDialect(Dialect):
         Also refuse a database whose encoding is not UTF8 (it could not hold every
         invite's text: the write would fail with an encoding error, and with it every
         invite of its batch), and talk UTF8 to the server whatever ``PGCLIENTENCODING``
-        or the URI's ``client_encoding`` say, as Synapse does.
+        or the URI's ``client_encoding`` say, as Synapse does; and run every transaction
+        at READ COMMITTED.
         """
         try:
             encoding = connection.info.parameter_status("server_encoding")
@@ -350,6 +351,11 @@ class PostgresDialect(Dialect):
                     f" create it with ENCODING 'UTF8' [{self.display}]",
                 )
             connection.set_client_encoding("UTF8")
+            # The insert-then-select of store_invite needs to see another worker's row
+            # committed while its insert waited: READ COMMITTED, whatever the database's
+            # default_transaction_isolation. psycopg2 sends it with each BEGIN (no query
+            # of its own, nothing left set on a pooled server connection).
+            connection.set_session(isolation_level="READ COMMITTED")
             cursor = connection.cursor()
             cursor.execute(
                 "SELECT set_config(name, CASE name WHEN 'lock_timeout' THEN %s ELSE %s END,"

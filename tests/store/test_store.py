@@ -1197,6 +1197,37 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
             self.assertEqual(await store.store_invite(invite), (invite, True))
             self.assertEqual(await store.get_invite(f"$emoji{number}"), invite)
 
+    async def test_read_committed_whatever_the_database_default(self) -> None:
+        """With default_transaction_isolation 'repeatable read' or 'serializable' on the
+        database, an invite whose insert waited for another worker's insert of the same
+        event_id is answered with that worker's row (READ COMMITTED, as the store's
+        insert-then-select needs), not a serialization failure."""
+        for number, level in enumerate(("repeatable read", "serializable")):
+            self.raw(
+                f"ALTER DATABASE \"{self.database}\" SET default_transaction_isolation = '{level}'"
+            )
+            store = await open_store(self.uri, reactor=reactor)
+            self.addCleanup(store.close)
+            event_id = f"$raced{number}"
+            await store.store_invite(make_invite(f"$other{number}", received_ts=1))
+            other = _connect(self.database)
+            self.addCleanup(other.close)
+            # Another worker's insert of the same event_id, not yet committed.
+            other.cursor().execute(
+                "UPDATE invites SET event_id = %s WHERE event_id = %s",
+                (event_id, f"$other{number}"),
+            )
+            storing = store.store_invite(make_invite(event_id))
+            deadline = time.monotonic() + 30
+            while not self.raw(
+                "SELECT COUNT(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )[0][0]:
+                self.assertLess(time.monotonic(), deadline, "the insert never waited")
+                await deferLater(reactor, 0.05)
+            other.commit()
+            self.assertEqual(await storing, (make_invite(event_id, received_ts=1), False))
+
     async def test_unix_socket(self) -> None:
         """The same server reached over its Unix socket (?host=the socket's directory)."""
         directory = os.environ.get("FEDERATION_INVITE_TEST_POSTGRES_SOCKET", "/var/run/postgresql")
