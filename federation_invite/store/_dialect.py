@@ -314,7 +314,8 @@ class PostgresDialect(Dialect):
         return adbapi.ConnectionPool(
             "psycopg2",
             self.dsn,
-            application_name="federation-invite",
+            # The fallback: the URI's application_name and PGAPPNAME win.
+            fallback_application_name="federation-invite",
             cp_min=1,
             cp_max=5,
             cp_reconnect=True,

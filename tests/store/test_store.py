@@ -1228,6 +1228,22 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
             other.commit()
             self.assertEqual(await storing, (make_invite(event_id, received_ts=1), False))
 
+    async def test_application_name(self) -> None:
+        """The URI's application_name (or PGAPPNAME) names the connections; without one
+        they are named federation-invite."""
+
+        def show(txn: Any) -> str:
+            txn.execute("SELECT current_setting('application_name')")
+            return str(txn.fetchone()[0])
+
+        for uri, name in (
+            (f"{self.uri}?application_name=worker-7", "worker-7"),
+            (self.uri, "federation-invite"),
+        ):
+            store = await open_store(uri, reactor=reactor)
+            self.addCleanup(store.close)
+            self.assertEqual(await store._pool.runInteraction(show), name)
+
     async def test_unix_socket(self) -> None:
         """The same server reached over its Unix socket (?host=the socket's directory)."""
         directory = os.environ.get("FEDERATION_INVITE_TEST_POSTGRES_SOCKET", "/var/run/postgresql")
