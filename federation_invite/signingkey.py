@@ -51,7 +51,8 @@ def _parse_line(path: str, number: int, line: str) -> SigningKey:
         raise SigningKeyError(f"{path}:{number}: expected 'ed25519 <version> <seed>'")
     algorithm, version, seed = parts
     if algorithm != "ed25519":
-        raise SigningKeyError(f"{path}:{number}: unsupported algorithm {algorithm[:16]!r}")
+        # No word of the line is quoted: a line in another order may begin with the seed.
+        raise SigningKeyError(f"{path}:{number}: the first word is not ed25519")
     if not _VERSION_RE.match(version):
         raise SigningKeyError(f"{path}:{number}: key version must be [a-zA-Z0-9_]+")
     try:

@@ -56,6 +56,14 @@ class SigningKeyFileTests(SynchronousTestCase):
             self.assertNotIn(SEED, str(error))
             self.assertNotIn("notbase64", str(error))
 
+    def test_seed_first_line_refused_without_any_of_the_seed(self) -> None:
+        """A line whose first word is the seed is refused naming its line, no 8 seed characters."""
+        path = self.write(f"{SEED} a_AAAA ed25519\n")
+        error = str(self.assertRaises(SigningKeyError, read_signing_keys, path))
+        self.assertEqual(error, f"{path}:1: the first word is not ed25519")
+        for start in range(len(SEED) - 7):
+            self.assertNotIn(SEED[start : start + 8], error)
+
     def test_non_ascii_and_missing(self) -> None:
         """A binary file and a missing file are refused as SigningKeyError."""
         path = self.mktemp()
