@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import secrets
 import string
 import tempfile
@@ -21,6 +20,8 @@ import tempfile
 from signedjson.key import decode_signing_key_base64, generate_signing_key
 from signedjson.types import SigningKey
 from unpaddedbase64 import decode_base64, encode_base64
+
+from .core.keys import is_valid_key_id
 
 __all__ = [
     "SigningKeyError",
@@ -32,7 +33,6 @@ __all__ = [
     "write_signing_key_file",
 ]
 
-_VERSION_RE = re.compile(r"[a-zA-Z0-9_]+\Z")
 _ALPHABET = string.ascii_letters + string.digits
 
 
@@ -53,8 +53,13 @@ def _parse_line(path: str, number: int, line: str) -> SigningKey:
     if algorithm != "ed25519":
         # No word of the line is quoted: a line in another order may begin with the seed.
         raise SigningKeyError(f"{path}:{number}: the first word is not ed25519")
-    if not _VERSION_RE.match(version):
-        raise SigningKeyError(f"{path}:{number}: key version must be [a-zA-Z0-9_]+")
+    # The test our keyrings apply to a key ID (ours included), so we never publish a key
+    # that another copy of this package refuses.
+    if not is_valid_key_id(f"ed25519:{version}"):
+        raise SigningKeyError(
+            f"{path}:{number}: key version must be [a-zA-Z0-9_]+ and at most 247 characters"
+            " (key ID 'ed25519:<version>' at most 255)"
+        )
     try:
         raw = decode_base64(seed)
     except Exception:

@@ -64,6 +64,21 @@ class SigningKeyFileTests(SynchronousTestCase):
         for start in range(len(SEED) - 7):
             self.assertNotIn(SEED[start : start + 8], error)
 
+    def test_key_id_longer_than_255_refused(self) -> None:
+        """A version making the key ID longer than 255 characters (which no keyring of ours
+        accepts) is refused with one line; 'ed25519:' and a 247-character version loads."""
+        path = self.write(f"ed25519 {'a' * 300} {SEED}\n")
+        error = str(self.assertRaises(SigningKeyError, read_signing_keys, path))
+        self.assertEqual(
+            error,
+            f"{path}:1: key version must be [a-zA-Z0-9_]+ and at most 247 characters"
+            " (key ID 'ed25519:<version>' at most 255)",
+        )
+        self.assertNotIn("\n", error)
+        self.assertNotIn("a" * 300, error)
+        (key,) = read_signing_keys(self.write(f"ed25519 {'a' * 247} {SEED}\n"))
+        self.assertEqual(key.version, "a" * 247)
+
     def test_non_ascii_and_missing(self) -> None:
         """A binary file and a missing file are refused as SigningKeyError."""
         path = self.mktemp()
