@@ -458,6 +458,9 @@ class DatabaseStore:
             rows.append((*_fields(record), now_ms))
         if not rows:
             return succeed(None)
+        # A consistent order, as for invites: two workers upserting the same keys in
+        # different orders would deadlock on each other's row locks (PostgreSQL).
+        rows.sort(key=lambda row: (row[0], row[1]))
         return self._run("store_server_keys", self._store_keys_txn, rows, write=True)
 
     def _store_keys_txn(self, txn: adbapi.Transaction, rows: list[tuple[Any, ...]]) -> None:

@@ -326,6 +326,39 @@ class StoreTestsMixin:
 
     # -- remote keys --
 
+    async def test_server_keys_written_in_key_order(self) -> None:
+        """store_server_keys upserts its rows ordered by (server_name, key_id), whatever
+        the caller's order: two workers storing the same keys in different orders would
+        otherwise deadlock on each other's row locks (PostgreSQL)."""
+        store = await self.open()
+        written: list[list[tuple[Any, ...]]] = []
+        store_keys_txn = store._store_keys_txn
+
+        def recording(txn: Any, rows: list[tuple[Any, ...]]) -> None:
+            written.append(list(rows))
+            store_keys_txn(txn, rows)
+
+        self.patch(store, "_store_keys_txn", recording)  # type: ignore[attr-defined]
+        await store.store_server_keys(
+            [
+                _key("ed25519:b"),
+                _key("ed25519:c", server_name="a.example"),
+                _key("ed25519:a"),
+                _key("ed25519:a", server_name="z.example"),
+            ]
+        )
+        (rows,) = written
+        self.assertEqual(
+            [row[:2] for row in rows],
+            [
+                ("a.example", "ed25519:c"),
+                ("remote.example", "ed25519:a"),
+                ("remote.example", "ed25519:b"),
+                ("z.example", "ed25519:a"),
+            ],
+        )
+        self.assertEqual(len(await store.get_server_keys("remote.example")), 2)
+
     async def test_server_keys_newer_fetch_replaces_older(self) -> None:
         """Keys upsert on (server_name, key_id); an older fetch never overwrites a newer one."""
         store = await self.open()
