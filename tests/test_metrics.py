@@ -156,6 +156,23 @@ class MetricsTests(SynchronousTestCase):
         )
         self.assertEqual(self.sample("federation_invite_inbound_invite_seconds_count"), 4.0)
 
+    def test_site_refusal_latency_from_first_byte(self) -> None:
+        """An invite the site refuses 408 after trickling for request_timeout is observed in
+        the latency histogram as taking that long (from its first byte), not 0 s."""
+        site = FederationSite(self.scenario.root, reactor=self.scenario.clock, request_timeout=30)
+        v2 = self.scenario.path(2, "!room:remote.example", "$x").encode()
+        connection = Connection(site)
+        self.addCleanup(connection.close)
+        connection.send(b"PUT " + v2 + b" HTTP/1.1\r\nHost: us.example\r\nContent-Length: 50\r\n")
+        for _ in range(29):
+            self.scenario.clock.advance(1)
+            connection.send(b"X-Slow: 1\r\n")
+        self.scenario.clock.advance(1)
+        ((status, _, body),) = connection.responses()
+        self.assertEqual((status, body["errcode"]), (408, "M_UNKNOWN"))
+        self.assertEqual(self.inbound_counts(), {("refused", "M_UNKNOWN"): 1.0})
+        self.assertEqual(self.sample("federation_invite_inbound_invite_seconds_sum"), 30.0)
+
     def test_inbound_unexpected_failure_counted(self) -> None:
         """An invite failing unexpectedly (500 M_UNKNOWN) is counted refused, M_UNKNOWN."""
 

@@ -83,7 +83,8 @@ class InviteResource(MatrixResource):
             refusal.error,
             _path_parameter(room_segment),
             _path_parameter(event_segment),
-            self._handler.now(),
+            # Answered when refused; it began with its first byte, refusal.elapsed before.
+            self._handler.now() - refusal.elapsed,
             peer=refusal.peer,
         )
         return True

@@ -269,6 +269,9 @@ class _LimitedChannel(HTTPChannel):
     max_body_bytes: int | None = None
 
     _deadline: IDelayedCall | None = None
+    #: When (by the reactor's clock) the deadline last started: the first byte of
+    #: the request being received, for the latency of a refusal (``SiteRefusal``).
+    _request_started: float | None = None
     #: Set when the deadline passes while an earlier request is being handled
     #: (answers go in order, so the verdict waits for that answer): how many
     #: bytes have arrived since. The late request is served only if it proves
@@ -318,6 +321,7 @@ class _LimitedChannel(HTTPChannel):
     def _start_deadline(self) -> None:
         assert self.request_timeout is not None
         self._deadline = self.callLater(self.request_timeout, self._too_slow)
+        self._request_started = self._deadline.getTime() - self.request_timeout
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
@@ -420,12 +424,14 @@ class _LimitedChannel(HTTPChannel):
         if request_line is None or self.owner is None:
             return False
         host = getattr(self.transport.getPeer(), "host", None)
+        started = self._request_started
         return self.owner.refused(
             SiteRefusal(
                 request_line[0],
                 _origin_form(request_line[1]).split(b"?", 1)[0],
                 error,
                 host if isinstance(host, str) else None,
+                0.0 if started is None else self.owner.reactor.seconds() - started,
             )
         )
 
@@ -741,6 +747,9 @@ class SiteRefusal(NamedTuple):
     error: MatrixError
     #: The client's IP address, if it has one.
     peer: str | None
+    #: Seconds from the request's first byte (when its deadline began) to the
+    #: refusal, by the site's clock: the refusal's time to answer.
+    elapsed: float = 0.0
 
 
 class DrainResult(NamedTuple):
