@@ -45,7 +45,7 @@ from .config import Config, ConfigError, load_config
 from .core.keys import key_id_of
 from .core.roomversions import RoomVersion
 from .inbound import InviteHandler, InviteLimits, InviteListener
-from .keyring import Keyring, local_verify_keys
+from .keyring import Keyring, OldKey, local_verify_keys
 from .logs import Logger
 from .metrics import InviteMetrics
 from .outbound import (
@@ -348,21 +348,23 @@ def _load_key(config: Config) -> SigningKey:
     )
     if not created:
         _warn_if_open_to_others(config.signing_key_path)
-        _warn_of_unused_keys(config.signing_key_path, keys)
+        _warn_of_unused_keys(config.signing_key_path, keys, config.get("keys.old_verify_keys"))
     return key
 
 
-def _warn_of_unused_keys(path: str, keys: list[SigningKey]) -> None:
-    """Warn when the key file holds keys after the one we use (a Synapse key file may):
-    they neither sign nor are published, so what they signed no longer verifies."""
-    unused = [key_id_of(other) for other in keys[1:]]
+def _warn_of_unused_keys(path: str, keys: list[SigningKey], old_keys: Iterable[OldKey]) -> None:
+    """Warn when the key file holds keys after the one we use (a Synapse key file may) whose
+    IDs are not under keys.old_verify_keys: they neither sign nor are published, so what they
+    signed no longer verifies."""
+    listed = {old.key_id for old in old_keys}
+    unused = [key_id_of(other) for other in keys[1:] if key_id_of(other) not in listed]
     if unused:
         log.warn(
             "Signing key file {path} holds {count} keys: only the first, {key_id}, signs and is"
             " published; not used: {unused} (list them under keys.old_verify_keys to keep"
             " verifying what they signed)",
             path=path,
-            count=len(unused) + 1,
+            count=len(keys),
             key_id=key_id_of(keys[0]),
             unused=", ".join(unused),
         )

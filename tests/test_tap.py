@@ -384,9 +384,11 @@ class MakeServiceRefusalTests(SynchronousTestCase):
 
 
 class KeyFileModeTests(SynchronousTestCase):
-    def load(self, mode: int, more_keys: int = 0) -> list[dict[str, object]]:
+    def load(self, mode: int, more_keys: int = 0, listed: int = 0) -> list[dict[str, object]]:
         """Helper: the warnings logged while make_service loads a key file of ``mode``
-        (holding ``more_keys`` keys after the first)."""
+        (holding ``more_keys`` keys after the first, the first ``listed`` of them also
+        configured under keys.old_verify_keys)."""
+        from signedjson.key import encode_verify_key_base64, get_verify_key
         from twisted.internet.testing import MemoryReactor
         from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
@@ -397,9 +399,16 @@ class KeyFileModeTests(SynchronousTestCase):
         with open(self.key_path) as handle:
             text = handle.read()
         seeds = [text.split()[2]]
+        old_keys = []
         for index in range(more_keys):
             extra = self.mktemp()
-            write_signing_key_file(extra, generate_signing_key(f"b_{index}"))
+            extra_key = generate_signing_key(f"b_{index}")
+            if index < listed:
+                public = encode_verify_key_base64(get_verify_key(extra_key))
+                old_keys.append(
+                    f"{{key_id = 'ed25519:b_{index}', key = '{public}', expired_ts = 5}}"
+                )
+            write_signing_key_file(extra, extra_key)
             with open(extra) as handle:
                 line = handle.read()
             seeds.append(line.split()[2])
@@ -410,7 +419,9 @@ class KeyFileModeTests(SynchronousTestCase):
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         options = Options()
-        options.parseOptions(["--data-dir", data_dir, "--listen", "tcp:0"])
+        config = self.mktemp()
+        FilePath(config).setContent(f"[keys]\nold_verify_keys = [{', '.join(old_keys)}]\n".encode())
+        options.parseOptions(["--data-dir", data_dir, "--listen", "tcp:0", "--config", config])
         make_service(options["loaded"], MemoryReactor(), exit_on_failure=False, freeze_gc=False)
         for event in events:
             for seed in seeds:
@@ -442,6 +453,20 @@ class KeyFileModeTests(SynchronousTestCase):
             " and is published; not used: ed25519:b_0, ed25519:b_1 (list them under"
             " keys.old_verify_keys to keep verifying what they signed)",
         )
+
+    def test_further_keys_listed_as_old_keys_not_warned_about(self) -> None:
+        """Further keys of the file already listed under keys.old_verify_keys are not named as
+        unused: only those not listed are, and with all listed there is no warning."""
+        from twisted.logger import formatEvent
+
+        (warning,) = self.load(0o600, more_keys=2, listed=1)
+        self.assertEqual(
+            formatEvent(warning),
+            f"Signing key file {self.key_path} holds 3 keys: only the first, ed25519:a_1, signs"
+            " and is published; not used: ed25519:b_1 (list them under keys.old_verify_keys"
+            " to keep verifying what they signed)",
+        )
+        self.assertEqual(self.load(0o600, more_keys=2, listed=2), [])
 
     def test_private_key_file_not_warned_about(self) -> None:
         """A key file of mode 0600 (or 0400) loads without a warning."""
