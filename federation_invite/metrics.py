@@ -15,7 +15,8 @@ Metrics (labels in brackets):
   ``M_NOT_JSON``, ``M_BAD_JSON``), the daemon's ``FederationSite`` refusing it before
   the endpoint runs (413 ``M_TOO_LARGE``; 408 or 400 ``M_UNKNOWN``) and an unexpected
   failure (500 ``M_UNKNOWN``);
-  ``cancelled`` (errcode empty) when the client went away before its answer;
+  ``cancelled`` (errcode empty) when the client went away before its answer (its
+  request still arriving included, or abandoned by a drain);
 - ``federation_invite_inbound_invite_seconds``: time to answer an invite (histogram);
 - ``federation_invite_key_fetches_total``, ``federation_invite_key_fetch_failures_total``:
   key fetches started, and those that yielded no usable key;

@@ -9,6 +9,7 @@ from typing import Any
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -172,6 +173,37 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual((status, body["errcode"]), (408, "M_UNKNOWN"))
         self.assertEqual(self.inbound_counts(), {("refused", "M_UNKNOWN"): 1.0})
         self.assertEqual(self.sample("federation_invite_inbound_invite_seconds_sum"), 30.0)
+
+    def test_invite_lost_before_it_arrived_counted_cancelled(self) -> None:
+        """An invite PUT whose sender hangs up while its body arrives, or that a drain
+        abandons mid-body, is counted cancelled once (timed from its first byte), with no
+        log line; a request for another path is not counted."""
+        v2 = self.scenario.path(2, "!room:remote.example", "$x").encode()
+        head = b" HTTP/1.1\r\nHost: us.example\r\nContent-Length: 50\r\n\r\n{"
+        site = FederationSite(self.scenario.root, reactor=self.scenario.clock, request_timeout=30)
+        with capturedLogs() as events:
+            for target in (v2, b"/_matrix/nothing"):
+                connection = Connection(site)
+                connection.send(b"PUT " + target + head)
+                self.scenario.clock.advance(5)
+                connection.close()
+            self.scenario.clock.advance(60)
+            # The drain aborts the connection at the end of its grace period; the
+            # transport then reports it lost, which counts nothing more.
+            draining = FederationSite(
+                self.scenario.root, reactor=self.scenario.clock, request_timeout=30
+            )
+            connection = Connection(draining)
+            connection.send(b"PUT " + v2 + head)
+            drained = draining.drain(10)
+            self.scenario.clock.advance(11)
+            self.assertTrue(connection.transport.disconnected)
+            connection.close()
+            self.scenario.clock.advance(60)
+        self.assertEqual(self.successResultOf(drained).abandoned, 1)
+        self.assertEqual(self.inbound_counts(), {("cancelled", ""): 2.0})
+        self.assertEqual(self.sample("federation_invite_inbound_invite_seconds_sum"), 16.0)
+        self.assertEqual([event for event in events if "outcome" in event], [])
 
     def test_inbound_unexpected_failure_counted(self) -> None:
         """An invite failing unexpectedly (500 M_UNKNOWN) is counted refused, M_UNKNOWN."""

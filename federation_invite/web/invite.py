@@ -74,17 +74,23 @@ class InviteResource(MatrixResource):
 
     def refused_by_site(self, refusal: SiteRefusal, postpath: list[bytes]) -> bool:
         """An invite request ``FederationSite`` refused before this resource saw it (413,
-        408, 400): counted and logged as the refusals of ``render_PUT`` are, by the handler.
+        408, 400): counted and logged as the refusals of ``render_PUT`` are, by the handler;
+        or one whose sender went away (or a drain abandoned it) before it arrived whole:
+        counted ``cancelled``, with no log line, as those ``render_PUT`` took are.
         Other methods and paths below this one (answered 405 or 404 here) are not invites."""
         if refusal.method != b"PUT" or len(postpath) != 2 or not all(postpath):
             return False
+        # It began with its first byte, refusal.elapsed before it was refused (or lost).
+        started = self._handler.now() - refusal.elapsed
+        if refusal.error is None:
+            self._count("cancelled", None, started)
+            return True
         room_segment, event_segment = postpath
         self._handler.refused_early(
             refusal.error,
             _path_parameter(room_segment),
             _path_parameter(event_segment),
-            # Answered when refused; it began with its first byte, refusal.elapsed before.
-            self._handler.now() - refusal.elapsed,
+            started,
             peer=refusal.peer,
         )
         return True

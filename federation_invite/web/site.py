@@ -48,7 +48,10 @@ adds, per connection:
 - a request refused here (413, 408 or 400 once its request line is read) is
   told to the resource it was for, if that asks to hear (``refused_by_site``):
   the invite endpoints count and log it as they do their own refusals, in
-  place of the site's own line;
+  place of the site's own line. So is a request whose connection is lost
+  (its sender went away, or a drain abandoned it) after its request line was
+  read and before it arrived whole, with no error: the invite endpoints count
+  it ``cancelled``, as one whose sender goes away before its answer;
 - a graceful drain for shutdown (``drain``): no new connections; idle
   connections closed; requests in progress answered (then their connections
   closed) within a grace period, and the connections still open at its end
@@ -423,6 +426,12 @@ class _LimitedChannel(HTTPChannel):
         self._close()
         if request_line is None or self.owner is None:
             return False
+        return self._tell(request_line, error)
+
+    def _tell(self, request_line: tuple[bytes, bytes], error: MatrixError | None) -> bool:
+        """Tell the resource the request was for (``FederationSite.refused``) what became of
+        it: refused with ``error``, or (None) lost before it was received whole."""
+        assert self.owner is not None and self.transport is not None
         host = getattr(self.transport.getPeer(), "host", None)
         started = self._request_started
         return self.owner.refused(
@@ -434,6 +443,18 @@ class _LimitedChannel(HTTPChannel):
                 0.0 if started is None else self.owner.reactor.seconds() - started,
             )
         )
+
+    def _lost_mid_request(self) -> None:
+        """The connection is lost or aborted: a request whose request line was read and which
+        was neither received whole (Twisted then hands it to its resource, and forgets its
+        request line) nor refused here is told to its resource as lost (``SiteRefusal`` with
+        no error), once: nothing more is read from the connection."""
+        if self.refused:
+            return
+        self.refused = True
+        self._cancel_deadline()
+        if self.owner is not None and self.transport is not None and hasattr(self, "_command"):
+            self._tell((self._command, self._path), None)
 
     def _close(self) -> None:
         """Close the connection, and abort it if it has not closed within ``abortTimeout``.
@@ -573,6 +594,7 @@ class _LimitedChannel(HTTPChannel):
             self.owner._connection_made(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost_mid_request()
         self._cancel_deadline()
         super().connectionLost(reason)
         if self.owner is not None:
@@ -671,6 +693,7 @@ class _LimitedChannel(HTTPChannel):
 
     def abort(self) -> None:
         """Drop the connection now, with whatever it had still to send."""
+        self._lost_mid_request()
         if self.transport is not None:
             # Every stream transport a port gives us (TCP, TLS, UNIX) can abort.
             self.transport.abortConnection()  # type: ignore[attr-defined]
@@ -743,8 +766,10 @@ class SiteRefusal(NamedTuple):
     method: bytes
     #: Its path, without the query, as in origin-form, still percent-encoded.
     path: bytes
-    #: What it was answered.
-    error: MatrixError
+    #: What it was answered; None if it was not: its connection was lost (the
+    #: sender went away, or a drain abandoned it) after its request line was read
+    #: and before it was received whole.
+    error: MatrixError | None
     #: The client's IP address, if it has one.
     peer: str | None
     #: Seconds from the request's first byte (when its deadline began) to the
@@ -816,7 +841,8 @@ class FederationSite(Site):
 
     def refused(self, refusal: SiteRefusal) -> bool:
         """Tell the resource a refused request was for of the refusal, if it asks to hear:
-        whether it logged the refusal itself (then the site does not).
+        whether it logged the refusal itself (then the site does not). A request lost
+        before it arrived whole is told the same way, with no error (and no line of ours).
 
         A resource asks by having a ``refused_by_site(refusal, postpath)`` method
         (the invite endpoints do: they count and log every invite, refused here
