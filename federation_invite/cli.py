@@ -456,11 +456,57 @@ def main(
     return code
 
 
+def _log_errors_to(err: TextIO) -> None:
+    """Print the process's critical log events on ``err``, as Twisted does until logging
+    begins, except adbapi's "Rollback failed": when a command's database connection is
+    lost its rollback fails too, and adbapi logs a traceback for it (two) before the
+    command's own error, which is then reported in one line."""
+    import warnings
+
+    from twisted.logger import (
+        FileLogObserver,
+        FilteringLogObserver,
+        ILogFilterPredicate,
+        LogLevel,
+        LogLevelFilterPredicate,
+        PredicateResult,
+        eventAsText,
+        globalLogBeginner,
+    )
+    from zope.interface import provider
+
+    @provider(ILogFilterPredicate)
+    def not_a_rollback_failure(event: dict[str, Any]) -> PredicateResult:
+        if event.get("why") == "Rollback failed" and event.get("isError"):
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+    printed = FileLogObserver(
+        err, lambda event: eventAsText(event, includeTimestamp=False, includeSystem=False) + "\n"
+    )
+    showwarning = warnings.showwarning  # warnings printed as before, not logged
+    globalLogBeginner.beginLoggingTo(
+        [
+            FilteringLogObserver(
+                printed,
+                [
+                    not_a_rollback_failure,
+                    LogLevelFilterPredicate(defaultLogLevel=LogLevel.critical),
+                ],
+            )
+        ],
+        discardBuffer=True,
+        redirectStandardIO=False,
+    )
+    warnings.showwarning = showwarning
+
+
 def _react(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run an async command on the global reactor (the CLI's process owns it)."""
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
 
+    _log_errors_to(err)
     outcome: list[Any] = []
 
     def run() -> None:

@@ -320,3 +320,61 @@ class StoreCommandTests(TestCase):
                     (1, b"", b"federation-invite: pattern must not be empty\n"),
                     (command, option),
                 )
+
+
+class PostgresCommandTests(TestCase):
+    def test_killed_connection_is_one_line_on_stderr(self) -> None:
+        """A command whose PostgreSQL backend is terminated mid-statement exits 1 with one
+        line on stderr: adbapi's 'Rollback failed' tracebacks (the connection is gone, so
+        its rollback fails) are not printed before it."""
+        import os
+        import subprocess
+        import time
+
+        from .daemon_harness import BIN
+        from .store._support import (
+            POSTGRES_BASE,
+            create_postgres_database,
+            drop_postgres_database,
+            raw_postgres,
+            require_postgres,
+        )
+
+        require_postgres(self)
+        import psycopg2
+
+        database = create_postgres_database()
+        self.addCleanup(drop_postgres_database, database)
+        config = self.mktemp()
+        with open(config, "w") as handle:
+            handle.write(
+                f'server_name = "example.org"\ndata_dir = "{self.mktemp()}"\n'
+                f'database = "{POSTGRES_BASE}/{database}"\n'
+            )
+        command = os.path.join(BIN, "federation-invite")
+        subprocess.run([command, "migrate", "-c", config], check=True, capture_output=True)
+        holder = psycopg2.connect(f"{POSTGRES_BASE}/{database}")
+        self.addCleanup(holder.close)
+        holder.cursor().execute("LOCK TABLE local_users")
+        adding = subprocess.Popen(
+            [command, "users", "add", "@alice:example.org", "-c", config],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.addCleanup(adding.kill)
+        deadline = time.monotonic() + 30
+        while True:
+            waiting = raw_postgres(
+                database,
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            if waiting:
+                break
+            self.assertLess(time.monotonic(), deadline, "the command never waited on the lock")
+            time.sleep(0.05)
+        raw_postgres(database, "SELECT pg_terminate_backend(?)", (waiting[0][0],))
+        out, err = adding.communicate(timeout=60)
+        self.assertEqual((adding.returncode, out), (1, b""))
+        self.assertEqual(err.count(b"\n"), 1, err)
+        self.assertTrue(err.startswith(b"federation-invite: add_local_user failed: "), err)
