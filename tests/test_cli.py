@@ -125,6 +125,16 @@ class CliTests(SynchronousTestCase):
         )
 
 
+def _no_listener_for(key: str, cert: str) -> str:
+    """generate-config's refusal of --tls-cert when no --listen endpoint serves KEY and CERT."""
+    return (
+        "federation-invite: --tls-cert writes a certificate for a TLS listener, but no "
+        "--listen endpoint is an ssl: endpoint naming it; leave out --listen (for an ssl: "
+        "listener on the server name's port) or give an ssl: endpoint with "
+        f"privateKey={key}:certKey={cert}\n"
+    )
+
+
 class GenerateTLSTests(SynchronousTestCase):
     def test_tls_cert_listener(self) -> None:
         """--tls-cert writes a certificate and key (0600) and a TLS listener that Twisted can parse."""
@@ -183,11 +193,7 @@ class GenerateTLSTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertEqual(out.getvalue(), "")
         self.assertEqual(
-            err.getvalue(),
-            "federation-invite: --tls-cert writes a certificate for a TLS listener, but no "
-            "--listen endpoint is an ssl: endpoint naming it; leave out --listen (for an ssl: "
-            "listener on the server name's port) or give an ssl: endpoint with "
-            f"privateKey={data_dir}/tls.key:certKey={data_dir}/tls.crt\n",
+            err.getvalue(), _no_listener_for(f"{data_dir}/tls.key", f"{data_dir}/tls.crt")
         )
         self.assertFalse(os.path.exists(path))
         self.assertFalse(os.path.exists(data_dir))
@@ -210,13 +216,7 @@ class GenerateTLSTests(SynchronousTestCase):
             out, err = io.StringIO(), io.StringIO()
             code = main([*argv, "--listen", "tcp:8008", "--listen", listen, "--tls-cert"], out, err)
             self.assertEqual((code, out.getvalue()), (1, ""), listen)
-            self.assertEqual(
-                err.getvalue(),
-                "federation-invite: --tls-cert writes a certificate for a TLS listener, but no "
-                "--listen endpoint is an ssl: endpoint naming it; leave out --listen (for an ssl: "
-                "listener on the server name's port) or give an ssl: endpoint with "
-                f"privateKey={key}:certKey={cert}\n",
-            )
+            self.assertEqual(err.getvalue(), _no_listener_for(key, cert))
             self.assertFalse(os.path.exists(path))
             self.assertFalse(os.path.exists(data_dir))
         relative = os.path.relpath(data_dir)
