@@ -24,7 +24,7 @@ from typing import Any, cast
 
 import attrs
 from signedjson.types import SigningKey
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
@@ -460,6 +460,41 @@ class _NotAcceptingYet:
         return port
 
 
+def _server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """The endpoint ``description`` names, as Twisted's ``serverFromString`` builds it, except
+    that an ``ssl:`` endpoint without ``extraCertChain`` serves the certificates of its
+    ``certKey`` file after the first (a CA's ``fullchain.pem``: leaf, then intermediates) as
+    the chain. Twisted would use the first alone, and send peers a leaf they cannot verify.
+    """
+    from cryptography import x509
+    from OpenSSL import SSL
+    from OpenSSL.crypto import X509
+    from twisted.internet import endpoints
+    from twisted.internet.ssl import CertificateOptions
+
+    args, keywords = endpoints._parse(description)
+    if args[0] != "ssl":
+        return endpoints.serverFromString(reactor, description)
+    bound = inspect.signature(endpoints._parseSSL).bind(None, *args[1:], **keywords)
+    bound.apply_defaults()
+    # Twisted's own parser reads and checks the files (its errors are the operator's).
+    (port, _, options), placement = endpoints._parseSSL(*bound.args, **bound.kwargs)
+    given = bound.arguments
+    if given["extraCertChain"] is None:
+        with open(given["certKey"] or given["privateKey"], "rb") as handle:
+            chain = x509.load_pem_x509_certificates(handle.read())[1:]
+        if chain:
+            method = given["sslmethod"]
+            options = CertificateOptions(
+                privateKey=options.privateKey,
+                certificate=options.certificate,
+                extraCertChain=[X509.from_cryptography(cert) for cert in chain],
+                dhParameters=options.dhParameters,
+                **({} if method is None else {"method": getattr(SSL, method)}),
+            )
+    return endpoints.SSL4ServerEndpoint(reactor, port, options, **placement)
+
+
 def _failure_reason(exc: BaseException) -> str:
     """Why an endpoint could not be listened on, or the start failed, in a line."""
     if isinstance(exc, (StoreError, ConfigError)):
@@ -626,9 +661,11 @@ class FederationInviteService(service.MultiService):
         bound: list[StreamServerEndpointService] = []
         for key, description, site in wanted:
             try:
-                listener = strports.service(description, site, reactor=self.reactor)
-                listener.endpoint = _NotAcceptingYet(listener.endpoint, paused)
-                listener.privilegedStartService()  # strports: raises at once
+                listener = StreamServerEndpointService(
+                    _NotAcceptingYet(_server_endpoint(self.reactor, description), paused), site
+                )
+                listener._raiseSynchronously = True  # as strports.service's do
+                listener.privilegedStartService()  # so raises at once
             except Exception as exc:
                 for done in bound:
                     done.stopService().addErrback(

@@ -1119,6 +1119,34 @@ class ListenAtStartTests(TestCase):
             self.assertNotIn("\n", str(error))
         self.assertEqual(self.opened, [])
 
+    async def test_tls_full_chain_served(self) -> None:
+        """An ssl: certKey file holding the leaf and its intermediate (a CA's fullchain.pem,
+        as the README shows) serves both: a client trusting only the root verifies."""
+        from twisted.internet.endpoints import wrapClientTLS
+        from twisted.internet.ssl import Certificate, optionsForClientTLS
+
+        root_pem, key_path, fullchain_path = _write_ca_chain(os.path.abspath(self.mktemp()))
+        port = free_port()
+        service = self.new_service(
+            f"ssl:{port}:interface=127.0.0.1:privateKey={key_path}:certKey={fullchain_path}"
+        )
+        service.startService()
+        self.opening.callback(self.store)
+        await service.ready
+        self.addCleanup(service.stopService)
+        client = _RawClient()
+        options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(root_pem))
+        endpoint = wrapClientTLS(options, TCP4ClientEndpoint(self.reactor, "127.0.0.1", port))
+        await connectProtocol(endpoint, client)
+        assert client.transport is not None
+        self.addCleanup(lambda: client.transport and client.transport.abortConnection())
+        client.transport.write(
+            b"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: localhost\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        await client.lost
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 200 "), client.received)
+
     async def connect_and_ask_version(self, port: int) -> _RawClient:
         """A loopback connection to ``port`` that has sent a version request."""
         client = _RawClient()
@@ -1187,6 +1215,72 @@ class ListenAtStartTests(TestCase):
         self.assertEqual(list(service), [])
         self.assertTrue(_port_free(port))
         self.flushLoggedErrors(StoreError)
+
+
+def _write_ca_chain(directory: str) -> tuple[bytes, str, str]:
+    """A root CA, an intermediate it signed and a leaf for localhost the intermediate signed,
+    written to ``directory``: (the root's PEM, the leaf's key file, leaf + intermediate file)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def issue(
+        name: str, key: Any, issuer: x509.Name, issuer_key: Any, ca: bool
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if ca:
+            usage = x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            )
+            builder = builder.add_extension(usage, critical=True)
+        else:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
+            )
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(3)]
+    root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test Root")])
+    root = issue("Test Root", keys[0], root_name, keys[0], True)
+    intermediate = issue("Test Intermediate", keys[1], root.subject, keys[0], True)
+    leaf = issue("localhost", keys[2], intermediate.subject, keys[1], False)
+    os.makedirs(directory)
+    key_path = os.path.join(directory, "key.pem")
+    fullchain_path = os.path.join(directory, "fullchain.pem")
+    with open(key_path, "wb") as handle:
+        handle.write(
+            keys[2].private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    with open(fullchain_path, "wb") as handle:
+        for certificate in (leaf, intermediate):
+            handle.write(certificate.public_bytes(serialization.Encoding.PEM))
+    return root.public_bytes(serialization.Encoding.PEM), key_path, fullchain_path
 
 
 def socket_listening() -> Any:
