@@ -885,6 +885,12 @@ class FederationSite(Site):
             channel.owner = self
         return channel
 
+    def acceptableProtocols(self) -> list[bytes]:
+        """What a TLS listener offers in ALPN: HTTP/1.1 alone, the one protocol our channel
+        speaks. Twisted's Site offers h2 too when the h2 package can be imported, and a
+        client preferring it (curl, Go) then sends HTTP/2 frames to an HTTP/1.1 parser."""
+        return [b"http/1.1"]
+
     # -- the drain ------------------------------------------------------------
 
     def requests_in_progress(self) -> int:

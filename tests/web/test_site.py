@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet import ssl
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase
@@ -772,6 +772,18 @@ class LocalAddressTests(SiteTestCase):
         self.assertEqual([status for status, _, _ in connection.responses()], [200, 200])
         self.assertEqual(lookups, [1])
         self.assertEqual(hosts, [real(), real()])
+
+
+class ProtocolNegotiationTests(SynchronousTestCase):
+    """The protocols a TLS listener offers in ALPN: HTTP/1.1 only, the one the site speaks."""
+
+    def test_only_http_1_1_offered(self) -> None:
+        """With h2 importable (``H2_ENABLED``), Twisted's Site offers b"h2" too, and a client
+        preferring it (curl, Go) then speaks HTTP/2 to an HTTP/1.1 parser; ours offers only
+        b"http/1.1"."""
+        self.patch(twisted_http, "H2_ENABLED", True)
+        site = FederationSite(MatrixResource(), reactor=MemoryReactorClock())
+        self.assertEqual(site.acceptableProtocols(), [b"http/1.1"])
 
 
 class HeldStoreTestCase(SiteTestCase):
