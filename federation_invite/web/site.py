@@ -98,7 +98,12 @@ __all__ = ["DrainResult", "FederationSite", "SiteRefusal", "mark_outcome_logged"
 
 log = Logger(namespace="federation_invite.web.site")
 
-_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large"}
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+}
 
 
 def _raw_error_response(error: MatrixError, head: bool = False) -> bytes:
@@ -508,8 +513,13 @@ class _LimitedChannel(HTTPChannel):
         return super().headerReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        # A request or header line over 16 KiB: Twisted would just hang up.
-        self.refuse(MatrixError(400, Codes.UNKNOWN, "Request line or header too long"))
+        # A request or header line over 16 KiB: Twisted would just hang up. Until
+        # its request line is read, a request has no ``_command``: that line is
+        # the long one, its target longer than we parse (RFC 9112 section 3: 414).
+        if hasattr(self, "_command"):
+            self.refuse(MatrixError(400, Codes.UNKNOWN, "Header line too long"))
+        else:
+            self.refuse(MatrixError(414, Codes.TOO_LARGE, "Request line too long"))
 
     def lineReceived(self, line: bytes) -> None:
         if self.refused:

@@ -297,6 +297,36 @@ class HeaderSizeTests(SiteTestCase):
             self.assertEqual(connection.closing, status == 400)
 
 
+class LineLengthTests(SiteTestCase):
+    """A line over Twisted's 16 KiB line limit: the request line is answered 414 (RFC 9112
+    section 3: a request-target longer than the server parses), a header line 400."""
+
+    def test_request_line_over_16_kib_refused_414(self) -> None:
+        """A request line of 17,000 bytes, whole or still arriving (no line end yet), first
+        on its connection or after an answered request: JSON 414 ``M_TOO_LARGE``, closed."""
+        version = b"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: x\r\n\r\n"
+        long_line = b"GET /" + b"a" * 17_000 + b" HTTP/1.1"
+        for earlier in (b"", version):
+            for data in (long_line + b"\r\nHost: x\r\n\r\n", long_line[:16_500]):
+                connection = self.connect()
+                connection.send(earlier + data)
+                *answered, (status, headers, body) = connection.responses()
+                self.assertEqual([code for code, _, _ in answered], [200] * bool(earlier))
+                self.assertEqual((status, body["errcode"]), (414, "M_TOO_LARGE"), data[-20:])
+                self.assertEqual(body["error"], "Request line too long")
+                self.assertIn(b"HTTP/1.1 414 URI Too Long\r\n", connection.transport.value())
+                self.assertEqual(headers[b"content-type"], b"application/json")
+                self.assertTrue(connection.closing)
+
+    def test_header_line_over_16_kib_refused_400(self) -> None:
+        """A header line of 17,000 bytes, whole or still arriving: JSON 400 ``M_UNKNOWN``."""
+        head = b"GET /x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 17_000
+        for data in (head + b"\r\n\r\n", head):
+            connection = self.connect()
+            connection.send(data)
+            self.assertOnlyAnswer(connection, 400, "M_UNKNOWN")
+
+
 class ContentLengthTests(SiteTestCase):
     """A Content-Length is 1 to 18 ASCII digits, once; anything else is answered JSON 400."""
 
