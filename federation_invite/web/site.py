@@ -505,11 +505,23 @@ class _LimitedChannel(HTTPChannel):
         # matches case-insensitively, so the prefix is the whole name; the
         # rest of the line is looked at for this field only. Twisted refuses
         # a second Content-Length itself, even with the same value.
-        if line[:15].lower() == b"content-length:":
+        #
+        # A Transfer-Encoding is one ``chunked`` coding (RFC 9112 section 6.3:
+        # chunked last, and the only coding we accept), else 400 and close.
+        # Twisted refuses a value other than ``chunked`` or ``identity`` on a
+        # line, and a second ``chunked`` line or one beside Content-Length (each
+        # would set a second decoder), but takes ``identity`` for nothing: then
+        # ``chunked`` and ``identity`` on two lines (one field, RFC 9110 section
+        # 5.3), or ``identity`` alone, were framed and the connection kept.
+        name = line[:18].lower()
+        if name[:15] == b"content-length:":
             value = line[15:].strip(b" \t")
             if not value.isdigit() or len(value) > _MAX_CONTENT_LENGTH_DIGITS:
                 self._respondToBadRequestAndDisconnect()
                 return False
+        elif name == b"transfer-encoding:" and line[18:].strip(b" \t").lower() != b"chunked":
+            self._respondToBadRequestAndDisconnect()
+            return False
         return super().headerReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:

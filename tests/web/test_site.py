@@ -385,6 +385,48 @@ class ContentLengthTests(SiteTestCase):
             self.assertOnlyAnswer(connection, 400, "M_UNKNOWN")
 
 
+class TransferEncodingTests(SiteTestCase):
+    """A Transfer-Encoding is one ``chunked`` coding (RFC 9112 section 6.3: chunked is the
+    last coding, and the only one we accept), on one field line; else JSON 400, closed."""
+
+    VERSION = b"/_matrix/federation/v1/version"
+
+    def test_other_than_one_chunked_refused(self) -> None:
+        """``chunked`` then ``identity`` on two lines (RFC 9110 section 5.3 combines them),
+        the reverse, ``identity`` alone (with or without a Content-Length), ``chunked``
+        twice: JSON 400 ``M_UNKNOWN``, the connection closed, the request pipelined behind
+        it never answered."""
+        for fields in (
+            b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
+            b"Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n",
+            b"Transfer-Encoding: Identity\r\nContent-Length: 0\r\n",
+            b"Content-Length: 0\r\nTransfer-Encoding: identity\r\n",
+            b"Transfer-Encoding: identity\r\n",
+            b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+            b"Transfer-Encoding: chunked, identity\r\n",
+        ):
+            connection = self.connect()
+            connection.send(
+                b"POST %s HTTP/1.1\r\nHost: x\r\n%s\r\n0\r\n\r\n" % (self.VERSION, fields)
+                + b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % self.VERSION
+            )
+            self.assertOnlyAnswer(connection, 400, "M_UNKNOWN")
+
+    def test_one_chunked_read(self) -> None:
+        """One ``Transfer-Encoding: chunked`` line, in any case and padded: the body is read,
+        the request answered (405), and the next request on the connection served."""
+        for value in (b"chunked", b"\tCHUNKED "):
+            connection = self.connect()
+            connection.send(
+                b"POST %s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:%s\r\n\r\n"
+                b"3\r\nabc\r\n0\r\n\r\n"
+                % (self.VERSION, value)
+                + b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % self.VERSION
+            )
+            self.assertEqual([code for code, _, _ in connection.responses()], [405, 200])
+            self.assertFalse(connection.closing)
+
+
 #: A multipart/form-data body whose part is named with RFC 2231 syntax (``name*=``):
 #: Twisted's form parser takes the name for a string, and raised AttributeError.
 RFC_2231_MULTIPART = (
