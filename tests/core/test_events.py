@@ -579,6 +579,12 @@ class EventIdTests(SynchronousTestCase):
                     prepare_event(version, event).event_id  # noqa: B018
                 self.assertEqual(str(caught.exception), "event has no event_id string")
 
+    def test_v1_v2_need_no_valid_content(self) -> None:
+        """v1/v2 event IDs are read from the event, never hashed: content need not be valid."""
+        event = {"event_id": "$a:x", "content": "not an object"}
+        for version in ("1", "2"):
+            self.assertEqual(compute_event_id(version, event), "$a:x")
+
     def test_v3_standard_base64(self) -> None:
         """v3 event IDs are ``$`` + standard unpadded base64 and may contain ``+`` and ``/``.
 

@@ -13,6 +13,7 @@ from federation_invite.core.ids import (
     is_valid_server_name,
     is_valid_user_id,
     parse_server_name,
+    server_name_key,
     server_name_of,
 )
 from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
@@ -68,12 +69,28 @@ class ParseServerNameTests(SynchronousTestCase):
             with self.assertRaises(ValueError, msg=name):
                 parse_server_name(name)
 
+    def test_port_at_most_five_digits(self) -> None:
+        """port = 1*5DIGIT: six digits are refused even when their value is in range."""
+        for name in ["h:000080", "h:008448", "1.2.3.4:000001", "[::1]:000080"]:
+            with self.assertRaises(ValueError, msg=name):
+                parse_server_name(name)
+
     def test_ipv4_literal_range(self) -> None:
         """IPv4 literals are four decimal numbers in 0..255."""
         self.assertTrue(is_valid_server_name("255.255.255.255:8448"))
         self.assertTrue(is_valid_server_name("0.0.0.0"))
         self.assertFalse(is_valid_server_name("256.1.1.1"))
         self.assertFalse(is_valid_server_name("1.2.3.999"))
+
+    def test_ipv4_literal_range_every_part(self) -> None:
+        """Each of the four parts of a dotted quad is checked for 0..255, the middle ones too."""
+        for name in ["1.256.1.1", "1.1.256.1", "1.1.1.256:8448"]:
+            self.assertFalse(is_valid_server_name(name), name)
+        # IPv4address = 1*3DIGIT per part, so a part of four digits makes no IPv4 literal:
+        # "1000.1.1.1" is then a dns-name (1*255 of DIGIT / ALPHA / "-" / "."), which the
+        # grammar allows (no range check applies to a dns-name).
+        for name in ["1000.1.1.1", "1.1000.1.1", "1.1.1000.1", "1.1.1.1000"]:
+            self.assertEqual(parse_server_name(name), (name, None), name)
 
     def test_ipv6_literals(self) -> None:
         """IPv6 literals (RFC 3513 section 2.2) in brackets, including the IPv4-suffixed form."""
@@ -148,6 +165,14 @@ class ServerNameOfTests(SynchronousTestCase):
             self.assertEqual(server_name_of("@memo:example.org"), "example.org")
         info = ids._server_name_of_text.cache_info()
         self.assertEqual((info.misses, info.hits), (1, 2))
+
+
+class ServerNameKeyTests(SynchronousTestCase):
+    def test_host_lower_cased(self) -> None:
+        """The key is the name in ASCII lower case, port kept: spellings of one server agree."""
+        self.assertEqual(server_name_key("ExAmple.ORG:8448"), "example.org:8448")
+        self.assertEqual(server_name_key("[FE80::1]:8448"), "[fe80::1]:8448")
+        self.assertEqual(server_name_key("example.org"), "example.org")
 
 
 class UserIdTests(SynchronousTestCase):
