@@ -265,10 +265,11 @@ def build_components(
     """Assemble the services from ready parts (``client`` defaults to a ``FederationClient``).
 
     A ``signer`` given must provide ``ISigner`` (``server_name``, ``sign_event``
-    and ``hash_and_sign_event``): else ``TypeError``, before anything is built.
+    and ``hash_and_sign_event``): else ``TypeError``, before anything is built;
+    its ``server_name`` must be the configured one: else ``ConfigError``.
     """
     if signer is not None:
-        check_signer(signer)
+        _check_signer_for(config, signer)
     server_name = config.server_name
     config.check_signing_key_id(key_id_of(signing_key))
     if client is None:
@@ -337,6 +338,18 @@ def build_components(
     )
 
 
+def _check_signer_for(config: Config, signer: object) -> None:
+    """Refuse what is no ``ISigner`` (``TypeError``), and a signer for another server than
+    the configured one (``ConfigError``, a ``ValueError``): every invite would fail."""
+    check_signer(signer)
+    name = cast(ISigner, signer).server_name
+    if name != config.server_name:
+        raise ConfigError(
+            f"configuration key 'server_name': the signer signs for {name!r}, not for this "
+            f"server, {config.server_name!r}"
+        )
+
+
 def _load_key(config: Config) -> SigningKey:
     keys, created = load_or_create_signing_keys(config.signing_key_path)
     key = keys[0]
@@ -401,6 +414,8 @@ async def build_from_config(
         check_signer(signer)  # before any file or database is opened
     if not isinstance(config, Config):
         config = load_config(config)
+    if signer is not None:
+        _check_signer_for(config, signer)  # before any file or database is opened
     _check_arguments(config, kwargs)
     config.ensure_data_dir()
     key = _load_key(config)

@@ -28,6 +28,7 @@ from federation_invite.config import ConfigError, load_config
 from federation_invite.core.keys import key_id_of
 from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
 from federation_invite.service import FederationInviteService, build_components, build_from_config
+from federation_invite.signer import LocalSigner
 from federation_invite.signingkey import load_or_create_signing_keys
 from federation_invite.store import ServerKeyRecord, StoreError
 
@@ -668,6 +669,30 @@ class AssemblyFailureTests(SynchronousTestCase):
         self.assertTrue(self.store.closed)
         self.assertEqual(list(service), [])
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_signer_for_another_server_refused(self) -> None:
+        """A signer whose server_name is not the configured server name: ConfigError (a
+        ValueError) naming both, from build_components, and from build_from_config before
+        the data directory or the database is opened."""
+        signer = LocalSigner("other.example", make_key("o1"))
+        config = load_config(None, {"server_name": US})
+        error = self.assertRaises(
+            ConfigError,
+            build_components,
+            config,
+            MemoryReactorClock(),
+            MemoryStore(),  # type: ignore[arg-type]
+            make_key("us1"),
+            signer=signer,
+        )
+        self.assertIsInstance(error, ValueError)
+        self.assertIn("'other.example'", str(error))
+        self.assertIn(f"'{US}'", str(error))
+        failure = self.build(self.config(), signer=signer)
+        failure.trap(ConfigError)
+        self.assertIn("'other.example'", str(failure.value))
+        self.assertEqual(self.opened, [])
+        self.assertFalse(os.path.exists(self.data_dir))
 
 
 class UnfinishedStartTests(SynchronousTestCase):
