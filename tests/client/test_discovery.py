@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.names import dns
 from twisted.names.common import ResolverBase
-from twisted.names.error import DNSNameError
+from twisted.names.error import DNSNameError, DomainError
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
@@ -66,6 +66,17 @@ def _srv(owner: bytes, priority: int, weight: int, port: int, target: bytes) -> 
     return dns.RRHeader(
         name=owner, type=dns.SRV, payload=dns.Record_SRV(priority, weight, port, target)
     )
+
+
+class _FixedRandom(random.Random):
+    """Draws ``uniform(a, b)`` as ``a + (b - a) * fraction``, for a chosen fraction."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__(0)
+        self.fraction = fraction
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.fraction
 
 
 class _RedirectResource(Resource):
@@ -449,6 +460,34 @@ class WellKnownResponsesReleasedTests(SynchronousTestCase):
         self.assertIsNone(delegated)
         self.assertEqual(responses, [(ORIGIN_URI, 301, True)] * 6)
 
+    def test_redirect_codes_followed(self) -> None:
+        """301, 302, 303, 307 and 308 with a Location on another https host are followed
+        (RFC 9110 section 15.4; the spec: "follow 30x redirects")."""
+        target = b"https://www.example.net/.well-known/matrix/server"
+        for code in (301, 302, 303, 307, 308):
+            delegated, responses = self.resolve(
+                {
+                    ORIGIN_URI: (code, {b"Location": target}, b""),
+                    target: (200, {}, b'{"m.server": "m.example:1"}'),
+                }
+            )
+            self.assertEqual(delegated, "m.example:1", code)
+            self.assertEqual(responses, [(ORIGIN_URI, code, True), (target, 200, True)], code)
+
+    def test_other_3xx_not_followed(self) -> None:
+        """300 (Multiple Choices) and 304 (Not Modified) are not redirects to follow, even
+        with a Location: no delegation, one request."""
+        target = b"https://www.example.net/.well-known/matrix/server"
+        for code in (300, 304):
+            delegated, responses = self.resolve(
+                {
+                    ORIGIN_URI: (code, {b"Location": target}, b""),
+                    target: (200, {}, b'{"m.server": "m.example:1"}'),
+                }
+            )
+            self.assertIsNone(delegated, code)
+            self.assertEqual(responses, [(ORIGIN_URI, code, True)], code)
+
     def test_redirects_not_followed(self) -> None:
         """A redirect away from https, to an unreadable Location or to none is dropped."""
         for headers in (
@@ -654,6 +693,52 @@ class SrvTests(_Base):
         _, targets = self.resolve("example.org")
         self.assertEqual(targets, [("example.org", 8448)])
 
+    def test_address_records_beside_srv_ignored(self) -> None:
+        """A or AAAA records in the answer section, even owned by the queried name, are not
+        SRV targets: only the SRV record is used."""
+        name = "_matrix-fed._tcp.example.org"
+        self.srv.raw[name] = [
+            _srv(name.encode(), 0, 0, 8443, b"fed.example.org"),
+            dns.RRHeader(name=name, type=dns.A, payload=dns.Record_A("192.0.2.1")),
+            dns.RRHeader(name=name, type=dns.AAAA, payload=dns.Record_AAAA("2001:db8::1")),
+            dns.RRHeader(name="fed.example.org", type=dns.A, payload=dns.Record_A("192.0.2.2")),
+        ]
+        _, targets = self.resolve("example.org")
+        self.assertEqual(targets, [("fed.example.org", 8443)])
+
+    def test_weighted_order_running_sum(self) -> None:
+        """RFC 2782: within a priority, a number is drawn in [0, sum of weights] and the first
+        record whose running sum of weights is greater than or equal to it comes next."""
+        name = "_matrix-fed._tcp.example.org"
+        cases = [
+            # (fraction of the sum drawn, records, order)
+            (0.5, [(0, 10, 2, "b.example"), (0, 0, 1, "a.example")], ["b.example", "a.example"]),
+            (0.5, [(0, 0, 1, "a.example"), (0, 1, 2, "b.example")], ["b.example", "a.example"]),
+            # A draw of 0 picks a weight-0 record placed first (its "very small chance").
+            (0.0, [(0, 0, 1, "a.example"), (0, 1, 2, "b.example")], ["a.example", "b.example"]),
+            (0.25, [(0, 1, 1, "a.example"), (0, 1, 2, "b.example")], ["a.example", "b.example"]),
+            (0.5, [(0, 1, 1, "a.example"), (0, 1, 2, "b.example")], ["a.example", "b.example"]),
+            (0.75, [(0, 1, 1, "a.example"), (0, 1, 2, "b.example")], ["b.example", "a.example"]),
+        ]
+        for fraction, records, order in cases:
+            self.srv.records[name] = records
+            self.resolver = ServerResolver(
+                self.clock, self.peers, self.srv, random=_FixedRandom(fraction)
+            )
+            _, targets = self.resolve("example.org")
+            self.assertEqual([host for host, _ in targets], order, (fraction, records))
+
+    def test_failure_without_a_response_described(self) -> None:
+        """A DomainError carrying text, not a DNS response, is described by its type and
+        text."""
+        name = "_matrix-fed._tcp.example.org"
+        error = DomainError("text")
+        self.srv.errors[name] = error
+        server = self.successResultOf(self.resolver.resolve_server("example.org"))
+        failure = self.failureResultOf(self.resolver.resolve_targets(server), SrvLookupError)
+        self.assertEqual(str(failure.value), f"SRV lookup for {name} failed: DomainError: text")
+        self.assertIs(failure.value.__cause__, error)
+
     def test_dns_failure_is_not_no_record(self) -> None:
         """A DNS timeout, SERVFAIL, REFUSED, FORMERR or unknown rcode with nothing cached
         fails resolution (as in Synapse): the spec's next steps are for an SRV record that
@@ -754,6 +839,17 @@ class SrvTests(_Base):
             failure = self.failureResultOf(resolution, SrvLookupError)
             self.assertEqual(str(failure.value), f"SRV lookup for {name} failed: no answer in time")
         self.assertEqual(self.srv.outstanding, {})
+
+    def test_answer_within_the_resolver_retries_used(self) -> None:
+        """An answer after 15 s (the resolver's own retries take 1 + 3 + 11 s) is used: the
+        bound on a query is above them."""
+        name = "_matrix-fed._tcp.example.org"
+        self.srv.records[name] = [(0, 0, 8443, "fed.example.org")]
+        [only] = self.held_lookups(1)
+        self.clock.advance(15)
+        self.assertNoResult(only)
+        self.srv.release(name)
+        self.assertEqual(self.successResultOf(only), [("fed.example.org", 8443)])
 
     def test_system_resolver_created_lazily(self) -> None:
         """Without an injected SRV resolver, the system one is built on first SRV need, once."""
@@ -884,6 +980,24 @@ class SrvCacheTests(_Base):
         self.targets()
         self.assertEqual(self.srv.lookups, [self.NAME, self.NAME])
 
+    def test_zero_ttl_answer_not_kept_for_dns_failures(self) -> None:
+        """An answer with TTL 0 is used but not kept: DNS then failing (SERVFAIL) has no
+        earlier answer to fall back on, and the lookup fails."""
+        self.answer(0)
+        self.assertEqual(self.targets(), [("new.example", 1111)])
+        self.srv.errors[self.NAME] = _rcode_error(dns.ESERVER)
+        server = self.successResultOf(self.resolver.resolve_server("example.org"))
+        self.failureResultOf(self.resolver.resolve_targets(server), SrvLookupError)
+        self.assertEqual(self.srv.lookups, [self.NAME, self.NAME])
+
+    def test_one_second_ttl_kept(self) -> None:
+        """An answer with TTL 1 is kept for that second: half a second on, DNS is not asked."""
+        self.answer(1)
+        self.targets()
+        self.clock.advance(0.5)
+        self.assertEqual(self.targets(), [("new.example", 1111)])
+        self.assertEqual(self.srv.lookups, [self.NAME])
+
     def test_long_ttl_capped(self) -> None:
         """A TTL beyond a day is kept for a day (a peer cannot pin its answer for weeks)."""
         self.answer(30 * 24 * 3600)
@@ -923,6 +1037,26 @@ class SrvCacheTests(_Base):
             self.srv.errors[name] = DNSNameError(message)
         self.assertEqual(self.targets(), [("example.org", 8448)])
         self.clock.advance(119)
+        self.assertEqual(self.targets(), [("example.org", 8448)])
+        self.assertEqual(len(self.srv.lookups), 2)
+        self.clock.advance(1)
+        self.targets()
+        self.assertEqual(len(self.srv.lookups), 4)
+
+    def test_negative_ttl_from_the_soa_after_other_records(self) -> None:
+        """The negative TTL is the SOA's, wherever it stands in the authority section: NXDOMAIN
+        with [NS, SOA (TTL 600, MINIMUM 300)] is kept 300 s (RFC 2308 section 5)."""
+        message = dns.Message(rCode=dns.ENAME)
+        message.authority = [
+            dns.RRHeader(
+                name=b"example.org", type=dns.NS, ttl=3600, payload=dns.Record_NS(b"ns.example.org")
+            ),
+            _soa(b"example.org", 600, 300),
+        ]
+        for name in (self.NAME, "_matrix._tcp.example.org"):
+            self.srv.errors[name] = DNSNameError(message)
+        self.assertEqual(self.targets(), [("example.org", 8448)])
+        self.clock.advance(299)
         self.assertEqual(self.targets(), [("example.org", 8448)])
         self.assertEqual(len(self.srv.lookups), 2)
         self.clock.advance(1)
@@ -1392,6 +1526,20 @@ class WellKnownKeptTests(_Base):
             self.assertEqual(self.delegation(), "example.org", kind)
             self.assertEqual(self.next_fetch(), (WELL_KNOWN_ERROR_TTL, "example.org"), kind)
 
+    def test_temporary_failure_status_band(self) -> None:
+        """Only a 5xx status (500 to 599) is a temporary failure that keeps an expired
+        delegation; 499 and 600 are answers saying there is none, and drop it."""
+        for kind, kept in (
+            ("499", False),
+            ("500", True),
+            ("503", True),
+            ("599", True),
+            ("600", False),
+        ):
+            self.start()
+            self.break_site(kind)
+            self.assertEqual(self.delegation(), "m.example:1" if kept else "example.org", kind)
+
     def test_repeated_temporary_failures_drop_delegation(self) -> None:
         """Temporary failures keep a delegation for its TTL again after it expired, not
         longer: then it is dropped, and failures back off as usual from 5 min."""
@@ -1494,6 +1642,14 @@ class CachePeriodTests(SynchronousTestCase):
         """No caching headers (or an unusable max-age): 24 hours."""
         self.assertEqual(self.period(), WELL_KNOWN_DEFAULT_TTL)
         self.assertEqual(self.period(Cache_Control=b"max-age=soon"), WELL_KNOWN_DEFAULT_TTL)
+
+    def test_spec_periods(self) -> None:
+        """The spec's periods in figures ("Resolving server names"): 24 hours without caching
+        headers, at most the recommended 48 hours whatever the response asks for."""
+        self.assertEqual(WELL_KNOWN_DEFAULT_TTL, 24 * 3600)
+        self.assertEqual(self.period(), 24 * 3600)
+        self.assertLessEqual(WELL_KNOWN_MAX_TTL, 48 * 3600)
+        self.assertLessEqual(self.period(Cache_Control=b"max-age=31536000"), 48 * 3600)
 
     def test_max_age_ascii_digits_only(self) -> None:
         """A max-age with non-ASCII digits (Latin-1 superscripts, UTF-8 Arabic-Indic) is
