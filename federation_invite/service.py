@@ -43,7 +43,8 @@ from .auth import RequestAuthenticator, ServerAcl
 from .client import FederationClient
 from .config import Config, ConfigError, load_config
 from .core.keys import key_id_of
-from .core.roomversions import RoomVersion
+from .core.roomversions import KNOWN_ROOM_VERSIONS, RoomVersion
+from .core.signing import ServerVerifyKey, verify_event_signature
 from .inbound import InviteHandler, InviteLimits, InviteListener
 from .keyring import Keyring, OldKey, local_verify_keys
 from .logs import Logger
@@ -82,6 +83,9 @@ GEN0_THRESHOLD = 10_000
 
 #: Seconds after which a database still opening at start is worth a warning.
 SLOW_OPEN_WARNING_SECONDS = 5.0
+
+#: The room version of the event a signer signs at start (``_probe_signer``): a stable one.
+_PROBE_ROOM_VERSION = "10"
 
 
 def settle_gc() -> None:
@@ -266,12 +270,59 @@ def build_components(
 
     A ``signer`` given must provide ``ISigner`` (``server_name``, ``sign_event``
     and ``hash_and_sign_event``): else ``TypeError``, before anything is built;
-    its ``server_name`` must be the configured one: else ``ConfigError``.
+    its ``server_name`` must be the configured one: else ``ConfigError``. It
+    must sign with ``signing_key``, the key the key server publishes: it signs
+    a probe event (``_probe_signer``), and a signature that does not verify is
+    a ``ConfigError`` raised here when the signer answers at once; when it
+    answers later (a remote signer), it is logged as critical then, and
+    ``build_from_config`` waits for that answer and raises it instead.
     """
+    components, probing = _assemble(
+        config,
+        reactor,
+        store,
+        signing_key,
+        client=client,
+        signer=signer,
+        hooks=hooks,
+        listeners=listeners,
+    )
+
+    def refused(failure: Failure) -> None:
+        reason = _failure_reason(cast(BaseException, failure.value))
+        log.critical("The signer cannot be used: {reason}", reason=reason)
+
+    probing.addErrback(refused)
+    return components
+
+
+def _assemble(
+    config: Config,
+    reactor: Any,
+    store: IStore,
+    signing_key: SigningKey,
+    *,
+    client: Any = None,
+    signer: ISigner | None = None,
+    hooks: Sequence[InvitePolicyHook] = (),
+    listeners: Iterable[InviteListener] = (),
+) -> tuple[FederationInvite, Deferred[None]]:
+    """``build_components``, with the signer's probe still to be waited for if it did not
+    answer at once (a probe that failed at once is raised before anything is built)."""
     if signer is not None:
         _check_signer_for(config, signer)
     server_name = config.server_name
     config.check_signing_key_id(key_id_of(signing_key))
+    if signer is None:
+        signer = LocalSigner(server_name, signing_key)
+    # Our old keys verify the events we signed with them (not requests), as for any server.
+    local_keys = local_verify_keys(server_name, signing_key, config.get("keys.old_verify_keys"))
+    probing = _probe_signer(reactor, config, signer, local_keys)
+    if probing.called:
+        failed: list[Failure] = []
+        probing.addErrback(failed.append)
+        if failed:
+            failed[0].raiseException()
     if client is None:
         client = FederationClient(
             reactor,
@@ -282,10 +333,6 @@ def build_components(
             ip_allowlist=config.get("outbound.ip_allowlist"),
             timeout=config.get("outbound.timeout"),
         )
-    if signer is None:
-        signer = LocalSigner(server_name, signing_key)
-    # Our old keys verify the events we signed with them (not requests), as for any server.
-    local_keys = local_verify_keys(server_name, signing_key, config.get("keys.old_verify_keys"))
     keyring = Keyring(
         reactor, store, client, local_keys=local_keys, notaries=config.get("keys.notaries")
     )
@@ -322,7 +369,7 @@ def build_components(
         config.get("keys.old_verify_keys"),
         validity_ms=config.get("keys.validity_period") * 1000,
     )
-    return FederationInvite(
+    components = FederationInvite(
         config,
         reactor,
         signing_key,
@@ -336,6 +383,52 @@ def build_components(
         metrics,
         InviteSender(signer, client, keyring),
     )
+    return components, probing
+
+
+def _probe_signer(
+    reactor: Any, config: Config, signer: ISigner, published: Sequence[ServerVerifyKey]
+) -> Deferred[None]:
+    """Have ``signer`` hash and sign a probe event (an ``m.room.member`` of ours), and check
+    its signature with the keys the key server publishes (``published``, as the keyring
+    has them): else a ``ConfigError``, as no peer could verify what it signs and
+    ``send_invite`` would refuse it. A signer that fails fails this with its error.
+    """
+    server_name = config.server_name
+    room_version = KNOWN_ROOM_VERSIONS[_PROBE_ROOM_VERSION]
+    user = f"@signer-probe:{server_name}"
+    event = {
+        "type": "m.room.member",
+        "state_key": user,
+        "sender": user,
+        "room_id": f"!signer-probe:{server_name}",
+        "content": {"membership": "join"},
+        "origin_server_ts": int(reactor.seconds() * 1000),
+        "depth": 1,
+        "prev_events": [],
+        "auth_events": [],
+    }
+    keys = {(key.server_name, key.key_id): key for key in published}
+
+    def check(signed: Any) -> None:
+        try:
+            verify_event_signature(room_version, signed, server_name, keys)
+        except Exception as exc:
+            try:
+                used = ", ".join(sorted(signed["signatures"][server_name])) or "no key"
+            except Exception:
+                used = "no key"
+            raise ConfigError(
+                f"the signer signs with a key this server does not publish: its signature on "
+                f"a probe event is by {used}, and the key document publishes {published[0].key_id}"
+                f" (configuration key 'signing_key', {config.signing_key_path}), the key an "
+                f"ISigner must sign with ({exc})"
+            ) from exc
+
+    probing: Deferred[None] = defer.maybeDeferred(
+        signer.hash_and_sign_event, room_version, event
+    ).addCallback(check)
+    return probing
 
 
 def _check_signer_for(config: Config, signer: object) -> None:
@@ -422,10 +515,19 @@ async def build_from_config(
     config.check_signing_key_id(key_id_of(key))  # before the database is opened
     store = await open_store(config.database, reactor=reactor)
     try:
-        return build_components(config, reactor, store, key, **kwargs)
+        components, probing = _assemble(config, reactor, store, key, **kwargs)
     except Exception:
         await _close_after_failure(store)
         raise
+    try:
+        await probing  # a remote signer's answer to the probe
+    except BaseException:
+        try:
+            await components.close()
+        except Exception:
+            log.failure("Could not close the components after failing to start")
+        raise
+    return components
 
 
 def _check_arguments(config: Config, kwargs: dict[str, Any]) -> None:

@@ -1,7 +1,9 @@
 """The deferred-based signer: how our server's signature is added to an event.
 
 ``ISigner`` is the seam where a remote signing service or an HSM plugs in
-without touching the invite handler; ``LocalSigner`` signs with the key we hold.
+without touching the invite handler, signing with the key the server publishes
+(the configured signing key: ``service`` refuses a signer whose probe signature
+does not verify with it); ``LocalSigner`` signs with the key we hold.
 """
 
 from __future__ import annotations

@@ -694,6 +694,134 @@ class AssemblyFailureTests(SynchronousTestCase):
         self.assertEqual(self.opened, [])
         self.assertFalse(os.path.exists(self.data_dir))
 
+    def test_signer_with_an_unpublished_key_refused(self) -> None:
+        """A signer that signs with another key than the one the key document publishes is
+        refused when the parts are assembled (ConfigError, one clear message), and
+        build_from_config closes the database it opened; with our key it builds."""
+        config = load_config(None, {"server_name": US})
+        key = make_key("us1")
+        error = self.assertRaises(
+            ConfigError,
+            build_components,
+            config,
+            MemoryReactorClock(),
+            MemoryStore(),  # type: ignore[arg-type]
+            key,
+            signer=LocalSigner(US, make_key("hsm")),
+        )
+        self.assertIn("the signer signs with a key this server does not publish: ", str(error))
+        self.assertIn("ed25519:hsm", str(error))
+        self.assertIn("ed25519:us1", str(error))
+        # Same key ID, other key: refused as well.
+        self.assertRaises(
+            ConfigError,
+            build_components,
+            config,
+            MemoryReactorClock(),
+            MemoryStore(),  # type: ignore[arg-type]
+            key,
+            signer=LocalSigner(US, make_key("us1")),
+        )
+        built = build_components(
+            config,
+            MemoryReactorClock(),
+            MemoryStore(),  # type: ignore[arg-type]
+            key,
+            signer=LocalSigner(US, key),
+        )
+        self.assertEqual(built.signer.server_name, US)
+        failure = self.build(self.config(), signer=LocalSigner(US, make_key("hsm")))
+        failure.trap(ConfigError)
+        self.assertIn("does not publish", str(failure.value))
+        self.assertEqual(len(self.opened), 1)
+        self.assertTrue(self.store.closed)
+
+    def test_signer_answering_later_checked_before_build_from_config_returns(self) -> None:
+        """A signer whose Deferred fires later (a remote signer): build_from_config waits for
+        its answer to the probe and refuses a signature by another key; with the file's key
+        it returns the components."""
+        self.config().ensure_data_dir()
+        (file_key,), _ = load_or_create_signing_keys(self.config().signing_key_path)
+        for key, refused in ((make_key("hsm"), True), (file_key, False)):
+            self.store = _HeldStore()
+            pending: list[Deferred[Any]] = []
+
+            class RemoteSigner:
+                server_name = US
+
+                def __init__(self, local: LocalSigner, pending: list[Deferred[Any]]) -> None:
+                    self.local, self.pending = local, pending
+
+                def sign_event(self, room_version: Any, event: Any, prepared: Any = None) -> Any:
+                    raise AssertionError("not called")
+
+                def hash_and_sign_event(self, room_version: Any, event: Any) -> Any:
+                    answer: Deferred[Any] = Deferred()
+                    self.pending.append(answer)
+                    local = self.local
+                    answer.addCallback(lambda _: local.hash_and_sign_event(room_version, event))
+                    return answer
+
+            building = Deferred.fromCoroutine(
+                build_from_config(
+                    self.config(),
+                    MemoryReactorClock(),
+                    signer=RemoteSigner(LocalSigner(US, key), pending),
+                )
+            )
+            self.assertNoResult(building)
+            (answer,) = pending
+            answer.callback(None)
+            if refused:
+                failure = self.failureResultOf(building, ConfigError)
+                self.assertIn("does not publish", str(failure.value))
+                self.assertTrue(self.store.closed)
+                # build_components cannot wait: it logs the refusal when the answer comes.
+                events: list[dict[str, Any]] = []
+                globalLogPublisher.addObserver(events.append)
+                self.addCleanup(globalLogPublisher.removeObserver, events.append)
+                build_components(
+                    self.config(),
+                    MemoryReactorClock(),
+                    MemoryStore(),  # type: ignore[arg-type]
+                    file_key,
+                    signer=RemoteSigner(LocalSigner(US, key), pending),
+                )
+                self.assertEqual(service_lines(events, "signer cannot be used"), [])
+                pending[-1].callback(None)
+                (line,) = service_lines(events, "signer cannot be used")
+                self.assertEqual(line["log_level"], LogLevel.critical)
+                self.assertIn("does not publish", line["reason"])
+            else:
+                self.assertEqual(self.successResultOf(building).signer.server_name, US)
+                self.assertFalse(self.store.closed)
+
+    def test_daemon_refuses_to_start_with_an_unpublished_signing_key(self) -> None:
+        """The daemon's start checks its signer against the published key: a mismatch fails
+        ready with ConfigError, logged in one line, and closes the store; the default starts."""
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        key = make_key("us1")
+        service = FederationInviteService(self.config(), MemoryReactorClock(), key)
+        service.startService()
+        self.assertEqual(self.successResultOf(service.ready).signer.server_name, US)
+        self.successResultOf(service.stopService())
+        self.store = _HeldStore()
+        self.patch(
+            service_module, "LocalSigner", lambda server_name, _: LocalSigner(US, make_key("hsm"))
+        )
+        service = FederationInviteService(self.config(), MemoryReactorClock(), key)
+        service.startService()
+        self.failureResultOf(service.ready, ConfigError)
+        self.assertTrue(self.store.closed)
+        (line,) = service_lines(events, "could not start")
+        self.assertEqual(line["log_level"], LogLevel.critical)
+        self.assertTrue(
+            line["reason"].startswith("the signer signs with a key this server does not publish: ")
+        )
+        self.assertEqual(self.flushLoggedErrors(), [])
+
 
 class UnfinishedStartTests(SynchronousTestCase):
     """A database that accepts the connection and never answers keeps the start from
