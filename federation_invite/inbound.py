@@ -219,7 +219,9 @@ class InviteHandler:
         self._store = store
         self._policy = policy
         self._strict_room_state = strict_invite_room_state
-        self._listeners: list[InviteListener] = list(listeners)
+        self._listeners: list[InviteListener] = []
+        for listener in listeners:
+            self.add_listener(listener)
         #: Invites handed to the store and not yet stored (or failed), and who
         #: waits for there to be none (``settle``).
         self._storing = 0
@@ -243,7 +245,15 @@ class InviteHandler:
         )
 
     def add_listener(self, listener: InviteListener) -> None:
-        """Be told of every invite handed over, after it is stored."""
+        """Be told of every invite handed over, after it is stored.
+
+        ``TypeError`` for an object that is not callable, here rather than on every invite.
+        """
+        if not callable(listener):
+            raise TypeError(
+                f"an invite listener must be callable (listener(record)); "
+                f"{type(listener).__name__} is not"
+            )
         self._listeners.append(listener)
 
     def _now_ms(self) -> int:

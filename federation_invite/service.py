@@ -202,7 +202,10 @@ class FederationInvite:
         return signed
 
     def add_listener(self, listener: InviteListener) -> None:
-        """Be told (after the commit) of every invite accepted and not ignored."""
+        """Be told (after the commit) of every invite accepted and not ignored.
+
+        ``TypeError`` for an object that is not callable.
+        """
         self.handler.add_listener(listener)
 
     def add_policy_hook(self, hook: InvitePolicyHook) -> None:

@@ -822,6 +822,30 @@ class AssemblyFailureTests(SynchronousTestCase):
         )
         self.assertEqual(self.flushLoggedErrors(), [])
 
+    def test_non_callable_listener_refused(self) -> None:
+        """add_listener (or listeners=) with an object that is not callable raises TypeError at
+        once, as add_policy_hook does, instead of failing every invite later."""
+        components = build_components(
+            load_config(None, {"server_name": US}),
+            MemoryReactorClock(),
+            MemoryStore(),  # type: ignore[arg-type]
+            make_key("us1"),
+        )
+        error = self.assertRaises(TypeError, components.add_listener, 3)
+        self.assertIn("int", str(error))
+        self.assertEqual(components.handler._listeners, [])
+        components.add_listener(print)
+        self.assertEqual(components.handler._listeners, [print])
+        self.assertRaises(
+            TypeError,
+            build_components,
+            load_config(None, {"server_name": US}),
+            MemoryReactorClock(),
+            MemoryStore(),  # type: ignore[arg-type]
+            make_key("us1"),
+            listeners=[print, 3],
+        )
+
 
 class UnfinishedStartTests(SynchronousTestCase):
     """A database that accepts the connection and never answers keeps the start from
