@@ -36,6 +36,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.python.failure import Failure
+from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -265,11 +266,16 @@ def build_components(
     signing_key: SigningKey,
     *,
     client: Any = None,
+    agent: IAgent | None = None,
     signer: ISigner | None = None,
     hooks: Sequence[InvitePolicyHook] = (),
     listeners: Iterable[InviteListener] = (),
 ) -> FederationInvite:
     """Assemble the services from ready parts (``client`` defaults to a ``FederationClient``).
+
+    ``agent`` (an ``IAgent``; not with ``client``) is what that default client sends
+    through instead of server discovery and TLS: tests give a
+    ``federation_invite.testing.FakePeersAgent`` serving their fake homeservers.
 
     A ``signer`` given must provide ``ISigner`` (``server_name``, ``sign_event``
     and ``hash_and_sign_event``): else ``TypeError``, before anything is built;
@@ -286,6 +292,7 @@ def build_components(
         store,
         signing_key,
         client=client,
+        agent=agent,
         signer=signer,
         hooks=hooks,
         listeners=listeners,
@@ -306,12 +313,15 @@ def _assemble(
     signing_key: SigningKey,
     *,
     client: Any = None,
+    agent: IAgent | None = None,
     signer: ISigner | None = None,
     hooks: Sequence[InvitePolicyHook] = (),
     listeners: Iterable[InviteListener] = (),
 ) -> tuple[FederationInvite, Deferred[None]]:
     """``build_components``, with the signer's probe still to be waited for if it did not
     answer at once (a probe that failed at once is raised before anything is built)."""
+    if client is not None and agent is not None:
+        raise TypeError("give build_components a client or an agent, not both")
     if signer is not None:
         _check_signer_for(config, signer)
     server_name = config.server_name
@@ -335,6 +345,7 @@ def _assemble(
             ip_blocklist=config.get("outbound.ip_blocklist"),
             ip_allowlist=config.get("outbound.ip_allowlist"),
             timeout=config.get("outbound.timeout"),
+            agent=agent,
         )
     keyring = Keyring(
         reactor, store, client, local_keys=local_keys, notaries=config.get("keys.notaries")

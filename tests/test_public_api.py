@@ -26,6 +26,17 @@ class PublicNamesTests(SynchronousTestCase):
             if name != "__version__":
                 self.assertTrue(getattr(value, "__doc__", None), name)
 
+    def test_testing_names_exist(self) -> None:
+        """Every name in federation_invite.testing.__all__ (the public test helpers) is
+        importable and documented."""
+        import federation_invite.testing
+
+        names = federation_invite.testing.__all__
+        self.assertEqual(len(set(names)), len(names))
+        self.assertIn("FakePeersAgent", names)
+        for name in names:
+            self.assertTrue(getattr(federation_invite.testing, name).__doc__, name)
+
 
 class EmbeddingExampleTests(TestCase):
     def test_example_serves_app_and_federation(self) -> Deferred[None]:

@@ -1,0 +1,231 @@
+"""federation_invite.testing, used as an embedder's trial tests use it (public names only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from federation_invite import Config, InviteRecord, InviteRefused, MatrixError, build_from_config
+from federation_invite.core.events import compute_event_id, room_id_for_create_event
+from federation_invite.core.signing import hash_and_sign_event
+from federation_invite.testing import (
+    FakeHomeserver,
+    FakePeersAgent,
+    build_create_event,
+    fake_peers,
+)
+
+
+# The README's "Testing your code with trial" example: keep the two identical.
+class BridgeTests(TestCase):
+    async def setUp(self) -> None:
+        self.remote = FakeHomeserver("remote.test", reactor)
+        self.federation = await build_from_config(
+            Config(
+                {
+                    "server_name": "bridge.test",
+                    "data_dir": self.mktemp(),  # a new SQLite database per test
+                    "inbound.local_users": "any",
+                }
+            ),
+            reactor,
+            agent=fake_peers(self.remote),  # the keyring and send_invite reach it in memory
+        )
+        self.addCleanup(lambda: self.federation.close())
+        self.invited: list[InviteRecord] = []
+        self.federation.add_listener(self.invited.append)
+
+    async def test_invite_is_received(self) -> None:
+        invite = self.remote.invite("10", invitee="@bob:bridge.test")
+        status, body = await self.remote.put_invite(self.federation, invite)
+        self.assertEqual(status, 200)
+        self.assertIn("bridge.test", body["event"]["signatures"])
+        self.assertEqual([record.invitee for record in self.invited], ["@bob:bridge.test"])
+
+    async def test_we_invite(self) -> None:
+        event = {
+            "type": "m.room.member",
+            "state_key": "@carol:remote.test",
+            "sender": "@bot:bridge.test",
+            "room_id": "!room:bridge.test",
+            "content": {"membership": "invite"},
+            "origin_server_ts": int(reactor.seconds() * 1000),
+            "depth": 3,
+            "prev_events": ["$" + "p" * 43],
+            "auth_events": ["$" + "a" * 43],
+        }
+        signed = await self.federation.send_invite("10", event)
+        self.assertEqual(set(signed["signatures"]), {"bridge.test", "remote.test"})
+
+
+# End of the README's example.
+
+
+class ReceivingTests(TestCase):
+    setUp = BridgeTests.setUp
+
+    async def receive(self, room_version: str, api_version: int = 2) -> None:
+        invite = self.remote.invite(room_version, invitee="@bob:bridge.test")
+        status, body = await self.remote.put_invite(
+            self.federation, invite, api_version=api_version
+        )
+        self.assertEqual(status, 200, body)
+        answer = body if api_version == 2 else body[1]
+        self.assertEqual(compute_event_id(room_version, answer["event"]), invite.event_id)
+        [record] = self.invited
+        self.assertEqual((record.event_id, record.room_id), (invite.event_id, invite.room_id))
+        self.assertEqual(record.room_version, room_version)
+        self.assertEqual(record.sender, "@alice:remote.test")
+        self.assertEqual(
+            [event["type"] for event in record.invite_room_state],
+            ["m.room.create", "m.room.join_rules", "m.room.member"],
+        )
+
+    async def test_room_version_1(self) -> None:
+        """A v1 invite (own event IDs, reference pairs) is received whole: 200, told once,
+        its room state the full PDUs it was sent with."""
+        await self.receive("1")
+
+    async def test_room_version_1_on_v1_api(self) -> None:
+        """put_invite(api_version=1) sends the v1 shape, room state in unsigned: 200."""
+        await self.receive("1", api_version=1)
+
+    async def test_room_version_10(self) -> None:
+        """A v10 invite is received: 200, told once."""
+        await self.receive("10")
+
+    async def test_room_version_12(self) -> None:
+        """A v12 invite (room ID the create event's hash, create event in the room state as a
+        full PDU and not in auth_events) is received: 200, told once."""
+        await self.receive("12")
+        [record] = self.invited
+        create = record.invite_room_state[0]
+        self.assertEqual(room_id_for_create_event("12", create), record.room_id)
+        self.assertNotIn("room_id", create)
+
+    async def test_unknown_invitee_refused(self) -> None:
+        """An invitee not ours (local_users a list without it) is answered 404 M_NOT_FOUND,
+        and no listener is told."""
+        await self.federation.close()
+        self.federation = await build_from_config(
+            Config(
+                {
+                    "server_name": "bridge.test",
+                    "data_dir": self.mktemp(),
+                    "inbound.local_users": "database",
+                }
+            ),
+            reactor,
+            agent=fake_peers(self.remote),
+        )
+        self.federation.add_listener(self.invited.append)
+        invite = self.remote.invite("10", invitee="@nobody:bridge.test")
+        status, body = await self.remote.put_invite(self.federation, invite)
+        self.assertEqual((status, body["errcode"]), (404, "M_NOT_FOUND"))
+        self.assertEqual(self.invited, [])
+
+    async def test_wrong_key_refused(self) -> None:
+        """An invite signed with a key the homeserver does not publish is refused 401."""
+        impostor = FakeHomeserver("remote.test", reactor)
+        invite = impostor.invite("10", invitee="@bob:bridge.test")
+        status, body = await impostor.put_invite(self.federation, invite)
+        self.assertEqual(status, 401, body)
+        self.assertEqual(body["errcode"], "M_UNAUTHORIZED")
+        self.assertEqual(self.invited, [])
+
+
+class SendingTests(TestCase):
+    setUp = BridgeTests.setUp
+
+    async def test_refusal(self) -> None:
+        """A FakeHomeserver's refusal reaches send_invite as InviteRefused with its status
+        and errcode; the request was received."""
+        self.remote.refusal = MatrixError(403, "M_FORBIDDEN", "not you")
+        event = {
+            "type": "m.room.member",
+            "state_key": "@carol:remote.test",
+            "sender": "@bot:bridge.test",
+            "room_id": "!room:bridge.test",
+            "content": {"membership": "invite"},
+            "origin_server_ts": int(reactor.seconds() * 1000),
+            "depth": 3,
+            "prev_events": ["$" + "p" * 43],
+            "auth_events": ["$" + "a" * 43],
+        }
+        with self.assertRaises(InviteRefused) as caught:
+            await self.federation.send_invite("10", event)
+        self.assertEqual((caught.exception.status, caught.exception.errcode), (403, "M_FORBIDDEN"))
+        self.assertEqual(len(self.remote.received), 1)
+
+
+class BuildingTests(SynchronousTestCase):
+    def test_clock_time_and_given_key(self) -> None:
+        """Events carry the clock's time; a given signing key is the one published."""
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        remote = FakeHomeserver("remote.test", clock, signing_key=None)
+        invite = remote.invite(
+            "10", invitee="@bob:us.test", content={"membership": "invite", "x": 1}
+        )
+        self.assertEqual(invite.event["origin_server_ts"], 1_700_000_000_000)
+        self.assertEqual(invite.event["content"], {"membership": "invite", "x": 1})
+        self.assertEqual(invite.body(2)["room_version"], "10")
+        self.assertEqual(invite.body(1)["unsigned"]["invite_room_state"], invite.invite_room_state)
+
+    def test_v12_room_id_cannot_be_chosen(self) -> None:
+        """In v12 the room ID is the create event's hash: giving one is a ValueError."""
+        remote = FakeHomeserver("remote.test", Clock())
+        self.assertRaises(ValueError, remote.invite, "12", invitee="@b:us.test", room_id="!r:x")
+
+    def test_create_event_per_version(self) -> None:
+        """build_create_event names the creator before v11 only, and has no room_id in v12."""
+        remote = FakeHomeserver("remote.test", Clock())
+        v10 = build_create_event("10", "remote.test", remote.signing_key, origin_server_ts=1)
+        v11 = build_create_event("11", "remote.test", remote.signing_key, origin_server_ts=1)
+        v12 = build_create_event("12", "remote.test", remote.signing_key, origin_server_ts=1)
+        self.assertEqual(v10["content"]["creator"], "@creator:remote.test")
+        self.assertNotIn("creator", v11["content"])
+        self.assertNotIn("room_id", v12)
+        self.assertEqual(v10, hash_and_sign_event("10", v10, "remote.test", remote.signing_key))
+
+    def test_fake_peers_is_the_client_agent(self) -> None:
+        """fake_peers builds the FakePeersAgent re-exported here."""
+        agent: Any = fake_peers(FakeHomeserver("a.test", Clock()))
+        self.assertIsInstance(agent, FakePeersAgent)
+
+    def test_agent_or_client(self) -> None:
+        """build_components takes a client or an agent, not both: TypeError."""
+        from signedjson.key import generate_signing_key
+
+        from federation_invite import build_components
+
+        with self.assertRaises(TypeError):
+            build_components(
+                Config({"server_name": "us.test"}),
+                Clock(),
+                None,  # type: ignore[arg-type]
+                generate_signing_key("k"),
+                client=object(),
+                agent=FakePeersAgent(),
+            )
+
+
+class ReadmeExampleTests(SynchronousTestCase):
+    def test_readme_example_is_bridge_tests(self) -> None:
+        """The README's "Testing your code with trial" example is BridgeTests above, verbatim
+        (so this module runs it)."""
+        import os
+
+        here = os.path.dirname(__file__)
+        with open(os.path.join(here, os.pardir, "README.md"), encoding="utf-8") as handle:
+            readme = handle.read()
+        section = readme.split("\n### Testing your code with trial\n", 1)[1]
+        example = section.split("```python\n", 1)[1].split("```", 1)[0]
+        with open(__file__.replace(".pyc", ".py"), encoding="utf-8") as handle:
+            source = handle.read()
+        start = source.index("class BridgeTests(TestCase):")
+        ours = source[start : source.index("# End of the README's example.")].rstrip()
+        self.assertIn(ours + "\n", example)
