@@ -138,6 +138,14 @@ class KeyringTests(SynchronousTestCase):
         self.assertEqual(self.federation.count("remote.example"), 2)
         self.assertEqual(key.valid_until_ts, int(self.clock.seconds() * 1000) + DAY_MS)
 
+    def test_key_valid_until_the_asked_time_not_refetched(self) -> None:
+        """A cached key whose valid_until_ts is exactly the time asked is still valid then (the
+        bound included, as key_valid_for_event and Synapse judge it): no refetch."""
+        self.get()
+        key = self.keyring.cached_keys("remote.example")[self.key_id]
+        self.assertIn(self.key_id, self.get(valid_at=key.valid_until_ts))
+        self.assertEqual(self.federation.count("remote.example"), 1)
+
     def test_concurrent_asks_share_one_fetch(self) -> None:
         """Two verifications of the same unknown server at once cause exactly one fetch."""
         from twisted.internet.defer import Deferred
@@ -182,6 +190,23 @@ class KeyringTests(SynchronousTestCase):
         self.get(server="dead.example")
         self.assertEqual(self.federation.count("dead.example"), 3)
         self.assertEqual(self.keyring.fetch_failures, 3)
+
+    def test_backoff_doubles_from_a_minute_up_to_an_hour(self) -> None:
+        """A dead server is not asked again before a full minute; each failure after doubles
+        the wait, up to an hour (1, 2, 4, 8, 16, 32 min, then 60 min)."""
+        self.get(server="dead.example")
+        self.clock.advance(59.999)
+        self.get(server="dead.example")
+        self.assertEqual(self.federation.count("dead.example"), 1)
+        self.clock.advance(0.001)
+        delays = []
+        for _ in range(7):
+            self.get(server="dead.example")
+            delay_ms = self.keyring._backoff["dead.example"].delay_ms
+            delays.append(delay_ms // 60_000)
+            self.clock.advance(delay_ms / 1000)
+        self.assertEqual(delays, [2, 4, 8, 16, 32, 60, 60])
+        self.assertEqual(self.federation.count("dead.example"), 8)
 
     def test_ignore_backoff_fetches_during_a_back_off(self) -> None:
         """``ignore_backoff=True`` (the sender's answer check: that server has just answered
@@ -233,6 +258,27 @@ class KeyringTests(SynchronousTestCase):
         self.assertEqual(self.federation.count("remote.example"), 2)
         self.clock.advance(5)
         self.assertEqual(self.federation.count("remote.example"), 2)
+
+    def test_only_the_senders_fetches_pass_ignore_backoff(self) -> None:
+        """Only an ``ignore_backoff`` lookup (the sender's answer check) passes the keyword to
+        the client; every other fetch calls get_json as IKeyFetchClient's older form has it, so
+        a client written to that form still serves them."""
+        seen: list[dict[str, Any]] = []
+        federation = self.federation
+
+        class RecordingClient:
+            def get_json(self, destination: str, path: str, **kwargs: Any) -> Any:
+                seen.append(kwargs)
+                return federation.get_json(destination, path)
+
+        federation.add_key_server(self.clock, "other.example", [self.remote_key])
+        keyring = Keyring(self.clock, self.store, RecordingClient())
+        self.assertIn(self.key_id, self.get(keyring))
+        keys = self.successResultOf(
+            keyring.get_server_keys("other.example", [self.key_id], NOW_MS, ignore_backoff=True)
+        )
+        self.assertIn(self.key_id, keys)
+        self.assertEqual(seen, [{"signed": False}, {"signed": False, "ignore_backoff": True}])
 
     def test_backoff_over_after_clock_steps_back(self) -> None:
         """A back-off set "after" now (the wall clock stepped back since) is over: the server
@@ -682,6 +728,46 @@ class KeyringTests(SynchronousTestCase):
             self.keyring.cached_keys("remote.example")[self.key_id].expired_ts, NOW_MS + DAY_MS
         )
 
+    def test_undecodable_stored_key_skipped(self) -> None:
+        """A stored key that does not decode (a corrupt row) is skipped with a warning; the
+        server's other stored keys are still used, without a fetch."""
+        from federation_invite.store import ServerKeyRecord
+
+        published = encode_verify_key(verify_key_of(self.remote_key))
+        self.successResultOf(
+            self.store.store_server_keys(
+                [
+                    ServerKeyRecord(
+                        "remote.example",
+                        "ed25519:bad",
+                        "AAAA",
+                        NOW_MS + DAY_MS,
+                        None,
+                        NOW_MS,
+                        "remote.example",
+                    ),
+                    ServerKeyRecord(
+                        "remote.example",
+                        self.key_id,
+                        published,
+                        NOW_MS + DAY_MS,
+                        None,
+                        NOW_MS,
+                        "remote.example",
+                    ),
+                ]
+            )
+        )
+        with capturedLogs() as events:
+            keys = self.get()
+        self.assertEqual(keys[self.key_id].verify_key, verify_key_of(self.remote_key))
+        self.assertEqual(self.keyring.cached_keys("remote.example").keys(), {self.key_id})
+        self.assertIn(
+            "Ignoring an undecodable stored key ed25519:bad of remote.example",
+            [formatEvent(event) for event in events],
+        )
+        self.assertEqual(self.federation.calls, [])
+
     def test_key_fetched_while_our_clock_ran_ahead_is_replaced(self) -> None:
         """A key fetched while our clock ran ahead (its fetched_ts now in the future) is
         replaced by the next fetch once the clock is set right, in memory and in the store,
@@ -796,6 +882,20 @@ class KeyringTests(SynchronousTestCase):
         )
         self.assertEqual(keys[key_id_of(ours)].verify_key, verify_key_of(ours))
 
+    def test_memory_evicts_down_to_half_the_bound(self) -> None:
+        """Memory holds up to its bound; one server more drops the least recently loaded down
+        to half the bound at once (amortised O(1) per load), not one at a time."""
+        import federation_invite.keyring as keyring_module
+
+        self.patch(keyring_module, "_MEMORY_SIZE", 4)
+        for n in range(4):
+            self.federation.add_key_server(self.clock, f"s{n}.example", [self.remote_key])
+            self.get(server=f"s{n}.example")
+        self.assertEqual(len(self.keyring._memory), 4)
+        self.federation.add_key_server(self.clock, "s4.example", [self.remote_key])
+        self.get(server="s4.example")
+        self.assertEqual(list(self.keyring._memory), ["s3.example", "s4.example"])
+
 
 class NotaryTests(SynchronousTestCase):
     def setUp(self) -> None:
@@ -831,6 +931,16 @@ class NotaryTests(SynchronousTestCase):
             [{"server_keys": {"down.example": {self.key_id: {"minimum_valid_until_ts": NOW_MS}}}}],
         )
         self.assertEqual(self.store.keys[("down.example", self.key_id)].source, "notary.example")
+
+    def test_notary_not_asked_when_the_server_answered(self) -> None:
+        """Notaries are only asked for the keys the server's own answer lacks: a server that
+        listed every key asked costs no notary query."""
+        self.federation.add_key_server(self.clock, "up.example", [self.remote_key])
+        keys = self.successResultOf(
+            self.keyring().get_server_keys("up.example", [self.key_id], NOW_MS)
+        )
+        self.assertIn(self.key_id, keys)
+        self.assertEqual(self.notary.queries, [])
 
     def test_slow_notary_not_backed_off(self) -> None:
         """A notary slow about one server (it must reach that server itself: a tarpit anyone can
@@ -1004,6 +1114,89 @@ class NotaryTests(SynchronousTestCase):
                 self.assertEqual(asked, [["ed25519:bogus"], [key_id_of(old)]])
                 self.assertEqual(keyring.fetches, 2)
 
+    def test_joined_key_id_asked_valid_at_the_latest_time(self) -> None:
+        """Callers wanting one key ID valid at different times share one fetch that asks the
+        notary for the latest of them (minimum_valid_until_ts), whatever order they came in."""
+        from twisted.internet.defer import Deferred
+
+        self.notary.by_key_id = True
+        keyring = self.keyring()
+        gate: Deferred[None] = Deferred()
+        self.federation.hold["down.example"] = gate
+        later = keyring.get_server_keys("down.example", [self.key_id], NOW_MS + 10)
+        earlier = keyring.get_server_keys("down.example", [self.key_id], NOW_MS)
+        del self.federation.hold["down.example"]
+        gate.callback(None)
+        for ask in (later, earlier):
+            self.assertIn(self.key_id, self.successResultOf(ask))
+        self.assertEqual(
+            self.notary.queries,
+            [
+                {
+                    "server_keys": {
+                        "down.example": {self.key_id: {"minimum_valid_until_ts": NOW_MS + 10}}
+                    }
+                }
+            ],
+        )
+
+    def old_key_only_the_notary_has(self) -> Any:
+        """remote.example is up and lists its current key; the notary still holds its document
+        from 30 days ago, listing the key it has rotated out since, which it returns."""
+        old = make_key("old")
+        self.federation.add_key_server(self.clock, "remote.example", [self.remote_key])
+        self.notary.documents["remote.example"] = server_keys_document(
+            "remote.example", [old], [], NOW_MS - 30 * DAY_MS, DAY_MS
+        )
+        self.notary.by_key_id = True
+        return old
+
+    def test_sender_joining_after_the_notary_was_asked_fetches_again_at_once(self) -> None:
+        """An ``ignore_backoff`` lookup (the sender's answer check: the server has just answered
+        us) joining a fetch after its notary query went out gets one more fetch at once, not
+        after the 5 s pause that fetch set: the old key only the notary has is found."""
+        from twisted.internet.defer import Deferred
+
+        old = self.old_key_only_the_notary_has()
+        keyring = self.keyring()
+        gate: Deferred[None] = Deferred()
+        self.federation.hold["notary.example"] = gate
+        made_up = keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS)
+        retired = keyring.get_server_keys(
+            "remote.example", [key_id_of(old)], 0, ignore_backoff=True
+        )
+        del self.federation.hold["notary.example"]
+        gate.callback(None)
+        self.assertEqual(self.successResultOf(made_up), {})
+        self.assertEqual(
+            self.successResultOf(retired)[key_id_of(old)].verify_key, verify_key_of(old)
+        )
+        self.assertEqual(keyring.fetches, 2)
+
+    def test_key_id_joined_after_the_notary_was_asked_is_not_taken_as_asked(self) -> None:
+        """A key ID that joined a fetch after its notary query went out was asked of no notary:
+        looked up again within the pause that fetch set, it waits for the pause to end (and is
+        found then), rather than being answered at once as a key ID the notary lacks."""
+        from twisted.internet.defer import Deferred
+
+        old = self.old_key_only_the_notary_has()
+        keyring = self.keyring()
+        gate: Deferred[None] = Deferred()
+        self.federation.hold["notary.example"] = gate
+        keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS)
+        retired = keyring.get_server_keys("remote.example", [key_id_of(old)], 0)
+        del self.federation.hold["notary.example"]
+        gate.callback(None)
+        self.assertNoResult(retired)
+        again = keyring.get_server_keys("remote.example", [key_id_of(old)], 0)
+        self.assertNoResult(again)
+        self.clock.advance(5)
+        for ask in (retired, again):
+            self.assertEqual(
+                self.successResultOf(ask)[key_id_of(old)].verify_key, verify_key_of(old)
+            )
+        self.assertEqual(keyring.fetches, 2)
+
     def test_joined_key_ids_bounded(self) -> None:
         """Callers joining a fetch add at most 64 key IDs to what the notaries are asked; the
         others wait for the pause it ends in and share the one fetch made then."""
@@ -1086,6 +1279,21 @@ class NotaryTests(SynchronousTestCase):
         copy lists K1 as current: K1 stays old, in memory and in the store, so requests
         signed with it stay refused."""
         keyring, k1, _ = self.rotated()
+        self.clock.advance(10)
+        self.successResultOf(keyring.get_server_keys("rotated.example", ["ed25519:bogus"], 0))
+        self.assertTrue(self.notary.queries)
+        self.assertEqual(
+            keyring.cached_keys("rotated.example")[key_id_of(k1)].expired_ts, NOW_MS - 3_600_000
+        )
+        self.assertEqual(
+            self.store.keys[("rotated.example", key_id_of(k1))].expired_ts, NOW_MS - 3_600_000
+        )
+
+    def test_stale_notary_copy_does_not_undo_a_rotation_with_the_server_down(self) -> None:
+        """With the server down, the notary's stale copy listing K1 as current is all the fetch
+        gets: K1 still stays old, in memory and in the store."""
+        keyring, k1, _ = self.rotated()
+        del self.federation.servers["rotated.example"]
         self.clock.advance(10)
         self.successResultOf(keyring.get_server_keys("rotated.example", ["ed25519:bogus"], 0))
         self.assertTrue(self.notary.queries)
@@ -1180,6 +1388,40 @@ class NotaryTests(SynchronousTestCase):
         )
         self.assertEqual(keys, {})
 
+    def test_malformed_or_failed_notary_answer_is_a_failure(self) -> None:
+        """A notary answer that is not an object with a server_keys list (key/v2/query), or no
+        answer at all, is a failure: with the server down too, it is backed off for the 1 min
+        minimum, not asked again after the 5 s pause an answer sets."""
+        answers = [
+            CannedResource(200, {"server_keys": {}}),
+            CannedResource(200, {"server_keys": "down.example"}),
+            CannedResource(200, []),
+            CannedResource(500, {"errcode": "M_UNKNOWN"}),
+        ]
+        for n, answer in enumerate(answers):
+            self.federation.servers["notary.example"] = answer
+            keyring, server = self.keyring(), f"dead{n}.example"
+            for wait, fetched in ((0, 1), (5, 1), (55, 2)):
+                self.clock.advance(wait)
+                keys = keyring.get_server_keys(server, [self.key_id], NOW_MS)
+                self.assertEqual(self.successResultOf(keys), {})
+                self.assertEqual(self.federation.count(server), fetched, (n, wait))
+            self.assertEqual(len(answer.requests), 2)
+
+    def test_other_entries_in_a_notary_answer_skipped(self) -> None:
+        """Entries of a notary's server_keys that are not objects, or are documents of other
+        servers (not signed by the notary), are skipped before its signature is checked; the
+        server's document among them is used."""
+        signed = sign_json(self.notary.documents["down.example"], "notary.example", self.notary_key)
+        other = server_keys_document("other.example", [make_key("o")], [], NOW_MS, DAY_MS)
+        self.federation.servers["notary.example"] = CannedResource(
+            200, {"server_keys": [42, other, signed]}
+        )
+        keys = self.successResultOf(
+            self.keyring().get_server_keys("down.example", [self.key_id], NOW_MS)
+        )
+        self.assertEqual(keys[self.key_id].verify_key, verify_key_of(self.remote_key))
+
 
 class ParseKeyResponseTests(SynchronousTestCase):
     def setUp(self) -> None:
@@ -1203,6 +1445,37 @@ class ParseKeyResponseTests(SynchronousTestCase):
             (records["ed25519:old"].expired_ts, records["ed25519:old"].valid_until_ts), (5, None)
         )
         self.assertEqual(records["ed25519:a"].valid_until_ts, NOW_MS + DAY_MS)
+
+    def test_key_both_current_and_old_is_current(self) -> None:
+        """A key ID listed in both verify_keys and old_verify_keys is kept once, as current
+        (the current entry wins: a key cannot be both)."""
+        from federation_invite.config import OldKey
+
+        old = OldKey("ed25519:a", encode_verify_key(verify_key_of(self.key)), 5)
+        document = server_keys_document("s.example", [self.key], [old], NOW_MS, DAY_MS)
+        records = parse_key_response(document, "s.example", NOW_MS, "x")
+        self.assertEqual(
+            [(r.key_id, r.valid_until_ts, r.expired_ts) for r in records],
+            [("ed25519:a", NOW_MS + DAY_MS, None)],
+        )
+
+    def test_old_key_expired_at_zero_kept(self) -> None:
+        """An old key's expired_ts of 0 is a valid timestamp (non-negative): the key is kept."""
+        from federation_invite.config import OldKey
+
+        old = make_key("old")
+        old_entry = OldKey("ed25519:old", encode_verify_key(verify_key_of(old)), 0)
+        document = server_keys_document("s.example", [self.key], [old_entry], NOW_MS, DAY_MS)
+        records = {r.key_id: r for r in parse_key_response(document, "s.example", NOW_MS, "x")}
+        self.assertEqual(
+            (records["ed25519:old"].expired_ts, records["ed25519:old"].valid_until_ts), (0, None)
+        )
+
+    def test_nothing_skipped_no_log_line(self) -> None:
+        """A document whose entries are all usable is parsed without a log line."""
+        with capturedLogs() as events:
+            parse_key_response(self.document, "s.example", NOW_MS, "x")
+        self.assertEqual(events, [])
 
     def test_refusals(self) -> None:
         """Each malformed or unsigned key document is refused with a reason."""
