@@ -12,6 +12,7 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from unpaddedbase64 import encode_base64
 
+from federation_invite import testing
 from federation_invite.auth import RequestAuthenticator, ServerAcl
 from federation_invite.core.canonical import encode_canonical_json
 from federation_invite.core.events import compute_event_id, room_id_for_create_event
@@ -59,23 +60,11 @@ def build_create_event(
 ) -> dict[str, Any]:
     """A signed m.room.create event of ``room_id`` (by default ``!room:`` + ``server``, as
     ``build_invite``'s; v12: without room_id, per v12 event format)."""
-    event: dict[str, Any] = {
-        "type": "m.room.create",
-        "state_key": "",
-        "sender": f"@creator:{server}",
-        "content": {"room_version": room_version.identifier},
-        "origin_server_ts": NOW_MS - 10_000,
-        "depth": 1,
-        "prev_events": [],
-        "auth_events": [],
-    }
-    if not room_version.room_id_is_create_event_hash:
-        event["room_id"] = room_id or f"!room:{server}"
-    if room_version.event_format is EventFormat.V1:
-        event["event_id"] = f"$create:{server}"
-    if room_version.redaction_keeps_top_level_origin:
-        event["origin"] = server
-    return hash_and_sign_event(room_version, event, server, key)
+    if room_version.room_id_is_create_event_hash:
+        room_id = None
+    return testing.build_create_event(
+        room_version, server, key, origin_server_ts=NOW_MS - 10_000, room_id=room_id
+    )
 
 
 def stripped(
@@ -97,24 +86,24 @@ def build_invite(
     sign: bool = True,
 ) -> dict[str, Any]:
     """An invite event as Synapse builds it for ``room_version``, hashed and signed by ``server``."""
-    event: dict[str, Any] = {
-        "type": "m.room.member",
-        "state_key": invitee,
-        "sender": sender,
-        "content": {"membership": "invite", "displayname": "Bob"},
-        "room_id": room_id or f"!room:{server}",
-        "origin_server_ts": NOW_MS,
-        "depth": 12,
-        "prev_events": _references(room_version, ["prev"]),
-        "auth_events": _references(room_version, ["a1", "a2", "a3"]),
-        "unsigned": {"age": 4},
-    }
-    if room_version.event_format is EventFormat.V1:
-        event["event_id"] = (
+    event = testing.invite_event_template(
+        room_version,
+        server,
+        sender=sender,
+        invitee=invitee,
+        room_id=room_id or f"!room:{server}",
+        origin_server_ts=NOW_MS,
+        prev_events=_references(room_version, ["prev"]),
+        auth_events=_references(room_version, ["a1", "a2", "a3"]),
+        depth=12,
+        content={"membership": "invite", "displayname": "Bob"},
+        event_id=(
             f"$invite{abs(hash(json.dumps(extra, sort_keys=True))) % 10**8}:{server}"
-        )
-    if room_version.redaction_keeps_top_level_origin:
-        event["origin"] = server
+            if room_version.event_format is EventFormat.V1
+            else None
+        ),
+    )
+    event["unsigned"] = {"age": 4}
     event.update(extra or {})
     if not sign:
         return event

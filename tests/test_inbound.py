@@ -866,7 +866,7 @@ class RoomStateValidationTests(InboundTestCase):
         answer, line = self.send_logged(room_version, room_id, [create, redact(room_version, name)])
         self.assertKeptRedacted(answer, line, [create, redact(room_version, name)])
         # v10 redaction keeps no content of a create event but "creator".
-        rewritten_create = {**create, "content": {"room_version": "9"}}
+        rewritten_create = {**create, "content": {**create["content"], "room_version": "9"}}
         rewritten_name = {**name, "content": {"name": "Rewritten"}}
         answer, line = self.send_logged(room_version, room_id, [rewritten_create, rewritten_name])
         expected = [redact(room_version, create), redact(room_version, name)]
