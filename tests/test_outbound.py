@@ -598,6 +598,15 @@ class AnswerCheckTests(_Base):
             "and 2 more",
         )
 
+    def test_eight_changes_listed_in_full(self) -> None:
+        """Up to eight fields of a kind are all listed, with no "and N more"."""
+        self.peer.mutate = lambda event: event.update({f"k{i}": i for i in range(8)})
+        self.assertEqual(
+            self.invalid().reason,
+            "the event in the answer is not the one sent: added 'k0', 'k1', 'k2', 'k3', 'k4', "
+            "'k5', 'k6', 'k7'",
+        )
+
     def test_type_confusable_change(self) -> None:
         """2.0 for 2 (equal in Python, not in JSON) is a change."""
         self.peer.mutate = lambda event: event.__setitem__("depth", 2.0)
@@ -714,6 +723,26 @@ class AnswerCheckTests(_Base):
         )
         event, state = self.origin.invite("4", now_ms=later)
         self.successResultOf(self.origin.send("4", event, state))
+
+    def key_fetches(self) -> int:
+        """The key documents fetched so far."""
+        return sum(
+            1 for _, uri, _ in self.origin.agent.requests if b"/_matrix/key/v2/server" in uri
+        )
+
+    def test_expired_peer_key_refetched_from_v5(self) -> None:
+        """v5+: a cached key of the invitee's that is no longer valid at origin_server_ts is
+        fetched again (v5 signing requirements), so a later invite still verifies; v4 does
+        not ask for validity and uses the cached key without a fetch."""
+        for room_version, fetches in (("10", 2), ("4", 1)):
+            self.origin = Origin()
+            peer = FakePeer(self.origin.clock, validity_ms=60_000)
+            self.origin.agent.add_peer(PEER, peer.root)
+            for _ in range(2):
+                event, state = self.origin.invite(room_version)
+                self.successResultOf(self.origin.send(room_version, event, state))
+                self.origin.clock.advance(3600)
+            self.assertEqual(self.key_fetches(), fetches, room_version)
 
     def test_v1_shaped_answer_on_v2(self) -> None:
         """[200, {"event": ...}] from the v2 endpoint is refused."""
@@ -890,6 +919,14 @@ class RefusalTests(_Base):
             (error.status, error.errcode, error.retry_after_ms), (429, "M_LIMIT_EXCEEDED", 2000)
         )
         self.assertIn("retry_after_ms=2000", repr(error))
+
+    def test_retry_after_zero_kept(self) -> None:
+        """A retry_after_ms of 0 (a non-negative integer: retry at once) is passed on."""
+        self.peer.canned[2] = (429, {"errcode": "M_LIMIT_EXCEEDED", "retry_after_ms": 0})
+        error = self.refused()
+        self.assertEqual(
+            (error.status, error.errcode, error.retry_after_ms), (429, "M_LIMIT_EXCEEDED", 0)
+        )
 
     def test_bad_retry_after_ignored(self) -> None:
         """A retry_after_ms that is not a non-negative integer is not passed on."""
@@ -1185,10 +1222,37 @@ class BeforeSendingTests(_Base):
             "the m.room.create event cannot be hashed: event content is not an object",
         )
 
+    def test_v12_create_event_without_hashes_or_signatures_refused(self) -> None:
+        """Room v12: a create event with hashes but no signatures (or signatures but no hashes)
+        is not the full PDU, and is refused unsent as a stripped one."""
+        event, state = self.origin.invite("12")
+        for missing in ("signatures", "hashes"):
+            partial = {k: v for k, v in state[0].items() if k != missing}
+            self.assertEqual(
+                self.not_sendable("12", event, [partial]),
+                "room version 12 requires the room's full m.room.create event (with hashes and "
+                "signatures) in invite_room_state (only a stripped one was given)",
+                missing,
+            )
+
+    def test_v12_other_state_events_sent_along(self) -> None:
+        """Room v12: other state events in invite_room_state (state_key "" too, such as the
+        join rules) are not taken for the create event, and are sent as given."""
+        event, state = self.origin.invite("12")
+        join_rules = {**state[0], "type": "m.room.join_rules", "content": {"join_rule": "invite"}}
+        self.successResultOf(self.origin.send("12", event, [join_rules, state[0]]))
+        self.assertEqual(self.peer.received[0][2]["invite_room_state"], [join_rules, state[0]])
+
     def test_v1_to_v11_room_state_not_required(self) -> None:
         """Before v12 an empty invite_room_state is sent as given (Synapse's tests do so)."""
         event, _ = self.origin.invite("11")
         self.successResultOf(self.origin.send("11", event, []))
+        self.assertEqual(self.peer.received[0][2]["invite_room_state"], [])
+
+    def test_room_state_defaults_to_empty(self) -> None:
+        """Before v12, invite_room_state may be left out: an empty list is sent."""
+        event, _ = self.origin.invite("11")
+        self.successResultOf(self.origin.sender.send_invite("11", event))
         self.assertEqual(self.peer.received[0][2]["invite_room_state"], [])
 
     def test_not_an_invite(self) -> None:
@@ -1580,6 +1644,27 @@ class BuildTestInviteTests(SynchronousTestCase):
         """Before v12 the room may be chosen."""
         invite, state = self.build("10", room_id="!chosen:origin.example")
         self.assertEqual((invite["room_id"], state[0]["room_id"]), ("!chosen:origin.example",) * 2)
+
+    def test_top_level_origin_before_v11_only(self) -> None:
+        """Both events carry a top-level origin before v11, none from v11 (rooms/v11.md: the
+        redaction algorithm no longer keeps it)."""
+        for room_version in ALL_VERSIONS:
+            invite, [create] = self.build(room_version)
+            expected = int(room_version) < 11
+            self.assertEqual(
+                ("origin" in invite, "origin" in create), (expected,) * 2, room_version
+            )
+
+    def test_depths_and_fresh_ids(self) -> None:
+        """The create event has depth 1 and the invite depth 2; each build makes a new room ID
+        and, where events carry one (v1, v2), new distinct event IDs."""
+        invite, [create] = self.build("1")
+        again, [create_again] = self.build("1")
+        self.assertEqual((create["depth"], invite["depth"]), (1, 2))
+        event_ids = {e["event_id"] for e in (invite, create, again, create_again)}
+        self.assertEqual(len(event_ids), 4)
+        self.assertNotEqual(invite["room_id"], again["room_id"])
+        self.assertNotEqual(self.build("10")[0]["room_id"], self.build("10")[0]["room_id"])
 
     def test_refusals(self) -> None:
         """v12 rooms cannot be chosen; senders must be ours; IDs must be valid."""
