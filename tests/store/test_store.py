@@ -19,7 +19,7 @@ from twisted.internet.defer import DeferredList, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs, formatEvent
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from federation_invite.core.canonical import encode_canonical_json
@@ -33,6 +33,7 @@ from federation_invite.store import (
     open_store,
     run_migrations,
 )
+from federation_invite.store._base import _STATES_PER_STATEMENT, _invitee_states_query
 from federation_invite.store._sqlite_writer import _PROBE_EVERY
 
 from ._support import (
@@ -635,6 +636,22 @@ class StoreTestsMixin:
         )
         result = await run_migrations(self.uri, reactor=reactor)
         self.assertEqual(result.before, 0)
+
+
+class InviteeStatesStatementTests(SynchronousTestCase):
+    def test_statements_few_whatever_the_number_of_users(self) -> None:
+        """A read of N invitees' states (1 to the most in one statement) is one of at most 10
+        statement texts, its IN lists padded by repeating the last user: each distinct text is
+        a prepared statement SQLite keeps (up to 142 KiB each, 128 per connection), so reads of
+        every size in between kept growing the daemon's memory."""
+        texts = set()
+        for count in range(1, _STATES_PER_STATEMENT + 1):
+            users = [f"@u{i}:local.example" for i in range(count)]
+            statement, args = _invitee_states_query(users)
+            texts.add(statement)
+            self.assertEqual(statement.count("?"), len(args))
+            self.assertEqual(set(args), set(users))
+        self.assertLessEqual(len(texts), 10)
 
 
 class SQLiteStoreTests(StoreTestsMixin, TestCase):
