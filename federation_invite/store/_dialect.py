@@ -489,7 +489,12 @@ def _parse_postgres(uri: str) -> PostgresDialect:
     # the last: with an unencoded '@' in the password libpq would connect to a host
     # named after the rest of it, and quote it in its error (RFC 3986 3.2.1 and libpq
     # both ask for special characters to be percent-encoded).
-    if uri[uri.index("://") + 3 :].partition("/")[0].count("@") > 1:
+    authority = uri[uri.index("://") + 3 :].partition("/")[0]
+    if authority.count("@") > 1:
+        raise ValueError(_MALFORMED)
+    # Nor does libpq end the userinfo at '?' or '#', as urlsplit does: with one unencoded
+    # there, urlsplit would find no password to hide (and the checks below quote the URI).
+    if any(char in authority.partition("@")[0] for char in "?#") and "@" in authority:
         raise ValueError(_MALFORMED)
     # libpq reads URIs itself; only the scheme needs normalising for old versions.
     dsn = "postgresql" + uri[uri.index("://") :]
@@ -518,6 +523,10 @@ def _parse_postgres(uri: str) -> PostgresDialect:
     if parts.fragment:
         raise ValueError(f"PostgreSQL URI {display!r} must not have a fragment")
     dbname = unquote(parts.path.lstrip("/"))
+    if "/" in parts.path.lstrip("/"):
+        # Perhaps a password's unencoded '/' (fi:12345/678@host/db: libpq reads host fi,
+        # port 12345, database "678@host/db"): quote nothing of it.
+        raise ValueError(_MALFORMED)
     if not dbname or "/" in dbname:
         raise ValueError(f"PostgreSQL URI {display!r} must name a database: .../dbname")
     # What libpq itself reads as a password, however spelled, is a secret too.

@@ -93,7 +93,10 @@ class PostgresURITests(SynchronousTestCase):
             "postgresql://fi:pw@/?host=/tmp": "'postgresql://fi:***@/?host=/tmp' must name a database",
             "postgresql://fi:pw@db.example": "'postgresql://fi:***@db.example' must name a database",
             "postgresql://db.example/": "must name a database",
-            "postgresql://db.example/a/b": "must name a database",
+            # A second '/' may be a password's unencoded '/' (fi:12345/678@...: libpq reads
+            # host fi, port 12345): refused quoting nothing.
+            "postgresql://db.example/a/b": "PostgreSQL URI is malformed (percent-encode special characters)",
+            "postgresql://fi:12345/678@db.example/x": "PostgreSQL URI is malformed (percent-encode special characters)",
             "postgresql://db.example:port/x": "PostgreSQL URI is malformed (percent-encode special characters)",
             "postgresql://db.example/x#frag": "must not have a fragment",
         }
@@ -102,6 +105,7 @@ class PostgresURITests(SynchronousTestCase):
                 parse_database_uri(uri)
             self.assertIn(message, str(caught.exception))
             self.assertNotIn(":pw@", str(caught.exception))
+            self.assertNotIn("678", str(caught.exception))
 
 
 class OtherURITests(SynchronousTestCase):
@@ -168,6 +172,27 @@ class LibpqPasswordTests(SynchronousTestCase):
             self.assertEqual(
                 str(error), "PostgreSQL URI is malformed (percent-encode special characters)"
             )
+
+    def test_unencoded_question_mark_or_hash_in_userinfo_refused(self) -> None:
+        """An unencoded '?' or '#' before the userinfo's '@' (libpq ends the userinfo at the
+        first '@' or '/', urlsplit the authority at '?' or '#', so urlsplit found no password
+        and the fragment and database checks quoted the URI with it) is refused as malformed,
+        quoting none of the URI."""
+        for uri in (
+            "postgresql://fi:1234?5678@db.example/invites",
+            "postgresql://fi:1234#5678@db.example/invites",
+            "postgresql://fi:?5678@db.example/invites",
+            "postgresql://fi:#5678@db.example/invites",
+            "postgresql://fi?x:5678@db.example/invites",
+        ):
+            error = self.assertRaises(ValueError, parse_database_uri, uri)
+            self.assertEqual(
+                str(error), "PostgreSQL URI is malformed (percent-encode special characters)"
+            )
+            self.assertNotIn("5678", str(error))
+        # Percent-encoded, the same password is read and hidden.
+        dialect = parse_database_uri("postgresql://fi:1234%3F5678@db.example/invites")
+        self.assertNotIn("5678", dialect.display)
 
     def test_percent_encoded_parameter_name_hidden(self) -> None:
         """?pass%77ord= is a password to libpq: hidden from the display and from messages."""
