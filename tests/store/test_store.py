@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredList, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs, formatEvent
@@ -33,7 +33,11 @@ from federation_invite.store import (
     open_store,
     run_migrations,
 )
-from federation_invite.store._base import _STATES_PER_STATEMENT, _invitee_states_query
+from federation_invite.store._base import (
+    _STATES_PER_STATEMENT,
+    MAX_INVITE_BATCH,
+    _invitee_states_query,
+)
 from federation_invite.store._sqlite_writer import _PROBE_EVERY
 
 from ._support import (
@@ -125,6 +129,16 @@ class StoreTestsMixin:
         self.assertLessEqual(len(transactions), 3)
         self.assertEqual(self.raw("SELECT COUNT(*) FROM invites"), [(50,)])
 
+    async def test_more_invites_than_one_batch_each_stored_once(self) -> None:
+        """Invites arriving together beyond MAX_INVITE_BATCH are all stored and each caller
+        answered once as stored (group commit in batches of at most MAX_INVITE_BATCH)."""
+        store = await self.open()
+        count = 2 * MAX_INVITE_BATCH + 88
+        records = [make_invite(f"$b{i:04d}") for i in range(count)]
+        results = await gatherResults([store.store_invite(r) for r in records])
+        self.assertEqual([created for _, created in results], [True] * count)
+        self.assertEqual(self.raw("SELECT COUNT(*) FROM invites"), [(count,)])
+
     async def test_group_commit_failure_fails_the_batch_only(self) -> None:
         """A failed batch fails each of its callers with StoreError; later writes do not hang."""
         store = await self.open()
@@ -199,6 +213,15 @@ class StoreTestsMixin:
         """get_invite of an event never stored fires with None."""
         store = await self.open()
         self.assertIsNone(await store.get_invite("$nothing"))
+
+    async def test_list_invites_default_limit_is_100(self) -> None:
+        """list_invites() without limit returns the 100 newest (IStore.list_invites: limit=100)."""
+        store = await self.open()
+        for i in range(101):
+            await store.store_invite(make_invite(f"$l{i:03d}", received_ts=1000 + i))
+        listed = await store.list_invites()
+        self.assertEqual(len(listed), 100)
+        self.assertEqual(listed[-1].event_id, "$l001")
 
     async def test_list_invites_filters_and_orders_newest_first(self) -> None:
         """list_invites filters by invitee, room and status, newest first, with limit and paging."""
@@ -490,6 +513,19 @@ class StoreTestsMixin:
         self.assertEqual(len(states), 1203)
         self.assertEqual(await store.invitee_states([]), {})
 
+    async def test_invitee_states_over_several_statements(self) -> None:
+        """invitee_states of more users than _STATES_PER_STATEMENT reads them in statements of
+        that many, missing none: the last of the first, the first of the second and the one
+        alone in the third are each found local."""
+        store = await self.open()
+        users = [f"@u{i:04d}:local.example" for i in range(2 * _STATES_PER_STATEMENT + 1)]
+        local = [users[_STATES_PER_STATEMENT - 1], users[_STATES_PER_STATEMENT], users[-1]]
+        for user in local:
+            await store.add_local_user(user)
+        states = await store.invitee_states(users)
+        self.assertEqual(len(states), len(users))
+        self.assertEqual([user for user, (is_local, _) in states.items() if is_local], local)
+
     # -- concurrency and durability --
 
     async def test_two_workers_store_the_same_invite_once(self) -> None:
@@ -564,6 +600,18 @@ class StoreTestsMixin:
         self.assertRegex(str(caught.exception), r"^is_local_user failed: \w+: .*local_users")
         # The pool is still usable afterwards.
         self.assertIsNone(await store.get_invite("$e"))
+
+    async def test_non_driver_errors_are_not_store_errors(self) -> None:
+        """Only driver errors become StoreError (DatabaseStore._run): a bug in a transaction's
+        own code reaches the caller as itself, on reads and on writes."""
+        store = await self.open()
+
+        def broken(txn: Any) -> None:
+            raise ZeroDivisionError("bug")
+
+        for write in (False, True):
+            with self.assertRaises(ZeroDivisionError):  # type: ignore[attr-defined]
+                await store._run("broken", broken, write=write)
 
     async def test_closed_store_refuses_use(self) -> None:
         """Using a store after close() is a programming error, raised at once."""
@@ -690,6 +738,47 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
         self.assertEqual(await store.list_local_users(), ["@a:local.example"])
         self.assertEqual(await store.schema_version(), LATEST_SCHEMA_VERSION)
 
+    async def test_direct_connections_open_with_the_store(self) -> None:
+        """The direct writer's and reader's connections open with the store, before any
+        invite: opened later they could open a file restored over the path since
+        (https://sqlite.org/howtocorrupt.html, 1.4)."""
+        store = await self.open()
+        self.assertIsNotNone(store._direct_writer._connection)
+        self.assertIsNotNone(store._direct_reader._connection)
+
+    async def test_after_the_file_is_lost_writes_refused_reads_served(self) -> None:
+        """The database file deleted under an open store: the write that finds it fails and
+        retires the direct writer (nothing more goes to the lost file's WAL), every later write
+        is refused and reads still answer (Dialect.check_file runs after write commits only)."""
+        store = await self.open()
+        await store.store_invite(make_invite("$first"))
+        os.remove(self.path)
+        with self.assertRaises(StoreError):
+            await store.store_invite(make_invite("$second"))
+        self.assertFalse(store._direct_writer.usable)
+        self.assertEqual((await store.get_invite("$first")).event_id, "$first")
+        self.assertIn("$first", [r.event_id for r in await store.list_invites()])
+        self.assertFalse(await store.is_local_user("@a:local.example"))
+        self.assertEqual(await store.list_local_users(), [])
+        self.assertEqual(await store.list_invite_rules("@a:local.example"), [])
+        rule = InviteRule("@a:local.example", "user", "@*:spam.example", "block")
+        for write in (
+            lambda: store.store_invite(make_invite("$third")),  # through the pool now
+            lambda: store.set_invite_status("$first", "ignored"),
+            lambda: store.add_local_user("@a:local.example"),
+            lambda: store.remove_local_user("@a:local.example"),
+            lambda: store.add_invite_rule(rule),
+            lambda: store.remove_invite_rule(rule),
+        ):
+            with self.assertRaises(StoreError):
+                await write()
+
+    async def test_open_store_without_a_reactor_uses_the_global_one(self) -> None:
+        """open_store(uri) without reactor= runs on the global reactor."""
+        store = await open_store(self.uri)
+        self.addCleanup(store.close)
+        self.assertIs(store._reactor, reactor)
+
 
 class SQLiteDirectWriteTests(TestCase):
     """SQLite invites: INSERTs on the reactor thread, COMMIT there too while commits
@@ -797,7 +886,8 @@ class SQLiteDirectWriteTests(TestCase):
 
     async def test_close_from_a_callback_of_the_batch_it_writes(self) -> None:
         """A caller answered by the batch close() writes, closing the store itself:
-        the store is closed once, and the answer stands."""
+        the store is closed once, that inner close() returns a fired Deferred, and the
+        answer stands."""
         store = await open_store(self.uri, reactor=reactor)
         closes: list[object] = []
 
@@ -809,6 +899,8 @@ class SQLiteDirectWriteTests(TestCase):
         await store.close()
         self.assertEqual((await storing)[1], True)
         self.assertEqual(len(closes), 1)
+        self.assertIsInstance(closes[0], Deferred)  # IStore.close returns a Deferred
+        self.assertTrue(closes[0].called)
         self.assertIsNone(store._direct_writer._connection)
 
     async def _check_failed_commit(self, slow: bool) -> None:
