@@ -19,7 +19,7 @@ from federation_invite.client import (
     RemoteError,
     TransportError,
 )
-from federation_invite.client._client import describe_failure
+from federation_invite.client._client import _interpret, describe_failure
 from federation_invite.client.testing import FakePeersAgent
 from federation_invite.core.errors import MatrixError
 from federation_invite.core.keys import verify_key_of
@@ -84,6 +84,12 @@ class SignedRequestTests(_Base):
         self.assertEqual(record["uri"], b"/_matrix/federation/v1/version")
         self.assertEqual(record["body"], b"")
         self.verify(record, None)
+
+    def test_path_with_sub_delims_sent(self) -> None:
+        """'!' (the lowest visible ASCII byte, an RFC 3986 sub-delim) and '~' in a path are
+        sent as they are, not refused as a caller bug."""
+        self.assertEqual(self.successResultOf(self.client.get_json(REMOTE, "/a!b~c")), {"ok": True})
+        self.assertEqual(self.peer.requests[0]["uri"], b"/a!b~c")
 
     def test_put_signed_with_content(self) -> None:
         """PUT sends canonical JSON and signs it as content; the signature verifies."""
@@ -277,6 +283,44 @@ class RemoteErrorTests(_Base):
         self.peer.body = {"errcode": "M_X", "error": "e" * 2000}
         self.assertEqual(len(self.remote_error(self.client.get_json(REMOTE, "/x")).message), 500)
 
+    def answered(self, code: int, phrase: bytes, body: bytes) -> Any:
+        """A get_json answered with ``code`` and the reason phrase ``phrase``."""
+        self.peer.hang = True
+        requesting = self.client.get_json(REMOTE, "/x")
+        [request] = self.peer.pending
+        request.setResponseCode(code, phrase)
+        request.write(body)
+        request.finish()
+        self.peers.flush()
+        return requesting
+
+    def test_long_reason_phrase_truncated_when_body_not_json(self) -> None:
+        """A peer's reason phrase is kept to 500 characters in a non-JSON error's message."""
+        error = self.remote_error(self.answered(502, b"p" * 2000, b"<html>"))
+        self.assertEqual(error.message, "HTTP 502 " + "p" * 500 + ": body is not JSON")
+
+    def test_long_reason_phrase_truncated_in_json_error_without_text(self) -> None:
+        """A JSON error without an "error" string: the message is the status line, its reason
+        phrase kept to 500 characters."""
+        error = self.remote_error(self.answered(404, b"q" * 2000, b'{"errcode": "M_NOT_FOUND"}'))
+        self.assertEqual(error.message, "HTTP 404 " + "q" * 500)
+
+    def test_long_errcode_truncated(self) -> None:
+        """A peer's errcode is kept to 500 characters, as its error text is."""
+        self.peer.code = 400
+        self.peer.body = {"errcode": "E" * 2000}
+        self.assertEqual(self.remote_error(self.client.get_json(REMOTE, "/x")).errcode, "E" * 500)
+
+    def test_only_2xx_are_results(self) -> None:
+        """Only 2xx answers are results (RFC 9110, section 15.3): 200 and 299 are, a 199 and a
+        300 with a JSON body are RemoteErrors."""
+        self.assertEqual(_interpret(REMOTE, 200, b"OK", b"{}"), {})
+        self.assertEqual(_interpret(REMOTE, 299, b"", b"{}"), {})
+        for status in (199, 300):
+            self.assertRaises(RemoteError, _interpret, REMOTE, status, b"", b"{}")
+        self.peer.code, self.peer.body = 300, {}
+        self.assertEqual(self.remote_error(self.client.get_json(REMOTE, "/x")).status, 300)
+
 
 class TransportErrorTests(_Base):
     def test_unreachable(self) -> None:
@@ -356,6 +400,33 @@ class TransportErrorTests(_Base):
             describe_failure(ConnectingCancelledError(None)), "connection attempt timed out"
         )
         self.assertEqual(describe_failure(KeyError("k")), "KeyError: 'k'")
+
+    def test_describe_failure_edge_cases(self) -> None:
+        """A DNS failure without details has no dangling colon; a service_identity
+        VerificationError's text is the TLS detail; TLS details are kept to 500 characters;
+        wrapped reasons that are plain exceptions are described, and none falls through."""
+        from OpenSSL import SSL
+        from service_identity import VerificationError
+        from twisted.internet.error import DNSLookupError
+
+        self.assertEqual(describe_failure(DNSLookupError()), "DNS lookup failed")
+        mismatch = VerificationError("name mismatch")
+        self.assertEqual(describe_failure(mismatch), f"TLS handshake failed: {mismatch}")
+        self.assertIn("name mismatch", describe_failure(mismatch))
+        long = VerificationError("v" * 2000)
+        self.assertEqual(describe_failure(long), "TLS handshake failed: " + str(long)[:500])
+        error = SSL.Error([("SSL routines", "f", "r" * 2000)])
+        self.assertEqual(describe_failure(error), "TLS handshake failed: " + "r" * 500)
+
+        class Wrapped(Exception):
+            def __init__(self, reasons: list[Any]) -> None:
+                super().__init__("wrapped")
+                self.reasons = reasons
+
+        self.assertEqual(
+            describe_failure(Wrapped([ConnectionRefusedError("nope")])), "connection failed: nope"
+        )
+        self.assertEqual(describe_failure(Wrapped([])), "Wrapped: wrapped")
 
 
 class ConnectingCancelTests(SynchronousTestCase):
@@ -477,6 +548,32 @@ class BackoffTests(_Base):
         error = self.failureResultOf(self.client.get_json(REMOTE, "/x"), BackoffError).value
         self.assertEqual((error.failures, error.retry_at - self.clock.seconds()), (2, 120))
 
+    def test_failures_at_the_instant_requests_started_count_once(self) -> None:
+        """Requests started at one instant and failing at that same instant are one failure
+        (only a request started after the last failure escalates the back-off)."""
+        self.peer.hang = True
+        first = self.client.get_json(REMOTE, "/x")
+        second = self.client.get_json(REMOTE, "/x")
+        for request in self.peer.pending:
+            request.setResponseCode(503)
+            request.write(b"down")
+            request.finish()
+        self.peers.flush()
+        self.remote_error(first)
+        self.remote_error(second)
+        error = self.failureResultOf(self.client.get_json(REMOTE, "/x"), BackoffError).value
+        self.assertEqual(error.failures, 1)
+
+    def test_post_json_counts_in_backoff_by_default(self) -> None:
+        """post_json without backoff= is refused by and counted in the back-off as get_json is
+        (only backoff=False, for notary queries, leaves it out)."""
+        self.peer.code, self.peer.body = 503, b"down"
+        self.remote_error(self.client.post_json(REMOTE, "/x", {}))
+        self.assertEqual(list(self.client._backoff), [REMOTE])
+        error = self.failureResultOf(self.client.post_json(REMOTE, "/x", {}), BackoffError).value
+        self.assertEqual(error.failures, 1)
+        self.assertEqual(len(self.peer.requests), 1)
+
     def test_success_resets(self) -> None:
         """A success clears the back-off: the next failure waits 1 min again."""
         self.peer.code, self.peer.body = 500, {}
@@ -568,6 +665,15 @@ class BackoffTests(_Base):
         )
         self.transport_error(self.client.get_json(REMOTE, "/x"), BackoffError)
 
+    def test_4xx_without_backoff_does_not_end_a_backoff(self) -> None:
+        """post_json(backoff=False) is not counted in the back-off: its 4xx answer does not end
+        one either."""
+        self.peer.code, self.peer.body = 503, b"down"
+        self.remote_error(self.client.get_json(REMOTE, "/x"))
+        self.peer.code, self.peer.body = 400, {"errcode": "M_BAD_JSON"}
+        self.remote_error(self.client.post_json(REMOTE, "/x", {}, backoff=False))
+        self.transport_error(self.client.get_json(REMOTE, "/x"), BackoffError)
+
     def test_backoff_ignored_by_a_request(self) -> None:
         """put_json(ignore_backoff=True) is sent while the destination is backed off (an invite
         a user asked for, as Synapse's ignore_backoff) and still counts: a failure escalates
@@ -616,6 +722,51 @@ class BackoffTests(_Base):
             self.client.get_json("nowhere.example", "/x"), BackoffError
         ).value
         self.assertEqual(error.failures, 4)
+
+    def test_backoff_table_holds_10000_servers(self) -> None:
+        """At most 10,000 servers are remembered in back-off (README): 10,000 all still backed
+        off are all remembered; the 10,001st makes room."""
+        for index in range(10_000):
+            self.transport_error(self.client.get_json(f"d{index}.example", "/x"))
+        self.assertEqual(len(self.client._backoff), 10_000)
+        self.transport_error(self.client.get_json("one-more.example", "/x"))
+        self.assertLessEqual(len(self.client._backoff), 10_000)
+        self.assertIn("one-more.example", self.client._backoff)
+
+
+class DefaultsTests(_Base):
+    def default_client(self) -> FederationClient:
+        """A client with every optional setting left at its default."""
+        return FederationClient(self.clock, ORIGIN, self.key, agent=self.peers)
+
+    def test_tls_verified_by_default(self) -> None:
+        """Built without verify_tls (and without an agent), the client verifies peers'
+        certificates (README: outbound.verify_tls defaults to true)."""
+        client = FederationClient(self.clock, ORIGIN, self.key)
+        self.addCleanup(client.close)
+        self.assertIs(client._agent._tls_policy.verify, True)  # type: ignore[attr-defined]
+
+    def test_default_timeout_is_60_seconds(self) -> None:
+        """Without timeout=, a request a peer never answers fails after 60 s (README:
+        outbound.timeout, 60 s)."""
+        self.peer.hang = True
+        requesting = self.default_client().get_json(REMOTE, "/x")
+        self.clock.advance(59.9)
+        self.assertNoResult(requesting)
+        self.clock.advance(0.1)
+        self.assertEqual(self.transport_error(requesting).reason, "timed out after 60 s")
+
+    def test_default_response_cap_is_1_mib(self) -> None:
+        """Without max_response_bytes=, a body of exactly 1 MiB is read and one byte more is
+        refused (README: the body capped at 1 MiB)."""
+        client = self.default_client()
+        prefix, suffix = b'{"pad":"', b'"}'
+        filler = 1_048_576 - len(prefix) - len(suffix)
+        self.peer.body = prefix + b"x" * filler + suffix
+        self.assertEqual(len(self.successResultOf(client.get_json(REMOTE, "/x"))["pad"]), filler)
+        self.peer.body = prefix + b"x" * (filler + 1) + suffix
+        error = self.remote_error(client.get_json(REMOTE, "/x"))
+        self.assertEqual(error.message, "response body exceeds 1048576 bytes")
 
 
 class BytesProducerTests(SynchronousTestCase):
