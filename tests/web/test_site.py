@@ -24,6 +24,7 @@ from twisted.web import http as twisted_http
 from twisted.web.server import Request, Site
 
 import federation_invite
+from federation_invite.core.errors import Codes, MatrixError
 from federation_invite.tlscert import write_self_signed_certificate
 from federation_invite.web import site as site_module
 from federation_invite.web._base import MatrixResource, write_json
@@ -33,6 +34,7 @@ from federation_invite.web.site import (
     _count_requests,
     _LimitedChannel,
     _LimitedRequest,
+    _raw_error_response,
 )
 
 from ..invites import THEM, _sign_request_lax, event_id_of
@@ -254,6 +256,18 @@ class RequestTargetTests(SiteTestCase):
         connection.send(b"GET %s?a=%%7F%%80%%B0%%FF%%09%%00 HTTP/1.1\r\nHost: x\r\n\r\n" % version)
         connection.send(self.valid_request())
         self.assertEqual([status for status, _, _ in connection.responses()], [200, 200])
+        self.assertFalse(connection.closing)
+
+    def test_lowest_and_highest_visible_ascii_in_target_served(self) -> None:
+        """'!' (0x21) and '~' (0x7e) are visible ASCII, allowed in a request target (RFC 9112,
+        section 3.2; RFC 3986): a path we do not serve is answered 404 ``M_UNRECOGNIZED``, not
+        400, and the connection kept."""
+        connection = self.connect()
+        connection.send(b"GET /_matrix/x!y~z HTTP/1.1\r\nHost: us.example\r\n\r\n")
+        connection.send(self.valid_request())
+        (status, _, body), (next_status, _, _) = connection.responses()
+        self.assertEqual((status, body["errcode"]), (404, "M_UNRECOGNIZED"))
+        self.assertEqual(next_status, 200)
         self.assertFalse(connection.closing)
 
 
@@ -846,6 +860,47 @@ class LocalAddressTests(SiteTestCase):
         self.assertEqual(hosts, [real(), real()])
 
 
+class SiteSettingsTests(SiteTestCase):
+    def test_hand_built_site_has_the_documented_defaults(self) -> None:
+        """A FederationSite(root, reactor=...) built by hand has the defaults (README): a body
+        cap of 1 MiB, a 30 s request deadline, a 60 s idle timeout; a Content-Length of
+        1 MiB + 1 is refused 413 before the body, one of 1 MiB is not."""
+        site = FederationSite(self.s.root, reactor=self.clock)
+        self.assertEqual(
+            (site.max_body_bytes, site.request_timeout, site.timeOut), (1_048_576, 30.0, 60.0)
+        )
+        head = b"PUT /_matrix/x HTTP/1.1\r\nHost: us.example\r\nContent-Length: %d\r\n\r\n"
+        refused = self.connect(site)
+        refused.send(head % (1_048_576 + 1))
+        self.assertOnlyAnswer(refused, 413, "M_TOO_LARGE")
+        kept = self.connect(site)
+        kept.send(head % 1_048_576)
+        self.assertEqual(kept.responses(), [])
+        self.assertFalse(kept.closing)
+
+    def test_limits_checked(self) -> None:
+        """FederationSite refuses a negative body cap and a request deadline or idle timeout
+        that is not positive; a cap of 0 (no body) and limits of a second are accepted."""
+        for kwargs in ({"max_body_bytes": -1}, {"request_timeout": 0}, {"idle_timeout": 0}):
+            with self.assertRaises(ValueError):
+                FederationSite(self.s.root, reactor=self.clock, **kwargs)
+        site = FederationSite(
+            self.s.root, reactor=self.clock, max_body_bytes=0, request_timeout=1, idle_timeout=1
+        )
+        self.assertEqual((site.max_body_bytes, site.request_timeout, site.timeOut), (0, 1, 1))
+
+    def test_own_refusals_have_standard_status_lines(self) -> None:
+        """The site's own refusals carry the standard reason phrases (RFC 9110, section 15)."""
+        for status, reason in (
+            (400, b"Bad Request"),
+            (408, b"Request Timeout"),
+            (413, b"Content Too Large"),
+            (414, b"URI Too Long"),
+        ):
+            raw = _raw_error_response(MatrixError(status, Codes.UNKNOWN, "x"))
+            self.assertTrue(raw.startswith(b"HTTP/1.1 %d %s\r\n" % (status, reason)), raw)
+
+
 class ProtocolNegotiationTests(SynchronousTestCase):
     """The protocols a TLS listener offers in ALPN: HTTP/1.1 only, the one the site speaks."""
 
@@ -969,6 +1024,38 @@ class PipelinedDeadlineTests(HeldStoreTestCase):
         self.assertEqual(len(self.held), 2)
         self.clock.advance(15)
         self.assertEqual([status for status, _, _ in connection.responses()], [200])
+        self.held[1].callback(None)
+        self.assertAnswered(connection, [200, 200, 408])
+
+    def test_late_request_with_body_and_one_behind_served(self) -> None:
+        """An invite held 40 s; behind it, from 1 s, a second invite (with a body) and a version
+        request, both whole long before their deadline (31 s): both served, in order (the late
+        request is served when it proved complete without bytes received after its deadline)."""
+        connection = self.connect()
+        connection.send(self.valid_request(depth=1))
+        self.clock.advance(1)
+        connection.send(self.valid_request(depth=2) + self.version_request())
+        self.clock.advance(39)
+        self.held[0].callback(None)
+        self.assertEqual(len(self.held), 2, "the second invite was handled")
+        self.held[1].callback(None)
+        self.assertEqual([status for status, _, _ in connection.responses()], [200, 200, 200])
+        self.assertFalse(connection.closing)
+
+    def test_third_request_completed_after_the_deadline_refused(self) -> None:
+        """Behind an invite held 40 s: from 1 s a second invite whole and the start of a
+        version request, whose rest arrives at 35 s (after the deadline they share, 31 s):
+        the second invite is served, the version request answered 408 and not served."""
+        connection = self.connect()
+        connection.send(self.valid_request(depth=1))
+        self.clock.advance(1)
+        third = self.version_request()
+        connection.send(self.valid_request(depth=2) + third[:10])
+        self.clock.advance(34)
+        connection.send(third[10:])
+        self.clock.advance(5)
+        self.held[0].callback(None)
+        self.assertEqual(len(self.held), 2)
         self.held[1].callback(None)
         self.assertAnswered(connection, [200, 200, 408])
 
@@ -1385,6 +1472,34 @@ class CountRequestsTests(SynchronousTestCase):
         ]
         for data, count in cases:
             self.assertEqual(_count_requests(data), count, data)
+
+    def test_chunk_data_stepped_over_by_its_size(self) -> None:
+        """A chunk's data is stepped over by its size, even when it holds CRLF CRLF, and a
+        field line after Transfer-Encoding: chunked does not undo it: the request behind
+        counts once (RFC 9112, section 7.1)."""
+        get = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+        empty_lines = (
+            b"PUT /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"4\r\n\r\n\r\n\r\n0\r\n\r\n"
+        )
+        self.assertEqual(_count_requests(empty_lines + get), 2)
+        field_after = (
+            b"PUT /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\nHost: x\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n"
+        )
+        self.assertEqual(_count_requests(field_after + get), 2)
+
+    def test_only_transfer_encoding_makes_a_body_chunked(self) -> None:
+        """A request with another field valued chunked (X-Note) has no body: the request
+        behind it counts."""
+        get = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+        self.assertEqual(_count_requests(b"GET /b HTTP/1.1\r\nX-Note: chunked\r\n\r\n" + get), 2)
+
+    def test_unfinished_trailer_section_at_the_end_counts_one(self) -> None:
+        """Data ending in an unfinished trailer section: one request, and the count ends."""
+        data = b"PUT /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: 1"
+        with time_limit(5):
+            self.assertEqual(_count_requests(data), 1)
 
     def test_content_length_too_long_ends_the_count(self) -> None:
         """A Content-Length of more than 18 digits (of 5000, ``int()`` raised) or of other than
