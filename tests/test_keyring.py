@@ -1433,14 +1433,18 @@ class ParseKeyResponseTests(SynchronousTestCase):
             self.assertRaises(KeyFetchError, parse_key_response, document, server, NOW_MS, "x")
         )
 
-    def test_old_keys(self) -> None:
-        """old_verify_keys become records with expired_ts and no validity."""
+    def with_old_key(self, expired_ts: int) -> dict[str, Any]:
+        """The records of a document listing our key and an old one that expired at
+        ``expired_ts``, by key ID."""
         from federation_invite.config import OldKey
 
-        old = make_key("old")
-        old_entry = OldKey("ed25519:old", encode_verify_key(verify_key_of(old)), 5)
-        document = server_keys_document("s.example", [self.key], [old_entry], NOW_MS, DAY_MS)
-        records = {r.key_id: r for r in parse_key_response(document, "s.example", NOW_MS, "x")}
+        old = OldKey("ed25519:old", encode_verify_key(verify_key_of(make_key("old"))), expired_ts)
+        document = server_keys_document("s.example", [self.key], [old], NOW_MS, DAY_MS)
+        return {r.key_id: r for r in parse_key_response(document, "s.example", NOW_MS, "x")}
+
+    def test_old_keys(self) -> None:
+        """old_verify_keys become records with expired_ts and no validity."""
+        records = self.with_old_key(5)
         self.assertEqual(
             (records["ed25519:old"].expired_ts, records["ed25519:old"].valid_until_ts), (5, None)
         )
@@ -1461,12 +1465,7 @@ class ParseKeyResponseTests(SynchronousTestCase):
 
     def test_old_key_expired_at_zero_kept(self) -> None:
         """An old key's expired_ts of 0 is a valid timestamp (non-negative): the key is kept."""
-        from federation_invite.config import OldKey
-
-        old = make_key("old")
-        old_entry = OldKey("ed25519:old", encode_verify_key(verify_key_of(old)), 0)
-        document = server_keys_document("s.example", [self.key], [old_entry], NOW_MS, DAY_MS)
-        records = {r.key_id: r for r in parse_key_response(document, "s.example", NOW_MS, "x")}
+        records = self.with_old_key(0)
         self.assertEqual(
             (records["ed25519:old"].expired_ts, records["ed25519:old"].valid_until_ts), (0, None)
         )
