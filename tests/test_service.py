@@ -1104,6 +1104,23 @@ class PostgresStopWhileOpeningTests(TestCase):
         self.addCleanup(drop_postgres_database, self.database)
         self.uri = f"{POSTGRES_BASE}/{self.database}"
 
+    async def poll_count(
+        self, other: Any, sql: str, done: Callable[[int], bool], seconds: float, what: str
+    ) -> None:
+        """Run ``sql`` (a count, with this test's database as its parameter) on ``other``
+        every 50 ms until ``done(count)``; fail after ``seconds`` saying ``what``."""
+        from twisted.internet import reactor
+
+        deadline = reactor.seconds() + seconds
+        while True:
+            with other.cursor() as cursor:
+                cursor.execute(sql, (self.database,))
+                (count,) = cursor.fetchone()
+            if done(count):
+                return
+            self.assertLess(reactor.seconds(), deadline, f"{count}: {what}")
+            await deferLater(reactor, 0.05)
+
     async def test_stop_while_another_worker_migrates(self) -> None:
         """The stop gives up on the start after inbound.shutdown_grace_period (0.5 s) and
         finishes while the other worker still holds its lock (released after 20 s
@@ -1141,19 +1158,14 @@ class PostgresStopWhileOpeningTests(TestCase):
         service.startService()
         # Until the migration waits for the lock: a fixed pause was not enough on a loaded
         # machine, and a migration sent after the stop's cancel would wait for ever.
-        deadline = reactor.seconds() + 30
-        while True:
-            with other.cursor() as cursor:
-                cursor.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
-                    " AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
-                    (self.database,),
-                )
-                (waiting,) = cursor.fetchone()
-            if waiting:
-                break
-            self.assertLess(reactor.seconds(), deadline, "the migration never waited")
-            await deferLater(reactor, 0.05)
+        await self.poll_count(
+            other,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+            " AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+            lambda waiting: waiting > 0,
+            30,
+            "the migration never waited",
+        )
         await service.stopService()
         self.assertEqual(released, [])
         with self.assertRaises(CancelledError):
@@ -1163,19 +1175,13 @@ class PostgresStopWhileOpeningTests(TestCase):
         # The abandoned start's migration, its wait cancelled, ends in a thread of its
         # own; let it end before the database is dropped (dropping it terminates any
         # session left, which that thread would log as an error of this test).
-        deadline = reactor.seconds() + 15
-        while True:
-            with other.cursor() as cursor:
-                cursor.execute(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE datname = %s AND pid <> pg_backend_pid()",
-                    (self.database,),
-                )
-                (left,) = cursor.fetchone()
-            if left == 0:
-                break
-            self.assertLess(reactor.seconds(), deadline, f"{left} session(s) left")
-            await deferLater(reactor, 0.05)
+        await self.poll_count(
+            other,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            lambda left: left == 0,
+            15,
+            "session(s) left",
+        )
 
 
 def _port_free(port: int) -> bool:
