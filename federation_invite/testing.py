@@ -55,8 +55,12 @@ __all__ = [
     "invite_event_template",
 ]
 
-#: Reactor turns ``put_invite`` waits for an answer before giving up.
+#: On a ``Clock``: how many times ``put_invite`` advances it by 0 for an answer.
 _MAX_TURNS = 10_000
+#: On a real reactor: how long ``put_invite`` waits for an answer (below trial's own
+#: 120 s timeout), and how often it moves bytes meanwhile (the reactor sleeps between).
+_GIVE_UP_SECONDS = 60.0
+_POLL_SECONDS = 0.001
 
 
 def build_create_event(
@@ -362,8 +366,9 @@ class FakeHomeserver:
         return response.code, json.loads(content)
 
     async def _settle(self, client: StubTreq, waiting: Deferred[Any]) -> Any:
-        """Move bytes between ``client`` and the resource until ``waiting`` fires, a reactor
-        turn (or, on a ``Clock``, an advance by 0) at a time."""
+        """Move bytes between ``client`` and the resource until ``waiting`` fires: on a
+        ``Clock``, advancing it by 0 (time passes only when the test advances it); on a real
+        reactor, every ``_POLL_SECONDS`` for up to ``_GIVE_UP_SECONDS``."""
         done: list[object] = []
 
         def note(result: object) -> object:
@@ -372,15 +377,27 @@ class FakeHomeserver:
 
         waiting.addBoth(note)
         client.flush()
-        for _ in range(_MAX_TURNS):
-            if done:
-                return await waiting
-            if isinstance(self.reactor, Clock):
+        if isinstance(self.reactor, Clock):
+            for _ in range(_MAX_TURNS):
+                if done:
+                    return await waiting
                 self.reactor.advance(0)
-            else:
-                await deferLater(self.reactor, 0, lambda: None)
+                client.flush()
+            raise AssertionError(
+                "no answer from the server: this FakeHomeserver's reactor is a Clock, which"
+                " only advancing moves; a store (SQLite, PostgreSQL) answers from its threads"
+                " through the real reactor: pass reactor= (the reactor the store was opened"
+                " with), or advance the Clock past what the server waits for"
+            )
+        give_up = self.reactor.seconds() + _GIVE_UP_SECONDS
+        while not done:
+            if self.reactor.seconds() > give_up:
+                raise AssertionError(
+                    f"no answer from the server after {_GIVE_UP_SECONDS:.0f} s of waiting"
+                )
+            await deferLater(self.reactor, _POLL_SECONDS, lambda: None)
             client.flush()
-        raise AssertionError(f"no answer from the server after {_MAX_TURNS} reactor turns")
+        return await waiting
 
     def _event_id(self, room_version: RoomVersion) -> str | None:
         if room_version.event_format is EventFormat.V1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from federation_invite import Config, InviteRecord, InviteRefused, MatrixError, build_from_config
@@ -135,6 +135,33 @@ class ReceivingTests(TestCase):
         self.assertEqual(status, 401, body)
         self.assertEqual(body["errcode"], "M_UNAUTHORIZED")
         self.assertEqual(self.invited, [])
+
+
+class WaitingTests(TestCase):
+    setUp = BridgeTests.setUp
+
+    async def test_answer_that_takes_time_waited_for(self) -> None:
+        """On the real reactor put_invite waits for an answer however many reactor turns it
+        takes (a policy hook answering after 0.2 s, as a bridge asking its database would):
+        it gave up after 10,000 turns, about 0.07 s."""
+
+        class SlowHook:
+            def check_invite(self, invite: Any) -> Any:
+                return deferLater(reactor, 0.2, lambda: None)
+
+        self.federation.add_policy_hook(SlowHook())
+        invite = self.remote.invite("10", invitee="@bob:bridge.test")
+        status, body = await self.remote.put_invite(self.federation, invite)
+        self.assertEqual(status, 200, body)
+
+    async def test_clock_without_the_stores_reactor_named(self) -> None:
+        """A FakeHomeserver on a Clock, without reactor=, cannot see a store that answers from
+        its threads: put_invite fails saying to pass reactor= (the store's reactor)."""
+        remote = FakeHomeserver("remote.test", Clock())
+        invite = remote.invite("10", invitee="@bob:bridge.test")
+        with self.assertRaises(AssertionError) as caught:
+            await remote.put_invite(self.federation, invite)
+        self.assertIn("reactor=", str(caught.exception))
 
 
 class SendingTests(TestCase):
