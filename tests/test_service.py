@@ -700,35 +700,23 @@ class AssemblyFailureTests(SynchronousTestCase):
         build_from_config closes the database it opened; with our key it builds."""
         config = load_config(None, {"server_name": US})
         key = make_key("us1")
-        error = self.assertRaises(
-            ConfigError,
-            build_components,
-            config,
-            MemoryReactorClock(),
-            MemoryStore(),  # type: ignore[arg-type]
-            key,
-            signer=LocalSigner(US, make_key("hsm")),
-        )
+
+        def assemble(signing_with: Any) -> Any:
+            return build_components(
+                config,
+                MemoryReactorClock(),
+                MemoryStore(),  # type: ignore[arg-type]
+                key,
+                signer=LocalSigner(US, signing_with),
+            )
+
+        error = self.assertRaises(ConfigError, assemble, make_key("hsm"))
         self.assertIn("the signer signs with a key this server does not publish: ", str(error))
         self.assertIn("ed25519:hsm", str(error))
         self.assertIn("ed25519:us1", str(error))
         # Same key ID, other key: refused as well.
-        self.assertRaises(
-            ConfigError,
-            build_components,
-            config,
-            MemoryReactorClock(),
-            MemoryStore(),  # type: ignore[arg-type]
-            key,
-            signer=LocalSigner(US, make_key("us1")),
-        )
-        built = build_components(
-            config,
-            MemoryReactorClock(),
-            MemoryStore(),  # type: ignore[arg-type]
-            key,
-            signer=LocalSigner(US, key),
-        )
+        self.assertRaises(ConfigError, assemble, make_key("us1"))
+        built = assemble(key)
         self.assertEqual(built.signer.server_name, US)
         failure = self.build(self.config(), signer=LocalSigner(US, make_key("hsm")))
         failure.trap(ConfigError)
