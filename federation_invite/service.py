@@ -88,6 +88,10 @@ SLOW_OPEN_WARNING_SECONDS = 5.0
 #: The room version of the event a signer signs at start (``_probe_signer``): a stable one.
 _PROBE_ROOM_VERSION = "10"
 
+#: How long ``build_from_config`` waits for a signer's answer to its probe event (a
+#: remote signer or an HSM answering later) before failing with ``ConfigError``.
+SIGNER_PROBE_TIMEOUT_SECONDS = 30.0
+
 
 def settle_gc() -> None:
     """Tune the cyclic collector for serving, once start-up is done.
@@ -534,7 +538,7 @@ async def build_from_config(
         await _close_after_failure(store)
         raise
     try:
-        await probing  # a remote signer's answer to the probe
+        await _probe_answer(probing, reactor)  # a remote signer's answer to the probe
     except BaseException:
         try:
             await components.close()
@@ -542,6 +546,20 @@ async def build_from_config(
             log.failure("Could not close the components after failing to start")
         raise
     return components
+
+
+async def _probe_answer(probing: Deferred[None], reactor: Any) -> None:
+    """Wait for the signer's answer to the probe, for ``SIGNER_PROBE_TIMEOUT_SECONDS`` at
+    most: then its Deferred is cancelled and ``ConfigError`` says the signer is silent."""
+    if not probing.called:
+        probing.addTimeout(SIGNER_PROBE_TIMEOUT_SECONDS, reactor)
+    try:
+        await probing
+    except defer.TimeoutError:
+        raise ConfigError(
+            f"the signer did not answer a probe event within "
+            f"{SIGNER_PROBE_TIMEOUT_SECONDS:g} s: it cannot sign invites"
+        ) from None
 
 
 def _check_arguments(config: Config, kwargs: dict[str, Any]) -> None:

@@ -784,6 +784,41 @@ class AssemblyFailureTests(SynchronousTestCase):
                 self.assertEqual(self.successResultOf(building).signer.server_name, US)
                 self.assertFalse(self.store.closed)
 
+    def test_signer_never_answering_the_probe_fails_build_from_config(self) -> None:
+        """A signer that never answers the probe (a remote signer down, an HSM wedged) does
+        not keep build_from_config waiting for ever: after SIGNER_PROBE_TIMEOUT_SECONDS it
+        fails with ConfigError saying so, the signer's Deferred cancelled and the store
+        closed; one second before, it still waits."""
+        self.config().ensure_data_dir()
+        cancelled: list[Deferred[Any]] = []
+
+        class SilentSigner:
+            server_name = US
+
+            def sign_event(self, room_version: Any, event: Any, prepared: Any = None) -> Any:
+                raise AssertionError("not called")
+
+            def hash_and_sign_event(self, room_version: Any, event: Any) -> Any:
+                return Deferred(cancelled.append)
+
+        clock = MemoryReactorClock()
+        building = Deferred.fromCoroutine(
+            build_from_config(self.config(), clock, signer=SilentSigner())
+        )
+        clock.advance(service_module.SIGNER_PROBE_TIMEOUT_SECONDS - 1)
+        self.assertNoResult(building)
+        self.assertFalse(self.store.closed)
+        clock.advance(1)
+        failure = self.failureResultOf(building, ConfigError)
+        self.assertEqual(
+            str(failure.value),
+            f"the signer did not answer a probe event within "
+            f"{service_module.SIGNER_PROBE_TIMEOUT_SECONDS:g} s: it cannot sign invites",
+        )
+        self.assertEqual(len(cancelled), 1)
+        self.assertTrue(self.store.closed)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_daemon_refuses_to_start_with_an_unpublished_signing_key(self) -> None:
         """The daemon's start checks its signer against the published key: a mismatch fails
         ready with ConfigError, logged in one line, and closes the store; the default starts."""
