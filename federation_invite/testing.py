@@ -5,7 +5,8 @@
   invites signed as Synapse 1.163 sends them (``invite(...)``: a ``FakeInvite``, the
   room's state as full PDUs, the create event first), PUTs them to your server with a
   valid X-Matrix header (``put_invite(target, invite)``), and answers your
-  ``send_invite`` by co-signing, as Synapse does (or with ``refusal``).
+  ``send_invite`` by co-signing, as Synapse does (or with ``refusal``; a subclass
+  overrides ``answer`` or ``cosign`` to answer otherwise).
 - ``fake_peers(*homeservers)``: a ``FakePeersAgent`` serving them; give it as
   ``agent=`` to ``build_components`` or ``build_from_config``, and your server's keyring
   and ``send_invite`` talk to them in memory.
@@ -32,7 +33,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock, deferLater
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 from unpaddedbase64 import encode_base64
 
 from .client.testing import FakePeersAgent
@@ -202,6 +203,9 @@ class FakeHomeserver:
     (v2 ``{"event": ...}``, v1 ``[200, {"event": ...}]``), or, while ``refusal`` is a
     ``MatrixError``, that error. They do not check the request's signature. Each
     request's parsed body is appended to ``received``.
+
+    To answer otherwise, subclass it and override ``answer`` (each invite request) or
+    ``cosign`` (how the event answered is signed).
     """
 
     def __init__(
@@ -239,6 +243,39 @@ class FakeHomeserver:
                 },
             )
         )
+
+    def answer(self, request: Request, api_version: int, body: Any) -> tuple[int, Any] | None:
+        """How the invite endpoints answer ``request`` on ``api_version`` (``body`` is its
+        parsed JSON): ``(status, answer)``, the answer sent as JSON, or, if bytes, as they are
+        as ``text/html`` (a proxy's error page); or None: never (a server that hangs).
+
+        By default it appends ``body`` to ``received``, then answers ``refusal`` while it is
+        set, else ``(200, cosigned(api_version, body))``. Override it in a subclass to answer
+        otherwise.
+        """
+        self.received.append(body)
+        if self.refusal is not None:
+            return self.refusal.http_status, self.refusal.to_json()
+        return 200, self.cosigned(api_version, body)
+
+    def cosigned(self, api_version: int, body: Any) -> Any:
+        """What Synapse answers, with status 200, an invite request whose parsed JSON body is
+        ``body``: its event (a copy, ``unsigned`` added as ``{}`` if missing), signed by
+        ``cosign``; v2 ``{"event": ...}``, v1 ``[200, {"event": ...}]``."""
+        if api_version == 1:
+            room_version = room_version_of("1")
+            event = copy.deepcopy(body)
+        else:
+            room_version = room_version_of(body["room_version"])
+            event = copy.deepcopy(body["event"])
+        event.setdefault("unsigned", {})
+        answer: Any = {"event": self.cosign(room_version, event)}
+        return [200, answer] if api_version == 1 else answer
+
+    def cosign(self, room_version: RoomVersion, event: dict[str, Any]) -> dict[str, Any]:
+        """``event`` (``cosigned``'s copy) as this server answers it: signed with
+        ``signing_key``. Override it in a subclass to sign it otherwise, or change it."""
+        return sign_event(room_version, event, self.server_name, self.signing_key)
 
     def invite(
         self,
@@ -442,22 +479,6 @@ class FakeHomeserver:
             event["origin"] = self.server_name
         return hash_and_sign_event(room_version, event, self.server_name, self.signing_key)
 
-    def _answer(self, api_version: int, body: Any) -> tuple[int, Any]:
-        """What Synapse answers an invite request: the event co-signed, or the refusal."""
-        self.received.append(body)
-        if self.refusal is not None:
-            return self.refusal.http_status, self.refusal.to_json()
-        if api_version == 1:
-            room_version = room_version_of("1")
-            event = copy.deepcopy(body)
-        else:
-            room_version = room_version_of(body["room_version"])
-            event = copy.deepcopy(body["event"])
-        event.setdefault("unsigned", {})
-        signed = sign_event(room_version, event, self.server_name, self.signing_key)
-        answer: Any = {"event": signed}
-        return 200, [200, answer] if api_version == 1 else answer
-
 
 def fake_peers(*homeservers: FakeHomeserver) -> FakePeersAgent:
     """A ``FakePeersAgent`` serving each homeserver's ``site_root()`` under its name: give it
@@ -475,9 +496,16 @@ class _InviteEndpoint(Resource):
         self._server = server
         self._api_version = api_version
 
-    def render_PUT(self, request: Request) -> bytes:
+    def render_PUT(self, request: Request) -> bytes | int:
         assert request.content is not None
-        status, answer = self._server._answer(self._api_version, json.loads(request.content.read()))
+        body = json.loads(request.content.read())
+        answered = self._server.answer(request, self._api_version, body)
+        if answered is None:
+            return NOT_DONE_YET
+        status, answer = answered
         request.setResponseCode(status)
+        if isinstance(answer, bytes):
+            request.setHeader(b"Content-Type", b"text/html")
+            return answer
         request.setHeader(b"Content-Type", b"application/json")
         return json.dumps(answer).encode("utf-8")

@@ -8,14 +8,23 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from federation_invite import Config, InviteRecord, InviteRefused, MatrixError, build_from_config
+from federation_invite import (
+    Config,
+    InvalidInviteAnswer,
+    InviteRecord,
+    InviteRefused,
+    MatrixError,
+    build_from_config,
+)
 from federation_invite.core.events import compute_event_id, room_id_for_create_event
 from federation_invite.core.signing import hash_and_sign_event
+from federation_invite.core.xmatrix import parse_xmatrix
 from federation_invite.testing import (
     FakeHomeserver,
     FakePeersAgent,
     build_create_event,
     fake_peers,
+    invite_event_template,
 )
 
 
@@ -186,6 +195,68 @@ class SendingTests(TestCase):
             await self.federation.send_invite("10", event)
         self.assertEqual((caught.exception.status, caught.exception.errcode), (403, "M_FORBIDDEN"))
         self.assertEqual(len(self.remote.received), 1)
+
+
+class SubclassTests(TestCase):
+    """FakeHomeserver answering otherwise, as a subclass overriding answer or cosign."""
+
+    async def send_invite(self, remote: FakeHomeserver) -> Any:
+        """send_invite of @carol:remote.test from a new bridge whose peer is ``remote``."""
+        federation = await build_from_config(
+            Config({"server_name": "bridge.test", "data_dir": self.mktemp()}),
+            reactor,
+            agent=fake_peers(remote),
+        )
+        self.addCleanup(federation.close)
+        event = invite_event_template(
+            "10",
+            "bridge.test",
+            sender="@bot:bridge.test",
+            invitee="@carol:remote.test",
+            room_id="!room:bridge.test",
+            origin_server_ts=int(reactor.seconds() * 1000),
+            prev_events=["$" + "p" * 43],
+            auth_events=["$" + "a" * 43],
+            depth=3,
+        )
+        return await federation.send_invite("10", event)
+
+    async def test_answer_overridden(self) -> None:
+        """An answer override sees the request, and answers what it returns: bytes as
+        text/html (a proxy's 502 page: InviteRefused 502, no errcode), else JSON, here
+        cosigned's (Synapse's) answer after the 502; received stays as it leaves it."""
+
+        origins: list[str] = []
+
+        class BehindProxy(FakeHomeserver):
+            def answer(self, request: Any, api_version: int, body: Any) -> Any:
+                origins.append(parse_xmatrix(request.getHeader(b"Authorization")).origin)
+                if len(origins) == 1:
+                    return 502, b"<html>Bad Gateway</html>"
+                return 200, self.cosigned(api_version, body)
+
+        remote = BehindProxy("remote.test", reactor)
+        with self.assertRaises(InviteRefused) as caught:
+            await self.send_invite(remote)
+        self.assertEqual((caught.exception.status, caught.exception.errcode), (502, None))
+        self.assertEqual(caught.exception.body, b"<html>Bad Gateway</html>")
+        signed = await self.send_invite(remote)
+        self.assertEqual(set(signed["signatures"]), {"bridge.test", "remote.test"})
+        self.assertEqual(origins, ["bridge.test", "bridge.test"])
+        self.assertEqual(remote.received, [])
+
+    async def test_cosign_overridden(self) -> None:
+        """A cosign override changes the event answered: send_invite refuses the answer."""
+
+        class Meddling(FakeHomeserver):
+            def cosign(self, room_version: Any, event: dict[str, Any]) -> dict[str, Any]:
+                return super().cosign(room_version, {**event, "depth": 4})
+
+        with self.assertRaises(InvalidInviteAnswer) as caught:
+            await self.send_invite(Meddling("remote.test", reactor))
+        self.assertEqual(
+            caught.exception.reason, "the event in the answer is not the one sent: changed 'depth'"
+        )
 
 
 class BuildingTests(SynchronousTestCase):
