@@ -3,7 +3,6 @@ peers that answer wrongly, refuse, or never answer."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections.abc import Callable
@@ -15,7 +14,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 from unpaddedbase64 import encode_base64
 
 from federation_invite import outbound
@@ -60,6 +59,7 @@ from federation_invite.service import (
 )
 from federation_invite.signer import LocalSigner
 from federation_invite.store import StoreError
+from federation_invite.testing import FakeHomeserver
 from federation_invite.web.invite import InviteResource
 from federation_invite.web.keys import KeyServerResource
 from federation_invite.web.tree import build_matrix_tree
@@ -102,45 +102,22 @@ class RecordingSigner:
         return self._signer.hash_and_sign_event(room_version, event)
 
 
-class _InviteEndpoint(Resource):
-    """One API version's invite endpoint of a FakePeer."""
+class FakePeer(FakeHomeserver):
+    """An invited server in memory that co-signs invites as Synapse does (a FakeHomeserver,
+    key ID ``peer1``), unless told otherwise.
 
-    isLeaf = True
-
-    def __init__(self, peer: FakePeer, api_version: int) -> None:
-        super().__init__()
-        self.peer = peer
-        self.api_version = api_version
-
-    def render_PUT(self, request: Request) -> Any:
-        body = json.loads(request.content.read())
-        self.peer.received.append((self.api_version, request.uri, body))
-        if self.peer.hang:
-            self.peer.pending.append(request)
-            return NOT_DONE_YET
-        status, answer = self.peer.respond(self.api_version, body)
-        request.setResponseCode(status)
-        if isinstance(answer, bytes):
-            request.setHeader(b"Content-Type", b"text/html")
-            return answer
-        request.setHeader(b"Content-Type", b"application/json")
-        return json.dumps(answer).encode("utf-8")
-
-
-class FakePeer:
-    """An invited server in memory that co-signs invites as Synapse does, unless told otherwise.
-
-    Like Synapse it adds ``"unsigned": {}`` to an event without one and, on
-    v1, answers with the room state the request carried in ``unsigned``.
     ``canned[api_version] = (status, body)`` answers with that instead (bytes
     as HTML); ``mutate(event)`` changes the co-signed event; ``wrap(answer)``
     changes the whole answer; ``sign_key``/``sign`` choose its signature;
-    ``hang`` never answers.
+    ``hang`` never answers (the requests are kept in ``pending``). Each request
+    is recorded in ``received`` as ``(api_version, uri, body)``; ``refusal`` is
+    not used (``canned`` is).
     """
 
     def __init__(self, clock: Clock, name: str = PEER, validity_ms: int = _DAY_MS) -> None:
-        self.name = name
-        self.key = make_key("peer1")
+        super().__init__(name, clock, signing_key=make_key("peer1"))
+        self.validity_ms = validity_ms
+        self.key = self.signing_key
         self.sign_key = self.key
         self.sign = True
         self.canned: dict[int, tuple[int, Any]] = {}
@@ -149,36 +126,29 @@ class FakePeer:
         self.hang = False
         self.received: list[tuple[int, bytes, Any]] = []
         self.pending: list[Request] = []
-        self.root = build_site_root(
-            build_matrix_tree(
-                KeyServerResource(clock, name, [self.key], validity_ms=validity_ms),
-                {
-                    (b"federation", b"v1", b"invite"): _InviteEndpoint(self, 1),
-                    (b"federation", b"v2", b"invite"): _InviteEndpoint(self, 2),
-                },
-            )
+        self.root = self.site_root()
+
+    def key_resource(self) -> KeyServerResource:
+        return KeyServerResource(
+            self.clock, self.server_name, [self.key], validity_ms=self.validity_ms
         )
 
-    def respond(self, api_version: int, body: Any) -> tuple[int, Any]:
+    def answer(self, request: Request, api_version: int, body: Any) -> tuple[int, Any] | None:
+        self.received.append((api_version, request.uri, body))
+        if self.hang:
+            self.pending.append(request)
+            return None
         if api_version in self.canned:
             return self.canned[api_version]
-        if api_version == 2:
-            room_version = KNOWN_ROOM_VERSIONS[body["room_version"]]
-            event = copy.deepcopy(body["event"])
-        else:
-            room_version = KNOWN_ROOM_VERSIONS["1"]
-            event = copy.deepcopy(body)
-        event.setdefault("unsigned", {})
+        answer = self.cosigned(api_version, body)
+        return 200, answer if self.wrap is None else self.wrap(answer)
+
+    def cosign(self, room_version: RoomVersion, event: dict[str, Any]) -> dict[str, Any]:
         if self.sign:
-            event = sign_event(room_version, event, self.name, self.sign_key)
+            event = sign_event(room_version, event, self.server_name, self.sign_key)
         if self.mutate is not None:
             self.mutate(event)
-        answer: Any = {"event": event}
-        if api_version == 1:
-            answer = [200, answer]
-        if self.wrap is not None:
-            answer = self.wrap(answer)
-        return 200, answer
+        return event
 
 
 class Origin:
