@@ -255,7 +255,7 @@ async def _cmd_invites(args: argparse.Namespace, out: TextIO, store: IStore, con
         out.write(json.dumps([_invite_json(r) for r in records], indent=2, sort_keys=True) + "\n")
         return 0
     out.write(
-        f"{'received (UTC)':<20} {'status':<8} {'invitee':<30} {'sender':<30} {'room':<30} event\n"
+        f"{'received (UTC)':<19} {'status':<8} {'invitee':<30} {'sender':<30} {'room':<30} event\n"
     )
     for r in records:
         invitee, sender, room_id, event_id = (

@@ -129,6 +129,51 @@ class StoreCommandTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_invites_list_columns_line_up(self) -> Deferred[None]:
+        """invites list: each column of the header starts where the rows' column does (the
+        header's first column was one wider than the rows' dates)."""
+
+        async def go() -> None:
+            store = await open_store(f"sqlite:///{self.db}", reactor=reactor)
+            await store.store_invite(
+                InviteRecord(
+                    "$e0",
+                    "!r:x",
+                    "10",
+                    "@a:example.org",
+                    "@s:x",
+                    "x",
+                    {},
+                    [],
+                    1_700_000_000_000,
+                    "pending",
+                )
+            )
+            await store.close()
+            code, out = await self.run_cli("invites", "list")
+            self.assertEqual(code, 0)
+            header, row = out.splitlines()
+            self.assertEqual(
+                header,
+                f"{'received (UTC)':<19} {'status':<8} {'invitee':<30} {'sender':<30} "
+                f"{'room':<30} event",
+            )
+            self.assertEqual(
+                row,
+                f"2023-11-14 22:13:20 pending  {'@a:example.org':<30} {'@s:x':<30} "
+                f"{'!r:x':<30} $e0",
+            )
+            for title, value in (
+                ("status", "pending"),
+                ("invitee", "@a:example.org"),
+                ("sender", "@s:x"),
+                ("room", "!r:x"),
+                ("event", "$e0"),
+            ):
+                self.assertEqual(header.index(f" {title}"), row.index(f" {value}"), title)
+
+        return ensureDeferred(go())
+
     def test_invites_list_pages_with_after(self) -> Deferred[None]:
         """invites list --after EVENT_ID gives the next page: every invite exactly once, in
         order, even where several share a millisecond; a full page says how to go on."""
