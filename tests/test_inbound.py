@@ -364,6 +364,25 @@ class BodyRowTests(InboundTestCase):
             )
             self.assertRefused(answer, 400, "M_BAD_JSON")
 
+    def test_row07_oversized_reference_ids_not_memoised(self) -> None:
+        """Row 7: a v1/v2 prev_events or auth_events ID over 255 bytes is 400 M_BAD_JSON, and
+        the refused ID is not kept as a key of the ID memo (a peer sending 8192 such
+        invites would otherwise pin up to 8 GiB)."""
+        from federation_invite.core import ids
+
+        v1 = KNOWN_ROOM_VERSIONS["1"]
+        event = build_invite(v1, self.s.their_key)
+        self.assertEqual(self.send_v1(event)[0], 200)  # its valid IDs are now memoised
+        size = ids._split_namespaced_text.cache_info().currsize
+        for n, key in enumerate(("prev_events", "auth_events", "prev_events")):
+            oversized = {**event, key: [[f"${n}" + "x" * 100_000 + f":{THEM}", {}]]}
+            answer = self.assertRefused(self.send_v1(oversized), 400, "M_BAD_JSON")
+            self.assertEqual(
+                answer["error"],
+                f"Invalid PDU: {key!r} holds an invalid event ID for this room version",
+            )
+            self.assertEqual(ids._split_namespaced_text.cache_info().currsize, size)
+
     def test_row08_pdu_too_large(self) -> None:
         """Row 8: an event whose canonical form is over 65536 bytes: 413 M_TOO_LARGE."""
         for identifier in ("5", "10"):  # a lax and a strict room version

@@ -294,6 +294,33 @@ class EventIdTests(SynchronousTestCase):
             self.assertFalse(is_valid_event_id("$abc:example.org", identifier))
             self.assertFalse(is_valid_event_id(None, identifier))
 
+    def test_oversized_ids_are_not_memoised(self) -> None:
+        """IDs over 255 characters are refused (or split) without entering a memo: a peer
+        could otherwise pin up to 8192 strings of its choosing, each up to the body cap,
+        through a refused invite's prev_events or auth_events."""
+        from federation_invite.core import ids
+
+        ids._split_namespaced_text.cache_clear()
+        ids._server_name_of_text.cache_clear()
+        for n in range(3):
+            opaque = f"{n}" + "x" * 100_000
+            for version in ("1", "2"):
+                self.assertFalse(is_valid_event_id(f"${opaque}:example.org", version))
+                self.assertFalse(is_valid_room_id(f"!{opaque}:example.org", version))
+            self.assertFalse(is_valid_user_id(f"@{opaque}:example.org"))
+            self.assertFalse(is_valid_user_id(f"@{opaque}:example.org", strict=True))
+            # server_name_of splits, it does not judge lengths: its answer is unchanged.
+            self.assertEqual(server_name_of(f"@{opaque}:example.org"), "example.org")
+            with self.assertRaises(ValueError):
+                server_name_of(f"@{opaque}:bad host")
+        self.assertEqual(ids._split_namespaced_text.cache_info().currsize, 0)
+        self.assertEqual(ids._server_name_of_text.cache_info().currsize, 0)
+        # Up to 255 characters, IDs are memoised (refused ones too: at most 1020 bytes).
+        self.assertTrue(is_valid_event_id("$" + "a" * 252 + ":h", "1"))
+        self.assertFalse(is_valid_event_id("$" + "a" * 253 + ":h", "1"))
+        self.assertFalse(is_valid_event_id("$" + "é" * 200 + ":h", "1"))
+        self.assertEqual(ids._split_namespaced_text.cache_info().currsize, 2)
+
     @settings(max_examples=200)
     @given(st.text(), st.sampled_from(sorted(KNOWN_ROOM_VERSIONS)))
     def test_predicates_never_raise(self, text: str, identifier: str) -> None:
