@@ -630,9 +630,16 @@ def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = N
     if path is not None:
         try:
             with open(path, "rb") as handle:
-                raw = _flatten(tomllib.load(handle))
+                data = handle.read()
+            raw = _flatten(tomllib.loads(data.decode("utf-8")))
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise ConfigError(
+                f"config file {path} is not UTF-8 (TOML must be): byte 0x{data[exc.start]:02x} "
+                f"at offset {exc.start} (line {line})"
+            ) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     raw.update(overrides or {})

@@ -277,6 +277,19 @@ class LoadConfigTests(SynchronousTestCase):
         path = self.write("server_name = \n")
         self.assertIn("not valid TOML", str(self.assertRaises(ConfigError, load_config, path)))
 
+    def test_config_file_not_utf8(self) -> None:
+        """A file that is not UTF-8 (saved as Latin-1) is refused with its path and where the
+        first byte that is not UTF-8 is (it was a UnicodeDecodeError: a traceback under
+        twistd, a line naming no file from check-config)."""
+        path = self.mktemp()
+        with open(path, "wb") as handle:
+            handle.write(b'# caf\xc3\xa9\nserver_name = "caf\xe9.example"\n')
+        error = self.assertRaises(ConfigError, load_config, path)
+        self.assertEqual(
+            str(error),
+            f"config file {path} is not UTF-8 (TOML must be): byte 0xe9 at offset 26 (line 2)",
+        )
+
 
 class PathTests(SynchronousTestCase):
     """Paths are resolved once, at load: twistd changes directory (--rundir) after it."""

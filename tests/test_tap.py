@@ -507,9 +507,9 @@ class CommandLineTests(SynchronousTestCase):
 
     def test_config_refusals_one_line_on_stderr(self) -> None:
         """Under twistd and twist, an unknown configuration key, a bad value (in the file or
-        on the command line), an unreadable file or (found by makeService) a data_dir that is
-        a file prints one line on stderr naming it, nothing on stdout, and exits with status
-        1, as the README says."""
+        on the command line), an unreadable file, one that is not UTF-8 or (found by
+        makeService) a data_dir that is a file prints one line on stderr naming it, nothing
+        on stdout, and exits with status 1, as the README says."""
         import subprocess
 
         directory = os.path.abspath(self.mktemp())
@@ -518,6 +518,8 @@ class CommandLineTests(SynchronousTestCase):
         FilePath(unknown).setContent(b'server_name = "example.org"\nsever_name = "x"\n')
         bad = os.path.join(directory, "bad.toml")
         FilePath(bad).setContent(b"[ratelimit]\norigin_burst = 0\n")
+        latin1 = os.path.join(directory, "latin1.toml")
+        FilePath(latin1).setContent(b'server_name = "caf\xe9.example"\n')
         bin_dir = os.path.dirname(sys.executable)
         for command, prefix in (
             ([os.path.join(bin_dir, "twistd"), "-n", "--pidfile="], "twistd"),
@@ -528,6 +530,7 @@ class CommandLineTests(SynchronousTestCase):
                 (["-c", bad], "configuration key 'ratelimit.origin_burst': must be an integer"),
                 (["--server-name", "a b"], "configuration key 'server_name': must be"),
                 (["-c", os.path.join(directory, "missing.toml")], "cannot read config file"),
+                (["-c", latin1], f"config file {latin1} is not UTF-8 (TOML must be): byte 0xe9"),
                 (["--data-dir", bad, "--listen", "tcp:0"], "configuration key 'data_dir': "),
             ):
                 result = subprocess.run(
@@ -542,7 +545,7 @@ class CommandLineTests(SynchronousTestCase):
                 line = result.stderr.rstrip("\n")
                 self.assertNotIn("\n", line, (prefix, args))
                 self.assertTrue(line.startswith(f"{prefix}: {expected}"), (prefix, line))
-        self.assertEqual(sorted(os.listdir(directory)), ["bad.toml", "unknown.toml"])
+        self.assertEqual(sorted(os.listdir(directory)), ["bad.toml", "latin1.toml", "unknown.toml"])
 
     def test_twistd_rundir(self) -> None:
         """`twistd --rundir DIR` serves, with key and database in the starting directory's data dir."""
