@@ -7,6 +7,7 @@
 | ``destination`` present and not our server name | 401 ``M_UNAUTHORIZED`` |
 | ``origin`` not a valid server name, or ``key`` not an ed25519 key ID | 401 ``M_UNAUTHORIZED`` |
 | origin denied by the server allow/deny globs (before any key fetch) | 403 ``M_FORBIDDEN`` |
+| origin's key needs a fetch past the keyring's cap (``KeyFetchBusy``) | 429 ``M_LIMIT_EXCEEDED`` |
 | the origin's key cannot be obtained, or is not currently valid | 401 ``M_UNAUTHORIZED`` |
 | the signature does not verify | 401 ``M_UNAUTHORIZED`` |
 

@@ -22,6 +22,16 @@ the pause to end, and then one fetch is made for all the key IDs that waited
 has at once). Sharing and back-off take the spellings of a name that
 differ only in the case of the host as one. Only the sender, checking an answer
 the server has just signed, fetches regardless of both (``ignore_backoff``).
+At most ``_MAX_FETCHES_IN_FLIGHT`` (64) fetches are in flight at once, over all
+servers (each holds sockets until it ends, up to ``outbound.timeout``: its
+``.well-known`` and SRV discovery, the server's answer, the notaries'): a lookup
+that would start one more (its server's keys neither in memory nor in the store,
+nor a fetch for it under way to join) is refused at once with ``KeyFetchBusy``,
+429 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms`` (5 s), without asking anyone and
+without backing the server off: the server is not at fault, we are busy. So is a
+lookup waiting for a pause to end when the pause ends at the cap. Only the
+sender's answer check (``ignore_backoff``) is never refused (our own user asked
+for that invite, and the server has just answered us); its fetch counts all the same.
 Fetched keys are stored with their validity, capped at seven days after the fetch
 (rooms/fragments/v5-signing-requirements.md). Of two answers for the same key,
 the one fetched last wins, in memory as in the store: after a rotation the
@@ -52,6 +62,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from ._backoff import is_failure_status, make_room
 from ._clock import in_window
 from .client.errors import RemoteError
+from .core.errors import Codes, MatrixError
 from .core.ids import is_valid_server_name, server_name_key
 from .core.keys import decode_verify_key, is_valid_key_id, key_id_of, verify_key_of
 from .core.signing import (
@@ -67,6 +78,7 @@ from .store import ServerKeyRecord, StoreError
 __all__ = [
     "IKeyFetchClient",
     "IKeyStore",
+    "KeyFetchBusy",
     "KeyFetchError",
     "Keyring",
     "Notary",
@@ -92,6 +104,15 @@ _MEMORY_SIZE = 10_000
 #: years of rotations; a document listing thousands (1 MiB holds about 10,000) only costs
 #: decoding, memory and store rows that nobody needs.
 _MAX_KEYS_PER_DOCUMENT = 64
+#: Key fetches in flight at once, over all servers (the default of ``Keyring``'s
+#: ``max_fetches_in_flight``). Anyone can make us fetch the keys of a server they name (a
+#: forged request's origin), and a fetch of a server that never answers holds its sockets
+#: for ``outbound.timeout``: unbounded, a few dozen forged requests a second use up the
+#: daemon's file descriptors. 64 is far more than the new servers a real invite server
+#: meets at once, and a few hundred descriptors at worst.
+_MAX_FETCHES_IN_FLIGHT = 64
+#: ``retry_after_ms`` of a lookup refused at that cap.
+_BUSY_RETRY_AFTER_MS = 5_000
 
 
 @attrs.frozen
@@ -141,6 +162,20 @@ class IKeyStore(Protocol):
 
 class KeyFetchError(ValueError):
     """A key answer we refuse (wrong server, bad signature, malformed)."""
+
+
+class KeyFetchBusy(MatrixError):
+    """A lookup refused because it would start a key fetch beyond the cap on fetches in flight:
+    429 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``, as a request needing it is answered."""
+
+    def __init__(self, server_name: str) -> None:
+        super().__init__(
+            429,
+            Codes.LIMIT_EXCEEDED,
+            f"Too many key fetches in progress to fetch the keys of {server_name[:255]};"
+            " retry later",
+            retry_after_ms=_BUSY_RETRY_AFTER_MS,
+        )
 
 
 def parse_key_response(
@@ -355,7 +390,15 @@ class Keyring:
         *,
         local_keys: Sequence[ServerVerifyKey] = (),
         notaries: Sequence[Notary] = (),
+        max_fetches_in_flight: int | None = None,
     ) -> None:
+        """``max_fetches_in_flight``: the cap on fetches in flight over all servers (see the
+        module doc); ``None`` for the default, ``_MAX_FETCHES_IN_FLIGHT`` (64)."""
+        if max_fetches_in_flight is None:
+            max_fetches_in_flight = _MAX_FETCHES_IN_FLIGHT
+        if max_fetches_in_flight < 1:
+            raise ValueError("max_fetches_in_flight must be >= 1")
+        self._max_fetches = max_fetches_in_flight
         self._clock = clock
         self._store = store
         self._client = client
@@ -418,9 +461,12 @@ class Keyring:
         ``ignore_backoff``: fetch even while the server is backed off or in its
         5 s pause, its outcome counting as any fetch's (a success ends the
         back-off), as Synapse fetches keys (``ServerKeyFetcher``,
-        ``ignore_backoff=True``). For the sender's answer check only, whose
-        server has just answered us: the back-off is what bounds the fetches an
-        inbound request can cause, so nothing an inbound request names may pass it.
+        ``ignore_backoff=True``), and even beyond the cap on fetches in flight.
+        For the sender's answer check only, whose server has just answered us:
+        the back-off is what bounds the fetches an inbound request can cause, so
+        nothing an inbound request names may pass it.
+        A lookup that would start a fetch beyond that cap fails with
+        ``KeyFetchBusy`` (a ``MatrixError``, 429 ``M_LIMIT_EXCEEDED``) at once.
         """
         wanted = frozenset(key_ids)
         if self._satisfied(server_name, wanted, valid_at_ms) or server_name in self._local_servers:
@@ -549,8 +595,15 @@ class Keyring:
                 waiter.callback(None)  # A cancelled waiter ignores it.
 
     def _pause_over(self, server_name: str) -> None:
-        """The pause of ``server_name`` has ended: one fetch for the lookups that waited."""
-        self._shared_fetch(server_name, {}, None)
+        """The pause of ``server_name`` has ended: one fetch for the lookups that waited, or,
+        at the cap on fetches in flight, their refusal (``KeyFetchBusy``)."""
+        try:
+            self._shared_fetch(server_name, {}, None)
+        except KeyFetchBusy as busy:
+            pause_wait = self._pause_waits.pop(server_name_key(server_name), None)
+            if pause_wait is not None:
+                for waiter in pause_wait.waiters:
+                    waiter.errback(busy)  # A cancelled waiter ignores it.
 
     def _missing(self, server_name: str, wanted: Mapping[str, int]) -> dict[str, int]:
         """Those of ``wanted`` (key ID -> valid at) that memory cannot answer."""
@@ -654,11 +707,18 @@ class Keyring:
         The fetch takes over the lookups waiting for the server's pause to end, if
         any: theirs is this fetch. Each caller waits on a Deferred of its own, so
         one cancelled (its request abandoned) does not cancel the fetch.
+
+        ``KeyFetchBusy``, with nothing changed, when a fetch would be started with
+        ``max_fetches_in_flight`` in flight already (unless ``ignore_backoff``). A
+        fetch's slot is freed when it ends, however it ends: every fetch ends within
+        the client's timeouts (the server's answer, then each notary's).
         """
         key = server_name_key(server_name)
         fetch = self._inflight.get(key)
         joined = fetch is not None
         if fetch is None:
+            if not ignore_backoff and len(self._inflight) >= self._max_fetches:
+                raise KeyFetchBusy(server_name)
             fetch = _Fetch(ignore_backoff=ignore_backoff)
         fetch.want(wanted)
         if waiter is not None:

@@ -204,6 +204,62 @@ class RequestAuthenticationTests(SynchronousTestCase):
         error = self.assertRefused(401, "M_UNAUTHORIZED")
         self.assertIn("Could not obtain key", error)
 
+    def test_key_fetches_at_their_cap(self) -> None:
+        """An origin whose key would need a fetch while the keyring's fetches in flight are at
+        their cap (forged requests claiming made-up origins, each a fetch): 429
+        M_LIMIT_EXCEEDED with retry_after_ms and Retry-After, at once, without a fetch, and the
+        origin not backed off; an origin whose key is held is served meanwhile."""
+        from twisted.internet.defer import Deferred
+
+        import federation_invite.keyring as keyring_module
+
+        self.patch(keyring_module, "_MAX_FETCHES_IN_FLIGHT", 2)
+        self.make_server()
+        known_key = make_key("k1")
+        self.federation.add_key_server(self.clock, "known.example", [known_key])
+        known = [sign_request(known_key, "known.example", US, "PUT", PATH, {"a": 1})]
+        self.assertEqual(self.send(headers=known), (200, {"origin": "known.example"}))
+        gates: list[Deferred[None]] = [Deferred(), Deferred()]
+        forged = []
+        for n, gate in enumerate(gates):
+            self.federation.hold[f"made-up{n}.example"] = gate
+            header = self.header(origin=f"made-up{n}.example", key_id="ed25519:x")
+            forged.append(
+                self.client.request(
+                    "PUT",
+                    "https://us.example" + PATH,
+                    data=b'{"a": 1}',
+                    headers={"Authorization": [header]},
+                )
+            )
+        for request in forged:
+            self.assertNoResult(request)
+        response = self.successResultOf(
+            self.client.request(
+                "PUT",
+                "https://us.example" + PATH,
+                data=b'{"a": 1}',
+                headers={
+                    "Authorization": [sign_request(self.their_key, THEM, US, "PUT", PATH, {"a": 1})]
+                },
+            )
+        )
+        body = json.loads(self.successResultOf(response.content()))
+        self.assertEqual(
+            (response.code, body["errcode"], body["retry_after_ms"]),
+            (429, "M_LIMIT_EXCEEDED", 5000),
+        )
+        self.assertEqual(response.headers.getRawHeaders("Retry-After"), ["5"])
+        self.assertEqual(self.federation.count(THEM), 0)
+        self.assertEqual(self.send(headers=known), (200, {"origin": "known.example"}))
+        for gate in gates:
+            gate.callback(None)
+        self.client.flush()
+        for request in forged:
+            self.assertEqual(self.successResultOf(request).code, 401)
+        self.assertEqual(self.send(), (200, {"origin": THEM}))
+        self.assertEqual(self.federation.count(THEM), 1)
+
     def test_unknown_key_id(self) -> None:
         """A key ID the origin does not publish: 401 M_UNAUTHORIZED (could not obtain)."""
         stranger = make_key("zz")

@@ -1637,6 +1637,43 @@ class RateLimitRowTests(InboundTestCase):
         self.s.clock.advance(1)
         self.assertEqual(self.send_v2(room_version, event)[0], 200)
 
+    def test_row17_key_fetches_at_their_cap(self) -> None:
+        """Row 17: a required signer's key (v1: the event ID's server's) that would need a fetch
+        while the keyring's fetches in flight are at their cap: 429 M_LIMIT_EXCEEDED with
+        retry_after_ms, at once, without a fetch; invites needing only keys held are served."""
+        import federation_invite.keyring as keyring_module
+
+        self.patch(keyring_module, "_MAX_FETCHES_IN_FLIGHT", 1)
+        self.s = InviteScenario(limits=InviteLimits(invitee_burst=100))
+        room_version, event = self.s.invite()
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)
+        v1 = KNOWN_ROOM_VERSIONS["1"]
+
+        def signed_by(server: str) -> dict[str, Any]:
+            event = build_invite(v1, self.s.their_key, extra={"event_id": f"$e:{server}"})
+            event["signatures"][server] = {"ed25519:x": "A" * 86}
+            return event
+
+        gate: Deferred[None] = Deferred()
+        self.s.federation.hold["slow.example"] = gate
+        slow = signed_by("slow.example")
+        pending = self.s.send(
+            2, self.s.v2_body(v1, slow), room_id=slow["room_id"], event_id=slow["event_id"]
+        )
+        self.s.client.flush()
+        self.assertNoResult(pending)
+        body = self.assertRefused(
+            self.send_v2(v1, signed_by("third.example")), 429, "M_LIMIT_EXCEEDED"
+        )
+        self.assertEqual(body["retry_after_ms"], 5000)
+        self.assertEqual(self.s.federation.count("third.example"), 0)
+        room_version, event = self.s.invite(extra={"depth": 5})
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)
+        gate.callback(None)
+        self.assertRefused(self.result(pending), 400, "M_INVALID_PARAM")
+        self.assertRefused(self.send_v2(v1, signed_by("third.example")), 400, "M_INVALID_PARAM")
+        self.assertEqual(self.s.federation.count("third.example"), 1)
+
     def test_hand_built_limits_are_the_documented_defaults(self) -> None:
         """InviteLimits() has the README's default limits, except that it does not slow."""
         documented = InviteLimits(

@@ -6,7 +6,7 @@ import json
 from typing import Any
 from unittest import mock
 
-from twisted.internet.defer import fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
@@ -14,15 +14,16 @@ from twisted.web.server import Request
 from federation_invite.client import FederationClient
 from federation_invite.client.testing import FakePeersAgent
 from federation_invite.config import Notary
+from federation_invite.core.errors import MatrixError
 from federation_invite.core.keys import encode_verify_key, key_id_of, verify_key_of
 from federation_invite.core.signing import SEVEN_DAYS_MS, sign_json
-from federation_invite.keyring import KeyFetchError, Keyring, parse_key_response
+from federation_invite.keyring import KeyFetchBusy, KeyFetchError, Keyring, parse_key_response
 from federation_invite.store import StoreError
 from federation_invite.web._base import MatrixResource, write_json
-from federation_invite.web.keys import server_keys_document
+from federation_invite.web.keys import KeyServerResource, server_keys_document
 
 from .client._fakes import CannedResource
-from .support import NOW_S, FakeFederation, MemoryKeyStore, make_clock, make_key
+from .support import NOW_S, FakeFederation, MemoryKeyStore, Unreachable, make_clock, make_key
 
 NOW_MS = NOW_S * 1000
 DAY_MS = 86_400_000
@@ -1417,6 +1418,191 @@ class NotaryTests(SynchronousTestCase):
             self.keyring().get_server_keys("down.example", [self.key_id], NOW_MS)
         )
         self.assertEqual(keys[self.key_id].verify_key, verify_key_of(self.remote_key))
+
+
+class FetchCapTests(SynchronousTestCase):
+    """At most so many key fetches in flight at once, over every server: a lookup needing one
+    more (a server whose keys are neither in memory nor in the store) is refused at once,
+    429 M_LIMIT_EXCEEDED, without fetching and without backing the server off."""
+
+    def setUp(self) -> None:
+        self.clock = make_clock()
+        self.store = MemoryKeyStore()
+        self.federation = FakeFederation()
+        self.key = make_key("r1")
+        self.key_id = key_id_of(self.key)
+        for name in ("a.example", "b.example", "c.example", "held.example", "stored.example"):
+            self.federation.add_key_server(self.clock, name, [self.key])
+        self.keyring = Keyring(self.clock, self.store, self.federation, max_fetches_in_flight=2)
+
+    def lookup(self, server: str, keyring: Keyring | None = None, **kwargs: Any) -> Any:
+        keyring = keyring or self.keyring
+        return keyring.get_server_keys(server, [self.key_id], NOW_MS, **kwargs)
+
+    def fill(self, *servers: str) -> tuple[list[Deferred[None]], list[Any]]:
+        """Start a lookup of each of ``servers``, their fetches held: (the gates, the lookups)."""
+        gates: list[Deferred[None]] = []
+        for server in servers:
+            gates.append(Deferred())
+            self.federation.hold[server] = gates[-1]
+        lookups = [self.lookup(server) for server in servers]
+        for server in servers:
+            del self.federation.hold[server]
+        for lookup in lookups:
+            self.assertNoResult(lookup)
+        return gates, lookups
+
+    def assertBusy(self, deferred: Any) -> None:
+        error = self.failureResultOf(deferred, KeyFetchBusy).value
+        self.assertIsInstance(error, MatrixError)
+        self.assertEqual(
+            (error.http_status, error.errcode, error.to_json()["retry_after_ms"]),
+            (429, "M_LIMIT_EXCEEDED", 5000),
+        )
+
+    def assertFetchedNow(self, server: str) -> None:
+        """A lookup of ``server`` fetches it at once (one request) and finds its key."""
+        before = self.federation.count(server)
+        self.assertIn(self.key_id, self.successResultOf(self.lookup(server)))
+        self.assertEqual(self.federation.count(server), before + 1)
+
+    def test_lookup_beyond_the_cap_refused_at_once(self) -> None:
+        """With the cap's fetches in flight, a lookup needing another is refused at once: no
+        request, no back-off, no failure counted; the server is fetched once a slot is free."""
+        gates, lookups = self.fill("a.example", "b.example")
+        self.assertBusy(self.lookup("c.example"))
+        self.assertBusy(self.lookup("c.example"))
+        self.assertEqual(self.federation.count("c.example"), 0)
+        self.assertEqual(self.keyring._backoff, {})
+        self.assertEqual((self.keyring.fetches, self.keyring.fetch_failures), (2, 0))
+        gates[0].callback(None)
+        self.assertIn(self.key_id, self.successResultOf(lookups[0]))
+        self.assertFetchedNow("c.example")
+        self.assertEqual(self.keyring._backoff, {})
+
+    def test_default_cap(self) -> None:
+        """The default is the README's: 64 fetches in flight."""
+        keyring = Keyring(self.clock, self.store, self.federation)
+        names = [f"s{n}.example" for n in range(65)]
+        gates: list[Deferred[None]] = []
+        for name in names:
+            self.federation.add_key_server(self.clock, name, [self.key])
+            gates.append(Deferred())
+            self.federation.hold[name] = gates[-1]
+        lookups = [self.lookup(name, keyring) for name in names[:64]]
+        self.assertBusy(self.lookup(names[64], keyring))
+        self.assertEqual(self.federation.count(names[64]), 0)
+        for gate in gates:
+            gate.callback(None)
+        for lookup in lookups:
+            self.assertIn(self.key_id, self.successResultOf(lookup))
+
+    def test_keys_held_unaffected(self) -> None:
+        """At the cap, keys in memory are answered (without a coroutine: the hot path), and so
+        are keys in the store; a lookup joining a fetch in flight costs no slot and waits for
+        it; the sender's answer check (``ignore_backoff``) is not refused."""
+        self.assertIn(self.key_id, self.successResultOf(self.lookup("held.example")))
+        other = Keyring(self.clock, self.store, self.federation)
+        self.assertIn(self.key_id, self.successResultOf(self.lookup("stored.example", other)))
+        gates, _ = self.fill("a.example", "b.example")
+        held = self.lookup("held.example")
+        self.assertIn(self.key_id, self.successResultOf(held))
+        self.assertIn(self.key_id, self.successResultOf(self.lookup("stored.example")))
+        self.assertEqual(self.federation.count("stored.example"), 1)
+        joined = self.lookup("a.example")
+        self.assertNoResult(joined)
+        self.assertIn(
+            self.key_id, self.successResultOf(self.lookup("c.example", ignore_backoff=True))
+        )
+        gates[0].callback(None)
+        self.assertIn(self.key_id, self.successResultOf(joined))
+        self.assertEqual(self.federation.count("a.example"), 1)
+
+    def test_slot_released_on_failure(self) -> None:
+        """A fetch that fails (the server unreachable) frees its slot; only that server is
+        backed off."""
+        gates, lookups = self.fill("a.example", "b.example")
+        gates[0].errback(Unreachable("a.example"))
+        self.assertEqual(self.successResultOf(lookups[0]), {})
+        self.assertEqual(list(self.keyring._backoff), ["a.example"])
+        self.assertFetchedNow("c.example")
+
+    def test_slot_released_on_cancellation(self) -> None:
+        """A lookup given up (its request abandoned) leaves the shared fetch running, whose slot
+        is freed when it ends; a fetch whose request is cancelled frees its slot too."""
+        gates, lookups = self.fill("a.example", "b.example")
+        lookups[0].cancel()
+        self.failureResultOf(lookups[0], CancelledError)
+        self.assertBusy(self.lookup("c.example"))
+        gates[0].callback(None)
+        self.assertIn(self.key_id, self.keyring.cached_keys("a.example"))
+        gates[1].cancel()
+        self.assertEqual(self.successResultOf(lookups[1]), {})
+        self.assertFetchedNow("c.example")
+        self.assertFetchedNow("stored.example")
+        self.assertEqual(self.keyring._inflight, {})
+
+    def test_slot_released_on_timeout(self) -> None:
+        """A key server that never answers holds its slot until the client's timeout (60 s),
+        no longer; discovery, the fetch and the notaries are one slot's work."""
+        from twisted.web.resource import Resource
+        from twisted.web.server import NOT_DONE_YET
+
+        from federation_invite.service import build_site_root
+        from federation_invite.web.tree import build_matrix_tree
+
+        class Tarpit(Resource):
+            isLeaf = True
+
+            def render(self, request: Request) -> Any:
+                return NOT_DONE_YET
+
+        key_server = KeyServerResource(self.clock, "c.example", [self.key])
+        peers = FakePeersAgent(
+            {
+                "tarpit1.example": Tarpit(),
+                "tarpit2.example": Tarpit(),
+                "c.example": build_site_root(build_matrix_tree(key_server)),
+            }
+        )
+        client = FederationClient(self.clock, "local.example", make_key("k"), agent=peers)
+        keyring = Keyring(self.clock, self.store, client, max_fetches_in_flight=2)
+        tarpits = [self.lookup(f"tarpit{n}.example", keyring) for n in (1, 2)]
+        self.assertBusy(self.lookup("c.example", keyring))
+        self.clock.advance(59)
+        self.assertBusy(self.lookup("c.example", keyring))
+        self.clock.advance(1)
+        for tarpit in tarpits:
+            self.assertEqual(self.successResultOf(tarpit), {})
+        self.assertIn(self.key_id, self.successResultOf(self.lookup("c.example", keyring)))
+        self.assertEqual(keyring._inflight, {})
+
+    def test_pause_over_at_the_cap_refused(self) -> None:
+        """Lookups waiting for a server's pause to end, when it ends with the cap's fetches in
+        flight, are refused (429) rather than fetched beyond the cap; the server is not backed
+        off for it, and is fetched at once when next asked with a slot free."""
+        self.assertEqual(
+            self.successResultOf(
+                self.keyring.get_server_keys("c.example", ["ed25519:made_up"], NOW_MS)
+            ),
+            {},
+        )
+        waiting = self.keyring.get_server_keys("c.example", ["ed25519:other"], NOW_MS)
+        self.assertNoResult(waiting)
+        gates, _ = self.fill("a.example", "b.example")
+        self.clock.advance(5)
+        self.assertBusy(waiting)
+        self.assertEqual(self.federation.count("c.example"), 1)
+        self.assertEqual(self.keyring._pause_waits, {})
+        self.assertFalse(self.keyring._backing_off("c.example"))
+        gates[0].callback(None)
+        self.assertEqual(
+            self.successResultOf(
+                self.keyring.get_server_keys("c.example", ["ed25519:other"], NOW_MS)
+            ),
+            {},
+        )
+        self.assertEqual(self.federation.count("c.example"), 2)
 
 
 class ParseKeyResponseTests(SynchronousTestCase):
