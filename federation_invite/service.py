@@ -652,7 +652,12 @@ def _failure_reason(exc: BaseException) -> str:
         exc = exc.socketError
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc)
-        return f"{reason}: {exc.filename}" if exc.filename else reason
+        # Of two file names, the second is the one made (a rename's or symlink's target):
+        # a unix: port's lock file is a symlink to our PID, whose OSError.filename is the PID.
+        filename = exc.filename2 or exc.filename
+        if isinstance(filename, bytes):
+            filename = os.fsdecode(filename)
+        return f"{reason}: {filename}" if filename else reason
     if type(exc).__module__.startswith("OpenSSL"):
         return f"the TLS key or certificate is not usable PEM ({exc})"
     return f"{type(exc).__name__}: {exc}"

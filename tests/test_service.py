@@ -1325,6 +1325,23 @@ class ListenAtStartTests(TestCase):
             self.assertNotIn("\n", str(error))
         self.assertEqual(self.opened, [])
 
+    def test_unix_socket_in_a_missing_directory_names_the_path(self) -> None:
+        """A unix: endpoint (listen or metrics.listen) in a directory that does not exist
+        fails naming the path Twisted could not create (its lock file, a symlink whose
+        OSError.filename is the process ID, filename2 the path), not the process ID."""
+        path = os.path.join(os.path.abspath(self.mktemp()), "fi.sock")
+        endpoint = f"unix:{path}"
+        tcp = f"tcp:{free_port()}:interface=127.0.0.1"
+        for listen, metrics, key in ((endpoint, "", "listen"), (tcp, endpoint, "metrics.listen")):
+            service = self.new_service(listen, **{"metrics.listen": metrics})
+            error = self.assertRaises(ConfigError, service.privilegedStartService)
+            self.assertEqual(
+                str(error),
+                f"configuration key {key!r}: cannot listen on {endpoint!r}: No such file or "
+                f"directory: {path}.lock",
+            )
+        self.assertEqual(self.opened, [])
+
     async def test_tls_full_chain_served(self) -> None:
         """An ssl: certKey file holding the leaf and its intermediate (a CA's fullchain.pem,
         as the README shows) serves both: a client trusting only the root verifies."""
