@@ -622,6 +622,8 @@ def _server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     from twisted.internet.ssl import CertificateOptions
 
     args, keywords = endpoints._parse(description)
+    if args[0] == "systemd":
+        return _systemd_endpoint(reactor, description, args[1:], keywords)
     if args[0] != "ssl":
         return endpoints.serverFromString(reactor, description)
     bound = inspect.signature(endpoints._parseSSL).bind(None, *args[1:], **keywords)
@@ -642,6 +644,31 @@ def _server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
                 **({} if method is None else {"method": getattr(SSL, method)}),
             )
     return endpoints.SSL4ServerEndpoint(reactor, port, options, **placement)
+
+
+def _systemd_endpoint(
+    reactor: Any, description: str, args: Sequence[str], keywords: Mapping[str, str]
+) -> IStreamServerEndpoint:
+    """Twisted's ``systemd:`` endpoint, or a ``ConfigError`` saying that systemd passed no
+    socket at its ``index`` or of its ``name``, where Twisted's parser raises a bare
+    ``IndexError`` or ``KeyError``."""
+    from twisted.internet import endpoints
+
+    unset = "LISTEN_FDS unset, as outside a systemd socket unit"
+    try:
+        return endpoints.serverFromString(reactor, description)
+    except IndexError:
+        index = keywords.get("index", args[1] if len(args) > 1 else "")
+        raise ConfigError(
+            f"systemd passed no socket at index {index} ({unset}, or fewer sockets passed than "
+            "index + 1)"
+        ) from None
+    except KeyError:
+        name = keywords.get("name", args[2] if len(args) > 2 else "")
+        raise ConfigError(
+            f"systemd passed no socket named {name!r} ({unset}, or no FileDescriptorName={name} "
+            "among LISTEN_FDNAMES)"
+        ) from None
 
 
 def _failure_reason(exc: BaseException) -> str:

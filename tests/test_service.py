@@ -1342,6 +1342,34 @@ class ListenAtStartTests(TestCase):
             )
         self.assertEqual(self.opened, [])
 
+    def test_systemd_endpoint_without_a_socket(self) -> None:
+        """A systemd: endpoint whose socket systemd did not pass (LISTEN_FDS unset, as
+        outside a .socket unit, or too few sockets; no socket of that name) fails saying so,
+        not with Twisted's IndexError or KeyError."""
+        from twisted.internet.endpoints import _SystemdParser
+        from twisted.python.systemd import ListenFDs
+
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs([3], ("web",)))
+        for endpoint, reason in (
+            (
+                "systemd:domain=INET:index=1",
+                "systemd passed no socket at index 1 (LISTEN_FDS unset, as outside a systemd "
+                "socket unit, or fewer sockets passed than index + 1)",
+            ),
+            (
+                "systemd:domain=INET:name=federation",
+                "systemd passed no socket named 'federation' (LISTEN_FDS unset, as outside a "
+                "systemd socket unit, or no FileDescriptorName=federation among LISTEN_FDNAMES)",
+            ),
+        ):
+            error = self.assertRaises(
+                ConfigError, self.new_service(endpoint).privilegedStartService
+            )
+            self.assertEqual(
+                str(error), f"configuration key 'listen': cannot listen on {endpoint!r}: {reason}"
+            )
+        self.assertEqual(self.opened, [])
+
     async def test_tls_full_chain_served(self) -> None:
         """An ssl: certKey file holding the leaf and its intermediate (a CA's fullchain.pem,
         as the README shows) serves both: a client trusting only the root verifies."""
