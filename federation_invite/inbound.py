@@ -40,6 +40,7 @@ from .core.errors import Codes, MatrixError
 from .core.events import PreparedEvent, check_content_hash, prepare_event, room_id_for_create_event
 from .core.format import MAX_PDU_SIZE, check_event_format, check_pdu_size
 from .core.ids import is_valid_user_id, server_name_key, server_name_of
+from .core.keys import is_valid_key_id
 from .core.roomversions import RoomVersion, get_room_version
 from .core.signing import (
     ServerVerifyKey,
@@ -538,7 +539,7 @@ class InviteHandler:
         valid_at = origin_server_ts if room_version.enforce_key_validity else 0
         keys: dict[tuple[str, str], ServerVerifyKey] = {}
         for server in servers:
-            key_ids = [k for k in signatures.get(server, {}) if k.startswith("ed25519:")]
+            key_ids = [k for k in signatures.get(server, {}) if is_valid_key_id(k)]
             if not key_ids:
                 continue
             found = await self._keyring.get_server_keys(server, key_ids, valid_at)
@@ -685,7 +686,7 @@ class InviteHandler:
             signatures = entry["signatures"]  # a dict of dicts (check_event_format)
             entry_valid_at = entry["origin_server_ts"] if room_version.enforce_key_validity else 0
             for server in signers:
-                ids = [k for k in signatures.get(server, {}) if k.startswith("ed25519:")]
+                ids = [k for k in signatures.get(server, {}) if is_valid_key_id(k)]
                 if not ids:
                     continue  # nothing to fetch: its signature check fails
                 key_ids.setdefault(server, set()).update(ids)
@@ -759,7 +760,7 @@ class InviteHandler:
         valid_at = entry["origin_server_ts"] if room_version.enforce_key_validity else 0
         keys: dict[tuple[str, str], ServerVerifyKey] = {}
         for server in sorted(signers):
-            key_ids = [k for k in signatures.get(server, {}) if k.startswith("ed25519:")]
+            key_ids = [k for k in signatures.get(server, {}) if is_valid_key_id(k)]
             known = self._keyring.known_server_keys(server, key_ids, valid_at)
             if known is None:
                 continue  # would need a fetch (or a store read): not checked

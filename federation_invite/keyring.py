@@ -32,6 +32,9 @@ without backing the server off: the server is not at fault, we are busy. So is a
 lookup waiting for a pause to end when the pause ends at the cap. Only the
 sender's answer check (``ignore_backoff``) is never refused (our own user asked
 for that invite, and the server has just answered us); its fetch counts all the same.
+Key IDs that are not ed25519 key IDs of at most 255 characters are not looked
+for (no key document we accept lists one). A pause is forgotten once over, with
+the key IDs it holds; a failure's back-off is kept past its end, to double the next.
 Fetched keys are stored with their validity, capped at seven days after the fetch
 (rooms/fragments/v5-signing-requirements.md). Of two answers for the same key,
 the one fetched last wins, in memory as in the store: after a rotation the
@@ -50,6 +53,7 @@ dropped.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -418,6 +422,9 @@ class Keyring:
         self._backoff: dict[str, _Backoff] = {}
         #: Lookups waiting for a server's pause to end (same keys).
         self._pause_waits: dict[str, _PauseWait] = {}
+        #: (since, until, key) of each pause set, oldest first, to forget the pauses that
+        #: are over (``_forget_ended_pauses``).
+        self._pauses: deque[tuple[int, int, str]] = deque()
         #: Counters for tests, metrics and benchmarks.
         self.fetches = 0
         self.fetch_failures = 0
@@ -499,6 +506,10 @@ class Keyring:
         fetch_if_store_fails: bool,
         ignore_backoff: bool,
     ) -> dict[str, ServerVerifyKey]:
+        # A key ID that is not an ed25519 key ID of at most 255 characters is never in a key
+        # document we accept, so it cannot verify anything: it is not looked for (anyone can
+        # sign an event with thousands of such characters, which a fetch's pause would keep).
+        key_ids = frozenset(key_id for key_id in key_ids if is_valid_key_id(key_id))
         if self._satisfied(server_name, key_ids, valid_at_ms) or server_name in self._local_servers:
             return self._answer(server_name, key_ids)
         if not is_valid_server_name(server_name):
@@ -758,6 +769,8 @@ class Keyring:
             # notary's copy of them can only be as new or older.
             if await self._fetch_from_notary(notary, server_name, missing, listed or frozenset()):
                 answered = True
+        now_ms = self._now_ms()
+        self._forget_ended_pauses(now_ms)
         if not self._missing(server_name, fetch.wanted):
             self._backoff.pop(server_name_key(server_name), None)
             return
@@ -782,7 +795,6 @@ class Keyring:
                 if previous is None
                 else min(max(previous.delay_ms * 2, _MIN_BACKOFF_MS), _MAX_BACKOFF_MS)
             )
-        now_ms = self._now_ms()
         make_room(
             self._backoff,
             key,
@@ -791,11 +803,34 @@ class Keyring:
             ends=lambda other: other.until_ms,
         )
         self._backoff[key] = _Backoff(now_ms + delay, delay, now_ms, asked)
+        if asked is not None:
+            self._pauses.append((now_ms, now_ms + delay, key))
         log.info(
             "Keys of {server} unavailable; not asking again for {seconds} s",
             server=server_name,
             seconds=delay // 1000,
         )
+
+    def _forget_ended_pauses(self, now_ms: int) -> None:
+        """Drop the pauses that are over from the back-off table, with the key IDs they hold.
+
+        Over, a pause changes nothing (a failure's back-off after it starts from the
+        minimum), so only the table's bound (``make_room``) would otherwise drop it. A
+        failure's back-off stays past its end: the next failure doubles it. Pauses
+        all last ``_ANSWERED_REFETCH_MS``, so ``_pauses`` is in the order they end: each
+        entry is looked at once, O(1) amortised per pause. (After the clock stepped back,
+        a pause still running may stop the scan before others set earlier, which are over:
+        they are dropped at most one pause later.)
+        """
+        pauses = self._pauses
+        while pauses:
+            since_ms, until_ms, key = pauses[0]
+            if in_window(since_ms, now_ms, until_ms):
+                return
+            pauses.popleft()
+            backoff = self._backoff.get(key)
+            if backoff is not None and backoff.asked is not None and not backoff.waiting(now_ms):
+                del self._backoff[key]
 
     async def _fetch_direct(self, server_name: str, ignore_backoff: bool) -> frozenset[str] | None:
         """Ask the server for its keys; the key IDs it listed, or None if it did not answer.

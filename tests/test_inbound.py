@@ -460,6 +460,20 @@ class BodyRowTests(InboundTestCase):
         event = build_invite(v1, self.s.their_key, extra={"event_id": "$e:third.example"})
         self.assertRefused(self.send_v2(v1, event), 400, "M_INVALID_PARAM")
 
+    def test_row12_invalid_key_ids_not_looked_for(self) -> None:
+        """Row 12: signatures by key IDs that are not valid ed25519 key IDs (here 50 of 1000
+        characters, by a v1 event ID's server) are missing signatures: 400 M_INVALID_PARAM,
+        without a fetch of that server, and nothing of them kept by the keyring."""
+        v1 = KNOWN_ROOM_VERSIONS["1"]
+        self.s.federation.add_key_server(self.s.clock, "third.example", [make_key("k1")])
+        event = build_invite(v1, self.s.their_key, extra={"event_id": "$e:third.example"})
+        event["signatures"]["third.example"] = {
+            f"ed25519:{n:02d}" + "A" * 1000: "A" * 86 for n in range(50)
+        }
+        self.assertRefused(self.send_v1(event), 400, "M_INVALID_PARAM")
+        self.assertEqual(self.s.federation.count("third.example"), 0)
+        self.assertEqual(self.s.keyring._backoff, {})
+
     def test_row13_room_state_shape(self) -> None:
         """Row 13: invite_room_state not a list of objects: 400 M_INVALID_PARAM."""
         room_version, event = self.s.invite()

@@ -545,6 +545,59 @@ class KeyringTests(SynchronousTestCase):
             self.get(keyring, server=name)
         self.assertEqual([len(resource.requests) for resource in resources.values()], [3, 2, 2, 2])
 
+    def test_invalid_key_ids_neither_fetched_nor_kept(self) -> None:
+        """Key IDs that are not valid ed25519 key IDs (over 255 characters, other characters,
+        another algorithm) can never verify anything: they are not looked for, so they cause
+        no fetch and are not kept in the back-off table (a v1 invite's event-ID server can be
+        made to name 60 key IDs of 1000 characters each)."""
+        longest = "ed25519:" + "a" * 247
+        invalid = ["ed25519:" + "a" * 248, "ed25519:" + "A" * 1000, "ed25519:a-b", "other:a"]
+        self.assertEqual(
+            self.successResultOf(self.keyring.get_server_keys("gone.example", invalid, NOW_MS)),
+            {},
+        )
+        self.assertEqual((self.federation.calls, self.keyring._backoff), ([], {}))
+        self.assertIn(self.key_id, self.get())
+        keys = self.successResultOf(
+            self.keyring.get_server_keys("remote.example", [self.key_id, *invalid], NOW_MS)
+        )
+        self.assertEqual(list(keys), [self.key_id])
+        self.assertEqual(self.federation.count("remote.example"), 1)
+        self.assertEqual(
+            self.successResultOf(
+                self.keyring.get_server_keys("remote.example", [longest, *invalid], NOW_MS)
+            ),
+            {},
+        )
+        self.assertEqual(self.federation.count("remote.example"), 2)
+        self.assertEqual(self.keyring._backoff["remote.example"].asked, {longest})
+
+    def test_ended_pauses_forgotten(self) -> None:
+        """The pause after an answer without the key asked is forgotten once over (with the key
+        IDs that fetch asked for), at the latest when a later fetch ends: it would change
+        nothing. A failure's back-off is kept past its end, to double the next."""
+        names = [f"s{n}.example" for n in range(20)]
+        for name in names:
+            self.federation.add_key_server(self.clock, name, [self.remote_key])
+            made_up = [f"ed25519:made_up{n}" for n in range(60)]
+            self.successResultOf(self.keyring.get_server_keys(name, made_up, NOW_MS))
+        self.get(server="dead.example")
+        self.assertEqual(len(self.keyring._backoff), 21)
+        self.clock.advance(4)
+        self.get(server="dead2.example")
+        self.assertEqual(len(self.keyring._backoff), 22)
+        self.clock.advance(1)
+        self.successResultOf(
+            self.keyring.get_server_keys("remote.example", ["ed25519:made_up"], NOW_MS)
+        )
+        self.assertEqual(
+            sorted(self.keyring._backoff), ["dead.example", "dead2.example", "remote.example"]
+        )
+        self.clock.advance(120)
+        self.get(server="dead.example")  # a second failure: doubled
+        self.assertEqual(self.keyring._backoff["dead.example"].delay_ms, 120_000)
+        self.assertEqual(sorted(self.keyring._backoff), ["dead.example", "dead2.example"])
+
     def test_backoff_table_bounded(self) -> None:
         """Back-offs for many (attacker-chosen) names are pruned once they run out."""
         import federation_invite.keyring as keyring_module
