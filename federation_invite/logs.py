@@ -242,5 +242,6 @@ def json_file_observer(out: IO[str]) -> ILogObserver:
 
 
 def json_observer() -> ILogObserver:
-    """twistd ``--logger`` entry point: newline-delimited JSON on standard output."""
+    """twistd ``--logger`` entry point: newline-delimited JSON on standard output (so the
+    plugin refuses it daemonized, or with ``--logfile``: ``tap._refuse_lost_json_logs``)."""
     return json_file_observer(sys.stdout)

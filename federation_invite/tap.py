@@ -83,6 +83,7 @@ def makeService(options: Options) -> IService:
     from .service import make_service
 
     _refuse_privilege_switch(options)
+    _refuse_lost_json_logs(options)
     config: Config = options["loaded"]
     try:
         service = make_service(config, reactor)
@@ -129,6 +130,27 @@ def _refuse_privilege_switch(options: Options) -> None:
                 "would be created as this user, the database opened as the other): run "
                 "twistd as the user to serve as (ports below 1024: a systemd: "
                 "socket-activated endpoint, or a proxy)"
+            )
+        )
+
+
+def _refuse_lost_json_logs(options: Options) -> None:
+    """Refuse twistd's ``--logger federation_invite.logs.json_observer`` where its lines
+    would be lost: it writes to standard output, which a daemonized twistd (no ``-n``) has
+    sent to /dev/null by the time anything is logged, and which twistd's ``--logger``
+    puts in place of a ``--logfile`` (the file would stay empty)."""
+    from .logs import json_observer
+
+    twistd = getattr(options, "parent", None) or {}
+    if twistd.get("logger") is not json_observer:
+        return
+    if not twistd.get("nodaemon") or twistd.get("logfile") not in (None, "", "-"):
+        _refuse(
+            ConfigError(
+                "--logger federation_invite.logs.json_observer writes to standard output, "
+                "which a daemon sends to /dev/null and which replaces --logfile: run twistd "
+                "with -n and without --logfile (a supervisor such as systemd keeps standard "
+                "output)"
             )
         )
 

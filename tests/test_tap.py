@@ -675,3 +675,50 @@ class PrivilegeSwitchTests(SynchronousTestCase):
         """--uid and --gid naming twistd's own user and group change nothing: accepted."""
         service = self.service_from("--uid", str(os.getuid()), "--gid", str(os.getgid()))
         self.assertIsInstance(service, FederationInviteService)
+
+
+class JSONLoggerRefusalTests(SynchronousTestCase):
+    """twistd's --logger federation_invite.logs.json_observer writes to standard output:
+    daemonized (no -n), that is /dev/null, and every line was lost; with --logfile, the file
+    got nothing (twistd's --logger replaces it). Both are refused in one line."""
+
+    observer = "federation_invite.logs.json_observer"
+
+    def service_from(self, *argv: str) -> object:
+        """makeService on what twistd parsed of ``argv`` (our options as its subcommand)."""
+        from twisted.scripts.twistd import ServerOptions
+
+        self.data_dir = os.path.abspath(self.mktemp())
+        config = ServerOptions()
+        config.parseOptions(
+            [*argv, "federation-invite", "--data-dir", self.data_dir, "--listen", "tcp:0"]
+        )
+        self.patch(sys, "argv", ["/venv/bin/twistd", *argv, "federation-invite"])
+        self.patch(sys, "excepthook", sys.excepthook)  # makeService replaces it
+        return makeService(config.subOptions)
+
+    def test_daemonized_or_with_a_log_file_refused(self) -> None:
+        """Without -n, or with --logfile, one line says to run it with -n and without
+        --logfile, before anything is created."""
+        for argv in (
+            ["--logger", self.observer],
+            ["--logger", self.observer, "--logfile", "fi.log"],
+            ["-n", "--logger", self.observer, "--logfile", "fi.log"],
+        ):
+            error = self.assertRaises(SystemExit, self.service_from, *argv)
+            self.assertEqual(
+                error.code,
+                f"twistd: --logger {self.observer} writes to standard output, which a daemon "
+                "sends to /dev/null and which replaces --logfile: run twistd with -n and "
+                "without --logfile (a supervisor such as systemd keeps standard output)",
+                argv,
+            )
+            self.assertFalse(os.path.exists(self.data_dir), argv)
+
+    def test_in_the_foreground_accepted(self) -> None:
+        """With -n (and --logfile - at most, standard output), it starts."""
+        for argv in (
+            ["-n", "--logger", self.observer],
+            ["-n", "--logfile", "-", "--logger", self.observer],
+        ):
+            self.assertIsInstance(self.service_from(*argv), FederationInviteService)
