@@ -40,6 +40,24 @@ __all__ = ["main"]
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", help="TOML configuration file (default: built-in)")
+    # The daemon's overrides of the same keys: a daemon started with them is worked on
+    # with them (without, a command would quietly open the file's database instead).
+    parser.add_argument("--database", help="database URI (overrides database)")
+    parser.add_argument("--data-dir", help="data directory (overrides data_dir)")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    """The configuration a command works with: ``-c``'s file (or the built-in defaults),
+    with ``--database`` and ``--data-dir`` overriding it, as they do for the daemon."""
+    overrides = {
+        key: value
+        for key, value in (
+            ("database", getattr(args, "database", None)),
+            ("data_dir", getattr(args, "data_dir", None)),
+        )
+        if value is not None
+    }
+    return load_config(args.config, overrides)
 
 
 def _cmd_generate_config(args: argparse.Namespace, out: TextIO) -> int:
@@ -109,7 +127,7 @@ def _escape_endpoint(path: str) -> str:
 
 
 def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
-    config = load_config(args.config)
+    config = _load(args)
     if os.path.lexists(config.data_dir) and not os.path.isdir(config.data_dir):
         raise ConfigError(
             f"configuration key 'data_dir': {config.data_dir} exists and is not a directory"
@@ -129,7 +147,7 @@ def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_keys_show(args: argparse.Namespace, out: TextIO) -> int:
-    config = load_config(args.config)
+    config = _load(args)
     for key in read_signing_keys(config.signing_key_path):
         verify_key = verify_key_of(key)
         fingerprint = encode_base64(hashlib.sha256(verify_key.encode()).digest())
@@ -143,7 +161,7 @@ def _cmd_keys_show(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def _cmd_migrate(args: argparse.Namespace, out: TextIO, reactor: Any) -> int:
-    config = load_config(args.config)
+    config = _load(args)
     config.ensure_data_dir()
     result = await run_migrations(config.database, reactor=reactor)
     if result.applied:
@@ -288,7 +306,7 @@ async def _cmd_send_invite(args: argparse.Namespace, out: TextIO, reactor: Any, 
     from .outbound import InviteError, InviteRefused, build_test_invite
     from .service import build_from_config
 
-    config = load_config(args.config)
+    config = _load(args)
     sender = _local_user(config, args.sender)
     room_version = KNOWN_ROOM_VERSIONS.get(args.room_version)
     if room_version is None:
@@ -336,7 +354,7 @@ async def run_async(
         return await _cmd_migrate(args, out, reactor)
     if args.command == "send-invite":
         return await _cmd_send_invite(args, out, reactor, err)
-    config = load_config(args.config)
+    config = _load(args)
     config.ensure_data_dir()
     store = await open_store(config.database, reactor=reactor)
     try:

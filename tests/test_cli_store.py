@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from typing import Any
 
 from twisted.internet import reactor
@@ -62,6 +63,43 @@ class StoreCommandTests(TestCase):
             )
             self.assertEqual((await self.run_cli("users", "remove", "@bob:example.org"))[0], 1)
             self.assertEqual(await self.run_cli("users", "list"), (0, ""))
+
+        return ensureDeferred(go())
+
+    def test_database_and_data_dir_override_the_file(self) -> Deferred[None]:
+        """--database and --data-dir override the file as the daemon's options do, so that
+        the CLI can work on the database of a daemon started with them (without them, users
+        add quietly went to the file's database)."""
+
+        async def go() -> None:
+            other = self.mktemp() + ".db"
+            user = "@bob:example.org"
+            self.assertEqual(
+                await self.run_cli("users", "add", user, "--database", f"sqlite:///{other}"),
+                (0, f"Added {user}\n"),
+            )
+            self.assertEqual(
+                await self.run_cli("users", "list", "--database", f"sqlite:///{other}"),
+                (0, f"{user}\n"),
+            )
+            self.assertEqual(await self.run_cli("users", "list"), (0, ""))
+            store = await open_store(f"sqlite:///{other}", reactor=reactor)
+            try:
+                self.assertEqual(await store.list_local_users(), [user])
+            finally:
+                await store.close()
+            # --data-dir: the default database (no database key) in that directory.
+            data_dir = os.path.abspath(self.mktemp())
+            with open(self.config, "w") as handle:
+                handle.write('server_name = "example.org"\n')
+            self.assertEqual(
+                await self.run_cli("users", "add", user, "--data-dir", data_dir),
+                (0, f"Added {user}\n"),
+            )
+            self.assertTrue(os.path.exists(os.path.join(data_dir, "federation-invite.db")))
+            self.assertEqual(
+                await self.run_cli("users", "list", "--data-dir", data_dir), (0, f"{user}\n")
+            )
 
         return ensureDeferred(go())
 
