@@ -136,7 +136,9 @@ class FakeFederation:
             return fail(Unreachable(destination))
         client = StubTreq(resource)
         data = None if body is None else json.dumps(body).encode()
-        response = client.request(method, f"https://{destination}{path}", data=data)
+        # The resource is chosen by name above; the URL's host is a placeholder, since treq
+        # cannot put an IPv6 literal in other than RFC 5952 form ([2001:0db8::1]) in a URL.
+        response = client.request(method, f"https://peer.invalid{path}", data=data)
 
         async def read() -> Any:
             answer = await response

@@ -92,6 +92,26 @@ class InboundTestCase(SynchronousTestCase):
             self.s.send(1, event, room_id=event["room_id"], event_id=event["event_id"], **kwargs)
         )
 
+    def send_as(self, origin: str, depth: int) -> Deferred[Any]:
+        """Send a new invite from ``@alice:origin``, signed as ``origin`` (a spelling of ours
+        serving our sender's key); the Deferred of the response."""
+        self.s.federation.add_key_server(self.s.clock, origin, [self.s.their_key])
+        room_version = KNOWN_ROOM_VERSIONS["10"]
+        event = build_invite(
+            room_version,
+            self.s.their_key,
+            sender=f"@alice:{origin}",
+            server=origin,
+            extra={"depth": depth},
+        )
+        return self.s.send(
+            2,
+            self.s.v2_body(room_version, event),
+            room_id=event["room_id"],
+            event_id=event_id_of(room_version, event),
+            origin=origin,
+        )
+
     def assertRefused(self, answer: tuple[int, Any], status: int, errcode: str) -> dict[str, Any]:
         code, body = answer
         self.assertEqual(
@@ -1262,6 +1282,43 @@ class PolicyRowTests(InboundTestCase):
             self.assertEqual(self.failureResultOf(check(v6)).value.errcode, "M_INVITE_BLOCKED")
             self.assertEqual(self.successResultOf(check("d")), "pending")
 
+    def test_row15_other_spellings_of_a_denied_server(self) -> None:
+        """Row 15: a server denied by inbound.server_allow/server_deny or the policy's
+        server_deny, as an IPv6 literal or with a port, is refused (403 M_FORBIDDEN) under every
+        spelling of the same address and port ([2a01:04f8::1], [2a01:4f8:0::1], port 08448),
+        and the deny entry may itself be written in any of them; other servers are served."""
+        denied = "[2a01:4f8::1]"
+        spellings = [
+            denied,
+            "[2A01:4F8::1]",
+            "[2a01:04f8::1]",
+            "[2a01:4f8:0::1]",
+            "[2a01:4f8:0:0:0:0:0:1]",
+            "[2a01:04f8::1]:08448",
+        ]
+        for entry in (denied, "[2A01:04F8:0::1]"):
+            for scenario in (
+                InviteScenario(acl=ServerAcl.of(deny=(entry,))),
+                InviteScenario(policy_kwargs={"server_deny": [entry]}),
+            ):
+                self.s, self.stored_now = scenario, 0
+                for depth, origin in enumerate(spellings, 1):
+                    answer = self.result(self.send_as(origin, depth))
+                    self.assertRefused(answer, 403, "M_FORBIDDEN")
+                self.assertEqual(self.result(self.send_as("[2a01:4f8::2]", 9))[0], 200)
+        for entry in ("evil.example:8448", "evil.example:08448"):
+            for scenario in (
+                InviteScenario(acl=ServerAcl.of(deny=(entry,))),
+                InviteScenario(policy_kwargs={"server_deny": [entry]}),
+            ):
+                self.s, self.stored_now = scenario, 0
+                for depth, origin in enumerate(
+                    ("evil.example:8448", "EVIL.example:8448", "evil.example:08448"), 1
+                ):
+                    answer = self.result(self.send_as(origin, depth))
+                    self.assertRefused(answer, 403, "M_FORBIDDEN")
+                self.assertEqual(self.result(self.send_as("evil.example:8449", 9))[0], 200)
+
     def test_row15_16_user_globs_ignore_case(self) -> None:
         """Rows 15-16: inbound.user_deny and invitee user rules match user IDs in any case, as
         Synapse's invite rules (matrix_common glob_to_regex) do."""
@@ -1739,26 +1796,6 @@ class RateLimitRowTests(InboundTestCase):
         self.assertEqual(self.result(pending)[0], 200)
         self.assertEqual(self.s.handler._origin_concurrency.active(THEM), 0)
 
-    def send_as(self, origin: str, depth: int) -> Deferred[Any]:
-        """Send a new invite from ``@alice:origin``, signed as ``origin`` (a spelling of ours
-        serving our sender's key); the Deferred of the response."""
-        self.s.federation.add_key_server(self.s.clock, origin, [self.s.their_key])
-        room_version = KNOWN_ROOM_VERSIONS["10"]
-        event = build_invite(
-            room_version,
-            self.s.their_key,
-            sender=f"@alice:{origin}",
-            server=origin,
-            extra={"depth": depth},
-        )
-        return self.s.send(
-            2,
-            self.s.v2_body(room_version, event),
-            room_id=event["room_id"],
-            event_id=event_id_of(room_version, event),
-            origin=origin,
-        )
-
     def test_row17_origin_rate_shared_by_spellings(self) -> None:
         """Row 17: the spellings of one server name in other cases share its rate limit, as
         they share its keys and back-off: 'Remote.example' and 'REMOTE.EXAMPLE' get no budget
@@ -1771,6 +1808,30 @@ class RateLimitRowTests(InboundTestCase):
         for depth, spelling in enumerate(("Remote.example", "REMOTE.EXAMPLE", THEM), 4):
             answer = self.result(self.send_as(spelling, depth))
             self.assertRefused(answer, 429, "M_LIMIT_EXCEEDED")
+
+    def test_row17_origin_rate_shared_by_address_spellings(self) -> None:
+        """Row 17: the spellings of one IPv6 literal ([2a01:04f8::1], [2a01:4f8:0::1], ...) and
+        of one port (08448) share its rate limit: none gets a budget of its own."""
+        self.s = InviteScenario(
+            limits=InviteLimits(origin_burst=1, origin_per_second=0.001, invitee_burst=100)
+        )
+        self.assertEqual(self.result(self.send_as("[2a01:4f8::1]", 1))[0], 200)
+        for depth, spelling in enumerate(
+            (
+                "[2a01:04f8::1]",
+                "[2a01:04f8:0::1]",
+                "[2a01:4f8:0::1]",
+                "[2a01:4f8::0:1]",
+                "[2a01:4f8::01]",
+                "[2A01:4F8:0:0:0:0:0:1]",
+            ),
+            2,
+        ):
+            answer = self.result(self.send_as(spelling, depth))
+            self.assertRefused(answer, 429, "M_LIMIT_EXCEEDED")
+        self.assertEqual(self.result(self.send_as("evil.example:8448", 10))[0], 200)
+        answer = self.result(self.send_as("evil.example:08448", 11))
+        self.assertRefused(answer, 429, "M_LIMIT_EXCEEDED")
 
     def test_row17_origin_concurrency_shared_by_spellings(self) -> None:
         """Row 17: a request from 'REMOTE.example' counts against 'remote.example''s

@@ -113,6 +113,57 @@ class LiteralBracketTests(SynchronousTestCase):
         self.assertFalse(globs.matches_user("@spam:2"))
         self.assertFalse(globs.matches_user("@spam:[2001:db8::2]"))
 
+    def test_ipv6_spellings_of_one_address(self) -> None:
+        """A name matches as it is written and in server_name_key's form (IPv6 in RFC 5952
+        form, port as a number): '[2001:db8::1]' also catches [2001:0DB8:0::1] and
+        [2001:db8:0:0:0:0:0:1]:08448, and so does the pattern written in any of those ways;
+        a user glob's server part likewise."""
+        spellings = [
+            "[2001:db8::1]",
+            "[2001:DB8::1]",
+            "[2001:0db8::1]",
+            "[2001:db8:0::1]",
+            "[2001:db8:0:0:0:0:0:1]",
+            "[2001:0DB8:0000::0001]:08448",
+        ]
+        for pattern in [*spellings[:5], "[2001:0db8:0::1]"]:
+            globs = GlobList.of([pattern], ignore_case=True)
+            users = GlobList.of([f"@*:{pattern}"], ignore_case=True)
+            for name in spellings:
+                self.assertTrue(globs.matches_server(name), (pattern, name))
+                self.assertTrue(users.matches_user(f"@spam:{name}"), (pattern, name))
+            for name in ("[2001:db8::2]", "[2001:db8::1:0]", "[2001:db8::10]", "2001:db8::1"):
+                self.assertFalse(globs.matches_server(name), (pattern, name))
+                self.assertFalse(users.matches_user(f"@spam:{name}"), (pattern, name))
+
+    def test_port_spellings(self) -> None:
+        """A pattern with a port matches that port however it is written (08448 is 8448), as
+        the pattern itself may be written; its host in any case, with or without a trailing
+        dot."""
+        for pattern in ("evil.example:8448", "evil.example:08448", "Evil.Example.:8448"):
+            globs = GlobList.of([pattern], ignore_case=True)
+            users = GlobList.of([f"@mallory:{pattern}"], ignore_case=True)
+            for name in ("evil.example:8448", "EVIL.example:08448", "evil.example.:08448"):
+                self.assertTrue(globs.matches_server(name), (pattern, name))
+                self.assertTrue(users.matches_user(f"@mallory:{name}"), (pattern, name))
+            for name in ("evil.example:8449", "evil.example:84480", "evil.example"):
+                self.assertFalse(globs.matches_server(name), (pattern, name))
+                self.assertFalse(users.matches_user(f"@mallory:{name}"), (pattern, name))
+        v6 = GlobList.of(["[::1]:08448"], ignore_case=True)
+        self.assertTrue(v6.matches_server("[0::1]:8448"))
+        self.assertFalse(v6.matches_server("[::1]:9"))
+
+    def test_wildcard_patterns_keep_their_spelling(self) -> None:
+        """A pattern with wildcards in its host is not rewritten (its IPv6 prefix cannot be
+        put in RFC 5952 form); names are matched as written and in that form, so a prefix
+        written in that form catches every spelling, a port of digits is still a number."""
+        globs = GlobList.of(["[2001:db8:*", "*.evil.example:08448"], ignore_case=True)
+        for name in ("[2001:db8::1]", "[2001:0DB8::1]:8448", "[2001:db8:0:0:0:0:0:1]"):
+            self.assertTrue(globs.matches_server(name), name)
+        self.assertTrue(globs.matches_server("a.evil.example:8448"))
+        self.assertFalse(globs.matches_server("[2001:db9::1]"))
+        self.assertFalse(globs.matches_server("a.evil.example:8449"))
+
     def test_wildcards_inside_brackets(self) -> None:
         """'*' and '?' keep their meaning between brackets; '!' and '^' are literal."""
         globs = GlobList.of(["[2001:db8::*]", "[!a]", "[^b]"], ignore_case=True)

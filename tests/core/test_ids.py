@@ -174,6 +174,49 @@ class ServerNameKeyTests(SynchronousTestCase):
         self.assertEqual(server_name_key("[FE80::1]:8448"), "[fe80::1]:8448")
         self.assertEqual(server_name_key("example.org"), "example.org")
 
+    def test_spellings_of_one_server_share_a_key(self) -> None:
+        """IPv6 literals in RFC 5952 form, ports as numbers, no trailing dot: every spelling the
+        grammar admits of one address and port (discovery connects to the address, the TLS
+        check compares addresses, 08448 is port 8448) is one key, as a denied or rate-limited
+        server must not return as [2a01:04f8::1] or evil.example:08448."""
+        spellings = {
+            "[2a01:4f8::1]": [
+                "[2a01:4f8::1]",
+                "[2A01:4F8::1]",
+                "[2a01:04f8::1]",
+                "[2a01:4f8:0::1]",
+                "[2a01:4f8:0:0:0:0:0:1]",
+                "[2a01:04f8:0000:0000:0000:0000:0000:0001]",
+                "[2a01:4f8::0:1]",
+                "[2a01:4f8::01]",
+            ],
+            "[2a01:4f8::1]:8448": ["[2a01:04f8::1]:8448", "[2A01:4F8:0::1]:08448"],
+            "[::1]": ["[::1]", "[0:0:0:0:0:0:0:1]", "[::0001]"],
+            "evil.example:8448": [
+                "evil.example:8448",
+                "EVIL.example:8448",
+                "evil.example:08448",
+                "evil.example.:08448",
+                "evil.example.:8448",
+            ],
+            "evil.example": ["evil.example", "Evil.Example.", "evil.example."],
+            "1.2.3.4:80": ["1.2.3.4:80", "1.2.3.4:080", "1.2.3.4:00080"],
+        }
+        for key, names in spellings.items():
+            for name in names:
+                self.assertEqual(server_name_key(name), key, name)
+        for different in ("[2a01:4f8::1:0]", "[2a01:4f8::2]", "[2a01:4f8::1]:8449"):
+            self.assertNotEqual(server_name_key(different), "[2a01:4f8::1]", different)
+        # Not a valid server name: lower-cased, nothing else (never raises).
+        from federation_invite.core import ids
+
+        ids._canonical_server_name.cache_clear()
+        long = "[" + "1:" * 50_000 + "]:08448"
+        for invalid in ("[2A01:4F8::1", "[zz]:08448", "a b:08448", "a.example:008448", "", long):
+            self.assertEqual(server_name_key(invalid), invalid.lower())
+        # Only valid names are memoised: a peer cannot pin strings of its choosing.
+        self.assertEqual(ids._canonical_server_name.cache_info().currsize, 0)
+
 
 class UserIdTests(SynchronousTestCase):
     """appendices.md, "User Identifiers" and "Historical User IDs"."""
