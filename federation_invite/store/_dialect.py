@@ -288,6 +288,33 @@ def _set_wal(connection: sqlite3.Connection) -> None:
             time.sleep(0.005)
 
 
+class _LostQuietlyConnection(adbapi.Connection):
+    """adbapi's pooled connection, except for a rollback once the connection is lost.
+
+    A connection the server ended (``pg_terminate_backend``, a restart) or the network
+    cut fails its operation, and psycopg2 marks it closed; adbapi then rolls it back,
+    which fails, and logs two tracebacks ("Rollback failed": the rollback's error, then
+    the ``ConnectionLost`` it raises) beside the operation's own one-line error. Here
+    such a connection, with nothing left to roll back (the server ended its transaction
+    with it), is only dropped from the pool, to be replaced at its next use, as adbapi
+    does; the operation still fails with its own error. A rollback failing on a
+    connection still open is adbapi's, and logged as before.
+    """
+
+    def rollback(self) -> None:
+        connection = self._connection
+        if connection is not None and connection.closed:
+            self._pool.disconnect(connection)
+            return
+        super().rollback()
+
+
+class _PostgresPool(adbapi.ConnectionPool):
+    """adbapi's pool, with ``_LostQuietlyConnection`` for its connections."""
+
+    connectionFactory = _LostQuietlyConnection
+
+
 class PostgresDialect(Dialect):
     """PostgreSQL through psycopg2, for several workers sharing one database."""
 
@@ -311,7 +338,7 @@ class PostgresDialect(Dialect):
                 continue  # an older libpq refuses the keyword
             if name not in named:
                 extra[name] = value
-        return adbapi.ConnectionPool(
+        return _PostgresPool(
             "psycopg2",
             self.dsn,
             # The fallback: the URI's application_name and PGAPPNAME win.

@@ -686,6 +686,65 @@ class StoreTestsMixin:
         self.assertEqual(result.before, 0)
 
 
+class _FakeDriverConnection:
+    """A DB-API connection whose rollback fails, open or (``closed``) lost."""
+
+    def __init__(self, closed: int) -> None:
+        self.closed = closed
+        self.rollbacks = 0
+
+    def rollback(self) -> None:
+        self.rollbacks += 1
+        raise RuntimeError("could not roll back")
+
+
+class _FakePool:
+    """What adbapi's ``Connection`` uses of its pool."""
+
+    reconnect = True
+    noisy = False
+    good_sql = "SELECT 1"
+
+    def __init__(self, connection: _FakeDriverConnection) -> None:
+        self.connection = connection
+        self.disconnected: list[Any] = []
+
+    def connect(self) -> _FakeDriverConnection:
+        return self.connection
+
+    def disconnect(self, connection: Any) -> None:
+        self.disconnected.append(connection)
+
+
+class LostConnectionRollbackTests(SynchronousTestCase):
+    """The PostgreSQL pool's connections: quiet about a rollback only where the connection
+    is already lost (closed), adbapi's own rollback (and its log) on one still open."""
+
+    def test_lost_connection_dropped_without_a_rollback(self) -> None:
+        """Closed: not rolled back (nothing is left to roll back), dropped from the pool
+        (to be replaced), nothing logged, nothing raised (the operation's own error is)."""
+        from federation_invite.store._dialect import _LostQuietlyConnection
+
+        driver = _FakeDriverConnection(closed=2)
+        pool = _FakePool(driver)
+        _LostQuietlyConnection(pool).rollback()
+        self.assertEqual((driver.rollbacks, pool.disconnected), (0, [driver]))
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_rollback_failing_on_an_open_connection_still_logged(self) -> None:
+        """Open: adbapi's rollback; its failure is logged ("Rollback failed") and the
+        connection dropped, as before."""
+        from twisted.enterprise.adbapi import ConnectionLost
+
+        from federation_invite.store._dialect import _LostQuietlyConnection
+
+        driver = _FakeDriverConnection(closed=0)
+        pool = _FakePool(driver)
+        self.assertRaises(ConnectionLost, _LostQuietlyConnection(pool).rollback)
+        self.assertEqual((driver.rollbacks, pool.disconnected), (1, [driver]))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
 class InviteeStatesStatementTests(SynchronousTestCase):
     def test_statements_few_whatever_the_number_of_users(self) -> None:
         """A read of N invitees' states (1 to the most in one statement) is one of at most 10
@@ -1234,6 +1293,39 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
             return tuple(txn.fetchone())
 
         return await store._pool.runInteraction(show)  # type: ignore[no-any-return]
+
+    async def test_lost_connections_fail_without_rollback_tracebacks(self) -> None:
+        """Connections the server ended (pg_terminate_backend, a restart): each fails its
+        next operation with StoreError and is replaced, as before, but without adbapi's two
+        multi-line "Rollback failed" tracebacks (its rollback of a connection already
+        closed, then the ConnectionLost that raised) in the daemon's log."""
+        store = await self.open()
+        self.assertEqual(await store.list_local_users(), [])
+        with capturedLogs() as events:
+            ended = self.raw(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            self.assertGreaterEqual(len(ended), 1)
+            failures = 0
+            for _ in range(10):
+                try:
+                    self.assertEqual(await store.list_local_users(), [])
+                    break
+                except StoreError:
+                    failures += 1
+            else:
+                self.fail("the pool did not replace its lost connections")
+        self.assertGreaterEqual(failures, 1)
+        self.assertEqual(
+            [
+                formatEvent(event)
+                for event in events
+                if "log_failure" in event or "failure" in event
+            ],
+            [],
+        )
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     async def test_lock_and_statement_timeouts(self) -> None:
         """Each connection waits at most 10 s for a lock and runs a statement at most 30 s,

@@ -274,7 +274,7 @@ class PostgresConnectTimeoutTests(SynchronousTestCase):
         def pool(*args: object, **kwargs: object) -> None:
             calls.append(kwargs)
 
-        self.patch(_dialect.adbapi, "ConnectionPool", pool)
+        self.patch(_dialect, "_PostgresPool", pool)
         dialect = parse_database_uri(uri)
         assert isinstance(dialect, PostgresDialect)
         dialect.connection_pool(None)
