@@ -17,9 +17,10 @@ import atexit
 import gc
 import inspect
 import os
+import signal
 import stat
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import attrs
@@ -725,6 +726,11 @@ class FederationInviteService(service.MultiService):
     built components, so read ``ready`` after ``startService``. Each stop
     closes its run's ports and components, and forgets them; a start during a
     stop begins once that stop is over.
+
+    With ``on_hangup`` (twistd's plugin: reopen its log file), SIGHUP calls it in
+    the reactor thread, from each start until that run's stop is over (its drain
+    included), instead of ending the process; the handler before is restored then.
+    Without it (an embedder's service), SIGHUP is left alone.
     """
 
     def __init__(
@@ -735,10 +741,14 @@ class FederationInviteService(service.MultiService):
         *,
         exit_on_failure: bool = False,
         freeze_gc: bool = False,
+        on_hangup: Callable[[], object] | None = None,
     ) -> None:
         super().__init__()
         self._exit_on_failure = exit_on_failure
         self._freeze_gc = freeze_gc
+        self._on_hangup = on_hangup
+        #: SIGHUP's handler before ours, while ours is installed (``_handle_hangup``).
+        self._hangup_before: Any = None
         self.config = config
         self.reactor = reactor
         self.signing_key = signing_key
@@ -803,6 +813,7 @@ class FederationInviteService(service.MultiService):
             # Not started by twistd (twist, an embedder, a start after a stop).
             self._listen()
         super().startService()
+        self._handle_hangup()
         if self.ready.called:
             # Started again after a stop: a new run, told of on a new Deferred.
             self.ready = Deferred()
@@ -983,9 +994,33 @@ class FederationInviteService(service.MultiService):
             self.ready.errback(CancelledError("stopped before it could start again"))
         if self._stopping is None:
             self._stopping = Deferred.fromCoroutine(self._stop())
+            self._stopping.addBoth(self._release_hangup)
         waiter: Deferred[None] = Deferred()
         self._stopping.addBoth(_relay, waiter)
         return waiter
+
+    def _handle_hangup(self) -> None:
+        """Have SIGHUP call ``on_hangup`` (if given) in the reactor thread, until the stop."""
+        hangup = getattr(signal, "SIGHUP", None)  # none on Windows
+        if self._on_hangup is None or hangup is None or self._hangup_before is not None:
+            return
+        on_hangup, reactor = self._on_hangup, self.reactor
+
+        def handler(signum: int, frame: Any) -> None:
+            # As twistd's SIGUSR1 (log rotation): the work is done by the reactor, not
+            # in the middle of whatever the signal interrupted.
+            reactor.callFromThread(on_hangup)
+
+        before = signal.signal(hangup, handler)
+        # None: a handler not set from Python, which cannot be put back; the default.
+        self._hangup_before = signal.SIG_DFL if before is None else before
+
+    def _release_hangup(self, result: object) -> object:
+        """Once a stop is over: SIGHUP's handler from before ``_handle_hangup``."""
+        before, self._hangup_before = self._hangup_before, None
+        if before is not None:
+            signal.signal(signal.SIGHUP, before)
+        return result
 
     async def _stop(self) -> None:
         """Stop the way a peer can rely on: what we began, we answer, within a bound.
@@ -1096,7 +1131,12 @@ def _redact_uri(uri: str) -> str:
 
 
 def make_service(
-    config: Config, reactor: Any, *, exit_on_failure: bool = True, freeze_gc: bool = True
+    config: Config,
+    reactor: Any,
+    *,
+    exit_on_failure: bool = True,
+    freeze_gc: bool = True,
+    on_hangup: Callable[[], object] | None = None,
 ) -> FederationInviteService:
     """The daemon's service: the key is loaded (or generated) now, the store on start.
 
@@ -1109,7 +1149,9 @@ def make_service(
     so that twistd still removes its pidfile. With
     ``freeze_gc`` (also the daemon's default; a process-wide setting, so off for
     services built by hand) the objects that exist once it listens are frozen
-    out of the garbage collector's full passes (``gc.freeze``).
+    out of the garbage collector's full passes (``gc.freeze``). ``on_hangup``
+    (twistd's plugin only: an embedder's process owns its signals) is called on
+    each SIGHUP while the service runs (``FederationInviteService``).
 
     twistd calls this before it changes to its ``--rundir`` and starts the
     service after: the configuration's paths are absolute (``load_config``), so
@@ -1138,5 +1180,10 @@ def make_service(
         ) from exc
     config.check_signing_key_id(key_id_of(key))
     return FederationInviteService(
-        config, reactor, key, exit_on_failure=exit_on_failure, freeze_gc=freeze_gc
+        config,
+        reactor,
+        key,
+        exit_on_failure=exit_on_failure,
+        freeze_gc=freeze_gc,
+        on_hangup=on_hangup,
     )

@@ -11,8 +11,11 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from .config import Config, ConfigError, load_config
+from .logs import Logger
 
 __all__ = ["Options", "makeService"]
+
+log = Logger(namespace="federation_invite.tap")
 
 
 class Options(usage.Options):
@@ -76,7 +79,8 @@ def makeService(options: Options) -> IService:
     ``--uid``/``--gid``) ends the process with one line (naming the key) and exit
     status 1, as a bad value or an unknown key does when the options are
     parsed, instead of a traceback; so does one the start finds at once (a port
-    in use: ``_StartErrorInOneLine``).
+    in use: ``_StartErrorInOneLine``). While it runs, SIGHUP reopens twistd's log
+    file (``reopen_log_file``) instead of ending the process.
     """
     from twisted.internet import reactor
 
@@ -86,12 +90,62 @@ def makeService(options: Options) -> IService:
     _refuse_lost_json_logs(options)
     config: Config = options["loaded"]
     try:
-        service = make_service(config, reactor)
+        service = make_service(config, reactor, on_hangup=reopen_log_file)
     except ConfigError as exc:
         _refuse(exc)
     if not isinstance(sys.excepthook, _StartErrorInOneLine):
         sys.excepthook = _StartErrorInOneLine(sys.excepthook)
     return service
+
+
+def reopen_log_file() -> None:
+    """SIGHUP under twistd: reopen its log file (``--logfile``) at its path, as Synapse
+    does, after an external rotation (logrotate's ``create``: the file moved away, a new
+    one created); one line says so, or why not.
+
+    twistd gives its log file to its text observer (``textFileLogObserver(LogFile)``)
+    and keeps no other reference: it is found among the global log publisher's
+    observers. Logging to standard output (``-n`` without ``--logfile``), to syslog or
+    through a ``--logger`` observer, there is none: one line says there is nothing to
+    reopen. The file is reopened under its own lock (the one its ``write`` and
+    ``rotate`` hold: threads log too), and only once its path can be opened: else the
+    lines go on to the file opened before.
+    """
+    from twisted.logger import globalLogPublisher
+    from twisted.python.logfile import BaseLogFile
+
+    files = [
+        out
+        for out in (
+            getattr(observer, "_outFile", None)
+            for observer in getattr(globalLogPublisher, "_observers", ())
+        )
+        if isinstance(out, BaseLogFile)
+    ]
+    if not files:
+        log.info(
+            "SIGHUP: no log file to reopen (logging to standard output, syslog or a --logger "
+            "observer)"
+        )
+    for logfile in files:
+        try:
+            with open(logfile.path, "ab"):
+                pass
+        except OSError as exc:
+            log.error(
+                "SIGHUP: could not reopen the log file {path}: {reason}; still logging to "
+                "the file opened before",
+                path=logfile.path,
+                reason=exc.strerror or str(exc),
+            )
+            continue
+        lock = getattr(logfile, "_threadable_lock", None)
+        if lock is None:
+            logfile.reopen()
+        else:
+            with lock:
+                logfile.reopen()
+        log.info("SIGHUP: reopened the log file {path}", path=logfile.path)
 
 
 class _StartErrorInOneLine:

@@ -203,3 +203,80 @@ class FailedStartPidfileTests(DaemonHarness):
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         log = self.daemon_log_once_pidfile_gone()
         self.assertIn("could not start", log)
+
+
+class HangupTests(DaemonHarness):
+    """SIGHUP, as logrotate's usual ``postrotate kill -HUP`` or systemd's ExecReload send
+    it, to the daemonized twistd (``--logfile``, ``--pidfile``): it ended the process at
+    once (no drain, no shutdown line, its pidfile left); it now reopens the log file."""
+
+    timeout = 90
+
+    def wait_for(self, path: str, text: str) -> str:
+        """The file at ``path`` once it holds ``text`` (30 s at most)."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with open(path, "rb") as handle:
+                    content = handle.read().decode(errors="replace")
+            except FileNotFoundError:
+                content = ""
+            if text in content:
+                return content
+            self.assertLess(time.monotonic(), deadline, f"no {text!r} in {path}: {content}")
+            time.sleep(0.05)
+
+    def test_hangup_reopens_the_log_file_and_the_daemon_goes_on(self) -> None:
+        """After logrotate's ``create`` (the file moved away, a new one created) and a
+        SIGHUP, the daemon logs one line saying it reopened the file, in the new file, and
+        goes on; a SIGTERM then drains and stops it as usual, in the new file, and its
+        pidfile is removed."""
+        pidfile = os.path.join(self.dir, "fi.pid")
+        logfile = os.path.join(self.dir, "fi.log")
+        result = subprocess.run(
+            [
+                os.path.join(BIN, "twistd"),
+                "--pidfile",
+                pidfile,
+                "--logfile",
+                logfile,
+                "federation-invite",
+                "-c",
+                self.config,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=self.dir,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.wait_for(pidfile, "")
+        with open(pidfile) as handle:
+            pid = int(handle.read())
+
+        def kill() -> None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        self.addCleanup(kill)
+        self.wait_for(logfile, "listening on")
+        os.rename(logfile, logfile + ".1")
+        open(logfile, "w").close()
+        os.kill(pid, signal.SIGHUP)
+        reopened = self.wait_for(logfile, "SIGHUP: reopened the log file")
+        self.assertEqual(len(reopened.splitlines()), 1, reopened)
+        self.assertTrue(
+            reopened.rstrip("\n").endswith(f"SIGHUP: reopened the log file {logfile}"), reopened
+        )
+        os.kill(pid, 0)  # still running
+        os.kill(pid, signal.SIGTERM)
+        log = self.wait_for(logfile, "Server Shut Down.")
+        self.assertIn("Stopping: no longer accepting connections", log)
+        deadline = time.monotonic() + 30
+        while os.path.exists(pidfile):
+            self.assertLess(time.monotonic(), deadline, "the pidfile was not removed")
+            time.sleep(0.05)
+        with open(logfile + ".1") as handle:
+            self.assertNotIn("SIGHUP", handle.read())

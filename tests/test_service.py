@@ -1437,6 +1437,68 @@ class ListenAtStartTests(TestCase):
         self.assertTrue(self.store.closed)
         await self.until_free(port)
 
+    async def test_hangup_handled_from_start_until_stopped(self) -> None:
+        """With on_hangup (twistd's plugin: its log file reopened), SIGHUP calls it, in
+        the reactor thread, from the start until the stop is over, during the drain too,
+        instead of ending the process; the handler before the start is then restored
+        (each run installs it anew). Without on_hangup (an embedder's), SIGHUP is left
+        alone."""
+        import signal
+
+        self.addCleanup(signal.signal, signal.SIGHUP, signal.getsignal(signal.SIGHUP))
+        before: list[int] = []
+
+        def previous(signum: int, frame: object) -> None:
+            before.append(signum)
+
+        signal.signal(signal.SIGHUP, previous)  # not SIG_DFL: a mistake must not end trial
+        untouched = self.new_service(f"tcp:{free_port()}:interface=127.0.0.1")
+        untouched.startService()
+        self.opening.callback(self.store)
+        await untouched.ready
+        self.assertIs(signal.getsignal(signal.SIGHUP), previous)
+        os.kill(os.getpid(), signal.SIGHUP)
+        self.assertEqual(before, [signal.SIGHUP])
+        await untouched.stopService()
+
+        hangups: list[str] = []
+        config = load_config(
+            None,
+            {
+                "server_name": US,
+                "data_dir": self.mktemp(),
+                "listen": [f"tcp:{free_port()}:interface=127.0.0.1"],
+            },
+        )
+        service = FederationInviteService(
+            config, self.reactor, make_key("us1"), on_hangup=lambda: hangups.append("hup")
+        )
+
+        async def hang_up() -> None:
+            count = len(hangups)
+            os.kill(os.getpid(), signal.SIGHUP)
+            for _ in range(200):
+                if len(hangups) > count:
+                    return
+                await deferLater(self.reactor, 0.01)
+            self.fail("SIGHUP did not call on_hangup")
+
+        for _ in range(2):  # a start after a stop handles it again
+            self.opening = Deferred()
+            self.store = _HeldStore()
+            self.assertIs(signal.getsignal(signal.SIGHUP), previous)
+            service.startService()
+            self.opening.callback(self.store)
+            await service.ready
+            await hang_up()
+            stopping = service.stopService()
+            self.assertNoResult(stopping)
+            os.kill(os.getpid(), signal.SIGHUP)  # while stopping: handled once in the reactor
+            await stopping
+            self.assertIs(signal.getsignal(signal.SIGHUP), previous)
+        await deferLater(self.reactor, 0)
+        self.assertEqual((hangups, before), (["hup"] * 4, [signal.SIGHUP]))
+
     async def test_stop_while_starting_closes_the_port(self) -> None:
         """A stop while the database opens, with a connection waiting to be accepted: the
         port is closed, that connection is closed unanswered, the store closed."""

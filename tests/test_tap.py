@@ -19,7 +19,7 @@ from federation_invite.config import ConfigError
 from federation_invite.service import FederationInviteService, make_service
 from federation_invite.signingkey import write_signing_key_file
 from federation_invite.store import StoreError
-from federation_invite.tap import Options, makeService
+from federation_invite.tap import Options, makeService, reopen_log_file
 
 from .daemon_harness import DaemonHarness
 
@@ -290,7 +290,10 @@ class MakeServiceTests(TestCase):
         options = Options()
         options.parseOptions(["--data-dir", self.mktemp(), "--listen", "tcp:0"])
         self.patch(sys, "excepthook", sys.excepthook)  # makeService replaces it
-        self.assertIsInstance(makeService(options), FederationInviteService)
+        service = makeService(options)
+        self.assertIsInstance(service, FederationInviteService)
+        # SIGHUP (logrotate's postrotate, systemd's ExecReload) reopens twistd's log file.
+        self.assertIs(service._on_hangup, reopen_log_file)
 
 
 class StartErrorInOneLineTests(SynchronousTestCase):
@@ -722,3 +725,83 @@ class JSONLoggerRefusalTests(SynchronousTestCase):
             ["-n", "--logfile", "-", "--logger", self.observer],
         ):
             self.assertIsInstance(self.service_from(*argv), FederationInviteService)
+
+
+class ReopenLogFileTests(SynchronousTestCase):
+    """SIGHUP under twistd (``reopen_log_file``): the log file (--logfile) is reopened at
+    its path, where logrotate's ``create`` mode has put a new file after moving the old
+    one away; one line says so. Without a log file (-n: standard output), one line says
+    there is nothing to reopen."""
+
+    def observe(self, out: object) -> None:
+        """Helper: log to ``out`` as twistd does (its observer, in the global publisher)."""
+        from twisted.logger import globalLogPublisher, textFileLogObserver
+
+        observer = textFileLogObserver(out)  # type: ignore[arg-type]
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def test_log_file_reopened_at_its_path(self) -> None:
+        from twisted.logger import Logger
+        from twisted.python.logfile import LogFile
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "fi.log")
+        logfile = LogFile.fromFullPath(path)
+        self.addCleanup(logfile.close)
+        self.observe(logfile)
+        Logger().info("before the rotation")
+        os.rename(path, path + ".1")  # logrotate: the file moved away, a new one created
+        FilePath(path).setContent(b"")
+        reopen_log_file()
+        Logger().info("after the rotation")
+        rotated = FilePath(path + ".1").getContent().decode()
+        current = FilePath(path).getContent().decode().splitlines()
+        self.assertIn("before the rotation", rotated)
+        self.assertNotIn("after the rotation", rotated)
+        self.assertNotIn("reopened", rotated)
+        self.assertEqual(len(current), 2, current)
+        self.assertTrue(current[0].endswith(f"SIGHUP: reopened the log file {path}"), current[0])
+        self.assertTrue(current[1].endswith("after the rotation"), current[1])
+        # The path gone (logrotate's nocreate): a file is created there.
+        os.rename(path, path + ".2")
+        reopen_log_file()
+        self.assertIn("SIGHUP: reopened", FilePath(path).getContent().decode())
+
+    def test_log_file_that_cannot_be_reopened_kept(self) -> None:
+        """A path that cannot be opened now (its directory gone): the lines go on to the
+        file opened before, the first of them saying why."""
+        from twisted.logger import Logger
+        from twisted.python.logfile import LogFile
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        logfile = LogFile.fromFullPath(os.path.join(directory, "fi.log"))
+        self.addCleanup(logfile.close)
+        self.observe(logfile)
+        moved = directory + ".moved"
+        os.rename(directory, moved)
+        reopen_log_file()
+        Logger().info("still logged")
+        lines = FilePath(os.path.join(moved, "fi.log")).getContent().decode().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn(
+            f"SIGHUP: could not reopen the log file {directory}/fi.log: No such file or "
+            "directory; still logging to the file opened before",
+            lines[0],
+        )
+        self.assertTrue(lines[1].endswith("still logged"), lines[1])
+
+    def test_nothing_to_reopen_on_standard_output(self) -> None:
+        out = io.StringIO()
+        self.observe(out)
+        reopen_log_file()
+        (line,) = out.getvalue().splitlines()
+        self.assertTrue(
+            line.endswith(
+                "SIGHUP: no log file to reopen (logging to standard output, syslog or a "
+                "--logger observer)"
+            ),
+            line,
+        )
