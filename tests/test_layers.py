@@ -136,7 +136,7 @@ class LayerTests(SynchronousTestCase):
             imported_modules(
                 f"{_PACKAGE}.tap", os.path.join(_CHECKOUT, _PACKAGE, "tap.py"), modules
             ),
-            {f"{_PACKAGE}.config", f"{_PACKAGE}.service"},
+            {f"{_PACKAGE}.config", f"{_PACKAGE}.logs", f"{_PACKAGE}.service"},
         )
         self.assertIn(
             f"{_PACKAGE}.web.site",
