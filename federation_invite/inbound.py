@@ -885,8 +885,8 @@ def _answer(event: dict[str, Any], event_json: bytes) -> EncodedDict:
 
 
 #: ``server_name_key`` for the per-origin limits, memoised: it is a ``str.translate`` of about
-#: 0.5 us (1.2 us for a 55-character name) and a few scans per call (more for an IPv6 literal,
-#: a port with a leading zero or a trailing dot), a cache hit about 0.05 us. Only verified
+#: 0.5 us (1.2 us for a 55-character name) and a few scans per call (more for an IPv6 literal
+#: or a port with a leading zero), a cache hit about 0.05 us. Only verified
 #: origins (valid names, at most 261 characters) are looked up, and the cache is bounded.
 _origin_key = functools.lru_cache(maxsize=4096)(server_name_key)
 

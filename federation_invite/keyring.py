@@ -19,9 +19,16 @@ just rotated to, one only a notary has, or a caller's that joined the fetch
 after the notaries were asked or past that bound) is not refused: it waits for
 the pause to end, and then one fetch is made for all the key IDs that waited
 (up to ``_MAX_KEYS_PER_DOCUMENT``; a lookup that would add more gets what memory
-has at once). Sharing and back-off take the spellings of a name that
-differ only in the case of the host as one. Only the sender, checking an answer
-the server has just signed, fetches regardless of both (``ignore_backoff``).
+has at once). Sharing, pauses and back-off are per name as fetched, never shared by
+other spellings of it (another case, an IPv6 literal or a port written otherwise,
+a trailing dot), although these reach the same server: a fetch can fail for one
+spelling where the server's own succeeds (its key document names it as it spells
+itself; ``example.org.`` fails TLS against the certificate of ``example.org``), and
+anyone can name any spelling in a forged request, which must not stop the
+server's own lookups. Names ending in a dot are never fetched at all (no
+certificate can match them): they have no keys. Only the sender, checking an answer
+the server has just signed, fetches regardless of pauses and back-off
+(``ignore_backoff``).
 At most ``_MAX_FETCHES_IN_FLIGHT`` (64) fetches are in flight at once, over all
 servers (each holds sockets until it ends, up to ``outbound.timeout``: its
 ``.well-known`` and SRV discovery, the server's answer, the notaries'): a lookup
@@ -67,7 +74,7 @@ from ._backoff import is_failure_status, make_room
 from ._clock import in_window
 from .client.errors import RemoteError
 from .core.errors import Codes, MatrixError
-from .core.ids import is_valid_server_name, server_name_key
+from .core.ids import is_valid_server_name
 from .core.keys import decode_verify_key, is_valid_key_id, key_id_of, verify_key_of
 from .core.signing import (
     ServerVerifyKey,
@@ -415,9 +422,8 @@ class Keyring:
         for key in local_keys:
             self._memory.setdefault(key.server_name, {})[key.key_id] = key
         self._local_servers = frozenset(key.server_name for key in local_keys)
-        #: Fetches in flight and back-offs, keyed by ``server_name_key`` (one entry for
-        #: all spellings of a name); memory and the store keep the spelling the
-        #: server signs with.
+        #: Fetches in flight and back-offs, keyed by the server name as fetched (each
+        #: spelling apart: see the module doc), as memory and the store are.
         self._inflight: dict[str, _Fetch] = {}
         self._backoff: dict[str, _Backoff] = {}
         #: Lookups waiting for a server's pause to end (same keys).
@@ -512,7 +518,9 @@ class Keyring:
         key_ids = frozenset(key_id for key_id in key_ids if is_valid_key_id(key_id))
         if self._satisfied(server_name, key_ids, valid_at_ms) or server_name in self._local_servers:
             return self._answer(server_name, key_ids)
-        if not is_valid_server_name(server_name):
+        if not is_valid_server_name(server_name) or server_name[-1:] == ".":
+            # A name ending in a dot can never be fetched (TLS checks it against the
+            # certificate of the name without it, and fails): no fetch, no back-off.
             return {}
         try:
             await self._load_from_store(server_name)
@@ -527,11 +535,7 @@ class Keyring:
         if self._satisfied(server_name, key_ids, valid_at_ms):
             return self._answer(server_name, key_ids)
         wanted = dict.fromkeys(key_ids, valid_at_ms)
-        if (
-            ignore_backoff
-            or not self._backing_off(server_name)
-            or server_name_key(server_name) in self._inflight
-        ):
+        if ignore_backoff or not self._backing_off(server_name) or server_name in self._inflight:
             # A fetch under way despite a back-off (the sender's) is joined:
             # that costs no fetch more.
             waiter: Deferred[None] = Deferred()
@@ -573,14 +577,13 @@ class Keyring:
         5 s pause) fits the inbound path: a request is being handled by then (the receive
         deadline has ended) and a fetch alone may take ``outbound.timeout``.
         """
-        key = server_name_key(server_name)
-        backoff = self._backoff.get(key)
+        backoff = self._backoff.get(server_name)
         now_ms = self._now_ms()
         if backoff is None or backoff.asked is None or not backoff.waiting(now_ms):
             return None
         if only_new and backoff.asked.issuperset(missing):
             return None
-        pause_wait = self._pause_waits.get(key)
+        pause_wait = self._pause_waits.get(server_name)
         wanted = {} if pause_wait is None else pause_wait.wanted
         if len(wanted.keys() | missing.keys()) > _MAX_KEYS_PER_DOCUMENT:
             return None
@@ -588,7 +591,7 @@ class Keyring:
             timer = self._clock.callLater(
                 (backoff.until_ms - now_ms) / 1000, self._pause_over, server_name
             )
-            pause_wait = self._pause_waits[key] = _PauseWait(timer)
+            pause_wait = self._pause_waits[server_name] = _PauseWait(timer)
         _merge_wanted(pause_wait.wanted, missing)
         waiter: Deferred[None] = Deferred()
         pause_wait.waiters.append(waiter)
@@ -611,7 +614,7 @@ class Keyring:
         try:
             self._shared_fetch(server_name, {}, None)
         except KeyFetchBusy as busy:
-            pause_wait = self._pause_waits.pop(server_name_key(server_name), None)
+            pause_wait = self._pause_waits.pop(server_name, None)
             if pause_wait is not None:
                 for waiter in pause_wait.waiters:
                     waiter.errback(busy)  # A cancelled waiter ignores it.
@@ -625,7 +628,7 @@ class Keyring:
         }
 
     def _backing_off(self, server_name: str) -> bool:
-        backoff = self._backoff.get(server_name_key(server_name))
+        backoff = self._backoff.get(server_name)
         return backoff is not None and backoff.waiting(self._now_ms())
 
     async def _load_from_store(self, server_name: str) -> None:
@@ -697,8 +700,8 @@ class Keyring:
             if (
                 name != keep
                 and name not in self._local_servers
-                and server_name_key(name) not in self._inflight
-                and server_name_key(name) not in self._pause_waits
+                and name not in self._inflight
+                and name not in self._pause_waits
             ):
                 victims.append(name)
         for name in victims:
@@ -724,8 +727,7 @@ class Keyring:
         fetch's slot is freed when it ends, however it ends: every fetch ends within
         the client's timeouts (the server's answer, then each notary's).
         """
-        key = server_name_key(server_name)
-        fetch = self._inflight.get(key)
+        fetch = self._inflight.get(server_name)
         joined = fetch is not None
         if fetch is None:
             if not ignore_backoff and len(self._inflight) >= self._max_fetches:
@@ -734,7 +736,7 @@ class Keyring:
         fetch.want(wanted)
         if waiter is not None:
             fetch.waiters.append(waiter)
-        pause_wait = self._pause_waits.pop(key, None)
+        pause_wait = self._pause_waits.pop(server_name, None)
         if pause_wait is not None:
             if pause_wait.timer.active():
                 pause_wait.timer.cancel()
@@ -742,10 +744,10 @@ class Keyring:
             fetch.waiters.extend(pause_wait.waiters)
         if joined:
             return fetch
-        self._inflight[key] = fetch
+        self._inflight[server_name] = fetch
 
         def done(_: object) -> None:
-            self._inflight.pop(key, None)
+            self._inflight.pop(server_name, None)
             for each in fetch.waiters:
                 each.callback(None)
 
@@ -772,10 +774,9 @@ class Keyring:
         now_ms = self._now_ms()
         self._forget_ended_pauses(now_ms)
         if not self._missing(server_name, fetch.wanted):
-            self._backoff.pop(server_name_key(server_name), None)
+            self._backoff.pop(server_name, None)
             return
         self.fetch_failures += 1
-        key = server_name_key(server_name)
         asked = None
         if answered:
             # The server (or a notary) answered, just without the key asked
@@ -789,7 +790,7 @@ class Keyring:
         else:
             # Doubling the last delay; after a 5 s pause for an answer without
             # the key, a failure still starts at the minimum.
-            previous = self._backoff.get(key)
+            previous = self._backoff.get(server_name)
             delay = (
                 _MIN_BACKOFF_MS
                 if previous is None
@@ -797,14 +798,14 @@ class Keyring:
             )
         make_room(
             self._backoff,
-            key,
+            server_name,
             _BACKOFF_TABLE_SIZE,
             over=lambda other: not other.waiting(now_ms),
             ends=lambda other: other.until_ms,
         )
-        self._backoff[key] = _Backoff(now_ms + delay, delay, now_ms, asked)
+        self._backoff[server_name] = _Backoff(now_ms + delay, delay, now_ms, asked)
         if asked is not None:
-            self._pauses.append((now_ms, now_ms + delay, key))
+            self._pauses.append((now_ms, now_ms + delay, server_name))
         log.info(
             "Keys of {server} unavailable; not asking again for {seconds} s",
             server=server_name,
@@ -835,11 +836,10 @@ class Keyring:
     async def _fetch_direct(self, server_name: str, ignore_backoff: bool) -> frozenset[str] | None:
         """Ask the server for its keys; the key IDs it listed, or None if it did not answer.
 
-        An answer we refuse lists none but is an answer: the server is up. (Asked
-        as ``EXAMPLE.org``, example.org answers for ``example.org``; backing it off
-        for that, under the back-off all spellings share, would let anyone stop
-        its key refreshes.) So is an error answer other than a 401, a 429 or a 5xx
-        (``is_failure_status``, the client's rule).
+        An answer we refuse lists none but is an answer: the server is up (asked as
+        ``EXAMPLE.org``, example.org answers for ``example.org``: that spelling is
+        paused, not backed off). So is an error answer other than a 401, a 429 or a
+        5xx (``is_failure_status``, the client's rule).
         """
         try:
             # Only the sender's fetches pass the keyword, so a client written to

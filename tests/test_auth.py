@@ -204,6 +204,37 @@ class RequestAuthenticationTests(SynchronousTestCase):
         error = self.assertRefused(401, "M_UNAUTHORIZED")
         self.assertIn("Could not obtain key", error)
 
+    def test_origin_ending_in_a_dot(self) -> None:
+        """An origin ending in a dot (``them.example.``, valid by the grammar) can never be
+        verified (TLS checks its name against the certificate of ``them.example``): 401
+        M_UNAUTHORIZED before any key lookup, whatever the signature, so that a forged one
+        neither fetches nor backs ``them.example`` off, which authenticates at once after six
+        of them, and a minute later."""
+        for origin in (THEM + ".", "Them.Example."):
+            for _ in range(3):
+                error = self.assertRefused(
+                    401, "M_UNAUTHORIZED", headers=[self.header(origin=origin)]
+                )
+                self.assertIn("ends in a dot", error)
+        self.assertEqual((self.federation.calls, self.store.reads), ([], 0))
+        self.assertEqual(self.send(), (200, {"origin": THEM}))
+        self.clock.advance(61)
+        self.assertEqual(self.send(), (200, {"origin": THEM}))
+
+    def test_origin_in_another_spelling(self) -> None:
+        """A forged origin spelling a server otherwise (another case, an IPv6 literal not in RFC
+        5952 form, its port with a leading zero) reaches the same server, whose key document
+        names it as it spells itself: refused, 401 M_UNAUTHORIZED, and the server itself
+        authenticates right after (its own key lookups are not paused by that fetch)."""
+        servers = [(THEM, "THEM.example"), ("[2a01:4f8::1]", "[2a01:04f8::1]")]
+        servers.append(("them.example:8448", "them.example:08448"))
+        for real, variant in servers:
+            self.federation.add_key_server(self.clock, real, [self.their_key])
+            self.federation.servers[variant] = self.federation.servers[real]
+            self.assertRefused(401, "M_UNAUTHORIZED", headers=[self.header(origin=variant)])
+            signed = sign_request(self.their_key, real, US, "PUT", PATH, {"a": 1})
+            self.assertEqual(self.send(headers=[signed]), (200, {"origin": real}), real)
+
     def test_key_fetches_at_their_cap(self) -> None:
         """An origin whose key would need a fetch while the keyring's fetches in flight are at
         their cap (forged requests claiming made-up origins, each a fetch): 429

@@ -482,24 +482,99 @@ class KeyringTests(SynchronousTestCase):
         self.successResultOf(self.keyring.get_server_keys("big.example", ["ed25519:k0"], NOW_MS))
         self.assertEqual(self.federation.count("big.example"), 2)
 
-    def test_case_variants_share_fetch_and_backoff(self) -> None:
-        """Case variants of one server name (DNS names are case-insensitive) share its fetch
-        in flight and its back-off: 16 spellings of a dead server cost one fetch."""
+    def test_each_spelling_fetched_and_backed_off_on_its_own(self) -> None:
+        """Fetches in flight and back-offs are per name as fetched: a fetch can fail for one
+        spelling where the server's own succeeds (see the tests below), so spellings of one
+        dead server cost a fetch each (the cap on fetches in flight bounds them), and each
+        is backed off on its own."""
         from twisted.internet.defer import Deferred
 
-        variants = ["dead.example", "DEAD.example", "Dead.Example", "dEaD.eXaMpLe"]
+        variants = ["dead.example", "DEAD.example", "dead.example:08448", "dead.example:8448"]
         gate: Deferred[None] = Deferred()
         for name in variants:
             self.federation.hold[name] = gate
         asked = [self.keyring.get_server_keys(name, [self.key_id], NOW_MS) for name in variants]
+        asked.append(self.keyring.get_server_keys("DEAD.example", [self.key_id], NOW_MS))
+        self.assertEqual(sorted(self.keyring._inflight), sorted(variants))
         gate.callback(None)
         for answer in asked:
             self.assertEqual(self.successResultOf(answer), {})
-        self.assertEqual(len(self.federation.calls), 1)
+        self.assertEqual(len(self.federation.calls), 4)
         self.federation.hold.clear()
-        for name in [*variants, "DEAD.EXAMPLE"]:
+        for name in variants:
             self.assertEqual(self.get(server=name), {})
-        self.assertEqual(len(self.federation.calls), 1)
+        self.assertEqual(len(self.federation.calls), 4)
+        self.assertEqual(sorted(self.keyring._backoff), sorted(variants))
+
+    def test_other_spellings_of_a_live_server_do_not_stop_its_lookups(self) -> None:
+        """A forged origin (or signer) naming a live server in another spelling, which reaches
+        the same server (another case, its port with a leading zero, its IPv6 literal not in
+        RFC 5952 form), gets the server's document naming it as it spells itself, refused:
+        that spelling is paused, not the server, whose lookups fetch at once, right after
+        and however often the forgery is repeated."""
+        spellings = [
+            ("remote.example", "REMOTE.example"),
+            ("remote.example:8448", "remote.example:08448"),
+            ("[2a01:4f8::1]", "[2a01:04f8::1]"),
+            ("[2a01:4f8::1]:8448", "[2a01:4f8:0:0:0:0:0:1]:08448"),
+        ]
+        for real, variant in spellings:
+            self.federation.add_key_server(self.clock, real, [self.remote_key])
+            self.federation.servers[variant] = self.federation.servers[real]
+            self.assertEqual(self.get(server=variant), {})
+            self.assertIn(self.key_id, self.get(server=real), real)
+            self.assertEqual(self.federation.count(real), 1, real)
+            self.assertEqual(self.get(server=variant), {})
+            self.assertEqual(self.federation.count(variant), 1, variant)
+        self.assertNotIn("remote.example", self.keyring._backoff)
+
+    def test_name_ending_in_a_dot_never_fetched(self) -> None:
+        """A server name ending in a dot (``remote.example.``, valid by the grammar) can never be
+        fetched: TLS checks it against the certificate of ``remote.example`` and fails (and
+        discovery's too). Named by a forged request, its lookups find nothing and fetch
+        nothing, not even for the sender's answer check: ``remote.example`` is neither backed
+        off nor paused, and is fetched at once, however often the forgery is repeated."""
+        for _ in range(6):
+            self.assertEqual(self.get(server="remote.example."), {})
+            self.assertEqual(
+                self.successResultOf(
+                    self.keyring.get_server_keys(
+                        "Remote.Example.", [self.key_id], NOW_MS, ignore_backoff=True
+                    )
+                ),
+                {},
+            )
+            self.clock.advance(61)
+        self.assertEqual(
+            (self.federation.calls, self.keyring._backoff, self.keyring.fetches), ([], {}, 0)
+        )
+        self.assertIn(self.key_id, self.get())
+
+    def test_forged_dotted_origin_does_not_stop_a_refresh_through_the_client(self) -> None:
+        """Through the federation client (``remote.example.`` unreachable, as TLS makes it): a
+        peer whose stored key needs its daily refresh is refreshed at once after forged
+        lookups of ``remote.example.``, and 30, 59 and 61 s later."""
+        peers = FakePeersAgent({"remote.example": self.federation.servers["remote.example"]})
+        client = FederationClient(self.clock, "local.example", make_key("l1"), agent=peers)
+        keyring = Keyring(self.clock, self.store, client)
+
+        def current() -> list[str]:
+            now_ms = int(self.clock.seconds() * 1000)
+            lookup = keyring.get_server_keys("remote.example", [self.key_id], now_ms)
+            peers.flush()
+            keys = self.successResultOf(lookup)
+            return [kid for kid, key in keys.items() if (key.valid_until_ts or 0) >= now_ms]
+
+        self.assertEqual(current(), [self.key_id])
+        self.clock.advance(DAY_MS / 1000 + 1)
+        for step in (0, 30, 29, 2):
+            self.clock.advance(step)
+            now_ms = int(self.clock.seconds() * 1000)
+            forged = keyring.get_server_keys("remote.example.", [self.key_id], now_ms)
+            peers.flush()
+            self.assertEqual(self.successResultOf(forged), {})
+            self.assertEqual(current(), [self.key_id])
+        self.assertEqual((client._backoff, keyring._backoff), ({}, {}))
 
     def test_case_variant_does_not_back_off_the_server(self) -> None:
         """Naming a live server in other case gets its answer, refused (its server_name is

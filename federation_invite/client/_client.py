@@ -6,7 +6,12 @@ response size, and ends in one of three ways: the parsed JSON answer, a
 ``RemoteError`` (the peer said no, or said something unusable) or a
 ``TransportError`` (no answer). A destination that keeps failing is left alone
 for a while (``BackoffError``) instead of being retried on every call, except
-by requests a user asked for (``put_json(..., ignore_backoff=True)``).
+by requests a user asked for (``put_json(..., ignore_backoff=True)``). The
+back-off is per destination as written: another spelling of a server's name
+(``example.org.``, which TLS checks against the certificate of ``example.org``
+and fails; another case or port spelling, which a proxy routing by SNI or
+``Host`` may not know) can fail where the server's own succeeds, and anyone can
+make us ask for one (a forged request's origin), so none backs the server off.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from .._backoff import doubling_wait, is_failure_status, make_room
 from .._clock import in_window
 from .._version import __version__
 from ..core.canonical import encode_canonical_json, parse_json
-from ..core.ids import parse_server_name, server_name_key
+from ..core.ids import parse_server_name
 from ..core.xmatrix import sign_request
 from ..logs import Logger
 from ._body import BodyTooLarge, read_body
@@ -137,6 +142,7 @@ class FederationClient:
         self._signing_key = signing_key
         self._timeout = timeout
         self._max_response_bytes = max_response_bytes
+        #: Back-offs by destination as written (module doc).
         self._backoff: dict[str, _Backoff] = {}
         self._pool: HTTPConnectionPool | None = None
         self._resolver: ServerResolver | None = None
@@ -351,7 +357,7 @@ class FederationClient:
     # -- back-off
 
     def _check_backoff(self, destination: str) -> None:
-        state = self._backoff.get(server_name_key(destination))
+        state = self._backoff.get(destination)
         now = self._reactor.seconds()
         if state is not None and state.waiting(now):
             raise BackoffError(destination, state.retry_at, state.failures, now)
@@ -364,25 +370,24 @@ class FederationClient:
         this request started, as Synapse's ``RetryDestinationLimiter`` does.
         """
         now = self._reactor.seconds()
-        key = server_name_key(destination)
-        state = self._backoff.get(key)
+        state = self._backoff.get(destination)
         if state is not None and started <= state.since <= now:
             return
         if state is None:
             make_room(
                 self._backoff,
-                key,
+                destination,
                 self.BACKOFF_TABLE_SIZE,
                 over=lambda other: not other.waiting(now),
                 ends=lambda other: other.retry_at,
             )
-            state = self._backoff[key] = _Backoff(0, now)
+            state = self._backoff[destination] = _Backoff(0, now)
         state.failures += 1
         wait = doubling_wait(self.BACKOFF_INITIAL, self.BACKOFF_MAX, state.failures)
         state.since, state.retry_at = now, now + wait
 
     def _record_success(self, destination: str) -> None:
-        self._backoff.pop(server_name_key(destination), None)
+        self._backoff.pop(destination, None)
 
 
 def _check_path(path: str) -> None:

@@ -10,7 +10,9 @@ rules match in any case.
 
 Server names (and the server part of user IDs) are matched as written, in the
 form ``server_name_key`` gives them (IPv6 literal in RFC 5952 form, port as a
-number, no trailing dot, lower case) and as that form's host alone; patterns
+number, lower case) without a trailing dot (``_rule_key``: rules only refuse, so
+``evil.example.`` is refused as ``evil.example``, though it is another name to TLS
+and to the keyring) and as that form's host alone; patterns
 are also compiled in that form where they name one host or port
 (``[2001:0DB8:0::1]``, ``evil.example:08448``), so every spelling of a denied
 server is caught, however the rule spells it.
@@ -24,7 +26,7 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
-from .ids import server_name_key
+from .ids import is_valid_server_name, server_name_key
 
 __all__ = ["GlobList", "server_for_matching", "user_for_matching"]
 
@@ -32,19 +34,30 @@ __all__ = ["GlobList", "server_for_matching", "user_for_matching"]
 def _host_of(key: str) -> str:
     if key.startswith("["):
         return key[: key.find("]") + 1] or key
-    # A trailing dot is already gone from a valid name's key, not from an invalid one's.
+    # A trailing dot is gone from a valid name's _rule_key, not from an invalid one's.
     return key.partition(":")[0].rstrip(".")
+
+
+def _rule_key(server_name: str) -> str:
+    """``server_name_key`` without the trailing dot of a valid name's host (``evil.example.``,
+    ``evil.example.:8448``): one name with ``evil.example`` to rules, which only refuse,
+    though another to TLS, so ``server_name_key`` (the rate limits' key) keeps the dot."""
+    key = server_name_key(server_name)
+    if (key[-1:] == "." or ".:" in key) and key[:1] != "[" and is_valid_server_name(key):
+        host, colon, port = key.partition(":")
+        return (host.rstrip(".") or host) + colon + port
+    return key
 
 
 def server_for_matching(server_name: str) -> str:
     """A server name as rules see it: the host only, as ``server_name_key`` writes it
-    (lower case, no trailing dot, an IPv6 literal in RFC 5952 form).
+    (lower case, an IPv6 literal in RFC 5952 form), without a trailing dot.
 
     Ports are dropped (as ``m.room.server_acl`` does) so that ``evil.example``
     cannot slip past a rule as ``evil.example:8448`` or ``EVIL.example.``, nor
     ``[2001:db8::1]`` as ``[2001:0db8:0::1]``.
     """
-    return _host_of(server_name_key(server_name))
+    return _host_of(_rule_key(server_name))
 
 
 def user_for_matching(user_id: str) -> str:
@@ -54,7 +67,7 @@ def user_for_matching(user_id: str) -> str:
 
 
 def _server_pattern(pattern: str) -> str:
-    """``pattern`` with what it spells of one host or port as ``server_name_key`` would:
+    """``pattern`` with what it spells of one host or port as ``_rule_key`` would:
     an IPv6 literal without wildcards in RFC 5952 form, a port of digits as a number, a
     host without wildcards without its trailing dot. Wildcards are kept as written (an
     IPv6 prefix such as ``[2001:db8:*`` has no RFC 5952 form to be put in)."""
@@ -164,8 +177,8 @@ class GlobList:
         return self._regex is not None and self._regex.match(value) is not None
 
     def matches_server(self, server_name: str) -> bool:
-        """True when a pattern, as written or in ``server_name_key``'s form, matches the name
-        as written, its ``server_name_key`` or that key's host (``server_for_matching``).
+        """True when a pattern, as written or in ``_rule_key``'s form, matches the name as
+        written, its ``_rule_key`` or that key's host (``server_for_matching``).
 
         ``evil.example`` thus also catches ``evil.example:8448`` and ``EVIL.example.``,
         ``[2001:db8::1]`` catches ``[2001:0db8:0::1]``, while a pattern written with a port
@@ -176,7 +189,7 @@ class GlobList:
             return False
         if regex.match(server_name) is not None:
             return True
-        key = server_name_key(server_name)
+        key = _rule_key(server_name)
         if key != server_name and regex.match(key) is not None:
             return True
         host = _host_of(key)
@@ -192,7 +205,7 @@ class GlobList:
         localpart, colon, server = user_id.partition(":")
         if not colon:
             return False
-        key = server_name_key(server)
+        key = _rule_key(server)
         if key != server and regex.match(f"{localpart}:{key}") is not None:
             return True
         host = _host_of(key)

@@ -134,23 +134,30 @@ _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
 def server_name_key(server_name: str) -> str:
-    """One key for the spellings of a server name that reach the same server.
+    """One key for the spellings of a server name that name the same server.
 
-    The host in ASCII lower case (DNS names are case-insensitive, RFC 4343)
-    without a trailing dot, an IPv6 literal in its RFC 5952 form
-    (``[2001:db8::1]`` for ``[2001:0DB8:0::1]``: discovery connects to the
-    address, and TLS matches the certificate by address), and the port as a
-    number (``08448`` is port 8448). The grammar (appendices, "Server Name")
-    admits all these spellings, as Synapse does, so they are accepted and
-    merged here rather than refused. A string that is no valid server name is
-    only lower-cased. For per-server tables (rate limits, back-off, fetches in
-    flight) and rules, never for signatures, which name a server as it spells
-    itself.
+    The host in ASCII lower case (DNS names are case-insensitive, RFC 4343),
+    an IPv6 literal in its RFC 5952 form (``[2001:db8::1]`` for
+    ``[2001:0DB8:0::1]``: discovery connects to the address, and TLS matches
+    the certificate by address), and the port as a number (``08448`` is port
+    8448). The grammar (appendices, "Server Name") admits all these spellings,
+    as Synapse does, so they are accepted and merged here rather than refused.
+    A trailing dot is kept: ``example.org.`` is another name to TLS, which
+    checks it against a certificate for ``example.org`` and fails (rules, which
+    only refuse, drop it: ``core.globs``). A string that is no valid server
+    name is only lower-cased.
+
+    For the per-origin rate limits of authenticated origins and for rules, never
+    for fetch or back-off tables (the keyring's, the client's): those are keyed
+    by the name as fetched, since a fetch can fail for one spelling where the
+    server's own succeeds (its key document names it as it spells itself), and
+    anyone can name any spelling in a forged request. Never for signatures,
+    which name a server as it spells itself.
     """
     key = server_name.translate(_ASCII_LOWER)
-    # The usual name, a DNS name with no port or a port without a leading zero, and
-    # no trailing dot, is its own key: four scans of a short string, no parsing.
-    if key[:1] == "[" or ":0" in key or ".:" in key or key[-1:] == ".":
+    # The usual name, a DNS name with no port or a port without a leading zero, is its
+    # own key: a translate and two scans of a short string, no parsing.
+    if key[:1] == "[" or ":0" in key:
         try:
             return _canonical_server_name(key)
         except ValueError:
@@ -165,8 +172,6 @@ def _canonical_server_name(name: str) -> str:
     host, port = parse_server_name(name)
     if host[:1] == "[":
         host = f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
-    else:
-        host = host.rstrip(".") or host
     return host if port is None else f"{host}:{port}"
 
 

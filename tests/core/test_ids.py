@@ -175,10 +175,11 @@ class ServerNameKeyTests(SynchronousTestCase):
         self.assertEqual(server_name_key("example.org"), "example.org")
 
     def test_spellings_of_one_server_share_a_key(self) -> None:
-        """IPv6 literals in RFC 5952 form, ports as numbers, no trailing dot: every spelling the
-        grammar admits of one address and port (discovery connects to the address, the TLS
-        check compares addresses, 08448 is port 8448) is one key, as a denied or rate-limited
-        server must not return as [2a01:04f8::1] or evil.example:08448."""
+        """IPv6 literals in RFC 5952 form, ports as numbers: every spelling the grammar admits
+        of one address and port (discovery connects to the address, the TLS check compares
+        addresses, 08448 is port 8448) is one key, as a rate-limited server must not return
+        as [2a01:04f8::1] or evil.example:08448. A trailing dot is kept: evil.example. is
+        another name to TLS, which checks it against evil.example's certificate and fails."""
         spellings = {
             "[2a01:4f8::1]": [
                 "[2a01:4f8::1]",
@@ -196,10 +197,10 @@ class ServerNameKeyTests(SynchronousTestCase):
                 "evil.example:8448",
                 "EVIL.example:8448",
                 "evil.example:08448",
-                "evil.example.:08448",
-                "evil.example.:8448",
             ],
-            "evil.example": ["evil.example", "Evil.Example.", "evil.example."],
+            "evil.example.:8448": ["evil.example.:08448", "EVIL.example.:8448"],
+            "evil.example": ["evil.example", "Evil.Example"],
+            "evil.example.": ["Evil.Example.", "evil.example."],
             "1.2.3.4:80": ["1.2.3.4:80", "1.2.3.4:080", "1.2.3.4:00080"],
         }
         for key, names in spellings.items():
