@@ -8,7 +8,7 @@
 | ``origin`` not a valid server name, or ``key`` not an ed25519 key ID | 401 ``M_UNAUTHORIZED`` |
 | origin denied by the server allow/deny globs (before any key fetch) | 403 ``M_FORBIDDEN`` |
 | ``origin`` ends in a dot (no key lookup: it can never be verified) | 401 ``M_UNAUTHORIZED`` |
-| origin's key needs a fetch past the keyring's cap (``KeyFetchBusy``) | 429 ``M_LIMIT_EXCEEDED`` |
+| origin's key needs a fetch past its pool's cap (``KeyFetchBusy``) | 429 ``M_LIMIT_EXCEEDED`` |
 | the origin's key cannot be obtained, or is not currently valid | 401 ``M_UNAUTHORIZED`` |
 | the signature does not verify | 401 ``M_UNAUTHORIZED`` |
 

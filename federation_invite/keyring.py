@@ -29,14 +29,20 @@ server's own lookups. Names ending in a dot are never fetched at all (no
 certificate can match them): they have no keys. Only the sender, checking an answer
 the server has just signed, fetches regardless of pauses and back-off
 (``ignore_backoff``).
-At most ``_MAX_FETCHES_IN_FLIGHT`` (64) fetches are in flight at once, over all
-servers (each holds sockets until it ends, up to ``outbound.timeout``: its
-``.well-known`` and SRV discovery, the server's answer, the notaries'): a lookup
-that would start one more (its server's keys neither in memory nor in the store,
-nor a fetch for it under way to join) is refused at once with ``KeyFetchBusy``,
-429 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms`` (5 s), without asking anyone and
-without backing the server off: the server is not at fault, we are busy. So is a
-lookup waiting for a pause to end when the pause ends at the cap. Only the
+At most ``_MAX_FETCHES_IN_FLIGHT`` (64) fetches of servers we hold no key of are
+in flight at once, over all servers (each holds sockets until it ends, up to
+``outbound.timeout``: its ``.well-known`` and SRV discovery, the server's answer,
+the notaries'), and at most ``_MAX_REFRESHES_IN_FLIGHT`` (64) refreshes of servers
+we hold a key of (in memory or in the store, current or not: a key's
+``valid_until_ts`` passes daily), so that forged origins naming unknown servers
+on tarpits cannot starve the refreshes of known peers. A lookup that would start
+one more fetch in its pool (no fetch for its server under way to join) is refused
+at once with ``KeyFetchBusy``, 429 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``
+(5 s), without asking anyone and without backing the server off: the server is
+not at fault, we are busy. So is a lookup waiting for a pause to end when the
+pause ends at its pool's cap. Anyone who first gets us to store keys of many
+names of their own (each serving a valid key document once) can still fill the
+refreshes' pool by having those names hang. Only the
 sender's answer check (``ignore_backoff``) is never refused (our own user asked
 for that invite, and the server has just answered us); its fetch counts all the same.
 Key IDs that are not ed25519 key IDs of at most 255 characters are not looked
@@ -115,13 +121,19 @@ _MEMORY_SIZE = 10_000
 #: years of rotations; a document listing thousands (1 MiB holds about 10,000) only costs
 #: decoding, memory and store rows that nobody needs.
 _MAX_KEYS_PER_DOCUMENT = 64
-#: Key fetches in flight at once, over all servers (the default of ``Keyring``'s
-#: ``max_fetches_in_flight``). Anyone can make us fetch the keys of a server they name (a
-#: forged request's origin), and a fetch of a server that never answers holds its sockets
-#: for ``outbound.timeout``: unbounded, a few dozen forged requests a second use up the
-#: daemon's file descriptors. 64 is far more than the new servers a real invite server
-#: meets at once, and a few hundred descriptors at worst.
+#: Key fetches in flight at once of servers we hold no key of, over all servers (the
+#: default of ``Keyring``'s ``max_fetches_in_flight``). Anyone can make us fetch the keys
+#: of a server they name (a forged request's origin), and a fetch of a server that never
+#: answers holds its sockets for ``outbound.timeout``: unbounded, a few dozen forged
+#: requests a second use up the daemon's file descriptors. 64 is far more than the new
+#: servers a real invite server meets at once, and a few hundred descriptors at worst.
 _MAX_FETCHES_IN_FLIGHT = 64
+#: Key fetches in flight at once of servers we hold a key of (refreshes), over all servers
+#: (the default of ``Keyring``'s ``max_refreshes_in_flight``): a pool of their own, so that
+#: fetches of servers named by forged requests cannot starve them. Anyone who first gets
+#: us to store keys of many names of their own (each serving a valid key document once)
+#: can still fill it by having those names hang.
+_MAX_REFRESHES_IN_FLIGHT = 64
 #: ``retry_after_ms`` of a lookup refused at that cap.
 _BUSY_RETRY_AFTER_MS = 5_000
 
@@ -344,6 +356,8 @@ class _Fetch:
     asked: dict[str, int] = attrs.Factory(dict)
     #: Started by the sender's answer check: the client's back-off is passed by too.
     ignore_backoff: bool = False
+    #: Counted in the refreshes' pool (its server had a key in memory when it started).
+    refresh: bool = False
 
     def want(self, wanted: Mapping[str, int]) -> None:
         """Add a caller's key IDs (key ID -> valid at), as long as ``_MAX_KEYS_PER_DOCUMENT``
@@ -402,14 +416,24 @@ class Keyring:
         local_keys: Sequence[ServerVerifyKey] = (),
         notaries: Sequence[Notary] = (),
         max_fetches_in_flight: int | None = None,
+        max_refreshes_in_flight: int | None = None,
     ) -> None:
-        """``max_fetches_in_flight``: the cap on fetches in flight over all servers (see the
-        module doc); ``None`` for the default, ``_MAX_FETCHES_IN_FLIGHT`` (64)."""
+        """``max_fetches_in_flight``: the cap on fetches in flight of servers we hold no key
+        of, and ``max_refreshes_in_flight`` of those we hold a key of (see the module doc);
+        ``None`` for the defaults, ``_MAX_FETCHES_IN_FLIGHT`` and
+        ``_MAX_REFRESHES_IN_FLIGHT`` (64 each)."""
         if max_fetches_in_flight is None:
             max_fetches_in_flight = _MAX_FETCHES_IN_FLIGHT
+        if max_refreshes_in_flight is None:
+            max_refreshes_in_flight = _MAX_REFRESHES_IN_FLIGHT
         if max_fetches_in_flight < 1:
             raise ValueError("max_fetches_in_flight must be >= 1")
+        if max_refreshes_in_flight < 1:
+            raise ValueError("max_refreshes_in_flight must be >= 1")
         self._max_fetches = max_fetches_in_flight
+        self._max_refreshes = max_refreshes_in_flight
+        #: Fetches in flight in each pool: [of unknown servers, refreshes].
+        self._pool_in_flight = [0, 0]
         self._clock = clock
         self._store = store
         self._client = client
@@ -722,17 +746,22 @@ class Keyring:
         any: theirs is this fetch. Each caller waits on a Deferred of its own, so
         one cancelled (its request abandoned) does not cancel the fetch.
 
-        ``KeyFetchBusy``, with nothing changed, when a fetch would be started with
-        ``max_fetches_in_flight`` in flight already (unless ``ignore_backoff``). A
+        ``KeyFetchBusy``, with nothing changed, when a fetch would be started with its
+        pool's cap in flight already (``max_refreshes_in_flight`` for a server with keys
+        in memory, ``max_fetches_in_flight`` for any other; unless ``ignore_backoff``). A
         fetch's slot is freed when it ends, however it ends: every fetch ends within
         the client's timeouts (the server's answer, then each notary's).
         """
         fetch = self._inflight.get(server_name)
         joined = fetch is not None
         if fetch is None:
-            if not ignore_backoff and len(self._inflight) >= self._max_fetches:
+            # Memory holds the server's stored keys by now (``_get`` loads them first; a
+            # server waiting for its pause is never evicted), current or not.
+            refresh = bool(self._memory.get(server_name))
+            cap = self._max_refreshes if refresh else self._max_fetches
+            if not ignore_backoff and self._pool_in_flight[refresh] >= cap:
                 raise KeyFetchBusy(server_name)
-            fetch = _Fetch(ignore_backoff=ignore_backoff)
+            fetch = _Fetch(ignore_backoff=ignore_backoff, refresh=refresh)
         fetch.want(wanted)
         if waiter is not None:
             fetch.waiters.append(waiter)
@@ -745,9 +774,11 @@ class Keyring:
         if joined:
             return fetch
         self._inflight[server_name] = fetch
+        self._pool_in_flight[fetch.refresh] += 1
 
         def done(_: object) -> None:
             self._inflight.pop(server_name, None)
+            self._pool_in_flight[fetch.refresh] -= 1
             for each in fetch.waiters:
                 each.callback(None)
 

@@ -1625,6 +1625,66 @@ class FetchCapTests(SynchronousTestCase):
         for lookup in lookups:
             self.assertIn(self.key_id, self.successResultOf(lookup))
 
+    def test_refresh_of_a_stored_server_not_starved_by_unknown_ones(self) -> None:
+        """A server whose keys are stored but no longer valid (a key's valid_until_ts passes
+        daily) is refreshed from a pool of its own: with the unknown servers' fetches at their
+        cap (forged origins on tarpits), its lookup fetches at once, from memory's keys and
+        from the store's (after a restart); an unknown server is still refused, 429."""
+        self.assertIn(self.key_id, self.successResultOf(self.lookup("stored.example")))
+        self.assertIn(self.key_id, self.successResultOf(self.lookup("held.example")))
+        self.clock.advance(DAY_MS / 1000 + 1)
+        now_ms = NOW_MS + DAY_MS + 1000
+        gates, _ = self.fill("a.example", "b.example")
+        self.assertBusy(self.lookup("c.example"))
+        restarted = Keyring(self.clock, self.store, self.federation, max_fetches_in_flight=2)
+        gates += self.fill_in(restarted, "x.example", "y.example")
+        for keyring, server in ((self.keyring, "held.example"), (restarted, "stored.example")):
+            before = self.federation.count(server)
+            keys = self.successResultOf(keyring.get_server_keys(server, [self.key_id], now_ms))
+            self.assertEqual(keys[self.key_id].valid_until_ts, now_ms + DAY_MS, server)
+            self.assertEqual(self.federation.count(server), before + 1)
+        self.assertBusy(self.lookup("c.example"))
+        self.assertEqual(self.federation.count("c.example"), 0)
+
+    def test_refresh_pool_capped(self) -> None:
+        """Refreshes have a cap of their own (``max_refreshes_in_flight``, 64 by default): past
+        it a refresh is refused as any fetch at a cap is (429, no request, no back-off), while
+        unknown servers are fetched from theirs; a slot is freed when its fetch ends."""
+        keyring = Keyring(
+            self.clock,
+            self.store,
+            self.federation,
+            max_fetches_in_flight=2,
+            max_refreshes_in_flight=2,
+        )
+        for server in ("a.example", "b.example", "c.example"):
+            self.assertIn(self.key_id, self.successResultOf(self.lookup(server, keyring)))
+        self.clock.advance(DAY_MS / 1000 + 1)
+        now_ms = NOW_MS + DAY_MS + 1000
+        gates = self.fill_in(keyring, "a.example", "b.example", valid_at_ms=now_ms)
+        refused = keyring.get_server_keys("c.example", [self.key_id], now_ms)
+        self.assertBusy(refused)
+        self.assertEqual((self.federation.count("c.example"), keyring._backoff), (1, {}))
+        self.assertIn(self.key_id, self.successResultOf(self.lookup("held.example", keyring)))
+        gates[0].callback(None)
+        keys = self.successResultOf(keyring.get_server_keys("c.example", [self.key_id], now_ms))
+        self.assertEqual(keys[self.key_id].valid_until_ts, now_ms + DAY_MS)
+        self.assertEqual(Keyring(self.clock, self.store, self.federation)._max_refreshes, 64)
+        with self.assertRaises(ValueError):
+            Keyring(self.clock, self.store, self.federation, max_refreshes_in_flight=0)
+
+    def fill_in(
+        self, keyring: Keyring, *servers: str, valid_at_ms: int = NOW_MS
+    ) -> list[Deferred[None]]:
+        """Start a lookup of each of ``servers`` in ``keyring``, their fetches held: the gates."""
+        gates: list[Deferred[None]] = []
+        for server in servers:
+            gates.append(Deferred())
+            self.federation.hold[server] = gates[-1]
+            self.assertNoResult(keyring.get_server_keys(server, [self.key_id], valid_at_ms))
+            del self.federation.hold[server]
+        return gates
+
     def test_keys_held_unaffected(self) -> None:
         """At the cap, keys in memory are answered (without a coroutine: the hot path), and so
         are keys in the store; a lookup joining a fetch in flight costs no slot and waits for
@@ -1706,9 +1766,20 @@ class FetchCapTests(SynchronousTestCase):
         self.assertEqual(keyring._inflight, {})
 
     def test_pause_over_at_the_cap_refused(self) -> None:
-        """Lookups waiting for a server's pause to end, when it ends with the cap's fetches in
-        flight, are refused (429) rather than fetched beyond the cap; the server is not backed
-        off for it, and is fetched at once when next asked with a slot free."""
+        """Lookups waiting for a server's pause to end, when it ends with its pool's fetches at
+        their cap, are refused (429) rather than fetched beyond the cap; the server is not
+        backed off for it, and is fetched at once when next asked with a slot free. (The fetch
+        that set the pause stored c.example's key: its next is a refresh, and the refreshes'
+        pool is the one filled.)"""
+        self.keyring = Keyring(
+            self.clock,
+            self.store,
+            self.federation,
+            max_fetches_in_flight=2,
+            max_refreshes_in_flight=2,
+        )
+        for server in ("a.example", "b.example"):
+            self.assertIn(self.key_id, self.successResultOf(self.lookup(server)))
         self.assertEqual(
             self.successResultOf(
                 self.keyring.get_server_keys("c.example", ["ed25519:made_up"], NOW_MS)
@@ -1717,7 +1788,9 @@ class FetchCapTests(SynchronousTestCase):
         )
         waiting = self.keyring.get_server_keys("c.example", ["ed25519:other"], NOW_MS)
         self.assertNoResult(waiting)
-        gates, _ = self.fill("a.example", "b.example")
+        gates = self.fill_in(
+            self.keyring, "a.example", "b.example", valid_at_ms=NOW_MS + DAY_MS + 1
+        )
         self.clock.advance(5)
         self.assertBusy(waiting)
         self.assertEqual(self.federation.count("c.example"), 1)
