@@ -40,22 +40,31 @@ __all__ = ["main"]
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", help="TOML configuration file (default: built-in)")
-    # The daemon's overrides of the same keys: a daemon started with them is worked on
-    # with them (without, a command would quietly open the file's database instead).
-    parser.add_argument("--database", help="database URI (overrides database)")
-    parser.add_argument("--data-dir", help="data directory (overrides data_dir)")
+    # The daemon's overrides of the same keys (tap.Options): a daemon started with them is
+    # worked on with them (without, a command would quietly open the file's database, take
+    # the file's server name for its users, or show the file's signing key instead).
+    for option, _key, help_text in _OVERRIDES:
+        parser.add_argument(option, help=help_text)
+
+
+#: The daemon's options overriding a key of the file (as ``tap.Options.postOptions`` maps
+#: them), which every command taking ``-c`` takes too: (option, key, help).
+_OVERRIDES = (
+    ("--server-name", "server_name", "our server name (overrides server_name)"),
+    ("--signing-key", "signing_key", "signing key file (overrides signing_key)"),
+    ("--database", "database", "database URI (overrides database)"),
+    ("--data-dir", "data_dir", "data directory (overrides data_dir)"),
+)
 
 
 def _load(args: argparse.Namespace) -> Config:
     """The configuration a command works with: ``-c``'s file (or the built-in defaults),
-    with ``--database`` and ``--data-dir`` overriding it, as they do for the daemon."""
+    with ``--server-name``, ``--signing-key``, ``--database`` and ``--data-dir``
+    overriding it, as they do for the daemon."""
     overrides = {
         key: value
-        for key, value in (
-            ("database", getattr(args, "database", None)),
-            ("data_dir", getattr(args, "data_dir", None)),
-        )
-        if value is not None
+        for option, key, _help in _OVERRIDES
+        if (value := getattr(args, option[2:].replace("-", "_"), None)) is not None
     }
     return load_config(args.config, overrides)
 

@@ -43,6 +43,26 @@ class CliTests(SynchronousTestCase):
             seed = handle.read().split()[2]
         self.assertNotIn(seed, out)
 
+    def test_server_name_and_signing_key_override_the_file(self) -> None:
+        """--server-name and --signing-key override the file as the daemon's options of the same
+        names do: keys show and check-config describe the key the daemon signs with."""
+        data_dir = self.mktemp()
+        path = self.mktemp()
+        self.run_cli(
+            "generate-config", "--server-name", "example.org", "--data-dir", data_dir, "-o", path
+        )
+        other = os.path.abspath(self.mktemp())
+        write_signing_key_file(other, generate_signing_key("other"))
+        code, out = self.run_cli("keys", "show", "-c", path, "--signing-key", other)
+        self.assertEqual(code, 0, self.err.getvalue())
+        self.assertRegex(out, r"^ed25519:other [A-Za-z0-9+/]{43} \(sha256 fingerprint")
+        code, out = self.run_cli("keys", "show", "-c", path)
+        self.assertNotIn("ed25519:other", out)
+        code, out = self.run_cli(
+            "check-config", "-c", path, "--server-name", "other.example", "--signing-key", other
+        )
+        self.assertEqual((code, out), (0, f"OK: {path} (server name other.example)\n"))
+
     def test_generate_config_refuses_overwrite(self) -> None:
         """An existing config file is not overwritten without --force."""
         path = self.mktemp()

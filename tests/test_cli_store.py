@@ -103,6 +103,30 @@ class StoreCommandTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_server_name_overrides_the_file(self) -> Deferred[None]:
+        """--server-name overrides the file as the daemon's option does: users (and rules) are
+        added for the server name the daemon serves, not the file's."""
+
+        async def go() -> None:
+            user = "@bob:daemon.example"
+            self.assertEqual(
+                await self.run_cli("users", "add", user, "--server-name", "daemon.example"),
+                (0, f"Added {user}\n"),
+            )
+            with self.assertRaises(ConfigError):
+                await self.run_cli(
+                    "users", "add", "@bob:example.org", "--server-name", "daemon.example"
+                )
+            with self.assertRaises(ConfigError):
+                await self.run_cli("users", "add", user)
+            self.assertEqual(
+                await self.run_cli("rules", "list", user, "--server-name", "daemon.example"),
+                (0, ""),
+            )
+            self.assertEqual(await self.run_cli("users", "list"), (0, f"{user}\n"))
+
+        return ensureDeferred(go())
+
     def test_rules(self) -> Deferred[None]:
         """rules add/list/remove manage a user's invite rules."""
 
