@@ -142,3 +142,19 @@ class LayerTests(SynchronousTestCase):
             f"{_PACKAGE}.web.site",
             imported_modules(_PACKAGE, os.path.join(_CHECKOUT, _PACKAGE, "__init__.py"), modules),
         )
+
+
+class PackageTests(SynchronousTestCase):
+    def test_walk_packages_finds_every_module(self) -> None:
+        """Every subpackage has an ``__init__.py`` (none is a namespace package), so
+        ``pkgutil.walk_packages`` (and coverage's source discovery) find all the modules."""
+        import pkgutil
+
+        import federation_invite
+
+        found = {
+            module.name
+            for module in pkgutil.walk_packages(federation_invite.__path__, f"{_PACKAGE}.")
+        }
+        self.assertIn(f"{_PACKAGE}.web.site", found)
+        self.assertEqual(found, set(package_modules()) - {_PACKAGE})

@@ -317,7 +317,7 @@ class LogForgingTests(SynchronousTestCase):
 
         import federation_invite
 
-        # A file walk: web/ is a namespace package, which pkgutil does not list.
+        # A file walk over the sources (pkgutil.walk_packages would list the same modules).
         package = Path(federation_invite.__file__).parent
         found = []
         for source in sorted(package.rglob("*.py")):
