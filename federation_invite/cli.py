@@ -477,7 +477,8 @@ def main(
         if getattr(args, "run_async", False):
             return _react(args, out, err)
         code: int = args.run(args, out)
-    except (ConfigError, SigningKeyError, StoreError, ValueError, OSError) as exc:
+    # ImportError: PostgreSQL support without the 'postgres' extra (store._dialect).
+    except (ConfigError, SigningKeyError, StoreError, ValueError, OSError, ImportError) as exc:
         err.write(f"federation-invite: {exc}\n")
         return 1
     return code

@@ -220,6 +220,13 @@ def _database(value: object) -> str | None:
             "is not a usable database URI (e.g. 'sqlite:///path/to.db', "
             "'postgresql://user@host:5432/dbname')"
         ) from None
+    if not text.startswith("sqlite:///"):
+        try:
+            import psycopg2  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "needs the 'postgres' extra: pip install 'federation-invite[postgres]'"
+            ) from None
     return text
 
 
@@ -334,9 +341,10 @@ OPTIONS: tuple[Option, ...] = (
         "",
         _database,
         "Database URI: 'sqlite:///path.db', 'postgresql://user@host/db', or over a Unix "
-        "socket 'postgresql://user@/db?host=/var/run/postgresql'; "
-        "empty: sqlite:///<data_dir>/federation-invite.db. A relative SQLite path is "
-        "relative to the working directory at start, as data_dir is. PostgreSQL: a connection "
+        "socket 'postgresql://user@/db?host=/var/run/postgresql' (PostgreSQL needs the "
+        "'postgres' extra); empty: sqlite:///<data_dir>/federation-invite.db. A relative "
+        "SQLite path is relative to the working directory at start, as data_dir is. "
+        "PostgreSQL: a connection "
         "attempt gives up after 10 s unless the URI ('?connect_timeout=N', 0: wait for ever) "
         "or PGCONNECT_TIMEOUT sets another limit; a statement waits at most 10 s for a lock "
         "(lock_timeout) and runs at most 30 s (statement_timeout) unless the server's "

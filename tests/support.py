@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from federation_invite.config import OldKey
@@ -218,3 +220,19 @@ class MemoryStore(MemoryKeyStore):
                 for user_id in user_ids
             }
         )
+
+
+def hide_module(case: SynchronousTestCase, name: str) -> None:
+    """Make ``import name`` (and of its submodules) raise ``ImportError`` until ``case`` ends,
+    as when the extra that installs it is not installed."""
+    missing = object()
+    saved = sys.modules.get(name, missing)
+    sys.modules[name] = None  # type: ignore[assignment]
+
+    def restore() -> None:
+        if saved is missing:
+            del sys.modules[name]
+        else:
+            sys.modules[name] = saved  # type: ignore[assignment]
+
+    case.addCleanup(restore)

@@ -5,13 +5,19 @@ from __future__ import annotations
 import io
 import os
 import stat
+import subprocess
+import sys
 
 from signedjson.key import generate_signing_key
 from twisted.trial.unittest import SynchronousTestCase
 
+from federation_invite import cli
 from federation_invite.cli import main
 from federation_invite.config import load_config
 from federation_invite.signingkey import write_signing_key_file
+from federation_invite.store._dialect import _import_psycopg2
+
+from .support import hide_module
 
 
 class CliTests(SynchronousTestCase):
@@ -142,6 +148,52 @@ class CliTests(SynchronousTestCase):
             self.err.getvalue().splitlines()[-1],
             f"federation-invite: configuration key 'data_dir': {data_file} exists and is not a "
             "directory",
+        )
+
+    def test_postgres_database_without_the_extra(self) -> None:
+        """Without psycopg2 (the 'postgres' extra), check-config and a store command refuse a
+        PostgreSQL database, in the file or given with --database, in one line naming the
+        extra (exit status 1, no traceback); an ImportError a command raises is one line too."""
+        hide_module(self, "psycopg2")
+        path = self.mktemp()
+        with open(path, "w") as handle:
+            handle.write('database = "postgresql://postgres@127.0.0.1/none"\n')
+        sqlite = self.mktemp()
+        with open(sqlite, "w") as handle:
+            handle.write(f'data_dir = "{os.path.abspath(self.mktemp())}"\n')
+        refusal = (
+            "federation-invite: configuration key 'database': needs the 'postgres' extra: "
+            "pip install 'federation-invite[postgres]'\n"
+        )
+        for argv in (
+            ["check-config", "-c", path],
+            ["check-config", "-c", sqlite, "--database", "postgres:///none"],
+        ):
+            self.assertEqual(self.run_cli(*argv), (1, ""), argv)
+            self.assertEqual(self.err.getvalue(), refusal, argv)
+        # A store command (run on the reactor: in a process of its own).
+        code = "import sys; sys.modules['psycopg2'] = None; from federation_invite.cli import main; sys.exit(main())"
+        for argv in (
+            ["users", "list", "-c", path],
+            ["migrate", "-c", sqlite, "--database", "postgresql:///none"],
+        ):
+            result = subprocess.run(
+                [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60
+            )
+            self.assertEqual(
+                (result.returncode, result.stdout, result.stderr), (1, "", refusal), argv
+            )
+
+        def command(args: object, out: object) -> int:
+            _import_psycopg2()
+            return 0
+
+        self.patch(cli, "_cmd_check_config", command)
+        self.assertEqual(self.run_cli("check-config"), (1, ""))
+        self.assertEqual(
+            self.err.getvalue(),
+            "federation-invite: PostgreSQL support needs psycopg2: "
+            "pip install 'federation-invite[postgres]'\n",
         )
 
 

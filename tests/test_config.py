@@ -15,6 +15,8 @@ from federation_invite.store import parse_database_uri
 from federation_invite.store._dialect import SQLiteDialect
 from federation_invite.web.keys import server_keys_document
 
+from .support import hide_module
+
 VERIFY_KEY = "l8Hft5qXKn1vfHrg3p4+W8gELQVo8N13JkluMfmn2sQ"
 
 
@@ -261,6 +263,24 @@ class LoadConfigTests(SynchronousTestCase):
         error = self.assertRefused('database = "postgresql://u:s3cr@etpw@h:5432/db"\n', "database")
         self.assertNotIn("s3cr", str(error))
         self.assertNotIn("etpw", str(error))
+
+    def test_postgres_database_without_the_extra_refused(self) -> None:
+        """Without psycopg2 (the 'postgres' extra), a PostgreSQL database is refused at load in
+        one line naming the extra, as metrics.listen is without its extra; SQLite is not."""
+        hide_module(self, "psycopg2")
+        for uri in ("postgresql://postgres@127.0.0.1/db", "postgres:///db"):
+            error = self.assertRaises(ConfigError, load_config, self.write(f'database = "{uri}"\n'))
+            self.assertEqual(
+                str(error),
+                "configuration key 'database': needs the 'postgres' extra: "
+                "pip install 'federation-invite[postgres]'",
+            )
+        error = self.assertRaises(ConfigError, load_config, None, {"database": "postgres:///db"})
+        self.assertIn("needs the 'postgres' extra", str(error))
+        self.assertEqual(
+            load_config(self.write('database = "sqlite:///:memory:"\n')).database,
+            "sqlite:///:memory:",
+        )
 
     def test_bad_old_key_material(self) -> None:
         """An old key that is not a 32-byte base64 ed25519 key is refused."""

@@ -22,6 +22,7 @@ from federation_invite.store import StoreError
 from federation_invite.tap import Options, makeService, reopen_log_file
 
 from .daemon_harness import DaemonHarness
+from .support import hide_module
 
 
 class OptionsTests(SynchronousTestCase):
@@ -98,6 +99,16 @@ class OptionsTests(SynchronousTestCase):
         FilePath(path).setContent(b"[inbound]\nno_such_key = 1\n")
         error = self.assertRaises(SystemExit, Options().parseOptions, ["--config", path])
         self.assertEqual(error.code, "twistd: unknown configuration key 'inbound.no_such_key'")
+        # Without the 'postgres' extra, a PostgreSQL database is one line naming the extra.
+        hide_module(self, "psycopg2")
+        error = self.assertRaises(
+            SystemExit, Options().parseOptions, ["--database", "postgresql://u@127.0.0.1/db"]
+        )
+        self.assertEqual(
+            error.code,
+            "twistd: configuration key 'database': needs the 'postgres' extra: "
+            "pip install 'federation-invite[postgres]'",
+        )
         # An option the plugin does not have is still twistd's usage error.
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--no-such-option"])
 
