@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -13,7 +14,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web.resource import Resource
 
 from federation_invite.config import OldKey
@@ -24,6 +25,26 @@ from federation_invite.web.keys import KeyServerResource
 
 #: 2023-11-14T22:13:20Z: a fixed "now" for Clock-driven tests.
 NOW_S = 1_700_000_000
+
+
+#: The source tree the tests are in: a checkout, or an unpacked sdist.
+SOURCE_TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def source_tree_file(*parts: str) -> str:
+    """The path of a file of the source tree beside ``tests/`` (``README.md``, say).
+
+    Raises ``SkipTest`` naming it when it is absent: the suite run against an installed
+    package from a directory holding only ``tests/``. A checkout and an unpacked sdist have
+    every such file, so there the tests reading them always run.
+    """
+    path = os.path.join(SOURCE_TREE, *parts)
+    if not os.path.exists(path):
+        raise SkipTest(
+            f"{os.path.join(*parts)} is not beside tests/ (a run against an installed package "
+            f"from a directory without the source tree): {path}"
+        )
+    return path
 
 
 def make_clock() -> Clock:

@@ -15,7 +15,7 @@ from federation_invite.store import parse_database_uri
 from federation_invite.store._dialect import SQLiteDialect
 from federation_invite.web.keys import server_keys_document
 
-from .support import hide_module
+from .support import hide_module, source_tree_file
 
 VERIFY_KEY = "l8Hft5qXKn1vfHrg3p4+W8gELQVo8N13JkluMfmn2sQ"
 
@@ -442,8 +442,7 @@ class RenderConfigTests(SynchronousTestCase):
 
 def readme_config_rows() -> list[tuple[str, str, str]]:
     """The README's configuration reference: ``(key, default, meaning)`` per row, in order."""
-    readme_path = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
-    with open(readme_path, encoding="utf-8") as handle:
+    with open(source_tree_file("README.md"), encoding="utf-8") as handle:
         readme = handle.read()
     table = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"^\| `([a-z_.]+)` \| `(.*?)` \| (.*) \|$", table, re.MULTILINE)

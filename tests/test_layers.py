@@ -8,15 +8,20 @@ import re
 
 from twisted.trial.unittest import SynchronousTestCase
 
-_CHECKOUT = os.path.join(os.path.dirname(__file__), os.pardir)
+import federation_invite
+
+from .support import source_tree_file
+
 _PACKAGE = "federation_invite"
+#: The sources of the package imported (the checkout's, or an installed one's).
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(federation_invite.__file__))
 #: The diagram's rows, highest first: a layer may import its own and those below it.
 _LAYERS = ("edges", "services", "core")
 
 
 def readme_layers() -> dict[str, list[str]]:
     """The README's diagram: each layer's names (``web/``, ``tap``, ``__init__``...) as written."""
-    with open(os.path.join(_CHECKOUT, "README.md"), encoding="utf-8") as handle:
+    with open(source_tree_file("README.md"), encoding="utf-8") as handle:
         readme = handle.read()
     section = readme.split("\n## Architecture\n", 1)[1].split("\n## ", 1)[0]
     diagram = section.split("```\n", 2)[1]
@@ -50,13 +55,12 @@ def module_prefixes() -> dict[str, str]:
 def package_modules() -> dict[str, str]:
     """Every module of the package: dotted name -> its file."""
     modules = {}
-    root = os.path.join(_CHECKOUT, _PACKAGE)
-    for directory, _, files in os.walk(root):
+    for directory, _, files in os.walk(_PACKAGE_DIR):
         for file in files:
             if not file.endswith(".py"):
                 continue
             path = os.path.join(directory, file)
-            parts = [_PACKAGE, *os.path.relpath(path, root)[:-3].split(os.sep)]
+            parts = [_PACKAGE, *os.path.relpath(path, _PACKAGE_DIR)[:-3].split(os.sep)]
             if parts[-1] == "__init__":
                 parts.pop()
             modules[".".join(parts)] = path
@@ -133,14 +137,12 @@ class LayerTests(SynchronousTestCase):
         """The helper finds relative, absolute, submodule and function-level imports."""
         modules = package_modules()
         self.assertEqual(
-            imported_modules(
-                f"{_PACKAGE}.tap", os.path.join(_CHECKOUT, _PACKAGE, "tap.py"), modules
-            ),
+            imported_modules(f"{_PACKAGE}.tap", os.path.join(_PACKAGE_DIR, "tap.py"), modules),
             {f"{_PACKAGE}.config", f"{_PACKAGE}.logs", f"{_PACKAGE}.service"},
         )
         self.assertIn(
             f"{_PACKAGE}.web.site",
-            imported_modules(_PACKAGE, os.path.join(_CHECKOUT, _PACKAGE, "__init__.py"), modules),
+            imported_modules(_PACKAGE, os.path.join(_PACKAGE_DIR, "__init__.py"), modules),
         )
 
 
@@ -149,8 +151,6 @@ class PackageTests(SynchronousTestCase):
         """Every subpackage has an ``__init__.py`` (none is a namespace package), so
         ``pkgutil.walk_packages`` (and coverage's source discovery) find all the modules."""
         import pkgutil
-
-        import federation_invite
 
         found = {
             module.name

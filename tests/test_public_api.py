@@ -14,7 +14,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 import federation_invite
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "embed_in_site.py")
+from .support import source_tree_file
 
 
 class PublicNamesTests(SynchronousTestCase):
@@ -42,7 +42,8 @@ class EmbeddingExampleTests(TestCase):
     def test_example_serves_app_and_federation(self) -> Deferred[None]:
         """The example serves the app's own resources, /_matrix and (``well_known_server``
         set) /.well-known/matrix/server in one site; other paths are JSON 404s."""
-        spec = importlib.util.spec_from_file_location("embed_in_site", EXAMPLE)
+        example_path = source_tree_file("examples", "embed_in_site.py")
+        spec = importlib.util.spec_from_file_location("embed_in_site", example_path)
         assert spec is not None and spec.loader is not None
         example: Any = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(example)
@@ -149,10 +150,10 @@ class HookTypingTests(SynchronousTestCase):
             from mypy import api
         except ImportError:
             raise SkipTest("mypy is not installed") from None
+        config = source_tree_file("pyproject.toml")
         path = os.path.abspath(self.mktemp()) + ".py"
         with open(path, "w") as handle:
             handle.write(HOOK_FORMS)
-        config = os.path.join(os.path.dirname(__file__), os.pardir, "pyproject.toml")
         cache = os.path.abspath(self.mktemp())
         out, err, status = api.run([path, "--config-file", config, "--cache-dir", cache])
         errors = [line for line in out.splitlines() if ": error:" in line]
@@ -163,3 +164,47 @@ class HookTypingTests(SynchronousTestCase):
         )
         self.assertIn(f".py:{last_line + 1}: error:", errors[0])
         self.assertEqual(status, 1)
+
+
+class SourceTreeFilesTests(SynchronousTestCase):
+    def test_tests_reading_source_tree_files_skip_without_them(self) -> None:
+        """Run against an installed package from a directory holding only tests/ (no
+        README.md, pyproject.toml, examples/ or federation_invite/ beside it), the tests that
+        read those files skip, naming the missing file, and none fails; the package's own
+        sources are read where it was imported from. (In a checkout or an unpacked sdist the
+        files are there, and these tests run.)"""
+        import shutil
+        import subprocess
+        import sys
+
+        directory = os.path.abspath(self.mktemp())
+        shutil.copytree(
+            os.path.dirname(os.path.abspath(__file__)),
+            os.path.join(directory, "tests"),
+            ignore=shutil.ignore_patterns("__pycache__", "_trial_temp*"),
+        )
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "twisted.trial",
+                "tests.test_config.ReadmeTests",
+                "tests.test_layers",
+                "tests.test_public_api.EmbeddingExampleTests",
+                "tests.test_public_api.HookTypingTests",
+                "tests.test_testing.ReadmeExampleTests",
+            ],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        output = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 0, output)
+        self.assertRegex(output, r"\nPASSED \(skips=7, successes=2\)\n$")
+        for name in ("README.md", "pyproject.toml", os.path.join("examples", "embed_in_site.py")):
+            self.assertIn(
+                f"{name} is not beside tests/ (a run against an installed package from a "
+                "directory without the source tree)",
+                output,
+            )

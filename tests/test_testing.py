@@ -27,6 +27,8 @@ from federation_invite.testing import (
     invite_event_template,
 )
 
+from .support import source_tree_file
+
 
 # The README's "Testing your code with trial" example: keep the two identical.
 class BridgeTests(TestCase):
@@ -315,10 +317,7 @@ class ReadmeExampleTests(SynchronousTestCase):
     def test_readme_example_is_bridge_tests(self) -> None:
         """The README's "Testing your code with trial" example is BridgeTests above, verbatim
         (so this module runs it)."""
-        import os
-
-        here = os.path.dirname(__file__)
-        with open(os.path.join(here, os.pardir, "README.md"), encoding="utf-8") as handle:
+        with open(source_tree_file("README.md"), encoding="utf-8") as handle:
             readme = handle.read()
         section = readme.split("\n### Testing your code with trial\n", 1)[1]
         example = section.split("```python\n", 1)[1].split("```", 1)[0]
