@@ -170,6 +170,35 @@ class ValidationTests(SynchronousTestCase):
         self.assertEqual(limiter.active("origin"), 1)
 
 
+class ConcurrencyTests(SynchronousTestCase):
+    """``ConcurrencyLimiter``: requests of one key in progress at once."""
+
+    def test_release_frees_one_slot_and_forgets_an_idle_key(self) -> None:
+        """With several requests in progress, a release frees one slot only (the others still
+        count against the limit); past the limit, 429 M_LIMIT_EXCEEDED with retry_after_ms
+        1000; once none is in progress the key is forgotten (no entry left per origin seen)."""
+        limiter = ConcurrencyLimiter(2, what="requests")
+        limiter.acquire("origin")
+        limiter.acquire("origin")
+        limiter.release("origin")
+        self.assertEqual(limiter.active("origin"), 1)
+        limiter.acquire("origin")
+        with self.assertRaises(MatrixError) as caught:
+            limiter.acquire("origin")
+        self.assertEqual(
+            (
+                caught.exception.http_status,
+                caught.exception.errcode,
+                caught.exception.extra["retry_after_ms"],
+            ),
+            (429, "M_LIMIT_EXCEEDED", 1000),
+        )
+        self.assertEqual(limiter.active("origin"), 2)
+        limiter.release("origin")
+        limiter.release("origin")
+        self.assertEqual((limiter.active("origin"), limiter._active), (0, {}))
+
+
 class RefundTests(SynchronousTestCase):
     """``refund``: a token given back for a request that cost nothing."""
 
