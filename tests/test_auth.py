@@ -163,6 +163,13 @@ class RequestAuthenticationTests(SynchronousTestCase):
         self.make_server(ServerAcl.of(allow=("friend.example",)))
         self.assertRefused(403, "M_FORBIDDEN")
 
+    def test_allow_list_ignores_case(self) -> None:
+        """inbound.server_allow matches in any case, as server_deny does (README row 15): an
+        origin allowed as ``Them.EXAMPLE`` or ``*.Example`` authenticates."""
+        for pattern in ("Them.EXAMPLE", "*.Example"):
+            self.make_server(ServerAcl.of(allow=(pattern,)))
+            self.assertEqual(self.send(), (200, {"origin": THEM}), pattern)
+
     def test_acl_refuses_a_single_string(self) -> None:
         """ServerAcl.of with a str for allow or deny is a TypeError, not a list of one-character
         globs that allows (or denies) nearly everything."""
