@@ -1371,9 +1371,29 @@ class PolicyRowTests(InboundTestCase):
         """local_users is 'database' or 'any', and caching needs a clock: else ValueError."""
         with self.assertRaises(ValueError):
             InvitePolicy(US, self.s.store, local_users="all")
-        with self.assertRaises(ValueError):
-            InvitePolicy(US, self.s.store, cache_seconds=5.0)
+        for seconds in (5.0, 0.5):
+            with self.assertRaises(ValueError):
+                InvitePolicy(US, self.s.store, cache_seconds=seconds)
         InvitePolicy(US, self.s.store, local_users="any", cache_seconds=0.0)
+
+    def test_row14_invitee_of_another_server(self) -> None:
+        """InvitePolicy.check (public: an embedder may call it) refuses an invitee of another
+        server, 404 M_NOT_FOUND, whatever local_users says ('any' is every user of ours)."""
+        from federation_invite.policy import InboundInvite
+
+        invitee = "@bob:elsewhere.example"
+        for local_users in ("database", "any"):
+            self.s = InviteScenario(policy_kwargs={"local_users": local_users})
+            self.s.store.users.add(invitee)
+            invite = InboundInvite(
+                THEM, KNOWN_ROOM_VERSIONS["10"], "!r:x", "$e", ALICE, invitee, {}, []
+            )
+            failure = self.failureResultOf(
+                Deferred.fromCoroutine(self.s.policy.check(invite)), MatrixError
+            )
+            self.assertEqual(
+                (failure.value.http_status, failure.value.errcode), (404, "M_NOT_FOUND")
+            )
 
     def test_row16_invitee_rules(self) -> None:
         """Row 16: a block rule gives 403 M_INVITE_BLOCKED; allow overrides block."""
@@ -1410,6 +1430,16 @@ class PolicyCacheTests(InboundTestCase):
         room_version, event = self.s.invite(extra={"depth": 5})
         self.assertRefused(self.send_v2(room_version, event), 403, "M_INVITE_BLOCKED")
         self.assertEqual(self.s.store.policy_reads, 2)
+
+    def test_nothing_kept_when_caching_is_off(self) -> None:
+        """With cache_seconds 0 (the default) every invite reads its invitee's state, and no
+        answer is kept in memory."""
+        self.s = InviteScenario()
+        for depth in (1, 2):
+            room_version, event = self.s.invite(extra={"depth": depth})
+            self.assertEqual(self.send_v2(room_version, event)[0], 200)
+        self.assertEqual(self.s.store.policy_reads, 2)
+        self.assertEqual(self.s.policy._cache, {})
 
     def test_cache_emptied_when_full(self) -> None:
         """A read that would take the cache past its size empties it first (memory stays
@@ -1601,6 +1631,45 @@ class PolicyReadSharingTests(SynchronousTestCase):
         self.clock.advance(0.3)
         self.policy._invitee(BOB)  # fresh; the stale queued entry is due by time alone
         self.assertEqual(len(self.reads), 4)
+
+    def test_one_background_refresh_at_a_time(self) -> None:
+        """Refreshes queued while a refresh read is on its way wait for it to end, however long
+        they have waited: at most one background read is in flight at once."""
+        carol = f"@carol:{US}"
+        self.policy._invitee(BOB), self.policy._invitee(carol)
+        self.answer(0, {BOB, carol})  # BOB's read; carol's queued behind it
+        self.answer(1, {BOB, carol})  # both cached until t=5
+        self.clock.advance(3)
+        self.policy._invitee(BOB)  # queued for a refresh
+        self.clock.advance(0.3)
+        self.policy._invitee(BOB)  # t=3.3: the refresh is read
+        self.assertEqual(self.reads[2][0], [BOB])
+        self.policy._invitee(carol)  # queued while that refresh is on its way
+        self.clock.advance(0.3)
+        self.policy._invitee(carol)  # t=3.6: waited long enough, but one is in flight
+        self.assertEqual(len(self.reads), 3)
+        self.answer(2, {BOB})
+        self.policy._invitee(carol)  # the next look reads it
+        self.assertEqual(self.reads[3][0], [carol])
+
+    def test_refresh_group_with_nothing_due_reads_nothing(self) -> None:
+        """A refresh group due by time whose invitees are all being read already (by a miss's
+        read) reads nothing: no store read of an empty list."""
+        self.policy._invitee(BOB)
+        self.answer(0, {BOB})  # cached until t=5
+        self.clock.advance(3)
+        self.policy._invitee(BOB)  # queued for a refresh
+        self.clock.advance(0.3)
+        self.policy._invitee(BOB)  # t=3.3: the refresh is read
+        self.clock.advance(1.7)  # t=5: the first answer expired
+        self.policy._invitee(BOB)  # a miss: its read is on its way too
+        self.assertEqual([users for users, _ in self.reads], [[BOB], [BOB], [BOB]])
+        self.answer(1, {BOB})  # the refresh: cached until t=8.3
+        self.clock.advance(0.9)
+        self.policy._invitee(BOB)  # t=5.9: in its second half, queued for a refresh
+        self.clock.advance(0.3)
+        self.policy._invitee(BOB)  # t=6.2: the group is due, but BOB is being read
+        self.assertEqual(len(self.reads), 3)
 
     def test_refresh_failure_or_forget_leaves_no_stale_answer(self) -> None:
         """A failed refresh fails no caller and the answer expires as before; a refresh
