@@ -42,7 +42,7 @@ from ..logs import Logger
 from ._body import BodyTooLarge, read_body
 from .agent import (
     FederationAgent,
-    ResponseHeadTooLarge,
+    ResponseHeadRefused,
     make_connection_pool,
     well_known_agent,
 )
@@ -433,7 +433,7 @@ def describe_failure(exc: BaseException) -> str:
         for cause in inner:
             if _is_tls_error(cause):
                 return f"TLS handshake failed: {_tls_detail(cause)}"
-            if isinstance(cause, ResponseHeadTooLarge):
+            if isinstance(cause, ResponseHeadRefused):
                 return str(cause)
         return f"connection failed: {inner[0]}"
     if isinstance(exc, BlockedAddressError):

@@ -11,6 +11,7 @@ at most ``MAX_IDLE_CONNECTIONS`` idle over all servers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,6 +47,7 @@ from .iprange import BlocklistingReactor, IPRangeFilter
 __all__ = [
     "MAX_IDLE_CONNECTIONS",
     "FederationAgent",
+    "ResponseHeadRefused",
     "ResponseHeadTooLarge",
     "make_connection_pool",
     "well_known_agent",
@@ -65,7 +67,29 @@ MAX_RESPONSE_HEAD_BYTES = 65_536
 MAX_RESPONSE_HEADER_LINES = 100
 
 
-class ResponseHeadTooLarge(Exception):
+#: Most interim (1xx) heads before a response's final head. twisted.web skips each,
+#: logging an info line ("Ignoring unexpected 100 response"); servers send one or two
+#: (100 Continue, 103 Early Hints), and we never ask for any.
+MAX_INTERIM_HEADS = 4
+
+#: The status lines we read: "HTTP/1.x", a space, a 3-digit code, then a space (and a
+#: reason phrase, maybe empty) or the line's end (RFC 9112 section 4; twisted.web accepts
+#: a missing phrase). Every line of this form is read by twisted.web as this code, so the
+#: limiter and twisted.web always agree on which heads are interim, hence on where the
+#: final head ends; twisted.web also reads other spellings of a code (``int(codeBytes)``:
+#: ``0100``, ``+100``, ``1_00``, whitespace around it, any version it can split), which
+#: are refused rather than second-guessed.
+_STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})(?: |\r?\n)")
+#: The bytes of a status line that decide whether it has that form (the longest match,
+#: "HTTP/1.1 200\r\n"); only these are kept of the line being read.
+_STATUS_PREFIX_BYTES = 14
+
+
+class ResponseHeadRefused(Exception):
+    """A peer's response head was refused: past our limits, or a status line we do not read."""
+
+
+class ResponseHeadTooLarge(ResponseHeadRefused):
     """A peer's response head (status line and headers) went past our limits."""
 
 
@@ -76,8 +100,10 @@ class _HeadLimitingProtocol(ProtocolWrapper):
     A head starts with the connection, and again with the first request written after
     the last head ended (twisted.web does not pipeline, and the pool reuses a
     connection only once its response is done); it ends at the first empty line, read
-    as twisted.web reads lines (``\n``, a trailing ``\r`` dropped). An interim 1xx
-    head, which twisted.web skips, counts toward the final head's budget.
+    as twisted.web reads lines (``\n``, a trailing ``\r`` dropped). Its first line is
+    its status line, whatever it is, as for twisted.web: one not of the form
+    ``_STATUS_LINE`` is refused. An interim 1xx head, which twisted.web skips, counts
+    toward the final head's budget; more than ``MAX_INTERIM_HEADS`` are refused.
     """
 
     def __init__(self, factory: WrappingFactory[Any], wrapped: IProtocol) -> None:
@@ -86,10 +112,12 @@ class _HeadLimitingProtocol(ProtocolWrapper):
         self._in_head = True
         self._head_bytes = 0
         self._head_lines = 0
-        #: The first bytes of the line being read, and of the head's status line.
+        self._interim_heads = 0
+        #: The first bytes of the line being read (``_STATUS_PREFIX_BYTES``).
         self._line = b""
-        self._status_line: bytes | None = None
-        self._exceeded: ResponseHeadTooLarge | None = None
+        #: The status code of the head being read; None before its status line.
+        self._status: int | None = None
+        self._exceeded: ResponseHeadRefused | None = None
 
     def write(self, data: bytes) -> None:
         self._next_head()
@@ -102,8 +130,8 @@ class _HeadLimitingProtocol(ProtocolWrapper):
     def _next_head(self) -> None:
         if not self._in_head:
             self._in_head = True
-            self._head_bytes = self._head_lines = 0
-            self._line, self._status_line = b"", None
+            self._head_bytes = self._head_lines = self._interim_heads = 0
+            self._line, self._status = b"", None
 
     def dataReceived(self, data: bytes) -> None:
         if self._exceeded is not None:
@@ -116,8 +144,8 @@ class _HeadLimitingProtocol(ProtocolWrapper):
                 return
         self.wrappedProtocol.dataReceived(data)
 
-    def _read_head(self, data: bytes) -> ResponseHeadTooLarge | None:
-        """Count ``data``'s bytes and lines up to the head's end; the limit passed, if any."""
+    def _read_head(self, data: bytes) -> ResponseHeadRefused | None:
+        """Count ``data``'s bytes and lines up to the head's end; why it is refused, if it is."""
         position = 0
         while self._in_head:
             newline = data.find(b"\n", position)
@@ -125,23 +153,31 @@ class _HeadLimitingProtocol(ProtocolWrapper):
             self._head_bytes += stop - position
             if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
                 return ResponseHeadTooLarge(f"response head over {MAX_RESPONSE_HEAD_BYTES} bytes")
-            if len(self._line) < 16:
-                self._line += data[position:stop][: 16 - len(self._line)]
+            if len(self._line) < _STATUS_PREFIX_BYTES:
+                self._line += data[position:stop][: _STATUS_PREFIX_BYTES - len(self._line)]
             if newline == -1:
                 return None
             line, self._line = self._line, b""
             position = stop
-            if line not in (b"\n", b"\r\n"):
-                if self._status_line is None:
-                    self._status_line = line
-                else:
-                    self._head_lines += 1
-                    if self._head_lines > MAX_RESPONSE_HEADER_LINES:
+            if self._status is None:
+                match = _STATUS_LINE.match(line)
+                if match is None:
+                    return ResponseHeadRefused(f"malformed status line: {line!r}")
+                self._status = int(match[1])
+                if _is_interim(self._status):
+                    self._interim_heads += 1
+                    if self._interim_heads > MAX_INTERIM_HEADS:
                         return ResponseHeadTooLarge(
-                            f"response head over {MAX_RESPONSE_HEADER_LINES} header lines"
+                            f"more than {MAX_INTERIM_HEADS} interim (1xx) responses"
                         )
-            elif _is_interim(self._status_line):
-                self._status_line = None
+            elif line not in (b"\n", b"\r\n"):
+                self._head_lines += 1
+                if self._head_lines > MAX_RESPONSE_HEADER_LINES:
+                    return ResponseHeadTooLarge(
+                        f"response head over {MAX_RESPONSE_HEADER_LINES} header lines"
+                    )
+            elif _is_interim(self._status):
+                self._status = None
             else:
                 self._in_head = False
         return None
@@ -152,12 +188,9 @@ class _HeadLimitingProtocol(ProtocolWrapper):
         super().connectionLost(reason)
 
 
-def _is_interim(status_line: bytes | None) -> bool:
-    """Whether the status line (its first bytes) is a 1xx one."""
-    if status_line is None:
-        return False
-    parts = status_line.rstrip(b"\r\n").split(b" ", 2)
-    return len(parts) > 1 and len(parts[1]) == 3 and parts[1][:1] == b"1"
+def _is_interim(status: int) -> bool:
+    """Whether twisted.web skips a head of this status (``HTTPClientParser.allHeadersReceived``)."""
+    return 100 <= status < 200
 
 
 class _HeadLimitingFactory(WrappingFactory):
@@ -167,8 +200,10 @@ class _HeadLimitingFactory(WrappingFactory):
 @implementer(IStreamClientEndpoint)
 class HeadLimitingEndpoint:
     """Wraps an endpoint so that its HTTP client connections bound each response head
-    (``MAX_RESPONSE_HEAD_BYTES``, ``MAX_RESPONSE_HEADER_LINES``); a head past them aborts
-    the connection, failing the request with ``ResponseHeadTooLarge`` as its reason."""
+    (``MAX_RESPONSE_HEAD_BYTES``, ``MAX_RESPONSE_HEADER_LINES``, ``MAX_INTERIM_HEADS``)
+    and read only status lines of the usual form (``_STATUS_LINE``); a head past them, or
+    any other status line, aborts the connection, failing the request with a
+    ``ResponseHeadRefused`` (``ResponseHeadTooLarge`` for a limit) as its reason."""
 
     def __init__(self, endpoint: IStreamClientEndpoint) -> None:
         self._endpoint = endpoint

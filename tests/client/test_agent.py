@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClie
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import URI, Agent, ResponseFailed
@@ -30,8 +31,12 @@ from federation_invite.client import (
     ServerResolver,
     TransportError,
 )
+from federation_invite.client._body import read_body
 from federation_invite.client.agent import (
     MAX_IDLE_CONNECTIONS,
+    MAX_INTERIM_HEADS,
+    HeadLimitingEndpoint,
+    ResponseHeadRefused,
     ResponseHeadTooLarge,
     make_connection_pool,
     well_known_agent,
@@ -358,15 +363,31 @@ class ResponseHeadLimitTests(TestCase):
 
     async def test_interim_heads_count(self) -> None:
         """1xx interim heads (which twisted.web skips) count toward the final head's budget."""
-        interim = b"HTTP/1.1 102 Processing\r\n" + b"X-Pad: " + b"a" * 1000 + b"\r\n\r\n"
-        self.answer = lambda number: interim * 70 + _head(1)
+        interim = b"HTTP/1.1 102 Processing\r\n" + (b"X-Pad: " + b"a" * 1000 + b"\r\n") * 17
+        self.answer = lambda number: (interim + b"\r\n") * MAX_INTERIM_HEADS + _head(1)
         client = self.client()
         error = await self.transport_error(client)
         self.assertEqual(error.reason, "response head over 65536 bytes")
 
+    async def test_odd_interim_status_line(self) -> None:
+        """A 100 spelled "0100", which twisted.web skips as interim, cannot switch the limit
+        off for the head after it: the status line is refused (StatusLineTests)."""
+        self.answer = lambda number: b"HTTP/1.1 0100 Continue\r\n\r\n" + _head(300)
+        client = self.client()
+        error = await self.transport_error(client)
+        self.assertEqual(error.reason, "malformed status line: b'HTTP/1.1 0100 '")
+
     async def test_well_known_agent(self) -> None:
-        """The agent fetching .well-known documents has the same limit."""
-        self.answer = lambda number: _head(300, line_bytes=1000, body=None)
+        """The agent fetching .well-known documents has the same limits."""
+        for answer, refused in (
+            (_head(300, line_bytes=1000, body=None), ResponseHeadTooLarge),
+            (b"HTTP/1.1 +100 Continue\r\n\r\n" + _head(300), ResponseHeadRefused),
+        ):
+            with self.subTest(answer=answer[:30]):
+                await self.well_known_refused(answer, refused)
+
+    async def well_known_refused(self, answer: bytes, refused: type[Exception]) -> None:
+        self.answer = lambda number: answer
         pool = make_connection_pool(real_reactor)
         agent = well_known_agent(
             real_reactor,
@@ -380,7 +401,7 @@ class ResponseHeadLimitTests(TestCase):
                 b"GET", f"https://{self.destination}/.well-known/matrix/server".encode()
             )
         [reason] = caught.exception.reasons
-        self.assertIsInstance(reason.value, ResponseHeadTooLarge)
+        self.assertIsInstance(reason.value, refused)
         await deferLater(real_reactor, 0.05, lambda: None)
         self.assertEqual(self.connections, [])
 
@@ -552,3 +573,156 @@ class ConnectionPoolCapTests(SynchronousTestCase):
         self.reactor.advance(self.pool.cachedConnectionTimeout)
         self.assertEqual(self.pool._connections, {})
         self.assertEqual(self.pool._timeouts, {})
+
+
+@implementer(IAgentEndpointFactory)
+class _HeadLimitingPeers:
+    """``_MemoryPeers`` whose connections bound response heads as the agents' do: each
+    connection's ``protocol`` is the limiter, which the tests feed."""
+
+    def __init__(self, peers: _MemoryPeers) -> None:
+        self._peers = peers
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        return HeadLimitingEndpoint(self._peers.endpointForURI(uri))
+
+
+#: Status lines twisted.web reads as 100 (``int(codeBytes)``, any version it can split),
+#: so skips as interim, though they are not "HTTP/1.x" and a 3-digit code.
+_ODD_INTERIM_STATUS_LINES = [
+    b"HTTP/1.1 0100 Continue",
+    b"HTTP/1.1 +100 Continue",
+    b"HTTP/1.1 1_00 Continue",
+    b"HTTP/1.1 \t100 Continue",
+    b"HTTP/1.1 100\x0b Continue",
+    b"HTTP/1.1 100\r",  # one CR is dropped with the LF, then int(b"100\r")
+    b"HTTP/0000001.1 100 Continue",
+    b"HTTP/01.1 100 Continue",
+    b"http/1.1 100 Continue",
+    b"XYZ/1.1 100 Continue",
+    b"HTTP/1.1 00000000000000100 Continue",
+]
+
+
+class StatusLineTests(SynchronousTestCase):
+    """The head limiter and twisted.web's parser always agree on where a response head
+    ends: a status line that is not "HTTP/1.x", a space and a 3-digit code (then a space
+    or the line's end) is refused, whatever twisted.web would make of it; at most
+    ``MAX_INTERIM_HEADS`` interim (1xx) heads precede the final one. Each answer is fed
+    at once and byte by byte."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.peers = _MemoryPeers()
+        self.new_pool()
+
+    def new_pool(self) -> None:
+        """Start afresh with no connection to reuse (twisted.web retries a request that
+        failed on a reused connection, once, on a new one)."""
+        self.agent = Agent.usingEndpointFactory(
+            self.reactor, _HeadLimitingPeers(self.peers), pool=make_connection_pool(self.reactor)
+        )
+
+    def answer(self, data: bytes, piece: int) -> Deferred[Any]:
+        """Send a request, answer it with ``data`` in pieces of ``piece`` bytes (0: at
+        once); the response's Deferred."""
+        response = self.agent.request(b"GET", b"http://peer.example/")
+        [(protocol, transport)] = [(p, t) for _, p, t in self.peers.connections if t.value()]
+        transport.clear()
+        pieces = [data] if not piece else [data[i : i + piece] for i in range(len(data))]
+        for one in pieces:
+            if transport.disconnected:
+                break
+            protocol.dataReceived(one)
+        if transport.disconnected:
+            protocol.connectionLost(Failure(ConnectionDone()))
+        return response
+
+    def refused(self, data: bytes, reason: str) -> None:
+        for piece in (0, 1):
+            self.new_pool()
+            with capturedLogs() as events:
+                response = self.answer(data, piece)
+            failure = self.failureResultOf(response, ResponseFailed)
+            [cause] = failure.value.reasons
+            self.assertIsInstance(cause.value, ResponseHeadRefused)
+            self.assertEqual(str(cause.value), reason)
+            self.assertTrue(self.peers.connections[-1][2].disconnected)
+            self.assertLessEqual(len(_ignored_interim(events)), MAX_INTERIM_HEADS)
+
+    def accepted(self, data: bytes) -> None:
+        for piece in (0, 1):
+            self.assertEqual(self.successResultOf(self.answer(data, piece)).code, 200)
+
+    def test_odd_interim_status_lines(self) -> None:
+        """Each spelling of 100 that twisted.web skips as interim, followed by a final head
+        of 200 header lines, is refused at its status line: the final head's limits hold."""
+        for status_line in _ODD_INTERIM_STATUS_LINES:
+            with self.subTest(status_line=status_line):
+                self.refused(
+                    status_line + b"\r\n\r\n" + _head(200),
+                    _malformed(status_line),
+                )
+
+    def test_odd_final_status_lines(self) -> None:
+        """So are other spellings of a final status, and an empty or short status line."""
+        for status_line in (b"HTTP/1.1 0200 OK", b"HTTP/1.1 2000 OK", b"HTTP/1.1  200 OK"):
+            with self.subTest(status_line=status_line):
+                self.refused(
+                    status_line + b"\r\n" + _head(1)[17:],
+                    _malformed(status_line),
+                )
+        self.refused(b"\r\n" + _head(1), "malformed status line: b'\\r\\n'")
+        self.refused(b"HTTP/1.1\r\n" + _head(1), "malformed status line: b'HTTP/1.1\\r\\n'")
+
+    def test_usual_status_lines(self) -> None:
+        """Status lines as servers write them are read: either version, without a reason
+        phrase (with or without the space before it), with a long one, LF-only lines."""
+        rest = _head(1)[len(b"HTTP/1.1 200 OK\r\n") :]
+        for status_line in (
+            b"HTTP/1.1 200 OK\r\n",
+            b"HTTP/1.0 200 OK\r\n",
+            b"HTTP/1.1 200\r\n",
+            b"HTTP/1.1 200\n",
+            b"HTTP/1.1 200 \r\n",
+            b"HTTP/1.1 200 " + b"x" * 2000 + b"\r\n",
+        ):
+            with self.subTest(status_line=status_line):
+                self.accepted(status_line + rest)
+        self.accepted(b"HTTP/1.1 200 OK\nContent-Length: 2\n\n{}")
+
+    def test_interim_heads(self) -> None:
+        """Up to MAX_INTERIM_HEADS interim heads (each a twisted.web log line) are skipped;
+        one more is refused at its status line, before twisted.web reads it."""
+        interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+        for piece in (0, 1):
+            with capturedLogs() as events:
+                response = self.answer(interim * (MAX_INTERIM_HEADS // 2) + _head(1), piece)
+            self.assertEqual(self.successResultOf(response).code, 200)
+            self.assertEqual(len(_ignored_interim(events)), MAX_INTERIM_HEADS)
+        self.refused(
+            interim * (MAX_INTERIM_HEADS // 2) + b"HTTP/1.1 102 Processing\r\n\r\n" + _head(1),
+            f"more than {MAX_INTERIM_HEADS} interim (1xx) responses",
+        )
+
+    def test_interim_heads_counted_per_response(self) -> None:
+        """The interim heads of one response do not count against the next one's on a
+        kept-alive connection."""
+        answer = b"HTTP/1.1 100 Continue\r\n\r\n" * MAX_INTERIM_HEADS + _head(1)
+        for _ in range(3):
+            response = self.successResultOf(self.answer(answer, 0))
+            self.assertEqual(response.code, 200)
+            self.assertEqual(self.successResultOf(read_body(response, 10)), b"{}")
+        self.assertEqual(len(self.peers.connections), 1)
+
+
+def _malformed(status_line: bytes) -> str:
+    """The reason a status line is refused with: it names the line's first 14 bytes."""
+    return f"malformed status line: {(status_line + CRLF)[:14]!r}"
+
+
+CRLF = b"\r\n"
+
+
+def _ignored_interim(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if "Ignoring unexpected" in (e.get("log_format") or "")]
