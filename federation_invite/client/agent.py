@@ -393,13 +393,21 @@ class FederationAgent:
         return response
 
     async def _connect(self, server: ResolvedServer, factory: IProtocolFactory) -> IProtocol:
-        """Connect to the first of the server's targets that answers, over TLS."""
+        """Connect to the first of the server's targets that answers, over TLS.
+
+        Each target failing is logged at the debug level; the attempt logs one info line
+        if any failed, or if addresses of the target connected to were blocked: a peer's
+        SRV answer lists up to ``MAX_SRV_TARGETS`` targets, and a name any number of
+        addresses.
+        """
         targets = await self._resolver.resolve_targets(server)
         last_error: Exception = ConnectionError(f"no targets for {server.server_name}")
+        failures: list[str] = []
         for host, port in targets:
             creator = self._tls_policy.creatorForNetloc(server.tls_name.encode("ascii"), port)
             if _is_ip_literal(host) and self._ip_filter.is_blocked(host):
                 last_error = BlockedAddressError(host, [host])
+                failures.append(f"{_target(host, port)} ({last_error})")
                 continue
             blocked: list[str] = []
             reactor = BlocklistingReactor(
@@ -414,21 +422,65 @@ class FederationAgent:
                 protocol: IProtocol = await endpoint.connect(factory)
             except (CancelledError, ConnectingCancelledError):
                 # The request was cancelled (or timed out): stop, do not try the next target.
+                if failures:
+                    _log.info(
+                        "Cannot connect to {server_name}: {failed}; then the attempt was cancelled",
+                        server_name=server.server_name,
+                        failed=_failed(failures),
+                    )
                 raise
             except Exception as exc:
                 if blocked and isinstance(exc, DNSLookupError):
                     exc = BlockedAddressError(host, blocked)
-                _log.info(
+                _log.debug(
                     "Cannot connect to {host}:{port} for {server_name}: {error}",
                     host=host,
                     port=port,
                     server_name=server.server_name,
                     error=exc,
                 )
+                dropped = ""
+                if blocked and not isinstance(exc, BlockedAddressError):
+                    dropped = f", blocked addresses dropped: {_addresses(blocked)}"
+                failures.append(f"{_target(host, port)} ({exc}{dropped})")
                 last_error = exc
                 continue
+            if failures or blocked:
+                dropped = f" (blocked addresses dropped: {_addresses(blocked)})" if blocked else ""
+                after = f" after {_failed(failures)}" if failures else ""
+                _log.info(
+                    "Connected to {server_name} through {target}{dropped}{after}",
+                    server_name=server.server_name,
+                    target=_target(host, port),
+                    dropped=dropped,
+                    after=after,
+                )
             return protocol
+        if failures:
+            _log.info(
+                "Cannot connect to {server_name}: {failed}",
+                server_name=server.server_name,
+                failed=_failed(failures, every=True),
+            )
         raise last_error
+
+
+def _target(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _failed(failures: list[str], every: bool = False) -> str:
+    """How many targets failed, and the first three failures, for a log line."""
+    count = len(failures)
+    shown = "; ".join(failures[:3]) + (f"; and {count - 3} more" if count > 3 else "")
+    if every and count > 1:
+        return f"all {count} targets failed: {shown}"
+    return f"{count} target{'s' if count > 1 else ''} failed: {shown}"
+
+
+def _addresses(addresses: list[str]) -> str:
+    shown = ", ".join(addresses[:4])
+    return shown + (f" and {len(addresses) - 4} more" if len(addresses) > 4 else "")
 
 
 def pool_authority(effective_name: str) -> bytes:

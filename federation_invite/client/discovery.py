@@ -10,7 +10,8 @@ delegation is the delegated name and never an SRV target.
 Resolution happens in two halves, because the second is only needed when a new
 connection is opened: ``resolve_server`` (which may fetch ``.well-known``)
 answers a ``ResolvedServer``; ``resolve_targets`` turns it into the
-``(host, port)`` pairs to try, looking up SRV records where the spec says so.
+``(host, port)`` pairs to try, looking up SRV records where the spec says so (at
+most ``MAX_SRV_TARGETS`` of them, the first in RFC 2782 order).
 A and AAAA lookups are left to the connection endpoint, whose resolver applies
 the outbound IP blocklist.
 
@@ -25,8 +26,10 @@ is used, or, with none, resolution ends with ``SrvLookupError``, as in Synapse.
 from __future__ import annotations
 
 import email.utils
+import itertools
 import random as _random
 import re
+from bisect import bisect_left
 from collections import OrderedDict
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urljoin
@@ -56,6 +59,7 @@ from ._body import discard_body, read_body
 
 __all__ = [
     "DEFAULT_PORT",
+    "MAX_SRV_TARGETS",
     "ResolvedServer",
     "ServerResolver",
     "ServiceUnavailableError",
@@ -110,6 +114,10 @@ SRV_QUERY_TIMEOUT = 20.0
 #: (RFC 2308 section 5), at most ``SRV_NEGATIVE_MAX_TTL``; without an SOA, not at all.
 SRV_MAX_TTL = 24 * 3600.0
 SRV_NEGATIVE_MAX_TTL = 3600.0
+#: Most SRV targets tried for one connection: the first in RFC 2782 order. An answer may
+#: list thousands (about 3000 fit in one DNS message over TCP), each an A/AAAA lookup and a
+#: connection attempt; real servers list a handful.
+MAX_SRV_TARGETS = 32
 #: SRV names whose answers are remembered at once (names are peer-chosen); also
 #: of the last answers with records kept for DNS failures (the most recently answered).
 SRV_CACHE_SIZE = 10_000
@@ -306,7 +314,8 @@ class ServerResolver:
         return Deferred.fromCoroutine(self._resolve_server(server_name))
 
     def resolve_targets(self, server: ResolvedServer) -> Deferred[list[tuple[str, int]]]:
-        """The ``(host, port)`` pairs to try, in order (SRV steps and the 8448 fallback).
+        """The ``(host, port)`` pairs to try, in order (SRV steps and the 8448 fallback), at
+        most ``MAX_SRV_TARGETS``.
 
         Fails with ``ServiceUnavailableError`` when SRV says there is no service,
         ``SrvLookupError`` when DNS does not answer and no earlier answer is kept.
@@ -479,7 +488,16 @@ class ServerResolver:
         _put_bounded(self._srv_cache, name, _SrvEntry(records, now, now + ttl), now, SRV_CACHE_SIZE)
 
     def _order_srv(self, records: list[dns.Record_SRV]) -> list[tuple[str, int]]:
-        """RFC 2782 order: ascending priority, weighted random order within a priority."""
+        """The first ``MAX_SRV_TARGETS`` targets in RFC 2782 order: ascending priority,
+        weighted random order within a priority.
+
+        Within a priority, as RFC 2782 describes: the records not yet ordered, those of
+        weight 0 first (otherwise in the answer's order), a number drawn in [0, sum of
+        their weights], and the first record whose running sum of weights reaches it comes
+        next (the first one when all weigh 0). One sort by priority, then at most
+        ``MAX_SRV_TARGETS`` draws, each a running sum and a bisection in C: linear in the
+        number of records, however many an answer lists.
+        """
         usable = []
         for record in records:
             try:
@@ -492,24 +510,24 @@ class ServerResolver:
             # makes _lookup_srv fail).
             if target:
                 usable.append((record.priority, record.weight, target, record.port))
+        # Stable: by priority, then weight 0 before the others, else as answered.
+        usable.sort(key=lambda entry: (entry[0], entry[1] != 0))
         ordered: list[tuple[str, int]] = []
-        for priority in sorted({entry[0] for entry in usable}):
-            group = [entry for entry in usable if entry[0] == priority]
-            while group:
-                total = sum(entry[1] for entry in group)
-                if total == 0:
-                    chosen = group[0]
-                else:
+        for _, grouped in itertools.groupby(usable, key=lambda entry: entry[0]):
+            group = list(grouped)
+            weights = [entry[1] for entry in group]
+            total = sum(weights)
+            while group and len(ordered) < MAX_SRV_TARGETS:
+                index = 0
+                if total > 0:
                     point = self._random.uniform(0, total)
-                    running = 0
-                    chosen = group[-1]
-                    for entry in group:
-                        running += entry[1]
-                        if running >= point:
-                            chosen = entry
-                            break
-                group.remove(chosen)
+                    running = list(itertools.accumulate(weights))
+                    index = min(bisect_left(running, point), len(group) - 1)
+                chosen = group.pop(index)
+                total -= weights.pop(index)
                 ordered.append((chosen[2], chosen[3]))
+            if len(ordered) >= MAX_SRV_TARGETS:
+                break
         return ordered
 
     # -- .well-known, step 3

@@ -119,7 +119,9 @@ def _within(ip: _Address, networks: Sequence[_Network]) -> bool:
 
 @implementer(IResolutionReceiver)
 class _FilteringReceiver:
-    """Passes on resolved addresses that the filter allows and drops the rest."""
+    """Passes on resolved addresses that the filter allows and drops the rest: each one
+    dropped is given to ``on_blocked``, or, without it, they are logged in one line once
+    the resolution is complete (a name may have any number of addresses)."""
 
     def __init__(
         self,
@@ -132,6 +134,9 @@ class _FilteringReceiver:
         self._filter = ip_filter
         self._host_name = host_name
         self._on_blocked = on_blocked
+        self._dropped = 0
+        #: The first few addresses dropped, for the log line.
+        self._shown: list[str] = []
 
     def resolutionBegan(self, resolutionInProgress: IHostResolution) -> None:
         self._receiver.resolutionBegan(resolutionInProgress)
@@ -139,17 +144,24 @@ class _FilteringReceiver:
     def addressResolved(self, address: IAddress) -> None:
         host = getattr(address, "host", None)
         if not isinstance(host, str) or self._filter.is_blocked(host):
-            _log.info(
-                "Dropping blocked address {address} for {host_name}",
-                address=host,
-                host_name=self._host_name,
-            )
             if self._on_blocked is not None:
                 self._on_blocked(str(host))
+            else:
+                self._dropped += 1
+                if len(self._shown) < 4:
+                    self._shown.append(str(host))
             return
         self._receiver.addressResolved(address)
 
     def resolutionComplete(self) -> None:
+        if self._dropped:
+            more = self._dropped - len(self._shown)
+            _log.info(
+                "Dropped blocked addresses of {host_name}: {addresses}{more}",
+                host_name=self._host_name,
+                addresses=", ".join(self._shown),
+                more=f" and {more} more" if more else "",
+            )
         self._receiver.resolutionComplete()
 
 
@@ -161,7 +173,8 @@ class BlocklistingResolver:
     resolves them like names), so they are filtered the same way. When every
     address is blocked the caller sees an empty answer, which
     ``HostnameEndpoint`` reports as a ``DNSLookupError``; ``on_blocked`` is told
-    about each dropped address so that callers can say why.
+    about each dropped address so that callers can say why (and log them: without it,
+    the addresses dropped in a resolution are logged in one line).
     """
 
     def __init__(

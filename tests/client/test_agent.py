@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClie
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import URI, Agent, ResponseFailed
@@ -62,6 +62,11 @@ class RecordingPolicy:
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
         self.names.append((hostname, port))
         return self._inner.creatorForNetloc(hostname, port)
+
+
+class _TCPTransport(StringTransport):
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
 
 
 class AgentRoutingTests(SynchronousTestCase):
@@ -187,6 +192,57 @@ class AgentRoutingTests(SynchronousTestCase):
         ]
         self.assertNoResult(self.request("example.org"))
         self.assertEqual(self.connections(), [(PUBLIC_1, 2222)])
+
+    def test_srv_targets_capped(self) -> None:
+        """Of an SRV answer of 40 targets, each resolving only to blocked addresses, the first
+        32 are tried (32 lookups), and the request logs one line, not one per target or per
+        address (those go to the debug level)."""
+        self.srv.records["_matrix-fed._tcp.example.org"] = [
+            (0, 1, 8448, f"t{n}.example") for n in range(40)
+        ]
+        for n in range(40):
+            self.hosts.hosts[f"t{n}.example"] = ["10.0.0.1", "10.0.0.2"]
+        with capturedLogs() as events:
+            failure = self.failureResultOf(self.request("example.org"), BlockedAddressError)
+        self.assertEqual(failure.value.addresses, ["10.0.0.1", "10.0.0.2"])
+        self.assertEqual(len(self.hosts.lookups), 32)
+        self.assertEqual(self.connections(), [])
+        [line] = [
+            formatEvent(e)
+            for e in events
+            if e["log_level"] >= LogLevel.info and "discovery" not in e["log_namespace"]
+        ]
+        blocked = "resolves only to blocked addresses (10.0.0.1, 10.0.0.2)"
+        self.assertTrue(line.startswith("Cannot connect to example.org: all 32 targets failed: t"))
+        self.assertEqual(line.count(blocked), 3)
+        self.assertTrue(line.endswith(f"{blocked}); and 29 more"), line)
+
+    def test_failed_targets_logged_once_on_success(self) -> None:
+        """A target that fails before one that connects is logged in one line, with the
+        target connected to; the blocked addresses dropped from it too."""
+        self.srv.records["_matrix-fed._tcp.example.org"] = [
+            (0, 0, 1111, "internal.example"),
+            (5, 0, 2222, "mixed.example"),
+        ]
+        self.hosts.hosts["mixed.example"] = ["10.1.1.1", PUBLIC_1]
+        with capturedLogs() as events:
+            self.assertNoResult(self.request("example.org"))
+            protocol = self.reactor.tcpClients[0][2].buildProtocol(None)
+            protocol.makeConnection(_TCPTransport())
+            self.reactor.advance(0)
+        self.assertEqual(self.connections(), [(PUBLIC_1, 2222)])
+        self.assertEqual(
+            [
+                formatEvent(e)
+                for e in events
+                if e["log_level"] >= LogLevel.info and "discovery" not in e["log_namespace"]
+            ],
+            [
+                "Connected to example.org through mixed.example:2222 (blocked addresses"
+                " dropped: 10.1.1.1) after 1 target failed: internal.example:1111"
+                " (internal.example resolves only to blocked addresses (192.168.1.1))"
+            ],
+        )
 
     def test_not_a_federation_uri(self) -> None:
         """Only https:// (or matrix-federation://) URIs naming a server are accepted."""

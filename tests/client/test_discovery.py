@@ -79,6 +79,18 @@ class _FixedRandom(random.Random):
         return a + (b - a) * self.fraction
 
 
+class _CountingRandom(random.Random):
+    """Counts the weighted draws (``uniform``)."""
+
+    def __init__(self) -> None:
+        super().__init__(3)
+        self.draws = 0
+
+    def uniform(self, a: float, b: float) -> float:
+        self.draws += 1
+        return super().uniform(a, b)
+
+
 class _RedirectResource(Resource):
     isLeaf = True
 
@@ -727,6 +739,59 @@ class SrvTests(_Base):
             )
             _, targets = self.resolve("example.org")
             self.assertEqual([host for host, _ in targets], order, (fraction, records))
+
+    def test_weight_zero_placed_first(self) -> None:
+        """RFC 2782: weight-0 records are placed at the beginning of their priority before
+        each draw, so a draw of 0 picks one even where the answer lists it last; records
+        all of weight 0 come in the answer's order."""
+        name = "_matrix-fed._tcp.example.org"
+        cases = [
+            (0.0, [(0, 10, 2, "b.example"), (0, 0, 1, "a.example")], ["a.example", "b.example"]),
+            (0.1, [(0, 10, 2, "b.example"), (0, 0, 1, "a.example")], ["b.example", "a.example"]),
+            (
+                0.5,
+                [(0, 0, 1, "c.example"), (0, 0, 2, "a.example"), (0, 0, 3, "b.example")],
+                ["c.example", "a.example", "b.example"],
+            ),
+        ]
+        for fraction, records, order in cases:
+            self.srv.records[name] = records
+            self.resolver = ServerResolver(
+                self.clock, self.peers, self.srv, random=_FixedRandom(fraction)
+            )
+            _, targets = self.resolve("example.org")
+            self.assertEqual([host for host, _ in targets], order, (fraction, records))
+
+    def test_at_most_32_targets(self) -> None:
+        """Of an answer listing thousands of targets (about 3000 fit in one DNS message over
+        TCP) the first MAX_SRV_TARGETS in RFC 2782 order are tried: lower priorities first,
+        each record at most once, with at most that many weighted draws."""
+        name = "_matrix-fed._tcp.example.org"
+        self.assertEqual(discovery.MAX_SRV_TARGETS, 32)
+        records = [(10, 1 + n % 5, 8448, f"t{n}.example") for n in range(3000)]
+        records += [(5, 1, 8448, f"first{n}.example") for n in range(10)]
+        random.Random(1).shuffle(records)
+        self.srv.records[name] = records
+        draws = _CountingRandom()
+        self.resolver = ServerResolver(self.clock, self.peers, self.srv, random=draws)
+        _, targets = self.resolve("example.org")
+        self.assertEqual(len(targets), 32)
+        self.assertEqual(len(set(targets)), 32)
+        self.assertEqual(
+            sorted(host for host, _ in targets[:10]), sorted(f"first{n}.example" for n in range(10))
+        )
+        self.assertTrue(all(host.startswith("t") for host, _ in targets[10:]))
+        self.assertLessEqual(draws.draws, 32)
+
+    def test_many_priorities(self) -> None:
+        """Records of thousands of distinct priorities are ordered by priority (in one sort,
+        not one pass over the answer per priority)."""
+        name = "_matrix-fed._tcp.example.org"
+        records = [(n, 0, n, f"t{n}.example") for n in range(3000)]
+        random.Random(2).shuffle(records)
+        self.srv.records[name] = records
+        _, targets = self.resolve("example.org")
+        self.assertEqual(targets, [(f"t{n}.example", n) for n in range(32)])
 
     def test_failure_without_a_response_described(self) -> None:
         """A DomainError carrying text, not a DNS response, is described by its type and
