@@ -11,6 +11,7 @@ from signedjson.key import generate_signing_key
 from twisted.trial.unittest import SynchronousTestCase
 
 from federation_invite.config import OPTIONS, Config, ConfigError, load_config, render_config
+from federation_invite.metrics import metrics_available
 from federation_invite.store import parse_database_uri
 from federation_invite.store._dialect import SQLiteDialect
 from federation_invite.web.keys import server_keys_document
@@ -251,11 +252,97 @@ class LoadConfigTests(SynchronousTestCase):
         self.assertIn("'keys.old_verify_keys': entry 1 has key_id 'ed25519:a_1'", str(error))
         load_config().check_signing_key_id("ed25519:a_1")
 
+    def test_old_key_expired_ts_checked(self) -> None:
+        """An old key's expired_ts must be an integer from 0 to 2**53-1 (milliseconds, as
+        canonical JSON can carry them): a string, a negative, a boolean, a float or 2**53 is
+        refused naming the entry; 2**53-1 is kept."""
+
+        def old_key(expired_ts: object) -> dict[str, object]:
+            entry = {"key_id": "ed25519:old", "key": VERIFY_KEY, "expired_ts": expired_ts}
+            return {"keys.old_verify_keys": [entry]}
+
+        for bad in ("yesterday", -1, True, 1.5, 2**53):
+            error = self.assertRaises(ConfigError, Config, old_key(bad))
+            self.assertEqual(
+                str(error),
+                "configuration key 'keys.old_verify_keys': "
+                "entry 0: expired_ts must be milliseconds since the epoch",
+                bad,
+            )
+        (old,) = Config(old_key(2**53 - 1)).get("keys.old_verify_keys")
+        self.assertEqual(old.expired_ts, 2**53 - 1)
+
+    def test_notary_refusals(self) -> None:
+        """A notary with no verify_keys, or with one that is not an ed25519 key, is refused
+        naming the entry and the key ID."""
+        for verify_keys, message in (
+            ({}, "entry 1: verify_keys must map key IDs to keys"),
+            ({"ed25519:a": "bad"}, "entry 1: key 'ed25519:a' is not a valid ed25519 key"),
+        ):
+            notaries = [
+                {"server_name": "matrix.org", "verify_keys": {"ed25519:auto": VERIFY_KEY}},
+                {"server_name": "n.example", "verify_keys": verify_keys},
+            ]
+            error = self.assertRaises(ConfigError, Config, {"keys.notaries": notaries})
+            self.assertEqual(str(error), f"configuration key 'keys.notaries': {message}")
+
+    def test_integer_bounds(self) -> None:
+        """Integer keys take values up to 2**53-1 (what canonical JSON and the store carry)
+        and no further; ratelimit.origin_sleep_after takes 0 (no request of a burst served
+        at once: each is slowed)."""
+        config = Config({"inbound.max_body_bytes": 2**53 - 1, "ratelimit.origin_sleep_after": 0})
+        self.assertEqual(config.get("inbound.max_body_bytes"), 2**53 - 1)
+        self.assertEqual(config.get("ratelimit.origin_sleep_after"), 0)
+        for key, value, minimum in (
+            ("inbound.max_body_bytes", 2**53, 1024),
+            ("ratelimit.origin_sleep_after", -1, 0),
+        ):
+            error = self.assertRaises(ConfigError, Config, {key: value})
+            self.assertEqual(
+                str(error),
+                f"configuration key {key!r}: must be an integer from {minimum} to {2**53 - 1}",
+            )
+
+    def test_network_with_host_bits_accepted(self) -> None:
+        """An IP range written with host bits set ('127.0.0.1/8') is accepted as written, as
+        the client reads it (its network, 127.0.0.0/8), not refused."""
+        for key in ("outbound.ip_allowlist", "outbound.ip_blocklist"):
+            config = Config({key: ["127.0.0.1/8", "2001:db8::1/32"]})
+            self.assertEqual(config.get(key), ("127.0.0.1/8", "2001:db8::1/32"))
+
+    def test_metrics_listen_without_the_extra_refused(self) -> None:
+        """Without prometheus-client (the 'metrics' extra), metrics.listen is refused at load
+        in one line naming the extra; with no metrics.listen nothing needs it."""
+        hide_module(self, "prometheus_client")
+        self.assertIs(metrics_available(), False)
+        error = self.assertRaises(ConfigError, Config, {"metrics.listen": "tcp:9100"})
+        self.assertEqual(
+            str(error),
+            "configuration key 'metrics.listen': needs the 'metrics' extra: "
+            "pip install 'federation-invite[metrics]'",
+        )
+        self.assertIsNone(Config().get("metrics.listen"))
+
     def test_database_errors_do_not_quote_passwords(self) -> None:
         """A refused database URI is named without echoing its password."""
         error = self.assertRefused('database = "postgresql://u:s3cr#etpw@h:5432/db"\n', "database")
         self.assertNotIn("s3cr", str(error))
         self.assertNotIn("etpw", str(error))
+
+    def test_database_refusal_quotes_no_part_of_the_uri(self) -> None:
+        """A database URI the store cannot use is refused in words of our own, quoting none
+        of it: the store's message quotes the URI with only its userinfo password masked (here
+        a fragment refused, and the password in the query shown), which check-config would
+        print and twistd log."""
+        error = self.assertRaises(
+            ConfigError, Config, {"database": "postgres://u:hunter2@h/db?password%3Dhunter2#f"}
+        )
+        self.assertNotIn("hunter2", str(error))
+        self.assertEqual(
+            str(error),
+            "configuration key 'database': is not a usable database URI "
+            "(e.g. 'sqlite:///path/to.db', 'postgresql://user@host:5432/dbname')",
+        )
 
     def test_database_password_with_unencoded_at_refused(self) -> None:
         """A password with an unencoded '@' (libpq would connect to the host "etpw@h") is
@@ -309,6 +396,14 @@ class LoadConfigTests(SynchronousTestCase):
             str(error),
             f"config file {path} is not UTF-8 (TOML must be): byte 0xe9 at offset 26 (line 2)",
         )
+        # Lines are counted from the file's first byte: a newline there ends line 1.
+        with open(path, "wb") as handle:
+            handle.write(b"\n\xe9 = 1\n")
+        error = self.assertRaises(ConfigError, load_config, path)
+        self.assertEqual(
+            str(error),
+            f"config file {path} is not UTF-8 (TOML must be): byte 0xe9 at offset 1 (line 2)",
+        )
 
 
 class PathTests(SynchronousTestCase):
@@ -340,6 +435,19 @@ class PathTests(SynchronousTestCase):
         default.ensure_data_dir()
         self.assertTrue(os.path.isdir(os.path.join(start, "data")))
         self.assertEqual(os.listdir(elsewhere), [])
+
+    def test_relative_path_without_a_working_directory_refused(self) -> None:
+        """A relative path when the working directory has been deleted (os.getcwd fails) is
+        refused naming its key, not an OSError traceback."""
+        gone = os.path.abspath(self.mktemp())
+        self.chdir(gone)
+        os.rmdir(gone)
+        error = self.assertRaises(ConfigError, Config, {"data_dir": "rel"})
+        self.assertEqual(
+            str(error),
+            "configuration key 'data_dir': relative path 'rel' needs a working directory "
+            "(No such file or directory)",
+        )
 
     def test_data_dir_created_0700_whatever_the_umask(self) -> None:
         """ensure_data_dir creates every missing directory of data_dir with mode 0700, under
