@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from federation_invite import cli
 from federation_invite.cli import main
-from federation_invite.config import load_config
+from federation_invite.config import load_config, ssl_endpoint_files
 from federation_invite.signingkey import write_signing_key_file
 from federation_invite.store._dialect import _import_psycopg2
 
@@ -254,6 +254,23 @@ class GenerateTLSTests(SynchronousTestCase):
         self.assertIsInstance(endpoint, endpoints.SSL4ServerEndpoint)
         self.assertEqual(endpoint._interface, "::1")  # type: ignore[attr-defined]
 
+    def test_tls_cert_listener_for_a_data_dir_with_backslash_and_colon(self) -> None:
+        """A data dir whose name holds '\\' and ':' (special in endpoint strings) is escaped in
+        the TLS listener generate-config writes: the listener reads the very files written."""
+        from twisted.internet import endpoints, reactor
+
+        data_dir = os.path.join(os.path.abspath(self.mktemp()), "a\\b:c")
+        path = self.mktemp()
+        argv = ["generate-config", "--server-name", "localhost:18448", "--data-dir", data_dir]
+        code = main([*argv, "-o", path, "--tls-cert"], io.StringIO(), io.StringIO())
+        self.assertEqual(code, 0)
+        (listen,) = load_config(path).listen
+        key, cert = os.path.join(data_dir, "tls.key"), os.path.join(data_dir, "tls.crt")
+        self.assertEqual(ssl_endpoint_files(listen), (key, cert))
+        self.assertTrue(os.path.exists(key) and os.path.exists(cert))
+        endpoint = endpoints.serverFromString(reactor, listen)
+        self.assertIsInstance(endpoint, endpoints.SSL4ServerEndpoint)
+
     def test_tls_cert_with_no_tls_listener_refused(self) -> None:
         """--tls-cert with --listen endpoints none of which is ssl: would write a certificate no
         listener uses: refused, one line on stderr, exit status 1, nothing written."""
@@ -363,3 +380,53 @@ class GenerateConfigRobustnessTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertTrue(err.getvalue().startswith("federation-invite: "))
         self.assertFalse(os.path.exists(path))
+
+
+class ParserTests(SynchronousTestCase):
+    def test_command_groups_need_a_sub_command(self) -> None:
+        """The command, and a sub-command of keys, users, rules and invites, must be given:
+        leaving one out is a usage error (exit status 2), not a command run with None."""
+        for argv in ([], ["keys"], ["users"], ["rules"], ["invites"]):
+            error = self.assertRaises(SystemExit, cli.build_parser().parse_args, argv)
+            self.assertEqual(error.code, 2, argv)
+
+    def test_invites_list_limit_default(self) -> None:
+        """invites list shows at most 100 invites unless --limit says otherwise."""
+        self.assertEqual(cli.build_parser().parse_args(["invites", "list"]).limit, 100)
+        self.assertEqual(
+            cli.build_parser().parse_args(["invites", "list", "--limit", "5"]).limit, 5
+        )
+
+
+class CommandLoggingTests(SynchronousTestCase):
+    def test_critical_events_on_stderr_but_rollback_failures(self) -> None:
+        """A command's critical log events are printed on stderr (as Twisted prints them until
+        logging begins), each once: those logged before it begins are not printed again; adbapi's
+        "Rollback failed" (its rollback of a lost connection) is left out, another failure is
+        not; events below critical are not printed. In a process of its own: it begins the
+        global log."""
+        code = (
+            "import sys\n"
+            "from twisted.python import log\n"
+            "from federation_invite.cli import _log_errors_to\n"
+            "log.err(ValueError('early'), 'Early failure')\n"
+            "_log_errors_to(sys.stderr)\n"
+            "try:\n"
+            "    raise ValueError('connection already closed')\n"
+            "except ValueError:\n"
+            "    log.err(None, 'Rollback failed')\n"
+            "log.err(ValueError('other'), 'Other failure')\n"
+            "log.msg('not critical')\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual((result.returncode, result.stdout), (0, ""), result.stderr)
+        self.assertEqual(result.stderr.count("Early failure\n"), 1, result.stderr)
+        self.assertIn(
+            "Other failure\nTraceback (most recent call last):\n"
+            "Failure: builtins.ValueError: other\n",
+            result.stderr,
+        )
+        for absent in ("Rollback failed", "connection already closed", "not critical"):
+            self.assertNotIn(absent, result.stderr)

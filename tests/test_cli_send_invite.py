@@ -18,6 +18,8 @@ from federation_invite.config import ConfigError
 from federation_invite.core.events import compute_event_id, room_id_for_create_event
 from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
 from federation_invite.core.signing import verify_event_signature
+from federation_invite.outbound import InvalidInviteAnswer
+from federation_invite.service import FederationInvite
 from federation_invite.signingkey import load_or_create_signing_key
 from federation_invite.store import open_store
 
@@ -133,6 +135,31 @@ class SendInviteCommandTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_peer_chosen_text_escaped(self) -> Deferred[None]:
+        """The peer's words reach the operator's terminal escaped, on the one line: its
+        refusal's error text, and an InviteError's description (which may quote its answer),
+        control characters shown as \\x1b, \\r and \\n (printed raw, an ESC[2J would clear the
+        screen and a CR LF forge the next line)."""
+
+        async def go() -> None:
+            self.peer.canned[2] = (403, {"errcode": "M_FORBIDDEN", "error": "no\x1b[2J\r\nFORGED"})
+            self.assertEqual(
+                await self.run_cli("--sender", ALICE, "--invitee", BOB),
+                (1, "refused: 403 M_FORBIDDEN: no\\x1b[2J\\r\\nFORGED\n"),
+            )
+
+            async def invalid(*args: object, **kwargs: object) -> dict[str, Any]:
+                raise InvalidInviteAnswer(PEER, "the answer's sender is '\x1b[2J\r\nFORGED'")
+
+            self.patch(FederationInvite, "send_invite", invalid)
+            self.assertEqual(
+                await self.run_cli("--sender", ALICE, "--invitee", BOB),
+                (1, f"invalid answer from {PEER}: the answer's sender is "
+                    "'\\x1b[2J\\r\\nFORGED'\n"),
+            )  # fmt: skip
+
+        return ensureDeferred(go())
+
     def test_invalid_answer_and_not_sendable(self) -> Deferred[None]:
         """Other failures print their one-line description, exit status 1."""
 
@@ -156,13 +183,22 @@ class SendInviteCommandTests(TestCase):
         return ensureDeferred(go())
 
     def test_bad_options(self) -> Deferred[None]:
-        """A sender not on our server, or an unknown room version, is a usage error."""
+        """A sender not on our server, or an unknown room version, is a usage error: a
+        ConfigError (cli.main prints it on one line, exit status 1) saying what is wrong, the
+        room versions known listed."""
 
         async def go() -> None:
-            with self.assertRaises(ConfigError):
+            with self.assertRaises(ConfigError) as raised:
                 await self.run_cli("--sender", "@eve:evil.example", "--invitee", BOB)
-            with self.assertRaises(ConfigError):
+            self.assertEqual(
+                str(raised.exception),
+                f"'@eve:evil.example' is not a user ID on this server ({OURS})",
+            )
+            with self.assertRaises(ConfigError) as raised:
                 await self.run_cli("--room-version", "99", "--sender", ALICE, "--invitee", BOB)
+            known = ", ".join(KNOWN_ROOM_VERSIONS)
+            self.assertEqual(str(raised.exception), f"unknown room version '99' (known: {known})")
+            self.assertIn("1, 2, ", known)
             self.assertEqual(self.peer.received, [])
 
         return ensureDeferred(go())

@@ -128,7 +128,8 @@ class StoreCommandTests(TestCase):
         return ensureDeferred(go())
 
     def test_rules(self) -> Deferred[None]:
-        """rules add/list/remove manage a user's invite rules."""
+        """rules add/list/remove manage a user's invite rules; removing one that is not there
+        says so and exits 1 (as users remove does), so a script sees the rule was not held."""
 
         async def go() -> None:
             user = "@bob:example.org"
@@ -142,10 +143,12 @@ class StoreCommandTests(TestCase):
             self.assertEqual(
                 sorted(out.splitlines()), ["server *.evil block", "user @friend:evil allow"]
             )
-            await self.run_cli("rules", "remove", user, "--server", "*.evil", "--action", "block")
+            remove = ("rules", "remove", user, "--server", "*.evil", "--action", "block")
+            self.assertEqual(await self.run_cli(*remove), (0, "Removed server *.evil block\n"))
             self.assertEqual(
                 await self.run_cli("rules", "list", user), (0, "user @friend:evil allow\n")
             )
+            self.assertEqual(await self.run_cli(*remove), (1, "Not present: server *.evil block\n"))
 
         return ensureDeferred(go())
 
@@ -394,6 +397,29 @@ class StoreCommandTests(TestCase):
             self.assertTrue(lines[2].startswith(f"{-(2**53) + 1} ms "), lines[2])
 
         return ensureDeferred(go())
+
+    def test_invites_from_the_command_line(self) -> None:
+        """invites list and show run from the command line (on the reactor, in a process of
+        its own): the list's header alone, exit status 0; an unknown event ID, one line, status 1."""
+        import os
+        import subprocess
+
+        from .daemon_harness import BIN
+
+        command = os.path.join(BIN, "federation-invite")
+        result = subprocess.run(
+            [command, "invites", "list", "-c", self.config], capture_output=True, timeout=60
+        )
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        self.assertTrue(result.stdout.startswith(b"received (UTC)"), result.stdout)
+        self.assertEqual(result.stdout.count(b"\n"), 1, result.stdout)
+        result = subprocess.run(
+            [command, "invites", "show", "$x", "-c", self.config], capture_output=True, timeout=60
+        )
+        self.assertEqual(
+            (result.returncode, result.stdout, result.stderr),
+            (1, b"", b"federation-invite: no invite with event ID '$x'\n"),
+        )
 
     def test_empty_rule_pattern_is_refused(self) -> None:
         """rules add/remove with an empty --user or --server pattern: exit status 1 and one
