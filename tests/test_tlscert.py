@@ -46,11 +46,38 @@ class SelfSignedTests(SynchronousTestCase):
         )
 
     def test_never_overwrites(self) -> None:
-        """Existing key or certificate files are left alone."""
+        """Existing key or certificate files are left alone, refused naming the file."""
         key_path, cert_path = self.paths()
         with open(cert_path, "w") as handle:
             handle.write("mine")
+        error = self.assertRaises(
+            FileExistsError, write_self_signed_certificate, "example.org", key_path, cert_path
+        )
+        self.assertEqual(str(error), f"{cert_path} exists; not overwriting it")
+        self.assertFalse(os.path.exists(key_path))
+
+    def test_key_not_written_through_a_dangling_symlink(self) -> None:
+        """A symlink at the key path whose target does not exist (so the key path does not
+        "exist") is refused when the key is opened (O_EXCL): the private key is not written
+        wherever the link points, and no certificate is written."""
+        key_path, cert_path = self.paths()
+        target = os.path.abspath(self.mktemp())
+        os.symlink(target, key_path)
         self.assertRaises(
             FileExistsError, write_self_signed_certificate, "example.org", key_path, cert_path
         )
-        self.assertFalse(os.path.exists(key_path))
+        self.assertFalse(os.path.lexists(target))
+        self.assertFalse(os.path.lexists(cert_path))
+
+    def test_not_a_certificate_authority(self) -> None:
+        """The certificate says it is not a CA, in a critical BasicConstraints extension (a
+        verifier that does not understand it must refuse the certificate, not ignore it)."""
+        key_path, cert_path = self.paths()
+        write_self_signed_certificate("example.org", key_path, cert_path)
+        with open(cert_path, "rb") as handle:
+            certificate = x509.load_pem_x509_certificate(handle.read())
+        extension = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+        self.assertEqual(
+            (extension.critical, extension.value.ca, extension.value.path_length),
+            (True, False, None),
+        )
