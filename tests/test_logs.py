@@ -512,6 +512,14 @@ class LoggerRenderingTests(SynchronousTestCase):
         self.assertTrue(formatEvent(event).endswith(": 'missing'"))
         self.assertEqual(len(calls), 1)
 
+    def test_event_with_log_flattened_renders_from_it(self) -> None:
+        """An event emitted with a ``log_flattened`` of its own (one read back from a JSON log,
+        emitted again) reads as that holds it, as Twisted renders it: the format's fields,
+        which the event need not carry, are not looked up in the event."""
+        flattened = {"peer!s:": "a.example", "peer!:": "a.example", "what!s:": "hi", "what!:": "hi"}
+        event = self.emit("peer {peer} said {what}", log_flattened=flattened)
+        self.assertEqual(formatEvent(event), "peer a.example said hi")
+
     def test_emit_keeps_twisted_behaviour(self) -> None:
         """``emit`` adds Twisted's keys, reports an invalid level as Twisted does, and traces."""
         trace: list[Any] = []
@@ -601,6 +609,21 @@ class FailureEscapingTests(SynchronousTestCase):
         LegacyLogObserverWrapper(FileLogObserver(legacy).emit)(event)
         self.assertIn(" Key fetch from a.example crashed\n", legacy.getvalue())
         self.assertNoForgedLine(legacy.getvalue())
+
+    def test_failure_without_frames_escaped(self) -> None:
+        """A failure never raised (no frames) prints its type and message as Twisted prints
+        them, "Failure: " and the message written apart (a write not ending a line), the
+        message escaped."""
+        events: list[dict[str, Any]] = []
+        Logger(observer=events.append).failure("crashed", Failure(ValueError("x\ry")))
+        failure = events[0]["log_failure"]
+        self.assertEqual(
+            failure.getTraceback(),
+            "Traceback (most recent call last):\nFailure: builtins.ValueError: x\\ry\n",
+        )
+        self.assertIn(
+            "\n\tFailure: builtins.ValueError: x\\ry\n", formatEventAsClassicLogText(events[0])
+        )
 
     def test_json_observer_keeps_failure(self) -> None:
         """A JSON observer's line carries the failure's type, exception message and frames; the
