@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -38,7 +38,12 @@ from federation_invite.store._base import (
     MAX_INVITE_BATCH,
     _invitee_states_query,
 )
-from federation_invite.store._sqlite_writer import _PROBE_EVERY
+from federation_invite.store._sqlite_writer import (
+    _PROBE_EVERY,
+    _PROBE_EVERY_MAX,
+    REACTOR_COMMIT_SECONDS,
+    SQLiteInviteWriter,
+)
 
 from ._support import (
     create_postgres_database,
@@ -987,7 +992,9 @@ class SQLiteDirectWriteTests(TestCase):
             await store.store_invite(make_invite("$lost"))
         self.assertIn("database or disk is full", str(caught.exception))
         self.assertEqual(writer._threads is not None, slow)
-        # The transaction was rolled back: the writer's connection is idle again.
+        # The transaction was rolled back: the writer's connection is idle again (not
+        # holding the write lock until the next batch).
+        self.assertFalse(writer._connection.in_transaction)
         self.assertEqual(
             await store.store_invite(make_invite("$kept")), (make_invite("$kept"), True)
         )
@@ -1025,6 +1032,38 @@ class SQLiteDirectWriteTests(TestCase):
         self.assertEqual(
             raw_sqlite(self.path, "SELECT event_id FROM invites ORDER BY event_id"), [("$next",)]
         )
+
+    async def test_transaction_left_open_abandoned_by_the_next_batch(self) -> None:
+        """A transaction left open on the writer's connection (a ROLLBACK that failed): the
+        next batch rolls it back and starts its own (BEGIN IMMEDIATE inside it would fail),
+        so the invite is stored and the leftover's writes are not."""
+        store = await self.open()
+        await store.store_invite(make_invite("$first"))  # the writer's connection is open
+        writer = store._direct_writer
+        writer._connection.execute("BEGIN")
+        writer._connection.execute("INSERT INTO local_users (user_id) VALUES ('@left:over')")
+        self.assertEqual((await store.store_invite(make_invite("$next")))[1], True)
+        self.assertFalse(writer._connection.in_transaction)
+        self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(2,)])
+        self.assertEqual(raw_sqlite(self.path, "SELECT user_id FROM local_users"), [])
+
+    async def test_commits_over_a_millisecond_leave_the_reactor_thread(self) -> None:
+        """REACTOR_COMMIT_SECONDS is a millisecond: commits of 0.9 ms stay on the reactor
+        thread; once the median of the last nine is 1.5 ms they go to the commit thread."""
+        self.assertEqual(REACTOR_COMMIT_SECONDS, 0.001)
+        store = await self.open()
+        writer = store._direct_writer
+        durations = _fake_commit_durations(writer, 0.0009)
+        for index in range(10):
+            await store.store_invite(make_invite(f"$quick{index}"))
+        self.assertTrue(writer.commits_on_reactor)
+        durations[0] = 0.0015
+        for index in range(4):
+            await store.store_invite(make_invite(f"$slow{index}"))
+            self.assertTrue(writer.commits_on_reactor)  # still outvoted: 5 of 9 at 0.9 ms
+        await store.store_invite(make_invite("$slow4"))
+        self.assertFalse(writer.commits_on_reactor)
+        self.assertAlmostEqual(writer.recent_commit_seconds, 0.0015)
 
     async def test_lock_held_elsewhere_falls_back_to_the_pool(self) -> None:
         """Another connection holds the write lock: the reactor thread does not wait for it;
@@ -1220,6 +1259,66 @@ class SQLiteDirectWriteTests(TestCase):
         while writer._connection is not None:
             self.assertLess(time.monotonic(), deadline, "the connection was never closed")
             await deferLater(reactor, 0.01)
+
+
+class SQLiteInviteWriterTests(SynchronousTestCase):
+    """The SQLite writer on its own, on a fake clock."""
+
+    def wal_file(self) -> str:
+        path = os.path.abspath(self.mktemp()) + ".db"
+        setup = sqlite3.connect(path, isolation_level=None)
+        setup.execute("PRAGMA journal_mode = WAL")
+        setup.close()
+        return path
+
+    def writer(self, file_replaced: Any = lambda: False) -> SQLiteInviteWriter:
+        self.clock = Clock()
+        writer = SQLiteInviteWriter(self.wal_file(), file_replaced, self.clock)
+        writer.open()
+        self.addCleanup(lambda: writer.close()())
+        return writer
+
+    def test_batch_runs_at_the_end_of_this_iteration(self) -> None:
+        """call_later runs its work once the current reactor iteration is done (a delay of
+        0), not a moment later: a quick commit does not hold its invites' answers."""
+        writer = self.writer()
+        calls: list[None] = []
+        writer.call_later(lambda: calls.append(None))
+        self.assertEqual(calls, [])
+        self.clock.advance(0)
+        self.assertEqual(calls, [None])
+
+    def test_probe_wait_doubles_up_to_4096_commits(self) -> None:
+        """Each probe of a disk still slow doubles the commits in the thread before the next
+        one, up to _PROBE_EVERY_MAX, 4096 (a probe every 4096 commits), and no further."""
+        self.assertEqual(_PROBE_EVERY_MAX, 4096)
+        writer = self.writer()
+        _fake_commit_durations(writer, 0.005)
+        for _ in range(5):
+            writer.begin()
+            self.assertTrue(writer.commit().called)
+        self.assertFalse(writer.commits_on_reactor)
+        for waited, after in ((1024, 2048), (2048, 4096), (4096, 4096)):
+            writer._probe_every = writer._in_thread = waited
+            self.assertIsNotNone(writer.begin())
+            self.assertTrue(writer.commit().called)  # the probe, on this thread
+            self.assertEqual((writer._in_thread, writer._probe_every), (0, after))
+
+    def test_file_replaced_while_opening_not_used(self) -> None:
+        """The file found replaced once the connection is open (after the check before it):
+        the connection is closed, usable turns False and begin() sends the batch to the pool
+        (None), as when the file was replaced before."""
+        checks: list[None] = []
+
+        def replaced() -> bool:  # from the second check on
+            checks.append(None)
+            return len(checks) > 1
+
+        writer = self.writer(replaced)
+        self.assertEqual(len(checks), 2)
+        self.assertFalse(writer.usable)
+        self.assertIsNone(writer._connection)
+        self.assertIsNone(writer.begin())
 
 
 def _fake_commit_durations(writer: Any, seconds: float) -> list[float]:
