@@ -117,10 +117,24 @@ class WebBaseTests(SynchronousTestCase):
             self.assertEqual((code, body["errcode"]), (404, "M_UNRECOGNIZED"), path)
 
     def test_wrong_method_405_json(self) -> None:
-        """A known path with an unsupported method answers 405 M_UNRECOGNIZED and Allow."""
+        """A known path with an unsupported method answers 405 M_UNRECOGNIZED and Allow, its
+        message naming the method's first 16 characters (the client's: no more echoed)."""
         code, body, headers = self.request(make_client(Sync()), "PATCH", "/_matrix/thing")
-        self.assertEqual((code, body["errcode"]), (405, "M_UNRECOGNIZED"))
+        self.assertEqual(
+            (code, body),
+            (405, {"errcode": "M_UNRECOGNIZED", "error": "Method PATCH not allowed here"}),
+        )
         self.assertEqual(headers.getRawHeaders("allow"), ["DELETE, GET, HEAD, POST"])
+        request = DummyRequest([b""])
+        request.method = b"ABCDEFGHIJKLMNOP" * 64
+        body = json.loads(Sync().render(request))
+        self.assertEqual(
+            (request.responseCode, body),
+            (
+                405,
+                {"errcode": "M_UNRECOGNIZED", "error": "Method ABCDEFGHIJKLMNOP not allowed here"},
+            ),
+        )
 
     def test_head_uses_get(self) -> None:
         """HEAD is served by render_GET (with no body)."""
@@ -242,4 +256,18 @@ class WebBaseTests(SynchronousTestCase):
         )
         self.assertEqual(event["path"], "/_matrix/thing{0}\x1b[2J\x7f")
         self.assertEqual(request.responseCode, 500)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_unexpected_error_path_cut_to_200_characters(self) -> None:
+        """The unexpected error's line names the path's first 200 characters: a long request
+        line is not copied into the log whole."""
+        request = DummyRequest([b""])
+        request.method = b"DELETE"
+        request.path = b"/_matrix/thing/" + b"x" * 10_000
+        with capturedLogs() as events:
+            Sync().render(request)
+        (event,) = events
+        path = "/_matrix/thing/" + "x" * 185
+        self.assertEqual(event["path"], path)
+        self.assertEqual(formatEvent(event), f"Unexpected error serving DELETE {path}")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
