@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from federation_invite.config import ConfigError, load_config
+from federation_invite.core.errors import Codes
 from federation_invite.metrics import InviteMetrics
 from federation_invite.web.invite import InviteResource
 from federation_invite.web.metrics import build_metrics_root
@@ -276,15 +277,18 @@ class MetricsTests(SynchronousTestCase):
         )
 
     def test_peer_errcodes_bounded(self) -> None:
-        """Errcodes we do not know (peer-chosen) are counted as 'other'."""
+        """Errcodes we do not know (peer-chosen) are counted as 'other', strings the Codes
+        class holds that are not errcodes (its module's and its own name) included."""
         for n in range(5):
             self.metrics.outbound("refused", f"M_MADE_UP_{n}")
+        self.metrics.outbound("refused", Codes.__module__)
+        self.metrics.outbound("refused", Codes.__qualname__)
         self.assertEqual(
             self.sample(
                 "federation_invite_outbound_invites_total",
                 {"outcome": "refused", "errcode": "other"},
             ),
-            5.0,
+            7.0,
         )
 
     def test_resource(self) -> None:
