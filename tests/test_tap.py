@@ -6,6 +6,7 @@ import io
 import os
 import socket
 import sys
+import threading
 
 from signedjson.key import generate_signing_key
 from twisted.application.internet import StreamServerEndpointService
@@ -13,6 +14,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.python.filepath import FilePath
+from twisted.python.logfile import LogFile
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from federation_invite.config import ConfigError
@@ -773,7 +775,12 @@ class ReopenLogFileTests(SynchronousTestCase):
         self.assertNotIn("after the rotation", rotated)
         self.assertNotIn("reopened", rotated)
         self.assertEqual(len(current), 2, current)
-        self.assertTrue(current[0].endswith(f"SIGHUP: reopened the log file {path}"), current[0])
+        self.assertTrue(
+            current[0].endswith(
+                f" [federation_invite.tap#info] SIGHUP: reopened the log file {path}"
+            ),
+            current[0],
+        )
         self.assertTrue(current[1].endswith("after the rotation"), current[1])
         # The path gone (logrotate's nocreate): a file is created there.
         os.rename(path, path + ".2")
@@ -811,8 +818,64 @@ class ReopenLogFileTests(SynchronousTestCase):
         (line,) = out.getvalue().splitlines()
         self.assertTrue(
             line.endswith(
-                "SIGHUP: no log file to reopen (logging to standard output, syslog or a "
-                "--logger observer)"
+                " [federation_invite.tap#info] SIGHUP: no log file to reopen (logging to "
+                "standard output, syslog or a --logger observer)"
             ),
             line,
         )
+
+    def rotated_log_file(self) -> tuple[str, LogFile]:
+        """Helper: a log file observed as twistd's is, never written to, then moved away
+        and a new file created at its path (logrotate's create mode)."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "fi.log")
+        logfile = LogFile.fromFullPath(path)
+        self.addCleanup(logfile.close)
+        self.observe(logfile)
+        os.rename(path, path + ".1")
+        FilePath(path).setContent(b"")
+        return path, logfile
+
+    def test_log_file_never_written_to_reopened(self) -> None:
+        """A log file nothing was written to yet (so without the lock Twisted creates at
+        its first write) is reopened all the same."""
+        path, logfile = self.rotated_log_file()
+        self.assertNotIn("_threadable_lock", vars(logfile))
+        reopen_log_file()
+        self.assertEqual(FilePath(path + ".1").getContent(), b"")
+        self.assertIn("SIGHUP: reopened the log file", FilePath(path).getContent().decode())
+
+    def test_log_file_reopened_under_its_lock(self) -> None:
+        """The file is reopened holding the lock its write and rotate hold: a thread
+        logging meanwhile waits, rather than writing to the file being closed."""
+        path, logfile = self.rotated_log_file()
+        logfile.write("")  # Twisted creates the lock at the first write
+        lock = vars(logfile)["_threadable_lock"]
+
+        def free_elsewhere() -> bool:
+            """Whether another thread can take the lock now."""
+            free: list[bool] = []
+
+            def try_lock() -> None:
+                free.append(lock.acquire(blocking=False))
+                if free[0]:
+                    lock.release()
+
+            other = threading.Thread(target=try_lock)
+            other.start()
+            other.join()
+            return free[0]
+
+        free_while_reopening: list[bool] = []
+        original = logfile.reopen
+
+        def reopen() -> None:
+            free_while_reopening.append(free_elsewhere())
+            original()
+
+        logfile.reopen = reopen  # type: ignore[method-assign]
+        reopen_log_file()
+        self.assertEqual(free_while_reopening, [False])
+        self.assertTrue(free_elsewhere())  # released
+        self.assertIn("SIGHUP: reopened the log file", FilePath(path).getContent().decode())
