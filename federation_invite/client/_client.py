@@ -40,6 +40,7 @@ from ..core.ids import parse_server_name
 from ..core.xmatrix import sign_request
 from ..logs import Logger
 from ._body import BodyTooLarge, read_body
+from ._resolver import ThreadedResolver
 from .agent import (
     FederationAgent,
     ResponseHeadRefused,
@@ -102,7 +103,10 @@ class FederationClient:
     discovery, TLS verified unless ``verify_tls`` is False (test deployments
     only; logged as a warning), addresses in ``ip_blocklist`` and not in
     ``ip_allowlist`` refused, SRV lookups through ``srv_resolver`` (a
-    ``twisted.names`` resolver; the system's by default).
+    ``twisted.names`` resolver; the system's by default), A/AAAA lookups through
+    the reactor's resolver, Twisted's ``getaddrinfo`` one (the default) in threads of
+    the client's own (``ThreadedResolver``: lookups that hang cannot fill the
+    reactor's pool).
 
     ``agent`` replaces all of that with any ``IAgent``, which receives
     ``https://<destination><path>`` URIs; that is how tests talk to in-memory
@@ -146,6 +150,8 @@ class FederationClient:
         self._backoff: dict[str, _Backoff] = {}
         self._pool: HTTPConnectionPool | None = None
         self._resolver: ServerResolver | None = None
+        #: A/AAAA lookups, in threads of our own (``_resolver`` module).
+        self._name_resolver: ThreadedResolver | None = None
         if agent is None:
             if not verify_tls:
                 _log.warn(
@@ -155,11 +161,18 @@ class FederationClient:
             ip_filter = IPRangeFilter(ip_blocklist, ip_allowlist)
             tls_policy = FederationTLSPolicy(verify=verify_tls)
             self._pool = make_connection_pool(reactor)
-            resolver = self._resolver = ServerResolver(
-                reactor, well_known_agent(reactor, tls_policy, ip_filter, self._pool), srv_resolver
+            names = self._name_resolver = ThreadedResolver(reactor)
+            well_known = well_known_agent(
+                reactor, tls_policy, ip_filter, self._pool, name_resolver=names
             )
+            resolver = self._resolver = ServerResolver(reactor, well_known, srv_resolver)
             agent = FederationAgent(
-                reactor, resolver, tls_policy, ip_filter=ip_filter, pool=self._pool
+                reactor,
+                resolver,
+                tls_policy,
+                ip_filter=ip_filter,
+                name_resolver=names,
+                pool=self._pool,
             )
         self._agent = agent
 
@@ -232,10 +245,13 @@ class FederationClient:
         )
 
     def close(self) -> Deferred[None]:
-        """Close idle pooled connections and stop the system DNS resolver's timer (for
-        shutdown and tests on real sockets)."""
+        """Close idle pooled connections, stop the system DNS resolver's timer and answer
+        the address lookups waiting for a resolver thread (for shutdown and tests on real
+        sockets). The client still works after."""
         if self._resolver is not None:
             self._resolver.close()
+        if self._name_resolver is not None:
+            self._name_resolver.close()
         if self._pool is None:
             return succeed(None)
         closed: Deferred[None] = self._pool.closeCachedConnections()
@@ -288,6 +304,7 @@ class FederationClient:
         if backoff and not ignore_backoff:
             self._check_backoff(destination)
         started = self._reactor.seconds()
+        lookups_waited = self._lookups_waited()
 
         url = ("https://" + destination + uri).encode("ascii")
         attempt = Deferred.fromCoroutine(
@@ -321,14 +338,20 @@ class FederationClient:
             # twisted.web's ResponseNeverReceived([CancelledError]) or, while the
             # connection is being made, as ConnectingCancelledError, depending on
             # the stage; what matters is who cancelled.
+            # Not the server's fault: our resolver's threads were all busy (with lookups
+            # that hang, which anyone can cause), so this request may never have reached it.
+            resolver_busy = False
             if timed_out:
                 reason = f"timed out after {self._timeout:g} s"
+                if self._lookups_waited() != lookups_waited:
+                    resolver_busy = True
+                    reason += " (address lookups were waiting for a resolver thread)"
             elif _is_cancellation(exc):
                 raise CancelledError() from exc
             else:
                 reason = describe_failure(exc)
             error = TransportError(destination, reason)
-            if backoff:
+            if backoff and not resolver_busy:
                 self._record_failure(destination, started)
             _log.info("{error}", error=error)
             raise error from exc
@@ -353,6 +376,12 @@ class FederationClient:
         except BodyTooLarge as exc:
             raise RemoteError(destination, response.code, None, str(exc)) from None
         return _interpret(destination, response.code, response.phrase, raw)
+
+    def _lookups_waited(self) -> int:
+        """Address lookups that had to wait for a resolver thread so far: if more did by a
+        request's timeout than at its start, lookups waited meanwhile (its own among them,
+        if it made one then)."""
+        return 0 if self._name_resolver is None else self._name_resolver.waits
 
     # -- back-off
 

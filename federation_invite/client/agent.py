@@ -216,7 +216,9 @@ class HeadLimitingEndpoint:
 
 @implementer(IAgentEndpointFactory)
 class _WellKnownEndpointFactory:
-    def __init__(self, reactor: Any, tls_policy: IPolicyForHTTPS, connect_timeout: float) -> None:
+    def __init__(
+        self, reactor: BlocklistingReactor, tls_policy: IPolicyForHTTPS, connect_timeout: float
+    ) -> None:
         self._reactor = reactor
         self._tls_policy = tls_policy
         self._connect_timeout = connect_timeout
@@ -238,12 +240,13 @@ def well_known_agent(
     pool: HTTPConnectionPool,
     *,
     connect_timeout: float = CONNECT_TIMEOUT,
+    name_resolver: IHostnameResolver | None = None,
 ) -> IAgent:
     """The agent fetching ``https://<server name>/.well-known/matrix/server``: TLS with
-    ``tls_policy``, addresses checked by ``ip_filter``, response heads bounded as
-    ``FederationAgent``'s are."""
+    ``tls_policy``, addresses (from ``name_resolver``, by default the reactor's) checked
+    by ``ip_filter``, response heads bounded as ``FederationAgent``'s are."""
     factory = _WellKnownEndpointFactory(
-        BlocklistingReactor(reactor, ip_filter), tls_policy, connect_timeout
+        BlocklistingReactor(reactor, ip_filter, name_resolver), tls_policy, connect_timeout
     )
     return Agent.usingEndpointFactory(reactor, factory, pool=pool)
 
@@ -392,8 +395,11 @@ class FederationAgent:
         response: IResponse = await agent.request(method, inner, headers, body_producer)
         return response
 
-    async def _connect(self, server: ResolvedServer, factory: IProtocolFactory) -> IProtocol:
-        """Connect to the first of the server's targets that answers, over TLS.
+    async def _connect(
+        self, server: ResolvedServer, factory: IProtocolFactory, attempt: _Attempt
+    ) -> IProtocol:
+        """Connect to the first of the server's targets that answers, over TLS; none once
+        ``attempt`` is cancelled.
 
         Each target failing is logged at the debug level; the attempt logs one info line
         if any failed, or if addresses of the target connected to were blocked: a peer's
@@ -420,16 +426,20 @@ class FederationAgent:
             )
             try:
                 protocol: IProtocol = await endpoint.connect(factory)
-            except (CancelledError, ConnectingCancelledError):
-                # The request was cancelled (or timed out): stop, do not try the next target.
-                if failures:
-                    _log.info(
-                        "Cannot connect to {server_name}: {failed}; then the attempt was cancelled",
-                        server_name=server.server_name,
-                        failed=_failed(failures),
-                    )
-                raise
             except Exception as exc:
+                if attempt.cancelled or isinstance(exc, CancelledError | ConnectingCancelledError):
+                    # The request was cancelled (or timed out): stop, do not try the next
+                    # target (HostnameEndpoint fails a lookup cancelled with DNSLookupError).
+                    if failures:
+                        _log.info(
+                            "Cannot connect to {server_name}: {failed}; then the attempt was"
+                            " cancelled",
+                            server_name=server.server_name,
+                            failed=_failed(failures),
+                        )
+                    if isinstance(exc, CancelledError | ConnectingCancelledError):
+                        raise
+                    raise CancelledError() from exc
                 if blocked and isinstance(exc, DNSLookupError):
                     exc = BlockedAddressError(host, blocked)
                 _log.debug(
@@ -505,4 +515,39 @@ class _ServerEndpoint:
         self._server = server
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        return Deferred.fromCoroutine(self._agent._connect(self._server, protocolFactory))
+        """``FederationAgent._connect``, cancelled for good: cancelling a coroutine's Deferred
+        only cancels what it awaits, which the coroutine could take as a target failing and
+        try the next (a Deferred cancelled but never fired leaves the request without an
+        answer at its timeout)."""
+        attempt = _Attempt()
+        connecting = Deferred.fromCoroutine(
+            self._agent._connect(self._server, protocolFactory, attempt)
+        )
+
+        def cancel(connected: Deferred[IProtocol]) -> None:
+            attempt.cancelled = True
+            connecting.cancel()
+
+        connected: Deferred[IProtocol] = Deferred(cancel)
+
+        def deliver(result: IProtocol | Failure) -> None:
+            if connected.called:
+                # Cancelled, and already failed with CancelledError: nobody takes a
+                # connection made all the same.
+                transport = getattr(result, "transport", None)
+                if transport is not None:
+                    transport.abortConnection()
+                return
+            if isinstance(result, Failure):
+                connected.errback(result)
+            else:
+                connected.callback(result)
+
+        connecting.addBoth(deliver)
+        return connected
+
+
+class _Attempt:
+    """Whether the connection attempt was cancelled."""
+
+    cancelled = False

@@ -11,7 +11,12 @@ from twisted.internet import ssl
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IHostnameResolver,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -67,6 +72,26 @@ class RecordingPolicy:
 class _TCPTransport(StringTransport):
     def setTcpNoDelay(self, enabled: bool) -> None:
         pass
+
+
+@implementer(IHostnameResolver)
+class _HeldResolver:
+    """Address lookups that never end; ``lookups`` lists the names asked for."""
+
+    def __init__(self) -> None:
+        self.lookups: list[str] = []
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: Any,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Any = None,
+        transportSemantics: str = "TCP",
+    ) -> Any:
+        self.lookups.append(hostName)
+        resolutionReceiver.resolutionBegan(None)
+        return None
 
 
 class AgentRoutingTests(SynchronousTestCase):
@@ -170,6 +195,25 @@ class AgentRoutingTests(SynchronousTestCase):
         self.assertTrue(connector.stoppedConnecting)
         self.reactor.advance(1)
         self.assertEqual(self.connections(), [(PUBLIC_2, 1111)])
+
+    def test_cancel_while_looking_up(self) -> None:
+        """Cancelling a request (its timeout) while a target's address lookup is in progress
+        tries no other target: HostnameEndpoint reports that cancellation as a failed lookup
+        (DNSLookupError), which must not lead to the next target's lookup, each of which may
+        hang too, for a request nobody waits for."""
+        self.srv.records["_matrix-fed._tcp.example.org"] = [
+            (0, 0, 1111, "srv-target.example"),
+            (5, 0, 2222, "backup.example"),
+        ]
+        held = _HeldResolver()
+        self.agent._name_resolver = held
+        requesting = self.request("example.org")
+        self.assertEqual(held.lookups, ["srv-target.example"])
+        requesting.cancel()
+        self.failureResultOf(requesting)
+        self.reactor.advance(1)
+        self.assertEqual(held.lookups, ["srv-target.example"])
+        self.assertEqual(self.connections(), [])
 
     def test_blocked_ip_literal(self) -> None:
         """A blocked IP literal is never connected to."""

@@ -1,0 +1,231 @@
+"""Tests for federation_invite.client._resolver: address lookups that hang do not starve
+the client's other connections."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any
+
+from signedjson.key import generate_signing_key
+from twisted.internet import reactor as global_reactor
+from twisted.internet import ssl
+from twisted.internet._resolver import GAIResolver
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from federation_invite.client import FederationClient, TransportError
+from federation_invite.client._resolver import RESOLVER_THREADS, ThreadedResolver
+
+from ._fakes import make_certificate
+
+real_reactor: Any = global_reactor
+
+#: Threads of Twisted's reactor pool, which name lookups used to share.
+_REACTOR_THREADS = 10
+
+
+class _Answering(Protocol):
+    """Answers each request with an empty JSON object."""
+
+    def __init__(self) -> None:
+        self._received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self._received += data
+        while b"\r\n\r\n" in self._received:
+            _, self._received = self._received.split(b"\r\n\r\n", 1)
+            transport: Any = self.transport
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+
+class _Receiver:
+    def __init__(self) -> None:
+        self.addresses: list[Any] = []
+        self.done: Deferred[list[Any]] = Deferred()
+
+    def resolutionBegan(self, resolution: Any) -> None:
+        pass
+
+    def addressResolved(self, address: Any) -> None:
+        self.addresses.append(address)
+
+    def resolutionComplete(self) -> None:
+        self.done.callback(self.addresses)
+
+
+class SlowLookupTests(TestCase):
+    """The reactor's resolver is a ``GAIResolver`` whose getaddrinfo hangs for names under
+    slow.test (as the system's does while a name server does not answer) until the test
+    ends, and answers 127.0.0.1 for good.test, where a TLS peer answers."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.release = threading.Event()
+        self.entered = 0
+        cert_pem, key_pem = make_certificate(["good.test"], ["127.0.0.1"])
+        options = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem).options()
+        port = real_reactor.listenSSL(
+            0, Factory.forProtocol(_Answering), options, interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        self.good = f"good.test:{port.getHost().port}"
+        previous = real_reactor.installNameResolver(
+            GAIResolver(real_reactor, real_reactor.getThreadPool, self.getaddrinfo)
+        )
+        self.addCleanup(real_reactor.installNameResolver, previous)
+        # Cleanups run last first: the hung lookups end before anything else is undone.
+        self.addCleanup(self.release.set)
+
+    def getaddrinfo(self, host: str, port: int, *args: Any) -> Any:
+        if host.endswith(".slow.test"):
+            self.entered += 1
+            self.release.wait(20)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return socket.getaddrinfo("127.0.0.1" if host == "good.test" else host, port, *args)
+
+    def client(self, timeout: float) -> FederationClient:
+        client = FederationClient(
+            real_reactor,
+            "local.example",
+            generate_signing_key("k"),
+            verify_tls=False,
+            ip_allowlist=["127.0.0.1/32"],
+            timeout=timeout,
+        )
+        self.addCleanup(client.close)
+        return client
+
+    def hang(self, client: FederationClient, count: int) -> DeferredList[Any]:
+        """``count`` requests whose address lookups hang (each its own name)."""
+        requests = [client.get_json(f"x{n}.slow.test:8448", "/x") for n in range(count)]
+        return DeferredList(requests, consumeErrors=True)
+
+    async def until(self, condition: Any, seconds: float = 5.0) -> None:
+        for _ in range(int(seconds * 100)):
+            if condition():
+                return
+            await deferLater(real_reactor, 0.01, lambda: None)
+
+    async def no_resolver_threads(self, client: FederationClient) -> None:
+        """Once the hung lookups end, their threads end too."""
+        self.release.set()
+        await self.until(lambda: not _dns_threads())
+        self.assertEqual(_dns_threads(), [])
+        assert client._name_resolver is not None
+        self.assertEqual(client._name_resolver.threads, 0)
+
+    async def test_healthy_peer_reached(self) -> None:
+        """With more lookups hung than the reactor has threads, a server whose name
+        resolves at once is reached, within its request's timeout."""
+        client = self.client(timeout=5.0)
+        hung = self.hang(client, _REACTOR_THREADS + 2)
+        await self.until(lambda: self.entered == _REACTOR_THREADS + 2, seconds=2.0)
+        self.assertEqual(await client.get_json(self.good, "/x"), {})
+        self.assertEqual(client._backoff.keys() & {self.good}, set())
+        await self.no_resolver_threads(client)
+        results = await hung
+        self.assertEqual([ok for ok, _ in results], [False] * (_REACTOR_THREADS + 2))
+
+    async def test_waiting_for_a_thread_is_not_the_servers_fault(self) -> None:
+        """A request timing out while address lookups wait for a resolver thread (all of
+        them busy with lookups that hang) says so and does not back the server off; once
+        threads are free again, it is reached."""
+        client = self.client(timeout=0.5)
+        assert client._name_resolver is not None
+        self.assertEqual(client._name_resolver.max_threads, RESOLVER_THREADS)
+        client._name_resolver.max_threads = 2
+        hung = self.hang(client, 2)
+        await self.until(lambda: self.entered == 2)
+        with self.assertRaises(TransportError) as caught:
+            await client.get_json(self.good, "/x")
+        self.assertEqual(
+            caught.exception.reason,
+            "timed out after 0.5 s (address lookups were waiting for a resolver thread)",
+        )
+        self.assertEqual(client._backoff.keys() & {self.good}, set())
+        await self.no_resolver_threads(client)
+        await hung
+        self.assertEqual(await client.get_json(self.good, "/x"), {})
+
+    async def test_close_answers_waiting_lookups(self) -> None:
+        """Closing the client answers the lookups still waiting for a thread at once (no
+        address: the request fails as a DNS failure); the hung one ends on its own."""
+        client = self.client(timeout=10.0)
+        assert client._name_resolver is not None
+        client._name_resolver.max_threads = 1
+        hung = self.hang(client, 1)
+        await self.until(lambda: self.entered == 1)
+        waiting = client.get_json(self.good, "/x")
+        await self.until(
+            lambda: client._name_resolver is not None and client._name_resolver.waiting == 1
+        )
+        await client.close()
+        with self.assertRaises(TransportError) as caught:
+            await waiting
+        self.assertTrue(caught.exception.reason.startswith("DNS lookup failed"), caught.exception)
+        await self.no_resolver_threads(client)
+        await hung
+
+
+class ThreadedResolverTests(TestCase):
+    """Addresses as getaddrinfo gives them; another resolver installed is used as it is."""
+
+    def resolve(self, getaddrinfo: Any, host: str = "host.test") -> Deferred[list[Any]]:
+        previous = real_reactor.installNameResolver(
+            GAIResolver(real_reactor, real_reactor.getThreadPool, getaddrinfo)
+        )
+        self.addCleanup(real_reactor.installNameResolver, previous)
+        receiver = _Receiver()
+        ThreadedResolver(real_reactor).resolveHostName(receiver, host, 8448)
+        return receiver.done
+
+    async def test_addresses(self) -> None:
+        def getaddrinfo(host: str, port: int, family: int, kind: int) -> Any:
+            self.assertEqual((host, port, family, kind), ("host.test", 8448, 0, 1))
+            self.assertTrue(threading.current_thread().name.startswith("federation-invite-dns"))
+            return [
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 8448)),
+                (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("2606:4700::1", 8448, 0, 0)),
+            ]
+
+        self.assertEqual(
+            await self.resolve(getaddrinfo),
+            [
+                IPv4Address("TCP", "93.184.216.34", 8448),
+                IPv6Address("TCP", "2606:4700::1", 8448),
+            ],
+        )
+
+    async def test_failures_answer_no_address(self) -> None:
+        def fails(host: str, *args: Any) -> Any:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+        def breaks(host: str, *args: Any) -> Any:
+            raise UnicodeError("label too long")
+
+        self.assertEqual(await self.resolve(fails), [])
+        self.assertEqual(await self.resolve(breaks), [])
+
+    def test_other_resolver_used(self) -> None:
+        """A resolver installed in the reactor that is not Twisted's GAIResolver (an
+        application's, a test's fake) answers itself, in no thread of ours."""
+        from ._fakes import FakeHostnameResolver
+
+        fake = FakeHostnameResolver({"host.test": ["93.184.216.34"]})
+        previous = real_reactor.installNameResolver(fake)
+        self.addCleanup(real_reactor.installNameResolver, previous)
+        receiver = _Receiver()
+        ThreadedResolver(real_reactor).resolveHostName(receiver, "host.test", 8448)
+        self.assertEqual(
+            self.successResultOf(receiver.done), [IPv4Address("TCP", "93.184.216.34", 8448)]
+        )
+        self.assertEqual(fake.lookups, ["host.test"])
+
+
+def _dns_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("federation-invite-dns")]
