@@ -4,7 +4,16 @@ Hypothesis checks properties, not timing: its per-example deadline and its
 "too slow" health check fail tests on a loaded machine (a CI runner, or trial's
 ``-j2`` beside other work) without finding anything wrong, so the suite's
 profile turns both off. Performance is measured under ``benchmarks/``.
+
+The suite's profile is also derandomized: every run draws the same examples,
+so a test's result depends on the code alone, and a gate (CI, a release)
+cannot turn red by drawing a new example of an old oracle mistake. To explore
+new examples, run with ``FEDERATION_INVITE_HYPOTHESIS=explore`` (random draws,
+failing examples kept in ``.hypothesis/`` and replayed until they pass);
+``docs/fuzzing.md`` says more.
 """
+
+import os
 
 from hypothesis import HealthCheck, settings
 
@@ -12,5 +21,13 @@ settings.register_profile(
     "federation-invite",
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+    database=None,
 )
-settings.load_profile("federation-invite")
+settings.register_profile(
+    "explore",
+    parent=settings.get_profile("federation-invite"),
+    derandomize=False,
+    database=settings.default.database,
+)
+settings.load_profile(os.environ.get("FEDERATION_INVITE_HYPOTHESIS", "federation-invite"))
