@@ -19,6 +19,8 @@ from federation_invite.core.canonical import (
     MAX_SAFE_INTEGER,
     MIN_SAFE_INTEGER,
     CanonicalJSONError,
+    EncodedDict,
+    EncodedList,
     check_canonical_json,
     encode_canonical_json,
     parse_json,
@@ -192,6 +194,23 @@ class ParseTests(SynchronousTestCase):
             # A refused duplicate leaves nothing behind for the next parse.
             self.assertEqual(parse(b'{"a":1}', require_object=True), parse(b'{"a":1}'))
 
+    def test_refused_body_leaves_no_duplicate_behind(self) -> None:
+        """A duplicate key noted in a body then refused as M_NOT_JSON (trailing data,
+        unterminated, NaN, not an object) is forgotten: each parse starts with no duplicate
+        noted, so the next body, which has none, parses rather than being refused
+        400 M_BAD_JSON for the last body's key."""
+        for parse in (parse_json, parse_json_with_numbers):
+            for body, require_object in (
+                (b'{"a":1,"a":2} trailing', False),
+                (b'[{"a":1,"a":2}', False),
+                (b'{"a":{"b":1,"b":2},"c":NaN}', False),
+                (b'[{"a":1,"a":2}]', True),
+            ):
+                error = self.assertRaises(MatrixError, parse, body, require_object=require_object)
+                self.assertEqual((error.http_status, error.errcode), (400, "M_NOT_JSON"), body)
+                self.assertEqual(parse_json(b'{"b":1}'), {"b": 1}, body)
+                self.assertEqual(parse_json_with_numbers(b'{"b":1}'), ({"b": 1}, True), body)
+
     def test_duplicate_noted_per_thread(self) -> None:
         """A duplicate seen by a parse in another thread does not refuse this thread's parse."""
         from federation_invite.core import canonical
@@ -213,7 +232,9 @@ class ParseTests(SynchronousTestCase):
 
 class ParseWithNumbersTests(SynchronousTestCase):
     def test_numbers_flag(self) -> None:
-        """The flag is True only when no float and no out-of-range integer occurs anywhere."""
+        """The flag is True only when no float and no out-of-range integer occurs anywhere;
+        the range's ends, 2**53-1 and -(2**53)+1, are in it (appendices, "Canonical JSON":
+        integers in [-(2**53)+1, (2**53)-1])."""
         cases = [
             (b'{"a": [1, -2, {"b": 9007199254740991}]}', True),
             (b'{"a": "1.5 in a string"}', True),
@@ -221,6 +242,7 @@ class ParseWithNumbersTests(SynchronousTestCase):
             (b'{"a": [1e2]}', False),
             (b'{"a": {"b": 9007199254740992}}', False),
             (b"[-9007199254740992]", False),
+            (b"[9007199254740991, -9007199254740991]", True),
             (b"{}", True),
         ]
         for body, clean in cases:
@@ -284,6 +306,21 @@ class ParseWithNumbersTests(SynchronousTestCase):
             ),
         )
         self.assertRaises(CanonicalJSONError, encode_canonical_json, [object()], strict=False)
+
+
+class EncodedValueTests(SynchronousTestCase):
+    def test_encoded_containers_hold_their_value(self) -> None:
+        """EncodedDict and EncodedList hold the value they were built from, its encoding
+        beside it: whoever reads the value rather than the bytes (an embedder calling
+        on_invite, v1's ``[200, {...}]`` answer) sees what the bytes say, not an empty
+        container."""
+        value = {"event": {"b": [1, 2], "a": None}}
+        encoded = EncodedDict(value, encode_canonical_json(value))
+        self.assertEqual(encoded, value)
+        self.assertEqual(json.loads(encoded.canonical), encoded)
+        wrapped = EncodedList([200, encoded], b"[200," + encoded.canonical + b"]")
+        self.assertEqual(wrapped, [200, value])
+        self.assertEqual(json.loads(wrapped.canonical), wrapped)
 
 
 class NestingTests(SynchronousTestCase):
