@@ -85,6 +85,14 @@ class ParseTests(SynchronousTestCase):
             ),
         )
 
+    def test_unquoted_values_of_every_token_character(self) -> None:
+        """An unquoted value may hold every tchar of RFC 9110 section 5.6.2 (``!#$%&'*+-.^_`|~``,
+        digits, letters of both cases), plus the spec's ':' and token68's '/' and '='."""
+        tchars = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        for value in (tchars, tchars[::-1] + ":/=", "Z", "z", "~", "!"):
+            auth = parse_xmatrix(f"X-Matrix origin={value},key={value},sig={value}")
+            self.assertEqual(auth, XMatrixAuth(value, None, value, value))
+
     def test_whitespace_around_commas_and_equals(self) -> None:
         """Spaces and tabs around commas (and BWS around '=') are allowed."""
         header = (
@@ -129,13 +137,19 @@ class ParseTests(SynchronousTestCase):
         self.assertParseError("X-Matrix   ", "X-Matrix header has no 'origin' parameter")
 
     def test_empty_values(self) -> None:
-        """Empty quoted values of the known parameters are refused."""
+        """Empty quoted values of the known parameters are refused, each naming it."""
         self.assertParseError(
             'X-Matrix origin="",key="k",sig="s"', "X-Matrix parameter 'origin' is empty"
         )
         self.assertParseError(
             'X-Matrix origin="o",destination="",key="k",sig="s"',
             "X-Matrix parameter 'destination' is empty",
+        )
+        self.assertParseError(
+            'X-Matrix origin="o",key="",sig="s"', "X-Matrix parameter 'key' is empty"
+        )
+        self.assertParseError(
+            'X-Matrix origin="o",key="k",sig=""', "X-Matrix parameter 'sig' is empty"
         )
 
     def test_duplicate_parameters(self) -> None:
