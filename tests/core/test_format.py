@@ -167,6 +167,16 @@ class ValidEventTests(FormatTestCase):
             event["depth"] = 2**63 - 1 if int(version) < 6 else 2**53 - 1
             check_event_format(version, event)
 
+    def test_origin_server_ts_bounds(self) -> None:
+        """origin_server_ts is ``format: int64`` (pdu_base): -(2^63) and 2^63-1 pass in rooms
+        v1-5; from v6 canonical JSON bounds it to [-(2^53)+1, 2^53-1], whose ends pass."""
+        for version in ALL_VERSIONS:
+            safe = int(version) >= 6
+            for ts in (-(2**53) + 1, 2**53 - 1) if safe else (-(2**63), 2**63 - 1):
+                event = invite_event(version)
+                event["origin_server_ts"] = ts
+                check_event_format(version, event)
+
     def test_floats_before_v6(self) -> None:
         """Room versions 1 to 5 tolerate floats and large integers in content."""
         for version in ALL_VERSIONS[:5]:
@@ -320,12 +330,13 @@ class RejectTests(FormatTestCase):
             )
 
     def test_origin_server_ts(self) -> None:
-        """pdu_base: origin_server_ts is an int64 integer (not a bool, string or float)."""
-        for bad in ["1549041175876", True, None, 2**63]:
+        """pdu_base: origin_server_ts is an int64 integer (not a bool, string or float); just
+        outside int64, 2^63 and -(2^63)-1, is refused 400 M_BAD_JSON in rooms v1-5."""
+        for bad in ["1549041175876", True, None, 2**63, -(2**63) - 1]:
             self.assertBadEverywhere(
                 lambda e, b=bad: e.__setitem__("origin_server_ts", b),
                 "'origin_server_ts' must be an integer",
-                ALL_VERSIONS[:5] if bad == 2**63 else ALL_VERSIONS,
+                ALL_VERSIONS[:5] if isinstance(bad, int) and abs(bad) >= 2**63 else ALL_VERSIONS,
             )
         self.assertBadEverywhere(
             lambda e: e.__setitem__("origin_server_ts", 1.0),
