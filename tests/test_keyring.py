@@ -14,8 +14,9 @@ from twisted.web.server import Request
 from federation_invite.client import FederationClient
 from federation_invite.client.testing import FakePeersAgent
 from federation_invite.config import Notary
+from federation_invite.core.canonical import encode_canonical_json
 from federation_invite.core.errors import MatrixError
-from federation_invite.core.keys import encode_verify_key, key_id_of, verify_key_of
+from federation_invite.core.keys import encode_verify_key, key_id_of, sign_bytes, verify_key_of
 from federation_invite.core.signing import SEVEN_DAYS_MS, sign_json
 from federation_invite.keyring import KeyFetchBusy, KeyFetchError, Keyring, parse_key_response
 from federation_invite.store import StoreError
@@ -47,6 +48,16 @@ def many_keys_document(server_name: str, current: int, old: int = 0) -> dict[str
         server_name: {key_id: signature for key_id in document["verify_keys"]}
     }
     return document
+
+
+def lax_signed(document: dict[str, Any], server_name: str, key: Any) -> dict[str, Any]:
+    """``document`` with ``server_name``'s signature by ``key`` over its lax canonical JSON
+    (floats and large integers kept, as rooms v1-5 allow): what ``sign_json``, which is
+    strict, refuses to make."""
+    unsigned = {k: v for k, v in document.items() if k not in ("signatures", "unsigned")}
+    signature = sign_bytes(key, encode_canonical_json(unsigned, strict=False))
+    signatures = {**document.get("signatures", {}), server_name: {key_id_of(key): signature}}
+    return {**document, "signatures": signatures}
 
 
 class NotaryQuery(MatrixResource):
@@ -1489,6 +1500,29 @@ class NotaryTests(SynchronousTestCase):
         keys = self.successResultOf(keyring.get_server_keys("down.example", [self.key_id], NOW_MS))
         self.assertEqual(keys, {})
         self.assertEqual(self.store.keys, {})
+
+    def test_notary_document_with_a_float_refused(self) -> None:
+        """A key document is strict canonical JSON (appendices, "Canonical JSON": "Numbers in
+        the JSON must be integers in the range [-(2**53)+1, (2**53)-1]"): a notary's copy
+        holding a float, signed over its lax encoding by the server and the notary, is refused
+        as the notary's signature is checked, none of its keys kept."""
+        document = server_keys_document("down.example", [self.remote_key], [], NOW_MS, DAY_MS)
+        document["weight"] = 1.5
+        document = lax_signed(document, "down.example", self.remote_key)
+        signed = lax_signed(document, "notary.example", self.notary_key)
+        self.federation.servers["notary.example"] = CannedResource(200, {"server_keys": [signed]})
+        with capturedLogs() as events:
+            keys = self.successResultOf(
+                self.keyring().get_server_keys("down.example", [self.key_id], NOW_MS)
+            )
+        self.assertEqual(keys, {})
+        self.assertEqual(self.store.keys, {})
+        self.assertIn(
+            "Notary notary.example gave no keys for down.example: KeyFetchError: notary "
+            "signature invalid: Signed object has no canonical JSON form: floats are not allowed "
+            "in canonical JSON",
+            [formatEvent(event) for event in events],
+        )
 
     def test_notary_document_over_the_cap_refused(self) -> None:
         """A notary's copy of a key document listing more than 64 keys is refused too."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import MappingProxyType
 from typing import Any
 
 import canonicaljson
@@ -32,6 +33,7 @@ from federation_invite.core.signing import (
     required_event_signers,
     sign_event,
     sign_json,
+    signing_bytes,
     verify_event_signature,
     verify_event_signatures,
     verify_json,
@@ -153,6 +155,14 @@ class RoomVersionIdentifierTests(SynchronousTestCase):
                 call()
             self.assertIn("(server_name, key_id)", str(raised.exception))
 
+    def test_keys_any_mapping(self) -> None:
+        """The keys may be any Mapping, not only a dict (a read-only MappingProxyType)."""
+        v10 = KNOWN_ROOM_VERSIONS["10"]
+        cosigned = sign_event(v10, signed_invite(v10), OTHER, OTHER_KEY)
+        keys = MappingProxyType(KEYS)
+        verify_event_signatures(v10, cosigned, keys)
+        verify_event_signature(v10, cosigned, OTHER, keys)
+
     def test_key_of_the_wrong_kind(self) -> None:
         """A verify key where a signing key is wanted, and a keys mapping to plain VerifyKeys
         (not ServerVerifyKeys), are TypeErrors naming both kinds, not AttributeErrors."""
@@ -258,6 +268,18 @@ class SignJSONTests(SynchronousTestCase):
         for bad in (1.5, MAX_SAFE_INTEGER + 1):
             with self.assertRaises(CanonicalJSONError):
                 sign_json({"a": bad}, ORIGIN, ORIGIN_KEY)
+
+    def test_signing_bytes_strict_by_default(self) -> None:
+        """signing_bytes encodes strictly unless told otherwise (appendices, "Canonical JSON":
+        "Numbers in the JSON must be integers in the range [-(2**53)+1, (2**53)-1]"): a float
+        or an unsafe integer is a SignatureError, as the verifiers raise it; strict=False
+        (rooms v1-5) keeps them. signatures and unsigned are left out either way."""
+        for bad, lax in ((1.5, b"1.5"), (MAX_SAFE_INTEGER + 1, b"9007199254740992")):
+            obj = {"a": bad, "signatures": {}, "unsigned": {"age": 1}}
+            with self.assertRaises(SignatureError) as raised:
+                signing_bytes(obj)
+            self.assertIn("no canonical JSON form", str(raised.exception))
+            self.assertEqual(signing_bytes(obj, strict=False), b'{"a":' + lax + b"}")
 
 
 class VerifyJSONTests(SynchronousTestCase):
@@ -488,6 +510,16 @@ class EventSigningTests(SynchronousTestCase):
             self.assertEqual(
                 {k: v for k, v in signed.items() if k not in ("hashes", "signatures")}, event
             )
+
+    def test_hash_and_sign_strict_beyond_the_content_hash(self) -> None:
+        """Our events are strict canonical JSON where only the signature covers them too: a
+        float in ``hashes`` (left out of the content hash, kept by redaction, so signed) is
+        refused with CanonicalJSONError in every room version, v1-5 included."""
+        for version in ALL_VERSIONS:
+            event = invite_event(version)
+            event["hashes"] = {"other": 1.5}
+            with self.assertRaises(CanonicalJSONError):
+                hash_and_sign_event(version, event, ORIGIN, ORIGIN_KEY)
 
     def test_signature_is_over_redacted_form(self) -> None:
         """The signature covers the redacted event without signatures and unsigned."""
