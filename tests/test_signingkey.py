@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
 from signedjson.key import generate_signing_key
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from unpaddedbase64 import decode_base64, encode_base64
 
 from federation_invite.signingkey import (
     SigningKeyError,
     generate_key_version,
     load_or_create_signing_key,
+    make_private_directories,
     read_signing_keys,
     write_signing_key_file,
 )
@@ -227,3 +229,81 @@ class SigningKeyFileTests(SynchronousTestCase):
         self.assertEqual(refused, [parent])
         (on_disk,) = read_signing_keys(path)
         self.assertEqual(on_disk.encode(), key.encode())
+
+    def test_directory_fsync_failing_otherwise_raises(self) -> None:
+        """Only a directory that cannot be opened at all for a sync (EACCES, EPERM, EINVAL,
+        EISDIR) is skipped: another error opening it (EIO) is raised, not taken as synced."""
+        path = os.path.join(self.mktemp(), "signing.key")
+        real_open = os.open
+
+        def failing_open(name: str, flags: int, *args: object, **kwargs: object) -> int:
+            if flags & os.O_DIRECTORY:
+                raise OSError(errno.EIO, "injected directory open failure", name)
+            return real_open(name, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+        self.patch(os, "open", failing_open)
+        error = self.assertRaises(OSError, load_or_create_signing_key, path)
+        self.assertEqual(
+            (error.errno, error.strerror), (errno.EIO, "injected directory open failure")
+        )
+
+    def test_no_descriptor_left_open(self) -> None:
+        """Writing a key file closes every descriptor it opened (the file's, and those of the
+        directory and its parent opened to fsync them)."""
+        if not os.path.isdir("/proc/self/fd"):
+            raise SkipTest("no /proc/self/fd to list this process's descriptors")
+        directory = self.mktemp()
+        os.makedirs(directory)
+        before = sorted(os.listdir("/proc/self/fd"))
+        write_signing_key_file(os.path.join(directory, "signing.key"), generate_signing_key("a"))
+        self.assertEqual(sorted(os.listdir("/proc/self/fd")), before)
+
+    def test_bare_file_name_written_in_the_working_directory(self) -> None:
+        """A key path without a directory ('signing.key') is written in the working directory,
+        its temporary file there too: nothing else is created."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(directory)
+        key, created = load_or_create_signing_key("signing.key")
+        self.assertTrue(created)
+        self.assertEqual(os.listdir(directory), ["signing.key"])
+        (on_disk,) = read_signing_keys(os.path.join(directory, "signing.key"))
+        self.assertEqual(on_disk.encode(), key.encode())
+
+
+class PrivateDirectoryTests(SynchronousTestCase):
+    """make_private_directories: the key file's directory, and its missing parents, 0700."""
+
+    def test_file_in_the_way_refused(self) -> None:
+        """A regular file where the directory (or a parent) should be raises FileExistsError,
+        also through write_signing_key_file, rather than being taken as the directory."""
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        in_the_way = os.path.join(base, "file")
+        with open(in_the_way, "w"):
+            pass
+        for path in (in_the_way, os.path.join(in_the_way, "sub")):
+            self.assertRaises(FileExistsError, make_private_directories, path)
+            self.assertRaises(
+                FileExistsError,
+                write_signing_key_file,
+                os.path.join(path, "signing.key"),
+                generate_signing_key("a"),
+            )
+        self.assertEqual(os.listdir(base), ["file"])
+
+    def test_directory_made_meanwhile_accepted(self) -> None:
+        """A directory another worker creates between our check and our mkdir is used as it
+        is: its FileExistsError is not an error, and its mode is not changed."""
+        path = os.path.join(os.path.abspath(self.mktemp()), "keys")
+        real_mkdir = os.mkdir
+
+        def other_worker_first(directory: str, mode: int = 0o777) -> None:
+            real_mkdir(directory, 0o750)
+            os.chmod(directory, 0o750)
+            raise FileExistsError(errno.EEXIST, "File exists", directory)
+
+        self.patch(os, "mkdir", other_worker_first)
+        make_private_directories(path)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o750)
