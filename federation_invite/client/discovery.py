@@ -115,9 +115,15 @@ SRV_QUERY_TIMEOUT = 20.0
 SRV_MAX_TTL = 24 * 3600.0
 SRV_NEGATIVE_MAX_TTL = 3600.0
 #: Most SRV targets tried for one connection: the first in RFC 2782 order. An answer may
-#: list thousands (about 3000 fit in one DNS message over TCP), each an A/AAAA lookup and a
-#: connection attempt; real servers list a handful.
+#: list about 1000 (one DNS message over TCP as resolvers send it, its names compressed:
+#: Twisted decodes no more than 1000 compression pointers in one message; up to about
+#: 3000 uncompressed), each an A/AAAA lookup and a connection attempt; real servers list
+#: a handful.
 MAX_SRV_TARGETS = 32
+#: Most records of one SRV answer remembered (``_bound_srv``): each answer is kept up to
+#: ``SRV_MAX_TTL``, for up to ``SRV_CACHE_SIZE`` peer-chosen names, at some 300 to 500
+#: bytes a record.
+SRV_MAX_RECORDS = 2 * MAX_SRV_TARGETS
 #: SRV names whose answers are remembered at once (names are peer-chosen); also
 #: of the last answers with records kept for DNS failures (the most recently answered).
 SRV_CACHE_SIZE = 10_000
@@ -467,7 +473,7 @@ class ServerResolver:
                 # for .onion names) never will: Synapse goes on without them.
                 return []
             raise SrvLookupError(name, reason) from exc
-        records = _srv_records(name.encode("ascii"), result[0])
+        records = _bound_srv(_srv_records(name.encode("ascii"), result[0]))
         if records:
             ttl = min(min(answer.ttl for answer in result[0]), SRV_MAX_TTL)
         else:
@@ -500,14 +506,7 @@ class ServerResolver:
         """
         usable = []
         for record in records:
-            try:
-                target = record.target.name.decode("ascii").rstrip(".")
-            except UnicodeDecodeError:
-                # Not a hostname we could connect to; the other records may be.
-                continue
-            # A target of "." means the service is decidedly not available
-            # there (RFC 2782): beside other records, it is skipped (alone, it
-            # makes _lookup_srv fail).
+            target = _srv_target(record)
             if target:
                 usable.append((record.priority, record.weight, target, record.port))
         # Stable: by priority, then weight 0 before the others, else as answered.
@@ -685,6 +684,52 @@ def _srv_records(name: bytes, answers: list[dns.RRHeader]) -> list[dns.Record_SR
         owner = aliases[owner]
         owners.add(owner)
     return [record for record_owner, record in records if record_owner in owners]
+
+
+def _srv_target(record: dns.Record_SRV) -> str:
+    """The host an SRV record points to, or "" for none we can use.
+
+    A target that is not ASCII is not a hostname we could connect to (the other records
+    may be); one of "." means the service is decidedly not available there (RFC 2782):
+    beside other records, it is skipped (alone, it makes ``_lookup_srv`` fail).
+    """
+    try:
+        return record.target.name.decode("ascii").rstrip(".")
+    except UnicodeDecodeError:
+        return ""
+
+
+def _bound_srv(records: list[dns.Record_SRV]) -> list[dns.Record_SRV]:
+    """At most ``SRV_MAX_RECORDS`` of an answer's records, the ones ordering draws from.
+
+    An answer of no more is kept as it is. Of a larger one, the records with a usable
+    target, lowest priorities first (RFC 2782 order), each priority whole until
+    ``MAX_SRV_TARGETS`` are kept, as long as it fits: the first ``MAX_SRV_TARGETS``
+    in order are then drawn from them exactly as from the whole answer. Of a priority
+    too large to fit, its heaviest records (ties in the answer's order), those most
+    likely drawn first, are kept in the answer's order, the rest dropped: the order is
+    then drawn from those alone. An answer with no usable target keeps one record, a
+    "." if it has one: it still means no service (or, without a ".", no target).
+    """
+    if len(records) <= SRV_MAX_RECORDS:
+        return records
+    usable = [record for record in records if _srv_target(record)]
+    if not usable:
+        roots = (record for record in records if _is_root(record.target.name))
+        return [next(roots, records[0])]
+    usable.sort(key=lambda record: record.priority)  # stable: as answered within one
+    kept: list[dns.Record_SRV] = []
+    for _, grouped in itertools.groupby(usable, key=lambda record: record.priority):
+        group = list(grouped)
+        room = SRV_MAX_RECORDS - len(kept)
+        if len(group) > room:
+            heaviest = sorted(range(len(group)), key=lambda index: -group[index].weight)
+            kept.extend(group[index] for index in sorted(heaviest[:room]))
+            break
+        kept.extend(group)
+        if len(kept) >= MAX_SRV_TARGETS:
+            break
+    return kept
 
 
 class _Fresh(Protocol):

@@ -763,8 +763,8 @@ class SrvTests(_Base):
             self.assertEqual([host for host, _ in targets], order, (fraction, records))
 
     def test_at_most_32_targets(self) -> None:
-        """Of an answer listing thousands of targets (about 3000 fit in one DNS message over
-        TCP) the first MAX_SRV_TARGETS in RFC 2782 order are tried: lower priorities first,
+        """Of an answer listing thousands of targets (up to about 3000 fit in one DNS message
+        over TCP) the first MAX_SRV_TARGETS in RFC 2782 order are tried: lower priorities first,
         each record at most once, with at most that many weighted draws."""
         name = "_matrix-fed._tcp.example.org"
         self.assertEqual(discovery.MAX_SRV_TARGETS, 32)
@@ -1266,6 +1266,83 @@ class SrvCacheTests(_Base):
         self.srv.errors[self.NAME] = dns.DNSQueryTimeoutError("x")
         server = self.successResultOf(self.resolver.resolve_server("example.org"))
         self.failureResultOf(self.resolver.resolve_targets(server), SrvLookupError)
+
+    def test_large_answer_bounded_in_the_caches(self) -> None:
+        """An answer listing hundreds of records (900 fit in one DNS message over TCP) keeps
+        at most SRV_MAX_RECORDS of them, in the cache and among the answers kept for DNS
+        failures: names are peer-chosen, each answer kept up to a day. The lowest priorities
+        are kept whole, then the heaviest records of the next one, those beyond the
+        MAX_SRV_TARGETS first in order not at all; the targets are ordered from what is kept,
+        cached or not."""
+        self.assertEqual(discovery.SRV_MAX_RECORDS, 64)
+        owner = self.NAME.encode()
+        answer = [_ttl(_srv(owner, 0, 1, 1, b"low%d.example" % n), 3600) for n in range(20)]
+        answer += [
+            _ttl(_srv(owner, 1, 1 + (n % 9 == 0), 2, b"mid%d.example" % n), 3600)
+            for n in range(440)
+        ]
+        answer += [_ttl(_srv(owner, 2, 1, 3, b"high%d.example" % n), 3600) for n in range(440)]
+        random.Random(5).shuffle(answer)
+        self.srv.raw[self.NAME] = answer
+        for _ in range(2):  # answered, then from the cache
+            targets = self.targets()
+            self.assertEqual(len(targets), 32)
+            self.assertEqual(
+                sorted(targets[:20]), sorted((f"low{n}.example", 1) for n in range(20))
+            )
+            self.assertTrue(all(port == 2 for _, port in targets[20:]), targets)
+        self.assertEqual(len(self.srv.lookups), 1)
+        records = self.resolver._srv_cache[self.NAME].records
+        self.assertIs(self.resolver._srv_kept[self.NAME], records)
+        self.assertEqual(len(records), 64)
+        self.assertEqual(sum(record.priority == 0 for record in records), 20)
+        # Of priority 1, the 44 heaviest (weight 2: 49 in all), in the answer's order.
+        middle = [record for record in records if record.priority == 1]
+        self.assertEqual(len(middle), 44)
+        self.assertTrue(all(record.weight == 2 for record in middle))
+        heavy = [h.payload for h in answer if h.payload.priority == 1 and h.payload.weight == 2]
+        self.assertEqual(middle, heavy[:44])
+        # A DNS failure then falls back on what was kept.
+        self.clock.advance(3600)
+        self.srv.errors[self.NAME] = dns.DNSQueryTimeoutError("x")
+        self.assertEqual(len(self.targets()), 32)
+
+    def test_large_answer_order_unchanged_where_kept_whole(self) -> None:
+        """What the first MAX_SRV_TARGETS in order can be drawn from is kept whole when it
+        fits within SRV_MAX_RECORDS: the order drawn is the same as from the whole answer (a
+        "." and the records we cannot use are dropped, as ordering skips them)."""
+        owner = self.NAME.encode()
+        answer = [_srv(owner, 0, 0, 0, b".")]
+        answer += [_srv(owner, 0, 0, 1, b"caf\xc3\xa9.example")]
+        answer += [_srv(owner, 5, n % 4, 1, b"a%d.example" % n) for n in range(30)]
+        answer += [_srv(owner, 7, n % 3, 2, b"b%d.example" % n) for n in range(30)]
+        answer += [_srv(owner, 9, 1, 3, b"c%d.example" % n) for n in range(800)]
+        random.Random(6).shuffle(answer)
+        kept = discovery._bound_srv([header.payload for header in answer])
+        self.assertEqual(len(kept), 60)
+        expected = [h.payload for h in answer if h.payload.priority in (5, 7)]
+        self.assertEqual(kept, sorted(expected, key=lambda record: record.priority))
+        for seed in range(20):
+            whole = ServerResolver(self.clock, self.peers, self.srv, random=random.Random(seed))
+            bounded = ServerResolver(self.clock, self.peers, self.srv, random=random.Random(seed))
+            self.assertEqual(
+                bounded._order_srv(kept), whole._order_srv([h.payload for h in answer])
+            )
+
+    def test_large_answers_without_usable_targets(self) -> None:
+        """An answer of hundreds of "." records (or of "." and targets we cannot use) keeps
+        one ".": still no service; one of only targets we cannot use keeps one: still no
+        target, the next step taken."""
+        owner = self.NAME.encode()
+        self.srv.raw[self.NAME] = [_ttl(_srv(owner, 0, 0, 1, b"\xff.x"), 60) for _ in range(450)]
+        self.srv.raw[self.NAME] += [_ttl(_srv(owner, 0, 0, 0, b"."), 60) for _ in range(450)]
+        server = self.successResultOf(self.resolver.resolve_server("example.org"))
+        self.failureResultOf(self.resolver.resolve_targets(server), ServiceUnavailableError)
+        self.assertEqual(len(self.resolver._srv_cache[self.NAME].records), 1)
+        self.clock.advance(60)
+        self.srv.raw[self.NAME] = [_ttl(_srv(owner, 0, 0, 1, b"\xff.x"), 60) for _ in range(900)]
+        self.assertEqual(self.targets(), [("example.org", 8448)])
+        self.assertEqual(len(self.resolver._srv_cache[self.NAME].records), 1)
 
     def test_negative_answer_drops_the_kept_answer(self) -> None:
         """NXDOMAIN after an answer says the records are gone: a later DNS failure does not
