@@ -7,7 +7,7 @@
 | ``destination`` present and not our server name | 401 ``M_UNAUTHORIZED`` |
 | ``origin`` not a valid server name, or ``key`` not an ed25519 key ID | 401 ``M_UNAUTHORIZED`` |
 | origin denied by the server allow/deny globs (before any key fetch) | 403 ``M_FORBIDDEN`` |
-| ``origin`` ends in a dot (no key lookup: it can never be verified) | 401 ``M_UNAUTHORIZED`` |
+| the ``origin``'s host ends in a dot (no key lookup: never verifiable) | 401 ``M_UNAUTHORIZED`` |
 | origin's key needs a fetch past its pool's cap (``KeyFetchBusy``) | 429 ``M_LIMIT_EXCEEDED`` |
 | the origin's key cannot be obtained, or is not currently valid | 401 ``M_UNAUTHORIZED`` |
 | the signature does not verify | 401 ``M_UNAUTHORIZED`` |
@@ -27,7 +27,7 @@ from twisted.web.iweb import IRequest
 
 from .core.errors import Codes, MatrixError
 from .core.globs import GlobList
-from .core.ids import is_valid_server_name
+from .core.ids import host_ends_in_dot, is_valid_server_name
 from .core.keys import is_valid_key_id
 from .core.xmatrix import (
     XMatrixAuth,
@@ -130,12 +130,14 @@ class RequestAuthenticator:
 
     async def verify(self, auth: XMatrixAuth, request: IRequest, content: Any = None) -> str:
         """The key-dependent half: obtain the origin's key and check the signature."""
-        if auth.origin[-1:] == ".":
-            # Valid by the grammar, but its key can never be fetched (TLS checks the name
-            # against the certificate of the name without the dot, and fails), as the
-            # keyring knows: refused as an unobtainable key is, without a lookup.
+        if host_ends_in_dot(auth.origin):
+            # Valid by the grammar (``example.org.``, ``example.org.:8448``), but its key can
+            # never be fetched (TLS checks the name against the certificate of the name
+            # without the dot, and fails), as the keyring knows: refused as an unobtainable
+            # key is, without a lookup.
             raise _unauthorized(
-                f"X-Matrix origin {auth.origin[:255]!r} ends in a dot: its key cannot be fetched"
+                f"X-Matrix origin {auth.origin[:255]!r}: its host ends in a dot, its key cannot"
+                " be fetched"
             )
         now_ms = int(self._clock.seconds() * 1000)
         keys = await self._keyring.get_server_keys(auth.origin, [auth.key_id], now_ms)

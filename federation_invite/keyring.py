@@ -25,8 +25,9 @@ a trailing dot), although these reach the same server: a fetch can fail for one
 spelling where the server's own succeeds (its key document names it as it spells
 itself; ``example.org.`` fails TLS against the certificate of ``example.org``), and
 anyone can name any spelling in a forged request, which must not stop the
-server's own lookups. Names ending in a dot are never fetched at all (no
-certificate can match them): they have no keys. Only the sender, checking an answer
+server's own lookups. Names whose host ends in a dot (``example.org.``,
+``example.org.:8448``) are never fetched at all (no certificate can match them):
+they have no keys. Only the sender, checking an answer
 the server has just signed, fetches regardless of pauses and back-off
 (``ignore_backoff``).
 At most ``_MAX_FETCHES_IN_FLIGHT`` (64) fetches of servers we hold no key of are
@@ -80,7 +81,7 @@ from ._backoff import is_failure_status, make_room
 from ._clock import in_window
 from .client.errors import RemoteError
 from .core.errors import Codes, MatrixError
-from .core.ids import is_valid_server_name
+from .core.ids import host_ends_in_dot, is_valid_server_name
 from .core.keys import decode_verify_key, is_valid_key_id, key_id_of, verify_key_of
 from .core.signing import (
     ServerVerifyKey,
@@ -542,9 +543,10 @@ class Keyring:
         key_ids = frozenset(key_id for key_id in key_ids if is_valid_key_id(key_id))
         if self._satisfied(server_name, key_ids, valid_at_ms) or server_name in self._local_servers:
             return self._answer(server_name, key_ids)
-        if not is_valid_server_name(server_name) or server_name[-1:] == ".":
-            # A name ending in a dot can never be fetched (TLS checks it against the
-            # certificate of the name without it, and fails): no fetch, no back-off.
+        if not is_valid_server_name(server_name) or host_ends_in_dot(server_name):
+            # A name whose host ends in a dot (``example.org.``, ``example.org.:8448``) can
+            # never be fetched (TLS checks it against the certificate of the name without
+            # the dot, and fails): no fetch, no back-off.
             return {}
         try:
             await self._load_from_store(server_name)

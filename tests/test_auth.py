@@ -212,12 +212,12 @@ class RequestAuthenticationTests(SynchronousTestCase):
         self.assertIn("Could not obtain key", error)
 
     def test_origin_ending_in_a_dot(self) -> None:
-        """An origin ending in a dot (``them.example.``, valid by the grammar) can never be
-        verified (TLS checks its name against the certificate of ``them.example``): 401
-        M_UNAUTHORIZED before any key lookup, whatever the signature, so that a forged one
-        neither fetches nor backs ``them.example`` off, which authenticates at once after six
-        of them, and a minute later."""
-        for origin in (THEM + ".", "Them.Example."):
+        """An origin whose host ends in a dot (``them.example.``, valid by the grammar, or
+        ``them.example.:8448``) can never be verified (TLS checks its name against the
+        certificate of ``them.example``): 401 M_UNAUTHORIZED before any key lookup, whatever
+        the signature, so that a forged one neither fetches nor backs ``them.example`` off,
+        which authenticates at once after twelve of them, and a minute later."""
+        for origin in (THEM + ".", "Them.Example.", THEM + ".:8448", "Them.Example.:443"):
             for _ in range(3):
                 error = self.assertRefused(
                     401, "M_UNAUTHORIZED", headers=[self.header(origin=origin)]

@@ -540,21 +540,24 @@ class KeyringTests(SynchronousTestCase):
         self.assertNotIn("remote.example", self.keyring._backoff)
 
     def test_name_ending_in_a_dot_never_fetched(self) -> None:
-        """A server name ending in a dot (``remote.example.``, valid by the grammar) can never be
-        fetched: TLS checks it against the certificate of ``remote.example`` and fails (and
-        discovery's too). Named by a forged request, its lookups find nothing and fetch
-        nothing, not even for the sender's answer check: ``remote.example`` is neither backed
-        off nor paused, and is fetched at once, however often the forgery is repeated."""
+        """A server name whose host ends in a dot (``remote.example.``, valid by the grammar, or
+        ``remote.example.:8448``) can never be fetched: TLS checks it against the certificate
+        of ``remote.example`` and fails (and discovery's too). Named by a forged request, its
+        lookups find nothing and fetch nothing, not even for the sender's answer check:
+        ``remote.example`` is neither backed off nor paused, and is fetched at once, however
+        often the forgery is repeated."""
         for _ in range(6):
-            self.assertEqual(self.get(server="remote.example."), {})
-            self.assertEqual(
-                self.successResultOf(
-                    self.keyring.get_server_keys(
-                        "Remote.Example.", [self.key_id], NOW_MS, ignore_backoff=True
-                    )
-                ),
-                {},
-            )
+            for server in ("remote.example.", "remote.example.:8448"):
+                self.assertEqual(self.get(server=server), {})
+            for server in ("Remote.Example.", "Remote.Example.:443"):
+                self.assertEqual(
+                    self.successResultOf(
+                        self.keyring.get_server_keys(
+                            server, [self.key_id], NOW_MS, ignore_backoff=True
+                        )
+                    ),
+                    {},
+                )
             self.clock.advance(61)
         self.assertEqual(
             (self.federation.calls, self.keyring._backoff, self.keyring.fetches), ([], {}, 0)

@@ -18,6 +18,7 @@ from .roomversions import EventIdFormat, RoomVersion, room_version_of
 
 __all__ = [
     "MAX_ID_BYTES",
+    "host_ends_in_dot",
     "is_valid_event_id",
     "is_valid_room_id",
     "is_valid_server_name",
@@ -128,6 +129,23 @@ def is_valid_server_name(server_name: object) -> bool:
     except ValueError:
         return False
     return True
+
+
+def host_ends_in_dot(server_name: str) -> bool:
+    """True when ``server_name`` is valid and its host ends in a dot: ``example.org.``,
+    ``example.org.:8448``.
+
+    Valid by the grammar, but no certificate can match such a name (TLS checks it
+    against the certificate of the name without the dot, and fails), so its keys can
+    never be fetched. Only a name ending in a dot or holding ".:" is parsed (memoised).
+    """
+    if server_name[-1:] != "." and ".:" not in server_name:
+        return False
+    try:
+        host, _ = parse_server_name(server_name)
+    except ValueError:
+        return False
+    return host[-1:] == "."
 
 
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)

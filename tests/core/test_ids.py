@@ -8,6 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from federation_invite.core.errors import MatrixError
 from federation_invite.core.ids import (
+    host_ends_in_dot,
     is_valid_event_id,
     is_valid_room_id,
     is_valid_server_name,
@@ -118,6 +119,35 @@ class ParseServerNameTests(SynchronousTestCase):
             parse_server_name(text)
         except ValueError:
             pass
+
+
+class HostEndsInDotTests(SynchronousTestCase):
+    """Names valid by the grammar whose keys no certificate can let us fetch."""
+
+    def test_host_ending_in_a_dot(self) -> None:
+        """The host ends in a dot, with a port or without; not an IPv6 literal, a name whose
+        dot is elsewhere, or an invalid name."""
+        for name in (
+            "example.org.",
+            "example.org.:8448",
+            "Example.Org.:1",
+            "1.2.3.4.:80",
+            "a.",
+            ".",
+        ):
+            self.assertTrue(host_ends_in_dot(name), name)
+        for name in (
+            "example.org",
+            "example.org:8448",
+            "1.2.3.4:80",
+            "[::1]:8448",
+            "[::ffff:1.2.3.4]",
+            "example.org.:",
+            "example.org.:99999",
+            "exa mple.org.:8448",
+            "",
+        ):
+            self.assertFalse(host_ends_in_dot(name), name)
 
 
 class ServerNameOfTests(SynchronousTestCase):
