@@ -11,8 +11,10 @@ server share one fetch: the server's own answer serves them all, and the
 notaries are asked for the key IDs still missing among those every caller
 asked for (callers joining add theirs, up to ``_MAX_KEYS_PER_DOCUMENT`` key IDs).
 A server whose fetch failed is not asked again until its back-off has
-passed; one that answered (or a notary did for it), but not with every key
-asked for, not for 5 s (the pause). Anyone can name any server and a made-up
+passed (none when its answer timed out only while our address lookups waited for a
+resolver thread, ``TransportError.resolver_busy``: not its fault); one that
+answered (or a notary did for it), but not with every key asked for, not for 5 s
+(the pause). Anyone can name any server and a made-up
 key ID, so the pause bounds the fetches anyone can cause to one per 5 s; but a
 lookup within it of key IDs that fetch did not ask for (a key the server has
 just rotated to, one only a notary has, or a caller's that joined the fetch
@@ -79,7 +81,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from ._backoff import is_failure_status, make_room
 from ._clock import in_window
-from .client.errors import RemoteError
+from .client.errors import RemoteError, TransportError
 from .core.errors import Codes, MatrixError
 from .core.ids import host_ends_in_dot, is_valid_server_name
 from .core.keys import decode_verify_key, is_valid_key_id, key_id_of, verify_key_of
@@ -359,6 +361,9 @@ class _Fetch:
     ignore_backoff: bool = False
     #: Counted in the refreshes' pool (its server had a key in memory when it started).
     refresh: bool = False
+    #: The server's own answer timed out only while our address lookups waited for a
+    #: resolver thread (``TransportError.resolver_busy``): not its fault.
+    resolver_busy: bool = False
 
     def want(self, wanted: Mapping[str, int]) -> None:
         """Add a caller's key IDs (key ID -> valid at), as long as ``_MAX_KEYS_PER_DOCUMENT``
@@ -792,7 +797,7 @@ class Keyring:
     async def _fetch(self, server_name: str, fetch: _Fetch) -> None:
         """Fetch directly, then from notaries; record success or back off."""
         self.fetches += 1
-        listed = await self._fetch_direct(server_name, fetch.ignore_backoff)
+        listed = await self._fetch_direct(server_name, fetch)
         answered = listed is not None
         for notary in self._notaries:
             # Read again for each notary: callers may have joined meanwhile.
@@ -820,6 +825,18 @@ class Keyring:
             delay = _ANSWERED_REFETCH_MS
             # Without notaries the server's document was all there was to ask.
             asked = frozenset(fetch.asked if self._notaries else fetch.wanted)
+        elif fetch.resolver_busy:
+            # No answer only because our address lookups waited for a resolver thread
+            # (busy with lookups that hang, which anyone can cause): not the server's
+            # fault, so no back-off (as the client records none). The fetch has taken
+            # the whole timeout, so this asks the server at most once per timeout; the
+            # next lookup fetches again.
+            log.info(
+                "Keys of {server} unavailable: our address lookups were waiting for a"
+                " resolver thread; not backing it off",
+                server=server_name,
+            )
+            return
         else:
             # Doubling the last delay; after a 5 s pause for an answer without
             # the key, a failure still starts at the minimum.
@@ -866,18 +883,19 @@ class Keyring:
             if backoff is not None and backoff.asked is not None and not backoff.waiting(now_ms):
                 del self._backoff[key]
 
-    async def _fetch_direct(self, server_name: str, ignore_backoff: bool) -> frozenset[str] | None:
+    async def _fetch_direct(self, server_name: str, fetch: _Fetch) -> frozenset[str] | None:
         """Ask the server for its keys; the key IDs it listed, or None if it did not answer.
 
         An answer we refuse lists none but is an answer: the server is up (asked as
         ``EXAMPLE.org``, example.org answers for ``example.org``: that spelling is
         paused, not backed off). So is an error answer other than a 401, a 429 or a
-        5xx (``is_failure_status``, the client's rule).
+        5xx (``is_failure_status``, the client's rule). No answer because our address
+        lookups waited for a resolver thread marks ``fetch.resolver_busy``.
         """
         try:
             # Only the sender's fetches pass the keyword, so a client written to
             # IKeyFetchClient's older form still serves every other fetch.
-            extra = {"ignore_backoff": True} if ignore_backoff else {}
+            extra = {"ignore_backoff": True} if fetch.ignore_backoff else {}
             response = await self._client.get_json(
                 server_name, "/_matrix/key/v2/server", signed=False, **extra
             )
@@ -890,6 +908,8 @@ class Keyring:
             if isinstance(exc, RemoteError) and not is_failure_status(exc.status):
                 # It answered (a 404, a 403): up, as the client judges it too.
                 return frozenset()
+            if isinstance(exc, TransportError) and exc.resolver_busy:
+                fetch.resolver_busy = True
             return None
         try:
             records = parse_key_response(response, server_name, self._now_ms(), server_name)

@@ -11,7 +11,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
-from federation_invite.client import FederationClient
+from federation_invite.client import FederationClient, TransportError
 from federation_invite.client.testing import FakePeersAgent
 from federation_invite.config import Notary
 from federation_invite.core.canonical import encode_canonical_json
@@ -291,6 +291,36 @@ class KeyringTests(SynchronousTestCase):
         )
         self.assertIn(self.key_id, keys)
         self.assertEqual(seen, [{"signed": False}, {"signed": False, "ignore_backoff": True}])
+
+    def test_no_backoff_when_our_resolver_was_busy(self) -> None:
+        """A fetch that timed out only because our address lookups waited for a resolver
+        thread (``TransportError.resolver_busy``) backs the server off no more than the
+        client does: the next lookup fetches at once; a failure of its own then backs it off
+        a minute, and its keys are found once it answers."""
+        federation = self.federation
+        failures = [
+            TransportError("remote.example", "timed out after 60 s (...)", resolver_busy=True),
+            TransportError("remote.example", "timed out after 60 s (...)", resolver_busy=True),
+            TransportError("remote.example", "timed out after 60 s"),
+        ]
+
+        class BusyClient:
+            def get_json(self, destination: str, path: str, **kwargs: Any) -> Any:
+                if failures:
+                    return fail(failures.pop(0))
+                return federation.get_json(destination, path)
+
+        keyring = Keyring(self.clock, self.store, BusyClient())
+        for fetches in (1, 2):
+            self.assertEqual(self.get(keyring), {})
+            self.assertEqual((keyring.fetches, keyring._backoff), (fetches, {}))
+        self.assertEqual(self.get(keyring), {})
+        self.assertEqual(keyring._backoff["remote.example"].delay_ms, 60_000)
+        self.assertEqual(self.get(keyring), {})
+        self.assertEqual(keyring.fetches, 3)
+        self.clock.advance(60)
+        self.assertIn(self.key_id, self.get(keyring))
+        self.assertEqual(keyring.fetches, 4)
 
     def test_backoff_over_after_clock_steps_back(self) -> None:
         """A back-off set "after" now (the wall clock stepped back since) is over: the server

@@ -350,7 +350,7 @@ class FederationClient:
                 raise CancelledError() from exc
             else:
                 reason = describe_failure(exc)
-            error = TransportError(destination, reason)
+            error = TransportError(destination, reason, resolver_busy=resolver_busy)
             if backoff and not resolver_busy:
                 self._record_failure(destination, started)
             _log.info("{error}", error=error)

@@ -50,11 +50,18 @@ class RemoteError(Exception):
 
 
 class TransportError(Exception):
-    """No usable answer came back from the destination: ``reason`` says why."""
+    """No usable answer came back from the destination: ``reason`` says why.
 
-    def __init__(self, destination: str, reason: str) -> None:
+    ``resolver_busy``: the request timed out while its address lookups waited for a
+    resolver thread (all of them busy with lookups that hang, which anyone can cause),
+    so it may never have reached the destination: not its fault. Neither the client
+    nor the keyring backs the destination off for it.
+    """
+
+    def __init__(self, destination: str, reason: str, *, resolver_busy: bool = False) -> None:
         self.destination = destination
         self.reason = reason
+        self.resolver_busy = resolver_busy
         super().__init__(destination, reason)
 
     def __str__(self) -> str:

@@ -340,6 +340,7 @@ class TransportErrorTests(_Base):
         self.clock.advance(0.1)
         error = self.transport_error(requesting)
         self.assertEqual(error.reason, "timed out after 30 s")
+        self.assertFalse(error.resolver_busy)
 
     def test_timeout_during_body(self) -> None:
         """The timeout also covers reading the body."""

@@ -19,7 +19,9 @@ from twisted.trial.unittest import TestCase
 
 from federation_invite.client import FederationClient, TransportError
 from federation_invite.client._resolver import RESOLVER_THREADS, ThreadedResolver
+from federation_invite.keyring import Keyring
 
+from ..support import MemoryKeyStore
 from ._fakes import make_certificate
 
 real_reactor: Any = global_reactor
@@ -147,10 +149,31 @@ class SlowLookupTests(TestCase):
             caught.exception.reason,
             "timed out after 0.5 s (address lookups were waiting for a resolver thread)",
         )
+        self.assertTrue(caught.exception.resolver_busy)
         self.assertEqual(client._backoff.keys() & {self.good}, set())
         await self.no_resolver_threads(client)
         await hung
         self.assertEqual(await client.get_json(self.good, "/x"), {})
+
+    async def test_keyring_does_not_back_off_for_a_busy_resolver(self) -> None:
+        """A key fetch timing out only because its address lookups waited for a resolver
+        thread (one, busy with a lookup that hangs) is not the server's fault: the keyring
+        does not back it off either, and a lookup right after fetches again."""
+        client = self.client(timeout=0.5)
+        assert client._name_resolver is not None
+        client._name_resolver.max_threads = 1
+        hung = self.hang(client, 1)
+        await self.until(lambda: self.entered == 1)
+        keyring = Keyring(real_reactor, MemoryKeyStore(), client)
+        self.assertEqual(await keyring.get_server_keys(self.good, ["ed25519:k"], 0), {})
+        self.assertEqual((keyring.fetches, keyring.fetch_failures), (1, 1))
+        self.assertEqual(client._backoff.keys() & {self.good}, set())
+        self.assertEqual(keyring._backoff.keys() & {self.good}, set())
+        await self.no_resolver_threads(client)
+        await hung
+        # Threads free again, the server is asked at once (and answers, without that key).
+        self.assertEqual(await keyring.get_server_keys(self.good, ["ed25519:k"], 0), {})
+        self.assertEqual(keyring.fetches, 2)
 
     async def test_close_answers_waiting_lookups(self) -> None:
         """Closing the client answers the lookups still waiting for a thread at once (no
