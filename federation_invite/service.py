@@ -762,6 +762,8 @@ class FederationInviteService(service.MultiService):
         #: The start under way or done, and the stop (``stopService``) until the next start.
         self._starting: Deferred[Any] | None = None
         self._stopping: Deferred[None] | None = None
+        #: That stop's outcome once over: [None] or [its failure] (``stopService``).
+        self._stop_outcome: list[Failure | None] = []
         #: Whether a stop gave up waiting for the start (``_wait_for_start``).
         self._start_abandoned = False
         #: Whether a start waits for the stop under way to be over (``startService``).
@@ -993,10 +995,17 @@ class FederationInviteService(service.MultiService):
             self._start_pending = False
             self.ready.errback(CancelledError("stopped before it could start again"))
         if self._stopping is None:
-            self._stopping = Deferred.fromCoroutine(self._stop())
-            self._stopping.addBoth(self._release_hangup)
+            outcome: list[Failure | None] = []
+            stopping = Deferred.fromCoroutine(self._stop())
+            stopping.addBoth(self._release_hangup)
+            # The outcome is kept here, each waiter given its own copy (see ``_relay_stop``):
+            # the stop's Deferred ends with None, so that a failed stop, handled by its
+            # callers, is not logged again as unhandled when the service is collected.
+            stopping.addCallbacks(lambda _: outcome.append(None), outcome.append)
+            self._stopping = stopping
+            self._stop_outcome = outcome
         waiter: Deferred[None] = Deferred()
-        self._stopping.addBoth(_relay, waiter)
+        self._stopping.addCallback(_relay_stop, waiter, self._stop_outcome)
         return waiter
 
     def _handle_hangup(self) -> None:
@@ -1118,6 +1127,16 @@ def _relay(result: object, waiter: Deferred[None]) -> object:
     else:
         waiter.callback(None)
     return result
+
+
+def _relay_stop(result: None, waiter: Deferred[None], outcome: list[Failure | None]) -> None:
+    """Give ``waiter`` the stop's outcome (kept in ``outcome``): None, or its own copy
+    of the failure (each waiter's failure is handled, or logged, once, by its caller)."""
+    [failure] = outcome
+    if failure is None:
+        waiter.callback(None)
+    else:
+        waiter.errback(Failure(failure.value, failure.type, failure.getTracebackObject()))
 
 
 def _redact_uri(uri: str) -> str:

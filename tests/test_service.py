@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 from signedjson.key import encode_verify_key_base64
 from treq.testing import StubTreq
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.protocol import Protocol, connectionDone
@@ -1107,6 +1107,88 @@ class UnfinishedStartTests(SynchronousTestCase):
         self.assertEqual(len(self.logged("Still opening the database")), 1)
         self.successResultOf(quick.stopService())
         self.successResultOf(service.stopService())
+
+
+class _ClosingStore(MemoryStore):
+    """A MemoryStore that counts its closes, and fails them with ``close_error`` if set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = 0
+        self.close_error: Exception | None = None
+
+    def close(self) -> Deferred[None]:
+        self.closed += 1
+        if self.close_error is not None:
+            return fail(self.close_error)
+        return succeed(None)
+
+
+class StopOutcomeTests(SynchronousTestCase):
+    """The service on a running MemoryReactorClock whose store opens at once: what every
+    stopService call sees, what a start or twistd's privilegedStartService does during a
+    stop, what the stop puts back."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.reactor.running = True
+        self.store = _ClosingStore()
+
+        async def open_store(uri: str, reactor: Any = None) -> Any:
+            return self.store
+
+        self.patch(service_module, "open_store", open_store)
+        self.patch(service_module, "_exit_status_at_exit", lambda status: None)
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def new_service(self, **kwargs: Any) -> FederationInviteService:
+        config = load_config(
+            None,
+            {
+                "server_name": US,
+                "data_dir": self.mktemp(),
+                "listen": ["tcp:8448:interface=127.0.0.1"],
+            },
+        )
+        return FederationInviteService(config, self.reactor, make_key("us1"), **kwargs)
+
+    def test_every_stop_call_sees_a_failed_stop(self) -> None:
+        """A stop that fails (the database cannot be closed) fails every stopService call,
+        those made during it and those after it ("every call ... waits for that one
+        stop"), not only the first (mutation review: `_relay` not passing the failure on)."""
+        self.store.close_error = StoreError("close", "disk gone")
+        service = self.new_service()
+        service.startService()
+        self.successResultOf(service.ready)
+        first, second = service.stopService(), service.stopService()
+        self.reactor.advance(0)
+        self.failureResultOf(first, StoreError)
+        self.failureResultOf(second, StoreError)
+        self.failureResultOf(service.stopService(), StoreError)
+        self.failureResultOf(service.stopService(), StoreError)
+        self.assertEqual(self.store.closed, 1)
+
+    def test_failed_stop_not_logged_again_when_collected(self) -> None:
+        """A failed stop whose callers each handled the failure leaves no unhandled one
+        behind: the service garbage-collected, nothing is logged as "Unhandled error in
+        Deferred" (the stop's own Deferred kept the Failure as its result)."""
+        self.store.close_error = StoreError("close", "disk gone")
+        service = self.new_service()
+        service.startService()
+        self.successResultOf(service.ready)
+        self.failureResultOf(service.stopService(), StoreError)
+        self.failureResultOf(service.stopService(), StoreError)
+        del service
+        gc.collect()
+        unhandled = [
+            event
+            for event in self.events
+            if "Unhandled error in Deferred" in str(event.get("log_format", ""))
+        ]
+        self.assertEqual(unhandled, [])
+        self.assertEqual(self.flushLoggedErrors(StoreError), [])
 
 
 class PostgresStopWhileOpeningTests(TestCase):
