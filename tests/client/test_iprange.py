@@ -6,10 +6,11 @@ from typing import Any
 
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import DNSLookupError
-from twisted.internet.interfaces import IReactorPluggableNameResolver, IReactorTCP
+from twisted.internet.interfaces import IReactorPluggableNameResolver, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from federation_invite.client.iprange import (
     BlocklistingReactor,
@@ -35,6 +36,14 @@ class _Receiver:
 
     def resolutionComplete(self) -> None:
         self.complete = True
+
+
+@implementer(IReactorTime)
+class _ReactorWithoutPluggableResolver:
+    """A reactor that does not provide IReactorPluggableNameResolver."""
+
+    def seconds(self) -> float:
+        return 0.0
 
 
 class IPRangeFilterTests(SynchronousTestCase):
@@ -67,6 +76,31 @@ class IPRangeFilterTests(SynchronousTestCase):
         ]:
             self.assertTrue(self.filter.is_blocked(address), address)
 
+    def test_default_ranges_each_blocked(self) -> None:
+        """Every range of the default blocklist blocks its addresses, also those the test
+        above names none of (IETF protocol assignments, the 6to4 relay anycast,
+        benchmarking, reserved class E, IPv4-mapped, NAT64, discard-only, TEREDO/ORCHID,
+        6to4, site-local): none can be dropped from DEFAULT_IP_BLOCKLIST unnoticed. Just
+        past the end of the ranges whose size this pins, addresses pass."""
+        for network, addresses in {
+            "192.0.0.0/24": ["192.0.0.8", "192.0.0.255"],
+            "192.88.99.0/24": ["192.88.99.1"],
+            "198.18.0.0/15": ["198.18.0.1", "198.19.255.254"],
+            "240.0.0.0/4": ["240.0.0.1", "254.255.255.255"],
+            "::ffff:0:0/96": ["::ffff:8.8.8.8"],
+            "64:ff9b::/96": ["64:ff9b::808:808"],
+            "64:ff9b:1::/48": ["64:ff9b:1::1"],
+            "100::/64": ["100::1"],
+            "2001::/23": ["2001::1", "2001:1ff:ffff::1"],
+            "2002::/16": ["2002:808:808::1"],
+            "fec0::/10": ["fec0::1", "feff::1"],
+        }.items():
+            self.assertIn(network, DEFAULT_IP_BLOCKLIST)
+            for address in addresses:
+                self.assertTrue(self.filter.is_blocked(address), f"{address} ({network})")
+        for address in ["198.20.0.1", "2001:200::1", "2003::1"]:
+            self.assertFalse(self.filter.is_blocked(address), address)
+
     def test_allows_public_addresses(self) -> None:
         """Ordinary public IPv4 and IPv6 addresses pass."""
         for address in ["8.8.8.8", "93.184.216.34", "2606:4700:4700::1111", "2a01:4f8::1"]:
@@ -89,6 +123,20 @@ class IPRangeFilterTests(SynchronousTestCase):
         """Anything that is not an IP address fails closed."""
         for text in ["", "example.org", "1.2.3", "::g", "[::1"]:
             self.assertTrue(self.filter.is_blocked(text), text)
+
+    def test_one_bracket_is_not_an_address(self) -> None:
+        """Only a literal with both brackets is unbracketed: "[8.8.8.88" or "8.8.8.8]" (a
+        public address with one bracket) is no address, and fails closed."""
+        for text in ["[8.8.8.88", "8.8.8.8]", "[2606:4700:4700::1111"]:
+            self.assertTrue(IPRangeFilter([]).is_blocked(text), text)
+
+    def test_ranges_with_host_bits(self) -> None:
+        """A configured range with host bits set (10.1.2.3/8) is taken as its network
+        (10.0.0.0/8), in the blocklist and in the allowlist, not refused."""
+        self.assertTrue(IPRangeFilter(["10.1.2.3/8"]).is_blocked("10.200.0.1"))
+        self.assertFalse(IPRangeFilter(["10.1.2.3/8"]).is_blocked("11.0.0.1"))
+        opened = IPRangeFilter(DEFAULT_IP_BLOCKLIST, ["127.0.0.1/8"])
+        self.assertFalse(opened.is_blocked("127.9.9.9"))
 
     def test_allowlist_punches_a_hole(self) -> None:
         """An allowlisted range is let through; the rest of the blocked range stays blocked."""
@@ -155,3 +203,11 @@ class BlocklistingReactorTests(SynchronousTestCase):
         self.assertTrue(IReactorPluggableNameResolver.providedBy(wrapped))
         self.assertEqual(wrapped.seconds(), reactor.seconds())
         self.assertRaises(NotImplementedError, wrapped.installNameResolver, FakeHostnameResolver())
+
+    def test_pluggable_even_when_the_reactor_is_not(self) -> None:
+        """The wrapper provides IReactorPluggableNameResolver even around a reactor that
+        does not, so that HostnameEndpoint resolves through the filtering resolver, never
+        through its own getaddrinfo fallback (which would skip the blocklist)."""
+        wrapped = BlocklistingReactor(_ReactorWithoutPluggableResolver(), IPRangeFilter())
+        self.assertTrue(IReactorPluggableNameResolver.providedBy(wrapped))
+        self.assertTrue(IReactorTime.providedBy(wrapped))

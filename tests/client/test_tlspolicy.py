@@ -82,6 +82,37 @@ class FederationTLSPolicyTests(SynchronousTestCase):
             self.assertIsNone(_connect(policy, b"[2001:db8::1]").get_servername())
             self.assertIsNone(_connect(policy, b"2001:db8::1").get_servername())
 
+    def test_no_sni_for_a_name_that_is_no_dns_name(self) -> None:
+        """SNI is the name IDNA-encoded: a name that is no valid DNS name (an empty label,
+        a 64-character label) gets no SNI, verifying or not (the name check then refuses
+        it); a valid name gets its SNI."""
+        for policy in (FederationTLSPolicy(), FederationTLSPolicy(verify=False)):
+            for name in (b"a..example", b"x" * 64 + b".example"):
+                self.assertIsNone(_connect(policy, name).get_servername(), name)
+            self.assertEqual(_connect(policy, b"a.example").get_servername(), b"a.example")
+
+    def test_info_callback_error_logged_not_raised(self) -> None:
+        """An exception in the context's info callback (called from inside OpenSSL, where
+        it would be lost) is logged as an error, not raised: here a connection the policy
+        registered no verifier for (KeyError)."""
+        policy = FederationTLSPolicy()
+        stranger = SSL.Connection(_connect(policy, b"a.example").get_context(), None)
+        policy._info_callback(stranger, SSL.SSL_CB_HANDSHAKE_DONE, 1)
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+
+    def test_failing_verification_error_logged_not_raised(self) -> None:
+        """A protocol whose failVerification raises (at a handshake done without the name
+        check) has the error logged, not raised into OpenSSL."""
+
+        class Broken:
+            def failVerification(self, reason: Failure) -> None:
+                raise RuntimeError("gone")
+
+        protocol = Broken()  # held: the verifier's reference is weak
+        verifier = tls._IdentityVerifier("a.example", False, protocol)
+        verifier.info_callback(None, SSL.SSL_CB_HANDSHAKE_DONE, 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_handshake_done_without_name_check(self) -> None:
         """A handshake that completes without the leaf's name check passing fails verification."""
         protocol = _FakeTLSProtocol()
