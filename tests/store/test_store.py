@@ -766,6 +766,72 @@ class InviteeStatesStatementTests(SynchronousTestCase):
         self.assertLessEqual(len(texts), 10)
 
 
+class SQLiteDialectTests(SynchronousTestCase):
+    """What the SQLite dialect sets on every connection, and how it releases a lost file."""
+
+    def pragma(self, connection: sqlite3.Connection, name: str) -> Any:
+        return connection.execute(f"PRAGMA {name}").fetchone()[0]
+
+    def test_connection_settings(self) -> None:
+        """Every connection the store opens commits with synchronous = FULL (2: README, an
+        invite answered 200 survives a power cut), in WAL mode, with a 10 s busy timeout
+        and foreign keys enforced (no table has one yet: pinned so that the first one
+        added is); the invite writer's connections (configure_durable) are FULL too."""
+        from federation_invite.store import _dialect, parse_database_uri
+
+        path = os.path.abspath(self.mktemp())
+        dialect = parse_database_uri(f"sqlite:///{path}")
+        connection = sqlite3.connect(path, isolation_level=None)
+        self.addCleanup(connection.close)
+        dialect._open_connection(connection)  # type: ignore[attr-defined]
+        self.assertEqual(self.pragma(connection, "synchronous"), 2)
+        self.assertEqual(self.pragma(connection, "journal_mode"), "wal")
+        self.assertEqual(self.pragma(connection, "busy_timeout"), 10_000)
+        self.assertEqual(self.pragma(connection, "foreign_keys"), 1)
+        durable = sqlite3.connect(path, isolation_level=None)
+        self.addCleanup(durable.close)
+        _dialect.configure_durable(durable)
+        self.assertEqual(self.pragma(durable, "synchronous"), 2)
+
+    def test_release_file_blocked_by_a_reader_raises(self) -> None:
+        """When the lost file's WAL cannot be emptied (another connection still reads it)
+        release_file raises StoreError, so that the store logs that the -wal and -shm
+        files must be deleted before a restart (else SQLite applies the refused write to
+        the file now at the path); once emptied, it returns and the WAL is empty."""
+        from federation_invite.store._dialect import SQLiteDialect
+
+        path = os.path.abspath(self.mktemp())
+        writer = sqlite3.connect(path, isolation_level=None, timeout=0)  # no busy wait
+        self.addCleanup(writer.close)
+        writer.execute("PRAGMA journal_mode = WAL")
+        writer.execute("CREATE TABLE t (x)")
+        writer.execute("INSERT INTO t VALUES (1)")
+        reader = sqlite3.connect(path, isolation_level=None)
+        self.addCleanup(reader.close)
+        reader.execute("BEGIN")
+        reader.execute("SELECT * FROM t").fetchall()  # a snapshot the checkpoint waits for
+        writer.execute("INSERT INTO t VALUES (2)")
+        dialect = SQLiteDialect(path, f"sqlite:///{path}")
+        error = self.assertRaises(StoreError, dialect.release_file, writer.cursor())
+        self.assertIn("a connection is still reading it", str(error))
+        reader.execute("COMMIT")
+        dialect.release_file(writer.cursor())
+        self.assertEqual(os.path.getsize(path + "-wal"), 0)
+
+
+class PostgresDialectTests(SynchronousTestCase):
+    def test_pool_size(self) -> None:
+        """A PostgreSQL store's pool opens 1 to 5 connections (several operations at
+        once), reconnecting lost ones; built without connecting (no server needed)."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from federation_invite.store import parse_database_uri
+
+        dialect = parse_database_uri("postgresql://postgres@127.0.0.1:5432/fi_never_opened")
+        pool = dialect.connection_pool(MemoryReactorClock())  # never started: no connection
+        self.assertEqual((pool.min, pool.max, pool.reconnect), (1, 5, True))
+
+
 class SQLiteStoreTests(StoreTestsMixin, TestCase):
     """The suite on a SQLite file in a temporary directory."""
 
@@ -1495,6 +1561,23 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
         self.assertIn("canceling statement due to user request", str(raised.exception))
         holder.rollback()
         self.assertEqual(self.raw("SELECT COUNT(*) FROM invites"), [(0,)])
+
+    async def test_store_in_another_schema_reopened(self) -> None:
+        """A store whose search_path names another schema (options=-csearch_path=fi, or
+        the role's setting) is migrated there, and found migrated there when opened again
+        (its tables looked for in current_schema(), not in public)."""
+        from ._support import POSTGRES_BASE
+
+        self.raw("CREATE SCHEMA fi")
+        uri = f"{POSTGRES_BASE}/{self.database}?options=-csearch_path%3Dfi"
+        for _ in range(2):
+            store = await open_store(uri, reactor=reactor)
+            await store.close()
+        tables = self.raw(
+            "SELECT table_schema FROM information_schema.tables"
+            " WHERE table_name = 'schema_migrations'"
+        )
+        self.assertEqual(tables, [("fi",)])
 
     async def test_non_utf8_database_refused(self) -> None:
         """A database whose server_encoding is not UTF8 (LATIN1, SQL_ASCII), which could
