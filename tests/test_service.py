@@ -1190,6 +1190,193 @@ class StopOutcomeTests(SynchronousTestCase):
         self.assertEqual(unhandled, [])
         self.assertEqual(self.flushLoggedErrors(StoreError), [])
 
+    def test_privileged_start_during_a_stop_binds_nothing(self) -> None:
+        """twistd's privilegedStartService during a stop binds no port (the old run still
+        holds it); the startService that follows listens once the stop is over."""
+        closing: Deferred[None] = Deferred()
+        self.patch(self.store, "close", lambda: closing)
+        service = self.new_service()
+        service.startService()
+        self.successResultOf(service.ready)
+        self.assertEqual(len(self.reactor.tcpServers), 1)
+        stopping = service.stopService()
+        self.assertNoResult(stopping)
+        service.privilegedStartService()
+        service.startService()
+        self.assertEqual(len(self.reactor.tcpServers), 1)  # nothing bound during the stop
+        closing.callback(None)
+        self.successResultOf(stopping)
+        self.assertEqual(len(self.reactor.tcpServers), 2)  # bound by the start that waited
+        self.successResultOf(service.ready)
+
+    def test_hangup_handler_set_outside_python_restored_as_default(self) -> None:
+        """A SIGHUP handler from before that Python cannot name (signal.signal returned
+        None: set outside Python) is put back as SIG_DFL at the stop, not as SIG_IGN
+        (which would leave SIGHUP doing nothing)."""
+        import signal as real_signal
+        from types import SimpleNamespace
+
+        calls: list[Any] = []
+
+        def fake_signal(signum: int, handler: Any) -> Any:
+            calls.append(handler)
+            return None if len(calls) == 1 else handler
+
+        self.patch(
+            service_module,
+            "signal",
+            SimpleNamespace(
+                SIGHUP=real_signal.SIGHUP,
+                SIG_DFL=real_signal.SIG_DFL,
+                SIG_IGN=real_signal.SIG_IGN,
+                signal=fake_signal,
+            ),
+        )
+        service = self.new_service(on_hangup=lambda: None)
+        service.startService()
+        self.successResultOf(service.ready)
+        self.successResultOf(service.stopService())
+        self.assertEqual(len(calls), 2)
+        self.assertIs(calls[1], real_signal.SIG_DFL)
+
+
+class _Client:
+    """An outbound client whose close is counted and answers when the test says."""
+
+    def __init__(self) -> None:
+        self.closing: Deferred[None] = Deferred()
+        self.close_calls = 0
+
+    def close(self) -> Deferred[None]:
+        self.close_calls += 1
+        return self.closing
+
+
+class ComponentsTests(SynchronousTestCase):
+    """build_components' assembly: the key document, the metrics, close()."""
+
+    def build(self, client: Any = None, **settings: Any) -> Any:
+        self.clock = make_clock()
+        self.store = _ClosingStore()
+        config = load_config(None, {"server_name": "example.org", **settings})
+        return build_components(config, self.clock, self.store, make_key("k"), client=client)
+
+    def test_key_document_valid_for_validity_period_seconds(self) -> None:
+        """keys.validity_period is in seconds, the key document's valid_until_ts in
+        milliseconds: now + period * 1000 (one day by default)."""
+        for settings, period_ms in (({}, 86_400_000), ({"keys.validity_period": 7200}, 7_200_000)):
+            components = self.build(**settings)
+            client = StubTreq(components.site_root())
+            response = self.successResultOf(client.get("https://example.org/_matrix/key/v2/server"))
+            body = json.loads(self.successResultOf(response.content()))
+            now_ms = int(self.clock.seconds() * 1000)
+            self.assertEqual(body["valid_until_ts"], now_ms + period_ms, settings)
+
+    def test_close_closes_the_client_then_the_store(self) -> None:
+        """close() closes the outbound client (its pooled connections, its resolver
+        threads), and the store once the client is closed."""
+        client = _Client()
+        components = self.build(client=client)
+        closing = Deferred.fromCoroutine(components.close())
+        self.assertEqual(client.close_calls, 1)
+        self.assertEqual(self.store.closed, 0)
+        client.closing.callback(None)
+        self.successResultOf(closing)
+        self.assertEqual(self.store.closed, 1)
+
+    def test_close_waits_for_the_client_at_most_timeout(self) -> None:
+        """A client whose close never ends (a peer that never completes the TLS close)
+        holds close() up for ``timeout`` seconds only, then the store is closed."""
+        client = _Client()
+        components = self.build(client=client)
+        closing = Deferred.fromCoroutine(components.close(timeout=2.0))
+        self.clock.advance(1.9)
+        self.assertNoResult(closing)
+        self.clock.advance(0.1)
+        self.successResultOf(closing)
+        self.assertEqual(self.store.closed, 1)
+
+    def test_close_waits_for_invites_being_stored_at_most_timeout(self) -> None:
+        """Invites still being stored hold close() up for ``timeout`` seconds at most,
+        then the database is closed all the same."""
+        components = self.build()
+        never: Deferred[None] = Deferred()
+        self.patch(components.handler, "settle", lambda: never)
+        closing = Deferred.fromCoroutine(components.close(timeout=2.0))
+        self.clock.advance(1.9)
+        self.assertNoResult(closing)
+        self.assertEqual(self.store.closed, 0)
+        self.clock.advance(0.1)
+        self.successResultOf(closing)
+        self.assertEqual(self.store.closed, 1)
+
+    def test_metrics_count_the_keyrings_fetches(self) -> None:
+        """The assembled metrics read the keyring's fetch counters
+        (federation_invite_key_fetches_total and _key_fetch_failures_total)."""
+        components = self.build(**{"metrics.listen": "tcp:0:interface=127.0.0.1"})
+        components.keyring.fetches = 3
+        components.keyring.fetch_failures = 2
+        _, body = components.metrics.exposition()
+        text = body.decode()
+        self.assertIn("federation_invite_key_fetches_total 3.0", text)
+        self.assertIn("federation_invite_key_fetch_failures_total 2.0", text)
+
+
+class ServerEndpointTests(SynchronousTestCase):
+    def test_systemd_index_named_given_either_way(self) -> None:
+        """An index given positionally (systemd:INET:5) is named in the ConfigError when
+        systemd passed no socket there, as the keyword one is (not the domain)."""
+        self.patch(
+            os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+        )
+        for description in (
+            "systemd:INET:index=5",
+            "systemd:INET:5",
+            "systemd:domain=INET:index=5",
+        ):
+            error = self.assertRaises(
+                ConfigError, service_module._server_endpoint, MemoryReactorClock(), description
+            )
+            self.assertIn("systemd passed no socket at index 5 (", str(error), description)
+
+    def test_chain_is_the_certificates_after_the_leaf(self) -> None:
+        """An ssl: endpoint's certKey holding leaf + intermediate serves the intermediate
+        alone as the extra chain, not the leaf again (RFC 8446 4.4.2: each certificate
+        after the first certifies the one before it)."""
+        from cryptography import x509
+
+        _, key_path, fullchain_path = _write_ca_chain(os.path.abspath(self.mktemp()))
+        with open(fullchain_path, "rb") as handle:
+            leaf, intermediate = x509.load_pem_x509_certificates(handle.read())
+        endpoint = service_module._server_endpoint(
+            MemoryReactorClock(), f"ssl:0:privateKey={key_path}:certKey={fullchain_path}"
+        )
+        options: Any = endpoint._sslContextFactory  # type: ignore[attr-defined]
+        chain = [certificate.to_cryptography() for certificate in options.extraCertChain]
+        self.assertEqual(chain, [intermediate])
+        self.assertEqual(options.certificate.to_cryptography(), leaf)
+
+
+class ExitStatusTests(SynchronousTestCase):
+    def test_output_flushed_before_exit(self) -> None:
+        """What the process wrote to stdout and stderr (buffered: a pipe) is flushed
+        before os._exit(status). Run without PYTHONUNBUFFERED (which would hide it)."""
+        import subprocess
+
+        code = (
+            "import sys\n"
+            "from federation_invite.service import _exit_status_at_exit\n"
+            "_exit_status_at_exit(3)\n"
+            "sys.stdout.write('last words')\n"
+            "sys.stderr.write('to stderr')\n"
+        )
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+        )
+        self.assertEqual((done.returncode, done.stdout), (3, "last words"))
+        self.assertIn("to stderr", done.stderr)
+
 
 class PostgresStopWhileOpeningTests(TestCase):
     """On a real PostgreSQL: another worker's migration is stuck (it holds the advisory
