@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from signedjson.key import generate_signing_key
+from twisted.internet.defer import CancelledError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import ResponseFailed
 from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -77,6 +80,42 @@ class ReadBodyTests(SynchronousTestCase):
         error = self.failureResultOf(reading, BodyTooLarge).value
         self.assertEqual(str(error), "response body exceeds 100 bytes")
         self.assertEqual(transport.producerState, "stopped")
+
+
+class ReadBodyEndTests(SynchronousTestCase):
+    """How a body read ends: its connection closing, lost mid-way, or the read cancelled."""
+
+    def start(self) -> tuple[Any, Protocol, _Response]:
+        response = _Response()
+        reading = read_body(response, 100)  # type: ignore[arg-type]
+        assert response.protocol is not None
+        response.protocol.dataReceived(b'{"ok": ')
+        return reading, response.protocol, response
+
+    def test_body_ended_by_the_connection_closing(self) -> None:
+        """A body without Content-Length or chunking, ended by the peer closing the
+        connection (HTTP/1.0 style: twisted.web reports PotentialDataLoss), is the
+        whole body."""
+        reading, protocol, _ = self.start()
+        protocol.dataReceived(b"true}")
+        protocol.connectionLost(Failure(PotentialDataLoss()))
+        self.assertEqual(self.successResultOf(reading), b'{"ok": true}')
+
+    def test_body_cut_short_fails(self) -> None:
+        """A body whose connection is lost mid-way fails the read with that reason at once
+        (not left to the request's timeout)."""
+        reading, protocol, _ = self.start()
+        protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionError())])))
+        self.failureResultOf(reading, ResponseFailed)
+
+    def test_cancelled_read_ignores_the_connection_lost_after(self) -> None:
+        """Cancelling a read drops the connection, and the connectionLost that follows is
+        ignored (not fired into the cancelled Deferred again: AlreadyCalledError)."""
+        reading, protocol, response = self.start()
+        reading.cancel()
+        self.failureResultOf(reading, CancelledError)
+        self.assertEqual(response.transport.producerState, "stopped")
+        protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionError())])))
 
 
 class _TinyChunks(Resource):
