@@ -313,6 +313,139 @@ class BuildingTests(SynchronousTestCase):
             )
 
 
+class FidelityTests(SynchronousTestCase):
+    """The invites FakeHomeserver builds and how it answers, as Synapse would."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.remote = FakeHomeserver("remote.test", self.clock)
+
+    def test_v12_create_event_never_in_auth_events(self) -> None:
+        """rooms/v12.md: the create event is never listed in auth_events (the invite's nor
+        the stripped state events'); before v12 it is in each."""
+        for version, listed in (("12", False), ("11", True), ("10", True)):
+            invite = self.remote.invite(version, invitee="@bob:us.test")
+            create = invite.invite_room_state[0]
+            create_id = compute_event_id(version, create)
+            for event in (invite.event, *invite.invite_room_state[1:]):
+                self.assertEqual(
+                    create_id in event["auth_events"], listed, (version, event["type"])
+                )
+
+    def test_events_in_the_order_synapse_creates_them(self) -> None:
+        """The create event, the sender's join, the join rules and the invite follow each
+        other: timestamps now-3 .. now, depths 1 .. 4."""
+        invite = self.remote.invite("10", invitee="@bob:us.test")
+        create, join_rules, member = invite.invite_room_state
+        now = int(self.clock.seconds() * 1000)
+        ordered = [create, member, join_rules, invite.event]
+        self.assertEqual(
+            [event["origin_server_ts"] for event in ordered], [now - 3, now - 2, now - 1, now]
+        )
+        self.assertEqual([event["depth"] for event in ordered], [1, 2, 3, 4])
+
+    def test_invite_template_unsigned_age(self) -> None:
+        """The template's unsigned is {"age": 0}, as Synapse sends a new event."""
+        event = invite_event_template(
+            "10",
+            "remote.test",
+            sender="@alice:remote.test",
+            invitee="@bob:us.test",
+            room_id="!r:remote.test",
+            origin_server_ts=1,
+            prev_events=[],
+            auth_events=[],
+            depth=2,
+        )
+        self.assertEqual(event["unsigned"], {"age": 0})
+
+    def test_create_event_origin(self) -> None:
+        """Where the room version keeps the top-level origin (before v11) the create event
+        names its server in "origin"; from v11 it has none."""
+        key = self.remote.signing_key
+        for version, origin in (("10", "remote.test"), ("11", None)):
+            create = build_create_event(version, "remote.test", key, origin_server_ts=1)
+            self.assertEqual(create.get("origin"), origin, version)
+
+    def test_invitee_and_default_path(self) -> None:
+        """FakeInvite.invitee is the invite's state_key; path() defaults to the v2 API."""
+        invite = self.remote.invite("10", invitee="@bob:us.test")
+        self.assertEqual(invite.invitee, "@bob:us.test")
+        self.assertTrue(invite.path().startswith("/_matrix/federation/v2/invite/"), invite.path())
+        self.assertEqual(invite.path(), invite.path(2))
+
+    def test_put_invite_to_a_resource_signs_for_the_invitees_server(self) -> None:
+        """put_invite to a resource, without a destination, signs its X-Matrix header for
+        the invitee's server."""
+        from twisted.web.resource import Resource
+
+        seen: list[Any] = []
+
+        class Echo(Resource):
+            isLeaf = True
+
+            def render_PUT(self, request: Any) -> bytes:
+                seen.append(parse_xmatrix(request.getHeader(b"authorization")))
+                return b"{}"
+
+        invite = self.remote.invite("10", invitee="@bob:us.test")
+        status, _ = self.successResultOf(self.remote.put_invite(Echo(), invite))
+        self.assertEqual(status, 200)
+        [header] = seen
+        self.assertEqual((header.origin, header.destination), ("remote.test", "us.test"))
+
+    def test_bytes_answer_sent_as_html(self) -> None:
+        """An answer given as bytes (a proxy's error page) is sent as it is, with
+        Content-Type text/html."""
+        from treq.testing import StubTreq
+
+        class Proxy(FakeHomeserver):
+            def answer(self, request: Any, api_version: int, body: Any) -> Any:
+                return 502, b"<html>Bad Gateway</html>"
+
+        proxy = Proxy("proxy.test", self.clock)
+        invite = self.remote.invite("10", invitee="@bob:proxy.test")
+        response = self.successResultOf(
+            StubTreq(proxy.site_root()).put(
+                "https://proxy.test" + invite.path(), json=invite.body()
+            )
+        )
+        self.assertEqual(response.code, 502)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/html"])
+        self.assertEqual(self.successResultOf(response.content()), b"<html>Bad Gateway</html>")
+
+    def test_put_invite_gives_up_after_60_seconds_on_a_reactor(self) -> None:
+        """On a reactor (not a Clock), put_invite to a server that never answers fails
+        after 60 s (under trial's 120 s test timeout), saying why."""
+
+        class NotAClock:
+            """A reactor that is not a Clock, on the test's Clock's time."""
+
+            def seconds(self) -> float:
+                return clock.seconds()
+
+            def callLater(self, *args: Any, **kwargs: Any) -> Any:
+                return clock.callLater(*args, **kwargs)
+
+        class Hanging(FakeHomeserver):
+            def answer(self, request: Any, api_version: int, body: Any) -> Any:
+                return None
+
+        clock = Clock()
+        remote = FakeHomeserver("remote.test", clock, reactor=NotAClock())  # type: ignore[arg-type]
+        hanging = Hanging("hang.test", clock)
+        invite = remote.invite("10", invitee="@bob:hang.test")
+        answer = remote.put_invite(hanging.site_root(), invite)
+        for _ in range(60):
+            clock.advance(1)
+        self.assertNoResult(answer)
+        for _ in range(10):
+            clock.advance(0.001)
+        failure = self.failureResultOf(answer, AssertionError)
+        self.assertIn("after 60 s of waiting", str(failure.value))
+
+
 class ReadmeExampleTests(SynchronousTestCase):
     def test_readme_example_is_bridge_tests(self) -> None:
         """The README's "Testing your code with trial" example is BridgeTests above, verbatim
