@@ -656,9 +656,8 @@ class JSONLoggerTests(DaemonHarness):
         return ensureDeferred(go())
 
 
-class PrivilegeSwitchTests(SynchronousTestCase):
-    """twistd's --uid/--gid cannot work: makeService creates the data directory and the
-    key as the user twistd starts as, and the store is opened after the switch."""
+class _TwistdCommandLine(SynchronousTestCase):
+    """makeService as twistd calls it, from a whole twistd command line."""
 
     def service_from(self, *argv: str) -> object:
         """makeService on what twistd parsed of ``argv`` (our options as its subcommand)."""
@@ -672,6 +671,11 @@ class PrivilegeSwitchTests(SynchronousTestCase):
         self.patch(sys, "argv", ["/venv/bin/twistd", *argv, "federation-invite"])
         self.patch(sys, "excepthook", sys.excepthook)  # makeService replaces it
         return makeService(config.subOptions)
+
+
+class PrivilegeSwitchTests(_TwistdCommandLine):
+    """twistd's --uid/--gid cannot work: makeService creates the data directory and the
+    key as the user twistd starts as, and the store is opened after the switch."""
 
     def test_another_uid_or_gid_refused(self) -> None:
         """--uid or --gid naming another user or group than twistd's own ends the process
@@ -693,25 +697,12 @@ class PrivilegeSwitchTests(SynchronousTestCase):
         self.assertIsInstance(service, FederationInviteService)
 
 
-class JSONLoggerRefusalTests(SynchronousTestCase):
+class JSONLoggerRefusalTests(_TwistdCommandLine):
     """twistd's --logger federation_invite.logs.json_observer writes to standard output:
     daemonized (no -n), that is /dev/null, and every line was lost; with --logfile, the file
     got nothing (twistd's --logger replaces it). Both are refused in one line."""
 
     observer = "federation_invite.logs.json_observer"
-
-    def service_from(self, *argv: str) -> object:
-        """makeService on what twistd parsed of ``argv`` (our options as its subcommand)."""
-        from twisted.scripts.twistd import ServerOptions
-
-        self.data_dir = os.path.abspath(self.mktemp())
-        config = ServerOptions()
-        config.parseOptions(
-            [*argv, "federation-invite", "--data-dir", self.data_dir, "--listen", "tcp:0"]
-        )
-        self.patch(sys, "argv", ["/venv/bin/twistd", *argv, "federation-invite"])
-        self.patch(sys, "excepthook", sys.excepthook)  # makeService replaces it
-        return makeService(config.subOptions)
 
     def test_daemonized_or_with_a_log_file_refused(self) -> None:
         """Without -n, or with --logfile, one line says to run it with -n and without
