@@ -513,6 +513,19 @@ class WellKnownResponsesReleasedTests(SynchronousTestCase):
 
 
 class SrvTests(_Base):
+    def assert_orders(
+        self, name: str, cases: list[tuple[float, list[tuple[int, int, int, str]], list[str]]]
+    ) -> None:
+        """For each (draw, SRV records of ``name``, expected order): example.org's targets
+        come in that order when every weighted draw is that fraction."""
+        for fraction, records, order in cases:
+            self.srv.records[name] = records
+            self.resolver = ServerResolver(
+                self.clock, self.peers, self.srv, random=_FixedRandom(fraction)
+            )
+            _, targets = self.resolve("example.org")
+            self.assertEqual([host for host, _ in targets], order, (fraction, records))
+
     def test_matrix_fed_preferred(self) -> None:
         """Step 4 before 5: _matrix-fed._tcp wins over the deprecated _matrix._tcp."""
         self.srv.records["_matrix-fed._tcp.example.org"] = [(0, 0, 1111, "new.example")]
@@ -732,13 +745,7 @@ class SrvTests(_Base):
             (0.5, [(0, 1, 1, "a.example"), (0, 1, 2, "b.example")], ["a.example", "b.example"]),
             (0.75, [(0, 1, 1, "a.example"), (0, 1, 2, "b.example")], ["b.example", "a.example"]),
         ]
-        for fraction, records, order in cases:
-            self.srv.records[name] = records
-            self.resolver = ServerResolver(
-                self.clock, self.peers, self.srv, random=_FixedRandom(fraction)
-            )
-            _, targets = self.resolve("example.org")
-            self.assertEqual([host for host, _ in targets], order, (fraction, records))
+        self.assert_orders(name, cases)
 
     def test_weight_zero_placed_first(self) -> None:
         """RFC 2782: weight-0 records are placed at the beginning of their priority before
@@ -754,13 +761,7 @@ class SrvTests(_Base):
                 ["c.example", "a.example", "b.example"],
             ),
         ]
-        for fraction, records, order in cases:
-            self.srv.records[name] = records
-            self.resolver = ServerResolver(
-                self.clock, self.peers, self.srv, random=_FixedRandom(fraction)
-            )
-            _, targets = self.resolve("example.org")
-            self.assertEqual([host for host, _ in targets], order, (fraction, records))
+        self.assert_orders(name, cases)
 
     def test_at_most_32_targets(self) -> None:
         """Of an answer listing thousands of targets (up to about 3000 fit in one DNS message
