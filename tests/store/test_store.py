@@ -138,11 +138,23 @@ class StoreTestsMixin:
         """Invites arriving together beyond MAX_INVITE_BATCH are all stored and each caller
         answered once as stored (group commit in batches of at most MAX_INVITE_BATCH)."""
         store = await self.open()
+        batch_sizes: list[int] = []
+        write_directly = store._write_directly
+
+        def recording(rows: list[tuple[Any, ...]]) -> Any:
+            # Every batch goes here first, whether it then commits directly or in the pool.
+            batch_sizes.append(len(rows))
+            return write_directly(rows)
+
+        store._write_directly = recording
         count = 2 * MAX_INVITE_BATCH + 88
         records = [make_invite(f"$b{i:04d}") for i in range(count)]
         results = await gatherResults([store.store_invite(r) for r in records])
         self.assertEqual([created for _, created in results], [True] * count)
         self.assertEqual(self.raw("SELECT COUNT(*) FROM invites"), [(count,)])
+        self.assertEqual(sum(batch_sizes), count)
+        self.assertGreater(len(batch_sizes), 1, batch_sizes)
+        self.assertLessEqual(max(batch_sizes), MAX_INVITE_BATCH, batch_sizes)
 
     async def test_group_commit_failure_fails_the_batch_only(self) -> None:
         """A failed batch fails each of its callers with StoreError; later writes do not hang."""
