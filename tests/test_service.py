@@ -789,6 +789,8 @@ class AssemblyFailureTests(SynchronousTestCase):
         not keep build_from_config waiting for ever: after SIGNER_PROBE_TIMEOUT_SECONDS it
         fails with ConfigError saying so, the signer's Deferred cancelled and the store
         closed; one second before, it still waits."""
+        # README.md, "build_from_config waits for the probe, for 30 s at most".
+        self.assertEqual(service_module.SIGNER_PROBE_TIMEOUT_SECONDS, 30.0)
         self.config().ensure_data_dir()
         cancelled: list[Deferred[Any]] = []
 

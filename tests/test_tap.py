@@ -177,6 +177,9 @@ class MakeServiceTests(TestCase):
 
         from federation_invite.service import GEN0_THRESHOLD
 
+        # README.md, "raises the threshold of its youngest generation from 700 to 10,000".
+        self.assertEqual(GEN0_THRESHOLD, 10_000)
+
         frozen: list[int] = []
         self.patch(gc, "freeze", lambda: frozen.append(len(frozen)))
         before = gc.get_threshold()

@@ -572,6 +572,8 @@ class ConnectionPoolCapTests(SynchronousTestCase):
     def test_default_cap(self) -> None:
         """make_connection_pool's pool holds at most MAX_IDLE_CONNECTIONS idle connections:
         one more host closes the first host's connection."""
+        # README.md, limits table: idle keep-alive connections "256 over all servers".
+        self.assertEqual(MAX_IDLE_CONNECTIONS, 256)
         self.assertEqual(self.pool.maxPersistentTotal, MAX_IDLE_CONNECTIONS)
         transports = [self.idle(f"host{number}.example") for number in range(MAX_IDLE_CONNECTIONS)]
         self.assertEqual([t for t in transports if t.disconnecting], [])
@@ -794,6 +796,8 @@ class StatusLineTests(SynchronousTestCase):
     def test_interim_heads(self) -> None:
         """Up to MAX_INTERIM_HEADS interim heads (each a twisted.web log line) are skipped;
         one more is refused at its status line, before twisted.web reads it."""
+        # README.md, limits table: "at most 4 interim heads per response".
+        self.assertEqual(MAX_INTERIM_HEADS, 4)
         interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
         for piece in (0, 1):
             with capturedLogs() as events:

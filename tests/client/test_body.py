@@ -70,6 +70,8 @@ class ReadBodyTests(SynchronousTestCase):
 
     def test_too_many_pieces(self) -> None:
         """One piece more is refused, far under the byte cap, and the connection dropped."""
+        # README.md, limits table: a body "refused once it has come in more than 16,384 pieces".
+        self.assertEqual(MAX_BODY_PIECES, 16_384)
         reading, transport = self.read([b"x"] * (MAX_BODY_PIECES + 1))
         error = self.failureResultOf(reading, BodyTooLarge).value
         self.assertEqual(str(error), f"response body in more than {MAX_BODY_PIECES} pieces")

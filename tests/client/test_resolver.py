@@ -139,6 +139,9 @@ class SlowLookupTests(TestCase):
         threads are free again, it is reached."""
         client = self.client(timeout=0.5)
         assert client._name_resolver is not None
+        # README.md, limits table: address lookups in threads of the client's own, "at most
+        # 256 at once".
+        self.assertEqual(RESOLVER_THREADS, 256)
         self.assertEqual(client._name_resolver.max_threads, RESOLVER_THREADS)
         client._name_resolver.max_threads = 2
         hung = self.hang(client, 2)
