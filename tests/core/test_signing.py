@@ -917,6 +917,51 @@ class SigningPropertyTests(SynchronousTestCase):
             f"Signature by origin.example (ed25519:{ORIGIN_KEY.version}) is invalid",
         )
 
+    def test_tampering_third_party_invite_signed_breaks_signature(self) -> None:
+        """v11 and v12: a member event's third_party_invite keeps only ``signed`` through
+        redaction, so changing ``signed`` breaks the signature and changing another of its
+        keys does not (the branch of test_tampering_signed_field_breaks_signature that its
+        derandomized draws never reach)."""
+        for version in (V11, V12):
+            event = {
+                "type": "m.room.member",
+                "room_id": "!room:origin.example",
+                "sender": "@alice:origin.example",
+                "state_key": "@bob:origin.example",
+                "content": {
+                    "membership": "invite",
+                    "third_party_invite": {
+                        "display_name": "Bob",
+                        "signed": {"mxid": "@bob:origin.example", "token": "abc"},
+                    },
+                },
+                "depth": 3,
+                "origin_server_ts": 1000,
+                "prev_events": [],
+                "auth_events": [],
+            }
+            signed = hash_and_sign_event(version, event, ORIGIN, ORIGIN_KEY)
+            invite = signed["content"]["third_party_invite"]
+            renamed = {**invite, "display_name": "Robert"}
+            verify_event_signature(
+                version,
+                {**signed, "content": {**signed["content"], "third_party_invite": renamed}},
+                ORIGIN,
+                PROPERTY_KEYS,
+            )
+            tampered_invite = {**invite, "signed": tamper(invite["signed"])}
+            tampered = {
+                **signed,
+                "content": {**signed["content"], "third_party_invite": tampered_invite},
+            }
+            with self.subTest(version=version.identifier):
+                with self.assertRaises(SignatureError) as caught:
+                    verify_event_signature(version, tampered, ORIGIN, PROPERTY_KEYS)
+                self.assertEqual(
+                    str(caught.exception),
+                    f"Signature by origin.example (ed25519:{ORIGIN_KEY.version}) is invalid",
+                )
+
     @settings(max_examples=200, deadline=None)
     @given(events(), json_values)
     def test_unsigned_and_redacted_content_not_signed(
