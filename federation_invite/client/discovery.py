@@ -116,9 +116,9 @@ SRV_MAX_TTL = 24 * 3600.0
 SRV_NEGATIVE_MAX_TTL = 3600.0
 #: Most SRV targets tried for one connection: the first in RFC 2782 order. An answer may
 #: list about 1000 (one DNS message over TCP as resolvers send it, its names compressed:
-#: Twisted decodes no more than 1000 compression pointers in one message; up to about
-#: 3000 uncompressed), each an A/AAAA lookup and a connection attempt; real servers list
-#: a handful.
+#: Twisted decodes no more than 1000 compression pointers in one message; about 1500 at
+#: most with no name compressed), each an A/AAAA lookup and a connection attempt; real
+#: servers list a handful.
 MAX_SRV_TARGETS = 32
 #: Most records of one SRV answer remembered (``_bound_srv``): each answer is kept up to
 #: ``SRV_MAX_TTL``, for up to ``SRV_CACHE_SIZE`` peer-chosen names, at some 300 to 500

@@ -764,8 +764,8 @@ class SrvTests(_Base):
         self.assert_orders(name, cases)
 
     def test_at_most_32_targets(self) -> None:
-        """Of an answer listing thousands of targets (up to about 3000 fit in one DNS message
-        over TCP) the first MAX_SRV_TARGETS in RFC 2782 order are tried: lower priorities first,
+        """Of an answer listing thousands of targets (more than one DNS message holds: about
+        1000 compressed, 1500 uncompressed) the first MAX_SRV_TARGETS in RFC 2782 order are tried: lower priorities first,
         each record at most once, with at most that many weighted draws."""
         name = "_matrix-fed._tcp.example.org"
         self.assertEqual(discovery.MAX_SRV_TARGETS, 32)
