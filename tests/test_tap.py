@@ -748,16 +748,20 @@ class ReopenLogFileTests(SynchronousTestCase):
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
 
-    def test_log_file_reopened_at_its_path(self) -> None:
-        from twisted.logger import Logger
-        from twisted.python.logfile import LogFile
-
+    def observed_log_file(self) -> tuple[str, LogFile]:
+        """Helper: a log file in a directory of its own, observed as twistd's is."""
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         path = os.path.join(directory, "fi.log")
         logfile = LogFile.fromFullPath(path)
         self.addCleanup(logfile.close)
         self.observe(logfile)
+        return path, logfile
+
+    def test_log_file_reopened_at_its_path(self) -> None:
+        from twisted.logger import Logger
+
+        path, _ = self.observed_log_file()
         Logger().info("before the rotation")
         os.rename(path, path + ".1")  # logrotate: the file moved away, a new one created
         FilePath(path).setContent(b"")
@@ -785,13 +789,9 @@ class ReopenLogFileTests(SynchronousTestCase):
         """A path that cannot be opened now (its directory gone): the lines go on to the
         file opened before, the first of them saying why."""
         from twisted.logger import Logger
-        from twisted.python.logfile import LogFile
 
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        logfile = LogFile.fromFullPath(os.path.join(directory, "fi.log"))
-        self.addCleanup(logfile.close)
-        self.observe(logfile)
+        path, _ = self.observed_log_file()
+        directory = os.path.dirname(path)
         moved = directory + ".moved"
         os.rename(directory, moved)
         reopen_log_file()
@@ -821,12 +821,7 @@ class ReopenLogFileTests(SynchronousTestCase):
     def rotated_log_file(self) -> tuple[str, LogFile]:
         """Helper: a log file observed as twistd's is, never written to, then moved away
         and a new file created at its path (logrotate's create mode)."""
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        path = os.path.join(directory, "fi.log")
-        logfile = LogFile.fromFullPath(path)
-        self.addCleanup(logfile.close)
-        self.observe(logfile)
+        path, logfile = self.observed_log_file()
         os.rename(path, path + ".1")
         FilePath(path).setContent(b"")
         return path, logfile
