@@ -539,7 +539,7 @@ class InviteHandler:
         valid_at = origin_server_ts if room_version.enforce_key_validity else 0
         keys: dict[tuple[str, str], ServerVerifyKey] = {}
         for server in servers:
-            key_ids = [k for k in signatures.get(server, {}) if is_valid_key_id(k)]
+            key_ids = _signing_key_ids(signatures, server)
             if not key_ids:
                 continue
             found = await self._keyring.get_server_keys(server, key_ids, valid_at)
@@ -686,7 +686,7 @@ class InviteHandler:
             signatures = entry["signatures"]  # a dict of dicts (check_event_format)
             entry_valid_at = entry["origin_server_ts"] if room_version.enforce_key_validity else 0
             for server in signers:
-                ids = [k for k in signatures.get(server, {}) if is_valid_key_id(k)]
+                ids = _signing_key_ids(signatures, server)
                 if not ids:
                     continue  # nothing to fetch: its signature check fails
                 key_ids.setdefault(server, set()).update(ids)
@@ -760,7 +760,7 @@ class InviteHandler:
         valid_at = entry["origin_server_ts"] if room_version.enforce_key_validity else 0
         keys: dict[tuple[str, str], ServerVerifyKey] = {}
         for server in sorted(signers):
-            key_ids = [k for k in signatures.get(server, {}) if is_valid_key_id(k)]
+            key_ids = _signing_key_ids(signatures, server)
             known = self._keyring.known_server_keys(server, key_ids, valid_at)
             if known is None:
                 continue  # would need a fetch (or a store read): not checked
@@ -955,6 +955,12 @@ def _log_outcome(text: str, level: LogLevel = LogLevel.info, **fields: Any) -> N
         log_time=time.time(),
     )
     log.observer(fields)
+
+
+def _signing_key_ids(signatures: dict[str, Any], server: str) -> list[str]:
+    """The key IDs ``server`` signed with that could name an ed25519 key (others are never
+    looked up: a signature by one is simply missing)."""
+    return [key_id for key_id in signatures.get(server, {}) if is_valid_key_id(key_id)]
 
 
 def _client_gone(request: IRequest) -> bool:
