@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -45,3 +47,24 @@ class HypothesisProfileTests(SynchronousTestCase):
         self.assertFalse(explore.derandomize)
         self.assertIsNotNone(explore.database)
         self.assertIsNone(explore.deadline)
+
+    def test_explore_profile_keeps_examples_on_a_ci_runner(self) -> None:
+        """With ``CI`` set, Hypothesis's own default has no example database; the
+        explore profile names its own, the checkout's ``.hypothesis/examples``."""
+        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        probe = (
+            "import tests\n"
+            "from hypothesis import settings\n"
+            "print(getattr(settings.get_profile('explore').database, 'path', None))\n"
+        )
+        env = dict(os.environ, CI="true")
+        env.pop("FEDERATION_INVITE_HYPOTHESIS", None)
+        output = subprocess.run(
+            [sys.executable, "-c", probe],
+            cwd=checkout,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        self.assertEqual(output, os.path.join(checkout, ".hypothesis", "examples"))
