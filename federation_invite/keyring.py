@@ -495,8 +495,10 @@ class Keyring:
     ) -> Deferred[dict[str, ServerVerifyKey]]:
         """The requested keys that could be found (a key may be missing: callers decide).
 
-        A current key is refreshed when it is missing or its (capped)
-        ``valid_until_ts`` is before ``valid_at_ms``; old keys are final.
+        A key is fetched when it is missing, when its (capped) ``valid_until_ts`` is
+        before ``valid_at_ms``, or, for an old key, when its ``expired_ts`` is (as
+        Synapse: the server may list it as current again; a notary's copy never makes
+        it current again, ``_remember``); the old key is answered if that fetch does not.
         A failing store read fails with its ``StoreError`` (an inbound request
         is then answered 500: the database is unavailable), unless
         ``fetch_if_store_fails``: then it is logged and the keys are fetched as
@@ -521,12 +523,19 @@ class Keyring:
         )
 
     def _satisfied(self, server_name: str, key_ids: frozenset[str], valid_at_ms: int) -> bool:
+        """Whether memory holds each of ``key_ids`` valid at ``valid_at_ms``: a current key
+        valid until then, an old key expired no earlier (as Synapse keeps an old key, valid
+        until its ``expired_ts``, bound included). Otherwise a lookup fetches: the server may
+        list a key as current again that it once listed as old (a rotation rolled back)."""
         known = self._memory.get(server_name, {})
         for key_id in key_ids:
             key = known.get(key_id)
             if key is None:
                 return False
-            if key.expired_ts is None and (key.valid_until_ts or 0) < valid_at_ms:
+            if key.expired_ts is not None:
+                if key.expired_ts < valid_at_ms:
+                    return False
+            elif (key.valid_until_ts or 0) < valid_at_ms:
                 return False
         return True
 

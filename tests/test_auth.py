@@ -326,6 +326,32 @@ class RequestAuthenticationTests(SynchronousTestCase):
         error = self.assertRefused(401, "M_UNAUTHORIZED", headers=[header])
         self.assertIn("old key", error)
 
+    def test_key_listed_current_again_authenticates(self) -> None:
+        """A key the origin moved to old_verify_keys refuses requests (401 M_UNAUTHORIZED, old
+        key); once the origin lists it as current again (a rotation rolled back), the next
+        request after the keyring's 5 s pause fetches it and authenticates."""
+        from federation_invite.config import OldKey
+        from federation_invite.core.keys import encode_verify_key, verify_key_of
+
+        self.assertEqual(self.send(), (200, {"origin": THEM}))
+        self.clock.advance(2 * 86_400)
+        old = OldKey(
+            key_id_of(self.their_key),
+            encode_verify_key(verify_key_of(self.their_key)),
+            int(self.clock.seconds() * 1000),
+        )
+        self.federation.add_key_server(self.clock, THEM, [make_key("t2")], old_keys=[old])
+        self.clock.advance(1)
+        error = self.assertRefused(401, "M_UNAUTHORIZED")
+        self.assertIn("is an old key (events only)", error)
+        self.federation.add_key_server(self.clock, THEM, [self.their_key])
+        error = self.assertRefused(401, "M_UNAUTHORIZED")
+        self.assertIn("is an old key (events only)", error)
+        self.assertEqual(self.federation.count(THEM), 2)
+        self.clock.advance(5)
+        self.assertEqual(self.send(), (200, {"origin": THEM}))
+        self.assertEqual(self.federation.count(THEM), 3)
+
     def test_expired_key_refused(self) -> None:
         """A key whose validity has passed and that cannot be refreshed: 401 M_UNAUTHORIZED."""
         self.send()

@@ -884,6 +884,74 @@ class KeyringTests(SynchronousTestCase):
             self.assertFalse(key_valid_for_event(v10, keyring_key, rotated_ms + 1))
         self.assertEqual(self.federation.count("remote.example"), 2)
 
+    def test_old_key_listed_current_again_is_fetched(self) -> None:
+        """An old key is final only up to its expired_ts: a lookup needing it valid later
+        fetches (as Synapse, which keeps an old key as valid until its expired_ts), so a server
+        that rolled a rotation back and lists the key as current again gets it used as current,
+        in memory and in the store. Lookups up to expired_ts (bound included) need no fetch."""
+        self.get()
+        self.clock.advance(2 * DAY_MS // 1000)
+        rotated_ms = NOW_MS + 2 * DAY_MS
+        self.rotate(expired_ts=rotated_ms)
+        key = self.get(valid_at=rotated_ms)[self.key_id]
+        self.assertEqual((key.valid_until_ts, key.expired_ts), (None, rotated_ms))
+        self.assertEqual(self.federation.count("remote.example"), 2)
+        self.clock.advance(DAY_MS // 1000)
+        self.assertEqual(self.get(valid_at=rotated_ms)[self.key_id], key)
+        self.assertEqual(self.federation.count("remote.example"), 2)
+        # The rotation rolled back: K1 is current again.
+        self.federation.add_key_server(self.clock, "remote.example", [self.remote_key])
+        now_ms = NOW_MS + 3 * DAY_MS
+        key = self.get(valid_at=now_ms)[self.key_id]
+        self.assertEqual((key.valid_until_ts, key.expired_ts), (now_ms + DAY_MS, None))
+        self.assertEqual(self.federation.count("remote.example"), 3)
+        stored = self.store.keys[("remote.example", self.key_id)]
+        self.assertEqual((stored.valid_until_ts, stored.expired_ts), (now_ms + DAY_MS, None))
+        restarted = Keyring(self.clock, self.store, self.federation)
+        self.assertEqual(self.get(restarted, valid_at=now_ms)[self.key_id], key)
+        self.assertEqual(self.federation.count("remote.example"), 3)
+
+    def test_old_key_refetched_after_a_restart(self) -> None:
+        """An old key in the store only (after a restart) is fetched when needed valid after its
+        expired_ts, and found current if the server lists it so again."""
+        self.get()
+        self.clock.advance(2 * DAY_MS // 1000)
+        rotated_ms = NOW_MS + 2 * DAY_MS
+        self.rotate(expired_ts=rotated_ms)
+        self.get(valid_at=rotated_ms)
+        self.federation.add_key_server(self.clock, "remote.example", [self.remote_key])
+        restarted = Keyring(self.clock, self.store, self.federation)
+        self.assertEqual(
+            self.get(restarted, valid_at=rotated_ms)[self.key_id].expired_ts, rotated_ms
+        )
+        self.assertEqual(self.federation.count("remote.example"), 2)
+        key = self.get(restarted, valid_at=rotated_ms + 1)[self.key_id]
+        self.assertEqual((key.valid_until_ts, key.expired_ts), (rotated_ms + DAY_MS, None))
+        self.assertEqual(self.federation.count("remote.example"), 3)
+
+    def test_old_key_lookups_past_its_expiry_fetch_once_per_pause(self) -> None:
+        """Lookups needing an old key valid after its expired_ts (requests signed with it, anyone
+        can send them) while the server still lists it as old cost one fetch per 5 s pause:
+        the first fetches, those within the pause get the old key at once, the next after it
+        fetches again."""
+        rotated_ms = NOW_MS + 1000
+        self.rotate(expired_ts=rotated_ms)
+        self.assertEqual(self.get()[self.key_id].expired_ts, rotated_ms)
+        self.assertEqual(self.federation.count("remote.example"), 1)
+        self.clock.advance(2)
+        now_ms = NOW_MS + 2000
+        for _ in range(3):
+            key = self.get(valid_at=now_ms)[self.key_id]
+            self.assertEqual(key.expired_ts, rotated_ms)
+        self.assertEqual(self.federation.count("remote.example"), 2)
+        self.clock.advance(4.999)
+        self.get(valid_at=now_ms)
+        self.assertEqual(self.federation.count("remote.example"), 2)
+        self.clock.advance(0.001)
+        self.assertEqual(self.get(valid_at=now_ms)[self.key_id].expired_ts, rotated_ms)
+        self.assertEqual(self.federation.count("remote.example"), 3)
+        self.assertEqual(self.keyring._backoff["remote.example"].delay_ms, 5_000)
+
     def test_store_read_keeps_a_later_fetch(self) -> None:
         """A store read never replaces a key in memory with an earlier fetch's answer (the
         store may lag behind memory: a failed write, another worker)."""
