@@ -619,13 +619,25 @@ class Config:
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``table``'s keys as ``section.key``: nested tables and flat names alike.
+
+    A key given both ways (``{"inbound": {"user_deny": ...}, "inbound.user_deny": ...}``,
+    which only the Python API can write) is a ``ConfigError``: keeping either value
+    would drop the other without a word.
+    """
     flat: dict[str, Any] = {}
     for name, value in table.items():
         key = f"{prefix}{name}"
         if isinstance(value, dict) and key not in _BY_KEY:
-            flat.update(_flatten(value, key + "."))
+            items = list(_flatten(value, key + ".").items())
         else:
-            flat[key] = value
+            items = [(key, value)]
+        for full, item in items:
+            if full in flat:
+                raise ConfigError(
+                    f"configuration key {full!r} is given twice (flat and nested): give it once"
+                )
+            flat[full] = item
     return flat
 
 
@@ -650,7 +662,7 @@ def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = N
             ) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    raw.update(overrides or {})
+    raw.update(_flatten(overrides or {}))  # replacing the file's values, nested or flat
     return Config(raw, path)
 
 

@@ -103,6 +103,38 @@ class LoadConfigTests(SynchronousTestCase):
         error = self.assertRaises(ConfigError, Config, {"server_name": "bad name"})
         self.assertIn("'server_name'", str(error))
 
+    def test_key_given_flat_and_nested_refused(self) -> None:
+        """A key given both flat ("inbound.user_deny") and nested ({"inbound": {"user_deny":
+        ...}}) in one mapping is refused by name, whichever comes first: keeping either
+        value would drop the other (a deny list) without a word."""
+        for values in (
+            {"inbound": {"user_deny": ["@spammer:*"]}, "inbound.user_deny": ["@troll:*"]},
+            {"inbound.user_deny": ["@troll:*"], "inbound": {"user_deny": ["@spammer:*"]}},
+            {"inbound.user_deny": [], "inbound": {"user_deny": []}},
+        ):
+            error = self.assertRaises(ConfigError, Config, values)
+            self.assertEqual(
+                str(error),
+                "configuration key 'inbound.user_deny' is given twice (flat and nested): "
+                "give it once",
+            )
+        error = self.assertRaises(
+            ConfigError,
+            load_config,
+            None,
+            {"keys": {"validity_period": 3600}, "keys.validity_period": 7200},
+        )
+        self.assertIn("'keys.validity_period' is given twice", str(error))
+
+    def test_overrides_nested_replace_the_files_flat_keys(self) -> None:
+        """load_config's overrides replace the file's values, nested or flat: only a key
+        given twice in one mapping is refused."""
+        path = self.write('[inbound]\nuser_deny = ["@a:*"]\n')
+        config = load_config(path, {"inbound": {"user_deny": ["@b:*"]}})
+        self.assertEqual(config.get("inbound.user_deny"), ("@b:*",))
+        config = load_config(path, {"inbound.user_deny": ["@c:*"]})
+        self.assertEqual(config.get("inbound.user_deny"), ("@c:*",))
+
     def test_unknown_key(self) -> None:
         """An unknown key, top-level or in a section, is refused by name."""
         self.assertRefused('sever_name = "x"\n', "sever_name")
