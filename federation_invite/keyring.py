@@ -14,7 +14,13 @@ A server whose fetch failed is not asked again until its back-off has
 passed (none when its answer timed out only while our address lookups waited for a
 resolver thread, ``TransportError.resolver_busy``: not its fault); one that
 answered (or a notary did for it), but not with every key asked for, not for 5 s
-(the pause). Anyone can name any server and a made-up
+(the pause). These are the keyring's own, the only per-server limits on its fetches:
+the federation client's back-off of the server, set by other requests (our invites to
+it while it was down), is passed by (``ignore_backoff``, as Synapse fetches keys), so
+it never holds up the key of a request the server sends once back; a fetch's outcome
+still counts in it (a success ends it). A client refusing a fetch all the same
+(``BackoffError``: no request made) is not the server's failure: the keyring waits as
+long as the client will, without doubling its back-off. Anyone can name any server and a made-up
 key ID, so the pause bounds the fetches anyone can cause to one per 5 s; but a
 lookup within it of key IDs that fetch did not ask for (a key the server has
 just rotated to, one only a notary has, or a caller's that joined the fetch
@@ -81,7 +87,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from ._backoff import is_failure_status, make_room
 from ._clock import in_window
-from .client.errors import RemoteError, TransportError
+from .client.errors import BackoffError, RemoteError, TransportError
 from .core.errors import Codes, MatrixError
 from .core.ids import host_ends_in_dot, is_valid_server_name
 from .core.keys import decode_verify_key, is_valid_key_id, key_id_of, verify_key_of
@@ -357,13 +363,17 @@ class _Fetch:
     wanted: dict[str, int] = attrs.Factory(dict)
     #: Key ID -> the ``minimum_valid_until_ts`` a notary was asked for it with.
     asked: dict[str, int] = attrs.Factory(dict)
-    #: Started by the sender's answer check: the client's back-off is passed by too.
+    #: Started by the sender's answer check: the keyring's back-off, pause and cap on
+    #: fetches in flight are passed by (every fetch passes the client's back-off).
     ignore_backoff: bool = False
     #: Counted in the refreshes' pool (its server had a key in memory when it started).
     refresh: bool = False
     #: The server's own answer timed out only while our address lookups waited for a
     #: resolver thread (``TransportError.resolver_busy``): not its fault.
     resolver_busy: bool = False
+    #: Our client refused to send the server's request (``BackoffError``, no request
+    #: made), until then (ms): not the server's failure.
+    client_refused_until_ms: int | None = None
 
     def want(self, wanted: Mapping[str, int]) -> None:
         """Add a caller's key IDs (key ID -> valid at), as long as ``_MAX_KEYS_PER_DOCUMENT``
@@ -825,6 +835,8 @@ class Keyring:
             return
         self.fetch_failures += 1
         asked = None
+        # The delay a next failure doubles, when not ``delay`` (none was doubled now).
+        doubles: int | None = None
         if answered:
             # The server (or a notary) answered, just without the key asked
             # for: not a dead server. Anyone can name any server and a made-up
@@ -846,6 +858,17 @@ class Keyring:
                 server=server_name,
             )
             return
+        elif fetch.client_refused_until_ms is not None:
+            # Our client refused to send the request (its own back-off of the server): no
+            # request was made, so not the server's failure, and its back-off is not
+            # doubled. Wait as long as the client will (at least a pause, at most the
+            # longest back-off), so that lookups meanwhile cost no fetch nor notary query.
+            delay = min(
+                max(fetch.client_refused_until_ms - now_ms, _ANSWERED_REFETCH_MS),
+                _MAX_BACKOFF_MS,
+            )
+            previous = self._backoff.get(server_name)
+            doubles = 0 if previous is None else previous.delay_ms
         else:
             # Doubling the last delay; after a 5 s pause for an answer without
             # the key, a failure still starts at the minimum.
@@ -862,7 +885,9 @@ class Keyring:
             over=lambda other: not other.waiting(now_ms),
             ends=lambda other: other.until_ms,
         )
-        self._backoff[server_name] = _Backoff(now_ms + delay, delay, now_ms, asked)
+        self._backoff[server_name] = _Backoff(
+            now_ms + delay, delay if doubles is None else doubles, now_ms, asked
+        )
         if asked is not None:
             self._pauses.append((now_ms, now_ms + delay, server_name))
         log.info(
@@ -899,14 +924,18 @@ class Keyring:
         ``EXAMPLE.org``, example.org answers for ``example.org``: that spelling is
         paused, not backed off). So is an error answer other than a 401, a 429 or a
         5xx (``is_failure_status``, the client's rule). No answer because our address
-        lookups waited for a resolver thread marks ``fetch.resolver_busy``.
+        lookups waited for a resolver thread marks ``fetch.resolver_busy``; none because
+        our client refused to send the request (``BackoffError``), the time it refuses
+        until, ``fetch.client_refused_until_ms``.
         """
         try:
-            # Only the sender's fetches pass the keyword, so a client written to
-            # IKeyFetchClient's older form still serves every other fetch.
-            extra = {"ignore_backoff": True} if fetch.ignore_backoff else {}
+            # Past the client's back-off of the server (``ignore_backoff``), as Synapse
+            # fetches keys: set by other requests (our invites to it while it was down), it
+            # must not hold up a request the server sends us once back. The keyring's own
+            # back-off and pause bound these fetches; the outcome still counts in the
+            # client's back-off (a success ends it, as the server's request would in Synapse).
             response = await self._client.get_json(
-                server_name, "/_matrix/key/v2/server", signed=False, **extra
+                server_name, "/_matrix/key/v2/server", signed=False, ignore_backoff=True
             )
         except Exception as exc:
             log.info(
@@ -917,7 +946,11 @@ class Keyring:
             if isinstance(exc, RemoteError) and not is_failure_status(exc.status):
                 # It answered (a 404, a 403): up, as the client judges it too.
                 return frozenset()
-            if isinstance(exc, TransportError) and exc.resolver_busy:
+            if isinstance(exc, BackoffError):
+                # Our client refused to send it (a client that keeps its back-off even so):
+                # no request was made, so not the server's failure.
+                fetch.client_refused_until_ms = int(exc.retry_at * 1000)
+            elif isinstance(exc, TransportError) and exc.resolver_busy:
                 fetch.resolver_busy = True
             return None
         try:

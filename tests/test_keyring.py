@@ -11,7 +11,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
-from federation_invite.client import FederationClient, TransportError
+from federation_invite.client import BackoffError, FederationClient, TransportError
 from federation_invite.client.testing import FakePeersAgent
 from federation_invite.config import Notary
 from federation_invite.core.canonical import encode_canonical_json
@@ -271,10 +271,10 @@ class KeyringTests(SynchronousTestCase):
         self.clock.advance(5)
         self.assertEqual(self.federation.count("remote.example"), 2)
 
-    def test_only_the_senders_fetches_pass_ignore_backoff(self) -> None:
-        """Only an ``ignore_backoff`` lookup (the sender's answer check) passes the keyword to
-        the client; every other fetch calls get_json as IKeyFetchClient's older form has it, so
-        a client written to that form still serves them."""
+    def test_every_fetch_passes_the_clients_back_off(self) -> None:
+        """Every fetch of a server's own keys asks the client with ``ignore_backoff=True`` (as
+        Synapse fetches keys), an inbound lookup's as the sender's answer check's: the client's
+        back-off of that server, set by other requests, never holds a key fetch up."""
         seen: list[dict[str, Any]] = []
         federation = self.federation
 
@@ -290,7 +290,79 @@ class KeyringTests(SynchronousTestCase):
             keyring.get_server_keys("other.example", [self.key_id], NOW_MS, ignore_backoff=True)
         )
         self.assertIn(self.key_id, keys)
-        self.assertEqual(seen, [{"signed": False}, {"signed": False, "ignore_backoff": True}])
+        self.assertEqual(seen, [{"signed": False, "ignore_backoff": True}] * 2)
+
+    def test_client_backoff_does_not_hold_up_key_fetches(self) -> None:
+        """The federation client's back-off of a server (our invites to it failed while it was
+        down) does not hold up the fetch of its keys, as Synapse fetches them with
+        ``ignore_backoff``: once it is back, the first lookup (a request it sends us) fetches
+        and finds its key, and that success ends the client's back-off too. Only the keyring's
+        own back-off limits those fetches: while it is down, one fetch, then none for 1 min."""
+        peers = FakePeersAgent()
+        client = FederationClient(self.clock, "local.example", make_key("l1"), agent=peers)
+        for wait in (61, 122, 10):  # three invites our users sent while it was down
+            invite = client.put_json(
+                "remote.example", "/_matrix/federation/v2/invite/x", {}, ignore_backoff=True
+            )
+            peers.flush()
+            self.failureResultOf(invite, TransportError)
+            self.clock.advance(wait)
+        self.assertTrue(client._backoff["remote.example"].waiting(self.clock.seconds()))
+        keyring = Keyring(self.clock, self.store, client)
+
+        def lookup() -> dict[str, Any]:
+            now_ms = int(self.clock.seconds() * 1000)
+            found = keyring.get_server_keys("remote.example", [self.key_id], now_ms)
+            peers.flush()
+            return self.successResultOf(found)
+
+        self.assertEqual(lookup(), {})
+        self.assertEqual(len(peers.requests), 4)
+        self.assertEqual(keyring._backoff["remote.example"].delay_ms, 60_000)
+        self.clock.advance(59)
+        self.assertEqual(lookup(), {})
+        self.assertEqual(len(peers.requests), 4)
+        self.clock.advance(1)
+        peers.add_peer("remote.example", self.federation.servers["remote.example"])
+        self.assertIn(self.key_id, lookup())
+        self.assertEqual(len(peers.requests), 5)
+        self.assertEqual((keyring._backoff, client._backoff, keyring.fetch_failures), ({}, {}, 1))
+
+    def test_client_refusing_a_fetch_is_not_a_server_failure(self) -> None:
+        """A client that refuses a key fetch itself (``BackoffError``: no request sent) is not
+        a failure of the server: the keyring does not double its own back-off for it, and
+        asks the client again once the client's back-off is over (not before, nor the
+        notaries); a failure of the server then backs it off the 1 min minimum."""
+        clock = self.clock
+        federation = self.federation
+        retry_at = NOW_S + 230
+        calls: list[float] = []
+
+        class BackingOff:
+            def get_json(self, destination: str, path: str, **kwargs: Any) -> Any:
+                calls.append(clock.seconds())
+                if clock.seconds() < retry_at:
+                    return fail(BackoffError(destination, retry_at, 3, clock.seconds()))
+                if clock.seconds() < retry_at + 60:
+                    return fail(TransportError(destination, "connection refused"))
+                return federation.get_json(destination, path)
+
+        keyring = Keyring(self.clock, self.store, BackingOff())
+        self.assertEqual(self.get(keyring), {})
+        for wait in (60, 60, 60, 49.999):
+            self.clock.advance(wait)
+            self.assertEqual(self.get(keyring), {})
+        self.assertEqual(calls, [NOW_S])
+        self.clock.advance(0.001)
+        self.assertEqual(self.get(keyring), {})
+        self.assertEqual(calls, [NOW_S, retry_at])
+        self.assertEqual(keyring._backoff["remote.example"].delay_ms, 60_000)
+        self.clock.advance(59.999)
+        self.assertEqual(self.get(keyring), {})
+        self.assertEqual(len(calls), 2)
+        self.clock.advance(0.001)
+        self.assertIn(self.key_id, self.get(keyring))
+        self.assertEqual((len(calls), keyring._backoff), (3, {}))
 
     def test_no_backoff_when_our_resolver_was_busy(self) -> None:
         """A fetch that timed out only because our address lookups waited for a resolver
