@@ -43,7 +43,7 @@ from .core.events import (
     prepare_event,
     room_id_for_create_event,
 )
-from .core.format import check_event_format, check_pdu_size
+from .core.format import check_event_format, check_pdu_size, federation_form_problem
 from .core.ids import is_valid_room_id, is_valid_server_name, is_valid_user_id, server_name_of
 from .core.roomversions import EventFormat, RedactionRules, RoomVersion, room_version_of
 from .core.signing import (
@@ -697,24 +697,19 @@ def _check_create_event(
 
 
 def _check_before_signing(room_version: RoomVersion, event: Mapping[str, Any]) -> None:
-    """What receivers refuse (Synapse: 400 ``M_BAD_JSON``) though ``check_event_format``,
-    lenient on receipt, lets it through; checked before the event is signed, since
-    the signatures cover it.
-
-    Room v3+ (rooms/v3.md "Event format"): "When events are sent over
-    federation, the event_id field is no longer included"; Synapse refuses
-    a PDU with an explicit ``event_id``. The key survives redaction, so it cannot
-    be stripped from a signed event: it must be signed without it.
+    """What receivers refuse as malformed (Synapse, and ``check_event_format`` on
+    receipt: 400 ``M_BAD_JSON``) though the PDU schemas allow it, as
+    ``federation_form_problem`` says; checked before the event is signed, since
+    the signatures cover it (an ``event_id`` key survives redaction, so it cannot
+    be stripped from a signed event: the event must be signed without it).
 
     Room v12 (rooms/v12.md): "The m.room.create event MUST NOT be selected for
     auth_events"; Synapse refuses an event whose ``auth_events`` list it (the
     room ID's event, ``$`` + the room ID's hash).
     """
-    if not room_version.event_id_in_event and "event_id" in event:
-        raise InviteNotSendable(
-            f"room version {room_version.identifier} events carry no event_id over federation "
-            "(their ID is their reference hash): the event must be signed without it"
-        )
+    problem = federation_form_problem(room_version, event)
+    if problem is not None:
+        raise InviteNotSendable(problem)
     if room_version.room_id_is_create_event_hash:
         room_id = event.get("room_id")
         auth_events = event.get("auth_events")

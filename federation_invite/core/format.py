@@ -9,15 +9,19 @@ an event must comply with the event format of its room version, as the schemas
 ``type`` and ``event_id``). Every failure is a ``MatrixError`` 400
 ``M_BAD_JSON`` naming the field, or 413 ``M_TOO_LARGE`` for the size.
 
-Like the schemas, the check allows keys it does not know. In particular a v3+
-PDU that still carries an ``event_id`` is accepted: the key is covered by the
-hashes and signatures, so it cannot be stripped, and nothing here trusts it
-(the ID of a v3+ event is always computed from its reference hash). The
-top-level ``origin`` is no longer part of any PDU schema and is not checked.
+Like the schemas, the check allows keys it does not know, with one exception
+that rooms/v3.md states outside the schemas: "When events are sent over
+federation, the event_id field is no longer included". A v3+ PDU that carries
+an ``event_id`` is refused (Synapse: 400 "Invalid event JSON"); the key is
+covered by the hashes and signatures, so it could not be stripped before
+co-signing. ``federation_form_problem`` holds that rule, shared with the
+outbound check that refuses to sign such an event. The top-level ``origin``
+is no longer part of any PDU schema and is not checked.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from .canonical import MAX_SAFE_INTEGER, CanonicalJSONError, check_canonical_json
@@ -32,6 +36,7 @@ __all__ = [
     "MAX_PREV_EVENTS",
     "check_event_format",
     "check_pdu_size",
+    "federation_form_problem",
 ]
 
 #: A PDU's canonical JSON, signatures included, is at most this many bytes
@@ -161,6 +166,30 @@ def check_event_format(
 
     _check_references(version, event["prev_events"], "prev_events", MAX_PREV_EVENTS)
     _check_references(version, event["auth_events"], "auth_events", MAX_AUTH_EVENTS)
+    problem = federation_form_problem(version, event)
+    if problem is not None:
+        _bad(problem)
+
+
+def federation_form_problem(version: RoomVersion, event: Mapping[str, Any]) -> str | None:
+    """Why receivers refuse ``event`` as malformed though its PDU schema allows it; None if
+    they do not.
+
+    Room v3+ (rooms/v3.md "Event format"): "When events are sent over federation,
+    the event_id field is no longer included"; Synapse refuses a PDU with an
+    ``event_id`` key (400 "Invalid event JSON").
+
+    One rule for both directions: ``check_event_format`` refuses such a PDU on
+    receipt (400 ``M_BAD_JSON``), and the outbound client refuses to sign one.
+    ``event`` may be any mapping (the outbound check runs before the event is
+    signed or its format checked).
+    """
+    if not version.event_id_in_event and "event_id" in event:
+        return (
+            f"room version {version.identifier} events carry no event_id over federation "
+            "(their ID is their reference hash): the event must be signed without it"
+        )
+    return None
 
 
 def _check_room_id(version: RoomVersion, event: dict[str, Any], event_type: str) -> None:

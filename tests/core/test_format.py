@@ -128,13 +128,6 @@ class ValidEventTests(FormatTestCase):
         """pdu_v12: the m.room.create event omits room_id."""
         check_event_format("12", create_event_v12())
 
-    def test_v3_plus_event_id_tolerated(self) -> None:
-        """A v3+ PDU carrying event_id is accepted (schemas allow extra keys; it is ignored)."""
-        for version in ALL_VERSIONS[2:]:
-            event = invite_event(version)
-            event["event_id"] = {"not": "even a string"}
-            check_event_format(version, event)
-
     def test_reference_limits_exactly(self) -> None:
         """20 prev_events and 10 auth_events are allowed ("less than or equal to")."""
         for version in ALL_VERSIONS:
@@ -202,6 +195,26 @@ class ValidEventTests(FormatTestCase):
 
 class RejectTests(FormatTestCase):
     """Each rule of the PDU schemas rejects with 400 M_BAD_JSON naming the field."""
+
+    def test_v3_plus_event_id_refused(self) -> None:
+        """rooms/v3.md "Event format": "When events are sent over federation, the event_id
+        field is no longer included"; Synapse refuses such a PDU (400 "Invalid event JSON"),
+        and so does our outbound check before signing: an event_id key of any value is
+        400 M_BAD_JSON in room versions 3 to 12 (v1/v2 still require it)."""
+        for version in ALL_VERSIONS[2:]:
+            for value in [
+                "$anything",
+                "$a4ecee13e2accdadf56c1025:example.org",
+                {"not": "a string"},
+            ]:
+                event = invite_event(version)
+                event["event_id"] = value
+                self.assertBad(
+                    version,
+                    event,
+                    f"room version {version} events carry no event_id over federation"
+                    " (their ID is their reference hash): the event must be signed without it",
+                )
 
     def test_not_an_object(self) -> None:
         """A PDU must be a JSON object."""
