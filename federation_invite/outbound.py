@@ -701,27 +701,12 @@ def _check_before_signing(room_version: RoomVersion, event: Mapping[str, Any]) -
     receipt: 400 ``M_BAD_JSON``) though the PDU schemas allow it, as
     ``federation_form_problem`` says; checked before the event is signed, since
     the signatures cover it (an ``event_id`` key survives redaction, so it cannot
-    be stripped from a signed event: the event must be signed without it).
-
-    Room v12 (rooms/v12.md): "The m.room.create event MUST NOT be selected for
-    auth_events"; Synapse refuses an event whose ``auth_events`` list it (the
-    room ID's event, ``$`` + the room ID's hash).
+    be stripped from a signed event: the event must be signed without it), as a
+    room v12 event whose ``auth_events`` list the room's create event.
     """
     problem = federation_form_problem(room_version, event)
     if problem is not None:
         raise InviteNotSendable(problem)
-    if room_version.room_id_is_create_event_hash:
-        room_id = event.get("room_id")
-        auth_events = event.get("auth_events")
-        if (
-            isinstance(room_id, str)
-            and isinstance(auth_events, list | tuple)
-            and f"${room_id[1:]}" in auth_events
-        ):
-            raise InviteNotSendable(
-                f"the event's auth_events list the room's m.room.create event ${room_id[1:]}, "
-                f"which room version {room_version.identifier} never selects as an auth event"
-            )
 
 
 def _check_signed(

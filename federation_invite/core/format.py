@@ -14,7 +14,9 @@ that rooms/v3.md states outside the schemas: "When events are sent over
 federation, the event_id field is no longer included". A v3+ PDU that carries
 an ``event_id`` is refused (Synapse: 400 "Invalid event JSON"); the key is
 covered by the hashes and signatures, so it could not be stripped before
-co-signing. ``federation_form_problem`` holds that rule, shared with the
+co-signing. Likewise a room v12 event whose ``auth_events`` list the room's
+create event (rooms/v12.md: it "MUST NOT be selected"; Synapse refuses it on
+receipt). ``federation_form_problem`` holds these rules, shared with the
 outbound check that refuses to sign such an event. The top-level ``origin``
 is no longer part of any PDU schema and is not checked.
 """
@@ -110,10 +112,12 @@ def check_event_format(
     Checks, per the room version's PDU schema: the required keys and their
     JSON types, the grammar of ``sender``, ``room_id``, ``event_id`` (v1/v2)
     and of the IDs in ``prev_events``/``auth_events``, their counts, the
-    255-byte field limits, ``depth`` bounds and, from v6, strict canonical
-    JSON for the whole event. It does not check hashes, signatures or auth
-    rules, nor the 64 KiB size limit (``check_pdu_size``). Raises only
-    ``MatrixError``, whatever JSON-shaped value it is given.
+    255-byte field limits, ``depth`` bounds, from v6 strict canonical JSON
+    for the whole event, and what ``federation_form_problem`` refuses (v3+:
+    an ``event_id`` key; v12: the create event in ``auth_events``). It does
+    not check hashes, signatures or auth rules, nor the 64 KiB size limit
+    (``check_pdu_size``). Raises only ``MatrixError``, whatever JSON-shaped
+    value it is given.
 
     ``numbers_checked``: the caller parsed the event from JSON and knows it
     holds no float and no out-of-range integer (``parse_json_with_numbers``),
@@ -179,6 +183,12 @@ def federation_form_problem(version: RoomVersion, event: Mapping[str, Any]) -> s
     the event_id field is no longer included"; Synapse refuses a PDU with an
     ``event_id`` key (400 "Invalid event JSON").
 
+    Room v12 (rooms/v12.md, auth rule 3.2): "The m.room.create event MUST NOT
+    be selected for auth_events"; its ID is derived from the room ID (``$`` +
+    the room ID's hash), so this needs no lookup, and Synapse refuses such an
+    event on receipt (400 "auth_events must not contain the create event")
+    rather than in the auth rules, which an invitee cannot run.
+
     One rule for both directions: ``check_event_format`` refuses such a PDU on
     receipt (400 ``M_BAD_JSON``), and the outbound client refuses to sign one.
     ``event`` may be any mapping (the outbound check runs before the event is
@@ -189,6 +199,18 @@ def federation_form_problem(version: RoomVersion, event: Mapping[str, Any]) -> s
             f"room version {version.identifier} events carry no event_id over federation "
             "(their ID is their reference hash): the event must be signed without it"
         )
+    if version.room_id_is_create_event_hash:
+        room_id = event.get("room_id")
+        auth_events = event.get("auth_events")
+        if (
+            isinstance(room_id, str)
+            and isinstance(auth_events, list | tuple)
+            and f"${room_id[1:]}" in auth_events
+        ):
+            return (
+                f"the event's auth_events list the room's m.room.create event ${room_id[1:]}, "
+                f"which room version {version.identifier} never selects as an auth event"
+            )
     return None
 
 

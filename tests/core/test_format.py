@@ -216,6 +216,26 @@ class RejectTests(FormatTestCase):
                     " (their ID is their reference hash): the event must be signed without it",
                 )
 
+    def test_v12_create_event_in_auth_events_refused(self) -> None:
+        """rooms/v12.md: the m.room.create event "MUST NOT be selected for auth_events"; its ID
+        is the room ID's hash ($ + the room ID's localpart), and Synapse refuses an event
+        listing it (400 "auth_events must not contain the create event"), as our outbound
+        check does before signing: 400 M_BAD_JSON, wherever it is in the list. Before v12 the
+        create event is an auth event like any other."""
+        create_id = "$" + V12_ROOM_ID[1:]
+        for auth_events in ([create_id], [URLSAFE_IDS[0], create_id]):
+            event = invite_event("12")
+            event["auth_events"] = auth_events
+            self.assertBad(
+                "12",
+                event,
+                f"the event's auth_events list the room's m.room.create event {create_id},"
+                " which room version 12 never selects as an auth event",
+            )
+        event = invite_event("11")
+        event["auth_events"] = [create_id]
+        check_event_format("11", event)
+
     def test_not_an_object(self) -> None:
         """A PDU must be a JSON object."""
         for value in [None, [], "event", 1, 1.5, True]:
