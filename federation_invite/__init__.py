@@ -27,7 +27,7 @@ from .service import (
     make_service,
 )
 from .signer import ISigner, LocalSigner
-from .store import InviteRecord, InviteRule, IStore, open_store
+from .store import InviteRecord, InviteRule, IStore, StoreError, open_store
 from .web.site import FederationSite
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "MatrixError",
     "RequestAuthenticator",
     "ServerAcl",
+    "StoreError",
     "__version__",
     "build_components",
     "build_from_config",

@@ -477,6 +477,32 @@ def _load_key(config: Config) -> SigningKey:
     return key
 
 
+def _data_dir_and_key(config: Config) -> SigningKey:
+    """Create the data directory if missing, then load (or create) the signing key and check
+    its ID against ``keys.old_verify_keys``. What only the file system can tell (a data
+    directory that cannot be one, a key file that cannot be read, created or parsed) is a
+    ``ConfigError`` naming the key, the original error as its cause."""
+    try:
+        config.ensure_data_dir()
+    except OSError as exc:
+        if isinstance(exc, FileExistsError):
+            reason = f"{exc.filename or config.data_dir} exists and is not a directory"
+        else:
+            reason = f"cannot create directory {config.data_dir}: {exc.strerror or exc}"
+        raise ConfigError(f"configuration key 'data_dir': {reason}") from exc
+    try:
+        key = _load_key(config)
+    except SigningKeyError as exc:
+        raise ConfigError(f"configuration key 'signing_key': {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(
+            f"configuration key 'signing_key': cannot create signing key file "
+            f"{config.signing_key_path}: {exc.strerror or exc}"
+        ) from exc
+    config.check_signing_key_id(key_id_of(key))
+    return key
+
+
 def _warn_of_unused_keys(path: str, keys: list[SigningKey], old_keys: Iterable[OldKey]) -> None:
     """Warn when the key file holds keys after the one we use (a Synapse key file may) whose
     IDs are not under keys.old_verify_keys: they neither sign nor are published, so what they
@@ -520,6 +546,12 @@ async def build_from_config(
 
     ``config`` is a ``Config``, a path to a TOML file, or None for the built-in
     defaults; ``kwargs`` go to ``build_components`` (signer, hooks, listeners...).
+
+    Raises ``ConfigError`` (a ``ValueError`` naming the key) for the configuration, the
+    data directory, the signing key file and a signer that does not sign with our key, as
+    ``make_service`` does; ``TypeError`` for a keyword argument ``build_components`` would
+    refuse; ``StoreError`` (``SchemaVersionError`` among them) for the database. Nothing
+    it opened is left open.
     """
     signer = kwargs.get("signer")
     if signer is not None:
@@ -529,9 +561,7 @@ async def build_from_config(
     if signer is not None:
         _check_signer_for(config, signer)  # before any file or database is opened
     _check_arguments(config, kwargs)
-    config.ensure_data_dir()
-    key = _load_key(config)
-    config.check_signing_key_id(key_id_of(key))  # before the database is opened
+    key = _data_dir_and_key(config)  # before the database is opened
     store = await open_store(config.database, reactor=reactor)
     try:
         components, probing = _assemble(config, reactor, store, key, **kwargs)
@@ -1180,24 +1210,7 @@ def make_service(
     a key file that cannot be read, created or parsed, an old key with its ID)
     is a ``ConfigError`` naming the key, the original error as its cause.
     """
-    try:
-        config.ensure_data_dir()
-    except OSError as exc:
-        if isinstance(exc, FileExistsError):
-            reason = f"{exc.filename or config.data_dir} exists and is not a directory"
-        else:
-            reason = f"cannot create directory {config.data_dir}: {exc.strerror or exc}"
-        raise ConfigError(f"configuration key 'data_dir': {reason}") from exc
-    try:
-        key = _load_key(config)
-    except SigningKeyError as exc:
-        raise ConfigError(f"configuration key 'signing_key': {exc}") from exc
-    except OSError as exc:
-        raise ConfigError(
-            f"configuration key 'signing_key': cannot create signing key file "
-            f"{config.signing_key_path}: {exc.strerror or exc}"
-        ) from exc
-    config.check_signing_key_id(key_id_of(key))
+    key = _data_dir_and_key(config)
     return FederationInviteService(
         config,
         reactor,

@@ -78,6 +78,67 @@ class EmbeddingExampleTests(TestCase):
         return ensureDeferred(go())
 
 
+class BuildFromConfigErrorTests(TestCase):
+    """build_from_config's failures, as the README's embedding section lists them: a
+    ``ConfigError`` naming the key for the configuration, data directory and key file (as
+    ``make_service`` raises), a ``StoreError`` (exported here) for the database; nothing
+    is left open."""
+
+    async def refusal(self, values: dict[str, Any], error: type[Exception]) -> Exception:
+        failed = ensureDeferred(
+            federation_invite.build_from_config(federation_invite.Config(values), reactor)
+        )
+        return await self.assertFailure(failed, error)
+
+    async def test_data_dir_that_is_a_file(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        open(path, "w").close()
+        error = await self.refusal({"data_dir": path}, federation_invite.ConfigError)
+        self.assertEqual(
+            str(error), f"configuration key 'data_dir': {path} exists and is not a directory"
+        )
+        self.assertIsInstance(error.__cause__, FileExistsError)
+
+    async def test_bad_key_file(self) -> None:
+        data_dir = os.path.abspath(self.mktemp())
+        os.makedirs(data_dir)
+        key_path = os.path.join(data_dir, "empty.key")
+        open(key_path, "w").close()
+        error = await self.refusal(
+            {"data_dir": data_dir, "signing_key": key_path}, federation_invite.ConfigError
+        )
+        self.assertEqual(
+            str(error), f"configuration key 'signing_key': {key_path}: no signing key in the file"
+        )
+        from federation_invite.signingkey import SigningKeyError
+
+        self.assertIsInstance(error.__cause__, SigningKeyError)
+        under_a_file = os.path.join(key_path, "new.key")
+        error = await self.refusal(
+            {"data_dir": data_dir, "signing_key": under_a_file}, federation_invite.ConfigError
+        )
+        self.assertEqual(
+            str(error),
+            f"configuration key 'signing_key': cannot read signing key file {under_a_file}: "
+            "Not a directory",
+        )
+
+    async def test_database_that_cannot_be_opened(self) -> None:
+        from federation_invite.store import StoreError
+
+        self.assertIs(federation_invite.StoreError, StoreError)
+        data_dir = os.path.abspath(self.mktemp())
+        os.makedirs(data_dir)
+        garbage = os.path.join(data_dir, "garbage.db")
+        with open(garbage, "wb") as handle:
+            handle.write(b"x" * 4096)
+        error = await self.refusal(
+            {"data_dir": data_dir, "database": f"sqlite:///{garbage}"},
+            federation_invite.StoreError,
+        )
+        self.assertIn("file is not a database", str(error))
+
+
 #: The policy hooks the README's "Python API" section describes, as an embedder writes
 #: them: mypy must accept each where a hook is taken, and refuse a plain function.
 HOOK_FORMS = """
