@@ -708,6 +708,12 @@ class RoomStateValidationTests(InboundTestCase):
             ),
             ("float", {**good, "depth": 2.5}, "not a valid event"),
             (
+                # Synapse's PDU parser refuses it (every hash value a string).
+                "a hash that is no string",
+                {**good, "hashes": {**good["hashes"], "sha512": 1}},
+                "'hashes' must hold only strings",
+            ),
+            (
                 "over 64 KiB",
                 self.state_event(
                     room_version, room_id, content={"join_rule": "invite", "pad": "x" * 66_000}

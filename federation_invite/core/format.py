@@ -242,6 +242,17 @@ def _check_hashes(hashes: object, where: str) -> None:
         _bad(f"{where} must be an object")
     if not isinstance(hashes.get("sha256"), str):
         _bad(f"{where} must have a string 'sha256'")
+    if len(hashes) > 1:
+        _check_hash_values(hashes, where)
+
+
+def _check_hash_values(hashes: dict[str, Any], where: str) -> None:
+    # The schema leaves other entries open, but Synapse's PDU parser refuses any
+    # value that is not a string (400 "Invalid event JSON"): such an event could
+    # not reach the room, so it is never co-signed.
+    for value in hashes.values():
+        if not isinstance(value, str):
+            _bad(f"{where} must hold only strings")
 
 
 def _check_signatures(signatures: object) -> None:
@@ -275,6 +286,7 @@ def _check_references(version: RoomVersion, refs: object, key: str, limit: int) 
                 _bad(f"{key!r} hashes must be an object")
             if "sha256" in hashes and not isinstance(hashes["sha256"], str):
                 _bad(f"{key!r} hashes must have a string 'sha256'")
+            _check_hash_values(hashes, f"{key!r} hashes")
         else:
             event_id = ref
         if not is_valid_event_id(event_id, version):

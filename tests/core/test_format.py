@@ -417,6 +417,35 @@ class RejectTests(FormatTestCase):
                 lambda e, b=bad: e.__setitem__("hashes", b), "'hashes' must have a string 'sha256'"
             )
 
+    def test_hashes_values_all_strings(self) -> None:
+        """Synapse's PDU parser refuses a hashes object with any value that is not a string
+        (400 "Invalid event JSON"), beside a valid sha256 too: 400 M_BAD_JSON here, so that
+        we never co-sign an event Synapse cannot parse. Other string entries pass."""
+        for extra in [1, None, {}, [HASH], True]:
+            self.assertBadEverywhere(
+                lambda e, x=extra: e.__setitem__("hashes", {"sha256": HASH, "sha512": x}),
+                "'hashes' must hold only strings",
+            )
+        for version in ALL_VERSIONS:
+            event = invite_event(version)
+            event["hashes"] = {"sha256": HASH, "sha512": HASH}
+            check_event_format(version, event)
+
+    def test_v1_reference_hashes_values_all_strings(self) -> None:
+        """pdu_v1 reference pairs: Synapse refuses their hashes object too when a value is
+        not a string ({} and extra string entries pass): 400 M_BAD_JSON."""
+        good_id = "$af232176:example.org"
+        for key in ("prev_events", "auth_events"):
+            for bad in [{"sha256": HASH, "o": 1}, {"o": None}, {"o": {}}]:
+                self.assertBadEverywhere(
+                    lambda e, key=key, b=bad: e.__setitem__(key, [[good_id, b]]),
+                    f"{key!r} hashes must hold only strings",
+                    ["1", "2"],
+                )
+            event = invite_event("1")
+            event[key] = [[good_id, {"sha256": HASH, "o": "s"}]]
+            check_event_format("1", event)
+
     def test_signatures(self) -> None:
         """pdu_base: signatures maps server names to objects of string signatures."""
         self.assertBadEverywhere(
