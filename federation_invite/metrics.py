@@ -4,7 +4,8 @@
 installed (or without a registry) every call is a no-op, so metrics cost
 nothing when off. Each ``InviteMetrics`` has its own ``CollectorRegistry``,
 served at ``/metrics`` on the ``metrics.listen`` endpoint by the web layer
-(``web.metrics.build_metrics_root``).
+(``web.metrics.build_metrics_root``), or wherever an embedder mounts
+``FederationInvite.metrics_resource()``.
 
 Metrics (labels in brackets):
 
@@ -30,7 +31,7 @@ from typing import Any
 
 from .core.errors import Codes
 
-__all__ = ["InviteMetrics", "metrics_available"]
+__all__ = ["METRICS_OFF", "NEEDS_THE_EXTRA", "InviteMetrics", "metrics_available"]
 
 #: The errcodes kept as metric labels (ours, and the ones peers answer invites with).
 _KNOWN_ERRCODES = frozenset(
@@ -38,6 +39,17 @@ _KNOWN_ERRCODES = frozenset(
 )
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+#: Why ``exposition`` (and the resources serving it) fail: counting was not asked for,
+#: or ``prometheus-client`` is missing.
+METRICS_OFF = (
+    "metrics are off: build_from_config and build_components count with metrics=True "
+    "(the daemon: with metrics.listen set)"
+)
+NEEDS_THE_EXTRA = (
+    "metrics need the 'metrics' extra (prometheus-client): pip install 'federation-invite[metrics]'"
+)
 
 
 def metrics_available() -> bool:
@@ -53,7 +65,10 @@ class InviteMetrics:
     """Counters for the services; pass ``enabled=False`` (or lack the extra) for no-ops."""
 
     def __init__(self, *, enabled: bool = True) -> None:
-        self.enabled = enabled and metrics_available()
+        available = metrics_available()
+        self.enabled = enabled and available
+        #: Why ``exposition`` fails when not ``enabled``.
+        self.off_reason = METRICS_OFF if not enabled else None if available else NEEDS_THE_EXTRA
         self._key_sources: list[Callable[[], tuple[int, int]]] = []
         if not self.enabled:
             return
@@ -105,11 +120,15 @@ class InviteMetrics:
         """Report a keyring's ``(fetches, failures)`` counters, read at scrape time."""
         self._key_sources.append(source)
 
+    def check_enabled(self) -> None:
+        """A ``RuntimeError`` saying why, unless counting (``off_reason``)."""
+        if self.off_reason is not None:
+            raise RuntimeError(self.off_reason)
+
     def exposition(self) -> tuple[bytes, bytes]:
         """``(content type, body)``: the registry in Prometheus' text exposition format
-        (served at ``/metrics`` by ``web.metrics``)."""
-        if not self.enabled:
-            raise RuntimeError("metrics need the 'metrics' extra (prometheus-client)")
+        (served at ``/metrics`` by ``web.metrics``); a ``RuntimeError`` when off."""
+        self.check_enabled()
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         body: bytes = generate_latest(self.registry)

@@ -50,7 +50,7 @@ from .core.signing import ServerVerifyKey, verify_event_signature
 from .inbound import InviteHandler, InviteLimits, InviteListener
 from .keyring import Keyring, OldKey, local_verify_keys
 from .logs import Logger
-from .metrics import InviteMetrics
+from .metrics import InviteMetrics, metrics_available
 from .outbound import (
     InvalidInviteAnswer,
     InviteNotSendable,
@@ -65,7 +65,7 @@ from .store import IStore, StoreError, open_store
 from .web._base import MatrixResource
 from .web.invite import InviteResource
 from .web.keys import KeyServerResource
-from .web.metrics import build_metrics_root
+from .web.metrics import MetricsResource, build_metrics_root
 from .web.site import FederationSite
 from .web.tree import WellKnownServerResource, build_matrix_tree
 
@@ -174,6 +174,14 @@ class FederationInvite:
         """
         return FederationSite(root, reactor=self.clock, **_site_limits(self.config))
 
+    def metrics_resource(self) -> Resource:
+        """``GET`` (and ``HEAD``): the metrics in Prometheus' text format, to mount where
+        you like (``root.putChild(b"metrics", ...)``); other methods and child paths get
+        JSON 405 and 404 ``M_UNRECOGNIZED``. A ``RuntimeError`` saying why when the metrics
+        are off (built without ``metrics=True``, or without the ``metrics`` extra)."""
+        self.metrics.check_enabled()
+        return MetricsResource(self.metrics)
+
     async def send_invite(
         self,
         room_version: RoomVersion | str,
@@ -275,8 +283,13 @@ def build_components(
     signer: ISigner | None = None,
     hooks: Sequence[InvitePolicyHook] = (),
     listeners: Iterable[InviteListener] = (),
+    metrics: bool | None = None,
 ) -> FederationInvite:
     """Assemble the services from ready parts (``client`` defaults to a ``FederationClient``).
+
+    ``metrics``: count in ``FederationInvite.metrics`` (True; a ``ConfigError`` without the
+    ``metrics`` extra), not (False), or only when ``metrics.listen`` is set (None, the
+    daemon's way: it listens there).
 
     ``agent`` (an ``IAgent``; not with ``client``) is what that default client sends
     through instead of server discovery and TLS: tests give a
@@ -301,6 +314,7 @@ def build_components(
         signer=signer,
         hooks=hooks,
         listeners=listeners,
+        metrics=metrics,
     )
 
     def refused(failure: Failure) -> None:
@@ -322,11 +336,13 @@ def _assemble(
     signer: ISigner | None = None,
     hooks: Sequence[InvitePolicyHook] = (),
     listeners: Iterable[InviteListener] = (),
+    metrics: bool | None = None,
 ) -> tuple[FederationInvite, Deferred[None]]:
     """``build_components``, with the signer's probe still to be waited for if it did not
     answer at once (a probe that failed at once is raised before anything is built)."""
     if client is not None and agent is not None:
         raise TypeError("give build_components a client or an agent, not both")
+    counting = _counting(config, metrics)
     if signer is not None:
         _check_signer_for(config, signer)
     server_name = config.server_name
@@ -366,8 +382,8 @@ def _assemble(
         clock=reactor,
         cache_seconds=config.get("inbound.policy_cache_seconds"),
     )
-    metrics = InviteMetrics(enabled=bool(config.get("metrics.listen")))
-    metrics.watch_key_fetches(lambda: (keyring.fetches, keyring.fetch_failures))
+    invite_metrics = InviteMetrics(enabled=counting)
+    invite_metrics.watch_key_fetches(lambda: (keyring.fetches, keyring.fetch_failures))
     handler = InviteHandler(
         reactor,
         server_name,
@@ -379,7 +395,7 @@ def _assemble(
         limits=_limits(config),
         strict_invite_room_state=config.get("inbound.strict_invite_room_state"),
         listeners=listeners,
-        metrics=metrics,
+        metrics=invite_metrics,
     )
     key_server = KeyServerResource(
         reactor,
@@ -399,10 +415,23 @@ def _assemble(
         policy,
         handler,
         key_server,
-        metrics,
+        invite_metrics,
         InviteSender(signer, client, keyring),
     )
     return components, probing
+
+
+def _counting(config: Config, metrics: bool | None) -> bool:
+    """Whether to count (``build_components``'s ``metrics``); ``ConfigError`` for True
+    without the ``metrics`` extra."""
+    if metrics is None:
+        return bool(config.get("metrics.listen"))
+    if metrics and not metrics_available():
+        raise ConfigError(
+            "metrics=True needs the 'metrics' extra (prometheus-client): "
+            "pip install 'federation-invite[metrics]'"
+        )
+    return bool(metrics)
 
 
 def _probe_signer(
@@ -598,6 +627,7 @@ def _check_arguments(config: Config, kwargs: dict[str, Any]) -> None:
     refuse of its keyword arguments: an unknown one, a hook without ``check_invite``
     (``TypeError`` both)."""
     inspect.signature(build_components).bind(config, None, None, None, **kwargs)
+    _counting(config, kwargs.get("metrics"))
     if "hooks" in kwargs:
         hooks = kwargs["hooks"] = list(kwargs["hooks"])  # an iterator is read once
         # InvitePolicy.add_hook's own check; the policy reads no store until an invite.

@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import json
+import os
 from io import BytesIO
 from typing import Any
 
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
 
-from federation_invite.config import ConfigError, load_config
+from federation_invite import metrics as metrics_module
+from federation_invite import service
+from federation_invite.config import Config, ConfigError, load_config
 from federation_invite.core.errors import Codes
 from federation_invite.metrics import InviteMetrics
+from federation_invite.service import FederationInvite, build_components, build_from_config
+from federation_invite.testing import FakeHomeserver, fake_peers
 from federation_invite.web.invite import InviteResource
 from federation_invite.web.metrics import build_metrics_root
 from federation_invite.web.site import FederationSite
 
 from .invites import InviteScenario, event_id_of
+from .support import MemoryStore, make_clock, make_key
 from .test_hostile_slow import Connection
 
 
@@ -351,3 +359,99 @@ class MetricsTests(SynchronousTestCase):
             load_config(None, {"metrics.listen": "tcp:9100"}).get("metrics.listen"), "tcp:9100"
         )
         self.assertRaises(ConfigError, load_config, None, {"metrics.listen": 5})
+
+
+class EmbeddedMetricsTests(TestCase):
+    """An embedder's metrics: ``metrics=True`` counts without ``metrics.listen`` (which only
+    the daemon listens on), ``metrics_resource()`` serves them where the application mounts
+    it, and a disabled ``InviteMetrics`` says why it is off."""
+
+    async def build(self, **kwargs: Any) -> FederationInvite:
+        from twisted.internet import reactor
+
+        self.remote = FakeHomeserver("remote.test", reactor)
+        values = {"server_name": "b.test", "data_dir": self.mktemp(), "inbound.local_users": "any"}
+        federation = await build_from_config(
+            Config(values), reactor, agent=fake_peers(self.remote), **kwargs
+        )
+        self.addCleanup(federation.close)
+        return federation
+
+    async def test_metrics_true_counts_and_serves(self) -> None:
+        federation = await self.build(metrics=True)
+        self.assertTrue(federation.metrics.enabled)
+        invite = self.remote.invite("10", invitee="@u:b.test")
+        self.assertEqual((await self.remote.put_invite(federation, invite))[0], 200)
+        root = Resource()
+        root.putChild(b"metrics", federation.metrics_resource())
+        response = await StubTreq(root).get("http://app.example/metrics")
+        self.assertEqual(response.code, 200)
+        self.assertTrue(response.headers.getRawHeaders("content-type")[0].startswith("text/plain"))
+        text = (await response.content()).decode()
+        self.assertIn(
+            'federation_invite_inbound_invites_total{errcode="",outcome="accepted"} 1.0', text
+        )
+        self.assertIn("federation_invite_key_fetches_total 1.0", text)
+        # The README: the instance's registry can be added to the application's.
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        registry = CollectorRegistry()
+        registry.register(federation.metrics.registry)
+        self.assertIn(
+            b'federation_invite_inbound_invites_total{errcode="",outcome="accepted"} 1.0',
+            generate_latest(registry),
+        )
+
+    async def test_off_by_default_without_metrics_listen(self) -> None:
+        """As before, an embedder's build counts nothing unless asked (the daemon's default:
+        counting when metrics.listen is set); the error names the way to turn them on,
+        not the extra, which is installed."""
+        federation = await self.build()
+        self.assertFalse(federation.metrics.enabled)
+        reason = (
+            "metrics are off: build_from_config and build_components count with metrics=True "
+            "(the daemon: with metrics.listen set)"
+        )
+        self.assertEqual(str(self.assertRaises(RuntimeError, federation.metrics_resource)), reason)
+        self.assertEqual(
+            str(self.assertRaises(RuntimeError, federation.metrics.exposition)), reason
+        )
+        self.assertEqual(
+            str(self.assertRaises(RuntimeError, build_metrics_root, federation.metrics)), reason
+        )
+
+    def test_metrics_false_with_metrics_listen(self) -> None:
+        """By default metrics.listen turns counting on, as for the daemon; metrics=False
+        turns it off even then."""
+        config = Config({"server_name": "b.test", "metrics.listen": "tcp:0"})
+        for metrics, enabled in ((None, True), (False, False), (True, True)):
+            components = build_components(
+                config, make_clock(), MemoryStore(), make_key("us1"), metrics=metrics
+            )
+            self.assertIs(components.metrics.enabled, enabled, metrics)
+        components = build_components(Config(), make_clock(), MemoryStore(), make_key("us1"))
+        self.assertFalse(components.metrics.enabled)
+
+    async def test_metrics_true_without_the_extra(self) -> None:
+        """Without prometheus-client, metrics=True is a ConfigError before anything is opened,
+        and a disabled InviteMetrics names the extra."""
+        self.patch(metrics_module, "metrics_available", lambda: False)
+        self.patch(service, "metrics_available", lambda: False)
+        data_dir = self.mktemp()
+        failed = ensureDeferred(
+            build_from_config(Config({"data_dir": data_dir}), MemoryReactorClock(), metrics=True)
+        )
+        error = await self.assertFailure(failed, ConfigError)
+        self.assertEqual(
+            str(error),
+            "metrics=True needs the 'metrics' extra (prometheus-client): "
+            "pip install 'federation-invite[metrics]'",
+        )
+        self.assertFalse(os.path.exists(data_dir))
+        metrics = InviteMetrics()
+        self.assertFalse(metrics.enabled)
+        self.assertEqual(
+            str(self.assertRaises(RuntimeError, metrics.exposition)),
+            "metrics need the 'metrics' extra (prometheus-client): "
+            "pip install 'federation-invite[metrics]'",
+        )

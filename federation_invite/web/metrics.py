@@ -30,9 +30,9 @@ class MetricsResource(MatrixResource):
 
 
 def build_metrics_root(metrics: InviteMetrics) -> Resource:
-    """A site root serving ``metrics`` at ``/metrics``; a ``RuntimeError`` without the extra."""
-    if not metrics.enabled:
-        raise RuntimeError("metrics need the 'metrics' extra (prometheus-client)")
+    """A site root serving ``metrics`` at ``/metrics``; a ``RuntimeError`` when they are off
+    (``InviteMetrics.check_enabled``)."""
+    metrics.check_enabled()
     root = MatrixResource()
     root.putChild(b"metrics", MetricsResource(metrics))
     return root
