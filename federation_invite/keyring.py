@@ -975,8 +975,9 @@ class Keyring:
         """Ask ``notary`` for ``server_name``'s keys ``wanted`` (key ID -> valid at), keeping
         those not in ``listed`` (the server's own answer of this fetch); whether it answered.
 
-        A well-formed answer (the server's documents in it, if any, signed by the
-        notary) is an answer even without the server's document: Synapse's notary
+        A well-formed answer (of the server's documents in it, if any, one at least
+        signed by the notary; those that are not are skipped) is an answer even
+        without the server's document: Synapse's notary
         returns only the documents listing a key ID asked for, so a made-up one
         gets an empty list, and backing the server off for that would let anyone
         stop its lookups. A document of the server we refuse (not self-signed,
@@ -1037,15 +1038,32 @@ class Keyring:
     def _notary_documents(
         self, notary: Notary, server_name: str, response: object
     ) -> list[tuple[dict[str, Any], bytes]]:
-        """The documents for ``server_name`` in a notary's answer, each signed by the notary,
-        with the bytes that signature covers (the server's self-signature covers them too)."""
+        """The documents for ``server_name`` in a notary's answer signed by the notary, each
+        with the bytes that signature covers (the server's self-signature covers them too).
+
+        Each document is judged on its own, as Synapse does: one without the notary's
+        signature is skipped with a log line, the others kept. ``KeyFetchError`` (no
+        answer) when none of the server's documents bears it, the first one's reason."""
         if not isinstance(response, dict) or not isinstance(response.get("server_keys"), list):
             raise KeyFetchError("notary response has no server_keys list")
         documents = []
+        refused: list[KeyFetchError] = []
         for document in response["server_keys"]:
             if not isinstance(document, dict) or document.get("server_name") != server_name:
                 continue  # answers about other servers are not what we asked
-            documents.append((document, self._check_notary_signature(notary, document)))
+            try:
+                documents.append((document, self._check_notary_signature(notary, document)))
+            except KeyFetchError as exc:
+                refused.append(exc)
+        if refused and not documents:
+            raise refused[0]
+        for error in refused:
+            log.info(
+                "Refused a copy of the keys of {server} notary {notary} sent: {reason}",
+                server=server_name,
+                notary=notary.server_name,
+                reason=_describe(error),
+            )
         return documents
 
     @staticmethod

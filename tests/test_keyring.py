@@ -1674,6 +1674,33 @@ class NotaryTests(SynchronousTestCase):
         self.assertEqual(keys, {})
         self.assertEqual(self.store.keys, {})
 
+    def test_notary_copy_not_signed_by_it_skipped(self) -> None:
+        """A notary answer holding several documents of the server is judged document by
+        document, as Synapse does: a copy without the notary's signature (or with a bad one)
+        is skipped with a log line, and the notary-signed copy beside it is used, in either
+        order."""
+        document = self.notary.documents["down.example"]
+        signed = sign_json(document, "notary.example", self.notary_key)
+        forged = sign_json(document, "notary.example", make_key("n1"))  # same key ID
+        for n, answer in enumerate(([document, signed], [signed, document], [forged, signed])):
+            self.store = MemoryKeyStore()
+            self.federation.servers["notary.example"] = CannedResource(200, {"server_keys": answer})
+            with capturedLogs() as events:
+                keys = self.successResultOf(
+                    self.keyring().get_server_keys("down.example", [self.key_id], NOW_MS)
+                )
+            self.assertEqual(keys[self.key_id].verify_key, verify_key_of(self.remote_key), n)
+            self.assertEqual(
+                self.store.keys[("down.example", self.key_id)].source, "notary.example"
+            )
+            refused = [
+                formatEvent(event)
+                for event in events
+                if formatEvent(event).startswith("Refused a copy of the keys of down.example")
+            ]
+            self.assertEqual(len(refused), 1, n)
+            self.assertIn("notary signature invalid", refused[0])
+
     def test_notary_document_with_a_float_refused(self) -> None:
         """A key document is strict canonical JSON (appendices, "Canonical JSON": "Numbers in
         the JSON must be integers in the range [-(2**53)+1, (2**53)-1]"): a notary's copy
