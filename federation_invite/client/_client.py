@@ -25,12 +25,10 @@ from OpenSSL import SSL
 from signedjson.types import SigningKey
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
-from twisted.internet.interfaces import IConsumer
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer
-from zope.interface import implementer
 
 from .._backoff import doubling_wait, is_failure_status, make_room
 from .._clock import in_window
@@ -42,6 +40,7 @@ from ..logs import Logger
 from ._body import BodyTooLarge, read_body
 from ._resolver import ThreadedResolver
 from .agent import (
+    BytesProducer,
     FederationAgent,
     ResponseHeadRefused,
     make_connection_pool,
@@ -70,28 +69,6 @@ class _Backoff:
 
     def waiting(self, now: float) -> bool:
         return in_window(self.since, now, self.retry_at)
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """Writes a request body held in memory, at once."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class FederationClient:
@@ -289,7 +266,7 @@ class FederationClient:
         headers = Headers({b"User-Agent": [_USER_AGENT], b"Accept": [b"application/json"]})
         producer = None
         if body is not None:
-            producer = _BytesProducer(encode_canonical_json(body))
+            producer = BytesProducer(encode_canonical_json(body))
             headers.setRawHeaders(b"Content-Type", [b"application/json"])
         if signed:
             # server-server-api, "Request Authentication": uri is the path and

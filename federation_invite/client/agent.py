@@ -6,7 +6,9 @@ it with ``ServerResolver``, sets the ``Host`` header the spec prescribes,
 connects to the resolved targets in order through the IP blocklist, and checks
 the certificate against the discovered TLS name. Connections are pooled (with
 keep-alive) per effective server name in an ``HTTPConnectionPool``, which keeps
-at most ``MAX_IDLE_CONNECTIONS`` idle over all servers.
+at most ``MAX_IDLE_CONNECTIONS`` idle over all servers; a request that a pooled
+connection's close failed before any byte of an answer is sent once more on a new
+connection (``_ReusedConnection``).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectingCancelledError, DNSLookupError
+from twisted.internet.error import ConnectingCancelledError, ConnectionClosed, DNSLookupError
 from twisted.internet.interfaces import (
+    IConsumer,
     IHostnameResolver,
     IProtocol,
     IProtocolFactory,
@@ -27,7 +30,15 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.client import (
+    URI,
+    Agent,
+    HTTPConnectionPool,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseNeverReceived,
+    _RetryingHTTP11ClientProtocol,
+)
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
@@ -46,6 +57,7 @@ from .iprange import BlocklistingReactor, IPRangeFilter
 
 __all__ = [
     "MAX_IDLE_CONNECTIONS",
+    "BytesProducer",
     "FederationAgent",
     "ResponseHeadRefused",
     "ResponseHeadTooLarge",
@@ -264,11 +276,12 @@ class _BoundedConnectionPool(HTTPConnectionPool):
     over all hosts: one more returned closes the one returned longest ago, of any host.
 
     Twisted's own bookkeeping (``_connections`` per key, ``_timeouts`` per connection) is
-    left to it; ``_idle`` follows ``_timeouts``' connections in the order they were
-    returned, with their keys. ``getConnection`` and the per-host limit of
-    ``_putConnection`` take connections out without a hook, so both are followed by
-    dropping from ``_idle`` what left ``_timeouts``. A key's emptied list is deleted
-    (Twisted keeps one per key ever used).
+    kept; ``_idle`` follows ``_timeouts``' connections in the order they were returned,
+    with their keys. The per-host limit of ``_putConnection`` takes connections out
+    without a hook, so it is followed by dropping from ``_idle`` what left ``_timeouts``;
+    ``getConnection`` is Twisted's, done here, and wraps a connection taken from the cache
+    in a ``_ReusedConnection``. A key's emptied list is deleted (Twisted keeps one per key
+    ever used).
     """
 
     maxPersistentTotal = MAX_IDLE_CONNECTIONS
@@ -278,10 +291,24 @@ class _BoundedConnectionPool(HTTPConnectionPool):
         self._idle: dict[Any, Any] = {}
 
     def getConnection(self, key: Any, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
-        cached = list(self._connections.get(key, ()))
-        connection: Deferred[Any] = super().getConnection(key, endpoint)
-        self._forget_taken(key, cached)
-        return connection
+        """Twisted's, but a connection taken from the cache is wrapped in a
+        ``_ReusedConnection`` (which sends a request again, once, on a new connection
+        when the peer closed this one without answering), not Twisted's retrying wrapper."""
+        connections = self._connections.get(key)
+        while connections:
+            connection = connections.pop(0)
+            self._timeouts.pop(connection).cancel()
+            del self._idle[connection]
+            if not connections:
+                del self._connections[key]
+            if connection.state == "QUIESCENT":
+                if self.retryAutomatically:
+                    connection = _ReusedConnection(
+                        connection, lambda: self._newConnection(key, endpoint)
+                    )
+                return succeed(connection)
+        new: Deferred[Any] = self._newConnection(key, endpoint)
+        return new
 
     def _putConnection(self, key: Any, connection: Any) -> None:
         cached = list(self._connections.get(key, ()))
@@ -314,6 +341,71 @@ class _BoundedConnectionPool(HTTPConnectionPool):
                 del self._idle[connection]
         if key in self._connections and not self._connections[key]:
             del self._connections[key]
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """Writes a request body held in memory, at once; it can write it again, so a
+    request with it may be sent again (``_ReusedConnection``)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _ReusedConnection(_RetryingHTTP11ClientProtocol):
+    """A connection taken from the pool: a request on it that fails before any byte of an
+    answer arrived because the connection was closed (the peer's idle close crossing the
+    request) is sent again, once, on a new connection, whatever its method.
+
+    Twisted's wrapper does so only for GET, HEAD, OPTIONS, DELETE and TRACE without a body
+    (for any failure but a cancellation), which is kept as it is. Every request this client
+    sends may be sent twice: an invite PUT is idempotent (RFC 9110 section 9.2.2; the
+    receiver keys it by event ID), a key query POST only reads, and RFC 9112 section 9.3.1
+    lets a client retry such a request; Synapse retries any request that failed so. Its body
+    must be a ``BytesProducer``, which can write it again. The second try goes through the
+    same endpoint (the same resolved server, its targets and the IP filter), under the same
+    request Deferred, so the caller's timeout cancels it; it is made on a new connection,
+    not wrapped, so a request is never sent a third time.
+    """
+
+    def _shouldRetry(
+        self, method: bytes, exception: Exception, bodyProducer: IBodyProducer | None
+    ) -> bool:
+        if super()._shouldRetry(method, exception, bodyProducer):
+            return True
+        if bodyProducer is not None and not isinstance(bodyProducer, BytesProducer):
+            return False
+        if isinstance(exception, RequestNotSent):
+            return True
+        # ResponseNeverReceived: not a byte of the answer came (twisted.web says
+        # ResponseFailed otherwise); the reasons tell a close from a refused head, a TLS
+        # failure or a cancellation.
+        if not isinstance(exception, ResponseNeverReceived | RequestTransmissionFailed):
+            return False
+        reasons = exception.reasons
+        retry = bool(reasons) and all(reason.check(ConnectionClosed) for reason in reasons)
+        if retry:
+            _log.debug(
+                "{method} sent again on a new connection: the pooled one was closed"
+                " without an answer ({reason})",
+                method=method.decode("ascii", "replace"),
+                reason=reasons[0].value,
+            )
+        return retry
 
 
 def make_connection_pool(reactor: Any) -> HTTPConnectionPool:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from io import BytesIO
 from typing import Any
 
 from signedjson.key import generate_signing_key
 from twisted.internet import reactor as global_reactor
 from twisted.internet import ssl
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import (
     IHostnameResolver,
     IProtocol,
@@ -18,16 +19,23 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.task import deferLater
+from twisted.internet.task import Cooperator, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import URI, Agent, ResponseFailed
+from twisted.web.client import (
+    URI,
+    Agent,
+    FileBodyProducer,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from federation_invite.client import (
+    BackoffError,
     BlockedAddressError,
     FederationAgent,
     FederationClient,
@@ -830,3 +838,331 @@ CRLF = b"\r\n"
 
 def _ignored_interim(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if "Ignoring unexpected" in (e.get("log_format") or "")]
+
+
+#: A 200 answer carrying the JSON ``{}``.
+_JSON_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+#: How a request failed by a connection closed without an answer is described.
+_LOST = "connection failed: Connection to the other side was lost in a non-clean fashion."
+REMOTE_NAME = "remote.example"
+_INVITE_PATH = "/_matrix/federation/v2/invite/%21r%3Aremote.example/%24e"
+_KEY_QUERY_PATH = "/_matrix/key/v2/query"
+
+
+class StaleConnectionTests(SynchronousTestCase):
+    """A request sent on a pooled keep-alive connection that the peer closes before any byte
+    of an answer (its idle close crossing our request) is sent once more on a new connection,
+    whatever its method (twisted.web alone does so only for GET and a few others without a
+    body), and only that second try counts in the back-off. A request failing so on a new
+    connection, or a second time, fails as before."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.peers = _MemoryPeers()
+        self.pool = make_connection_pool(self.reactor)
+        self.agent = Agent.usingEndpointFactory(
+            self.reactor, _HeadLimitingPeers(self.peers), pool=self.pool
+        )
+        self.client = FederationClient(
+            self.reactor, "local.example", generate_signing_key("k"), agent=self.agent, timeout=10
+        )
+
+    def sent(self, number: int) -> bytes:
+        """What went out on connection ``number`` (in the order opened) since last asked."""
+        transport = self.peers.connections[number][2]
+        data = transport.value()
+        transport.clear()
+        return data
+
+    def answer(self, number: int, data: bytes = _JSON_RESPONSE) -> None:
+        self.peers.connections[number][1].dataReceived(data)
+
+    def close(self, number: int) -> None:
+        """The peer closes connection ``number`` at once (a reset: the close was not clean)."""
+        self.peers.connections[number][1].connectionLost(Failure(ConnectionLost()))
+
+    def reuse(self) -> None:
+        """A GET answered on a new connection, which the pool then keeps idle."""
+        getting = self.client.get_json(REMOTE_NAME, "/x")
+        self.assertTrue(self.sent(len(self.peers.connections) - 1).startswith(b"GET /x "))
+        self.answer(len(self.peers.connections) - 1)
+        self.assertEqual(self.successResultOf(getting), {})
+        self.assertEqual(sum(len(c) for c in self.pool._connections.values()), 1)
+
+    def put(self) -> Deferred[Any]:
+        return self.client.put_json(REMOTE_NAME, _INVITE_PATH, {"event": 1})
+
+    def post(self) -> Deferred[Any]:
+        return self.client.post_json(REMOTE_NAME, _KEY_QUERY_PATH, {"server_keys": {}})
+
+    def resent(self, send: Callable[[], Deferred[Any]], method: bytes) -> None:
+        """``send`` on a reused connection closed without an answer goes out again, the
+        same bytes (head, signature and body), on a new connection, which answers."""
+        self.reuse()
+        sending = send()
+        first = self.sent(0)
+        self.assertTrue(first.startswith(method + b" "), first)
+        self.close(0)
+        self.assertNoResult(sending)
+        self.assertEqual(len(self.peers.connections), 2)
+        self.assertEqual(self.sent(1), first)
+        self.answer(1)
+        self.assertEqual(self.successResultOf(sending), {})
+        self.assertEqual(self.client._backoff, {})
+        # The new connection is pooled; the next request goes out on it.
+        self.assertNoResult(self.client.get_json(REMOTE_NAME, "/x"))
+        self.assertTrue(self.sent(1).startswith(b"GET /x "))
+        self.assertEqual(len(self.peers.connections), 2)
+
+    def test_put_resent_on_new_connection(self) -> None:
+        """An invite PUT on a reused connection closed without an answer is sent again on
+        a new connection and succeeds; no back-off."""
+        self.resent(self.put, b"PUT")
+
+    def test_post_resent_on_new_connection(self) -> None:
+        """A key query POST on a reused connection closed without an answer is sent again
+        on a new connection and succeeds; no back-off."""
+        self.resent(self.post, b"POST")
+
+    def test_get_resent_on_new_connection(self) -> None:
+        """A GET, which twisted.web already sends again, is sent again once, as before."""
+        self.resent(lambda: self.client.get_json(REMOTE_NAME, "/y"), b"GET")
+
+    def test_request_not_sent_resent(self) -> None:
+        """A reused connection found closed before the request was written (twisted.web's
+        RequestNotSent) sends it on a new connection."""
+        self.reuse()
+        [[connection]] = self.pool._connections.values()
+        taking = self.pool.getConnection
+
+        def take(key: Any, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
+            taken = taking(key, endpoint)
+            connection._state = "CONNECTION_LOST"  # lost between being taken and used
+            return taken
+
+        self.patch(self.pool, "getConnection", take)
+        sending = self.put()
+        self.assertEqual(self.sent(0), b"")
+        self.assertEqual(len(self.peers.connections), 2)
+        self.assertTrue(self.sent(1).startswith(b"PUT "))
+        self.answer(1)
+        self.assertEqual(self.successResultOf(sending), {})
+        self.assertEqual(self.client._backoff, {})
+
+    def failed_again(self, send: Callable[[], Deferred[Any]]) -> None:
+        """Sent again after a reused connection closed, and that new connection closed
+        too: the usual TransportError, the server backed off, no third connection."""
+        self.reuse()
+        sending = send()
+        self.close(0)
+        self.assertEqual(len(self.peers.connections), 2)
+        self.close(1)
+        error = self.failureResultOf(sending, TransportError).value
+        self.assertEqual(error.reason, _LOST)
+        self.assertEqual(len(self.peers.connections), 2)
+        self.failureResultOf(self.client.get_json(REMOTE_NAME, "/x"), BackoffError)
+        self.assertEqual(len(self.peers.connections), 2)
+
+    def test_put_fails_second_time(self) -> None:
+        """A PUT sent again is not sent a third time."""
+        self.failed_again(self.put)
+
+    def test_post_fails_second_time(self) -> None:
+        """A POST sent again is not sent a third time."""
+        self.failed_again(self.post)
+
+    def test_get_fails_second_time(self) -> None:
+        """A GET sent again (by twisted.web) is not sent a third time: no double retry."""
+        self.failed_again(lambda: self.client.get_json(REMOTE_NAME, "/y"))
+
+    def test_new_connection_not_resent(self) -> None:
+        """A request on a new connection closed without an answer fails at once, as
+        before, and backs the server off: PUT, POST and GET alike."""
+        for number, send in enumerate(
+            [self.put, self.post, lambda: self.client.get_json(REMOTE_NAME, "/y")]
+        ):
+            self.client._backoff.clear()
+            sending = send()
+            self.assertEqual(len(self.peers.connections), number + 1)
+            self.close(number)
+            error = self.failureResultOf(sending, TransportError).value
+            self.assertEqual(error.reason, _LOST)
+            self.assertEqual(len(self.peers.connections), number + 1)
+            self.failureResultOf(self.client.get_json(REMOTE_NAME, "/x"), BackoffError)
+
+    def test_answer_begun_not_resent(self) -> None:
+        """A reused connection closed after part of the answer arrived: the request was
+        received, so it is not sent again."""
+        self.reuse()
+        sending = self.put()
+        self.answer(0, b"HTTP/1.1 200 OK\r\n")
+        self.close(0)
+        error = self.failureResultOf(sending, TransportError).value
+        self.assertEqual(error.reason, _LOST)
+        self.assertEqual(len(self.peers.connections), 1)
+        self.failureResultOf(self.client.get_json(REMOTE_NAME, "/x"), BackoffError)
+
+    def test_refused_head_not_resent(self) -> None:
+        """A reused connection aborted by the head limits is a refusal, not a close."""
+        self.reuse()
+        sending = self.put()
+        self.answer(0, b"HTTP/1.1 0100 Continue\r\n\r\n")
+        self.close(0)
+        error = self.failureResultOf(sending, TransportError).value
+        self.assertEqual(error.reason, "malformed status line: b'HTTP/1.1 0100 '")
+        self.assertEqual(len(self.peers.connections), 1)
+
+    def test_resent_within_timeout(self) -> None:
+        """The second try has what is left of the request's timeout, no more."""
+        self.reuse()
+        sending = self.put()
+        self.reactor.advance(4)
+        self.close(0)
+        self.assertEqual(len(self.peers.connections), 2)
+        self.reactor.advance(5.9)
+        self.assertNoResult(sending)
+        self.reactor.advance(0.1)
+        error = self.failureResultOf(sending, TransportError).value
+        self.assertEqual(error.reason, "timed out after 10 s")
+        self.assertTrue(self.peers.connections[1][2].disconnecting)
+        self.assertEqual(len(self.peers.connections), 2)
+
+    def test_cancelled_not_resent(self) -> None:
+        """A request its caller cancels on a reused connection is not sent again."""
+        self.reuse()
+        sending = self.put()
+        sending.cancel()
+        self.failureResultOf(sending, CancelledError)
+        self.close(0)
+        self.assertEqual(len(self.peers.connections), 1)
+        self.assertEqual(self.client._backoff, {})
+
+    def test_body_that_cannot_be_resent(self) -> None:
+        """A body producer other than the client's in-memory one may not write its body
+        twice: such a request is not sent again."""
+        self.reuse()
+        body = FileBodyProducer(BytesIO(b"{}"), cooperator=Cooperator(scheduler=lambda f: f()))
+        sending = self.agent.request(b"PUT", b"https://" + REMOTE_NAME.encode() + b"/x", None, body)
+        self.close(0)
+        failure = self.failureResultOf(sending, ResponseNeverReceived)
+        self.assertTrue(failure.value.reasons[0].check(ConnectionLost))
+        self.assertEqual(len(self.peers.connections), 1)
+
+
+class _DroppingServer(Protocol):
+    """A TLS peer logging each request (``b"conn<n> <request line>"``, connections numbered
+    from 1) and answering it ``{}``, except that connection n drops (aborts) the request
+    after its first ``test.answers[n - 1]`` unanswered, as a server closing an idle
+    keep-alive connection when the request crosses the close."""
+
+    def __init__(self, test: StaleConnectionLoopbackTests) -> None:
+        self._test = test
+        test.opened += 1
+        self._number = test.opened
+        self._answered = 0
+        self._received = b""
+
+    def connectionMade(self) -> None:
+        self._test.connections.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._received += data
+        while b"\r\n\r\n" in self._received:
+            head, rest = self._received.split(b"\r\n\r\n", 1)
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if len(rest) < length:
+                return
+            self._received = rest[length:]
+            self._test.log.append(b"conn%d " % self._number + head.split(b"\r\n")[0])
+            transport: Any = self.transport
+            answers = self._test.answers
+            if self._number <= len(answers) and self._answered == answers[self._number - 1]:
+                transport.abortConnection()
+                return
+            self._answered += 1
+            transport.write(_JSON_RESPONSE)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._test.connections.remove(self)
+
+
+class StaleConnectionLoopbackTests(TestCase):
+    """The stale keep-alive case end to end, through FederationClient's own agent (server
+    discovery, IP filter, TLS) to a real TLS server: the PUT and the POST each go out on a
+    kept-alive connection the server drops unanswered, are sent again on a new connection
+    to the same address, and succeed; nothing is backed off."""
+
+    timeout = 20
+
+    def setUp(self) -> None:
+        cert_pem, key_pem = make_certificate(["matrix.test"], ["127.0.0.1"])
+        options = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem).options()
+        self.connections: list[Any] = []
+        self.log: list[bytes] = []
+        self.opened = 0
+        self.answers: list[int] = []
+        factory = Factory.forProtocol(lambda: _DroppingServer(self))
+        port = real_reactor.listenSSL(0, factory, options, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.destination = f"127.0.0.1:{port.getHost().port}"
+
+    def client(self) -> FederationClient:
+        client = FederationClient(
+            real_reactor,
+            "local.example",
+            generate_signing_key("k"),
+            verify_tls=False,
+            ip_allowlist=["127.0.0.1/32"],
+            timeout=5.0,
+        )
+        self.addCleanup(self._close, client)
+        return client
+
+    async def _close(self, client: FederationClient) -> None:
+        await client.close()
+        for connection in list(self.connections):
+            connection.transport.abortConnection()
+        await deferLater(real_reactor, 0.01, lambda: None)
+
+    async def test_put_and_post_resent(self) -> None:
+        """Connection 1 answers a GET and drops the PUT, which connection 2 answers; it
+        drops the POST, which connection 3 answers, then a GET."""
+        self.answers = [1, 1]
+        client = self.client()
+        self.assertEqual(await client.get_json(self.destination, "/_matrix/key/v2/server"), {})
+        invite = _INVITE_PATH
+        self.assertEqual(await client.put_json(self.destination, invite, {"event": 1}), {})
+        query = {"server_keys": {}}
+        self.assertEqual(await client.post_json(self.destination, _KEY_QUERY_PATH, query), {})
+        self.assertEqual(client._backoff, {})
+        self.assertEqual(await client.get_json(self.destination, "/_matrix/key/v2/server"), {})
+        put = f"PUT {invite} HTTP/1.1".encode()
+        post = f"POST {_KEY_QUERY_PATH} HTTP/1.1".encode()
+        get = b"GET /_matrix/key/v2/server HTTP/1.1"
+        self.assertEqual(
+            self.log,
+            [
+                b"conn1 " + get,
+                b"conn1 " + put,
+                b"conn2 " + put,
+                b"conn2 " + post,
+                b"conn3 " + post,
+                b"conn3 " + get,
+            ],
+        )
+
+    async def test_put_on_new_connection_fails(self) -> None:
+        """A PUT the server drops on a new connection is not sent again: it fails and backs
+        the server off, as before."""
+        self.answers = [0]
+        client = self.client()
+        with self.assertRaises(TransportError) as caught:
+            await client.put_json(self.destination, _INVITE_PATH, {"event": 1})
+        self.assertTrue(caught.exception.reason.startswith("connection failed: "), caught.exception)
+        self.assertEqual(self.log, [f"conn1 PUT {_INVITE_PATH} HTTP/1.1".encode()])
+        with self.assertRaises(BackoffError):
+            await client.get_json(self.destination, "/_matrix/key/v2/server")

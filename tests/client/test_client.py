@@ -777,9 +777,9 @@ class BytesProducerTests(SynchronousTestCase):
         """The request body producer writes everything on start; flow control is a no-op."""
         from twisted.internet.testing import StringTransport
 
-        from federation_invite.client._client import _BytesProducer
+        from federation_invite.client.agent import BytesProducer
 
-        producer = _BytesProducer(b"abc")
+        producer = BytesProducer(b"abc")
         self.assertEqual(producer.length, 3)
         consumer = StringTransport()
         self.successResultOf(producer.startProducing(consumer))
