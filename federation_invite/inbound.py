@@ -325,6 +325,7 @@ class InviteHandler:
                     claimed_origin=claimed,
                     requester=_requester(origin, peer, claimed),
                     reason=str(exc),
+                    server_name=self._server_name,
                 )
                 raise MatrixError(
                     500, Codes.UNKNOWN, "The database is unavailable; try again later"
@@ -341,12 +342,20 @@ class InviteHandler:
                     "Unexpected error handling invite {event_id} from {requester}",
                     event_id=event_id,
                     requester=_requester(origin, peer, claimed),
+                    server_name=self._server_name,
                 )
                 raise MatrixError(500, Codes.UNKNOWN, "Internal server error") from None
         except MatrixError as error:
             self._metrics.inbound("refused", error.errcode, self._clock.seconds() - started)
             _log_refusal(
-                error, event_id, room_id, origin, claimed, invitee[0] if invitee else None, peer
+                error,
+                event_id,
+                room_id,
+                origin,
+                claimed,
+                invitee[0] if invitee else None,
+                peer,
+                self._server_name,
             )
             raise
         self._metrics.inbound(outcome, None, self._clock.seconds() - started)
@@ -423,7 +432,7 @@ class InviteHandler:
             stored_before = await self._store.get_invite(event_id)
             if stored_before is None or not _same_event(stored_before.event, event):
                 raise
-            return _repeated(stored_before, origin, peer)
+            return _repeated(stored_before, origin, peer, self._server_name)
         # The invitee's token is kept only by an invite stored now (row 17): a
         # repeat, a conflict (row 19), a failure, or the peer leaving before the
         # store gives it back, so retries never lock other servers out.
@@ -463,6 +472,7 @@ class InviteHandler:
                     "Could not store invite {event_id}: {reason}",
                     event_id=event_id,
                     reason=str(exc),
+                    server_name=self._server_name,
                 )
                 raise MatrixError(500, Codes.UNKNOWN, "The invite could not be stored") from None
         finally:
@@ -475,7 +485,7 @@ class InviteHandler:
         if not created:
             if not _same_event(stored.event, event):
                 raise _invalid("A different event with this event ID was already received")
-            return _repeated(stored, origin, peer)
+            return _repeated(stored, origin, peer, self._server_name)
         outcome = "accepted" if status == "pending" else status
         text = f"Invite {event_id} in {room_id} from {origin} for {invitee} accepted ({status})"
         extra: dict[str, Any] = {}
@@ -493,6 +503,7 @@ class InviteHandler:
             status=200,
             peer=peer,
             **extra,
+            server_name=self._server_name,
         )
         if status == "pending":
             self._notify(stored)
@@ -791,7 +802,7 @@ class InviteHandler:
         if request is not None:
             peer = _peer_address(request)
         self._metrics.inbound("refused", error.errcode, self._clock.seconds() - started)
-        _log_refusal(error, event_id, room_id, None, None, None, peer)
+        _log_refusal(error, event_id, room_id, None, None, None, peer, self._server_name)
 
     def count(self, outcome: str, errcode: str | None, started: float) -> None:
         """Count an invite that ended before or around ``on_invite`` (refused by the endpoint,
@@ -861,8 +872,11 @@ async def _despite_cancellation(deferred: Deferred[_T]) -> _T:
     return value
 
 
-def _repeated(stored: InviteRecord, origin: str, peer: str | None) -> tuple[dict[str, Any], str]:
-    """Answer a retry of an invite we accepted before: the event as we answered it then."""
+def _repeated(
+    stored: InviteRecord, origin: str, peer: str | None, server_name: str
+) -> tuple[dict[str, Any], str]:
+    """Answer a retry of an invite we accepted before: the event as we answered it then
+    (``server_name``: ours, for the log line)."""
     _log_outcome(
         f"Invite {stored.event_id} in {stored.room_id} from {origin} received again; "
         "answered as before",
@@ -873,6 +887,7 @@ def _repeated(stored: InviteRecord, origin: str, peer: str | None) -> tuple[dict
         outcome="repeated",
         status=200,
         peer=peer,
+        server_name=server_name,
     )
     if stored.event_json is None:
         return {"event": stored.event}, "repeated"
@@ -910,8 +925,10 @@ def _log_refusal(
     claimed: str | None,
     invitee: str | None,
     peer: str | None,
+    server_name: str,
 ) -> None:
-    """The outcome line of a refused invite (IDs None where the path's were not UTF-8)."""
+    """The outcome line of a refused invite (IDs None where the path's were not UTF-8);
+    ``server_name`` is ours, the receiving server's (tenants apart)."""
     _log_outcome(
         f"Invite {'?' if event_id is None else event_id}"
         f" in {'?' if room_id is None else room_id} from {_requester(origin, peer, claimed)}"
@@ -927,6 +944,7 @@ def _log_refusal(
         reason=error.message,
         outcome="refused",
         peer=peer,
+        server_name=server_name,
     )
 
 

@@ -2,7 +2,8 @@
 
 Every invite accepted or refused is logged with the fields ``origin``,
 ``room_id``, ``event_id``, ``outcome`` (``accepted``/``refused``) and, for
-refusals, ``status``, ``errcode`` and ``reason``; keys and signatures are never
+refusals, ``status``, ``errcode`` and ``reason``, and ``server_name`` (ours: the
+receiving server's, telling tenants apart); keys and signatures are never
 logged. Use the JSON form with twistd's own option::
 
     twistd -n --logger federation_invite.logs.json_observer federation-invite ...

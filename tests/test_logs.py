@@ -35,6 +35,7 @@ from federation_invite.web.site import FederationSite
 from .invites import (
     BOB,
     THEM,
+    US,
     InviteScenario,
     build_create_event,
     build_invite,
@@ -98,6 +99,46 @@ class InviteLogTests(SynchronousTestCase):
         (refused,) = [e for e in events if e.get("outcome") == "refused"]
         self.assertEqual((refused["status"], refused["errcode"]), (404, "M_NOT_FOUND"))
         self.assertEqual(refused["peer"], accepted[0]["peer"])
+
+    def test_lines_name_our_server_last(self) -> None:
+        """Every invite's line (accepted, ignored, repeated, refused) names the server that
+        received it, ours (``server_name``, the last field), so that the lines of several
+        FederationInvites in one process (tenants) can be told apart; the other fields
+        keep their order."""
+        scenario = InviteScenario()
+        invite = scenario.invite()
+        events, _ = self.run_invite(scenario, invite)
+        events += self.run_invite(scenario, invite)[0]
+        events += self.run_invite(scenario, invitee="@nobody:us.example")[0]
+        scenario.store.rules.append(InviteRule(BOB, "server", THEM, "ignore"))
+        events += self.run_invite(scenario, room_id="!other:remote.example")[0]
+        lines = {e["outcome"]: e for e in events if e.get("outcome")}
+        common = ["event_id", "room_id", "origin"]
+        accepted = [*common, "invitee", "outcome", "status", "peer", "server_name"]
+        self.assertEqual(
+            {outcome: list(line)[: list(line).index("text")] for outcome, line in lines.items()},
+            {
+                "accepted": accepted,
+                "repeated": accepted,
+                "ignored": accepted,
+                "refused": [
+                    *common,
+                    "claimed_origin",
+                    "invitee",
+                    "status",
+                    "errcode",
+                    "reason",
+                    "outcome",
+                    "peer",
+                    "server_name",
+                ],
+            },
+        )
+        for line in lines.values():
+            self.assertEqual(line["server_name"], US)
+            out = io.StringIO()
+            json_file_observer(out)(line)
+            self.assertEqual(json.loads(out.getvalue())["server_name"], US)
 
     def test_refused_line_names_the_invitee_once_known(self) -> None:
         """A refusal after the event named a valid local-form invitee (policy, limits,
@@ -404,6 +445,7 @@ class LogForgingTests(SynchronousTestCase):
             " store_invite failed: database is locked",
         )
         self.assertEqual(error["event_id"], event_id)
+        self.assertEqual(error["server_name"], US)
 
     def test_listener_failure_line_escaped(self) -> None:
         """A failing listener's line names the event ID escaped (the traceback follows it)."""
@@ -678,6 +720,7 @@ _FIELDS = (
     "errcode",
     "reason",
     "peer",
+    "server_name",
 )
 
 
@@ -731,6 +774,7 @@ class EarlyRefusalLogTests(SynchronousTestCase):
                     "errcode": errcode,
                     "reason": reason,
                     "peer": "127.0.0.1",
+                    "server_name": US,
                 },
             )
             self.assertEqual(
@@ -769,6 +813,7 @@ class EarlyRefusalLogTests(SynchronousTestCase):
                     "errcode": "M_TOO_LARGE",
                     "reason": "Request body exceeds 100 bytes",
                     "peer": "203.0.113.9",
+                    "server_name": US,
                 },
             )
 
@@ -881,6 +926,7 @@ class OriginClaimLogTests(SynchronousTestCase):
         (error,) = [e for e in events if e["log_level"] is LogLevel.error]
         self.assertIsNone(error["origin"])
         self.assertEqual(error["claimed_origin"], THEM)
+        self.assertEqual(error["server_name"], US)  # a tenant's error lines too
         self.assertIn(f"claiming to be {THEM}", formatEvent(error))
         (line,) = [e for e in events if e.get("outcome")]
         self.assertClaimed(line, 500, "M_UNKNOWN")
@@ -923,4 +969,5 @@ class UnexpectedFailureLogTests(SynchronousTestCase):
         failures = [e for e in events if "log_failure" in e]
         self.assertEqual(len(failures), 1)
         self.assertIn("HSM unreachable", formatEvent(failures[0]) + str(failures[0]["log_failure"]))
+        self.assertEqual(failures[0]["server_name"], US)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
