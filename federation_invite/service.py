@@ -32,6 +32,7 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
+    IOpenSSLServerConnectionCreator,
     IProtocolFactory,
     IReactorTime,
     IStreamServerEndpoint,
@@ -655,9 +656,16 @@ class _NotAcceptingYet:
     reactor's) accepts at once, and the placeholder root answers 404 until then.
     """
 
-    def __init__(self, endpoint: IStreamServerEndpoint, ports: list[Any]) -> None:
+    def __init__(
+        self,
+        endpoint: IStreamServerEndpoint,
+        ports: list[Any],
+        tls: _ReloadableTLS | None = None,
+    ) -> None:
         self._endpoint = endpoint
         self._ports = ports
+        #: An ``ssl:`` endpoint's TLS settings (``FederationInviteService.reload_tls``).
+        self.tls = tls
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
         return self._endpoint.listen(factory).addCallback(self._pause)
@@ -670,17 +678,18 @@ class _NotAcceptingYet:
         return port
 
 
-def _server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+def _server_endpoint(
+    reactor: Any, description: str, tls: list[_ReloadableTLS] | None = None
+) -> IStreamServerEndpoint:
     """The endpoint ``description`` names, as Twisted's ``serverFromString`` builds it, except
     that an ``ssl:`` endpoint without ``extraCertChain`` serves the certificates of its
     ``certKey`` file after the first (a CA's ``fullchain.pem``: leaf, then intermediates) as
     the chain. Twisted would use the first alone, and send peers a leaf they cannot verify.
+
+    An ``ssl:`` endpoint's TLS settings are a ``_ReloadableTLS``, added to ``tls`` if given,
+    whose ``reload`` reads its files again for the connections accepted after it.
     """
-    from cryptography import x509
-    from OpenSSL import SSL
-    from OpenSSL.crypto import X509
     from twisted.internet import endpoints
-    from twisted.internet.ssl import CertificateOptions
 
     args, keywords = endpoints._parse(description)
     if args[0] == "systemd":
@@ -690,6 +699,22 @@ def _server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     bound = inspect.signature(endpoints._parseSSL).bind(None, *args[1:], **keywords)
     bound.apply_defaults()
     # Twisted's own parser reads and checks the files (its errors are the operator's).
+    port, options, placement = _tls_options(bound)
+    settings = _ReloadableTLS(description, bound, options)
+    if tls is not None:
+        tls.append(settings)
+    return endpoints.SSL4ServerEndpoint(reactor, port, settings, **placement)
+
+
+def _tls_options(bound: inspect.BoundArguments) -> tuple[int, Any, dict[str, Any]]:
+    """An ``ssl:`` endpoint's port, ``CertificateOptions`` read from its files, and where
+    it listens, from its arguments to Twisted's ``_parseSSL`` (``_server_endpoint``)."""
+    from cryptography import x509
+    from OpenSSL import SSL
+    from OpenSSL.crypto import X509
+    from twisted.internet import endpoints
+    from twisted.internet.ssl import CertificateOptions
+
     (port, _, options), placement = endpoints._parseSSL(*bound.args, **bound.kwargs)
     given = bound.arguments
     if given["extraCertChain"] is None:
@@ -704,7 +729,133 @@ def _server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
                 dhParameters=options.dhParameters,
                 **({} if method is None else {"method": getattr(SSL, method)}),
             )
-    return endpoints.SSL4ServerEndpoint(reactor, port, options, **placement)
+    return port, options, placement
+
+
+class _TLSFileError(Exception):
+    """A TLS file that cannot be used: its path, and why (no key material)."""
+
+
+def _check_tls_files(given: Mapping[str, Any]) -> None:
+    """Read an ``ssl:`` endpoint's files (its ``_parseSSL`` arguments ``given``) and check
+    what a reload needs of them, naming the file that fails: each can be read, the
+    certificate file holds PEM certificates, the key file an unencrypted PEM private key
+    that is the certificate's, ``extraCertChain`` a PEM certificate, ``dhParameters`` PEM
+    Diffie-Hellman parameters.
+
+    Twisted's parser reads them too, with errors that do not say which file (and would
+    ask a terminal for the passphrase of an encrypted key).
+    """
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from OpenSSL import SSL
+
+    key_path = given["privateKey"]
+    cert_path = given["certKey"] or key_path
+    chain_path, dh_path = given["extraCertChain"], given["dhParameters"]
+    contents: dict[str, bytes] = {}
+    for path in (key_path, cert_path, chain_path, dh_path):
+        if path is None or path in contents:
+            continue
+        try:
+            with open(path, "rb") as handle:
+                contents[path] = handle.read()
+        except OSError as exc:
+            raise _TLSFileError(f"{path}: {exc.strerror or exc}") from exc
+    try:
+        leaf = x509.load_pem_x509_certificates(contents[cert_path])[0]
+    except ValueError as exc:
+        raise _TLSFileError(f"{cert_path}: holds no PEM certificate") from exc
+    try:
+        key = serialization.load_pem_private_key(contents[key_path], None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise _TLSFileError(f"{key_path}: holds no unencrypted PEM private key") from exc
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        raise _TLSFileError(
+            f"{key_path}: the private key does not match the certificate in {cert_path}"
+        )
+    if chain_path is not None:
+        try:
+            x509.load_pem_x509_certificates(contents[chain_path])
+        except ValueError as exc:
+            raise _TLSFileError(f"{chain_path}: holds no PEM certificate") from exc
+    if dh_path is not None:
+        try:
+            # As CertificateOptions loads them (cryptography deprecates finite-field DH).
+            SSL.Context(SSL.TLS_SERVER_METHOD).load_tmp_dh(dh_path)
+        except SSL.Error as exc:
+            raise _TLSFileError(f"{dh_path}: holds no PEM Diffie-Hellman parameters") from exc
+
+
+def _serial_and_not_after(certificate: Any) -> tuple[str, str]:
+    """A certificate's serial number (hexadecimal, as ``openssl x509 -serial``) and its
+    notAfter (UTC, ISO 8601)."""
+    return (
+        f"{certificate.serial_number:X}",
+        certificate.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _ReloadableTLS:
+    """An ``ssl:`` listener's TLS settings (``CertificateOptions``), read again from the same
+    files by ``reload``.
+
+    Twisted's TLS factory asks it for each connection accepted
+    (``serverConnectionForTLS``): that connection gets the OpenSSL context of the settings
+    held then, made once per load (no file is read per connection), and keeps it; a reload
+    swaps the settings for the connections accepted after it.
+    """
+
+    def __init__(self, description: str, bound: inspect.BoundArguments, options: Any) -> None:
+        self.description = description
+        self._bound = bound
+        #: The ``CertificateOptions`` new connections get.
+        self.options = options
+
+    def serverConnectionForTLS(self, protocol: Any) -> Any:
+        return self.options.serverConnectionForTLS(protocol)
+
+    def reload(self) -> bool:
+        """Read the key, certificate and chain (and ``extraCertChain``, ``dhParameters``)
+        again from their paths; new connections get them if they can be used, else the
+        settings loaded before are kept. One line says which, naming the listener (and the
+        file that failed). Returns whether the files were loaded."""
+        given = self._bound.arguments
+        try:
+            _check_tls_files(given)
+            try:
+                _, options, _ = _tls_options(self._bound)
+                options.getContext()  # made now, once, not by the next connection
+            except Exception as exc:
+                # The files changed again since they were checked, or OpenSSL refused them.
+                raise _TLSFileError(
+                    f"{given['certKey'] or given['privateKey']}: could not be loaded "
+                    f"({type(exc).__name__})"
+                ) from exc
+        except _TLSFileError as exc:
+            serial, _ = _serial_and_not_after(self.options.certificate.to_cryptography())
+            log.error(
+                "Could not reload TLS for listener {listener}: {reason}; still serving the "
+                "certificate loaded before (serial {serial})",
+                listener=repr(self.description),
+                reason=str(exc),
+                serial=serial,
+            )
+            return False
+        self.options = options
+        serial, not_after = _serial_and_not_after(options.certificate.to_cryptography())
+        log.info(
+            "Reloaded TLS for listener {listener}: certificate {path}, serial {serial}, "
+            "notAfter {not_after}",
+            listener=repr(self.description),
+            path=given["certKey"] or given["privateKey"],
+            serial=serial,
+            not_after=not_after,
+        )
+        return True
 
 
 def _systemd_endpoint(
@@ -788,9 +939,10 @@ class FederationInviteService(service.MultiService):
     stop begins once that stop is over.
 
     With ``on_hangup`` (twistd's plugin: reopen its log file), SIGHUP calls it in
-    the reactor thread, from each start until that run's stop is over (its drain
+    the reactor thread, then ``reload_tls`` (each ``ssl:`` listener's certificate read
+    again from its files), from each start until that run's stop is over (its drain
     included), instead of ending the process; the handler before is restored then.
-    Without it (an embedder's service), SIGHUP is left alone.
+    Without it (an embedder's service), SIGHUP is left alone: call ``reload_tls``.
     """
 
     def __init__(
@@ -915,8 +1067,10 @@ class FederationInviteService(service.MultiService):
         bound: list[StreamServerEndpointService] = []
         for key, description, site in wanted:
             try:
+                tls: list[_ReloadableTLS] = []
+                endpoint = _server_endpoint(self.reactor, description, tls)
                 listener = StreamServerEndpointService(
-                    _NotAcceptingYet(_server_endpoint(self.reactor, description), paused), site
+                    _NotAcceptingYet(endpoint, paused, *tls), site
                 )
                 listener._raiseSynchronously = True  # as strports.service's do
                 listener.privilegedStartService()  # so raises at once
@@ -1069,20 +1223,48 @@ class FederationInviteService(service.MultiService):
         return waiter
 
     def _handle_hangup(self) -> None:
-        """Have SIGHUP call ``on_hangup`` (if given) in the reactor thread, until the stop."""
+        """Have SIGHUP call ``on_hangup`` (if given), then ``reload_tls``, in the reactor
+        thread, until the stop."""
         hangup = getattr(signal, "SIGHUP", None)  # none on Windows
         if self._on_hangup is None or hangup is None or self._hangup_before is not None:
             return
         on_hangup, reactor = self._on_hangup, self.reactor
 
+        def hung_up() -> None:
+            try:
+                on_hangup()
+            finally:
+                # After: its lines go to the log file reopened.
+                self.reload_tls()
+
         def handler(signum: int, frame: Any) -> None:
             # As twistd's SIGUSR1 (log rotation): the work is done by the reactor, not
             # in the middle of whatever the signal interrupted.
-            reactor.callFromThread(on_hangup)
+            reactor.callFromThread(hung_up)
 
         before = signal.signal(hangup, handler)
         # None: a handler not set from Python, which cannot be put back; the default.
         self._hangup_before = signal.SIG_DFL if before is None else before
+
+    def reload_tls(self) -> bool:
+        """Read each ``ssl:`` listener's private key, certificate and chain (its ``certKey``
+        file after the first certificate, or its ``extraCertChain``), and ``dhParameters``,
+        again from the same paths: a renewed certificate is served to the connections
+        accepted from now on; those already open keep theirs. SIGHUP calls it under twistd;
+        an embedder's service (no ``on_hangup``) calls it when its certificates are renewed.
+
+        Files that cannot be used (unreadable, not PEM, a key that is not the
+        certificate's, a chain file without a certificate) leave that listener serving
+        what it served before. Each listener's outcome is logged in one line: on success
+        the certificate's serial and notAfter, else the file and why. Returns whether
+        every ``ssl:`` listener was reloaded (True with none).
+        """
+        reloaded = True
+        for child in list(self):
+            tls = getattr(getattr(child, "endpoint", None), "tls", None)
+            if isinstance(tls, _ReloadableTLS):
+                reloaded = tls.reload() and reloaded
+        return reloaded
 
     def _release_hangup(self, result: object) -> object:
         """Once a stop is over: SIGHUP's handler from before ``_handle_hangup``."""
@@ -1230,7 +1412,8 @@ def make_service(
     services built by hand) the objects that exist once it listens are frozen
     out of the garbage collector's full passes (``gc.freeze``). ``on_hangup``
     (twistd's plugin only: an embedder's process owns its signals) is called on
-    each SIGHUP while the service runs (``FederationInviteService``).
+    each SIGHUP while the service runs, before the TLS certificates are reloaded
+    (``FederationInviteService``, ``reload_tls``).
 
     twistd calls this before it changes to its ``--rundir`` and starts the
     service after: the configuration's paths are absolute (``load_config``), so

@@ -80,7 +80,8 @@ def makeService(options: Options) -> IService:
     status 1, as a bad value or an unknown key does when the options are
     parsed, instead of a traceback; so does one the start finds at once (a port
     in use: ``_StartErrorInOneLine``). While it runs, SIGHUP reopens twistd's log
-    file (``reopen_log_file``) instead of ending the process.
+    file (``reopen_log_file``), then reads each ``ssl:`` listener's certificate again
+    (``FederationInviteService.reload_tls``), instead of ending the process.
     """
     from twisted.internet import reactor
 

@@ -21,7 +21,7 @@ from federation_invite.core.keys import decode_verify_key
 from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
 from federation_invite.core.signing import ServerVerifyKey, verify_event_signature
 
-from .daemon_harness import BIN, DaemonHarness
+from .daemon_harness import BIN, DaemonHarness, free_port
 
 
 class DaemonTests(DaemonHarness):
@@ -226,11 +226,9 @@ class HangupTests(DaemonHarness):
             self.assertLess(time.monotonic(), deadline, f"no {text!r} in {path}: {content}")
             time.sleep(0.05)
 
-    def test_hangup_reopens_the_log_file_and_the_daemon_goes_on(self) -> None:
-        """After logrotate's ``create`` (the file moved away, a new one created) and a
-        SIGHUP, the daemon logs one line saying it reopened the file, in the new file, and
-        goes on; a SIGTERM then drains and stops it as usual, in the new file, and its
-        pidfile is removed."""
+    def start_daemonized(self, *options: str) -> tuple[int, str, str]:
+        """twistd daemonized with ``--pidfile`` and ``--logfile`` in the test's directory
+        (and the plugin's ``options``), once listening: its PID, pidfile and log file."""
         pidfile = os.path.join(self.dir, "fi.pid")
         logfile = os.path.join(self.dir, "fi.log")
         result = subprocess.run(
@@ -243,6 +241,7 @@ class HangupTests(DaemonHarness):
                 "federation-invite",
                 "-c",
                 self.config,
+                *options,
             ],
             capture_output=True,
             text=True,
@@ -262,6 +261,14 @@ class HangupTests(DaemonHarness):
 
         self.addCleanup(kill)
         self.wait_for(logfile, "listening on")
+        return pid, pidfile, logfile
+
+    def test_hangup_reopens_the_log_file_and_the_daemon_goes_on(self) -> None:
+        """After logrotate's ``create`` (the file moved away, a new one created) and a
+        SIGHUP, the daemon logs one line saying it reopened the file, in the new file, and
+        goes on; a SIGTERM then drains and stops it as usual, in the new file, and its
+        pidfile is removed."""
+        pid, pidfile, logfile = self.start_daemonized()
         os.rename(logfile, logfile + ".1")
         open(logfile, "w").close()
         os.kill(pid, signal.SIGHUP)
@@ -280,3 +287,60 @@ class HangupTests(DaemonHarness):
             time.sleep(0.05)
         with open(logfile + ".1") as handle:
             self.assertNotIn("SIGHUP", handle.read())
+
+    def test_hangup_reloads_the_tls_certificate(self) -> None:
+        """An ssl: listener's key and certificate renewed (new files renamed over the old,
+        as a certbot deploy hook does), the log file rotated, then SIGHUP: the new log file
+        says the log file was reopened, then that the listener reloaded its certificate
+        (serial, notAfter), and a new connection gets the new certificate."""
+        import ssl
+
+        from cryptography import x509
+
+        from federation_invite.tlscert import write_self_signed_certificate
+
+        key_path, cert_path = (os.path.join(self.dir, name) for name in ("tls.key", "tls.crt"))
+        write_self_signed_certificate("localhost", key_path, cert_path)
+        port = free_port()
+        listen = f"ssl:{port}:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}"
+        pid, _, logfile = self.start_daemonized("--listen", listen)
+
+        def certificate_in(path: str) -> x509.Certificate:
+            with open(path, "rb") as handle:
+                return x509.load_pem_x509_certificate(handle.read())
+
+        def served() -> x509.Certificate:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                with context.wrap_socket(sock) as tls:
+                    der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return x509.load_der_x509_certificate(der)
+
+        before = certificate_in(cert_path)
+        self.assertEqual(served(), before)
+        renewed_key, renewed_cert = key_path + ".new", cert_path + ".new"
+        write_self_signed_certificate("localhost", renewed_key, renewed_cert)
+        os.replace(renewed_key, key_path)
+        os.replace(renewed_cert, cert_path)
+        after = certificate_in(cert_path)
+        self.assertNotEqual(after.serial_number, before.serial_number)
+        os.rename(logfile, logfile + ".1")
+        open(logfile, "w").close()
+        os.kill(pid, signal.SIGHUP)
+        lines = self.wait_for(logfile, "Reloaded TLS").splitlines()
+        not_after = after.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.assertEqual(len(lines), 2, lines)
+        self.assertTrue(lines[0].endswith(f"SIGHUP: reopened the log file {logfile}"), lines)
+        self.assertTrue(
+            lines[1].endswith(
+                f"Reloaded TLS for listener {listen!r}: certificate {cert_path}, serial "
+                f"{after.serial_number:X}, notAfter {not_after}"
+            ),
+            lines,
+        )
+        self.assertEqual(served(), after)
+        os.kill(pid, signal.SIGTERM)
+        self.wait_for(logfile, "Server Shut Down.")

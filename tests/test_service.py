@@ -16,12 +16,14 @@ from treq.testing import StubTreq
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import CannotListenError, ConnectionRefusedError
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from federation_invite import service as service_module
 from federation_invite.config import ConfigError, load_config
@@ -1353,7 +1355,7 @@ class ServerEndpointTests(SynchronousTestCase):
         endpoint = service_module._server_endpoint(
             MemoryReactorClock(), f"ssl:0:privateKey={key_path}:certKey={fullchain_path}"
         )
-        options: Any = endpoint._sslContextFactory  # type: ignore[attr-defined]
+        options: Any = endpoint._sslContextFactory.options  # type: ignore[attr-defined]
         chain = [certificate.to_cryptography() for certificate in options.extraCertChain]
         self.assertEqual(chain, [intermediate])
         self.assertEqual(options.certificate.to_cryptography(), leaf)
@@ -1799,6 +1801,316 @@ class ListenAtStartTests(TestCase):
         self.assertEqual(list(service), [])
         self.assertTrue(_port_free(port))
         self.flushLoggedErrors(StoreError)
+
+
+@implementer(IHandshakeListener)
+class _TLSClient(_RawClient):
+    """A TLS client connection: ``handshake`` fires once the handshake is done, or fails
+    with why the connection was lost before (a certificate the client refused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handshake: Deferred[None] = Deferred()
+
+    def handshakeCompleted(self) -> None:
+        self.handshake.callback(None)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.handshake.called:
+            self.handshake.errback(reason)
+        super().connectionLost(reason)
+
+
+#: RFC 7919's ffdhe2048 group, as dhParameters (``openssl genpkey -genparam -algorithm DH
+#: -pkeyopt dh_param:ffdhe2048``): generating parameters takes too long for a test.
+_FFDHE2048 = b"""-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
+
+
+def _certificates(path: str) -> list[Any]:
+    """The PEM certificates in the file at ``path`` (cryptography's)."""
+    from cryptography import x509
+
+    with open(path, "rb") as handle:
+        return x509.load_pem_x509_certificates(handle.read())
+
+
+class TLSReloadTests(TestCase):
+    """``reload_tls`` (SIGHUP under twistd): each ssl: listener's key, certificate and chain
+    are read again from their paths; new connections get them, connections already open keep
+    theirs. Files that cannot be used leave the certificate loaded before in place, said in
+    one line naming the listener and the file."""
+
+    timeout = 20
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+
+        async def open_store(uri: str, reactor: Any = None) -> Any:
+            return _ClosingStore()
+
+        self.patch(service_module, "open_store", open_store)
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.dir = os.path.abspath(self.mktemp())
+        self.root_pem, self.key_path, self.cert_path = _write_ca_chain(
+            os.path.join(self.dir, "live")
+        )
+        self.port = free_port()
+        self.description = (
+            f"ssl:{self.port}:interface=127.0.0.1:privateKey={self.key_path}:"
+            f"certKey={self.cert_path}"
+        )
+
+    async def start(self, **kwargs: Any) -> FederationInviteService:
+        config = load_config(
+            None,
+            {
+                "server_name": US,
+                "data_dir": os.path.join(self.dir, "data"),
+                "listen": [self.description],
+            },
+        )
+        service = FederationInviteService(config, self.reactor, make_key("us1"), **kwargs)
+        service.startService()
+        await service.ready
+        self.addCleanup(service.stopService)
+        return service
+
+    async def connect(self, root_pem: bytes) -> _TLSClient:
+        """A TLS connection to the listener, by a client trusting ``root_pem`` alone (it
+        verifies only if the listener sends the intermediate as the chain)."""
+        from twisted.internet.endpoints import wrapClientTLS
+        from twisted.internet.ssl import Certificate, optionsForClientTLS
+
+        client = _TLSClient()
+        options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(root_pem))
+        endpoint = wrapClientTLS(options, TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.port))
+        await connectProtocol(endpoint, client)
+        self.addCleanup(lambda: client.lost.called or client.transport.abortConnection())  # type: ignore[union-attr]
+        await client.handshake
+        return client
+
+    def served(self, client: _TLSClient) -> list[Any]:
+        """The certificates the listener sent ``client``: the leaf, then the chain."""
+        connection: Any = client.transport._tlsConnection  # type: ignore[union-attr]
+        return [certificate.to_cryptography() for certificate in connection.get_peer_cert_chain()]
+
+    async def ask_version(self, client: _TLSClient) -> bytes:
+        assert client.transport is not None
+        client.transport.write(
+            b"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: localhost\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        await client.lost
+        return client.received
+
+    def renew(self, name: str) -> bytes:
+        """A new root, intermediate, key and leaf, the key and leaf + intermediate renamed
+        over the listener's files (as a renewal's deploy step does): the new root's PEM."""
+        root_pem, key_path, cert_path = _write_ca_chain(os.path.join(self.dir, name))
+        os.replace(key_path, self.key_path)
+        os.replace(cert_path, self.cert_path)
+        return root_pem
+
+    def tls_lines(self) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [
+            formatEvent(event)
+            for event in service_lines(self.events, "")
+            if "TLS" in event.get("log_format", "")
+        ]
+
+    async def test_new_connections_get_the_renewed_certificate(self) -> None:
+        """After the files are renewed and reload_tls called, a new connection gets the new
+        leaf and the certificates after it in certKey as the chain (a client trusting only
+        the new root verifies; one trusting only the old root refuses); a connection opened
+        before keeps the old certificate and is still answered. One line says which
+        listener now serves which certificate, by serial and notAfter."""
+        from OpenSSL import SSL
+
+        service = await self.start()
+        before = _certificates(self.cert_path)
+        old = await self.connect(self.root_pem)
+        self.assertEqual(self.served(old), before)
+        new_root = self.renew("renewed")
+        after = _certificates(self.cert_path)
+        self.assertNotEqual(after[0].serial_number, before[0].serial_number)
+        self.assertEqual(self.tls_lines(), [])
+        self.assertTrue(service.reload_tls())
+        new = await self.connect(new_root)
+        self.assertEqual(self.served(new), after)
+        with self.assertRaises(SSL.Error):
+            await self.connect(self.root_pem)
+        self.assertEqual(self.served(old), before)
+        self.assertTrue((await self.ask_version(old)).startswith(b"HTTP/1.1 200 "))
+        self.assertTrue((await self.ask_version(new)).startswith(b"HTTP/1.1 200 "))
+        not_after = after[0].not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.assertEqual(
+            self.tls_lines(),
+            [
+                f"Reloaded TLS for listener {self.description!r}: certificate "
+                f"{self.cert_path}, serial {after[0].serial_number:X}, notAfter {not_after}"
+            ],
+        )
+
+    async def test_unusable_files_keep_the_certificate_loaded_before(self) -> None:
+        """A key that does not match the certificate, a file that is not PEM, an empty
+        certificate file or a missing one: reload_tls answers False, new connections still
+        get the certificate loaded before, and one line names the listener and the file
+        (no key material)."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        service = await self.start()
+        before = _certificates(self.cert_path)
+        with open(self.key_path, "rb") as handle:
+            key_pem = handle.read()
+        with open(self.cert_path, "rb") as handle:
+            cert_pem = handle.read()
+        other_key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        encrypted_key = serialization.load_pem_private_key(key_pem, None).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+        key, cert = self.key_path, self.cert_path
+        cases = [
+            (
+                other_key,
+                cert_pem,
+                f"{key}: the private key does not match the certificate in {cert}",
+            ),
+            (key_pem, b"not a certificate\n", f"{cert}: holds no PEM certificate"),
+            (key_pem, b"", f"{cert}: holds no PEM certificate"),
+            (b"garbage\n", cert_pem, f"{key}: holds no unencrypted PEM private key"),
+            (encrypted_key, cert_pem, f"{key}: holds no unencrypted PEM private key"),
+            (key_pem, None, f"{cert}: No such file or directory"),
+        ]
+        for new_key, new_cert, reason in cases:
+            del self.events[:]
+            with open(self.key_path, "wb") as handle:
+                handle.write(new_key)
+            if new_cert is None:
+                os.remove(self.cert_path)
+            else:
+                with open(self.cert_path, "wb") as handle:
+                    handle.write(new_cert)
+            self.assertFalse(service.reload_tls())
+            client = await self.connect(self.root_pem)
+            self.assertEqual(self.served(client), before, reason)
+            self.assertTrue((await self.ask_version(client)).startswith(b"HTTP/1.1 200 "))
+            lines = self.tls_lines()
+            self.assertEqual(
+                lines,
+                [
+                    f"Could not reload TLS for listener {self.description!r}: {reason}; still "
+                    f"serving the certificate loaded before (serial {before[0].serial_number:X})"
+                ],
+            )
+            self.assertNotIn("PRIVATE", lines[0])
+        # Put right, the files are loaded again.
+        with open(self.key_path, "wb") as handle:
+            handle.write(key_pem)
+        with open(self.cert_path, "wb") as handle:
+            handle.write(cert_pem)
+        self.assertTrue(service.reload_tls())
+
+    async def test_extra_chain_and_dh_parameters_reloaded(self) -> None:
+        """With extraCertChain (and dhParameters), the chain file is read again too; a
+        chain file holding no certificate keeps the chain loaded before, named in the line."""
+        from cryptography.hazmat.primitives import serialization
+
+        leaf_path = os.path.join(self.dir, "live", "cert.pem")
+        chain_path = os.path.join(self.dir, "live", "chain.pem")
+        dh_path = os.path.join(self.dir, "live", "dh.pem")
+
+        def split(fullchain: str) -> None:
+            leaf, intermediate = _certificates(fullchain)
+            with open(leaf_path, "wb") as handle:
+                handle.write(leaf.public_bytes(serialization.Encoding.PEM))
+            with open(chain_path, "wb") as handle:
+                handle.write(intermediate.public_bytes(serialization.Encoding.PEM))
+
+        split(self.cert_path)
+        with open(dh_path, "wb") as handle:
+            handle.write(_FFDHE2048)
+        self.description = (
+            f"ssl:{self.port}:interface=127.0.0.1:privateKey={self.key_path}:"
+            f"certKey={leaf_path}:extraCertChain={chain_path}:dhParameters={dh_path}"
+        )
+        service = await self.start()
+        before = _certificates(self.cert_path)
+        self.assertEqual(self.served(await self.connect(self.root_pem)), before)
+        new_root = self.renew("renewed")
+        after = _certificates(self.cert_path)
+        split(self.cert_path)
+        self.assertTrue(service.reload_tls())
+        self.assertEqual(self.served(await self.connect(new_root)), after)
+        with open(chain_path, "rb") as handle:
+            chain_pem = handle.read()
+        for path, content, reason in (
+            (chain_path, b"", "holds no PEM certificate"),
+            (dh_path, b"garbage\n", "holds no PEM Diffie-Hellman parameters"),
+        ):
+            del self.events[:]
+            with open(path, "wb") as handle:
+                handle.write(content)
+            self.assertFalse(service.reload_tls())
+            self.assertEqual(self.served(await self.connect(new_root)), after)
+            self.assertEqual(
+                self.tls_lines(),
+                [
+                    f"Could not reload TLS for listener {self.description!r}: {path}: {reason}; "
+                    f"still serving the certificate loaded before (serial "
+                    f"{after[0].serial_number:X})"
+                ],
+            )
+            with open(chain_path, "wb") as handle:
+                handle.write(chain_pem)
+            with open(dh_path, "wb") as handle:
+                handle.write(_FFDHE2048)
+
+    async def test_hangup_reopens_the_log_file_then_reloads_tls(self) -> None:
+        """SIGHUP (twistd's plugin: on_hangup reopens its log file) does both: on_hangup,
+        then the TLS reload, whose line goes to the reopened log file."""
+        import signal
+
+        self.addCleanup(signal.signal, signal.SIGHUP, signal.getsignal(signal.SIGHUP))
+        signal.signal(signal.SIGHUP, lambda signum, frame: None)  # a mistake must not end trial
+        order: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if "Reloaded TLS" in event.get("log_format", ""):
+                order.append("reload")
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        service = await self.start(on_hangup=lambda: order.append("reopen"))
+        new_root = self.renew("renewed")
+        os.kill(os.getpid(), signal.SIGHUP)
+        for _ in range(200):
+            if "reload" in order:
+                break
+            await deferLater(self.reactor, 0.01)
+        self.assertEqual(order, ["reopen", "reload"])
+        self.assertEqual(self.served(await self.connect(new_root)), _certificates(self.cert_path))
+        await service.stopService()
 
 
 def _write_ca_chain(directory: str) -> tuple[bytes, str, str]:
