@@ -7,9 +7,10 @@
   valid X-Matrix header (``put_invite(target, invite)``), and answers your
   ``send_invite`` by co-signing, as Synapse does (or with ``refusal``; a subclass
   overrides ``answer`` or ``cosign`` to answer otherwise).
-- ``fake_peers(*homeservers)``: a ``FakePeersAgent`` serving them; give it as
-  ``agent=`` to ``build_components`` or ``build_from_config``, and your server's keyring
-  and ``send_invite`` talk to them in memory.
+- ``fake_peers(*homeservers, reactor=None)``: a ``FakePeersAgent`` serving them; give it
+  as ``agent=`` to ``build_components`` or ``build_from_config``, and your server's keyring
+  and ``send_invite`` talk to them in memory (with ``reactor``, also to resources answering
+  later, such as another ``FederationInvite`` added with ``add_peer``).
 - ``build_create_event`` and ``invite_event_template``: the events themselves.
 
 Nothing here imports the global reactor: pass a ``Clock`` or the reactor. See the
@@ -480,10 +481,14 @@ class FakeHomeserver:
         return hash_and_sign_event(room_version, event, self.server_name, self.signing_key)
 
 
-def fake_peers(*homeservers: FakeHomeserver) -> FakePeersAgent:
+def fake_peers(*homeservers: FakeHomeserver, reactor: IReactorTime | None = None) -> FakePeersAgent:
     """A ``FakePeersAgent`` serving each homeserver's ``site_root()`` under its name: give it
-    as ``agent=`` to ``build_components`` or ``build_from_config``."""
-    return FakePeersAgent({server.server_name: server.site_root() for server in homeservers})
+    as ``agent=`` to ``build_components`` or ``build_from_config``. With ``reactor``, the
+    agent moves the bytes of answers given later itself (``add_peer`` of another
+    ``FederationInvite``), see ``FakePeersAgent``."""
+    return FakePeersAgent(
+        {server.server_name: server.site_root() for server in homeservers}, reactor=reactor
+    )
 
 
 class _InviteEndpoint(Resource):

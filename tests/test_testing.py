@@ -199,6 +199,61 @@ class SendingTests(TestCase):
         self.assertEqual(len(self.remote.received), 1)
 
 
+class TwoServersTests(TestCase):
+    """Two FederationInvites in one test, each serving the other through its FakePeersAgent
+    (``add_peer``): given the reactor, the agent moves the bytes of an answer given later
+    (from a store's threads) itself, with no ``flush()`` by the test."""
+
+    async def build(self, name: str, agent: FakePeersAgent) -> Any:
+        config = Config(
+            {
+                "server_name": name,
+                "data_dir": self.mktemp(),
+                "inbound.local_users": "any",
+                "outbound.timeout": 5.0,
+            }
+        )
+        federation = await build_from_config(config, reactor, agent=agent)
+        self.addCleanup(federation.close)
+        return federation
+
+    async def test_invite_between_two_federation_invites(self) -> None:
+        agent_a, agent_b = FakePeersAgent(reactor=reactor), FakePeersAgent(reactor=reactor)
+        a = await self.build("a.test", agent_a)
+        b = await self.build("b.test", agent_b)
+        agent_a.add_peer("b.test", b.site_root())
+        agent_b.add_peer("a.test", a.site_root())
+        invited: list[InviteRecord] = []
+        b.add_listener(invited.append)
+        event = {
+            "type": "m.room.member",
+            "state_key": "@carol:b.test",
+            "sender": "@bot:a.test",
+            "room_id": "!room:a.test",
+            "content": {"membership": "invite"},
+            "origin_server_ts": int(reactor.seconds() * 1000),
+            "depth": 3,
+            "prev_events": ["$" + "p" * 43],
+            "auth_events": ["$" + "a" * 43],
+        }
+        started = reactor.seconds()
+        signed = await a.send_invite("10", event)
+        self.assertEqual(set(signed["signatures"]), {"a.test", "b.test"})
+        self.assertEqual([record.invitee for record in invited], ["@carol:b.test"])
+        self.assertLess(reactor.seconds() - started, 4.0)  # not the 5 s timeout
+
+    def test_fake_peers_passes_the_reactor(self) -> None:
+        """fake_peers(..., reactor=...) builds an agent that moves bytes on that reactor,
+        only while a request is open: an answer given at once leaves no timer behind."""
+        clock = Clock()
+        agent = fake_peers(FakeHomeserver("a.test", clock), reactor=clock)
+        response = self.successResultOf(
+            agent.request(b"GET", b"https://a.test/_matrix/key/v2/server")
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
 class SubclassTests(TestCase):
     """FakeHomeserver answering otherwise, as a subclass overriding answer or cosign."""
 
