@@ -173,6 +173,11 @@ async def _cmd_migrate(args: argparse.Namespace, out: TextIO, reactor: Any) -> i
     config = _load(args)
     config.ensure_data_dir()
     result = await run_migrations(config.database, reactor=reactor)
+    if result.moved_bookkeeping:
+        out.write(
+            "Moved the record of applied schema versions from schema_migrations"
+            " to federation_invite_schema\n"
+        )
     if result.applied:
         out.write(
             f"Migrated from schema {result.before} to {result.after}: {', '.join(result.applied)}\n"

@@ -15,6 +15,8 @@ from federation_invite.cli import build_parser, run_async
 from federation_invite.config import ConfigError
 from federation_invite.store import InviteRecord, InviteRule, open_store
 
+from .store._support import previous_release_database, raw_sqlite
+
 
 class StoreCommandTests(TestCase):
     def setUp(self) -> None:
@@ -39,6 +41,23 @@ class StoreCommandTests(TestCase):
             self.assertEqual((code, out), (0, "Schema is at version 1; nothing to do\n"))
 
         return ensureDeferred(go())
+
+    async def test_migrate_moves_previous_release_bookkeeping(self) -> None:
+        """migrate says so when it moves an earlier release's record of applied versions
+        (schema_migrations) to federation_invite_schema."""
+        for statement in previous_release_database("sqlite", applied_ts=5):
+            raw_sqlite(self.db, statement)
+        self.assertEqual(
+            await self.run_cli("migrate"),
+            (
+                0,
+                "Moved the record of applied schema versions from schema_migrations to"
+                " federation_invite_schema\nSchema is at version 1; nothing to do\n",
+            ),
+        )
+        self.assertEqual(
+            await self.run_cli("migrate"), (0, "Schema is at version 1; nothing to do\n")
+        )
 
     def test_users(self) -> Deferred[None]:
         """users add/list/remove manage local users; foreign user IDs are refused."""

@@ -765,6 +765,12 @@ async def _open(uri: str, reactor: Any | None, migrate: bool) -> DatabaseStore:
     try:
         if migrate:
             result = await store._migrate(_now_ms(reactor))
+            if result.moved_bookkeeping:
+                _log.info(
+                    "Moved {database}'s record of applied schema versions from"
+                    " schema_migrations to federation_invite_schema",
+                    database=dialect.display,
+                )
             if result.applied:
                 _log.info(
                     "Migrated {database} from schema {before} to {after}",

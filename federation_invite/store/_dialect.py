@@ -54,6 +54,9 @@ class Dialect:
     """What differs between databases, and nothing else."""
 
     name: ClassVar[str]
+    #: What to give federation-invite when the database holds another's objects under
+    #: our names (the end of "give federation-invite ...").
+    own_database_hint: ClassVar[str]
 
     def __init__(self, display: str, secrets: tuple[str, ...]) -> None:
         #: The URI with any password replaced, fit for logs and messages.
@@ -74,8 +77,22 @@ class Dialect:
     def lock_for_migrations(self, txn: adbapi.Transaction) -> None:
         """Make concurrent migrations by several workers take turns (inside ``txn``)."""
 
+    def lock_for_schema_check(self, txn: adbapi.Transaction) -> None:
+        """Wait (inside ``txn``) for a migration another worker is running, so that the
+        schema is read as it was before it or after it, never in between."""
+
     def table_exists(self, txn: adbapi.Transaction, table: str) -> bool:
         """Whether ``table`` exists in the database the store uses."""
+        raise NotImplementedError
+
+    def object_kind(self, txn: adbapi.Transaction, name: str) -> str | None:
+        """What holds ``name`` where the store creates its tables ('table', 'index',
+        'view' and so on), or None: free for a table or index of ours."""
+        raise NotImplementedError
+
+    def columns(self, txn: adbapi.Transaction, table: str) -> list[tuple[str, str, bool, bool]]:
+        """``table``'s columns in order: (name, type in lower case, NOT NULL, in the
+        primary key)."""
         raise NotImplementedError
 
     def invite_writer(self, reactor: Any) -> SQLiteInviteWriter | None:
@@ -125,6 +142,7 @@ class SQLiteDialect(Dialect):
     """
 
     name = "sqlite"
+    own_database_hint = "a database file of its own"
 
     def __init__(self, path: str, display: str) -> None:
         super().__init__(display, ())
@@ -168,6 +186,21 @@ class SQLiteDialect(Dialect):
     def table_exists(self, txn: adbapi.Transaction, table: str) -> bool:
         txn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,))
         return txn.fetchone() is not None
+
+    def object_kind(self, txn: adbapi.Transaction, name: str) -> str | None:
+        # Tables, indexes and views share one namespace, whose names ignore ASCII case.
+        txn.execute(
+            "SELECT type FROM sqlite_master"
+            " WHERE type IN ('table', 'index', 'view') AND name = ? COLLATE NOCASE",
+            (name,),
+        )
+        row = txn.fetchone()
+        return None if row is None else str(row[0])
+
+    def columns(self, txn: adbapi.Transaction, table: str) -> list[tuple[str, str, bool, bool]]:
+        txn.execute('SELECT name, lower(type), "notnull", pk FROM pragma_table_info(?)', (table,))
+        rows = txn.fetchall()
+        return [(name, kind, bool(notnull), bool(pk)) for name, kind, notnull, pk in rows]
 
     def driver_errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.Error, *super().driver_errors())
@@ -319,6 +352,10 @@ class PostgresDialect(Dialect):
     """PostgreSQL through psycopg2, for several workers sharing one database."""
 
     name = "postgres"
+    own_database_hint = (
+        "a database of its own, or a schema of its own (CREATE SCHEMA <schema>, then"
+        " ?options=-csearch_path%3D<schema> in the URI)"
+    )
 
     def __init__(self, dsn: str, display: str, secrets: tuple[str, ...]) -> None:
         super().__init__(display, secrets)
@@ -414,6 +451,10 @@ class PostgresDialect(Dialect):
         # Released at commit or rollback; DDL is transactional in PostgreSQL.
         txn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
 
+    def lock_for_schema_check(self, txn: adbapi.Transaction) -> None:
+        # Shared: checks do not wait for each other, only for a migration.
+        txn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (MIGRATION_LOCK_KEY,))
+
     def table_exists(self, txn: adbapi.Transaction, table: str) -> bool:
         txn.execute(
             "SELECT 1 FROM information_schema.tables"
@@ -421,6 +462,33 @@ class PostgresDialect(Dialect):
             (table,),
         )
         return txn.fetchone() is not None
+
+    def object_kind(self, txn: adbapi.Transaction, name: str) -> str | None:
+        # Tables, indexes, views, sequences... share the schema's namespace (pg_class).
+        txn.execute(
+            "SELECT CASE c.relkind WHEN 'r' THEN 'table' WHEN 'p' THEN 'table'"
+            " WHEN 'i' THEN 'index' WHEN 'I' THEN 'index' WHEN 'v' THEN 'view'"
+            " WHEN 'm' THEN 'materialized view' WHEN 'S' THEN 'sequence'"
+            " WHEN 'f' THEN 'foreign table' ELSE 'relation' END"
+            " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = current_schema() AND c.relname = %s",
+            (name,),
+        )
+        row = txn.fetchone()
+        return None if row is None else str(row[0])
+
+    def columns(self, txn: adbapi.Transaction, table: str) -> list[tuple[str, str, bool, bool]]:
+        txn.execute(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,"
+            " COALESCE(a.attnum = ANY (i.indkey), false)"
+            " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped"
+            " LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary"
+            " WHERE n.nspname = current_schema() AND c.relname = %s AND c.relkind IN ('r', 'p')"
+            " ORDER BY a.attnum",
+            (table,),
+        )
+        return [(name, kind, notnull, pk) for name, kind, notnull, pk in txn.fetchall()]
 
     def driver_errors(self) -> tuple[type[BaseException], ...]:
         return (_import_psycopg2().Error, *super().driver_errors())

@@ -2,10 +2,18 @@
 
 ``schema/NNNN_description.sql`` holds version NNNN for every database;
 ``schema/<dialect>/NNNN_description.sql`` replaces it for one dialect where the
-SQL must differ. Applied versions are recorded in ``schema_migrations``; all
+SQL must differ. Applied versions are recorded in ``federation_invite_schema``; all
 pending versions run in one transaction, under a lock, so two workers starting
 together do not both migrate and a failed migration leaves nothing behind.
 A database newer than the code is refused, never touched.
+
+Earlier releases recorded them in ``schema_migrations``, the name golang-migrate,
+Rails and dbmate use for theirs: an application's database holding one of those
+was taken for ours (at its version 1, migrated already; at 3, or a timestamp,
+newer than the code). A ``schema_migrations`` is now ours only if it is exactly
+what those releases wrote (their columns, and rows naming our files 1..N); the
+first migration then moves its rows to ``federation_invite_schema`` and drops it,
+under the migration lock. Any other is another tool's, never read nor touched.
 """
 
 from __future__ import annotations
@@ -18,20 +26,28 @@ import attrs
 from twisted.enterprise import adbapi
 
 from ._dialect import Dialect
-from ._records import SchemaVersionError
+from ._records import SchemaVersionError, StoreError
 
 __all__ = [
     "LATEST_SCHEMA_VERSION",
+    "LEGACY_SCHEMA_TABLE",
+    "SCHEMA_TABLE",
     "Migration",
     "MigrationResult",
     "check_schema_txn",
     "current_version_txn",
     "load_migrations",
     "migrate_txn",
+    "not_ours_message",
     "split_statements",
 ]
 
 _FILE_RE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql\Z")
+#: A statement creating a table, index or view, and the name it takes.
+_CREATES_RE = re.compile(
+    r'CREATE (?:UNIQUE )?(?:TABLE|INDEX|VIEW) (?:IF NOT EXISTS )?"?([A-Za-z_][A-Za-z0-9_]*)',
+    re.IGNORECASE,
+)
 _DIALECTS = ("sqlite", "postgres")
 
 
@@ -46,11 +62,14 @@ class Migration:
 
 @attrs.frozen
 class MigrationResult:
-    """What a migration run found and did: versions before and after, names applied."""
+    """What a migration run found and did: versions before and after, names applied,
+    and whether it moved an earlier release's bookkeeping (``schema_migrations``) to
+    ``federation_invite_schema``."""
 
     before: int
     after: int
     applied: tuple[str, ...]
+    moved_bookkeeping: bool = False
 
 
 def split_statements(script: str) -> list[str]:
@@ -124,17 +143,64 @@ def load_migrations(dialect_name: str, root: Traversable | None = None) -> tuple
     return tuple(migrations)
 
 
+#: The file names of the schema versions this code has, version 1 first.
+_MIGRATION_NAMES = tuple(migration.name for migration in load_migrations("sqlite"))
+
 #: The schema version this code writes and reads.
-LATEST_SCHEMA_VERSION = len(load_migrations("sqlite"))
+LATEST_SCHEMA_VERSION = len(_MIGRATION_NAMES)
+
+#: The table recording the applied versions, named for us.
+SCHEMA_TABLE = "federation_invite_schema"
+#: Where earlier releases recorded them; moved to ``SCHEMA_TABLE`` at the first migration.
+LEGACY_SCHEMA_TABLE = "schema_migrations"
+#: The columns of both, as ``Dialect.columns`` reads them.
+_SCHEMA_COLUMNS = [
+    ("version", "integer", True, True),
+    ("name", "text", True, False),
+    ("applied_ts", "bigint", True, False),
+]
+_CREATE_SCHEMA_TABLE = (
+    f"CREATE TABLE {SCHEMA_TABLE} ("
+    " version INTEGER NOT NULL PRIMARY KEY,"
+    " name TEXT NOT NULL,"
+    " applied_ts BIGINT NOT NULL)"
+)
 
 
-def current_version_txn(txn: adbapi.Transaction, dialect: Dialect) -> int:
+def _bookkeeping_txn(
+    txn: adbapi.Transaction, dialect: Dialect, names: tuple[str, ...], operation: str
+) -> tuple[str | None, int]:
+    """Which table records our applied versions (None: neither), and the highest."""
+    if dialect.table_exists(txn, SCHEMA_TABLE):
+        if dialect.columns(txn, SCHEMA_TABLE) != _SCHEMA_COLUMNS:
+            raise StoreError(operation, not_ours_message(dialect, "table", SCHEMA_TABLE))
+        txn.execute(f"SELECT MAX(version) FROM {SCHEMA_TABLE}")
+        row = txn.fetchone()
+        return SCHEMA_TABLE, 0 if row is None or row[0] is None else int(row[0])
+    if not dialect.table_exists(txn, LEGACY_SCHEMA_TABLE):
+        return None, 0
+    if dialect.columns(txn, LEGACY_SCHEMA_TABLE) != _SCHEMA_COLUMNS:
+        return None, 0  # another tool's
+    txn.execute(f"SELECT version, name FROM {LEGACY_SCHEMA_TABLE} ORDER BY version")
+    rows = [(int(version), name) for version, name in txn.fetchall()]
+    if not rows or rows != list(enumerate(names, start=1))[: len(rows)]:
+        return None, 0  # another tool's, shaped as ours
+    return LEGACY_SCHEMA_TABLE, len(rows)
+
+
+def not_ours_message(dialect: Dialect, kind: str, name: str) -> str:
+    """Why a database holding an object of another's under one of our names is refused."""
+    return (
+        f"the database already has a {kind} named {name!r} that is not federation-invite's;"
+        f" give federation-invite {dialect.own_database_hint} [{dialect.display}]"
+    )
+
+
+def current_version_txn(
+    txn: adbapi.Transaction, dialect: Dialect, operation: str = "schema_version"
+) -> int:
     """The highest applied version, 0 for a database never migrated."""
-    if not dialect.table_exists(txn, "schema_migrations"):
-        return 0
-    txn.execute("SELECT MAX(version) FROM schema_migrations")
-    row = txn.fetchone()
-    return 0 if row is None or row[0] is None else int(row[0])
+    return _bookkeeping_txn(txn, dialect, _MIGRATION_NAMES, operation)[1]
 
 
 def _refuse_newer(current: int, latest: int) -> None:
@@ -150,7 +216,8 @@ def _refuse_newer(current: int, latest: int) -> None:
 
 def check_schema_txn(txn: adbapi.Transaction, dialect: Dialect, latest: int) -> int:
     """Refuse a database whose schema is not exactly ``latest``; return its version."""
-    current = current_version_txn(txn, dialect)
+    dialect.lock_for_schema_check(txn)
+    current = current_version_txn(txn, dialect, "schema check")
     _refuse_newer(current, latest)
     if current < latest:
         raise SchemaVersionError(
@@ -162,6 +229,18 @@ def check_schema_txn(txn: adbapi.Transaction, dialect: Dialect, latest: int) -> 
     return current
 
 
+def _execute_checked(txn: adbapi.Transaction, dialect: Dialect, statement: str) -> None:
+    """Execute a migration's ``statement``; if it creates a table, index or view whose name
+    is taken already (by another's: ours are created once, by the version that records them),
+    refuse the database, naming it, instead of the driver's "already exists"."""
+    creates = _CREATES_RE.match(statement)
+    if creates is not None:
+        kind = dialect.object_kind(txn, creates.group(1))
+        if kind is not None:
+            raise StoreError("migrate", not_ours_message(dialect, kind, creates.group(1)))
+    txn.execute(statement)
+
+
 def migrate_txn(
     txn: adbapi.Transaction,
     dialect: Dialect,
@@ -171,26 +250,27 @@ def migrate_txn(
     """Apply every pending migration in this transaction (run with ``write=True``)."""
     dialect.lock_for_migrations(txn)
     latest = len(migrations)
-    current = current_version_txn(txn, dialect)
+    names = tuple(migration.name for migration in migrations)
+    table, current = _bookkeeping_txn(txn, dialect, names, "migrate")
     _refuse_newer(current, latest)
-    if current == latest:
-        return MigrationResult(current, current, ())
-    if current == 0:
+    if table != SCHEMA_TABLE:
+        _execute_checked(txn, dialect, _CREATE_SCHEMA_TABLE)
+    if table == LEGACY_SCHEMA_TABLE:
         txn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version INTEGER NOT NULL PRIMARY KEY,"
-            " name TEXT NOT NULL,"
-            " applied_ts BIGINT NOT NULL)"
+            f"INSERT INTO {SCHEMA_TABLE} (version, name, applied_ts)"
+            f" SELECT version, name, applied_ts FROM {LEGACY_SCHEMA_TABLE}"
         )
+        txn.execute(f"DROP TABLE {LEGACY_SCHEMA_TABLE}")
+    moved = table == LEGACY_SCHEMA_TABLE
+    if current == latest:
+        return MigrationResult(current, current, (), moved)
     applied = []
     for migration in migrations[current:]:
         for statement in migration.statements:
-            txn.execute(statement)
+            _execute_checked(txn, dialect, statement)
         txn.execute(
-            dialect.sql(
-                "INSERT INTO schema_migrations (version, name, applied_ts) VALUES (?, ?, ?)"
-            ),
+            dialect.sql(f"INSERT INTO {SCHEMA_TABLE} (version, name, applied_ts) VALUES (?, ?, ?)"),
             (migration.version, migration.name, now_ms),
         )
         applied.append(migration.name)
-    return MigrationResult(current, latest, tuple(applied))
+    return MigrationResult(current, latest, tuple(applied), moved)

@@ -101,6 +101,30 @@ def raw_sqlite(path: str, statement: str, args: tuple[Any, ...] = ()) -> list[tu
         connection.close()
 
 
+#: How the releases before federation_invite_schema created their bookkeeping table
+#: (their migrate_txn's statement, verbatim).
+PREVIOUS_RELEASE_BOOKKEEPING = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+    " version INTEGER NOT NULL PRIMARY KEY,"
+    " name TEXT NOT NULL,"
+    " applied_ts BIGINT NOT NULL)"
+)
+
+
+def previous_release_database(dialect_name: str, applied_ts: int) -> list[str]:
+    """The statements that make an empty database what the releases before
+    federation_invite_schema left: schema version 1 applied (its file's statements),
+    recorded in ``schema_migrations`` as their migrate_txn recorded it."""
+    from federation_invite.store._migrations import load_migrations
+
+    return [
+        PREVIOUS_RELEASE_BOOKKEEPING,
+        *load_migrations(dialect_name)[0].statements,
+        "INSERT INTO schema_migrations (version, name, applied_ts)"
+        f" VALUES (1, '0001_initial.sql', {int(applied_ts)})",
+    ]
+
+
 def make_invite(event_id: str = "$event1", **changes: Any) -> InviteRecord:
     """A plausible invite record; keyword arguments replace fields."""
     fields: dict[str, Any] = {

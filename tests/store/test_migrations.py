@@ -147,7 +147,7 @@ class MigrateTxnTests(SynchronousTestCase):
             migrate_txn(cursor, dialect, (first, second), 6),
             MigrationResult(1, 2, ("0002_b.sql",)),
         )
-        rows = cursor.execute("SELECT version, name, applied_ts FROM schema_migrations")
+        rows = cursor.execute("SELECT version, name, applied_ts FROM federation_invite_schema")
         self.assertEqual(rows.fetchall(), [(1, "0001_a.sql", 5), (2, "0002_b.sql", 6)])
         with self.assertRaises(SchemaVersionError) as caught:
             migrate_txn(cursor, dialect, (first,), 7)

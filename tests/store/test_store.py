@@ -49,6 +49,7 @@ from ._support import (
     create_postgres_database,
     drop_postgres_database,
     make_invite,
+    previous_release_database,
     raw_postgres,
     raw_sqlite,
     require_postgres,
@@ -574,7 +575,7 @@ class StoreTestsMixin:
         )
         for store in stores:
             self.addCleanup(store.close)  # type: ignore[attr-defined]
-        rows = self.raw("SELECT version FROM schema_migrations ORDER BY version")
+        rows = self.raw("SELECT version FROM federation_invite_schema ORDER BY version")
         self.assertEqual(rows, [(v,) for v in range(1, LATEST_SCHEMA_VERSION + 1)])
 
     def test_acknowledged_invite_survives_killed_process(self) -> None:
@@ -647,7 +648,7 @@ class StoreTestsMixin:
         self.assertEqual(result.after, LATEST_SCHEMA_VERSION)
         self.assertEqual(result.applied[0], "0001_initial.sql")
         self.assertEqual(len(result.applied), LATEST_SCHEMA_VERSION)
-        rows = self.raw("SELECT version, name FROM schema_migrations ORDER BY version")
+        rows = self.raw("SELECT version, name FROM federation_invite_schema ORDER BY version")
         self.assertEqual([r[1] for r in rows], list(result.applied))
         for table in ("invites", "server_keys", "local_users", "invite_rules"):
             self.assertEqual(self.raw(f"SELECT COUNT(*) FROM {table}"), [(0,)])
@@ -656,12 +657,12 @@ class StoreTestsMixin:
         """Migrating a database already at the latest version changes nothing."""
         store = await self.open()
         await store.add_local_user("@a:local.example")
-        before = self.raw("SELECT version, name, applied_ts FROM schema_migrations")
+        before = self.raw("SELECT version, name, applied_ts FROM federation_invite_schema")
         result = await run_migrations(self.uri, reactor=reactor)
         self.assertEqual(result.applied, ())
         self.assertEqual((result.before, result.after), (LATEST_SCHEMA_VERSION,) * 2)
         self.assertEqual(
-            self.raw("SELECT version, name, applied_ts FROM schema_migrations"), before
+            self.raw("SELECT version, name, applied_ts FROM federation_invite_schema"), before
         )
         reopened = await self.open(migrate=False)
         self.assertEqual(await reopened.list_local_users(), ["@a:local.example"])
@@ -671,7 +672,7 @@ class StoreTestsMixin:
         await run_migrations(self.uri, reactor=reactor)
         newer = LATEST_SCHEMA_VERSION + 1
         self.raw(
-            "INSERT INTO schema_migrations (version, name, applied_ts) VALUES (?, ?, ?)",
+            "INSERT INTO federation_invite_schema (version, name, applied_ts) VALUES (?, ?, ?)",
             (newer, f"{newer:04d}_future.sql", 0),
         )
         expected = (
@@ -688,7 +689,7 @@ class StoreTestsMixin:
                 await attempt()
             self.assertEqual(str(caught.exception), expected)
             self.assertEqual(caught.exception.database_version, newer)
-        self.assertEqual(self.raw("SELECT MAX(version) FROM schema_migrations"), [(newer,)])
+        self.assertEqual(self.raw("SELECT MAX(version) FROM federation_invite_schema"), [(newer,)])
 
     async def test_unmigrated_database_refused_without_migrate(self) -> None:
         """open_store(migrate=False) refuses a database older than the code, creating nothing."""
@@ -701,6 +702,204 @@ class StoreTestsMixin:
         )
         result = await run_migrations(self.uri, reactor=reactor)
         self.assertEqual(result.before, 0)
+
+    # -- the schema bookkeeping table, and other tools' --
+
+    def table_names(self) -> set[str]:
+        """The tables of the test database (its default schema)."""
+        raise NotImplementedError
+
+    def dialect_name(self) -> str:
+        return "sqlite" if self.uri.startswith("sqlite:") else "postgres"
+
+    def create_previous_release_database(self) -> None:
+        """A database as the releases before federation_invite_schema left it."""
+        for statement in previous_release_database(self.dialect_name(), applied_ts=1234):
+            self.raw(statement)
+
+    async def test_previous_release_database_upgraded(self) -> None:
+        """A database the previous release made (bookkeeping in schema_migrations) opens
+        without migrating as it is, and at the first migration its bookkeeping moves to
+        federation_invite_schema (rows and applied_ts kept, schema_migrations dropped) with
+        every row of data intact."""
+        self.create_previous_release_database()
+        self.raw("INSERT INTO local_users (user_id) VALUES (?)", ("@a:local.example",))
+        rule = InviteRule("@a:local.example", "server", "spam.example", "block")
+        self.raw(
+            "INSERT INTO invite_rules (user_id, kind, pattern, action) VALUES (?, ?, ?, ?)",
+            (rule.user_id, rule.kind, rule.pattern, rule.action),
+        )
+        unmigrated = await open_store(self.uri, reactor=reactor, migrate=False)
+        self.assertEqual(await unmigrated.schema_version(), 1)
+        self.assertEqual(await unmigrated.list_local_users(), ["@a:local.example"])
+        await unmigrated.close()
+        self.assertIn("schema_migrations", self.table_names())
+        self.assertNotIn("federation_invite_schema", self.table_names())
+
+        result = await run_migrations(self.uri, reactor=reactor)
+        self.assertEqual((result.before, result.after), (1, LATEST_SCHEMA_VERSION))
+        self.assertTrue(result.moved_bookkeeping)
+        self.assertNotIn("schema_migrations", self.table_names())
+        rows = self.raw("SELECT version, name, applied_ts FROM federation_invite_schema")
+        self.assertEqual(rows[0], (1, "0001_initial.sql", 1234))
+        self.assertEqual(len(rows), LATEST_SCHEMA_VERSION)
+        store = await self.open()
+        self.assertEqual(await store.schema_version(), LATEST_SCHEMA_VERSION)
+        self.assertEqual(await store.list_local_users(), ["@a:local.example"])
+        self.assertEqual(await store.list_invite_rules("@a:local.example"), [rule])
+        invite = make_invite("$after")
+        self.assertEqual(await store.store_invite(invite), (invite, True))
+        again = await run_migrations(self.uri, reactor=reactor)
+        self.assertEqual((again.applied, again.moved_bookkeeping), ((), False))
+
+    async def test_previous_release_database_concurrent_start(self) -> None:
+        """Three workers opening a previous release's database at once all start; its
+        bookkeeping moves once (under the migration lock)."""
+        self.create_previous_release_database()
+        stores = await gatherResults(
+            [open_store(self.uri, reactor=reactor) for _ in range(3)], consumeErrors=True
+        )
+        for store in stores:
+            self.addCleanup(store.close)  # type: ignore[attr-defined]
+        self.assertNotIn("schema_migrations", self.table_names())
+        rows = self.raw("SELECT version, applied_ts FROM federation_invite_schema ORDER BY version")
+        self.assertEqual(rows[0], (1, 1234))
+        self.assertEqual([v for v, _ in rows], list(range(1, LATEST_SCHEMA_VERSION + 1)))
+
+    async def test_other_tools_schema_migrations_ignored(self) -> None:
+        """Another tool's schema_migrations (golang-migrate's at versions 1 and 3, Rails' or
+        dbmate's timestamp versions, or one shaped as ours but with other files or other
+        column types) is not taken for ours: migrating creates our tables beside it and
+        leaves it as it was; without migrating the database is at version 0."""
+        cases = [
+            (
+                "CREATE TABLE schema_migrations"
+                " (version BIGINT NOT NULL PRIMARY KEY, dirty BOOLEAN NOT NULL)",
+                [(1, False)],
+            ),
+            (
+                "CREATE TABLE schema_migrations"
+                " (version BIGINT NOT NULL PRIMARY KEY, dirty BOOLEAN NOT NULL)",
+                [(3, False)],
+            ),
+            (
+                "CREATE TABLE schema_migrations (version VARCHAR(128) NOT NULL PRIMARY KEY)",
+                [("20240101120000",)],
+            ),
+            (
+                "CREATE TABLE schema_migrations (version INTEGER NOT NULL PRIMARY KEY,"
+                " name TEXT NOT NULL, applied_ts BIGINT NOT NULL)",
+                [(1, "0001_create_users.sql", 5)],
+            ),
+            (
+                "CREATE TABLE schema_migrations (version BIGINT NOT NULL PRIMARY KEY,"
+                " name TEXT NOT NULL, applied_ts BIGINT NOT NULL)",
+                [(1, "0001_initial.sql", 5)],
+            ),
+            (
+                "CREATE TABLE schema_migrations (version INTEGER NOT NULL PRIMARY KEY,"
+                " name TEXT NOT NULL, applied_ts BIGINT)",
+                [(1, "0001_initial.sql", 5)],
+            ),
+        ]
+        ours = ("invites", "server_keys", "local_users", "invite_rules", "federation_invite_schema")
+        for create, rows in cases:
+            for table in (*ours, "schema_migrations"):
+                self.raw(f"DROP TABLE IF EXISTS {table}")
+            self.raw(create)
+            for row in rows:
+                marks = ", ".join("?" * len(row))
+                self.raw(f"INSERT INTO schema_migrations VALUES ({marks})", row)
+            before = self.raw("SELECT * FROM schema_migrations")
+            with self.assertRaises(SchemaVersionError) as caught:  # type: ignore[attr-defined]
+                await open_store(self.uri, reactor=reactor, migrate=False)
+            self.assertEqual(caught.exception.database_version, 0, create)
+            store = await open_store(self.uri, reactor=reactor)
+            try:
+                self.assertEqual(await store.schema_version(), LATEST_SCHEMA_VERSION)
+                self.assertTrue(await store.add_local_user("@a:local.example"))
+                self.assertEqual(await store.list_local_users(), ["@a:local.example"])
+            finally:
+                await store.close()
+            self.assertEqual(self.raw("SELECT * FROM schema_migrations"), before, create)
+            self.assertTrue(set(ours) <= self.table_names(), create)
+
+    def own_database_hint(self) -> str:
+        if self.dialect_name() == "sqlite":
+            return "a database file of its own"
+        return (
+            "a database of its own, or a schema of its own (CREATE SCHEMA <schema>, then"
+            " ?options=-csearch_path%3D<schema> in the URI)"
+        )
+
+    async def test_our_names_taken_by_others_refused(self) -> None:
+        """A database holding another's table, index or view under one of our names (an
+        application's own invites table, beside golang-migrate's schema_migrations, say)
+        is refused at open with a StoreError naming it and saying what to do, not the
+        driver's "already exists" or a later "does not exist"; nothing is created and
+        the application's objects are left as they were."""
+        golang_migrate = (
+            "CREATE TABLE schema_migrations"
+            " (version BIGINT NOT NULL PRIMARY KEY, dirty BOOLEAN NOT NULL)"
+        )
+        cases = [
+            (
+                ["CREATE TABLE invites (id INTEGER PRIMARY KEY, email TEXT)"],
+                ["DROP TABLE invites"],
+                ("table", "invites"),
+            ),
+            (
+                [golang_migrate, "CREATE TABLE invites (id INTEGER PRIMARY KEY, email TEXT)"],
+                ["DROP TABLE invites", "DROP TABLE schema_migrations"],
+                ("table", "invites"),
+            ),
+            (
+                [
+                    "CREATE TABLE app_rooms (room_id TEXT)",
+                    "CREATE INDEX invites_by_room ON app_rooms (room_id)",
+                ],
+                ["DROP TABLE app_rooms"],
+                ("index", "invites_by_room"),
+            ),
+            (
+                ["CREATE VIEW local_users AS SELECT 'x' AS user_id"],
+                ["DROP VIEW local_users"],
+                ("view", "local_users"),
+            ),
+        ]
+        for creates, drops, (kind, name) in cases:
+            for statement in creates:
+                self.raw(statement)
+            before = self.table_names()
+            with self.assertRaises(StoreError) as caught:  # type: ignore[attr-defined]
+                await open_store(self.uri, reactor=reactor)
+            self.assertNotIsInstance(caught.exception, SchemaVersionError)
+            self.assertEqual(
+                str(caught.exception),
+                f"migrate failed: the database already has a {kind} named {name!r} that is"
+                f" not federation-invite's; give federation-invite {self.own_database_hint()}"
+                f" [{self.uri}]",
+            )
+            self.assertEqual(self.table_names(), before, creates)
+            for statement in drops:
+                self.raw(statement)
+
+    async def test_bookkeeping_table_of_another_refused(self) -> None:
+        """A federation_invite_schema that is not ours (other columns) is refused, with or
+        without migrating, naming it, and left as it was."""
+        self.raw("CREATE TABLE federation_invite_schema (version TEXT NOT NULL)")
+        self.raw("INSERT INTO federation_invite_schema VALUES ('v9')")
+        message = (
+            " failed: the database already has a table named 'federation_invite_schema' that"
+            f" is not federation-invite's; give federation-invite {self.own_database_hint()}"
+            f" [{self.uri}]"
+        )
+        for migrate, operation in ((True, "migrate"), (False, "schema check")):
+            with self.assertRaises(StoreError) as caught:  # type: ignore[attr-defined]
+                await open_store(self.uri, reactor=reactor, migrate=migrate)
+            self.assertEqual(str(caught.exception), operation + message)
+        self.assertEqual(self.table_names(), {"federation_invite_schema"})
+        self.assertEqual(self.raw("SELECT * FROM federation_invite_schema"), [("v9",)])
 
 
 class _FakeDriverConnection:
@@ -855,6 +1054,9 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
 
     def raw(self, statement: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return raw_sqlite(self.path, statement, args)
+
+    def table_names(self) -> set[str]:
+        return {name for (name,) in self.raw("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
     def failing_uri(self) -> tuple[str, str]:
         return f"sqlite:///{self.path}.missing/secret-dir/x.db", "nothing-secret-here"
@@ -1434,6 +1636,12 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
     def raw(self, statement: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return raw_postgres(self.database, statement, args)
 
+    def table_names(self) -> set[str]:
+        rows = self.raw(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+        )
+        return {name for (name,) in rows}
+
     def failing_uri(self) -> tuple[str, str]:
         return (
             "postgresql://postgres:Sup3rSecretPw@127.0.0.1:5432/fi_missing_database_xyz",
@@ -1587,7 +1795,7 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
             await store.close()
         tables = self.raw(
             "SELECT table_schema FROM information_schema.tables"
-            " WHERE table_name = 'schema_migrations'"
+            " WHERE table_name = 'federation_invite_schema'"
         )
         self.assertEqual(tables, [("fi",)])
 
