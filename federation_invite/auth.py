@@ -9,6 +9,7 @@
 | origin denied by the server allow/deny globs (before any key fetch) | 403 ``M_FORBIDDEN`` |
 | the ``origin``'s host ends in a dot (no key lookup: never verifiable) | 401 ``M_UNAUTHORIZED`` |
 | origin's key needs a fetch past its pool's cap (``KeyFetchBusy``) | 429 ``M_LIMIT_EXCEEDED`` |
+| origin's key needs a fetch, the service stopping (``KeyringClosed``) | 500 ``M_UNKNOWN`` |
 | the origin's key cannot be obtained, or is not currently valid | 401 ``M_UNAUTHORIZED`` |
 | the signature does not verify | 401 ``M_UNAUTHORIZED`` |
 

@@ -64,6 +64,13 @@ refetch turns a current key old (valid for events sent before its
 ``expired_ts``), and an event check gets the same verdict from memory as from
 the store (after a restart).
 
+``Keyring.close()`` (the service stopping) abandons every fetch in flight, notary queries
+included: the client request under way is cancelled (its timer and connection with it), the
+lookups waiting for it fail with ``KeyringClosed`` (a ``MatrixError``, 500 ``M_UNKNOWN``), and
+nothing it fetched is stored (the store is closed next), no back-off recorded. From then on a
+lookup that memory cannot answer fails with ``KeyringClosed`` at once, without reading the
+store or fetching.
+
 Server names are attacker-chosen (any request can name a fresh origin whose
 self-signed keys it serves), so memory holds the keys of at most
 ``_MEMORY_SIZE`` (10,000) servers: beyond that, the least recently loaded or
@@ -76,7 +83,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -84,6 +91,7 @@ from nacl.signing import VerifyKey
 from signedjson.types import SigningKey
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
 
 from ._backoff import is_failure_status, make_room
 from ._clock import in_window
@@ -107,6 +115,7 @@ __all__ = [
     "KeyFetchBusy",
     "KeyFetchError",
     "Keyring",
+    "KeyringClosed",
     "Notary",
     "OldKey",
     "local_verify_keys",
@@ -208,6 +217,24 @@ class KeyFetchBusy(MatrixError):
             " retry later",
             retry_after_ms=_BUSY_RETRY_AFTER_MS,
         )
+
+
+class KeyringClosed(MatrixError):
+    """A lookup that needed a key fetch after or during ``Keyring.close()`` (the service
+    stopping): the fetch was abandoned, or never made. 500 ``M_UNKNOWN``, as a request needing
+    it is answered (the peer retries later), as for a database that fails."""
+
+    def __init__(self, server_name: str) -> None:
+        super().__init__(
+            500,
+            Codes.UNKNOWN,
+            f"The server is stopping: the keys of {server_name[:255]} were not fetched;"
+            " retry later",
+        )
+
+
+class _FetchAbandoned(Exception):
+    """Raised in a fetch once the keyring is closed: the fetch stops, storing nothing."""
 
 
 def parse_key_response(
@@ -371,6 +398,9 @@ class _Fetch:
     #: The server's own answer timed out only while our address lookups waited for a
     #: resolver thread (``TransportError.resolver_busy``): not its fault.
     resolver_busy: bool = False
+    #: The client request under way (the server's, then each notary's), cancelled by
+    #: ``Keyring.close``.
+    request: Deferred[Any] | None = None
     #: Our client refused to send the server's request (``BackoffError``, no request
     #: made), until then (ms): not the server's failure.
     client_refused_until_ms: int | None = None
@@ -471,6 +501,8 @@ class Keyring:
         #: (since, until, key) of each pause set, oldest first, to forget the pauses that
         #: are over (``_forget_ended_pauses``).
         self._pauses: deque[tuple[int, int, str]] = deque()
+        #: Set by ``close``: no fetch is made, and those in flight are abandoned.
+        self._closed = False
         #: Counters for tests, metrics and benchmarks.
         self.fetches = 0
         self.fetch_failures = 0
@@ -572,6 +604,8 @@ class Keyring:
             # never be fetched (TLS checks it against the certificate of the name without
             # the dot, and fails): no fetch, no back-off.
             return {}
+        if self._closed:
+            raise KeyringClosed(server_name)  # the store is closed, or about to be
         try:
             await self._load_from_store(server_name)
         except StoreError as exc:
@@ -629,6 +663,8 @@ class Keyring:
         """
         backoff = self._backoff.get(server_name)
         now_ms = self._now_ms()
+        if self._closed:
+            return None  # as the pause waits are answered by ``close``
         if backoff is None or backoff.asked is None or not backoff.waiting(now_ms):
             return None
         if only_new and backoff.asked.issuperset(missing):
@@ -648,8 +684,16 @@ class Keyring:
         return waiter
 
     def close(self) -> None:
-        """Stop waiting for pauses to end: their timers are cancelled and the lookups
-        waiting are answered with what memory holds (the service is stopping)."""
+        """Stop fetching (the service is stopping, the store to be closed next).
+
+        The lookups waiting for a pause to end are answered with what memory holds (the
+        pause's timer cancelled). Every fetch in flight is abandoned: the lookups waiting
+        for it fail with ``KeyringClosed``, its client request under way (the server's or
+        a notary's) is cancelled, with its timer and connection, and nothing it fetched is
+        stored, even an answer that arrives as it is cancelled; no back-off is recorded.
+        Later lookups that memory cannot answer fail with ``KeyringClosed`` at once.
+        """
+        self._closed = True
         pause_waits = list(self._pause_waits.values())
         self._pause_waits.clear()
         for pause_wait in pause_waits:
@@ -657,6 +701,13 @@ class Keyring:
                 pause_wait.timer.cancel()
             for waiter in pause_wait.waiters:
                 waiter.callback(None)  # A cancelled waiter ignores it.
+        for server_name, fetch in list(self._inflight.items()):
+            waiters, fetch.waiters = fetch.waiters, []
+            for waiter in waiters:
+                waiter.errback(KeyringClosed(server_name))  # A cancelled waiter ignores it.
+            if fetch.request is not None:
+                # The fetch raises ``_FetchAbandoned`` when it resumes, and ends.
+                fetch.request.cancel()
 
     def _pause_over(self, server_name: str) -> None:
         """The pause of ``server_name`` has ended: one fetch for the lookups that waited, or,
@@ -778,6 +829,8 @@ class Keyring:
         fetch's slot is freed when it ends, however it ends: every fetch ends within
         the client's timeouts (the server's answer, then each notary's).
         """
+        if self._closed:
+            raise KeyringClosed(server_name)
         fetch = self._inflight.get(server_name)
         joined = fetch is not None
         if fetch is None:
@@ -809,9 +862,28 @@ class Keyring:
                 each.callback(None)
 
         running = Deferred.fromCoroutine(self._fetch(server_name, fetch))
-        running.addErrback(lambda failure: log.failure("Key fetch crashed", failure))
+        running.addErrback(_log_crash)
         running.addBoth(done)
         return fetch
+
+    async def _ask(self, fetch: _Fetch, request: Callable[[], Deferred[Any]]) -> Any:
+        """The answer to ``request()``, a client request, made unless the keyring is closed;
+        ``_FetchAbandoned`` once it is (``close`` cancels the request under way), whatever
+        the request's outcome."""
+        if self._closed:
+            raise _FetchAbandoned()
+        asking = fetch.request = request()
+        try:
+            answer = await asking
+        except Exception:
+            if self._closed:
+                raise _FetchAbandoned() from None
+            raise
+        finally:
+            fetch.request = None
+        if self._closed:
+            raise _FetchAbandoned()
+        return answer
 
     async def _fetch(self, server_name: str, fetch: _Fetch) -> None:
         """Fetch directly, then from notaries; record success or back off."""
@@ -826,8 +898,12 @@ class Keyring:
             fetch.asked.update(missing)
             # The keys the server itself just listed keep its answer: a
             # notary's copy of them can only be as new or older.
-            if await self._fetch_from_notary(notary, server_name, missing, listed or frozenset()):
+            if await self._fetch_from_notary(
+                notary, server_name, missing, fetch, listed or frozenset()
+            ):
                 answered = True
+        if self._closed:
+            raise _FetchAbandoned()  # closed while storing what it fetched: record nothing
         now_ms = self._now_ms()
         self._forget_ended_pauses(now_ms)
         if not self._missing(server_name, fetch.wanted):
@@ -934,9 +1010,14 @@ class Keyring:
             # must not hold up a request the server sends us once back. The keyring's own
             # back-off and pause bound these fetches; the outcome still counts in the
             # client's back-off (a success ends it, as the server's request would in Synapse).
-            response = await self._client.get_json(
-                server_name, "/_matrix/key/v2/server", signed=False, ignore_backoff=True
+            response = await self._ask(
+                fetch,
+                lambda: self._client.get_json(
+                    server_name, "/_matrix/key/v2/server", signed=False, ignore_backoff=True
+                ),
             )
+        except _FetchAbandoned:
+            raise
         except Exception as exc:
             log.info(
                 "Fetching keys from {server} failed: {reason}",
@@ -970,6 +1051,7 @@ class Keyring:
         notary: Notary,
         server_name: str,
         wanted: Mapping[str, int],
+        fetch: _Fetch,
         listed: frozenset[str] = frozenset(),
     ) -> bool:
         """Ask ``notary`` for ``server_name``'s keys ``wanted`` (key ID -> valid at), keeping
@@ -998,10 +1080,15 @@ class Keyring:
             # included). Nor a back-off of our own: a failure cannot tell "the
             # notary is down" from "the notary waits on that server", and each
             # server's own back-off already bounds the queries made for it.
-            response = await self._client.post_json(
-                notary.server_name, "/_matrix/key/v2/query", body, backoff=False
+            response = await self._ask(
+                fetch,
+                lambda: self._client.post_json(
+                    notary.server_name, "/_matrix/key/v2/query", body, backoff=False
+                ),
             )
             documents = self._notary_documents(notary, server_name, response)
+        except _FetchAbandoned:
+            raise
         except Exception as exc:
             log.info(
                 "Notary {notary} gave no keys for {server}: {reason}",
@@ -1091,6 +1178,12 @@ class Keyring:
             # The keys were checked and are usable now; failing to persist
             # them only costs a refetch later.
             log.warn("Could not store fetched keys: {reason}", reason=_describe(exc))
+
+
+def _log_crash(failure: Failure) -> None:
+    """A fetch's end by an exception: none expected but ``_FetchAbandoned`` (closed)."""
+    if not failure.check(_FetchAbandoned):
+        log.failure("Key fetch crashed", failure)
 
 
 def _describe(exc: BaseException) -> str:

@@ -52,6 +52,7 @@ from .core.signing import (
     key_valid_for_event,
     verify_event_signature,
 )
+from .keyring import KeyringClosed
 from .logs import Logger
 from .signer import ISigner, check_signer
 
@@ -579,9 +580,15 @@ class InviteSender:
         # The server has just answered us (or is us): it is up, so its keys are
         # fetched even while the keyring backs it off after an earlier failure,
         # as Synapse fetches keys (ignore_backoff=True).
-        found = await self._keyring.get_server_keys(
-            server_name, key_ids, valid_at, fetch_if_store_fails=True, ignore_backoff=True
-        )
+        try:
+            found = await self._keyring.get_server_keys(
+                server_name, key_ids, valid_at, fetch_if_store_fails=True, ignore_backoff=True
+            )
+        except KeyringClosed:
+            # The service is stopping: not the server's fault, and worth a retry later.
+            raise InviteTransportError(
+                server_name, "its answer cannot be checked: the keyring is closed"
+            ) from None
         return {(server_name, key_id): key for key_id, key in found.items()}
 
     async def _verify(

@@ -45,6 +45,7 @@ from zope.interface import implementer
 from .auth import RequestAuthenticator, ServerAcl
 from .client import FederationClient
 from .config import Config, ConfigError, load_config
+from .core.ids import server_name_of
 from .core.keys import key_id_of
 from .core.roomversions import KNOWN_ROOM_VERSIONS, RoomVersion
 from .core.signing import ServerVerifyKey, verify_event_signature
@@ -138,6 +139,10 @@ class FederationInvite:
     key_server: KeyServerResource
     metrics: InviteMetrics
     sender: InviteSender
+    #: The ``send_invite`` calls in flight, cancelled by ``close``.
+    _sending: set[Deferred[dict[str, Any]]] = attrs.field(factory=set, init=False)
+    #: Set by ``close``: ``send_invite`` refuses at once.
+    _closed: bool = attrs.field(default=False, init=False)
 
     @property
     def server_name(self) -> str:
@@ -195,12 +200,29 @@ class FederationInvite:
 
         Returns the event signed by both servers, verified; raises an
         ``outbound.InviteError`` (``InviteRefused``, ``InviteTransportError``,
-        ``InvalidInviteAnswer``, ``InviteNotSendable``) otherwise.
+        ``InvalidInviteAnswer``, ``InviteNotSendable``) otherwise. ``close`` abandons
+        the invites in flight (``InviteTransportError``, "not answered: the service is
+        stopping"); after it, nothing is sent ("not sent: the service is closed").
         """
         try:
-            signed = await self.sender.send_invite(
+            if self._closed:
+                raise InviteTransportError(
+                    _invite_destination(event, destination), "not sent: the service is closed"
+                )
+            sending = self.sender.send_invite(
                 room_version, event, invite_room_state, destination=destination
             )
+            self._sending.add(sending)
+            sending.addBoth(_forget, self._sending, sending)
+            try:
+                signed = await sending
+            except CancelledError:
+                if not self._closed:
+                    raise  # our caller cancelled
+                raise InviteTransportError(
+                    _invite_destination(event, destination),
+                    "not answered: the service is stopping",
+                ) from None
         except InviteRefused as exc:
             self.metrics.outbound("refused", exc.errcode)
             raise
@@ -232,13 +254,22 @@ class FederationInvite:
 
     async def close(self, timeout: float = 5.0) -> None:
         """Release outbound connections and the database, once the invites being stored
-        are (each wait at most ``timeout`` seconds)."""
+        are (each wait at most ``timeout`` seconds).
+
+        The outbound requests still in flight then are abandoned, their timers and
+        connections with them: ``send_invite`` calls fail with ``InviteTransportError``,
+        key fetches (``Keyring.close``) fail their lookups with ``KeyringClosed`` and
+        store nothing. ``send_invite`` refuses at once from the start of the close.
+        """
+        self._closed = True
         settled = self.handler.settle()
         settled.addTimeout(timeout, self.clock)
         try:
             await settled
         except Exception as exc:
             log.warn("Closing the database with invites still being stored: {reason}", reason=exc)
+        for sending in list(self._sending):
+            sending.cancel()  # each caller gets InviteTransportError (``send_invite``)
         self.keyring.close()
         close_client = getattr(self.client, "close", None)
         if close_client is not None:
@@ -250,6 +281,23 @@ class FederationInvite:
             except Exception as exc:
                 log.warn("Outbound connections not closed cleanly: {reason}", reason=str(exc))
         await self.store.close()
+
+
+def _forget(result: object, calls: set[Deferred[Any]], call: Deferred[Any]) -> object:
+    """Drop ``call``, ended, from ``calls``, and pass its ``result`` on."""
+    calls.discard(call)
+    return result
+
+
+def _invite_destination(event: Mapping[str, Any], destination: str | None) -> str:
+    """The server ``send_invite`` sends ``event`` to: ``destination`` if given, else the
+    invitee's (its ``state_key``'s; ``?`` for an event without one)."""
+    if destination is not None:
+        return destination
+    try:
+        return server_name_of(event.get("state_key"))
+    except (AttributeError, ValueError):
+        return "?"
 
 
 def _site_limits(config: Config) -> dict[str, Any]:

@@ -113,6 +113,28 @@ class MemoryKeyStore:
         )
 
 
+class Tarpit(Resource):
+    """A peer that accepts every request and never answers; it records each request, and
+    counts those whose connection was lost (the client gave up, or was closed)."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Any] = []
+        self.lost = 0
+
+    def render(self, request: Any) -> Any:
+        from twisted.web.server import NOT_DONE_YET
+
+        self.requests.append(request)
+        request.notifyFinish().addErrback(self._lost)
+        return NOT_DONE_YET
+
+    def _lost(self, _: object) -> None:
+        self.lost += 1
+
+
 class Unreachable(Exception):
     """Stands in for the federation client's transport failure."""
 

@@ -18,13 +18,27 @@ from federation_invite.core.canonical import encode_canonical_json
 from federation_invite.core.errors import MatrixError
 from federation_invite.core.keys import encode_verify_key, key_id_of, sign_bytes, verify_key_of
 from federation_invite.core.signing import SEVEN_DAYS_MS, sign_json
-from federation_invite.keyring import KeyFetchBusy, KeyFetchError, Keyring, parse_key_response
+from federation_invite.keyring import (
+    KeyFetchBusy,
+    KeyFetchError,
+    Keyring,
+    KeyringClosed,
+    parse_key_response,
+)
 from federation_invite.store import StoreError
 from federation_invite.web._base import MatrixResource, write_json
 from federation_invite.web.keys import KeyServerResource, server_keys_document
 
 from .client._fakes import CannedResource
-from .support import NOW_S, FakeFederation, MemoryKeyStore, Unreachable, make_clock, make_key
+from .support import (
+    NOW_S,
+    FakeFederation,
+    MemoryKeyStore,
+    Tarpit,
+    Unreachable,
+    make_clock,
+    make_key,
+)
 
 NOW_MS = NOW_S * 1000
 DAY_MS = 86_400_000
@@ -2038,6 +2052,121 @@ class FetchCapTests(SynchronousTestCase):
             {},
         )
         self.assertEqual(self.federation.count("c.example"), 2)
+
+
+class _RecordingKeyStore(MemoryKeyStore):
+    """A MemoryKeyStore that counts the key writes asked of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def store_server_keys(self, records: Any) -> Deferred[None]:
+        self.writes += 1
+        return super().store_server_keys(records)
+
+
+class CloseTests(SynchronousTestCase):
+    """``Keyring.close()`` (the service stopping) abandons the fetches in flight: their client
+    request is cancelled (no timer left, the connection closed), their lookups fail with
+    ``KeyringClosed`` (500 ``M_UNKNOWN``), nothing is stored or logged as an error after."""
+
+    def setUp(self) -> None:
+        self.clock = make_clock()
+        self.store = _RecordingKeyStore()
+        self.key_id = "ed25519:a"
+        self.server = Tarpit()
+        self.notary = Tarpit()
+        self.peers = FakePeersAgent({"hang.example": self.server, "notary.example": self.notary})
+        client = FederationClient(self.clock, "local.example", make_key("k"), agent=self.peers)
+        notary_key = make_key("n")
+        notaries = [
+            Notary(
+                "notary.example",
+                ((key_id_of(notary_key), encode_verify_key(verify_key_of(notary_key))),),
+            )
+        ]
+        self.keyring = Keyring(self.clock, self.store, client, notaries=notaries)
+
+    def lookup(self, server: str, key_id: str | None = None) -> Deferred[Any]:
+        return self.keyring.get_server_keys(server, [key_id or self.key_id], NOW_MS)
+
+    def assertClosed(self, lookup: Deferred[Any]) -> None:
+        error = self.failureResultOf(lookup, KeyringClosed).value
+        self.assertEqual((error.http_status, error.errcode), (500, "M_UNKNOWN"))
+
+    def close(self) -> list[Any]:
+        """Close the keyring; the events logged meanwhile at warn or above, or failures."""
+        with capturedLogs() as events:
+            self.keyring.close()
+            self.peers.flush()
+        return [e for e in events if e["log_level"] >= LogLevel.warn or "log_failure" in e]
+
+    def assertNothingAfter(self) -> None:
+        """A lookup after close fails at once, reading and fetching nothing; time passing
+        brings no request, no write, no timer."""
+        requests, reads = len(self.peers.requests), self.store.reads
+        self.assertClosed(self.lookup("other.example"))
+        self.clock.advance(3600)
+        self.assertEqual((len(self.peers.requests), self.store.reads), (requests, reads))
+        self.assertEqual((self.store.writes, self.clock.getDelayedCalls()), (0, []))
+        self.assertEqual((self.keyring._inflight, self.keyring._backoff), ({}, {}))
+
+    def test_close_abandons_the_servers_fetch(self) -> None:
+        """A fetch whose server never answers, two lookups waiting on it: closing cancels its
+        request (its 60 s timer, its connection), both lookups fail with KeyringClosed, no
+        notary is asked, and nothing is logged above info."""
+        lookups = [self.lookup("hang.example"), self.lookup("hang.example", "ed25519:b")]
+        for lookup in lookups:
+            self.assertNoResult(lookup)
+        self.assertEqual((len(self.server.requests), len(self.clock.getDelayedCalls())), (1, 1))
+        self.assertEqual(self.close(), [])
+        for lookup in lookups:
+            self.assertClosed(lookup)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual((self.server.lost, self.notary.requests), (1, []))
+        self.assertEqual(self.keyring.fetch_failures, 0)
+        self.assertNothingAfter()
+
+    def test_close_abandons_the_notary_query(self) -> None:
+        """A fetch past its server (unreachable) waiting on a notary that never answers: closing
+        cancels the notary's query (timer and connection); the lookup fails with KeyringClosed;
+        the server is not backed off for it."""
+        lookup = self.lookup("down.example")
+        self.assertNoResult(lookup)
+        self.assertEqual((len(self.notary.requests), len(self.clock.getDelayedCalls())), (1, 1))
+        self.assertEqual(self.close(), [])
+        self.assertClosed(lookup)
+        self.assertEqual((self.clock.getDelayedCalls(), self.notary.lost), ([], 1))
+        self.assertEqual(self.keyring.fetch_failures, 0)
+        self.assertNothingAfter()
+
+    def test_answer_arriving_as_the_fetch_is_cancelled_not_stored(self) -> None:
+        """A key document that arrives as close cancels its fetch (the request answered by
+        its cancellation) is neither stored nor kept: the store is closed next."""
+        federation = FakeFederation()
+        federation.add_key_server(self.clock, "remote.example", [make_key("r1")])
+        keyring = Keyring(self.clock, self.store, federation)
+        federation.hold["remote.example"] = Deferred(lambda held: held.callback(None))
+        lookup = keyring.get_server_keys("remote.example", ["ed25519:r1"], NOW_MS)
+        self.assertNoResult(lookup)
+        with capturedLogs() as events:
+            keyring.close()
+        self.assertClosed(lookup)
+        self.assertEqual(federation.count("remote.example"), 1)
+        self.assertEqual((self.store.writes, self.store.keys), (0, {}))
+        self.assertEqual(keyring.cached_keys("remote.example"), {})
+        self.assertEqual((keyring._inflight, keyring._backoff), ({}, {}))
+        self.assertEqual([e for e in events if e["log_level"] >= LogLevel.warn], [])
+
+    def test_cancelled_lookup_left_alone(self) -> None:
+        """A lookup given up before the close (its request abandoned) stays cancelled: the
+        close's failure is not delivered to it, nor logged as unhandled."""
+        lookup = self.lookup("hang.example")
+        lookup.cancel()
+        self.failureResultOf(lookup, CancelledError)
+        self.assertEqual(self.close(), [])
+        self.assertEqual((self.clock.getDelayedCalls(), self.server.lost), ([], 1))
 
 
 class ParseKeyResponseTests(SynchronousTestCase):

@@ -310,6 +310,22 @@ class RoundTripTests(_Base):
         self.assertEqual(self.origin.invite_apis(), ["v2"] * len(ALL_VERSIONS))
         self.assertEqual(len(self.origin.agent.requests), len(ALL_VERSIONS) + 1)  # + one key fetch
 
+    def test_keyring_closed_before_the_answer_check(self) -> None:
+        """The keyring closed (the service stopping) when the answer is checked: the invitee
+        server's key is not fetched, and send_invite fails with InviteTransportError (every
+        failure an InviteError), not with the keyring's KeyringClosed."""
+        receiver = Receiver(self.origin)
+        self.origin.agent.add_peer(PEER, receiver.site())
+        self.origin.keyring.close()
+        event, state = self.origin.invite("10")
+        sending = self.origin.send("10", event, state)
+        error = self.failureResultOf(sending, InviteTransportError).value
+        self.assertEqual(
+            (error.destination, error.reason),
+            (PEER, "its answer cannot be checked: the keyring is closed"),
+        )
+        self.assertEqual(self.origin.invite_apis(), ["v2"])
+
     def test_v1_fallback_on_json_404(self) -> None:
         """Rooms 1 and 2: a v1-only receiver's 404 M_UNRECOGNIZED on v2 leads to v1, which works."""
         receiver = Receiver(self.origin)

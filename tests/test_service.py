@@ -199,6 +199,38 @@ class BuildFromConfigPathTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_close_with_a_key_fetch_in_flight_leaves_the_reactor_clean(self) -> Deferred[None]:
+        """On the real reactor, as in an embedder's trial test: closing with a key fetch in
+        flight to a peer that never answers fails its lookup with KeyringClosed and leaves
+        no delayed call (its 60 s timeout), which trial would report as a dirty reactor."""
+
+        async def go() -> None:
+            from twisted.internet import reactor
+
+            from federation_invite.client.testing import FakePeersAgent
+            from federation_invite.keyring import KeyringClosed
+
+            from .support import Tarpit
+
+            tarpit = Tarpit()
+            config = load_config(None, {"data_dir": os.path.abspath(self.mktemp())})
+            components = await build_from_config(
+                config, reactor, agent=FakePeersAgent({"hang.example": tarpit})
+            )
+            lookup = components.keyring.get_server_keys(
+                "hang.example", ["ed25519:a"], int(reactor.seconds() * 1000)
+            )
+            for _ in range(500):  # the stored keys are read first, in a thread
+                if tarpit.requests:
+                    break
+                await deferLater(reactor, 0.01, lambda: None)
+            self.assertEqual(len(tarpit.requests), 1)
+            await components.close()
+            error = self.failureResultOf(lookup, KeyringClosed).value
+            self.assertEqual((error.http_status, error.errcode), (500, "M_UNKNOWN"))
+
+        return ensureDeferred(go())
+
     def test_uri_syntax_in_data_dir(self) -> Deferred[None]:
         """Data dirs named with %20, ?, # or a space hold their own key and database."""
 
@@ -1256,6 +1288,22 @@ class _Client:
         return self.closing
 
 
+class _WatchedStore(_ClosingStore):
+    """A _ClosingStore that counts the writes asked of it once closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes_after_close = 0
+
+    def store_server_keys(self, records: Any) -> Deferred[None]:
+        self.writes_after_close += bool(self.closed)
+        return super().store_server_keys(records)
+
+    def store_invite(self, record: Any) -> Deferred[Any]:
+        self.writes_after_close += bool(self.closed)
+        return super().store_invite(record)
+
+
 class ComponentsTests(SynchronousTestCase):
     """build_components' assembly: the key document, the metrics, close()."""
 
@@ -1313,6 +1361,80 @@ class ComponentsTests(SynchronousTestCase):
         self.clock.advance(0.1)
         self.successResultOf(closing)
         self.assertEqual(self.store.closed, 1)
+
+    def test_close_abandons_the_outbound_requests_in_flight(self) -> None:
+        """close() with a key fetch and an invite in flight to peers that never answer:
+        both requests are cancelled (no timer left, their connections closed), the key
+        lookup fails with KeyringClosed (500 M_UNKNOWN) and send_invite with
+        InviteTransportError; nothing is logged above info, nothing is written to the store
+        once closed, and a send_invite after close is refused at once, sending nothing."""
+        from twisted.logger import capturedLogs
+
+        from federation_invite.client.testing import FakePeersAgent
+        from federation_invite.keyring import KeyringClosed
+        from federation_invite.outbound import InviteTransportError, build_test_invite
+
+        from .support import Tarpit
+
+        keys, invites = Tarpit(), Tarpit()
+        peers = FakePeersAgent({"hang.example": keys, "invitee.example": invites})
+        self.clock = make_clock()
+        self.store = store = _WatchedStore()
+        key = make_key("k")
+        config = load_config(
+            None, {"server_name": "example.org", "metrics.listen": "tcp:0:interface=127.0.0.1"}
+        )
+        components = build_components(config, self.clock, store, key, agent=peers)  # type: ignore[arg-type]
+        now_ms = int(self.clock.seconds() * 1000)
+        lookup = components.keyring.get_server_keys("hang.example", ["ed25519:a"], now_ms)
+        event, state = self.successResultOf(
+            build_test_invite(
+                LocalSigner("example.org", key),
+                "10",
+                "@alice:example.org",
+                "@bob:invitee.example",
+                now_ms,
+            )
+        )
+        sending = Deferred.fromCoroutine(components.send_invite("10", event, state))
+        self.assertNoResult(lookup)
+        self.assertNoResult(sending)
+        self.assertEqual((len(keys.requests), len(invites.requests)), (1, 1))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)
+        with capturedLogs() as events:
+            self.successResultOf(Deferred.fromCoroutine(components.close()))
+            peers.flush()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual((keys.lost, invites.lost), (1, 1))
+        error = self.failureResultOf(lookup, KeyringClosed).value
+        self.assertEqual((error.http_status, error.errcode), (500, "M_UNKNOWN"))
+        refused = self.failureResultOf(sending, InviteTransportError).value
+        self.assertEqual(
+            (refused.destination, refused.reason),
+            ("invitee.example", "not answered: the service is stopping"),
+        )
+        self.assertEqual(
+            [e for e in events if e["log_level"] >= LogLevel.warn or "log_failure" in e], []
+        )
+        self.assertEqual(store.closed, 1)
+        after = Deferred.fromCoroutine(components.send_invite("10", event, state))
+        refused = self.failureResultOf(after, InviteTransportError).value
+        self.assertEqual(
+            (refused.destination, refused.reason),
+            ("invitee.example", "not sent: the service is closed"),
+        )
+        self.failureResultOf(
+            components.keyring.get_server_keys("other.example", ["ed25519:a"], now_ms),
+            KeyringClosed,
+        )
+        self.assertEqual(len(peers.requests), 2)
+        self.clock.advance(3600)
+        self.assertEqual((store.writes_after_close, self.clock.getDelayedCalls()), (0, []))
+        _, body = components.metrics.exposition()
+        self.assertIn(
+            'federation_invite_outbound_invites_total{errcode="",outcome="transport"} 2.0',
+            body.decode(),
+        )
 
     def test_metrics_count_the_keyrings_fetches(self) -> None:
         """The assembled metrics read the keyring's fetch counters
