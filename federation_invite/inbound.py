@@ -269,12 +269,17 @@ class InviteHandler:
         body: dict[str, Any],
         body_length: int,
         numbers_strict: bool = False,
+        nesting_checked: bool = False,
     ) -> dict[str, Any]:
         """Handle one invite; return ``{"event": ...}`` (the v1 wrapping is the resource's).
 
         ``numbers_strict``: the body was parsed with ``parse_json_with_numbers``
         and holds no float or out-of-range integer, so strict and lax canonical
         encodings of it are the same bytes and need no separate checking walk.
+        ``nesting_checked``: the body was parsed with a ``max_nesting`` that keeps
+        the event and every ``invite_room_state`` entry within
+        ``format.MAX_PDU_NESTING`` (as ``web.invite`` does), so they are not walked
+        again to check it.
         """
         # The origin once its signature verified; until then the X-Matrix header's claim,
         # which the log lines keep apart (claimed_origin), so that nothing keyed on
@@ -309,6 +314,7 @@ class InviteHandler:
                         body,
                         body_length,
                         numbers_strict,
+                        nesting_checked,
                         peer,
                         invitee,
                     )
@@ -370,6 +376,7 @@ class InviteHandler:
         body: dict[str, Any],
         body_length: int,
         numbers_strict: bool,
+        nesting_checked: bool,
         peer: str | None = None,
         known_invitee: list[str] | None = None,
     ) -> tuple[dict[str, Any], str]:
@@ -378,7 +385,9 @@ class InviteHandler:
         The invitee is appended to ``known_invitee`` once row 11 has found it valid.
         """
         room_version, event, invite_room_state = _unwrap(api_version, body)
-        check_event_format(room_version, event, numbers_checked=numbers_strict)
+        check_event_format(
+            room_version, event, numbers_checked=numbers_strict, nesting_checked=nesting_checked
+        )
         # With no float or large integer in the body, the lax encoding is the
         # strict one: encode without walking the event again for each hash.
         strict = False if numbers_strict else room_version.strict_canonical_json
@@ -403,7 +412,7 @@ class InviteHandler:
         ):
             raise _invalid("invite_room_state must be a list of objects")
         room_state, invite_room_state = await self._check_room_state(
-            room_version, room_id, invite_room_state
+            room_version, room_id, invite_room_state, nesting_checked
         )
         invite = InboundInvite(
             origin=origin,
@@ -583,7 +592,11 @@ class InviteHandler:
             raise _invalid(f"{what}: signature check failed: {exc}") from None
 
     async def _check_room_state(
-        self, room_version: RoomVersion, room_id: str, room_state: list[Any]
+        self,
+        room_version: RoomVersion,
+        room_id: str,
+        room_state: list[Any],
+        nesting_checked: bool = False,
     ) -> tuple[_RoomStateFindings, list[Any]]:
         """Row 13: ``invite_room_state`` (server-server-api, invites-v2 "invite_room_state").
 
@@ -643,7 +656,10 @@ class InviteHandler:
                 )
             # Every entry checked locally before any signature, whose keys may
             # have to be fetched: a bad entry costs no request.
-            prepared = [self._check_state_pdu(room_version, room_id, entry) for entry in full]
+            prepared = [
+                self._check_state_pdu(room_version, room_id, entry, nesting_checked)
+                for entry in full
+            ]
             keys = await self._room_state_keys(room_version, full)
             for entry, (prepared_entry, hash_ok) in zip(full, prepared, strict=True):
                 try:
@@ -662,7 +678,9 @@ class InviteHandler:
         if problem is None:
             for entry in full[:_MAX_WARN_CHECKED_ENTRIES]:
                 try:
-                    prepared_entry, hash_ok = self._check_state_pdu(room_version, room_id, entry)
+                    prepared_entry, hash_ok = self._check_state_pdu(
+                        room_version, room_id, entry, nesting_checked
+                    )
                     if not hash_ok:
                         redacted[id(entry)] = prepared_entry.redacted
                     self._verify_known_signers(room_version, entry, prepared_entry)
@@ -728,13 +746,16 @@ class InviteHandler:
 
     @staticmethod
     def _check_state_pdu(
-        room_version: RoomVersion, room_id: str, entry: dict[str, Any]
+        room_version: RoomVersion,
+        room_id: str,
+        entry: dict[str, Any],
+        nesting_checked: bool = False,
     ) -> tuple[PreparedEvent, bool]:
         """An ``invite_room_state`` full event's checks that need no keys: its format and
         room; 400 M_INVALID_PARAM, or its prepared form for the signatures (whose
         ``redacted`` is its redacted copy) and whether its content hash matches."""
         try:
-            check_event_format(room_version, entry)
+            check_event_format(room_version, entry, nesting_checked=nesting_checked)
             check_pdu_size(entry)  # as the invite's own (row 8): a PDU's limit
         except MatrixError as exc:
             raise _invalid(f"invite_room_state entry is not a valid event: {exc.message}") from None

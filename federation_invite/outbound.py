@@ -43,7 +43,12 @@ from .core.events import (
     prepare_event,
     room_id_for_create_event,
 )
-from .core.format import check_event_format, check_pdu_size, federation_form_problem
+from .core.format import (
+    check_event_format,
+    check_pdu_nesting,
+    check_pdu_size,
+    federation_form_problem,
+)
 from .core.ids import is_valid_room_id, is_valid_server_name, is_valid_user_id, server_name_of
 from .core.roomversions import EventFormat, RedactionRules, RoomVersion, room_version_of
 from .core.signing import (
@@ -709,11 +714,18 @@ def _check_before_signing(room_version: RoomVersion, event: Mapping[str, Any]) -
     ``federation_form_problem`` says; checked before the event is signed, since
     the signatures cover it (an ``event_id`` key survives redaction, so it cannot
     be stripped from a signed event: the event must be signed without it), as a
-    room v12 event whose ``auth_events`` list the room's create event.
+    room v12 event whose ``auth_events`` list the room's create event, and one
+    nested deeper than Synapse's PDU parser takes (``check_pdu_nesting``).
     """
     problem = federation_form_problem(room_version, event)
     if problem is not None:
         raise InviteNotSendable(problem)
+    try:
+        check_pdu_nesting(event)
+    except MatrixError as exc:
+        raise InviteNotSendable(
+            f"the event is not a valid room version {room_version.identifier} PDU: {exc.message}"
+        ) from None
 
 
 def _check_signed(

@@ -655,12 +655,29 @@ class ExplicitCaseTests(AnswerChecks):
             self.assertAnswer(self.send_body(data), 400, "M_NOT_JSON")
 
     def test_deep_nesting_inside_a_signed_event(self) -> None:
-        """A correctly signed event whose content nests 300 levels deep is handled (200, it is
-        valid); nested past the parser's limit it is 400 M_NOT_JSON, never 500."""
+        """A correctly signed event nested as deep as a PDU may be (127 levels, the event
+        counted: its content 125 below it) is handled (200, it is valid); 300 levels (which
+        Synapse cannot parse) and past the parser's limit it is 400 M_NOT_JSON, never 500."""
         f = fixtures()
         room_version = KNOWN_ROOM_VERSIONS["10"]
-        nested: Any = 1
+        too_deep: Any = 1
         for _ in range(300):
+            too_deep = {"n": too_deep}
+        event = build_invite(
+            room_version,
+            f.s.their_key,
+            extra={"content": {"membership": "invite", "deep": too_deep}},
+        )
+        request = Request(
+            2,
+            "10",
+            f.s.v2_body(room_version, event),
+            event["room_id"],
+            event_id_of(room_version, event),
+        )
+        self.assertAnswer(self.check(f.exchange(f.raw(request))), 400, "M_NOT_JSON")
+        nested: Any = 1
+        for _ in range(125):
             nested = {"n": nested}
         event = build_invite(
             room_version, f.s.their_key, extra={"content": {"membership": "invite", "deep": nested}}

@@ -300,6 +300,50 @@ class AcceptanceTests(InboundTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
+class PduNestingTests(InboundTestCase):
+    """Row 2: Synapse's PDU parser refuses a PDU nested 128 levels deep (the event object
+    counted), so an invite whose event is nested that deep is refused before it is co-signed,
+    as the body's nesting: 400 M_NOT_JSON; 127 levels are accepted. The v2 body wraps the
+    event, so its limit is 128 (invite_room_state's entries, a level deeper, stay below 127)."""
+
+    scenario_kwargs = {"limits": InviteLimits(invitee_burst=100)}
+
+    def deep_invite(self, room_version_id: str, levels: int) -> tuple[RoomVersion, dict[str, Any]]:
+        """A signed invite whose event nests ``levels`` deep, through its content."""
+        deep: Any = 1
+        for _ in range(levels - 2):  # the event and its content are two levels
+            deep = {"n": deep}
+        content = {"membership": "invite", "deep": deep}
+        room_version = KNOWN_ROOM_VERSIONS[room_version_id]
+        return room_version, build_invite(
+            room_version, self.s.their_key, extra={"content": content}
+        )
+
+    def test_v2_event_nesting_limit(self) -> None:
+        room_version, event = self.deep_invite("10", 127)
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)
+        room_version, event = self.deep_invite("10", 128)
+        answer = self.assertRefused(self.send_v2(room_version, event), 400, "M_NOT_JSON")
+        self.assertEqual(answer["error"], "JSON is nested deeper than 128 levels")
+
+    def test_v1_event_nesting_limit(self) -> None:
+        """On v1 the body is the event: its limit is 127."""
+        _, event = self.deep_invite("1", 127)
+        self.assertEqual(self.send_v1(event)[0], 200)
+        _, event = self.deep_invite("1", 128)
+        answer = self.assertRefused(self.send_v1(event), 400, "M_NOT_JSON")
+        self.assertEqual(answer["error"], "JSON is nested deeper than 127 levels")
+
+    def test_room_state_entry_nesting(self) -> None:
+        """v2: an invite_room_state entry nested 127 deep makes the body 129: refused."""
+        room_version, event = self.s.invite()
+        deep: Any = 1
+        for _ in range(125):
+            deep = {"n": deep}
+        entry = stripped("m.room.name", "", {"name": "x", "deep": deep})
+        self.assertRefused(self.send_v2(room_version, event, [entry]), 400, "M_NOT_JSON")
+
+
 class RequestShapeTests(InboundTestCase):
     scenario_kwargs = {"max_body_bytes": 4096}
 

@@ -1411,6 +1411,26 @@ class BeforeSendingTests(_Base):
             self.assertEqual(self.origin.signer.calls, [])
         self.assertEqual(self.peer.received, [])
 
+    def test_too_deep_refused_before_signing(self) -> None:
+        """An event nested deeper than Synapse's PDU parser takes (128 levels, the event
+        counted; tuples are arrays too) is refused before it is signed; 127 levels go out."""
+        for levels, ok in ((128, False), (127, True)):
+            event, state = self.origin.invite("10")
+            deep: Any = 1
+            for level in range(levels - 2):  # the event and its content are two levels
+                deep = (deep,) if level % 2 else {"n": deep}
+            event["content"] = {**event["content"], "deep": deep}
+            if ok:
+                self.successResultOf(self.origin.send("10", event, state))
+                continue
+            calls = len(self.origin.signer.calls)
+            self.assertEqual(
+                self.not_sendable("10", event, state),
+                "the event is not a valid room version 10 PDU: "
+                "Invalid PDU: nested deeper than 127 levels",
+            )
+            self.assertEqual(len(self.origin.signer.calls), calls)
+
     def test_v12_create_event_in_auth_events_refused(self) -> None:
         """Room v12: auth_events listing the create event (Synapse: 400 M_BAD_JSON) is
         refused before the event is signed, or, signed already, before it is sent."""

@@ -29,14 +29,16 @@ __all__ = [
     "EncodedList",
     "check_canonical_json",
     "encode_canonical_json",
+    "nesting_depth",
     "parse_json",
     "parse_json_with_numbers",
 ]
 
-#: Deepest nesting of arrays and objects accepted in a parsed body. Matrix
-#: events nest a handful of levels; this bound keeps every later encoding
-#: (which recurses once per level) far from Python's recursion limit, whatever
-#: the stack depth it runs at.
+#: Deepest nesting of arrays and objects accepted in a parsed body, unless the
+#: caller sets a lower one (``max_nesting``: an invite body's is a PDU's, see
+#: ``format.MAX_PDU_NESTING``). Matrix events nest a handful of levels; this
+#: bound keeps every later encoding (which recurses once per level) far from
+#: Python's recursion limit, whatever the stack depth it runs at.
 MAX_NESTING = 512
 
 MAX_SAFE_INTEGER = 2**53 - 1
@@ -179,21 +181,24 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
 
 
-def parse_json(body: bytes, *, require_object: bool = False) -> Any:
+def parse_json(body: bytes, *, require_object: bool = False, max_nesting: int = MAX_NESTING) -> Any:
     """Parse a request body strictly.
 
     Raises ``MatrixError`` 400 ``M_NOT_JSON`` for anything that is not UTF-8
-    JSON (including NaN/Infinity and nesting too deep to parse), or with
+    JSON (including NaN/Infinity and nesting deeper than ``max_nesting``, at
+    most ``MAX_NESTING``), or with
     ``require_object`` that is not a JSON object, and otherwise 400
     ``M_BAD_JSON`` for an object with a duplicate key, whose meaning differs
     between parsers and so must never be signed. The duplicate is reported only
     once the body is known to be JSON (and an object, if required). ``body``
     is bytes (or a bytearray); a str is a ``TypeError``.
     """
-    return _parse(body, _decoder, require_object)
+    return _parse(body, _decoder, require_object, max_nesting)
 
 
-def parse_json_with_numbers(body: bytes, *, require_object: bool = False) -> tuple[Any, bool]:
+def parse_json_with_numbers(
+    body: bytes, *, require_object: bool = False, max_nesting: int = MAX_NESTING
+) -> tuple[Any, bool]:
     """``parse_json``, also telling whether every number is strictly canonical.
 
     The second value is True when the body holds no float and no integer
@@ -203,7 +208,7 @@ def parse_json_with_numbers(body: bytes, *, require_object: bool = False) -> tup
     """
     numbers = _numbers
     numbers.clean = True
-    return _parse(body, numbers.decoder, require_object), numbers.clean
+    return _parse(body, numbers.decoder, require_object, max_nesting), numbers.clean
 
 
 class _NumbersDecoder(threading.local):
@@ -236,7 +241,7 @@ class _NumbersDecoder(threading.local):
 _numbers = _NumbersDecoder()
 
 
-def _parse(body: bytes, decoder: json.JSONDecoder, require_object: bool) -> Any:
+def _parse(body: bytes, decoder: json.JSONDecoder, require_object: bool, max_nesting: int) -> Any:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -255,8 +260,9 @@ def _parse(body: bytes, decoder: json.JSONDecoder, require_object: bool) -> Any:
         raise MatrixError(400, Codes.NOT_JSON, "Body is not valid JSON")
     # Nesting can only be as deep as there are brackets: count them at C speed
     # and walk the value only when there are many.
-    if text.count("[") + text.count("{") > MAX_NESTING and _depth(value) > MAX_NESTING:
-        raise MatrixError(400, Codes.NOT_JSON, f"JSON is nested deeper than {MAX_NESTING} levels")
+    limit = min(max_nesting, MAX_NESTING)
+    if text.count("[") + text.count("{") > limit and nesting_depth(value, limit) > limit:
+        raise MatrixError(400, Codes.NOT_JSON, f"JSON is nested deeper than {limit} levels")
     if require_object and not isinstance(value, dict):
         raise MatrixError(400, Codes.NOT_JSON, "The body must be a JSON object")
     if duplicates.key is not None:
@@ -266,15 +272,16 @@ def _parse(body: bytes, decoder: json.JSONDecoder, require_object: bool) -> Any:
     return value
 
 
-#: What a parsed value's arrays and objects hold, by type (``list`` is its own iterable).
-_CHILDREN: dict[type, Callable[[Any], Iterable[Any]]] = {dict: dict.values, list: iter}
+#: What a value's arrays and objects hold, by type (``list`` is its own iterable). Parsed
+#: JSON has no tuples, but values built to be encoded may (encoded as arrays).
+_CHILDREN: dict[type, Callable[[Any], Iterable[Any]]] = {dict: dict.values, list: iter, tuple: iter}
 _children_of = _CHILDREN.__getitem__
 _is_container = frozenset(_CHILDREN).__contains__
 
 
-def _depth(value: Any) -> int:
-    """The nesting depth of arrays and objects in parsed ``value``, counted up to
-    ``MAX_NESTING + 1``.
+def nesting_depth(value: Any, limit: int = MAX_NESTING) -> int:
+    """The nesting depth of arrays and objects in parsed ``value`` (1 for ``[]``),
+    counted up to ``limit + 1``.
 
     Level by level, keeping only the containers of each: every step is a
     C-level iteration (``map``, ``chain``, ``compress``), so the Python work
@@ -285,7 +292,7 @@ def _depth(value: Any) -> int:
     depth = 0
     while level:
         depth += 1
-        if depth > MAX_NESTING:
+        if depth > limit:
             break
         children = list(chain.from_iterable(map(call, map(_children_of, map(type, level)), level)))
         level = list(compress(children, map(_is_container, map(type, children))))

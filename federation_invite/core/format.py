@@ -7,7 +7,8 @@ an event must comply with the event format of its room version, as the schemas
 (appendices.md) and the size limits of the client-server spec's "Size limits"
 (65536 bytes per PDU; 255 bytes for ``sender``, ``room_id``, ``state_key``,
 ``type`` and ``event_id``). Every failure is a ``MatrixError`` 400
-``M_BAD_JSON`` naming the field, or 413 ``M_TOO_LARGE`` for the size.
+``M_BAD_JSON`` naming the field, or 413 ``M_TOO_LARGE`` for the size, or 400
+``M_NOT_JSON`` for nesting deeper than Synapse can parse (``MAX_PDU_NESTING``).
 
 Like the schemas, the check allows keys it does not know, with one exception
 that rooms/v3.md states outside the schemas: "When events are sent over
@@ -26,7 +27,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from .canonical import MAX_SAFE_INTEGER, CanonicalJSONError, check_canonical_json
+from .canonical import (
+    MAX_SAFE_INTEGER,
+    CanonicalJSONError,
+    check_canonical_json,
+    nesting_depth,
+)
 from .canonical import encode_canonical_json as _encode
 from .errors import Codes, MatrixError
 from .ids import MAX_ID_BYTES, is_valid_event_id, is_valid_room_id, is_valid_user_id
@@ -34,9 +40,11 @@ from .roomversions import EventFormat, RedactionRules, RoomVersion, room_version
 
 __all__ = [
     "MAX_AUTH_EVENTS",
+    "MAX_PDU_NESTING",
     "MAX_PDU_SIZE",
     "MAX_PREV_EVENTS",
     "check_event_format",
+    "check_pdu_nesting",
     "check_pdu_size",
     "federation_form_problem",
 ]
@@ -48,6 +56,13 @@ MAX_PDU_SIZE = 65536
 MAX_PREV_EVENTS = 20
 #: "Must contain less than or equal to 10 events." (pdu_v1..pdu_v12 ``auth_events``)
 MAX_AUTH_EVENTS = 10
+#: Deepest nesting of arrays and objects in a PDU, the event object counted as
+#: level 1. The spec sets no limit, but Synapse's PDU parser (serde_json, whose
+#: recursion limit is 128) refuses a PDU nested 128 levels deep (400 "Invalid
+#: event JSON"; measured against Synapse 1.163.2): a deeper event could not
+#: reach the room, so it is never co-signed. Lower than the parser's
+#: ``canonical.MAX_NESTING``, which bounds every body.
+MAX_PDU_NESTING = 127
 
 #: pdu_v1/v3/v4 ``depth``: "Must be less than the maximum value for an integer (2^63 - 1)".
 _MAX_DEPTH_V1 = 2**63 - 1
@@ -105,7 +120,11 @@ def _check_id_string(event: dict[str, Any], key: str) -> str:
 
 
 def check_event_format(
-    room_version: RoomVersion | str, event: object, *, numbers_checked: bool = False
+    room_version: RoomVersion | str,
+    event: object,
+    *,
+    numbers_checked: bool = False,
+    nesting_checked: bool = False,
 ) -> None:
     """Raise ``MatrixError`` 400 ``M_BAD_JSON`` unless ``event`` is a well-formed PDU.
 
@@ -123,10 +142,17 @@ def check_event_format(
     holds no float and no out-of-range integer (``parse_json_with_numbers``),
     so the canonical-JSON walk is skipped; strings without a UTF-8 form then
     surface when the event is encoded, as ``CanonicalJSONError``.
+
+    An event nested deeper than ``MAX_PDU_NESTING`` levels is 400
+    ``M_NOT_JSON``, as a body nested too deep to parse. ``nesting_checked``:
+    the caller parsed the event with that limit (``parse_json``'s
+    ``max_nesting``), so it is not walked again.
     """
     version = room_version if type(room_version) is RoomVersion else room_version_of(room_version)
     if not isinstance(event, dict):
         _bad("the event is not a JSON object")
+    if not nesting_checked:
+        check_pdu_nesting(event)
     if not numbers_checked:
         try:
             # v6+ (rooms/fragments/v6-canonical-json.md): strictly enforced. Before
@@ -212,6 +238,21 @@ def federation_form_problem(version: RoomVersion, event: Mapping[str, Any]) -> s
                 f"which room version {version.identifier} never selects as an auth event"
             )
     return None
+
+
+def check_pdu_nesting(event: object) -> None:
+    """Raise ``MatrixError`` 400 ``M_NOT_JSON`` if ``event`` nests arrays and objects
+    (tuples too) deeper than ``MAX_PDU_NESTING`` levels, the event counted, which
+    Synapse cannot parse.
+
+    One check for both directions: ``check_event_format`` on receipt (unless the
+    caller parsed the event with that limit), and the outbound client before it
+    signs an event. Walks level by level, without recursion.
+    """
+    if nesting_depth(event, MAX_PDU_NESTING) > MAX_PDU_NESTING:
+        raise MatrixError(
+            400, Codes.NOT_JSON, f"Invalid PDU: nested deeper than {MAX_PDU_NESTING} levels"
+        )
 
 
 def _check_room_id(version: RoomVersion, event: dict[str, Any], event_type: str) -> None:

@@ -21,6 +21,7 @@ from twisted.web.server import Request
 
 from ..core.canonical import EncodedDict, EncodedList, parse_json_with_numbers
 from ..core.errors import Codes, MatrixError
+from ..core.format import MAX_PDU_NESTING
 from ..inbound import InviteHandler
 from ._base import MatrixResource, not_found, render_async, write_error
 from .site import SiteRefusal, mark_outcome_logged
@@ -60,6 +61,8 @@ class InviteResource(MatrixResource):
         self._handler = handler
         self._api_version = api_version
         self._max_body_bytes = max_body_bytes
+        # v1: the body is the event; v2: {"event": <the event>, ...}, one level more.
+        self._max_nesting = MAX_PDU_NESTING + (api_version - 1)
 
     def dispatch(self, request: Request) -> bytes | int:
         segments = request.postpath or []
@@ -106,7 +109,12 @@ class InviteResource(MatrixResource):
                 raise MatrixError(400, Codes.INVALID_PARAM, f"The {what} in the path is not UTF-8")
             raw = _read_body(request, self._max_body_bytes)
             # Row 2 before row 3: a duplicate key is reported only in a JSON object.
-            body, numbers_strict = parse_json_with_numbers(raw, require_object=True)
+            # Nested no deeper than a PDU may be (the v2 body wraps the event in an
+            # object, and its invite_room_state entries in an array too, a level lower):
+            # then the handler need not walk the event or its room state for it.
+            body, numbers_strict = parse_json_with_numbers(
+                raw, require_object=True, max_nesting=self._max_nesting
+            )
         except MatrixError as error:
             # Rows 1 to 3 and the path: refused before the handler, which logs and counts
             # the rest; one invite line for it as well, instead of the access log's.
@@ -125,7 +133,14 @@ class InviteResource(MatrixResource):
             mark_outcome_logged(request)
             try:
                 answer = await self._handler.on_invite(
-                    request, api_version, room_id, event_id, body, len(raw), numbers_strict
+                    request,
+                    api_version,
+                    room_id,
+                    event_id,
+                    body,
+                    len(raw),
+                    numbers_strict,
+                    True,  # nesting_checked: parsed with max_nesting
                 )
             except MatrixError:
                 raise  # counted by the handler

@@ -366,6 +366,21 @@ class NestingTests(SynchronousTestCase):
                         (pattern, body[:20]),
                     )
 
+    def test_nesting_limit_of_its_own(self) -> None:
+        """max_nesting sets a lower limit for one parse (an invite body's: a PDU's): at it
+        the body parses, one level more is 400 M_NOT_JSON naming it; the default stays 512."""
+        for parse in (parse_json, parse_json_with_numbers):
+            for pattern in (["["], ['{"a":'], ["[", '{"a":']):
+                parse(_nested(127, pattern).encode(), max_nesting=127)
+                error = self.assertRaises(
+                    MatrixError, parse, _nested(128, pattern).encode(), max_nesting=127
+                )
+                self.assertEqual(
+                    (error.http_status, error.errcode, error.message),
+                    (400, "M_NOT_JSON", "JSON is nested deeper than 127 levels"),
+                )
+                parse(_nested(128, pattern).encode())
+
     def test_depth_walk_does_not_grow_with_width(self) -> None:
         """Checking the depth of a body with many brackets takes Python-level work per level,
         not per value: 2,000 or 20,000 arrays side by side cost the same lines."""

@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from federation_invite.core.canonical import encode_canonical_json
 from federation_invite.core.errors import MatrixError
 from federation_invite.core.format import (
+    MAX_PDU_NESTING,
     MAX_PDU_SIZE,
     check_event_format,
     check_pdu_size,
@@ -557,6 +558,59 @@ JSON = st.recursive(
     max_leaves=12,
 )
 KEYS = sorted(set(invite_event("1")) | set(invite_event("12")) | {"redacts", "event_id"})
+
+
+def nested(levels: int) -> Any:
+    """A value nesting ``levels`` arrays and objects (alternating) around an integer."""
+    value: Any = 1
+    for level in range(levels):
+        value = [value] if level % 2 else {"n": value}
+    return value
+
+
+class NestingTests(FormatTestCase):
+    """Synapse's PDU parser (serde_json, recursion limit 128) refuses a PDU nested 128 levels
+    deep, the event object counted (400 "Invalid event JSON"); 127 parse. So nothing deeper
+    is well-formed here: 400 M_NOT_JSON, as every other nesting limit."""
+
+    def assertTooDeep(self, version: str, event: dict[str, Any]) -> None:
+        with self.assertRaises(MatrixError) as caught:
+            check_event_format(version, event)
+        self.assertEqual(
+            (caught.exception.http_status, caught.exception.errcode, caught.exception.message),
+            (400, "M_NOT_JSON", "Invalid PDU: nested deeper than 127 levels"),
+        )
+
+    def test_limit_is_synapses(self) -> None:
+        """127 levels pass and 128 are refused, in content, unsigned or a key of its own, in
+        every room version."""
+        self.assertEqual(MAX_PDU_NESTING, 127)
+        for version in ALL_VERSIONS:
+            for place, above in (("content", 2), ("unsigned", 2), ("deep", 1)):
+                for levels, ok in ((MAX_PDU_NESTING, True), (MAX_PDU_NESTING + 1, False)):
+                    event = invite_event(version)
+                    if above == 2:
+                        event[place]["deep"] = nested(levels - above)
+                    else:
+                        event[place] = nested(levels - above)
+                    if ok:
+                        check_event_format(version, event)
+                    else:
+                        self.assertTooDeep(version, event)
+
+    def test_far_too_deep(self) -> None:
+        """100,000 levels (built, not parsed) are refused just the same, without recursing."""
+        event = invite_event("10")
+        event["content"]["deep"] = nested(100_000)
+        self.assertTooDeep("10", event)
+
+    def test_nesting_checked_skips_the_walk(self) -> None:
+        """nesting_checked: the caller parsed the event with the limit (parse_json's
+        max_nesting), so it is not walked again."""
+        event = invite_event("10")
+        event["content"]["deep"] = nested(MAX_PDU_NESTING)
+        check_event_format("10", event, nesting_checked=True)
+        self.assertTooDeep("10", event)
 
 
 class NeverCrashTests(FormatTestCase):
