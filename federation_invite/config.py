@@ -351,7 +351,10 @@ OPTIONS: tuple[Option, ...] = (
         "configuration, the database's or role's settings, the URI's options or PGOPTIONS set "
         "them (schema migrations are exempt); TCP keepalives (after 10 s idle, 3 probes 5 s "
         "apart) and tcp_user_timeout (30 s) notice a server gone silent on an open connection, "
-        "unless the URI sets them.",
+        "unless the URI sets them. The database should be federation-invite's own, or on "
+        "PostgreSQL a schema of its own named by the URI ('?options=-csearch_path%3D<schema>'): "
+        "one holding another's table, index or view under one of its table names is refused "
+        "at start.",
         '""',
     ),
     Option(

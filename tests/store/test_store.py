@@ -1799,6 +1799,42 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
         )
         self.assertEqual(tables, [("fi",)])
 
+    async def test_schema_of_its_own_in_an_applications_database(self) -> None:
+        """The README's way into an application's database: a schema of its own named by
+        ?options=-csearch_path%3D<schema>. With the application's invites table and
+        golang-migrate's schema_migrations in public, the store is migrated into the
+        schema and works end to end; public is left as it was."""
+        from ._support import POSTGRES_BASE
+
+        self.raw(
+            "CREATE TABLE schema_migrations"
+            " (version BIGINT NOT NULL PRIMARY KEY, dirty BOOLEAN NOT NULL)"
+        )
+        self.raw("INSERT INTO schema_migrations VALUES (3, false)")
+        self.raw("CREATE TABLE invites (id INTEGER PRIMARY KEY, email TEXT)")
+        self.raw("INSERT INTO invites VALUES (1, 'a@example.com')")
+        self.raw("CREATE SCHEMA federation_invite")
+        uri = f"{POSTGRES_BASE}/{self.database}?options=-csearch_path%3Dfederation_invite"
+        store = await open_store(uri, reactor=reactor)
+        self.addCleanup(store.close)
+        self.assertEqual(await store.schema_version(), LATEST_SCHEMA_VERSION)
+        await store.add_local_user("@alice:local.example")
+        invite = make_invite("$shared")
+        self.assertEqual(await store.store_invite(invite), (invite, True))
+        self.assertEqual(await store.get_invite("$shared"), invite)
+        self.assertEqual([r.event_id for r in await store.list_invites()], ["$shared"])
+        self.assertEqual(self.table_names(), {"schema_migrations", "invites"})
+        self.assertEqual(self.raw("SELECT * FROM schema_migrations"), [(3, False)])
+        self.assertEqual(self.raw("SELECT * FROM invites"), [(1, "a@example.com")])
+        ours = self.raw(
+            "SELECT table_name FROM information_schema.tables"
+            " WHERE table_schema = 'federation_invite' ORDER BY table_name"
+        )
+        self.assertEqual(
+            [name for (name,) in ours],
+            ["federation_invite_schema", "invite_rules", "invites", "local_users", "server_keys"],
+        )
+
     async def test_non_utf8_database_refused(self) -> None:
         """A database whose server_encoding is not UTF8 (LATIN1, SQL_ASCII), which could
         not hold every invite's text, is refused at open with one clear StoreError."""
