@@ -321,7 +321,10 @@ class InviteSender:
         a signer that fails gives ``InviteNotSendable`` (its error the cause).
         What receivers refuse as malformed is refused here, before anything is
         signed or sent: a room v3+ event that carries an ``event_id``, a room v12
-        one whose ``auth_events`` list the room's create event.
+        one whose ``auth_events`` list the room's create event, one whose ``hashes``
+        hold a value that is no string, one nested deeper than 127 levels (the
+        same rules as our receiving side's: ``federation_form_problem``,
+        ``check_pdu_nesting``).
         ``event`` is never modified. Cancelling the Deferred abandons the request.
         """
         return Deferred.fromCoroutine(
@@ -714,8 +717,9 @@ def _check_before_signing(room_version: RoomVersion, event: Mapping[str, Any]) -
     ``federation_form_problem`` says; checked before the event is signed, since
     the signatures cover it (an ``event_id`` key survives redaction, so it cannot
     be stripped from a signed event: the event must be signed without it), as a
-    room v12 event whose ``auth_events`` list the room's create event, and one
-    nested deeper than Synapse's PDU parser takes (``check_pdu_nesting``).
+    room v12 event whose ``auth_events`` list the room's create event or one whose
+    ``hashes`` hold a value that is no string, and one nested deeper than
+    Synapse's PDU parser takes (``check_pdu_nesting``).
     """
     problem = federation_form_problem(room_version, event)
     if problem is not None:

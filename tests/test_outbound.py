@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -1451,6 +1452,84 @@ class BeforeSendingTests(_Base):
         event, state = self.origin.invite("11")
         self.assertEqual(event["auth_events"], event["prev_events"])
         self.successResultOf(self.origin.send("11", event, state))
+
+
+def _with_event_id(event: dict[str, Any]) -> dict[str, Any]:
+    return {**event, "event_id": "$anything"}
+
+
+def _listing_the_create_event(event: dict[str, Any]) -> dict[str, Any]:
+    return {**event, "auth_events": [*event["auth_events"], "$" + event["room_id"][1:]]}
+
+
+def _too_deep(event: dict[str, Any]) -> dict[str, Any]:
+    deep: Any = 1
+    for _ in range(126):  # + content + the event: 128 levels
+        deep = {"n": deep}
+    return {**event, "content": {**event["content"], "deep": deep}}
+
+
+def _hash_of_no_string(room_version: RoomVersion, event: dict[str, Any]) -> dict[str, Any]:
+    hashed = add_content_hash(room_version, event)
+    return {**hashed, "hashes": {**hashed["hashes"], "sha512": 1}}
+
+
+class InboundOutboundAgreementTests(_Base):
+    """What our receiving side refuses as malformed, our sending side refuses before anything
+    is signed, so that the two cannot drift apart again: for each shape Synapse's PDU parser
+    refuses (v3+ event_id, a v12 auth_events listing the create event, nesting past 127
+    levels, a hashes value that is no string), the outbound check fails with
+    InviteNotSendable without calling the signer or sending, and the same event, signed by
+    us and PUT as is to our own receiver, is refused with the status and errcode given."""
+
+    SHAPES: list[tuple[str, str, Callable[[RoomVersion, dict[str, Any]], Any], int, str]] = [
+        ("v3+ event_id", "10", lambda rv, e: _with_event_id(e), 400, "M_BAD_JSON"),
+        ("v3+ event_id", "3", lambda rv, e: _with_event_id(e), 400, "M_BAD_JSON"),
+        (
+            "create event in auth_events",
+            "12",
+            lambda rv, e: _listing_the_create_event(e),
+            400,
+            "M_BAD_JSON",
+        ),
+        ("nested 128 deep", "10", lambda rv, e: _too_deep(e), 400, "M_NOT_JSON"),
+        ("nested 128 deep", "1", lambda rv, e: _too_deep(e), 400, "M_NOT_JSON"),
+        ("hash of no string", "10", _hash_of_no_string, 400, "M_BAD_JSON"),
+        ("hash of no string", "12", _hash_of_no_string, 400, "M_BAD_JSON"),
+    ]
+
+    def test_inbound_and_outbound_agree(self) -> None:
+        receiver = Receiver(self.origin)
+        self.origin.agent.add_peer(PEER, receiver.site())
+        for what, version_id, shape, status, errcode in self.SHAPES:
+            room_version = KNOWN_ROOM_VERSIONS[version_id]
+            event, state = self.origin.invite(version_id)
+            shaped = shape(room_version, event)
+            # Outbound: refused before the signer is asked, and nothing sent.
+            calls = len(self.origin.signer.calls)
+            requests = len(self.origin.agent.requests)
+            self.failureResultOf(self.origin.send(version_id, shaped, state), InviteNotSendable)
+            self.assertEqual(len(self.origin.signer.calls), calls, what)
+            self.assertEqual(len(self.origin.agent.requests), requests, what)
+            # Inbound: the same event signed by us, sent as is, is refused.
+            if "hashes" in shaped:
+                signed = sign_event(room_version, shaped, OURS, self.origin.key)
+            else:
+                signed = hash_and_sign_event(room_version, shaped, OURS, self.origin.key)
+            event_id = compute_event_id(room_version, signed)
+            if room_version.event_id_in_event:
+                api, body = "v1", signed
+            else:
+                api = "v2"
+                body = {"room_version": version_id, "event": signed, "invite_room_state": state}
+            path = f"/_matrix/federation/{api}/invite/{quote(signed['room_id'], safe='')}/" + (
+                quote(event_id, safe="")
+            )
+            error = self.failureResultOf(
+                self.origin.client.put_json(PEER, path, body, ignore_backoff=True), RemoteError
+            ).value
+            self.assertEqual((error.status, error.errcode), (status, errcode), (what, version_id))
+        self.assertEqual(receiver.store.invites, {})
 
 
 class SignerTests(_Base):

@@ -17,7 +17,8 @@ an ``event_id`` is refused (Synapse: 400 "Invalid event JSON"); the key is
 covered by the hashes and signatures, so it could not be stripped before
 co-signing. Likewise a room v12 event whose ``auth_events`` list the room's
 create event (rooms/v12.md: it "MUST NOT be selected"; Synapse refuses it on
-receipt). ``federation_form_problem`` holds these rules, shared with the
+receipt), or whose ``hashes`` hold a value that is not a string (Synapse's
+PDU parser refuses it). ``federation_form_problem`` holds these rules, shared with the
 outbound check that refuses to sign such an event. The top-level ``origin``
 is no longer part of any PDU schema and is not checked.
 """
@@ -215,6 +216,10 @@ def federation_form_problem(version: RoomVersion, event: Mapping[str, Any]) -> s
     event on receipt (400 "auth_events must not contain the create event")
     rather than in the auth rules, which an invitee cannot run.
 
+    Every room version: ``hashes`` (components/event_hash.yaml) requires a
+    string ``sha256`` and leaves other entries open, but Synapse's PDU parser
+    refuses any value that is not a string (400 "Invalid event JSON").
+
     One rule for both directions: ``check_event_format`` refuses such a PDU on
     receipt (400 ``M_BAD_JSON``), and the outbound client refuses to sign one.
     ``event`` may be any mapping (the outbound check runs before the event is
@@ -237,6 +242,9 @@ def federation_form_problem(version: RoomVersion, event: Mapping[str, Any]) -> s
                 f"the event's auth_events list the room's m.room.create event ${room_id[1:]}, "
                 f"which room version {version.identifier} never selects as an auth event"
             )
+    hashes = event.get("hashes")
+    if isinstance(hashes, Mapping) and len(hashes) > 1 and not _all_strings(hashes):
+        return "'hashes' must hold only strings"
     return None
 
 
@@ -283,17 +291,19 @@ def _check_hashes(hashes: object, where: str) -> None:
         _bad(f"{where} must be an object")
     if not isinstance(hashes.get("sha256"), str):
         _bad(f"{where} must have a string 'sha256'")
-    if len(hashes) > 1:
-        _check_hash_values(hashes, where)
+    # Other entries must be strings too: federation_form_problem.
 
 
 def _check_hash_values(hashes: dict[str, Any], where: str) -> None:
     # The schema leaves other entries open, but Synapse's PDU parser refuses any
     # value that is not a string (400 "Invalid event JSON"): such an event could
     # not reach the room, so it is never co-signed.
-    for value in hashes.values():
-        if not isinstance(value, str):
-            _bad(f"{where} must hold only strings")
+    if not _all_strings(hashes):
+        _bad(f"{where} must hold only strings")
+
+
+def _all_strings(hashes: Mapping[str, Any]) -> bool:
+    return all(isinstance(value, str) for value in hashes.values())
 
 
 def _check_signatures(signatures: object) -> None:
