@@ -231,6 +231,70 @@ class BuildFromConfigPathTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_close_with_a_well_known_fetch_in_flight_leaves_the_reactor_clean(
+        self,
+    ) -> Deferred[None]:
+        """On the real reactor, through the real client's discovery: closing while a key
+        fetch waits for ``https://<name>/.well-known/matrix/server`` (a name without a port)
+        from a server that accepts and never answers abandons that fetch too: the lookup
+        fails with KeyringClosed, and neither its 30 s timer nor its connection is left
+        (trial would report a dirty reactor)."""
+
+        async def go() -> None:
+            from twisted.internet import reactor
+            from twisted.internet.endpoints import TCP4ServerEndpoint, wrapClientTLS
+            from twisted.internet.protocol import Factory
+            from twisted.internet.ssl import optionsForClientTLS
+            from twisted.web.client import Agent
+            from twisted.web.iweb import IAgentEndpointFactory
+
+            from federation_invite.keyring import KeyringClosed
+
+            accepted: list[Protocol] = []
+
+            class Hang(Protocol):
+                def connectionMade(self) -> None:
+                    accepted.append(self)
+
+            port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+                Factory.forProtocol(Hang)
+            )
+            self.addCleanup(port.stopListening)
+
+            @implementer(IAgentEndpointFactory)
+            class ToTarpit:
+                def endpointForURI(self, uri: Any) -> Any:
+                    return wrapClientTLS(
+                        optionsForClientTLS(uri.host.decode()),
+                        TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+                    )
+
+            config = load_config(None, {"data_dir": os.path.abspath(self.mktemp())})
+            components = await build_from_config(config, reactor)
+            client: Any = components.client
+            # Only the .well-known fetch's address is redirected (it would go to port 443).
+            client._resolver._well_known_agent = Agent.usingEndpointFactory(
+                reactor, ToTarpit(), pool=client._pool
+            )
+            before = set(reactor.getDelayedCalls())
+            lookup = components.keyring.get_server_keys(
+                "hang.test", ["ed25519:a"], int(reactor.seconds() * 1000)
+            )
+            for _ in range(500):  # the stored keys are read first, in a thread
+                if accepted:
+                    break
+                await deferLater(reactor, 0.01, lambda: None)
+            self.assertEqual(len(accepted), 1)
+            await components.close()
+            error = self.failureResultOf(lookup, KeyringClosed).value
+            self.assertEqual((error.http_status, error.errcode), (500, "M_UNKNOWN"))
+            left = [c for c in reactor.getDelayedCalls() if c not in before and c.active()]
+            self.assertEqual(left, [])
+            await deferLater(reactor, 0.05, lambda: None)  # the connection's close
+            self.assertEqual([c for c in accepted if c.transport.connected], [])  # type: ignore[union-attr]
+
+        return ensureDeferred(go())
+
     def test_uri_syntax_in_data_dir(self) -> Deferred[None]:
         """Data dirs named with %20, ?, # or a space hold their own key and database."""
 

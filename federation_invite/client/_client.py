@@ -46,7 +46,7 @@ from .agent import (
     make_connection_pool,
     well_known_agent,
 )
-from .discovery import ServerResolver
+from .discovery import ServerResolver, _ResolverClosed
 from .errors import BackoffError, BlockedAddressError, RemoteError, TransportError
 from .iprange import DEFAULT_IP_BLOCKLIST, IPRangeFilter
 from .tls import FederationTLSPolicy
@@ -222,9 +222,11 @@ class FederationClient:
         )
 
     def close(self) -> Deferred[None]:
-        """Close idle pooled connections, stop the system DNS resolver's timer and answer
-        the address lookups waiting for a resolver thread (for shutdown and tests on real
-        sockets). The client still works after."""
+        """Close idle pooled connections, abandon the ``.well-known`` fetches and SRV
+        queries in flight (``ServerResolver.close``: the requests waiting for them fail
+        with ``TransportError``, without backing their destination off), stop the system
+        DNS resolver's timer and answer the address lookups waiting for a resolver thread
+        (for shutdown and tests on real sockets). The client still works after."""
         if self._resolver is not None:
             self._resolver.close()
         if self._name_resolver is not None:
@@ -328,7 +330,8 @@ class FederationClient:
             else:
                 reason = describe_failure(exc)
             error = TransportError(destination, reason, resolver_busy=resolver_busy)
-            if backoff and not resolver_busy:
+            # Nor when close() abandoned the request's .well-known fetch or SRV query.
+            if backoff and not resolver_busy and not _abandoned_by_close(exc):
                 self._record_failure(destination, started)
             _log.info("{error}", error=error)
             raise error from exc
@@ -466,6 +469,17 @@ def _is_cancellation(exc: BaseException) -> bool:
     return isinstance(reasons, list) and any(
         isinstance(r, Failure) and r.check(CancelledError, ConnectingCancelledError)
         for r in reasons
+    )
+
+
+def _abandoned_by_close(exc: BaseException) -> bool:
+    """Whether ``exc`` is a resolution step abandoned by ``close`` (as itself, or as one of
+    the reasons twisted.web's errors carry)."""
+    if isinstance(exc, _ResolverClosed):
+        return True
+    reasons = getattr(exc, "reasons", None)
+    return isinstance(reasons, list) and any(
+        isinstance(r, Failure) and r.check(_ResolverClosed) for r in reasons
     )
 
 

@@ -215,6 +215,15 @@ class SrvLookupError(ConnectionError):
         super().__init__(f"SRV lookup for {service_name} failed: {reason}")
 
 
+class _ResolverClosed(ConnectionError):
+    """A resolution step in flight (a ``.well-known`` fetch, an SRV query) abandoned by
+    ``ServerResolver.close``: a ``ConnectionError``, so the client reports a
+    ``TransportError``. ``what`` is the URI fetched or the SRV name looked up."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"resolving {what} abandoned: the resolver was closed")
+
+
 class _WellKnownInvalid(Exception):
     """The ``.well-known`` answer says there is no valid delegation; discovery falls
     through to SRV. Any other failure to fetch it (no connection, no answer in
@@ -309,6 +318,11 @@ class ServerResolver:
         self._srv_kept: OrderedDict[str, list[dns.Record_SRV]] = OrderedDict()
         #: SRV query name -> the callers waiting for its query in flight.
         self._srv_waiters: dict[str, list[Deferred[list[dns.Record_SRV]]]] = {}
+        #: SRV query name -> its query in flight (which ``close`` cancels).
+        self._srv_queries: dict[str, Deferred[list[dns.Record_SRV]]] = {}
+        #: Set while ``close`` cancels the steps in flight (which fail at once): a failure
+        #: then is their cancellation, not an answer (nothing is cached or counted from it).
+        self._closing = False
 
     # -- public boundary
 
@@ -329,15 +343,32 @@ class ServerResolver:
         return Deferred.fromCoroutine(self._resolve_targets(server))
 
     def get_well_known(self, hostname: str) -> Deferred[str | None]:
-        """The server name ``hostname`` delegates to, or None; cached, never fails."""
+        """The server name ``hostname`` delegates to, or None; cached. Fails only when
+        ``close`` abandons the fetch (a ``ConnectionError``)."""
         return Deferred.fromCoroutine(self._get_well_known(hostname))
 
     def close(self) -> None:
-        """Stop the timer of the system resolver created here (its re-read of resolv.conf).
+        """Abandon the ``.well-known`` fetches and SRV queries in flight, and stop the timer
+        of the system resolver created here (its re-read of resolv.conf).
 
+        Each abandoned step is cancelled (its request or query, its timeout timer and
+        connection with it); its callers fail with a ``ConnectionError`` (the client's
+        ``TransportError``), and nothing is cached or counted from it. (A twisted.names
+        resolver, the system's included, keeps the timer of a cancelled query's current
+        try, up to 11 s: it cannot cancel it.)
         An ``srv_resolver`` given is its owner's to close. Resolution still
         works after (the resolver keeps the name servers it last read).
         """
+        self._closing = True
+        try:
+            for name in list(self._srv_queries):
+                self._srv_queries.pop(name).cancel()
+            for hostname in list(self._inflight):
+                fetch = self._inflight.pop(hostname)
+                fetch.cancel()
+                fetch.addErrback(lambda _: None)  # given to its waiters (_get_well_known)
+        finally:
+            self._closing = False
         if self._own_srv_resolver is not None:
             _stop_system_srv_resolver(self._own_srv_resolver)
 
@@ -425,10 +456,14 @@ class ServerResolver:
         else:
             self._srv_waiters[name] = [waiter]
             query = Deferred.fromCoroutine(self._query_srv(name))
+            self._srv_queries[name] = query
             query.addBoth(self._srv_answered, name)
         return await waiter
 
     def _srv_answered(self, result: list[dns.Record_SRV] | Failure, name: str) -> None:
+        self._srv_queries.pop(name, None)
+        if isinstance(result, Failure) and self._closing:  # cancelled by close()
+            result = Failure(_ResolverClosed(name))
         for waiter in self._srv_waiters.pop(name):
             if waiter.called:
                 continue  # cancelled by its caller
@@ -459,6 +494,8 @@ class ServerResolver:
             self._remember_srv(name, [], _negative_ttl(authority), now)
             return []
         except Exception as exc:
+            if self._closing:
+                raise  # cancelled by close(): nothing to remember or log
             # twisted.names' DomainError is also SERVFAIL's, REFUSED's, ...
             reason = _describe_dns_failure(exc)
             _log.info("SRV lookup for {name} failed: {error}", name=name, error=reason)
@@ -541,7 +578,8 @@ class ServerResolver:
             # "no delegation", or keep for a while one that expired: see
             # _refresh_well_known; a bug there is logged and answered as no
             # delegation, not cached) and runs to its own timeout even if the
-            # callers that asked for it give up, so that the answer is cached.
+            # callers that asked for it give up, so that the answer is cached;
+            # only close() abandons it, failing its callers.
             fetch = Deferred.fromCoroutine(self._refresh_well_known(hostname))
             fetch.addErrback(self._refresh_failed, hostname)
             if not fetch.called:
@@ -549,22 +587,30 @@ class ServerResolver:
                 fetch.addBoth(self._forget_inflight, hostname)
         waiter: Deferred[str | None] = Deferred()
 
-        def deliver(result: str | None) -> str | None:
-            if not waiter.called:
+        def deliver(result: str | Failure | None) -> str | Failure | None:
+            if waiter.called:
+                pass
+            elif isinstance(result, Failure):  # abandoned by close()
+                uri = "https://" + hostname + "/.well-known/matrix/server"
+                waiter.errback(_ResolverClosed(uri))
+            else:
                 waiter.callback(result)
             return result
 
-        fetch.addCallback(deliver)
+        fetch.addBoth(deliver)
         return await waiter
 
-    def _refresh_failed(self, failure: Failure, hostname: str) -> None:
-        """A bug in ``_refresh_well_known``: logged, answered as no delegation (not cached)."""
+    def _refresh_failed(self, failure: Failure, hostname: str) -> Failure | None:
+        """A bug in ``_refresh_well_known``: logged, answered as no delegation (not cached).
+        Its cancellation by ``close`` is passed on."""
+        if self._closing:
+            return failure
         _log.failure(
             "Unexpected error refreshing .well-known for {hostname}", failure, hostname=hostname
         )
         return None
 
-    def _forget_inflight(self, result: str | None, hostname: str) -> str | None:
+    def _forget_inflight(self, result: str | Failure | None, hostname: str) -> str | Failure | None:
         self._inflight.pop(hostname, None)
         return result
 
@@ -576,6 +622,10 @@ class ServerResolver:
         try:
             delegated, ttl = await fetch
         except Exception as exc:
+            if self._closing:
+                # Cancelled by close() (as CancelledError, or twisted.web's
+                # ResponseNeverReceived holding one): nothing to cache or count.
+                raise
             if (
                 previous is not None
                 and previous.keeps(now)

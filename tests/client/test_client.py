@@ -823,6 +823,53 @@ class ConstructionTests(SynchronousTestCase):
         self.successResultOf(client.close())
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_close_abandons_a_well_known_fetch_in_flight(self) -> None:
+        """close() abandons a request waiting for the destination's .well-known (a name
+        without a port whose .well-known never answers): it fails with TransportError,
+        its timers are cancelled, and the destination is not backed off (the client,
+        not the server, gave up)."""
+        clock = Clock()
+        client = FederationClient(clock, ORIGIN, generate_signing_key("k"))
+        hanging = CannedResource(hang=True)
+        client._resolver._well_known_agent = FakePeersAgent(  # type: ignore[union-attr]
+            {REMOTE: hanging}
+        )
+        requesting = client.get_json(REMOTE, "/x")
+        self.assertEqual(len(hanging.requests), 1)
+        self.assertNoResult(requesting)
+        self.successResultOf(client.close())
+        error = self.failureResultOf(requesting, TransportError).value
+        self.assertEqual(
+            error.reason,
+            f"cannot connect: resolving https://{REMOTE}/.well-known/matrix/server"
+            " abandoned: the resolver was closed",
+        )
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(client._backoff, {})
+
+    def test_close_abandons_an_srv_lookup_in_flight(self) -> None:
+        """close() abandons a request waiting for its destination's SRV query: it fails
+        with TransportError, the query and the timers are cancelled, and the destination
+        is not backed off."""
+        clock = Clock()
+        srv = FakeSRVResolver()
+        srv.hold = True
+        client = FederationClient(clock, ORIGIN, generate_signing_key("k"), srv_resolver=srv)
+        client._resolver._well_known_agent = FakePeersAgent()  # type: ignore[union-attr]
+        requesting = client.get_json(REMOTE, "/x")
+        self.assertEqual(list(srv.outstanding), [f"_matrix-fed._tcp.{REMOTE}"])
+        self.assertNoResult(requesting)
+        self.successResultOf(client.close())
+        error = self.failureResultOf(requesting, TransportError).value
+        self.assertEqual(
+            error.reason,
+            f"cannot connect: resolving _matrix-fed._tcp.{REMOTE} abandoned:"
+            " the resolver was closed",
+        )
+        self.assertEqual(srv.outstanding, {})
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(client._backoff, {})
+
     def test_close_without_pool(self) -> None:
         """close() is a no-op for a client built around an injected agent."""
         client = FederationClient(

@@ -967,6 +967,58 @@ class SrvTests(_Base):
         self.resolver.close()
         self.assertEqual(closed, [])
 
+    def test_close_abandons_the_srv_lookups_in_flight(self) -> None:
+        """close() abandons an SRV query in flight: its callers fail with a ConnectionError
+        (the client's TransportError), the query and its SRV_QUERY_TIMEOUT timer are
+        cancelled, and nothing is remembered from it: the next resolution asks DNS anew."""
+        name = "_matrix-fed._tcp.example.org"
+        self.srv.raw[name] = [_ttl(_srv(name.encode(), 0, 0, 8443, b"fed.example.org"), 300)]
+        first, second = self.held_lookups(2)
+        self.assertNotEqual(self.clock.getDelayedCalls(), [])
+        self.resolver.close()
+        for resolution in (first, second):
+            failure = self.failureResultOf(resolution, ConnectionError)
+            self.assertEqual(
+                str(failure.value), f"resolving {name} abandoned: the resolver was closed"
+            )
+        self.assertEqual(self.srv.outstanding, {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.srv.hold = False
+        _, targets = self.resolve("example.org")
+        self.assertEqual(targets, [("fed.example.org", 8443)])
+        self.assertEqual(self.srv.lookups, [name, name])
+
+    def test_close_abandons_the_well_known_fetches_in_flight(self) -> None:
+        """close() abandons a .well-known fetch in flight: its callers fail with a
+        ConnectionError (the client's TransportError), the request and its
+        WELL_KNOWN_TIMEOUT timer are cancelled, and nothing is cached or counted from it:
+        the next resolution fetches it anew."""
+        hanging = CannedResource(hang=True)
+        self.peers.add_peer("example.org", hanging)
+        first = self.resolver.resolve_server("example.org")
+        second = self.resolver.get_well_known("example.org")
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        self.assertNotEqual(self.clock.getDelayedCalls(), [])
+        self.resolver.close()
+        for resolution in (first, second):
+            failure = self.failureResultOf(resolution, ConnectionError)
+            self.assertEqual(
+                str(failure.value),
+                "resolving https://example.org/.well-known/matrix/server abandoned:"
+                " the resolver was closed",
+            )
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(len(hanging.requests), 1)
+        self.well_known("example.org", {"m.server": "matrix.example.org:8443"})
+        self.assertRoute(
+            "example.org",
+            [("matrix.example.org", 8443)],
+            "matrix.example.org:8443",
+            "matrix.example.org",
+        )
+        self.assertEqual(self.resolver._failures, {})
+
     def test_system_resolver(self) -> None:
         """The system SRV resolver is a twisted.names IResolver built on our reactor."""
         from twisted.internet.interfaces import IResolver
