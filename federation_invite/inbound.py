@@ -35,10 +35,17 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from .auth import RequestAuthenticator
-from .core.canonical import EncodedDict, encode_canonical_json
+from .core.canonical import EncodedDict, encode_canonical_json, nesting_depth
 from .core.errors import Codes, MatrixError
 from .core.events import PreparedEvent, check_content_hash, prepare_event, room_id_for_create_event
-from .core.format import MAX_PDU_SIZE, check_event_format, check_pdu_size
+from .core.format import (
+    MAX_PDU_NESTING,
+    MAX_PDU_SIZE,
+    MAX_ROOM_STATE_NESTING,
+    check_event_format,
+    check_pdu_size,
+    room_state_nesting_problem,
+)
 from .core.ids import is_valid_user_id, server_name_key, server_name_of
 from .core.keys import is_valid_key_id
 from .core.roomversions import RoomVersion, get_room_version
@@ -276,10 +283,9 @@ class InviteHandler:
         ``numbers_strict``: the body was parsed with ``parse_json_with_numbers``
         and holds no float or out-of-range integer, so strict and lax canonical
         encodings of it are the same bytes and need no separate checking walk.
-        ``nesting_checked``: the body was parsed with a ``max_nesting`` that keeps
-        the event and every ``invite_room_state`` entry within
-        ``format.MAX_PDU_NESTING`` (as ``web.invite`` does), so they are not walked
-        again to check it.
+        ``nesting_checked``: the body was parsed with ``invite_body_nesting_problem``
+        (row 2, as ``web.invite`` does), so neither the event nor its room state is
+        walked again to check their nesting; otherwise that check is made here.
         """
         # The origin once its signature verified; until then the X-Matrix header's claim,
         # which the log lines keep apart (claimed_origin), so that nothing keyed on
@@ -384,9 +390,14 @@ class InviteHandler:
 
         The invitee is appended to ``known_invitee`` once row 11 has found it valid.
         """
+        if not nesting_checked:
+            # Row 2's nesting, for a body not parsed with it (on_invite called directly).
+            problem = invite_body_nesting_problem(api_version, body)
+            if problem is not None:
+                raise MatrixError(400, Codes.NOT_JSON, problem)
         room_version, event, invite_room_state = _unwrap(api_version, body)
         check_event_format(
-            room_version, event, numbers_checked=numbers_strict, nesting_checked=nesting_checked
+            room_version, event, numbers_checked=numbers_strict, nesting_checked=True
         )
         # With no float or large integer in the body, the lax encoding is the
         # strict one: encode without walking the event again for each hash.
@@ -412,7 +423,7 @@ class InviteHandler:
         ):
             raise _invalid("invite_room_state must be a list of objects")
         room_state, invite_room_state = await self._check_room_state(
-            room_version, room_id, invite_room_state, nesting_checked
+            room_version, room_id, invite_room_state
         )
         invite = InboundInvite(
             origin=origin,
@@ -596,7 +607,6 @@ class InviteHandler:
         room_version: RoomVersion,
         room_id: str,
         room_state: list[Any],
-        nesting_checked: bool = False,
     ) -> tuple[_RoomStateFindings, list[Any]]:
         """Row 13: ``invite_room_state`` (server-server-api, invites-v2 "invite_room_state").
 
@@ -656,10 +666,7 @@ class InviteHandler:
                 )
             # Every entry checked locally before any signature, whose keys may
             # have to be fetched: a bad entry costs no request.
-            prepared = [
-                self._check_state_pdu(room_version, room_id, entry, nesting_checked)
-                for entry in full
-            ]
+            prepared = [self._check_state_pdu(room_version, room_id, entry) for entry in full]
             keys = await self._room_state_keys(room_version, full)
             for entry, (prepared_entry, hash_ok) in zip(full, prepared, strict=True):
                 try:
@@ -678,9 +685,7 @@ class InviteHandler:
         if problem is None:
             for entry in full[:_MAX_WARN_CHECKED_ENTRIES]:
                 try:
-                    prepared_entry, hash_ok = self._check_state_pdu(
-                        room_version, room_id, entry, nesting_checked
-                    )
+                    prepared_entry, hash_ok = self._check_state_pdu(room_version, room_id, entry)
                     if not hash_ok:
                         redacted[id(entry)] = prepared_entry.redacted
                     self._verify_known_signers(room_version, entry, prepared_entry)
@@ -749,13 +754,13 @@ class InviteHandler:
         room_version: RoomVersion,
         room_id: str,
         entry: dict[str, Any],
-        nesting_checked: bool = False,
     ) -> tuple[PreparedEvent, bool]:
         """An ``invite_room_state`` full event's checks that need no keys: its format and
         room; 400 M_INVALID_PARAM, or its prepared form for the signatures (whose
-        ``redacted`` is its redacted copy) and whether its content hash matches."""
+        ``redacted`` is its redacted copy) and whether its content hash matches. Its
+        nesting was checked with the invite's body (row 2), tighter than a PDU's own."""
         try:
-            check_event_format(room_version, entry, nesting_checked=nesting_checked)
+            check_event_format(room_version, entry, nesting_checked=True)
             check_pdu_size(entry)  # as the invite's own (row 8): a PDU's limit
         except MatrixError as exc:
             raise _invalid(f"invite_room_state entry is not a valid event: {exc.message}") from None
@@ -1033,6 +1038,36 @@ def _with_redacted(room_state: list[Any], redacted: dict[int, dict[str, Any]]) -
     if not redacted:
         return room_state
     return [redacted.get(id(entry), entry) for entry in room_state]
+
+
+#: An invite body's limit (row 2): v1, the body is the event; v2 wraps it in an object.
+_BODY_NESTING = {1: MAX_PDU_NESTING, 2: MAX_PDU_NESTING + 1}
+#: The number of arrays and objects (brackets) a body must exceed for
+#: ``invite_body_nesting_problem`` to find a problem in it (``parse_json``'s
+#: ``max_nesting`` with it): v2's room-state entries sit at level 3 of the body
+#: but must stay within ``MAX_ROOM_STATE_NESTING``, so a refused one takes 127.
+INVITE_BODY_BRACKETS = {1: MAX_PDU_NESTING, 2: MAX_ROOM_STATE_NESTING + 2}
+
+
+def invite_body_nesting_problem(api_version: int, body: Any) -> str | None:
+    """Row 2's nesting: why Synapse would refuse the invite ``body`` of the ``api_version``
+    endpoint as nested too deep, or None. Its event may nest ``MAX_PDU_NESTING`` levels,
+    the event counted (the v1 body is the event: 127; the v2 body wraps it: 128); its room
+    state's entries ``MAX_ROOM_STATE_NESTING`` (124, the entry counted), which Synapse
+    parses inside the event's ``unsigned`` on v2 as on v1.
+
+    ``web.invite`` parses bodies with it (``parse_json``'s ``nesting_problem``, asked only
+    for a body with more than ``INVITE_BODY_BRACKETS`` brackets); ``on_invite`` asks it
+    for a body not parsed so (``nesting_checked`` False).
+    """
+    limit = _BODY_NESTING[api_version]
+    if nesting_depth(body, limit) > limit:
+        return f"JSON is nested deeper than {limit} levels"
+    if api_version == 2 and isinstance(body, dict):
+        problem = room_state_nesting_problem(body.get("invite_room_state"))
+        if problem is not None:
+            return f"invite_room_state: {problem}"
+    return None
 
 
 def _unwrap(api_version: int, body: dict[str, Any]) -> tuple[RoomVersion, dict[str, Any], Any]:

@@ -48,6 +48,7 @@ from .core.format import (
     check_pdu_nesting,
     check_pdu_size,
     federation_form_problem,
+    room_state_nesting_problem,
 )
 from .core.ids import is_valid_room_id, is_valid_server_name, is_valid_user_id, server_name_of
 from .core.roomversions import EventFormat, RedactionRules, RoomVersion, room_version_of
@@ -322,9 +323,10 @@ class InviteSender:
         What receivers refuse as malformed is refused here, before anything is
         signed or sent: a room v3+ event that carries an ``event_id``, a room v12
         one whose ``auth_events`` list the room's create event, one whose ``hashes``
-        hold a value that is no string, one nested deeper than 127 levels (the
-        same rules as our receiving side's: ``federation_form_problem``,
-        ``check_pdu_nesting``).
+        hold a value that is no string, one nested deeper than 127 levels, or
+        room state with an entry nested deeper than 124 (the same rules as our
+        receiving side's: ``federation_form_problem``, ``check_pdu_nesting``,
+        ``room_state_nesting_problem``).
         ``event`` is never modified. Cancelling the Deferred abandons the request.
         """
         return Deferred.fromCoroutine(
@@ -351,7 +353,7 @@ class InviteSender:
             via = None
         if room_version.room_id_is_create_event_hash:
             _check_create_event(room_version, event, room_state)
-        _check_before_signing(room_version, event)
+        _check_before_signing(room_version, event, room_state)
         signed, prepared = _check_signed(room_version, await self._sign(room_version, event))
         if (
             room_version.event_id_in_event
@@ -711,7 +713,9 @@ def _check_create_event(
             )
 
 
-def _check_before_signing(room_version: RoomVersion, event: Mapping[str, Any]) -> None:
+def _check_before_signing(
+    room_version: RoomVersion, event: Mapping[str, Any], room_state: list[dict[str, Any]]
+) -> None:
     """What receivers refuse as malformed (Synapse, and ``check_event_format`` on
     receipt: 400 ``M_BAD_JSON``) though the PDU schemas allow it, as
     ``federation_form_problem`` says; checked before the event is signed, since
@@ -719,7 +723,9 @@ def _check_before_signing(room_version: RoomVersion, event: Mapping[str, Any]) -
     be stripped from a signed event: the event must be signed without it), as a
     room v12 event whose ``auth_events`` list the room's create event or one whose
     ``hashes`` hold a value that is no string, and one nested deeper than
-    Synapse's PDU parser takes (``check_pdu_nesting``).
+    Synapse's PDU parser takes (``check_pdu_nesting``), or whose room state is
+    (``room_state_nesting_problem``: Synapse parses it inside the event's
+    ``unsigned``, where our v1 fallback sends it too).
     """
     problem = federation_form_problem(room_version, event)
     if problem is not None:
@@ -730,6 +736,9 @@ def _check_before_signing(room_version: RoomVersion, event: Mapping[str, Any]) -
         raise InviteNotSendable(
             f"the event is not a valid room version {room_version.identifier} PDU: {exc.message}"
         ) from None
+    problem = room_state_nesting_problem(room_state)
+    if problem is not None:
+        raise InviteNotSendable(f"invite_room_state: {problem}")
 
 
 def _check_signed(

@@ -18,7 +18,7 @@ from federation_invite import inbound as inbound_module
 from federation_invite import policy as policy_module
 from federation_invite.auth import ServerAcl
 from federation_invite.config import load_config
-from federation_invite.core.canonical import encode_canonical_json
+from federation_invite.core.canonical import encode_canonical_json, parse_json_with_numbers
 from federation_invite.core.errors import MatrixError
 from federation_invite.core.events import prepare_event, redact
 from federation_invite.core.format import check_event_format
@@ -34,6 +34,7 @@ from federation_invite.metrics import InviteMetrics
 from federation_invite.policy import InvitePolicy
 from federation_invite.service import build_components
 from federation_invite.store import InviteRule, StoreError
+from federation_invite.web import invite as invite_resource_module
 
 from .invites import (
     ALICE,
@@ -304,7 +305,8 @@ class PduNestingTests(InboundTestCase):
     """Row 2: Synapse's PDU parser refuses a PDU nested 128 levels deep (the event object
     counted), so an invite whose event is nested that deep is refused before it is co-signed,
     as the body's nesting: 400 M_NOT_JSON; 127 levels are accepted. The v2 body wraps the
-    event, so its limit is 128 (invite_room_state's entries, a level deeper, stay below 127)."""
+    event, so its limit is 128; Synapse parses the room state inside the event's unsigned,
+    so its entries may nest 124 levels (the entry counted), on v2 as on v1."""
 
     scenario_kwargs = {"limits": InviteLimits(invitee_burst=100)}
 
@@ -342,6 +344,68 @@ class PduNestingTests(InboundTestCase):
             deep = {"n": deep}
         entry = stripped("m.room.name", "", {"name": "x", "deep": deep})
         self.assertRefused(self.send_v2(room_version, event, [entry]), 400, "M_NOT_JSON")
+
+    @staticmethod
+    def deep_entry(levels: int) -> dict[str, Any]:
+        """A stripped room-state entry nested ``levels`` deep, the entry counted."""
+        deep: Any = 1
+        for _ in range(levels - 2):  # the entry and its content are two levels
+            deep = {"n": deep}
+        return stripped("m.room.name", "", {"name": "x", "deep": deep})
+
+    def test_room_state_entry_limit_v2(self) -> None:
+        """v2: Synapse moves the body's invite_room_state into the event's unsigned before
+        its PDU parser, so each entry sits four levels into the event: 124 levels (the entry
+        counted) are accepted, 125 refused, as on v1 (not the 126 a 128-deep body allows)."""
+        room_version, event = self.s.invite()
+        self.assertEqual(self.send_v2(room_version, event, [self.deep_entry(124)])[0], 200)
+        for levels in (125, 126):
+            room_version, event = self.s.invite()
+            answer = self.assertRefused(
+                self.send_v2(room_version, event, [self.deep_entry(levels)]), 400, "M_NOT_JSON"
+            )
+            self.assertEqual(
+                answer["error"], "invite_room_state: an entry is nested deeper than 124 levels"
+            )
+
+    def test_room_state_entry_limit_v1(self) -> None:
+        """v1: the room state rides in the event's unsigned, its entries at level 4: 124
+        levels accepted, 125 refused (the event's own limit)."""
+        room_version = KNOWN_ROOM_VERSIONS["1"]
+        for levels, ok in ((124, True), (125, False)):
+            event = build_invite(
+                room_version,
+                self.s.their_key,
+                extra={"unsigned": {"invite_room_state": [self.deep_entry(levels)]}},
+            )
+            if ok:
+                self.assertEqual(self.send_v1(event)[0], 200)
+            else:
+                self.assertRefused(self.send_v1(event), 400, "M_NOT_JSON")
+
+    def test_room_state_entry_limit_on_invite_called_directly(self) -> None:
+        """on_invite called without the parse-time limit (nesting_checked False, as an
+        embedder calling it directly) holds v2 room-state entries to 124 levels too."""
+        on_invite = self.s.handler.on_invite
+
+        async def unchecked(*args: Any) -> Any:
+            return await on_invite(*args[:7], False)
+
+        self.patch(self.s.handler, "on_invite", unchecked)
+        self.patch(
+            invite_resource_module,
+            "parse_json_with_numbers",
+            lambda raw, **kwargs: parse_json_with_numbers(raw, require_object=True),
+        )
+        room_version, event = self.s.invite()
+        self.assertEqual(self.send_v2(room_version, event, [self.deep_entry(124)])[0], 200)
+        room_version, event = self.s.invite()
+        answer = self.assertRefused(
+            self.send_v2(room_version, event, [self.deep_entry(125)]), 400, "M_NOT_JSON"
+        )
+        self.assertEqual(
+            answer["error"], "invite_room_state: an entry is nested deeper than 124 levels"
+        )
 
 
 class RequestShapeTests(InboundTestCase):

@@ -1474,11 +1474,26 @@ def _hash_of_no_string(room_version: RoomVersion, event: dict[str, Any]) -> dict
     return {**hashed, "hashes": {**hashed["hashes"], "sha512": 1}}
 
 
+def _deep_room_state(state: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    deep: Any = 1
+    for _ in range(123):  # + content + the entry: 125 levels
+        deep = {"n": deep}
+    return [
+        *state,
+        {
+            "type": "m.room.name",
+            "state_key": "",
+            "sender": ALICE,
+            "content": {"name": "x", "deep": deep},
+        },
+    ]
+
+
 class InboundOutboundAgreementTests(_Base):
     """What our receiving side refuses as malformed, our sending side refuses before anything
     is signed, so that the two cannot drift apart again: for each shape Synapse's PDU parser
     refuses (v3+ event_id, a v12 auth_events listing the create event, nesting past 127
-    levels, a hashes value that is no string), the outbound check fails with
+    levels, a hashes value that is no string, a room-state entry nested past 124 levels), the outbound check fails with
     InviteNotSendable without calling the signer or sending, and the same event, signed by
     us and PUT as is to our own receiver, is refused with the status and errcode given."""
 
@@ -1497,14 +1512,29 @@ class InboundOutboundAgreementTests(_Base):
         ("hash of no string", "10", _hash_of_no_string, 400, "M_BAD_JSON"),
         ("hash of no string", "12", _hash_of_no_string, 400, "M_BAD_JSON"),
     ]
+    #: Room state that Synapse's PDU parser refuses, which it parses inside the event's
+    #: unsigned (v2 moves it there): an entry nested 125 deep, the entry counted.
+    ROOM_STATE_SHAPES: list[tuple[str, str, Callable[[list[dict[str, Any]]], Any], int, str]] = [
+        ("room-state entry nested 125 deep", "10", _deep_room_state, 400, "M_NOT_JSON"),
+        ("room-state entry nested 125 deep", "1", _deep_room_state, 400, "M_NOT_JSON"),
+    ]
 
     def test_inbound_and_outbound_agree(self) -> None:
         receiver = Receiver(self.origin)
         self.origin.agent.add_peer(PEER, receiver.site())
-        for what, version_id, shape, status, errcode in self.SHAPES:
+        cases = [
+            (what, version_id, shape, None, status, errcode)
+            for what, version_id, shape, status, errcode in self.SHAPES
+        ] + [
+            (what, version_id, None, state_shape, status, errcode)
+            for what, version_id, state_shape, status, errcode in self.ROOM_STATE_SHAPES
+        ]
+        for what, version_id, shape, state_shape, status, errcode in cases:
             room_version = KNOWN_ROOM_VERSIONS[version_id]
             event, state = self.origin.invite(version_id)
-            shaped = shape(room_version, event)
+            shaped = event if shape is None else shape(room_version, event)
+            if state_shape is not None:
+                state = state_shape(state)
             # Outbound: refused before the signer is asked, and nothing sent.
             calls = len(self.origin.signer.calls)
             requests = len(self.origin.agent.requests)
@@ -1518,7 +1548,12 @@ class InboundOutboundAgreementTests(_Base):
                 signed = hash_and_sign_event(room_version, shaped, OURS, self.origin.key)
             event_id = compute_event_id(room_version, signed)
             if room_version.event_id_in_event:
-                api, body = "v1", signed
+                # v1: the room state rides in the event's unsigned (outside the signatures).
+                api = "v1"
+                body = {
+                    **signed,
+                    "unsigned": {**signed.get("unsigned", {}), "invite_room_state": state},
+                }
             else:
                 api = "v2"
                 body = {"room_version": version_id, "event": signed, "invite_room_state": state}

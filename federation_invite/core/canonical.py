@@ -181,7 +181,13 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
 
 
-def parse_json(body: bytes, *, require_object: bool = False, max_nesting: int = MAX_NESTING) -> Any:
+def parse_json(
+    body: bytes,
+    *,
+    require_object: bool = False,
+    max_nesting: int = MAX_NESTING,
+    nesting_problem: Callable[[Any], str | None] | None = None,
+) -> Any:
     """Parse a request body strictly.
 
     Raises ``MatrixError`` 400 ``M_NOT_JSON`` for anything that is not UTF-8
@@ -192,12 +198,23 @@ def parse_json(body: bytes, *, require_object: bool = False, max_nesting: int = 
     between parsers and so must never be signed. The duplicate is reported only
     once the body is known to be JSON (and an object, if required). ``body``
     is bytes (or a bytearray); a str is a ``TypeError``.
+
+    ``nesting_problem`` replaces the ``max_nesting`` rule with one of the
+    caller's, which may count only parts of the value: it is called with the
+    value, only for a body with more than ``max_nesting`` arrays and objects
+    (brackets counted, so it must find a problem only in a value nested
+    deeper than that), and its answer, if not None, is the ``M_NOT_JSON``
+    message; the whole value stays bounded by ``MAX_NESTING``.
     """
-    return _parse(body, _decoder, require_object, max_nesting)
+    return _parse(body, _decoder, require_object, max_nesting, nesting_problem)
 
 
 def parse_json_with_numbers(
-    body: bytes, *, require_object: bool = False, max_nesting: int = MAX_NESTING
+    body: bytes,
+    *,
+    require_object: bool = False,
+    max_nesting: int = MAX_NESTING,
+    nesting_problem: Callable[[Any], str | None] | None = None,
 ) -> tuple[Any, bool]:
     """``parse_json``, also telling whether every number is strictly canonical.
 
@@ -208,7 +225,8 @@ def parse_json_with_numbers(
     """
     numbers = _numbers
     numbers.clean = True
-    return _parse(body, numbers.decoder, require_object, max_nesting), numbers.clean
+    value = _parse(body, numbers.decoder, require_object, max_nesting, nesting_problem)
+    return value, numbers.clean
 
 
 class _NumbersDecoder(threading.local):
@@ -241,7 +259,13 @@ class _NumbersDecoder(threading.local):
 _numbers = _NumbersDecoder()
 
 
-def _parse(body: bytes, decoder: json.JSONDecoder, require_object: bool, max_nesting: int) -> Any:
+def _parse(
+    body: bytes,
+    decoder: json.JSONDecoder,
+    require_object: bool,
+    max_nesting: int,
+    nesting_problem: Callable[[Any], str | None] | None,
+) -> Any:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -261,8 +285,19 @@ def _parse(body: bytes, decoder: json.JSONDecoder, require_object: bool, max_nes
     # Nesting can only be as deep as there are brackets: count them at C speed
     # and walk the value only when there are many.
     limit = min(max_nesting, MAX_NESTING)
-    if text.count("[") + text.count("{") > limit and nesting_depth(value, limit) > limit:
-        raise MatrixError(400, Codes.NOT_JSON, f"JSON is nested deeper than {limit} levels")
+    brackets = text.count("[") + text.count("{")
+    if brackets > limit:
+        if nesting_problem is None:
+            if nesting_depth(value, limit) > limit:
+                raise MatrixError(400, Codes.NOT_JSON, f"JSON is nested deeper than {limit} levels")
+        else:
+            if brackets > MAX_NESTING and nesting_depth(value) > MAX_NESTING:
+                raise MatrixError(
+                    400, Codes.NOT_JSON, f"JSON is nested deeper than {MAX_NESTING} levels"
+                )
+            problem = nesting_problem(value)
+            if problem is not None:
+                raise MatrixError(400, Codes.NOT_JSON, problem)
     if require_object and not isinstance(value, dict):
         raise MatrixError(400, Codes.NOT_JSON, "The body must be a JSON object")
     if duplicates.key is not None:

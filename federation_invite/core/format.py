@@ -44,10 +44,13 @@ __all__ = [
     "MAX_PDU_NESTING",
     "MAX_PDU_SIZE",
     "MAX_PREV_EVENTS",
+    "MAX_ROOM_STATE_NESTING",
     "check_event_format",
     "check_pdu_nesting",
     "check_pdu_size",
     "federation_form_problem",
+    "pdu_nesting_problem",
+    "room_state_nesting_problem",
 ]
 
 #: A PDU's canonical JSON, signatures included, is at most this many bytes
@@ -64,6 +67,11 @@ MAX_AUTH_EVENTS = 10
 #: reach the room, so it is never co-signed. Lower than the parser's
 #: ``canonical.MAX_NESTING``, which bounds every body.
 MAX_PDU_NESTING = 127
+#: Deepest nesting of an ``invite_room_state`` entry, the entry counted as level 1.
+#: Synapse parses the room state inside the invite's ``unsigned`` (its v2
+#: ``/invite`` moves the body's ``invite_room_state`` there first), each entry at
+#: level 4 of the event (event, ``unsigned``, the list, the entry), on v1 as on v2.
+MAX_ROOM_STATE_NESTING = MAX_PDU_NESTING - 3
 
 #: pdu_v1/v3/v4 ``depth``: "Must be less than the maximum value for an integer (2^63 - 1)".
 _MAX_DEPTH_V1 = 2**63 - 1
@@ -257,10 +265,30 @@ def check_pdu_nesting(event: object) -> None:
     caller parsed the event with that limit), and the outbound client before it
     signs an event. Walks level by level, without recursion.
     """
+    problem = pdu_nesting_problem(event)
+    if problem is not None:
+        raise MatrixError(400, Codes.NOT_JSON, f"Invalid PDU: {problem}")
+
+
+def pdu_nesting_problem(event: object) -> str | None:
+    """Why Synapse's PDU parser would refuse ``event`` as nested too deep (deeper
+    than ``MAX_PDU_NESTING`` levels, the event counted), or None."""
     if nesting_depth(event, MAX_PDU_NESTING) > MAX_PDU_NESTING:
-        raise MatrixError(
-            400, Codes.NOT_JSON, f"Invalid PDU: nested deeper than {MAX_PDU_NESTING} levels"
-        )
+        return f"nested deeper than {MAX_PDU_NESTING} levels"
+    return None
+
+
+def room_state_nesting_problem(room_state: object) -> str | None:
+    """Why Synapse would refuse an invite carrying ``room_state`` (a list, the v2
+    body's or our outbound's ``invite_room_state``) as nested too deep: an entry
+    nested deeper than ``MAX_ROOM_STATE_NESTING`` levels, the entry counted; or
+    None. Anything but a list is not counted (Synapse's v2 ``/invite`` drops it)."""
+    if not isinstance(room_state, list | tuple):
+        return None
+    limit = MAX_ROOM_STATE_NESTING + 1  # the list is a level
+    if nesting_depth(room_state, limit) > limit:
+        return f"an entry is nested deeper than {MAX_ROOM_STATE_NESTING} levels"
+    return None
 
 
 def _check_room_id(version: RoomVersion, event: dict[str, Any], event_type: str) -> None:

@@ -14,6 +14,7 @@ those the client abandons (cancelled) and those failing unexpectedly (500
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from twisted.internet.defer import CancelledError
@@ -21,8 +22,7 @@ from twisted.web.server import Request
 
 from ..core.canonical import EncodedDict, EncodedList, parse_json_with_numbers
 from ..core.errors import Codes, MatrixError
-from ..core.format import MAX_PDU_NESTING
-from ..inbound import InviteHandler
+from ..inbound import INVITE_BODY_BRACKETS, InviteHandler, invite_body_nesting_problem
 from ._base import MatrixResource, not_found, render_async, write_error
 from .site import SiteRefusal, mark_outcome_logged
 
@@ -61,8 +61,10 @@ class InviteResource(MatrixResource):
         self._handler = handler
         self._api_version = api_version
         self._max_body_bytes = max_body_bytes
-        # v1: the body is the event; v2: {"event": <the event>, ...}, one level more.
-        self._max_nesting = MAX_PDU_NESTING + (api_version - 1)
+        # Row 2's nesting (invite_body_nesting_problem), asked only of a body with
+        # more brackets than could break it.
+        self._max_nesting = INVITE_BODY_BRACKETS[api_version]
+        self._nesting_problem = functools.partial(invite_body_nesting_problem, api_version)
 
     def dispatch(self, request: Request) -> bytes | int:
         segments = request.postpath or []
@@ -109,11 +111,14 @@ class InviteResource(MatrixResource):
                 raise MatrixError(400, Codes.INVALID_PARAM, f"The {what} in the path is not UTF-8")
             raw = _read_body(request, self._max_body_bytes)
             # Row 2 before row 3: a duplicate key is reported only in a JSON object.
-            # Nested no deeper than a PDU may be (the v2 body wraps the event in an
-            # object, and its invite_room_state entries in an array too, a level lower):
-            # then the handler need not walk the event or its room state for it.
+            # Nested no deeper than Synapse's PDU parser takes the event and its room
+            # state (invite_body_nesting_problem): then the handler need not walk the
+            # event or its room state for it. A shallow body is not walked at all.
             body, numbers_strict = parse_json_with_numbers(
-                raw, require_object=True, max_nesting=self._max_nesting
+                raw,
+                require_object=True,
+                max_nesting=self._max_nesting,
+                nesting_problem=self._nesting_problem,
             )
         except MatrixError as error:
             # Rows 1 to 3 and the path: refused before the handler, which logs and counts

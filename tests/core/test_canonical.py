@@ -381,6 +381,42 @@ class NestingTests(SynchronousTestCase):
                 )
                 parse(_nested(128, pattern).encode())
 
+    def test_nesting_rule_of_the_callers(self) -> None:
+        """nesting_problem replaces the max_nesting rule: asked only of a body with more
+        brackets than max_nesting (a shallow one is not walked), its answer is the
+        M_NOT_JSON message; the whole value stays bounded by 512."""
+        asked: list[Any] = []
+
+        def problem(value: Any) -> str | None:
+            asked.append(value)
+            return "too deep for me" if value == [[[[]]]] else None
+
+        for parse in (parse_json, parse_json_with_numbers):
+            del asked[:]
+            parse(b"[[[]]]", max_nesting=3, nesting_problem=problem)
+            self.assertEqual(asked, [])
+            parse(b"[[],[]]", max_nesting=2, nesting_problem=problem)
+            self.assertEqual(asked, [[[], []]])
+            error = self.assertRaises(
+                MatrixError, parse, b"[[[[]]]]", max_nesting=3, nesting_problem=problem
+            )
+            self.assertEqual(
+                (error.http_status, error.errcode, error.message),
+                (400, "M_NOT_JSON", "too deep for me"),
+            )
+            error = self.assertRaises(
+                MatrixError,
+                parse,
+                _nested(513, ["["]).encode(),
+                max_nesting=3,
+                nesting_problem=lambda value: None,
+            )
+            self.assertEqual(
+                (error.http_status, error.errcode, error.message),
+                (400, "M_NOT_JSON", "JSON is nested deeper than 512 levels"),
+            )
+            parse(_nested(512, ["["]).encode(), max_nesting=3, nesting_problem=lambda value: None)
+
     def test_depth_walk_does_not_grow_with_width(self) -> None:
         """Checking the depth of a body with many brackets takes Python-level work per level,
         not per value: 2,000 or 20,000 arrays side by side cost the same lines."""

@@ -14,8 +14,10 @@ from federation_invite.core.errors import MatrixError
 from federation_invite.core.format import (
     MAX_PDU_NESTING,
     MAX_PDU_SIZE,
+    MAX_ROOM_STATE_NESTING,
     check_event_format,
     check_pdu_size,
+    room_state_nesting_problem,
 )
 from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
 
@@ -611,6 +613,24 @@ class NestingTests(FormatTestCase):
         event["content"]["deep"] = nested(MAX_PDU_NESTING)
         check_event_format("10", event, nesting_checked=True)
         self.assertTooDeep("10", event)
+
+
+class RoomStateNestingTests(FormatTestCase):
+    """Synapse parses the invite's room state inside the event's unsigned (its v2 /invite
+    moves it there), each entry at level 4 of the event: an entry may nest 124 levels, the
+    entry counted. Anything but a list is not counted (Synapse drops it)."""
+
+    def test_limit(self) -> None:
+        self.assertEqual(MAX_ROOM_STATE_NESTING, 124)
+        for levels, problem in (
+            (124, None),
+            (125, "an entry is nested deeper than 124 levels"),
+            (100_000, "an entry is nested deeper than 124 levels"),
+        ):
+            entry = {"type": "m.room.name", "state_key": "", "content": {"x": nested(levels - 2)}}
+            self.assertEqual(room_state_nesting_problem([{}, entry]), problem, levels)
+            self.assertEqual(room_state_nesting_problem(({}, entry)), problem, levels)
+            self.assertIsNone(room_state_nesting_problem({"x": entry}))
 
 
 class NeverCrashTests(FormatTestCase):
