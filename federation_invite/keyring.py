@@ -14,7 +14,11 @@ A server whose fetch failed is not asked again until its back-off has
 passed (none when its answer timed out only while our address lookups waited for a
 resolver thread, ``TransportError.resolver_busy``: not its fault); one that
 answered (or a notary did for it), but not with every key asked for, not for 5 s
-(the pause). These are the keyring's own, the only per-server limits on its fetches:
+(the pause). A server that failed to answer while a notary answered for it is only
+paused, but its own key server is not asked again until its back-off (1 min, doubling
+up to 1 h, per name as fetched) has passed: until then its fetches ask the notaries
+alone, once per pause; its own answer ends that back-off. These are the keyring's
+own, the only per-server limits on its fetches:
 the federation client's back-off of the server, set by other requests (our invites to
 it while it was down), is passed by (``ignore_backoff``, as Synapse fetches keys), so
 it never holds up the key of a request the server sends once back; a fetch's outcome
@@ -496,6 +500,10 @@ class Keyring:
         #: spelling apart: see the module doc), as memory and the store are.
         self._inflight: dict[str, _Fetch] = {}
         self._backoff: dict[str, _Backoff] = {}
+        #: The back-off of each server's own key server (the direct request) after it
+        #: failed to answer, whatever the notaries did: while it lasts, fetches ask only the
+        #: notaries (``_fetch``). Its own answer ends it.
+        self._direct_backoff: dict[str, _Backoff] = {}
         #: Lookups waiting for a server's pause to end (same keys).
         self._pause_waits: dict[str, _PauseWait] = {}
         #: (since, until, key) of each pause set, oldest first, to forget the pauses that
@@ -888,8 +896,18 @@ class Keyring:
     async def _fetch(self, server_name: str, fetch: _Fetch) -> None:
         """Fetch directly, then from notaries; record success or back off."""
         self.fetches += 1
-        listed = await self._fetch_direct(server_name, fetch)
+        # A server that failed to answer is not asked directly again before its own
+        # back-off ends, even when a notary answered for it and so only paused it: the
+        # notaries are still asked once per pause. The sender's answer check asks it anyway.
+        direct = fetch.ignore_backoff or not self._direct_backing_off(server_name)
+        listed = await self._fetch_direct(server_name, fetch) if direct else None
         answered = listed is not None
+        direct_failed = (
+            direct
+            and listed is None
+            and not fetch.resolver_busy
+            and fetch.client_refused_until_ms is None
+        )
         for notary in self._notaries:
             # Read again for each notary: callers may have joined meanwhile.
             missing = self._missing(server_name, fetch.wanted)
@@ -906,6 +924,10 @@ class Keyring:
             raise _FetchAbandoned()  # closed while storing what it fetched: record nothing
         now_ms = self._now_ms()
         self._forget_ended_pauses(now_ms)
+        if listed is not None:
+            self._direct_backoff.pop(server_name, None)
+        elif direct_failed:
+            self._back_off_direct(server_name, now_ms)
         if not self._missing(server_name, fetch.wanted):
             self._backoff.pop(server_name, None)
             return
@@ -971,6 +993,28 @@ class Keyring:
             server=server_name,
             seconds=delay // 1000,
         )
+
+    def _direct_backing_off(self, server_name: str) -> bool:
+        backoff = self._direct_backoff.get(server_name)
+        return backoff is not None and backoff.waiting(self._now_ms())
+
+    def _back_off_direct(self, server_name: str, now_ms: int) -> None:
+        """Back off the server's own key server after it failed to answer: 1 min, doubling
+        the last delay up to 1 h (kept past its end to double the next, as a fetch's)."""
+        previous = self._direct_backoff.get(server_name)
+        delay = (
+            _MIN_BACKOFF_MS
+            if previous is None
+            else min(max(previous.delay_ms * 2, _MIN_BACKOFF_MS), _MAX_BACKOFF_MS)
+        )
+        make_room(
+            self._direct_backoff,
+            server_name,
+            _BACKOFF_TABLE_SIZE,
+            over=lambda other: not other.waiting(now_ms),
+            ends=lambda other: other.until_ms,
+        )
+        self._direct_backoff[server_name] = _Backoff(now_ms + delay, delay, now_ms)
 
     def _forget_ended_pauses(self, now_ms: int) -> None:
         """Drop the pauses that are over from the back-off table, with the key IDs they hold.

@@ -1269,6 +1269,97 @@ class NotaryTests(SynchronousTestCase):
         self.assertIn(self.key_id, keys)
         self.assertEqual(self.notary.queries, [])
 
+    def dead_server_flood(self, with_notary: bool) -> tuple[int, int]:
+        """Lookups of a dead server's keys (connection refused) every second for 2 h, through
+        the real FederationClient (its own back-off), with or without a notary that answers
+        an empty list (as Synapse's does for a server it cannot reach either): the direct
+        fetches of the server and the notary queries made."""
+        from twisted.web.resource import Resource
+
+        from federation_invite.client.testing import FakePeersAgent
+
+        queries: list[bytes] = []
+
+        class EmptyNotary(Resource):
+            isLeaf = True
+
+            def render_POST(self, request: Request) -> bytes:
+                queries.append(request.content.read())
+                return write_json(request, 200, {"server_keys": []})
+
+        peers = FakePeersAgent({"notary.example": EmptyNotary()})
+        client = FederationClient(self.clock, "local.example", make_key("k"), agent=peers)
+        key = self.notary_key
+        notaries = [
+            Notary("notary.example", ((key_id_of(key), encode_verify_key(verify_key_of(key))),))
+        ]
+        keyring = Keyring(self.clock, self.store, client, notaries=notaries if with_notary else [])
+        for _ in range(2 * 3600):
+            lookup = keyring.get_server_keys(
+                "dead.example", ["ed25519:x"], int(self.clock.seconds() * 1000)
+            )
+            self.assertEqual(self.successResultOf(lookup), {})
+            self.clock.advance(1)
+        direct = sum(1 for _, uri, _ in peers.requests if b"//dead.example/" in uri)
+        return direct, len(queries)
+
+    def test_dead_server_backed_off_without_notaries(self) -> None:
+        """Without notaries, a dead server is asked for its keys after a back-off of 1 min
+        doubling up to 1 h (README): at 0, 1, 3, 7, 15, 31 and 63 min, 7 times in 2 h."""
+        self.assertEqual(self.dead_server_flood(with_notary=False), (7, 0))
+
+    def test_dead_server_backed_off_with_a_notary_answering(self) -> None:
+        """With a notary that answers (an empty list), a dead server is still asked directly
+        only after its back-off (1 min doubling up to 1 h: 7 times in 2 h, as without
+        notaries), while the notary is asked at most once per 5 s pause (1440 times)."""
+        self.assertEqual(self.dead_server_flood(with_notary=True), (7, 1440))
+
+    def test_direct_back_off_ended_by_the_servers_answer(self) -> None:
+        """The back-off of a server's own key server that a notary answered for: within it,
+        lookups ask the notary only (once per 5 s pause); the sender's answer check
+        (``ignore_backoff``) asks the server anyway; after it, the server is asked again,
+        and its answer ends the back-off: a later failure starts again from 1 min."""
+        keyring = self.keyring()
+        self.notary.by_key_id = True  # the notary answers an empty list for back.example
+
+        def direct() -> int:
+            return sum(1 for call in self.federation.calls if call[1] == "back.example")
+
+        def look(**kwargs: Any) -> Any:
+            now_ms = int(self.clock.seconds() * 1000)
+            return self.successResultOf(
+                keyring.get_server_keys("back.example", [self.key_id], now_ms, **kwargs)
+            )
+
+        self.assertEqual(look(), {})
+        self.assertEqual((direct(), len(self.notary.queries)), (1, 1))
+        self.federation.add_key_server(self.clock, "back.example", [self.remote_key])
+        self.clock.advance(30)
+        self.assertEqual(look(), {})  # the notary only: the server's back-off lasts 1 min
+        self.assertEqual((direct(), len(self.notary.queries)), (1, 2))
+        self.assertEqual(look(), {})  # within the pause: nobody
+        self.assertEqual((direct(), len(self.notary.queries)), (1, 2))
+        self.assertIn(self.key_id, look(ignore_backoff=True))
+        self.assertEqual((direct(), len(self.notary.queries)), (2, 2))
+        # Its answer ended the back-off: when it fails again, 1 min again, not 2.
+        del self.federation.servers["back.example"]
+        self.clock.advance(10)
+        self.assertEqual(
+            self.successResultOf(
+                keyring.get_server_keys(
+                    "back.example", ["ed25519:other"], self.clock.seconds() * 1000
+                )
+            ),
+            {},
+        )
+        self.assertEqual(direct(), 3)
+        self.clock.advance(59)  # the notary only, pausing 5 s
+        keyring.get_server_keys("back.example", ["ed25519:other"], self.clock.seconds() * 1000)
+        self.assertEqual(direct(), 3)
+        self.clock.advance(5)  # pause and the 1 min back-off over (2 min would not be)
+        keyring.get_server_keys("back.example", ["ed25519:other"], self.clock.seconds() * 1000)
+        self.assertEqual(direct(), 4)
+
     def test_slow_notary_not_backed_off(self) -> None:
         """A notary slow about one server (it must reach that server itself: a tarpit anyone can
         name) is not backed off in the federation client: invites to its users and lookups of
