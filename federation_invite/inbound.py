@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from .auth import RequestAuthenticator
-from .core.canonical import EncodedDict, encode_canonical_json, nesting_depth
+from .core.canonical import EncodedDict, encode_canonical_json
 from .core.errors import Codes, MatrixError
 from .core.events import PreparedEvent, check_content_hash, prepare_event, room_id_for_create_event
 from .core.format import (
@@ -44,7 +44,7 @@ from .core.format import (
     MAX_ROOM_STATE_NESTING,
     check_event_format,
     check_pdu_size,
-    room_state_nesting_problem,
+    pdu_nesting_exceeded,
 )
 from .core.ids import is_valid_user_id, server_name_key, server_name_of
 from .core.keys import is_valid_key_id
@@ -1054,20 +1054,30 @@ def invite_body_nesting_problem(api_version: int, body: Any) -> str | None:
     endpoint as nested too deep, or None. Its event may nest ``MAX_PDU_NESTING`` levels,
     the event counted (the v1 body is the event: 127; the v2 body wraps it: 128); its room
     state's entries ``MAX_ROOM_STATE_NESTING`` (124, the entry counted), which Synapse
-    parses inside the event's ``unsigned`` on v2 as on v1.
+    parses inside the event's ``unsigned`` on v2 as on v1. What Synapse leaves out is not
+    counted (``format.pdu_nesting_exceeded``): the ``unsigned`` keys it strips (all but
+    ``invite_room_state`` and ``knock_room_state``), and on v2 the event's own
+    ``unsigned.invite_room_state`` (replaced by the body's) and the body's keys other
+    than ``event`` and ``invite_room_state``; they are bounded as every body is, by
+    ``MAX_NESTING`` (which the parser checks, and this too for the event's ``unsigned``).
 
     ``web.invite`` parses bodies with it (``parse_json``'s ``nesting_problem``, asked only
     for a body with more than ``INVITE_BODY_BRACKETS`` brackets); ``on_invite`` asks it
     for a body not parsed so (``nesting_checked`` False).
     """
-    limit = _BODY_NESTING[api_version]
-    if nesting_depth(body, limit) > limit:
-        return f"JSON is nested deeper than {limit} levels"
-    if api_version == 2 and isinstance(body, dict):
-        problem = room_state_nesting_problem(body.get("invite_room_state"))
-        if problem is not None:
-            return f"invite_room_state: {problem}"
-    return None
+    if api_version == 1:
+        exceeded = pdu_nesting_exceeded(body)
+    elif isinstance(body, dict) and isinstance(body.get("event"), dict):
+        exceeded = pdu_nesting_exceeded(body["event"], body.get("invite_room_state", []))
+    else:
+        return None  # row 2 or 5 refuses it (the parser bounding it by MAX_NESTING)
+    if not exceeded:
+        return None
+    if exceeded == MAX_ROOM_STATE_NESTING:
+        return f"invite_room_state: an entry is nested deeper than {MAX_ROOM_STATE_NESTING} levels"
+    if exceeded == MAX_PDU_NESTING:
+        exceeded = _BODY_NESTING[api_version]
+    return f"JSON is nested deeper than {exceeded} levels"
 
 
 def _unwrap(api_version: int, body: dict[str, Any]) -> tuple[RoomVersion, dict[str, Any], Any]:

@@ -44,11 +44,11 @@ from .core.events import (
     room_id_for_create_event,
 )
 from .core.format import (
+    MAX_ROOM_STATE_NESTING,
     check_event_format,
-    check_pdu_nesting,
     check_pdu_size,
     federation_form_problem,
-    room_state_nesting_problem,
+    pdu_nesting_exceeded,
 )
 from .core.ids import is_valid_room_id, is_valid_server_name, is_valid_user_id, server_name_of
 from .core.roomversions import EventFormat, RedactionRules, RoomVersion, room_version_of
@@ -323,10 +323,10 @@ class InviteSender:
         What receivers refuse as malformed is refused here, before anything is
         signed or sent: a room v3+ event that carries an ``event_id``, a room v12
         one whose ``auth_events`` list the room's create event, one whose ``hashes``
-        hold a value that is no string, one nested deeper than 127 levels, or
-        room state with an entry nested deeper than 124 (the same rules as our
-        receiving side's: ``federation_form_problem``, ``check_pdu_nesting``,
-        ``room_state_nesting_problem``).
+        hold a value that is no string, one nested deeper than 127 levels (not
+        counting the ``unsigned`` keys Synapse strips), or room state with an
+        entry nested deeper than 124 (the same rules as our receiving side's:
+        ``federation_form_problem``, ``format.pdu_nesting_exceeded``).
         ``event`` is never modified. Cancelling the Deferred abandons the request.
         """
         return Deferred.fromCoroutine(
@@ -354,7 +354,9 @@ class InviteSender:
         if room_version.room_id_is_create_event_hash:
             _check_create_event(room_version, event, room_state)
         _check_before_signing(room_version, event, room_state)
-        signed, prepared = _check_signed(room_version, await self._sign(room_version, event))
+        signed, prepared = _check_signed(
+            room_version, await self._sign(room_version, event), room_state
+        )
         if (
             room_version.event_id_in_event
             and server_name_of(signed["event_id"]) != self.server_name
@@ -723,29 +725,40 @@ def _check_before_signing(
     be stripped from a signed event: the event must be signed without it), as a
     room v12 event whose ``auth_events`` list the room's create event or one whose
     ``hashes`` hold a value that is no string, and one nested deeper than
-    Synapse's PDU parser takes (``check_pdu_nesting``), or whose room state is
-    (``room_state_nesting_problem``: Synapse parses it inside the event's
-    ``unsigned``, where our v1 fallback sends it too).
+    Synapse's PDU parser takes, or whose room state is (``_nesting_problem``).
     """
     problem = federation_form_problem(room_version, event)
     if problem is not None:
         raise InviteNotSendable(problem)
-    try:
-        check_pdu_nesting(event)
-    except MatrixError as exc:
-        raise InviteNotSendable(
-            f"the event is not a valid room version {room_version.identifier} PDU: {exc.message}"
-        ) from None
-    problem = room_state_nesting_problem(room_state)
+    problem = _nesting_problem(room_version, event, room_state)
     if problem is not None:
-        raise InviteNotSendable(f"invite_room_state: {problem}")
+        raise InviteNotSendable(problem)
+
+
+def _nesting_problem(
+    room_version: RoomVersion, event: Mapping[str, Any], room_state: list[dict[str, Any]]
+) -> str | None:
+    """Why Synapse would refuse ``event`` sent with ``room_state`` as nested too deep
+    (``pdu_nesting_exceeded``: it parses the room state inside the event's ``unsigned``,
+    where our v1 fallback sends it too and its v2 ``/invite`` moves it, in place of the
+    event's own; the ``unsigned`` keys it strips do not count), or None."""
+    exceeded = pdu_nesting_exceeded(event, room_state)
+    if not exceeded:
+        return None
+    if exceeded == MAX_ROOM_STATE_NESTING:
+        return f"invite_room_state: an entry is nested deeper than {exceeded} levels"
+    return (
+        f"the event is not a valid room version {room_version.identifier} PDU: "
+        f"Invalid PDU: nested deeper than {exceeded} levels"
+    )
 
 
 def _check_signed(
-    room_version: RoomVersion, event: dict[str, Any]
+    room_version: RoomVersion, event: dict[str, Any], room_state: list[dict[str, Any]]
 ) -> tuple[dict[str, Any], PreparedEvent]:
     """Format, size and content hash of the event about to be sent; the event as it goes
-    on the wire and its prepared form.
+    on the wire and its prepared form. Its nesting is checked with the room state sent
+    beside it, as Synapse parses them (``_nesting_problem``).
 
     The event is decoded back from its canonical encoding, and that is what is sent,
     compared with the answer and handed back: a tuple the caller put in it (which
@@ -755,7 +768,7 @@ def _check_signed(
         # Our client sends strict canonical JSON only (no floats, safe integers).
         encoded = encode_canonical_json(event, strict=True)
         sent: dict[str, Any] = json.loads(encoded)
-        check_event_format(room_version, sent)
+        check_event_format(room_version, sent, nesting_checked=True)
         check_pdu_size(encoded)
     except MatrixError as exc:
         raise InviteNotSendable(
@@ -763,6 +776,9 @@ def _check_signed(
         ) from None
     except ValueError as exc:
         raise InviteNotSendable(f"the event is not strict canonical JSON: {exc}") from None
+    problem = _nesting_problem(room_version, sent, room_state)
+    if problem is not None:
+        raise InviteNotSendable(problem)
     if not check_content_hash(room_version, sent):
         raise InviteNotSendable("the event's content hash (hashes.sha256) is wrong")
     return sent, prepare_event(room_version, sent, strict=True)

@@ -383,6 +383,72 @@ class PduNestingTests(InboundTestCase):
             else:
                 self.assertRefused(self.send_v1(event), 400, "M_NOT_JSON")
 
+    @staticmethod
+    def deep(levels: int) -> Any:
+        """A value nested ``levels`` deep."""
+        value: Any = 1
+        for _ in range(levels):
+            value = {"n": value}
+        return value
+
+    def test_what_synapse_strips_is_not_counted(self) -> None:
+        """Synapse strips every unsigned key of an invite but invite_room_state and
+        knock_room_state before its PDU parser (age it reads and drops), and its v2 /invite
+        reads only the body's event, room_version and invite_room_state (which replaces the
+        event's unsigned.invite_room_state): their depth never counts, so deep values there
+        are accepted (bounded only by the 512 levels every body is), as Synapse accepts them;
+        a body nested past 512 is refused."""
+        unsigned_keys = ("x", "age", "age_ts")
+        for levels in (126, 300, 509):
+            for key in unsigned_keys:
+                room_version, event = self.s.invite(extra={"unsigned": {key: self.deep(levels)}})
+                self.assertEqual(self.send_v2(room_version, event)[0], 200, (key, levels))
+                event = build_invite(
+                    KNOWN_ROOM_VERSIONS["1"],
+                    self.s.their_key,
+                    extra={"unsigned": {key: self.deep(levels)}},
+                )
+                self.assertEqual(self.send_v1(event)[0], 200, (key, levels))
+            # v2: the event's own unsigned.invite_room_state (replaced by the body's), a key
+            # of the body's own.
+            room_version, event = self.s.invite(
+                extra={"unsigned": {"invite_room_state": [self.deep(levels - 1)]}}
+            )
+            self.assertEqual(self.send_v2(room_version, event)[0], 200, levels)
+            room_version, event = self.s.invite()
+            body = {**self.s.v2_body(room_version, event), "x": self.deep(levels)}
+            self.assertEqual(self.send_v2(room_version, event, body=body)[0], 200, levels)
+        # Past 512 levels, the limit of every body.
+        room_version, event = self.s.invite(extra={"unsigned": {"x": self.deep(510)}})
+        answer = self.assertRefused(self.send_v2(room_version, event), 400, "M_NOT_JSON")
+        self.assertEqual(answer["error"], "JSON is nested deeper than 512 levels")
+        event = build_invite(
+            KNOWN_ROOM_VERSIONS["1"], self.s.their_key, extra={"unsigned": {"x": self.deep(511)}}
+        )
+        answer = self.assertRefused(self.send_v1(event), 400, "M_NOT_JSON")
+        self.assertEqual(answer["error"], "JSON is nested deeper than 512 levels")
+
+    def test_knock_room_state_counts(self) -> None:
+        """unsigned.knock_room_state, which Synapse keeps, counts as the event's own: a
+        value in it reaching level 128 of the event is refused, on v2 and v1."""
+        for levels, ok in ((125, True), (126, False)):  # + event, unsigned: 127, 128
+            room_version, event = self.s.invite(
+                extra={"unsigned": {"knock_room_state": [self.deep(levels - 1)]}}
+            )
+            if ok:
+                self.assertEqual(self.send_v2(room_version, event)[0], 200)
+            else:
+                self.assertRefused(self.send_v2(room_version, event), 400, "M_NOT_JSON")
+            event = build_invite(
+                KNOWN_ROOM_VERSIONS["1"],
+                self.s.their_key,
+                extra={"unsigned": {"knock_room_state": [self.deep(levels - 1)]}},
+            )
+            if ok:
+                self.assertEqual(self.send_v1(event)[0], 200)
+            else:
+                self.assertRefused(self.send_v1(event), 400, "M_NOT_JSON")
+
     def test_room_state_entry_limit_on_invite_called_directly(self) -> None:
         """on_invite called without the parse-time limit (nesting_checked False, as an
         embedder calling it directly) holds v2 room-state entries to 124 levels too."""
@@ -406,6 +472,10 @@ class PduNestingTests(InboundTestCase):
         self.assertEqual(
             answer["error"], "invite_room_state: an entry is nested deeper than 124 levels"
         )
+        # What Synapse strips is not counted here either.
+        room_version, event = self.s.invite(extra={"unsigned": {"x": self.deep(300)}})
+        body = {**self.s.v2_body(room_version, event), "x": self.deep(300)}
+        self.assertEqual(self.send_v2(room_version, event, body=body)[0], 200)
 
 
 class RequestShapeTests(InboundTestCase):

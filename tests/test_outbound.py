@@ -1432,6 +1432,24 @@ class BeforeSendingTests(_Base):
             )
             self.assertEqual(len(self.origin.signer.calls), calls)
 
+    def test_what_synapse_strips_is_not_counted(self) -> None:
+        """Unsigned keys Synapse strips before its PDU parser (all but invite_room_state and
+        knock_room_state) do not count toward the 127 levels: such an event goes out; past
+        the 512 levels every body is bounded by, it is refused before signing."""
+        for levels, ok in ((511, False), (300, True)):  # + the event and unsigned
+            event, state = self.origin.invite("10")
+            event["unsigned"] = {"x": _deep(levels)}
+            if ok:
+                self.successResultOf(self.origin.send("10", event, state))
+                continue
+            calls = len(self.origin.signer.calls)
+            self.assertEqual(
+                self.not_sendable("10", event, state),
+                "the event is not a valid room version 10 PDU: "
+                "Invalid PDU: nested deeper than 512 levels",
+            )
+            self.assertEqual(len(self.origin.signer.calls), calls)
+
     def test_v12_create_event_in_auth_events_refused(self) -> None:
         """Room v12: auth_events listing the create event (Synapse: 400 M_BAD_JSON) is
         refused before the event is signed, or, signed already, before it is sent."""
@@ -1460,6 +1478,13 @@ def _with_event_id(event: dict[str, Any]) -> dict[str, Any]:
 
 def _listing_the_create_event(event: dict[str, Any]) -> dict[str, Any]:
     return {**event, "auth_events": [*event["auth_events"], "$" + event["room_id"][1:]]}
+
+
+def _deep(levels: int) -> Any:
+    deep: Any = 1
+    for _ in range(levels):
+        deep = {"n": deep}
+    return deep
 
 
 def _too_deep(event: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from .canonical import (
+    MAX_NESTING,
     MAX_SAFE_INTEGER,
     CanonicalJSONError,
     check_canonical_json,
@@ -49,6 +50,7 @@ __all__ = [
     "check_pdu_nesting",
     "check_pdu_size",
     "federation_form_problem",
+    "pdu_nesting_exceeded",
     "pdu_nesting_problem",
     "room_state_nesting_problem",
 ]
@@ -64,8 +66,9 @@ MAX_AUTH_EVENTS = 10
 #: level 1. The spec sets no limit, but Synapse's PDU parser (serde_json, whose
 #: recursion limit is 128) refuses a PDU nested 128 levels deep (400 "Invalid
 #: event JSON"; measured against Synapse 1.163.2): a deeper event could not
-#: reach the room, so it is never co-signed. Lower than the parser's
-#: ``canonical.MAX_NESTING``, which bounds every body.
+#: reach the room, so it is never co-signed. The ``unsigned`` keys Synapse strips
+#: before parsing do not count (``pdu_nesting_exceeded``). Lower than the
+#: parser's ``canonical.MAX_NESTING``, which bounds every body.
 MAX_PDU_NESTING = 127
 #: Deepest nesting of an ``invite_room_state`` entry, the entry counted as level 1.
 #: Synapse parses the room state inside the invite's ``unsigned`` (its v2
@@ -152,10 +155,11 @@ def check_event_format(
     so the canonical-JSON walk is skipped; strings without a UTF-8 form then
     surface when the event is encoded, as ``CanonicalJSONError``.
 
-    An event nested deeper than ``MAX_PDU_NESTING`` levels is 400
-    ``M_NOT_JSON``, as a body nested too deep to parse. ``nesting_checked``:
-    the caller parsed the event with that limit (``parse_json``'s
-    ``max_nesting``), so it is not walked again.
+    An event nested deeper than Synapse's PDU parser takes (``check_pdu_nesting``:
+    ``MAX_PDU_NESTING`` levels, the ``unsigned`` keys it strips not counted) is
+    400 ``M_NOT_JSON``, as a body nested too deep to parse. ``nesting_checked``:
+    the caller checked that with the body (``inbound.invite_body_nesting_problem``,
+    as ``parse_json``'s ``nesting_problem``), so the event is not walked again.
     """
     version = room_version if type(room_version) is RoomVersion else room_version_of(room_version)
     if not isinstance(event, dict):
@@ -257,25 +261,78 @@ def federation_form_problem(version: RoomVersion, event: Mapping[str, Any]) -> s
 
 
 def check_pdu_nesting(event: object) -> None:
-    """Raise ``MatrixError`` 400 ``M_NOT_JSON`` if ``event`` nests arrays and objects
-    (tuples too) deeper than ``MAX_PDU_NESTING`` levels, the event counted, which
-    Synapse cannot parse.
+    """Raise ``MatrixError`` 400 ``M_NOT_JSON`` if ``event`` is nested too deep for
+    Synapse's PDU parser (``pdu_nesting_problem``): deeper than ``MAX_PDU_NESTING``
+    levels, the event counted, not counting the ``unsigned`` keys Synapse strips,
+    which may nest as deep as any body (``MAX_NESTING``).
 
     One check for both directions: ``check_event_format`` on receipt (unless the
-    caller parsed the event with that limit), and the outbound client before it
-    signs an event. Walks level by level, without recursion.
+    caller checked the event's nesting with its body's), and the outbound client
+    before it signs an event. Walks level by level, without recursion.
     """
     problem = pdu_nesting_problem(event)
     if problem is not None:
         raise MatrixError(400, Codes.NOT_JSON, f"Invalid PDU: {problem}")
 
 
-def pdu_nesting_problem(event: object) -> str | None:
-    """Why Synapse's PDU parser would refuse ``event`` as nested too deep (deeper
-    than ``MAX_PDU_NESTING`` levels, the event counted), or None."""
-    if nesting_depth(event, MAX_PDU_NESTING) > MAX_PDU_NESTING:
-        return f"nested deeper than {MAX_PDU_NESTING} levels"
-    return None
+#: The ``unsigned`` keys of an ``m.room.member`` event that Synapse's
+#: ``event_from_pdu_json`` keeps for its PDU parser (``_strip_unsigned_values``
+#: keeps these and ``age``, which it then reads and drops, as ``age_ts``); it
+#: keeps none of other events'.
+_PARSED_UNSIGNED_KEYS = ("invite_room_state", "knock_room_state")
+_NOT_GIVEN: Any = object()
+
+
+def pdu_nesting_exceeded(event: object, room_state: object = _NOT_GIVEN) -> int:
+    """The nesting limit ``event`` crosses as Synapse's PDU parser is given it, or 0.
+
+    Synapse strips the ``unsigned`` keys of an invite but ``invite_room_state``
+    and ``knock_room_state`` (all of another event's) before its parser, so they
+    do not count toward ``MAX_PDU_NESTING`` (the answer if the rest is deeper);
+    they are bounded as any body is, their values at level 3 (``MAX_NESTING``).
+    ``room_state``: Synapse's v2 ``/invite`` puts the body's ``invite_room_state``
+    (a list; anything else as ``[]``) in the event's ``unsigned`` before parsing,
+    in place of the event's own, where each entry sits at level 4: when that is
+    what crosses the limit, the answer is ``MAX_ROOM_STATE_NESTING``. Only an
+    event too deep is walked twice.
+    """
+    if not isinstance(event, Mapping):
+        return MAX_PDU_NESTING if nesting_depth(event, MAX_PDU_NESTING) > MAX_PDU_NESTING else 0
+    unsigned = event.get("unsigned", _NOT_GIVEN)
+    stripped: list[Any] = []
+    if room_state is not _NOT_GIVEN:
+        if unsigned is _NOT_GIVEN:
+            unsigned = {}
+        if isinstance(unsigned, Mapping):
+            if "invite_room_state" in unsigned:
+                stripped.append(unsigned["invite_room_state"])
+            room_state = room_state if isinstance(room_state, list | tuple) else []
+            unsigned = {**unsigned, "invite_room_state": room_state}
+    parsed: object = event
+    if isinstance(unsigned, Mapping):  # else absent, or no object, which Synapse cannot take
+        kept = _PARSED_UNSIGNED_KEYS if event.get("type") == "m.room.member" else ()
+        parsed_unsigned = {key: unsigned[key] for key in kept if key in unsigned}
+        stripped += [value for key, value in unsigned.items() if key not in parsed_unsigned]
+        parsed = {**event, "unsigned": parsed_unsigned}
+    if nesting_depth(parsed, MAX_PDU_NESTING) > MAX_PDU_NESTING:
+        if room_state is not _NOT_GIVEN and room_state_nesting_problem(room_state) is not None:
+            return MAX_ROOM_STATE_NESTING
+        return MAX_PDU_NESTING
+    # The stripped values sit at level 3 of the event, as their list's members would.
+    if stripped and nesting_depth(stripped, MAX_NESTING - 1) > MAX_NESTING - 1:
+        return MAX_NESTING
+    return 0
+
+
+def pdu_nesting_problem(event: object, room_state: object = _NOT_GIVEN) -> str | None:
+    """Why Synapse would refuse ``event`` (with ``room_state``, as its v2 ``/invite``
+    does: ``pdu_nesting_exceeded``) as nested too deep, or None."""
+    exceeded = pdu_nesting_exceeded(event, room_state)
+    if not exceeded:
+        return None
+    if exceeded == MAX_ROOM_STATE_NESTING:
+        return f"invite_room_state: an entry is nested deeper than {MAX_ROOM_STATE_NESTING} levels"
+    return f"nested deeper than {exceeded} levels"
 
 
 def room_state_nesting_problem(room_state: object) -> str | None:

@@ -17,6 +17,7 @@ from federation_invite.core.format import (
     MAX_ROOM_STATE_NESTING,
     check_event_format,
     check_pdu_size,
+    pdu_nesting_problem,
     room_state_nesting_problem,
 )
 from federation_invite.core.roomversions import KNOWN_ROOM_VERSIONS
@@ -584,21 +585,70 @@ class NestingTests(FormatTestCase):
         )
 
     def test_limit_is_synapses(self) -> None:
-        """127 levels pass and 128 are refused, in content, unsigned or a key of its own, in
-        every room version."""
+        """127 levels pass and 128 are refused, in content, an unsigned key Synapse keeps
+        (invite_room_state, knock_room_state) or a key of its own, in every room version."""
         self.assertEqual(MAX_PDU_NESTING, 127)
         for version in ALL_VERSIONS:
-            for place, above in (("content", 2), ("unsigned", 2), ("deep", 1)):
+            for place, key, above in (
+                ("content", "deep", 2),
+                ("unsigned", "invite_room_state", 2),
+                ("unsigned", "knock_room_state", 2),
+                ("deep", None, 1),
+            ):
                 for levels, ok in ((MAX_PDU_NESTING, True), (MAX_PDU_NESTING + 1, False)):
                     event = invite_event(version)
-                    if above == 2:
-                        event[place]["deep"] = nested(levels - above)
+                    if key is not None:
+                        event.setdefault(place, {})[key] = nested(levels - above)
                     else:
                         event[place] = nested(levels - above)
                     if ok:
                         check_event_format(version, event)
                     else:
                         self.assertTooDeep(version, event)
+
+    def test_what_synapse_strips_is_not_counted(self) -> None:
+        """Synapse strips an invite's unsigned keys but invite_room_state and
+        knock_room_state (every unsigned key of other events) before its PDU parser: their
+        depth does not count, up to the 512 levels every body is bounded by."""
+        for event_type, key in (
+            ("m.room.member", "x"),
+            ("m.room.member", "age"),
+            ("m.room.name", "invite_room_state"),
+            ("m.room.name", "knock_room_state"),
+        ):
+            event = invite_event("10")
+            event["type"] = event_type
+            event["unsigned"] = {key: nested(510)}  # + the event and unsigned: 512
+            self.assertIsNone(pdu_nesting_problem(event), (event_type, key))
+            check_event_format("10", event)
+            event["unsigned"] = {key: nested(511)}
+            self.assertEqual(
+                pdu_nesting_problem(event), "nested deeper than 512 levels", (event_type, key)
+            )
+            with self.assertRaises(MatrixError) as caught:
+                check_event_format("10", event)
+            self.assertEqual(
+                (caught.exception.http_status, caught.exception.errcode),
+                (400, "M_NOT_JSON"),
+            )
+
+    def test_room_state_given_replaces_the_events(self) -> None:
+        """With room_state (Synapse's v2 /invite: the body's invite_room_state), that is
+        counted in place of the event's own unsigned.invite_room_state, its entries at
+        level 4: 124 levels each."""
+        event = invite_event("10")
+        event["unsigned"] = {"invite_room_state": [nested(300)]}
+        self.assertIsNone(pdu_nesting_problem(event, room_state=[nested(124)]))
+        self.assertIsNone(pdu_nesting_problem(event, room_state={"not": "a list"}))
+        self.assertEqual(
+            pdu_nesting_problem(event, room_state=[nested(125)]),
+            "invite_room_state: an entry is nested deeper than 124 levels",
+        )
+        del event["unsigned"]
+        self.assertEqual(
+            pdu_nesting_problem(event, room_state=[nested(125)]),
+            "invite_room_state: an entry is nested deeper than 124 levels",
+        )
 
     def test_far_too_deep(self) -> None:
         """100,000 levels (built, not parsed) are refused just the same, without recursing."""
