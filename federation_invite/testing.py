@@ -57,6 +57,8 @@ __all__ = [
     "invite_event_template",
 ]
 
+#: The room versions the v1 invite API carries (invites-v2.yaml; v1 receivers assume 1 or 2).
+_V1_ROOM_VERSIONS = frozenset({"1", "2"})
 #: On a ``Clock``: how many times ``put_invite`` advances it by 0 for an answer.
 _MAX_TURNS = 10_000
 #: On a real reactor: how long ``put_invite`` waits for an answer (below trial's own
@@ -172,7 +174,8 @@ class FakeInvite:
 
     def body(self, api_version: int = 2) -> Any:
         """The request body: v2 ``{room_version, event, invite_room_state}``; v1 the event,
-        the room state in its ``unsigned``."""
+        the room state in its ``unsigned`` (which receivers take for room versions 1 and 2
+        only: built as asked for any, to test a receiver's refusal)."""
         if api_version == 1:
             event = copy.deepcopy(self.event)
             event.setdefault("unsigned", {})["invite_room_state"] = self.invite_room_state
@@ -373,7 +376,18 @@ class FakeHomeserver:
         ``FederationInvite``'s server name, else the invitee's server), in memory.
 
         Fires with the answer's status code and parsed JSON body.
+
+        ``api_version=1`` only for room versions 1 and 2: the v1 API carries no room
+        version, and its receivers (ours, Synapse) read the body as room version 1 or 2
+        (invites-v2.yaml allows falling back to it only "if the room version is "1" or
+        "2""), so the event of a v3+ invite, which has no ``event_id``, is malformed
+        there; such a call raises ``ValueError`` at once, sending nothing.
         """
+        if api_version == 1 and invite.room_version.identifier not in _V1_ROOM_VERSIONS:
+            raise ValueError(
+                "the v1 invite API carries room versions 1 and 2 only, not "
+                f"{invite.room_version.identifier}: use api_version=2"
+            )
         if isinstance(target, FederationInvite):
             resource: IResource = target.site_root()
             destination = destination or target.server_name

@@ -104,6 +104,17 @@ class ReceivingTests(TestCase):
         """put_invite(api_version=1) sends the v1 shape, room state in unsigned: 200."""
         await self.receive("1", api_version=1)
 
+    async def test_room_version_2_on_v1_api(self) -> None:
+        """A room version 2 invite also goes over the v1 API: 200; the receiver, told no room
+        version, records the invite under room version 1 (which v1 receivers assume, and
+        which does not differ from 2 for an invite)."""
+        invite = self.remote.invite("2", invitee="@bob:bridge.test")
+        status, body = await self.remote.put_invite(self.federation, invite, api_version=1)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(compute_event_id("2", body[1]["event"]), invite.event_id)
+        [record] = self.invited
+        self.assertEqual((record.event_id, record.room_version), (invite.event_id, "1"))
+
     async def test_room_version_10(self) -> None:
         """A v10 invite is received: 200, told once."""
         await self.receive("10")
@@ -429,6 +440,42 @@ class FidelityTests(SynchronousTestCase):
         self.assertEqual(invite.invitee, "@bob:us.test")
         self.assertTrue(invite.path().startswith("/_matrix/federation/v2/invite/"), invite.path())
         self.assertEqual(invite.path(), invite.path(2))
+
+    def test_put_invite_v1_only_for_room_versions_1_and_2(self) -> None:
+        """The v1 invite API carries no room version, and receivers (ours, Synapse) read its
+        body as room version 1 or 2, as invites-v2.yaml's fallback rule says (only "if the
+        room version is "1" or "2""): put_invite(api_version=1) of a v3+ invite, whose event
+        v1 receivers refuse as malformed, raises ValueError at once, nothing sent."""
+        from twisted.web.resource import Resource
+
+        seen: list[Any] = []
+
+        class Recorder(Resource):
+            isLeaf = True
+
+            def render_PUT(self, request: Any) -> bytes:
+                seen.append(request.path)
+                return b"{}"
+
+        for version in [str(n) for n in range(3, 13)]:
+            invite = self.remote.invite(version, invitee="@bob:us.test")
+            error = self.assertRaises(
+                ValueError, self.remote.put_invite, Recorder(), invite, api_version=1
+            )
+            self.assertEqual(
+                str(error),
+                f"the v1 invite API carries room versions 1 and 2 only, not {version}: "
+                "use api_version=2",
+            )
+            self.assertEqual(
+                self.successResultOf(self.remote.put_invite(Recorder(), invite))[0], 200
+            )
+        self.assertEqual(len(seen), 10)  # the v2 requests only
+        for version in ("1", "2"):
+            invite = self.remote.invite(version, invitee="@bob:us.test")
+            answer = self.remote.put_invite(Recorder(), invite, api_version=1)
+            self.assertEqual(self.successResultOf(answer)[0], 200)
+        self.assertEqual(len(seen), 12)
 
     def test_put_invite_to_a_resource_signs_for_the_invitees_server(self) -> None:
         """put_invite to a resource, without a destination, signs its X-Matrix header for
