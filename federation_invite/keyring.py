@@ -454,6 +454,28 @@ class _Backoff:
         return in_window(self.since_ms, now_ms, self.until_ms)
 
 
+def _doubled_delay_ms(previous: _Backoff | None) -> int:
+    """A failure's back-off: 1 min, then the last delay doubled, up to 1 h."""
+    if previous is None:
+        return _MIN_BACKOFF_MS
+    return min(max(previous.delay_ms * 2, _MIN_BACKOFF_MS), _MAX_BACKOFF_MS)
+
+
+def _keep_backoff(
+    table: dict[str, _Backoff], server_name: str, backoff: _Backoff, now_ms: int
+) -> None:
+    """Record ``backoff`` for ``server_name`` in ``table``, which holds at most
+    ``_BACKOFF_TABLE_SIZE`` (``make_room`` says what a new name in a full table drops)."""
+    make_room(
+        table,
+        server_name,
+        _BACKOFF_TABLE_SIZE,
+        over=lambda other: not other.waiting(now_ms),
+        ends=lambda other: other.until_ms,
+    )
+    table[server_name] = backoff
+
+
 class Keyring:
     """Finds, checks, caches and stores other servers' verify keys (see the module doc)."""
 
@@ -970,21 +992,12 @@ class Keyring:
         else:
             # Doubling the last delay; after a 5 s pause for an answer without
             # the key, a failure still starts at the minimum.
-            previous = self._backoff.get(server_name)
-            delay = (
-                _MIN_BACKOFF_MS
-                if previous is None
-                else min(max(previous.delay_ms * 2, _MIN_BACKOFF_MS), _MAX_BACKOFF_MS)
-            )
-        make_room(
+            delay = _doubled_delay_ms(self._backoff.get(server_name))
+        _keep_backoff(
             self._backoff,
             server_name,
-            _BACKOFF_TABLE_SIZE,
-            over=lambda other: not other.waiting(now_ms),
-            ends=lambda other: other.until_ms,
-        )
-        self._backoff[server_name] = _Backoff(
-            now_ms + delay, delay if doubles is None else doubles, now_ms, asked
+            _Backoff(now_ms + delay, delay if doubles is None else doubles, now_ms, asked),
+            now_ms,
         )
         if asked is not None:
             self._pauses.append((now_ms, now_ms + delay, server_name))
@@ -1001,20 +1014,10 @@ class Keyring:
     def _back_off_direct(self, server_name: str, now_ms: int) -> None:
         """Back off the server's own key server after it failed to answer: 1 min, doubling
         the last delay up to 1 h (kept past its end to double the next, as a fetch's)."""
-        previous = self._direct_backoff.get(server_name)
-        delay = (
-            _MIN_BACKOFF_MS
-            if previous is None
-            else min(max(previous.delay_ms * 2, _MIN_BACKOFF_MS), _MAX_BACKOFF_MS)
+        delay = _doubled_delay_ms(self._direct_backoff.get(server_name))
+        _keep_backoff(
+            self._direct_backoff, server_name, _Backoff(now_ms + delay, delay, now_ms), now_ms
         )
-        make_room(
-            self._direct_backoff,
-            server_name,
-            _BACKOFF_TABLE_SIZE,
-            over=lambda other: not other.waiting(now_ms),
-            ends=lambda other: other.until_ms,
-        )
-        self._direct_backoff[server_name] = _Backoff(now_ms + delay, delay, now_ms)
 
     def _forget_ended_pauses(self, now_ms: int) -> None:
         """Drop the pauses that are over from the back-off table, with the key IDs they hold.
