@@ -398,7 +398,32 @@ def _head(header_lines: int, line_bytes: int = 20, body: bytes | None = b"{}") -
     return b"".join(lines)
 
 
-class ResponseHeadLimitTests(TestCase):
+class _LoopbackClientMixin:
+    """A real FederationClient for a TLS server on loopback (``self.connections``: the
+    server's protocols, aborted when the test ends, after the client is closed)."""
+
+    connections: list[Any]
+
+    def client(self) -> FederationClient:
+        client = FederationClient(
+            real_reactor,
+            "local.example",
+            generate_signing_key("k"),
+            verify_tls=False,
+            ip_allowlist=["127.0.0.1/32"],
+            timeout=5.0,
+        )
+        self.addCleanup(self._close, client)  # type: ignore[attr-defined]
+        return client
+
+    async def _close(self, client: FederationClient) -> None:
+        await client.close()
+        for connection in list(self.connections):
+            connection.transport.abortConnection()
+        await deferLater(real_reactor, 0.01, lambda: None)
+
+
+class ResponseHeadLimitTests(_LoopbackClientMixin, TestCase):
     """Response heads from peers are bounded: 64 KiB and 100 header lines per response."""
 
     timeout = 20
@@ -413,24 +438,6 @@ class ResponseHeadLimitTests(TestCase):
         port = real_reactor.listenSSL(0, factory, self.options, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.destination = f"127.0.0.1:{port.getHost().port}"
-
-    def client(self) -> FederationClient:
-        client = FederationClient(
-            real_reactor,
-            "local.example",
-            generate_signing_key("k"),
-            verify_tls=False,
-            ip_allowlist=["127.0.0.1/32"],
-            timeout=5.0,
-        )
-        self.addCleanup(self._close, client)
-        return client
-
-    async def _close(self, client: FederationClient) -> None:
-        await client.close()
-        for connection in list(self.connections):
-            connection.transport.abortConnection()
-        await deferLater(real_reactor, 0.01, lambda: None)
 
     async def transport_error(self, client: FederationClient) -> TransportError:
         with self.assertRaises(TransportError) as caught:
@@ -1090,7 +1097,7 @@ class _DroppingServer(Protocol):
         self._test.connections.remove(self)
 
 
-class StaleConnectionLoopbackTests(TestCase):
+class StaleConnectionLoopbackTests(_LoopbackClientMixin, TestCase):
     """The stale keep-alive case end to end, through FederationClient's own agent (server
     discovery, IP filter, TLS) to a real TLS server: the PUT and the POST each go out on a
     kept-alive connection the server drops unanswered, are sent again on a new connection
@@ -1109,24 +1116,6 @@ class StaleConnectionLoopbackTests(TestCase):
         port = real_reactor.listenSSL(0, factory, options, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.destination = f"127.0.0.1:{port.getHost().port}"
-
-    def client(self) -> FederationClient:
-        client = FederationClient(
-            real_reactor,
-            "local.example",
-            generate_signing_key("k"),
-            verify_tls=False,
-            ip_allowlist=["127.0.0.1/32"],
-            timeout=5.0,
-        )
-        self.addCleanup(self._close, client)
-        return client
-
-    async def _close(self, client: FederationClient) -> None:
-        await client.close()
-        for connection in list(self.connections):
-            connection.transport.abortConnection()
-        await deferLater(real_reactor, 0.01, lambda: None)
 
     async def test_put_and_post_resent(self) -> None:
         """Connection 1 answers a GET and drops the PUT, which connection 2 answers; it
