@@ -15,7 +15,7 @@ adds, per connection:
   ``max_body_bytes`` is refused before a byte of the body is read, and a
   chunked body is refused as soon as it grows past the cap: 413
   ``M_TOO_LARGE``, and the connection is closed;
-- Twisted's idle timeout set to ``idle_timeout`` (Twisted's default is 12 hours);
+- Twisted's idle timeout set to ``idle_timeout`` (Twisted's default is 60 s);
 - malformed HTTP answered with a JSON 400 ``M_UNKNOWN`` instead of Twisted's bare
   ``400 Bad Request``, and the asterisk-form target (``OPTIONS *``) with a JSON
   404 ``M_UNRECOGNIZED`` instead of Twisted's empty 200 or 405, so that every
