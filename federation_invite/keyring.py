@@ -17,7 +17,9 @@ answered (or a notary did for it), but not with every key asked for, not for 5 s
 (the pause). A server that failed to answer while a notary answered for it is only
 paused, but its own key server is not asked again until its back-off (1 min, doubling
 up to 1 h, per name as fetched) has passed: until then its fetches ask the notaries
-alone, once per pause; its own answer ends that back-off. These are the keyring's
+alone, once per pause (but for the sender's answer check, below: a fetch it joins asks the
+server too, once the notaries have answered without a key); its own answer ends that
+back-off. These are the keyring's
 own, the only per-server limits on its fetches:
 the federation client's back-off of the server, set by other requests (our invites to
 it while it was down), is passed by (``ignore_backoff``, as Synapse fetches keys), so
@@ -394,8 +396,10 @@ class _Fetch:
     wanted: dict[str, int] = attrs.Factory(dict)
     #: Key ID -> the ``minimum_valid_until_ts`` a notary was asked for it with.
     asked: dict[str, int] = attrs.Factory(dict)
-    #: Started by the sender's answer check: the keyring's back-off, pause and cap on
-    #: fetches in flight are passed by (every fetch passes the client's back-off).
+    #: Started or joined by the sender's answer check: the server is asked directly even
+    #: in its direct back-off (joined after the fetch skipped it: once the notaries have
+    #: answered, for the keys still missing); started so, the keyring's back-off, pause and
+    #: cap on fetches in flight were passed by (every fetch passes the client's back-off).
     ignore_backoff: bool = False
     #: Counted in the refreshes' pool (its server had a key in memory when it started).
     refresh: bool = False
@@ -871,6 +875,10 @@ class Keyring:
             if not ignore_backoff and self._pool_in_flight[refresh] >= cap:
                 raise KeyFetchBusy(server_name)
             fetch = _Fetch(ignore_backoff=ignore_backoff, refresh=refresh)
+        if ignore_backoff:
+            # Joined by the sender's answer check: a fetch that skipped the server (its
+            # direct back-off) asks it too once the notaries have answered (``_fetch``).
+            fetch.ignore_backoff = True
         fetch.want(wanted)
         if waiter is not None:
             fetch.waiters.append(waiter)
@@ -924,12 +932,6 @@ class Keyring:
         direct = fetch.ignore_backoff or not self._direct_backing_off(server_name)
         listed = await self._fetch_direct(server_name, fetch) if direct else None
         answered = listed is not None
-        direct_failed = (
-            direct
-            and listed is None
-            and not fetch.resolver_busy
-            and fetch.client_refused_until_ms is None
-        )
         for notary in self._notaries:
             # Read again for each notary: callers may have joined meanwhile.
             missing = self._missing(server_name, fetch.wanted)
@@ -942,6 +944,20 @@ class Keyring:
                 notary, server_name, missing, fetch, listed or frozenset()
             ):
                 answered = True
+        if not direct and fetch.ignore_backoff and self._missing(server_name, fetch.wanted):
+            # The sender's answer check joined this fetch after it skipped the server (its
+            # direct back-off), and the notaries lacked a key: ask the server now, as the
+            # check's own fetch would have (it has just signed that answer with its key).
+            # Only that check passes the direct back-off so; other lookups joining do not.
+            direct = True
+            listed = await self._fetch_direct(server_name, fetch)
+            answered = answered or listed is not None
+        direct_failed = (
+            direct
+            and listed is None
+            and not fetch.resolver_busy
+            and fetch.client_refused_until_ms is None
+        )
         if self._closed:
             raise _FetchAbandoned()  # closed while storing what it fetched: record nothing
         now_ms = self._now_ms()

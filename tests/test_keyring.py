@@ -1360,6 +1360,91 @@ class NotaryTests(SynchronousTestCase):
         keyring.get_server_keys("back.example", ["ed25519:other"], self.clock.seconds() * 1000)
         self.assertEqual(direct(), 4)
 
+    def back_off_direct_then_rotate(self, keyring: Keyring) -> None:
+        """back.example's own key server failed once while the notary answered (an empty
+        list): its direct back-off (1 min) runs, its 5 s pause is over; it is back, with
+        ``self.remote_key``, which the notary does not have."""
+        self.notary.by_key_id = True
+        self.assertEqual(
+            self.successResultOf(keyring.get_server_keys("back.example", ["ed25519:old"], NOW_MS)),
+            {},
+        )
+        self.assertEqual(self.direct_requests("back.example"), 1)
+        self.federation.add_key_server(self.clock, "back.example", [self.remote_key])
+        self.clock.advance(10)
+
+    def direct_requests(self, server_name: str) -> int:
+        return sum(
+            1
+            for _, destination, path, _ in self.federation.calls
+            if destination == server_name and path == "/_matrix/key/v2/server"
+        )
+
+    def test_sender_joining_a_notary_only_fetch_asks_the_server(self) -> None:
+        """The sender's answer check (``ignore_backoff``) joining a fetch in flight that skips
+        the server (in its direct back-off) and asks the notary alone still gets the server
+        asked: once the notary has answered without the key, that fetch asks the server too,
+        and the key the server has just signed with is found (one fetch, two notary queries
+        in all); the server's answer ends its direct back-off. A lookup joining without
+        ``ignore_backoff`` gets no direct request."""
+        keyring = self.keyring()
+        self.back_off_direct_then_rotate(keyring)
+        gate: Deferred[None] = Deferred()
+        self.federation.hold["notary.example"] = gate
+        now_ms = int(self.clock.seconds() * 1000)
+        inbound = keyring.get_server_keys("back.example", [self.key_id], now_ms)
+        joining = keyring.get_server_keys("back.example", [self.key_id], now_ms)
+        sender = keyring.get_server_keys("back.example", [self.key_id], now_ms, ignore_backoff=True)
+        self.assertEqual(self.direct_requests("back.example"), 1)  # the notary first
+        del self.federation.hold["notary.example"]
+        gate.callback(None)
+        for lookup in (inbound, joining, sender):
+            keys = self.successResultOf(lookup)
+            self.assertIn(self.key_id, keys)
+            self.assertEqual(keys[self.key_id].verify_key, verify_key_of(self.remote_key))
+        self.assertEqual(self.direct_requests("back.example"), 2)
+        self.assertEqual(len(self.notary.queries), 2)
+        self.assertEqual(keyring.fetches, 2)
+        self.assertNotIn("back.example", keyring._direct_backoff)
+
+    def test_lookup_joining_a_notary_only_fetch_asks_no_server(self) -> None:
+        """Without the sender's check, a notary-only fetch stays one: lookups joining it
+        (inbound requests, anyone's) never get the server asked within its back-off."""
+        keyring = self.keyring()
+        self.back_off_direct_then_rotate(keyring)
+        gate: Deferred[None] = Deferred()
+        self.federation.hold["notary.example"] = gate
+        now_ms = int(self.clock.seconds() * 1000)
+        lookups = [keyring.get_server_keys("back.example", [self.key_id], now_ms) for _ in range(3)]
+        del self.federation.hold["notary.example"]
+        gate.callback(None)
+        for lookup in lookups:
+            self.assertEqual(self.successResultOf(lookup), {})
+        self.assertEqual(self.direct_requests("back.example"), 1)
+        self.assertEqual(len(self.notary.queries), 2)
+
+    def test_sender_joining_a_notary_only_fetch_gets_the_notarys_key(self) -> None:
+        """When the notary's answer has the key, the sender's check joining a notary-only fetch
+        costs no direct request: the server is asked only for keys still missing."""
+        keyring = self.keyring()
+        self.notary.by_key_id = True
+        self.assertEqual(
+            self.successResultOf(keyring.get_server_keys("down.example", ["ed25519:old"], NOW_MS)),
+            {},
+        )
+        self.clock.advance(10)
+        gate: Deferred[None] = Deferred()
+        self.federation.hold["notary.example"] = gate
+        now_ms = int(self.clock.seconds() * 1000)
+        inbound = keyring.get_server_keys("down.example", [self.key_id], now_ms)
+        sender = keyring.get_server_keys("down.example", [self.key_id], now_ms, ignore_backoff=True)
+        del self.federation.hold["notary.example"]
+        gate.callback(None)
+        for lookup in (inbound, sender):
+            self.assertIn(self.key_id, self.successResultOf(lookup))
+        self.assertEqual(self.direct_requests("down.example"), 1)
+        self.assertIn("down.example", keyring._direct_backoff)
+
     def test_slow_notary_not_backed_off(self) -> None:
         """A notary slow about one server (it must reach that server itself: a tarpit anyone can
         name) is not backed off in the federation client: invites to its users and lookups of
