@@ -2285,15 +2285,7 @@ class IdempotencyRowTests(InboundTestCase):
     def test_row18_copy_sent_while_the_first_is_stored(self) -> None:
         """Row 18: a copy arriving while the first is stored, the invitee's limit spent: 200."""
         self.s = InviteScenario(limits=InviteLimits(invitee_burst=1, invitee_per_second=0.001))
-        gates: list[Deferred[None]] = []
-        store_invite = self.s.store.store_invite
-
-        def held_store(record: Any) -> Deferred[Any]:
-            gate: Deferred[None] = Deferred()
-            gates.append(gate)
-            return gate.addCallback(lambda _: self.successResultOf(store_invite(record)))
-
-        self.s.store.store_invite = held_store  # type: ignore[method-assign]
+        gates = self.hold_store()
         room_version, event = self.s.invite()
         event_id = event_id_of(room_version, event)
         body = self.s.v2_body(room_version, event)
@@ -2307,6 +2299,164 @@ class IdempotencyRowTests(InboundTestCase):
         answer = self.result(first)
         self.assertEqual(answer[0], 200)
         self.assertEqual(self.result(second), answer)
+        self.assertEqual(len(self.s.store.invites), 1)
+        self.assertEqual(len(self.s.listened), 1)
+
+    def hold_store(self) -> list[Deferred[None]]:
+        """Make each store_invite wait on a gate the test fires; the gates, in call order."""
+        gates: list[Deferred[None]] = []
+        store_invite = self.s.store.store_invite
+
+        def held_store(record: Any) -> Deferred[Any]:
+            gate: Deferred[None] = Deferred()
+            gates.append(gate)
+            return gate.addCallback(lambda _: self.successResultOf(store_invite(record)))
+
+        self.s.store.store_invite = held_store  # type: ignore[method-assign]
+        return gates
+
+    def test_row18_copy_waiting_on_the_first_whose_peer_leaves(self) -> None:
+        """Row 18: a copy refused by the invitee's limit (the first copy, being stored, holds
+        the token) waits for the first; its peer leaving ends only that copy: the first is
+        still answered 200 and the listener told once. With three copies and the middle one's
+        peer gone, the third is still answered, with the first's bytes.
+
+        This relies on the copy's waiter Deferred (``stored_first`` in
+        ``InviteHandler._handle``) having no canceller: cancelling it then makes it swallow
+        the first copy's later ``callback``. With a canceller leaving it unfired, that
+        callback would raise AlreadyCalledError in the first copy's ``finally``: the first
+        would answer 500 and tell no listener, and the copies after it would never be
+        answered."""
+        for copies in (2, 3):
+            self.s = InviteScenario(limits=InviteLimits(invitee_burst=1, invitee_per_second=0.001))
+            gates = self.hold_store()
+            room_version, event = self.s.invite()
+            event_id = event_id_of(room_version, event)
+            body = self.s.v2_body(room_version, event)
+            sent = []
+            for _ in range(copies):
+                sent.append(self.s.send(2, body, room_id=event["room_id"], event_id=event_id))
+                self.s.client.flush()
+            first, leaving, *rest = sent
+            self.assertEqual(len(gates), 1)
+            self.assertEqual(len(self.s.handler._in_flight[event_id]), copies - 1)  # waiting
+            for copy in sent:
+                self.assertNoResult(copy)
+            leaving.cancel()  # the middle copy's peer goes away while it waits
+            self.s.client.flush()
+            self.failureResultOf(leaving)
+            with capturedLogs() as events:
+                gates[0].callback(None)
+                answer = self.result(first)
+                raw = self.raw_answer
+                for copy in rest:
+                    self.assertEqual(self.result(copy), answer)
+                    self.assertEqual(self.raw_answer, raw)
+            self.assertEqual(answer[0], 200)
+            record = self.s.store.invites[event_id]
+            self.assertEqual(answer[1], {"event": record.event})
+            # The cancelled copy logs no outcome; the third is answered (and logged) as soon
+            # as the first's store ends, before the first's own line.
+            self.assertEqual(
+                sorted(e["outcome"] for e in events if e.get("outcome")),
+                ["accepted"] + ["repeated"] * len(rest),
+            )
+            self.assertEqual(len(self.s.store.invites), 1)
+            self.assertEqual(self.s.listened, [record])
+            self.assertEqual(self.s.handler._in_flight, {})
+
+    def test_row18_retry_while_the_first_waits_for_the_origin_key(self) -> None:
+        """Row 18: a retry (its unsigned age grown) arriving while the first copy waits for the
+        origin's key: one key fetch; both answered 200 with the same bytes, one logged as
+        accepted and the other as repeated; one row, one listener call."""
+        gate: Deferred[None] = Deferred()
+        self.s.federation.hold[THEM] = gate
+        room_version, event = self.s.invite()
+        event_id = event_id_of(room_version, event)
+        retry = {**event, "unsigned": {"age": 999}}
+        with capturedLogs() as events:
+            first = self.s.send(
+                2, self.s.v2_body(room_version, event), room_id=event["room_id"], event_id=event_id
+            )
+            self.s.client.flush()
+            second = self.s.send(
+                2, self.s.v2_body(room_version, retry), room_id=event["room_id"], event_id=event_id
+            )
+            self.s.client.flush()
+            self.assertNoResult(first)
+            self.assertNoResult(second)
+            self.assertEqual(self.s.federation.count(THEM), 1)
+            del self.s.federation.hold[THEM]
+            gate.callback(None)
+            answer = self.result(first)
+            raw = self.raw_answer
+            self.assertEqual(self.result(second), answer)
+            self.assertEqual(self.raw_answer, raw)
+        self.assertEqual(self.s.federation.count(THEM), 1)
+        record = self.s.store.invites[event_id]
+        self.assertEqual(answer, (200, {"event": record.event}))
+        self.assertEqual(record.event["unsigned"], {"age": 4})
+        self.assertEqual(
+            sorted(e["outcome"] for e in events if e.get("outcome")), ["accepted", "repeated"]
+        )
+        self.assertEqual(len(self.s.store.invites), 1)
+        self.assertEqual(self.s.listened, [record])
+
+    def test_row18_same_invite_on_v1_then_v2_and_back(self) -> None:
+        """Row 18: an invite accepted on v1 (invite_room_state in its unsigned), then sent on
+        v2 with another invite_room_state: 200 with the event stored from v1, unsigned
+        included, counted as repeated; the v2 body's invite_room_state is ignored. Sent on v1
+        again, it gets the first v1 answer."""
+        v1 = KNOWN_ROOM_VERSIONS["1"]
+        event = build_invite(v1, self.s.their_key, extra={"event_id": "$a:remote.example"})
+        on_v1 = {
+            **event,
+            "unsigned": {
+                "age": 4,
+                "invite_room_state": [stripped("m.room.name", "", {"name": "N"})],
+            },
+        }
+        with capturedLogs() as events:
+            code, v1_answer = self.send_v1(on_v1)
+            v1_raw = self.raw_answer
+            v2_answer = self.send_v2(v1, event, [stripped("m.room.name", "", {"name": "Other"})])
+            v2_raw = self.raw_answer
+            self.assertEqual(self.send_v1(on_v1), (code, v1_answer))
+            self.assertEqual(self.raw_answer, v1_raw)
+        self.assertEqual(code, 200)
+        record = self.s.store.invites["$a:remote.example"]
+        self.assertEqual(record.event["unsigned"], on_v1["unsigned"])
+        self.assertEqual(v1_answer, [200, {"event": record.event}])
+        self.assertEqual(v2_answer, (200, {"event": record.event}))
+        assert record.event_json is not None
+        self.assertEqual(v2_raw, b'{"event":' + record.event_json.encode() + b"}")
+        self.assertEqual(record.invite_room_state, [stripped("m.room.name", "", {"name": "N"})])
+        self.assertEqual(
+            [e["outcome"] for e in events if e.get("outcome")],
+            ["accepted", "repeated", "repeated"],
+        )
+        self.assertEqual(len(self.s.store.invites), 1)
+        self.assertEqual(self.s.listened, [record])
+
+    def test_row18_retry_resigned_with_a_rotated_key(self) -> None:
+        """Row 18: a retry the sender re-signed with a new key after rotating (hashes and
+        everything they cover unchanged): answered with the stored bytes, which carry the old
+        key's signature; stored once."""
+        room_version, event = self.s.invite()
+        first = self.send_v2(room_version, event)
+        first_raw = self.raw_answer
+        self.assertEqual(first[0], 200)
+        new_key = make_key("them2")
+        self.s.federation.add_key_server(self.s.clock, THEM, [new_key])
+        unsigned = {k: v for k, v in event.items() if k != "signatures"}
+        resigned = hash_and_sign_event(room_version, unsigned, THEM, new_key)
+        self.assertEqual(list(resigned["signatures"][THEM]), ["ed25519:them2"])
+        self.assertEqual(resigned["hashes"], event["hashes"])
+        with capturedLogs() as events:
+            self.assertEqual(self.send_v2(room_version, resigned), first)
+        self.assertEqual(self.raw_answer, first_raw)
+        self.assertEqual(first[1]["event"]["signatures"][THEM], event["signatures"][THEM])
+        self.assertEqual([e["outcome"] for e in events if e.get("outcome")], ["repeated"])
         self.assertEqual(len(self.s.store.invites), 1)
         self.assertEqual(len(self.s.listened), 1)
 
