@@ -12,7 +12,8 @@ notaries are asked for the key IDs still missing among those every caller
 asked for (callers joining add theirs, up to ``_MAX_KEYS_PER_DOCUMENT`` key IDs).
 A server whose fetch failed is not asked again until its back-off has
 passed (none when its answer timed out only while our address lookups waited for a
-resolver thread, ``TransportError.resolver_busy``: not its fault); one that
+resolver thread, ``TransportError.resolver_busy``, or when our client's ``close()``
+abandoned its request or a notary's, ``TransportError.abandoned``: not its fault); one that
 answered (or a notary did for it), but not with every key asked for, not for 5 s
 (the pause). A server that failed to answer while a notary answered for it is only
 paused, but its own key server is not asked again until its back-off (1 min, doubling
@@ -406,6 +407,11 @@ class _Fetch:
     #: The server's own answer timed out only while our address lookups waited for a
     #: resolver thread (``TransportError.resolver_busy``): not its fault.
     resolver_busy: bool = False
+    #: The server's request, or a notary's, was abandoned by our client's ``close()`` at
+    #: its server discovery (``TransportError.abandoned``): never sent, so no failure of
+    #: the server's (nor a notary's).
+    direct_abandoned: bool = False
+    notary_abandoned: bool = False
     #: The client request under way (the server's, then each notary's), cancelled by
     #: ``Keyring.close``.
     request: Deferred[Any] | None = None
@@ -957,6 +963,7 @@ class Keyring:
             and listed is None
             and not fetch.resolver_busy
             and fetch.client_refused_until_ms is None
+            and not fetch.direct_abandoned
         )
         if self._closed:
             raise _FetchAbandoned()  # closed while storing what it fetched: record nothing
@@ -991,6 +998,17 @@ class Keyring:
             log.info(
                 "Keys of {server} unavailable: our address lookups were waiting for a"
                 " resolver thread; not backing it off",
+                server=server_name,
+            )
+            return
+        elif fetch.direct_abandoned or fetch.notary_abandoned:
+            # No answer because our client was closed (``FederationClient.close()`` alone,
+            # the keyring left open) while a request was finding its destination: never
+            # sent, so not the server's failure (as the client records none); the next
+            # lookup fetches again.
+            log.info(
+                "Keys of {server} unavailable: our federation client was closed while"
+                " fetching them; not backing it off",
                 server=server_name,
             )
             return
@@ -1065,7 +1083,8 @@ class Keyring:
         5xx (``is_failure_status``, the client's rule). No answer because our address
         lookups waited for a resolver thread marks ``fetch.resolver_busy``; none because
         our client refused to send the request (``BackoffError``), the time it refuses
-        until, ``fetch.client_refused_until_ms``.
+        until, ``fetch.client_refused_until_ms``; none because our client's ``close()``
+        abandoned it (``TransportError.abandoned``), ``fetch.direct_abandoned``.
         """
         try:
             # Past the client's back-off of the server (``ignore_backoff``), as Synapse
@@ -1096,6 +1115,8 @@ class Keyring:
                 fetch.client_refused_until_ms = int(exc.retry_at * 1000)
             elif isinstance(exc, TransportError) and exc.resolver_busy:
                 fetch.resolver_busy = True
+            elif isinstance(exc, TransportError) and exc.abandoned:
+                fetch.direct_abandoned = True
             return None
         try:
             records = parse_key_response(response, server_name, self._now_ms(), server_name)
@@ -1159,6 +1180,8 @@ class Keyring:
                 server=server_name,
                 reason=_describe(exc),
             )
+            if isinstance(exc, TransportError) and exc.abandoned:
+                fetch.notary_abandoned = True  # our client's close(), not the server's fault
             return False
         records: list[ServerKeyRecord] = []
         now_ms = self._now_ms()

@@ -2242,6 +2242,69 @@ class _RecordingKeyStore(MemoryKeyStore):
         return super().store_server_keys(records)
 
 
+class ClientClosedTests(SynchronousTestCase):
+    """``FederationClient.close()`` alone (the keyring left open: the client works after)
+    abandoning a key fetch's request at its ``.well-known`` step (``TransportError.abandoned``):
+    not the server's failure, so the keyring backs it off no more than the client does."""
+
+    def setUp(self) -> None:
+        self.clock = make_clock()
+        self.client = FederationClient(self.clock, "local.example", make_key("k"))
+        self.hanging = CannedResource(hang=True)
+        self.client._resolver._well_known_agent = FakePeersAgent(  # type: ignore[union-attr]
+            {"remote.example": self.hanging, "notary.example": self.hanging}
+        )
+        notary_key = make_key("n")
+        notary = Notary(
+            "notary.example",
+            ((key_id_of(notary_key), encode_verify_key(verify_key_of(notary_key))),),
+        )
+        self.keyring = Keyring(self.clock, MemoryKeyStore(), self.client, notaries=[notary])
+
+    def lookup(self) -> Deferred[Any]:
+        now_ms = int(self.clock.seconds() * 1000)
+        return self.keyring.get_server_keys("remote.example", ["ed25519:a"], now_ms)
+
+    def hosts(self) -> list[bytes]:
+        """The ``Host`` of each ``.well-known`` fetch made."""
+        return [request["host"] for request in self.hanging.requests]
+
+    def test_no_back_off_for_a_fetch_abandoned_by_the_clients_close(self) -> None:
+        """The server's request abandoned by the client's close: the lookup gets no key, and
+        neither the keyring's back-off nor its direct back-off is set; the next lookup fetches
+        again at once (a new ``.well-known`` fetch)."""
+        self.keyring = Keyring(self.clock, MemoryKeyStore(), self.client)
+        lookup = self.lookup()
+        self.assertEqual(len(self.hanging.requests), 1)
+        self.assertNoResult(lookup)
+        self.successResultOf(self.client.close())
+        self.assertEqual(self.successResultOf(lookup), {})
+        self.assertEqual((self.keyring._backoff, self.keyring._direct_backoff), ({}, {}))
+        self.assertEqual(self.client._backoff, {})
+        self.assertEqual(self.keyring.fetches, 1)
+        again = self.lookup()
+        self.assertNoResult(again)
+        self.assertEqual(self.keyring.fetches, 2)
+        self.assertEqual(self.hosts(), [b"remote.example", b"remote.example"])
+        self.successResultOf(self.client.close())
+        self.assertEqual(self.successResultOf(again), {})
+
+    def test_no_back_off_for_a_notary_query_abandoned_by_the_clients_close(self) -> None:
+        """A fetch asking the notary alone (the server's own key server in its direct
+        back-off) whose notary query is abandoned by the client's close: no back-off is set
+        (a notary that did not answer otherwise backs the server off 1 min), and the direct
+        back-off is left as it was."""
+        now_ms = int(self.clock.seconds() * 1000)
+        self.keyring._back_off_direct("remote.example", now_ms)
+        direct_backoff = dict(self.keyring._direct_backoff)
+        lookup = self.lookup()
+        self.assertEqual(self.hosts(), [b"notary.example"])
+        self.successResultOf(self.client.close())
+        self.assertEqual(self.successResultOf(lookup), {})
+        self.assertEqual(self.keyring._backoff, {})
+        self.assertEqual(self.keyring._direct_backoff, direct_backoff)
+
+
 class CloseTests(SynchronousTestCase):
     """``Keyring.close()`` (the service stopping) abandons the fetches in flight: their client
     request is cancelled (no timer left, the connection closed), their lookups fail with

@@ -224,7 +224,8 @@ class FederationClient:
     def close(self) -> Deferred[None]:
         """Close idle pooled connections, abandon the ``.well-known`` fetches and SRV
         queries in flight (``ServerResolver.close``: the requests waiting for them fail
-        with ``TransportError``, without backing their destination off), stop the system
+        with ``TransportError``, marked ``abandoned``, without backing their destination
+        off, here or in a keyring using this client), stop the system
         DNS resolver's timer and answer the address lookups waiting for a resolver thread
         (for shutdown and tests on real sockets). The client still works after."""
         if self._resolver is not None:
@@ -329,9 +330,12 @@ class FederationClient:
                 raise CancelledError() from exc
             else:
                 reason = describe_failure(exc)
-            error = TransportError(destination, reason, resolver_busy=resolver_busy)
             # Nor when close() abandoned the request's .well-known fetch or SRV query.
-            if backoff and not resolver_busy and not _abandoned_by_close(exc):
+            abandoned = _abandoned_by_close(exc)
+            error = TransportError(
+                destination, reason, resolver_busy=resolver_busy, abandoned=abandoned
+            )
+            if backoff and not resolver_busy and not abandoned:
                 self._record_failure(destination, started)
             _log.info("{error}", error=error)
             raise error from exc

@@ -480,7 +480,8 @@ class ServerResolver:
             resolver = self._srv_resolver = _system_srv_resolver(self._reactor)
             self._own_srv_resolver = resolver
         lookup = resolver.lookupService(name, _DNS_TIMEOUT)
-        # No caller can cancel the query: bound it, should the resolver never answer.
+        # No caller can cancel the query (each awaits a Deferred of its own, _srv_answer;
+        # only close() cancels it): bound it, should the resolver never answer.
         lookup.addTimeout(SRV_QUERY_TIMEOUT, self._reactor)
         try:
             # (answers, authority, additional), each a list of RRHeader

@@ -56,12 +56,24 @@ class TransportError(Exception):
     resolver thread (all of them busy with lookups that hang, which anyone can cause),
     so it may never have reached the destination: not its fault. Neither the client
     nor the keyring backs the destination off for it.
+
+    ``abandoned``: ``FederationClient.close()`` abandoned the request's server discovery
+    (its ``.well-known`` fetch or SRV query), so it never reached the destination: we gave
+    up, not it. Neither the client nor the keyring backs the destination off for it either.
     """
 
-    def __init__(self, destination: str, reason: str, *, resolver_busy: bool = False) -> None:
+    def __init__(
+        self,
+        destination: str,
+        reason: str,
+        *,
+        resolver_busy: bool = False,
+        abandoned: bool = False,
+    ) -> None:
         self.destination = destination
         self.reason = reason
         self.resolver_busy = resolver_busy
+        self.abandoned = abandoned
         super().__init__(destination, reason)
 
     def __str__(self) -> str:

@@ -460,6 +460,7 @@ class ConnectingCancelTests(SynchronousTestCase):
         self.reactor.advance(10)
         error = self.failureResultOf(requesting, TransportError).value
         self.assertEqual(error.reason, "timed out after 10 s")
+        self.assertEqual((error.resolver_busy, error.abandoned), (False, False))
         self.failureResultOf(self.client.get_json("good.example:8448", "/x"), BackoffError)
 
 
@@ -826,8 +827,8 @@ class ConstructionTests(SynchronousTestCase):
     def test_close_abandons_a_well_known_fetch_in_flight(self) -> None:
         """close() abandons a request waiting for the destination's .well-known (a name
         without a port whose .well-known never answers): it fails with TransportError,
-        its timers are cancelled, and the destination is not backed off (the client,
-        not the server, gave up)."""
+        marked ``abandoned`` (for the keyring), its timers are cancelled, and the
+        destination is not backed off (the client, not the server, gave up)."""
         clock = Clock()
         client = FederationClient(clock, ORIGIN, generate_signing_key("k"))
         hanging = CannedResource(hang=True)
@@ -844,6 +845,7 @@ class ConstructionTests(SynchronousTestCase):
             f"cannot connect: resolving https://{REMOTE}/.well-known/matrix/server"
             " abandoned: the resolver was closed",
         )
+        self.assertTrue(error.abandoned)
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertEqual(client._backoff, {})
 
@@ -866,6 +868,7 @@ class ConstructionTests(SynchronousTestCase):
             f"cannot connect: resolving _matrix-fed._tcp.{REMOTE} abandoned:"
             " the resolver was closed",
         )
+        self.assertTrue(error.abandoned)
         self.assertEqual(srv.outstanding, {})
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertEqual(client._backoff, {})
