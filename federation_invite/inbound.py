@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from .auth import RequestAuthenticator
-from .core.canonical import EncodedDict, encode_canonical_json
+from .core.canonical import MAX_NESTING, EncodedDict, encode_canonical_json, nesting_depth
 from .core.errors import Codes, MatrixError
 from .core.events import PreparedEvent, check_content_hash, prepare_event, room_id_for_create_event
 from .core.format import (
@@ -1047,6 +1047,8 @@ _BODY_NESTING = {1: MAX_PDU_NESTING, 2: MAX_PDU_NESTING + 1}
 #: ``max_nesting`` with it): v2's room-state entries sit at level 3 of the body
 #: but must stay within ``MAX_ROOM_STATE_NESTING``, so a refused one takes 127.
 INVITE_BODY_BRACKETS = {1: MAX_PDU_NESTING, 2: MAX_ROOM_STATE_NESTING + 2}
+#: The keys of a v2 body Synapse's PDU parser is given (the room state in the event).
+_V2_PARSED_KEYS = ("event", "invite_room_state")
 
 
 def invite_body_nesting_problem(api_version: int, body: Any) -> str | None:
@@ -1059,18 +1061,27 @@ def invite_body_nesting_problem(api_version: int, body: Any) -> str | None:
     ``invite_room_state`` and ``knock_room_state``), and on v2 the event's own
     ``unsigned.invite_room_state`` (replaced by the body's) and the body's keys other
     than ``event`` and ``invite_room_state``; they are bounded as every body is, by
-    ``MAX_NESTING`` (which the parser checks, and this too for the event's ``unsigned``).
+    ``MAX_NESTING``. That bound is checked here too, first (its answer that of the parser:
+    "JSON is nested deeper than 512 levels"), in the same walk: each array and object of
+    the body is visited at most once (``pdu_nesting_exceeded``'s ``wrapped``).
 
     ``web.invite`` parses bodies with it (``parse_json``'s ``nesting_problem``, asked only
-    for a body with more than ``INVITE_BODY_BRACKETS`` brackets); ``on_invite`` asks it
-    for a body not parsed so (``nesting_checked`` False).
+    for a body with more than ``INVITE_BODY_BRACKETS`` brackets, with
+    ``problem_bounds_nesting``, so the parser does not walk the body apart for the 512);
+    ``on_invite`` asks it for a body not parsed so (``nesting_checked`` False), with the
+    same answers.
     """
     if api_version == 1:
-        exceeded = pdu_nesting_exceeded(body)
+        exceeded = pdu_nesting_exceeded(body, wrapped=0)
     elif isinstance(body, dict) and isinstance(body.get("event"), dict):
-        exceeded = pdu_nesting_exceeded(body["event"], body.get("invite_room_state", []))
-    else:
-        return None  # row 2 or 5 refuses it (the parser bounding it by MAX_NESTING)
+        exceeded = pdu_nesting_exceeded(
+            body["event"],
+            body.get("invite_room_state", []),
+            wrapped=1,
+            beside=[value for key, value in body.items() if key not in _V2_PARSED_KEYS],
+        )
+    else:  # row 2 or 5 refuses it
+        exceeded = MAX_NESTING if nesting_depth(body, MAX_NESTING) > MAX_NESTING else 0
     if not exceeded:
         return None
     if exceeded == MAX_ROOM_STATE_NESTING:

@@ -18,6 +18,8 @@ from federation_invite import inbound as inbound_module
 from federation_invite import policy as policy_module
 from federation_invite.auth import ServerAcl
 from federation_invite.config import load_config
+from federation_invite.core import canonical as canonical_module
+from federation_invite.core import format as format_module
 from federation_invite.core.canonical import encode_canonical_json, parse_json_with_numbers
 from federation_invite.core.errors import MatrixError
 from federation_invite.core.events import prepare_event, redact
@@ -476,6 +478,145 @@ class PduNestingTests(InboundTestCase):
         room_version, event = self.s.invite(extra={"unsigned": {"x": self.deep(300)}})
         body = {**self.s.v2_body(room_version, event), "x": self.deep(300)}
         self.assertEqual(self.send_v2(room_version, event, body=body)[0], 200)
+
+
+class NestingWalkTests(InboundTestCase):
+    """Row 2's nesting is checked in one walk of the body: each of its arrays and objects
+    is visited at most once, whatever the depth (the parse's 512 bound and the invite's
+    own limits counted together), and a typical invite is not walked at all. Visits are
+    counted by a stand-in for the walk (canonical.nesting_depth), not timed."""
+
+    scenario_kwargs = {"limits": InviteLimits(invitee_burst=100)}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.visited: list[int] = []
+        walk = canonical_module.nesting_depth
+
+        def counting(value: Any, limit: int = canonical_module.MAX_NESTING) -> int:
+            level = [value] if type(value) in (dict, list, tuple) else []
+            depth = visited = 0
+            while level:
+                depth += 1
+                visited += len(level)
+                if depth > limit:
+                    break
+                level = [
+                    child
+                    for container in level
+                    for child in (container.values() if type(container) is dict else container)
+                    if type(child) in (dict, list, tuple)
+                ]
+            self.visited.append(visited)
+            self.assertEqual(depth, walk(value, limit))
+            return depth
+
+        for module in (canonical_module, format_module, inbound_module):
+            if hasattr(module, "nesting_depth"):
+                self.patch(module, "nesting_depth", counting)
+
+    @staticmethod
+    def containers(value: Any) -> int:
+        count, level = 0, [value]
+        while level:
+            level = [v for v in level if isinstance(v, dict | list)]
+            count += len(level)
+            level = [c for v in level for c in (v.values() if isinstance(v, dict) else v)]
+        return count
+
+    def assertWalkedOnce(self, body: Any, answer: tuple[int, Any], expected: Any) -> None:
+        code, result = answer
+        if expected == 200:
+            self.assertEqual(code, 200)
+        else:
+            self.assertEqual(
+                (code, result["errcode"], result["error"]), (400, "M_NOT_JSON", expected)
+            )
+        self.assertGreater(sum(self.visited), 0)
+        self.assertLessEqual(sum(self.visited), self.containers(body), self.visited)
+
+    def test_typical_invite_not_walked(self) -> None:
+        room_version, event = self.s.invite()
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)
+        self.assertEqual(self.visited, [])
+
+    def test_flat_brackets_walked_once(self) -> None:
+        """600 [] (past the 512 brackets that bound every body) in the content, an unsigned
+        key Synapse strips, or a v2 body key of its own: one walk, on v1 and v2."""
+        flat = [[] for _ in range(600)]
+        v1 = KNOWN_ROOM_VERSIONS["1"]
+        for where in ("content", "unsigned", "body"):
+            self.visited.clear()
+            extra = {"content": {"membership": "invite", "x": flat}} if where == "content" else {}
+            if where == "unsigned":
+                extra = {"unsigned": {"x": flat}}
+            room_version, event = self.s.invite(extra=extra)
+            body = self.s.v2_body(room_version, event)
+            if where == "body":
+                body["x"] = flat
+            self.assertWalkedOnce(body, self.send_v2(room_version, event, body=body), 200)
+            if where == "body":
+                continue
+            self.visited.clear()
+            event = build_invite(v1, self.s.their_key, extra=extra)
+            self.assertWalkedOnce(event, self.send_v1(event), 200)
+
+    def test_deep_and_flat_walked_once(self) -> None:
+        """Content 300 levels deep beside 600 [] (refused at the event's limit), or 600
+        levels deep (past the 512 of every body): still one walk."""
+        flat = [[] for _ in range(600)]
+        for levels, v2_error, v1_error in (
+            (300, "JSON is nested deeper than 128 levels", "JSON is nested deeper than 127 levels"),
+            (600, "JSON is nested deeper than 512 levels", "JSON is nested deeper than 512 levels"),
+        ):
+            content = {"membership": "invite", "x": flat, "deep": PduNestingTests.deep(levels)}
+            self.visited.clear()
+            room_version, event = self.s.invite(extra={"content": content})
+            body = self.s.v2_body(room_version, event)
+            self.assertWalkedOnce(body, self.send_v2(room_version, event, body=body), v2_error)
+            self.visited.clear()
+            event = build_invite(
+                KNOWN_ROOM_VERSIONS["1"], self.s.their_key, extra={"content": content}
+            )
+            self.assertWalkedOnce(event, self.send_v1(event), v1_error)
+            self.visited.clear()
+            event = build_invite(
+                KNOWN_ROOM_VERSIONS["1"],
+                self.s.their_key,
+                extra={"unsigned": {"x": flat, "deep": PduNestingTests.deep(levels)}},
+            )
+            self.assertWalkedOnce(event, self.send_v1(event), 200 if levels == 300 else v1_error)
+
+    def test_on_invite_called_directly_bounds_the_body_too(self) -> None:
+        """on_invite called without the parse-time check (nesting_checked False) gives the
+        resource's answers, the 512 of every body included (a v2 body key of its own, an
+        unsigned key Synapse strips), in one walk."""
+        on_invite = self.s.handler.on_invite
+
+        async def unchecked(*args: Any) -> Any:
+            return await on_invite(*args[:7], False)
+
+        self.patch(self.s.handler, "on_invite", unchecked)
+        self.patch(
+            invite_resource_module,
+            "parse_json_with_numbers",
+            lambda raw, **kwargs: (json.loads(raw), True),  # no nesting bound at all
+        )
+        deep = PduNestingTests.deep
+        room_version, event = self.s.invite()
+        body = {**self.s.v2_body(room_version, event), "x": deep(511)}  # 512 levels
+        self.assertEqual(self.send_v2(room_version, event, body=body)[0], 200)
+        room_version, event = self.s.invite()
+        body = {**self.s.v2_body(room_version, event), "x": deep(512)}
+        self.visited.clear()
+        self.assertWalkedOnce(
+            body,
+            self.send_v2(room_version, event, body=body),
+            "JSON is nested deeper than 512 levels",
+        )
+        room_version, event = self.s.invite(extra={"unsigned": {"x": deep(510)}})
+        answer = self.assertRefused(self.send_v2(room_version, event), 400, "M_NOT_JSON")
+        self.assertEqual(answer["error"], "JSON is nested deeper than 512 levels")
 
 
 class RequestShapeTests(InboundTestCase):

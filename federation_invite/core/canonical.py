@@ -187,6 +187,7 @@ def parse_json(
     require_object: bool = False,
     max_nesting: int = MAX_NESTING,
     nesting_problem: Callable[[Any], str | None] | None = None,
+    problem_bounds_nesting: bool = False,
 ) -> Any:
     """Parse a request body strictly.
 
@@ -204,9 +205,15 @@ def parse_json(
     value, only for a body with more than ``max_nesting`` arrays and objects
     (brackets counted, so it must find a problem only in a value nested
     deeper than that), and its answer, if not None, is the ``M_NOT_JSON``
-    message; the whole value stays bounded by ``MAX_NESTING``.
+    message; the whole value stays bounded by ``MAX_NESTING``, walked apart
+    for it first unless ``problem_bounds_nesting`` says that ``nesting_problem``
+    finds a problem in any value nested deeper than that too (in the same walk,
+    as ``inbound.invite_body_nesting_problem`` does, with the same message:
+    ``JSON is nested deeper than 512 levels``).
     """
-    return _parse(body, _decoder, require_object, max_nesting, nesting_problem)
+    return _parse(
+        body, _decoder, require_object, max_nesting, nesting_problem, problem_bounds_nesting
+    )
 
 
 def parse_json_with_numbers(
@@ -215,6 +222,7 @@ def parse_json_with_numbers(
     require_object: bool = False,
     max_nesting: int = MAX_NESTING,
     nesting_problem: Callable[[Any], str | None] | None = None,
+    problem_bounds_nesting: bool = False,
 ) -> tuple[Any, bool]:
     """``parse_json``, also telling whether every number is strictly canonical.
 
@@ -225,7 +233,14 @@ def parse_json_with_numbers(
     """
     numbers = _numbers
     numbers.clean = True
-    value = _parse(body, numbers.decoder, require_object, max_nesting, nesting_problem)
+    value = _parse(
+        body,
+        numbers.decoder,
+        require_object,
+        max_nesting,
+        nesting_problem,
+        problem_bounds_nesting,
+    )
     return value, numbers.clean
 
 
@@ -265,6 +280,7 @@ def _parse(
     require_object: bool,
     max_nesting: int,
     nesting_problem: Callable[[Any], str | None] | None,
+    problem_bounds_nesting: bool,
 ) -> Any:
     try:
         text = body.decode("utf-8")
@@ -291,10 +307,11 @@ def _parse(
             if nesting_depth(value, limit) > limit:
                 raise MatrixError(400, Codes.NOT_JSON, f"JSON is nested deeper than {limit} levels")
         else:
-            if brackets > MAX_NESTING and nesting_depth(value) > MAX_NESTING:
-                raise MatrixError(
-                    400, Codes.NOT_JSON, f"JSON is nested deeper than {MAX_NESTING} levels"
-                )
+            if not problem_bounds_nesting and brackets > MAX_NESTING:
+                if nesting_depth(value) > MAX_NESTING:
+                    raise MatrixError(
+                        400, Codes.NOT_JSON, f"JSON is nested deeper than {MAX_NESTING} levels"
+                    )
             problem = nesting_problem(value)
             if problem is not None:
                 raise MatrixError(400, Codes.NOT_JSON, problem)

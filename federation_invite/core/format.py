@@ -25,7 +25,7 @@ is no longer part of any PDU schema and is not checked.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn
 
 from .canonical import (
@@ -283,7 +283,13 @@ _PARSED_UNSIGNED_KEYS = ("invite_room_state", "knock_room_state")
 _NOT_GIVEN: Any = object()
 
 
-def pdu_nesting_exceeded(event: object, room_state: object = _NOT_GIVEN) -> int:
+def pdu_nesting_exceeded(
+    event: object,
+    room_state: object = _NOT_GIVEN,
+    *,
+    wrapped: int | None = None,
+    beside: Iterable[Any] = (),
+) -> int:
     """The nesting limit ``event`` crosses as Synapse's PDU parser is given it, or 0.
 
     Synapse strips the ``unsigned`` keys of an invite but ``invite_room_state``
@@ -293,33 +299,71 @@ def pdu_nesting_exceeded(event: object, room_state: object = _NOT_GIVEN) -> int:
     ``room_state``: Synapse's v2 ``/invite`` puts the body's ``invite_room_state``
     (a list; anything else as ``[]``) in the event's ``unsigned`` before parsing,
     in place of the event's own, where each entry sits at level 4: when that is
-    what crosses the limit, the answer is ``MAX_ROOM_STATE_NESTING``. Only an
-    event too deep is walked twice.
+    what crosses the limit, the answer is ``MAX_ROOM_STATE_NESTING``.
+
+    ``wrapped``: the event is a body's (0: the body is the event, as v1's; 1: the body
+    wraps it, as v2's, with ``room_state`` and the values ``beside`` at the event's
+    level), and the whole body is bounded too: ``MAX_NESTING`` first if it is deeper.
+    Each part (the event but its ``unsigned``, the ``unsigned`` values kept and
+    stripped, ``room_state``, ``beside``) is walked once, as deep as its limits need,
+    so no array or object is visited twice.
     """
+    outer = MAX_NESTING if wrapped is None else MAX_NESTING - wrapped  # the event's bound
     if not isinstance(event, Mapping):
-        return MAX_PDU_NESTING if nesting_depth(event, MAX_PDU_NESTING) > MAX_PDU_NESTING else 0
+        depth = nesting_depth(event, MAX_PDU_NESTING if wrapped is None else outer)
+        if wrapped is not None and depth > outer:
+            return MAX_NESTING
+        return MAX_PDU_NESTING if depth > MAX_PDU_NESTING else 0
+    replaced = room_state is not _NOT_GIVEN
     unsigned = event.get("unsigned", _NOT_GIVEN)
+    given_unsigned = isinstance(unsigned, Mapping)
+    parsed_unsigned = given_unsigned or (replaced and unsigned is _NOT_GIVEN)
+    kept: list[Any] = []
     stripped: list[Any] = []
-    if room_state is not _NOT_GIVEN:
-        if unsigned is _NOT_GIVEN:
-            unsigned = {}
-        if isinstance(unsigned, Mapping):
-            if "invite_room_state" in unsigned:
-                stripped.append(unsigned["invite_room_state"])
-            room_state = room_state if isinstance(room_state, list | tuple) else []
-            unsigned = {**unsigned, "invite_room_state": room_state}
-    parsed: object = event
-    if isinstance(unsigned, Mapping):  # else absent, or no object, which Synapse cannot take
-        kept = _PARSED_UNSIGNED_KEYS if event.get("type") == "m.room.member" else ()
-        parsed_unsigned = {key: unsigned[key] for key in kept if key in unsigned}
-        stripped += [value for key, value in unsigned.items() if key not in parsed_unsigned]
-        parsed = {**event, "unsigned": parsed_unsigned}
-    if nesting_depth(parsed, MAX_PDU_NESTING) > MAX_PDU_NESTING:
-        if room_state is not _NOT_GIVEN and room_state_nesting_problem(room_state) is not None:
+    member = event.get("type") == "m.room.member"
+    if parsed_unsigned:
+        rest = [value for key, value in event.items() if key != "unsigned"]
+        keys = _PARSED_UNSIGNED_KEYS[replaced:] if member else ()  # v2: the body's replaces
+        if given_unsigned:
+            for key, value in unsigned.items():
+                (kept if key in keys else stripped).append(value)
+    else:  # absent, or no object (which Synapse cannot take): parsed as it is
+        rest = list(event.values())
+    listed = isinstance(room_state, list | tuple)
+    in_parsed = replaced and parsed_unsigned and member
+    in_stripped = replaced and parsed_unsigned and not member
+    # Each part's walk, as deep as is needed to see the limits it may cross; the lists
+    # stand for the event (rest) and its unsigned (kept, stripped).
+    if wrapped is None:
+        depth = nesting_depth(rest, MAX_PDU_NESTING)
+        kept_depth = nesting_depth(kept, MAX_PDU_NESTING - 1) if kept else 1
+        stripped_depth = nesting_depth(stripped, MAX_NESTING - 1) if stripped else 1
+        state_limit = MAX_NESTING - 2 if in_stripped else MAX_ROOM_STATE_NESTING + 1
+    else:
+        depth = nesting_depth(rest, outer)
+        kept_depth = nesting_depth(kept, outer - 1) if kept else 1
+        stripped_depth = nesting_depth(stripped, outer - 1) if stripped else 1
+        state_limit = max(outer, MAX_NESTING - 2)  # beside the event, or in its unsigned
+    state_depth = 0
+    if replaced and (listed or wrapped is not None):
+        state_depth = nesting_depth(room_state, state_limit)
+    if wrapped is not None:
+        given = max(depth, 1 + kept_depth, 1 + stripped_depth) if given_unsigned else depth
+        others = list(beside)
+        beside_depth = nesting_depth(others, outer + 1) if others else 1  # the list a level
+        if max(given, state_depth, beside_depth - 1) > outer:
+            return MAX_NESTING
+    placed = state_depth if listed else 1  # Synapse's [] for anything but a list
+    if parsed_unsigned:
+        depth = max(depth, 1 + kept_depth, 2 + placed if in_parsed else 0)
+        if in_stripped:
+            stripped_depth = max(stripped_depth, 1 + placed)
+    if depth > MAX_PDU_NESTING:
+        if listed and state_depth > MAX_ROOM_STATE_NESTING + 1:
             return MAX_ROOM_STATE_NESTING
         return MAX_PDU_NESTING
     # The stripped values sit at level 3 of the event, as their list's members would.
-    if stripped and nesting_depth(stripped, MAX_NESTING - 1) > MAX_NESTING - 1:
+    if stripped_depth > MAX_NESTING - 1:
         return MAX_NESTING
     return 0
 

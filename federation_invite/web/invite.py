@@ -119,6 +119,7 @@ class InviteResource(MatrixResource):
                 require_object=True,
                 max_nesting=self._max_nesting,
                 nesting_problem=self._nesting_problem,
+                problem_bounds_nesting=True,  # in the same walk: one walk of the body
             )
         except MatrixError as error:
             # Rows 1 to 3 and the path: refused before the handler, which logs and counts

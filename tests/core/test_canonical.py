@@ -417,6 +417,34 @@ class NestingTests(SynchronousTestCase):
             )
             parse(_nested(512, ["["]).encode(), max_nesting=3, nesting_problem=lambda value: None)
 
+    def test_nesting_rule_that_bounds_the_value_itself(self) -> None:
+        """problem_bounds_nesting: the caller's rule bounds the value by 512 too (in its own
+        walk), so the value is not walked apart for it: its answer is final."""
+        walks: list[int] = []
+        self.patch(canonical, "nesting_depth", lambda value, limit=512: walks.append(limit) or 1)
+        deep = _nested(513, ["["]).encode()
+        for parse in (parse_json, parse_json_with_numbers):
+            del walks[:]
+            parse(
+                deep, max_nesting=3, nesting_problem=lambda value: None, problem_bounds_nesting=True
+            )
+            self.assertEqual(walks, [])
+            error = self.assertRaises(
+                MatrixError,
+                parse,
+                deep,
+                max_nesting=3,
+                nesting_problem=lambda value: "mine",
+                problem_bounds_nesting=True,
+            )
+            self.assertEqual(
+                (error.http_status, error.errcode, error.message), (400, "M_NOT_JSON", "mine")
+            )
+            self.assertEqual(walks, [])
+            # Without it, the value is walked apart for the 512 first.
+            parse(deep, max_nesting=3, nesting_problem=lambda value: None)
+            self.assertEqual(walks, [512])
+
     def test_depth_walk_does_not_grow_with_width(self) -> None:
         """Checking the depth of a body with many brackets takes Python-level work per level,
         not per value: 2,000 or 20,000 arrays side by side cost the same lines."""
