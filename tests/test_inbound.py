@@ -142,6 +142,17 @@ class InboundTestCase(SynchronousTestCase):
         )
         verify_event_signature(room_version, returned, US, {(US, key.key_id): key})
 
+    def call_on_invite_unchecked(self, parse: Callable[..., Any]) -> None:
+        """Have the resource parse bodies with ``parse`` and call on_invite with
+        nesting_checked False, as an embedder calling it directly would."""
+        on_invite = self.s.handler.on_invite
+
+        async def unchecked(*args: Any) -> Any:
+            return await on_invite(*args[:7], False)
+
+        self.patch(self.s.handler, "on_invite", unchecked)
+        self.patch(invite_resource_module, "parse_json_with_numbers", parse)
+
 
 class AcceptanceTests(InboundTestCase):
     scenario_kwargs = {"limits": InviteLimits(invitee_burst=100)}
@@ -454,16 +465,8 @@ class PduNestingTests(InboundTestCase):
     def test_room_state_entry_limit_on_invite_called_directly(self) -> None:
         """on_invite called without the parse-time limit (nesting_checked False, as an
         embedder calling it directly) holds v2 room-state entries to 124 levels too."""
-        on_invite = self.s.handler.on_invite
-
-        async def unchecked(*args: Any) -> Any:
-            return await on_invite(*args[:7], False)
-
-        self.patch(self.s.handler, "on_invite", unchecked)
-        self.patch(
-            invite_resource_module,
-            "parse_json_with_numbers",
-            lambda raw, **kwargs: parse_json_with_numbers(raw, require_object=True),
+        self.call_on_invite_unchecked(
+            lambda raw, **kwargs: parse_json_with_numbers(raw, require_object=True)
         )
         room_version, event = self.s.invite()
         self.assertEqual(self.send_v2(room_version, event, [self.deep_entry(124)])[0], 200)
@@ -591,16 +594,8 @@ class NestingWalkTests(InboundTestCase):
         """on_invite called without the parse-time check (nesting_checked False) gives the
         resource's answers, the 512 of every body included (a v2 body key of its own, an
         unsigned key Synapse strips), in one walk."""
-        on_invite = self.s.handler.on_invite
-
-        async def unchecked(*args: Any) -> Any:
-            return await on_invite(*args[:7], False)
-
-        self.patch(self.s.handler, "on_invite", unchecked)
-        self.patch(
-            invite_resource_module,
-            "parse_json_with_numbers",
-            lambda raw, **kwargs: (json.loads(raw), True),  # no nesting bound at all
+        self.call_on_invite_unchecked(
+            lambda raw, **kwargs: (json.loads(raw), True)  # no nesting bound at all
         )
         deep = PduNestingTests.deep
         room_version, event = self.s.invite()
