@@ -355,7 +355,7 @@ class InviteSender:
             _check_create_event(room_version, event, room_state)
         _check_before_signing(room_version, event, room_state)
         signed, prepared = _check_signed(
-            room_version, await self._sign(room_version, event), room_state, event
+            room_version, await self._sign(room_version, event), room_state
         )
         if (
             room_version.event_id_in_event
@@ -742,11 +742,7 @@ def _nesting_problem(
     (``pdu_nesting_exceeded``: it parses the room state inside the event's ``unsigned``,
     where our v1 fallback sends it too and its v2 ``/invite`` moves it, in place of the
     event's own; the ``unsigned`` keys it strips do not count), or None."""
-    return _nesting_message(room_version, pdu_nesting_exceeded(event, room_state))
-
-
-def _nesting_message(room_version: RoomVersion, exceeded: int) -> str | None:
-    """``_nesting_problem``'s answer for the limit ``pdu_nesting_exceeded`` found crossed."""
+    exceeded = pdu_nesting_exceeded(event, room_state)
     if not exceeded:
         return None
     if exceeded == MAX_ROOM_STATE_NESTING:
@@ -758,17 +754,11 @@ def _nesting_message(room_version: RoomVersion, exceeded: int) -> str | None:
 
 
 def _check_signed(
-    room_version: RoomVersion,
-    event: dict[str, Any],
-    room_state: list[dict[str, Any]],
-    checked: Mapping[str, Any],
+    room_version: RoomVersion, event: dict[str, Any], room_state: list[dict[str, Any]]
 ) -> tuple[dict[str, Any], PreparedEvent]:
     """Format, size and content hash of the event about to be sent; the event as it goes
     on the wire and its prepared form. Its nesting is checked with the room state sent
-    beside it, as Synapse parses them (``_nesting_problem``), unless ``checked``, the
-    event before signing, whose nesting and room state's were checked then, holds every
-    field but ``hashes`` and ``signatures`` (the same values: the signer changed nothing
-    else): then only those are walked, so the event is not walked twice.
+    beside it, as Synapse parses them (``_nesting_problem``).
 
     The event is decoded back from its canonical encoding, and that is what is sent,
     compared with the answer and handed back: a tuple the caller put in it (which
@@ -786,34 +776,12 @@ def _check_signed(
         ) from None
     except ValueError as exc:
         raise InviteNotSendable(f"the event is not strict canonical JSON: {exc}") from None
-    added = _signing_added(event, checked)
-    if added is None:
-        problem = _nesting_problem(room_version, sent, room_state)
-    else:
-        problem = _nesting_message(room_version, pdu_nesting_exceeded(added))
+    problem = _nesting_problem(room_version, sent, room_state)
     if problem is not None:
         raise InviteNotSendable(problem)
     if not check_content_hash(room_version, sent):
         raise InviteNotSendable("the event's content hash (hashes.sha256) is wrong")
     return sent, prepare_event(room_version, sent, strict=True)
-
-
-#: The fields signing sets (``hashes`` only when the event had none).
-_SIGNING_FIELDS = ("hashes", "signatures")
-
-
-def _signing_added(signed: Mapping[str, Any], checked: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The fields of ``signed`` that signing sets, when it has every other field of
-    ``checked`` and no other, each the very value (as our signer leaves them), else None."""
-    others = 0
-    for key, value in signed.items():
-        if key not in _SIGNING_FIELDS:
-            if key not in checked or checked[key] is not value:
-                return None
-            others += 1
-    if others != sum(key not in _SIGNING_FIELDS for key in checked):
-        return None  # a field dropped
-    return {key: signed[key] for key in _SIGNING_FIELDS if key in signed}
 
 
 def _differences(sent: Mapping[str, Any], received: Mapping[str, Any]) -> list[str]:

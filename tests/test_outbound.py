@@ -27,7 +27,6 @@ from federation_invite.client import (
 )
 from federation_invite.client.testing import FakePeersAgent
 from federation_invite.config import ConfigError, load_config
-from federation_invite.core import format as format_module
 from federation_invite.core.canonical import encode_canonical_json
 from federation_invite.core.errors import MatrixError
 from federation_invite.core.events import (
@@ -1591,107 +1590,6 @@ class InboundOutboundAgreementTests(_Base):
             ).value
             self.assertEqual((error.status, error.errcode), (status, errcode), (what, version_id))
         self.assertEqual(receiver.store.invites, {})
-
-
-class NestingWalkTests(_Base):
-    """The event and its room state are walked once for their nesting, before signing:
-    after signing, only what the signer set (hashes, signatures) is, when every other
-    field is the event's own. Visits are counted by a stand-in for the walk
-    (format.nesting_depth) while the sender checks nesting, not timed."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        self.peer = FakePeer(self.origin.clock)
-        self.origin.agent.add_peer(PEER, self.peer.root)
-        self.visited: list[int] = []
-        walk = format_module.nesting_depth
-        checking: list[bool] = []
-
-        def counting(value: Any, limit: int = 512) -> int:
-            depth = walk(value, limit)
-            if checking:
-                level = [value] if type(value) in (dict, list, tuple) else []
-                visited = 0
-                for _ in range(depth):
-                    visited += len(level)
-                    level = [
-                        child
-                        for container in level
-                        for child in (container.values() if type(container) is dict else container)
-                        if type(child) in (dict, list, tuple)
-                    ]
-                self.visited.append(visited)
-            return depth
-
-        exceeded = outbound.pdu_nesting_exceeded
-
-        def checked(*args: Any, **kwargs: Any) -> int:
-            checking.append(True)
-            try:
-                return exceeded(*args, **kwargs)
-            finally:
-                checking.pop()
-
-        self.patch(format_module, "nesting_depth", counting)
-        self.patch(outbound, "pdu_nesting_exceeded", checked)
-
-    @staticmethod
-    def containers(value: Any) -> int:
-        count, level = 0, [value]
-        while level:
-            level = [v for v in level if isinstance(v, dict | list | tuple)]
-            count += len(level)
-            level = [c for v in level for c in (v.values() if isinstance(v, dict) else v)]
-        return count
-
-    def test_walked_once(self) -> None:
-        """600 [] in the content, or content 120 levels deep beside them, with its room
-        state: each array and object visited at most once (the signer's hashes and
-        signatures aside), on v2 and v1 rooms, unsigned or signed already."""
-        flat = [[] for _ in range(600)]
-        for version, deep, signed in (
-            ("10", 0, False),
-            ("10", 120, False),
-            ("1", 120, False),
-            ("10", 120, True),
-        ):
-            self.visited.clear()
-            event, state = self.origin.invite(version)
-            event["content"] = {**event["content"], "x": flat, "deep": _deep(deep)}
-            if signed:
-                event = hash_and_sign_event(
-                    KNOWN_ROOM_VERSIONS[version], event, OURS, self.origin.key
-                )
-            self.successResultOf(self.origin.send(version, event, state))
-            sent = self.peer.received[-1][2]
-            sent = sent["event"] if "event" in sent else sent
-            added = self.containers({k: sent[k] for k in ("hashes", "signatures")})
-            self.assertLessEqual(
-                sum(self.visited),
-                self.containers(event) + self.containers(state) + added,
-                (version, deep, signed),
-            )
-            self.assertGreater(sum(self.visited), self.containers(event))
-
-    def test_changed_by_the_signer_walked_again(self) -> None:
-        """A signer that changes a field but hashes and signatures has its event walked
-        again: one that nests the content past 127 levels is refused, nothing sent."""
-        sign = self.origin.local_signer.hash_and_sign_event
-
-        def deepening(room_version: RoomVersion, event: dict[str, Any]) -> Any:
-            return sign(
-                room_version, {**event, "content": {**event["content"], "deep": _deep(126)}}
-            )
-
-        event, state = self.origin.invite("10")  # its create event signed as usual
-        self.patch(self.origin.local_signer, "hash_and_sign_event", deepening)
-        error = self.failureResultOf(self.origin.send("10", event, state), InviteNotSendable).value
-        self.assertEqual(
-            str(error),
-            "invite not sent: the event is not a valid room version 10 PDU: "
-            "Invalid PDU: nested deeper than 127 levels",
-        )
-        self.assertEqual(self.peer.received, [])
 
 
 class SignerTests(_Base):
