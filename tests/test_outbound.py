@@ -1432,6 +1432,25 @@ class BeforeSendingTests(_Base):
             )
             self.assertEqual(len(self.origin.signer.calls), calls)
 
+    def test_signer_deepening_the_event_in_place_refused_after_signing(self) -> None:
+        """A signer that nests the content past 127 levels by writing into the event's own
+        nested objects (the top-level values stay the very objects checked before signing)
+        is caught by the check after signing: nothing is sent."""
+        sign = self.origin.local_signer.hash_and_sign_event
+
+        def deepening(room_version: Any, event: dict[str, Any]) -> Any:
+            event["content"]["deep"] = _deep(200)
+            return sign(room_version, event)
+
+        event, state = self.origin.invite("10")
+        self.patch(self.origin.local_signer, "hash_and_sign_event", deepening)
+        self.assertEqual(
+            self.not_sendable("10", event, state),
+            "the event is not a valid room version 10 PDU: "
+            "Invalid PDU: nested deeper than 127 levels",
+        )
+        self.assertEqual(self.peer.received, [])
+
     def test_what_synapse_strips_is_not_counted(self) -> None:
         """Unsigned keys Synapse strips before its PDU parser (all but invite_room_state and
         knock_room_state) do not count toward the 127 levels: such an event goes out; past
