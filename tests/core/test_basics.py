@@ -21,6 +21,7 @@ from federation_invite.core.roomversions import (
     EventIdFormat,
     RedactionRules,
     get_room_version,
+    room_version_of,
 )
 
 SEED = "YJDBA9Xnr2sVqXD9Vj7XVUnmFZcZrlw8Md7kMW+3XA1"
@@ -196,3 +197,15 @@ class RoomVersionTests(SynchronousTestCase):
                 (400, "M_INCOMPATIBLE_ROOM_VERSION", shown),
             )
         self.assertIs(get_room_version("11"), KNOWN_ROOM_VERSIONS["11"])
+
+    def test_room_version_of(self) -> None:
+        """room_version_of: a RoomVersion is itself, an identifier the version it names, and
+        an unknown one get_room_version's 400 M_INCOMPATIBLE_ROOM_VERSION."""
+        for identifier, version in KNOWN_ROOM_VERSIONS.items():
+            self.assertIs(room_version_of(version), version)
+            self.assertIs(room_version_of(identifier), version)
+        error = self.assertRaises(MatrixError, room_version_of, "13")
+        self.assertEqual(
+            (error.http_status, error.errcode, error.extra["room_version"]),
+            (400, "M_INCOMPATIBLE_ROOM_VERSION", "13"),
+        )

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from federation_invite.core.canonical import encode_canonical_json
+from federation_invite.core.canonical import MAX_NESTING, encode_canonical_json
 from federation_invite.core.errors import MatrixError
 from federation_invite.core.format import (
     MAX_PDU_NESTING,
@@ -17,6 +17,7 @@ from federation_invite.core.format import (
     MAX_ROOM_STATE_NESTING,
     check_event_format,
     check_pdu_size,
+    pdu_nesting_exceeded,
     pdu_nesting_problem,
     room_state_nesting_problem,
 )
@@ -663,6 +664,98 @@ class NestingTests(FormatTestCase):
         event["content"]["deep"] = nested(MAX_PDU_NESTING)
         check_event_format("10", event, nesting_checked=True)
         self.assertTooDeep("10", event)
+
+
+class NestingExceededTests(SynchronousTestCase):
+    """``pdu_nesting_exceeded``: the limit an event crosses (0 if none), alone (as
+    ``check_pdu_nesting`` asks), with a v2 body's room state, and inside the body that
+    carries it (``wrapped``, as ``inbound.invite_body_nesting_problem`` asks), where the
+    body's 512 levels are answered first."""
+
+    def test_limits(self) -> None:
+        self.assertEqual((MAX_NESTING, MAX_PDU_NESTING, MAX_ROOM_STATE_NESTING), (512, 127, 124))
+
+    def test_not_an_object(self) -> None:
+        """An event that is no object (which the format check refuses next) is counted
+        whole: 127 levels alone; as a body or in one, the body's 512 first."""
+        self.assertEqual(pdu_nesting_exceeded(5), 0)
+        self.assertEqual(pdu_nesting_exceeded([nested(126)]), 0)
+        self.assertEqual(pdu_nesting_exceeded([nested(127)]), MAX_PDU_NESTING)
+        # wrapped=0 (v1: the body is the event): 512 levels in all.
+        self.assertEqual(pdu_nesting_exceeded([nested(126)], wrapped=0), 0)
+        self.assertEqual(pdu_nesting_exceeded([nested(511)], wrapped=0), MAX_PDU_NESTING)
+        self.assertEqual(pdu_nesting_exceeded([nested(512)], wrapped=0), MAX_NESTING)
+        # wrapped=1 (v2: the event a level down): 511 for the event.
+        self.assertEqual(pdu_nesting_exceeded([nested(125)], wrapped=1), 0)
+        self.assertEqual(pdu_nesting_exceeded([nested(510)], wrapped=1), MAX_PDU_NESTING)
+        self.assertEqual(pdu_nesting_exceeded([nested(511)], wrapped=1), MAX_NESTING)
+
+    def test_v1_body(self) -> None:
+        """wrapped=0: past 127 levels is the PDU's limit up to the body's 512, then the
+        body's; a stripped unsigned key counts toward the 512 only."""
+        event = invite_event("1")
+        event["content"]["deep"] = nested(510)  # + the event and content: 512
+        self.assertEqual(pdu_nesting_exceeded(event, wrapped=0), MAX_PDU_NESTING)
+        event["content"]["deep"] = nested(511)
+        self.assertEqual(pdu_nesting_exceeded(event, wrapped=0), MAX_NESTING)
+        event = invite_event("1")
+        event["unsigned"] = {"x": nested(510)}
+        self.assertEqual(pdu_nesting_exceeded(event, wrapped=0), 0)
+        event["unsigned"] = {"x": nested(511)}
+        self.assertEqual(pdu_nesting_exceeded(event, wrapped=0), MAX_NESTING)
+
+    def test_v2_body(self) -> None:
+        """wrapped=1: the event, its stripped unsigned keys, the room state and the body's
+        other values (``beside``) each bounded by the body's 512 levels (511 from the
+        event's level); the room state's entries by 124 once inside that."""
+        event = invite_event("10")
+        self.assertEqual(pdu_nesting_exceeded(event, [], wrapped=1), 0)
+        # The body's other values, at the event's level.
+        self.assertEqual(pdu_nesting_exceeded(event, [], wrapped=1, beside=[nested(511)]), 0)
+        self.assertEqual(
+            pdu_nesting_exceeded(event, [], wrapped=1, beside=[{}, nested(512)]), MAX_NESTING
+        )
+        # The room state: its entries at level 4 of the parsed event.
+        self.assertEqual(pdu_nesting_exceeded(event, [nested(124)], wrapped=1), 0)
+        self.assertEqual(
+            pdu_nesting_exceeded(event, [nested(125)], wrapped=1), MAX_ROOM_STATE_NESTING
+        )
+        self.assertEqual(
+            pdu_nesting_exceeded(event, [nested(510)], wrapped=1), MAX_ROOM_STATE_NESTING
+        )
+        self.assertEqual(pdu_nesting_exceeded(event, [nested(511)], wrapped=1), MAX_NESTING)
+        # Room state that is no list: Synapse parses [] in its place; the body's bound holds.
+        self.assertEqual(pdu_nesting_exceeded(event, {"x": nested(510)}, wrapped=1), 0)
+        self.assertEqual(pdu_nesting_exceeded(event, {"x": nested(511)}, wrapped=1), MAX_NESTING)
+        # A stripped unsigned key of the event: body, event, unsigned, then the value.
+        event["unsigned"] = {"x": nested(509)}
+        self.assertEqual(pdu_nesting_exceeded(event, [], wrapped=1), 0)
+        event["unsigned"] = {"x": nested(510)}
+        self.assertEqual(pdu_nesting_exceeded(event, [], wrapped=1), MAX_NESTING)
+        # Past 127 levels in the event itself, inside the 511: the PDU's limit.
+        event = invite_event("10")
+        event["content"]["deep"] = nested(509)  # + the event and content: 511
+        self.assertEqual(pdu_nesting_exceeded(event, [], wrapped=1), MAX_PDU_NESTING)
+        event["content"]["deep"] = nested(510)
+        self.assertEqual(pdu_nesting_exceeded(event, [], wrapped=1), MAX_NESTING)
+
+    def test_room_state_of_another_event_is_stripped(self) -> None:
+        """Synapse's v2 /invite puts the body's room state in the event's unsigned, and
+        strips every unsigned key of an event that is no m.room.member before its parser:
+        such room state counts toward the 512 levels only (its entries at level 4)."""
+        for unsigned in ({"age": 1}, None):
+            event = invite_event("10")
+            event["type"] = "m.room.name"
+            if unsigned is None:
+                del event["unsigned"]
+            else:
+                event["unsigned"] = unsigned
+            self.assertEqual(pdu_nesting_exceeded(event, [nested(125)]), 0)
+            self.assertEqual(pdu_nesting_exceeded(event, [nested(509)]), 0)
+            self.assertEqual(pdu_nesting_exceeded(event, [nested(510)]), MAX_NESTING)
+            self.assertEqual(
+                pdu_nesting_problem(event, [nested(510)]), "nested deeper than 512 levels"
+            )
 
 
 class RoomStateNestingTests(FormatTestCase):

@@ -85,6 +85,14 @@ class MatchingFormTests(SynchronousTestCase):
         self.assertTrue(users.matches_user("@bob:localhost:1234"))
         self.assertFalse(users.matches_user("@bob:localhost:9"))
 
+    def test_user_id_without_server(self) -> None:
+        """A user ID without ':' matches only a pattern matching it as written: there is no
+        server name to compare as a host."""
+        users = GlobList.of(["@mallory:evil.example", "@eve"], ignore_case=True)
+        self.assertFalse(users.matches_user("@mallory"))
+        self.assertTrue(users.matches_user("@eve"))
+        self.assertFalse(users.matches_user("@eve2"))
+
 
 class LiteralBracketTests(SynchronousTestCase):
     """Only '*' and '?' are wildcards, as in Synapse's server ACL globs: '[' and ']' stand for

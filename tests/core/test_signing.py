@@ -449,6 +449,32 @@ class VerifyJSONWithOneOfTests(SynchronousTestCase):
             self.signed(), {}, "Missing signature for origin.example by any of the 0 keys given"
         )
 
+    def test_signing_bytes_given(self) -> None:
+        """``data``: the caller's signing bytes are checked in place of the object's encoding
+        (so they must be the object's)."""
+        obj = self.signed()
+        self.assertEqual(
+            verify_json_with_one_of(obj, ORIGIN, self.KEYS, data=signing_bytes(obj)),
+            self.KEYS["ed25519:a1"],
+        )
+        self.assertEqual(
+            verify_json_with_one_of(obj, ORIGIN, self.KEYS, data=signing_bytes(self.signed())),
+            self.KEYS["ed25519:a1"],
+        )
+        with self.assertRaises(SignatureError) as caught:
+            verify_json_with_one_of(obj, ORIGIN, self.KEYS, data=signing_bytes({"a": 2}))
+        self.assertEqual(
+            str(caught.exception), "Signature by origin.example (ed25519:a1) is invalid"
+        )
+        # The object is not encoded when its bytes are given: a float it holds is no error.
+        data = {"a": 1.5}
+        given_bytes = canonicaljson.encode_canonical_json(data)
+        obj = {**data, "signatures": {ORIGIN: {"ed25519:a1": sign_bytes(ORIGIN_KEY, given_bytes)}}}
+        self.assertEqual(
+            verify_json_with_one_of(obj, ORIGIN, self.KEYS, data=given_bytes),
+            self.KEYS["ed25519:a1"],
+        )
+
     def test_non_canonical(self) -> None:
         """Strictly, a float cannot be canonical; ``strict=False`` admits it."""
         data = {"a": 1.5}
