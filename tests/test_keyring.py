@@ -813,6 +813,46 @@ class KeyringTests(SynchronousTestCase):
             self.clock.advance(61)
         self.assertLessEqual(len(self.keyring._backoff), 10)
 
+    def test_direct_backoff_table_bounded(self) -> None:
+        """The direct key server back-offs (set by every failure of a server's own request)
+        are bounded as the fetch back-offs are: past ``_BACKOFF_TABLE_SIZE`` names, at most
+        that many are kept, the newest among them."""
+        import federation_invite.keyring as keyring_module
+
+        self.patch(keyring_module, "_BACKOFF_TABLE_SIZE", 10)
+        for n in range(25):
+            self.get(server=f"dead{n}.example")
+            self.assertIn(f"dead{n}.example", self.keyring._direct_backoff)
+            self.assertLessEqual(len(self.keyring._direct_backoff), 10)
+            self.clock.advance(61)
+        self.assertEqual(self.federation.count("dead24.example"), 1)
+
+    def test_direct_backoff_not_set_for_our_own_failures(self) -> None:
+        """Neither a timeout while our address lookups waited for a resolver thread
+        (``resolver_busy``) nor the client's refusal (``BackoffError``) sets the server's
+        direct back-off: neither is its failure; a failure of its own then does (1 min)."""
+        clock = self.clock
+        failures: list[Exception] = [
+            TransportError("remote.example", "timed out after 60 s (...)", resolver_busy=True),
+            BackoffError("remote.example", NOW_S + 1, 3, NOW_S),
+            TransportError("remote.example", "connection refused"),
+        ]
+
+        class Failing:
+            def get_json(self, destination: str, path: str, **kwargs: Any) -> Any:
+                return fail(failures.pop(0))
+
+        keyring = Keyring(clock, self.store, Failing())
+        self.assertEqual(self.get(keyring), {})  # resolver busy
+        self.assertEqual((keyring.fetches, keyring._direct_backoff), (1, {}))
+        self.assertEqual(self.get(keyring), {})  # refused by the client
+        self.assertEqual((keyring.fetches, keyring._direct_backoff), (2, {}))
+        self.clock.advance(5)
+        self.assertEqual(self.get(keyring), {})  # the server's own failure
+        self.assertEqual((keyring.fetches, failures), (3, []))
+        direct = keyring._direct_backoff["remote.example"]
+        self.assertEqual((direct.until_ms, direct.delay_ms), (NOW_MS + 5_000 + 60_000, 60_000))
+
     def test_full_backoff_table_keeps_the_longest_waits(self) -> None:
         """A full table forgets the back-offs that end soonest, not all of them: names that
         fail once each (anyone can send many) cannot wipe a long back-off."""
@@ -1444,6 +1484,41 @@ class NotaryTests(SynchronousTestCase):
             self.assertIn(self.key_id, self.successResultOf(lookup))
         self.assertEqual(self.direct_requests("down.example"), 1)
         self.assertIn("down.example", keyring._direct_backoff)
+
+    def test_sender_joining_a_notary_only_fetch_server_still_down(self) -> None:
+        """The sender's answer check joining a notary-only fetch, when the server is still
+        down: the late direct request fails too and counts as the check's own fetch's
+        would, doubling the server's direct back-off (1 min -> 2 min); the fetch, answered
+        by the notary without the key, records the 5 s pause only; the lookups get no key."""
+        keyring = self.keyring()
+        self.notary.by_key_id = True
+        self.assertEqual(
+            self.successResultOf(keyring.get_server_keys("down.example", ["ed25519:old"], NOW_MS)),
+            {},
+        )
+        self.assertEqual(keyring._direct_backoff["down.example"].delay_ms, 60_000)
+        self.clock.advance(10)
+        gate: Deferred[None] = Deferred()
+        self.federation.hold["notary.example"] = gate
+        now_ms = int(self.clock.seconds() * 1000)
+        inbound = keyring.get_server_keys("down.example", ["ed25519:new"], now_ms)
+        sender = keyring.get_server_keys(
+            "down.example", ["ed25519:new"], now_ms, ignore_backoff=True
+        )
+        self.assertEqual(self.direct_requests("down.example"), 1)  # the notary first
+        del self.federation.hold["notary.example"]
+        gate.callback(None)
+        for lookup in (inbound, sender):
+            self.assertEqual(self.successResultOf(lookup), {})
+        self.assertEqual(self.direct_requests("down.example"), 2)
+        self.assertEqual((len(self.notary.queries), keyring.fetches), (2, 2))
+        direct = keyring._direct_backoff["down.example"]
+        self.assertEqual((direct.until_ms, direct.delay_ms), (now_ms + 120_000, 120_000))
+        pause = keyring._backoff["down.example"]
+        self.assertEqual(
+            (pause.until_ms, pause.delay_ms, pause.asked),
+            (now_ms + 5_000, 5_000, frozenset({"ed25519:new"})),
+        )
 
     def test_slow_notary_not_backed_off(self) -> None:
         """A notary slow about one server (it must reach that server itself: a tarpit anyone can
@@ -2303,6 +2378,41 @@ class ClientClosedTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(lookup), {})
         self.assertEqual(self.keyring._backoff, {})
         self.assertEqual(self.keyring._direct_backoff, direct_backoff)
+
+    def test_pause_only_when_a_notary_answers_after_the_servers_request_was_abandoned(
+        self,
+    ) -> None:
+        """The server's request abandoned by the client's close, then a notary answering
+        without the key: the fetch records the 5 s pause only (an answer without the key),
+        no back-off, and the server's own key server is not backed off."""
+        notary = CannedResource(body={"server_keys": []})
+        peers = FakePeersAgent({"notary.example": notary})
+        federation_agent = self.client._agent
+
+        class Routing:
+            """The notary's requests to the fake, the others to the client's own agent."""
+
+            def request(self, method: bytes, uri: bytes, *args: Any, **kwargs: Any) -> Any:
+                if uri.partition(b"://")[2].startswith(b"notary.example/"):
+                    return peers.request(method, uri, *args, **kwargs)
+                return federation_agent.request(method, uri, *args, **kwargs)
+
+        self.client._agent = Routing()  # type: ignore[assignment]
+        now_ms = int(self.clock.seconds() * 1000)
+        lookup = self.lookup()
+        self.assertEqual(self.hosts(), [b"remote.example"])
+        self.assertNoResult(lookup)
+        self.successResultOf(self.client.close())
+        self.assertEqual(self.successResultOf(lookup), {})
+        self.assertEqual(len(notary.requests), 1)
+        self.assertEqual(self.keyring._direct_backoff, {})
+        self.assertEqual(list(self.keyring._backoff), ["remote.example"])
+        pause = self.keyring._backoff["remote.example"]
+        self.assertEqual(
+            (pause.until_ms, pause.delay_ms, pause.asked),
+            (now_ms + 5_000, 5_000, frozenset({"ed25519:a"})),
+        )
+        self.assertEqual(self.client._backoff, {})
 
 
 class CloseTests(SynchronousTestCase):

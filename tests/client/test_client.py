@@ -849,6 +849,44 @@ class ConstructionTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertEqual(client._backoff, {})
 
+    def test_request_after_close_fetches_well_known_anew(self) -> None:
+        """A request made after close() works as any: it makes a new .well-known fetch (the
+        abandoned one left nothing cached), whose 30 s timeout ends it as usual: the
+        request then goes on to the SRV query, as after any .well-known fetch that hangs."""
+        from federation_invite.client.discovery import WELL_KNOWN_TIMEOUT
+
+        clock = Clock()
+        srv = FakeSRVResolver()
+        srv.hold = True
+        client = FederationClient(clock, ORIGIN, generate_signing_key("k"), srv_resolver=srv)
+        hanging = CannedResource(hang=True)
+        client._resolver._well_known_agent = FakePeersAgent(  # type: ignore[union-attr]
+            {REMOTE: hanging}
+        )
+        first = client.get_json(REMOTE, "/x")
+        self.successResultOf(client.close())
+        self.assertTrue(self.failureResultOf(first, TransportError).value.abandoned)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        again = client.get_json(REMOTE, "/x")
+        self.assertEqual(len(hanging.requests), 2)
+        self.assertNoResult(again)
+        self.assertEqual(srv.lookups, [])
+        clock.advance(WELL_KNOWN_TIMEOUT - 0.001)
+        self.assertEqual(srv.lookups, [])
+        clock.advance(0.001)
+        self.assertEqual(srv.lookups, [f"_matrix-fed._tcp.{REMOTE}"])
+        self.assertEqual(len(hanging.requests), 2)
+        self.assertNoResult(again)
+        self.assertEqual(client._backoff, {})
+        self.successResultOf(client.close())
+        error = self.failureResultOf(again, TransportError).value
+        self.assertEqual(
+            error.reason,
+            f"cannot connect: resolving _matrix-fed._tcp.{REMOTE} abandoned:"
+            " the resolver was closed",
+        )
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_close_abandons_an_srv_lookup_in_flight(self) -> None:
         """close() abandons a request waiting for its destination's SRV query: it fails
         with TransportError, the query and the timers are cancelled, and the destination
