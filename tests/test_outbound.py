@@ -1412,6 +1412,20 @@ class BeforeSendingTests(_Base):
             self.assertEqual(self.origin.signer.calls, [])
         self.assertEqual(self.peer.received, [])
 
+    def assert_sent_or_too_deep(self, event: Any, state: Any, limit: int | None) -> None:
+        """A room v10 ``event`` goes out (``limit`` None), or is refused as nested deeper
+        than ``limit`` levels before the signer is called."""
+        if limit is None:
+            self.successResultOf(self.origin.send("10", event, state))
+            return
+        calls = len(self.origin.signer.calls)
+        self.assertEqual(
+            self.not_sendable("10", event, state),
+            "the event is not a valid room version 10 PDU: "
+            f"Invalid PDU: nested deeper than {limit} levels",
+        )
+        self.assertEqual(len(self.origin.signer.calls), calls)
+
     def test_too_deep_refused_before_signing(self) -> None:
         """An event nested deeper than Synapse's PDU parser takes (128 levels, the event
         counted; tuples are arrays too) is refused before it is signed; 127 levels go out."""
@@ -1421,16 +1435,7 @@ class BeforeSendingTests(_Base):
             for level in range(levels - 2):  # the event and its content are two levels
                 deep = (deep,) if level % 2 else {"n": deep}
             event["content"] = {**event["content"], "deep": deep}
-            if ok:
-                self.successResultOf(self.origin.send("10", event, state))
-                continue
-            calls = len(self.origin.signer.calls)
-            self.assertEqual(
-                self.not_sendable("10", event, state),
-                "the event is not a valid room version 10 PDU: "
-                "Invalid PDU: nested deeper than 127 levels",
-            )
-            self.assertEqual(len(self.origin.signer.calls), calls)
+            self.assert_sent_or_too_deep(event, state, None if ok else 127)
 
     def test_signer_deepening_the_event_in_place_refused_after_signing(self) -> None:
         """A signer that nests the content past 127 levels by writing into the event's own
@@ -1458,16 +1463,7 @@ class BeforeSendingTests(_Base):
         for levels, ok in ((511, False), (300, True)):  # + the event and unsigned
             event, state = self.origin.invite("10")
             event["unsigned"] = {"x": _deep(levels)}
-            if ok:
-                self.successResultOf(self.origin.send("10", event, state))
-                continue
-            calls = len(self.origin.signer.calls)
-            self.assertEqual(
-                self.not_sendable("10", event, state),
-                "the event is not a valid room version 10 PDU: "
-                "Invalid PDU: nested deeper than 512 levels",
-            )
-            self.assertEqual(len(self.origin.signer.calls), calls)
+            self.assert_sent_or_too_deep(event, state, None if ok else 512)
 
     def test_v12_create_event_in_auth_events_refused(self) -> None:
         """Room v12: auth_events listing the create event (Synapse: 400 M_BAD_JSON) is
