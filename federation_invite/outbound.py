@@ -688,7 +688,10 @@ def _check_create_event(
 
     invites-v2.yaml "invite_room_state": "MUST contain the m.room.create
     event", and receivers SHOULD validate it for v12, whose room ID is that
-    event's hash (rooms/v12.md). Stripped state has no hashes or signatures.
+    event's hash (rooms/v12.md). Stripped state has no hashes or signatures;
+    a stripped ``m.room.create`` (any ``state_key``) beside the full one is
+    refused too, as receivers refuse it (ours: ``_check_room_state``, 400
+    ``M_INVALID_PARAM`` with the same reason).
     """
     creates = [
         entry
@@ -702,6 +705,11 @@ def _check_create_event(
             "event (with hashes and signatures) in invite_room_state"
             + (" (only a stripped one was given)" if creates else "")
         )
+    if any(
+        entry.get("type") == "m.room.create" and not ("hashes" in entry and "signatures" in entry)
+        for entry in room_state
+    ):
+        raise InviteNotSendable("invite_room_state holds a stripped m.room.create event")
     room_id = event.get("room_id")
     for create in full:
         try:

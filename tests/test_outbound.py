@@ -1190,6 +1190,23 @@ class BeforeSendingTests(_Base):
             "signatures) in invite_room_state (only a stripped one was given)",
         )
 
+    def test_v12_stripped_create_beside_full_refused(self) -> None:
+        """Room v12: a stripped m.room.create beside the full one is refused unsent and unsigned,
+        with our receiver's reason (it answers 400 M_INVALID_PARAM for it)."""
+        event, state = self.origin.invite("12")
+        create = state[0]
+        stripped = {k: create[k] for k in ("type", "state_key", "content", "sender")}
+        for room_state in (
+            [create, stripped],
+            [stripped, create],
+            [create, {**stripped, "state_key": "x"}],
+        ):
+            self.assertEqual(
+                self.not_sendable("12", event, room_state),
+                "invite_room_state holds a stripped m.room.create event",
+            )
+        self.assertEqual(self.origin.signer.calls, [])
+
     def test_v12_create_of_another_room(self) -> None:
         """Room v12: the create event must be the one whose hash is the room ID."""
         event, _ = self.origin.invite("12")
