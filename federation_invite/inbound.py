@@ -35,7 +35,14 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from .auth import RequestAuthenticator
-from .core.canonical import MAX_NESTING, EncodedDict, encode_canonical_json, nesting_depth
+from .core.canonical import (
+    MAX_NESTING,
+    CanonicalJSONError,
+    EncodedDict,
+    check_canonical_json,
+    encode_canonical_json,
+    nesting_depth,
+)
 from .core.errors import Codes, MatrixError
 from .core.events import PreparedEvent, check_content_hash, prepare_event, room_id_for_create_event
 from .core.format import (
@@ -282,7 +289,8 @@ class InviteHandler:
 
         ``numbers_strict``: the body was parsed with ``parse_json_with_numbers``
         and holds no float or out-of-range integer, so strict and lax canonical
-        encodings of it are the same bytes and need no separate checking walk.
+        encodings of it are the same bytes and need no separate checking walk
+        (of the event, nor of a v2 body's ``invite_room_state``: row 7).
         ``nesting_checked``: the body was parsed with ``invite_body_nesting_problem``
         (row 2, as ``web.invite`` does), so neither the event nor its room state is
         walked again to check their nesting; otherwise that check is made here.
@@ -399,6 +407,17 @@ class InviteHandler:
         check_event_format(
             room_version, event, numbers_checked=numbers_strict, nesting_checked=True
         )
+        if room_version.strict_canonical_json and not numbers_strict:
+            # Row 7, v6+ (v6-canonical-json.md; invites-v2.yaml: the room state is
+            # "formatted according to the room version"): Synapse refuses a float or
+            # large integer in it as in the event. A v1 body's room state is in the
+            # event, walked above; a clean body (numbers_strict) is not walked at all.
+            try:
+                check_canonical_json(invite_room_state, strict=True)
+            except CanonicalJSONError as exc:
+                raise MatrixError(
+                    400, Codes.BAD_JSON, f"invite_room_state is not canonical JSON: {exc}"
+                ) from None
         # With no float or large integer in the body, the lax encoding is the
         # strict one: encode without walking the event again for each hash.
         strict = False if numbers_strict else room_version.strict_canonical_json

@@ -729,6 +729,94 @@ class BodyRowTests(InboundTestCase):
             )
             self.assertRefused(answer, 400, "M_BAD_JSON")
 
+    def room_state_with(
+        self, identifier: str, content: dict[str, Any]
+    ) -> tuple[RoomVersion, dict[str, Any], list[dict[str, Any]]]:
+        """A new invite of room version ``identifier`` and its room state, a stripped entry
+        with ``content`` in it (v12: beside the room's full create event)."""
+        entry = stripped("m.room.name", "", content)
+        if identifier != "12":
+            room_version, event = self.s.invite(identifier)
+            return room_version, event, [entry]
+        room_version, create, room_id = v12_room(self.s.their_key)
+        event = build_invite(room_version, self.s.their_key, room_id=room_id)
+        return room_version, event, [create, entry]
+
+    def test_row07_room_state_not_strict_canonical(self) -> None:
+        """Row 7, v6+ (v6-canonical-json.md, as Synapse): a float or an integer outside
+        [-(2**53)+1, 2**53-1] in a v2 body's invite_room_state is 400 M_BAD_JSON, nothing
+        stored, counted and logged as a malformed event is."""
+        metrics = self.s.handler._metrics = InviteMetrics(enabled=True)
+        refused = 0
+        for identifier in ("10", "11", "12"):
+            for value, problem in (
+                (1.5, "floats are not allowed in canonical JSON"),
+                (2**60, f"integer {2**60} is outside [-(2**53)+1, 2**53-1]"),
+                (-(2**53), f"integer {-(2**53)} is outside [-(2**53)+1, 2**53-1]"),
+            ):
+                room_version, event, state = self.room_state_with(
+                    identifier, {"name": "x", "n": [{"v": value}]}
+                )
+                with capturedLogs() as events:
+                    answer = self.assertRefused(
+                        self.send_v2(room_version, event, state), 400, "M_BAD_JSON"
+                    )
+                refused += 1
+                self.assertEqual(
+                    answer["error"], f"invite_room_state is not canonical JSON: {problem}"
+                )
+                (line,) = [e for e in events if e.get("outcome")]
+                self.assertEqual(
+                    (line["outcome"], line["status"], line["errcode"], line["reason"]),
+                    ("refused", 400, "M_BAD_JSON", answer["error"]),
+                )
+                self.assertEqual(line["origin"], THEM)
+        # The same counter and line as an event with a float in it (row 7).
+        room_version, event = self.s.invite()
+        mutated = {**event, "content": {"membership": "invite", "n": 1.5}}
+        with capturedLogs() as events:
+            answer = self.send_v2(room_version, mutated, event_id=event_id_of(room_version, event))
+            self.assertRefused(answer, 400, "M_BAD_JSON")
+        (line,) = [e for e in events if e.get("outcome")]
+        self.assertEqual((line["outcome"], line["status"]), ("refused", 400))
+        counted = metrics.registry.get_sample_value(
+            "federation_invite_inbound_invites_total",
+            {"outcome": "refused", "errcode": "M_BAD_JSON"},
+        )
+        self.assertEqual(counted, refused + 1)
+        self.assertEqual(self.s.store.invites, {})
+
+    def test_row07_room_state_numbers_lax_before_v6(self) -> None:
+        """Row 7: before v6 (v5 here) floats and large integers in invite_room_state are
+        accepted and stored as sent, as Synapse accepts them."""
+        room_version, event, state = self.room_state_with("5", {"name": "x", "n": 1.5})
+        state.append(stripped("m.room.topic", "", {"topic": "t", "big": 2**60}))
+        self.assertEqual(self.send_v2(room_version, event, state)[0], 200)
+        stored = self.s.store.invites[event_id_of(room_version, event)]
+        self.assertEqual(stored.invite_room_state, state)
+
+    def test_row07_clean_room_state_not_walked(self) -> None:
+        """Row 7: invite_room_state is walked for its numbers only when the parser saw a
+        float or a large integer in the body: a clean body (bounds included) pays nothing."""
+        walked: list[Any] = []
+        check = inbound_module.check_canonical_json
+
+        def counting(value: Any, **kwargs: Any) -> None:
+            walked.append(value)
+            check(value, **kwargs)
+
+        self.patch(inbound_module, "check_canonical_json", counting)
+        for identifier in ("10", "12"):
+            content = {"name": "x", "n": [2**53 - 1, -(2**53) + 1]}
+            room_version, event, state = self.room_state_with(identifier, content)
+            self.assertEqual(self.send_v2(room_version, event, state)[0], 200)
+            stored = self.s.store.invites[event_id_of(room_version, event)]
+            self.assertEqual(stored.invite_room_state, state)
+        self.assertEqual(walked, [])
+        room_version, event, state = self.room_state_with("10", {"name": "x", "n": 1.5})
+        self.assertRefused(self.send_v2(room_version, event, state), 400, "M_BAD_JSON")
+        self.assertEqual(walked, [state])
+
     def test_row07_oversized_reference_ids_not_memoised(self) -> None:
         """Row 7: a v1/v2 prev_events or auth_events ID over 255 bytes is 400 M_BAD_JSON, and
         the refused ID is not kept as a key of the ID memo (a peer sending 8192 such
@@ -1020,7 +1108,6 @@ class RoomStateValidationTests(InboundTestCase):
                 },
                 "not a valid event",
             ),
-            ("float", {**good, "depth": 2.5}, "not a valid event"),
             (
                 # Synapse's PDU parser refuses it (every hash value a string).
                 "a hash that is no string",
@@ -1035,6 +1122,25 @@ class RoomStateValidationTests(InboundTestCase):
                 "more than the 65536 allowed",
             ),
         ]
+
+    def test_full_entry_not_strict_canonical_is_row_7(self) -> None:
+        """v6+: a full entry holding a float (or a large integer) is refused in row 7's place,
+        400 M_BAD_JSON (as Synapse), not warned of (v1-11) nor refused as invalid state (v12,
+        M_INVALID_PARAM); v5 accepts a large integer (warning only of the signature that the
+        change of depth broke)."""
+        for identifier in ("10", "12"):
+            room_version, create, room_id = self.room(identifier)
+            good = self.state_event(room_version, room_id)
+            for entry in ({**good, "depth": 2.5}, {**good, "depth": 2**60}):
+                answer, line = self.send_logged(room_version, room_id, [create, entry])
+                body = self.assertRefused(answer, 400, "M_BAD_JSON")
+                self.assertIn("invite_room_state is not canonical JSON", body["error"])
+                self.assertEqual(line["outcome"], "refused")
+        room_version, create, room_id = self.room("5")
+        entry = {**self.state_event(room_version, room_id), "depth": 2**60}
+        answer, line = self.send_logged(room_version, room_id, [create, entry])
+        self.assertWarned(answer, line, "signature check failed")
+        self.assertEqual(self.stored_state(), [create, entry])
 
     def test_v12_full_entries_validated(self) -> None:
         """v12: a full entry besides the create event that is of another room, unsigned, wrongly
