@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
 import attrs
+import canonicaljson
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -76,7 +77,8 @@ class IInvitePolicy(Interface):
 
         A Deferred, a coroutine (``async def``) or the plain value will do.
         Raising (or failing with) a ``MatrixError`` answers with that error
-        instead; any other error answers 500 ``M_UNKNOWN`` and is logged.
+        instead; any other error, or a ``MatrixError`` whose body cannot be
+        encoded as JSON, answers 500 ``M_UNKNOWN`` and is logged.
         """
 
 
@@ -93,6 +95,19 @@ class _PolicyStore(Protocol):
     def invitee_states(
         self, user_ids: Sequence[str]
     ) -> Deferred[dict[str, tuple[bool, list[InviteRule]]]]: ...
+
+
+def _check_answerable(hook: InvitePolicyHook, error: MatrixError) -> None:
+    """Raise ``TypeError`` if the web edge cannot encode a hook's ``error`` (an extra
+    field or a message with no JSON form: a date, a set, bytes): the invite is then a
+    hook failure, logged and answered 500 ``M_UNKNOWN``, and counted and logged as
+    such rather than as the refusal the hook meant."""
+    try:
+        canonicaljson.encode_canonical_json(error.to_json())
+    except Exception as exc:
+        raise TypeError(
+            f"policy hook {type(hook).__name__} raised {error!r}, which cannot be answered: {exc}"
+        ) from exc
 
 
 class InvitePolicy:
@@ -168,7 +183,11 @@ class InvitePolicy:
             raise MatrixError(403, Codes.FORBIDDEN, "This server does not accept invites from you")
         for hook in self._hooks:
             # maybeDeferred: a Deferred, a coroutine or a plain value (None included).
-            reason = await maybeDeferred(hook.check_invite, invite)
+            try:
+                reason = await maybeDeferred(hook.check_invite, invite)
+            except MatrixError as error:
+                _check_answerable(hook, error)
+                raise
             if reason is not None:
                 raise MatrixError(403, Codes.FORBIDDEN, str(reason)[:500])
         return self._invitee_rules(rules, invite.sender, sender_server)

@@ -1684,6 +1684,42 @@ class PolicyRowTests(InboundTestCase):
             self.assertEqual(counted, 1.0, broken)
         self.assertEqual(len(self.flushLoggedErrors(CancelledError)), 2)
 
+    def test_row15_hook_unencodable_matrix_error(self) -> None:
+        """A hook's MatrixError whose body cannot be encoded (a date, a set, bytes): a logged
+        500 M_UNKNOWN, answered, counted and on the invite's line as such (not as its 403)."""
+        import datetime
+
+        class Hook:
+            def __init__(self, error: MatrixError, deferred: bool) -> None:
+                self.error, self.deferred = error, deferred
+
+            def check_invite(self, invite: Any) -> Any:
+                if self.deferred:
+                    return fail(self.error)
+                raise self.error
+
+        errors = [
+            MatrixError(403, "M_FORBIDDEN", "Not now", until=datetime.date(2030, 1, 1)),
+            MatrixError(403, "M_FORBIDDEN", "Not now", servers={"a"}),
+            MatrixError(403, "M_FORBIDDEN", b"Not now"),  # type: ignore[arg-type]
+        ]
+        for depth, error in enumerate(errors, 1):
+            self.s, self.stored_now = InviteScenario(), 0
+            metrics = self.s.handler._metrics = InviteMetrics(enabled=True)
+            self.s.policy.add_hook(Hook(error, deferred=depth % 2 == 1))
+            room_version, event = self.s.invite(extra={"depth": depth})
+            with capturedLogs() as events:
+                body = self.assertRefused(self.send_v2(room_version, event), 500, "M_UNKNOWN")
+            self.assertEqual(body, {"errcode": "M_UNKNOWN", "error": "Internal server error"})
+            (line,) = [e for e in events if e.get("outcome")]
+            self.assertEqual((line["outcome"], line["status"]), ("refused", 500), depth)
+            counted = metrics.registry.get_sample_value(
+                "federation_invite_inbound_invites_total",
+                {"outcome": "refused", "errcode": "M_UNKNOWN"},
+            )
+            self.assertEqual(counted, 1.0, depth)
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 3)
+
     def test_row15_hook_without_check_invite_refused(self) -> None:
         """A hook without a callable check_invite (a plain function, say) is refused with a
         TypeError when registered, rather than answering every invite with 500."""

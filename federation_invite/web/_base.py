@@ -55,6 +55,17 @@ def write_error(request: Request, error: MatrixError) -> bytes:
     return write_json(request, error.http_status, error.to_json())
 
 
+def _write_refusal(request: Request, error: MatrixError) -> bytes:
+    """``write_error``, or a logged 500 ``M_UNKNOWN`` if ``error`` cannot be answered
+    (an extra field or message with no JSON form, say an embedder's ``date``): the
+    client still gets an answer rather than none."""
+    try:
+        return write_error(request, error)
+    except Exception:
+        request.responseHeaders.removeHeader(b"Retry-After")
+        return _unexpected(request, Failure())
+
+
 def _log_unexpected(request: Request, failure: Failure) -> None:
     # The request line may carry control bytes (Twisted 26's check lets DEL
     # through): ``logs.Logger`` escapes them in the text.
@@ -127,7 +138,7 @@ class MatrixResource(Resource):
         try:
             result: bytes | int = handler(request)
         except MatrixError as error:
-            return write_error(request, error)
+            return _write_refusal(request, error)
         except Exception:
             return _unexpected(request, Failure())
         return result
@@ -189,7 +200,7 @@ def render_async(
         if failure.check(MatrixError):
             error = failure.value
             assert isinstance(error, MatrixError)
-            _finish(write_error(request, error))
+            _finish(_write_refusal(request, error))
         else:
             _finish(_unexpected(request, failure))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Any
 
@@ -195,6 +196,36 @@ class WebBaseTests(SynchronousTestCase):
             json.loads(self.successResultOf(response.content()))["errcode"], "M_UNKNOWN"
         )
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_unencodable_matrix_error_is_a_500(self) -> None:
+        """A MatrixError whose body cannot be encoded (a date extra), raised by async work or
+        a synchronous render_*, is answered with a logged 500 M_UNKNOWN JSON, not left
+        unanswered or given Twisted's HTML page."""
+        unencodable = MatrixError(403, Codes.FORBIDDEN, "Not now", until=datetime.date(2030, 1, 1))
+        resource = Async()
+        client = make_client(resource)
+        pending = client.put("https://test/_matrix/thing", data=b"{}")
+        resource.pending.callback(unencodable)
+        client.flush()
+        answers = [self.successResultOf(pending)]
+
+        class Refusing(MatrixResource):
+            isLeaf = True
+
+            def render_GET(self, request: Request) -> bytes:
+                raise MatrixError(400, Codes.BAD_JSON, "x", bad={1})
+
+        answers.append(
+            self.successResultOf(make_client(Refusing()).get("https://test/_matrix/thing"))
+        )
+        for response in answers:
+            self.assertEqual(response.code, 500)
+            self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+            self.assertEqual(
+                json.loads(self.successResultOf(response.content())),
+                {"errcode": "M_UNKNOWN", "error": "Internal server error"},
+            )
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 2)
 
     def test_client_gone_cancels_work(self) -> None:
         """When the client disconnects, the work is cancelled and nothing is written."""
