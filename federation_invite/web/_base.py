@@ -130,9 +130,11 @@ class MatrixResource(Resource):
             return write_error(request, not_found())
         if method not in allowed:
             request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
+            # HEAD is refused where GET is, with GET's answer (its Content-Length
+            # included: RFC 9110 section 8.6), so its message names GET.
+            shown = "GET" if method == "HEAD" else method[:16]
             return write_error(
-                request,
-                MatrixError(405, Codes.UNRECOGNIZED, f"Method {method[:16]} not allowed here"),
+                request, MatrixError(405, Codes.UNRECOGNIZED, f"Method {shown} not allowed here")
             )
         handler = getattr(self, f"render_{'GET' if method == 'HEAD' else method}")
         try:

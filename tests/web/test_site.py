@@ -673,10 +673,21 @@ class HeadTests(SiteTestCase):
             status, headers, body = self.exchange(b"HEAD", path)
         self.assertEqual([formatEvent(event) for event in events], [])
         self.assertEqual((status, body), (b"HTTP/1.1 405 Method Not Allowed", b""))
-        expected = b'{"errcode":"M_UNRECOGNIZED","error":"Method HEAD not allowed here"}'
+        expected = b'{"errcode":"M_UNRECOGNIZED","error":"Method GET not allowed here"}'
         self.assertEqual(headers[b"Content-Length"], b"%d" % len(expected))
         self.assertEqual(headers[b"Content-Type"], b"application/json")
         self.assertEqual(headers[b"Allow"], b"PUT")
+
+    def test_head_refused_like_get(self) -> None:
+        """HEAD on the invite endpoints (PUT only) gets GET's status and headers, the length
+        of GET's body included (RFC 9110 section 8.6), and no body."""
+        for api_version in (1, 2):
+            path = self.s.path(api_version, "!room:them.example", "$event").encode()
+            status, headers, body = self.exchange(b"GET", path)
+            head_status, head_headers, head_body = self.exchange(b"HEAD", path)
+            self.assertEqual((head_status, head_headers), (status, headers), path)
+            self.assertEqual(head_body, b"", path)
+            self.assertEqual(headers[b"Content-Length"], b"%d" % len(body), path)
 
 
 class HostTests(SiteTestCase):
