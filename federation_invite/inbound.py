@@ -51,6 +51,7 @@ from .core.format import (
     MAX_ROOM_STATE_NESTING,
     check_event_format,
     check_pdu_size,
+    pdu_nesting_errcode,
     pdu_nesting_exceeded,
 )
 from .core.ids import is_valid_user_id, server_name_key, server_name_of
@@ -402,7 +403,7 @@ class InviteHandler:
             # Row 2's nesting, for a body not parsed with it (on_invite called directly).
             problem = invite_body_nesting_problem(api_version, body)
             if problem is not None:
-                raise MatrixError(400, Codes.NOT_JSON, problem)
+                raise problem
         room_version, event, invite_room_state = _unwrap(api_version, body)
         check_event_format(
             room_version, event, numbers_checked=numbers_strict, nesting_checked=True
@@ -1070,9 +1071,13 @@ INVITE_BODY_BRACKETS = {1: MAX_PDU_NESTING, 2: MAX_ROOM_STATE_NESTING + 2}
 _V2_PARSED_KEYS = ("event", "invite_room_state")
 
 
-def invite_body_nesting_problem(api_version: int, body: Any) -> str | None:
-    """Row 2's nesting: why Synapse would refuse the invite ``body`` of the ``api_version``
-    endpoint as nested too deep, or None. Its event may nest ``MAX_PDU_NESTING`` levels,
+def invite_body_nesting_problem(api_version: int, body: Any) -> MatrixError | None:
+    """Row 2's nesting: the refusal of the invite ``body`` of the ``api_version`` endpoint
+    that Synapse would refuse as nested too deep, or None: 400 ``M_BAD_JSON`` for an event
+    or room-state entry nested deeper than Synapse's PDU parser takes (valid JSON, but no
+    well-formed event: its "Invalid event JSON"), 400 ``M_NOT_JSON`` for a body deeper than
+    the 512 levels of every body (``format.pdu_nesting_errcode``); a body that is no object
+    only for the latter (row 2). Its event may nest ``MAX_PDU_NESTING`` levels,
     the event counted (the v1 body is the event: 127; the v2 body wraps it: 128); its room
     state's entries ``MAX_ROOM_STATE_NESTING`` (124, the entry counted), which Synapse
     parses inside the event's ``unsigned`` on v2 as on v1. What Synapse leaves out is not
@@ -1090,7 +1095,7 @@ def invite_body_nesting_problem(api_version: int, body: Any) -> str | None:
     ``on_invite`` asks it for a body not parsed so (``nesting_checked`` False), with the
     same answers.
     """
-    if api_version == 1:
+    if api_version == 1 and isinstance(body, dict):
         exceeded = pdu_nesting_exceeded(body, wrapped=0)
     elif isinstance(body, dict) and isinstance(body.get("event"), dict):
         exceeded = pdu_nesting_exceeded(
@@ -1103,11 +1108,13 @@ def invite_body_nesting_problem(api_version: int, body: Any) -> str | None:
         exceeded = MAX_NESTING if nesting_depth(body, MAX_NESTING) > MAX_NESTING else 0
     if not exceeded:
         return None
+    errcode = pdu_nesting_errcode(exceeded)
     if exceeded == MAX_ROOM_STATE_NESTING:
-        return f"invite_room_state: an entry is nested deeper than {MAX_ROOM_STATE_NESTING} levels"
+        message = f"invite_room_state: an entry is nested deeper than {exceeded} levels"
+        return MatrixError(400, errcode, message)
     if exceeded == MAX_PDU_NESTING:
         exceeded = _BODY_NESTING[api_version]
-    return f"JSON is nested deeper than {exceeded} levels"
+    return MatrixError(400, errcode, f"JSON is nested deeper than {exceeded} levels")
 
 
 def _unwrap(api_version: int, body: dict[str, Any]) -> tuple[RoomVersion, dict[str, Any], Any]:

@@ -657,7 +657,8 @@ class ExplicitCaseTests(AnswerChecks):
     def test_deep_nesting_inside_a_signed_event(self) -> None:
         """A correctly signed event nested as deep as a PDU may be (127 levels, the event
         counted: its content 125 below it) is handled (200, it is valid); 300 levels (which
-        Synapse cannot parse) and past the parser's limit it is 400 M_NOT_JSON, never 500."""
+        Synapse cannot parse) is 400 M_BAD_JSON (valid JSON, no well-formed event), and past
+        the parser's limit 400 M_NOT_JSON, never 500."""
         f = fixtures()
         room_version = KNOWN_ROOM_VERSIONS["10"]
         too_deep: Any = 1
@@ -675,7 +676,7 @@ class ExplicitCaseTests(AnswerChecks):
             event["room_id"],
             event_id_of(room_version, event),
         )
-        self.assertAnswer(self.check(f.exchange(f.raw(request))), 400, "M_NOT_JSON")
+        self.assertAnswer(self.check(f.exchange(f.raw(request))), 400, "M_BAD_JSON")
         nested: Any = 1
         for _ in range(125):
             nested = {"n": nested}

@@ -316,8 +316,9 @@ class AcceptanceTests(InboundTestCase):
 
 class PduNestingTests(InboundTestCase):
     """Row 2: Synapse's PDU parser refuses a PDU nested 128 levels deep (the event object
-    counted), so an invite whose event is nested that deep is refused before it is co-signed,
-    as the body's nesting: 400 M_NOT_JSON; 127 levels are accepted. The v2 body wraps the
+    counted), so an invite whose event is nested that deep is refused before it is co-signed:
+    valid JSON, but not a well-formed event, 400 M_BAD_JSON (Synapse's "Invalid event JSON");
+    127 levels are accepted. Past the 512 levels every body is bounded by, M_NOT_JSON. The v2 body wraps the
     event, so its limit is 128; Synapse parses the room state inside the event's unsigned,
     so its entries may nest 124 levels (the entry counted), on v2 as on v1."""
 
@@ -338,7 +339,7 @@ class PduNestingTests(InboundTestCase):
         room_version, event = self.deep_invite("10", 127)
         self.assertEqual(self.send_v2(room_version, event)[0], 200)
         room_version, event = self.deep_invite("10", 128)
-        answer = self.assertRefused(self.send_v2(room_version, event), 400, "M_NOT_JSON")
+        answer = self.assertRefused(self.send_v2(room_version, event), 400, "M_BAD_JSON")
         self.assertEqual(answer["error"], "JSON is nested deeper than 128 levels")
 
     def test_v1_event_nesting_limit(self) -> None:
@@ -346,7 +347,7 @@ class PduNestingTests(InboundTestCase):
         _, event = self.deep_invite("1", 127)
         self.assertEqual(self.send_v1(event)[0], 200)
         _, event = self.deep_invite("1", 128)
-        answer = self.assertRefused(self.send_v1(event), 400, "M_NOT_JSON")
+        answer = self.assertRefused(self.send_v1(event), 400, "M_BAD_JSON")
         self.assertEqual(answer["error"], "JSON is nested deeper than 127 levels")
 
     def test_room_state_entry_nesting(self) -> None:
@@ -356,7 +357,7 @@ class PduNestingTests(InboundTestCase):
         for _ in range(125):
             deep = {"n": deep}
         entry = stripped("m.room.name", "", {"name": "x", "deep": deep})
-        self.assertRefused(self.send_v2(room_version, event, [entry]), 400, "M_NOT_JSON")
+        self.assertRefused(self.send_v2(room_version, event, [entry]), 400, "M_BAD_JSON")
 
     @staticmethod
     def deep_entry(levels: int) -> dict[str, Any]:
@@ -375,7 +376,7 @@ class PduNestingTests(InboundTestCase):
         for levels in (125, 126):
             room_version, event = self.s.invite()
             answer = self.assertRefused(
-                self.send_v2(room_version, event, [self.deep_entry(levels)]), 400, "M_NOT_JSON"
+                self.send_v2(room_version, event, [self.deep_entry(levels)]), 400, "M_BAD_JSON"
             )
             self.assertEqual(
                 answer["error"], "invite_room_state: an entry is nested deeper than 124 levels"
@@ -394,7 +395,7 @@ class PduNestingTests(InboundTestCase):
             if ok:
                 self.assertEqual(self.send_v1(event)[0], 200)
             else:
-                self.assertRefused(self.send_v1(event), 400, "M_NOT_JSON")
+                self.assertRefused(self.send_v1(event), 400, "M_BAD_JSON")
 
     @staticmethod
     def deep(levels: int) -> Any:
@@ -441,6 +442,18 @@ class PduNestingTests(InboundTestCase):
         answer = self.assertRefused(self.send_v1(event), 400, "M_NOT_JSON")
         self.assertEqual(answer["error"], "JSON is nested deeper than 512 levels")
 
+    def test_deep_body_not_an_object_is_not_json(self) -> None:
+        """A v1 or v2 body that is valid JSON but no object (row 2) stays 400 M_NOT_JSON
+        however deep it is: it is no event to be malformed."""
+        for version in (1, 2):
+            path = self.s.path(version, "!r:remote.example", "$e:remote.example")
+            header = ['X-Matrix origin=remote.example,key="ed25519:x",sig="y"']
+            for levels in (128, 300):
+                data = b"[" * levels + b"]" * levels
+                answer = self.result(self.s.put_raw(path, data, headers=header))
+                body = self.assertRefused(answer, 400, "M_NOT_JSON")
+                self.assertEqual(body["error"], "The body must be a JSON object", (version, levels))
+
     def test_knock_room_state_counts(self) -> None:
         """unsigned.knock_room_state, which Synapse keeps, counts as the event's own: a
         value in it reaching level 128 of the event is refused, on v2 and v1."""
@@ -451,7 +464,7 @@ class PduNestingTests(InboundTestCase):
             if ok:
                 self.assertEqual(self.send_v2(room_version, event)[0], 200)
             else:
-                self.assertRefused(self.send_v2(room_version, event), 400, "M_NOT_JSON")
+                self.assertRefused(self.send_v2(room_version, event), 400, "M_BAD_JSON")
             event = build_invite(
                 KNOWN_ROOM_VERSIONS["1"],
                 self.s.their_key,
@@ -460,7 +473,7 @@ class PduNestingTests(InboundTestCase):
             if ok:
                 self.assertEqual(self.send_v1(event)[0], 200)
             else:
-                self.assertRefused(self.send_v1(event), 400, "M_NOT_JSON")
+                self.assertRefused(self.send_v1(event), 400, "M_BAD_JSON")
 
     def test_room_state_entry_limit_on_invite_called_directly(self) -> None:
         """on_invite called without the parse-time limit (nesting_checked False, as an
@@ -472,11 +485,14 @@ class PduNestingTests(InboundTestCase):
         self.assertEqual(self.send_v2(room_version, event, [self.deep_entry(124)])[0], 200)
         room_version, event = self.s.invite()
         answer = self.assertRefused(
-            self.send_v2(room_version, event, [self.deep_entry(125)]), 400, "M_NOT_JSON"
+            self.send_v2(room_version, event, [self.deep_entry(125)]), 400, "M_BAD_JSON"
         )
         self.assertEqual(
             answer["error"], "invite_room_state: an entry is nested deeper than 124 levels"
         )
+        room_version, event = self.deep_invite("10", 128)
+        answer = self.assertRefused(self.send_v2(room_version, event), 400, "M_BAD_JSON")
+        self.assertEqual(answer["error"], "JSON is nested deeper than 128 levels")
         # What Synapse strips is not counted here either.
         room_version, event = self.s.invite(extra={"unsigned": {"x": self.deep(300)}})
         body = {**self.s.v2_body(room_version, event), "x": self.deep(300)}
@@ -528,13 +544,12 @@ class NestingWalkTests(InboundTestCase):
         return count
 
     def assertWalkedOnce(self, body: Any, answer: tuple[int, Any], expected: Any) -> None:
+        """``expected``: 200, or the 400's (errcode, message)."""
         code, result = answer
         if expected == 200:
             self.assertEqual(code, 200)
         else:
-            self.assertEqual(
-                (code, result["errcode"], result["error"]), (400, "M_NOT_JSON", expected)
-            )
+            self.assertEqual((code, result["errcode"], result["error"]), (400, *expected))
         self.assertGreater(sum(self.visited), 0)
         self.assertLessEqual(sum(self.visited), self.containers(body), self.visited)
 
@@ -568,9 +583,14 @@ class NestingWalkTests(InboundTestCase):
         """Content 300 levels deep beside 600 [] (refused at the event's limit), or 600
         levels deep (past the 512 of every body): still one walk."""
         flat = [[] for _ in range(600)]
+        too_deep = ("M_NOT_JSON", "JSON is nested deeper than 512 levels")
         for levels, v2_error, v1_error in (
-            (300, "JSON is nested deeper than 128 levels", "JSON is nested deeper than 127 levels"),
-            (600, "JSON is nested deeper than 512 levels", "JSON is nested deeper than 512 levels"),
+            (
+                300,
+                ("M_BAD_JSON", "JSON is nested deeper than 128 levels"),
+                ("M_BAD_JSON", "JSON is nested deeper than 127 levels"),
+            ),
+            (600, too_deep, too_deep),
         ):
             content = {"membership": "invite", "x": flat, "deep": PduNestingTests.deep(levels)}
             self.visited.clear()
@@ -607,7 +627,7 @@ class NestingWalkTests(InboundTestCase):
         self.assertWalkedOnce(
             body,
             self.send_v2(room_version, event, body=body),
-            "JSON is nested deeper than 512 levels",
+            ("M_NOT_JSON", "JSON is nested deeper than 512 levels"),
         )
         room_version, event = self.s.invite(extra={"unsigned": {"x": deep(510)}})
         answer = self.assertRefused(self.send_v2(room_version, event), 400, "M_NOT_JSON")

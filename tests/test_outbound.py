@@ -1564,16 +1564,16 @@ class InboundOutboundAgreementTests(_Base):
             400,
             "M_BAD_JSON",
         ),
-        ("nested 128 deep", "10", lambda rv, e: _too_deep(e), 400, "M_NOT_JSON"),
-        ("nested 128 deep", "1", lambda rv, e: _too_deep(e), 400, "M_NOT_JSON"),
+        ("nested 128 deep", "10", lambda rv, e: _too_deep(e), 400, "M_BAD_JSON"),
+        ("nested 128 deep", "1", lambda rv, e: _too_deep(e), 400, "M_BAD_JSON"),
         ("hash of no string", "10", _hash_of_no_string, 400, "M_BAD_JSON"),
         ("hash of no string", "12", _hash_of_no_string, 400, "M_BAD_JSON"),
     ]
     #: Room state that Synapse's PDU parser refuses, which it parses inside the event's
     #: unsigned (v2 moves it there): an entry nested 125 deep, the entry counted.
     ROOM_STATE_SHAPES: list[tuple[str, str, Callable[[list[dict[str, Any]]], Any], int, str]] = [
-        ("room-state entry nested 125 deep", "10", _deep_room_state, 400, "M_NOT_JSON"),
-        ("room-state entry nested 125 deep", "1", _deep_room_state, 400, "M_NOT_JSON"),
+        ("room-state entry nested 125 deep", "10", _deep_room_state, 400, "M_BAD_JSON"),
+        ("room-state entry nested 125 deep", "1", _deep_room_state, 400, "M_BAD_JSON"),
     ]
 
     def test_inbound_and_outbound_agree(self) -> None:

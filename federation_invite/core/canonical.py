@@ -186,7 +186,7 @@ def parse_json(
     *,
     require_object: bool = False,
     max_nesting: int = MAX_NESTING,
-    nesting_problem: Callable[[Any], str | None] | None = None,
+    nesting_problem: Callable[[Any], MatrixError | None] | None = None,
     problem_bounds_nesting: bool = False,
 ) -> Any:
     """Parse a request body strictly.
@@ -204,12 +204,14 @@ def parse_json(
     caller's, which may count only parts of the value: it is called with the
     value, only for a body with more than ``max_nesting`` arrays and objects
     (brackets counted, so it must find a problem only in a value nested
-    deeper than that), and its answer, if not None, is the ``M_NOT_JSON``
-    message; the whole value stays bounded by ``MAX_NESTING``, walked apart
+    deeper than that), and its answer, if not None, is the ``MatrixError``
+    raised (the invite's is 400 ``M_BAD_JSON`` for an event nested too deep:
+    valid JSON, but no well-formed event); the whole value stays bounded by
+    ``MAX_NESTING`` (400 ``M_NOT_JSON``), walked apart
     for it first unless ``problem_bounds_nesting`` says that ``nesting_problem``
     finds a problem in any value nested deeper than that too (in the same walk,
-    as ``inbound.invite_body_nesting_problem`` does, with the same message:
-    ``JSON is nested deeper than 512 levels``).
+    as ``inbound.invite_body_nesting_problem`` does, with the same answer:
+    400 ``M_NOT_JSON`` ``JSON is nested deeper than 512 levels``).
     """
     return _parse(
         body, _decoder, require_object, max_nesting, nesting_problem, problem_bounds_nesting
@@ -221,7 +223,7 @@ def parse_json_with_numbers(
     *,
     require_object: bool = False,
     max_nesting: int = MAX_NESTING,
-    nesting_problem: Callable[[Any], str | None] | None = None,
+    nesting_problem: Callable[[Any], MatrixError | None] | None = None,
     problem_bounds_nesting: bool = False,
 ) -> tuple[Any, bool]:
     """``parse_json``, also telling whether every number is strictly canonical.
@@ -279,7 +281,7 @@ def _parse(
     decoder: json.JSONDecoder,
     require_object: bool,
     max_nesting: int,
-    nesting_problem: Callable[[Any], str | None] | None,
+    nesting_problem: Callable[[Any], MatrixError | None] | None,
     problem_bounds_nesting: bool,
 ) -> Any:
     try:
@@ -314,7 +316,7 @@ def _parse(
                     )
             problem = nesting_problem(value)
             if problem is not None:
-                raise MatrixError(400, Codes.NOT_JSON, problem)
+                raise problem
     if require_object and not isinstance(value, dict):
         raise MatrixError(400, Codes.NOT_JSON, "The body must be a JSON object")
     if duplicates.key is not None:

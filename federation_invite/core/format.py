@@ -7,8 +7,9 @@ an event must comply with the event format of its room version, as the schemas
 (appendices.md) and the size limits of the client-server spec's "Size limits"
 (65536 bytes per PDU; 255 bytes for ``sender``, ``room_id``, ``state_key``,
 ``type`` and ``event_id``). Every failure is a ``MatrixError`` 400
-``M_BAD_JSON`` naming the field, or 413 ``M_TOO_LARGE`` for the size, or 400
-``M_NOT_JSON`` for nesting deeper than Synapse can parse (``MAX_PDU_NESTING``).
+``M_BAD_JSON`` naming the field (nesting deeper than Synapse's PDU parser takes,
+``MAX_PDU_NESTING``, included), or 413 ``M_TOO_LARGE`` for the size, or 400
+``M_NOT_JSON`` for nesting deeper than any body may (``MAX_NESTING``).
 
 Like the schemas, the check allows keys it does not know, with one exception
 that rooms/v3.md states outside the schemas: "When events are sent over
@@ -50,6 +51,7 @@ __all__ = [
     "check_pdu_nesting",
     "check_pdu_size",
     "federation_form_problem",
+    "pdu_nesting_errcode",
     "pdu_nesting_exceeded",
     "pdu_nesting_problem",
     "room_state_nesting_problem",
@@ -157,7 +159,8 @@ def check_event_format(
 
     An event nested deeper than Synapse's PDU parser takes (``check_pdu_nesting``:
     ``MAX_PDU_NESTING`` levels, the ``unsigned`` keys it strips not counted) is
-    400 ``M_NOT_JSON``, as a body nested too deep to parse. ``nesting_checked``:
+    400 ``M_BAD_JSON`` too, as Synapse answers it (``M_NOT_JSON`` only past the
+    ``MAX_NESTING`` of every body, as the parser answers). ``nesting_checked``:
     the caller checked that with the body (``inbound.invite_body_nesting_problem``,
     as ``parse_json``'s ``nesting_problem``), so the event is not walked again.
     """
@@ -261,18 +264,30 @@ def federation_form_problem(version: RoomVersion, event: Mapping[str, Any]) -> s
 
 
 def check_pdu_nesting(event: object) -> None:
-    """Raise ``MatrixError`` 400 ``M_NOT_JSON`` if ``event`` is nested too deep for
+    """Raise ``MatrixError`` 400 ``M_BAD_JSON`` if ``event`` is nested too deep for
     Synapse's PDU parser (``pdu_nesting_problem``): deeper than ``MAX_PDU_NESTING``
     levels, the event counted, not counting the ``unsigned`` keys Synapse strips,
-    which may nest as deep as any body (``MAX_NESTING``).
+    which may nest as deep as any body (``MAX_NESTING``; deeper, 400 ``M_NOT_JSON``,
+    as the parser answers such a body: ``pdu_nesting_errcode``).
 
     One check for both directions: ``check_event_format`` on receipt (unless the
     caller checked the event's nesting with its body's), and the outbound client
     before it signs an event. Walks level by level, without recursion.
     """
-    problem = pdu_nesting_problem(event)
-    if problem is not None:
-        raise MatrixError(400, Codes.NOT_JSON, f"Invalid PDU: {problem}")
+    exceeded = pdu_nesting_exceeded(event)
+    if exceeded:
+        raise MatrixError(
+            400, pdu_nesting_errcode(exceeded), f"Invalid PDU: {_nesting_message(exceeded)}"
+        )
+
+
+def pdu_nesting_errcode(exceeded: int) -> str:
+    """The errcode refusing a PDU (or an invite body) that crosses the nesting limit
+    ``exceeded`` (``pdu_nesting_exceeded``): ``M_NOT_JSON`` past ``MAX_NESTING``, the
+    bound of every body we parse; ``M_BAD_JSON`` past a PDU's or a room-state entry's
+    limit, valid JSON but no well-formed event (Synapse: 400 ``M_BAD_JSON`` "Invalid
+    event JSON")."""
+    return Codes.NOT_JSON if exceeded >= MAX_NESTING else Codes.BAD_JSON
 
 
 #: The ``unsigned`` keys of an ``m.room.member`` event that Synapse's
@@ -372,8 +387,10 @@ def pdu_nesting_problem(event: object, room_state: object = _NOT_GIVEN) -> str |
     """Why Synapse would refuse ``event`` (with ``room_state``, as its v2 ``/invite``
     does: ``pdu_nesting_exceeded``) as nested too deep, or None."""
     exceeded = pdu_nesting_exceeded(event, room_state)
-    if not exceeded:
-        return None
+    return _nesting_message(exceeded) if exceeded else None
+
+
+def _nesting_message(exceeded: int) -> str:
     if exceeded == MAX_ROOM_STATE_NESTING:
         return f"invite_room_state: an entry is nested deeper than {MAX_ROOM_STATE_NESTING} levels"
     return f"nested deeper than {exceeded} levels"

@@ -384,12 +384,14 @@ class NestingTests(SynchronousTestCase):
     def test_nesting_rule_of_the_callers(self) -> None:
         """nesting_problem replaces the max_nesting rule: asked only of a body with more
         brackets than max_nesting (a shallow one is not walked), its answer is the
-        M_NOT_JSON message; the whole value stays bounded by 512."""
+        MatrixError raised; the whole value stays bounded by 512 (M_NOT_JSON)."""
         asked: list[Any] = []
 
-        def problem(value: Any) -> str | None:
+        def problem(value: Any) -> MatrixError | None:
             asked.append(value)
-            return "too deep for me" if value == [[[[]]]] else None
+            if value == [[[[]]]]:
+                return MatrixError(400, "M_BAD_JSON", "too deep for me")
+            return None
 
         for parse in (parse_json, parse_json_with_numbers):
             del asked[:]
@@ -402,7 +404,7 @@ class NestingTests(SynchronousTestCase):
             )
             self.assertEqual(
                 (error.http_status, error.errcode, error.message),
-                (400, "M_NOT_JSON", "too deep for me"),
+                (400, "M_BAD_JSON", "too deep for me"),
             )
             error = self.assertRaises(
                 MatrixError,
@@ -434,11 +436,11 @@ class NestingTests(SynchronousTestCase):
                 parse,
                 deep,
                 max_nesting=3,
-                nesting_problem=lambda value: "mine",
+                nesting_problem=lambda value: MatrixError(400, "M_BAD_JSON", "mine"),
                 problem_bounds_nesting=True,
             )
             self.assertEqual(
-                (error.http_status, error.errcode, error.message), (400, "M_NOT_JSON", "mine")
+                (error.http_status, error.errcode, error.message), (400, "M_BAD_JSON", "mine")
             )
             self.assertEqual(walks, [])
             # Without it, the value is walked apart for the 512 first.

@@ -574,15 +574,16 @@ def nested(levels: int) -> Any:
 
 class NestingTests(FormatTestCase):
     """Synapse's PDU parser (serde_json, recursion limit 128) refuses a PDU nested 128 levels
-    deep, the event object counted (400 "Invalid event JSON"); 127 parse. So nothing deeper
-    is well-formed here: 400 M_NOT_JSON, as every other nesting limit."""
+    deep, the event object counted (400 M_BAD_JSON "Invalid event JSON"); 127 parse. So
+    nothing deeper is well-formed here: 400 M_BAD_JSON (valid JSON, no well-formed event);
+    past the 512 levels of every body, 400 M_NOT_JSON as the parser answers."""
 
     def assertTooDeep(self, version: str, event: dict[str, Any]) -> None:
         with self.assertRaises(MatrixError) as caught:
             check_event_format(version, event)
         self.assertEqual(
             (caught.exception.http_status, caught.exception.errcode, caught.exception.message),
-            (400, "M_NOT_JSON", "Invalid PDU: nested deeper than 127 levels"),
+            (400, "M_BAD_JSON", "Invalid PDU: nested deeper than 127 levels"),
         )
 
     def test_limit_is_synapses(self) -> None:
