@@ -35,8 +35,9 @@ adds, per connection:
   request (an exception out of ``requestReceived``), the peer gets a JSON 400
   ``M_UNKNOWN`` and the connection is closed, and one error line is logged;
 - a refusal of a HEAD request (413, 408 or 400 once its request line is
-  read) has the status line and headers of GET's, its ``Content-Length``
-  included, and no body (RFC 9110, section 9.3.2);
+  read; 414 or 408 before, told from the line's start) has the status line
+  and headers of GET's, its ``Content-Length`` included, and no body (RFC
+  9110, section 9.3.2);
 - the absolute-form target (``PUT https://host/_matrix/...``), which a server
   must accept (RFC 9112, section 3.2.2), served as its path and query (the
   origin-form) would be: Twisted takes the whole URI for the path, so it was
@@ -122,6 +123,13 @@ def _raw_error_response(error: MatrixError, head: bool = False) -> bytes:
         b"Connection: close\r\n\r\n"
     ) % (error.http_status, reason, len(body))
     return start if head else start + body
+
+
+def _begins_head(data: bytes) -> bool:
+    """Whether ``data``, the start of a request whose request line is not parsed yet, is
+    a HEAD request's: its request line (after the empty lines a server ignores) begins
+    with the method ``HEAD`` and its space."""
+    return data.lstrip(b"\r\n").startswith(b"HEAD ")
 
 
 def _begins_request(data: bytes) -> bool:
@@ -408,12 +416,15 @@ class _LimitedChannel(HTTPChannel):
         self,
         error: MatrixError,
         request_line: tuple[bytes, bytes] | None = None,
+        unparsed: bytes | None = None,
     ) -> bool:
         """Answer ``error`` at once, stop reading, and close the connection.
 
         ``request_line``: the method and target of the request refused; by
         default, those of the request being parsed, once its request line is
-        (Twisted keeps them until the request is received whole). The
+        (Twisted keeps them until the request is received whole). Before
+        then, ``unparsed`` (by default the bytes buffered) is the start of
+        the request, which tells a HEAD's answer: it has no body. The
         resource the request was for hears of the refusal if it asks to
         (``FederationSite.refused``); returns whether it logged it itself.
         """
@@ -426,7 +437,12 @@ class _LimitedChannel(HTTPChannel):
             return False
         if request_line is None and hasattr(self, "_command"):
             request_line = self._command, self._path
-        head = request_line is not None and request_line[0] == b"HEAD"
+        if request_line is not None:
+            head = request_line[0] == b"HEAD"
+        else:
+            if unparsed is None:
+                unparsed = self._buffer or b"".join(self._dataBuffer)
+            head = _begins_head(unparsed)
         self.transport.write(_raw_error_response(error, head))
         self._close()
         if request_line is None or self.owner is None:
@@ -531,7 +547,7 @@ class _LimitedChannel(HTTPChannel):
         if hasattr(self, "_command"):
             self.refuse(MatrixError(400, Codes.UNKNOWN, "Header line too long"))
         else:
-            self.refuse(MatrixError(414, Codes.TOO_LARGE, "Request line too long"))
+            self.refuse(MatrixError(414, Codes.TOO_LARGE, "Request line too long"), unparsed=line)
 
     def lineReceived(self, line: bytes) -> None:
         if self.refused:

@@ -839,6 +839,41 @@ class HeadRefusalTests(SiteTestCase):
             self.assertEqual(head_body, b"", status)
             self.assertTrue(closing)
 
+    def test_head_refused_before_its_request_line_without_body(self) -> None:
+        """A HEAD whose request line is over 16 KiB (414, whole or still arriving, after an
+        answered request or not) or not complete within the deadline (408): GET's answer
+        without its body, told from the line's start, and the connection closed."""
+        version = b"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: x\r\n\r\n"
+        cases = []
+        for earlier in (b"", version, b"\r\n"):
+            for end in (b" HTTP/1.1\r\nHost: x\r\n\r\n", b""):
+                cases.append((earlier, b" /" + b"a" * 17_000 + end, 0, 414))
+            cases.append((earlier, b" /_matrix/federation/v1/ver", 30, 408))
+        for earlier, rest, wait, status in cases:
+            answers = []
+            for method in (b"GET", b"HEAD"):
+                connection = self.connect()
+                connection.send(earlier + method + rest)
+                self.clock.advance(wait)
+                data = connection.transport.value()
+                if earlier == version:
+                    # The version's answer first, the refusal after it.
+                    data = data[data.index(b"HTTP/1.1 %d " % status) :]
+                head, _, body = data.partition(b"\r\n\r\n")
+                status_line, *lines = head.split(b"\r\n")
+                headers = dict(line.split(b": ", 1) for line in lines)
+                headers.pop(b"Date", None)
+                answers.append((status_line, headers, body, connection.closing))
+            (
+                (get_status, get_headers, get_body, _),
+                (head_status, head_headers, head_body, closing),
+            ) = answers
+            self.assertTrue(get_status.startswith(b"HTTP/1.1 %d " % status), get_status)
+            self.assertEqual(get_headers[b"Content-Length"], b"%d" % len(get_body))
+            self.assertEqual((head_status, head_headers), (get_status, get_headers), status)
+            self.assertEqual(head_body, b"", (earlier, status))
+            self.assertTrue(closing)
+
 
 class LocalAddressTests(SiteTestCase):
     """The connection's local address is asked of the transport once, not per request."""
