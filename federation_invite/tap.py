@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -100,53 +101,118 @@ def makeService(options: Options) -> IService:
 
 
 def reopen_log_file() -> None:
-    """SIGHUP under twistd: reopen its log file (``--logfile``) at its path, as Synapse
-    does, after an external rotation (logrotate's ``create``: the file moved away, a new
-    one created); one line says so, or why not.
+    """SIGHUP under twistd or twist: reopen the log file (twistd's ``--logfile``, twist's
+    ``--log-file``) at its path, as Synapse does, after an external rotation (logrotate's
+    ``create``: the file moved away, a new one created); one line says so, or why not.
 
-    twistd gives its log file to its text observer (``textFileLogObserver(LogFile)``)
-    and keeps no other reference: it is found among the global log publisher's
-    observers. Logging to standard output (``-n`` without ``--logfile``), to syslog or
-    through a ``--logger`` observer, there is none: one line says there is nothing to
-    reopen. The file is reopened under its own lock (the one its ``write`` and
-    ``rotate`` hold: threads log too), and only once its path can be opened: else the
+    Neither keeps a reference to it but its observer's (``FileLogObserver._outFile``), which
+    is found among the global log publisher's observers (twist's wrapped in a
+    ``FilteringLogObserver``). twistd's is a ``LogFile``; twist's a plain file opened by
+    path, reopened by putting a descriptor of the path in place of the file's own
+    (``os.dup2``), so that a thread writing meanwhile writes whole lines to one file or the
+    other. Logging to standard output (``-n`` without ``--logfile``, twist's default), to
+    syslog or through a ``--logger`` observer, there is none: one line says there is nothing
+    to reopen. A ``LogFile`` is reopened under its own lock (the one its ``write`` and
+    ``rotate`` hold: threads log too); either only once its path can be opened: else the
     lines go on to the file opened before.
     """
-    from twisted.logger import globalLogPublisher
     from twisted.python.logfile import BaseLogFile
 
-    files = [
-        out
-        for out in (
-            getattr(observer, "_outFile", None)
-            for observer in getattr(globalLogPublisher, "_observers", ())
-        )
-        if isinstance(out, BaseLogFile)
-    ]
-    if not files:
+    outs = _observed_files()
+    if not outs:
         log.info(
             "SIGHUP: no log file to reopen (logging to standard output, syslog or a --logger "
             "observer)"
         )
-    for logfile in files:
-        try:
-            with open(logfile.path, "ab"):
-                pass
-        except OSError as exc:
-            log.error(
-                "SIGHUP: could not reopen the log file {path}: {reason}; still logging to "
-                "the file opened before",
-                path=logfile.path,
-                reason=exc.strerror or str(exc),
-            )
-            continue
-        lock = getattr(logfile, "_threadable_lock", None)
-        if lock is None:
-            logfile.reopen()
+    for out in outs:
+        if isinstance(out, BaseLogFile):
+            _reopen_twistd_log_file(out)
         else:
-            with lock:
-                logfile.reopen()
-        log.info("SIGHUP: reopened the log file {path}", path=logfile.path)
+            _reopen_plain_file(out)
+
+
+def _observed_files() -> list[Any]:
+    """The log files the global log publisher's observers write to: ``LogFile``s (twistd's)
+    and regular files opened by path (twist's ``--log-file``), not standard output or error."""
+    from twisted.logger import globalLogPublisher
+    from twisted.python.logfile import BaseLogFile
+
+    found: list[Any] = []
+    for observer in getattr(globalLogPublisher, "_observers", ()):
+        for _ in range(4):  # twist's FilteringLogObserver around its FileLogObserver
+            out = getattr(observer, "_outFile", None)
+            if out is not None:
+                if (isinstance(out, BaseLogFile) or _plain_file_path(out) is not None) and all(
+                    out is not known for known in found
+                ):
+                    found.append(out)
+                break
+            observer = getattr(observer, "_observer", None)
+            if observer is None:
+                break
+    return found
+
+
+def _plain_file_path(out: Any) -> str | None:
+    """The path ``out`` was opened at, if it is a regular file opened by path (twist's
+    ``open(FILE, "a")``), not standard output or error, nor a descriptor wrapped."""
+    if any(out is std for std in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)):
+        return None
+    path = getattr(out, "name", None)
+    if not isinstance(path, str) or not path:
+        return None
+    try:
+        descriptor = out.fileno()
+        mode = os.fstat(descriptor).st_mode
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation included
+        return None
+    if descriptor <= 2 or not stat.S_ISREG(mode):
+        return None
+    return path
+
+
+def _reopen_twistd_log_file(logfile: Any) -> None:
+    """Reopen twistd's ``LogFile`` at its path, if the path opens."""
+    try:
+        with open(logfile.path, "ab"):
+            pass
+    except OSError as exc:
+        _not_reopened(logfile.path, exc)
+        return
+    lock = getattr(logfile, "_threadable_lock", None)
+    if lock is None:
+        logfile.reopen()
+    else:
+        with lock:
+            logfile.reopen()
+    log.info("SIGHUP: reopened the log file {path}", path=logfile.path)
+
+
+def _reopen_plain_file(out: Any) -> None:
+    """Reopen twist's ``--log-file`` (a file opened in append mode) at its path, if the
+    path opens: a descriptor of the path replaces the file object's own."""
+    path = cast(str, _plain_file_path(out))
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+    try:
+        descriptor = os.open(path, flags, 0o666)
+    except OSError as exc:
+        _not_reopened(path, exc)
+        return
+    try:
+        out.flush()  # what was written before goes to the file it was written to
+        os.dup2(descriptor, out.fileno(), inheritable=False)
+    finally:
+        os.close(descriptor)
+    log.info("SIGHUP: reopened the log file {path}", path=path)
+
+
+def _not_reopened(path: str, exc: OSError) -> None:
+    log.error(
+        "SIGHUP: could not reopen the log file {path}: {reason}; still logging to the file "
+        "opened before",
+        path=path,
+        reason=exc.strerror or str(exc),
+    )
 
 
 class _StartErrorInOneLine:

@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 
 from signedjson.key import generate_signing_key
 from twisted.application.internet import StreamServerEndpointService
@@ -817,6 +818,81 @@ class ReopenLogFileTests(SynchronousTestCase):
             ),
             line,
         )
+
+    def observed_as_twist(self, out: object, log_format: str) -> Callable[[], None]:
+        """Helper: log to ``out`` as twist does (``Runner.startLogging``): its file observer
+        for ``--log-format`` in a ``FilteringLogObserver``, in the global publisher, until
+        the call returned."""
+        from twisted.logger import (
+            FilteringLogObserver,
+            LogLevelFilterPredicate,
+            globalLogPublisher,
+            jsonFileLogObserver,
+            textFileLogObserver,
+        )
+
+        factory = {"json": jsonFileLogObserver, "text": textFileLogObserver}[log_format]
+        observer = FilteringLogObserver(
+            factory(out),  # type: ignore[arg-type]
+            [LogLevelFilterPredicate()],
+        )
+        globalLogPublisher.addObserver(observer)
+        # Removing an observer removed before does nothing.
+        return lambda: globalLogPublisher.removeObserver(observer)
+
+    def test_twist_log_file_reopened_at_its_path(self) -> None:
+        """twist's --log-file FILE (a plain file it opens in append mode, JSON or text) is
+        reopened at its path on SIGHUP, as twistd's --logfile is; a path that cannot be
+        opened keeps the file opened before."""
+        from twisted.logger import Logger
+
+        for log_format in ("json", "text"):
+            directory = os.path.abspath(self.mktemp())
+            os.makedirs(directory)
+            path = os.path.join(directory, "twist.log")
+            out = open(path, "a")  # as twist's --log-file opens it
+            self.addCleanup(out.close)
+            stop = self.observed_as_twist(out, log_format)
+            self.addCleanup(stop)
+            Logger().info("before the rotation")
+            os.rename(path, path + ".1")
+            reopen_log_file()  # logrotate's create, or the path gone: created
+            Logger().info("after the rotation")
+            rotated = FilePath(path + ".1").getContent().decode()
+            current = FilePath(path).getContent().decode()
+            self.assertIn("before the rotation", rotated)
+            self.assertNotIn("after the rotation", rotated)
+            self.assertNotIn("SIGHUP", rotated)
+            self.assertIn("SIGHUP: reopened the log file", current)
+            self.assertIn(path, current)
+            self.assertIn("after the rotation", current)
+            self.assertLess(current.index("SIGHUP"), current.index("after the rotation"))
+            # Its directory gone: the lines go on to the file opened before.
+            moved = directory + ".moved"
+            os.rename(directory, moved)
+            reopen_log_file()
+            Logger().info("still logged")
+            kept = FilePath(os.path.join(moved, "twist.log")).getContent().decode()
+            self.assertIn("SIGHUP: could not reopen the log file", kept)
+            self.assertIn("still logged", kept)
+            stop()
+
+    def test_twist_standard_output_not_reopened(self) -> None:
+        """twist logging to standard output or error (--log-file - or +, its default), even
+        when it is a regular file (a supervisor's redirection): nothing to reopen, one line
+        says so."""
+        path = os.path.abspath(self.mktemp())
+        for stream in ("stdout", "stderr"):
+            out = open(path, "a")
+            self.addCleanup(out.close)
+            self.patch(sys, stream, out)
+            stop = self.observed_as_twist(out, "json")
+            reopen_log_file()
+            stop()
+            out.flush()
+        content = FilePath(path).getContent().decode()
+        self.assertEqual(content.count("SIGHUP: no log file to reopen"), 2, content)
+        self.assertNotIn("SIGHUP: reopened", content)
 
     def rotated_log_file(self) -> tuple[str, LogFile]:
         """Helper: a log file observed as twistd's is, never written to, then moved away
