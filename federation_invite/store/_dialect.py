@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, quote, quote_plus, unquote, unquote_plus, ur
 
 from twisted.enterprise import adbapi
 from twisted.internet.interfaces import IReactorCore
+from twisted.python import log
 
 from ._records import StoreError
 
@@ -342,10 +343,63 @@ class _LostQuietlyConnection(adbapi.Connection):
         super().rollback()
 
 
+class _TrackedTransaction(adbapi.Transaction):
+    """adbapi's transaction (its cursor), noting whether a statement of it has run."""
+
+    #: Whether a statement has run in this transaction: from then on it may have
+    #: changed something, and is not run again on another connection.
+    executed = False
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        cursor: Any = self._cursor
+        result = cursor.execute(*args, **kwargs)
+        self.executed = True
+        return result
+
+    def executemany(self, *args: Any, **kwargs: Any) -> Any:
+        cursor: Any = self._cursor
+        result = cursor.executemany(*args, **kwargs)
+        self.executed = True
+        return result
+
+
 class _PostgresPool(adbapi.ConnectionPool):
-    """adbapi's pool, with ``_LostQuietlyConnection`` for its connections."""
+    """adbapi's pool, with ``_LostQuietlyConnection`` for its connections, and each
+    transaction that found its connection lost before any statement of it ran run once
+    more, on a new connection.
+
+    adbapi notices that a pooled connection was ended by the server (a restart, a
+    failover, ``pg_terminate_backend``, ``idle_session_timeout``) only when an operation
+    fails on it, and replaces it at that thread's next operation: without this, each
+    lost connection failed one operation (a whole batch of invites). Only a transaction
+    none of whose statements ran is run again (its BEGIN or first statement failed on the
+    closed connection: nothing of it reached the database), so a write ended on purpose
+    halfway is not redone.
+    """
 
     connectionFactory = _LostQuietlyConnection
+    transactionFactory = _TrackedTransaction
+
+    def _runInteraction(self, interaction: Any, *args: Any, **kw: Any) -> Any:
+        for attempt in (1, 2):
+            conn = self.connectionFactory(self)
+            trans = self.transactionFactory(self, conn)
+            try:
+                result = interaction(trans, *args, **kw)
+                trans.close()
+                conn.commit()
+                return result
+            except BaseException:
+                driver = conn._connection
+                lost = driver is not None and bool(driver.closed)
+                try:
+                    conn.rollback()  # drops a lost connection (_LostQuietlyConnection)
+                except BaseException:
+                    log.err(None, "Rollback failed")
+                if attempt == 1 and lost and not trans.executed:
+                    continue
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 class PostgresDialect(Dialect):
