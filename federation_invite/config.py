@@ -324,7 +324,9 @@ OPTIONS: tuple[Option, ...] = (
         ["tcp:8448:interface=127.0.0.1"],
         _listen_list,
         "Twisted endpoint strings to serve federation on, e.g. 'tcp:8448', "
-        "'ssl:8448:privateKey=key.pem:certKey=cert.pem', 'systemd:domain=INET:index=0'. "
+        "'ssl:8448:privateKey=key.pem:certKey=cert.pem', 'systemd:domain=INET:index=0' (with "
+        "ssl:'s privateKey, certKey, extraCertChain, dhParameters and sslmethod, a systemd: "
+        "socket serves TLS). "
         "Parsed when the configuration is loaded (check-config too); an ssl: string's files "
         "are read, and a plugin type's (systemd:) arguments checked, only at start.",
     ),

@@ -712,7 +712,7 @@ class _NotAcceptingYet:
     ) -> None:
         self._endpoint = endpoint
         self._ports = ports
-        #: An ``ssl:`` endpoint's TLS settings (``FederationInviteService.reload_tls``).
+        #: An ``ssl:`` (or TLS ``systemd:``) endpoint's TLS settings (``reload_tls``).
         self.tls = tls
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
@@ -735,13 +735,28 @@ def _server_endpoint(
     the chain. Twisted would use the first alone, and send peers a leaf they cannot verify.
 
     An ``ssl:`` endpoint's TLS settings are a ``_ReloadableTLS``, added to ``tls`` if given,
-    whose ``reload`` reads its files again for the connections accepted after it.
+    whose ``reload`` reads its files again for the connections accepted after it. A
+    ``systemd:`` endpoint given ``ssl:``'s TLS arguments (``SYSTEMD_TLS_KEYWORDS``) serves
+    TLS on systemd's socket with such settings too (``_TLSServerEndpoint``): socket
+    activation is how a port below 1024 is served without root, and federation is TLS.
     """
     from twisted.internet import endpoints
 
     args, keywords = endpoints._parse(description)
     if args[0] == "systemd":
-        return _systemd_endpoint(reactor, description, args[1:], keywords)
+        given = {key: keywords.pop(key) for key in SYSTEMD_TLS_KEYWORDS if key in keywords}
+        endpoint = _systemd_endpoint(reactor, args[1:], keywords)
+        if not given:
+            return endpoint
+        # ssl:'s TLS arguments, read as Twisted's parser reads an ssl: endpoint's (a port
+        # to parse, never listened on).
+        bound = inspect.signature(endpoints._parseSSL).bind(None, "0", **given)
+        bound.apply_defaults()
+        _, options, _ = _tls_options(bound)
+        settings = _ReloadableTLS(description, bound, options)
+        if tls is not None:
+            tls.append(settings)
+        return _TLSServerEndpoint(endpoint, settings)
     if args[0] != "ssl":
         return endpoints.serverFromString(reactor, description)
     bound = inspect.signature(endpoints._parseSSL).bind(None, *args[1:], **keywords)
@@ -752,6 +767,25 @@ def _server_endpoint(
     if tls is not None:
         tls.append(settings)
     return endpoints.SSL4ServerEndpoint(reactor, port, settings, **placement)
+
+
+#: The ``ssl:`` arguments a ``systemd:`` endpoint takes to serve TLS on its socket.
+SYSTEMD_TLS_KEYWORDS = ("privateKey", "certKey", "extraCertChain", "dhParameters", "sslmethod")
+
+
+@implementer(IStreamServerEndpoint)
+class _TLSServerEndpoint:
+    """``endpoint`` (a ``systemd:`` socket's) serving TLS with ``tls``, as the reactor's
+    ``listenSSL`` serves an ``ssl:`` port's: the factory wrapped in Twisted's TLS factory."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, tls: _ReloadableTLS) -> None:
+        self._endpoint = endpoint
+        self._tls = tls
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        return self._endpoint.listen(TLSMemoryBIOFactory(self._tls, False, factory))
 
 
 def _tls_options(bound: inspect.BoundArguments) -> tuple[int, Any, dict[str, Any]]:
@@ -907,16 +941,16 @@ class _ReloadableTLS:
 
 
 def _systemd_endpoint(
-    reactor: Any, description: str, args: Sequence[str], keywords: Mapping[str, str]
+    reactor: Any, args: Sequence[str], keywords: Mapping[str, str]
 ) -> IStreamServerEndpoint:
-    """Twisted's ``systemd:`` endpoint, or a ``ConfigError`` saying that systemd passed no
-    socket at its ``index`` or of its ``name``, where Twisted's parser raises a bare
-    ``IndexError`` or ``KeyError``."""
+    """Twisted's ``systemd:`` endpoint of these arguments (its TLS ones taken out), or a
+    ``ConfigError`` saying that systemd passed no socket at its ``index`` or of its
+    ``name``, where Twisted's parser raises a bare ``IndexError`` or ``KeyError``."""
     from twisted.internet import endpoints
 
     unset = "LISTEN_FDS unset, as outside a systemd socket unit"
     try:
-        return endpoints.serverFromString(reactor, description)
+        return endpoints._SystemdParser().parseStreamServer(reactor, *args, **keywords)
     except IndexError:
         index = keywords.get("index", args[1] if len(args) > 1 else "")
         raise ConfigError(
@@ -1305,7 +1339,8 @@ class FederationInviteService(service.MultiService):
         certificate's, a chain file without a certificate) leave that listener serving
         what it served before. Each listener's outcome is logged in one line: on success
         the certificate's serial and notAfter, else the file and why. Returns whether
-        every ``ssl:`` listener was reloaded (True with none).
+        every ``ssl:`` listener was reloaded (True with none). A ``systemd:`` listener given
+        TLS arguments is reloaded as an ``ssl:`` one is.
         """
         reloaded = True
         for child in list(self):

@@ -1829,6 +1829,23 @@ class ListenAtStartTests(TestCase):
             )
         self.assertEqual(self.opened, [])
 
+    def test_systemd_endpoint_with_a_missing_tls_file(self) -> None:
+        """A systemd: endpoint with TLS arguments whose key file cannot be read fails in one
+        line naming the file, as an ssl: endpoint's does."""
+        from twisted.internet.endpoints import _SystemdParser
+        from twisted.python.systemd import ListenFDs
+
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs([3]))
+        missing = os.path.join(os.path.abspath(self.mktemp()), "tls.key")
+        endpoint = f"systemd:domain=INET:index=0:privateKey={missing}"
+        error = self.assertRaises(ConfigError, self.new_service(endpoint).privilegedStartService)
+        self.assertEqual(
+            str(error),
+            f"configuration key 'listen': cannot listen on {endpoint!r}: No such file or "
+            f"directory: {missing}",
+        )
+        self.assertEqual(self.opened, [])
+
     async def test_tls_full_chain_served(self) -> None:
         """An ssl: certKey file holding the leaf and its intermediate (a CA's fullchain.pem,
         as the README shows) serves both: a client trusting only the root verifies."""
@@ -2150,6 +2167,37 @@ class TLSReloadTests(TestCase):
                 f"{self.cert_path}, serial {after[0].serial_number:X}, notAfter {not_after}"
             ],
         )
+
+    async def test_systemd_socket_served_with_tls_and_reloaded(self) -> None:
+        """A systemd: listener given ssl:'s TLS arguments (privateKey, certKey) serves TLS on
+        the socket systemd passed (a real handshake: the leaf and its chain from certKey),
+        and reload_tls reads its files again, as an ssl: listener's."""
+        import socket
+
+        from twisted.internet.endpoints import _SystemdParser
+        from twisted.python.systemd import ListenFDs
+
+        inherited = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        inherited.bind(("127.0.0.1", 0))
+        inherited.listen(50)
+        self.port = inherited.getsockname()[1]
+        # Its descriptor is the endpoint's to close, once adopted (as systemd's is).
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs([inherited.detach()]))
+        self.description = (
+            f"systemd:domain=INET:index=0:privateKey={self.key_path}:certKey={self.cert_path}"
+        )
+        service = await self.start()
+        before = _certificates(self.cert_path)
+        old = await self.connect(self.root_pem)
+        self.assertEqual(self.served(old), before)
+        self.assertTrue((await self.ask_version(old)).startswith(b"HTTP/1.1 200 "))
+        new_root = self.renew("renewed")
+        self.assertTrue(service.reload_tls())
+        new = await self.connect(new_root)
+        self.assertEqual(self.served(new), _certificates(self.cert_path))
+        self.assertTrue((await self.ask_version(new)).startswith(b"HTTP/1.1 200 "))
+        [line] = self.tls_lines()
+        self.assertTrue(line.startswith(f"Reloaded TLS for listener {self.description!r}: "))
 
     async def test_unusable_files_keep_the_certificate_loaded_before(self) -> None:
         """A key that does not match the certificate, a file that is not PEM, an empty
