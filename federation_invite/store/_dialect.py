@@ -580,7 +580,8 @@ def parse_database_uri(uri: str) -> Dialect:
     ``sqlite:///relative.db`` (relative to the working directory),
     ``sqlite:////absolute.db``, ``sqlite:///:memory:`` (private to one
     connection, for tests), ``postgresql://user[:password]@host[:port]/dbname``
-    (``postgres://`` too; query parameters go to libpq, e.g. ``?sslmode=require``).
+    (``postgres://`` too; query parameters go to libpq, e.g. ``?sslmode=require``;
+    several hosts as libpq takes them, ``host1:5432,host2:5433``).
     PostgreSQL over a Unix socket, as libpq reads URIs: no host for its default
     socket directory (``postgresql:///dbname``), or the directory as the
     ``host`` parameter (``postgresql://user@/dbname?host=/var/run/postgresql``)
@@ -629,7 +630,9 @@ _MALFORMED = "PostgreSQL URI is malformed (percent-encode special characters)"
 def _parse_postgres(uri: str) -> PostgresDialect:
     try:
         parts = urlsplit(uri)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
+        # libpq's several hosts (h1:5432,h2:5433, for failover), each with its port.
+        for host in parts.netloc.rpartition("@")[2].split(","):
+            _check_port(host)
     except ValueError:
         # The parser's message can quote parts of the URI (a password with an
         # unencoded '#' or '/' looks like a bad port): say nothing more.
@@ -684,6 +687,20 @@ def _parse_postgres(uri: str) -> PostgresDialect:
     # Longest first, so that a secret containing another is replaced whole.
     ordered = tuple(sorted(secrets, key=lambda secret: (-len(secret), secret)))
     return PostgresDialect(dsn, display, ordered)
+
+
+def _check_port(host: str) -> None:
+    """Raise ``ValueError`` unless ``host`` (one host of a URI's authority, ``name``,
+    ``name:port``, ``[v6]`` or ``[v6]:port``) has no port or a port 0-65535."""
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0 or host[end + 1 : end + 2] not in ("", ":"):
+            raise ValueError("bad IPv6 host")
+        port = host[end + 2 :]
+    else:
+        port = host.partition(":")[2]
+    if port and not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise ValueError("bad port")
 
 
 def _libpq_secrets(dsn: str) -> tuple[str, ...]:

@@ -86,6 +86,33 @@ class PostgresURITests(SynchronousTestCase):
         dialect = parse_database_uri("postgresql://fi:s3cret@/invites?host=/run/pg")
         self.assertEqual(dialect.display, "postgresql://fi:***@/invites?host=/run/pg")
 
+    def test_multi_host_uris(self) -> None:
+        """libpq's several hosts in the authority (failover: target_session_attrs), each
+        with its port, are accepted and reach libpq as written, the password hidden; a bad
+        port of any of them is refused as malformed."""
+        for uri in (
+            "postgresql://fi@h1.example:5432,h2.example:5433/invites?target_session_attrs=read-write",
+            "postgresql://fi@h1.example,h2.example:5433,[::1]:5434/invites",
+            "postgres://h1.example:5432,h2.example/invites",
+        ):
+            dialect = parse_database_uri(uri)
+            assert isinstance(dialect, PostgresDialect)
+            self.assertEqual(dialect.dsn, "postgresql" + uri[uri.index("://") :])
+            self.assertEqual(dialect.display, uri)
+        dialect = parse_database_uri("postgresql://fi:s3cret@h1:5433,h2:5432/invites")
+        self.assertEqual(dialect.display, "postgresql://fi:***@h1:5433,h2:5432/invites")
+        for uri in (
+            "postgresql://fi@h1:5432,h2:port/invites",
+            "postgresql://fi@h1:5432,h2:99999/invites",
+            "postgresql://fi@h1:5432,[::1]x/invites",
+        ):
+            with self.assertRaises(ValueError) as caught:
+                parse_database_uri(uri)
+            self.assertEqual(
+                str(caught.exception),
+                "PostgreSQL URI is malformed (percent-encode special characters)",
+            )
+
     def test_malformed_postgres_uris(self) -> None:
         """No database, a bad port or a fragment are refused, password hidden."""
         cases = {
