@@ -855,6 +855,11 @@ class InviteHandler:
         abandoned, failing unexpectedly) in this handler's metrics, which count the rest."""
         self._metrics.inbound(outcome, errcode, self._clock.seconds() - started)
 
+    @property
+    def storing(self) -> int:
+        """How many invites are being stored (``settle`` waits for them)."""
+        return self._storing
+
     def settle(self) -> Deferred[None]:
         """Fires once no invite is being stored: before the store is closed, so that
         an invite whose peer has gone (and is finished regardless) is not cut off."""

@@ -266,6 +266,13 @@ class FederationInvite:
         settled.addTimeout(timeout, self.clock)
         try:
             await settled
+        except defer.TimeoutError:
+            log.warn(
+                "Closing the database with {count} invite(s) still being stored, not done"
+                " after waiting {timeout} s for them",
+                count=self.handler.storing,
+                timeout=timeout,
+            )
         except Exception as exc:
             log.warn("Closing the database with invites still being stored: {reason}", reason=exc)
         for sending in list(self._sending):

@@ -1426,6 +1426,27 @@ class ComponentsTests(SynchronousTestCase):
         self.successResultOf(closing)
         self.assertEqual(self.store.closed, 1)
 
+    def test_close_says_how_many_invites_were_still_being_stored(self) -> None:
+        """The warning when invites are still being stored after ``timeout`` says how many
+        and how long close() waited for them (not Twisted's "(2.0, 'Deferred')")."""
+        from twisted.logger import capturedLogs, formatEvent
+
+        components = self.build()
+        never: Deferred[None] = Deferred()
+        self.patch(components.handler, "settle", lambda: never)
+        self.patch(components.handler, "_storing", 3)
+        with capturedLogs() as events:
+            closing = Deferred.fromCoroutine(components.close(timeout=2.0))
+            self.clock.advance(2.0)
+            self.successResultOf(closing)
+        self.assertEqual(
+            [formatEvent(event) for event in events if event["log_level"] == LogLevel.warn],
+            [
+                "Closing the database with 3 invite(s) still being stored, not done after"
+                " waiting 2.0 s for them"
+            ],
+        )
+
     def test_close_abandons_the_outbound_requests_in_flight(self) -> None:
         """close() with a key fetch and an invite in flight to peers that never answer:
         both requests are cancelled (no timer left, their connections closed), the key
