@@ -328,7 +328,9 @@ OPTIONS: tuple[Option, ...] = (
         "ssl:'s privateKey, certKey, extraCertChain, dhParameters and sslmethod, a systemd: "
         "socket serves TLS). "
         "Parsed when the configuration is loaded (check-config too); an ssl: string's files "
-        "are read, and a plugin type's (systemd:) arguments checked, only at start.",
+        "are read, and a plugin type's (systemd:) arguments checked, only at start. Relative "
+        "files (privateKey, its default server.pem, certKey, extraCertChain, dhParameters; a "
+        "unix: socket) are relative to the working directory at start, as data_dir is.",
     ),
     Option(
         "signing_key",
@@ -372,7 +374,8 @@ OPTIONS: tuple[Option, ...] = (
         "",
         _metrics_listen,
         "Endpoint string for a Prometheus /metrics listener, e.g. 'tcp:9100:interface=127.0.0.1' "
-        "(needs the 'metrics' extra; parsed at load, as listen is); empty: off.",
+        "(needs the 'metrics' extra; parsed at load, its relative files resolved, as listen's "
+        "are); empty: off.",
         '""',
     ),
     Option(
@@ -688,13 +691,18 @@ def _validated(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _resolve_paths(values: dict[str, Any]) -> None:
-    """Make ``data_dir``, ``signing_key`` and an SQLite database path absolute.
+    """Make ``data_dir``, ``signing_key``, an SQLite database path and the files the
+    ``listen`` and ``metrics.listen`` endpoints name absolute.
 
     Relative paths mean the working directory now, as they always did; but the
-    daemon loads its key here and opens its database after twistd has changed
-    to its ``--rundir``, so they are resolved once, here, for every later use.
+    daemon loads its key here and opens its database, TLS files and Unix sockets
+    after twistd has changed to its ``--rundir``, so they are resolved once, here,
+    for every later use.
     """
     values["data_dir"] = _absolute("data_dir", values["data_dir"])
+    values["listen"] = tuple(_absolute_endpoint("listen", item) for item in values["listen"])
+    if values["metrics.listen"] is not None:
+        values["metrics.listen"] = _absolute_endpoint("metrics.listen", values["metrics.listen"])
     if values["signing_key"] is not None:
         values["signing_key"] = _absolute("signing_key", values["signing_key"])
     database = values["database"]
@@ -719,6 +727,66 @@ def _absolute(key: str, path: str) -> str:
             f"configuration key {key!r}: relative path {path!r} needs a working directory "
             f"({exc.strerror})"
         ) from None
+
+
+#: The file arguments of ``ssl:`` (Twisted's ``_parseSSL``), which a ``systemd:`` endpoint
+#: takes as keywords to serve TLS (``service.SYSTEMD_TLS_KEYWORDS``).
+_TLS_FILE_ARGUMENTS = ("privateKey", "certKey", "extraCertChain", "dhParameters")
+_SYSTEMD_TLS_ARGUMENTS = (*_TLS_FILE_ARGUMENTS, "sslmethod")
+
+
+def _absolute_endpoint(key: str, description: str) -> str:
+    """``description`` (a valid server endpoint string) with the relative files it names made
+    absolute from the working directory: an ``ssl:`` endpoint's ``privateKey`` (its default
+    ``server.pem`` too), ``certKey``, ``extraCertChain`` and ``dhParameters``, the same of a
+    ``systemd:`` endpoint given TLS arguments, a ``unix:`` endpoint's ``address`` (not an
+    abstract one). Written as Twisted's parser reads them (``\\``, ``\\:`` and ``\\=``
+    escaped); a string with none is returned as it is."""
+    from twisted.internet import endpoints
+
+    args, keywords = endpoints._parse(description)
+    kind, positional = args[0], list(args[1:])
+    if kind == "ssl":
+        parameters = list(inspect.signature(endpoints._parseSSL).parameters)[1:]
+        names: tuple[str, ...] = _TLS_FILE_ARGUMENTS
+    elif kind == "unix":
+        parameters = list(inspect.signature(endpoints._parseUNIX).parameters)[1:]
+        names = ("address",)
+    elif kind == "systemd" and any(name in keywords for name in _SYSTEMD_TLS_ARGUMENTS):
+        parameters, names = [], _TLS_FILE_ARGUMENTS  # systemd's positionals are its own
+    else:
+        return description
+    changed = False
+    if names is _TLS_FILE_ARGUMENTS and "privateKey" not in keywords:
+        if "privateKey" not in parameters[: len(positional)]:
+            keywords["privateKey"] = "server.pem"  # Twisted's default, relative too
+    for name in names:
+        index = parameters.index(name) if name in parameters else len(positional)
+        if index < len(positional):
+            path = positional[index]
+        elif name in keywords:
+            path = keywords[name]
+        else:
+            continue
+        if not path or os.path.isabs(path) or path.startswith("\0"):
+            continue  # "": Twisted's error at start; a NUL: an abstract Unix socket
+        changed = True
+        if index < len(positional):
+            positional[index] = _absolute(key, path)
+        else:
+            keywords[name] = _absolute(key, path)
+    if not changed:
+        return description
+    return ":".join(
+        [kind]
+        + [_endpoint_quote(value) for value in positional]
+        + [f"{_endpoint_quote(name)}={_endpoint_quote(value)}" for name, value in keywords.items()]
+    )
+
+
+def _endpoint_quote(value: str) -> str:
+    """``value`` as one argument of a Twisted endpoint string (``\\``, ``:``, ``=`` escaped)."""
+    return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
 
 def _sqlite_uri_of(key: str, path: str) -> str:

@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import tomllib
 
 from signedjson.key import generate_signing_key
 from twisted.trial.unittest import SynchronousTestCase
@@ -315,7 +316,14 @@ class GenerateTLSTests(SynchronousTestCase):
         ):
             code = main([*argv, "--force", "--listen", listen, "--tls-cert"], out, out)
             self.assertEqual(code, 0, out.getvalue())
-            self.assertEqual(load_config(path).listen, (listen,))
+            with open(path, "rb") as handle:
+                self.assertEqual(tomllib.load(handle)["listen"], [listen])  # as given
+            # Loaded, its relative files resolved (joined, not normalised) from here: those
+            # written.
+            (loaded,) = load_config(path).listen
+            files = ssl_endpoint_files(loaded)
+            assert files is not None
+            self.assertEqual(tuple(map(os.path.abspath, files)), (key, cert))
 
     def test_tls_cert_with_a_tls_listener_kept(self) -> None:
         """--tls-cert with an ssl: --listen (beside a plain one) writes the certificate and keeps

@@ -215,7 +215,13 @@ class LoadConfigTests(SynchronousTestCase):
             "tcp6:8448:interface=\\:\\:1",
         ]
         config = load_config(None, {"listen": listen, "metrics.listen": "tcp:9100"})
-        self.assertEqual(config.listen, tuple(listen))
+        expected = list(listen)
+        if not os.path.isabs("C:/key.pem"):  # on POSIX, a relative path: resolved at load
+            from federation_invite.config import _endpoint_quote
+
+            key = _endpoint_quote(os.path.join(os.getcwd(), "C:/key.pem"))
+            expected[4] = f"ssl:8448:interface=127.0.0.1:privateKey={key}"
+        self.assertEqual(config.listen, tuple(expected))
         self.assertEqual(config.get("metrics.listen"), "tcp:9100")
 
     def test_old_keys_and_notaries(self) -> None:
@@ -467,6 +473,79 @@ class PathTests(SynchronousTestCase):
         default.ensure_data_dir()
         self.assertTrue(os.path.isdir(os.path.join(start, "data")))
         self.assertEqual(os.listdir(elsewhere), [])
+
+    def test_relative_endpoint_files_stay_where_loaded(self) -> None:
+        """Relative files in listen and metrics.listen endpoints (ssl:'s privateKey, certKey,
+        extraCertChain, dhParameters, its default server.pem; a systemd: endpoint's TLS
+        arguments; a unix: socket) name the loading directory after a chdir, ':' and '=' in
+        the directory escaped as Twisted's endpoint strings escape them; absolute paths and
+        other endpoints are kept as written."""
+        from twisted.internet import endpoints
+
+        start = os.path.join(os.path.abspath(self.mktemp()), "a:b=c")
+        self.chdir(start)
+        config = load_config(
+            None,
+            {
+                "listen": [
+                    "ssl:8448:privateKey=k.pem:certKey=tls/c.pem:extraCertChain=ch.pem"
+                    ":dhParameters=dh.pem:interface=127.0.0.1",
+                    "ssl:8449:k.pem:c.pem",
+                    "ssl:port=8450",
+                    "systemd:domain=INET:index=0:privateKey=k.pem:certKey=c.pem",
+                    "systemd:domain=INET:index=1",
+                    "unix:fi.sock:mode=660",
+                    "unix:address=fi2.sock",
+                    "tcp:8451:interface=127.0.0.1",
+                    "ssl:8452:privateKey=/etc/fi/k.pem",
+                ],
+                "metrics.listen": "unix:metrics.sock",
+            },
+        )
+        self.chdir(os.path.abspath(self.mktemp()))
+
+        def parsed(description: str) -> tuple[list[str], dict[str, str]]:
+            args, keywords = endpoints._parse(description)
+            return list(args), keywords
+
+        def at(name: str) -> str:
+            return os.path.join(start, name)
+
+        self.assertEqual(
+            [parsed(description) for description in config.listen],
+            [
+                (
+                    ["ssl", "8448"],
+                    {
+                        "privateKey": at("k.pem"),
+                        "certKey": at("tls/c.pem"),
+                        "extraCertChain": at("ch.pem"),
+                        "dhParameters": at("dh.pem"),
+                        "interface": "127.0.0.1",
+                    },
+                ),
+                (["ssl", "8449", at("k.pem"), at("c.pem")], {}),
+                (["ssl"], {"port": "8450", "privateKey": at("server.pem")}),
+                (
+                    ["systemd"],
+                    {
+                        "domain": "INET",
+                        "index": "0",
+                        "privateKey": at("k.pem"),
+                        "certKey": at("c.pem"),
+                    },
+                ),
+                (["systemd"], {"domain": "INET", "index": "1"}),
+                (["unix", at("fi.sock")], {"mode": "660"}),
+                (["unix"], {"address": at("fi2.sock")}),
+                (["tcp", "8451"], {"interface": "127.0.0.1"}),
+                (["ssl", "8452"], {"privateKey": "/etc/fi/k.pem"}),
+            ],
+        )
+        self.assertEqual(config.listen[4], "systemd:domain=INET:index=1")  # untouched
+        self.assertEqual(config.listen[7], "tcp:8451:interface=127.0.0.1")
+        self.assertEqual(config.listen[8], "ssl:8452:privateKey=/etc/fi/k.pem")
+        self.assertEqual(parsed(config.get("metrics.listen")), (["unix", at("metrics.sock")], {}))
 
     def test_relative_path_without_a_working_directory_refused(self) -> None:
         """A relative path when the working directory has been deleted (os.getcwd fails) is

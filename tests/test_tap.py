@@ -302,6 +302,52 @@ class MakeServiceTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_relative_endpoint_files_found_from_another_directory(self) -> Deferred[None]:
+        """As under twistd --rundir: an ssl: listener's relative key and certificate and a
+        relative unix: socket, given where the options are parsed, are found and made
+        there when the service starts in another directory."""
+        import shutil
+        import tempfile
+
+        from twisted.internet import reactor
+
+        from federation_invite.tlscert import write_self_signed_certificate
+
+        # Short paths: a Unix socket's must fit in 108 bytes.
+        start, rundir = tempfile.mkdtemp(prefix="fi"), tempfile.mkdtemp(prefix="fi")
+        self.addCleanup(shutil.rmtree, start)
+        self.addCleanup(shutil.rmtree, rundir)
+        write_self_signed_certificate(
+            "localhost", os.path.join(start, "tls.key"), os.path.join(start, "tls.crt")
+        )
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(start)
+        options = Options()
+        options.parseOptions(
+            [
+                "--data-dir",
+                "data",
+                "--listen",
+                f"ssl:{free_port()}:interface=127.0.0.1:privateKey=tls.key:certKey=tls.crt",
+                "--listen",
+                "unix:fi.sock",
+            ]
+        )
+        service = make_service(options["loaded"], reactor, exit_on_failure=False, freeze_gc=False)
+        os.chdir(rundir)
+
+        async def go() -> None:
+            service.startService()
+            try:
+                await service.ready
+                self.assertIn("fi.sock", os.listdir(start))
+                self.assertTrue(service.reload_tls())
+            finally:
+                await service.stopService()
+            self.assertEqual(os.listdir(rundir), [])
+
+        return ensureDeferred(go())
+
     def test_make_service_entry_point(self) -> None:
         """The plugin's makeService builds the daemon's service with the global reactor."""
         options = Options()
