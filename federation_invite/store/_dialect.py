@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl, quote, quote_plus, unquote, unquote_plus, urlsplit, urlunsplit
 
@@ -344,20 +346,34 @@ class _LostQuietlyConnection(adbapi.Connection):
 
 
 class _TrackedTransaction(adbapi.Transaction):
-    """adbapi's transaction (its cursor), noting whether a statement of it has run."""
+    """adbapi's transaction (its cursor), noting whether a statement of it has run, and
+    setting the default limits for itself with its first statement
+    (``PostgresDialect._open_connection``)."""
 
     #: Whether a statement has run in this transaction: from then on it may have
     #: changed something, and is not run again on another connection.
     executed = False
 
-    def execute(self, *args: Any, **kwargs: Any) -> Any:
+    def _limits(self) -> str:
+        """The statement setting this transaction's limits, before its first one, or ''."""
+        if self.executed:
+            return ""
+        limits: Mapping[Any, str] = self._pool.transaction_limits
+        return limits.get(self._connection._connection, "")
+
+    def execute(self, statement: str, *args: Any, **kwargs: Any) -> Any:
         cursor: Any = self._cursor
-        result = cursor.execute(*args, **kwargs)
+        # One round trip: psycopg2 sends both statements at once, the results are the
+        # last one's. No '%' in the first (the parameters are substituted in both).
+        result = cursor.execute(self._limits() + statement, *args, **kwargs)
         self.executed = True
         return result
 
     def executemany(self, *args: Any, **kwargs: Any) -> Any:
         cursor: Any = self._cursor
+        limits = self._limits()
+        if limits:
+            cursor.execute(limits)
         result = cursor.executemany(*args, **kwargs)
         self.executed = True
         return result
@@ -379,6 +395,12 @@ class _PostgresPool(adbapi.ConnectionPool):
 
     connectionFactory = _LostQuietlyConnection
     transactionFactory = _TrackedTransaction
+
+    def __init__(self, *args: Any, transaction_limits: Mapping[Any, str], **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        #: The statement setting each connection's limits for a transaction
+        #: (``PostgresDialect.transaction_limits``).
+        self.transaction_limits = transaction_limits
 
     def _runInteraction(self, interaction: Any, *args: Any, **kw: Any) -> Any:
         for attempt in (1, 2):
@@ -414,6 +436,9 @@ class PostgresDialect(Dialect):
     def __init__(self, dsn: str, display: str, secrets: tuple[str, ...]) -> None:
         super().__init__(display, secrets)
         self.dsn = dsn
+        #: For each open connection that needs our default limits, the statement that
+        #: sets them for a transaction (``_open_connection``).
+        self.transaction_limits: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
     def connection_pool(self, reactor: IReactorCore | None) -> adbapi.ConnectionPool:
         psycopg2 = _import_psycopg2()
@@ -438,6 +463,7 @@ class PostgresDialect(Dialect):
             cp_max=5,
             cp_reconnect=True,
             cp_openfun=self._open_connection,
+            transaction_limits=self.transaction_limits,
             **extra,
         )
 
@@ -448,12 +474,16 @@ class PostgresDialect(Dialect):
         return {name for name, _ in parse_qsl(query, keep_blank_values=True)}
 
     def _open_connection(self, connection: Any) -> None:
-        """Set the default lock and statement limits (``POSTGRES_LOCK_TIMEOUT``) on a new
-        connection, each unless already set by anyone else: the server's configuration,
-        the database's or role's settings, the URI's ``options`` or ``PGOPTIONS``.
+        """Find which of the default lock and statement limits (``POSTGRES_LOCK_TIMEOUT``)
+        a new connection needs: each unless already set by anyone else (the server's
+        configuration, the database's or role's settings, the URI's ``options`` or
+        ``PGOPTIONS``). Each transaction on it sets them for itself (``set_config(...,
+        true)``, SET LOCAL) with its first statement (``_TrackedTransaction``).
 
-        A SET here, not libpq's ``options``: PgBouncer refuses a connection whose
-        startup packet sets them, unless configured to ignore them.
+        Not libpq's ``options``: PgBouncer refuses a connection whose startup packet sets
+        them, unless configured to ignore them. Nor a session SET: through a pooler in
+        transaction mode it would stay on whichever server connection ran it, for the
+        pooler's other clients, and be lost for ours once the pooler replaced it.
 
         Also refuse a database whose encoding is not UTF8 (it could not hold every
         invite's text: the write would fail with an encoding error, and with it every
@@ -477,16 +507,22 @@ class PostgresDialect(Dialect):
             connection.set_session(isolation_level="READ COMMITTED")
             cursor = connection.cursor()
             cursor.execute(
-                "SELECT set_config(name, CASE name WHEN 'lock_timeout' THEN %s ELSE %s END,"
-                " false) FROM pg_settings"
-                " WHERE name IN ('lock_timeout', 'statement_timeout') AND source = 'default'",
-                (
-                    f"{round(POSTGRES_LOCK_TIMEOUT * 1000)}ms",
-                    f"{round(POSTGRES_STATEMENT_TIMEOUT * 1000)}ms",
-                ),
+                "SELECT name FROM pg_settings"
+                " WHERE name IN ('lock_timeout', 'statement_timeout') AND source = 'default'"
+                " ORDER BY name"
             )
+            defaults = {
+                "lock_timeout": f"{round(POSTGRES_LOCK_TIMEOUT * 1000)}ms",
+                "statement_timeout": f"{round(POSTGRES_STATEMENT_TIMEOUT * 1000)}ms",
+            }
+            unset = [name for (name,) in cursor.fetchall()]
             cursor.close()
             connection.commit()
+            if unset:
+                calls = ", ".join(
+                    f"set_config('{name}', '{defaults[name]}', true)" for name in unset
+                )
+                self.transaction_limits[connection] = f"SELECT {calls}; "
         except BaseException:
             connection.close()  # adbapi would keep it in no pool, and never close it
             raise
@@ -495,8 +531,8 @@ class PostgresDialect(Dialect):
         return statement.replace("?", "%s")
 
     def lock_for_migrations(self, txn: adbapi.Transaction) -> None:
-        # Our default limits (set for the session by _open_connection; the source of
-        # no other setting is "session") do not apply to a migration, which may wait
+        # Our default limits (set for the transaction by its first statement; the source
+        # of no other setting is "session") do not apply to a migration, which may wait
         # for another worker's and rewrite big tables: lifted for this transaction.
         txn.execute(
             "SELECT set_config(name, '0', true) FROM pg_settings"

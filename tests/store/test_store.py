@@ -1762,6 +1762,31 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
         self.addCleanup(store.close)
         self.assertEqual(await self.settings(store), ("1234ms", "0"))
 
+    async def test_timeouts_hold_per_transaction(self) -> None:
+        """The default limits are the transaction's own (SET LOCAL), as through a pooler in
+        transaction mode: a server connection that lost them between transactions (a new
+        one, a RESET) still has them in the next, and none is left on the connection
+        between transactions for another client of a pooler to inherit."""
+        store = await self.open()
+        await gatherResults([Deferred.fromCoroutine(self.settings(store)) for _ in range(10)])
+        connections = list(store._pool.connections.values())
+        self.assertGreaterEqual(len(connections), 1)
+        for connection in connections:
+            cursor = connection.cursor()
+            cursor.execute(
+                "SELECT current_setting('lock_timeout'), current_setting('statement_timeout')"
+            )
+            self.assertEqual(cursor.fetchone(), ("0", "0"))
+            cursor.execute("SET SESSION lock_timeout = 0; SET SESSION statement_timeout = 0")
+            connection.commit()
+        for _ in range(3):
+            self.assertEqual(
+                await gatherResults(
+                    [Deferred.fromCoroutine(self.settings(store)) for _ in range(10)]
+                ),
+                [("10s", "30s")] * 10,
+            )
+
     async def test_migration_waits_beyond_the_timeouts(self) -> None:
         """A migration waiting for another worker's (its lock) or running long is not cut
         by the default limits (here 0.2 s); the store's connections have them afterwards."""
