@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import gc
 import inspect
+import math
 import os
 import signal
 import stat
@@ -1030,7 +1031,9 @@ class FederationInviteService(service.MultiService):
     With ``on_hangup`` (twistd's plugin: reopen its log file), SIGHUP calls it in
     the reactor thread, then ``reload_tls`` (each ``ssl:`` listener's certificate read
     again from its files), from each start until that run's stop is over (its drain
-    included), instead of ending the process; the handler before is restored then.
+    included), instead of ending the process; the handler before is restored then. During
+    a stop, a SIGTERM or SIGINT (after the one that began it) logs one line that it is
+    already shutting down (``_handle_stop_signals``).
     Without it (an embedder's service), SIGHUP is left alone: call ``reload_tls``.
     """
 
@@ -1050,6 +1053,8 @@ class FederationInviteService(service.MultiService):
         self._on_hangup = on_hangup
         #: SIGHUP's handler before ours, while ours is installed (``_handle_hangup``).
         self._hangup_before: Any = None
+        #: SIGTERM's and SIGINT's before ours, during a stop (``_handle_stop_signals``).
+        self._stop_signals_before: dict[int, Any] = {}
         self.config = config
         self.reactor = reactor
         self.signing_key = signing_key
@@ -1299,8 +1304,10 @@ class FederationInviteService(service.MultiService):
             self.ready.errback(CancelledError("stopped before it could start again"))
         if self._stopping is None:
             outcome: list[Failure | None] = []
+            self._handle_stop_signals()
             stopping = Deferred.fromCoroutine(self._stop())
             stopping.addBoth(self._release_hangup)
+            stopping.addBoth(self._release_stop_signals)
             # The outcome is kept here, each waiter given its own copy (see ``_relay_stop``):
             # the stop's Deferred ends with None, so that a failed stop, handled by its
             # callers, is not logged again as unhandled when the service is collected.
@@ -1361,6 +1368,52 @@ class FederationInviteService(service.MultiService):
         before, self._hangup_before = self._hangup_before, None
         if before is not None:
             signal.signal(signal.SIGHUP, before)
+        return result
+
+    def _handle_stop_signals(self) -> None:
+        """With ``on_hangup`` (the daemon's process, whose signals twistd and the service
+        own), from the stop's beginning until it is over: a SIGTERM or SIGINT logs that
+        the daemon is already shutting down, and what it waits for, instead of reaching
+        twistd's handler (the reactor's, whose second ``stop()`` would log a critical
+        ``ReactorNotRunning`` traceback). The first signal, which began the stop, was
+        twistd's to handle; the handlers before are restored once the stop is over."""
+        if self._on_hangup is None or self._stop_signals_before:
+            return
+        reactor, began = self.reactor, self.reactor.seconds()
+        grace_period = self.config.get("inbound.shutdown_grace_period")
+
+        def already_stopping(name: str) -> None:
+            in_progress = sum(site.requests_in_progress() for site in self._sites)
+            if in_progress:
+                left = max(0, math.ceil(grace_period - (reactor.seconds() - began)))
+                log.info(
+                    "Received {signal}: already shutting down, waiting up to {left} s more "
+                    "for {in_progress} request(s) in progress",
+                    signal=name,
+                    left=left,
+                    in_progress=in_progress,
+                )
+            else:
+                log.info(
+                    "Received {signal}: already shutting down, no request in progress left; "
+                    "closing the outbound requests and the database",
+                    signal=name,
+                )
+
+        def handler(signum: int, frame: Any) -> None:
+            # As SIGHUP's: logged by the reactor, not in whatever the signal interrupted.
+            reactor.callFromThread(already_stopping, signal.Signals(signum).name)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            before = signal.signal(signum, handler)
+            # None: a handler not set from Python, which cannot be put back; the default.
+            self._stop_signals_before[signum] = signal.SIG_DFL if before is None else before
+
+    def _release_stop_signals(self, result: object) -> object:
+        """Once a stop is over: SIGTERM's and SIGINT's handlers from before it."""
+        before, self._stop_signals_before = self._stop_signals_before, {}
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
         return result
 
     async def _stop(self) -> None:

@@ -380,8 +380,9 @@ class DrainOnStopTests(TestCase):
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
-    def new_service(self, grace_period: float = 10.0) -> FederationInviteService:
-        """A service listening on a free loopback port (``self.port``), not yet started."""
+    def new_service(self, grace_period: float = 10.0, **kwargs: Any) -> FederationInviteService:
+        """A service listening on a free loopback port (``self.port``), not yet started;
+        ``kwargs`` for ``FederationInviteService``."""
         self.port = free_port()
         config = load_config(
             None,
@@ -392,10 +393,10 @@ class DrainOnStopTests(TestCase):
                 "inbound.shutdown_grace_period": grace_period,
             },
         )
-        return FederationInviteService(config, self.reactor, make_key("us1"))
+        return FederationInviteService(config, self.reactor, make_key("us1"), **kwargs)
 
-    async def start(self, grace_period: float = 10.0) -> FederationInviteService:
-        service = self.new_service(grace_period)
+    async def start(self, grace_period: float = 10.0, **kwargs: Any) -> FederationInviteService:
+        service = self.new_service(grace_period, **kwargs)
         service.startService()
         await service.ready
         self.addCleanup(lambda: None if not service.running else service.stopService())
@@ -436,6 +437,55 @@ class DrainOnStopTests(TestCase):
 
     def logged(self, text: str) -> list[dict[str, Any]]:
         return service_lines(self.events, text)
+
+    def test_second_stop_signal_while_draining_logged(self) -> None:
+        """Under twistd (on_hangup given), a SIGTERM or SIGINT during the stop that the
+        first began logs one info line (already shutting down, what it waits for) instead
+        of reaching twistd's handler, whose second reactor.stop() logged a critical
+        ReactorNotRunning traceback; the handlers before are untouched until the stop and
+        restored once it is over."""
+        import signal
+
+        from twisted.logger import formatEvent
+
+        called: list[int] = []
+
+        def previous(signum: int, frame: object) -> None:
+            called.append(signum)
+
+        stop_signals = (signal.SIGTERM, signal.SIGINT)
+
+        async def go() -> None:
+            service = await self.start(on_hangup=lambda: None)
+            client = await self.held_invite()
+            # The reactor running (it installs its own handlers then), twistd's replaced:
+            # trial must go on.
+            for signum in stop_signals:
+                self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+                signal.signal(signum, previous)
+            self.assertEqual([signal.getsignal(signum) for signum in stop_signals], [previous] * 2)
+            stopping = service.stopService()
+            for signum in stop_signals:
+                os.kill(os.getpid(), signum)
+            await self.until(lambda: len(self.logged("already shutting down")) == 2)
+            self.assertEqual(called, [])
+            self.store.held[0].callback(None)
+            await stopping
+            await client.lost
+            self.assertEqual(client.received.count(b"HTTP/1.1 200 "), 1)
+            lines = self.logged("already shutting down")
+            self.assertEqual([event["log_level"] for event in lines], [LogLevel.info] * 2)
+            for name, event in zip(("SIGTERM", "SIGINT"), lines, strict=True):
+                self.assertRegex(
+                    formatEvent(event),
+                    rf"^Received {name}: already shutting down, waiting up to \d+ s more for 1 "
+                    rf"request\(s\) in progress$",
+                )
+            self.assertEqual([signal.getsignal(signum) for signum in stop_signals], [previous] * 2)
+            os.kill(os.getpid(), signal.SIGTERM)
+            self.assertEqual(called, [signal.SIGTERM])
+
+        return ensureDeferred(go())
 
     def test_stop_twice(self) -> None:
         """A second stop while the first drains, and a third after it, wait for that one
@@ -1319,6 +1369,8 @@ class StopOutcomeTests(SynchronousTestCase):
         calls: list[Any] = []
 
         def fake_signal(signum: int, handler: Any) -> Any:
+            if signum != real_signal.SIGHUP:  # SIGTERM's and SIGINT's during the stop
+                return real_signal.SIG_DFL
             calls.append(handler)
             return None if len(calls) == 1 else handler
 
@@ -1327,6 +1379,8 @@ class StopOutcomeTests(SynchronousTestCase):
             "signal",
             SimpleNamespace(
                 SIGHUP=real_signal.SIGHUP,
+                SIGTERM=real_signal.SIGTERM,
+                SIGINT=real_signal.SIGINT,
                 SIG_DFL=real_signal.SIG_DFL,
                 SIG_IGN=real_signal.SIG_IGN,
                 signal=fake_signal,
