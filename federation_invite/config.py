@@ -362,6 +362,15 @@ OPTIONS: tuple[Option, ...] = (
         '""',
     ),
     Option(
+        "database_pool_size",
+        5,
+        _int_at_least(1, 100),
+        "PostgreSQL: the most connections the daemon opens (each worker), as many "
+        "operations running at once; fewer, if the server refuses more, cost parallelism, "
+        "not invites. Budget this per worker, plus one per CLI command while it runs. "
+        "SQLite: unused (one connection).",
+    ),
+    Option(
         "well_known_server",
         "",
         _optional_delegation,

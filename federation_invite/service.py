@@ -648,7 +648,9 @@ async def build_from_config(
         _check_signer_for(config, signer)  # before any file or database is opened
     _check_arguments(config, kwargs)
     key = _data_dir_and_key(config)  # before the database is opened
-    store = await open_store(config.database, reactor=reactor)
+    store = await open_store(
+        config.database, reactor=reactor, pool_size=config.get("database_pool_size")
+    )
     try:
         components, probing = _assemble(config, reactor, store, key, **kwargs)
     except Exception:

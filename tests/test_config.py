@@ -341,6 +341,17 @@ class LoadConfigTests(SynchronousTestCase):
                 f"configuration key {key!r}: must be an integer from {minimum} to {2**53 - 1}",
             )
 
+    def test_database_pool_size(self) -> None:
+        """database_pool_size: 5 by default, an integer from 1 to 100."""
+        self.assertEqual(Config({}).get("database_pool_size"), 5)
+        self.assertEqual(Config({"database_pool_size": 2}).get("database_pool_size"), 2)
+        for value in (0, 101, "5", 2.0, True):
+            error = self.assertRaises(ConfigError, Config, {"database_pool_size": value})
+            self.assertEqual(
+                str(error),
+                "configuration key 'database_pool_size': must be an integer from 1 to 100",
+            )
+
     def test_network_with_host_bits_accepted(self) -> None:
         """An IP range written with host bits set ('127.0.0.1/8') is accepted as written, as
         the client reads it (its network, 127.0.0.0/8), not refused."""

@@ -372,7 +372,7 @@ class DrainOnStopTests(TestCase):
             source=THEM,
         )
 
-        async def open_store(uri: str, reactor: Any = None) -> Any:
+        async def open_store(uri: str, reactor: Any = None, **kwargs: Any) -> Any:
             return self.store
 
         self.patch(service_module, "open_store", open_store)
@@ -512,7 +512,7 @@ class DrainOnStopTests(TestCase):
         then closes it; nothing listens."""
         opening: Deferred[Any] = Deferred()
 
-        async def open_store(uri: str, reactor: Any = None) -> Any:
+        async def open_store(uri: str, reactor: Any = None, **kwargs: Any) -> Any:
             return await opening
 
         self.patch(service_module, "open_store", open_store)
@@ -762,7 +762,7 @@ class AssemblyFailureTests(SynchronousTestCase):
         self.store = _HeldStore()
         self.opened: list[str] = []
 
-        async def open_store(uri: str, reactor: Any = None) -> Any:
+        async def open_store(uri: str, reactor: Any = None, **kwargs: Any) -> Any:
             self.opened.append(uri)
             return self.store
 
@@ -1031,7 +1031,7 @@ class UnfinishedStartTests(SynchronousTestCase):
         self.store = _HeldStore()
         self.opening: Deferred[Any] = Deferred()
 
-        async def open_store(uri: str, reactor: Any = None) -> Any:
+        async def open_store(uri: str, reactor: Any = None, **kwargs: Any) -> Any:
             return await self.opening
 
         self.patch(service_module, "open_store", open_store)
@@ -1085,7 +1085,7 @@ class UnfinishedStartTests(SynchronousTestCase):
         cancellation) is closed at once; nothing listens, nothing more is logged."""
         late: Deferred[Any] = Deferred()
 
-        async def open_store(uri: str, reactor: Any = None) -> Any:
+        async def open_store(uri: str, reactor: Any = None, **kwargs: Any) -> Any:
             try:
                 return await self.opening
             except CancelledError:
@@ -1124,7 +1124,7 @@ class UnfinishedStartTests(SynchronousTestCase):
         """Have each start's ``open_store`` wait for a Deferred of its own, listed."""
         openings: list[Deferred[Any]] = []
 
-        async def open_store(uri: str, reactor: Any = None) -> Any:
+        async def open_store(uri: str, reactor: Any = None, **kwargs: Any) -> Any:
             openings.append(Deferred())
             return await openings[-1]
 
@@ -1284,7 +1284,7 @@ class StopOutcomeTests(SynchronousTestCase):
         self.reactor.running = True
         self.store = _ClosingStore()
 
-        async def open_store(uri: str, reactor: Any = None) -> Any:
+        async def open_store(uri: str, reactor: Any = None, **kwargs: Any) -> Any:
             return self.store
 
         self.patch(service_module, "open_store", open_store)
@@ -1770,7 +1770,7 @@ class ListenAtStartTests(TestCase):
         self.opening: Deferred[Any] = Deferred()
         self.opened: list[str] = []
 
-        async def open_store(uri: str, reactor: Any = None) -> Any:
+        async def open_store(uri: str, reactor: Any = None, **kwargs: Any) -> Any:
             self.opened.append(uri)
             return await self.opening
 
@@ -2133,7 +2133,7 @@ class TLSReloadTests(TestCase):
 
         self.reactor = reactor
 
-        async def open_store(uri: str, reactor: Any = None) -> Any:
+        async def open_store(uri: str, reactor: Any = None, **kwargs: Any) -> Any:
             return _ClosingStore()
 
         self.patch(service_module, "open_store", open_store)

@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from ..core.canonical import encode_canonical_json
 from ..logs import Logger
-from ._dialect import Dialect, parse_database_uri
+from ._dialect import POSTGRES_POOL_SIZE, Dialect, parse_database_uri
 from ._interface import IStore
 from ._migrations import (
     LATEST_SCHEMA_VERSION,
@@ -758,10 +758,10 @@ def _now_ms(reactor: IReactorTime) -> int:
     return int(reactor.seconds() * 1000)
 
 
-async def _open(uri: str, reactor: Any | None, migrate: bool) -> DatabaseStore:
+async def _open(uri: str, reactor: Any | None, migrate: bool, pool_size: int) -> DatabaseStore:
     dialect = parse_database_uri(uri)
     reactor = _resolve_reactor(reactor)
-    store = DatabaseStore(dialect.connection_pool(reactor), dialect, reactor)
+    store = DatabaseStore(dialect.connection_pool(reactor, pool_size), dialect, reactor)
     try:
         if migrate:
             result = await store._migrate(_now_ms(reactor))
@@ -780,7 +780,10 @@ async def _open(uri: str, reactor: Any | None, migrate: bool) -> DatabaseStore:
                 )
         else:
             await store._check_schema()
-    except BaseException:
+    except Exception:
+        # Not BaseException: a GeneratorExit (the coroutine closed unfinished, as at
+        # interpreter exit when the reactor stopped under it) cannot wait for a close,
+        # and a close started then hangs the exit in Thread.start.
         await store.close()
         raise
     store.enable_direct_access(reactor)
@@ -788,17 +791,24 @@ async def _open(uri: str, reactor: Any | None, migrate: bool) -> DatabaseStore:
 
 
 def open_store(
-    uri: str, *, reactor: IReactorCore | None = None, migrate: bool = True
+    uri: str,
+    *,
+    reactor: IReactorCore | None = None,
+    migrate: bool = True,
+    pool_size: int = POSTGRES_POOL_SIZE,
 ) -> Deferred[IStore]:
     """Open the database named by ``uri`` and fire with its ``IStore``.
 
     With ``migrate`` (the default) pending schema migrations run first; without
     it a database not exactly at the code's schema version is refused with
     ``SchemaVersionError``. A database newer than the code is always refused.
-    A bad URI raises ``ValueError`` at once.
+    PostgreSQL: at most ``pool_size`` connections are open, opened as operations
+    run at once (SQLite: one). A bad URI or ``pool_size`` raises ``ValueError`` at once.
     """
     parse_database_uri(uri)
-    return Deferred.fromCoroutine(_open(uri, reactor, migrate))
+    if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+        raise ValueError(f"pool_size must be an integer of at least 1, not {pool_size!r}")
+    return Deferred.fromCoroutine(_open(uri, reactor, migrate, pool_size))
 
 
 async def _run_migrations(uri: str, reactor: Any | None) -> MigrationResult:
@@ -806,9 +816,12 @@ async def _run_migrations(uri: str, reactor: Any | None) -> MigrationResult:
     reactor = _resolve_reactor(reactor)
     store = DatabaseStore(dialect.connection_pool(reactor), dialect, reactor)
     try:
-        return await store._migrate(_now_ms(reactor))
-    finally:
+        result = await store._migrate(_now_ms(reactor))
+    except Exception:  # not GeneratorExit: as in _open
         await store.close()
+        raise
+    await store.close()
+    return result
 
 
 def run_migrations(uri: str, *, reactor: IReactorCore | None = None) -> Deferred[MigrationResult]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 import weakref
 from collections.abc import Mapping
@@ -33,6 +34,12 @@ MIGRATION_LOCK_KEY = 0x66692D6D69677261  # "fi-migra"
 #: Seconds libpq may take to connect (TCP, TLS, start-up and authentication) unless the
 #: URI or ``PGCONNECT_TIMEOUT`` says otherwise; libpq's own default is to wait for ever.
 POSTGRES_CONNECT_TIMEOUT = 10
+#: The most connections a PostgreSQL store opens (its operations running at once) unless
+#: told otherwise (``open_store``'s ``pool_size``, the ``database_pool_size`` setting).
+POSTGRES_POOL_SIZE = 5
+#: Seconds a PostgreSQL pool that was refused a connection while others were open opens
+#: no more, its operations waiting for those instead (``_PostgresPool``).
+POSTGRES_REFUSED_PAUSE = 60.0
 #: Seconds a PostgreSQL statement may wait for a lock (``lock_timeout``) and run in all
 #: (``statement_timeout``) unless the database's or role's settings, the URI's
 #: ``options`` or ``PGOPTIONS`` set them; PostgreSQL's own default is for ever. Schema
@@ -66,8 +73,11 @@ class Dialect:
         self.display = display
         self._secrets = secrets
 
-    def connection_pool(self, reactor: IReactorCore | None) -> adbapi.ConnectionPool:
-        """A new adbapi pool for this database (connections open lazily)."""
+    def connection_pool(
+        self, reactor: IReactorCore | None, size: int = POSTGRES_POOL_SIZE
+    ) -> adbapi.ConnectionPool:
+        """A new adbapi pool for this database (connections open lazily), of at most
+        ``size`` connections where the database takes several (PostgreSQL)."""
         raise NotImplementedError
 
     def sql(self, statement: str) -> str:
@@ -157,7 +167,9 @@ class SQLiteDialect(Dialect):
         #: own connections open this, so a later chdir cannot point them elsewhere.
         self._file_path = path
 
-    def connection_pool(self, reactor: IReactorCore | None) -> adbapi.ConnectionPool:
+    def connection_pool(
+        self, reactor: IReactorCore | None, size: int = POSTGRES_POOL_SIZE
+    ) -> adbapi.ConnectionPool:
         extra: dict[str, Any] = {} if reactor is None else {"cp_reactor": reactor}
         return adbapi.ConnectionPool(
             "sqlite3",
@@ -380,17 +392,24 @@ class _TrackedTransaction(adbapi.Transaction):
 
 
 class _PostgresPool(adbapi.ConnectionPool):
-    """adbapi's pool, with ``_LostQuietlyConnection`` for its connections, and each
-    transaction that found its connection lost before any statement of it ran run once
-    more, on a new connection.
+    """adbapi's pool, with ``_LostQuietlyConnection`` for its connections, its connections
+    shared by its threads, and each transaction that found its connection lost before any
+    statement of it ran run again, on another connection.
 
-    adbapi notices that a pooled connection was ended by the server (a restart, a
-    failover, ``pg_terminate_backend``, ``idle_session_timeout``) only when an operation
-    fails on it, and replaces it at that thread's next operation: without this, each
-    lost connection failed one operation (a whole batch of invites). Only a transaction
-    none of whose statements ran is run again (its BEGIN or first statement failed on the
-    closed connection: nothing of it reached the database), so a write ended on purpose
-    halfway is not redone.
+    Shared: adbapi gives each pool thread a connection of its own, opened at its first
+    use, so that a thread whose connection the server refused (``CONNECTION LIMIT``,
+    ``max_connections`` nearly used up) failed every operation given to it while the
+    others' connections sat idle. Here a thread takes any idle connection, opens one only
+    when none is idle, and when the server refuses it while others are open waits for one
+    of those (opening no more for ``POSTGRES_REFUSED_PAUSE`` seconds): fewer connections
+    than threads cost parallelism, not operations. At most ``cp_max`` are open.
+
+    Run again: adbapi notices that a pooled connection was ended by the server (a
+    restart, a failover, ``pg_terminate_backend``, ``idle_session_timeout``) only when an
+    operation fails on it: without this, each lost connection failed one operation (a
+    whole batch of invites). Only a transaction none of whose statements ran is run
+    again (its BEGIN or first statement failed on the closed connection: nothing of it
+    reached the database), so a write ended on purpose halfway is not redone.
     """
 
     connectionFactory = _LostQuietlyConnection
@@ -401,27 +420,120 @@ class _PostgresPool(adbapi.ConnectionPool):
         #: The statement setting each connection's limits for a transaction
         #: (``PostgresDialect.transaction_limits``).
         self.transaction_limits = transaction_limits
+        #: Guards what follows; notified when a connection is released or closed.
+        self._available = threading.Condition()
+        #: Open connections no thread is using, the last released last.
+        self._idle: list[Any] = []
+        #: Connections open (idle, in use, ``self.connections``) or being opened.
+        self._open = 0
+        #: Until then (``time.monotonic()``), open no connection while others are open:
+        #: the server refused the last one.
+        self._refused_until = 0.0
+
+    def connect(self) -> Any:
+        """The calling thread's connection: its own while it runs an operation, else an
+        idle one, else a new one; else (the server refused it) one released by another
+        thread, within ``POSTGRES_CONNECT_TIMEOUT`` seconds."""
+        tid = self.threadID()
+        refused: BaseException | None = None
+        deadline = time.monotonic() + POSTGRES_CONNECT_TIMEOUT
+        while True:
+            with self._available:
+                conn = self.connections.get(tid)
+                if conn is not None:
+                    return conn
+                while True:
+                    if self._idle:
+                        conn = self._idle.pop()
+                        self.connections[tid] = conn
+                        return conn
+                    now = time.monotonic()
+                    if self._open == 0 or (
+                        self._open < self.max
+                        and (now >= self._refused_until or (refused is None and now >= deadline))
+                    ):
+                        self._open += 1
+                        break
+                    if refused is not None and now >= deadline:
+                        raise refused
+                    self._available.wait(max(0.01, min(deadline, self._refused_until) - now))
+            try:
+                conn = self.dbapi.connect(*self.connargs, **self.connkw)
+                if self.openfun is not None:
+                    self.openfun(conn)
+            except BaseException as e:
+                with self._available:
+                    self._open -= 1
+                    self._available.notify_all()
+                    if not self._open:
+                        raise
+                    # Others are open: wait for one of theirs.
+                    self._refused_until = time.monotonic() + POSTGRES_REFUSED_PAUSE
+                refused = e
+                continue
+            with self._available:
+                self.connections[tid] = conn
+            return conn
+
+    def disconnect(self, conn: Any) -> None:
+        """Close the calling thread's connection (lost, or its rollback failed)."""
+        tid = self.threadID()
+        with self._available:
+            if conn is not self.connections.get(tid):
+                raise Exception("wrong connection for thread")
+            del self.connections[tid]
+            self._open -= 1
+            self._available.notify_all()
+        self._close(conn)
+
+    def _release(self) -> None:
+        """The calling thread's operation is over: its connection (if still open) is idle."""
+        tid = self.threadID()
+        with self._available:
+            conn = self.connections.pop(tid, None)
+            if conn is not None:
+                self._idle.append(conn)
+                self._available.notify()
+
+    def finalClose(self) -> None:
+        super().finalClose()
+        with self._available:
+            idle, self._idle = self._idle, []
+            self._open = 0
+        for conn in idle:
+            self._close(conn)
+
+    def _runWithConnection(self, func: Any, *args: Any, **kw: Any) -> Any:
+        try:
+            return super()._runWithConnection(func, *args, **kw)
+        finally:
+            self._release()
 
     def _runInteraction(self, interaction: Any, *args: Any, **kw: Any) -> Any:
-        for attempt in (1, 2):
-            conn = self.connectionFactory(self)
-            trans = self.transactionFactory(self, conn)
-            try:
-                result = interaction(trans, *args, **kw)
-                trans.close()
-                conn.commit()
-                return result
-            except BaseException:
-                driver = conn._connection
-                lost = driver is not None and bool(driver.closed)
+        try:
+            # Each connection found lost is closed: at most ``cp_max`` more attempts
+            # (idle ones the server ended at the same time, then a new one).
+            for attempt in range(self.max + 1):
+                conn = self.connectionFactory(self)
+                trans = self.transactionFactory(self, conn)
                 try:
-                    conn.rollback()  # drops a lost connection (_LostQuietlyConnection)
+                    result = interaction(trans, *args, **kw)
+                    trans.close()
+                    conn.commit()
+                    return result
                 except BaseException:
-                    log.err(None, "Rollback failed")
-                if attempt == 1 and lost and not trans.executed:
-                    continue
-                raise
-        raise AssertionError("unreachable")  # pragma: no cover
+                    driver = conn._connection
+                    lost = driver is not None and bool(driver.closed)
+                    try:
+                        conn.rollback()  # drops a lost connection (_LostQuietlyConnection)
+                    except BaseException:
+                        log.err(None, "Rollback failed")
+                    if attempt < self.max and lost and not trans.executed:
+                        continue
+                    raise
+            raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            self._release()
 
 
 class PostgresDialect(Dialect):
@@ -440,7 +552,9 @@ class PostgresDialect(Dialect):
         #: sets them for a transaction (``_open_connection``).
         self.transaction_limits: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
-    def connection_pool(self, reactor: IReactorCore | None) -> adbapi.ConnectionPool:
+    def connection_pool(
+        self, reactor: IReactorCore | None, size: int = POSTGRES_POOL_SIZE
+    ) -> adbapi.ConnectionPool:
         psycopg2 = _import_psycopg2()
         extra: dict[str, Any] = {} if reactor is None else {"cp_reactor": reactor}
         named = self._uri_parameters()
@@ -460,7 +574,7 @@ class PostgresDialect(Dialect):
             # The fallback: the URI's application_name and PGAPPNAME win.
             fallback_application_name="federation-invite",
             cp_min=1,
-            cp_max=5,
+            cp_max=size,
             cp_reconnect=True,
             cp_openfun=self._open_connection,
             transaction_limits=self.transaction_limits,

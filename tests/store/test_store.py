@@ -1033,7 +1033,8 @@ class SQLiteDialectTests(SynchronousTestCase):
 class PostgresDialectTests(SynchronousTestCase):
     def test_pool_size(self) -> None:
         """A PostgreSQL store's pool opens 1 to 5 connections (several operations at
-        once), reconnecting lost ones; built without connecting (no server needed)."""
+        once) unless told another size, reconnecting lost ones; built without connecting
+        (no server needed)."""
         from twisted.internet.testing import MemoryReactorClock
 
         from federation_invite.store import parse_database_uri
@@ -1041,6 +1042,8 @@ class PostgresDialectTests(SynchronousTestCase):
         dialect = parse_database_uri("postgresql://postgres@127.0.0.1:5432/fi_never_opened")
         pool = dialect.connection_pool(MemoryReactorClock())  # never started: no connection
         self.assertEqual((pool.min, pool.max, pool.reconnect), (1, 5, True))
+        pool = dialect.connection_pool(MemoryReactorClock(), 2)
+        self.assertEqual((pool.min, pool.max), (1, 2))
 
 
 class SQLiteStoreTests(StoreTestsMixin, TestCase):
@@ -1769,7 +1772,7 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
         between transactions for another client of a pooler to inherit."""
         store = await self.open()
         await gatherResults([Deferred.fromCoroutine(self.settings(store)) for _ in range(10)])
-        connections = list(store._pool.connections.values())
+        connections = list(store._pool._idle)
         self.assertGreaterEqual(len(connections), 1)
         for connection in connections:
             cursor = connection.cursor()
@@ -1786,6 +1789,59 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
                 ),
                 [("10s", "30s")] * 10,
             )
+
+    def limited_role(self, limit: int) -> str:
+        """A URI for a new non-superuser role (superusers ignore CONNECTION LIMIT) owning
+        the test database, which takes at most ``limit`` connections; dropped after."""
+        import secrets
+
+        from ._support import POSTGRES_BASE, drop_postgres_database
+
+        role = f"fi_test_role_{os.getpid()}_{secrets.token_hex(4)}"
+        self.raw(f'CREATE ROLE "{role}" LOGIN')
+        self.addCleanup(self.raw_admin, f'DROP ROLE IF EXISTS "{role}"')
+        self.addCleanup(drop_postgres_database, self.database)  # before the role
+        self.raw(f'ALTER DATABASE "{self.database}" OWNER TO "{role}"')
+        self.raw(f'ALTER DATABASE "{self.database}" CONNECTION LIMIT {limit}')
+        return POSTGRES_BASE.replace("//postgres@", f"//{role}@", 1) + f"/{self.database}"
+
+    def raw_admin(self, statement: str) -> None:
+        from ._support import _admin_connection
+
+        connection = _admin_connection()
+        try:
+            connection.cursor().execute(statement)
+        finally:
+            connection.close()
+
+    async def test_fewer_connections_than_the_pool_size(self) -> None:
+        """A server that takes fewer connections than the pool's size (CONNECTION LIMIT,
+        max_connections nearly used up): the operations that could not open one wait for
+        one of the open ones, so none fails; only parallelism is lost."""
+        uri = self.limited_role(2)
+        store = await open_store(uri, reactor=reactor)
+        self.addCleanup(store.close)
+        for n in range(3):
+            users = [f"@u{n}_{i}:example.org" for i in range(20)]
+            await gatherResults([store.add_local_user(user) for user in users])
+            results = await gatherResults([store.is_local_user(user) for user in users])
+            self.assertEqual(results, [True] * 20)
+        (sessions,) = self.raw(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid()"
+        )
+        self.assertLessEqual(sessions[0], 2)
+
+    async def test_pool_size(self) -> None:
+        """The pool opens at most ``pool_size`` connections, however many operations run."""
+        store = await self.open(pool_size=2)
+        await gatherResults([store.add_local_user(f"@u{i}:example.org") for i in range(30)])
+        (sessions,) = self.raw(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid()"
+        )
+        self.assertLessEqual(sessions[0], 2)
+        self.assertEqual(len(await store.list_local_users()), 30)
 
     async def test_migration_waits_beyond_the_timeouts(self) -> None:
         """A migration waiting for another worker's (its lock) or running long is not cut
