@@ -534,20 +534,95 @@ def _log_errors_to(err: TextIO) -> None:
     warnings.showwarning = showwarning
 
 
+#: How long an interrupted command has to unwind (its request or query cancelled, its store
+#: closed) before the process leaves without waiting for it: a query waiting on a lock or a
+#: server that does not answer ends only with its own timeout (SQLite's busy timeout, libpq's
+#: connect_timeout: 10 s), and a thread running it would hold the interpreter's exit.
+INTERRUPT_GRACE_SECONDS = 2.0
+
+#: The signals that interrupt a command: (message, exit status, 128 + the signal's number as
+#: a shell reports a process it ended).
+_INTERRUPTS = {"SIGINT": ("interrupted", 130), "SIGTERM": ("terminated", 143)}
+
+
 def _react(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """Run an async command on the global reactor (the CLI's process owns it)."""
-    from twisted.internet import reactor
+    """Run an async command on the global reactor (the CLI's process owns it).
+
+    SIGINT and SIGTERM cancel the command rather than stop the reactor under it (which
+    left it suspended, its clean-up run by the interpreter's exit, for ever): it unwinds
+    for at most ``INTERRUPT_GRACE_SECONDS``, and the command ends with one line and 130
+    (SIGINT) or 143 (SIGTERM); if it has not ended by then, or a second signal comes, the
+    process leaves at once (``os._exit``), its output flushed, its database transaction
+    rolled back by the database.
+    """
+    import signal
+
+    from twisted.internet import reactor as global_reactor
     from twisted.internet.defer import Deferred
 
+    reactor: Any = global_reactor  # run(installSignalHandlers=...) and callFromThread
     _log_errors_to(err)
     outcome: list[Any] = []
+    commands: list[Deferred[int]] = []
+    interrupts: list[tuple[str, int]] = []
+
+    def leave_now(code: int) -> None:
+        for stream in (out, err):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+    stopping: list[bool] = []
+
+    def stop(_: object = None) -> None:
+        if not stopping:  # the command's end or the grace's, whichever comes first
+            stopping.append(True)
+            reactor.stop()
+
+    def interrupt(interruption: tuple[str, int]) -> None:
+        if stopping or interrupts:
+            return
+        interrupts.append(interruption)
+        reactor.callLater(INTERRUPT_GRACE_SECONDS, stop)
+        if commands:
+            commands[0].cancel()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        interruption = _INTERRUPTS[signal.Signals(signum).name]
+        if interrupts:  # a second signal: no more waiting
+            err.write(f"federation-invite: {interrupts[0][0]}\n")
+            leave_now(interrupts[0][1])
+        reactor.callFromThread(interrupt, interruption)
 
     def run() -> None:
         d = Deferred.fromCoroutine(run_async(args, out, reactor, err))
-        d.addBoth(outcome.append).addBoth(lambda _: reactor.stop())
+        commands.append(d)
+        d.addBoth(outcome.append).addBoth(stop)
 
+    previous = {}
+    for name in _INTERRUPTS:
+        number = getattr(signal, name)
+        handler = signal.getsignal(number)
+        # As Twisted does: a SIGINT ignored by whoever started us (nohup, a background
+        # job of a non-interactive shell) stays ignored.
+        if handler is not signal.SIG_IGN:
+            previous[number] = signal.signal(number, on_signal)
     reactor.callWhenRunning(run)
-    reactor.run()
+    try:
+        # Twisted's own handlers would stop the reactor under the running command.
+        reactor.run(installSignalHandlers=False)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if interrupts:
+        message, code = interrupts[0]
+        err.write(f"federation-invite: {message}\n")
+        if not outcome:
+            # Still waiting (a lock, a server): its threads would hold the exit.
+            leave_now(code)
+        return code
     result = outcome[0] if outcome else 1
     if isinstance(result, Failure):
         result.raiseException()

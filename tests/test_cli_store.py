@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sqlite3
 from typing import Any
 
 from twisted.internet import reactor
@@ -530,3 +531,84 @@ class PostgresCommandTests(TestCase):
         self.assertEqual((adding.returncode, out), (1, b""))
         self.assertEqual(err.count(b"\n"), 1, err)
         self.assertTrue(err.startswith(b"federation-invite: add_local_user failed: "), err)
+
+
+class InterruptTests(TestCase):
+    """SIGINT/SIGTERM while a store command waits to open its database (a real process)."""
+
+    def setUp(self) -> None:
+        self.db = os.path.abspath(self.mktemp() + ".db")
+        self.config = self.mktemp()
+        with open(self.config, "w") as handle:
+            handle.write(f'server_name = "example.org"\ndatabase = "sqlite:///{self.db}"\n')
+        self.assertEqual(run_command("migrate", "-c", self.config).returncode, 0)
+        # Another process's write lock, as a daemon's long transaction holds it: the
+        # command waits for it (up to SQLite's busy timeout, 10 s).
+        locker = sqlite3.connect(self.db, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        self.addCleanup(locker.close)
+
+    def interrupted(self, signum: int, *argv: str) -> tuple[int, bytes, bytes, float]:
+        """Start the command, wait until it is waiting for the database (its pool thread
+        started), send ``signum``: exit status, output, seconds from the signal to the end."""
+        import signal
+        import subprocess
+        import time
+
+        from .daemon_harness import BIN
+
+        process = subprocess.Popen(
+            [os.path.join(BIN, "federation-invite"), *argv, "-c", self.config],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            # Ctrl-C's signal as a shell's foreground job gets it (trial's own handler
+            # would otherwise be the one the child starts with).
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        deadline = time.monotonic() + 30
+        while len(os.listdir(f"/proc/{process.pid}/task")) < 2:
+            self.assertLess(time.monotonic(), deadline, "the command never opened the database")
+            time.sleep(0.05)
+        time.sleep(0.5)
+        process.send_signal(signum)
+        sent = time.monotonic()
+        try:
+            out, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            self.fail(f"{argv} still running 30 s after signal {signum}")
+        return process.returncode, out, err, time.monotonic() - sent
+
+    def test_sigint_while_opening_ends_the_command(self) -> None:
+        """Ctrl-C while a store command waits for a locked database ends it within seconds
+        (it hung for ever in Thread.start at interpreter exit): exit status 130, one line."""
+        import signal
+
+        for argv in (["users", "list"], ["invites", "list"], ["migrate"]):
+            code, out, err, seconds = self.interrupted(signal.SIGINT, *argv)
+            self.assertEqual((code, out, err), (130, b"", b"federation-invite: interrupted\n"))
+            self.assertLess(seconds, 5, argv)
+
+    def test_sigterm_while_opening_ends_the_command(self) -> None:
+        """SIGTERM (timeout(1), a service manager) while a store command waits for a locked
+        database ends it within seconds: exit status 143, one line."""
+        import signal
+
+        code, out, err, seconds = self.interrupted(
+            signal.SIGTERM, "users", "add", "@dave:example.org"
+        )
+        self.assertEqual((code, out, err), (143, b"", b"federation-invite: terminated\n"))
+        self.assertLess(seconds, 5)
+
+
+def run_command(*argv: str) -> Any:
+    """Run the federation-invite script in a process of its own."""
+    import subprocess
+
+    from .daemon_harness import BIN
+
+    return subprocess.run(
+        [os.path.join(BIN, "federation-invite"), *argv], capture_output=True, timeout=60
+    )
