@@ -202,3 +202,58 @@ class SendInviteCommandTests(TestCase):
             self.assertEqual(self.peer.received, [])
 
         return ensureDeferred(go())
+
+
+class SendInviteInterruptTests(TestCase):
+    def test_sigint_while_waiting_for_the_peer(self) -> None:
+        """Ctrl-C while send-invite waits for the peer's answer is reported as an interrupt
+        (one line, exit status 130), not as the connection loss it causes, which blamed the
+        peer ("cannot reach ...: Connection lost", exit status 1)."""
+        import signal
+        import socket
+        import subprocess
+        import time
+
+        from .daemon_harness import BIN
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        config = os.path.join(directory, "federation-invite.toml")
+        with open(config, "w") as handle:
+            handle.write(
+                f'server_name = "{OURS}"\ndata_dir = "{directory}"\n'
+                '[outbound]\nverify_tls = false\nip_allowlist = ["127.0.0.1/32"]\n'
+            )
+        # A peer that accepts the connection and never answers.
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(30)
+        port = listener.getsockname()[1]
+        process = subprocess.Popen(
+            [
+                os.path.join(BIN, "federation-invite"),
+                "send-invite",
+                "--sender",
+                ALICE,
+                "--invitee",
+                f"@bob:127.0.0.1:{port}",
+                "-c",
+                config,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        connection, _ = listener.accept()
+        self.addCleanup(connection.close)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        out, err = process.communicate(timeout=30)
+        self.assertEqual(
+            (process.returncode, out, err), (130, b"", b"federation-invite: interrupted\n")
+        )
+        self.assertLess(time.monotonic() - sent, 5)
