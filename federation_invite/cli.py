@@ -480,13 +480,31 @@ def main(
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "run_async", False):
-            return _react(args, out, err)
-        code: int = args.run(args, out)
+            code = _react(args, out, err)
+        else:
+            code = args.run(args, out)
+        out.flush()  # here, not at the interpreter's exit: a closed pipe is told below
+    except BrokenPipeError:
+        # The reader stopped early (``| head``): no error of ours. Quiet, as a Unix tool
+        # ended by SIGPIPE, whose status (128 + 13) a shell then reports.
+        _discard_output(out)
+        return 141
     # ImportError: PostgreSQL support without the 'postgres' extra (store._dialect).
     except (ConfigError, SigningKeyError, StoreError, ValueError, OSError, ImportError) as exc:
         err.write(f"federation-invite: {exc}\n")
         return 1
     return code
+
+
+def _discard_output(out: TextIO) -> None:
+    """Point ``out``'s descriptor at /dev/null, so that the interpreter's last flush of
+    what is still buffered for a closed pipe fails no more (Python's documented idiom)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no descriptor (a StringIO): nothing is flushed at exit
+        pass
 
 
 def _log_errors_to(err: TextIO) -> None:

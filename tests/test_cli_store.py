@@ -612,3 +612,55 @@ def run_command(*argv: str) -> Any:
     return subprocess.run(
         [os.path.join(BIN, "federation-invite"), *argv], capture_output=True, timeout=60
     )
+
+
+class BrokenPipeTests(TestCase):
+    """A reader that stops early (``federation-invite users list | head -1``)."""
+
+    def setUp(self) -> None:
+        self.db = os.path.abspath(self.mktemp() + ".db")
+        self.config = self.mktemp()
+        with open(self.config, "w") as handle:
+            handle.write(f'server_name = "example.org"\ndatabase = "sqlite:///{self.db}"\n')
+        self.assertEqual(run_command("migrate", "-c", self.config).returncode, 0)
+
+    def add_users(self, count: int) -> None:
+        connection = sqlite3.connect(self.db)
+        with connection:
+            connection.executemany(
+                "INSERT INTO local_users (user_id) VALUES (?)",
+                [(f"@user{i:06}:example.org",) for i in range(count)],
+            )
+        connection.close()
+
+    def listed_into_closed_pipe(self, read_first_line: bool) -> tuple[int, bytes]:
+        import subprocess
+
+        from .daemon_harness import BIN
+
+        process = subprocess.Popen(
+            [os.path.join(BIN, "federation-invite"), "users", "list", "-c", self.config],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        assert process.stdout is not None and process.stderr is not None
+        if read_first_line:
+            self.assertEqual(process.stdout.readline(), b"@user000000:example.org\n")
+        process.stdout.close()
+        err = process.stderr.read()
+        return process.wait(timeout=60), err
+
+    def test_reader_closing_the_pipe_during_the_listing(self) -> None:
+        """A listing longer than the pipe's buffer, its reader gone after one line: exit
+        status 141 (as a tool ended by SIGPIPE) and nothing on stderr (it printed
+        '[Errno 32] Broken pipe' and exited 1)."""
+        self.add_users(20_000)
+        self.assertEqual(self.listed_into_closed_pipe(True), (141, b""))
+
+    def test_reader_gone_before_the_output_is_flushed(self) -> None:
+        """A short listing whose reader is gone before it is written (the failure comes at the
+        last flush): exit status 141, nothing on stderr (Python's 'Exception ignored ...
+        BrokenPipeError' and exit status 120 otherwise)."""
+        self.add_users(1)
+        self.assertEqual(self.listed_into_closed_pipe(False), (141, b""))
