@@ -248,8 +248,14 @@ def _received(received_ts: int) -> str:
     return f"{when:%Y-%m-%d %H:%M:%S}"
 
 
+def _is_shown(field: attrs.Attribute[Any], _value: object = None) -> bool:
+    """Whether an ``InviteRecord`` field is the operator's: the record's value (what its
+    equality compares), not ``event_json``, the store's copy of the event's encoding."""
+    return bool(field.eq)
+
+
 def _invite_json(record: InviteRecord) -> dict[str, Any]:
-    return attrs.asdict(record)
+    return attrs.asdict(record, filter=_is_shown)
 
 
 async def _cmd_invites(args: argparse.Namespace, out: TextIO, store: IStore, config: Config) -> int:
@@ -261,6 +267,8 @@ async def _cmd_invites(args: argparse.Namespace, out: TextIO, store: IStore, con
             out.write(json.dumps(_invite_json(record), indent=2, sort_keys=True) + "\n")
         else:
             for field in attrs.fields(InviteRecord):
+                if not _is_shown(field):
+                    continue
                 value = getattr(record, field.name)
                 if field.name == "event" or field.name == "invite_room_state":
                     value = json.dumps(value, sort_keys=True)

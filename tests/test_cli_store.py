@@ -214,6 +214,35 @@ class StoreCommandTests(TestCase):
 
         return ensureDeferred(go())
 
+    async def test_invites_output_leaves_out_the_stored_encoding(self) -> None:
+        """invites show (text and --json) and invites list --json give the record's fields,
+        not InviteRecord.event_json, the store's internal copy of the event's canonical
+        text, which printed every event twice."""
+        event: dict[str, Any] = {"type": "m.room.member", "content": {"membership": "invite"}}
+        store = await open_store(f"sqlite:///{self.db}", reactor=reactor)
+        await store.store_invite(
+            InviteRecord("$e", "!r:x", "10", "@a:example.org", "@s:x", "x", event, [], 5)
+        )
+        await store.close()
+        fields = [
+            "event_id",
+            "room_id",
+            "room_version",
+            "invitee",
+            "sender",
+            "origin",
+            "event",
+            "invite_room_state",
+            "received_ts",
+            "status",
+        ]
+        code, out = await self.run_cli("invites", "show", "$e", "--json")
+        self.assertEqual((code, sorted(json.loads(out))), (0, sorted(fields)))
+        code, out = await self.run_cli("invites", "list", "--json")
+        self.assertEqual((code, [sorted(r) for r in json.loads(out)]), (0, [sorted(fields)]))
+        code, out = await self.run_cli("invites", "show", "$e")
+        self.assertEqual([line.split(":")[0] for line in out.splitlines()], fields)
+
     def test_invites_list_columns_line_up(self) -> Deferred[None]:
         """invites list: each column of the header starts where the rows' column does (the
         header's first column was one wider than the rows' dates)."""
