@@ -629,10 +629,19 @@ class Config:
 
     def ensure_data_dir(self) -> None:
         """Create the data directory, and each missing parent, with mode 0700 (whatever
-        the umask) if it is missing; existing directories keep their mode."""
+        the umask) if it is missing; existing directories keep their mode. One that
+        cannot be created (a file in its place, no permission) is a ``ConfigError``
+        naming the key, the original error as its cause."""
         from .signingkey import make_private_directories
 
-        make_private_directories(self.data_dir)
+        try:
+            make_private_directories(self.data_dir)
+        except OSError as exc:
+            if isinstance(exc, FileExistsError):
+                reason = f"{exc.filename or self.data_dir} exists and is not a directory"
+            else:
+                reason = f"cannot create directory {self.data_dir}: {exc.strerror or exc}"
+            raise ConfigError(f"configuration key 'data_dir': {reason}") from exc
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -568,14 +568,7 @@ def _data_dir_and_key(config: Config) -> SigningKey:
     its ID against ``keys.old_verify_keys``. What only the file system can tell (a data
     directory that cannot be one, a key file that cannot be read, created or parsed) is a
     ``ConfigError`` naming the key, the original error as its cause."""
-    try:
-        config.ensure_data_dir()
-    except OSError as exc:
-        if isinstance(exc, FileExistsError):
-            reason = f"{exc.filename or config.data_dir} exists and is not a directory"
-        else:
-            reason = f"cannot create directory {config.data_dir}: {exc.strerror or exc}"
-        raise ConfigError(f"configuration key 'data_dir': {reason}") from exc
+    config.ensure_data_dir()
     try:
         key = _load_key(config)
     except SigningKeyError as exc:

@@ -376,6 +376,30 @@ class GenerateConfigRobustnessTests(SynchronousTestCase):
         self.addCleanup(__import__("shutil").rmtree, "rel-dir", True)
         self.assertEqual(load_config(path).data_dir, os.path.abspath("rel-dir"))
 
+    def test_data_dir_that_is_a_file_is_named(self) -> None:
+        """generate-config refuses a --data-dir that is a file as check-config does, naming
+        the key (it was a bare '[Errno 17] File exists'), and writes no config."""
+        data_file = os.path.abspath(self.mktemp())
+        with open(data_file, "w") as handle:
+            handle.write("")
+        path = self.mktemp()
+        out, err = io.StringIO(), io.StringIO()
+        code = main(
+            ["generate-config", "--server-name", "e.org", "--data-dir", data_file, "-o", path],
+            out,
+            err,
+        )
+        self.assertEqual(
+            (code, out.getvalue(), err.getvalue()),
+            (
+                1,
+                "",
+                f"federation-invite: configuration key 'data_dir': {data_file} exists and is "
+                "not a directory\n",
+            ),
+        )
+        self.assertFalse(os.path.exists(path))
+
     def test_unwritable_data_dir_is_one_line_and_no_config(self) -> None:
         """An OS error is one line on stderr, exit status 1, and no config file is left behind."""
         path = self.mktemp()

@@ -243,6 +243,24 @@ class StoreCommandTests(TestCase):
         code, out = await self.run_cli("invites", "show", "$e")
         self.assertEqual([line.split(":")[0] for line in out.splitlines()], fields)
 
+    async def test_data_dir_that_is_a_file(self) -> None:
+        """Every command that creates the data directory refuses a data_dir that is a file as
+        the daemon and check-config do, naming the key (it was a bare '[Errno 17] File
+        exists'), and creates nothing."""
+        data_file = os.path.abspath(self.mktemp())
+        with open(data_file, "w") as handle:
+            handle.write("")
+        problem = f"configuration key 'data_dir': {data_file} exists and is not a directory"
+        for argv in (
+            ["migrate"],
+            ["users", "add", "@bob:example.org"],
+            ["send-invite", "--sender", "@alice:example.org", "--invitee", "@bob:x.test"],
+        ):
+            with self.assertRaises(ConfigError) as caught:
+                await self.run_cli(*argv, "--data-dir", data_file)
+            self.assertEqual(str(caught.exception), problem, argv)
+        self.assertFalse(os.path.exists(self.db))
+
     def test_invites_list_columns_line_up(self) -> Deferred[None]:
         """invites list: each column of the header starts where the rows' column does (the
         header's first column was one wider than the rows' dates)."""
