@@ -31,8 +31,10 @@ from .store import (
     IStore,
     StoreError,
     open_store,
+    parse_database_uri,
     run_migrations,
 )
+from .store._dialect import SQLiteDialect
 from .tlscert import write_self_signed_certificate
 
 __all__ = ["main"]
@@ -135,12 +137,17 @@ def _escape_endpoint(path: str) -> str:
     return path.replace("\\", "\\\\").replace(":", "\\:")
 
 
-def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
-    config = _load(args)
+def _check_data_dir(config: Config) -> None:
+    """Refuse a ``data_dir`` that is not a directory, as the commands creating it do."""
     if os.path.lexists(config.data_dir) and not os.path.isdir(config.data_dir):
         raise ConfigError(
             f"configuration key 'data_dir': {config.data_dir} exists and is not a directory"
         )
+
+
+def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
+    config = _load(args)
+    _check_data_dir(config)
     if os.path.lexists(config.signing_key_path):
         # What only the key can tell: that it reads, and that no old key has its ID.
         # A missing key is no error: the daemon creates it. Anything else at the
@@ -377,13 +384,37 @@ async def run_async(
     if args.command == "send-invite":
         return await _cmd_send_invite(args, out, reactor, err)
     config = _load(args)
-    config.ensure_data_dir()
+    missing = _missing_sqlite_file(config.database)
+    if missing is not None:
+        sub_command = getattr(args, f"{args.command}_command")
+        if sub_command != "add":
+            # A mistyped --database or --data-dir (or the daemon's overrides forgotten):
+            # an empty answer from a new database would say "nothing there" (and there
+            # is nothing to remove).
+            _check_data_dir(config)
+            raise ConfigError(
+                f"no database at {missing}; give the daemon's --database or --data-dir,"
+                " or create it with 'federation-invite migrate'"
+            )
+        # Users and rules may be set up before the daemon's first start, as migrate may
+        # create it; said, so that a mistyped path shows.
+        config.ensure_data_dir()
+        err.write(f"Created a new database at {missing}\n")
     store = await open_store(config.database, reactor=reactor)
     try:
         code: int = await _STORE_COMMANDS[args.command](args, out, store, config)
     finally:
         await store.close()
     return code
+
+
+def _missing_sqlite_file(database: str) -> str | None:
+    """The file of an SQLite ``database`` that does not exist (opening it creates it), else
+    None (it exists, or the database is PostgreSQL's or in memory)."""
+    dialect = parse_database_uri(database)
+    if not isinstance(dialect, SQLiteDialect) or dialect.path == ":memory:":
+        return None
+    return None if os.path.exists(dialect.path) else dialect.path
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,9 +27,9 @@ class StoreCommandTests(TestCase):
             handle.write(f'server_name = "example.org"\ndatabase = "sqlite:///{self.db}"\n')
 
     async def run_cli(self, *argv: str) -> tuple[int, str]:
-        out = io.StringIO()
+        out, self.err = io.StringIO(), io.StringIO()
         args = build_parser().parse_args([*argv, "-c", self.config])
-        code = await run_async(args, out, reactor)
+        code = await run_async(args, out, reactor, self.err)
         return code, out.getvalue()
 
     def test_migrate(self) -> Deferred[None]:
@@ -92,6 +92,7 @@ class StoreCommandTests(TestCase):
         add quietly went to the file's database)."""
 
         async def go() -> None:
+            await self.run_cli("migrate")  # the file's database, listed empty below
             other = self.mktemp() + ".db"
             user = "@bob:example.org"
             self.assertEqual(
@@ -260,6 +261,57 @@ class StoreCommandTests(TestCase):
                 await self.run_cli(*argv, "--data-dir", data_file)
             self.assertEqual(str(caught.exception), problem, argv)
         self.assertFalse(os.path.exists(self.db))
+
+    async def test_commands_but_add_refuse_a_missing_database(self) -> None:
+        """users list and remove, rules list and remove, invites list and show on an SQLite
+        database that does not exist (a mistyped --database or --data-dir) refuse it in one
+        line naming the file, and create neither it nor the data directory (they answered
+        from a new empty one)."""
+        typo = os.path.abspath(self.mktemp()) + ".db"
+        data_dir = os.path.abspath(self.mktemp())
+        reads = (
+            ["users", "list"],
+            ["rules", "list", "@bob:example.org"],
+            ["invites", "list"],
+            ["invites", "show", "$e"],
+            ["users", "remove", "@bob:example.org"],
+            ["rules", "remove", "@bob:example.org", "--server", "*", "--action", "block"],
+        )
+
+        async def refused(argv: list[str], missing: str) -> None:
+            with self.assertRaises(ConfigError) as caught:
+                await self.run_cli(*argv)
+            self.assertEqual(
+                str(caught.exception),
+                f"no database at {missing}; give the daemon's --database or --data-dir,"
+                " or create it with 'federation-invite migrate'",
+                argv,
+            )
+
+        for argv in reads:
+            await refused([*argv, "--database", f"sqlite:///{typo}"], typo)
+        # A config without database: the default, in the data directory.
+        with open(self.config, "w") as handle:
+            handle.write('server_name = "example.org"\n')
+        for argv in reads:
+            await refused(
+                [*argv, "--data-dir", data_dir], os.path.join(data_dir, "federation-invite.db")
+            )
+        self.assertEqual([os.path.exists(p) for p in (typo, data_dir)], [False, False])
+
+    async def test_writing_commands_create_a_missing_database_and_say_so(self) -> None:
+        """users add and rules add on an SQLite database that does not exist create it (and
+        the data directory), so that users and rules can be set up before the daemon's
+        first start, and say so on stderr, naming the file."""
+        self.assertFalse(os.path.exists(self.db))
+        self.assertEqual(
+            await self.run_cli("users", "add", "@bob:example.org"), (0, "Added @bob:example.org\n")
+        )
+        self.assertEqual(
+            self.err.getvalue(), f"Created a new database at {os.path.abspath(self.db)}\n"
+        )
+        self.assertEqual(await self.run_cli("users", "list"), (0, "@bob:example.org\n"))
+        self.assertEqual(self.err.getvalue(), "")
 
     def test_invites_list_columns_line_up(self) -> Deferred[None]:
         """invites list: each column of the header starts where the rows' column does (the
@@ -474,6 +526,7 @@ class StoreCommandTests(TestCase):
         from .daemon_harness import BIN
 
         command = os.path.join(BIN, "federation-invite")
+        self.assertEqual(run_command("migrate", "-c", self.config).returncode, 0)
         result = subprocess.run(
             [command, "invites", "list", "-c", self.config], capture_output=True, timeout=60
         )
@@ -497,6 +550,7 @@ class StoreCommandTests(TestCase):
 
         from .daemon_harness import BIN
 
+        self.assertEqual(run_command("migrate", "-c", self.config).returncode, 0)
         for command in ("add", "remove"):
             for option in ("--user", "--server"):
                 result = subprocess.run(
