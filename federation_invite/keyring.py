@@ -14,13 +14,14 @@ A server whose fetch failed is not asked again until its back-off has
 passed (none when its answer timed out only while our address lookups waited for a
 resolver thread, ``TransportError.resolver_busy``, or when our client's ``close()``
 abandoned its request or a notary's, ``TransportError.abandoned``: not its fault); one that
-answered (or a notary did for it), but not with every key asked for, not for 5 s
-(the pause). A server that failed to answer while a notary answered for it is only
-paused, but its own key server is not asked again until its back-off (1 min, doubling
-up to 1 h, per name as fetched) has passed: until then its fetches ask the notaries
-alone, once per pause (but for the sender's answer check, below: a fetch it joins asks the
-server too, once the notaries have answered without a key); its own answer ends that
-back-off. These are the keyring's
+answered (or a notary did for it), with every key asked for or not, not for 5 s
+(the pause: a server may list fresh key IDs at each fetch, which requests naming the
+next ones would otherwise have fetched one by one). A server that failed to answer while a
+notary answered for it is only paused, but its own key server is not asked again until its
+back-off (1 min, doubling up to 1 h, per name as fetched) has passed: until then its
+fetches ask the notaries alone, once per pause (but for the sender's answer check, below:
+a fetch it joins asks the server too, once the notaries have answered without a key); its
+own answer ends that back-off. These are the keyring's
 own, the only per-server limits on its fetches:
 the federation client's back-off of the server, set by other requests (our invites to
 it while it was down), is passed by (``ignore_backoff``, as Synapse fetches keys), so
@@ -49,11 +50,11 @@ At most ``_MAX_FETCHES_IN_FLIGHT`` (64) fetches of servers we hold no key of are
 in flight at once, over all servers (each holds sockets until it ends, up to
 ``outbound.timeout``: its ``.well-known`` and SRV discovery, the server's answer,
 the notaries'), and at most ``_MAX_REFRESHES_IN_FLIGHT`` (64) refreshes of servers
-we hold a key of (in memory or in the store, current or not: a key's
-``valid_until_ts`` passes daily), so that forged origins naming unknown servers
-on tarpits cannot starve the refreshes of known peers. A lookup that would start
-one more fetch in its pool (no fetch for its server under way to join) is refused
-at once with ``KeyFetchBusy``, 429 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``
+we hold a key of (in memory, or in the store under a key ID the lookup names: only those
+are read; current or not: a key's ``valid_until_ts`` passes daily), so that forged
+origins naming unknown servers on tarpits cannot starve the refreshes of known peers. A
+lookup that would start one more fetch in its pool (no fetch for its server under way to
+join) is refused at once with ``KeyFetchBusy``, 429 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``
 (5 s), without asking anyone and without backing the server off: the server is
 not at fault, we are busy. So is a lookup waiting for a pause to end when the
 pause ends at its pool's cap. Anyone who first gets us to store keys of many
@@ -83,11 +84,18 @@ self-signed keys it serves), so memory holds the keys of at most
 ``_MEMORY_SIZE`` (10,000) servers: beyond that, the least recently loaded or
 fetched servers are dropped, down to half the bound, and reloaded from the store
 when next asked for. Our own keys and servers with a fetch under way are never
-dropped.
+dropped. Key IDs are attacker-chosen too (a server's document may list 64 fresh ones
+at each fetch), so memory holds at most ``_MAX_KEYS_PER_SERVER`` (64, a whole document)
+keys of each server: beyond, those fetched least recently (no longer listed) are dropped,
+and the store answers them again when a lookup names them. A lookup reads from the store
+only the key IDs it asks for that memory does not answer (at most 64), never every key a
+server ever listed; memory takes from a notary's answer only the keys asked for and those
+it holds (so that a notary's copy never makes a key the store holds as old current).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -146,6 +154,11 @@ _MEMORY_SIZE = 10_000
 #: years of rotations; a document listing thousands (1 MiB holds about 10,000) only costs
 #: decoding, memory and store rows that nobody needs.
 _MAX_KEYS_PER_DOCUMENT = 64
+#: The most keys of one server kept in memory: as many as one document may list, so that a
+#: server's latest document fits whole. Beyond, those fetched least recently (a key the
+#: server no longer lists) are dropped from memory (not from the store, which answers them
+#: again by key ID): a server listing fresh key IDs at each fetch cannot grow memory.
+_MAX_KEYS_PER_SERVER = _MAX_KEYS_PER_DOCUMENT
 #: Key fetches in flight at once of servers we hold no key of, over all servers (the
 #: default of ``Keyring``'s ``max_fetches_in_flight``). Anyone can make us fetch the keys
 #: of a server they name (a forged request's origin), and a fetch of a server that never
@@ -456,8 +469,8 @@ class _Backoff:
     delay_ms: int
     #: When it was set.
     since_ms: int = 0
-    #: For the pause after an answer without every key asked for: the key IDs that fetch
-    #: asked for (a lookup of others waits for the pause to end). None for a failure's.
+    #: For the pause after an answer (with every key asked for or not): the key IDs that
+    #: fetch asked for (a lookup of others waits for the pause to end). None for a failure's.
     asked: frozenset[str] | None = None
 
     def waiting(self, now_ms: int) -> bool:
@@ -647,7 +660,7 @@ class Keyring:
         if self._closed:
             raise KeyringClosed(server_name)  # the store is closed, or about to be
         try:
-            await self._load_from_store(server_name)
+            await self._load_from_store(server_name, key_ids, valid_at_ms)
         except StoreError as exc:
             if not fetch_if_store_fails:
                 raise
@@ -772,12 +785,22 @@ class Keyring:
         backoff = self._backoff.get(server_name)
         return backoff is not None and backoff.waiting(self._now_ms())
 
-    async def _load_from_store(self, server_name: str) -> None:
-        records = await self._store.get_server_keys(server_name)
+    async def _load_from_store(
+        self, server_name: str, key_ids: frozenset[str], valid_at_ms: int
+    ) -> None:
+        """Read from the store those of ``key_ids`` that memory does not answer valid at
+        ``valid_at_ms`` (at most ``_MAX_KEYS_PER_DOCUMENT``, as many as a fetch looks for),
+        never the server's every key: a server may have listed thousands over time."""
+        wanted = sorted(self._missing(server_name, dict.fromkeys(key_ids, valid_at_ms)))
+        records = await self._store.get_server_keys(server_name, wanted[:_MAX_KEYS_PER_DOCUMENT])
         self._remember(records.values())
 
     def _remember(self, records: Iterable[ServerKeyRecord]) -> None:
+        """Keep ``records`` in memory (see below which answer wins), then drop the keys of
+        their servers beyond ``_MAX_KEYS_PER_SERVER`` (``_drop_keys_beyond_the_cap``)."""
         now_ms = self._now_ms()
+        # Server name -> the key IDs of ``records``: kept over the server's other keys.
+        remembered: dict[str, set[str]] = {}
         for record in records:
             try:
                 key = _to_verify_key(record)
@@ -790,6 +813,7 @@ class Keyring:
                 continue
             known = self._loaded(record.server_name)
             fetched = self._fetched_ts.setdefault(record.server_name, {})
+            remembered.setdefault(record.server_name, set()).add(record.key_id)
             # Of two answers for the same key, the one fetched last wins (the
             # later one on a tie), as in the store (``store_server_keys``): the
             # server's latest word, which is how a current key becomes old after
@@ -811,6 +835,30 @@ class Keyring:
             if record.fetched_ts >= held_ts or not in_window(held_ts, now_ms, math.inf):
                 known[record.key_id] = key
                 fetched[record.key_id] = record.fetched_ts
+        for server_name, key_ids in remembered.items():
+            self._drop_keys_beyond_the_cap(server_name, key_ids)
+
+    def _drop_keys_beyond_the_cap(self, server_name: str, keep: set[str]) -> None:
+        """Drop ``server_name``'s keys in memory beyond ``_MAX_KEYS_PER_SERVER``, those fetched
+        least recently first (keys the server no longer lists; on a tie, those held longest),
+        never those of ``keep`` (just remembered: a fetched document, at most
+        ``_MAX_KEYS_PER_DOCUMENT`` keys, or a lookup's keys read from the store, as many).
+
+        A key dropped stays in the store, which a lookup of it reads again (by key ID). Only
+        a server listing more keys over time than a document may hold pays this (one that
+        lists fresh key IDs at each fetch, made for lookups of key IDs we do not hold): a real
+        server lists a key and the few it rotated out. O(n log n) in the keys held, at most
+        twice the cap, and only when over it.
+        """
+        known = self._memory.get(server_name)
+        if known is None or len(known) <= _MAX_KEYS_PER_SERVER:
+            return
+        fetched = self._fetched_ts.get(server_name, {})
+        others = [key_id for key_id in known if key_id not in keep]
+        excess = len(known) - _MAX_KEYS_PER_SERVER
+        for key_id in heapq.nsmallest(excess, others, key=lambda key_id: fetched.get(key_id, 0)):
+            del known[key_id]
+            fetched.pop(key_id, None)
 
     def _loaded(self, server_name: str) -> dict[str, ServerVerifyKey]:
         """``server_name``'s keys in memory (made if new), moved last in the eviction order."""
@@ -874,8 +922,8 @@ class Keyring:
         fetch = self._inflight.get(server_name)
         joined = fetch is not None
         if fetch is None:
-            # Memory holds the server's stored keys by now (``_get`` loads them first; a
-            # server waiting for its pause is never evicted), current or not.
+            # Memory holds the server's stored keys the lookups named by now (``_get`` loads
+            # them first; a server waiting for its pause is never evicted), current or not.
             refresh = bool(self._memory.get(server_name))
             cap = self._max_refreshes if refresh else self._max_fetches
             if not ignore_backoff and self._pool_in_flight[refresh] >= cap:
@@ -974,7 +1022,14 @@ class Keyring:
         elif direct_failed:
             self._back_off_direct(server_name, now_ms)
         if not self._missing(server_name, fetch.wanted):
-            self._backoff.pop(server_name, None)
+            if answered:
+                # Every key asked for found: the pause all the same (with the failure's
+                # back-off ended), for lookups of other key IDs. A server may list fresh key
+                # IDs at each fetch, and anyone can send requests naming the next ones: without
+                # it, each would cost a fetch (and the store its keys).
+                self._pause(server_name, now_ms, frozenset(fetch.wanted.keys() | fetch.asked))
+            else:
+                self._backoff.pop(server_name, None)
             return
         self.fetch_failures += 1
         asked = None
@@ -1027,19 +1082,31 @@ class Keyring:
             # Doubling the last delay; after a 5 s pause for an answer without
             # the key, a failure still starts at the minimum.
             delay = _doubled_delay_ms(self._backoff.get(server_name))
-        _keep_backoff(
-            self._backoff,
-            server_name,
-            _Backoff(now_ms + delay, delay if doubles is None else doubles, now_ms, asked),
-            now_ms,
-        )
         if asked is not None:
-            self._pauses.append((now_ms, now_ms + delay, server_name))
+            self._pause(server_name, now_ms, asked)
+        else:
+            _keep_backoff(
+                self._backoff,
+                server_name,
+                _Backoff(now_ms + delay, delay if doubles is None else doubles, now_ms),
+                now_ms,
+            )
         log.info(
             "Keys of {server} unavailable; not asking again for {seconds} s",
             server=server_name,
             seconds=delay // 1000,
         )
+
+    def _pause(self, server_name: str, now_ms: int, asked: frozenset[str]) -> None:
+        """Pause ``server_name`` for ``_ANSWERED_REFETCH_MS`` after a fetch it (or a notary)
+        answered, ``asked`` being the key IDs that fetch asked for: a lookup of others meanwhile
+        waits for the pause to end (``_wait_for_pause``). Ends a failure's back-off (a failure
+        after the pause starts from the minimum again)."""
+        delay = _ANSWERED_REFETCH_MS
+        _keep_backoff(
+            self._backoff, server_name, _Backoff(now_ms + delay, delay, now_ms, asked), now_ms
+        )
+        self._pauses.append((now_ms, now_ms + delay, server_name))
 
     def _direct_backing_off(self, server_name: str) -> bool:
         backoff = self._direct_backoff.get(server_name)
@@ -1205,7 +1272,14 @@ class Keyring:
                 )
         kept = [record for record in records if record.key_id not in listed]
         if kept:
-            await self._keep(kept)
+            # Memory takes only the keys asked for (a lookup read their stored copies first)
+            # and those it holds: a notary's copy never makes a key the store holds as old
+            # current (``_remember``), and memory holds only some of the stored keys.
+            held = self._memory.get(server_name, {})
+            await self._keep(
+                kept,
+                [record for record in kept if record.key_id in wanted or record.key_id in held],
+            )
         return True
 
     def _notary_documents(
@@ -1256,8 +1330,11 @@ class Keyring:
             raise KeyFetchError(f"notary signature invalid: {exc}") from None
         return data
 
-    async def _keep(self, records: list[ServerKeyRecord]) -> None:
-        self._remember(records)
+    async def _keep(
+        self, records: list[ServerKeyRecord], remember: list[ServerKeyRecord] | None = None
+    ) -> None:
+        """Store ``records``, and keep ``remember`` (all of them if None) in memory."""
+        self._remember(records if remember is None else remember)
         try:
             await self._store.store_server_keys(records)
         except Exception as exc:

@@ -6,7 +6,7 @@ import json
 from typing import Any
 from unittest import mock
 
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
@@ -62,6 +62,12 @@ def many_keys_document(server_name: str, current: int, old: int = 0) -> dict[str
         server_name: {key_id: signature for key_id in document["verify_keys"]}
     }
     return document
+
+
+def failure_backoffs(keyring: Keyring) -> dict[str, Any]:
+    """The keyring's back-offs after failures: its table without the 5 s pauses after an answer
+    (which every fetch answered sets, every key asked for found or not)."""
+    return {name: backoff for name, backoff in keyring._backoff.items() if backoff.asked is None}
 
 
 def lax_signed(document: dict[str, Any], server_name: str, key: Any) -> dict[str, Any]:
@@ -261,7 +267,7 @@ class KeyringTests(SynchronousTestCase):
             )
         )
         self.assertIn(self.key_id, keys)
-        self.assertEqual(self.keyring._backoff, {})
+        self.assertEqual(failure_backoffs(self.keyring), {})
         self.assertEqual(self.federation.count("flaky.example"), 3)
 
     def test_ignore_backoff_fetches_within_a_pause(self) -> None:
@@ -340,7 +346,9 @@ class KeyringTests(SynchronousTestCase):
         peers.add_peer("remote.example", self.federation.servers["remote.example"])
         self.assertIn(self.key_id, lookup())
         self.assertEqual(len(peers.requests), 5)
-        self.assertEqual((keyring._backoff, client._backoff, keyring.fetch_failures), ({}, {}, 1))
+        self.assertEqual(
+            (failure_backoffs(keyring), client._backoff, keyring.fetch_failures), ({}, {}, 1)
+        )
 
     def test_client_refusing_a_fetch_is_not_a_server_failure(self) -> None:
         """A client that refuses a key fetch itself (``BackoffError``: no request sent) is not
@@ -376,7 +384,7 @@ class KeyringTests(SynchronousTestCase):
         self.assertEqual(len(calls), 2)
         self.clock.advance(0.001)
         self.assertIn(self.key_id, self.get(keyring))
-        self.assertEqual((len(calls), keyring._backoff), (3, {}))
+        self.assertEqual((len(calls), failure_backoffs(keyring)), (3, {}))
 
     def test_no_backoff_when_our_resolver_was_busy(self) -> None:
         """A fetch that timed out only because our address lookups waited for a resolver
@@ -535,6 +543,7 @@ class KeyringTests(SynchronousTestCase):
         self.clock.advance(5)
         self.assertIn(key_id_of(rotated), self.successResultOf(second))
         self.assertEqual(self.federation.count("remote.example"), 2)
+        self.clock.advance(5)  # past the pause that fetch set
         self.successResultOf(
             self.keyring.get_server_keys("remote.example", ["ed25519:bogus2"], NOW_MS)
         )
@@ -653,7 +662,7 @@ class KeyringTests(SynchronousTestCase):
             self.assertEqual(self.federation.count(real), 1, real)
             self.assertEqual(self.get(server=variant), {})
             self.assertEqual(self.federation.count(variant), 1, variant)
-        self.assertNotIn("remote.example", self.keyring._backoff)
+        self.assertNotIn("remote.example", failure_backoffs(self.keyring))
 
     def test_name_ending_in_a_dot_never_fetched(self) -> None:
         """A server name whose host ends in a dot (``remote.example.``, valid by the grammar, or
@@ -704,7 +713,7 @@ class KeyringTests(SynchronousTestCase):
             peers.flush()
             self.assertEqual(self.successResultOf(forged), {})
             self.assertEqual(current(), [self.key_id])
-        self.assertEqual((client._backoff, keyring._backoff), ({}, {}))
+        self.assertEqual((client._backoff, failure_backoffs(keyring)), ({}, {}))
 
     def test_case_variant_does_not_back_off_the_server(self) -> None:
         """Naming a live server in other case gets its answer, refused (its server_name is
@@ -768,6 +777,7 @@ class KeyringTests(SynchronousTestCase):
         )
         self.assertEqual(list(keys), [self.key_id])
         self.assertEqual(self.federation.count("remote.example"), 1)
+        self.clock.advance(5)  # past the pause that fetch set
         self.assertEqual(
             self.successResultOf(
                 self.keyring.get_server_keys("remote.example", [longest, *invalid], NOW_MS)
@@ -923,12 +933,22 @@ class KeyringTests(SynchronousTestCase):
         self.assertEqual(keyring.fetches, 1)
 
     def test_backoff_reset_on_success(self) -> None:
-        """Once the server answers again, its back-off is forgotten."""
+        """Once the server answers again, its back-off is over: only the 5 s pause after an
+        answer is left, and a failure after it backs off from the 1 min minimum again."""
         self.get(server="flaky.example")
         self.clock.advance(61)
+        self.get(server="flaky.example")
+        self.assertEqual(self.keyring._backoff["flaky.example"].delay_ms, 120_000)
+        self.clock.advance(121)
         self.federation.add_key_server(self.clock, "flaky.example", [self.remote_key])
         self.assertIn(self.key_id, self.get(server="flaky.example"))
-        self.assertEqual(self.keyring._backoff, {})
+        self.assertEqual(failure_backoffs(self.keyring), {})
+        self.assertEqual(self.keyring._backoff["flaky.example"].delay_ms, 5_000)
+        del self.federation.servers["flaky.example"]
+        self.clock.advance(5)
+        self.get(server="flaky.example", valid_at=NOW_MS + 2 * DAY_MS)  # a refresh, failed
+        self.assertEqual(self.federation.count("flaky.example"), 4)
+        self.assertEqual(self.keyring._backoff["flaky.example"].delay_ms, 60_000)
 
     def test_invalid_server_name_not_fetched(self) -> None:
         """An invalid server name is never fetched."""
@@ -1064,8 +1084,8 @@ class KeyringTests(SynchronousTestCase):
         self.rotate(expired_ts=rotated_ms)
         self.assertEqual(self.get()[self.key_id].expired_ts, rotated_ms)
         self.assertEqual(self.federation.count("remote.example"), 1)
-        self.clock.advance(2)
-        now_ms = NOW_MS + 2000
+        self.clock.advance(5)  # past the pause that fetch set
+        now_ms = NOW_MS + 5000
         for _ in range(3):
             key = self.get(valid_at=now_ms)[self.key_id]
             self.assertEqual(key.expired_ts, rotated_ms)
@@ -1096,8 +1116,9 @@ class KeyringTests(SynchronousTestCase):
         )
 
     def test_undecodable_stored_key_skipped(self) -> None:
-        """A stored key that does not decode (a corrupt row) is skipped with a warning; the
-        server's other stored keys are still used, without a fetch."""
+        """A stored key that does not decode (a corrupt row) is skipped with a warning, when a
+        lookup asks for it (only the key IDs asked for are read): as if it were not stored, it
+        is fetched; the server's other stored keys are still used, without a fetch."""
         from federation_invite.store import ServerKeyRecord
 
         published = encode_verify_key(verify_key_of(self.remote_key))
@@ -1128,12 +1149,19 @@ class KeyringTests(SynchronousTestCase):
         with capturedLogs() as events:
             keys = self.get()
         self.assertEqual(keys[self.key_id].verify_key, verify_key_of(self.remote_key))
+        self.assertEqual([formatEvent(event) for event in events], [])
+        self.assertEqual(self.federation.calls, [])
+        with capturedLogs() as events:
+            keys = self.successResultOf(
+                self.keyring.get_server_keys("remote.example", ["ed25519:bad", self.key_id], NOW_MS)
+            )
+        self.assertEqual(keys[self.key_id].verify_key, verify_key_of(self.remote_key))
         self.assertEqual(self.keyring.cached_keys("remote.example").keys(), {self.key_id})
         self.assertIn(
             "Ignoring an undecodable stored key ed25519:bad of remote.example",
             [formatEvent(event) for event in events],
         )
-        self.assertEqual(self.federation.calls, [])
+        self.assertEqual(self.federation.count("remote.example"), 1)
 
     def test_key_fetched_while_our_clock_ran_ahead_is_replaced(self) -> None:
         """A key fetched while our clock ran ahead (its fetched_ts now in the future) is
@@ -1262,6 +1290,134 @@ class KeyringTests(SynchronousTestCase):
         self.federation.add_key_server(self.clock, "s4.example", [self.remote_key])
         self.get(server="s4.example")
         self.assertEqual(list(self.keyring._memory), ["s3.example", "s4.example"])
+
+
+class _FreshKeyIdsClient:
+    """A hostile key server: each fetch of its document lists 64 key IDs never listed before
+    (one private key under all of them, one signature), as reviewed in bounds.md, finding 1."""
+
+    def __init__(self, clock: Any, server_name: str) -> None:
+        self.clock = clock
+        self.server_name = server_name
+        self.key = make_key("a")
+        self.published = encode_verify_key(verify_key_of(self.key))
+        self.listed = 0
+        self.fetches = 0
+
+    def next_key_id(self) -> str:
+        """A key ID the next fetch will list, not listed yet: what each forged request names."""
+        return f"ed25519:k{self.listed + 1}"
+
+    def get_json(self, destination: str, path: str, **kwargs: Any) -> Deferred[Any]:
+        self.fetches += 1
+        base, self.listed = self.listed, self.listed + 64
+        document = {
+            "server_name": destination,
+            "valid_until_ts": int(self.clock.seconds() * 1000) + DAY_MS,
+            "verify_keys": {
+                ("ed25519:a" if n == 0 else f"ed25519:k{base + n}"): {"key": self.published}
+                for n in range(64)
+            },
+        }
+        return succeed(sign_json(document, destination, self.key))
+
+    def post_json(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        raise AssertionError("no notaries configured")
+
+
+class KeyMemoryBoundTests(SynchronousTestCase):
+    """The keys held in memory per server are bounded, and so are the fetches lookups of key
+    IDs we do not hold can cause (bounds review, finding 1)."""
+
+    def setUp(self) -> None:
+        self.clock = make_clock()
+        self.store = MemoryKeyStore()
+
+    def test_fresh_key_ids_per_fetch_keep_memory_and_fetches_bounded(self) -> None:
+        """The reviewer's attack: 600 lookups 10 ms apart, each naming a key ID we do not hold
+        that the server lists at its next fetch (64 fresh ones per fetch; each lookup used to
+        cost a fetch and 63 keys more in memory). One fetch per 5 s pause (the lookups within
+        it wait for its end), at most 64 keys of that name in memory, every lookup answered
+        with the key it named."""
+        client = _FreshKeyIdsClient(self.clock, "evil.example")
+        keyring = Keyring(self.clock, self.store, client)
+        lookups = []
+        for _ in range(600):
+            key_id = client.next_key_id()
+            lookups.append((key_id, keyring.get_server_keys("evil.example", [key_id], NOW_MS)))
+            self.clock.advance(0.01)
+        self.clock.advance(5)
+        for key_id, lookup in lookups:
+            self.assertEqual(list(self.successResultOf(lookup)), [key_id])
+        # At 0 s, then at the end of each pause: 5 s (the lookups of 0.01-4.99 s) and 10 s
+        # (those of 5.00-5.99 s).
+        self.assertEqual((client.fetches, keyring.fetches), (3, 3))
+        self.assertEqual(len(keyring.cached_keys("evil.example")), 64)
+        self.assertEqual(len(keyring._fetched_ts["evil.example"]), 64)
+        self.assertEqual(keyring.fetch_failures, 0)
+
+    def test_restart_loads_only_the_key_ids_asked_for(self) -> None:
+        """A name with thousands of stored keys (listed over time) costs a fresh keyring (a
+        restart, an eviction) only the keys a lookup asks for: answered from the store, no
+        fetch, the others left there."""
+        client = _FreshKeyIdsClient(self.clock, "evil.example")
+        keyring = Keyring(self.clock, self.store, client)
+        for _ in range(40):
+            self.successResultOf(
+                keyring.get_server_keys("evil.example", [client.next_key_id()], NOW_MS)
+            )
+            self.clock.advance(5)
+        self.assertEqual(sum(1 for name, _ in self.store.keys if name == "evil.example"), 2521)
+        restarted = Keyring(self.clock, self.store, client)
+        keys = self.successResultOf(
+            restarted.get_server_keys("evil.example", ["ed25519:k1", "ed25519:k2000"], NOW_MS)
+        )
+        self.assertEqual(set(keys), {"ed25519:k1", "ed25519:k2000"})
+        self.assertEqual(set(restarted.cached_keys("evil.example")), set(keys))
+        self.assertEqual((client.fetches, restarted.fetches), (40, 0))
+
+    def test_rotations_with_memory_bounded(self) -> None:
+        """A legitimate server rotating its key 70 times (the old key moved to old_verify_keys,
+        the last 3 listed): each new key is found by the first lookup naming it (one rotated to
+        within 5 s of the last fetch waits for that pause to end); memory keeps at most 64 of
+        its keys, and a key long rotated out, dropped from memory, is still answered from the
+        store for an event sent before it expired, without a fetch."""
+        from federation_invite.config import OldKey
+
+        federation = FakeFederation()
+        keyring = Keyring(self.clock, self.store, federation)
+        signing = [make_key(f"r{n}") for n in range(71)]
+        old: list[OldKey] = []
+        expired = []
+        for n, key in enumerate(signing):
+            if n:
+                now_ms = int(self.clock.seconds() * 1000)
+                previous = signing[n - 1]
+                old.append(
+                    OldKey(key_id_of(previous), encode_verify_key(verify_key_of(previous)), now_ms)
+                )
+                expired.append(now_ms)
+            federation.add_key_server(self.clock, "remote.example", [key], old_keys=old[-3:])
+            lookup = keyring.get_server_keys("remote.example", [key_id_of(key)], NOW_MS)
+            if n == 70:  # rotated 1 s after the last fetch: waits for its pause to end
+                self.assertNoResult(lookup)
+                self.clock.advance(4)
+            keys = self.successResultOf(lookup)
+            self.assertEqual(keys[key_id_of(key)].verify_key, verify_key_of(key))
+            self.assertLessEqual(len(keyring.cached_keys("remote.example")), 64)
+            self.clock.advance(6 if n < 69 else 1)
+        self.assertEqual(federation.count("remote.example"), 71)
+        held = keyring.cached_keys("remote.example")
+        self.assertEqual(len(held), 64)
+        self.assertEqual(held[key_id_of(signing[69])].expired_ts, expired[69])
+        self.assertNotIn(key_id_of(signing[0]), held)
+        first = key_id_of(signing[0])
+        keys = self.successResultOf(keyring.get_server_keys("remote.example", [first], expired[0]))
+        self.assertEqual(
+            (keys[first].verify_key, keys[first].expired_ts),
+            (verify_key_of(signing[0]), expired[0]),
+        )
+        self.assertEqual(federation.count("remote.example"), 71)
 
 
 class NotaryTests(SynchronousTestCase):
@@ -1863,6 +2019,23 @@ class NotaryTests(SynchronousTestCase):
         gets: K1 still stays old, in memory and in the store."""
         self.assert_bogus_lookup_keeps_k1_old(server_down=True)
 
+    def test_stale_notary_copy_does_not_undo_a_rotation_after_a_restart(self) -> None:
+        """After a restart, memory holds only the keys lookups named (K1, stored as old, not
+        read): the notary's stale copy listing K1 as current, answering a made-up key ID, is
+        not taken into memory either, so a lookup of K1 reads it from the store, still old."""
+        _, k1, _ = self.rotated()
+        del self.federation.servers["rotated.example"]
+        self.clock.advance(10)
+        restarted = self.keyring()
+        self.successResultOf(restarted.get_server_keys("rotated.example", ["ed25519:bogus"], 0))
+        self.assertTrue(self.notary.queries)
+        self.assertEqual(restarted.cached_keys("rotated.example"), {})
+        sent_ms = NOW_MS - 7_200_000  # an event sent before the rotation
+        keys = self.successResultOf(
+            restarted.get_server_keys("rotated.example", [key_id_of(k1)], sent_ms)
+        )
+        self.assertEqual(keys[key_id_of(k1)].expired_ts, NOW_MS - 3_600_000)
+
     def assert_bogus_lookup_keeps_k1_old(self, server_down: bool) -> None:
         """After the rotation, a made-up key ID's lookup asks the notary and K1 stays old."""
         keyring, k1, _ = self.rotated()
@@ -2105,7 +2278,7 @@ class FetchCapTests(SynchronousTestCase):
         gates[0].callback(None)
         self.assertIn(self.key_id, self.successResultOf(lookups[0]))
         self.assertFetchedNow("c.example")
-        self.assertEqual(self.keyring._backoff, {})
+        self.assertEqual(failure_backoffs(self.keyring), {})
 
     def test_default_cap(self) -> None:
         """The default is the README's: 64 fetches in flight."""
@@ -2163,7 +2336,9 @@ class FetchCapTests(SynchronousTestCase):
         gates = self.fill_in(keyring, "a.example", "b.example", valid_at_ms=now_ms)
         refused = keyring.get_server_keys("c.example", [self.key_id], now_ms)
         self.assertBusy(refused)
-        self.assertEqual((self.federation.count("c.example"), keyring._backoff), (1, {}))
+        self.assertEqual(self.federation.count("c.example"), 1)
+        self.assertEqual(failure_backoffs(keyring), {})
+        self.assertFalse(keyring._backing_off("c.example"))
         self.assertIn(self.key_id, self.successResultOf(self.lookup("held.example", keyring)))
         gates[0].callback(None)
         keys = self.successResultOf(keyring.get_server_keys("c.example", [self.key_id], now_ms))
@@ -2279,6 +2454,7 @@ class FetchCapTests(SynchronousTestCase):
         )
         for server in ("a.example", "b.example"):
             self.assertIn(self.key_id, self.successResultOf(self.lookup(server)))
+        self.clock.advance(5)  # past the pauses those fetches set
         self.assertEqual(
             self.successResultOf(
                 self.keyring.get_server_keys("c.example", ["ed25519:made_up"], NOW_MS)

@@ -1059,7 +1059,8 @@ class TransportTests(_Base):
         result = self.successResultOf(self.origin.send("10", event, state))
         self.assertEqual(result["signatures"].keys(), {OURS, PEER})
         self.assertEqual(self.origin.keyring.fetches, 2)
-        self.assertEqual(self.origin.keyring._backoff, {})
+        # The back-off ended: only the 5 s pause after an answer is left.
+        self.assertEqual(self.origin.keyring._backoff[PEER].delay_ms, 5_000)
 
     def test_failed_key_fetch_does_not_fail_the_answer_check_via(self) -> None:
         """Sent through another ``destination``, the invite's success does not end the
