@@ -30,14 +30,13 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
 import attrs
-import canonicaljson
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import Interface
 
 from ._clock import in_window
-from .core.errors import Codes, MatrixError
+from .core.errors import Codes, MatrixError, error_answer
 from .core.globs import GlobList
 from .core.ids import server_name_of
 from .core.roomversions import RoomVersion
@@ -77,8 +76,10 @@ class IInvitePolicy(Interface):
 
         A Deferred, a coroutine (``async def``) or the plain value will do.
         Raising (or failing with) a ``MatrixError`` answers with that error
-        instead; any other error, or a ``MatrixError`` whose body cannot be
-        encoded as JSON, answers 500 ``M_UNKNOWN`` and is logged.
+        instead; any other error, or a ``MatrixError`` the web edge cannot
+        answer (``core.errors.error_answer``: a status that is no int in 100-599,
+        a ``retry_after_ms`` that is no number, a body with no JSON form),
+        answers 500 ``M_UNKNOWN`` and is logged.
         """
 
 
@@ -98,12 +99,13 @@ class _PolicyStore(Protocol):
 
 
 def _check_answerable(hook: InvitePolicyHook, error: MatrixError) -> None:
-    """Raise ``TypeError`` if the web edge cannot encode a hook's ``error`` (an extra
-    field or a message with no JSON form: a date, a set, bytes): the invite is then a
-    hook failure, logged and answered 500 ``M_UNKNOWN``, and counted and logged as
-    such rather than as the refusal the hook meant."""
+    """Raise ``TypeError`` if the web edge cannot answer a hook's ``error`` (the same
+    ``error_answer`` it writes fails: a status that is no int in 100-599, a
+    ``retry_after_ms`` that is no number, an extra field or a message with no JSON form):
+    the invite is then a hook failure, logged and answered 500 ``M_UNKNOWN``, and
+    counted and logged as such rather than as the refusal the hook meant."""
     try:
-        canonicaljson.encode_canonical_json(error.to_json())
+        error_answer(error)
     except Exception as exc:
         raise TypeError(
             f"policy hook {type(hook).__name__} raised {error!r}, which cannot be answered: {exc}"

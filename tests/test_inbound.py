@@ -1744,6 +1744,46 @@ class PolicyRowTests(InboundTestCase):
             self.assertEqual(counted, 1.0, depth)
         self.assertEqual(len(self.flushLoggedErrors(TypeError)), 3)
 
+    def test_row15_hook_matrix_error_the_web_cannot_answer(self) -> None:
+        """A hook's MatrixError with a bad status or retry_after_ms: answered, logged and
+        counted alike as a 500 M_UNKNOWN (not as the hook's 429/403, nor left unanswered)."""
+
+        class Hook:
+            def __init__(self, error: MatrixError) -> None:
+                self.error = error
+
+            def check_invite(self, invite: Any) -> Any:
+                raise self.error
+
+        errors = [
+            MatrixError(429, "M_LIMIT_EXCEEDED", "Slow down", retry_after_ms=None),
+            MatrixError(429, "M_LIMIT_EXCEEDED", "Slow down", retry_after_ms="soon"),
+            MatrixError("403", "M_FORBIDDEN", "Not now"),  # type: ignore[arg-type]
+            MatrixError(1403, "M_FORBIDDEN", "Not now"),
+            MatrixError(True, "M_FORBIDDEN", "Not now"),
+        ]
+        for depth, error in enumerate(errors, 1):
+            self.s, self.stored_now = InviteScenario(), 0
+            metrics = self.s.handler._metrics = InviteMetrics(enabled=True)
+            self.s.policy.add_hook(Hook(error))
+            room_version, event = self.s.invite(extra={"depth": depth})
+            with capturedLogs() as events:
+                body = self.assertRefused(self.send_v2(room_version, event), 500, "M_UNKNOWN")
+            self.assertEqual(body, {"errcode": "M_UNKNOWN", "error": "Internal server error"})
+            (line,) = [e for e in events if e.get("outcome")]
+            self.assertEqual(
+                (line["outcome"], line["status"], line.get("errcode")),
+                ("refused", 500, "M_UNKNOWN"),
+                error,
+            )
+            for errcode, expected in (("M_UNKNOWN", 1.0), (error.errcode, None)):
+                counted = metrics.registry.get_sample_value(
+                    "federation_invite_inbound_invites_total",
+                    {"outcome": "refused", "errcode": errcode},
+                )
+                self.assertEqual(counted, expected, (error, errcode))
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), len(errors))
+
     def test_row15_hook_without_check_invite_refused(self) -> None:
         """A hook without a callable check_invite (a plain function, say) is refused with a
         TypeError when registered, rather than answering every invite with 500."""

@@ -6,9 +6,11 @@ store) and turned into ``{"errcode": ..., "error": ...}`` once, at the edge.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["Codes", "MatrixError"]
+import canonicaljson
+
+__all__ = ["Codes", "ErrorAnswer", "MatrixError", "error_answer"]
 
 
 class Codes:
@@ -58,3 +60,33 @@ class MatrixError(Exception):
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.extra.items())
         return f"MatrixError({self.http_status}, {self.errcode!r}, {self.message!r}{extra})"
+
+
+class ErrorAnswer(NamedTuple):
+    """The HTTP answer to a ``MatrixError``: its status, the headers it adds to a JSON
+    answer's (``Retry-After``), and its encoded body."""
+
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+
+
+def error_answer(error: MatrixError) -> ErrorAnswer:
+    """The answer the web edge writes for ``error``, built before anything is written.
+
+    Raises ``TypeError`` or ``ValueError`` if ``error`` has none: a status that is no
+    ``int`` in 100-599, a ``retry_after_ms`` (on ``M_LIMIT_EXCEEDED``) that ``int()``
+    refuses, or a body with no JSON form. The web edge then answers a logged 500
+    ``M_UNKNOWN``, and the policy checks a hook's error with it when it is raised.
+    """
+    status = error.http_status
+    if not isinstance(status, int) or isinstance(status, bool):
+        raise TypeError(f"HTTP status {status!r} is not an int")
+    if not 100 <= status <= 599:
+        raise ValueError(f"HTTP status {status} is not in 100-599")
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    if error.errcode == Codes.LIMIT_EXCEEDED and "retry_after_ms" in error.extra:
+        seconds = max(1, (int(error.extra["retry_after_ms"]) + 999) // 1000)
+        headers = ((b"Retry-After", str(seconds).encode("ascii")),)
+    body: bytes = canonicaljson.encode_canonical_json(error.to_json())
+    return ErrorAnswer(status, headers, body)

@@ -19,7 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ..core.canonical import EncodedDict, EncodedList
-from ..core.errors import Codes, MatrixError
+from ..core.errors import Codes, MatrixError, error_answer
 from ..logs import Logger
 
 __all__ = ["MatrixResource", "NotFoundResource", "render_async", "write_error", "write_json"]
@@ -38,31 +38,38 @@ def _encode(body: Any) -> bytes:
     return encoded
 
 
-def write_json(request: Request, status: int, body: Any) -> bytes:
-    """Set status and headers for a JSON body and return the encoded bytes."""
-    encoded = _encode(body)
+def _set_json_headers(request: Request, status: int) -> None:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
     request.setHeader(b"Cache-Control", b"no-cache, no-store, must-revalidate")
+
+
+def write_json(request: Request, status: int, body: Any) -> bytes:
+    """Set status and headers for a JSON body and return the encoded bytes."""
+    encoded = _encode(body)
+    _set_json_headers(request, status)
     return encoded
 
 
 def write_error(request: Request, error: MatrixError) -> bytes:
-    """The one place a refusal becomes an HTTP answer."""
-    if error.errcode == Codes.LIMIT_EXCEEDED and "retry_after_ms" in error.extra:
-        seconds = max(1, (int(error.extra["retry_after_ms"]) + 999) // 1000)
-        request.setHeader(b"Retry-After", str(seconds).encode("ascii"))
-    return write_json(request, error.http_status, error.to_json())
+    """The one place a refusal becomes an HTTP answer (``error_answer``'s, which the
+    policy also checks a hook's error with). Raises, with nothing set on ``request``,
+    if ``error`` has no answer (see ``error_answer``)."""
+    answer = error_answer(error)
+    _set_json_headers(request, answer.status)
+    for name, value in answer.headers:
+        request.setHeader(name, value)
+    return answer.body
 
 
 def _write_refusal(request: Request, error: MatrixError) -> bytes:
     """``write_error``, or a logged 500 ``M_UNKNOWN`` if ``error`` cannot be answered
-    (an extra field or message with no JSON form, say an embedder's ``date``): the
-    client still gets an answer rather than none."""
+    (a status that is no int in 100-599, a ``retry_after_ms`` that is no number, an
+    extra field or message with no JSON form, say an embedder's ``date``): the client
+    still gets an answer rather than none."""
     try:
         return write_error(request, error)
     except Exception:
-        request.responseHeaders.removeHeader(b"Retry-After")
         return _unexpected(request, Failure())
 
 

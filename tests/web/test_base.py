@@ -227,6 +227,48 @@ class WebBaseTests(SynchronousTestCase):
             )
         self.assertEqual(len(self.flushLoggedErrors(TypeError)), 2)
 
+    def test_matrix_error_with_bad_status_or_retry_after_is_a_500(self) -> None:
+        """A MatrixError whose status is no int in 100-599 or whose retry_after_ms int()
+        refuses, from async work or a synchronous render_*: a logged 500 M_UNKNOWN JSON
+        without Retry-After, not left unanswered."""
+        errors = [
+            MatrixError("403", Codes.FORBIDDEN, "Not now"),  # type: ignore[arg-type]
+            MatrixError(99, Codes.FORBIDDEN, "Not now"),
+            MatrixError(600, Codes.FORBIDDEN, "Not now"),
+            MatrixError(False, Codes.FORBIDDEN, "Not now"),
+            MatrixError(429, Codes.LIMIT_EXCEEDED, "slow", retry_after_ms=None),
+            MatrixError(429, Codes.LIMIT_EXCEEDED, "slow", retry_after_ms="soon"),
+        ]
+        for error in errors:
+            resource = Async()
+            client = make_client(resource)
+            pending = client.put("https://test/_matrix/thing", data=b"{}")
+            resource.pending.callback(error)
+            client.flush()
+            answers = [self.successResultOf(pending)]
+
+            class Refusing(MatrixResource):
+                isLeaf = True
+
+                def __init__(self, error: MatrixError) -> None:
+                    super().__init__()
+                    self.error = error
+
+                def render_GET(self, request: Request) -> bytes:
+                    raise self.error
+
+            answers.append(
+                self.successResultOf(make_client(Refusing(error)).get("https://test/_matrix/thing"))
+            )
+            for response in answers:
+                self.assertEqual(response.code, 500, error)
+                self.assertIsNone(response.headers.getRawHeaders("retry-after"), error)
+                self.assertEqual(
+                    json.loads(self.successResultOf(response.content())),
+                    {"errcode": "M_UNKNOWN", "error": "Internal server error"},
+                )
+        self.assertEqual(len(self.flushLoggedErrors(TypeError, ValueError)), 2 * len(errors))
+
     def test_client_gone_cancels_work(self) -> None:
         """When the client disconnects, the work is cancelled and nothing is written."""
         resource = Async()
