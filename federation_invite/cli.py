@@ -30,7 +30,6 @@ from .store import (
     InviteRule,
     IStore,
     StoreError,
-    open_store,
     parse_database_uri,
     run_migrations,
 )
@@ -400,7 +399,9 @@ async def run_async(
         # create it; said, so that a mistyped path shows.
         config.ensure_data_dir()
         err.write(f"Created a new database at {missing}\n")
-    store = await open_store(config.database, reactor=reactor)
+    from .service import open_configured_store
+
+    store = await open_configured_store(config, reactor)
     try:
         code: int = await _STORE_COMMANDS[args.command](args, out, store, config)
     finally:

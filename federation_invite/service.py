@@ -618,6 +618,13 @@ def _warn_if_open_to_others(path: str) -> None:
         )
 
 
+def open_configured_store(config: Config, reactor: Any) -> Deferred[IStore]:
+    """Open (and migrate) ``config``'s database as its keys say (``database``,
+    ``database_pool_size``): how the daemon, ``build_from_config`` and the operator's
+    store commands open it, so that they cannot differ."""
+    return open_store(config.database, reactor=reactor, pool_size=config.get("database_pool_size"))
+
+
 async def build_from_config(
     config: Config | str | None, reactor: Any, **kwargs: Any
 ) -> FederationInvite:
@@ -641,9 +648,7 @@ async def build_from_config(
         _check_signer_for(config, signer)  # before any file or database is opened
     _check_arguments(config, kwargs)
     key = _data_dir_and_key(config)  # before the database is opened
-    store = await open_store(
-        config.database, reactor=reactor, pool_size=config.get("database_pool_size")
-    )
+    store = await open_configured_store(config, reactor)
     try:
         components, probing = _assemble(config, reactor, store, key, **kwargs)
     except Exception:
@@ -1218,7 +1223,7 @@ class FederationInviteService(service.MultiService):
             ),
         )
         try:
-            store = await open_store(self.config.database, reactor=self.reactor)
+            store = await open_configured_store(self.config, self.reactor)
         finally:
             if slow.active():
                 slow.cancel()

@@ -60,6 +60,25 @@ class StoreCommandTests(TestCase):
             await self.run_cli("migrate"), (0, "Schema is at version 1; nothing to do\n")
         )
 
+    async def test_store_commands_use_database_pool_size(self) -> None:
+        """A store command opens the database as the daemon does, with the configuration's
+        database_pool_size (service.open_configured_store), not open_store's default."""
+        from federation_invite import service as service_module
+
+        opened: list[Any] = []
+
+        def recording(uri: str, **kwargs: Any) -> Any:
+            opened.append(kwargs.get("pool_size"))
+            return open_store(uri, **kwargs)
+
+        self.patch(service_module, "open_store", recording)
+        with open(self.config, "a") as handle:
+            handle.write("database_pool_size = 3\n")
+        self.assertEqual(
+            await self.run_cli("users", "add", "@bob:example.org"), (0, "Added @bob:example.org\n")
+        )
+        self.assertEqual(opened, [3])
+
     def test_users(self) -> Deferred[None]:
         """users add/list/remove manage local users; foreign user IDs are refused."""
 

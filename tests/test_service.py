@@ -1741,6 +1741,95 @@ class PostgresStopWhileOpeningTests(TestCase):
         )
 
 
+class PoolSizeTests(SynchronousTestCase):
+    """database_pool_size reaches open_store on every path that opens the store from a
+    configuration: the daemon's start, the embedding entry point."""
+
+    def setUp(self) -> None:
+        self.opened: list[dict[str, Any]] = []
+        self.opening: Deferred[Any] = Deferred()
+
+        async def open_store(uri: str, reactor: Any = None, **kwargs: Any) -> Any:
+            self.opened.append(kwargs)
+            return await self.opening
+
+        self.patch(service_module, "open_store", open_store)
+        self.config = load_config(
+            None,
+            {
+                "server_name": US,
+                "data_dir": self.mktemp(),
+                "listen": ["tcp:0:interface=127.0.0.1"],
+                "database_pool_size": 2,
+                "inbound.shutdown_grace_period": 1.0,
+            },
+        )
+
+    def test_daemon_start(self) -> None:
+        """The daemon's start (twistd/twist: _open_and_serve) opens the store with the
+        configured pool size, not open_store's default."""
+        reactor = MemoryReactorClock()
+        service = FederationInviteService(
+            self.config, reactor, make_key("us1"), exit_on_failure=False
+        )
+        service.startService()
+        self.assertEqual([kwargs.get("pool_size") for kwargs in self.opened], [2])
+        stopping = service.stopService()
+        reactor.advance(1.0)  # the stop abandons the start still opening
+        self.successResultOf(stopping)
+        self.failureResultOf(service.ready, CancelledError)
+
+    def test_build_from_config(self) -> None:
+        """The embedding entry point opens the store with the configured pool size."""
+        building = ensureDeferred(build_from_config(self.config, MemoryReactorClock()))
+        self.assertEqual([kwargs.get("pool_size") for kwargs in self.opened], [2])
+        building.cancel()
+        self.failureResultOf(building, CancelledError)
+
+
+class PostgresPoolSizeTests(TestCase):
+    """On a real PostgreSQL: the daemon's pool is as large as database_pool_size."""
+
+    def setUp(self) -> None:
+        from .store._support import (
+            POSTGRES_BASE,
+            create_postgres_database,
+            drop_postgres_database,
+            require_postgres,
+        )
+
+        require_postgres(self)
+        self.database = create_postgres_database()
+        self.addCleanup(drop_postgres_database, self.database)
+        self.uri = f"{POSTGRES_BASE}/{self.database}"
+
+    async def test_daemon_pool_size(self) -> None:
+        """make_service's service (what twistd and twist run) opens at most
+        database_pool_size (2) connections, its pool threads as many."""
+        from twisted.internet import reactor
+
+        config = load_config(
+            None,
+            {
+                "server_name": US,
+                "data_dir": os.path.abspath(self.mktemp()),
+                "database": self.uri,
+                "database_pool_size": 2,
+                "listen": ["tcp:0:interface=127.0.0.1"],
+            },
+        )
+        service = service_module.make_service(
+            config, reactor, exit_on_failure=False, freeze_gc=False
+        )
+        service.startService()
+        try:
+            await service.ready
+            pool = service.components.store._pool  # type: ignore[attr-defined]
+            self.assertEqual((pool.max, pool.threadpool.max), (2, 2))
+        finally:
+            await service.stopService()
+
+
 def _port_free(port: int) -> bool:
     """Whether nothing listens on loopback ``port`` (closed connections may linger)."""
     import socket
