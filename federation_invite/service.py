@@ -765,6 +765,8 @@ def _server_endpoint(
         if tls is not None:
             tls.append(settings)
         return _TLSServerEndpoint(endpoint, settings)
+    if args[0] == "unix":
+        return _unix_endpoint(reactor, description, args[1:], keywords)
     if args[0] != "ssl":
         return endpoints.serverFromString(reactor, description)
     bound = inspect.signature(endpoints._parseSSL).bind(None, *args[1:], **keywords)
@@ -775,6 +777,43 @@ def _server_endpoint(
     if tls is not None:
         tls.append(settings)
     return endpoints.SSL4ServerEndpoint(reactor, port, settings, **placement)
+
+
+#: The longest path a Unix socket address holds: ``sun_path``'s size (Linux's 108 bytes,
+#: the BSDs' and macOS's 104), as Python's ``bind`` checks it ("AF_UNIX path too long").
+UNIX_PATH_MAX = 104 if sys.platform == "darwin" or "bsd" in sys.platform else 108
+
+
+def _unix_endpoint(
+    reactor: Any, description: str, positional: Sequence[str], keywords: dict[str, str]
+) -> IStreamServerEndpoint:
+    """A ``unix:`` endpoint, as Twisted's ``serverFromString`` builds it, except that an
+    address over ``UNIX_PATH_MAX`` bytes under the working directory is bound relative to
+    it. The configuration makes a relative address absolute from the start directory (for
+    twistd's ``--rundir``), which a deep start directory makes too long for the kernel:
+    relative to the working directory (the start directory, unless ``--rundir`` named
+    another) it is the same file. A long address not under it is a ``ConfigError``."""
+    from twisted.internet import endpoints
+
+    (address, _), arguments = endpoints._parseUNIX(None, *positional, **keywords)
+    size = len(os.fsencode(address))
+    if size <= UNIX_PATH_MAX or address.startswith("\0"):
+        return endpoints.serverFromString(reactor, description)
+    try:
+        directory = os.path.join(os.getcwd(), "")
+    except OSError:
+        directory = None  # removed since: no path is under it
+    relative = address[len(directory) :] if directory and address.startswith(directory) else ""
+    if not relative:
+        where = "not under the working directory"
+    elif len(os.fsencode(relative)) > UNIX_PATH_MAX:
+        where = "too long relative to the working directory too"
+    else:
+        return endpoints.UNIXServerEndpoint(reactor, relative, **arguments)
+    raise ConfigError(
+        f"the socket's path is {size} bytes, over the {UNIX_PATH_MAX} a Unix socket address "
+        f"holds, and {where}: give a shorter absolute path"
+    )
 
 
 #: The ``ssl:`` arguments a ``systemd:`` endpoint takes to serve TLS on its socket.
@@ -986,6 +1025,12 @@ def _failure_reason(exc: BaseException) -> str:
         filename = exc.filename2 or exc.filename
         if isinstance(filename, bytes):
             filename = os.fsdecode(filename)
+        if filename and not os.path.isabs(filename):
+            # A unix: socket bound relative to the working directory (_unix_endpoint).
+            try:
+                filename = os.path.join(os.getcwd(), filename)
+            except OSError:
+                pass
         return f"{reason}: {filename}" if filename else reason
     if type(exc).__module__.startswith("OpenSSL"):
         return f"the TLS key or certificate is not usable PEM ({exc})"

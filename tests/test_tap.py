@@ -348,6 +348,68 @@ class MakeServiceTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_relative_unix_socket_from_a_short_or_long_start_directory(self) -> Deferred[None]:
+        """A relative unix: socket binds in the start directory whether its absolute path
+        fits in a Unix socket address or not (then bound relative to the working directory,
+        the start directory or, under twistd --rundir, one above it); from a directory it is
+        not under, a too long one fails in one line naming the limit."""
+        import shutil
+        import stat
+        import tempfile
+
+        from twisted.internet import reactor
+
+        from federation_invite.service import UNIX_PATH_MAX
+
+        short, elsewhere = tempfile.mkdtemp(prefix="fi"), tempfile.mkdtemp(prefix="fi")
+        self.addCleanup(shutil.rmtree, short)
+        self.addCleanup(shutil.rmtree, elsewhere)
+        deep = os.path.join(short, "d" * 50, "e" * 40)
+        os.makedirs(deep)
+        self.addCleanup(os.chdir, os.getcwd())
+
+        def service_in(start: str, socket: str = "fi.sock") -> FederationInviteService:
+            os.chdir(start)
+            options = Options()
+            options.parseOptions(["--data-dir", "data", "--listen", f"unix:{socket}"])
+            self.assertEqual(options["loaded"].listen, (f"unix:{start}/{socket}",))
+            return make_service(options["loaded"], reactor, exit_on_failure=False, freeze_gc=False)
+
+        async def go() -> None:
+            # (start directory, working directory at start: the rundir)
+            for start, rundir in ((short, short), (deep, deep), (deep, short)):
+                self.assertEqual(len(f"{start}/fi.sock") > UNIX_PATH_MAX, start == deep)
+                service = service_in(start)
+                os.chdir(rundir)
+                service.startService()
+                try:
+                    await service.ready
+                    mode = os.stat(os.path.join(start, "fi.sock")).st_mode
+                    self.assertTrue(stat.S_ISSOCK(mode), start)
+                finally:
+                    await service.stopService()
+                self.assertNotIn("fi.sock", os.listdir(start))
+            service = service_in(deep)
+            os.chdir(elsewhere)
+            error = self.assertRaises(ConfigError, service.privilegedStartService)
+            self.assertEqual(
+                str(error),
+                f"configuration key 'listen': cannot listen on 'unix:{deep}/fi.sock': the "
+                f"socket's path is {len(deep) + 8} bytes, over the {UNIX_PATH_MAX} a Unix "
+                "socket address holds, and not under the working directory: give a shorter "
+                "absolute path",
+            )
+            # Bound relative, a failure still names the absolute path.
+            error = self.assertRaises(
+                ConfigError, service_in(deep, "nodir/fi.sock").privilegedStartService
+            )
+            self.assertTrue(
+                str(error).endswith(f": No such file or directory: {deep}/nodir/fi.sock.lock"),
+                str(error),
+            )
+
+        return ensureDeferred(go())
+
     def test_make_service_entry_point(self) -> None:
         """The plugin's makeService builds the daemon's service with the global reactor."""
         options = Options()
