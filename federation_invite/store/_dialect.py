@@ -778,11 +778,27 @@ _MALFORMED = "PostgreSQL URI is malformed (percent-encode special characters)"
 
 
 def _parse_postgres(uri: str) -> PostgresDialect:
+    # libpq's several hosts (h1:5432,h2:5433,[::1]:5434, for failover), each with its
+    # port, are taken out before urlsplit sees the URI: urlsplit reads one host, and its
+    # check of a bracketed one differs between patch releases (with the CVE-2025-0938
+    # fix, "no data is allowed before a bracket" refuses h1,[::1]). Where urlsplit would
+    # find them: after the last '@' of the authority, which ends at the first '/', '?'
+    # or '#'.
+    start = uri.index("://") + 3
+    end = len(uri)
+    for delimiter in "/?#":
+        found = uri.find(delimiter, start)
+        if found >= 0:
+            end = min(end, found)
+    at = uri.rfind("@", start, end)
+    if at >= 0:
+        start = at + 1
+    hosts = uri[start:end]
     try:
-        parts = urlsplit(uri)
-        # libpq's several hosts (h1:5432,h2:5433, for failover), each with its port.
-        for host in parts.netloc.rpartition("@")[2].split(","):
+        for host in hosts.split(","):
             _check_port(host)
+        # urlsplit sees a neutral host in their place, for the rest of the URI.
+        parts = urlsplit(uri[:start] + "h" + uri[end:] if hosts else uri)
     except ValueError:
         # The parser's message can quote parts of the URI (a password with an
         # unencoded '#' or '/' looks like a bad port): say nothing more.
@@ -806,7 +822,7 @@ def _parse_postgres(uri: str) -> PostgresDialect:
         secrets |= {parts.password, unquote(parts.password)}
         userinfo = parts.netloc.rpartition("@")[0]
         user = userinfo.partition(":")[0]
-        netloc = f"{user}:***@{parts.netloc.rpartition('@')[2]}"
+        netloc = f"{user}:***@{hosts}"
         display = urlunsplit(parts._replace(netloc=netloc))
     # libpq also takes ?password=... and ?sslpassword=... (the client key's passphrase),
     # their names percent-encoded too (?pass%77ord=): keep them out of every display.

@@ -113,6 +113,49 @@ class PostgresURITests(SynchronousTestCase):
                 "PostgreSQL URI is malformed (percent-encode special characters)",
             )
 
+    def test_multi_host_uris_do_not_depend_on_urlsplit_brackets(self) -> None:
+        """An IPv6 host after another (h1:5432,[::1]:5433) is accepted whatever urlsplit
+        does with text before a '[': Pythons with the CVE-2025-0938 fix (Debian 12's
+        3.11.2-6+deb12u6, later CPython releases) refuse such a netloc, stood in for here
+        by a urlsplit that does; the host list never reaches urlsplit."""
+        real = _dialect.urlsplit
+
+        def strict(url: str, *args: object, **kwargs: object) -> object:
+            parts = real(url, *args, **kwargs)  # type: ignore[arg-type]
+            before, bracket, _ = parts.netloc.rpartition("@")[2].partition("[")
+            if bracket and before:
+                raise ValueError("Invalid IPv6 URL")  # "no data is allowed before a bracket"
+            return parts
+
+        self.patch(_dialect, "urlsplit", strict)
+        for uri in (
+            "postgresql://fi@h1:5432,[::1]:5433/invites?target_session_attrs=read-write",
+            "postgresql://fi@h1.example,h2.example:5433,[::1]:5434/invites",
+            "postgresql://[::1]:5432,h1:5433,[fe80::1]/invites",
+        ):
+            dialect = parse_database_uri(uri)
+            assert isinstance(dialect, PostgresDialect)
+            self.assertEqual(dialect.dsn, uri)
+            self.assertEqual(dialect.display, uri)
+        dialect = parse_database_uri(
+            "postgresql://fi:s3cret@h1:5432,[::1]:5433/invites?connect_timeout=5"
+        )
+        self.assertEqual(
+            dialect.display, "postgresql://fi:***@h1:5432,[::1]:5433/invites?connect_timeout=5"
+        )
+        self.assertIn("s3cret", dialect._secrets)
+        for uri in (
+            "postgresql://fi@h1:5432,[::1]x/invites",
+            "postgresql://fi@h1:5432,[::1:5433/invites",
+            "postgresql://fi@h1:5432,[::1]:99999/invites",
+        ):
+            with self.assertRaises(ValueError) as caught:
+                parse_database_uri(uri)
+            self.assertEqual(
+                str(caught.exception),
+                "PostgreSQL URI is malformed (percent-encode special characters)",
+            )
+
     def test_malformed_postgres_uris(self) -> None:
         """No database, a bad port or a fragment are refused, password hidden."""
         cases = {
