@@ -102,9 +102,9 @@ def _cmd_generate_config(args: argparse.Namespace, out: TextIO) -> int:
         # The certificate would be written, and announced, for no listener at all.
         raise ConfigError(
             "--tls-cert writes a certificate for a TLS listener, but no --listen endpoint is an "
-            "ssl: endpoint naming it; leave out --listen (for an ssl: listener on the server "
-            f"name's port) or give an ssl: endpoint with privateKey={_escape_endpoint(tls_key)}"
-            f":certKey={_escape_endpoint(tls_cert)}"
+            "ssl: (or TLS systemd:) endpoint naming it; leave out --listen (for an ssl: listener "
+            "on the server name's port) or give an ssl: or systemd: endpoint with "
+            f"privateKey={_escape_endpoint(tls_key)}:certKey={_escape_endpoint(tls_cert)}"
         )
     if os.path.exists(args.output) and not args.force:
         raise ConfigError(f"{args.output} exists; use --force to overwrite it")

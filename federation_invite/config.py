@@ -145,15 +145,22 @@ def _server_endpoint(description: str) -> str:
 
 
 def ssl_endpoint_files(description: str) -> tuple[str, str] | None:
-    """The ``(privateKey, certKey)`` files an ``ssl:`` endpoint string names, as Twisted reads
+    """The ``(privateKey, certKey)`` files a TLS endpoint string names, as Twisted reads
     them (``certKey`` defaults to ``privateKey``, ``privateKey`` to ``server.pem``; either may
-    be given positionally); None for any other endpoint. ``description`` must be valid
-    (``listen`` has checked it).
+    be given positionally): an ``ssl:`` endpoint, or a ``systemd:`` one given ``ssl:``'s
+    TLS arguments (the daemon serves TLS on its socket, reading them alike); None for any
+    other endpoint. ``description`` must be valid (``listen`` has checked it).
     """
     from twisted.internet import endpoints
 
     args, keywords = endpoints._parse(description)
-    if args[0] != "ssl":
+    if args[0] == "systemd":
+        given = {key: keywords[key] for key in _SYSTEMD_TLS_ARGUMENTS if key in keywords}
+        if not given:
+            return None
+        # As the daemon reads them (service._server_endpoint): a port to parse, unused.
+        args, keywords = ["ssl", "0"], given
+    elif args[0] != "ssl":
         return None
     bound = inspect.signature(endpoints._parseSSL).bind(None, *args[1:], **keywords)
     bound.apply_defaults()

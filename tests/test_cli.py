@@ -202,9 +202,9 @@ def _no_listener_for(key: str, cert: str) -> str:
     """generate-config's refusal of --tls-cert when no --listen endpoint serves KEY and CERT."""
     return (
         "federation-invite: --tls-cert writes a certificate for a TLS listener, but no "
-        "--listen endpoint is an ssl: endpoint naming it; leave out --listen (for an ssl: "
-        "listener on the server name's port) or give an ssl: endpoint with "
-        f"privateKey={key}:certKey={cert}\n"
+        "--listen endpoint is an ssl: (or TLS systemd:) endpoint naming it; leave out --listen "
+        "(for an ssl: listener on the server name's port) or give an ssl: or systemd: endpoint "
+        f"with privateKey={key}:certKey={cert}\n"
     )
 
 
@@ -324,6 +324,35 @@ class GenerateTLSTests(SynchronousTestCase):
             files = ssl_endpoint_files(loaded)
             assert files is not None
             self.assertEqual(tuple(map(os.path.abspath, files)), (key, cert))
+
+    def test_tls_cert_with_a_systemd_tls_listener(self) -> None:
+        """--tls-cert with a systemd: --listen given privateKey and certKey (a TLS listener
+        on systemd's socket) naming the files it writes is kept as given, the certificate
+        written; one naming other files, or none (plain HTTP), is refused as an ssl: one."""
+        data_dir = os.path.abspath(self.mktemp())
+        path = self.mktemp()
+        argv = ["generate-config", "--server-name", "e.org", "--data-dir", data_dir, "-o", path]
+        key, cert = f"{data_dir}/tls.key", f"{data_dir}/tls.crt"
+        for listen in (
+            "systemd:domain=INET:index=0",
+            f"systemd:domain=INET:index=0:privateKey={key}:certKey=/etc/other.crt",
+            f"systemd:domain=INET:index=0:privateKey={key}",  # certKey defaults to privateKey
+            "systemd:domain=INET:index=0:sslmethod=TLSv1_2_METHOD",  # privateKey: server.pem
+        ):
+            out, err = io.StringIO(), io.StringIO()
+            code = main([*argv, "--listen", listen, "--tls-cert"], out, err)
+            self.assertEqual((code, out.getvalue()), (1, ""), listen)
+            self.assertEqual(err.getvalue(), _no_listener_for(key, cert))
+            self.assertFalse(os.path.exists(path))
+            self.assertFalse(os.path.exists(data_dir))
+        tls = f"systemd:domain=INET:index=0:privateKey={key}:certKey={cert}"
+        out = io.StringIO()
+        code = main([*argv, "--listen", "tcp:8008", "--listen", tls, "--tls-cert"], out, out)
+        self.assertEqual(code, 0, out.getvalue())
+        self.assertIn("Wrote a self-signed TLS certificate", out.getvalue())
+        self.assertEqual(load_config(path).listen, ("tcp:8008", tls))
+        self.assertEqual(ssl_endpoint_files(tls), (key, cert))
+        self.assertTrue(os.path.exists(cert) and os.path.exists(key))
 
     def test_tls_cert_with_a_tls_listener_kept(self) -> None:
         """--tls-cert with an ssl: --listen (beside a plain one) writes the certificate and keeps
