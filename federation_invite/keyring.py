@@ -1272,13 +1272,19 @@ class Keyring:
                 )
         kept = [record for record in records if record.key_id not in listed]
         if kept:
-            # Memory takes only the keys asked for (a lookup read their stored copies first)
-            # and those it holds: a notary's copy never makes a key the store holds as old
-            # current (``_remember``), and memory holds only some of the stored keys.
+            # Memory takes only the keys asked for and those it holds: a notary's copy never
+            # makes a key the store holds as old current (``_remember``), and memory holds
+            # only some of the stored keys. Asked for by any lookup of this fetch (read now:
+            # those that joined while this query was out too, whose key the notary's document
+            # may list though the query did not name it); each read its stored copies first.
             held = self._memory.get(server_name, {})
             await self._keep(
                 kept,
-                [record for record in kept if record.key_id in wanted or record.key_id in held],
+                [
+                    record
+                    for record in kept
+                    if record.key_id in fetch.wanted or record.key_id in held
+                ],
             )
         return True
 

@@ -1641,6 +1641,26 @@ class NotaryTests(SynchronousTestCase):
         self.assertEqual(self.direct_requests("down.example"), 1)
         self.assertIn("down.example", keyring._direct_backoff)
 
+    def test_lookup_joining_during_the_notary_query_gets_the_notarys_key(self) -> None:
+        """A lookup joining a fetch while its notary query is in flight is answered at once
+        with its key from the notary's document, though that query did not name it: no
+        failure, no pause wait, no second notary query (diffkc review, finding 1)."""
+        k1, k2 = self.remote_key, make_key("r2")
+        self.notary.documents["down.example"] = server_keys_document(
+            "down.example", [k1, k2], [], NOW_MS, DAY_MS
+        )
+        keyring = self.keyring()
+        gate: Deferred[None] = Deferred()
+        self.federation.hold["notary.example"] = gate
+        first = keyring.get_server_keys("down.example", [key_id_of(k1)], NOW_MS)
+        joining = keyring.get_server_keys("down.example", [key_id_of(k2)], NOW_MS)
+        del self.federation.hold["notary.example"]
+        gate.callback(None)
+        self.assertIn(key_id_of(k1), self.successResultOf(first))
+        keys = self.successResultOf(joining)
+        self.assertEqual(keys[key_id_of(k2)].verify_key, verify_key_of(k2))
+        self.assertEqual((len(self.notary.queries), keyring.fetch_failures), (1, 0))
+
     def test_sender_joining_a_notary_only_fetch_server_still_down(self) -> None:
         """The sender's answer check joining a notary-only fetch, when the server is still
         down: the late direct request fails too and counts as the check's own fetch's
