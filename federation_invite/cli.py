@@ -13,7 +13,7 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO
 
 import attrs
@@ -172,7 +172,11 @@ def _cmd_keys_show(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-# -- commands that need the database: each is ``async (args, out, store) -> exit code``.
+# -- commands that need the database: each is ``(args, out, config) -> action``, which checks
+# the arguments (refusing them before any database is opened, or created), and the action
+# ``async (store) -> exit code`` does the command with the store.
+
+_StoreAction = Callable[[IStore], Awaitable[int]]
 
 
 async def _cmd_migrate(args: argparse.Namespace, out: TextIO, reactor: Any) -> int:
@@ -199,37 +203,62 @@ def _local_user(config: Config, user_id: str) -> str:
     return user_id
 
 
-async def _cmd_users(args: argparse.Namespace, out: TextIO, store: IStore, config: Config) -> int:
+def _cmd_users(args: argparse.Namespace, out: TextIO, config: Config) -> _StoreAction:
     if args.users_command == "list":
-        for user_id in await store.list_local_users():
-            out.write(_printable(user_id) + "\n")
-        return 0
+
+        async def list_users(store: IStore) -> int:
+            for user_id in await store.list_local_users():
+                out.write(_printable(user_id) + "\n")
+            return 0
+
+        return list_users
     user_id = _local_user(config, args.user_id)
     if args.users_command == "add":
-        changed = await store.add_local_user(user_id)
-        out.write(f"{'Added' if changed else 'Already present:'} {user_id}\n")
-        return 0
-    changed = await store.remove_local_user(user_id)
-    out.write(f"{'Removed' if changed else 'Not present:'} {user_id}\n")
-    return 0 if changed else 1
+
+        async def add_user(store: IStore) -> int:
+            changed = await store.add_local_user(user_id)
+            out.write(f"{'Added' if changed else 'Already present:'} {user_id}\n")
+            return 0
+
+        return add_user
+
+    async def remove_user(store: IStore) -> int:
+        changed = await store.remove_local_user(user_id)
+        out.write(f"{'Removed' if changed else 'Not present:'} {user_id}\n")
+        return 0 if changed else 1
+
+    return remove_user
 
 
-async def _cmd_rules(args: argparse.Namespace, out: TextIO, store: IStore, config: Config) -> int:
+def _cmd_rules(args: argparse.Namespace, out: TextIO, config: Config) -> _StoreAction:
     user_id = _local_user(config, args.user_id)
     if args.rules_command == "list":
-        for rule in await store.list_invite_rules(user_id):
-            out.write(_printable(f"{rule.kind} {rule.pattern} {rule.action}") + "\n")
-        return 0
+
+        async def list_rules(store: IStore) -> int:
+            for rule in await store.list_invite_rules(user_id):
+                out.write(_printable(f"{rule.kind} {rule.pattern} {rule.action}") + "\n")
+            return 0
+
+        return list_rules
     # ``is not None``: an empty --user is refused as empty (InviteRule), not taken for --server.
     kind, pattern = ("user", args.user) if args.user is not None else ("server", args.server)
     rule = InviteRule(user_id, kind, pattern, args.action)
+    said = f"{kind} {pattern} {args.action}"
     if args.rules_command == "add":
-        changed = await store.add_invite_rule(rule)
-        out.write(f"{'Added' if changed else 'Already present:'} {kind} {pattern} {args.action}\n")
-        return 0
-    changed = await store.remove_invite_rule(rule)
-    out.write(f"{'Removed' if changed else 'Not present:'} {kind} {pattern} {args.action}\n")
-    return 0 if changed else 1
+
+        async def add_rule(store: IStore) -> int:
+            changed = await store.add_invite_rule(rule)
+            out.write(f"{'Added' if changed else 'Already present:'} {said}\n")
+            return 0
+
+        return add_rule
+
+    async def remove_rule(store: IStore) -> int:
+        changed = await store.remove_invite_rule(rule)
+        out.write(f"{'Removed' if changed else 'Not present:'} {said}\n")
+        return 0 if changed else 1
+
+    return remove_rule
 
 
 def _printable(value: object) -> str:
@@ -264,7 +293,14 @@ def _invite_json(record: InviteRecord) -> dict[str, Any]:
     return attrs.asdict(record, filter=_is_shown)
 
 
-async def _cmd_invites(args: argparse.Namespace, out: TextIO, store: IStore, config: Config) -> int:
+def _cmd_invites(args: argparse.Namespace, out: TextIO, config: Config) -> _StoreAction:
+    async def invites(store: IStore) -> int:
+        return await _invites(args, out, store)
+
+    return invites
+
+
+async def _invites(args: argparse.Namespace, out: TextIO, store: IStore) -> int:
     if args.invites_command == "show":
         record = await store.get_invite(args.event_id)
         if record is None:
@@ -383,6 +419,7 @@ async def run_async(
     if args.command == "send-invite":
         return await _cmd_send_invite(args, out, reactor, err)
     config = _load(args)
+    action = _STORE_COMMANDS[args.command](args, out, config)
     missing = _missing_sqlite_file(config.database)
     if missing is not None:
         sub_command = getattr(args, f"{args.command}_command")
@@ -396,14 +433,17 @@ async def run_async(
                 " or create it with 'federation-invite migrate'"
             )
         # Users and rules may be set up before the daemon's first start, as migrate may
-        # create it; said, so that a mistyped path shows.
+        # create it; said once it is there, so that a mistyped path shows.
         config.ensure_data_dir()
-        err.write(f"Created a new database at {missing}\n")
     from .service import open_configured_store
 
-    store = await open_configured_store(config, reactor)
     try:
-        code: int = await _STORE_COMMANDS[args.command](args, out, store, config)
+        store = await open_configured_store(config, reactor)
+    finally:
+        if missing is not None and os.path.exists(missing):
+            err.write(f"Created a new database at {missing}\n")
+    try:
+        code = await action(store)
     finally:
         await store.close()
     return code

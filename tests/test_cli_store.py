@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from federation_invite.cli import build_parser, run_async
 from federation_invite.config import ConfigError
-from federation_invite.store import InviteRecord, InviteRule, open_store
+from federation_invite.store import InviteRecord, InviteRule, StoreError, open_store
 
 from .store._support import previous_release_database, raw_sqlite
 
@@ -331,6 +331,48 @@ class StoreCommandTests(TestCase):
         )
         self.assertEqual(await self.run_cli("users", "list"), (0, "@bob:example.org\n"))
         self.assertEqual(self.err.getvalue(), "")
+
+    async def test_refused_add_creates_nothing(self) -> None:
+        """users add and rules add refused for their arguments (a user ID not on our server,
+        an empty pattern) create neither the missing database nor the data directory, and
+        say nothing of one (they created both and said 'Created a new database')."""
+        data_dir = os.path.abspath(self.mktemp())
+        with open(self.config, "w") as handle:
+            handle.write('server_name = "example.org"\n')
+        for argv, error, problem in (
+            (
+                ["users", "add", "@bob:other.example"],
+                ConfigError,
+                "'@bob:other.example' is not a user ID on this server (example.org)",
+            ),
+            (
+                ["rules", "add", "@bob:other.example", "--server", "*", "--action", "block"],
+                ConfigError,
+                "'@bob:other.example' is not a user ID on this server (example.org)",
+            ),
+            (
+                ["rules", "add", "@bob:example.org", "--user", "", "--action", "block"],
+                ValueError,
+                "pattern must not be empty",
+            ),
+        ):
+            self.err = io.StringIO()
+            with self.assertRaises(error) as caught:
+                await self.run_cli(*argv, "--data-dir", data_dir)
+            self.assertEqual(str(caught.exception), problem, argv)
+            self.assertEqual(self.err.getvalue(), "", argv)
+            self.assertFalse(os.path.exists(data_dir), argv)
+
+    async def test_no_created_line_when_the_database_cannot_be_created(self) -> None:
+        """users add on an SQLite file whose directory does not exist fails to open it and
+        does not say 'Created a new database' (it said so before trying)."""
+        path = os.path.join(os.path.abspath(self.mktemp()), "x.db")
+        with self.assertRaises(StoreError):
+            await self.run_cli(
+                "users", "add", "@bob:example.org", "--database", f"sqlite:///{path}"
+            )
+        self.assertEqual(self.err.getvalue(), "")
+        self.assertFalse(os.path.exists(path))
 
     def test_invites_list_columns_line_up(self) -> Deferred[None]:
         """invites list: each column of the header starts where the rows' column does (the
