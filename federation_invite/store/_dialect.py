@@ -432,11 +432,16 @@ class _PostgresPool(adbapi.ConnectionPool):
 
     def connect(self) -> Any:
         """The calling thread's connection: its own while it runs an operation, else an
-        idle one, else a new one; else (the server refused it) one released by another
-        thread, within ``POSTGRES_CONNECT_TIMEOUT`` seconds."""
+        idle one, else a new one; else (the server refused it, or ``cp_max`` are open)
+        one released by another thread, for as long as others are open: each is released
+        when its operation ends, as a thread is to the operations queued for one (the
+        statement limits bound it). With none open, the server's refusal is raised.
+
+        A thread not refused itself tries to open one after ``POSTGRES_CONNECT_TIMEOUT``
+        seconds of waiting, not only once ``POSTGRES_REFUSED_PAUSE`` is over."""
         tid = self.threadID()
-        refused: BaseException | None = None
-        deadline = time.monotonic() + POSTGRES_CONNECT_TIMEOUT
+        refused = False
+        retry_at = time.monotonic() + POSTGRES_CONNECT_TIMEOUT
         while True:
             with self._available:
                 conn = self.connections.get(tid)
@@ -450,18 +455,20 @@ class _PostgresPool(adbapi.ConnectionPool):
                     now = time.monotonic()
                     if self._open == 0 or (
                         self._open < self.max
-                        and (now >= self._refused_until or (refused is None and now >= deadline))
+                        and (now >= self._refused_until or (not refused and now >= retry_at))
                     ):
                         self._open += 1
                         break
-                    if refused is not None and now >= deadline:
-                        raise refused
-                    self._available.wait(max(0.01, min(deadline, self._refused_until) - now))
+                    if self._open >= self.max:
+                        self._available.wait()  # notified when one is released or closed
+                        continue
+                    wake = self._refused_until if refused else min(retry_at, self._refused_until)
+                    self._available.wait(max(0.01, wake - now))
             try:
                 conn = self.dbapi.connect(*self.connargs, **self.connkw)
                 if self.openfun is not None:
                     self.openfun(conn)
-            except BaseException as e:
+            except BaseException:
                 with self._available:
                     self._open -= 1
                     self._available.notify_all()
@@ -469,7 +476,7 @@ class _PostgresPool(adbapi.ConnectionPool):
                         raise
                     # Others are open: wait for one of theirs.
                     self._refused_until = time.monotonic() + POSTGRES_REFUSED_PAUSE
-                refused = e
+                refused = True
                 continue
             with self._available:
                 self.connections[tid] = conn

@@ -1832,6 +1832,33 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
         )
         self.assertLessEqual(sessions[0], 2)
 
+    async def test_waits_for_a_shared_connection_past_the_connect_timeout(self) -> None:
+        """Refused a second connection (CONNECTION LIMIT 1), an operation waits for the open
+        one as long as another operation uses it, not only POSTGRES_CONNECT_TIMEOUT (here
+        1 s): it runs once that operation (2.5 s) is over, instead of failing with the
+        server's refusal."""
+        from federation_invite.store import _dialect
+
+        self.patch(_dialect, "POSTGRES_CONNECT_TIMEOUT", 1)
+        uri = self.limited_role(1)
+        store = await open_store(uri, reactor=reactor, pool_size=2)
+        self.addCleanup(store.close)
+        slow = store._run(  # type: ignore[attr-defined]
+            "sleep", lambda txn: txn.execute("SELECT pg_sleep(2.5)"), write=False
+        )
+        # Until the slow operation holds the only connection.
+        deadline = time.monotonic() + 10
+        while not self.raw(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND strpos(query, 'pg_sleep(2.5)') > 0 AND state = 'active'"
+        )[0][0]:
+            self.assertLess(time.monotonic(), deadline, "the slow operation never ran")
+            await deferLater(reactor, 0.05)
+        started = time.monotonic()
+        self.assertFalse(await store.is_local_user("@u:example.org"))
+        self.assertGreater(time.monotonic() - started, 1.5)  # it did wait past the 1 s
+        await slow
+
     async def test_pool_size(self) -> None:
         """The pool opens at most ``pool_size`` connections, however many operations run."""
         store = await self.open(pool_size=2)
