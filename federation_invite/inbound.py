@@ -141,12 +141,30 @@ _MAX_ROOM_STATE_KEY_SERVERS = 8
 #: time). Real rooms relay a few full events at most.
 _MAX_WARN_CHECKED_ENTRIES = 20
 
-#: Full ``invite_room_state`` entries allowed where they are all checked (v12, strict
-#: mode): each costs a content hash and a signature check on the reactor thread,
-#: and 1 MiB of small signed events (~2,300) took ~0.24 s to refuse. A room's
-#: prejoin state is a handful of events (MSC4311; Synapse sends only the create
-#: event in full), so more is refused before any entry is checked.
+#: Full ``invite_room_state`` entries besides the create event checked where every
+#: entry kept must be checked (v12, strict mode): each costs a content hash and a
+#: signature check on the reactor thread (1 MiB of small signed events, ~2,300, took
+#: ~0.24 s). Synapse (1.163) sends every entry its ``room_prejoin_state`` selects in
+#: full: 8 with its default types, any number with more (a space's ``m.space.child``
+#: events), and the spec sets no limit, so entries past these are dropped unchecked
+#: (not stored nor handed over, counted on the invite's line), not refused
+#: (``_bounded_full_entries`` chooses which are kept).
 _MAX_ENFORCED_FULL_ENTRIES = 50
+
+#: The state types the spec suggests for an invite's prejoin state (client-server API,
+#: "Stripped state"; the inviter's own ``m.room.member`` too): what clients show of an
+#: invite, so kept before other types when full entries have to be dropped.
+_PREJOIN_TYPES = frozenset(
+    (
+        "m.room.create",
+        "m.room.name",
+        "m.room.avatar",
+        "m.room.topic",
+        "m.room.join_rules",
+        "m.room.canonical_alias",
+        "m.room.encryption",
+    )
+)
 
 
 @attrs.frozen
@@ -166,10 +184,17 @@ class _RoomStateFindings:
     problem: str | None = None
     #: Full entries whose content hash did not match, replaced by their redacted copies.
     redacted: int = 0
+    #: Full entries past those checked (``_MAX_ENFORCED_FULL_ENTRIES``), dropped unchecked.
+    dropped: int = 0
 
     def describe(self) -> str:
         """The clauses the outcome line's text gets."""
         text = ""
+        if self.dropped:
+            text += (
+                f"; {self.dropped} of its invite_room_state's full events, past the create"
+                f" event and {_MAX_ENFORCED_FULL_ENTRIES} others checked, were dropped unchecked"
+            )
         if self.redacted:
             text += (
                 f"; {self.redacted} of its invite_room_state's full events did not match their"
@@ -194,6 +219,8 @@ class _RoomStateFindings:
             fields["stripped_state"] = self.stripped
         if self.redacted:
             fields["redacted_state"] = self.redacted
+        if self.dropped:
+            fields["dropped_state"] = self.dropped
         if self.problem is not None:
             # A flag, not a count: the checks stop at the first problem.
             fields["invalid_room_state"] = True
@@ -443,7 +470,7 @@ class InviteHandler:
         ):
             raise _invalid("invite_room_state must be a list of objects")
         room_state, invite_room_state = await self._check_room_state(
-            room_version, room_id, invite_room_state
+            room_version, room_id, invite_room_state, event["sender"]
         )
         invite = InboundInvite(
             origin=origin,
@@ -627,16 +654,19 @@ class InviteHandler:
         room_version: RoomVersion,
         room_id: str,
         room_state: list[Any],
+        inviter: str,
     ) -> tuple[_RoomStateFindings, list[Any]]:
         """Row 13: ``invite_room_state`` (server-server-api, invites-v2 "invite_room_state").
 
         Room versions whose room ID is the create event's hash (v12) and strict
         mode refuse an entry that fails validation: a missing full create
-        event (or a stripped one beside it), more than
-        ``_MAX_ENFORCED_FULL_ENTRIES`` full events, any full event that is
+        event (or a stripped one beside it), any full event checked that is
         malformed, too large, of another room or wrongly signed, or full events
         needing the keys of more than ``_MAX_ROOM_STATE_KEY_SERVERS`` servers
-        not in memory (fetched at once). Stripped entries are refused only in
+        not in memory (fetched at once). Only the create event and at most
+        ``_MAX_ENFORCED_FULL_ENTRIES`` other full events are checked (chosen by
+        ``_bounded_full_entries``; ``inviter`` is the invite's sender): the
+        others are dropped unchecked and counted. Stripped entries are refused only in
         strict mode (Synapse sends them, MSC4311). In room versions 1 to 11
         without strict mode the spec only asks for a warning, so the same
         checks refuse nothing, and are bounded: they stop at the first problem,
@@ -649,7 +679,7 @@ class InviteHandler:
         hashes and signatures on received events": we were given a redacted
         event, or one changed where no signature covers it; as Synapse does).
         Returns what the outcome line is to warn of, and the room state to
-        store: ``room_state`` itself unless an entry was replaced (never
+        store: ``room_state`` itself unless an entry was replaced or dropped (never
         changed in place: a v1 invite's state is in its event's ``unsigned``).
         """
         enforced = room_version.room_id_is_create_event_hash or self._strict_room_state
@@ -680,10 +710,7 @@ class InviteHandler:
                 # Only the full create event is vouched for (by the room ID in v12):
                 # a second, stripped one would reach listeners and hooks unchecked.
                 raise _invalid("invite_room_state holds a stripped m.room.create event")
-            if len(full) > _MAX_ENFORCED_FULL_ENTRIES:
-                raise _invalid(
-                    f"invite_room_state holds more than {_MAX_ENFORCED_FULL_ENTRIES} full events"
-                )
+            full, dropped = _bounded_full_entries(full, inviter)
             # Every entry checked locally before any signature, whose keys may
             # have to be fetched: a bad entry costs no request.
             prepared = [self._check_state_pdu(room_version, room_id, entry) for entry in full]
@@ -697,10 +724,12 @@ class InviteHandler:
                     ) from None
                 if not hash_ok:
                     redacted[id(entry)] = prepared_entry.redacted
-            if not stripped and not redacted:
+            if not stripped and not redacted and not dropped:
                 return _ROOM_STATE_OK, room_state
-            findings = _RoomStateFindings(stripped=stripped, redacted=len(redacted))
-            return findings, _with_redacted(room_state, redacted)
+            findings = _RoomStateFindings(
+                stripped=stripped, redacted=len(redacted), dropped=len(dropped)
+            )
+            return findings, _with_redacted(room_state, redacted, dropped)
         problem = None if has_create else _NO_CREATE
         if problem is None:
             for entry in full[:_MAX_WARN_CHECKED_ENTRIES]:
@@ -1057,12 +1086,50 @@ def _looks_like_pdu(entry: dict[str, Any]) -> bool:
     return "signatures" in entry and "hashes" in entry
 
 
-def _with_redacted(room_state: list[Any], redacted: dict[int, dict[str, Any]]) -> list[Any]:
+def _with_redacted(
+    room_state: list[Any],
+    redacted: dict[int, dict[str, Any]],
+    dropped: frozenset[int] = frozenset(),
+) -> list[Any]:
     """``room_state`` with the entries in ``redacted`` (by ``id``) replaced by their redacted
-    copies: a new list if any, else ``room_state`` itself."""
-    if not redacted:
+    copies and those in ``dropped`` (by ``id``) left out: a new list if any, else
+    ``room_state`` itself."""
+    if not redacted and not dropped:
         return room_state
-    return [redacted.get(id(entry), entry) for entry in room_state]
+    return [redacted.get(id(entry), entry) for entry in room_state if id(entry) not in dropped]
+
+
+def _bounded_full_entries(
+    full: list[dict[str, Any]], inviter: str
+) -> tuple[list[dict[str, Any]], frozenset[int]]:
+    """The full entries to check and keep (in the order given) and the ``id``s of those to
+    drop: all of them if at most ``_MAX_ENFORCED_FULL_ENTRIES`` besides the create event
+    (the first full ``m.room.create`` of empty state key: the caller made sure of one),
+    else the create event and that many others, entries of the spec's prejoin types
+    (``_PREJOIN_TYPES`` and the inviter's own membership) before the rest, each in the
+    order given."""
+    if len(full) <= _MAX_ENFORCED_FULL_ENTRIES + 1:
+        return full, frozenset()
+    create = next(
+        entry
+        for entry in full
+        if entry.get("type") == "m.room.create" and entry.get("state_key") == ""
+    )
+
+    def ordinary(entry: dict[str, Any]) -> bool:
+        kind = entry.get("type")
+        if kind == "m.room.member":
+            return entry.get("state_key") != inviter
+        return kind not in _PREJOIN_TYPES
+
+    others = [entry for entry in full if entry is not create]
+    # sorted() is stable: within each group, the order given.
+    chosen = sorted(others, key=ordinary)[:_MAX_ENFORCED_FULL_ENTRIES]
+    kept = {id(create), *map(id, chosen)}
+    return (
+        [entry for entry in full if id(entry) in kept],
+        frozenset(id(entry) for entry in full if id(entry) not in kept),
+    )
 
 
 #: An invite body's limit (row 2): v1, the body is the event; v2 wraps it in an object.

@@ -1236,23 +1236,106 @@ class RoomStateValidationTests(InboundTestCase):
         body = self.assertRefused(answer, 400, "M_INVALID_PARAM")
         self.assertIn("An invite_room_state event: signature check failed", body["error"])
 
-    def test_v12_full_entries_capped(self) -> None:
-        """v12: more than 50 full entries (the create event counted) is 400 M_INVALID_PARAM
-        before any entry is checked (each costs a hash and a signature check on the reactor);
-        at the cap, accepted."""
-        cap = 50  # the README's number (row 13), not the module's constant: the test pins it
-        room_version, create, room_id = self.room("12")
-        entries = [
-            self.state_event(room_version, room_id, content={"join_rule": "invite", "n": n})
-            for n in range(cap)
+    def count_verifications(self) -> list[dict[str, Any]]:
+        """The invite_room_state entries whose signatures are verified from now on, in order."""
+        verified: list[dict[str, Any]] = []
+        real = inbound_module.verify_event_signatures
+
+        def counting(room_version: RoomVersion, event: Any, *args: Any, **kwargs: Any) -> Any:
+            if event.get("type") != "m.room.member":  # not the invite itself
+                verified.append(event)
+            return real(room_version, event, *args, **kwargs)
+
+        self.patch(inbound_module, "verify_event_signatures", counting)
+        return verified
+
+    def many_entries(
+        self, room_version: RoomVersion, room_id: str, count: int
+    ) -> list[dict[str, Any]]:
+        """``count`` distinct valid full state events of ``room_id`` (custom type)."""
+        return [
+            hash_and_sign_event(
+                room_version,
+                {
+                    "type": "org.example.many",
+                    "state_key": f"k{n}",
+                    "sender": f"@carol:{THEM}",
+                    "room_id": room_id,
+                    "content": {"n": n},
+                    "origin_server_ts": NOW_MS - 5_000,
+                    "depth": 2,
+                    "prev_events": [],
+                    "auth_events": [],
+                },
+                THEM,
+                self.s.their_key,
+            )
+            for n in range(count)
         ]
-        checked = self.count_entry_checks()
-        answer, _ = self.send_logged(room_version, room_id, [create, *entries])
-        body = self.assertRefused(answer, 400, "M_INVALID_PARAM")
-        self.assertIn(f"more than {cap} full events", body["error"])
-        self.assertEqual(checked, [])
-        answer, _ = self.send_logged(room_version, room_id, [create, *entries[1:]])
+
+    def assertDropped(
+        self, answer: tuple[int, Any], line: dict[str, Any], state: list[Any], count: int
+    ) -> None:
+        """Accepted, ``state`` stored and handed over, on a warn line counting ``count``
+        full entries dropped unchecked past the bound."""
         self.assertEqual(answer[0], 200, answer[1])
+        self.assertEqual(line["outcome"], "accepted")
+        self.assertIs(line["log_level"], LogLevel.warn)
+        self.assertEqual(line["dropped_state"], count)
+        self.assertNotIn("invalid_room_state", line)
+        self.assertIn(f"{count} of its invite_room_state's full events", formatEvent(line))
+        self.assertEqual(self.stored_state(), state)
+
+    def test_v12_full_entries_beyond_bound_dropped(self) -> None:
+        """v12: an invite with more full entries than are checked (the create event and 50
+        others; Synapse sends every prejoin entry in full) is accepted, the create event and
+        the first 50 others checked, stored and handed over, the rest dropped unchecked and
+        counted on a warn line (dropped_state); only the kept entries' signatures are
+        verified. At the bound nothing is dropped."""
+        bound = 50  # the README's number (row 13), not the module's constant: the test pins it
+        room_version, create, room_id = self.room("12")
+        entries = self.many_entries(room_version, room_id, 68)
+        checked = self.count_entry_checks()
+        verified = self.count_verifications()
+        answer, line = self.send_logged(room_version, room_id, [create, *entries])
+        self.assertDropped(answer, line, [create, *entries[:bound]], 68 - bound)
+        self.assertEqual(checked, [create, *entries[:bound]])
+        self.assertEqual(verified, [create, *entries[:bound]])
+        # The create event is always kept, wherever it is.
+        answer, line = self.send_logged(room_version, room_id, [*entries, create])
+        self.assertDropped(answer, line, [*entries[:bound], create], 68 - bound)
+        del checked[:], verified[:]
+        answer, line = self.send_logged(room_version, room_id, [create, *entries[:bound]])
+        self.assertEqual(answer[0], 200, answer[1])
+        self.assertIs(line["log_level"], LogLevel.info)
+        self.assertNotIn("dropped_state", line)
+        self.assertEqual(self.stored_state(), [create, *entries[:bound]])
+        self.assertEqual(len(verified), bound + 1)
+
+    def test_v12_prejoin_types_kept_before_others(self) -> None:
+        """v12, past the bound: entries of the spec's prejoin state types (name, topic, join
+        rules...) are kept before other types wherever they are given; the rest in order."""
+        bound = 50
+        room_version, create, room_id = self.room("12")
+        entries = self.many_entries(room_version, room_id, 60)
+        name = self.name_event(room_version, room_id)
+        rules = self.state_event(room_version, room_id)
+        answer, line = self.send_logged(room_version, room_id, [create, *entries, name, rules])
+        self.assertDropped(answer, line, [create, *entries[: bound - 2], name, rules], 12)
+
+    def test_v12_bad_entry_within_bound_refused(self) -> None:
+        """v12, past the bound: a bad entry among those checked is still 400 M_INVALID_PARAM;
+        one among those dropped is never checked (dropped, the invite accepted)."""
+        room_version, create, room_id = self.room("12")
+        entries = self.many_entries(room_version, room_id, 68)
+        for what, bad, reason in self.bad_entries(room_version, room_id):
+            state = [create, *entries[:10], bad, *entries[10:]]
+            answer, _ = self.send_logged(room_version, room_id, state)
+            body = self.assertRefused(answer, 400, "M_INVALID_PARAM")
+            self.assertIn(reason, body["error"], what)
+        forged = {**entries[0], "signatures": {THEM: {key_id_of(self.s.their_key): "A" * 86}}}
+        answer, line = self.send_logged(room_version, room_id, [create, *entries, forged])
+        self.assertDropped(answer, line, [create, *entries[:50]], 19)
 
     def test_v12_stripped_create_refused(self) -> None:
         """v12: a stripped m.room.create beside the full one is 400 M_INVALID_PARAM: the full
@@ -1545,6 +1628,47 @@ class StrictRoomStateTests(InboundTestCase):
         )
         self.assertRefused(self.send_v2(room_version, event, [elsewhere]), 400, "M_INVALID_PARAM")
         self.assertEqual(self.send_v2(room_version, event, [create])[0], 200)
+
+    def test_row13_strict_mode_entries_beyond_bound_dropped(self) -> None:
+        """Row 13, strict mode: past the create event and 50 other full entries, the rest are
+        dropped unchecked (not stored, not handed over, counted on a warn line), not refused:
+        nothing unchecked reaches listeners, and Synapse's valid invites are not refused."""
+        room_version = KNOWN_ROOM_VERSIONS["10"]
+        create = build_create_event(room_version, self.s.their_key)
+        room_id = create["room_id"]
+        entries = [
+            hash_and_sign_event(
+                room_version,
+                {
+                    "type": "org.example.many",
+                    "state_key": f"k{n}",
+                    "sender": create["sender"],
+                    "room_id": room_id,
+                    "content": {"n": n},
+                    "origin_server_ts": create["origin_server_ts"] + 1,
+                    "depth": 2,
+                    "prev_events": [],
+                    "auth_events": [],
+                },
+                THEM,
+                self.s.their_key,
+            )
+            for n in range(68)
+        ]
+        event = build_invite(room_version, self.s.their_key, room_id=room_id)
+        with capturedLogs() as events:
+            answer = self.send_v2(room_version, event, [create, *entries])
+        self.assertEqual(answer[0], 200, answer[1])
+        (line,) = [e for e in events if e.get("outcome")]
+        self.assertIs(line["log_level"], LogLevel.warn)
+        self.assertEqual(line["dropped_state"], 18)
+        stored = self.s.store.invites[event_id_of(room_version, event)]
+        self.assertEqual(stored.invite_room_state, [create, *entries[:50]])
+        self.assertEqual(self.s.listened[-1].invite_room_state, [create, *entries[:50]])
+        forged = {**entries[5], "signatures": {THEM: {key_id_of(self.s.their_key): "A" * 86}}}
+        event = build_invite(room_version, self.s.their_key, room_id=room_id, extra={"depth": 9})
+        state = [create, *entries[:5], forged, *entries[6:]]
+        self.assertRefused(self.send_v2(room_version, event, state), 400, "M_INVALID_PARAM")
 
     def test_row13_strict_mode_content_hash_mismatch_kept_redacted(self) -> None:
         """Row 13, strict mode: a state event signed by its server whose content hash does not
