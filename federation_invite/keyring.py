@@ -13,7 +13,8 @@ asked for (callers joining add theirs, up to ``_MAX_KEYS_PER_DOCUMENT`` key IDs)
 A server whose fetch failed is not asked again until its back-off has
 passed (none when its answer timed out only while our address lookups waited for a
 resolver thread, ``TransportError.resolver_busy``, or when our client's ``close()``
-abandoned its request or a notary's, ``TransportError.abandoned``: not its fault); one that
+abandoned its request or a notary's, ``TransportError.abandoned``, or one was not sent for
+want of our own file descriptors or memory, ``TransportError.not_sent``: not its fault); one that
 answered (or a notary did for it), with every key asked for or not, not for 5 s
 (the pause: a server may list fresh key IDs at each fetch, which requests naming the
 next ones would otherwise have fetched one by one). A server that failed to answer while a
@@ -425,6 +426,9 @@ class _Fetch:
     #: the server's (nor a notary's).
     direct_abandoned: bool = False
     notary_abandoned: bool = False
+    #: Why the server's request, or a notary's, was not sent, for a cause of ours (out of
+    #: file descriptors: ``TransportError.not_sent``): no failure of the server's either.
+    not_sent: str | None = None
     #: The client request under way (the server's, then each notary's), cancelled by
     #: ``Keyring.close``.
     request: Deferred[Any] | None = None
@@ -1012,6 +1016,7 @@ class Keyring:
             and not fetch.resolver_busy
             and fetch.client_refused_until_ms is None
             and not fetch.direct_abandoned
+            and fetch.not_sent is None
         )
         if self._closed:
             raise _FetchAbandoned()  # closed while storing what it fetched: record nothing
@@ -1065,6 +1070,16 @@ class Keyring:
                 "Keys of {server} unavailable: our federation client was closed while"
                 " fetching them; not backing it off",
                 server=server_name,
+            )
+            return
+        elif fetch.not_sent is not None:
+            # A request was not sent, our process or system out of file descriptors or
+            # memory: not the server's failure (as the client records none); the next
+            # lookup fetches again.
+            log.info(
+                "Keys of {server} unavailable: our request was {reason}; not backing it off",
+                server=server_name,
+                reason=fetch.not_sent,
             )
             return
         elif fetch.client_refused_until_ms is not None:
@@ -1151,7 +1166,9 @@ class Keyring:
         lookups waited for a resolver thread marks ``fetch.resolver_busy``; none because
         our client refused to send the request (``BackoffError``), the time it refuses
         until, ``fetch.client_refused_until_ms``; none because our client's ``close()``
-        abandoned it (``TransportError.abandoned``), ``fetch.direct_abandoned``.
+        abandoned it (``TransportError.abandoned``), ``fetch.direct_abandoned``; none because
+        it was not sent for want of our own file descriptors or memory
+        (``TransportError.not_sent``), ``fetch.not_sent``.
         """
         try:
             # Past the client's back-off of the server (``ignore_backoff``), as Synapse
@@ -1184,6 +1201,8 @@ class Keyring:
                 fetch.resolver_busy = True
             elif isinstance(exc, TransportError) and exc.abandoned:
                 fetch.direct_abandoned = True
+            elif isinstance(exc, TransportError) and exc.not_sent:
+                fetch.not_sent = exc.reason
             return None
         try:
             records = parse_key_response(response, server_name, self._now_ms(), server_name)
@@ -1249,6 +1268,8 @@ class Keyring:
             )
             if isinstance(exc, TransportError) and exc.abandoned:
                 fetch.notary_abandoned = True  # our client's close(), not the server's fault
+            elif isinstance(exc, TransportError) and exc.not_sent:
+                fetch.not_sent = exc.reason  # out of file descriptors: ours, not the server's
             return False
         records: list[ServerKeyRecord] = []
         now_ms = self._now_ms()

@@ -416,6 +416,30 @@ class KeyringTests(SynchronousTestCase):
         self.assertIn(self.key_id, self.get(keyring))
         self.assertEqual(keyring.fetches, 4)
 
+    def test_no_backoff_when_our_request_was_not_sent(self) -> None:
+        """A fetch whose request was not sent for want of our own resources (the client's
+        ``TransportError.not_sent``: out of file descriptors, EMFILE) backs the server off
+        neither in the keyring nor directly: the next lookup fetches at once, and finds its
+        keys."""
+        federation = self.federation
+        failures = [
+            TransportError(
+                "remote.example", "not sent: out of file descriptors (EMFILE)", not_sent=True
+            ),
+        ]
+
+        class OutOfFilesClient:
+            def get_json(self, destination: str, path: str, **kwargs: Any) -> Any:
+                if failures:
+                    return fail(failures.pop(0))
+                return federation.get_json(destination, path)
+
+        keyring = Keyring(self.clock, self.store, OutOfFilesClient())
+        self.assertEqual(self.get(keyring), {})
+        self.assertEqual((keyring.fetches, keyring._backoff, keyring._direct_backoff), (1, {}, {}))
+        self.assertIn(self.key_id, self.get(keyring))
+        self.assertEqual(keyring.fetches, 2)
+
     def test_backoff_over_after_clock_steps_back(self) -> None:
         """A back-off set "after" now (the wall clock stepped back since) is over: the server
         is asked again, not only once the clock has caught up."""

@@ -16,6 +16,7 @@ make us ask for one (a forged request's origin), so none backs the server off.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -321,7 +322,11 @@ class FederationClient:
             # Not the server's fault: our resolver's threads were all busy (with lookups
             # that hang, which anyone can cause), so this request may never have reached it.
             resolver_busy = False
-            if timed_out:
+            # Nor when connecting failed for want of our own file descriptors or memory.
+            local = _local_resource_error(exc)
+            if local is not None:
+                reason = f"not sent: {local}"
+            elif timed_out:
                 reason = f"timed out after {self._timeout:g} s"
                 if self._lookups_waited() != lookups_waited:
                     resolver_busy = True
@@ -333,9 +338,13 @@ class FederationClient:
             # Nor when close() abandoned the request's .well-known fetch or SRV query.
             abandoned = _abandoned_by_close(exc)
             error = TransportError(
-                destination, reason, resolver_busy=resolver_busy, abandoned=abandoned
+                destination,
+                reason,
+                resolver_busy=resolver_busy,
+                abandoned=abandoned,
+                not_sent=local is not None,
             )
-            if backoff and not resolver_busy and not abandoned:
+            if backoff and not resolver_busy and not abandoned and local is None:
                 self._record_failure(destination, started)
             _log.info("{error}", error=error)
             raise error from exc
@@ -474,6 +483,43 @@ def _is_cancellation(exc: BaseException) -> bool:
         isinstance(r, Failure) and r.check(CancelledError, ConnectingCancelledError)
         for r in reasons
     )
+
+
+#: Errors of ours, not the destination's, when connecting: errno -> what ran out.
+_LOCAL_RESOURCE_ERRORS = {
+    errno.EMFILE: "out of file descriptors",
+    errno.ENFILE: "out of file descriptors",
+    errno.ENOBUFS: "out of socket buffer memory",
+    errno.ENOMEM: "out of memory",
+}
+
+
+def _local_resource_error(exc: BaseException) -> str | None:
+    """What of ours ran out, if ``exc`` is a connection that failed for want of this
+    process's or system's resources (a ``ConnectError`` or ``OSError`` with EMFILE, ENFILE,
+    ENOBUFS or ENOMEM, as itself, its cause, or one of the reasons twisted.web's errors
+    carry: Twisted's ``socket()`` failing is ``ConnectBindError(24, ...)``); else None."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        number: object = None
+        if isinstance(current, ConnectError):
+            number = current.osError
+        elif isinstance(current, OSError):
+            number = current.errno
+        if isinstance(number, int) and number in _LOCAL_RESOURCE_ERRORS:
+            return f"{_LOCAL_RESOURCE_ERRORS[number]} ({errno.errorcode[number]})"
+        reasons = getattr(current, "reasons", None)
+        if not isinstance(reasons, list):
+            reasons = []
+        linked = [r.value if isinstance(r, Failure) else r for r in reasons]
+        linked += [current.__cause__, current.__context__]
+        pending.extend(e for e in linked if isinstance(e, BaseException))
+    return None
 
 
 def _abandoned_by_close(exc: BaseException) -> bool:

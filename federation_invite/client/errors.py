@@ -60,6 +60,11 @@ class TransportError(Exception):
     ``abandoned``: ``FederationClient.close()`` abandoned the request's server discovery
     (its ``.well-known`` fetch or SRV query), so it never reached the destination: we gave
     up, not it. Neither the client nor the keyring backs the destination off for it either.
+
+    ``not_sent``: the request was never sent, for a cause of ours: connecting failed
+    because this process or system was out of file descriptors or memory (EMFILE,
+    ENFILE, ENOBUFS, ENOMEM). Not the destination's fault: neither the client nor the
+    keyring backs it off for it.
     """
 
     def __init__(
@@ -69,11 +74,13 @@ class TransportError(Exception):
         *,
         resolver_busy: bool = False,
         abandoned: bool = False,
+        not_sent: bool = False,
     ) -> None:
         self.destination = destination
         self.reason = reason
         self.resolver_busy = resolver_busy
         self.abandoned = abandoned
+        self.not_sent = not_sent
         super().__init__(destination, reason)
 
     def __str__(self) -> str:
