@@ -1117,10 +1117,13 @@ def _bounded_full_entries(
     )
 
     def ordinary(entry: dict[str, Any]) -> bool:
+        # No entry's format is checked yet: type and state_key may be any JSON value (a
+        # list or an object is unhashable); one that is no string is another type, refused
+        # by _check_state_pdu if kept.
         kind = entry.get("type")
         if kind == "m.room.member":
             return entry.get("state_key") != inviter
-        return kind not in _PREJOIN_TYPES
+        return not isinstance(kind, str) or kind not in _PREJOIN_TYPES
 
     others = [entry for entry in full if entry is not create]
     # sorted() is stable: within each group, the order given.

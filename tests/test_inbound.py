@@ -1325,7 +1325,8 @@ class RoomStateValidationTests(InboundTestCase):
 
     def test_v12_bad_entry_within_bound_refused(self) -> None:
         """v12, past the bound: a bad entry among those checked is still 400 M_INVALID_PARAM;
-        one among those dropped is never checked (dropped, the invite accepted)."""
+        one among those dropped is never checked (dropped, the invite accepted), whatever
+        JSON value its type or state_key is."""
         room_version, create, room_id = self.room("12")
         entries = self.many_entries(room_version, room_id, 68)
         for what, bad, reason in self.bad_entries(room_version, room_id):
@@ -1335,6 +1336,20 @@ class RoomStateValidationTests(InboundTestCase):
             self.assertIn(reason, body["error"], what)
         forged = {**entries[0], "signatures": {THEM: {key_id_of(self.s.their_key): "A" * 86}}}
         answer, line = self.send_logged(room_version, room_id, [create, *entries, forged])
+        self.assertDropped(answer, line, [create, *entries[:50]], 19)
+        # Any JSON value as type or state_key (a list, an object: unhashable) is sorted as
+        # another type: among those checked refused for its format, past them dropped.
+        for kind in (["m.room.name"], {"m.room.name": 1}, None, 1):
+            for state_key in ("", ["x"], {"x": 1}):
+                bad = {**entries[0], "type": kind, "state_key": state_key}
+                state = [create, *entries[:10], bad, *entries[10:]]
+                answer, _ = self.send_logged(room_version, room_id, state)
+                body = self.assertRefused(answer, 400, "M_INVALID_PARAM")
+                self.assertIn("'type' must be a string", body["error"], (kind, state_key))
+                answer, line = self.send_logged(room_version, room_id, [create, *entries, bad])
+                self.assertDropped(answer, line, [create, *entries[:50]], 19)
+        bad = {**entries[0], "type": "m.room.member", "state_key": ["x"]}
+        answer, line = self.send_logged(room_version, room_id, [create, *entries, bad])
         self.assertDropped(answer, line, [create, *entries[:50]], 19)
 
     def test_v12_stripped_create_refused(self) -> None:
