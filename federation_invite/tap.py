@@ -14,6 +14,11 @@ from twisted.python import usage
 from .config import Config, ConfigError, load_config
 from .logs import Logger
 
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
+
 __all__ = ["Options", "makeService"]
 
 log = Logger(namespace="federation_invite.tap")
@@ -82,7 +87,9 @@ def makeService(options: Options) -> IService:
     parsed, instead of a traceback; so does one the start finds at once (a port
     in use: ``_StartErrorInOneLine``). While it runs, SIGHUP reopens twistd's log
     file (``reopen_log_file``), then reads each ``ssl:`` listener's certificate again
-    (``FederationInviteService.reload_tls``), instead of ending the process.
+    (``FederationInviteService.reload_tls``), instead of ending the process. The
+    process's soft limit of open files is raised to its hard limit
+    (``raise_open_file_limit``): the daemon's process is its own, an embedder's is not.
     """
     from twisted.internet import reactor
 
@@ -97,7 +104,48 @@ def makeService(options: Options) -> IService:
         _refuse(exc)
     if not isinstance(sys.excepthook, _StartErrorInOneLine):
         sys.excepthook = _StartErrorInOneLine(sys.excepthook)
+    raise_open_file_limit()
     return service
+
+
+def raise_open_file_limit(resource_module: Any = None) -> None:
+    """Raise the soft limit of open files (``RLIMIT_NOFILE``) to the hard limit, as Synapse
+    does at start, and log the limit (info) once.
+
+    Each outbound request in flight holds a socket (and inbound connections, idle pooled
+    ones, the database's and log files hold theirs): the soft limit a systemd service gets
+    by default, 1024 (``LimitNOFILE=1024:524288``), is soon reached by a bridge's burst
+    of invites, which then fail as not sent (``EMFILE``). A system refusing (a hard limit
+    of ``RLIM_INFINITY`` on macOS, say) leaves the limit as it was, with a warning.
+    ``resource_module`` is for tests (the ``resource`` module by default; none on
+    Windows: nothing is done).
+    """
+    module = resource if resource_module is None else resource_module
+    if module is None:
+        return
+    soft, hard = module.getrlimit(module.RLIMIT_NOFILE)
+
+    def shown(limit: int) -> str:
+        return "unlimited" if limit == module.RLIM_INFINITY else str(limit)
+
+    if soft == hard:
+        log.info("Open file limit (RLIMIT_NOFILE): {limit}", limit=shown(soft))
+        return
+    try:
+        module.setrlimit(module.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warn(
+            "Open file limit (RLIMIT_NOFILE) left at {soft}: raising it to {hard} failed: {error}",
+            soft=shown(soft),
+            hard=shown(hard),
+            error=exc,
+        )
+        return
+    log.info(
+        "Open file limit (RLIMIT_NOFILE) raised from {soft} to {hard}",
+        soft=shown(soft),
+        hard=shown(hard),
+    )
 
 
 def reopen_log_file() -> None:

@@ -1052,3 +1052,101 @@ class ReopenLogFileTests(SynchronousTestCase):
         self.assertEqual(free_while_reopening, [False])
         self.assertTrue(free_elsewhere())  # released
         self.assertIn("SIGHUP: reopened the log file", FilePath(path).getContent().decode())
+
+
+class _FakeResource:
+    """A stand-in for the ``resource`` module: RLIMIT_NOFILE's limits, setrlimit recorded."""
+
+    RLIMIT_NOFILE = 7
+    RLIM_INFINITY = -1
+
+    def __init__(self, soft: int, hard: int, refuse: bool = False) -> None:
+        self.limits = (soft, hard)
+        self.refuse = refuse
+        self.set: list[tuple[int, tuple[int, int]]] = []
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        assert which == self.RLIMIT_NOFILE
+        return self.limits
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        if self.refuse:
+            raise ValueError("not allowed")
+        self.set.append((which, limits))
+        self.limits = limits
+
+
+class OpenFileLimitTests(SynchronousTestCase):
+    """The daemon raises its soft RLIMIT_NOFILE to the hard limit at start, as Synapse does:
+    each outbound request in flight holds a socket, and 1024 (systemd's soft default) is
+    soon reached by a bridge's burst of invites."""
+
+    def capture(self) -> list[dict[str, object]]:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    def limit_lines(self, events: list[dict[str, object]]) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [line for line in map(formatEvent, events) if "RLIMIT_NOFILE" in line]
+
+    def test_make_service_raises_the_soft_limit_to_the_hard_one(self) -> None:
+        """makeService (twistd, twist) sets the soft limit to the hard one and logs it once."""
+        import federation_invite.tap as tap
+
+        fake = _FakeResource(1024, 524288)
+        self.patch(tap, "resource", fake)
+        events = self.capture()
+        options = Options()
+        options.parseOptions(["--data-dir", self.mktemp(), "--listen", "tcp:0"])
+        self.patch(sys, "excepthook", sys.excepthook)  # makeService replaces it
+        makeService(options)
+        self.assertEqual(fake.set, [(fake.RLIMIT_NOFILE, (524288, 524288))])
+        self.assertEqual(
+            self.limit_lines(events),
+            ["Open file limit (RLIMIT_NOFILE) raised from 1024 to 524288"],
+        )
+
+    def test_limit_already_at_the_hard_one_or_refused(self) -> None:
+        """A soft limit already at the hard one is only logged; one the system refuses to
+        raise is logged as a warning, the start going on; no resource module (Windows):
+        nothing."""
+        from federation_invite.tap import raise_open_file_limit
+
+        events = self.capture()
+        same = _FakeResource(4096, 4096)
+        raise_open_file_limit(same)
+        self.assertEqual(same.set, [])
+        refused = _FakeResource(1024, _FakeResource.RLIM_INFINITY, refuse=True)
+        raise_open_file_limit(refused)
+        self.assertEqual(refused.limits, (1024, -1))
+        self.assertEqual(
+            self.limit_lines(events),
+            [
+                "Open file limit (RLIMIT_NOFILE): 4096",
+                "Open file limit (RLIMIT_NOFILE) left at 1024: raising it to unlimited"
+                " failed: not allowed",
+            ],
+        )
+
+    def test_real_limit_raised_in_a_subprocess(self) -> None:
+        """With the real resource module (in a child process, whose soft limit is set to 256
+        first), the soft limit ends at the hard one."""
+        import subprocess
+
+        code = (
+            "import resource\n"
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
+            "from federation_invite.tap import raise_open_file_limit\n"
+            "raise_open_file_limit()\n"
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard))\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        )
+        self.assertEqual(result.stdout.strip(), "True", result.stderr)
