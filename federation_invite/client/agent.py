@@ -14,17 +14,20 @@ connection (``_ReusedConnection``).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectingCancelledError, ConnectionClosed, DNSLookupError
 from twisted.internet.interfaces import (
+    IAddress,
     IConsumer,
     IHostnameResolver,
+    IHostResolution,
     IProtocol,
     IProtocolFactory,
+    IResolutionReceiver,
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import connectionDone
@@ -53,7 +56,7 @@ from zope.interface import implementer
 from ..logs import Logger
 from .discovery import ResolvedServer, ServerResolver, _is_ip_literal
 from .errors import BlockedAddressError
-from .iprange import BlocklistingReactor, IPRangeFilter
+from .iprange import BlocklistingReactor, IPRangeFilter, _ReactorResolver
 
 __all__ = [
     "MAX_IDLE_CONNECTIONS",
@@ -226,12 +229,78 @@ class HeadLimitingEndpoint:
         return connecting.addCallback(lambda wrapper: wrapper.inner)
 
 
+@implementer(IHostnameResolver)
+class _ConnectLookups:
+    """The address lookups one connection attempt makes through ``resolver``: once the
+    attempt fails (cancelled or timed out included), those still in progress are cancelled
+    (``IHostResolution.cancel``), which Twisted's ``HostnameEndpoint`` never does, so that
+    a lookup still waiting for a thread of ``ThreadedResolver`` is not made for nobody (a
+    resolution that cannot be cancelled, as ``GAIResolver``'s, is left to end)."""
+
+    def __init__(self, resolver: IHostnameResolver) -> None:
+        self._resolver = resolver
+        self._lookups: list[IHostResolution] = []
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Sequence[type[IAddress]] | None = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        lookup = self._resolver.resolveHostName(
+            resolutionReceiver, hostName, portNumber, addressTypes, transportSemantics
+        )
+        self._lookups.append(lookup)
+        return lookup
+
+    def connect(
+        self, endpoint: IStreamClientEndpoint, factory: IProtocolFactory
+    ) -> Deferred[IProtocol]:
+        """``endpoint.connect(factory)``, whose failure cancels the lookups made for it
+        (``endpoint``'s resolver is this one)."""
+        connecting: Deferred[IProtocol] = endpoint.connect(factory)
+        connecting.addErrback(self._cancel)
+        return connecting
+
+    def _cancel(self, failure: Failure) -> Failure:
+        lookups, self._lookups = self._lookups, []
+        for lookup in lookups:
+            try:
+                if lookup is not None:
+                    lookup.cancel()
+            except NotImplementedError:
+                pass
+        return failure
+
+
+@implementer(IStreamClientEndpoint)
+class _LookupCancellingEndpoint:
+    """``endpoint``, whose connection attempt cancels its address lookups (made through
+    ``lookups``) when it fails: ``_ConnectLookups``."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, lookups: _ConnectLookups) -> None:
+        self._endpoint = endpoint
+        self._lookups = lookups
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        return self._lookups.connect(self._endpoint, protocolFactory)
+
+
 @implementer(IAgentEndpointFactory)
 class _WellKnownEndpointFactory:
     def __init__(
-        self, reactor: BlocklistingReactor, tls_policy: IPolicyForHTTPS, connect_timeout: float
+        self,
+        reactor: Any,
+        ip_filter: IPRangeFilter,
+        name_resolver: IHostnameResolver | None,
+        tls_policy: IPolicyForHTTPS,
+        connect_timeout: float,
     ) -> None:
         self._reactor = reactor
+        self._ip_filter = ip_filter
+        self._name_resolver = name_resolver or _ReactorResolver(reactor)
         self._tls_policy = tls_policy
         self._connect_timeout = connect_timeout
 
@@ -239,10 +308,16 @@ class _WellKnownEndpointFactory:
         if uri.scheme != b"https":
             raise SchemeNotSupported(f"unsupported scheme {uri.scheme!r}")
         creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
+        lookups = _ConnectLookups(self._name_resolver)
         endpoint = HostnameEndpoint(
-            self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._connect_timeout
+            BlocklistingReactor(self._reactor, self._ip_filter, lookups),
+            uri.host.decode("ascii"),
+            uri.port,
+            timeout=self._connect_timeout,
         )
-        return HeadLimitingEndpoint(wrapClientTLS(creator, endpoint))
+        return _LookupCancellingEndpoint(
+            HeadLimitingEndpoint(wrapClientTLS(creator, endpoint)), lookups
+        )
 
 
 def well_known_agent(
@@ -256,9 +331,10 @@ def well_known_agent(
 ) -> IAgent:
     """The agent fetching ``https://<server name>/.well-known/matrix/server``: TLS with
     ``tls_policy``, addresses (from ``name_resolver``, by default the reactor's) checked
-    by ``ip_filter``, response heads bounded as ``FederationAgent``'s are."""
+    by ``ip_filter``, response heads bounded as ``FederationAgent``'s are; a fetch
+    cancelled (its timeout) cancels its address lookup (``_ConnectLookups``)."""
     factory = _WellKnownEndpointFactory(
-        BlocklistingReactor(reactor, ip_filter, name_resolver), tls_policy, connect_timeout
+        reactor, ip_filter, name_resolver, tls_policy, connect_timeout
     )
     return Agent.usingEndpointFactory(reactor, factory, pool=pool)
 
@@ -508,16 +584,17 @@ class FederationAgent:
                 failures.append(f"{_target(host, port)} ({last_error})")
                 continue
             blocked: list[str] = []
-            reactor = BlocklistingReactor(
-                self._reactor, self._ip_filter, self._name_resolver, blocked.append
-            )
+            lookups = _ConnectLookups(self._name_resolver or _ReactorResolver(self._reactor))
+            reactor = BlocklistingReactor(self._reactor, self._ip_filter, lookups, blocked.append)
             endpoint = HeadLimitingEndpoint(
                 wrapClientTLS(
                     creator, HostnameEndpoint(reactor, host, port, timeout=self._connect_timeout)
                 )
             )
             try:
-                protocol: IProtocol = await endpoint.connect(factory)
+                # A failure (the request cancelled or timed out included) cancels the
+                # target's address lookup, if it is still waiting for a resolver thread.
+                protocol: IProtocol = await lookups.connect(endpoint, factory)
             except Exception as exc:
                 if attempt.cancelled or isinstance(exc, CancelledError | ConnectingCancelledError):
                     # The request was cancelled (or timed out): stop, do not try the next

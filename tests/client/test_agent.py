@@ -84,10 +84,12 @@ class _TCPTransport(StringTransport):
 
 @implementer(IHostnameResolver)
 class _HeldResolver:
-    """Address lookups that never end; ``lookups`` lists the names asked for."""
+    """Address lookups that never end; ``lookups`` lists the names asked for,
+    ``cancelled`` those whose lookup was cancelled (``IHostResolution.cancel``)."""
 
     def __init__(self) -> None:
         self.lookups: list[str] = []
+        self.cancelled: list[str] = []
 
     def resolveHostName(
         self,
@@ -98,8 +100,18 @@ class _HeldResolver:
         transportSemantics: str = "TCP",
     ) -> Any:
         self.lookups.append(hostName)
-        resolutionReceiver.resolutionBegan(None)
-        return None
+        resolution = _HeldResolution(hostName, self.cancelled)
+        resolutionReceiver.resolutionBegan(resolution)
+        return resolution
+
+
+class _HeldResolution:
+    def __init__(self, name: str, cancelled: list[str]) -> None:
+        self.name = name
+        self._cancelled = cancelled
+
+    def cancel(self) -> None:
+        self._cancelled.append(self.name)
 
 
 class AgentRoutingTests(SynchronousTestCase):
@@ -222,6 +234,40 @@ class AgentRoutingTests(SynchronousTestCase):
         self.reactor.advance(1)
         self.assertEqual(held.lookups, ["srv-target.example"])
         self.assertEqual(self.connections(), [])
+
+    def test_lookup_of_cancelled_request_cancelled(self) -> None:
+        """A request cancelled (or timed out) while its address lookup is in progress
+        cancels that lookup (Twisted's HostnameEndpoint never does), so that a lookup still
+        waiting for a resolver thread is not made for nobody; one that ended is not."""
+        held = _HeldResolver()
+        self.agent._name_resolver = held
+        requesting = self.request("srv-target.example:8448")
+        self.assertEqual((held.lookups, held.cancelled), (["srv-target.example"], []))
+        requesting.cancel()
+        self.failureResultOf(requesting)
+        self.assertEqual(held.cancelled, ["srv-target.example"])
+        self.agent._name_resolver = self.hosts
+        requesting = self.request("srv-target.example:8448")
+        self.assertEqual(self.connections(), [(PUBLIC_2, 8448)])
+        requesting.cancel()
+        self.failureResultOf(requesting)
+
+    def test_lookup_of_cancelled_well_known_fetch_cancelled(self) -> None:
+        """The same for a .well-known fetch cancelled (its timeout) while its address lookup
+        is in progress."""
+        held = _HeldResolver()
+        agent = well_known_agent(
+            self.reactor,
+            self.policy,
+            IPRangeFilter(DEFAULT_IP_BLOCKLIST),
+            make_connection_pool(self.reactor),
+            name_resolver=held,
+        )
+        fetching = agent.request(b"GET", b"https://example.org/.well-known/matrix/server")
+        self.assertEqual((held.lookups, held.cancelled), (["example.org"], []))
+        fetching.cancel()
+        self.failureResultOf(fetching)
+        self.assertEqual(held.cancelled, ["example.org"])
 
     def test_blocked_ip_literal(self) -> None:
         """A blocked IP literal is never connected to."""

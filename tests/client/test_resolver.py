@@ -69,6 +69,7 @@ class SlowLookupTests(TestCase):
     def setUp(self) -> None:
         self.release = threading.Event()
         self.entered = 0
+        self.looked_up: list[str] = []
         cert_pem, key_pem = make_certificate(["good.test"], ["127.0.0.1"])
         options = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem).options()
         port = real_reactor.listenSSL(
@@ -84,6 +85,7 @@ class SlowLookupTests(TestCase):
         self.addCleanup(self.release.set)
 
     def getaddrinfo(self, host: str, port: int, *args: Any) -> Any:
+        self.looked_up.append(host)
         if host.endswith(".slow.test"):
             self.entered += 1
             self.release.wait(20)
@@ -157,6 +159,22 @@ class SlowLookupTests(TestCase):
         await self.no_resolver_threads(client)
         await hung
         self.assertEqual(await client.get_json(self.good, "/x"), {})
+
+    async def test_lookup_of_timed_out_request_not_made(self) -> None:
+        """A request that timed out while its address lookup waited for a resolver thread
+        takes that lookup out of the queue: it is never made, for nobody."""
+        client = self.client(timeout=0.5)
+        assert client._name_resolver is not None
+        client._name_resolver.max_threads = 1
+        hung = self.hang(client, 1)
+        await self.until(lambda: self.entered == 1)
+        with self.assertRaises(TransportError) as caught:
+            await client.get_json(self.good, "/x")
+        self.assertTrue(caught.exception.resolver_busy)
+        self.assertEqual(client._name_resolver.waiting, 0)
+        await self.no_resolver_threads(client)
+        await hung
+        self.assertEqual(self.looked_up, ["x0.slow.test"])
 
     async def test_keyring_does_not_back_off_for_a_busy_resolver(self) -> None:
         """A key fetch timing out only because its address lookups waited for a resolver
@@ -255,3 +273,97 @@ class ThreadedResolverTests(TestCase):
 
 def _dns_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("federation-invite-dns")]
+
+
+class SharedLookupTests(TestCase):
+    """Concurrent lookups of one name share one getaddrinfo call; a lookup nobody waits for
+    any more is never made. getaddrinfo blocks for names under slow.test until released."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.release = threading.Event()
+        self.calls: list[tuple[Any, ...]] = []
+        previous = real_reactor.installNameResolver(
+            GAIResolver(real_reactor, real_reactor.getThreadPool, self.getaddrinfo)
+        )
+        self.addCleanup(real_reactor.installNameResolver, previous)
+        self.resolver = ThreadedResolver(real_reactor)
+        self.addCleanup(self.resolver.close)
+        self.addCleanup(self.release.set)
+
+    def getaddrinfo(self, host: str, port: int, family: int, kind: int) -> Any:
+        self.calls.append((host, port, family, kind))
+        if host.endswith("slow.test"):
+            self.release.wait(20)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+
+    def lookup(self, host: str, port: int = 8448) -> tuple[_Receiver, Any]:
+        receiver = _Receiver()
+        return receiver, self.resolver.resolveHostName(receiver, host, port)
+
+    async def until(self, condition: Any, seconds: float = 5.0) -> None:
+        for _ in range(int(seconds * 100)):
+            if condition():
+                return
+            await deferLater(real_reactor, 0.01, lambda: None)
+
+    async def test_concurrent_lookups_share_one_call(self) -> None:
+        """100 lookups of one name at once make one getaddrinfo call, whose addresses
+        every one of them gets; a lookup of the same name on another port is its own."""
+        lookups = [self.lookup("a.slow.test") for _ in range(100)]
+        await self.until(lambda: len(self.calls) == 1)
+        other_port, _ = self.lookup("a.slow.test", 443)
+        await self.until(lambda: len(self.calls) == 2)
+        self.assertEqual(self.resolver.threads, 2)
+        self.release.set()
+        results = await DeferredList([receiver.done for receiver, _ in lookups])
+        self.assertEqual(
+            {tuple(addresses) for _, addresses in results},
+            {(IPv4Address("TCP", "93.184.216.34", 8448),)},
+        )
+        self.assertEqual(await other_port.done, [IPv4Address("TCP", "93.184.216.34", 443)])
+        self.assertEqual(
+            sorted(self.calls), [("a.slow.test", 443, 0, 1), ("a.slow.test", 8448, 0, 1)]
+        )
+        # Done: a later lookup makes a call of its own.
+        again, _ = self.lookup("a.slow.test")
+        await again.done
+        self.assertEqual(len(self.calls), 3)
+
+    async def test_lookup_nobody_waits_for_is_not_made(self) -> None:
+        """A lookup waiting for a thread whose every receiver cancelled it is never made, and
+        its receivers are not answered; one receiver of two cancelling leaves the other's."""
+        self.resolver.max_threads = 1
+        hung, _ = self.lookup("a.slow.test")
+        await self.until(lambda: len(self.calls) == 1)
+        dropped, dropped_lookup = self.lookup("dropped.test")
+        left, left_lookup = self.lookup("kept.test")
+        kept, _ = self.lookup("kept.test")
+        self.assertEqual(self.resolver.waiting, 2)
+        dropped_lookup.cancel()
+        left_lookup.cancel()
+        left_lookup.cancel()  # twice: nothing more
+        self.assertEqual(self.resolver.waiting, 1)
+        self.release.set()
+        self.assertEqual(await kept.done, [IPv4Address("TCP", "93.184.216.34", 8448)])
+        await hung.done
+        await self.until(lambda: self.resolver.threads == 0)
+        self.assertEqual([call[0] for call in self.calls], ["a.slow.test", "kept.test"])
+        self.assertFalse(dropped.done.called)
+        self.assertFalse(left.done.called)
+        # Cancelling a lookup already answered changes nothing.
+        dropped_lookup.cancel()
+
+    async def test_one_slow_name_leaves_threads_for_others(self) -> None:
+        """100 lookups of one name whose DNS hangs hold one thread, not all of them: another
+        name's lookup is made at once."""
+        self.resolver.max_threads = 2
+        hung = [self.lookup("a.slow.test")[0] for _ in range(100)]
+        await self.until(lambda: len(self.calls) == 1)
+        other, _ = self.lookup("other.test")
+        self.assertEqual(await other.done, [IPv4Address("TCP", "93.184.216.34", 8448)])
+        self.assertEqual(self.resolver.waits, 0)
+        self.release.set()
+        await DeferredList([receiver.done for receiver in hung])
+        self.assertEqual([call[0] for call in self.calls], ["a.slow.test", "other.test"])
