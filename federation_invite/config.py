@@ -476,7 +476,9 @@ OPTIONS: tuple[Option, ...] = (
         "inbound.strict_invite_room_state",
         False,
         _bool,
-        "Validate every invite_room_state entry as a full PDU (the spec's SHOULD for v12); "
+        "Validate every invite_room_state entry kept as a full PDU (the spec's SHOULD for v12; "
+        "full entries past the create event and 50 others are dropped, on the v1 endpoint "
+        "refused); "
         "off accepts stripped state (older Synapse releases, Dendrite) with a logged warning.",
     ),
     Option(

@@ -148,7 +148,8 @@ _MAX_WARN_CHECKED_ENTRIES = 20
 #: full: 8 with its default types, any number with more (a space's ``m.space.child``
 #: events), and the spec sets no limit, so entries past these are dropped unchecked
 #: (not stored nor handed over, counted on the invite's line), not refused
-#: (``_bounded_full_entries`` chooses which are kept).
+#: (``_bounded_full_entries`` chooses which are kept); but on the v1 endpoint, whose
+#: event carries them and is kept as received, strict mode refuses them.
 _MAX_ENFORCED_FULL_ENTRIES = 50
 
 #: The state types the spec suggests for an invite's prejoin state (client-server API,
@@ -470,7 +471,7 @@ class InviteHandler:
         ):
             raise _invalid("invite_room_state must be a list of objects")
         room_state, invite_room_state = await self._check_room_state(
-            room_version, room_id, invite_room_state, event["sender"]
+            room_version, room_id, invite_room_state, event["sender"], in_event=api_version == 1
         )
         invite = InboundInvite(
             origin=origin,
@@ -655,6 +656,8 @@ class InviteHandler:
         room_id: str,
         room_state: list[Any],
         inviter: str,
+        *,
+        in_event: bool = False,
     ) -> tuple[_RoomStateFindings, list[Any]]:
         """Row 13: ``invite_room_state`` (server-server-api, invites-v2 "invite_room_state").
 
@@ -666,7 +669,10 @@ class InviteHandler:
         not in memory (fetched at once). Only the create event and at most
         ``_MAX_ENFORCED_FULL_ENTRIES`` other full events are checked (chosen by
         ``_bounded_full_entries``; ``inviter`` is the invite's sender): the
-        others are dropped unchecked and counted. Stripped entries are refused only in
+        others are dropped unchecked and counted, except where ``in_event`` (the v1
+        endpoint: the room state rides in the event's ``unsigned``, stored, handed over
+        and answered as received, so nothing can be dropped from it): there more full
+        events than are checked are refused. Stripped entries are refused only in
         strict mode (Synapse sends them, MSC4311). In room versions 1 to 11
         without strict mode the spec only asks for a warning, so the same
         checks refuse nothing, and are bounded: they stop at the first problem,
@@ -711,6 +717,14 @@ class InviteHandler:
                 # a second, stripped one would reach listeners and hooks unchecked.
                 raise _invalid("invite_room_state holds a stripped m.room.create event")
             full, dropped = _bounded_full_entries(full, inviter)
+            if dropped and in_event:
+                # Only strict mode gets here (v12 has no v1 endpoint).
+                raise _invalid(
+                    f"invite_room_state holds more than {_MAX_ENFORCED_FULL_ENTRIES} full events"
+                    " besides the create event, more than strict mode checks: on the v1"
+                    " endpoint they ride in the event, which is kept as received, so none"
+                    " can be dropped (the v2 endpoint drops them)"
+                )
             # Every entry checked locally before any signature, whose keys may
             # have to be fetched: a bad entry costs no request.
             prepared = [self._check_state_pdu(room_version, room_id, entry) for entry in full]

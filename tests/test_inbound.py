@@ -1685,6 +1685,55 @@ class StrictRoomStateTests(InboundTestCase):
         state = [create, *entries[:5], forged, *entries[6:]]
         self.assertRefused(self.send_v2(room_version, event, state), 400, "M_INVALID_PARAM")
 
+    def test_row13_strict_mode_v1_endpoint_beyond_bound_refused(self) -> None:
+        """Row 13, strict mode, v1 endpoint: the room state rides in the event's unsigned, which
+        is stored, handed over and answered as received, so more full entries than are checked
+        (the create event and 50 others) are refused 400 M_INVALID_PARAM, not dropped: none
+        unchecked reaches the store or listeners. At the bound the invite is accepted."""
+        room_version = KNOWN_ROOM_VERSIONS["1"]
+        create = build_create_event(room_version, self.s.their_key)
+        room_id = create["room_id"]
+        entries = [
+            hash_and_sign_event(
+                room_version,
+                {
+                    "type": "org.example.many",
+                    "state_key": f"k{n}",
+                    "sender": create["sender"],
+                    "room_id": room_id,
+                    "content": {"n": n},
+                    "event_id": f"$e{n}:{THEM}",
+                    "origin_server_ts": create["origin_server_ts"] + 1,
+                    "depth": 2,
+                    "prev_events": [],
+                    "auth_events": [],
+                },
+                THEM,
+                self.s.their_key,
+            )
+            for n in range(51)
+        ]
+        forged = {**entries[-1], "content": {"evil": True}, "signatures": {}}
+        for depth, state in enumerate(([create, *entries], [create, *entries[:50], forged]), 10):
+            event = build_invite(
+                room_version,
+                self.s.their_key,
+                room_id=room_id,
+                extra={"depth": depth, "unsigned": {"invite_room_state": state}},
+            )
+            body = self.assertRefused(self.send_v1(event), 400, "M_INVALID_PARAM")
+            self.assertIn("more than 50 full events", body["error"])
+            self.assertNotIn(event["event_id"], self.s.store.invites)
+        self.assertEqual(self.s.listened, [])
+        event = build_invite(
+            room_version,
+            self.s.their_key,
+            room_id=room_id,
+            extra={"depth": 20, "unsigned": {"invite_room_state": [create, *entries[:50]]}},
+        )
+        self.assertEqual(self.send_v1(event)[0], 200)
+        self.assertEqual(self.s.listened[-1].invite_room_state, [create, *entries[:50]])
+
     def test_row13_strict_mode_content_hash_mismatch_kept_redacted(self) -> None:
         """Row 13, strict mode: a state event signed by its server whose content hash does not
         match (redacted, or its content rewritten since where no signature covers it) is
