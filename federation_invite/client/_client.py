@@ -143,7 +143,9 @@ class FederationClient:
             well_known = well_known_agent(
                 reactor, tls_policy, ip_filter, self._pool, name_resolver=names
             )
-            resolver = self._resolver = ServerResolver(reactor, well_known, srv_resolver)
+            resolver = self._resolver = ServerResolver(
+                reactor, well_known, srv_resolver, lookups_waited=self._lookups_waited
+            )
             agent = FederationAgent(
                 reactor,
                 resolver,

@@ -31,6 +31,7 @@ import random as _random
 import re
 from bisect import bisect_left
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urljoin
 
@@ -284,7 +285,10 @@ class ServerResolver:
     verification; redirects, only to ``https``, are followed here);
     ``srv_resolver`` is a ``twisted.names`` ``IResolver`` (default: the
     system's, created on first use and stopped by ``close``); ``random`` orders
-    SRV records of equal priority by weight.
+    SRV records of equal priority by weight. ``lookups_waited`` counts the address
+    lookups that had to wait for a thread of our resolver (``ThreadedResolver.waits``):
+    a ``.well-known`` fetch timing out while it grew may never have reached the site,
+    and is not taken as its answer (``_refresh_well_known``).
     """
 
     def __init__(
@@ -294,9 +298,11 @@ class ServerResolver:
         srv_resolver: IResolver | None = None,
         *,
         random: _random.Random | None = None,
+        lookups_waited: Callable[[], int] | None = None,
     ) -> None:
         self._reactor = reactor
         self._well_known_agent = well_known_agent
+        self._lookups_waited = lookups_waited or (lambda: 0)
         self._srv_resolver = srv_resolver
         #: The system resolver created here (not given), which ``close`` stops.
         self._own_srv_resolver: IResolver | None = None
@@ -618,8 +624,18 @@ class ServerResolver:
     async def _refresh_well_known(self, hostname: str) -> str | None:
         now = self._reactor.seconds()
         previous = self._delegations.get(hostname)
+        lookups_waited = self._lookups_waited()
+        timed_out = False
+
+        def time_out(result: Any, timeout: float) -> Any:
+            nonlocal timed_out
+            timed_out = True
+            if isinstance(result, Failure) and result.check(defer.CancelledError):
+                raise defer.TimeoutError(timeout, "Deferred")
+            return result
+
         fetch = Deferred.fromCoroutine(self._fetch_well_known(hostname))
-        fetch.addTimeout(WELL_KNOWN_TIMEOUT, self._reactor)
+        fetch.addTimeout(WELL_KNOWN_TIMEOUT, self._reactor, time_out)
         try:
             delegated, ttl = await fetch
         except Exception as exc:
@@ -627,6 +643,20 @@ class ServerResolver:
                 # Cancelled by close() (as CancelledError, or twisted.web's
                 # ResponseNeverReceived holding one): nothing to cache or count.
                 raise
+            if timed_out and self._lookups_waited() != lookups_waited:
+                # Timed out while our own address lookups waited for a resolver thread
+                # (busy with lookups that hang): the site may never have been asked. Not
+                # its answer: nothing cached or counted, a delegation held kept as it is;
+                # the next request fetches again.
+                kept = previous.delegated if previous is not None else None
+                _log.info(
+                    "Cannot fetch .well-known for {hostname}: timed out while address"
+                    " lookups were waiting for a resolver thread; {outcome}, fetching again"
+                    " at the next request",
+                    hostname=hostname,
+                    outcome=f"using its delegation to {kept}" if kept else "not delegated now",
+                )
+                return kept
             if (
                 previous is not None
                 and previous.keeps(now)

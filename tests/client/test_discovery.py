@@ -1773,6 +1773,85 @@ class WellKnownKeptTests(_Base):
         self.assertEqual(self.delegation(), "example.org")
 
 
+class WellKnownResolverBusyTests(_Base):
+    """A .well-known fetch that timed out while our own address lookups waited for a
+    resolver thread (``lookups_waited`` grew: our fault, not the site's) is not the site's
+    answer: nothing is cached or counted from it, and a delegation held is kept."""
+
+    mend_site = WellKnownKeptTests.mend_site
+    delegation = WellKnownKeptTests.delegation
+
+    def start(self) -> None:
+        """As ``WellKnownKeptTests.start``, lookups waiting for a thread counted in ``waits``:
+        example.org delegates to m.example:1 for an hour; that hour is over."""
+        self.waits = 0
+        self.agent = _SwitchableAgent(self.peers, self.clock)
+        self.resolver = ServerResolver(
+            self.clock, self.agent, self.srv, lookups_waited=lambda: self.waits
+        )
+        self.site = self.well_known(
+            "example.org", {"m.server": "m.example:1"}, Cache_Control=b"max-age=3600"
+        )
+        self.assertEqual(self.delegation(), "m.example:1")
+        self.clock.advance(3600)
+
+    def busy_timeout(self) -> Deferred[ResolvedServer]:
+        """Resolve example.org while its fetch hangs and lookups wait for a thread."""
+        self.site.hang = True
+        resolving = self.resolver.resolve_server("example.org")
+        self.waits += 1
+        self.clock.advance(WELL_KNOWN_TIMEOUT)
+        return resolving
+
+    def test_busy_timeout_not_cached_as_no_delegation(self) -> None:
+        """Without a delegation held, that request falls through to SRV, but "no
+        delegation" is not cached: the next request fetches again and is delegated."""
+        self.start()
+        self.resolver = ServerResolver(
+            self.clock, self.agent, self.srv, lookups_waited=lambda: self.waits
+        )
+        server = self.successResultOf(self.busy_timeout())
+        self.assertEqual(server.effective_name, "example.org")
+        self.assertNotIn("example.org", self.resolver._cache)
+        self.assertNotIn("example.org", self.resolver._failures)
+        self.mend_site("m.example:1")
+        before = len(self.agent.requests)
+        self.assertEqual(self.delegation(), "m.example:1")
+        self.assertEqual(len(self.agent.requests), before + 1)
+
+    def test_busy_timeout_keeps_delegation(self) -> None:
+        """With a delegation held (expired), that request uses it, which is kept as it was
+        (not confirmed again, not dropped), and the next request fetches again at once."""
+        self.start()
+        held = self.resolver._delegations["example.org"]
+        self.assertEqual(self.successResultOf(self.busy_timeout()).effective_name, "m.example:1")
+        self.assertEqual(self.resolver._delegations["example.org"], held)
+        self.assertNotIn("example.org", self.resolver._failures)
+        self.mend_site("m.example:2")
+        before = len(self.agent.requests)
+        self.assertEqual(self.delegation(), "m.example:2")
+        self.assertEqual(len(self.agent.requests), before + 1)
+
+    def test_busy_after_keep_window_keeps_delegation(self) -> None:
+        """Past the time a site's failures may keep it, a delegation is still not dropped
+        for our own resolver's fault: a later answer of the site decides."""
+        self.start()
+        self.clock.advance(2 * 3600)
+        self.assertEqual(self.successResultOf(self.busy_timeout()).effective_name, "m.example:1")
+        self.assertIn("example.org", self.resolver._delegations)
+
+    def test_timeout_without_waiting_lookups_cached(self) -> None:
+        """A timeout while no lookup waited for a thread is the site's: cached as before."""
+        self.start()
+        self.resolver = ServerResolver(
+            self.clock, self.agent, self.srv, lookups_waited=lambda: self.waits
+        )
+        self.site.hang = True
+        self.assertEqual(self.delegation(), "example.org")
+        self.assertIn("example.org", self.resolver._cache)
+        self.assertEqual(self.resolver._failures["example.org"], 1)
+
+
 class CachePeriodTests(SynchronousTestCase):
     def period(self, now: float = 1_700_000_000.0, **headers: bytes) -> float:
         raw = Headers({name.replace("_", "-").encode(): [value] for name, value in headers.items()})

@@ -172,6 +172,10 @@ class SlowLookupTests(TestCase):
             await client.get_json(self.good, "/x")
         self.assertTrue(caught.exception.resolver_busy)
         self.assertEqual(client._name_resolver.waiting, 0)
+        # Discovery is told of such waits too (its .well-known fetches).
+        assert client._resolver is not None
+        self.assertEqual(client._resolver._lookups_waited(), client._name_resolver.waits)
+        self.assertEqual(client._name_resolver.waits, 1)
         await self.no_resolver_threads(client)
         await hung
         self.assertEqual(self.looked_up, ["x0.slow.test"])
