@@ -338,7 +338,7 @@ OPTIONS: tuple[Option, ...] = (
         "are read, and a plugin type's (systemd:) arguments checked, only at start. Relative "
         "files (privateKey, its default server.pem, certKey, extraCertChain, dhParameters; a "
         "unix: socket) are relative to the working directory at start, as data_dir is; a "
-        "unix: socket whose absolute path is over the 108 bytes a socket address holds (104 "
+        "unix: socket whose absolute path is over the 107 bytes a socket address holds (103 "
         "on macOS and BSD) is bound relative to the working directory at listen (the start "
         "directory, or twistd's --rundir if it is above it), or if not under it fails to "
         "start naming the limit.",

@@ -780,15 +780,16 @@ def _server_endpoint(
 
 
 #: The longest path a Unix socket address holds: ``sun_path``'s size (Linux's 108 bytes,
-#: the BSDs' and macOS's 104), as Python's ``bind`` checks it ("AF_UNIX path too long").
-UNIX_PATH_MAX = 104 if sys.platform == "darwin" or "bsd" in sys.platform else 108
+#: the BSDs' and macOS's 104) less the terminating NUL Python's ``bind`` leaves room for
+#: (a longer path: "AF_UNIX path too long").
+UNIX_PATH_LONGEST = 103 if sys.platform == "darwin" or "bsd" in sys.platform else 107
 
 
 def _unix_endpoint(
     reactor: Any, description: str, positional: Sequence[str], keywords: dict[str, str]
 ) -> IStreamServerEndpoint:
     """A ``unix:`` endpoint, as Twisted's ``serverFromString`` builds it, except that an
-    address over ``UNIX_PATH_MAX`` bytes under the working directory is bound relative to
+    address over ``UNIX_PATH_LONGEST`` bytes under the working directory is bound relative to
     it. The configuration makes a relative address absolute from the start directory (for
     twistd's ``--rundir``), which a deep start directory makes too long for the kernel:
     relative to the working directory (the start directory, unless ``--rundir`` named
@@ -797,7 +798,7 @@ def _unix_endpoint(
 
     (address, _), arguments = endpoints._parseUNIX(None, *positional, **keywords)
     size = len(os.fsencode(address))
-    if size <= UNIX_PATH_MAX or address.startswith("\0"):
+    if size <= UNIX_PATH_LONGEST or address.startswith("\0"):
         return endpoints.serverFromString(reactor, description)
     try:
         directory = os.path.join(os.getcwd(), "")
@@ -806,12 +807,12 @@ def _unix_endpoint(
     relative = address[len(directory) :] if directory and address.startswith(directory) else ""
     if not relative:
         where = "not under the working directory"
-    elif len(os.fsencode(relative)) > UNIX_PATH_MAX:
+    elif len(os.fsencode(relative)) > UNIX_PATH_LONGEST:
         where = "too long relative to the working directory too"
     else:
         return endpoints.UNIXServerEndpoint(reactor, relative, **arguments)
     raise ConfigError(
-        f"the socket's path is {size} bytes, over the {UNIX_PATH_MAX} a Unix socket address "
+        f"the socket's path is {size} bytes, over the {UNIX_PATH_LONGEST} a Unix socket address "
         f"holds, and {where}: give a shorter absolute path"
     )
 

@@ -359,7 +359,7 @@ class MakeServiceTests(TestCase):
 
         from twisted.internet import reactor
 
-        from federation_invite.service import UNIX_PATH_MAX
+        from federation_invite.service import UNIX_PATH_LONGEST
 
         short, elsewhere = tempfile.mkdtemp(prefix="fi"), tempfile.mkdtemp(prefix="fi")
         self.addCleanup(shutil.rmtree, short)
@@ -378,7 +378,7 @@ class MakeServiceTests(TestCase):
         async def go() -> None:
             # (start directory, working directory at start: the rundir)
             for start, rundir in ((short, short), (deep, deep), (deep, short)):
-                self.assertEqual(len(f"{start}/fi.sock") > UNIX_PATH_MAX, start == deep)
+                self.assertEqual(len(f"{start}/fi.sock") > UNIX_PATH_LONGEST, start == deep)
                 service = service_in(start)
                 os.chdir(rundir)
                 service.startService()
@@ -395,7 +395,7 @@ class MakeServiceTests(TestCase):
             self.assertEqual(
                 str(error),
                 f"configuration key 'listen': cannot listen on 'unix:{deep}/fi.sock': the "
-                f"socket's path is {len(deep) + 8} bytes, over the {UNIX_PATH_MAX} a Unix "
+                f"socket's path is {len(deep) + 8} bytes, over the {UNIX_PATH_LONGEST} a Unix "
                 "socket address holds, and not under the working directory: give a shorter "
                 "absolute path",
             )
@@ -407,6 +407,47 @@ class MakeServiceTests(TestCase):
                 str(error).endswith(f": No such file or directory: {deep}/nodir/fi.sock.lock"),
                 str(error),
             )
+
+        return ensureDeferred(go())
+
+    def test_relative_unix_socket_path_at_the_kernel_limit(self) -> None:
+        """A unix: socket whose absolute path is the longest a socket address holds with its
+        terminating NUL (107 bytes on Linux, 103 on macOS and BSD) binds absolute; one a byte
+        or two longer (108, 109) binds relative to the working directory: none fails."""
+        import shutil
+        import stat
+        import sys
+        import tempfile
+
+        from twisted.internet import reactor
+
+        from federation_invite.service import UNIX_PATH_LONGEST
+
+        longest = 103 if sys.platform == "darwin" or "bsd" in sys.platform else 107
+        self.assertEqual(UNIX_PATH_LONGEST, longest)  # the README's numbers
+        base = tempfile.mkdtemp(prefix="fi")
+        self.addCleanup(shutil.rmtree, base)
+        self.addCleanup(os.chdir, os.getcwd())
+
+        async def go() -> None:
+            for size in (longest, longest + 1, longest + 2):
+                start = os.path.join(base, "d" * (size - len(base) - len("//fi.sock")))
+                os.makedirs(start)
+                os.chdir(start)
+                options = Options()
+                options.parseOptions(["--data-dir", "data", "--listen", "unix:fi.sock"])
+                (listen,) = options["loaded"].listen
+                self.assertEqual(len(os.fsencode(listen)) - len("unix:"), size)
+                service = make_service(
+                    options["loaded"], reactor, exit_on_failure=False, freeze_gc=False
+                )
+                service.startService()
+                try:
+                    await service.ready
+                    mode = os.stat(os.path.join(start, "fi.sock")).st_mode
+                    self.assertTrue(stat.S_ISSOCK(mode), size)
+                finally:
+                    await service.stopService()
 
         return ensureDeferred(go())
 
