@@ -472,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-cert",
         action="store_true",
         help="also write a self-signed TLS certificate (local testing) and listen with TLS "
-        "(with --listen: one of them must be an ssl: endpoint, naming the certificate)",
+        "(with --listen: one of them must be a TLS endpoint naming the certificate (ssl:, or "
+        "systemd: given privateKey/certKey))",
     )
     generate.set_defaults(run=_cmd_generate_config)
 

@@ -451,6 +451,24 @@ class ParserTests(SynchronousTestCase):
             error = self.assertRaises(SystemExit, cli.build_parser().parse_args, argv)
             self.assertEqual(error.code, 2, argv)
 
+    def test_generate_config_tls_cert_help_names_tls_systemd_endpoints(self) -> None:
+        """generate-config --help says a --tls-cert listener given by --listen may be an ssl:
+        or a TLS systemd: endpoint naming the certificate, as the command accepts."""
+        import contextlib
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            error = self.assertRaises(
+                SystemExit, cli.build_parser().parse_args, ["generate-config", "--help"]
+            )
+        self.assertEqual(error.code, 0)
+        text = " ".join(out.getvalue().split())
+        self.assertIn(
+            "with --listen: one of them must be a TLS endpoint naming the certificate (ssl:, "
+            "or systemd: given privateKey/certKey)",
+            text,
+        )
+
     def test_invites_list_limit_default(self) -> None:
         """invites list shows at most 100 invites unless --limit says otherwise."""
         self.assertEqual(cli.build_parser().parse_args(["invites", "list"]).limit, 100)
