@@ -454,6 +454,15 @@ OPTIONS: tuple[Option, ...] = (
         "Seconds before an outbound request is abandoned.",
     ),
     Option(
+        "outbound.destination_concurrent",
+        8,
+        _int_at_least(1, 10_000),
+        "Requests in flight at once to one server (each holds a connection); more wait their "
+        "turn, in order, within outbound.timeout (one still waiting then fails as not sent, "
+        "without backing the server off). Key requests (key fetches, notary queries) have as "
+        "many turns again of their own, so that none waits behind a burst of invites.",
+    ),
+    Option(
         "inbound.max_body_bytes",
         1048576,
         _int_at_least(1024),

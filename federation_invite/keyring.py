@@ -427,7 +427,8 @@ class _Fetch:
     direct_abandoned: bool = False
     notary_abandoned: bool = False
     #: Why the server's request, or a notary's, was not sent, for a cause of ours (out of
-    #: file descriptors: ``TransportError.not_sent``): no failure of the server's either.
+    #: file descriptors, or its timeout while it waited for its turn: ``TransportError.not_sent``;
+    #: or it timed out once sent late, ``waited``): no failure of the server's either.
     not_sent: str | None = None
     #: The client request under way (the server's, then each notary's), cancelled by
     #: ``Keyring.close``.
@@ -1074,10 +1075,11 @@ class Keyring:
             return
         elif fetch.not_sent is not None:
             # A request was not sent, our process or system out of file descriptors or
-            # memory: not the server's failure (as the client records none); the next
-            # lookup fetches again.
+            # memory, or it timed out having waited for its turn among our requests in
+            # flight to that server: not the server's failure (as the client records none);
+            # the next lookup fetches again.
             log.info(
-                "Keys of {server} unavailable: our request was {reason}; not backing it off",
+                "Keys of {server} unavailable for a cause of ours ({reason}); not backing it off",
                 server=server_name,
                 reason=fetch.not_sent,
             )
@@ -1201,7 +1203,7 @@ class Keyring:
                 fetch.resolver_busy = True
             elif isinstance(exc, TransportError) and exc.abandoned:
                 fetch.direct_abandoned = True
-            elif isinstance(exc, TransportError) and exc.not_sent:
+            elif isinstance(exc, TransportError) and (exc.not_sent or exc.waited):
                 fetch.not_sent = exc.reason
             return None
         try:
@@ -1268,8 +1270,8 @@ class Keyring:
             )
             if isinstance(exc, TransportError) and exc.abandoned:
                 fetch.notary_abandoned = True  # our client's close(), not the server's fault
-            elif isinstance(exc, TransportError) and exc.not_sent:
-                fetch.not_sent = exc.reason  # out of file descriptors: ours, not the server's
+            elif isinstance(exc, TransportError) and (exc.not_sent or exc.waited):
+                fetch.not_sent = exc.reason  # ours (no file descriptors, a wait for a turn)
             return False
         records: list[ServerKeyRecord] = []
         now_ms = self._now_ms()

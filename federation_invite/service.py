@@ -424,6 +424,7 @@ def _assemble(
             ip_allowlist=config.get("outbound.ip_allowlist"),
             timeout=config.get("outbound.timeout"),
             agent=agent,
+            concurrent_per_destination=config.get("outbound.destination_concurrent"),
         )
     keyring = Keyring(
         reactor, store, client, local_keys=local_keys, notaries=config.get("keys.notaries")

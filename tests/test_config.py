@@ -352,6 +352,22 @@ class LoadConfigTests(SynchronousTestCase):
                 "configuration key 'database_pool_size': must be an integer from 1 to 100",
             )
 
+    def test_destination_concurrent(self) -> None:
+        """outbound.destination_concurrent: 8 by default (as ratelimit.origin_concurrent, what
+        our own inbound side serves at once from one origin), an integer from 1 to 10,000."""
+        self.assertEqual(Config({}).get("outbound.destination_concurrent"), 8)
+        config = Config({"outbound.destination_concurrent": 3})
+        self.assertEqual(config.get("outbound.destination_concurrent"), 3)
+        for value in (0, 10_001, "8", 8.0, True):
+            error = self.assertRaises(
+                ConfigError, Config, {"outbound.destination_concurrent": value}
+            )
+            self.assertEqual(
+                str(error),
+                "configuration key 'outbound.destination_concurrent': must be an integer from 1"
+                " to 10000",
+            )
+
     def test_network_with_host_bits_accepted(self) -> None:
         """An IP range written with host bits set ('127.0.0.1/8') is accepted as written, as
         the client reads it (its network, 127.0.0.0/8), not refused."""

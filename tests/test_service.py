@@ -155,6 +155,25 @@ class ConfiguredSiteTests(SynchronousTestCase):
         self.assertTrue(connection.closing)
 
 
+class ConfiguredClientTests(SynchronousTestCase):
+    def test_destination_concurrent_reaches_the_client(self) -> None:
+        """The default client is built with outbound.destination_concurrent: 2 requests in
+        flight to one server, the third waiting for its turn."""
+        from federation_invite.client.testing import FakePeersAgent
+        from federation_invite.config import Config
+
+        from .client._fakes import CannedResource
+
+        agent = FakePeersAgent({"remote.example": CannedResource(hang=True)})
+        config = Config({"server_name": US, "outbound.destination_concurrent": 2})
+        components = build_components(
+            config, make_clock(), MemoryStore(), make_key("k1"), agent=agent
+        )
+        for n in range(3):
+            components.client.get_json("remote.example", f"/x{n}")
+        self.assertEqual(len(agent.requests), 2)
+
+
 class BuildFromConfigPathTests(TestCase):
     """The key, the data directory and the real SQLite database end up together."""
 

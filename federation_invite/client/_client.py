@@ -17,6 +17,7 @@ make us ask for one (a forged request's origin), so none backs the server off.
 from __future__ import annotations
 
 import errno
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -72,6 +73,27 @@ class _Backoff:
         return in_window(self.since, now, self.retry_at)
 
 
+@attrs.define(eq=False)
+class _Lane:
+    """The requests in flight to one destination (key requests, or the others), and those
+    waiting for their turn, in order (``FederationClient._take_turn``)."""
+
+    in_flight: int = 0
+    waiting: OrderedDict[Deferred[None], None] = attrs.Factory(OrderedDict)
+    #: Turns ended with requests waiting, to be handed on at the reactor's next turn
+    #: (``_end_turn``), and the call doing it.
+    ended: int = 0
+    handing_on: Any = None
+
+
+@attrs.define(eq=False)
+class _Progress:
+    """How far one request got: whether it waited for a turn, and when it was sent."""
+
+    waited: bool = False
+    sent_at: float | None = None
+
+
 class FederationClient:
     """Sends signed JSON requests to other servers and returns their JSON answers.
 
@@ -92,8 +114,17 @@ class FederationClient:
     ``treq.testing.RequestTraversalAgent(resource)`` for a single peer).
     ``verify_tls``, the IP lists and ``srv_resolver`` are then unused.
 
-    ``timeout`` bounds each request from start to last body byte;
-    ``max_response_bytes`` bounds the response body.
+    ``timeout`` bounds each request from start to last body byte, a wait for its turn
+    included; ``max_response_bytes`` bounds the response body.
+
+    ``concurrent_per_destination`` (8): requests in flight at once to one destination
+    (as connected to: ``via`` when given), each holding a connection; more wait for their
+    turn, in order, within their ``timeout``. Key requests (paths under ``/_matrix/key/``:
+    the keyring's fetches and notary queries) have as many turns again of their own, so
+    that a key fetch never waits behind a burst of invites to the same server. A request
+    whose timeout comes while it waits fails as not sent (``TransportError.not_sent``), and
+    one that timed out once sent with less than half its time left is not counted in the
+    back-off either (``TransportError.waited``): it did not have its time.
     """
 
     #: Seconds a destination is left alone after its first consecutive failure;
@@ -117,8 +148,19 @@ class FederationClient:
         max_response_bytes: int = 1_048_576,
         srv_resolver: Any = None,
         agent: IAgent | None = None,
+        concurrent_per_destination: int = 8,
     ) -> None:
         parse_server_name(server_name)
+        if isinstance(concurrent_per_destination, bool) or not (
+            isinstance(concurrent_per_destination, int) and concurrent_per_destination >= 1
+        ):
+            raise ValueError(
+                f"concurrent_per_destination must be an integer of at least 1: "
+                f"{concurrent_per_destination!r}"
+            )
+        self._concurrent = concurrent_per_destination
+        #: (destination, key request?) -> its requests in flight and waiting; only while any.
+        self._lanes: dict[tuple[str, bool], _Lane] = {}
         self._reactor = reactor
         self._server_name = server_name
         self._signing_key = signing_key
@@ -290,8 +332,12 @@ class FederationClient:
         lookups_waited = self._lookups_waited()
 
         url = ("https://" + destination + uri).encode("ascii")
+        progress = _Progress()
+        lane = (destination, path.startswith("/_matrix/key/"))
         attempt = Deferred.fromCoroutine(
-            self._attempt(method.encode("ascii"), destination, url, headers, producer)
+            self._attempt(
+                method.encode("ascii"), destination, url, headers, producer, lane, progress
+            )
         )
         timed_out = False
 
@@ -326,8 +372,26 @@ class FederationClient:
             resolver_busy = False
             # Nor when connecting failed for want of our own file descriptors or memory.
             local = _local_resource_error(exc)
+            # Nor when it timed out having waited for its turn: not sent, or sent with less
+            # than half its time left (with more, the server had long enough to answer).
+            waited = (
+                timed_out
+                and progress.waited
+                and (progress.sent_at is None or progress.sent_at - started > self._timeout / 2)
+            )
             if local is not None:
                 reason = f"not sent: {local}"
+            elif waited and progress.sent_at is None:
+                reason = (
+                    f"not sent: timed out after {self._timeout:g} s waiting for a turn (at most"
+                    f" {self._concurrent} requests in flight to a server at once)"
+                )
+            elif waited and progress.sent_at is not None:
+                reason = (
+                    f"timed out after {self._timeout:g} s, {progress.sent_at - started:.1f} s of"
+                    f" them waiting for a turn (at most {self._concurrent} requests in flight to"
+                    " a server at once)"
+                )
             elif timed_out:
                 reason = f"timed out after {self._timeout:g} s"
                 if self._lookups_waited() != lookups_waited:
@@ -344,9 +408,10 @@ class FederationClient:
                 reason,
                 resolver_busy=resolver_busy,
                 abandoned=abandoned,
-                not_sent=local is not None,
+                not_sent=local is not None or (waited and progress.sent_at is None),
+                waited=waited,
             )
-            if backoff and not resolver_busy and not abandoned and local is None:
+            if backoff and not resolver_busy and not abandoned and local is None and not waited:
                 self._record_failure(destination, started)
             _log.info("{error}", error=error)
             raise error from exc
@@ -364,13 +429,71 @@ class FederationClient:
         url: bytes,
         headers: Headers,
         producer: IBodyProducer | None,
+        lane: tuple[str, bool],
+        progress: _Progress,
     ) -> Any:
-        response = await self._agent.request(method, url, headers, producer)
+        turn = self._take_turn(lane)
+        if turn is not None:
+            progress.waited = True
+            await turn  # cancelled (a timeout, the caller): out of the queue, no turn taken
+        progress.sent_at = self._reactor.seconds()
         try:
-            raw = await read_body(response, self._max_response_bytes)
-        except BodyTooLarge as exc:
-            raise RemoteError(destination, response.code, None, str(exc)) from None
-        return _interpret(destination, response.code, response.phrase, raw)
+            response = await self._agent.request(method, url, headers, producer)
+            try:
+                raw = await read_body(response, self._max_response_bytes)
+            except BodyTooLarge as exc:
+                raise RemoteError(destination, response.code, None, str(exc)) from None
+            return _interpret(destination, response.code, response.phrase, raw)
+        finally:
+            self._end_turn(lane)
+
+    # -- turns: at most ``concurrent_per_destination`` requests in flight per lane
+
+    def _take_turn(self, key: tuple[str, bool]) -> Deferred[None] | None:
+        """None when the request may go at once (a turn taken); else a Deferred that fires
+        when its turn comes (the turn then its own), cancelling which leaves the queue."""
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+        if lane.in_flight < self._concurrent and not lane.waiting:
+            lane.in_flight += 1
+            return None
+
+        def leave(turn: Deferred[None]) -> None:
+            lane.waiting.pop(turn, None)
+
+        turn: Deferred[None] = Deferred(leave)
+        lane.waiting[turn] = None
+        return turn
+
+    def _end_turn(self, key: tuple[str, bool]) -> None:
+        """A request's turn is over: free it (the lane forgotten once idle), or with requests
+        waiting, hand it to the first at the reactor's next turn (``_hand_on``): the timers
+        due now run first, so requests whose timeout has come leave the queue unsent instead
+        of being sent with no time left, and a request failing at once when its turn comes
+        hands it on in the same loop, not in nested calls."""
+        lane = self._lanes[key]
+        if not lane.waiting:
+            lane.in_flight -= 1
+            if not lane.in_flight:
+                del self._lanes[key]
+            return
+        lane.ended += 1
+        if lane.handing_on is None:
+            lane.handing_on = self._reactor.callLater(0, self._hand_on, key, lane)
+
+    def _hand_on(self, key: tuple[str, bool], lane: _Lane) -> None:
+        """Hand the turns ended meanwhile to the requests waiting first (``_end_turn``)."""
+        while lane.ended:
+            lane.ended -= 1
+            if lane.waiting:
+                turn, _ = lane.waiting.popitem(last=False)
+                turn.callback(None)  # the request goes (and may end its turn at once)
+            else:
+                lane.in_flight -= 1
+        lane.handing_on = None
+        if not lane.in_flight and not lane.waiting and self._lanes.get(key) is lane:
+            del self._lanes[key]
 
     def _lookups_waited(self) -> int:
         """Address lookups that had to wait for a resolver thread so far: if more did by a

@@ -63,8 +63,13 @@ class TransportError(Exception):
 
     ``not_sent``: the request was never sent, for a cause of ours: connecting failed
     because this process or system was out of file descriptors or memory (EMFILE,
-    ENFILE, ENOBUFS, ENOMEM). Not the destination's fault: neither the client nor the
-    keyring backs it off for it.
+    ENFILE, ENOBUFS, ENOMEM), or its timeout came while it waited for its turn behind the
+    requests in flight to the destination (``FederationClient``'s
+    ``concurrent_per_destination``). Not the destination's fault: neither the client nor
+    the keyring backs it off for it.
+
+    ``waited``: the request timed out after waiting for its turn, never sent (``not_sent``)
+    or sent with less than half its time left: not counted against the destination either.
     """
 
     def __init__(
@@ -75,12 +80,14 @@ class TransportError(Exception):
         resolver_busy: bool = False,
         abandoned: bool = False,
         not_sent: bool = False,
+        waited: bool = False,
     ) -> None:
         self.destination = destination
         self.reason = reason
         self.resolver_busy = resolver_busy
         self.abandoned = abandoned
         self.not_sent = not_sent
+        self.waited = waited
         super().__init__(destination, reason)
 
     def __str__(self) -> str:
