@@ -749,6 +749,41 @@ class BodyRowTests(InboundTestCase):
             )
             self.assertRefused(answer, 400, "M_BAD_JSON")
 
+    def test_row07_member_unsigned_room_state_not_an_array(self) -> None:
+        """Row 7: an invite whose unsigned knock_room_state or invite_room_state is neither an
+        array nor null (Synapse's PDU parser: 400 "Invalid event JSON") is 400 M_BAD_JSON on
+        v2 and v1, neither co-signed nor stored; an array of anything, or null, is accepted."""
+        v1 = KNOWN_ROOM_VERSIONS["1"]
+        message = "Invalid PDU: 'unsigned' {!r} of an m.room.member event must be an array or null"
+        bad = [
+            ("knock_room_state", 5),
+            ("knock_room_state", {}),
+            ("knock_room_state", "x"),
+            ("invite_room_state", 5),
+            ("invite_room_state", {"type": "m.room.name"}),
+        ]
+        for n, (key, value) in enumerate(bad):
+            extra = {
+                "unsigned": {"age": 1, key: value},
+                "content": {"membership": "invite", "n": n},
+            }
+            room_version, event = self.s.invite("10", extra=extra)
+            answer = self.assertRefused(self.send_v2(room_version, event), 400, "M_BAD_JSON")
+            self.assertEqual(answer["error"], message.format(key))
+            event = build_invite(v1, self.s.their_key, extra=extra)
+            answer = self.assertRefused(self.send_v1(event), 400, "M_BAD_JSON")
+            self.assertEqual(answer["error"], message.format(key))
+        self.assertEqual(self.s.store.invites, {})
+        for n, value in enumerate(([1, "x", {}], None)):
+            unsigned = {"knock_room_state": value}
+            extra = {"unsigned": unsigned, "content": {"membership": "invite", "m": n}}
+            room_version, event = self.s.invite("10", extra=extra)
+            code, body = self.send_v2(room_version, event)
+            self.assertEqual(code, 200, body)
+            self.assertEqual(body["event"]["unsigned"], unsigned)
+            event = build_invite(v1, self.s.their_key, extra=extra)
+            self.assertEqual(self.send_v1(event)[0], 200)
+
     def room_state_with(
         self, identifier: str, content: dict[str, Any]
     ) -> tuple[RoomVersion, dict[str, Any], list[dict[str, Any]]]:
@@ -977,7 +1012,8 @@ class BodyRowTests(InboundTestCase):
         )
         self.assertIn("signature check failed", answer["error"])
         v1 = KNOWN_ROOM_VERSIONS["1"]
-        unsigned = {"invite_room_state": "nope"}
+        # A list, but not of objects: anything but an array (or null) is row 7's already.
+        unsigned = {"invite_room_state": ["nope"]}
         event = build_invite(v1, self.s.their_key, extra={"depth": "x", "unsigned": unsigned})
         self.assertRefused(self.send_v1(event), 400, "M_BAD_JSON")
         event = build_invite(v1, self.s.their_key, extra={"unsigned": unsigned})

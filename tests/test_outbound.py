@@ -1504,6 +1504,31 @@ class BeforeSendingTests(_Base):
         self.assertEqual(event["auth_events"], event["prev_events"])
         self.successResultOf(self.origin.send("11", event, state))
 
+    def test_member_unsigned_room_state_not_an_array_refused(self) -> None:
+        """An invite whose unsigned knock_room_state or invite_room_state is neither an array
+        nor null (Synapse's PDU parser: 400 M_BAD_JSON) is refused before it is signed, or,
+        signed already, before it is sent; an array (a tuple too) or null goes out."""
+        for key, value in (
+            ("knock_room_state", 5),
+            ("invite_room_state", {}),
+            ("knock_room_state", "x"),
+        ):
+            for room_version in ("1", "10"):
+                event, state = self.origin.invite(room_version)
+                event["unsigned"] = {"age": 1, key: value}
+                expected = f"'unsigned' {key!r} of an m.room.member event must be an array or null"
+                self.assertEqual(self.not_sendable(room_version, event, state), expected)
+                signed = hash_and_sign_event(
+                    KNOWN_ROOM_VERSIONS[room_version], event, OURS, self.origin.key
+                )
+                self.assertEqual(self.not_sendable(room_version, signed, state), expected)
+        self.assertEqual(self.origin.signer.calls, [])
+        self.assertEqual(self.peer.received, [])
+        for value in ((1,), None):
+            event, state = self.origin.invite("10")
+            event["unsigned"] = {"knock_room_state": value}
+            self.successResultOf(self.origin.send("10", event, state))
+
 
 def _with_event_id(event: dict[str, Any]) -> dict[str, Any]:
     return {**event, "event_id": "$anything"}
@@ -1511,6 +1536,10 @@ def _with_event_id(event: dict[str, Any]) -> dict[str, Any]:
 
 def _listing_the_create_event(event: dict[str, Any]) -> dict[str, Any]:
     return {**event, "auth_events": [*event["auth_events"], "$" + event["room_id"][1:]]}
+
+
+def _room_state_no_array(event: dict[str, Any], key: str) -> dict[str, Any]:
+    return {**event, "unsigned": {**event.get("unsigned", {}), key: 5}}
 
 
 def _deep(levels: int) -> Any:
@@ -1551,7 +1580,9 @@ class InboundOutboundAgreementTests(_Base):
     """What our receiving side refuses as malformed, our sending side refuses before anything
     is signed, so that the two cannot drift apart again: for each shape Synapse's PDU parser
     refuses (v3+ event_id, a v12 auth_events listing the create event, nesting past 127
-    levels, a hashes value that is no string, a room-state entry nested past 124 levels), the outbound check fails with
+    levels, a hashes value that is no string, an m.room.member event's unsigned
+    knock_room_state or invite_room_state that is no array, a room-state entry nested past
+    124 levels), the outbound check fails with
     InviteNotSendable without calling the signer or sending, and the same event, signed by
     us and PUT as is to our own receiver, is refused with the status and errcode given."""
 
@@ -1569,6 +1600,27 @@ class InboundOutboundAgreementTests(_Base):
         ("nested 128 deep", "1", lambda rv, e: _too_deep(e), 400, "M_BAD_JSON"),
         ("hash of no string", "10", _hash_of_no_string, 400, "M_BAD_JSON"),
         ("hash of no string", "12", _hash_of_no_string, 400, "M_BAD_JSON"),
+        (
+            "unsigned knock_room_state no array",
+            "10",
+            lambda rv, e: _room_state_no_array(e, "knock_room_state"),
+            400,
+            "M_BAD_JSON",
+        ),
+        (
+            "unsigned knock_room_state no array",
+            "1",
+            lambda rv, e: _room_state_no_array(e, "knock_room_state"),
+            400,
+            "M_BAD_JSON",
+        ),
+        (
+            "unsigned invite_room_state no array",
+            "10",
+            lambda rv, e: _room_state_no_array(e, "invite_room_state"),
+            400,
+            "M_BAD_JSON",
+        ),
     ]
     #: Room state that Synapse's PDU parser refuses, which it parses inside the event's
     #: unsigned (v2 moves it there): an entry nested 125 deep, the entry counted.

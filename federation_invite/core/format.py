@@ -18,8 +18,10 @@ an ``event_id`` is refused (Synapse: 400 "Invalid event JSON"); the key is
 covered by the hashes and signatures, so it could not be stripped before
 co-signing. Likewise a room v12 event whose ``auth_events`` list the room's
 create event (rooms/v12.md: it "MUST NOT be selected"; Synapse refuses it on
-receipt), or whose ``hashes`` hold a value that is not a string (Synapse's
-PDU parser refuses it). ``federation_form_problem`` holds these rules, shared with the
+receipt), or whose ``hashes`` hold a value that is not a string, or an
+``m.room.member`` event whose ``unsigned`` ``invite_room_state`` or
+``knock_room_state`` is neither an array nor null (Synapse's PDU parser refuses
+either). ``federation_form_problem`` holds these rules, shared with the
 outbound check that refuses to sign such an event. The top-level ``origin``
 is no longer part of any PDU schema and is not checked.
 """
@@ -147,7 +149,9 @@ def check_event_format(
     and of the IDs in ``prev_events``/``auth_events``, their counts, the
     255-byte field limits, ``depth`` bounds, from v6 strict canonical JSON
     for the whole event, and what ``federation_form_problem`` refuses (v3+:
-    an ``event_id`` key; v12: the create event in ``auth_events``). It does
+    an ``event_id`` key; v12: the create event in ``auth_events``; ``hashes``
+    values and a member event's ``unsigned`` room state that Synapse's PDU
+    parser refuses). It does
     not check hashes, signatures or auth rules, nor the 64 KiB size limit
     (``check_pdu_size``). Raises only ``MatrixError``, whatever JSON-shaped
     value it is given.
@@ -233,7 +237,13 @@ def federation_form_problem(version: RoomVersion, event: Mapping[str, Any]) -> s
 
     Every room version: ``hashes`` (components/event_hash.yaml) requires a
     string ``sha256`` and leaves other entries open, but Synapse's PDU parser
-    refuses any value that is not a string (400 "Invalid event JSON").
+    refuses any value that is not a string (400 "Invalid event JSON"). Likewise
+    an ``m.room.member`` event's ``unsigned`` ``invite_room_state`` or
+    ``knock_room_state`` (the keys it keeps there, ``_PARSED_UNSIGNED_KEYS``)
+    that is neither an array (of anything) nor null; on v2 Synapse replaces the
+    event's own ``invite_room_state`` with the body's, but the inviting server
+    parses the event we answer, its ``unsigned`` as received, with its own.
+    Only an ``unsigned`` holding one of them is looked into.
 
     One rule for both directions: ``check_event_format`` refuses such a PDU on
     receipt (400 ``M_BAD_JSON``), and the outbound client refuses to sign one.
@@ -260,6 +270,25 @@ def federation_form_problem(version: RoomVersion, event: Mapping[str, Any]) -> s
     hashes = event.get("hashes")
     if isinstance(hashes, Mapping) and len(hashes) > 1 and not _all_strings(hashes):
         return "'hashes' must hold only strings"
+    unsigned = event.get("unsigned")
+    if (
+        unsigned
+        and isinstance(unsigned, Mapping)
+        and not unsigned.keys().isdisjoint(_PARSED_UNSIGNED_KEYS)
+    ):
+        return _parsed_unsigned_problem(event, unsigned)
+    return None
+
+
+def _parsed_unsigned_problem(event: Mapping[str, Any], unsigned: Mapping[str, Any]) -> str | None:
+    # Synapse's PDU parser takes each of these (kept in an m.room.member event's
+    # unsigned only) as an array of anything, or null, and refuses anything else.
+    if event.get("type") != "m.room.member":
+        return None
+    for key in _PARSED_UNSIGNED_KEYS:
+        value = unsigned.get(key)
+        if value is not None and not isinstance(value, list | tuple):
+            return f"'unsigned' {key!r} of an m.room.member event must be an array or null"
     return None
 
 

@@ -17,6 +17,7 @@ from federation_invite.core.format import (
     MAX_ROOM_STATE_NESTING,
     check_event_format,
     check_pdu_size,
+    federation_form_problem,
     pdu_nesting_exceeded,
     pdu_nesting_problem,
     room_state_nesting_problem,
@@ -436,6 +437,37 @@ class RejectTests(FormatTestCase):
             event["hashes"] = {"sha256": HASH, "sha512": HASH}
             check_event_format(version, event)
 
+    def test_member_unsigned_room_state_lists(self) -> None:
+        """Synapse's PDU parser keeps an m.room.member event's unsigned invite_room_state and
+        knock_room_state and refuses either unless it is an array (of anything) or null (400
+        "Invalid event JSON"): 400 M_BAD_JSON here, so that we never co-sign one. Other
+        unsigned keys pass, and these keys in other events (Synapse strips them)."""
+        for key in ("invite_room_state", "knock_room_state"):
+            for bad in [5, "x", {}, {"a": [1]}, True, 1.5]:
+                self.assertBadEverywhere(
+                    lambda e, k=key, b=bad: e.__setitem__("unsigned", {"age": 1, k: b}),
+                    f"'unsigned' {key!r} of an m.room.member event must be an array or null",
+                    # A float is no strict canonical JSON from v6, refused as such first.
+                    ALL_VERSIONS[:5] if isinstance(bad, float) else ALL_VERSIONS,
+                )
+            for good in [[], [1], [None, "x", {"a": [1]}, [2]], None]:
+                for version in ALL_VERSIONS:
+                    event = invite_event(version)
+                    event["unsigned"] = {"age": 1, key: good}
+                    check_event_format(version, event)
+                    event = {**invite_event(version), "type": "m.room.topic", "state_key": ""}
+                    event["unsigned"] = {key: 5}
+                    check_event_format(version, event)
+        # The outbound check's input: any mapping, unchecked (a tuple is an array).
+        v10 = KNOWN_ROOM_VERSIONS["10"]
+        member = {"type": "m.room.member", "unsigned": {"knock_room_state": (1,)}}
+        self.assertIsNone(federation_form_problem(v10, member))
+        member["unsigned"] = {"invite_room_state": [], "knock_room_state": "x"}
+        self.assertEqual(
+            federation_form_problem(v10, member),
+            "'unsigned' 'knock_room_state' of an m.room.member event must be an array or null",
+        )
+
     def test_v1_reference_hashes_values_all_strings(self) -> None:
         """pdu_v1 reference pairs: Synapse refuses their hashes object too when a value is
         not a string ({} and extra string entries pass): 400 M_BAD_JSON."""
@@ -599,8 +631,8 @@ class NestingTests(FormatTestCase):
             ):
                 for levels, ok in ((MAX_PDU_NESTING, True), (MAX_PDU_NESTING + 1, False)):
                     event = invite_event(version)
-                    if key is not None:
-                        event.setdefault(place, {})[key] = nested(levels - above)
+                    if key is not None:  # an array (as unsigned ones must be)
+                        event.setdefault(place, {})[key] = [nested(levels - above - 1)]
                     else:
                         event[place] = nested(levels - above)
                     if ok:
