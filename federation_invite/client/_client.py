@@ -79,7 +79,8 @@ class _Lane:
     waiting for their turn, in order (``FederationClient._take_turn``)."""
 
     in_flight: int = 0
-    waiting: OrderedDict[Deferred[None], None] = attrs.Factory(OrderedDict)
+    #: Each waiting request's turn -> its deadline (``reactor.seconds()``).
+    waiting: OrderedDict[Deferred[None], float] = attrs.Factory(OrderedDict)
     #: Turns ended with requests waiting, to be handed on at the reactor's next turn
     #: (``_end_turn``), and the call doing it.
     ended: int = 0
@@ -432,7 +433,7 @@ class FederationClient:
         lane: tuple[str, bool],
         progress: _Progress,
     ) -> Any:
-        turn = self._take_turn(lane)
+        turn = self._take_turn(lane, self._reactor.seconds() + self._timeout)
         if turn is not None:
             progress.waited = True
             await turn  # cancelled (a timeout, the caller): out of the queue, no turn taken
@@ -449,7 +450,7 @@ class FederationClient:
 
     # -- turns: at most ``concurrent_per_destination`` requests in flight per lane
 
-    def _take_turn(self, key: tuple[str, bool]) -> Deferred[None] | None:
+    def _take_turn(self, key: tuple[str, bool], deadline: float) -> Deferred[None] | None:
         """None when the request may go at once (a turn taken); else a Deferred that fires
         when its turn comes (the turn then its own), cancelling which leaves the queue."""
         lane = self._lanes.get(key)
@@ -463,7 +464,7 @@ class FederationClient:
             lane.waiting.pop(turn, None)
 
         turn: Deferred[None] = Deferred(leave)
-        lane.waiting[turn] = None
+        lane.waiting[turn] = deadline
         return turn
 
     def _end_turn(self, key: tuple[str, bool]) -> None:
@@ -483,12 +484,20 @@ class FederationClient:
             lane.handing_on = self._reactor.callLater(0, self._hand_on, key, lane)
 
     def _hand_on(self, key: tuple[str, bool], lane: _Lane) -> None:
-        """Hand the turns ended meanwhile to the requests waiting first (``_end_turn``)."""
+        """Hand the turns ended meanwhile to the requests waiting first (``_end_turn``).
+
+        One with less than a second left (a tenth of the timeout, if less) is passed over
+        and left out of the queue: it could hardly connect, let alone be answered, in that
+        time, and fails as not sent when its timeout comes."""
+        least = min(1.0, self._timeout / 10)
         while lane.ended:
             lane.ended -= 1
-            if lane.waiting:
-                turn, _ = lane.waiting.popitem(last=False)
-                turn.callback(None)  # the request goes (and may end its turn at once)
+            now = self._reactor.seconds()
+            while lane.waiting:
+                turn, deadline = lane.waiting.popitem(last=False)
+                if deadline - now >= least:
+                    turn.callback(None)  # the request goes (and may end its turn at once)
+                    break
             else:
                 lane.in_flight -= 1
         lane.handing_on = None

@@ -322,3 +322,33 @@ class TurnTests(SynchronousTestCase):
             self.failureResultOf(requesting, TransportError)
         self.assertEqual(agent.requests, 9_999)
         self.assertEqual(client._lanes, {})
+
+    def test_no_turn_given_with_almost_no_time_left(self) -> None:
+        """A turn coming when a request has less than a second left (a tenth of its timeout,
+        if less) is not taken: the request is not sent (no connection opened for nothing),
+        and fails as not sent when its timeout comes; the turn goes to the next one."""
+        client = FederationClient(
+            self.clock,
+            ORIGIN,
+            generate_signing_key("k1"),
+            agent=self.agent,
+            timeout=30.0,
+            concurrent_per_destination=1,
+        )
+        first = client.get_json(REMOTE, "/1")
+        late = client.get_json(REMOTE, "/2")
+        self.clock.advance(10)
+        later = client.get_json(REMOTE, "/3")
+        self.clock.advance(19.5)
+        self.agent.answer(0)  # at 29.5 s: "/2" has 0.5 s left, "/3" 10.5 s
+        self.successResultOf(first)
+        self.clock.advance(0)
+        self.assertEqual([uri for uri, _ in self.agent.held][-1], f"https://{REMOTE}/3".encode())
+        self.assertEqual(len(self.agent.held), 2)
+        self.assertNoResult(late)
+        self.clock.advance(0.5)
+        error = self.failureResultOf(late, TransportError).value
+        self.assertTrue(error.not_sent)
+        self.agent.answer(1)
+        self.successResultOf(later)
+        self.assertEqual((client._lanes, client._backoff), ({}, {}))
