@@ -18,7 +18,8 @@ want of our own file descriptors or memory, ``TransportError.not_sent``: not its
 answered (or a notary did for it), with every key asked for or not, not for 5 s
 (the pause: a server may list fresh key IDs at each fetch, which requests naming the
 next ones would otherwise have fetched one by one). A server that failed to answer while a
-notary answered for it is only paused, but its own key server is not asked again until its
+notary answered for it is only paused (one whose notary query was not sent, or abandoned,
+for a cause of ours, not even that), but its own key server is not asked again until its
 back-off (1 min, doubling up to 1 h, per name as fetched) has passed: until then its
 fetches ask the notaries alone, once per pause (but for the sender's answer check, below:
 a fetch it joins asks the server too, once the notaries have answered without a key); its
@@ -428,8 +429,11 @@ class _Fetch:
     notary_abandoned: bool = False
     #: Why the server's request, or a notary's, was not sent, for a cause of ours (out of
     #: file descriptors, or its timeout while it waited for its turn: ``TransportError.not_sent``;
-    #: or it timed out once sent late, ``waited``): no failure of the server's either.
-    not_sent: str | None = None
+    #: or it timed out once sent late, ``waited``): no failure of the server's either. Kept
+    #: apart, as ``direct_abandoned`` and ``notary_abandoned``: a notary's query not sent
+    #: does not excuse the server's own request failing (its direct back-off).
+    direct_not_sent: str | None = None
+    notary_not_sent: str | None = None
     #: The client request under way (the server's, then each notary's), cancelled by
     #: ``Keyring.close``.
     request: Deferred[Any] | None = None
@@ -1017,7 +1021,7 @@ class Keyring:
             and not fetch.resolver_busy
             and fetch.client_refused_until_ms is None
             and not fetch.direct_abandoned
-            and fetch.not_sent is None
+            and fetch.direct_not_sent is None
         )
         if self._closed:
             raise _FetchAbandoned()  # closed while storing what it fetched: record nothing
@@ -1073,15 +1077,16 @@ class Keyring:
                 server=server_name,
             )
             return
-        elif fetch.not_sent is not None:
+        elif fetch.direct_not_sent is not None or fetch.notary_not_sent is not None:
             # A request was not sent, our process or system out of file descriptors or
             # memory, or it timed out having waited for its turn among our requests in
             # flight to that server: not the server's failure (as the client records none);
-            # the next lookup fetches again.
+            # the next lookup fetches again. A notary's query alone not sent excuses only
+            # itself: the server's own request failing has backed its key server off above.
             log.info(
                 "Keys of {server} unavailable for a cause of ours ({reason}); not backing it off",
                 server=server_name,
-                reason=fetch.not_sent,
+                reason=fetch.direct_not_sent or fetch.notary_not_sent,
             )
             return
         elif fetch.client_refused_until_ms is not None:
@@ -1170,7 +1175,7 @@ class Keyring:
         until, ``fetch.client_refused_until_ms``; none because our client's ``close()``
         abandoned it (``TransportError.abandoned``), ``fetch.direct_abandoned``; none because
         it was not sent for want of our own file descriptors or memory
-        (``TransportError.not_sent``), ``fetch.not_sent``.
+        (``TransportError.not_sent``, or ``waited``), ``fetch.direct_not_sent``.
         """
         try:
             # Past the client's back-off of the server (``ignore_backoff``), as Synapse
@@ -1204,7 +1209,7 @@ class Keyring:
             elif isinstance(exc, TransportError) and exc.abandoned:
                 fetch.direct_abandoned = True
             elif isinstance(exc, TransportError) and (exc.not_sent or exc.waited):
-                fetch.not_sent = exc.reason
+                fetch.direct_not_sent = exc.reason
             return None
         try:
             records = parse_key_response(response, server_name, self._now_ms(), server_name)
@@ -1271,7 +1276,7 @@ class Keyring:
             if isinstance(exc, TransportError) and exc.abandoned:
                 fetch.notary_abandoned = True  # our client's close(), not the server's fault
             elif isinstance(exc, TransportError) and (exc.not_sent or exc.waited):
-                fetch.not_sent = exc.reason  # ours (no file descriptors, a wait for a turn)
+                fetch.notary_not_sent = exc.reason  # ours (no file descriptors, a wait)
             return False
         records: list[ServerKeyRecord] = []
         now_ms = self._now_ms()

@@ -1534,6 +1534,87 @@ class NotaryTests(SynchronousTestCase):
         notaries), while the notary is asked at most once per 5 s pause (1440 times)."""
         self.assertEqual(self.dead_server_flood(with_notary=True), (7, 1440))
 
+    def test_direct_back_off_when_the_notary_query_waited_for_its_turn(self) -> None:
+        """A server refusing connections is backed off directly (1 min) even when the notary
+        query that followed timed out waiting for its turn (the notary's key turns all
+        taken), through the real FederationClient: the next lookup asks the notary alone, not
+        the server; the notary not asked backs nobody off in the keyring (diff3 review)."""
+        sent: list[bytes] = []
+
+        class Agent:
+            """remote.example refuses connections; notary.example never answers."""
+
+            def request(self, method: bytes, uri: bytes, *args: Any, **kwargs: Any) -> Any:
+                sent.append(uri)
+                if b"//remote.example" in uri:
+                    return fail(ConnectionRefusedError("refused"))
+                return Deferred(lambda d: None)
+
+        client = FederationClient(
+            self.clock, "origin.example", make_key("k"), agent=Agent(), timeout=60.0
+        )
+        keyring = Keyring(self.clock, self.store, client, notaries=self.keyring()._notaries)
+        for _ in range(8):  # the notary's key turns all taken by queries that hang
+            client.post_json(
+                "notary.example", "/_matrix/key/v2/query", {"server_keys": {}}, backoff=False
+            ).addErrback(lambda f: None)
+
+        def direct() -> int:
+            return sum(1 for uri in sent if b"//remote.example" in uri)
+
+        lookup = keyring.get_server_keys("remote.example", [self.key_id], NOW_MS)
+        self.clock.advance(61)
+        for _ in range(5):
+            self.clock.advance(0)
+        self.assertEqual(self.successResultOf(lookup), {})
+        self.assertEqual(direct(), 1)
+        self.assertEqual(keyring._direct_backoff["remote.example"].delay_ms, 60_000)
+        self.assertEqual(keyring._backoff, {})
+        again = keyring.get_server_keys("remote.example", [self.key_id], NOW_MS)
+        self.clock.advance(0)
+        self.assertEqual((direct(), keyring.fetches), (1, 2))
+        again.addErrback(lambda f: None)
+
+    def test_direct_back_off_decided_by_the_servers_own_request(self) -> None:
+        """Whether the server's own key server is backed off is decided by its own request
+        alone: refused, it is backed off 1 min whether the notary query after it was not sent
+        (EMFILE), sent late and timed out (``waited``) or failed (the keyring's back-off
+        then too); not sent itself (EMFILE), it is not, whatever the notary did. A notary
+        query or server request not sent sets no keyring back-off."""
+        refused = TransportError("remote.example", "connection refused")
+        emfile = TransportError("remote.example", "not sent: EMFILE", not_sent=True)
+        notary_emfile = TransportError("notary.example", "not sent: EMFILE", not_sent=True)
+        notary_waited = TransportError("notary.example", "timed out", waited=True)
+        notary_down = TransportError("notary.example", "timed out after 60 s")
+        cases = [
+            (refused, notary_emfile, True, False),
+            (refused, notary_waited, True, False),
+            (refused, notary_down, True, True),
+            (emfile, notary_down, False, False),
+            (emfile, notary_emfile, False, False),
+        ]
+
+        class FailingClient:
+            def __init__(self, direct: Exception, notary: Exception) -> None:
+                self.direct, self.notary = direct, notary
+
+            def get_json(self, destination: str, path: str, **kwargs: Any) -> Any:
+                return fail(self.direct)
+
+            def post_json(self, destination: str, path: str, *args: Any, **kwargs: Any) -> Any:
+                return fail(self.notary)
+
+        for direct_error, notary_error, direct_backoff, backoff in cases:
+            client = FailingClient(direct_error, notary_error)
+            keyring = Keyring(self.clock, self.store, client, notaries=self.keyring()._notaries)
+            lookup = keyring.get_server_keys("remote.example", [self.key_id], NOW_MS)
+            self.assertEqual(self.successResultOf(lookup), {})
+            self.assertEqual(
+                ("remote.example" in keyring._direct_backoff, "remote.example" in keyring._backoff),
+                (direct_backoff, backoff),
+                (direct_error.reason, notary_error.reason),
+            )
+
     def test_direct_back_off_ended_by_the_servers_answer(self) -> None:
         """The back-off of a server's own key server that a notary answered for: within it,
         lookups ask the notary only (once per 5 s pause); the sender's answer check
