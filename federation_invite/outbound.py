@@ -165,8 +165,9 @@ class InviteRefused(InviteError, RemoteError):
 class InviteTransportError(InviteError, TransportError):
     """No answer came back (DNS, TLS, connection refused, timeout): not a refusal.
 
-    ``destination`` and ``reason`` as in ``TransportError``; the client's
-    error is the ``__cause__``.
+    ``destination``, ``reason`` and the flags (``not_sent``: never sent, for a cause of
+    ours, so the peer never saw it; ``waited``, ``resolver_busy``, ``abandoned``) as in
+    ``TransportError``, kept from the client's error, which is the ``__cause__``.
     """
 
 
@@ -524,7 +525,14 @@ class InviteSender:
                 raise InvalidInviteAnswer(destination, exc.message, exc.body) from exc
             raise InviteRefused.from_remote_error(exc, api_version) from exc
         except TransportError as exc:
-            raise InviteTransportError(exc.destination, exc.reason) from exc
+            raise InviteTransportError(
+                exc.destination,
+                exc.reason,
+                resolver_busy=exc.resolver_busy,
+                abandoned=exc.abandoned,
+                not_sent=exc.not_sent,
+                waited=exc.waited,
+            ) from exc
 
     # -- checking the answer
 

@@ -3,6 +3,7 @@ peers that answer wrongly, refuse, or never answer."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from urllib.parse import quote
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.error import ConnectBindError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -1004,6 +1006,37 @@ class TransportTests(_Base):
         event, state = self.origin.invite("10")
         error = self.transport_error(self.origin.send("10", event, state))
         self.assertIn("no fake peer named peer.example", error.reason)
+
+    def test_not_sent_flags_kept(self) -> None:
+        """An invite not sent for a cause of ours fails with an InviteTransportError keeping
+        the client's ``not_sent`` and ``waited`` (a retry is safe: the peer never saw it):
+        out of file descriptors (EMFILE), and timed out waiting for its turn behind 8 invites
+        in flight to the peer; those 8, sent and timed out, have neither (diff3 review)."""
+
+        class OutOfFiles:
+            def request(self, method: bytes, uri: bytes, *args: Any, **kwargs: Any) -> Any:
+                return fail(ConnectBindError(errno.EMFILE, "Too many open files"))
+
+        agent = self.origin.client._agent
+        self.origin.client._agent = OutOfFiles()  # type: ignore[assignment]
+        event, state = self.origin.invite("10")
+        error = self.transport_error(self.origin.send("10", event, state))
+        self.assertEqual(error.reason, "not sent: out of file descriptors (EMFILE)")
+        self.assertEqual((error.not_sent, error.waited), (True, False))
+        self.origin.client._agent = agent
+        peer = FakePeer(self.origin.clock)
+        peer.hang = True
+        self.origin.agent.add_peer(PEER, peer.root)
+        sending = [self.origin.send("10", event, state) for _ in range(9)]
+        self.origin.clock.advance(0)
+        self.assertEqual(len(peer.received), 8)
+        self.origin.clock.advance(TIMEOUT)
+        errors = [self.transport_error(deferred) for deferred in sending]
+        self.assertEqual(
+            [(error.not_sent, error.waited) for error in errors],
+            [(False, False)] * 8 + [(True, True)],
+        )
+        self.assertTrue(errors[-1].reason.startswith("not sent: timed out after 30 s waiting"))
 
     def test_back_off_does_not_stop_invites(self) -> None:
         """An invite is sent even while the client backs its server off (a user asked for it,
