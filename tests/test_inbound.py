@@ -153,6 +153,38 @@ class InboundTestCase(SynchronousTestCase):
         self.patch(self.s.handler, "on_invite", unchecked)
         self.patch(invite_resource_module, "parse_json_with_numbers", parse)
 
+    def many_entries(
+        self,
+        room_version: RoomVersion,
+        room_id: str,
+        count: int,
+        *,
+        sender: str = f"@carol:{THEM}",
+        origin_server_ts: int = NOW_MS - 5_000,
+    ) -> list[dict[str, Any]]:
+        """``count`` distinct valid full state events of ``room_id`` (custom type), with an
+        ``event_id`` of their own where the room version has one (v1, v2)."""
+        return [
+            hash_and_sign_event(
+                room_version,
+                {
+                    "type": "org.example.many",
+                    "state_key": f"k{n}",
+                    "sender": sender,
+                    "room_id": room_id,
+                    "content": {"n": n},
+                    **({"event_id": f"$e{n}:{THEM}"} if room_version.event_id_in_event else {}),
+                    "origin_server_ts": origin_server_ts,
+                    "depth": 2,
+                    "prev_events": [],
+                    "auth_events": [],
+                },
+                THEM,
+                self.s.their_key,
+            )
+            for n in range(count)
+        ]
+
 
 class AcceptanceTests(InboundTestCase):
     scenario_kwargs = {"limits": InviteLimits(invitee_burst=100)}
@@ -1285,30 +1317,6 @@ class RoomStateValidationTests(InboundTestCase):
         self.patch(inbound_module, "verify_event_signatures", counting)
         return verified
 
-    def many_entries(
-        self, room_version: RoomVersion, room_id: str, count: int
-    ) -> list[dict[str, Any]]:
-        """``count`` distinct valid full state events of ``room_id`` (custom type)."""
-        return [
-            hash_and_sign_event(
-                room_version,
-                {
-                    "type": "org.example.many",
-                    "state_key": f"k{n}",
-                    "sender": f"@carol:{THEM}",
-                    "room_id": room_id,
-                    "content": {"n": n},
-                    "origin_server_ts": NOW_MS - 5_000,
-                    "depth": 2,
-                    "prev_events": [],
-                    "auth_events": [],
-                },
-                THEM,
-                self.s.their_key,
-            )
-            for n in range(count)
-        ]
-
     def assertDropped(
         self, answer: tuple[int, Any], line: dict[str, Any], state: list[Any], count: int
     ) -> None:
@@ -1687,25 +1695,13 @@ class StrictRoomStateTests(InboundTestCase):
         room_version = KNOWN_ROOM_VERSIONS["10"]
         create = build_create_event(room_version, self.s.their_key)
         room_id = create["room_id"]
-        entries = [
-            hash_and_sign_event(
-                room_version,
-                {
-                    "type": "org.example.many",
-                    "state_key": f"k{n}",
-                    "sender": create["sender"],
-                    "room_id": room_id,
-                    "content": {"n": n},
-                    "origin_server_ts": create["origin_server_ts"] + 1,
-                    "depth": 2,
-                    "prev_events": [],
-                    "auth_events": [],
-                },
-                THEM,
-                self.s.their_key,
-            )
-            for n in range(68)
-        ]
+        entries = self.many_entries(
+            room_version,
+            room_id,
+            68,
+            sender=create["sender"],
+            origin_server_ts=create["origin_server_ts"] + 1,
+        )
         event = build_invite(room_version, self.s.their_key, room_id=room_id)
         with capturedLogs() as events:
             answer = self.send_v2(room_version, event, [create, *entries])
@@ -1729,26 +1725,13 @@ class StrictRoomStateTests(InboundTestCase):
         room_version = KNOWN_ROOM_VERSIONS["1"]
         create = build_create_event(room_version, self.s.their_key)
         room_id = create["room_id"]
-        entries = [
-            hash_and_sign_event(
-                room_version,
-                {
-                    "type": "org.example.many",
-                    "state_key": f"k{n}",
-                    "sender": create["sender"],
-                    "room_id": room_id,
-                    "content": {"n": n},
-                    "event_id": f"$e{n}:{THEM}",
-                    "origin_server_ts": create["origin_server_ts"] + 1,
-                    "depth": 2,
-                    "prev_events": [],
-                    "auth_events": [],
-                },
-                THEM,
-                self.s.their_key,
-            )
-            for n in range(51)
-        ]
+        entries = self.many_entries(
+            room_version,
+            room_id,
+            51,
+            sender=create["sender"],
+            origin_server_ts=create["origin_server_ts"] + 1,
+        )
         forged = {**entries[-1], "content": {"evil": True}, "signatures": {}}
         for depth, state in enumerate(([create, *entries], [create, *entries[:50], forged]), 10):
             event = build_invite(
