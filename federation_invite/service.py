@@ -203,12 +203,15 @@ class FederationInvite:
         ``outbound.InviteError`` (``InviteRefused``, ``InviteTransportError``,
         ``InvalidInviteAnswer``, ``InviteNotSendable``) otherwise. ``close`` abandons
         the invites in flight (``InviteTransportError``, "not answered: the service is
-        stopping"); after it, nothing is sent ("not sent: the service is closed").
+        stopping"); after it, nothing is sent ("not sent: the service is closed",
+        ``not_sent`` true).
         """
         try:
             if self._closed:
                 raise InviteTransportError(
-                    _invite_destination(event, destination), "not sent: the service is closed"
+                    _invite_destination(event, destination),
+                    "not sent: the service is closed",
+                    not_sent=True,
                 )
             sending = self.sender.send_invite(
                 room_version, event, invite_room_state, destination=destination

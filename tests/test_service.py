@@ -1524,8 +1524,9 @@ class ComponentsTests(SynchronousTestCase):
         """close() with a key fetch and an invite in flight to peers that never answer:
         both requests are cancelled (no timer left, their connections closed), the key
         lookup fails with KeyringClosed (500 M_UNKNOWN) and send_invite with
-        InviteTransportError; nothing is logged above info, nothing is written to the store
-        once closed, and a send_invite after close is refused at once, sending nothing."""
+        InviteTransportError (not_sent False: it may have been sent); nothing is logged above
+        info, nothing is written to the store once closed, and a send_invite after close is
+        refused at once, sending nothing, with not_sent True."""
         from twisted.logger import capturedLogs
 
         from federation_invite.client.testing import FakePeersAgent
@@ -1571,6 +1572,7 @@ class ComponentsTests(SynchronousTestCase):
             (refused.destination, refused.reason),
             ("invitee.example", "not answered: the service is stopping"),
         )
+        self.assertFalse(refused.not_sent)  # it may have been sent
         self.assertEqual(
             [e for e in events if e["log_level"] >= LogLevel.warn or "log_failure" in e], []
         )
@@ -1581,6 +1583,8 @@ class ComponentsTests(SynchronousTestCase):
             (refused.destination, refused.reason),
             ("invitee.example", "not sent: the service is closed"),
         )
+        # Never sent, for a cause of ours: the peer never saw it, a retry is safe.
+        self.assertTrue(refused.not_sent)
         self.failureResultOf(
             components.keyring.get_server_keys("other.example", ["ed25519:a"], now_ms),
             KeyringClosed,
