@@ -11,20 +11,20 @@ server share one fetch: the server's own answer serves them all, and the
 notaries are asked for the key IDs still missing among those every caller
 asked for (callers joining add theirs, up to ``_MAX_KEYS_PER_DOCUMENT`` key IDs).
 A server whose fetch failed is not asked again until its back-off has
-passed (none when its answer timed out only while our address lookups waited for a
-resolver thread, ``TransportError.resolver_busy``, or when our client's ``close()``
+passed (none when its answer, or a notary's, timed out only while our address lookups
+waited for a resolver thread, ``TransportError.resolver_busy``, or when our client's ``close()``
 abandoned its request or a notary's, ``TransportError.abandoned``, or one was not sent for
 want of our own file descriptors or memory, ``TransportError.not_sent``: not its fault); one that
 answered (or a notary did for it), with every key asked for or not, not for 5 s
 (the pause: a server may list fresh key IDs at each fetch, which requests naming the
 next ones would otherwise have fetched one by one). A server that failed to answer while a
 notary answered for it is only paused (one whose notary query was not sent, or abandoned,
-for a cause of ours, not even that), but its own key server is not asked again until its
-back-off (1 min, doubling up to 1 h, per name as fetched) has passed: until then its
-fetches ask the notaries alone, once per pause (but for the sender's answer check, below:
-a fetch it joins asks the server too, once the notaries have answered without a key); its
-own answer ends that back-off. These are the keyring's
-own, the only per-server limits on its fetches:
+or timed out while our address lookups waited, for a cause of ours, not even that), but its
+own key server is not asked again until its back-off (1 min, doubling up to 1 h, per name
+as fetched) has passed: until then its fetches ask the notaries alone, once per pause (but
+for the sender's answer check, below: a fetch it joins asks the server too, once the
+notaries have answered without a key); its own answer ends that back-off. These are the
+keyring's own, the only per-server limits on its fetches:
 the federation client's back-off of the server, set by other requests (our invites to
 it while it was down), is passed by (``ignore_backoff``, as Synapse fetches keys), so
 it never holds up the key of a request the server sends once back; a fetch's outcome
@@ -419,9 +419,12 @@ class _Fetch:
     ignore_backoff: bool = False
     #: Counted in the refreshes' pool (its server had a key in memory when it started).
     refresh: bool = False
-    #: The server's own answer timed out only while our address lookups waited for a
-    #: resolver thread (``TransportError.resolver_busy``): not its fault.
-    resolver_busy: bool = False
+    #: The server's own request, or a notary's, timed out only while our address lookups
+    #: waited for a resolver thread (``TransportError.resolver_busy``): not its fault (nor
+    #: the notary's). Kept apart, as ``direct_not_sent`` and ``notary_not_sent``: a notary's
+    #: query timing out so does not excuse the server's own request failing.
+    direct_resolver_busy: bool = False
+    notary_resolver_busy: bool = False
     #: The server's request, or a notary's, was abandoned by our client's ``close()`` at
     #: its server discovery (``TransportError.abandoned``): never sent, so no failure of
     #: the server's (nor a notary's).
@@ -1018,7 +1021,7 @@ class Keyring:
         direct_failed = (
             direct
             and listed is None
-            and not fetch.resolver_busy
+            and not fetch.direct_resolver_busy
             and fetch.client_refused_until_ms is None
             and not fetch.direct_abandoned
             and fetch.direct_not_sent is None
@@ -1054,12 +1057,14 @@ class Keyring:
             delay = _ANSWERED_REFETCH_MS
             # Without notaries the server's document was all there was to ask.
             asked = frozenset(fetch.asked if self._notaries else fetch.wanted)
-        elif fetch.resolver_busy:
+        elif fetch.direct_resolver_busy or fetch.notary_resolver_busy:
             # No answer only because our address lookups waited for a resolver thread
             # (busy with lookups that hang, which anyone can cause): not the server's
-            # fault, so no back-off (as the client records none). The fetch has taken
-            # the whole timeout, so this asks the server at most once per timeout; the
-            # next lookup fetches again.
+            # fault, so no back-off (as the client records none). A notary's query alone
+            # timing out so excuses only itself: the server's own request failing has backed
+            # its key server off above. The fetch has taken the whole timeout, so this asks
+            # the server (or the notary) at most once per timeout; the next lookup fetches
+            # again.
             log.info(
                 "Keys of {server} unavailable: our address lookups were waiting for a"
                 " resolver thread; not backing it off",
@@ -1170,7 +1175,7 @@ class Keyring:
         ``EXAMPLE.org``, example.org answers for ``example.org``: that spelling is
         paused, not backed off). So is an error answer other than a 401, a 429 or a
         5xx (``is_failure_status``, the client's rule). No answer because our address
-        lookups waited for a resolver thread marks ``fetch.resolver_busy``; none because
+        lookups waited for a resolver thread marks ``fetch.direct_resolver_busy``; none because
         our client refused to send the request (``BackoffError``), the time it refuses
         until, ``fetch.client_refused_until_ms``; none because our client's ``close()``
         abandoned it (``TransportError.abandoned``), ``fetch.direct_abandoned``; none because
@@ -1205,7 +1210,7 @@ class Keyring:
                 # no request was made, so not the server's failure.
                 fetch.client_refused_until_ms = int(exc.retry_at * 1000)
             elif isinstance(exc, TransportError) and exc.resolver_busy:
-                fetch.resolver_busy = True
+                fetch.direct_resolver_busy = True
             elif isinstance(exc, TransportError) and exc.abandoned:
                 fetch.direct_abandoned = True
             elif isinstance(exc, TransportError) and (exc.not_sent or exc.waited):
@@ -1273,7 +1278,9 @@ class Keyring:
                 server=server_name,
                 reason=_describe(exc),
             )
-            if isinstance(exc, TransportError) and exc.abandoned:
+            if isinstance(exc, TransportError) and exc.resolver_busy:
+                fetch.notary_resolver_busy = True  # our resolver's threads busy: ours
+            elif isinstance(exc, TransportError) and exc.abandoned:
                 fetch.notary_abandoned = True  # our client's close(), not the server's fault
             elif isinstance(exc, TransportError) and (exc.not_sent or exc.waited):
                 fetch.notary_not_sent = exc.reason  # ours (no file descriptors, a wait)

@@ -1615,6 +1615,59 @@ class NotaryTests(SynchronousTestCase):
                 (direct_error.reason, notary_error.reason),
             )
 
+    def test_no_backoff_when_the_notary_query_waited_for_a_resolver_thread(self) -> None:
+        """A notary query timing out only while our address lookups waited for a resolver
+        thread (``resolver_busy``) backs nobody off, as one not sent: a fetch asking the
+        notary alone (the server in its direct back-off) or whose server request was not sent
+        sets no keyring back-off nor a direct one (a refused server request still sets its
+        direct back-off); a notary really failing still backs the server off (final review)."""
+        busy = TransportError(
+            "notary.example",
+            "timed out after 60 s (address lookups were waiting for a resolver thread)",
+            resolver_busy=True,
+        )
+        notary_down = TransportError("notary.example", "timed out after 60 s")
+        refused = TransportError("remote.example", "connection refused")
+        emfile = TransportError("remote.example", "not sent: EMFILE", not_sent=True)
+
+        class FailingClient:
+            def __init__(self, direct: Exception | None, notary: Exception) -> None:
+                self.direct, self.notary = direct, notary
+
+            def get_json(self, destination: str, path: str, **kwargs: Any) -> Any:
+                if self.direct is None:
+                    raise AssertionError("the server asked in its direct back-off")
+                return fail(self.direct)
+
+            def post_json(self, destination: str, path: str, *args: Any, **kwargs: Any) -> Any:
+                return fail(self.notary)
+
+        # (server's request, or None: skipped; notary's) -> (direct back-off ms, keyring's)
+        cases = [
+            (None, busy, 60_000, None),
+            (None, notary_down, 60_000, 60_000),
+            (emfile, busy, None, None),
+            (refused, busy, 60_000, None),
+            (refused, notary_down, 60_000, 60_000),
+        ]
+        for direct_error, notary_error, direct_backoff, backoff in cases:
+            client = FailingClient(direct_error, notary_error)
+            keyring = Keyring(self.clock, self.store, client, notaries=self.keyring()._notaries)
+            if direct_error is None:
+                keyring._back_off_direct("remote.example", int(self.clock.seconds() * 1000))
+            lookup = keyring.get_server_keys("remote.example", [self.key_id], NOW_MS)
+            self.assertEqual(self.successResultOf(lookup), {})
+            direct = keyring._direct_backoff.get("remote.example")
+            fetch = keyring._backoff.get("remote.example")
+            self.assertEqual(
+                (
+                    None if direct is None else direct.delay_ms,
+                    None if fetch is None else fetch.delay_ms,
+                ),
+                (direct_backoff, backoff),
+                (direct_error and direct_error.reason, notary_error.reason),
+            )
+
     def test_direct_back_off_ended_by_the_servers_answer(self) -> None:
         """The back-off of a server's own key server that a notary answered for: within it,
         lookups ask the notary only (once per 5 s pause); the sender's answer check
