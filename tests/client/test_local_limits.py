@@ -146,9 +146,12 @@ class TurnTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.agent = _HeldAgent()
-        self.client = FederationClient(
-            self.clock, ORIGIN, generate_signing_key("k1"), agent=self.agent, timeout=30.0
-        )
+        self.client = self.make_client(timeout=30.0)
+
+    def make_client(self, **kwargs: Any) -> FederationClient:
+        """A client of ``ORIGIN`` on this test's clock, through ``self.agent`` unless told."""
+        kwargs.setdefault("agent", self.agent)
+        return FederationClient(self.clock, ORIGIN, generate_signing_key("k1"), **kwargs)
 
     def test_at_most_eight_in_flight_to_one_destination(self) -> None:
         """100 concurrent requests to one destination: 8 sent, the others sent in order as
@@ -176,11 +179,7 @@ class TurnTests(SynchronousTestCase):
 
     def test_cap_configurable(self) -> None:
         """concurrent_per_destination sets the cap; below 1 (or not an int) is refused."""
-        client = FederationClient(
-            self.clock,
-            ORIGIN,
-            generate_signing_key("k1"),
-            agent=self.agent,
+        client = self.make_client(
             concurrent_per_destination=2,
         )
         for n in range(5):
@@ -188,12 +187,8 @@ class TurnTests(SynchronousTestCase):
         self.assertEqual(self.agent.in_flight, 2)
         for bad in (0, -1, True, 2.0):
             with self.assertRaises(ValueError):
-                FederationClient(
-                    self.clock,
-                    ORIGIN,
-                    generate_signing_key("k1"),
-                    agent=self.agent,
-                    concurrent_per_destination=bad,  # type: ignore[arg-type]
+                self.make_client(
+                    concurrent_per_destination=bad,
                 )
 
     def test_key_requests_do_not_wait_behind_others(self) -> None:
@@ -214,11 +209,7 @@ class TurnTests(SynchronousTestCase):
         waited and then times out once sent as timed out: neither backs the destination off
         (nor counts as its failure); those sent at once and timing out do. Nothing is left
         of the destination once all are over, and no timer."""
-        client = FederationClient(
-            self.clock,
-            ORIGIN,
-            generate_signing_key("k1"),
-            agent=self.agent,
+        client = self.make_client(
             timeout=30.0,
             concurrent_per_destination=1,
         )
@@ -306,10 +297,7 @@ class TurnTests(SynchronousTestCase):
                     return held.request(*args)
                 return agent.request(*args)
 
-        client = FederationClient(
-            self.clock,
-            ORIGIN,
-            generate_signing_key("k1"),
+        client = self.make_client(
             agent=Agent(),
             concurrent_per_destination=1,
         )
@@ -327,11 +315,7 @@ class TurnTests(SynchronousTestCase):
         """A turn coming when a request has less than a second left (a tenth of its timeout,
         if less) is not taken: the request is not sent (no connection opened for nothing),
         and fails as not sent when its timeout comes; the turn goes to the next one."""
-        client = FederationClient(
-            self.clock,
-            ORIGIN,
-            generate_signing_key("k1"),
-            agent=self.agent,
+        client = self.make_client(
             timeout=30.0,
             concurrent_per_destination=1,
         )

@@ -197,35 +197,43 @@ class WebBaseTests(SynchronousTestCase):
         )
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
-    def test_unencodable_matrix_error_is_a_500(self) -> None:
-        """A MatrixError whose body cannot be encoded (a date extra), raised by async work or
-        a synchronous render_*, is answered with a logged 500 M_UNKNOWN JSON, not left
-        unanswered or given Twisted's HTML page."""
-        unencodable = MatrixError(403, Codes.FORBIDDEN, "Not now", until=datetime.date(2030, 1, 1))
-        resource = Async()
-        client = make_client(resource)
-        pending = client.put("https://test/_matrix/thing", data=b"{}")
-        resource.pending.callback(unencodable)
-        client.flush()
-        answers = [self.successResultOf(pending)]
+    def assertAnsweredAs500(self, error: MatrixError) -> None:
+        """``error``, raised by async work and by a synchronous ``render_*``, is answered
+        both times with a 500 M_UNKNOWN JSON without Retry-After."""
 
         class Refusing(MatrixResource):
             isLeaf = True
 
             def render_GET(self, request: Request) -> bytes:
-                raise MatrixError(400, Codes.BAD_JSON, "x", bad={1})
+                raise error
 
-        answers.append(
-            self.successResultOf(make_client(Refusing()).get("https://test/_matrix/thing"))
-        )
+        resource = Async()
+        client = make_client(resource)
+        pending = client.put("https://test/_matrix/thing", data=b"{}")
+        resource.pending.callback(error)
+        client.flush()
+        answers = [
+            self.successResultOf(pending),
+            self.successResultOf(make_client(Refusing()).get("https://test/_matrix/thing")),
+        ]
         for response in answers:
-            self.assertEqual(response.code, 500)
+            self.assertEqual(response.code, 500, error)
             self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+            self.assertIsNone(response.headers.getRawHeaders("retry-after"), error)
             self.assertEqual(
                 json.loads(self.successResultOf(response.content())),
                 {"errcode": "M_UNKNOWN", "error": "Internal server error"},
             )
-        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 2)
+
+    def test_unencodable_matrix_error_is_a_500(self) -> None:
+        """A MatrixError whose body cannot be encoded (a date or a set extra), raised by async
+        work or a synchronous render_*, is answered with a logged 500 M_UNKNOWN JSON, not left
+        unanswered or given Twisted's HTML page."""
+        self.assertAnsweredAs500(
+            MatrixError(403, Codes.FORBIDDEN, "Not now", until=datetime.date(2030, 1, 1))
+        )
+        self.assertAnsweredAs500(MatrixError(400, Codes.BAD_JSON, "x", bad={1}))
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 4)
 
     def test_matrix_error_with_bad_status_or_retry_after_is_a_500(self) -> None:
         """A MatrixError whose status is no int in 100-599 or whose retry_after_ms int()
@@ -240,33 +248,7 @@ class WebBaseTests(SynchronousTestCase):
             MatrixError(429, Codes.LIMIT_EXCEEDED, "slow", retry_after_ms="soon"),
         ]
         for error in errors:
-            resource = Async()
-            client = make_client(resource)
-            pending = client.put("https://test/_matrix/thing", data=b"{}")
-            resource.pending.callback(error)
-            client.flush()
-            answers = [self.successResultOf(pending)]
-
-            class Refusing(MatrixResource):
-                isLeaf = True
-
-                def __init__(self, error: MatrixError) -> None:
-                    super().__init__()
-                    self.error = error
-
-                def render_GET(self, request: Request) -> bytes:
-                    raise self.error
-
-            answers.append(
-                self.successResultOf(make_client(Refusing(error)).get("https://test/_matrix/thing"))
-            )
-            for response in answers:
-                self.assertEqual(response.code, 500, error)
-                self.assertIsNone(response.headers.getRawHeaders("retry-after"), error)
-                self.assertEqual(
-                    json.loads(self.successResultOf(response.content())),
-                    {"errcode": "M_UNKNOWN", "error": "Internal server error"},
-                )
+            self.assertAnsweredAs500(error)
         self.assertEqual(len(self.flushLoggedErrors(TypeError, ValueError)), 2 * len(errors))
 
     def test_client_gone_cancels_work(self) -> None:
