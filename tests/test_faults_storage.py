@@ -38,10 +38,8 @@ from .figures import report
 from .invites import BOB, US, InviteScenario, event_id_of
 from .store._support import (
     POSTGRES_BASE,
-    create_postgres_database,
-    drop_postgres_database,
+    fresh_postgres_database,
     raw_sqlite,
-    require_postgres,
 )
 from .support import local_verify_key
 
@@ -369,9 +367,7 @@ class SQLiteStorageFaultTests(StorageFaultMixin, TestCase):
 
 class PostgresStorageFaultTests(StorageFaultMixin, TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
-        require_postgres(self)
-        self.database = create_postgres_database()
-        self.addCleanup(drop_postgres_database, self.database)
+        self.database = fresh_postgres_database(self)
         await self.start(await open_store(f"{POSTGRES_BASE}/{self.database}", reactor=reactor))
 
     def admin(self, database: str = "postgres") -> Any:

@@ -1672,16 +1672,9 @@ class PostgresStopWhileOpeningTests(TestCase):
     within the grace period, not wait for that worker."""
 
     def setUp(self) -> None:
-        from .store._support import (
-            POSTGRES_BASE,
-            create_postgres_database,
-            drop_postgres_database,
-            require_postgres,
-        )
+        from .store._support import POSTGRES_BASE, fresh_postgres_database
 
-        require_postgres(self)
-        self.database = create_postgres_database()
-        self.addCleanup(drop_postgres_database, self.database)
+        self.database = fresh_postgres_database(self)
         self.uri = f"{POSTGRES_BASE}/{self.database}"
 
     async def poll_count(
@@ -1814,16 +1807,9 @@ class PostgresPoolSizeTests(TestCase):
     """On a real PostgreSQL: the daemon's pool is as large as database_pool_size."""
 
     def setUp(self) -> None:
-        from .store._support import (
-            POSTGRES_BASE,
-            create_postgres_database,
-            drop_postgres_database,
-            require_postgres,
-        )
+        from .store._support import POSTGRES_BASE, fresh_postgres_database
 
-        require_postgres(self)
-        self.database = create_postgres_database()
-        self.addCleanup(drop_postgres_database, self.database)
+        self.database = fresh_postgres_database(self)
         self.uri = f"{POSTGRES_BASE}/{self.database}"
 
     async def test_daemon_pool_size(self) -> None:

@@ -77,6 +77,15 @@ def drop_postgres_database(name: str) -> None:
         connection.close()
 
 
+def fresh_postgres_database(test: Any) -> str:
+    """A new empty database for ``test`` (skipped, or failed under CI, without
+    PostgreSQL), dropped when it ends: its name."""
+    require_postgres(test)
+    name = create_postgres_database()
+    test.addCleanup(drop_postgres_database, name)
+    return name
+
+
 def raw_postgres(name: str, statement: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     """Run one statement (``?`` placeholders) outside the store, committed."""
     import psycopg2

@@ -52,7 +52,6 @@ from ._support import (
     previous_release_database,
     raw_postgres,
     raw_sqlite,
-    require_postgres,
 )
 
 _ROOT = Path(__file__).resolve().parents[2]
@@ -1629,11 +1628,9 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
     """The suite on a fresh PostgreSQL database per test."""
 
     def setUp(self) -> None:
-        require_postgres(self)
-        self.database = create_postgres_database()
-        self.addCleanup(drop_postgres_database, self.database)
-        from ._support import POSTGRES_BASE
+        from ._support import POSTGRES_BASE, fresh_postgres_database
 
+        self.database = fresh_postgres_database(self)
         self.uri = f"{POSTGRES_BASE}/{self.database}"
 
     def raw(self, statement: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
