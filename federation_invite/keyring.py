@@ -426,8 +426,8 @@ class _Fetch:
     direct_resolver_busy: bool = False
     notary_resolver_busy: bool = False
     #: The server's request, or a notary's, was abandoned by our client's ``close()`` at
-    #: its server discovery (``TransportError.abandoned``): never sent, so no failure of
-    #: the server's (nor a notary's).
+    #: its server discovery or address lookup (``TransportError.abandoned``): never sent,
+    #: so no failure of the server's (nor a notary's).
     direct_abandoned: bool = False
     notary_abandoned: bool = False
     #: Why the server's request, or a notary's, was not sent, for a cause of ours (out of

@@ -269,10 +269,10 @@ class FederationClient:
 
     def close(self) -> Deferred[None]:
         """Close idle pooled connections, abandon the ``.well-known`` fetches and SRV
-        queries in flight (``ServerResolver.close``: the requests waiting for them fail
+        queries in flight (``ServerResolver.close``) and the address lookups waiting for a
+        resolver thread (``ThreadedResolver.close``): the requests waiting for them fail
         with ``TransportError``, marked ``abandoned``, without backing their destination
-        off, here or in a keyring using this client), stop the system
-        DNS resolver's timer and answer the address lookups waiting for a resolver thread
+        off, here or in a keyring using this client; stop the system DNS resolver's timer
         (for shutdown and tests on real sockets). The client still works after."""
         if self._resolver is not None:
             self._resolver.close()
@@ -402,7 +402,8 @@ class FederationClient:
                 raise CancelledError() from exc
             else:
                 reason = describe_failure(exc)
-            # Nor when close() abandoned the request's .well-known fetch or SRV query.
+            # Nor when close() abandoned the request's .well-known fetch, SRV query or
+            # address lookup (waiting for a resolver thread).
             abandoned = _abandoned_by_close(exc)
             error = TransportError(
                 destination,
@@ -657,8 +658,8 @@ def _local_resource_error(exc: BaseException) -> str | None:
 
 
 def _abandoned_by_close(exc: BaseException) -> bool:
-    """Whether ``exc`` is a resolution step abandoned by ``close`` (as itself, or as one of
-    the reasons twisted.web's errors carry)."""
+    """Whether ``exc`` is a resolution step (discovery, an address lookup) abandoned by
+    ``close`` (as itself, or as one of the reasons twisted.web's errors carry)."""
     if isinstance(exc, _ResolverClosed):
         return True
     reasons = getattr(exc, "reasons", None)

@@ -24,11 +24,13 @@ up (the request cancelled or timed out: the agent cancels its lookups,
 ``IHostResolution.cancel``, which Twisted's ``HostnameEndpoint`` never does) is dropped
 before a thread takes it. A thread exists only while there are lookups to make (none
 idles), so there is no pool to start or stop: ``close`` drops the lookups still waiting
-for a thread, and a thread blocked in ``getaddrinfo``, which nothing can interrupt, ends
-when the call returns, without keeping the process from exiting. A lookup that has to
-wait for a thread is counted (``waits``, ``waiting``): a request timing out meanwhile
-may be our own resolver's fault, not the server's. Any other resolver installed in the
-reactor (``installNameResolver``: an application's, a test's fake) is used as it is.
+for a thread (answered with no address, marked ``closed``: their requests are abandoned,
+not failed by the server's DNS), and a thread blocked in ``getaddrinfo``, which nothing
+can interrupt, ends when the call returns, without keeping the process from exiting. A
+lookup that has to wait for a thread is counted (``waits``, ``waiting``): a request
+timing out meanwhile may be our own resolver's fault, not the server's. Any other
+resolver installed in the reactor (``installNameResolver``: an application's, a test's
+fake) is used as it is.
 """
 
 from __future__ import annotations
@@ -79,12 +81,14 @@ _Key = tuple[str, int, int, int]
 class _Lookup:
     """One receiver's lookup, answered by the ``_Call`` it joined; ``cancel`` takes the
     receiver off it (it is then never answered), and drops the call if it still waits for
-    a thread and no other receiver waits for it."""
+    a thread and no other receiver waits for it. ``closed``: answered (with no address) by
+    the resolver's ``close`` while it waited for a thread, not by ``getaddrinfo``."""
 
     def __init__(self, name: str, call: _Call, receiver: IResolutionReceiver) -> None:
         self.name = name
         self._call: _Call | None = call
         self.receiver = receiver
+        self.closed = False
 
     def cancel(self) -> None:
         call, self._call = self._call, None
@@ -218,7 +222,9 @@ class ThreadedResolver:
         return lookup
 
     def close(self) -> None:
-        """Answer the lookups still waiting for a thread with no address, now.
+        """Answer the lookups still waiting for a thread with no address, now, marked
+        ``closed`` (the agent then reports their requests as abandoned, not as a DNS
+        failure of the server's: they were never made).
 
         Lookups in progress end when their ``getaddrinfo`` returns (nothing can stop
         it); their threads are daemon threads. Later lookups are made as before.
@@ -229,6 +235,8 @@ class ThreadedResolver:
             for call in dropped:
                 call.taken = True
         for call in dropped:
+            for lookup in call.lookups:
+                lookup.closed = True
             call.deliver(False, Failure(socket.gaierror(socket.EAI_AGAIN, "resolver closed")))
 
     # -- calls (on the reactor thread)

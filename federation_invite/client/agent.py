@@ -54,7 +54,8 @@ from twisted.web.iweb import (
 from zope.interface import implementer
 
 from ..logs import Logger
-from .discovery import ResolvedServer, ServerResolver, _is_ip_literal
+from ._resolver import _Lookup
+from .discovery import ResolvedServer, ServerResolver, _is_ip_literal, _ResolverClosed
 from .errors import BlockedAddressError
 from .iprange import BlocklistingReactor, IPRangeFilter, _ReactorResolver
 
@@ -235,7 +236,10 @@ class _ConnectLookups:
     attempt fails (cancelled or timed out included), those still in progress are cancelled
     (``IHostResolution.cancel``), which Twisted's ``HostnameEndpoint`` never does, so that
     a lookup still waiting for a thread of ``ThreadedResolver`` is not made for nobody (a
-    resolution that cannot be cancelled, as ``GAIResolver``'s, is left to end)."""
+    resolution that cannot be cancelled, as ``GAIResolver``'s, is left to end). An attempt
+    failing for want of an address because ``ThreadedResolver.close`` answered its lookup
+    fails with ``_ResolverClosed``: abandoned by ``close``, as discovery's steps are, not a
+    DNS failure of the server's."""
 
     def __init__(self, resolver: IHostnameResolver) -> None:
         self._resolver = resolver
@@ -272,6 +276,10 @@ class _ConnectLookups:
                     lookup.cancel()
             except NotImplementedError:
                 pass
+        if failure.check(DNSLookupError):
+            for lookup in lookups:
+                if isinstance(lookup, _Lookup) and lookup.closed:
+                    return Failure(_ResolverClosed(lookup.name))
         return failure
 
 
@@ -609,6 +617,10 @@ class FederationAgent:
                     if isinstance(exc, CancelledError | ConnectingCancelledError):
                         raise
                     raise CancelledError() from exc
+                if isinstance(exc, _ResolverClosed):
+                    # close() answered the target's address lookup, which waited for a
+                    # resolver thread: the request is abandoned, no next target tried.
+                    raise
                 if blocked and isinstance(exc, DNSLookupError):
                     exc = BlockedAddressError(host, blocked)
                 _log.debug(

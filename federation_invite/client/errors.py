@@ -58,8 +58,9 @@ class TransportError(Exception):
     nor the keyring backs the destination off for it.
 
     ``abandoned``: ``FederationClient.close()`` abandoned the request's server discovery
-    (its ``.well-known`` fetch or SRV query), so it never reached the destination: we gave
-    up, not it. Neither the client nor the keyring backs the destination off for it either.
+    (its ``.well-known`` fetch or SRV query) or its address lookup (still waiting for a
+    resolver thread), so it never reached the destination: we gave up, not it. Neither the
+    client nor the keyring backs the destination off for it either.
 
     ``not_sent``: the request was never sent, for a cause of ours: connecting failed
     because this process or system was out of file descriptors or memory (EMFILE,

@@ -201,21 +201,33 @@ class SlowLookupTests(TestCase):
         self.assertEqual(keyring.fetches, 2)
 
     async def test_close_answers_waiting_lookups(self) -> None:
-        """Closing the client answers the lookups still waiting for a thread at once (no
-        address: the request fails as a DNS failure); the hung one ends on its own."""
+        """Closing the client answers the lookups still waiting for a thread at once: their
+        requests (an invite's, a key fetch's) were never sent, so they fail as abandoned and
+        back nobody off, in the client or in the keyring; the hung one ends on its own."""
         client = self.client(timeout=10.0)
         assert client._name_resolver is not None
         client._name_resolver.max_threads = 1
         hung = self.hang(client, 1)
         await self.until(lambda: self.entered == 1)
         waiting = client.get_json(self.good, "/x")
+        keyring = Keyring(real_reactor, MemoryKeyStore(), client)
+        lookup = keyring.get_server_keys(self.good, ["ed25519:k"], 0)
+        # Both requests share one queued getaddrinfo call.
         await self.until(
             lambda: client._name_resolver is not None and client._name_resolver.waiting == 1
         )
         await client.close()
         with self.assertRaises(TransportError) as caught:
             await waiting
-        self.assertTrue(caught.exception.reason.startswith("DNS lookup failed"), caught.exception)
+        self.assertTrue(caught.exception.abandoned)
+        self.assertEqual(
+            caught.exception.reason,
+            "cannot connect: resolving good.test abandoned: the resolver was closed",
+        )
+        self.assertEqual(await lookup, {})
+        self.assertEqual(client._backoff.keys() & {self.good}, set())
+        self.assertEqual(keyring._backoff.keys() & {self.good}, set())
+        self.assertEqual(keyring._direct_backoff.keys() & {self.good}, set())
         await self.no_resolver_threads(client)
         await hung
 
