@@ -45,6 +45,7 @@ from zope.interface import implementer
 
 from .auth import RequestAuthenticator, ServerAcl
 from .client import FederationClient
+from .client.errors import CancelledBeforeSending
 from .config import Config, ConfigError, load_config
 from .core.ids import server_name_of
 from .core.keys import key_id_of
@@ -203,8 +204,10 @@ class FederationInvite:
         ``outbound.InviteError`` (``InviteRefused``, ``InviteTransportError``,
         ``InvalidInviteAnswer``, ``InviteNotSendable``) otherwise. ``close`` abandons
         the invites in flight (``InviteTransportError``, "not answered: the service is
-        stopping"); after it, nothing is sent ("not sent: the service is closed",
-        ``not_sent`` true).
+        stopping", ``not_sent`` false: they may have been sent; "not sent: the service is
+        stopping", ``not_sent`` true, for those still waiting for their turn behind the
+        invites in flight to their server); after it, nothing is sent ("not sent: the
+        service is closed", ``not_sent`` true).
         """
         try:
             if self._closed:
@@ -220,9 +223,15 @@ class FederationInvite:
             sending.addBoth(_forget, self._sending, sending)
             try:
                 signed = await sending
-            except CancelledError:
+            except CancelledError as exc:
                 if not self._closed:
                     raise  # our caller cancelled
+                if isinstance(exc, CancelledBeforeSending):  # waiting for its turn
+                    raise InviteTransportError(
+                        _invite_destination(event, destination),
+                        "not sent: the service is stopping",
+                        not_sent=True,
+                    ) from None
                 raise InviteTransportError(
                     _invite_destination(event, destination),
                     "not answered: the service is stopping",

@@ -1598,6 +1598,49 @@ class ComponentsTests(SynchronousTestCase):
             body.decode(),
         )
 
+    def test_close_fails_invites_waiting_for_a_turn_as_not_sent(self) -> None:
+        """Invites still waiting for their turn when close() abandons them were never sent:
+        "not sent: the service is stopping", not_sent True (as when their timeout comes while
+        they wait); those in flight keep "not answered", not_sent False (they may have been
+        sent)."""
+        from federation_invite.client.testing import FakePeersAgent
+        from federation_invite.outbound import InviteTransportError, build_test_invite
+
+        from .support import Tarpit
+
+        invites = Tarpit()
+        peers = FakePeersAgent({"invitee.example": invites})
+        self.clock = make_clock()
+        key = make_key("k")
+        config = load_config(None, {"server_name": "example.org"})
+        components = build_components(config, self.clock, _WatchedStore(), key, agent=peers)  # type: ignore[arg-type]
+        now_ms = int(self.clock.seconds() * 1000)
+        sending = []
+        for n in range(10):
+            event, state = self.successResultOf(
+                build_test_invite(
+                    LocalSigner("example.org", key),
+                    "10",
+                    "@alice:example.org",
+                    f"@bob{n}:invitee.example",
+                    now_ms + n,
+                )
+            )
+            sending.append(Deferred.fromCoroutine(components.send_invite("10", event, state)))
+        self.clock.advance(0)
+        self.assertEqual(len(invites.requests), 8)
+        self.successResultOf(Deferred.fromCoroutine(components.close()))
+        peers.flush()
+        self.clock.advance(0)
+        errors = [self.failureResultOf(d, InviteTransportError).value for d in sending]
+        self.assertEqual(
+            [(e.reason, e.not_sent) for e in errors],
+            [("not answered: the service is stopping", False)] * 8
+            + [("not sent: the service is stopping", True)] * 2,
+        )
+        self.assertEqual(len(invites.requests), 8)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_metrics_count_the_keyrings_fetches(self) -> None:
         """The assembled metrics read the keyring's fetch counters
         (federation_invite_key_fetches_total and _key_fetch_failures_total)."""

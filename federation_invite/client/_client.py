@@ -49,7 +49,13 @@ from .agent import (
     well_known_agent,
 )
 from .discovery import ServerResolver, _ResolverClosed
-from .errors import BackoffError, BlockedAddressError, RemoteError, TransportError
+from .errors import (
+    BackoffError,
+    BlockedAddressError,
+    CancelledBeforeSending,
+    RemoteError,
+    TransportError,
+)
 from .iprange import DEFAULT_IP_BLOCKLIST, IPRangeFilter
 from .tls import FederationTLSPolicy
 
@@ -125,7 +131,8 @@ class FederationClient:
     that a key fetch never waits behind a burst of invites to the same server. A request
     whose timeout comes while it waits fails as not sent (``TransportError.not_sent``), and
     one that timed out once sent with less than half its time left is not counted in the
-    back-off either (``TransportError.waited``): it did not have its time.
+    back-off either (``TransportError.waited``): it did not have its time. One cancelled
+    while it waits fails with ``CancelledBeforeSending``, a ``CancelledError``.
     """
 
     #: Seconds a destination is left alone after its first consecutive failure;
@@ -398,6 +405,8 @@ class FederationClient:
                 if self._lookups_waited() != lookups_waited:
                     resolver_busy = True
                     reason += " (address lookups were waiting for a resolver thread)"
+            elif _is_cancellation(exc) and progress.sent_at is None:
+                raise CancelledBeforeSending() from exc  # while it waited for its turn
             elif _is_cancellation(exc):
                 raise CancelledError() from exc
             else:

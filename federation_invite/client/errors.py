@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["BackoffError", "BlockedAddressError", "RemoteError", "TransportError"]
+from twisted.internet.defer import CancelledError
+
+__all__ = [
+    "BackoffError",
+    "BlockedAddressError",
+    "CancelledBeforeSending",
+    "RemoteError",
+    "TransportError",
+]
 
 
 class RemoteError(Exception):
@@ -114,6 +122,13 @@ class BackoffError(TransportError):
             f"backing off after {failures} consecutive failure(s); "
             f"next attempt allowed in {wait:.0f} s",
         )
+
+
+class CancelledBeforeSending(CancelledError):
+    """A request cancelled (by its caller) while it waited for its turn behind the requests
+    in flight to its destination: it was never sent, the destination never saw it. A
+    ``CancelledError``, as any cancelled request's failure; only a caller that must tell
+    (the service's ``close``, ``not_sent``) looks further."""
 
 
 class BlockedAddressError(ConnectionError):
