@@ -407,7 +407,9 @@ def _to_verify_key(record: ServerKeyRecord) -> ServerVerifyKey:
 class _Fetch:
     """A fetch in flight for one server: its callers and the key IDs they want."""
 
-    waiters: list[Deferred[None]] = attrs.Factory(list)
+    #: The lookups waiting for it, in order (a dict as an ordered set: a lookup cancelled
+    #: leaves it at once, ``Keyring._waiter``).
+    waiters: dict[Deferred[None], None] = attrs.Factory(dict)
     #: Key ID -> the latest ``valid_at_ms`` a caller wants it for.
     wanted: dict[str, int] = attrs.Factory(dict)
     #: Key ID -> the ``minimum_valid_until_ts`` a notary was asked for it with.
@@ -470,7 +472,8 @@ class _PauseWait:
     """Lookups waiting for a server's pause to end, and the key IDs they want then."""
 
     timer: IDelayedCall
-    waiters: list[Deferred[None]] = attrs.Factory(list)
+    #: As ``_Fetch.waiters``.
+    waiters: dict[Deferred[None], None] = attrs.Factory(dict)
     #: Key ID -> the latest ``valid_at_ms`` a caller wants it for.
     wanted: dict[str, int] = attrs.Factory(dict)
 
@@ -687,7 +690,7 @@ class Keyring:
         if ignore_backoff or not self._backing_off(server_name) or server_name in self._inflight:
             # A fetch under way despite a back-off (the sender's) is joined:
             # that costs no fetch more.
-            waiter: Deferred[None] = Deferred()
+            waiter = self._waiter(server_name)
             fetch = self._shared_fetch(server_name, wanted, waiter, ignore_backoff)
             await waiter
             missing = self._missing(server_name, wanted)
@@ -697,7 +700,7 @@ class Keyring:
             # the key IDs it takes), so no notary was asked for ours (an old
             # key the server no longer lists): one more try, no more.
             if ignore_backoff or not self._backing_off(server_name):
-                waiter = Deferred()
+                waiter = self._waiter(server_name)
                 self._shared_fetch(server_name, wanted, waiter, ignore_backoff)
                 await waiter
                 return self._answer(server_name, key_ids)
@@ -744,9 +747,24 @@ class Keyring:
             )
             pause_wait = self._pause_waits[server_name] = _PauseWait(timer)
         _merge_wanted(pause_wait.wanted, missing)
-        waiter: Deferred[None] = Deferred()
-        pause_wait.waiters.append(waiter)
+        waiter = self._waiter(server_name)
+        pause_wait.waiters[waiter] = None
         return waiter
+
+    def _waiter(self, server_name: str) -> Deferred[None]:
+        """A Deferred for a lookup to wait on, for ``server_name``'s fetch or pause: cancelled
+        (the lookup's request gone), it leaves whichever holds it (the fetch runs on for the
+        others), so that lookups coming and going while a fetch hangs cost nothing after."""
+
+        def leave(waiter: Deferred[None]) -> None:
+            fetch = self._inflight.get(server_name)
+            if fetch is not None:
+                fetch.waiters.pop(waiter, None)
+            pause_wait = self._pause_waits.get(server_name)
+            if pause_wait is not None:
+                pause_wait.waiters.pop(waiter, None)
+
+        return Deferred(leave)
 
     def close(self) -> None:
         """Stop fetching (the service is stopping, the store to be closed next).
@@ -764,12 +782,14 @@ class Keyring:
         for pause_wait in pause_waits:
             if pause_wait.timer.active():
                 pause_wait.timer.cancel()
-            for waiter in pause_wait.waiters:
-                waiter.callback(None)  # A cancelled waiter ignores it.
+            for waiter in list(pause_wait.waiters):
+                if not waiter.called:  # cancelled meanwhile (by an earlier one's caller)
+                    waiter.callback(None)
         for server_name, fetch in list(self._inflight.items()):
-            waiters, fetch.waiters = fetch.waiters, []
+            waiters, fetch.waiters = fetch.waiters, {}
             for waiter in waiters:
-                waiter.errback(KeyringClosed(server_name))  # A cancelled waiter ignores it.
+                if not waiter.called:
+                    waiter.errback(KeyringClosed(server_name))
             if fetch.request is not None:
                 # The fetch raises ``_FetchAbandoned`` when it resumes, and ends.
                 fetch.request.cancel()
@@ -782,8 +802,9 @@ class Keyring:
         except KeyFetchBusy as busy:
             pause_wait = self._pause_waits.pop(server_name, None)
             if pause_wait is not None:
-                for waiter in pause_wait.waiters:
-                    waiter.errback(busy)  # A cancelled waiter ignores it.
+                for waiter in list(pause_wait.waiters):
+                    if not waiter.called:  # cancelled meanwhile (by an earlier one's caller)
+                        waiter.errback(busy)
 
     def _missing(self, server_name: str, wanted: Mapping[str, int]) -> dict[str, int]:
         """Those of ``wanted`` (key ID -> valid at) that memory cannot answer."""
@@ -920,8 +941,9 @@ class Keyring:
         at) or start one; ``waiter`` fires when it ends.
 
         The fetch takes over the lookups waiting for the server's pause to end, if
-        any: theirs is this fetch. Each caller waits on a Deferred of its own, so
-        one cancelled (its request abandoned) does not cancel the fetch.
+        any: theirs is this fetch. Each caller waits on a Deferred of its own
+        (``_waiter``), so one cancelled (its request abandoned) does not cancel the
+        fetch, and leaves it.
 
         ``KeyFetchBusy``, with nothing changed, when a fetch would be started with its
         pool's cap in flight already (``max_refreshes_in_flight`` for a server with keys
@@ -947,13 +969,13 @@ class Keyring:
             fetch.ignore_backoff = True
         fetch.want(wanted)
         if waiter is not None:
-            fetch.waiters.append(waiter)
+            fetch.waiters[waiter] = None
         pause_wait = self._pause_waits.pop(server_name, None)
         if pause_wait is not None:
             if pause_wait.timer.active():
                 pause_wait.timer.cancel()
             fetch.want(pause_wait.wanted)
-            fetch.waiters.extend(pause_wait.waiters)
+            fetch.waiters.update(pause_wait.waiters)
         if joined:
             return fetch
         self._inflight[server_name] = fetch
@@ -962,8 +984,10 @@ class Keyring:
         def done(_: object) -> None:
             self._inflight.pop(server_name, None)
             self._pool_in_flight[fetch.refresh] -= 1
-            for each in fetch.waiters:
-                each.callback(None)
+            waiters, fetch.waiters = fetch.waiters, {}
+            for each in waiters:
+                if not each.called:  # cancelled meanwhile (by an earlier one's caller)
+                    each.callback(None)
 
         running = Deferred.fromCoroutine(self._fetch(server_name, fetch))
         running.addErrback(_log_crash)

@@ -206,6 +206,55 @@ class KeyringTests(SynchronousTestCase):
         gate.callback(None)
         self.assertIn(self.key_id, self.successResultOf(second))
 
+    def test_cancelled_lookups_leave_the_shared_fetch(self) -> None:
+        """A lookup cancelled (its peer gone) leaves the fetch it joined: the fetch keeps
+        nothing of it, however many come and go while it runs; the others still get keys."""
+        from twisted.internet.defer import CancelledError, Deferred
+
+        gate: Deferred[None] = Deferred()
+        self.federation.hold["remote.example"] = gate
+        kept = self.keyring.get_server_keys("remote.example", [self.key_id], NOW_MS)
+        for _ in range(1000):
+            lookup = self.keyring.get_server_keys("remote.example", [self.key_id], NOW_MS)
+            lookup.cancel()
+            self.failureResultOf(lookup, CancelledError)
+        self.assertEqual(len(self.keyring._inflight["remote.example"].waiters), 1)
+        gate.callback(None)
+        self.assertIn(self.key_id, self.successResultOf(kept))
+        self.assertEqual(self.federation.count("remote.example"), 1)
+
+    def test_cancelled_lookups_leave_the_pause_wait(self) -> None:
+        """A lookup waiting for a pause to end that is cancelled leaves it, and leaves the
+        fetch made at the pause's end (which took over the pause's lookups) too; the
+        others get the key from that one fetch."""
+        from twisted.internet.defer import CancelledError, Deferred
+
+        self.successResultOf(
+            self.keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS)
+        )
+        rotated = make_key("r2")
+        self.federation.add_key_server(self.clock, "remote.example", [rotated])
+        kept = self.keyring.get_server_keys("remote.example", [key_id_of(rotated)], NOW_MS)
+        lookups = [
+            self.keyring.get_server_keys("remote.example", [key_id_of(rotated)], NOW_MS)
+            for _ in range(100)
+        ]
+        for lookup in lookups[:50]:
+            lookup.cancel()
+            self.failureResultOf(lookup, CancelledError)
+        self.assertEqual(len(self.keyring._pause_waits["remote.example"].waiters), 51)
+        gate: Deferred[None] = Deferred()
+        self.federation.hold["remote.example"] = gate
+        self.clock.advance(5)
+        self.assertEqual(len(self.keyring._inflight["remote.example"].waiters), 51)
+        for lookup in lookups[50:]:
+            lookup.cancel()
+            self.failureResultOf(lookup, CancelledError)
+        self.assertEqual(len(self.keyring._inflight["remote.example"].waiters), 1)
+        gate.callback(None)
+        self.assertIn(key_id_of(rotated), self.successResultOf(kept))
+        self.assertEqual(self.federation.count("remote.example"), 2)
+
     def test_backoff_after_failure(self) -> None:
         """A dead server is asked once, then not again until its back-off (1 min, doubling) passes."""
         self.assertEqual(self.get(server="dead.example"), {})
