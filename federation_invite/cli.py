@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import io
 import json
 import os
 import shlex
@@ -556,7 +557,7 @@ def main(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
     """Run one command; problems are reported as one line on stderr with exit status 1."""
-    out = out or sys.stdout
+    out = _buffered(out or sys.stdout)
     err = err or sys.stderr
     args = build_parser().parse_args(argv)
     try:
@@ -575,6 +576,26 @@ def main(
         err.write(f"federation-invite: {exc}\n")
         return 1
     return code
+
+
+def _buffered(out: TextIO) -> TextIO:
+    """``out``, or, when it writes straight to its descriptor (PYTHONUNBUFFERED set: no
+    buffer under the text layer), ``out`` through a buffer of its own, flushed at each
+    line. The text layer ignores how much a write wrote, so a long write that a reader
+    closing the pipe cut short passed for done (exit status 0, the rest lost); a buffer
+    writes on after a short write, and then fails as a closed pipe must."""
+    if not isinstance(getattr(out, "buffer", None), io.RawIOBase):
+        return out
+    try:
+        descriptor = out.fileno()
+    except (OSError, ValueError):
+        return out
+    return io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(descriptor, "w", closefd=False)),
+        encoding=out.encoding,
+        errors=out.errors,
+        line_buffering=True,
+    )
 
 
 def _discard_output(out: TextIO) -> None:

@@ -795,20 +795,63 @@ class BrokenPipeTests(TestCase):
             )
         connection.close()
 
-    def listed_into_closed_pipe(self, read_first_line: bool) -> tuple[int, bytes]:
+    def add_invites(self, count: int) -> None:
+        """``count`` invites of about 2 KB each in --json: a listing written in one piece."""
+        connection = sqlite3.connect(self.db)
+        with connection:
+            connection.executemany(
+                "INSERT INTO invites VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        f"$event{i:06}",
+                        "!room:other.org",
+                        "10",
+                        f"@user{i:06}:example.org",
+                        "@sender:other.org",
+                        "other.org",
+                        json.dumps({"content": {"padding": "x" * 2000}}),
+                        "[]",
+                        1_700_000_000_000 + i,
+                        "pending",
+                    )
+                    for i in range(count)
+                ],
+            )
+        connection.close()
+
+    def listed_into_closed_pipe(
+        self,
+        read_first_line: bool,
+        *command: str,
+        unbuffered: bool | None = None,
+    ) -> tuple[int, bytes]:
+        """Run ``command`` (default ``users list``) into a pipe that is closed after its
+        first line (or before it writes); with ``unbuffered`` given, PYTHONUNBUFFERED set
+        to 1 or left out of its environment. Its exit status and stderr."""
         import subprocess
 
         from .daemon_harness import BIN
 
+        env = dict(os.environ)
+        env.pop("PYTHONUNBUFFERED", None)
+        if unbuffered:
+            env["PYTHONUNBUFFERED"] = "1"
         process = subprocess.Popen(
-            [os.path.join(BIN, "federation-invite"), "users", "list", "-c", self.config],
+            [
+                os.path.join(BIN, "federation-invite"),
+                *(command or ("users", "list")),
+                "-c",
+                self.config,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            env=env if unbuffered is not None else None,
         )
         self.addCleanup(lambda: process.poll() is None and process.kill())
         assert process.stdout is not None and process.stderr is not None
         if read_first_line:
-            self.assertEqual(process.stdout.readline(), b"@user000000:example.org\n")
+            first = process.stdout.readline()
+            self.assertIn(first, (b"@user000000:example.org\n", b"[\n"))
         process.stdout.close()
         err = process.stderr.read()
         return process.wait(timeout=60), err
@@ -826,3 +869,22 @@ class BrokenPipeTests(TestCase):
         BrokenPipeError' and exit status 120 otherwise)."""
         self.add_users(1)
         self.assertEqual(self.listed_into_closed_pipe(False), (141, b""))
+
+    def long_json_listing_into_closed_pipe(self, unbuffered: bool) -> tuple[int, bytes]:
+        """``invites list --json`` of about 1 MB, written in one piece, its reader gone
+        after the first line, while the write is still in progress."""
+        self.add_invites(500)
+        return self.listed_into_closed_pipe(
+            True, "invites", "list", "--json", "--limit", "1000", unbuffered=unbuffered
+        )
+
+    def test_reader_closing_the_pipe_during_one_long_write_unbuffered(self) -> None:
+        """With PYTHONUNBUFFERED=1 (stdout has no buffer), a listing written in one piece
+        whose reader is gone during the write: exit status 141, nothing on stderr (the
+        write the closed pipe cut short was taken as done, and the command exited 0)."""
+        self.assertEqual(self.long_json_listing_into_closed_pipe(True), (141, b""))
+
+    def test_reader_closing_the_pipe_during_one_long_write(self) -> None:
+        """Without PYTHONUNBUFFERED, a listing written in one piece whose reader is gone
+        during the write: exit status 141, nothing on stderr."""
+        self.assertEqual(self.long_json_listing_into_closed_pipe(False), (141, b""))
