@@ -377,9 +377,9 @@ OPTIONS: tuple[Option, ...] = (
         5,
         _int_at_least(1, 100),
         "PostgreSQL: the most connections the daemon opens (each worker), as many "
-        "operations running at once; fewer, if the server refuses more, cost parallelism, "
-        "not invites. Budget this per worker, plus one per CLI command while it runs. "
-        "SQLite: unused (one connection).",
+        "operations running at once, from 1 to 100; fewer, if the server refuses more, cost "
+        "parallelism, not invites. Budget this per worker, plus one per CLI command while it "
+        "runs. SQLite: unused (one connection).",
     ),
     Option(
         "well_known_server",
@@ -404,7 +404,8 @@ OPTIONS: tuple[Option, ...] = (
         # At least an hour: servers "should avoid returning responses that
         # expire in less than an hour" (server-server-api, keys_server.yaml).
         _int_at_least(3600, 10 * 365 * 86400),
-        "Seconds our published keys are valid for (valid_until_ts = now + this; at least 3600).",
+        "Seconds our published keys are valid for (valid_until_ts = now + this), from 3600 to "
+        "315360000 (an hour to ten years).",
     ),
     Option(
         "keys.old_verify_keys",
@@ -457,16 +458,17 @@ OPTIONS: tuple[Option, ...] = (
         "outbound.destination_concurrent",
         8,
         _int_at_least(1, 10_000),
-        "Requests in flight at once to one server (each holds a connection); more wait their "
-        "turn, in order, within outbound.timeout (one still waiting then fails as not sent, "
-        "without backing the server off). Key requests (key fetches, notary queries) have as "
-        "many turns again of their own, so that none waits behind a burst of invites.",
+        "Requests in flight at once to one server (each holds a connection), from 1 to 10000; "
+        "more wait their turn, in order, within outbound.timeout (one still waiting then fails "
+        "as not sent, without backing the server off). Key requests (key fetches, notary "
+        "queries) have as many turns again of their own, so that none waits behind a burst "
+        "of invites.",
     ),
     Option(
         "inbound.max_body_bytes",
         1048576,
         _int_at_least(1024),
-        "Largest request body accepted; larger gets 413 M_TOO_LARGE.",
+        "Largest request body accepted, at least 1024; larger gets 413 M_TOO_LARGE.",
     ),
     Option(
         "inbound.server_allow",

@@ -368,6 +368,27 @@ class LoadConfigTests(SynchronousTestCase):
                 " to 10000",
             )
 
+    def test_documented_ranges(self) -> None:
+        """The ranges the reference gives (each key's doc) are those enforced: each end
+        accepted, one past it refused in one line giving the range (inbound.max_body_bytes
+        at least 1024, keys.validity_period from an hour to ten years)."""
+        docs = {option.key: option.doc for option in OPTIONS}
+        for key, low, high, documented in (
+            ("database_pool_size", 1, 100, "from 1 to 100"),
+            ("outbound.destination_concurrent", 1, 10_000, "from 1 to 10000"),
+            ("inbound.max_body_bytes", 1024, 2**53 - 1, "at least 1024"),
+            ("keys.validity_period", 3600, 315_360_000, "from 3600 to 315360000"),
+        ):
+            self.assertIn(documented, docs[key])
+            for value in (low, high):
+                self.assertEqual(Config({key: value}).get(key), value)
+            for value in (low - 1, high + 1):
+                error = self.assertRaises(ConfigError, Config, {key: value})
+                self.assertEqual(
+                    str(error),
+                    f"configuration key {key!r}: must be an integer from {low} to {high}",
+                )
+
     def test_network_with_host_bits_accepted(self) -> None:
         """An IP range written with host bits set ('127.0.0.1/8') is accepted as written, as
         the client reads it (its network, 127.0.0.0/8), not refused."""
