@@ -3022,6 +3022,20 @@ class IdempotencyRowTests(InboundTestCase):
         self.assertEqual((code, body["errcode"]), (400, "M_INVALID_PARAM"))
         self.assertEqual(self.s.store.invites["$same:remote.example"].event["depth"], 12)
 
+    def test_row19_refused_when_a_rule_refuses_too(self) -> None:
+        """Rows 18/19: an invite a rule now refuses, under the (opaque, v1) event ID of a stored
+        invite that is another event, gets the rule's refusal, not the stored invite as if it
+        were a retry of it."""
+        v1 = KNOWN_ROOM_VERSIONS["1"]
+        same = {"event_id": "$same:remote.example"}
+        event = build_invite(v1, self.s.their_key, extra=same)
+        self.assertEqual(self.send_v2(v1, event)[0], 200)
+        self.s.store.rules.append(InviteRule(BOB, "server", "*", "block"))
+        other = build_invite(v1, self.s.their_key, extra={**same, "depth": 99})
+        self.assertRefused(self.send_v2(v1, other), 403, "M_INVITE_BLOCKED")
+        self.assertEqual(self.s.store.invites["$same:remote.example"].event["depth"], 12)
+        self.assertEqual(len(self.s.listened), 1)
+
     def test_row20_store_fails(self) -> None:
         """Row 20: the store fails: 500 M_UNKNOWN and nothing signed is returned."""
         self.s.store.fail_invites = True
