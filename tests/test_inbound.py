@@ -970,6 +970,21 @@ class BodyRowTests(InboundTestCase):
         room_version, event = self.s.invite(invitee="@bob:elsewhere.example")
         self.assertRefused(self.send_v2(room_version, event), 400, "M_INVALID_PARAM")
 
+    def test_row11_sender_of_another_server_signed_by_it(self) -> None:
+        """Row 11 on its own: an invite whose sender is on another server, signed by that
+        server (so row 12 passes), sent by the origin: 400 M_INVALID_PARAM, for the sender's
+        server, not accepted as the origin's."""
+        elsewhere = "elsewhere.example"
+        key = make_key("elsewhere")
+        self.s.federation.add_key_server(self.s.clock, elsewhere, [key])
+        room_version = KNOWN_ROOM_VERSIONS["10"]
+        event = build_invite(room_version, key, sender=f"@mallory:{elsewhere}", server=elsewhere)
+        answer = self.assertRefused(self.send_v2(room_version, event), 400, "M_INVALID_PARAM")
+        self.assertEqual(
+            answer["error"], "The event's sender is not a user of the requesting server"
+        )
+        self.assertEqual(self.s.listened, [])
+
     def test_row12_signatures_and_hashes(self) -> None:
         """Row 12: a missing or wrong sender signature, or a wrong content hash: 400 M_INVALID_PARAM."""
         room_version, event = self.s.invite()
