@@ -2866,6 +2866,34 @@ class IdempotencyRowTests(InboundTestCase):
         self.assertEqual(len(self.s.store.invites), 1)
         self.assertEqual(len(self.s.listened), 1)
 
+    def test_row18_two_copies_stored_at_once(self) -> None:
+        """Row 18: two copies both past the checks (the invitee's limit not spent), stored at
+        once: both answered 200 with the same bytes, one accepted and one repeated, stored
+        once, one listener call."""
+        gates = self.hold_store()
+        room_version, event = self.s.invite()
+        event_id = event_id_of(room_version, event)
+        body = self.s.v2_body(room_version, event)
+        with capturedLogs() as events:
+            first = self.s.send(2, body, room_id=event["room_id"], event_id=event_id)
+            self.s.client.flush()
+            second = self.s.send(2, body, room_id=event["room_id"], event_id=event_id)
+            self.s.client.flush()
+            self.assertEqual(len(gates), 2)
+            gates[0].callback(None)
+            answer = self.result(first)
+            raw = self.raw_answer
+            gates[1].callback(None)
+            self.assertEqual(self.result(second), answer)
+            self.assertEqual(self.raw_answer, raw)
+        self.assertEqual(answer[0], 200)
+        self.assertEqual(
+            sorted(e["outcome"] for e in events if e.get("outcome")), ["accepted", "repeated"]
+        )
+        self.assertEqual(len(self.s.store.invites), 1)
+        self.assertEqual(len(self.s.listened), 1)
+        self.assertEqual(self.s.handler._in_flight, {})
+
     def hold_store(self) -> list[Deferred[None]]:
         """Make each store_invite wait on a gate the test fires; the gates, in call order."""
         gates: list[Deferred[None]] = []
