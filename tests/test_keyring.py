@@ -172,11 +172,16 @@ class KeyringTests(SynchronousTestCase):
 
     def test_key_valid_until_the_asked_time_not_refetched(self) -> None:
         """A cached key whose valid_until_ts is exactly the time asked is still valid then (the
-        bound included, as key_valid_for_event and Synapse judge it): no refetch."""
+        bound included, as key_valid_for_event and Synapse judge it): no refetch. Past the 5 s
+        pause, as within it no lookup of a key ID just asked for fetches, whatever its validity;
+        a millisecond later is past the bound: a refetch."""
         self.get()
         key = self.keyring.cached_keys("remote.example")[self.key_id]
+        self.clock.advance(6)
         self.assertIn(self.key_id, self.get(valid_at=key.valid_until_ts))
         self.assertEqual(self.federation.count("remote.example"), 1)
+        self.assertIn(self.key_id, self.get(valid_at=key.valid_until_ts + 1))
+        self.assertEqual(self.federation.count("remote.example"), 2)
 
     def test_concurrent_asks_share_one_fetch(self) -> None:
         """Two verifications of the same unknown server at once cause exactly one fetch."""
