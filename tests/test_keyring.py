@@ -2169,6 +2169,33 @@ class NotaryTests(SynchronousTestCase):
             )
         self.assertEqual(keyring.fetches, 2)
 
+    def test_key_id_joined_valid_at_a_later_time_waits_for_the_pause(self) -> None:
+        """A caller joining a fetch after its notary query went out, for a key ID that query
+        named valid at an earlier time only, was not asked for at its time: it waits for the
+        pause that fetch ends in, whose fetch asks the notary for the key valid at its time
+        (rather than being answered at once as if the notary had been asked)."""
+        from twisted.internet.defer import Deferred
+
+        old = self.old_key_only_the_notary_has()  # valid until 29 days ago
+        keyring = self.keyring()
+        gate: Deferred[None] = Deferred()
+        self.federation.hold["notary.example"] = gate
+        earlier = keyring.get_server_keys("remote.example", [key_id_of(old)], 0)
+        later = keyring.get_server_keys("remote.example", [key_id_of(old)], NOW_MS)
+        del self.federation.hold["notary.example"]
+        gate.callback(None)
+        self.assertIn(key_id_of(old), self.successResultOf(earlier))
+        self.assertNoResult(later)
+        self.clock.advance(5)
+        self.assertIn(key_id_of(old), self.successResultOf(later))
+        self.assertEqual(
+            [query["server_keys"]["remote.example"] for query in self.notary.queries],
+            [
+                {key_id_of(old): {"minimum_valid_until_ts": 0}},
+                {key_id_of(old): {"minimum_valid_until_ts": NOW_MS}},
+            ],
+        )
+
     def test_joined_key_ids_bounded(self) -> None:
         """Callers joining a fetch add at most 64 key IDs to what the notaries are asked; the
         others wait for the pause it ends in and share the one fetch made then."""
