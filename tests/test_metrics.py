@@ -27,7 +27,7 @@ from federation_invite.web.invite import InviteResource
 from federation_invite.web.metrics import build_metrics_root
 from federation_invite.web.site import FederationSite
 
-from .invites import InviteScenario, event_id_of
+from .invites import THEM, InviteScenario, event_id_of
 from .support import MemoryStore, make_clock, make_key
 from .test_hostile_slow import Connection
 
@@ -245,6 +245,56 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(request.written, [])
         self.assertEqual(self.inbound_counts(), {("cancelled", ""): 1.0})
         self.assertEqual(self.sample("federation_invite_inbound_invite_seconds_sum"), 2.0)
+
+    def test_sender_gone_once_its_invite_is_stored_counted_accepted(self) -> None:
+        """A sender gone before its invite reached the store is counted cancelled, and the
+        invite not stored; one gone once its invite was being stored: stored, logged and
+        counted accepted, answered to nobody (README, Logs and metrics)."""
+        requests: list[Any] = []
+        on_invite = self.scenario.handler.on_invite
+
+        def capturing(request: Any, *args: Any) -> Any:
+            requests.append(request)
+            return on_invite(request, *args)
+
+        self.patch(self.scenario.handler, "on_invite", capturing)
+
+        def send_and_leave(depth: int) -> str:
+            room_version, event = self.scenario.invite(extra={"depth": depth})
+            event_id = event_id_of(room_version, event)
+            body = self.scenario.v2_body(room_version, event)
+            pending = self.scenario.send(2, body, room_id=event["room_id"], event_id=event_id)
+            self.scenario.client.flush()
+            pending.cancel()  # the sender goes away
+            self.scenario.client.flush()
+            self.failureResultOf(pending)
+            self.assertTrue(requests[-1]._disconnected)
+            return event_id
+
+        self.scenario.federation.hold[THEM] = keys = Deferred()
+        before = send_and_leave(20)  # gone while the origin's key is fetched
+        del self.scenario.federation.hold[THEM]
+        keys.callback(None)
+        self.scenario.client.flush()
+        self.assertEqual(self.inbound_counts(), {("cancelled", ""): 1.0})
+        self.assertNotIn(before, self.scenario.store.invites)
+
+        gate: Deferred[None] = Deferred()
+        store_invite = self.scenario.store.store_invite
+        self.patch(
+            self.scenario.store,
+            "store_invite",
+            lambda record: gate.addCallback(lambda _: self.successResultOf(store_invite(record))),
+        )
+        with capturedLogs() as events:
+            during = send_and_leave(21)  # gone while its invite is being stored
+            self.assertEqual(self.inbound_counts(), {("cancelled", ""): 1.0})
+            gate.callback(None)
+        self.assertEqual(self.inbound_counts(), {("cancelled", ""): 1.0, ("accepted", ""): 1.0})
+        record = self.scenario.store.invites[during]
+        self.assertEqual(self.scenario.listened, [record])
+        self.assertEqual([e["outcome"] for e in events if e.get("outcome")], ["accepted"])
+        self.assertEqual([request.startedWriting for request in requests], [False, False])
 
     def test_latency_never_negative_when_the_clock_steps_back(self) -> None:
         """An invite in progress while the wall clock steps back is observed as taking 0 s,
