@@ -1375,6 +1375,29 @@ class KeyringTests(SynchronousTestCase):
         self.get(server="s4.example")
         self.assertEqual(list(self.keyring._memory), ["s3.example", "s4.example"])
 
+    def test_lookup_in_a_pause_whose_store_read_ends_after_close(self) -> None:
+        """A lookup in a server's pause whose store read completes after ``close()`` is
+        answered with what memory holds at once: no pause wait (whose end would fetch on a
+        closed keyring, and the lookup never be answered) and no timer left."""
+        self.assertEqual(
+            self.successResultOf(
+                self.keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS)
+            ),
+            {},
+        )  # answered without the key: the 5 s pause
+        gate: Deferred[None] = Deferred()
+        read = self.store.get_server_keys
+        self.patch(
+            self.store,
+            "get_server_keys",
+            lambda *args, **kwargs: gate.addCallback(lambda _: read(*args, **kwargs)),
+        )
+        other = self.keyring.get_server_keys("remote.example", ["ed25519:other"], NOW_MS)
+        self.keyring.close()
+        gate.callback(None)
+        self.assertEqual(self.successResultOf(other), {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
 
 class _FreshKeyIdsClient:
     """A hostile key server: each fetch of its document lists 64 key IDs never listed before
