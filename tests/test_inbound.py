@@ -931,6 +931,31 @@ class BodyRowTests(InboundTestCase):
             )
             self.assertRefused(self.send_v2(room_version, event), 413, "M_TOO_LARGE")
 
+    def test_row08_size_bound_with_compact_body(self) -> None:
+        """Row 8 at its bound, the body sent compact (a few hundred bytes over the event, which
+        a strict room version's shortcut on the body's length must not let through): an event
+        of 65536 canonical bytes is accepted, one of 65537 refused 413 M_TOO_LARGE, in a lax
+        and a strict room version."""
+
+        def sized(identifier: str, size: int) -> tuple[RoomVersion, dict[str, Any]]:
+            pad = 100
+            for _ in range(3):  # the pad's length shows in the hashes and signature too
+                room_version, event = self.s.invite(
+                    identifier, extra={"content": {"membership": "invite", "pad": "x" * pad}}
+                )
+                pad += size - len(encode_canonical_json(event))
+            self.assertEqual(len(encode_canonical_json(event)), size)
+            return room_version, event
+
+        def send_compact(room_version: RoomVersion, event: dict[str, Any]) -> tuple[int, Any]:
+            body = self.s.v2_body(room_version, event)
+            path = self.s.path(2, event["room_id"], event_id_of(room_version, event))
+            return self.result(self.s.put_raw(path, encode_canonical_json(body), content=body))
+
+        for identifier in ("5", "10"):
+            self.assertEqual(send_compact(*sized(identifier, 65536))[0], 200)
+            self.assertRefused(send_compact(*sized(identifier, 65537)), 413, "M_TOO_LARGE")
+
     def test_row09_path_mismatch(self) -> None:
         """Row 9: room_id or event_id differing from the path: 400 M_INVALID_PARAM."""
         room_version, event = self.s.invite()
