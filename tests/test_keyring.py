@@ -3029,6 +3029,23 @@ class ParseKeyResponseTests(SynchronousTestCase):
             (records["ed25519:old"].expired_ts, records["ed25519:old"].valid_until_ts), (0, None)
         )
 
+    def test_boolean_and_negative_timestamps_refused(self) -> None:
+        """JSON true is no integer: a document whose valid_until_ts is true is refused, and
+        an old key whose expired_ts is true or negative is skipped (the rest kept)."""
+        self.assertIn(
+            "no integer valid_until_ts", self.refused({**self.document, "valid_until_ts": True})
+        )
+        other = encode_verify_key(verify_key_of(make_key("o")))
+        document = {k: v for k, v in self.document.items() if k != "signatures"}
+        document["old_verify_keys"] = {
+            "ed25519:t": {"key": other, "expired_ts": True},
+            "ed25519:n": {"key": other, "expired_ts": -1},
+            "ed25519:z": {"key": other, "expired_ts": 0},
+        }
+        document = sign_json(document, "s.example", self.key)
+        records = parse_key_response(document, "s.example", NOW_MS, "x")
+        self.assertEqual(sorted(r.key_id for r in records), ["ed25519:a", "ed25519:z"])
+
     def test_nothing_skipped_no_log_line(self) -> None:
         """A document whose entries are all usable is parsed without a log line."""
         with capturedLogs() as events:
