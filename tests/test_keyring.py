@@ -2632,8 +2632,9 @@ class FetchCapTests(SynchronousTestCase):
         keys = self.successResultOf(keyring.get_server_keys("c.example", [self.key_id], now_ms))
         self.assertEqual(keys[self.key_id].valid_until_ts, now_ms + DAY_MS)
         self.assertEqual(Keyring(self.clock, self.store, self.federation)._max_refreshes, 64)
-        with self.assertRaises(ValueError):
-            Keyring(self.clock, self.store, self.federation, max_refreshes_in_flight=0)
+        for keyword in ("max_fetches_in_flight", "max_refreshes_in_flight"):
+            with self.assertRaises(ValueError):  # both caps at least 1
+                Keyring(self.clock, self.store, self.federation, **{keyword: 0})
 
     def fill_in(
         self, keyring: Keyring, *servers: str, valid_at_ms: int = NOW_MS
