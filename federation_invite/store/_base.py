@@ -316,6 +316,21 @@ class DatabaseStore:
         self._write_invites()
 
     def _write_invites(self) -> None:
+        """Write the queued invites, a batch (one transaction) at a time.
+
+        A batch answered before its write returns (SQLite committing on the
+        reactor thread) has run its callers' callbacks in this stack, and they
+        may have queued more invites (a caller storing one after another): this
+        loop writes those at once, rather than the batch's last callback from
+        inside them, so the stack does not grow by a batch per invite (past a
+        few hundred, Python's recursion limit failed the callers).
+        """
+        while self._write_batch() and self._invite_queue and not self._closed:
+            pass
+
+    def _write_batch(self) -> bool:
+        """Start writing the next batch; True if it was answered before this returned (the
+        caller writes the next), else its answer writes the next once it comes."""
         batch = self._invite_queue[:MAX_INVITE_BATCH]
         self._invite_queue = self._invite_queue[MAX_INVITE_BATCH:]
         self._invite_writing = True
@@ -335,12 +350,19 @@ class DatabaseStore:
             for _, _, waiter in batch:
                 waiter.errback(failure)
 
+        returned = answered = False
+
         def next_batch(_: object) -> None:
+            nonlocal answered
             self._invite_writing = False
-            if self._invite_queue and not self._closed:
+            if not returned:
+                answered = True
+            elif self._invite_queue and not self._closed:
                 self._write_invites()
 
         writing.addCallbacks(written, failed).addBoth(next_batch)
+        returned = True
+        return answered
 
     def _write_directly(
         self, rows: list[tuple[Any, ...]]

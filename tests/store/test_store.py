@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 import signal
@@ -1170,6 +1171,26 @@ class SQLiteDirectWriteTests(TestCase):
         self.assertIsNone(writer._threads)
         self.assertTrue(writer.commits_on_reactor)
         self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(40,)])
+
+    async def test_invites_stored_one_after_another_do_not_grow_the_stack(self) -> None:
+        """A caller storing invites one after another, each once the previous is answered,
+        while commits run on the reactor thread: each is still written at once (no reactor
+        iteration between them), but not from inside the previous batch's callbacks, so
+        the stack stays flat (it grew a batch per invite, and past ~245 invites
+        store_invite failed with CanonicalJSONError 'value is nested too deeply')."""
+        store = await self.open()
+        store._direct_writer.timer = lambda: 0.0  # every commit quick: stays on the reactor
+        iterations: list[None] = []
+        depths = []
+        for n in range(300):
+            self.assertEqual((await store.store_invite(make_invite(f"$seq{n}")))[1], True)
+            depths.append(len(inspect.stack(0)))
+            self.assertLess(depths[-1] - depths[0], 20, f"after {n + 1} invites")
+            if n == 0:
+                reactor.callLater(0, iterations.append, None)
+        self.assertEqual(iterations, [])
+        self.assertTrue(store._direct_writer.commits_on_reactor)
+        self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(300,)])
 
     async def test_slow_commits_move_to_the_commit_thread_and_back(self) -> None:
         """Commits taking milliseconds (a slow disk) move to the writer's thread once the
