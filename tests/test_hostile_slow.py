@@ -280,6 +280,24 @@ class BodyCapTests(SiteTestCase):
         self.assertEqual((code, answer["errcode"]), (401, "M_UNAUTHORIZED"))
         self.assertFalse(connection.closing)
 
+    def test_chunked_body_at_cap_for_a_resource_without_a_cap(self) -> None:
+        """A chunked body of exactly max_body_bytes passes the site to a resource with no cap
+        of its own (the version endpoint: 405 for a PUT); one byte more is refused by the
+        site itself, 413 M_TOO_LARGE."""
+        for size, status, errcode in (
+            (MAX_BODY, 405, "M_UNRECOGNIZED"),
+            (MAX_BODY + 1, 413, "M_TOO_LARGE"),
+        ):
+            connection = self.connect()
+            connection.send(
+                b"PUT /_matrix/federation/v1/version HTTP/1.1\r\nHost: x\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+                b"%x\r\n%s\r\n0\r\n\r\n" % (size, b"x" * size)
+            )
+            ((code, _, answer),) = connection.responses()
+            self.assertEqual((code, answer["errcode"]), (status, errcode), size)
+            self.assertEqual(connection.closing, status == 413)
+
 
 class MalformedHTTPTests(SiteTestCase):
     def test_malformed_requests_get_json_400(self) -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+from io import BytesIO
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from federation_invite.core.errors import MatrixError
+from federation_invite.web.invite import _read_body
 
 from ..invites import InviteScenario
 
@@ -39,3 +44,18 @@ class BodyRowsTests(SynchronousTestCase):
                 (code, body), (400, {"errcode": "M_BAD_JSON", "error": "Duplicate key 'a' in JSON"})
             )
         self.assertEqual(self.s.store.invites, {})
+
+
+class ReadBodyTests(SynchronousTestCase):
+    def test_body_without_content_length_at_the_cap(self) -> None:
+        """Row 1 without a Content-Length (a chunked body, in a plain Site that does not cap
+        it): a body of exactly the cap is read, one byte more is 413 M_TOO_LARGE."""
+        request = DummyRequest([])
+        request.content = BytesIO(b"x" * 10)
+        self.assertEqual(_read_body(request, 10), b"x" * 10)
+        request.content = BytesIO(b"x" * 11)
+        with self.assertRaises(MatrixError) as caught:
+            _read_body(request, 10)
+        self.assertEqual(
+            (caught.exception.http_status, caught.exception.errcode), (413, "M_TOO_LARGE")
+        )
