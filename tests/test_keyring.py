@@ -1375,6 +1375,25 @@ class KeyringTests(SynchronousTestCase):
         self.get(server="s4.example")
         self.assertEqual(list(self.keyring._memory), ["s3.example", "s4.example"])
 
+    def test_memory_keeps_servers_waiting_for_their_pause(self) -> None:
+        """A server with lookups waiting for its pause to end is not dropped by loads of
+        others meanwhile (its fetch then counts as a refresh, and its waiters keep its keys);
+        dropped servers leave nothing behind (their fetched_ts too)."""
+        import federation_invite.keyring as keyring_module
+
+        self.patch(keyring_module, "_MEMORY_SIZE", 4)
+        self.get()
+        waiting = self.keyring.get_server_keys("remote.example", ["ed25519:next"], NOW_MS)
+        self.assertNoResult(waiting)
+        for n in range(8):
+            self.federation.add_key_server(self.clock, f"s{n}.example", [self.remote_key])
+            self.get(server=f"s{n}.example")
+        self.assertIn(self.key_id, self.keyring.cached_keys("remote.example"))
+        self.assertLessEqual(set(self.keyring._fetched_ts), set(self.keyring._memory))
+        self.clock.advance(5)
+        self.assertEqual(self.successResultOf(waiting), {})
+        self.assertEqual(self.federation.count("remote.example"), 2)
+
     def test_lookup_in_a_pause_whose_store_read_ends_after_close(self) -> None:
         """A lookup in a server's pause whose store read completes after ``close()`` is
         answered with what memory holds at once: no pause wait (whose end would fetch on a
