@@ -1956,6 +1956,30 @@ class NotaryTests(SynchronousTestCase):
             (now_ms + 5_000, 5_000, frozenset({"ed25519:new"})),
         )
 
+    def test_sender_joining_a_notary_only_fetch_server_answers_notary_down(self) -> None:
+        """The server's own answer, asked for the sender's check after the notary failed, is
+        an answer: the fetch ends in the 5 s pause, not a failure's back-off (the server
+        would get no key for a minute though it just answered), and the server's direct
+        back-off is over."""
+        keyring = self.keyring()
+        self.back_off_direct_then_rotate(keyring)
+        gate: Deferred[None] = Deferred()
+        self.federation.hold["notary.example"] = gate
+        now_ms = int(self.clock.seconds() * 1000)
+        inbound = keyring.get_server_keys("back.example", ["ed25519:other"], now_ms)
+        sender = keyring.get_server_keys(
+            "back.example", ["ed25519:other"], now_ms, ignore_backoff=True
+        )
+        del self.federation.hold["notary.example"]
+        del self.federation.servers["notary.example"]  # the notary is down
+        gate.callback(None)
+        self.assertEqual(self.successResultOf(inbound), {})
+        self.assertEqual(self.successResultOf(sender), {})
+        self.assertEqual(self.direct_requests("back.example"), 2)
+        self.assertEqual(failure_backoffs(keyring), {})
+        self.assertIsNotNone(keyring._backoff["back.example"].asked)
+        self.assertNotIn("back.example", keyring._direct_backoff)
+
     def test_slow_notary_not_backed_off(self) -> None:
         """A notary slow about one server (it must reach that server itself: a tarpit anyone can
         name) is not backed off in the federation client: invites to its users and lookups of
