@@ -55,6 +55,22 @@ class LoadConfigTests(SynchronousTestCase):
         self.assertEqual(config.get("inbound.max_body_bytes"), 1048576)
         self.assertIsNone(config.path)
 
+    def test_booleans_kept(self) -> None:
+        """A boolean key gives back the value given: outbound.verify_tls is true by default
+        (TLS certificates checked unless the file turns it off), and false only when set."""
+        self.assertIs(load_config().get("outbound.verify_tls"), True)
+        self.assertIs(load_config().get("inbound.strict_invite_room_state"), False)
+        config = load_config(
+            self.write(
+                "[outbound]\nverify_tls = true\n[inbound]\nstrict_invite_room_state = true\n"
+            )
+        )
+        self.assertIs(config.get("outbound.verify_tls"), True)
+        self.assertIs(config.get("inbound.strict_invite_room_state"), True)
+        config = Config({"outbound.verify_tls": False, "inbound.strict_invite_room_state": False})
+        self.assertIs(config.get("outbound.verify_tls"), False)
+        self.assertIs(config.get("inbound.strict_invite_room_state"), False)
+
     def test_file_values_and_sections(self) -> None:
         """Top-level keys and [section] keys are read from the TOML file."""
         path = self.write(
