@@ -710,6 +710,17 @@ class RequestShapeTests(InboundTestCase):
         )
         self.assertRefused(answer, 405, "M_UNRECOGNIZED")
 
+    def test_empty_path_segments(self) -> None:
+        """An empty room ID or event ID segment is a path we do not serve: 404 M_UNRECOGNIZED,
+        not an invite handed to the handler (which would answer 401, or 400 for row 9)."""
+        for path in (
+            "/_matrix/federation/v2/invite//%24e%3Ax",
+            "/_matrix/federation/v2/invite/%21r%3Ax/",
+            "/_matrix/federation/v1/invite//",
+        ):
+            answer = self.result(self.s.put_raw(path, b"{}", headers=[]))
+            self.assertRefused(answer, 404, "M_UNRECOGNIZED")
+
     def test_path_not_utf8(self) -> None:
         """A path parameter that is not UTF-8 is 400 M_INVALID_PARAM."""
         answer = self.result(

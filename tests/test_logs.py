@@ -785,12 +785,18 @@ class EarlyRefusalLogTests(SynchronousTestCase):
 
     def test_site_refusals_logged(self) -> None:
         """An invite request the daemon's site refuses itself (413 for a declared body over the
-        cap) is one invite line, in place of the site's own line; another path keeps that."""
+        cap) is one invite line, in place of the site's own line; another path keeps that, an
+        invite path with an empty room ID or event ID segment (a path we do not serve) too."""
         scenario = InviteScenario(max_body_bytes=100)
         site = FederationSite(scenario.root, reactor=scenario.clock, max_body_bytes=100)
         room = "!room:remote.example"
         head = b" HTTP/1.1\r\nHost: us.example\r\nContent-Length: 200\r\n\r\n"
-        for path, invite in ((scenario.path(2, room, "$x").encode(), True), (b"/nothing", False)):
+        for path, invite in (
+            (scenario.path(2, room, "$x").encode(), True),
+            (b"/nothing", False),
+            (b"/_matrix/federation/v2/invite//%24x", False),
+            (b"/_matrix/federation/v2/invite/%21room%3Aremote.example/", False),
+        ):
             connection = Connection(site)
             self.addCleanup(connection.close)
             with capturedLogs() as events:
