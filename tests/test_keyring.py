@@ -1417,6 +1417,18 @@ class KeyringTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(other), {})
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_closed_while_storing_records_no_pause(self) -> None:
+        """A fetch closed while it awaits its store write (no client request to cancel) ends
+        recording nothing: no pause, no back-off; its lookup fails with KeyringClosed."""
+        write: Deferred[None] = Deferred()
+        self.patch(self.store, "store_server_keys", lambda records: write)
+        lookup = self.keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS)
+        self.keyring.close()
+        self.failureResultOf(lookup, KeyringClosed)
+        write.callback(None)
+        self.assertEqual((self.keyring._backoff, self.keyring._direct_backoff), ({}, {}))
+        self.assertEqual(self.keyring._inflight, {})
+
 
 class _FreshKeyIdsClient:
     """A hostile key server: each fetch of its document lists 64 key IDs never listed before
@@ -1979,6 +1991,21 @@ class NotaryTests(SynchronousTestCase):
         self.assertEqual(failure_backoffs(keyring), {})
         self.assertIsNotNone(keyring._backoff["back.example"].asked)
         self.assertNotIn("back.example", keyring._direct_backoff)
+
+    def test_no_notary_query_after_close(self) -> None:
+        """A fetch closed while it stores the server's answer asks no notary afterwards."""
+        self.federation.add_key_server(self.clock, "remote.example", [self.remote_key])
+        keyring = self.keyring()
+        write: Deferred[None] = Deferred()
+        self.patch(self.store, "store_server_keys", lambda records: write)
+        lookup = keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS)
+        keyring.close()
+        self.failureResultOf(lookup, KeyringClosed)
+        write.callback(None)
+        self.assertEqual(self.notary.queries, [])
+        self.assertEqual(
+            [destination for _, destination, _, _ in self.federation.calls], ["remote.example"]
+        )
 
     def test_slow_notary_not_backed_off(self) -> None:
         """A notary slow about one server (it must reach that server itself: a tarpit anyone can
