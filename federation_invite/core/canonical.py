@@ -112,6 +112,11 @@ def encode_canonical_json(value: Any, *, strict: bool = True) -> bytes:
     try:
         encoded: bytes = canonicaljson.encode_canonical_json(value)
     except RecursionError:
+        # The value's fault only if it is nested deeper than any parsed body may be:
+        # one within MAX_NESTING encodes at any sane stack depth, so this is the
+        # caller's stack running out, which is no reason to refuse a valid value.
+        if nesting_depth(value) <= MAX_NESTING:
+            raise
         raise CanonicalJSONError("value is nested too deeply to encode") from None
     except (ValueError, TypeError):  # UnicodeEncodeError is a ValueError
         if strict:  # pragma: no cover - the strict check above refuses these first
@@ -295,6 +300,10 @@ def _parse(
     try:
         value, end = decoder.raw_decode(text, _skip_ws(text, 0))
     except RecursionError:
+        # As in encode_canonical_json: with no more brackets than MAX_NESTING, the
+        # body is not what is too deep (our stack is), so it is no 400 of the peer's.
+        if text.count("[") + text.count("{") <= MAX_NESTING:
+            raise
         raise MatrixError(400, Codes.NOT_JSON, "JSON is nested too deeply") from None
     except ValueError:
         raise MatrixError(400, Codes.NOT_JSON, "Body is not valid JSON") from None

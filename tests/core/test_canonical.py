@@ -6,6 +6,7 @@ import json
 import sys
 import threading
 from collections.abc import Callable
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -471,6 +472,44 @@ class NestingTests(SynchronousTestCase):
         for _ in range(100_000):
             value = [value]
         self.assertRaises(CanonicalJSONError, encode_canonical_json, value, strict=False)
+
+    def test_recursion_from_a_deep_stack_is_not_blamed_on_the_value(self) -> None:
+        """Encoding or parsing a value nested a few levels, called with the stack nearly
+        exhausted: the RecursionError is the caller's, raised as such, not an error of the
+        value (a valid invite was refused as 'nested too deeply to encode', storemodel SM1),
+        nor a 400 M_NOT_JSON of the body; at MAX_NESTING levels it still encodes."""
+        value = {"a": [{"b": [1, "c"]}], "d": None}
+        body = json.dumps(value).encode()
+        self.assertEqual(parse_json(body), value)
+        self.assertEqual(_at_every_depth(lambda: parse_json(body)), {"ok", "RecursionError"})
+        for strict in (True, False):
+            encode = partial(encode_canonical_json, value, strict=strict)
+            self.assertEqual(_at_every_depth(encode), {"ok", "RecursionError"})
+        deep: Any = 1
+        for _ in range(MAX_NESTING):
+            deep = [deep]
+        self.assertEqual(encode_canonical_json(deep, strict=False)[:2], b"[[")
+
+
+def _at_every_depth(call: Callable[[], object]) -> set[str]:
+    """How ``call`` ends (``ok`` or its exception's name) from every depth of a stack
+    recursing to Python's limit, the deepest frames included."""
+    outcomes: set[str] = set()
+
+    def descend() -> None:
+        try:
+            descend()
+        except RecursionError:
+            pass
+        try:
+            call()
+        except (RecursionError, ValueError, MatrixError) as error:
+            outcomes.add(type(error).__name__)
+        else:
+            outcomes.add("ok")
+
+    descend()
+    return outcomes
 
 
 def _nested(depth: int, pattern: list[str]) -> str:
