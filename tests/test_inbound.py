@@ -2552,6 +2552,25 @@ class PolicyReadSharingTests(SynchronousTestCase):
         self.clock.advance(1.7)  # t=8.3
         self.assertNoResult(self.policy._invitee(BOB))
 
+    def test_forgotten_while_queued_for_refresh_not_read(self) -> None:
+        """An invitee queued for a background refresh, then forgotten (users or rules
+        changed), is not read by the next read (its next invite reads it), and the
+        invitee whose miss started that read is answered, as is the forgotten one's next."""
+        carol = f"@carol:{US}"
+        self.policy._invitee(BOB)
+        self.answer(0, {BOB})
+        self.clock.advance(3)
+        self.policy._invitee(BOB)  # second half of its life: queued for a refresh
+        self.policy.forget(BOB)
+        reading = self.policy._invitee(carol)
+        self.assertEqual([users for users, _ in self.reads], [[BOB], [carol]])
+        self.answer(1, {carol})
+        self.assertEqual(self.successResultOf(reading), (True, []))
+        again = self.policy._invitee(BOB)
+        self.assertEqual(self.reads[2][0], [BOB])
+        self.answer(2, set())
+        self.assertEqual(self.successResultOf(again), (False, []))
+
     def test_store_raising_at_once_fails_the_read_only(self) -> None:
         """A store that raises instead of failing a Deferred fails that read's callers;
         the next miss is read again (no read is left marked in flight)."""
