@@ -440,6 +440,56 @@ class KeyringTests(SynchronousTestCase):
         self.assertIn(self.key_id, self.get(keyring))
         self.assertEqual((len(calls), failure_backoffs(keyring)), (3, {}))
 
+    def test_client_refusal_waits_at_least_a_pause_at_most_an_hour(self) -> None:
+        """A client refusing a fetch until 1 s from now (or until long past an hour) makes
+        the keyring wait 5 s (or 1 h): a lookup meanwhile costs no call."""
+        clock = self.clock
+        calls: list[float] = []
+        retry_in: list[float] = [1, 5 * 3600]
+
+        class Refusing:
+            def get_json(self, destination: str, path: str, **kwargs: Any) -> Any:
+                calls.append(clock.seconds())
+                return fail(
+                    BackoffError(destination, clock.seconds() + retry_in[0], 3, clock.seconds())
+                )
+
+        keyring = Keyring(self.clock, self.store, Refusing())
+        self.assertEqual(self.get(keyring), {})
+        self.clock.advance(4.9)
+        self.assertEqual(self.get(keyring), {})
+        self.assertEqual(len(calls), 1)
+        self.clock.advance(0.1)
+        retry_in.pop(0)
+        self.assertEqual(self.get(keyring), {})
+        self.assertEqual(len(calls), 2)
+        self.assertEqual(
+            keyring._backoff["remote.example"].until_ms - int(clock.seconds() * 1000), 3_600_000
+        )
+
+    def test_client_refusal_keeps_the_delay_to_double(self) -> None:
+        """A client refusal between two failures of the server neither doubles the keyring's
+        back-off nor forgets it: the second failure waits 2 min, as without the refusal."""
+        clock = self.clock
+        outcomes: list[Any] = [
+            lambda d: TransportError(d, "connection refused"),
+            lambda d: BackoffError(d, clock.seconds() + 10, 1, clock.seconds()),
+            lambda d: TransportError(d, "connection refused"),
+        ]
+
+        class Client:
+            def get_json(self, destination: str, path: str, **kwargs: Any) -> Any:
+                return fail(outcomes.pop(0)(destination))
+
+        keyring = Keyring(self.clock, self.store, Client())
+        self.assertEqual(self.get(keyring), {})  # 1 min
+        self.clock.advance(60)
+        self.assertEqual(self.get(keyring), {})  # refused by the client: 10 s
+        self.clock.advance(10)
+        self.assertEqual(self.get(keyring), {})  # fails again: 2 min
+        self.assertEqual(outcomes, [])
+        self.assertEqual(keyring._backoff["remote.example"].delay_ms, 120_000)
+
     def test_no_backoff_when_our_resolver_was_busy(self) -> None:
         """A fetch that timed out only because our address lookups waited for a resolver
         thread (``TransportError.resolver_busy``) backs the server off no more than the
