@@ -490,6 +490,29 @@ class KeyringTests(SynchronousTestCase):
         self.assertEqual(outcomes, [])
         self.assertEqual(keyring._backoff["remote.example"].delay_ms, 120_000)
 
+    def test_no_backoff_when_our_request_was_sent_late(self) -> None:
+        """A fetch whose request timed out having waited for its turn (sent with less than
+        half its time left: ``TransportError.waited``, not ``not_sent``) backs the server
+        off neither in the keyring nor directly: the next lookup fetches at once."""
+        federation = self.federation
+        failures = [
+            TransportError(
+                "remote.example", "timed out after 60 s, 40.0 s of them waiting", waited=True
+            ),
+        ]
+
+        class LateClient:
+            def get_json(self, destination: str, path: str, **kwargs: Any) -> Any:
+                if failures:
+                    return fail(failures.pop(0))
+                return federation.get_json(destination, path)
+
+        keyring = Keyring(self.clock, self.store, LateClient())
+        self.assertEqual(self.get(keyring), {})
+        self.assertEqual((keyring.fetches, keyring._backoff, keyring._direct_backoff), (1, {}, {}))
+        self.assertIn(self.key_id, self.get(keyring))
+        self.assertEqual(keyring.fetches, 2)
+
     def test_no_backoff_when_our_resolver_was_busy(self) -> None:
         """A fetch that timed out only because our address lookups waited for a resolver
         thread (``TransportError.resolver_busy``) backs the server off no more than the
