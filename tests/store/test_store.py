@@ -768,9 +768,9 @@ class StoreTestsMixin:
 
     async def test_other_tools_schema_migrations_ignored(self) -> None:
         """Another tool's schema_migrations (golang-migrate's at versions 1 and 3, Rails' or
-        dbmate's timestamp versions, or one shaped as ours but with other files or other
-        column types) is not taken for ours: migrating creates our tables beside it and
-        leaves it as it was; without migrating the database is at version 0."""
+        dbmate's timestamp versions, or one shaped as ours but with other files, other
+        column types or no row at all) is not taken for ours: migrating creates our tables
+        beside it and leaves it as it was; without migrating the database is at version 0."""
         cases = [
             (
                 "CREATE TABLE schema_migrations"
@@ -800,6 +800,11 @@ class StoreTestsMixin:
                 "CREATE TABLE schema_migrations (version INTEGER NOT NULL PRIMARY KEY,"
                 " name TEXT NOT NULL, applied_ts BIGINT)",
                 [(1, "0001_initial.sql", 5)],
+            ),
+            (  # ours exactly, but no row names one of our files: another tool's, empty
+                "CREATE TABLE schema_migrations (version INTEGER NOT NULL PRIMARY KEY,"
+                " name TEXT NOT NULL, applied_ts BIGINT NOT NULL)",
+                [],
             ),
         ]
         ours = ("invites", "server_keys", "local_users", "invite_rules", "federation_invite_schema")
