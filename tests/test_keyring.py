@@ -198,6 +198,26 @@ class KeyringTests(SynchronousTestCase):
         self.assertIn(self.key_id, self.successResultOf(second))
         self.assertEqual(self.federation.count("remote.example"), 1)
 
+    def test_lookup_in_a_back_off_joins_the_senders_fetch(self) -> None:
+        """While the server is backed off, a lookup finding the sender's fetch (ignore_backoff)
+        under way joins it (no fetch more) and gets the key it finds, rather than nothing."""
+        servers = self.federation.servers
+        resource = servers.pop("remote.example")
+        self.assertEqual(self.get(), {})  # down: backed off 1 min
+        servers["remote.example"] = resource
+        gate: Deferred[None] = Deferred()
+        self.federation.hold["remote.example"] = gate
+        sender = self.keyring.get_server_keys(
+            "remote.example", [self.key_id], NOW_MS, ignore_backoff=True
+        )
+        inbound = self.keyring.get_server_keys("remote.example", [self.key_id], NOW_MS)
+        self.assertNoResult(inbound)
+        del self.federation.hold["remote.example"]
+        gate.callback(None)
+        for lookup in (sender, inbound):
+            self.assertIn(self.key_id, self.successResultOf(lookup))
+        self.assertEqual(self.keyring.fetches, 2)
+
     def test_cancelled_waiter_does_not_cancel_fetch(self) -> None:
         """A caller that gives up does not cancel the shared fetch for the others."""
         from twisted.internet.defer import CancelledError, Deferred
