@@ -191,6 +191,20 @@ class LoadConfigTests(SynchronousTestCase):
         for text, key in cases.items():
             self.assertRefused(text, key)
 
+    def test_list_keys_refuse_a_plain_string(self) -> None:
+        """A string where a list is expected (an easy slip: server_deny = "evil.example") is
+        refused, not read as a list of its characters (globs that would deny nothing)."""
+        for text, key in {
+            'listen = "tcp:8448"\n': "listen",
+            '[inbound]\nserver_deny = "evil.example"\n': "inbound.server_deny",
+            '[inbound]\nuser_deny = "@spam:evil.example"\n': "inbound.user_deny",
+            '[inbound]\nserver_allow = "*"\n': "inbound.server_allow",
+            "[outbound]\nip_blocklist = '10.0.0.0/8'\n": "outbound.ip_blocklist",
+            "[outbound]\nip_allowlist = '127.0.0.1'\n": "outbound.ip_allowlist",
+        }.items():
+            error = self.assertRefused(text, key)
+            self.assertIn("must be a list of non-empty strings", str(error))
+
     def test_endpoint_strings_parsed_at_load(self) -> None:
         """A listen or metrics.listen value Twisted cannot parse as a server endpoint is
         refused at load with its key and value, not at start after the database opened."""
