@@ -1045,6 +1045,36 @@ class BodyRowTests(InboundTestCase):
             junk = {**event, "signatures": {THEM: {key_id: bad}}}
             self.assertRefused(self.send_v2(room_version, junk), 400, "M_INVALID_PARAM")
 
+    def test_row12_key_refetched_for_the_event_time(self) -> None:
+        """Row 12, room versions 5+: a cached key of the sender's server that is not valid at
+        the event's origin_server_ts is fetched again for that time (its server now vouches
+        for it longer), and the invite accepted."""
+        self.s.federation.add_key_server(self.s.clock, THEM, [self.s.their_key], validity_ms=10_000)
+        room_version, event = self.s.invite(extra={"depth": 5})
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)  # key cached until +10 s
+        self.assertEqual(self.s.federation.count(THEM), 1)
+        self.s.federation.add_key_server(self.s.clock, THEM, [self.s.their_key])
+        self.s.clock.advance(6)  # past the keyring's pause; the cached key still valid now
+        room_version, event = self.s.invite(extra={"depth": 6, "origin_server_ts": NOW_MS + 20_000})
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)
+        self.assertEqual(self.s.federation.count(THEM), 2)
+
+    def test_row12_key_not_refetched_for_the_event_time_before_v5(self) -> None:
+        """Row 12, room versions 1-4 (keys need not be valid at the event's time): a cached key
+        of the sender's server is used whatever the event's origin_server_ts, not fetched
+        again (here its server has gone away since)."""
+        self.s.federation.add_key_server(self.s.clock, THEM, [self.s.their_key], validity_ms=10_000)
+        room_version, event = self.s.invite("4", extra={"depth": 5})
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)  # key cached until +10 s
+        self.assertEqual(self.s.federation.count(THEM), 1)
+        del self.s.federation.servers[THEM]
+        self.s.clock.advance(6)  # past the keyring's pause; the cached key still valid now
+        room_version, event = self.s.invite(
+            "4", extra={"depth": 6, "origin_server_ts": NOW_MS + 20_000}
+        )
+        self.assertEqual(self.send_v2(room_version, event)[0], 200)
+        self.assertEqual(self.s.federation.count(THEM), 1)
+
     def test_row12_v1_event_id_server_must_sign(self) -> None:
         """Row 12, v1/v2: the event ID's server must sign too (rooms/v1 signing rules)."""
         v1 = KNOWN_ROOM_VERSIONS["1"]
@@ -1209,6 +1239,24 @@ class RoomStateValidationTests(InboundTestCase):
             answer = self.send_v2(room_version, event, state)
         (line,) = [e for e in events if e.get("outcome")]
         return answer, line
+
+    def test_v12_room_state_keys_valid_at_the_latest_entry(self) -> None:
+        """v12: the keys checking full room-state entries must be valid at the latest entry's
+        time needing them: a cached key of their server not valid then is fetched again (its
+        server now vouches for it longer), and the entries pass."""
+        self.s.federation.add_key_server(self.s.clock, THEM, [self.s.their_key], validity_ms=10_000)
+        room_version, create, room_id = self.room("12")
+        answer, _ = self.send_logged(room_version, room_id, [create])
+        self.assertEqual(answer[0], 200)  # the key cached until +10 s
+        self.assertEqual(self.s.federation.count(THEM), 1)
+        self.s.federation.add_key_server(self.s.clock, THEM, [self.s.their_key])
+        self.s.clock.advance(6)  # past the keyring's pause; the cached key still valid now
+        early = self.many_entries(room_version, room_id, 2)[0]
+        late = self.many_entries(room_version, room_id, 2, origin_server_ts=NOW_MS + 20_000)[1]
+        answer, line = self.send_logged(room_version, room_id, [create, early, late])
+        self.assertEqual(answer[0], 200)
+        self.assertNotIn("invalid_room_state", line)
+        self.assertEqual(self.s.federation.count(THEM), 2)
 
     def bad_entries(
         self, room_version: RoomVersion, room_id: str
