@@ -556,6 +556,14 @@ class AnswerCheckTests(_Base):
             self.invalid().reason, "the event in the answer is not the one sent: changed 'content'"
         )
 
+    def test_key_added_inside_content(self) -> None:
+        """A peer that adds a key inside content (not covered by the event ID in v3+: the
+        redaction drops it) is refused: nested objects must have the same keys too."""
+        self.peer.mutate = lambda event: event["content"].__setitem__("reason", "hi")
+        self.assertEqual(
+            self.invalid().reason, "the event in the answer is not the one sent: changed 'content'"
+        )
+
     def test_dropped_field(self) -> None:
         """A peer that drops a covered field is refused."""
         self.peer.mutate = lambda event: event.pop("depth")
