@@ -2317,6 +2317,20 @@ class PolicyRowTests(InboundTestCase):
         self.assertEqual(self.s.store.invites[event_id_of(room_version, event)].status, "ignored")
         self.assertEqual(self.s.listened, [])
 
+    def test_row16_server_rules_match_any_case(self) -> None:
+        """Row 16: a user's server rule matches the sender's server in any case, wildcards
+        included, as its user rules and the operator's lists do."""
+        for pattern in ("*.EVIL.example", "X.Evil.*", "x.EVIL.example"):
+            rule = InviteRule(BOB, "server", pattern, "block")
+            error = self.assertRaises(
+                MatrixError,
+                InvitePolicy._invitee_rules,
+                [rule],
+                "@a:x.evil.example",
+                "x.evil.example",
+            )
+            self.assertEqual((error.http_status, error.errcode), (403, "M_INVITE_BLOCKED"))
+
 
 class PolicyCacheTests(InboundTestCase):
     scenario_kwargs = {"policy_cache_seconds": 5.0, "limits": InviteLimits(invitee_burst=100)}
