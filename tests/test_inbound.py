@@ -1466,6 +1466,35 @@ class RoomStateValidationTests(InboundTestCase):
         answer, line = self.send_logged(room_version, room_id, [create, *entries, name, rules])
         self.assertDropped(answer, line, [create, *entries[: bound - 2], name, rules], 12)
 
+    def test_v12_inviter_membership_kept_before_others(self) -> None:
+        """v12, past the bound: the inviter's own m.room.member (a prejoin entry, README row
+        13) is kept before other types wherever it is given; another user's membership is
+        not."""
+        room_version, create, room_id = self.room("12")
+        entries = self.many_entries(room_version, room_id, 60)
+
+        def member(user: str) -> dict[str, Any]:
+            return hash_and_sign_event(
+                room_version,
+                {
+                    "type": "m.room.member",
+                    "state_key": user,
+                    "sender": user,
+                    "room_id": room_id,
+                    "content": {"membership": "join"},
+                    "origin_server_ts": NOW_MS - 5_000,
+                    "depth": 3,
+                    "prev_events": [],
+                    "auth_events": [],
+                },
+                THEM,
+                self.s.their_key,
+            )
+
+        inviter, other = member(ALICE), member(f"@carol:{THEM}")
+        answer, line = self.send_logged(room_version, room_id, [create, *entries, other, inviter])
+        self.assertDropped(answer, line, [create, *entries[:49], inviter], 12)
+
     def test_v12_bad_entry_within_bound_refused(self) -> None:
         """v12, past the bound: a bad entry among those checked is still 400 M_INVALID_PARAM;
         one among those dropped is never checked (dropped, the invite accepted), whatever
