@@ -1046,6 +1046,31 @@ class TransportTests(_Base):
         )
         self.assertTrue(errors[-1].reason.startswith("not sent: timed out after 30 s waiting"))
 
+    def test_every_flag_kept(self) -> None:
+        """Each of the client's TransportError flags (resolver_busy, abandoned, not_sent,
+        waited) is kept on the InviteTransportError, with the reason and the cause: an
+        embedder tells "ours, retry" from "the peer is down" by them."""
+        flags = ("resolver_busy", "abandoned", "not_sent", "waited")
+
+        class Client:
+            error: TransportError
+
+            def put_json(self, *args: Any, **kwargs: Any) -> Any:
+                return fail(self.error)
+
+        client = Client()
+        self.origin.sender._client = client  # type: ignore[assignment]
+        for flag in flags:
+            error = client.error = TransportError(PEER, f"because {flag}", **{flag: True})
+            event, state = self.origin.invite("10")
+            raised = self.transport_error(self.origin.send("10", event, state))
+            self.assertEqual(raised.reason, f"because {flag}")
+            self.assertEqual(
+                {name: getattr(raised, name) for name in flags},
+                {name: name == flag for name in flags},
+            )
+            self.assertIs(raised.__cause__, error)
+
     def test_back_off_does_not_stop_invites(self) -> None:
         """An invite is sent even while the client backs its server off (a user asked for it,
         as Synapse sends invites with ignore_backoff): after a 500, or a failed key fetch,
