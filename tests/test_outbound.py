@@ -771,6 +771,7 @@ class AnswerCheckTests(_Base):
             lambda answer: [200],
             lambda answer: ["200", answer[1]],
             lambda answer: [True, answer[1]],
+            lambda answer: [200.0, answer[1]],  # JSON tells 200.0 from 200
             lambda answer: [201, answer[1]],
             lambda answer: [200, answer[1], {}],
             lambda answer: [200, [answer[1]]],
