@@ -825,15 +825,20 @@ class EarlyRefusalLogTests(SynchronousTestCase):
 
     def test_site_timeout_of_an_invite_logged(self) -> None:
         """An invite request whose headers did not arrive within the deadline (408) is one
-        invite line too, and not the site's "not received" line; another path keeps that."""
+        invite line too, and not the site's "not received" line; another path keeps that, as
+        does a request whose request line did not arrive whole (no resource to hear of it)."""
         scenario = InviteScenario()
         site = FederationSite(scenario.root, reactor=scenario.clock, request_timeout=30)
         invite = scenario.path(2, "!room:remote.example", "$x").encode()
-        for path, invite_line in ((invite, True), (b"/nothing", False)):
+        for sent, invite_line in (
+            (b"PUT " + invite + b" HTTP/1.1\r\nHost: us.example\r\n", True),
+            (b"PUT /nothing HTTP/1.1\r\nHost: us.example\r\n", False),
+            (b"PUT /_matrix/federation/v2/inv", False),
+        ):
             connection = Connection(site)
             self.addCleanup(connection.close)
             with capturedLogs() as events:
-                connection.send(b"PUT " + path + b" HTTP/1.1\r\nHost: us.example\r\n")
+                connection.send(sent)
                 scenario.clock.advance(30)
             connection.close()  # gone, as a real socket would be: no abort timer left
             self.assertEqual(connection.responses()[0][0], 408)
