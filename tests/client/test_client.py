@@ -597,6 +597,11 @@ class BackoffTests(_Base):
         self.peer.code = 404
         self.remote_error(self.client.get_json(REMOTE, "/x"))
         self.assertEqual(self.remote_error(self.client.get_json(REMOTE, "/x")).status, 404)
+        # The back-off is over and ended: the next failure waits 1 min again, not 2.
+        self.peer.code = 500
+        self.remote_error(self.client.get_json(REMOTE, "/x"))
+        error = self.failureResultOf(self.client.get_json(REMOTE, "/x"), BackoffError).value
+        self.assertEqual((error.failures, error.retry_at - self.clock.seconds()), (1, 60))
 
     def test_401_and_429_are_failures(self) -> None:
         """A 401 (it will not accept us for a while) or a 429 (it is rate-limiting us) backs
