@@ -354,6 +354,46 @@ class LoadConfigTests(SynchronousTestCase):
             error = self.assertRaises(ConfigError, Config, {"keys.notaries": notaries})
             self.assertEqual(str(error), f"configuration key 'keys.notaries': {message}")
 
+    def test_malformed_entries_refused_with_their_reason(self) -> None:
+        """database, keys.old_verify_keys and keys.notaries values of the wrong shape are
+        refused, each with its own reason, not crashed on nor accepted (a notary named by a
+        non-name) nor refused for a later check's reason."""
+        notary_key = {"ed25519:a": VERIFY_KEY}
+        for key, value, message in (
+            ("database", "mysql://x", "must be 'sqlite:///path.db' or 'postgresql://user@host/db'"),
+            ("keys.old_verify_keys", "x", "must be a list of tables {key_id, key, expired_ts}"),
+            ("keys.old_verify_keys", [5], "entry 0 must have exactly key_id, key and expired_ts"),
+            (
+                "keys.old_verify_keys",
+                [{"key_id": "rsa:abc", "key": VERIFY_KEY, "expired_ts": 5}],
+                "entry 0: key_id must look like 'ed25519:abc'",
+            ),
+            ("keys.notaries", 3, "must be a list of tables {server_name, verify_keys}"),
+            ("keys.notaries", [5], "entry 0 must have exactly server_name and verify_keys"),
+            (
+                "keys.notaries",
+                [{"server_name": "matrix.org"}],
+                "entry 0 must have exactly server_name and verify_keys",
+            ),
+            (
+                "keys.notaries",
+                [{"server_name": "matrix.org", "verify_keys": "x"}],
+                "entry 0: verify_keys must map key IDs to keys",
+            ),
+            (
+                "keys.notaries",
+                [{"server_name": 5, "verify_keys": notary_key}],
+                "entry 0: server_name is not a server name",
+            ),
+            (
+                "keys.notaries",
+                [{"server_name": "not a name", "verify_keys": notary_key}],
+                "entry 0: server_name is not a server name",
+            ),
+        ):
+            error = self.assertRaises(ConfigError, Config, {key: value})
+            self.assertEqual(str(error), f"configuration key {key!r}: {message}")
+
     def test_integer_bounds(self) -> None:
         """Integer keys take values up to 2**53-1 (what canonical JSON and the store carry)
         and no further; ratelimit.origin_sleep_after takes 0 (no request of a burst served
