@@ -657,7 +657,8 @@ class BackoffTests(_Base):
 
     def test_backoff_off_for_a_request(self) -> None:
         """A request made with backoff=False is neither refused by a back-off nor recorded in
-        one (notary queries: a notary slow about some third server is not a dead notary)."""
+        one, timed out or answered 5xx (notary queries: a notary slow about some third server,
+        or failing to reach it, is not a dead notary)."""
         self.peer.hang = True
         requesting = self.client.post_json(REMOTE, "/x", {}, backoff=False)
         self.clock.advance(30)
@@ -665,6 +666,8 @@ class BackoffTests(_Base):
         self.assertEqual(self.client._backoff, {})
         self.peer.hang = False
         self.peer.code, self.peer.body = 503, b"down"
+        self.remote_error(self.client.post_json(REMOTE, "/x", {}, backoff=False))
+        self.assertEqual(self.client._backoff, {})
         self.remote_error(self.client.get_json(REMOTE, "/x"))
         self.transport_error(self.client.get_json(REMOTE, "/x"), BackoffError)
         self.peer.code, self.peer.body = 200, {"ok": True}
