@@ -382,6 +382,41 @@ class PduNestingTests(InboundTestCase):
         answer = self.assertRefused(self.send_v1(event), 400, "M_BAD_JSON")
         self.assertEqual(answer["error"], "JSON is nested deeper than 127 levels")
 
+    def test_nesting_bounds_in_bodies_with_no_other_brackets(self) -> None:
+        """Row 2 at its bounds in bodies with as many arrays and objects as they are deep (the
+        parse walks a body for its depth only when it holds more of them than
+        INVITE_BODY_BRACKETS): a v1 event of 127 levels passes the parse (then 401 here,
+        unauthenticated), one of 128 is 400 M_BAD_JSON; a v2 room-state entry of 124 levels
+        passes, one of 125 is 400 M_BAD_JSON."""
+
+        def nest(levels: int) -> Any:
+            value: Any = {}
+            for _ in range(levels - 1):
+                value = {"a": value}
+            return value
+
+        def put(version: int, body: Any) -> tuple[int, Any]:
+            path = self.s.path(version, "!r:remote.example", "$e:remote.example")
+            header = ['X-Matrix origin=remote.example,key="ed25519:x",sig="y"']
+            return self.result(self.s.put_raw(path, json.dumps(body).encode(), headers=header))
+
+        v1_bodies = {
+            levels: {"type": "m.room.member", "content": nest(levels - 1)} for levels in (127, 128)
+        }
+        self.assertEqual(put(1, v1_bodies[127])[0], 401)
+        answer = self.assertRefused(put(1, v1_bodies[128]), 400, "M_BAD_JSON")
+        self.assertEqual(answer["error"], "JSON is nested deeper than 127 levels")
+        event = {"type": "m.room.member"}
+        v2_bodies = {
+            levels: {"room_version": "10", "event": event, "invite_room_state": [nest(levels)]}
+            for levels in (124, 125)
+        }
+        self.assertEqual(put(2, v2_bodies[124])[0], 401)
+        answer = self.assertRefused(put(2, v2_bodies[125]), 400, "M_BAD_JSON")
+        self.assertEqual(
+            answer["error"], "invite_room_state: an entry is nested deeper than 124 levels"
+        )
+
     def test_room_state_entry_nesting(self) -> None:
         """v2: an invite_room_state entry nested 127 deep makes the body 129: refused."""
         room_version, event = self.s.invite()
