@@ -411,6 +411,44 @@ class LoadConfigTests(SynchronousTestCase):
                 f"configuration key {key!r}: must be an integer from {minimum} to {2**53 - 1}",
             )
 
+    def test_numbers_parsed_and_bounded(self) -> None:
+        """Number keys take an integer or a float from 0.001 to 1e12, or from 0 where zero
+        means off (inbound.policy_cache_seconds, inbound.shutdown_grace_period), both ends
+        included, and give it back as a float; a boolean, a string or a value past either
+        end is refused with the range, not crashed on. The rate limits' integer keys
+        refuse 0 but ratelimit.origin_sleep_ms ("0: never slowed")."""
+        given = {
+            "outbound.timeout": 5,
+            "ratelimit.invitee_per_second": 0.001,
+            "inbound.request_timeout": 1e12,
+            "inbound.policy_cache_seconds": 0,
+            "inbound.shutdown_grace_period": 1e12,
+            "ratelimit.origin_sleep_ms": 0,
+        }
+        config = Config(given)
+        for key, value in given.items():
+            kind = int if key == "ratelimit.origin_sleep_ms" else float
+            self.assertEqual((key, config.get(key), type(config.get(key))), (key, value, kind))
+        above_zero = "must be a number from 0.001 to 1e+12"
+        at_least_zero = "must be a number from 0 to 1e+12"
+        for key, value, message in (
+            ("outbound.timeout", True, above_zero),
+            ("outbound.timeout", "5", above_zero),
+            ("outbound.timeout", 1.0000001e12, above_zero),
+            ("outbound.timeout", 0.000999, above_zero),
+            ("ratelimit.origin_per_second", -1, above_zero),
+            ("inbound.policy_cache_seconds", False, at_least_zero),
+            ("inbound.policy_cache_seconds", "5", at_least_zero),
+            ("inbound.policy_cache_seconds", -0.001, at_least_zero),
+            ("inbound.shutdown_grace_period", -1, at_least_zero),
+            ("inbound.shutdown_grace_period", 1.0000001e12, at_least_zero),
+            ("ratelimit.origin_concurrent", 0, f"must be an integer from 1 to {2**53 - 1}"),
+            ("ratelimit.invitee_burst", 0, f"must be an integer from 1 to {2**53 - 1}"),
+            ("ratelimit.origin_sleep_ms", -1, f"must be an integer from 0 to {2**53 - 1}"),
+        ):
+            error = self.assertRaises(ConfigError, Config, {key: value})
+            self.assertEqual(str(error), f"configuration key {key!r}: {message}", value)
+
     def test_database_pool_size(self) -> None:
         """database_pool_size: 5 by default, an integer from 1 to 100."""
         self.assertEqual(Config({}).get("database_pool_size"), 5)
