@@ -191,6 +191,21 @@ class LoadConfigTests(SynchronousTestCase):
         for text, key in cases.items():
             self.assertRefused(text, key)
 
+    def test_data_dir_and_signing_key_strings(self) -> None:
+        """data_dir must be a non-empty string and signing_key a string (empty: the default
+        in the data dir): anything else is refused naming the key, not crashed on at start."""
+        for text, key in {
+            'data_dir = ""\n': "data_dir",
+            "data_dir = 5\n": "data_dir",
+            "data_dir = ['a']\n": "data_dir",
+            "signing_key = 5\n": "signing_key",
+            "signing_key = false\n": "signing_key",
+        }.items():
+            error = self.assertRefused(text, key)
+            self.assertIn("must be a non-empty string", str(error))
+        config = load_config(self.write('signing_key = ""\n'))
+        self.assertEqual(config.signing_key_path, os.path.join(config.data_dir, "signing.key"))
+
     def test_list_keys_refuse_a_plain_string(self) -> None:
         """A string where a list is expected (an easy slip: server_deny = "evil.example") is
         refused, not read as a list of its characters (globs that would deny nothing)."""
