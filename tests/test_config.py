@@ -269,6 +269,19 @@ class LoadConfigTests(SynchronousTestCase):
         self.assertEqual(config.listen, tuple(expected))
         self.assertEqual(config.get("metrics.listen"), "tcp:9100")
 
+    def test_endpoint_port_bounds(self) -> None:
+        """An endpoint's port is from 0 to 65535, both ends included (tcp: and ssl:, in
+        listen and metrics.listen): 65536 is refused at load, not left for bind to fail."""
+        for endpoint in ("tcp:0", "tcp:65535", "ssl:65535:privateKey=/k.pem"):
+            self.assertEqual(Config({"listen": [endpoint]}).listen, (endpoint,))
+        for endpoint in ("tcp:65536", "ssl:65536:privateKey=/k.pem", "tcp:-1"):
+            for key, value in (("listen", [endpoint]), ("metrics.listen", endpoint)):
+                error = self.assertRaises(ConfigError, Config, {key: value})
+                self.assertIn(
+                    f"{endpoint!r} is not a Twisted server endpoint: port must be from 0 to 65535",
+                    str(error),
+                )
+
     def test_old_keys_and_notaries(self) -> None:
         """Old verify keys and notaries are parsed and their keys checked."""
         path = self.write(
