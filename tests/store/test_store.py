@@ -689,6 +689,7 @@ class StoreTestsMixin:
                 await attempt()
             self.assertEqual(str(caught.exception), expected)
             self.assertEqual(caught.exception.database_version, newer)
+            self.assertEqual(caught.exception.code_version, LATEST_SCHEMA_VERSION)
         self.assertEqual(self.raw("SELECT MAX(version) FROM federation_invite_schema"), [(newer,)])
 
     async def test_unmigrated_database_refused_without_migrate(self) -> None:
@@ -699,6 +700,10 @@ class StoreTestsMixin:
             str(caught.exception),
             "schema check failed: the database has schema version 0, older than this"
             f" federation-invite needs ({LATEST_SCHEMA_VERSION}); run the migrations first",
+        )
+        self.assertEqual(
+            (caught.exception.database_version, caught.exception.code_version),
+            (0, LATEST_SCHEMA_VERSION),
         )
         result = await run_migrations(self.uri, reactor=reactor)
         self.assertEqual(result.before, 0)
