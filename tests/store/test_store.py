@@ -653,6 +653,23 @@ class StoreTestsMixin:
         for table in ("invites", "server_keys", "local_users", "invite_rules"):
             self.assertEqual(self.raw(f"SELECT COUNT(*) FROM {table}"), [(0,)])
 
+    async def test_empty_bookkeeping_table_migrates_from_zero(self) -> None:
+        """A federation_invite_schema of ours holding no row (created by hand from the
+        README, or a schema-only dump of a fresh database restored) is at version 0: every
+        migration runs, and the database opens at the latest version."""
+        self.raw(
+            "CREATE TABLE federation_invite_schema (version INTEGER NOT NULL PRIMARY KEY,"
+            " name TEXT NOT NULL, applied_ts BIGINT NOT NULL)"
+        )
+        with self.assertRaises(SchemaVersionError) as caught:  # type: ignore[attr-defined]
+            await open_store(self.uri, reactor=reactor, migrate=False)
+        self.assertEqual(caught.exception.database_version, 0)
+        result = await run_migrations(self.uri, reactor=reactor)
+        self.assertEqual((result.before, result.after), (0, LATEST_SCHEMA_VERSION))
+        self.assertEqual(len(result.applied), LATEST_SCHEMA_VERSION)
+        store = await self.open()
+        self.assertEqual(await store.schema_version(), LATEST_SCHEMA_VERSION)
+
     async def test_latest_is_a_no_op(self) -> None:
         """Migrating a database already at the latest version changes nothing."""
         store = await self.open()
