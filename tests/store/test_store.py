@@ -1936,6 +1936,32 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
         self.assertEqual(await store.schema_version(), LATEST_SCHEMA_VERSION)
         self.assertEqual(await self.settings(store), ("200ms", "200ms"))
 
+    async def test_schema_check_waits_for_a_migration(self) -> None:
+        """open_store(migrate=False) (a worker or command that does not migrate) waits while
+        another worker holds the migration lock, so the schema is read before or after a
+        migration, never in between, and opens once that lock is released."""
+        from federation_invite.store import _dialect
+
+        await (await open_store(self.uri, reactor=reactor)).close()
+        other = _connect(self.database)
+        other.autocommit = True
+        self.addCleanup(other.close)
+        other.cursor().execute("SELECT pg_advisory_lock(%s)", (_dialect.MIGRATION_LOCK_KEY,))
+        opening = open_store(self.uri, reactor=reactor, migrate=False)
+        waiting = (
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        deadline = time.monotonic() + 30
+        while not opening.called and not self.raw(waiting)[0][0]:
+            self.assertLess(time.monotonic(), deadline, "the schema check never waited")
+            await deferLater(reactor, 0.05)
+        self.assertNoResult(opening)  # type: ignore[attr-defined]
+        other.cursor().execute("SELECT pg_advisory_unlock(%s)", (_dialect.MIGRATION_LOCK_KEY,))
+        store = await opening
+        self.assertEqual(await store.schema_version(), LATEST_SCHEMA_VERSION)
+        await store.close()
+
     async def test_close_does_not_wait_for_a_stuck_query(self) -> None:
         """close() with a write stuck on another session's lock (no limit set: it would
         wait for ever) waits CLOSE_WAIT_SECONDS (here 0.2 s), never on the reactor
