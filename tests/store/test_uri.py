@@ -196,6 +196,19 @@ class OtherURITests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             run_migrations("sqlite://host/x.db")
 
+    def test_open_refuses_bad_pool_size_at_call(self) -> None:
+        """open_store refuses a pool_size that is not an integer of at least 1 with
+        ValueError at once, before any connection (0 would be a pool in which every
+        operation waits for ever, True a pool of one)."""
+        for uri in ("sqlite:///" + self.mktemp() + ".db", "postgresql://postgres@127.0.0.1:1/x"):
+            for size in (0, -1, True, False, 1.5, "5"):
+                with self.assertRaises(ValueError) as caught:
+                    open_store(uri, pool_size=size)  # type: ignore[arg-type]
+                self.assertEqual(
+                    str(caught.exception),
+                    f"pool_size must be an integer of at least 1, not {size!r}",
+                )
+
 
 class PasswordDisplayTests(SynchronousTestCase):
     def test_query_password_hidden(self) -> None:
