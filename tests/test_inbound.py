@@ -2003,6 +2003,27 @@ class PolicyRowTests(InboundTestCase):
             (hook.seen[0].sender, hook.seen[0].invitee, hook.seen[0].origin), (ALICE, BOB, THEM)
         )
 
+    def test_row15_server_deny_names_sender_or_origin(self) -> None:
+        """Row 15: inbound.server_deny ("origin or sender servers refused") refuses an invite
+        whose sender's server or origin it names, each alone: the daemon makes them one name
+        (row 11), but InvitePolicy is public and an embedder may check other invites."""
+        from federation_invite.policy import InboundInvite
+
+        store = MemoryStore()
+        store.users.add(BOB)
+        policy = InvitePolicy(US, store, server_deny=["denied.example"])
+
+        def check(origin: str, sender: str) -> Deferred[str]:
+            invite = InboundInvite(
+                origin, KNOWN_ROOM_VERSIONS["10"], "!r:x", "$e", sender, BOB, {}, []
+            )
+            return Deferred.fromCoroutine(policy.check(invite))
+
+        for origin, sender in (("denied.example", ALICE), (THEM, "@mallory:denied.example")):
+            error = self.failureResultOf(check(origin, sender), MatrixError).value
+            self.assertEqual((error.http_status, error.errcode), (403, "M_FORBIDDEN"))
+        self.assertEqual(self.successResultOf(check(THEM, ALICE)), "pending")
+
     def test_row15_hook_answers(self) -> None:
         """Row 15: a hook may answer with a Deferred, a plain value or a coroutine: None lets the
         invite through, a reason refuses it (403 M_FORBIDDEN), a MatrixError is answered as it
