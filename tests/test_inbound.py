@@ -2718,6 +2718,27 @@ class PolicyReadSharingTests(SynchronousTestCase):
         self.answer(2, set())
         self.assertEqual(self.successResultOf(again), (False, []))
 
+    def test_invitee_missing_from_the_answer_is_not_ours(self) -> None:
+        """A store whose answer leaves an invitee out (an embedder's IStore) makes it not
+        ours, fail-closed, both for its caller and in the cache."""
+        reading = self.policy._invitee(BOB)
+        self.reads[0][1].callback({})
+        self.assertEqual(self.successResultOf(reading), (False, []))
+        self.assertEqual(self.successResultOf(self.policy._invitee(BOB)), (False, []))
+        self.assertEqual(len(self.reads), 1)
+
+    def test_cache_lifetime_under_a_second(self) -> None:
+        """inbound.policy_cache_seconds under a second (0.5) still caches, for that long."""
+        self.policy = InvitePolicy(US, self.policy._store, clock=self.clock, cache_seconds=0.5)
+        self.policy._invitee(BOB)
+        self.answer(0, {BOB})
+        self.clock.advance(0.2)  # first half of its life: no refresh either
+        self.assertEqual(self.successResultOf(self.policy._invitee(BOB)), (True, []))
+        self.assertEqual(len(self.reads), 1)
+        self.clock.advance(0.4)
+        self.assertNoResult(self.policy._invitee(BOB))
+        self.assertEqual(self.reads[1][0], [BOB])
+
     def test_store_raising_at_once_fails_the_read_only(self) -> None:
         """A store that raises instead of failing a Deferred fails that read's callers;
         the next miss is read again (no read is left marked in flight)."""
