@@ -248,6 +248,22 @@ class KeyringTests(SynchronousTestCase):
         self.assertIn(self.key_id, self.successResultOf(kept))
         self.assertEqual(self.federation.count("remote.example"), 1)
 
+    def test_lookup_cancelled_by_an_earlier_ones_caller_when_the_fetch_ends(self) -> None:
+        """Three lookups share a fetch; the first one's caller, answered, cancels the second
+        (as a request giving up on its other lookups would): the second fails with
+        CancelledError, the third still gets its key, nothing is logged as an error."""
+        gate: Deferred[None] = Deferred()
+        self.federation.hold["remote.example"] = gate
+        first, second, third = (
+            self.keyring.get_server_keys("remote.example", [self.key_id], NOW_MS) for _ in range(3)
+        )
+        first.addCallback(lambda keys: (second.cancel(), keys)[1])
+        gate.callback(None)
+        self.assertIn(self.key_id, self.successResultOf(first))
+        self.failureResultOf(second, CancelledError)
+        self.assertIn(self.key_id, self.successResultOf(third))
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_cancelled_lookups_leave_the_pause_wait(self) -> None:
         """A lookup waiting for a pause to end that is cancelled leaves it, and leaves the
         fetch made at the pause's end (which took over the pause's lookups) too; the
@@ -740,6 +756,23 @@ class KeyringTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.clock.advance(5)
         self.assertEqual(self.federation.count("remote.example"), 1)
+
+    def test_pause_lookup_cancelled_by_an_earlier_ones_caller_at_close(self) -> None:
+        """Three lookups wait for a pause to end; the first one's caller, answered by the
+        close, cancels the second: the second fails with CancelledError, the third is still
+        answered, and close() raises nothing."""
+        self.successResultOf(
+            self.keyring.get_server_keys("remote.example", ["ed25519:bogus"], NOW_MS)
+        )
+        first, second, third = (
+            self.keyring.get_server_keys("remote.example", ["ed25519:r2"], NOW_MS) for _ in range(3)
+        )
+        self.assertEqual(len(self.keyring._pause_waits["remote.example"].waiters), 3)
+        first.addCallback(lambda keys: (second.cancel(), keys)[1])
+        self.keyring.close()
+        self.assertEqual(self.successResultOf(first), {})
+        self.failureResultOf(second, CancelledError)
+        self.assertEqual(self.successResultOf(third), {})
 
     def test_failure_after_an_answer_backs_off_a_full_minute(self) -> None:
         """A server that answered without the key asked (a 5 s pause) and then fails outright
@@ -2932,6 +2965,37 @@ class FetchCapTests(SynchronousTestCase):
         )
         self.assertEqual(self.federation.count("c.example"), 2)
 
+    def test_pause_lookup_cancelled_by_an_earlier_ones_caller_when_busy(self) -> None:
+        """Three lookups wait for a pause that ends at the cap; the first one's caller,
+        refused, cancels the second: the second fails with CancelledError, the third is
+        still refused, and nothing is logged as an error."""
+        self.keyring = Keyring(
+            self.clock,
+            self.store,
+            self.federation,
+            max_fetches_in_flight=2,
+            max_refreshes_in_flight=2,
+        )
+        for server in ("a.example", "b.example"):
+            self.assertIn(self.key_id, self.successResultOf(self.lookup(server)))
+        self.clock.advance(5)  # past the pauses those fetches set
+        self.successResultOf(self.keyring.get_server_keys("c.example", ["ed25519:x"], NOW_MS))
+        first, second, third = (
+            self.keyring.get_server_keys("c.example", ["ed25519:other"], NOW_MS) for _ in range(3)
+        )
+
+        def cancel_second(failure: Any) -> Any:
+            second.cancel()
+            return failure
+
+        first.addErrback(cancel_second)
+        self.fill_in(self.keyring, "a.example", "b.example", valid_at_ms=NOW_MS + DAY_MS + 1)
+        self.clock.advance(5)
+        self.assertBusy(first)
+        self.failureResultOf(second, CancelledError)
+        self.assertBusy(third)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
 
 class _RecordingKeyStore(MemoryKeyStore):
     """A MemoryKeyStore that counts the key writes asked of it."""
@@ -3104,6 +3168,23 @@ class CloseTests(SynchronousTestCase):
         self.assertEqual((self.server.lost, self.notary.requests), (1, []))
         self.assertEqual(self.keyring.fetch_failures, 0)
         self.assertNothingAfter()
+
+    def test_lookup_cancelled_by_an_earlier_ones_caller_at_close(self) -> None:
+        """Three lookups share a fetch; the first one's caller, told KeyringClosed, cancels
+        the second: the second fails with CancelledError, the third is still told
+        KeyringClosed, and close() raises and logs nothing."""
+        first, second, third = (self.lookup("hang.example") for _ in range(3))
+
+        def cancel_second(failure: Any) -> Any:
+            second.cancel()
+            return failure
+
+        first.addErrback(cancel_second)
+        self.assertEqual(self.close(), [])
+        self.assertClosed(first)
+        self.failureResultOf(second, CancelledError)
+        self.assertClosed(third)
+        self.assertEqual((self.clock.getDelayedCalls(), self.server.lost), ([], 1))
 
     def test_close_abandons_the_notary_query(self) -> None:
         """A fetch past its server (unreachable) waiting on a notary that never answers: closing
