@@ -22,7 +22,7 @@ from federation_invite.client._resolver import RESOLVER_THREADS, ThreadedResolve
 from federation_invite.keyring import Keyring
 
 from ..support import MemoryKeyStore
-from ._fakes import make_certificate
+from ._fakes import FakeSRVResolver, make_certificate
 
 real_reactor: Any = global_reactor
 
@@ -62,7 +62,8 @@ class _Receiver:
 class SlowLookupTests(TestCase):
     """The reactor's resolver is a ``GAIResolver`` whose getaddrinfo hangs for names under
     slow.test (as the system's does while a name server does not answer) until the test
-    ends, and answers 127.0.0.1 for good.test, where a TLS peer answers."""
+    ends, answers 127.0.0.1 for good.test and the names under it, where a TLS peer
+    answers, and fails at once for names under none.test."""
 
     timeout = 30
 
@@ -90,7 +91,11 @@ class SlowLookupTests(TestCase):
             self.entered += 1
             self.release.wait(20)
             raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        return socket.getaddrinfo("127.0.0.1" if host == "good.test" else host, port, *args)
+        if host.endswith(".none.test"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if host == "good.test" or host.endswith(".good.test"):
+            host = "127.0.0.1"
+        return socket.getaddrinfo(host, port, *args)
 
     def client(self, timeout: float) -> FederationClient:
         client = FederationClient(
@@ -228,6 +233,50 @@ class SlowLookupTests(TestCase):
         self.assertEqual(client._backoff.keys() & {self.good}, set())
         self.assertEqual(keyring._backoff.keys() & {self.good}, set())
         self.assertEqual(keyring._direct_backoff.keys() & {self.good}, set())
+        await self.no_resolver_threads(client)
+        await hung
+
+    async def test_close_answering_a_targets_lookup_tries_no_next_target(self) -> None:
+        """A server with two SRV targets, the first's address lookup waiting for a thread
+        when the client is closed: the request fails as abandoned, backing nobody off, and
+        the second target is not tried (its lookup, made after the close, would have been
+        answered, and the request sent or failed with that target's error)."""
+        port = int(self.good.rsplit(":", 1)[1])
+        targets = [(0, 0, port, "a.good.test"), (1, 0, port, "b.good.test")]
+        srv = FakeSRVResolver({"_matrix-fed._tcp.srv.none.test": targets})
+        client = FederationClient(
+            real_reactor,
+            "local.example",
+            generate_signing_key("k"),
+            verify_tls=False,
+            ip_allowlist=["127.0.0.1/32"],
+            timeout=10.0,
+            srv_resolver=srv,
+        )
+        self.addCleanup(client.close)
+        assert client._name_resolver is not None
+        # Threads free: no .well-known (its name does not resolve) and the SRV answer kept.
+        self.assertEqual(await client.get_json("srv.none.test", "/x"), {})
+        await client.close()  # no pooled connection left: the next request looks a.good.test up
+        self.looked_up.clear()
+        client._name_resolver.max_threads = 1
+        hung = self.hang(client, 1)
+        await self.until(lambda: self.entered == 1)
+        waiting = client.get_json("srv.none.test", "/x")
+        await self.until(
+            lambda: client._name_resolver is not None and client._name_resolver.waiting == 1
+        )
+        self.assertEqual(client._name_resolver.waiting, 1)
+        await client.close()
+        with self.assertRaises(TransportError) as caught:
+            await waiting
+        self.assertTrue(caught.exception.abandoned)
+        self.assertEqual(
+            caught.exception.reason,
+            "cannot connect: resolving a.good.test abandoned: the resolver was closed",
+        )
+        self.assertEqual(self.looked_up, ["x0.slow.test"])
+        self.assertEqual(client._backoff.keys() & {"srv.none.test"}, set())
         await self.no_resolver_threads(client)
         await hung
 
