@@ -12,7 +12,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import TestCase
 
-from federation_invite.cli import build_parser, run_async
+from federation_invite.cli import _buffered, build_parser, run_async
 from federation_invite.config import ConfigError
 from federation_invite.store import InviteRecord, InviteRule, StoreError, open_store
 
@@ -883,6 +883,27 @@ class BrokenPipeTests(TestCase):
         whose reader is gone during the write: exit status 141, nothing on stderr (the
         write the closed pipe cut short was taken as done, and the command exited 0)."""
         self.assertEqual(self.long_json_listing_into_closed_pipe(True), (141, b""))
+
+    def test_unbuffered_output_still_written_at_each_line(self) -> None:
+        """With PYTHONUNBUFFERED=1, the buffer the command puts under stdout is flushed at
+        each line, as stdout was, so that the lines keep their order with stderr's (2>&1: an
+        error after some lines comes after them); closing it leaves the descriptor open."""
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+        os.set_blocking(read_end, False)  # nothing written yet: BlockingIOError, not a hang
+        stdout = io.TextIOWrapper(
+            io.FileIO(write_end, "w", closefd=False), encoding="utf-8", write_through=True
+        )
+        out = _buffered(stdout)
+        self.assertIsNot(out, stdout)
+        out.write("one\n")
+        self.assertEqual(os.read(read_end, 100), b"one\n")
+        out.write("two ")
+        out.write("three\n")
+        self.assertEqual(os.read(read_end, 100), b"two three\n")
+        out.close()
+        os.fstat(write_end)  # still open
 
     def test_reader_closing_the_pipe_during_one_long_write(self) -> None:
         """Without PYTHONUNBUFFERED, a listing written in one piece whose reader is gone
