@@ -1661,9 +1661,10 @@ class WellKnownKeptTests(_Base):
         elif kind == "redirect to http":
             self.site.code = 302
             self.site.headers[b"Location"] = b"http://example.org" + WELL_KNOWN_PATH
-        elif kind in ("not JSON", "no m.server", "m.server invalid"):
+        elif kind in ("not JSON", "not an object", "no m.server", "m.server invalid"):
             self.site.body = {
                 "not JSON": b"<html></html>",
+                "not an object": ["m.example:1"],
                 "no m.server": {"m.homeserver": {"base_url": "https://m.example"}},
                 "m.server invalid": {"m.server": "https://m.example/"},
             }[kind]
@@ -1713,6 +1714,7 @@ class WellKnownKeptTests(_Base):
             "403",
             "redirect to http",
             "not JSON",
+            "not an object",
             "no m.server",
             "m.server invalid",
         ):
