@@ -1723,6 +1723,17 @@ class WellKnownKeptTests(_Base):
             self.assertEqual(self.delegation(), "example.org", kind)
             self.assertEqual(self.next_fetch(), (WELL_KNOWN_ERROR_TTL, "example.org"), kind)
 
+    def test_withdrawn_delegation_not_revived_by_a_later_outage(self) -> None:
+        """A definite "no delegation" forgets the delegation held: a temporary failure at the
+        next fetch, before the old delegation's keep-until time, does not revive it."""
+        self.start()  # kept through outages until 2 h after it was confirmed; 1 h has passed
+        self.break_site("404")
+        self.assertEqual(self.delegation(), "example.org")
+        self.clock.advance(WELL_KNOWN_ERROR_TTL)
+        self.break_site("refused")
+        self.assertEqual(self.delegation(), "example.org")
+        self.assertEqual(len(self.agent.requests), 3)
+
     def test_temporary_failure_status_band(self) -> None:
         """Only a 5xx status (500 to 599) is a temporary failure that keeps an expired
         delegation; 499 and 600 are answers saying there is none, and drop it."""
