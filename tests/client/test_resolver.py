@@ -420,6 +420,24 @@ class SharedLookupTests(TestCase):
         # Cancelling a lookup already answered changes nothing.
         dropped_lookup.cancel()
 
+    async def test_joining_a_waiting_call_counts_as_a_wait(self) -> None:
+        """A lookup joining a call that waits for a thread waits too: each is counted in
+        ``waits`` (what tells discovery a .well-known timeout may be our resolver's fault);
+        one joining a running call is not."""
+        self.resolver.max_threads = 1
+        hung, _ = self.lookup("a.slow.test")
+        await self.until(lambda: len(self.calls) == 1)
+        self.lookup("a.slow.test")
+        self.assertEqual(self.resolver.waits, 0)
+        queued, _ = self.lookup("queued.test")
+        self.assertEqual(self.resolver.waits, 1)
+        joined, _ = self.lookup("queued.test")
+        self.assertEqual(self.resolver.waits, 2)
+        self.release.set()
+        await DeferredList([hung.done, queued.done, joined.done])
+        await self.until(lambda: self.resolver.threads == 0)
+        self.assertEqual([call[0] for call in self.calls], ["a.slow.test", "queued.test"])
+
     async def test_one_slow_name_leaves_threads_for_others(self) -> None:
         """100 lookups of one name whose DNS hangs hold one thread, not all of them: another
         name's lookup is made at once."""
