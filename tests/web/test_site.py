@@ -1124,6 +1124,21 @@ class PipelinedDeadlineTests(HeldStoreTestCase):
         connection.close()
         self.assertEqual(self.clock.getDelayedCalls(), [], "no timer left behind")
 
+    def test_served_request_leaves_no_deadline(self) -> None:
+        """A version request whole behind an invite held 4 s is served when the invite is
+        answered; its deadline (from 1 s) goes with it: no unrequested 408 at 31 s on the then
+        idle keep-alive connection."""
+        connection = self.connect()
+        connection.send(self.valid_request())
+        self.clock.advance(1)
+        connection.send(self.version_request())
+        self.clock.advance(4)
+        self.held[0].callback(None)
+        self.assertEqual([status for status, _, _ in connection.responses()], [200, 200])
+        self.clock.advance(40)
+        self.assertEqual([status for status, _, _ in connection.responses()], [200, 200])
+        self.assertFalse(connection.closing)
+
 
 class DrainTests(HeldStoreTestCase):
     """``FederationSite.drain``: requests in progress are answered, everything else is closed."""
