@@ -1259,6 +1259,19 @@ class DrainTests(HeldStoreTestCase):
         self.assertEqual([status for status, _, _ in idle.responses()], [200])
         self.assertEqual(self.grace_calls(), [])
 
+    def test_refused_connection_still_closing_not_in_progress(self) -> None:
+        """A request refused here (400, no Host) whose connection has not closed yet (the
+        peer has not read the answer) is no request in progress: not counted, and a drain
+        then fires at once with nothing counted."""
+        connection = self.connect()
+        connection.send(b"GET /_matrix/federation/v1/version HTTP/1.1\r\n\r\n")
+        ((status, _, body),) = connection.responses()
+        self.assertEqual((status, body["errcode"]), (400, "M_UNKNOWN"))
+        self.assertTrue(connection.closing)
+        self.assertEqual(self.site.requests_in_progress(), 0)
+        self.assertEqual(self.successResultOf(self.site.drain(10)), DrainResult(0, 0, 0))
+        self.assertEqual(self.grace_calls(), [])
+
     def test_no_new_connection_while_draining(self) -> None:
         """Once the drain has begun, a new connection is aborted as soon as it is made, also
         behind TLS; a second drain is refused."""
