@@ -46,6 +46,9 @@ adds, per connection:
   ``uri`` checked against the X-Matrix signature are the origin-form's;
 - no access-log line for requests whose handler logs their outcome itself
   (``mark_outcome_logged``: the invite endpoints, one structured line per invite);
+  the other requests' lines are Twisted's combined log format with each field
+  a peer chooses (method, target, ``Referer``, ``User-Agent``) cut to its first
+  200 bytes before it is escaped, so a peer does not choose their length;
 - a request refused here (413, 408 or 400 once its request line is read) is
   told to the resource it was for, if that asks to hear (``refused_by_site``):
   the invite endpoints count and log it as they do their own refusals, in
@@ -88,8 +91,10 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http import HTTPChannel
+from twisted.web.iweb import IAccessLogFormatter, IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+from zope.interface import provider
 
 from ..core.errors import Codes, MatrixError
 from ..logs import Logger
@@ -785,6 +790,42 @@ class _LimitedRequest(Request):
         self.finish()
 
 
+#: How many bytes of each access-log field a peer chooses (method, target, ``Referer``,
+#: ``User-Agent``) are written, before Twisted escapes them: at most four times as many
+#: characters (``\xff``). As much as the package's own lines keep of a peer's path.
+_ACCESS_LOG_FIELD_BYTES = 200
+
+
+class _AccessLogFields:
+    """What ``combinedLogFormatter`` reads of a request, each field a peer chooses cut."""
+
+    __slots__ = ("_request", "clientproto", "code", "method", "sentLength", "uri")
+
+    def __init__(self, request: Any) -> None:
+        self._request = request
+        self.method = request.method[:_ACCESS_LOG_FIELD_BYTES]
+        self.uri = request.uri[:_ACCESS_LOG_FIELD_BYTES]
+        self.clientproto = request.clientproto[:_ACCESS_LOG_FIELD_BYTES]
+        self.code = request.code
+        self.sentLength = request.sentLength
+
+    def getClientAddress(self) -> IAddress:
+        address: IAddress = self._request.getClientAddress()
+        return address
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        value: bytes | None = self._request.getHeader(name)
+        return None if value is None else value[:_ACCESS_LOG_FIELD_BYTES]
+
+
+@provider(IAccessLogFormatter)
+def _access_log_line(timestamp: str, request: IRequest) -> str:
+    """Twisted's combined log format line, each field a peer chooses cut to
+    ``_ACCESS_LOG_FIELD_BYTES`` (then escaped as Twisted escapes it)."""
+    line: str = http.combinedLogFormatter(timestamp, _AccessLogFields(request))
+    return line
+
+
 def mark_outcome_logged(request: object) -> None:
     """Tell ``FederationSite`` that ``request``'s outcome has its own log line.
 
@@ -860,7 +901,11 @@ class FederationSite(Site):
         # POST body with a form content type, on any path, before dispatch; nothing
         # here reads form arguments, and its multipart parser is slow and can crash.
         super().__init__(
-            resource, timeout=idle_timeout, reactor=reactor, parsePOSTFormSubmission=False
+            resource,
+            timeout=idle_timeout,
+            reactor=reactor,
+            logFormatter=_access_log_line,
+            parsePOSTFormSubmission=False,
         )
         self.displayTracebacks = False
         self.max_body_bytes = max_body_bytes

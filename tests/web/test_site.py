@@ -4,6 +4,7 @@ drain on shutdown."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -114,6 +115,61 @@ class AccessLogTests(SiteTestCase):
         self.assertEqual([status for status, _, _ in connection.responses()], [400, 404])
         self.assertEqual([event.get("errcode") for event in events], ["M_NOT_JSON"])
         self.assertEqual(self.logged, [b"/_matrix/nothing"])
+
+
+class AccessLogLengthTests(SiteTestCase):
+    """A peer does not choose the length of an access-log line: each field it sends (method,
+    target, Referer, User-Agent) is cut to 200 bytes, then escaped as Twisted escapes it."""
+
+    def access_lines(self, request: bytes) -> list[str]:
+        """The access-log lines ``request`` (answered 404) writes."""
+        self.site.logFile = sink = io.StringIO()
+        self.site._logDateTime = "[-]"
+        connection = self.connect()
+        connection.send(request)
+        ((status, _, _),) = connection.responses()
+        self.assertEqual(status, 404)
+        return sink.getvalue().splitlines()
+
+    def test_peer_fields_cut(self) -> None:
+        """A 7000-byte User-Agent of 0xff bytes, a 4000-byte Referer of quotes and path (Twisted
+        takes 16 KB of them in all): the first 200 bytes of each, escaped (was a 35 KB line)."""
+        path = b"/_matrix/nothing/" + b"a" * 4000
+        referer, agent = b'"' * 4000, b"\xff" * 7000
+        lines = self.access_lines(
+            b"GET %s HTTP/1.1\r\nHost: x\r\nReferer: %s\r\nUser-Agent: %s\r\n\r\n"
+            % (path, referer, agent)
+        )
+        cut_path, cut_referer, cut_agent = path[:200].decode(), '\\"' * 200, "\\xff" * 200
+        self.assertEqual(
+            lines,
+            [
+                f'"203.0.113.9" - - [-] "GET {cut_path} HTTP/1.1" 404 59 '
+                f'"{cut_referer}" "{cut_agent}"'
+            ],
+        )
+
+    def test_method_cut(self) -> None:
+        """A 10000-byte method (any token is one): its first 200 bytes."""
+        lines = self.access_lines(b"M" * 10000 + b" /_matrix/nothing HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(
+            lines,
+            ['"203.0.113.9" - - [-] "' + "M" * 200 + ' /_matrix/nothing HTTP/1.1" 404 59 "-" "-"'],
+        )
+
+    def test_short_fields_whole(self) -> None:
+        """Fields of 200 bytes or fewer are written whole, as Twisted's combined format would."""
+        lines = self.access_lines(
+            b"GET /_matrix/nothing?" + b"q" * 183 + b" HTTP/1.1\r\nHost: x\r\n"
+            b"Referer: https://r.example/\r\nUser-Agent: UA\x1b/1\r\n\r\n"
+        )
+        self.assertEqual(
+            lines,
+            [
+                '"203.0.113.9" - - [-] "GET /_matrix/nothing?' + "q" * 183 + ' HTTP/1.1" 404 59 '
+                '"https://r.example/" "UA\\x1b/1"'
+            ],
+        )
 
 
 class RequestTargetTests(SiteTestCase):
