@@ -23,6 +23,7 @@ from federation_invite.core.errors import Codes
 from federation_invite.metrics import InviteMetrics
 from federation_invite.service import FederationInvite, build_components, build_from_config
 from federation_invite.testing import FakeHomeserver, fake_peers
+from federation_invite.web import invite as invite_module
 from federation_invite.web.invite import InviteResource
 from federation_invite.web.metrics import build_metrics_root
 from federation_invite.web.site import FederationSite
@@ -221,6 +222,19 @@ class MetricsTests(SynchronousTestCase):
             raise RuntimeError("bug")
 
         self.patch(self.scenario.handler, "on_invite", broken)
+        self.assertEqual(self.send(), 500)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.inbound_counts(), {("refused", "M_UNKNOWN"): 1.0})
+        self.assertEqual(self.sample("federation_invite_inbound_invite_seconds_count"), 1.0)
+
+    def test_inbound_unexpected_failure_before_the_handler_counted(self) -> None:
+        """An invite failing unexpectedly before its handler runs (in the body's parse): 500
+        M_UNKNOWN, counted once, refused M_UNKNOWN, as every invite PUT is."""
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("bug")
+
+        self.patch(invite_module, "parse_json_with_numbers", broken)
         self.assertEqual(self.send(), 500)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(self.inbound_counts(), {("refused", "M_UNKNOWN"): 1.0})
