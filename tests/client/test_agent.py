@@ -11,7 +11,12 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet import ssl
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+    TimeoutError,
+)
 from twisted.internet.interfaces import (
     IHostnameResolver,
     IProtocol,
@@ -46,6 +51,7 @@ from federation_invite.client import (
 )
 from federation_invite.client._body import read_body
 from federation_invite.client.agent import (
+    CONNECT_TIMEOUT,
     MAX_IDLE_CONNECTIONS,
     MAX_INTERIM_HEADS,
     HeadLimitingEndpoint,
@@ -193,6 +199,21 @@ class AgentRoutingTests(SynchronousTestCase):
         self.assertEqual(self.connections(), [(PUBLIC_2, 1111), (PUBLIC_1, 2222)])
         self.assertEqual(self.policy.names, [(b"example.org", 1111), (b"example.org", 2222)])
 
+    def test_each_target_connect_bounded(self) -> None:
+        """Each target's connection attempt is bounded by CONNECT_TIMEOUT (not by the
+        request's timeout only), so that a black-holed first SRV target leaves the
+        request time for the next ones."""
+        self.srv.records["_matrix-fed._tcp.example.org"] = [
+            (0, 0, 1111, "srv-target.example"),
+            (5, 0, 2222, "backup.example"),
+        ]
+        self.assertNoResult(self.request("example.org"))
+        # The first target black-holed: its attempt timed out (TCP gave up after its timeout).
+        self.reactor.tcpClients[0][2].clientConnectionFailed(None, Failure(TimeoutError()))
+        self.reactor.advance(1)
+        self.assertEqual(self.connections(), [(PUBLIC_2, 1111), (PUBLIC_1, 2222)])
+        self.assertEqual([client[3] for client in self.reactor.tcpClients], [CONNECT_TIMEOUT] * 2)
+
     def test_all_targets_fail(self) -> None:
         """When every target fails, the last error is reported."""
         self.assertNoResult(requesting := self.request("example.org:8448"))
@@ -291,6 +312,17 @@ class AgentRoutingTests(SynchronousTestCase):
         self.assertNoResult(self.request("example.org"))
         self.assertEqual(self.connections(), [(PUBLIC_1, 2222)])
 
+    def test_blocked_ip_literal_srv_target_skipped(self) -> None:
+        """An SRV target that is a blocked IP literal (RFC 2782 wants a name, but DNS serves
+        it) is skipped for the next one, as one resolving to a blocked address is."""
+        self.srv.records["_matrix-fed._tcp.example.org"] = [
+            (0, 0, 1111, "10.0.0.1"),
+            (5, 0, 2222, "backup.example"),
+        ]
+        self.assertNoResult(self.request("example.org"))
+        self.assertEqual(self.connections(), [(PUBLIC_1, 2222)])
+        self.assertEqual(self.hosts.lookups, ["backup.example"])
+
     def test_srv_targets_capped(self) -> None:
         """Of an SRV answer of 40 targets, each resolving only to blocked addresses, the first
         32 are tried (32 lookups), and the request logs one line, not one per target or per
@@ -346,6 +378,12 @@ class AgentRoutingTests(SynchronousTestCase):
         """Only https:// (or matrix-federation://) URIs naming a server are accepted."""
         self.failureResultOf(self.agent.request(b"GET", b"http://example.org/x"), ValueError)
         self.failureResultOf(self.agent.request(b"GET", b"example.org/x"), ValueError)
+
+    def test_matrix_federation_uri(self) -> None:
+        """A matrix-federation:// URI (Synapse's scheme) is routed as an https:// one is."""
+        self.assertNoResult(self.agent.request(b"GET", b"matrix-federation://8.8.8.8:8443/x"))
+        self.assertEqual(self.connections(), [("8.8.8.8", 8443)])
+        self.assertEqual(self.policy.names, [(b"8.8.8.8", 8443)])
 
 
 class ClientBlocklistTests(SynchronousTestCase):
