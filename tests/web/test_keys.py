@@ -68,6 +68,15 @@ class KeyServerTests(SynchronousTestCase):
         self.assertEqual(document["valid_until_ts"], 1_700_000_060_000 + 3_600_000)
         self.verify(document)
 
+    def test_default_lifetime_one_day(self) -> None:
+        """Built without a lifetime (as an embedder may), the document is valid for a day, as
+        Synapse publishes it, and verifies."""
+        resource = KeyServerResource(self.clock, "example.org", [self.key])
+        self.client = StubTreq(build_site_root(build_matrix_tree(resource)))
+        _, document = self.get("/_matrix/key/v2/server")
+        self.assertEqual(document["valid_until_ts"], 1_700_000_000_000 + 86_400_000)
+        self.verify(document)
+
     def test_tampering_detected(self) -> None:
         """Changing any published field breaks the self-signature."""
         _, document = self.get("/_matrix/key/v2/server")
