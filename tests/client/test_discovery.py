@@ -1181,6 +1181,21 @@ class SrvCacheTests(_Base):
         self.targets()
         self.assertEqual(len(self.srv.lookups), 4)
 
+    def test_negative_ttl_is_the_soa_ttl_when_smaller(self) -> None:
+        """The other side of RFC 2308 section 5's "smaller of": an SOA whose own TTL (60 s)
+        is below its MINIMUM (300 s) keeps the negative answer 60 s."""
+        message = dns.Message(rCode=dns.ENAME)
+        message.authority = [_soa(b"example.org", 60, 300)]
+        for name in (self.NAME, "_matrix._tcp.example.org"):
+            self.srv.errors[name] = DNSNameError(message)
+        self.targets()
+        self.clock.advance(59)
+        self.targets()
+        self.assertEqual(len(self.srv.lookups), 2)
+        self.clock.advance(1)
+        self.targets()
+        self.assertEqual(len(self.srv.lookups), 4)
+
     def test_empty_answer_kept_for_its_soa(self) -> None:
         """NOERROR with no SRV record (NODATA) is negative too: kept for its SOA's time,
         capped at an hour."""
@@ -1220,6 +1235,21 @@ class SrvCacheTests(_Base):
         self.assertEqual(self.targets(), [("moved.example", 2222)])
         self.assertEqual(len(self.srv.lookups), 3)
 
+    def test_expired_negative_answer_used_when_dns_fails(self) -> None:
+        """An expired negative answer (NXDOMAIN with an SOA) is used when DNS then fails
+        (SERVFAIL): the server has no SRV record as far as we know, so it is reached on
+        8448, not failed with SrvLookupError while its DNS has a hiccup."""
+        message = dns.Message(rCode=dns.ENAME)
+        message.authority = [_soa(b"example.org", 60, 60)]
+        for name in (self.NAME, "_matrix._tcp.example.org"):
+            self.srv.errors[name] = DNSNameError(message)
+        self.assertEqual(self.targets(), [("example.org", 8448)])
+        self.clock.advance(60)
+        for name in (self.NAME, "_matrix._tcp.example.org"):
+            self.srv.errors[name] = _rcode_error(dns.ESERVER)
+        self.assertEqual(self.targets(), [("example.org", 8448)])
+        self.assertEqual(len(self.srv.lookups), 4)
+
     def test_dns_errors_keep_the_cached_answer(self) -> None:
         """SERVFAIL, REFUSED, FORMERR, NOTIMP or an unknown rcode (without an SOA) are not
         NXDOMAIN: the expired answer is used and kept (not replaced by "no record", which
@@ -1237,6 +1267,23 @@ class SrvCacheTests(_Base):
         del self.srv.errors[self.NAME]
         self.answer(60, b"moved.example", 2222)
         self.assertEqual(self.targets(), [("moved.example", 2222)])
+
+    def test_close_abandons_a_query_with_an_old_answer_kept(self) -> None:
+        """close() abandons an SRV query in flight though an expired answer is kept for DNS
+        failures: its caller fails as abandoned, it is not given the old records as if DNS
+        had failed (a client being closed connecting to them)."""
+        self.answer(60, b"old.example")
+        self.assertEqual(self.targets(), [("old.example", 1111)])
+        self.clock.advance(60)
+        self.srv.hold = True
+        server = self.successResultOf(self.resolver.resolve_server("example.org"))
+        resolving = self.resolver.resolve_targets(server)
+        self.assertNoResult(resolving)
+        self.resolver.close()
+        failure = self.failureResultOf(resolving, ConnectionError)
+        self.assertEqual(
+            str(failure.value), f"resolving {self.NAME} abandoned: the resolver was closed"
+        )
 
     def test_authoritative_nxdomain_is_negative(self) -> None:
         """NXDOMAIN from an authority (AuthoritativeDomainError) is "no record" too."""
