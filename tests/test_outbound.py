@@ -60,7 +60,7 @@ from federation_invite.service import (
     build_from_config,
     build_site_root,
 )
-from federation_invite.signer import LocalSigner
+from federation_invite.signer import LocalSigner, check_signer
 from federation_invite.store import StoreError
 from federation_invite.testing import FakeHomeserver
 from federation_invite.web.invite import InviteResource
@@ -1811,6 +1811,40 @@ class SignerTests(_Base):
             signer=self.origin.signer,  # type: ignore[arg-type]
         )
         self.assertIs(components.signer, self.origin.signer)
+
+    def test_signer_server_name_not_a_str_refused(self) -> None:
+        """A signer whose server_name is not a str (bytes, None) is refused when the parts are
+        assembled, not on the first invite (sign_json keys the signature by it)."""
+
+        class NameNotAStr:
+            server_name: Any = None
+            sign_event = hash_and_sign_event = staticmethod(lambda *args: None)
+
+        config = load_config(None, {"server_name": OURS})
+        for name in (OURS.encode(), None):
+            NameNotAStr.server_name = name
+            error = self.assertRaises(
+                TypeError,
+                build_components,
+                config,
+                self.origin.clock,
+                MemoryStore(),  # type: ignore[arg-type]
+                self.origin.key,
+                signer=NameNotAStr(),
+            )
+            self.assertEqual(
+                str(error), "NameNotAStr is not an ISigner: it has no server_name (a str)"
+            )
+            self.assertRaises(TypeError, self.sender_with, NameNotAStr())
+
+    def test_every_missing_part_named(self) -> None:
+        """A signer lacking several parts: the TypeError names each of them."""
+        error = self.assertRaises(TypeError, check_signer, object())
+        self.assertEqual(
+            str(error),
+            "object is not an ISigner: it has no sign_event, no hash_and_sign_event,"
+            " no server_name (a str)",
+        )
 
     def test_failing_signer(self) -> None:
         """A signer that raises, or whose Deferred fails, with any error makes send_invite fail
