@@ -1900,6 +1900,22 @@ class WellKnownResolverBusyTests(_Base):
         self.assertEqual(self.successResultOf(self.busy_timeout()).effective_name, "m.example:1")
         self.assertIn("example.org", self.resolver._delegations)
 
+    def test_answer_while_lookups_waited_is_the_sites(self) -> None:
+        """Only a fetch that timed out is suspect: a 404 that came back while lookups waited
+        for a thread is the site's answer (drops the delegation held, cached and counted),
+        or under a busy resolver every request would fetch a failing .well-known again."""
+        self.start()
+        self.site.hang = True
+        resolving = self.resolver.resolve_server("example.org")
+        self.waits += 1
+        [request] = self.site.pending
+        request.setResponseCode(404)
+        request.finish()
+        self.peers.flush()
+        self.assertEqual(self.successResultOf(resolving).effective_name, "example.org")
+        self.assertIn("example.org", self.resolver._cache)
+        self.assertEqual(self.resolver._failures["example.org"], 1)
+
     def test_timeout_without_waiting_lookups_cached(self) -> None:
         """A timeout while no lookup waited for a thread is the site's: cached as before."""
         self.start()
