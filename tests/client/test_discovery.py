@@ -1813,6 +1813,15 @@ class WellKnownKeptTests(_Base):
         self.assertEqual(self.next_fetch(), (WELL_KNOWN_ERROR_TTL, "example.org"))
         self.assertEqual(self.next_fetch(), (2 * WELL_KNOWN_ERROR_TTL, "example.org"))
 
+    def test_outage_retry_cut_at_keep_until(self) -> None:
+        """An outage keeps a delegation until twice its TTL after it was confirmed, not
+        WELL_KNOWN_DOWN_TTL past that: a retry falling after it is brought forward to it."""
+        self.start()  # confirmed with max-age=3600 an hour ago: kept for another hour
+        self.clock.advance(3600 - 60)
+        self.agent.down = True
+        self.assertEqual(self.delegation(), "m.example:1")
+        self.assertEqual(self.next_fetch(), (60, "example.org"))
+
     def test_delegation_kept_after_eviction(self) -> None:
         """A delegation whose expired entry a full cache dropped (other hostnames, peer-chosen,
         looked up since) is still kept on a temporary failure to fetch it anew."""
