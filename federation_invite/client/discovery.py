@@ -26,6 +26,7 @@ is used, or, with none, resolution ends with ``SrvLookupError``, as in Synapse.
 from __future__ import annotations
 
 import email.utils
+import errno
 import itertools
 import random as _random
 import re
@@ -36,10 +37,11 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urljoin
 
 import attrs
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IResolver
+from twisted.names import client as names_client
 from twisted.names import dns
 from twisted.names.error import (
     DNSNameError,
@@ -162,10 +164,39 @@ def _system_srv_resolver(reactor: Any) -> IResolver:
     It re-reads resolv.conf when it changes (checked every 60 s, on a timer
     that ``_stop_system_srv_resolver`` cancels), as a long-running daemon needs.
     """
-    from twisted.names.client import Resolver
-
-    resolver: IResolver = Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+    resolver: IResolver = _QuietResolver(resolv="/etc/resolv.conf", reactor=reactor)
     return resolver
+
+
+class _QuietDatagramProtocol(dns.DNSDatagramProtocol):
+    """A DNS query's UDP protocol that does not log its start and stop."""
+
+    noisy = False
+
+
+class _QuietResolver(names_client.Resolver):
+    """twisted.names' client ``Resolver``, its UDP protocols not noisy.
+
+    Each query has its own protocol, on a fresh random source port (RFC 5452), which logged
+    ``Starting protocol <...>`` and ``Stopping protocol <...>``: two lines naming nothing
+    but an object address, for every query of a name any peer chooses. (Its TCP factory
+    is quiet already.)
+    """
+
+    def _connectedProtocol(self, interface: str = "") -> dns.DNSDatagramProtocol:
+        # Twisted's (26.10), with our protocol: a random source port, another on a port
+        # in use, none when out of descriptors or after 1000 tries.
+        failures = 0
+        protocol = _QuietDatagramProtocol(self, reactor=self._reactor)
+        while True:
+            try:
+                self._reactor.listenUDP(dns.randomSource(), protocol, interface=interface)
+            except error.CannotListenError as exc:
+                failures += 1
+                if getattr(exc.socketError, "errno", None) == errno.EMFILE or failures >= 1000:
+                    raise
+            else:
+                return protocol
 
 
 def _stop_system_srv_resolver(resolver: IResolver) -> None:
