@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from typing import Any
 from unittest import mock
 
@@ -2025,6 +2026,32 @@ class CachePeriodTests(SynchronousTestCase):
             ),
             7200,
         )
+
+
+class BoundedCacheHelperTests(SynchronousTestCase):
+    """The helpers that keep discovery's caches of peer-chosen names bounded."""
+
+    def test_put_recent_moves_a_key_put_again_last(self) -> None:
+        """A key put again is the most recently put (a delegation confirmed again, one more
+        failure counted): the least recently put other key is dropped first, not it."""
+        recent: OrderedDict[str, int] = OrderedDict()
+        discovery._put_recent(recent, "a", 1, 2)
+        discovery._put_recent(recent, "b", 1, 2)
+        discovery._put_recent(recent, "a", 2, 2)
+        discovery._put_recent(recent, "c", 1, 2)
+        self.assertEqual(recent, OrderedDict([("a", 2), ("c", 1)]))
+
+    def test_put_bounded_replacing_a_key_evicts_nothing(self) -> None:
+        """Replacing the entry of a key held evicts nothing, though the cache is full of
+        fresh entries; a new key then clears it."""
+        cache: dict[str, Any] = {}
+        for key in ("a", "b"):
+            discovery._put_bounded(cache, key, discovery._WellKnownEntry(None, 0, 100), 10, 2)
+        replaced = discovery._WellKnownEntry("x.example", 10, 100)
+        discovery._put_bounded(cache, "a", replaced, 10, 2)
+        self.assertEqual(cache, {"a": replaced, "b": discovery._WellKnownEntry(None, 0, 100)})
+        discovery._put_bounded(cache, "c", replaced, 10, 2)
+        self.assertEqual(cache, {"c": replaced})
 
 
 class UnavailableEndToEndTests(SynchronousTestCase):
