@@ -25,6 +25,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from federation_invite import __version__
 from federation_invite.client import (
     BackoffError,
     FederationAgent,
@@ -254,11 +255,16 @@ class LiteralAndPortTests(_Base):
 
 class WellKnownDelegationTests(_Base):
     def test_fetches_well_known_url(self) -> None:
-        """Step 3: GET https://<hostname>/.well-known/matrix/server."""
+        """Step 3: GET https://<hostname>/.well-known/matrix/server, saying who asks
+        (User-Agent, for the site's operators)."""
         resource = self.well_known("example.org", {"m.server": "delegated.example:443"})
         self.resolve("example.org")
         self.assertEqual(self.peers.requests[0][1], b"https://example.org" + WELL_KNOWN_PATH)
         self.assertEqual(resource.requests[0]["method"], b"GET")
+        self.assertEqual(
+            resource.requests[0]["headers"].getRawHeaders(b"user-agent"),
+            [f"federation-invite/{__version__}".encode()],
+        )
 
     def test_delegated_host_and_port(self) -> None:
         """Step 3.2: delegated host:port; Host is "<delegated>:<port>", TLS the delegated host."""
@@ -278,12 +284,14 @@ class WellKnownDelegationTests(_Base):
         self.srv.records["_matrix-fed._tcp.matrix.example.net"] = [
             (10, 0, 4443, "srv-target.example")
         ]
-        self.assertRoute(
+        server = self.assertRoute(
             "example.org",
             [("srv-target.example", 4443)],
             "matrix.example.net",
             "matrix.example.net",
         )
+        # Connections are pooled per effective name: a changed delegation uses new ones.
+        self.assertEqual(server.effective_name, "matrix.example.net")
         self.assertEqual(self.srv.lookups, ["_matrix-fed._tcp.matrix.example.net"])
 
     def test_delegated_host_deprecated_srv(self) -> None:
@@ -313,10 +321,18 @@ class WellKnownDelegationTests(_Base):
         self.well_known("a.example", {"m.server": "5.6.7.8"})
         self.well_known("b.example", {"m.server": "5.6.7.8:1234"})
         self.well_known("c.example", {"m.server": "[2001:db8::2]:1234"})
-        self.assertRoute("a.example", [("5.6.7.8", 8448)], "5.6.7.8", "5.6.7.8")
-        self.assertRoute("b.example", [("5.6.7.8", 1234)], "5.6.7.8:1234", "5.6.7.8")
-        self.assertRoute("c.example", [("2001:db8::2", 1234)], "[2001:db8::2]:1234", "2001:db8::2")
+        routes = [
+            self.assertRoute("a.example", [("5.6.7.8", 8448)], "5.6.7.8", "5.6.7.8"),
+            self.assertRoute("b.example", [("5.6.7.8", 1234)], "5.6.7.8:1234", "5.6.7.8"),
+            self.assertRoute(
+                "c.example", [("2001:db8::2", 1234)], "[2001:db8::2]:1234", "2001:db8::2"
+            ),
+        ]
         self.assertEqual(self.srv.lookups, [])
+        self.assertEqual(
+            [server.effective_name for server in routes],
+            ["5.6.7.8", "5.6.7.8:1234", "[2001:db8::2]:1234"],
+        )
 
     def test_redirect_followed(self) -> None:
         """30x redirects are followed to the document."""
