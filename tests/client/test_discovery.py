@@ -405,6 +405,12 @@ class WellKnownInvalidTests(_Base):
         self.well_known("example.org", {"m.server": "x.example:1"}, code=404)
         self.assertFallsThrough()
 
+    def test_other_2xx(self) -> None:
+        """A 2xx other than 200 is non-200 too (the spec's "non-200 response"; Synapse
+        refuses it as well): a 203 with a valid-looking body falls through."""
+        self.well_known("example.org", {"m.server": "x.example:1"}, code=203)
+        self.assertFallsThrough()
+
     def test_too_large(self) -> None:
         """A body over 50 KiB is not read and falls through."""
         padding = "x" * WELL_KNOWN_MAX_BYTES
