@@ -1975,6 +1975,11 @@ class CachePeriodTests(SynchronousTestCase):
         self.assertEqual(self.period(Cache_Control=b"max-age=10"), WELL_KNOWN_MIN_TTL)
         self.assertEqual(self.period(Cache_Control=b"max-age=999999999"), WELL_KNOWN_MAX_TTL)
 
+    def test_directive_names_case_insensitive(self) -> None:
+        """Cache-Control directive names are case-insensitive (RFC 9111 section 5.2)."""
+        self.assertEqual(self.period(Cache_Control=b"Max-Age=7200"), 7200)
+        self.assertEqual(self.period(Cache_Control=b"No-Store"), WELL_KNOWN_MIN_TTL)
+
     def test_no_store(self) -> None:
         """no-store and no-cache count as zero, so the minimum applies."""
         self.assertEqual(self.period(Cache_Control=b"no-store"), WELL_KNOWN_MIN_TTL)
