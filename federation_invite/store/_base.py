@@ -61,6 +61,12 @@ CLOSE_WAIT_SECONDS = 5.0
 MAX_LIST_LIMIT = 1000
 #: The most invites written in one transaction (the rest wait for the next).
 MAX_INVITE_BATCH = 256
+#: The most batches ``_write_invites`` writes one after another when each is answered
+#: before its write returns (SQLite committing on the reactor thread, or a write
+#: refused at once) and its callers' callbacks queue more: the rest waits for the end
+#: of the reactor iteration, so that a caller storing invites one after another, or
+#: retrying at once on a failure, does not hold the reactor for as long as it goes on.
+MAX_BATCHES_AT_ONCE = 512
 #: The most users in one read of invitee states: its statement has two ``IN (...)``
 #: lists, so 800 parameters, within the 999 that SQLite allowed before 3.32.
 _STATES_PER_STATEMENT = 400
@@ -323,10 +329,15 @@ class DatabaseStore:
         may have queued more invites (a caller storing one after another): this
         loop writes those at once, rather than the batch's last callback from
         inside them, so the stack does not grow by a batch per invite (past a
-        few hundred, Python's recursion limit failed the callers).
+        few hundred, Python's recursion limit failed the callers). At most
+        ``MAX_BATCHES_AT_ONCE`` of them: the rest is written once the reactor
+        has had its turn, as a lone invite is.
         """
-        while self._write_batch() and self._invite_queue and not self._closed:
-            pass
+        for _ in range(MAX_BATCHES_AT_ONCE):
+            if not (self._write_batch() and self._invite_queue and not self._closed):
+                return
+        self._invite_writing = True
+        self._scheduled_write = self._reactor.callLater(0, self._write_scheduled)
 
     def _write_batch(self) -> bool:
         """Start writing the next batch; True if it was answered before this returned (the
@@ -679,6 +690,12 @@ class DatabaseStore:
                 # closing then waits for.
                 self._scheduled_write.cancel()
                 self._write_scheduled()
+                if self._scheduled_write is not None:
+                    # Its callers kept storing one after another past
+                    # MAX_BATCHES_AT_ONCE batches: what they queued since is
+                    # failed below, as queued behind a write.
+                    self._scheduled_write.cancel()
+                    self._scheduled_write = None
             self._closed = True
             # Invites queued behind a write in flight will not be written now:
             # tell their callers (nothing was stored, so nothing is answered).

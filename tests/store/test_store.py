@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -1218,6 +1219,91 @@ class SQLiteDirectWriteTests(TestCase):
         self.assertEqual(iterations, [])
         self.assertTrue(store._direct_writer.commits_on_reactor)
         self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(300,)])
+
+    async def test_a_long_sequence_lets_the_reactor_run(self) -> None:
+        """A caller storing invites one after another does not hold the reactor for the
+        whole sequence: past MAX_BATCHES_AT_ONCE batches answered at once, the rest waits
+        for the end of the reactor iteration, so other work runs (here: within 3,000)."""
+        store = await self.open()
+        store._direct_writer.timer = lambda: 0.0  # every commit quick: stays on the reactor
+        iterations: list[None] = []
+        for n in range(3000):
+            self.assertEqual((await store.store_invite(make_invite(f"$long{n}")))[1], True)
+            if n == 0:
+                reactor.callLater(0, iterations.append, None)
+        self.assertEqual(iterations, [None])
+        self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(3000,)])
+
+    async def test_a_caller_retrying_at_once_does_not_hang_the_reactor(self) -> None:
+        """Writes failing before they reach a thread (every INSERT fails here) and a caller
+        retrying at once from its errback: the reactor still gets a turn (it spun for ever,
+        each retry queued and written in the same loop)."""
+        store = await self.open()
+        store._direct_writer.timer = lambda: 0.0
+        original = store._store_invites_txn
+
+        def txn(cursor: Any, rows: list[tuple[Any, ...]]) -> Any:
+            if rows[0][0] == "$first":
+                return original(cursor, rows)
+            raise StoreError("store_invite", "disk I/O error")
+
+        store._store_invites_txn = txn
+        ticked: Deferred[None] = Deferred()
+        finished: Deferred[None] = Deferred()
+        tries = 0
+
+        def attempt(_: object = None) -> None:
+            nonlocal tries
+            tries += 1
+            if ticked.called or tries > 5000:  # without the bound, a hang but for this
+                if not finished.called:
+                    finished.callback(None)
+                return
+            store.store_invite(make_invite("$retry")).addErrback(attempt)
+
+        def start(_: object) -> None:
+            reactor.callLater(0, ticked.callback, None)
+            attempt()
+
+        await store.store_invite(make_invite("$first")).addCallback(start)
+        await finished
+        self.assertLess(tries, 5000, "the reactor never ran while the caller retried")
+        self.assertEqual(raw_sqlite(self.path, "SELECT event_id FROM invites"), [("$first",)])
+
+    async def test_close_during_a_long_sequence(self) -> None:
+        """close() while a caller stores invites one after another past the bound returns
+        (it writes what waited for the iteration's end, at most the bound again), the
+        caller's next invite is told the store was closed, and nothing is written or
+        scheduled after it."""
+        store = await self.open()
+        store._direct_writer.timer = lambda: 0.0
+        stored = 0
+        refused: list[Failure] = []
+
+        closed: Deferred[None] = Deferred()
+
+        def next_invite(_: object = None) -> None:
+            nonlocal stored
+            if _ is not None:
+                stored += 1
+            if stored == 1:
+                reactor.callLater(0, lambda: store.close().chainDeferred(closed))
+            elif stored == 5000:  # without the bound, close() never returned but for this
+                return
+            storing = store.store_invite(make_invite(f"$close{stored}"))
+            storing.addCallbacks(next_invite, refused.append)
+
+        next_invite()
+        await closed
+        self.assertLess(stored, 5000)
+        self.assertIsNone(store._scheduled_write)
+        self.assertEqual(
+            [f.getErrorMessage() for f in refused], ["store_invite failed: the store was closed"]
+        )
+        self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(stored,)])
+        await deferLater(reactor, 0.05)
+        self.assertEqual(raw_sqlite(self.path, "SELECT COUNT(*) FROM invites"), [(stored,)])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     async def test_slow_commits_move_to_the_commit_thread_and_back(self) -> None:
         """Commits taking milliseconds (a slow disk) move to the writer's thread once the
