@@ -934,7 +934,16 @@ class SrvTests(_Base):
         bound on a query is above them."""
         name = "_matrix-fed._tcp.example.org"
         self.srv.records[name] = [(0, 0, 8443, "fed.example.org")]
+        timeouts: list[Any] = []
+        lookup = self.srv.lookupService
+
+        def recording(name: str, timeout: Any = None) -> Deferred[Any]:
+            timeouts.append(timeout)
+            return lookup(name, timeout)
+
+        self.srv.lookupService = recording  # type: ignore[method-assign]
         [only] = self.held_lookups(1)
+        self.assertEqual(timeouts, [(1, 3, 11)])
         self.clock.advance(15)
         self.assertNoResult(only)
         self.srv.release(name)
@@ -1339,8 +1348,9 @@ class SrvCacheTests(_Base):
         self.assertEqual(len(logged), 1)
 
     def test_cache_bounded(self) -> None:
-        """Names are peer-chosen: at most SRV_CACHE_SIZE answers are kept; expired ones go
-        first, then all."""
+        """Names are peer-chosen: at most SRV_CACHE_SIZE answers are kept (10,000, as the
+        README says); expired ones go first, then all."""
+        self.assertEqual(discovery.SRV_CACHE_SIZE, 10_000)
         self.patch(discovery, "SRV_CACHE_SIZE", 3)
         for index in range(5):
             name = f"_matrix-fed._tcp.h{index}.example"
@@ -1972,6 +1982,7 @@ class CachePeriodTests(SynchronousTestCase):
 
     def test_clamped(self) -> None:
         """Periods are clamped to [5 min, 48 h]."""
+        self.assertEqual((WELL_KNOWN_MIN_TTL, WELL_KNOWN_MAX_TTL), (5 * 60, 48 * 3600))
         self.assertEqual(self.period(Cache_Control=b"max-age=10"), WELL_KNOWN_MIN_TTL)
         self.assertEqual(self.period(Cache_Control=b"max-age=999999999"), WELL_KNOWN_MAX_TTL)
 
