@@ -438,6 +438,19 @@ class SharedLookupTests(TestCase):
         await self.until(lambda: self.resolver.threads == 0)
         self.assertEqual([call[0] for call in self.calls], ["a.slow.test", "queued.test"])
 
+    async def test_cancelling_a_running_call_is_harmless(self) -> None:
+        """Cancelling the only lookup of a call a thread is making (a request timing out while
+        its getaddrinfo hangs) raises nothing (IHostResolution.cancel): the call runs on, its
+        result goes to nobody, and the resolver goes on making lookups."""
+        hung, hung_lookup = self.lookup("a.slow.test")
+        await self.until(lambda: len(self.calls) == 1)
+        hung_lookup.cancel()
+        self.release.set()
+        await self.until(lambda: self.resolver.threads == 0)
+        other, _ = self.lookup("other.test")
+        self.assertEqual(await other.done, [IPv4Address("TCP", "93.184.216.34", 8448)])
+        self.assertFalse(hung.done.called)
+
     async def test_one_slow_name_leaves_threads_for_others(self) -> None:
         """100 lookups of one name whose DNS hangs hold one thread, not all of them: another
         name's lookup is made at once."""
