@@ -130,6 +130,29 @@ class KeyringTests(SynchronousTestCase):
         keyring = keyring or self.keyring
         return self.successResultOf(keyring.get_server_keys(server, [self.key_id], valid_at))
 
+    def keyring_failing_first(self, *failures: TransportError) -> Keyring:
+        """A keyring whose client fails with ``failures``, one a fetch, then answers as
+        ``self.federation`` does."""
+        federation = self.federation
+        pending = list(failures)
+
+        class FailingFirst:
+            def get_json(self, destination: str, path: str, **kwargs: Any) -> Any:
+                if pending:
+                    return fail(pending.pop(0))
+                return federation.get_json(destination, path)
+
+        return Keyring(self.clock, self.store, FailingFirst())
+
+    def assert_no_backoff_after(self, failure: TransportError) -> None:
+        """A fetch failing with ``failure`` backs the server off neither in the keyring nor
+        directly: the next lookup fetches at once, and finds its keys."""
+        keyring = self.keyring_failing_first(failure)
+        self.assertEqual(self.get(keyring), {})
+        self.assertEqual((keyring.fetches, keyring._backoff, keyring._direct_backoff), (1, {}, {}))
+        self.assertIn(self.key_id, self.get(keyring))
+        self.assertEqual(keyring.fetches, 2)
+
     def test_direct_fetch_then_memory(self) -> None:
         """An unknown server's key is fetched once, stored, then served from memory."""
         keys = self.get()
@@ -530,44 +553,22 @@ class KeyringTests(SynchronousTestCase):
         """A fetch whose request timed out having waited for its turn (sent with less than
         half its time left: ``TransportError.waited``, not ``not_sent``) backs the server
         off neither in the keyring nor directly: the next lookup fetches at once."""
-        federation = self.federation
-        failures = [
+        self.assert_no_backoff_after(
             TransportError(
                 "remote.example", "timed out after 60 s, 40.0 s of them waiting", waited=True
-            ),
-        ]
-
-        class LateClient:
-            def get_json(self, destination: str, path: str, **kwargs: Any) -> Any:
-                if failures:
-                    return fail(failures.pop(0))
-                return federation.get_json(destination, path)
-
-        keyring = Keyring(self.clock, self.store, LateClient())
-        self.assertEqual(self.get(keyring), {})
-        self.assertEqual((keyring.fetches, keyring._backoff, keyring._direct_backoff), (1, {}, {}))
-        self.assertIn(self.key_id, self.get(keyring))
-        self.assertEqual(keyring.fetches, 2)
+            )
+        )
 
     def test_no_backoff_when_our_resolver_was_busy(self) -> None:
         """A fetch that timed out only because our address lookups waited for a resolver
         thread (``TransportError.resolver_busy``) backs the server off no more than the
         client does: the next lookup fetches at once; a failure of its own then backs it off
         a minute, and its keys are found once it answers."""
-        federation = self.federation
-        failures = [
+        keyring = self.keyring_failing_first(
             TransportError("remote.example", "timed out after 60 s (...)", resolver_busy=True),
             TransportError("remote.example", "timed out after 60 s (...)", resolver_busy=True),
             TransportError("remote.example", "timed out after 60 s"),
-        ]
-
-        class BusyClient:
-            def get_json(self, destination: str, path: str, **kwargs: Any) -> Any:
-                if failures:
-                    return fail(failures.pop(0))
-                return federation.get_json(destination, path)
-
-        keyring = Keyring(self.clock, self.store, BusyClient())
+        )
         for fetches in (1, 2):
             self.assertEqual(self.get(keyring), {})
             self.assertEqual((keyring.fetches, keyring._backoff), (fetches, {}))
@@ -584,24 +585,11 @@ class KeyringTests(SynchronousTestCase):
         ``TransportError.not_sent``: out of file descriptors, EMFILE) backs the server off
         neither in the keyring nor directly: the next lookup fetches at once, and finds its
         keys."""
-        federation = self.federation
-        failures = [
+        self.assert_no_backoff_after(
             TransportError(
                 "remote.example", "not sent: out of file descriptors (EMFILE)", not_sent=True
-            ),
-        ]
-
-        class OutOfFilesClient:
-            def get_json(self, destination: str, path: str, **kwargs: Any) -> Any:
-                if failures:
-                    return fail(failures.pop(0))
-                return federation.get_json(destination, path)
-
-        keyring = Keyring(self.clock, self.store, OutOfFilesClient())
-        self.assertEqual(self.get(keyring), {})
-        self.assertEqual((keyring.fetches, keyring._backoff, keyring._direct_backoff), (1, {}, {}))
-        self.assertIn(self.key_id, self.get(keyring))
-        self.assertEqual(keyring.fetches, 2)
+            )
+        )
 
     def test_backoff_over_after_clock_steps_back(self) -> None:
         """A back-off set "after" now (the wall clock stepped back since) is over: the server
