@@ -97,7 +97,7 @@ class SlowLookupTests(TestCase):
             host = "127.0.0.1"
         return socket.getaddrinfo(host, port, *args)
 
-    def client(self, timeout: float) -> FederationClient:
+    def client(self, timeout: float, srv_resolver: Any = None) -> FederationClient:
         client = FederationClient(
             real_reactor,
             "local.example",
@@ -105,6 +105,7 @@ class SlowLookupTests(TestCase):
             verify_tls=False,
             ip_allowlist=["127.0.0.1/32"],
             timeout=timeout,
+            srv_resolver=srv_resolver,
         )
         self.addCleanup(client.close)
         return client
@@ -127,6 +128,20 @@ class SlowLookupTests(TestCase):
         self.assertEqual(_dns_threads(), [])
         assert client._name_resolver is not None
         self.assertEqual(client._name_resolver.threads, 0)
+
+    async def assert_close_abandons(
+        self, client: FederationClient, waiting: Deferred[Any], host: str
+    ) -> None:
+        """Closing ``client`` fails the request ``waiting``, its lookup of ``host`` waiting for a
+        thread, as abandoned by the closed resolver."""
+        await client.close()
+        with self.assertRaises(TransportError) as caught:
+            await waiting
+        self.assertTrue(caught.exception.abandoned)
+        self.assertEqual(
+            caught.exception.reason,
+            f"cannot connect: resolving {host} abandoned: the resolver was closed",
+        )
 
     async def test_healthy_peer_reached(self) -> None:
         """With more lookups hung than the reactor has threads, a server whose name
@@ -221,14 +236,7 @@ class SlowLookupTests(TestCase):
         await self.until(
             lambda: client._name_resolver is not None and client._name_resolver.waiting == 1
         )
-        await client.close()
-        with self.assertRaises(TransportError) as caught:
-            await waiting
-        self.assertTrue(caught.exception.abandoned)
-        self.assertEqual(
-            caught.exception.reason,
-            "cannot connect: resolving good.test abandoned: the resolver was closed",
-        )
+        await self.assert_close_abandons(client, waiting, "good.test")
         self.assertEqual(await lookup, {})
         self.assertEqual(client._backoff.keys() & {self.good}, set())
         self.assertEqual(keyring._backoff.keys() & {self.good}, set())
@@ -244,16 +252,7 @@ class SlowLookupTests(TestCase):
         port = int(self.good.rsplit(":", 1)[1])
         targets = [(0, 0, port, "a.good.test"), (1, 0, port, "b.good.test")]
         srv = FakeSRVResolver({"_matrix-fed._tcp.srv.none.test": targets})
-        client = FederationClient(
-            real_reactor,
-            "local.example",
-            generate_signing_key("k"),
-            verify_tls=False,
-            ip_allowlist=["127.0.0.1/32"],
-            timeout=10.0,
-            srv_resolver=srv,
-        )
-        self.addCleanup(client.close)
+        client = self.client(timeout=10.0, srv_resolver=srv)
         assert client._name_resolver is not None
         # Threads free: no .well-known (its name does not resolve) and the SRV answer kept.
         self.assertEqual(await client.get_json("srv.none.test", "/x"), {})
@@ -267,14 +266,7 @@ class SlowLookupTests(TestCase):
             lambda: client._name_resolver is not None and client._name_resolver.waiting == 1
         )
         self.assertEqual(client._name_resolver.waiting, 1)
-        await client.close()
-        with self.assertRaises(TransportError) as caught:
-            await waiting
-        self.assertTrue(caught.exception.abandoned)
-        self.assertEqual(
-            caught.exception.reason,
-            "cannot connect: resolving a.good.test abandoned: the resolver was closed",
-        )
+        await self.assert_close_abandons(client, waiting, "a.good.test")
         self.assertEqual(self.looked_up, ["x0.slow.test"])
         self.assertEqual(client._backoff.keys() & {"srv.none.test"}, set())
         await self.no_resolver_threads(client)
