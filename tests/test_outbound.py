@@ -1756,6 +1756,16 @@ class SignerTests(_Base):
     def sender_with(self, signer: Any) -> InviteSender:
         return InviteSender(signer, self.origin.client, self.origin.keyring)
 
+    def components_with(self, signer: Any) -> FederationInvite:
+        """The parts ``build_components`` assembles around ``signer`` (on a memory store)."""
+        return build_components(
+            load_config(None, {"server_name": OURS}),
+            self.origin.clock,
+            MemoryStore(),  # type: ignore[arg-type]
+            self.origin.key,
+            signer=signer,
+        )
+
     def test_incomplete_signer_refused_by_build_components(self) -> None:
         """build_components refuses, with a TypeError naming what is missing, a signer without
         server_name or a callable sign_event and hash_and_sign_event (so a signer with only
@@ -1775,21 +1785,12 @@ class SignerTests(_Base):
             sign_event = "sign"
             hash_and_sign_event = staticmethod(lambda *args: None)
 
-        config = load_config(None, {"server_name": OURS})
         for signer, missing in (
             (OnlySignEvent(), "hash_and_sign_event"),
             (NoServerName(), "server_name"),
             (NotCallable(), "sign_event"),
         ):
-            error = self.assertRaises(
-                TypeError,
-                build_components,
-                config,
-                self.origin.clock,
-                MemoryStore(),  # type: ignore[arg-type]
-                self.origin.key,
-                signer=signer,
-            )
+            error = self.assertRaises(TypeError, self.components_with, signer)
             self.assertIn(missing, str(error))
             self.assertIn("ISigner", str(error))
             self.assertRaises(TypeError, self.sender_with, signer)
@@ -1803,13 +1804,7 @@ class SignerTests(_Base):
             )
             self.assertIn(missing, str(self.failureResultOf(building, TypeError).value))
             self.assertFalse(os.path.exists(data_dir), "refused before opening anything")
-        components = build_components(
-            config,
-            self.origin.clock,
-            MemoryStore(),  # type: ignore[arg-type]
-            self.origin.key,
-            signer=self.origin.signer,  # type: ignore[arg-type]
-        )
+        components = self.components_with(self.origin.signer)
         self.assertIs(components.signer, self.origin.signer)
 
     def test_signer_server_name_not_a_str_refused(self) -> None:
@@ -1820,18 +1815,9 @@ class SignerTests(_Base):
             server_name: Any = None
             sign_event = hash_and_sign_event = staticmethod(lambda *args: None)
 
-        config = load_config(None, {"server_name": OURS})
         for name in (OURS.encode(), None):
             NameNotAStr.server_name = name
-            error = self.assertRaises(
-                TypeError,
-                build_components,
-                config,
-                self.origin.clock,
-                MemoryStore(),  # type: ignore[arg-type]
-                self.origin.key,
-                signer=NameNotAStr(),
-            )
+            error = self.assertRaises(TypeError, self.components_with, NameNotAStr())
             self.assertEqual(
                 str(error), "NameNotAStr is not an ISigner: it has no server_name (a str)"
             )
