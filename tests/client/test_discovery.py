@@ -1091,6 +1091,21 @@ class SrvCacheTests(_Base):
     def answer(self, ttl: int, target: bytes = b"new.example", port: int = 1111) -> None:
         self.srv.raw[self.NAME] = [_ttl(_srv(self.NAME.encode(), 0, 0, port, target), ttl)]
 
+    def assert_asked_again_after(
+        self, seconds: float, queries: int = 1, targets: list[tuple[str, int]] | None = None
+    ) -> None:
+        """The answer the resolution just made got (``queries`` SRV lookups) is kept
+        ``seconds``: a resolution a second before (giving ``targets``, where given) asks DNS
+        nothing, one at ``seconds`` asks it again."""
+        self.clock.advance(seconds - 1)
+        found = self.targets()
+        if targets is not None:
+            self.assertEqual(found, targets)
+        self.assertEqual(len(self.srv.lookups), queries)
+        self.clock.advance(1)
+        self.targets()
+        self.assertEqual(len(self.srv.lookups), 2 * queries)
+
     def test_positive_answer_kept_for_its_ttl(self) -> None:
         """An answer is used for its TTL without asking DNS again, then asked for anew."""
         self.answer(300)
@@ -1116,12 +1131,7 @@ class SrvCacheTests(_Base):
             _ttl(_srv(b"srv.example", 1, 0, 2, b"b.example"), 600),
         ]
         self.assertEqual(self.targets(), [("a.example", 1), ("b.example", 2)])
-        self.clock.advance(59)
-        self.targets()
-        self.assertEqual(len(self.srv.lookups), 1)
-        self.clock.advance(1)
-        self.targets()
-        self.assertEqual(len(self.srv.lookups), 2)
+        self.assert_asked_again_after(60)
 
     def test_zero_ttl_not_kept(self) -> None:
         """A TTL of 0 means "do not cache" (RFC 1035 3.2.1): every resolution asks DNS."""
@@ -1152,12 +1162,7 @@ class SrvCacheTests(_Base):
         """A TTL beyond a day is kept for a day (a peer cannot pin its answer for weeks)."""
         self.answer(30 * 24 * 3600)
         self.targets()
-        self.clock.advance(24 * 3600 - 1)
-        self.targets()
-        self.assertEqual(len(self.srv.lookups), 1)
-        self.clock.advance(1)
-        self.targets()
-        self.assertEqual(len(self.srv.lookups), 2)
+        self.assert_asked_again_after(24 * 3600)
 
     def test_weights_reordered_from_the_cache(self) -> None:
         """Records of equal priority are ordered by weight anew at each resolution, the
@@ -1186,12 +1191,7 @@ class SrvCacheTests(_Base):
         for name in (self.NAME, "_matrix._tcp.example.org"):
             self.srv.errors[name] = DNSNameError(message)
         self.assertEqual(self.targets(), [("example.org", 8448)])
-        self.clock.advance(119)
-        self.assertEqual(self.targets(), [("example.org", 8448)])
-        self.assertEqual(len(self.srv.lookups), 2)
-        self.clock.advance(1)
-        self.targets()
-        self.assertEqual(len(self.srv.lookups), 4)
+        self.assert_asked_again_after(120, queries=2, targets=[("example.org", 8448)])
 
     def test_negative_ttl_from_the_soa_after_other_records(self) -> None:
         """The negative TTL is the SOA's, wherever it stands in the authority section: NXDOMAIN
@@ -1206,12 +1206,7 @@ class SrvCacheTests(_Base):
         for name in (self.NAME, "_matrix._tcp.example.org"):
             self.srv.errors[name] = DNSNameError(message)
         self.assertEqual(self.targets(), [("example.org", 8448)])
-        self.clock.advance(299)
-        self.assertEqual(self.targets(), [("example.org", 8448)])
-        self.assertEqual(len(self.srv.lookups), 2)
-        self.clock.advance(1)
-        self.targets()
-        self.assertEqual(len(self.srv.lookups), 4)
+        self.assert_asked_again_after(300, queries=2, targets=[("example.org", 8448)])
 
     def test_negative_ttl_is_the_soa_ttl_when_smaller(self) -> None:
         """The other side of RFC 2308 section 5's "smaller of": an SOA whose own TTL (60 s)
@@ -1221,12 +1216,7 @@ class SrvCacheTests(_Base):
         for name in (self.NAME, "_matrix._tcp.example.org"):
             self.srv.errors[name] = DNSNameError(message)
         self.targets()
-        self.clock.advance(59)
-        self.targets()
-        self.assertEqual(len(self.srv.lookups), 2)
-        self.clock.advance(1)
-        self.targets()
-        self.assertEqual(len(self.srv.lookups), 4)
+        self.assert_asked_again_after(60, queries=2)
 
     def test_empty_answer_kept_for_its_soa(self) -> None:
         """NOERROR with no SRV record (NODATA) is negative too: kept for its SOA's time,
@@ -1241,12 +1231,7 @@ class SrvCacheTests(_Base):
 
         self.srv.lookupService = with_authority  # type: ignore[method-assign]
         self.targets()
-        self.clock.advance(3599)
-        self.targets()
-        self.assertEqual(len(self.srv.lookups), 2)
-        self.clock.advance(1)
-        self.targets()
-        self.assertEqual(len(self.srv.lookups), 4)
+        self.assert_asked_again_after(3600, queries=2)
 
     def test_negative_answer_without_soa_not_kept(self) -> None:
         """A negative answer that says nothing of how long it holds is not remembered."""
