@@ -2794,13 +2794,7 @@ class FetchCapTests(SynchronousTestCase):
         """Refreshes have a cap of their own (``max_refreshes_in_flight``, 64 by default): past
         it a refresh is refused as any fetch at a cap is (429, no request, no back-off), while
         unknown servers are fetched from theirs; a slot is freed when its fetch ends."""
-        keyring = Keyring(
-            self.clock,
-            self.store,
-            self.federation,
-            max_fetches_in_flight=2,
-            max_refreshes_in_flight=2,
-        )
+        keyring = self.refresh_capped_keyring()
         for server in ("a.example", "b.example", "c.example"):
             self.assertIn(self.key_id, self.successResultOf(self.lookup(server, keyring)))
         self.clock.advance(DAY_MS / 1000 + 1)
@@ -2830,6 +2824,40 @@ class FetchCapTests(SynchronousTestCase):
             self.federation.hold[server] = gates[-1]
             self.assertNoResult(keyring.get_server_keys(server, [self.key_id], valid_at_ms))
             del self.federation.hold[server]
+        return gates
+
+    def refresh_capped_keyring(self) -> Keyring:
+        """A keyring whose fetches of unknown servers and refreshes are both capped at 2."""
+        return Keyring(
+            self.clock,
+            self.store,
+            self.federation,
+            max_fetches_in_flight=2,
+            max_refreshes_in_flight=2,
+        )
+
+    def pause_c_example(self) -> None:
+        """``self.keyring`` refresh-capped, with a.example's and b.example's keys stored (the
+        pauses their fetches set over) and c.example in the pause a made-up key ID's fetch
+        set (its key stored: its next fetch is a refresh)."""
+        self.keyring = self.refresh_capped_keyring()
+        for server in ("a.example", "b.example"):
+            self.assertIn(self.key_id, self.successResultOf(self.lookup(server)))
+        self.clock.advance(5)  # past the pauses those fetches set
+        self.assertEqual(
+            self.successResultOf(
+                self.keyring.get_server_keys("c.example", ["ed25519:made_up"], NOW_MS)
+            ),
+            {},
+        )
+
+    def end_the_pause_at_the_cap(self) -> list[Deferred[None]]:
+        """Fill the refreshes' pool (a.example and b.example refreshed, their fetches held),
+        then let c.example's pause end: the gates of the held fetches."""
+        gates = self.fill_in(
+            self.keyring, "a.example", "b.example", valid_at_ms=NOW_MS + DAY_MS + 1
+        )
+        self.clock.advance(5)
         return gates
 
     def test_keys_held_unaffected(self) -> None:
@@ -2918,28 +2946,10 @@ class FetchCapTests(SynchronousTestCase):
         backed off for it, and is fetched at once when next asked with a slot free. (The fetch
         that set the pause stored c.example's key: its next is a refresh, and the refreshes'
         pool is the one filled.)"""
-        self.keyring = Keyring(
-            self.clock,
-            self.store,
-            self.federation,
-            max_fetches_in_flight=2,
-            max_refreshes_in_flight=2,
-        )
-        for server in ("a.example", "b.example"):
-            self.assertIn(self.key_id, self.successResultOf(self.lookup(server)))
-        self.clock.advance(5)  # past the pauses those fetches set
-        self.assertEqual(
-            self.successResultOf(
-                self.keyring.get_server_keys("c.example", ["ed25519:made_up"], NOW_MS)
-            ),
-            {},
-        )
+        self.pause_c_example()
         waiting = self.keyring.get_server_keys("c.example", ["ed25519:other"], NOW_MS)
         self.assertNoResult(waiting)
-        gates = self.fill_in(
-            self.keyring, "a.example", "b.example", valid_at_ms=NOW_MS + DAY_MS + 1
-        )
-        self.clock.advance(5)
+        gates = self.end_the_pause_at_the_cap()
         self.assertBusy(waiting)
         self.assertEqual(self.federation.count("c.example"), 1)
         self.assertEqual(self.keyring._pause_waits, {})
@@ -2957,17 +2967,7 @@ class FetchCapTests(SynchronousTestCase):
         """Three lookups wait for a pause that ends at the cap; the first one's caller,
         refused, cancels the second: the second fails with CancelledError, the third is
         still refused, and nothing is logged as an error."""
-        self.keyring = Keyring(
-            self.clock,
-            self.store,
-            self.federation,
-            max_fetches_in_flight=2,
-            max_refreshes_in_flight=2,
-        )
-        for server in ("a.example", "b.example"):
-            self.assertIn(self.key_id, self.successResultOf(self.lookup(server)))
-        self.clock.advance(5)  # past the pauses those fetches set
-        self.successResultOf(self.keyring.get_server_keys("c.example", ["ed25519:x"], NOW_MS))
+        self.pause_c_example()
         first, second, third = (
             self.keyring.get_server_keys("c.example", ["ed25519:other"], NOW_MS) for _ in range(3)
         )
@@ -2977,8 +2977,7 @@ class FetchCapTests(SynchronousTestCase):
             return failure
 
         first.addErrback(cancel_second)
-        self.fill_in(self.keyring, "a.example", "b.example", valid_at_ms=NOW_MS + DAY_MS + 1)
-        self.clock.advance(5)
+        self.end_the_pause_at_the_cap()
         self.assertBusy(first)
         self.failureResultOf(second, CancelledError)
         self.assertBusy(third)
