@@ -1955,6 +1955,19 @@ class NotaryTests(SynchronousTestCase):
         self.federation.add_key_server(self.clock, "back.example", [self.remote_key])
         self.clock.advance(10)
 
+    def sender_joining_a_held_notary_query(
+        self, keyring: Keyring, server_name: str, key_id: str
+    ) -> tuple[Deferred[None], Deferred[Any], Deferred[Any]]:
+        """An inbound lookup of ``key_id`` whose fetch's notary query is held, and the sender's
+        answer check (``ignore_backoff``) joining it: (the notary's gate, the inbound lookup,
+        the sender's)."""
+        gate: Deferred[None] = Deferred()
+        self.federation.hold["notary.example"] = gate
+        now_ms = int(self.clock.seconds() * 1000)
+        inbound = keyring.get_server_keys(server_name, [key_id], now_ms)
+        sender = keyring.get_server_keys(server_name, [key_id], now_ms, ignore_backoff=True)
+        return gate, inbound, sender
+
     def direct_requests(self, server_name: str) -> int:
         return sum(
             1
@@ -2015,11 +2028,9 @@ class NotaryTests(SynchronousTestCase):
             {},
         )
         self.clock.advance(10)
-        gate: Deferred[None] = Deferred()
-        self.federation.hold["notary.example"] = gate
-        now_ms = int(self.clock.seconds() * 1000)
-        inbound = keyring.get_server_keys("down.example", [self.key_id], now_ms)
-        sender = keyring.get_server_keys("down.example", [self.key_id], now_ms, ignore_backoff=True)
+        gate, inbound, sender = self.sender_joining_a_held_notary_query(
+            keyring, "down.example", self.key_id
+        )
         del self.federation.hold["notary.example"]
         gate.callback(None)
         for lookup in (inbound, sender):
@@ -2060,12 +2071,9 @@ class NotaryTests(SynchronousTestCase):
         )
         self.assertEqual(keyring._direct_backoff["down.example"].delay_ms, 60_000)
         self.clock.advance(10)
-        gate: Deferred[None] = Deferred()
-        self.federation.hold["notary.example"] = gate
         now_ms = int(self.clock.seconds() * 1000)
-        inbound = keyring.get_server_keys("down.example", ["ed25519:new"], now_ms)
-        sender = keyring.get_server_keys(
-            "down.example", ["ed25519:new"], now_ms, ignore_backoff=True
+        gate, inbound, sender = self.sender_joining_a_held_notary_query(
+            keyring, "down.example", "ed25519:new"
         )
         self.assertEqual(self.direct_requests("down.example"), 1)  # the notary first
         del self.federation.hold["notary.example"]
@@ -2089,12 +2097,8 @@ class NotaryTests(SynchronousTestCase):
         back-off is over."""
         keyring = self.keyring()
         self.back_off_direct_then_rotate(keyring)
-        gate: Deferred[None] = Deferred()
-        self.federation.hold["notary.example"] = gate
-        now_ms = int(self.clock.seconds() * 1000)
-        inbound = keyring.get_server_keys("back.example", ["ed25519:other"], now_ms)
-        sender = keyring.get_server_keys(
-            "back.example", ["ed25519:other"], now_ms, ignore_backoff=True
+        gate, inbound, sender = self.sender_joining_a_held_notary_query(
+            keyring, "back.example", "ed25519:other"
         )
         del self.federation.hold["notary.example"]
         del self.federation.servers["notary.example"]  # the notary is down
