@@ -593,6 +593,8 @@ class DatabaseStore:
     def invitee_states(
         self, user_ids: Sequence[str]
     ) -> Deferred[dict[str, tuple[bool, list[InviteRule]]]]:
+        if self._closed:
+            raise RuntimeError("invitee_states on a closed store")
         for user_id in user_ids:
             check_text("user_id", user_id)
         users = list(user_ids)

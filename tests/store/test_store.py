@@ -1183,6 +1183,20 @@ class SQLiteDirectWriteTests(TestCase):
         writer._commit = commit
         return commits
 
+    async def test_invitee_states_after_close_refused(self) -> None:
+        """invitee_states on a closed store is refused as every other operation is
+        (RuntimeError), not answered from the direct reader, which close() closed: it
+        reopened a connection to the file that nothing closed."""
+        store = await self.open()
+        self.assertEqual(
+            await store.invitee_states(["@a:example.org"]), {"@a:example.org": (False, [])}
+        )
+        await store.close()
+        with self.assertRaises(RuntimeError) as raised:
+            store.invitee_states(["@a:example.org"])
+        self.assertEqual(str(raised.exception), "invitee_states on a closed store")
+        self.assertIsNone(store._direct_reader._connection)
+
     async def test_quick_commits_run_on_the_reactor_thread_once_per_iteration(self) -> None:
         """Quick commits: the invites handed over in one reactor iteration are committed
         together at its end, on the reactor thread (no thread is started), and another
