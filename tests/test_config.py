@@ -743,6 +743,8 @@ class PathTests(SynchronousTestCase):
             "configuration key 'data_dir': relative path 'rel' needs a working directory "
             "(No such file or directory)",
         )
+        # An absolute path needs no working directory: it is kept, not refused.
+        self.assertEqual(Config({"data_dir": "/srv/fi"}).data_dir, "/srv/fi")
 
     def test_data_dir_created_0700_whatever_the_umask(self) -> None:
         """ensure_data_dir creates every missing directory of data_dir with mode 0700, under
@@ -768,6 +770,7 @@ class PathTests(SynchronousTestCase):
         for uri in (
             "sqlite:///:memory:",
             "sqlite:////srv/fi%20data/x.db",
+            "sqlite:////srv/fi%2Ddata/x.db",  # "-" needs no quoting: kept, not re-encoded
             "postgresql://user@host/db",
             "postgresql://user@/db?host=/var/run/postgresql",
         ):
