@@ -43,6 +43,15 @@ class SplitStatementsTests(SynchronousTestCase):
             ],
         )
 
+    def test_comment_at_the_end_without_a_newline(self) -> None:
+        """A script whose last line is a comment with no newline after it (a schema file
+        saved without one) ends there: the comment is dropped, the statements kept."""
+        self.assertEqual(
+            split_statements("CREATE TABLE t (a TEXT); SELECT 1 -- the end; not a statement"),
+            ["CREATE TABLE t (a TEXT)", "SELECT 1"],
+        )
+        self.assertEqual(split_statements("SELECT 1;\n-- only a comment"), ["SELECT 1"])
+
     def test_unterminated_quote(self) -> None:
         """A script with an unterminated string is refused rather than split wrongly."""
         with self.assertRaises(ValueError) as caught:
@@ -60,13 +69,15 @@ class LoadMigrationsTests(SynchronousTestCase):
         return root
 
     def test_order_and_dialect_override(self) -> None:
-        """Versions load in order; a dialect's file replaces the common one for that dialect."""
+        """Versions load in order; a dialect's file replaces the common one for that dialect;
+        other files, and directories whose names end in .sql, are not versions."""
         root = self.schema_dir(
             {
                 "0002_b.sql": "B;",
                 "0001_a.sql": "A1; A2",
                 "postgres/0002_b.sql": "B_PG;",
                 "README.txt": "ignored",
+                "0003_old.sql/README.txt": "a directory named like a file: ignored",
             }
         )
         sqlite = load_migrations("sqlite", root)
