@@ -682,6 +682,7 @@ class PathTests(SynchronousTestCase):
                     "unix:address=fi2.sock",
                     "tcp:8451:interface=127.0.0.1",
                     "ssl:8452:privateKey=/etc/fi/k.pem",
+                    "unix:/run/f\\i.sock",  # absolute: kept, its needless escape too
                 ],
                 "metrics.listen": "unix:metrics.sock",
             },
@@ -724,11 +725,13 @@ class PathTests(SynchronousTestCase):
                 (["unix"], {"address": at("fi2.sock")}),
                 (["tcp", "8451"], {"interface": "127.0.0.1"}),
                 (["ssl", "8452"], {"privateKey": "/etc/fi/k.pem"}),
+                (["unix", "/run/fi.sock"], {}),
             ],
         )
         self.assertEqual(config.listen[4], "systemd:domain=INET:index=1")  # untouched
         self.assertEqual(config.listen[7], "tcp:8451:interface=127.0.0.1")
         self.assertEqual(config.listen[8], "ssl:8452:privateKey=/etc/fi/k.pem")
+        self.assertEqual(config.listen[9], "unix:/run/f\\i.sock")
         self.assertEqual(parsed(config.get("metrics.listen")), (["unix", at("metrics.sock")], {}))
 
     def test_relative_path_without_a_working_directory_refused(self) -> None:
