@@ -26,6 +26,7 @@ class RecordTests(SynchronousTestCase):
             ({"invite_room_state": {}}, "invite_room_state must be a list, not dict"),
             ({"received_ts": True}, "received_ts must be an integer, not bool"),
             ({"received_ts": 1.0}, "received_ts must be an integer, not float"),
+            ({"received_ts": None}, "received_ts must be an integer, not NoneType"),
             ({"received_ts": 2**53}, "received_ts 9007199254740992 is outside the range"),
             ({"event_json": b"{}"}, "event_json must be a string, not bytes"),
             ({"event_json": ""}, "event_json must not be empty"),
@@ -53,6 +54,9 @@ class RecordTests(SynchronousTestCase):
         with self.assertRaises(ValueError) as caught:
             ServerKeyRecord("s", "ed25519:a", "AAAA", "soon", None, 0, "s")
         self.assertEqual(str(caught.exception), "valid_until_ts must be an integer, not str")
+        with self.assertRaises(ValueError) as caught:  # only the validity times may be None
+            ServerKeyRecord("s", "ed25519:a", "AAAA", None, None, None, "s")
+        self.assertEqual(str(caught.exception), "fetched_ts must be an integer, not NoneType")
         with self.assertRaises(ValueError) as caught:
             InviteRule("@a:x", "room", "*", "block")
         self.assertEqual(
