@@ -847,6 +847,8 @@ class RenderConfigTests(SynchronousTestCase):
         config = self.load_text(text)
         self.assertEqual((config.data_dir, config.listen), (data_dir, tuple(listen)))
         self.assertNotRegex(text, "[\x00-\x08\x0b-\x1f\x7f]")
+        # Only control characters are escaped: a space is written as it is.
+        self.assertIn('data_dir = "/srv/fi data"', render_config({"data_dir": "/srv/fi data"}))
 
 
 def readme_config_rows() -> list[tuple[str, str, str]]:
