@@ -22,12 +22,16 @@ class RecordTests(SynchronousTestCase):
             ({"event_id": "$\ud800x"}, "event_id must be valid Unicode (no lone surrogates)"),
             ({"event_json": '{"a":"\udfff"}'}, "event_json must be valid Unicode"),
             ({"room_id": None}, "room_id must be a string, not NoneType"),
+            ({"room_id": 5}, "room_id must be a string, not int"),
+            ({"sender": b"@a:x"}, "sender must be a string, not bytes"),
+            ({"status": ["pending"]}, "status must be one of ['accepted', 'ignored', 'pending',"),
             ({"event": []}, "event must be a dict, not list"),
             ({"invite_room_state": {}}, "invite_room_state must be a list, not dict"),
             ({"received_ts": True}, "received_ts must be an integer, not bool"),
             ({"received_ts": 1.0}, "received_ts must be an integer, not float"),
             ({"received_ts": None}, "received_ts must be an integer, not NoneType"),
             ({"received_ts": 2**53}, "received_ts 9007199254740992 is outside the range"),
+            ({"received_ts": -(2**53)}, "received_ts -9007199254740992 is outside the range"),
             ({"event_json": b"{}"}, "event_json must be a string, not bytes"),
             ({"event_json": ""}, "event_json must not be empty"),
         ]
@@ -35,6 +39,11 @@ class RecordTests(SynchronousTestCase):
             with self.assertRaises(ValueError) as caught:
                 make_invite(**changes)
             self.assertIn(message, str(caught.exception))
+
+    def test_timestamps_at_the_bounds_accepted(self) -> None:
+        """Timestamps from -(2**53 - 1) to 2**53 - 1 (Matrix's integer range) are kept."""
+        for ts in (2**53 - 1, -(2**53 - 1), 0):
+            self.assertEqual(make_invite(received_ts=ts).received_ts, ts)
 
     def test_event_json_is_not_compared(self) -> None:
         """event_json is a cache of the event's encoding: records compare by their fields."""
