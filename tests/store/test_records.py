@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
 import federation_invite.store as store
-from federation_invite.store import InviteRule, ServerKeyRecord, StoreError
+from federation_invite.store import InviteRecord, InviteRule, ServerKeyRecord, StoreError
 
 from ._support import make_invite
 
@@ -49,6 +50,10 @@ class RecordTests(SynchronousTestCase):
         """event_json is a cache of the event's encoding: records compare by their fields."""
         self.assertEqual(make_invite(event_json="{}"), make_invite())
         self.assertNotIn("event_json", repr(make_invite(event_json="{}")))
+        # Keyword only: a positional argument after status is refused, not taken for it.
+        fields = attrs.astuple(make_invite(), recurse=False)[:-1]  # without event_json
+        self.assertEqual(InviteRecord(*fields), make_invite())
+        self.assertRaises(TypeError, InviteRecord, *fields, "{}")
 
     def test_invite_status_defaults_to_pending(self) -> None:
         """An invite is pending unless said otherwise."""
