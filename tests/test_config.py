@@ -805,7 +805,8 @@ class PathTests(SynchronousTestCase):
 
 class RenderConfigTests(SynchronousTestCase):
     def test_rendered_file_loads_and_documents_everything(self) -> None:
-        """The generated file is valid TOML, loads cleanly and mentions every key."""
+        """The generated file is valid TOML, loads cleanly and mentions every key, each
+        with its doc as a comment line."""
         text = render_config({"server_name": "example.org", "listen": ["tcp:8448"]})
         tomllib.loads(text)
         path = self.mktemp()
@@ -816,6 +817,7 @@ class RenderConfigTests(SynchronousTestCase):
         self.assertEqual(config.listen, ("tcp:8448",))
         for option in OPTIONS:
             self.assertIn(option.key.rpartition(".")[2] + " = ", text)
+            self.assertIn(f"\n# {option.doc}\n", text)
 
     def load_text(self, text: str) -> Config:
         """Helper: ``load_config`` of a file holding ``text``."""
