@@ -184,11 +184,21 @@ class SignedRequestTests(_Base):
         self.successResultOf(self.client.get_json("[2001:db8::1]:8448", "/x", args={"k": "v"}))
         self.assertEqual(self.peers.requests[-1][1], b"https://[2001:db8::1]:8448/x?k=v")
 
+    def test_empty_object_body_sent_and_signed(self) -> None:
+        """An empty JSON object body is a body (only None means none): sent as '{}' with its
+        Content-Type and signed as content; every request says it accepts JSON."""
+        self.successResultOf(self.client.put_json(REMOTE, "/p", {}))
+        [record] = self.peer.requests
+        self.assertEqual(record["body"], b"{}")
+        self.assertEqual(record["headers"].getRawHeaders(b"content-type"), [b"application/json"])
+        self.assertEqual(record["headers"].getRawHeaders(b"accept"), [b"application/json"])
+        self.verify(record, {})
+
 
 class CallerErrorTests(_Base):
     def test_bad_path(self) -> None:
         """Paths that are not percent-encoded ASCII, or that carry a query, are refused."""
-        for path in ["relative", "/a b", "/é", "/a?b=c", "/a#b", "/a\n"]:
+        for path in ["relative", "/a b", "/é", "/a?b=c", "/a#b", "/a\n", "/a\x7f"]:
             self.failureResultOf(self.client.get_json(REMOTE, path), ValueError)
         self.assertEqual(self.peer.requests, [])
 
@@ -229,6 +239,25 @@ class RemoteErrorTests(_Base):
         error = self.remote_error(self.client.get_json(REMOTE, "/x"))
         self.assertEqual(
             (error.status, error.errcode, error.message), (400, None, "HTTP 400 Bad Request")
+        )
+
+    def test_non_string_error_text_ignored(self) -> None:
+        """An "error" that is not a string is no message: the HTTP reason stands in (the
+        errcode kept), and the text of an error without errcode has none either."""
+        self.peer.code = 400
+        self.peer.body = {"errcode": "M_UNKNOWN", "error": 5}
+        error = self.remote_error(self.client.get_json(REMOTE, "/x"))
+        self.assertEqual(
+            (error.status, error.errcode, error.message),
+            (400, "M_UNKNOWN", "HTTP 400 Bad Request"),
+        )
+        self.peer.body = {}
+        error = self.remote_error(self.client.get_json(REMOTE, "/x"))
+        self.assertEqual(str(error), "remote.example answered 400: HTTP 400 Bad Request")
+        self.assertEqual(
+            repr(error),
+            "RemoteError(destination='remote.example', status=400, errcode=None, "
+            "message='HTTP 400 Bad Request')",
         )
 
     def test_5xx_without_json(self) -> None:
@@ -429,6 +458,71 @@ class TransportErrorTests(_Base):
         )
         self.assertEqual(describe_failure(Wrapped([])), "Wrapped: wrapped")
 
+    def test_describe_failure_names_the_first_reason(self) -> None:
+        """A wrapped failure is described by its first reason; a TLS error without text by
+        its class name; a blocked host's text lists at most four of its addresses."""
+        from OpenSSL import SSL
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseNeverReceived
+
+        from federation_invite.client import BlockedAddressError
+
+        failure = ResponseNeverReceived(
+            [Failure(ConnectionRefusedError("first")), Failure(ValueError("second"))]
+        )
+        self.assertEqual(describe_failure(failure), "connection failed: first")
+        self.assertEqual(describe_failure(SSL.Error()), "TLS handshake failed: Error")
+        addresses = [f"10.0.0.{i}" for i in range(1, 7)]
+        blocked = BlockedAddressError("h.example", addresses)
+        self.assertEqual(
+            str(blocked),
+            "h.example resolves only to blocked addresses (10.0.0.1, 10.0.0.2, 10.0.0.3, 10.0.0.4)",
+        )
+        self.assertEqual(blocked.addresses, addresses)
+
+    def test_transport_error_caused_by_the_failure(self) -> None:
+        """A TransportError is raised from the failure it describes (its __cause__)."""
+        error = self.transport_error(self.client.get_json("nowhere.example", "/x"))
+        self.assertIsNotNone(error.__cause__)
+        self.assertIn(describe_failure(error.__cause__), error.reason)
+
+    def test_classification_through_twisted_web_reasons(self) -> None:
+        """A cancellation while connecting, a resolution step abandoned by close and a
+        connection failing for want of our resources (each errno, as ConnectError or
+        OSError) are recognised inside twisted.web's reasons too."""
+        import errno
+
+        from twisted.internet.error import ConnectBindError, ConnectingCancelledError
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseNeverReceived
+
+        from federation_invite.client._client import (
+            _abandoned_by_close,
+            _is_cancellation,
+            _local_resource_error,
+        )
+        from federation_invite.client.discovery import _ResolverClosed
+
+        def wrapped(exc: BaseException) -> ResponseNeverReceived:
+            return ResponseNeverReceived([Failure(ValueError("other")), Failure(exc)])
+
+        self.assertTrue(_is_cancellation(wrapped(ConnectingCancelledError(None))))
+        self.assertFalse(_is_cancellation(wrapped(ValueError("v"))))
+        self.assertTrue(_abandoned_by_close(wrapped(_ResolverClosed("x"))))
+        self.assertFalse(_abandoned_by_close(wrapped(ConnectionRefusedError())))
+        for number, what in [
+            (errno.EMFILE, "out of file descriptors"),
+            (errno.ENFILE, "out of file descriptors"),
+            (errno.ENOBUFS, "out of socket buffer memory"),
+            (errno.ENOMEM, "out of memory"),
+        ]:
+            expected = f"{what} ({errno.errorcode[number]})"
+            self.assertEqual(_local_resource_error(OSError(number, "x")), expected)
+            self.assertEqual(
+                _local_resource_error(wrapped(ConnectBindError(number, "socket"))), expected
+            )
+        self.assertIsNone(_local_resource_error(wrapped(OSError(errno.ECONNREFUSED, "x"))))
+
 
 class ConnectingCancelTests(SynchronousTestCase):
     """The real agent on a memory reactor: a request cancelled while its connection is being made."""
@@ -485,6 +579,17 @@ class BackoffTests(_Base):
         self.peer.code, self.peer.body = 200, {"ok": True}
         self.assertEqual(self.successResultOf(self.client.get_json(REMOTE, "/x")), {"ok": True})
         self.assertEqual(len(self.peer.requests), 2)
+
+    def test_backoff_error_text(self) -> None:
+        """A BackoffError's text counts the failures and says the wait, never below 0 s (a
+        retry_at already past); its repr names its class."""
+        error = BackoffError(REMOTE, 100.0, 3, 160.0)
+        self.assertEqual(
+            str(error),
+            "cannot reach remote.example: backing off after 3 consecutive failure(s); "
+            "next attempt allowed in 0 s",
+        )
+        self.assertTrue(repr(error).startswith("BackoffError(destination='remote.example', "))
 
     def test_backoff_over_after_clock_steps_back(self) -> None:
         """A back-off recorded "after" now (the wall clock stepped back since) is over: the
