@@ -186,12 +186,14 @@ class SignedRequestTests(_Base):
 
     def test_empty_object_body_sent_and_signed(self) -> None:
         """An empty JSON object body is a body (only None means none): sent as '{}' with its
-        Content-Type and signed as content; every request says it accepts JSON."""
+        Content-Type and signed as content; every request says it accepts JSON, and who sends it."""
         self.successResultOf(self.client.put_json(REMOTE, "/p", {}))
         [record] = self.peer.requests
         self.assertEqual(record["body"], b"{}")
         self.assertEqual(record["headers"].getRawHeaders(b"content-type"), [b"application/json"])
         self.assertEqual(record["headers"].getRawHeaders(b"accept"), [b"application/json"])
+        [agent] = record["headers"].getRawHeaders(b"user-agent")
+        self.assertTrue(agent.startswith(b"federation-invite/"))
         self.verify(record, {})
 
 
@@ -333,6 +335,19 @@ class RemoteErrorTests(_Base):
         phrase kept to 500 characters."""
         error = self.remote_error(self.answered(404, b"q" * 2000, b'{"errcode": "M_NOT_FOUND"}'))
         self.assertEqual(error.message, "HTTP 404 " + "q" * 500)
+
+    def test_status_line_without_reason_phrase(self) -> None:
+        """An empty reason phrase leaves no trailing space in the message, with or without a
+        JSON body; a reason phrase is read as Latin-1 (HTTP's), not UTF-8."""
+        with self.assertRaises(RemoteError) as caught:
+            _interpret(REMOTE, 599, b"", b"x")
+        self.assertEqual(caught.exception.message, "HTTP 599: body is not JSON")
+        with self.assertRaises(RemoteError) as caught:
+            _interpret(REMOTE, 599, b"", b"{}")
+        self.assertEqual(caught.exception.message, "HTTP 599")
+        with self.assertRaises(RemoteError) as caught:
+            _interpret(REMOTE, 500, b"\xe9t\xe9", b"x")
+        self.assertEqual(caught.exception.message, "HTTP 500 \u00e9t\u00e9: body is not JSON")
 
     def test_long_errcode_truncated(self) -> None:
         """A peer's errcode is kept to 500 characters, as its error text is."""
