@@ -528,7 +528,8 @@ OPTIONS: tuple[Option, ...] = (
         _number_at_least_zero,
         "Seconds an invitee's local-user status and invite rules are cached in memory "
         "(read again in the background while in use); CLI changes take effect within this "
-        "time. 0: ask the database every time.",
+        "time. 0: ask the database every time. At most 100,000 invitees are held "
+        "(a few hundred bytes each); past that the cache is emptied and filled again.",
     ),
     Option(
         "ratelimit.origin_per_second",

@@ -51,7 +51,7 @@ from .invites import (
     stripped,
     v12_room,
 )
-from .support import MemoryStore, make_clock, make_key
+from .support import MemoryStore, make_clock, make_key, source_tree_file
 
 
 class InboundTestCase(SynchronousTestCase):
@@ -2454,6 +2454,13 @@ class PolicyCacheTests(InboundTestCase):
             room_version, event = self.s.invite(invitee=user, extra={"depth": depth + 1})
             self.assertEqual(self.send_v2(room_version, event)[0], 200)
         self.assertEqual(self.s.store.policy_reads, 5)
+
+    def test_cache_size_is_the_documented_one(self) -> None:
+        """The bound README's policy_cache_seconds row (the option's doc) gives."""
+        with open(source_tree_file("README.md"), encoding="utf-8") as readme:
+            text = readme.read()
+        self.assertEqual(policy_module._CACHE_SIZE, 100_000)
+        self.assertIn(f"At most {policy_module._CACHE_SIZE:,} invitees are held", text)
 
     def test_forget(self) -> None:
         """forget() drops cached answers at once (one invitee, or all)."""
