@@ -1174,6 +1174,16 @@ class BeforeSendingTests(_Base):
         self.assert_nothing_sent()
         return error.reason
 
+    def assert_not_sendable_signed_or_not(
+        self, room_version: str, event: Any, state: Any, expected: str
+    ) -> None:
+        """``event`` is refused unsent with ``expected``, as it is and once signed by the origin."""
+        self.assertEqual(self.not_sendable(room_version, event, state), expected)
+        signed = hash_and_sign_event(
+            KNOWN_ROOM_VERSIONS[room_version], event, OURS, self.origin.key
+        )
+        self.assertEqual(self.not_sendable(room_version, signed, state), expected)
+
     def test_invitee_of_our_own_refused(self) -> None:
         """Inviting one of our own users over federation is refused: the only co-signature
         there could be is ours."""
@@ -1489,11 +1499,7 @@ class BeforeSendingTests(_Base):
                 f"room version {room_version} events carry no event_id over federation "
                 "(their ID is their reference hash): the event must be signed without it"
             )
-            self.assertEqual(self.not_sendable(room_version, event, state), expected)
-            signed = hash_and_sign_event(
-                KNOWN_ROOM_VERSIONS[room_version], event, OURS, self.origin.key
-            )
-            self.assertEqual(self.not_sendable(room_version, signed, state), expected)
+            self.assert_not_sendable_signed_or_not(room_version, event, state, expected)
             self.assertEqual(self.origin.signer.calls, [])
         self.assertEqual(self.peer.received, [])
 
@@ -1584,11 +1590,7 @@ class BeforeSendingTests(_Base):
                 event, state = self.origin.invite(room_version)
                 event["unsigned"] = {"age": 1, key: value}
                 expected = f"'unsigned' {key!r} of an m.room.member event must be an array or null"
-                self.assertEqual(self.not_sendable(room_version, event, state), expected)
-                signed = hash_and_sign_event(
-                    KNOWN_ROOM_VERSIONS[room_version], event, OURS, self.origin.key
-                )
-                self.assertEqual(self.not_sendable(room_version, signed, state), expected)
+                self.assert_not_sendable_signed_or_not(room_version, event, state, expected)
         self.assertEqual(self.origin.signer.calls, [])
         self.assertEqual(self.peer.received, [])
         for value in ((1,), None):
