@@ -1868,6 +1868,14 @@ class WellKnownResolverBusyTests(_Base):
     mend_site = WellKnownKeptTests.mend_site
     delegation = WellKnownKeptTests.delegation
 
+    def assert_fetched_again_at_once(self, delegated: str) -> None:
+        """Once the site is mended, the next resolution fetches it (one request) and gets
+        ``delegated``: nothing of the failure was kept."""
+        self.mend_site(delegated)
+        before = len(self.agent.requests)
+        self.assertEqual(self.delegation(), delegated)
+        self.assertEqual(len(self.agent.requests), before + 1)
+
     def start(self) -> None:
         """As ``WellKnownKeptTests.start``, lookups waiting for a thread counted in ``waits``:
         example.org delegates to m.example:1 for an hour; that hour is over."""
@@ -1901,10 +1909,7 @@ class WellKnownResolverBusyTests(_Base):
         self.assertEqual(server.effective_name, "example.org")
         self.assertNotIn("example.org", self.resolver._cache)
         self.assertNotIn("example.org", self.resolver._failures)
-        self.mend_site("m.example:1")
-        before = len(self.agent.requests)
-        self.assertEqual(self.delegation(), "m.example:1")
-        self.assertEqual(len(self.agent.requests), before + 1)
+        self.assert_fetched_again_at_once("m.example:1")
 
     def test_busy_timeout_keeps_delegation(self) -> None:
         """With a delegation held (expired), that request uses it, which is kept as it was
@@ -1914,10 +1919,7 @@ class WellKnownResolverBusyTests(_Base):
         self.assertEqual(self.successResultOf(self.busy_timeout()).effective_name, "m.example:1")
         self.assertEqual(self.resolver._delegations["example.org"], held)
         self.assertNotIn("example.org", self.resolver._failures)
-        self.mend_site("m.example:2")
-        before = len(self.agent.requests)
-        self.assertEqual(self.delegation(), "m.example:2")
-        self.assertEqual(len(self.agent.requests), before + 1)
+        self.assert_fetched_again_at_once("m.example:2")
 
     def test_busy_after_keep_window_keeps_delegation(self) -> None:
         """Past the time a site's failures may keep it, a delegation is still not dropped
