@@ -153,6 +153,22 @@ class InboundTestCase(SynchronousTestCase):
         self.patch(self.s.handler, "on_invite", unchecked)
         self.patch(invite_resource_module, "parse_json_with_numbers", parse)
 
+    def create_and_entries(
+        self, room_version: RoomVersion, count: int
+    ) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+        """A room's create event (by the origin), its room ID, and ``count`` full state
+        entries of it sent by the creator just after."""
+        create = build_create_event(room_version, self.s.their_key)
+        room_id = create["room_id"]
+        entries = self.many_entries(
+            room_version,
+            room_id,
+            count,
+            sender=create["sender"],
+            origin_server_ts=create["origin_server_ts"] + 1,
+        )
+        return create, room_id, entries
+
     def many_entries(
         self,
         room_version: RoomVersion,
@@ -1856,15 +1872,7 @@ class StrictRoomStateTests(InboundTestCase):
         dropped unchecked (not stored, not handed over, counted on a warn line), not refused:
         nothing unchecked reaches listeners, and Synapse's valid invites are not refused."""
         room_version = KNOWN_ROOM_VERSIONS["10"]
-        create = build_create_event(room_version, self.s.their_key)
-        room_id = create["room_id"]
-        entries = self.many_entries(
-            room_version,
-            room_id,
-            68,
-            sender=create["sender"],
-            origin_server_ts=create["origin_server_ts"] + 1,
-        )
+        create, room_id, entries = self.create_and_entries(room_version, 68)
         event = build_invite(room_version, self.s.their_key, room_id=room_id)
         with capturedLogs() as events:
             answer = self.send_v2(room_version, event, [create, *entries])
@@ -1886,15 +1894,7 @@ class StrictRoomStateTests(InboundTestCase):
         (the create event and 50 others) are refused 400 M_INVALID_PARAM, not dropped: none
         unchecked reaches the store or listeners. At the bound the invite is accepted."""
         room_version = KNOWN_ROOM_VERSIONS["1"]
-        create = build_create_event(room_version, self.s.their_key)
-        room_id = create["room_id"]
-        entries = self.many_entries(
-            room_version,
-            room_id,
-            51,
-            sender=create["sender"],
-            origin_server_ts=create["origin_server_ts"] + 1,
-        )
+        create, room_id, entries = self.create_and_entries(room_version, 51)
         forged = {**entries[-1], "content": {"evil": True}, "signatures": {}}
         for depth, state in enumerate(([create, *entries], [create, *entries[:50], forged]), 10):
             event = build_invite(
