@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -348,13 +349,23 @@ class MakeServiceTests(TestCase):
 
         return ensureDeferred(go())
 
+    async def assert_serves_socket(
+        self, service: FederationInviteService, path: str, message: object
+    ) -> None:
+        """``service`` started listens on a unix socket at ``path``; then it is stopped."""
+        service.startService()
+        try:
+            await service.ready
+            self.assertTrue(stat.S_ISSOCK(os.stat(path).st_mode), message)
+        finally:
+            await service.stopService()
+
     def test_relative_unix_socket_from_a_short_or_long_start_directory(self) -> Deferred[None]:
         """A relative unix: socket binds in the start directory whether its absolute path
         fits in a Unix socket address or not (then bound relative to the working directory,
         the start directory or, under twistd --rundir, one above it); from a directory it is
         not under, a too long one fails in one line naming the limit."""
         import shutil
-        import stat
         import tempfile
 
         from twisted.internet import reactor
@@ -381,13 +392,7 @@ class MakeServiceTests(TestCase):
                 self.assertEqual(len(f"{start}/fi.sock") > UNIX_PATH_LONGEST, start == deep)
                 service = service_in(start)
                 os.chdir(rundir)
-                service.startService()
-                try:
-                    await service.ready
-                    mode = os.stat(os.path.join(start, "fi.sock")).st_mode
-                    self.assertTrue(stat.S_ISSOCK(mode), start)
-                finally:
-                    await service.stopService()
+                await self.assert_serves_socket(service, os.path.join(start, "fi.sock"), start)
                 self.assertNotIn("fi.sock", os.listdir(start))
             service = service_in(deep)
             os.chdir(elsewhere)
@@ -415,7 +420,6 @@ class MakeServiceTests(TestCase):
         terminating NUL (107 bytes on Linux, 103 on macOS and BSD) binds absolute; one a byte
         or two longer (108, 109) binds relative to the working directory: none fails."""
         import shutil
-        import stat
         import sys
         import tempfile
 
@@ -441,13 +445,7 @@ class MakeServiceTests(TestCase):
                 service = make_service(
                     options["loaded"], reactor, exit_on_failure=False, freeze_gc=False
                 )
-                service.startService()
-                try:
-                    await service.ready
-                    mode = os.stat(os.path.join(start, "fi.sock")).st_mode
-                    self.assertTrue(stat.S_ISSOCK(mode), size)
-                finally:
-                    await service.stopService()
+                await self.assert_serves_socket(service, os.path.join(start, "fi.sock"), size)
 
         return ensureDeferred(go())
 
